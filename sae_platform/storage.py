@@ -1,0 +1,169 @@
+"""Where artifacts live, and how they become visible only when complete.
+
+Every artifact (an activation partition, a shuffle bucket, a checkpoint) is a *named* directory
+under one fsspec root URL: a local folder by default, ``s3://bucket/prefix`` in production.
+Writers never touch the visible copy. They write a fresh *version* directory next to it and, once
+every byte is down, atomically replace a one-line pointer file ``COMMITTED.json`` that names the
+version. Readers resolve the pointer. The scheme needs nothing but an atomic single-object write,
+which both POSIX (``os.replace``) and S3 (a PUT) give, so one code path serves both:
+
+    <root>/<name>/COMMITTED.json           {"version": "v-000…-ab12cd34", ...}
+    <root>/<name>/v-000…-ab12cd34/…        the committed data
+    <root>/<name>/v-000…-ff00ee11/…        a crashed or in-flight writer: never read, swept later
+
+A crash at any point leaves either the old version or the new one visible, never a mix, and
+re-materializing a partition replaces it cleanly.
+"""
+
+import contextlib
+import io
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import polars as pl
+import zarr
+
+from sae_platform.errors import StorageError
+
+POINTER = "COMMITTED.json"
+VERSION_PREFIX = "v-"
+
+
+def _new_version_name() -> str:
+    # Sortable by creation time, so cleanup can tell older versions from newer in-flight ones.
+    return f"{VERSION_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class ArtifactStore:
+    """An fsspec root plus the commit protocol described in the module docstring."""
+
+    root_url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        options = dict(self.storage_options)
+        if "://" not in self.root_url or self.root_url.startswith("file://"):
+            options.setdefault("auto_mkdir", True)
+        self.fs, self.root = fsspec.core.url_to_fs(self.root_url, **options)
+        self.root = self.root.rstrip("/")
+        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol in ("file", "local")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *(p.strip("/") for p in parts if p)])
+
+    def url(self, path: str) -> str:
+        return path if self.is_local else f"{self.protocol}://{path}"
+
+    # -- the commit protocol -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writing(self, name: str, **pointer_info: Any) -> Iterator[str]:
+        """Yield a fresh version directory for ``name``; commit it only if the block succeeds."""
+        version = _new_version_name()
+        version_path = self.path(name, version)
+        self.fs.makedirs(version_path, exist_ok=True)
+        try:
+            yield version_path
+        except BaseException:
+            self._remove(version_path)
+            raise
+        pointer = {"version": version, "committed_at": time.time(), **pointer_info}
+        self.write_bytes_atomic(self.path(name, POINTER), json.dumps(pointer).encode())
+        self._sweep_older_versions(name, keep=version)
+
+    def resolve(self, name: str) -> str | None:
+        """Path of the committed version of ``name``, or None if nothing was ever committed."""
+        pointer = self.pointer(name)
+        return None if pointer is None else self.path(name, pointer["version"])
+
+    def require(self, name: str, what: str, fix: str) -> str:
+        path = self.resolve(name)
+        if path is None:
+            raise StorageError(f"{what} is missing: no committed artifact at {self.url(self.path(name))}", fix)
+        return path
+
+    def pointer(self, name: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path(name, POINTER)))
+        except FileNotFoundError:
+            return None
+
+    def committed_names(self, prefix: str) -> list[str]:
+        """Names directly under ``prefix`` that have a committed version, sorted."""
+        try:
+            entries = self.fs.ls(self.path(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        names = [f"{prefix.strip('/')}/{e.rstrip('/').rsplit('/', 1)[-1]}" for e in entries]
+        return sorted(n for n in names if self.fs.exists(self.path(n, POINTER)))
+
+    def delete(self, name: str) -> None:
+        """Uncommit first (readers stop seeing it at once), then remove the data."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(name, POINTER))
+        self._remove(self.path(name))
+
+    def _sweep_older_versions(self, name: str, keep: str) -> None:
+        # Only versions *older* than the one just committed: a newer one may be another
+        # writer still in flight.
+        for entry in self.fs.ls(self.path(name), detail=False):
+            base = entry.rstrip("/").rsplit("/", 1)[-1]
+            if base.startswith(VERSION_PREFIX) and base < keep:
+                self._remove(entry)
+
+    def _remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=True)
+
+    # -- file formats ----------------------------------------------------------------------
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)  # a single PUT: atomic on S3
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.fs.cat_file(path))
+
+    def write_parquet(self, path: str, frame: pl.DataFrame) -> None:
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer, compression="zstd")
+        self.write_bytes_atomic(path, buffer.getvalue())
+
+    def read_parquet(self, path: str) -> pl.DataFrame:
+        with self.fs.open(path, "rb") as f:
+            return pl.read_parquet(f)
+
+    def zarr_store(self, path: str, read_only: bool = False) -> zarr.abc.store.Store:
+        if self.is_local:
+            return zarr.storage.LocalStore(path, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(
+            self.url(path), storage_options=self.storage_options, read_only=read_only
+        )
+
+    def open_group(self, path: str, mode: str = "r") -> zarr.Group:
+        return zarr.open_group(self.zarr_store(path, read_only=(mode == "r")), mode=mode, zarr_format=3)
+
+    def size_bytes(self, path: str) -> int:
+        return int(self.fs.du(path, total=True))
