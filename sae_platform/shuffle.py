@@ -1,0 +1,800 @@
+"""Multi-pass global shuffle of cached activations (DESIGN.md, "Multi-pass shuffle").
+
+An SAE trained on rows in cache order learns order-dependent artefacts, so the training store
+must be a uniformly random permutation of every cached row, and the data is bigger than any one
+job's memory. The seed's algorithm: a *scatter* pass sends every row to a uniformly random
+bucket; once a bucket fits in memory, an in-memory Fisher–Yates shuffle finishes it, and the
+buckets concatenated in bucket order are a uniform permutation (Jane Street, "How to shuffle a
+big dataset"). If buckets are still too big, another scatter pass runs inside each bucket.
+With job memory M and K buckets, P passes (the final in-memory one included) shuffle
+M, K·M, K²·M, ... Every pass reads and writes the data once; the naive "K jobs each stream
+everything" reads it K times.
+
+Rows are identified by their global index (activation partitions in key order, then row
+number), which travels with the row so the result can be checked and traced.
+
+Every step is a separate, restartable function, so a Dagster asset partitioned by job index can
+call one of them per partition:
+
+    start_shuffle(store, name, ...)            pin inputs + plan    shuffle/<name>/plan
+    scatter_job(store, name, pass_index, job)  passes 1..P-1        shuffle/<name>/<plan_id>/pass<p>/job<j>
+    finalize_bucket(store, name, bucket)       pass P               shuffled/<name>/pieces-<plan_id>/b<bucket>
+    commit_shuffled(store, name)               the visible result   shuffled/<name>  (index.json)
+
+Each output is written through ArtifactStore.writing, so a killed job leaves an uncommitted
+version that nobody reads, and a re-run replaces it with exactly one copy of its rows. Jobs are
+deterministic given (seed, plan), so a re-run writes the same bytes.
+
+Scatter outputs are raw little-endian records ``(id int64, acts[d_model])``, one file per
+(job, bucket): cheap to append while streaming, and each bucket is read back with a few large
+sequential reads. The training-ready store is zarr v3 (acts [n, d_model], row_id [n]) with
+fixed-size uncompressed chunks, one piece per final bucket, read back in order by
+``iter_shuffled``.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from sae_platform.errors import StorageError
+from sae_platform.storage import ArtifactStore
+
+# The layout of sae_platform.activations, not imported from there because that module pulls in
+# torch: shuffle workers and their memory checks stay light.
+ACTIVATIONS = "activations"
+SCRATCH = "shuffle"
+SHUFFLED = "shuffled"
+
+ID_BYTES = 8
+BUCKET_FILL = 0.5  # final buckets are planned at half the budget: random sizes + the permutation
+OUTPUT_CHUNK_BYTES = 4 << 20
+MIN_GOOD_FILE_BYTES = 4 << 20  # smaller (job, bucket) files cost throughput (DESIGN.md)
+MAX_PASSES = 6
+_SCATTER, _FINAL = 1, 2  # RNG stream tags: scatter and final draws never share a stream
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+# -- the plan -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShufflePlan:
+    """How many passes, and how much each job may hold; derived from sizes and the budget only."""
+
+    n_rows: int
+    row_bytes: int  # activation bytes per row; the id adds ID_BYTES on disk
+    n_buckets: int  # K
+    memory_budget_bytes: int  # M, per job
+    n_jobs: int  # N: jobs of the first scatter pass
+    n_passes: int  # P, the final in-memory shuffle included
+    block_rows: int  # rows a scatter job reads at once
+    chunk_rows: int  # rows per chunk of the shuffled output
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def record_bytes(self) -> int:
+        return self.row_bytes + ID_BYTES
+
+    @property
+    def n_final_buckets(self) -> int:
+        return self.n_buckets ** (self.n_passes - 1)
+
+    def jobs_in_pass(self, pass_index: int) -> int:
+        """Scatter pass 1 splits the input N ways; later passes run one job per bucket."""
+        if not 1 <= pass_index <= self.n_passes:
+            raise StorageError(f"pass {pass_index} does not exist: the plan has passes 1..{self.n_passes}",
+                               "use a pass index from the plan (ShufflePlan.n_passes)")
+        if pass_index == self.n_passes:
+            return self.n_final_buckets
+        return self.n_jobs if pass_index == 1 else self.n_buckets ** (pass_index - 1)
+
+
+def plan_shuffle(n_rows: int, row_bytes: int, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
+                 input_chunk_rows: int = 1) -> ShufflePlan:
+    """Fewest passes such that every final bucket fits in memory: P with n ≤ cap·K^(P-1)."""
+    _require(n_rows >= 1, "there are no rows to shuffle", "cache some activations first")
+    _require(n_buckets >= 2, f"n_buckets={n_buckets}: a scatter pass needs at least 2 buckets", "use n_buckets >= 2")
+    _require(n_jobs >= 1, f"n_jobs={n_jobs}: at least one job must run", "use n_jobs >= 1")
+    record = row_bytes + ID_BYTES
+    budget = int(memory_budget_bytes)
+    # Scatter holds the block it read, the read's chunk buffers and the block regrouped by bucket.
+    block_rows = budget // (3 * record + 16)
+    if block_rows < input_chunk_rows:
+        raise StorageError(
+            f"memory budget {_mb(budget)} cannot hold one input chunk ({input_chunk_rows} rows x {record} B) "
+            f"three times over, which a scatter job needs",
+            f"raise memory_budget_bytes to at least {_mb((3 * record + 16) * input_chunk_rows)}")
+    block_rows -= block_rows % input_chunk_rows
+    chunk_rows = max(1, min(OUTPUT_CHUNK_BYTES, budget // 16) // row_bytes)
+    bucket_rows = int(BUCKET_FILL * budget) // (record + 8)  # + 8: the permutation index
+    if bucket_rows < 1:
+        raise StorageError(f"memory budget {_mb(budget)} cannot hold even one row in memory",
+                           f"raise memory_budget_bytes well above {_mb(2 * (record + 8))}")
+    n_passes = 1
+    while bucket_rows * n_buckets ** (n_passes - 1) < n_rows:
+        n_passes += 1
+        if n_passes > MAX_PASSES:
+            raise StorageError(
+                f"{_mb(n_rows * record)} of rows need more than {MAX_PASSES} passes with "
+                f"K={n_buckets} buckets and a {_mb(budget)} budget",
+                "raise n_buckets or memory_budget_bytes")
+    plan = ShufflePlan(n_rows, row_bytes, n_buckets, budget, n_jobs, n_passes, block_rows, chunk_rows)
+    return ShufflePlan(**{**asdict(plan), "warnings": tuple(_small_file_warnings(plan))})
+
+
+def _small_file_warnings(plan: ShufflePlan) -> Iterator[str]:
+    data = plan.n_rows * plan.record_bytes
+    for p in range(1, plan.n_passes):
+        files = plan.jobs_in_pass(p) * plan.n_buckets
+        if data / files < MIN_GOOD_FILE_BYTES:
+            yield (f"pass {p} writes {files} files of ~{_mb(data / files)}; files under "
+                   f"{_mb(MIN_GOOD_FILE_BYTES)} cost throughput: use fewer jobs or buckets")
+
+
+# -- starting a shuffle: pin the inputs ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShuffleRun:
+    """A plan bound to pinned input versions and a seed: what every job of one shuffle agrees on."""
+
+    name: str
+    plan_id: str
+    seed: int
+    d_model: int
+    dtype: str
+    inputs: tuple[dict, ...]  # key, version, n_rows, offset (global index of its first row)
+    plan: ShufflePlan = field(repr=False)
+
+
+def start_shuffle(store: ArtifactStore, name: str, *, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
+                  seed: int, keys: list[str] | None = None) -> ShuffleRun:
+    """Validate and pin the inputs, plan, and commit the plan so that every job sees the same rows.
+
+    Re-running with the same inputs and settings keeps the plan (and the jobs already done).
+    """
+    _check_name(name)
+    _require(isinstance(seed, int) and seed >= 0, f"seed={seed!r} is not a non-negative integer",
+             "use a seed such as 0")
+    inputs, d_model, dtype, chunk_rows = _describe_inputs(store, keys)
+    n_rows = sum(i["n_rows"] for i in inputs)
+    plan = plan_shuffle(n_rows, d_model * np.dtype(dtype).itemsize, n_buckets, memory_budget_bytes, n_jobs,
+                        chunk_rows)
+    body = {"name": name, "seed": seed, "d_model": d_model, "dtype": dtype, "inputs": inputs,
+            "plan": _plan_dict(plan)}
+    plan_id = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+    current = store.pointer(_plan_name(name))
+    if current is None or current.get("plan_id") != plan_id:
+        with store.writing(_plan_name(name), plan_id=plan_id) as version:
+            store.write_json(f"{version}/plan.json", {**body, "plan_id": plan_id})
+    return load_run(store, name)
+
+
+def load_run(store: ArtifactStore, name: str) -> ShuffleRun:
+    path = store.require(_plan_name(name), f"the plan of shuffle {name!r}", "run start_shuffle first")
+    body = store.read_json(f"{path}/plan.json")
+    return ShuffleRun(body["name"], body["plan_id"], body["seed"], body["d_model"], body["dtype"],
+                      tuple(body["inputs"]), _plan_from_dict(body["plan"]))
+
+
+def _describe_inputs(store: ArtifactStore, keys: list[str] | None) -> tuple[list[dict], int, str, int]:
+    """Pinned versions and offsets of the input partitions; refuses mixes that cannot be one dataset."""
+    if keys is None:
+        keys = [n.split("/", 1)[1] for n in store.committed_names(ACTIVATIONS)]
+    _require(len(keys) > 0, "there are no committed activation partitions to shuffle",
+             "materialize the activations asset first")
+    _require(len(set(keys)) == len(keys), f"input keys repeat: {sorted(keys)}", "list each partition once")
+    inputs, shapes, offset = [], {}, 0
+    for key in sorted(keys):
+        pointer = store.pointer(f"{ACTIVATIONS}/{key}")
+        if pointer is None:
+            raise StorageError(f"activation partition {key!r} is missing (nothing committed at "
+                               f"{store.url(store.path(ACTIVATIONS, key))})",
+                               "materialize the activations asset for that partition first, "
+                               "or leave it out of the shuffle's inputs")
+        acts = _open_acts(store, key, pointer["version"])
+        _require(acts.ndim == 2, f"activation partition {key!r} has acts of shape {acts.shape}, not [rows, d_model]",
+                 "re-materialize that partition")
+        shapes[key] = (int(acts.shape[1]), str(acts.dtype), int(acts.chunks[0]))
+        inputs.append({"key": key, "version": pointer["version"], "n_rows": int(acts.shape[0]), "offset": offset})
+        offset += int(acts.shape[0])
+    kinds = {(d, t) for d, t, _ in shapes.values()}
+    if len(kinds) > 1:
+        listing = ", ".join(f"{k}: d_model {d} {t}" for k, (d, t, _) in shapes.items())
+        raise StorageError(f"activation partitions differ in d_model or dtype ({listing}); their rows cannot "
+                           "form one training set",
+                           "shuffle only partitions cached with the same model, layer and dtype (pass keys=...), "
+                           "or re-cache the odd ones")
+    (d_model, dtype), = kinds
+    return inputs, d_model, dtype, max(c for _, _, c in shapes.values())
+
+
+def _open_acts(store: ArtifactStore, key: str, version: str):
+    return store.open_group(store.path(ACTIVATIONS, key, version, "data.zarr"), mode="r")["acts"]
+
+
+# -- scatter passes -----------------------------------------------------------------------------
+
+
+def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int,
+                progress: Callable[[int, int], None] | None = None) -> dict:
+    """Stream this job's rows once, sending each to a random bucket; commit one file per bucket.
+
+    Files hold rows in arrival order: the final in-memory shuffle makes any within-file order
+    irrelevant, so shuffling here would be wasted work.
+    """
+    run = load_run(store, name)
+    plan = run.plan
+    _require(1 <= pass_index < plan.n_passes,
+             f"pass {pass_index} is not a scatter pass: the plan has scatter passes 1..{plan.n_passes - 1}",
+             "run scatter passes 1..n_passes-1, then finalize_bucket")
+    _check_index("job", job_index, plan.jobs_in_pass(pass_index))
+    K = plan.n_buckets
+    base = 0 if pass_index == 1 else job_index * K  # sub-buckets of bucket j are j*K .. j*K+K-1
+    rng = np.random.default_rng([run.seed, _SCATTER, pass_index, job_index])
+    dtype = _record_dtype(run)
+    counts = np.zeros(K, dtype=np.int64)
+    total = _job_rows(store, run, pass_index, job_index)
+    started, done = time.perf_counter(), 0
+    with store.writing(_job_name(run, pass_index, job_index), plan_id=run.plan_id) as version:
+        with contextlib.ExitStack() as files:
+            out = [files.enter_context(store.fs.open(f"{version}/{_bucket_file(base + k)}", "wb"))
+                   for k in range(K)]
+            for ids, acts in _job_blocks(store, run, pass_index, job_index):
+                buckets = rng.integers(0, K, size=len(ids), dtype=np.uint16 if K <= 1 << 16 else np.uint32)
+                records, block_counts = _group_by_bucket(ids, acts, buckets, K, dtype)
+                for k, (lo, hi) in enumerate(_spans(block_counts)):
+                    if hi > lo:
+                        out[k].write(records[lo:hi].view(np.uint8))
+                counts += block_counts
+                done += len(ids)
+                if progress:
+                    progress(done, total)
+        _require(done == total, f"pass {pass_index} job {job_index} read {done} rows, expected {total}",
+                 "an input changed while the job ran: re-run the job")
+        store.write_json(f"{version}/manifest.json", {"plan_id": run.plan_id, "first_bucket": base,
+                                                      "counts": counts.tolist()})
+    seconds = time.perf_counter() - started
+    return {"pass": pass_index, "job": job_index, "rows": done, "bytes": done * plan.record_bytes,
+            "seconds": seconds, "rows_per_second": done / max(seconds, 1e-9),
+            "min_file_rows": int(counts.min()), "max_file_rows": int(counts.max())}
+
+
+def _group_by_bucket(ids, acts, buckets, n_buckets, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Records ordered by bucket (a stable radix sort for <=16-bit keys), and rows per bucket."""
+    order = np.argsort(buckets, kind="stable")
+    records = np.empty(len(ids), dtype=dtype)
+    records["id"] = ids[order]
+    records["acts"] = acts[order]
+    return records, np.bincount(buckets, minlength=n_buckets)
+
+
+def _spans(counts: np.ndarray) -> list[tuple[int, int]]:
+    ends = np.cumsum(counts)
+    return list(zip((ends - counts).tolist(), ends.tolist()))
+
+
+def _job_rows(store: ArtifactStore, run: ShuffleRun, pass_index: int, job_index: int) -> int:
+    if pass_index == 1:
+        lo, hi = _job_range(run, job_index)
+        return hi - lo
+    return sum(n for _, n in _bucket_sources(store, run, pass_index - 1, job_index))
+
+
+def _job_blocks(store, run, pass_index, job_index) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Pass 1 reads its 1/N share of the partitions; later passes read their parent bucket's files."""
+    if pass_index == 1:
+        yield from _partition_blocks(store, run, *_job_range(run, job_index))
+    else:
+        for path, count in _bucket_sources(store, run, pass_index - 1, job_index):
+            yield from _record_blocks(store, run, path, count)
+
+
+def _job_range(run: ShuffleRun, job_index: int) -> tuple[int, int]:
+    n, N = run.plan.n_rows, run.plan.n_jobs
+    return job_index * n // N, (job_index + 1) * n // N
+
+
+def _partition_blocks(store, run, lo: int, hi: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Global rows [lo, hi) as (ids, acts) blocks, each read ending on a chunk boundary."""
+    for part in run.inputs:
+        start, stop = max(lo - part["offset"], 0), min(hi - part["offset"], part["n_rows"])
+        if start >= stop:
+            continue
+        acts = _open_pinned(store, run, part)
+        chunk = acts.chunks[0]
+        block = max(chunk, run.plan.block_rows - run.plan.block_rows % chunk)
+        while start < stop:
+            end = min(stop, (start // chunk) * chunk + block)
+            yield np.arange(part["offset"] + start, part["offset"] + end, dtype=np.int64), acts[start:end]
+            start = end
+
+
+def _open_pinned(store: ArtifactStore, run: ShuffleRun, part: dict):
+    pointer = store.pointer(f"{ACTIVATIONS}/{part['key']}")
+    if pointer is None or pointer["version"] != part["version"]:
+        raise StorageError(f"activation partition {part['key']!r} changed or vanished since shuffle "
+                           f"{run.name!r} was planned; its row indices would no longer match",
+                           "re-run start_shuffle (the shuffle asset) from scratch")
+    return _open_acts(store, part["key"], part["version"])
+
+
+def _record_blocks(store, run, path: str, count: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, acts) views of a record file, read block by block into one reused buffer."""
+    buffer = np.empty(min(run.plan.block_rows, count), dtype=_record_dtype(run))
+    with store.fs.open(path, "rb") as f:
+        remaining = count
+        while remaining:
+            n = min(len(buffer), remaining)
+            _read_exactly(f, buffer[:n], path)
+            yield buffer["id"][:n], buffer["acts"][:n]
+            remaining -= n
+
+
+def _read_exactly(f, records: np.ndarray, path: str) -> None:
+    view, got = memoryview(records.view(np.uint8)), 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise StorageError(f"bucket file {path} is shorter than its manifest says",
+                               "re-run the scatter job that wrote it")
+        got += n
+
+
+def _bucket_sources(store, run: ShuffleRun, after_pass: int, bucket: int) -> list[tuple[str, int]]:
+    """(file, rows) making up ``bucket`` after scatter pass ``after_pass``: every pass-1 job wrote
+    one file per bucket; in later passes only the parent bucket's job wrote it."""
+    K = run.plan.n_buckets
+    jobs = range(run.plan.n_jobs) if after_pass == 1 else [bucket // K]
+    sources = []
+    for job in jobs:
+        path = store.require(_job_name(run, after_pass, job), f"pass {after_pass} job {job} of shuffle {run.name!r}",
+                             f"run scatter_job(pass_index={after_pass}, job_index={job}) first")
+        manifest = store.read_json(f"{path}/manifest.json")
+        count = manifest["counts"][bucket - manifest["first_bucket"]]
+        if count:
+            sources.append((f"{path}/{_bucket_file(bucket)}", count))
+    return sources
+
+
+# -- the final pass: in-memory Fisher–Yates per bucket ------------------------------------------
+
+
+def finalize_bucket(store: ArtifactStore, name: str, bucket: int) -> dict:
+    """Load one final bucket, permute it uniformly, and commit it as one zarr piece of the result."""
+    run = load_run(store, name)
+    plan = run.plan
+    _check_index("bucket", bucket, plan.n_final_buckets)
+    started = time.perf_counter()
+    records = _load_bucket(store, run, bucket)
+    order = np.random.default_rng([run.seed, _FINAL, plan.n_passes, bucket]).permutation(len(records))
+    with store.writing(_piece_name(run, bucket), plan_id=run.plan_id, n_rows=len(records)) as version:
+        if len(records):
+            _write_piece(store, run, f"{version}/data.zarr", records, order)
+    seconds = time.perf_counter() - started
+    return {"bucket": bucket, "rows": len(records), "bytes": len(records) * plan.record_bytes,
+            "seconds": seconds}
+
+
+def _load_bucket(store, run: ShuffleRun, bucket: int) -> np.ndarray:
+    plan = run.plan
+    if plan.n_passes == 1:
+        sources = [(None, plan.n_rows)]
+    else:
+        sources = _bucket_sources(store, run, plan.n_passes - 1, bucket)
+    n = sum(count for _, count in sources)
+    need = n * (plan.record_bytes + 8)
+    if need > plan.memory_budget_bytes * (1 - BUCKET_FILL / 2):
+        raise StorageError(f"final bucket {bucket} holds {n} rows ({_mb(need)} with its permutation), more than "
+                           f"the {_mb(plan.memory_budget_bytes)} budget allows",
+                           "re-plan with more buckets (n_buckets) or a larger memory_budget_bytes")
+    records = np.empty(n, dtype=_record_dtype(run))
+    if plan.n_passes == 1:
+        filled = 0
+        for ids, acts in _partition_blocks(store, run, 0, plan.n_rows):
+            records["id"][filled:filled + len(ids)] = ids
+            records["acts"][filled:filled + len(ids)] = acts
+            filled += len(ids)
+        return records
+    filled = 0
+    for path, count in sources:
+        with store.fs.open(path, "rb") as f:
+            _read_exactly(f, records[filled:filled + count], path)
+        filled += count
+    return records
+
+
+def _write_piece(store, run: ShuffleRun, path: str, records: np.ndarray, order: np.ndarray) -> None:
+    """Whole chunks only, a few at a time: no read-modify-write and bounded extra memory."""
+    C = run.plan.chunk_rows
+    group = store.open_group(path, mode="w")
+    acts = group.create_array("acts", shape=(len(records), run.d_model), dtype=run.dtype,
+                              chunks=(C, run.d_model), compressors=None)
+    row_id = group.create_array("row_id", shape=(len(records),), dtype="int64", chunks=(C,), compressors=None)
+    span = C * max(1, (run.plan.memory_budget_bytes // 8) // (run.plan.record_bytes * C))
+    for start in range(0, len(records), span):
+        block = records[order[start:start + span]]
+        acts[start:start + len(block)] = block["acts"]
+        row_id[start:start + len(block)] = block["id"]
+
+
+# -- commit and read ----------------------------------------------------------------------------
+
+
+def commit_shuffled(store: ArtifactStore, name: str) -> dict:
+    """Make the result visible at once: an index of every final piece, written only if all exist."""
+    run = load_run(store, name)
+    pieces, missing, offset = [], [], 0
+    for bucket in range(run.plan.n_final_buckets):
+        pointer = store.pointer(_piece_name(run, bucket))
+        if pointer is None or pointer.get("plan_id") != run.plan_id:
+            missing.append(bucket)
+            continue
+        pieces.append({"name": _piece_name(run, bucket), "n_rows": pointer["n_rows"], "offset": offset})
+        offset += pointer["n_rows"]
+    if missing:
+        raise StorageError(f"{len(missing)} of {run.plan.n_final_buckets} final buckets of shuffle {name!r} are "
+                           f"not finalized (first: {missing[:5]})",
+                           "run finalize_bucket for each of them, then commit again")
+    if offset != run.plan.n_rows:
+        raise StorageError(f"the final buckets of shuffle {name!r} hold {offset} rows, the inputs {run.plan.n_rows}",
+                           "delete the shuffle (delete_shuffle) and run it again")
+    index = {"name": name, "plan_id": run.plan_id, "seed": run.seed, "n_rows": offset, "d_model": run.d_model,
+             "dtype": run.dtype, "chunk_rows": run.plan.chunk_rows, "n_passes": run.plan.n_passes,
+             "inputs": list(run.inputs), "plan": _plan_dict(run.plan), "pieces": pieces}
+    with store.writing(f"{SHUFFLED}/{name}", plan_id=run.plan_id, n_rows=offset) as version:
+        store.write_json(f"{version}/index.json", index)
+    _drop_stale_pieces(store, run)
+    return {"n_rows": offset, "pieces": len(pieces), "n_passes": run.plan.n_passes, "plan_id": run.plan_id}
+
+
+def _drop_stale_pieces(store, run: ShuffleRun) -> None:
+    keep = f"pieces-{run.plan_id}"
+    for entry in store.fs.ls(store.path(SHUFFLED, run.name), detail=False):
+        base = entry.rstrip("/").rsplit("/", 1)[-1]
+        if base.startswith("pieces-") and base != keep:
+            store.fs.rm(entry, recursive=True)
+
+
+def delete_scratch(store: ArtifactStore, name: str) -> None:
+    """The scatter files are as large as the data; drop them once the result is committed."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in store.fs.ls(store.path(SCRATCH, name), detail=False):
+            if entry.rstrip("/").rsplit("/", 1)[-1] != "plan":
+                store.fs.rm(entry, recursive=True)
+
+
+@dataclass(frozen=True)
+class Shuffled:
+    """A committed shuffled store: n_rows rows in uniformly random order, in pieces read in sequence."""
+
+    store: ArtifactStore
+    name: str
+    n_rows: int
+    d_model: int
+    dtype: str
+    chunk_rows: int
+    pieces: tuple[dict, ...]
+    index: dict = field(repr=False)
+
+    def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row_id, acts) for rows [start, stop), in reads of whole chunks."""
+        stop = self.n_rows if stop is None else min(stop, self.n_rows)
+        read = self.chunk_rows * max(1, (8 << 20) // (self.chunk_rows * self.d_model * np.dtype(self.dtype).itemsize))
+        for piece in self.pieces:
+            lo, hi = max(start - piece["offset"], 0), min(stop - piece["offset"], piece["n_rows"])
+            if lo >= hi:
+                continue
+            group = self._open_piece(piece)
+            acts, row_id = group["acts"], group["row_id"]
+            while lo < hi:
+                end = min(hi, (lo // self.chunk_rows) * self.chunk_rows + read)
+                yield row_id[lo:end], acts[lo:end]
+                lo = end
+
+    def _open_piece(self, piece: dict):
+        pointer = self.store.pointer(piece["name"])
+        if pointer is None or pointer.get("plan_id") != self.index["plan_id"] or pointer["n_rows"] != piece["n_rows"]:
+            raise StorageError(f"piece {piece['name']} of shuffled store {self.name!r} changed or vanished after "
+                               "the store was committed", "re-run the shuffle (finalize and commit)")
+        return self.store.open_group(self.store.path(piece["name"], pointer["version"], "data.zarr"), mode="r")
+
+
+def open_shuffled(store: ArtifactStore, name: str) -> Shuffled:
+    path = store.require(f"{SHUFFLED}/{name}", f"shuffled store {name!r}", "run the shuffle (commit_shuffled) first")
+    index = store.read_json(f"{path}/index.json")
+    return Shuffled(store, name, index["n_rows"], index["d_model"], index["dtype"], index["chunk_rows"],
+                    tuple(p for p in index["pieces"] if p["n_rows"]), index)
+
+
+def iter_shuffled(store: ArtifactStore, name: str, batch_rows: int, start: int = 0, stop: int | None = None,
+                  drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (row_id [b], acts [b, d_model]) batches in shuffled order; [start, stop) selects a split."""
+    _require(batch_rows >= 1, f"batch_rows={batch_rows}", "use batch_rows >= 1")
+    yield from _rebatch(open_shuffled(store, name).blocks(start, stop), batch_rows, drop_last)
+
+
+def _rebatch(blocks: Iterable[tuple[np.ndarray, np.ndarray]], batch_rows: int,
+             drop_last: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Exact-size batches across block and piece boundaries."""
+    held_ids, held_acts, held = [], [], 0
+    for ids, acts in blocks:
+        held_ids.append(ids)
+        held_acts.append(acts)
+        held += len(ids)
+        if held < batch_rows:
+            continue
+        ids, acts = np.concatenate(held_ids), np.concatenate(held_acts)
+        cut = held - held % batch_rows
+        for lo in range(0, cut, batch_rows):
+            yield ids[lo:lo + batch_rows], acts[lo:lo + batch_rows]
+        held_ids, held_acts, held = [ids[cut:]], [acts[cut:]], held - cut
+    if held and not drop_last:
+        yield np.concatenate(held_ids), np.concatenate(held_acts)
+
+
+def run_shuffle(store: ArtifactStore, name: str, *, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
+                seed: int, keys: list[str] | None = None, keep_scratch: bool = False) -> dict:
+    """Every step in sequence in this process: for tests, benchmarks and small local runs."""
+    run = start_shuffle(store, name, n_buckets=n_buckets, memory_budget_bytes=memory_budget_bytes,
+                        n_jobs=n_jobs, seed=seed, keys=keys)
+    started = time.perf_counter()
+    for p in range(1, run.plan.n_passes):
+        for job in range(run.plan.jobs_in_pass(p)):
+            scatter_job(store, name, p, job)
+    for bucket in range(run.plan.n_final_buckets):
+        finalize_bucket(store, name, bucket)
+    summary = commit_shuffled(store, name)
+    if not keep_scratch:
+        delete_scratch(store, name)
+    return {**summary, "seconds": time.perf_counter() - started, "plan": _plan_dict(run.plan)}
+
+
+# -- verification (streaming, bounded memory) ---------------------------------------------------
+
+
+def permutation_check(store: ArtifactStore, name: str) -> dict:
+    """The invariant that matters most: output = input as a multiset of (id, row bytes).
+
+    Order-independent sums of a 64-bit hash per row (over the id and the activation bytes
+    together, so an id paired with another row's vector is caught) compare input and output;
+    a bitmap of ids finds duplicates and, with equal counts, proves nothing is missing.
+    """
+    shuffled = open_shuffled(store, name)
+    run = _run_from_index(shuffled.index)
+    inputs = _Digest()
+    for ids, acts in _partition_blocks(store, run, 0, run.plan.n_rows):
+        inputs.add(ids, acts)
+    outputs, seen = _Digest(), np.zeros((shuffled.n_rows + 7) // 8, dtype=np.uint8)
+    duplicates = out_of_range = 0
+    for ids, acts in shuffled.blocks():
+        outputs.add(ids, acts)
+        valid = (ids >= 0) & (ids < shuffled.n_rows)
+        out_of_range += int((~valid).sum())
+        duplicates += _mark(seen, ids[valid])
+    distinct = int(np.unpackbits(seen).sum())
+    result = {
+        "input_rows": inputs.rows, "output_rows": outputs.rows, "distinct_ids": distinct,
+        "duplicate_ids": duplicates, "out_of_range_ids": out_of_range,
+        "missing_ids": run.plan.n_rows - distinct,
+        "id_checksum_match": inputs.id_sum == outputs.id_sum,
+        "row_checksum_match": inputs.row_sum == outputs.row_sum,
+        "input_row_checksum": f"{inputs.row_sum:016x}", "output_row_checksum": f"{outputs.row_sum:016x}",
+    }
+    result["ok"] = bool(result["input_rows"] == result["output_rows"] == distinct and not duplicates
+                        and not out_of_range and result["id_checksum_match"] and result["row_checksum_match"])
+    return result
+
+
+def _run_from_index(index: dict) -> ShuffleRun:
+    """The run a committed store came from, even if a newer plan has been started since."""
+    return ShuffleRun(index["name"], index["plan_id"], index["seed"], index["d_model"], index["dtype"],
+                      tuple(index["inputs"]), _plan_from_dict(index["plan"]))
+
+
+def _mark(seen: np.ndarray, ids: np.ndarray) -> int:
+    """Set the ids' bits; return how many were already set or repeat within ``ids``."""
+    ids = np.sort(ids)
+    repeats = int((ids[1:] == ids[:-1]).sum())
+    ids = np.unique(ids)
+    byte, bit = ids >> 3, (1 << (ids & 7)).astype(np.uint8)
+    already = int(((seen[byte] & bit) != 0).sum())
+    np.bitwise_or.at(seen, byte, bit)
+    return repeats + already
+
+
+class _Digest:
+    """Row count and order-independent checksums (sums mod 2^64) of ids and of whole rows."""
+
+    def __init__(self):
+        self.rows, self.id_sum, self.row_sum = 0, 0, 0
+
+    def add(self, ids: np.ndarray, acts: np.ndarray) -> None:
+        id_hash = _fmix(ids.astype(np.uint64) ^ np.uint64(0x9E3779B97F4A7C15))
+        row_hash = _fmix(_words_hash(acts) + id_hash)
+        self.rows += len(ids)
+        self.id_sum = (self.id_sum + int(id_hash.sum(dtype=np.uint64))) % (1 << 64)
+        self.row_sum = (self.row_sum + int(row_hash.sum(dtype=np.uint64))) % (1 << 64)
+
+
+def _words_hash(acts: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row's bytes: position-salted mixed words, summed."""
+    raw = np.ascontiguousarray(acts).view(np.uint8).reshape(len(acts), -1)
+    width = next(w for w in (8, 4, 2, 1) if raw.shape[1] % w == 0)
+    words = raw.view(f"<u{width}").astype(np.uint64)
+    words ^= _fmix(np.arange(1, words.shape[1] + 1, dtype=np.uint64) * np.uint64(0xD6E8FEB86659FD93))
+    return _fmix(words).sum(axis=1, dtype=np.uint64)
+
+
+def _fmix(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finalizer, in place."""
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    h ^= h >> np.uint64(33)
+    return h
+
+
+def uniformity_stats(store: ArtifactStore, name: str, n_groups: int = 16) -> dict:
+    """Evidence that the order is uniformly random, streamed over the output's row ids."""
+    shuffled = open_shuffled(store, name)
+    return uniformity_from_ids((ids for ids, _ in shuffled.blocks()), shuffled.n_rows, n_groups)
+
+
+def uniformity_from_ids(id_blocks: Iterable[np.ndarray], n_rows: int, n_groups: int = 16) -> dict:
+    """Statistics of an output order given as blocks of input indices (a permutation of 0..n-1).
+
+    - chi²: G source shards (equal ranges of input index) × G output blocks (equal ranges of output
+      position); a uniform permutation makes them independent.
+    - Spearman rho of input index vs output position: ≈ 0, sd ≈ 1/√(n-1); ``spearman_z`` is rho·√(n-1).
+    - neighbours: the fraction of adjacent output pairs that were adjacent in the input, ≈ 2/n.
+    - KS: each source shard's output positions against U(0,1); the smallest p, Bonferroni-corrected.
+    """
+    n = int(n_rows)
+    G = max(2, min(n_groups, int(math.sqrt(n / 5))))  # expected cell count >= 5
+    shard_sizes = np.diff([-(-s * n // G) for s in range(G + 1)])
+    table = np.zeros(G * G, dtype=np.int64)
+    seen_in_shard = np.zeros(G, dtype=np.int64)
+    ks = np.zeros(G)
+    sum_d2, adjacent, position, last = 0.0, 0, 0, None
+    for ids in id_blocks:
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.arange(position, position + len(ids), dtype=np.int64)
+        shard, block = ids * G // n, pos * G // n
+        table += np.bincount(shard * G + block, minlength=G * G)
+        sum_d2 += float(np.square((ids - pos).astype(np.float64)).sum())
+        chain = ids if last is None else np.concatenate([[last], ids])
+        adjacent += int((np.abs(np.diff(chain)) == 1).sum())
+        for s in range(G):
+            where = pos[shard == s]
+            if len(where):
+                rank = seen_in_shard[s] + np.arange(1, len(where) + 1)
+                u = (where + 0.5) / n
+                ks[s] = max(ks[s], float(np.max(rank / shard_sizes[s] - u)),
+                            float(np.max(u - (rank - 1) / shard_sizes[s])))
+                seen_in_shard[s] += len(where)
+        position += len(ids)
+        last = int(ids[-1]) if len(ids) else last
+    _require(position == n, f"the output holds {position} rows, expected {n}", "check the shuffle's inputs")
+    chi2, df = _chi2_independence(table.reshape(G, G))
+    rho = 1.0 - 6.0 * sum_d2 / (n * (n * n - 1.0)) if n > 1 else 0.0
+    ks_p = [_kolmogorov_sf(float(d), int(m)) for d, m in zip(ks, shard_sizes)]
+    return {
+        "n_rows": n, "groups": G,
+        "chi2": chi2, "chi2_df": df, "chi2_p": chi2_sf(chi2, df),
+        "spearman_rho": rho, "spearman_z": rho * math.sqrt(max(n - 1, 1)), "spearman_sd": 1 / math.sqrt(max(n - 1, 1)),
+        "adjacent_pairs": adjacent, "adjacent_fraction": adjacent / max(n - 1, 1), "adjacent_expected": 2 / n,
+        "ks_max_d": float(ks.max()), "ks_min_p": min(1.0, G * min(ks_p)),
+    }
+
+
+def _chi2_independence(table: np.ndarray) -> tuple[float, int]:
+    expected = np.outer(table.sum(1), table.sum(0)) / table.sum()
+    keep = expected > 0
+    stat = float((((table - expected) ** 2)[keep] / expected[keep]).sum())
+    return stat, (table.shape[0] - 1) * (table.shape[1] - 1)
+
+
+def chi2_sf(x: float, df: int) -> float:
+    """P(X >= x) for X ~ chi²(df): the regularized upper incomplete gamma Q(df/2, x/2)."""
+    if x <= 0:
+        return 1.0
+    a, z = df / 2.0, x / 2.0
+    log_front = a * math.log(z) - z - math.lgamma(a)
+    if z < a + 1:  # series for the lower part converges fast here
+        term = total = 1.0 / a
+        k = a
+        while abs(term) > abs(total) * 1e-15:
+            k += 1
+            term *= z / k
+            total += term
+        return max(0.0, 1.0 - total * math.exp(log_front))
+    # Lentz's continued fraction for the upper part
+    tiny = 1e-300
+    b = z + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return min(1.0, math.exp(log_front) * h)
+
+
+def _kolmogorov_sf(d: float, n: int) -> float:
+    """Asymptotic P(D_n >= d) (Stephens' small-n correction). Sampling positions without
+    replacement makes D smaller than this assumes, so the p-value errs on the safe side."""
+    if n < 1 or d <= 0:
+        return 1.0
+    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
+    if lam < 0.2:
+        return 1.0
+    total = sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))
+    return min(1.0, max(0.0, 2 * total))
+
+
+# -- small helpers ------------------------------------------------------------------------------
+
+
+def _record_dtype(run: ShuffleRun) -> np.dtype:
+    return np.dtype([("id", "<i8"), ("acts", np.dtype(run.dtype).newbyteorder("<"), (run.d_model,))])
+
+
+def _plan_dict(plan: ShufflePlan) -> dict:
+    d = asdict(plan)
+    d["warnings"] = list(d["warnings"])
+    return d
+
+
+def _plan_from_dict(d: dict) -> ShufflePlan:
+    return ShufflePlan(**{**d, "warnings": tuple(d["warnings"])})
+
+
+def _plan_name(name: str) -> str:
+    return f"{SCRATCH}/{name}/plan"
+
+
+def _job_name(run: ShuffleRun, pass_index: int, job_index: int) -> str:
+    return f"{SCRATCH}/{run.name}/{run.plan_id}/pass{pass_index}/job{job_index:06d}"
+
+
+def _piece_name(run: ShuffleRun, bucket: int) -> str:
+    return f"{SHUFFLED}/{run.name}/pieces-{run.plan_id}/b{bucket:06d}"
+
+
+def _bucket_file(bucket: int) -> str:
+    return f"b{bucket:06d}.rec"
+
+
+def _check_name(name: str) -> None:
+    _require(bool(_NAME.match(name or "")), f"shuffle name {name!r} is not a plain name",
+             "use letters, digits, '.', '_' or '-' only")
+
+
+def _check_index(what: str, index: int, count: int) -> None:
+    _require(0 <= index < count, f"{what} {index} does not exist: this pass has {what}s 0..{count - 1}",
+             f"use a {what} index from the plan")
+
+
+def _require(condition: bool, problem: str, fix: str) -> None:
+    if not condition:
+        raise StorageError(problem, fix)
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB"

@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny random Llama (milliseconds per forward) and throwaway artifact roots."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. To be, or not to be, that is the question. All the world's a stage, "
+    "and all the men and women merely players. The quick brown fox jumps over the lazy dog. "
+)
+
+
+def build_tiny_model(dest: Path, hidden: int = 32, layers: int = 4) -> Path:
+    """A random LlamaForCausalLM with a real (tiny) byte-level BPE tokenizer, saved as an HF dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([TRAINING_TEXT] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_wide(tmp_path_factory) -> Path:
+    """Same family, different d_model: for the 'mismatched model' errors."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama_wide"), hidden=48)
+
+
+@pytest.fixture
+def store(tmp_path):
+    from sae_platform.storage import ArtifactStore
+
+    return ArtifactStore(str(tmp_path / "artifacts"))
+
+
+@pytest.fixture
+def tiny_hooked(tiny_model_dir):
+    from sae_platform.model import load_hooked_model
+
+    return load_hooked_model(str(tiny_model_dir), layer=1, device="cpu", autocast="none")
+
+
+@pytest.fixture
+def text_dir(tmp_path) -> Path:
+    """An inbox with three small UTF-8 text files."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        (inbox / f"{name}.txt").write_text(TRAINING_TEXT * (3 + i), encoding="utf-8")
+    return inbox
+
+
+@pytest.fixture
+def python_exe() -> str:
+    return sys.executable
+
+
+@pytest.fixture
+def dagster_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((REPO / "config" / "dagster.yaml").read_text())
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

