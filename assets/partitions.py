@@ -1,6 +1,13 @@
 """Partitions of the pipeline, as module constants (one place to see how the data is cut)."""
 
-from dagster import DynamicPartitionsDefinition
+from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
 
 # One partition per batch of text: a file in the text source (inbox). The sensor adds new ones.
 ACTIVATION_BATCHES = DynamicPartitionsDefinition(name="activation_batches")
+
+# Workers of each shuffle pass: worker w runs the pass's jobs j with j % N == w.
+N_SHUFFLE_WORKERS = 4
+SHUFFLE_WORKERS = StaticPartitionsDefinition([str(w) for w in range(N_SHUFFLE_WORKERS)])
+# Tags for one run covering every worker (the whole shuffle in one process).
+ALL_SHUFFLE_WORKERS_TAGS = {"dagster/asset_partition_range_start": "0",
+                            "dagster/asset_partition_range_end": str(N_SHUFFLE_WORKERS - 1)}

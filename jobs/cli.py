@@ -3,6 +3,7 @@
     sae-platform demo [--batches 6] [--max-contexts 160]   fill the inbox from the demo corpus, cache it
     sae-platform register                                  add a partition per inbox file (no runs)
     sae-platform backfill [--all | KEY ...]                run cache_activations for missing partitions
+    sae-platform shuffle [--memory-budget-mb 1024]         shuffle every cached partition (one ranged run)
     sae-platform status                                    partitions and what is stored
 
 Runs go to the instance in $DAGSTER_HOME, so the UI (`make ui`) shows them afterwards.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from assets.partitions import ACTIVATION_BATCHES
+from assets.partitions import ACTIVATION_BATCHES, ALL_SHUFFLE_WORKERS_TAGS
 from jobs.settings import Settings
 from sae_platform.activations import list_partitions
 from sae_platform.demo_data import fetch_demo_corpus
@@ -81,6 +82,22 @@ def run_partitions(instance, defs, keys: list[str], run_config: dict) -> list[st
     return failed
 
 
+def run_shuffle(instance, defs, memory_budget_mb: int | None) -> bool:
+    """The whole shuffle as one run over every worker partition; prints the checks' verdicts."""
+    run_config = {}
+    if memory_budget_mb:
+        run_config = {"resources": {"shuffle": {"config": {"memory_budget_bytes": memory_budget_mb << 20}}}}
+    result = defs.resolve_job_def("shuffle_activations").execute_in_process(
+        instance=instance, tags=ALL_SHUFFLE_WORKERS_TAGS, run_config=run_config, raise_on_error=False)
+    for check in result.get_asset_check_evaluations():
+        print(f"  check {check.check_name}: {'passed' if check.passed else 'FAILED'}")
+    return result.success and all(c.passed for c in result.get_asset_check_evaluations())
+
+
+def cmd_shuffle(args) -> int:
+    return 0 if run_shuffle(_instance(), _definitions(), args.memory_budget_mb) else 1
+
+
 def cmd_demo(args) -> int:
     settings = Settings.from_env()
     copied = fill_inbox_from_demo(settings, args.batches)
@@ -97,10 +114,12 @@ def cmd_demo(args) -> int:
     todo = [k for k in keys if k not in _stored_keys(defs)]
     run_config = {"ops": {"activations": {"config": {"max_contexts": args.max_contexts}}}}
     failed = run_partitions(instance, defs, todo, run_config)
+    print(f"shuffling every cached batch (memory budget {args.memory_budget_mb} MiB per job)")
+    shuffled = run_shuffle(instance, defs, args.memory_budget_mb)
     _print_status(defs)
     print(f"\nDagster runs are in {os.environ['DAGSTER_HOME']}; see them and the lineage with `make ui` "
           "(http://127.0.0.1:3000), or `dagster asset list -m jobs.definitions`.")
-    return 1 if failed else 0
+    return 1 if failed or not shuffled else 0
 
 
 def cmd_register(args) -> int:
@@ -129,6 +148,9 @@ def _print_status(defs) -> None:
     for key in list_partitions(store):
         pointer = store.pointer(f"activations/{key}")
         print(f"  activations/{key}: committed {pointer['version']}")
+    for name in store.committed_names("shuffled"):
+        pointer = store.pointer(name)
+        print(f"  {name}: {pointer.get('n_rows', '?'):,} rows, plan {pointer.get('plan_id')}")
 
 
 def cmd_status(args) -> int:
@@ -143,7 +165,12 @@ def main(argv=None) -> int:
     demo = commands.add_parser("demo", help="fill the inbox from the demo corpus and cache it")
     demo.add_argument("--batches", type=int, default=6)
     demo.add_argument("--max-contexts", type=int, default=160, help="contexts of 128 tokens per batch")
+    demo.add_argument("--memory-budget-mb", type=int, default=48,
+                      help="per-job shuffle budget; the demo's 48 MiB makes the ~140 MB of activations take 2 passes")
     demo.set_defaults(func=cmd_demo)
+    shuffle = commands.add_parser("shuffle", help="shuffle every cached partition")
+    shuffle.add_argument("--memory-budget-mb", type=int, default=None, help="default: the shuffle resource's")
+    shuffle.set_defaults(func=cmd_shuffle)
     commands.add_parser("register", help="add a partition per inbox file").set_defaults(func=cmd_register)
     backfill = commands.add_parser("backfill", help="cache partitions that are not stored yet")
     backfill.add_argument("keys", nargs="*")

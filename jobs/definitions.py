@@ -6,10 +6,10 @@
 
 from dagster import AssetSelection, Definitions, define_asset_job
 
-from assets import ACTIVATION_ASSETS, SENSORS
+from assets import ASSET_CHECKS, ASSETS, SENSORS
 from assets.partitions import ACTIVATION_BATCHES
 from jobs.settings import Settings
-from resources import BaseModelResource, StorageResource, TextSourceResource
+from resources import BaseModelResource, ShuffleResource, StorageResource, TextSourceResource
 
 prepare_base_model = define_asset_job(
     "prepare_base_model", selection=AssetSelection.assets("base_model"),
@@ -19,7 +19,11 @@ cache_activations = define_asset_job(
     "cache_activations", selection=AssetSelection.assets("activations"), partitions_def=ACTIVATION_BATCHES,
     description="Cache the hook-layer activations of one batch of text (one partition).",
 )
-JOBS = [prepare_base_model, cache_activations]
+shuffle_activations = define_asset_job(
+    "shuffle_activations", selection=AssetSelection.groups("shuffle"),
+    description="Plan, scatter, finalize and commit the global shuffle of every cached activation partition.",
+)
+JOBS = [prepare_base_model, cache_activations, shuffle_activations]
 
 
 def build_resources(settings: Settings) -> dict:
@@ -27,12 +31,14 @@ def build_resources(settings: Settings) -> dict:
         "storage": StorageResource(root_url=settings.root_url, endpoint_url=settings.s3_endpoint_url),
         "language_model": BaseModelResource(),
         "text_source": TextSourceResource(pattern=settings.inbox, endpoint_url=settings.s3_endpoint_url),
+        "shuffle": ShuffleResource(),
     }
 
 
 def build_definitions(settings: Settings | None = None) -> Definitions:
     return Definitions(
-        assets=ACTIVATION_ASSETS,
+        assets=ASSETS,
+        asset_checks=ASSET_CHECKS,
         jobs=JOBS,
         sensors=SENSORS,
         resources=build_resources(settings or Settings.from_env()),

@@ -60,3 +60,12 @@ class TextSourceResource(ConfigurableResource):
 
     def file(self, key: str) -> TextFile:
         return find_file(self._resolved(), key, self.storage_options)
+
+
+class ShuffleResource(ConfigurableResource):
+    """One shuffle's settings, shared by its plan, passes, final pass and checks."""
+
+    name: str = Field(default="main", description="name of the shuffled store (shuffled/<name>)")
+    n_buckets: int = Field(default=8, description="K: buckets per scatter job")
+    memory_budget_bytes: int = Field(default=1 << 30, description="M: what one job may hold in memory")
+    seed: int = Field(default=0, description="same seed + same inputs = same permutation")

@@ -25,6 +25,13 @@ Each output is written through ArtifactStore.writing, so a killed job leaves an 
 version that nobody reads, and a re-run replaces it with exactly one copy of its rows. Jobs are
 deterministic given (seed, plan), so a re-run writes the same bytes.
 
+Memory: ``memory_budget_bytes`` bounds the arrays a job allocates (a scatter block and its
+regrouped copy; a final bucket, its permutation and the chunks being written). glibc adds slack:
+zarr reads on a thread pool and each thread's malloc arena keeps what it freed. Measured peak
+RSS growth of a warmed-up worker over 48 MiB of rows: with default malloc settings up to ~1.9x
+the budget (4-64 MiB budgets); with ``MALLOC_ARENA_MAX=2`` in the worker's environment at most
+~1.35x, at no cost in speed. Set it for workers that run under a hard memory limit.
+
 Scatter outputs are raw little-endian records ``(id int64, acts[d_model])``, one file per
 (job, bucket): cheap to append while streaming, and each bucket is read back with a few large
 sequential reads. The training-ready store is zarr v3 (acts [n, d_model], row_id [n]) with
@@ -53,7 +60,8 @@ SCRATCH = "shuffle"
 SHUFFLED = "shuffled"
 
 ID_BYTES = 8
-BUCKET_FILL = 0.5  # final buckets are planned at half the budget: random sizes + the permutation
+FINAL_SHARE = 0.7  # of the budget, for a final bucket and its permutation; the rest for reading/writing
+SIGMAS = 6  # bucket sizes are random: plan for the mean plus 6 standard deviations
 OUTPUT_CHUNK_BYTES = 4 << 20
 MIN_GOOD_FILE_BYTES = 4 << 20  # smaller (job, bucket) files cost throughput (DESIGN.md)
 MAX_PASSES = 6
@@ -98,27 +106,32 @@ class ShufflePlan:
 
 def plan_shuffle(n_rows: int, row_bytes: int, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
                  input_chunk_rows: int = 1) -> ShufflePlan:
-    """Fewest passes such that every final bucket fits in memory: P with n ≤ cap·K^(P-1)."""
+    """Fewest passes such that every final bucket fits in memory: P with n ≤ cap·K^(P-1).
+
+    cap is what one job can shuffle in memory; random bucket sizes get a 6-sigma margin.
+    """
     _require(n_rows >= 1, "there are no rows to shuffle", "cache some activations first")
     _require(n_buckets >= 2, f"n_buckets={n_buckets}: a scatter pass needs at least 2 buckets", "use n_buckets >= 2")
     _require(n_jobs >= 1, f"n_jobs={n_jobs}: at least one job must run", "use n_jobs >= 1")
     record = row_bytes + ID_BYTES
     budget = int(memory_budget_bytes)
-    # Scatter holds the block it read, the read's chunk buffers and the block regrouped by bucket.
-    block_rows = budget // (3 * record + 16)
+    # Scatter holds the block it read and the read's chunk buffers, the gathered rows and the
+    # block regrouped into records, plus ids, bucket numbers and the sort order.
+    per_row = 4 * record + 32
+    block_rows = budget // per_row
     if block_rows < input_chunk_rows:
         raise StorageError(
             f"memory budget {_mb(budget)} cannot hold one input chunk ({input_chunk_rows} rows x {record} B) "
-            f"three times over, which a scatter job needs",
-            f"raise memory_budget_bytes to at least {_mb((3 * record + 16) * input_chunk_rows)}")
+            f"four times over, which a scatter job needs",
+            f"raise memory_budget_bytes to at least {_mb(per_row * input_chunk_rows)}")
     block_rows -= block_rows % input_chunk_rows
     chunk_rows = max(1, min(OUTPUT_CHUNK_BYTES, budget // 16) // row_bytes)
-    bucket_rows = int(BUCKET_FILL * budget) // (record + 8)  # + 8: the permutation index
+    bucket_rows = final_bucket_rows(budget, row_bytes)
     if bucket_rows < 1:
         raise StorageError(f"memory budget {_mb(budget)} cannot hold even one row in memory",
                            f"raise memory_budget_bytes well above {_mb(2 * (record + 8))}")
     n_passes = 1
-    while bucket_rows * n_buckets ** (n_passes - 1) < n_rows:
+    while not _fits(n_rows / n_buckets ** (n_passes - 1), bucket_rows, random=n_passes > 1):
         n_passes += 1
         if n_passes > MAX_PASSES:
             raise StorageError(
@@ -127,6 +140,16 @@ def plan_shuffle(n_rows: int, row_bytes: int, n_buckets: int, memory_budget_byte
                 "raise n_buckets or memory_budget_bytes")
     plan = ShufflePlan(n_rows, row_bytes, n_buckets, budget, n_jobs, n_passes, block_rows, chunk_rows)
     return ShufflePlan(**{**asdict(plan), "warnings": tuple(_small_file_warnings(plan))})
+
+
+def final_bucket_rows(memory_budget_bytes: int, row_bytes: int) -> int:
+    """Rows one job can shuffle in memory: records plus an 8-byte permutation index each."""
+    return int(FINAL_SHARE * memory_budget_bytes) // (row_bytes + ID_BYTES + 8)
+
+
+def _fits(mean_rows: float, limit_rows: int, random: bool) -> bool:
+    # Bucket sizes after a scatter pass are binomial: sd <= sqrt(mean).
+    return mean_rows + (SIGMAS * math.sqrt(mean_rows) if random else 0) <= limit_rows
 
 
 def _small_file_warnings(plan: ShufflePlan) -> Iterator[str]:
@@ -259,11 +282,12 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
                     progress(done, total)
         _require(done == total, f"pass {pass_index} job {job_index} read {done} rows, expected {total}",
                  "an input changed while the job ran: re-run the job")
-        store.write_json(f"{version}/manifest.json", {"plan_id": run.plan_id, "first_bucket": base,
-                                                      "counts": counts.tolist()})
+        manifest = {"plan_id": run.plan_id, "first_bucket": base, "counts": counts.tolist()}
+        store.fs.pipe_file(f"{version}/manifest.json", json.dumps(manifest).encode())  # the commit makes it visible
     seconds = time.perf_counter() - started
-    return {"pass": pass_index, "job": job_index, "rows": done, "bytes": done * plan.record_bytes,
-            "seconds": seconds, "rows_per_second": done / max(seconds, 1e-9),
+    read = done * (plan.row_bytes if pass_index == 1 else plan.record_bytes)
+    return {"pass": pass_index, "job": job_index, "rows": done, "bytes_read": read,
+            "bytes_written": done * plan.record_bytes, "seconds": seconds, "rows_per_second": done / max(seconds, 1e-9),
             "min_file_rows": int(counts.min()), "max_file_rows": int(counts.max())}
 
 
@@ -291,10 +315,10 @@ def _job_rows(store: ArtifactStore, run: ShuffleRun, pass_index: int, job_index:
 def _job_blocks(store, run, pass_index, job_index) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Pass 1 reads its 1/N share of the partitions; later passes read their parent bucket's files."""
     if pass_index == 1:
-        yield from _partition_blocks(store, run, *_job_range(run, job_index))
+        yield from _partition_blocks(store, run, *_job_range(run, job_index), run.plan.block_rows)
     else:
         for path, count in _bucket_sources(store, run, pass_index - 1, job_index):
-            yield from _record_blocks(store, run, path, count)
+            yield from _record_blocks(store, run, path, count, run.plan.block_rows)
 
 
 def _job_range(run: ShuffleRun, job_index: int) -> tuple[int, int]:
@@ -302,7 +326,7 @@ def _job_range(run: ShuffleRun, job_index: int) -> tuple[int, int]:
     return job_index * n // N, (job_index + 1) * n // N
 
 
-def _partition_blocks(store, run, lo: int, hi: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _partition_blocks(store, run, lo: int, hi: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Global rows [lo, hi) as (ids, acts) blocks, each read ending on a chunk boundary."""
     for part in run.inputs:
         start, stop = max(lo - part["offset"], 0), min(hi - part["offset"], part["n_rows"])
@@ -310,7 +334,7 @@ def _partition_blocks(store, run, lo: int, hi: int) -> Iterator[tuple[np.ndarray
             continue
         acts = _open_pinned(store, run, part)
         chunk = acts.chunks[0]
-        block = max(chunk, run.plan.block_rows - run.plan.block_rows % chunk)
+        block = max(chunk, block_rows - block_rows % chunk)
         while start < stop:
             end = min(stop, (start // chunk) * chunk + block)
             yield np.arange(part["offset"] + start, part["offset"] + end, dtype=np.int64), acts[start:end]
@@ -326,16 +350,13 @@ def _open_pinned(store: ArtifactStore, run: ShuffleRun, part: dict):
     return _open_acts(store, part["key"], part["version"])
 
 
-def _record_blocks(store, run, path: str, count: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, acts) views of a record file, read block by block into one reused buffer."""
-    buffer = np.empty(min(run.plan.block_rows, count), dtype=_record_dtype(run))
+def _record_blocks(store, run, path: str, count: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, acts) views of a record file, block by block."""
     with store.fs.open(path, "rb") as f:
-        remaining = count
-        while remaining:
-            n = min(len(buffer), remaining)
-            _read_exactly(f, buffer[:n], path)
-            yield buffer["id"][:n], buffer["acts"][:n]
-            remaining -= n
+        for start in range(0, count, block_rows):
+            records = np.empty(min(block_rows, count - start), dtype=_record_dtype(run))
+            _read_exactly(f, records, path)
+            yield records["id"], records["acts"]
 
 
 def _read_exactly(f, records: np.ndarray, path: str) -> None:
@@ -368,61 +389,58 @@ def _bucket_sources(store, run: ShuffleRun, after_pass: int, bucket: int) -> lis
 
 
 def finalize_bucket(store: ArtifactStore, name: str, bucket: int) -> dict:
-    """Load one final bucket, permute it uniformly, and commit it as one zarr piece of the result."""
+    """Load one final bucket straight into a uniformly random order; commit it as one zarr piece.
+
+    Each row is placed at its random destination as it is read (a permutation drawn with
+    Generator.permutation, i.e. Fisher–Yates), so the bucket is held once, already in output
+    order, and is written out sequentially in whole chunks.
+    """
     run = load_run(store, name)
     plan = run.plan
     _check_index("bucket", bucket, plan.n_final_buckets)
     started = time.perf_counter()
-    records = _load_bucket(store, run, bucket)
-    order = np.random.default_rng([run.seed, _FINAL, plan.n_passes, bucket]).permutation(len(records))
-    with store.writing(_piece_name(run, bucket), plan_id=run.plan_id, n_rows=len(records)) as version:
-        if len(records):
-            _write_piece(store, run, f"{version}/data.zarr", records, order)
-    seconds = time.perf_counter() - started
-    return {"bucket": bucket, "rows": len(records), "bytes": len(records) * plan.record_bytes,
-            "seconds": seconds}
-
-
-def _load_bucket(store, run: ShuffleRun, bucket: int) -> np.ndarray:
-    plan = run.plan
-    if plan.n_passes == 1:
-        sources = [(None, plan.n_rows)]
-    else:
-        sources = _bucket_sources(store, run, plan.n_passes - 1, bucket)
-    n = sum(count for _, count in sources)
-    need = n * (plan.record_bytes + 8)
-    if need > plan.memory_budget_bytes * (1 - BUCKET_FILL / 2):
-        raise StorageError(f"final bucket {bucket} holds {n} rows ({_mb(need)} with its permutation), more than "
-                           f"the {_mb(plan.memory_budget_bytes)} budget allows",
+    sources = None if plan.n_passes == 1 else _bucket_sources(store, run, plan.n_passes - 1, bucket)
+    n = plan.n_rows if sources is None else sum(count for _, count in sources)
+    if n > final_bucket_rows(plan.memory_budget_bytes, plan.row_bytes):
+        raise StorageError(f"final bucket {bucket} holds {n} rows ({_mb(n * plan.record_bytes)}), more than the "
+                           f"{_mb(plan.memory_budget_bytes)} budget can shuffle in memory",
                            "re-plan with more buckets (n_buckets) or a larger memory_budget_bytes")
-    records = np.empty(n, dtype=_record_dtype(run))
-    if plan.n_passes == 1:
-        filled = 0
-        for ids, acts in _partition_blocks(store, run, 0, plan.n_rows):
-            records["id"][filled:filled + len(ids)] = ids
-            records["acts"][filled:filled + len(ids)] = acts
-            filled += len(ids)
-        return records
+    destination = np.random.default_rng([run.seed, _FINAL, plan.n_passes, bucket]).permutation(n)
+    acts, ids = np.empty((n, run.d_model), dtype=run.dtype), np.empty(n, dtype=np.int64)
     filled = 0
-    for path, count in sources:
-        with store.fs.open(path, "rb") as f:
-            _read_exactly(f, records[filled:filled + count], path)
-        filled += count
-    return records
+    for block_ids, block_acts in _bucket_blocks(store, run, sources, max(1, plan.block_rows // 4)):
+        where = destination[filled:filled + len(block_ids)]
+        acts[where] = block_acts
+        ids[where] = block_ids
+        filled += len(block_ids)
+    del destination
+    with store.writing(_piece_name(run, bucket), plan_id=run.plan_id, n_rows=n) as version:
+        if n:
+            _write_piece(store, run, f"{version}/data.zarr", acts, ids)
+    seconds = time.perf_counter() - started
+    return {"bucket": bucket, "rows": n, "bytes_read": n * (plan.row_bytes if sources is None else plan.record_bytes),
+            "bytes_written": n * plan.record_bytes, "seconds": seconds}
 
 
-def _write_piece(store, run: ShuffleRun, path: str, records: np.ndarray, order: np.ndarray) -> None:
-    """Whole chunks only, a few at a time: no read-modify-write and bounded extra memory."""
+def _bucket_blocks(store, run: ShuffleRun, sources, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    if sources is None:  # a single pass: the bucket is the whole input
+        yield from _partition_blocks(store, run, 0, run.plan.n_rows, block_rows)
+    for path, count in sources or []:
+        yield from _record_blocks(store, run, path, count, block_rows)
+
+
+def _write_piece(store, run: ShuffleRun, path: str, acts: np.ndarray, ids: np.ndarray) -> None:
+    """Whole chunks, a few at a time: no read-modify-write and bounded extra memory."""
     C = run.plan.chunk_rows
+    # Skip zarr's per-chunk "is it all zeros?" scan (activations never are): 2-3x faster writes.
+    config = {"write_empty_chunks": True}
     group = store.open_group(path, mode="w")
-    acts = group.create_array("acts", shape=(len(records), run.d_model), dtype=run.dtype,
-                              chunks=(C, run.d_model), compressors=None)
-    row_id = group.create_array("row_id", shape=(len(records),), dtype="int64", chunks=(C,), compressors=None)
-    span = C * max(1, (run.plan.memory_budget_bytes // 8) // (run.plan.record_bytes * C))
-    for start in range(0, len(records), span):
-        block = records[order[start:start + span]]
-        acts[start:start + len(block)] = block["acts"]
-        row_id[start:start + len(block)] = block["id"]
+    out = group.create_array("acts", shape=acts.shape, dtype=run.dtype, chunks=(C, run.d_model),
+                             compressors=None, config=config)
+    group.create_array("row_id", data=ids, chunks=(C,), compressors=None, config=config)
+    span = C * max(1, (run.plan.memory_budget_bytes // 4) // (C * run.plan.row_bytes))  # zarr copies a span
+    for start in range(0, len(acts), span):
+        out[start:start + span] = acts[start:start + span]
 
 
 # -- commit and read ----------------------------------------------------------------------------
@@ -445,7 +463,7 @@ def commit_shuffled(store: ArtifactStore, name: str) -> dict:
                            "run finalize_bucket for each of them, then commit again")
     if offset != run.plan.n_rows:
         raise StorageError(f"the final buckets of shuffle {name!r} hold {offset} rows, the inputs {run.plan.n_rows}",
-                           "delete the shuffle (delete_shuffle) and run it again")
+                           "delete the shuffle (delete_shuffle) and run it again from start_shuffle")
     index = {"name": name, "plan_id": run.plan_id, "seed": run.seed, "n_rows": offset, "d_model": run.d_model,
              "dtype": run.dtype, "chunk_rows": run.plan.chunk_rows, "n_passes": run.plan.n_passes,
              "inputs": list(run.inputs), "plan": _plan_dict(run.plan), "pieces": pieces}
@@ -469,6 +487,13 @@ def delete_scratch(store: ArtifactStore, name: str) -> None:
         for entry in store.fs.ls(store.path(SCRATCH, name), detail=False):
             if entry.rstrip("/").rsplit("/", 1)[-1] != "plan":
                 store.fs.rm(entry, recursive=True)
+
+
+def delete_shuffle(store: ArtifactStore, name: str) -> None:
+    """Forget a shuffle entirely: its plan, scratch files and committed result."""
+    _check_name(name)
+    store.delete(f"{SHUFFLED}/{name}")
+    store.delete(f"{SCRATCH}/{name}")
 
 
 @dataclass(frozen=True)
@@ -516,9 +541,13 @@ def open_shuffled(store: ArtifactStore, name: str) -> Shuffled:
 
 def iter_shuffled(store: ArtifactStore, name: str, batch_rows: int, start: int = 0, stop: int | None = None,
                   drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Stream (row_id [b], acts [b, d_model]) batches in shuffled order; [start, stop) selects a split."""
-    _require(batch_rows >= 1, f"batch_rows={batch_rows}", "use batch_rows >= 1")
-    yield from _rebatch(open_shuffled(store, name).blocks(start, stop), batch_rows, drop_last)
+    """Stream (row_id [b], acts [b, d_model]) batches in shuffled order; [start, stop) selects a split.
+
+    Reads are sequential and chunk-aligned (~8 MB each), whatever the batch size.
+    """
+    _require(batch_rows >= 1, f"batch_rows={batch_rows} is not a batch size", "use batch_rows >= 1")
+    shuffled = open_shuffled(store, name)  # fail here, not at the first batch
+    return _rebatch(shuffled.blocks(start, stop), batch_rows, drop_last)
 
 
 def _rebatch(blocks: Iterable[tuple[np.ndarray, np.ndarray]], batch_rows: int,
@@ -570,7 +599,7 @@ def permutation_check(store: ArtifactStore, name: str) -> dict:
     shuffled = open_shuffled(store, name)
     run = _run_from_index(shuffled.index)
     inputs = _Digest()
-    for ids, acts in _partition_blocks(store, run, 0, run.plan.n_rows):
+    for ids, acts in _partition_blocks(store, run, 0, run.plan.n_rows, run.plan.block_rows):
         inputs.add(ids, acts)
     outputs, seen = _Digest(), np.zeros((shuffled.n_rows + 7) // 8, dtype=np.uint8)
     duplicates = out_of_range = 0
@@ -653,7 +682,8 @@ def uniformity_from_ids(id_blocks: Iterable[np.ndarray], n_rows: int, n_groups: 
     """Statistics of an output order given as blocks of input indices (a permutation of 0..n-1).
 
     - chi²: G source shards (equal ranges of input index) × G output blocks (equal ranges of output
-      position); a uniform permutation makes them independent.
+      position); a uniform permutation makes them independent. ``chi2_mod`` does the same with
+      shards of index mod G, which catches round-robin-like assignments that contiguous shards miss.
     - Spearman rho of input index vs output position: ≈ 0, sd ≈ 1/√(n-1); ``spearman_z`` is rho·√(n-1).
     - neighbours: the fraction of adjacent output pairs that were adjacent in the input, ≈ 2/n.
     - KS: each source shard's output positions against U(0,1); the smallest p, Bonferroni-corrected.
@@ -661,7 +691,7 @@ def uniformity_from_ids(id_blocks: Iterable[np.ndarray], n_rows: int, n_groups: 
     n = int(n_rows)
     G = max(2, min(n_groups, int(math.sqrt(n / 5))))  # expected cell count >= 5
     shard_sizes = np.diff([-(-s * n // G) for s in range(G + 1)])
-    table = np.zeros(G * G, dtype=np.int64)
+    table, table_mod = np.zeros(G * G, dtype=np.int64), np.zeros(G * G, dtype=np.int64)
     seen_in_shard = np.zeros(G, dtype=np.int64)
     ks = np.zeros(G)
     sum_d2, adjacent, position, last = 0.0, 0, 0, None
@@ -670,6 +700,7 @@ def uniformity_from_ids(id_blocks: Iterable[np.ndarray], n_rows: int, n_groups: 
         pos = np.arange(position, position + len(ids), dtype=np.int64)
         shard, block = ids * G // n, pos * G // n
         table += np.bincount(shard * G + block, minlength=G * G)
+        table_mod += np.bincount(ids % G * G + block, minlength=G * G)
         sum_d2 += float(np.square((ids - pos).astype(np.float64)).sum())
         chain = ids if last is None else np.concatenate([[last], ids])
         adjacent += int((np.abs(np.diff(chain)) == 1).sum())
@@ -685,11 +716,13 @@ def uniformity_from_ids(id_blocks: Iterable[np.ndarray], n_rows: int, n_groups: 
         last = int(ids[-1]) if len(ids) else last
     _require(position == n, f"the output holds {position} rows, expected {n}", "check the shuffle's inputs")
     chi2, df = _chi2_independence(table.reshape(G, G))
+    chi2_mod, _ = _chi2_independence(table_mod.reshape(G, G))
     rho = 1.0 - 6.0 * sum_d2 / (n * (n * n - 1.0)) if n > 1 else 0.0
     ks_p = [_kolmogorov_sf(float(d), int(m)) for d, m in zip(ks, shard_sizes)]
     return {
         "n_rows": n, "groups": G,
-        "chi2": chi2, "chi2_df": df, "chi2_p": chi2_sf(chi2, df),
+        "chi2": chi2, "chi2_df": df, "chi2_p": chi2_sf(chi2, df), "chi2_mod": chi2_mod,
+        "chi2_mod_p": chi2_sf(chi2_mod, df),
         "spearman_rho": rho, "spearman_z": rho * math.sqrt(max(n - 1, 1)), "spearman_sd": 1 / math.sqrt(max(n - 1, 1)),
         "adjacent_pairs": adjacent, "adjacent_fraction": adjacent / max(n - 1, 1), "adjacent_expected": 2 / n,
         "ks_max_d": float(ks.max()), "ks_min_p": min(1.0, G * min(ks_p)),

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 
 from sae_platform import shuffle
 from sae_platform.errors import StorageError
-from sae_platform.storage import POINTER, ArtifactStore
+from sae_platform.storage import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -61,15 +60,20 @@ SMALL = dict(n_buckets=4, memory_budget_bytes=1 * MiB, n_jobs=3)  # d_model 16 f
 
 def test_plan_follows_the_seed_arithmetic():
     row, K, M = 1000, 10, 100 * MiB
-    cap = int(shuffle.BUCKET_FILL * M) // (row + 8 + 8)  # rows one job can shuffle in memory
-    assert shuffle.plan_shuffle(cap, row, K, M, 4).n_passes == 1
-    assert shuffle.plan_shuffle(cap + 1, row, K, M, 4).n_passes == 2
-    assert shuffle.plan_shuffle(cap * K, row, K, M, 4).n_passes == 2
-    three = shuffle.plan_shuffle(cap * K + 1, row, K, M, 4)
-    assert three.n_passes == 3 and three.n_final_buckets == K**2
+    cap = shuffle.final_bucket_rows(M, row)  # rows one job shuffles in memory
+    assert cap == int(shuffle.FINAL_SHARE * M) // (row + 16)
+
+    def passes(n_rows):
+        return shuffle.plan_shuffle(n_rows, row, K, M, 4).n_passes
+
+    margin = int(6 * cap**0.5) + 1  # bucket sizes are random: room for 6 standard deviations
+    assert passes(cap) == 1 and passes(cap + 1) == 2
+    assert passes(K * (cap - margin)) == 2 and passes(K * cap) == 3
+    assert passes(K**2 * (cap - margin)) == 3 and passes(K**2 * cap) == 4
+    three = shuffle.plan_shuffle(K * cap, row, K, M, 4)
+    assert three.n_final_buckets == K**2
     assert [three.jobs_in_pass(p) for p in (1, 2, 3)] == [4, K, K**2]
-    assert shuffle.plan_shuffle(cap * K**2, row, K, M, 4).n_passes == 3
-    assert three.block_rows * (3 * three.record_bytes) <= M
+    assert three.block_rows * (4 * three.record_bytes) <= M
     with pytest.raises(StorageError, match="pass 4 does not exist"):
         three.jobs_in_pass(4)
 
@@ -93,7 +97,7 @@ def test_plan_rejects_impossible_settings(kwargs, match):
 
 def test_output_is_an_exact_permutation(store):
     rows = make_dataset(store, [9000, 15000, 1, 24000])
-    summary = shuffle.run_shuffle(store, "s", seed=7, **SMALL)
+    summary = shuffle.run_shuffle(store, "s", seed=7, **(SMALL | {"n_buckets": 2}))
     assert summary["n_passes"] == 3 and summary["n_rows"] == len(rows)
     ids = assert_exact_permutation(store, "s", rows)
     assert not np.array_equal(ids, np.arange(len(rows)))
@@ -124,7 +128,7 @@ def test_order_is_uniformly_random(store):
     stats = shuffle.uniformity_stats(store, "s")
     # Thresholds a uniform permutation fails ~1 time in 1000 at most.
     assert stats["groups"] == 16 and stats["chi2_df"] == 225
-    assert stats["chi2_p"] > 1e-3, stats
+    assert stats["chi2_p"] > 1e-3 and stats["chi2_mod_p"] > 1e-3, stats
     assert abs(stats["spearman_z"]) < 3.5, stats
     assert stats["adjacent_pairs"] <= 9, stats  # Poisson(2)
     assert stats["ks_min_p"] > 1e-3, stats
@@ -138,8 +142,12 @@ def test_uniformity_stats_catch_orders_that_are_not_shuffled():
     windows = np.concatenate([w[rng.permutation(len(w))] for w in np.array_split(np.arange(n), 80)])
     mixing = shuffle.uniformity_from_ids([windows], n)
     assert mixing["chi2_p"] < 1e-12 and mixing["spearman_z"] > 100 and mixing["ks_min_p"] < 1e-6
+    # Round-robin buckets (id mod 4), each shuffled: contiguous shards see nothing wrong.
+    round_robin = np.concatenate([rng.permutation(np.arange(r, n, 4)) for r in range(4)])
+    strided = shuffle.uniformity_from_ids([round_robin], n)
+    assert strided["chi2_p"] > 1e-3 and strided["chi2_mod_p"] < 1e-12
     uniform = shuffle.uniformity_from_ids([rng.permutation(n)], n)
-    assert uniform["chi2_p"] > 1e-3 and abs(uniform["spearman_z"]) < 3.5
+    assert uniform["chi2_p"] > 1e-3 and uniform["chi2_mod_p"] > 1e-3 and abs(uniform["spearman_z"]) < 3.5
 
 
 # Tabulated quantiles, and (df 225) numerical integration of the density.
@@ -199,9 +207,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
     def status(field):
         return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
 
-    root, budget = sys.argv[1], int(sys.argv[2])
+    root, warm_root, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    # A worker that has shuffled once already: imports, zarr's thread pool, numpy's RNG are set up.
+    shuffle.run_shuffle(ArtifactStore(warm_root), "warm", n_buckets=2, memory_budget_bytes=budget, n_jobs=2, seed=0)
     store = ArtifactStore(root)
-    store.open_group(store.resolve("activations/p00") + "/data.zarr")["acts"][0:1]  # zarr's threads and pools
     open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
     baseline = status("VmRSS")
     result = shuffle.run_shuffle(store, "big", n_buckets=8, memory_budget_bytes=budget, n_jobs=2, seed=0)
@@ -209,14 +218,16 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _peak_above_baseline(root, budget):
-    """Peak RSS of a worker process above what it held before shuffling (imports, zarr warm-up).
+def _peak_above_baseline(root, warm_root, budget):
+    """Peak RSS of a warmed-up worker process while it shuffles, above what it held before.
 
     ru_maxrss cannot be used: importing polars/zarr peaks higher than a 4 MiB budget ever
     could, hiding the shuffle; resetting VmHWM through clear_refs measures the shuffle alone.
     """
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(root), str(budget)], cwd=REPO, check=True,
-                         capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}  # as shuffle.py recommends for workers
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(root), str(warm_root), str(budget)],
+                         cwd=REPO, check=True,
+                         capture_output=True, text=True, timeout=120, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -224,16 +235,19 @@ def _peak_above_baseline(root, budget):
 def test_multi_pass_shuffle_of_12x_the_budget_stays_within_memory(tmp_path):
     store = ArtifactStore(str(tmp_path / "artifacts"))
     rows = make_dataset(store, [65536] * 3, d_model=64, dtype="float32")  # 48 MiB; the budget is 4 MiB
-    small = _peak_above_baseline(store.root, 4 * MiB)
+    warm_root = str(tmp_path / "warm")
+    make_dataset(ArtifactStore(warm_root), [2000, 2000], d_model=64, dtype="float32")
+    small = _peak_above_baseline(store.root, warm_root, 4 * MiB)
     print(f"peak RSS above baseline: {small['extra_mib']:.1f} MiB for 48 MiB of rows, budget 4 MiB, "
           f"{small['n_passes']} passes")
     assert small["n_passes"] == 3
-    assert small["extra_mib"] < 4 * 1.5, f"the shuffle held {small['extra_mib']:.1f} MiB with a 4 MiB budget"
+    # The budget bounds the shuffle's arrays; the allocator's slack (measured: 4-5.5 MiB in all) fits in 2x.
+    assert small["extra_mib"] < 4 * 2, f"the shuffle held {small['extra_mib']:.1f} MiB with a 4 MiB budget"
     assert shuffle.permutation_check(store, "big")["ok"]
     assert_exact_permutation(store, "big", rows)
     # The measurement sees a whole-data load: one in-memory pass over the same rows.
     store.delete("shuffled/big")
-    whole = _peak_above_baseline(store.root, 256 * MiB)
+    whole = _peak_above_baseline(store.root, warm_root, 256 * MiB)
     assert whole["n_passes"] == 1 and whole["extra_mib"] > 48, whole
 
 
@@ -255,8 +269,8 @@ SLOW_JOB_SCRIPT = textwrap.dedent("""
 
 def test_a_killed_job_leaves_nothing_visible_and_a_rerun_gives_one_copy(store):
     rows = make_dataset(store, [20000, 20000], d_model=32)
-    run = shuffle.start_shuffle(store, "s", n_buckets=4, memory_budget_bytes=512 << 10, n_jobs=2, seed=5)
-    assert run.plan.n_passes >= 2 and run.plan.block_rows < 20000 // 4, "the job must take several blocks"
+    run = shuffle.start_shuffle(store, "s", n_buckets=16, memory_budget_bytes=512 << 10, n_jobs=2, seed=5)
+    assert run.plan.n_passes == 2 and run.plan.block_rows < 20000 // 4, "the job must take several blocks"
     child = subprocess.Popen([sys.executable, "-c", SLOW_JOB_SCRIPT, store.root], cwd=REPO,
                              stdout=subprocess.PIPE, text=True)
     try:
@@ -332,7 +346,7 @@ def test_missing_or_absent_inputs_are_refused(store):
         shuffle.start_shuffle(store, "s", seed=0, keys=["a", "zz"], **SMALL)
     assert "materialize the activations asset" in error.value.fix
     with pytest.raises(StorageError, match="no committed artifact"):
-        shuffle.iter_shuffled(store, "s", 10).__next__()
+        shuffle.iter_shuffled(store, "s", 10)
     assert _nothing_written(store)
 
 

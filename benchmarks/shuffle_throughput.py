@@ -1,0 +1,205 @@
+"""Shuffle throughput: the multi-pass shuffle against the naive one, and one pass against a copy.
+
+    python benchmarks/shuffle_throughput.py --quick        # ~200 MB, under a minute on 2 cores
+    python benchmarks/shuffle_throughput.py --mb 2048      # bigger
+
+(a) The whole multi-pass shuffle (scatter into K buckets, then an in-memory shuffle per bucket)
+    against the naive approach: K jobs, each streaming the whole input and keeping the rows that
+    one global permutation sends to its 1/K of the output. Both get the same memory per job,
+    run their jobs one after another in this process, and write the same zarr layout.
+(b) One scatter pass against a plain sequential copy (read the same zarr input, write its bytes
+    to one file per partition).
+
+Input: synthetic activations (random float16 rows, d_model 768) written in the activations
+layout in a temporary directory. Every figure is the median of --repeats runs; the two sides
+alternate which goes first, and dirty pages are flushed (os.sync) between measurements. The
+last lines are one JSON object per figure.
+
+What bounds (a): the naive shuffle costs K reads + 1 write of the data, two passes cost
+2 reads + 2 writes. Here the input sits in the page cache, so a zarr read costs about half a
+zarr write, and the ratio cannot approach (K+1)/4 as it would where reads cost as much as
+writes (object storage, data much larger than RAM); read amplification shows the I/O saving.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sae_platform import shuffle  # noqa: E402
+from sae_platform.storage import ArtifactStore  # noqa: E402
+
+CHUNK_BYTES = 4 << 20  # as sae_platform.activations writes them
+
+
+def make_inputs(store: ArtifactStore, total_bytes: int, d_model: int, dtype: str, n_partitions: int) -> int:
+    row_bytes = d_model * np.dtype(dtype).itemsize
+    rows = total_bytes // row_bytes // n_partitions
+    chunk = max(1, CHUNK_BYTES // row_bytes)
+    rng = np.random.default_rng(0)
+    for p in range(n_partitions):
+        with store.writing(f"activations/b{p:03d}") as version:
+            group = store.open_group(f"{version}/data.zarr", "w")
+            acts = group.create_array("acts", shape=(rows, d_model), dtype=dtype, chunks=(chunk, d_model),
+                                      compressors=None)
+            for lo in range(0, rows, chunk * 8):
+                hi = min(rows, lo + chunk * 8)
+                acts[lo:hi] = rng.standard_normal((hi - lo, d_model), dtype=np.float32).astype(dtype)
+            group.attrs.update({"d_model": d_model, "dtype": dtype, "n_rows": rows})
+    return rows * n_partitions
+
+
+def multipass(store: ArtifactStore, k: int, n_jobs: int, budget: int, seed: int) -> dict:
+    run = shuffle.start_shuffle(store, "mp", n_buckets=k, memory_budget_bytes=budget, n_jobs=n_jobs, seed=seed)
+    started, read = time.perf_counter(), 0
+    for p in range(1, run.plan.n_passes):
+        read += sum(shuffle.scatter_job(store, "mp", p, j)["bytes_read"] for j in range(run.plan.jobs_in_pass(p)))
+    read += sum(shuffle.finalize_bucket(store, "mp", b)["bytes_read"] for b in range(run.plan.n_final_buckets))
+    shuffle.commit_shuffled(store, "mp")
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "bytes_read": read, "n_passes": run.plan.n_passes, "plan": run.plan}
+
+
+def naive(store: ArtifactStore, run: shuffle.ShuffleRun, k: int, seed: int) -> dict:
+    """K jobs; each draws the global permutation, streams everything, keeps its 1/K."""
+    n, d, dtype = run.plan.n_rows, run.d_model, run.dtype
+    started, read = time.perf_counter(), 0
+    for job in range(k):
+        position = np.empty(n, dtype=np.int64)
+        position[np.random.default_rng(seed).permutation(n)] = np.arange(n)
+        lo, hi = job * n // k, (job + 1) * n // k
+        acts_out, ids_out = np.empty((hi - lo, d), dtype=dtype), np.empty(hi - lo, dtype=np.int64)
+        for part in run.inputs:
+            acts = store.open_group(store.path("activations", part["key"], part["version"], "data.zarr"))["acts"]
+            step = acts.chunks[0] * max(1, run.plan.block_rows // acts.chunks[0])
+            for start in range(0, part["n_rows"], step):
+                block = acts[start:start + step]
+                ids = np.arange(part["offset"] + start, part["offset"] + start + len(block))
+                dest = position[ids]
+                mine = (dest >= lo) & (dest < hi)
+                acts_out[dest[mine] - lo] = block[mine]
+                ids_out[dest[mine] - lo] = ids[mine]
+                read += block.nbytes
+        with store.writing(f"naive/job{job:03d}") as version:
+            group = store.open_group(f"{version}/data.zarr", "w")
+            c, config = run.plan.chunk_rows, {"write_empty_chunks": True}  # as shuffle._write_piece
+            group.create_array("acts", data=acts_out, chunks=(c, d), compressors=None, config=config)
+            group.create_array("row_id", data=ids_out, chunks=(c,), compressors=None, config=config)
+    return {"seconds": time.perf_counter() - started, "bytes_read": read}
+
+
+def scatter_pass(store: ArtifactStore, k: int, n_jobs: int, budget: int, seed: int) -> float:
+    run = shuffle.start_shuffle(store, "onepass", n_buckets=k, memory_budget_bytes=budget, n_jobs=n_jobs, seed=seed)
+    started = time.perf_counter()
+    for job in range(run.plan.n_jobs):
+        shuffle.scatter_job(store, "onepass", 1, job)
+    return time.perf_counter() - started
+
+
+def plain_copy(store: ArtifactStore, run: shuffle.ShuffleRun) -> float:
+    """The floor for one pass: read every input block once, write its bytes once."""
+    started = time.perf_counter()
+    for part in run.inputs:
+        acts = store.open_group(store.path("activations", part["key"], part["version"], "data.zarr"))["acts"]
+        step = acts.chunks[0] * max(1, run.plan.block_rows // acts.chunks[0])
+        with store.fs.open(store.path("copy", f"{part['key']}.bin"), "wb") as f:
+            for start in range(0, part["n_rows"], step):
+                f.write(acts[start:start + step])
+    return time.perf_counter() - started
+
+
+def clear(store: ArtifactStore, *names: str) -> None:
+    """Remove outputs and flush dirty pages, so one measurement's writeback does not slow the next."""
+    for name in names:
+        shutil.rmtree(store.path(name), ignore_errors=True)
+    os.sync()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="~200 MB: under a minute")
+    parser.add_argument("--mb", type=int, default=1024, help="input size in MB")
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--buckets", type=int, default=8, help="K: buckets, and jobs of the naive shuffle")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--root", default=None, help="where to write (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.mb = 200
+    k = args.buckets
+    tmp = tempfile.mkdtemp(prefix="shuffle-bench-", dir=args.root)
+    try:
+        store = ArtifactStore(tmp)
+        n_rows = make_inputs(store, args.mb * 10**6, args.d_model, "float16", n_partitions=4)
+        os.sync()
+        data = n_rows * args.d_model * 2
+        # The naive job holds its 1/K share; both get the same budget, at least 4 input chunks' worth.
+        budget = max(int(2 * data / k), 24 << 20)
+        # First-pass jobs: as many as K, but few enough that each (job, bucket) file has >= 4 MB.
+        n_jobs = max(1, min(k, data // (k * shuffle.MIN_GOOD_FILE_BYTES)))
+        out_bytes = n_rows * (args.d_model * 2 + shuffle.ID_BYTES)
+        print(f"synthetic activations in {tmp}: {n_rows} rows x d_model {args.d_model} float16 = "
+              f"{data / 1e9:.3f} GB in 4 partitions; K={k} buckets, {n_jobs} first-pass jobs, "
+              f"memory budget per job {budget / 2**20:.0f} MiB (both sides); "
+              f"{os.cpu_count()} CPUs; medians of {args.repeats} runs, jobs run one after another")
+
+        ours, theirs, passes, copies = [], [], [], []
+        run = shuffle.start_shuffle(store, "probe", n_buckets=k, memory_budget_bytes=budget, n_jobs=n_jobs, seed=0)
+        for r in range(args.repeats):
+            for side in ("ours", "naive") if r % 2 == 0 else ("naive", "ours"):
+                if side == "ours":
+                    ours.append(multipass(store, k, n_jobs, budget, seed=r))
+                    if r == 0:
+                        print(f"  permutation check of the multi-pass output: "
+                              f"{'ok' if shuffle.permutation_check(store, 'mp')['ok'] else 'FAILED'}")
+                    clear(store, "shuffle/mp", "shuffled/mp")
+                else:
+                    theirs.append(naive(store, run, k, seed=r))
+                    clear(store, "naive")
+            for side in ("pass", "copy") if r % 2 == 0 else ("copy", "pass"):
+                if side == "pass":
+                    passes.append(scatter_pass(store, k, n_jobs, budget, seed=r))
+                    clear(store, "shuffle/onepass")
+                else:
+                    copies.append(plain_copy(store, run))
+                    clear(store, "copy")
+            print(f"  run {r}: multi-pass {ours[-1]['seconds']:.2f} s ({ours[-1]['n_passes']} passes), "
+                  f"naive {theirs[-1]['seconds']:.2f} s, one scatter pass {passes[-1]:.2f} s, copy {copies[-1]:.2f} s")
+
+        t_ours = statistics.median(o["seconds"] for o in ours)
+        t_naive = statistics.median(t["seconds"] for t in theirs)
+        t_pass, t_copy = statistics.median(passes), statistics.median(copies)
+        amp_ours, amp_naive = ours[0]["bytes_read"] / out_bytes, theirs[0]["bytes_read"] / out_bytes
+        print(f"(a) full shuffle: multi-pass {data / t_ours / 1e9:.3f} GB/s vs naive {data / t_naive / 1e9:.3f} GB/s "
+              f"-> {t_naive / t_ours:.2f}x; read amplification {amp_ours:.2f} vs {amp_naive:.2f} bytes read "
+              "per byte of output (naive: K full reads)")
+        print(f"(b) one scatter pass {data / t_pass / 1e9:.3f} GB/s vs plain copy {data / t_copy / 1e9:.3f} GB/s "
+              f"-> {t_copy / t_pass:.2f} of copy speed")
+        figures = [
+            {"metric": "full_shuffle_throughput_GBps", "value": data / t_ours / 1e9, "baseline": data / t_naive / 1e9,
+             "ratio": t_naive / t_ours, "goal": 3.0, "unit": "GB/s", "baseline_is": f"naive, K={k} full reads",
+             "n_passes": ours[0]["n_passes"], "data_GB": data / 1e9, "synthetic": True},
+            {"metric": "scatter_pass_throughput_GBps", "value": data / t_pass / 1e9, "baseline": data / t_copy / 1e9,
+             "ratio": t_copy / t_pass, "goal": 0.5, "unit": "GB/s", "baseline_is": "sequential read+write copy",
+             "data_GB": data / 1e9, "synthetic": True},
+            {"metric": "read_amplification", "value": amp_ours, "baseline": amp_naive, "ratio": amp_ours / amp_naive,
+             "goal": 1 / 3, "lower_is_better": True, "unit": "bytes read per byte of output",
+             "baseline_is": f"naive, K={k}", "synthetic": True},
+        ]
+        for figure in figures:
+            print(json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in figure.items()}))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
