@@ -1,0 +1,874 @@
+"""Sparse autoencoders: TopK, BatchTopK, JumpReLU, ReLU+L1 and Switch, behind one interface.
+
+Every variant reconstructs an activation as a sparse, non-negative combination of unit-norm
+dictionary rows plus a bias,
+
+    x * input_scale  ~=  sum_i a_i W_dec[i] + b_pre,
+
+so downstream code (evaluation, top-K tables, the browser) sees one flat dictionary of
+``n_latents`` directions whatever the variant. The model takes raw activations and returns the
+reconstruction in the same raw units; ``input_scale`` (a buffer, saved with the checkpoint) puts
+the inputs at E||x||^2 = d_model internally (mean square 1 per coordinate), so losses,
+coefficients and the learning-rate rule mean the same thing at every layer and model.
+
+Recipe (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): b_pre at the geometric
+median of a sample, W_enc = W_dec^T at init, decoder rows renormalised after every step with the
+gradient component along each row removed first, Adam with eps 6.25e-10 and lr ~ 1/sqrt(n_latents),
+AuxK on dead latents.
+
+Speed. For the TopK family only k of n_latents latents are active, so everything but the dense
+encoder matmul can be made sparse (as Gao et al.'s kernels do): the decoder and its gradients
+are embedding-bag gathers over the active rows, and the encoder *gradient* touches only the
+selected (row, latent) pairs. The dense pre-activations are computed without autograd and only
+read by the selection, so no [batch, n_latents] tensor is saved for backward. The Switch SAE
+(Mudide 2024) also cuts the encoder matmul: each row is routed to one expert and only that
+expert's rows of W_enc are multiplied.
+
+Devices: everything is created on the parameters' / inputs' device; the only host syncs per
+training step are BatchTopK's exactness check and Switch's per-expert row counts.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sae_platform.errors import PlatformError
+
+ADAM_EPS = 6.25e-10  # Gao et al.: a small eps matters with tiny gradients on huge dictionaries
+VARIANTS = ("topk", "batchtopk", "switch", "jumprelu", "relu")
+# Pre-activation elements per chunk when encoding without a training graph: bounds inference
+# memory for big dictionaries (1M latents x 4096 rows would be 16 GB at once).
+ENCODE_CHUNK_ELEMENTS = 1 << 25
+# The same bound for the training forward, larger: one block covers 4096 rows x 64k latents.
+TRAIN_BLOCK_ELEMENTS = 1 << 28
+
+
+def lr_for(n_latents: int) -> float:
+    """Adam learning rate for a dictionary of n_latents (Gao et al.: lr ~ 1/sqrt(n), 2e-4 at 16k)."""
+    if n_latents < 1:
+        raise PlatformError(f"n_latents must be positive, got {n_latents}", "pass the dictionary size, e.g. 16384")
+    return 2e-4 * math.sqrt(16384 / n_latents)
+
+
+def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
+    """Weiszfeld's iteration. b_pre starts here rather than at the mean because a few huge-norm
+    rows (attention sinks, outlier tokens) drag the mean far from where the bulk of the data is."""
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
+        y = (w[:, None] * x).sum(0) / w.sum()
+    return y
+
+
+def input_scale_for(x: Tensor) -> float:
+    """The scalar that brings a sample to E||x||^2 = d_model (per-coordinate mean square 1).
+
+    A fixed scalar, not per-row normalisation, so reconstructions map back to raw units exactly
+    and the relative norms of tokens (which carry information) survive."""
+    mean_sq = x.double().pow(2).sum(1).mean()
+    return math.sqrt(x.shape[1] / max(float(mean_sq), 1e-30))
+
+
+def normalized_mse(recon: Tensor, x: Tensor) -> Tensor:
+    """MSE relative to predicting the batch mean (= fraction of variance unexplained)."""
+    x = x.to(recon.dtype)
+    return (recon - x).pow(2).mean() / (x - x.mean(0)).pow(2).mean().clamp_min(1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse code matrices: CSR patterns and the three kernels the TopK family needs.
+# ---------------------------------------------------------------------------------------------
+
+class Pattern:
+    """Where the nonzeros of a [batch, n_latents] code matrix sit, in CSR order (by row).
+
+    Encoder and decoder backward both need the transpose (by latent); it is computed once per
+    pattern and shared."""
+
+    def __init__(self, cols: Tensor, offsets: Tensor, n_latents: int, width: int | None = None):
+        self.cols, self.offsets, self.n_latents, self.width = cols, offsets, n_latents, width
+        self._rows = None
+        self._by_col = None
+
+    @classmethod
+    def regular(cls, indices: Tensor, n_latents: int) -> "Pattern":
+        """Exactly indices.shape[1] entries per row (TopK)."""
+        batch, width = indices.shape
+        offsets = torch.arange(0, batch * width + 1, width, device=indices.device)
+        return cls(indices.reshape(-1), offsets, n_latents, width)
+
+    @classmethod
+    def from_rows(cls, rows: Tensor, cols: Tensor, batch: int, n_latents: int) -> "Pattern":
+        """Any number of entries per row; rows must be sorted ascending."""
+        counts = torch.bincount(rows, minlength=batch)
+        return cls(cols, F.pad(counts.cumsum(0), (1, 0)), n_latents)
+
+    @property
+    def batch(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def rows(self) -> Tensor:
+        if self._rows is None:
+            batch_ids = torch.arange(self.batch, device=self.cols.device)
+            # output_size keeps this free of a device sync on CUDA
+            self._rows = batch_ids.repeat_interleave(self.offsets.diff(), output_size=self.cols.numel())
+        return self._rows
+
+    def by_col(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(perm, rows[perm], col_offsets): the entries regrouped by latent."""
+        if self._by_col is None:
+            perm = self.cols.argsort()
+            counts = torch.bincount(self.cols, minlength=self.n_latents)
+            self._by_col = perm, self.rows[perm], F.pad(counts.cumsum(0), (1, 0))
+        return self._by_col
+
+    def padded(self, vals: Tensor) -> tuple[Tensor, Tensor]:
+        """[batch, K] values and indices, K the largest row count; padding has value 0."""
+        if self.width is not None:
+            return vals.reshape(self.batch, self.width), self.cols.reshape(self.batch, self.width)
+        width = max(int(self.offsets.diff().max()) if self.batch else 0, 1)
+        pos = torch.arange(self.cols.numel(), device=self.cols.device) - self.offsets[self.rows]
+        where = (self.rows, pos)
+        values = vals.new_zeros(self.batch, width).index_put(where, vals)
+        indices = self.cols.new_zeros(self.batch, width).index_put(where, self.cols)
+        return values, indices
+
+
+def spmm(pattern: Pattern, vals: Tensor, table: Tensor) -> Tensor:
+    """S @ table for the sparse S = (pattern, vals): an embedding bag over table's rows."""
+    return F.embedding_bag(pattern.cols, table, pattern.offsets, mode="sum",
+                           per_sample_weights=vals.reshape(-1), include_last_offset=True)
+
+
+def spmm_t(pattern: Pattern, vals: Tensor, y: Tensor) -> Tensor:
+    """S^T @ y, [n_latents, d]. Re-expressed as an embedding bag over y's rows grouped by latent:
+    on CPU ~5x faster than embedding_bag's own weight-gradient kernel, and no [nnz, d] temporary."""
+    perm, rows, col_offsets = pattern.by_col()
+    return F.embedding_bag(rows, y, col_offsets, mode="sum",
+                           per_sample_weights=vals.reshape(-1)[perm], include_last_offset=True)
+
+
+def sddmm(pattern: Pattern, y: Tensor, table: Tensor) -> Tensor:
+    """(y @ table^T) sampled at the pattern's entries, [nnz], without a [nnz, d] gather: the
+    kernel behind embedding_bag's per_sample_weights gradient."""
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        y, table, pattern.cols, pattern.offsets, pattern.rows, 0, -1)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """S @ W_dec with both gradients sparse (values: sampled dots; W_dec: touched rows only)."""
+
+    @staticmethod
+    def forward(ctx, vals, w_dec, pattern):
+        ctx.save_for_backward(vals, w_dec)
+        ctx.pattern = pattern
+        return spmm(pattern, vals, w_dec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        vals, w_dec = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_vals = sddmm(ctx.pattern, grad, w_dec).view_as(vals) if ctx.needs_input_grad[0] else None
+        grad_w = spmm_t(ctx.pattern, vals, grad) if ctx.needs_input_grad[1] else None
+        return grad_vals, grad_w, None
+
+
+class _SelectedPre(torch.autograd.Function):
+    """The selected pre-activations ((xs - b_pre) @ W_enc^T + b_enc at the pattern's entries),
+    made differentiable after the fact.
+
+    Forward reuses the values the no-grad dense matmul already produced. Backward touches only
+    the selected (row, latent) pairs, so the encoder weight gradient costs O(nnz * d) instead of a
+    second dense batch x n_latents x d matmul, and no [batch, n_latents] tensor is saved.
+    b_pre's gradient is -grad_b_enc @ W_enc: one [n_latents] x [n_latents, d] product instead
+    of a per-row gather."""
+
+    @staticmethod
+    def forward(ctx, xs, b_pre, w_enc, b_enc, vals, pattern):
+        xc = xs.detach() - b_pre.detach()
+        ctx.save_for_backward(xc, w_enc)
+        ctx.pattern = pattern
+        return vals.view_as(vals)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, w_enc = ctx.saved_tensors
+        pattern, flat = ctx.pattern, grad.reshape(-1).contiguous()
+        need_xs, need_b_pre, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_xs = spmm(pattern, flat, w_enc) if need_xs else None
+        grad_w = spmm_t(pattern, flat, xc) if need_w else None
+        grad_b = grad_b_pre = None
+        if need_b or need_b_pre:
+            grad_b = torch.zeros(pattern.n_latents, dtype=grad.dtype, device=grad.device)
+            grad_b.index_add_(0, pattern.cols, flat)
+            grad_b_pre = -(grad_b @ w_enc) if need_b_pre else None
+        return grad_xs, grad_b_pre, grad_w, grad_b if need_b else None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# JumpReLU's straight-through estimators (Rajamanoharan et al. 2024, "Jumping Ahead").
+# ---------------------------------------------------------------------------------------------
+
+def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """K((pre - theta) / eps) with K the unit rectangle: which pre-activations sit near the jump."""
+    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * H(pre - theta); theta's gradient is the rectangle-kernel pseudo-derivative
+    -(theta/eps) K(.), the only way a threshold learns from a loss that is flat almost everywhere."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        grad_theta = -(threshold / eps) * (grad * _rectangle(pre, threshold, eps)).sum(0)
+        return grad_pre, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - theta) for the L0 penalty; only theta gets a (pseudo-)gradient, -(1/eps) K(.)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        return None, -(grad * _rectangle(pre, threshold, eps)).sum(0) / eps, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Codes:
+    """Padded sparse codes: row b's activations are values[b] at latents indices[b]; entries
+    with value 0 are inactive (padding, or a TopK pick that ReLU zeroed)."""
+
+    values: Tensor   # [batch, K]
+    indices: Tensor  # [batch, K] int64, global latent ids
+
+    def to_dense(self, n_latents: int) -> Tensor:
+        dense = self.values.new_zeros(self.values.shape[0], n_latents)
+        return dense.scatter_add_(1, self.indices, self.values)
+
+
+@dataclass
+class SAEOutput:
+    """One forward pass. ``parts`` holds the unweighted auxiliary loss terms that need the
+    model's internals (AuxK, L1, L0, load balance); ``SparseAutoencoder.loss`` weights them."""
+
+    recon: Tensor                 # [batch, d_model], raw (input) units
+    l0: Tensor                    # scalar: mean active latents per row
+    fired: Tensor                 # bool [n_latents]: fired at least once in this batch
+    parts: dict[str, Tensor] = field(default_factory=dict)
+    dense: Tensor | None = None   # [batch, n_latents] codes (ReLU, JumpReLU)
+    sparse: tuple[Pattern, Tensor] | None = None  # (pattern, flat values) for the TopK family
+
+    @property
+    def codes(self) -> Codes:
+        if self.sparse is not None:
+            pattern, vals = self.sparse
+            return Codes(*pattern.padded(vals))
+        return _dense_to_codes(self.dense)
+
+
+def _dense_to_codes(z: Tensor) -> Codes:
+    width = max(int((z > 0).sum(1).max()) if z.shape[0] else 0, 1)
+    values, indices = z.topk(min(width, z.shape[1]), dim=1)
+    return Codes(values.clamp_min(0), indices)
+
+
+def _sparse_stats(pattern: Pattern, vals: Tensor) -> tuple[Tensor, Tensor]:
+    """(l0, fired) without a device sync."""
+    active = (vals.detach().reshape(-1) > 0).to(vals.dtype)
+    hits = torch.zeros(pattern.n_latents, dtype=vals.dtype, device=vals.device).index_add_(0, pattern.cols, active)
+    return active.sum() / max(pattern.batch, 1), hits > 0
+
+
+def _dense_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    active = z.detach() > 0
+    return active.sum(1).to(z.dtype).mean(), active.any(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+class SparseAutoencoder(nn.Module):
+    """Shared parameters, normalisation, init, decoder constraint and the eval-time helpers.
+
+    Parameters: W_enc [n_latents, d_model] (row i reads latent i), b_enc [n_latents],
+    W_dec [n_latents, d_model] (row i is latent i's direction, kept unit-norm), b_pre [d_model].
+    Rows-as-latents on both sides means slicing latents is slicing rows, and the sparse kernels
+    are embedding bags over rows."""
+
+    variant = "base"
+    DEFAULTS: dict = {}
+    COEFFS: dict = {}  # loss part name -> hyperparameter holding its weight
+
+    def __init__(self, d_model: int, n_latents: int, device=None, dtype=torch.float32, **hparams):
+        super().__init__()
+        self.d_model, self.n_latents = d_model, n_latents
+        self.hparams = {**self.DEFAULTS, **hparams}
+        w_dec = torch.randn(n_latents, d_model, device=device, dtype=dtype)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
+        self.b_pre = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
+        self.register_buffer("input_scale", torch.ones((), device=device, dtype=dtype))
+
+    @property
+    def config(self) -> dict:
+        """Everything build_sae needs to rebuild this model (weights come from state_dict)."""
+        return {"variant": self.variant, "d_model": self.d_model, "n_latents": self.n_latents, **self.hparams}
+
+    # --- init and normalisation -------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_input_scale_(self, sample: Tensor) -> None:
+        self.input_scale.fill_(input_scale_for(sample))
+
+    @torch.no_grad()
+    def init_b_pre_(self, sample: Tensor, iters: int = 50) -> None:
+        """Call after set_input_scale_: b_pre lives in normalised units."""
+        median = geometric_median(self._normalize(sample), iters)
+        self.b_pre.copy_(median.to(self.b_pre.dtype))
+
+    def calibrate_(self, sample: Tensor) -> None:
+        """Input scale and b_pre from one data sample, in the order they depend on each other."""
+        self.set_input_scale_(sample)
+        self.init_b_pre_(sample)
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_model:
+            raise PlatformError(f"activations have width {x.shape[-1]} but this SAE expects d_model {self.d_model}",
+                                "train or load an SAE for the layer and model these activations came from")
+        return x.to(self.W_dec.dtype) * self.input_scale
+
+    def _centered(self, x: Tensor) -> Tensor:
+        return self._normalize(x) - self.b_pre
+
+    def _to_raw(self, recon_n: Tensor) -> Tensor:
+        return recon_n / self.input_scale
+
+    # --- decoder constraint -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Unit-norm rows: otherwise a sparsity penalty could be gamed by shrinking codes and
+        growing directions, and activations would not be comparable across latents."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop the gradient component along each decoder row before the optimizer step: that
+        component only changes the row's norm, which normalize_decoder_ undoes anyway, and it
+        would otherwise pollute Adam's moment estimates.
+
+        On CPU the rows go in cache-sized blocks: whole-matrix temporaries made this 5x slower."""
+        grad, w = self.W_dec.grad, self.W_dec
+        if grad is None:
+            return
+        rows = self.n_latents if w.is_cuda else max(1, (1 << 18) // self.d_model)
+        for start in range(0, self.n_latents, rows):
+            g, v = grad[start:start + rows], w[start:start + rows]
+            along = (g * v).sum(1, keepdim=True) / (v * v).sum(1, keepdim=True).clamp_min(1e-12)
+            g.addcmul_(v, along, value=-1)
+
+    # --- encoding / decoding for evaluation ------------------------------------------------------
+
+    def encode(self, x: Tensor) -> Codes:
+        """Inference codes (subclasses override this or encode_dense)."""
+        return _dense_to_codes(self.encode_dense(x))
+
+    def encode_dense(self, x: Tensor) -> Tensor:
+        """[batch, n_latents] activations; for eval-sized batches."""
+        return self.encode(x).to_dense(self.n_latents)
+
+    def encode_slice(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """Activations of latents [start, stop) only, [batch, stop - start], exact.
+
+        Default (TopK, Switch): whether a latent is active depends on all the others, so the full
+        selection runs (in chunks, memory-bounded) and only the slice is kept. Variants whose
+        activation is per-latent (ReLU, JumpReLU, BatchTopK at inference) override this to
+        multiply only the slice's rows of W_enc."""
+        self._check_slice(start, stop)
+        codes = self.encode(x)
+        inside = (codes.indices >= start) & (codes.indices < stop)
+        out = codes.values.new_zeros(codes.values.shape[0], stop - start)
+        local = torch.where(inside, codes.indices - start, 0)
+        return out.scatter_add_(1, local, codes.values * inside)
+
+    def _check_slice(self, start: int, stop: int) -> None:
+        if not 0 <= start < stop <= self.n_latents:
+            raise PlatformError(f"latent slice [{start}, {stop}) is outside [0, {self.n_latents})",
+                                "pass 0 <= start < stop <= n_latents")
+
+    def decode(self, codes: Codes) -> Tensor:
+        """Reconstruction in raw units from (possibly padded) codes."""
+        recon = F.embedding_bag(codes.indices, self.W_dec, mode="sum", per_sample_weights=codes.values)
+        return self._to_raw(recon + self.b_pre)
+
+    # --- training --------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        raise NotImplementedError
+
+    def loss(self, x: Tensor, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
+        """(total, named weighted terms): "mse" (per element, in normalised units, where inputs
+        have mean square 1 per coordinate) plus each of out.parts times its coefficient."""
+        err = (out.recon - x.to(out.recon.dtype)) * self.input_scale
+        terms = {"mse": err.pow(2).mean()}
+        for name, part in out.parts.items():
+            terms[name] = self.hparams[self.COEFFS[name]] * part
+        return sum(terms.values()), terms
+
+
+def _aux_target(xs: Tensor, recon_n: Tensor) -> Tensor:
+    return (xs - recon_n).detach()
+
+
+def _auxk_loss(aux_recon: Tensor, error: Tensor, any_dead: Tensor) -> Tensor:
+    """Gao et al.'s AuxK: MSE of the dead latents' reconstruction of the residual, over the
+    residual's variance (so its scale does not shrink as the main loss improves); zero when
+    nothing is dead."""
+    var = (error - error.mean(0)).pow(2).mean().clamp_min(1e-30)
+    return (aux_recon - error).pow(2).mean() / var * any_dead
+
+
+class TopKSAE(SparseAutoencoder):
+    """z = ReLU(TopK(W_enc (x - b_pre) + b_enc)), x_hat = W_dec^T z + b_pre (Gao et al.).
+
+    k fixes L0 directly, so there is no sparsity coefficient to tune. AuxK (weight 1/32) lets the
+    k_aux most active dead latents model the residual, which keeps them from staying dead.
+    multi_topk adds L(4k)/8 so the code stays good when read at other k."""
+
+    variant = "topk"
+    DEFAULTS = {"k": 32, "k_aux": None, "aux_coeff": 1 / 32, "multi_topk": False, "multi_coeff": 1 / 8}
+    COEFFS = {"auxk": "aux_coeff", "multi_topk": "multi_coeff"}
+
+    def __init__(self, d_model, n_latents, device=None, dtype=torch.float32, **hparams):
+        super().__init__(d_model, n_latents, device, dtype, **hparams)
+        if self.hparams["k_aux"] is None:  # Gao et al.: a power of two near d_model / 2
+            self.hparams["k_aux"] = 2 ** max(0, round(math.log2(d_model / 2)))
+        self.hparams["k_aux"] = min(self.hparams["k_aux"], n_latents)
+
+    @torch.no_grad()
+    def _scan(self, xs: Tensor, width: int, dead_mask: Tensor | None, sort: bool = False):
+        """Each row's top-`width` pre-activations and, given dead_mask, AuxK's top k_aux among
+        the dead latents: (vals, idx, aux or None), all [batch, *].
+
+        The dense pre-activations are the one [batch, n_latents] tensor of the step. They are
+        computed without autograd, in row blocks of at most TRAIN_BLOCK_ELEMENTS (one block for
+        typical sizes; bounded memory for huge dictionaries), into a scratch block kept between
+        training steps: re-allocating it cost ~10% of a CPU step in page faults. Selection copies
+        what it keeps, so the reuse is safe."""
+        batch, n = xs.shape[0], self.n_latents
+        xc = xs.detach() - self.b_pre
+        rows = max(1, min(batch, TRAIN_BLOCK_ELEMENTS // n))
+        block = self._scratch_block(rows, xs)
+        vals, idx = xs.new_empty(batch, width), torch.empty(batch, width, dtype=torch.long, device=xs.device)
+        k_aux = self.hparams["k_aux"]
+        aux = None
+        if dead_mask is not None and k_aux > 0:
+            aux = xs.new_empty(batch, k_aux), torch.empty(batch, k_aux, dtype=torch.long, device=xs.device)
+            alive = ~dead_mask.to(device=xs.device, dtype=torch.bool)
+        for start in range(0, batch, rows):
+            stop = min(start + rows, batch)
+            pre = torch.addmm(self.b_enc, xc[start:stop], self.W_enc.t(), out=block[:stop - start])
+            torch.topk(pre, width, dim=1, sorted=sort, out=(vals[start:stop], idx[start:stop]))
+            if aux is not None:  # pre is spent: mask it in place rather than copy it
+                pre.masked_fill_(alive, float("-inf"))
+                torch.topk(pre, k_aux, dim=1, sorted=False, out=(aux[0][start:stop], aux[1][start:stop]))
+        return vals, idx, aux
+
+    def _scratch_block(self, rows: int, like: Tensor) -> Tensor:
+        if not self.training:
+            return like.new_empty(rows, self.n_latents)
+        block = getattr(self, "_scratch", None)
+        if block is None or block.shape != (rows, self.n_latents) or block.device != like.device \
+                or block.dtype != like.dtype:
+            self._scratch = None  # free the old block before allocating the new one
+            block = self._scratch = like.new_empty(rows, self.n_latents)
+        return block
+
+    def _sparse_decode(self, pattern: Pattern, vals: Tensor) -> Tensor:
+        return _SparseDecode.apply(vals, self.W_dec, pattern)
+
+    def _aux_part(self, xs, recon_n, aux, dead_mask, scale=None) -> Tensor:
+        aux_vals, aux_idx = aux
+        pattern = Pattern.regular(aux_idx, self.n_latents)
+        z = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, aux_vals, pattern).relu()
+        if scale is not None:
+            z = z * scale
+        aux_recon = self._sparse_decode(pattern, z)
+        return _auxk_loss(aux_recon, _aux_target(xs, recon_n), dead_mask.any())
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        k, multi = self.hparams["k"], self.hparams["multi_topk"]
+        xs = self._normalize(x)
+        width = min(4 * k, self.n_latents) if multi else k
+        top_vals, top_idx, aux = self._scan(xs, width, dead_mask, sort=multi)  # sorted: top k come first
+        wide = Pattern.regular(top_idx, self.n_latents)
+        z_wide = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, top_vals, wide).relu()
+        parts = {}
+        if multi:
+            parts["multi_topk"] = (self._sparse_decode(wide, z_wide) + self.b_pre - xs).pow(2).mean()
+            pattern, z = Pattern.regular(top_idx[:, :k], self.n_latents), z_wide[:, :k]
+        else:
+            pattern, z = wide, z_wide
+        recon_n = self._sparse_decode(pattern, z) + self.b_pre
+        if aux is not None:
+            parts["auxk"] = self._aux_part(xs, recon_n, aux, dead_mask)
+        l0, fired = _sparse_stats(pattern, z)
+        return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z.reshape(-1)))
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Codes:
+        vals, idx = self._topk_chunked(self._centered(x), self.hparams["k"])
+        return Codes(vals.relu(), idx)
+
+    def _topk_chunked(self, xc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Row-wise top-k of the pre-activations, merged over latent chunks so that no
+        [batch, n_latents] tensor exists (same result as one big topk, up to float ties)."""
+        chunk = max(k, ENCODE_CHUNK_ELEMENTS // max(xc.shape[0], 1))
+        best = None
+        for start in range(0, self.n_latents, chunk):
+            stop = min(start + chunk, self.n_latents)
+            pre = F.linear(xc, self.W_enc[start:stop], self.b_enc[start:stop])
+            vals, idx = pre.topk(min(k, stop - start), dim=1)
+            idx += start
+            if best is not None:
+                vals, pick = torch.cat([best[0], vals], 1).topk(k, dim=1)
+                idx = torch.cat([best[1], idx], 1).gather(1, pick)
+            best = vals, idx
+        return best
+
+
+def _batch_topk(cand_vals: Tensor, cand_idx: Tensor, total: int, n: int, full_pre) -> tuple[Tensor, Tensor]:
+    """Exact top `total` entries of a [batch, n] matrix as (values, flat indices), from each
+    row's top candidates (cand_vals, cand_idx).
+
+    A flat topk over batch * n elements is ~5x slower on CPU than a row-wise one and needs the
+    whole matrix at once. The candidates suffice whenever no row's smallest candidate reaches
+    the cut (every non-candidate then lies below it); otherwise full_pre() recomputes the
+    matrix for a flat topk."""
+    per_row = cand_vals.shape[1]
+    vals, pos = cand_vals.reshape(-1).topk(total, sorted=False)
+    if per_row == n or not bool((cand_vals.min(1).values >= vals.min()).any()):
+        return vals, (pos // per_row) * n + cand_idx.reshape(-1)[pos]
+    return full_pre().reshape(-1).topk(total, sorted=False)
+
+
+class BatchTopKSAE(TopKSAE):
+    """TopK over the whole batch: k * batch activations shared among rows (Bussmann et al. 2024),
+    so hard tokens can use more latents than easy ones at the same average L0.
+
+    A row's code then depends on its batch-mates, which is wrong at inference; there a global
+    threshold is used instead: an exponential moving average of the smallest activation
+    selected in each training batch (a buffer, saved with the checkpoint)."""
+
+    variant = "batchtopk"
+    DEFAULTS = {"k": 32, "k_aux": None, "aux_coeff": 1 / 32, "threshold_momentum": 0.99, "candidates_per_k": 4}
+    COEFFS = {"auxk": "aux_coeff"}
+
+    def __init__(self, d_model, n_latents, device=None, dtype=torch.float32, **hparams):
+        super().__init__(d_model, n_latents, device, dtype, **hparams)
+        self.register_buffer("threshold", torch.full((), float("nan"), device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def _select_batch(self, xs: Tensor, dead_mask: Tensor | None):
+        """(pattern, values, aux) of the batch-wide top k * batch."""
+        batch, n, k = xs.shape[0], self.n_latents, self.hparams["k"]
+        per_row = min(n, self.hparams["candidates_per_k"] * k)
+        cand_vals, cand_idx, aux = self._scan(xs, per_row, dead_mask)
+        full_pre = lambda: F.linear(xs - self.b_pre, self.W_enc, self.b_enc)  # noqa: E731
+        vals, flat = _batch_topk(cand_vals, cand_idx, k * batch, n, full_pre)
+        flat, order = flat.sort()  # row-major: groups entries by row, as CSR needs
+        vals = vals[order]
+        self._update_threshold(vals)
+        return Pattern.from_rows(flat // n, flat % n, batch, n), vals, aux
+
+    def _update_threshold(self, vals: Tensor) -> None:
+        """EMA of the smallest selected activation, written without a device sync."""
+        if not self.training:
+            return
+        smallest = torch.where(vals > 0, vals, torch.inf).min()
+        m = self.hparams["threshold_momentum"]
+        ema = torch.where(torch.isnan(self.threshold), smallest, m * self.threshold + (1 - m) * smallest)
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), ema, self.threshold))
+
+    def _select_threshold(self, pre: Tensor) -> tuple[Pattern, Tensor]:
+        if torch.isnan(self.threshold):  # never trained: the per-row TopK rule is the best guess
+            vals, idx = pre.topk(self.hparams["k"], dim=1)
+            return Pattern.regular(idx, self.n_latents), vals
+        rows, cols = (pre > self.threshold).nonzero(as_tuple=True)
+        return Pattern.from_rows(rows, cols, pre.shape[0], self.n_latents), pre[rows, cols]
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        xs = self._normalize(x)
+        if self.training:
+            pattern, sel_vals, aux = self._select_batch(xs, dead_mask)
+        else:
+            with torch.no_grad():
+                pattern, sel_vals = self._select_threshold(F.linear(xs - self.b_pre, self.W_enc, self.b_enc))
+            aux = self._scan(xs, 1, dead_mask)[2] if dead_mask is not None else None
+        z = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, sel_vals, pattern).relu()
+        recon_n = self._sparse_decode(pattern, z) + self.b_pre
+        parts = {}
+        if aux is not None:
+            parts["auxk"] = self._aux_part(xs, recon_n, aux, dead_mask)
+        l0, fired = _sparse_stats(pattern, z)
+        return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z))
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Codes:
+        pattern, vals = self._select_threshold(F.linear(self._centered(x), self.W_enc, self.b_enc))
+        return Codes(*pattern.padded(vals.relu()))
+
+    @torch.no_grad()
+    def encode_slice(self, x: Tensor, start: int, stop: int) -> Tensor:
+        if torch.isnan(self.threshold):
+            return super().encode_slice(x, start, stop)
+        self._check_slice(start, stop)
+        pre = F.linear(self._centered(x), self.W_enc[start:stop], self.b_enc[start:stop])
+        return torch.where(pre > self.threshold, pre, 0).relu()
+
+
+class SwitchSAE(TopKSAE):
+    """Switch SAE (Mudide 2024): a softmax router sends each row to one of n_experts TopK SAEs
+    over n_latents / n_experts latents each.
+
+    Only the chosen expert's encoder rows are multiplied (rows grouped by expert, one matmul per
+    expert), so encoder FLOPs fall by n_experts; the public implementation computes the dense
+    encoder and masks it, which never realises that saving. Expert e's latent j is global latent
+    e * (n_latents / n_experts) + j, and the code values include the router probability
+    (x_hat = p * W_dec^T z + b_pre, which is how the router gets a gradient), so downstream code
+    sees one flat dictionary obeying the same decode rule as every other variant.
+    Load balancing: balance_coeff * E * sum_e f_e P_e (Switch Transformer, Fedus et al.)."""
+
+    variant = "switch"
+    DEFAULTS = {"n_experts": 8, "k": 32, "k_aux": None, "aux_coeff": 1 / 32, "balance_coeff": 0.01}
+    COEFFS = {"auxk": "aux_coeff", "balance": "balance_coeff"}
+
+    def __init__(self, d_model, n_latents, device=None, dtype=torch.float32, **hparams):
+        super().__init__(d_model, n_latents, device, dtype, **hparams)
+        n_experts = self.hparams["n_experts"]
+        self.expert_size = n_latents // n_experts
+        self.hparams["k_aux"] = min(self.hparams["k_aux"], self.expert_size)
+        router = torch.randn(n_experts, d_model, device=device, dtype=dtype) / math.sqrt(d_model)
+        self.W_router = nn.Parameter(router)
+        self.b_router = nn.Parameter(torch.zeros(n_experts, device=device, dtype=dtype))
+
+    def route(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(probs [batch, E], chosen expert [batch], its probability [batch])."""
+        probs = F.linear(xc, self.W_router, self.b_router).softmax(-1)
+        p, expert = probs.max(-1)
+        return probs, expert, p
+
+    def expert_pre(self, e: int, xc_rows: Tensor) -> Tensor:
+        """Pre-activations of expert e for the rows routed to it: the only encoder matmul."""
+        lo, hi = e * self.expert_size, (e + 1) * self.expert_size
+        return F.linear(xc_rows, self.W_enc[lo:hi], self.b_enc[lo:hi])
+
+    @torch.no_grad()
+    def _select(self, xc: Tensor, expert: Tensor, dead_mask: Tensor | None, with_aux: bool):
+        """Per-expert TopK (and AuxK among that expert's dead latents), returned in input row
+        order with global latent ids: (vals, idx, aux or None, rows per expert)."""
+        k, k_aux, m = self.hparams["k"], self.hparams["k_aux"], self.expert_size
+        order = expert.argsort(stable=True)
+        counts = torch.bincount(expert, minlength=self.hparams["n_experts"])
+        x_sorted = xc.detach()[order]
+        picks, aux_picks, start = [], [], 0
+        for e, count in enumerate(counts.tolist()):
+            if count == 0:
+                continue
+            pre = self.expert_pre(e, x_sorted[start:start + count])
+            picks.append(pre.topk(k, dim=1, sorted=False))
+            if with_aux:  # pre is spent: mask it in place rather than copy it
+                pre.masked_fill_(~dead_mask[e * m:(e + 1) * m].to(pre.device), float("-inf"))
+                aux_picks.append(pre.topk(k_aux, dim=1, sorted=False))
+            start += count
+        offset = expert[order][:, None] * m  # expert-local -> global latent ids
+
+        def unsort(pairs):  # back to input row order, global ids
+            vals, idx = torch.cat([v for v, _ in pairs]), torch.cat([i for _, i in pairs]) + offset
+            return (torch.empty_like(vals).index_copy_(0, order, vals),
+                    torch.empty_like(idx).index_copy_(0, order, idx))
+
+        aux = unsort(aux_picks) if with_aux else None
+        return *unsort(picks), aux, counts.to(xc.dtype)
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        xs = self._normalize(x)
+        xc = xs - self.b_pre
+        probs, expert, p = self.route(xc)
+        with_aux = dead_mask is not None and self.hparams["k_aux"] > 0
+        sel_vals, sel_idx, aux, counts = self._select(xc, expert, dead_mask, with_aux)
+        pattern = Pattern.regular(sel_idx, self.n_latents)
+        z = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, sel_vals, pattern).relu() * p[:, None]
+        recon_n = self._sparse_decode(pattern, z) + self.b_pre
+        n_experts = self.hparams["n_experts"]
+        parts = {"balance": n_experts * (counts / x.shape[0] * probs.mean(0)).sum()}
+        if aux is not None:
+            parts["auxk"] = self._aux_part(xs, recon_n, aux, dead_mask, scale=p.detach()[:, None])
+        l0, fired = _sparse_stats(pattern, z)
+        return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z.reshape(-1)))
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Codes:
+        xc = self._centered(x)
+        _, expert, p = self.route(xc)
+        vals, idx, _, _ = self._select(xc, expert, None, False)
+        return Codes(vals.relu() * p[:, None], idx)
+
+
+class _DenseSAE(SparseAutoencoder):
+    """Shared path of the variants whose activation is per latent: dense codes, dense decode."""
+
+    def _activate(self, pre: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def _slice_activation(self, pre: Tensor, start: int, stop: int) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        """dead_mask is accepted for a uniform trainer and ignored: these variants have no AuxK."""
+        xc = self._centered(x)
+        z, parts = self._activate(F.linear(xc, self.W_enc, self.b_enc))
+        recon_n = z @ self.W_dec + self.b_pre
+        l0, fired = _dense_stats(z)
+        return SAEOutput(self._to_raw(recon_n), l0, fired, parts, dense=z)
+
+    @torch.no_grad()
+    def encode_dense(self, x: Tensor) -> Tensor:
+        return self._activate(F.linear(self._centered(x), self.W_enc, self.b_enc))[0]
+
+    @torch.no_grad()
+    def encode_slice(self, x: Tensor, start: int, stop: int) -> Tensor:
+        self._check_slice(start, stop)
+        pre = F.linear(self._centered(x), self.W_enc[start:stop], self.b_enc[start:stop])
+        return self._slice_activation(pre, start, stop)
+
+
+class ReLUSAE(_DenseSAE):
+    """z = ReLU(W_enc (x - b_pre) + b_enc) with an L1 penalty weighted by decoder row norms
+    (Anthropic, "Towards Monosemanticity" and its April 2024 update): the weighting keeps the
+    penalty honest if the trainer ever lets decoder norms float.
+
+    l1_coeff defaults to Anthropic's lambda = 5 (on summed squared error) expressed for this
+    module's per-element MSE: 5 / d_model."""
+
+    variant = "relu"
+    DEFAULTS = {"l1_coeff": None}
+    COEFFS = {"l1": "l1_coeff"}
+
+    def __init__(self, d_model, n_latents, device=None, dtype=torch.float32, **hparams):
+        super().__init__(d_model, n_latents, device, dtype, **hparams)
+        if self.hparams["l1_coeff"] is None:
+            self.hparams["l1_coeff"] = 5.0 / d_model
+
+    def _activate(self, pre):
+        z = pre.relu()
+        return z, {"l1": (z * self.W_dec.norm(dim=1)).sum(1).mean()}
+
+    def _slice_activation(self, pre, start, stop):
+        return pre.relu()
+
+
+class JumpReLUSAE(_DenseSAE):
+    """z = pre * H(pre - theta) with a learned per-latent threshold theta and an L0 penalty
+    (Rajamanoharan et al. 2024). Both are piecewise constant in theta, so theta learns through
+    straight-through pseudo-derivatives with a rectangle kernel of width `bandwidth`.
+    theta is stored as log theta, keeping it positive."""
+
+    variant = "jumprelu"
+    DEFAULTS = {"l0_coeff": 1e-3, "bandwidth": 1e-3, "init_threshold": 1e-3}
+    COEFFS = {"l0": "l0_coeff"}
+
+    def __init__(self, d_model, n_latents, device=None, dtype=torch.float32, **hparams):
+        super().__init__(d_model, n_latents, device, dtype, **hparams)
+        init = math.log(self.hparams["init_threshold"])
+        self.log_threshold = nn.Parameter(torch.full((n_latents,), init, device=device, dtype=dtype))
+
+    def _activate(self, pre):
+        theta, eps = self.log_threshold.exp(), self.hparams["bandwidth"]
+        z = _JumpReLU.apply(pre, theta, eps)
+        return z, {"l0": _Step.apply(pre, theta, eps).sum(1).mean()}
+
+    def _slice_activation(self, pre, start, stop):
+        theta = self.log_threshold[start:stop].exp()
+        return pre * (pre > theta)
+
+
+_CLASSES = {cls.variant: cls for cls in (TopKSAE, BatchTopKSAE, SwitchSAE, JumpReLUSAE, ReLUSAE)}
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlatformError(f"{name} must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
+
+
+def _check_hparams(variant: str, n_latents: int, hp: dict) -> None:
+    if "k" in hp:
+        _positive_int("k", hp["k"])
+        per = n_latents // hp["n_experts"] if variant == "switch" else n_latents
+        where = "latents per expert (n_latents / n_experts)" if variant == "switch" else "n_latents"
+        if hp["k"] > per:
+            raise PlatformError(f"k = {hp['k']} is larger than the {per} {where}",
+                                f"use k <= {per}, or a bigger dictionary")
+    if hp.get("k_aux") is not None and (isinstance(hp["k_aux"], bool) or not isinstance(hp["k_aux"], int)
+                                         or hp["k_aux"] < 0):
+        raise PlatformError(f"k_aux must be a non-negative integer, got {hp['k_aux']!r}",
+                            "use 0 to switch AuxK off, or e.g. 256")
+    for name in ("aux_coeff", "multi_coeff", "balance_coeff", "l1_coeff", "l0_coeff"):
+        if hp.get(name) is not None and not hp[name] >= 0:
+            raise PlatformError(f"{name} must be >= 0, got {hp[name]!r}", f"set {name} to a non-negative number")
+    for name in ("bandwidth", "init_threshold"):
+        if name in hp and not hp[name] > 0:
+            raise PlatformError(f"{name} must be > 0, got {hp[name]!r}", f"set {name} to a small positive number, e.g. 1e-3")
+    if "threshold_momentum" in hp and not 0 <= hp["threshold_momentum"] < 1:
+        raise PlatformError(f"threshold_momentum must be in [0, 1), got {hp['threshold_momentum']!r}",
+                            "use e.g. 0.99")
+
+
+def build_sae(variant: str, d_model: int, n_latents: int, *, device=None, dtype=torch.float32,
+              **hparams) -> SparseAutoencoder:
+    """The one constructor the platform uses: build_sae(**sae.config) rebuilds a model."""
+    if variant not in _CLASSES:
+        raise PlatformError(f"unknown SAE variant {variant!r}", f"use one of {', '.join(VARIANTS)}")
+    _positive_int("d_model", d_model)
+    _positive_int("n_latents", n_latents)
+    cls = _CLASSES[variant]
+    unknown = sorted(set(hparams) - set(cls.DEFAULTS))
+    if unknown:
+        raise PlatformError(f"{variant} SAE has no setting(s) {', '.join(unknown)}",
+                            f"its settings are: {', '.join(cls.DEFAULTS) or '(none)'}")
+    hp = {**cls.DEFAULTS, **hparams}
+    if variant == "switch":
+        _positive_int("n_experts", hp["n_experts"])
+        if n_latents % hp["n_experts"]:
+            raise PlatformError(f"n_latents = {n_latents} is not divisible by n_experts = {hp['n_experts']}",
+                                "pick n_latents as a multiple of n_experts, e.g. 16384 with 8 experts")
+    _check_hparams(variant, n_latents, hp)
+    return cls(d_model, n_latents, device=device, dtype=dtype, **hparams)

@@ -1,0 +1,542 @@
+"""SAE models: shapes, sparse kernels against dense references, the decoder constraint, AuxK,
+Switch routing cost, BatchTopK inference, training on data with a known sparse structure,
+input normalisation, checkpoint config and argument errors. Small dims: the file runs in seconds."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from sae_platform.errors import PlatformError
+from sae_platform.sae import (ADAM_EPS, VARIANTS, Pattern, _batch_topk, _SelectedPre, _SparseDecode, build_sae,
+                              geometric_median, input_scale_for, lr_for, normalized_mse, sddmm, spmm, spmm_t)
+
+D, N, K = 16, 64, 4
+SMALL = {"topk": {"k": K}, "batchtopk": {"k": K}, "switch": {"k": K, "n_experts": 4},
+         "jumprelu": {}, "relu": {}}
+
+
+def make_data(n_rows, seed=0, n_true=32, active=3, scale=1.0, offset=0.0):
+    """Rows that are sparse non-negative combinations of a hidden unit-norm dictionary."""
+    truth = F.normalize(torch.randn(n_true, D, generator=torch.Generator().manual_seed(1234)), dim=1)
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.rand(n_rows, n_true, generator=g).argsort(1)[:, :active]
+    coeffs = torch.zeros(n_rows, n_true).scatter_(1, picks, 0.5 + torch.rand(n_rows, active, generator=g))
+    return (coeffs @ truth) * scale + offset
+
+
+def sae_for(variant, seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_sae(variant, D, N, **{**SMALL[variant], **kw})
+
+
+def calibrated(variant, x, **kw):
+    sae = sae_for(variant, **kw)
+    sae.calibrate_(x)
+    return sae
+
+
+# --- shapes and sparsity ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_shapes_and_codes(variant):
+    x = make_data(32)
+    sae = calibrated(variant, x)
+    out = sae(x)
+    assert out.recon.shape == x.shape
+    assert out.fired.shape == (N,) and out.fired.dtype == torch.bool
+    codes = out.codes
+    assert codes.values.shape == codes.indices.shape and codes.values.shape[0] == 32
+    assert int(codes.indices.max()) < N and bool((codes.values >= 0).all())
+    assert torch.allclose(out.l0, (codes.values > 0).sum(1).float().mean())
+
+
+def test_topk_has_exactly_k_active_per_row():
+    x = make_data(64)
+    sae = calibrated("topk", x)
+    codes = sae(x).codes
+    assert codes.values.shape == (64, K)
+    assert bool(((codes.values > 0).sum(1) == K).all())
+    assert bool((codes.indices.sort(1).values.diff(dim=1) > 0).all())  # k distinct latents
+    # they are the k largest pre-activations
+    pre = F.linear(sae._centered(x), sae.W_enc, sae.b_enc)
+    assert torch.allclose(codes.values.sort(1).values, pre.topk(K, dim=1).values.sort(1).values, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "switch"])
+def test_relu_after_topk_silences_negative_picks(variant):
+    x = make_data(32)
+    sae = calibrated(variant, x)
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)  # every pre-activation negative: TopK still picks k, ReLU zeroes them
+    out = sae(x)
+    assert float(out.l0) == 0 and not bool(out.fired.any())
+    torch.testing.assert_close(out.recon, (sae.b_pre / sae.input_scale).expand_as(x))
+
+
+# --- sparse kernels vs dense references --------------------------------------------------------
+
+def irregular_pattern(batch=12, seed=0):
+    """Rows with 0..6 entries, the first row empty: the BatchTopK shape."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 7, (batch,), generator=g)
+    counts[0] = 0
+    rows = torch.arange(batch).repeat_interleave(counts)
+    cols = torch.cat([torch.randperm(N, generator=g)[:c] for c in counts.tolist()])
+    return Pattern.from_rows(rows, cols, batch, N), torch.randn(rows.numel(), generator=g)
+
+
+def dense_of(pattern, vals):
+    return torch.zeros(pattern.batch, N).index_put((pattern.rows, pattern.cols), vals, accumulate=True)
+
+
+@pytest.mark.parametrize("kind", ["regular", "irregular"])
+def test_sparse_decode_matches_dense_decode_values_and_gradients(kind):
+    if kind == "regular":
+        g = torch.Generator().manual_seed(1)
+        pattern = Pattern.regular(torch.rand(10, N, generator=g).topk(K, dim=1).indices, N)
+        vals0 = torch.randn(10 * K, generator=g)
+    else:
+        pattern, vals0 = irregular_pattern()
+    table0 = torch.randn(N, D)
+    upstream = torch.randn(pattern.batch, D)
+
+    vals, table = vals0.clone().requires_grad_(), table0.clone().requires_grad_()
+    sparse_out = _SparseDecode.apply(vals, table, pattern)
+    (sparse_out * upstream).sum().backward()
+
+    ref_vals, ref_table = vals0.clone().requires_grad_(), table0.clone().requires_grad_()
+    dense_out = dense_of(pattern, ref_vals) @ ref_table
+    (dense_out * upstream).sum().backward()
+
+    torch.testing.assert_close(sparse_out, dense_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vals.grad, ref_vals.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(table.grad, ref_table.grad, atol=1e-5, rtol=1e-5)
+    assert table.grad.abs().sum() > 0 and vals.grad.abs().sum() > 0
+
+
+def test_sparse_kernels_match_dense_algebra():
+    pattern, vals = irregular_pattern(seed=3)
+    s = dense_of(pattern, vals)
+    y, table = torch.randn(pattern.batch, D), torch.randn(N, D)
+    torch.testing.assert_close(spmm(pattern, vals, table), s @ table, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(spmm_t(pattern, vals, y), s.T @ y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sddmm(pattern, y, table), (y @ table.T)[pattern.rows, pattern.cols], atol=1e-5,
+                               rtol=1e-5)
+    values, indices = pattern.padded(vals)
+    torch.testing.assert_close(torch.zeros(pattern.batch, N).scatter_add_(1, indices, values), s)
+
+
+def dense_topk_reference(sae, x):
+    """The textbook TopK SAE through plain autograd: dense codes, dense decoder."""
+    xc = x * sae.input_scale - sae.b_pre
+    pre = F.linear(xc, sae.W_enc, sae.b_enc)
+    vals, idx = pre.topk(sae.hparams["k"], dim=1)
+    z = torch.zeros_like(pre).scatter(1, idx, vals.relu())
+    return (z @ sae.W_dec + sae.b_pre) / sae.input_scale
+
+
+def test_topk_forward_and_all_gradients_match_dense_reference():
+    x = make_data(48, seed=2, scale=3.0, offset=0.5)
+    sae = calibrated("topk", x)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)  # non-zero so its gradient path is exercised
+    out = sae(x)
+    sae.loss(x, out)[0].backward()
+    sparse_grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    sae.zero_grad()
+    ref = dense_topk_reference(sae, x)
+    torch.testing.assert_close(out.recon, ref, atol=1e-5, rtol=1e-5)
+    ((ref - x) * sae.input_scale).pow(2).mean().backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(sparse_grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_selected_pre_gradient_reaches_input_when_asked():
+    x = make_data(8).requires_grad_()
+    sae = calibrated("topk", x.detach())
+    xs = x * sae.input_scale
+    pre = F.linear(xs - sae.b_pre, sae.W_enc, sae.b_enc)
+    vals, idx = pre.detach().topk(K, dim=1)
+    picked = _SelectedPre.apply(xs, sae.b_pre, sae.W_enc, sae.b_enc, vals, Pattern.regular(idx, N))
+    (picked * torch.arange(K)).sum().backward(retain_graph=True)
+    grad_sparse = x.grad.clone()
+    x.grad = None
+    (pre.gather(1, idx) * torch.arange(K)).sum().backward()
+    torch.testing.assert_close(grad_sparse, x.grad, atol=1e-5, rtol=1e-5)
+
+
+# --- decoder constraint ----------------------------------------------------------------------
+
+def test_normalize_decoder_gives_unit_rows():
+    sae = sae_for("topk")
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(N, 1) * 5 + 0.1)
+    assert not torch.allclose(sae.W_dec.norm(dim=1), torch.ones(N))
+    sae.normalize_decoder_()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(N))
+
+
+@pytest.mark.parametrize("variant", ["topk", "relu"])
+def test_remove_parallel_grad_leaves_only_the_perpendicular_part(variant):
+    x = make_data(64)
+    sae = calibrated(variant, x)
+    sae.loss(x, sae(x))[0].backward()
+    before = sae.W_dec.grad.clone()
+    sae.remove_parallel_grad_()
+    after, w = sae.W_dec.grad, sae.W_dec.detach()
+    assert before.abs().sum() > 0
+    assert torch.allclose((after * w).sum(1), torch.zeros(N), atol=1e-6)
+    expected = before - (before * w).sum(1, keepdim=True) * w  # rows are unit-norm
+    torch.testing.assert_close(after, expected, atol=1e-6, rtol=1e-5)
+
+
+# --- AuxK ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "switch"])
+def test_auxk_is_zero_without_dead_latents_and_positive_with_them(variant):
+    x = make_data(64)
+    sae = calibrated(variant, x)
+    none_dead = sae(x, dead_mask=torch.zeros(N, dtype=torch.bool))
+    assert none_dead.parts["auxk"].item() == 0.0
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[::2] = True
+    some_dead = sae(x, dead_mask=dead)
+    assert some_dead.parts["auxk"].item() > 0
+    some_dead.parts["auxk"].backward()
+    touched = sae.W_enc.grad.abs().sum(1) > 0
+    assert bool(touched[dead].any()) and not bool(touched[~dead].any())  # only dead latents learn from AuxK
+    total, terms = sae.loss(x, some_dead)
+    torch.testing.assert_close(terms["auxk"], some_dead.parts["auxk"] / 32)
+
+
+def test_multi_topk_adds_the_4k_term():
+    x = make_data(64)
+    sae = calibrated("topk", x, multi_topk=True)
+    out = sae(x)
+    total, terms = sae.loss(x, out)
+    assert set(terms) == {"mse", "multi_topk"}
+    sae.hparams["k"] = 4 * K  # the same model read at 4k, through the dense reference
+    expected = ((dense_topk_reference(sae, x) - x) * sae.input_scale).pow(2).mean()
+    torch.testing.assert_close(out.parts["multi_topk"], expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(total, terms["mse"] + out.parts["multi_topk"] / 8)
+    assert out.codes.values.shape == (64, K)
+
+
+# --- Switch --------------------------------------------------------------------------------
+
+def test_switch_encodes_each_row_with_its_expert_only(monkeypatch):
+    x = make_data(96)
+    sae = calibrated("switch", x)
+    _, expert, _ = sae.route(sae._centered(x))
+    seen = {}
+    original = sae.expert_pre
+
+    def spy(e, rows):
+        seen[e] = rows.shape[0]
+        return original(e, rows)
+
+    monkeypatch.setattr(sae, "expert_pre", spy)
+    out = sae(x)
+    expected = torch.bincount(expert, minlength=4)
+    assert seen == {e: int(c) for e, c in enumerate(expected) if c > 0}
+    assert sum(seen.values()) == 96
+    # global latent ids: every code of row b lies in its expert's block
+    m = N // 4
+    idx = out.codes.indices
+    assert bool(((idx // m) == expert[:, None]).all())
+    assert len(set((idx // m).flatten().tolist())) > 1  # more than one expert in use
+
+
+def test_switch_encoder_flops_fall_by_the_number_of_experts():
+    d, n, batch, experts = 32, 512, 256, 8
+    x = torch.randn(batch, d)
+
+    def forward_flops(sae):
+        with FlopCounterMode(display=False) as counter:
+            sae(x)
+        return counter.get_total_flops()
+
+    dense = forward_flops(build_sae("topk", d, n, k=4))
+    switch = forward_flops(build_sae("switch", d, n, k=4, n_experts=experts))
+    assert dense == 2 * batch * d * n
+    router = 2 * batch * d * experts
+    assert switch == 2 * batch * d * n // experts + router
+
+
+def test_switch_router_gets_gradient_and_balance_term():
+    x = make_data(64)
+    sae = calibrated("switch", x)
+    out = sae(x)
+    total, terms = sae.loss(x, out)
+    assert "balance" in terms and float(out.parts["balance"]) >= 1.0 - 1e-5  # >= 1, equality when balanced
+    terms["mse"].backward()
+    assert sae.W_router.grad.abs().sum() > 0  # through the probability scaling of the codes
+
+
+# --- BatchTopK -----------------------------------------------------------------------------------
+
+def test_batch_topk_selects_k_per_row_on_average_and_learns_a_threshold():
+    x = make_data(64)
+    sae = calibrated("batchtopk", x)
+    assert torch.isnan(sae.threshold)
+    out = sae(x)
+    counts = (out.codes.values > 0).sum(1)
+    assert int(counts.sum()) == K * 64 and int(counts.max()) > int(counts.min())
+    assert torch.isfinite(sae.threshold) and float(sae.threshold) > 0
+    sae.eval()
+    one = sae.encode(x[:1])
+    dense_one = sae.encode_dense(x[:1])
+    pre = F.linear(sae._centered(x[:1]), sae.W_enc, sae.b_enc)
+    torch.testing.assert_close(dense_one, torch.where(pre > sae.threshold, pre, 0))
+    assert int((one.values > 0).sum()) == int((pre > sae.threshold).sum())
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_batch_topk_candidate_shortcut_is_exact(skewed):
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(32, 200, generator=g)
+    if skewed:  # one row holds more than per_row of the winners: the shortcut must fall back
+        pre[3] += 10
+    recomputed = []
+
+    def full_pre():
+        recomputed.append(True)
+        return pre
+
+    cand_vals, cand_idx = pre.topk(20, dim=1, sorted=False)
+    vals, flat = _batch_topk(cand_vals, cand_idx, 5 * 32, 200, full_pre)
+    ref_vals, ref_flat = pre.reshape(-1).topk(5 * 32)
+    assert bool(recomputed) == skewed
+    assert set(flat.tolist()) == set(ref_flat.tolist())
+    torch.testing.assert_close(vals.sort().values, ref_vals.sort().values)
+
+
+# --- JumpReLU -----------------------------------------------------------------------------------
+
+def test_jumprelu_threshold_learns_through_the_straight_through_estimator():
+    x = make_data(64)
+    sae = calibrated("jumprelu", x, init_threshold=0.05, bandwidth=0.1)
+    out = sae(x)
+    out.parts["l0"].backward()
+    grad = sae.log_threshold.grad
+    assert grad is not None and bool((grad < 0).any())  # L0 pushes thresholds up
+    assert bool((grad <= 0).all())
+    codes = sae.encode_dense(x)
+    theta = sae.log_threshold.exp()
+    assert bool(((codes == 0) | (codes > theta)).all())
+
+
+# --- training on data with a known sparse dictionary ----------------------------------------------
+
+def train(sae, data, steps=300, batch=128, lr=1e-2):
+    sae.calibrate_(data[:1024])
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=ADAM_EPS)
+    since_fired = torch.zeros(sae.n_latents)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = data[torch.randint(0, data.shape[0], (batch,), generator=g)]
+        out = sae(x, dead_mask=since_fired > 20 * batch)
+        total, _ = sae.loss(x, out)
+        opt.zero_grad()
+        total.backward()
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.normalize_decoder_()
+        since_fired = torch.where(out.fired, 0, since_fired + batch)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a shared 2-core machine the thread
+    hand-offs cost more than the work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_reduces_normalized_mse(variant, one_thread):
+    data = make_data(4096, seed=5, scale=40.0, offset=3.0)
+    held_out = make_data(512, seed=6, scale=40.0, offset=3.0)
+    extra = {"relu": {"l1_coeff": 3e-2},
+             "jumprelu": {"l0_coeff": 3e-2, "init_threshold": 0.1, "bandwidth": 0.05}}.get(variant, {})
+    sae = sae_for(variant, **extra)
+    sae.calibrate_(data[:1024])
+    sae.eval()
+    with torch.no_grad():
+        before = float(normalized_mse(sae(held_out).recon, held_out))
+    sae.train()
+    train(sae, data)
+    sae.eval()
+    with torch.no_grad():
+        out = sae(held_out)
+    after = float(normalized_mse(out.recon, held_out))
+    assert after < 0.4 * before and after < 0.3, (before, after)
+    assert float(out.l0) < N / 2  # and sparse: the L1 / L0 variants did not buy MSE with density
+
+
+# --- normalisation, init helpers, eval helpers -------------------------------------------------------
+
+def test_input_normalisation_round_trip_in_original_units():
+    base = make_data(256, seed=7, offset=2.0)
+    c = 1000.0
+    small, big = calibrated("topk", base), calibrated("topk", base * c)  # same seed: same weights
+    torch.testing.assert_close(big.input_scale * c, small.input_scale)
+    scaled = base * c * big.input_scale
+    torch.testing.assert_close(scaled.pow(2).sum(1).mean(), torch.tensor(float(D)), rtol=1e-4, atol=1e-4)
+    out_small, out_big = small(base), big(base * c)
+    # the reconstruction comes back in the caller's units ...
+    torch.testing.assert_close(out_big.recon, out_small.recon * c, rtol=1e-4, atol=1e-4 * c)
+    assert float(normalized_mse(out_big.recon, base * c)) < 1.0
+    # ... also through encode -> decode, which is forward's reconstruction
+    torch.testing.assert_close(big.decode(big.encode(base * c)), out_big.recon, rtol=1e-4, atol=1e-4 * c)
+    # and the loss lives in normalised units: the same number at any input scale
+    torch.testing.assert_close(big.loss(base * c, out_big)[0], small.loss(base, out_small)[0], rtol=1e-4, atol=1e-6)
+
+
+def test_decode_is_codes_times_dictionary_plus_bias_in_raw_units():
+    x = make_data(16, offset=1.0, scale=30.0)
+    sae = calibrated("switch", x)
+    codes = sae.encode(x)
+    by_hand = (codes.to_dense(N) @ sae.W_dec + sae.b_pre) / sae.input_scale
+    torch.testing.assert_close(sae.decode(codes), by_hand, rtol=1e-5, atol=1e-4)
+
+
+def test_input_scale_is_saved_and_config_rebuilds_the_model():
+    x = make_data(128, scale=7.0)
+    for variant in VARIANTS:
+        sae = calibrated(variant, x)
+        sae(x)  # BatchTopK learns its threshold here
+        sae.eval()
+        clone = build_sae(**sae.config)
+        clone.load_state_dict(sae.state_dict())
+        clone.eval()
+        assert "input_scale" in sae.state_dict()
+        torch.testing.assert_close(clone(x).recon, sae(x).recon)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_encode_slice_matches_dense_encode(variant):
+    x = make_data(40)
+    sae = calibrated(variant, x)
+    sae(x)
+    sae.eval()
+    dense = sae.encode_dense(x)
+    assert dense.shape == (40, N)
+    torch.testing.assert_close(sae.encode_slice(x, 10, 37), dense[:, 10:37])
+    torch.testing.assert_close(sae.decode(sae.encode(x)), sae(x).recon, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant, extra", [("topk", {"multi_topk": True}), ("batchtopk", {})])
+def test_training_forward_in_row_blocks_matches_one_block(variant, extra, monkeypatch):
+    import sae_platform.sae as sae_module
+
+    x = make_data(48, seed=9)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[5:40] = True
+    results = []
+    for block_elements in (None, 5 * N):  # 5 rows per block, the last block partial
+        if block_elements:
+            monkeypatch.setattr(sae_module, "TRAIN_BLOCK_ELEMENTS", block_elements)
+        sae = calibrated(variant, x, **extra)
+        out = sae(x, dead_mask=dead)
+        total, _ = sae.loss(x, out)
+        total.backward()
+        results.append((out.recon, out.parts, {n: p.grad for n, p in sae.named_parameters()}))
+    (recon_a, parts_a, grads_a), (recon_b, parts_b, grads_b) = results
+    torch.testing.assert_close(recon_a, recon_b)
+    assert parts_a.keys() == parts_b.keys() and "auxk" in parts_a
+    for name in parts_a:
+        torch.testing.assert_close(parts_a[name], parts_b[name])
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+
+
+def test_training_scratch_follows_the_batch_size():
+    x = make_data(48)
+    sae = calibrated("topk", x)
+    first = sae(x).recon
+    sae(x[:7])  # a smaller batch replaces the scratch block
+    torch.testing.assert_close(sae(x).recon, first)
+    torch.testing.assert_close(sae(x[:7]).recon, first[:7])
+
+
+def test_topk_encode_chunks_agree_with_one_pass(monkeypatch):
+    import sae_platform.sae as sae_module
+
+    x = make_data(40)
+    sae = calibrated("topk", x)
+    whole = sae.encode_dense(x)
+    monkeypatch.setattr(sae_module, "ENCODE_CHUNK_ELEMENTS", 40 * 7)  # 7 latents per chunk
+    torch.testing.assert_close(sae.encode_dense(x), whole)
+
+
+def test_geometric_median_ignores_outliers():
+    g = torch.Generator().manual_seed(0)
+    bulk = torch.randn(500, D, generator=g) * 0.1 + 2.0
+    outliers = torch.full((20, D), 500.0)
+    x = torch.cat([bulk, outliers])
+    median = geometric_median(x)
+    assert float((median - 2.0).abs().max()) < 0.1
+    assert float((x.mean(0) - 2.0).abs().max()) > 10
+
+
+def test_b_pre_starts_at_the_geometric_median_in_normalised_units():
+    x = make_data(256, offset=4.0)
+    sae = calibrated("topk", x)
+    expected = geometric_median(x * input_scale_for(x)).float()
+    torch.testing.assert_close(sae.b_pre.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_starts_as_decoder_transpose():
+    sae = sae_for("topk")
+    torch.testing.assert_close(sae.W_enc, sae.W_dec)  # both stored as [n_latents, d_model]
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(N))
+
+
+def test_learning_rate_rule():
+    assert lr_for(16384) == pytest.approx(2e-4)
+    assert lr_for(4 * 16384) == pytest.approx(1e-4)
+    assert ADAM_EPS == 6.25e-10
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, kwargs, words", [
+    (("topk", D, N), {"k": N + 1}, "larger than"),
+    (("switch", D, N), {"k": 20, "n_experts": 4}, "per expert"),
+    (("switch", D, 60), {"k": 2, "n_experts": 8}, "divisible"),
+    (("mystery", D, N), {}, "unknown SAE variant"),
+    (("topk", D, N), {"l1_coeff": 1.0}, "no setting"),
+    (("topk", D, 0), {}, "n_latents"),
+    (("topk", D, N), {"k": 0}, "positive integer"),
+    (("jumprelu", D, N), {"bandwidth": 0.0}, "bandwidth"),
+    (("relu", D, N), {"l1_coeff": -1.0}, "l1_coeff"),
+])
+def test_bad_arguments_raise_a_clear_platform_error(args, kwargs, words):
+    with pytest.raises(PlatformError) as info:
+        build_sae(*args, **kwargs)
+    assert words in info.value.problem and info.value.fix
+
+
+def test_wrong_activation_width_is_a_platform_error():
+    sae = sae_for("topk")
+    with pytest.raises(PlatformError, match="d_model 16"):
+        sae(torch.randn(4, D + 1))
+
+
+def test_encode_slice_rejects_out_of_range():
+    sae = sae_for("relu")
+    with pytest.raises(PlatformError, match="outside"):
+        sae.encode_slice(torch.randn(2, D), 10, N + 1)
+
+
+def test_lr_for_rejects_empty_dictionary():
+    with pytest.raises(PlatformError):
+        lr_for(0)
+    assert math.isfinite(lr_for(1))
