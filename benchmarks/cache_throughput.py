@@ -15,7 +15,9 @@ Both sides count ``n_contexts x ctx_len`` tokens. The figure of merit is full/ba
 (goal >= 0.90): everything the cache adds on top of the model (tokenizing, copying to float16,
 disk I/O, committing) should hide behind, or be small next to, the forward pass. The sides run
 alternately, after an untimed warm-up of each, and medians are quoted, so drift (thermal, other
-processes) hits both alike.
+processes) hits both alike. The table also shows the median of the per-pair ratios and the ratio of
+the fastest runs, and the load average: on a shared machine other processes steal cores from
+both sides unevenly, so a low ratio with a high load average is noise, not overhead.
 
 Optionally (on by default) the early exit is checked too: a full-model forward (all layers and the
 vocabulary head, what a naive hook would run) against the stop-at-layer forward on one batch
@@ -129,9 +131,17 @@ def time_full_model(model, ids) -> float:
     return time.perf_counter() - start
 
 
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
 def main(argv=None) -> int:
     wall_start = time.perf_counter()
     args = parse_args(argv)
+    load_before = load_average()
 
     store = ArtifactStore(args.root)
     start = time.perf_counter()
@@ -185,7 +195,7 @@ def main(argv=None) -> int:
         early = None
         if not args.no_early_stop:
             reps = 1 if args.quick else 3
-            time_full_model(model, batches[0])  # warm-up: the vocabulary head's first call
+            time_full_model(model, batches[0][:1])  # warm-up: the vocabulary head's first call (one context)
             whole, stop = [], []
             for _ in range(reps):
                 gc.collect()
@@ -194,6 +204,10 @@ def main(argv=None) -> int:
             tok = args.batch_size * args.ctx_len
             early = (tok / statistics.median(whole), tok / statistics.median(stop), reps)
 
+    load_after = load_average()
+    # Per-pair ratios: runs of the two sides taken back to back share whatever load was on the machine.
+    pair_ratio = statistics.median(b / f for b, f in zip(bare_s, full_s, strict=True))
+    best_ratio = min(bare_s) / min(full_s)
     bare_tps = n_tokens / statistics.median(bare_s)
     full_tps = n_tokens / statistics.median(full_s)
     part_tps_med = statistics.median(part_tps)
@@ -206,7 +220,8 @@ def main(argv=None) -> int:
         "model": args.model, "layer": model.layer, "device": str(model.device),
         "autocast": str(model.autocast).replace("torch.", "") if model.autocast else "none",
         "batch_size": args.batch_size, "ctx_len": args.ctx_len, "n_contexts": n_contexts, "tokens": n_tokens,
-        "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "quick": args.quick,
+        "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "loadavg_1m": [load_before, load_after], "quick": args.quick,
     }
 
     print(f"sae-platform cache throughput  ({args.model}, layer {model.layer}/{model.n_layers}, "
@@ -222,7 +237,8 @@ def main(argv=None) -> int:
     print(f"{'side':<38}{'median s':>10}{'tokens/s':>11}   runs (s)")
     for name, sec, tps, runs in rows:
         print(f"{name:<38}{sec:>10.3f}{tps:>11.0f}   {' '.join(f'{r:.3f}' for r in runs)}")
-    print(f"\ncache / bare                            {full_tps / bare_tps:.3f}   (goal >= {GOAL_CACHE_RATIO})")
+    print(f"\ncache / bare                            {full_tps / bare_tps:.3f}   (goal >= {GOAL_CACHE_RATIO}); "
+          f"median of pairs {pair_ratio:.3f}, fastest runs {best_ratio:.3f}")
     print(f"partition's own tokens/s (forward+write) {part_tps_med:.0f}   ({part_tps_med / bare_tps:.3f} of bare)")
     print(f"bytes written per partition              {stored_bytes:,.0f}   "
           f"({last['n_rows']} rows; raw activations {raw_bytes:,} B, x{stored_bytes / raw_bytes:.3f})")
@@ -231,12 +247,23 @@ def main(argv=None) -> int:
         print(f"early exit: full-model forward {whole_tps:.0f} tok/s, stop at layer {model.layer} "
               f"{stop_tps:.0f} tok/s -> {stop_tps / whole_tps:.2f}x  (goal >= {GOAL_EARLY_STOP}; "
               f"{reps} run(s) of one batch)")
-    print(f"wall time {wall_s:.1f} s\n")
+    # Before the run the load is other work's; after it, it includes this run's torch threads.
+    busy = load_before is not None and (load_before > 1.0 or load_after > torch.get_num_threads() + 1.0)
+    spread = max(max(bare_s) / min(bare_s), max(full_s) / min(full_s))  # same work, so ~1.0 on a quiet machine
+    noisy = busy or spread > 1.25
+    print(f"wall time {wall_s:.1f} s; load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs"
+          if load_before is not None else f"wall time {wall_s:.1f} s")
+    if noisy:
+        print(f"WARNING: noisy timings (slowest/fastest run of one side x{spread:.2f}"
+              f"{', other work was running' if busy else ''}): rerun on a quiet machine")
+    print()
 
     lines = [
         {"metric": "cache_tokens_per_s", "value": full_tps, "baseline": bare_tps, "ratio": full_tps / bare_tps,
          "goal": GOAL_CACHE_RATIO, "unit": "tokens/s", "baseline_is": "bare forward to the hook layer",
-         "model_converted": converted, "wall_s": wall_s, **common},
+         "noisy": noisy, "run_spread": spread, "pair_ratio_median": pair_ratio, "fastest_runs_ratio": best_ratio,
+         "bare_runs_s": bare_s, "full_runs_s": full_s,
+         "model_converted": converted, "model_setup_s": setup_s, "wall_s": wall_s, **common},
         {"metric": "partition_tokens_per_s", "value": part_tps_med, "baseline": bare_tps,
          "ratio": part_tps_med / bare_tps, "goal": GOAL_CACHE_RATIO, "unit": "tokens/s",
          "baseline_is": "bare forward to the hook layer", "note": "cache_partition's own figure: forward + "

@@ -148,6 +148,8 @@ def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_so
     max_rows, d_model = int(mask.sum()), model.d_model
     np_dtype = np.dtype(settings.dtype)
     chunk_rows = max(256, CHUNK_BYTES // (d_model * np_dtype.itemsize))
+    # Even chunks: uncompressed zarr stores a partial last chunk at full size (up to 4 MB wasted).
+    chunk_rows = -(-max_rows // -(-max_rows // chunk_rows)) if max_rows else chunk_rows
     stats = _RunningNorms()
     started = time.perf_counter()
     kept = []
