@@ -1,0 +1,124 @@
+"""The training loop: kill-and-resume reaches the same weights, bad data stops it cleanly."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from sae_platform import shuffle
+from sae_platform.trainer import TrainingError, TrainSettings, checkpoint_name, load_sae, train_sae
+from sae_platform.storage import ArtifactStore
+
+SETTINGS = TrainSettings(variant="topk", n_latents=64, k=4, batch_size=256, token_budget=256 * 30,
+                         checkpoint_every_tokens=256 * 10, holdout_rows=512, log_every_steps=5,
+                         dead_after_tokens=256 * 8)
+
+
+def make_shuffled(store, n_partitions=3, rows=1500, d_model=16, nan_row=None):
+    """Synthetic activations (sparse combinations of a hidden dictionary), shuffled."""
+    rng = np.random.default_rng(0)
+    dictionary = rng.standard_normal((48, d_model)).astype(np.float32)
+    for p in range(n_partitions):
+        codes = rng.random((rows, 48)) * (rng.random((rows, 48)) < 0.08)
+        acts = (codes @ dictionary + 0.05 * rng.standard_normal((rows, d_model))).astype(np.float32)
+        if nan_row is not None and p == 0:
+            acts[nan_row] = np.nan
+        with store.writing(f"activations/p{p}") as version:
+            group = store.open_group(f"{version}/data.zarr", "w")
+            group.create_array("acts", data=acts, chunks=(512, d_model), compressors=None)
+            group.attrs.update({"d_model": d_model, "dtype": "float32", "n_rows": rows})
+    shuffle.run_shuffle(store, "main", n_buckets=4, memory_budget_bytes=1 << 20, n_jobs=2, seed=0)
+    return store
+
+
+def test_training_reduces_error_and_writes_a_loadable_checkpoint(store):
+    make_shuffled(store)
+    result = train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
+    first, last = result["history"][0], result["history"][-1]
+    assert result["steps"] == 30 and last["tokens"] == 30 * 256
+    assert last["nmse"] < 0.75 * first["nmse"]
+    sae, cfg = load_sae(store, "run")
+    assert cfg["final"] and cfg["data"]["plan_id"] == shuffle.open_shuffled(store, "main").index["plan_id"]
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    x = torch.from_numpy(next(shuffle.iter_shuffled(store, "main", 64))[1])
+    assert (sae.encode(x).values > 0).sum(1).max() <= 4
+
+
+def test_killed_run_resumes_to_bitwise_identical_weights(store, tmp_path):
+    make_shuffled(store)
+    uninterrupted = train_sae(store, "main", "whole", SETTINGS, log=lambda m: None)
+    script = tmp_path / "train_and_die.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal
+        from sae_platform.storage import ArtifactStore
+        from sae_platform.trainer import TrainSettings, train_sae
+        settings = TrainSettings(**{SETTINGS.__dict__!r})
+        def die(row):
+            if row["step"] >= 25:  # after the checkpoint at step 20, mid-way to the next
+                os.kill(os.getpid(), signal.SIGKILL)
+        train_sae(ArtifactStore({store.root_url!r}), "main", "killed", settings, log=print, on_metrics=die)
+    """))
+    killed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    pointer = store.pointer(checkpoint_name("killed"))
+    assert pointer["step"] == 20 and not pointer["final"]
+    logs = []
+    resumed = train_sae(store, "main", "killed", SETTINGS, log=logs.append)
+    assert resumed["resumed_from_step"] == 20 and any("resuming" in m for m in logs)
+    a, _ = load_sae(store, "whole")
+    b, _ = load_sae(store, "killed")
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), f"{name} differs after resume"
+    def curve(history):
+        return [{k: v for k, v in row.items() if k != "tokens_per_second"} for row in history]
+
+    assert curve(resumed["history"]) == curve(uninterrupted["history"])
+
+
+def test_finished_run_is_not_retrained_but_changed_settings_are(store):
+    make_shuffled(store)
+    train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
+    version = store.pointer(checkpoint_name("run"))["version"]
+    logs = []
+    train_sae(store, "main", "run", SETTINGS, log=logs.append)
+    assert store.pointer(checkpoint_name("run"))["version"] == version and "already trained" in logs[0]
+    changed = TrainSettings(**{**SETTINGS.__dict__, "k": 8})
+    train_sae(store, "main", "run", changed, log=logs.append)
+    assert store.pointer(checkpoint_name("run"))["settings"]["k"] == 8
+
+
+def test_nan_activation_stops_training_and_keeps_the_last_checkpoint(store):
+    make_shuffled(store, nan_row=7)  # global row id 7
+    every_step = TrainSettings(**{**SETTINGS.__dict__, "checkpoint_every_tokens": 256, "token_budget": 256 * 20})
+    with pytest.raises(TrainingError) as error:
+        train_sae(store, "main", "run", every_step, log=lambda m: None)
+    message = str(error.value)
+    assert "global row id 7" in message and "How to fix" in message
+    pointer = store.pointer(checkpoint_name("run"))
+    if pointer is not None:  # the NaN row may fall in the very first batch: then nothing was committed
+        sae, cfg = load_sae(store, "run")
+        assert not cfg["final"] and all(torch.isfinite(t).all() for t in sae.state_dict().values())
+
+
+def test_budget_beyond_the_data_loops_over_epochs(store):
+    make_shuffled(store)
+    logs = []
+    long = TrainSettings(**{**SETTINGS.__dict__, "token_budget": 256 * 40})
+    result = train_sae(store, "main", "run", long, log=logs.append)
+    assert result["steps"] == 40 and "2.67 epochs" in logs[0]
+
+
+def test_batch_larger_than_the_training_rows(store):
+    make_shuffled(store, n_partitions=1, rows=600)
+    with pytest.raises(Exception, match="fewer than one batch of 256"):
+        train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
+
+
+def test_k_larger_than_n_latents(store):
+    make_shuffled(store)
+    with pytest.raises(Exception, match="k"):
+        train_sae(store, "main", "run", TrainSettings(**{**SETTINGS.__dict__, "k": 128}), log=lambda m: None)
+    assert store.pointer(checkpoint_name("run")) is None
