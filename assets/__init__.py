@@ -3,8 +3,10 @@
 from assets.activations import activations, base_model
 from assets.sensors import inbox_sensor
 from assets.shuffle import SHUFFLE_ASSETS, SHUFFLE_CHECKS
+from assets.training import sae_checkpoint
 
 ACTIVATION_ASSETS = [base_model, activations]
-ASSETS = [*ACTIVATION_ASSETS, *SHUFFLE_ASSETS]
+TRAINING_ASSETS = [sae_checkpoint]
+ASSETS = [*ACTIVATION_ASSETS, *SHUFFLE_ASSETS, *TRAINING_ASSETS]
 ASSET_CHECKS = [*SHUFFLE_CHECKS]
 SENSORS = [inbox_sensor]

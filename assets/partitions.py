@@ -1,6 +1,12 @@
 """Partitions of the pipeline, as module constants (one place to see how the data is cut)."""
 
+import os
+from pathlib import Path
+
+import yaml
 from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
+
+SWEEP_FILE = Path(os.environ.get("SAE_PLATFORM_SWEEP", Path(__file__).resolve().parents[1] / "config" / "sweep.yaml"))
 
 # One partition per batch of text: a file in the text source (inbox). The sensor adds new ones.
 ACTIVATION_BATCHES = DynamicPartitionsDefinition(name="activation_batches")
@@ -11,3 +17,7 @@ SHUFFLE_WORKERS = StaticPartitionsDefinition([str(w) for w in range(N_SHUFFLE_WO
 # Tags for one run covering every worker (the whole shuffle in one process).
 ALL_SHUFFLE_WORKERS_TAGS = {"dagster/asset_partition_range_start": "0",
                             "dagster/asset_partition_range_end": str(N_SHUFFLE_WORKERS - 1)}
+
+# One partition per SAE of the sweep (config/sweep.yaml): sae_checkpoint and sae_eval.
+SAE_SWEEP_SPECS: dict[str, dict] = yaml.safe_load(SWEEP_FILE.read_text())
+SAE_SWEEP = StaticPartitionsDefinition(list(SAE_SWEEP_SPECS))

@@ -7,7 +7,8 @@
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from assets import ASSET_CHECKS, ASSETS, SENSORS
-from assets.partitions import ACTIVATION_BATCHES
+from assets.partitions import ACTIVATION_BATCHES, SAE_SWEEP
+from assets.training import train_sae_job
 from jobs.settings import Settings
 from resources import BaseModelResource, ShuffleResource, StorageResource, TextSourceResource
 
@@ -23,7 +24,11 @@ shuffle_activations = define_asset_job(
     "shuffle_activations", selection=AssetSelection.groups("shuffle"),
     description="Plan, scatter, finalize and commit the global shuffle of every cached activation partition.",
 )
-JOBS = [prepare_base_model, cache_activations, shuffle_activations]
+train_saes = define_asset_job(
+    "train_saes", selection=AssetSelection.groups("training"), partitions_def=SAE_SWEEP,
+    description="Train and evaluate one SAE of the sweep (partition = sweep entry).",
+)
+JOBS = [prepare_base_model, cache_activations, shuffle_activations, train_saes, train_sae_job]
 
 
 def build_resources(settings: Settings) -> dict:
@@ -32,6 +37,7 @@ def build_resources(settings: Settings) -> dict:
         "language_model": BaseModelResource(),
         "text_source": TextSourceResource(pattern=settings.inbox, endpoint_url=settings.s3_endpoint_url),
         "shuffle": ShuffleResource(),
+        "holdout_text": TextSourceResource(pattern=settings.holdout_pattern, endpoint_url=settings.s3_endpoint_url),
     }
 
 

@@ -10,6 +10,7 @@ class Settings:
     data_dir: str
     inbox: str
     s3_endpoint_url: str | None
+    holdout: str = ""  # held-out text for downstream CE; default $SAE_PLATFORM_DATA/holdout/*
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -19,4 +20,9 @@ class Settings:
             data_dir=data_dir,
             inbox=os.environ.get("SAE_PLATFORM_INBOX", os.path.join(data_dir, "inbox", "*")),
             s3_endpoint_url=os.environ.get("SAE_PLATFORM_S3_ENDPOINT_URL") or None,
+            holdout=os.environ.get("SAE_PLATFORM_HOLDOUT", os.path.join(data_dir, "holdout", "*")),
         )
+
+    @property
+    def holdout_pattern(self) -> str:
+        return self.holdout or os.path.join(self.data_dir, "holdout", "*")

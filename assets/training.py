@@ -1,0 +1,90 @@
+"""SAE training: an op (runs in the `gpu` pool) wrapped as the `sae_checkpoint` asset, one partition per SAE.
+
+The op also runs in the plain `train_sae_job` (pick the SAE with `sae_name`), while the asset keeps
+the lineage shuffled_activations → sae_checkpoint → sae_eval.
+"""
+
+import base64
+
+from dagster import AssetIn, Config, In, MetadataValue, Nothing, OpExecutionContext, Out, graph_asset, job, op
+from pydantic import Field
+
+from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
+from resources import ShuffleResource, StorageResource
+from sae_platform.errors import PlatformError
+from sae_platform.model import pick_device
+from sae_platform.plots import training_curves_png
+from sae_platform.trainer import TrainSettings, train_sae
+
+
+class TrainConfig(Config):
+    """Training settings shared by every SAE of the sweep (a sweep entry may override any of them)."""
+
+    token_budget: int = Field(default=1_000_000, description="training tokens (loops over epochs if larger than the data)")
+    batch_size: int = Field(default=4096, description="rows per step")
+    lr: float | None = Field(default=None, description="default: 2e-4 * sqrt(16384 / n_latents) (Gao et al.)")
+    seed: int = Field(default=0, description="init seed; same seed + same data = same weights")
+    checkpoint_every_tokens: int = Field(default=250_000, description="commit a resumable checkpoint this often")
+    dead_after_tokens: int = Field(default=10_000_000, description="a latent silent this long is dead (AuxK)")
+    holdout_rows: int = Field(default=8192, description="last rows of the shuffled store, kept for evaluation")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, …")
+    sae_name: str | None = Field(default=None, description="sweep entry, for the plain job (assets use the partition)")
+
+
+def settings_for(name: str, config: TrainConfig) -> TrainSettings:
+    if name not in SAE_SWEEP_SPECS:
+        raise PlatformError(f"no SAE named {name!r} in the sweep", f"use one of {', '.join(SAE_SWEEP_SPECS)}")
+    shared = config.model_dump(exclude={"device", "sae_name"})
+    return TrainSettings(**{**shared, **SAE_SWEEP_SPECS[name]})
+
+
+@op(ins={"shuffled": In(Nothing)}, out=Out(Nothing), pool="gpu",
+    description="Train one SAE of the sweep on the shuffled store; resumes from its last checkpoint.")
+def train_sae_op(context: OpExecutionContext, config: TrainConfig, storage: StorageResource,
+                 shuffle: ShuffleResource) -> None:
+    name = context.partition_key if context.has_partition_key else config.sae_name
+    if name is None:
+        raise PlatformError("no SAE chosen: the plain job needs sae_name", "set ops.train_sae_op.config.sae_name")
+    settings = settings_for(name, config)
+    device = pick_device(config.device)
+    n_steps = max(1, settings.token_budget // settings.batch_size)
+    logged = {"tenth": 0}
+
+    def report(row: dict) -> None:  # ~10 progress lines per run in the Dagster log
+        tenth = 10 * row["step"] // n_steps
+        if tenth > logged["tenth"]:
+            logged["tenth"] = tenth
+            context.log.info(f"step {row['step']}/{n_steps}: {row['tokens']:,} tokens, nmse {row['nmse']:.4f}, "
+                             f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.3f}, {row['tokens_per_second']:.0f} tok/s")
+
+    result = train_sae(storage.store(), shuffle.name, name, settings, device, log=context.log.info, on_metrics=report)
+    metadata = {k: result[k] for k in ("steps", "tokens", "resumed_from_step", "variant", "n_latents")}
+    metadata.update({k: float(result[k]) for k in ("final_nmse", "final_l0", "dead_fraction", "tokens_per_second",
+                                                   "seconds") if result.get(k) is not None})
+    metadata["path"] = MetadataValue.path(result["path"])
+    metadata["device"] = str(device)
+    if result["history"]:
+        store = storage.store()
+        png = training_curves_png(result["history"])
+        plot_path = store.path("reports", name, "training_curves.png")
+        store.write_bytes_atomic(plot_path, png)
+        metadata["training_curves"] = MetadataValue.md(_inline_png(png, "training curves"))
+        metadata["training_curves_path"] = MetadataValue.path(store.url(plot_path))
+    context.add_output_metadata(metadata)
+
+
+def _inline_png(png: bytes, title: str) -> str:
+    """Markdown metadata that shows the picture in the Dagster UI itself."""
+    return f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+@graph_asset(partitions_def=SAE_SWEEP, ins={"shuffled_activations": AssetIn(dagster_type=Nothing)},
+             group_name="training", kinds={"pytorch", "safetensors"},
+             description="A trained SAE (safetensors + cfg.json, resumable checkpoints), one per sweep entry.")
+def sae_checkpoint(shuffled_activations):
+    return train_sae_op(shuffled_activations)
+
+
+@job(description="Train one SAE of the sweep outside the asset graph (set ops.train_sae_op.config.sae_name).")
+def train_sae_job():
+    train_sae_op()
