@@ -1,0 +1,212 @@
+"""SAE evaluation: reconstruction metrics on held-out activations, and downstream loss when the
+reconstruction is spliced back into the model.
+
+Definitions (DESIGN.md; Gao et al. 2024):
+
+- ``nmse``: per batch, MSE / MSE of predicting that batch's mean (``sae.normalized_mse``), then
+  the unweighted mean over batches. Depends a little on the batch size; kept because it is what
+  the trainer logs, so training curves and evaluation agree.
+- ``fvu``: fraction of variance unexplained over the whole held-out set: total squared error /
+  total squared deviation from the *dataset* mean. The mean and the deviations are accumulated
+  streaming (Chan et al.'s pairwise merge of per-batch means and sums of squares, in float64),
+  so the result equals the one-shot computation without holding the data.
+- ``l0``: mean number of active latents per token.
+- ``density``: per latent, the fraction of held-out tokens it fires on; ``dead_fraction``: the
+  share of latents that never fire on the held-out set.
+- ``loss_recovered`` = 1 - (CE_sae - CE_clean) / (CE_zero - CE_clean): 1 means splicing the
+  reconstruction costs nothing, 0 means it is as bad as zeroing the layer output.
+
+Codes come from ``sae.encode`` and reconstructions from ``sae.decode``: the inference path of
+every variant (BatchTopK's global threshold, not its batch-dependent training rule), whatever
+mode the module is in. Everything runs on the SAE's / model's device.
+"""
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sae_platform.activations import _not_sinks
+from sae_platform.errors import PlatformError
+from sae_platform.model import HookedModel, find_decoder_layers
+from sae_platform.sae import Codes
+
+
+def _sae_device(sae) -> torch.device:
+    return sae.W_dec.device
+
+
+def _reconstruct(sae, rows: torch.Tensor) -> tuple[torch.Tensor, Codes]:
+    """(reconstruction in raw units, codes) by the inference path."""
+    codes = sae.encode(rows)
+    return sae.decode(codes), codes
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], device=None) -> dict:
+    """Streaming reconstruction and sparsity metrics over held-out activation batches.
+
+    ``batches``: arrays/tensors [rows, d_model] (or [..., d_model]) in raw units, any float dtype.
+    ``device``: where to compute; defaults to the SAE's device (the SAE must live there).
+    Returns python floats/ints plus ``density``, a float64 numpy array [n_latents].
+    """
+    sae_device = _sae_device(sae)
+    if device is not None and torch.empty(0, device=device).device != sae_device:
+        raise PlatformError(f"the SAE is on {sae_device} but evaluation was asked to run on {device}",
+                            f"move the SAE first (sae.to('{device}')), or leave device unset")
+    n_latents, d_model = sae.n_latents, sae.d_model
+    # Running sums stay on the device (float64): one host sync at the end, not per batch.
+    zero = lambda: torch.zeros((), dtype=torch.float64, device=sae_device)  # noqa: E731
+    counts = torch.zeros(n_latents, dtype=torch.long, device=sae_device)
+    mean = torch.zeros(d_model, dtype=torch.float64, device=sae_device)
+    m2, sse, active, nmse_sum = zero(), zero(), zero(), zero()
+    n = nmse_batches = 0
+    for batch in batches:
+        x = torch.as_tensor(batch).to(sae_device)
+        if x.shape[-1] != d_model:
+            raise PlatformError(f"activation batch has width {x.shape[-1]} but the SAE expects d_model {d_model}",
+                                "evaluate on activations of the layer and model this SAE was trained on")
+        x = x.reshape(-1, d_model).float()
+        b = x.shape[0]
+        if b == 0:
+            continue
+        recon, codes = _reconstruct(sae, x)
+        xd = x.double()
+        err = (recon.double() - xd).pow(2).sum()
+        sse += err
+        on = codes.values > 0
+        active += on.sum()
+        counts += torch.bincount(codes.indices[on], minlength=n_latents)
+        mean_b = xd.mean(0)
+        m2_b = (xd - mean_b).pow(2).sum()
+        if b > 1:  # a single row has no spread to normalise by
+            nmse_sum += err / m2_b.clamp_min(1e-300)
+            nmse_batches += 1
+        # Chan et al.: merge (n, mean, M2) with the batch's (b, mean_b, M2_b)
+        delta = mean_b - mean
+        total = n + b
+        m2 += m2_b + delta.pow(2).sum() * (n * b / total)
+        mean += delta * (b / total)
+        n = total
+    if n == 0:
+        raise PlatformError("no held-out activations to evaluate on (every batch was empty)",
+                            "pass at least one non-empty batch of activations, e.g. a held-out partition")
+    counts_np = counts.cpu().numpy()
+    density = counts_np / n
+    n_dead = int((counts_np == 0).sum())
+    sse, m2 = float(sse), float(m2)
+    return {
+        "nmse": float(nmse_sum) / nmse_batches if nmse_batches else float("nan"),
+        "fvu": sse / max(m2, 1e-300),
+        "mse": sse / (n * d_model),
+        "l0": float(active) / n,
+        "dead_fraction": n_dead / n_latents,
+        "n_dead": n_dead,
+        "n_tokens": n,
+        "n_latents": n_latents,
+        "n_batches_nmse": nmse_batches,
+        "density": density,
+    }
+
+
+def _splice_mask(hidden: torch.Tensor, tokens: torch.Tensor, start_token_id: int,
+                 sink_norm_factor: float) -> torch.Tensor:
+    """[batch, seq] bool: positions that would have been training rows (activations.py): not
+    position 0, not a start token, and not an attention sink (norm > factor x the median norm
+    of this batch's non-start rows)."""
+    mask = tokens != start_token_id
+    mask[:, 0] = False
+    keep = _not_sinks(hidden[mask].float(), sink_norm_factor)
+    mask[mask.clone()] = keep
+    return mask
+
+
+def _layer_output_replacer(state: dict, hooked: HookedModel, sae, sink_norm_factor: float) -> Callable:
+    """A forward hook on the hook layer. state["mode"]: "clean" (record the splice mask, change
+    nothing), "sae" (spliced rows -> SAE reconstruction) or "zero" (spliced rows -> 0)."""
+    sae_device = _sae_device(sae)
+
+    def hook(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        mode = state["mode"]
+        if mode == "clean":
+            state["mask"] = _splice_mask(hidden, state["tokens"], hooked.start_token_id, sink_norm_factor)
+            return None
+        mask = state["mask"]
+        new = hidden.clone()
+        if mode == "zero":
+            new[mask] = 0
+        elif bool(mask.any()):
+            rows = hidden[mask].to(sae_device, torch.float32)
+            # The SAE runs in its own precision, never under the model's autocast.
+            with torch.autocast(sae_device.type, enabled=False):
+                recon, _ = _reconstruct(sae, rows)
+            new[mask] = recon.to(device=new.device, dtype=new.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return hook
+
+
+def _ce_sums(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token cross-entropy: targets ids[:, 1:] predicted from logits[:, :-1]."""
+    pred = logits[:, :-1].float()
+    return float(F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+
+
+@torch.inference_mode()
+def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int = 8,
+                  sink_norm_factor: float = 10.0) -> dict:
+    """Next-token cross-entropy of the full model on ``tokens`` [n_ctx, ctx_len], three ways:
+    clean, with the hook layer's output replaced by the SAE reconstruction, and with it replaced
+    by zeros (zero ablation).
+
+    Only positions that would have been training rows are replaced (not position 0, not start
+    tokens, not attention sinks by the caching rule with ``sink_norm_factor``; the median is
+    taken per forward batch of ``batch_size`` contexts): the SAE never saw the others, and
+    zeroing the sink would measure the sink, not the SAE. Every pass replaces the same positions.
+
+    CE is the standard causal-LM loss: the mean over every target position >= 1 (start-token
+    targets included, i.e. predicting a document boundary counts), in float32.
+    Returns ce_clean, ce_sae, ce_zero, loss_recovered (None when CE_zero == CE_clean),
+    n_tokens (CE targets), n_spliced (replaced positions) and n_contexts.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] == 0:
+        raise PlatformError(f"tokens must be a non-empty [n_contexts, ctx_len >= 2] array, got shape {tokens.shape}",
+                            "pass the `tokens` array of an activation partition, or pack contexts first")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise PlatformError(f"tokens must be integer token ids, got dtype {tokens.dtype}",
+                            "pass token ids (e.g. the partition's int32 `tokens` array)")
+    if sae.d_model != hooked.d_model:
+        raise PlatformError(f"the SAE has d_model {sae.d_model} but the model's residual stream has {hooked.d_model}",
+                            "evaluate the SAE with the model (and layer) its activations came from")
+    if batch_size < 1:
+        raise PlatformError(f"batch_size must be >= 1, got {batch_size}", "use e.g. 8")
+    state: dict = {"mode": "clean"}
+    layer = find_decoder_layers(hooked.model)[hooked.layer]
+    handle = layer.register_forward_hook(_layer_output_replacer(state, hooked, sae, sink_norm_factor))
+    sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    n_tokens = n_spliced = 0
+    enabled = hooked.autocast is not None
+    try:
+        for first in range(0, len(tokens), batch_size):
+            ids = torch.from_numpy(tokens[first:first + batch_size].astype(np.int64)).to(hooked.device)
+            state["tokens"] = ids
+            for mode in ("clean", "sae", "zero"):  # clean first: it records the mask
+                state["mode"] = mode
+                with torch.autocast(hooked.device.type, dtype=hooked.autocast or torch.bfloat16, enabled=enabled):
+                    logits = hooked.model(input_ids=ids, use_cache=False).logits
+                sums[mode] += _ce_sums(logits, ids)
+            n_tokens += ids.shape[0] * (ids.shape[1] - 1)
+            n_spliced += int(state["mask"].sum())
+    finally:
+        handle.remove()
+    ce = {mode: total / n_tokens for mode, total in sums.items()}
+    denom = ce["zero"] - ce["clean"]
+    return {
+        "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
+        "ce_delta": ce["sae"] - ce["clean"],
+        "loss_recovered": None if abs(denom) < 1e-12 else 1.0 - (ce["sae"] - ce["clean"]) / denom,
+        "n_tokens": n_tokens, "n_spliced": n_spliced, "n_contexts": int(len(tokens)),
+    }

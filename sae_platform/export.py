@@ -1,0 +1,177 @@
+"""Export a trained SAE in SAELens's on-disk layout: ``cfg.json`` + ``sae_weights.safetensors``.
+
+SAELens (inference) computes, with ``apply_b_dec_to_input`` true and no normalisation::
+
+    pre = (x - b_dec) @ W_enc + b_enc        W_enc [d_in, d_sae], b_enc [d_sae]
+    z   = act(pre)                            per architecture, below
+    x'  = z @ W_dec + b_dec                   W_dec [d_sae, d_in], b_dec [d_in]
+
+Our SAEs scale raw inputs by a scalar s = ``input_scale`` first:
+pre = W_enc (s x - b_pre) + b_enc, x' = (W_dec^T z + b_pre) / s. The scale is folded into the
+weights, so the export needs no normalisation (``normalize_activations: "none"``) and the
+pre-activations, codes and reconstructions are the same numbers as ours:
+
+    ============  ==========================  ======================================
+    SAELens       from our SAE                why
+    ============  ==========================  ======================================
+    W_enc         s * W_enc^T                 (x - b_pre/s) s W_enc^T = (s x - b_pre) W_enc^T
+    b_enc         b_enc                       pre-activations are unchanged
+    W_dec         W_dec / s                   rows have norm 1/s (not unit) after folding
+    b_dec         b_pre / s                   raw units
+    threshold     see below                   in pre-activation units: unchanged by folding
+    ============  ==========================  ======================================
+
+Variants:
+
+    ==========  ===================  =========================================================
+    ours        SAELens              activation
+    ==========  ===================  =========================================================
+    topk        ``topk``             ReLU(TopK_k(pre)); activation_fn_kwargs {"k": k}
+    relu        ``standard``         ReLU(pre)
+    jumprelu    ``jumprelu``         ReLU(pre) * (pre > threshold); threshold = exp(log_threshold)
+    batchtopk   ``jumprelu``         the inference rule: ReLU(pre) where pre > the learned global
+                                     threshold; exported as that threshold for every latent,
+                                     exactly as SAELens saves its own BatchTopK SAEs. If the SAE
+                                     was never trained (threshold NaN) our encode falls back to
+                                     per-row TopK, so it is exported as ``topk``.
+    switch      (none)               PlatformError: a router picks one expert per token and
+                                     scales codes by the router probability; SAELens has no such
+                                     architecture.
+    ==========  ===================  =========================================================
+
+JumpReLU's SAELens rule ReLU(pre) * (pre > theta) equals ours, pre * (pre > theta), because
+theta > 0 (both thresholds are positive by construction). ``cfg.json`` carries the pre-6.0
+field set (which SAELens 6 still loads, converting it) plus ``metadata`` with our own config,
+input scale and the mapping used; it never claims a ``sae_lens_version``.
+"""
+
+import json
+import math
+import os
+import uuid
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from sae_platform.errors import PlatformError
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+ARCHITECTURES = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+
+
+def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(architecture, activation fields for cfg.json, float32 CPU tensors in SAELens layout)."""
+    variant = sae.variant
+    if variant == "switch":
+        raise PlatformError(
+            "a switch SAE cannot be exported to SAELens: SAELens has no mixture-of-experts "
+            "architecture (a router picks one expert per token and scales its codes by the router probability)",
+            "export a topk, batchtopk, jumprelu or relu SAE instead, or use the platform's own checkpoint "
+            "and feature browser for switch SAEs")
+    if variant not in ARCHITECTURES:
+        raise PlatformError(f"no SAELens mapping for SAE variant {variant!r}",
+                            f"export one of {', '.join(ARCHITECTURES)}")
+    with torch.no_grad():
+        s = float(sae.input_scale)
+        if not (math.isfinite(s) and s > 0):
+            raise PlatformError(f"the SAE's input_scale is {s}, which cannot be folded into the weights",
+                                "export a trained (calibrated) SAE checkpoint")
+
+        def f64(t):
+            return t.detach().to("cpu", torch.float64)
+
+        weights = {
+            "W_enc": (f64(sae.W_enc) * s).t(),
+            "b_enc": f64(sae.b_enc),
+            "W_dec": f64(sae.W_dec) / s,
+            "b_dec": f64(sae.b_pre) / s,
+        }
+        architecture = ARCHITECTURES[variant]
+        fields = {"activation_fn_str": "relu", "activation_fn_kwargs": {}}
+        if variant == "jumprelu":
+            weights["threshold"] = f64(sae.log_threshold.exp())  # exactly the theta our encode uses
+        elif variant == "batchtopk":
+            threshold = float(sae.threshold)
+            if math.isnan(threshold):  # untrained: encode() uses per-row TopK
+                architecture = "topk"
+            else:
+                weights["threshold"] = torch.full((sae.n_latents,), threshold, dtype=torch.float64)
+        if architecture == "topk":
+            k = int(sae.hparams["k"])
+            fields = {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": k}, "k": k}
+    return architecture, fields, {name: t.to(torch.float32).contiguous() for name, t in weights.items()}
+
+
+def _write(path: str, data: bytes, fs) -> None:
+    if fs is None:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        fs.pipe_file(path, data)  # one PUT: atomic on object stores
+
+
+def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model_name: str, fs=None,
+                   context_size: int | None = None, dataset_path: str = "") -> dict:
+    """Write ``dest_dir/cfg.json`` and ``dest_dir/sae_weights.safetensors`` for SAELens.
+
+    ``dest_dir`` is a local directory (files written to a temporary name, fsynced and renamed)
+    or, with ``fs`` an fsspec filesystem, a path on it (one ``pipe_file`` per file). The weights
+    go first and cfg.json last, so a directory with a cfg.json is complete. ``context_size``:
+    the context length the activations were cached with (SAELens metadata; None if unknown).
+    Returns the architecture, the file paths, the field mapping and the cfg written."""
+    architecture, fields, weights = saelens_state_dict(sae)
+    config = sae.config
+    cfg = {
+        "architecture": architecture,
+        "d_in": int(sae.d_model),
+        "d_sae": int(sae.n_latents),
+        "dtype": "float32",
+        "device": "cpu",
+        "model_name": model_name,
+        "hook_name": hook_name,
+        "hook_layer": int(hook_layer),
+        "hook_head_index": None,
+        **fields,
+        "context_size": context_size,
+        "prepend_bos": True,
+        "dataset_path": dataset_path,
+        "normalize_activations": "none",
+        "apply_b_dec_to_input": True,
+        "finetuning_scaling_factor": False,
+        "sae_lens_training_version": None,
+        "metadata": {
+            "exported_by": "sae_platform",
+            "sae_platform_config": config,
+            "input_scale": float(sae.input_scale),
+            "folded": "W_enc = input_scale * W_enc^T; W_dec = W_dec / input_scale; b_dec = b_pre / input_scale",
+            "source_variant": sae.variant,
+        },
+    }
+    mapping = {
+        "W_enc": "input_scale * W_enc.T", "b_enc": "b_enc", "W_dec": "W_dec / input_scale",
+        "b_dec": "b_pre / input_scale",
+    }
+    if "threshold" in weights:
+        mapping["threshold"] = ("exp(log_threshold)" if sae.variant == "jumprelu"
+                                else "global inference threshold, repeated per latent")
+    dest = dest_dir.rstrip("/") or "/"
+    if fs is None:
+        os.makedirs(dest, exist_ok=True)
+        join = os.path.join
+    else:
+        fs.makedirs(dest, exist_ok=True)
+        join = lambda a, b: f"{a.rstrip('/')}/{b}"  # noqa: E731
+    weights_path, cfg_path = join(dest, WEIGHTS_FILENAME), join(dest, CFG_FILENAME)
+    _write(weights_path, safetensors_bytes(weights), fs)
+    _write(cfg_path, json.dumps(cfg, indent=2).encode(), fs)
+    return {"architecture": architecture, "variant": sae.variant, "cfg_path": cfg_path,
+            "weights_path": weights_path, "mapping": mapping, "cfg": cfg}

@@ -1,0 +1,100 @@
+"""PNG figures for training and evaluation (returned as bytes, for Dagster metadata and the browser).
+
+Figures are drawn with matplotlib's object API on an Agg canvas: no pyplot, no global backend
+switch, no display needed, and safe to call from worker threads.
+"""
+
+import io
+import math
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# (history key, panel title, y scale)
+CURVE_PANELS = (
+    ("loss", "training loss", "log"),
+    ("nmse", "normalized MSE", "log"),
+    ("l0", "L0 (active latents per token)", "log"),
+    ("dead_fraction", "dead fraction", "linear"),
+)
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _finite(value) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def training_curves_png(history: list[dict]) -> bytes:
+    """2x2 panels (loss, normalized MSE, L0, dead fraction) against tokens seen.
+
+    Rows may lack any key, or hold None/NaN: those points are skipped, and a panel with no
+    points says so. Without a ``tokens`` key the row number is the x axis. Loss, NMSE and L0 are
+    on log scales (they fall over orders of magnitude); the dead fraction is linear in [0, 1]."""
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    has_tokens = any(_finite(row.get("tokens")) for row in history)
+    for ax, (key, title, scale) in zip(axes, CURVE_PANELS):
+        points = [(float(row["tokens"]) if has_tokens else float(i), float(row[key]))
+                  for i, row in enumerate(history)
+                  if _finite(row.get(key)) and (not has_tokens or _finite(row.get("tokens")))]
+        ax.set_title(title)
+        if scale == "log":
+            points = [(x, y) for x, y in points if y > 0]
+        if not points:
+            ax.text(0.5, 0.5, f"no {key} recorded", ha="center", va="center", transform=ax.transAxes,
+                    color="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None, linewidth=1.2)
+        ax.set_yscale(scale)
+        if key == "dead_fraction":
+            ax.set_ylim(0, max(0.05, min(1.0, max(ys) * 1.1)))
+        ax.set_xlabel("tokens" if has_tokens else "log row")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4), useMathText=True)
+    last = history[-1] if history else {}
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k, _, _ in CURVE_PANELS if _finite(last.get(k)))
+    fig.suptitle("SAE training" + (f" (last: {summary})" if summary else ""))
+    return _png(fig)
+
+
+def density_histogram_png(density: np.ndarray, n_tokens: int | None = None) -> bytes:
+    """Histogram of log10 firing frequency over latents. Dead latents (density 0) have no log
+    and are counted in the title instead. ``n_tokens`` (optional) adds the resolution floor
+    log10(1 / n_tokens) as a dashed line."""
+    density = np.asarray(density, dtype=np.float64).ravel()
+    alive = density[density > 0]
+    n, n_dead = density.size, int((density <= 0).sum())
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    dead_pct = 100.0 * n_dead / n if n else 0.0
+    ax.set_title(f"latent firing frequency: {n} latents, {n_dead} dead ({dead_pct:.1f}%, never fired)")
+    if alive.size:
+        logs = np.log10(alive)
+        lo, hi = float(logs.min()), float(logs.max())
+        bins = np.linspace(lo - 0.05, hi + 0.05, 51) if hi - lo > 1e-9 else 10
+        ax.hist(logs, bins=bins, color="tab:blue", alpha=0.85)
+        ax.axvline(float(np.median(logs)), color="tab:orange", linestyle="-", linewidth=1,
+                   label=f"median {np.median(alive):.2e}")
+        if n_tokens:
+            ax.axvline(-math.log10(n_tokens), color="gray", linestyle="--", linewidth=1,
+                       label=f"1 / {n_tokens} tokens")
+        ax.legend(loc="upper left", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no latent fired", ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax.set_xlabel("log10(fraction of tokens the latent fires on)")
+    ax.set_ylabel("latents")
+    ax.grid(True, alpha=0.3)
+    return _png(fig)

@@ -1,0 +1,152 @@
+"""SAELens export: the exported weights, applied with SAELens's own formulas, reproduce our codes
+and reconstructions for every exportable variant (the input scale folded in); cfg.json fields;
+the BatchTopK mappings; switch refused; writing through an fsspec filesystem."""
+
+import json
+import math
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
+
+from sae_platform.errors import PlatformError
+from sae_platform.export import export_saelens
+from sae_platform.sae import build_sae
+
+D, N, K = 16, 48, 5
+HOOK = {"hook_name": "blocks.1.hook_resid_post", "hook_layer": 1, "model_name": "tiny-llama"}
+
+
+def raw_data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # far from unit scale and centred away from 0, so a missing or misplaced fold shows
+    return torch.randn(n, D, generator=g) * 40 + torch.randn(D, generator=g) * 25
+
+
+def trained_like(variant, **kw):
+    """An SAE with generic weights: W_enc != W_dec^T, nonzero biases, a calibrated input scale."""
+    torch.manual_seed(1)
+    sae = build_sae(variant, D, N, **kw)
+    sae.calibrate_(raw_data(seed=5))
+    with torch.no_grad():
+        sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
+        sae.b_enc.copy_(0.2 * torch.randn(N))
+        sae.b_pre.add_(0.1 * torch.randn(D))
+        if variant == "jumprelu":
+            sae.log_threshold.copy_(torch.empty(N).uniform_(math.log(0.05), math.log(0.8)))
+        if variant == "batchtopk":
+            sae.threshold.fill_(0.35)
+    assert abs(float(sae.input_scale) - 1) > 0.5
+    return sae
+
+
+def saelens_forward(cfg: dict, w: dict, x: torch.Tensor):
+    """SAELens inference (apply_b_dec_to_input, normalize_activations none), written out."""
+    assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    arch = cfg["architecture"]
+    if arch == "standard":
+        z = pre.relu()
+    elif arch == "jumprelu":
+        z = pre.relu() * (pre > w["threshold"])
+    elif arch == "topk":
+        top = pre.topk(cfg["activation_fn_kwargs"]["k"], dim=-1)
+        z = torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
+    else:
+        raise AssertionError(arch)
+    return z, z @ w["W_dec"] + w["b_dec"]
+
+
+CASES = [("topk", {"k": K}, "topk"), ("relu", {}, "standard"), ("jumprelu", {}, "jumprelu"),
+         ("batchtopk", {"k": K}, "jumprelu")]
+
+
+@pytest.mark.parametrize("variant,hparams,architecture", CASES)
+def test_exported_weights_reproduce_our_codes_and_reconstruction(tmp_path, variant, hparams, architecture):
+    sae = trained_like(variant, **hparams)
+    info = export_saelens(sae, str(tmp_path / "out"), **HOOK, context_size=128)
+    cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    w = load_file(str(tmp_path / "out" / "sae_weights.safetensors"))
+    assert info["architecture"] == cfg["architecture"] == architecture
+    assert w["W_enc"].shape == (D, N) and w["W_dec"].shape == (N, D)
+    assert w["b_enc"].shape == (N,) and w["b_dec"].shape == (D,)
+    assert all(t.dtype == torch.float32 for t in w.values())
+    assert ("threshold" in w) == (architecture == "jumprelu")
+
+    x = raw_data(seed=2)
+    z_lens, recon_lens = saelens_forward(cfg, w, x)
+    with torch.no_grad():
+        z_ours = sae.encode_dense(x)
+        recon_ours = sae.decode(sae.encode(x))
+    assert torch.equal(z_lens > 0, z_ours > 0)  # the same latents fire
+    active = int((z_ours > 0).sum())
+    positive_pre = int(((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"] > 0).sum())
+    assert 0 < active < z_ours.numel()
+    if architecture != "standard":  # the threshold / TopK really cuts: ReLU alone would differ
+        assert active < positive_pre
+    torch.testing.assert_close(z_lens, z_ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recon_lens, recon_ours, rtol=1e-5, atol=1e-4)
+
+
+def test_cfg_fields(tmp_path):
+    sae = trained_like("topk", k=K)
+    info = export_saelens(sae, str(tmp_path / "sae"), **HOOK, context_size=64)
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg == info["cfg"]
+    assert cfg["d_in"] == D and cfg["d_sae"] == N
+    assert cfg["activation_fn_str"] == "topk" and cfg["activation_fn_kwargs"] == {"k": K} and cfg["k"] == K
+    expected = {"dtype": "float32", "device": "cpu", "model_name": "tiny-llama",
+                "hook_name": "blocks.1.hook_resid_post", "hook_layer": 1, "hook_head_index": None,
+                "context_size": 64, "prepend_bos": True, "dataset_path": "", "normalize_activations": "none",
+                "apply_b_dec_to_input": True, "finetuning_scaling_factor": False, "sae_lens_training_version": None}
+    assert {k: cfg[k] for k in expected} == expected
+    meta = cfg["metadata"]
+    assert meta["sae_platform_config"] == sae.config
+    assert meta["input_scale"] == pytest.approx(float(sae.input_scale))
+    assert "sae_lens_version" not in meta  # must not claim SAELens >= 6 layout
+    assert info["weights_path"].endswith("sae_weights.safetensors") and info["cfg_path"].endswith("cfg.json")
+    assert set(info["mapping"]) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert not [p for p in (tmp_path / "sae").iterdir() if ".tmp-" in p.name]  # no temp files left
+
+
+def test_batchtopk_threshold_and_untrained_fallback(tmp_path):
+    sae = trained_like("batchtopk", k=K)
+    export_saelens(sae, str(tmp_path / "a"), **HOOK)
+    w = load_file(str(tmp_path / "a" / "sae_weights.safetensors"))
+    torch.testing.assert_close(w["threshold"], torch.full((N,), 0.35))
+    with torch.no_grad():
+        sae.threshold.fill_(float("nan"))  # never trained: our encode uses per-row TopK
+    info = export_saelens(sae, str(tmp_path / "b"), **HOOK)
+    assert info["architecture"] == "topk" and info["cfg"]["activation_fn_kwargs"] == {"k": K}
+    cfg = json.loads((tmp_path / "b" / "cfg.json").read_text())
+    w = load_file(str(tmp_path / "b" / "sae_weights.safetensors"))
+    x = raw_data(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(saelens_forward(cfg, w, x)[0], sae.encode_dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_switch_is_refused(tmp_path):
+    sae = build_sae("switch", D, N, k=K, n_experts=4)
+    with pytest.raises(PlatformError, match="switch SAE cannot be exported") as err:
+        export_saelens(sae, str(tmp_path / "sw"), **HOOK)
+    assert "How to fix" in str(err.value)
+    assert not (tmp_path / "sw").exists()
+
+
+def test_export_through_fsspec(tmp_path):
+    sae = trained_like("jumprelu")
+    fs = fsspec.filesystem("memory")
+    info = export_saelens(sae, "/exports/jumprelu", **HOOK, fs=fs)
+    local = export_saelens(sae, str(tmp_path / "local"), **HOOK)
+    remote_w = load_safetensors(fs.cat_file(info["weights_path"]))
+    local_w = load_file(local["weights_path"])
+    assert set(remote_w) == set(local_w) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+    for name in local_w:
+        assert torch.equal(remote_w[name], local_w[name])
+    assert json.loads(fs.cat_file(info["cfg_path"])) == local["cfg"]
+    torch.testing.assert_close(remote_w["threshold"], sae.log_threshold.detach().exp())
+    np.testing.assert_allclose(remote_w["W_enc"].numpy(), (sae.W_enc.detach() * sae.input_scale).T.numpy(),
+                               rtol=1e-6)
