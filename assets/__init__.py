@@ -3,10 +3,10 @@
 from assets.activations import activations, base_model
 from assets.sensors import inbox_sensor
 from assets.shuffle import SHUFFLE_ASSETS, SHUFFLE_CHECKS
-from assets.training import sae_checkpoint
+from assets.training import sae_checkpoint, sae_eval
 
 ACTIVATION_ASSETS = [base_model, activations]
-TRAINING_ASSETS = [sae_checkpoint]
+TRAINING_ASSETS = [sae_checkpoint, sae_eval]
 ASSETS = [*ACTIVATION_ASSETS, *SHUFFLE_ASSETS, *TRAINING_ASSETS]
 ASSET_CHECKS = [*SHUFFLE_CHECKS]
 SENSORS = [inbox_sensor]

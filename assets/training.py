@@ -6,14 +6,31 @@ the lineage shuffled_activations → sae_checkpoint → sae_eval.
 
 import base64
 
-from dagster import AssetIn, Config, In, MetadataValue, Nothing, OpExecutionContext, Out, graph_asset, job, op
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    Config,
+    In,
+    MaterializeResult,
+    MetadataValue,
+    Nothing,
+    OpExecutionContext,
+    Out,
+    asset,
+    graph_asset,
+    job,
+    op,
+)
 from pydantic import Field
 
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
-from resources import ShuffleResource, StorageResource
+from resources import BaseModelResource, ShuffleResource, StorageResource, TextSourceResource
+from sae_platform.corpus import pack_contexts, read_documents, tokenize
 from sae_platform.errors import PlatformError
+from sae_platform.evaluate import evaluate_sae
+from sae_platform.export import export_run
 from sae_platform.model import pick_device
-from sae_platform.plots import training_curves_png
+from sae_platform.plots import density_histogram_png, training_curves_png
 from sae_platform.trainer import TrainSettings, train_sae
 
 
@@ -60,8 +77,10 @@ def train_sae_op(context: OpExecutionContext, config: TrainConfig, storage: Stor
     result = train_sae(storage.store(), shuffle.name, name, settings, device, log=context.log.info, on_metrics=report)
     metadata = {k: result[k] for k in ("steps", "tokens", "resumed_from_step", "variant", "n_latents")}
     metadata.update({k: float(result[k]) for k in ("final_nmse", "final_l0", "dead_fraction", "tokens_per_second",
-                                                   "seconds") if result.get(k) is not None})
+                                                   "seconds") if result.get(k) is not None and result[k] == result[k]})
     metadata["path"] = MetadataValue.path(result["path"])
+    exported = export_run(storage.store(), name)
+    metadata["saelens_export"] = MetadataValue.path(exported["path"]) if exported else "n/a (no SAELens equivalent)"
     metadata["device"] = str(device)
     if result["history"]:
         store = storage.store()
@@ -88,3 +107,41 @@ def sae_checkpoint(shuffled_activations):
 @job(description="Train one SAE of the sweep outside the asset graph (set ops.train_sae_op.config.sae_name).")
 def train_sae_job():
     train_sae_op()
+
+
+class EvalConfig(Config):
+    ce_contexts: int = Field(default=32, description="held-out contexts for the downstream CE (0 skips it)")
+    ctx_len: int = Field(default=128, description="tokens per held-out context")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, …")
+
+
+@asset(partitions_def=SAE_SWEEP, deps=[sae_checkpoint], group_name="training", kinds={"pytorch"})
+def sae_eval(context: AssetExecutionContext, config: EvalConfig, storage: StorageResource, shuffle: ShuffleResource,
+             language_model: BaseModelResource, holdout_text: TextSourceResource) -> MaterializeResult:
+    """Held-out quality of one SAE: normalized MSE, FVU, L0, dead fraction, density histogram, CE loss recovered."""
+    store, name = storage.store(), context.partition_key
+    device = pick_device(config.device)
+    hooked, tokens = None, None
+    if config.ce_contexts:
+        hooked, _ = language_model.load(store, device=str(device))
+        tokens = heldout_contexts(holdout_text, hooked, config.ctx_len, config.ce_contexts)
+    report, density = evaluate_sae(store, shuffle.name, name, hooked, tokens, device)
+    png = density_histogram_png(density, report["n_tokens"])
+    plot_path = store.path("reports", name, "latent_density.png")
+    store.write_bytes_atomic(plot_path, png)
+    context.log.info(", ".join(f"{k} {report[k]:.4g}" for k in ("nmse", "fvu", "l0", "dead_fraction",
+                                                                  "loss_recovered") if report.get(k) is not None))
+    return MaterializeResult(metadata={
+        **{k: v for k, v in report.items() if isinstance(v, int | float) and v is not None},
+        "latent_density": MetadataValue.md(_inline_png(png, "latent density")),
+        "latent_density_path": MetadataValue.path(store.url(plot_path)),
+    })
+
+
+def heldout_contexts(holdout_text: TextSourceResource, hooked, ctx_len: int, n_contexts: int):
+    """Contexts from text the SAE never saw (the holdout source), packed like the training data."""
+    docs = [d for f in holdout_text.files()
+            for d in read_documents(f, holdout_text.text_field, holdout_text.encoding, holdout_text.storage_options)]
+    contexts = pack_contexts(tokenize(hooked.tokenizer, docs), list(range(len(docs))), ctx_len,
+                             hooked.start_token_id, max_contexts=n_contexts)
+    return contexts.tokens

@@ -35,9 +35,9 @@ class BaseModelResource(ConfigurableResource):
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, cuda:1, …")
     autocast: str = Field(default="auto", description="auto (bf16 on CUDA, fp32 on CPU), none, bfloat16, float16")
 
-    def load(self, store: ArtifactStore):
+    def load(self, store: ArtifactStore, device: str | None = None):
         model_dir, converted = ensure_base_model(store, self.source)
-        return load_hooked_model(model_dir, self.layer, self.device, self.autocast), converted
+        return load_hooked_model(model_dir, self.layer, device or self.device, self.autocast), converted
 
 
 class TextSourceResource(ConfigurableResource):

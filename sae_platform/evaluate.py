@@ -21,6 +21,7 @@ every variant (BatchTopK's global threshold, not its batch-dependent training ru
 mode the module is in. Everything runs on the SAE's / model's device.
 """
 
+import io
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -210,3 +211,39 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
         "loss_recovered": None if abs(denom) < 1e-12 else 1.0 - (ce["sae"] - ce["clean"]) / denom,
         "n_tokens": n_tokens, "n_spliced": n_spliced, "n_contexts": int(len(tokens)),
     }
+
+
+def heldout_activation_batches(store, shuffle_name: str, holdout_rows: int,
+                               batch_rows: int = 4096) -> Iterable[np.ndarray]:
+    """The rows the trainer never saw: the last ``holdout_rows`` of the shuffled store."""
+    from sae_platform.shuffle import iter_shuffled, open_shuffled
+
+    n_rows = open_shuffled(store, shuffle_name).n_rows
+    return (acts for _, acts in iter_shuffled(store, shuffle_name, batch_rows, start=n_rows - holdout_rows))
+
+
+def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
+                 device: torch.device, sink_norm_factor: float = 10.0) -> tuple[dict, np.ndarray]:
+    """Every figure of the evaluation for checkpoint ``run``; commits ``eval/<run>`` (report + density)."""
+    from sae_platform.trainer import load_sae
+
+    sae, cfg = load_sae(store, run, device)
+    if cfg["data"]["shuffle"] != shuffle_name:
+        raise PlatformError(f"SAE {run!r} was trained on shuffled store {cfg['data']['shuffle']!r}, not "
+                            f"{shuffle_name!r}", "evaluate against the store it was trained on")
+    if hooked is not None and hooked.d_model != sae.d_model:
+        raise PlatformError(f"the base model's d_model {hooked.d_model} differs from SAE {run!r}'s {sae.d_model}",
+                            "configure the base model the activations were cached from")
+    metrics = reconstruction_metrics(sae, heldout_activation_batches(store, shuffle_name,
+                                                                     cfg["training"]["holdout_rows"]), device)
+    density = metrics.pop("density")
+    report = {"run": run, "checkpoint_step": cfg["step"], "training_tokens": cfg["tokens"], **metrics}
+    if hooked is not None and heldout_tokens is not None:
+        ce = downstream_ce(hooked, sae, heldout_tokens, sink_norm_factor=sink_norm_factor)
+        report.update({k if k.startswith("ce_") or k == "loss_recovered" else f"ce_{k}": v for k, v in ce.items()})
+    with store.writing(f"eval/{run}", checkpoint_step=cfg["step"]) as version:
+        store.write_json(f"{version}/report.json", report)
+        buffer = io.BytesIO()
+        np.save(buffer, density)
+        store.fs.pipe_file(f"{version}/density.npy", buffer.getvalue())
+    return report, density
