@@ -4,6 +4,7 @@
     sae-platform register                                  add a partition per inbox file (no runs)
     sae-platform backfill [--all | KEY ...]                run cache_activations for missing partitions
     sae-platform shuffle [--memory-budget-mb 1024]         shuffle every cached partition (one ranged run)
+    sae-platform train [NAME ...] [--token-budget N]       train + evaluate sweep entries (config/sweep.yaml)
     sae-platform status                                    partitions and what is stored
 
 Runs go to the instance in $DAGSTER_HOME, so the UI (`make ui`) shows them afterwards.
@@ -40,6 +41,13 @@ def _definitions():
     return defs
 
 
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # step events stay in the UI
+
+
+def _quiet(run_config: dict) -> dict:
+    return {**run_config, **QUIET}
+
+
 def fill_inbox_from_demo(settings: Settings, n_batches: int) -> list[Path]:
     """Copy the first demo texts into a local inbox, unless it already holds files."""
     inbox = Path(settings.inbox).parent
@@ -55,6 +63,20 @@ def fill_inbox_from_demo(settings: Settings, n_batches: int) -> list[Path]:
         os.replace(inbox / f".{source.name}.part", inbox / source.name)  # the sensor never sees half a file
         copied.append(inbox / source.name)
     return copied
+
+
+def fill_holdout_from_demo(settings: Settings) -> Path | None:
+    """Held-out text for the downstream CE: a demo text that is not in the inbox."""
+    holdout = Path(settings.holdout_pattern).parent
+    if settings.holdout_pattern.startswith("s3://"):
+        return None
+    holdout.mkdir(parents=True, exist_ok=True)
+    if any(holdout.iterdir()):
+        return None
+    inbox = {p.name for p in Path(settings.inbox).parent.glob("*")}
+    candidates = [p for p in fetch_demo_corpus(Path(settings.data_dir)) if p.name not in inbox]
+    shutil.copy(candidates[-1], holdout / candidates[-1].name)
+    return holdout / candidates[-1].name
 
 
 def register(instance, defs) -> list[str]:
@@ -75,7 +97,7 @@ def run_partitions(instance, defs, keys: list[str], run_config: dict) -> list[st
     job = defs.resolve_job_def("cache_activations")
     failed = []
     for key in tqdm(keys, desc="activation batches", unit="batch"):
-        result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
+        result = job.execute_in_process(instance=instance, partition_key=key, run_config=_quiet(run_config),
                                         raise_on_error=False)
         if not result.success:
             failed.append(key)
@@ -88,10 +110,50 @@ def run_shuffle(instance, defs, memory_budget_mb: int | None) -> bool:
     if memory_budget_mb:
         run_config = {"resources": {"shuffle": {"config": {"memory_budget_bytes": memory_budget_mb << 20}}}}
     result = defs.resolve_job_def("shuffle_activations").execute_in_process(
-        instance=instance, tags=ALL_SHUFFLE_WORKERS_TAGS, run_config=run_config, raise_on_error=False)
+        instance=instance, tags=ALL_SHUFFLE_WORKERS_TAGS, run_config=_quiet(run_config), raise_on_error=False)
     for check in result.get_asset_check_evaluations():
         print(f"  check {check.check_name}: {'passed' if check.passed else 'FAILED'}")
     return result.success and all(c.passed for c in result.get_asset_check_evaluations())
+
+
+def train(instance, defs, names: list[str], train_config: dict, eval_config: dict) -> list[str]:
+    """Train and evaluate sweep entries, one Dagster run (partition) each; returns the failures."""
+    job = defs.resolve_job_def("train_saes")
+    run_config = {"ops": {"sae_checkpoint": {"ops": {"train_sae_op": {"config": train_config}}},
+                          "sae_eval": {"config": eval_config}}}
+    failed = []
+    for name in names:
+        result = job.execute_in_process(instance=instance, partition_key=name, run_config=_quiet(run_config),
+                                        raise_on_error=False)
+        if not result.success:
+            failed.append(name)
+            continue
+        for event in result.get_asset_materialization_events():
+            meta = event.event_specific_data.materialization.metadata
+            if event.asset_key.to_user_string() == "sae_eval":
+                print(f"  {name}: " + ", ".join(f"{k} {meta[k].value:.4g}" for k in
+                                                 ("fvu", "l0", "dead_fraction", "loss_recovered") if k in meta))
+    return failed
+
+
+def _train_config(args) -> dict:
+    config = {"token_budget": args.token_budget, "batch_size": args.batch_size,
+              "checkpoint_every_tokens": args.checkpoint_every_tokens, "dead_after_tokens": args.dead_after_tokens}
+    if args.lr:
+        config["lr"] = args.lr
+    return config
+
+
+def cmd_train(args) -> int:
+    from assets.partitions import SAE_SWEEP_SPECS
+
+    names = args.names or list(SAE_SWEEP_SPECS)
+    unknown = sorted(set(names) - set(SAE_SWEEP_SPECS))
+    if unknown:
+        sys.exit(f"unknown sweep entr(y/ies) {', '.join(unknown)}; the sweep has: {', '.join(SAE_SWEEP_SPECS)}")
+    fill_holdout_from_demo(Settings.from_env())
+    failed = train(_instance(), _definitions(), names, _train_config(args), {"ce_contexts": args.ce_contexts})
+    return 1 if failed else 0
 
 
 def cmd_shuffle(args) -> int:
@@ -109,13 +171,16 @@ def cmd_demo(args) -> int:
 
     if store.resolve(model_artifact_name(defs.resources["language_model"].source)) is None:
         print("materializing base_model (one-time GGUF -> safetensors conversion, ~20 s)")
-        defs.resolve_job_def("prepare_base_model").execute_in_process(instance=instance)
+        defs.resolve_job_def("prepare_base_model").execute_in_process(instance=instance, run_config=QUIET)
     keys = register(instance, defs)[: args.batches]
     todo = [k for k in keys if k not in _stored_keys(defs)]
     run_config = {"ops": {"activations": {"config": {"max_contexts": args.max_contexts}}}}
     failed = run_partitions(instance, defs, todo, run_config)
     print(f"shuffling every cached batch (memory budget {args.memory_budget_mb} MiB per job)")
     shuffled = run_shuffle(instance, defs, args.memory_budget_mb)
+    fill_holdout_from_demo(settings)
+    print(f"training and evaluating {', '.join(args.sae)} ({args.token_budget:,} tokens each)")
+    failed += train(instance, defs, args.sae, _train_config(args), {"ce_contexts": args.ce_contexts})
     _print_status(defs)
     print(f"\nDagster runs are in {os.environ['DAGSTER_HOME']}; see them and the lineage with `make ui` "
           "(http://127.0.0.1:3000), or `dagster asset list -m jobs.definitions`.")
@@ -151,11 +216,28 @@ def _print_status(defs) -> None:
     for name in store.committed_names("shuffled"):
         pointer = store.pointer(name)
         print(f"  {name}: {pointer.get('n_rows', '?'):,} rows, plan {pointer.get('plan_id')}")
+    for name in store.committed_names("sae"):
+        pointer = store.pointer(name)
+        print(f"  {name}: step {pointer['step']}, {pointer['tokens']:,} tokens{' (final)' if pointer['final'] else ''}")
+    for name in store.committed_names("eval"):
+        report = store.read_json(f"{store.resolve(name)}/report.json")
+        print(f"  {name}: " + ", ".join(f"{k} {report[k]:.4g}" for k in ("fvu", "l0", "dead_fraction",
+                                                                         "loss_recovered") if report.get(k) is not None))
 
 
 def cmd_status(args) -> int:
     _print_status(_definitions())
     return 0
+
+
+def _training_arguments(parser, token_budget: int, batch_size: int, lr: float | None) -> None:
+    parser.add_argument("--token-budget", type=int, default=token_budget)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr, help="default: Gao et al.'s 2e-4*sqrt(16384/n_latents)")
+    parser.add_argument("--checkpoint-every-tokens", type=int, default=204_800)
+    parser.add_argument("--dead-after-tokens", type=int, default=200_000,
+                        help="Gao et al. use 10M; demo-sized budgets need a shorter window")
+    parser.add_argument("--ce-contexts", type=int, default=32, help="held-out contexts for the downstream CE")
 
 
 def main(argv=None) -> int:
@@ -167,6 +249,8 @@ def main(argv=None) -> int:
     demo.add_argument("--max-contexts", type=int, default=160, help="contexts of 128 tokens per batch")
     demo.add_argument("--memory-budget-mb", type=int, default=48,
                       help="per-job shuffle budget; the demo's 48 MiB makes the ~140 MB of activations take 2 passes")
+    demo.add_argument("--sae", nargs="+", default=["topk-16k-k32"], help="sweep entries to train")
+    _training_arguments(demo, token_budget=614_400, batch_size=1024, lr=1e-3)
     demo.set_defaults(func=cmd_demo)
     shuffle = commands.add_parser("shuffle", help="shuffle every cached partition")
     shuffle.add_argument("--memory-budget-mb", type=int, default=None, help="default: the shuffle resource's")
@@ -178,6 +262,10 @@ def main(argv=None) -> int:
     backfill.add_argument("--force", action="store_true", help="re-cache stored partitions too")
     backfill.add_argument("--max-contexts", type=int, default=None)
     backfill.set_defaults(func=cmd_backfill)
+    train_cmd = commands.add_parser("train", help="train + evaluate sweep entries (default: all)")
+    train_cmd.add_argument("names", nargs="*")
+    _training_arguments(train_cmd, token_budget=1_000_000, batch_size=4096, lr=None)
+    train_cmd.set_defaults(func=cmd_train)
     commands.add_parser("status", help="what is stored").set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
     if args.command == "backfill" and not args.all and not args.keys:
