@@ -9,6 +9,7 @@ Layout of a committed partition (``activations/<key>/<version>/``)::
       context_id  [n_rows] int32     row of ``tokens`` the token came from
       position    [n_rows] int16     position inside its context (never 0)
       tokens      [n_contexts, ctx_len] int32  the full contexts, start tokens included
+      context_doc_id [n_contexts, ctx_len] int32  document of every context token (windows stop there)
       (attrs)     model, layer, d_model, dtype, counts and norm statistics
     documents.parquet                doc_id, source, n_tokens
 
@@ -229,6 +230,7 @@ def _write_index(group, contexts: Contexts, mask: np.ndarray) -> None:
     group.create_array("context_id", data=context_id.astype(np.int32))
     group.create_array("position", data=position.astype(np.int16))
     group.create_array("tokens", data=contexts.tokens)
+    group.create_array("context_doc_id", data=contexts.doc_ids.astype(np.int32))
 
 
 class _RunningNorms:

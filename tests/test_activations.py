@@ -32,6 +32,7 @@ def test_rows_are_the_residuals_of_non_start_tokens(store, tiny_hooked, text_dir
     assert (pos > 0).all(), "position 0 (attention sink) must never be a training row"
     assert (g["token_id"][:] != tiny_hooked.start_token_id).all()
     np.testing.assert_array_equal(tokens[ctx, pos], g["token_id"][:])
+    np.testing.assert_array_equal(g["context_doc_id"][:][ctx, pos], g["doc_id"][:])
     expected = tiny_hooked.residual(torch.from_numpy(tokens).long()).numpy()[ctx, pos]
     np.testing.assert_allclose(part.acts[:], expected, rtol=1e-5, atol=1e-5)
     assert summary["n_rows"] + summary["excluded_start_tokens"] + summary["excluded_sink_rows"] == tokens.size
