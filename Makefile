@@ -11,7 +11,7 @@ TORCH_WHEELS := /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),)
 TORCH_PIN := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0*.whl),torch==2.13.0,)
 
-.PHONY: setup demo test test-fast bench browse ui clean
+.PHONY: setup browser demo test test-fast bench browse ui clean
 
 setup: $(VENV)/.installed $(SAE_PLATFORM_DATA)/.fetched $(DAGSTER_HOME)/dagster.yaml
 
@@ -38,17 +38,24 @@ $(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
 demo: setup
 	$(PY) -m jobs.cli demo
 
-test: setup
+# The browser tests drive Debian's Chromium; .ci/install-browser installs it (apt) when missing.
+browser:
+	.ci/install-browser
+
+test: setup browser
 	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 
 bench: setup
-	$(PY) benchmarks/cache_throughput.py --quick
+	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done
 
 ui: setup
 	$(VENV)/bin/dagster dev -w workspace.yaml
 
 clean:
 	rm -rf $(VENV) $(SAE_PLATFORM_DATA) $(SAE_PLATFORM_ROOT) $(DAGSTER_HOME)
+
+browse: setup
+	$(VENV)/bin/sae-platform browse

@@ -1,12 +1,13 @@
 """Dagster software-defined assets: a map of the pipeline, calling into ``sae_platform``."""
 
 from assets.activations import activations, base_model
+from assets.features import FEATURE_ASSETS
 from assets.sensors import inbox_sensor
 from assets.shuffle import SHUFFLE_ASSETS, SHUFFLE_CHECKS
 from assets.training import sae_checkpoint, sae_eval
 
 ACTIVATION_ASSETS = [base_model, activations]
 TRAINING_ASSETS = [sae_checkpoint, sae_eval]
-ASSETS = [*ACTIVATION_ASSETS, *SHUFFLE_ASSETS, *TRAINING_ASSETS]
+ASSETS = [*ACTIVATION_ASSETS, *SHUFFLE_ASSETS, *TRAINING_ASSETS, *FEATURE_ASSETS]
 ASSET_CHECKS = [*SHUFFLE_CHECKS]
 SENSORS = [inbox_sensor]

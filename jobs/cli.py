@@ -5,6 +5,9 @@
     sae-platform backfill [--all | KEY ...]                run cache_activations for missing partitions
     sae-platform shuffle [--memory-budget-mb 1024]         shuffle every cached partition (one ranged run)
     sae-platform train [NAME ...] [--token-budget N]       train + evaluate sweep entries (config/sweep.yaml)
+    sae-platform features [--sae NAME]                     feature tables, context windows, browser
+    sae-platform lineage [--sae NAME] [--shard N]          upstream lineage of a feature table
+    sae-platform browse [--port 8000]                      serve the feature browser on localhost
     sae-platform status                                    partitions and what is stored
 
 Runs go to the instance in $DAGSTER_HOME, so the UI (`make ui`) shows them afterwards.
@@ -156,6 +159,73 @@ def cmd_train(args) -> int:
     return 1 if failed else 0
 
 
+def build_features(instance, defs, sae_name: str) -> bool:
+    """Passes 1-3 and the browser, one Dagster run per partition (as a backfill would launch them)."""
+    from dagster import MultiPartitionKey
+
+    from assets.partitions import N_FEATURE_SHARDS
+
+    store = defs.resources["storage"].store()
+    batches, shards = list_partitions(store), [f"f{i}" for i in range(N_FEATURE_SHARDS)]
+    run_config = _quiet({"resources": {"features": {"config": {"sae_name": sae_name}}}})
+    steps = [("feature_pass_1", [MultiPartitionKey({"batch": b, "features": f}) for b in batches for f in shards]),
+             ("feature_pass_2", shards), ("feature_pass_3", batches), ("feature_regroup", shards)]
+    for job_name, keys in steps:
+        job = defs.resolve_job_def(job_name)
+        for key in tqdm(keys, desc=job_name, unit="run"):
+            result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
+                                            raise_on_error=False)
+            if not result.success or not all(c.passed for c in result.get_asset_check_evaluations()):
+                print(f"{job_name} failed for {key}", file=sys.stderr)
+                return False
+    return defs.resolve_job_def("build_browser").execute_in_process(
+        instance=instance, run_config=run_config, raise_on_error=False).success
+
+
+def cmd_features(args) -> int:
+    return 0 if build_features(_instance(), _definitions(), args.sae) else 1
+
+
+def cmd_lineage(args) -> int:
+    from dagster import AssetKey
+
+    from sae_platform.lineage import feature_table_lineage, format_lineage
+
+    instance, defs = _instance(), _definitions()
+    store = defs.resources["storage"].store()
+    records = instance.fetch_materializations(AssetKey("feature_topk"), limit=100).records
+    run_ids = [r.run_id for r in records if r.partition_key == f"f{args.shard}"]
+    lineage = feature_table_lineage(store, args.sae, args.shard, run_id=run_ids[0] if run_ids else None)
+    print(format_lineage(lineage))
+    graph = defs.resolve_asset_graph()
+    print("\nasset graph upstream of feature_topk: " + " ← ".join(_upstream_chain(graph, AssetKey("feature_topk"))))
+    return 0
+
+
+def _upstream_chain(graph, key) -> list[str]:
+    seen, order, frontier = set(), [], [key]
+    while frontier:
+        current = frontier.pop(0)
+        if current in seen:
+            continue
+        seen.add(current)
+        order.append(current.to_user_string())
+        frontier.extend(sorted(graph.get(current).parent_keys, key=lambda k: k.to_user_string()))
+    return order
+
+
+def cmd_browse(args) -> int:
+    from assets.features import browser_dir
+    from sae_platform.browser import serve
+
+    store = _definitions().resources["storage"].store()
+    site = browser_dir(store, args.sae)
+    if not store.is_local or not os.path.exists(os.path.join(site, "index.html")):
+        sys.exit(f"no feature browser at {site}: run `make demo` (or `sae-platform features`) first")
+    serve(site, port=args.port)
+    return 0
+
+
 def cmd_shuffle(args) -> int:
     return 0 if run_shuffle(_instance(), _definitions(), args.memory_budget_mb) else 1
 
@@ -181,10 +251,14 @@ def cmd_demo(args) -> int:
     fill_holdout_from_demo(settings)
     print(f"training and evaluating {', '.join(args.sae)} ({args.token_budget:,} tokens each)")
     failed += train(instance, defs, args.sae, _train_config(args), {"ce_contexts": args.ce_contexts})
+    print(f"feature tables, context windows and browser for {args.sae[0]}")
+    browsable = not failed and build_features(instance, defs, args.sae[0])
     _print_status(defs)
     print(f"\nDagster runs are in {os.environ['DAGSTER_HOME']}; see them and the lineage with `make ui` "
           "(http://127.0.0.1:3000), or `dagster asset list -m jobs.definitions`.")
-    return 1 if failed or not shuffled else 0
+    if browsable:
+        print("\nfeature browser: `make browse` serves it at http://127.0.0.1:8000/")
+    return 1 if failed or not shuffled or not browsable else 0
 
 
 def cmd_register(args) -> int:
@@ -266,6 +340,17 @@ def main(argv=None) -> int:
     train_cmd.add_argument("names", nargs="*")
     _training_arguments(train_cmd, token_budget=1_000_000, batch_size=4096, lr=None)
     train_cmd.set_defaults(func=cmd_train)
+    features = commands.add_parser("features", help="feature tables, contexts and the browser for one SAE")
+    features.add_argument("--sae", default="topk-16k-k32")
+    features.set_defaults(func=cmd_features)
+    lineage = commands.add_parser("lineage", help="upstream lineage of a feature table")
+    lineage.add_argument("--sae", default="topk-16k-k32")
+    lineage.add_argument("--shard", type=int, default=0)
+    lineage.set_defaults(func=cmd_lineage)
+    browse = commands.add_parser("browse", help="serve the feature browser on localhost")
+    browse.add_argument("--sae", default="topk-16k-k32")
+    browse.add_argument("--port", type=int, default=8000)
+    browse.set_defaults(func=cmd_browse)
     commands.add_parser("status", help="what is stored").set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
     if args.command == "backfill" and not args.all and not args.keys:

@@ -69,3 +69,17 @@ class ShuffleResource(ConfigurableResource):
     n_buckets: int = Field(default=8, description="K: buckets per scatter job")
     memory_budget_bytes: int = Field(default=1 << 30, description="M: what one job may hold in memory")
     seed: int = Field(default=0, description="same seed + same inputs = same permutation")
+
+
+class FeatureTablesResource(ConfigurableResource):
+    """Which SAE the feature tables describe, and how many examples they keep."""
+
+    sae_name: str = Field(default="topk-16k-k32", description="sweep entry whose checkpoint is described")
+    top_k: int = Field(default=20, description="top activating examples per feature")
+    reservoir_factor: int = Field(default=10, description="random examples kept per feature = factor x top_k")
+    n_intervals: int = Field(default=5, description="activation intervals for interval examples")
+    per_interval: int = Field(default=4, description="examples per interval")
+    before: int = Field(default=16, description="context tokens before an example")
+    after: int = Field(default=8, description="context tokens after an example")
+    seed: int = Field(default=0, description="seed of the random-example sample")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, …")

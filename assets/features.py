@@ -1,0 +1,164 @@
+"""Feature tables: pass 1 (dataset shard x feature shard) → pass 2 (per feature shard) → pass 3 windows
+(per dataset shard) → contexts regrouped per feature shard. All four describe one SAE checkpoint."""
+
+import polars as pl
+from dagster import (
+    AllPartitionMapping,
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetDep,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    MultiToSingleDimensionPartitionMapping,
+    asset,
+)
+
+from assets.activations import activations
+from assets.partitions import ACTIVATION_BATCHES, FEATURE_JOBS, FEATURE_SHARDS, N_FEATURE_SHARDS
+from assets.training import sae_checkpoint
+from resources import BaseModelResource, FeatureTablesResource, StorageResource
+from sae_platform import contexts as ctx
+from sae_platform import features as ft
+from sae_platform.activations import list_partitions
+from sae_platform.lineage import feature_table_lineage
+from sae_platform.model import pick_device
+from sae_platform.trainer import load_sae
+
+
+def logits_name(run: str, shard_index: int) -> str:
+    return f"features/{run}/logits/f{shard_index}"
+
+
+def _shard(key: str) -> int:
+    return int(key.removeprefix("f"))
+
+
+def _load(storage: StorageResource, features: FeatureTablesResource):
+    store = storage.store()
+    sae, _ = load_sae(store, features.sae_name, pick_device(features.device))
+    return store, sae
+
+
+@asset(partitions_def=FEATURE_JOBS, group_name="features", kinds={"pytorch"},
+       deps=[AssetDep(activations, partition_mapping=MultiToSingleDimensionPartitionMapping("batch")),
+             AssetDep(sae_checkpoint, partition_mapping=AllPartitionMapping())])
+def feature_stats_partial(context: AssetExecutionContext, storage: StorageResource,
+                          features: FeatureTablesResource) -> MaterializeResult:
+    """Pass 1: stream one activation batch through the SAE for one slice of features; keep per feature
+    the top-K, a uniform random sample, counts, sum, max and a histogram."""
+    keys = context.partition_key.keys_by_dimension
+    store, sae = _load(storage, features)
+    index = _shard(keys["features"])
+    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    partial = ft.compute_partial(store, sae, keys["batch"], start, stop, top_k=features.top_k,
+                                 reservoir_factor=features.reservoir_factor, seed=features.seed)
+    path = ft.write_partial(store, features.sae_name, keys["batch"], index, partial)
+    return MaterializeResult(metadata={"sae": features.sae_name, "features": f"[{start}, {stop})",
+                                       "n_tokens": int(partial.n_tokens), "path": MetadataValue.path(store.url(path))})
+
+
+@asset(partitions_def=FEATURE_SHARDS, group_name="features", kinds={"parquet"},
+       deps=[AssetDep(feature_stats_partial, partition_mapping=MultiToSingleDimensionPartitionMapping("features"))],
+       check_specs=[AssetCheckSpec("matches_brute_force", asset="feature_topk", blocking=True,
+                                   description="a sample of features recomputed densely over every batch: exact")])
+def feature_topk(context: AssetExecutionContext, storage: StorageResource, features: FeatureTablesResource,
+                 language_model: BaseModelResource) -> MaterializeResult:
+    """Pass 2: merge the partials of every batch: exact top-K, uniform random and interval examples,
+    density, histogram; plus the logit effects (W_dec · W_U) of each feature."""
+    store, sae = _load(storage, features)
+    index = _shard(context.partition_key)
+    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    batches = list_partitions(store)
+    tables = ft.merge_partials(ft.read_partials(store, features.sae_name, index, batches),
+                               n_intervals=features.n_intervals, per_interval=features.per_interval)
+    hooked, _ = language_model.load(store, device=str(next(sae.parameters()).device))
+    logits = ctx.logit_effects(sae, ctx.unembedding_matrix(hooked.model), hooked.tokenizer, start, stop)
+    path = ft.write_tables(store, features.sae_name, index, tables)
+    with store.writing(logits_name(features.sae_name, index)) as version:
+        store.write_parquet(f"{version}/logit_effects.parquet", logits)
+    check = ft.brute_force_check(store, sae, features.sae_name, index, start, stop)
+    lineage = feature_table_lineage(store, features.sae_name, index, run_id=context.run.run_id)
+    store.write_json(store.path("features", features.sae_name, "lineage", f"f{index}.json"), lineage)
+    dead = int((tables.stats["count"] == 0).sum())
+    return MaterializeResult(
+        metadata={"sae": features.sae_name, "features": f"[{start}, {stop})", "n_batches": len(batches),
+                  "n_tokens": int(tables.meta["n_tokens_total"]), "n_examples": tables.examples.height,
+                  "never_active_features": dead, "path": MetadataValue.path(store.url(path)),
+                  "lineage": MetadataValue.json(lineage)},
+        check_results=[AssetCheckResult(check_name="matches_brute_force", passed=bool(check["ok"]),
+                                        metadata={"features_checked": str(check["features_checked"]),
+                                                  "mismatches": str(check["mismatches"][:5])})])
+
+
+@asset(partitions_def=ACTIVATION_BATCHES, group_name="features", kinds={"parquet"},
+       deps=[AssetDep(feature_topk, partition_mapping=AllPartitionMapping()), activations])
+def feature_context_windows(context: AssetExecutionContext, storage: StorageResource,
+                            features: FeatureTablesResource, language_model: BaseModelResource) -> MaterializeResult:
+    """Pass 3, sharded over the dataset: the windows around every chosen example in this batch, with the
+    feature's activation on each token and the decoded token strings."""
+    store, sae = _load(storage, features)
+    examples = [ft.read_tables(store, features.sae_name, i).examples for i in range(N_FEATURE_SHARDS)]
+    hooked, _ = language_model.load(store, device="cpu")
+    info = ctx.build_partition_windows(store, features.sae_name, sae, context.partition_key, pl.concat(examples),
+                                       hooked.tokenizer, before=features.before, after=features.after)
+    return MaterializeResult(metadata={"n_windows": info["n_windows"], "n_features": info["n_features"],
+                                       "path": MetadataValue.path(info["path"])})
+
+
+@asset(partitions_def=FEATURE_SHARDS, group_name="features", kinds={"parquet"},
+       deps=[AssetDep(feature_context_windows, partition_mapping=AllPartitionMapping())])
+def feature_contexts(context: AssetExecutionContext, storage: StorageResource,
+                     features: FeatureTablesResource) -> MaterializeResult:
+    """Pass 3, regrouped: the context windows of this feature shard's examples, sorted by feature."""
+    store, sae = _load(storage, features)
+    index = _shard(context.partition_key)
+    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    frame = ctx.regroup_by_feature(store, features.sae_name, list_partitions(store), start, stop)
+    info = ctx.write_feature_contexts(store, features.sae_name, index, frame)
+    return MaterializeResult(metadata={"features": f"[{start}, {stop})", "n_windows": frame.height,
+                                       "path": MetadataValue.path(info["path"])})
+
+
+
+BROWSER_URL = "http://127.0.0.1:8000/"
+
+
+def browser_dir(store, run: str) -> str:
+    return store.path("browser", run)
+
+
+@asset(group_name="features", kinds={"html"},
+       deps=[AssetDep(feature_topk, partition_mapping=AllPartitionMapping()),
+             AssetDep(feature_contexts, partition_mapping=AllPartitionMapping())])
+def feature_browser(context: AssetExecutionContext, storage: StorageResource,
+                    features: FeatureTablesResource) -> MaterializeResult:
+    """A static feature browser: index with search, a page per feature (highlighted examples,
+    histogram, logit effects, lineage). Serve it with `make browse`."""
+    from sae_platform.browser import build_site
+    from sae_platform.lineage import feature_table_lineage
+
+    store = storage.store()
+    shards = []
+    for index in range(N_FEATURE_SHARDS):
+        tables = ft.read_tables(store, features.sae_name, index)
+        logits_path = store.require(logits_name(features.sae_name, index), "logit effects", "materialize feature_topk")
+        shards.append({"start": tables.meta["start"], "stop": tables.meta["stop"], "feature_stats": tables.stats,
+                       "feature_examples": tables.examples,
+                       "feature_contexts": ctx.read_feature_contexts(store, features.sae_name, index),
+                       "logit_effects": store.read_parquet(f"{logits_path}/logit_effects.parquet")})
+    lineage = feature_table_lineage(store, features.sae_name, 0, run_id=None)
+    lineage["browser_dagster_run_id"] = context.run.run_id
+    out = browser_dir(store, features.sae_name)
+    summary = build_site(out if store.is_local else store.url(out), run=features.sae_name, shards=shards,
+                         hist_bin_edges=ft.hist_bin_edges(), lineage=lineage, n_intervals=features.n_intervals,
+                         fs=None if store.is_local else store.fs)
+    context.log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
+    return MaterializeResult(metadata={
+        "n_features": summary["n_features"], "bytes": summary["bytes"], "files": summary["files"],
+        "seconds": summary["seconds"], "path": MetadataValue.path(store.url(out)),
+        "url": MetadataValue.url(BROWSER_URL), "serve_with": "make browse  (or: sae-platform browse)",
+    })
+
+
+FEATURE_ASSETS = [feature_stats_partial, feature_topk, feature_context_windows, feature_contexts, feature_browser]

@@ -1,0 +1,267 @@
+"""Feature tables, pass 1: the streaming per-shard top-K / reservoir / histogram pass against the
+approach of common dashboard tools, side by side on the same data and SAE.
+
+    python benchmarks/feature_tables.py --quick     # 12.5k / 50k tokens, 16k latents: under a minute on 2 cores
+    python benchmarks/feature_tables.py             # 50k / 200k tokens, 3 repeats
+
+Data: synthetic residual activations (d_model 576, float16, the activations partition layout):
+each row is a sparse combination of 24 of the SAE's decoder directions, drawn with Zipf-like
+frequencies (a few common features, a long tail, as in trained SAEs), plus noise. Two partitions:
+"small" (1x tokens) and "large" (4x tokens). SAE: TopK, 16,384 latents, k 32, random init (the
+pass's cost does not depend on training).
+
+Sides (each run in a fresh subprocess; identical token batches of --batch-rows rows):
+- streaming: ``features.compute_partial`` over all latents as one feature shard (for TopK every
+  feature shard pays the full selection, so one shard covering the dictionary is the cheapest
+  layout, and its memory does not grow with the partition): top 20, reservoir of 200 activating
+  tokens per feature, count / sum / max / 66-bin histogram.
+- baseline (SAEDashboard-style): for each batch of --feature-batch features, materialise the dense
+  [all tokens, features] activation matrix (``encode_slice`` per token batch; for TopK that is the
+  full selection each time, as SAEDashboard re-runs the SAE per feature batch), then torch.topk
+  per feature, count / sum / max, and the same histogram (computed in row blocks to spare it
+  temporaries). It keeps no random sample: that favours the baseline. Every feature batch costs
+  the same, so the baseline runs --baseline-batches of them and its throughput is
+  tokens x features-processed / seconds.
+
+Figures: throughput (tokens x features per second, on the large partition), peak memory (large
+partition) and the growth of peak memory when tokens grow 4x (small -> large).
+
+Peak memory: in each subprocess, after imports, the SAE load and opening the store, the kernel's
+high-water mark is reset (``echo 5 > /proc/self/clear_refs``), the current VmRSS is read, the pass
+runs, and VmHWM - that VmRSS is the figure: every byte the pass touched (torch tensors, numpy,
+zarr buffers, allocator slack), not an estimate. Timings are medians of --repeats runs.
+The last lines are one JSON object per figure.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+D_MODEL, N_LATENTS, K = 576, 16384, 32
+TOP_K, RESERVOIR_FACTOR = 20, 10
+GOAL_THROUGHPUT = 2.0
+GOAL_MEMORY_RATIO = 0.25
+GOAL_MEMORY_GROWTH = 1.1
+CHUNK_BYTES = 4 << 20
+
+
+def _status() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM", "VmRSS")):
+                name, value = line.split(":")
+                out[name] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# worker (one side, one partition, in a fresh process)
+# ---------------------------------------------------------------------------------------------
+
+def worker(args) -> None:
+    import torch
+
+    from sae_platform import features
+    from sae_platform.activations import open_partition
+    from sae_platform.sae import build_sae
+    from sae_platform.storage import ArtifactStore
+
+    torch.manual_seed(0)
+    sae = build_sae("topk", D_MODEL, N_LATENTS, k=K).eval()
+    sae.load_state_dict(torch.load(args.sae, weights_only=True))
+    store = ArtifactStore(args.store)
+    part = open_partition(store, args.partition)
+    n_tokens = part.n_rows
+    import gc
+
+    gc.collect()
+    reset = _reset_peak()
+    before = _status()
+    started = time.perf_counter()
+    if args.worker == "streaming":
+        partial = features.compute_partial(store, sae, args.partition, 0, N_LATENTS, top_k=TOP_K,
+                                           reservoir_factor=RESERVOIR_FACTOR, batch_rows=args.batch_rows)
+        n_features = N_LATENTS
+        extra = {"diagnostics": partial.diagnostics, "check_count": int(partial.count.sum())}
+    else:
+        n_features, total = 0, 0
+        edges = torch.from_numpy(features.HIST_EDGES)
+        for b in range(args.baseline_batches):
+            f0, f1 = b * args.feature_batch, min((b + 1) * args.feature_batch, N_LATENTS)
+            dense = torch.empty(n_tokens, f1 - f0)
+            for lo in range(0, n_tokens, args.batch_rows):
+                x = torch.from_numpy(part.acts[lo:lo + args.batch_rows])
+                dense[lo:lo + len(x)] = sae.encode_slice(x, f0, f1)
+            top_vals, top_rows = torch.topk(dense, TOP_K, dim=0)
+            count = torch.zeros(f1 - f0, dtype=torch.long)
+            vsum = torch.zeros(f1 - f0, dtype=torch.float64)
+            hist = torch.zeros((f1 - f0) * features.N_HIST_BINS, dtype=torch.long)
+            vmax = dense.amax(0)
+            for lo in range(0, n_tokens, args.batch_rows):
+                block = dense[lo:lo + args.batch_rows]
+                on = block > 0
+                count += on.sum(0)
+                vsum += block.sum(0, dtype=torch.float64)
+                rows, feat = on.nonzero(as_tuple=True)
+                bins = torch.bucketize(block[rows, feat], edges, right=True)
+                hist += torch.bincount(feat * features.N_HIST_BINS + bins, minlength=hist.numel())
+            total += int(count.sum())
+            n_features += f1 - f0
+            del dense, top_vals, top_rows
+        extra = {"check_count": total}
+    seconds = time.perf_counter() - started
+    after = _status()
+    print(json.dumps({"side": args.worker, "partition": args.partition, "n_tokens": n_tokens,
+                      "n_features": n_features, "seconds": seconds, "peak_bytes": after["VmHWM"] - before["VmRSS"],
+                      "rss_before": before["VmRSS"], "hwm_reset": reset, **extra}))
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+
+def make_data(root: str, sizes: dict[str, int], sae_path: str) -> None:
+    import torch
+
+    from sae_platform.sae import build_sae
+    from sae_platform.storage import ArtifactStore
+
+    torch.manual_seed(0)
+    sae = build_sae("topk", D_MODEL, N_LATENTS, k=K).eval()
+    torch.save(sae.state_dict(), sae_path)
+    dictionary = sae.W_dec.detach().numpy()
+    rng = np.random.default_rng(0)
+    freq = 1.0 / np.arange(1, N_LATENTS + 1) ** 0.7
+    freq = freq[rng.permutation(N_LATENTS)]
+    cdf = np.cumsum(freq / freq.sum())
+    store = ArtifactStore(root)
+    chunk = CHUNK_BYTES // (D_MODEL * 2)
+    for key, n in sizes.items():
+        with store.writing(f"activations/{key}") as version:
+            group = store.open_group(f"{version}/data.zarr", "w")
+            acts = group.create_array("acts", shape=(n, D_MODEL), dtype="float16", chunks=(chunk, D_MODEL),
+                                      compressors=None)
+            for lo in range(0, n, chunk):
+                m = min(chunk, n - lo)
+                idx = np.minimum(np.searchsorted(cdf, rng.random((m, 24))), N_LATENTS - 1)
+                coef = rng.exponential(2.0, (m, 24)).astype(np.float32)
+                rows = np.einsum("mk,mkd->md", coef, dictionary[idx]) + 0.3 * rng.standard_normal((m, D_MODEL))
+                acts[lo:lo + m] = rows.astype(np.float16)
+            group.attrs.update({"d_model": D_MODEL, "dtype": "float16", "n_rows": n})
+
+
+def run_worker(side: str, partition: str, args, root: str, sae_path: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--partition", partition, "--store", root, "--sae", sae_path,
+           "--batch-rows", str(args.batch_rows), "--feature-batch", str(args.feature_batch),
+           "--baseline-batches", str(args.baseline_batches)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="12.5k / 50k tokens, 1 repeat")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens of the small partition (large = 4x)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--batch-rows", type=int, default=1024)
+    parser.add_argument("--feature-batch", type=int, default=4096,
+                        help="baseline features per dense [tokens, features] matrix")
+    parser.add_argument("--baseline-batches", type=int, default=1)
+    parser.add_argument("--worker", choices=["streaming", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--partition", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--sae", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+
+    small = args.tokens or (12_500 if args.quick else 50_000)
+    repeats = args.repeats or (1 if args.quick else 3)
+    wall = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="feature_bench_") as tmp:
+        root, sae_path = f"{tmp}/store", f"{tmp}/sae.pt"
+        t0 = time.perf_counter()
+        make_data(root, {"small": small, "large": 4 * small}, sae_path)
+        setup_s = time.perf_counter() - t0
+        runs = {(side, p): [] for side in ("streaming", "baseline") for p in ("small", "large")}
+        for r in range(repeats):
+            order = ("streaming", "baseline") if r % 2 == 0 else ("baseline", "streaming")
+            for side in order:
+                for p in ("small", "large") if r == 0 else ("large",):
+                    runs[(side, p)].append(run_worker(side, p, args, root, sae_path))
+    wall_s = time.perf_counter() - wall
+
+    med = lambda side, p, f: statistics.median(x[f] for x in runs[(side, p)])  # noqa: E731
+    tput = {s: 4 * small * runs[(s, "large")][0]["n_features"] / med(s, "large", "seconds")
+            for s in ("streaming", "baseline")}
+    peak = {(s, p): med(s, p, "peak_bytes") for s in ("streaming", "baseline") for p in ("small", "large")}
+    diag = runs[("streaming", "large")][0]["diagnostics"]
+    mb = lambda b: b / 2**20  # noqa: E731
+    print(f"feature tables pass 1: TopK SAE d_model {D_MODEL}, {N_LATENTS:,} latents, k {K}; top {TOP_K}, "
+          f"reservoir {TOP_K * RESERVOIR_FACTOR}; token batches of {args.batch_rows}; data setup {setup_s:.1f} s")
+    print(f"baseline: dense [tokens, {args.feature_batch}] per feature batch, {args.baseline_batches} batch(es) run")
+    print(f"{'side':<11}{'tokens':>8}{'features':>10}{'median s':>10}{'tok*feat/s':>14}{'peak MiB':>10}   runs (s)")
+    for (side, p), rs in runs.items():
+        n_tok, n_feat = rs[0]["n_tokens"], rs[0]["n_features"]
+        sec = med(side, p, "seconds")
+        print(f"{side:<11}{n_tok:>8}{n_feat:>10}{sec:>10.2f}{n_tok * n_feat / sec:>14.3g}{mb(peak[(side, p)]):>10.1f}"
+              f"   {' '.join('%.2f' % x['seconds'] for x in rs)}")
+    growth_s = peak[("streaming", "large")] / peak[("streaming", "small")]
+    growth_b = peak[("baseline", "large")] / peak[("baseline", "small")]
+    print(f"throughput ratio {tput['streaming'] / tput['baseline']:.2f} (goal >= {GOAL_THROUGHPUT}); "
+          f"peak memory ratio {peak[('streaming', 'large')] / peak[('baseline', 'large')]:.3f} "
+          f"(goal <= {GOAL_MEMORY_RATIO}); 4x tokens: streaming peak x{growth_s:.2f}, baseline x{growth_b:.2f}")
+    print(f"streaming diagnostics (large): {diag}; hwm reset: {runs[('streaming', 'large')][0]['hwm_reset']}")
+    print(f"wall time {wall_s:.1f} s; load average {load_before:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print()
+    common = {"d_model": D_MODEL, "n_latents": N_LATENTS, "k": K, "top_k": TOP_K,
+              "reservoir": TOP_K * RESERVOIR_FACTOR, "batch_rows": args.batch_rows,
+              "baseline_feature_batch": args.feature_batch, "repeats": repeats, "quick": args.quick,
+              "wall_s": round(wall_s, 1), "load_before": load_before}
+    lines = [
+        {"metric": "feature_pass1_token_features_per_s", "value": tput["streaming"], "baseline": tput["baseline"],
+         "ratio": tput["streaming"] / tput["baseline"], "goal": GOAL_THROUGHPUT, "unit": "tokens*features/s",
+         "tokens": 4 * small, "baseline_is": "SAEDashboard-style dense [tokens, features] per feature batch + topk",
+         "streaming_runs_s": [round(x["seconds"], 3) for x in runs[("streaming", "large")]],
+         "baseline_runs_s": [round(x["seconds"], 3) for x in runs[("baseline", "large")]], **common},
+        {"metric": "feature_pass1_peak_memory_bytes", "value": peak[("streaming", "large")],
+         "baseline": peak[("baseline", "large")],
+         "ratio": peak[("streaming", "large")] / peak[("baseline", "large")], "goal": GOAL_MEMORY_RATIO,
+         "lower_is_better": True, "unit": "bytes", "tokens": 4 * small,
+         "measured_as": "VmHWM after the pass - VmRSS before it, HWM reset via /proc/self/clear_refs", **common},
+        {"metric": "feature_pass1_peak_memory_growth_4x_tokens", "value": peak[("streaming", "large")],
+         "baseline": peak[("streaming", "small")], "ratio": growth_s, "goal": GOAL_MEMORY_GROWTH,
+         "lower_is_better": True, "unit": "bytes", "tokens": [small, 4 * small],
+         "baseline_is": "streaming peak at 1x tokens", "dashboard_growth": growth_b,
+         "dashboard_peak_bytes": [peak[("baseline", "small")], peak[("baseline", "large")]], **common},
+    ]
+    sys.stdout.flush()
+    for line in lines:
+        print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

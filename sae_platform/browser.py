@@ -1,0 +1,644 @@
+"""The feature browser: a static single-page site generated from the feature tables.
+
+In the spirit of Anthropic's feature browser and Neuronpedia. One page lists every latent of one
+SAE run (density, max activation, its strongest tokens), sortable and searchable by feature id
+and by token; a hash route ``#/feature/<id>`` shows one feature: its top activations with
+per-token highlighting, examples per activation interval, random activating tokens, the
+activation histogram, the top and bottom logit effects and the lineage (checkpoint, Dagster run,
+shuffle, activation partitions).
+
+Site layout (everything static; any plain HTTP server can serve it — ``fetch`` needs http, not
+``file://``)::
+
+    index.html                      the page shell: no inline script, a strict CSP
+    static/app.js, static/app.css   the app (copied from ``browser_static/``)
+    site.json                       {"version", "data"}: points at the data of the current build;
+                                    written last, so a rebuild switches over in one write
+    data/<version>/index.json       compact, loaded up front: per feature id, density, max and
+                                    count (columnar), the strongest activating tokens of its top
+                                    examples (indices into one token table; the token search and
+                                    the list's token column), plus run, lineage, histogram edges
+    data/<version>/features/<k>.json   the full data of features [k*64, (k+1)*64): fetched only
+                                    when one of them is opened
+
+Per feature in a chunk file, examples are columnar (one list per field, the same order for all):
+``kind``, ``rank``, ``interval``, ``activation``, ``center``, ``tokens`` (display strings),
+``acts`` (the feature on every window token, 3 significant digits), ``noact`` (indices of
+window tokens with no stored activation; null when all have one), ``partition``, ``row``,
+``doc_id``.
+
+Security: token strings are untrusted corpus text. The page inserts them only as text nodes
+(``textContent``), never as markup; no JSON is embedded in HTML (all data is fetched JSON); the
+page sets ``Content-Security-Policy: default-src 'none'; script-src 'self'; style-src 'self'; …``
+in a meta tag (and the bundled server sends it as a header too), so even an injected element
+could not run script.
+
+Writing is atomic: locally the whole site is built in a temporary sibling directory and renamed
+into place; on an fsspec filesystem (``fs=``, or a URL) the versioned data is written first and
+``site.json`` last, and older data versions are removed after the switch.
+
+``python -m sae_platform.browser serve DIR [--port N]`` serves a built site;
+``python -m sae_platform.browser demo DIR [--features N]`` builds one from synthetic tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import http.server
+import json
+import math
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from sae_platform.errors import PlatformError
+
+# -- input tables (the same column names as sae_platform.features / sae_platform.contexts; not
+#    imported from there so that building and serving a site never loads torch) ---------------
+STATS_FRAME = "feature_stats"
+EXAMPLES_FRAME = "feature_examples"
+CONTEXTS_FRAME = "feature_contexts"
+LOGITS_FRAME = "logit_effects"
+SHARD_START, SHARD_STOP = "start", "stop"
+
+FEATURE = "feature"
+N_TOKENS_TOTAL = "n_tokens_total"
+COUNT = "count"
+DENSITY = "density"
+MAX = "max"
+MEAN = "mean"
+HISTOGRAM = "histogram"
+STATS_COLUMNS = (FEATURE, N_TOKENS_TOTAL, COUNT, DENSITY, MAX, MEAN, HISTOGRAM)
+
+KIND = "kind"
+RANK = "rank"
+INTERVAL = "interval"
+ACTIVATION = "activation"
+PARTITION = "partition"
+ROW = "row"
+EXAMPLE_COLUMNS = (FEATURE, KIND, RANK, INTERVAL, ACTIVATION, PARTITION, ROW)
+KIND_ORDER = ("top", "interval", "random")  # page order; other kinds follow, alphabetically
+
+CENTER = "center"
+TOKEN_IDS = "token_ids"
+TOKEN_STRS = "token_strs"
+ACTS = "acts"
+HAS_ACT = "has_act"
+DOC_ID = "doc_id"
+CONTEXT_COLUMNS = (*EXAMPLE_COLUMNS, CENTER, TOKEN_STRS, ACTS, HAS_ACT, DOC_ID)
+
+TOP_TOKEN_IDS, TOP_TOKEN_STRS, TOP_SCORES = "top_token_ids", "top_token_strs", "top_scores"
+BOTTOM_TOKEN_IDS, BOTTOM_TOKEN_STRS, BOTTOM_SCORES = "bottom_token_ids", "bottom_token_strs", "bottom_scores"
+LOGIT_COLUMNS = (FEATURE, TOP_TOKEN_IDS, TOP_TOKEN_STRS, TOP_SCORES, BOTTOM_TOKEN_IDS, BOTTOM_TOKEN_STRS,
+                 BOTTOM_SCORES)
+
+# -- the site ----------------------------------------------------------------------------------
+CHUNK_FEATURES = 64        # features per lazily fetched data file
+SEARCH_TOKENS = 6          # strongest distinct activating tokens per feature kept for search
+ACT_SIG_FIGS = 3           # window activations in the chunk files
+STAT_SIG_FIGS = 4          # densities, maxima, scores
+SITE_POINTER = "site.json"
+VERSION_RE = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}")   # data/<version>: the only folders a rebuild removes
+STATIC_FILES = ("app.js", "app.css")
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; base-uri 'none'; form-action 'none'")
+
+INDEX_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<meta name="referrer" content="no-referrer">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>SAE feature browser</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="static/app.css?v={css_hash}">
+<script src="static/app.js?v={js_hash}" defer></script>
+</head>
+<body>
+<header id="top"><a class="brand" href="#/">SAE feature browser</a><span id="run"></span></header>
+<main id="app"><p class="status">Loading…</p></main>
+<noscript>This feature browser needs JavaScript.</noscript>
+</body>
+</html>
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Input normalisation
+# ---------------------------------------------------------------------------------------------
+
+def _need(frame: pl.DataFrame, columns, what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise PlatformError(f"{what} lacks columns {missing} (has {frame.columns})",
+                            f"pass the {what} table as written by the feature pipeline")
+
+
+def _finite(expr: pl.Expr) -> pl.Expr:
+    """Non-finite floats become null (JSON has no NaN/inf)."""
+    return pl.when(expr.is_finite()).then(expr).otherwise(None)
+
+
+def _round(expr: pl.Expr, digits: int) -> pl.Expr:
+    return _finite(expr.cast(pl.Float64)).round_sig_figs(digits)
+
+
+def _round_list(expr: pl.Expr, digits: int) -> pl.Expr:
+    return expr.list.eval(_finite(pl.element().cast(pl.Float64)).round_sig_figs(digits).cast(pl.Float32))
+
+
+def _gather(shards: list[dict], key: str) -> list[pl.DataFrame]:
+    return [s[key] for s in shards if s.get(key) is not None and s[key].height]
+
+
+def _stats_frame(shards: list[dict]) -> pl.DataFrame:
+    frames = []
+    for frame in _gather(shards, STATS_FRAME):
+        _need(frame, STATS_COLUMNS, STATS_FRAME)
+        frames.append(frame.select(
+            pl.col(FEATURE).cast(pl.Int64), pl.col(N_TOKENS_TOTAL).cast(pl.Int64), pl.col(COUNT).cast(pl.Int64),
+            _round(pl.col(DENSITY), STAT_SIG_FIGS), _round(pl.col(MAX), STAT_SIG_FIGS),
+            _round(pl.col(MEAN), STAT_SIG_FIGS), pl.col(HISTOGRAM).cast(pl.List(pl.Int64))))
+    if not frames:
+        return pl.DataFrame(schema={FEATURE: pl.Int64, N_TOKENS_TOTAL: pl.Int64, COUNT: pl.Int64,
+                                    DENSITY: pl.Float64, MAX: pl.Float64, MEAN: pl.Float64,
+                                    HISTOGRAM: pl.List(pl.Int64)})
+    stats = pl.concat(frames)
+    _unique_features(stats, STATS_FRAME)
+    return stats
+
+
+def _bin_edges(edges: list[float], stats: pl.DataFrame) -> list[float | None]:
+    """The edges of every histogram bin (len = bins + 1). Histograms have either len(edges) - 1
+    bins, or len(edges) + 1: an underflow bin below edges[0] (from 0 when edges[0] > 0, as
+    activations are positive) and an overflow bin from edges[-1] up (None: unbounded)."""
+    lengths = set(stats[HISTOGRAM].list.len().unique().drop_nulls().to_list())
+    if not lengths or lengths == {len(edges) - 1}:
+        return list(edges)
+    if lengths == {len(edges) + 1}:
+        return [0.0 if edges[0] > 0 else None, *edges, None]
+    raise PlatformError(f"{STATS_FRAME}.{HISTOGRAM} has {sorted(lengths)} bins, which {len(edges)} hist_bin_edges "
+                        "do not describe",
+                        "pass the bin edges the histograms were computed with: len(edges) - 1 bins, or "
+                        "len(edges) + 1 with underflow and overflow bins")
+
+
+def _examples_frame(shards: list[dict]) -> pl.DataFrame:
+    """One row per example, window included: the contexts table, plus any example that has no
+    window (shown with its activation only)."""
+    windows = []
+    for frame in _gather(shards, CONTEXTS_FRAME):
+        _need(frame, CONTEXT_COLUMNS, CONTEXTS_FRAME)
+        windows.append(frame.select(
+            pl.col(FEATURE).cast(pl.Int64), pl.col(KIND).cast(pl.String), pl.col(RANK).cast(pl.Int64),
+            pl.col(INTERVAL).cast(pl.Int64), pl.col(ACTIVATION).cast(pl.Float32), pl.col(PARTITION).cast(pl.String),
+            pl.col(ROW).cast(pl.Int64), pl.col(CENTER).cast(pl.Int32), pl.col(TOKEN_STRS).cast(pl.List(pl.String)),
+            pl.col(ACTS).cast(pl.List(pl.Float32)), pl.col(HAS_ACT).cast(pl.List(pl.Boolean)),
+            pl.col(DOC_ID).cast(pl.Int64)))
+    schema = {FEATURE: pl.Int64, KIND: pl.String, RANK: pl.Int64, INTERVAL: pl.Int64, ACTIVATION: pl.Float32,
+              PARTITION: pl.String, ROW: pl.Int64, CENTER: pl.Int32, TOKEN_STRS: pl.List(pl.String),
+              ACTS: pl.List(pl.Float32), HAS_ACT: pl.List(pl.Boolean), DOC_ID: pl.Int64}
+    ctx = pl.concat(windows) if windows else pl.DataFrame(schema=schema)
+    bare = []
+    for frame in _gather(shards, EXAMPLES_FRAME):
+        _need(frame, EXAMPLE_COLUMNS, EXAMPLES_FRAME)
+        bare.append(frame.select(
+            pl.col(FEATURE).cast(pl.Int64), pl.col(KIND).cast(pl.String), pl.col(RANK).cast(pl.Int64),
+            pl.col(INTERVAL).cast(pl.Int64), pl.col(ACTIVATION).cast(pl.Float32), pl.col(PARTITION).cast(pl.String),
+            pl.col(ROW).cast(pl.Int64)))
+    if bare:
+        key = [FEATURE, KIND, RANK, PARTITION, ROW]
+        missing = pl.concat(bare).join(ctx.select(key), on=key, how="anti", nulls_equal=True)
+        if missing.height:
+            ctx = pl.concat([ctx, missing], how="diagonal_relaxed")
+    order = {k: i for i, k in enumerate(KIND_ORDER)}
+    return ctx.with_columns(
+        _kind_order=pl.col(KIND).replace_strict(order, default=len(order), return_dtype=pl.Int32),
+    ).sort([FEATURE, "_kind_order", KIND, INTERVAL, RANK], nulls_last=True).drop("_kind_order")
+
+
+def _logits_frame(shards: list[dict]) -> pl.DataFrame | None:
+    frames = []
+    for frame in _gather(shards, LOGITS_FRAME):
+        _need(frame, LOGIT_COLUMNS, LOGITS_FRAME)
+        frames.append(frame.select(
+            pl.col(FEATURE).cast(pl.Int64),
+            pl.col(TOP_TOKEN_IDS).cast(pl.List(pl.Int64)), pl.col(TOP_TOKEN_STRS).cast(pl.List(pl.String)),
+            _round_list(pl.col(TOP_SCORES), STAT_SIG_FIGS),
+            pl.col(BOTTOM_TOKEN_IDS).cast(pl.List(pl.Int64)), pl.col(BOTTOM_TOKEN_STRS).cast(pl.List(pl.String)),
+            _round_list(pl.col(BOTTOM_SCORES), STAT_SIG_FIGS)))
+    if not frames:
+        return None
+    logits = pl.concat(frames)
+    _unique_features(logits, LOGITS_FRAME)
+    return logits
+
+
+def _unique_features(frame: pl.DataFrame, what: str) -> None:
+    dup = frame.filter(pl.col(FEATURE).is_duplicated())[FEATURE].unique().sort().head(5).to_list()
+    if dup:
+        raise PlatformError(f"{what} has more than one row for features {dup}",
+                            f"pass one {what} row per feature (each shard once)")
+
+
+def _feature_ids(shards: list[dict]) -> np.ndarray:
+    ranges = []
+    for s in shards:
+        if SHARD_START not in s or SHARD_STOP not in s:
+            raise PlatformError("a shard lacks start/stop", "pass each shard as a dict with 'start' and 'stop' "
+                                "(its latents [start, stop)) and its tables")
+        start, stop = int(s[SHARD_START]), int(s[SHARD_STOP])
+        if not 0 <= start <= stop:
+            raise PlatformError(f"bad shard range [{start}, {stop})", "use 0 <= start <= stop")
+        ranges.append(np.arange(start, stop, dtype=np.int64))
+    ids = np.unique(np.concatenate(ranges)) if ranges else np.zeros(0, np.int64)
+    if ids.size != sum(r.size for r in ranges):
+        raise PlatformError("shard feature ranges overlap", "pass each feature shard once")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Site data
+# ---------------------------------------------------------------------------------------------
+
+def _search_tokens(examples: pl.DataFrame) -> pl.DataFrame:
+    """Per feature, its strongest distinct activating tokens in the top examples: (feature, tokens)."""
+    top = examples.filter((pl.col(KIND) == "top") & pl.col(TOKEN_STRS).is_not_null()).select(
+        FEATURE, TOKEN_STRS, ACTS, HAS_ACT)
+    exploded = top.explode([TOKEN_STRS, ACTS, HAS_ACT]).filter(
+        (pl.col(ACTS) > 0) & pl.col(HAS_ACT).fill_null(True) & (pl.col(TOKEN_STRS).str.strip_chars() != ""))
+    best = exploded.group_by([FEATURE, TOKEN_STRS]).agg(pl.col(ACTS).max())
+    return best.group_by(FEATURE).agg(pl.col(TOKEN_STRS).sort_by(ACTS, descending=True).head(SEARCH_TOKENS))
+
+
+def _index_json(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame, meta: dict) -> bytes:
+    frame = pl.DataFrame({FEATURE: ids}).join(stats.select(FEATURE, DENSITY, MAX, COUNT), on=FEATURE, how="left",
+                                              maintain_order="left")
+    tokens = _search_tokens(examples)
+    frame = frame.join(tokens, on=FEATURE, how="left", maintain_order="left")
+    exploded = frame.select(FEATURE, TOKEN_STRS).explode(TOKEN_STRS).drop_nulls(TOKEN_STRS)
+    table = exploded[TOKEN_STRS].unique(maintain_order=True)
+    codes = exploded.join(pl.DataFrame({TOKEN_STRS: table, "_code": np.arange(table.len(), dtype=np.int32)}),
+                          on=TOKEN_STRS, how="left", maintain_order="left").select(
+        FEATURE, pl.col("_code").alias(TOKEN_STRS))
+    per_feature = pl.DataFrame({FEATURE: ids}).join(
+        codes.group_by(FEATURE, maintain_order=True).agg(pl.col(TOKEN_STRS)), on=FEATURE, how="left",
+        maintain_order="left")
+    index = {
+        **meta,
+        "columns": {
+            FEATURE: frame[FEATURE].to_list(),
+            DENSITY: frame[DENSITY].to_list(),
+            MAX: frame[MAX].to_list(),
+            COUNT: frame[COUNT].to_list(),
+        },
+        "token_table": table.to_list(),
+        "top_tokens": [t if t is not None else [] for t in per_feature[TOKEN_STRS].to_list()],
+    }
+    return _dumps(index)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _feature_frame(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame,
+                   logits: pl.DataFrame | None) -> pl.DataFrame:
+    ex = examples.select(
+        FEATURE, KIND, RANK, INTERVAL, _round(pl.col(ACTIVATION), STAT_SIG_FIGS).alias(ACTIVATION), CENTER,
+        pl.col(TOKEN_STRS).alias("tokens"),
+        _round_list(pl.col(ACTS), ACT_SIG_FIGS).alias("acts"),
+        pl.col(HAS_ACT).list.eval(pl.arg_where(pl.element().not_())).alias("noact"),
+        PARTITION, ROW, DOC_ID,
+    ).with_columns(pl.when(pl.col("noact").list.len() > 0).then(pl.col("noact")).otherwise(None))
+    grouped = ex.group_by(FEATURE, maintain_order=True).agg(pl.all())
+    # ids are sorted and unique: left joins that keep the left order need no sort of nested data
+    frame = pl.DataFrame({FEATURE: ids}).join(stats, on=FEATURE, how="left", maintain_order="left")
+    if logits is not None:
+        frame = frame.join(logits, on=FEATURE, how="left", maintain_order="left")
+    examples_struct = pl.struct([c for c in grouped.columns if c != FEATURE]).alias("examples")
+    frame = frame.join(grouped.select(FEATURE, examples_struct), on=FEATURE, how="left", maintain_order="left")
+    return frame.with_columns((pl.col(FEATURE) // CHUNK_FEATURES).alias("_chunk"))
+
+
+def _chunk_files(frame: pl.DataFrame) -> dict[str, bytes]:
+    files = {}
+    for (chunk,), part in frame.partition_by("_chunk", as_dict=True, maintain_order=True).items():
+        files[f"features/{int(chunk)}.json"] = part.drop("_chunk").write_json().encode()
+    return files
+
+
+def _static_bytes() -> dict[str, bytes]:
+    root = resources.files("sae_platform") / "browser_static"
+    return {name: (root / name).read_bytes() for name in STATIC_FILES}
+
+
+def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
+               n_intervals: int | None = None, version: str | None = None) -> dict[str, bytes]:
+    """Every file of the site, by relative path (what :func:`build_site` writes)."""
+    edges = [float(e) for e in hist_bin_edges]
+    if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise PlatformError(f"bad hist_bin_edges {edges[:8]}…", "pass at least 2 finite, increasing bin edges")
+    ids = _feature_ids(shards)
+    stats = _stats_frame(shards)
+    bin_edges = _bin_edges(edges, stats)
+    examples = _examples_frame(shards)
+    logits = _logits_frame(shards)
+    version = version or time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    if not VERSION_RE.fullmatch(version):
+        raise PlatformError(f"bad site version {version!r}", "use the form YYYYmmddTHHMMSS-<8 hex digits>")
+    data = f"data/{version}"
+    meta = {
+        "run": str(run), "version": version, "n_features": int(ids.size),
+        "chunk_features": CHUNK_FEATURES, "hist_bin_edges": bin_edges, "kind_order": list(KIND_ORDER),
+        "n_intervals": None if n_intervals is None else int(n_intervals),
+        "lineage": json.loads(json.dumps(lineage, default=str)),
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    files = {f"{data}/index.json": _index_json(ids, stats, examples, meta)}
+    for name, body in _chunk_files(_feature_frame(ids, stats, examples, logits)).items():
+        files[f"{data}/{name}"] = body
+    static = _static_bytes()
+    for name, body in static.items():
+        files[f"static/{name}"] = body
+    digest = {name: hashlib.sha256(body).hexdigest()[:12] for name, body in static.items()}
+    files["index.html"] = INDEX_HTML.format(csp=CSP, css_hash=digest["app.css"], js_hash=digest["app.js"]).encode()
+    files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(run)})  # last: the switch
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
+               n_intervals: int | None = None, fs=None) -> dict:
+    """Generate the browser site for SAE ``run`` into ``out`` (a local directory, or a path on the
+    fsspec filesystem ``fs``, or a URL). ``shards``: one dict per feature shard with ``start``,
+    ``stop`` and the polars frames ``feature_stats``, ``feature_examples``, ``feature_contexts``,
+    ``logit_effects`` (any may be None). ``hist_bin_edges``: the histogram bin edges (histograms
+    with len(edges) + 1 counts have underflow and overflow bins). ``n_intervals``: when given, the
+    interval examples are labelled with their range (interval j: [j, j+1) * max / n_intervals).
+    Returns a summary: n_features, bytes, files, seconds, path, version, index_bytes."""
+    t0 = time.perf_counter()
+    files = site_files(run=run, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
+                       n_intervals=n_intervals)
+    pointer = json.loads(files[SITE_POINTER])
+    if fs is None and "://" in str(out):
+        import fsspec
+        fs, out = fsspec.core.url_to_fs(str(out))
+    if fs is None:
+        path = _write_local(Path(out), files)
+    else:
+        path = _write_fs(fs, str(out).rstrip("/"), files, pointer["data"])
+    index_bytes = len(files[f"{pointer['data']}/index.json"])
+    return {"n_features": json.loads(files[f"{pointer['data']}/index.json"])["n_features"],
+            "bytes": sum(len(b) for b in files.values()), "files": len(files),
+            "seconds": round(time.perf_counter() - t0, 3), "path": str(path), "version": pointer["version"],
+            "index_bytes": index_bytes}
+
+
+def _write_local(out: Path, files: dict[str, bytes]) -> Path:
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        dirs = {(tmp / rel).parent for rel in files}
+        for d in sorted(dirs):
+            d.mkdir(parents=True, exist_ok=True)
+        for rel, body in files.items():
+            (tmp / rel).write_bytes(body)
+        tmp.chmod(0o755)
+        old = None
+        if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / SITE_POINTER).is_file())):
+            raise PlatformError(f"{out} exists and is not a feature-browser site (no {SITE_POINTER}); not replacing it",
+                                "pass a new directory, or the directory of an earlier site build")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_fs(fs, out: str, files: dict[str, bytes], data: str) -> str:
+    # Versioned data first, then the shell, then the pointer that switches readers over.
+    order = sorted(files, key=lambda rel: (rel == SITE_POINTER, not rel.startswith("data/"), rel))
+    for rel in order:
+        fs.pipe_file(f"{out}/{rel}", files[rel])
+    try:
+        for old in fs.ls(f"{out}/data", detail=False):
+            name = old.rstrip("/").split("/")[-1]
+            if name != data.split("/")[-1] and VERSION_RE.fullmatch(name):
+                fs.rm(old, recursive=True)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+# ---------------------------------------------------------------------------------------------
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    quiet = False
+
+    def end_headers(self):
+        self.send_header("Content-Security-Policy", CSP + "; frame-ancestors 'none'")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        if self.path.split("?")[0].endswith(("/" + SITE_POINTER, "/index.html", "/")):
+            self.send_header("Cache-Control", "no-cache")
+        super().end_headers()
+
+    def log_message(self, format, *args):
+        if not self.quiet:
+            super().log_message(format, *args)
+
+
+def make_server(site_dir, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False):
+    """A threaded HTTP server for the site in ``site_dir`` (not started; port 0 picks a free one)."""
+    site_dir = Path(site_dir)
+    if not (site_dir / SITE_POINTER).is_file():
+        raise PlatformError(f"{site_dir} is not a built feature-browser site (no {SITE_POINTER})",
+                            "build it first with sae_platform.browser.build_site, or point at its directory")
+    handler = type("Handler", (_Handler,), {"quiet": quiet})
+    server = http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(site_dir)))
+    server.daemon_threads = True
+    return server
+
+
+def serve(site_dir, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve a built site until interrupted."""
+    server = make_server(site_dir, host, port)
+    h, p = server.server_address[:2]
+    print(f"Feature browser: http://{h}:{p}/  (serving {Path(site_dir).resolve()}; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def serve_in_thread(site_dir, host: str = "127.0.0.1", port: int = 0):
+    """Start a quiet server on a thread; returns (server, url). Stop with ``server.shutdown()``."""
+    server = make_server(site_dir, host, port, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    h, p = server.server_address[:2]
+    return server, f"http://{h}:{p}/"
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic tables (demo and benchmark; the real ones come from the feature pipeline)
+# ---------------------------------------------------------------------------------------------
+
+WORDS = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on",
+         "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they",
+         "you", "were", "their", "one", "all", "we", "can", "her", "has", "there", "been", "if", "more",
+         "when", "will", "would", "who", "so", "no", "data", "model", "token", "layer", "feature", "Paris",
+         "river", "music", "code", "def", "return", "{", "}", "(", ")", ".", ",", ";", ":", "\n", "\n\n", "'s")
+
+
+def synthetic_shards(n_features: int = 16384, shard_size: int = 4096, *, n_top: int = 10, n_intervals: int = 5,
+                     per_interval: int = 3, n_random: int = 5, before: int = 16, after: int = 8, n_bins: int = 64,
+                     n_logits: int = 10, vocab: list[str] | None = None, seed: int = 0) -> tuple[list[dict], list[float]]:
+    """Random feature tables with the pipeline's schemas: (shards, hist_bin_edges)."""
+    rng = np.random.default_rng(seed)
+    words = list(vocab) if vocab is not None else [w if w.startswith(("\n", "'")) or not w[0].isalnum() else " " + w
+                                                   for w in WORDS]
+    vocab_size = len(words)
+    width = before + after + 1
+    edges_np = np.logspace(-4, 4, n_bins + 1)
+    edges = edges_np.tolist()
+    shards = []
+    for start in range(0, n_features, shard_size):
+        stop = min(start + shard_size, n_features)
+        feats = np.arange(start, stop)
+        nf = feats.size
+        fmax = rng.gamma(2.0, 2.0, nf).astype(np.float32) + 0.1
+        density = 10 ** rng.uniform(-6, -1, nf)
+        n_tok = 10_000_000
+        count = (density * n_tok).astype(np.int64)
+        dead = rng.random(nf) < 0.02
+        count[dead], fmax[dead], density[dead] = 0, 0, 0
+        # as sae_platform.features: log-spaced edges, underflow and overflow bins (len(edges) + 1)
+        log_mid = np.log10(np.sqrt(edges_np[:-1] * edges_np[1:]))
+        log_max = np.log10(np.maximum(fmax, 1e-6))[:, None]
+        mu = log_max - rng.uniform(0.3, 1.2, (nf, 1))
+        weight = np.exp(-0.5 * ((log_mid[None, :] - mu) / 0.35) ** 2) * (log_mid[None, :] <= log_max)
+        weight /= np.maximum(weight.sum(1, keepdims=True), 1e-12)
+        hist = np.zeros((nf, n_bins + 2), np.int64)
+        hist[:, 1:-1] = np.round(weight * count[:, None])
+        hist[dead] = 0
+        stats = pl.DataFrame({
+            FEATURE: feats, N_TOKENS_TOTAL: np.full(nf, n_tok), COUNT: count, DENSITY: density,
+            MAX: fmax, MEAN: np.where(dead, np.nan, fmax / 3), HISTOGRAM: hist.tolist(),
+        }).with_columns(pl.col(MEAN).fill_nan(None))
+        # examples: top, interval, random per live feature
+        kinds, ranks, intervals = [], [], []
+        for kind, n, ivals in (("top", n_top, [None]), ("interval", per_interval, list(range(n_intervals))),
+                               ("random", n_random, [None])):
+            for iv in ivals:
+                kinds += [kind] * n
+                ranks += list(range(n))
+                intervals += [iv] * n
+        per = len(kinds)
+        live = feats[~dead]
+        n_ex = live.size * per
+        ex_feat = np.repeat(live, per)
+        lmax = np.repeat(fmax[~dead], per)
+        top = np.array([k == "top" for k in kinds] * live.size)
+        ivl = np.array([-1 if iv is None else iv for iv in intervals] * live.size)
+        frac = rng.uniform(0.02, 1.0, n_ex)                                              # random
+        frac = np.where(ivl >= 0, (np.maximum(ivl, 0) + rng.uniform(0, 1, n_ex)) / n_intervals, frac)
+        frac = np.where(top, np.tile([1.0 - 0.04 * r for r in ranks], live.size), frac)
+        act = (lmax * np.clip(frac, 0.02, 1.0)).astype(np.float32)
+        toks = rng.integers(0, vocab_size, (n_ex, width))
+        acts = np.where(rng.random((n_ex, width)) < 0.15, rng.random((n_ex, width)) * act[:, None], 0.0)
+        acts[:, before] = act
+        has = rng.random((n_ex, width)) > 0.01
+        has[:, before] = True
+        acts = np.where(has, acts, 0.0).astype(np.float32)
+        examples = pl.DataFrame({
+            FEATURE: ex_feat, KIND: np.tile(kinds, live.size), RANK: np.tile(ranks, live.size),
+            INTERVAL: pl.Series(intervals * live.size, dtype=pl.Int64), ACTIVATION: act,
+            PARTITION: np.char.add("p00", (np.arange(n_ex) % 8).astype(str)),
+            ROW: rng.integers(0, 1 << 30, n_ex)})
+        tok_strs = pl.Series(TOKEN_STRS, np.asarray(words, dtype=object)[toks].tolist(), dtype=pl.List(pl.String))
+        contexts = examples.with_columns(
+            pl.lit(before, pl.Int32).alias(CENTER),
+            pl.Series(TOKEN_IDS, toks.astype(np.int32)),
+            tok_strs,
+            pl.Series(ACTS, acts),
+            pl.Series(HAS_ACT, has),
+            pl.Series(DOC_ID, rng.integers(0, 100_000, n_ex)),
+        ).with_columns(pl.col(TOKEN_IDS).arr.to_list(), pl.col(ACTS).arr.to_list(), pl.col(HAS_ACT).arr.to_list())
+        lt = rng.integers(0, vocab_size, (nf, 2 * n_logits))
+        scores = np.sort(rng.normal(0, 1, (nf, 2 * n_logits)), axis=1)[:, ::-1]
+        wa = np.asarray(words, dtype=object)
+        logits = pl.DataFrame({
+            FEATURE: feats,
+            TOP_TOKEN_IDS: lt[:, :n_logits].tolist(), TOP_TOKEN_STRS: wa[lt[:, :n_logits]].tolist(),
+            TOP_SCORES: scores[:, :n_logits].astype(np.float32).tolist(),
+            BOTTOM_TOKEN_IDS: lt[:, n_logits:].tolist(), BOTTOM_TOKEN_STRS: wa[lt[:, n_logits:]].tolist(),
+            BOTTOM_SCORES: scores[:, ::-1][:, :n_logits].astype(np.float32).tolist()})
+        shards.append({SHARD_START: start, SHARD_STOP: stop, STATS_FRAME: stats, EXAMPLES_FRAME: examples,
+                       CONTEXTS_FRAME: contexts, LOGITS_FRAME: logits})
+    return shards, edges
+
+
+def synthetic_lineage(run: str = "demo") -> dict:
+    return {"sae": run, "checkpoint": f"checkpoints/{run}/v1/sae.safetensors", "run_id": "00000000-demo",
+            "shuffle": "shuffle-demo", "activation_partitions": [f"p{i:03d}" for i in range(8)],
+            "model": "synthetic", "hook_name": "blocks.6.hook_resid_post"}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sae_platform.browser", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_serve = sub.add_parser("serve", help="serve a built site")
+    p_serve.add_argument("site_dir")
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_demo = sub.add_parser("demo", help="build a site from synthetic tables (and print size and time)")
+    p_demo.add_argument("site_dir")
+    p_demo.add_argument("--features", type=int, default=16384)
+    p_demo.add_argument("--serve", action="store_true")
+    p_demo.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    if args.cmd == "serve":
+        serve(args.site_dir, args.host, args.port)
+        return 0
+    t0 = time.perf_counter()
+    shards, edges = synthetic_shards(args.features)
+    made = time.perf_counter() - t0
+    summary = build_site(args.site_dir, run="demo", shards=shards, hist_bin_edges=edges, lineage=synthetic_lineage())
+    print(json.dumps({**summary, "tables_seconds": round(made, 2)}))
+    if args.serve:
+        serve(args.site_dir, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,522 @@
+// SAE feature browser. Static single-page app: #/ lists features, #/feature/<id> shows one.
+// Corpus text is untrusted: every string from the data goes into the page as a text node
+// (the el() helper below takes children as text; nothing here assigns innerHTML).
+'use strict';
+(function () {
+  const PAGE = 200;               // index rows rendered at once
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  const KIND_TITLES = { top: 'Top activations', interval: 'Activation intervals', random: 'Random activating tokens' };
+  const LINEAGE_LABELS = {
+    sae: 'SAE run', checkpoint: 'Checkpoint', run_id: 'Dagster run', shuffle: 'Shuffle',
+    activation_partitions: 'Activation partitions', model: 'Model', hook_name: 'Hook',
+  };
+
+  const S = {
+    site: null, base: '', index: null, n: 0,
+    order: null,                  // Int32Array of row positions, the current filtered + sorted list
+    sort: { key: 'feature', desc: false }, query: '', page: 0, matchRank: null,
+    rowOf: new Map(), chunks: new Map(), tokensLower: null, view: null, histLog: false,
+  };
+
+  // ---------- DOM helpers (text only) ----------
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    if (props) {
+      for (const [k, v] of Object.entries(props)) {
+        if (v === undefined || v === null) continue;
+        if (k === 'class') node.className = v;
+        else if (k === 'dataset') Object.assign(node.dataset, v);
+        else if (k.startsWith('on')) node.addEventListener(k.slice(2), v);
+        else if (k === 'href') node.setAttribute('href', safeHref(v));
+        else node[k] = v;   // title, type, value, placeholder, ... (DOM properties: text, not markup)
+      }
+    }
+    for (const c of children.flat()) {
+      if (c === null || c === undefined || c === false) continue;
+      node.appendChild(typeof c === 'string' || typeof c === 'number' ? document.createTextNode(String(c)) : c);
+    }
+    return node;
+  }
+  function safeHref(v) { return /^#\/[\w/]*$/.test(v) ? v : '#/'; }   // only our own routes
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+    return node;
+  }
+  function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); return node; }
+  const app = () => document.getElementById('app');
+
+  // ---------- formatting ----------
+  function fmt(v) {
+    if (v === null || v === undefined || Number.isNaN(v)) return '–';
+    if (v === 0) return '0';
+    const a = Math.abs(v);
+    if (a >= 1000) return v.toFixed(0);
+    if (a >= 0.01) return String(Number(v.toPrecision(3)));
+    return v.toExponential(2);
+  }
+  function fmtDensity(d) {
+    if (d === null || d === undefined) return '–';
+    if (d === 0) return '0';
+    const p = d * 100;
+    return (p >= 1e-4 ? String(Number(p.toPrecision(3))) : p.toExponential(2)) + '%';
+  }
+  function fmtEdge(v, upper) { return v === null || v === undefined ? (upper ? '\u221e' : '\u2212\u221e') : fmt(v); }
+  function fmtInt(n) { return n === null || n === undefined ? '–' : Number(n).toLocaleString('en-US'); }
+  // Whitespace made visible; the string stays text.
+  function showToken(s) {
+    if (s === null || s === undefined) return '';
+    return s.replace(/\r\n|\r|\n/g, '\u21b5').replace(/\t/g, '\u2192');
+  }
+
+  // ---------- data ----------
+  async function getJSON(url, opts) {
+    const res = await fetch(url, opts);
+    if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
+    return res.json();
+  }
+  async function loadIndex() {
+    S.site = await getJSON('site.json', { cache: 'no-cache' });
+    if (typeof S.site.data !== 'string' || !/^data\/[\w.-]+$/.test(S.site.data)) throw new Error('bad site.json');
+    S.base = S.site.data + '/';
+    S.index = await getJSON(S.base + 'index.json');
+    const cols = S.index.columns;
+    S.n = cols.feature.length;
+    for (let i = 0; i < S.n; i++) S.rowOf.set(cols.feature[i], i);
+    S.tokensLower = S.index.token_table.map((t) => t.trim().toLowerCase());
+    document.title = `${S.index.run} · SAE feature browser`;
+    const run = document.getElementById('run');
+    clear(run).appendChild(document.createTextNode(`${S.index.run} · ${fmtInt(S.n)} features`));
+    applyQuery();
+  }
+  function chunkOf(id) { return Math.floor(id / S.index.chunk_features); }
+  async function loadFeature(id) {
+    const k = chunkOf(id);
+    if (!S.chunks.has(k)) {
+      const p = getJSON(`${S.base}features/${k}.json`).then((rows) => {
+        const byId = new Map();
+        for (const r of rows) byId.set(r.feature, r);
+        return byId;
+      });
+      S.chunks.set(k, p);
+      p.catch(() => S.chunks.delete(k));
+    }
+    return (await S.chunks.get(k)).get(id);
+  }
+
+  // ---------- index: search and sort ----------
+  function applyQuery() {
+    const cols = S.index.columns;
+    const q = S.query.trim();
+    let rows;
+    S.matchRank = null;
+    if (!q) {
+      rows = Int32Array.from({ length: S.n }, (_, i) => i);
+    } else {
+      const rank = new Map();       // row -> relevance (lower is better)
+      const idq = q.replace(/^#/, '');
+      if (/^\d+$/.test(idq) && S.rowOf.has(Number(idq))) rank.set(S.rowOf.get(Number(idq)), -1);
+      const ql = q.toLowerCase();
+      const tokScore = new Float64Array(S.tokensLower.length).fill(-1);
+      S.tokensLower.forEach((t, i) => {
+        if (t === ql) tokScore[i] = 0;
+        else if (t.includes(ql)) tokScore[i] = 0.5;
+      });
+      const tops = S.index.top_tokens;
+      for (let r = 0; r < S.n; r++) {
+        const list = tops[r];
+        for (let j = 0; j < list.length; j++) {
+          const s = tokScore[list[j]];
+          if (s >= 0) {
+            const score = j + s;
+            const prev = rank.get(r);
+            if (prev === undefined || score < prev) rank.set(r, score);
+            break;
+          }
+        }
+      }
+      rows = Int32Array.from(rank.keys());
+      S.matchRank = rank;
+    }
+    S.order = rows;
+    sortRows();
+    S.page = 0;
+  }
+  function sortRows() {
+    const { key, desc } = S.sort;
+    const cols = S.index.columns;
+    const arr = Array.from(S.order);
+    const sign = desc ? -1 : 1;
+    if (key === 'match' && S.matchRank) {
+      arr.sort((a, b) => (S.matchRank.get(a) - S.matchRank.get(b)) || (cols.feature[a] - cols.feature[b]));
+    } else {
+      const col = cols[key === 'match' ? 'feature' : key];
+      arr.sort((a, b) => {
+        const x = col[a], y = col[b];
+        if (x === y) return cols.feature[a] - cols.feature[b];
+        if (x === null) return 1;      // missing values last either way
+        if (y === null) return -1;
+        return sign * (x - y);
+      });
+    }
+    S.order = Int32Array.from(arr);
+  }
+
+  // ---------- index view ----------
+  function renderIndex() {
+    const root = clear(app());
+    S.view = 'index';
+    const search = el('input', {
+      id: 'search', type: 'search', value: S.query, autocomplete: 'off', spellcheck: false,
+      placeholder: 'Search: feature id, or a token (e.g. " Paris")',
+      oninput: debounce((e) => {
+        const had = S.query.trim() !== '';
+        S.query = e.target.value;
+        const has = S.query.trim() !== '';
+        if (has && !had && S.sort.key === 'feature' && !S.sort.desc) S.sort = { key: 'match', desc: false };
+        if (!has && S.sort.key === 'match') S.sort = { key: 'feature', desc: false };
+        applyQuery();
+        renderList();
+      }, 120),
+      onkeydown: (e) => {
+        if (e.key === 'Enter' && S.order.length > 0) {
+          location.hash = `#/feature/${S.index.columns.feature[S.order[0]]}`;
+        }
+      },
+    });
+    root.appendChild(el('section', { class: 'controls' },
+      search,
+      el('span', { id: 'count', class: 'muted' })));
+    root.appendChild(el('div', { id: 'list' }));
+    renderList();
+    search.focus();
+  }
+
+  function headerCell(label, key, cls) {
+    const active = S.sort.key === key;
+    const arrow = active ? (S.sort.desc ? ' \u25bc' : ' \u25b2') : '';
+    return el('th', { class: cls },
+      el('button', {
+        type: 'button', class: 'sort' + (active ? ' active' : ''), dataset: { sort: key },
+        title: `Sort by ${label.toLowerCase()}`,
+        onclick: () => {
+          if (S.sort.key === key) S.sort.desc = !S.sort.desc;
+          else S.sort = { key, desc: key !== 'feature' && key !== 'match' };
+          sortRows();
+          S.page = 0;
+          renderList();
+        },
+      }, label + arrow));
+  }
+
+  function renderList() {
+    const list = clear(document.getElementById('list'));
+    const cols = S.index.columns;
+    const total = S.order.length;
+    const pages = Math.max(1, Math.ceil(total / PAGE));
+    S.page = Math.min(S.page, pages - 1);
+    const lo = S.page * PAGE, hi = Math.min(total, lo + PAGE);
+    const count = document.getElementById('count');
+    clear(count).appendChild(document.createTextNode(
+      S.query.trim() ? `${fmtInt(total)} matching of ${fmtInt(S.n)} features` : `${fmtInt(S.n)} features`));
+    if (total === 0) {
+      list.appendChild(el('p', { class: 'status' }, 'No feature matches this search.'));
+      return;
+    }
+    const head = el('tr', null,
+      headerCell('Feature', 'feature', 'num'),
+      headerCell('Density', 'density', 'num'),
+      el('th', { class: 'bar' }),
+      headerCell('Max act', 'max', 'num'),
+      el('th', null, 'Top activating tokens'),
+      S.matchRank ? headerCell('Match', 'match', 'num') : null);
+    const body = el('tbody');
+    for (let i = lo; i < hi; i++) {
+      const r = S.order[i];
+      const id = cols.feature[r];
+      const d = cols.density[r];
+      const bar = el('span', { class: 'dbar' });
+      // log10 density from 1e-7 (empty) to 1 (full)
+      const w = d > 0 ? Math.max(2, Math.min(100, (Math.log10(d) + 7) / 7 * 100)) : 0;
+      bar.style.width = w + '%';
+      const toks = el('td', { class: 'toks' });
+      const ql = S.query.trim().toLowerCase();
+      const mine = S.index.top_tokens[r];
+      const hits = ql ? mine.filter((t) => S.tokensLower[t].includes(ql)) : [];
+      const shown = [...hits, ...mine.filter((t) => !hits.includes(t))].slice(0, Math.max(4, hits.length));
+      for (const t of shown) {
+        toks.appendChild(el('span', { class: hits.includes(t) ? 'chip hit' : 'chip' }, showToken(S.index.token_table[t])));
+      }
+      body.appendChild(el('tr', { class: d === 0 || d === null ? 'dead' : null, dataset: { feature: id } },
+        el('td', { class: 'num' }, el('a', { href: `#/feature/${id}` }, String(id))),
+        el('td', { class: 'num density' }, fmtDensity(d)),
+        el('td', { class: 'bar' }, el('span', { class: 'dtrack' }, bar)),
+        el('td', { class: 'num max' }, fmt(cols.max[r])),
+        toks,
+        S.matchRank ? el('td', { class: 'num muted' }, S.matchRank.get(r) < 0 ? 'id' : 'token') : null));
+    }
+    list.appendChild(el('table', { class: 'features' }, el('thead', null, head), body));
+    if (pages > 1) {
+      list.appendChild(el('nav', { class: 'pager' },
+        el('button', { type: 'button', id: 'prev-page', disabled: S.page === 0,
+          onclick: () => { S.page--; renderList(); window.scrollTo(0, 0); } }, '\u2039 Prev'),
+        el('span', { class: 'muted' }, `${fmtInt(lo + 1)}\u2013${fmtInt(hi)} of ${fmtInt(total)}`),
+        el('button', { type: 'button', id: 'next-page', disabled: S.page >= pages - 1,
+          onclick: () => { S.page++; renderList(); window.scrollTo(0, 0); } }, 'Next \u203a')));
+    }
+  }
+
+  function debounce(fn, ms) {
+    let t = null;
+    return (...args) => { clearTimeout(t); t = setTimeout(() => fn(...args), ms); };
+  }
+
+  // ---------- feature view ----------
+  async function renderFeature(id) {
+    S.view = 'feature';
+    const root = clear(app());
+    const r = S.rowOf.get(id);
+    const cols = S.index.columns;
+    const nav = el('nav', { class: 'fnav' },
+      el('a', { href: '#/' }, '\u2190 All features'),
+      r > 0 ? el('a', { href: `#/feature/${cols.feature[r - 1]}`, id: 'prev-feature' }, `\u2039 ${cols.feature[r - 1]}`) : null,
+      r !== undefined && r < S.n - 1 ? el('a', { href: `#/feature/${cols.feature[r + 1]}`, id: 'next-feature' }, `${cols.feature[r + 1]} \u203a`) : null);
+    root.appendChild(nav);
+    if (r === undefined) {
+      root.appendChild(el('p', { class: 'status error' }, `There is no feature ${id} in this SAE (ids ${cols.feature[0]}\u2013${cols.feature[S.n - 1]}).`));
+      return;
+    }
+    const status = el('p', { class: 'status' }, 'Loading feature\u2026');
+    root.appendChild(status);
+    let f;
+    try {
+      f = await loadFeature(id);
+    } catch (err) {
+      status.className = 'status error';
+      clear(status).appendChild(document.createTextNode(`Could not load feature ${id}: ${err.message}. If the site was rebuilt, reload the page.`));
+      return;
+    }
+    if (S.view !== 'feature' || location.hash !== `#/feature/${id}`) return;   // navigated away meanwhile
+    root.removeChild(status);
+    if (!f) {
+      root.appendChild(el('p', { class: 'status error' }, `No data for feature ${id}.`));
+      return;
+    }
+    root.appendChild(featureHeader(f));
+    const grid = el('div', { class: 'grid' });
+    grid.appendChild(el('section', { class: 'card' }, el('h2', null, 'Activation histogram'), histogram(f)));
+    grid.appendChild(el('section', { class: 'card' }, el('h2', null, 'Logit effects'), logits(f)));
+    root.appendChild(grid);
+    root.appendChild(examples(f));
+    root.appendChild(lineage());
+  }
+
+  function featureHeader(f) {
+    const dead = !f.count;
+    return el('section', { class: 'fhead' },
+      el('h1', null, `Feature ${f.feature}`, dead ? el('span', { class: 'badge' }, 'dead') : null),
+      el('dl', { class: 'stats' },
+        stat('Density', f.density === null || f.density === undefined ? '–' : fmtDensity(f.density),
+          f.count !== null && f.count !== undefined ? `${fmtInt(f.count)} of ${fmtInt(f.n_tokens_total)} tokens` : null, 'stat-density'),
+        stat('Max activation', fmt(f.max), null, 'stat-max'),
+        stat('Mean activation', fmt(f.mean), null, 'stat-mean')));
+  }
+  function stat(label, value, sub, id) {
+    return el('div', { class: 'stat', id },
+      el('dt', null, label), el('dd', null, value, sub ? el('small', null, sub) : null));
+  }
+
+  function histogram(f) {
+    const counts = f.histogram || [];
+    const edges = S.index.hist_bin_edges;
+    const box = el('div', { class: 'hist' });
+    let lo = counts.findIndex((c) => c > 0);
+    let hi = counts.length - 1 - [...counts].reverse().findIndex((c) => c > 0);
+    if (lo < 0) {
+      box.appendChild(el('p', { class: 'muted' }, 'No activations recorded.'));
+      return box;
+    }
+    lo = Math.max(0, lo - 1); hi = Math.min(counts.length - 1, hi + 1);
+    const shown = counts.slice(lo, hi + 1);
+    const W = 460, H = 150, PADB = 22, PADL = 4;
+    const scale = (c) => (S.histLog ? Math.log10(1 + c) : c);
+    const top = Math.max(...shown.map(scale)) || 1;
+    const bw = (W - PADL) / shown.length;
+    const s = svg('svg', { id: 'histogram', viewBox: `0 0 ${W} ${H}`, role: 'img', class: 'histsvg' });
+    s.appendChild(svg('line', { x1: PADL, y1: H - PADB + 0.5, x2: W, y2: H - PADB + 0.5, class: 'axis' }));
+    shown.forEach((c, i) => {
+      const h = (scale(c) / top) * (H - PADB - 6);
+      const rect = svg('rect', {
+        x: (PADL + i * bw + 0.5).toFixed(2), y: (H - PADB - h).toFixed(2),
+        width: Math.max(0.5, bw - 1).toFixed(2), height: Math.max(0, h).toFixed(2), class: 'histbar',
+      });
+      const t = svg('title');
+      t.textContent = `[${fmtEdge(edges[lo + i], false)}, ${fmtEdge(edges[lo + i + 1], true)}): ${fmtInt(c)} tokens`;
+      rect.appendChild(t);
+      s.appendChild(rect);
+    });
+    const label = (x, anchor, text) => {
+      const t = svg('text', { x, y: H - 6, 'text-anchor': anchor, class: 'histlabel' });
+      t.textContent = text;
+      s.appendChild(t);
+    };
+    label(PADL, 'start', fmtEdge(edges[lo], false));
+    label((W + PADL) / 2, 'middle', fmtEdge(edges[lo + Math.floor(shown.length / 2)], false));
+    label(W, 'end', fmtEdge(edges[hi + 1], true));
+    box.appendChild(s);
+    const toggle = el('label', { class: 'muted small' },
+      el('input', { type: 'checkbox', checked: S.histLog, onchange: (e) => {
+        S.histLog = e.target.checked;
+        box.replaceWith(histogram(f));
+      } }), ' log scale');
+    box.appendChild(el('div', { class: 'histfoot' },
+      el('span', { class: 'muted small' }, 'x: activation (bins with data), y: number of tokens; hover a bar for its range'), toggle));
+    return box;
+  }
+
+  function logits(f) {
+    const wrap = el('div', { class: 'logits' });
+    const col = (title, strs, scores, ids, cls) => {
+      const tbl = el('table', { class: 'logit ' + cls });
+      (strs || []).forEach((s, i) => {
+        tbl.appendChild(el('tr', null,
+          el('td', null, el('span', { class: 'chip', title: ids ? `token id ${ids[i]}` : null }, showToken(s))),
+          el('td', { class: 'num' }, fmt(scores[i]))));
+      });
+      return el('div', null, el('h3', null, title), tbl);
+    };
+    if (!f.top_token_strs && !f.bottom_token_strs) {
+      wrap.appendChild(el('p', { class: 'muted' }, 'No logit effects computed.'));
+      return wrap;
+    }
+    wrap.appendChild(col('Promoted', f.top_token_strs, f.top_scores, f.top_token_ids, 'pos'));
+    wrap.appendChild(col('Suppressed', f.bottom_token_strs, f.bottom_scores, f.bottom_token_ids, 'neg'));
+    return wrap;
+  }
+
+  function examples(f) {
+    const out = el('div', { class: 'examples' });
+    const ex = f.examples;
+    if (!ex || !ex.kind || ex.kind.length === 0) {
+      out.appendChild(el('section', { class: 'card' }, el('p', { class: 'muted' }, 'No examples: this feature never activated on the sampled tokens.')));
+      return out;
+    }
+    const fmax = f.max || Math.max(0, ...ex.activation.filter((a) => a !== null)) || 1;
+    const byKind = new Map();
+    ex.kind.forEach((k, i) => { if (!byKind.has(k)) byKind.set(k, []); byKind.get(k).push(i); });
+    const order = [...(S.index.kind_order || []), ...[...byKind.keys()].filter((k) => !(S.index.kind_order || []).includes(k)).sort()];
+    for (const kind of order) {
+      const idx = byKind.get(kind);
+      if (!idx) continue;
+      const sec = el('section', { class: 'card kind', id: `examples-${kind.replace(/\W/g, '_')}` },
+        el('h2', null, KIND_TITLES[kind] || kind, el('span', { class: 'muted small' }, ` ${idx.length} examples`)));
+      if (kind === 'interval') {
+        const groups = new Map();
+        for (const i of idx) { const g = ex.interval[i]; if (!groups.has(g)) groups.set(g, []); groups.get(g).push(i); }
+        const gs = [...groups.entries()].map(([g, rows]) => {
+          const acts = rows.map((i) => ex.activation[i]).filter((a) => a !== null);
+          return { g, rows, lo: Math.min(...acts), hi: Math.max(...acts) };
+        }).sort((a, b) => b.hi - a.hi);
+        for (const { g, rows, lo, hi } of gs) {
+          const n = S.index.n_intervals;
+          const range = n && g !== null && f.max
+            ? ` [${fmt((g * f.max) / n)}, ${fmt(((g + 1) * f.max) / n)}${g === n - 1 ? ']' : ')'} \u00b7 shown ${fmt(lo)}\u2013${fmt(hi)}`
+            : ` activations ${fmt(lo)}\u2013${fmt(hi)}`;
+          const grp = el('div', { class: 'interval', dataset: { interval: g === null ? '' : g } },
+            el('h3', null, `Interval ${g === null ? '?' : g}`, el('span', { class: 'muted small' }, range)));
+          for (const i of rows) grp.appendChild(exampleRow(ex, i, fmax));
+          sec.appendChild(grp);
+        }
+      } else {
+        for (const i of idx) sec.appendChild(exampleRow(ex, i, fmax));
+      }
+      out.appendChild(sec);
+    }
+    return out;
+  }
+
+  function exampleRow(ex, i, fmax) {
+    const where = `partition ${ex.partition[i]} \u00b7 row ${ex.row[i]}` + (ex.doc_id && ex.doc_id[i] !== null && ex.doc_id[i] !== undefined ? ` \u00b7 doc ${ex.doc_id[i]}` : '');
+    const text = el('div', { class: 'ctx' });
+    const toks = ex.tokens[i];
+    if (!toks) {
+      text.appendChild(el('span', { class: 'muted' }, '(no context window)'));
+    } else {
+      const acts = ex.acts[i] || [];
+      const noact = new Set(ex.noact[i] || []);
+      toks.forEach((t, j) => {
+        const a = acts[j];
+        const span = el('span', { class: 'tok' }, showToken(t));
+        if (noact.has(j)) {
+          span.classList.add('noact');
+          span.title = 'no stored activation';
+        } else {
+          span.title = `act ${a === null || a === undefined ? '–' : a}`;
+          if (a > 0) {
+            const x = Math.min(1, a / fmax);
+            span.style.backgroundColor = `rgba(255, 128, 0, ${(0.08 + 0.82 * x).toFixed(3)})`;
+            span.classList.add('active');
+            if (x > 0.6) span.classList.add('strong');
+          } else if (a < 0) {
+            span.style.backgroundColor = `rgba(40, 110, 255, ${(0.08 + 0.6 * Math.min(1, -a / fmax)).toFixed(3)})`;
+            span.classList.add('active');
+          }
+        }
+        if (j === ex.center[i]) span.classList.add('center');
+        text.appendChild(span);
+      });
+    }
+    return el('div', { class: 'ex' },
+      el('span', { class: 'exact num', title: where }, fmt(ex.activation[i])),
+      text);
+  }
+
+  function lineage() {
+    const lin = S.index.lineage || {};
+    const dl = el('dl', { class: 'lineage' });
+    const keys = [...Object.keys(LINEAGE_LABELS).filter((k) => k in lin), ...Object.keys(lin).filter((k) => !(k in LINEAGE_LABELS))];
+    for (const k of keys) {
+      const v = lin[k];
+      let value;
+      if (Array.isArray(v)) {
+        value = el('details', null, el('summary', null, `${v.length} item${v.length === 1 ? '' : 's'}`),
+          el('code', { class: 'list' }, v.map((x) => (typeof x === 'string' ? x : JSON.stringify(x))).join(', ')));
+      } else {
+        value = el('code', null, typeof v === 'string' ? v : JSON.stringify(v));
+      }
+      dl.appendChild(el('dt', null, LINEAGE_LABELS[k] || k));
+      dl.appendChild(el('dd', null, value));
+    }
+    dl.appendChild(el('dt', null, 'Site built'));
+    dl.appendChild(el('dd', null, el('code', null, `${S.index.generated} (${S.index.version})`)));
+    return el('section', { class: 'card', id: 'lineage' }, el('h2', null, 'Lineage'), dl);
+  }
+
+  // ---------- routing ----------
+  function route() {
+    const m = /^#\/feature\/(\d+)$/.exec(location.hash);
+    if (m) {
+      renderFeature(Number(m[1]));
+      window.scrollTo(0, 0);
+    } else if (S.view !== 'index') {
+      renderIndex();
+    }
+  }
+  document.addEventListener('keydown', (e) => {
+    if (S.view !== 'feature' || e.target.tagName === 'INPUT' || e.altKey || e.ctrlKey || e.metaKey) return;
+    const link = document.getElementById(e.key === 'ArrowLeft' ? 'prev-feature' : e.key === 'ArrowRight' ? 'next-feature' : '');
+    if (link) location.hash = link.getAttribute('href');
+  });
+
+  async function boot() {
+    try {
+      await loadIndex();
+    } catch (err) {
+      clear(app()).appendChild(el('p', { class: 'status error' }, `Could not load the feature index: ${err.message}. Serve this directory over HTTP (python -m sae_platform.browser serve DIR).`));
+      return;
+    }
+    window.addEventListener('hashchange', route);
+    route();
+  }
+  document.addEventListener('DOMContentLoaded', boot);
+})();

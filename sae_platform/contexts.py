@@ -1,0 +1,726 @@
+"""Pass 3 of the feature pipeline: context windows around the chosen examples, and logit effects.
+
+The examples (per feature: top activations, activation-interval samples, random activating
+tokens) come out of pass 2 as one ``feature_examples`` table whose rows point into the
+activation partitions (``partition``, ``row``). They are scattered over the whole dataset, so
+this pass is sharded over the *dataset*: one job per activation partition takes the examples
+that fall in it, opens the partition once, and emits every window. A second step regroups the
+per-partition outputs by feature shard, which is what the browser reads.
+
+Windows. An example is row ``r`` of a partition; the partition's index gives its context and
+position ``(c, p)``. Its window is the run of tokens of context ``c`` from ``p - before`` to
+``p + after``, clipped to the context and cut at the first token, on either side, that
+
+* belongs to another document (``context_doc_id``): text of an unrelated document packed into
+  the same context is not context, and
+* is a start token: position 0 (the attention sink; a special token, not text) and the
+  separator start tokens between packed documents. A separator belongs to the *next* document
+  (``corpus.pack_contexts``), so a window of that document stops right after it and one of the
+  previous document stops right before it; either way it never shows. Any other occurrence of
+  the start-token id is treated the same way, matching ``activations.training_rows``.
+
+Window activations. Every window token is re-encoded with the SAE from its stored activation
+row (the inverse map ``(context, position) -> row`` of the partition index), for the example's
+feature only. Tokens without a row (start tokens never appear; attention-sink rows excluded at
+caching time can) get ``0.0`` and ``has_act = False``, so the browser can draw them as "no data"
+rather than "inactive". The work is batched: the (row, feature) pairs of all windows are
+deduplicated (neighbouring examples overlap), and each distinct row is read from zarr once, in
+sorted order, into a resident block on the SAE's device (at most ``RESIDENT_BYTES``, 1 GiB:
+every needed row of a typical partition at once). Then
+
+* variants whose activation is per latent (ReLU, JumpReLU, thresholded BatchTopK: they override
+  ``encode_slice``) run ``encode_slice`` over narrow feature slices, each only on the rows that
+  need one of its features (``_feature_slices``): close to one dot product per (row, feature)
+  pair rather than a dense encode of every needed row;
+* TopK-style variants (TopK, Switch) must run the full selection anyway, so each row is encoded
+  once with ``sae.encode`` (``batch_rows`` rows per call) and each pair looks its feature up in
+  the sparse codes: exactly what the default ``encode_slice`` computes, without a dense
+  [rows, width] tensor.
+
+The activation recomputed at the example's own token must equal the stored ``activation`` of
+the example (within RTOL/ATOL); if not, the SAE checkpoint or the activations changed after the
+tables were built and :class:`StorageError` says so (as it does for rows past the end of the
+partition). Up to ``MAX_MISMATCH_FRACTION`` (1%) of a partition's examples may disagree, with a
+logged warning: a TopK selection at a near-tie can flip between the pass that built the tables
+and this one (another device, another batch shape), and no rebuild would change that, whereas a
+changed SAE or changed activations make nearly every example disagree.
+
+Token strings. ``token_strs`` are the exact text of each token, so ``"".join(token_strs)`` is the
+window's decoded text (``tokenizer.decode(ids, clean_up_tokenization_spaces=False)``). Spaces,
+newlines, tabs and markup (``<script>``) are kept verbatim: making whitespace visible and
+escaping HTML is the renderer's job. A token that is only part of a UTF-8 character (byte-level
+BPE splits emoji and accents into byte tokens) decodes alone to U+FFFD; in windows containing
+such tokens the strings come from incremental decoding instead: the token that completes a
+character carries the whole character and the tokens before it carry ``""``. Strings come from
+``tokenizer.decode`` of single tokens, which is faithful for byte-level BPE (GPT-2, Llama-3,
+SmolLM2); SentencePiece decoders may drop the leading space of a word-initial piece.
+
+Logit effects (``logit_effects``): ``W_dec[f] @ W_U^T``, the direct effect of the feature's
+decoder direction on the logits, skipping the layers above (as in Anthropic's browser,
+SAEDashboard and Neuronpedia). The SAE works on inputs multiplied by the scalar ``input_scale``,
+so in raw residual units the feature writes ``a * W_dec[f] / input_scale``: that divides all
+scores of a feature by the same positive constant and changes no ranking, so scores are
+reported per unit of the unit-norm decoder direction. ``unembedding_matrix`` folds the final
+norm's gain into ``W_U`` by default (TransformerLens' ``fold_ln``): the norm's 1/rms is a
+positive scalar common to all tokens, its per-channel gain is not.
+
+Storage (every write goes through ``ArtifactStore.writing``: nothing half-written is visible)::
+
+    features/<run>/contexts_partial/<partition>/<version>/windows.parquet   one per partition
+    features/<run>/contexts/f<shard>/<version>/contexts.parquet             one per feature shard
+
+Both are sorted by feature and written in small row groups with statistics, so reading one
+feature range (``regroup_by_feature``, ``read_feature_contexts(feature=…)``) fetches only the
+row groups that can hold it, also on S3.
+"""
+
+import codecs
+import copy
+import io
+import logging
+import re
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sae_platform.activations import Partition, open_partition
+from sae_platform.errors import ModelError, PlatformError, StorageError
+from sae_platform.model import HookedModel
+from sae_platform.sae import SparseAutoencoder
+
+# -- the feature_examples table (written by sae_platform.features) ------------------------------
+FEATURE = "feature"
+KIND = "kind"
+RANK = "rank"
+INTERVAL = "interval"
+ACTIVATION = "activation"
+PARTITION = "partition"
+ROW = "row"
+EXAMPLE_COLUMNS = (FEATURE, KIND, RANK, INTERVAL, ACTIVATION, PARTITION, ROW)
+EXAMPLE_SCHEMA = {FEATURE: pl.Int64, KIND: pl.String, RANK: pl.Int64, INTERVAL: pl.Int64,
+                  ACTIVATION: pl.Float32, PARTITION: pl.String, ROW: pl.Int64}
+KIND_ORDER = ("top", "interval", "random")  # page order; other kinds follow, alphabetically
+
+# -- the windows this module writes -------------------------------------------------------------
+CONTEXT_ID = "context_id"
+POSITION = "position"
+DOC_ID = "doc_id"
+CENTER = "center"
+TOKEN_IDS = "token_ids"
+TOKEN_STRS = "token_strs"
+ACTS = "acts"
+HAS_ACT = "has_act"
+WINDOW_SCHEMA = {
+    **EXAMPLE_SCHEMA,
+    CONTEXT_ID: pl.Int32,   # row of the partition's ``tokens``
+    POSITION: pl.Int32,     # the example token's position in that context
+    DOC_ID: pl.Int32,       # document (documents.parquet of the partition)
+    CENTER: pl.Int32,       # index of the example token inside the window lists
+    TOKEN_IDS: pl.List(pl.Int32),
+    TOKEN_STRS: pl.List(pl.String),
+    ACTS: pl.List(pl.Float32),   # the example's feature on every window token
+    HAS_ACT: pl.List(pl.Boolean),  # False: the token has no stored row (act is 0.0)
+}
+LOGIT_SCHEMA = {
+    FEATURE: pl.Int64,
+    "top_token_ids": pl.List(pl.Int64), "top_token_strs": pl.List(pl.String), "top_scores": pl.List(pl.Float32),
+    "bottom_token_ids": pl.List(pl.Int64), "bottom_token_strs": pl.List(pl.String),
+    "bottom_scores": pl.List(pl.Float32),
+}
+
+PREFIX = "features"
+PARTIAL_FILE = "windows.parquet"
+SHARD_FILE = "contexts.parquet"
+ROW_GROUP_ROWS = 1024  # windows per parquet row group: the unit a feature-range read fetches
+# Elements of one [rows, latents] encode_slice block, and of one [features, vocab] score block.
+ENCODE_ELEMENTS = 1 << 24
+LOGIT_ELEMENTS = 1 << 24
+SLICE_CALL_ELEMENTS = 1 << 13  # fixed cost of one encode_slice call, in (row x latent) elements
+PAIR_CHUNK = 1 << 18
+RESIDENT_BYTES = 1 << 30  # distinct activation rows held at once (float32, on the SAE's device)
+READ_ROWS = 1 << 15  # rows per zarr read into the resident block  # (row, feature) lookups per step in TopK codes
+RTOL, ATOL = 1e-3, 1e-4  # recomputed vs stored example activation (fp32 vs fp32, other batching/device)
+# Examples of a partition allowed to disagree beyond RTOL/ATOL: float-level differences between
+# the pass that built the tables and this one (another device or batch shape) can flip a TopK
+# selection at a near-tie, which no rebuild would fix. A changed SAE or changed activations
+# make nearly every example disagree.
+MAX_MISMATCH_FRACTION = 0.01
+REPLACEMENT = "\ufffd"
+log = logging.getLogger(__name__)
+
+
+def partial_name(run: str, partition_key: str) -> str:
+    return f"{PREFIX}/{_check_run(run)}/contexts_partial/{partition_key}"
+
+
+def shard_name(run: str, shard_index: int) -> str:
+    return f"{PREFIX}/{_check_run(run)}/contexts/f{int(shard_index)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------------------------
+
+def requests_for_partition(examples: pl.DataFrame, partition_key: str) -> pl.DataFrame:
+    """The example rows that point into activation partition ``partition_key`` (schema
+    ``EXAMPLE_SCHEMA``, sorted by feature, kind, interval, rank)."""
+    _check_examples(examples)
+    chosen = examples.filter(pl.col(PARTITION) == partition_key)
+    return _sort_examples(_cast_examples(chosen))
+
+
+def _check_examples(frame: pl.DataFrame) -> None:
+    missing = [c for c in EXAMPLE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise PlatformError(f"the feature examples table has no column(s) {', '.join(missing)} "
+                            f"(columns: {', '.join(frame.columns)})",
+                            "pass the feature_examples table written by the feature tables pass "
+                            f"(columns {', '.join(EXAMPLE_COLUMNS)})")
+
+
+def _cast_examples(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.select([pl.col(c).cast(t) for c, t in EXAMPLE_SCHEMA.items()])
+
+
+def _kind_key() -> pl.Expr:
+    order = {k: i for i, k in enumerate(KIND_ORDER)}
+    return pl.col(KIND).replace_strict(order, default=len(KIND_ORDER), return_dtype=pl.Int32)
+
+
+def _sort_examples(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.sort([pl.col(FEATURE), _kind_key(), pl.col(KIND), pl.col(INTERVAL), pl.col(RANK)],
+                      nulls_last=False, maintain_order=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows
+# ---------------------------------------------------------------------------------------------
+
+def _sae_device(sae: SparseAutoencoder) -> torch.device:
+    return sae.W_dec.device
+
+
+def _check_run(run: str) -> str:
+    if not run or not re.fullmatch(r"[A-Za-z0-9_.=-]+", str(run)):
+        raise PlatformError(f"run name {run!r} is not usable in a storage path",
+                            "use letters, digits, '_', '-', '.', '=' only")
+    return str(run)
+
+
+class _Index:
+    """A partition's index arrays, read once."""
+
+    def __init__(self, part: Partition):
+        g = part.group
+        self.part = part
+        self.n_rows = part.n_rows
+        self.context_id = g["context_id"][:].astype(np.int64)
+        self.position = g["position"][:].astype(np.int64)
+        self.token_id = g["token_id"][:]
+        self.tokens = g["tokens"][:]
+        self.context_doc_id = g["context_doc_id"][:]
+        n_contexts, self.ctx_len = self.tokens.shape
+        # Position 0 of every context holds the start token (corpus.pack_contexts).
+        self.start_token_id = int(self.tokens[0, 0]) if n_contexts else -1
+        self.row_of = np.full(self.tokens.shape, -1, dtype=np.int64)
+        self.row_of[self.context_id, self.position] = np.arange(self.n_rows, dtype=np.int64)
+
+
+def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests: pl.DataFrame, tokenizer, *,
+                    before: int = 16, after: int = 8, device=None, batch_rows: int = 4096,
+                    rtol: float = RTOL, atol: float = ATOL,
+                    max_mismatch_fraction: float = MAX_MISMATCH_FRACTION) -> pl.DataFrame:
+    """One window per request (schema ``WINDOW_SCHEMA``, in request order): the example's tokens
+    ± (before, after) within its document, their strings, and the feature's activation on each.
+
+    Raises StorageError for a missing partition, a row past its end, or an example activation
+    the SAE no longer reproduces (stale tables); ModelError for an SAE of another width."""
+    if before < 0 or after < 0 or batch_rows < 1:
+        raise PlatformError(f"bad window settings before={before}, after={after}, batch_rows={batch_rows}",
+                            "use before >= 0, after >= 0, batch_rows >= 1")
+    _check_examples(requests)
+    part = open_partition(store, partition_key)
+    d_model = int(part.attrs.get("d_model", part.acts.shape[1]))
+    if d_model != sae.d_model:
+        raise ModelError(f"activation partition {partition_key!r} has d_model {d_model} but the SAE expects "
+                         f"{sae.d_model}", "use the SAE trained on this model and layer's activations")
+    requests = _cast_examples(requests)
+    wrong = requests.filter(pl.col(PARTITION) != partition_key)
+    if len(wrong):
+        raise PlatformError(f"{len(wrong)} request(s) point into partition {wrong[PARTITION][0]!r}, "
+                            f"not {partition_key!r}", "select them with requests_for_partition(examples, key)")
+    if len(requests) == 0:
+        return empty_windows()
+    features = requests[FEATURE].to_numpy().astype(np.int64)
+    rows = requests[ROW].to_numpy().astype(np.int64)
+    bad = (features < 0) | (features >= sae.n_latents)
+    if bad.any():
+        raise PlatformError(f"the examples name feature {int(features[bad][0])}, but the SAE has "
+                            f"{sae.n_latents} latents", "use the SAE checkpoint the feature tables were built from")
+    index = _Index(part)
+    stale = (rows < 0) | (rows >= index.n_rows)
+    if stale.any():
+        raise StorageError(
+            f"{int(stale.sum())} example(s) point at rows past the end of activation partition {partition_key!r} "
+            f"(e.g. row {int(rows[stale][0])}; it has {index.n_rows} rows): the feature tables are stale",
+            "re-materialize the feature tables for the current activations before the context windows")
+
+    ctx, pos = index.context_id[rows], index.position[rows]
+    lo, hi = _window_bounds(index, ctx, pos, before, after)
+    lengths = hi - lo + 1
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    total = int(starts[-1])
+    which = np.repeat(np.arange(len(rows)), lengths)
+    flat_pos = lo[which] + (np.arange(total) - starts[:-1][which])
+    flat_ctx = ctx[which]
+    flat_tok = index.tokens[flat_ctx, flat_pos]
+    flat_row = index.row_of[flat_ctx, flat_pos]
+    center = pos - lo
+
+    center_flat = starts[:-1] + center
+    if not (flat_tok[center_flat] == index.token_id[rows]).all():
+        raise StorageError(f"activation partition {partition_key!r} has an inconsistent index "
+                           "(token_id disagrees with tokens[context_id, position])",
+                           "re-materialize that activation partition")
+
+    sae_device = _sae_device(sae)
+    run_sae = sae
+    if device is not None and torch.device(device) != sae_device:
+        run_sae = copy.deepcopy(sae).to(torch.device(device))
+    flat_act = np.zeros(total, dtype=np.float32)
+    has = flat_row >= 0
+    flat_act[has] = _pair_activations(run_sae, part, flat_row[has], features[which][has], batch_rows)
+
+    expected = requests[ACTIVATION].to_numpy().astype(np.float32)
+    got = flat_act[center_flat]
+    off = ~(np.abs(got - expected) <= atol + rtol * np.abs(expected))
+    if off.sum() > int(max_mismatch_fraction * len(rows)):
+        i = int(np.flatnonzero(off)[0])
+        raise StorageError(
+            f"{int(off.sum())} of {len(rows)} examples in partition {partition_key!r} no longer reproduce: "
+            f"feature {int(features[i])} at row {int(rows[i])} has stored activation {expected[i]:.6g} but the SAE "
+            f"gives {got[i]:.6g} — the SAE checkpoint or the activations changed after the feature tables were built",
+            "re-materialize the feature tables with the current SAE and activations, then the context windows")
+    if off.any():
+        log.warning("%d of %d examples in partition %r differ from their stored activation beyond float "
+                    "tolerance (within the %.2g%% allowed for near-tie TopK flips); windows show the recomputed "
+                    "values", int(off.sum()), len(rows), partition_key, 100 * max_mismatch_fraction)
+
+    strs = _window_strings(tokenizer, flat_tok, starts)
+    return pl.DataFrame([
+        *[requests[c] for c in EXAMPLE_COLUMNS],
+        pl.Series(CONTEXT_ID, ctx.astype(np.int32)),
+        pl.Series(POSITION, pos.astype(np.int32)),
+        pl.Series(DOC_ID, index.context_doc_id[ctx, pos].astype(np.int32)),
+        pl.Series(CENTER, center.astype(np.int32)),
+        _list_series(TOKEN_IDS, starts, pa.array(flat_tok.astype(np.int32))),
+        _list_series(TOKEN_STRS, starts, pa.array(strs, pa.large_string())),
+        _list_series(ACTS, starts, pa.array(flat_act)),
+        _list_series(HAS_ACT, starts, pa.array(has)),
+    ]).cast(WINDOW_SCHEMA)
+
+
+def empty_windows() -> pl.DataFrame:
+    return pl.DataFrame(schema=WINDOW_SCHEMA)
+
+
+def _window_bounds(index: _Index, ctx: np.ndarray, pos: np.ndarray, before: int, after: int):
+    """[lo, hi] (inclusive) per example: the run around ``pos`` of same-document, non-start
+    tokens, at most ``before`` to the left and ``after`` to the right."""
+    offsets = np.arange(-before, after + 1)
+    q = pos[:, None] + offsets
+    inside = (q > 0) & (q < index.ctx_len)  # position 0 is always the start token
+    qc = np.clip(q, 0, index.ctx_len - 1)
+    tok = index.tokens[ctx[:, None], qc]
+    doc = index.context_doc_id[ctx[:, None], qc]
+    ok = inside & (doc == index.context_doc_id[ctx, pos][:, None]) & (tok != index.start_token_id)
+    n_left = np.cumprod(ok[:, :before][:, ::-1], axis=1).sum(1) if before else np.zeros(len(pos), np.int64)
+    n_right = np.cumprod(ok[:, before + 1:], axis=1).sum(1) if after else np.zeros(len(pos), np.int64)
+    return pos - n_left, pos + n_right
+
+
+def _slices_by_latent(sae: SparseAutoencoder) -> bool:
+    """True if encode_slice multiplies only the slice (per-latent activations)."""
+    return type(sae).encode_slice is not SparseAutoencoder.encode_slice
+
+
+@torch.no_grad()
+def _pair_activations(sae: SparseAutoencoder, part: Partition, rows: np.ndarray, features: np.ndarray,
+                      batch_rows: int) -> np.ndarray:
+    """Activation of ``features[i]`` on stored row ``rows[i]``, each distinct row read once.
+
+    The distinct rows are held on the SAE's device in resident blocks of at most RESIDENT_BYTES
+    (read from zarr in sorted order). Per-latent variants then work feature slice by feature
+    slice across the whole block, so a feature's pairs meet in one narrow slice however
+    scattered its rows are; TopK-style variants encode the block batch_rows rows at a time."""
+    n_lat = sae.n_latents
+    keys, inverse = np.unique(rows * n_lat + features, return_inverse=True)  # sorted by row, then feature
+    pair_rows, pair_feats = keys // n_lat, keys % n_lat
+    needed = np.unique(pair_rows)
+    device, dtype = _sae_device(sae), sae.W_dec.dtype
+    resident = max(batch_rows, RESIDENT_BYTES // (sae.d_model * torch.finfo(dtype).bits // 8))
+    out = np.empty(len(keys), dtype=np.float32)
+    for b in range(0, len(needed), resident):
+        block = needed[b:b + resident]
+        a, z = np.searchsorted(pair_rows, [block[0], block[-1] + 1])
+        local = np.searchsorted(block, pair_rows[a:z])
+        x = torch.empty(len(block), sae.d_model, dtype=dtype, device=device)
+        for s in range(0, len(block), READ_ROWS):
+            part_rows = block[s:s + READ_ROWS]
+            data = np.ascontiguousarray(part.acts.get_orthogonal_selection((part_rows, slice(None))))
+            x[s:s + len(part_rows)] = torch.from_numpy(data).to(device)  # float16 travels, then widens
+        if _slices_by_latent(sae):
+            out[a:z] = _pairs_by_slices(sae, x, local, pair_feats[a:z])
+        else:
+            out[a:z] = _pairs_from_codes(sae, x, local, pair_feats[a:z], batch_rows)
+    return out[inverse]
+
+
+def _feature_slices(features: np.ndarray, counts: np.ndarray) -> list[tuple[int, int, int]]:
+    """Group the sorted needed features into latent slices [start, stop) for encode_slice.
+
+    A slice costs about (pairs in it) x (its width) multiply-adds per d_model, plus a fixed
+    overhead per call (SLICE_CALL_ELEMENTS). Greedily, the next feature joins the current slice
+    while that is cheaper than a call of its own and the block stays under ENCODE_ELEMENTS: few
+    pairs per feature (the usual case: a few dozen windows of a feature in one partition) give
+    narrow slices, so the work is close to one dot product per (row, feature) pair instead of a
+    dense encode of every row. Returns (start, stop, number of features) triples."""
+    slices = []
+    s, e, pairs, n = int(features[0]), int(features[0]) + 1, int(counts[0]), 1
+    for f, c in zip(features[1:].tolist(), counts[1:].tolist(), strict=True):
+        merged = (pairs + c) * (f + 1 - s)
+        if merged <= pairs * (e - s) + c + SLICE_CALL_ELEMENTS and merged <= ENCODE_ELEMENTS:
+            e, pairs, n = f + 1, pairs + c, n + 1
+        else:
+            slices.append((s, e, n))
+            s, e, pairs, n = f, f + 1, c, 1
+    slices.append((s, e, n))
+    return slices
+
+
+def _pairs_by_slices(sae, x: torch.Tensor, local: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    order = np.argsort(feats, kind="stable")
+    feats_sorted, local_sorted = feats[order], local[order]
+    wanted, first, counts = np.unique(feats_sorted, return_index=True, return_counts=True)
+    out = torch.empty(len(feats), dtype=torch.float32, device=x.device)
+    i = 0
+    for start, stop, n in _feature_slices(wanted, counts):
+        a = int(first[i])
+        z_end = int(first[i + n]) if i + n < len(first) else len(feats_sorted)
+        rows_here, inv = np.unique(local_sorted[a:z_end], return_inverse=True)
+        z = sae.encode_slice(x[torch.from_numpy(rows_here).to(x.device)], start, stop)
+        pick_r = torch.from_numpy(inv).to(z.device)
+        pick_f = torch.from_numpy(feats_sorted[a:z_end] - start).to(z.device)
+        out[a:z_end] = z[pick_r, pick_f].float()
+        i += n
+    result = np.empty(len(feats), dtype=np.float32)
+    result[order] = out.cpu().numpy()  # one transfer per block
+    return result
+
+
+def _pairs_from_codes(sae, x: torch.Tensor, local: np.ndarray, feats: np.ndarray, batch_rows: int) -> np.ndarray:
+    """TopK-style variants: one full encode per row (in batches), then each (row, feature) pair
+    looks its feature up in the row's sparse codes: what the default encode_slice computes."""
+    out = torch.empty(len(feats), dtype=torch.float32, device=x.device)
+    bounds = np.searchsorted(local, np.arange(0, len(x) + batch_rows, batch_rows))  # local is sorted
+    for i, start in enumerate(range(0, len(x), batch_rows)):
+        a, z = int(bounds[i]), int(bounds[i + 1])
+        if a == z:
+            continue
+        codes = sae.encode(x[start:start + batch_rows])
+        for s in range(a, z, PAIR_CHUNK):
+            e = min(s + PAIR_CHUNK, z)
+            r = torch.from_numpy(local[s:e] - start).to(x.device)
+            f = torch.from_numpy(feats[s:e]).to(x.device)
+            out[s:e] = (codes.values[r] * (codes.indices[r] == f[:, None])).sum(1).float()
+    return out.cpu().numpy()
+
+
+def _list_series(name: str, starts: np.ndarray, values: pa.Array) -> pl.Series:
+    arr = pa.LargeListArray.from_arrays(pa.array(starts, pa.int64()), values)
+    return pl.from_arrow(arr).alias(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token strings
+# ---------------------------------------------------------------------------------------------
+
+def _decode(tokenizer, ids) -> str:
+    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _single_strings(tokenizer, ids: np.ndarray) -> list[str]:
+    return tokenizer.batch_decode([[int(i)] for i in ids], skip_special_tokens=False,
+                                  clean_up_tokenization_spaces=False)
+
+
+def _window_strings(tokenizer, flat_tok: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Exact text per window token (see the module docstring), as an object array."""
+    uniq, inv = np.unique(flat_tok, return_inverse=True)
+    table = np.array(_single_strings(tokenizer, uniq), dtype=object)
+    strs = table[inv]
+    partial = np.array([REPLACEMENT in s for s in table], dtype=bool)[inv]
+    if partial.any():
+        windows = np.unique(np.searchsorted(starts, np.flatnonzero(partial), side="right") - 1)
+        dirty = np.concatenate([np.arange(starts[w], starts[w + 1]) for w in windows])
+        byte_of = _token_bytes(tokenizer, np.unique(flat_tok[dirty]), dict(zip(uniq.tolist(), table, strict=True)))
+        for w in windows:
+            a, z = int(starts[w]), int(starts[w + 1])
+            ids = flat_tok[a:z].tolist()
+            pieces = [byte_of.get(i) for i in ids]
+            if all(p is not None for p in pieces):
+                strs[a:z] = _utf8_strings(pieces)
+            else:
+                strs[a:z] = _incremental_strings(tokenizer, flat_tok[a:z])
+    return strs
+
+
+def _token_bytes(tokenizer, ids: np.ndarray, single: dict[int, str]) -> dict[int, bytes]:
+    """The bytes of byte-level BPE tokens (GPT-2 alphabet), kept only where they decode to what
+    the tokenizer itself decodes the token to."""
+    out = {}
+    for i, raw in zip(ids.tolist(), tokenizer.convert_ids_to_tokens(ids.tolist()), strict=True):
+        data = _byte_level_bytes(raw)
+        if data is not None and data.decode("utf-8", errors="replace") == single[i]:
+            out[i] = data
+    return out
+
+
+def _utf8_strings(pieces: list[bytes]) -> list[str]:
+    """Incremental UTF-8 decoding: a token ending inside a character yields "" and the token
+    completing it yields the character (fast path of _incremental_strings for byte-level BPE)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    last = len(pieces) - 1
+    return [decoder.decode(p, final=(i == last)) for i, p in enumerate(pieces)]
+
+
+def _incremental_strings(tokenizer, ids: np.ndarray) -> list[str]:
+    """Streaming detokenization: a token whose text is still an incomplete character yields ""
+    and the token completing it yields the whole character; the last token takes any rest."""
+    out, pending = [], 0
+    for i in range(len(ids)):
+        text = _decode(tokenizer, ids[pending:i + 1])
+        if text.endswith(REPLACEMENT) and i + 1 < len(ids):
+            out.append("")
+        else:
+            out.append(text)
+            pending = i + 1
+    return out
+
+
+def token_display_strings(tokenizer, ids) -> list[str]:
+    """A readable string for each single token id, out of context (for logit tables): its text,
+    or, for a token that is part of a UTF-8 character, its bytes as backslash escapes
+    (``"\\xf0\\x9f"``) when the tokenizer is byte-level, else the vocabulary entry."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    strs = _single_strings(tokenizer, ids)
+    for i, s in enumerate(strs):
+        if REPLACEMENT in s:
+            raw = tokenizer.convert_ids_to_tokens(int(ids[i]))
+            data = _byte_level_bytes(raw)
+            if data is not None and data.decode("utf-8", errors="replace") == s:
+                strs[i] = data.decode("utf-8", errors="backslashreplace")
+            elif raw is not None and REPLACEMENT not in raw:
+                strs[i] = raw
+    return strs
+
+
+def _byte_level_unicode() -> dict[str, int]:
+    """GPT-2's byte <-> printable-character table, inverted."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+_UNICODE_TO_BYTE = _byte_level_unicode()
+
+
+def _byte_level_bytes(token: str | None) -> bytes | None:
+    if not token or any(ch not in _UNICODE_TO_BYTE for ch in token):
+        return None
+    return bytes(_UNICODE_TO_BYTE[ch] for ch in token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: per-partition partials, regrouped per feature shard
+# ---------------------------------------------------------------------------------------------
+
+def _parquet_bytes(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer, compression="zstd", statistics=True, row_group_size=ROW_GROUP_ROWS)
+    return buffer.getvalue()
+
+
+def _check_windows(frame: pl.DataFrame) -> pl.DataFrame:
+    missing = [c for c in WINDOW_SCHEMA if c not in frame.columns]
+    if missing:
+        raise PlatformError(f"the windows frame has no column(s) {', '.join(missing)}",
+                            "pass the frame returned by context_windows")
+    return _sort_examples(frame.select(list(WINDOW_SCHEMA)).cast(WINDOW_SCHEMA))
+
+
+def write_partition_windows(store, run: str, partition_key: str, frame: pl.DataFrame) -> dict:
+    """Commit one partition's windows at ``features/<run>/contexts_partial/<partition_key>``."""
+    frame = _check_windows(frame)
+    name = partial_name(run, partition_key)
+    info = {"partition": partition_key, "n_windows": len(frame), "n_features": frame[FEATURE].n_unique()}
+    with store.writing(name, **info) as version:
+        store.write_bytes_atomic(f"{version}/{PARTIAL_FILE}", _parquet_bytes(frame))
+    return {**info, "path": store.url(store.resolve(name))}
+
+
+def build_partition_windows(store, run: str, sae: SparseAutoencoder, partition_key: str, examples: pl.DataFrame,
+                            tokenizer, **window_settings) -> dict:
+    """Pass 3 for one activation partition: select its examples, build and commit the windows."""
+    requests = requests_for_partition(examples, partition_key)
+    frame = context_windows(store, sae, partition_key, requests, tokenizer, **window_settings)
+    return write_partition_windows(store, run, partition_key, frame)
+
+
+def _read_feature_range(store, path: str, start: int | None, stop: int | None) -> pl.DataFrame:
+    """Rows of a feature-sorted parquet file with start <= feature < stop, reading only the row
+    groups whose statistics can hold them."""
+    with store.fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        col = pf.schema_arrow.get_field_index(FEATURE)
+        groups = []
+        for i in range(pf.num_row_groups):
+            stats = pf.metadata.row_group(i).column(col).statistics
+            if stats is not None and stats.has_min_max and (
+                    (start is not None and stats.max < start) or (stop is not None and stats.min >= stop)):
+                continue
+            groups.append(i)
+        table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+    frame = pl.from_arrow(table) if table.num_rows else pl.DataFrame(schema=WINDOW_SCHEMA)
+    if start is not None:
+        frame = frame.filter(pl.col(FEATURE) >= start)
+    if stop is not None:
+        frame = frame.filter(pl.col(FEATURE) < stop)
+    return frame.cast(WINDOW_SCHEMA)
+
+
+def regroup_by_feature(store, run: str, partition_keys: list[str], start: int, stop: int) -> pl.DataFrame:
+    """All windows of features [start, stop) from the partials of ``partition_keys``, sorted by
+    feature, kind (top, interval, random), interval, rank."""
+    if not 0 <= start < stop:
+        raise PlatformError(f"feature range [{start}, {stop}) is empty or negative", "pass 0 <= start < stop")
+    paths = []
+    for key in partition_keys:
+        path = store.require(partial_name(run, key), f"context windows of partition {key!r} (run {run!r})",
+                             "materialize the context windows of every activation partition first")
+        paths.append(f"{path}/{PARTIAL_FILE}")
+    frames = [_read_feature_range(store, p, start, stop) for p in paths]
+    if not frames:
+        return empty_windows()
+    return _sort_examples(pl.concat(frames, how="vertical"))
+
+
+def write_feature_contexts(store, run: str, shard_index: int, frame: pl.DataFrame) -> dict:
+    """Commit one feature shard's windows at ``features/<run>/contexts/f<shard_index>``."""
+    frame = _check_windows(frame)
+    name = shard_name(run, shard_index)
+    features = frame[FEATURE]
+    info = {"shard": int(shard_index), "n_windows": len(frame), "n_features": features.n_unique(),
+            "min_feature": None if frame.is_empty() else int(features.min()),
+            "max_feature": None if frame.is_empty() else int(features.max())}
+    with store.writing(name, **info) as version:
+        store.write_bytes_atomic(f"{version}/{SHARD_FILE}", _parquet_bytes(frame))
+    return {**info, "path": store.url(store.resolve(name))}
+
+
+def read_feature_contexts(store, run: str, shard_index: int, feature: int | None = None) -> pl.DataFrame:
+    """A committed feature shard's windows; with ``feature``, only that feature's (a page)."""
+    path = store.require(shard_name(run, shard_index), f"context windows of feature shard {shard_index} (run {run!r})",
+                         "materialize the feature contexts asset for that shard")
+    if feature is None:
+        return _read_feature_range(store, f"{path}/{SHARD_FILE}", None, None)
+    return _read_feature_range(store, f"{path}/{SHARD_FILE}", int(feature), int(feature) + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit effects
+# ---------------------------------------------------------------------------------------------
+
+_FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
+
+
+def unembedding_matrix(model, fold_norm: bool = True) -> torch.Tensor:
+    """W_U as [vocab, d_model] (a detached tensor) for a Hugging Face causal LM or a HookedModel.
+
+    Tied embeddings: ``get_output_embeddings()`` already returns the shared matrix; a model
+    without an output head but with ``tie_word_embeddings`` uses the input embeddings.
+    ``fold_norm`` multiplies in the final norm's per-channel gain (Llama RMSNorm, GPT-2 ln_f
+    weight); the norm's bias and centring do not depend on the token and are left out."""
+    lm = model.model if isinstance(model, HookedModel) else model
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None and getattr(getattr(lm, "config", None), "tie_word_embeddings", False):
+        weight = lm.get_input_embeddings().weight
+    if weight is None:
+        raise ModelError(f"cannot find the unembedding matrix of {type(lm).__name__}",
+                         "use a causal LM with an output embedding (lm_head) or tied embeddings")
+    weight = weight.detach()
+    if fold_norm:
+        gain = _final_norm_gain(lm)
+        if gain is not None and gain.shape == weight.shape[1:]:
+            weight = weight * gain.detach().to(weight.dtype)[None, :]
+    return weight
+
+
+def _final_norm_gain(lm) -> torch.Tensor | None:
+    for path in _FINAL_NORMS:
+        module = lm
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+        if isinstance(module, torch.nn.Module) and isinstance(getattr(module, "weight", None), torch.Tensor):
+            return module.weight
+    return None
+
+
+@torch.no_grad()
+def logit_effects(sae: SparseAutoencoder, unembedding: torch.Tensor, tokenizer, start: int, stop: int,
+                  top: int = 10) -> pl.DataFrame:
+    """Per feature in [start, stop): the ``top`` tokens with the largest and the smallest
+    ``W_dec[f] @ W_U^T`` (schema ``LOGIT_SCHEMA``; top descending, bottom ascending).
+
+    Scores are computed in feature chunks of at most LOGIT_ELEMENTS / vocab rows on the SAE's
+    device. Rows of W_U past the tokenizer's vocabulary (padding) are left out."""
+    if not 0 <= start < stop <= sae.n_latents:
+        raise PlatformError(f"feature range [{start}, {stop}) is outside [0, {sae.n_latents})",
+                            "pass 0 <= start < stop <= n_latents")
+    if unembedding.ndim != 2 or unembedding.shape[1] != sae.d_model:
+        raise ModelError(f"the unembedding has shape {tuple(unembedding.shape)} but the SAE writes d_model "
+                         f"{sae.d_model}", "pass W_U [vocab, d_model] of the model the SAE was trained on")
+    if top < 1:
+        raise PlatformError(f"top must be >= 1, got {top}", "ask for e.g. top=10 tokens")
+    vocab = min(int(unembedding.shape[0]), len(tokenizer))
+    w_u = unembedding[:vocab].to(device=_sae_device(sae), dtype=sae.W_dec.dtype)
+    top = min(top, vocab)
+    chunk = max(1, LOGIT_ELEMENTS // vocab)
+    parts = {k: [] for k in ("tv", "ti", "bv", "bi")}
+    for s in range(start, stop, chunk):
+        scores = sae.W_dec[s:min(s + chunk, stop)] @ w_u.T
+        tv, ti = scores.topk(top, dim=1)
+        bv, bi = scores.topk(top, dim=1, largest=False)
+        for k, t in zip(("tv", "ti", "bv", "bi"), (tv, ti, bv, bi), strict=True):
+            parts[k].append(t.cpu())
+    tv, ti, bv, bi = (torch.cat(parts[k]).numpy() for k in ("tv", "ti", "bv", "bi"))
+    uniq, inv = np.unique(np.concatenate([ti.ravel(), bi.ravel()]), return_inverse=True)
+    names = np.array(token_display_strings(tokenizer, uniq), dtype=object)[inv]
+    top_names, bottom_names = names[: ti.size].reshape(ti.shape), names[ti.size:].reshape(bi.shape)
+    return pl.DataFrame({
+        FEATURE: np.arange(start, stop, dtype=np.int64),
+        "top_token_ids": ti.astype(np.int64).tolist(), "top_token_strs": top_names.tolist(),
+        "top_scores": tv.astype(np.float32).tolist(),
+        "bottom_token_ids": bi.astype(np.int64).tolist(), "bottom_token_strs": bottom_names.tolist(),
+        "bottom_scores": bv.astype(np.float32).tolist(),
+    }).cast(LOGIT_SCHEMA)

@@ -1,0 +1,919 @@
+"""Feature tables: per-feature top activations, a uniform random sample, interval examples,
+density and a histogram, computed streaming and sharded (DESIGN.md, "Feature visualization
+pipeline", passes 1 and 2).
+
+Sharding. One job of pass 1 reads one *dataset shard* (one activation partition) for one *feature
+shard* (latents [start, stop), see ``feature_shards``) and keeps per feature a fixed amount of
+state, whatever the partition's length:
+
+- the ``top_k`` largest activations with their row;
+- a uniform random sample of ``R = reservoir_factor * top_k`` activating tokens (activation > 0);
+- the count, sum and max of the activations, and a histogram on fixed bins;
+- and, per shard, the number of tokens (for density).
+
+Pass 2 (``merge_partials``) folds the partials of every partition of one feature shard into the
+final tables. Both passes are exact: the merged tables equal what one job reading the whole
+dataset would produce, bit for bit (``brute_force_check`` verifies it), whatever the dataset /
+feature sharding, the batch size and the merge order.
+
+Order and ties. Examples are ordered by activation (descending), then partition key (ascending,
+the order of ``activations.list_partitions``), then row (ascending). Inside pass 1 the activation's
+float32 bits and the row are packed into one int64 ``(bits << 32) | (2**32 - 1 - row)`` so that
+one integer top-k gives exactly this order on any device.
+
+Random sample (bottom-R sampling). Every activating (partition, row, feature) gets a 63-bit key
+from a counter-based RNG: splitmix64's finaliser applied to (seed, partition key, row, feature), so
+the key does not depend on batch size, feature sharding or device. Each feature keeps the R
+activating tokens with the *smallest* keys. Keys are i.i.d. uniform, so this is a uniform sample
+without replacement of that feature's activating tokens; and the R smallest keys of a union are
+the R smallest of each part's R smallest, so merging two shards' samples is "bottom R of the
+union" and stays exactly uniform over all activating tokens of the dataset (no weights needed).
+Ties between keys have probability ~n^2 / 2^63 and are ignored.
+
+Streaming selection. Each feature has a fixed int64 buffer of 2m slots (m = top_k or R). Per
+batch, only candidates that can still enter (activation above the feature's current k-th best;
+sample key below its current R-th smallest) are appended to the free half of their feature's
+row; a row that overflows is compacted (sort, keep the m best, update the threshold). Memory:
+O(n_features * (top_k + R + bins)) plus one batch, never the partition's length. Pass 1 runs on
+the SAE's device (CPU or CUDA).
+
+Activations come from ``sae.encode_slice(x, start, stop)`` (ReLU / JumpReLU / BatchTopK multiply
+only the slice's encoder rows). For variants whose activations are a slice of the full sparse
+selection (TopK, Switch: ``encode_slice`` not overridden) the sparse codes of ``sae.encode`` are
+filtered to the slice directly: the same values, without a dense [batch, n_features] matrix.
+
+Histogram. 64 log-spaced bins over [1e-4, 1e4] (``HIST_EDGES``: 65 float32 edges,
+``np.logspace(-4, 4, 65)``) plus underflow and overflow, 66 counts per feature:
+``histogram[0]`` counts 0 < a < 1e-4, ``histogram[i]`` (1 <= i <= 64) counts
+HIST_EDGES[i-1] <= a < HIST_EDGES[i], ``histogram[65]`` counts a >= 1e4. The same bins for every
+shard, so histograms add.
+
+Interval examples. A feature's range (0, max] is split into ``n_intervals`` (default 5) equal-width
+intervals; interval j holds j*max/n <= a < (j+1)*max/n (the last also holds max), computed as
+``j = min(floor(a / max * n), n - 1)`` in float64. Each interval gets up to ``per_interval``
+(default 4) examples: the reservoir members falling in it with the smallest keys, i.e. a uniform
+random sample of the feature's activating tokens in that interval (deterministic). High intervals
+are often sparse in the reservoir; the top examples cover them.
+
+Tables (polars), one pair per feature shard, committed together under
+``features/<run>/tables/f<shard_index>/`` as ``stats.parquet``, ``examples.parquet`` and
+``meta.json``:
+
+``feature_stats`` (one row per feature of the shard, sorted by feature)
+    feature         Int64    global latent id
+    n_tokens_total  Int64    tokens seen (all partitions)
+    count           Int64    tokens with activation > 0
+    density         Float64  count / n_tokens_total
+    max             Float32  largest activation (0.0 when count == 0)
+    mean            Float64  sum / count over activating tokens (null when count == 0)
+    sum             Float64  sum of activations (float64 accumulation; equal up to rounding
+                             across shardings, as is mean)
+    histogram       List[Int64]  66 counts on the bins above; sums to count
+
+``feature_examples`` (sorted by feature, kind [top, interval, random], interval, rank)
+    feature     Int64
+    kind        Utf8     "top" | "interval" | "random"
+    rank        Int32    0-based within (feature, kind[, interval]): top by activation order,
+                         random and interval by sample key (any prefix of "random" is itself a
+                         uniform sample)
+    interval    Int32    interval index for kind "interval", null otherwise
+    activation  Float32
+    partition   Utf8     activation partition key
+    row         Int64    row in that partition (``open_partition(store, partition).acts[row]``)
+
+``meta.json`` holds ``hist_bin_edges`` (the 65 edges), the shard range, top_k, reservoir size,
+seed, n_intervals, per_interval, the SAE's config and weight fingerprint and every partition's key,
+pinned version, token count and pass-1 batch size.
+
+Partials (pass-1 output) are committed under ``features/<run>/partial/<partition>/f<shard_index>``
+as ``partial.npz`` (arrays) plus ``meta.json``.
+"""
+
+import hashlib
+import io
+import json
+import math
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import torch
+
+from sae_platform.activations import list_partitions, open_partition, partition_name
+from sae_platform.errors import PlatformError
+from sae_platform.sae import SparseAutoencoder
+from sae_platform.storage import ArtifactStore
+
+PREFIX = "features"
+HIST_EDGES = np.logspace(-4, 4, 65).astype(np.float32)
+N_HIST_BINS = len(HIST_EDGES) + 1  # + underflow and overflow
+KEY_PAD = np.iinfo(np.int64).max    # an empty slot in a bottom-m buffer
+MAX_ROWS = 2**31 - 1                # rows per partition (the top-k key packs 32 bits of row)
+KINDS = ("top", "interval", "random")
+# Dense route (ReLU-like variants): bound the [batch, n_features] activation block.
+DENSE_BATCH_ELEMENTS = 1 << 22
+# Compaction processes features in blocks of at most about this many slots.
+COMPACT_BLOCK_ENTRIES = 1 << 18
+
+_U64 = 1 << 64
+_GOLDEN = 0x9E3779B97F4A7C15
+_FEATURE_MULT = 0xD1B54A32D192ED03
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+class FeatureError(PlatformError):
+    """Bad input to the feature-table passes (ranges, shapes, mismatched partials)."""
+
+
+def _signed(value: int) -> int:
+    value %= _U64
+    return value - _U64 if value >= 1 << 63 else value
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature shards
+# ---------------------------------------------------------------------------------------------
+
+def feature_shards(n_latents: int, n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous latent ranges [start, stop) covering [0, n_latents), sizes differing by at most 1."""
+    for name, value in (("n_latents", n_latents), ("n_shards", n_shards)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FeatureError(f"{name} must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
+    if n_shards > n_latents:
+        raise FeatureError(f"{n_shards} feature shards is more than the SAE's {n_latents} latents",
+                           f"use at most {n_latents} feature shards")
+    bounds = [n_latents * i // n_shards for i in range(n_shards + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def feature_shard(n_latents: int, n_shards: int, index: int) -> tuple[int, int]:
+    """The latent range of feature shard ``index`` of ``n_shards``."""
+    shards = feature_shards(n_latents, n_shards)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n_shards:
+        raise FeatureError(f"feature shard index {index!r} is outside [0, {n_shards})",
+                           f"use a shard index between 0 and {n_shards - 1}")
+    return shards[index]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_range(sae, start: int, stop: int) -> None:
+    if not (_is_int(start) and _is_int(stop) and 0 <= start < stop <= sae.n_latents):
+        raise FeatureError(f"feature range [{start}, {stop}) is outside the SAE's latents [0, {sae.n_latents})",
+                           f"pass 0 <= start < stop <= {sae.n_latents} (feature_shards(n_latents, n_shards) "
+                           "gives valid ranges)")
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FeatureError(f"{name} must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based sample keys (torch on the device; a numpy twin for checks and tests)
+# ---------------------------------------------------------------------------------------------
+
+def partition_salt(seed: int, partition: str) -> int:
+    """A signed 64-bit salt per (seed, partition key)."""
+    digest = hashlib.blake2b(f"{int(seed)}\x00{partition}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (wrapping arithmetic)."""
+    z = (z ^ _lsr(z, 30)) * _signed(_MIX1)
+    z = (z ^ _lsr(z, 27)) * _signed(_MIX2)
+    return z ^ _lsr(z, 31)
+
+
+def sample_keys(salt: int, rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Uniform 63-bit keys in [0, 2**63 - 1) for (row, feature) pairs (int64, any device)."""
+    h = _mix((rows.long() + 1) * _signed(_GOLDEN) + salt)
+    key = _lsr(_mix(h + (features.long() + 1) * _signed(_FEATURE_MULT)), 1)
+    return key.clamp_max(KEY_PAD - 1)
+
+
+def sample_keys_numpy(salt: int, rows: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """The numpy twin of ``sample_keys`` (uint64 arithmetic), for brute-force checks."""
+    with np.errstate(over="ignore"):
+        def mix(z):
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+            return z ^ (z >> np.uint64(31))
+
+        rows = np.asarray(rows, dtype=np.int64).astype(np.uint64)
+        features = np.asarray(features, dtype=np.int64).astype(np.uint64)
+        h = mix((rows + np.uint64(1)) * np.uint64(_GOLDEN) + np.uint64(salt % _U64))
+        key = mix(h + (features + np.uint64(1)) * np.uint64(_FEATURE_MULT)) >> np.uint64(1)
+    return np.minimum(key.astype(np.int64), KEY_PAD - 1)
+
+
+def _top_keys(vals: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordering by activation (desc) then row (asc); vals float32 > 0."""
+    bits = vals.float().contiguous().view(torch.int32).long()
+    return (bits << 32) | (0xFFFFFFFF - rows.long())
+
+
+def _decode_top(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    empty = keys < 0
+    act = (keys >> 32).to(torch.int32).view(torch.float32)
+    row = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    return torch.where(empty, 0.0, act), torch.where(empty, -1, row)
+
+
+def hist_bins(vals: np.ndarray) -> np.ndarray:
+    """Histogram bin of each activation (float32), as documented in the module docstring."""
+    return np.searchsorted(HIST_EDGES, np.asarray(vals, dtype=np.float32), side="right")
+
+
+def hist_bin_edges() -> list[float]:
+    return [float(e) for e in HIST_EDGES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming bottom-m per feature
+# ---------------------------------------------------------------------------------------------
+
+class _Selector:
+    """Per feature, the m entries with the smallest int64 sort keys seen so far.
+
+    Entries are int64 *slots* (EMPTY = -1 marks a free one) from which ``sort_key(slots, features)``
+    (1-d, occupied slots only) derives the key, so a buffer is one int64 [n, 2m] matrix: the top-k slot is its own key, a
+    reservoir slot packs (row << 32 | activation bits) and its key is recomputed from the row.
+    New candidates (key below the feature's current m-th smallest, ``threshold``) are appended to
+    the free half of their feature's row; a row that overflows is compacted (sort, keep the m
+    smallest, threshold = the m-th), in blocks of features so temporaries stay small. Each
+    compaction frees m slots, so the cost is O(log m) per accepted candidate, and accepted
+    candidates get rarer as the stream goes on (about m/n of the n-th activating token)."""
+
+    EMPTY = -1
+
+    def __init__(self, n: int, m: int, sort_key, device):
+        self.n, self.m, self.device, self.sort_key = n, m, device, sort_key
+        self.slots = torch.full((n, 2 * m), self.EMPTY, dtype=torch.long, device=device)
+        self.fill = torch.zeros(n, dtype=torch.long, device=device)
+        self.threshold = torch.full((n,), KEY_PAD, dtype=torch.long, device=device)
+        self.compactions = 0
+        self.block = max(1, COMPACT_BLOCK_ENTRIES // (3 * m))
+
+    def add(self, feat: torch.Tensor, key: torch.Tensor, slot: torch.Tensor) -> None:
+        keep = key < self.threshold[feat]
+        feat, key, slot = feat[keep], key[keep], slot[keep]
+        if feat.numel() == 0:
+            return
+        order = torch.argsort(feat, stable=True)
+        feat, key, slot = feat[order], key[order], slot[order]
+        counts = torch.bincount(feat, minlength=self.n)
+        rank = torch.arange(feat.numel(), device=self.device) - (counts.cumsum(0) - counts)[feat]
+        pos = self.fill[feat] + rank
+        direct = pos < 2 * self.m
+        self.slots[feat[direct], pos[direct]] = slot[direct]
+        self.fill += counts
+        over = self.fill > 2 * self.m
+        if bool(over.any()):
+            left = ~direct
+            self._compact(torch.nonzero(over).squeeze(1), feat[left], key[left], slot[left])
+
+    def _compact(self, features: torch.Tensor, feat: torch.Tensor, key: torch.Tensor, slot: torch.Tensor) -> None:
+        """Keep the m smallest of each listed feature's row plus its leftover candidates
+        (feat sorted ascending; every leftover's feature is listed)."""
+        m = self.m
+        if feat.numel():  # only the m smallest leftovers of a feature can enter
+            order = torch.argsort(key, stable=True)
+            order = order[torch.argsort(feat[order], stable=True)]
+            feat, key, slot = feat[order], key[order], slot[order]
+            counts = torch.bincount(feat, minlength=self.n)
+            rank = torch.arange(feat.numel(), device=self.device) - (counts.cumsum(0) - counts)[feat]
+            keep = rank < m
+            feat, slot, rank = feat[keep], slot[keep], rank[keep]
+        self.compactions += 1
+        for b0 in range(0, features.numel(), self.block):
+            fs = features[b0:b0 + self.block]
+            rows = self.slots[fs]
+            if feat.numel():
+                lo = int(torch.searchsorted(feat, fs[:1])[0])
+                hi = int(torch.searchsorted(feat, fs[-1:], right=True)[0])
+                if hi > lo:
+                    cand = torch.full((fs.numel(), m), self.EMPTY, dtype=torch.long, device=self.device)
+                    cand[torch.searchsorted(fs, feat[lo:hi]), rank[lo:hi]] = slot[lo:hi]
+                    rows = torch.cat([rows, cand], 1)
+            keys, idx = self.keys_of(rows, fs).sort(dim=1)
+            kept = rows.gather(1, idx[:, :m])
+            self.slots[fs] = torch.cat([kept, torch.full_like(kept, self.EMPTY)], 1)
+            self.fill[fs] = (kept != self.EMPTY).sum(1)
+            full = self.fill[fs] == m
+            self.threshold[fs] = torch.where(full, keys[:, m - 1], KEY_PAD)
+
+    def keys_of(self, rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Sort keys of a [len(features), w] block of slots; KEY_PAD for empty slots (only the
+        occupied ones are hashed: early in a stream most slots are empty)."""
+        keys = torch.full_like(rows, KEY_PAD)
+        real = rows != self.EMPTY
+        keys[real] = self.sort_key(rows[real], features[:, None].expand_as(rows)[real])
+        return keys
+
+    def finish(self) -> torch.Tensor:
+        """[n, m] slots, ascending by sort key, EMPTY-padded."""
+        self._compact(torch.arange(self.n, device=self.device), self.fill[:0], self.fill[:0], self.fill[:0])
+        return self.slots[:, :self.m]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Partial:
+    """Pass-1 state of one (partition, feature shard), as numpy arrays (feature i = start + i)."""
+
+    partition: str
+    partition_version: str | None
+    start: int
+    stop: int
+    top_k: int
+    reservoir_size: int
+    seed: int
+    batch_rows: int
+    n_tokens: int
+    top_act: np.ndarray   # [F, top_k] float32, descending; 0 where empty
+    top_row: np.ndarray   # [F, top_k] int64; -1 where empty
+    res_key: np.ndarray   # [F, R] int64 ascending; KEY_PAD where empty
+    res_row: np.ndarray   # [F, R] int64; -1 where empty
+    res_act: np.ndarray   # [F, R] float32; 0 where empty
+    count: np.ndarray     # [F] int64
+    sum: np.ndarray       # [F] float64
+    max: np.ndarray       # [F] float32
+    hist: np.ndarray      # [F, N_HIST_BINS] int64
+    sae: dict = field(default_factory=dict)  # {"config": ..., "fingerprint": ...}
+    diagnostics: dict = field(default_factory=dict)
+
+    ARRAYS = ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "sum", "max", "hist")
+
+    @property
+    def n_features(self) -> int:
+        return self.stop - self.start
+
+    def meta(self) -> dict:
+        return {"partition": self.partition, "partition_version": self.partition_version, "start": self.start,
+                "stop": self.stop, "top_k": self.top_k, "reservoir_size": self.reservoir_size, "seed": self.seed,
+                "batch_rows": self.batch_rows, "n_tokens": self.n_tokens, "sae": self.sae,
+                "hist_bin_edges": hist_bin_edges()}
+
+
+def sae_fingerprint(sae) -> str:
+    """A digest of the SAE's config and weights: partials of different SAEs must never merge."""
+    digest = hashlib.blake2b(json.dumps(sae.config, sort_keys=True).encode(), digest_size=16)
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _sae_device(sae) -> torch.device:
+    return sae.W_dec.device
+
+
+def _resolve_device(sae, device) -> torch.device:
+    sae_device = _sae_device(sae)
+    if device is not None and torch.empty(0, device=device).device != sae_device:
+        raise FeatureError(f"the SAE is on {sae_device} but pass 1 was asked to run on {device}",
+                           f"move the SAE first (sae.to('{device}')), or leave device unset")
+    return sae_device
+
+
+def _sparse_route(sae) -> bool:
+    """True when encode_slice is the slice of the full sparse selection (TopK, Switch)."""
+    return type(sae).encode_slice is SparseAutoencoder.encode_slice
+
+
+def _effective_batch_rows(sae, batch_rows: int, n_features: int) -> int:
+    if _sparse_route(sae):
+        return batch_rows
+    return max(1, min(batch_rows, DENSE_BATCH_ELEMENTS // n_features))
+
+
+def _open_checked(store: ArtifactStore, sae, key: str):
+    part = open_partition(store, key)  # StorageError naming the partition and the fix if missing
+    width = part.acts.shape[1] if len(part.acts.shape) == 2 else None
+    if width != sae.d_model:
+        raise FeatureError(f"activation partition {key!r} has rows of width {width} but the SAE expects "
+                           f"d_model {sae.d_model}",
+                           "use an SAE trained on the model and layer these activations were cached from")
+    if part.n_rows > MAX_ROWS:
+        raise FeatureError(f"activation partition {key!r} has {part.n_rows} rows, more than {MAX_ROWS}",
+                           "cache smaller partitions (fewer contexts per batch file)")
+    return part
+
+
+def _batches(acts, n_rows: int, batch_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, rows) blocks, the next one read on a background thread while this one computes."""
+    result: dict = {}
+
+    def read(lo):
+        try:
+            result[lo] = acts[lo:min(lo + batch_rows, n_rows)]
+        except BaseException as error:  # surfaced on the caller's thread
+            result[lo] = error
+
+    starts = list(range(0, n_rows, batch_rows))
+    thread = None
+    if starts:
+        thread = threading.Thread(target=read, args=(starts[0],), daemon=True)
+        thread.start()
+    for i, lo in enumerate(starts):
+        thread.join()
+        block = result.pop(lo)
+        if isinstance(block, BaseException):
+            raise block
+        if i + 1 < len(starts):
+            thread = threading.Thread(target=read, args=(starts[i + 1],), daemon=True)
+            thread.start()
+        yield lo, block
+
+
+def _active_entries(sae, x: torch.Tensor, start: int, stop: int, sparse: bool):
+    """(row in batch, feature - start, activation float32) of every activation > 0 in the slice."""
+    if sparse:
+        codes = sae.encode(x)
+        inside = codes.values > 0
+        if start > 0 or stop < sae.n_latents:
+            inside &= (codes.indices >= start) & (codes.indices < stop)
+        rows, pos = inside.nonzero(as_tuple=True)
+        return rows, codes.indices[rows, pos] - start, codes.values[rows, pos].float()
+    acts = sae.encode_slice(x, start, stop)
+    rows, feat = (acts > 0).nonzero(as_tuple=True)
+    return rows, feat, acts[rows, feat].float()
+
+
+@torch.no_grad()
+def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, stop: int, *, top_k: int = 20,
+                    reservoir_factor: int = 10, seed: int = 0, batch_rows: int = 4096, device=None) -> Partial:
+    """Pass 1 for one activation partition and latents [start, stop): stream the partition in
+    batches and keep per feature the top_k activations, a bottom-R random sample (R =
+    reservoir_factor * top_k), count / sum / max and the histogram. Returns numpy arrays."""
+    _check_range(sae, start, stop)
+    start, stop = int(start), int(stop)
+    for name, value in (("top_k", top_k), ("reservoir_factor", reservoir_factor), ("batch_rows", batch_rows)):
+        _positive(name, value)
+    dev = _resolve_device(sae, device)
+    part = _open_checked(store, sae, partition_key)
+    pointer = store.pointer(partition_name(partition_key)) or {}
+    n_feat, n_rows, res_size = stop - start, part.n_rows, reservoir_factor * top_k
+    sparse = _sparse_route(sae)
+    rows_per_batch = _effective_batch_rows(sae, batch_rows, n_feat)
+    salt = partition_salt(seed, partition_key)
+    edges = torch.from_numpy(HIST_EDGES).to(dev)
+
+    # Slots (int64, -1 = empty) and the sort keys derived from them; smallest key = kept first.
+    def top_key(slots, features):  # slot = activation bits << 32 | (2^32 - 1 - row): larger first
+        return -slots
+
+    def res_key(slots, features):  # slot = row << 32 | activation bits; key = the row's sample key
+        return sample_keys(salt, slots >> 32, features + start)
+
+    top = _Selector(n_feat, top_k, top_key, dev)
+    res = _Selector(n_feat, res_size, res_key, dev)
+    count = torch.zeros(n_feat, dtype=torch.long, device=dev)
+    total = torch.zeros(n_feat, dtype=torch.float64, device=dev)
+    vmax = torch.zeros(n_feat, dtype=torch.float32, device=dev)
+    hist = torch.zeros(n_feat * N_HIST_BINS, dtype=torch.long, device=dev)
+
+    for offset, block in _batches(part.acts, n_rows, rows_per_batch):
+        x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
+        if not bool(torch.isfinite(x).all()):
+            bad = offset + int(torch.nonzero(~torch.isfinite(x).all(1))[0, 0])
+            raise FeatureError(f"activation partition {partition_key!r} has NaN/inf values (first at row {bad})",
+                               "re-cache that partition (materialize its activations again)")
+        rows, feat, vals = _active_entries(sae, x, start, stop, sparse)
+        if vals.numel() == 0:
+            continue
+        rows = rows + offset
+        count += torch.bincount(feat, minlength=n_feat)
+        total.index_add_(0, feat, vals.double())
+        vmax.scatter_reduce_(0, feat, vals, "amax")
+        bins = feat * N_HIST_BINS + torch.bucketize(vals, edges, right=True)
+        hist.index_add_(0, bins, torch.ones_like(bins))
+        top_slot = _top_keys(vals, rows)
+        top.add(feat, -top_slot, top_slot)
+        bits = vals.contiguous().view(torch.int32).long()
+        res.add(feat, sample_keys(salt, rows, feat + start), (rows << 32) | bits)
+    top_act, top_row = (t.cpu().numpy() for t in _decode_top(top.finish()))
+    res_slots, res_compactions = res.finish(), res.compactions
+    res_keys = np.empty((n_feat, res_size), dtype=np.int64)
+    res_row = np.empty((n_feat, res_size), dtype=np.int64)
+    res_act = np.empty((n_feat, res_size), dtype=np.float32)
+    for f0 in range(0, n_feat, res.block):  # blockwise: no [n_feat, R] temporaries beyond the outputs
+        f1 = min(f0 + res.block, n_feat)
+        slots = res_slots[f0:f1]
+        empty = slots < 0
+        res_keys[f0:f1] = res.keys_of(slots, torch.arange(f0, f1, device=dev)).cpu().numpy()
+        res_row[f0:f1] = torch.where(empty, -1, slots >> 32).cpu().numpy()
+        res_act[f0:f1] = torch.where(empty, 0.0, (slots & 0xFFFFFFFF).to(torch.int32).view(torch.float32)).cpu().numpy()
+    del res, res_slots
+    cpu = lambda t: t.cpu().numpy()  # noqa: E731
+    return Partial(
+        partition=partition_key, partition_version=pointer.get("version"), start=start, stop=stop, top_k=top_k,
+        reservoir_size=res_size, seed=int(seed), batch_rows=rows_per_batch, n_tokens=n_rows,
+        top_act=top_act, top_row=top_row, res_key=res_keys, res_row=res_row, res_act=res_act,
+        count=cpu(count), sum=cpu(total), max=cpu(vmax), hist=cpu(hist.view(n_feat, N_HIST_BINS)),
+        sae={"config": sae.config, "fingerprint": sae_fingerprint(sae)},
+        diagnostics={"top_compactions": top.compactions, "res_compactions": res_compactions,
+                     "route": "sparse" if sparse else "dense"},
+    )
+
+
+def partial_name(run: str, partition_key: str, shard_index: int) -> str:
+    return f"{PREFIX}/{run}/partial/{partition_key}/f{int(shard_index)}"
+
+
+def write_partial(store: ArtifactStore, run: str, partition_key: str, shard_index: int, partial: Partial) -> str:
+    """Commit a partial atomically; returns the committed version path."""
+    if partial.partition != partition_key:
+        raise FeatureError(f"this partial was computed on partition {partial.partition!r}, not {partition_key!r}",
+                           "pass the partition key the partial came from")
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: getattr(partial, name) for name in Partial.ARRAYS})
+    name = partial_name(run, partition_key, shard_index)
+    with store.writing(name, partition=partition_key, partition_version=partial.partition_version,
+                       start=partial.start, stop=partial.stop, top_k=partial.top_k) as version:
+        store.write_bytes_atomic(f"{version}/partial.npz", buffer.getvalue())
+        store.write_json(f"{version}/meta.json", {**partial.meta(), "run": run, "shard_index": int(shard_index)})
+    return store.resolve(name)
+
+
+def read_partial(store: ArtifactStore, run: str, partition_key: str, shard_index: int) -> Partial:
+    path = store.require(partial_name(run, partition_key, shard_index),
+                         f"feature partial of run {run!r}, partition {partition_key!r}, shard {shard_index}",
+                         "run pass 1 (compute_partial + write_partial) for that partition and feature shard")
+    meta = store.read_json(f"{path}/meta.json")
+    with np.load(io.BytesIO(store.fs.cat_file(f"{path}/partial.npz"))) as arrays:
+        data = {name: arrays[name] for name in Partial.ARRAYS}
+    fields = {k: meta[k] for k in ("partition", "partition_version", "start", "stop", "top_k", "reservoir_size",
+                                   "seed", "batch_rows", "n_tokens", "sae")}
+    return Partial(**fields, **data)
+
+
+def list_partials(store: ArtifactStore, run: str, shard_index: int) -> list[str]:
+    """Partition keys that have a committed partial for this run and feature shard, sorted."""
+    try:
+        entries = store.fs.ls(store.path(f"{PREFIX}/{run}/partial"), detail=False)
+    except FileNotFoundError:
+        return []
+    keys = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+    return sorted(k for k in keys if store.pointer(partial_name(run, k, shard_index)) is not None)
+
+
+def read_partials(store: ArtifactStore, run: str, shard_index: int,
+                  partitions: Iterable[str] | None = None) -> Iterator[Partial]:
+    """The committed partials of one feature shard, one at a time (pass 2's input)."""
+    for key in (list_partials(store, run, shard_index) if partitions is None else partitions):
+        yield read_partial(store, run, key, shard_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class FeatureTables:
+    stats: pl.DataFrame
+    examples: pl.DataFrame
+    meta: dict
+
+
+@dataclass
+class _Merged:
+    """Running merge state: partitions sorted by key; *_part index into that list."""
+
+    partitions: list[dict]
+    top_act: np.ndarray
+    top_part: np.ndarray
+    top_row: np.ndarray
+    res_key: np.ndarray
+    res_part: np.ndarray
+    res_row: np.ndarray
+    res_act: np.ndarray
+    count: np.ndarray
+    sum: np.ndarray
+    max: np.ndarray
+    hist: np.ndarray
+    n_tokens: int
+
+
+def _as_merged(p: Partial) -> _Merged:
+    part = lambda rows: np.where(rows >= 0, 0, -1).astype(np.int32)  # noqa: E731
+    info = {"key": p.partition, "version": p.partition_version, "n_tokens": p.n_tokens, "batch_rows": p.batch_rows}
+    return _Merged([info], p.top_act, part(p.top_row), p.top_row, p.res_key, part(p.res_row), p.res_row,
+                   p.res_act, p.count.copy(), p.sum.copy(), p.max.copy(), p.hist.copy(), p.n_tokens)
+
+
+def _fold(a: _Merged, b: _Merged) -> _Merged:
+    keys = sorted([p["key"] for p in a.partitions] + [p["key"] for p in b.partitions])
+    where = {k: i for i, k in enumerate(keys)}
+    remap = lambda m: np.array([where[p["key"]] for p in m.partitions], dtype=np.int32)  # noqa: E731
+    ra, rb = remap(a), remap(b)
+    reindex = lambda parts, r: np.where(parts >= 0, r[np.maximum(parts, 0)], -1).astype(np.int32)  # noqa: E731
+
+    # top: activation desc, partition asc, row asc; empty slots (row -1) last
+    act = np.concatenate([a.top_act, b.top_act], 1)
+    part = np.concatenate([reindex(a.top_part, ra), reindex(b.top_part, rb)], 1)
+    row = np.concatenate([a.top_row, b.top_row], 1)
+    n, width = act.shape
+    k = a.top_act.shape[1]
+    feature = np.repeat(np.arange(n), width)
+    order = np.lexsort((row.ravel(), part.ravel(), -act.ravel().astype(np.float64), (row < 0).ravel(), feature))
+    order = order.reshape(n, width)[:, :k] - (np.arange(n) * width)[:, None]
+    take = lambda x: np.take_along_axis(x, order, 1)  # noqa: E731
+    top_act, top_part, top_row = take(act), take(part), take(row)
+
+    # reservoir: bottom R of the union by key
+    rkey = np.concatenate([a.res_key, b.res_key], 1)
+    r = a.res_key.shape[1]
+    pick = np.argsort(rkey, axis=1, kind="stable")[:, :r]
+    takes = lambda x, y: np.take_along_axis(np.concatenate([x, y], 1), pick, 1)  # noqa: E731
+    return _Merged(
+        sorted(a.partitions + b.partitions, key=lambda p: p["key"]),
+        top_act, top_part, top_row,
+        np.take_along_axis(rkey, pick, 1), takes(reindex(a.res_part, ra), reindex(b.res_part, rb)),
+        takes(a.res_row, b.res_row), takes(a.res_act, b.res_act),
+        a.count + b.count, a.sum + b.sum, np.maximum(a.max, b.max), a.hist + b.hist, a.n_tokens + b.n_tokens,
+    )
+
+
+def _check_compatible(first: Partial, p: Partial) -> None:
+    for name in ("start", "stop", "top_k", "reservoir_size", "seed"):
+        if getattr(first, name) != getattr(p, name):
+            raise FeatureError(f"partials disagree on {name}: partition {first.partition!r} has "
+                               f"{getattr(first, name)!r}, partition {p.partition!r} has {getattr(p, name)!r}",
+                               "recompute the partials of one feature shard with the same settings")
+    if first.sae.get("fingerprint") != p.sae.get("fingerprint"):
+        raise FeatureError(f"partials of partitions {first.partition!r} and {p.partition!r} were computed "
+                           "with different SAE weights",
+                           "recompute every partial of this run with the current checkpoint")
+
+
+def merge_partials(partials: Iterable[Partial], *, n_intervals: int = 5, per_interval: int = 4) -> FeatureTables:
+    """Pass 2: fold the partials of one feature shard (one per partition, any order) into tables."""
+    _positive("n_intervals", n_intervals)
+    _positive("per_interval", per_interval)
+    state, first, seen = None, None, set()
+    for p in partials:
+        if first is None:
+            first = p
+        _check_compatible(first, p)
+        if p.partition in seen:
+            raise FeatureError(f"partition {p.partition!r} appears twice among the partials",
+                               "pass one partial per partition (its counts would be doubled)")
+        seen.add(p.partition)
+        state = _as_merged(p) if state is None else _fold(state, _as_merged(p))
+    if state is None:
+        raise FeatureError("no partials to merge", "run pass 1 (compute_partial) for at least one partition")
+    meta = {"start": first.start, "stop": first.stop, "top_k": first.top_k, "reservoir_size": first.reservoir_size,
+            "seed": first.seed, "n_intervals": n_intervals, "per_interval": per_interval,
+            "n_tokens_total": state.n_tokens, "partitions": state.partitions, "sae": first.sae,
+            "hist_bin_edges": hist_bin_edges(),
+            "hist_bins": "histogram[0]: 0 < a < edges[0]; histogram[i]: edges[i-1] <= a < edges[i]; "
+                         "histogram[65]: a >= edges[64]"}
+    return FeatureTables(_stats_frame(state, first.start), _examples_frame(state, first.start, n_intervals,
+                                                                            per_interval), meta)
+
+
+def _stats_frame(s: _Merged, start: int) -> pl.DataFrame:
+    n = len(s.count)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(s.count > 0, s.sum / np.maximum(s.count, 1), np.nan)
+    return pl.DataFrame({
+        "feature": pl.Series(np.arange(start, start + n, dtype=np.int64)),
+        "n_tokens_total": pl.Series(np.full(n, s.n_tokens, dtype=np.int64)),
+        "count": pl.Series(s.count.astype(np.int64)),
+        "density": pl.Series(s.count / max(s.n_tokens, 1)).cast(pl.Float64),
+        "max": pl.Series(s.max.astype(np.float32)),
+        "mean": pl.Series(mean, nan_to_null=True).cast(pl.Float64),
+        "sum": pl.Series(s.sum.astype(np.float64)),
+        "histogram": pl.Series(s.hist.astype(np.int64)).cast(pl.List(pl.Int64)),
+    })
+
+
+def interval_of(act: np.ndarray, vmax: np.ndarray, n_intervals: int) -> np.ndarray:
+    """Equal-width interval of each activation in (0, max]: min(floor(a / max * n), n - 1)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        j = np.floor(np.asarray(act, np.float64) / np.asarray(vmax, np.float64) * n_intervals)
+    return np.clip(np.nan_to_num(j, nan=0.0), 0, n_intervals - 1).astype(np.int32)
+
+
+def _examples_frame(s: _Merged, start: int, n_intervals: int, per_interval: int) -> pl.DataFrame:
+    """Pieces are laid out kind by kind (top, interval 0..n-1, random), each in (feature, rank)
+    order, so one stable sort by feature gives (feature, kind, interval, rank) order."""
+    n, k = s.top_act.shape
+    r = s.res_key.shape[1]
+    cols: dict[str, list[np.ndarray]] = {c: [] for c in ("feature", "kind", "rank", "interval", "activation",
+                                                          "partition", "row")}
+
+    def piece(kind, mask, rank, act, part, row, interval=-1):
+        f, c = np.nonzero(mask)
+        for name, values in (("feature", f.astype(np.int64) + start),
+                             ("kind", np.full(len(f), KINDS.index(kind), dtype=np.int8)),
+                             ("rank", rank[f, c].astype(np.int32)), ("interval", np.full(len(f), interval, np.int32)),
+                             ("activation", act[f, c].astype(np.float32)), ("partition", part[f, c].astype(np.int32)),
+                             ("row", row[f, c].astype(np.int64))):
+            cols[name].append(values)
+
+    piece("top", s.top_row >= 0, np.broadcast_to(np.arange(k), (n, k)), s.top_act, s.top_part, s.top_row)
+    filled = s.res_row >= 0
+    interval = np.where(filled, interval_of(s.res_act, s.max[:, None], n_intervals), -1)
+    for j in range(n_intervals):
+        inside = interval == j
+        rank = np.cumsum(inside, axis=1) - 1  # the reservoir is in key order: smallest keys first
+        piece("interval", inside & (rank < per_interval), rank, s.res_act, s.res_part, s.res_row, j)
+    piece("random", filled, np.broadcast_to(np.arange(r), (n, r)), s.res_act, s.res_part, s.res_row)
+    order = np.argsort(np.concatenate(cols["feature"]), kind="stable")
+    names = [p["key"] for p in s.partitions]
+    frame = {}
+    for name in list(cols):  # one column at a time: bounded temporaries
+        values = np.concatenate(cols.pop(name))[order]
+        if name == "kind":
+            frame[name] = pl.Series(values.astype(np.int64)).replace_strict(list(range(len(KINDS))), list(KINDS),
+                                                                            return_dtype=pl.Utf8)
+        elif name == "partition":
+            frame[name] = pl.Series(values.astype(np.int64)).replace_strict(list(range(len(names))), names,
+                                                                            return_dtype=pl.Utf8)
+        elif name == "interval":
+            frame[name] = pl.Series(values).set(pl.Series(values < 0), None)
+        else:
+            frame[name] = pl.Series(values)
+    return pl.DataFrame(frame)
+
+
+def tables_name(run: str, shard_index: int) -> str:
+    return f"{PREFIX}/{run}/tables/f{int(shard_index)}"
+
+
+def write_tables(store: ArtifactStore, run: str, shard_index: int, tables: FeatureTables) -> str:
+    """Commit stats.parquet, examples.parquet and meta.json of one feature shard together."""
+    name = tables_name(run, shard_index)
+    with store.writing(name, start=tables.meta["start"], stop=tables.meta["stop"],
+                       n_tokens_total=tables.meta["n_tokens_total"]) as version:
+        store.write_parquet(f"{version}/stats.parquet", tables.stats)
+        store.write_parquet(f"{version}/examples.parquet", tables.examples)
+        store.write_json(f"{version}/meta.json", {**tables.meta, "run": run, "shard_index": int(shard_index)})
+    return store.resolve(name)
+
+
+def read_tables(store: ArtifactStore, run: str, shard_index: int) -> FeatureTables:
+    path = store.require(tables_name(run, shard_index), f"feature tables of run {run!r}, shard {shard_index}",
+                         "run pass 2 (merge_partials + write_tables) for that feature shard")
+    return FeatureTables(store.read_parquet(f"{path}/stats.parquet"), store.read_parquet(f"{path}/examples.parquet"),
+                         store.read_json(f"{path}/meta.json"))
+
+
+def build_feature_tables(store: ArtifactStore, sae, run: str, *, n_feature_shards: int = 1,
+                         partitions: list[str] | None = None, top_k: int = 20, reservoir_factor: int = 10,
+                         seed: int = 0, batch_rows: int = 4096, n_intervals: int = 5, per_interval: int = 4,
+                         device=None) -> list[dict]:
+    """Both passes, in this process: every (partition, feature shard) partial, then every shard's
+    tables. The Dagster layer runs the same functions as separate partitioned steps."""
+    keys = list_partitions(store) if partitions is None else sorted(partitions)
+    if not keys:
+        raise FeatureError("there are no activation partitions to build feature tables from",
+                           "materialize the activations asset first")
+    shards = feature_shards(sae.n_latents, n_feature_shards)
+    for key in keys:
+        for index, (start, stop) in enumerate(shards):
+            partial = compute_partial(store, sae, key, start, stop, top_k=top_k, reservoir_factor=reservoir_factor,
+                                      seed=seed, batch_rows=batch_rows, device=device)
+            write_partial(store, run, key, index, partial)
+    summaries = []
+    for index, (start, stop) in enumerate(shards):
+        tables = merge_partials(read_partials(store, run, index, keys), n_intervals=n_intervals,
+                                per_interval=per_interval)
+        path = write_tables(store, run, index, tables)
+        summaries.append({"shard_index": index, "start": start, "stop": stop, "path": path,
+                          "n_tokens_total": tables.meta["n_tokens_total"],
+                          "n_examples": tables.examples.height,
+                          "dead_features": int((tables.stats["count"] == 0).sum())})
+    return summaries
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness check
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, start: int, stop: int,
+                      sample_features: int = 8, seed: int = 0) -> dict:
+    """Recompute a sample of the shard's features by brute force and compare with the committed
+    tables: every row of every partition densely encoded (``encode_slice`` with pass 1's batch
+    boundaries, so floating-point results are bit-identical), then numpy sorts. Checks top-k
+    (activations and (partition, row), same tie order), count, max, sum, histogram, token totals,
+    the random sample (numpy twin of the sample keys, bottom R) and the interval examples."""
+    _check_range(sae, start, stop)
+    tables = read_tables(store, run, shard_index)
+    meta = tables.meta
+    if (meta["start"], meta["stop"]) != (start, stop):
+        raise FeatureError(f"feature tables of run {run!r} shard {shard_index} cover [{meta['start']}, "
+                           f"{meta['stop']}), not [{start}, {stop})",
+                           "pass the shard's own range (feature_shard(n_latents, n_shards, index))")
+    mismatches = []
+
+    def bad(feature, what, expected, got):
+        mismatches.append({"feature": feature, "what": what, "expected": expected, "got": got})
+
+    if meta["sae"].get("fingerprint") != sae_fingerprint(sae):
+        bad(None, "sae_fingerprint", sae_fingerprint(sae), meta["sae"].get("fingerprint"))
+    stats = tables.stats.sort("feature")
+    counts = stats["count"].to_numpy()
+    # mostly features that fire (where there is something to get wrong), plus one that never does
+    rng = np.random.default_rng(seed)
+    active, inactive = np.nonzero(counts > 0)[0], np.nonzero(counts == 0)[0]
+    n_pick = min(sample_features, stop - start)
+    n_inactive = min(len(inactive), max(n_pick - len(active), 1 if n_pick > 1 else 0))
+    n_active = min(len(active), n_pick - n_inactive)
+    local = np.sort(np.concatenate([rng.choice(active, n_active, replace=False),
+                                    rng.choice(inactive, n_inactive, replace=False)]).astype(np.int64))
+    features = (local + start).tolist()
+
+    values, parts, rows = [], [], []
+    keys = [p["key"] for p in meta["partitions"]]
+    for index, info in enumerate(meta["partitions"]):
+        pointer = store.pointer(partition_name(info["key"])) or {}
+        if pointer.get("version") != info["version"]:
+            bad(None, f"partition {info['key']} version", info["version"], pointer.get("version"))
+        part = _open_checked(store, sae, info["key"])
+        if part.n_rows != info["n_tokens"]:
+            bad(None, f"partition {info['key']} n_rows", info["n_tokens"], part.n_rows)
+        device = _sae_device(sae)
+        for lo in range(0, part.n_rows, info["batch_rows"]):
+            x = torch.from_numpy(np.ascontiguousarray(part.acts[lo:lo + info["batch_rows"]])).to(device)
+            dense = sae.encode_slice(x, start, stop)[:, torch.as_tensor(local, device=device)]
+            values.append(dense.float().cpu().numpy())
+        parts.append(np.full(part.n_rows, index, dtype=np.int64))
+        rows.append(np.arange(part.n_rows, dtype=np.int64))
+    values = np.concatenate(values) if values else np.zeros((0, len(local)), np.float32)
+    parts, rows = np.concatenate(parts), np.concatenate(rows)
+    n_tokens = len(rows)
+    extra_partitions = sorted(set(list_partitions(store)) - set(keys))
+
+    examples = tables.examples
+    k, r, n_int = meta["top_k"], meta["reservoir_size"], meta["n_intervals"]
+    salts = np.array([partition_salt(meta["seed"], key) for key in keys], dtype=object)
+    for col, feature in enumerate(features):
+        srow = stats.filter(pl.col("feature") == feature).row(0, named=True)
+        a = values[:, col]
+        on = a > 0
+        aa, pp, rr = a[on], parts[on], rows[on]
+        if srow["n_tokens_total"] != n_tokens:
+            bad(feature, "n_tokens_total", n_tokens, srow["n_tokens_total"])
+        if srow["count"] != len(aa):
+            bad(feature, "count", int(len(aa)), srow["count"])
+        vmax = np.float32(aa.max()) if len(aa) else np.float32(0)
+        if np.float32(srow["max"]) != vmax:
+            bad(feature, "max", float(vmax), srow["max"])
+        total = float(np.sum(aa, dtype=np.float64))
+        if not math.isclose(srow["sum"], total, rel_tol=1e-9, abs_tol=1e-12):
+            bad(feature, "sum", total, srow["sum"])
+        hist = np.bincount(hist_bins(aa), minlength=N_HIST_BINS)
+        if srow["histogram"] != hist.tolist():
+            bad(feature, "histogram", hist.tolist(), srow["histogram"])
+        ex = examples.filter(pl.col("feature") == feature)
+        # top-k: activation desc, partition asc, row asc
+        order = np.lexsort((rr, pp, -aa.astype(np.float64)))[:k]
+        expect = list(zip(aa[order].tolist(), [keys[i] for i in pp[order]], rr[order].tolist()))
+        top = ex.filter(pl.col("kind") == "top").sort("rank")
+        got = list(zip(top["activation"].to_list(), top["partition"].to_list(), top["row"].to_list()))
+        if got != expect or top["rank"].to_list() != list(range(len(got))):
+            bad(feature, "top", expect, got)
+        # random sample: the R smallest sample keys among activating tokens
+        skeys = np.empty(len(aa), dtype=np.int64)
+        for i in np.unique(pp):
+            m = pp == i
+            skeys[m] = sample_keys_numpy(int(salts[i]), rr[m], np.full(m.sum(), feature))
+        order = np.argsort(skeys, kind="stable")[:r]
+        expect = list(zip(aa[order].tolist(), [keys[i] for i in pp[order]], rr[order].tolist()))
+        rand = ex.filter(pl.col("kind") == "random").sort("rank")
+        got = list(zip(rand["activation"].to_list(), rand["partition"].to_list(), rand["row"].to_list()))
+        if got != expect:
+            bad(feature, "random", expect, got)
+        # interval examples: the first per_interval reservoir members of each interval, in key order
+        ivals = interval_of(np.array([e[0] for e in expect], dtype=np.float32), np.float64(vmax), n_int) \
+            if expect else np.zeros(0, np.int32)
+        inter = ex.filter(pl.col("kind") == "interval").sort(["interval", "rank"])
+        got = list(zip(inter["interval"].to_list(), inter["rank"].to_list(), inter["activation"].to_list(),
+                       inter["partition"].to_list(), inter["row"].to_list()))
+        want = []
+        for j in range(n_int):
+            members = [e for e, iv in zip(expect, ivals) if iv == j][:meta["per_interval"]]
+            want += [(j, rank, *e) for rank, e in enumerate(members)]
+        if got != want:
+            bad(feature, "interval", want, got)
+    return {"ok": not mismatches, "mismatches": mismatches, "features_checked": features,
+            "n_tokens": n_tokens, "partitions": keys, "partitions_not_in_tables": extra_partitions}

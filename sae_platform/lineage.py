@@ -1,0 +1,59 @@
+"""Where a feature table came from, read back from the artifacts themselves.
+
+Every link is pinned at write time (the shuffle plan pins activation partition versions, a
+checkpoint records the shuffle plan id, feature tables record the checkpoint they describe), so
+the lineage printed here is what the table was built from, not what happens to be newest now.
+"""
+
+from sae_platform.errors import StorageError
+from sae_platform.storage import ArtifactStore
+
+
+def feature_table_lineage(store: ArtifactStore, run: str, shard_index: int, run_id: str | None = None) -> dict:
+    """SAE checkpoint → shuffled store → activation partitions → base model, for one feature shard."""
+    tables = store.pointer(f"features/{run}/tables/f{shard_index}")
+    if tables is None:
+        raise StorageError(f"feature tables of {run!r} shard {shard_index} do not exist",
+                           "materialize feature_topk for that shard first")
+    checkpoint = store.pointer(f"sae/{run}")
+    if checkpoint is None:
+        raise StorageError(f"the SAE checkpoint {run!r} behind the feature tables is gone",
+                           "re-train it (materialize sae_checkpoint) and rebuild the tables")
+    data = checkpoint.get("data", {})
+    shuffled_path = store.resolve(f"shuffled/{data.get('shuffle')}")
+    index = store.read_json(f"{shuffled_path}/index.json") if shuffled_path else {}
+    inputs = index.get("inputs", [])
+    first = inputs[0] if inputs else None
+    attrs = {}
+    if first:
+        group = store.open_group(store.path("activations", first["key"], first["version"], "data.zarr"), mode="r")
+        attrs = dict(group.attrs)
+    return {
+        "feature_table": {"sae": run, "shard": shard_index, "version": tables["version"],
+                          "features": [tables.get("start"), tables.get("stop")], "dagster_run_id": run_id},
+        "sae_checkpoint": {"name": run, "version": checkpoint["version"], "step": checkpoint.get("step"),
+                           "tokens": checkpoint.get("tokens"), "variant": checkpoint.get("settings", {}).get("variant")},
+        "shuffle": {"name": data.get("shuffle"), "plan_id": data.get("plan_id"),
+                    "current_plan_id": index.get("plan_id"), "n_rows": data.get("n_rows")},
+        "activation_partitions": [{"key": i["key"], "version": i["version"], "n_rows": i["n_rows"]} for i in inputs],
+        "base_model": {"model": attrs.get("model"), "hook_name": attrs.get("hook_name"), "d_model": attrs.get("d_model")},
+    }
+
+
+def format_lineage(lineage: dict) -> str:
+    """The lineage as an indented tree, newest artifact first."""
+    t, c, s = lineage["feature_table"], lineage["sae_checkpoint"], lineage["shuffle"]
+    stale = "" if s["plan_id"] == s["current_plan_id"] else f"  (the store has since been re-shuffled: {s['current_plan_id']})"
+    lines = [
+        f"feature tables {t['sae']} shard f{t['shard']} latents {t['features']}  version {t['version']}"
+        + (f"  dagster run {t['dagster_run_id']}" if t.get("dagster_run_id") else ""),
+        f"└─ sae_checkpoint {c['name']} ({c['variant']})  version {c['version']}  step {c['step']}, {c['tokens']:,} tokens",
+        f"   └─ shuffled_activations {s['name']}  plan {s['plan_id']}  {s['n_rows']:,} rows{stale}",
+    ]
+    parts = lineage["activation_partitions"]
+    for i, p in enumerate(parts):
+        branch = "└─" if i == len(parts) - 1 else "├─"
+        lines.append(f"      {branch} activations/{p['key']}  version {p['version']}  {p['n_rows']:,} rows")
+    m = lineage["base_model"]
+    lines.append(f"         base_model {m['model']}  {m['hook_name']}  d_model {m['d_model']}")
+    return "\n".join(lines)

@@ -1,0 +1,322 @@
+"""The feature browser: site generation (plain Python) and the page itself in headless Chromium.
+
+The browser tests drive Debian's Chromium (/usr/bin/chromium) with Playwright's Python package; no
+Playwright-downloaded browser is used. Without Chromium they fail and say to run
+``.ci/install-browser``; set SAE_PLATFORM_SKIP_BROWSER=1 to skip them instead.
+"""
+
+import json
+import os
+import re
+import urllib.request
+from pathlib import Path
+
+import fsspec
+import polars as pl
+import pytest
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:     # the chromium fixture says what to install
+    expect = sync_playwright = None
+
+from sae_platform import browser
+from sae_platform.errors import PlatformError
+
+CHROMIUM = os.environ.get("SAE_PLATFORM_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = Path(os.environ.get("SAE_PLATFORM_SCREENSHOTS", "/tmp"))
+
+MALICIOUS = ['<script>window.__xss=1</script>', '<img src=x onerror="window.__xss=2">',
+             '"><svg onload=window.__xss=3>', 'javascript:alert(1)', '&lt;b&gt;']
+MARKED = (42, 201)          # features whose top example carries the malicious strings and " zebra"
+N_FEATURES, SHARD = 300, 150
+N_LOGITS = 10
+
+
+def _mark(shards):
+    """Put the malicious strings (active) and a unique token into the top example of MARKED."""
+    for s in shards:
+        hit = pl.col(browser.FEATURE).is_in(list(MARKED))
+        top0 = hit & (pl.col(browser.KIND) == "top") & (pl.col(browser.RANK) == 0)
+        ctx = s[browser.CONTEXTS_FRAME]
+        width = ctx[browser.TOKEN_STRS].list.len().max()
+        toks = (MALICIOUS + [" zebra"] + [" plain"] * width)[:width]
+        # the strongest tokens of the feature: " zebra" (the example token) at 100, the others 50..90
+        acts = [50.0 + 10 * i for i in range(len(MALICIOUS) + 1)] + [0.0] * (width - len(MALICIOUS) - 1)
+        s[browser.STATS_FRAME] = s[browser.STATS_FRAME].with_columns(
+            pl.when(hit).then(100.0).otherwise(pl.col(browser.MAX)).alias(browser.MAX))
+        s[browser.CONTEXTS_FRAME] = ctx.with_columns(
+            pl.when(top0).then(pl.lit(len(MALICIOUS), pl.Int32)).otherwise(pl.col(browser.CENTER))
+            .alias(browser.CENTER),
+            pl.when(top0).then(pl.lit(100.0, pl.Float32)).otherwise(pl.col(browser.ACTIVATION))
+            .alias(browser.ACTIVATION),
+            pl.when(top0).then(pl.lit(toks, pl.List(pl.String))).otherwise(pl.col(browser.TOKEN_STRS))
+            .alias(browser.TOKEN_STRS),
+            pl.when(top0).then(pl.lit(acts, pl.List(pl.Float32))).otherwise(pl.col(browser.ACTS))
+            .alias(browser.ACTS),
+            pl.when(top0).then(pl.lit([True] * width, pl.List(pl.Boolean))).otherwise(pl.col(browser.HAS_ACT))
+            .alias(browser.HAS_ACT))
+        lg = s[browser.LOGITS_FRAME]
+        s[browser.LOGITS_FRAME] = lg.with_columns(
+            pl.when(hit).then(pl.lit((MALICIOUS * 2)[:N_LOGITS], pl.List(pl.String)))
+            .otherwise(pl.col(browser.TOP_TOKEN_STRS)).alias(browser.TOP_TOKEN_STRS))
+    return shards
+
+
+def _tables():
+    shards, edges = browser.synthetic_shards(N_FEATURES, SHARD, n_top=6, n_intervals=3, per_interval=2, n_random=3,
+                                             before=10, after=5, n_bins=24, n_logits=N_LOGITS, seed=1)
+    return _mark(shards), edges
+
+
+LINEAGE = {"sae": "test-sae", "checkpoint": "checkpoints/test-sae/v3/sae.safetensors", "run_id": "run-7f3a9c",
+           "shuffle": "shuffle-abc/plan-1", "activation_partitions": ["p000", "p001"], "model": "tiny",
+           "hook_name": "blocks.2.hook_resid_post"}
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return _tables()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, tables):
+    shards, edges = tables
+    out = tmp_path_factory.mktemp("browser") / "site"
+    summary = browser.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE,
+                                 n_intervals=3)
+    return out, summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation (no browser)
+# ---------------------------------------------------------------------------------------------
+
+def test_site_layout_and_index(site, tables):
+    out, summary = site
+    assert summary["n_features"] == N_FEATURES and summary["files"] > 5 and summary["bytes"] > 0
+    pointer = json.loads((out / "site.json").read_text())
+    data = out / pointer["data"]
+    assert (out / "index.html").is_file() and (out / "static/app.js").is_file() and (out / "static/app.css").is_file()
+    html = (out / "index.html").read_text()
+    assert "Content-Security-Policy" in html and "script-src 'self'" in html
+    assert "<script>" not in html.replace('<script src="static/app.js', "")   # no inline script
+    index = json.loads((data / "index.json").read_text())
+    assert index["columns"]["feature"] == list(range(N_FEATURES))
+    assert index["lineage"]["run_id"] == "run-7f3a9c" and index["n_intervals"] == 3
+    # 24 bins between the 25 edges, plus underflow (from 0) and overflow (unbounded): 26 counts
+    assert len(index["hist_bin_edges"]) == 27 and index["hist_bin_edges"][0] == 0
+    assert index["hist_bin_edges"][-1] is None and index["hist_bin_edges"][1:-1] == pytest.approx(tables[1])
+    stats = pl.concat([s[browser.STATS_FRAME] for s in tables[0]]).sort(browser.FEATURE)
+    assert index["columns"]["max"][5] == pytest.approx(stats[browser.MAX][5], rel=1e-3)
+    for f in MARKED:
+        names = [index["token_table"][t] for t in index["top_tokens"][f]]
+        assert " zebra" in names and MALICIOUS[0] in names
+    chunks = sorted(int(p.stem) for p in (data / "features").glob("*.json"))
+    assert chunks == list(range((N_FEATURES + browser.CHUNK_FEATURES - 1) // browser.CHUNK_FEATURES))
+    rows = json.loads((data / f"features/{42 // browser.CHUNK_FEATURES}.json").read_text())
+    f42 = next(r for r in rows if r["feature"] == 42)
+    ex = f42["examples"]
+    assert ex["kind"][0] == "top" and ex["tokens"][0][:len(MALICIOUS)] == MALICIOUS
+    assert set(ex["kind"]) == {"top", "interval", "random"} and len(ex["acts"][0]) == len(ex["tokens"][0])
+    assert f42["top_token_strs"][:len(MALICIOUS)] == MALICIOUS and len(f42["histogram"]) == 26
+
+
+def test_rebuild_replaces_atomically_and_fs_target(tmp_path, tables):
+    shards, edges = tables
+    out = tmp_path / "site"
+    first = browser.build_site(out, run="r", shards=shards[:1], hist_bin_edges=edges, lineage={})
+    second = browser.build_site(out, run="r", shards=shards, hist_bin_edges=edges, lineage={})
+    assert first["n_features"] == SHARD and second["n_features"] == N_FEATURES
+    assert [p.name for p in (out / "data").iterdir()] == [second["version"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]     # no temp dirs left
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious/notes.txt").write_text("keep me")
+    with pytest.raises(PlatformError, match="not a feature-browser site"):
+        browser.build_site(tmp_path / "precious", run="r", shards=shards, hist_bin_edges=edges, lineage={})
+    assert (tmp_path / "precious/notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious", "site"]
+    fs = fsspec.filesystem("memory")
+    for _ in range(2):
+        summary = browser.build_site("/sites/x", run="r", shards=shards, hist_bin_edges=edges, lineage={}, fs=fs)
+    assert json.loads(fs.cat_file("/sites/x/site.json"))["version"] == summary["version"]
+    assert len(fs.ls("/sites/x/data")) == 1 and fs.exists(f"/sites/x/data/{summary['version']}/index.json")
+
+
+def test_bad_inputs_are_explained(tables):
+    shards, edges = tables
+    with pytest.raises(PlatformError, match="bins"):
+        browser.site_files(run="r", shards=shards, hist_bin_edges=edges[:-3], lineage={})
+    with pytest.raises(PlatformError, match="overlap"):
+        browser.site_files(run="r", shards=[shards[0], shards[0]], hist_bin_edges=edges, lineage={})
+    bad = dict(shards[0], **{browser.STATS_FRAME: shards[0][browser.STATS_FRAME].drop(browser.DENSITY)})
+    with pytest.raises(PlatformError, match="density"):
+        browser.site_files(run="r", shards=[bad], hist_bin_edges=edges, lineage={})
+
+
+def test_features_without_tables_still_listed(tmp_path):
+    _, edges = browser.synthetic_shards(4, 4)
+    summary = browser.build_site(tmp_path / "s", run="empty", shards=[{"start": 0, "stop": 10}],
+                                 hist_bin_edges=edges, lineage={})
+    index = json.loads((tmp_path / "s" / summary["path"] / json.loads(
+        (tmp_path / "s/site.json").read_text())["data"] / "index.json").read_text())
+    assert index["columns"]["feature"] == list(range(10)) and index["columns"]["density"] == [None] * 10
+
+
+def test_server_sends_security_headers(site):
+    server, url = browser.serve_in_thread(site[0])
+    try:
+        with urllib.request.urlopen(url) as res:
+            assert "script-src 'self'" in res.headers["Content-Security-Policy"]
+            assert res.headers["X-Content-Type-Options"] == "nosniff"
+            assert b"static/app.js" in res.read()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------
+# In Chromium
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chromium():
+    if os.environ.get("SAE_PLATFORM_SKIP_BROWSER") == "1":
+        pytest.skip("SAE_PLATFORM_SKIP_BROWSER=1: browser tests skipped")
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"{CHROMIUM} is missing: the browser tests need Debian's Chromium. Run .ci/install-browser "
+                    "(as root), or set SAE_PLATFORM_SKIP_BROWSER=1 to skip them.", pytrace=False)
+    if sync_playwright is None:
+        pytest.fail("the Python package 'playwright' is missing: install the dev extra (pip install -e '.[dev]'), "
+                    "or set SAE_PLATFORM_SKIP_BROWSER=1 to skip the browser tests.", pytrace=False)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(chromium, site):
+    server, url = browser.serve_in_thread(site[0])
+    ctx = chromium.new_context(viewport={"width": 1280, "height": 900})
+    pg = ctx.new_page()
+    pg.problems = []
+    pg.on("console", lambda m: pg.problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    pg.on("pageerror", lambda e: pg.problems.append(f"pageerror: {e}"))
+    pg.on("dialog", lambda d: (pg.problems.append(f"dialog: {d.message}"), d.dismiss()))
+    pg.base_url = url
+    pg.set_default_timeout(5000)
+    yield pg
+    ctx.close()
+    server.shutdown()
+    server.server_close()
+
+
+def _ids(pg):
+    return [int(x) for x in pg.locator("table.features tbody tr").evaluate_all(
+        "rows => rows.map(r => r.dataset.feature)")]
+
+
+def _index(site):
+    out = site[0]
+    return json.loads((out / json.loads((out / "site.json").read_text())["data"] / "index.json").read_text())
+
+
+def test_index_lists_sorts_and_searches(page, site):
+    pg = page
+    pg.goto(pg.base_url)
+    pg.wait_for_selector("table.features tbody tr")
+    assert _ids(pg) == list(range(200))                      # first page of 200, by id
+    assert pg.locator("#count").inner_text() == "300 features"
+    pg.click("#next-page")
+    assert _ids(pg) == list(range(200, 300))
+    cols = _index(site)["columns"]                           # the values the page sorts (rounded)
+    maxes = dict(zip(cols["feature"], cols["max"]))
+    dens = dict(zip(cols["feature"], cols["density"]))
+    pg.click("button[data-sort=max]")
+    got = _ids(pg)
+    assert got[:20] == sorted(maxes, key=lambda f: (-maxes[f], f))[:20]
+    pg.click("button[data-sort=max]")                        # again: ascending
+    got = _ids(pg)
+    assert len(got) == 200 and all(maxes[a] <= maxes[b] for a, b in zip(got, got[1:]))
+    pg.click("button[data-sort=density]")
+    got = _ids(pg)
+    assert all(dens[a] >= dens[b] for a, b in zip(got, got[1:]))
+    pg.screenshot(path=str(SCREENSHOTS / "sae_browser_index.png"))
+    # search by id
+    pg.fill("#search", "123")
+    expect(pg.locator("#count")).to_contain_text("matching")
+    assert _ids(pg)[0] == 123
+    # search by token: only the marked features have " zebra"
+    pg.fill("#search", "zebra")
+    expect(pg.locator(".chip.hit").first).to_contain_text("zebra")     # rendered the new search
+    expect(pg.locator("table.features tbody tr")).to_have_count(2)
+    assert sorted(_ids(pg)) == list(MARKED)
+    pg.fill("#search", "<script>")
+    expect(pg.locator(".chip.hit").first).to_have_text(MALICIOUS[0])   # literal text, as a token chip
+    expect(pg.locator("table.features tbody tr")).to_have_count(2)
+    pg.fill("#search", "no-such-token-anywhere")
+    pg.wait_for_selector("text=No feature matches this search.")
+    pg.fill("#search", "42")
+    expect(pg.locator("table.features tbody tr").first).to_have_attribute("data-feature", "42")
+    pg.press("#search", "Enter")
+    pg.wait_for_selector("h1:has-text('Feature 42')")
+    assert pg.evaluate("window.__xss") is None and not pg.problems, pg.problems
+
+
+def test_feature_page(page, tables):
+    pg = page
+    pg.goto(pg.base_url + "#/feature/42")
+    pg.wait_for_selector(".ex .tok.active")
+    assert pg.locator("h1").inner_text().startswith("Feature 42")
+    # highlighted tokens: non-transparent background, exact value in the title
+    active = pg.locator(".ex .tok.active").evaluate_all(
+        "ts => ts.map(t => [getComputedStyle(t).backgroundColor, t.title])")
+    assert len(active) > 10
+    assert all(bg not in ("rgba(0, 0, 0, 0)", "transparent") for bg, _ in active)
+    assert all(re.fullmatch(r"act -?[0-9.e+-]+", title) for _, title in active)
+    first = pg.locator("#examples-top .ex").first.locator(".tok")
+    assert first.nth(len(MALICIOUS)).get_attribute("title") == "act 100"         # " zebra"
+    inactive = pg.locator(".ex .tok:not(.active):not(.noact)").first
+    assert inactive.evaluate("t => getComputedStyle(t).backgroundColor") == "rgba(0, 0, 0, 0)"
+    # sections
+    assert pg.locator("#examples-interval .interval").count() == 3
+    assert pg.locator("#examples-interval .interval h3").first.inner_text().startswith("Interval 2 [66.7, 100]")
+    assert pg.locator("#examples-random .ex").count() == 3 and pg.locator("#examples-top .ex").count() == 6
+    assert pg.locator("#histogram rect.histbar").count() > 3
+    assert pg.locator("table.logit.pos tr").count() == N_LOGITS
+    assert pg.locator("table.logit.neg tr").count() == N_LOGITS
+    lineage = pg.locator("#lineage").inner_text()
+    assert "run-7f3a9c" in lineage and "checkpoints/test-sae/v3/sae.safetensors" in lineage
+    assert "shuffle-abc/plan-1" in lineage
+    # untrusted text stays text
+    body = pg.locator("#app").inner_text()
+    for s in MALICIOUS:
+        assert s in body
+    assert pg.locator("#examples-top .ex").first.locator(".tok").first.inner_text() == MALICIOUS[0]
+    assert pg.evaluate("window.__xss") is None
+    assert pg.evaluate("document.scripts.length") == 1
+    assert pg.locator("img").count() == 0 and pg.locator("svg").count() == 1
+    pg.screenshot(path=str(SCREENSHOTS / "sae_browser_feature.png"), full_page=True)
+    # next feature, back to the index (state kept), unknown id
+    pg.click("#next-feature")
+    pg.wait_for_selector("h1:has-text('Feature 43')")
+    pg.click("text=All features")
+    pg.wait_for_selector("table.features tbody tr")
+    pg.goto(pg.base_url + "#/feature/99999")
+    pg.wait_for_selector("text=There is no feature 99999")
+    assert not pg.problems, pg.problems
+
+
+def test_dead_feature_page(page, tables):
+    stats = pl.concat([s[browser.STATS_FRAME] for s in tables[0]])
+    dead = stats.filter(pl.col(browser.COUNT) == 0)[browser.FEATURE].to_list()
+    assert dead, "the synthetic tables should have a dead feature"
+    pg = page
+    pg.goto(pg.base_url + f"#/feature/{dead[0]}")
+    pg.wait_for_selector("text=No examples")
+    assert pg.locator(".badge").inner_text() == "dead"
+    assert pg.locator("text=No activations recorded.").count() == 1
+    assert not pg.problems, pg.problems

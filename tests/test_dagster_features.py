@@ -1,0 +1,75 @@
+"""Feature tables through Dagster on a tiny model: passes 1-3, the exactness check, lineage and the browser."""
+
+import json
+
+import pytest
+from dagster import AssetKey, DagsterInstance, Definitions
+
+from assets import ASSET_CHECKS, ASSETS
+from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
+from jobs.cli import build_features
+from jobs.definitions import JOBS, build_resources
+from jobs.settings import Settings
+from resources import BaseModelResource, FeatureTablesResource, ShuffleResource
+from sae_platform import contexts as ctx
+from sae_platform import features as ft
+from sae_platform import shuffle as sh
+from sae_platform.activations import CacheSettings, cache_text_file
+from sae_platform.corpus import list_source
+from sae_platform.lineage import feature_table_lineage, format_lineage
+from sae_platform.trainer import TrainSettings, train_sae
+
+SAE = "topk-4k-k32"
+
+
+@pytest.fixture
+def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
+    (text_dir / "markup.txt").write_text("Beware <script>window.__xss=1</script> and <img src=x> " * 40)
+    for text_file in list_source(str(text_dir / "*")):
+        cache_text_file(store, text_file, tiny_hooked, str(tiny_model_dir), CacheSettings(ctx_len=32, batch_size=4))
+    sh.run_shuffle(store, "main", n_buckets=4, memory_budget_bytes=1 << 20, n_jobs=2, seed=0)
+    train_sae(store, "main", SAE, TrainSettings(variant="topk", n_latents=256, k=8, batch_size=256,
+                                               token_budget=256 * 8, holdout_rows=256), log=lambda m: None)
+    resources = build_resources(Settings(root_url=store.root_url, data_dir=str(tmp_path), inbox=str(text_dir / "*"),
+                                         s3_endpoint_url=None))
+    resources["language_model"] = BaseModelResource(source=str(tiny_model_dir), layer=1, device="cpu")
+    resources["shuffle"] = ShuffleResource(name="main")
+    resources["features"] = FeatureTablesResource(sae_name=SAE, top_k=5, reservoir_factor=4, device="cpu")
+    defs = Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, [f.key for f in list_source(str(text_dir / "*"))])
+    return defs, instance
+
+
+def test_feature_pipeline_through_dagster(pipeline, store):
+    defs, instance = pipeline
+    assert build_features(instance, defs, SAE)
+    checks = [e for e in instance.fetch_materializations(AssetKey("feature_topk"), limit=10).records]
+    assert len(checks) == N_FEATURE_SHARDS
+    total = 0
+    for index in range(N_FEATURE_SHARDS):
+        tables = ft.read_tables(store, SAE, index)
+        contexts = ctx.read_feature_contexts(store, SAE, index)
+        total += tables.stats.height
+        assert set(contexts["feature"].to_list()) <= set(tables.stats["feature"].to_list())
+        top = tables.examples.filter(tables.examples["kind"] == "top")
+        assert contexts.filter(contexts["kind"] == "top").height == top.height
+    assert total == 256
+    site = store.path("browser", SAE)
+    index = json.loads(open(f"{site}/site.json").read())
+    assert json.loads(open(f"{site}/{index['data']}/index.json").read())["n_features"] == 256
+
+
+def test_lineage_names_every_upstream_artifact(pipeline, store):
+    defs, instance = pipeline
+    assert build_features(instance, defs, SAE)
+    record = instance.fetch_materializations(AssetKey("feature_topk"), limit=10).records[0]
+    lineage = feature_table_lineage(store, SAE, int(record.partition_key[1:]), run_id=record.run_id)
+    assert lineage["sae_checkpoint"]["version"] == store.pointer(f"sae/{SAE}")["version"]
+    assert lineage["shuffle"]["plan_id"] == sh.open_shuffled(store, "main").index["plan_id"]
+    keys = sorted(p["key"] for p in lineage["activation_partitions"])
+    assert keys == sorted(k.split("/")[1] for k in store.committed_names("activations"))
+    text = format_lineage(lineage)
+    assert record.run_id in text and lineage["sae_checkpoint"]["version"] in text and "activations/markup" in text
+    stored = json.loads(store.fs.cat_file(store.path("features", SAE, "lineage", f"{record.partition_key}.json")))
+    assert stored["feature_table"]["dagster_run_id"] == record.run_id

@@ -1,0 +1,411 @@
+"""Feature tables (pass 1 streaming partials, pass 2 merge): exact against brute force whatever the
+dataset / feature sharding and batch size, a reservoir that is uniform and sharding-independent,
+additive counts and histograms, interval examples inside their intervals, the exactness check
+catching tampered tables, memory flat in the partition's length, clear errors, atomic commits."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from sae_platform import features as F
+from sae_platform.errors import PlatformError, StorageError
+from sae_platform.sae import build_sae
+
+D, N_LATENTS = 16, 64
+
+
+def write_partition(store, key, acts, chunk_rows=512):
+    with store.writing(f"activations/{key}") as version:
+        group = store.open_group(f"{version}/data.zarr", "w")
+        group.create_array("acts", data=acts, chunks=(min(chunk_rows, max(len(acts), 1)), acts.shape[1]),
+                           compressors=None)
+        group.attrs.update({"d_model": acts.shape[1], "dtype": str(acts.dtype), "n_rows": len(acts)})
+
+
+def synthetic_rows(n, d=D, seed=0):
+    """Sparse combinations of a hidden dictionary plus noise, float16 (as cached)."""
+    rng = np.random.default_rng(seed)
+    dictionary = rng.standard_normal((48, d))
+    codes = rng.exponential(1.0, (n, 48)) * (rng.random((n, 48)) < 0.1)
+    return (codes @ dictionary + 0.2 * rng.standard_normal((n, d))).astype(np.float16)
+
+
+def make_dataset(store, splits, seed=0, prefix="p", exact=False):
+    """One dataset of sum(splits) rows, cut into partitions p0, p1, ...; returns all rows."""
+    rows = (exact_rows if exact else synthetic_rows)(sum(splits), seed=seed)
+    bounds = np.cumsum([0, *splits])
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        write_partition(store, f"{prefix}{i}", rows[lo:hi])
+    return rows
+
+
+def make_sae(variant="relu", seed=0, d=D, exact=False):
+    """A small SAE with a spread of densities (rare and common features) and one dead feature.
+
+    exact: weights and biases on a coarse dyadic grid, so that with ``exact_rows`` every
+    activation is computed exactly whatever the matmul's blocking (any batch size gives the same
+    bits) and many activations tie, which exercises the tie order."""
+    torch.manual_seed(seed)
+    kwargs = {"topk": {"k": 4}, "batchtopk": {"k": 4}, "switch": {"k": 4, "n_experts": 4}}.get(variant, {})
+    sae = build_sae(variant, d, N_LATENTS, **kwargs).eval()
+    with torch.no_grad():
+        sae.b_enc.copy_(-torch.rand(N_LATENTS) * 2.5)
+        if exact:
+            sae.W_enc.copy_(torch.randint(-4, 5, sae.W_enc.shape) / 4)
+            sae.b_enc.copy_(-torch.randint(0, 40, (N_LATENTS,)) / 4)
+        sae.b_enc[5] = -1e4
+    return sae
+
+
+def exact_rows(n, d=D, seed=0):
+    """float16 rows on a grid of 1/4 in [-4, 4]: with an exact SAE every dot product is exact."""
+    return (np.random.default_rng(seed).integers(-16, 17, (n, d)) / 4).astype(np.float16)
+
+
+def global_examples(tables, offsets):
+    """examples with a global row id (partition offset + row)."""
+    off = pl.DataFrame({"partition": list(offsets), "offset": list(offsets.values())})
+    return tables.examples.join(off, on="partition").with_columns(global_row=pl.col("row") + pl.col("offset"))
+
+
+def all_tables(store, run, n_shards):
+    tables = [F.read_tables(store, run, i) for i in range(n_shards)]
+    return (pl.concat([t.stats for t in tables]).sort("feature"),
+            pl.concat([t.examples for t in tables]).sort(["feature", "kind", "interval", "rank"], nulls_last=False))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_feature_shards_cover_the_dictionary_and_reject_bad_ranges():
+    assert F.feature_shards(64, 4) == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    shards = F.feature_shards(10, 3)
+    assert shards[0][0] == 0 and shards[-1][1] == 10 and all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
+    assert F.feature_shard(10, 3, 2) == shards[2]
+    with pytest.raises(F.FeatureError, match="more than the SAE's 8 latents"):
+        F.feature_shards(8, 9)
+    with pytest.raises(F.FeatureError, match="positive integer"):
+        F.feature_shards(8, 0)
+    with pytest.raises(F.FeatureError, match=r"outside \[0, 3\)"):
+        F.feature_shard(10, 3, 3)
+
+
+def test_sample_keys_on_torch_match_the_numpy_twin():
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 2**31 - 1, 5000)
+    feats = rng.integers(0, 2**24, 5000)
+    for salt in (0, -1, F.partition_salt(7, "batch_0001"), 2**63 - 1):
+        got = F.sample_keys(salt, torch.from_numpy(rows), torch.from_numpy(feats)).numpy()
+        assert np.array_equal(got, F.sample_keys_numpy(salt, rows, feats))
+        assert got.min() >= 0 and got.max() < F.KEY_PAD
+    # counter-based: a key depends on (seed, partition, row, feature) only
+    assert F.partition_salt(0, "a") != F.partition_salt(1, "a") != F.partition_salt(0, "b")
+
+
+@pytest.mark.parametrize("variant", ["relu", "topk"])
+def test_merged_tables_equal_brute_force_whatever_the_sharding(store, variant):
+    from sae_platform.storage import ArtifactStore
+
+    sae = make_sae(variant, exact=True)
+    runs = {}
+    for splits in ([2200], [700, 900, 600]):
+        for n_shards in (1, 4):
+            root = ArtifactStore(f"{store.root}/{len(splits)}x{n_shards}")
+            make_dataset(root, splits, exact=True)
+            F.build_feature_tables(root, sae, "run", n_feature_shards=n_shards, top_k=6, reservoir_factor=3,
+                                   batch_rows=256)
+            for i, (start, stop) in enumerate(F.feature_shards(N_LATENTS, n_shards)):
+                check = F.brute_force_check(root, sae, "run", i, start, stop, sample_features=stop - start)
+                assert check["ok"], check["mismatches"][:3]
+                assert len(check["features_checked"]) == stop - start
+            offsets = dict(zip([f"p{i}" for i in range(len(splits))], np.cumsum([0, *splits[:-1]]).tolist()))
+            stats, _ = all_tables(root, "run", n_shards)
+            examples = pl.concat([global_examples(F.read_tables(root, "run", i), offsets) for i in range(n_shards)])
+            runs[(len(splits), n_shards)] = (stats, examples)
+
+    # feature sharding changes nothing at all (same data layout): identical tables
+    for n_parts in (1, 3):
+        (s1, e1), (s4, e4) = runs[(n_parts, 1)], runs[(n_parts, 4)]
+        assert s1.equals(s4)
+        assert e1.sort(["feature", "kind", "interval", "rank"], nulls_last=False).equals(
+            e4.sort(["feature", "kind", "interval", "rank"], nulls_last=False))
+    # dataset sharding: same top-K (values and global rows, ties by global row), counts, max, histograms
+    (s1, e1), (s3, e3) = runs[(1, 1)], runs[(3, 1)]
+    for col in ("feature", "n_tokens_total", "count", "density", "max", "histogram"):
+        assert s1[col].equals(s3[col]), col
+    np.testing.assert_allclose(s1["mean"].fill_null(0).to_numpy(), s3["mean"].fill_null(0).to_numpy(), rtol=1e-12)
+    top = lambda e: e.filter(pl.col("kind") == "top").sort(["feature", "rank"]).select(  # noqa: E731
+        "feature", "rank", "activation", "global_row")
+    assert top(e1).equals(top(e3))
+    assert top(e1).height > 0 and s1.filter(pl.col("feature") == 5)["count"].item() == 0
+
+
+@pytest.mark.parametrize("variant", ["jumprelu", "batchtopk", "switch"])
+def test_other_variants_pass_the_exactness_check(store, variant):
+    make_dataset(store, [500, 300])
+    sae = make_sae(variant)
+    F.build_feature_tables(store, sae, "run", n_feature_shards=2, top_k=5, reservoir_factor=2, batch_rows=128)
+    for i, (start, stop) in enumerate(F.feature_shards(N_LATENTS, 2)):
+        check = F.brute_force_check(store, sae, "run", i, start, stop, sample_features=stop - start)
+        assert check["ok"], check["mismatches"][:3]
+
+
+def test_reservoir_is_the_same_whatever_the_batch_size_feature_range_and_merge_order(store):
+    make_dataset(store, [900, 1300, 400], exact=True)
+    sae = make_sae("relu", exact=True)
+    kw = dict(top_k=4, reservoir_factor=5)
+    by_batch = [F.compute_partial(store, sae, "p1", 0, N_LATENTS, batch_rows=b, **kw) for b in (13, 100, 4096)]
+    for other in by_batch[1:]:
+        for name in F.Partial.ARRAYS:
+            a, b = getattr(by_batch[0], name), getattr(other, name)
+            if name == "sum":
+                np.testing.assert_allclose(a, b, rtol=1e-12)
+            else:
+                assert np.array_equal(a, b), name
+    sliced = F.compute_partial(store, sae, "p1", 16, 40, batch_rows=64, **kw)
+    for name in ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "max", "hist"):
+        assert np.array_equal(getattr(sliced, name), getattr(by_batch[0], name)[16:40]), name
+    # the reservoir really is kept partially: more activating tokens than slots
+    assert (by_batch[0].count > by_batch[0].reservoir_size).sum() > 10
+
+    partials = [F.compute_partial(store, sae, key, 0, N_LATENTS, batch_rows=256, **kw) for key in ("p0", "p1", "p2")]
+    merged = [F.merge_partials(order) for order in (partials, partials[::-1], [partials[1], partials[2], partials[0]])]
+    for other in merged[1:]:
+        assert other.examples.equals(merged[0].examples)
+        assert other.stats.drop("mean", "sum").equals(merged[0].stats.drop("mean", "sum"))
+    # a different seed draws a different sample
+    reseeded = F.compute_partial(store, sae, "p1", 0, N_LATENTS, batch_rows=256, top_k=4, reservoir_factor=5, seed=1)
+    assert not np.array_equal(reseeded.res_row, by_batch[0].res_row)
+    assert np.array_equal(reseeded.top_row, by_batch[0].top_row)
+
+
+def test_reservoir_is_statistically_uniform_over_all_activating_tokens(store):
+    """Pooled over features and seeds, the position of each sampled token among the feature's
+    activating tokens (in dataset order, across 3 partitions) is uniform: chi-square on 10 bins.
+    Keeping the first / last / largest tokens, or one partition's tokens, would fail it."""
+    splits = [1500, 500, 1000]
+    rows = make_dataset(store, splits, seed=3)
+    sae = make_sae("relu", seed=3)
+    dense = sae.encode_dense(torch.from_numpy(rows)).numpy()
+    offsets = {"p0": 0, "p1": splits[0], "p2": splits[0] + splits[1]}
+    positions, per_partition, expected_partition = [], np.zeros(3), np.zeros(3)
+    for seed in range(6):
+        tables = F.merge_partials(F.compute_partial(store, sae, k, 0, N_LATENTS, top_k=2, reservoir_factor=10,
+                                                    seed=seed, batch_rows=512) for k in offsets)
+        rand = tables.examples.filter(pl.col("kind") == "random")
+        for feature, group in rand.group_by("feature"):
+            active = np.nonzero(dense[:, feature[0]] > 0)[0]
+            if len(active) < 100:  # sample must be a small part of the population
+                continue
+            got = np.array([offsets[p] + r for p, r in zip(group["partition"], group["row"])])
+            assert len(got) == 20 and len(set(got)) == 20 and np.isin(got, active).all()
+            positions += (np.searchsorted(active, got) / len(active)).tolist()
+            per_partition += np.bincount(np.searchsorted(np.cumsum(splits), got, side="right"), minlength=3)
+            expected_partition += 20 * np.bincount(np.searchsorted(np.cumsum(splits), active, side="right"),
+                                                   minlength=3) / len(active)
+    observed = np.bincount(np.minimum((np.array(positions) * 10).astype(int), 9), minlength=10)
+    expected = len(positions) / 10
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    assert len(positions) > 3000
+    assert chi2 < 40, (chi2, observed)  # df 9: p ~ 1e-5
+    chi2_partition = ((per_partition - expected_partition) ** 2 / expected_partition).sum()
+    assert chi2_partition < 25, (per_partition, expected_partition)  # df 2
+
+
+def test_densities_and_histograms_add_up(store):
+    splits = [800, 1200, 300]
+    make_dataset(store, splits)
+    sae = make_sae("topk")
+    partials = [F.compute_partial(store, sae, f"p{i}", 0, N_LATENTS, top_k=3, batch_rows=200) for i in range(3)]
+    stats = F.merge_partials(partials).stats
+    counts = np.stack(stats["count"].to_numpy())
+    hist = np.stack(stats["histogram"].to_list())
+    assert hist.shape == (N_LATENTS, F.N_HIST_BINS) and len(F.HIST_EDGES) == F.N_HIST_BINS - 1
+    assert np.array_equal(hist.sum(1), counts)
+    assert np.array_equal(counts, sum(p.count for p in partials))
+    assert np.array_equal(hist, sum(p.hist for p in partials))
+    assert (stats["n_tokens_total"] == sum(splits)).all()
+    np.testing.assert_allclose(stats["density"].to_numpy(), counts / sum(splits))
+    assert stats["density"].sum() == pytest.approx(4 * sum(splits) / sum(splits), rel=0.02)  # TopK k=4: L0 <= 4
+    assert np.array_equal(stats["max"].to_numpy(), np.maximum.reduce([p.max for p in partials]))
+    active = counts > 0
+    np.testing.assert_allclose(stats["mean"].to_numpy()[active],
+                               sum(p.sum for p in partials)[active] / counts[active], rtol=1e-12)
+    assert stats["mean"].null_count() == (~active).sum()
+
+
+def test_interval_examples_fall_in_their_intervals_and_come_from_the_sample(store):
+    make_dataset(store, [3000])
+    sae = make_sae("relu")
+    tables = F.merge_partials([F.compute_partial(store, sae, "p0", 0, N_LATENTS, top_k=5, reservoir_factor=10)],
+                              n_intervals=5, per_interval=3)
+    ex = tables.examples.join(tables.stats.select("feature", "max"), on="feature")
+    inter = ex.filter(pl.col("kind") == "interval")
+    assert inter.height > N_LATENTS
+    a, m, j = inter["activation"].to_numpy().astype(np.float64), inter["max"].to_numpy(), inter["interval"].to_numpy()
+    assert ((j * m / 5 <= a * (1 + 1e-7)) & (a <= (j + 1) * m / 5 * (1 + 1e-7))).all()
+    assert inter.group_by("feature", "interval").len()["len"].max() == 3
+    rand = ex.filter(pl.col("kind") == "random").select("feature", "partition", "row")
+    assert inter.select("feature", "partition", "row").join(rand, on=["feature", "partition", "row"],
+                                                            how="anti").height == 0
+    # each interval takes its first sample members (smallest keys): as many as exist, up to 3
+    for (feature,), group in ex.filter(pl.col("kind") == "random").group_by("feature"):
+        mx = group["max"][0]
+        members = F.interval_of(group.sort("rank")["activation"].to_numpy(), mx, 5)
+        got = inter.filter(pl.col("feature") == feature)
+        for jj in range(5):
+            assert got.filter(pl.col("interval") == jj).height == min(3, int((members == jj).sum()))
+    assert ex.filter(pl.col("kind") == "top")["interval"].null_count() == ex.filter(pl.col("kind") == "top").height
+
+
+def test_brute_force_check_passes_on_good_tables_and_catches_tampering(store):
+    make_dataset(store, [600, 500])
+    sae = make_sae("relu")
+    F.build_feature_tables(store, sae, "run", top_k=4, reservoir_factor=2)
+    good = F.read_tables(store, "run", 0)
+    assert F.brute_force_check(store, sae, "run", 0, 0, N_LATENTS, sample_features=N_LATENTS)["ok"]
+    feature = int(good.stats.filter(pl.col("count") > 50)["feature"][0])
+
+    def tampered(what, stats=None, examples=None):
+        F.write_tables(store, "run", 0, F.FeatureTables(stats if stats is not None else good.stats,
+                                                        examples if examples is not None else good.examples,
+                                                        good.meta))
+        result = F.brute_force_check(store, sae, "run", 0, 0, N_LATENTS, sample_features=N_LATENTS)
+        assert not result["ok"] and {(m["feature"], m["what"]) for m in result["mismatches"]} == {(feature, what)}
+
+    is_f = pl.col("feature") == feature
+    bump = lambda kind, col, expr: good.examples.with_columns(  # noqa: E731
+        pl.when(is_f & (pl.col("kind") == kind) & (pl.col("rank") == 1)).then(expr).otherwise(pl.col(col)).alias(col))
+    tampered("top", examples=bump("top", "activation", pl.col("activation") * 1.0001))
+    tampered("top", examples=bump("top", "row", pl.col("row") + 1))
+    tampered("random", examples=bump("random", "row", pl.col("row") + 1))
+    tampered("count", stats=good.stats.with_columns(pl.when(is_f).then(pl.col("count") + 1).otherwise(pl.col("count"))
+                                                    .alias("count")))
+    tampered("histogram", stats=good.stats.with_columns(
+        pl.when(is_f).then(pl.col("histogram").list.reverse()).otherwise(pl.col("histogram")).alias("histogram")))
+    # a different SAE is noticed too
+    other = make_sae("relu", seed=9)
+    F.write_tables(store, "run", 0, good)
+    assert "sae_fingerprint" in {m["what"] for m in F.brute_force_check(store, other, "run", 0, 0, N_LATENTS)["mismatches"]}
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from sae_platform import features as F
+    from sae_platform.sae import build_sae
+    from sae_platform.storage import ArtifactStore
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    torch.manual_seed(0)
+    sae = build_sae("topk", 256, 64, k=4).eval()
+    store = ArtifactStore(sys.argv[1])
+    out = {}
+    for key in ("short", "long", "short"):
+        open("/proc/self/clear_refs", "w").write("5")
+        before = status("VmRSS")
+        partial = F.compute_partial(store, sae, key, 0, 64, batch_rows=4096)
+        out[key] = status("VmHWM") - before
+        del partial
+    print(json.dumps(out))
+""")
+
+
+def test_peak_memory_does_not_grow_with_the_partition_length(store, tmp_path):
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("needs /proc/self/clear_refs to reset the peak-RSS counter")
+    rng = np.random.default_rng(0)
+    for key, n in (("short", 25_000), ("long", 100_000)):  # 12.8 MB and 51 MB of float16 rows
+        write_partition(store, key, rng.standard_normal((n, 256), dtype=np.float32).astype(np.float16),
+                        chunk_rows=8192)
+    script = tmp_path / "memory.py"
+    script.write_text(MEMORY_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), store.root], capture_output=True, text=True, check=True)
+    peak = json.loads(out.stdout.strip().splitlines()[-1])
+    # holding the long partition (51 MB as stored, 102 MB as float32) or its activations
+    # ([100k, 64] float32: 26 MB) would add tens of MB; streaming adds nothing measurable
+    assert peak["long"] - peak["short"] < 16 * 2**20, peak
+    assert peak["long"] < 48 * 2**20, peak
+
+
+def test_bad_inputs_raise_errors_that_name_the_problem_and_the_fix(store):
+    make_dataset(store, [300, 200])
+    sae = make_sae("relu")
+    with pytest.raises(F.FeatureError, match="width 16 but the SAE expects d_model 24") as err:
+        F.compute_partial(store, make_sae("relu", d=24), "p0", 0, 8)
+    assert "How to fix" in str(err.value)
+    with pytest.raises(StorageError, match="activation partition 'nope' is missing"):
+        F.compute_partial(store, sae, "nope", 0, 8)
+    with pytest.raises(F.FeatureError, match=r"feature range \[60, 70\) is outside the SAE's latents \[0, 64\)"):
+        F.compute_partial(store, sae, "p0", 60, 70)
+    with pytest.raises(F.FeatureError, match="top_k must be a positive integer"):
+        F.compute_partial(store, sae, "p0", 0, 8, top_k=0)
+    a = F.compute_partial(store, sae, "p0", 0, 8)
+    with pytest.raises(F.FeatureError, match="disagree on stop"):
+        F.merge_partials([a, F.compute_partial(store, sae, "p1", 0, 16)])
+    with pytest.raises(F.FeatureError, match="appears twice"):
+        F.merge_partials([a, a])
+    with pytest.raises(F.FeatureError, match="different SAE weights"):
+        F.merge_partials([a, F.compute_partial(store, make_sae("relu", seed=4), "p1", 0, 8)])
+    with pytest.raises(F.FeatureError, match="no partials"):
+        F.merge_partials([])
+    with pytest.raises(StorageError, match="feature tables of run 'run', shard 0 is missing"):
+        F.read_tables(store, "run", 0)
+    with pytest.raises(StorageError, match="feature partial"):
+        F.read_partial(store, "run", "p0", 0)
+    F.write_tables(store, "run", 0, F.merge_partials([a]))
+    with pytest.raises(F.FeatureError, match=r"cover \[0, 8\), not \[0, 16\)"):
+        F.brute_force_check(store, sae, "run", 0, 0, 16)
+    bad = synthetic_rows(100)
+    bad[37, 3] = np.nan
+    write_partition(store, "broken", bad)
+    with pytest.raises(F.FeatureError, match="NaN/inf values .first at row 37"):
+        F.compute_partial(store, sae, "broken", 0, 8, batch_rows=16)
+    with pytest.raises(PlatformError, match="no activation partitions"):
+        from sae_platform.storage import ArtifactStore
+        F.build_feature_tables(ArtifactStore(f"{store.root}/empty"), sae, "run")
+
+
+def test_partials_and_tables_commit_atomically(store, monkeypatch):
+    make_dataset(store, [400])
+    sae = make_sae("relu")
+    partial = F.compute_partial(store, sae, "p0", 0, N_LATENTS, top_k=3)
+    F.write_partial(store, "run", "p0", 0, partial)
+    back = F.read_partial(store, "run", "p0", 0)
+    for name in F.Partial.ARRAYS:
+        assert np.array_equal(getattr(back, name), getattr(partial, name)), name
+    assert back.partition_version == store.pointer("activations/p0")["version"]
+    assert F.list_partials(store, "run", 0) == ["p0"] and F.list_partials(store, "run", 1) == []
+    tables = F.merge_partials([back])
+    F.write_tables(store, "run", 0, tables)
+    first = store.resolve(F.tables_name("run", 0))
+
+    real = store.write_parquet
+
+    def failing(path, frame):
+        if path.endswith("examples.parquet"):
+            raise OSError("disk full")
+        return real(path, frame)
+
+    monkeypatch.setattr(store, "write_parquet", failing)
+    with pytest.raises(OSError):
+        F.write_tables(store, "run", 0, tables)
+    monkeypatch.undo()
+    assert store.resolve(F.tables_name("run", 0)) == first  # the old version stays, whole
+    again = F.read_tables(store, "run", 0)
+    assert again.stats.equals(tables.stats) and again.examples.equals(tables.examples)
+    assert again.meta["hist_bin_edges"] == F.hist_bin_edges() and again.meta["partitions"][0]["key"] == "p0"
+    leftovers = [p for p in store.fs.ls(store.path(F.tables_name("run", 0)), detail=False) if "/v-" in p]
+    assert len(leftovers) == 1  # the failed version directory was removed
