@@ -100,7 +100,7 @@ ACTIVATION = "activation"
 PARTITION = "partition"
 ROW = "row"
 EXAMPLE_COLUMNS = (FEATURE, KIND, RANK, INTERVAL, ACTIVATION, PARTITION, ROW)
-EXAMPLE_SCHEMA = {FEATURE: pl.Int64, KIND: pl.String, RANK: pl.Int64, INTERVAL: pl.Int64,
+EXAMPLE_SCHEMA = {FEATURE: pl.Int64, KIND: pl.String, RANK: pl.Int32, INTERVAL: pl.Int32,  # as features.py
                   ACTIVATION: pl.Float32, PARTITION: pl.String, ROW: pl.Int64}
 KIND_ORDER = ("top", "interval", "random")  # page order; other kinds follow, alphabetically
 
@@ -139,9 +139,9 @@ ROW_GROUP_ROWS = 1024  # windows per parquet row group: the unit a feature-range
 ENCODE_ELEMENTS = 1 << 24
 LOGIT_ELEMENTS = 1 << 24
 SLICE_CALL_ELEMENTS = 1 << 13  # fixed cost of one encode_slice call, in (row x latent) elements
-PAIR_CHUNK = 1 << 18
+PAIR_CHUNK = 1 << 18  # (row, feature) lookups per step in TopK codes
 RESIDENT_BYTES = 1 << 30  # distinct activation rows held at once (float32, on the SAE's device)
-READ_ROWS = 1 << 15  # rows per zarr read into the resident block  # (row, feature) lookups per step in TopK codes
+READ_ROWS = 1 << 15  # rows per zarr read into the resident block
 RTOL, ATOL = 1e-3, 1e-4  # recomputed vs stored example activation (fp32 vs fp32, other batching/device)
 # Examples of a partition allowed to disagree beyond RTOL/ATOL: float-level differences between
 # the pass that built the tables and this one (another device or batch shape) can flip a TopK
@@ -530,7 +530,7 @@ def token_display_strings(tokenizer, ids) -> list[str]:
 
 def _byte_level_unicode() -> dict[str, int]:
     """GPT-2's byte <-> printable-character table, inverted."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

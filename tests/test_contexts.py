@@ -48,16 +48,39 @@ class Sinky:
         return out
 
 
-@pytest.fixture
-def cached(store, tiny_hooked, text_dir):
-    """Four real partitions (3 .txt, 1 .jsonl with short documents: boundaries inside contexts)."""
-    (text_dir / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in DOCS), encoding="utf-8")
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_model_dir):
+    """Four real partitions, cached once per module: the conftest inbox (3 .txt files) plus a
+    .jsonl of short documents, so document boundaries fall inside contexts."""
+    from conftest import TRAINING_TEXT
+
+    from sae_platform.model import load_hooked_model
+    from sae_platform.storage import ArtifactStore
+
+    root = tmp_path_factory.mktemp("contexts")
+    inbox = root / "inbox"
+    inbox.mkdir()
+    for i, name in enumerate(["alpha", "beta", "gamma"]):  # as the text_dir fixture
+        (inbox / f"{name}.txt").write_text(TRAINING_TEXT * (3 + i), encoding="utf-8")
+    (inbox / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in DOCS), encoding="utf-8")
+    store = ArtifactStore(str(root / "artifacts"))
+    model = load_hooked_model(str(tiny_model_dir), layer=1, device="cpu", autocast="none")
     keys = []
-    for text_file in list_source(str(text_dir / "*")):
-        cache_text_file(store, text_file, Sinky(tiny_hooked), "tiny", CacheSettings(ctx_len=CTX_LEN, batch_size=4))
+    for text_file in list_source(str(inbox / "*")):
+        cache_text_file(store, text_file, Sinky(model), "tiny", CacheSettings(ctx_len=CTX_LEN, batch_size=4))
         keys.append(text_file.key)
-    assert "docs" in keys
-    return keys
+    assert keys == ["alpha", "beta", "docs", "gamma"]
+    return store, keys
+
+
+@pytest.fixture
+def store(corpus):
+    return corpus[0]
+
+
+@pytest.fixture
+def cached(corpus):
+    return corpus[1]
 
 
 def _sae(variant, cached_store, keys, **hp):
@@ -148,7 +171,7 @@ def test_windows_stay_inside_context_and_document(store, cached, tiny_hooked):
 @pytest.mark.parametrize("variant,hp", [("relu", {}), ("topk", {"k": 4})])
 def test_window_activations_equal_brute_force(store, cached, tiny_hooked, variant, hp):
     sae = _sae(variant, store, cached, **hp)
-    examples = _all_rows_examples(store, sae, cached)
+    examples = _all_rows_examples(store, sae, cached, features=(3, 40))
     no_row = 0
     for key, frame in _windows(store, sae, cached, examples, tiny_hooked.tokenizer).items():
         g = open_partition(store, key).group
@@ -172,14 +195,15 @@ def test_window_activations_equal_brute_force(store, cached, tiny_hooked, varian
 @pytest.mark.parametrize("variant,hp", [("relu", {}), ("topk", {"k": 4})])
 def test_small_blocks_and_slices_give_the_same_windows(store, cached, tiny_hooked, monkeypatch, variant, hp):
     sae = _sae(variant, store, cached, **hp)
-    examples = _top_examples(store, sae, cached)
-    big = _windows(store, sae, cached, examples, tiny_hooked.tokenizer)
+    keys = ["alpha", "docs"]
+    examples = _top_examples(store, sae, keys)
+    big = _windows(store, sae, keys, examples, tiny_hooked.tokenizer)
     monkeypatch.setattr(contexts, "ENCODE_ELEMENTS", 7 * 5)  # slices of at most 35 (row x latent) elements
     monkeypatch.setattr(contexts, "SLICE_CALL_ELEMENTS", 1)
     monkeypatch.setattr(contexts, "RESIDENT_BYTES", 11 * 32 * 4)  # 11 resident rows
     monkeypatch.setattr(contexts, "READ_ROWS", 3)
-    small = _windows(store, sae, cached, examples, tiny_hooked.tokenizer, batch_rows=5)
-    for key in cached:
+    small = _windows(store, sae, keys, examples, tiny_hooked.tokenizer, batch_rows=5)
+    for key in keys:
         assert small[key].drop(ACTS).equals(big[key].drop(ACTS))
         np.testing.assert_allclose(small[key][ACTS].explode().to_numpy(), big[key][ACTS].explode().to_numpy(),
                                    rtol=1e-5, atol=1e-6)  # other batch shapes: other BLAS rounding
@@ -214,7 +238,8 @@ def test_regroup_keeps_exactly_the_shard_features_sorted(store, cached, tiny_hoo
         shard = regroup_by_feature(store, "run1", cached, start, stop)
         want = examples.filter(pl.col(FEATURE).is_between(start, stop - 1))
         assert len(shard) == len(want) and set(shard[FEATURE]) == set(range(start, stop))
-    keys = [(r[FEATURE], {"top": 0, "interval": 1}[r[KIND]], r[INTERVAL] or -1, r[RANK]) for r in shard.iter_rows(named=True)]
+    keys = [(r[FEATURE], {"top": 0, "interval": 1}[r[KIND]], r[INTERVAL] or -1, r[RANK])
+            for r in shard.iter_rows(named=True)]
     assert keys == sorted(keys)
     assert sorted(shard.select(FEATURE, KIND, RANK, PARTITION, ROW).rows()) == \
         sorted(want.select(FEATURE, KIND, RANK, PARTITION, ROW).rows())
@@ -232,9 +257,9 @@ def test_regroup_keeps_exactly_the_shard_features_sorted(store, cached, tiny_hoo
 def test_partition_without_examples_writes_an_empty_partial(store, cached, tiny_hooked):
     sae = _sae("relu", store, cached)
     examples = _top_examples(store, sae, ["alpha"])
-    info = build_partition_windows(store, "r", sae, "beta", examples, tiny_hooked.tokenizer)
+    info = build_partition_windows(store, "empty", sae, "beta", examples, tiny_hooked.tokenizer)
     assert info["n_windows"] == 0
-    assert regroup_by_feature(store, "r", ["beta"], 0, 64).schema == pl.Schema(WINDOW_SCHEMA)
+    assert regroup_by_feature(store, "empty", ["beta"], 0, 64).schema == pl.Schema(WINDOW_SCHEMA)
 
 
 def test_failed_write_leaves_nothing(store, cached, tiny_hooked, monkeypatch):
@@ -247,9 +272,10 @@ def test_failed_write_leaves_nothing(store, cached, tiny_hooked, monkeypatch):
 
     monkeypatch.setattr(store, "write_bytes_atomic", boom)
     with pytest.raises(OSError):
-        write_partition_windows(store, "r", "docs", frame)
-    assert store.resolve(partial_name("r", "docs")) is None
-    assert not store.fs.exists(store.path(partial_name("r", "docs"))) or not store.fs.ls(store.path(partial_name("r", "docs")))
+        write_partition_windows(store, "failing", "docs", frame)
+    assert store.resolve(partial_name("failing", "docs")) is None
+    folder = store.path(partial_name("failing", "docs"))
+    assert not store.fs.exists(folder) or not store.fs.ls(folder)  # the version directory was removed
 
 
 def test_stale_tables_and_mismatches_are_refused(store, cached, tiny_hooked):
@@ -315,10 +341,12 @@ def test_example_columns_match_the_feature_tables():
     assert EXAMPLE_COLUMNS == ("feature", "kind", "rank", "interval", "activation", "partition", "row")
 
 
-def test_a_document_change_cuts_the_window_even_without_a_separator(store, tiny_hooked):
+def test_a_document_change_cuts_the_window_even_without_a_separator(tmp_path, tiny_hooked):
     from sae_platform.activations import cache_partition
     from sae_platform.corpus import Contexts, Document
+    from sae_platform.storage import ArtifactStore
 
+    store = ArtifactStore(str(tmp_path / "artifacts"))
     tokens = np.random.default_rng(0).integers(1, 250, size=(4, 16)).astype(np.int32)
     tokens[:, 0] = tiny_hooked.start_token_id
     docs = np.zeros_like(tokens)
