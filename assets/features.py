@@ -34,6 +34,13 @@ def _shard(key: str) -> int:
     return int(key.removeprefix("f"))
 
 
+def shown_examples(examples: pl.DataFrame, random_examples: int) -> pl.DataFrame:
+    """The examples that get context windows: all top and interval ones, and the first
+    ``random_examples`` of the random sample (ranked by sample key, so still a uniform sample).
+    The whole sample stays in the tables for interval picking and statistics."""
+    return examples.filter((pl.col("kind") != "random") | (pl.col("rank") < random_examples))
+
+
 def _load(storage: StorageResource, features: FeatureTablesResource):
     store = storage.store()
     sae, _ = load_sae(store, features.sae_name, pick_device(features.device))
@@ -98,7 +105,8 @@ def feature_context_windows(context: AssetExecutionContext, storage: StorageReso
     """Pass 3, sharded over the dataset: the windows around every chosen example in this batch, with the
     feature's activation on each token and the decoded token strings."""
     store, sae = _load(storage, features)
-    examples = [ft.read_tables(store, features.sae_name, i).examples for i in range(N_FEATURE_SHARDS)]
+    examples = [shown_examples(ft.read_tables(store, features.sae_name, i).examples, features.random_examples)
+                for i in range(N_FEATURE_SHARDS)]
     hooked, _ = language_model.load(store, device="cpu")
     info = ctx.build_partition_windows(store, features.sae_name, sae, context.partition_key, pl.concat(examples),
                                        hooked.tokenizer, before=features.before, after=features.after)
@@ -144,7 +152,7 @@ def feature_browser(context: AssetExecutionContext, storage: StorageResource,
         tables = ft.read_tables(store, features.sae_name, index)
         logits_path = store.require(logits_name(features.sae_name, index), "logit effects", "materialize feature_topk")
         shards.append({"start": tables.meta["start"], "stop": tables.meta["stop"], "feature_stats": tables.stats,
-                       "feature_examples": tables.examples,
+                       "feature_examples": shown_examples(tables.examples, features.random_examples),
                        "feature_contexts": ctx.read_feature_contexts(store, features.sae_name, index),
                        "logit_effects": store.read_parquet(f"{logits_path}/logit_effects.parquet")})
     lineage = feature_table_lineage(store, features.sae_name, 0, run_id=None)

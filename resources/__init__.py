@@ -77,6 +77,8 @@ class FeatureTablesResource(ConfigurableResource):
     sae_name: str = Field(default="topk-16k-k32", description="sweep entry whose checkpoint is described")
     top_k: int = Field(default=20, description="top activating examples per feature")
     reservoir_factor: int = Field(default=10, description="random examples kept per feature = factor x top_k")
+    random_examples: int = Field(default=20, description="random examples per feature shown with context "
+                                                         "(a prefix of the uniform sample is itself uniform)")
     n_intervals: int = Field(default=5, description="activation intervals for interval examples")
     per_interval: int = Field(default=4, description="examples per interval")
     before: int = Field(default=16, description="context tokens before an example")
