@@ -26,11 +26,20 @@ Sides (each run in a fresh subprocess; identical token batches of --batch-rows r
 Figures: throughput (tokens x features per second, on the large partition), peak memory (large
 partition) and the growth of peak memory when tokens grow 4x (small -> large).
 
+The baseline's feature batch is a trade-off it cannot escape: for a TopK SAE every batch pays a
+full encode of all tokens (throughput ~ batch size), while its memory is tokens x batch x 4 bytes.
+At 4096 (4 batches for 16k latents) it holds 0.8 GB at 50k tokens and 3.3 GB at 200k; one batch of
+all 16k latents would match streaming's single encode but hold 3.3 GB at 50k tokens (13 GB at
+200k), smaller batches (SAEDashboard uses a few hundred features) multiply the encodes.
+
 Peak memory: in each subprocess, after imports, the SAE load and opening the store, the kernel's
 high-water mark is reset (``echo 5 > /proc/self/clear_refs``), the current VmRSS is read, the pass
 runs, and VmHWM - that VmRSS is the figure: every byte the pass touched (torch tensors, numpy,
-zarr buffers, allocator slack), not an estimate. Timings are medians of --repeats runs.
-The last lines are one JSON object per figure.
+zarr buffers), not an estimate. Both sides run with MALLOC_MMAP_THRESHOLD_=256 KiB so that RSS
+follows live allocations: by default glibc keeps freed blocks of up to 32 MB in its heap, and the
+streaming side's peak then wobbles by 10-15% with fragmentation (measured here: 186-220 MiB against
+~163 MiB live; --default-malloc shows it). The baseline's peak is one big mmapped matrix either way.
+Timings are medians of --repeats runs. The last lines are one JSON object per figure.
 """
 
 import argparse
@@ -53,6 +62,7 @@ GOAL_THROUGHPUT = 2.0
 GOAL_MEMORY_RATIO = 0.25
 GOAL_MEMORY_GROWTH = 1.1
 CHUNK_BYTES = 4 << 20
+MMAP_THRESHOLD = 256 << 10  # glibc: blocks above this are mmapped, so freeing returns them at once
 
 
 def _status() -> dict:
@@ -174,19 +184,24 @@ def run_worker(side: str, partition: str, args, root: str, sae_path: str) -> dic
     cmd = [sys.executable, __file__, "--worker", side, "--partition", partition, "--store", root, "--sae", sae_path,
            "--batch-rows", str(args.batch_rows), "--feature-batch", str(args.feature_batch),
            "--baseline-batches", str(args.baseline_batches)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = dict(os.environ)
+    if not args.default_malloc:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="12.5k / 50k tokens, 1 repeat")
+    parser.add_argument("--quick", action="store_true", help="12.5k / 50k tokens, 1 run per side and size")
     parser.add_argument("--tokens", type=int, default=None, help="tokens of the small partition (large = 4x)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--batch-rows", type=int, default=1024)
     parser.add_argument("--feature-batch", type=int, default=4096,
                         help="baseline features per dense [tokens, features] matrix")
     parser.add_argument("--baseline-batches", type=int, default=1)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's mmap threshold alone (peaks then include its retained free blocks)")
     parser.add_argument("--worker", choices=["streaming", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--partition", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
@@ -206,10 +221,10 @@ def main() -> int:
         make_data(root, {"small": small, "large": 4 * small}, sae_path)
         setup_s = time.perf_counter() - t0
         runs = {(side, p): [] for side in ("streaming", "baseline") for p in ("small", "large")}
-        for r in range(repeats):
+        for r in range(repeats):  # the sides alternate which goes first
             order = ("streaming", "baseline") if r % 2 == 0 else ("baseline", "streaming")
             for side in order:
-                for p in ("small", "large") if r == 0 else ("large",):
+                for p in ("small", "large"):
                     runs[(side, p)].append(run_worker(side, p, args, root, sae_path))
     wall_s = time.perf_counter() - wall
 
@@ -234,12 +249,17 @@ def main() -> int:
           f"peak memory ratio {peak[('streaming', 'large')] / peak[('baseline', 'large')]:.3f} "
           f"(goal <= {GOAL_MEMORY_RATIO}); 4x tokens: streaming peak x{growth_s:.2f}, baseline x{growth_b:.2f}")
     print(f"streaming diagnostics (large): {diag}; hwm reset: {runs[('streaming', 'large')][0]['hwm_reset']}")
-    print(f"wall time {wall_s:.1f} s; load average {load_before:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    load_after = os.getloadavg()[0]
+    print(f"wall time {wall_s:.1f} s; load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs")
+    noisy = max(load_before, load_after) > (os.cpu_count() or 1) + 0.5
+    if noisy:
+        print("WARNING: other work was running on this machine (load average above the CPU count): timings are "
+              "noisy (memory figures are not affected)")
     print()
     common = {"d_model": D_MODEL, "n_latents": N_LATENTS, "k": K, "top_k": TOP_K,
               "reservoir": TOP_K * RESERVOIR_FACTOR, "batch_rows": args.batch_rows,
               "baseline_feature_batch": args.feature_batch, "repeats": repeats, "quick": args.quick,
-              "wall_s": round(wall_s, 1), "load_before": load_before}
+              "wall_s": round(wall_s, 1), "load_before": load_before, "load_after": load_after, "noisy": noisy}
     lines = [
         {"metric": "feature_pass1_token_features_per_s", "value": tput["streaming"], "baseline": tput["baseline"],
          "ratio": tput["streaming"] / tput["baseline"], "goal": GOAL_THROUGHPUT, "unit": "tokens*features/s",
@@ -250,7 +270,9 @@ def main() -> int:
          "baseline": peak[("baseline", "large")],
          "ratio": peak[("streaming", "large")] / peak[("baseline", "large")], "goal": GOAL_MEMORY_RATIO,
          "lower_is_better": True, "unit": "bytes", "tokens": 4 * small,
-         "measured_as": "VmHWM after the pass - VmRSS before it, HWM reset via /proc/self/clear_refs", **common},
+         "measured_as": "VmHWM after the pass - VmRSS before it, HWM reset via /proc/self/clear_refs",
+         "malloc": "default" if args.default_malloc else f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (both sides)",
+         **common},
         {"metric": "feature_pass1_peak_memory_growth_4x_tokens", "value": peak[("streaming", "large")],
          "baseline": peak[("streaming", "small")], "ratio": growth_s, "goal": GOAL_MEMORY_GROWTH,
          "lower_is_better": True, "unit": "bytes", "tokens": [small, 4 * small],

@@ -13,13 +13,16 @@ state, whatever the partition's length:
 
 Pass 2 (``merge_partials``) folds the partials of every partition of one feature shard into the
 final tables. Both passes are exact: the merged tables equal what one job reading the whole
-dataset would produce, bit for bit (``brute_force_check`` verifies it), whatever the dataset /
-feature sharding, the batch size and the merge order.
+dataset would produce (``brute_force_check`` verifies it), whatever the feature sharding, the
+grouping of partitions and the merge order. The activation values themselves are the SAE's: a
+matmul's rounding can depend on its shape (on CPU a one-row batch takes another kernel; CUDA picks
+kernels by shape), so the brute-force check replays pass 1's batch boundaries and then compares
+bit for bit.
 
 Order and ties. Examples are ordered by activation (descending), then partition key (ascending,
 the order of ``activations.list_partitions``), then row (ascending). Inside pass 1 the activation's
-float32 bits and the row are packed into one int64 ``(bits << 32) | (2**32 - 1 - row)`` so that
-one integer top-k gives exactly this order on any device.
+float32 bits and the row are packed into one int64 ``(bits << 32) | (2**32 - 1 - row)``, so integer
+comparisons give exactly this order on any device.
 
 Random sample (bottom-R sampling). Every activating (partition, row, feature) gets a 63-bit key
 from a counter-based RNG: splitmix64's finaliser applied to (seed, partition key, row, feature), so
@@ -30,12 +33,14 @@ the R smallest of each part's R smallest, so merging two shards' samples is "bot
 union" and stays exactly uniform over all activating tokens of the dataset (no weights needed).
 Ties between keys have probability ~n^2 / 2^63 and are ignored.
 
-Streaming selection. Each feature has a fixed int64 buffer of 2m slots (m = top_k or R). Per
-batch, only candidates that can still enter (activation above the feature's current k-th best;
-sample key below its current R-th smallest) are appended to the free half of their feature's
-row; a row that overflows is compacted (sort, keep the m best, update the threshold). Memory:
-O(n_features * (top_k + R + bins)) plus one batch, never the partition's length. Pass 1 runs on
-the SAE's device (CPU or CUDA).
+Streaming selection. Each feature has a fixed int64 buffer of 2m slots (m = top_k or R). The
+active entries of a few token batches at a time (at most ~n_features * (top_k + R) / 4 entries)
+are filtered: only candidates that can still enter (activation above the feature's current k-th
+best; sample key below its current R-th smallest) are appended to the free half of their
+feature's row; a row that overflows is compacted (sort, keep the m best, update the threshold).
+Memory: O(n_features * (top_k + R + bins)) plus one token batch, never the partition's length.
+Pass 1 runs on the SAE's device (CPU or CUDA; there ``sum`` is accumulated with atomics, so its
+last bits may vary from run to run; everything else is deterministic).
 
 Activations come from ``sae.encode_slice(x, start, stop)`` (ReLU / JumpReLU / BatchTopK multiply
 only the slice's encoder rows). For variants whose activations are a slice of the full sparse
@@ -89,6 +94,7 @@ Partials (pass-1 output) are committed under ``features/<run>/partial/<partition
 as ``partial.npz`` (arrays) plus ``meta.json``.
 """
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -114,6 +120,10 @@ MAX_ROWS = 2**31 - 1                # rows per partition (the top-k key packs 32
 KINDS = ("top", "interval", "random")
 # Dense route (ReLU-like variants): bound the [batch, n_features] activation block.
 DENSE_BATCH_ELEMENTS = 1 << 22
+# Pass 1 folds the active entries of several token batches at once, up to about this many (and
+# no more than a quarter of the feature slice's slots, so memory stays O(n_features * (top_k + R))).
+UPDATE_ENTRIES = 1 << 18
+MIN_UPDATE_ENTRIES = 1 << 14
 # Compaction processes features in blocks of at most about this many slots.
 COMPACT_BLOCK_ENTRIES = 1 << 18
 
@@ -248,8 +258,9 @@ class _Selector:
     """Per feature, the m entries with the smallest int64 sort keys seen so far.
 
     Entries are int64 *slots* (EMPTY = -1 marks a free one) from which ``sort_key(slots, features)``
-    (1-d, occupied slots only) derives the key, so a buffer is one int64 [n, 2m] matrix: the top-k slot is its own key, a
-    reservoir slot packs (row << 32 | activation bits) and its key is recomputed from the row.
+    (1-d, occupied slots only) derives the key, so a buffer is one int64 [n, 2m] matrix: the top-k
+    slot is its own key, a reservoir slot packs (row << 32 | activation bits) and its key is
+    recomputed from the row.
     New candidates (key below the feature's current m-th smallest, ``threshold``) are appended to
     the free half of their feature's row; a row that overflows is compacted (sort, keep the m
     smallest, threshold = the m-th), in blocks of features so temporaries stay small. Each
@@ -467,7 +478,7 @@ def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, s
         _positive(name, value)
     dev = _resolve_device(sae, device)
     part = _open_checked(store, sae, partition_key)
-    pointer = store.pointer(partition_name(partition_key)) or {}
+    version = part.path.rstrip("/").rsplit("/", 1)[-1]  # the version actually read, pinned in the partial
     n_feat, n_rows, res_size = stop - start, part.n_rows, reservoir_factor * top_k
     sparse = _sparse_route(sae)
     rows_per_batch = _effective_batch_rows(sae, batch_rows, n_feat)
@@ -488,17 +499,11 @@ def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, s
     vmax = torch.zeros(n_feat, dtype=torch.float32, device=dev)
     hist = torch.zeros(n_feat * N_HIST_BINS, dtype=torch.long, device=dev)
 
-    for offset, block in _batches(part.acts, n_rows, rows_per_batch):
-        x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
-        if not bool(torch.isfinite(x).all()):
-            bad = offset + int(torch.nonzero(~torch.isfinite(x).all(1))[0, 0])
-            raise FeatureError(f"activation partition {partition_key!r} has NaN/inf values (first at row {bad})",
-                               "re-cache that partition (materialize its activations again)")
-        rows, feat, vals = _active_entries(sae, x, start, stop, sparse)
-        if vals.numel() == 0:
-            continue
-        rows = rows + offset
-        count += torch.bincount(feat, minlength=n_feat)
+    def update(entries):
+        """Fold a group of (row, feature - start, activation) entries into the state."""
+        rows, feat, vals = (torch.cat(e) for e in zip(*entries)) if len(entries) > 1 else entries[0]
+        entries.clear()
+        count.add_(torch.bincount(feat, minlength=n_feat))
         total.index_add_(0, feat, vals.double())
         vmax.scatter_reduce_(0, feat, vals, "amax")
         bins = feat * N_HIST_BINS + torch.bucketize(vals, edges, right=True)
@@ -507,8 +512,33 @@ def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, s
         top.add(feat, -top_slot, top_slot)
         bits = vals.contiguous().view(torch.int32).long()
         res.add(feat, sample_keys(salt, rows, feat + start), (rows << 32) | bits)
+
+    # Entries of several token batches are folded together (up to `group` entries): the
+    # bookkeeping is ~40 small tensor ops whatever its size, so fewer, larger groups cost less.
+    group = max(min(UPDATE_ENTRIES, n_feat * (top_k + res_size) // 4), min(MIN_UPDATE_ENTRIES, UPDATE_ENTRIES))
+    pending, n_pending = [], 0
+    for offset, block in _batches(part.acts, n_rows, rows_per_batch):
+        x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
+        if not bool(torch.isfinite(x).all()):
+            bad = offset + int(torch.nonzero(~torch.isfinite(x).all(1))[0, 0])
+            raise FeatureError(f"activation partition {partition_key!r} has NaN/inf values (first at row {bad})",
+                               "re-cache that partition (materialize its activations again)")
+        rows, feat, vals = _active_entries(sae, x, start, stop, sparse)
+        del x
+        if vals.numel() == 0:
+            continue
+        pending.append((rows + offset, feat, vals))
+        n_pending += vals.numel()
+        if n_pending >= group:
+            update(pending)
+            n_pending = 0
+    if pending:
+        update(pending)
     top_act, top_row = (t.cpu().numpy() for t in _decode_top(top.finish()))
-    res_slots, res_compactions = res.finish(), res.compactions
+    top_compactions = top.compactions
+    del top
+    res_slots, res_compactions = res.finish().clone(), res.compactions
+    res.slots = None  # the free half of the buffer goes before the outputs are built
     res_keys = np.empty((n_feat, res_size), dtype=np.int64)
     res_row = np.empty((n_feat, res_size), dtype=np.int64)
     res_act = np.empty((n_feat, res_size), dtype=np.float32)
@@ -522,12 +552,12 @@ def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, s
     del res, res_slots
     cpu = lambda t: t.cpu().numpy()  # noqa: E731
     return Partial(
-        partition=partition_key, partition_version=pointer.get("version"), start=start, stop=stop, top_k=top_k,
+        partition=partition_key, partition_version=version, start=start, stop=stop, top_k=top_k,
         reservoir_size=res_size, seed=int(seed), batch_rows=rows_per_batch, n_tokens=n_rows,
         top_act=top_act, top_row=top_row, res_key=res_keys, res_row=res_row, res_act=res_act,
         count=cpu(count), sum=cpu(total), max=cpu(vmax), hist=cpu(hist.view(n_feat, N_HIST_BINS)),
         sae={"config": sae.config, "fingerprint": sae_fingerprint(sae)},
-        diagnostics={"top_compactions": top.compactions, "res_compactions": res_compactions,
+        diagnostics={"top_compactions": top_compactions, "res_compactions": res_compactions,
                      "route": "sparse" if sparse else "dense"},
     )
 
@@ -668,8 +698,8 @@ def merge_partials(partials: Iterable[Partial], *, n_intervals: int = 5, per_int
     _positive("per_interval", per_interval)
     state, first, seen = None, None, set()
     for p in partials:
-        if first is None:
-            first = p
+        if first is None:  # its settings only: the arrays are not kept alive
+            first = dataclasses.replace(p, **{name: None for name in Partial.ARRAYS})
         _check_compatible(first, p)
         if p.partition in seen:
             raise FeatureError(f"partition {p.partition!r} appears twice among the partials",
@@ -831,7 +861,12 @@ def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, sta
     if meta["sae"].get("fingerprint") != sae_fingerprint(sae):
         bad(None, "sae_fingerprint", sae_fingerprint(sae), meta["sae"].get("fingerprint"))
     stats = tables.stats.sort("feature")
-    counts = stats["count"].to_numpy()
+    if stats["feature"].to_list() != list(range(start, stop)):
+        bad(None, "stats features", f"[{start}, {stop})", f"{stats.height} rows, {stats['feature'].n_unique()} ids")
+        stats = stats.filter(pl.col("feature").is_between(start, stop - 1)).unique("feature", keep="first").sort(
+            "feature")
+    counts = np.zeros(stop - start, dtype=np.int64)
+    counts[stats["feature"].to_numpy() - start] = stats["count"].to_numpy()
     # mostly features that fire (where there is something to get wrong), plus one that never does
     rng = np.random.default_rng(seed)
     active, inactive = np.nonzero(counts > 0)[0], np.nonzero(counts == 0)[0]
@@ -867,7 +902,10 @@ def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, sta
     k, r, n_int = meta["top_k"], meta["reservoir_size"], meta["n_intervals"]
     salts = np.array([partition_salt(meta["seed"], key) for key in keys], dtype=object)
     for col, feature in enumerate(features):
-        srow = stats.filter(pl.col("feature") == feature).row(0, named=True)
+        found = stats.filter(pl.col("feature") == feature)
+        if found.height == 0:
+            continue  # already reported as a stats mismatch
+        srow = found.row(0, named=True)
         a = values[:, col]
         on = a > 0
         aa, pp, rr = a[on], parts[on], rows[on]
@@ -881,6 +919,12 @@ def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, sta
         total = float(np.sum(aa, dtype=np.float64))
         if not math.isclose(srow["sum"], total, rel_tol=1e-9, abs_tol=1e-12):
             bad(feature, "sum", total, srow["sum"])
+        mean = total / len(aa) if len(aa) else None
+        if (mean is None) != (srow["mean"] is None) or (mean is not None and not math.isclose(srow["mean"], mean,
+                                                                                              rel_tol=1e-9)):
+            bad(feature, "mean", mean, srow["mean"])
+        if not math.isclose(srow["density"], len(aa) / max(n_tokens, 1), rel_tol=1e-12):
+            bad(feature, "density", len(aa) / max(n_tokens, 1), srow["density"])
         hist = np.bincount(hist_bins(aa), minlength=N_HIST_BINS)
         if srow["histogram"] != hist.tolist():
             bad(feature, "histogram", hist.tolist(), srow["histogram"])

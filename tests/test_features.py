@@ -4,6 +4,7 @@ additive counts and histograms, interval examples inside their intervals, the ex
 catching tampered tables, memory flat in the partition's length, clear errors, atomic commits."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -114,7 +115,7 @@ def test_merged_tables_equal_brute_force_whatever_the_sharding(store, variant):
 
     sae = make_sae(variant, exact=True)
     runs = {}
-    for splits in ([2200], [700, 900, 600]):
+    for splits in ([1500], [500, 650, 350]):
         for n_shards in (1, 4):
             root = ArtifactStore(f"{store.root}/{len(splits)}x{n_shards}")
             make_dataset(root, splits, exact=True)
@@ -143,6 +144,7 @@ def test_merged_tables_equal_brute_force_whatever_the_sharding(store, variant):
     top = lambda e: e.filter(pl.col("kind") == "top").sort(["feature", "rank"]).select(  # noqa: E731
         "feature", "rank", "activation", "global_row")
     assert top(e1).equals(top(e3))
+    assert (top(e1).group_by("feature", "activation").len()["len"] > 1).any()  # ties were there to order
     assert top(e1).height > 0 and s1.filter(pl.col("feature") == 5)["count"].item() == 0
 
 
@@ -156,11 +158,17 @@ def test_other_variants_pass_the_exactness_check(store, variant):
         assert check["ok"], check["mismatches"][:3]
 
 
-def test_reservoir_is_the_same_whatever_the_batch_size_feature_range_and_merge_order(store):
+def test_reservoir_is_the_same_whatever_the_batch_size_feature_range_and_merge_order(store, monkeypatch):
     make_dataset(store, [900, 1300, 400], exact=True)
     sae = make_sae("relu", exact=True)
     kw = dict(top_k=4, reservoir_factor=5)
     by_batch = [F.compute_partial(store, sae, "p1", 0, N_LATENTS, batch_rows=b, **kw) for b in (13, 100, 4096)]
+    # tiny update groups and one-feature compaction blocks: every path of the streaming selection
+    monkeypatch.setattr(F, "UPDATE_ENTRIES", 37)
+    monkeypatch.setattr(F, "COMPACT_BLOCK_ENTRIES", 1)
+    by_batch.append(F.compute_partial(store, sae, "p1", 0, N_LATENTS, batch_rows=50, **kw))
+    assert by_batch[-1].diagnostics["res_compactions"] > by_batch[0].diagnostics["res_compactions"] + 10
+    monkeypatch.undo()
     for other in by_batch[1:]:
         for name in F.Partial.ARRAYS:
             a, b = getattr(by_batch[0], name), getattr(other, name)
@@ -292,7 +300,8 @@ def test_brute_force_check_passes_on_good_tables_and_catches_tampering(store):
     # a different SAE is noticed too
     other = make_sae("relu", seed=9)
     F.write_tables(store, "run", 0, good)
-    assert "sae_fingerprint" in {m["what"] for m in F.brute_force_check(store, other, "run", 0, 0, N_LATENTS)["mismatches"]}
+    result = F.brute_force_check(store, other, "run", 0, 0, N_LATENTS)
+    assert not result["ok"] and "sae_fingerprint" in {m["what"] for m in result["mismatches"]}
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
@@ -307,10 +316,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
 
     torch.manual_seed(0)
-    sae = build_sae("topk", 256, 64, k=4).eval()
+    sae = build_sae("topk", 512, 64, k=4).eval()
     store = ArtifactStore(sys.argv[1])
     out = {}
-    for key in ("short", "long", "short"):
+    for key in ("short", "short", "long"):  # the first run warms up (lazy initialisation)
         open("/proc/self/clear_refs", "w").write("5")
         before = status("VmRSS")
         partial = F.compute_partial(store, sae, key, 0, 64, batch_rows=4096)
@@ -327,17 +336,21 @@ def test_peak_memory_does_not_grow_with_the_partition_length(store, tmp_path):
     except OSError:
         pytest.skip("needs /proc/self/clear_refs to reset the peak-RSS counter")
     rng = np.random.default_rng(0)
-    for key, n in (("short", 25_000), ("long", 100_000)):  # 12.8 MB and 51 MB of float16 rows
-        write_partition(store, key, rng.standard_normal((n, 256), dtype=np.float32).astype(np.float16),
-                        chunk_rows=8192)
+    for key, n in (("short", 15_000), ("long", 60_000)):  # 15 MB and 61 MB of float16 rows
+        write_partition(store, key, rng.standard_normal((n, 512), dtype=np.float32).astype(np.float16),
+                        chunk_rows=4096)
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), store.root], capture_output=True, text=True, check=True)
+    # glibc keeps freed medium-sized blocks in its heap, so RSS would follow fragmentation rather
+    # than what the code holds; with a low mmap threshold every large block is returned on free
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, str(script), store.root], capture_output=True, text=True, check=True,
+                         env=env)
     peak = json.loads(out.stdout.strip().splitlines()[-1])
-    # holding the long partition (51 MB as stored, 102 MB as float32) or its activations
-    # ([100k, 64] float32: 26 MB) would add tens of MB; streaming adds nothing measurable
+    # holding the long partition (61 MB as stored, 123 MB as float32) would add tens of MB;
+    # streaming adds nothing measurable
     assert peak["long"] - peak["short"] < 16 * 2**20, peak
-    assert peak["long"] < 48 * 2**20, peak
+    assert peak["long"] < 64 * 2**20, peak
 
 
 def test_bad_inputs_raise_errors_that_name_the_problem_and_the_fix(store):
