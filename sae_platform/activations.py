@@ -184,6 +184,7 @@ def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_so
         _write_index(group, contexts, mask)
         summary = {
             "key": key, **expected, "dtype": settings.dtype, "ctx_len": settings.ctx_len,
+            "start_token_id": model.start_token_id,
             "n_rows": n_rows, "n_contexts": contexts.n_contexts, "n_documents": len(docs),
             "dropped_tokens": contexts.dropped_tokens, "excluded_start_tokens": contexts.tokens.size - max_rows,
             "excluded_sink_rows": max_rows - n_rows,

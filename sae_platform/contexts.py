@@ -223,8 +223,9 @@ class _Index:
         self.tokens = g["tokens"][:]
         self.context_doc_id = g["context_doc_id"][:]
         n_contexts, self.ctx_len = self.tokens.shape
-        # Position 0 of every context holds the start token (corpus.pack_contexts).
-        self.start_token_id = int(self.tokens[0, 0]) if n_contexts else -1
+        # Recorded at caching time; older partitions: position 0 always holds it (corpus.pack_contexts).
+        recorded = part.attrs.get("start_token_id")
+        self.start_token_id = int(recorded) if recorded is not None else int(self.tokens[0, 0]) if n_contexts else -1
         self.row_of = np.full(self.tokens.shape, -1, dtype=np.int64)
         self.row_of[self.context_id, self.position] = np.arange(self.n_rows, dtype=np.int64)
 
