@@ -144,7 +144,6 @@ def feature_browser(context: AssetExecutionContext, storage: StorageResource,
     """A static feature browser: index with search, a page per feature (highlighted examples,
     histogram, logit effects, lineage). Serve it with `make browse`."""
     from sae_platform.browser import build_site
-    from sae_platform.lineage import feature_table_lineage
 
     store = storage.store()
     shards = []
@@ -155,7 +154,9 @@ def feature_browser(context: AssetExecutionContext, storage: StorageResource,
                        "feature_examples": shown_examples(tables.examples, features.random_examples),
                        "feature_contexts": ctx.read_feature_contexts(store, features.sae_name, index),
                        "logit_effects": store.read_parquet(f"{logits_path}/logit_effects.parquet")})
-    lineage = feature_table_lineage(store, features.sae_name, 0, run_id=None)
+    recorded = store.path("features", features.sae_name, "lineage", "f0.json")  # written by feature_topk, with its run
+    lineage = store.read_json(recorded) if store.fs.exists(recorded) else feature_table_lineage(
+        store, features.sae_name, 0)
     lineage["browser_dagster_run_id"] = context.run.run_id
     out = browser_dir(store, features.sae_name)
     summary = build_site(out if store.is_local else store.url(out), run=features.sae_name, shards=shards,

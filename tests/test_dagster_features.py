@@ -73,3 +73,6 @@ def test_lineage_names_every_upstream_artifact(pipeline, store):
     assert record.run_id in text and lineage["sae_checkpoint"]["version"] in text and "activations/markup" in text
     stored = json.loads(store.fs.cat_file(store.path("features", SAE, "lineage", f"{record.partition_key}.json")))
     assert stored["feature_table"]["dagster_run_id"] == record.run_id
+    site = store.path("browser", SAE)
+    data = json.loads(open(f"{site}/site.json").read())["data"]
+    assert json.loads(open(f"{site}/{data}/index.json").read())["lineage"]["feature_table"]["dagster_run_id"]
