@@ -63,6 +63,29 @@ import numpy as np
 import polars as pl
 
 from sae_platform.errors import PlatformError
+from sae_platform.tables import (
+    ACTIVATION,
+    ACTS,
+    BOTTOM_SCORES,
+    BOTTOM_TOKEN_IDS,
+    BOTTOM_TOKEN_STRS,
+    CENTER,
+    DOC_ID,
+    EXAMPLE_COLUMNS,
+    FEATURE,
+    HAS_ACT,
+    INTERVAL,
+    KIND,
+    KIND_ORDER,
+    PARTITION,
+    RANK,
+    ROW,
+    TOKEN_IDS,
+    TOKEN_STRS,
+    TOP_SCORES,
+    TOP_TOKEN_IDS,
+    TOP_TOKEN_STRS,
+)
 
 # -- input tables (the same column names as sae_platform.features / sae_platform.contexts; not
 #    imported from there so that building and serving a site never loads torch) ---------------
@@ -72,7 +95,6 @@ CONTEXTS_FRAME = "feature_contexts"
 LOGITS_FRAME = "logit_effects"
 SHARD_START, SHARD_STOP = "start", "stop"
 
-FEATURE = "feature"
 N_TOKENS_TOTAL = "n_tokens_total"
 COUNT = "count"
 DENSITY = "density"
@@ -80,26 +102,7 @@ MAX = "max"
 MEAN = "mean"
 HISTOGRAM = "histogram"
 STATS_COLUMNS = (FEATURE, N_TOKENS_TOTAL, COUNT, DENSITY, MAX, MEAN, HISTOGRAM)
-
-KIND = "kind"
-RANK = "rank"
-INTERVAL = "interval"
-ACTIVATION = "activation"
-PARTITION = "partition"
-ROW = "row"
-EXAMPLE_COLUMNS = (FEATURE, KIND, RANK, INTERVAL, ACTIVATION, PARTITION, ROW)
-KIND_ORDER = ("top", "interval", "random")  # page order; other kinds follow, alphabetically
-
-CENTER = "center"
-TOKEN_IDS = "token_ids"
-TOKEN_STRS = "token_strs"
-ACTS = "acts"
-HAS_ACT = "has_act"
-DOC_ID = "doc_id"
 CONTEXT_COLUMNS = (*EXAMPLE_COLUMNS, CENTER, TOKEN_STRS, ACTS, HAS_ACT, DOC_ID)
-
-TOP_TOKEN_IDS, TOP_TOKEN_STRS, TOP_SCORES = "top_token_ids", "top_token_strs", "top_scores"
-BOTTOM_TOKEN_IDS, BOTTOM_TOKEN_STRS, BOTTOM_SCORES = "bottom_token_ids", "bottom_token_strs", "bottom_scores"
 LOGIT_COLUMNS = (FEATURE, TOP_TOKEN_IDS, TOP_TOKEN_STRS, TOP_SCORES, BOTTOM_TOKEN_IDS, BOTTOM_TOKEN_STRS,
                  BOTTOM_SCORES)
 

@@ -90,46 +90,28 @@ from sae_platform.activations import Partition, open_partition
 from sae_platform.errors import ModelError, PlatformError, StorageError
 from sae_platform.model import HookedModel
 from sae_platform.sae import SparseAutoencoder
-
-# -- the feature_examples table (written by sae_platform.features) ------------------------------
-FEATURE = "feature"
-KIND = "kind"
-RANK = "rank"
-INTERVAL = "interval"
-ACTIVATION = "activation"
-PARTITION = "partition"
-ROW = "row"
-EXAMPLE_COLUMNS = (FEATURE, KIND, RANK, INTERVAL, ACTIVATION, PARTITION, ROW)
-EXAMPLE_SCHEMA = {FEATURE: pl.Int64, KIND: pl.String, RANK: pl.Int32, INTERVAL: pl.Int32,  # as features.py
-                  ACTIVATION: pl.Float32, PARTITION: pl.String, ROW: pl.Int64}
-KIND_ORDER = ("top", "interval", "random")  # page order; other kinds follow, alphabetically
-
-# -- the windows this module writes -------------------------------------------------------------
-CONTEXT_ID = "context_id"
-POSITION = "position"
-DOC_ID = "doc_id"
-CENTER = "center"
-TOKEN_IDS = "token_ids"
-TOKEN_STRS = "token_strs"
-ACTS = "acts"
-HAS_ACT = "has_act"
-WINDOW_SCHEMA = {
-    **EXAMPLE_SCHEMA,
-    CONTEXT_ID: pl.Int32,   # row of the partition's ``tokens``
-    POSITION: pl.Int32,     # the example token's position in that context
-    DOC_ID: pl.Int32,       # document (documents.parquet of the partition)
-    CENTER: pl.Int32,       # index of the example token inside the window lists
-    TOKEN_IDS: pl.List(pl.Int32),
-    TOKEN_STRS: pl.List(pl.String),
-    ACTS: pl.List(pl.Float32),   # the example's feature on every window token
-    HAS_ACT: pl.List(pl.Boolean),  # False: the token has no stored row (act is 0.0)
-}
-LOGIT_SCHEMA = {
-    FEATURE: pl.Int64,
-    "top_token_ids": pl.List(pl.Int64), "top_token_strs": pl.List(pl.String), "top_scores": pl.List(pl.Float32),
-    "bottom_token_ids": pl.List(pl.Int64), "bottom_token_strs": pl.List(pl.String),
-    "bottom_scores": pl.List(pl.Float32),
-}
+from sae_platform.tables import (  # noqa: F401  (re-exported: callers use contexts.FEATURE etc.)
+    FEATURE,
+    KIND,
+    RANK,
+    INTERVAL,
+    ACTIVATION,
+    PARTITION,
+    ROW,
+    EXAMPLE_COLUMNS,
+    EXAMPLE_SCHEMA,
+    KIND_ORDER,
+    CONTEXT_ID,
+    POSITION,
+    DOC_ID,
+    CENTER,
+    TOKEN_IDS,
+    TOKEN_STRS,
+    ACTS,
+    HAS_ACT,
+    WINDOW_SCHEMA,
+    LOGIT_SCHEMA,
+)
 
 PREFIX = "features"
 PARTIAL_FILE = "windows.parquet"
