@@ -48,12 +48,12 @@ input scale and the mapping used; it never claims a ``sae_lens_version``.
 import json
 import math
 import os
-import uuid
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 
 from sae_platform.errors import PlatformError
+from sae_platform.storage import write_local_atomic
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -105,16 +105,7 @@ def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
 
 def _write(path: str, data: bytes, fs) -> None:
     if fs is None:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_local_atomic(path, data)
     else:
         fs.pipe_file(path, data)  # one PUT: atomic on object stores
 

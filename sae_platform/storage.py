@@ -35,6 +35,21 @@ POINTER = "COMMITTED.json"
 VERSION_PREFIX = "v-"
 
 
+def write_local_atomic(path: str, data: bytes) -> None:
+    """Write a local file under a temporary name, fsync, then rename: readers never see half of it."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _new_version_name() -> str:
     # Sortable by creation time, so cleanup can tell older versions from newer in-flight ones.
     return f"{VERSION_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
@@ -130,13 +145,7 @@ class ArtifactStore:
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_local_atomic(path, data)
         else:
             self.fs.pipe_file(path, data)  # a single PUT: atomic on S3
 
