@@ -21,14 +21,19 @@ from sae_platform.model import store_base_model
 def base_model(context: AssetExecutionContext, storage: StorageResource,
                language_model: BaseModelResource) -> MaterializeResult:
     """The base LM converted once to fp32 safetensors, so every later load takes under a second."""
+    return MaterializeResult(metadata=convert_base_model(context.log, storage, language_model))
+
+
+def convert_base_model(log, storage: StorageResource, language_model: BaseModelResource) -> dict:
+    """The body of `base_model`, shared with the full_pipeline job (which logs the same materialization)."""
     started = time.perf_counter()
     info = store_base_model(storage.store(), language_model.source)
-    context.log.info(f"stored {info['source']} ({info['n_params']:,} parameters) at {info['path']}")
-    return MaterializeResult(metadata={
+    log.info(f"stored {info['source']} ({info['n_params']:,} parameters) at {info['path']}")
+    return {
         **{k: info[k] for k in ("source", "architecture", "n_layers", "d_model", "vocab_size", "n_params")},
         "path": MetadataValue.path(info["path"]), "bytes": info["bytes"],
         "seconds": round(time.perf_counter() - started, 2),
-    })
+    }
 
 
 class ActivationsConfig(Config):
@@ -43,30 +48,37 @@ class ActivationsConfig(Config):
 def activations(context: AssetExecutionContext, config: ActivationsConfig, storage: StorageResource,
                 language_model: BaseModelResource, text_source: TextSourceResource) -> MaterializeResult:
     """Residual-stream activations of one batch of text, one row per token (start tokens excluded)."""
+    return MaterializeResult(metadata=cache_batch(context.log, config, storage, language_model, text_source,
+                                                  context.partition_key))
+
+
+def cache_batch(log, config: ActivationsConfig, storage: StorageResource, language_model: BaseModelResource,
+                text_source: TextSourceResource, key: str) -> dict:
+    """The body of `activations` for batch ``key``, shared with the full_pipeline job."""
     store = storage.store()
-    text_file = text_source.file(context.partition_key)
+    text_file = text_source.file(key)
     model, converted = language_model.load(store)
     if converted:
-        context.log.info("base model was not stored yet: converted it now (materialize base_model to track it)")
-    context.log.info(f"caching {text_file.url} at {model.hook_name} on {model.device}")
+        log.info("base model was not stored yet: converted it now (materialize base_model to track it)")
+    log.info(f"caching {text_file.url} at {model.hook_name} on {model.device}")
     settings = CacheSettings(config.ctx_len, config.batch_size, config.dtype, config.sink_norm_factor)
     summary = cache_text_file(store, text_file, model, language_model.source, settings, text_source.text_field,
                               text_source.encoding, text_source.storage_options, config.max_contexts,
-                              progress=_progress_logger(context))
-    context.log.info(f"{summary['n_rows']:,} rows at {summary['tokens_per_second']:.0f} tokens/s")
-    return MaterializeResult(metadata={
+                              progress=_progress_logger(log))
+    log.info(f"{summary['n_rows']:,} rows at {summary['tokens_per_second']:.0f} tokens/s")
+    return {
         "source": MetadataValue.path(text_file.url),
-        "path": MetadataValue.path(store.url(store.resolve(f"activations/{context.partition_key}"))),
+        "path": MetadataValue.path(store.url(store.resolve(f"activations/{key}"))),
         "n_tokens": summary["n_rows"], "n_contexts": summary["n_contexts"], "n_documents": summary["n_documents"],
         "bytes": summary["bytes"], "dtype": summary["dtype"], "d_model": summary["d_model"],
         "hook_name": summary["hook_name"], "tokens_per_second": round(summary["tokens_per_second"], 1),
         "norm_mean": round(summary["norm_mean"], 3), "norm_std": round(summary["norm_std"], 3),
         "norm_max": round(summary["norm_max"], 3), "excluded_start_tokens": summary["excluded_start_tokens"],
         "excluded_sink_rows": summary["excluded_sink_rows"], "dropped_tokens": summary["dropped_tokens"],
-    })
+    }
 
 
-def _progress_logger(context: AssetExecutionContext):
+def _progress_logger(log):
     """Log every ~10% so a long partition shows life in the Dagster UI."""
     last = {"tenth": -1}
 
@@ -74,6 +86,6 @@ def _progress_logger(context: AssetExecutionContext):
         tenth = 10 * done // total
         if tenth > last["tenth"]:
             last["tenth"] = tenth
-            context.log.info(f"{done}/{total} contexts ({100 * done // total}%)")
+            log.info(f"{done}/{total} contexts ({100 * done // total}%)")
 
     return report

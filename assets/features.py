@@ -55,14 +55,18 @@ def feature_stats_partial(context: AssetExecutionContext, storage: StorageResour
     """Pass 1: stream one activation batch through the SAE for one slice of features; keep per feature
     the top-K, a uniform random sample, counts, sum, max and a histogram."""
     keys = context.partition_key.keys_by_dimension
+    return MaterializeResult(metadata=stats_partial(storage, features, keys["batch"], keys["features"]))
+
+
+def stats_partial(storage: StorageResource, features: FeatureTablesResource, batch: str, shard_key: str) -> dict:
     store, sae = _load(storage, features)
-    index = _shard(keys["features"])
+    index = _shard(shard_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
-    partial = ft.compute_partial(store, sae, keys["batch"], start, stop, top_k=features.top_k,
+    partial = ft.compute_partial(store, sae, batch, start, stop, top_k=features.top_k,
                                  reservoir_factor=features.reservoir_factor, seed=features.seed)
-    path = ft.write_partial(store, features.sae_name, keys["batch"], index, partial)
-    return MaterializeResult(metadata={"sae": features.sae_name, "features": f"[{start}, {stop})",
-                                       "n_tokens": int(partial.n_tokens), "path": MetadataValue.path(store.url(path))})
+    path = ft.write_partial(store, features.sae_name, batch, index, partial)
+    return {"sae": features.sae_name, "features": f"[{start}, {stop})", "n_tokens": int(partial.n_tokens),
+            "path": MetadataValue.path(store.url(path))}
 
 
 @asset(partitions_def=FEATURE_SHARDS, group_name="features", kinds={"parquet"},
@@ -73,8 +77,15 @@ def feature_topk(context: AssetExecutionContext, storage: StorageResource, featu
                  language_model: BaseModelResource) -> MaterializeResult:
     """Pass 2: merge the partials of every batch: exact top-K, uniform random and interval examples,
     density, histogram; plus the logit effects (W_dec · W_U) of each feature."""
+    metadata, check = merge_shard(storage, features, language_model, context.partition_key, context.run.run_id)
+    return MaterializeResult(metadata=metadata, check_results=[AssetCheckResult(**check)])
+
+
+def merge_shard(storage: StorageResource, features: FeatureTablesResource, language_model: BaseModelResource,
+                shard_key: str, run_id: str) -> tuple[dict, dict]:
+    """Pass 2 of one feature shard; returns its metadata and the brute-force check's verdict."""
     store, sae = _load(storage, features)
-    index = _shard(context.partition_key)
+    index = _shard(shard_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     batches = list_partitions(store)
     tables = ft.merge_partials(ft.read_partials(store, features.sae_name, index, batches),
@@ -85,17 +96,17 @@ def feature_topk(context: AssetExecutionContext, storage: StorageResource, featu
     with store.writing(logits_name(features.sae_name, index)) as version:
         store.write_parquet(f"{version}/logit_effects.parquet", logits)
     check = ft.brute_force_check(store, sae, features.sae_name, index, start, stop)
-    lineage = feature_table_lineage(store, features.sae_name, index, run_id=context.run.run_id)
+    lineage = feature_table_lineage(store, features.sae_name, index, run_id=run_id)
     store.write_json(store.path("features", features.sae_name, "lineage", f"f{index}.json"), lineage)
     dead = int((tables.stats["count"] == 0).sum())
-    return MaterializeResult(
-        metadata={"sae": features.sae_name, "features": f"[{start}, {stop})", "n_batches": len(batches),
-                  "n_tokens": int(tables.meta["n_tokens_total"]), "n_examples": tables.examples.height,
-                  "never_active_features": dead, "path": MetadataValue.path(store.url(path)),
-                  "lineage": MetadataValue.json(lineage)},
-        check_results=[AssetCheckResult(check_name="matches_brute_force", passed=bool(check["ok"]),
-                                        metadata={"features_checked": str(check["features_checked"]),
-                                                  "mismatches": str(check["mismatches"][:5])})])
+    metadata = {"sae": features.sae_name, "features": f"[{start}, {stop})", "n_batches": len(batches),
+                "n_tokens": int(tables.meta["n_tokens_total"]), "n_examples": tables.examples.height,
+                "never_active_features": dead, "path": MetadataValue.path(store.url(path)),
+                "lineage": MetadataValue.json(lineage)}
+    verdict = {"check_name": "matches_brute_force", "passed": bool(check["ok"]),
+               "metadata": {"features_checked": str(check["features_checked"]),
+                            "mismatches": str(check["mismatches"][:5])}}
+    return metadata, verdict
 
 
 @asset(partitions_def=ACTIVATION_BATCHES, group_name="features", kinds={"parquet"},
@@ -104,14 +115,18 @@ def feature_context_windows(context: AssetExecutionContext, storage: StorageReso
                             features: FeatureTablesResource, language_model: BaseModelResource) -> MaterializeResult:
     """Pass 3, sharded over the dataset: the windows around every chosen example in this batch, with the
     feature's activation on each token and the decoded token strings."""
+    return MaterializeResult(metadata=context_windows(storage, features, language_model, context.partition_key))
+
+
+def context_windows(storage: StorageResource, features: FeatureTablesResource, language_model: BaseModelResource,
+                    batch: str) -> dict:
     store, sae = _load(storage, features)
     examples = [shown_examples(ft.read_tables(store, features.sae_name, i).examples, features.random_examples)
                 for i in range(N_FEATURE_SHARDS)]
     hooked, _ = language_model.load(store, device="cpu")
-    info = ctx.build_partition_windows(store, features.sae_name, sae, context.partition_key, pl.concat(examples),
+    info = ctx.build_partition_windows(store, features.sae_name, sae, batch, pl.concat(examples),
                                        hooked.tokenizer, before=features.before, after=features.after)
-    return MaterializeResult(metadata={"n_windows": info["n_windows"], "n_features": info["n_features"],
-                                       "path": MetadataValue.path(info["path"])})
+    return {"n_windows": info["n_windows"], "n_features": info["n_features"], "path": MetadataValue.path(info["path"])}
 
 
 @asset(partitions_def=FEATURE_SHARDS, group_name="features", kinds={"parquet"},
@@ -119,14 +134,16 @@ def feature_context_windows(context: AssetExecutionContext, storage: StorageReso
 def feature_contexts(context: AssetExecutionContext, storage: StorageResource,
                      features: FeatureTablesResource) -> MaterializeResult:
     """Pass 3, regrouped: the context windows of this feature shard's examples, sorted by feature."""
+    return MaterializeResult(metadata=regroup(storage, features, context.partition_key))
+
+
+def regroup(storage: StorageResource, features: FeatureTablesResource, shard_key: str) -> dict:
     store, sae = _load(storage, features)
-    index = _shard(context.partition_key)
+    index = _shard(shard_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     frame = ctx.regroup_by_feature(store, features.sae_name, list_partitions(store), start, stop)
     info = ctx.write_feature_contexts(store, features.sae_name, index, frame)
-    return MaterializeResult(metadata={"features": f"[{start}, {stop})", "n_windows": frame.height,
-                                       "path": MetadataValue.path(info["path"])})
-
+    return {"features": f"[{start}, {stop})", "n_windows": frame.height, "path": MetadataValue.path(info["path"])}
 
 
 BROWSER_URL = "http://127.0.0.1:8000/"
@@ -143,6 +160,10 @@ def feature_browser(context: AssetExecutionContext, storage: StorageResource,
                     features: FeatureTablesResource) -> MaterializeResult:
     """A static feature browser: index with search, a page per feature (highlighted examples,
     histogram, logit effects, lineage). Serve it with `make browse`."""
+    return MaterializeResult(metadata=build_browser(context.log, storage, features, context.run.run_id))
+
+
+def build_browser(log, storage: StorageResource, features: FeatureTablesResource, run_id: str) -> dict:
     from sae_platform.browser import build_site
 
     store = storage.store()
@@ -157,17 +178,17 @@ def feature_browser(context: AssetExecutionContext, storage: StorageResource,
     recorded = store.path("features", features.sae_name, "lineage", "f0.json")  # written by feature_topk, with its run
     lineage = store.read_json(recorded) if store.fs.exists(recorded) else feature_table_lineage(
         store, features.sae_name, 0)
-    lineage["browser_dagster_run_id"] = context.run.run_id
+    lineage["browser_dagster_run_id"] = run_id
     out = browser_dir(store, features.sae_name)
     summary = build_site(out if store.is_local else store.url(out), run=features.sae_name, shards=shards,
                          hist_bin_edges=ft.hist_bin_edges(), lineage=lineage, n_intervals=features.n_intervals,
                          fs=None if store.is_local else store.fs)
-    context.log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
-    return MaterializeResult(metadata={
+    log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
+    return {
         "n_features": summary["n_features"], "bytes": summary["bytes"], "files": summary["files"],
         "seconds": summary["seconds"], "path": MetadataValue.path(store.url(out)),
         "url": MetadataValue.url(BROWSER_URL), "serve_with": "make browse  (or: sae-platform browse)",
-    })
+    }
 
 
 FEATURE_ASSETS = [feature_stats_partial, feature_topk, feature_context_windows, feature_contexts, feature_browser]

@@ -30,6 +30,10 @@ MAX_SCATTER_PASSES = 2  # assets below: plans of up to 3 passes, i.e. K²·M of 
 @asset(deps=[activations], group_name="shuffle", kinds={"numpy"})
 def shuffle_plan(context: AssetExecutionContext, storage: StorageResource, shuffle: ShuffleResource) -> MaterializeResult:
     """Pin every committed activation partition and plan the passes from size, K and the budget."""
+    return MaterializeResult(metadata=plan_shuffle(context.log, storage, shuffle))
+
+
+def plan_shuffle(log, storage: StorageResource, shuffle: ShuffleResource) -> dict:
     store = storage.store()
     run = sh.start_shuffle(store, shuffle.name, n_buckets=shuffle.n_buckets,
                            memory_budget_bytes=shuffle.memory_budget_bytes, n_jobs=N_SHUFFLE_WORKERS,
@@ -39,41 +43,49 @@ def shuffle_plan(context: AssetExecutionContext, storage: StorageResource, shuff
         raise StorageError(f"the data needs {plan.n_passes} passes; the pipeline defines {MAX_SCATTER_PASSES} "
                            "scatter passes plus the final one", "raise memory_budget_bytes or n_buckets")
     for warning in plan.warnings:
-        context.log.warning(warning)
-    context.log.info(f"{plan.n_rows:,} rows, {plan.n_passes} pass(es), K={plan.n_buckets}, "
-                     f"budget {plan.memory_budget_bytes / 2**20:.0f} MiB")
-    return MaterializeResult(metadata={
+        log.warning(warning)
+    log.info(f"{plan.n_rows:,} rows, {plan.n_passes} pass(es), K={plan.n_buckets}, "
+             f"budget {plan.memory_budget_bytes / 2**20:.0f} MiB")
+    return {
         "plan_id": run.plan_id, "n_rows": plan.n_rows, "n_passes": plan.n_passes, "n_buckets": plan.n_buckets,
         "memory_budget_bytes": plan.memory_budget_bytes, "data_bytes": plan.n_rows * plan.record_bytes,
         "n_inputs": len(run.inputs), "final_buckets": plan.n_final_buckets,
         "inputs": MetadataValue.json([{"key": i["key"], "version": i["version"]} for i in run.inputs]),
-    })
+    }
 
 
-def _worker_jobs(context: AssetExecutionContext, n_jobs: int) -> list[int]:
-    """Jobs of the workers this run covers: one worker per run in a backfill, all in a ranged run."""
-    workers = {int(key) for key in context.partition_keys}
+def _worker_jobs(workers: set[int], n_jobs: int) -> list[int]:
+    """Jobs of the workers a run covers: one worker per run in a backfill, all in a ranged run."""
     return [job for job in range(n_jobs) if job % N_SHUFFLE_WORKERS in workers]
 
 
-def _scatter_pass(pass_index: int):
-    def scatter(context: AssetExecutionContext, storage: StorageResource, shuffle: ShuffleResource):
-        store = storage.store()
-        run = sh.load_run(store, shuffle.name)
-        if pass_index >= run.plan.n_passes:
-            context.log.info(f"the plan has {run.plan.n_passes} pass(es): scatter pass {pass_index} is not needed")
-            return MaterializeResult(metadata={"plan_id": run.plan_id, "needed": False, "rows": 0})
-        totals = {"rows": 0, "bytes_read": 0, "bytes_written": 0, "seconds": 0.0}
-        jobs = _worker_jobs(context, run.plan.jobs_in_pass(pass_index))
-        for job in jobs:
-            result = sh.scatter_job(store, shuffle.name, pass_index, job)
-            context.log.info(f"pass {pass_index} job {job}: {result['rows']:,} rows in {result['seconds']:.1f} s")
-            for key in totals:
-                totals[key] += result[key]
-        return MaterializeResult(metadata={"plan_id": run.plan_id, "needed": True, "jobs": jobs, **totals,
-                                           "GB_per_s": totals["bytes_written"] / max(totals["seconds"], 1e-9) / 1e9})
+def _workers(context: AssetExecutionContext) -> set[int]:
+    return {int(key) for key in context.partition_keys}
 
-    return scatter
+
+def scatter(log, storage: StorageResource, shuffle: ShuffleResource, pass_index: int, workers: set[int]) -> dict:
+    """Scatter pass ``pass_index`` for the jobs of ``workers``; nothing when the plan does not need the pass."""
+    store = storage.store()
+    run = sh.load_run(store, shuffle.name)
+    if pass_index >= run.plan.n_passes:
+        log.info(f"the plan has {run.plan.n_passes} pass(es): scatter pass {pass_index} is not needed")
+        return {"plan_id": run.plan_id, "needed": False, "rows": 0}
+    totals = {"rows": 0, "bytes_read": 0, "bytes_written": 0, "seconds": 0.0}
+    jobs = _worker_jobs(workers, run.plan.jobs_in_pass(pass_index))
+    for job in jobs:
+        result = sh.scatter_job(store, shuffle.name, pass_index, job)
+        log.info(f"pass {pass_index} job {job}: {result['rows']:,} rows in {result['seconds']:.1f} s")
+        for key in totals:
+            totals[key] += result[key]
+    return {"plan_id": run.plan_id, "needed": True, "jobs": jobs, **totals,
+            "GB_per_s": totals["bytes_written"] / max(totals["seconds"], 1e-9) / 1e9}
+
+
+def _scatter_pass(pass_index: int):
+    def scatter_asset(context: AssetExecutionContext, storage: StorageResource, shuffle: ShuffleResource):
+        return MaterializeResult(metadata=scatter(context.log, storage, shuffle, pass_index, _workers(context)))
+
+    return scatter_asset
 
 
 shuffle_pass_1 = asset(name="shuffle_pass_1", deps=[shuffle_plan], partitions_def=SHUFFLE_WORKERS,
@@ -89,49 +101,64 @@ shuffle_pass_2 = asset(name="shuffle_pass_2", deps=[shuffle_pass_1], partitions_
 @asset(deps=[shuffle_pass_2], partitions_def=SHUFFLE_WORKERS, group_name="shuffle", kinds={"zarr"})
 def shuffle_final(context: AssetExecutionContext, storage: StorageResource, shuffle: ShuffleResource) -> MaterializeResult:
     """The final pass: each final bucket fits in memory and gets an in-memory Fisher–Yates shuffle."""
+    return MaterializeResult(metadata=finalize(context.log, storage, shuffle, _workers(context)))
+
+
+def finalize(log, storage: StorageResource, shuffle: ShuffleResource, workers: set[int]) -> dict:
     store = storage.store()
     run = sh.load_run(store, shuffle.name)
-    buckets = _worker_jobs(context, run.plan.n_final_buckets)
+    buckets = _worker_jobs(workers, run.plan.n_final_buckets)
     rows = seconds = 0
     for bucket in buckets:
         result = sh.finalize_bucket(store, shuffle.name, bucket)
         rows, seconds = rows + result["rows"], seconds + result["seconds"]
-    context.log.info(f"{len(buckets)} bucket(s), {rows:,} rows in {seconds:.1f} s")
-    return MaterializeResult(metadata={"plan_id": run.plan_id, "buckets": len(buckets), "rows": rows,
-                                       "seconds": round(seconds, 2)})
+    log.info(f"{len(buckets)} bucket(s), {rows:,} rows in {seconds:.1f} s")
+    return {"plan_id": run.plan_id, "buckets": len(buckets), "rows": rows, "seconds": round(seconds, 2)}
 
 
 @asset(deps=[shuffle_final], group_name="shuffle", kinds={"zarr"})
 def shuffled_activations(context: AssetExecutionContext, storage: StorageResource,
                          shuffle: ShuffleResource) -> MaterializeResult:
     """The training-ready store: every cached row once, in uniformly random order, for sequential reads."""
+    return MaterializeResult(metadata=commit(storage, shuffle))
+
+
+def commit(storage: StorageResource, shuffle: ShuffleResource) -> dict:
     store = storage.store()
     summary = sh.commit_shuffled(store, shuffle.name)
     sh.delete_scratch(store, shuffle.name)
     shuffled = sh.open_shuffled(store, shuffle.name)
-    return MaterializeResult(metadata={
+    return {
         "n_rows": shuffled.n_rows, "d_model": shuffled.d_model, "dtype": shuffled.dtype,
         "n_passes": summary["n_passes"], "plan_id": summary["plan_id"], "pieces": summary["pieces"],
         "path": MetadataValue.path(store.url(store.resolve(f"{sh.SHUFFLED}/{shuffle.name}"))),
-    })
+    }
 
 
 @asset_check(asset=shuffled_activations, blocking=True,
              description="Output is a permutation of the input: same count, no duplicate or missing ids, "
                          "equal checksums over ids and activation bytes.")
 def shuffle_is_a_permutation(storage: StorageResource, shuffle: ShuffleResource) -> AssetCheckResult:
+    return AssetCheckResult(**check_permutation(storage, shuffle))
+
+
+def check_permutation(storage: StorageResource, shuffle: ShuffleResource) -> dict:
     result = sh.permutation_check(storage.store(), shuffle.name)
-    return AssetCheckResult(passed=result["ok"], metadata={k: v for k, v in result.items() if k != "ok"})
+    return {"passed": bool(result["ok"]), "metadata": {k: v for k, v in result.items() if k != "ok"}}
 
 
 @asset_check(asset=shuffled_activations,
              description="Uniformity: chi² of source shard x output block, Spearman rho ~ 0, "
                          "adjacent input pairs ~ 2/n, KS of each shard's positions.")
 def shuffle_is_uniform(storage: StorageResource, shuffle: ShuffleResource) -> AssetCheckResult:
+    return AssetCheckResult(**check_uniformity(storage, shuffle))
+
+
+def check_uniformity(storage: StorageResource, shuffle: ShuffleResource) -> dict:
     stats = sh.uniformity_stats(storage.store(), shuffle.name)
     problems = uniformity_problems(stats)
-    return AssetCheckResult(passed=not problems, severity=AssetCheckSeverity.WARN,
-                            metadata={**stats, "problems": "; ".join(problems) or "none"})
+    return {"passed": not problems, "severity": AssetCheckSeverity.WARN,
+            "metadata": {**stats, "problems": "; ".join(problems) or "none"}}
 
 
 def uniformity_problems(stats: dict, alpha: float = 1e-4) -> list[str]:

@@ -62,6 +62,11 @@ def train_sae_op(context: OpExecutionContext, config: TrainConfig, storage: Stor
     name = context.partition_key if context.has_partition_key else config.sae_name
     if name is None:
         raise PlatformError("no SAE chosen: the plain job needs sae_name", "set ops.train_sae_op.config.sae_name")
+    context.add_output_metadata(train_and_export(context.log, config, storage, shuffle, name))
+
+
+def train_and_export(log, config: TrainConfig, storage: StorageResource, shuffle: ShuffleResource, name: str) -> dict:
+    """Train (or resume, or find finished) one sweep entry, export it for SAELens, plot its curves."""
     settings = settings_for(name, config)
     device = pick_device(config.device)
     n_steps = max(1, settings.token_budget // settings.batch_size)
@@ -71,25 +76,25 @@ def train_sae_op(context: OpExecutionContext, config: TrainConfig, storage: Stor
         tenth = 10 * row["step"] // n_steps
         if tenth > logged["tenth"]:
             logged["tenth"] = tenth
-            context.log.info(f"step {row['step']}/{n_steps}: {row['tokens']:,} tokens, nmse {row['nmse']:.4f}, "
-                             f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.3f}, {row['tokens_per_second']:.0f} tok/s")
+            log.info(f"step {row['step']}/{n_steps}: {row['tokens']:,} tokens, nmse {row['nmse']:.4f}, "
+                     f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.3f}, {row['tokens_per_second']:.0f} tok/s")
 
-    result = train_sae(storage.store(), shuffle.name, name, settings, device, log=context.log.info, on_metrics=report)
+    store = storage.store()
+    result = train_sae(store, shuffle.name, name, settings, device, log=log.info, on_metrics=report)
     metadata = {k: result[k] for k in ("steps", "tokens", "resumed_from_step", "variant", "n_latents")}
     metadata.update({k: float(result[k]) for k in ("final_nmse", "final_l0", "dead_fraction", "tokens_per_second",
                                                    "seconds") if result.get(k) is not None and result[k] == result[k]})
     metadata["path"] = MetadataValue.path(result["path"])
-    exported = export_run(storage.store(), name)
+    exported = export_run(store, name)
     metadata["saelens_export"] = MetadataValue.path(exported["path"]) if exported else "n/a (no SAELens equivalent)"
     metadata["device"] = str(device)
     if result["history"]:
-        store = storage.store()
         png = training_curves_png(result["history"])
         plot_path = store.path("reports", name, "training_curves.png")
         store.write_bytes_atomic(plot_path, png)
         metadata["training_curves"] = MetadataValue.md(_inline_png(png, "training curves"))
         metadata["training_curves_path"] = MetadataValue.path(store.url(plot_path))
-    context.add_output_metadata(metadata)
+    return metadata
 
 
 def _inline_png(png: bytes, title: str) -> str:
@@ -119,7 +124,13 @@ class EvalConfig(Config):
 def sae_eval(context: AssetExecutionContext, config: EvalConfig, storage: StorageResource, shuffle: ShuffleResource,
              language_model: BaseModelResource, holdout_text: TextSourceResource) -> MaterializeResult:
     """Held-out quality of one SAE: normalized MSE, FVU, L0, dead fraction, density histogram, CE loss recovered."""
-    store, name = storage.store(), context.partition_key
+    return MaterializeResult(metadata=evaluate(context.log, config, storage, shuffle, language_model, holdout_text,
+                                               context.partition_key))
+
+
+def evaluate(log, config: EvalConfig, storage: StorageResource, shuffle: ShuffleResource,
+             language_model: BaseModelResource, holdout_text: TextSourceResource, name: str) -> dict:
+    store = storage.store()
     device = pick_device(config.device)
     hooked, tokens = None, None
     if config.ce_contexts:
@@ -129,13 +140,13 @@ def sae_eval(context: AssetExecutionContext, config: EvalConfig, storage: Storag
     png = density_histogram_png(density, report["n_tokens"])
     plot_path = store.path("reports", name, "latent_density.png")
     store.write_bytes_atomic(plot_path, png)
-    context.log.info(", ".join(f"{k} {report[k]:.4g}" for k in ("nmse", "fvu", "l0", "dead_fraction",
-                                                                  "loss_recovered") if report.get(k) is not None))
-    return MaterializeResult(metadata={
+    log.info(", ".join(f"{k} {report[k]:.4g}" for k in ("nmse", "fvu", "l0", "dead_fraction",
+                                                          "loss_recovered") if report.get(k) is not None))
+    return {
         **{k: v for k, v in report.items() if isinstance(v, int | float) and v is not None},
         "latent_density": MetadataValue.md(_inline_png(png, "latent density")),
         "latent_density_path": MetadataValue.path(store.url(plot_path)),
-    })
+    }
 
 
 def heldout_contexts(holdout_text: TextSourceResource, hooked, ctx_len: int, n_contexts: int):
