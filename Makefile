@@ -11,7 +11,7 @@ TORCH_WHEELS := /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),)
 TORCH_PIN := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0*.whl),torch==2.13.0,)
 
-.PHONY: setup browser demo test test-fast bench browse ui clean
+.PHONY: setup browser postgres demo test test-fast bench browse ui clean
 
 setup: $(VENV)/.installed $(SAE_PLATFORM_DATA)/.fetched $(DAGSTER_HOME)/dagster.yaml
 
@@ -42,7 +42,11 @@ demo: setup
 browser:
 	.ci/install-browser
 
-test: setup browser
+# tests/test_postgres.py starts a throwaway PostgreSQL server; .ci/install-postgres installs it (apt) when missing.
+postgres:
+	.ci/install-postgres
+
+test: setup browser postgres
 	$(PY) -m pytest -q
 
 test-fast: setup
