@@ -1,6 +1,6 @@
 """``sae-platform``: the platform's operator commands (each run is a real Dagster run).
 
-    sae-platform demo [--batches 6] [--max-contexts 160]   fill the inbox from the demo corpus, cache it
+    sae-platform demo [--config config/demo.yaml]         demo corpus -> full_pipeline (the whole chain)
     sae-platform register                                  add a partition per inbox file (no runs)
     sae-platform backfill [--all | KEY ...]                run cache_activations for missing partitions
     sae-platform shuffle [--memory-budget-mb 1024]         shuffle every cached partition (one ranged run)
@@ -9,6 +9,7 @@
     sae-platform lineage [--sae NAME] [--shard N]          upstream lineage of a feature table
     sae-platform browse [--port 8000]                      serve the feature browser on localhost
     sae-platform status                                    partitions and what is stored
+    sae-platform recover                                   fail runs whose process died, free their pool slots
 
 Runs go to the instance in $DAGSTER_HOME, so the UI (`make ui`) shows them afterwards.
 """
@@ -16,6 +17,7 @@ Runs go to the instance in $DAGSTER_HOME, so the UI (`make ui`) shows them after
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +38,38 @@ def _instance():
                  "(the Makefile uses .dagster_home), or run through `make`.")
     os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
     return DagsterInstance.get()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dead_runs(instance) -> list[str]:
+    """Mark runs whose process died (SIGKILL, OOM, a lost machine) as failed and free their pool slots.
+
+    Dagster only learns that a run ended from the run itself; a killed run stays STARTED and keeps
+    its `gpu` pool slot, so a re-launch would wait for it forever. Only runs of this machine are
+    judged: their process id is the one on their events (on Kubernetes, use Dagster's run monitoring).
+    """
+    from dagster import DagsterRunStatus, RunsFilter
+
+    recovered = []
+    in_flight = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+    for run in instance.get_runs(filters=RunsFilter(statuses=in_flight)):
+        pids = {e.dagster_event.pid for e in instance.all_logs(run.run_id) if e.dagster_event and e.dagster_event.pid}
+        if not pids or any(_pid_alive(pid) for pid in pids):
+            continue
+        instance.report_run_failed(run, message=f"the run's process(es) {sorted(pids)} died; marked failed by "
+                                                "`sae-platform recover` so its pool slots are freed")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        recovered.append(run.run_id)
+    return recovered
 
 
 def _definitions():
@@ -231,34 +265,34 @@ def cmd_shuffle(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """Fill the inbox and holdout from the demo corpus, then run full_pipeline through Dagster's CLI."""
     settings = Settings.from_env()
     copied = fill_inbox_from_demo(settings, args.batches)
     if copied:
         print(f"inbox: copied {len(copied)} demo texts into {Path(settings.inbox).parent}")
-    instance, defs = _instance(), _definitions()
-    store = defs.resources["storage"].store()
-    from sae_platform.model import model_artifact_name
-
-    if store.resolve(model_artifact_name(defs.resources["language_model"].source)) is None:
-        print("materializing base_model (one-time GGUF -> safetensors conversion, ~20 s)")
-        defs.resolve_job_def("prepare_base_model").execute_in_process(instance=instance, run_config=QUIET)
-    keys = register(instance, defs)[: args.batches]
-    todo = [k for k in keys if k not in _stored_keys(defs)]
-    run_config = {"ops": {"activations": {"config": {"max_contexts": args.max_contexts}}}}
-    failed = run_partitions(instance, defs, todo, run_config)
-    print(f"shuffling every cached batch (memory budget {args.memory_budget_mb} MiB per job)")
-    shuffled = run_shuffle(instance, defs, args.memory_budget_mb)
     fill_holdout_from_demo(settings)
-    print(f"training and evaluating {', '.join(args.sae)} ({args.token_budget:,} tokens each)")
-    failed += train(instance, defs, args.sae, _train_config(args), {"ce_contexts": args.ce_contexts})
-    print(f"feature tables, context windows and browser for {args.sae[0]}")
-    browsable = not failed and build_features(instance, defs, args.sae[0])
-    _print_status(defs)
-    print(f"\nDagster runs are in {os.environ['DAGSTER_HOME']}; see them and the lineage with `make ui` "
-          "(http://127.0.0.1:3000), or `dagster asset list -m jobs.definitions`.")
-    if browsable:
-        print("\nfeature browser: `make browse` serves it at http://127.0.0.1:8000/")
-    return 1 if failed or not shuffled or not browsable else 0
+    for run_id in recover_dead_runs(_instance()):  # a demo killed before: free what it held
+        print(f"recovered run {run_id} (its process had died)")
+    command = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "jobs.definitions",
+               "-j", "full_pipeline", "-c", args.config]
+    print("running the whole pipeline:\n  " + " ".join(command), flush=True)
+    succeeded = subprocess.run(command, cwd=Path(__file__).resolve().parents[1]).returncode == 0
+    _print_status(_definitions())
+    print(f"\nDagster runs are in {os.environ['DAGSTER_HOME']}: see the run, the asset graph and the lineage "
+          "with `make ui` (http://127.0.0.1:3000), or `sae-platform lineage`.")
+    if succeeded:
+        print("feature browser: `make browse` serves it at http://127.0.0.1:8000/")
+    else:
+        print("full_pipeline failed (see the log above); re-running resumes: cached batches and finished "
+              "checkpoints are kept.", file=sys.stderr)
+    return 0 if succeeded else 1
+
+
+def cmd_recover(args) -> int:
+    recovered = recover_dead_runs(_instance())
+    print(f"{len(recovered)} dead run(s) marked failed, their pool slots freed" +
+          (": " + ", ".join(recovered) if recovered else ""))
+    return 0
 
 
 def cmd_register(args) -> int:
@@ -318,13 +352,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sae-platform", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="fill the inbox from the demo corpus and cache it")
-    demo.add_argument("--batches", type=int, default=6)
-    demo.add_argument("--max-contexts", type=int, default=160, help="contexts of 128 tokens per batch")
-    demo.add_argument("--memory-budget-mb", type=int, default=48,
-                      help="per-job shuffle budget; the demo's 48 MiB makes the ~140 MB of activations take 2 passes")
-    demo.add_argument("--sae", nargs="+", default=["topk-16k-k32"], help="sweep entries to train")
-    _training_arguments(demo, token_budget=614_400, batch_size=1024, lr=1e-3)
+    demo = commands.add_parser("demo", help="the whole pipeline on the demo corpus (full_pipeline job)")
+    demo.add_argument("--batches", type=int, default=6, help="demo texts copied into an empty inbox")
+    demo.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "config" / "demo.yaml"),
+                      help="run config of full_pipeline")
     demo.set_defaults(func=cmd_demo)
     shuffle = commands.add_parser("shuffle", help="shuffle every cached partition")
     shuffle.add_argument("--memory-budget-mb", type=int, default=None, help="default: the shuffle resource's")
@@ -352,6 +383,8 @@ def main(argv=None) -> int:
     browse.add_argument("--port", type=int, default=8000)
     browse.set_defaults(func=cmd_browse)
     commands.add_parser("status", help="what is stored").set_defaults(func=cmd_status)
+    commands.add_parser("recover", help="mark runs whose process died as failed, freeing their pool slots"
+                        ).set_defaults(func=cmd_recover)
     args = parser.parse_args(argv)
     if args.command == "backfill" and not args.all and not args.keys:
         parser.error("backfill needs partition keys or --all")

@@ -1,16 +1,19 @@
 """The code location: every asset, job, sensor and resource of the platform.
 
     dagster dev -w workspace.yaml                       # UI with the asset graph
+    dagster job execute -m jobs.definitions -j full_pipeline -c config/demo.yaml   # the whole chain
     dagster job execute -m jobs.definitions -j cache_activations --tags '{"dagster/partition": "KEY"}'
 """
 
 from dagster import AssetSelection, Definitions, define_asset_job
 
-from assets import ASSET_CHECKS, ASSETS, SENSORS
+from assets import ASSET_CHECKS, ASSETS, SCHEDULES, SENSORS
 from assets.partitions import ACTIVATION_BATCHES, FEATURE_JOBS, FEATURE_SHARDS, SAE_SWEEP
 from assets.training import train_sae_job
+from jobs.full_pipeline import full_pipeline
 from jobs.settings import Settings
 from resources import (
+    AutomationResource,
     BaseModelResource,
     FeatureTablesResource,
     ShuffleResource,
@@ -48,7 +51,7 @@ feature_regroup = define_asset_job(
     description="Pass 3 regrouped by feature shard.")
 build_browser = define_asset_job("build_browser", selection=AssetSelection.assets("feature_browser"),
                                  description="Generate the static feature browser.")
-JOBS = [prepare_base_model, cache_activations, shuffle_activations, train_saes, train_sae_job,
+JOBS = [full_pipeline, prepare_base_model, cache_activations, shuffle_activations, train_saes, train_sae_job,
         feature_pass_1, feature_pass_2, feature_pass_3, feature_regroup, build_browser]
 
 
@@ -60,6 +63,7 @@ def build_resources(settings: Settings) -> dict:
         "shuffle": ShuffleResource(),
         "features": FeatureTablesResource(),
         "holdout_text": TextSourceResource(pattern=settings.holdout_pattern, endpoint_url=settings.s3_endpoint_url),
+        "automation": AutomationResource(run_config_path=settings.run_config),
     }
 
 
@@ -69,6 +73,7 @@ def build_definitions(settings: Settings | None = None) -> Definitions:
         asset_checks=ASSET_CHECKS,
         jobs=JOBS,
         sensors=SENSORS,
+        schedules=SCHEDULES,
         resources=build_resources(settings or Settings.from_env()),
     )
 

@@ -11,6 +11,7 @@ class Settings:
     inbox: str
     s3_endpoint_url: str | None
     holdout: str = ""  # held-out text for downstream CE; default $SAE_PLATFORM_DATA/holdout/*
+    run_config: str | None = None  # full_pipeline run config used by sensors and schedules
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -21,6 +22,7 @@ class Settings:
             inbox=os.environ.get("SAE_PLATFORM_INBOX", os.path.join(data_dir, "inbox", "*")),
             s3_endpoint_url=os.environ.get("SAE_PLATFORM_S3_ENDPOINT_URL") or None,
             holdout=os.environ.get("SAE_PLATFORM_HOLDOUT", os.path.join(data_dir, "holdout", "*")),
+            run_config=os.environ.get("SAE_PLATFORM_RUN_CONFIG") or None,
         )
 
     @property

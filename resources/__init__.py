@@ -1,6 +1,9 @@
 """Dagster resources: configuration that says *where* (storage root, model, text source)."""
 
 import os
+from pathlib import Path
+
+import yaml
 
 from dagster import ConfigurableResource
 from pydantic import Field
@@ -85,3 +88,33 @@ class FeatureTablesResource(ConfigurableResource):
     after: int = Field(default=8, description="context tokens after an example")
     seed: int = Field(default=0, description="seed of the random-example sample")
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, …")
+
+
+class AutomationResource(ConfigurableResource):
+    """The run config of runs that sensors and schedules launch on their own: one full_pipeline run
+    config file (``config/demo.yaml`` is one), whose resources and ``ops.cache_batch`` section the
+    inbox sensor's caching runs use too (as the asset's config), so automated runs match the ones a person launches."""
+
+    run_config_path: str | None = Field(default=None, description="YAML run config of full_pipeline; "
+                                                                  "default: every setting's default")
+
+    def run_config(self) -> dict:
+        if not self.run_config_path:
+            return {}
+        path = Path(self.run_config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"run config {path} (SAE_PLATFORM_RUN_CONFIG) does not exist: "
+                                    "point it at a full_pipeline run config such as config/demo.yaml")
+        return yaml.safe_load(path.read_text()) or {}
+
+    def caching_run_config(self) -> dict:
+        """The part of the pipeline's run config that a cache_activations run accepts."""
+        config = self.run_config()
+        caching = {"resources": config["resources"]} if config.get("resources") else {}
+        if "cache_batch" in config.get("ops", {}):
+            caching["ops"] = {"activations": config["ops"]["cache_batch"]}
+        return caching
+
+    def resource_setting(self, resource: str, key: str, default):
+        """A resource setting as the launched runs will see it (the file's override, else ``default``)."""
+        return self.run_config().get("resources", {}).get(resource, {}).get("config", {}).get(key, default)

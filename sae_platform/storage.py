@@ -13,12 +13,19 @@ which both POSIX (``os.replace``) and S3 (a PUT) give, so one code path serves b
 
 A crash at any point leaves either the old version or the new one visible, never a mix, and
 re-materializing a partition replaces it cleanly.
+
+Two writers of the same name may overlap (two caching runs both converting the base model, a
+re-launched step beside a slow one): each version directory carries a ``.writer.json`` (host,
+pid, start) until it is committed, and a commit sweeps an older version only when it is not
+another writer's work in flight: committed before (no marker), or its writer is a dead process
+of this host, or it started more than ``STALE_WRITER_S`` ago. The last commit wins.
 """
 
 import contextlib
 import io
 import json
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +40,8 @@ from sae_platform.errors import StorageError
 
 POINTER = "COMMITTED.json"
 VERSION_PREFIX = "v-"
+WRITER_MARK = ".writer.json"
+STALE_WRITER_S = 24 * 3600  # a writer on another host silent this long is taken for dead
 
 
 def write_local_atomic(path: str, data: bytes) -> None:
@@ -48,6 +57,16 @@ def write_local_atomic(path: str, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
 
 
 def _new_version_name() -> str:
@@ -88,6 +107,9 @@ class ArtifactStore:
         version = _new_version_name()
         version_path = self.path(name, version)
         self.fs.makedirs(version_path, exist_ok=True)
+        mark = self.path(name, version, WRITER_MARK)
+        self.fs.pipe_file(mark, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                            "started": time.time()}).encode())
         try:
             yield version_path
         except BaseException:
@@ -95,6 +117,8 @@ class ArtifactStore:
             raise
         pointer = {"version": version, "committed_at": time.time(), **pointer_info}
         self.write_bytes_atomic(self.path(name, POINTER), json.dumps(pointer).encode())
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(mark)
         self._sweep_older_versions(name, keep=version)
 
     def resolve(self, name: str) -> str | None:
@@ -130,12 +154,21 @@ class ArtifactStore:
         self._remove(self.path(name))
 
     def _sweep_older_versions(self, name: str, keep: str) -> None:
-        # Only versions *older* than the one just committed: a newer one may be another
-        # writer still in flight.
+        # Only versions *older* than the one just committed (a newer one may be a writer still in
+        # flight), and of those only the ones no live writer is still filling.
         for entry in self.fs.ls(self.path(name), detail=False):
             base = entry.rstrip("/").rsplit("/", 1)[-1]
-            if base.startswith(VERSION_PREFIX) and base < keep:
+            if base.startswith(VERSION_PREFIX) and base < keep and not self._in_flight(entry):
                 self._remove(entry)
+
+    def _in_flight(self, version_path: str) -> bool:
+        try:
+            writer = json.loads(self.fs.cat_file(f"{version_path.rstrip('/')}/{WRITER_MARK}"))
+        except FileNotFoundError:
+            return False  # committed once, since superseded
+        if time.time() - writer["started"] > STALE_WRITER_S:
+            return False
+        return writer["host"] != socket.gethostname() or _process_alive(writer["pid"])
 
     def _remove(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):

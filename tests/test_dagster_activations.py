@@ -3,13 +3,21 @@
 import shutil
 
 import pytest
-from dagster import DagsterInstance, RunRequest, SensorResult, SkipReason, build_sensor_context, materialize
+from dagster import (
+    DagsterInstance,
+    Definitions,
+    RunRequest,
+    SensorResult,
+    SkipReason,
+    build_sensor_context,
+    materialize,
+)
 
 from assets import activations, base_model, inbox_sensor
 from assets.partitions import ACTIVATION_BATCHES
 from jobs.definitions import build_definitions, build_resources
 from jobs.settings import Settings
-from resources import BaseModelResource, TextSourceResource
+from resources import AutomationResource, BaseModelResource, TextSourceResource
 from sae_platform.activations import open_partition
 
 
@@ -28,14 +36,17 @@ def resources(settings, tiny_model_dir) -> dict:
 
 def test_full_definitions_load(settings):
     defs = build_definitions(settings)
+    Definitions.validate_loadable(defs)  # what a code server checks: e.g. op names unique across jobs
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"base_model", "activations"} <= keys
     assert graph.get(activations.key).partitions_def == ACTIVATION_BATCHES
     assert base_model.key in graph.get(activations.key).parent_keys
-    for job in ("cache_activations", "prepare_base_model"):
+    for job in ("full_pipeline", "cache_activations", "prepare_base_model"):
         assert defs.resolve_job_def(job) is not None
-    assert defs.resolve_sensor_def("inbox_sensor") is not None
+    for sensor in ("inbox_sensor", "downstream_freshness_sensor"):
+        assert defs.resolve_sensor_def(sensor) is not None
+    assert defs.resolve_schedule_def("nightly_refresh").cron_schedule == "0 3 * * *"
 
 
 def test_activations_materialize_through_dagster(resources):
@@ -68,7 +79,7 @@ def test_bad_partition_fails_the_run_with_the_fix(resources):
 def test_inbox_sensor_adds_partitions_and_requests_runs(text_dir):
     instance = DagsterInstance.ephemeral()
     source = TextSourceResource(pattern=str(text_dir / "*"))
-    result = inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source}))
+    result = inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source, "automation": AutomationResource()}))
     assert isinstance(result, SensorResult)
     assert [r.partition_key for r in result.run_requests] == ["alpha", "beta", "gamma"]
     assert all(isinstance(r, RunRequest) for r in result.run_requests)
@@ -76,15 +87,15 @@ def test_inbox_sensor_adds_partitions_and_requests_runs(text_dir):
     assert list(request.partition_keys) == ["alpha", "beta", "gamma"]
     instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, list(request.partition_keys))
 
-    assert isinstance(inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source})),
+    assert isinstance(inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source, "automation": AutomationResource()})),
                       SkipReason)
     shutil.copy(text_dir / "alpha.txt", text_dir / "delta.txt")
-    result = inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source}))
+    result = inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source, "automation": AutomationResource()}))
     assert [r.partition_key for r in result.run_requests] == ["delta"]
 
 
 def test_empty_inbox_is_a_skip_not_a_crash(tmp_path):
     source = TextSourceResource(pattern=str(tmp_path / "empty" / "*"))
     result = inbox_sensor(build_sensor_context(instance=DagsterInstance.ephemeral(),
-                                               resources={"text_source": source}))
+                                               resources={"text_source": source, "automation": AutomationResource()}))
     assert isinstance(result, SkipReason) and "matches no" in result.skip_message

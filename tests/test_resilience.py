@@ -81,24 +81,6 @@ def shuffled_store(store, tiny_model_dir, tiny_hooked, text_dir):
     return store
 
 
-def _free_dead_runs(instance) -> list[str]:
-    """What Dagster's daemons do for a run whose worker died: mark it failed (run monitoring) and
-    free the pool slots it holds (the concurrency-slot reaper). Without this, a SIGKILLed run
-    stays STARTED and keeps the `gpu` pool slot (default_limit 1 in config/dagster.yaml), and the
-    re-launched run waits forever ("Step blocked by limit for pool gpu"): `dagster job execute`
-    starts no daemon. Returns the run ids recovered."""
-    from dagster import DagsterRunStatus
-    from dagster._core.storage.dagster_run import RunsFilter
-
-    recovered = []
-    for record in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
-        instance.report_run_failed(record.dagster_run, "run worker killed (SIGKILL)")
-        recovered.append(record.dagster_run.run_id)
-    for run_id in instance.event_log_storage.get_concurrency_run_ids():
-        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
-    return recovered
-
-
 def test_training_killed_through_dagster_cli_resumes_from_its_last_checkpoint(shuffled_store, dagster_home,
                                                                              tmp_path, text_dir):
     from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
@@ -145,7 +127,14 @@ def test_training_killed_through_dagster_cli_resumes_from_its_last_checkpoint(sh
     with DagsterInstance.get() as instance:
         (killed_run,) = instance.get_runs()
         assert killed_run.status == DagsterRunStatus.STARTED  # nothing is left to report its end
-        assert _free_dead_runs(instance) == [killed_run.run_id]
+        assert instance.event_log_storage.get_concurrency_run_ids() == {killed_run.run_id}  # holds the gpu slot
+    # Without this the re-launch waits forever for the dead run's `gpu` pool slot.
+    recover = subprocess.run([str(Path(sys.executable).parent / "sae-platform"), "recover"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert recover.returncode == 0 and killed_run.run_id in recover.stdout, recover.stdout + recover.stderr
+    with DagsterInstance.get() as instance:
+        assert instance.get_run_by_id(killed_run.run_id).status == DagsterRunStatus.FAILURE
+        assert not instance.event_log_storage.get_concurrency_run_ids()
 
     second = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -97,3 +97,18 @@ def test_process_killed_mid_write_keeps_old_version(store, tmp_path):
     assert json.loads(fresh.fs.cat_file(fresh.path("things/a", POINTER)))["version"] == store.pointer("things/a")["version"]
     _write(fresh, "things/a", "new")  # the next successful write sweeps the orphan
     assert len([e for e in fresh.fs.ls(fresh.path("things/a"), detail=False) if "/v-" in e]) == 1
+
+
+def test_a_commit_leaves_an_older_writer_in_flight_alone(store):
+    """Two caching runs both converting the base model: the later one's commit must not delete the
+    earlier one's half-written version (it used to, and the earlier run died with an I/O error)."""
+    with store.writing("models/m") as slow:
+        store.fs.pipe_file(f"{slow}/weights", b"slow")
+        with store.writing("models/m") as fast:
+            store.fs.pipe_file(f"{fast}/weights", b"fast")
+        assert store.fs.cat_file(f"{store.resolve('models/m')}/weights") == b"fast"
+        assert store.fs.cat_file(f"{slow}/weights") == b"slow", "the in-flight version was swept"
+        store.fs.pipe_file(f"{slow}/config", b"{}")
+    assert store.fs.cat_file(f"{store.resolve('models/m')}/weights") == b"slow"  # the last commit wins
+    assert sorted(store.fs.ls(store.resolve("models/m"), detail=False)) == sorted(
+        [f"{store.resolve('models/m')}/weights", f"{store.resolve('models/m')}/config"]), "no writer mark left"

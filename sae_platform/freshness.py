@@ -1,0 +1,71 @@
+"""Is everything downstream of the cached activations up to date? Read from the artifacts' own pins.
+
+Each artifact records what it was built from (the shuffle index pins activation versions, a
+checkpoint records the shuffle plan, feature-table lineage and the browser record the checkpoint
+version), so staleness is a comparison of pins, not of timestamps: a clock skew, a re-run that
+rebuilt the same thing, or a materialization made outside Dagster cannot fool it. The sensor and
+the schedule that keep the pipeline up to date both ask this module.
+"""
+
+import json
+
+from sae_platform.activations import list_partitions
+from sae_platform.storage import ArtifactStore
+
+
+def cached_versions(store: ArtifactStore) -> dict[str, str]:
+    """Committed activation partitions and their versions."""
+    return {key: store.pointer(f"activations/{key}")["version"] for key in list_partitions(store)}
+
+
+def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int) -> list[str]:
+    """Why the downstream of the cached activations is out of date; empty when it is current (or
+    when nothing is cached yet: there is nothing to build from)."""
+    cached = cached_versions(store)
+    if not cached:
+        return []
+    shuffled = store.resolve(f"shuffled/{shuffle_name}")
+    if shuffled is None:
+        return [f"no shuffled store {shuffle_name!r} yet ({len(cached)} cached partition(s))"]
+    index = store.read_json(f"{shuffled}/index.json")
+    pinned = {i["key"]: i["version"] for i in index["inputs"]}
+    if pinned != cached:
+        return [_describe_change(pinned, cached)]
+    checkpoint = store.pointer(f"sae/{sae_name}")
+    if checkpoint is None:
+        return [f"SAE {sae_name!r} was never trained"]
+    if checkpoint.get("data", {}).get("plan_id") != index["plan_id"] or not checkpoint.get("final"):
+        return [f"SAE {sae_name!r} is not a finished training on shuffle plan {index['plan_id']}"]
+    reasons = [f"feature tables f{i} of {sae_name!r} describe another checkpoint" for i in range(n_feature_shards)
+               if _recorded_checkpoint(store, store.path("features", sae_name, "lineage", f"f{i}.json"))
+               != checkpoint["version"]]
+    if reasons:
+        return reasons
+    if _browser_checkpoint(store, sae_name) != checkpoint["version"]:
+        return [f"the feature browser of {sae_name!r} is missing or shows another checkpoint"]
+    return []
+
+
+def _describe_change(pinned: dict[str, str], cached: dict[str, str]) -> str:
+    new = sorted(set(cached) - set(pinned))
+    gone = sorted(set(pinned) - set(cached))
+    changed = sorted(k for k in set(pinned) & set(cached) if pinned[k] != cached[k])
+    parts = [f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
+             for label, keys in (("new", new), ("re-cached", changed), ("removed", gone)) if keys]
+    return "the shuffled store is older than the cached activations (" + "; ".join(parts) + ")"
+
+
+def _recorded_checkpoint(store: ArtifactStore, lineage_path: str) -> str | None:
+    if not store.fs.exists(lineage_path):
+        return None
+    return store.read_json(lineage_path).get("sae_checkpoint", {}).get("version")
+
+
+def _browser_checkpoint(store: ArtifactStore, sae_name: str) -> str | None:
+    site = store.path("browser", sae_name)
+    pointer = f"{site}/site.json"
+    if not store.fs.exists(pointer):
+        return None
+    data = json.loads(store.fs.cat_file(pointer))["data"]
+    index = json.loads(store.fs.cat_file(f"{site}/{data}/index.json"))
+    return index.get("lineage", {}).get("sae_checkpoint", {}).get("version")
