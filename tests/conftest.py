@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random Llama (milliseconds per forward) and throwaway artifact roots."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,6 +36,42 @@ def build_tiny_model(dest: Path, hidden: int = 32, layers: int = 4) -> Path:
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
+
+
+TINY_SAE = "topk-4k-k32"
+
+
+def tiny_run_config(model_dir: Path, executor: str = "in_process: {}") -> str:
+    """full_pipeline on the tiny model: a few seconds per stage."""
+    return f"""
+execution: {{config: {{{executor}}}}}
+loggers: {{console: {{config: {{log_level: INFO}}}}}}
+resources:
+  language_model: {{config: {{source: {model_dir}, layer: 1, device: cpu}}}}
+  shuffle: {{config: {{n_buckets: 4, memory_budget_bytes: 1048576}}}}
+  features: {{config: {{sae_name: {TINY_SAE}, top_k: 5, reservoir_factor: 2, random_examples: 4}}}}
+ops:
+  cache_batch: {{config: {{ctx_len: 32, batch_size: 4}}}}
+  train_sae:
+    config: {{token_budget: 1536, batch_size: 256, checkpoint_every_tokens: 512, holdout_rows: 256,
+              dead_after_tokens: 768, device: cpu}}
+  evaluate_sae: {{config: {{ce_contexts: 2, ctx_len: 32, device: cpu}}}}
+"""
+
+
+def deployment(tmp_path: Path, tiny_model_dir: Path, text_dir: Path, executor: str = "in_process: {}") -> dict:
+    """A fresh DAGSTER_HOME, artifact root, empty inbox and holdout, and the env that points at them."""
+    home, inbox, holdout = tmp_path / "dagster_home", tmp_path / "inbox_live", tmp_path / "holdout"
+    for folder in (home, inbox, holdout):
+        folder.mkdir()
+    shutil.copy(REPO / "config" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(text_dir / "beta.txt", holdout / "held.txt")
+    run_config = tmp_path / "run_config.yaml"
+    run_config.write_text(tiny_run_config(tiny_model_dir, executor))
+    return {**os.environ, "DAGSTER_HOME": str(home), "SAE_PLATFORM_ROOT": str(tmp_path / "artifacts"),
+            "SAE_PLATFORM_INBOX": str(inbox / "*"), "SAE_PLATFORM_DATA": str(tmp_path),
+            "SAE_PLATFORM_HOLDOUT": str(holdout / "*"), "SAE_PLATFORM_RUN_CONFIG": str(run_config),
+            "SAE_PLATFORM_SENSOR_INTERVAL_S": "2"}
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,20 @@
-"""The same pipeline against a real S3 endpoint (moto's server mode): caching, shuffle, training, evaluation."""
+"""The same pipeline against a real S3 endpoint (moto's server mode), launched through Dagster's CLI."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, Definitions
 
-from assets import ASSET_CHECKS, ASSETS
-from assets.partitions import ACTIVATION_BATCHES, ALL_SHUFFLE_WORKERS_TAGS
-from jobs.definitions import JOBS, build_resources
-from jobs.settings import Settings
-from resources import BaseModelResource, ShuffleResource
+from conftest import TINY_SAE, tiny_run_config
+from sae_platform import shuffle as sh
+from sae_platform.features import read_tables
+from sae_platform.freshness import stale_reasons
 from sae_platform.storage import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
 
 ENDPOINT_PORT = 5917
 
@@ -52,35 +56,42 @@ def test_storage_commit_protocol_on_s3(s3, s3_endpoint):
     assert fresh.committed_names("things") == ["things/a"]
 
 
-def test_pipeline_runs_on_s3_and_artifacts_read_back(s3, s3_endpoint, tiny_model_dir, text_dir):
+def test_full_pipeline_runs_on_s3_and_artifacts_read_back(s3, s3_endpoint, tiny_model_dir, text_dir, tmp_path):
+    """`dagster job execute -j full_pipeline` with the inbox, holdout, artifacts and the instance's step
+    logs (dagster-aws S3ComputeLogManager, config/dagster-s3.yaml) all in one bucket."""
     client, bucket = s3
     for i, path in enumerate(sorted(text_dir.glob("*.txt")) * 2):  # six batches
         client.put_object(Bucket=bucket, Key=f"inbox/{path.stem}{i}.txt", Body=path.read_bytes())
     client.put_object(Bucket=bucket, Key="holdout/held.txt", Body=(text_dir / "beta.txt").read_bytes())
-    settings = Settings(root_url=f"s3://{bucket}/sae", data_dir=str(text_dir), inbox=f"s3://{bucket}/inbox/*",
-                        s3_endpoint_url=s3_endpoint, holdout=f"s3://{bucket}/holdout/*")
-    resources = build_resources(settings)
-    resources["language_model"] = BaseModelResource(source=str(tiny_model_dir), layer=1, device="cpu")
-    resources["shuffle"] = ShuffleResource(name="main", n_buckets=4, memory_budget_bytes=1 << 20)
-    defs = Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources)
-    instance = DagsterInstance.ephemeral()
-    keys = [f.key for f in resources["text_source"].files()]
-    instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, keys)
-    cache = defs.resolve_job_def("cache_activations")
-    for key in keys:
-        assert cache.execute_in_process(instance=instance, partition_key=key, run_config={
-            "ops": {"activations": {"config": {"ctx_len": 32, "batch_size": 4}}}}).success
-    assert defs.resolve_job_def("shuffle_activations").execute_in_process(
-        instance=instance, tags=ALL_SHUFFLE_WORKERS_TAGS).success
-    train = {"token_budget": 256 * 6, "batch_size": 256, "checkpoint_every_tokens": 512, "holdout_rows": 256}
-    assert defs.resolve_job_def("train_saes").execute_in_process(
-        instance=instance, partition_key="topk-4k-k32",
-        run_config={"ops": {"sae_checkpoint": {"ops": {"train_sae_op": {"config": train}}},
-                            "sae_eval": {"config": {"ce_contexts": 2, "ctx_len": 32}}}}).success
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    instance_yaml = (REPO / "config" / "dagster-s3.yaml").read_text()
+    (home / "dagster.yaml").write_text(instance_yaml.replace("# endpoint_url:", "endpoint_url:"))
+    run_config = tmp_path / "run.yaml"
+    run_config.write_text(tiny_run_config(tiny_model_dir))
+    env = {**os.environ, "DAGSTER_HOME": str(home), "SAE_PLATFORM_ROOT": f"s3://{bucket}/sae",
+           "SAE_PLATFORM_INBOX": f"s3://{bucket}/inbox/*", "SAE_PLATFORM_HOLDOUT": f"s3://{bucket}/holdout/*",
+           "SAE_PLATFORM_DATA": str(tmp_path), "SAE_PLATFORM_S3_ENDPOINT_URL": s3_endpoint,
+           "DAGSTER_S3_LOG_BUCKET": bucket}
+    run = subprocess.run([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "jobs.definitions",
+                          "-j", "full_pipeline", "-c", str(run_config)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
 
-    listed = {o["Key"].split("/")[1] for o in client.list_objects_v2(Bucket=bucket, Prefix="sae/")["Contents"]}
-    assert {"models", "activations", "shuffled", "sae", "eval", "saelens"} <= listed
+    listed = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+              for o in page.get("Contents", [])}
+    assert {"models", "activations", "shuffled", "sae", "eval", "saelens", "features", "browser"} <= {
+        k.split("/")[1] for k in listed if k.startswith("sae/")}
+    assert not [k for k in listed if k.startswith("sae/") and "/.writer.json" in k], "a writer mark was left"
+    assert [k for k in listed if k.startswith("dagster-compute-logs/")], "step logs were not uploaded to S3"
     store = ArtifactStore(f"s3://{bucket}/sae", {"endpoint_url": s3_endpoint})
-    report = json.loads(store.fs.cat_file(f"{store.resolve('eval/topk-4k-k32')}/report.json"))
+    assert len(store.committed_names("activations")) == 6
+    report = json.loads(store.fs.cat_file(f"{store.resolve(f'eval/{TINY_SAE}')}/report.json"))
     assert report["n_tokens"] == 256 and report["ce_n_contexts"] == 2
-    assert json.loads(store.fs.cat_file(f"{store.resolve('saelens/topk-4k-k32')}/cfg.json"))["d_in"] == 32
+    assert json.loads(store.fs.cat_file(f"{store.resolve(f'saelens/{TINY_SAE}')}/cfg.json"))["d_in"] == 32
+    tables = read_tables(store, TINY_SAE, 0)
+    assert tables.meta["n_tokens_total"] == sh.open_shuffled(store, "main").n_rows
+    site = json.loads(store.fs.cat_file(f"{store.root}/browser/{TINY_SAE}/site.json"))
+    index = json.loads(store.fs.cat_file(f"{store.root}/browser/{TINY_SAE}/{site['data']}/index.json"))
+    assert index["n_features"] == 4096 and index["lineage"]["sae_checkpoint"]["name"] == TINY_SAE
+    assert stale_reasons(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4) == []
