@@ -31,7 +31,8 @@ $(SAE_PLATFORM_DATA)/.fetched: $(VENV)/.installed
 	$(PY) -m sae_platform.demo_data --dest $(SAE_PLATFORM_DATA)
 	touch $@
 
-$(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
+# Only when missing: an instance configured for PostgreSQL or S3 logs is never overwritten.
+$(DAGSTER_HOME)/dagster.yaml: | config/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp config/dagster.yaml $@
 

@@ -82,12 +82,13 @@ def feature_topk(context: AssetExecutionContext, storage: StorageResource, featu
 
 
 def merge_shard(storage: StorageResource, features: FeatureTablesResource, language_model: BaseModelResource,
-                shard_key: str, run_id: str) -> tuple[dict, dict]:
-    """Pass 2 of one feature shard; returns its metadata and the brute-force check's verdict."""
+                shard_key: str, run_id: str, batches: list[str] | None = None) -> tuple[dict, dict]:
+    """Pass 2 of one feature shard over ``batches`` (default: every cached one); returns its metadata
+    and the brute-force check's verdict."""
     store, sae = _load(storage, features)
     index = _shard(shard_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
-    batches = list_partitions(store)
+    batches = list_partitions(store) if batches is None else batches
     tables = ft.merge_partials(ft.read_partials(store, features.sae_name, index, batches),
                                n_intervals=features.n_intervals, per_interval=features.per_interval)
     hooked, _ = language_model.load(store, device=str(next(sae.parameters()).device))
@@ -137,11 +138,13 @@ def feature_contexts(context: AssetExecutionContext, storage: StorageResource,
     return MaterializeResult(metadata=regroup(storage, features, context.partition_key))
 
 
-def regroup(storage: StorageResource, features: FeatureTablesResource, shard_key: str) -> dict:
+def regroup(storage: StorageResource, features: FeatureTablesResource, shard_key: str,
+            batches: list[str] | None = None) -> dict:
     store, sae = _load(storage, features)
     index = _shard(shard_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
-    frame = ctx.regroup_by_feature(store, features.sae_name, list_partitions(store), start, stop)
+    batches = list_partitions(store) if batches is None else batches
+    frame = ctx.regroup_by_feature(store, features.sae_name, batches, start, stop)
     info = ctx.write_feature_contexts(store, features.sae_name, index, frame)
     return {"features": f"[{start}, {stop})", "n_windows": frame.height, "path": MetadataValue.path(info["path"])}
 

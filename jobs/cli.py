@@ -50,7 +50,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def recover_dead_runs(instance) -> list[str]:
+def runs_are_local(instance) -> bool:
+    """A SQLite instance lives in one machine's DAGSTER_HOME, so all its runs ran there."""
+    return type(instance.run_storage).__name__.startswith("Sqlite")
+
+
+def recover_dead_runs(instance, all_runs_on_this_host: bool = False) -> list[str]:
     """Mark runs whose process died (SIGKILL, OOM, a lost machine) as failed and free their pool slots.
 
     Dagster only learns that a run ended from the run itself; a killed run stays STARTED and keeps
@@ -59,6 +64,11 @@ def recover_dead_runs(instance) -> list[str]:
     """
     from dagster import DagsterRunStatus, RunsFilter
 
+    if not runs_are_local(instance) and not all_runs_on_this_host:
+        raise PlatformError(f"the instance's run storage ({type(instance.run_storage).__name__}) may be shared by "
+                            "several machines, and a process id means nothing on another one",
+                            "run `sae-platform recover --all-runs-on-this-host` only if every run of this "
+                            "instance ran here; otherwise use Dagster's run monitoring or `dagster run delete`")
     recovered = []
     in_flight = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
     for run in instance.get_runs(filters=RunsFilter(statuses=in_flight)):
@@ -271,8 +281,10 @@ def cmd_demo(args) -> int:
     if copied:
         print(f"inbox: copied {len(copied)} demo texts into {Path(settings.inbox).parent}")
     fill_holdout_from_demo(settings)
-    for run_id in recover_dead_runs(_instance()):  # a demo killed before: free what it held
-        print(f"recovered run {run_id} (its process had died)")
+    instance = _instance()
+    if runs_are_local(instance):
+        for run_id in recover_dead_runs(instance):  # a demo killed before: free what it held
+            print(f"recovered run {run_id} (its process had died)")
     command = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "jobs.definitions",
                "-j", "full_pipeline", "-c", args.config]
     print("running the whole pipeline:\n  " + " ".join(command), flush=True)
@@ -289,7 +301,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    recovered = recover_dead_runs(_instance())
+    recovered = recover_dead_runs(_instance(), args.all_runs_on_this_host)
     print(f"{len(recovered)} dead run(s) marked failed, their pool slots freed" +
           (": " + ", ".join(recovered) if recovered else ""))
     return 0
@@ -383,8 +395,10 @@ def main(argv=None) -> int:
     browse.add_argument("--port", type=int, default=8000)
     browse.set_defaults(func=cmd_browse)
     commands.add_parser("status", help="what is stored").set_defaults(func=cmd_status)
-    commands.add_parser("recover", help="mark runs whose process died as failed, freeing their pool slots"
-                        ).set_defaults(func=cmd_recover)
+    recover = commands.add_parser("recover", help="mark runs whose process died as failed, freeing their pool slots")
+    recover.add_argument("--all-runs-on-this-host", action="store_true",
+                         help="needed with a shared (e.g. PostgreSQL) instance: assert every run ran here")
+    recover.set_defaults(func=cmd_recover)
     args = parser.parse_args(argv)
     if args.command == "backfill" and not args.all and not args.keys:
         parser.error("backfill needs partition keys or --all")

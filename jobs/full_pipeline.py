@@ -168,8 +168,10 @@ def commit_shuffle_op(context: OpExecutionContext, storage: StorageResource, shu
     if workers[0]["done"]:
         return
     _materialized(context, "shuffled_activations", shuffle_stages.commit(storage, shuffle))
-    _check(context, "shuffled_activations", {"check_name": "shuffle_is_a_permutation",
-                                             **shuffle_stages.check_permutation(storage, shuffle)}, blocking=True)
+    verdict = {"check_name": "shuffle_is_a_permutation", **shuffle_stages.check_permutation(storage, shuffle)}
+    if not verdict["passed"]:  # uncommit, so that no SAE trains on it and the next run shuffles again
+        storage.store().delete(f"{sh.SHUFFLED}/{shuffle.name}")
+    _check(context, "shuffled_activations", verdict, blocking=True)
     _check(context, "shuffled_activations", {"check_name": "shuffle_is_uniform",
                                              **shuffle_stages.check_uniformity(storage, shuffle)})
 
@@ -213,10 +215,18 @@ def eval_op(context: OpExecutionContext, config: EvalConfig, storage: StorageRes
 
 # -- feature tables -------------------------------------------------------------------------------
 
+def _pinned_batches(storage: StorageResource, shuffle: ShuffleResource) -> list[str]:
+    """The batches the shuffled store (so the SAE) was built from. The feature stages describe exactly
+    these, even when another batch gets cached while this run goes on (the next refresh adds it)."""
+    store = storage.store()
+    path = store.require(f"{sh.SHUFFLED}/{shuffle.name}", "the shuffled store", "run the shuffle stage first")
+    return sorted(i["key"] for i in store.read_json(f"{path}/index.json")["inputs"])
+
+
 @op(ins={"trained": In(Nothing)}, out=DynamicOut(tuple),
     description="Pass 1 work: every (activation batch, feature shard), fanned out.")
-def feature_jobs(storage: StorageResource):
-    for index, batch in enumerate(list_partitions(storage.store())):
+def feature_jobs(storage: StorageResource, shuffle: ShuffleResource):
+    for index, batch in enumerate(_pinned_batches(storage, shuffle)):
         for shard in FEATURE_SHARD_KEYS:
             yield DynamicOutput((batch, shard), mapping_key=_mapping_key(index, f"{batch}_{shard}"))
 
@@ -231,22 +241,24 @@ def stats_partial_op(context: OpExecutionContext, storage: StorageResource, feat
     return batch
 
 
-@op(ins={"after": In(Nothing)}, out=DynamicOut(str), description="The feature shards, fanned out.")
-def feature_shards():
+@op(ins={"after": In(Nothing)}, out=DynamicOut(tuple), description="The feature shards, fanned out.")
+def feature_shards(storage: StorageResource, shuffle: ShuffleResource):
+    batches = _pinned_batches(storage, shuffle)
     for shard in FEATURE_SHARD_KEYS:
-        yield DynamicOutput(shard, mapping_key=shard)
+        yield DynamicOutput((shard, batches), mapping_key=shard)
 
 
-@op(ins={"after": In(Nothing)}, out=DynamicOut(str), description="The cached activation batches, fanned out.")
-def cached_batches(storage: StorageResource):
-    for index, batch in enumerate(list_partitions(storage.store())):
+@op(ins={"after": In(Nothing)}, out=DynamicOut(str), description="The shuffled activation batches, fanned out.")
+def cached_batches(storage: StorageResource, shuffle: ShuffleResource):
+    for index, batch in enumerate(_pinned_batches(storage, shuffle)):
         yield DynamicOutput(batch, mapping_key=_mapping_key(index, batch))
 
 
 @op(name="merge_shard", description="Logs feature_topk[shard]: pass 2, with its blocking brute-force check.")
 def merge_shard_op(context: OpExecutionContext, storage: StorageResource, features: FeatureTablesResource,
-                   language_model: BaseModelResource, shard: str) -> str:
-    metadata, verdict = feature_stages.merge_shard(storage, features, language_model, shard, context.run_id)
+                   language_model: BaseModelResource, work: tuple) -> str:
+    shard, batches = work
+    metadata, verdict = feature_stages.merge_shard(storage, features, language_model, shard, context.run_id, batches)
     _materialized(context, "feature_topk", metadata, partition=shard)
     _check(context, "feature_topk", verdict, partition=shard, blocking=True)
     return shard
@@ -262,8 +274,10 @@ def context_windows_op(context: OpExecutionContext, storage: StorageResource, fe
 
 @op(name="regroup_contexts", description="Logs feature_contexts[shard]: pass 3 regrouped.")
 def regroup_op(context: OpExecutionContext, storage: StorageResource, features: FeatureTablesResource,
-               shard: str) -> str:
-    _materialized(context, "feature_contexts", feature_stages.regroup(storage, features, shard), partition=shard)
+               work: tuple) -> str:
+    shard, batches = work
+    _materialized(context, "feature_contexts", feature_stages.regroup(storage, features, shard, batches),
+                  partition=shard)
     return shard
 
 

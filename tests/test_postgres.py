@@ -207,3 +207,11 @@ def test_dagster_job_execute_stores_everything_in_postgres(pg_server, tiny_model
     assert sqlite == [], sqlite
     assert not (home / "history").exists() and not (home / "schedules").exists()
     print(f"dagster job execute on postgres: {time.time() - started:.1f} s")
+
+    # On a shared instance a process id means nothing: recover refuses unless told all runs ran here.
+    refused = subprocess.run([str(bin_dir / "sae-platform"), "recover"], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--all-runs-on-this-host" in refused.stderr, refused.stderr[-2000:]
+    allowed = subprocess.run([str(bin_dir / "sae-platform"), "recover", "--all-runs-on-this-host"], env=env,
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert allowed.returncode == 0 and "0 dead run(s)" in allowed.stdout, allowed.stdout + allowed.stderr
