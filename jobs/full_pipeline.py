@@ -32,6 +32,7 @@ from dagster import (
     OpExecutionContext,
     Out,
     job,
+    multi_or_in_process_executor,
     op,
 )
 from pydantic import Field
@@ -52,6 +53,7 @@ from resources import (
 from sae_platform import shuffle as sh
 from sae_platform.activations import list_partitions
 from sae_platform.errors import PlatformError
+from jobs.settings import Settings
 from sae_platform.model import model_artifact_name
 
 FEATURE_SHARD_KEYS = [f"f{i}" for i in range(N_FEATURE_SHARDS)]
@@ -287,7 +289,25 @@ def browser_op(context: OpExecutionContext, storage: StorageResource, features: 
                   feature_stages.build_browser(context.log, storage, features, context.run_id))
 
 
-@job(description="The whole chain in one run: text → activations → shuffle → SAE training → evaluation → "
+def pipeline_executor(kind: str):
+    """Where the steps run, chosen by the deployment (SAE_PLATFORM_EXECUTOR), since an op job's
+    executor is fixed when the code loads; its settings still come from `execution: config:`."""
+    if kind == "multiprocess":  # one machine; `execution: {config: {in_process: {}}}` also works
+        return multi_or_in_process_executor
+    engines = {"celery": ("dagster_celery", "celery_executor", "dagster-celery"),
+               "k8s": ("dagster_k8s", "k8s_job_executor", "dagster-k8s")}
+    if kind not in engines:
+        raise PlatformError(f"unknown SAE_PLATFORM_EXECUTOR={kind!r}", "use multiprocess (default), celery or k8s")
+    module, name, package = engines[kind]
+    try:
+        return getattr(__import__(module), name)
+    except ImportError as error:
+        raise PlatformError(f"SAE_PLATFORM_EXECUTOR={kind} needs the {package} package ({error})",
+                            f"pip install '{package}>=0.29,<0.30' on every machine that loads this code") from error
+
+
+@job(executor_def=pipeline_executor(Settings.from_env().executor),
+     description="The whole chain in one run: text → activations → shuffle → SAE training → evaluation → "
                  "feature tables → context windows → browser. Safe to re-run (skips what is up to date).",
      tags={"sae_platform/pipeline": "full"})
 def full_pipeline():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, EventRecordsFilter
 
 from conftest import TINY_SAE, deployment
@@ -83,3 +84,19 @@ def test_full_pipeline_runs_end_to_end_with_parallel_steps(tmp_path, tiny_model_
     again = execute_full_pipeline(env, in_process)
     assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
     assert "already cached" in again.stderr and "nothing to shuffle" in again.stderr
+
+
+def test_executor_is_chosen_by_the_deployment_with_clear_errors():
+    from jobs.full_pipeline import pipeline_executor
+    from sae_platform.errors import PlatformError
+
+    assert pipeline_executor("multiprocess").name == "multi_or_in_process_executor"
+    with pytest.raises(PlatformError, match="use multiprocess \\(default\\), celery or k8s"):
+        pipeline_executor("dask")
+    try:
+        import dagster_celery  # noqa: F401
+    except ImportError:  # as on CI: the error names the package to install
+        with pytest.raises(PlatformError, match="pip install 'dagster-celery"):
+            pipeline_executor("celery")
+    else:
+        assert pipeline_executor("celery").name == "celery"
