@@ -28,6 +28,7 @@ from jobs.settings import Settings
 from sae_platform.activations import list_partitions
 from sae_platform.demo_data import fetch_demo_corpus
 from sae_platform.errors import PlatformError
+from sae_platform.storage import process_alive
 
 
 def _instance():
@@ -38,16 +39,6 @@ def _instance():
                  "(the Makefile uses .dagster_home), or run through `make`.")
     os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
     return DagsterInstance.get()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def runs_are_local(instance) -> bool:
@@ -73,7 +64,7 @@ def recover_dead_runs(instance, all_runs_on_this_host: bool = False) -> list[str
     in_flight = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
     for run in instance.get_runs(filters=RunsFilter(statuses=in_flight)):
         pids = {e.dagster_event.pid for e in instance.all_logs(run.run_id) if e.dagster_event and e.dagster_event.pid}
-        if not pids or any(_pid_alive(pid) for pid in pids):
+        if not pids or any(process_alive(pid) for pid in pids):
             continue
         instance.report_run_failed(run, message=f"the run's process(es) {sorted(pids)} died; marked failed by "
                                                 "`sae-platform recover` so its pool slots are freed")

@@ -59,7 +59,8 @@ def write_local_atomic(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (signal 0 checks without signalling)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -168,7 +169,7 @@ class ArtifactStore:
             return False  # committed once, since superseded
         if time.time() - writer["started"] > STALE_WRITER_S:
             return False
-        return writer["host"] != socket.gethostname() or _process_alive(writer["pid"])
+        return writer["host"] != socket.gethostname() or process_alive(writer["pid"])
 
     def _remove(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
