@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export SAE_PLATFORM_ROOT ?= $(CURDIR)/artifacts
 export SAE_PLATFORM_DATA ?= $(CURDIR)/data
+# What the sensors and the schedule launch under `make ui`: the demo's settings.
+export SAE_PLATFORM_RUN_CONFIG ?= $(CURDIR)/config/demo.yaml
 # The CPU torch wheel shipped on these machines; elsewhere pip picks torch as usual.
 TORCH_WHEELS := /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),)
