@@ -12,7 +12,8 @@ logs `activations`, train_sae logs `sae_checkpoint`, and so on; each op's descri
 steps run side by side; Celery/Kubernetes executors spread them over machines.
 
 It is safe to re-run: cached batches are skipped, a shuffle whose plan already matches the committed
-store is skipped, and training resumes from (or finds) its last checkpoint.
+store is skipped, training resumes from (or finds) its last checkpoint, and the feature stages are
+skipped when the tables and browser already describe that checkpoint. Evaluation always runs.
 """
 
 import re
@@ -31,6 +32,7 @@ from dagster import (
     Nothing,
     OpExecutionContext,
     Out,
+    Output,
     job,
     multi_or_in_process_executor,
     op,
@@ -53,6 +55,7 @@ from resources import (
 from sae_platform import shuffle as sh
 from sae_platform.activations import list_partitions
 from sae_platform.errors import PlatformError
+from sae_platform.freshness import stale_reasons
 from jobs.settings import Settings
 from sae_platform.model import model_artifact_name
 
@@ -225,7 +228,27 @@ def _pinned_batches(storage: StorageResource, shuffle: ShuffleResource) -> list[
     return sorted(i["key"] for i in store.read_json(f"{path}/index.json")["inputs"])
 
 
-@op(ins={"trained": In(Nothing)}, out=DynamicOut(tuple),
+class FeatureJobsConfig(Config):
+    rebuild: bool = Field(default=False, description="rebuild the tables and browser even when they already "
+                                                     "describe the current checkpoint")
+
+
+@op(ins={"trained": In(Nothing)}, out=Out(Nothing, is_required=False),
+    description="Goes on to the feature stages unless the tables and browser already describe the current "
+                "checkpoint (then every feature step is skipped).")
+def features_stale(context: OpExecutionContext, config: FeatureJobsConfig, storage: StorageResource,
+                   shuffle: ShuffleResource, features: FeatureTablesResource):
+    reasons = stale_reasons(storage.store(), shuffle_name=shuffle.name, sae_name=features.sae_name,
+                            n_feature_shards=N_FEATURE_SHARDS)
+    if not reasons and not config.rebuild:
+        context.log.info(f"the feature tables and browser of {features.sae_name} already describe its current "
+                         "checkpoint: nothing to rebuild (ops.features_stale.config.rebuild forces it)")
+        return
+    context.log.info("; ".join(reasons) or "rebuild requested")
+    yield Output(None)
+
+
+@op(ins={"stale": In(Nothing)}, out=DynamicOut(tuple),
     description="Pass 1 work: every (activation batch, feature shard), fanned out.")
 def feature_jobs(storage: StorageResource, shuffle: ShuffleResource):
     for index, batch in enumerate(_pinned_batches(storage, shuffle)):
@@ -318,7 +341,7 @@ def full_pipeline():
     finals = shuffle_workers.alias("final_workers")(scattered).map(shuffle_final).collect()
     shuffled = commit_shuffle_op(finals)
     evaluated = sae_sweep(shuffled).map(train_op).map(eval_op).collect()
-    partials = feature_jobs(evaluated).map(stats_partial_op).collect()
+    partials = feature_jobs(features_stale(evaluated)).map(stats_partial_op).collect()
     merged = feature_shards.alias("pass_2_shards")(partials).map(merge_shard_op).collect()
     windows = cached_batches(merged).map(context_windows_op).collect()
     regrouped = feature_shards.alias("regroup_shards")(windows).map(regroup_op).collect()

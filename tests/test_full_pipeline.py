@@ -83,7 +83,11 @@ def test_full_pipeline_runs_end_to_end_with_parallel_steps(tmp_path, tiny_model_
     in_process.write_text(Path(env["SAE_PLATFORM_RUN_CONFIG"]).read_text().replace(MULTIPROCESS, "in_process: {}"))
     again = execute_full_pipeline(env, in_process)
     assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
-    assert "already cached" in again.stderr and "nothing to shuffle" in again.stderr
+    for skipped in ("already cached", "nothing to shuffle", "already trained", "nothing to rebuild"):
+        assert skipped in again.stderr, skipped
+    (rerun, _) = instance.get_runs()
+    assert {e.step_key for e in instance.all_logs(rerun.run_id, of_type=DagsterEventType.STEP_SKIPPED)} >= {
+        "feature_jobs", "write_browser"}, "the feature stages must be skipped when they are up to date"
 
 
 def test_executor_is_chosen_by_the_deployment_with_clear_errors():
