@@ -229,12 +229,18 @@ def cmd_lineage(args) -> int:
     instance, defs = _instance(), _definitions()
     store = defs.resources["storage"].store()
     records = instance.fetch_materializations(AssetKey("feature_topk"), limit=100).records
-    run_ids = [r.run_id for r in records if r.partition_key == f"f{args.shard}"]
+    run_ids = [r.run_id for r in records if r.partition_key == f"f{args.shard}"
+               and _metadata_value(r, "sae") == args.sae]  # the newest run that described this SAE
     lineage = feature_table_lineage(store, args.sae, args.shard, run_id=run_ids[0] if run_ids else None)
     print(format_lineage(lineage))
     graph = defs.resolve_asset_graph()
     print("\nasset graph upstream of feature_topk: " + " ← ".join(_upstream_chain(graph, AssetKey("feature_topk"))))
     return 0
+
+
+def _metadata_value(record, key: str):
+    entry = record.asset_materialization.metadata.get(key) if record.asset_materialization else None
+    return getattr(entry, "value", entry)
 
 
 def _upstream_chain(graph, key) -> list[str]:
@@ -255,7 +261,10 @@ def cmd_browse(args) -> int:
 
     store = _definitions().resources["storage"].store()
     site = browser_dir(store, args.sae)
-    if not store.is_local or not os.path.exists(os.path.join(site, "index.html")):
+    if not store.is_local:
+        sys.exit(f"the feature browser is at {store.url(site)}: serve it from any static web host, or copy it "
+                 "to a local folder (e.g. `aws s3 sync`) and run `python -m sae_platform.browser serve DIR`")
+    if not os.path.exists(os.path.join(site, "index.html")):
         sys.exit(f"no feature browser at {site}: run `make demo` (or `sae-platform features`) first")
     serve(site, port=args.port)
     return 0

@@ -89,6 +89,13 @@ def test_full_pipeline_runs_end_to_end_with_parallel_steps(tmp_path, tiny_model_
     assert {e.step_key for e in instance.all_logs(rerun.run_id, of_type=DagsterEventType.STEP_SKIPPED)} >= {
         "feature_jobs", "write_browser"}, "the feature stages must be skipped when they are up to date"
 
+    lineage = subprocess.run([str(Path(sys.executable).parent / "sae-platform"), "lineage", "--sae", TINY_SAE,
+                              "--shard", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert lineage.returncode == 0, lineage.stderr[-3000:]
+    for line in (f"feature tables {TINY_SAE} shard f2", f"dagster run {record.run_id}", "activations/alpha",
+                 "activations/gamma", "base_model", "asset graph upstream of feature_topk", "shuffled_activations"):
+        assert line in lineage.stdout, (line, lineage.stdout)
+
 
 def test_executor_is_chosen_by_the_deployment_with_clear_errors():
     from jobs.full_pipeline import pipeline_executor
