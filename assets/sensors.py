@@ -1,14 +1,14 @@
 """Automation: new data flows in on its own.
 
 * ``inbox_sensor``: a new file in the text source becomes a new activation partition, with a
-  caching run (``cache_activations``).
+  caching run (``cache_activations``); a file replaced under the same name is cached again.
 * ``downstream_freshness_sensor``: the declared policy for everything downstream. Once no caching
   run is in flight, if the shuffled store, the SAE, its feature tables or the browser do not pin
   the currently cached activations (``sae_platform.freshness``), one ``full_pipeline`` run brings
   them up to date. Its run key is the set of cached versions: one run per state of the data.
-* ``nightly_refresh``: the periodic backfill. Every night, the same check (uncached inbox files
-  included); it launches ``full_pipeline`` when anything is behind, e.g. after a failed run, a
-  sensor that was off, or files that arrived while the daemon was down.
+* ``nightly_refresh``: the periodic backfill. Every night, the same check (uncached and replaced
+  inbox files included); it launches ``full_pipeline`` when anything is behind, e.g. after a
+  failed run, a sensor that was off, or files that arrived while the daemon was down.
 
 All three launch runs with the run config in ``SAE_PLATFORM_RUN_CONFIG`` (``AutomationResource``).
 """
@@ -34,7 +34,7 @@ from dagster import (
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from resources import AutomationResource, FeatureTablesResource, ShuffleResource, StorageResource, TextSourceResource
 from sae_platform.errors import SourceError
-from sae_platform.freshness import cached_versions, stale_reasons
+from sae_platform.freshness import cached_versions, changed_sources, stale_reasons
 
 # How often the sensors look (seconds); tests and busy deployments change it.
 SENSOR_INTERVAL_S = int(os.environ.get("SAE_PLATFORM_SENSOR_INTERVAL_S", "30"))
@@ -43,26 +43,30 @@ IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunSt
              DagsterRunStatus.STARTED]
 
 
-def new_batch_keys(existing: set[str], text_source: TextSourceResource) -> list[str]:
-    return [f.key for f in text_source.files() if f.key not in existing]
-
-
 @sensor(job_name="cache_activations", minimum_interval_seconds=SENSOR_INTERVAL_S,
         default_status=DefaultSensorStatus.RUNNING)
-def inbox_sensor(context: SensorEvaluationContext, text_source: TextSourceResource, automation: AutomationResource):
-    """Watch the text source; add a partition and request a caching run per new file."""
+def inbox_sensor(context: SensorEvaluationContext, text_source: TextSourceResource, storage: StorageResource,
+                 automation: AutomationResource):
+    """Watch the text source: a new file gets a partition and a caching run; a file replaced under
+    the same name (new size or modification stamp) gets a caching run again."""
     try:
-        new = new_batch_keys(set(context.instance.get_dynamic_partitions(ACTIVATION_BATCHES.name)), text_source)
+        files = text_source.files()
+        stamps = text_source.stamps(files)
     except SourceError as error:
         return SkipReason(str(error))
-    if not new:
-        return SkipReason("no new files in the inbox")
-    context.log.info(f"{len(new)} new batch(es): {', '.join(new[:10])}")
+    existing = set(context.instance.get_dynamic_partitions(ACTIVATION_BATCHES.name))
+    new = [f.key for f in files if f.key not in existing]
+    changed = [k for k in changed_sources(storage.store(), stamps) if k in existing]
+    if not new and not changed:
+        return SkipReason("no new or changed files in the inbox")
+    context.log.info(f"new: {', '.join(new[:10]) or 'none'}; replaced: {', '.join(changed[:10]) or 'none'}")
     run_config = automation.caching_run_config()
     return SensorResult(
         run_requests=[RunRequest(partition_key=key, run_key=f"activations:{key}", run_config=run_config)
-                      for key in new],
-        dynamic_partitions_requests=[ACTIVATION_BATCHES.build_add_request(new)],
+                      for key in new]
+        + [RunRequest(partition_key=key, run_key=f"activations:{key}:{stamps[key]}", run_config=run_config)
+           for key in changed],
+        dynamic_partitions_requests=[ACTIVATION_BATCHES.build_add_request(new)] if new else [],
     )
 
 
@@ -77,9 +81,13 @@ def _behind(storage: StorageResource, shuffle: ShuffleResource, features: Featur
     store = storage.store()
     reasons = []
     if text_source is not None:
-        uncached = sorted(set(f.key for f in text_source.files()) - set(cached_versions(store)))
+        stamps = text_source.stamps()
+        uncached = sorted(set(stamps) - set(cached_versions(store)))
         if uncached:
             reasons.append(f"{len(uncached)} inbox file(s) not cached: {', '.join(uncached[:5])}")
+        changed = changed_sources(store, stamps)
+        if changed:
+            reasons.append(f"{len(changed)} inbox file(s) replaced since cached: {', '.join(changed[:5])}")
     return reasons + stale_reasons(store, shuffle_name=automation.resource_setting("shuffle", "name", shuffle.name),
                                    sae_name=automation.resource_setting("features", "sae_name", features.sae_name),
                                    n_feature_shards=N_FEATURE_SHARDS)

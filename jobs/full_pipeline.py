@@ -55,7 +55,8 @@ from resources import (
 from sae_platform import shuffle as sh
 from sae_platform.activations import list_partitions
 from sae_platform.errors import PlatformError
-from sae_platform.freshness import stale_reasons
+from sae_platform.corpus import source_stamp
+from sae_platform.freshness import changed_sources, stale_reasons
 from jobs.settings import Settings
 from sae_platform.model import model_artifact_name
 
@@ -112,13 +113,18 @@ def activation_batches(context: OpExecutionContext, config: BatchesConfig, text_
         yield DynamicOutput((key, config.recache), mapping_key=_mapping_key(index, key))
 
 
-@op(name="cache_batch", description="Logs activations[batch]: caches one batch (skipped when stored, unless recache).")
+@op(name="cache_batch", description="Logs activations[batch]: caches one batch (skipped when stored and its file "
+                                    "unchanged, unless recache).")
 def cache_batch_op(context: OpExecutionContext, config: ActivationsConfig, storage: StorageResource,
                    language_model: BaseModelResource, text_source: TextSourceResource, batch: tuple) -> str:
     key, recache = batch
-    if not recache and key in list_partitions(storage.store()):
-        context.log.info(f"activations/{key} already cached")
-        return key
+    store = storage.store()
+    if not recache and key in list_partitions(store):
+        text_file = text_source.file(key)
+        if not changed_sources(store, {key: source_stamp(text_file, text_source.storage_options)}):
+            context.log.info(f"activations/{key} already cached")
+            return key
+        context.log.info(f"{text_file.url} was replaced since it was cached: caching it again")
     metadata = cache_batch(context.log, config, storage, language_model, text_source, key)
     _materialized(context, "activations", metadata, partition=key)
     return key

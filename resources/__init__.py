@@ -8,7 +8,7 @@ import yaml
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from sae_platform.corpus import TextFile, find_file, list_source
+from sae_platform.corpus import TextFile, find_file, list_source, source_stamp
 from sae_platform.model import EMBEDDED_MODEL, ensure_base_model, load_hooked_model
 from sae_platform.storage import ArtifactStore
 
@@ -63,6 +63,10 @@ class TextSourceResource(ConfigurableResource):
 
     def file(self, key: str) -> TextFile:
         return find_file(self._resolved(), key, self.storage_options)
+
+    def stamps(self, files: list[TextFile] | None = None) -> dict[str, str]:
+        """Partition key → size and modification stamp, to notice files replaced under the same name."""
+        return {f.key: source_stamp(f, self.storage_options) for f in (self.files() if files is None else files)}
 
 
 class ShuffleResource(ConfigurableResource):

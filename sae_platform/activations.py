@@ -34,7 +34,15 @@ import numpy as np
 import polars as pl
 import torch
 
-from sae_platform.corpus import Contexts, Document, TextFile, pack_contexts, read_documents, tokenize
+from sae_platform.corpus import (
+    Contexts,
+    Document,
+    TextFile,
+    pack_contexts,
+    read_documents,
+    source_stamp,
+    tokenize,
+)
 from sae_platform.errors import ModelError, SourceError
 from sae_platform.model import HookedModel
 from sae_platform.storage import ArtifactStore
@@ -141,8 +149,9 @@ class _ChunkWriter:
 
 def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_source: str,
                     docs: list[Document], contexts: Contexts, settings: CacheSettings,
-                    progress: Callable[[int, int], None] | None = None) -> dict:
-    """Run the model over ``contexts`` and commit partition ``key``; returns its statistics."""
+                    progress: Callable[[int, int], None] | None = None, source_stamp: str | None = None) -> dict:
+    """Run the model over ``contexts`` and commit partition ``key``; returns its statistics.
+    ``source_stamp`` (of the text file, taken before reading it) goes on the commit pointer."""
     expected = fingerprint(model, model_source)
     check_compatible(store, expected, key)
     mask = training_rows(contexts, model.start_token_id)
@@ -154,7 +163,7 @@ def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_so
     stats = _RunningNorms()
     started = time.perf_counter()
     kept = []
-    with store.writing(partition_name(key), fingerprint=expected) as version:
+    with store.writing(partition_name(key), fingerprint=expected, source_stamp=source_stamp) as version:
         group = store.open_group(f"{version}/data.zarr", mode="w")
         acts = group.create_array("acts", shape=(max_rows, d_model), dtype=np_dtype,
                                   chunks=(min(chunk_rows, max(max_rows, 1)), d_model), compressors=None)
@@ -205,11 +214,12 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
                     storage_options: dict | None = None, max_contexts: int | None = None,
                     progress: Callable[[int, int], None] | None = None) -> dict:
     """The whole caching path for one batch: read, tokenize, pack, forward, commit."""
+    stamp = source_stamp(text_file, storage_options)  # before reading: a file replaced meanwhile looks changed
     docs = read_documents(text_file, text_field, encoding, storage_options)
     token_lists = tokenize(model.tokenizer, docs)
     contexts = pack_contexts(token_lists, [d.doc_id for d in docs], settings.ctx_len, model.start_token_id,
                              max_contexts)
-    return cache_partition(store, text_file.key, model, model_source, docs, contexts, settings, progress)
+    return cache_partition(store, text_file.key, model, model_source, docs, contexts, settings, progress, stamp)
 
 
 def _not_sinks(rows: torch.Tensor, factor: float) -> torch.Tensor:

@@ -79,6 +79,15 @@ def list_source(pattern: str, storage_options: dict | None = None) -> list[TextF
     return files
 
 
+def source_stamp(text_file: TextFile, storage_options: dict | None = None) -> str:
+    """Size and modification time (the ETag on S3) of a text file: it changes when the file is
+    replaced under the same name, which is how a re-uploaded batch gets cached again."""
+    fs, path = fsspec.core.url_to_fs(text_file.url, **(storage_options or {}))
+    info = fs.info(path)
+    changed = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+    return f"{info.get('size')}:{changed}"
+
+
 def find_file(pattern: str, key: str, storage_options: dict | None = None) -> TextFile:
     for f in list_source(pattern, storage_options):
         if f.key == key:

@@ -18,6 +18,17 @@ def cached_versions(store: ArtifactStore) -> dict[str, str]:
     return {key: store.pointer(f"activations/{key}")["version"] for key in list_partitions(store)}
 
 
+def changed_sources(store: ArtifactStore, stamps: dict[str, str]) -> list[str]:
+    """Cached partitions whose text file (``stamps``: key → ``corpus.source_stamp``) was replaced
+    since it was cached. Partitions cached before stamps were recorded count as unchanged."""
+    changed = []
+    for key, stamp in sorted(stamps.items()):
+        pointer = store.pointer(f"activations/{key}")
+        if pointer is not None and pointer.get("source_stamp") not in (None, stamp):
+            changed.append(key)
+    return changed
+
+
 def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int) -> list[str]:
     """Why the downstream of the cached activations is out of date; empty when it is current (or
     when nothing is cached yet: there is nothing to build from)."""

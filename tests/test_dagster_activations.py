@@ -17,8 +17,10 @@ from assets import activations, base_model, inbox_sensor
 from assets.partitions import ACTIVATION_BATCHES
 from jobs.definitions import build_definitions, build_resources
 from jobs.settings import Settings
-from resources import AutomationResource, BaseModelResource, TextSourceResource
-from sae_platform.activations import open_partition
+from resources import AutomationResource, BaseModelResource, StorageResource, TextSourceResource
+from sae_platform.activations import CacheSettings, cache_text_file, open_partition
+from sae_platform.freshness import changed_sources
+from sae_platform.storage import ArtifactStore
 
 
 @pytest.fixture
@@ -76,10 +78,16 @@ def test_bad_partition_fails_the_run_with_the_fix(resources):
     assert "How to fix" in failure.error.cause.message
 
 
-def test_inbox_sensor_adds_partitions_and_requests_runs(text_dir):
+def _sensor_tick(instance, source: TextSourceResource, store):
+    resources = {"text_source": source, "storage": StorageResource(root_url=store.root_url),
+                 "automation": AutomationResource()}
+    return inbox_sensor(build_sensor_context(instance=instance, resources=resources))
+
+
+def test_inbox_sensor_adds_partitions_and_requests_runs(text_dir, store):
     instance = DagsterInstance.ephemeral()
     source = TextSourceResource(pattern=str(text_dir / "*"))
-    result = inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source, "automation": AutomationResource()}))
+    result = _sensor_tick(instance, source, store)
     assert isinstance(result, SensorResult)
     assert [r.partition_key for r in result.run_requests] == ["alpha", "beta", "gamma"]
     assert all(isinstance(r, RunRequest) for r in result.run_requests)
@@ -87,15 +95,33 @@ def test_inbox_sensor_adds_partitions_and_requests_runs(text_dir):
     assert list(request.partition_keys) == ["alpha", "beta", "gamma"]
     instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, list(request.partition_keys))
 
-    assert isinstance(inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source, "automation": AutomationResource()})),
-                      SkipReason)
+    assert isinstance(_sensor_tick(instance, source, store), SkipReason)
     shutil.copy(text_dir / "alpha.txt", text_dir / "delta.txt")
-    result = inbox_sensor(build_sensor_context(instance=instance, resources={"text_source": source, "automation": AutomationResource()}))
+    result = _sensor_tick(instance, source, store)
     assert [r.partition_key for r in result.run_requests] == ["delta"]
+
+
+def test_a_file_replaced_in_the_inbox_is_cached_again(text_dir, store, tiny_hooked, tiny_model_dir):
+    instance = DagsterInstance.ephemeral()
+    source = TextSourceResource(pattern=str(text_dir / "*"))
+    for text_file in source.files():
+        cache_text_file(store, text_file, tiny_hooked, str(tiny_model_dir), CacheSettings(ctx_len=32, batch_size=4))
+    instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, ["alpha", "beta", "gamma"])
+    assert isinstance(_sensor_tick(instance, source, store), SkipReason)
+
+    (text_dir / "beta.txt").write_text("A different text, uploaded again under the same name. " * 40)
+    assert changed_sources(store, source.stamps()) == ["beta"]
+    result = _sensor_tick(instance, source, store)
+    (request,) = result.run_requests
+    assert request.partition_key == "beta" and request.run_key.startswith("activations:beta:")
+    assert not result.dynamic_partitions_requests  # the partition exists: only a new caching run
+    cache_text_file(store, source.file("beta"), tiny_hooked, str(tiny_model_dir), CacheSettings(ctx_len=32,
+                                                                                                 batch_size=4))
+    assert changed_sources(store, source.stamps()) == []
+    assert isinstance(_sensor_tick(instance, source, store), SkipReason)
 
 
 def test_empty_inbox_is_a_skip_not_a_crash(tmp_path):
     source = TextSourceResource(pattern=str(tmp_path / "empty" / "*"))
-    result = inbox_sensor(build_sensor_context(instance=DagsterInstance.ephemeral(),
-                                               resources={"text_source": source, "automation": AutomationResource()}))
+    result = _sensor_tick(DagsterInstance.ephemeral(), source, ArtifactStore(str(tmp_path / "artifacts")))
     assert isinstance(result, SkipReason) and "matches no" in result.skip_message
