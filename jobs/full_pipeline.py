@@ -8,8 +8,9 @@ shards), and an asset job can only cover one partitioning, so this is an op job 
 fan-out. Each op runs the *same stage function* as its asset (``assets/``) and logs that asset's
 materialization for the partition it covered, so the asset catalog, its lineage and checks look
 the same whichever way a stage ran. (Op names must differ from the assets' own ops: cache_batch
-logs `activations`, train_sae logs `sae_checkpoint`, and so on; each op's description says which.) With the multiprocess executor (the default) the fanned-out
-steps run side by side; Celery/Kubernetes executors spread them over machines.
+logs `activations`, train_sae logs `sae_checkpoint`, and so on; each op's description says which.)
+With the multiprocess executor (the default) the fanned-out steps run side by side;
+Celery/Kubernetes executors (SAE_PLATFORM_EXECUTOR) spread them over machines.
 
 It is safe to re-run: cached batches are skipped, a shuffle whose plan already matches the committed
 store is skipped, training resumes from (or finds) its last checkpoint, and the feature stages are
@@ -86,7 +87,8 @@ def _check(context: OpExecutionContext, asset: str, verdict: dict, partition: st
 
 # -- activations ----------------------------------------------------------------------------------
 
-@op(name="convert_base_model", out=Out(Nothing), description="Logs base_model: converts the base model once (skipped when stored).")
+@op(name="convert_base_model", out=Out(Nothing),
+    description="Logs base_model: converts the base model once (skipped when stored).")
 def store_base_model_op(context: OpExecutionContext, storage: StorageResource,
                         language_model: BaseModelResource) -> None:
     store = storage.store()
@@ -166,8 +168,12 @@ def _shuffle_step(name: str, asset: str, run_stage):
     return step
 
 
-shuffle_pass_1 = _shuffle_step("scatter_pass_1", "shuffle_pass_1", lambda log, s, sh_, w: shuffle_stages.scatter(log, s, sh_, 1, w))
-shuffle_pass_2 = _shuffle_step("scatter_pass_2", "shuffle_pass_2", lambda log, s, sh_, w: shuffle_stages.scatter(log, s, sh_, 2, w))
+def _scatter_pass(pass_index: int):
+    return lambda log, storage, shuffle, workers: shuffle_stages.scatter(log, storage, shuffle, pass_index, workers)
+
+
+shuffle_pass_1 = _shuffle_step("scatter_pass_1", "shuffle_pass_1", _scatter_pass(1))
+shuffle_pass_2 = _shuffle_step("scatter_pass_2", "shuffle_pass_2", _scatter_pass(2))
 shuffle_final = _shuffle_step("shuffle_buckets", "shuffle_final", shuffle_stages.finalize)
 
 
@@ -208,7 +214,8 @@ def sae_sweep(context: OpExecutionContext, config: SweepConfig, features: Featur
         yield DynamicOutput(name, mapping_key=_mapping_key(index, name))
 
 
-@op(name="train_sae", pool="gpu", description="Logs sae_checkpoint[name]: trains one SAE (resumes from its last checkpoint).")
+@op(name="train_sae", pool="gpu",
+    description="Logs sae_checkpoint[name]: trains one SAE (resumes from its last checkpoint).")
 def train_op(context: OpExecutionContext, config: TrainConfig, storage: StorageResource, shuffle: ShuffleResource,
              name: str) -> str:
     metadata = training_stages.train_and_export(context.log, config, storage, shuffle, name)

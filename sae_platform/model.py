@@ -196,7 +196,8 @@ def load_hooked_model(model_dir: str, layer: int | None = None, device: str = "a
     layer = n_layers // 2 if layer is None else layer
     if not 0 <= layer < n_layers:
         raise ModelError(f"hook layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})",
-                         f"set resources.language_model.config.layer between 0 and {n_layers - 1}, or leave it unset for the middle layer")
+                         f"set resources.language_model.config.layer between 0 and {n_layers - 1}, "
+                         "or leave it unset for the middle layer")
     start = getattr(model.config, "sae_platform_start_token", None) or tokenizer.bos_token or tokenizer.eos_token
     start_id = tokenizer.convert_tokens_to_ids(start)
     return HookedModel(model, tokenizer, layer, torch_device, autocast_dtype(autocast, torch_device), int(start_id))
