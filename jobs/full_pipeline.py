@@ -54,7 +54,7 @@ from resources import (
     TextSourceResource,
 )
 from sae_platform import shuffle as sh
-from sae_platform.activations import list_partitions
+from sae_platform.activations import partition_name
 from sae_platform.errors import PlatformError
 from sae_platform.corpus import source_stamp
 from sae_platform.freshness import changed_sources, stale_reasons
@@ -107,7 +107,8 @@ class BatchesConfig(Config):
     description="One activation partition per inbox file (registered in the instance), fanned out.")
 def activation_batches(context: OpExecutionContext, config: BatchesConfig, text_source: TextSourceResource):
     keys = sorted(f.key for f in text_source.files())[: config.max_batches]
-    new = [k for k in keys if not context.instance.has_dynamic_partition(ACTIVATION_BATCHES.name, k)]
+    registered = set(context.instance.get_dynamic_partitions(ACTIVATION_BATCHES.name))
+    new = [k for k in keys if k not in registered]
     if new:
         context.instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, new)
     context.log.info(f"{len(keys)} batch(es), {len(new)} newly registered")
@@ -121,7 +122,7 @@ def cache_batch_op(context: OpExecutionContext, config: ActivationsConfig, stora
                    language_model: BaseModelResource, text_source: TextSourceResource, batch: tuple) -> str:
     key, recache = batch
     store = storage.store()
-    if not recache and key in list_partitions(store):
+    if not recache and store.pointer(partition_name(key)) is not None:
         text_file = text_source.file(key)
         if not changed_sources(store, {key: source_stamp(text_file, text_source.storage_options)}):
             context.log.info(f"activations/{key} already cached")
@@ -241,7 +242,7 @@ def _pinned_batches(storage: StorageResource, shuffle: ShuffleResource) -> list[
     return sorted(i["key"] for i in store.read_json(f"{path}/index.json")["inputs"])
 
 
-class FeatureJobsConfig(Config):
+class FeaturesStaleConfig(Config):
     rebuild: bool = Field(default=False, description="rebuild the tables and browser even when they already "
                                                      "describe the current checkpoint")
 
@@ -249,7 +250,7 @@ class FeatureJobsConfig(Config):
 @op(ins={"trained": In(Nothing)}, out=Out(Nothing, is_required=False),
     description="Goes on to the feature stages unless the tables and browser already describe the current "
                 "checkpoint (then every feature step is skipped).")
-def features_stale(context: OpExecutionContext, config: FeatureJobsConfig, storage: StorageResource,
+def features_stale(context: OpExecutionContext, config: FeaturesStaleConfig, storage: StorageResource,
                    shuffle: ShuffleResource, features: FeatureTablesResource):
     reasons = stale_reasons(storage.store(), shuffle_name=shuffle.name, sae_name=features.sae_name,
                             n_feature_shards=N_FEATURE_SHARDS)

@@ -7,15 +7,13 @@ rebuilt the same thing, or a materialization made outside Dagster cannot fool it
 the schedule that keep the pipeline up to date both ask this module.
 """
 
-import json
-
-from sae_platform.activations import list_partitions
+from sae_platform.activations import list_partitions, partition_name
 from sae_platform.storage import ArtifactStore
 
 
 def cached_versions(store: ArtifactStore) -> dict[str, str]:
     """Committed activation partitions and their versions."""
-    return {key: store.pointer(f"activations/{key}")["version"] for key in list_partitions(store)}
+    return {key: store.pointer(partition_name(key))["version"] for key in list_partitions(store)}
 
 
 def changed_sources(store: ArtifactStore, stamps: dict[str, str]) -> list[str]:
@@ -23,7 +21,7 @@ def changed_sources(store: ArtifactStore, stamps: dict[str, str]) -> list[str]:
     since it was cached. Partitions cached before stamps were recorded count as unchanged."""
     changed = []
     for key, stamp in sorted(stamps.items()):
-        pointer = store.pointer(f"activations/{key}")
+        pointer = store.pointer(partition_name(key))
         if pointer is not None and pointer.get("source_stamp") not in (None, stamp):
             changed.append(key)
     return changed
@@ -77,6 +75,6 @@ def _browser_checkpoint(store: ArtifactStore, sae_name: str) -> str | None:
     pointer = f"{site}/site.json"
     if not store.fs.exists(pointer):
         return None
-    data = json.loads(store.fs.cat_file(pointer))["data"]
-    index = json.loads(store.fs.cat_file(f"{site}/{data}/index.json"))
+    data = store.read_json(pointer)["data"]
+    index = store.read_json(f"{site}/{data}/index.json")
     return index.get("lineage", {}).get("sae_checkpoint", {}).get("version")
