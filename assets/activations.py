@@ -2,90 +2,112 @@
 
 import time
 
-from dagster import (
-    AssetExecutionContext,
-    Config,
-    MaterializeResult,
-    MetadataValue,
-    asset,
-)
-from pydantic import Field
+from dagster import MetadataValue
 
 from assets.partitions import ACTIVATION_BATCHES
-from resources import BaseModelResource, StorageResource, TextSourceResource
-from sae_platform.activations import CacheSettings, cache_text_file
-from sae_platform.model import store_base_model
+from assets.stage import Stage, StageRun
+from sae_platform.activations import cache_text_file, partition_name
+from sae_platform.freshness import changed_sources
+from sae_platform.model import model_artifact_name, store_base_model
 
 
-@asset(group_name="activations", kinds={"pytorch", "safetensors"})
-def base_model(context: AssetExecutionContext, storage: StorageResource,
-               language_model: BaseModelResource) -> MaterializeResult:
-    """The base LM converted once to fp32 safetensors, so every later load takes under a second."""
-    return MaterializeResult(metadata=convert_base_model(context.log, storage, language_model))
+# -- base_model -----------------------------------------------------------------------------------
+
+def _model_name(run: StageRun) -> str:
+    return model_artifact_name(run.resources.language_model.source)
 
 
-def convert_base_model(log, storage: StorageResource, language_model: BaseModelResource) -> dict:
-    """The body of `base_model`, shared with the full_pipeline job (which logs the same materialization)."""
+def base_model_stored(run: StageRun) -> str | None:
+    if run.store.resolve(_model_name(run)) is not None:
+        return f"{run.resources.language_model.source} is already stored"
+    return None
+
+
+def convert_base_model(run: StageRun) -> dict:
     started = time.perf_counter()
-    info = store_base_model(storage.store(), language_model.source)
-    log.info(f"stored {info['source']} ({info['n_params']:,} parameters) at {info['path']}")
+    info = store_base_model(run.store, run.resources.language_model.source)
+    run.log.info(f"stored {info['source']} ({info['n_params']:,} parameters) at {info['path']}")
     return {
         **{k: info[k] for k in ("source", "architecture", "n_layers", "d_model", "vocab_size", "n_params")},
         "path": MetadataValue.path(info["path"]), "bytes": info["bytes"],
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": time.perf_counter() - started,
     }
 
 
-class ActivationsConfig(Config):
-    ctx_len: int = Field(default=128, description="tokens per context, start token included")
-    batch_size: int = Field(default=16, description="contexts per forward pass")
-    dtype: str = Field(default="float16", description="stored dtype: float16 (default) or float32")
-    max_contexts: int | None = Field(default=None, description="cap per batch (demo/CI); default: all")
-    sink_norm_factor: float = Field(default=10.0, description="drop rows with norm > factor x median; 0: keep")
+def committed_version(name_of):
+    """Data version of a stage whose artifact is one committed name: its committed version."""
+    def version(run: StageRun) -> str | None:
+        pointer = run.store.pointer(name_of(run))
+        return pointer["version"] if pointer else None
+
+    return version
 
 
-@asset(partitions_def=ACTIVATION_BATCHES, deps=[base_model], group_name="activations", kinds={"pytorch", "zarr"})
-def activations(context: AssetExecutionContext, config: ActivationsConfig, storage: StorageResource,
-                language_model: BaseModelResource, text_source: TextSourceResource) -> MaterializeResult:
-    """Residual-stream activations of one batch of text, one row per token (start tokens excluded)."""
-    return MaterializeResult(metadata=cache_batch(context.log, config, storage, language_model, text_source,
-                                                  context.partition_key))
+BASE_MODEL = Stage(
+    asset="base_model", op_name="convert_base_model", group="activations", kinds=frozenset({"pytorch", "safetensors"}),
+    description="The base LM converted once to fp32 safetensors, so every later load takes under a second.",
+    resources=("storage", "language_model"),
+    up_to_date=base_model_stored, body=convert_base_model, version=committed_version(_model_name))
 
 
-def cache_batch(log, config: ActivationsConfig, storage: StorageResource, language_model: BaseModelResource,
-                text_source: TextSourceResource, key: str) -> dict:
-    """The body of `activations` for batch ``key``, shared with the full_pipeline job."""
-    store = storage.store()
+# -- activations ----------------------------------------------------------------------------------
+
+def _batch_name(run: StageRun) -> str:
+    return partition_name(run.partition_key)
+
+
+def batch_cached(run: StageRun) -> str | None:
+    """A batch is current when it is stored and its file was not replaced since (unless recache)."""
+    settings = run.resources.caching.settings()
+    if settings.recache or run.store.pointer(_batch_name(run)) is None:
+        return None
+    text_source = run.resources.text_source
+    if changed_sources(run.store, text_source.stamps([text_source.file(run.partition_key)])):
+        run.log.info(f"the file of {run.partition_key} was replaced since it was cached: caching it again")
+        return None
+    return "already cached, and its file is unchanged (resources.caching.config.recache forces it)"
+
+
+def cache_batch(run: StageRun) -> dict:
+    settings = run.resources.caching.settings()  # validated before anything is read or written
+    key, store, text_source = run.partition_key, run.store, run.resources.text_source
     text_file = text_source.file(key)
-    model, converted = language_model.load(store)
+    model, converted = run.resources.language_model.load(store)
     if converted:
-        log.info("base model was not stored yet: converted it now (materialize base_model to track it)")
-    log.info(f"caching {text_file.url} at {model.hook_name} on {model.device}")
-    settings = CacheSettings(config.ctx_len, config.batch_size, config.dtype, config.sink_norm_factor)
-    summary = cache_text_file(store, text_file, model, language_model.source, settings, text_source.text_field,
-                              text_source.encoding, text_source.storage_options, config.max_contexts,
-                              progress=_progress_logger(log))
-    log.info(f"{summary['n_rows']:,} rows at {summary['tokens_per_second']:.0f} tokens/s")
+        run.log.info("base model was not stored yet: converted it now (materialize base_model to track it)")
+    run.log.info(f"caching {text_file.url} at {model.hook_name} on {model.device}")
+    summary = cache_text_file(store, text_file, model, run.resources.language_model.source, settings,
+                              text_source.text_field, text_source.encoding, text_source.storage_options,
+                              progress=progress_logger(run.log, "contexts"))
+    run.log.info(f"{summary['n_rows']:,} rows at {summary['tokens_per_second']:.0f} tokens/s")
     return {
         "source": MetadataValue.path(text_file.url),
-        "path": MetadataValue.path(store.url(store.resolve(f"activations/{key}"))),
-        "n_tokens": summary["n_rows"], "n_contexts": summary["n_contexts"], "n_documents": summary["n_documents"],
-        "bytes": summary["bytes"], "dtype": summary["dtype"], "d_model": summary["d_model"],
-        "hook_name": summary["hook_name"], "tokens_per_second": round(summary["tokens_per_second"], 1),
-        "norm_mean": round(summary["norm_mean"], 3), "norm_std": round(summary["norm_std"], 3),
-        "norm_max": round(summary["norm_max"], 3), "excluded_start_tokens": summary["excluded_start_tokens"],
-        "excluded_sink_rows": summary["excluded_sink_rows"], "dropped_tokens": summary["dropped_tokens"],
+        "path": MetadataValue.path(store.url(store.resolve(partition_name(key)))),
+        "dagster/row_count": summary["n_rows"],
+        **{k: summary[k] for k in ("n_contexts", "n_documents", "bytes", "dtype", "d_model", "hook_name",
+                                   "tokens_per_second", "norm_mean", "norm_std", "norm_max",
+                                   "excluded_start_tokens", "excluded_sink_rows", "dropped_tokens")},
     }
 
 
-def _progress_logger(log):
-    """Log every ~10% so a long partition shows life in the Dagster UI."""
+def progress_logger(log, unit: str):
+    """Log every ~10% so a long step shows life in the Dagster UI."""
     last = {"tenth": -1}
 
     def report(done: int, total: int) -> None:
-        tenth = 10 * done // total
+        tenth = 10 * done // max(total, 1)
         if tenth > last["tenth"]:
             last["tenth"] = tenth
-            log.info(f"{done}/{total} contexts ({100 * done // total}%)")
+            log.info(f"{done:,}/{total:,} {unit} ({100 * done // max(total, 1)}%)")
 
     return report
+
+
+ACTIVATIONS = Stage(
+    asset="activations", op_name="cache_batch", group="activations", kinds=frozenset({"pytorch", "zarr"}),
+    description="Residual-stream activations of one batch of text, one row per token (start tokens excluded).",
+    partitions=ACTIVATION_BATCHES, deps=("base_model",),
+    resources=("storage", "language_model", "text_source", "caching"),
+    up_to_date=batch_cached, body=cache_batch, version=committed_version(_batch_name))
+
+STAGES = [BASE_MODEL, ACTIVATIONS]

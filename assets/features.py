@@ -1,37 +1,42 @@
 """Feature tables: pass 1 (dataset shard x feature shard) → pass 2 (per feature shard) → pass 3 windows
-(per dataset shard) → contexts regrouped per feature shard. All four describe one SAE checkpoint."""
+(per dataset shard) → contexts regrouped per feature shard → browser. All describe one SAE checkpoint
+(``resources.features.config.sae_name``) over exactly the batches its shuffled store pinned; every
+one of them is up to date (skipped) while the tables and the browser describe the current checkpoint."""
 
 import polars as pl
-from dagster import (
-    AllPartitionMapping,
-    AssetCheckResult,
-    AssetCheckSpec,
-    AssetDep,
-    AssetExecutionContext,
-    MaterializeResult,
-    MetadataValue,
-    MultiToSingleDimensionPartitionMapping,
-    asset,
-)
+from dagster import AllPartitionMapping, AssetDep, MetadataValue, MultiToSingleDimensionPartitionMapping
 
-from assets.activations import activations
+from assets.metadata import table_metadata, table_preview
 from assets.partitions import ACTIVATION_BATCHES, FEATURE_JOBS, FEATURE_SHARDS, N_FEATURE_SHARDS
-from assets.training import sae_checkpoint
-from resources import BaseModelResource, FeatureTablesResource, StorageResource
+from assets.stage import Check, Stage, StageRun
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
-from sae_platform.activations import list_partitions
+from sae_platform.activations import open_partition
+from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage
 from sae_platform.model import pick_device
+from sae_platform.shuffle import pinned_keys
 from sae_platform.trainer import load_sae
+
+BROWSER_URL = "http://127.0.0.1:8000/"
+RESOURCES = ("storage", "features", "shuffle")
+PREVIEW_FEATURES = 10  # top features by density in feature_topk's metadata table
 
 
 def logits_name(run: str, shard_index: int) -> str:
     return f"features/{run}/logits/f{shard_index}"
 
 
+def browser_dir(store, run: str) -> str:
+    return store.path("browser", run)
+
+
 def _shard(key: str) -> int:
     return int(key.removeprefix("f"))
+
+
+def _settings(run: StageRun) -> ft.FeatureSettings:
+    return run.resources.features.settings()
 
 
 def shown_examples(examples: pl.DataFrame, random_examples: int) -> pl.DataFrame:
@@ -41,152 +46,208 @@ def shown_examples(examples: pl.DataFrame, random_examples: int) -> pl.DataFrame
     return examples.filter((pl.col("kind") != "random") | (pl.col("rank") < random_examples))
 
 
-def _load(storage: StorageResource, features: FeatureTablesResource):
-    store = storage.store()
-    sae, _ = load_sae(store, features.sae_name, pick_device(features.device))
-    return store, sae
+def pinned_batches(run: StageRun) -> list[str]:
+    """The batches the shuffled store (so the SAE) was built from. The feature stages describe exactly
+    these, even when another batch gets cached meanwhile (the next refresh adds it)."""
+    return pinned_keys(run.store, run.resources.shuffle.settings().name)
 
 
-@asset(partitions_def=FEATURE_JOBS, group_name="features", kinds={"pytorch"},
-       deps=[AssetDep(activations, partition_mapping=MultiToSingleDimensionPartitionMapping("batch")),
-             AssetDep(sae_checkpoint, partition_mapping=AllPartitionMapping())])
-def feature_stats_partial(context: AssetExecutionContext, storage: StorageResource,
-                          features: FeatureTablesResource) -> MaterializeResult:
-    """Pass 1: stream one activation batch through the SAE for one slice of features; keep per feature
-    the top-K, a uniform random sample, counts, sum, max and a histogram."""
-    keys = context.partition_key.keys_by_dimension
-    return MaterializeResult(metadata=stats_partial(storage, features, keys["batch"], keys["features"]))
+def tables_current(run: StageRun) -> str | None:
+    """Every feature stage is up to date while the tables and the browser describe the current checkpoint."""
+    settings = _settings(run)
+    if settings.rebuild:
+        return None
+    if features_behind(run.store, sae_name=settings.sae_name, n_feature_shards=N_FEATURE_SHARDS):
+        return None
+    return (f"the feature tables and browser of {settings.sae_name} describe its current checkpoint "
+            "(resources.features.config.rebuild forces a rebuild)")
 
 
-def stats_partial(storage: StorageResource, features: FeatureTablesResource, batch: str, shard_key: str) -> dict:
-    store, sae = _load(storage, features)
-    index = _shard(shard_key)
+def _load(run: StageRun):
+    sae, _ = load_sae(run.store, _settings(run).sae_name, pick_device(run.resources.features.device))
+    return sae
+
+
+def pointer_version(name_of):
+    def version(run: StageRun) -> str | None:
+        pointer = run.store.pointer(name_of(run))
+        return pointer["version"] if pointer else None
+
+    return version
+
+
+def _stage(**declared) -> Stage:
+    return Stage(group="features", up_to_date=tables_current, **declared)
+
+
+# -- pass 1 ---------------------------------------------------------------------------------------
+
+def _batch_and_shard(run: StageRun) -> tuple[str, int]:
+    keys = run.partition_key.keys_by_dimension
+    return keys["batch"], _shard(keys["features"])
+
+
+def stats_partial(run: StageRun) -> dict:
+    """Stream one activation batch through the SAE for one slice of features."""
+    settings, sae = _settings(run), _load(run)
+    batch, index = _batch_and_shard(run)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
-    partial = ft.compute_partial(store, sae, batch, start, stop, top_k=features.top_k,
-                                 reservoir_factor=features.reservoir_factor, seed=features.seed)
-    path = ft.write_partial(store, features.sae_name, batch, index, partial)
-    return {"sae": features.sae_name, "features": f"[{start}, {stop})", "n_tokens": int(partial.n_tokens),
-            "path": MetadataValue.path(store.url(path))}
+    partial = ft.compute_partial(run.store, sae, batch, start, stop, top_k=settings.top_k,
+                                 reservoir_factor=settings.reservoir_factor, seed=settings.seed)
+    path = ft.write_partial(run.store, settings.sae_name, batch, index, partial)
+    run.log.info(f"pass 1 [{batch}, features {start:,}–{stop:,}): {int(partial.n_tokens):,} tokens")
+    return {"sae": settings.sae_name, "features": f"[{start}, {stop})", "n_tokens": int(partial.n_tokens),
+            "path": MetadataValue.path(run.store.url(path))}
 
 
-@asset(partitions_def=FEATURE_SHARDS, group_name="features", kinds={"parquet"},
-       deps=[AssetDep(feature_stats_partial, partition_mapping=MultiToSingleDimensionPartitionMapping("features"))],
-       check_specs=[AssetCheckSpec("matches_brute_force", asset="feature_topk", blocking=True,
-                                   description="a sample of features recomputed densely over every batch: exact")])
-def feature_topk(context: AssetExecutionContext, storage: StorageResource, features: FeatureTablesResource,
-                 language_model: BaseModelResource) -> MaterializeResult:
-    """Pass 2: merge the partials of every batch: exact top-K, uniform random and interval examples,
+FEATURE_STATS_PARTIAL = _stage(
+    asset="feature_stats_partial", op_name="partial_stats", kinds=frozenset({"pytorch"}),
+    description="Pass 1: stream one activation batch through the SAE for one slice of features; keep per "
+                "feature the top-K, a uniform random sample, counts, sum, max and a histogram.",
+    partitions=FEATURE_JOBS, resources=RESOURCES,
+    deps=(AssetDep("activations", partition_mapping=MultiToSingleDimensionPartitionMapping("batch")),
+          AssetDep("sae_checkpoint", partition_mapping=AllPartitionMapping())),
+    body=stats_partial,
+    version=pointer_version(lambda run: ft.partial_name(_settings(run).sae_name, *_batch_and_shard(run))))
+
+
+# -- pass 2 ---------------------------------------------------------------------------------------
+
+def merge_shard(run: StageRun) -> dict:
+    """Merge the partials of every pinned batch: exact top-K, uniform random and interval examples,
     density, histogram; plus the logit effects (W_dec · W_U) of each feature."""
-    metadata, check = merge_shard(storage, features, language_model, context.partition_key, context.run.run_id)
-    return MaterializeResult(metadata=metadata, check_results=[AssetCheckResult(**check)])
-
-
-def merge_shard(storage: StorageResource, features: FeatureTablesResource, language_model: BaseModelResource,
-                shard_key: str, run_id: str, batches: list[str] | None = None) -> tuple[dict, dict]:
-    """Pass 2 of one feature shard over ``batches`` (default: every cached one); returns its metadata
-    and the brute-force check's verdict."""
-    store, sae = _load(storage, features)
-    index = _shard(shard_key)
+    settings, sae, store = _settings(run), _load(run), run.store
+    index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
-    batches = list_partitions(store) if batches is None else batches
-    tables = ft.merge_partials(ft.read_partials(store, features.sae_name, index, batches),
-                               n_intervals=features.n_intervals, per_interval=features.per_interval)
-    hooked, _ = language_model.load(store, device=str(next(sae.parameters()).device))
+    batches = pinned_batches(run)
+    run.log.info(f"pass 2, features [{start:,}, {stop:,}): merging {len(batches)} partial(s)")
+    tables = ft.merge_partials(ft.read_partials(store, settings.sae_name, index, batches),
+                               n_intervals=settings.n_intervals, per_interval=settings.per_interval)
+    hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
     logits = ctx.logit_effects(sae, ctx.unembedding_matrix(hooked.model), hooked.tokenizer, start, stop)
-    path = ft.write_tables(store, features.sae_name, index, tables)
-    with store.writing(logits_name(features.sae_name, index)) as version:
+    path = ft.write_tables(store, settings.sae_name, index, tables)
+    with store.writing(logits_name(settings.sae_name, index)) as version:
         store.write_parquet(f"{version}/logit_effects.parquet", logits)
-    check = ft.brute_force_check(store, sae, features.sae_name, index, start, stop)
-    lineage = feature_table_lineage(store, features.sae_name, index, run_id=run_id)
-    store.write_json(store.path("features", features.sae_name, "lineage", f"f{index}.json"), lineage)
+    lineage = feature_table_lineage(store, settings.sae_name, index, run_id=run.run_id)
+    store.write_json(store.path("features", settings.sae_name, "lineage", f"f{index}.json"), lineage)
     dead = int((tables.stats["count"] == 0).sum())
-    metadata = {"sae": features.sae_name, "features": f"[{start}, {stop})", "n_batches": len(batches),
-                "n_tokens": int(tables.meta["n_tokens_total"]), "n_examples": tables.examples.height,
-                "never_active_features": dead, "path": MetadataValue.path(store.url(path)),
-                "lineage": MetadataValue.json(lineage)}
-    verdict = {"check_name": "matches_brute_force", "passed": bool(check["ok"]),
-               "metadata": {"features_checked": str(check["features_checked"]),
-                            "mismatches": str(check["mismatches"][:5])}}
-    return metadata, verdict
+    return {"sae": settings.sae_name, "features": f"[{start}, {stop})", "n_batches": len(batches),
+            "n_tokens": int(tables.meta["n_tokens_total"]), "n_examples": tables.examples.height,
+            "never_active_features": dead, "path": MetadataValue.path(store.url(path)),
+            **table_metadata(tables.stats), "top_features": _preview(run, tables, hooked.tokenizer),
+            "lineage": MetadataValue.json(lineage)}
 
 
-@asset(partitions_def=ACTIVATION_BATCHES, group_name="features", kinds={"parquet"},
-       deps=[AssetDep(feature_topk, partition_mapping=AllPartitionMapping()), activations])
-def feature_context_windows(context: AssetExecutionContext, storage: StorageResource,
-                            features: FeatureTablesResource, language_model: BaseModelResource) -> MaterializeResult:
-    """Pass 3, sharded over the dataset: the windows around every chosen example in this batch, with the
-    feature's activation on each token and the decoded token strings."""
-    return MaterializeResult(metadata=context_windows(storage, features, language_model, context.partition_key))
+def _preview(run: StageRun, tables: ft.FeatureTables, tokenizer) -> MetadataValue:
+    """The shard's densest features as a table on the asset page, each with a link into the browser."""
+    top = tables.examples.filter((pl.col("kind") == "top") & (pl.col("rank") == 0))
+    top_example = {f: (p, r) for f, p, r in zip(top["feature"], top["partition"], top["row"], strict=True)}
+    token_ids = {}
+    rows = []
+    for stat in tables.stats.sort("density", descending=True).head(PREVIEW_FEATURES).iter_rows(named=True):
+        feature, token = stat["feature"], ""
+        if feature in top_example:
+            partition, row = top_example[feature]
+            if partition not in token_ids:
+                token_ids[partition] = open_partition(run.store, partition).group["token_id"]
+            token = tokenizer.decode([int(token_ids[partition][row])])
+        rows.append({"feature": feature, "density": round(stat["density"], 5), "max_activation": round(stat["max"], 3),
+                     "top_token": repr(token), "browser": f"{BROWSER_URL}#/feature/{feature}"})
+    return table_preview(rows, {"feature": "int", "density": "float", "max_activation": "float",
+                                "top_token": "string", "browser": "string"})
 
 
-def context_windows(storage: StorageResource, features: FeatureTablesResource, language_model: BaseModelResource,
-                    batch: str) -> dict:
-    store, sae = _load(storage, features)
-    examples = [shown_examples(ft.read_tables(store, features.sae_name, i).examples, features.random_examples)
-                for i in range(N_FEATURE_SHARDS)]
-    hooked, _ = language_model.load(store, device="cpu")
-    info = ctx.build_partition_windows(store, features.sae_name, sae, batch, pl.concat(examples),
-                                       hooked.tokenizer, before=features.before, after=features.after)
-    return {"n_windows": info["n_windows"], "n_features": info["n_features"], "path": MetadataValue.path(info["path"])}
-
-
-@asset(partitions_def=FEATURE_SHARDS, group_name="features", kinds={"parquet"},
-       deps=[AssetDep(feature_context_windows, partition_mapping=AllPartitionMapping())])
-def feature_contexts(context: AssetExecutionContext, storage: StorageResource,
-                     features: FeatureTablesResource) -> MaterializeResult:
-    """Pass 3, regrouped: the context windows of this feature shard's examples, sorted by feature."""
-    return MaterializeResult(metadata=regroup(storage, features, context.partition_key))
-
-
-def regroup(storage: StorageResource, features: FeatureTablesResource, shard_key: str,
-            batches: list[str] | None = None) -> dict:
-    store, sae = _load(storage, features)
-    index = _shard(shard_key)
+def check_brute_force(run: StageRun) -> dict:
+    settings, sae = _settings(run), _load(run)
+    index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
-    batches = list_partitions(store) if batches is None else batches
-    frame = ctx.regroup_by_feature(store, features.sae_name, batches, start, stop)
-    info = ctx.write_feature_contexts(store, features.sae_name, index, frame)
-    return {"features": f"[{start}, {stop})", "n_windows": frame.height, "path": MetadataValue.path(info["path"])}
+    check = ft.brute_force_check(run.store, sae, settings.sae_name, index, start, stop)
+    return {"passed": bool(check["ok"]), "metadata": {"features_checked": str(check["features_checked"]),
+                                                       "mismatches": str(check["mismatches"][:5])}}
 
 
-BROWSER_URL = "http://127.0.0.1:8000/"
+FEATURE_TOPK = _stage(
+    asset="feature_topk", op_name="merge_shard", kinds=frozenset({"parquet"}),
+    description="Pass 2: merge one feature shard's partials: exact top-K, uniform random and interval examples, "
+                "density, histogram, logit effects (W_dec · W_U).",
+    partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model"),
+    deps=(AssetDep("feature_stats_partial", partition_mapping=MultiToSingleDimensionPartitionMapping("features")),),
+    body=merge_shard,
+    version=pointer_version(lambda run: ft.tables_name(_settings(run).sae_name, _shard(run.partition_key))),
+    checks=(Check("matches_brute_force", "a sample of features recomputed densely over every batch: exact",
+                  check_brute_force, blocking=True),))
 
 
-def browser_dir(store, run: str) -> str:
-    return store.path("browser", run)
+# -- pass 3 ---------------------------------------------------------------------------------------
+
+def context_windows(run: StageRun) -> dict:
+    """The windows around every chosen example in this batch, with the feature's activation on each
+    token and the decoded token strings."""
+    settings, sae = _settings(run), _load(run)
+    examples = [shown_examples(ft.read_tables(run.store, settings.sae_name, i).examples, settings.random_examples)
+                for i in range(N_FEATURE_SHARDS)]
+    hooked, _ = run.resources.language_model.load(run.store, device="cpu")
+    run.log.info(f"pass 3 [{run.partition_key}]: windows of {sum(e.height for e in examples):,} examples")
+    info = ctx.build_partition_windows(run.store, settings.sae_name, sae, run.partition_key, pl.concat(examples),
+                                       hooked.tokenizer, before=settings.before, after=settings.after)
+    return {"n_windows": info["n_windows"], "n_features": info["n_features"], "dagster/row_count": info["n_windows"],
+            "path": MetadataValue.path(info["path"])}
 
 
-@asset(group_name="features", kinds={"html"},
-       deps=[AssetDep(feature_topk, partition_mapping=AllPartitionMapping()),
-             AssetDep(feature_contexts, partition_mapping=AllPartitionMapping())])
-def feature_browser(context: AssetExecutionContext, storage: StorageResource,
-                    features: FeatureTablesResource) -> MaterializeResult:
-    """A static feature browser: index with search, a page per feature (highlighted examples,
-    histogram, logit effects, lineage). Serve it with `make browse`."""
-    return MaterializeResult(metadata=build_browser(context.log, storage, features, context.run.run_id))
+FEATURE_CONTEXT_WINDOWS = _stage(
+    asset="feature_context_windows", op_name="context_windows", kinds=frozenset({"parquet"}),
+    description="Pass 3, sharded over the dataset: the context windows of the chosen examples in one batch.",
+    partitions=ACTIVATION_BATCHES, resources=(*RESOURCES, "language_model"),
+    deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()), "activations"),
+    body=context_windows,
+    version=pointer_version(lambda run: ctx.partial_name(_settings(run).sae_name, run.partition_key)))
 
 
-def build_browser(log, storage: StorageResource, features: FeatureTablesResource, run_id: str) -> dict:
+def regroup(run: StageRun) -> dict:
+    """The context windows of this feature shard's examples, sorted by feature."""
+    settings, sae = _settings(run), _load(run)
+    index = _shard(run.partition_key)
+    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    frame = ctx.regroup_by_feature(run.store, settings.sae_name, pinned_batches(run), start, stop)
+    info = ctx.write_feature_contexts(run.store, settings.sae_name, index, frame)
+    return {"features": f"[{start}, {stop})", "n_windows": frame.height, **table_metadata(frame),
+            "path": MetadataValue.path(info["path"])}
+
+
+FEATURE_CONTEXTS = _stage(
+    asset="feature_contexts", op_name="regroup_contexts", kinds=frozenset({"parquet"}),
+    description="Pass 3, regrouped: the context windows of one feature shard's examples, sorted by feature.",
+    partitions=FEATURE_SHARDS, resources=RESOURCES,
+    deps=(AssetDep("feature_context_windows", partition_mapping=AllPartitionMapping()),),
+    body=regroup,
+    version=pointer_version(lambda run: ctx.shard_name(_settings(run).sae_name, _shard(run.partition_key))))
+
+
+# -- browser --------------------------------------------------------------------------------------
+
+def build_browser(run: StageRun) -> dict:
+    """A static feature browser: index with search, a page per feature. Serve it with `make browse`."""
     from sae_platform.browser import build_site
 
-    store = storage.store()
+    settings, store = _settings(run), run.store
     shards = []
     for index in range(N_FEATURE_SHARDS):
-        tables = ft.read_tables(store, features.sae_name, index)
-        logits_path = store.require(logits_name(features.sae_name, index), "logit effects", "materialize feature_topk")
+        tables = ft.read_tables(store, settings.sae_name, index)
+        logits_path = store.require(logits_name(settings.sae_name, index), "logit effects",
+                                    "materialize feature_topk")
         shards.append({"start": tables.meta["start"], "stop": tables.meta["stop"], "feature_stats": tables.stats,
-                       "feature_examples": shown_examples(tables.examples, features.random_examples),
-                       "feature_contexts": ctx.read_feature_contexts(store, features.sae_name, index),
+                       "feature_examples": shown_examples(tables.examples, settings.random_examples),
+                       "feature_contexts": ctx.read_feature_contexts(store, settings.sae_name, index),
                        "logit_effects": store.read_parquet(f"{logits_path}/logit_effects.parquet")})
-    recorded = store.path("features", features.sae_name, "lineage", "f0.json")  # written by feature_topk, with its run
+    recorded = store.path("features", settings.sae_name, "lineage", "f0.json")  # written by feature_topk, with its run
     lineage = store.read_json(recorded) if store.fs.exists(recorded) else feature_table_lineage(
-        store, features.sae_name, 0)
-    lineage["browser_dagster_run_id"] = run_id
-    out = browser_dir(store, features.sae_name)
-    summary = build_site(out if store.is_local else store.url(out), run=features.sae_name, shards=shards,
-                         hist_bin_edges=ft.hist_bin_edges(), lineage=lineage, n_intervals=features.n_intervals,
+        store, settings.sae_name, 0)
+    lineage["browser_dagster_run_id"] = run.run_id
+    out = browser_dir(store, settings.sae_name)
+    summary = build_site(out if store.is_local else store.url(out), run=settings.sae_name, shards=shards,
+                         hist_bin_edges=ft.hist_bin_edges(), lineage=lineage, n_intervals=settings.n_intervals,
                          fs=None if store.is_local else store.fs)
-    log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
+    run.log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
     return {
         "n_features": summary["n_features"], "bytes": summary["bytes"], "files": summary["files"],
         "seconds": summary["seconds"], "path": MetadataValue.path(store.url(out)),
@@ -194,4 +255,17 @@ def build_browser(log, storage: StorageResource, features: FeatureTablesResource
     }
 
 
-FEATURE_ASSETS = [feature_stats_partial, feature_topk, feature_context_windows, feature_contexts, feature_browser]
+def browser_version(run: StageRun) -> str | None:
+    return browser_checkpoint(run.store, _settings(run).sae_name)
+
+
+FEATURE_BROWSER = _stage(
+    asset="feature_browser", op_name="write_browser", kinds=frozenset({"html"}),
+    description="A static feature browser: index with search, a page per feature (highlighted examples, "
+                "histogram, logit effects, lineage). Serve it with `make browse`.",
+    resources=("storage", "features"),
+    deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()),
+          AssetDep("feature_contexts", partition_mapping=AllPartitionMapping())),
+    body=build_browser, version=browser_version)
+
+STAGES = [FEATURE_STATS_PARTIAL, FEATURE_TOPK, FEATURE_CONTEXT_WINDOWS, FEATURE_CONTEXTS, FEATURE_BROWSER]

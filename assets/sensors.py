@@ -32,7 +32,7 @@ from dagster import (
 )
 
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
-from resources import AutomationResource, FeatureTablesResource, ShuffleResource, StorageResource, TextSourceResource
+from resources import AutomationResource, StorageResource, TextSourceResource
 from sae_platform.errors import SourceError
 from sae_platform.freshness import cached_versions, changed_sources, stale_reasons
 
@@ -75,8 +75,7 @@ def _in_flight(instance, job_names: list[str]) -> list[str]:
     return [f"{r.job_name} {r.run_id[:8]}" for r in runs if r.job_name in job_names]
 
 
-def _behind(storage: StorageResource, shuffle: ShuffleResource, features: FeatureTablesResource,
-            automation: AutomationResource, text_source: TextSourceResource | None) -> list[str]:
+def _behind(storage: StorageResource, resources, text_source: TextSourceResource | None) -> list[str]:
     """What is out of date, as the runs we would launch see it (their resource overrides applied)."""
     store = storage.store()
     reasons = []
@@ -88,21 +87,21 @@ def _behind(storage: StorageResource, shuffle: ShuffleResource, features: Featur
         changed = changed_sources(store, stamps)
         if changed:
             reasons.append(f"{len(changed)} inbox file(s) replaced since cached: {', '.join(changed[:5])}")
-    return reasons + stale_reasons(store, shuffle_name=automation.resource_setting("shuffle", "name", shuffle.name),
-                                   sae_name=automation.resource_setting("features", "sae_name", features.sae_name),
-                                   n_feature_shards=N_FEATURE_SHARDS)
+    # The stage resources are configured from the same run config file the launched runs use.
+    return reasons + stale_reasons(store, shuffle_name=resources.shuffle.settings().name,
+                                   sae_name=resources.features.settings().sae_name, n_feature_shards=N_FEATURE_SHARDS)
 
 
 @sensor(job_name="full_pipeline", minimum_interval_seconds=SENSOR_INTERVAL_S,
-        default_status=DefaultSensorStatus.RUNNING)
-def downstream_freshness_sensor(context: SensorEvaluationContext, storage: StorageResource,
-                                shuffle: ShuffleResource, features: FeatureTablesResource,
-                                automation: AutomationResource):
+        default_status=DefaultSensorStatus.RUNNING,
+        required_resource_keys={"storage", "shuffle", "features", "automation"})
+def downstream_freshness_sensor(context: SensorEvaluationContext):
     """Bring shuffle, SAE, evaluation, feature tables and browser up to date with the cached activations."""
     busy = _in_flight(context.instance, ["cache_activations", "full_pipeline"])
     if busy:
         return SkipReason(f"waiting for runs in flight: {', '.join(busy[:5])}")
-    reasons = _behind(storage, shuffle, features, automation, text_source=None)
+    storage, automation = context.resources.storage, context.resources.automation
+    reasons = _behind(storage, context.resources, text_source=None)
     if not reasons:
         return SkipReason("downstream of the cached activations is up to date")
     state = json.dumps(sorted(cached_versions(storage.store()).items()))
@@ -111,15 +110,15 @@ def downstream_freshness_sensor(context: SensorEvaluationContext, storage: Stora
                       run_config=automation.run_config(), tags={"sae_platform/why": reasons[0][:200]})
 
 
-@schedule(job_name="full_pipeline", cron_schedule=NIGHTLY_CRON, default_status=DefaultScheduleStatus.RUNNING)
-def nightly_refresh(context: ScheduleEvaluationContext, storage: StorageResource, shuffle: ShuffleResource,
-                    features: FeatureTablesResource, text_source: TextSourceResource,
-                    automation: AutomationResource):
+@schedule(job_name="full_pipeline", cron_schedule=NIGHTLY_CRON, default_status=DefaultScheduleStatus.RUNNING,
+          required_resource_keys={"storage", "shuffle", "features", "text_source", "automation"})
+def nightly_refresh(context: ScheduleEvaluationContext):
     """Periodic backfill: uncached inbox files and anything downstream that is behind, in one run."""
     busy = _in_flight(context.instance, ["full_pipeline"])
     if busy:
         return SkipReason(f"a full_pipeline run is in flight: {', '.join(busy)}")
-    reasons = _behind(storage, shuffle, features, automation, text_source)
+    resources = context.resources
+    reasons = _behind(resources.storage, resources, resources.text_source)
     if not reasons:
         return SkipReason("everything is up to date")
-    return RunRequest(run_config=automation.run_config(), tags={"sae_platform/why": reasons[0][:200]})
+    return RunRequest(run_config=resources.automation.run_config(), tags={"sae_platform/why": reasons[0][:200]})

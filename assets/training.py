@@ -1,74 +1,54 @@
-"""SAE training: an op (runs in the `gpu` pool) wrapped as the `sae_checkpoint` asset, one partition per SAE.
+"""SAE training and evaluation, one partition per sweep entry (config/sweep.yaml).
 
-The op also runs in the plain `train_sae_job` (pick the SAE with `sae_name`), while the asset keeps
-the lineage shuffled_activations → sae_checkpoint → sae_eval.
+``sae_checkpoint`` runs in the `gpu` pool (one training at a time per pool slot); it is up to date
+when its checkpoint is a finished training with the same settings on the current shuffled store.
+``sae_eval`` always runs (it is cheap, and it is the quality signal) and carries the threshold
+checks, so the catalog shows pass/fail per SAE.
 """
 
-import base64
+from dagster import MetadataValue
 
-from dagster import (
-    AssetExecutionContext,
-    AssetIn,
-    Config,
-    In,
-    MaterializeResult,
-    MetadataValue,
-    Nothing,
-    OpExecutionContext,
-    Out,
-    asset,
-    graph_asset,
-    job,
-    op,
-)
-from pydantic import Field
-
+from assets.metadata import inline_png
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
-from resources import BaseModelResource, ShuffleResource, StorageResource, TextSourceResource
+from assets.stage import Check, Stage, StageRun
 from sae_platform.corpus import pack_contexts, read_documents, tokenize
 from sae_platform.errors import PlatformError
 from sae_platform.evaluate import evaluate_sae
 from sae_platform.export import export_run
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
-from sae_platform.trainer import TrainSettings, train_sae
+from sae_platform.trainer import TrainSettings, checkpoint_name, finished_checkpoint, train_sae
 
 
-class TrainConfig(Config):
-    """Training settings shared by every SAE of the sweep (a sweep entry may override any of them)."""
-
-    token_budget: int = Field(default=1_000_000, description="training tokens (loops over epochs if larger than the data)")
-    batch_size: int = Field(default=4096, description="rows per step")
-    lr: float | None = Field(default=None, description="default: 2e-4 * sqrt(16384 / n_latents) (Gao et al.)")
-    seed: int = Field(default=0, description="init seed; same seed + same data = same weights")
-    checkpoint_every_tokens: int = Field(default=250_000, description="commit a resumable checkpoint this often")
-    dead_after_tokens: int = Field(default=10_000_000, description="a latent silent this long is dead (AuxK)")
-    holdout_rows: int = Field(default=8192, description="last rows of the shuffled store, kept for evaluation")
-    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, …")
-    sae_name: str | None = Field(default=None, description="sweep entry, for the plain job (assets use the partition)")
-
-
-def settings_for(name: str, config: TrainConfig) -> TrainSettings:
+def settings_for(name: str, training) -> TrainSettings:
+    """The settings of sweep entry ``name``: the shared training settings, overridden by the entry."""
     if name not in SAE_SWEEP_SPECS:
         raise PlatformError(f"no SAE named {name!r} in the sweep", f"use one of {', '.join(SAE_SWEEP_SPECS)}")
-    shared = config.model_dump(exclude={"device", "sae_name"})
-    return TrainSettings(**{**shared, **SAE_SWEEP_SPECS[name]})
+    return training.settings(**SAE_SWEEP_SPECS[name])
 
 
-@op(ins={"shuffled": In(Nothing)}, out=Out(Nothing), pool="gpu",
-    description="Train one SAE of the sweep on the shuffled store; resumes from its last checkpoint.")
-def train_sae_op(context: OpExecutionContext, config: TrainConfig, storage: StorageResource,
-                 shuffle: ShuffleResource) -> None:
-    name = context.partition_key if context.has_partition_key else config.sae_name
-    if name is None:
-        raise PlatformError("no SAE chosen: the plain job needs sae_name", "set ops.train_sae_op.config.sae_name")
-    context.add_output_metadata(train_and_export(context.log, config, storage, shuffle, name))
+def _settings(run: StageRun) -> TrainSettings:
+    return settings_for(run.partition_key, run.resources.training)
 
 
-def train_and_export(log, config: TrainConfig, storage: StorageResource, shuffle: ShuffleResource, name: str) -> dict:
-    """Train (or resume, or find finished) one sweep entry, export it for SAELens, plot its curves."""
-    settings = settings_for(name, config)
-    device = pick_device(config.device)
+def training_finished(run: StageRun) -> str | None:
+    settings = _settings(run)  # validated first
+    pointer = finished_checkpoint(run.store, run.resources.shuffle.settings().name, run.partition_key, settings)
+    if pointer is None:
+        return None
+    return (f"a finished checkpoint ({pointer['step']:,} steps, {pointer['tokens']:,} tokens) with these settings "
+            "on the current shuffled store")
+
+
+def checkpoint_version(run: StageRun) -> str | None:
+    pointer = run.store.pointer(checkpoint_name(run.partition_key))
+    return pointer["version"] if pointer else None
+
+
+def train_and_export(run: StageRun) -> dict:
+    """Train (or resume) one sweep entry, export it for SAELens, plot its curves."""
+    name, settings = run.partition_key, _settings(run)
+    device = pick_device(run.resources.training.device)
     n_steps = max(1, settings.token_budget // settings.batch_size)
     logged = {"tenth": 0}
 
@@ -76,83 +56,107 @@ def train_and_export(log, config: TrainConfig, storage: StorageResource, shuffle
         tenth = 10 * row["step"] // n_steps
         if tenth > logged["tenth"]:
             logged["tenth"] = tenth
-            log.info(f"step {row['step']}/{n_steps}: {row['tokens']:,} tokens, nmse {row['nmse']:.4f}, "
-                     f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.3f}, {row['tokens_per_second']:.0f} tok/s")
+            run.log.info(f"step {row['step']:,}/{n_steps:,}: {row['tokens']:,} tokens, nmse {row['nmse']:.4f}, "
+                         f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.3f}, {row['tokens_per_second']:,.0f} tok/s")
 
-    store = storage.store()
-    result = train_sae(store, shuffle.name, name, settings, device, log=log.info, on_metrics=report)
+    store = run.store
+    result = train_sae(store, run.resources.shuffle.settings().name, name, settings, device, log=run.log.info,
+                       on_metrics=report)
     metadata = {k: result[k] for k in ("steps", "tokens", "resumed_from_step", "variant", "n_latents")}
     metadata.update({k: float(result[k]) for k in ("final_nmse", "final_l0", "dead_fraction", "tokens_per_second",
-                                                   "seconds") if result.get(k) is not None and result[k] == result[k]})
-    metadata["path"] = MetadataValue.path(result["path"])
-    exported = export_run(store, name)
-    metadata["saelens_export"] = MetadataValue.path(exported["path"]) if exported else "n/a (no SAELens equivalent)"
-    metadata["device"] = str(device)
+                                                   "seconds") if result.get(k) is not None})
     if result["history"]:
         png = training_curves_png(result["history"])
         plot_path = store.path("reports", name, "training_curves.png")
         store.write_bytes_atomic(plot_path, png)
-        metadata["training_curves"] = MetadataValue.md(_inline_png(png, "training curves"))
+        metadata["training_curves"] = inline_png(png, "training curves")
         metadata["training_curves_path"] = MetadataValue.path(store.url(plot_path))
+    metadata["path"] = MetadataValue.path(result["path"])
+    exported = export_run(store, name)
+    metadata["saelens_export"] = MetadataValue.path(exported["path"]) if exported else "n/a (no SAELens equivalent)"
+    metadata["device"] = str(device)
     return metadata
 
 
-def _inline_png(png: bytes, title: str) -> str:
-    """Markdown metadata that shows the picture in the Dagster UI itself."""
-    return f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
+SAE_CHECKPOINT = Stage(
+    asset="sae_checkpoint", op_name="train_sae", group="training", kinds=frozenset({"pytorch", "safetensors"}),
+    description="A trained SAE (safetensors + cfg.json, resumable checkpoints, SAELens export), one per sweep entry.",
+    partitions=SAE_SWEEP, deps=("shuffled_activations",), resources=("storage", "shuffle", "training"),
+    pool="gpu", up_to_date=training_finished, body=train_and_export, version=checkpoint_version)
 
 
-@graph_asset(partitions_def=SAE_SWEEP, ins={"shuffled_activations": AssetIn(dagster_type=Nothing)},
-             group_name="training", kinds={"pytorch", "safetensors"},
-             description="A trained SAE (safetensors + cfg.json, resumable checkpoints), one per sweep entry.")
-def sae_checkpoint(shuffled_activations):
-    return train_sae_op(shuffled_activations)
+# -- evaluation -----------------------------------------------------------------------------------
 
-
-@job(description="Train one SAE of the sweep outside the asset graph (set ops.train_sae_op.config.sae_name).")
-def train_sae_job():
-    train_sae_op()
-
-
-class EvalConfig(Config):
-    ce_contexts: int = Field(default=32, description="held-out contexts for the downstream CE (0 skips it)")
-    ctx_len: int = Field(default=128, description="tokens per held-out context")
-    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, …")
-
-
-@asset(partitions_def=SAE_SWEEP, deps=[sae_checkpoint], group_name="training", kinds={"pytorch"})
-def sae_eval(context: AssetExecutionContext, config: EvalConfig, storage: StorageResource, shuffle: ShuffleResource,
-             language_model: BaseModelResource, holdout_text: TextSourceResource) -> MaterializeResult:
-    """Held-out quality of one SAE: normalized MSE, FVU, L0, dead fraction, density histogram, CE loss recovered."""
-    return MaterializeResult(metadata=evaluate(context.log, config, storage, shuffle, language_model, holdout_text,
-                                               context.partition_key))
-
-
-def evaluate(log, config: EvalConfig, storage: StorageResource, shuffle: ShuffleResource,
-             language_model: BaseModelResource, holdout_text: TextSourceResource, name: str) -> dict:
-    store = storage.store()
-    device = pick_device(config.device)
+def evaluate(run: StageRun) -> dict:
+    settings = run.resources.evaluation.settings()
+    name, store = run.partition_key, run.store
+    device = pick_device(run.resources.evaluation.device)
     hooked, tokens = None, None
-    if config.ce_contexts:
-        hooked, _ = language_model.load(store, device=str(device))
-        tokens = heldout_contexts(holdout_text, hooked, config.ctx_len, config.ce_contexts)
-    report, density = evaluate_sae(store, shuffle.name, name, hooked, tokens, device)
-    png = density_histogram_png(density, report["n_tokens"])
+    if settings.ce_contexts:
+        hooked, _ = run.resources.language_model.load(store, device=str(device))
+        tokens = heldout_contexts(run.resources.holdout_text, hooked, settings.ctx_len, settings.ce_contexts)
+    report, density = evaluate_sae(store, run.resources.shuffle.settings().name, name, hooked, tokens, device)
+    png = density_histogram_png(density, report["dead_window_tokens"])
     plot_path = store.path("reports", name, "latent_density.png")
     store.write_bytes_atomic(plot_path, png)
-    log.info(", ".join(f"{k} {report[k]:.4g}" for k in ("nmse", "fvu", "l0", "dead_fraction",
-                                                          "loss_recovered") if report.get(k) is not None))
+    run.log.info(f"{name}: fvu {report['fvu']:.4g}, L0 {report['l0']:.1f}, dead {report['dead_fraction']:.1%} "
+                 f"(never fired on any of {report['dead_window_tokens']:,} cached tokens)"
+                 + (f", loss recovered {report['loss_recovered']:.4g}" if report.get("loss_recovered") else ""))
     return {
-        **{k: v for k, v in report.items() if isinstance(v, int | float) and v is not None},
-        "latent_density": MetadataValue.md(_inline_png(png, "latent density")),
+        **{k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+        "latent_density": inline_png(png, "latent density"),
         "latent_density_path": MetadataValue.path(store.url(plot_path)),
     }
 
 
-def heldout_contexts(holdout_text: TextSourceResource, hooked, ctx_len: int, n_contexts: int):
+def heldout_contexts(holdout_text, hooked, ctx_len: int, n_contexts: int):
     """Contexts from text the SAE never saw (the holdout source), packed like the training data."""
     docs = [d for f in holdout_text.files()
             for d in read_documents(f, holdout_text.text_field, holdout_text.encoding, holdout_text.storage_options)]
     contexts = pack_contexts(tokenize(hooked.tokenizer, docs), list(range(len(docs))), ctx_len,
                              hooked.start_token_id, max_contexts=n_contexts)
     return contexts.tokens
+
+
+def eval_version(run: StageRun) -> str | None:
+    pointer = run.store.pointer(f"eval/{run.partition_key}")
+    return pointer["version"] if pointer else None
+
+
+def _report(run: StageRun) -> dict:
+    path = run.store.require(f"eval/{run.partition_key}", "the evaluation report", "materialize sae_eval")
+    return run.store.read_json(f"{path}/report.json")
+
+
+def threshold(figure: str, setting: str, below: bool, window: str = ""):
+    """A check that one figure of the report is on the right side of its threshold setting."""
+    def evaluate_threshold(run: StageRun) -> dict:
+        report, limit = _report(run), getattr(run.resources.evaluation.settings(), setting)
+        value = report.get(figure)
+        if value is None:
+            return {"passed": True, "metadata": {figure: "not measured", "threshold": limit}}
+        passed = value <= limit if below else value >= limit
+        return {"passed": passed, "metadata": {figure: value, "threshold": limit,
+                                               "rule": f"{figure} {'<=' if below else '>='} {setting}"
+                                                       + (f" ({window})" if window else "")}}
+
+    return evaluate_threshold
+
+
+SAE_EVAL = Stage(
+    asset="sae_eval", op_name="evaluate_sae", group="training", kinds=frozenset({"pytorch"}),
+    description="Quality of one SAE: normalized MSE, FVU and L0 on held-out rows, dead latents and density on "
+                "every cached token, downstream CE loss recovered on held-out text.",
+    partitions=SAE_SWEEP, deps=("sae_checkpoint",),
+    resources=("storage", "shuffle", "evaluation", "language_model", "holdout_text"),
+    body=evaluate, version=eval_version,
+    checks=(
+        Check("fvu_below", "FVU on held-out rows <= resources.evaluation.config.max_fvu",
+              threshold("fvu", "max_fvu", below=True, window="held-out rows")),
+        Check("dead_fraction_below", "share of latents that never fire on any cached token <= max_dead_fraction",
+              threshold("dead_fraction", "max_dead_fraction", below=True, window="every cached token")),
+        Check("loss_recovered_above", "downstream loss recovered >= min_loss_recovered (when measured)",
+              threshold("loss_recovered", "min_loss_recovered", below=False, window="held-out text")),
+    ))
+
+STAGES = [SAE_CHECKPOINT, SAE_EVAL]

@@ -21,14 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-from assets.partitions import ACTIVATION_BATCHES, ALL_SHUFFLE_WORKERS_TAGS
 from jobs.settings import Settings
-from sae_platform.activations import list_partitions
-from sae_platform.demo_data import fetch_demo_corpus
 from sae_platform.errors import PlatformError
-from sae_platform.storage import process_alive
+
+# Everything heavy (dagster, torch, the definitions) is imported inside the commands that need it,
+# so `--help` and argument errors answer at once.
 
 
 def _instance():
@@ -54,6 +51,8 @@ def recover_dead_runs(instance, all_runs_on_this_host: bool = False) -> list[str
     judged: their process id is the one on their events (on Kubernetes, use Dagster's run monitoring).
     """
     from dagster import DagsterRunStatus, RunsFilter
+
+    from sae_platform.storage import process_alive
 
     if not runs_are_local(instance) and not all_runs_on_this_host:
         raise PlatformError(f"the instance's run storage ({type(instance.run_storage).__name__}) may be shared by "
@@ -86,8 +85,18 @@ def _quiet(run_config: dict) -> dict:
     return {**run_config, **QUIET}
 
 
+def stage_settings(**sections: dict) -> dict:
+    """Run config overriding some stage settings (``resources.<stage>.config``); every setting not
+    given keeps the deployment's value (SAE_PLATFORM_RUN_CONFIG) or the default declared in sae_platform."""
+    resources = {stage: {"config": {k: v for k, v in values.items() if v is not None}}
+                 for stage, values in sections.items()}
+    return {"resources": {stage: section for stage, section in resources.items() if section["config"]}}
+
+
 def fill_inbox_from_demo(settings: Settings, n_batches: int) -> list[Path]:
     """Copy the first demo texts into a local inbox, unless it already holds files."""
+    from sae_platform.demo_data import fetch_demo_corpus
+
     inbox = Path(settings.inbox).parent
     if settings.inbox.startswith("s3://"):
         return []
@@ -111,6 +120,8 @@ def fill_holdout_from_demo(settings: Settings) -> Path | None:
     holdout.mkdir(parents=True, exist_ok=True)
     if any(holdout.iterdir()):
         return None
+    from sae_platform.demo_data import fetch_demo_corpus
+
     inbox = {p.name for p in Path(settings.inbox).parent.glob("*")}
     candidates = [p for p in fetch_demo_corpus(Path(settings.data_dir)) if p.name not in inbox]
     shutil.copy(candidates[-1], holdout / candidates[-1].name)
@@ -118,6 +129,8 @@ def fill_holdout_from_demo(settings: Settings) -> Path | None:
 
 
 def register(instance, defs) -> list[str]:
+    from assets.partitions import ACTIVATION_BATCHES
+
     text_source = defs.resources["text_source"]
     keys = [f.key for f in text_source.files()]
     existing = set(instance.get_dynamic_partitions(ACTIVATION_BATCHES.name))
@@ -128,10 +141,14 @@ def register(instance, defs) -> list[str]:
 
 
 def _stored_keys(defs) -> set[str]:
+    from sae_platform.activations import list_partitions
+
     return set(list_partitions(defs.resources["storage"].store()))
 
 
 def run_partitions(instance, defs, keys: list[str], run_config: dict) -> list[str]:
+    from tqdm import tqdm
+
     job = defs.resolve_job_def("cache_activations")
     failed = []
     for key in tqdm(keys, desc="activation batches", unit="batch"):
@@ -144,9 +161,9 @@ def run_partitions(instance, defs, keys: list[str], run_config: dict) -> list[st
 
 def run_shuffle(instance, defs, memory_budget_mb: int | None) -> bool:
     """The whole shuffle as one run over every worker partition; prints the checks' verdicts."""
-    run_config = {}
-    if memory_budget_mb:
-        run_config = {"resources": {"shuffle": {"config": {"memory_budget_bytes": memory_budget_mb << 20}}}}
+    from assets.partitions import ALL_SHUFFLE_WORKERS_TAGS
+
+    run_config = stage_settings(shuffle={"memory_budget_bytes": memory_budget_mb << 20 if memory_budget_mb else None})
     result = defs.resolve_job_def("shuffle_activations").execute_in_process(
         instance=instance, tags=ALL_SHUFFLE_WORKERS_TAGS, run_config=_quiet(run_config), raise_on_error=False)
     for check in result.get_asset_check_evaluations():
@@ -157,8 +174,7 @@ def run_shuffle(instance, defs, memory_budget_mb: int | None) -> bool:
 def train(instance, defs, names: list[str], train_config: dict, eval_config: dict) -> list[str]:
     """Train and evaluate sweep entries, one Dagster run (partition) each; returns the failures."""
     job = defs.resolve_job_def("train_saes")
-    run_config = {"ops": {"sae_checkpoint": {"ops": {"train_sae_op": {"config": train_config}}},
-                          "sae_eval": {"config": eval_config}}}
+    run_config = stage_settings(training=train_config, evaluation=eval_config)
     failed = []
     for name in names:
         result = job.execute_in_process(instance=instance, partition_key=name, run_config=_quiet(run_config),
@@ -175,11 +191,8 @@ def train(instance, defs, names: list[str], train_config: dict, eval_config: dic
 
 
 def _train_config(args) -> dict:
-    config = {"token_budget": args.token_budget, "batch_size": args.batch_size,
-              "checkpoint_every_tokens": args.checkpoint_every_tokens, "dead_after_tokens": args.dead_after_tokens}
-    if args.lr:
-        config["lr"] = args.lr
-    return config
+    return {"token_budget": args.token_budget, "batch_size": args.batch_size, "lr": args.lr,
+            "checkpoint_every_tokens": args.checkpoint_every_tokens, "dead_after_tokens": args.dead_after_tokens}
 
 
 def cmd_train(args) -> int:
@@ -197,12 +210,15 @@ def cmd_train(args) -> int:
 def build_features(instance, defs, sae_name: str) -> bool:
     """Passes 1-3 and the browser, one Dagster run per partition (as a backfill would launch them)."""
     from dagster import MultiPartitionKey
+    from tqdm import tqdm
 
     from assets.partitions import N_FEATURE_SHARDS
+    from sae_platform.shuffle import pinned_keys
 
     store = defs.resources["storage"].store()
-    batches, shards = list_partitions(store), [f"f{i}" for i in range(N_FEATURE_SHARDS)]
-    run_config = _quiet({"resources": {"features": {"config": {"sae_name": sae_name}}}})
+    batches = pinned_keys(store, defs.resources["shuffle"].settings().name)
+    shards = [f"f{i}" for i in range(N_FEATURE_SHARDS)]
+    run_config = _quiet(stage_settings(features={"sae_name": sae_name}))
     steps = [("feature_pass_1", [MultiPartitionKey({"batch": b, "features": f}) for b in batches for f in shards]),
              ("feature_pass_2", shards), ("feature_pass_3", batches), ("feature_regroup", shards)]
     for job_name, keys in steps:
@@ -228,6 +244,7 @@ def cmd_lineage(args) -> int:
 
     instance, defs = _instance(), _definitions()
     store = defs.resources["storage"].store()
+    args.sae = args.sae or _described_sae(defs)
     records = instance.fetch_materializations(AssetKey("feature_topk"), limit=100).records
     run_ids = [r.run_id for r in records if r.partition_key == f"f{args.shard}"
                and _metadata_value(r, "sae") == args.sae]  # the newest run that described this SAE
@@ -236,6 +253,11 @@ def cmd_lineage(args) -> int:
     graph = defs.resolve_asset_graph()
     print("\nasset graph upstream of feature_topk: " + " ← ".join(_upstream_chain(graph, AssetKey("feature_topk"))))
     return 0
+
+
+def _described_sae(defs) -> str:
+    """The SAE the deployment's feature tables describe (resources.features.config.sae_name)."""
+    return defs.resources["features"].settings().sae_name
 
 
 def _metadata_value(record, key: str):
@@ -259,8 +281,9 @@ def cmd_browse(args) -> int:
     from assets.features import browser_dir
     from sae_platform.browser import serve
 
-    store = _definitions().resources["storage"].store()
-    site = browser_dir(store, args.sae)
+    defs = _definitions()
+    store = defs.resources["storage"].store()
+    site = browser_dir(store, args.sae or _described_sae(defs))
     if not store.is_local:
         sys.exit(f"the feature browser is at {store.url(site)}: serve it from any static web host, or copy it "
                  "to a local folder (e.g. `aws s3 sync`) and run `python -m sae_platform.browser serve DIR`")
@@ -289,7 +312,7 @@ def cmd_demo(args) -> int:
                "-j", "full_pipeline", "-c", args.config]
     print("running the whole pipeline:\n  " + " ".join(command), flush=True)
     succeeded = subprocess.run(command, cwd=Path(__file__).resolve().parents[1]).returncode == 0
-    _print_status(_definitions())
+    _print_status()
     print(f"\nDagster runs are in {os.environ['DAGSTER_HOME']}: see the run, the asset graph and the lineage "
           "with `make ui` (http://127.0.0.1:3000), or `sae-platform lineage`.")
     if succeeded:
@@ -323,16 +346,20 @@ def cmd_backfill(args) -> int:
         keys = args.keys
     todo = [k for k in keys if k not in _stored_keys(defs)] if not args.force else keys
     print(f"{len(todo)} partition(s) to cache")
-    run_config = {"ops": {"activations": {"config": {"max_contexts": args.max_contexts}}}}
+    run_config = stage_settings(caching={"max_contexts": args.max_contexts})
     return 1 if run_partitions(instance, defs, todo, run_config) else 0
 
 
-def _print_status(defs) -> None:
-    store = defs.resources["storage"].store()
+def _print_status() -> None:
+    """What is stored, read from the artifact store alone (no Dagster, no torch: it answers at once)."""
+    from sae_platform.storage import open_store
+
+    settings = Settings.from_env()
+    store = open_store(settings.root_url, settings.s3_endpoint_url)
     print(f"\nartifact root: {store.url(store.root)}")
-    for key in list_partitions(store):
-        pointer = store.pointer(f"activations/{key}")
-        print(f"  activations/{key}: committed {pointer['version']}")
+    for name in store.committed_names("activations"):
+        pointer = store.pointer(name)
+        print(f"  {name}: committed {pointer['version']}")
     for name in store.committed_names("shuffled"):
         pointer = store.pointer(name)
         print(f"  {name}: {pointer.get('n_rows', '?'):,} rows, plan {pointer.get('plan_id')}")
@@ -346,18 +373,20 @@ def _print_status(defs) -> None:
 
 
 def cmd_status(args) -> int:
-    _print_status(_definitions())
+    _print_status()
     return 0
 
 
-def _training_arguments(parser, token_budget: int, batch_size: int, lr: float | None) -> None:
-    parser.add_argument("--token-budget", type=int, default=token_budget)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--lr", type=float, default=lr, help="default: Gao et al.'s 2e-4*sqrt(16384/n_latents)")
-    parser.add_argument("--checkpoint-every-tokens", type=int, default=204_800)
-    parser.add_argument("--dead-after-tokens", type=int, default=200_000,
-                        help="Gao et al. use 10M; demo-sized budgets need a shorter window")
-    parser.add_argument("--ce-contexts", type=int, default=32, help="held-out contexts for the downstream CE")
+DEPLOYED = "default: the deployment's resources.{}.config.{} (SAE_PLATFORM_RUN_CONFIG, else sae_platform's default)"
+
+
+def _training_arguments(parser) -> None:
+    """Optional overrides; what is not given keeps the deployment's value, so the CLI, the UI and
+    full_pipeline train with the same settings unless asked otherwise."""
+    for flag, kind in (("token-budget", int), ("batch-size", int), ("lr", float), ("checkpoint-every-tokens", int),
+                       ("dead-after-tokens", int)):
+        parser.add_argument(f"--{flag}", type=kind, default=None, help=DEPLOYED.format("training", flag.replace("-", "_")))
+    parser.add_argument("--ce-contexts", type=int, default=None, help=DEPLOYED.format("evaluation", "ce_contexts"))
 
 
 def main(argv=None) -> int:
@@ -377,21 +406,21 @@ def main(argv=None) -> int:
     backfill.add_argument("keys", nargs="*")
     backfill.add_argument("--all", action="store_true")
     backfill.add_argument("--force", action="store_true", help="re-cache stored partitions too")
-    backfill.add_argument("--max-contexts", type=int, default=None)
+    backfill.add_argument("--max-contexts", type=int, default=None, help=DEPLOYED.format("caching", "max_contexts"))
     backfill.set_defaults(func=cmd_backfill)
     train_cmd = commands.add_parser("train", help="train + evaluate sweep entries (default: all)")
     train_cmd.add_argument("names", nargs="*")
-    _training_arguments(train_cmd, token_budget=1_000_000, batch_size=4096, lr=None)
+    _training_arguments(train_cmd)
     train_cmd.set_defaults(func=cmd_train)
     features = commands.add_parser("features", help="feature tables, contexts and the browser for one SAE")
-    features.add_argument("--sae", default="topk-16k-k32")
+    features.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     features.set_defaults(func=cmd_features)
     lineage = commands.add_parser("lineage", help="upstream lineage of a feature table")
-    lineage.add_argument("--sae", default="topk-16k-k32")
+    lineage.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     lineage.add_argument("--shard", type=int, default=0)
     lineage.set_defaults(func=cmd_lineage)
     browse = commands.add_parser("browse", help="serve the feature browser on localhost")
-    browse.add_argument("--sae", default="topk-16k-k32")
+    browse.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     browse.add_argument("--port", type=int, default=8000)
     browse.set_defaults(func=cmd_browse)
     commands.add_parser("status", help="what is stored").set_defaults(func=cmd_status)

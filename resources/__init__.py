@@ -3,14 +3,21 @@
 import os
 from pathlib import Path
 
-import yaml
+from dataclasses import fields
 
+import yaml
 from dagster import ConfigurableResource
-from pydantic import Field
+from pydantic import Field, create_model
 
 from sae_platform.corpus import TextFile, find_file, list_source, source_stamp
 from sae_platform.model import EMBEDDED_MODEL, ensure_base_model, load_hooked_model
-from sae_platform.storage import ArtifactStore
+from sae_platform.storage import ArtifactStore, open_store
+from sae_platform.activations import CacheSettings
+from sae_platform.evaluate import EvalSettings
+from sae_platform.features import FeatureSettings
+from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, default_of
+from sae_platform.shuffle import ShuffleSettings
+from sae_platform.trainer import TrainSettings
 
 
 def _s3_options(endpoint_url: str | None) -> dict:
@@ -25,8 +32,7 @@ class StorageResource(ConfigurableResource):
     endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto, …)")
 
     def store(self) -> ArtifactStore:
-        url = self.root_url if "://" in self.root_url else os.path.abspath(self.root_url)
-        return ArtifactStore(url, _s3_options(self.endpoint_url) if url.startswith("s3://") else {})
+        return open_store(self.root_url, self.endpoint_url)
 
 
 class BaseModelResource(ConfigurableResource):
@@ -69,56 +75,78 @@ class TextSourceResource(ConfigurableResource):
         return {f.key: source_stamp(f, self.storage_options) for f in (self.files() if files is None else files)}
 
 
-class ShuffleResource(ConfigurableResource):
-    """One shuffle's settings, shared by its plan, passes, final pass and checks."""
+def read_run_config(path: str | None) -> dict:
+    """A full_pipeline run config file (``SAE_PLATFORM_RUN_CONFIG``, e.g. config/demo.yaml); {} for none."""
+    if not path:
+        return {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"run config {path} (SAE_PLATFORM_RUN_CONFIG) does not exist: "
+                                "point it at a full_pipeline run config such as config/demo.yaml")
+    return yaml.safe_load(Path(path).read_text()) or {}
 
-    name: str = Field(default="main", description="name of the shuffled store (shuffled/<name>)")
-    n_buckets: int = Field(default=8, description="K: buckets per scatter job")
-    memory_budget_bytes: int = Field(default=1 << 30, description="M: what one job may hold in memory")
-    seed: int = Field(default=0, description="same seed + same inputs = same permutation")
+
+class StageSettingsResource(ConfigurableResource):
+    """Base of the stage settings resources below: each field is a field of the stage's settings
+    dataclass in the compute core, with its documentation and default (``sae_platform.settings``)."""
+
+    def settings(self, **overrides):
+        """The stage's validated settings dataclass (raises SettingsError naming a bad value)."""
+        values = {name: getattr(self, name) for name in self.settings_class.__dataclass_fields__
+                  if name in type(self).model_fields}
+        return self.settings_class(**{**values, **overrides})
 
 
-class FeatureTablesResource(ConfigurableResource):
-    """Which SAE the feature tables describe, and how many examples they keep."""
+# key -> (settings dataclass, fields left out, whether the stage picks a device)
+STAGE_SETTINGS = {
+    "caching": (CacheSettings, (), False),
+    "shuffle": (ShuffleSettings, (), False),
+    "training": (TrainSettings, ("variant", "n_latents", "k", "hparams"), True),  # the sweep entry's own
+    "evaluation": (EvalSettings, (), True),
+    "features": (FeatureSettings, (), True),
+}
 
-    sae_name: str = Field(default="topk-16k-k32", description="sweep entry whose checkpoint is described")
-    top_k: int = Field(default=20, description="top activating examples per feature")
-    reservoir_factor: int = Field(default=10, description="random examples kept per feature = factor x top_k")
-    random_examples: int = Field(default=20, description="random examples per feature shown with context "
-                                                         "(a prefix of the uniform sample is itself uniform)")
-    n_intervals: int = Field(default=5, description="activation intervals for interval examples")
-    per_interval: int = Field(default=4, description="examples per interval")
-    before: int = Field(default=16, description="context tokens before an example")
-    after: int = Field(default=8, description="context tokens after an example")
-    seed: int = Field(default=0, description="seed of the random-example sample")
-    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, …")
+
+def stage_resource(key: str, deployment: dict | None = None) -> StageSettingsResource:
+    """The resource holding stage ``key``'s settings. Its schema is generated from the settings
+    dataclass, with ``deployment`` (the run config file's ``resources.<key>.config``) as defaults:
+    so a partial override in a run config keeps the deployment's other values, and the Launchpad
+    scaffolds them."""
+    settings_class, left_out, has_device = STAGE_SETTINGS[key]
+    deployment = dict(deployment or {})
+    unknown = set(deployment) - {f.name for f in fields(settings_class) if f.name not in left_out} - {"device"}
+    if unknown:
+        raise SettingsError(f"resources.{key}.config has unknown setting(s) {', '.join(sorted(unknown))}",
+                            f"remove them; the settings of {key} are: "
+                            + ", ".join(f.name for f in fields(settings_class) if f.name not in left_out))
+    device = deployment.pop("device", DEFAULT_DEVICE)
+    settings_class(**deployment)  # validate the deployment's values once, when the code loads
+    model_fields = {}
+    for declared in fields(settings_class):
+        if declared.name in left_out:
+            continue
+        default = deployment.get(declared.name, default_of(settings_class, declared.name))
+        model_fields[declared.name] = (declared.type, Field(default=default, description=declared.metadata["doc"]))
+    if has_device:
+        model_fields["device"] = (str, Field(default=device, description=DEVICE_DOC))
+    name = f"{key.title()}Resource"
+    resource_class = create_model(name, __base__=StageSettingsResource, __module__=__name__,
+                                  __doc__=settings_class.__doc__, **model_fields)
+    resource_class.settings_class = settings_class
+    return resource_class()
 
 
 class AutomationResource(ConfigurableResource):
-    """The run config of runs that sensors and schedules launch on their own: one full_pipeline run
-    config file (``config/demo.yaml`` is one), whose resources and ``ops.cache_batch`` section the
-    inbox sensor's caching runs use too (as the asset's config), so automated runs match the ones a person launches."""
+    """The run config of runs that sensors and schedules launch on their own: the deployment's
+    run config file (``SAE_PLATFORM_RUN_CONFIG``, e.g. ``config/demo.yaml``), so automated runs
+    match the ones a person launches."""
 
     run_config_path: str | None = Field(default=None, description="YAML run config of full_pipeline; "
                                                                   "default: every setting's default")
 
     def run_config(self) -> dict:
-        if not self.run_config_path:
-            return {}
-        path = Path(self.run_config_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"run config {path} (SAE_PLATFORM_RUN_CONFIG) does not exist: "
-                                    "point it at a full_pipeline run config such as config/demo.yaml")
-        return yaml.safe_load(path.read_text()) or {}
+        return read_run_config(self.run_config_path)
 
     def caching_run_config(self) -> dict:
         """The part of the pipeline's run config that a cache_activations run accepts."""
         config = self.run_config()
-        caching = {"resources": config["resources"]} if config.get("resources") else {}
-        if "cache_batch" in config.get("ops", {}):
-            caching["ops"] = {"activations": config["ops"]["cache_batch"]}
-        return caching
-
-    def resource_setting(self, resource: str, key: str, default):
-        """A resource setting as the launched runs will see it (the file's override, else ``default``)."""
-        return self.run_config().get("resources", {}).get(resource, {}).get("config", {}).get(key, default)
+        return {"resources": config["resources"]} if config.get("resources") else {}

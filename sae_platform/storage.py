@@ -210,3 +210,10 @@ class ArtifactStore:
 
     def size_bytes(self, path: str) -> int:
         return int(self.fs.du(path, total=True))
+
+
+def open_store(root_url: str, endpoint_url: str | None = None) -> ArtifactStore:
+    """The artifact store at ``root_url`` (a local folder, made absolute, or ``s3://bucket/prefix``;
+    ``endpoint_url``: an S3-compatible endpoint; credentials come from the usual AWS chain)."""
+    url = root_url if "://" in root_url else os.path.abspath(root_url)
+    return ArtifactStore(url, {"endpoint_url": endpoint_url} if endpoint_url and url.startswith("s3://") else {})

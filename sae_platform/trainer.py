@@ -34,7 +34,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from sae_platform.errors import PlatformError, StorageError
-from sae_platform.sae import ADAM_EPS, build_sae, lr_for, normalized_mse
+from sae_platform.sae import ADAM_EPS, VARIANTS, build_sae, lr_for, normalized_mse
+from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.shuffle import Shuffled, open_shuffled
 from sae_platform.storage import ArtifactStore
 
@@ -48,18 +49,34 @@ class TrainingError(PlatformError):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    variant: str = "topk"
-    n_latents: int = 16_384
-    k: int = 32  # TopK family only
-    lr: float | None = None  # default: lr_for(n_latents), Gao et al.'s 1/sqrt(n_latents) scaling
-    batch_size: int = 4096
-    token_budget: int = 1_000_000
-    seed: int = 0
-    checkpoint_every_tokens: int = 250_000
-    dead_after_tokens: int = 10_000_000  # Gao et al.; lower it for budgets far below 10M tokens
-    holdout_rows: int = 8192
-    log_every_steps: int = 10
-    hparams: dict = field(default_factory=dict)  # further variant settings (k_aux, n_experts, l1_coeff, …)
+    """Settings of one SAE's training. The sweep entry (config/sweep.yaml) gives the SAE's shape
+    (``variant``, ``n_latents``, ``k``, ``hparams``) and may override any other field for that SAE;
+    the rest are shared by the sweep (``resources.training.config``)."""
+
+    variant: str = setting("topk", "SAE variant", choices=VARIANTS)
+    n_latents: int = setting(16_384, "dictionary size (latents)", ge=1)
+    k: int = setting(32, "active latents per token (TopK family only)", ge=1)
+    lr: float | None = setting(None, "Adam learning rate; null: Gao et al.'s 2e-4 * sqrt(16384 / n_latents)",
+                               gt=0, le=1.0)
+    batch_size: int = setting(4096, "rows (tokens) per step", ge=1)
+    token_budget: int = setting(1_000_000, "training tokens (loops over epochs if larger than the data); "
+                                           "at least one batch", ge=1)
+    seed: int = setting(0, "init seed; same seed + same data = same weights", ge=0)
+    checkpoint_every_tokens: int = setting(250_000, "commit a resumable checkpoint this often", ge=1)
+    dead_after_tokens: int = setting(10_000_000, "a latent silent this long is dead (AuxK); Gao et al. use "
+                                                 "10M; lower it for budgets far below that", ge=1)
+    holdout_rows: int = setting(8192, "last rows of the shuffled store, never trained on, kept for evaluation",
+                                ge=0)
+    log_every_steps: int = setting(10, "a metrics row every this many steps", ge=1)
+    hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, …)",
+                            default_factory=dict)
+
+    def __post_init__(self):
+        validate(self, "resources.training.config")
+        if self.token_budget < self.batch_size:
+            raise SettingsError(f"resources.training.config.token_budget = {self.token_budget} is less than one "
+                                f"batch (batch_size = {self.batch_size})",
+                                "set token_budget to at least batch_size tokens")
 
     def sae_kwargs(self) -> dict:
         top_k = self.variant in ("topk", "batchtopk", "switch")
@@ -194,6 +211,19 @@ def _torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def finished_checkpoint(store: ArtifactStore, shuffle_name: str, run: str, settings: TrainSettings) -> dict | None:
+    """The pointer of ``run``'s checkpoint when it is a finished training with these settings on the
+    current shuffled store (then training again would only find it); None otherwise."""
+    pointer = store.pointer(checkpoint_name(run))
+    if pointer is None or not pointer.get("final"):
+        return None
+    if pointer.get("settings") != json.loads(json.dumps(asdict(settings))):
+        return None
+    if store.resolve(f"shuffled/{shuffle_name}") is None:
+        return None
+    return pointer if pointer.get("data") == data_fingerprint(open_shuffled(store, shuffle_name)) else None
 
 
 def load_sae(store: ArtifactStore, run: str, device: str | torch.device = "cpu"):

@@ -48,14 +48,13 @@ execution: {{config: {{{executor}}}}}
 loggers: {{console: {{config: {{log_level: INFO}}}}}}
 resources:
   language_model: {{config: {{source: {model_dir}, layer: 1, device: cpu}}}}
+  caching: {{config: {{ctx_len: 32, batch_size: 4}}}}
   shuffle: {{config: {{n_buckets: 4, memory_budget_bytes: 1048576}}}}
-  features: {{config: {{sae_name: {TINY_SAE}, top_k: 5, reservoir_factor: 2, random_examples: 4}}}}
-ops:
-  cache_batch: {{config: {{ctx_len: 32, batch_size: 4}}}}
-  train_sae:
+  training:
     config: {{token_budget: 1536, batch_size: 256, checkpoint_every_tokens: 512, holdout_rows: 256,
               dead_after_tokens: 768, device: cpu}}
-  evaluate_sae: {{config: {{ce_contexts: 2, ctx_len: 32, device: cpu}}}}
+  evaluation: {{config: {{ce_contexts: 2, ctx_len: 32, device: cpu}}}}
+  features: {{config: {{sae_name: {TINY_SAE}, top_k: 5, reservoir_factor: 2, random_examples: 4, device: cpu}}}}
 """
 
 

@@ -14,6 +14,7 @@ from sae_platform.activations import (
 from sae_platform.corpus import Contexts, list_source
 from sae_platform.errors import ModelError, SourceError
 from sae_platform.model import load_hooked_model
+from sae_platform.settings import SettingsError
 
 SETTINGS = CacheSettings(ctx_len=16, batch_size=4, dtype="float32")
 
@@ -110,5 +111,16 @@ def test_float16_overflow_is_refused(store, tiny_hooked, text_dir):
 
 
 def test_unknown_dtype():
-    with pytest.raises(SourceError, match="unknown activation dtype 'int8'"):
+    with pytest.raises(SettingsError, match="resources.caching.config.dtype = 'int8' is not allowed: it must be one "
+                                            "of float16, float32"):
         CacheSettings(dtype="int8")
+
+
+@pytest.mark.parametrize("field, value, rule", [
+    ("batch_size", 0, "an integer >= 1"), ("batch_size", -4, "an integer >= 1"), ("ctx_len", 1, "an integer >= 2"),
+    ("max_contexts", -1, "an integer >= 1"), ("max_contexts", 0, "an integer >= 1"),
+    ("sink_norm_factor", float("nan"), "a finite number >= 0"), ("sink_norm_factor", -1.0, "a finite number >= 0"),
+])
+def test_caching_settings_are_validated_where_declared(field, value, rule):
+    with pytest.raises(SettingsError, match=f"resources.caching.config.{field} = .* it must be {rule}"):
+        CacheSettings(**{field: value})

@@ -13,11 +13,11 @@ from dagster import (
     materialize,
 )
 
-from assets import activations, base_model, inbox_sensor
+from assets import ASSET_BY_NAME, inbox_sensor
 from assets.partitions import ACTIVATION_BATCHES
 from jobs.definitions import build_definitions, build_resources
 from jobs.settings import Settings
-from resources import AutomationResource, BaseModelResource, StorageResource, TextSourceResource
+from resources import AutomationResource, BaseModelResource, StorageResource, TextSourceResource, stage_resource
 from sae_platform.activations import CacheSettings, cache_text_file, open_partition
 from sae_platform.freshness import changed_sources
 from sae_platform.storage import ArtifactStore
@@ -34,6 +34,9 @@ def resources(settings, tiny_model_dir) -> dict:
     resources = build_resources(settings)
     resources["language_model"] = BaseModelResource(source=str(tiny_model_dir), layer=1, device="cpu")
     return resources
+
+
+base_model, activations = ASSET_BY_NAME["base_model"], ASSET_BY_NAME["activations"]
 
 
 def test_full_definitions_load(settings):
@@ -54,15 +57,15 @@ def test_full_definitions_load(settings):
 def test_activations_materialize_through_dagster(resources):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, ["alpha", "beta"])
+    resources["caching"] = stage_resource("caching", {"ctx_len": 16, "batch_size": 4})
     result = materialize([base_model, activations], selection=[activations], partition_key="beta",
-                         resources=resources, instance=instance,
-                         run_config={"ops": {"activations": {"config": {"ctx_len": 16, "batch_size": 4}}}})
+                         resources=resources, instance=instance)
     assert result.success
     (event,) = result.asset_materializations_for_node("activations")
     meta = {k: v.value for k, v in event.metadata.items()}
     part = open_partition(resources["storage"].store(), "beta")
     assert event.partition == "beta"
-    assert meta["n_tokens"] == part.n_rows > 0 and meta["d_model"] == 32 and meta["dtype"] == "float16"
+    assert meta["dagster/row_count"] == part.n_rows > 0 and meta["d_model"] == 32 and meta["dtype"] == "float16"
     assert meta["bytes"] > part.n_rows * 32 * 2 and meta["tokens_per_second"] > 0
     assert meta["norm_mean"] > 0
 

@@ -5,12 +5,12 @@ import json
 import pytest
 from dagster import AssetKey, DagsterInstance, Definitions
 
-from assets import ASSET_CHECKS, ASSETS
+from assets import ASSETS
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from jobs.cli import build_features
-from jobs.definitions import JOBS, build_resources
+from jobs.definitions import ASSET_JOBS, build_resources
 from jobs.settings import Settings
-from resources import BaseModelResource, FeatureTablesResource, ShuffleResource
+from resources import BaseModelResource, stage_resource
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform import shuffle as sh
@@ -33,9 +33,9 @@ def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
     resources = build_resources(Settings(root_url=store.root_url, data_dir=str(tmp_path), inbox=str(text_dir / "*"),
                                          s3_endpoint_url=None))
     resources["language_model"] = BaseModelResource(source=str(tiny_model_dir), layer=1, device="cpu")
-    resources["shuffle"] = ShuffleResource(name="main")
-    resources["features"] = FeatureTablesResource(sae_name=SAE, top_k=5, reservoir_factor=4, device="cpu")
-    defs = Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources)
+    resources["features"] = stage_resource("features", {"sae_name": SAE, "top_k": 5, "reservoir_factor": 4,
+                                                        "device": "cpu"})
+    defs = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources)
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, [f.key for f in list_source(str(text_dir / "*"))])
     return defs, instance

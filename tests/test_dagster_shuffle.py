@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from dagster import DagsterInstance, Definitions
 
-from assets import ASSET_CHECKS, ASSETS
+from assets import ASSETS
 
 from assets.shuffle import uniformity_problems
-from jobs.definitions import JOBS, build_resources
+from jobs.definitions import ASSET_JOBS, build_resources
 from jobs.settings import Settings
-from resources import ShuffleResource
+from resources import stage_resource
 from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file, list_partitions, open_partition
 from sae_platform.corpus import list_source
@@ -29,8 +29,8 @@ def cached(store, tiny_hooked, text_dir):
 def _run_shuffle(store, text_dir, budget):
     resources = build_resources(Settings(root_url=store.root_url, data_dir=str(text_dir),
                                          inbox=str(text_dir / "*"), s3_endpoint_url=None))
-    resources["shuffle"] = ShuffleResource(name="main", n_buckets=4, memory_budget_bytes=budget, seed=7)
-    defs = Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources)
+    resources["shuffle"] = stage_resource("shuffle", {"n_buckets": 4, "memory_budget_bytes": budget, "seed": 7})
+    defs = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources)
     return defs.resolve_job_def("shuffle_activations").execute_in_process(
         instance=DagsterInstance.ephemeral(), tags=ALL_WORKERS, raise_on_error=False)
 

@@ -5,10 +5,10 @@ import json
 import pytest
 from dagster import DagsterInstance, Definitions
 
-from assets import ASSET_CHECKS, ASSETS
-from jobs.definitions import JOBS, build_resources
+from assets import ASSETS
+from jobs.definitions import ASSET_JOBS, build_resources
 from jobs.settings import Settings
-from resources import BaseModelResource, ShuffleResource
+from resources import BaseModelResource
 from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file
 from sae_platform.corpus import list_source
@@ -30,8 +30,7 @@ def defs(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
     resources = build_resources(Settings(root_url=store.root_url, data_dir=str(tmp_path), inbox=str(text_dir / "*"),
                                          s3_endpoint_url=None, holdout=str(holdout / "*")))
     resources["language_model"] = BaseModelResource(source=str(tiny_model_dir), layer=1, device="cpu")
-    resources["shuffle"] = ShuffleResource(name="main")
-    return Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=JOBS, resources=resources)
+    return Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources)
 
 
 def _materializations(result) -> dict:
@@ -42,8 +41,8 @@ def _materializations(result) -> dict:
 def test_train_and_evaluate_one_sweep_entry(defs, store):
     result = defs.resolve_job_def("train_saes").execute_in_process(
         instance=DagsterInstance.ephemeral(), partition_key="topk-4k-k32",
-        run_config={"ops": {"sae_checkpoint": {"ops": {"train_sae_op": {"config": TRAIN}}},
-                            "sae_eval": {"config": {"ce_contexts": 4, "ctx_len": 32}}}})
+        run_config={"resources": {"training": {"config": TRAIN},
+                                  "evaluation": {"config": {"ce_contexts": 4, "ctx_len": 32}}}})
     assert result.success
     meta = _materializations(result)
     ckpt, ev = meta["sae_checkpoint"], meta["sae_eval"]
@@ -59,15 +58,32 @@ def test_train_and_evaluate_one_sweep_entry(defs, store):
 def test_switch_entry_trains_without_saelens_export(defs, store):
     result = defs.resolve_job_def("train_saes").execute_in_process(
         instance=DagsterInstance.ephemeral(), partition_key="switch8-16k-k32",
-        run_config={"ops": {"sae_checkpoint": {"ops": {"train_sae_op": {"config": TRAIN}}},
-                            "sae_eval": {"config": {"ce_contexts": 0}}}})
+        run_config={"resources": {"training": {"config": TRAIN}, "evaluation": {"config": {"ce_contexts": 0}}}})
     assert result.success
     assert _materializations(result)["sae_checkpoint"]["saelens_export"] == "n/a (no SAELens equivalent)"
     assert store.resolve("saelens/switch8-16k-k32") is None
 
 
-def test_plain_job_runs_the_same_op(defs, store):
-    result = defs.resolve_job_def("train_sae_job").execute_in_process(
-        instance=DagsterInstance.ephemeral(),
-        run_config={"ops": {"train_sae_op": {"config": {**TRAIN, "sae_name": "relu-4k"}}}})
-    assert result.success and store.resolve("sae/relu-4k") is not None
+def test_eval_reports_dead_latents_over_every_cached_token_and_checks_thresholds(defs, store):
+    result = defs.resolve_job_def("train_saes").execute_in_process(
+        instance=DagsterInstance.ephemeral(), partition_key="relu-4k",
+        run_config={"resources": {"training": {"config": TRAIN},
+                                  "evaluation": {"config": {"ce_contexts": 0, "max_fvu": 1e-9}}}})
+    assert result.success  # the thresholds are checks, not failures: the catalog shows pass/fail
+    ev = _materializations(result)["sae_eval"]
+    n_rows = sh.open_shuffled(store, "main").n_rows
+    assert ev["dead_window_tokens"] == n_rows and ev["heldout_tokens"] == TRAIN["holdout_rows"]
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert set(checks) == {"fvu_below", "dead_fraction_below", "loss_recovered_above"}
+    assert not checks["fvu_below"].passed and checks["fvu_below"].metadata["threshold"].value == 1e-9
+    assert checks["loss_recovered_above"].passed  # not measured (ce_contexts 0): nothing to fail
+
+
+def test_bad_training_setting_fails_before_anything_is_written(defs, store):
+    result = defs.resolve_job_def("train_saes").execute_in_process(
+        instance=DagsterInstance.ephemeral(), partition_key="relu-4k", raise_on_error=False,
+        run_config={"resources": {"training": {"config": {**TRAIN, "batch_size": 0}}}})
+    assert not result.success
+    message = result.failure_data_for_node("sae_checkpoint").error.cause.message
+    assert "resources.training.config.batch_size = 0" in message and "an integer >= 1" in message
+    assert store.pointer("sae/relu-4k") is None

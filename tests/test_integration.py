@@ -78,7 +78,7 @@ def test_dagster_job_execute_caches_a_partition(real_root, tmp_path):
     bin_dir = Path(sys.executable).parent
     subprocess.run([str(bin_dir / "sae-platform"), "register"], env=env, check=True, cwd=REPO)
     config = tmp_path / "run.yaml"
-    config.write_text("ops:\n  activations:\n    config:\n      max_contexts: 2\n")
+    config.write_text("resources:\n  caching:\n    config:\n      max_contexts: 2\n")
     run = subprocess.run([str(bin_dir / "dagster"), "job", "execute", "-m", "jobs.definitions",
                           "-j", "cache_activations", "-c", str(config),
                           "--tags", json.dumps({"dagster/partition": "pride"})],

@@ -164,8 +164,8 @@ def test_dagster_job_execute_stores_everything_in_postgres(pg_server, tiny_model
 
     run_config = tmp_path / "run.yaml"
     run_config.write_text(json.dumps({
-        "resources": {"language_model": {"config": {"source": str(tiny_model_dir), "layer": 1, "device": "cpu"}}},
-        "ops": {"activations": {"config": {"ctx_len": 32, "batch_size": 4}}},
+        "resources": {"language_model": {"config": {"source": str(tiny_model_dir), "layer": 1, "device": "cpu"}},
+                      "caching": {"config": {"ctx_len": 32, "batch_size": 4}}},
     }))  # JSON is YAML
     started = time.time()
     run = subprocess.run([str(bin_dir / "dagster"), "job", "execute", "-m", "jobs.definitions",

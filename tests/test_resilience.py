@@ -62,7 +62,7 @@ def _kill_group(process: subprocess.Popen) -> None:
 SAE_NAME = "topk-4k-k32"
 BATCH = 128
 N_STEPS = 60
-TRAIN_CONFIG = {"sae_name": SAE_NAME, "token_budget": BATCH * N_STEPS, "batch_size": BATCH,
+TRAIN_CONFIG = {"token_budget": BATCH * N_STEPS, "batch_size": BATCH,
                 "checkpoint_every_tokens": BATCH * 5, "holdout_rows": 256, "dead_after_tokens": BATCH * 40,
                 "device": "cpu"}
 
@@ -83,19 +83,21 @@ def shuffled_store(store, tiny_model_dir, tiny_hooked, text_dir):
 
 def test_training_killed_through_dagster_cli_resumes_from_its_last_checkpoint(shuffled_store, dagster_home,
                                                                              tmp_path, text_dir):
-    from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
+    from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 
-    from assets.training import TrainConfig, settings_for
+    from assets.training import settings_for
+    from resources import stage_resource
     from sae_platform.trainer import checkpoint_name, load_sae, train_sae
 
     store = shuffled_store
     run_yaml = tmp_path / "run.yaml"
-    run_yaml.write_text(json.dumps({"ops": {"train_sae_op": {"config": TRAIN_CONFIG}},
-                                    "resources": {"shuffle": {"config": {"name": "main"}}}}))
+    run_yaml.write_text(json.dumps({"resources": {"training": {"config": TRAIN_CONFIG},
+                                                  "shuffle": {"config": {"name": "main"}}}}))
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "SAE_PLATFORM_ROOT": store.root_url,
            "SAE_PLATFORM_DATA": str(tmp_path), "SAE_PLATFORM_INBOX": str(text_dir / "*"),
            "SAE_PLATFORM_HOLDOUT": str(tmp_path / "holdout" / "*"), "TOKENIZERS_PARALLELISM": "false"}
-    command = [*DAGSTER, "job", "execute", "-m", "jobs.definitions", "-j", "train_sae_job", "-c", str(run_yaml)]
+    command = [*DAGSTER, "asset", "materialize", "-m", "jobs.definitions", "--select", "sae_checkpoint",
+               "--partition", SAE_NAME, "-c", str(run_yaml)]  # what Materialize in the UI runs
     ckpt = checkpoint_name(SAE_NAME)
 
     first_log = tmp_path / "first_run.log"
@@ -148,9 +150,8 @@ def test_training_killed_through_dagster_cli_resumes_from_its_last_checkpoint(sh
     with DagsterInstance.get() as instance:
         runs = instance.get_runs()  # newest first
         assert [r.status for r in runs] == [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE]
-        (output_event,) = instance.all_logs(runs[0].run_id, of_type=DagsterEventType.STEP_OUTPUT)
-        metadata = {k: getattr(v, "value", v)
-                    for k, v in output_event.dagster_event.event_specific_data.metadata.items()}
+        (record,) = instance.fetch_materializations(AssetKey("sae_checkpoint"), limit=1).records
+        metadata = {k: getattr(v, "value", v) for k, v in record.asset_materialization.metadata.items()}
     assert metadata["resumed_from_step"] == killed["step"]
     assert metadata["steps"] == N_STEPS and metadata["tokens"] == N_STEPS * BATCH
 
@@ -160,7 +161,7 @@ def test_training_killed_through_dagster_cli_resumes_from_its_last_checkpoint(sh
     resumed, cfg = load_sae(store, SAE_NAME)
     assert cfg["final"] and cfg["tokens"] == TRAIN_CONFIG["token_budget"]
     # Resuming through Dagster reaches the same weights as one uninterrupted run (CPU, same data).
-    settings = settings_for(SAE_NAME, TrainConfig(**TRAIN_CONFIG))
+    settings = settings_for(SAE_NAME, stage_resource("training", TRAIN_CONFIG))
     train_sae(store, "main", "uninterrupted", settings, device="cpu", log=lambda m: None)
     whole, _ = load_sae(store, "uninterrupted")
     for name, tensor in whole.state_dict().items():

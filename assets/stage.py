@@ -1,0 +1,259 @@
+"""One declaration per pipeline stage, and the two ways Dagster runs it.
+
+A :class:`Stage` holds everything about a stage: its asset key, partitioning, upstream assets,
+the resources whose settings it reads (each a settings dataclass of ``sae_platform``, so one
+vocabulary and one default everywhere), its body, its up-to-date rule, its checks and what a failed
+blocking check does. Two factories turn it into Dagster definitions:
+
+* :func:`stage_asset`: the software-defined asset (what *Materialize* in the UI runs, and the
+  asset jobs in ``jobs/definitions.py``);
+* :func:`stage_op`: the step of the ``full_pipeline`` op job (``jobs/full_pipeline.py``), which logs
+  the same materialization and check evaluations.
+
+Both call :func:`execute`, so a stage skips, versions, checks and fails the same way whichever
+job runs it. A skipped stage still reports a materialization, with the data version of what is
+stored (unchanged, so nothing downstream turns stale) and ``up_to_date`` saying why; its checks
+report the verdicts recorded when that version was built.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetMaterialization,
+    DataVersion,
+    Failure,
+    MaterializeResult,
+    MultiPartitionKey,
+    OpExecutionContext,
+    PartitionsDefinition,
+    asset,
+)
+
+from assets.metadata import readable
+from sae_platform.errors import PlatformError
+
+
+@dataclass
+class StageRun:
+    """What a stage's functions see: the log, the resources (by key), the partitions this run covers."""
+
+    log: object
+    resources: object
+    partition_keys: list = field(default_factory=list)
+    run_id: str = ""
+
+    @property
+    def partition_key(self):
+        if len(self.partition_keys) != 1:
+            raise PlatformError(f"this stage runs one partition at a time, got {len(self.partition_keys)}",
+                                "launch one run per partition (a backfill does)")
+        return self.partition_keys[0]
+
+    @property
+    def store(self):
+        return self.resources.storage.store()
+
+
+@dataclass(frozen=True)
+class Check:
+    """An asset check of a stage: ``evaluate`` returns {"passed": bool, "metadata": {...}} and
+    optionally "severity"; a blocking check that fails stops everything downstream, after
+    ``on_failure`` (if any) has undone what must not be used (it returns what it did, in words)."""
+
+    name: str
+    description: str
+    evaluate: Callable[[StageRun], dict]
+    blocking: bool = False
+    on_failure: Callable[[StageRun], str] | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline, declared once (see the module docstring)."""
+
+    asset: str                                       # asset key
+    op_name: str                                     # its step in full_pipeline
+    description: str
+    group: str
+    body: Callable[[StageRun], dict]                 # does the work; returns metadata
+    version: Callable[[StageRun], str | None]        # data version of what is stored now
+    resources: tuple[str, ...] = ("storage",)
+    partitions: PartitionsDefinition | None = None
+    deps: tuple = ()                                 # upstream assets (AssetDep or asset)
+    up_to_date: Callable[[StageRun], str | None] | None = None   # why nothing needs doing, or None
+    checks: tuple[Check, ...] = ()
+    kinds: frozenset[str] = frozenset()
+    pool: str | None = None                          # concurrency pool (training: "gpu")
+
+
+@dataclass
+class Outcome:
+    metadata: dict
+    data_version: str | None
+    verdicts: list[dict]
+    skipped: str | None = None
+
+
+def execute(stage: Stage, run: StageRun) -> Outcome:
+    """Run one stage for ``run``'s partitions: skip when up to date, else the body and the checks;
+    a failed blocking check's consequence is applied here, in both jobs."""
+    reason = stage.up_to_date(run) if stage.up_to_date else None
+    if reason:
+        run.log.info(f"{stage.asset}{_label(run)} is up to date: {reason}")
+        version = stage.version(run)
+        return Outcome({"up_to_date": reason}, version, _recorded_verdicts(stage, run, version), skipped=reason)
+    metadata = stage.body(run)
+    version = stage.version(run)
+    verdicts = _verdicts(stage, run)
+    _record_verdicts(stage, run, version, verdicts)
+    return Outcome(metadata, version, verdicts)
+
+
+def _verdicts(stage: Stage, run: StageRun) -> list[dict]:
+    """Every check in order; after a blocking one fails (and its consequence is applied) the rest
+    are reported as not evaluated, since what they would check may be gone."""
+    verdicts, failed = [], None
+    for check in stage.checks:
+        if failed:
+            verdicts.append({"check_name": check.name, "passed": False, "severity": AssetCheckSeverity.WARN,
+                             "metadata": {"not_evaluated": f"blocking check {failed} failed first"}})
+            continue
+        verdicts.append(_verdict(check, run))
+        if check.blocking and not verdicts[-1]["passed"]:
+            failed = check.name
+    return verdicts
+
+
+def _verdict(check: Check, run: StageRun) -> dict:
+    verdict = {"check_name": check.name, "severity": AssetCheckSeverity.ERROR, **check.evaluate(run)}
+    verdict["passed"] = bool(verdict["passed"])
+    if check.blocking and not verdict["passed"] and check.on_failure:
+        consequence = check.on_failure(run)
+        run.log.error(f"blocking check {check.name} failed: {consequence}")
+        verdict["metadata"] = {**verdict.get("metadata", {}), "consequence": consequence}
+    return verdict
+
+
+def _verdicts_path(stage: Stage, run: StageRun) -> str:
+    partition = "-".join(str(k) for k in run.partition_keys) or "all"
+    return run.store.path("checks", stage.asset, f"{partition}.json")
+
+
+def _record_verdicts(stage: Stage, run: StageRun, version: str | None, verdicts: list[dict]) -> None:
+    if stage.checks:
+        run.store.write_json(_verdicts_path(stage, run), {"version": version, "verdicts": [
+            {**v, "severity": v["severity"].value, "metadata": {k: str(m) for k, m in v.get("metadata", {}).items()}}
+            for v in verdicts]})
+
+
+def _recorded_verdicts(stage: Stage, run: StageRun, version: str | None) -> list[dict]:
+    """The verdicts recorded when ``version`` was built; evaluated again when there are none."""
+    if not stage.checks:
+        return []
+    path = _verdicts_path(stage, run)
+    recorded = run.store.read_json(path) if run.store.fs.exists(path) else None
+    if recorded is None or recorded["version"] != version:
+        verdicts = _verdicts(stage, run)
+        _record_verdicts(stage, run, version, verdicts)
+        return verdicts
+    return [{**v, "severity": AssetCheckSeverity(v["severity"]),
+             "metadata": {**v["metadata"], "recorded_for_version": str(version)}} for v in recorded["verdicts"]]
+
+
+def _label(run: StageRun) -> str:
+    return f"[{', '.join(str(k) for k in run.partition_keys)}]" if run.partition_keys else ""
+
+
+def failed_blocking(stage: Stage, outcome: Outcome) -> list[str]:
+    blocking = {c.name for c in stage.checks if c.blocking}
+    return [v["check_name"] for v in outcome.verdicts if v["check_name"] in blocking and not v["passed"]]
+
+
+# -- as an asset -----------------------------------------------------------------------------------
+
+def stage_asset(stage: Stage, guard: Callable[[AssetExecutionContext], None] | None = None):
+    """The stage as a software-defined asset. ``guard`` may refuse a run before anything happens."""
+
+    @asset(name=stage.asset, partitions_def=stage.partitions, deps=list(stage.deps), group_name=stage.group,
+           kinds=set(stage.kinds), description=stage.description, required_resource_keys=set(stage.resources),
+           pool=stage.pool, check_specs=[AssetCheckSpec(c.name, asset=stage.asset, blocking=c.blocking,
+                                                        description=c.description) for c in stage.checks])
+    def compute(context: AssetExecutionContext):
+        if guard:
+            guard(context)
+        keys = list(context.partition_keys) if context.has_partition_key_range or context.has_partition_key else []
+        outcome = execute(stage, StageRun(context.log, context.resources, keys, context.run.run_id))
+        return MaterializeResult(
+            metadata=readable(outcome.metadata),
+            data_version=DataVersion(outcome.data_version) if outcome.data_version else None,
+            check_results=[AssetCheckResult(check_name=v["check_name"], passed=v["passed"], severity=v["severity"],
+                                            metadata=readable(v.get("metadata", {}))) for v in outcome.verdicts])
+
+    return compute
+
+
+# -- as a step of full_pipeline --------------------------------------------------------------------
+
+def run_as_step(stage: Stage, context: OpExecutionContext, partition=None) -> Outcome:
+    """Run the stage inside an op and log what its asset would: the materialization (with the data
+    version and the inputs' versions, as Dagster records them for an asset run) and the checks."""
+    keys = [partition] if partition is not None else []
+    outcome = execute(stage, StageRun(context.log, context.resources, keys, context.run_id))
+    context.log_event(AssetMaterialization(
+        asset_key=stage.asset, partition=partition, metadata=readable(outcome.metadata),
+        tags=provenance_tags(context.instance, stage, outcome.data_version, context.run_id)))
+    for verdict in outcome.verdicts:
+        blocking = verdict["check_name"] in {c.name for c in stage.checks if c.blocking}
+        context.log_event(AssetCheckEvaluation(
+            asset_key=AssetKey(stage.asset), check_name=verdict["check_name"], passed=verdict["passed"],
+            metadata=readable(verdict.get("metadata", {})), severity=verdict["severity"], blocking=blocking,
+            partition=partition))
+    failed = failed_blocking(stage, outcome)
+    if failed:
+        raise Failure(f"blocking check {', '.join(failed)} failed on {stage.asset}"
+                      f"{f' [{partition}]' if partition is not None else ''}")
+    return outcome
+
+
+def provenance_tags(instance, stage: Stage, data_version: str | None, run_id: str) -> dict:
+    """The data-version tags Dagster writes on an asset run's materialization: this asset's data
+    version and the latest version/event of each upstream asset. With them, the UI judges
+    staleness the same way whichever job built the asset."""
+    from dagster._core.definitions.data_version import (
+        CODE_VERSION_TAG,
+        DATA_VERSION_IS_USER_PROVIDED_TAG,
+        DATA_VERSION_TAG,
+        DEFAULT_DATA_VERSION,
+        extract_data_version_from_entry,
+        get_input_data_version_tag,
+        get_input_event_pointer_tag,
+    )
+
+    if data_version is None:
+        return {}
+    tags = {CODE_VERSION_TAG: run_id, DATA_VERSION_TAG: data_version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
+    for parent in upstream_keys(stage):
+        record = instance.get_latest_data_version_record(parent)
+        version = (extract_data_version_from_entry(record.event_log_entry) if record else None) or DEFAULT_DATA_VERSION
+        tags[get_input_data_version_tag(parent)] = version.value
+        tags[get_input_event_pointer_tag(parent)] = str(record.storage_id) if record else "NULL"
+    return tags
+
+
+def upstream_keys(stage: Stage) -> list[AssetKey]:
+    keys = []
+    for dep in stage.deps:
+        key = getattr(dep, "asset_key", None) or getattr(dep, "key", None)
+        keys.append(key if isinstance(key, AssetKey) else AssetKey(str(dep)))
+    return keys
+
+
+def multi_key(batch: str, shard: str) -> MultiPartitionKey:
+    return MultiPartitionKey({"batch": batch, "features": shard})

@@ -1,0 +1,125 @@
+"""The code location as a whole: a snapshot of the asset graph and the jobs (as dagster-open-platform
+does), so that an accidental change to the graph fails here; and the one-vocabulary rules.
+
+After an intended change to the graph, regenerate the snapshot and review its diff:
+    UPDATE_SNAPSHOTS=1 python -m pytest tests/test_definitions.py
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import Definitions, DynamicPartitionsDefinition, MultiPartitionsDefinition, StaticPartitionsDefinition
+
+from assets import STAGES
+from jobs.definitions import build_definitions
+from jobs.settings import Settings
+from resources import STAGE_SETTINGS, stage_resource
+from sae_platform.settings import SettingsError, default_of
+
+REPO = Path(__file__).resolve().parents[1]
+SNAPSHOT = Path(__file__).parent / "snapshots" / "definitions.json"
+
+
+def _settings(tmp_path, run_config: str | None = None) -> Settings:
+    return Settings(root_url=str(tmp_path / "artifacts"), data_dir=str(tmp_path), inbox=str(tmp_path / "inbox" / "*"),
+                    s3_endpoint_url=None, run_config=run_config)
+
+
+def _partitions(partitions_def) -> object:
+    if partitions_def is None:
+        return None
+    if isinstance(partitions_def, DynamicPartitionsDefinition):
+        return f"dynamic:{partitions_def.name}"
+    if isinstance(partitions_def, MultiPartitionsDefinition):
+        return {d.name: _partitions(d.partitions_def) for d in partitions_def.partitions_defs}
+    if isinstance(partitions_def, StaticPartitionsDefinition):
+        return partitions_def.get_partition_keys()
+    return type(partitions_def).__name__
+
+
+def snapshot(defs: Definitions) -> dict:
+    graph = defs.resolve_asset_graph()
+    assets = {}
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        node = graph.get(key)
+        assets[key.to_user_string()] = {
+            "group": node.group_name, "partitions": _partitions(node.partitions_def),
+            "deps": sorted(k.to_user_string() for k in node.parent_keys),
+            "checks": sorted(c.name for c in node.check_keys),
+            "blocking_checks": sorted(c.name for c in node.check_keys if graph.get_check_spec(c).blocking),
+        }
+    jobs = {job.name: sorted(node.name for node in job.graph.node_defs) for job in defs.resolve_all_job_defs()
+            if not job.name.startswith("__")}
+    return {"assets": assets, "jobs": jobs,
+            "sensors": sorted(s.name for s in defs.sensors), "schedules": sorted(s.name for s in defs.schedules)}
+
+
+def test_asset_graph_and_jobs_match_the_snapshot(tmp_path):
+    current = snapshot(build_definitions(_settings(tmp_path)))
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        SNAPSHOT.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    assert current == json.loads(SNAPSHOT.read_text()), (
+        "the asset graph or the jobs changed; if intended, run UPDATE_SNAPSHOTS=1 pytest tests/test_definitions.py "
+        "and review the snapshot's diff")
+
+
+def test_definitions_load_as_a_code_server_would(tmp_path):
+    Definitions.validate_loadable(build_definitions(_settings(tmp_path, str(REPO / "config" / "demo.yaml"))))
+
+
+def test_each_stage_is_one_asset_and_one_full_pipeline_step(tmp_path):
+    defs = build_definitions(_settings(tmp_path))
+    steps = {node.name for node in defs.resolve_job_def("full_pipeline").graph.node_defs}
+    assets = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert set(STAGES) == assets
+    assert {stage.op_name for stage in STAGES.values()} <= steps
+
+
+def test_no_stage_reads_op_config_every_setting_is_a_resource(tmp_path):
+    """One vocabulary: a stage's settings are resources.<stage>.config whichever job runs it, so no
+    stage op (asset or full_pipeline step) takes op config."""
+    defs = build_definitions(_settings(tmp_path))
+    stage_ops = {stage.op_name for stage in STAGES.values()} | set(STAGES)
+    checked = 0
+    for job in defs.resolve_all_job_defs():
+        for node in job.graph.node_defs:
+            if node.name in stage_ops:
+                assert node.config_schema.as_field().config_type.kind.name == "ANY", (job.name, node.name)
+                checked += 1
+    assert checked >= 2 * len(STAGES)
+
+
+def test_launchpad_opens_with_the_run_config_file_and_materialize_uses_its_settings(tmp_path):
+    demo = REPO / "config" / "demo.yaml"
+    defs = build_definitions(_settings(tmp_path, str(demo)))
+    assert defs.resolve_job_def("full_pipeline").run_config == yaml.safe_load(demo.read_text())
+    resources = defs.resources
+    assert resources["training"].token_budget == 614_400 and resources["caching"].max_contexts == 160
+    assert resources["shuffle"].memory_budget_bytes == 48 << 20
+    # what the file does not set keeps the default declared once, in sae_platform
+    from sae_platform.trainer import TrainSettings
+
+    assert resources["training"].holdout_rows == default_of(TrainSettings, "holdout_rows") == 8192
+
+
+def test_every_stage_setting_has_its_documentation_and_default_from_the_core():
+    for key, (settings_class, left_out, _) in STAGE_SETTINGS.items():
+        resource = stage_resource(key)
+        for name, field in type(resource).model_fields.items():
+            if name == "device":
+                continue
+            assert field.description, (key, name)
+            assert getattr(resource, name) == default_of(settings_class, name), (key, name)
+
+
+def test_a_bad_setting_in_the_run_config_file_is_refused_when_the_code_loads(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("resources:\n  training:\n    config: {batch_size: -256}\n")
+    with pytest.raises(SettingsError, match="resources.training.config.batch_size = -256 is too small"):
+        build_definitions(_settings(tmp_path, str(bad)))
+    bad.write_text("resources:\n  training:\n    config: {batchsize: 256}\n")
+    with pytest.raises(SettingsError, match="unknown setting.*batchsize"):
+        build_definitions(_settings(tmp_path, str(bad)))
