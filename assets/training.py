@@ -65,6 +65,7 @@ def train_and_export(run: StageRun) -> dict:
     metadata = {k: result[k] for k in ("steps", "tokens", "resumed_from_step", "variant", "n_latents")}
     metadata.update({k: float(result[k]) for k in ("final_nmse", "final_l0", "dead_fraction", "tokens_per_second",
                                                    "seconds") if result.get(k) is not None})
+    metadata["dead_window"] = f"silent for the last {settings.dead_after_tokens:,} training tokens (AuxK's rule)"
     if result["history"]:
         png = training_curves_png(result["history"])
         plot_path = store.path("reports", name, "training_curves.png")

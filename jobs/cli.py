@@ -185,8 +185,7 @@ def train(instance, defs, names: list[str], train_config: dict, eval_config: dic
         for event in result.get_asset_materialization_events():
             meta = event.event_specific_data.materialization.metadata
             if event.asset_key.to_user_string() == "sae_eval":
-                print(f"  {name}: " + ", ".join(f"{k} {meta[k].value:.4g}" for k in
-                                                 ("fvu", "l0", "dead_fraction", "loss_recovered") if k in meta))
+                print(f"  {name}: {describe_eval({k: v.value for k, v in meta.items()})}")
     return failed
 
 
@@ -350,6 +349,17 @@ def cmd_backfill(args) -> int:
     return 1 if run_partitions(instance, defs, todo, run_config) else 0
 
 
+def describe_eval(report: dict) -> str:
+    """The evaluation's headline figures, each dead-latent figure with the window it was measured on."""
+    parts = [f"{k} {report[k]:.4g}" for k in ("fvu", "l0") if report.get(k) is not None]
+    if report.get("dead_fraction") is not None:
+        window = report.get("dead_window_tokens")
+        parts.append(f"dead {report['dead_fraction']:.1%}" + (f" (never fired in {window:,} tokens)" if window else ""))
+    if report.get("loss_recovered") is not None:
+        parts.append(f"loss recovered {report['loss_recovered']:.4g}")
+    return ", ".join(parts)
+
+
 def _print_status() -> None:
     """What is stored, read from the artifact store alone (no Dagster, no torch: it answers at once)."""
     from sae_platform.storage import open_store
@@ -367,9 +377,7 @@ def _print_status() -> None:
         pointer = store.pointer(name)
         print(f"  {name}: step {pointer['step']}, {pointer['tokens']:,} tokens{' (final)' if pointer['final'] else ''}")
     for name in store.committed_names("eval"):
-        report = store.read_json(f"{store.resolve(name)}/report.json")
-        print(f"  {name}: " + ", ".join(f"{k} {report[k]:.4g}" for k in ("fvu", "l0", "dead_fraction",
-                                                                         "loss_recovered") if report.get(k) is not None))
+        print(f"  {name}: {describe_eval(store.read_json(f'{store.resolve(name)}/report.json'))}")
 
 
 def cmd_status(args) -> int:

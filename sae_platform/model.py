@@ -12,6 +12,7 @@ that layer has run: the remaining layers and the vocabulary head are never compu
 
 import contextlib
 import importlib.util
+import io
 import os
 import shutil
 import tempfile
@@ -97,7 +98,9 @@ def _load_pretrained(source: str, dtype: torch.dtype = torch.float32):
 
 def convert_to_safetensors(source: str, dest: str) -> dict:
     """Load ``source`` once (dequantizing a GGUF if needed) and save it as fp32 safetensors."""
-    model, tokenizer = _load_pretrained(source)
+    # The GGUF reader draws its own tqdm bar (272 redraws in the step log); errors still raise.
+    with contextlib.redirect_stderr(io.StringIO()):
+        model, tokenizer = _load_pretrained(source)
     # save_pretrained refuses a model that still remembers its GGUF quantization.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -68,9 +68,10 @@ def validate(settings, section: str) -> None:
         problem = _problem(value, meta)
         if problem:
             default = default_of(type(settings), declared.name)
-            rule = allowed(meta, integer=isinstance(default, int) and not isinstance(default, bool))
+            rule = allowed(meta, integer=declared.type in (int, int | None))
             raise SettingsError(f"{section}.{declared.name} = {value!r} {problem}: it must be {rule}",
-                                f"set {section}.{declared.name} to {rule} (default {default!r})")
+                                f"set {section}.{declared.name} to {rule} (default {default!r}"
+                                + (", i.e. unset" if default is None else "") + ")")
 
 
 def _problem(value, meta: dict) -> str | None:

@@ -1,4 +1,4 @@
-"""Multi-pass global shuffle of cached activations (DESIGN.md, "Multi-pass shuffle").
+"""Multi-pass global shuffle of cached activations (docs/design.md, "The shuffle").
 
 An SAE trained on rows in cache order learns order-dependent artefacts, so the training store
 must be a uniformly random permutation of every cached row, and the data is bigger than any one
@@ -64,7 +64,7 @@ ID_BYTES = 8
 FINAL_SHARE = 0.7  # of the budget, for a final bucket and its permutation; the rest for reading/writing
 SIGMAS = 6  # bucket sizes are random: plan for the mean plus 6 standard deviations
 OUTPUT_CHUNK_BYTES = 4 << 20
-MIN_GOOD_FILE_BYTES = 4 << 20  # smaller (job, bucket) files cost throughput (DESIGN.md)
+MIN_GOOD_FILE_BYTES = 4 << 20  # smaller (job, bucket) files cost throughput (docs/design.md, "The shuffle")
 MAX_PASSES = 6
 _SCATTER, _FINAL = 1, 2  # RNG stream tags: scatter and final draws never share a stream
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")

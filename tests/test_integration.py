@@ -51,7 +51,7 @@ def test_position_zero_is_the_attention_sink_and_is_not_stored(real_root, real_m
     (tmp_path / "austen.txt").write_text(PASSAGE)
     ids = torch.tensor([[real_model.start_token_id] + real_model.tokenizer(PASSAGE)["input_ids"][:63]])
     norms = real_model.residual(ids)[0].norm(dim=-1)
-    assert norms[0] > 50 * norms[2:].median()  # DESIGN.md: ~20,000 vs ~150
+    assert norms[0] > 50 * norms[2:].median()  # docs/design.md, "Contexts and the attention sink": ~20,000 vs ~150
     store = ArtifactStore(real_root)
     summary = cache_text_file(store, list_source(str(tmp_path / "*"))[0], real_model, EMBEDDED_MODEL,
                               CacheSettings(ctx_len=64, batch_size=2))
