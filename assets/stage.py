@@ -40,6 +40,11 @@ from assets.metadata import readable
 from sae_platform.errors import PlatformError
 
 
+# Stages take no op config: their settings are resources (one vocabulary in every job). An empty
+# schema makes Dagster refuse an old-style `ops.<step>.config` instead of silently ignoring it.
+NO_OP_CONFIG: dict = {}
+
+
 @dataclass
 class StageRun:
     """What a stage's functions see: the log, the resources (by key), the partitions this run covers."""
@@ -183,7 +188,7 @@ def stage_asset(stage: Stage, guard: Callable[[AssetExecutionContext], None] | N
 
     @asset(name=stage.asset, partitions_def=stage.partitions, deps=list(stage.deps), group_name=stage.group,
            kinds=set(stage.kinds), description=stage.description, required_resource_keys=set(stage.resources),
-           pool=stage.pool, check_specs=[AssetCheckSpec(c.name, asset=stage.asset, blocking=c.blocking,
+           pool=stage.pool, config_schema=NO_OP_CONFIG, check_specs=[AssetCheckSpec(c.name, asset=stage.asset, blocking=c.blocking,
                                                         description=c.description) for c in stage.checks])
     def compute(context: AssetExecutionContext):
         if guard:

@@ -36,7 +36,7 @@ from pydantic import Field
 from assets import STAGES
 from assets.features import pinned_batches
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS, N_SHUFFLE_WORKERS, SAE_SWEEP_SPECS
-from assets.stage import Stage, StageRun, multi_key, run_as_step
+from assets.stage import NO_OP_CONFIG, Stage, StageRun, multi_key, run_as_step
 from sae_platform.errors import PlatformError
 
 FEATURE_SHARD_KEYS = [f"f{i}" for i in range(N_FEATURE_SHARDS)]
@@ -50,7 +50,7 @@ def _mapping_key(index: int, label: str) -> str:
 def partition_step(stage: Stage):
     """The step of a partitioned stage: one partition, received from a fan-out."""
 
-    @op(name=stage.op_name, required_resource_keys=set(stage.resources), pool=stage.pool,
+    @op(name=stage.op_name, required_resource_keys=set(stage.resources), pool=stage.pool, config_schema=NO_OP_CONFIG,
         description=f"Logs {stage.asset}[partition]: {stage.description}")
     def step(context: OpExecutionContext, partition):
         key = multi_key(*partition) if isinstance(partition, tuple) else partition
@@ -64,7 +64,7 @@ def single_step(stage: Stage):
     """The step of an unpartitioned stage, after everything upstream of it."""
 
     @op(name=stage.op_name, ins={"after": In(Nothing)}, out=Out(Nothing), required_resource_keys=set(stage.resources),
-        pool=stage.pool, description=f"Logs {stage.asset}: {stage.description}")
+        pool=stage.pool, config_schema=NO_OP_CONFIG, description=f"Logs {stage.asset}: {stage.description}")
     def step(context: OpExecutionContext) -> None:
         run_as_step(stage, context)
 

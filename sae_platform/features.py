@@ -1,6 +1,6 @@
 """Feature tables: per-feature top activations, a uniform random sample, interval examples,
-density and a histogram, computed streaming and sharded (docs/design.md, "Feature tables
-pipeline", passes 1 and 2).
+density and a histogram, computed streaming and sharded (docs/design.md, "Feature tables, context
+windows, browser", passes 1 and 2).
 
 Sharding. One job of pass 1 reads one *dataset shard* (one activation partition) for one *feature
 shard* (latents [start, stop), see ``feature_shards``) and keeps per feature a fixed amount of

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import Definitions, DynamicPartitionsDefinition, MultiPartitionsDefinition, StaticPartitionsDefinition
+from dagster import DagsterInvalidConfigError, Definitions, DynamicPartitionsDefinition, MultiPartitionsDefinition, StaticPartitionsDefinition
 
 from assets import STAGES
 from jobs.definitions import build_definitions
@@ -80,16 +80,20 @@ def test_each_stage_is_one_asset_and_one_full_pipeline_step(tmp_path):
 
 def test_no_stage_reads_op_config_every_setting_is_a_resource(tmp_path):
     """One vocabulary: a stage's settings are resources.<stage>.config whichever job runs it, so no
-    stage op (asset or full_pipeline step) takes op config."""
+    stage op (asset or full_pipeline step) takes op config, and an old `ops.<step>.config` is refused."""
     defs = build_definitions(_settings(tmp_path))
     stage_ops = {stage.op_name for stage in STAGES.values()} | set(STAGES)
     checked = 0
     for job in defs.resolve_all_job_defs():
         for node in job.graph.node_defs:
             if node.name in stage_ops:
-                assert node.config_schema.as_field().config_type.kind.name == "ANY", (job.name, node.name)
+                config_type = node.config_schema.as_field().config_type
+                assert config_type.kind.name == "STRICT_SHAPE" and not config_type.fields, (job.name, node.name)
                 checked += 1
     assert checked >= 2 * len(STAGES)
+    with pytest.raises(DagsterInvalidConfigError, match="token_budget"):
+        defs.resolve_job_def("full_pipeline").execute_in_process(
+            run_config={"ops": {"train_sae": {"config": {"token_budget": 1000}}}})
 
 
 def test_launchpad_opens_with_the_run_config_file_and_materialize_uses_its_settings(tmp_path):
