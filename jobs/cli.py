@@ -310,7 +310,9 @@ def cmd_demo(args) -> int:
     command = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "jobs.definitions",
                "-j", "full_pipeline", "-c", args.config]
     print("running the whole pipeline:\n  " + " ".join(command), flush=True)
-    succeeded = subprocess.run(command, cwd=Path(__file__).resolve().parents[1]).returncode == 0
+    # The code location reads its settings from the same file, so every step runs exactly these settings.
+    env = {**os.environ, "SAE_PLATFORM_RUN_CONFIG": os.path.abspath(args.config)}
+    succeeded = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env).returncode == 0
     _print_status()
     print(f"\nDagster runs are in {os.environ['DAGSTER_HOME']}: see the run, the asset graph and the lineage "
           "with `make ui` (http://127.0.0.1:3000), or `sae-platform lineage`.")
