@@ -190,8 +190,11 @@ def load_hooked_model(model_dir: str, layer: int | None = None, device: str = "a
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(torch_device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The stored base model is safetensors + JSON: never fall back to a pickled pytorch_model.bin
+    # (use_safetensors=True refuses one) and never run code shipped beside it (trust_remote_code).
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False).to(torch_device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     n_layers = int(model.config.num_hidden_layers)
     layer = n_layers // 2 if layer is None else layer
     if not 0 <= layer < n_layers:
