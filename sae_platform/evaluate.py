@@ -258,10 +258,16 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
 
     token_lists = [t for _, lists in sources for t in lists]
     names = ", ".join(name for name, _ in sources) or "(no file)"
-    contexts = pack_contexts(token_lists, list(range(len(token_lists))), ctx_len, start_token_id,
-                             max_contexts=n_contexts)
-    n = int(contexts.tokens.shape[0])
     n_tokens = sum(len(t) for t in token_lists)
+    try:
+        n = 0 if ctx_len < 2 else None
+        contexts = pack_contexts(token_lists, list(range(len(token_lists))), ctx_len, start_token_id,
+                                 max_contexts=n_contexts)
+        n = int(contexts.tokens.shape[0])
+    except SourceError:
+        if n is not None:  # ctx_len itself is wrong: pack_contexts' own message says so
+            raise
+        n = 0
     if n == 0:
         raise SourceError(
             f"the held-out text ({names}) has {n_tokens:,} tokens, too few for one context of {ctx_len} tokens: "

@@ -268,3 +268,43 @@ def test_a_non_finite_checkpoint_of_an_earlier_version_is_not_resumed(store):
     store.fs.pipe_file(f"{path}/sae_weights.safetensors", save_st(weights))
     with pytest.raises(Exception, match="holds NaN/inf in W_dec.*not resumed from"):
         train_sae(store, "main", "run", every, log=lambda m: None)
+
+
+def test_nan_in_held_out_rows_is_an_error_naming_the_row(store):
+    from sae_platform.evaluate import heldout_activation_batches, reconstruction_metrics
+    from sae_platform.errors import StorageError
+    from sae_platform.sae import build_sae
+
+    make_shuffled(store, nan_row=7)  # global row id 7, wherever the shuffle put it
+    n_rows = shuffle.open_shuffled(store, "main").n_rows
+    sae = build_sae("topk", 16, 64, k=4)
+    with pytest.raises(StorageError) as error:
+        reconstruction_metrics(sae, heldout_activation_batches(store, "main", n_rows, batch_rows=256))
+    message = str(error.value)
+    assert "held-out activations" in message and "global row id 7" in message and "shuffled row" in message
+    x = np.ones((10, 16), np.float32)
+    x[3, 2] = np.inf
+    with pytest.raises(Exception, match="row 3 of the rows evaluated"):
+        reconstruction_metrics(sae, [x])
+
+
+def test_ce_contexts_from_too_little_held_out_text(caplog):
+    import logging
+
+    from sae_platform.errors import SourceError
+    from sae_platform.evaluate import heldout_ce_tokens
+
+    short = [("data/holdout/tiny.txt", [[5, 6, 7] * 10])]                       # 30 tokens
+    with pytest.raises(SourceError) as error:
+        heldout_ce_tokens(short, ctx_len=128, n_contexts=32, start_token_id=0)
+    message = str(error.value)
+    assert "data/holdout/tiny.txt" in message and "ce_contexts: 0" in message and "30 tokens" in message
+    some = [("data/holdout/some.txt", [list(range(1, 5 * 128))])]              # 5 contexts' worth
+    with caplog.at_level(logging.WARNING):
+        tokens = heldout_ce_tokens(some, ctx_len=128, n_contexts=32, start_token_id=0)
+    assert tokens.shape == (4, 128) or tokens.shape == (5, 128)
+    assert f"only {tokens.shape[0]} of the 32 contexts" in caplog.text and "some.txt" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert heldout_ce_tokens(some, ctx_len=128, n_contexts=2, start_token_id=0).shape == (2, 128)
+    assert not caplog.text
