@@ -224,6 +224,19 @@ def store_base_model(store, source: str = EMBEDDED_MODEL) -> dict:
     return {**info, "path": store.url(store.resolve(name)), "bytes": store.size_bytes(store.resolve(name))}
 
 
+def load_stored_model(store, source: str = EMBEDDED_MODEL, layer: int | None = None, device: str = "auto",
+                      autocast: str = "auto") -> tuple[HookedModel, bool]:
+    """The stored base model (converted first if never stored), loaded; and whether it was converted.
+    A version removed while it loads (another run converted it again and the grace period ran
+    out) is a StorageError that says so."""
+    model_dir, converted = ensure_base_model(store, source)
+    name = model_artifact_name(source)
+    version = (store.pointer(name) or {}).get("version", "?") if not store.is_local else \
+        model_dir.rstrip("/").rsplit("/", 1)[-1]
+    with store.reading(name, version, f"base model {source!r}"):
+        return load_hooked_model(model_dir, layer, device, autocast), converted
+
+
 def ensure_base_model(store, source: str = EMBEDDED_MODEL) -> tuple[str, bool]:
     """Local directory of the stored base model, converting it first if it was never stored."""
     name = model_artifact_name(source)
