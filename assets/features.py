@@ -21,7 +21,7 @@ from resources import BaseModelResource, FeatureTablesResource, StorageResource
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform.activations import list_partitions
-from sae_platform.lineage import feature_table_lineage
+from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.model import pick_device
 from sae_platform.trainer import load_sae
 
@@ -177,10 +177,10 @@ def build_browser(log, storage: StorageResource, features: FeatureTablesResource
         shards.append({"start": tables.meta["start"], "stop": tables.meta["stop"], "feature_stats": tables.stats,
                        "feature_examples": shown_examples(tables.examples, features.random_examples),
                        "feature_contexts": ctx.read_feature_contexts(store, features.sae_name, index),
-                       "logit_effects": store.read_parquet(f"{logits_path}/logit_effects.parquet")})
-    recorded = store.path("features", features.sae_name, "lineage", "f0.json")  # written by feature_topk, with its run
-    lineage = store.read_json(recorded) if store.fs.exists(recorded) else feature_table_lineage(
-        store, features.sae_name, 0)
+                       "logit_effects": store.read_parquet(f"{logits_path}/logit_effects.parquet"),
+                       "lineage": recorded_lineage(store, features.sae_name, index)})  # each page: its shard's
+    # site-wide: what every shard shares (checkpoint, shuffle, partitions, model) and the browser's run
+    lineage = {k: v for k, v in shards[0]["lineage"].items() if k != "feature_table"}
     lineage["browser_dagster_run_id"] = run_id
     out = browser_dir(store, features.sae_name)
     summary = build_site(out if store.is_local else store.url(out), run=features.sae_name, shards=shards,
