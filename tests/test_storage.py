@@ -212,3 +212,34 @@ def test_a_partition_re_cached_under_a_reader(tmp_path):
             assert float(part.acts[0:32].mean()) == 1.0
     with pytest.raises(StorageError, match="activation partition 'k'.*has been removed"):
         part.acts[32:64]       # would read zeros (the fill value) from the removed version
+
+
+def test_base_model_converted_again_under_a_loader(tmp_path, tiny_model_dir):
+    """Two runs converting the base model: the one loading the version the other superseded still
+    loads it within the grace period; after it, the error says the version was removed."""
+    from sae_platform.model import load_hooked_model, load_stored_model, model_artifact_name, store_base_model
+
+    source = str(tiny_model_dir)
+    name = model_artifact_name(source)
+    store = ArtifactStore(str(tmp_path / "m"))
+    hooked, converted = load_stored_model(store, source, layer=1, device="cpu", autocast="none")
+    assert converted and hooked.d_model == 32
+    old = store.resolve(name)
+    store_base_model(store, source)                              # another run converts it again
+    assert store.resolve(name) != old
+    assert load_hooked_model(old, layer=1, device="cpu", autocast="none").d_model == 32     # still readable
+    quick = ArtifactStore(store.root_url, grace_s=0)
+    store_base_model(quick, source)                              # grace over: the old versions go
+    assert not store.fs.exists(old)
+    with pytest.raises(StorageError, match=r"base model .* which this run was reading, has been removed"):
+        with store.reading(name, old.rsplit("/", 1)[-1], f"base model {source!r}"):
+            load_hooked_model(old, layer=1, device="cpu", autocast="none")
+    (tmp_path / "planted").mkdir()
+    import shutil
+
+    shutil.copytree(store.resolve(name), tmp_path / "planted" / "m")
+    for f in (tmp_path / "planted" / "m").glob("*.safetensors"):
+        f.unlink()                                               # only a pickled checkpoint beside the config
+    (tmp_path / "planted" / "m" / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(OSError, match="safetensors"):
+        load_hooked_model(str(tmp_path / "planted" / "m"), layer=1, device="cpu", autocast="none")
