@@ -326,14 +326,13 @@ def _fold_twins(examples: pl.DataFrame) -> pl.DataFrame:
     (strongest) of them, with ``twins``: how many there were. Examples without a window are all kept."""
     if examples.height == 0:
         return examples.with_columns(pl.lit(1, pl.Int32).alias("twins"))
-    key = pl.when(pl.col(TOKEN_STRS).is_null()).then(
-        pl.format("row:{}:{}", pl.col(PARTITION), pl.col(ROW))).otherwise(
-        pl.col(TOKEN_STRS).list.join("\x1f") + pl.lit("\x1e") + pl.col(CENTER).cast(pl.String).fill_null(""))
-    group = [FEATURE, KIND, INTERVAL, "_key"]
-    return (examples.with_row_index("_i").with_columns(key.alias("_key"))
-            .with_columns(pl.len().over(group).cast(pl.Int32).alias("twins"), pl.col("_i").min().over(group)
-                          .alias("_first"))
-            .filter(pl.col("_i") == pl.col("_first")).drop("_i", "_key", "_first"))
+    indexed = examples.with_row_index("_i")
+    bare = pl.when(pl.col(TOKEN_STRS).is_null()).then(pl.col("_i")).otherwise(None).alias("_bare")  # no window: own
+    group = [FEATURE, KIND, INTERVAL, TOKEN_STRS, CENTER, "_bare"]
+    return (indexed.with_columns(bare)
+            .with_columns(pl.len().over(group).cast(pl.Int32).alias("twins"),
+                          pl.col("_i").min().over(group).alias("_first"))
+            .filter(pl.col("_i") == pl.col("_first")).drop("_i", "_bare", "_first"))
 
 
 def _feature_ids(shards: list[dict]) -> np.ndarray:

@@ -602,3 +602,15 @@ def test_search_typed_just_before_opening_a_feature_throws_nothing(special_page)
         pg.go_back()
         pg.wait_for_selector("#search")
     assert not pg.problems, pg.problems
+
+
+def test_examples_without_a_window_are_never_folded():
+    frame = pl.DataFrame({browser.FEATURE: [1, 1, 1], browser.KIND: ["top"] * 3, browser.INTERVAL: [None] * 3,
+                          browser.TOKEN_STRS: [None, None, ["a", "b"]], browser.CENTER: [None, None, 1],
+                          browser.PARTITION: ["p", "p", "p"], browser.ROW: [1, 2, 3]},
+                         schema_overrides={browser.INTERVAL: pl.Int64, browser.TOKEN_STRS: pl.List(pl.String),
+                                           browser.CENTER: pl.Int32})
+    folded = browser._fold_twins(frame)
+    assert folded[browser.ROW].to_list() == [1, 2, 3] and folded["twins"].to_list() == [1, 1, 1]
+    twice = browser._fold_twins(pl.concat([frame, frame.tail(1)]))
+    assert twice[browser.ROW].to_list() == [1, 2, 3] and twice["twins"].to_list() == [1, 1, 2]
