@@ -230,9 +230,8 @@ def cmd_features(args) -> int:
 def cmd_lineage(args) -> int:
     from dagster import AssetKey
 
-    from sae_platform.lineage import feature_table_lineage, format_lineage
-
     from assets.partitions import N_FEATURE_SHARDS
+    from sae_platform.lineage import feature_table_lineage, format_lineage
 
     if not 0 <= args.shard < N_FEATURE_SHARDS:
         sys.exit(f"error: there is no feature shard {args.shard}: shards are 0–{N_FEATURE_SHARDS - 1} "

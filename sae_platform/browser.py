@@ -63,10 +63,10 @@ a feature page shows the one of its shard, with links into the Dagster UI at ``d
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import hashlib
 import http.server
-import ctypes
 import json
 import math
 import os
@@ -554,9 +554,7 @@ def _exchange(a: Path, b: Path) -> bool:
     except (OSError, AttributeError):
         return False
     at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    return False
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _switch(out: Path, versions: Path, version: str) -> None:

@@ -311,7 +311,7 @@ def _resume(store, run, settings, fingerprint, sae, optimizer, device) -> TrainS
         return None
     path = store.resolve(checkpoint_name(run))
     weights = _read_tensors(store, path, "sae_weights.safetensors")
-    files = set(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False))
+    files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
     if "trainer_state.json" in files:
         optimizer_tensors = _read_tensors(store, path, "optimizer.safetensors")
         optimizer_state = _optimizer_state(optimizer_tensors, _read_json(store, path, "optimizer.json"), device)

@@ -19,7 +19,7 @@ def _cli(args, cwd, **env):
     base = {k: v for k, v in os.environ.items() if not k.startswith("SAE_PLATFORM_") and k != "DAGSTER_HOME"}
     base["PYTHONPATH"] = os.pathsep.join([str(REPO), base.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, capture_output=True, text=True,
-                            env={**base, **env}, timeout=300)
+                            env={**base, **env}, timeout=300, check=False)
     return result.returncode, result.stdout + result.stderr
 
 

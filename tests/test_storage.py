@@ -217,7 +217,12 @@ def test_a_partition_re_cached_under_a_reader(tmp_path):
 def test_base_model_converted_again_under_a_loader(tmp_path, tiny_model_dir):
     """Two runs converting the base model: the one loading the version the other superseded still
     loads it within the grace period; after it, the error says the version was removed."""
-    from sae_platform.model import load_hooked_model, load_stored_model, model_artifact_name, store_base_model
+    from sae_platform.model import (
+        load_hooked_model,
+        load_stored_model,
+        model_artifact_name,
+        store_base_model,
+    )
 
     source = str(tiny_model_dir)
     name = model_artifact_name(source)
@@ -231,9 +236,9 @@ def test_base_model_converted_again_under_a_loader(tmp_path, tiny_model_dir):
     quick = ArtifactStore(store.root_url, grace_s=0)
     store_base_model(quick, source)                              # grace over: the old versions go
     assert not store.fs.exists(old)
-    with pytest.raises(StorageError, match=r"base model .* which this run was reading, has been removed"):
-        with store.reading(name, old.rsplit("/", 1)[-1], f"base model {source!r}"):
-            load_hooked_model(old, layer=1, device="cpu", autocast="none")
+    with pytest.raises(StorageError, match=r"base model .* which this run was reading, has been removed"), \
+            store.reading(name, old.rsplit("/", 1)[-1], f"base model {source!r}"):
+        load_hooked_model(old, layer=1, device="cpu", autocast="none")
     (tmp_path / "planted").mkdir()
     import shutil
 

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from sae_platform import shuffle
-from sae_platform.trainer import TrainingError, TrainSettings, checkpoint_name, load_sae, train_sae
 from sae_platform.storage import ArtifactStore
+from sae_platform.trainer import (
+    TrainingError,
+    TrainSettings,
+    checkpoint_name,
+    load_sae,
+    train_sae,
+)
 
 SETTINGS = TrainSettings(variant="topk", n_latents=64, k=4, batch_size=256, token_budget=256 * 30,
                          checkpoint_every_tokens=256 * 10, holdout_rows=512, log_every_steps=5,
@@ -159,10 +165,8 @@ def test_checkpoint_holds_no_pickle(store):
 def test_crafted_pickle_in_a_checkpoint_is_refused(store, tmp_path, file):
     """Overwriting a committed checkpoint's file with a pickle: the re-run refuses it, runs nothing."""
     make_shuffled(store)
-    half = TrainSettings(**{**SETTINGS.__dict__, "token_budget": 256 * 30})
-    every = TrainSettings(**{**half.__dict__, "checkpoint_every_tokens": 256 * 10})
-    killed = train_sae(store, "main", "run", every, log=lambda m: None)
-    assert killed["steps"] == 30
+    every = TrainSettings(**{**SETTINGS.__dict__, "checkpoint_every_tokens": 256 * 10})
+    assert train_sae(store, "main", "run", every, log=lambda m: None)["steps"] == 30
     marker = tmp_path / "pwned"
     path = store.resolve(checkpoint_name("run"))
     store.fs.pipe_file(f"{path}/{file}", _pickle_bytes(marker))
@@ -179,8 +183,7 @@ def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path)
     import io
 
     make_shuffled(store)
-    every = TrainSettings(**{**SETTINGS.__dict__, "checkpoint_every_tokens": 256 * 10})
-    first = TrainSettings(**{**every.__dict__})
+    first = TrainSettings(**{**SETTINGS.__dict__, "checkpoint_every_tokens": 256 * 10})
     train_sae(store, "main", "run", first, log=lambda m: None)
     path = store.resolve(checkpoint_name("run"))
     from safetensors.torch import load as load_st
@@ -201,9 +204,7 @@ def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path)
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         store.fs.pipe_file(f"{path}/{name}", buffer.getvalue())
-    # a longer budget with the same settings otherwise would start afresh; resume needs equal settings,
-    # so mark the checkpoint not final by asking for the same run again: it is found finished
-    logs = []
+    logs = []          # the same settings again: the finished run is found (its state read back safely)
     train_sae(store, "main", "run", first, log=logs.append)
     assert "already trained" in logs[0]
     marker = tmp_path / "pwned"
@@ -271,8 +272,8 @@ def test_a_non_finite_checkpoint_of_an_earlier_version_is_not_resumed(store):
 
 
 def test_nan_in_held_out_rows_is_an_error_naming_the_row(store):
-    from sae_platform.evaluate import heldout_activation_batches, reconstruction_metrics
     from sae_platform.errors import StorageError
+    from sae_platform.evaluate import heldout_activation_batches, reconstruction_metrics
     from sae_platform.sae import build_sae
 
     make_shuffled(store, nan_row=7)  # global row id 7, wherever the shuffle put it
