@@ -13,7 +13,7 @@ from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform.activations import open_partition
 from sae_platform.freshness import browser_checkpoint, features_behind
-from sae_platform.lineage import feature_table_lineage
+from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.model import pick_device
 from sae_platform.shuffle import pinned_keys
 from sae_platform.trainer import load_sae
@@ -238,10 +238,10 @@ def build_browser(run: StageRun) -> dict:
         shards.append({"start": tables.meta["start"], "stop": tables.meta["stop"], "feature_stats": tables.stats,
                        "feature_examples": shown_examples(tables.examples, settings.random_examples),
                        "feature_contexts": ctx.read_feature_contexts(store, settings.sae_name, index),
-                       "logit_effects": store.read_parquet(f"{logits_path}/logit_effects.parquet")})
-    recorded = store.path("features", settings.sae_name, "lineage", "f0.json")  # written by feature_topk, with its run
-    lineage = store.read_json(recorded) if store.fs.exists(recorded) else feature_table_lineage(
-        store, settings.sae_name, 0)
+                       "logit_effects": store.read_parquet(f"{logits_path}/logit_effects.parquet"),
+                       "lineage": recorded_lineage(store, settings.sae_name, index)})  # each page: its shard's
+    # site-wide: what every shard shares (checkpoint, shuffle, partitions, model) and the browser's run
+    lineage = {k: v for k, v in shards[0]["lineage"].items() if k != "feature_table"}
     lineage["browser_dagster_run_id"] = run.run_id
     out = browser_dir(store, settings.sae_name)
     summary = build_site(out if store.is_local else store.url(out), run=settings.sae_name, shards=shards,

@@ -11,9 +11,9 @@ from dagster import MetadataValue
 from assets.metadata import inline_png
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import Check, Stage, StageRun
-from sae_platform.corpus import pack_contexts, read_documents, tokenize
+from sae_platform.corpus import read_documents, tokenize
 from sae_platform.errors import PlatformError
-from sae_platform.evaluate import evaluate_sae
+from sae_platform.evaluate import evaluate_sae, heldout_ce_tokens
 from sae_platform.export import export_run
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
@@ -95,7 +95,7 @@ def evaluate(run: StageRun) -> dict:
     hooked, tokens = None, None
     if settings.ce_contexts:
         hooked, _ = run.resources.language_model.load(store, device=str(device))
-        tokens = heldout_contexts(run.resources.holdout_text, hooked, settings.ctx_len, settings.ce_contexts)
+        tokens = heldout_contexts(run.resources.holdout_text, hooked, settings.ctx_len, settings.ce_contexts, run.log)
     report, density = evaluate_sae(store, run.resources.shuffle.settings().name, name, hooked, tokens, device)
     png = density_histogram_png(density, report["dead_window_tokens"])
     plot_path = store.path("reports", name, "latent_density.png")
@@ -110,13 +110,12 @@ def evaluate(run: StageRun) -> dict:
     }
 
 
-def heldout_contexts(holdout_text, hooked, ctx_len: int, n_contexts: int):
+def heldout_contexts(holdout_text, hooked, ctx_len: int, n_contexts: int, log=None):
     """Contexts from text the SAE never saw (the holdout source), packed like the training data."""
-    docs = [d for f in holdout_text.files()
-            for d in read_documents(f, holdout_text.text_field, holdout_text.encoding, holdout_text.storage_options)]
-    contexts = pack_contexts(tokenize(hooked.tokenizer, docs), list(range(len(docs))), ctx_len,
-                             hooked.start_token_id, max_contexts=n_contexts)
-    return contexts.tokens
+    sources = [(f.url, tokenize(hooked.tokenizer, read_documents(f, holdout_text.text_field, holdout_text.encoding,
+                                                                 holdout_text.storage_options)))
+               for f in holdout_text.files()]
+    return heldout_ce_tokens(sources, ctx_len, n_contexts, hooked.start_token_id, log)
 
 
 def eval_version(run: StageRun) -> str | None:

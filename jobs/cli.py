@@ -233,17 +233,29 @@ def build_features(instance, defs, sae_name: str) -> bool:
 
 
 def cmd_features(args) -> int:
-    return 0 if build_features(_instance(), _definitions(), args.sae) else 1
+    defs = _definitions()
+    store = defs.resources["storage"].store()
+    args.sae = args.sae or _described_sae(defs)
+    trained = [n.split("/", 1)[1] for n in store.committed_names("sae")]
+    if args.sae not in trained:
+        sys.exit(f"error: no trained SAE named {args.sae!r} in the artifact root {store.url(store.root)}; trained: "
+                 f"{', '.join(trained) if trained else 'none'} (train it first: `sae-platform train NAME`)")
+    return 0 if build_features(_instance(), defs, args.sae) else 1
 
 
 def cmd_lineage(args) -> int:
     from dagster import AssetKey
 
+    from assets.partitions import N_FEATURE_SHARDS
     from sae_platform.lineage import feature_table_lineage, format_lineage
 
+    if not 0 <= args.shard < N_FEATURE_SHARDS:
+        sys.exit(f"error: there is no feature shard {args.shard}: shards are 0–{N_FEATURE_SHARDS - 1} "
+                 f"(--shard N, one per quarter of the SAE's latents)")
     instance, defs = _instance(), _definitions()
     store = defs.resources["storage"].store()
     args.sae = args.sae or _described_sae(defs)
+    _require_sae_with_tables(store, args.sae)
     records = instance.fetch_materializations(AssetKey("feature_topk"), limit=100).records
     run_ids = [r.run_id for r in records if r.partition_key == f"f{args.shard}"
                and _metadata_value(r, "sae") == args.sae]  # the newest run that described this SAE
@@ -252,6 +264,30 @@ def cmd_lineage(args) -> int:
     graph = defs.resolve_asset_graph()
     print("\nasset graph upstream of feature_topk: " + " ← ".join(_upstream_chain(graph, AssetKey("feature_topk"))))
     return 0
+
+
+def _saes_with_tables(store) -> list[str]:
+    try:
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in store.fs.ls(store.path("features"), detail=False)]
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if store.committed_names(f"features/{n}/tables"))
+
+
+def _require_sae_with_tables(store, sae: str) -> None:
+    """Exit naming the SAEs that do have feature tables when ``sae`` has none."""
+    known = _saes_with_tables(store)
+    if sae in known:
+        return
+    trained = [n.split("/", 1)[1] for n in store.committed_names("sae")]
+    root = store.url(store.root)
+    if sae in trained:
+        sys.exit(f"error: SAE {sae!r} is trained but has no feature tables under {root}: build them with "
+                 f"`sae-platform features --sae {sae}` (or materialize feature_topk)")
+    sys.exit(f"error: no SAE named {sae!r} in the artifact root {root}; known: "
+             + (", ".join(known) if known else "none with feature tables")
+             + (f" (trained without tables: {', '.join(t for t in trained if t not in known)})"
+                if any(t not in known for t in trained) else ""))
 
 
 def _described_sae(defs) -> str:
@@ -282,12 +318,26 @@ def cmd_browse(args) -> int:
 
     defs = _definitions()
     store = defs.resources["storage"].store()
-    site = browser_dir(store, args.sae or _described_sae(defs))
+    args.sae = args.sae or _described_sae(defs)
+    site = browser_dir(store, args.sae)
     if not store.is_local:
         sys.exit(f"the feature browser is at {store.url(site)}: serve it from any static web host, or copy it "
                  "to a local folder (e.g. `aws s3 sync`) and run `python -m sae_platform.browser serve DIR`")
     if not os.path.exists(os.path.join(site, "index.html")):
-        sys.exit(f"no feature browser at {site}: run `make demo` (or `sae-platform features`) first")
+        root, env = store.url(store.root), os.environ.get("SAE_PLATFORM_ROOT")
+        where = (f"SAE_PLATFORM_ROOT={env}" if env else
+                 f"SAE_PLATFORM_ROOT is unset, so the root is ./artifacts of the current folder {os.getcwd()}")
+        built = [e.name for e in Path(store.path("browser")).glob("*")
+                 if (e / "index.html").exists()] if os.path.isdir(store.path("browser")) else []
+        if built:
+            sys.exit(f"error: no feature browser of SAE {args.sae!r} in the artifact root {root} ({where}); it has "
+                     f"browsers of: {', '.join(sorted(built))} (pass --sae NAME)")
+        if not os.path.isdir(root) or not os.listdir(root):
+            sys.exit(f"error: the artifact root {root} is {'empty' if os.path.isdir(root) else 'missing'} "
+                     f"({where}): run from the folder the pipeline ran in (the repository, with `make browse`), "
+                     "or set SAE_PLATFORM_ROOT to its artifacts folder")
+        sys.exit(f"error: no feature browser in the artifact root {root} ({where}): build it with `make demo` or "
+                 f"`sae-platform features --sae {args.sae}`, or point SAE_PLATFORM_ROOT at the root it was built in")
     serve(site, port=args.port)
     return 0
 
@@ -298,6 +348,9 @@ def cmd_shuffle(args) -> int:
 
 def cmd_demo(args) -> int:
     """Fill the inbox and holdout from the demo corpus, then run full_pipeline through Dagster's CLI."""
+    if not os.path.isfile(args.config):
+        sys.exit(f"error: the run config {args.config} does not exist ({os.path.abspath(args.config)}); nothing ran. "
+                 "Pass an existing file with --config (the demo's is config/demo.yaml)")
     settings = Settings.from_env()
     copied = fill_inbox_from_demo(settings, args.batches)
     if copied:
@@ -319,8 +372,9 @@ def cmd_demo(args) -> int:
     if succeeded:
         print("feature browser: `make browse` serves it at http://127.0.0.1:8000/")
     else:
-        print("full_pipeline failed (see the log above); re-running resumes: cached batches and finished "
-              "checkpoints are kept.", file=sys.stderr)
+        print("full_pipeline failed (see the log above); what it committed is kept (cached batches, the "
+              "shuffled store, the last checkpoint), so running `sae-platform demo` again continues from there.",
+              file=sys.stderr)
     return 0 if succeeded else 1
 
 

@@ -10,7 +10,7 @@ from dagster import ConfigurableResource
 from pydantic import Field, create_model
 
 from sae_platform.corpus import TextFile, find_file, list_source, source_stamp
-from sae_platform.model import EMBEDDED_MODEL, ensure_base_model, load_hooked_model
+from sae_platform.model import EMBEDDED_MODEL, load_stored_model
 from sae_platform.storage import ArtifactStore, open_store
 from sae_platform.activations import CacheSettings
 from sae_platform.evaluate import EvalSettings
@@ -45,8 +45,7 @@ class BaseModelResource(ConfigurableResource):
     autocast: str = Field(default="auto", description="auto (bf16 on CUDA, fp32 on CPU), none, bfloat16, float16")
 
     def load(self, store: ArtifactStore, device: str | None = None):
-        model_dir, converted = ensure_base_model(store, self.source)
-        return load_hooked_model(model_dir, self.layer, device or self.device, self.autocast), converted
+        return load_stored_model(store, self.source, self.layer, device or self.device, self.autocast)
 
 
 class TextSourceResource(ConfigurableResource):

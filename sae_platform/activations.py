@@ -279,10 +279,16 @@ class Partition:
     key: str
     path: str
     group: object
+    store: ArtifactStore | None = None
 
     @property
     def acts(self):
-        return self.group["acts"]
+        if self.store is None:
+            return self.group["acts"]
+        name, version = self.path.rstrip("/").rsplit("/", 2)[-2:]
+        what = f"activation partition {self.key!r}"
+        with self.store.reading(f"{PREFIX}/{name}", version, what):
+            return VersionChecked(self.group["acts"], self.store, f"{PREFIX}/{name}", version, what)
 
     @property
     def n_rows(self) -> int:
@@ -293,10 +299,39 @@ class Partition:
         return dict(self.group.attrs)
 
 
+class VersionChecked:
+    """A zarr array of a committed version whose reads are followed by a check that the version
+    still exists: a chunk removed under a reader reads back as the fill value (zeros), so without
+    the check a superseded version removed mid-read would give wrong data, not an error."""
+
+    def __init__(self, array, store: ArtifactStore, name: str, version: str, what: str):
+        self._array, self._store, self._name, self._version, self._what = array, store, name, version, what
+
+    def __getattr__(self, attr):
+        return getattr(self._array, attr)
+
+    def _read(self, read, *args):
+        with self._store.reading(self._name, self._version, self._what):
+            data = read(*args)
+        self._store.check_version(self._name, self._version, self._what)
+        return data
+
+    def __getitem__(self, selection):
+        return self._read(self._array.__getitem__, selection)
+
+    def get_orthogonal_selection(self, selection):
+        return self._read(self._array.get_orthogonal_selection, selection)
+
+    def __len__(self):
+        return len(self._array)
+
+
 def open_partition(store: ArtifactStore, key: str) -> Partition:
     path = store.require(partition_name(key), f"activation partition {key!r}",
                          "materialize the activations asset for that partition first")
-    return Partition(key, path, store.open_group(f"{path}/data.zarr", mode="r"))
+    version = path.rstrip("/").rsplit("/", 1)[-1]
+    with store.reading(partition_name(key), version, f"activation partition {key!r}"):
+        return Partition(key, path, store.open_group(f"{path}/data.zarr", mode="r"), store)
 
 
 def list_partitions(store: ArtifactStore) -> list[str]:

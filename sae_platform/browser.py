@@ -33,9 +33,28 @@ page sets ``Content-Security-Policy: default-src 'none'; script-src 'self'; styl
 in a meta tag (and the bundled server sends it as a header too), so even an injected element
 could not run script.
 
-Writing is atomic: locally the whole site is built in a temporary sibling directory and renamed
-into place; on an fsspec filesystem (``fs=``, or a URL) the versioned data is written first and
-``site.json`` last, and older data versions are removed after the switch.
+Writing is atomic. Locally, ``out`` is a symbolic link to a complete build in the sibling folder
+``.<out>.versions/<version>/``: a build writes a new version folder there (marked in flight by
+``.building.json`` with its process id) and switches by one ``rename`` of a new link over ``out``
+(atomic on POSIX), so a reader sees the old site or the new one, never a half; a kill at any
+point leaves the previous site served. Every build sweeps what earlier ones left (killed builds'
+folders, the ``.tmp-*`` / ``.old-*`` folders of the earlier layout) and keeps the current version
+and the one before it (a page opened before the switch still loads its feature files until the
+next build). A site of the earlier layout (a real folder) is swapped for the link atomically too
+(``renameat2(RENAME_EXCHANGE)`` on Linux). On an fsspec filesystem (``fs=``, or a URL) the
+versioned data is written first and ``site.json`` last (the switch), and data versions older than
+the previous one are removed after it.
+
+Per feature, identical windows (same tokens, same centre, same kind and interval: the same text
+at two places of the corpus) are shown once with their count (``twins``); the stored tables keep
+every example. Byte-level tokens that are only part of a UTF-8 character are stored as ``""``
+with the character on the token that completes it (see ``sae_platform.contexts``); the site
+merges each such run into one span per character (``ntok``: tokens per span) carrying the
+maximum activation of its tokens, so the activating token is always visible and marked.
+
+Lineage: each shard may carry its own ``lineage`` (the record its ``feature_topk`` run wrote);
+a feature page shows the one of its shard, with links into the Dagster UI at ``dagster_url``
+(default ``$SAE_PLATFORM_DAGSTER_URL``, else http://127.0.0.1:3000).
 
 ``python -m sae_platform.browser serve DIR [--port N]`` serves a built site;
 ``python -m sae_platform.browser demo DIR [--features N]`` builds one from synthetic tables.
@@ -44,14 +63,16 @@ into place; on an fsspec filesystem (``fs=``, or a URL) the versioned data is wr
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import hashlib
 import http.server
 import json
 import math
+import os
 import re
 import shutil
-import tempfile
+import socket
 import threading
 import time
 import uuid
@@ -256,6 +277,64 @@ def _unique_features(frame: pl.DataFrame, what: str) -> None:
                             f"pass one {what} row per feature (each shard once)")
 
 
+def _merge_byte_tokens(examples: pl.DataFrame) -> pl.DataFrame:
+    """One span per character: a run of ``""`` tokens (bytes of a character completed by the next
+    token) joins that token's span, which carries the maximum activation of the run, is the centre
+    when any of its tokens is, and has a stored activation when any of them has. Adds ``ntok``
+    (tokens per span; null for windows without such tokens)."""
+    examples = examples.with_columns(pl.lit(None, pl.List(pl.Int32)).alias("ntok"))
+    if examples.height == 0:
+        return examples
+    partial = examples[TOKEN_STRS].list.contains("").fill_null(False)
+    if not partial.any():
+        return examples
+    indexed = examples.with_row_index("_i")
+    dirty = indexed.filter(partial)
+    tokens_out, acts_out, has_out, center_out, ntok_out = [], [], [], [], []
+    for tokens, acts, has, center in dirty.select(TOKEN_STRS, ACTS, HAS_ACT, CENTER).iter_rows():
+        acts = acts or [None] * len(tokens)
+        has = has or [True] * len(tokens)
+        st, sa, sh, sn, sc, run = [], [], [], [], None, []
+        for j, token in enumerate(tokens):
+            run.append(j)
+            if token == "" and j < len(tokens) - 1:
+                continue
+            values = [acts[i] for i in run if has[i] and acts[i] is not None]
+            if center is not None and center in run:
+                sc = len(st)
+            st.append(token if token != "" else "\ufffd")    # a character cut off by the window's end
+            sa.append(max(values) if values else None)
+            sh.append(any(has[i] for i in run))
+            sn.append(len(run))
+            run = []
+        tokens_out.append(st)
+        acts_out.append(sa)
+        has_out.append(sh)
+        center_out.append(sc)
+        ntok_out.append(sn)
+    merged = dirty.with_columns(
+        pl.Series(TOKEN_STRS, tokens_out, dtype=pl.List(pl.String)),
+        pl.Series(ACTS, acts_out, dtype=pl.List(pl.Float32)),
+        pl.Series(HAS_ACT, has_out, dtype=pl.List(pl.Boolean)),
+        pl.Series(CENTER, center_out, dtype=pl.Int32),
+        pl.Series("ntok", ntok_out, dtype=pl.List(pl.Int32)))
+    return pl.concat([indexed.filter(~partial), merged]).sort("_i").drop("_i")
+
+
+def _fold_twins(examples: pl.DataFrame) -> pl.DataFrame:
+    """Identical windows of a feature (same kind, interval, tokens and centre) kept once, the first
+    (strongest) of them, with ``twins``: how many there were. Examples without a window are all kept."""
+    if examples.height == 0:
+        return examples.with_columns(pl.lit(1, pl.Int32).alias("twins"))
+    indexed = examples.with_row_index("_i")
+    bare = pl.when(pl.col(TOKEN_STRS).is_null()).then(pl.col("_i")).otherwise(None).alias("_bare")  # no window: own
+    group = [FEATURE, KIND, INTERVAL, TOKEN_STRS, CENTER, "_bare"]
+    return (indexed.with_columns(bare)
+            .with_columns(pl.len().over(group).cast(pl.Int32).alias("twins"),
+                          pl.col("_i").min().over(group).alias("_first"))
+            .filter(pl.col("_i") == pl.col("_first")).drop("_i", "_bare", "_first"))
+
+
 def _feature_ids(shards: list[dict]) -> np.ndarray:
     ranges = []
     for s in shards:
@@ -324,7 +403,7 @@ def _feature_frame(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame,
         pl.col(TOKEN_STRS).alias("tokens"),
         _round_list(pl.col(ACTS), ACT_SIG_FIGS).alias("acts"),
         pl.col(HAS_ACT).list.eval(pl.arg_where(pl.element().not_())).alias("noact"),
-        PARTITION, ROW, DOC_ID,
+        PARTITION, ROW, DOC_ID, "twins", "ntok",
     ).with_columns(pl.when(pl.col("noact").list.len() > 0).then(pl.col("noact")).otherwise(None))
     grouped = ex.group_by(FEATURE, maintain_order=True).agg(pl.all())
     # ids are sorted and unique: left joins that keep the left order need no sort of nested data
@@ -348,8 +427,29 @@ def _static_bytes() -> dict[str, bytes]:
     return {name: (root / name).read_bytes() for name in STATIC_FILES}
 
 
+DAGSTER_URL_ENV = "SAE_PLATFORM_DAGSTER_URL"
+DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
+
+
+def dagster_ui_url(url: str | None = None) -> str:
+    """The Dagster UI the feature pages link to: ``url``, else $SAE_PLATFORM_DAGSTER_URL, else
+    http://127.0.0.1:3000 (what ``make ui`` serves)."""
+    url = (url or os.environ.get(DAGSTER_URL_ENV) or DEFAULT_DAGSTER_URL).strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^\s\"'<>]+", url):
+        raise PlatformError(f"the Dagster UI URL {url!r} is not an http(s) URL",
+                            f"set {DAGSTER_URL_ENV} to the UI's base URL, e.g. {DEFAULT_DAGSTER_URL}")
+    return url
+
+
+def _shard_lineage(shards: list[dict]) -> list[dict]:
+    return [{"start": int(s[SHARD_START]), "stop": int(s[SHARD_STOP]),
+             "lineage": json.loads(json.dumps(s["lineage"], default=str))}
+            for s in shards if s.get("lineage") is not None]
+
+
 def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
-               n_intervals: int | None = None, version: str | None = None) -> dict[str, bytes]:
+               n_intervals: int | None = None, version: str | None = None,
+               dagster_url: str | None = None) -> dict[str, bytes]:
     """Every file of the site, by relative path (what :func:`build_site` writes)."""
     edges = [float(e) for e in hist_bin_edges]
     if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
@@ -357,7 +457,7 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
     ids = _feature_ids(shards)
     stats = _stats_frame(shards)
     bin_edges = _bin_edges(edges, stats)
-    examples = _examples_frame(shards)
+    examples = _fold_twins(_merge_byte_tokens(_examples_frame(shards)))
     logits = _logits_frame(shards)
     version = version or time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     if not VERSION_RE.fullmatch(version):
@@ -368,6 +468,8 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
         "chunk_features": CHUNK_FEATURES, "hist_bin_edges": bin_edges, "kind_order": list(KIND_ORDER),
         "n_intervals": None if n_intervals is None else int(n_intervals),
         "lineage": json.loads(json.dumps(lineage, default=str)),
+        "shard_lineage": _shard_lineage(shards),
+        "dagster_url": dagster_ui_url(dagster_url),
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     files = {f"{data}/index.json": _index_json(ids, stats, examples, meta)}
@@ -387,17 +489,19 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
 # ---------------------------------------------------------------------------------------------
 
 def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
-               n_intervals: int | None = None, fs=None) -> dict:
+               n_intervals: int | None = None, fs=None, dagster_url: str | None = None) -> dict:
     """Generate the browser site for SAE ``run`` into ``out`` (a local directory, or a path on the
     fsspec filesystem ``fs``, or a URL). ``shards``: one dict per feature shard with ``start``,
     ``stop`` and the polars frames ``feature_stats``, ``feature_examples``, ``feature_contexts``,
     ``logit_effects`` (any may be None). ``hist_bin_edges``: the histogram bin edges (histograms
     with len(edges) + 1 counts have underflow and overflow bins). ``n_intervals``: when given, the
     interval examples are labelled with their range (interval j: [j, j+1) * max / n_intervals).
+    A shard may carry ``lineage`` (its own record, shown on its features' pages); ``dagster_url``:
+    the Dagster UI those pages link to (default: :func:`dagster_ui_url`).
     Returns a summary: n_features, bytes, files, seconds, path, version, index_bytes."""
     t0 = time.perf_counter()
     files = site_files(run=run, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
-                       n_intervals=n_intervals)
+                       n_intervals=n_intervals, dagster_url=dagster_url)
     pointer = json.loads(files[SITE_POINTER])
     if fs is None and "://" in str(out):
         import fsspec
@@ -413,42 +517,157 @@ def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float]
             "index_bytes": index_bytes}
 
 
-def _write_local(out: Path, files: dict[str, bytes]) -> Path:
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+_STEP_HOOK = None   # tests: called with the name of each step of a local build ("writing", "written", "switched")
+
+
+def _step(name: str) -> None:
+    if _STEP_HOOK is not None:
+        _STEP_HOOK(name)
+
+
+BUILDING_MARK = ".building.json"
+STALE_BUILD_S = 24 * 3600
+
+
+def versions_dir(out: Path) -> Path:
+    """Where the local builds of the site ``out`` live (``out`` is a link to one of them)."""
+    return out.parent / f".{out.name}.versions"
+
+
+def _check_target(out: Path, versions: Path) -> None:
+    if out.is_symlink():
+        target = Path(os.path.normpath(out.parent / os.readlink(out)))
+        if target.parent == versions:
+            return
+        raise PlatformError(f"{out} is a link to {target}, not to a feature-browser build; not replacing it",
+                            "pass a new directory, or the directory of an earlier site build")
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / SITE_POINTER).is_file())):
+        raise PlatformError(f"{out} exists and is not a feature-browser site (no {SITE_POINTER}); not replacing it",
+                            "pass a new directory, or the directory of an earlier site build")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where not supported."""
     try:
-        dirs = {(tmp / rel).parent for rel in files}
-        for d in sorted(dirs):
-            d.mkdir(parents=True, exist_ok=True)
-        for rel, body in files.items():
-            (tmp / rel).write_bytes(body)
-        tmp.chmod(0o755)
-        old = None
-        if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / SITE_POINTER).is_file())):
-            raise PlatformError(f"{out} exists and is not a feature-browser site (no {SITE_POINTER}); not replacing it",
-                                "pass a new directory, or the directory of an earlier site build")
-        if out.exists():
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _switch(out: Path, versions: Path, version: str) -> None:
+    """Point ``out`` at ``versions/version`` in one atomic rename."""
+    link = out.parent / f".{out.name}.link-{uuid.uuid4().hex[:8]}"
+    os.symlink(os.path.join(versions.name, version), link)
+    try:
+        if out.is_dir() and not out.is_symlink():        # a site of the earlier layout: a real folder
+            if _exchange(link, out):                      # now `link` is the old folder
+                shutil.rmtree(link, ignore_errors=True)
+                return
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)                               # no renameat2: two renames, old folder swept later
+        os.replace(link, out)
+    finally:
+        if link.is_symlink():
+            link.unlink()
+
+
+def _build_alive(folder: Path) -> bool:
+    try:
+        mark = json.loads((folder / BUILDING_MARK).read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return False
+    if time.time() - mark.get("started", 0) > STALE_BUILD_S:
+        return False
+    if mark.get("host") != socket.gethostname():
+        return True
+    from sae_platform.storage import process_alive
+
+    return process_alive(int(mark.get("pid", -1)))
+
+
+def sweep_site(out) -> list[str]:
+    """Remove what earlier builds of ``out`` left: killed builds, leftovers of the earlier layout,
+    and versions older than the one before the current. Returns the removed paths."""
+    out = Path(os.path.abspath(out))
+    versions = versions_dir(out)
+    current = None
+    if out.is_symlink():
+        current = Path(os.readlink(out)).name
+    removed = []
+    for entry in out.parent.glob(f".{out.name}.*"):
+        if entry == versions:
+            continue
+        if entry.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-", f".{out.name}.link-")):
+            if entry.name.startswith(f".{out.name}.link-") and entry.is_symlink():
+                entry.unlink()
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+            removed.append(str(entry))
+    if not versions.is_dir():
+        return removed
+    # complete builds, oldest first (by when their site.json was written: names may share a second)
+    complete = sorted((p for p in versions.iterdir() if p.is_dir() and not (p / BUILDING_MARK).exists()
+                       and (p / SITE_POINTER).is_file()), key=lambda p: (p / SITE_POINTER).stat().st_mtime_ns)
+    names = [p.name for p in complete]
+    before = names[:names.index(current)] if current in names else names
+    previous = before[-1:]
+    keep = {current, *previous}
+    for entry in versions.iterdir():
+        if entry.name in keep or _build_alive(entry):   # current, previous, another build in flight
+            continue
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+        removed.append(str(entry))
+    return removed
+
+
+def _write_local(out: Path, files: dict[str, bytes]) -> Path:
+    out = Path(os.path.abspath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    versions = versions_dir(out)
+    _check_target(out, versions)
+    sweep_site(out)
+    version = json.loads(files[SITE_POINTER])["version"]
+    folder = versions / version
+    folder.mkdir(parents=True)
+    (folder / BUILDING_MARK).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                    "started": time.time()}))
+    try:
+        for d in sorted({(folder / rel).parent for rel in files}):
+            d.mkdir(parents=True, exist_ok=True)
+        for i, (rel, body) in enumerate(files.items()):
+            (folder / rel).write_bytes(body)
+            if i == len(files) // 2:
+                _step("writing")
+        folder.chmod(0o755)
+        (folder / BUILDING_MARK).unlink()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         raise
+    _step("written")
+    _switch(out, versions, version)
+    _step("switched")
+    sweep_site(out)
     return out
 
 
 def _write_fs(fs, out: str, files: dict[str, bytes], data: str) -> str:
-    # Versioned data first, then the shell, then the pointer that switches readers over.
+    # Versioned data first, then the shell, then the pointer that switches readers over. The data
+    # version the pointer named before stays (pages opened before the switch still load it) until
+    # the next build; older ones are removed.
+    try:
+        previous = json.loads(fs.cat_file(f"{out}/{SITE_POINTER}")).get("data", "").split("/")[-1]
+    except (FileNotFoundError, ValueError):
+        previous = None
     order = sorted(files, key=lambda rel: (rel == SITE_POINTER, not rel.startswith("data/"), rel))
     for rel in order:
         fs.pipe_file(f"{out}/{rel}", files[rel])
     try:
         for old in fs.ls(f"{out}/data", detail=False):
             name = old.rstrip("/").split("/")[-1]
-            if name != data.split("/")[-1] and VERSION_RE.fullmatch(name):
+            if name not in (data.split("/")[-1], previous) and VERSION_RE.fullmatch(name):
                 fs.rm(old, recursive=True)
     except FileNotFoundError:
         pass

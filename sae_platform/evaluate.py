@@ -22,6 +22,7 @@ mode the module is in. Everything runs on the SAE's / model's device.
 """
 
 import io
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_platform.activations import _not_sinks
-from sae_platform.errors import PlatformError
+from sae_platform.errors import PlatformError, SourceError, StorageError
 from sae_platform.model import HookedModel, find_decoder_layers
 from sae_platform.sae import Codes
 from sae_platform.settings import setting, validate
@@ -92,6 +93,12 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
         b = x.shape[0]
         if b == 0:
             continue
+        bad = ~torch.isfinite(x).all(dim=1)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise PlatformError(f"NaN/inf in the evaluation activations: row {n + first} of the rows evaluated "
+                                f"({int(bad.sum())} bad row(s) in its batch); no metric was computed",
+                                "evaluate on finite activations: re-cache the partition the row came from")
         recon, codes = _reconstruct(sae, x)
         xd = x.double()
         err = (recon.double() - xd).pow(2).sum()
@@ -251,11 +258,64 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
 
 def heldout_activation_batches(store, shuffle_name: str, holdout_rows: int,
                                batch_rows: int = 4096) -> Iterable[np.ndarray]:
-    """The rows the trainer never saw: the last ``holdout_rows`` of the shuffled store."""
+    """The rows the trainer never saw: the last ``holdout_rows`` of the shuffled store, checked
+    finite as the trainer checks its batches (an error names the shuffled row and global row id)."""
     from sae_platform.shuffle import iter_shuffled, open_shuffled
 
     n_rows = open_shuffled(store, shuffle_name).n_rows
-    return (acts for _, acts in iter_shuffled(store, shuffle_name, batch_rows, start=n_rows - holdout_rows))
+    start = n_rows - holdout_rows
+
+    def checked():
+        row = start
+        for ids, acts in iter_shuffled(store, shuffle_name, batch_rows, start=start):
+            bad = ~np.isfinite(acts).all(axis=1)
+            if bad.any():
+                first = int(np.flatnonzero(bad)[0])
+                raise StorageError(
+                    f"NaN/inf in the held-out activations of shuffled/{shuffle_name}: shuffled row {row + first} "
+                    f"(global row id {int(ids[first])}), {int(bad.sum())} bad row(s) in this batch; no metric "
+                    "was computed",
+                    "re-cache the activation partition holding that row (global row ids run over partitions in "
+                    "key order), then re-run the shuffle, training and evaluation")
+            row += len(ids)
+            yield acts
+
+    return checked()
+
+
+def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, n_contexts: int,
+                      start_token_id: int, log: logging.Logger | None = None) -> np.ndarray:
+    """Token contexts [n, ctx_len] for the downstream CE from the held-out text, packed like the
+    training data. ``sources``: (file, token lists of its documents) per held-out file.
+
+    No context at all is an error naming the files and ``ce_contexts: 0``; fewer contexts than
+    ``n_contexts`` is a warning on ``log`` (the CE is then measured on fewer tokens)."""
+    from sae_platform.corpus import pack_contexts
+
+    token_lists = [t for _, lists in sources for t in lists]
+    names = ", ".join(name for name, _ in sources) or "(no file)"
+    n_tokens = sum(len(t) for t in token_lists)
+    try:
+        n = 0 if ctx_len < 2 else None
+        contexts = pack_contexts(token_lists, list(range(len(token_lists))), ctx_len, start_token_id,
+                                 max_contexts=n_contexts)
+        n = int(contexts.tokens.shape[0])
+    except SourceError:
+        if n is not None:  # ctx_len itself is wrong: pack_contexts' own message says so
+            raise
+        n = 0
+    if n == 0:
+        raise SourceError(
+            f"the held-out text ({names}) has {n_tokens:,} tokens, too few for one context of {ctx_len} tokens: "
+            f"the downstream CE cannot be measured (ce_contexts asks for {n_contexts})",
+            f"add held-out text (at least {n_contexts * ctx_len:,} tokens for {n_contexts} contexts) to the holdout "
+            "folder, lower ctx_len, or set ce_contexts: 0 in the evaluation config to skip the CE")
+    if n < n_contexts:
+        (log or logging.getLogger(__name__)).warning(
+            f"the held-out text ({names}) fills only {n} of the {n_contexts} contexts of {ctx_len} tokens that "
+            f"ce_contexts asks for: the downstream CE is measured on {n} contexts; add held-out text for all "
+            f"{n_contexts}")
+    return contexts.tokens
 
 
 def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,

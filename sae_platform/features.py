@@ -608,7 +608,7 @@ def read_partial(store: ArtifactStore, run: str, partition_key: str, shard_index
                          f"feature partial of run {run!r}, partition {partition_key!r}, shard {shard_index}",
                          "run pass 1 (compute_partial + write_partial) for that partition and feature shard")
     meta = store.read_json(f"{path}/meta.json")
-    with np.load(io.BytesIO(store.fs.cat_file(f"{path}/partial.npz"))) as arrays:
+    with np.load(io.BytesIO(store.fs.cat_file(f"{path}/partial.npz")), allow_pickle=False) as arrays:
         data = {name: arrays[name] for name in Partial.ARRAYS}
     fields = {k: meta[k] for k in ("partition", "partition_version", "start", "stop", "top_k", "reservoir_size",
                                    "seed", "batch_rows", "n_tokens", "sae")}

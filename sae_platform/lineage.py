@@ -40,6 +40,19 @@ def feature_table_lineage(store: ArtifactStore, run: str, shard_index: int, run_
     }
 
 
+def lineage_record_path(store: ArtifactStore, run: str, shard_index: int) -> str:
+    """Where ``feature_topk`` records the lineage of shard ``shard_index`` (with its Dagster run)."""
+    return store.path("features", run, "lineage", f"f{shard_index}.json")
+
+
+def recorded_lineage(store: ArtifactStore, run: str, shard_index: int) -> dict:
+    """The lineage recorded with shard ``shard_index``'s tables, else read back from the artifacts."""
+    path = lineage_record_path(store, run, shard_index)
+    if store.fs.exists(path):
+        return store.read_json(path)
+    return feature_table_lineage(store, run, shard_index)
+
+
 def format_lineage(lineage: dict) -> str:
     """The lineage as an indented tree, newest artifact first."""
     t, c, s = lineage["feature_table"], lineage["sae_checkpoint"], lineage["shuffle"]

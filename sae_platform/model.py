@@ -205,8 +205,11 @@ def load_hooked_model(model_dir: str, layer: int | None = None, device: str = "a
 
     _quiet_transformers()
     torch_device = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(torch_device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The stored base model is safetensors + JSON: never fall back to a pickled pytorch_model.bin
+    # (use_safetensors=True refuses one) and never run code shipped beside it (trust_remote_code).
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False).to(torch_device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     n_layers = int(model.config.num_hidden_layers)
     layer = n_layers // 2 if layer is None else layer
     if not 0 <= layer < n_layers:
@@ -234,6 +237,19 @@ def store_base_model(store, source: str = EMBEDDED_MODEL) -> dict:
                 store.fs.put(tmp.rstrip("/") + "/", version, recursive=True)
         store.write_json(f"{version}/model_info.json", info)
     return {**info, "path": store.url(store.resolve(name)), "bytes": store.size_bytes(store.resolve(name))}
+
+
+def load_stored_model(store, source: str = EMBEDDED_MODEL, layer: int | None = None, device: str = "auto",
+                      autocast: str = "auto") -> tuple[HookedModel, bool]:
+    """The stored base model (converted first if never stored), loaded; and whether it was converted.
+    A version removed while it loads (another run converted it again and the grace period ran
+    out) is a StorageError that says so."""
+    model_dir, converted = ensure_base_model(store, source)
+    name = model_artifact_name(source)
+    version = (store.pointer(name) or {}).get("version", "?") if not store.is_local else \
+        model_dir.rstrip("/").rsplit("/", 1)[-1]
+    with store.reading(name, version, f"base model {source!r}"):
+        return load_hooked_model(model_dir, layer, device, autocast), converted
 
 
 def ensure_base_model(store, source: str = EMBEDDED_MODEL) -> tuple[str, bool]:

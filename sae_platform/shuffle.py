@@ -516,11 +516,13 @@ def commit_shuffled(store: ArtifactStore, name: str) -> dict:
 
 
 def _drop_stale_pieces(store, run: ShuffleRun) -> None:
+    # Pieces of earlier plans are superseded: a run still training on them keeps reading them for
+    # the store's grace period (ArtifactStore.retire), then they go.
     keep = f"pieces-{run.plan_id}"
     for entry in store.fs.ls(store.path(SHUFFLED, run.name), detail=False):
         base = entry.rstrip("/").rsplit("/", 1)[-1]
         if base.startswith("pieces-") and base != keep:
-            store.fs.rm(entry, recursive=True)
+            store.retire(entry, superseded_by=keep)
 
 
 def delete_scratch(store: ArtifactStore, name: str) -> None:
@@ -559,19 +561,36 @@ class Shuffled:
             lo, hi = max(start - piece["offset"], 0), min(stop - piece["offset"], piece["n_rows"])
             if lo >= hi:
                 continue
-            group = self._open_piece(piece)
+            group, version = self._open_piece(piece)
+            what = f"piece {piece['name']} of shuffled store {self.name!r} (plan {self.index['plan_id']})"
             acts, row_id = group["acts"], group["row_id"]
             while lo < hi:
                 end = min(hi, (lo // self.chunk_rows) * self.chunk_rows + read)
-                yield row_id[lo:end], acts[lo:end]
+                with self.store.reading(piece["name"], version, what):
+                    block = row_id[lo:end], acts[lo:end]
+                # a removed chunk reads back as zeros: the version must still exist after the read
+                self.store.check_version(piece["name"], version, what)
+                yield block
                 lo = end
 
     def _open_piece(self, piece: dict):
         pointer = self.store.pointer(piece["name"])
+        if pointer is None:
+            current = self.store.pointer(f"{SHUFFLED}/{self.name}")
+            if current is not None and current.get("plan_id") != self.index["plan_id"]:
+                raise StorageError(
+                    f"piece {piece['name']} of shuffled store {self.name!r} (plan {self.index['plan_id']}), which "
+                    f"this run was reading, has been removed: the store was re-shuffled (plan "
+                    f"{current.get('plan_id')}) and the superseded pieces outlived the grace period of "
+                    f"{self.store.grace_s:g} s",
+                    "re-run this step: it reads the current shuffled store. So that long reads finish, raise "
+                    "SAE_PLATFORM_GRACE_S (seconds a superseded version stays readable) for every run that commits")
         if pointer is None or pointer.get("plan_id") != self.index["plan_id"] or pointer["n_rows"] != piece["n_rows"]:
             raise StorageError(f"piece {piece['name']} of shuffled store {self.name!r} changed or vanished after "
                                "the store was committed", "re-run the shuffle (finalize and commit)")
-        return self.store.open_group(self.store.path(piece["name"], pointer["version"], "data.zarr"), mode="r")
+        with self.store.reading(piece["name"], pointer["version"], f"piece {piece['name']}"):
+            group = self.store.open_group(self.store.path(piece["name"], pointer["version"], "data.zarr"), mode="r")
+        return group, pointer["version"]
 
 
 def open_shuffled(store: ArtifactStore, name: str) -> Shuffled:

@@ -19,6 +19,17 @@ re-launched step beside a slow one): each version directory carries a ``.writer.
 pid, start) until it is committed, and a commit sweeps an older version only when it is not
 another writer's work in flight: committed before (no marker), or its writer is a dead process
 of this host, or it started more than ``STALE_WRITER_S`` ago. The last commit wins.
+
+Superseded versions stay readable for a grace period. A run may still read the version a commit
+has just replaced (training while the store is re-shuffled, two runs converting the base model):
+a committed version that a newer commit supersedes gets a ``.superseded.json`` marker (when it was
+superseded) and is removed only by a commit of the same name at least ``grace_s`` seconds later.
+``grace_s`` is an ``ArtifactStore`` argument; its default comes from the environment variable
+``SAE_PLATFORM_GRACE_S`` (seconds, default 3600; 0 removes superseded versions at once). A
+version that never committed (a killed writer) is removed at the next commit as before. A reader
+whose version was removed after all gets a :class:`StorageError` that says so (which artifact,
+which version, the grace period) instead of an unrelated ``OSError`` or silently missing data:
+see :meth:`ArtifactStore.check_version`.
 """
 
 import contextlib
@@ -42,6 +53,25 @@ POINTER = "COMMITTED.json"
 VERSION_PREFIX = "v-"
 WRITER_MARK = ".writer.json"
 STALE_WRITER_S = 24 * 3600  # a writer on another host silent this long is taken for dead
+SUPERSEDED_MARK = ".superseded.json"
+GRACE_ENV = "SAE_PLATFORM_GRACE_S"
+DEFAULT_GRACE_S = 3600.0
+
+
+def grace_from_env() -> float:
+    """Seconds a superseded version stays readable: ``$SAE_PLATFORM_GRACE_S``, default 3600."""
+    raw = os.environ.get(GRACE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise StorageError(f"{GRACE_ENV}={raw!r} is not a number of seconds >= 0",
+                           f"set {GRACE_ENV} to the seconds a superseded artifact version stays readable "
+                           f"(default {DEFAULT_GRACE_S:g}; 0 removes it at the next commit), or unset it")
+    return value
 
 
 def write_local_atomic(path: str, data: bytes) -> None:
@@ -81,8 +111,14 @@ class ArtifactStore:
 
     root_url: str
     storage_options: dict[str, Any] = field(default_factory=dict)
+    grace_s: float | None = None  # None: $SAE_PLATFORM_GRACE_S, default 3600 (see the module docstring)
 
     def __post_init__(self):
+        if self.grace_s is None:
+            self.grace_s = grace_from_env()
+        elif not self.grace_s >= 0:
+            raise StorageError(f"grace_s={self.grace_s!r} is not a number of seconds >= 0",
+                               "pass grace_s >= 0 (0 removes superseded versions at the next commit)")
         options = dict(self.storage_options)
         if "://" not in self.root_url or self.root_url.startswith("file://"):
             options.setdefault("auto_mkdir", True)
@@ -156,20 +192,82 @@ class ArtifactStore:
 
     def _sweep_older_versions(self, name: str, keep: str) -> None:
         # Only versions *older* than the one just committed (a newer one may be a writer still in
-        # flight), and of those only the ones no live writer is still filling.
+        # flight), and of those only the ones no live writer is still filling; a version that was
+        # committed once is retired (kept for the grace period), one that never was goes at once.
         for entry in self.fs.ls(self.path(name), detail=False):
             base = entry.rstrip("/").rsplit("/", 1)[-1]
-            if base.startswith(VERSION_PREFIX) and base < keep and not self._in_flight(entry):
+            if not base.startswith(VERSION_PREFIX) or base >= keep:
+                continue
+            writer = self._writer(entry)
+            if writer is None:
+                self.retire(entry, superseded_by=keep)
+            elif not self._writer_alive(writer):
                 self._remove(entry)
 
-    def _in_flight(self, version_path: str) -> bool:
+    def retire(self, path: str, superseded_by: str | None = None) -> bool:
+        """A superseded directory: mark it the first time (from now on its grace period runs),
+        remove it once the grace period is over. True when it was removed."""
+        mark = f"{path.rstrip('/')}/{SUPERSEDED_MARK}"
+        if self.grace_s <= 0:
+            self._remove(path)
+            return True
         try:
-            writer = json.loads(self.fs.cat_file(f"{version_path.rstrip('/')}/{WRITER_MARK}"))
+            since = json.loads(self.fs.cat_file(mark))["superseded_at"]
         except FileNotFoundError:
-            return False  # committed once, since superseded
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.pipe_file(mark, json.dumps({"superseded_at": time.time(), "by": superseded_by}).encode())
+            return False
+        except (ValueError, KeyError, TypeError):
+            since = 0.0  # an unreadable mark: the grace period counts from the epoch
+        if time.time() - float(since) >= self.grace_s:
+            self._remove(path)
+            return True
+        return False
+
+    def check_version(self, name: str, version: str, what: str | None = None) -> None:
+        """Raise a StorageError saying so when version ``version`` of ``name`` is gone (removed
+        after a newer commit and the grace period). Readers call it after reading from a version:
+        a removed zarr chunk reads back as its fill value, not as an error."""
+        if self.fs.exists(self.path(name, version)):
+            return
+        raise self.vanished(name, version, what)
+
+    def vanished(self, name: str, version: str, what: str | None = None) -> StorageError:
+        current = self.pointer(name)
+        now = (f"the committed version is now {current['version']}" if current is not None
+               else "nothing is committed under that name now")
+        return StorageError(
+            f"{what or name} ({self.url(self.path(name))}) version {version}, which this run was reading, has been "
+            f"removed: a newer commit superseded it and its grace period of {self.grace_s:g} s ran out "
+            f"({now})",
+            f"re-run this step: it reads the current version. So that long reads finish, raise {GRACE_ENV} "
+            f"(seconds a superseded version stays readable; now {self.grace_s:g}) in the environment of every "
+            "run that commits")
+
+    @contextlib.contextmanager
+    def reading(self, name: str, version: str, what: str | None = None) -> Iterator[None]:
+        """Turn an error from reading a removed version into the StorageError that says so."""
+        try:
+            yield
+        except (OSError, KeyError) as error:
+            if not self.fs.exists(self.path(name, version)):
+                raise self.vanished(name, version, what) from error
+            raise
+
+    def _writer(self, version_path: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(f"{version_path.rstrip('/')}/{WRITER_MARK}"))
+        except FileNotFoundError:
+            return None  # committed once, since superseded
+
+    def _writer_alive(self, writer: dict) -> bool:
         if time.time() - writer["started"] > STALE_WRITER_S:
             return False
         return writer["host"] != socket.gethostname() or process_alive(writer["pid"])
+
+    def _in_flight(self, version_path: str) -> bool:
+        writer = self._writer(version_path)
+        return writer is not None and self._writer_alive(writer)
 
     def _remove(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -15,8 +15,20 @@ Checkpoint layout (``sae/<run>/<version>/``)::
 
     sae_weights.safetensors   the SAE's state_dict (input scale and b_pre included)
     cfg.json                  SAE config + training settings + data fingerprint
-    optimizer.pt              Adam state
-    trainer_state.pt          step, tokens, tokens-since-fired, history, torch RNG state
+    optimizer.safetensors     Adam state: the tensors (``state.<param index>.<name>``) ...
+    optimizer.json            ... and everything else (param_groups, non-tensor state)
+    trainer_state.safetensors tokens-since-fired, torch RNG state
+    trainer_state.json        step, tokens, metrics history
+
+Nothing read back from a checkpoint can run code: weights and states are safetensors (a header
+plus raw tensor bytes) and JSON; no pickle is ever loaded. Checkpoints of earlier versions hold
+``optimizer.pt`` / ``trainer_state.pt``: those are read with ``torch.load(weights_only=True)``
+(torch's restricted unpickler: tensors and plain containers only) and a file holding anything
+else is refused with a :class:`StorageError` naming it.
+
+Every tensor of a checkpoint (weights, Adam moments) is checked finite before the commit: a
+diverged run raises :class:`TrainingError` and the committed checkpoint stays the last good one.
+A resume checks the same, so a checkpoint written before that check cannot be resumed from.
 """
 
 import io
@@ -44,7 +56,18 @@ CALIBRATION_ROWS = 16_384
 
 
 class TrainingError(PlatformError):
-    """Training cannot go on (bad data, diverged); the last good checkpoint is left as it was."""
+    """Training cannot go on (bad data, diverged); nothing of the failed run is committed."""
+
+
+def _committed_note(store: ArtifactStore | None, run: str | None) -> str:
+    """What is true of the committed checkpoint of ``run`` after a failure (said in errors)."""
+    pointer = store.pointer(checkpoint_name(run)) if store is not None and run else None
+    if pointer is None:
+        return f"no checkpoint of {run!r} was committed, so nothing is stored for it" if run else \
+            "nothing was committed by this run; a checkpoint committed before is left as it was"
+    return (f"the committed checkpoint of {run!r} (step {pointer.get('step')}, version {pointer['version']}) is "
+            "left as it was: a re-run with the same settings resumes from it, one with changed settings (e.g. "
+            "a lower lr) starts afresh and replaces it when it commits")
 
 
 @dataclass(frozen=True)
@@ -161,15 +184,23 @@ def prefetch(shuffled: Shuffled, schedule: Iterator[tuple[int, int]], device: to
         thread.join(timeout=5)
 
 
-def _check_finite(x: torch.Tensor, ids: np.ndarray, start: int, step: int) -> None:
+def _check_finite(x: torch.Tensor, ids: np.ndarray, start: int, step: int | None, store=None, run=None,
+                  what: str = "") -> None:
+    """Raise naming the first row of ``x`` holding NaN/inf (``start``: its shuffled row)."""
     bad = ~torch.isfinite(x).all(dim=1)
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
+        when = f" (step {step})" if step is not None else ""
         raise TrainingError(
-            f"NaN/inf in the activations (step {step}): shuffled row {start + first} (global row id "
+            f"NaN/inf in the {what or 'activations'}{when}: shuffled row {start + first} (global row id "
             f"{int(ids[first])}), {int(bad.sum())} bad row(s) in this batch",
             "re-cache the activation partition holding that row (global row ids run over partitions in "
-            "key order), then re-run the shuffle; the last good checkpoint is untouched")
+            f"key order), then re-run the shuffle; {_committed_note(store, run)}")
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, t in tensors.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffled: Shuffled):
@@ -178,7 +209,7 @@ def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffl
     rows = min(CALIBRATION_ROWS, shuffled.n_rows - settings.holdout_rows)
     ids, acts = zip(*shuffled.blocks(0, rows))
     sample = torch.from_numpy(np.concatenate(acts)).float().to(device)
-    _check_finite(sample, np.concatenate(ids), start=0, step=0)
+    _check_finite(sample, np.concatenate(ids), start=0, step=0, what="activations sampled for calibration")
     sae.calibrate_(sample)
     return sae
 
@@ -191,26 +222,92 @@ def _optimizer(sae, settings: TrainSettings, device: torch.device) -> torch.opti
         return torch.optim.Adam(sae.parameters(), lr=settings.learning_rate, eps=ADAM_EPS)
 
 
+def _optimizer_files(optimizer) -> tuple[bytes, bytes]:
+    """Adam's state_dict as (safetensors, JSON): tensors by ``state.<index>.<name>``, the rest JSON."""
+    state_dict = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for index, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    meta = {"param_groups": state_dict["param_groups"], "state": plain}
+    return save_safetensors(tensors), json.dumps(meta).encode()
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, device) -> dict:
+    state: dict = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value if key == "step" else value.to(device)
+    for index, entries in meta.get("state", {}).items():
+        state.setdefault(int(index), {}).update(entries)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
 def save_checkpoint(store: ArtifactStore, run: str, sae, optimizer, state: TrainState, settings: TrainSettings,
                     fingerprint: dict, final: bool) -> str:
+    """Commit a checkpoint; refuses (TrainingError, nothing written) when a weight or Adam moment is
+    NaN/inf, so the committed checkpoint is always the last good one."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    optimizer_tensors, optimizer_meta = _optimizer_files(optimizer)
+    bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(load_safetensors(optimizer_tensors))]
+    if bad:
+        raise TrainingError(
+            f"training {run!r} diverged: after step {state.step} ({state.tokens:,} tokens) {', '.join(bad[:4])}"
+            f"{' …' if len(bad) > 4 else ''} hold NaN/inf (lr {settings.learning_rate:g}); this state was not "
+            f"committed", f"lower lr; {_committed_note(store, run)}")
     cfg = {"sae": sae.config, "training": asdict(settings), "data": fingerprint, "step": state.step,
            "tokens": state.tokens, "final": final}
-    trainer_state = {"step": state.step, "tokens": state.tokens, "history": state.history,
-                     "tokens_since_fired": state.tokens_since_fired.cpu(), "rng": torch.get_rng_state()}
+    trainer_tensors = {"tokens_since_fired": state.tokens_since_fired.detach().cpu().contiguous(),
+                       "rng": torch.get_rng_state()}
+    trainer_meta = {"step": state.step, "tokens": state.tokens, "history": state.history}
     with store.writing(checkpoint_name(run), step=state.step, tokens=state.tokens, final=final,
                        settings=asdict(settings), data=fingerprint) as version:
-        store.fs.pipe_file(f"{version}/sae_weights.safetensors",
-                           save_safetensors({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}))
+        store.fs.pipe_file(f"{version}/sae_weights.safetensors", save_safetensors(weights))
         store.fs.pipe_file(f"{version}/cfg.json", json.dumps(cfg, indent=2, default=str).encode())
-        store.fs.pipe_file(f"{version}/optimizer.pt", _torch_bytes(optimizer.state_dict()))
-        store.fs.pipe_file(f"{version}/trainer_state.pt", _torch_bytes(trainer_state))
+        store.fs.pipe_file(f"{version}/optimizer.safetensors", optimizer_tensors)
+        store.fs.pipe_file(f"{version}/optimizer.json", optimizer_meta)
+        store.fs.pipe_file(f"{version}/trainer_state.safetensors", save_safetensors(trainer_tensors))
+        store.fs.pipe_file(f"{version}/trainer_state.json", json.dumps(trainer_meta).encode())
     return store.resolve(checkpoint_name(run))
 
 
-def _torch_bytes(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+def _read_tensors(store: ArtifactStore, path: str, file: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of a checkpoint; anything else is refused (never unpickled)."""
+    data = store.fs.cat_file(f"{path}/{file}")
+    try:
+        return load_safetensors(data)
+    except Exception as error:  # safetensors raises its own SafetensorError / ValueError kinds
+        raise StorageError(
+            f"{store.url(path)}/{file} is not a valid safetensors file ({type(error).__name__}: {error}); it was "
+            "refused, nothing in it was run",
+            "the checkpoint is damaged or was tampered with: delete it (the whole sae/<run> folder) and train "
+            "again") from error
+
+
+def _read_json(store: ArtifactStore, path: str, file: str) -> dict:
+    try:
+        return json.loads(store.fs.cat_file(f"{path}/{file}"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StorageError(f"{store.url(path)}/{file} is not valid JSON ({error}); it was refused",
+                           "the checkpoint is damaged or was tampered with: delete it (the whole sae/<run> "
+                           "folder) and train again") from error
+
+
+def _legacy_torch_file(store: ArtifactStore, path: str, file: str, device=None):
+    """``optimizer.pt`` / ``trainer_state.pt`` of a checkpoint of an earlier version: torch's
+    restricted unpickler (tensors and plain containers only), never the full one."""
+    try:
+        return torch.load(io.BytesIO(store.fs.cat_file(f"{path}/{file}")), map_location=device, weights_only=True)
+    except Exception as error:  # pickle.UnpicklingError for anything but tensors and plain data
+        raise StorageError(
+            f"{store.url(path)}/{file} holds more than tensors and plain data (a pickle that could run code): it "
+            f"was refused, nothing in it was run ({type(error).__name__}: {str(error).splitlines()[0][:200]})",
+            "the checkpoint is damaged or was tampered with: delete it (the whole sae/<run> folder) and train "
+            "again") from error
 
 
 def finished_checkpoint(store: ArtifactStore, shuffle_name: str, run: str, settings: TrainSettings) -> dict | None:
@@ -233,7 +330,7 @@ def load_sae(store: ArtifactStore, run: str, device: str | torch.device = "cpu")
     sae_cfg = dict(cfg["sae"])
     sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
                     **sae_cfg)
-    sae.load_state_dict(load_safetensors(store.fs.cat_file(f"{path}/sae_weights.safetensors")))
+    sae.load_state_dict(_read_tensors(store, path, "sae_weights.safetensors"))
     return sae, cfg
 
 
@@ -243,10 +340,26 @@ def _resume(store, run, settings, fingerprint, sae, optimizer, device) -> TrainS
             or pointer.get("data") != fingerprint:
         return None
     path = store.resolve(checkpoint_name(run))
-    sae.load_state_dict(load_safetensors(store.fs.cat_file(f"{path}/sae_weights.safetensors")))
-    optimizer.load_state_dict(torch.load(io.BytesIO(store.fs.cat_file(f"{path}/optimizer.pt")),
-                                         map_location=device, weights_only=False))
-    saved = torch.load(io.BytesIO(store.fs.cat_file(f"{path}/trainer_state.pt")), weights_only=False)
+    weights = _read_tensors(store, path, "sae_weights.safetensors")
+    files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
+    if "trainer_state.json" in files:
+        optimizer_tensors = _read_tensors(store, path, "optimizer.safetensors")
+        optimizer_state = _optimizer_state(optimizer_tensors, _read_json(store, path, "optimizer.json"), device)
+        saved = {**_read_json(store, path, "trainer_state.json"),
+                 **_read_tensors(store, path, "trainer_state.safetensors")}
+    else:  # a checkpoint of an earlier version
+        optimizer_state = _legacy_torch_file(store, path, "optimizer.pt", device)
+        optimizer_tensors = {f"state.{i}.{k}": v for i, e in optimizer_state["state"].items() for k, v in e.items()
+                             if torch.is_tensor(v)}
+        saved = _legacy_torch_file(store, path, "trainer_state.pt")
+    bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(optimizer_tensors)]
+    if bad:
+        raise StorageError(
+            f"the committed checkpoint {store.url(path)} (step {pointer.get('step')}) holds NaN/inf in "
+            f"{', '.join(bad[:4])}: it was written before checkpoints were checked finite, and is not resumed from",
+            "delete that checkpoint (the whole sae/<run> folder), lower lr, and train again")
+    sae.load_state_dict(weights)
+    optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(saved["rng"])
     return TrainState(saved["step"], saved["tokens"], saved["history"], saved["tokens_since_fired"].to(device))
 
@@ -277,13 +390,13 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
     every = max(1, settings.checkpoint_every_tokens // settings.batch_size)
     schedule = batch_schedule(n_train, settings.batch_size, state.step, n_steps)
     for x, ids, start in prefetch(shuffled, schedule, device):
-        _check_finite(x, ids, start, state.step)
+        _check_finite(x, ids, start, state.step, store, run)
         dead = state.tokens_since_fired >= settings.dead_after_tokens
         out = sae(x, dead_mask=dead)
         loss, terms = sae.loss(x, out)
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss became {loss.item()} at step {state.step} ({state.tokens:,} tokens)",
-                                "lower lr; the last good checkpoint is untouched and resuming starts from it")
+                                f"lower lr; {_committed_note(store, run)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_grad_()

@@ -131,18 +131,24 @@ def test_rebuild_replaces_atomically_and_fs_target(tmp_path, tables):
     second = browser.build_site(out, run="r", shards=shards, hist_bin_edges=edges, lineage={})
     assert first["n_features"] == SHARD and second["n_features"] == N_FEATURES
     assert [p.name for p in (out / "data").iterdir()] == [second["version"]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]     # no temp dirs left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".site.versions", "site"]     # no temp dirs left
+    assert out.is_symlink() and sorted(p.name for p in (tmp_path / ".site.versions").iterdir()) == sorted(
+        [first["version"], second["version"]])                 # the current build and the one before
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious/notes.txt").write_text("keep me")
     with pytest.raises(PlatformError, match="not a feature-browser site"):
         browser.build_site(tmp_path / "precious", run="r", shards=shards, hist_bin_edges=edges, lineage={})
     assert (tmp_path / "precious/notes.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious", "site"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".site.versions", "precious", "site"]
     fs = fsspec.filesystem("memory")
-    for _ in range(2):
-        summary = browser.build_site("/sites/x", run="r", shards=shards, hist_bin_edges=edges, lineage={}, fs=fs)
+    built = [browser.build_site("/sites/x", run="r", shards=shards, hist_bin_edges=edges, lineage={}, fs=fs)
+             for _ in range(3)]
+    summary = built[-1]
     assert json.loads(fs.cat_file("/sites/x/site.json"))["version"] == summary["version"]
-    assert len(fs.ls("/sites/x/data")) == 1 and fs.exists(f"/sites/x/data/{summary['version']}/index.json")
+    # the data version before stays for pages opened before the switch; older ones go
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/sites/x/data", detail=False)) == sorted(
+        [built[1]["version"], built[2]["version"]])
+    assert fs.exists(f"/sites/x/data/{summary['version']}/index.json")
 
 
 def test_bad_inputs_are_explained(tables):
@@ -320,3 +326,291 @@ def test_dead_feature_page(page, tables):
     assert pg.locator(".badge").inner_text() == "dead"
     assert pg.locator("text=No activations recorded.").count() == 1
     assert not pg.problems, pg.problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The local site is switched in one atomic step; leftovers are swept (issue 13.2)
+# ---------------------------------------------------------------------------------------------
+
+KILL_SCRIPT = r"""
+import sys, time
+from pathlib import Path
+from sae_platform import browser
+out, step = sys.argv[1], sys.argv[2]
+def hook(name):
+    if name == step:
+        print("at", name, flush=True)
+        time.sleep(60)
+browser._STEP_HOOK = hook
+shards, edges = browser.synthetic_shards(300, 150, n_top=6, n_intervals=3, per_interval=2, n_random=3, before=10,
+                                         after=5, n_bins=24, seed=2)
+browser.build_site(out, run="killed", shards=shards, hist_bin_edges=edges, lineage={})
+print("done", flush=True)
+"""
+
+
+def _served_site(out: Path) -> dict:
+    """What a reader gets: site.json, then every file it names; all must be there."""
+    server, url = browser.serve_in_thread(out)
+    try:
+        with urllib.request.urlopen(url + "site.json") as res:
+            pointer = json.loads(res.read())
+        with urllib.request.urlopen(url + pointer["data"] + "/index.json") as res:
+            index = json.loads(res.read())
+        with urllib.request.urlopen(url + pointer["data"] + "/features/0.json") as res:
+            assert json.loads(res.read())
+        for static in ("index.html", "static/app.js", "static/app.css"):
+            with urllib.request.urlopen(url + static) as res:
+                assert res.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    return {"version": pointer["version"], "run": index["run"]}
+
+
+@pytest.mark.parametrize("step", ["writing", "written", "switched"])
+def test_a_build_killed_at_any_step_leaves_a_whole_site_and_a_next_build_sweeps(tmp_path, tables, step):
+    import signal
+    import subprocess
+    import sys
+
+    shards, edges = tables
+    out = tmp_path / "site"
+    old = browser.build_site(out, run="old", shards=shards, hist_bin_edges=edges, lineage={})
+    (tmp_path / ".site.tmp-deadbeef").mkdir()            # what a killed build of the earlier layout left
+    (tmp_path / ".site.tmp-deadbeef" / "junk.json").write_text("{}")
+    child = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), step], stdout=subprocess.PIPE,
+                             text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert child.stdout.readline().strip() == f"at {step}"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    served = _served_site(out)
+    assert served["run"] == ("killed" if step == "switched" else "old")   # one or the other, whole
+    if step != "switched":
+        assert served["version"] == old["version"]
+    versions = tmp_path / ".site.versions"
+    left = {p.name for p in versions.iterdir()}
+    assert len(left) == 2, left                         # the old site and the killed build's folder
+    new = browser.build_site(out, run="new", shards=shards, hist_bin_edges=edges, lineage={})
+    assert _served_site(out) == {"version": new["version"], "run": "new"}
+    previous = served["version"]
+    assert {p.name for p in versions.iterdir()} == {new["version"], previous}   # debris swept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".site.versions", "site"]
+
+
+def test_a_site_of_the_earlier_layout_is_replaced_atomically(tmp_path, tables):
+    shards, edges = tables
+    out = tmp_path / "site"
+    files = browser.site_files(run="legacy", shards=shards[:1], hist_bin_edges=edges, lineage={})
+    for rel, body in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(body)
+    assert _served_site(out)["run"] == "legacy"
+    server, url = browser.serve_in_thread(out)           # a server started before the switch ...
+    try:
+        new = browser.build_site(out, run="new", shards=shards, hist_bin_edges=edges, lineage={})
+        assert out.is_symlink()
+        with urllib.request.urlopen(url + "site.json") as res:          # ... serves the new site after it
+            assert json.loads(res.read())["version"] == new["version"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".site.versions", "site"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Twins, byte-level tokens, per-shard lineage (issue 13.6-8)
+# ---------------------------------------------------------------------------------------------
+
+TWIN, BYTES, EMOJI = 7, 10, 11                # live features in shard 0 (features [0, 150); seed 3)
+OTHER_SHARD_FEATURE = 200                     # in shard 1
+DAGSTER_UI = "http://127.0.0.1:3999"
+
+
+def _byte_window():
+    """A window as sae_platform.contexts stores it for byte-level BPE: a token that is only part of
+    a character is "" and the token completing it carries the character."""
+    from sae_platform.contexts import _utf8_strings
+
+    pieces = [b"He", b" said", b" \xe6", b"\x97\xa5", b"\xe6\x9c", b"\xac", b" \xf0\x9f", b"\x99", b"\x82", b"!"]
+    return _utf8_strings(pieces)
+
+
+def _shard_lineage(index: int, start: int, stop: int) -> dict:
+    return {"feature_table": {"sae": "test-sae", "shard": index, "version": f"v-table-{index}",
+                              "features": [start, stop], "dagster_run_id": f"run-of-shard-{index}-0123456789"},
+            "sae_checkpoint": {"name": "test-sae", "version": "v-ckpt", "step": 600, "tokens": 614400,
+                               "variant": "topk"},
+            "shuffle": {"name": "main", "plan_id": "plan-1", "current_plan_id": "plan-1", "n_rows": 122000},
+            "activation_partitions": [{"key": "hamlet", "version": "v-h", "n_rows": 60000},
+                                      {"key": "lear", "version": "v-l", "n_rows": 62000}],
+            "base_model": {"model": "SmolLM2-135M", "hook_name": "blocks.15.hook_resid_post", "d_model": 576}}
+
+
+def _special_tables():
+    shards, edges = browser.synthetic_shards(N_FEATURES, SHARD, n_top=6, n_intervals=3, per_interval=2, n_random=3,
+                                             before=10, after=5, n_bins=24, n_logits=N_LOGITS, seed=3)
+    window = _byte_window()                   # ['He', ' said', ' ', '日', '', '本', ' ', '', '🙂', '!']
+    assert window[3:6] == ["日", "", "本"] and window[7:9] == ["", "🙂"]
+    s = shards[0]
+    ctx = s[browser.CONTEXTS_FRAME]
+    top = pl.col(browser.KIND) == "top"
+    twin = (pl.col(browser.FEATURE) == TWIN) & top & pl.col(browser.RANK).is_in([0, 1])
+    first = ctx.filter((pl.col(browser.FEATURE) == TWIN) & top & (pl.col(browser.RANK) == 0)).row(0, named=True)
+    n = len(window)
+    acts_bytes = [0.0, 0.0, 0.0, 1.0, 100.0, 3.0, 0.0, 0.0, 0.0, 0.0]   # the activating token: "" (bytes of 本)
+    acts_emoji = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 90.0, 2.0, 0.0]    # the activating token: "" (bytes of 🙂)
+
+    def put(frame, cond, center, tokens, acts):
+        return frame.with_columns(
+            pl.when(cond).then(pl.lit(center, pl.Int32)).otherwise(pl.col(browser.CENTER)).alias(browser.CENTER),
+            pl.when(cond).then(pl.lit(tokens, pl.List(pl.String))).otherwise(pl.col(browser.TOKEN_STRS))
+            .alias(browser.TOKEN_STRS),
+            pl.when(cond).then(pl.lit(acts, pl.List(pl.Float32))).otherwise(pl.col(browser.ACTS)).alias(browser.ACTS),
+            pl.when(cond).then(pl.lit([True] * len(tokens), pl.List(pl.Boolean))).otherwise(pl.col(browser.HAS_ACT))
+            .alias(browser.HAS_ACT))
+
+    ctx = put(ctx, twin, first[browser.CENTER], first[browser.TOKEN_STRS], first[browser.ACTS])
+    ctx = put(ctx, (pl.col(browser.FEATURE) == BYTES) & top & (pl.col(browser.RANK) == 0), 4, window, acts_bytes)
+    ctx = put(ctx, (pl.col(browser.FEATURE) == EMOJI) & top & (pl.col(browser.RANK) == 0), 7, window, acts_emoji)
+    s[browser.CONTEXTS_FRAME] = ctx
+    assert n == 10
+    for i, shard in enumerate(shards):
+        shard["lineage"] = _shard_lineage(i, shard["start"], shard["stop"])
+    return shards, edges
+
+
+@pytest.fixture(scope="module")
+def special_site(tmp_path_factory):
+    shards, edges = _special_tables()
+    stored = [s[browser.CONTEXTS_FRAME].clone() for s in shards]
+    out = tmp_path_factory.mktemp("special") / "site"
+    summary = browser.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges,
+                                 lineage={"sae_checkpoint": {"version": "v-ckpt"}, "browser_dagster_run_id": "run-br"},
+                                 n_intervals=3, dagster_url=DAGSTER_UI)
+    for before, s in zip(stored, shards):        # the consumer changes nothing of what is stored
+        assert before.equals(s[browser.CONTEXTS_FRAME])
+    return out, summary
+
+
+def _chunk_feature(out, feature):
+    data = out / json.loads((out / "site.json").read_text())["data"]
+    rows = json.loads((data / f"features/{feature // browser.CHUNK_FEATURES}.json").read_text())
+    return next(r for r in rows if r["feature"] == feature)
+
+
+def test_identical_windows_are_folded_with_a_count(special_site):
+    f = _chunk_feature(special_site[0], TWIN)["examples"]
+    tops = [i for i, k in enumerate(f["kind"]) if k == "top"]
+    assert len(tops) == 5 and f["twins"][tops[0]] == 2 and all(f["twins"][i] == 1 for i in tops[1:])
+    assert len({tuple(f["tokens"][i]) for i in tops}) == 5
+
+
+def test_byte_tokens_become_one_span_per_character(special_site):
+    f = _chunk_feature(special_site[0], BYTES)["examples"]
+    i = f["rank"].index(0)
+    assert f["tokens"][i] == ["He", " said", " ", "日", "本", " ", "🙂", "!"]
+    assert f["ntok"][i] == [1, 1, 1, 1, 2, 1, 2, 1]
+    assert f["center"][i] == 4 and f["acts"][i][4] == 100       # the max of the character's byte tokens
+    g = _chunk_feature(special_site[0], EMOJI)["examples"]
+    j = g["rank"].index(0)
+    assert g["center"][j] == 6 and g["tokens"][j][6] == "🙂" and g["acts"][j][6] == 90
+    index = json.loads((special_site[0] / json.loads((special_site[0] / "site.json").read_text())["data"]
+                        / "index.json").read_text())
+    assert "本" in [index["token_table"][t] for t in index["top_tokens"][BYTES]]      # searchable
+    assert index["dagster_url"] == DAGSTER_UI and len(index["shard_lineage"]) == 2
+
+
+@pytest.fixture
+def special_page(chromium, special_site):
+    server, url = browser.serve_in_thread(special_site[0])
+    ctx = chromium.new_context(viewport={"width": 1280, "height": 900})
+    pg = ctx.new_page()
+    pg.problems = []
+    pg.on("console", lambda m: pg.problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    pg.on("pageerror", lambda e: pg.problems.append(f"pageerror: {e}"))
+    pg.base_url = url
+    pg.set_default_timeout(5000)
+    yield pg
+    ctx.close()
+    server.shutdown()
+    server.server_close()
+
+
+def test_activating_byte_token_is_visible_and_marked_in_chromium(special_page):
+    pg = special_page
+    for feature, char, act in ((BYTES, "本", "100"), (EMOJI, "🙂", "90")):
+        pg.goto(pg.base_url + f"#/feature/{feature}")
+        pg.wait_for_selector("#examples-top .ex")
+        center = pg.locator("#examples-top .ex").first.locator(".tok.center")
+        assert center.count() == 1 and center.inner_text() == char
+        assert center.get_attribute("title").startswith(f"act {act}") and "2 byte tokens" in center.get_attribute("title")
+        box = center.bounding_box()
+        assert box["width"] > 4 and box["height"] > 4                 # really on screen, not an empty span
+        assert "active" in center.get_attribute("class")
+        assert pg.locator("#examples-top .ex").first.locator(".ctx").inner_text().replace("\u21b5", "") == \
+            "He said 日本 🙂!"
+    pg.screenshot(path=str(SCREENSHOTS / "sae_browser_bytes.png"), full_page=True)
+    assert not pg.problems, pg.problems
+
+
+def test_twins_shown_once_with_a_count_in_chromium(special_page):
+    pg = special_page
+    pg.goto(pg.base_url + f"#/feature/{TWIN}")
+    pg.wait_for_selector("#examples-top .ex")
+    assert pg.locator("#examples-top .ex").count() == 5
+    badge = pg.locator("#examples-top .ex").first.locator(".twins")
+    assert badge.inner_text() == "\u00d72"
+    assert "1 identical window shown once" in pg.locator("#examples-top h2").inner_text()
+    assert not pg.problems, pg.problems
+
+
+def test_each_feature_shows_its_own_shards_lineage_in_chromium(special_page):
+    pg = special_page
+    for feature, shard in ((13, 0), (OTHER_SHARD_FEATURE, 1)):
+        pg.goto(pg.base_url + f"#/feature/{feature}")
+        pg.wait_for_selector("#lineage")
+        text = pg.locator("#lineage").inner_text()
+        start, stop = (0, 150) if shard == 0 else (150, 300)
+        assert f"f{shard}" in text and f"features [{start}, {stop})" in text and f"v-table-{shard}" in text
+        other = 1 - shard
+        assert f"v-table-{other}" not in text and f"run-of-shard-{other}" not in text
+        hrefs = pg.locator("#lineage a").evaluate_all("as => as.map(a => a.getAttribute('href'))")
+        assert f"{DAGSTER_UI}/runs/run-of-shard-{shard}-0123456789" in hrefs
+        assert f"{DAGSTER_UI}/assets/feature_topk?view=partitions&partition=f{shard}" in hrefs
+        assert f"{DAGSTER_UI}/assets/sae_checkpoint?view=partitions&partition=test-sae" in hrefs
+        assert f"{DAGSTER_UI}/runs/run-br" in hrefs and all(h.startswith(DAGSTER_UI + "/") for h in hrefs)
+        for label in ("Feature table", "SAE checkpoint", "Shuffled activations", "Activation partitions",
+                      "Base model", "Browser"):
+            assert label in text
+    pg.screenshot(path=str(SCREENSHOTS / "sae_browser_lineage.png"), full_page=True)
+    assert not pg.problems, pg.problems
+
+
+def test_search_typed_just_before_opening_a_feature_throws_nothing(special_page):
+    pg = special_page
+    pg.goto(pg.base_url)
+    pg.wait_for_selector("table.features tbody tr")
+    for _ in range(3):
+        pg.locator("#search").press_sequentially("ze", delay=10)     # the debounced render is pending ...
+        pg.evaluate("location.hash = '#/feature/42'")                 # ... when a feature opens
+        pg.wait_for_selector("h1:has-text('Feature 42')")
+        pg.wait_for_timeout(300)                                      # past the debounce
+        pg.go_back()
+        pg.wait_for_selector("#search")
+    assert not pg.problems, pg.problems
+
+
+def test_examples_without_a_window_are_never_folded():
+    frame = pl.DataFrame({browser.FEATURE: [1, 1, 1], browser.KIND: ["top"] * 3, browser.INTERVAL: [None] * 3,
+                          browser.TOKEN_STRS: [None, None, ["a", "b"]], browser.CENTER: [None, None, 1],
+                          browser.PARTITION: ["p", "p", "p"], browser.ROW: [1, 2, 3]},
+                         schema_overrides={browser.INTERVAL: pl.Int64, browser.TOKEN_STRS: pl.List(pl.String),
+                                           browser.CENTER: pl.Int32})
+    folded = browser._fold_twins(frame)
+    assert folded[browser.ROW].to_list() == [1, 2, 3] and folded["twins"].to_list() == [1, 1, 1]
+    twice = browser._fold_twins(pl.concat([frame, frame.tail(1)]))
+    assert twice[browser.ROW].to_list() == [1, 2, 3] and twice["twins"].to_list() == [1, 1, 2]

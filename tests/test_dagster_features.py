@@ -75,4 +75,18 @@ def test_lineage_names_every_upstream_artifact(pipeline, store):
     assert stored["feature_table"]["dagster_run_id"] == record.run_id
     site = store.path("browser", SAE)
     data = json.loads(open(f"{site}/site.json").read())["data"]
-    assert json.loads(open(f"{site}/{data}/index.json").read())["lineage"]["feature_table"]["dagster_run_id"]
+    index = json.loads(open(f"{site}/{data}/index.json").read())
+    # each shard's own lineage (its table version and its feature_topk run), not shard f0's for all
+    runs = {}
+    for r in reversed(instance.fetch_materializations(AssetKey("feature_topk"), limit=20).records):
+        runs[r.partition_key] = r.run_id                     # the newest run of each shard wins
+    shards = {s["lineage"]["feature_table"]["shard"]: s for s in index["shard_lineage"]}
+    assert sorted(shards) == list(range(N_FEATURE_SHARDS))
+    for shard, entry in shards.items():
+        table = entry["lineage"]["feature_table"]
+        assert table["dagster_run_id"] == runs[f"f{shard}"]
+        assert table["version"] == store.pointer(f"features/{SAE}/tables/f{shard}")["version"]
+        assert table["features"] == [entry["start"], entry["stop"]]
+    assert len({s["lineage"]["feature_table"]["version"] for s in shards.values()}) == N_FEATURE_SHARDS
+    assert "feature_table" not in index["lineage"] and index["lineage"]["browser_dagster_run_id"]
+    assert index["lineage"]["sae_checkpoint"]["version"] == store.pointer(f"sae/{SAE}")["version"]

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import TINY_SAE, tiny_run_config
 from sae_platform import shuffle as sh
+from sae_platform.errors import StorageError
 from sae_platform.features import read_tables
 from sae_platform.freshness import stale_reasons
 from sae_platform.storage import ArtifactStore
@@ -54,6 +55,18 @@ def test_storage_commit_protocol_on_s3(s3, s3_endpoint):
     fresh = ArtifactStore(f"s3://{bucket}/root", {"endpoint_url": s3_endpoint})
     assert fresh.fs.cat_file(f"{fresh.resolve('things/a')}/x.txt") == b"one"
     assert fresh.committed_names("things") == ["things/a"]
+    # a superseded version stays readable for the grace period, marked; with grace 0 the next commit removes it
+    first = fresh.resolve("things/a")
+    with fresh.writing("things/a") as version:
+        fresh.fs.pipe_file(f"{version}/x.txt", b"two")
+    assert fresh.fs.cat_file(f"{first}/x.txt") == b"one" and fresh.fs.exists(f"{first}/.superseded.json")
+    quick = ArtifactStore(f"s3://{bucket}/root", {"endpoint_url": s3_endpoint}, grace_s=0)
+    with quick.writing("things/a") as version:
+        quick.fs.pipe_file(f"{version}/x.txt", b"three")
+    quick.fs.invalidate_cache()
+    assert not quick.fs.exists(f"{first}/x.txt")
+    with pytest.raises(StorageError, match="has been removed"):
+        quick.check_version("things/a", first.rsplit("/", 1)[-1])
 
 
 def test_full_pipeline_runs_on_s3_and_artifacts_read_back(s3, s3_endpoint, tiny_model_dir, text_dir, tmp_path):

@@ -315,6 +315,11 @@ def test_a_new_plan_leaves_the_committed_store_readable_until_it_commits(store):
         shuffle.finalize_bucket(store, "s", bucket)
     shuffle.commit_shuffled(store, "s")
     assert not np.array_equal(assert_exact_permutation(store, "s", rows), before)
+    pieces = sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(store.path("shuffled", "s"), detail=False)
+                    if p.rsplit("/", 1)[-1].startswith("pieces-"))
+    (old,) = [p for p in pieces if p != f"pieces-{run.plan_id}"]        # superseded: kept for the grace period
+    assert store.fs.exists(store.path("shuffled", "s", old, ".superseded.json"))
+    shuffle._drop_stale_pieces(ArtifactStore(store.root_url, grace_s=0), run)   # grace over: dropped
     pieces = [p.rsplit("/", 1)[-1] for p in store.fs.ls(store.path("shuffled", "s"), detail=False)]
     assert [p for p in pieces if p.startswith("pieces-")] == [f"pieces-{run.plan_id}"], "old pieces dropped"
 

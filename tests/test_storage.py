@@ -29,8 +29,12 @@ def test_committed_version_is_visible_and_replaced(store):
     _write(store, "things/a", "two")
     assert _read(store, "things/a") == "two"
     assert store.resolve("things/a") != first
-    assert not store.fs.exists(first), "the replaced version must be swept"
+    assert store.fs.exists(first), "the replaced version stays readable for the grace period"
     assert store.committed_names("things") == ["things/a"]
+    quick = ArtifactStore(store.root_url, grace_s=0)
+    _write(quick, "things/a", "three")
+    assert _read(quick, "things/a") == "three" and not store.fs.exists(first), "grace 0: swept at the commit"
+    assert len([e for e in store.fs.ls(store.path("things/a"), detail=False) if "/v-" in e]) == 1
 
 
 def test_failed_write_leaves_previous_version_and_no_debris(store):
@@ -95,8 +99,10 @@ def test_process_killed_mid_write_keeps_old_version(store, tmp_path):
     fresh = ArtifactStore(store.root_url)
     assert _read(fresh, "things/a") == "old"
     assert json.loads(fresh.fs.cat_file(fresh.path("things/a", POINTER)))["version"] == store.pointer("things/a")["version"]
-    _write(fresh, "things/a", "new")  # the next successful write sweeps the orphan
-    assert len([e for e in fresh.fs.ls(fresh.path("things/a"), detail=False) if "/v-" in e]) == 1
+    old = fresh.resolve("things/a")
+    _write(fresh, "things/a", "new")  # the next successful write sweeps the orphan at once ...
+    versions = [e for e in fresh.fs.ls(fresh.path("things/a"), detail=False) if "/v-" in e]
+    assert sorted(versions) == sorted([old, fresh.resolve("things/a")]), "... and keeps the superseded one"
 
 
 def test_a_commit_leaves_an_older_writer_in_flight_alone(store):
@@ -112,3 +118,133 @@ def test_a_commit_leaves_an_older_writer_in_flight_alone(store):
     assert store.fs.cat_file(f"{store.resolve('models/m')}/weights") == b"slow"  # the last commit wins
     assert sorted(store.fs.ls(store.resolve("models/m"), detail=False)) == sorted(
         [f"{store.resolve('models/m')}/weights", f"{store.resolve('models/m')}/config"]), "no writer mark left"
+
+
+# -- superseded versions stay readable for a grace period (issue 13.3) -------------------------
+
+def test_superseded_version_is_readable_for_the_grace_period_then_swept(tmp_path, monkeypatch):
+    import time
+
+    from sae_platform import storage
+
+    monkeypatch.delenv(storage.GRACE_ENV, raising=False)
+    assert ArtifactStore(str(tmp_path / "a")).grace_s == storage.DEFAULT_GRACE_S == 3600
+    monkeypatch.setenv(storage.GRACE_ENV, "0.5")
+    store = ArtifactStore(str(tmp_path / "a"))
+    assert store.grace_s == 0.5
+    _write(store, "things/a", "one")
+    reader = store.resolve("things/a")                 # a run resolves the version it will read ...
+    _write(store, "things/a", "two")                    # ... another run commits a new one
+    assert store.fs.cat_file(f"{reader}/payload.txt") == b"one", "still readable right after the commit"
+    mark = json.loads(store.fs.cat_file(f"{reader}/.superseded.json"))
+    assert mark["by"] == store.pointer("things/a")["version"]
+    _write(store, "things/a", "three")                  # within the grace period: kept
+    assert store.fs.exists(reader)
+    time.sleep(0.6)
+    _write(store, "things/a", "four")                   # the first commit after the grace period sweeps
+    assert not store.fs.exists(reader)
+    versions = [e.rsplit("/", 1)[-1] for e in store.fs.ls(store.path("things/a"), detail=False) if "/v-" in e]
+    assert len(versions) == 2, "the ones superseded within the grace period are kept"
+    assert _read(store, "things/a") == "four"
+    with pytest.raises(StorageError, match=r"version v-.* which this run was reading, has been removed"):
+        store.check_version("things/a", reader.rsplit("/", 1)[-1])
+    for bad in ("-1", "soon", "inf"):
+        monkeypatch.setenv(storage.GRACE_ENV, bad)
+        with pytest.raises(StorageError, match="SAE_PLATFORM_GRACE_S"):
+            ArtifactStore(str(tmp_path / "a"))
+
+
+def test_training_reader_survives_a_reshuffle_and_a_vanished_version_says_so(tmp_path):
+    """A run streaming the shuffled store while the store is re-shuffled: within the grace period
+    it reads the old plan to the end; once the old pieces are gone it gets an error naming them."""
+    import numpy as np
+
+    from sae_platform import shuffle
+
+    store = ArtifactStore(str(tmp_path / "s"), grace_s=3600)
+    rng = np.random.default_rng(0)
+
+    def cache(key, rows):
+        with store.writing(f"activations/{key}") as version:
+            group = store.open_group(f"{version}/data.zarr", "w")
+            group.create_array("acts", data=rng.standard_normal((rows, 64)).astype(np.float32), chunks=(64, 64))
+            group.attrs.update({"d_model": 64, "dtype": "float32", "n_rows": rows})
+
+    budget = 1 << 18          # several final pieces, read one after the other
+    cache("a", 2000)
+    shuffle.run_shuffle(store, "main", n_buckets=2, memory_budget_bytes=budget, n_jobs=1, seed=0)
+    reading = shuffle.open_shuffled(store, "main")
+    expected = np.concatenate([b for _, b in reading.blocks()])
+    blocks = reading.blocks()
+    first = next(blocks)
+    cache("b", 300)                                                   # new data arrives ...
+    shuffle.run_shuffle(store, "main", n_buckets=2, memory_budget_bytes=budget, n_jobs=1, seed=0)  # re-shuffle
+    assert shuffle.open_shuffled(store, "main").n_rows == 2300 and len(reading.pieces) > 1
+    rest = [b for _, b in blocks]                                     # the old plan, read to the end
+    assert np.array_equal(np.concatenate([first[1], *rest]), expected)
+    # the same with no grace: the reader's pieces go at the re-shuffle's commit
+    quick = ArtifactStore(store.root_url, grace_s=0)
+    reading = shuffle.open_shuffled(quick, "main")
+    blocks = reading.blocks()
+    next(blocks)
+    cache("c", 300)
+    shuffle.run_shuffle(quick, "main", n_buckets=2, memory_budget_bytes=budget, n_jobs=1, seed=0)
+    with pytest.raises(StorageError) as error:
+        list(blocks)
+    message = str(error.value)
+    assert "which this run was reading, has been removed" in message and "grace period of 0 s" in message
+    assert reading.index["plan_id"] in message and "re-run this step" in message
+    assert "SAE_PLATFORM_GRACE_S" in message
+
+
+def test_a_partition_re_cached_under_a_reader(tmp_path):
+    import numpy as np
+
+    from sae_platform.activations import open_partition
+
+    store = ArtifactStore(str(tmp_path / "p"), grace_s=0)
+    for value in (1.0, 2.0):
+        with store.writing("activations/k") as version:
+            group = store.open_group(f"{version}/data.zarr", "w")
+            group.create_array("acts", data=np.full((128, 4), value, np.float32), chunks=(32, 4))
+        if value == 1.0:
+            part = open_partition(store, "k")
+            assert float(part.acts[0:32].mean()) == 1.0
+    with pytest.raises(StorageError, match="activation partition 'k'.*has been removed"):
+        part.acts[32:64]       # would read zeros (the fill value) from the removed version
+
+
+def test_base_model_converted_again_under_a_loader(tmp_path, tiny_model_dir):
+    """Two runs converting the base model: the one loading the version the other superseded still
+    loads it within the grace period; after it, the error says the version was removed."""
+    from sae_platform.model import (
+        load_hooked_model,
+        load_stored_model,
+        model_artifact_name,
+        store_base_model,
+    )
+
+    source = str(tiny_model_dir)
+    name = model_artifact_name(source)
+    store = ArtifactStore(str(tmp_path / "m"))
+    hooked, converted = load_stored_model(store, source, layer=1, device="cpu", autocast="none")
+    assert converted and hooked.d_model == 32
+    old = store.resolve(name)
+    store_base_model(store, source)                              # another run converts it again
+    assert store.resolve(name) != old
+    assert load_hooked_model(old, layer=1, device="cpu", autocast="none").d_model == 32     # still readable
+    quick = ArtifactStore(store.root_url, grace_s=0)
+    store_base_model(quick, source)                              # grace over: the old versions go
+    assert not store.fs.exists(old)
+    with pytest.raises(StorageError, match=r"base model .* which this run was reading, has been removed"), \
+            store.reading(name, old.rsplit("/", 1)[-1], f"base model {source!r}"):
+        load_hooked_model(old, layer=1, device="cpu", autocast="none")
+    (tmp_path / "planted").mkdir()
+    import shutil
+
+    shutil.copytree(store.resolve(name), tmp_path / "planted" / "m")
+    for f in (tmp_path / "planted" / "m").glob("*.safetensors"):
+        f.unlink()                                               # only a pickled checkpoint beside the config
+    (tmp_path / "planted" / "m" / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(OSError, match="safetensors"):
+        load_hooked_model(str(tmp_path / "planted" / "m"), layer=1, device="cpu", autocast="none")

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from sae_platform import shuffle
-from sae_platform.trainer import TrainingError, TrainSettings, checkpoint_name, load_sae, train_sae
 from sae_platform.storage import ArtifactStore
+from sae_platform.trainer import (
+    TrainingError,
+    TrainSettings,
+    checkpoint_name,
+    load_sae,
+    train_sae,
+)
 
 SETTINGS = TrainSettings(variant="topk", n_latents=64, k=4, batch_size=256, token_budget=256 * 30,
                          checkpoint_every_tokens=256 * 10, holdout_rows=512, log_every_steps=5,
@@ -122,3 +128,184 @@ def test_k_larger_than_n_latents(store):
     with pytest.raises(Exception, match="k"):
         train_sae(store, "main", "run", TrainSettings(**{**SETTINGS.__dict__, "k": 128}), log=lambda m: None)
     assert store.pointer(checkpoint_name("run")) is None
+
+
+# -- nothing read from a checkpoint can run code (issue 13.1) ----------------------------------
+
+class _Plant:
+    """A pickle that, when loaded by the full unpickler, creates a file (as an attacker's would)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _pickle_bytes(marker) -> bytes:
+    import io
+    import pickle
+
+    buffer = io.BytesIO()
+    pickle.dump({"step": 1, "payload": _Plant(marker)}, buffer)
+    return buffer.getvalue()
+
+
+def test_checkpoint_holds_no_pickle(store):
+    make_shuffled(store)
+    train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
+    path = store.resolve(checkpoint_name("run"))
+    names = {p.rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
+    assert names >= {"sae_weights.safetensors", "cfg.json", "optimizer.safetensors", "optimizer.json",
+                     "trainer_state.safetensors", "trainer_state.json"}
+    assert not {n for n in names if n.endswith((".pt", ".pkl", ".bin"))}
+
+
+@pytest.mark.parametrize("file", ["trainer_state.safetensors", "optimizer.safetensors", "sae_weights.safetensors"])
+def test_crafted_pickle_in_a_checkpoint_is_refused(store, tmp_path, file):
+    """Overwriting a committed checkpoint's file with a pickle: the re-run refuses it, runs nothing."""
+    make_shuffled(store)
+    every = TrainSettings(**{**SETTINGS.__dict__, "checkpoint_every_tokens": 256 * 10})
+    assert train_sae(store, "main", "run", every, log=lambda m: None)["steps"] == 30
+    marker = tmp_path / "pwned"
+    path = store.resolve(checkpoint_name("run"))
+    store.fs.pipe_file(f"{path}/{file}", _pickle_bytes(marker))
+    with pytest.raises(Exception) as error:
+        train_sae(store, "main", "run", every, log=lambda m: None)
+    assert not marker.exists(), "the pickle ran"
+    message = str(error.value)
+    assert file in message and "refused" in message and "How to fix" in message
+
+
+def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path):
+    """A checkpoint of an earlier version (optimizer.pt / trainer_state.pt): plain tensors load with
+    torch's restricted unpickler and training resumes; a crafted pickle is refused and never run."""
+    import io
+
+    make_shuffled(store)
+    first = TrainSettings(**{**SETTINGS.__dict__, "checkpoint_every_tokens": 256 * 10})
+    train_sae(store, "main", "run", first, log=lambda m: None)
+    path = store.resolve(checkpoint_name("run"))
+    from safetensors.torch import load as load_st
+
+    # rewrite it in the old layout: optimizer.pt and trainer_state.pt (plain tensors and containers)
+    meta = json_load(store, f"{path}/trainer_state.json")
+    tensors = load_st(store.fs.cat_file(f"{path}/trainer_state.safetensors"))
+    opt_meta = json_load(store, f"{path}/optimizer.json")
+    opt = load_st(store.fs.cat_file(f"{path}/optimizer.safetensors"))
+    state = {}
+    for name, value in opt.items():
+        _, i, k = name.split(".", 2)
+        state.setdefault(int(i), {})[k] = value
+    for name in ("trainer_state.json", "trainer_state.safetensors", "optimizer.json", "optimizer.safetensors"):
+        store.fs.rm_file(f"{path}/{name}")
+    for name, obj in (("trainer_state.pt", {**meta, **tensors}),
+                      ("optimizer.pt", {"state": state, "param_groups": opt_meta["param_groups"]})):
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        store.fs.pipe_file(f"{path}/{name}", buffer.getvalue())
+    logs = []          # the same settings again: the finished run is found (its state read back safely)
+    train_sae(store, "main", "run", first, log=logs.append)
+    assert "already trained" in logs[0]
+    marker = tmp_path / "pwned"
+    store.fs.pipe_file(f"{path}/trainer_state.pt", _pickle_bytes(marker))
+    with pytest.raises(Exception) as error:
+        train_sae(store, "main", "run", first, log=lambda m: None)
+    assert not marker.exists(), "the pickle ran"
+    assert "trainer_state.pt" in str(error.value) and "refused" in str(error.value)
+
+
+def json_load(store, path):
+    import json
+
+    return json.loads(store.fs.cat_file(path))
+
+
+# -- non-finite weights are never committed (issue 13.5) ---------------------------------------
+
+def test_diverged_weights_are_not_committed_and_the_message_is_true(store):
+    make_shuffled(store)
+    good = TrainSettings(**{**SETTINGS.__dict__, "token_budget": 256 * 10, "checkpoint_every_tokens": 256 * 10})
+    train_sae(store, "main", "run", good, log=lambda m: None)
+    before = store.pointer(checkpoint_name("run"))
+    files_before = {p: store.fs.cat_file(p) for p in store.fs.find(store.resolve(checkpoint_name("run")))}
+    huge = TrainSettings(**{**SETTINGS.__dict__, "lr": 1e39, "token_budget": 256 * 2,
+                            "checkpoint_every_tokens": 256})
+    with pytest.raises(TrainingError) as error:
+        train_sae(store, "main", "run", huge, log=lambda m: None)
+    message = str(error.value)
+    assert "NaN/inf" in message and "not committed" in message or "loss became" in message
+    assert f"version {before['version']}" in message and "starts afresh" in message
+    assert store.pointer(checkpoint_name("run")) == before          # the last good checkpoint ...
+    after = {p: store.fs.cat_file(p) for p in store.fs.find(store.resolve(checkpoint_name("run")))}
+    assert after == files_before                                     # ... really untouched, byte for byte
+    sae, _ = load_sae(store, "run")
+    assert all(torch.isfinite(t).all() for t in sae.state_dict().values())
+    # the same run again fails again, from the good state: nothing garbage to resume from
+    with pytest.raises(TrainingError):
+        train_sae(store, "main", "run", huge, log=lambda m: None)
+    assert store.pointer(checkpoint_name("run")) == before
+
+
+def test_diverged_first_checkpoint_says_nothing_was_committed(store):
+    make_shuffled(store)
+    huge = TrainSettings(**{**SETTINGS.__dict__, "lr": 1e39, "token_budget": 256 * 1})
+    with pytest.raises(TrainingError) as error:
+        train_sae(store, "main", "fresh", huge, log=lambda m: None)
+    assert "no checkpoint of 'fresh' was committed" in str(error.value)
+    assert store.pointer(checkpoint_name("fresh")) is None
+
+
+def test_a_non_finite_checkpoint_of_an_earlier_version_is_not_resumed(store):
+    make_shuffled(store)
+    every = TrainSettings(**{**SETTINGS.__dict__, "checkpoint_every_tokens": 256 * 10})
+    train_sae(store, "main", "run", every, log=lambda m: None)
+    path = store.resolve(checkpoint_name("run"))
+    from safetensors.torch import load as load_st
+    from safetensors.torch import save as save_st
+
+    weights = load_st(store.fs.cat_file(f"{path}/sae_weights.safetensors"))
+    weights["W_dec"][0, 0] = float("nan")
+    store.fs.pipe_file(f"{path}/sae_weights.safetensors", save_st(weights))
+    with pytest.raises(Exception, match="holds NaN/inf in W_dec.*not resumed from"):
+        train_sae(store, "main", "run", every, log=lambda m: None)
+
+
+def test_nan_in_held_out_rows_is_an_error_naming_the_row(store):
+    from sae_platform.errors import StorageError
+    from sae_platform.evaluate import heldout_activation_batches, reconstruction_metrics
+    from sae_platform.sae import build_sae
+
+    make_shuffled(store, nan_row=7)  # global row id 7, wherever the shuffle put it
+    n_rows = shuffle.open_shuffled(store, "main").n_rows
+    sae = build_sae("topk", 16, 64, k=4)
+    with pytest.raises(StorageError) as error:
+        reconstruction_metrics(sae, heldout_activation_batches(store, "main", n_rows, batch_rows=256))
+    message = str(error.value)
+    assert "held-out activations" in message and "global row id 7" in message and "shuffled row" in message
+    x = np.ones((10, 16), np.float32)
+    x[3, 2] = np.inf
+    with pytest.raises(Exception, match="row 3 of the rows evaluated"):
+        reconstruction_metrics(sae, [x])
+
+
+def test_ce_contexts_from_too_little_held_out_text(caplog):
+    import logging
+
+    from sae_platform.errors import SourceError
+    from sae_platform.evaluate import heldout_ce_tokens
+
+    short = [("data/holdout/tiny.txt", [[5, 6, 7] * 10])]                       # 30 tokens
+    with pytest.raises(SourceError) as error:
+        heldout_ce_tokens(short, ctx_len=128, n_contexts=32, start_token_id=0)
+    message = str(error.value)
+    assert "data/holdout/tiny.txt" in message and "ce_contexts: 0" in message and "30 tokens" in message
+    some = [("data/holdout/some.txt", [list(range(1, 5 * 128))])]              # 5 contexts' worth
+    with caplog.at_level(logging.WARNING):
+        tokens = heldout_ce_tokens(some, ctx_len=128, n_contexts=32, start_token_id=0)
+    assert tokens.shape == (4, 128) or tokens.shape == (5, 128)
+    assert f"only {tokens.shape[0]} of the 32 contexts" in caplog.text and "some.txt" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert heldout_ce_tokens(some, ctx_len=128, n_contexts=2, start_token_id=0).shape == (2, 128)
+    assert not caplog.text

@@ -170,6 +170,7 @@
       id: 'search', type: 'search', value: S.query, autocomplete: 'off', spellcheck: false,
       placeholder: 'Search: feature id, or a token (e.g. " Paris")',
       oninput: debounce((e) => {
+        if (S.view !== 'index') return;   // a feature was opened meanwhile: the list is gone
         const had = S.query.trim() !== '';
         S.query = e.target.value;
         const has = S.query.trim() !== '';
@@ -210,7 +211,9 @@
   }
 
   function renderList() {
-    const list = clear(document.getElementById('list'));
+    const listEl = document.getElementById('list');
+    if (S.view !== 'index' || !listEl) return;   // the index is not on screen (a feature is open)
+    const list = clear(listEl);
     const cols = S.index.columns;
     const total = S.order.length;
     const pages = Math.max(1, Math.ceil(total / PAGE));
@@ -308,7 +311,7 @@
     grid.appendChild(el('section', { class: 'card' }, el('h2', null, 'Logit effects'), logits(f)));
     root.appendChild(grid);
     root.appendChild(examples(f));
-    root.appendChild(lineage());
+    root.appendChild(lineage(id));
   }
 
   function featureHeader(f) {
@@ -408,8 +411,10 @@
     for (const kind of order) {
       const idx = byKind.get(kind);
       if (!idx) continue;
+      const folded = ex.twins ? idx.reduce((n, i) => n + ((ex.twins[i] || 1) - 1), 0) : 0;
       const sec = el('section', { class: 'card kind', id: `examples-${kind.replace(/\W/g, '_')}` },
-        el('h2', null, KIND_TITLES[kind] || kind, el('span', { class: 'muted small' }, ` ${idx.length} examples`)));
+        el('h2', null, KIND_TITLES[kind] || kind, el('span', { class: 'muted small' },
+          ` ${idx.length} examples` + (folded ? ` (${folded} identical window${folded === 1 ? '' : 's'} shown once)` : ''))));
       if (kind === 'interval') {
         const groups = new Map();
         for (const i of idx) { const g = ex.interval[i]; if (!groups.has(g)) groups.set(g, []); groups.get(g).push(i); }
@@ -439,19 +444,24 @@
     const where = `partition ${ex.partition[i]} \u00b7 row ${ex.row[i]}` + (ex.doc_id && ex.doc_id[i] !== null && ex.doc_id[i] !== undefined ? ` \u00b7 doc ${ex.doc_id[i]}` : '');
     const text = el('div', { class: 'ctx' });
     const toks = ex.tokens[i];
+    const twins = ex.twins ? ex.twins[i] || 1 : 1;
     if (!toks) {
       text.appendChild(el('span', { class: 'muted' }, '(no context window)'));
     } else {
       const acts = ex.acts[i] || [];
       const noact = new Set(ex.noact[i] || []);
+      const ntok = ex.ntok ? ex.ntok[i] : null;   // tokens per span: a character made of byte tokens
       toks.forEach((t, j) => {
         const a = acts[j];
+        const n = ntok ? ntok[j] : 1;
         const span = el('span', { class: 'tok' }, showToken(t));
+        const bytes = n > 1 ? ` \u00b7 one character from ${n} byte tokens (max of their activations)` : '';
+        if (n > 1) span.classList.add('chars');
         if (noact.has(j)) {
           span.classList.add('noact');
-          span.title = 'no stored activation';
+          span.title = 'no stored activation' + bytes;
         } else {
-          span.title = `act ${a === null || a === undefined ? '–' : a}`;
+          span.title = `act ${a === null || a === undefined ? '–' : a}` + bytes;
           if (a > 0) {
             const x = Math.min(1, a / fmax);
             span.style.backgroundColor = `rgba(255, 128, 0, ${(0.08 + 0.82 * x).toFixed(3)})`;
@@ -468,12 +478,64 @@
     }
     return el('div', { class: 'ex' },
       el('span', { class: 'exact num', title: where }, fmt(ex.activation[i])),
+      twins > 1 ? el('span', { class: 'twins', title: `the same window occurs ${twins} times among this feature's examples; shown once (first: ${where})` }, `\u00d7${twins}`) : null,
       text);
   }
 
-  function lineage() {
+  // ---------- lineage ----------
+  function dagsterLink(path, text) {
+    const base = S.index.dagster_url;
+    if (typeof base !== 'string' || !/^https?:\/\/[^\s"'<>]+$/.test(base)) return el('code', null, text);
+    const a = el('a', { class: 'ext', target: '_blank', rel: 'noopener noreferrer' }, text);
+    a.setAttribute('href', base + path);   // only below the configured Dagster UI
+    return a;
+  }
+  const enc = encodeURIComponent;
+  function runLink(id) {
+    return id ? dagsterLink(`/runs/${enc(id)}`, `run ${String(id).slice(0, 8)}`) : el('span', { class: 'muted' }, 'not recorded');
+  }
+  function assetLink(key, partition) {
+    return dagsterLink(`/assets/${enc(key)}` + (partition ? `?view=partitions&partition=${enc(partition)}` : ''),
+      partition ? `${key}[${partition}]` : key);
+  }
+  function shardLineage(id) {
+    for (const s of S.index.shard_lineage || []) if (id >= s.start && id < s.stop) return s.lineage;
+    return null;
+  }
+  function lineageRow(dl, label, ...value) {
+    dl.appendChild(el('dt', null, label));
+    dl.appendChild(el('dd', null, ...value));
+  }
+  function shardLineageRows(dl, lin) {
+    const t = lin.feature_table || {}, c = lin.sae_checkpoint || {}, s = lin.shuffle || {};
+    const m = lin.base_model || {}, parts = lin.activation_partitions || [];
+    const shard = t.shard !== undefined && t.shard !== null ? `f${t.shard}` : null;
+    const range = Array.isArray(t.features) ? `features [${t.features[0]}, ${t.features[1]})` : '';
+    lineageRow(dl, 'Feature table', el('code', null, `${t.sae || ''} ${shard || ''} \u00b7 ${range} \u00b7 version ${t.version || '?'}`),
+      ' ', assetLink('feature_topk', shard), ' \u00b7 built by ', runLink(t.dagster_run_id));
+    lineageRow(dl, 'SAE checkpoint', el('code', null, `${c.name || '?'} (${c.variant || '?'}) \u00b7 version ${c.version || '?'} \u00b7 step ${fmtInt(c.step)} \u00b7 ${fmtInt(c.tokens)} tokens`),
+      ' ', assetLink('sae_checkpoint', c.name));
+    const stale = s.current_plan_id && s.plan_id !== s.current_plan_id ? ` (re-shuffled since: plan ${s.current_plan_id})` : '';
+    lineageRow(dl, 'Shuffled activations', el('code', null, `${s.name || '?'} \u00b7 plan ${s.plan_id || '?'} \u00b7 ${fmtInt(s.n_rows)} rows${stale}`),
+      ' ', assetLink('shuffled_activations'));
+    lineageRow(dl, 'Activation partitions',
+      el('details', null, el('summary', null, `${parts.length} partition${parts.length === 1 ? '' : 's'}`),
+        el('ul', { class: 'parts' }, parts.map((p) => el('li', null,
+          el('code', null, `${p.key} \u00b7 version ${p.version} \u00b7 ${fmtInt(p.n_rows)} rows`), ' ', assetLink('activations', p.key))))));
+    lineageRow(dl, 'Base model', el('code', null, `${m.model || '?'} \u00b7 ${m.hook_name || '?'} \u00b7 d_model ${m.d_model || '?'}`),
+      ' ', assetLink('base_model'));
+  }
+
+  function lineage(id) {
     const lin = S.index.lineage || {};
     const dl = el('dl', { class: 'lineage' });
+    const own = shardLineage(id);
+    if (own) {
+      shardLineageRows(dl, own);
+      lineageRow(dl, 'Browser', 'built by ', runLink(lin.browser_dagster_run_id), ' ', assetLink('feature_browser'),
+        el('code', null, ` \u00b7 ${S.index.generated} (${S.index.version})`));
+      return el('section', { class: 'card', id: 'lineage' }, el('h2', null, 'Lineage'), dl);
+    }
     const keys = [...Object.keys(LINEAGE_LABELS).filter((k) => k in lin), ...Object.keys(lin).filter((k) => !(k in LINEAGE_LABELS))];
     for (const k of keys) {
       const v = lin[k];
