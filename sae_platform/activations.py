@@ -43,7 +43,7 @@ from sae_platform.corpus import (
     source_stamp,
     tokenize,
 )
-from sae_platform.errors import ModelError, SourceError
+from sae_platform.errors import ModelError
 from sae_platform.model import HookedModel
 from sae_platform.settings import setting, validate
 from sae_platform.storage import ArtifactStore

@@ -12,7 +12,7 @@ from sae_platform.activations import (
     open_partition,
 )
 from sae_platform.corpus import Contexts, list_source
-from sae_platform.errors import ModelError, SourceError
+from sae_platform.errors import ModelError
 from sae_platform.model import load_hooked_model
 from sae_platform.settings import SettingsError
 

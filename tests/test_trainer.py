@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from sae_platform import shuffle
-from sae_platform.storage import ArtifactStore
 from sae_platform.trainer import (
     TrainingError,
     TrainSettings,
