@@ -41,6 +41,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -90,14 +91,20 @@ def write_local_atomic(path: str, data: bytes) -> None:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process of this host still runs (signal 0 checks without signalling)."""
+    """Whether a process of this host still runs (signal 0 checks without signalling). A zombie is
+    dead: a killed step worker whose parent died too is reparented to PID 1, and where PID 1 does
+    not reap (a container's init), it stays in the process table and answers signal 0."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # alive, owned by another user
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): signal 0 is all we know
+    return state not in ("Z", "X")
 
 
 def _new_version_name() -> str:

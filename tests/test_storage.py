@@ -248,3 +248,22 @@ def test_base_model_converted_again_under_a_loader(tmp_path, tiny_model_dir):
     (tmp_path / "planted" / "m" / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(OSError, match="safetensors"):
         load_hooked_model(str(tmp_path / "planted" / "m"), layer=1, device="cpu", autocast="none")
+
+
+def test_a_zombie_process_is_not_alive():
+    """A killed step worker left as a zombie (its parent died, PID 1 does not reap) must count as
+    dead, or `sae-platform recover` never frees its run's pool slot."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from sae_platform.storage import process_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while process_alive(child.pid) and time.monotonic() < deadline:  # exited, not yet reaped: a zombie
+        time.sleep(0.05)
+    assert not process_alive(child.pid)
+    assert child.poll() == 0  # reap it
+    assert process_alive(os.getpid())
