@@ -38,10 +38,9 @@ from sae_platform.corpus import (
     Contexts,
     Document,
     TextFile,
-    pack_contexts,
-    read_documents,
+    check_key,
     source_stamp,
-    tokenize,
+    stream_contexts,
 )
 from sae_platform.errors import ModelError, SourceError
 from sae_platform.model import HookedModel
@@ -54,7 +53,9 @@ CHUNK_BYTES = 4 << 20  # ~4 MB chunks: big enough for streaming reads, small eno
 
 
 def partition_name(key: str) -> str:
-    return f"{PREFIX}/{key}"
+    """``activations/<key>``; refuses a key that is not one safe path segment, so nothing is ever
+    written outside ``activations/<key>/``."""
+    return f"{PREFIX}/{check_key(key)}"
 
 
 @dataclass(frozen=True)
@@ -213,13 +214,26 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
                     settings: CacheSettings, text_field: str = "text", encoding: str = "utf-8",
                     storage_options: dict | None = None, max_contexts: int | None = None,
                     progress: Callable[[int, int], None] | None = None) -> dict:
-    """The whole caching path for one batch: read, tokenize, pack, forward, commit."""
-    stamp = source_stamp(text_file, storage_options)  # before reading: a file replaced meanwhile looks changed
-    docs = read_documents(text_file, text_field, encoding, storage_options)
-    token_lists = tokenize(model.tokenizer, docs)
-    contexts = pack_contexts(token_lists, [d.doc_id for d in docs], settings.ctx_len, model.start_token_id,
-                             max_contexts)
-    return cache_partition(store, text_file.key, model, model_source, docs, contexts, settings, progress, stamp)
+    """The whole caching path for one batch: read, tokenize and pack (streamed, stopping at
+    ``max_contexts``), forward, commit. A failure caused by the file (``SourceError``) is recorded
+    with the file's stamp (``inbox.record_failed_attempt``), so that version is not retried; a
+    commit clears the record."""
+    from sae_platform.inbox import clear_failed_attempt, record_failed_attempt
+
+    try:
+        stamp = source_stamp(text_file, storage_options)  # before reading: a file replaced meanwhile looks changed
+    except FileNotFoundError as error:
+        raise SourceError(f"{text_file.url} vanished before it could be read",
+                          "restore the file, or delete its partition") from error
+    try:
+        docs, contexts = stream_contexts(text_file, model.tokenizer, settings.ctx_len, model.start_token_id,
+                                         max_contexts, text_field, encoding, storage_options)
+    except SourceError as error:
+        record_failed_attempt(store, text_file.key, stamp, str(error))
+        raise
+    summary = cache_partition(store, text_file.key, model, model_source, docs, contexts, settings, progress, stamp)
+    clear_failed_attempt(store, text_file.key)
+    return summary
 
 
 def _not_sinks(rows: torch.Tensor, factor: float) -> torch.Tensor:
