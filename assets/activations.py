@@ -56,7 +56,7 @@ def cache_batch(log, config: ActivationsConfig, storage: StorageResource, langua
                 text_source: TextSourceResource, key: str) -> dict:
     """The body of `activations` for batch ``key``, shared with the full_pipeline job."""
     store = storage.store()
-    text_file = text_source.file(key)
+    text_file = text_source.file(key, store)
     model, converted = language_model.load(store)
     if converted:
         log.info("base model was not stored yet: converted it now (materialize base_model to track it)")

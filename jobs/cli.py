@@ -119,7 +119,7 @@ def fill_holdout_from_demo(settings: Settings) -> Path | None:
 
 def register(instance, defs) -> list[str]:
     text_source = defs.resources["text_source"]
-    keys = [f.key for f in text_source.files()]
+    keys = [f.key for f in text_source.files(defs.resources["storage"].store())]
     existing = set(instance.get_dynamic_partitions(ACTIVATION_BATCHES.name))
     new = [k for k in keys if k not in existing]
     if new:
@@ -333,6 +333,7 @@ def _print_status(defs) -> None:
     for key in list_partitions(store):
         pointer = store.pointer(f"activations/{key}")
         print(f"  activations/{key}: committed {pointer['version']}")
+    _print_inbox(defs, store)
     for name in store.committed_names("shuffled"):
         pointer = store.pointer(name)
         print(f"  {name}: {pointer.get('n_rows', '?'):,} rows, plan {pointer.get('plan_id')}")
@@ -343,6 +344,23 @@ def _print_status(defs) -> None:
         report = store.read_json(f"{store.resolve(name)}/report.json")
         print(f"  {name}: " + ", ".join(f"{k} {report[k]:.4g}" for k in ("fvu", "l0", "dead_fraction",
                                                                          "loss_recovered") if report.get(k) is not None))
+
+
+def _print_inbox(defs, store) -> None:
+    """Inbox files that are not cached, and why: skipped (never read) or failed (their last attempt)."""
+    from sae_platform.inbox import inbox_report
+
+    text_source = defs.resources["text_source"]
+    try:
+        inbox = text_source.scan(store)
+    except (PlatformError, OSError) as error:
+        print(f"\ninbox {text_source.pattern}: cannot be listed ({error})")
+        return
+    lines = inbox_report(inbox, store)
+    print(f"\ninbox {text_source.pattern}: {len(inbox.files)} file(s) to cache"
+          + (f", {len(lines)} not cached:" if lines else ""))
+    for line in lines:
+        print(line)
 
 
 def cmd_status(args) -> int:

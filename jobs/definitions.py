@@ -10,7 +10,7 @@ from dagster import AssetSelection, Definitions, define_asset_job
 from assets import ASSET_CHECKS, ASSETS, SCHEDULES, SENSORS
 from assets.partitions import ACTIVATION_BATCHES, FEATURE_JOBS, FEATURE_SHARDS, SAE_SWEEP
 from assets.training import train_sae_job
-from jobs.full_pipeline import full_pipeline
+from jobs.full_pipeline import cache_inbox, full_pipeline
 from jobs.settings import Settings
 from resources import (
     AutomationResource,
@@ -51,7 +51,7 @@ feature_regroup = define_asset_job(
     description="Pass 3 regrouped by feature shard.")
 build_browser = define_asset_job("build_browser", selection=AssetSelection.assets("feature_browser"),
                                  description="Generate the static feature browser.")
-JOBS = [full_pipeline, prepare_base_model, cache_activations, shuffle_activations, train_saes, train_sae_job,
+JOBS = [full_pipeline, cache_inbox, prepare_base_model, cache_activations, shuffle_activations, train_saes, train_sae_job,
         feature_pass_1, feature_pass_2, feature_pass_3, feature_regroup, build_browser]
 
 

@@ -34,6 +34,7 @@ from dagster import (
     OpExecutionContext,
     Out,
     Output,
+    in_process_executor,
     job,
     multi_or_in_process_executor,
     op,
@@ -55,7 +56,7 @@ from resources import (
 )
 from sae_platform import shuffle as sh
 from sae_platform.activations import partition_name
-from sae_platform.errors import PlatformError
+from sae_platform.errors import PlatformError, SourceError
 from sae_platform.corpus import source_stamp
 from sae_platform.freshness import changed_sources, stale_reasons
 from jobs.settings import Settings
@@ -101,12 +102,25 @@ def store_base_model_op(context: OpExecutionContext, storage: StorageResource,
 class BatchesConfig(Config):
     recache: bool = Field(default=False, description="re-cache batches that are already stored")
     max_batches: int | None = Field(default=None, description="only the first N inbox files (sorted); default all")
+    keys: list[str] | None = Field(default=None, description="only these partitions (the inbox sensor's "
+                                                             "cache_inbox runs); default: every inbox file")
 
 
 @op(ins={"model": In(Nothing)}, out=DynamicOut(tuple),
     description="One activation partition per inbox file (registered in the instance), fanned out.")
-def activation_batches(context: OpExecutionContext, config: BatchesConfig, text_source: TextSourceResource):
-    keys = sorted(f.key for f in text_source.files())[: config.max_batches]
+def activation_batches(context: OpExecutionContext, config: BatchesConfig, text_source: TextSourceResource,
+                       storage: StorageResource):
+    inbox = text_source.scan(storage.store())
+    for skipped in inbox.skipped:  # every file is either cached or named here with its reason
+        context.log.warning(f"skipped {skipped.url}: {skipped.reason}")
+    keys = sorted(f.key for f in inbox.files)[: config.max_batches]
+    if not keys:
+        text_source.files()  # raises the error naming the empty source
+    if config.keys is not None:
+        gone = sorted(set(config.keys) - set(keys))
+        if gone:
+            context.log.warning(f"no longer in the inbox (or skipped): {', '.join(gone)}")
+        keys = [k for k in keys if k in set(config.keys)]
     registered = set(context.instance.get_dynamic_partitions(ACTIVATION_BATCHES.name))
     new = [k for k in keys if k not in registered]
     if new:
@@ -117,20 +131,26 @@ def activation_batches(context: OpExecutionContext, config: BatchesConfig, text_
 
 
 @op(name="cache_batch", description="Logs activations[batch]: caches one batch (skipped when stored and its file "
-                                    "unchanged, unless recache).")
+                                    "unchanged, unless recache). A file that cannot be read is reported "
+                                    "(log, output metadata, `sae-platform status`) and the other batches go on.")
 def cache_batch_op(context: OpExecutionContext, config: ActivationsConfig, storage: StorageResource,
-                   language_model: BaseModelResource, text_source: TextSourceResource, batch: tuple) -> str:
+                   language_model: BaseModelResource, text_source: TextSourceResource, batch: tuple) -> dict:
     key, recache = batch
     store = storage.store()
-    if not recache and store.pointer(partition_name(key)) is not None:
-        text_file = text_source.file(key)
-        if not changed_sources(store, {key: source_stamp(text_file, text_source.storage_options)}):
-            context.log.info(f"activations/{key} already cached")
-            return key
-        context.log.info(f"{text_file.url} was replaced since it was cached: caching it again")
-    metadata = cache_batch(context.log, config, storage, language_model, text_source, key)
+    try:
+        if not recache and store.pointer(partition_name(key)) is not None:
+            text_file = text_source.file(key, store)
+            if not changed_sources(store, {key: source_stamp(text_file, text_source.storage_options)}):
+                context.log.info(f"activations/{key} already cached")
+                return {"key": key, "failed": None}
+            context.log.info(f"{text_file.url} was replaced since it was cached: caching it again")
+        metadata = cache_batch(context.log, config, storage, language_model, text_source, key)
+    except SourceError as error:  # this file's fault: report it, let the other batches go on
+        context.log.error(f"batch {key} was not cached, the pipeline goes on without it: {error}")
+        context.add_output_metadata({"failed": str(error)})
+        return {"key": key, "failed": str(error)}
     _materialized(context, "activations", metadata, partition=key)
-    return key
+    return {"key": key, "failed": None}
 
 
 # -- shuffle --------------------------------------------------------------------------------------
@@ -138,7 +158,12 @@ def cache_batch_op(context: OpExecutionContext, config: ActivationsConfig, stora
 @op(name="plan_shuffle", description="Logs shuffle_plan: pins every cached partition and plans the passes; "
                                      "done=True when the committed store already has this plan.")
 def plan_shuffle_op(context: OpExecutionContext, storage: StorageResource, shuffle: ShuffleResource,
-                    batches: list[str]) -> dict:
+                    batches: list[dict]) -> dict:
+    failed = {b["key"]: b["failed"] for b in batches if b["failed"]}
+    if failed:
+        context.log.error(f"{len(failed)} batch(es) failed to cache and are left out: "
+                          + "; ".join(f"{k}: {r.splitlines()[0]}" for k, r in sorted(failed.items())))
+        context.add_output_metadata({"failed_batches": sorted(failed), "failed_reasons": failed})
     metadata = shuffle_stages.plan_shuffle(context.log, storage, shuffle)
     index = storage.store().pointer(f"{sh.SHUFFLED}/{shuffle.name}")
     done = index is not None and index.get("plan_id") == metadata["plan_id"]
@@ -324,6 +349,13 @@ def regroup_op(context: OpExecutionContext, storage: StorageResource, features: 
 def browser_op(context: OpExecutionContext, storage: StorageResource, features: FeatureTablesResource) -> None:
     _materialized(context, "feature_browser",
                   feature_stages.build_browser(context.log, storage, features, context.run_id))
+
+
+@job(executor_def=in_process_executor, tags={"sae_platform/pipeline": "cache_inbox"},
+     description="Cache the activations of several inbox files in one run (what inbox_sensor launches: "
+                 "ops.activation_batches.config.keys); a file that fails is reported and the others go on.")
+def cache_inbox():
+    activation_batches(store_base_model_op()).map(cache_batch_op)
 
 
 def pipeline_executor(kind: str):

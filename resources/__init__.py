@@ -8,7 +8,9 @@ import yaml
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from sae_platform.corpus import TextFile, find_file, list_source, source_stamp
+from sae_platform.corpus import TextFile, list_source
+from sae_platform.errors import SourceError
+from sae_platform.inbox import Inbox, scan_inbox
 from sae_platform.model import EMBEDDED_MODEL, ensure_base_model, load_hooked_model
 from sae_platform.storage import ArtifactStore
 
@@ -23,10 +25,13 @@ class StorageResource(ConfigurableResource):
 
     root_url: str = Field(description="fsspec URL of the artifact root, e.g. /data/sae or s3://bucket/sae")
     endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto, …)")
+    create_bucket: bool = Field(default=False, description="create a missing S3 bucket (default: fail with "
+                                                           "'bucket does not exist'; SAE_PLATFORM_CREATE_BUCKET=1 too)")
 
     def store(self) -> ArtifactStore:
         url = self.root_url if "://" in self.root_url else os.path.abspath(self.root_url)
-        return ArtifactStore(url, _s3_options(self.endpoint_url) if url.startswith("s3://") else {})
+        return ArtifactStore(url, _s3_options(self.endpoint_url) if url.startswith("s3://") else {},
+                             create_bucket=self.create_bucket or None)
 
 
 class BaseModelResource(ConfigurableResource):
@@ -50,6 +55,8 @@ class TextSourceResource(ConfigurableResource):
     text_field: str = Field(default="text", description="JSON field / parquet column holding the text")
     encoding: str = Field(default="utf-8", description="text encoding of .txt/.jsonl files")
     endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint for s3:// patterns")
+    skip_duplicates: bool = Field(default=True, description="a file byte-identical to another inbox file is "
+                                                            "reported and not cached again; false caches copies")
 
     @property
     def storage_options(self) -> dict:
@@ -58,14 +65,28 @@ class TextSourceResource(ConfigurableResource):
     def _resolved(self) -> str:
         return self.pattern if "://" in self.pattern else os.path.abspath(self.pattern)
 
-    def files(self) -> list[TextFile]:
-        return list_source(self._resolved(), self.storage_options)
+    def scan(self, store: ArtifactStore | None = None) -> Inbox:
+        """Files to cache (keys, stamps) and files skipped with their reason (sae_platform.inbox);
+        with ``store``, of byte-identical files the cached one stays the original."""
+        return scan_inbox(self._resolved(), self.storage_options, store, self.skip_duplicates)
 
-    def file(self, key: str) -> TextFile:
-        return find_file(self._resolved(), key, self.storage_options)
+    def files(self, store: ArtifactStore | None = None) -> list[TextFile]:
+        files = self.scan(store).files
+        return files if files else list_source(self._resolved(), self.storage_options)  # raises, naming why
+
+    def file(self, key: str, store: ArtifactStore | None = None) -> TextFile:
+        inbox = self.scan(store)
+        for f in inbox.files:
+            if f.key == key:
+                return f
+        raise SourceError(f"no file in text source {self.pattern!r} has partition key {key!r}",
+                          "the file may have been removed from the inbox, or skipped (`sae-platform status` "
+                          "lists why); restore it, or delete the stale partition")
 
     def stamps(self, files: list[TextFile] | None = None) -> dict[str, str]:
         """Partition key → size and modification stamp, to notice files replaced under the same name."""
+        from sae_platform.corpus import source_stamp
+
         return {f.key: source_stamp(f, self.storage_options) for f in (self.files() if files is None else files)}
 
 
@@ -118,6 +139,14 @@ class AutomationResource(ConfigurableResource):
         if "cache_batch" in config.get("ops", {}):
             caching["ops"] = {"activations": config["ops"]["cache_batch"]}
         return caching
+
+    def inbox_run_config(self, keys: list[str]) -> dict:
+        """Run config of a `cache_inbox` run caching ``keys``: the file's resources and cache_batch settings."""
+        config = self.run_config()
+        ops = {"activation_batches": {"config": {"keys": list(keys)}}}
+        if "cache_batch" in config.get("ops", {}):
+            ops["cache_batch"] = config["ops"]["cache_batch"]
+        return {**({"resources": config["resources"]} if config.get("resources") else {}), "ops": ops}
 
     def resource_setting(self, resource: str, key: str, default):
         """A resource setting as the launched runs will see it (the file's override, else ``default``)."""

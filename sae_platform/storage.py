@@ -42,6 +42,7 @@ POINTER = "COMMITTED.json"
 VERSION_PREFIX = "v-"
 WRITER_MARK = ".writer.json"
 STALE_WRITER_S = 24 * 3600  # a writer on another host silent this long is taken for dead
+_BUCKETS_SEEN: set[tuple[str, str, str]] = set()  # buckets checked once per process
 
 
 def write_local_atomic(path: str, data: bytes) -> None:
@@ -81,6 +82,9 @@ class ArtifactStore:
 
     root_url: str
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # An S3 root's bucket must exist; create it only when asked (True, or SAE_PLATFORM_CREATE_BUCKET=1),
+    # so that a misspelt bucket name fails instead of filling a new bucket.
+    create_bucket: bool | None = None
 
     def __post_init__(self):
         options = dict(self.storage_options)
@@ -89,6 +93,30 @@ class ArtifactStore:
         self.fs, self.root = fsspec.core.url_to_fs(self.root_url, **options)
         self.root = self.root.rstrip("/")
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        if self.protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+            self._check_bucket()
+
+    def _check_bucket(self) -> None:
+        bucket = self.root.split("/", 1)[0]
+        seen = (self.protocol, str(self.storage_options.get("endpoint_url")), bucket)
+        if seen in _BUCKETS_SEEN:
+            return
+        create = self.create_bucket
+        if create is None:
+            create = os.environ.get("SAE_PLATFORM_CREATE_BUCKET", "").strip().lower() in ("1", "true", "yes")
+        try:
+            exists = self.fs.exists(bucket)
+        except PermissionError:
+            exists = True  # listing buckets may be forbidden while the bucket itself is usable
+        if not exists:
+            if not create:
+                raise StorageError(
+                    f"bucket {bucket!r} does not exist (artifact root {self.root_url})",
+                    f"check the bucket name in SAE_PLATFORM_ROOT (and the endpoint/region); to have the "
+                    f"platform create it, set SAE_PLATFORM_CREATE_BUCKET=1 (or storage create_bucket: true), "
+                    f"or create it yourself (aws s3 mb {self.protocol}://{bucket})")
+            self.fs.mkdir(bucket)
+        _BUCKETS_SEEN.add(seen)
 
     @property
     def is_local(self) -> bool:
