@@ -277,3 +277,27 @@ def test_streaming_matches_whole_file_packing_and_stops_early(tmp_path, tiny_hoo
     np.testing.assert_array_equal(contexts.tokens, whole.tokens[:5])
     _, streamed = stream_contexts(text_file, tokenizer, 32, start)
     assert abs(streamed.n_contexts - whole.n_contexts) <= 2  # pieces are cut at line ends
+
+
+def test_memory_stays_flat_in_file_size(tmp_path, tiny_hooked):
+    """Issue 12 case 10: with max_contexts, a 40 MB file costs what a 1 MB one costs (Python and numpy
+    allocations traced; benchmarks/cache_memory.py measures the whole process's peak RSS)."""
+    import tracemalloc
+
+    from sae_platform.corpus import stream_contexts
+
+    line = TRAINING_LINE.encode()
+    peaks = {}
+    for megabytes in (1, 40):
+        path = tmp_path / f"t{megabytes}.txt"
+        path.write_bytes((line * (1_000_000 // len(line) + 1))[:1_000_000] * megabytes)
+        (text_file,) = list_source(str(path))
+        tracemalloc.start()
+        _, contexts = stream_contexts(text_file, tiny_hooked.tokenizer, 32, tiny_hooked.start_token_id, 64)
+        peaks[megabytes] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert contexts.n_contexts == 64
+    assert peaks[40] < 1.2 * peaks[1] and peaks[40] < 8_000_000, peaks
+
+
+TRAINING_LINE = "It is a truth universally acknowledged, that a single man in possession of a good fortune.\n"
