@@ -12,6 +12,7 @@ import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, EventRecordsFilter
 
 from conftest import TINY_SAE, deployment
+from sae_platform.corpus import partition_key
 from sae_platform.freshness import stale_reasons
 from sae_platform.storage import ArtifactStore
 
@@ -121,6 +122,8 @@ def test_bad_files_never_stop_the_pipeline(tmp_path, tiny_model_dir, text_dir):
     inbox = Path(env["SAE_PLATFORM_INBOX"]).parent
     for path in sorted(text_dir.glob("*.txt")):
         shutil.copy(path, inbox / path.name)
+    long_name = "数据" + "l" * 245 + ".txt"  # 255 bytes: legal, and once broke every run (step output path)
+    (inbox / long_name).write_text((text_dir / "gamma.txt").read_text() + " another batch")
     (inbox / "zz_empty.txt").write_bytes(b"")
     (inbox / "blank.txt").write_text("  \n \n")
     (inbox / "latin.txt").write_bytes(("caf\xe9 " + (text_dir / "beta.txt").read_text()).encode("latin-1"))
@@ -135,7 +138,7 @@ def test_bad_files_never_stop_the_pipeline(tmp_path, tiny_model_dir, text_dir):
 
     store = ArtifactStore(env["SAE_PLATFORM_ROOT"])
     index = store.read_json(f"{store.resolve('shuffled/main')}/index.json")
-    assert sorted(i["key"] for i in index["inputs"]) == ["alpha", "beta", "gamma"]
+    assert sorted(i["key"] for i in index["inputs"]) == sorted(["alpha", "beta", "gamma", partition_key(long_name)])
     assert stale_reasons(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4) == []
     root = Path(env["SAE_PLATFORM_ROOT"])
     for path in root.rglob("*"):
