@@ -197,7 +197,7 @@ def check_key(key: str) -> str:
 
 def format_problem(name: str) -> str | None:
     """Why a file name is not read, or None when its format is supported."""
-    stem, ext, compression = split_name(name)
+    _, ext, compression = split_name(name)
     if compression:
         codec = COMPRESSIONS[compression]
         if codec not in fsspec.available_compressions():
@@ -223,8 +223,8 @@ def _inside(path: str, root: str) -> bool:
 
 
 def _kind(mode: int) -> str:
-    for test, what in ((stat.S_ISDIR, "a folder: the source is not searched recursively (use a ** glob, e.g. "
-                                      "inbox/**/*.txt)"),
+    folder = "a folder: the source is not searched recursively (use a ** glob, e.g. inbox/**/*.txt)"
+    for test, what in ((stat.S_ISDIR, folder),
                        (stat.S_ISFIFO, "a named pipe, not a regular file"), (stat.S_ISSOCK, "a socket, not a file"),
                        (stat.S_ISCHR, "a device, not a regular file"), (stat.S_ISBLK, "a device, not a regular file")):
         if test(mode):

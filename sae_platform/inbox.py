@@ -64,7 +64,10 @@ def duplicates(files: list[TextFile], stamps: dict[str, str], cached: Iterable[s
             continue
         by_hash: dict[str, list[TextFile]] = {}
         for f in same_size:
-            by_hash.setdefault(content_hash(f, stamps[f.key], storage_options), []).append(f)
+            try:
+                by_hash.setdefault(content_hash(f, stamps[f.key], storage_options), []).append(f)
+            except OSError:  # removed meanwhile: caching it will say so
+                continue
         for twins in by_hash.values():
             if len(twins) > 1:
                 def rank(f: TextFile):
@@ -85,8 +88,13 @@ def scan_inbox(pattern: str, storage_options: dict | None = None, store: Artifac
                skip_duplicates: bool = True) -> Inbox:
     """The inbox as every automation sees it: files to cache (keys, stamps) and files skipped with why."""
     listing: Listing = scan_source(pattern, storage_options)
-    stamps = {f.key: source_stamp(f, storage_options) for f in listing.files}
-    files, skipped = listing.files, list(listing.skipped)
+    files, skipped, stamps = [], list(listing.skipped), {}
+    for f in listing.files:  # a file removed since the listing is skipped, not an error for the others
+        try:
+            stamps[f.key] = source_stamp(f, storage_options)
+            files.append(f)
+        except OSError as error:
+            skipped.append(Skipped(f.url, f"cannot be inspected ({error}): removed meanwhile?"))
     if skip_duplicates and len(files) > 1:
         copies = duplicates(files, stamps, list_partitions(store) if store is not None else (), storage_options)
         skipped += [Skipped(f.url, f"identical content to {copies[f.key].url.rsplit('/', 1)[-1]} (partition "

@@ -1,5 +1,6 @@
 """The Dagster layer: full definitions load, the activations asset materializes, the sensor sees new files."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -148,9 +149,10 @@ def hostile_inbox(tmp_path, text_dir):
     inbox = tmp_path / "hostile"
     inbox.mkdir()
     text = (text_dir / "gamma.txt").read_text()
-    for i, name in enumerate(["数据集一.txt", "数据集二.txt", "a b.txt", "a_b.txt", "x.txt", "alpha.txt", LONG]):
+    names = ["数据集一.txt", "数据集二.txt", "a b.txt", "a_b.txt", "x.txt", "alpha.txt", LONG]
+    for i, name in enumerate(names):
         (inbox / name).write_text(f"{i} {text}")
-    (inbox / "x.jsonl").write_text('{"text": "%s"}\n' % text.strip())
+    (inbox / "x.jsonl").write_text(json.dumps({"text": text.strip()}) + "\n")
     (inbox / "passwd.txt").symlink_to("/etc/passwd")
     (inbox / "environ.txt").symlink_to("/proc/self/environ")
     (inbox / "._alpha.txt").write_bytes(b"\x00\x05\x16\x07\x00")
@@ -224,7 +226,7 @@ def test_cache_inbox_run_caches_the_good_files_and_records_the_bad(hostile_inbox
 
 
 def test_two_hundred_files_are_a_few_runs(tmp_path, store, monkeypatch):
-    import assets.sensors as sensors
+    from assets import sensors
 
     inbox = tmp_path / "many"
     inbox.mkdir()
