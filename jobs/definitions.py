@@ -51,8 +51,8 @@ feature_regroup = define_asset_job(
     description="Pass 3 regrouped by feature shard.")
 build_browser = define_asset_job("build_browser", selection=AssetSelection.assets("feature_browser"),
                                  description="Generate the static feature browser.")
-JOBS = [full_pipeline, cache_inbox, prepare_base_model, cache_activations, shuffle_activations, train_saes, train_sae_job,
-        feature_pass_1, feature_pass_2, feature_pass_3, feature_regroup, build_browser]
+JOBS = [full_pipeline, cache_inbox, prepare_base_model, cache_activations, shuffle_activations, train_saes,
+        train_sae_job, feature_pass_1, feature_pass_2, feature_pass_3, feature_regroup, build_browser]
 
 
 def build_resources(settings: Settings) -> dict:

@@ -8,7 +8,7 @@ import yaml
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from sae_platform.corpus import TextFile, list_source
+from sae_platform.corpus import TextFile, list_source, source_stamp
 from sae_platform.errors import SourceError
 from sae_platform.inbox import Inbox, scan_inbox
 from sae_platform.model import EMBEDDED_MODEL, ensure_base_model, load_hooked_model
@@ -85,8 +85,6 @@ class TextSourceResource(ConfigurableResource):
 
     def stamps(self, files: list[TextFile] | None = None) -> dict[str, str]:
         """Partition key → size and modification stamp, to notice files replaced under the same name."""
-        from sae_platform.corpus import source_stamp
-
         return {f.key: source_stamp(f, self.storage_options) for f in (self.files() if files is None else files)}
 
 

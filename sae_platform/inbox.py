@@ -7,7 +7,8 @@
   partition's commit pointer, never inside a committed version; a successful commit removes it.
   ``needs_caching`` is then the one rule the sensor, ``full_pipeline`` and the nightly check share:
   a file needs a caching run when its current stamp is neither cached nor already tried.
-* ``inbox_report``: what ``sae-platform status`` prints and the sensor logs.
+* ``inbox_report``: what ``sae-platform status`` prints: skipped files, failed files, and cached
+  partitions that no inbox file maps to any more.
 
 Identical content under another name (``hamlet (1).txt`` beside ``hamlet.txt``) is reported and not
 cached again, so it neither doubles that text's weight in training nor fills top-K lists with twin
@@ -160,4 +161,8 @@ def inbox_report(inbox: Inbox, store: ArtifactStore) -> list[str]:
     lines = [f"  skipped {s.url.rsplit('/', 1)[-1]}: {s.reason}" for s in inbox.skipped]
     lines += [f"  failed {k}: {reason} (retried when the file changes)"
               for k, reason in sorted(failed_current(store, inbox.stamps).items())]
+    listed = {f.key for f in inbox.files}
+    lines += [f"  cached {k}: no inbox file has this key now (removed, renamed, a copy of another file, or named "
+              f"under the older key rule); it is still shuffled and trained on: delete "
+              f"{store.url(store.path(partition_name(k)))} to drop it" for k in list_partitions(store) if k not in listed]
     return lines

@@ -22,6 +22,7 @@ from jobs.settings import Settings
 from resources import AutomationResource, BaseModelResource, StorageResource, TextSourceResource
 from sae_platform.activations import CacheSettings, cache_text_file, list_partitions, open_partition
 from sae_platform.freshness import changed_sources
+from sae_platform.inbox import inbox_report
 from sae_platform.storage import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,3 +269,7 @@ def test_identical_content_under_another_name_is_not_cached_again(tmp_path, text
     # overridable: copies are cached too
     keep = TextSourceResource(pattern=str(inbox / "*"), skip_duplicates=False)
     assert len(keep.scan(store).files) == 3 and not keep.scan(store).skipped
+    # status names the copy, and a cached partition that no inbox file maps to any more
+    (inbox / "hamlet.txt").rename(inbox / "hamlet renamed.txt")
+    report = "\n".join(inbox_report(source.scan(store), store))
+    assert "cached hamlet: no inbox file has this key now" in report and "delete " in report
