@@ -7,6 +7,7 @@ from dagster import MetadataValue
 from assets.partitions import ACTIVATION_BATCHES
 from assets.stage import Stage, StageRun
 from sae_platform.activations import cache_text_file, partition_name
+from sae_platform.errors import SourceError
 from sae_platform.freshness import changed_sources
 from sae_platform.model import model_artifact_name, store_base_model
 
@@ -62,7 +63,7 @@ def batch_cached(run: StageRun) -> str | None:
     if settings.recache or run.store.pointer(_batch_name(run)) is None:
         return None
     text_source = run.resources.text_source
-    if changed_sources(run.store, text_source.stamps([text_source.file(run.partition_key)])):
+    if changed_sources(run.store, text_source.stamps([text_source.file(run.partition_key, run.store)])):
         run.log.info(f"the file of {run.partition_key} was replaced since it was cached: caching it again")
         return None
     return "already cached, and its file is unchanged (resources.caching.config.recache forces it)"
@@ -71,7 +72,7 @@ def batch_cached(run: StageRun) -> str | None:
 def cache_batch(run: StageRun) -> dict:
     settings = run.resources.caching.settings()  # validated before anything is read or written
     key, store, text_source = run.partition_key, run.store, run.resources.text_source
-    text_file = text_source.file(key)
+    text_file = text_source.file(key, store)  # the duplicate check prefers files already cached
     model, converted = run.resources.language_model.load(store)
     if converted:
         run.log.info("base model was not stored yet: converted it now (materialize base_model to track it)")
@@ -108,6 +109,7 @@ ACTIVATIONS = Stage(
     description="Residual-stream activations of one batch of text, one row per token (start tokens excluded).",
     partitions=ACTIVATION_BATCHES, deps=("base_model",),
     resources=("storage", "language_model", "text_source", "caching"),
-    up_to_date=batch_cached, body=cache_batch, version=committed_version(_batch_name))
+    up_to_date=batch_cached, body=cache_batch, version=committed_version(_batch_name),
+    partition_errors=(SourceError,))  # recorded by cache_text_file (inbox.record_failed_attempt)
 
 STAGES = [BASE_MODEL, ACTIVATIONS]

@@ -1,7 +1,9 @@
 """Automation: new data flows in on its own.
 
-* ``inbox_sensor``: a new file in the text source becomes a new activation partition, with a
-  caching run (``cache_activations``); a file replaced under the same name is cached again.
+* ``inbox_sensor``: a new file in the text source becomes a new activation partition; the files
+  to cache (new, replaced under the same name, or failed before and replaced since: the rule of
+  ``sae_platform.inbox.needs_caching``) go into few ``cache_inbox`` runs of up to
+  ``SAE_PLATFORM_FILES_PER_RUN`` files each. Files not read are named with their reason.
 * ``downstream_freshness_sensor``: the declared policy for everything downstream. Once no caching
   run is in flight, if the shuffled store, the SAE, its feature tables or the browser do not pin
   the currently cached activations (``sae_platform.freshness``), one ``full_pipeline`` run brings
@@ -34,40 +36,65 @@ from dagster import (
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from resources import AutomationResource, StorageResource, TextSourceResource
 from sae_platform.errors import SourceError
-from sae_platform.freshness import cached_versions, changed_sources, stale_reasons
+from sae_platform.freshness import cached_versions, stale_reasons
+from sae_platform.inbox import needs_caching
 
 # How often the sensors look (seconds); tests and busy deployments change it.
 SENSOR_INTERVAL_S = int(os.environ.get("SAE_PLATFORM_SENSOR_INTERVAL_S", "30"))
 NIGHTLY_CRON = os.environ.get("SAE_PLATFORM_REFRESH_CRON", "0 3 * * *")
+# Inbox files cached per cache_inbox run: 200 files dropped at once are 8 runs, not 200.
+FILES_PER_RUN = int(os.environ.get("SAE_PLATFORM_FILES_PER_RUN", "25"))
+CACHING_JOBS = ["cache_inbox", "cache_activations"]
 IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
              DagsterRunStatus.STARTED]
 
 
-@sensor(job_name="cache_activations", minimum_interval_seconds=SENSOR_INTERVAL_S,
+@sensor(job_name="cache_inbox", minimum_interval_seconds=SENSOR_INTERVAL_S,
         default_status=DefaultSensorStatus.RUNNING)
 def inbox_sensor(context: SensorEvaluationContext, text_source: TextSourceResource, storage: StorageResource,
                  automation: AutomationResource):
-    """Watch the text source: a new file gets a partition and a caching run; a file replaced under
-    the same name (new size or modification stamp) gets a caching run again."""
+    """Watch the text source: new files get partitions; every file whose current version is neither
+    cached nor tried yet (new, replaced, or replaced after a failure) is cached, up to
+    FILES_PER_RUN files per cache_inbox run. One bad file never holds back the others."""
+    store = storage.store()
     try:
-        files = text_source.files()
-        stamps = text_source.stamps(files)
-    except SourceError as error:
+        inbox = text_source.scan(store)
+    except (SourceError, OSError) as error:
         return SkipReason(str(error))
+    skipped = (f"; {len(inbox.skipped)} file(s) skipped: "
+               + "; ".join(f"{s.url.rsplit('/', 1)[-1]}: {s.reason}" for s in inbox.skipped[:5])
+               + (" …" if len(inbox.skipped) > 5 else "")) if inbox.skipped else ""
+    if not inbox.files:
+        return SkipReason(f"text source {text_source.pattern!r} holds no readable file{skipped}")
     existing = set(context.instance.get_dynamic_partitions(ACTIVATION_BATCHES.name))
-    new = [f.key for f in files if f.key not in existing]
-    changed = [k for k in changed_sources(storage.store(), stamps) if k in existing]
-    if not new and not changed:
-        return SkipReason("no new or changed files in the inbox")
-    context.log.info(f"new: {', '.join(new[:10]) or 'none'}; replaced: {', '.join(changed[:10]) or 'none'}")
-    run_config = automation.caching_run_config()
-    return SensorResult(
-        run_requests=[RunRequest(partition_key=key, run_key=f"activations:{key}", run_config=run_config)
-                      for key in new]
-        + [RunRequest(partition_key=key, run_key=f"activations:{key}:{stamps[key]}", run_config=run_config)
-           for key in changed],
-        dynamic_partitions_requests=[ACTIVATION_BATCHES.build_add_request(new)] if new else [],
-    )
+    new = [f.key for f in inbox.files if f.key not in existing]
+    busy = _keys_in_flight(context.instance)
+    todo = [k for k in needs_caching(store, inbox.stamps) if k not in busy]
+    if not new and not todo:
+        return SkipReason(f"no new or changed files in the inbox{skipped}")
+    context.log.info(f"new: {', '.join(new[:10]) or 'none'}; to cache: {', '.join(todo[:10]) or 'none'}"
+                     + (f" ({len(todo)} in all)" if len(todo) > 10 else "") + skipped)
+    requests = []
+    for first in range(0, len(todo), FILES_PER_RUN):
+        chunk = todo[first:first + FILES_PER_RUN]
+        versions = json.dumps([[k, inbox.stamps[k]] for k in chunk])
+        requests.append(RunRequest(run_key=f"cache:{hashlib.sha256(versions.encode()).hexdigest()[:16]}",
+                                   run_config=automation.inbox_run_config(chunk),
+                                   tags={"sae_platform/files": ", ".join(chunk)[:200]}))
+    return SensorResult(run_requests=requests,
+                        dynamic_partitions_requests=[ACTIVATION_BATCHES.build_add_request(new)] if new else [])
+
+
+def _keys_in_flight(instance) -> set[str]:
+    """Partitions that a queued or running caching run already covers."""
+    keys = set()
+    for run in instance.get_runs(filters=RunsFilter(statuses=IN_FLIGHT)):
+        if run.job_name == "cache_inbox":
+            keys |= set(run.run_config.get("ops", {}).get("activation_batches", {}).get("config", {})
+                        .get("keys") or [])
+        elif run.job_name == "cache_activations" and "dagster/partition" in run.tags:
+            keys.add(run.tags["dagster/partition"])
+    return keys
 
 
 def _in_flight(instance, job_names: list[str]) -> list[str]:
@@ -79,12 +106,13 @@ def _behind(storage: StorageResource, resources, text_source: TextSourceResource
     """What is out of date, as the runs we would launch see it (their resource overrides applied)."""
     store = storage.store()
     reasons = []
-    if text_source is not None:
-        stamps = text_source.stamps()
-        uncached = sorted(set(stamps) - set(cached_versions(store)))
+    if text_source is not None:  # files whose current version failed wait for a new one: not behind
+        todo = needs_caching(store, text_source.scan(store).stamps)
+        cached = cached_versions(store)
+        uncached = [k for k in todo if k not in cached]
         if uncached:
             reasons.append(f"{len(uncached)} inbox file(s) not cached: {', '.join(uncached[:5])}")
-        changed = changed_sources(store, stamps)
+        changed = [k for k in todo if k in cached]
         if changed:
             reasons.append(f"{len(changed)} inbox file(s) replaced since cached: {', '.join(changed[:5])}")
     # The stage resources are configured from the same run config file the launched runs use.
@@ -97,7 +125,7 @@ def _behind(storage: StorageResource, resources, text_source: TextSourceResource
         required_resource_keys={"storage", "shuffle", "features", "automation"})
 def downstream_freshness_sensor(context: SensorEvaluationContext):
     """Bring shuffle, SAE, evaluation, feature tables and browser up to date with the cached activations."""
-    busy = _in_flight(context.instance, ["cache_activations", "full_pipeline"])
+    busy = _in_flight(context.instance, [*CACHING_JOBS, "full_pipeline"])
     if busy:
         return SkipReason(f"waiting for runs in flight: {', '.join(busy[:5])}")
     storage, automation = context.resources.storage, context.resources.automation

@@ -15,6 +15,7 @@ from assets.partitions import N_SHUFFLE_WORKERS, SHUFFLE_WORKERS
 from assets.stage import Check, Stage, StageRun
 from sae_platform import shuffle as sh
 from sae_platform.errors import StorageError
+from sae_platform.inbox import failed_attempts
 
 MAX_SCATTER_PASSES = 2  # assets below: plans of up to 3 passes, i.e. K²·M of data
 RESOURCES = ("storage", "shuffle")
@@ -70,6 +71,10 @@ def plan_shuffle(run: StageRun) -> dict:
                            "raise resources.shuffle.config.memory_budget_bytes or n_buckets")
     for warning in plan.warnings:
         run.log.warning(warning)
+    failed = {key: record["reason"] for key, record in failed_attempts(run.store).items()}
+    if failed:  # recorded by the caching stage; the shuffle goes on with what is cached
+        run.log.error(f"{len(failed)} batch(es) failed to cache and are left out: "
+                      + "; ".join(f"{k}: {r.splitlines()[0]}" for k, r in sorted(failed.items())))
     run.log.info(f"{plan.n_rows:,} rows, {plan.n_passes} pass(es), K={plan.n_buckets}, "
                  f"budget {plan.memory_budget_bytes / 2**20:.0f} MiB")
     return {
@@ -78,6 +83,7 @@ def plan_shuffle(run: StageRun) -> dict:
         "data_bytes": plan.n_rows * plan.record_bytes, "n_inputs": len(shuffle_run.inputs),
         "final_buckets": plan.n_final_buckets,
         "inputs": MetadataValue.json([{"key": i["key"], "version": i["version"]} for i in shuffle_run.inputs]),
+        "failed_batches": MetadataValue.json(failed),
     }
 
 

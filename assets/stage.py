@@ -96,6 +96,9 @@ class Stage:
     checks: tuple[Check, ...] = ()
     kinds: frozenset[str] = frozenset()
     pool: str | None = None                          # concurrency pool (training: "gpu")
+    # Errors that are one partition's own fault (a bad file): the asset run of that partition fails,
+    # while full_pipeline reports it and goes on with the other partitions.
+    partition_errors: tuple[type[Exception], ...] = ()
 
 
 @dataclass

@@ -132,7 +132,7 @@ def register(instance, defs) -> list[str]:
     from assets.partitions import ACTIVATION_BATCHES
 
     text_source = defs.resources["text_source"]
-    keys = [f.key for f in text_source.files()]
+    keys = [f.key for f in text_source.files(defs.resources["storage"].store())]
     existing = set(instance.get_dynamic_partitions(ACTIVATION_BATCHES.name))
     new = [k for k in keys if k not in existing]
     if new:
@@ -426,6 +426,7 @@ def _print_status() -> None:
     for name in store.committed_names("activations"):
         pointer = store.pointer(name)
         print(f"  {name}: committed {pointer['version']}")
+    _print_inbox(settings, store)
     for name in store.committed_names("shuffled"):
         pointer = store.pointer(name)
         print(f"  {name}: {pointer.get('n_rows', '?'):,} rows, plan {pointer.get('plan_id')}")
@@ -434,6 +435,24 @@ def _print_status() -> None:
         print(f"  {name}: step {pointer['step']}, {pointer['tokens']:,} tokens{' (final)' if pointer['final'] else ''}")
     for name in store.committed_names("eval"):
         print(f"  {name}: {describe_eval(store.read_json(f'{store.resolve(name)}/report.json'))}")
+
+
+def _print_inbox(settings: Settings, store) -> None:
+    """Inbox files that are not cached, and why: skipped (never read) or failed (their last attempt)."""
+    from sae_platform.inbox import inbox_report, scan_inbox
+
+    pattern = settings.inbox if "://" in settings.inbox else os.path.abspath(settings.inbox)
+    options = {"endpoint_url": settings.s3_endpoint_url} if settings.s3_endpoint_url and "://" in pattern else {}
+    try:
+        inbox = scan_inbox(pattern, options, store)
+    except (PlatformError, OSError) as error:
+        print(f"\ninbox {settings.inbox}: cannot be listed ({error})")
+        return
+    lines = inbox_report(inbox, store)
+    print(f"\ninbox {settings.inbox}: {len(inbox.files)} file(s) to cache"
+          + (f", {len(lines)} not cached:" if lines else ""))
+    for line in lines:
+        print(line)
 
 
 def cmd_status(args) -> int:

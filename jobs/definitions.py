@@ -14,7 +14,7 @@ from dagster import AssetSelection, Definitions, define_asset_job
 
 from assets import ASSETS, SCHEDULES, SENSORS
 from assets.partitions import ACTIVATION_BATCHES, FEATURE_JOBS, FEATURE_SHARDS, SAE_SWEEP
-from jobs.full_pipeline import build_full_pipeline
+from jobs.full_pipeline import build_full_pipeline, cache_inbox
 from jobs.settings import Settings
 from resources import (
     STAGE_SETTINGS,
@@ -81,7 +81,7 @@ def build_definitions(settings: Settings | None = None) -> Definitions:
     run_config = read_run_config(settings.run_config)
     return Definitions(
         assets=ASSETS,
-        jobs=[build_full_pipeline(settings.executor, run_config), *ASSET_JOBS],
+        jobs=[build_full_pipeline(settings.executor, run_config), cache_inbox, *ASSET_JOBS],
         sensors=SENSORS,
         schedules=SCHEDULES,
         resources=build_resources(settings, run_config),

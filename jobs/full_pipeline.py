@@ -27,6 +27,7 @@ from dagster import (
     Nothing,
     OpExecutionContext,
     Out,
+    in_process_executor,
     job,
     multi_or_in_process_executor,
     op,
@@ -54,7 +55,11 @@ def partition_step(stage: Stage):
         description=f"Logs {stage.asset}[partition]: {stage.description}")
     def step(context: OpExecutionContext, partition):
         key = multi_key(*partition) if isinstance(partition, tuple) else partition
-        run_as_step(stage, context, key)
+        try:
+            run_as_step(stage, context, key)
+        except stage.partition_errors as error:  # this partition's own fault: the others go on
+            context.log.error(f"{stage.asset}[{key}] failed, the pipeline goes on without it: {error}")
+            context.add_output_metadata({"failed": str(error)})
         return partition
 
     return step
@@ -80,12 +85,26 @@ def _run(context: OpExecutionContext) -> StageRun:
 class BatchesConfig(Config):
     max_batches: int | None = Field(default=None, description="only the first N inbox files (sorted); default all",
                                     ge=1)
+    keys: list[str] | None = Field(default=None, description="only these partitions (the inbox sensor's "
+                                                             "cache_inbox runs); default: every inbox file")
 
 
-@op(ins={"model": In(Nothing)}, out=DynamicOut(str), required_resource_keys={"text_source"},
-    description="One activation partition per inbox file (registered in the instance), fanned out.")
+@op(ins={"model": In(Nothing)}, out=DynamicOut(str), required_resource_keys={"text_source", "storage"},
+    description="One activation partition per inbox file (registered in the instance), fanned out; every "
+                "file the inbox holds is either here or logged as skipped with its reason.")
 def activation_batches(context: OpExecutionContext, config: BatchesConfig):
-    keys = sorted(f.key for f in context.resources.text_source.files())[: config.max_batches]
+    text_source = context.resources.text_source
+    inbox = text_source.scan(context.resources.storage.store())
+    for skipped in inbox.skipped:
+        context.log.warning(f"skipped {skipped.url}: {skipped.reason}")
+    keys = sorted(f.key for f in inbox.files)[: config.max_batches]
+    if not keys:
+        text_source.files()  # raises the error naming the empty source
+    if config.keys is not None:
+        gone = sorted(set(config.keys) - set(keys))
+        if gone:
+            context.log.warning(f"no longer in the inbox (or skipped): {', '.join(gone)}")
+        keys = [k for k in keys if k in set(config.keys)]
     registered = set(context.instance.get_dynamic_partitions(ACTIVATION_BATCHES.name))
     new = [k for k in keys if k not in registered]
     if new:
@@ -161,6 +180,13 @@ merge_shard = partition_step(STAGES["feature_topk"])
 context_windows = partition_step(STAGES["feature_context_windows"])
 regroup_contexts = partition_step(STAGES["feature_contexts"])
 write_browser = single_step(STAGES["feature_browser"])
+
+
+@job(executor_def=in_process_executor, tags={"sae_platform/pipeline": "cache_inbox"},
+     description="Cache the activations of several inbox files in one run (what inbox_sensor launches: "
+                 "ops.activation_batches.config.keys); a file that fails is reported and the others go on.")
+def cache_inbox():
+    activation_batches(convert_base_model()).map(cache_batch)
 
 
 def pipeline_executor(kind: str):

@@ -1,22 +1,23 @@
 """Dagster resources: configuration that says *where* (storage root, model, text source)."""
 
 import os
-from pathlib import Path
-
 from dataclasses import fields
+from pathlib import Path
 
 import yaml
 from dagster import ConfigurableResource
 from pydantic import Field, create_model
 
-from sae_platform.corpus import TextFile, find_file, list_source, source_stamp
-from sae_platform.model import EMBEDDED_MODEL, load_stored_model
-from sae_platform.storage import ArtifactStore, open_store
 from sae_platform.activations import CacheSettings
+from sae_platform.corpus import TextFile, list_source, source_stamp
+from sae_platform.errors import SourceError
 from sae_platform.evaluate import EvalSettings
 from sae_platform.features import FeatureSettings
+from sae_platform.inbox import Inbox, scan_inbox
+from sae_platform.model import EMBEDDED_MODEL, load_stored_model
 from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, default_of
 from sae_platform.shuffle import ShuffleSettings
+from sae_platform.storage import ArtifactStore, open_store
 from sae_platform.trainer import TrainSettings
 
 
@@ -30,9 +31,11 @@ class StorageResource(ConfigurableResource):
 
     root_url: str = Field(description="fsspec URL of the artifact root, e.g. /data/sae or s3://bucket/sae")
     endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto, …)")
+    create_bucket: bool = Field(default=False, description="create a missing S3 bucket (default: fail with "
+                                                           "'bucket does not exist'; SAE_PLATFORM_CREATE_BUCKET=1 too)")
 
     def store(self) -> ArtifactStore:
-        return open_store(self.root_url, self.endpoint_url)
+        return open_store(self.root_url, self.endpoint_url, create_bucket=self.create_bucket or None)
 
 
 class BaseModelResource(ConfigurableResource):
@@ -55,6 +58,8 @@ class TextSourceResource(ConfigurableResource):
     text_field: str = Field(default="text", description="JSON field / parquet column holding the text")
     encoding: str = Field(default="utf-8", description="text encoding of .txt/.jsonl files")
     endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint for s3:// patterns")
+    skip_duplicates: bool = Field(default=True, description="a file byte-identical to another inbox file is "
+                                                            "reported and not cached again; false caches copies")
 
     @property
     def storage_options(self) -> dict:
@@ -63,11 +68,23 @@ class TextSourceResource(ConfigurableResource):
     def _resolved(self) -> str:
         return self.pattern if "://" in self.pattern else os.path.abspath(self.pattern)
 
-    def files(self) -> list[TextFile]:
-        return list_source(self._resolved(), self.storage_options)
+    def scan(self, store: ArtifactStore | None = None) -> Inbox:
+        """Files to cache (keys, stamps) and files skipped with their reason (sae_platform.inbox);
+        with ``store``, of byte-identical files the cached one stays the original."""
+        return scan_inbox(self._resolved(), self.storage_options, store, self.skip_duplicates)
 
-    def file(self, key: str) -> TextFile:
-        return find_file(self._resolved(), key, self.storage_options)
+    def files(self, store: ArtifactStore | None = None) -> list[TextFile]:
+        files = self.scan(store).files
+        return files if files else list_source(self._resolved(), self.storage_options)  # raises, naming why
+
+    def file(self, key: str, store: ArtifactStore | None = None) -> TextFile:
+        inbox = self.scan(store)
+        for f in inbox.files:
+            if f.key == key:
+                return f
+        raise SourceError(f"no file in text source {self.pattern!r} has partition key {key!r}",
+                          "the file may have been removed from the inbox, or skipped (`sae-platform status` "
+                          "lists why); restore it, or delete the stale partition")
 
     def stamps(self, files: list[TextFile] | None = None) -> dict[str, str]:
         """Partition key → size and modification stamp, to notice files replaced under the same name."""
@@ -145,7 +162,9 @@ class AutomationResource(ConfigurableResource):
     def run_config(self) -> dict:
         return read_run_config(self.run_config_path)
 
-    def caching_run_config(self) -> dict:
-        """The part of the pipeline's run config that a cache_activations run accepts."""
+    def inbox_run_config(self, keys: list[str]) -> dict:
+        """Run config of a `cache_inbox` run caching ``keys``: the file's resources (stage settings
+        are resources, so that is all a caching run needs) and the keys."""
         config = self.run_config()
-        return {"resources": config["resources"]} if config.get("resources") else {}
+        return {**({"resources": config["resources"]} if config.get("resources") else {}),
+                "ops": {"activation_batches": {"config": {"keys": list(keys)}}}}

@@ -38,24 +38,18 @@ from sae_platform.corpus import (
     Contexts,
     Document,
     TextFile,
-    pack_contexts,
-    read_documents,
     source_stamp,
-    tokenize,
+    stream_contexts,
 )
-from sae_platform.errors import ModelError
+from sae_platform.errors import ModelError, SourceError
+from sae_platform.inbox import PREFIX, list_partitions, partition_name  # noqa: F401 (re-exported)
 from sae_platform.model import HookedModel
 from sae_platform.settings import setting, validate
 from sae_platform.storage import ArtifactStore
 
-PREFIX = "activations"
 STORED_DTYPES = ("float16", "float32")  # zarr has no bfloat16
 FLOAT16_MAX = 65504.0
 CHUNK_BYTES = 4 << 20  # ~4 MB chunks: big enough for streaming reads, small enough to shuffle
-
-
-def partition_name(key: str) -> str:
-    return f"{PREFIX}/{key}"
 
 
 @dataclass(frozen=True)
@@ -218,13 +212,27 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
                     settings: CacheSettings, text_field: str = "text", encoding: str = "utf-8",
                     storage_options: dict | None = None, max_contexts: int | None = None,
                     progress: Callable[[int, int], None] | None = None) -> dict:
-    """The whole caching path for one batch: read, tokenize, pack, forward, commit."""
-    stamp = source_stamp(text_file, storage_options)  # before reading: a file replaced meanwhile looks changed
-    docs = read_documents(text_file, text_field, encoding, storage_options)
-    token_lists = tokenize(model.tokenizer, docs)
-    contexts = pack_contexts(token_lists, [d.doc_id for d in docs], settings.ctx_len, model.start_token_id,
-                             settings.max_contexts if max_contexts is None else max_contexts)
-    return cache_partition(store, text_file.key, model, model_source, docs, contexts, settings, progress, stamp)
+    """The whole caching path for one batch: read, tokenize and pack (streamed, stopping at
+    ``max_contexts``), forward, commit. A failure caused by the file (``SourceError``) is recorded
+    with the file's stamp (``inbox.record_failed_attempt``), so that version is not retried; a
+    commit clears the record."""
+    from sae_platform.inbox import clear_failed_attempt, record_failed_attempt
+
+    try:
+        stamp = source_stamp(text_file, storage_options)  # before reading: a file replaced meanwhile looks changed
+    except FileNotFoundError as error:
+        raise SourceError(f"{text_file.url} vanished before it could be read",
+                          "restore the file, or delete its partition") from error
+    try:
+        docs, contexts = stream_contexts(text_file, model.tokenizer, settings.ctx_len, model.start_token_id,
+                                         settings.max_contexts if max_contexts is None else max_contexts,
+                                         text_field, encoding, storage_options)
+    except SourceError as error:
+        record_failed_attempt(store, text_file.key, stamp, str(error))
+        raise
+    summary = cache_partition(store, text_file.key, model, model_source, docs, contexts, settings, progress, stamp)
+    clear_failed_attempt(store, text_file.key)
+    return summary
 
 
 def _not_sinks(rows: torch.Tensor, factor: float) -> torch.Tensor:
@@ -334,5 +342,3 @@ def open_partition(store: ArtifactStore, key: str) -> Partition:
         return Partition(key, path, store.open_group(f"{path}/data.zarr", mode="r"), store)
 
 
-def list_partitions(store: ArtifactStore) -> list[str]:
-    return [name.split("/", 1)[1] for name in store.committed_names(PREFIX)]

@@ -1,9 +1,23 @@
 """Text in: a pluggable source of documents, and their packing into fixed-length contexts.
 
-A source is an fsspec glob (local path, ``file://``, ``s3://…``) over ``.txt`` (one document per
-file), ``.jsonl`` (one document per line, text in a named field) or ``.parquet`` (one document per
-row, text in a named column). Each matched file is one *batch*: one partition of the cached
-activations, keyed by its name, so a new file dropped into an inbox is a new partition.
+A source is an fsspec glob (local path, ``file://``, ``s3://…``) over text files: ``.txt``,
+``.text``, ``.md``, ``.markdown`` (one document per file), ``.jsonl``, ``.ndjson`` (one document
+per line, text in a named field) or ``.parquet`` (one document per row, text in a named column);
+extensions are matched case-insensitively, and the text formats may be compressed (``.gz``,
+``.bz2``, ``.xz``; ``.zst`` when the ``zstandard`` package is installed). Each file read is one
+*batch*: one partition of the cached activations, keyed by its name (``partition_key``), so a new
+file dropped into an inbox is a new partition.
+
+What is read (``scan_source``): only regular files whose real path lies inside the source's
+folder (the part of the glob before its first wildcard). Everything else the glob matches is
+*skipped with a reason*, never read: hidden files (``.name``, macOS ``._name``, uploads in
+progress), symbolic links leading outside the folder (``/etc/passwd``, ``/proc/self/environ``),
+named pipes, devices, folders, empty files, unsupported formats, names that are not UTF-8.
+
+Reading streams: text is decoded and tokenized a piece at a time and packing stops once
+``max_contexts`` contexts are full, so memory does not grow with the file (``stream_contexts``).
+A UTF-8 byte-order mark is dropped; UTF-16/32 files with a byte-order mark are decoded; JSONL
+records are split on ``\\n`` only (a raw U+2028 inside a JSON string is valid JSON).
 
 Documents are packed back to back into contexts of ``ctx_len`` tokens, each starting with the
 start token; a start token also separates consecutive documents inside a context, as in
@@ -11,24 +25,68 @@ pre-training. Every token keeps its document id, so later stages (context window
 document boundaries.
 """
 
+import codecs
+import hashlib
 import io
 import json
+import os
 import re
-from dataclasses import dataclass
+import stat
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import fsspec
+import fsspec.compression
 import numpy as np
-import polars as pl
 
 from sae_platform.errors import SourceError
 
-FORMATS = (".txt", ".jsonl", ".parquet")
+# Format of each extension (lower case): how a file's text is read.
+TEXT_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".markdown": "text",
+                ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+FORMATS = tuple(TEXT_FORMATS)
+# Compression suffixes and fsspec's name for them (read when fsspec can, refused by name otherwise).
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".lz4": "lz4", ".sz": "snappy"}
+# Common formats that are not read, and what to do about them.
+REFUSED_FORMATS = {
+    ".csv": "convert it to .jsonl (one {\"text\": …} object per line) or .parquet with a text column",
+    ".tsv": "convert it to .jsonl (one {\"text\": …} object per line) or .parquet with a text column",
+    ".json": "a single JSON document is not read: write one JSON object per line as .jsonl",
+    ".zip": "unpack the archive into the inbox (or compress single files with gzip: NAME.txt.gz)",
+    ".tar": "unpack the archive into the inbox", ".tgz": "unpack the archive into the inbox",
+    ".pdf": "extract its text into a .txt file", ".docx": "export its text as .txt",
+    ".html": "extract its text into a .txt file", ".htm": "extract its text into a .txt file",
+}
+SUPPORTED = ".txt/.text/.md/.markdown, .jsonl/.ndjson, .parquet (text formats also as .gz/.bz2/.xz)"
+
+KEY_MAX_BYTES = 96  # UTF-8 bytes of a partition key: well under any file-name limit once paths are built on it
+HASH_SEP = "~"  # never part of a plain key, so a hashed key cannot equal a plain one
+HASH_CHARS = 10
+PIECE_CHARS = 1 << 18  # text is decoded and tokenized this many characters at a time
+READ_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class TextFile:
     url: str
     key: str  # the activation partition this file becomes
+    root: str = ""  # local sources: the real path of the source folder; reads must stay inside it
+    name: str = field(default="", compare=False)  # path relative to the source folder
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file the source's glob matched but that is not read, and why."""
+
+    url: str
+    reason: str
+
+
+@dataclass
+class Listing:
+    files: list[TextFile]
+    skipped: list[Skipped]
 
 
 @dataclass(frozen=True)
@@ -44,44 +102,216 @@ class Contexts:
 
     tokens: np.ndarray
     doc_ids: np.ndarray
-    dropped_tokens: int  # the tail that did not fill a last context
+    dropped_tokens: int  # the tail that did not fill a last context (or that max_contexts left out)
 
     @property
     def n_contexts(self) -> int:
         return int(self.tokens.shape[0])
 
 
+# -- names → partition keys ------------------------------------------------------------------------
+
+def split_name(name: str) -> tuple[str, str, str | None]:
+    """(stem, format extension, compression suffix) of a file name, extensions matched case-insensitively.
+    An unknown format gives the whole last extension as ``ext``."""
+    lower = name.lower()
+    compression = next((c for c in COMPRESSIONS if lower.endswith(c) and len(lower) > len(c)), None)
+    if compression:
+        name, lower = name[: -len(compression)], lower[: -len(compression)]
+    ext = next((e for e in TEXT_FORMATS if lower.endswith(e) and len(lower) > len(e)), None)
+    if ext is None:
+        dot = name.rfind(".")
+        ext = lower[dot:] if dot > 0 else ""
+    return name[: len(name) - len(ext)], ext, compression
+
+
+def _is_plain(stem: str) -> bool:
+    """Kept as it is: NFC letters/digits (any script), '_', '-', and '.' inside (no '..', no leading
+    or trailing dot or dash)."""
+    return (bool(stem) and unicodedata.normalize("NFC", stem) == stem
+            and all(c.isalnum() or c in "_-." for c in stem) and stem[0] not in ".-" and stem[-1] != "."
+            and ".." not in stem and len(stem.encode("utf-8")) <= KEY_MAX_BYTES)
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:HASH_CHARS]
+
+
+def hashed_key(name: str) -> str:
+    """The stem cleaned (other characters → '_'), cut to fit ``KEY_MAX_BYTES``, plus a hash of the whole name."""
+    stem = unicodedata.normalize("NFC", split_name(name.rsplit("/", 1)[-1])[0])
+    cleaned = re.sub(r"_+", "_", "".join(c if c.isalnum() or c in "_-" else "_" for c in stem)).strip("_-")
+    budget = KEY_MAX_BYTES - len(HASH_SEP) - HASH_CHARS
+    while len(cleaned.encode("utf-8")) > budget:
+        cleaned = cleaned[:-1]
+    return f"{cleaned.rstrip('_-') or 'file'}{HASH_SEP}{_digest(name)}"
+
+
 def partition_key(path: str) -> str:
-    """A Dagster-safe partition key from a file name: 'hamlet_gut.txt' -> 'hamlet_gut'."""
-    stem = path.rstrip("/").rsplit("/", 1)[-1]
-    for ext in FORMATS:
-        if stem.endswith(ext):
-            stem = stem[: -len(ext)]
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "batch"
+    """The partition key of one file name, alone: the name without its extension when that is a
+    plain, short name ('hamlet_gut.txt' → 'hamlet_gut', '数据集一.txt' → '数据集一'); otherwise the
+    cleaned name plus a short stable hash of the whole name ('a b.txt' → 'a_b~1f2e…', '...txt' →
+    'file~…'). Always one safe path segment of at most ``KEY_MAX_BYTES`` bytes, valid as a Dagster
+    partition key. ``assign_keys`` resolves the names whose plain keys would collide."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    stem = split_name(name)[0]
+    return stem if _is_plain(stem) else hashed_key(name)
+
+
+def _format_rank(name: str) -> tuple:
+    stem, ext, compression = split_name(name)
+    order = list(TEXT_FORMATS)
+    as_written = name[len(stem):len(stem) + len(ext)]
+    return (compression is not None, order.index(ext) if ext in order else len(order), as_written != ext,
+            stem != stem.lower(), name)
+
+
+def assign_keys(names: list[str]) -> dict[str, str]:
+    """Keys for the files of one source (``names``: paths relative to the source folder). Injective:
+    when several names share a plain key ('x.txt', 'x.jsonl', 'X.TXT'), the first by format (.txt,
+    .text, .md, …, .jsonl, .parquet; uncompressed before compressed) keeps it and the others get the
+    hashed form. A hashed key contains '~', which a plain key never does. Keys differing only in
+    case count as colliding (one folder on a case-insensitive file system)."""
+    keys = {n: partition_key(n) for n in names}
+    groups: dict[str, list[str]] = {}
+    for name, key in keys.items():  # case-folded: 'X' and 'x' would be one folder on macOS
+        groups.setdefault(key.casefold(), []).append(name)
+    for key, members in groups.items():
+        if len(members) > 1:
+            for name in sorted(members, key=lambda n: _format_rank(n.rsplit("/", 1)[-1]))[1:]:
+                keys[name] = hashed_key(name)
+    return keys
+
+
+def check_key(key: str) -> str:
+    """Refuse a partition key that is not one safe path segment (a last guard before any write)."""
+    if (not key or key in (".", "..") or key.startswith(".") or any(c in key for c in "/\\\0")
+            or len(key.encode("utf-8", "surrogateescape")) > KEY_MAX_BYTES + 32):
+        raise SourceError(f"partition key {key!r} is not a safe path segment",
+                          "partition keys come from corpus.partition_key/assign_keys; register the file "
+                          "again (sae-platform register) and delete the partition with this key")
+    return key
+
+
+# -- which files are read --------------------------------------------------------------------------
+
+def format_problem(name: str) -> str | None:
+    """Why a file name is not read, or None when its format is supported."""
+    _, ext, compression = split_name(name)
+    if compression:
+        codec = COMPRESSIONS[compression]
+        if codec not in fsspec.available_compressions():
+            return (f"compressed with {codec}, which this installation cannot read: decompress it "
+                    f"(e.g. `{codec} -d`), or install the Python package for {codec}")
+        if TEXT_FORMATS.get(ext) == "parquet":
+            return "a compressed parquet file: parquet compresses internally; drop the plain .parquet file"
+    if ext in TEXT_FORMATS:
+        return None
+    if ext in REFUSED_FORMATS:
+        return f"unsupported format {ext}: {REFUSED_FORMATS[ext]}"
+    return f"unsupported format {ext or '(no extension)'}: the inbox reads {SUPPORTED}"
+
+
+def _glob_root(path: str) -> str:
+    """The folder part of a glob before its first wildcard."""
+    head = re.split(r"[*?\[]", path, maxsplit=1)[0]
+    return head.rsplit("/", 1)[0] if "/" in head else ""
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _kind(mode: int) -> str:
+    folder = "a folder: the source is not searched recursively (use a ** glob, e.g. inbox/**/*.txt)"
+    for test, what in ((stat.S_ISDIR, folder),
+                       (stat.S_ISFIFO, "a named pipe, not a regular file"), (stat.S_ISSOCK, "a socket, not a file"),
+                       (stat.S_ISCHR, "a device, not a regular file"), (stat.S_ISBLK, "a device, not a regular file")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def scan_source(pattern: str, storage_options: dict | None = None) -> Listing:
+    """Every file ``pattern`` matches, either to read (with its key) or skipped with its reason."""
+    fs, path = fsspec.core.url_to_fs(pattern, **(storage_options or {}))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    local = protocol in ("file", "local")
+    root = _glob_root(path)
+    real_root = os.path.realpath(root) if local else root
+    try:
+        matches = sorted(fs.glob(path))
+    except FileNotFoundError:
+        matches = []
+    accepted, skipped = [], []
+    for match in matches:
+        url = match if local else f"{protocol}://{match}"
+        rel = match[len(root):].lstrip("/") if _inside(match, root) else match.rsplit("/", 1)[-1]
+        reason = _skip_reason(fs, match, rel, local, real_root)
+        if reason:
+            skipped.append(Skipped(url, reason))
+        else:
+            accepted.append((url, rel))
+    keys = assign_keys([rel for _, rel in accepted])
+    files = [TextFile(url, keys[rel], real_root if local else "", rel) for url, rel in accepted]
+    return Listing(files, skipped)
+
+
+def _skip_reason(fs, match: str, rel: str, local: bool, real_root: str) -> str | None:
+    if any(part.startswith(".") for part in rel.split("/")):
+        return "hidden (its name starts with '.': an upload in progress, macOS metadata, …): ignored"
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8: rename the file"
+    if local:
+        try:
+            link = os.lstat(match)
+            real = os.path.realpath(match)
+            info = os.stat(real)
+        except OSError as error:
+            return f"cannot be inspected ({error.strerror}): a broken link, or removed meanwhile"
+        if not _inside(real, real_root):
+            what = "a symbolic link" if stat.S_ISLNK(link.st_mode) else "reached through a link"
+            return f"{what} to {real}, outside the inbox: not read (copy the file into the inbox instead)"
+        if not stat.S_ISREG(info.st_mode):
+            return _kind(info.st_mode)
+        size = info.st_size
+    else:
+        try:
+            info = fs.info(match)
+        except FileNotFoundError:
+            return "removed meanwhile"
+        if info.get("type") != "file":
+            return "a folder: the source is not searched recursively (use a ** glob)"
+        size = info.get("size")
+    problem = format_problem(rel.rsplit("/", 1)[-1])
+    if problem:
+        return problem
+    if size == 0:
+        return "empty (0 bytes): nothing to cache yet; it is picked up once it holds text"
+    return None
 
 
 def list_source(pattern: str, storage_options: dict | None = None) -> list[TextFile]:
-    """All text files matching ``pattern``, sorted, each with its partition key."""
-    fs, path = fsspec.core.url_to_fs(pattern, **(storage_options or {}))
-    matches = sorted(p for p in fs.glob(path) if p.endswith(FORMATS) and fs.isfile(p))
-    if not matches:
-        raise SourceError(f"text source {pattern!r} matches no {'/'.join(FORMATS)} files",
+    """The readable files matching ``pattern``, sorted, each with its partition key; an error when
+    there is none (the skipped files and their reasons are named)."""
+    listing = scan_source(pattern, storage_options)
+    if not listing.files:
+        skipped = "; ".join(f"{s.url.rsplit('/', 1)[-1]}: {s.reason}" for s in listing.skipped[:5])
+        raise SourceError(f"text source {pattern!r} matches no readable {'/'.join(FORMATS)} files"
+                          + (f" ({len(listing.skipped)} skipped: {skipped})" if skipped else ""),
                           "check the path or glob (e.g. 'data/inbox/*.txt' or 's3://bucket/inbox/*.jsonl'); "
                           "for the demo corpus run `make setup`")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    files = [TextFile(m if protocol in ("file", "local") else f"{protocol}://{m}", partition_key(m)) for m in matches]
-    seen: dict[str, str] = {}
-    for f in files:
-        if f.key in seen:
-            raise SourceError(f"two files map to the same partition key {f.key!r}: {seen[f.key]} and {f.url}",
-                              "rename one of them: partition keys come from file names")
-        seen[f.key] = f.url
-    return files
+    return listing.files
 
 
 def source_stamp(text_file: TextFile, storage_options: dict | None = None) -> str:
     """Size and modification time (the ETag on S3) of a text file: it changes when the file is
     replaced under the same name, which is how a re-uploaded batch gets cached again."""
+    if text_file.root:  # local: the file the link leads to, never the link
+        info = os.stat(os.path.realpath(text_file.url))
+        return f"{info.st_size}:{info.st_mtime}"
     fs, path = fsspec.core.url_to_fs(text_file.url, **(storage_options or {}))
     info = fs.info(path)
     changed = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created") or ""
@@ -89,43 +319,167 @@ def source_stamp(text_file: TextFile, storage_options: dict | None = None) -> st
 
 
 def find_file(pattern: str, key: str, storage_options: dict | None = None) -> TextFile:
-    for f in list_source(pattern, storage_options):
+    listing = scan_source(pattern, storage_options)
+    for f in listing.files:
         if f.key == key:
             return f
     raise SourceError(f"no file in text source {pattern!r} has partition key {key!r}",
-                      "the file may have been removed from the inbox; restore it, or delete the stale partition")
+                      "the file may have been removed from the inbox (or skipped: `sae-platform status` lists "
+                      "why); restore it, or delete the stale partition")
 
 
-def _decode(data: bytes, url: str, encoding: str) -> str:
+# -- reading ---------------------------------------------------------------------------------------
+
+def _open_binary(text_file: TextFile, storage_options: dict | None):
+    """The file's raw bytes, decompressed. Local files are re-checked at open: a regular file whose
+    real path is inside the source folder (a link swapped in after the scan is refused)."""
+    name = text_file.url.rsplit("/", 1)[-1]
+    compression = COMPRESSIONS.get(split_name(name)[2] or "")
+    if "://" in text_file.url and not text_file.url.startswith("file://"):
+        return fsspec.open(text_file.url, "rb", compression=compression, **(storage_options or {})).open()
+    path = text_file.url.removeprefix("file://")
+    real = os.path.realpath(path)
+    if text_file.root and not _inside(real, text_file.root):
+        raise SourceError(f"{text_file.url} leads to {real}, outside the text source {text_file.root}",
+                          "copy the file into the inbox instead of linking to it")
     try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as error:
-        raise SourceError(f"{url} is not valid {encoding}: byte {error.start} is 0x{data[error.start]:02x}",
-                          f"convert the file to UTF-8 (iconv -f latin1 -t utf-8), or set the text source's "
-                          f"encoding (e.g. encoding: latin-1) if the whole source uses another one") from error
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError as error:
+        raise SourceError(f"{text_file.url} vanished before it could be read",
+                          "restore the file, or delete its partition") from error
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SourceError(f"{text_file.url} is not a regular file", "only regular files are read; remove it")
+    raw = os.fdopen(fd, "rb")
+    return fsspec.compression.compr[compression](raw, mode="rb") if compression else raw
 
 
-def read_documents(text_file: TextFile, text_field: str = "text", encoding: str = "utf-8",
-                   storage_options: dict | None = None) -> list[Document]:
-    url = text_file.url
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        data = f.read()
-    if url.endswith(".txt"):
-        texts = [_decode(data, url, encoding)]
-    elif url.endswith(".jsonl"):
-        texts = _jsonl_texts(_decode(data, url, encoding), url, text_field)
+def _codec(head: bytes, url: str, encoding: str) -> str:
+    """The codec to decode with: byte-order marks win over the UTF-8 default."""
+    if codecs.lookup(encoding).name != "utf-8":
+        return encoding
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    sample = head[:4096]
+    if sample and sample.count(0) * 4 >= len(sample):
+        little = sample[1::2].count(0) >= sample[0::2].count(0)
+        raise SourceError(f"{url} looks like UTF-16 or UTF-32 text without a byte-order mark "
+                          f"({sample.count(0)} NUL bytes in its first {len(sample)})",
+                          f"convert it: iconv -f UTF-16{'LE' if little else 'BE'} -t UTF-8 (or UTF-32…), or "
+                          f"set the text source's encoding (encoding: utf-16-{'le' if little else 'be'})")
+    return "utf-8"
+
+
+def _decode_error(error: UnicodeDecodeError, text_file: TextFile, codec: str, storage_options) -> SourceError:
+    """Name the first undecodable byte (its offset in the whole file) and the right fix."""
+    offset, bad = 0, None
+    decoder = codecs.getincrementaldecoder(codec)()
+    with _open_binary(text_file, storage_options) as f:
+        while chunk := f.read(READ_BYTES):
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as found:
+                bad = offset - pending + found.start
+                byte = found.object[found.start]
+                break
+            offset += len(chunk)
+        else:
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as found:
+                bad = offset - len(found.object) + found.start
+                byte = found.object[found.start]
+    where = f"byte {bad} is 0x{byte:02x}" if bad is not None else error.reason
+    if codec.startswith("utf-8"):
+        fix = ("if it is Western European text (Latin-1/Windows-1252), convert it: iconv -f cp1252 -t utf-8; "
+               "`file -bi FILE` names other encodings; or set the text source's encoding (e.g. encoding: "
+               "cp1252) if the whole source uses another one")
     else:
-        texts = _parquet_texts(data, url, text_field)
-    docs = [Document(i, url, t) for i, t in enumerate(texts) if t.strip()]
-    if not docs:
-        raise SourceError(f"{url} holds no text (empty file or only whitespace)",
-                          "remove the file from the text source, or fill it")
-    return docs
+        fix = f"check the text source's encoding ({codec}); `file -bi FILE` names the file's encoding"
+    return SourceError(f"{text_file.url} is not valid {codec.replace('-sig', '')}: {where}", fix)
 
 
-def _jsonl_texts(content: str, url: str, field: str) -> list[str]:
-    texts = []
-    for line_no, line in enumerate(content.splitlines(), start=1):
+def _text_stream(binary, text_file: TextFile, encoding: str, newline: str):
+    head = binary.read(4096)  # for the byte-order mark; then chained back in front of the rest
+    binary = io.BufferedReader(_Prefixed(head, binary), buffer_size=READ_BYTES)
+    codec = _codec(head, text_file.url, encoding)
+    return io.TextIOWrapper(binary, encoding=codec, errors="strict", newline=newline), codec
+
+
+class _Prefixed(io.RawIOBase):
+    """A raw stream: ``head`` then the rest of ``rest``."""
+
+    def __init__(self, head: bytes, rest):
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self):
+        self.rest.close()
+        super().close()
+
+
+def iter_pieces(text_file: TextFile, text_field: str = "text", encoding: str = "utf-8",
+                storage_options: dict | None = None) -> Iterator[tuple[int, str]]:
+    """(document id, text) pieces in order; a document's pieces are consecutive. A .txt file is one
+    document cut into pieces of about ``PIECE_CHARS`` at line ends; a JSONL line or parquet row is one
+    piece. Nothing but the current piece is held in memory."""
+    kind = TEXT_FORMATS.get(split_name(text_file.url.rsplit("/", 1)[-1])[1], "text")
+    if kind == "parquet":
+        yield from _parquet_pieces(text_file, text_field, storage_options)
+        return
+    codec = "utf-8"
+    try:
+        with _open_binary(text_file, storage_options) as binary:
+            stream, codec = _text_stream(binary, text_file, encoding, newline="" if kind == "text" else "\n")
+            if kind == "text":
+                yield from _txt_pieces(stream)
+            else:
+                yield from _jsonl_pieces(stream, text_file.url, text_field)
+    except UnicodeDecodeError as error:
+        raise _decode_error(error, text_file, codec, storage_options) from error
+    except (EOFError, OSError) as error:  # truncated or corrupt compressed data, unreadable file
+        if isinstance(error, FileNotFoundError):
+            raise SourceError(f"{text_file.url} vanished before it could be read",
+                              "restore the file, or delete its partition") from error
+        raise SourceError(f"{text_file.url} cannot be read: {error}",
+                          "replace it with a complete copy (a compressed file may be truncated)") from error
+
+
+def _txt_pieces(stream) -> Iterator[tuple[int, str]]:
+    carry = ""
+    while chunk := stream.read(PIECE_CHARS):
+        text = carry + chunk
+        cut = text.rfind("\n") + 1 or text.rfind(" ") + 1
+        if cut <= 0 or cut < len(text) // 2:
+            cut = len(text) if len(text) >= 2 * PIECE_CHARS else cut
+        if cut <= 0:
+            carry = text
+            continue
+        yield 0, text[:cut]
+        carry = text[cut:]
+    if carry:
+        yield 0, carry
+
+
+def _jsonl_pieces(stream, url: str, field_name: str) -> Iterator[tuple[int, str]]:
+    doc_id = 0
+    for line_no, line in enumerate(stream, start=1):  # newline="\n": U+2028 and friends stay in the string
         if not line.strip():
             continue
         try:
@@ -133,22 +487,51 @@ def _jsonl_texts(content: str, url: str, field: str) -> list[str]:
         except json.JSONDecodeError as error:
             raise SourceError(f"{url} line {line_no} is not valid JSON: {error.msg}",
                               "fix or remove that line; every line must be one JSON object") from error
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise SourceError(f"{url} line {line_no} has no string field {field!r}",
-                              f"set the text source's text_field to the field that holds the text")
-        texts.append(record[field])
-    return texts
+        if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
+            raise SourceError(f"{url} line {line_no} has no string field {field_name!r}",
+                              "set the text source's text_field to the field that holds the text")
+        yield doc_id, record[field_name]
+        doc_id += 1
 
 
-def _parquet_texts(data: bytes, url: str, column: str) -> list[str]:
-    try:
-        frame = pl.read_parquet(io.BytesIO(data))
-    except Exception as error:  # polars raises several types for corrupt files
-        raise SourceError(f"{url} is not a readable parquet file: {error}", "re-export the file as parquet") from error
-    if column not in frame.columns or frame.schema[column] != pl.String:
-        raise SourceError(f"{url} has no string column {column!r} (columns: {', '.join(frame.columns)})",
-                          "set the text source's text_field to the column that holds the text")
-    return [t for t in frame[column].to_list() if t is not None]
+def _parquet_pieces(text_file: TextFile, column: str, storage_options) -> Iterator[tuple[int, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    url = text_file.url
+    with _open_binary(text_file, storage_options) as f:
+        try:
+            parquet = pq.ParquetFile(f)
+            schema = parquet.schema_arrow
+        except Exception as error:  # pyarrow raises several types for corrupt files
+            raise SourceError(f"{url} is not a readable parquet file: {error}",
+                              "re-export the file as parquet") from error
+        names = schema.names
+        kind = schema.field(column).type if column in names else None
+        if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                                or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+            raise SourceError(f"{url} has no string column {column!r} (columns: {', '.join(names)})",
+                              "set the text source's text_field to the column that holds the text")
+        doc_id = 0
+        for batch in parquet.iter_batches(columns=[column], batch_size=256):
+            for text in batch.column(0).to_pylist():
+                if text is not None:
+                    yield doc_id, text
+                    doc_id += 1
+
+
+def read_documents(text_file: TextFile, text_field: str = "text", encoding: str = "utf-8",
+                   storage_options: dict | None = None) -> list[Document]:
+    """Every document of a file, whole (small files: the held-out text, tests). Caching streams instead."""
+    texts: dict[int, list[str]] = {}
+    for doc_id, piece in iter_pieces(text_file, text_field, encoding, storage_options):
+        texts.setdefault(doc_id, []).append(piece)
+    docs = [Document(i, text_file.url, "".join(t)) for i, t in texts.items()]
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise SourceError(f"{text_file.url} holds no text (empty file or only whitespace)",
+                          "remove the file from the text source, or fill it")
+    return docs
 
 
 def tokenize(tokenizer, docs: list[Document]) -> list[list[int]]:
@@ -156,28 +539,84 @@ def tokenize(tokenizer, docs: list[Document]) -> list[list[int]]:
     return [tokenizer(d.text, add_special_tokens=False, verbose=False)["input_ids"] for d in docs]
 
 
+# -- packing ---------------------------------------------------------------------------------------
+
+class ContextPacker:
+    """Packs documents' tokens into [start, t1, …] contexts as they arrive; a start token separates
+    documents. Tokens are kept as int32 arrays; ``full`` says when ``max_contexts`` contexts are filled
+    (the caller stops reading there)."""
+
+    def __init__(self, ctx_len: int, start_token_id: int, max_contexts: int | None = None):
+        if ctx_len < 2:
+            raise SourceError(f"ctx_len {ctx_len} is too short", "use ctx_len >= 2 (default 128)")
+        self.ctx_len, self.start, self.max_contexts = ctx_len, start_token_id, max_contexts
+        self.tokens: list[np.ndarray] = []
+        self.docs: list[np.ndarray] = []
+        self.length = 0
+        self.last_doc: int | None = None
+        self.doc_ids: list[int] = []  # documents that contributed tokens, in order
+
+    @property
+    def full(self) -> bool:
+        return self.max_contexts is not None and self.length >= self.max_contexts * (self.ctx_len - 1)
+
+    def add(self, doc_id: int, tokens) -> None:
+        tokens = np.asarray(tokens, dtype=np.int32)
+        if doc_id != self.last_doc:
+            if self.length:  # separator between documents; belongs to the next document
+                tokens = np.concatenate([np.array([self.start], np.int32), tokens])
+            self.doc_ids.append(doc_id)
+            self.last_doc = doc_id
+        self.tokens.append(tokens)
+        self.docs.append(np.full(len(tokens), doc_id, np.int32))
+        self.length += len(tokens)
+
+    def finish(self) -> Contexts:
+        body = self.ctx_len - 1
+        n_contexts = self.length // body
+        if self.max_contexts is not None:
+            n_contexts = min(n_contexts, self.max_contexts)
+        if n_contexts == 0:
+            raise SourceError(f"the batch has {self.length} tokens, fewer than one context of {self.ctx_len}",
+                              "add more text to the file, or lower ctx_len")
+        used = n_contexts * body
+        stream = np.concatenate(self.tokens)[:used]
+        stream_docs = np.concatenate(self.docs)[:used]
+        tokens = stream.reshape(n_contexts, body)
+        docs = stream_docs.reshape(n_contexts, body)
+        tokens = np.concatenate([np.full((n_contexts, 1), self.start, np.int32), tokens], axis=1)
+        docs = np.concatenate([docs[:, :1], docs], axis=1)  # the start token belongs to the first doc
+        return Contexts(tokens, docs, dropped_tokens=self.length - used)
+
+
 def pack_contexts(token_lists: list[list[int]], doc_ids: list[int], ctx_len: int, start_token_id: int,
                   max_contexts: int | None = None) -> Contexts:
     """Pack documents into [start, t1, …] contexts; a start token separates documents."""
-    if ctx_len < 2:
-        raise SourceError(f"ctx_len {ctx_len} is too short", "use ctx_len >= 2 (default 128)")
-    stream, stream_docs = [], []
+    packer = ContextPacker(ctx_len, start_token_id, max_contexts)
     for tokens, doc_id in zip(token_lists, doc_ids, strict=True):
-        if stream:  # separator between documents; belongs to the next document
-            stream.append(start_token_id)
-            stream_docs.append(doc_id)
-        stream.extend(tokens)
-        stream_docs.extend([doc_id] * len(tokens))
-    body = ctx_len - 1
-    n_contexts = len(stream) // body
-    if max_contexts is not None:
-        n_contexts = min(n_contexts, max_contexts)
-    if n_contexts == 0:
-        raise SourceError(f"the batch has {len(stream)} tokens, fewer than one context of {ctx_len}",
-                          "add more text to the file, or lower ctx_len")
-    used = n_contexts * body
-    tokens = np.asarray(stream[:used], dtype=np.int32).reshape(n_contexts, body)
-    docs = np.asarray(stream_docs[:used], dtype=np.int32).reshape(n_contexts, body)
-    tokens = np.concatenate([np.full((n_contexts, 1), start_token_id, np.int32), tokens], axis=1)
-    docs = np.concatenate([docs[:, :1], docs], axis=1)  # the start token belongs to the first doc
-    return Contexts(tokens, docs, dropped_tokens=len(stream) - used)
+        packer.add(doc_id, tokens)
+    return packer.finish()
+
+
+def stream_contexts(text_file: TextFile, tokenizer, ctx_len: int, start_token_id: int,
+                    max_contexts: int | None = None, text_field: str = "text", encoding: str = "utf-8",
+                    storage_options: dict | None = None) -> tuple[list[Document], Contexts]:
+    """Read, tokenize and pack one file a piece at a time, stopping once ``max_contexts`` contexts are
+    full: memory stays flat in the file's size. Returns the documents that contributed (without their
+    text) and the contexts. Blank documents are left out, as ``read_documents`` does."""
+    packer = ContextPacker(ctx_len, start_token_id, max_contexts)
+    pending_doc, pending = None, ""  # whitespace seen at the start of a document, not yet kept
+    for doc_id, piece in iter_pieces(text_file, text_field, encoding, storage_options):
+        if doc_id != pending_doc:
+            pending_doc, pending = doc_id, ""
+        if doc_id != packer.last_doc and not piece.strip():
+            pending += piece
+            continue
+        text, pending = pending + piece, ""
+        packer.add(doc_id, tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if packer.full:
+            break
+    if not packer.doc_ids:
+        raise SourceError(f"{text_file.url} holds no text (empty file or only whitespace)",
+                          "remove the file from the text source, or fill it")
+    return [Document(i, text_file.url, "") for i in packer.doc_ids], packer.finish()

@@ -73,6 +73,7 @@ def grace_from_env() -> float:
                            f"set {GRACE_ENV} to the seconds a superseded artifact version stays readable "
                            f"(default {DEFAULT_GRACE_S:g}; 0 removes it at the next commit), or unset it")
     return value
+_BUCKETS_SEEN: set[tuple[str, str, str]] = set()  # buckets checked once per process
 
 
 def write_local_atomic(path: str, data: bytes) -> None:
@@ -119,6 +120,9 @@ class ArtifactStore:
     root_url: str
     storage_options: dict[str, Any] = field(default_factory=dict)
     grace_s: float | None = None  # None: $SAE_PLATFORM_GRACE_S, default 3600 (see the module docstring)
+    # An S3 root's bucket must exist; create it only when asked (True, or SAE_PLATFORM_CREATE_BUCKET=1),
+    # so that a misspelt bucket name fails instead of filling a new bucket.
+    create_bucket: bool | None = None
 
     def __post_init__(self):
         if self.grace_s is None:
@@ -132,6 +136,30 @@ class ArtifactStore:
         self.fs, self.root = fsspec.core.url_to_fs(self.root_url, **options)
         self.root = self.root.rstrip("/")
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        if self.protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+            self._check_bucket()
+
+    def _check_bucket(self) -> None:
+        bucket = self.root.split("/", 1)[0]
+        seen = (self.protocol, str(self.storage_options.get("endpoint_url")), bucket)
+        if seen in _BUCKETS_SEEN:
+            return
+        create = self.create_bucket
+        if create is None:
+            create = os.environ.get("SAE_PLATFORM_CREATE_BUCKET", "").strip().lower() in ("1", "true", "yes")
+        try:
+            exists = self.fs.exists(bucket)
+        except PermissionError:
+            exists = True  # listing buckets may be forbidden while the bucket itself is usable
+        if not exists:
+            if not create:
+                raise StorageError(
+                    f"bucket {bucket!r} does not exist (artifact root {self.root_url})",
+                    f"check the bucket name in SAE_PLATFORM_ROOT (and the endpoint/region); to have the "
+                    f"platform create it, set SAE_PLATFORM_CREATE_BUCKET=1 (or storage create_bucket: true), "
+                    f"or create it yourself (aws s3 mb {self.protocol}://{bucket})")
+            self.fs.mkdir(bucket)
+        _BUCKETS_SEEN.add(seen)
 
     @property
     def is_local(self) -> bool:
@@ -317,8 +345,10 @@ class ArtifactStore:
         return int(self.fs.du(path, total=True))
 
 
-def open_store(root_url: str, endpoint_url: str | None = None) -> ArtifactStore:
+def open_store(root_url: str, endpoint_url: str | None = None, create_bucket: bool | None = None) -> ArtifactStore:
     """The artifact store at ``root_url`` (a local folder, made absolute, or ``s3://bucket/prefix``;
-    ``endpoint_url``: an S3-compatible endpoint; credentials come from the usual AWS chain)."""
+    ``endpoint_url``: an S3-compatible endpoint; credentials come from the usual AWS chain;
+    ``create_bucket``: see ``ArtifactStore``)."""
     url = root_url if "://" in root_url else os.path.abspath(root_url)
-    return ArtifactStore(url, {"endpoint_url": endpoint_url} if endpoint_url and url.startswith("s3://") else {})
+    return ArtifactStore(url, {"endpoint_url": endpoint_url} if endpoint_url and url.startswith("s3://") else {},
+                         create_bucket=create_bucket)

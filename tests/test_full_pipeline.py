@@ -12,6 +12,7 @@ import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, EventRecordsFilter
 
 from conftest import TINY_SAE, deployment
+from sae_platform.corpus import partition_key
 from sae_platform.freshness import stale_reasons
 from sae_platform.storage import ArtifactStore
 
@@ -114,3 +115,50 @@ def test_executor_is_chosen_by_the_deployment_with_clear_errors():
             pipeline_executor("celery")
     else:
         assert pipeline_executor("celery").name == "celery"
+
+
+def test_bad_files_never_stop_the_pipeline(tmp_path, tiny_model_dir, text_dir):
+    """Issue 12: three good files beside an empty one, a blank one, a latin-1 one, a macOS `._` file and
+    links out of the inbox. full_pipeline caches, shuffles, trains and publishes the good batches,
+    reports the failed ones (log, step metadata, `sae-platform status`), and reads nothing outside."""
+    env = deployment(tmp_path, tiny_model_dir, text_dir)  # in-process executor
+    inbox = Path(env["SAE_PLATFORM_INBOX"]).parent
+    for path in sorted(text_dir.glob("*.txt")):
+        shutil.copy(path, inbox / path.name)
+    long_name = "数据" + "l" * 245 + ".txt"  # 255 bytes: legal, and once broke every run (step output path)
+    (inbox / long_name).write_text((text_dir / "gamma.txt").read_text() + " another batch")
+    (inbox / "zz_empty.txt").write_bytes(b"")
+    (inbox / "blank.txt").write_text("  \n \n")
+    (inbox / "latin.txt").write_bytes(("caf\xe9 " + (text_dir / "beta.txt").read_text()).encode("latin-1"))
+    (inbox / "._alpha.txt").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (inbox / "passwd.txt").symlink_to("/etc/passwd")
+    (inbox / "environ.txt").symlink_to("/proc/self/environ")
+    secret_env = {**env, "AWS_SECRET_ACCESS_KEY": "sekrit-value-that-must-not-leak"}
+    run = execute_full_pipeline(secret_env, Path(env["SAE_PLATFORM_RUN_CONFIG"]))
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    assert "2 batch(es) failed to cache and are left out: blank: " in run.stderr
+    assert "skipped " in run.stderr and "outside the inbox" in run.stderr
+
+    store = ArtifactStore(env["SAE_PLATFORM_ROOT"])
+    index = store.read_json(f"{store.resolve('shuffled/main')}/index.json")
+    assert sorted(i["key"] for i in index["inputs"]) == sorted(["alpha", "beta", "gamma", partition_key(long_name)])
+    assert stale_reasons(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4) == []
+    root = Path(env["SAE_PLATFORM_ROOT"])
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"root:x:0:0" not in data and b"sekrit-value" not in data, path
+
+    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
+    (record,) = instance.get_runs()
+    outputs = [e.dagster_event.event_specific_data for e in instance.all_logs(
+        record.run_id, of_type=DagsterEventType.STEP_OUTPUT) if e.step_key == "plan_shuffle"]
+    assert outputs[0].metadata["failed_batches"].value == ["blank", "latin"]
+
+    status = subprocess.run([str(Path(sys.executable).parent / "sae-platform"), "status"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr[-3000:]
+    for line in ("skipped passwd.txt: a symbolic link", "skipped environ.txt: a symbolic link",
+                 "skipped ._alpha.txt: hidden", "skipped zz_empty.txt: empty (0 bytes)",
+                 "failed blank: ", "holds no text", "failed latin: ", "byte 3 is 0xe9"):
+        assert line in status.stdout, (line, status.stdout)
