@@ -187,7 +187,8 @@ def context_windows(run: StageRun) -> dict:
     examples = [shown_examples(ft.read_tables(run.store, settings.sae_name, i).examples, settings.random_examples)
                 for i in range(N_FEATURE_SHARDS)]
     hooked, _ = run.resources.language_model.load(run.store, device="cpu")
-    run.log.info(f"pass 3 [{run.partition_key}]: windows of {sum(e.height for e in examples):,} examples")
+    run.log.info(f"pass 3 [{run.partition_key}]: context windows of the shown examples that fall in this batch "
+                 f"({sum(e.height for e in examples):,} shown examples over all batches)")
     info = ctx.build_partition_windows(run.store, settings.sae_name, sae, run.partition_key, pl.concat(examples),
                                        hooked.tokenizer, before=settings.before, after=settings.after)
     return {"n_windows": info["n_windows"], "n_features": info["n_features"], "dagster/row_count": info["n_windows"],
