@@ -151,9 +151,12 @@ def test_bad_files_never_stop_the_pipeline(tmp_path, tiny_model_dir, text_dir):
 
     instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
     (record,) = instance.get_runs()
-    outputs = [e.dagster_event.event_specific_data for e in instance.all_logs(
-        record.run_id, of_type=DagsterEventType.STEP_OUTPUT) if e.step_key == "plan_shuffle"]
-    assert outputs[0].metadata["failed_batches"].value == ["blank", "latin"]
+    (plan,) = instance.fetch_materializations(AssetKey("shuffle_plan"), limit=1).records
+    assert plan.run_id == record.run_id
+    assert sorted(plan.asset_materialization.metadata["failed_batches"].value) == ["blank", "latin"]
+    failed_steps = {e.step_key for e in instance.all_logs(record.run_id, of_type=DagsterEventType.STEP_OUTPUT)
+                    if "failed" in e.dagster_event.event_specific_data.metadata}
+    assert len(failed_steps) == 2 and all(step.startswith("cache_batch[") for step in failed_steps)
 
     status = subprocess.run([str(Path(sys.executable).parent / "sae-platform"), "status"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
