@@ -38,6 +38,14 @@ def build_tiny_model(dest: Path, hidden: int = 32, layers: int = 4) -> Path:
     return dest
 
 
+@pytest.fixture(autouse=True)
+def _no_deployment_settings(monkeypatch):
+    """`make test` exports the demo's SAE_PLATFORM_RUN_CONFIG (the Makefile sets it for `make ui`);
+    it configures every code location that loads, so a test that spawns Dagster with os.environ
+    would silently run the demo's settings. Tests that want a run config file set it themselves."""
+    monkeypatch.delenv("SAE_PLATFORM_RUN_CONFIG", raising=False)
+
+
 TINY_SAE = "topk-4k-k32"
 
 
