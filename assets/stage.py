@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from dagster import (
     AssetCheckEvaluation,
+    Field,
+    Permissive,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
@@ -37,12 +39,33 @@ from dagster import (
 )
 
 from assets.metadata import readable
+from resources import SETTINGS_FIELDS
 from sae_platform.errors import PlatformError
 
 
-# Stages take no op config: their settings are resources (one vocabulary in every job). An empty
-# schema makes Dagster refuse an old-style `ops.<step>.config` instead of silently ignoring it.
-NO_OP_CONFIG: dict = {}
+# Stages take no op config: their settings are resources (one vocabulary in every job). The schema
+# accepts anything so that an old-style `ops.<step>.config` reaches `refuse_op_config`, which says
+# where each setting lives now, instead of Dagster's bare "unexpected config entry".
+NO_OP_CONFIG = Field(Permissive({}), is_required=False)
+
+
+def refuse_op_config(stage: "Stage", step: str, op_config) -> None:
+    """Fail before anything runs when a run config sets op config on a stage (the old vocabulary)."""
+    if not op_config:
+        return
+    from sae_platform.settings import SettingsError
+
+    homes = {}
+    for key in op_config:
+        owners = [name for name in stage.resources if key in SETTINGS_FIELDS.get(name, ())]
+        homes[key] = f"resources.{owners[0]}.config.{key}" if owners else None
+    moved = "; ".join(f"ops.{step}.config.{k} -> {h}" for k, h in homes.items() if h)
+    unknown = sorted(k for k, h in homes.items() if not h)
+    raise SettingsError(
+        f"ops.{step}.config sets {', '.join(sorted(op_config))}, but stages take no op config: their settings "
+        "are resources, with the same keys in every job" + (f" (unknown: {', '.join(unknown)})" if unknown else ""),
+        (f"move them: {moved}" if moved else "remove them")
+        + " (docs/operator.md, \"Configuration reference\")")
 
 
 @dataclass
@@ -196,6 +219,7 @@ def stage_asset(stage: Stage, guard: Callable[[AssetExecutionContext], None] | N
     def compute(context: AssetExecutionContext):
         if guard:
             guard(context)
+        refuse_op_config(stage, stage.asset, context.op_config)
         keys = list(context.partition_keys) if context.has_partition_key_range or context.has_partition_key else []
         outcome = execute(stage, StageRun(context.log, context.resources, keys, context.run.run_id))
         return MaterializeResult(
@@ -212,6 +236,7 @@ def stage_asset(stage: Stage, guard: Callable[[AssetExecutionContext], None] | N
 def run_as_step(stage: Stage, context: OpExecutionContext, partition=None) -> Outcome:
     """Run the stage inside an op and log what its asset would: the materialization (with the data
     version and the inputs' versions, as Dagster records them for an asset run) and the checks."""
+    refuse_op_config(stage, stage.op_name, context.op_config)
     keys = [partition] if partition is not None else []
     outcome = execute(stage, StageRun(context.log, context.resources, keys, context.run_id))
     context.log_event(AssetMaterialization(

@@ -73,6 +73,7 @@ def train_and_export(run: StageRun) -> dict:
         metadata["training_curves"] = inline_png(png, "training curves")
         metadata["training_curves_path"] = MetadataValue.path(store.url(plot_path))
     metadata["path"] = MetadataValue.path(result["path"])
+    run.log.info(f"exporting {name} in SAELens' format")
     exported = export_run(store, name)
     metadata["saelens_export"] = MetadataValue.path(exported["path"]) if exported else "n/a (no SAELens equivalent)"
     metadata["device"] = str(device)
@@ -96,6 +97,8 @@ def evaluate(run: StageRun) -> dict:
     if settings.ce_contexts:
         hooked, _ = run.resources.language_model.load(store, device=str(device))
         tokens = heldout_contexts(run.resources.holdout_text, hooked, settings.ctx_len, settings.ce_contexts, run.log)
+    run.log.info(f"evaluating {name}: reconstruction on the held-out rows, latent density over every cached row"
+                 + (f", downstream CE on {len(tokens)} held-out contexts" if tokens is not None else ""))
     report, density = evaluate_sae(store, run.resources.shuffle.settings().name, name, hooked, tokens, device)
     png = density_histogram_png(density, report["dead_window_tokens"])
     plot_path = store.path("reports", name, "latent_density.png")
@@ -103,11 +106,17 @@ def evaluate(run: StageRun) -> dict:
     run.log.info(f"{name}: fvu {report['fvu']:.4g}, L0 {report['l0']:.1f}, dead {report['dead_fraction']:.1%} "
                  f"(never fired on any of {report['dead_window_tokens']:,} cached tokens)"
                  + (f", loss recovered {report['loss_recovered']:.4g}" if report.get("loss_recovered") else ""))
+    numbers = {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    first = [k for k in EVAL_HEADLINE if k in numbers]  # each dead figure beside the window it was measured on
     return {
-        **{k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+        **{k: numbers[k] for k in first}, **{k: v for k, v in numbers.items() if k not in first},
         "latent_density": inline_png(png, "latent density"),
         "latent_density_path": MetadataValue.path(store.url(plot_path)),
     }
+
+
+EVAL_HEADLINE = ("fvu", "nmse", "l0", "dead_fraction", "dead_window_tokens", "n_dead", "heldout_dead_fraction",
+                 "heldout_tokens", "loss_recovered", "ce_clean", "ce_sae", "ce_zero")
 
 
 def heldout_contexts(holdout_text, hooked, ctx_len: int, n_contexts: int, log=None):

@@ -438,8 +438,9 @@ def _print_status() -> None:
 
 
 def _print_inbox(settings: Settings, store) -> None:
-    """Inbox files that are not cached, and why: skipped (never read) or failed (their last attempt)."""
-    from sae_platform.inbox import inbox_report, scan_inbox
+    """Every inbox file: readable ones that wait for caching (with the key they get), and those not
+    cached with why: skipped (never read) or failed (their last attempt)."""
+    from sae_platform.inbox import inbox_report, needs_caching, scan_inbox
 
     pattern = settings.inbox if "://" in settings.inbox else os.path.abspath(settings.inbox)
     options = {"endpoint_url": settings.s3_endpoint_url} if settings.s3_endpoint_url and "://" in pattern else {}
@@ -448,9 +449,13 @@ def _print_inbox(settings: Settings, store) -> None:
     except (PlatformError, OSError) as error:
         print(f"\ninbox {settings.inbox}: cannot be listed ({error})")
         return
+    waiting = needs_caching(store, inbox.stamps)
     lines = inbox_report(inbox, store)
-    print(f"\ninbox {settings.inbox}: {len(inbox.files)} file(s) to cache"
-          + (f", {len(lines)} not cached:" if lines else ""))
+    print(f"\ninbox {settings.inbox}: {len(inbox.files)} readable file(s), {len(waiting)} waiting to be cached"
+          + (f"; {len(lines)} other line(s):" if lines else ""))
+    names = {f.key: f.url.rsplit("/", 1)[-1] for f in inbox.files}
+    for key in waiting:
+        print(f"  to cache {names[key]} as partition {key}")
     for line in lines:
         print(line)
 

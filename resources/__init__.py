@@ -122,6 +122,11 @@ STAGE_SETTINGS = {
 }
 
 
+# key -> the settings each stage resource holds (what an old-style op config key maps to)
+SETTINGS_FIELDS = {key: {f.name for f in fields(cls) if f.name not in left_out} | ({"device"} if device else set())
+                   for key, (cls, left_out, device) in STAGE_SETTINGS.items()}
+
+
 def stage_resource(key: str, deployment: dict | None = None) -> StageSettingsResource:
     """The resource holding stage ``key``'s settings. Its schema is generated from the settings
     dataclass, with ``deployment`` (the run config file's ``resources.<key>.config``) as defaults:

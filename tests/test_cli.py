@@ -31,3 +31,17 @@ def test_cli_flags_default_to_the_deployment_settings():
     assert stage_settings(training={"token_budget": None, "lr": None}) == {"resources": {}}
     assert stage_settings(training={"token_budget": 2048, "lr": None}, evaluation={"ce_contexts": None}) == {
         "resources": {"training": {"config": {"token_budget": 2048}}}}
+
+
+def test_status_names_every_inbox_file_waiting_to_be_cached(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "alpha.txt").write_text("Some text to cache. " * 20)
+    (inbox / "a b.txt").write_text("Other text. " * 20)
+    (inbox / "empty.txt").write_bytes(b"")
+    env = {**os.environ, "SAE_PLATFORM_ROOT": str(tmp_path / "artifacts"), "SAE_PLATFORM_INBOX": str(inbox / "*")}
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "status"], cwd=REPO, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert "2 readable file(s), 2 waiting to be cached" in out
+    assert "to cache alpha.txt as partition alpha" in out and "to cache a b.txt as partition a_b~" in out
+    assert "skipped empty.txt: empty (0 bytes)" in out
