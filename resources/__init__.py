@@ -9,8 +9,7 @@ from dagster import ConfigurableResource
 from pydantic import Field, create_model
 
 from sae_platform.activations import CacheSettings
-from sae_platform.corpus import TextFile, list_source, source_stamp
-from sae_platform.errors import SourceError
+from sae_platform.corpus import TextFile, find_file, list_source, source_stamp
 from sae_platform.evaluate import EvalSettings
 from sae_platform.features import FeatureSettings
 from sae_platform.inbox import Inbox, scan_inbox
@@ -78,13 +77,7 @@ class TextSourceResource(ConfigurableResource):
         return files if files else list_source(self._resolved(), self.storage_options)  # raises, naming why
 
     def file(self, key: str, store: ArtifactStore | None = None) -> TextFile:
-        inbox = self.scan(store)
-        for f in inbox.files:
-            if f.key == key:
-                return f
-        raise SourceError(f"no file in text source {self.pattern!r} has partition key {key!r}",
-                          "the file may have been removed from the inbox, or skipped (`sae-platform status` "
-                          "lists why); restore it, or delete the stale partition")
+        return find_file(self.pattern, key, files=self.scan(store).files)
 
     def stamps(self, files: list[TextFile] | None = None) -> dict[str, str]:
         """Partition key → size and modification stamp, to notice files replaced under the same name."""

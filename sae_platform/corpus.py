@@ -318,9 +318,10 @@ def source_stamp(text_file: TextFile, storage_options: dict | None = None) -> st
     return f"{info.get('size')}:{changed}"
 
 
-def find_file(pattern: str, key: str, storage_options: dict | None = None) -> TextFile:
-    listing = scan_source(pattern, storage_options)
-    for f in listing.files:
+def find_file(pattern: str, key: str, storage_options: dict | None = None,
+              files: list[TextFile] | None = None) -> TextFile:
+    """The file of partition ``key`` among ``files`` (default: the source's listing)."""
+    for f in scan_source(pattern, storage_options).files if files is None else files:
         if f.key == key:
             return f
     raise SourceError(f"no file in text source {pattern!r} has partition key {key!r}",
