@@ -4,7 +4,6 @@ browser up to date (downstream_freshness_sensor); the nightly schedule catches w
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunRequest, build_schedule_context
 
 from conftest import TINY_SAE as SAE
-from conftest import deployment
+from conftest import deployment, stop_process_group
 from sae_platform.freshness import stale_reasons
 from sae_platform.storage import ArtifactStore
 
@@ -61,12 +60,7 @@ def daemon(tmp_path, tiny_model_dir, text_dir):
                                    stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop():
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_process_group(process)
 
     try:
         yield env, instance, log, stop

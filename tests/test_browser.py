@@ -203,9 +203,10 @@ def chromium():
         b.close()
 
 
-@pytest.fixture
-def page(chromium, site):
-    server, url = browser.serve_in_thread(site[0])
+def _served_page(chromium, site_dir):
+    """A page on the site served from ``site_dir``; console errors, page errors and dialogs are
+    collected in ``pg.problems``."""
+    server, url = browser.serve_in_thread(site_dir)
     ctx = chromium.new_context(viewport={"width": 1280, "height": 900})
     pg = ctx.new_page()
     pg.problems = []
@@ -218,6 +219,11 @@ def page(chromium, site):
     ctx.close()
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def page(chromium, site):
+    yield from _served_page(chromium, site[0])
 
 
 def _ids(pg):
@@ -526,18 +532,7 @@ def test_byte_tokens_become_one_span_per_character(special_site):
 
 @pytest.fixture
 def special_page(chromium, special_site):
-    server, url = browser.serve_in_thread(special_site[0])
-    ctx = chromium.new_context(viewport={"width": 1280, "height": 900})
-    pg = ctx.new_page()
-    pg.problems = []
-    pg.on("console", lambda m: pg.problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-    pg.on("pageerror", lambda e: pg.problems.append(f"pageerror: {e}"))
-    pg.base_url = url
-    pg.set_default_timeout(5000)
-    yield pg
-    ctx.close()
-    server.shutdown()
-    server.server_close()
+    yield from _served_page(chromium, special_site[0])
 
 
 def test_activating_byte_token_is_visible_and_marked_in_chromium(special_page):

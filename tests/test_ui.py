@@ -19,9 +19,7 @@ must be built by the runs launched here, not by the inbox sensor.
 """
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_SAE, deployment
+from conftest import TINY_SAE, deployment, stop_process_group
 from sae_platform.storage import ArtifactStore
 from test_stage import BATCHES, _same_artifacts
 
@@ -161,13 +159,7 @@ def ui(tmp_path, tiny_model_dir, text_dir):
         server.wait_until_loaded()
         yield server, env
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process)
 
 
 def _stop_automation(server: UI) -> None:
