@@ -5,7 +5,7 @@ import time
 from dagster import MetadataValue
 
 from assets.partitions import ACTIVATION_BATCHES
-from assets.stage import Stage, StageRun
+from assets.stage import Stage, StageRun, pointer_version
 from sae_platform.activations import cache_text_file, partition_name
 from sae_platform.errors import SourceError
 from sae_platform.freshness import changed_sources
@@ -35,20 +35,11 @@ def convert_base_model(run: StageRun) -> dict:
     }
 
 
-def committed_version(name_of):
-    """Data version of a stage whose artifact is one committed name: its committed version."""
-    def version(run: StageRun) -> str | None:
-        pointer = run.store.pointer(name_of(run))
-        return pointer["version"] if pointer else None
-
-    return version
-
-
 BASE_MODEL = Stage(
     asset="base_model", op_name="convert_base_model", group="activations", kinds=frozenset({"pytorch", "safetensors"}),
     description="The base LM converted once to fp32 safetensors, so every later load takes under a second.",
     resources=("storage", "language_model"),
-    up_to_date=base_model_stored, body=convert_base_model, version=committed_version(_model_name))
+    up_to_date=base_model_stored, body=convert_base_model, version=pointer_version(_model_name))
 
 
 # -- activations ----------------------------------------------------------------------------------
@@ -109,7 +100,7 @@ ACTIVATIONS = Stage(
     description="Residual-stream activations of one batch of text, one row per token (start tokens excluded).",
     partitions=ACTIVATION_BATCHES, deps=("base_model",),
     resources=("storage", "language_model", "text_source", "caching"),
-    up_to_date=batch_cached, body=cache_batch, version=committed_version(_batch_name),
+    up_to_date=batch_cached, body=cache_batch, version=pointer_version(_batch_name),
     partition_errors=(SourceError,))  # recorded by cache_text_file (inbox.record_failed_attempt)
 
 STAGES = [BASE_MODEL, ACTIVATIONS]

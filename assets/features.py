@@ -8,7 +8,7 @@ from dagster import AllPartitionMapping, AssetDep, MetadataValue, MultiToSingleD
 
 from assets.metadata import table_metadata, table_preview
 from assets.partitions import ACTIVATION_BATCHES, FEATURE_JOBS, FEATURE_SHARDS, N_FEATURE_SHARDS
-from assets.stage import Check, Stage, StageRun
+from assets.stage import Check, Stage, StageRun, pointer_version
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform.activations import open_partition
@@ -66,14 +66,6 @@ def tables_current(run: StageRun) -> str | None:
 def _load(run: StageRun):
     sae, _ = load_sae(run.store, _settings(run).sae_name, pick_device(run.resources.features.device))
     return sae
-
-
-def pointer_version(name_of):
-    def version(run: StageRun) -> str | None:
-        pointer = run.store.pointer(name_of(run))
-        return pointer["version"] if pointer else None
-
-    return version
 
 
 def _stage(**declared) -> Stage:

@@ -18,6 +18,7 @@ report the verdicts recorded when that version was built.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from dagster import (
     AssetCheckEvaluation,
@@ -26,6 +27,7 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
+    AssetDep,
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
@@ -41,6 +43,7 @@ from dagster import (
 from assets.metadata import readable
 from resources import SETTINGS_FIELDS
 from sae_platform.errors import PlatformError
+from sae_platform.settings import SettingsError
 
 
 # Stages take no op config: their settings are resources (one vocabulary in every job). The schema
@@ -53,8 +56,6 @@ def refuse_op_config(stage: "Stage", step: str, op_config) -> None:
     """Fail before anything runs when a run config sets op config on a stage (the old vocabulary)."""
     if not op_config:
         return
-    from sae_platform.settings import SettingsError
-
     homes = {}
     for key in op_config:
         owners = [name for name in stage.resources if key in SETTINGS_FIELDS.get(name, ())]
@@ -84,7 +85,7 @@ class StageRun:
                                 "launch one run per partition (a backfill does)")
         return self.partition_keys[0]
 
-    @property
+    @cached_property
     def store(self):
         return self.resources.storage.store()
 
@@ -129,7 +130,16 @@ class Outcome:
     metadata: dict
     data_version: str | None
     verdicts: list[dict]
-    skipped: str | None = None
+
+
+def pointer_version(name_of: Callable[[StageRun], str]):
+    """The data version of a stage whose artifact is one committed name: its committed version
+    (None before the first commit)."""
+    def version(run: StageRun) -> str | None:
+        pointer = run.store.pointer(name_of(run))
+        return pointer["version"] if pointer else None
+
+    return version
 
 
 def execute(stage: Stage, run: StageRun) -> Outcome:
@@ -139,7 +149,7 @@ def execute(stage: Stage, run: StageRun) -> Outcome:
     if reason:
         run.log.info(f"{stage.asset}{_label(run)} is up to date: {reason}")
         version = stage.version(run)
-        return Outcome({"up_to_date": reason}, version, _recorded_verdicts(stage, run, version), skipped=reason)
+        return Outcome({"up_to_date": reason}, version, _recorded_verdicts(stage, run, version))
     metadata = stage.body(run)
     version = stage.version(run)
     verdicts = _verdicts(stage, run)
@@ -281,11 +291,8 @@ def provenance_tags(instance, stage: Stage, data_version: str | None, run_id: st
 
 
 def upstream_keys(stage: Stage) -> list[AssetKey]:
-    keys = []
-    for dep in stage.deps:
-        key = getattr(dep, "asset_key", None) or getattr(dep, "key", None)
-        keys.append(key if isinstance(key, AssetKey) else AssetKey(str(dep)))
-    return keys
+    """Stage deps are asset names or AssetDeps (those with a partition mapping)."""
+    return [dep.asset_key if isinstance(dep, AssetDep) else AssetKey(dep) for dep in stage.deps]
 
 
 def multi_key(batch: str, shard: str) -> MultiPartitionKey:

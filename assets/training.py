@@ -10,10 +10,10 @@ from dagster import MetadataValue
 
 from assets.metadata import inline_png
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
-from assets.stage import Check, Stage, StageRun
+from assets.stage import Check, Stage, StageRun, pointer_version
 from sae_platform.corpus import read_documents, tokenize
 from sae_platform.errors import PlatformError
-from sae_platform.evaluate import evaluate_sae, heldout_ce_tokens
+from sae_platform.evaluate import eval_name, evaluate_sae, heldout_ce_tokens
 from sae_platform.export import export_run
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
@@ -38,11 +38,6 @@ def training_finished(run: StageRun) -> str | None:
         return None
     return (f"a finished checkpoint ({pointer['step']:,} steps, {pointer['tokens']:,} tokens) with these settings "
             "on the current shuffled store")
-
-
-def checkpoint_version(run: StageRun) -> str | None:
-    pointer = run.store.pointer(checkpoint_name(run.partition_key))
-    return pointer["version"] if pointer else None
 
 
 def train_and_export(run: StageRun) -> dict:
@@ -84,7 +79,7 @@ SAE_CHECKPOINT = Stage(
     asset="sae_checkpoint", op_name="train_sae", group="training", kinds=frozenset({"pytorch", "safetensors"}),
     description="A trained SAE (safetensors + cfg.json, resumable checkpoints, SAELens export), one per sweep entry.",
     partitions=SAE_SWEEP, deps=("shuffled_activations",), resources=("storage", "shuffle", "training"),
-    pool="gpu", up_to_date=training_finished, body=train_and_export, version=checkpoint_version)
+    pool="gpu", up_to_date=training_finished, body=train_and_export, version=pointer_version(lambda run: checkpoint_name(run.partition_key)))
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -127,13 +122,8 @@ def heldout_contexts(holdout_text, hooked, ctx_len: int, n_contexts: int, log=No
     return heldout_ce_tokens(sources, ctx_len, n_contexts, hooked.start_token_id, log)
 
 
-def eval_version(run: StageRun) -> str | None:
-    pointer = run.store.pointer(f"eval/{run.partition_key}")
-    return pointer["version"] if pointer else None
-
-
 def _report(run: StageRun) -> dict:
-    path = run.store.require(f"eval/{run.partition_key}", "the evaluation report", "materialize sae_eval")
+    path = run.store.require(eval_name(run.partition_key), "the evaluation report", "materialize sae_eval")
     return run.store.read_json(f"{path}/report.json")
 
 
@@ -158,7 +148,7 @@ SAE_EVAL = Stage(
                 "every cached token, downstream CE loss recovered on held-out text.",
     partitions=SAE_SWEEP, deps=("sae_checkpoint",),
     resources=("storage", "shuffle", "evaluation", "language_model", "holdout_text"),
-    body=evaluate, version=eval_version,
+    body=evaluate, version=pointer_version(lambda run: eval_name(run.partition_key)),
     checks=(
         Check("fvu_below", "FVU on held-out rows <= resources.evaluation.config.max_fvu",
               threshold("fvu", "max_fvu", below=True, window="held-out rows")),

@@ -440,12 +440,11 @@ def _print_status() -> None:
 def _print_inbox(settings: Settings, store) -> None:
     """Every inbox file: readable ones that wait for caching (with the key they get), and those not
     cached with why: skipped (never read) or failed (their last attempt)."""
+    from sae_platform.corpus import resolve_source
     from sae_platform.inbox import inbox_report, needs_caching, scan_inbox
 
-    pattern = settings.inbox if "://" in settings.inbox else os.path.abspath(settings.inbox)
-    options = {"endpoint_url": settings.s3_endpoint_url} if settings.s3_endpoint_url and "://" in pattern else {}
     try:
-        inbox = scan_inbox(pattern, options, store)
+        inbox = scan_inbox(*resolve_source(settings.inbox, settings.s3_endpoint_url), store)
     except (PlatformError, OSError) as error:
         print(f"\ninbox {settings.inbox}: cannot be listed ({error})")
         return

@@ -25,6 +25,7 @@ from resources import (
     read_run_config,
     stage_resource,
 )
+from sae_platform.settings import SettingsError
 
 ASSET_JOBS = [
     define_asset_job("prepare_base_model", selection=AssetSelection.assets("base_model"),
@@ -59,8 +60,6 @@ def build_resources(settings: Settings, run_config: dict | None = None) -> dict:
     configured = {key: (value or {}).get("config", {}) for key, value in (run_config.get("resources") or {}).items()}
     unknown = set(configured) - set(STAGE_SETTINGS) - {"storage", "language_model", "text_source", "holdout_text"}
     if unknown:
-        from sae_platform.settings import SettingsError
-
         raise SettingsError(f"{settings.run_config}: unknown resource(s) {', '.join(sorted(unknown))}",
                             f"use {', '.join(sorted(STAGE_SETTINGS))}, language_model, text_source, holdout_text")
     text = {"endpoint_url": settings.s3_endpoint_url}

@@ -1,6 +1,5 @@
 """Dagster resources: configuration that says *where* (storage root, model, text source)."""
 
-import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -9,7 +8,7 @@ from dagster import ConfigurableResource
 from pydantic import Field, create_model
 
 from sae_platform.activations import CacheSettings
-from sae_platform.corpus import TextFile, find_file, list_source, source_stamp
+from sae_platform.corpus import TextFile, find_file, list_source, resolve_source, source_stamp
 from sae_platform.evaluate import EvalSettings
 from sae_platform.features import FeatureSettings
 from sae_platform.inbox import Inbox, scan_inbox
@@ -18,11 +17,6 @@ from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, def
 from sae_platform.shuffle import ShuffleSettings
 from sae_platform.storage import ArtifactStore, open_store
 from sae_platform.trainer import TrainSettings
-
-
-def _s3_options(endpoint_url: str | None) -> dict:
-    # Credentials come from the standard AWS environment/config chain (as dagster-aws does).
-    return {"endpoint_url": endpoint_url} if endpoint_url else {}
 
 
 class StorageResource(ConfigurableResource):
@@ -62,10 +56,10 @@ class TextSourceResource(ConfigurableResource):
 
     @property
     def storage_options(self) -> dict:
-        return _s3_options(self.endpoint_url) if self.pattern.startswith("s3://") else {}
+        return resolve_source(self.pattern, self.endpoint_url)[1]
 
     def _resolved(self) -> str:
-        return self.pattern if "://" in self.pattern else os.path.abspath(self.pattern)
+        return resolve_source(self.pattern, self.endpoint_url)[0]
 
     def scan(self, store: ArtifactStore | None = None) -> Inbox:
         """Files to cache (keys, stamps) and files skipped with their reason (sae_platform.inbox);

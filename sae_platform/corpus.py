@@ -318,6 +318,15 @@ def source_stamp(text_file: TextFile, storage_options: dict | None = None) -> st
     return f"{info.get('size')}:{changed}"
 
 
+def resolve_source(pattern: str, endpoint_url: str | None = None) -> tuple[str, dict]:
+    """A text source as fsspec needs it: the glob (a local one made absolute) and its storage
+    options (an S3-compatible ``endpoint_url`` for ``s3://`` globs; credentials come from the
+    usual AWS chain)."""
+    if "://" not in pattern:
+        return os.path.abspath(pattern), {}
+    return pattern, ({"endpoint_url": endpoint_url} if endpoint_url and pattern.startswith("s3://") else {})
+
+
 def find_file(pattern: str, key: str, storage_options: dict | None = None,
               files: list[TextFile] | None = None) -> TextFile:
     """The file of partition ``key`` among ``files`` (default: the source's listing)."""

@@ -318,6 +318,11 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
     return contexts.tokens
 
 
+def eval_name(run: str) -> str:
+    """The artifact holding SAE ``run``'s evaluation (report.json, density.npy)."""
+    return f"eval/{run}"
+
+
 def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
                  device: torch.device, sink_norm_factor: float = 10.0,
                  density_over_all_rows: bool = True) -> tuple[dict, np.ndarray]:
@@ -354,7 +359,7 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
     if hooked is not None and heldout_tokens is not None:
         ce = downstream_ce(hooked, sae, heldout_tokens, sink_norm_factor=sink_norm_factor)
         report.update({k if k.startswith("ce_") or k == "loss_recovered" else f"ce_{k}": v for k, v in ce.items()})
-    with store.writing(f"eval/{run}", checkpoint_step=cfg["step"]) as version:
+    with store.writing(eval_name(run), checkpoint_step=cfg["step"]) as version:
         store.write_json(f"{version}/report.json", report)
         buffer = io.BytesIO()
         np.save(buffer, density)
