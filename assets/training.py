@@ -12,6 +12,7 @@ from assets.metadata import inline_png
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import Check, Stage, StageRun, pointer_version
 from sae_platform.corpus import read_documents, tokenize
+from sae_platform.distributed import launch_training
 from sae_platform.errors import PlatformError
 from sae_platform.evaluate import eval_name, evaluate_sae, heldout_ce_tokens
 from sae_platform.export import export_run
@@ -43,7 +44,6 @@ def training_finished(run: StageRun) -> str | None:
 def train_and_export(run: StageRun) -> dict:
     """Train (or resume) one sweep entry, export it for SAELens, plot its curves."""
     name, settings = run.partition_key, _settings(run)
-    device = pick_device(run.resources.training.device)
     n_steps = max(1, settings.token_budget // settings.batch_size)
     logged = {"tenth": 0}
 
@@ -55,8 +55,14 @@ def train_and_export(run: StageRun) -> dict:
                          f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.3f}, {row['tokens_per_second']:,.0f} tok/s")
 
     store = run.store
-    result = train_sae(store, run.resources.shuffle.settings().name, name, settings, device, log=run.log.info,
-                       on_metrics=report)
+    if settings.world_size > 1:  # torchrun: one rank per device (sae_platform.distributed)
+        result = launch_training(store, run.resources.shuffle.settings().name, name, settings,
+                                 run.resources.training.device, log=run.log.info)
+        device = f"{settings.world_size} data-parallel ranks ({run.resources.training.device})"
+    else:
+        device = pick_device(run.resources.training.device, warn=run.log.warning)
+        result = train_sae(store, run.resources.shuffle.settings().name, name, settings, device, log=run.log.info,
+                           on_metrics=report)
     metadata = {k: result[k] for k in ("steps", "tokens", "resumed_from_step", "variant", "n_latents")}
     metadata.update({k: float(result[k]) for k in ("final_nmse", "final_l0", "dead_fraction", "tokens_per_second",
                                                    "seconds") if result.get(k) is not None})
@@ -87,7 +93,7 @@ SAE_CHECKPOINT = Stage(
 def evaluate(run: StageRun) -> dict:
     settings = run.resources.evaluation.settings()
     name, store = run.partition_key, run.store
-    device = pick_device(run.resources.evaluation.device)
+    device = pick_device(run.resources.evaluation.device, warn=run.log.warning)
     hooked, tokens = None, None
     if settings.ce_contexts:
         hooked, _ = run.resources.language_model.load(store, device=str(device))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sae_platform.devices import device_name, local_rank
 from sae_platform.errors import ModelError
 
 EMBEDDED_MODEL = "smollm2-135m"
@@ -30,9 +31,11 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_START_TOKEN = "<|endoftext|>"
 
 
-def pick_device(preference: str = "auto") -> torch.device:
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(preference: str = "auto", warn=None) -> torch.device:
+    """``auto``: CUDA when present, one GPU per process or torchrun rank on a machine with several
+    (the rule is :func:`sae_platform.devices.device_name`'s); an explicit device as given."""
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    preference = device_name(preference, n_cuda, local_rank(), warn=warn)
     if preference.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device {preference!r} was requested but CUDA is not available",
                          "set device to 'auto' or 'cpu', or run on a machine with a GPU")

@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from sae_platform.distributed import average_gradients, barrier, fired_on_any_rank, mean_over_ranks, rank_and_world
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.sae import ADAM_EPS, VARIANTS, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate
@@ -91,6 +92,10 @@ class TrainSettings:
     holdout_rows: int = setting(8192, "last rows of the shuffled store, never trained on, kept for evaluation",
                                 ge=0)
     log_every_steps: int = setting(10, "a metrics row every this many steps", ge=1)
+    world_size: int = setting(1, "data-parallel ranks (torch.distributed; docs/scale.md): each reads its own "
+                                 "slice of every batch; batch_size must divide by it", ge=1)
+    nproc_per_node: int | None = setting(None, "ranks per machine (one GPU each); null: world_size (one machine)",
+                                         ge=1)
     hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, …)",
                             default_factory=dict)
 
@@ -100,6 +105,12 @@ class TrainSettings:
             raise SettingsError(f"resources.training.config.token_budget = {self.token_budget} is less than one "
                                 f"batch (batch_size = {self.batch_size})",
                                 "set token_budget to at least batch_size tokens")
+        nproc = self.nproc_per_node or self.world_size
+        if self.batch_size % self.world_size or self.world_size % nproc:
+            raise SettingsError(f"resources.training.config: batch_size {self.batch_size}, world_size "
+                                f"{self.world_size}, nproc_per_node {nproc}: each rank needs an equal share",
+                                "make batch_size a multiple of world_size, and world_size a multiple of "
+                                "nproc_per_node")
 
     def sae_kwargs(self) -> dict:
         top_k = self.variant in ("topk", "batchtopk", "switch")
@@ -116,6 +127,15 @@ class TrainState:
     tokens: int = 0
     history: list = field(default_factory=list)
     tokens_since_fired: torch.Tensor | None = None
+
+
+# Where the ranks run, not what is trained: a checkpoint resumes and stays finished whatever they are.
+PLACEMENT = ("world_size", "nproc_per_node")
+
+
+def identity(settings: TrainSettings) -> dict:
+    """The settings that define a checkpoint (as stored in its pointer): all but PLACEMENT."""
+    return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k not in PLACEMENT}))
 
 
 def checkpoint_name(run: str) -> str:
@@ -265,7 +285,7 @@ def save_checkpoint(store: ArtifactStore, run: str, sae, optimizer, state: Train
                        "rng": torch.get_rng_state()}
     trainer_meta = {"step": state.step, "tokens": state.tokens, "history": state.history}
     with store.writing(checkpoint_name(run), step=state.step, tokens=state.tokens, final=final,
-                       settings=asdict(settings), data=fingerprint) as version:
+                       settings=identity(settings), data=fingerprint) as version:
         store.fs.pipe_file(f"{version}/sae_weights.safetensors", save_safetensors(weights))
         store.fs.pipe_file(f"{version}/cfg.json", json.dumps(cfg, indent=2, default=str).encode())
         store.fs.pipe_file(f"{version}/optimizer.safetensors", optimizer_tensors)
@@ -316,7 +336,7 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, run: str, setti
     pointer = store.pointer(checkpoint_name(run))
     if pointer is None or not pointer.get("final"):
         return None
-    if pointer.get("settings") != json.loads(json.dumps(asdict(settings))):
+    if pointer.get("settings") != identity(settings):
         return None
     if store.resolve(f"shuffled/{shuffle_name}") is None:
         return None
@@ -336,7 +356,7 @@ def load_sae(store: ArtifactStore, run: str, device: str | torch.device = "cpu")
 
 def _resume(store, run, settings, fingerprint, sae, optimizer, device) -> TrainState | None:
     pointer = store.pointer(checkpoint_name(run))
-    if pointer is None or pointer.get("settings") != json.loads(json.dumps(asdict(settings))) \
+    if pointer is None or pointer.get("settings") != identity(settings) \
             or pointer.get("data") != fingerprint:
         return None
     path = store.resolve(checkpoint_name(run))
@@ -367,8 +387,13 @@ def _resume(store, run, settings, fingerprint, sae, optimizer, device) -> TrainS
 def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: TrainSettings,
               device: torch.device | str = "cpu", log: Callable[[str], None] = print,
               on_metrics: Callable[[dict], None] | None = None) -> dict:
-    """Train (or resume, or find finished) the SAE ``run`` on shuffled store ``shuffle_name``."""
+    """Train (or resume, or find finished) the SAE ``run`` on shuffled store ``shuffle_name``.
+
+    Inside a torch.distributed process group (sae_platform.distributed) this process is one rank of
+    a data-parallel training: it reads its slice of each batch, gradients and fired latents are
+    reduced over the ranks, and only rank 0 logs and commits checkpoints."""
     device = torch.device(device)
+    rank, world = rank_and_world()
     shuffled = open_shuffled(store, shuffle_name)
     n_train = _train_rows(shuffled, settings)
     fingerprint = data_fingerprint(shuffled)
@@ -389,6 +414,9 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
     resumed_from, started = state.step, time.perf_counter()
     every = max(1, settings.checkpoint_every_tokens // settings.batch_size)
     schedule = batch_schedule(n_train, settings.batch_size, state.step, n_steps)
+    if world > 1:  # this rank's slice of each batch
+        share = settings.batch_size // world
+        schedule = ((start + rank * share, start + (rank + 1) * share) for start, _ in schedule)
     for x, ids, start in prefetch(shuffled, schedule, device):
         _check_finite(x, ids, start, state.step, store, run)
         dead = state.tokens_since_fired >= settings.dead_after_tokens
@@ -399,23 +427,29 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
                                 f"lower lr; {_committed_note(store, run)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            average_gradients(sae.parameters())
         sae.remove_parallel_grad_()
         optimizer.step()
         with torch.no_grad():
             sae.normalize_decoder_()
         state.step += 1
-        state.tokens += len(x)
-        state.tokens_since_fired += len(x)
-        state.tokens_since_fired[out.fired] = 0
+        state.tokens += settings.batch_size
+        state.tokens_since_fired += settings.batch_size
+        state.tokens_since_fired[fired_on_any_rank(out.fired) if world > 1 else out.fired] = 0
         if state.step % settings.log_every_steps == 0 or state.step == n_steps:
             row = _metrics_row(state, loss, terms, out, x, dead, started, resumed_from, settings)
+            if world > 1:
+                row = mean_over_ranks(row)
             state.history.append(row)
             if on_metrics:
                 on_metrics(row)
-        if state.step % every == 0 and state.step < n_steps:
+        if state.step % every == 0 and state.step < n_steps and rank == 0:
             save_checkpoint(store, run, sae, optimizer, state, settings, fingerprint, final=False)
             log(f"checkpoint at step {state.step} ({state.tokens:,} tokens)")
-    save_checkpoint(store, run, sae, optimizer, state, settings, fingerprint, final=True)
+    if rank == 0:
+        save_checkpoint(store, run, sae, optimizer, state, settings, fingerprint, final=True)
+    barrier()
     return _summary(store, run, state, settings, sae, started, resumed_from)
 
 
