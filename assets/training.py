@@ -18,7 +18,12 @@ from sae_platform.evaluate import eval_name, evaluate_sae, heldout_ce_tokens
 from sae_platform.export import export_run
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
-from sae_platform.trainer import TrainSettings, checkpoint_name, finished_checkpoint, train_sae
+from sae_platform.trainer import (
+    TrainSettings,
+    checkpoint_name,
+    finished_checkpoint,
+    train_sae,
+)
 
 
 def settings_for(name: str, training) -> TrainSettings:

@@ -45,7 +45,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from sae_platform.distributed import average_gradients, barrier, fired_on_any_rank, mean_over_ranks, rank_and_world
+from sae_platform.distributed import (
+    average_gradients,
+    barrier,
+    fired_on_any_rank,
+    mean_over_ranks,
+    rank_and_world,
+)
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.sae import ADAM_EPS, VARIANTS, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate

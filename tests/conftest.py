@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import servers
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,32 @@ def _no_deployment_settings(monkeypatch):
 
 
 TINY_SAE = "topk-4k-k32"
+
+
+# -- real servers on 127.0.0.1 (tests/servers.py), one per test module ------------------------------
+
+@pytest.fixture(scope="module")
+def pg_server():
+    with servers.postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with servers.s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch):
+    """(boto3 client, a new bucket) on the module's S3 server."""
+    return servers.new_bucket(s3_endpoint, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    with servers.redis_server() as url:
+        yield url
 
 
 def tiny_run_config(model_dir: Path, executor: str = "in_process: {}") -> str:

@@ -16,8 +16,6 @@ from sae_platform.errors import PlatformError
 from sae_platform.settings import SettingsError
 from sae_platform.trainer import TrainSettings, checkpoint_name, load_sae, train_sae
 
-pytestmark = pytest.mark.integration
-
 # AuxK normalises by a statistic of the batch (each rank uses its slice: sae_platform/distributed.py),
 # so the exact comparison keeps every latent alive; the dead counters are compared separately.
 EXACT = dataclasses.replace(SETTINGS, dead_after_tokens=10**9)

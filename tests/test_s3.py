@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_SAE, tiny_run_config
+
 from sae_platform import shuffle as sh
 from sae_platform.errors import StorageError
 from sae_platform.features import read_tables
@@ -16,31 +16,6 @@ from sae_platform.freshness import stale_reasons
 from sae_platform.storage import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
-
-ENDPOINT_PORT = 5917
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=ENDPOINT_PORT)
-    server.start()
-    yield f"http://127.0.0.1:{ENDPOINT_PORT}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint, monkeypatch):
-    import boto3
-
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    bucket = f"sae-{len(client.list_buckets()['Buckets'])}"
-    client.create_bucket(Bucket=bucket)
-    return client, bucket
 
 
 def test_storage_commit_protocol_on_s3(s3, s3_endpoint):

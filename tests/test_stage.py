@@ -102,10 +102,10 @@ def _same_artifacts(a: ArtifactStore, b: ArtifactStore) -> None:
         assert ta.stats.drop("sum", "mean").equals(tb.stats.drop("sum", "mean"))
         assert ta.examples.equals(tb.examples)
     indexes = []
-    for s in (a, b):
+    for s in (a, b):  # through the store's filesystem: either may be on S3 (tests/test_celery.py)
         site = s.path("browser", TINY_SAE)
-        indexes.append(json.loads(Path(site, json.loads(Path(site, "site.json").read_text())["data"],
-                                       "index.json").read_text()))
+        data = json.loads(s.fs.cat_file(f"{site}/site.json"))["data"]
+        indexes.append(json.loads(s.fs.cat_file(f"{site}/{data}/index.json")))
     assert indexes[0]["n_features"] == indexes[1]["n_features"] == 4096
     assert indexes[0]["columns"] == indexes[1]["columns"]
 

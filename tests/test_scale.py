@@ -1,0 +1,99 @@
+"""docs/scale.md's plan for a 1B-token, 1M-latent run, checked by simulation: the real shuffle planner
+and the real feature sharding run at those sizes without data, and every job stays within budget."""
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from assets.partitions import N_FEATURE_SHARDS, N_SHUFFLE_WORKERS
+from sae_platform.features import N_HIST_BINS, FeatureSettings, feature_shards
+from sae_platform.shuffle import SIGMAS, final_bucket_rows, plan_shuffle
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "scale.md"
+GiB = 1 << 30
+
+# The run of docs/scale.md: SmolLM2-135M's residual stream (d_model 576) cached as float16.
+TOKENS, D_MODEL, ACT_BYTES = 10**9, 576, 2
+N_LATENTS = 1 << 20
+BATCH_TOKENS = 25_000_000  # tokens per activation batch (inbox file): 40 batches
+# The shuffle settings the page recommends at this size.
+N_BUCKETS, SHUFFLE_MEMORY = 32, 8 * GiB
+# Budgets a job must stay within (one Celery worker or Kubernetes pod: 16 GiB, files >= 64 MB).
+JOB_MEMORY, MIN_FILE_BYTES, MAX_FILES_PER_PASS = 16 * GiB, 64 * 10**6, 10_000
+
+
+def shuffle_figures() -> dict:
+    plan = plan_shuffle(TOKENS, D_MODEL * ACT_BYTES, N_BUCKETS, SHUFFLE_MEMORY, N_SHUFFLE_WORKERS)
+    data = TOKENS * plan.record_bytes
+    passes = []
+    for p in range(1, plan.n_passes + 1):
+        jobs = plan.jobs_in_pass(p)
+        per_worker = [sum(1 for j in range(jobs) if j % N_SHUFFLE_WORKERS == w) for w in range(N_SHUFFLE_WORKERS)]
+        passes.append({"pass": p, "jobs": jobs, "files": jobs * N_BUCKETS if p < plan.n_passes else jobs,
+                       "bytes_per_job": data / jobs, "jobs_per_worker": per_worker})
+    return {"plan": plan, "data_bytes": data, "passes": passes}
+
+
+def feature_figures(settings: FeatureSettings = FeatureSettings()) -> dict:
+    """Bytes of one pass-1 job (one activation batch x one feature shard) and of its partial."""
+    shards = feature_shards(N_LATENTS, N_FEATURE_SHARDS)
+    width = max(stop - start for start, stop in shards)
+    top_k, reservoir = settings.top_k, settings.top_k * settings.reservoir_factor
+    # Partial's arrays per feature (sae_platform/features.py): top_act f4 + top_row i8 per top-k slot,
+    # res_key i8 + res_row i8 + res_act f4 per reservoir slot, count i8 + sum f8 + max f4, hist i8 per bin.
+    partial_per_feature = top_k * 12 + reservoir * 20 + 20 + N_HIST_BINS * 8
+    # pass 1's two selectors: an int64 [features, 2m] slot buffer each, plus fill and threshold
+    selectors_per_feature = 16 * (top_k + reservoir) + 2 * 16
+    sae_bytes = 2 * N_LATENTS * D_MODEL * 4  # W_enc and W_dec, float32: TopK selects over every latent
+    n_batches = math.ceil(TOKENS / BATCH_TOKENS)
+    return {"shards": shards, "partial_bytes": width * partial_per_feature,
+            "job_memory": sae_bytes + width * (partial_per_feature + selectors_per_feature),
+            "sae_bytes": sae_bytes, "n_partials": n_batches * N_FEATURE_SHARDS,
+            "partials_bytes": n_batches * N_LATENTS * partial_per_feature, "n_batches": n_batches}
+
+
+def test_the_shuffle_plan_for_a_billion_tokens_stays_within_budget():
+    figures = shuffle_figures()
+    plan = figures["plan"]
+    assert plan.n_passes == 3 and plan.n_final_buckets == N_BUCKETS ** 2 and not plan.warnings
+    # memory: a scatter block and its copies, and the largest final bucket (mean + 6 sigma), fit the budget
+    assert plan.block_rows * (4 * plan.record_bytes + 32) <= SHUFFLE_MEMORY <= JOB_MEMORY
+    mean = TOKENS / plan.n_final_buckets
+    assert mean + SIGMAS * math.sqrt(mean) <= final_bucket_rows(SHUFFLE_MEMORY, D_MODEL * ACT_BYTES)
+    for p in figures["passes"]:
+        assert p["files"] <= MAX_FILES_PER_PASS, p
+        if p["pass"] < plan.n_passes:  # scatter files: big enough for full-speed reads
+            assert figures["data_bytes"] / p["files"] >= MIN_FILE_BYTES, p
+        assert max(p["jobs_per_worker"]) - min(p["jobs_per_worker"]) <= 1, p  # the workers share evenly
+    # pass 1 is cut N_SHUFFLE_WORKERS ways: each job streams a quarter of the data (docs/scale.md says so)
+    assert figures["passes"][0]["bytes_per_job"] == pytest.approx(figures["data_bytes"] / N_SHUFFLE_WORKERS)
+
+
+def test_the_feature_sharding_for_a_million_latents_stays_within_budget():
+    figures = feature_figures()
+    covered = np.zeros(N_LATENTS, dtype=np.int8)
+    for start, stop in figures["shards"]:
+        covered[start:stop] += 1
+    assert (covered == 1).all(), "every latent in exactly one shard"
+    assert figures["job_memory"] <= JOB_MEMORY, figures["job_memory"] / GiB
+    assert figures["partial_bytes"] <= 2 * GiB
+    # the partials scale with the number of activation batches, not with tokens: few large batches
+    assert figures["partials_bytes"] <= 0.25 * TOKENS * D_MODEL * ACT_BYTES
+
+
+def test_the_page_quotes_these_figures():
+    text = DOC.read_text()
+    shuffle, features = shuffle_figures(), feature_figures()
+    quoted = {
+        "passes": f"{shuffle['plan'].n_passes} passes",
+        "final buckets": f"{shuffle['plan'].n_final_buckets:,} final buckets",
+        "data": f"{shuffle['data_bytes'] / 1e12:.2f} TB",
+        "feature job memory": f"{features['job_memory'] / GiB:.1f} GiB",
+        "partials": f"{features['partials_bytes'] / 1e9:.0f} GB",
+    }
+    missing = {k: v for k, v in quoted.items() if v not in text}
+    assert not missing, f"docs/scale.md does not quote the simulated figures: {missing}"
+    assert re.search(r"N_SHUFFLE_WORKERS", text) and re.search(r"N_FEATURE_SHARDS", text)
