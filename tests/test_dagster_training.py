@@ -87,3 +87,16 @@ def test_bad_training_setting_fails_before_anything_is_written(defs, store):
     message = result.failure_data_for_node("sae_checkpoint").error.cause.message
     assert "resources.training.config.batch_size = 0" in message and "an integer >= 1" in message
     assert store.pointer("sae/relu-4k") is None
+
+
+def test_world_size_2_trains_data_parallel_through_torchrun(defs, store):
+    """The training step launches torchrun (2 gloo ranks on CPU) and records the result like one process."""
+    result = defs.resolve_job_def("train_saes").execute_in_process(
+        instance=DagsterInstance.ephemeral(), partition_key="topk-4k-k32",
+        run_config={"resources": {"training": {"config": {**TRAIN, "world_size": 2, "device": "cpu"}},
+                                  "evaluation": {"config": {"ce_contexts": 0}}}})
+    assert result.success
+    ckpt = _materializations(result)["sae_checkpoint"]
+    assert ckpt["steps"] == 12 and ckpt["tokens"] == 12 * 256 and ckpt["device"] == "2 data-parallel ranks (cpu)"
+    pointer = store.pointer("sae/topk-4k-k32")
+    assert pointer["final"] and "world_size" not in pointer["settings"]

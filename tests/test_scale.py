@@ -37,8 +37,10 @@ def shuffle_figures() -> dict:
     return {"plan": plan, "data_bytes": data, "passes": passes}
 
 
-def feature_figures(settings: FeatureSettings = FeatureSettings()) -> dict:
-    """Bytes of one pass-1 job (one activation batch x one feature shard) and of its partial."""
+def feature_figures() -> dict:
+    """Bytes of one pass-1 job (one activation batch x one feature shard) and of its partial, at the
+    default feature settings."""
+    settings = FeatureSettings()
     shards = feature_shards(N_LATENTS, N_FEATURE_SHARDS)
     width = max(stop - start for start, stop in shards)
     top_k, reservoir = settings.top_k, settings.top_k * settings.reservoir_factor
