@@ -627,8 +627,6 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     salt = partition_salt(seed, partition_key)
     states = [_ShardState(a, b, top_k, res_size, salt, witness_features(a, b, check_features, seed), dev)
               for a, b in shards]
-    bounds = torch.tensor([a for a, _ in shards] + [shards[-1][1]], device=dev)
-    contiguous = all(shards[i][1] == shards[i + 1][0] for i in range(len(shards) - 1))
 
     for offset, block in _batches(part.acts, n_rows, rows_per_batch):
         x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
@@ -641,21 +639,9 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
             rows, pos = (codes.values > 0).nonzero(as_tuple=True)
             idx, vals = codes.indices[rows, pos], codes.values[rows, pos].float()
             rows = rows + offset
-            if len(states) == 1 or not contiguous:
-                for s in states:
-                    inside = (idx >= s.start) & (idx < s.stop)
-                    s.add(rows[inside], idx[inside] - s.start, vals[inside])
-            else:
-                which = torch.bucketize(idx, bounds, right=True) - 1
-                # entries below the first shard or above the last one are in no shard
-                keep = (which >= 0) & (which < len(states))
-                which, order = torch.sort(which[keep], stable=True)
-                rows, idx, vals = rows[keep][order], idx[keep][order], vals[keep][order]
-                counts = torch.bincount(which, minlength=len(states)).tolist()
-                lo = 0
-                for s, c in zip(states, counts):
-                    s.add(rows[lo:lo + c], idx[lo:lo + c] - s.start, vals[lo:lo + c])
-                    lo += c
+            for s in states:  # a mask per shard: cheaper than sorting the entries by shard
+                inside = (idx >= s.start) & (idx < s.stop) if len(states) > 1 else slice(None)
+                s.add(rows[inside], idx[inside] - s.start, vals[inside])
             del codes
         else:
             for s in states:
