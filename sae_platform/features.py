@@ -640,7 +640,8 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
             idx, vals = codes.indices[rows, pos], codes.values[rows, pos].float()
             rows = rows + offset
             for s in states:  # a mask per shard: cheaper than sorting the entries by shard
-                inside = (idx >= s.start) & (idx < s.stop) if len(states) > 1 else slice(None)
+                whole = s.start == 0 and s.stop == sae.n_latents
+                inside = slice(None) if whole else (idx >= s.start) & (idx < s.stop)
                 s.add(rows[inside], idx[inside] - s.start, vals[inside])
             del codes
         else:
