@@ -81,11 +81,9 @@ def stats_partial(run: StageRun) -> dict:
     settings, sae = _settings(run), _load(run)
     batch = run.partition_key
     shards = ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)
-    partials = ft.compute_partials(run.store, sae, batch, shards, top_k=settings.top_k,
-                                   reservoir_factor=settings.reservoir_factor, seed=settings.seed,
-                                   check_features=settings.check_features)
-    for index, partial in enumerate(partials):
-        ft.write_partial(run.store, settings.sae_name, batch, index, partial)
+    partials = ft.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, top_k=settings.top_k,
+                                             reservoir_factor=settings.reservoir_factor, seed=settings.seed,
+                                             check_features=settings.check_features)
     n_tokens = int(partials[0].n_tokens)
     run.log.info(f"pass 1 [{batch}]: {n_tokens:,} tokens encoded once into {len(shards)} feature shards")
     return {"sae": settings.sae_name, "feature_shards": len(shards), "n_tokens": n_tokens,
@@ -189,8 +187,9 @@ def context_windows(run: StageRun) -> dict:
     hooked, _ = run.resources.language_model.load(run.store, device="cpu")
     run.log.info(f"pass 3 [{run.partition_key}]: context windows of the shown examples that fall in this batch "
                  f"({sum(e.height for e in examples):,} shown examples over all batches)")
+    codes = ft.read_codes(run.store, settings.sae_name, run.partition_key, sae)  # pass 1's: no encode again
     info = ctx.build_partition_windows(run.store, settings.sae_name, sae, run.partition_key, pl.concat(examples),
-                                       hooked.tokenizer, before=settings.before, after=settings.after)
+                                       hooked.tokenizer, before=settings.before, after=settings.after, codes=codes)
     return {"n_windows": info["n_windows"], "n_features": info["n_features"], "dagster/row_count": info["n_windows"],
             "path": MetadataValue.path(info["path"])}
 

@@ -596,7 +596,7 @@ class _ShardState:
 @torch.no_grad()
 def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list[tuple[int, int]], *,
                      top_k: int = 20, reservoir_factor: int = 10, seed: int = 0, batch_rows: int = 4096,
-                     check_features: int = 64, device=None) -> list[Partial]:
+                     check_features: int = 64, device=None, on_codes=None) -> list[Partial]:
     """Pass 1 for one activation partition and every feature shard in ``shards`` (latent ranges
     [start, stop)), reading and encoding each row once: stream the partition in batches and keep
     per feature the top_k activations, a bottom-R random sample (R = reservoir_factor * top_k),
@@ -607,7 +607,10 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     and its sparse codes are split among the shards: the selection, the expensive part, runs once
     per row whatever the number of shards. Variants with per-latent activations run
     ``encode_slice`` once per shard and batch, which together multiply W_enc once. Memory: the
-    state of every listed shard at once (pass fewer shards per call to bound it)."""
+    state of every listed shard at once (pass fewer shards per call to bound it).
+
+    ``on_codes(offset, values, indices)``, if given, receives each token batch's sparse codes
+    (sparse route only; ``write_codes`` keeps them for pass 3)."""
     if not shards:
         raise FeatureError("compute_partials needs at least one feature shard", "pass feature_shards(n_latents, n)")
     for start, stop in shards:
@@ -636,6 +639,8 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
                                "re-cache that partition (materialize its activations again)")
         if sparse:  # one selection per row, its codes split among the shards
             codes = sae.encode(x)
+            if on_codes is not None:
+                on_codes(offset, codes.values, codes.indices)
             rows, pos = (codes.values > 0).nonzero(as_tuple=True)
             idx, vals = codes.indices[rows, pos], codes.values[rows, pos].float()
             rows = rows + offset
@@ -674,6 +679,60 @@ def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, s
     return compute_partials(store, sae, partition_key, [(start, stop)], top_k=top_k,
                             reservoir_factor=reservoir_factor, seed=seed, batch_rows=batch_rows,
                             check_features=check_features, device=device)[0]
+
+
+def compute_and_write_partials(store: ArtifactStore, sae, run: str, partition_key: str, shards: list[tuple[int, int]],
+                               **settings) -> list[Partial]:
+    """Pass 1 as the pipeline runs it: ``compute_partials`` over every shard, each partial
+    committed (shard i at ``partial_name(run, partition_key, i)``), and for TopK-style variants the
+    partition's sparse codes committed too (``write_codes``), so that pass 3 looks activations up
+    instead of encoding the rows again."""
+    values, indices = [], []
+
+    def keep(offset, vals, idx):
+        values.append(vals.float().cpu().numpy())
+        indices.append(idx.to(torch.int32).cpu().numpy())
+
+    partials = compute_partials(store, sae, partition_key, shards, on_codes=keep, **settings)
+    for index, partial in enumerate(partials):
+        write_partial(store, run, partition_key, index, partial)
+    if values:
+        write_codes(store, run, partition_key, np.concatenate(values), np.concatenate(indices),
+                    partition_version=partials[0].partition_version, fingerprint=partials[0].sae["fingerprint"])
+    return partials
+
+
+def codes_name(run: str, partition_key: str) -> str:
+    return f"{PREFIX}/{run}/codes/{partition_key}"
+
+
+def write_codes(store: ArtifactStore, run: str, partition_key: str, values: np.ndarray, indices: np.ndarray, *,
+                partition_version: str | None, fingerprint: str) -> str:
+    """Commit pass 1's sparse codes of one partition: ``values`` float32 [n_rows, K] and
+    ``indices`` int32 [n_rows, K] (row r's activations are values[r] at latents indices[r]; 0 =
+    inactive), with the partition version and SAE fingerprint they came from."""
+    buffer = io.BytesIO()
+    np.savez(buffer, values=np.ascontiguousarray(values, np.float32), indices=np.ascontiguousarray(indices, np.int32))
+    name = codes_name(run, partition_key)
+    with store.writing(name, partition=partition_key, partition_version=partition_version) as version:
+        store.write_bytes_atomic(f"{version}/codes.npz", buffer.getvalue())
+        store.write_json(f"{version}/meta.json", {"partition": partition_key, "partition_version": partition_version,
+                                                  "sae_fingerprint": fingerprint, "n_rows": int(len(values))})
+    return store.resolve(name)
+
+
+def read_codes(store: ArtifactStore, run: str, partition_key: str, sae) -> tuple[np.ndarray, np.ndarray] | None:
+    """Pass 1's sparse codes (values, indices) of a partition, or None when there are none or they
+    were computed by other SAE weights or from another version of the partition."""
+    path = store.resolve(codes_name(run, partition_key))
+    if path is None:
+        return None
+    meta = store.read_json(f"{path}/meta.json")
+    current = (store.pointer(partition_name(partition_key)) or {}).get("version")
+    if meta.get("partition_version") != current or meta.get("sae_fingerprint") != sae_fingerprint(sae):
+        return None
+    with np.load(io.BytesIO(store.fs.cat_file(f"{path}/codes.npz")), allow_pickle=False) as arrays:
+        return arrays["values"], arrays["indices"]
 
 
 def partial_name(run: str, partition_key: str, shard_index: int) -> str:
