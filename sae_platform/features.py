@@ -2,9 +2,10 @@
 density and a histogram, computed streaming and sharded (docs/design.md, "Feature tables, context
 windows, browser", passes 1 and 2).
 
-Sharding. One job of pass 1 reads one *dataset shard* (one activation partition) for one *feature
-shard* (latents [start, stop), see ``feature_shards``) and keeps per feature a fixed amount of
-state, whatever the partition's length:
+Sharding. One job of pass 1 reads one *dataset shard* (one activation partition) once and feeds
+every *feature shard* (latents [start, stop), see ``feature_shards``) from the same encode
+(``compute_partials``); per feature it keeps a fixed amount of state, whatever the partition's
+length:
 
 - the ``top_k`` largest activations with their row;
 - a uniform random sample of ``R = reservoir_factor * top_k`` activating tokens (activation > 0);
@@ -13,7 +14,9 @@ state, whatever the partition's length:
 
 Pass 2 (``merge_partials``) folds the partials of every partition of one feature shard into the
 final tables. Both passes are exact: the merged tables equal what one job reading the whole
-dataset would produce (``brute_force_check`` verifies it), whatever the feature sharding, the
+dataset would produce (``brute_force_check`` verifies it without a second pass: pass 1 records
+every activating token of a fixed sample of *witness* features apart from the selection, and
+counts and sums that must agree across the passes), whatever the feature sharding, the
 grouping of partitions and the merge order. The activation values themselves are the SAE's: a
 matmul's rounding can depend on its shape (on CPU a one-row batch takes another kernel; CUDA picks
 kernels by shape), so the brute-force check replays pass 1's batch boundaries and then compares
@@ -42,10 +45,13 @@ Memory: O(n_features * (top_k + R + bins)) plus one token batch, never the parti
 Pass 1 runs on the SAE's device (CPU or CUDA; there ``sum`` is accumulated with atomics, so its
 last bits may vary from run to run; everything else is deterministic).
 
-Activations come from ``sae.encode_slice(x, start, stop)`` (ReLU / JumpReLU / BatchTopK multiply
-only the slice's encoder rows). For variants whose activations are a slice of the full sparse
-selection (TopK, Switch: ``encode_slice`` not overridden) the sparse codes of ``sae.encode`` are
-filtered to the slice directly: the same values, without a dense [batch, n_features] matrix.
+Activations come from ``sae.encode_slice(x, start, stop)`` per shard (ReLU / JumpReLU / BatchTopK
+multiply only the slice's encoder rows: all shards together multiply W_enc once). For variants
+whose activations are a slice of the full sparse selection (TopK, Switch: ``encode_slice`` not
+overridden) each token batch is encoded once with ``sae.encode`` and its sparse codes are split
+among the shards: the same values, without a dense [batch, n_features] matrix, and the selection
+runs once per row whatever the number of shards. Those codes are also committed per partition
+(``write_codes``) so that pass 3 looks the window activations up instead of encoding again.
 
 Histogram. 64 log-spaced bins over [1e-4, 1e4] (``HIST_EDGES``: 65 float32 edges,
 ``np.logspace(-4, 4, 65)``) plus underflow and overflow, 66 counts per feature:
@@ -527,14 +533,9 @@ class _ShardState:
         self.entries_sum = torch.zeros((), dtype=torch.float64, device=dev)
 
     def add(self, rows: torch.Tensor, feat: torch.Tensor, vals: torch.Tensor) -> None:
-        """(global row, feature - start, activation > 0) entries of one token batch."""
+        """(global row, feature - start, activation > 0) entries of one or more token batches."""
         if vals.numel() == 0:
             return
-        self.n_entries += vals.numel()
-        self.entries_sum += vals.sum(dtype=torch.float64)
-        w = self.is_witness[feat]
-        if bool(w.any()):
-            self.witness_entries.append((feat[w].cpu(), rows[w].cpu(), vals[w].cpu()))
         self.pending.append((rows, feat, vals))
         self.n_pending += vals.numel()
         if self.n_pending >= self.group:
@@ -546,6 +547,11 @@ class _ShardState:
         entries = self.pending
         rows, feat, vals = (torch.cat(e) for e in zip(*entries)) if len(entries) > 1 else entries[0]
         self.pending, self.n_pending = [], 0
+        self.n_entries += vals.numel()
+        self.entries_sum += vals.sum(dtype=torch.float64)
+        w = self.is_witness[feat]
+        if bool(w.any()):
+            self.witness_entries.append((feat[w].cpu(), rows[w].cpu(), vals[w].cpu()))
         self.count.add_(torch.bincount(feat, minlength=self.n))
         self.total.index_add_(0, feat, vals.double())
         self.vmax.scatter_reduce_(0, feat, vals, "amax")
@@ -630,6 +636,19 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     salt = partition_salt(seed, partition_key)
     states = [_ShardState(a, b, top_k, res_size, salt, witness_features(a, b, check_features, seed), dev)
               for a, b in shards]
+    # Sparse route: the entries of several token batches are split among the shards at once (a
+    # few tensor ops per group, not per batch and shard: small ops cost mostly their overhead).
+    pending, n_pending = [], 0
+
+    def dispatch():
+        if not pending:
+            return
+        rows, idx, vals = (torch.cat(t) for t in zip(*pending)) if len(pending) > 1 else pending[0]
+        pending.clear()
+        for s in states:
+            whole = s.start == 0 and s.stop == sae.n_latents
+            inside = slice(None) if whole else (idx >= s.start) & (idx < s.stop)
+            s.add(rows[inside], idx[inside] - s.start, vals[inside])
 
     for offset, block in _batches(part.acts, n_rows, rows_per_batch):
         x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
@@ -642,12 +661,11 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
             if on_codes is not None:
                 on_codes(offset, codes.values, codes.indices)
             rows, pos = (codes.values > 0).nonzero(as_tuple=True)
-            idx, vals = codes.indices[rows, pos], codes.values[rows, pos].float()
-            rows = rows + offset
-            for s in states:  # a mask per shard: cheaper than sorting the entries by shard
-                whole = s.start == 0 and s.stop == sae.n_latents
-                inside = slice(None) if whole else (idx >= s.start) & (idx < s.stop)
-                s.add(rows[inside], idx[inside] - s.start, vals[inside])
+            pending.append((rows + offset, codes.indices[rows, pos], codes.values[rows, pos].float()))
+            n_pending += len(rows)
+            if n_pending >= UPDATE_ENTRIES:
+                dispatch()
+                n_pending = 0
             del codes
         else:
             for s in states:
@@ -656,6 +674,7 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
                 s.add(r + offset, f, acts[r, f].float())
                 del acts
         del x
+    dispatch()
     partials = []
     fingerprint = {"config": sae.config, "fingerprint": sae_fingerprint(sae)}
     for s in states:
