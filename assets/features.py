@@ -184,12 +184,12 @@ def context_windows(run: StageRun) -> dict:
     settings, sae = _settings(run), _load(run)
     examples = [shown_examples(ft.read_tables(run.store, settings.sae_name, i).examples, settings.random_examples)
                 for i in range(N_FEATURE_SHARDS)]
-    hooked, _ = run.resources.language_model.load(run.store, device="cpu")
+    tokenizer = run.resources.language_model.tokenizer(run.store)  # the weights are not needed here
     run.log.info(f"pass 3 [{run.partition_key}]: context windows of the shown examples that fall in this batch "
                  f"({sum(e.height for e in examples):,} shown examples over all batches)")
     codes = ft.read_codes(run.store, settings.sae_name, run.partition_key, sae)  # pass 1's: no encode again
     info = ctx.build_partition_windows(run.store, settings.sae_name, sae, run.partition_key, pl.concat(examples),
-                                       hooked.tokenizer, before=settings.before, after=settings.after, codes=codes)
+                                       tokenizer, before=settings.before, after=settings.after, codes=codes)
     return {"n_windows": info["n_windows"], "n_features": info["n_features"], "dagster/row_count": info["n_windows"],
             "path": MetadataValue.path(info["path"])}
 
