@@ -29,7 +29,7 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     200,000 tokens turns AuxK on, both sides), then held-out FVU and the fraction of latents that
     never fire on the held-out rows, side by side. Ours is the trainer's step
     (``sae_platform.trainer``: sae(x, dead_mask), loss, remove_parallel_grad_, Adam,
-    normalize_decoder_). Goal: ours at least as good on both. --quick trains a smaller budget
+    normalize_decoder_). Goal: ours at least as good on both. --quick trains 20,480 tokens
     (the JSON line says which).
 
 Output: a table, then one JSON object per line, one per figure, with ``metric``, ``value``,
@@ -125,7 +125,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all usable cores)")
     parser.add_argument("--quality-tokens", type=int, default=None,
-                        help="(e) training budget per side (default: 614,400 as the demo; quick: 61,440)")
+                        help="(e) training budget per side (default: 614,400 as the demo; quick: 20,480)")
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 3 if args.quick else 7
@@ -208,7 +208,7 @@ def quality_side_by_side(args, device, n, k, common) -> dict | None:
     except Exception as error:  # noqa: BLE001 - any missing piece: say so and skip this line
         print(f"(e) quality side by side skipped: no shuffled demo store under {root} ({error}); run `make demo`")
         return None
-    budget = args.quality_tokens or (61_440 if args.quick else 614_400)
+    budget = args.quality_tokens or (20_480 if args.quick else 614_400)
     n_rows = shuffled.n_rows
     held = min(QUALITY_HOLDOUT, n_rows // 5)
     rows = np.concatenate([a for _, a in iter_shuffled(store, "main", batch_rows=8192)]).astype(np.float32)
