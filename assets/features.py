@@ -4,10 +4,10 @@
 one of them is up to date (skipped) while the tables and the browser describe the current checkpoint."""
 
 import polars as pl
-from dagster import AllPartitionMapping, AssetDep, MetadataValue, MultiToSingleDimensionPartitionMapping
+from dagster import AllPartitionMapping, AssetDep, MetadataValue
 
 from assets.metadata import table_metadata, table_preview
-from assets.partitions import ACTIVATION_BATCHES, FEATURE_JOBS, FEATURE_SHARDS, N_FEATURE_SHARDS
+from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, N_FEATURE_SHARDS
 from assets.stage import Check, Stage, StageRun, pointer_version
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
@@ -74,33 +74,36 @@ def _stage(**declared) -> Stage:
 
 # -- pass 1 ---------------------------------------------------------------------------------------
 
-def _batch_and_shard(run: StageRun) -> tuple[str, int]:
-    keys = run.partition_key.keys_by_dimension
-    return keys["batch"], _shard(keys["features"])
-
-
 def stats_partial(run: StageRun) -> dict:
-    """Stream one activation batch through the SAE for one slice of features."""
+    """Stream one activation batch through the SAE once and fold its codes into every feature shard's
+    partial (docs/design.md, "Feature tables"): for TopK-style SAEs the selection, the expensive part,
+    runs once per row whatever the number of feature shards."""
     settings, sae = _settings(run), _load(run)
-    batch, index = _batch_and_shard(run)
-    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
-    partial = ft.compute_partial(run.store, sae, batch, start, stop, top_k=settings.top_k,
-                                 reservoir_factor=settings.reservoir_factor, seed=settings.seed)
-    path = ft.write_partial(run.store, settings.sae_name, batch, index, partial)
-    run.log.info(f"pass 1 [{batch}, features {start:,}–{stop:,}): {int(partial.n_tokens):,} tokens")
-    return {"sae": settings.sae_name, "features": f"[{start}, {stop})", "n_tokens": int(partial.n_tokens),
-            "path": MetadataValue.path(run.store.url(path))}
+    batch = run.partition_key
+    shards = ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)
+    partials = ft.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, top_k=settings.top_k,
+                                             reservoir_factor=settings.reservoir_factor, seed=settings.seed,
+                                             check_features=settings.check_features)
+    n_tokens = int(partials[0].n_tokens)
+    run.log.info(f"pass 1 [{batch}]: {n_tokens:,} tokens encoded once into {len(shards)} feature shards")
+    return {"sae": settings.sae_name, "feature_shards": len(shards), "n_tokens": n_tokens,
+            "path": MetadataValue.path(run.store.url(run.store.path(ft.PREFIX, settings.sae_name, "partial", batch)))}
+
+
+def partials_version(run: StageRun) -> str | None:
+    """The committed versions of the batch's partials, one per feature shard (None until all exist)."""
+    name = _settings(run).sae_name
+    versions = [run.store.pointer(ft.partial_name(name, run.partition_key, i)) for i in range(N_FEATURE_SHARDS)]
+    return None if None in versions else "+".join(v["version"] for v in versions)
 
 
 FEATURE_STATS_PARTIAL = _stage(
     asset="feature_stats_partial", op_name="partial_stats", kinds=frozenset({"pytorch"}),
-    description="Pass 1: stream one activation batch through the SAE for one slice of features; keep per "
-                "feature the top-K, a uniform random sample, counts, sum, max and a histogram.",
-    partitions=FEATURE_JOBS, resources=RESOURCES,
-    deps=(AssetDep("activations", partition_mapping=MultiToSingleDimensionPartitionMapping("batch")),
-          AssetDep("sae_checkpoint", partition_mapping=AllPartitionMapping())),
-    body=stats_partial,
-    version=pointer_version(lambda run: ft.partial_name(_settings(run).sae_name, *_batch_and_shard(run))))
+    description="Pass 1: stream one activation batch through the SAE once; keep per feature of every feature shard "
+                "the top-K, a uniform random sample, counts, sum, max and a histogram.",
+    partitions=ACTIVATION_BATCHES, resources=RESOURCES,
+    deps=("activations", AssetDep("sae_checkpoint", partition_mapping=AllPartitionMapping())),
+    body=stats_partial, version=partials_version)
 
 
 # -- pass 2 ---------------------------------------------------------------------------------------
@@ -155,6 +158,7 @@ def check_brute_force(run: StageRun) -> dict:
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     check = ft.brute_force_check(run.store, sae, settings.sae_name, index, start, stop)
     return {"passed": bool(check["ok"]), "metadata": {"features_checked": str(check["features_checked"]),
+                                                       "mode": check["mode"],
                                                        "mismatches": str(check["mismatches"][:5])}}
 
 
@@ -163,10 +167,12 @@ FEATURE_TOPK = _stage(
     description="Pass 2: merge one feature shard's partials: exact top-K, uniform random and interval examples, "
                 "density, histogram, logit effects (W_dec · W_U).",
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model"),
-    deps=(AssetDep("feature_stats_partial", partition_mapping=MultiToSingleDimensionPartitionMapping("features")),),
+    deps=(AssetDep("feature_stats_partial", partition_mapping=AllPartitionMapping()),),
     body=merge_shard,
     version=pointer_version(lambda run: ft.tables_name(_settings(run).sae_name, _shard(run.partition_key))),
-    checks=(Check("matches_brute_force", "a sample of features recomputed densely over every batch: exact",
+    checks=(Check("matches_brute_force", "every activating token pass 1 recorded for a fixed random sample of "
+                  "features (resources.features.config.check_features per shard), sorted apart: exact; every "
+                  "feature: counts, sums and example counts that must agree across the passes",
                   check_brute_force, blocking=True),))
 
 
@@ -178,11 +184,12 @@ def context_windows(run: StageRun) -> dict:
     settings, sae = _settings(run), _load(run)
     examples = [shown_examples(ft.read_tables(run.store, settings.sae_name, i).examples, settings.random_examples)
                 for i in range(N_FEATURE_SHARDS)]
-    hooked, _ = run.resources.language_model.load(run.store, device="cpu")
+    tokenizer = run.resources.language_model.tokenizer(run.store)  # the weights are not needed here
     run.log.info(f"pass 3 [{run.partition_key}]: context windows of the shown examples that fall in this batch "
                  f"({sum(e.height for e in examples):,} shown examples over all batches)")
+    codes = ft.read_codes(run.store, settings.sae_name, run.partition_key, sae)  # pass 1's: no encode again
     info = ctx.build_partition_windows(run.store, settings.sae_name, sae, run.partition_key, pl.concat(examples),
-                                       hooked.tokenizer, before=settings.before, after=settings.after)
+                                       tokenizer, before=settings.before, after=settings.after, codes=codes)
     return {"n_windows": info["n_windows"], "n_features": info["n_features"], "dagster/row_count": info["n_windows"],
             "path": MetadataValue.path(info["path"])}
 

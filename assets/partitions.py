@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import yaml
-from dagster import DynamicPartitionsDefinition, MultiPartitionsDefinition, StaticPartitionsDefinition
+from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
 
 SWEEP_FILE = Path(os.environ.get("SAE_PLATFORM_SWEEP", Path(__file__).resolve().parents[1] / "config" / "sweep.yaml"))
 
@@ -22,8 +22,7 @@ ALL_SHUFFLE_WORKERS_TAGS = {"dagster/asset_partition_range_start": "0",
 SAE_SWEEP_SPECS: dict[str, dict] = yaml.safe_load(SWEEP_FILE.read_text())
 SAE_SWEEP = StaticPartitionsDefinition(list(SAE_SWEEP_SPECS))
 
-# Feature tables: latents split into shards (each shard's range is computed from the SAE's width),
-# and pass 1 cut by dataset shard (activation batch) x feature shard.
+# Feature tables: latents split into shards (each shard's range is computed from the SAE's width);
+# pass 1 is cut by dataset shard (activation batch) only: each row is encoded once for every shard.
 N_FEATURE_SHARDS = 4
 FEATURE_SHARDS = StaticPartitionsDefinition([f"f{i}" for i in range(N_FEATURE_SHARDS)])
-FEATURE_JOBS = MultiPartitionsDefinition({"batch": ACTIVATION_BATCHES, "features": FEATURE_SHARDS})

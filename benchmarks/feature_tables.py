@@ -61,6 +61,9 @@ TOP_K, RESERVOIR_FACTOR = 20, 10
 GOAL_THROUGHPUT = 2.0
 GOAL_MEMORY_RATIO = 0.25
 GOAL_MEMORY_GROWTH = 1.1
+GOAL_STAGES_OVER_ENCODE = 2.0
+N_FEATURE_SHARDS = 4  # as the pipeline (assets/partitions.py)
+STAGE_SIDES = ("encode", "stages_one_encode", "stages_per_shard")
 CHUNK_BYTES = 4 << 20
 MMAP_THRESHOLD = 256 << 10  # glibc: blocks above this are mmapped, so freeing returns them at once
 
@@ -108,7 +111,10 @@ def worker(args) -> None:
     reset = _reset_peak()
     before = _status()
     started = time.perf_counter()
-    if args.worker == "streaming":
+    if args.worker in STAGE_SIDES:
+        extra = stages_worker(args, store, sae, part)
+        n_features = N_LATENTS
+    elif args.worker == "streaming":
         partial = features.compute_partial(store, sae, args.partition, 0, N_LATENTS, top_k=TOP_K,
                                            reservoir_factor=RESERVOIR_FACTOR, batch_rows=args.batch_rows)
         n_features = N_LATENTS
@@ -144,6 +150,47 @@ def worker(args) -> None:
     print(json.dumps({"side": args.worker, "partition": args.partition, "n_tokens": n_tokens,
                       "n_features": n_features, "seconds": seconds, "peak_bytes": after["VmHWM"] - before["VmRSS"],
                       "rss_before": before["VmRSS"], "hwm_reset": reset, **extra}))
+
+
+def stages_worker(args, store, sae, part) -> dict:
+    """Passes 1-2 and the blocking exactness check of every feature shard, as the pipeline runs
+    them (``encode``: the bare encode of the same rows, the ratio's denominator)."""
+    import torch
+
+    from sae_platform import features
+
+    shards = features.feature_shards(N_LATENTS, N_FEATURE_SHARDS)
+    seconds = {}
+    t0 = time.perf_counter()
+    if args.worker == "encode":
+        with torch.no_grad():
+            for lo in range(0, part.n_rows, args.batch_rows):
+                sae.encode(torch.from_numpy(np.ascontiguousarray(part.acts[lo:lo + args.batch_rows])).float())
+        return {"stage_seconds": {"encode": time.perf_counter() - t0}}
+    if args.worker == "stages_one_encode":  # today's layout: one encode per row feeds every shard
+        partials = features.compute_partials(store, sae, args.partition, shards, top_k=TOP_K,
+                                             reservoir_factor=RESERVOIR_FACTOR, batch_rows=args.batch_rows)
+        for index, partial in enumerate(partials):
+            features.write_partial(store, "bench", args.partition, index, partial)
+        del partials
+    else:  # the previous layout: one pass-1 job per (batch, feature shard), each with the full selection
+        for index, (start, stop) in enumerate(shards):
+            features.write_partial(store, "bench", args.partition, index, features.compute_partial(
+                store, sae, args.partition, start, stop, top_k=TOP_K, reservoir_factor=RESERVOIR_FACTOR,
+                batch_rows=args.batch_rows))
+    seconds["pass_1"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for index in range(len(shards)):
+        features.write_tables(store, "bench", index, features.merge_partials(
+            features.read_partials(store, "bench", index, [args.partition])))
+    seconds["pass_2"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    checks = [features.brute_force_check(store, sae, "bench", index, start, stop,
+                                         reencode=args.worker == "stages_per_shard")
+              for index, (start, stop) in enumerate(shards)]
+    seconds["check"] = time.perf_counter() - t2
+    return {"stage_seconds": seconds, "checks_ok": all(c["ok"] for c in checks),
+            "features_checked": sum(len(c["features_checked"]) for c in checks)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +232,7 @@ def run_worker(side: str, partition: str, args, root: str, sae_path: str) -> dic
            "--batch-rows", str(args.batch_rows), "--feature-batch", str(args.feature_batch),
            "--baseline-batches", str(args.baseline_batches)]
     env = dict(os.environ)
-    if not args.default_malloc:
+    if not args.default_malloc and side not in STAGE_SIDES:  # a memory figure's setting; timings run as deployed
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -202,7 +249,7 @@ def main() -> int:
     parser.add_argument("--baseline-batches", type=int, default=1)
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's mmap threshold alone (peaks then include its retained free blocks)")
-    parser.add_argument("--worker", choices=["streaming", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["streaming", "baseline", *STAGE_SIDES], help=argparse.SUPPRESS)
     parser.add_argument("--partition", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--sae", help=argparse.SUPPRESS)
@@ -226,6 +273,13 @@ def main() -> int:
             for side in order:
                 for p in ("small", "large"):
                     runs[(side, p)].append(run_worker(side, p, args, root, sae_path))
+        # the feature stages (passes 1-2 + the check, 4 feature shards) over one bare encode, on the small
+        # partition; the previous per-shard layout (full mode only: it costs ~8 encodes) for comparison
+        stage_sides = ("encode", "stages_one_encode") + (() if args.quick else ("stages_per_shard",))
+        stage_runs = {side: [] for side in stage_sides}
+        for r in range(repeats):
+            for side in stage_sides if r % 2 == 0 else stage_sides[::-1]:
+                stage_runs[side].append(run_worker(side, "small", args, root, sae_path))
     wall_s = time.perf_counter() - wall
 
     med = lambda side, p, f: statistics.median(x[f] for x in runs[(side, p)])  # noqa: E731
@@ -279,6 +333,23 @@ def main() -> int:
          "baseline_is": "streaming peak at 1x tokens", "dashboard_growth": growth_b,
          "dashboard_peak_bytes": [peak[("baseline", "small")], peak[("baseline", "large")]], **common},
     ]
+    stage_s = {side: statistics.median(x["seconds"] for x in rs) for side, rs in stage_runs.items()}
+    for side, rs in stage_runs.items():
+        parts = {k: round(statistics.median(x["stage_seconds"][k] for x in rs), 2) for k in rs[0]["stage_seconds"]}
+        print(f"{side:<18} {small:>7} tokens  median {stage_s[side]:6.2f} s  {parts}  checks ok: "
+              f"{all(x.get('checks_ok', True) for x in rs)}")
+    ratio = stage_s["stages_one_encode"] / stage_s["encode"]
+    lines.append({"metric": "feature_stages_over_one_encode", "value": stage_s["stages_one_encode"],
+                  "baseline": stage_s["encode"], "ratio": ratio, "goal": GOAL_STAGES_OVER_ENCODE,
+                  "lower_is_better": True, "unit": "s", "tokens": small, "n_feature_shards": N_FEATURE_SHARDS,
+                  "stages": "pass 1 (every shard) + pass 2 merge + matches_brute_force check (64 witness "
+                            "features per shard + invariants), writes included; not pass 3 / browser",
+                  "baseline_is": "sae.encode of the same rows, same batches, same SAE, same device",
+                  "stage_seconds": {k: round(statistics.median(x["stage_seconds"][k] for x in stage_runs[
+                      "stages_one_encode"]), 3) for k in ("pass_1", "pass_2", "check")},
+                  "per_shard_layout_ratio": (stage_s["stages_per_shard"] / stage_s["encode"]
+                                             if "stages_per_shard" in stage_s else None),
+                  "checks_ok": all(x["checks_ok"] for x in stage_runs["stages_one_encode"]), **common})
     sys.stdout.flush()
     for line in lines:
         print(json.dumps(line))

@@ -18,6 +18,19 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     against the bare forward matmul.
 (c) **Switch SAE**, 8 experts, same total latents, against the sparse TopK step: goal >= 3x
     tokens/s (the encoder matmul shrinks 8x; everything else stays).
+(d) **SAELens** (``sae_lens.TopKTrainingSAE``, installed by the ``bench`` extra; skipped with a
+    message when absent): its own training step as its ``SAETrainer._train_step`` runs it
+    (``training_forward_pass``, firing statistics, backward, grad-norm clipping at 1.0, Adam), same
+    shapes, threads and rows, interleaved with ours: goal >= 6x its tokens/s with no dead latents,
+    and >= 4x with AuxK active on both sides (half the latents marked dead, the same mask).
+(e) **Quality on the same rows for the same budget** (SAELens present and a shuffled demo store
+    under $SAE_PLATFORM_ROOT, else skipped with a message): both trained on the same shuffled
+    demo rows, batch 1,024, the demo's lr (1e-3) and the same dead criterion (no fire for
+    200,000 tokens turns AuxK on, both sides), then held-out FVU and the fraction of latents that
+    never fire on the held-out rows, side by side. Ours is the trainer's step
+    (``sae_platform.trainer``: sae(x, dead_mask), loss, remove_parallel_grad_, Adam,
+    normalize_decoder_). Goal: ours at least as good on both. --quick trains 20,480 tokens
+    (the JSON line says which).
 
 Output: a table, then one JSON object per line, one per figure, with ``metric``, ``value``,
 ``baseline``, ``ratio`` and ``goal``.
@@ -46,6 +59,57 @@ from sae_platform.sae import ADAM_EPS, build_sae, lr_for  # noqa: E402
 GOAL_SPARSE_VS_DENSE = 1.5
 GOAL_FLOPS_FRACTION = 0.6
 GOAL_SWITCH_VS_TOPK = 3.0
+GOAL_VS_SAELENS = 6.0
+GOAL_VS_SAELENS_AUXK = 4.0
+QUALITY_BATCH, QUALITY_LR, QUALITY_DEAD_TOKENS, QUALITY_HOLDOUT = 1024, 1e-3, 200_000, 8192
+
+
+def saelens():
+    """The sae_lens module, or None (with the reason printed) when it is not installed."""
+    try:
+        import sae_lens
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: F401
+        return sae_lens
+    except ImportError as error:
+        print(f"SAELens side skipped: sae-lens is not installed ({error}); pip install -e '.[bench]'")
+        return None
+
+
+def make_saelens(d, n, k, device):
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    cfg = TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, dtype="float32", device=str(device))
+    return TopKTrainingSAE(cfg)
+
+
+def make_saelens_step(sae, x, lr, dead_mask=None):
+    """SAELens's own step (sae_lens.training.sae_trainer.SAETrainer._train_step, without logging
+    and schedulers): forward with its aux loss, firing statistics, backward, clip, Adam."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    n = sae.cfg.d_sae
+    since_fired = torch.zeros(n, device=x.device)
+    mask = torch.zeros(n, dtype=torch.bool, device=x.device) if dead_mask is None else dead_mask
+
+    def step(batch=None, mask_now=None):
+        xb = x if batch is None else batch
+        sae.train()
+        out = sae.training_forward_pass(step_input=TrainStepInput(
+            sae_in=xb, coefficients={}, dead_neuron_mask=mask if mask_now is None else mask_now,
+            n_training_steps=0, is_logging_step=False))
+        with torch.no_grad():
+            fired = out.feature_acts.bool().float()
+            did_fire = fired.sum(-2).bool()
+            since_fired.add_(1)
+            since_fired[did_fire] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        return did_fire
+
+    return step
 
 
 def parse_args(argv=None):
@@ -60,6 +124,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (quick: 3, else 7)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all usable cores)")
+    parser.add_argument("--quality-tokens", type=int, default=None,
+                        help="(e) training budget per side (default: 614,400 as the demo; quick: 20,480)")
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 3 if args.quick else 7
@@ -89,14 +155,14 @@ def dense_reference_recon(sae, x):
     return (z @ sae.W_dec + sae.b_pre) / sae.input_scale
 
 
-def make_step(sae, x, dense=False):
+def make_step(sae, x, dense=False, dead_mask=None):
     opt = make_adam(sae)
 
     def step():
         if dense:
             loss = ((dense_reference_recon(sae, x) - x) * sae.input_scale).pow(2).mean()
         else:
-            loss, _ = sae.loss(x, sae(x))
+            loss, _ = sae.loss(x, sae(x, dead_mask=dead_mask))
         opt.zero_grad()
         loss.backward()
         sae.remove_parallel_grad_()
@@ -128,6 +194,92 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def quality_side_by_side(args, device, n, k, common) -> dict | None:
+    """(e): ours and SAELens trained on the same shuffled demo rows for the same budget."""
+    import numpy as np
+
+    from sae_platform.shuffle import iter_shuffled, open_shuffled
+    from sae_platform.storage import ArtifactStore
+
+    root = os.environ.get("SAE_PLATFORM_ROOT", str(REPO / "artifacts"))
+    try:
+        store = ArtifactStore(root)
+        shuffled = open_shuffled(store, "main")
+    except Exception as error:  # noqa: BLE001 - any missing piece: say so and skip this line
+        print(f"(e) quality side by side skipped: no shuffled demo store under {root} ({error}); run `make demo`")
+        return None
+    budget = args.quality_tokens or (20_480 if args.quick else 614_400)
+    n_rows = shuffled.n_rows
+    held = min(QUALITY_HOLDOUT, n_rows // 5)
+    rows = np.concatenate([a for _, a in iter_shuffled(store, "main", batch_rows=8192)]).astype(np.float32)
+    train, holdout = torch.from_numpy(rows[:n_rows - held]).to(device), torch.from_numpy(rows[n_rows - held:]).to(device)
+    d = train.shape[1]
+    n_steps = budget // QUALITY_BATCH
+    dead_steps = QUALITY_DEAD_TOKENS // QUALITY_BATCH
+    torch.manual_seed(0)
+    ours = build_sae("topk", d, n, k=k, device=device)
+    ours.calibrate_(train[:8192])
+    opt = torch.optim.Adam(ours.parameters(), lr=QUALITY_LR, eps=ADAM_EPS)
+    theirs = make_saelens(d, n, k, device)
+    their_step = make_saelens_step(theirs, train[:QUALITY_BATCH], QUALITY_LR)
+    since = {"ours": torch.zeros(n, device=device), "saelens": torch.zeros(n, device=device)}
+    seconds = {"ours": 0.0, "saelens": 0.0}
+    for step in range(n_steps):
+        lo = (step * QUALITY_BATCH) % (len(train) - QUALITY_BATCH + 1)
+        x = train[lo:lo + QUALITY_BATCH]
+        t0 = time.perf_counter()
+        out = ours(x, dead_mask=since["ours"] >= dead_steps)
+        loss, _ = ours.loss(x, out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ours.remove_parallel_grad_()
+        opt.step()
+        with torch.no_grad():
+            ours.normalize_decoder_()
+        since["ours"] += 1
+        since["ours"][out.fired] = 0
+        t1 = time.perf_counter()
+        fired = their_step(x, since["saelens"] >= dead_steps)
+        since["saelens"] += 1
+        since["saelens"][fired] = 0
+        seconds["ours"] += t1 - t0
+        seconds["saelens"] += time.perf_counter() - t1
+
+    @torch.no_grad()
+    def evaluate(recon_and_codes):
+        err, fired = 0.0, torch.zeros(n, dtype=torch.bool, device=device)
+        for lo in range(0, len(holdout), 2048):
+            x = holdout[lo:lo + 2048]
+            recon, active = recon_and_codes(x)
+            err += float(((x - recon) ** 2).sum())
+            fired |= active
+        var = float(((holdout - holdout.mean(0)) ** 2).sum())
+        return err / var, float(1 - fired.float().mean())
+
+    def ours_eval(x):
+        out = ours(x)
+        return out.recon, out.fired
+
+    def theirs_eval(x):
+        theirs.eval()
+        acts = theirs.encode(x)
+        return theirs.decode(acts), (acts > 0).any(0)
+
+    (fvu_o, dead_o), (fvu_s, dead_s) = evaluate(ours_eval), evaluate(theirs_eval)
+    print(f"(e) same {n_steps * QUALITY_BATCH:,} demo tokens (batch {QUALITY_BATCH}, lr {QUALITY_LR}): held-out FVU "
+          f"ours {fvu_o:.3f} vs SAELens {fvu_s:.3f}; never firing on {held:,} held-out rows: ours {dead_o:.1%} vs "
+          f"SAELens {dead_s:.1%}; training s ours {seconds['ours']:.1f} vs SAELens {seconds['saelens']:.1f}")
+    return {"metric": "topk_heldout_fvu_vs_saelens_same_rows", "value": fvu_o, "baseline": fvu_s,
+            "ratio": fvu_o / fvu_s, "goal": 1.0, "lower_is_better": True, "unit": "FVU",
+            "dead_fraction": dead_o, "baseline_dead_fraction": dead_s,
+            "dead_is": f"latents that never fire on the {held} held-out rows",
+            "tokens_trained": n_steps * QUALITY_BATCH, "quick_budget": bool(args.quick and not args.quality_tokens),
+            "batch_size": QUALITY_BATCH, "lr": QUALITY_LR, "dead_after_tokens": QUALITY_DEAD_TOKENS,
+            "train_seconds": seconds["ours"], "baseline_train_seconds": seconds["saelens"],
+            "data": f"shuffled store 'main' under {root}: {n_rows - held:,} training rows, {held:,} held out",
+            **{k_: v for k_, v in common.items() if k_ not in ("batch",)}}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -153,6 +305,15 @@ def main(argv=None) -> int:
         "topk_dense_ref": make_step(models["topk_dense_ref"], x, dense=True),
         "switch": make_step(models["switch"], x),
     }
+    lens = saelens()
+    if lens is not None:  # (d): the same rows; AuxK: half the latents dead, the same mask on both sides
+        dead = torch.zeros(n, dtype=torch.bool, device=device)
+        dead[torch.randperm(n, device=device)[:n // 2]] = True
+        models["topk_sparse_auxk"] = build_sae("topk", d, n, k=k, device=device)
+        models["topk_sparse_auxk"].calibrate_(x[:1024])
+        steps["topk_sparse_auxk"] = make_step(models["topk_sparse_auxk"], x, dead_mask=dead)
+        steps["saelens_topk"] = make_saelens_step(make_saelens(d, n, k, device), x, lr_for(n))
+        steps["saelens_topk_auxk"] = make_saelens_step(make_saelens(d, n, k, device), x, lr_for(n), dead)
     mm_forward, mm_weight_grad = make_matmuls(batch, d, n, device)
     steps["matmul_forward"], steps["matmul_weight_grad"] = mm_forward, mm_weight_grad
 
@@ -166,7 +327,8 @@ def main(argv=None) -> int:
     wall_s = time.perf_counter() - wall
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
-    tps = {name: batch / med[name] for name in ("topk_sparse", "topk_dense_ref", "switch")}
+    tps = {name: batch / med[name] for name in ("topk_sparse", "topk_dense_ref", "switch", "topk_sparse_auxk",
+                                                 "saelens_topk", "saelens_topk_auxk") if name in med}
     useful = 4 * batch * d * n  # encoder forward + encoder weight gradient
     mm_s = med["matmul_forward"] + med["matmul_weight_grad"]
     step_flops = useful / med["topk_sparse"]
@@ -188,6 +350,10 @@ def main(argv=None) -> int:
           f"{dense_flops / 1e9:.1f} G/s vs bare forward matmul {fwd_limit / 1e9:.1f} G/s: {dense_flops / fwd_limit:.2f}")
     print(f"(c) Switch ({args.experts} experts) vs TopK: {tps['switch'] / tps['topk_sparse']:.2f}x "
           f"(goal >= {GOAL_SWITCH_VS_TOPK}); rows per expert in this batch: {routed.tolist()}")
+    if lens is not None:
+        print(f"(d) ours vs SAELens {lens.__version__} TopK step: {tps['topk_sparse'] / tps['saelens_topk']:.2f}x "
+              f"(goal >= {GOAL_VS_SAELENS}); with AuxK (half dead): "
+              f"{tps['topk_sparse_auxk'] / tps['saelens_topk_auxk']:.2f}x (goal >= {GOAL_VS_SAELENS_AUXK})")
     busy = load_before is not None and load_before > 1.0
     print(f"wall time {wall_s:.1f} s; load average {load_before:.2f} -> {load_after:.2f} on {usable_cores()} CPUs"
           if load_before is not None else f"wall time {wall_s:.1f} s")
@@ -220,6 +386,26 @@ def main(argv=None) -> int:
          "n_experts": args.experts, "rows_per_expert": routed.tolist(),
          "baseline_is": "sparse TopK SAE with the same total latents", "switch_runs_ms": ms("switch"), **common},
     ]
+    if lens is not None:
+        lines += [
+            {"metric": "topk_train_tokens_per_s_vs_saelens", "value": tps["topk_sparse"],
+             "baseline": tps["saelens_topk"], "ratio": tps["topk_sparse"] / tps["saelens_topk"],
+             "goal": GOAL_VS_SAELENS, "unit": "tokens/s", "dead_latents": 0,
+             "baseline_is": f"sae_lens {lens.__version__} TopKTrainingSAE, its SAETrainer._train_step "
+                            "(forward, firing stats, backward, clip_grad_norm 1.0, Adam)",
+             "ours_runs_ms": ms("topk_sparse"), "saelens_runs_ms": ms("saelens_topk"), **common},
+            {"metric": "topk_train_tokens_per_s_vs_saelens_auxk", "value": tps["topk_sparse_auxk"],
+             "baseline": tps["saelens_topk_auxk"], "ratio": tps["topk_sparse_auxk"] / tps["saelens_topk_auxk"],
+             "goal": GOAL_VS_SAELENS_AUXK, "unit": "tokens/s", "dead_latents": n // 2,
+             "baseline_is": f"sae_lens {lens.__version__} TopKTrainingSAE step with the same dead mask (its AuxK)",
+             "ours_runs_ms": ms("topk_sparse_auxk"), "saelens_runs_ms": ms("saelens_topk_auxk"), **common},
+        ]
+        quality = quality_side_by_side(args, device, n, k, common)
+        if quality:
+            lines.append(quality)
+    noisy = load_before is not None and max(load_before, load_after or 0) > usable_cores() + 0.5
+    for line in lines:
+        line["noisy"] = noisy
     sys.stdout.flush()
     for line in lines:
         print(json.dumps(line))

@@ -208,7 +208,6 @@ def cmd_train(args) -> int:
 
 def build_features(instance, defs, sae_name: str) -> bool:
     """Passes 1-3 and the browser, one Dagster run per partition (as a backfill would launch them)."""
-    from dagster import MultiPartitionKey
     from tqdm import tqdm
 
     from assets.partitions import N_FEATURE_SHARDS
@@ -218,7 +217,7 @@ def build_features(instance, defs, sae_name: str) -> bool:
     batches = pinned_keys(store, defs.resources["shuffle"].settings().name)
     shards = [f"f{i}" for i in range(N_FEATURE_SHARDS)]
     run_config = _quiet(stage_settings(features={"sae_name": sae_name}))
-    steps = [("feature_pass_1", [MultiPartitionKey({"batch": b, "features": f}) for b in batches for f in shards]),
+    steps = [("feature_pass_1", batches),
              ("feature_pass_2", shards), ("feature_pass_3", batches), ("feature_regroup", shards)]
     for job_name, keys in steps:
         job = defs.resolve_job_def(job_name)

@@ -13,7 +13,7 @@ settings), and the whole file is ``full_pipeline``'s default run config (the Lau
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from assets import ASSETS, SCHEDULES, SENSORS
-from assets.partitions import ACTIVATION_BATCHES, FEATURE_JOBS, FEATURE_SHARDS, SAE_SWEEP
+from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, SAE_SWEEP
 from jobs.full_pipeline import build_full_pipeline, cache_inbox
 from jobs.settings import Settings
 from resources import (
@@ -39,8 +39,8 @@ ASSET_JOBS = [
     define_asset_job("train_saes", selection=AssetSelection.groups("training"), partitions_def=SAE_SWEEP,
                      description="Train and evaluate one SAE of the sweep (partition = sweep entry)."),
     define_asset_job("feature_pass_1", selection=AssetSelection.assets("feature_stats_partial"),
-                     partitions_def=FEATURE_JOBS,
-                     description="Pass 1 of the feature tables for one (activation batch, feature shard)."),
+                     partitions_def=ACTIVATION_BATCHES,
+                     description="Pass 1 of the feature tables for one activation batch (every feature shard)."),
     define_asset_job("feature_pass_2", selection=AssetSelection.assets("feature_topk"), partitions_def=FEATURE_SHARDS,
                      description="Pass 2: merge one feature shard's partials, check against brute force, logit "
                                  "effects."),

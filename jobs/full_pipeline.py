@@ -143,14 +143,6 @@ def sae_sweep(context: OpExecutionContext, config: SweepConfig):
         yield DynamicOutput(name, mapping_key=_mapping_key(index, name))
 
 
-@op(ins={"trained": In(Nothing)}, out=DynamicOut(tuple), required_resource_keys={"storage", "shuffle"},
-    description="Pass 1 work: every (pinned activation batch, feature shard), fanned out.")
-def feature_jobs(context: OpExecutionContext):
-    for index, batch in enumerate(pinned_batches(_run(context))):
-        for shard in FEATURE_SHARD_KEYS:
-            yield DynamicOutput((batch, shard), mapping_key=_mapping_key(index, f"{batch}_{shard}"))
-
-
 @op(ins={"after": In(Nothing)}, out=DynamicOut(str), description="The feature shards, fanned out.")
 def feature_shards():
     for shard in FEATURE_SHARD_KEYS:
@@ -219,9 +211,9 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         scattered = shuffle_workers.alias("pass_2_workers")(scattered).map(scatter_pass_2).collect()
         finals = shuffle_workers.alias("final_workers")(scattered).map(shuffle_buckets).collect()
         evaluated = sae_sweep(commit_shuffle(finals)).map(train_sae).map(evaluate_sae).collect()
-        partials = feature_jobs(evaluated).map(partial_stats).collect()
+        partials = pinned_batch_keys.alias("pass_1_batches")(evaluated).map(partial_stats).collect()
         merged = feature_shards.alias("pass_2_shards")(partials).map(merge_shard).collect()
-        windows = pinned_batch_keys(merged).map(context_windows).collect()
+        windows = pinned_batch_keys.alias("pass_3_batches")(merged).map(context_windows).collect()
         regrouped = feature_shards.alias("regroup_shards")(windows).map(regroup_contexts).collect()
         write_browser(regrouped)
 

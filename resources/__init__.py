@@ -12,7 +12,7 @@ from sae_platform.corpus import TextFile, find_file, list_source, resolve_source
 from sae_platform.evaluate import EvalSettings
 from sae_platform.features import FeatureSettings
 from sae_platform.inbox import Inbox, scan_inbox
-from sae_platform.model import EMBEDDED_MODEL, load_stored_model
+from sae_platform.model import EMBEDDED_MODEL, load_stored_model, load_stored_tokenizer
 from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, default_of
 from sae_platform.shuffle import ShuffleSettings
 from sae_platform.storage import ArtifactStore, open_store
@@ -42,6 +42,10 @@ class BaseModelResource(ConfigurableResource):
 
     def load(self, store: ArtifactStore, device: str | None = None):
         return load_stored_model(store, self.source, self.layer, device or self.device, self.autocast)
+
+    def tokenizer(self, store: ArtifactStore):
+        """The tokenizer alone (no weights loaded)."""
+        return load_stored_tokenizer(store, self.source)
 
 
 class TextSourceResource(ConfigurableResource):

@@ -215,12 +215,16 @@ class _Index:
 def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests: pl.DataFrame, tokenizer, *,
                     before: int = 16, after: int = 8, device=None, batch_rows: int = 4096,
                     rtol: float = RTOL, atol: float = ATOL,
-                    max_mismatch_fraction: float = MAX_MISMATCH_FRACTION) -> pl.DataFrame:
+                    max_mismatch_fraction: float = MAX_MISMATCH_FRACTION, codes=None) -> pl.DataFrame:
     """One window per request (schema ``WINDOW_SCHEMA``, in request order): the example's tokens
     ± (before, after) within its document, their strings, and the feature's activation on each.
 
     Raises StorageError for a missing partition, a row past its end, or an example activation
-    the SAE no longer reproduces (stale tables); ModelError for an SAE of another width."""
+    the SAE no longer reproduces (stale tables); ModelError for an SAE of another width.
+
+    ``codes``: pass 1's sparse codes of the whole partition (``features.read_codes``: values
+    float32 and indices [n_rows, K]); the activations are then looked up in them instead of
+    encoding the window rows again (TopK-style variants)."""
     if before < 0 or after < 0 or batch_rows < 1:
         raise PlatformError(f"bad window settings before={before}, after={after}, batch_rows={batch_rows}",
                             "use before >= 0, after >= 0, batch_rows >= 1")
@@ -275,7 +279,13 @@ def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests:
         run_sae = copy.deepcopy(sae).to(torch.device(device))
     flat_act = np.zeros(total, dtype=np.float32)
     has = flat_row >= 0
-    flat_act[has] = _pair_activations(run_sae, part, flat_row[has], features[which][has], batch_rows)
+    if codes is not None:
+        if len(codes[0]) != index.n_rows:
+            raise PlatformError(f"the stored codes of partition {partition_key!r} have {len(codes[0])} rows, the "
+                                f"partition {index.n_rows}", "pass the codes pass 1 computed from this partition")
+        flat_act[has] = _pairs_from_stored(codes, flat_row[has], features[which][has])
+    else:
+        flat_act[has] = _pair_activations(run_sae, part, flat_row[has], features[which][has], batch_rows)
 
     expected = requests[ACTIVATION].to_numpy().astype(np.float32)
     got = flat_act[center_flat]
@@ -420,6 +430,16 @@ def _pairs_from_codes(sae, x: torch.Tensor, local: np.ndarray, feats: np.ndarray
             f = torch.from_numpy(feats[s:e]).to(x.device)
             out[s:e] = (codes.values[r] * (codes.indices[r] == f[:, None])).sum(1).float()
     return out.cpu().numpy()
+
+
+def _pairs_from_stored(codes: tuple[np.ndarray, np.ndarray], rows: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    """Activation of feats[i] on row rows[i], looked up in stored sparse codes (values, indices)."""
+    values, indices = codes
+    out = np.empty(len(rows), dtype=np.float32)
+    for s in range(0, len(rows), PAIR_CHUNK):
+        r, f = rows[s:s + PAIR_CHUNK], feats[s:s + PAIR_CHUNK]
+        out[s:s + PAIR_CHUNK] = (values[r] * (indices[r] == f[:, None])).sum(1, dtype=np.float32)
+    return out
 
 
 def _list_series(name: str, starts: np.ndarray, values: pa.Array) -> pl.Series:

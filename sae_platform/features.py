@@ -2,9 +2,10 @@
 density and a histogram, computed streaming and sharded (docs/design.md, "Feature tables, context
 windows, browser", passes 1 and 2).
 
-Sharding. One job of pass 1 reads one *dataset shard* (one activation partition) for one *feature
-shard* (latents [start, stop), see ``feature_shards``) and keeps per feature a fixed amount of
-state, whatever the partition's length:
+Sharding. One job of pass 1 reads one *dataset shard* (one activation partition) once and feeds
+every *feature shard* (latents [start, stop), see ``feature_shards``) from the same encode
+(``compute_partials``); per feature it keeps a fixed amount of state, whatever the partition's
+length:
 
 - the ``top_k`` largest activations with their row;
 - a uniform random sample of ``R = reservoir_factor * top_k`` activating tokens (activation > 0);
@@ -13,7 +14,9 @@ state, whatever the partition's length:
 
 Pass 2 (``merge_partials``) folds the partials of every partition of one feature shard into the
 final tables. Both passes are exact: the merged tables equal what one job reading the whole
-dataset would produce (``brute_force_check`` verifies it), whatever the feature sharding, the
+dataset would produce (``brute_force_check`` verifies it without a second pass: pass 1 records
+every activating token of a fixed sample of *witness* features apart from the selection, and
+counts and sums that must agree across the passes), whatever the feature sharding, the
 grouping of partitions and the merge order. The activation values themselves are the SAE's: a
 matmul's rounding can depend on its shape (on CPU a one-row batch takes another kernel; CUDA picks
 kernels by shape), so the brute-force check replays pass 1's batch boundaries and then compares
@@ -42,10 +45,13 @@ Memory: O(n_features * (top_k + R + bins)) plus one token batch, never the parti
 Pass 1 runs on the SAE's device (CPU or CUDA; there ``sum`` is accumulated with atomics, so its
 last bits may vary from run to run; everything else is deterministic).
 
-Activations come from ``sae.encode_slice(x, start, stop)`` (ReLU / JumpReLU / BatchTopK multiply
-only the slice's encoder rows). For variants whose activations are a slice of the full sparse
-selection (TopK, Switch: ``encode_slice`` not overridden) the sparse codes of ``sae.encode`` are
-filtered to the slice directly: the same values, without a dense [batch, n_features] matrix.
+Activations come from ``sae.encode_slice(x, start, stop)`` per shard (ReLU / JumpReLU / BatchTopK
+multiply only the slice's encoder rows: all shards together multiply W_enc once). For variants
+whose activations are a slice of the full sparse selection (TopK, Switch: ``encode_slice`` not
+overridden) each token batch is encoded once with ``sae.encode`` and its sparse codes are split
+among the shards: the same values, without a dense [batch, n_features] matrix, and the selection
+runs once per row whatever the number of shards. Those codes are also committed per partition
+(``write_codes``) so that pass 3 looks the window activations up instead of encoding again.
 
 Histogram. 64 log-spaced bins over [1e-4, 1e4] (``HIST_EDGES``: 65 float32 edges,
 ``np.logspace(-4, 4, 65)``) plus underflow and overflow, 66 counts per feature:
@@ -150,6 +156,9 @@ class FeatureSettings:
     before: int = setting(16, "context tokens before an example", ge=0)
     after: int = setting(8, "context tokens after an example", ge=0)
     seed: int = setting(0, "seed of the random-example sample", ge=0)
+    check_features: int = setting(64, "features per feature shard whose every activating token pass 1 records for "
+                                      "the exactness check (matches_brute_force); the others are checked by "
+                                      "counts and sums that must agree across the passes", ge=0)
     rebuild: bool = setting(False, "rebuild the tables and browser even when they describe the current checkpoint")
 
     def __post_init__(self):
@@ -387,10 +396,18 @@ class Partial:
     sum: np.ndarray       # [F] float64
     max: np.ndarray       # [F] float32
     hist: np.ndarray      # [F, N_HIST_BINS] int64
+    # the exactness check's witness: every activating token of a fixed sample of features
+    witness: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))          # [W] local ids, sorted
+    witness_feature: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [E] local id
+    witness_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))      # [E]
+    witness_act: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))    # [E] > 0
+    n_entries: int | None = None      # activating (row, feature) entries of the shard, counted apart
+    entries_sum: float | None = None  # their activations' sum (float64), accumulated apart
     sae: dict = field(default_factory=dict)  # {"config": ..., "fingerprint": ...}
     diagnostics: dict = field(default_factory=dict)
 
     ARRAYS = ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "sum", "max", "hist")
+    WITNESS = ("witness", "witness_feature", "witness_row", "witness_act")
 
     @property
     def n_features(self) -> int:
@@ -400,7 +417,7 @@ class Partial:
         return {"partition": self.partition, "partition_version": self.partition_version, "start": self.start,
                 "stop": self.stop, "top_k": self.top_k, "reservoir_size": self.reservoir_size, "seed": self.seed,
                 "batch_rows": self.batch_rows, "n_tokens": self.n_tokens, "sae": self.sae,
-                "hist_bin_edges": hist_bin_edges()}
+                "n_entries": self.n_entries, "entries_sum": self.entries_sum, "hist_bin_edges": hist_bin_edges()}
 
 
 def sae_fingerprint(sae) -> str:
@@ -474,114 +491,267 @@ def _batches(acts, n_rows: int, batch_rows: int) -> Iterator[tuple[int, np.ndarr
         yield lo, block
 
 
-def _active_entries(sae, x: torch.Tensor, start: int, stop: int, sparse: bool):
-    """(row in batch, feature - start, activation float32) of every activation > 0 in the slice."""
-    if sparse:
-        codes = sae.encode(x)
-        inside = codes.values > 0
-        if start > 0 or stop < sae.n_latents:
-            inside &= (codes.indices >= start) & (codes.indices < stop)
-        rows, pos = inside.nonzero(as_tuple=True)
-        return rows, codes.indices[rows, pos] - start, codes.values[rows, pos].float()
-    acts = sae.encode_slice(x, start, stop)
-    rows, feat = (acts > 0).nonzero(as_tuple=True)
-    return rows, feat, acts[rows, feat].float()
+def witness_features(start: int, stop: int, n: int, seed: int = 0) -> np.ndarray:
+    """The features of [start, stop) whose every activating token pass 1 records for the
+    exactness check (``brute_force_check``): ``n`` of them (all when n >= stop - start), drawn
+    uniformly without replacement by a generator seeded with (seed, start, stop), so every
+    partition's partial of one shard records the same ones. Local ids (feature - start), sorted."""
+    width = stop - start
+    if n >= width:
+        return np.arange(width, dtype=np.int64)
+    rng = np.random.default_rng([int(seed), int(start), int(stop)])
+    return np.sort(rng.choice(width, n, replace=False)).astype(np.int64)
+
+
+class _ShardState:
+    """Pass-1 state of one feature shard [start, stop): both selectors, count / sum / max /
+    histogram, the pending entries of the last token batches and the witness entries."""
+
+    def __init__(self, start: int, stop: int, top_k: int, res_size: int, salt: int, witness: np.ndarray, dev):
+        self.start, self.stop, self.n = start, stop, stop - start
+        self.top_k, self.res_size, self.salt, self.dev = top_k, res_size, salt, dev
+        self.edges = torch.from_numpy(HIST_EDGES).to(dev)
+        self.top = _Selector(self.n, top_k, lambda slots, features: -slots, dev)
+        # reservoir slot = row << 32 | activation bits; its key = the row's sample key
+        self.res = _Selector(self.n, res_size,
+                             lambda slots, features: sample_keys(salt, slots >> 32, features + start), dev)
+        self.count = torch.zeros(self.n, dtype=torch.long, device=dev)
+        self.total = torch.zeros(self.n, dtype=torch.float64, device=dev)
+        self.vmax = torch.zeros(self.n, dtype=torch.float32, device=dev)
+        self.hist = torch.zeros(self.n * N_HIST_BINS, dtype=torch.long, device=dev)
+        # Entries of several token batches are folded together (up to `group` entries): the
+        # bookkeeping is ~40 small tensor ops whatever its size, so fewer, larger groups cost less.
+        self.group = max(min(UPDATE_ENTRIES, self.n * (top_k + res_size) // 4),
+                         min(MIN_UPDATE_ENTRIES, UPDATE_ENTRIES))
+        self.pending, self.n_pending = [], 0
+        self.witness = witness
+        self.is_witness = torch.zeros(self.n, dtype=torch.bool, device=dev)
+        self.is_witness[torch.from_numpy(witness).to(dev)] = True
+        self.witness_entries = []
+        # invariants recorded apart from the per-feature state (brute_force_check compares them)
+        self.n_entries = 0
+        self.entries_sum = torch.zeros((), dtype=torch.float64, device=dev)
+
+    def add(self, rows: torch.Tensor, feat: torch.Tensor, vals: torch.Tensor) -> None:
+        """(global row, feature - start, activation > 0) entries of one or more token batches."""
+        if vals.numel() == 0:
+            return
+        self.pending.append((rows, feat, vals))
+        self.n_pending += vals.numel()
+        if self.n_pending >= self.group:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        entries = self.pending
+        rows, feat, vals = (torch.cat(e) for e in zip(*entries)) if len(entries) > 1 else entries[0]
+        self.pending, self.n_pending = [], 0
+        self.n_entries += vals.numel()
+        self.entries_sum += vals.sum(dtype=torch.float64)
+        w = self.is_witness[feat]
+        if bool(w.any()):
+            self.witness_entries.append((feat[w].cpu(), rows[w].cpu(), vals[w].cpu()))
+        self.count.add_(torch.bincount(feat, minlength=self.n))
+        self.total.index_add_(0, feat, vals.double())
+        self.vmax.scatter_reduce_(0, feat, vals, "amax")
+        bins = feat * N_HIST_BINS + torch.bucketize(vals, self.edges, right=True)
+        self.hist.index_add_(0, bins, torch.ones_like(bins))
+        top_slot = _top_keys(vals, rows)
+        self.top.add(feat, -top_slot, top_slot)
+        bits = vals.contiguous().view(torch.int32).long()
+        self.res.add(feat, sample_keys(self.salt, rows, feat + self.start), (rows << 32) | bits)
+
+    def finish(self) -> dict:
+        """The state as numpy arrays (frees the device buffers)."""
+        self.flush()
+        dev, n_feat, res_size = self.dev, self.n, self.res_size
+        top_act, top_row = (t.cpu().numpy() for t in _decode_top(self.top.finish()))
+        top_compactions = self.top.compactions
+        self.top = None
+        res = self.res
+        res_slots, res_compactions = res.finish().clone(), res.compactions
+        res.slots = None  # the free half of the buffer goes before the outputs are built
+        res_keys = np.empty((n_feat, res_size), dtype=np.int64)
+        res_row = np.empty((n_feat, res_size), dtype=np.int64)
+        res_act = np.empty((n_feat, res_size), dtype=np.float32)
+        for f0 in range(0, n_feat, res.block):  # blockwise: no [n_feat, R] temporaries beyond the outputs
+            f1 = min(f0 + res.block, n_feat)
+            slots = res_slots[f0:f1]
+            empty = slots < 0
+            res_keys[f0:f1] = res.keys_of(slots, torch.arange(f0, f1, device=dev)).cpu().numpy()
+            res_row[f0:f1] = torch.where(empty, -1, slots >> 32).cpu().numpy()
+            res_act[f0:f1] = torch.where(empty, 0.0,
+                                         (slots & 0xFFFFFFFF).to(torch.int32).view(torch.float32)).cpu().numpy()
+        self.res = None
+        del res, res_slots
+        if self.witness_entries:
+            wf, wr, wa = (torch.cat(e).numpy() for e in zip(*self.witness_entries))
+        else:
+            wf, wr, wa = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        cpu = lambda t: t.cpu().numpy()  # noqa: E731
+        return dict(top_act=top_act, top_row=top_row, res_key=res_keys, res_row=res_row, res_act=res_act,
+                    count=cpu(self.count), sum=cpu(self.total), max=cpu(self.vmax),
+                    hist=cpu(self.hist.view(n_feat, N_HIST_BINS)), witness=self.witness.copy(),
+                    witness_feature=wf.astype(np.int64), witness_row=wr.astype(np.int64),
+                    witness_act=wa.astype(np.float32),
+                    n_entries=int(self.n_entries), entries_sum=float(self.entries_sum),
+                    diagnostics={"top_compactions": top_compactions, "res_compactions": res_compactions})
 
 
 @torch.no_grad()
-def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, stop: int, *, top_k: int = 20,
-                    reservoir_factor: int = 10, seed: int = 0, batch_rows: int = 4096, device=None) -> Partial:
-    """Pass 1 for one activation partition and latents [start, stop): stream the partition in
-    batches and keep per feature the top_k activations, a bottom-R random sample (R =
-    reservoir_factor * top_k), count / sum / max and the histogram. Returns numpy arrays."""
-    _check_range(sae, start, stop)
-    start, stop = int(start), int(stop)
+def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list[tuple[int, int]], *,
+                     top_k: int = 20, reservoir_factor: int = 10, seed: int = 0, batch_rows: int = 4096,
+                     check_features: int = 64, device=None, on_codes=None) -> list[Partial]:
+    """Pass 1 for one activation partition and every feature shard in ``shards`` (latent ranges
+    [start, stop)), reading and encoding each row once: stream the partition in batches and keep
+    per feature the top_k activations, a bottom-R random sample (R = reservoir_factor * top_k),
+    count / sum / max and the histogram, plus every activating token of ``check_features``
+    witness features per shard (``witness_features``). Returns one Partial per shard (numpy).
+
+    For TopK-style variants (sparse route) each token batch is encoded once with ``sae.encode``
+    and its sparse codes are split among the shards: the selection, the expensive part, runs once
+    per row whatever the number of shards. Variants with per-latent activations run
+    ``encode_slice`` once per shard and batch, which together multiply W_enc once. Memory: the
+    state of every listed shard at once (pass fewer shards per call to bound it).
+
+    ``on_codes(offset, values, indices)``, if given, receives each token batch's sparse codes
+    (sparse route only; ``write_codes`` keeps them for pass 3)."""
+    if not shards:
+        raise FeatureError("compute_partials needs at least one feature shard", "pass feature_shards(n_latents, n)")
+    for start, stop in shards:
+        _check_range(sae, start, stop)
+    shards = [(int(a), int(b)) for a, b in shards]
     for name, value in (("top_k", top_k), ("reservoir_factor", reservoir_factor), ("batch_rows", batch_rows)):
         _positive(name, value)
+    if isinstance(check_features, bool) or not isinstance(check_features, int) or check_features < 0:
+        raise FeatureError(f"check_features must be an integer >= 0, got {check_features!r}",
+                           "set check_features to the number of features per shard the exactness check recomputes")
     dev = _resolve_device(sae, device)
     part = _open_checked(store, sae, partition_key)
     version = part.path.rstrip("/").rsplit("/", 1)[-1]  # the version actually read, pinned in the partial
-    n_feat, n_rows, res_size = stop - start, part.n_rows, reservoir_factor * top_k
+    n_rows, res_size = part.n_rows, reservoir_factor * top_k
     sparse = _sparse_route(sae)
-    rows_per_batch = _effective_batch_rows(sae, batch_rows, n_feat)
+    rows_per_batch = _effective_batch_rows(sae, batch_rows, max(b - a for a, b in shards))
     salt = partition_salt(seed, partition_key)
-    edges = torch.from_numpy(HIST_EDGES).to(dev)
-
-    # Slots (int64, -1 = empty) and the sort keys derived from them; smallest key = kept first.
-    def top_key(slots, features):  # slot = activation bits << 32 | (2^32 - 1 - row): larger first
-        return -slots
-
-    def res_key(slots, features):  # slot = row << 32 | activation bits; key = the row's sample key
-        return sample_keys(salt, slots >> 32, features + start)
-
-    top = _Selector(n_feat, top_k, top_key, dev)
-    res = _Selector(n_feat, res_size, res_key, dev)
-    count = torch.zeros(n_feat, dtype=torch.long, device=dev)
-    total = torch.zeros(n_feat, dtype=torch.float64, device=dev)
-    vmax = torch.zeros(n_feat, dtype=torch.float32, device=dev)
-    hist = torch.zeros(n_feat * N_HIST_BINS, dtype=torch.long, device=dev)
-
-    def update(entries):
-        """Fold a group of (row, feature - start, activation) entries into the state."""
-        rows, feat, vals = (torch.cat(e) for e in zip(*entries)) if len(entries) > 1 else entries[0]
-        entries.clear()
-        count.add_(torch.bincount(feat, minlength=n_feat))
-        total.index_add_(0, feat, vals.double())
-        vmax.scatter_reduce_(0, feat, vals, "amax")
-        bins = feat * N_HIST_BINS + torch.bucketize(vals, edges, right=True)
-        hist.index_add_(0, bins, torch.ones_like(bins))
-        top_slot = _top_keys(vals, rows)
-        top.add(feat, -top_slot, top_slot)
-        bits = vals.contiguous().view(torch.int32).long()
-        res.add(feat, sample_keys(salt, rows, feat + start), (rows << 32) | bits)
-
-    # Entries of several token batches are folded together (up to `group` entries): the
-    # bookkeeping is ~40 small tensor ops whatever its size, so fewer, larger groups cost less.
-    group = max(min(UPDATE_ENTRIES, n_feat * (top_k + res_size) // 4), min(MIN_UPDATE_ENTRIES, UPDATE_ENTRIES))
+    states = [_ShardState(a, b, top_k, res_size, salt, witness_features(a, b, check_features, seed), dev)
+              for a, b in shards]
+    # Sparse route: the entries of several token batches are split among the shards at once (a
+    # few tensor ops per group, not per batch and shard: small ops cost mostly their overhead).
     pending, n_pending = [], 0
+
+    def dispatch():
+        if not pending:
+            return
+        rows, idx, vals = (torch.cat(t) for t in zip(*pending)) if len(pending) > 1 else pending[0]
+        pending.clear()
+        for s in states:
+            whole = s.start == 0 and s.stop == sae.n_latents
+            inside = slice(None) if whole else (idx >= s.start) & (idx < s.stop)
+            s.add(rows[inside], idx[inside] - s.start, vals[inside])
+
     for offset, block in _batches(part.acts, n_rows, rows_per_batch):
         x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
         if not bool(torch.isfinite(x).all()):
             bad = offset + int(torch.nonzero(~torch.isfinite(x).all(1))[0, 0])
             raise FeatureError(f"activation partition {partition_key!r} has NaN/inf values (first at row {bad})",
                                "re-cache that partition (materialize its activations again)")
-        rows, feat, vals = _active_entries(sae, x, start, stop, sparse)
+        if sparse:  # one selection per row, its codes split among the shards
+            codes = sae.encode(x)
+            if on_codes is not None:
+                on_codes(offset, codes.values, codes.indices)
+            rows, pos = (codes.values > 0).nonzero(as_tuple=True)
+            pending.append((rows + offset, codes.indices[rows, pos], codes.values[rows, pos].float()))
+            n_pending += len(rows)
+            if n_pending >= UPDATE_ENTRIES:
+                dispatch()
+                n_pending = 0
+            del codes
+        else:
+            for s in states:
+                acts = sae.encode_slice(x, s.start, s.stop)
+                r, f = (acts > 0).nonzero(as_tuple=True)
+                s.add(r + offset, f, acts[r, f].float())
+                del acts
         del x
-        if vals.numel() == 0:
-            continue
-        pending.append((rows + offset, feat, vals))
-        n_pending += vals.numel()
-        if n_pending >= group:
-            update(pending)
-            n_pending = 0
-    if pending:
-        update(pending)
-    top_act, top_row = (t.cpu().numpy() for t in _decode_top(top.finish()))
-    top_compactions = top.compactions
-    del top
-    res_slots, res_compactions = res.finish().clone(), res.compactions
-    res.slots = None  # the free half of the buffer goes before the outputs are built
-    res_keys = np.empty((n_feat, res_size), dtype=np.int64)
-    res_row = np.empty((n_feat, res_size), dtype=np.int64)
-    res_act = np.empty((n_feat, res_size), dtype=np.float32)
-    for f0 in range(0, n_feat, res.block):  # blockwise: no [n_feat, R] temporaries beyond the outputs
-        f1 = min(f0 + res.block, n_feat)
-        slots = res_slots[f0:f1]
-        empty = slots < 0
-        res_keys[f0:f1] = res.keys_of(slots, torch.arange(f0, f1, device=dev)).cpu().numpy()
-        res_row[f0:f1] = torch.where(empty, -1, slots >> 32).cpu().numpy()
-        res_act[f0:f1] = torch.where(empty, 0.0, (slots & 0xFFFFFFFF).to(torch.int32).view(torch.float32)).cpu().numpy()
-    del res, res_slots
-    cpu = lambda t: t.cpu().numpy()  # noqa: E731
-    return Partial(
-        partition=partition_key, partition_version=version, start=start, stop=stop, top_k=top_k,
-        reservoir_size=res_size, seed=int(seed), batch_rows=rows_per_batch, n_tokens=n_rows,
-        top_act=top_act, top_row=top_row, res_key=res_keys, res_row=res_row, res_act=res_act,
-        count=cpu(count), sum=cpu(total), max=cpu(vmax), hist=cpu(hist.view(n_feat, N_HIST_BINS)),
-        sae={"config": sae.config, "fingerprint": sae_fingerprint(sae)},
-        diagnostics={"top_compactions": top_compactions, "res_compactions": res_compactions,
-                     "route": "sparse" if sparse else "dense"},
-    )
+    dispatch()
+    partials = []
+    fingerprint = {"config": sae.config, "fingerprint": sae_fingerprint(sae)}
+    for s in states:
+        arrays = s.finish()
+        diagnostics = {**arrays.pop("diagnostics"), "route": "sparse" if sparse else "dense",
+                       "shards_per_encode": len(states)}
+        partials.append(Partial(
+            partition=partition_key, partition_version=version, start=s.start, stop=s.stop, top_k=top_k,
+            reservoir_size=res_size, seed=int(seed), batch_rows=rows_per_batch, n_tokens=n_rows,
+            sae=fingerprint, diagnostics=diagnostics, **arrays))
+    states.clear()
+    return partials
+
+
+def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, stop: int, *, top_k: int = 20,
+                    reservoir_factor: int = 10, seed: int = 0, batch_rows: int = 4096, check_features: int = 64,
+                    device=None) -> Partial:
+    """Pass 1 for one activation partition and latents [start, stop) (``compute_partials`` with
+    one shard). For TopK-style variants prefer one ``compute_partials`` call over all shards:
+    each call runs the full selection."""
+    return compute_partials(store, sae, partition_key, [(start, stop)], top_k=top_k,
+                            reservoir_factor=reservoir_factor, seed=seed, batch_rows=batch_rows,
+                            check_features=check_features, device=device)[0]
+
+
+def compute_and_write_partials(store: ArtifactStore, sae, run: str, partition_key: str, shards: list[tuple[int, int]],
+                               **settings) -> list[Partial]:
+    """Pass 1 as the pipeline runs it: ``compute_partials`` over every shard, each partial
+    committed (shard i at ``partial_name(run, partition_key, i)``), and for TopK-style variants the
+    partition's sparse codes committed too (``write_codes``), so that pass 3 looks activations up
+    instead of encoding the rows again."""
+    values, indices = [], []
+
+    def keep(offset, vals, idx):
+        values.append(vals.float().cpu().numpy())
+        indices.append(idx.to(torch.int32).cpu().numpy())
+
+    partials = compute_partials(store, sae, partition_key, shards, on_codes=keep, **settings)
+    for index, partial in enumerate(partials):
+        write_partial(store, run, partition_key, index, partial)
+    if values:
+        write_codes(store, run, partition_key, np.concatenate(values), np.concatenate(indices),
+                    partition_version=partials[0].partition_version, fingerprint=partials[0].sae["fingerprint"])
+    return partials
+
+
+def codes_name(run: str, partition_key: str) -> str:
+    return f"{PREFIX}/{run}/codes/{partition_key}"
+
+
+def write_codes(store: ArtifactStore, run: str, partition_key: str, values: np.ndarray, indices: np.ndarray, *,
+                partition_version: str | None, fingerprint: str) -> str:
+    """Commit pass 1's sparse codes of one partition: ``values`` float32 [n_rows, K] and
+    ``indices`` int32 [n_rows, K] (row r's activations are values[r] at latents indices[r]; 0 =
+    inactive), with the partition version and SAE fingerprint they came from."""
+    buffer = io.BytesIO()
+    np.savez(buffer, values=np.ascontiguousarray(values, np.float32), indices=np.ascontiguousarray(indices, np.int32))
+    name = codes_name(run, partition_key)
+    with store.writing(name, partition=partition_key, partition_version=partition_version) as version:
+        store.write_bytes_atomic(f"{version}/codes.npz", buffer.getvalue())
+        store.write_json(f"{version}/meta.json", {"partition": partition_key, "partition_version": partition_version,
+                                                  "sae_fingerprint": fingerprint, "n_rows": int(len(values))})
+    return store.resolve(name)
+
+
+def read_codes(store: ArtifactStore, run: str, partition_key: str, sae) -> tuple[np.ndarray, np.ndarray] | None:
+    """Pass 1's sparse codes (values, indices) of a partition, or None when there are none or they
+    were computed by other SAE weights or from another version of the partition."""
+    path = store.resolve(codes_name(run, partition_key))
+    if path is None:
+        return None
+    meta = store.read_json(f"{path}/meta.json")
+    current = (store.pointer(partition_name(partition_key)) or {}).get("version")
+    if meta.get("partition_version") != current or meta.get("sae_fingerprint") != sae_fingerprint(sae):
+        return None
+    with np.load(io.BytesIO(store.fs.cat_file(f"{path}/codes.npz")), allow_pickle=False) as arrays:
+        return arrays["values"], arrays["indices"]
 
 
 def partial_name(run: str, partition_key: str, shard_index: int) -> str:
@@ -594,7 +764,7 @@ def write_partial(store: ArtifactStore, run: str, partition_key: str, shard_inde
         raise FeatureError(f"this partial was computed on partition {partial.partition!r}, not {partition_key!r}",
                            "pass the partition key the partial came from")
     buffer = io.BytesIO()
-    np.savez(buffer, **{name: getattr(partial, name) for name in Partial.ARRAYS})
+    np.savez(buffer, **{name: getattr(partial, name) for name in Partial.ARRAYS + Partial.WITNESS})
     name = partial_name(run, partition_key, shard_index)
     with store.writing(name, partition=partition_key, partition_version=partial.partition_version,
                        start=partial.start, stop=partial.stop, top_k=partial.top_k) as version:
@@ -609,9 +779,10 @@ def read_partial(store: ArtifactStore, run: str, partition_key: str, shard_index
                          "run pass 1 (compute_partial + write_partial) for that partition and feature shard")
     meta = store.read_json(f"{path}/meta.json")
     with np.load(io.BytesIO(store.fs.cat_file(f"{path}/partial.npz")), allow_pickle=False) as arrays:
-        data = {name: arrays[name] for name in Partial.ARRAYS}
+        data = {name: arrays[name] for name in Partial.ARRAYS + Partial.WITNESS if name in arrays.files}
     fields = {k: meta[k] for k in ("partition", "partition_version", "start", "stop", "top_k", "reservoir_size",
                                    "seed", "batch_rows", "n_tokens", "sae")}
+    fields.update({k: meta.get(k) for k in ("n_entries", "entries_sum")})
     return Partial(**fields, **data)
 
 
@@ -719,10 +890,17 @@ def merge_partials(partials: Iterable[Partial], *, n_intervals: int = 5, per_int
     _positive("n_intervals", n_intervals)
     _positive("per_interval", per_interval)
     state, first, seen = None, None, set()
+    n_entries, entries_sum = 0, 0.0
     for p in partials:
-        if first is None:  # its settings only: the arrays are not kept alive
-            first = dataclasses.replace(p, **{name: None for name in Partial.ARRAYS})
+        if first is None:  # its settings only: the big arrays are not kept alive
+            first = dataclasses.replace(p, **{name: None for name in Partial.ARRAYS + Partial.WITNESS[1:]})
         _check_compatible(first, p)
+        if not np.array_equal(first.witness, p.witness):
+            raise FeatureError(f"partials of partitions {first.partition!r} and {p.partition!r} recorded different "
+                               "witness features for the exactness check",
+                               "recompute every partial of this run with the same check_features and seed")
+        n_entries = None if n_entries is None or p.n_entries is None else n_entries + p.n_entries
+        entries_sum = None if entries_sum is None or p.entries_sum is None else entries_sum + p.entries_sum
         if p.partition in seen:
             raise FeatureError(f"partition {p.partition!r} appears twice among the partials",
                                "pass one partial per partition (its counts would be doubled)")
@@ -733,6 +911,7 @@ def merge_partials(partials: Iterable[Partial], *, n_intervals: int = 5, per_int
     meta = {"start": first.start, "stop": first.stop, "top_k": first.top_k, "reservoir_size": first.reservoir_size,
             "seed": first.seed, "n_intervals": n_intervals, "per_interval": per_interval,
             "n_tokens_total": state.n_tokens, "partitions": state.partitions, "sae": first.sae,
+            "witness": first.witness.tolist(), "n_entries": n_entries, "entries_sum": entries_sum,
             "hist_bin_edges": hist_bin_edges(),
             "hist_bins": "histogram[0]: 0 < a < edges[0]; histogram[i]: edges[i-1] <= a < edges[i]; "
                          "histogram[65]: a >= edges[64]"}
@@ -831,18 +1010,19 @@ def read_tables(store: ArtifactStore, run: str, shard_index: int) -> FeatureTabl
 def build_feature_tables(store: ArtifactStore, sae, run: str, *, n_feature_shards: int = 1,
                          partitions: list[str] | None = None, top_k: int = 20, reservoir_factor: int = 10,
                          seed: int = 0, batch_rows: int = 4096, n_intervals: int = 5, per_interval: int = 4,
-                         device=None) -> list[dict]:
-    """Both passes, in this process: every (partition, feature shard) partial, then every shard's
-    tables. The Dagster layer runs the same functions as separate partitioned steps."""
+                         check_features: int = 64, device=None) -> list[dict]:
+    """Both passes, in this process: every partition's partials (all feature shards from one
+    encode), then every shard's tables. The Dagster layer runs the same functions as separate
+    partitioned steps."""
     keys = list_partitions(store) if partitions is None else sorted(partitions)
     if not keys:
         raise FeatureError("there are no activation partitions to build feature tables from",
                            "materialize the activations asset first")
     shards = feature_shards(sae.n_latents, n_feature_shards)
     for key in keys:
-        for index, (start, stop) in enumerate(shards):
-            partial = compute_partial(store, sae, key, start, stop, top_k=top_k, reservoir_factor=reservoir_factor,
-                                      seed=seed, batch_rows=batch_rows, device=device)
+        partials = compute_partials(store, sae, key, shards, top_k=top_k, reservoir_factor=reservoir_factor,
+                                    seed=seed, batch_rows=batch_rows, check_features=check_features, device=device)
+        for index, partial in enumerate(partials):
             write_partial(store, run, key, index, partial)
     summaries = []
     for index, (start, stop) in enumerate(shards):
@@ -860,14 +1040,41 @@ def build_feature_tables(store: ArtifactStore, sae, run: str, *, n_feature_shard
 # Exactness check
 # ---------------------------------------------------------------------------------------------
 
+def _read_witness(store: ArtifactStore, run: str, key: str, shard_index: int) -> tuple[dict, dict]:
+    """A partial's meta and its witness arrays only (not the selection state)."""
+    path = store.require(partial_name(run, key, shard_index),
+                         f"feature partial of run {run!r}, partition {key!r}, shard {shard_index}",
+                         "run pass 1 (compute_partials + write_partial) for that partition")
+    meta = store.read_json(f"{path}/meta.json")
+    with np.load(io.BytesIO(store.fs.cat_file(f"{path}/partial.npz")), allow_pickle=False) as arrays:
+        if "witness" not in arrays.files:
+            raise FeatureError(f"the partial of partition {key!r}, shard {shard_index} has no exactness witness "
+                               "(it was computed by an older version)",
+                               "rebuild the feature tables (resources.features.config.rebuild: true)")
+        return meta, {name: arrays[name] for name in Partial.WITNESS}
+
+
 @torch.no_grad()
 def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, start: int, stop: int,
-                      sample_features: int = 8, seed: int = 0) -> dict:
-    """Recompute a sample of the shard's features by brute force and compare with the committed
-    tables: every row of every partition densely encoded (``encode_slice`` with pass 1's batch
-    boundaries, so floating-point results are bit-identical), then numpy sorts. Checks top-k
-    (activations and (partition, row), same tie order), count, max, sum, histogram, token totals,
-    the random sample (numpy twin of the sample keys, bottom R) and the interval examples."""
+                      sample_features: int = 8, seed: int = 0, reencode: bool = False) -> dict:
+    """Check the committed tables of one feature shard, exactly, without a second pass by default.
+
+    Every feature: invariants that must agree across the passes: the feature ids, token totals
+    against the partitions' current row counts, histogram sums against counts, the number of top
+    and random examples against min(count, top_k / R), max against the first top example, and
+    the shard's total count and sum against what pass 1 counted apart (``n_entries``,
+    ``entries_sum``).
+
+    Witness features (``witness_features``: ``check_features`` per shard, every feature when it
+    is at least the shard's width): every activating token pass 1 recorded for them, sorted by
+    numpy, must give exactly the tables' top-k (activations and (partition, row), same tie order),
+    count, max, sum, histogram, random sample (numpy twin of the sample keys, bottom R) and
+    interval examples.
+
+    ``reencode=True`` instead recomputes ``sample_features`` features by brute force from the
+    activations: every row of every partition densely encoded (``encode_slice`` with pass 1's batch
+    boundaries, so floating-point results are bit-identical): one more full encode per shard for
+    TopK-style variants, for tests and audits."""
     _check_range(sae, start, stop)
     tables = read_tables(store, run, shard_index)
     meta = tables.meta
@@ -887,50 +1094,97 @@ def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, sta
         bad(None, "stats features", f"[{start}, {stop})", f"{stats.height} rows, {stats['feature'].n_unique()} ids")
         stats = stats.filter(pl.col("feature").is_between(start, stop - 1)).unique("feature", keep="first").sort(
             "feature")
-    counts = np.zeros(stop - start, dtype=np.int64)
-    counts[stats["feature"].to_numpy() - start] = stats["count"].to_numpy()
-    # mostly features that fire (where there is something to get wrong), plus one that never does
-    rng = np.random.default_rng(seed)
-    active, inactive = np.nonzero(counts > 0)[0], np.nonzero(counts == 0)[0]
-    n_pick = min(sample_features, stop - start)
-    n_inactive = min(len(inactive), max(n_pick - len(active), 1 if n_pick > 1 else 0))
-    n_active = min(len(active), n_pick - n_inactive)
-    local = np.sort(np.concatenate([rng.choice(active, n_active, replace=False),
-                                    rng.choice(inactive, n_inactive, replace=False)]).astype(np.int64))
-    features = (local + start).tolist()
-
-    values, parts, rows = [], [], []
+    examples = tables.examples
+    k, r, n_int = meta["top_k"], meta["reservoir_size"], meta["n_intervals"]
     keys = [p["key"] for p in meta["partitions"]]
-    for index, info in enumerate(meta["partitions"]):
+
+    # -- invariants over every feature (no pass over the data) --
+    count_all = stats["count"].to_numpy()
+    feats_all = stats["feature"].to_numpy()
+    hist_sum = np.array([sum(h) for h in stats["histogram"].to_list()], dtype=np.int64)
+    for f in feats_all[hist_sum != count_all].tolist():
+        bad(f, "histogram total", int(count_all[feats_all == f][0]), int(hist_sum[feats_all == f][0]))
+    per_kind = examples.group_by("feature", "kind").len()
+    for kind, cap in (("top", k), ("random", r)):
+        n_have = dict(zip(*per_kind.filter(pl.col("kind") == kind).select("feature", "len").to_numpy().T.tolist())) \
+            if per_kind.height else {}
+        for f, c in zip(feats_all.tolist(), count_all.tolist()):
+            if n_have.get(f, 0) != min(c, cap):
+                bad(f, f"{kind} examples", min(c, cap), n_have.get(f, 0))
+    first_top = examples.filter((pl.col("kind") == "top") & (pl.col("rank") == 0))
+    top_max = dict(zip(first_top["feature"].to_list(), first_top["activation"].to_list()))
+    for f, m, c in zip(feats_all.tolist(), stats["max"].to_list(), count_all.tolist()):
+        if c > 0 and f in top_max and np.float32(top_max[f]) != np.float32(m):
+            bad(f, "max vs top", top_max[f], m)
+    if meta.get("n_entries") is not None and int(count_all.sum()) != meta["n_entries"]:
+        bad(None, "total count", meta["n_entries"], int(count_all.sum()))
+    if meta.get("entries_sum") is not None and not math.isclose(float(stats["sum"].sum()), meta["entries_sum"],
+                                                                 rel_tol=1e-9, abs_tol=1e-9):
+        bad(None, "total sum", meta["entries_sum"], float(stats["sum"].sum()))
+
+    # -- the partitions the tables were built from, as they are now --
+    n_tokens = 0
+    parts = []
+    for info in meta["partitions"]:
         pointer = store.pointer(partition_name(info["key"])) or {}
         if pointer.get("version") != info["version"]:
             bad(None, f"partition {info['key']} version", info["version"], pointer.get("version"))
         part = _open_checked(store, sae, info["key"])
         if part.n_rows != info["n_tokens"]:
             bad(None, f"partition {info['key']} n_rows", info["n_tokens"], part.n_rows)
-        device = _sae_device(sae)
-        for lo in range(0, part.n_rows, info["batch_rows"]):
-            x = torch.from_numpy(np.ascontiguousarray(part.acts[lo:lo + info["batch_rows"]])).to(device)
-            dense = sae.encode_slice(x, start, stop)[:, torch.as_tensor(local, device=device)]
-            values.append(dense.float().cpu().numpy())
-        parts.append(np.full(part.n_rows, index, dtype=np.int64))
-        rows.append(np.arange(part.n_rows, dtype=np.int64))
-    values = np.concatenate(values) if values else np.zeros((0, len(local)), np.float32)
-    parts, rows = np.concatenate(parts), np.concatenate(rows)
-    n_tokens = len(rows)
+        n_tokens += part.n_rows
+        parts.append(part)
     extra_partitions = sorted(set(list_partitions(store)) - set(keys))
 
-    examples = tables.examples
-    k, r, n_int = meta["top_k"], meta["reservoir_size"], meta["n_intervals"]
+    # -- the checked features' activating tokens: (activation, partition index, row) each --
+    entries: dict[int, list] = {}
+    if reencode:
+        counts = np.zeros(stop - start, dtype=np.int64)
+        counts[stats["feature"].to_numpy() - start] = stats["count"].to_numpy()
+        # mostly features that fire (where there is something to get wrong), plus one that never does
+        rng = np.random.default_rng(seed)
+        active, inactive = np.nonzero(counts > 0)[0], np.nonzero(counts == 0)[0]
+        n_pick = min(sample_features, stop - start)
+        n_inactive = min(len(inactive), max(n_pick - len(active), 1 if n_pick > 1 else 0))
+        n_active = min(len(active), n_pick - n_inactive)
+        local = np.sort(np.concatenate([rng.choice(active, n_active, replace=False),
+                                        rng.choice(inactive, n_inactive, replace=False)]).astype(np.int64))
+        device = _sae_device(sae)
+        for index, (info, part) in enumerate(zip(meta["partitions"], parts)):
+            values = []
+            for lo in range(0, part.n_rows, info["batch_rows"]):
+                x = torch.from_numpy(np.ascontiguousarray(part.acts[lo:lo + info["batch_rows"]])).to(device)
+                dense = sae.encode_slice(x, start, stop)[:, torch.as_tensor(local, device=device)]
+                values.append(dense.float().cpu().numpy())
+            values = np.concatenate(values) if values else np.zeros((0, len(local)), np.float32)
+            for col, f in enumerate(local.tolist()):
+                on = np.nonzero(values[:, col] > 0)[0]
+                entries.setdefault(f, []).append((values[on, col], np.full(len(on), index), on.astype(np.int64)))
+    else:
+        local = np.asarray(meta.get("witness") or [], dtype=np.int64)
+        for index, info in enumerate(meta["partitions"]):
+            pmeta, w = _read_witness(store, run, info["key"], shard_index)
+            if pmeta.get("partition_version") != info["version"] or not np.array_equal(w["witness"], local):
+                bad(None, f"partition {info['key']} partial", {"version": info["version"], "witness": local.tolist()},
+                    {"version": pmeta.get("partition_version"), "witness": w["witness"].tolist()})
+                continue
+            order = np.argsort(w["witness_feature"], kind="stable")
+            wf, wr, wa = w["witness_feature"][order], w["witness_row"][order], w["witness_act"][order]
+            cuts = np.searchsorted(wf, local, side="left"), np.searchsorted(wf, local, side="right")
+            for f, lo, hi in zip(local.tolist(), *cuts):
+                entries.setdefault(f, []).append((wa[lo:hi], np.full(hi - lo, index), wr[lo:hi]))
+    features = (local + start).tolist()
+
     salts = np.array([partition_salt(meta["seed"], key) for key in keys], dtype=object)
-    for col, feature in enumerate(features):
+    for f_local, feature in zip(local.tolist(), features):
         found = stats.filter(pl.col("feature") == feature)
         if found.height == 0:
             continue  # already reported as a stats mismatch
         srow = found.row(0, named=True)
-        a = values[:, col]
-        on = a > 0
-        aa, pp, rr = a[on], parts[on], rows[on]
+        pieces = entries.get(f_local, [])
+        aa = np.concatenate([p[0] for p in pieces]).astype(np.float32) if pieces else np.zeros(0, np.float32)
+        pp = np.concatenate([p[1] for p in pieces]).astype(np.int64) if pieces else np.zeros(0, np.int64)
+        rr = np.concatenate([p[2] for p in pieces]).astype(np.int64) if pieces else np.zeros(0, np.int64)
         if srow["n_tokens_total"] != n_tokens:
             bad(feature, "n_tokens_total", n_tokens, srow["n_tokens_total"])
         if srow["count"] != len(aa):
@@ -982,4 +1236,5 @@ def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, sta
         if got != want:
             bad(feature, "interval", want, got)
     return {"ok": not mismatches, "mismatches": mismatches, "features_checked": features,
-            "n_tokens": n_tokens, "partitions": keys, "partitions_not_in_tables": extra_partitions}
+            "mode": "reencode" if reencode else "witness", "n_tokens": n_tokens, "partitions": keys,
+            "partitions_not_in_tables": extra_partitions}

@@ -255,6 +255,19 @@ def load_stored_model(store, source: str = EMBEDDED_MODEL, layer: int | None = N
         return load_hooked_model(model_dir, layer, device, autocast), converted
 
 
+def load_stored_tokenizer(store, source: str = EMBEDDED_MODEL):
+    """The stored base model's tokenizer only (no weights: for steps that decode tokens)."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    model_dir, _ = ensure_base_model(store, source)
+    name = model_artifact_name(source)
+    version = (store.pointer(name) or {}).get("version", "?") if not store.is_local else \
+        model_dir.rstrip("/").rsplit("/", 1)[-1]
+    with store.reading(name, version, f"base model {source!r}"):
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+
+
 def ensure_base_model(store, source: str = EMBEDDED_MODEL) -> tuple[str, bool]:
     """Local directory of the stored base model, converting it first if it was never stored."""
     name = model_artifact_name(source)

@@ -209,6 +209,31 @@ def test_small_blocks_and_slices_give_the_same_windows(store, cached, tiny_hooke
                                    rtol=1e-5, atol=1e-6)  # other batch shapes: other BLAS rounding
 
 
+def test_windows_from_pass_1_codes_equal_windows_from_a_new_encode(store, cached, tiny_hooked, monkeypatch):
+    from sae_platform import features as ft
+
+    sae = _sae("topk", store, cached, k=4)
+    keys = ["alpha", "docs"]
+    examples = _top_examples(store, sae, keys)
+    encoded = _windows(store, sae, keys, examples, tiny_hooked.tokenizer)
+    for key in keys:
+        ft.compute_and_write_partials(store, sae, "codes-run", key, [(0, 64)], top_k=3, reservoir_factor=2)
+        codes = ft.read_codes(store, "codes-run", key, sae)
+        assert codes is not None and codes[0].shape == (open_partition(store, key).n_rows, 4)
+        monkeypatch.setattr(contexts, "_pair_activations", None)  # no encode at all
+        got = context_windows(store, sae, key, requests_for_partition(examples, key), tiny_hooked.tokenizer,
+                              codes=codes)
+        monkeypatch.undo()
+        assert got.drop(ACTS).equals(encoded[key].drop(ACTS))
+        np.testing.assert_allclose(got[ACTS].explode().to_numpy(), encoded[key][ACTS].explode().to_numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    # codes of other weights are not used
+    other = _sae("topk", store, cached, k=4)
+    with torch.no_grad():
+        other.b_enc.add_(0.01)
+    assert ft.read_codes(store, "codes-run", "alpha", other) is None
+
+
 def test_token_strings_are_the_exact_text(store, cached, tiny_hooked):
     tok = tiny_hooked.tokenizer
     sae = _sae("relu", store, cached)

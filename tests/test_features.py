@@ -148,6 +148,31 @@ def test_merged_tables_equal_brute_force_whatever_the_sharding(store, variant):
     assert top(e1).height > 0 and s1.filter(pl.col("feature") == 5)["count"].item() == 0
 
 
+@pytest.mark.parametrize("variant", ["topk", "relu"])
+def test_one_pass_over_every_shard_equals_one_pass_per_shard_and_encodes_each_row_once(store, variant,
+                                                                                        monkeypatch):
+    make_dataset(store, [700])
+    sae = make_sae(variant)
+    shards = F.feature_shards(N_LATENTS, 3)
+    calls = []
+    for name in ("encode", "encode_slice"):
+        original = getattr(sae, name)
+        monkeypatch.setattr(sae, name, lambda x, *a, _f=original, _n=name: calls.append((_n, len(x))) or _f(x, *a))
+    together = F.compute_partials(store, sae, "p0", shards, top_k=5, reservoir_factor=2, batch_rows=128,
+                                  check_features=3)
+    if variant == "topk":  # the selection runs once per row, whatever the number of shards
+        assert [n for n, _ in calls] == ["encode"] * 6 and sum(r for _, r in calls) == 700
+    else:  # one slice per shard and batch: W_enc multiplied once in all
+        assert {n for n, _ in calls} == {"encode_slice"} and sum(r for _, r in calls) == 700 * len(shards)
+    for (start, stop), got in zip(shards, together):
+        alone = F.compute_partial(store, sae, "p0", start, stop, top_k=5, reservoir_factor=2, batch_rows=128,
+                                  check_features=3)
+        for name in F.Partial.ARRAYS + F.Partial.WITNESS:
+            assert np.array_equal(getattr(got, name), getattr(alone, name)), name
+        assert (got.n_entries, got.entries_sum) == (alone.n_entries, alone.entries_sum)
+        assert got.n_entries == int(got.count.sum()) and len(got.witness) == 3
+
+
 @pytest.mark.parametrize("variant", ["jumprelu", "batchtopk", "switch"])
 def test_other_variants_pass_the_exactness_check(store, variant):
     make_dataset(store, [500, 300])
@@ -277,15 +302,21 @@ def test_brute_force_check_passes_on_good_tables_and_catches_tampering(store):
     sae = make_sae("relu")
     F.build_feature_tables(store, sae, "run", top_k=4, reservoir_factor=2)
     good = F.read_tables(store, "run", 0)
-    assert F.brute_force_check(store, sae, "run", 0, 0, N_LATENTS, sample_features=N_LATENTS)["ok"]
+    for reencode in (False, True):  # the witness pass 1 recorded (every feature here), and a dense re-encode
+        check = F.brute_force_check(store, sae, "run", 0, 0, N_LATENTS, sample_features=N_LATENTS, reencode=reencode)
+        assert check["ok"] and check["features_checked"] == list(range(N_LATENTS)), check["mismatches"][:3]
     feature = int(good.stats.filter(pl.col("count") > 50)["feature"][0])
 
     def tampered(what, stats=None, examples=None):
         F.write_tables(store, "run", 0, F.FeatureTables(stats if stats is not None else good.stats,
                                                         examples if examples is not None else good.examples,
                                                         good.meta))
-        result = F.brute_force_check(store, sae, "run", 0, 0, N_LATENTS, sample_features=N_LATENTS)
-        assert not result["ok"] and {(m["feature"], m["what"]) for m in result["mismatches"]} == {(feature, what)}
+        for reencode in (False, True):
+            result = F.brute_force_check(store, sae, "run", 0, 0, N_LATENTS, sample_features=N_LATENTS,
+                                         reencode=reencode)
+            found = {(m["feature"], m["what"]) for m in result["mismatches"]}
+            # the exact comparison names the tampered figure; invariants may add shard-wide totals
+            assert not result["ok"] and (feature, what) in found and {f for f, _ in found} <= {feature, None}, found
 
     is_f = pl.col("feature") == feature
     bump = lambda kind, col, expr: good.examples.with_columns(  # noqa: E731
@@ -297,6 +328,23 @@ def test_brute_force_check_passes_on_good_tables_and_catches_tampering(store):
                                                     .alias("count")))
     tampered("histogram", stats=good.stats.with_columns(
         pl.when(is_f).then(pl.col("histogram").list.reverse()).otherwise(pl.col("histogram")).alias("histogram")))
+    # features outside a small witness sample: the invariants still catch a changed count or histogram
+    F.build_feature_tables(store, sae, "small", top_k=4, reservoir_factor=2, check_features=4)
+    small = F.read_tables(store, "small", 0)
+    assert len(small.meta["witness"]) == 4
+    assert F.brute_force_check(store, sae, "small", 0, 0, N_LATENTS)["ok"]
+    other_f = int(small.stats.filter((pl.col("count") > 10) & ~pl.col("feature").is_in(small.meta["witness"]))
+                  ["feature"][0])
+    is_o = pl.col("feature") == other_f
+    for stats in (small.stats.with_columns(pl.when(is_o).then(pl.col("count") + 1).otherwise(pl.col("count"))),
+                  small.stats.with_columns(pl.when(is_o).then(pl.col("sum") * 1.01).otherwise(pl.col("sum"))),
+                  small.stats.with_columns(pl.when(is_o).then(pl.col("max") * 2).otherwise(pl.col("max")))):
+        F.write_tables(store, "small", 0, F.FeatureTables(stats, small.examples, small.meta))
+        assert not F.brute_force_check(store, sae, "small", 0, 0, N_LATENTS)["ok"]
+    dropped = small.examples.filter(~(is_o & (pl.col("kind") == "random") & (pl.col("rank") == 0)))
+    F.write_tables(store, "small", 0, F.FeatureTables(small.stats, dropped, small.meta))
+    assert ("random examples" in {m["what"] for m in F.brute_force_check(store, sae, "small", 0, 0,
+                                                                         N_LATENTS)["mismatches"]})
     # a different SAE is noticed too
     other = make_sae("relu", seed=9)
     F.write_tables(store, "run", 0, good)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dagster import AssetKey, DagsterEventType, DagsterInstance, MultiPartitionKey, job
+from dagster import AssetKey, DagsterEventType, DagsterInstance, job
 
 from conftest import TINY_SAE, tiny_run_config
 from jobs.definitions import build_definitions
@@ -60,8 +60,7 @@ def _asset_path(defs, instance) -> None:
     run("shuffle_activations", tags=ALL_WORKERS)
     run("train_saes", partition_key=TINY_SAE)
     for batch in BATCHES:
-        for shard in SHARDS:
-            run("feature_pass_1", partition_key=MultiPartitionKey({"batch": batch, "features": shard}))
+        run("feature_pass_1", partition_key=batch)
     for shard in SHARDS:
         run("feature_pass_2", partition_key=shard)
     for batch in BATCHES:
