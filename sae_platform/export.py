@@ -170,15 +170,13 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
 
 def export_run(store, run: str) -> dict | None:
     """Export checkpoint ``run`` to ``saelens/<run>`` (committed atomically); None for Switch SAEs."""
-    from sae_platform.shuffle import open_shuffled
+    from sae_platform.evaluate import activation_attrs
     from sae_platform.trainer import load_sae
 
     sae, cfg = load_sae(store, run)
     if cfg["sae"]["variant"] not in ARCHITECTURES:
         return None
-    first_input = open_shuffled(store, cfg["data"]["shuffle"]).index["inputs"][0]
-    attrs = dict(store.open_group(store.path("activations", first_input["key"], first_input["version"], "data.zarr"),
-                                  mode="r").attrs)
+    attrs = activation_attrs(store, cfg["data"]["shuffle"])
     with store.writing(f"saelens/{run}", checkpoint_step=cfg["step"]) as version:
         result = export_saelens(sae, version, hook_name=attrs.get("hook_name", ""), hook_layer=attrs.get("layer", -1),
                                 model_name=attrs.get("model", ""), fs=None if store.is_local else store.fs,
