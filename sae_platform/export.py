@@ -34,6 +34,8 @@ Variants:
                                      exactly as SAELens saves its own BatchTopK SAEs. If the SAE
                                      was never trained (threshold NaN) our encode falls back to
                                      per-row TopK, so it is exported as ``topk``.
+    matryoshka  ``jumprelu``         as batchtopk: the nested prefixes only shape training
+    _batchtopk
     switch      (none)               PlatformError: a router picks one expert per token and
                                      scales codes by the router probability; SAELens has no such
                                      architecture.
@@ -57,7 +59,8 @@ from sae_platform.storage import write_local_atomic
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
-ARCHITECTURES = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+ARCHITECTURES = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                 "matryoshka_batchtopk": "jumprelu"}
 
 
 def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -91,7 +94,7 @@ def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
         fields = {"activation_fn_str": "relu", "activation_fn_kwargs": {}}
         if variant == "jumprelu":
             weights["threshold"] = f64(sae.log_threshold.exp())  # exactly the theta our encode uses
-        elif variant == "batchtopk":
+        elif variant in ("batchtopk", "matryoshka_batchtopk"):
             threshold = float(sae.threshold)
             if math.isnan(threshold):  # untrained: encode() uses per-row TopK
                 architecture = "topk"

@@ -1,4 +1,5 @@
-"""Sparse autoencoders: TopK, BatchTopK, JumpReLU, ReLU+L1 and Switch, behind one interface.
+"""Sparse autoencoders: TopK, BatchTopK, Matryoshka BatchTopK, JumpReLU, ReLU+L1 and Switch, behind one
+interface.
 
 Every variant reconstructs an activation as a sparse, non-negative combination of unit-norm
 dictionary rows plus a bias,
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from sae_platform.errors import PlatformError
 
 ADAM_EPS = 6.25e-10  # Gao et al.: a small eps matters with tiny gradients on huge dictionaries
-VARIANTS = ("topk", "batchtopk", "switch", "jumprelu", "relu")
+VARIANTS = ("topk", "batchtopk", "matryoshka_batchtopk", "switch", "jumprelu", "relu")
 # Pre-activation elements per chunk when encoding without a training graph: bounds inference
 # memory for big dictionaries (1M latents x 4096 rows would be 16 GB at once).
 ENCODE_CHUNK_ELEMENTS = 1 << 25
@@ -634,12 +635,15 @@ class BatchTopKSAE(TopKSAE):
                 pattern, sel_vals = self._select_threshold(F.linear(xs - self.b_pre, self.W_enc, self.b_enc))
             aux = self._scan(xs, 1, dead_mask)[2] if dead_mask is not None else None
         z = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, sel_vals, pattern).relu()
-        recon_n = self._sparse_decode(pattern, z) + self.b_pre
-        parts = {}
+        recon_n, parts = self._decode_parts(pattern, z, xs)
         if aux is not None:
             parts["auxk"] = self._aux_part(xs, recon_n, aux, dead_mask)
         l0, fired = _sparse_stats(pattern, z)
         return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z))
+
+    def _decode_parts(self, pattern: Pattern, z: Tensor, xs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(normalised reconstruction, extra loss parts) from the selected codes."""
+        return self._sparse_decode(pattern, z) + self.b_pre, {}
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Codes:
@@ -653,6 +657,62 @@ class BatchTopKSAE(TopKSAE):
         self._check_slice(start, stop)
         pre = F.linear(self._centered(x), self.W_enc[start:stop], self.b_enc[start:stop])
         return torch.where(pre > self.threshold, pre, 0).relu()
+
+
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK SAE (Bussmann et al. 2025, "Learning Multi-Level Features with
+    Matryoshka Sparse Autoencoders", arXiv:2503.17547; SAELens ``matryoshka_batchtopk``,
+    dictionary_learning ``MatryoshkaBatchTopKSAE``): the BatchTopK selection over the whole
+    dictionary, and every nested prefix of latents [0, w) for w in ``matryoshka_widths`` must
+    reconstruct the input on its own: loss = MSE(full) + matryoshka_coeff * sum over inner
+    prefixes of MSE(prefix) (SAELens weighs each inner level 1). Early latents learn general
+    features, later ones refine them, which reduces feature absorption.
+
+    Sparse kernels as for TopK: the selected entries are split by prefix group (entries are in
+    CSR order, so a group is a filtered pattern), each group is decoded once with the
+    embedding-bag decoder, and the prefixes are running sums of the group decodes: O(nnz * d)
+    in all, never a dense [batch, n_latents] code. Inference is BatchTopK's global threshold,
+    so it exports to SAELens as ``jumprelu`` exactly like BatchTopK (as SAELens saves its own).
+
+    ``matryoshka_widths``: strictly increasing prefix sizes ending at n_latents (appended if
+    missing); default n_latents / 16, / 4 and n_latents."""
+
+    variant = "matryoshka_batchtopk"
+    DEFAULTS = {**BatchTopKSAE.DEFAULTS, "matryoshka_widths": None, "matryoshka_coeff": 1.0}
+    COEFFS = {**BatchTopKSAE.COEFFS, "matryoshka": "matryoshka_coeff"}
+
+    def __init__(self, d_model, n_latents, device=None, dtype=torch.float32, **hparams):
+        super().__init__(d_model, n_latents, device, dtype, **hparams)
+        self.hparams["matryoshka_widths"] = matryoshka_widths(n_latents, self.hparams["matryoshka_widths"])
+
+    def _decode_parts(self, pattern: Pattern, z: Tensor, xs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        widths = self.hparams["matryoshka_widths"]
+        cols, rows, flat = pattern.cols, pattern.rows, z.reshape(-1)
+        recon_n, inner, lo = self.b_pre.expand_as(xs), [], 0
+        for hi in widths:
+            keep = (cols >= lo) & (cols < hi)
+            group = Pattern.from_rows(rows[keep], cols[keep], pattern.batch, self.n_latents)
+            recon_n = recon_n + self._sparse_decode(group, flat[keep])
+            if hi < self.n_latents:
+                inner.append((recon_n - xs).pow(2).mean())
+            lo = hi
+        return recon_n, ({"matryoshka": sum(inner)} if inner else {})
+
+
+def matryoshka_widths(n_latents: int, widths) -> list[int]:
+    """Checked prefix widths: positive, strictly increasing, the last one n_latents."""
+    if widths is None:
+        widths = sorted({max(1, n_latents // 16), max(1, n_latents // 4)} - {n_latents})
+    if not isinstance(widths, list | tuple) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+        raise PlatformError(f"matryoshka_widths must be a list of integers, got {widths!r}",
+                            "use e.g. [1024, 4096, 16384] for 16384 latents")
+    widths = list(widths)
+    if not widths or widths[-1] != n_latents:
+        widths.append(n_latents)
+    if widths[0] < 1 or any(b <= a for a, b in zip(widths, widths[1:], strict=False)) or widths[-1] > n_latents:
+        raise PlatformError(f"matryoshka_widths {widths} must be positive, strictly increasing and at most "
+                            f"n_latents = {n_latents}", f"use e.g. [{n_latents // 16}, {n_latents // 4}, {n_latents}]")
+    return widths
 
 
 class SwitchSAE(TopKSAE):
@@ -821,7 +881,8 @@ class JumpReLUSAE(_DenseSAE):
         return pre * (pre > theta)
 
 
-_CLASSES = {cls.variant: cls for cls in (TopKSAE, BatchTopKSAE, SwitchSAE, JumpReLUSAE, ReLUSAE)}
+_CLASSES = {cls.variant: cls for cls in (TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE, SwitchSAE, JumpReLUSAE,
+                                          ReLUSAE)}
 
 
 def _positive_int(name: str, value) -> None:
@@ -841,7 +902,9 @@ def _check_hparams(variant: str, n_latents: int, hp: dict) -> None:
                                          or hp["k_aux"] < 0):
         raise PlatformError(f"k_aux must be a non-negative integer, got {hp['k_aux']!r}",
                             "use 0 to switch AuxK off, or e.g. 256")
-    for name in ("aux_coeff", "multi_coeff", "balance_coeff", "l1_coeff", "l0_coeff"):
+    if "matryoshka_widths" in hp:
+        matryoshka_widths(n_latents, hp["matryoshka_widths"])
+    for name in ("aux_coeff", "multi_coeff", "balance_coeff", "l1_coeff", "l0_coeff", "matryoshka_coeff"):
         if hp.get(name) is not None and not hp[name] >= 0:
             raise PlatformError(f"{name} must be >= 0, got {hp[name]!r}", f"set {name} to a non-negative number")
     for name in ("bandwidth", "init_threshold"):

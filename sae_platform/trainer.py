@@ -102,7 +102,7 @@ class TrainSettings:
                                 "set token_budget to at least batch_size tokens")
 
     def sae_kwargs(self) -> dict:
-        top_k = self.variant in ("topk", "batchtopk", "switch")
+        top_k = self.variant in ("topk", "batchtopk", "matryoshka_batchtopk", "switch")
         return {**({"k": self.k} if top_k else {}), **self.hparams}
 
     @property

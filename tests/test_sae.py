@@ -14,7 +14,8 @@ from sae_platform.sae import (ADAM_EPS, VARIANTS, Pattern, _batch_topk, _Selecte
                               geometric_median, input_scale_for, lr_for, normalized_mse, sddmm, spmm, spmm_t)
 
 D, N, K = 16, 64, 4
-SMALL = {"topk": {"k": K}, "batchtopk": {"k": K}, "switch": {"k": K, "n_experts": 4},
+SMALL = {"topk": {"k": K}, "batchtopk": {"k": K}, "matryoshka_batchtopk": {"k": K, "matryoshka_widths": [8, 24]},
+         "switch": {"k": K, "n_experts": 4},
          "jumprelu": {}, "relu": {}}
 
 
@@ -295,6 +296,51 @@ def test_batch_topk_selects_k_per_row_on_average_and_learns_a_threshold():
     assert int((one.values > 0).sum()) == int((pre > sae.threshold).sum())
 
 
+def test_matryoshka_prefix_losses_and_all_gradients_match_a_dense_reference():
+    """Every nested prefix [0, w) reconstructs on its own: the sparse group-by-group decode gives
+    the same reconstruction, prefix losses and parameter gradients as dense autograd over the
+    same batch-wide selection."""
+    x = make_data(48, seed=3, scale=3.0, offset=0.5)
+    sae = calibrated("matryoshka_batchtopk", x)
+    assert sae.hparams["matryoshka_widths"] == [8, 24, N]
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    out = sae(x)
+    total, terms = sae.loss(x, out)
+    total.backward()
+    sparse_grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    z_sel = out.codes.to_dense(N).detach()  # which (row, latent) pairs the batch-wide TopK chose
+
+    sae.zero_grad()
+    xs = x * sae.input_scale
+    pre = F.linear(xs - sae.b_pre, sae.W_enc, sae.b_enc)
+    z = torch.where(z_sel > 0, pre, 0).relu()
+    prefix = [z[:, :w] @ sae.W_dec[:w] + sae.b_pre for w in (8, 24, N)]
+    torch.testing.assert_close(out.recon, prefix[-1] / sae.input_scale, atol=1e-5, rtol=1e-5)
+    inner = sum((r - xs).pow(2).mean() for r in prefix[:-1])
+    torch.testing.assert_close(terms["matryoshka"], inner, atol=1e-6, rtol=1e-5)
+    ((prefix[-1] - xs).pow(2).mean() + inner).backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(sparse_grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_matryoshka_infers_like_batchtopk_and_trains_its_first_prefix_to_reconstruct(one_thread):
+    data = make_data(4096, seed=5, scale=40.0, offset=3.0)
+    first = {}
+    for variant in ("batchtopk", "matryoshka_batchtopk"):
+        sae = sae_for(variant)
+        train(sae, data, steps=200)
+        sae.eval()
+        with torch.no_grad():
+            codes = sae.encode(data[:512])
+            pre = F.linear(sae._centered(data[:512]), sae.W_enc, sae.b_enc)
+            torch.testing.assert_close(sae.encode_dense(data[:512]), torch.where(pre > sae.threshold, pre, 0).relu())
+            keep = codes.indices < 8  # decode with the first prefix of 8 latents only
+            recon = sae.decode(type(codes)(codes.values * keep, codes.indices))
+        first[variant] = float(normalized_mse(recon, data[:512]))
+    assert first["matryoshka_batchtopk"] < 0.7 * first["batchtopk"], first
+
+
 @pytest.mark.parametrize("skewed", [False, True])
 def test_batch_topk_candidate_shortcut_is_exact(skewed):
     g = torch.Generator().manual_seed(0)
@@ -517,6 +563,9 @@ def test_learning_rate_rule():
     (("topk", D, N), {"k": 0}, "positive integer"),
     (("jumprelu", D, N), {"bandwidth": 0.0}, "bandwidth"),
     (("relu", D, N), {"l1_coeff": -1.0}, "l1_coeff"),
+    (("matryoshka_batchtopk", D, N), {"matryoshka_widths": [16, 8]}, "strictly increasing"),
+    (("matryoshka_batchtopk", D, N), {"matryoshka_widths": [8, 2 * N]}, "at most n_latents"),
+    (("matryoshka_batchtopk", D, N), {"matryoshka_widths": "8,16"}, "list of integers"),
 ])
 def test_bad_arguments_raise_a_clear_platform_error(args, kwargs, words):
     with pytest.raises(PlatformError) as info:
