@@ -589,3 +589,67 @@ def test_lr_for_rejects_empty_dictionary():
     with pytest.raises(PlatformError):
         lr_for(0)
     assert math.isfinite(lr_for(1))
+
+
+# --- transcoders ----------------------------------------------------------------------------------
+
+def make_pairs(n_rows, seed=0, n_true=32, active=3, d_out=D + 4):
+    """(x, y) that share one sparse code: x = c @ truth_in, y = c @ truth_out + offset (an MLP-like
+    map a transcoder can learn, and an SAE on x alone cannot produce y)."""
+    g0 = torch.Generator().manual_seed(4321)
+    truth_in = F.normalize(torch.randn(n_true, D, generator=g0), dim=1)
+    truth_out = torch.randn(n_true, d_out, generator=g0) * 3
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.rand(n_rows, n_true, generator=g).argsort(1)[:, :active]
+    coeffs = torch.zeros(n_rows, n_true).scatter_(1, picks, 0.5 + torch.rand(n_rows, active, generator=g))
+    return coeffs @ truth_in * 20, coeffs @ truth_out + 2.0
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "matryoshka_batchtopk", "relu"])
+def test_transcoder_learns_the_paired_map(variant, one_thread):
+    x, y = make_pairs(4096, seed=1)
+    hx, hy = make_pairs(512, seed=2)
+    extra = {"relu": {"l1_coeff": 3e-2}}.get(variant, {})
+    torch.manual_seed(0)
+    sae = build_sae(variant, D, N, d_out=D + 4, **{**SMALL[variant], **extra})
+    assert sae.is_transcoder and sae.W_dec.shape == (N, D + 4) and sae.config["d_out"] == D + 4
+    sae.calibrate_(x[:1024], y[:1024])
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2, eps=ADAM_EPS)
+    g = torch.Generator().manual_seed(0)
+    since_fired = torch.zeros(N)
+    for _ in range(300):
+        rows = torch.randint(0, len(x), (128,), generator=g)
+        out = sae(x[rows], dead_mask=since_fired > 2560, target=y[rows])
+        assert out.recon.shape == (128, D + 4)
+        total, terms = sae.loss(y[rows], out)
+        opt.zero_grad()
+        total.backward()
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.normalize_decoder_()
+        since_fired = torch.where(out.fired, 0, since_fired + 128)
+    sae.eval()
+    with torch.no_grad():
+        recon = sae.decode(sae.encode(hx))
+    assert float(normalized_mse(recon, hy)) < 0.3
+    rebuilt = build_sae(**sae.config)
+    rebuilt.load_state_dict(sae.state_dict())  # output_scale and b_dec are in the checkpoint
+    rebuilt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.decode(rebuilt.encode(hx)), recon)
+
+
+def test_transcoder_auxk_models_the_target_error():
+    x, y = make_pairs(64)
+    torch.manual_seed(0)
+    sae = build_sae("topk", D, N, d_out=D + 4, k=K)
+    sae.calibrate_(x, y)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[N // 2:] = True
+    out = sae(x, dead_mask=dead, target=y)
+    assert float(out.parts["auxk"]) > 0
+    assert "auxk" not in sae(x, dead_mask=dead).parts  # without the target there is no error to model
+    with pytest.raises(PlatformError, match="no target rows"):
+        build_sae("topk", D, N, d_out=D, k=K).calibrate_(x)
+    with pytest.raises(PlatformError, match="switch transcoder"):
+        build_sae("switch", D, N, d_out=D, k=K, n_experts=4)
