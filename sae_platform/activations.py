@@ -336,6 +336,16 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
     return summary
 
 
+def activation_attrs(store, shuffle_name: str) -> dict:
+    """The caching attrs (model, hook_name, layer, d_model, ctx_len, …) of the activations behind
+    shuffled store ``shuffle_name``: where its rows were read."""
+    from sae_platform.shuffle import open_shuffled
+
+    first = open_shuffled(store, shuffle_name).index["inputs"][0]
+    return dict(store.open_group(store.path("activations", first["key"], first["version"], "data.zarr"),
+                                 mode="r").attrs)
+
+
 def _not_sinks(rows: torch.Tensor, factor: float) -> torch.Tensor:
     """Rows that are not attention sinks: norm within ``factor`` x the batch median."""
     norms = rows.norm(dim=-1)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_platform.activations import _not_sinks
+from sae_platform.activations import _not_sinks, activation_attrs
 from sae_platform.errors import PlatformError, SourceError, StorageError
 from sae_platform.hooks import check_hook_point, splice_hooks
 from sae_platform.model import HookedModel
@@ -78,7 +78,10 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
     if device is not None and torch.empty(0, device=device).device != sae_device:
         raise PlatformError(f"the SAE is on {sae_device} but evaluation was asked to run on {device}",
                             f"move the SAE first (sae.to('{device}')), or leave device unset")
-    n_latents, d_model = sae.n_latents, sae.d_model
+    n_latents = sae.n_latents
+    # A transcoder's rows are [input | target] pairs: it is scored on the target (d_out wide).
+    d_in, d_out = sae.d_model, getattr(sae, "d_out", None)
+    width, d_model = (d_in, d_in) if d_out is None else (d_in + d_out, d_out)
     # Running sums stay on the device (float64): one host sync at the end, not per batch.
     zero = lambda: torch.zeros((), dtype=torch.float64, device=sae_device)  # noqa: E731
     counts = torch.zeros(n_latents, dtype=torch.long, device=sae_device)
@@ -87,10 +90,11 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
     n = nmse_batches = 0
     for batch in batches:
         x = torch.as_tensor(batch).to(sae_device)
-        if x.shape[-1] != d_model:
-            raise PlatformError(f"activation batch has width {x.shape[-1]} but the SAE expects d_model {d_model}",
+        if x.shape[-1] != width:
+            raise PlatformError(f"activation batch has width {x.shape[-1]} but the SAE expects d_model {width}"
+                                + ("" if d_out is None else f" (paired rows: input {d_in} + target {d_out})"),
                                 "evaluate on activations of the layer and model this SAE was trained on")
-        x = x.reshape(-1, d_model).float()
+        x = x.reshape(-1, width).float()
         b = x.shape[0]
         if b == 0:
             continue
@@ -101,7 +105,7 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
                                 f"({int(bad.sum())} bad row(s) in its batch); no metric was computed",
                                 "evaluate on finite activations: re-cache the partition the row came from")
         recon, codes = _reconstruct(sae, x)
-        xd = x.double()
+        xd = (x if d_out is None else x[:, d_in:]).double()
         err = (recon.double() - xd).pow(2).sum()
         sse += err
         on = codes.values > 0
@@ -147,7 +151,7 @@ def firing_counts(sae, batches: Iterable[torch.Tensor | np.ndarray]) -> tuple[np
     counts = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
     n = 0
     for batch in batches:
-        x = torch.as_tensor(batch).to(device).reshape(-1, sae.d_model).float()
+        x = torch.as_tensor(batch).to(device).reshape(-1, sae.d_model + (getattr(sae, "d_out", None) or 0)).float()
         codes = sae.encode(x)
         on = codes.values > 0
         counts += torch.bincount(codes.indices[on], minlength=sae.n_latents)
@@ -325,16 +329,6 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
             f"ce_contexts asks for: the downstream CE is measured on {n} contexts; add held-out text for all "
             f"{n_contexts}")
     return contexts.tokens
-
-
-def activation_attrs(store, shuffle_name: str) -> dict:
-    """The caching attrs (model, hook_name, layer, d_model, ctx_len, …) of the activations behind
-    shuffled store ``shuffle_name``: where its rows were read."""
-    from sae_platform.shuffle import open_shuffled
-
-    first = open_shuffled(store, shuffle_name).index["inputs"][0]
-    return dict(store.open_group(store.path("activations", first["key"], first["version"], "data.zarr"),
-                                 mode="r").attrs)
 
 
 def eval_name(run: str) -> str:

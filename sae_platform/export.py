@@ -208,7 +208,7 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
 
 def export_run(store, run: str) -> dict | None:
     """Export checkpoint ``run`` to ``saelens/<run>`` (committed atomically); None for Switch SAEs."""
-    from sae_platform.evaluate import activation_attrs
+    from sae_platform.activations import activation_attrs
     from sae_platform.trainer import load_sae
 
     sae, cfg = load_sae(store, run)

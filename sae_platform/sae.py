@@ -405,6 +405,8 @@ class SparseAutoencoder(nn.Module):
                 self.b_dec.copy_(geometric_median(target.to(self.W_dec.dtype) * self.output_scale).to(self.b_dec.dtype))
 
     def _normalize(self, x: Tensor) -> Tensor:
+        if self.is_transcoder and x.shape[-1] == self.d_model + self.d_out:
+            x = x[..., :self.d_model]  # paired rows [input | target] of a transcoder store: read the input
         if x.shape[-1] != self.d_model:
             raise PlatformError(f"activations have width {x.shape[-1]} but this SAE expects d_model {self.d_model}",
                                 "train or load an SAE for the layer and model these activations came from")

@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from sae_platform.activations import activation_attrs
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.sae import ADAM_EPS, VARIANTS, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate
@@ -203,14 +204,18 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffled: Shuffled):
+def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffled: Shuffled,
+             d_in: int | None = None):
+    """A calibrated SAE; with ``d_in``, rows are a transcoder's [input (d_in) | target] pairs."""
     torch.manual_seed(settings.seed)
-    sae = build_sae(settings.variant, d_model, settings.n_latents, device=device, **settings.sae_kwargs())
+    extra = {} if d_in is None else {"d_out": d_model - d_in}
+    sae = build_sae(settings.variant, d_in or d_model, settings.n_latents, device=device, **extra,
+                    **settings.sae_kwargs())
     rows = min(CALIBRATION_ROWS, shuffled.n_rows - settings.holdout_rows)
     ids, acts = zip(*shuffled.blocks(0, rows))
     sample = torch.from_numpy(np.concatenate(acts)).float().to(device)
     _check_finite(sample, np.concatenate(ids), start=0, step=0, what="activations sampled for calibration")
-    sae.calibrate_(sample)
+    sae.calibrate_(*((sample,) if d_in is None else (sample[:, :d_in], sample[:, d_in:])))
     return sae
 
 
@@ -374,7 +379,8 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
     fingerprint = data_fingerprint(shuffled)
     n_steps = max(1, settings.token_budget // settings.batch_size)
     epochs = n_steps * settings.batch_size / (n_train // settings.batch_size * settings.batch_size)
-    sae = _new_sae(settings, shuffled.d_model, device, shuffled)
+    d_in = activation_attrs(store, shuffle_name).get("d_in")  # paired rows: a transcoder
+    sae = _new_sae(settings, shuffled.d_model, device, shuffled, d_in)
     optimizer = _optimizer(sae, settings, device)
     state = _resume(store, run, settings, fingerprint, sae, optimizer, device)
     if state is None:
@@ -392,8 +398,9 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
     for x, ids, start in prefetch(shuffled, schedule, device):
         _check_finite(x, ids, start, state.step, store, run)
         dead = state.tokens_since_fired >= settings.dead_after_tokens
-        out = sae(x, dead_mask=dead)
-        loss, terms = sae.loss(x, out)
+        target = x if d_in is None else x[:, d_in:]
+        out = sae(x, dead_mask=dead, target=None if d_in is None else target)
+        loss, terms = sae.loss(target, out)
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss became {loss.item()} at step {state.step} ({state.tokens:,} tokens)",
                                 f"lower lr; {_committed_note(store, run)}")
@@ -408,7 +415,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
         state.tokens_since_fired += len(x)
         state.tokens_since_fired[out.fired] = 0
         if state.step % settings.log_every_steps == 0 or state.step == n_steps:
-            row = _metrics_row(state, loss, terms, out, x, dead, started, resumed_from, settings)
+            row = _metrics_row(state, loss, terms, out, target, dead, started, resumed_from, settings)
             state.history.append(row)
             if on_metrics:
                 on_metrics(row)
