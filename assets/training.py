@@ -11,6 +11,7 @@ from dagster import MetadataValue
 from assets.metadata import inline_png
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import Check, Stage, StageRun, pointer_version
+from sae_platform.activations import activation_attrs
 from sae_platform.corpus import read_documents, tokenize
 from sae_platform.errors import PlatformError
 from sae_platform.evaluate import eval_name, evaluate_sae, heldout_ce_tokens
@@ -58,6 +59,9 @@ def train_and_export(run: StageRun) -> dict:
     result = train_sae(store, run.resources.shuffle.settings().name, name, settings, device, log=run.log.info,
                        on_metrics=report)
     metadata = {k: result[k] for k in ("steps", "tokens", "resumed_from_step", "variant", "n_latents")}
+    attrs = activation_attrs(store, run.resources.shuffle.settings().name)  # which hook point it reads
+    metadata["hook_name"] = (f"{attrs['hook_name_in']} -> {attrs.get('hook_name')} (transcoder)"
+                             if attrs.get("hook_name_in") else str(attrs.get("hook_name")))
     metadata.update({k: float(result[k]) for k in ("final_nmse", "final_l0", "dead_fraction", "tokens_per_second",
                                                    "seconds") if result.get(k) is not None})
     metadata["dead_window"] = f"silent for the last {settings.dead_after_tokens:,} training tokens (AuxK's rule)"
@@ -104,6 +108,8 @@ def evaluate(run: StageRun) -> dict:
     numbers = {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     first = [k for k in EVAL_HEADLINE if k in numbers]  # each dead figure beside the window it was measured on
     return {
+        "hook_name": str(report.get("hook_name") or activation_attrs(store, run.resources.shuffle.settings().name)
+                         .get("hook_name")),
         **{k: numbers[k] for k in first}, **{k: v for k, v in numbers.items() if k not in first},
         "latent_density": inline_png(png, "latent density"),
         "latent_density_path": MetadataValue.path(store.url(plot_path)),

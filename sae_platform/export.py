@@ -214,6 +214,11 @@ def export_run(store, run: str) -> dict | None:
     sae, cfg = load_sae(store, run)
     if cfg["sae"]["variant"] not in ARCHITECTURES:
         return None
+    if sae.is_transcoder:
+        try:  # SAELens has no TopK transcoder (nor a BatchTopK one before its threshold is learned)
+            saelens_state_dict(sae)
+        except PlatformError:
+            return None
     attrs = activation_attrs(store, cfg["data"]["shuffle"])
     with store.writing(f"saelens/{run}", checkpoint_step=cfg["step"]) as version:
         transcoder = attrs.get("hook_name_in") is not None  # a paired store: input -> hook_name
