@@ -341,8 +341,10 @@ def activation_attrs(store, shuffle_name: str) -> dict:
     shuffled store ``shuffle_name``: where its rows were read."""
     from sae_platform.shuffle import open_shuffled
 
+    from sae_platform.shuffle import input_group
+
     first = open_shuffled(store, shuffle_name).index["inputs"][0]
-    return dict(store.open_group(store.path("activations", first["key"], first["version"], "data.zarr"),
+    return dict(store.open_group(store.path("activations", first["key"], first["version"], input_group(shuffle_name)),
                                  mode="r").attrs)
 
 

@@ -54,7 +54,8 @@ import os
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from sae_platform.errors import PlatformError
+from sae_platform.errors import ModelError, PlatformError
+from sae_platform.hooks import parse_hook_point
 from sae_platform.storage import write_local_atomic
 
 CFG_FILENAME = "cfg.json"
@@ -222,8 +223,13 @@ def export_run(store, run: str) -> dict | None:
     attrs = activation_attrs(store, cfg["data"]["shuffle"])
     with store.writing(f"saelens/{run}", checkpoint_step=cfg["step"]) as version:
         transcoder = attrs.get("hook_name_in") is not None  # a paired store: input -> hook_name
-        result = export_saelens(sae, version, hook_name=attrs["hook_name_in"] if transcoder else attrs.get("hook_name", ""),
-                                hook_layer=attrs.get("layer", -1), model_name=attrs.get("model", ""),
+        hook_name = attrs["hook_name_in"] if transcoder else attrs.get("hook_name", "")
+        try:
+            hook_layer = parse_hook_point(hook_name).layer  # the hook point's block, not the model's default layer
+        except ModelError:
+            hook_layer = attrs.get("layer", -1)
+        result = export_saelens(sae, version, hook_name=hook_name, hook_layer=hook_layer,
+                                model_name=attrs.get("model", ""),
                                 fs=None if store.is_local else store.fs, context_size=attrs.get("ctx_len"),
                                 hook_name_out=attrs.get("hook_name") if transcoder else None)
     return {**result, "path": store.url(store.resolve(f"saelens/{run}"))}

@@ -365,3 +365,33 @@ def _heldout_tokens(hooked, n=4, ctx_len=16):
     tokens = rng.integers(1, hooked.model.config.vocab_size, size=(n, ctx_len))
     tokens[:, 0] = hooked.start_token_id
     return tokens.astype(np.int32)
+
+
+def test_one_sae_per_hook_point_from_one_caching_pass(store, tiny_hooked, text_dir):
+    """Two hook points cached in one pass; each entry has its own shuffled store
+    (``hook_store_name``); an SAE trained on the second is evaluated by splicing at its own hook
+    point and exported under that name."""
+    import json
+
+    from sae_platform.activations import CacheSettings, cache_text_file
+    from sae_platform.corpus import list_source
+    from sae_platform.evaluate import evaluate_sae
+    from sae_platform.export import export_run
+
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]
+    settings = CacheSettings(ctx_len=16, batch_size=8, dtype="float32", hook_points=hooks)
+    for text_file in list_source(str(text_dir / "*")):
+        cache_text_file(store, text_file, tiny_hooked, "tiny", settings)
+    names = [shuffle.hook_store_name("main", i) for i in range(2)]
+    assert names == ["main", "main.h1"]
+    for name in names:
+        shuffle.run_shuffle(store, name, n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
+    a, b = (next(shuffle.iter_shuffled(store, n, 4096))[1] for n in names)
+    assert a.shape[1] == b.shape[1] == 32 and not np.allclose(a[:10], b[:10])
+    train = TrainSettings(variant="topk", n_latents=64, k=4, batch_size=128, token_budget=128 * 10,
+                          checkpoint_every_tokens=128 * 10, holdout_rows=128, dead_after_tokens=128 * 10)
+    train_sae(store, "main.h1", "mlp0", train, log=lambda m: None)
+    report, _ = evaluate_sae(store, "main.h1", "mlp0", tiny_hooked, _heldout_tokens(tiny_hooked), torch.device("cpu"))
+    assert report["hook_name"] == "blocks.0.hook_mlp_out" and report["loss_recovered"] is not None
+    cfg = json.loads(store.fs.cat_file(export_run(store, "mlp0")["cfg_path"]))
+    assert cfg["hook_name"] == "blocks.0.hook_mlp_out" and cfg["hook_layer"] == 0
