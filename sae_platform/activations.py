@@ -115,6 +115,15 @@ def hook_entries(model: HookedModel, settings: CacheSettings) -> list[HookEntry]
     return entries
 
 
+def cached_hook_points(store: ArtifactStore) -> list[str]:
+    """The hook-point entries (``HookEntry.spec``) the committed activation partitions hold, in
+    store order; [] when nothing is cached. All partitions agree (``check_compatible``)."""
+    for name in store.committed_names(PREFIX):
+        stored = store.pointer(name).get("fingerprint", {})
+        return list(stored.get("hook_points") or [stored.get("hook_name")])
+    return []
+
+
 def store_group(index: int) -> str:
     """Where entry ``index`` of a caching pass lives inside a partition: the first in ``data.zarr``
     (what the shuffle reads), the others in ``hooks/<index>.zarr``."""

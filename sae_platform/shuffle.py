@@ -293,6 +293,32 @@ def hook_store_name(name: str, index: int) -> str:
     return name if index == 0 else f"{name}.h{index}"
 
 
+def hook_shuffle_names(store: ArtifactStore, name: str) -> list[str]:
+    """Shuffled store names of every hook-point entry the cached activations hold (``name`` alone
+    when nothing is cached yet)."""
+    from sae_platform.activations import cached_hook_points
+
+    return [hook_store_name(name, i) for i in range(max(1, len(cached_hook_points(store))))]
+
+
+def shuffle_for_hook_point(store: ArtifactStore, name: str, hook_point: str | None) -> str:
+    """The shuffled store holding ``hook_point`` (an entry of ``caching.config.hook_points``; for a
+    transcoder pair its 'IN -> OUT' spec); ``name`` itself for None. StorageError listing the
+    cached entries when it was not cached."""
+    if hook_point is None:
+        return name
+    from sae_platform.activations import cached_hook_points
+
+    cached = cached_hook_points(store)
+    wanted = " -> ".join(p.strip() for p in hook_point.split("->"))
+    if wanted not in cached:
+        raise StorageError(f"hook point {hook_point!r} was not cached (the activations hold: "
+                           f"{', '.join(cached) or 'nothing yet'})",
+                           "add it to resources.caching.config.hook_points and cache again, or name a cached one "
+                           "in the sweep entry's hook_point")
+    return hook_store_name(name, cached.index(wanted))
+
+
 def input_group(name: str) -> str:
     """The store inside each activation partition that shuffle ``name`` reads (hook_store_name's inverse)."""
     from sae_platform.activations import store_group

@@ -94,6 +94,8 @@ class TrainSettings:
     log_every_steps: int = setting(10, "a metrics row every this many steps", ge=1)
     hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, …)",
                             default_factory=dict)
+    hook_point: str | None = setting(None, "the cached hook point (an entry of resources.caching.config.hook_points, "
+                                           "e.g. blocks.4.hook_mlp_out) this SAE trains on; null: the first")
 
     def __post_init__(self):
         validate(self, "resources.training.config")
@@ -117,6 +119,15 @@ class TrainState:
     tokens: int = 0
     history: list = field(default_factory=list)
     tokens_since_fired: torch.Tensor | None = None
+
+
+def settings_record(settings: TrainSettings) -> dict:
+    """The settings as stored with a checkpoint and compared to decide "already trained":
+    ``hook_point`` only when set, so checkpoints from before it existed still count as finished."""
+    record = asdict(settings)
+    if record.get("hook_point") is None:
+        record.pop("hook_point", None)
+    return record
 
 
 def checkpoint_name(run: str) -> str:
@@ -264,13 +275,13 @@ def save_checkpoint(store: ArtifactStore, run: str, sae, optimizer, state: Train
             f"training {run!r} diverged: after step {state.step} ({state.tokens:,} tokens) {', '.join(bad[:4])}"
             f"{' …' if len(bad) > 4 else ''} hold NaN/inf (lr {settings.learning_rate:g}); this state was not "
             f"committed", f"lower lr; {_committed_note(store, run)}")
-    cfg = {"sae": sae.config, "training": asdict(settings), "data": fingerprint, "step": state.step,
+    cfg = {"sae": sae.config, "training": settings_record(settings), "data": fingerprint, "step": state.step,
            "tokens": state.tokens, "final": final}
     trainer_tensors = {"tokens_since_fired": state.tokens_since_fired.detach().cpu().contiguous(),
                        "rng": torch.get_rng_state()}
     trainer_meta = {"step": state.step, "tokens": state.tokens, "history": state.history}
     with store.writing(checkpoint_name(run), step=state.step, tokens=state.tokens, final=final,
-                       settings=asdict(settings), data=fingerprint) as version:
+                       settings=settings_record(settings), data=fingerprint) as version:
         store.fs.pipe_file(f"{version}/sae_weights.safetensors", save_safetensors(weights))
         store.fs.pipe_file(f"{version}/cfg.json", json.dumps(cfg, indent=2, default=str).encode())
         store.fs.pipe_file(f"{version}/optimizer.safetensors", optimizer_tensors)
@@ -321,7 +332,7 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, run: str, setti
     pointer = store.pointer(checkpoint_name(run))
     if pointer is None or not pointer.get("final"):
         return None
-    if pointer.get("settings") != json.loads(json.dumps(asdict(settings))):
+    if pointer.get("settings") != json.loads(json.dumps(settings_record(settings))):
         return None
     if store.resolve(f"shuffled/{shuffle_name}") is None:
         return None
@@ -341,7 +352,7 @@ def load_sae(store: ArtifactStore, run: str, device: str | torch.device = "cpu")
 
 def _resume(store, run, settings, fingerprint, sae, optimizer, device) -> TrainState | None:
     pointer = store.pointer(checkpoint_name(run))
-    if pointer is None or pointer.get("settings") != json.loads(json.dumps(asdict(settings))) \
+    if pointer is None or pointer.get("settings") != json.loads(json.dumps(settings_record(settings))) \
             or pointer.get("data") != fingerprint:
         return None
     path = store.resolve(checkpoint_name(run))
