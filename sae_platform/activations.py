@@ -104,7 +104,8 @@ def hook_entries(model: HookedModel, settings: CacheSettings) -> list[HookEntry]
         parts = [p.strip() for p in spec.split("->")]
         if len(parts) > 2 or not all(parts):
             raise ModelError(f"hook point entry {spec!r} is neither a hook point nor an 'IN -> OUT' pair",
-                             "write e.g. blocks.4.hook_mlp_out, or blocks.4.ln2.hook_normalized -> blocks.4.hook_mlp_out")
+                             "write e.g. blocks.4.hook_mlp_out, or "
+                             "blocks.4.ln2.hook_normalized -> blocks.4.hook_mlp_out")
         points = [check_hook_point(model.model, p) for p in parts]
         if len(points) == 2 and points[0].order >= points[1].order:
             raise ModelError(f"in the transcoder pair {spec!r} the input is computed after the output",

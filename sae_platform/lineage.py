@@ -39,8 +39,8 @@ def feature_table_lineage(store: ArtifactStore, run: str, shard_index: int, run_
         "shuffle": {"name": data.get("shuffle"), "plan_id": data.get("plan_id"),
                     "current_plan_id": index.get("plan_id"), "n_rows": data.get("n_rows")},
         "activation_partitions": [{"key": i["key"], "version": i["version"], "n_rows": i["n_rows"]} for i in inputs],
-        "base_model": {"model": attrs.get("model"), "hook_name": attrs.get("hook_name"), "d_model": attrs.get("d_model"),
-                       **({"hook_name_in": attrs["hook_name_in"]} if attrs.get("hook_name_in") else {})},
+        "base_model": {"model": attrs.get("model"), "hook_name": attrs.get("hook_name"),
+                       "d_model": attrs.get("d_model"), **({"hook_name_in": attrs["hook_name_in"]} if attrs.get("hook_name_in") else {})},
     }
 
 
