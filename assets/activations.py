@@ -67,7 +67,8 @@ def cache_batch(run: StageRun) -> dict:
     model, converted = run.resources.language_model.load(store)
     if converted:
         run.log.info("base model was not stored yet: converted it now (materialize base_model to track it)")
-    run.log.info(f"caching {text_file.url} at {model.hook_name} on {model.device}")
+    hooks = ", ".join(settings.hook_points) or model.hook_name
+    run.log.info(f"caching {text_file.url} at {hooks} (one forward pass) on {model.device}")
     summary = cache_text_file(store, text_file, model, run.resources.language_model.source, settings,
                               text_source.text_field, text_source.encoding, text_source.storage_options,
                               progress=progress_logger(run.log, "contexts"))
@@ -79,6 +80,7 @@ def cache_batch(run: StageRun) -> dict:
         **{k: summary[k] for k in ("n_contexts", "n_documents", "bytes", "dtype", "d_model", "hook_name",
                                    "tokens_per_second", "norm_mean", "norm_std", "norm_max",
                                    "excluded_start_tokens", "excluded_sink_rows", "dropped_tokens")},
+        "hook_points": MetadataValue.json(summary["stores"]),
     }
 
 

@@ -12,6 +12,7 @@ from assets.stage import Check, Stage, StageRun, pointer_version
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform.activations import open_partition
+from sae_platform.errors import PlatformError
 from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.model import pick_device
@@ -64,7 +65,12 @@ def tables_current(run: StageRun) -> str | None:
 
 
 def _load(run: StageRun):
-    sae, _ = load_sae(run.store, _settings(run).sae_name, pick_device(run.resources.features.device))
+    sae, cfg = load_sae(run.store, _settings(run).sae_name, pick_device(run.resources.features.device))
+    if cfg["data"]["shuffle"] != run.resources.shuffle.settings().name:  # never read another hook point's rows
+        raise PlatformError(f"SAE {_settings(run).sae_name!r} was trained on shuffled/{cfg['data']['shuffle']} (a "
+                            "hook point after the first of caching.config.hook_points); feature tables are built "
+                            "from the first hook point's activations only",
+                            "set resources.features.config.sae_name to an SAE of the first hook point")
     return sae
 
 

@@ -7,6 +7,10 @@ runs the whole shuffle in one process. How many jobs a pass has comes from the p
 jobs; pass p: K^(p-1) jobs; final: one per bucket), so the same assets serve any data size up to
 K²·M; a pass the plan does not need does nothing. Every stage is up to date (skipped) once the
 committed store holds the current plan; all of them are versioned by the plan id.
+
+With several hook points cached per pass (``caching.config.hook_points``) every stage works on
+one shuffled store per hook-point entry (``shuffle.hook_store_name``: ``main``, ``main.h1``, …),
+each planned and checked on its own; versions join their plan ids.
 """
 
 from dagster import AssetCheckSeverity, MetadataValue
@@ -14,6 +18,7 @@ from dagster import AssetCheckSeverity, MetadataValue
 from assets.partitions import N_SHUFFLE_WORKERS, SHUFFLE_WORKERS
 from assets.stage import Check, Stage, StageRun
 from sae_platform import shuffle as sh
+from sae_platform.activations import activation_attrs, cached_hook_points
 from sae_platform.errors import StorageError
 from sae_platform.inbox import failed_attempts
 
@@ -25,46 +30,62 @@ def _settings(run: StageRun) -> sh.ShuffleSettings:
     return run.resources.shuffle.settings()
 
 
-def _describe(run: StageRun) -> dict:
+def _names(run: StageRun) -> list[str]:
+    """One shuffled store per cached hook-point entry."""
+    return sh.hook_shuffle_names(run.store, _settings(run).name)
+
+
+def _describe(run: StageRun, name: str) -> dict:
     settings = _settings(run)
-    return sh.describe_plan(run.store, settings.name, n_buckets=settings.n_buckets,
+    return sh.describe_plan(run.store, name, n_buckets=settings.n_buckets,
                             memory_budget_bytes=settings.memory_budget_bytes, n_jobs=N_SHUFFLE_WORKERS,
                             seed=settings.seed)
 
 
 def plan_committed(run: StageRun) -> str | None:
-    """Up to date when the committed store already holds the plan the current inputs give."""
-    plan_id = _describe(run)["plan_id"]
-    name = _settings(run).name
-    if sh.committed_plan_id(run.store, name) == plan_id and sh.planned_id(run.store, name) == plan_id:
-        return f"shuffled/{name} already holds plan {plan_id} (the cached batches and settings are unchanged)"
-    return None
+    """Up to date when every committed store already holds the plan the current inputs give."""
+    held = []
+    for name in _names(run):
+        plan_id = _describe(run, name)["plan_id"]
+        if sh.committed_plan_id(run.store, name) != plan_id or sh.planned_id(run.store, name) != plan_id:
+            return None
+        held.append(f"shuffled/{name} already holds plan {plan_id}")
+    return "; ".join(held) + " (the cached batches and settings are unchanged)"
 
 
 def store_holds_plan(run: StageRun) -> str | None:
-    """A pass (or the commit) is up to date when the committed store holds the current plan."""
-    name = _settings(run).name
-    plan_id = sh.planned_id(run.store, name)
-    if plan_id is not None and sh.committed_plan_id(run.store, name) == plan_id:
-        return f"shuffled/{name} already holds plan {plan_id}"
-    return None
+    """A pass (or the commit) is up to date when every committed store holds its current plan."""
+    held = []
+    for name in _names(run):
+        plan_id = sh.planned_id(run.store, name)
+        if plan_id is None or sh.committed_plan_id(run.store, name) != plan_id:
+            return None
+        held.append(f"shuffled/{name} already holds plan {plan_id}")
+    return "; ".join(held)
+
+
+def _joined(ids: list[str | None]) -> str | None:
+    return None if any(i is None for i in ids) else "+".join(ids)
 
 
 def planned(run: StageRun) -> str | None:
-    return sh.planned_id(run.store, _settings(run).name)
+    return _joined([sh.planned_id(run.store, name) for name in _names(run)])
 
 
 def committed(run: StageRun) -> str | None:
-    return sh.committed_plan_id(run.store, _settings(run).name)
+    return _joined([sh.committed_plan_id(run.store, name) for name in _names(run)])
 
 
 def plan_shuffle(run: StageRun) -> dict:
-    """Pin every committed activation partition and plan the passes from size, K and the budget."""
+    """Pin every committed activation partition and plan the passes from size, K and the budget
+    (for each hook-point entry's store)."""
     settings = _settings(run)
-    shuffle_run = sh.start_shuffle(run.store, settings.name, n_buckets=settings.n_buckets,
-                                   memory_budget_bytes=settings.memory_budget_bytes, n_jobs=N_SHUFFLE_WORKERS,
-                                   seed=settings.seed)
-    plan = shuffle_run.plan
+    names = _names(run)
+    runs = [sh.start_shuffle(run.store, name, n_buckets=settings.n_buckets,
+                             memory_budget_bytes=settings.memory_budget_bytes, n_jobs=N_SHUFFLE_WORKERS,
+                             seed=settings.seed) for name in names]
+    shuffle_run = runs[0]
+    plan = max((r.plan for r in runs), key=lambda p: p.n_passes)
     if plan.n_passes - 1 > MAX_SCATTER_PASSES:
         raise StorageError(f"the data needs {plan.n_passes} passes; the pipeline defines {MAX_SCATTER_PASSES} "
                            "scatter passes plus the final one",
@@ -84,6 +105,9 @@ def plan_shuffle(run: StageRun) -> dict:
         "final_buckets": plan.n_final_buckets,
         "inputs": MetadataValue.json([{"key": i["key"], "version": i["version"]} for i in shuffle_run.inputs]),
         "failed_batches": MetadataValue.json(failed),
+        "stores": MetadataValue.json([{"store": f"shuffled/{n}", "hook_name": h, "plan_id": r.plan_id}
+                                      for n, h, r in zip(names, cached_hook_points(run.store) or ["(default)"], runs,
+                                                         strict=False)]),
     }
 
 
@@ -99,19 +123,26 @@ def _workers(run: StageRun) -> set[int]:
 def scatter(pass_index: int):
     def scatter_pass(run: StageRun) -> dict:
         """Scatter pass ``pass_index`` for the run's workers; nothing when the plan does not need it."""
-        name = _settings(run).name
-        shuffle_run = sh.load_run(run.store, name)
-        if pass_index >= shuffle_run.plan.n_passes:
-            run.log.info(f"the plan has {shuffle_run.plan.n_passes} pass(es): scatter pass {pass_index} is not needed")
-            return {"plan_id": shuffle_run.plan_id, "needed": False, "rows": 0}
         totals = {"rows": 0, "bytes_read": 0, "bytes_written": 0, "seconds": 0.0}
-        jobs = _worker_jobs(_workers(run), shuffle_run.plan.jobs_in_pass(pass_index))
-        for job in jobs:
-            result = sh.scatter_job(run.store, name, pass_index, job)
-            run.log.info(f"pass {pass_index} job {job}: {result['rows']:,} rows in {result['seconds']:.1f} s")
-            for key in totals:
-                totals[key] += result[key]
-        return {"plan_id": shuffle_run.plan_id, "needed": True, "jobs": str(jobs), **totals,
+        ids, needed = [], False
+        for name in _names(run):
+            shuffle_run = sh.load_run(run.store, name)
+            ids.append(shuffle_run.plan_id)
+            if pass_index >= shuffle_run.plan.n_passes:
+                run.log.info(f"shuffled/{name}: the plan has {shuffle_run.plan.n_passes} pass(es): scatter pass "
+                             f"{pass_index} is not needed")
+                continue
+            needed = True
+            jobs = _worker_jobs(_workers(run), shuffle_run.plan.jobs_in_pass(pass_index))
+            for job in jobs:
+                result = sh.scatter_job(run.store, name, pass_index, job)
+                run.log.info(f"{name} pass {pass_index} job {job}: {result['rows']:,} rows in "
+                             f"{result['seconds']:.1f} s")
+                for key in totals:
+                    totals[key] += result[key]
+        if not needed:
+            return {"plan_id": "+".join(ids), "needed": False, "rows": 0}
+        return {"plan_id": "+".join(ids), "needed": True, **totals,
                 "GB_per_s": totals["bytes_written"] / max(totals["seconds"], 1e-9) / 1e9}
 
     return scatter_pass
@@ -119,46 +150,66 @@ def scatter(pass_index: int):
 
 def finalize(run: StageRun) -> dict:
     """The final pass: each final bucket fits in memory and gets an in-memory Fisher–Yates shuffle."""
-    name = _settings(run).name
-    shuffle_run = sh.load_run(run.store, name)
-    buckets = _worker_jobs(_workers(run), shuffle_run.plan.n_final_buckets)
-    rows = seconds = 0
-    for bucket in buckets:
-        result = sh.finalize_bucket(run.store, name, bucket)
-        rows, seconds = rows + result["rows"], seconds + result["seconds"]
-    run.log.info(f"{len(buckets)} bucket(s), {rows:,} rows in {seconds:.1f} s")
-    return {"plan_id": shuffle_run.plan_id, "buckets": len(buckets), "rows": rows, "seconds": seconds}
+    rows = seconds = n_buckets = 0
+    ids = []
+    for name in _names(run):
+        shuffle_run = sh.load_run(run.store, name)
+        ids.append(shuffle_run.plan_id)
+        buckets = _worker_jobs(_workers(run), shuffle_run.plan.n_final_buckets)
+        for bucket in buckets:
+            result = sh.finalize_bucket(run.store, name, bucket)
+            rows, seconds = rows + result["rows"], seconds + result["seconds"]
+        n_buckets += len(buckets)
+    run.log.info(f"{n_buckets} bucket(s), {rows:,} rows in {seconds:.1f} s")
+    return {"plan_id": "+".join(ids), "buckets": n_buckets, "rows": rows, "seconds": seconds}
 
 
 def commit(run: StageRun) -> dict:
-    name = _settings(run).name
-    summary = sh.commit_shuffled(run.store, name)
-    sh.delete_scratch(run.store, name)
-    shuffled = sh.open_shuffled(run.store, name)
+    names, stores, summaries = _names(run), [], []
+    for name in names:
+        summary = sh.commit_shuffled(run.store, name)
+        summaries.append(summary)
+        sh.delete_scratch(run.store, name)
+        shuffled = sh.open_shuffled(run.store, name)
+        stores.append({"store": f"shuffled/{name}", "hook_name": activation_attrs(run.store, name).get("hook_name"),
+                       "rows": shuffled.n_rows, "d_model": shuffled.d_model, "plan_id": summary["plan_id"]})
+    first = sh.open_shuffled(run.store, names[0])
     return {
-        "dagster/row_count": shuffled.n_rows, "d_model": shuffled.d_model, "dtype": shuffled.dtype,
-        "n_passes": summary["n_passes"], "plan_id": summary["plan_id"], "pieces": summary["pieces"],
-        "path": MetadataValue.path(run.store.url(run.store.resolve(f"{sh.SHUFFLED}/{name}"))),
+        "dagster/row_count": first.n_rows, "d_model": first.d_model, "dtype": first.dtype,
+        "n_passes": summaries[0]["n_passes"], "plan_id": summaries[0]["plan_id"], "pieces": summaries[0]["pieces"],
+        "hook_name": str(stores[0]["hook_name"]),
+        "path": MetadataValue.path(run.store.url(run.store.resolve(f"{sh.SHUFFLED}/{names[0]}"))),
+        "stores": MetadataValue.json(stores),
     }
 
 
 def check_permutation(run: StageRun) -> dict:
-    result = sh.permutation_check(run.store, _settings(run).name)
-    return {"passed": bool(result["ok"]), "metadata": {k: v for k, v in result.items() if k != "ok"}}
+    results = {name: sh.permutation_check(run.store, name) for name in _names(run)}
+    passed = all(r["ok"] for r in results.values())
+    if len(results) == 1:
+        (result,) = results.values()
+        return {"passed": bool(passed), "metadata": {k: v for k, v in result.items() if k != "ok"}}
+    return {"passed": bool(passed), "metadata": {name: MetadataValue.json({k: v for k, v in r.items() if k != "ok"})
+                                                 for name, r in results.items()}}
 
 
 def uncommit(run: StageRun) -> str:
-    """A store that is not a permutation of its inputs must never be trained on."""
-    name = _settings(run).name
-    run.store.delete(f"{sh.SHUFFLED}/{name}")
-    return f"shuffled/{name} was uncommitted: nothing trains on it, and the next run shuffles again"
+    """A store that is not a permutation of its inputs must never be trained on (all hook points go)."""
+    names = _names(run)
+    for name in names:
+        run.store.delete(f"{sh.SHUFFLED}/{name}")
+    return (f"{', '.join(f'shuffled/{n}' for n in names)} {'was' if len(names) == 1 else 'were'} uncommitted: "
+            "nothing trains on it, and the next run shuffles again")
 
 
 def check_uniformity(run: StageRun) -> dict:
-    stats = sh.uniformity_stats(run.store, _settings(run).name)
-    problems = uniformity_problems(stats)
+    problems, metadata = [], None
+    for name in _names(run):  # the first store's statistics; every store's problems
+        stats = sh.uniformity_stats(run.store, name)
+        metadata = metadata or stats
+        problems += [p if name == _settings(run).name else f"{name}: {p}" for p in uniformity_problems(stats)]
     return {"passed": not problems, "severity": AssetCheckSeverity.WARN,
-            "metadata": {**stats, "problems": "; ".join(problems) or "none"}}
+            "metadata": {**metadata, "problems": "; ".join(problems) or "none"}}
 
 
 def uniformity_problems(stats: dict, alpha: float = 1e-4) -> list[str]:

@@ -11,6 +11,7 @@ from dagster import MetadataValue
 from assets.metadata import inline_png
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import Check, Stage, StageRun, pointer_version
+from sae_platform.activations import activation_attrs
 from sae_platform.corpus import read_documents, tokenize
 from sae_platform.distributed import launch_training
 from sae_platform.errors import PlatformError
@@ -18,12 +19,8 @@ from sae_platform.evaluate import eval_name, evaluate_sae, heldout_ce_tokens
 from sae_platform.export import export_run
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
-from sae_platform.trainer import (
-    TrainSettings,
-    checkpoint_name,
-    finished_checkpoint,
-    train_sae,
-)
+from sae_platform.shuffle import shuffle_for_hook_point
+from sae_platform.trainer import TrainSettings, checkpoint_name, finished_checkpoint, train_sae
 
 
 def settings_for(name: str, training) -> TrainSettings:
@@ -37,9 +34,15 @@ def _settings(run: StageRun) -> TrainSettings:
     return settings_for(run.partition_key, run.resources.training)
 
 
+def shuffle_name(run: StageRun) -> str:
+    """The shuffled store of the sweep entry's hook point (its ``hook_point``; none: the first)."""
+    return shuffle_for_hook_point(run.store, run.resources.shuffle.settings().name,
+                                  SAE_SWEEP_SPECS.get(run.partition_key, {}).get("hook_point"))
+
+
 def training_finished(run: StageRun) -> str | None:
     settings = _settings(run)  # validated first
-    pointer = finished_checkpoint(run.store, run.resources.shuffle.settings().name, run.partition_key, settings)
+    pointer = finished_checkpoint(run.store, shuffle_name(run), run.partition_key, settings)
     if pointer is None:
         return None
     return (f"a finished checkpoint ({pointer['step']:,} steps, {pointer['tokens']:,} tokens) with these settings "
@@ -61,14 +64,17 @@ def train_and_export(run: StageRun) -> dict:
 
     store = run.store
     if settings.world_size > 1:  # torchrun: one rank per device (sae_platform.distributed)
-        result = launch_training(store, run.resources.shuffle.settings().name, name, settings,
+        result = launch_training(store, shuffle_name(run), name, settings,
                                  run.resources.training.device, log=run.log.info)
         device = f"{settings.world_size} data-parallel ranks ({run.resources.training.device})"
     else:
         device = pick_device(run.resources.training.device, warn=run.log.warning)
-        result = train_sae(store, run.resources.shuffle.settings().name, name, settings, device, log=run.log.info,
+        result = train_sae(store, shuffle_name(run), name, settings, device, log=run.log.info,
                            on_metrics=report)
     metadata = {k: result[k] for k in ("steps", "tokens", "resumed_from_step", "variant", "n_latents")}
+    attrs = activation_attrs(store, shuffle_name(run))  # which hook point it reads
+    metadata["hook_name"] = (f"{attrs['hook_name_in']} -> {attrs.get('hook_name')} (transcoder)"
+                             if attrs.get("hook_name_in") else str(attrs.get("hook_name")))
     metadata.update({k: float(result[k]) for k in ("final_nmse", "final_l0", "dead_fraction", "tokens_per_second",
                                                    "seconds") if result.get(k) is not None})
     metadata["dead_window"] = f"silent for the last {settings.dead_after_tokens:,} training tokens (AuxK's rule)"
@@ -105,7 +111,7 @@ def evaluate(run: StageRun) -> dict:
         tokens = heldout_contexts(run.resources.holdout_text, hooked, settings.ctx_len, settings.ce_contexts, run.log)
     run.log.info(f"evaluating {name}: reconstruction on the held-out rows, latent density over every cached row"
                  + (f", downstream CE on {len(tokens)} held-out contexts" if tokens is not None else ""))
-    report, density = evaluate_sae(store, run.resources.shuffle.settings().name, name, hooked, tokens, device)
+    report, density = evaluate_sae(store, shuffle_name(run), name, hooked, tokens, device)
     png = density_histogram_png(density, report["dead_window_tokens"])
     plot_path = store.path("reports", name, "latent_density.png")
     store.write_bytes_atomic(plot_path, png)
@@ -115,6 +121,8 @@ def evaluate(run: StageRun) -> dict:
     numbers = {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     first = [k for k in EVAL_HEADLINE if k in numbers]  # each dead figure beside the window it was measured on
     return {
+        "hook_name": str(report.get("hook_name") or activation_attrs(store, shuffle_name(run))
+                         .get("hook_name")),
         **{k: numbers[k] for k in first}, **{k: v for k, v in numbers.items() if k not in first},
         "latent_density": inline_png(png, "latent density"),
         "latent_density_path": MetadataValue.path(store.url(plot_path)),

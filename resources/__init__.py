@@ -107,7 +107,7 @@ class StageSettingsResource(ConfigurableResource):
 STAGE_SETTINGS = {
     "caching": (CacheSettings, (), False),
     "shuffle": (ShuffleSettings, (), False),
-    "training": (TrainSettings, ("variant", "n_latents", "k", "hparams"), True),  # the sweep entry's own
+    "training": (TrainSettings, ("variant", "n_latents", "k", "hparams", "hook_point"), True),  # the sweep entry's own
     "evaluation": (EvalSettings, (), True),
     "features": (FeatureSettings, (), True),
 }

@@ -44,7 +44,7 @@ from sae_platform.corpus import (
 from sae_platform.errors import ModelError, SourceError
 from sae_platform.inbox import PREFIX, list_partitions, partition_name  # noqa: F401 (re-exported)
 from sae_platform.model import HookedModel
-from sae_platform.settings import setting, validate
+from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.storage import ArtifactStore
 
 STORED_DTYPES = ("float16", "float32")  # zarr has no bfloat16
@@ -63,9 +63,72 @@ class CacheSettings:
     sink_norm_factor: float = setting(10.0, "drop rows whose norm exceeds this factor x the batch median "
                                             "(attention sinks); 0 keeps every non-start token", ge=0)
     recache: bool = setting(False, "cache batches again even when stored and their file is unchanged")
+    hook_points: list = setting(None, "hook points read in one forward pass, TransformerLens names (e.g. "
+                                      "blocks.4.hook_mlp_out), or 'IN -> OUT' pairs for a transcoder (e.g. "
+                                      "'blocks.4.ln2.hook_normalized -> blocks.4.hook_mlp_out'); one store per entry, "
+                                      "the first is what the pipeline trains on; empty: the language model's "
+                                      "blocks.<layer>.hook_resid_post", default_factory=list)
 
     def __post_init__(self):
         validate(self, "resources.caching.config")
+        if not isinstance(self.hook_points, list | tuple) or not all(isinstance(h, str) for h in self.hook_points):
+            raise SettingsError(f"resources.caching.config.hook_points must be a list of hook point names, got "
+                                f"{self.hook_points!r}", "e.g. [blocks.4.hook_mlp_out, blocks.4.hook_resid_post]")
+
+
+@dataclass(frozen=True)
+class HookEntry:
+    """One activation store of a caching pass: the hook point read (``hook_name``) and, for a
+    transcoder's paired rows, the input read beside it (``hook_name_in``; rows are [input | output])."""
+
+    hook_name: str
+    hook_name_in: str | None = None
+
+    @property
+    def spec(self) -> str:
+        return self.hook_name if self.hook_name_in is None else f"{self.hook_name_in} -> {self.hook_name}"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.hook_name,) if self.hook_name_in is None else (self.hook_name_in, self.hook_name)
+
+
+def hook_entries(model: HookedModel, settings: CacheSettings) -> list[HookEntry]:
+    """The stores one caching pass writes, checked against the model (ModelError naming the valid
+    hook points when one is wrong; a transcoder's input must come before its output)."""
+    from sae_platform.hooks import check_hook_point
+
+    specs = list(settings.hook_points) or [model.hook_name]
+    entries = []
+    for spec in specs:
+        parts = [p.strip() for p in spec.split("->")]
+        if len(parts) > 2 or not all(parts):
+            raise ModelError(f"hook point entry {spec!r} is neither a hook point nor an 'IN -> OUT' pair",
+                             "write e.g. blocks.4.hook_mlp_out, or "
+                             "blocks.4.ln2.hook_normalized -> blocks.4.hook_mlp_out")
+        points = [check_hook_point(model.model, p) for p in parts]
+        if len(points) == 2 and points[0].order >= points[1].order:
+            raise ModelError(f"in the transcoder pair {spec!r} the input is computed after the output",
+                             "name the input first: 'blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out'")
+        entries.append(HookEntry(parts[-1], parts[0] if len(parts) == 2 else None))
+    if len({e.spec for e in entries}) != len(entries):
+        raise ModelError(f"hook_points lists an entry twice: {specs}", "list each hook point once")
+    return entries
+
+
+def cached_hook_points(store: ArtifactStore) -> list[str]:
+    """The hook-point entries (``HookEntry.spec``) the committed activation partitions hold, in
+    store order; [] when nothing is cached. All partitions agree (``check_compatible``)."""
+    for name in store.committed_names(PREFIX):
+        stored = store.pointer(name).get("fingerprint", {})
+        return list(stored.get("hook_points") or [stored.get("hook_name")])
+    return []
+
+
+def store_group(index: int) -> str:
+    """Where entry ``index`` of a caching pass lives inside a partition: the first in ``data.zarr``
+    (what the shuffle reads), the others in ``hooks/<index>.zarr``."""
+    return "data.zarr" if index == 0 else f"hooks/{index}.zarr"
 
 
 def training_rows(contexts: Contexts, start_token_id: int) -> np.ndarray:
@@ -75,8 +138,12 @@ def training_rows(contexts: Contexts, start_token_id: int) -> np.ndarray:
     return mask
 
 
-def fingerprint(model: HookedModel, model_source: str) -> dict:
-    return {"model": model_source, "layer": model.layer, "hook_name": model.hook_name, "d_model": model.d_model}
+def fingerprint(model: HookedModel, model_source: str, entries: list[HookEntry] | None = None) -> dict:
+    entries = entries or [HookEntry(model.hook_name)]
+    first = entries[0]
+    return {"model": model_source, "layer": model.layer, "hook_name": first.hook_name, "d_model": model.d_model,
+            **({"hook_name_in": first.hook_name_in} if first.hook_name_in else {}),
+            "hook_points": [e.spec for e in entries]}
 
 
 def check_compatible(store: ArtifactStore, expected: dict, writing_key: str) -> None:
@@ -85,14 +152,14 @@ def check_compatible(store: ArtifactStore, expected: dict, writing_key: str) -> 
         if name == partition_name(writing_key):
             continue
         stored = store.pointer(name).get("fingerprint", {})
-        for field in ("d_model", "model", "layer"):
+        for field in ("d_model", "model", "layer", "hook_name", "hook_name_in", "hook_points"):
             if field in stored and stored[field] != expected[field]:
                 raise ModelError(
                     f"activation partition {name!r} was cached with {field}={stored[field]!r} "
                     f"({stored.get('model')}, layer {stored.get('layer')}, d_model {stored.get('d_model')}), "
                     f"but the configured model gives {field}={expected[field]!r}",
                     "cache into a different artifact root (storage.root_url), or delete the existing "
-                    "activation partitions before switching model or layer",
+                    "activation partitions before switching model, layer or hook points",
                 )
         return  # one stored partition suffices: they were all checked against each other on write
 
@@ -146,64 +213,108 @@ class _ChunkWriter:
             raise self.error
 
 
+class _HookStore:
+    """One entry's activation store while a partition is being cached."""
+
+    def __init__(self, group, entry: HookEntry, mask: np.ndarray, width: int, settings: CacheSettings):
+        self.entry, self.mask, self.group = entry, mask.copy(), group
+        max_rows = int(mask.sum())
+        np_dtype = np.dtype(settings.dtype)
+        chunk_rows = max(256, CHUNK_BYTES // (width * np_dtype.itemsize))
+        # Even chunks: uncompressed zarr stores a partial last chunk at full size (up to 4 MB wasted).
+        chunk_rows = -(-max_rows // -(-max_rows // chunk_rows)) if max_rows else chunk_rows
+        self.acts = group.create_array("acts", shape=(max_rows, width), dtype=np_dtype,
+                                       chunks=(min(chunk_rows, max(max_rows, 1)), width), compressors=None)
+        self.writer = _ChunkWriter(self.acts, self.acts.chunks[0], np_dtype)
+        self.stats, self.kept, self.max_rows, self.width = _RunningNorms(), [], max_rows, width
+
+    def add(self, values: dict[str, torch.Tensor], batch_mask: torch.Tensor, settings: CacheSettings, key: str):
+        read = values[self.entry.names[0]]
+        rows = read[batch_mask.to(read.device)]
+        keep = _not_sinks(rows, settings.sink_norm_factor)  # a pair keeps or drops its rows together
+        self.kept.append(keep.cpu().numpy())
+        rows = rows[keep]
+        if self.entry.hook_name_in is not None:
+            out = values[self.entry.hook_name]
+            rows = torch.cat([rows, out[batch_mask.to(out.device)][keep]], dim=1)
+        self.stats.update(rows, key)
+        if settings.dtype == "float16" and self.stats.max_abs > FLOAT16_MAX:
+            raise ModelError(f"activations at {self.entry.spec} in partition {key!r} reach "
+                             f"{self.stats.max_abs:.0f}, beyond float16's range", "store activations as float32 "
+                             "(dtype: float32)")
+        self.writer.append(rows.to(_torch_dtype(settings.dtype)).cpu().numpy())
+
+    def finish(self, contexts: Contexts) -> int:
+        kept = np.concatenate(self.kept) if self.kept else np.zeros(0, dtype=bool)
+        n_rows = int(kept.sum())
+        self.acts.resize((n_rows, self.width))
+        self.mask[self.mask] = kept  # from here on: exactly the stored rows
+        _write_index(self.group, contexts, self.mask)
+        return n_rows
+
+
 def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_source: str,
                     docs: list[Document], contexts: Contexts, settings: CacheSettings,
                     progress: Callable[[int, int], None] | None = None, source_stamp: str | None = None) -> dict:
     """Run the model over ``contexts`` and commit partition ``key``; returns its statistics.
-    ``source_stamp`` (of the text file, taken before reading it) goes on the commit pointer."""
-    expected = fingerprint(model, model_source)
+    ``source_stamp`` (of the text file, taken before reading it) goes on the commit pointer.
+
+    Every entry of ``settings.hook_points`` (``hook_entries``) is read from the same forward
+    pass, which stops after the deepest of them, and gets its own store (``store_group``) with
+    its own rows (the sink rule applies per store; a transcoder pair keeps or drops a token's
+    input and output together, by the input's norm)."""
+    entries = hook_entries(model, settings)
+    expected = fingerprint(model, model_source, entries)
     check_compatible(store, expected, key)
     mask = training_rows(contexts, model.start_token_id)
     max_rows, d_model = int(mask.sum()), model.d_model
-    np_dtype = np.dtype(settings.dtype)
-    chunk_rows = max(256, CHUNK_BYTES // (d_model * np_dtype.itemsize))
-    # Even chunks: uncompressed zarr stores a partial last chunk at full size (up to 4 MB wasted).
-    chunk_rows = -(-max_rows // -(-max_rows // chunk_rows)) if max_rows else chunk_rows
-    stats = _RunningNorms()
+    names = tuple(dict.fromkeys(n for e in entries for n in e.names))
     started = time.perf_counter()
-    kept = []
     with store.writing(partition_name(key), fingerprint=expected, source_stamp=source_stamp) as version:
-        group = store.open_group(f"{version}/data.zarr", mode="w")
-        acts = group.create_array("acts", shape=(max_rows, d_model), dtype=np_dtype,
-                                  chunks=(min(chunk_rows, max(max_rows, 1)), d_model), compressors=None)
-        writer = _ChunkWriter(acts, acts.chunks[0], np_dtype)
+        hooks = []
+        for i, entry in enumerate(entries):
+            group = store.open_group(f"{version}/{store_group(i)}", mode="w")
+            hooks.append(_HookStore(group, entry, mask, d_model * len(entry.names), settings))
         try:
             for first in range(0, contexts.n_contexts, settings.batch_size):
                 batch = slice(first, first + settings.batch_size)
-                resid = model.residual(torch.from_numpy(contexts.tokens[batch]).long())
-                rows = resid[torch.from_numpy(mask[batch]).to(resid.device)]
-                keep = _not_sinks(rows, settings.sink_norm_factor)
-                kept.append(keep.cpu().numpy())
-                rows = rows[keep]
-                stats.update(rows, key)
-                if settings.dtype == "float16" and stats.max_abs > FLOAT16_MAX:
-                    raise ModelError(f"activations in partition {key!r} reach {stats.max_abs:.0f}, "
-                                     "beyond float16's range", "store activations as float32 (dtype: float32)")
-                writer.append(rows.to(_torch_dtype(settings.dtype)).cpu().numpy())
+                ids = torch.from_numpy(contexts.tokens[batch]).long()
+                # one forward pass for every entry (HookedModel.read); the plain case keeps .residual
+                values = {names[0]: model.residual(ids)} if names == (model.hook_name,) else model.read(ids, names)
+                batch_mask = torch.from_numpy(mask[batch])
+                for hook in hooks:
+                    hook.add(values, batch_mask, settings, key)
                 if progress:
                     progress(min(first + settings.batch_size, contexts.n_contexts), contexts.n_contexts)
         finally:
-            writer.close()
+            for hook in hooks:
+                hook.writer.close()
         elapsed = time.perf_counter() - started
-        kept = np.concatenate(kept)
-        n_rows = int(kept.sum())
-        acts.resize((n_rows, d_model))
-        mask[mask] = kept  # from here on: exactly the stored rows
-        _write_index(group, contexts, mask)
-        summary = {
-            "key": key, **expected, "dtype": settings.dtype, "ctx_len": settings.ctx_len,
-            "start_token_id": model.start_token_id,
-            "n_rows": n_rows, "n_contexts": contexts.n_contexts, "n_documents": len(docs),
-            "dropped_tokens": contexts.dropped_tokens, "excluded_start_tokens": contexts.tokens.size - max_rows,
-            "excluded_sink_rows": max_rows - n_rows,
-            "seconds": elapsed, "tokens_per_second": contexts.tokens.size / elapsed, **stats.summary(),
-        }
-        group.attrs.update(summary)
-        n_tokens = np.bincount(contexts.doc_ids[mask], minlength=len(docs))
+        summaries = []
+        for i, hook in enumerate(hooks):
+            n_rows = hook.finish(contexts)
+            entry = hook.entry
+            summary = {
+                "key": key, **expected, "hook_name": entry.hook_name, "store": store_group(i),
+                **({"hook_name_in": entry.hook_name_in, "d_in": d_model, "d_out": d_model}
+                   if entry.hook_name_in else {}),
+                "dtype": settings.dtype, "ctx_len": settings.ctx_len, "start_token_id": model.start_token_id,
+                "n_rows": n_rows, "n_contexts": contexts.n_contexts, "n_documents": len(docs),
+                "dropped_tokens": contexts.dropped_tokens, "excluded_start_tokens": contexts.tokens.size - max_rows,
+                "excluded_sink_rows": max_rows - n_rows,
+                "seconds": elapsed, "tokens_per_second": contexts.tokens.size / elapsed, **hook.stats.summary(),
+            }
+            if not entry.hook_name_in:
+                summary.pop("hook_name_in", None)
+            hook.group.attrs.update(summary)
+            summaries.append(summary)
+        summary = summaries[0]
+        n_tokens = np.bincount(contexts.doc_ids[hooks[0].mask], minlength=len(docs))
         store.write_parquet(f"{version}/documents.parquet", pl.DataFrame({
             "doc_id": [d.doc_id for d in docs], "source": [d.source for d in docs],
             "n_tokens": [int(n_tokens[d.doc_id]) for d in docs],
         }))
+    summary = {**summary, "stores": [{k: s[k] for k in ("hook_name", "store", "n_rows")} for s in summaries]}
     summary["bytes"] = store.size_bytes(store.resolve(partition_name(key)))
     return summary
 
@@ -233,6 +344,18 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
     summary = cache_partition(store, text_file.key, model, model_source, docs, contexts, settings, progress, stamp)
     clear_failed_attempt(store, text_file.key)
     return summary
+
+
+def activation_attrs(store, shuffle_name: str) -> dict:
+    """The caching attrs (model, hook_name, layer, d_model, ctx_len, …) of the activations behind
+    shuffled store ``shuffle_name``: where its rows were read."""
+    from sae_platform.shuffle import open_shuffled
+
+    from sae_platform.shuffle import input_group
+
+    first = open_shuffled(store, shuffle_name).index["inputs"][0]
+    return dict(store.open_group(store.path("activations", first["key"], first["version"], input_group(shuffle_name)),
+                                 mode="r").attrs)
 
 
 def _not_sinks(rows: torch.Tensor, factor: float) -> torch.Tensor:

@@ -653,16 +653,15 @@ def read_feature_contexts(store, run: str, shard_index: int, feature: int | None
 # Logit effects
 # ---------------------------------------------------------------------------------------------
 
-_FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
-
-
 def unembedding_matrix(model, fold_norm: bool = True) -> torch.Tensor:
     """W_U as [vocab, d_model] (a detached tensor) for a Hugging Face causal LM or a HookedModel.
 
     Tied embeddings: ``get_output_embeddings()`` already returns the shared matrix; a model
     without an output head but with ``tie_word_embeddings`` uses the input embeddings.
-    ``fold_norm`` multiplies in the final norm's per-channel gain (Llama RMSNorm, GPT-2 ln_f
-    weight); the norm's bias and centring do not depend on the token and are left out."""
+    ``fold_norm`` multiplies in the final norm's per-channel gain (Llama RMSNorm weight, Gemma's
+    1 + weight, LayerNorm weight) and, for LayerNorm, its centring (each row of W_U minus its
+    mean, so d @ W_U^T sees d - mean(d)); the norm's bias and 1/rms do not depend on the token
+    and are left out (``sae_platform.hooks.final_norm_fold``)."""
     lm = model.model if isinstance(model, HookedModel) else model
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
@@ -673,20 +672,14 @@ def unembedding_matrix(model, fold_norm: bool = True) -> torch.Tensor:
                          "use a causal LM with an output embedding (lm_head) or tied embeddings")
     weight = weight.detach()
     if fold_norm:
-        gain = _final_norm_gain(lm)
+        from sae_platform.hooks import final_norm_fold
+
+        gain, centres = final_norm_fold(lm)
         if gain is not None and gain.shape == weight.shape[1:]:
-            weight = weight * gain.detach().to(weight.dtype)[None, :]
+            weight = weight * gain.to(weight.dtype)[None, :]
+        if centres:  # LayerNorm subtracts the mean of its input: d -> d - mean(d), folded into W_U
+            weight = weight - weight.mean(1, keepdim=True)
     return weight
-
-
-def _final_norm_gain(lm) -> torch.Tensor | None:
-    for path in _FINAL_NORMS:
-        module = lm
-        for attr in path.split("."):
-            module = getattr(module, attr, None)
-        if isinstance(module, torch.nn.Module) and isinstance(getattr(module, "weight", None), torch.Tensor):
-            return module.weight
-    return None
 
 
 @torch.no_grad()

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_platform.activations import _not_sinks
+from sae_platform.activations import _not_sinks, activation_attrs
 from sae_platform.errors import PlatformError, SourceError, StorageError
-from sae_platform.model import HookedModel, find_decoder_layers
+from sae_platform.hooks import check_hook_point, splice_hooks
+from sae_platform.model import HookedModel
 from sae_platform.sae import Codes
 from sae_platform.settings import setting, validate
 
@@ -77,7 +78,10 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
     if device is not None and torch.empty(0, device=device).device != sae_device:
         raise PlatformError(f"the SAE is on {sae_device} but evaluation was asked to run on {device}",
                             f"move the SAE first (sae.to('{device}')), or leave device unset")
-    n_latents, d_model = sae.n_latents, sae.d_model
+    n_latents = sae.n_latents
+    # A transcoder's rows are [input | target] pairs: it is scored on the target (d_out wide).
+    d_in, d_out = sae.d_model, getattr(sae, "d_out", None)
+    width, d_model = (d_in, d_in) if d_out is None else (d_in + d_out, d_out)
     # Running sums stay on the device (float64): one host sync at the end, not per batch.
     zero = lambda: torch.zeros((), dtype=torch.float64, device=sae_device)  # noqa: E731
     counts = torch.zeros(n_latents, dtype=torch.long, device=sae_device)
@@ -86,10 +90,11 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
     n = nmse_batches = 0
     for batch in batches:
         x = torch.as_tensor(batch).to(sae_device)
-        if x.shape[-1] != d_model:
-            raise PlatformError(f"activation batch has width {x.shape[-1]} but the SAE expects d_model {d_model}",
+        if x.shape[-1] != width:
+            raise PlatformError(f"activation batch has width {x.shape[-1]} but the SAE expects d_model {width}"
+                                + ("" if d_out is None else f" (paired rows: input {d_in} + target {d_out})"),
                                 "evaluate on activations of the layer and model this SAE was trained on")
-        x = x.reshape(-1, d_model).float()
+        x = x.reshape(-1, width).float()
         b = x.shape[0]
         if b == 0:
             continue
@@ -100,7 +105,7 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
                                 f"({int(bad.sum())} bad row(s) in its batch); no metric was computed",
                                 "evaluate on finite activations: re-cache the partition the row came from")
         recon, codes = _reconstruct(sae, x)
-        xd = x.double()
+        xd = (x if d_out is None else x[:, d_in:]).double()
         err = (recon.double() - xd).pow(2).sum()
         sse += err
         on = codes.values > 0
@@ -146,7 +151,7 @@ def firing_counts(sae, batches: Iterable[torch.Tensor | np.ndarray]) -> tuple[np
     counts = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
     n = 0
     for batch in batches:
-        x = torch.as_tensor(batch).to(device).reshape(-1, sae.d_model).float()
+        x = torch.as_tensor(batch).to(device).reshape(-1, sae.d_model + (getattr(sae, "d_out", None) or 0)).float()
         codes = sae.encode(x)
         on = codes.values > 0
         counts += torch.bincount(codes.indices[on], minlength=sae.n_latents)
@@ -166,30 +171,32 @@ def _splice_mask(hidden: torch.Tensor, tokens: torch.Tensor, start_token_id: int
     return mask
 
 
-def _layer_output_replacer(state: dict, hooked: HookedModel, sae, sink_norm_factor: float) -> Callable:
-    """A forward hook on the hook layer. state["mode"]: "clean" (record the splice mask, change
-    nothing), "sae" (spliced rows -> SAE reconstruction) or "zero" (spliced rows -> 0)."""
+def _replacer(state: dict, hooked: HookedModel, sae, sink_norm_factor: float) -> Callable:
+    """replace(value, source) for ``hooks.splice_hooks`` at the SAE's hook point. state["mode"]:
+    "clean" (record the splice mask, change nothing), "sae" (spliced rows -> the SAE's
+    reconstruction of them; a transcoder's of its input ``source``) or "zero" (spliced rows -> 0).
+    The mask comes from what the SAE reads: the value itself, or a transcoder's input."""
     sae_device = _sae_device(sae)
 
-    def hook(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
+    def replace(value: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor | None:
+        read = value if source is None else source
         mode = state["mode"]
         if mode == "clean":
-            state["mask"] = _splice_mask(hidden, state["tokens"], hooked.start_token_id, sink_norm_factor)
+            state["mask"] = _splice_mask(read, state["tokens"], hooked.start_token_id, sink_norm_factor)
             return None
         mask = state["mask"]
-        new = hidden.clone()
+        new = value.clone()
         if mode == "zero":
             new[mask] = 0
         elif bool(mask.any()):
-            rows = hidden[mask].to(sae_device, torch.float32)
+            rows = read[mask].to(sae_device, torch.float32)
             # The SAE runs in its own precision, never under the model's autocast.
             with torch.autocast(sae_device.type, enabled=False):
                 recon, _ = _reconstruct(sae, rows)
             new[mask] = recon.to(device=new.device, dtype=new.dtype)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return new
 
-    return hook
+    return replace
 
 
 def _ce_sums(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -200,10 +207,14 @@ def _ce_sums(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int = 8,
-                  sink_norm_factor: float = 10.0) -> dict:
+                  sink_norm_factor: float = 10.0, hook_point: str | None = None,
+                  input_hook_point: str | None = None) -> dict:
     """Next-token cross-entropy of the full model on ``tokens`` [n_ctx, ctx_len], three ways:
-    clean, with the hook layer's output replaced by the SAE reconstruction, and with it replaced
-    by zeros (zero ablation).
+    clean, with the value at the SAE's hook point (``hook_point``, default ``hooked.hook_name``;
+    any of ``sae_platform.hooks``' names) replaced by the SAE reconstruction, and with it replaced
+    by zeros (zero ablation). A transcoder reads ``input_hook_point`` (e.g.
+    ``blocks.L.ln2.hook_normalized``) and replaces ``hook_point`` (``blocks.L.hook_mlp_out``):
+    it stands in for the MLP, and zero ablation removes the MLP's output.
 
     Only positions that would have been training rows are replaced (not position 0, not start
     tokens, not attention sinks by the caching rule with ``sink_norm_factor``; the median is
@@ -227,9 +238,10 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
                             "evaluate the SAE with the model (and layer) its activations came from")
     if batch_size < 1:
         raise PlatformError(f"batch_size must be >= 1, got {batch_size}", "use e.g. 8")
+    point = check_hook_point(hooked.model, hook_point or hooked.hook_name)
+    source = check_hook_point(hooked.model, input_hook_point) if input_hook_point else None
     state: dict = {"mode": "clean"}
-    layer = find_decoder_layers(hooked.model)[hooked.layer]
-    handle = layer.register_forward_hook(_layer_output_replacer(state, hooked, sae, sink_norm_factor))
+    handles = splice_hooks(hooked.model, point, _replacer(state, hooked, sae, sink_norm_factor), source)
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_tokens = n_spliced = 0
     enabled = hooked.autocast is not None
@@ -245,7 +257,8 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
             n_tokens += ids.shape[0] * (ids.shape[1] - 1)
             n_spliced += int(state["mask"].sum())
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     ce = {mode: total / n_tokens for mode, total in sums.items()}
     denom = ce["zero"] - ce["clean"]
     return {
@@ -357,7 +370,11 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
         density = heldout_density
         report["dead_window_tokens"] = metrics["n_tokens"]
     if hooked is not None and heldout_tokens is not None:
-        ce = downstream_ce(hooked, sae, heldout_tokens, sink_norm_factor=sink_norm_factor)
+        attrs = activation_attrs(store, shuffle_name)  # splice where the SAE's activations were read
+        ce = downstream_ce(hooked, sae, heldout_tokens, sink_norm_factor=sink_norm_factor,
+                           hook_point=attrs.get("hook_name") or hooked.hook_name,
+                           input_hook_point=attrs.get("hook_name_in"))
+        report["hook_name"] = attrs.get("hook_name") or hooked.hook_name
         report.update({k if k.startswith("ce_") or k == "loss_recovered" else f"ce_{k}": v for k, v in ce.items()})
     with store.writing(eval_name(run), checkpoint_step=cfg["step"]) as version:
         store.write_json(f"{version}/report.json", report)

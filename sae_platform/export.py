@@ -34,6 +34,8 @@ Variants:
                                      exactly as SAELens saves its own BatchTopK SAEs. If the SAE
                                      was never trained (threshold NaN) our encode falls back to
                                      per-row TopK, so it is exported as ``topk``.
+    matryoshka  ``jumprelu``         as batchtopk: the nested prefixes only shape training
+    _batchtopk
     switch      (none)               PlatformError: a router picks one expert per token and
                                      scales codes by the router probability; SAELens has no such
                                      architecture.
@@ -52,12 +54,15 @@ import os
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from sae_platform.errors import PlatformError
+from sae_platform.errors import ModelError, PlatformError
+from sae_platform.hooks import parse_hook_point
 from sae_platform.storage import write_local_atomic
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
-ARCHITECTURES = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+ARCHITECTURES = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                 "matryoshka_batchtopk": "jumprelu"}
+TRANSCODER_ARCHITECTURES = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}
 
 
 def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -91,7 +96,7 @@ def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
         fields = {"activation_fn_str": "relu", "activation_fn_kwargs": {}}
         if variant == "jumprelu":
             weights["threshold"] = f64(sae.log_threshold.exp())  # exactly the theta our encode uses
-        elif variant == "batchtopk":
+        elif variant in ("batchtopk", "matryoshka_batchtopk"):
             threshold = float(sae.threshold)
             if math.isnan(threshold):  # untrained: encode() uses per-row TopK
                 architecture = "topk"
@@ -100,7 +105,32 @@ def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
         if architecture == "topk":
             k = int(sae.hparams["k"])
             fields = {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": k}, "k": k}
+    if sae.is_transcoder:
+        architecture, weights = _as_transcoder(sae, architecture, weights)
     return architecture, fields, {name: t.to(torch.float32).contiguous() for name, t in weights.items()}
+
+
+def _as_transcoder(sae, architecture: str, weights: dict) -> tuple[str, dict]:
+    """SAELens transcoders (``transcoder``: ReLU, ``jumprelu_transcoder``) compute
+    z = act(x @ W_enc + b_enc), y = z @ W_dec + b_dec, with no b_dec subtracted from the input
+    (it lives in the output space). So b_pre is folded into b_enc (b_enc - W_enc b_pre, in our
+    normalised units) and the output scale s_out into the decoder: W_dec / s_out, b_dec / s_out.
+    SAELens has no TopK transcoder: a topk transcoder is refused."""
+    if architecture not in TRANSCODER_ARCHITECTURES:
+        raise PlatformError(f"a {sae.variant} transcoder cannot be exported to SAELens: it has no {architecture} "
+                            "transcoder (only ReLU `transcoder` and `jumprelu_transcoder`)",
+                            "train a batchtopk, matryoshka_batchtopk, jumprelu or relu transcoder to export it")
+    with torch.no_grad():
+        s_out = float(sae.output_scale)
+        if not (math.isfinite(s_out) and s_out > 0):
+            raise PlatformError(f"the transcoder's output_scale is {s_out}, which cannot be folded into the weights",
+                                "export a trained (calibrated) transcoder checkpoint")
+        w_enc, b_pre = sae.W_enc.detach().to("cpu", torch.float64), sae.b_pre.detach().to("cpu", torch.float64)
+        weights = {**weights,
+                   "b_enc": weights["b_enc"] - w_enc @ b_pre,
+                   "W_dec": sae.W_dec.detach().to("cpu", torch.float64) / s_out,
+                   "b_dec": sae.b_dec.detach().to("cpu", torch.float64) / s_out}
+    return TRANSCODER_ARCHITECTURES[architecture], weights
 
 
 def _write(path: str, data: bytes, fs) -> None:
@@ -111,7 +141,7 @@ def _write(path: str, data: bytes, fs) -> None:
 
 
 def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model_name: str, fs=None,
-                   context_size: int | None = None, dataset_path: str = "") -> dict:
+                   context_size: int | None = None, dataset_path: str = "", hook_name_out: str | None = None) -> dict:
     """Write ``dest_dir/cfg.json`` and ``dest_dir/sae_weights.safetensors`` for SAELens.
 
     ``dest_dir`` is a local directory (files written to a temporary name, fsynced and renamed)
@@ -139,6 +169,9 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
         "apply_b_dec_to_input": True,
         "finetuning_scaling_factor": False,
         "sae_lens_training_version": None,
+        **({} if not sae.is_transcoder else {
+            "d_out": int(sae.d_out), "hook_name_out": hook_name_out, "hook_layer_out": int(hook_layer),
+            "hook_head_index_out": None, "apply_b_dec_to_input": False}),
         "metadata": {
             "exported_by": "sae_platform",
             "sae_platform_config": config,
@@ -150,7 +183,13 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
     mapping = {
         "W_enc": "input_scale * W_enc.T", "b_enc": "b_enc", "W_dec": "W_dec / input_scale",
         "b_dec": "b_pre / input_scale",
+    } if not sae.is_transcoder else {
+        "W_enc": "input_scale * W_enc.T", "b_enc": "b_enc - W_enc @ b_pre", "W_dec": "W_dec / output_scale",
+        "b_dec": "b_dec / output_scale",
     }
+    if sae.is_transcoder and not hook_name_out:
+        raise PlatformError("a transcoder export needs hook_name_out (where its output goes)",
+                            "pass hook_name_out, e.g. blocks.L.hook_mlp_out")
     if "threshold" in weights:
         mapping["threshold"] = ("exp(log_threshold)" if sae.variant == "jumprelu"
                                 else "global inference threshold, repeated per latent")
@@ -170,17 +209,27 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
 
 def export_run(store, run: str) -> dict | None:
     """Export checkpoint ``run`` to ``saelens/<run>`` (committed atomically); None for Switch SAEs."""
-    from sae_platform.shuffle import open_shuffled
+    from sae_platform.activations import activation_attrs
     from sae_platform.trainer import load_sae
 
     sae, cfg = load_sae(store, run)
     if cfg["sae"]["variant"] not in ARCHITECTURES:
         return None
-    first_input = open_shuffled(store, cfg["data"]["shuffle"]).index["inputs"][0]
-    attrs = dict(store.open_group(store.path("activations", first_input["key"], first_input["version"], "data.zarr"),
-                                  mode="r").attrs)
+    if sae.is_transcoder:
+        try:  # SAELens has no TopK transcoder (nor a BatchTopK one before its threshold is learned)
+            saelens_state_dict(sae)
+        except PlatformError:
+            return None
+    attrs = activation_attrs(store, cfg["data"]["shuffle"])
     with store.writing(f"saelens/{run}", checkpoint_step=cfg["step"]) as version:
-        result = export_saelens(sae, version, hook_name=attrs.get("hook_name", ""), hook_layer=attrs.get("layer", -1),
-                                model_name=attrs.get("model", ""), fs=None if store.is_local else store.fs,
-                                context_size=attrs.get("ctx_len"))
+        transcoder = attrs.get("hook_name_in") is not None  # a paired store: input -> hook_name
+        hook_name = attrs["hook_name_in"] if transcoder else attrs.get("hook_name", "")
+        try:
+            hook_layer = parse_hook_point(hook_name).layer  # the hook point's block, not the model's default layer
+        except ModelError:
+            hook_layer = attrs.get("layer", -1)
+        result = export_saelens(sae, version, hook_name=hook_name, hook_layer=hook_layer,
+                                model_name=attrs.get("model", ""),
+                                fs=None if store.is_local else store.fs, context_size=attrs.get("ctx_len"),
+                                hook_name_out=attrs.get("hook_name") if transcoder else None)
     return {**result, "path": store.url(store.resolve(f"saelens/{run}"))}

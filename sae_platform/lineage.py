@@ -26,7 +26,10 @@ def feature_table_lineage(store: ArtifactStore, run: str, shard_index: int, run_
     first = inputs[0] if inputs else None
     attrs = {}
     if first:
-        group = store.open_group(store.path("activations", first["key"], first["version"], "data.zarr"), mode="r")
+        from sae_platform.shuffle import input_group  # the store of the SAE's own hook point
+
+        group = store.open_group(store.path("activations", first["key"], first["version"],
+                                            input_group(data.get("shuffle") or "")), mode="r")
         attrs = dict(group.attrs)
     return {
         "feature_table": {"sae": run, "shard": shard_index, "version": tables["version"],
@@ -36,7 +39,8 @@ def feature_table_lineage(store: ArtifactStore, run: str, shard_index: int, run_
         "shuffle": {"name": data.get("shuffle"), "plan_id": data.get("plan_id"),
                     "current_plan_id": index.get("plan_id"), "n_rows": data.get("n_rows")},
         "activation_partitions": [{"key": i["key"], "version": i["version"], "n_rows": i["n_rows"]} for i in inputs],
-        "base_model": {"model": attrs.get("model"), "hook_name": attrs.get("hook_name"), "d_model": attrs.get("d_model")},
+        "base_model": {"model": attrs.get("model"), "hook_name": attrs.get("hook_name"),
+                       "d_model": attrs.get("d_model"), **({"hook_name_in": attrs["hook_name_in"]} if attrs.get("hook_name_in") else {})},
     }
 
 
@@ -68,5 +72,6 @@ def format_lineage(lineage: dict) -> str:
         branch = "└─" if i == len(parts) - 1 else "├─"
         lines.append(f"      {branch} activations/{p['key']}  version {p['version']}  {p['n_rows']:,} rows")
     m = lineage["base_model"]
-    lines.append(f"         base_model {m['model']}  {m['hook_name']}  d_model {m['d_model']}")
+    hook = f"{m['hook_name_in']} -> {m['hook_name']}" if m.get("hook_name_in") else m["hook_name"]
+    lines.append(f"         base_model {m['model']}  {hook}  d_model {m['d_model']}")
     return "\n".join(lines)

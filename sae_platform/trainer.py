@@ -52,6 +52,7 @@ from sae_platform.distributed import (
     mean_over_ranks,
     rank_and_world,
 )
+from sae_platform.activations import activation_attrs
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.sae import ADAM_EPS, VARIANTS, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate
@@ -104,6 +105,8 @@ class TrainSettings:
                                          ge=1)
     hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, …)",
                             default_factory=dict)
+    hook_point: str | None = setting(None, "the cached hook point (an entry of resources.caching.config.hook_points, "
+                                           "e.g. blocks.4.hook_mlp_out) this SAE trains on; null: the first")
 
     def __post_init__(self):
         validate(self, "resources.training.config")
@@ -119,7 +122,7 @@ class TrainSettings:
                                 "nproc_per_node")
 
     def sae_kwargs(self) -> dict:
-        top_k = self.variant in ("topk", "batchtopk", "switch")
+        top_k = self.variant in ("topk", "batchtopk", "matryoshka_batchtopk", "switch")
         return {**({"k": self.k} if top_k else {}), **self.hparams}
 
     @property
@@ -140,8 +143,13 @@ PLACEMENT = ("world_size", "nproc_per_node")
 
 
 def identity(settings: TrainSettings) -> dict:
-    """The settings that define a checkpoint (as stored in its pointer): all but PLACEMENT."""
-    return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k not in PLACEMENT}))
+    """The settings that define a checkpoint, as stored with it and compared to decide "already
+    trained": all but PLACEMENT, and ``hook_point`` only when set, so checkpoints from before it
+    existed still count as finished."""
+    record = {k: v for k, v in asdict(settings).items() if k not in PLACEMENT}
+    if record.get("hook_point") is None:
+        record.pop("hook_point", None)
+    return json.loads(json.dumps(record))
 
 
 def checkpoint_name(run: str) -> str:
@@ -229,14 +237,18 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffled: Shuffled):
+def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffled: Shuffled,
+             d_in: int | None = None):
+    """A calibrated SAE; with ``d_in``, rows are a transcoder's [input (d_in) | target] pairs."""
     torch.manual_seed(settings.seed)
-    sae = build_sae(settings.variant, d_model, settings.n_latents, device=device, **settings.sae_kwargs())
+    extra = {} if d_in is None else {"d_out": d_model - d_in}
+    sae = build_sae(settings.variant, d_in or d_model, settings.n_latents, device=device, **extra,
+                    **settings.sae_kwargs())
     rows = min(CALIBRATION_ROWS, shuffled.n_rows - settings.holdout_rows)
     ids, acts = zip(*shuffled.blocks(0, rows))
     sample = torch.from_numpy(np.concatenate(acts)).float().to(device)
     _check_finite(sample, np.concatenate(ids), start=0, step=0, what="activations sampled for calibration")
-    sae.calibrate_(sample)
+    sae.calibrate_(*((sample,) if d_in is None else (sample[:, :d_in], sample[:, d_in:])))
     return sae
 
 
@@ -285,7 +297,7 @@ def save_checkpoint(store: ArtifactStore, run: str, sae, optimizer, state: Train
             f"training {run!r} diverged: after step {state.step} ({state.tokens:,} tokens) {', '.join(bad[:4])}"
             f"{' …' if len(bad) > 4 else ''} hold NaN/inf (lr {settings.learning_rate:g}); this state was not "
             f"committed", f"lower lr; {_committed_note(store, run)}")
-    cfg = {"sae": sae.config, "training": asdict(settings), "data": fingerprint, "step": state.step,
+    cfg = {"sae": sae.config, "training": identity(settings), "data": fingerprint, "step": state.step,
            "tokens": state.tokens, "final": final}
     trainer_tensors = {"tokens_since_fired": state.tokens_since_fired.detach().cpu().contiguous(),
                        "rng": torch.get_rng_state()}
@@ -405,7 +417,8 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
     fingerprint = data_fingerprint(shuffled)
     n_steps = max(1, settings.token_budget // settings.batch_size)
     epochs = n_steps * settings.batch_size / (n_train // settings.batch_size * settings.batch_size)
-    sae = _new_sae(settings, shuffled.d_model, device, shuffled)
+    d_in = activation_attrs(store, shuffle_name).get("d_in")  # paired rows: a transcoder
+    sae = _new_sae(settings, shuffled.d_model, device, shuffled, d_in)
     optimizer = _optimizer(sae, settings, device)
     state = _resume(store, run, settings, fingerprint, sae, optimizer, device)
     if state is None:
@@ -426,8 +439,9 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
     for x, ids, start in prefetch(shuffled, schedule, device):
         _check_finite(x, ids, start, state.step, store, run)
         dead = state.tokens_since_fired >= settings.dead_after_tokens
-        out = sae(x, dead_mask=dead)
-        loss, terms = sae.loss(x, out)
+        target = x if d_in is None else x[:, d_in:]
+        out = sae(x, dead_mask=dead, target=None if d_in is None else target)
+        loss, terms = sae.loss(target, out)
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss became {loss.item()} at step {state.step} ({state.tokens:,} tokens)",
                                 f"lower lr; {_committed_note(store, run)}")
@@ -444,7 +458,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
         state.tokens_since_fired += settings.batch_size
         state.tokens_since_fired[fired_on_any_rank(out.fired) if world > 1 else out.fired] = 0
         if state.step % settings.log_every_steps == 0 or state.step == n_steps:
-            row = _metrics_row(state, loss, terms, out, x, dead, started, resumed_from, settings)
+            row = _metrics_row(state, loss, terms, out, target, dead, started, resumed_from, settings)
             if world > 1:
                 row = mean_over_ranks(row)
             state.history.append(row)

@@ -125,3 +125,65 @@ def test_unknown_dtype():
 def test_caching_settings_are_validated_where_declared(field, value, rule):
     with pytest.raises(SettingsError, match=f"resources.caching.config.{field} = .* it must be {rule}"):
         CacheSettings(**{field: value})
+
+
+# --- several hook points from one forward pass ----------------------------------------------------
+
+MULTI = ["blocks.1.hook_mlp_out", "blocks.0.hook_attn_out", "blocks.1.ln2.hook_normalized -> blocks.1.hook_mlp_out"]
+
+
+def test_several_hook_points_are_cached_from_one_forward_pass(store, tiny_hooked, text_dir):
+    """One store per entry; every store holds exactly the value at its hook point for its rows;
+    the model runs once per batch and stops after block 1; a transcoder pair stays paired."""
+    from sae_platform.hooks import read_hook_points
+    from sae_platform.model import find_decoder_layers
+
+    layers = find_decoder_layers(tiny_hooked.model)
+    calls = {"block0": 0, "block2": 0}
+    handles = [layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("block0", calls["block0"] + 1)),
+               layers[2].register_forward_pre_hook(lambda *a: calls.__setitem__("block2", calls["block2"] + 1))]
+    settings = CacheSettings(ctx_len=16, batch_size=4, dtype="float32", hook_points=MULTI)
+    try:
+        summary = _cache(store, tiny_hooked, text_dir, settings=settings)
+    finally:
+        for h in handles:
+            h.remove()
+    n_batches = -(-summary["n_contexts"] // 4)
+    assert calls == {"block0": n_batches, "block2": 0}
+    assert [s["hook_name"] for s in summary["stores"]] == ["blocks.1.hook_mlp_out", "blocks.0.hook_attn_out",
+                                                           "blocks.1.hook_mlp_out"]
+    path = open_partition(store, "alpha").path
+    tokens = open_partition(store, "alpha").group["tokens"][:]
+    ref = read_hook_points(tiny_hooked.model, torch.from_numpy(tokens).long(),
+                           ["blocks.1.hook_mlp_out", "blocks.0.hook_attn_out", "blocks.1.ln2.hook_normalized"])
+    for i, store_info in enumerate(summary["stores"]):
+        g = store.open_group(f"{path}/{store_info['store']}", mode="r")
+        ctx, pos = g["context_id"][:], g["position"][:]
+        assert g["acts"].shape[0] == store_info["n_rows"] == len(ctx) > 0
+        if i < 2:
+            assert dict(g.attrs)["hook_name"] == MULTI[i] and g["acts"].shape[1] == 32
+            np.testing.assert_allclose(g["acts"][:], ref[MULTI[i]].numpy()[ctx, pos], rtol=1e-5, atol=1e-5)
+        else:  # [input | output] of the same token on one row
+            attrs = dict(g.attrs)
+            assert attrs["hook_name_in"] == "blocks.1.ln2.hook_normalized" and attrs["d_in"] == attrs["d_out"] == 32
+            acts = g["acts"][:]
+            np.testing.assert_allclose(acts[:, :32], ref["blocks.1.ln2.hook_normalized"].numpy()[ctx, pos],
+                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(acts[:, 32:], ref["blocks.1.hook_mlp_out"].numpy()[ctx, pos], rtol=1e-5,
+                                       atol=1e-5)
+    assert open_partition(store, "alpha").attrs["hook_points"] == MULTI
+
+
+def test_hook_point_entries_are_checked(store, tiny_hooked, text_dir):
+    for bad, words in ((["blocks.1.hook_mlp"], "unknown hook point"),
+                       (["blocks.1.hook_mlp_out -> blocks.1.ln2.hook_normalized"], "input is computed after"),
+                       (["a -> b -> c"], "neither a hook point"),
+                       (["blocks.1.hook_mlp_out", "blocks.1.hook_mlp_out"], "twice")):
+        with pytest.raises(ModelError, match=words):
+            _cache(store, tiny_hooked, text_dir, settings=CacheSettings(ctx_len=16, hook_points=bad))
+    with pytest.raises(SettingsError, match="hook_points must be a list"):
+        CacheSettings(hook_points="blocks.1.hook_mlp_out")
+    _cache(store, tiny_hooked, text_dir, settings=SETTINGS)
+    with pytest.raises(ModelError, match="hook_name="):  # no mixing hook points under one root
+        _cache(store, tiny_hooked, text_dir, key="beta",
+               settings=CacheSettings(ctx_len=16, batch_size=4, dtype="float32", hook_points=["blocks.1.hook_mlp_out"]))

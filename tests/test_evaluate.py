@@ -3,6 +3,7 @@
 leaves CE unchanged, zero ablation changes it, only training-row positions are touched, the
 hook is removed, autocast does not leak into the SAE), and the PNG figures."""
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from sae_platform.errors import PlatformError
-from sae_platform.evaluate import _layer_output_replacer, downstream_ce, reconstruction_metrics
+from sae_platform.evaluate import _replacer, downstream_ce, reconstruction_metrics
 from sae_platform.model import find_decoder_layers
 from sae_platform.plots import density_histogram_png, training_curves_png
 from sae_platform.sae import build_sae
@@ -196,18 +197,59 @@ def test_sae_runs_outside_the_models_autocast(tiny_hooked):
     assert got["ce_sae"] == got["ce_clean"] and got["ce_zero"] != got["ce_clean"]
 
 
-def test_splice_hook_handles_tuple_outputs(tiny_hooked):
+def test_replacer_zeroes_or_reconstructs_only_masked_rows(tiny_hooked):
     hidden = torch.randn(2, 5, tiny_hooked.d_model)
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, 2] = mask[1, 4] = True
     state = {"mode": "zero", "mask": mask}
-    hook = _layer_output_replacer(state, tiny_hooked, identity_sae(tiny_hooked.d_model), 10.0)
-    extra = object()
-    out = hook(None, (), (hidden, extra))
-    assert isinstance(out, tuple) and out[1] is extra
-    assert bool((out[0][mask] == 0).all()) and torch.equal(out[0][~mask], hidden[~mask])
+    replace = _replacer(state, tiny_hooked, identity_sae(tiny_hooked.d_model), 10.0)
+    out = replace(hidden, None)
+    assert bool((out[mask] == 0).all()) and torch.equal(out[~mask], hidden[~mask])
     state["mode"] = "sae"
-    assert torch.equal(hook(None, (), hidden), hidden)  # identity SAE, plain tensor output
+    assert torch.equal(replace(hidden, None), hidden)  # identity SAE
+    source = torch.randn(2, 5, tiny_hooked.d_model)  # a transcoder reconstructs from its input
+    out = replace(hidden, source)
+    assert torch.equal(out[mask], source[mask]) and torch.equal(out[~mask], hidden[~mask])
+
+
+@pytest.mark.parametrize("site", ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized",
+                                  "hook_mlp_out", "hook_resid_post"])
+def test_perfect_reconstruction_recovers_all_the_loss_at_every_hook_point(tiny_hooked, site):
+    """The splice lands at the SAE's own hook point: an exact reconstruction there recovers loss 1,
+    and zero-ablating that point (not the block output) is what the 0 of the scale means."""
+    tokens = contexts(tiny_hooked)
+    name = f"blocks.{tiny_hooked.layer}.{site}"
+    got = downstream_ce(tiny_hooked, identity_sae(tiny_hooked.d_model), tokens, batch_size=3, hook_point=name)
+    assert got["ce_zero"] != pytest.approx(got["ce_clean"], abs=1e-5)  # the random MLP adds little
+    assert got["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+    other = downstream_ce(tiny_hooked, identity_sae(tiny_hooked.d_model), tokens, batch_size=3,
+                          hook_point=f"blocks.{tiny_hooked.layer}.hook_resid_post")
+    # a different place: zeroing it costs a different amount (zeroing resid_mid zeroes resid_post in
+    # Llama: the MLP of 0 is 0 without biases)
+    if site not in ("hook_resid_post", "hook_resid_mid"):
+        assert got["ce_zero"] != pytest.approx(other["ce_zero"], rel=1e-4)
+
+
+def test_a_perfect_transcoder_in_place_of_the_mlp_recovers_all_the_loss(tiny_hooked):
+    """A transcoder reads ln2.hook_normalized and replaces hook_mlp_out; one that reproduces the
+    MLP exactly (here: the MLP itself) gives loss recovered 1."""
+    layer = tiny_hooked.layer
+    mlp = copy.deepcopy(find_decoder_layers(tiny_hooked.model)[layer].mlp)  # a copy: the hook is on the original
+
+    class MLPAsTranscoder:
+        d_model = tiny_hooked.d_model
+        W_dec = torch.zeros(1)
+
+        def encode(self, x):
+            return x
+
+        def decode(self, x):
+            return mlp(x)
+
+    got = downstream_ce(tiny_hooked, MLPAsTranscoder(), contexts(tiny_hooked), batch_size=3,
+                        hook_point=f"blocks.{layer}.hook_mlp_out", input_hook_point=f"blocks.{layer}.ln2.hook_normalized")
+    assert got["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert got["ce_zero"] != pytest.approx(got["ce_clean"], abs=1e-5)
 
 
 def test_downstream_ce_errors(tiny_hooked):

@@ -165,3 +165,48 @@ def test_bad_files_never_stop_the_pipeline(tmp_path, tiny_model_dir, text_dir):
                  "skipped ._alpha.txt: hidden", "skipped zz_empty.txt: empty (0 bytes)",
                  "failed blank: ", "holds no text", "failed latin: ", "byte 3 is 0xe9"):
         assert line in status.stdout, (line, status.stdout)
+
+
+def test_full_pipeline_with_several_hook_points_and_a_transcoder(tmp_path, tiny_model_dir, text_dir):
+    """config/demo-multihook.yaml's shape on the tiny model: three hook points and a transcoder pair
+    cached in one pass per batch, one shuffled store each, one SAE per hook point plus a transcoder,
+    each evaluated by splicing at its own hook point and exported under its own hook name."""
+    env = deployment(tmp_path, tiny_model_dir, text_dir)
+    for path in sorted(text_dir.glob("*.txt")):
+        shutil.copy(path, Path(env["SAE_PLATFORM_INBOX"]).parent / path.name)
+    hooks = ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.0.hook_attn_out",
+             "blocks.1.ln2.hook_normalized -> blocks.1.hook_mlp_out"]
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"""
+{TINY_SAE}: {{variant: topk, n_latents: 4096, k: 32}}
+mlp1: {{variant: topk, n_latents: 256, k: 8, hook_point: blocks.1.hook_mlp_out}}
+attn0: {{variant: matryoshka_batchtopk, n_latents: 256, k: 8, hook_point: blocks.0.hook_attn_out}}
+transcoder1: {{variant: batchtopk, n_latents: 256, k: 8, hook_point: "{hooks[3]}"}}
+""")
+    run_config = Path(env["SAE_PLATFORM_RUN_CONFIG"])
+    text = run_config.read_text().replace("caching: {config: {ctx_len: 32, batch_size: 4}}",
+                                          f"caching: {{config: {{ctx_len: 32, batch_size: 4, hook_points: {json.dumps(hooks)}}}}}")
+    assert "hook_points" in text
+    text = text.replace("evaluation: {config: {ce_contexts: 2,",
+                        "evaluation: {config: {max_fvu: 10.0, min_loss_recovered: -100.0, ce_contexts: 2,")
+    text += f"ops: {{sae_sweep: {{config: {{sae_names: [{TINY_SAE}, mlp1, attn0, transcoder1]}}}}}}\n"
+    run_config.write_text(text)
+    run = execute_full_pipeline({**env, "SAE_PLATFORM_SWEEP": str(sweep)}, run_config)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+
+    store = ArtifactStore(env["SAE_PLATFORM_ROOT"])
+    expect = {TINY_SAE: ("main", "blocks.1.hook_resid_post", None),
+              "mlp1": ("main.h1", "blocks.1.hook_mlp_out", None),
+              "attn0": ("main.h2", "blocks.0.hook_attn_out", None),
+              "transcoder1": ("main.h3", "blocks.1.hook_mlp_out", "blocks.1.ln2.hook_normalized")}
+    for name, (shuffled, hook_name, hook_in) in expect.items():
+        for prefix in ("sae", "eval", "saelens"):
+            assert store.resolve(f"{prefix}/{name}") is not None, (prefix, name, store.committed_names(prefix))
+        cfg = json.loads(store.fs.cat_file(f"{store.resolve(f'sae/{name}')}/cfg.json"))
+        assert cfg["data"]["shuffle"] == shuffled, name
+        report = json.loads(store.fs.cat_file(f"{store.resolve(f'eval/{name}')}/report.json"))
+        assert report["hook_name"] == hook_name and report["loss_recovered"] is not None, name
+        exported = json.loads(store.fs.cat_file(f"{store.resolve(f'saelens/{name}')}/cfg.json"))
+        assert exported["hook_name"] == (hook_in or hook_name), name
+        assert exported.get("hook_name_out") == (hook_name if hook_in else None), name
+    assert json.loads(store.fs.cat_file(f"{store.resolve('sae/transcoder1')}/cfg.json"))["sae"]["d_out"] == 32

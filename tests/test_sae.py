@@ -14,7 +14,8 @@ from sae_platform.sae import (ADAM_EPS, VARIANTS, Pattern, _batch_topk, _Selecte
                               geometric_median, input_scale_for, lr_for, normalized_mse, sddmm, spmm, spmm_t)
 
 D, N, K = 16, 64, 4
-SMALL = {"topk": {"k": K}, "batchtopk": {"k": K}, "switch": {"k": K, "n_experts": 4},
+SMALL = {"topk": {"k": K}, "batchtopk": {"k": K}, "matryoshka_batchtopk": {"k": K, "matryoshka_widths": [8, 24]},
+         "switch": {"k": K, "n_experts": 4},
          "jumprelu": {}, "relu": {}}
 
 
@@ -295,6 +296,51 @@ def test_batch_topk_selects_k_per_row_on_average_and_learns_a_threshold():
     assert int((one.values > 0).sum()) == int((pre > sae.threshold).sum())
 
 
+def test_matryoshka_prefix_losses_and_all_gradients_match_a_dense_reference():
+    """Every nested prefix [0, w) reconstructs on its own: the sparse group-by-group decode gives
+    the same reconstruction, prefix losses and parameter gradients as dense autograd over the
+    same batch-wide selection."""
+    x = make_data(48, seed=3, scale=3.0, offset=0.5)
+    sae = calibrated("matryoshka_batchtopk", x)
+    assert sae.hparams["matryoshka_widths"] == [8, 24, N]
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    out = sae(x)
+    total, terms = sae.loss(x, out)
+    total.backward()
+    sparse_grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    z_sel = out.codes.to_dense(N).detach()  # which (row, latent) pairs the batch-wide TopK chose
+
+    sae.zero_grad()
+    xs = x * sae.input_scale
+    pre = F.linear(xs - sae.b_pre, sae.W_enc, sae.b_enc)
+    z = torch.where(z_sel > 0, pre, 0).relu()
+    prefix = [z[:, :w] @ sae.W_dec[:w] + sae.b_pre for w in (8, 24, N)]
+    torch.testing.assert_close(out.recon, prefix[-1] / sae.input_scale, atol=1e-5, rtol=1e-5)
+    inner = sum((r - xs).pow(2).mean() for r in prefix[:-1])
+    torch.testing.assert_close(terms["matryoshka"], inner, atol=1e-6, rtol=1e-5)
+    ((prefix[-1] - xs).pow(2).mean() + inner).backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(sparse_grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_matryoshka_infers_like_batchtopk_and_trains_its_first_prefix_to_reconstruct(one_thread):
+    data = make_data(4096, seed=5, scale=40.0, offset=3.0)
+    first = {}
+    for variant in ("batchtopk", "matryoshka_batchtopk"):
+        sae = sae_for(variant)
+        train(sae, data, steps=200)
+        sae.eval()
+        with torch.no_grad():
+            codes = sae.encode(data[:512])
+            pre = F.linear(sae._centered(data[:512]), sae.W_enc, sae.b_enc)
+            torch.testing.assert_close(sae.encode_dense(data[:512]), torch.where(pre > sae.threshold, pre, 0).relu())
+            keep = codes.indices < 8  # decode with the first prefix of 8 latents only
+            recon = sae.decode(type(codes)(codes.values * keep, codes.indices))
+        first[variant] = float(normalized_mse(recon, data[:512]))
+    assert first["matryoshka_batchtopk"] < 0.7 * first["batchtopk"], first
+
+
 @pytest.mark.parametrize("skewed", [False, True])
 def test_batch_topk_candidate_shortcut_is_exact(skewed):
     g = torch.Generator().manual_seed(0)
@@ -517,6 +563,9 @@ def test_learning_rate_rule():
     (("topk", D, N), {"k": 0}, "positive integer"),
     (("jumprelu", D, N), {"bandwidth": 0.0}, "bandwidth"),
     (("relu", D, N), {"l1_coeff": -1.0}, "l1_coeff"),
+    (("matryoshka_batchtopk", D, N), {"matryoshka_widths": [16, 8]}, "strictly increasing"),
+    (("matryoshka_batchtopk", D, N), {"matryoshka_widths": [8, 2 * N]}, "at most n_latents"),
+    (("matryoshka_batchtopk", D, N), {"matryoshka_widths": "8,16"}, "list of integers"),
 ])
 def test_bad_arguments_raise_a_clear_platform_error(args, kwargs, words):
     with pytest.raises(PlatformError) as info:
@@ -540,3 +589,67 @@ def test_lr_for_rejects_empty_dictionary():
     with pytest.raises(PlatformError):
         lr_for(0)
     assert math.isfinite(lr_for(1))
+
+
+# --- transcoders ----------------------------------------------------------------------------------
+
+def make_pairs(n_rows, seed=0, n_true=32, active=3, d_out=D + 4):
+    """(x, y) that share one sparse code: x = c @ truth_in, y = c @ truth_out + offset (an MLP-like
+    map a transcoder can learn, and an SAE on x alone cannot produce y)."""
+    g0 = torch.Generator().manual_seed(4321)
+    truth_in = F.normalize(torch.randn(n_true, D, generator=g0), dim=1)
+    truth_out = torch.randn(n_true, d_out, generator=g0) * 3
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.rand(n_rows, n_true, generator=g).argsort(1)[:, :active]
+    coeffs = torch.zeros(n_rows, n_true).scatter_(1, picks, 0.5 + torch.rand(n_rows, active, generator=g))
+    return coeffs @ truth_in * 20, coeffs @ truth_out + 2.0
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "matryoshka_batchtopk", "relu"])
+def test_transcoder_learns_the_paired_map(variant, one_thread):
+    x, y = make_pairs(4096, seed=1)
+    hx, hy = make_pairs(512, seed=2)
+    extra = {"relu": {"l1_coeff": 3e-2}}.get(variant, {})
+    torch.manual_seed(0)
+    sae = build_sae(variant, D, N, d_out=D + 4, **{**SMALL[variant], **extra})
+    assert sae.is_transcoder and sae.W_dec.shape == (N, D + 4) and sae.config["d_out"] == D + 4
+    sae.calibrate_(x[:1024], y[:1024])
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2, eps=ADAM_EPS)
+    g = torch.Generator().manual_seed(0)
+    since_fired = torch.zeros(N)
+    for _ in range(300):
+        rows = torch.randint(0, len(x), (128,), generator=g)
+        out = sae(x[rows], dead_mask=since_fired > 2560, target=y[rows])
+        assert out.recon.shape == (128, D + 4)
+        total, terms = sae.loss(y[rows], out)
+        opt.zero_grad()
+        total.backward()
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.normalize_decoder_()
+        since_fired = torch.where(out.fired, 0, since_fired + 128)
+    sae.eval()
+    with torch.no_grad():
+        recon = sae.decode(sae.encode(hx))
+    assert float(normalized_mse(recon, hy)) < 0.3
+    rebuilt = build_sae(**sae.config)
+    rebuilt.load_state_dict(sae.state_dict())  # output_scale and b_dec are in the checkpoint
+    rebuilt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.decode(rebuilt.encode(hx)), recon)
+
+
+def test_transcoder_auxk_models_the_target_error():
+    x, y = make_pairs(64)
+    torch.manual_seed(0)
+    sae = build_sae("topk", D, N, d_out=D + 4, k=K)
+    sae.calibrate_(x, y)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[N // 2:] = True
+    out = sae(x, dead_mask=dead, target=y)
+    assert float(out.parts["auxk"]) > 0
+    assert "auxk" not in sae(x, dead_mask=dead).parts  # without the target there is no error to model
+    with pytest.raises(PlatformError, match="no target rows"):
+        build_sae("topk", D, N, d_out=D, k=K).calibrate_(x)
+    with pytest.raises(PlatformError, match="switch transcoder"):
+        build_sae("switch", D, N, d_out=D, k=K, n_experts=4)

@@ -18,7 +18,7 @@ BAD = [
     (TrainSettings, "holdout_rows", -1, "an integer >= 0"), (TrainSettings, "lr", 1e39, "a finite number > 0"),
     (TrainSettings, "lr", math.nan, "a finite number > 0"), (TrainSettings, "lr", 0.0, "a finite number > 0"),
     (TrainSettings, "checkpoint_every_tokens", 0, "an integer >= 1"), (TrainSettings, "k", 0, "an integer >= 1"),
-    (TrainSettings, "variant", "gated", "one of topk, batchtopk, switch, jumprelu, relu"),
+    (TrainSettings, "variant", "gated", "one of topk, batchtopk, matryoshka_batchtopk, switch, jumprelu, relu"),
     (EvalSettings, "ce_contexts", -1, "an integer >= 0"), (EvalSettings, "max_dead_fraction", 1.5, "<= 1"),
     (EvalSettings, "max_fvu", math.inf, "a finite number >= 0"),
     (FeatureSettings, "top_k", 0, "an integer >= 1"), (FeatureSettings, "before", -1, "an integer >= 0"),

@@ -315,3 +315,83 @@ def test_ce_contexts_from_too_little_held_out_text(caplog):
     with caplog.at_level(logging.WARNING):
         assert heldout_ce_tokens(some, ctx_len=128, n_contexts=2, start_token_id=0).shape == (2, 128)
     assert not caplog.text
+
+
+def test_a_transcoder_trains_on_paired_rows_cached_in_one_pass_and_is_evaluated_in_place_of_the_mlp(
+        store, tiny_hooked, text_dir):
+    """ln2.hook_normalized -> hook_mlp_out pairs cached from one pass stay paired through the
+    shuffle (each shuffled row is [input | output] of one token); the transcoder trains on them,
+    is scored against the MLP output, spliced in place of the MLP for the CE, and exported with
+    both hook names."""
+    import json
+
+    from sae_platform.activations import CacheSettings, cache_text_file
+    from sae_platform.corpus import list_source
+    from sae_platform.evaluate import evaluate_sae
+    from sae_platform.export import export_run
+
+    pair = "blocks.1.ln2.hook_normalized -> blocks.1.hook_mlp_out"
+    settings = CacheSettings(ctx_len=16, batch_size=8, dtype="float32", hook_points=[pair])
+    for text_file in list_source(str(text_dir / "*")):
+        cache_text_file(store, text_file, tiny_hooked, "tiny", settings)
+    shuffle.run_shuffle(store, "main", n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
+    rows = next(shuffle.iter_shuffled(store, "main", 4096))[1]
+    assert rows.shape[1] == 64
+    mlp = dict(tiny_hooked.model.model.layers[1].named_children())["mlp"]
+    with torch.no_grad():  # still paired after the shuffle: the output is the MLP of the input
+        np.testing.assert_allclose(mlp(torch.from_numpy(rows[:, :32])).numpy(), rows[:, 32:], rtol=1e-4, atol=1e-5)
+
+    train = TrainSettings(variant="batchtopk", n_latents=64, k=8, batch_size=128, token_budget=128 * 40, lr=3e-3,
+                          checkpoint_every_tokens=128 * 40, holdout_rows=128, log_every_steps=10,
+                          dead_after_tokens=128 * 10)
+    result = train_sae(store, "main", "tc", train, log=lambda m: None)
+    assert result["history"][-1]["nmse"] < 0.8 * result["history"][0]["nmse"]
+    sae, cfg = load_sae(store, "tc")
+    assert sae.is_transcoder and sae.d_model == 32 and sae.d_out == 32 and cfg["sae"]["d_out"] == 32
+
+    report, _ = evaluate_sae(store, "main", "tc", tiny_hooked, _heldout_tokens(tiny_hooked), torch.device("cpu"))
+    assert report["hook_name"] == "blocks.1.hook_mlp_out"
+    assert 0 < report["fvu"] < 1 and report["ce_zero"] != report["ce_clean"]
+    assert report["loss_recovered"] is not None and report["ce_n_spliced"] > 0
+
+    exported = export_run(store, "tc")
+    cfg_json = json.loads(store.fs.cat_file(exported["cfg_path"]))
+    assert exported["architecture"] == "jumprelu_transcoder"
+    assert cfg_json["hook_name"] == "blocks.1.ln2.hook_normalized" and cfg_json["hook_name_out"] == "blocks.1.hook_mlp_out"
+
+
+def _heldout_tokens(hooked, n=4, ctx_len=16):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, hooked.model.config.vocab_size, size=(n, ctx_len))
+    tokens[:, 0] = hooked.start_token_id
+    return tokens.astype(np.int32)
+
+
+def test_one_sae_per_hook_point_from_one_caching_pass(store, tiny_hooked, text_dir):
+    """Two hook points cached in one pass; each entry has its own shuffled store
+    (``hook_store_name``); an SAE trained on the second is evaluated by splicing at its own hook
+    point and exported under that name."""
+    import json
+
+    from sae_platform.activations import CacheSettings, cache_text_file
+    from sae_platform.corpus import list_source
+    from sae_platform.evaluate import evaluate_sae
+    from sae_platform.export import export_run
+
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]
+    settings = CacheSettings(ctx_len=16, batch_size=8, dtype="float32", hook_points=hooks)
+    for text_file in list_source(str(text_dir / "*")):
+        cache_text_file(store, text_file, tiny_hooked, "tiny", settings)
+    names = [shuffle.hook_store_name("main", i) for i in range(2)]
+    assert names == ["main", "main.h1"]
+    for name in names:
+        shuffle.run_shuffle(store, name, n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
+    a, b = (next(shuffle.iter_shuffled(store, n, 4096))[1] for n in names)
+    assert a.shape[1] == b.shape[1] == 32 and not np.allclose(a[:10], b[:10])
+    train = TrainSettings(variant="topk", n_latents=64, k=4, batch_size=128, token_budget=128 * 10,
+                          checkpoint_every_tokens=128 * 10, holdout_rows=128, dead_after_tokens=128 * 10)
+    train_sae(store, "main.h1", "mlp0", train, log=lambda m: None)
+    report, _ = evaluate_sae(store, "main.h1", "mlp0", tiny_hooked, _heldout_tokens(tiny_hooked), torch.device("cpu"))
+    assert report["hook_name"] == "blocks.0.hook_mlp_out" and report["loss_recovered"] is not None
+    cfg = json.loads(store.fs.cat_file(export_run(store, "mlp0")["cfg_path"]))
+    assert cfg["hook_name"] == "blocks.0.hook_mlp_out" and cfg["hook_layer"] == 0

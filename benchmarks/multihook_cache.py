@@ -1,0 +1,139 @@
+"""Caching k hook points from one forward pass against k separate caching passes (issue 14).
+
+What is measured, in one run, on the same token batches (``batch_size`` x ``ctx_len`` contexts):
+
+* **one pass**: ``cache_partition`` with ``hook_points`` = the k hook points: one forward pass per
+  batch (stopping after the deepest hook point) feeds k activation stores.
+* **k passes** (the baseline): k ``cache_partition`` runs, one hook point each, each with its own
+  forward passes, as the platform had to do before it could read several hook points per pass.
+
+Both sides write the same k stores (same rows, same bytes), so the difference is the forward
+passes saved. The default hook points lie in the same block (``hook_attn_out``, ``hook_mlp_out``
+and ``hook_resid_post`` of the middle layer, "the same layer range"), where k separate passes
+each run nearly the whole prefix of the model: the figure is (k passes seconds) / (one pass
+seconds), goal >= 0.8 * k. The sides alternate, after an untimed warm-up of each; medians are
+quoted, and ``noisy`` is set when the load average exceeded the core count.
+
+The base model is converted from the embedded GGUF once into a persistent artifact root
+(``--root``, default ``.cache/bench_artifacts``, gitignored); stores are written into a scratch
+root and deleted. Token ids are drawn at random (the forward pass does not care what they say).
+
+    python benchmarks/multihook_cache.py --quick     # < 1 minute on 2 CPU cores
+    python benchmarks/multihook_cache.py --hook-points blocks.4.hook_mlp_out blocks.8.hook_mlp_out blocks.12.hook_mlp_out
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: make the package importable without installing it
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from sae_platform.activations import CacheSettings, cache_partition  # noqa: E402
+from sae_platform.corpus import Contexts  # noqa: E402
+from sae_platform.model import EMBEDDED_MODEL, ensure_base_model, load_hooked_model  # noqa: E402
+from sae_platform.storage import ArtifactStore  # noqa: E402
+
+GOAL_PER_HOOK = 0.8  # one pass must be >= 0.8 * k times faster than k passes
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few batches and repeats: < 1 minute on 2 CPU cores")
+    parser.add_argument("--root", default=str(REPO / ".cache" / "bench_artifacts"),
+                        help="persistent artifact root holding the converted base model (default: %(default)s)")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source (default: %(default)s)")
+    parser.add_argument("--hook-points", nargs="+", default=None,
+                        help="hook points (default: attn_out, mlp_out and resid_post of the middle block)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    parser.add_argument("--autocast", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), none, bfloat16, float16")
+    parser.add_argument("--batch-size", type=int, default=None, help="contexts per forward pass (quick: 4, else 16)")
+    parser.add_argument("--ctx-len", type=int, default=None, help="tokens per context (quick: 64, else 128)")
+    parser.add_argument("--batches", type=int, default=None, help="forward batches per timed run (quick: 2, else 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs of each side (quick: 3, else 5)")
+    args = parser.parse_args(argv)
+    args.batch_size = args.batch_size or (4 if args.quick else 16)
+    args.ctx_len = args.ctx_len or (64 if args.quick else 128)
+    args.batches = args.batches or (2 if args.quick else 4)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    return args
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    load_before = load_average()
+    store = ArtifactStore(args.root)
+    model_dir, _ = ensure_base_model(store, args.model)
+    model = load_hooked_model(model_dir, None, args.device, args.autocast)
+    hooks = args.hook_points or [f"blocks.{model.layer}.{site}" for site in
+                                 ("hook_attn_out", "hook_mlp_out", "hook_resid_post")]
+    k = len(hooks)
+    rng = np.random.default_rng(0)
+    n_contexts = args.batches * args.batch_size
+    tokens = rng.integers(1, model.model.config.vocab_size, size=(n_contexts, args.ctx_len)).astype(np.int32)
+    tokens[tokens == model.start_token_id] = model.start_token_id + 1
+    tokens[:, 0] = model.start_token_id
+    contexts = Contexts(tokens, np.zeros_like(tokens), dropped_tokens=0)
+
+    def settings(points):
+        return CacheSettings(ctx_len=args.ctx_len, batch_size=args.batch_size, dtype="float32", hook_points=points)
+
+    scratch_parent = Path(args.root).parent
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    one_s, sep_s = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_scratch-", dir=scratch_parent) as scratch:
+        runs = {"n": 0}
+
+        def run(points) -> float:
+            runs["n"] += 1  # each run its own root: the compatibility check must not mix hook points
+            root = ArtifactStore(str(Path(scratch) / f"r{runs['n']}"))
+            start = time.perf_counter()
+            cache_partition(root, "bench", model, args.model, [], contexts, settings(points))
+            return time.perf_counter() - start
+
+        run(hooks)  # warm-up, untimed
+        for hook in hooks:
+            run([hook])
+        for rep in range(args.repeats):
+            for side in (("one", "sep") if rep % 2 == 0 else ("sep", "one")):
+                gc.collect()
+                if side == "one":
+                    one_s.append(run(hooks))
+                else:
+                    sep_s.append(sum(run([hook]) for hook in hooks))
+    load_after = load_average()
+    one, sep = statistics.median(one_s), statistics.median(sep_s)
+    cores = os.cpu_count() or 1
+    noisy = any(load is not None and load > cores for load in (load_before, load_after))
+    n_tokens = contexts.tokens.size
+    print(f"{k} hook points: {', '.join(hooks)}")
+    print(f"{'':>22} {'median s':>10} {'tokens/s':>10}")
+    print(f"{'one pass (k stores)':>22} {one:>10.3f} {n_tokens / one:>10.0f}")
+    print(f"{'k separate passes':>22} {sep:>10.3f} {n_tokens / sep:>10.0f}")
+    print(f"speed-up {sep / one:.2f}x (goal >= {GOAL_PER_HOOK * k:.1f}x); load average {load_before} -> {load_after}")
+    print(json.dumps({"metric": f"multihook_cache_speedup_k{k}", "value": round(sep / one, 3),
+                      "baseline": f"{k} separate caching passes", "ratio": round(sep / one, 3),
+                      "goal": round(GOAL_PER_HOOK * k, 2), "seconds_one_pass": round(one, 3), "seconds_k_passes": round(sep, 3),
+                      "hook_points": hooks, "tokens": int(n_tokens), "noisy": noisy}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
