@@ -11,6 +11,7 @@ from assets.partitions import ACTIVATION_BATCHES, FEATURE_JOBS, FEATURE_SHARDS, 
 from assets.stage import Check, Stage, StageRun, pointer_version
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
+from sae_platform import metrics as fm
 from sae_platform.activations import open_partition
 from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
@@ -216,6 +217,56 @@ FEATURE_CONTEXTS = _stage(
     version=pointer_version(lambda run: ctx.shard_name(_settings(run).sae_name, _shard(run.partition_key))))
 
 
+# -- explanations ---------------------------------------------------------------------------------
+
+def explanations_current(run: StageRun) -> str | None:
+    settings = _settings(run)
+    if settings.rebuild or not fm.explanations_current(run.store, settings.sae_name, _shard(run.partition_key)):
+        return None
+    return (f"the explanations of {settings.sae_name} [{run.partition_key}] describe its current checkpoint "
+            "(resources.features.config.rebuild forces a rebuild)")
+
+
+def explain_features(run: StageRun) -> dict:
+    """N2G explanations of this shard's features from their top and interval windows, scored on held-out
+    text; nearest features by decoder cosine; co-occurring features."""
+    from assets.training import heldout_contexts
+
+    settings, sae, store = _settings(run), _load(run), run.store
+    index = _shard(run.partition_key)
+    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    evaluation = run.resources.evaluation.settings()
+    hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
+    tokens = heldout_contexts(run.resources.holdout_text, hooked, evaluation.ctx_len,
+                              max(evaluation.metric_contexts, 2), run.log, setting_name="metric_contexts",
+                              what="the explanation scores")
+    run.log.info(f"explaining features [{start:,}, {stop:,}) from their windows, scored on {len(tokens)} held-out "
+                 "contexts")
+    summary, frame = fm.explain_shard(store, settings.sae_name, sae, hooked, tokens, index, start, stop,
+                                      ctx.read_feature_contexts(store, settings.sae_name, index))
+    best = (frame.filter(pl.col("n_firings") >= 3).with_columns(
+        f1=2 * pl.col("precision") * pl.col("recall") / (pl.col("precision") + pl.col("recall")))
+        .sort(["f1", "n_firings"], descending=True, nulls_last=True).head(PREVIEW_FEATURES))
+    rows = [{"feature": r["feature"], "explanation": r["explanation"][:120], "precision": round(r["precision"] or 0, 3),
+             "recall": round(r["recall"] or 0, 3), "browser": f"{BROWSER_URL}#/feature/{r['feature']}"}
+            for r in best.iter_rows(named=True)]
+    return {"sae": settings.sae_name, "features": f"[{start}, {stop})", "heldout_contexts": len(tokens),
+            **{k: v for k, v in summary.items() if v is not None}, **table_metadata(frame),
+            "best_explained": table_preview(rows, {"feature": "int", "explanation": "string", "precision": "float",
+                                                   "recall": "float", "browser": "string"}),
+            "path": MetadataValue.path(store.url(store.resolve(fm.explanations_name(settings.sae_name, index))))}
+
+
+FEATURE_EXPLANATIONS = Stage(
+    asset="feature_explanations", op_name="explain_shard", group="features", kinds=frozenset({"parquet"}),
+    description="N2G explanations (Gao et al. 2024, section 4.4) of one feature shard from its top and interval "
+                "windows, scored by precision and recall on held-out text; nearest features by decoder cosine; "
+                "co-occurring features.",
+    partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model", "holdout_text", "evaluation"),
+    deps=("feature_contexts",), up_to_date=explanations_current, body=explain_features,
+    version=pointer_version(lambda run: fm.explanations_name(_settings(run).sae_name, _shard(run.partition_key))))
+
+
 # -- browser --------------------------------------------------------------------------------------
 
 def build_browser(run: StageRun) -> dict:
@@ -232,6 +283,7 @@ def build_browser(run: StageRun) -> dict:
                        "feature_examples": shown_examples(tables.examples, settings.random_examples),
                        "feature_contexts": ctx.read_feature_contexts(store, settings.sae_name, index),
                        "logit_effects": store.read_parquet(f"{logits_path}/logit_effects.parquet"),
+                       "explanations": fm.read_explanations(store, settings.sae_name, index),
                        "lineage": recorded_lineage(store, settings.sae_name, index)})  # each page: its shard's
     # site-wide: what every shard shares (checkpoint, shuffle, partitions, model) and the browser's run
     lineage = {k: v for k, v in shards[0]["lineage"].items() if k != "feature_table"}
@@ -258,7 +310,9 @@ FEATURE_BROWSER = _stage(
                 "histogram, logit effects, lineage). Serve it with `make browse`.",
     resources=("storage", "features"),
     deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()),
-          AssetDep("feature_contexts", partition_mapping=AllPartitionMapping())),
+          AssetDep("feature_contexts", partition_mapping=AllPartitionMapping()),
+          AssetDep("feature_explanations", partition_mapping=AllPartitionMapping())),
     body=build_browser, version=browser_version)
 
-STAGES = [FEATURE_STATS_PARTIAL, FEATURE_TOPK, FEATURE_CONTEXT_WINDOWS, FEATURE_CONTEXTS, FEATURE_BROWSER]
+STAGES = [FEATURE_STATS_PARTIAL, FEATURE_TOPK, FEATURE_CONTEXT_WINDOWS, FEATURE_CONTEXTS, FEATURE_EXPLANATIONS,
+          FEATURE_BROWSER]

@@ -207,7 +207,8 @@ def cmd_train(args) -> int:
 
 
 def build_features(instance, defs, sae_name: str) -> bool:
-    """Passes 1-3 and the browser, one Dagster run per partition (as a backfill would launch them)."""
+    """Passes 1-3, the explanations and the browser, one Dagster run per partition (as a backfill would
+    launch them)."""
     from dagster import MultiPartitionKey
     from tqdm import tqdm
 
@@ -219,7 +220,8 @@ def build_features(instance, defs, sae_name: str) -> bool:
     shards = [f"f{i}" for i in range(N_FEATURE_SHARDS)]
     run_config = _quiet(stage_settings(features={"sae_name": sae_name}))
     steps = [("feature_pass_1", [MultiPartitionKey({"batch": b, "features": f}) for b in batches for f in shards]),
-             ("feature_pass_2", shards), ("feature_pass_3", batches), ("feature_regroup", shards)]
+             ("feature_pass_2", shards), ("feature_pass_3", batches), ("feature_regroup", shards),
+             ("explain_features", shards)]
     for job_name, keys in steps:
         job = defs.resolve_job_def(job_name)
         for key in tqdm(keys, desc=job_name, unit="run"):

@@ -49,6 +49,9 @@ ASSET_JOBS = [
                      description="Pass 3: context windows of the examples that fall in one activation batch."),
     define_asset_job("feature_regroup", selection=AssetSelection.assets("feature_contexts"),
                      partitions_def=FEATURE_SHARDS, description="Pass 3 regrouped by feature shard."),
+    define_asset_job("explain_features", selection=AssetSelection.assets("feature_explanations"),
+                     partitions_def=FEATURE_SHARDS, description="N2G explanations of one feature shard, scored on "
+                                                                "held-out text; similar and co-occurring features."),
     define_asset_job("build_browser", selection=AssetSelection.assets("feature_browser"),
                      description="Generate the static feature browser."),
 ]

@@ -1,5 +1,5 @@
 """`full_pipeline`: the whole chain in one run, text → activations → shuffle → SAEs → evaluation →
-feature tables → context windows → browser.
+feature tables → context windows → explanations → browser.
 
     dagster job execute -m jobs.definitions -j full_pipeline -c config/demo.yaml
 
@@ -179,6 +179,7 @@ partial_stats = partition_step(STAGES["feature_stats_partial"])
 merge_shard = partition_step(STAGES["feature_topk"])
 context_windows = partition_step(STAGES["feature_context_windows"])
 regroup_contexts = partition_step(STAGES["feature_contexts"])
+explain_shard = partition_step(STAGES["feature_explanations"])
 write_browser = single_step(STAGES["feature_browser"])
 
 
@@ -223,6 +224,7 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         merged = feature_shards.alias("pass_2_shards")(partials).map(merge_shard).collect()
         windows = pinned_batch_keys(merged).map(context_windows).collect()
         regrouped = feature_shards.alias("regroup_shards")(windows).map(regroup_contexts).collect()
-        write_browser(regrouped)
+        explained = feature_shards.alias("explain_shards")(regrouped).map(explain_shard).collect()
+        write_browser(explained)
 
     return full_pipeline

@@ -2,6 +2,7 @@
 
 import json
 
+import polars as pl
 import pytest
 from dagster import AssetKey, DagsterInstance, Definitions
 
@@ -17,6 +18,7 @@ from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file
 from sae_platform.corpus import list_source
 from sae_platform.lineage import feature_table_lineage, format_lineage
+from sae_platform.metrics import explanations_current, read_explanations
 from sae_platform.trainer import TrainSettings, train_sae
 
 SAE = "topk-4k-k32"
@@ -30,8 +32,11 @@ def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
     sh.run_shuffle(store, "main", n_buckets=4, memory_budget_bytes=1 << 20, n_jobs=2, seed=0)
     train_sae(store, "main", SAE, TrainSettings(variant="topk", n_latents=256, k=8, batch_size=256,
                                                token_budget=256 * 8, holdout_rows=256), log=lambda m: None)
+    holdout = tmp_path / "holdout"
+    holdout.mkdir()
+    (holdout / "held.txt").write_text((text_dir / "beta.txt").read_text())
     resources = build_resources(Settings(root_url=store.root_url, data_dir=str(tmp_path), inbox=str(text_dir / "*"),
-                                         s3_endpoint_url=None))
+                                         s3_endpoint_url=None, holdout=str(holdout / "*")))
     resources["language_model"] = BaseModelResource(source=str(tiny_model_dir), layer=1, device="cpu")
     resources["features"] = stage_resource("features", {"sae_name": SAE, "top_k": 5, "reservoir_factor": 4,
                                                         "device": "cpu"})
@@ -58,6 +63,15 @@ def test_feature_pipeline_through_dagster(pipeline, store):
     site = store.path("browser", SAE)
     index = json.loads(open(f"{site}/site.json").read())
     assert json.loads(open(f"{site}/{index['data']}/index.json").read())["n_features"] == 256
+    # explanations: one row per feature of each shard, pinned to the checkpoint, scores in [0, 1]
+    explained = pl.concat([read_explanations(store, SAE, i) for i in range(N_FEATURE_SHARDS)])
+    assert explained["feature"].to_list() == list(range(256))
+    scored = explained.filter(pl.col("recall").is_not_null())
+    assert scored.height > 0 and scored["recall"].is_between(0, 1).all()
+    assert (explained["neighbors"].list.len() == 10).all()
+    meta = instance.fetch_materializations(AssetKey("feature_explanations"), limit=10).records
+    assert len(meta) == N_FEATURE_SHARDS
+    assert all(explanations_current(store, SAE, i) for i in range(N_FEATURE_SHARDS))
 
 
 def test_lineage_names_every_upstream_artifact(pipeline, store):
