@@ -13,6 +13,7 @@ from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform import metrics as fm
 from sae_platform.activations import open_partition
+from sae_platform.evaluate import eval_name
 from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.model import pick_device
@@ -289,9 +290,11 @@ def build_browser(run: StageRun) -> dict:
     lineage = {k: v for k, v in shards[0]["lineage"].items() if k != "feature_table"}
     lineage["browser_dagster_run_id"] = run.run_id
     out = browser_dir(store, settings.sae_name)
+    evaluated = store.resolve(eval_name(settings.sae_name))  # the overview page's figures, when evaluated
+    evaluation = store.read_json(f"{evaluated}/report.json") if evaluated else None
     summary = build_site(out if store.is_local else store.url(out), run=settings.sae_name, shards=shards,
                          hist_bin_edges=ft.hist_bin_edges(), lineage=lineage, n_intervals=settings.n_intervals,
-                         fs=None if store.is_local else store.fs)
+                         fs=None if store.is_local else store.fs, evaluation=evaluation)
     run.log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
     return {
         "n_features": summary["n_features"], "bytes": summary["bytes"], "files": summary["files"],
