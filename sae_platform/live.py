@@ -65,7 +65,7 @@ class LiveEncoder:
         for v, i in zip(values, indices, strict=True):
             keep = np.flatnonzero(v > 0)
             keep = keep[np.argsort(-v[keep], kind="stable")][: self.top]
-            per_token.append([[int(i[k]), round(float(v[k]), 4)] for k in keep])
+            per_token.append([[int(i[k]), float(f"{v[k]:.4g}")] for k in keep])  # 4 significant digits
         return {"tokens": token_display_strings(self.hooked.tokenizer, ids), "features": per_token,
                 "truncated": truncated, "max_tokens": self.max_tokens}
 
