@@ -6,7 +6,7 @@ when its checkpoint is a finished training with the same settings on the current
 checks, so the catalog shows pass/fail per SAE.
 """
 
-from dagster import MetadataValue
+from dagster import AllPartitionMapping, AssetDep, MetadataValue
 
 from assets.metadata import inline_png, table_preview
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
@@ -180,4 +180,30 @@ SAE_EVAL = Stage(
               threshold("loss_recovered", "min_loss_recovered", below=False, window="held-out text")),
     ))
 
-STAGES = [SAE_CHECKPOINT, SAE_EVAL]
+
+
+# -- the sweep side by side -----------------------------------------------------------------------
+
+def compare(run: StageRun) -> dict:
+    """Every evaluated SAE of the sweep on every figure: a metadata table and one HTML page."""
+    from sae_platform.compare import COLUMNS, comparison_html, comparison_rows
+
+    store = run.store
+    rows = comparison_rows(store, list(SAE_SWEEP_SPECS))
+    page = store.path("reports", "sweep_comparison.html")
+    store.write_bytes_atomic(page, comparison_html(rows).encode())
+    run.log.info(f"{len(rows)} of {len(SAE_SWEEP_SPECS)} sweep entries evaluated")
+    kinds = {key: "int" if key in ("checkpoint_step", "training_tokens") else "float" for key, _, _ in COLUMNS}
+    return {"evaluated": len(rows), "sweep_entries": len(SAE_SWEEP_SPECS),
+            "comparison": table_preview(rows, {"sae": "string", **kinds}),
+            "page": MetadataValue.path(store.url(page))}
+
+
+SAE_COMPARISON = Stage(
+    asset="sae_comparison", op_name="compare_saes", group="training", kinds=frozenset({"html"}),
+    description="Every evaluated SAE of the sweep side by side on every figure of sae_eval (FVU, L0, dead, loss "
+                "recovered, N2G precision/recall, ablation sparsity, probe loss vs neurons): a table and one page.",
+    deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),), body=compare,
+    version=lambda run: None)
+
+STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_COMPARISON]

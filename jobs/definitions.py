@@ -36,8 +36,11 @@ ASSET_JOBS = [
     define_asset_job("shuffle_activations", selection=AssetSelection.groups("shuffle"),
                      description="Plan, scatter, finalize and commit the global shuffle of every cached activation "
                                  "partition (one ranged run over the shuffle workers)."),
-    define_asset_job("train_saes", selection=AssetSelection.groups("training"), partitions_def=SAE_SWEEP,
+    define_asset_job("train_saes", selection=AssetSelection.assets("sae_checkpoint", "sae_eval"),
+                     partitions_def=SAE_SWEEP,
                      description="Train and evaluate one SAE of the sweep (partition = sweep entry)."),
+    define_asset_job("compare_sweep", selection=AssetSelection.assets("sae_comparison"),
+                     description="Every evaluated SAE of the sweep side by side on every evaluation figure."),
     define_asset_job("feature_pass_1", selection=AssetSelection.assets("feature_stats_partial"),
                      partitions_def=FEATURE_JOBS,
                      description="Pass 1 of the feature tables for one (activation batch, feature shard)."),
