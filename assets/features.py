@@ -268,6 +268,52 @@ FEATURE_EXPLANATIONS = Stage(
     version=pointer_version(lambda run: fm.explanations_name(_settings(run).sae_name, _shard(run.partition_key))))
 
 
+def llm_explanations_name(run: str, shard_index: int) -> str:
+    return f"features/{run}/llm_explanations/f{shard_index}"
+
+
+def explain_with_llm(run: StageRun) -> dict:
+    """LLM explanations of the shard's most active latents, scored by detection on held-out text."""
+    from assets.training import heldout_contexts
+    from sae_platform.llm_explain import llm_explain_shard
+
+    settings, sae, store = _settings(run), _load(run), run.store
+    index = _shard(run.partition_key)
+    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    llm, evaluation = run.resources.llm_explainer, run.resources.evaluation.settings()
+    hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
+    tokens = heldout_contexts(run.resources.holdout_text, hooked, evaluation.ctx_len,
+                              max(evaluation.metric_contexts, 2), run.log, setting_name="metric_contexts",
+                              what="the LLM explanation scores")
+    run.log.info(f"LLM explanations of up to {llm.features_per_shard} features of [{start:,}, {stop:,}) by "
+                 f"{llm.describe()}")
+    rows = llm_explain_shard(llm.backend(store), ctx.read_feature_contexts(store, settings.sae_name, index),
+                             fm.heldout_codes(hooked, sae, tokens), hooked.tokenizer, start, stop,
+                             n_features=llm.features_per_shard, n_examples=llm.examples)
+    frame = pl.DataFrame(rows, schema={"feature": pl.Int64, "explanation": pl.String, "balanced_accuracy": pl.Float64,
+                                       "true_positive_rate": pl.Float64, "true_negative_rate": pl.Float64,
+                                       "n_positive": pl.Int64, "n_negative": pl.Int64})
+    with store.writing(llm_explanations_name(settings.sae_name, index), explainer=llm.describe()) as version:
+        store.write_parquet(f"{version}/llm_explanations.parquet", frame)
+    preview = [{"feature": r["feature"], "explanation": r["explanation"][:120],
+                "balanced_accuracy": round(r["balanced_accuracy"], 3)} for r in rows]
+    return {"explainer": llm.describe(), "n_explained": len(rows),
+            **({"balanced_accuracy": float(frame["balanced_accuracy"].mean())} if rows else {}),
+            "explanations": table_preview(preview, {"feature": "int", "explanation": "string",
+                                                    "balanced_accuracy": "float"}),
+            "path": MetadataValue.path(store.url(store.resolve(llm_explanations_name(settings.sae_name, index))))}
+
+
+FEATURE_LLM_EXPLANATIONS = Stage(
+    asset="feature_llm_explanations", op_name="explain_with_llm_step", group="features", kinds=frozenset({"parquet"}),
+    description="Optional: LLM explanations of a few latents of one feature shard (an OpenAI-compatible endpoint, "
+                "or the embedded SmolLM2-135M-Instruct offline), scored by detection: balanced accuracy on held-out "
+                "activating and non-activating text (delphi).",
+    partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model", "holdout_text", "evaluation", "llm_explainer"),
+    deps=("feature_contexts",), body=explain_with_llm,
+    version=pointer_version(lambda run: llm_explanations_name(_settings(run).sae_name, _shard(run.partition_key))))
+
+
 # -- browser --------------------------------------------------------------------------------------
 
 def build_browser(run: StageRun) -> dict:
@@ -318,4 +364,4 @@ FEATURE_BROWSER = _stage(
     body=build_browser, version=browser_version)
 
 STAGES = [FEATURE_STATS_PARTIAL, FEATURE_TOPK, FEATURE_CONTEXT_WINDOWS, FEATURE_CONTEXTS, FEATURE_EXPLANATIONS,
-          FEATURE_BROWSER]
+          FEATURE_LLM_EXPLANATIONS, FEATURE_BROWSER]

@@ -20,6 +20,7 @@ from resources import (
     STAGE_SETTINGS,
     AutomationResource,
     BaseModelResource,
+    LLMExplainerResource,
     StorageResource,
     TextSourceResource,
     read_run_config,
@@ -55,6 +56,9 @@ ASSET_JOBS = [
     define_asset_job("explain_features", selection=AssetSelection.assets("feature_explanations"),
                      partitions_def=FEATURE_SHARDS, description="N2G explanations of one feature shard, scored on "
                                                                 "held-out text; similar and co-occurring features."),
+    define_asset_job("explain_with_llm", selection=AssetSelection.assets("feature_llm_explanations"),
+                     partitions_def=FEATURE_SHARDS, description="Optional: LLM explanations of a few features of one "
+                                                                "shard, scored by detection (balanced accuracy)."),
     define_asset_job("build_browser", selection=AssetSelection.assets("feature_browser"),
                      description="Generate the static feature browser."),
 ]
@@ -64,10 +68,12 @@ def build_resources(settings: Settings, run_config: dict | None = None) -> dict:
     """Every resource, with the run config file's ``resources`` section as the deployment's values."""
     run_config = read_run_config(settings.run_config) if run_config is None else run_config
     configured = {key: (value or {}).get("config", {}) for key, value in (run_config.get("resources") or {}).items()}
-    unknown = set(configured) - set(STAGE_SETTINGS) - {"storage", "language_model", "text_source", "holdout_text"}
+    unknown = set(configured) - set(STAGE_SETTINGS) - {"storage", "language_model", "text_source", "holdout_text",
+                                                       "llm_explainer"}
     if unknown:
         raise SettingsError(f"{settings.run_config}: unknown resource(s) {', '.join(sorted(unknown))}",
-                            f"use {', '.join(sorted(STAGE_SETTINGS))}, language_model, text_source, holdout_text")
+                            f"use {', '.join(sorted(STAGE_SETTINGS))}, language_model, text_source, holdout_text, "
+                            "llm_explainer")
     text = {"endpoint_url": settings.s3_endpoint_url}
     return {
         "storage": StorageResource(**{"root_url": settings.root_url, "endpoint_url": settings.s3_endpoint_url,
@@ -78,6 +84,7 @@ def build_resources(settings: Settings, run_config: dict | None = None) -> dict:
                                               **configured.get("holdout_text", {})}),
         **{key: stage_resource(key, configured.get(key)) for key in STAGE_SETTINGS},
         "automation": AutomationResource(run_config_path=settings.run_config),
+        "llm_explainer": LLMExplainerResource(**configured.get("llm_explainer", {})),
     }
 
 

@@ -74,6 +74,33 @@ def test_feature_pipeline_through_dagster(pipeline, store):
     assert all(explanations_current(store, SAE, i) for i in range(N_FEATURE_SHARDS))
 
 
+def test_llm_explanations_through_an_openai_compatible_server(pipeline, store, monkeypatch):
+    from resources import LLMExplainerResource
+    from sae_platform.llm_explain import serve_chat
+    from tests.test_llm_explain import KEY, RuleModel
+
+    defs, instance = pipeline
+    assert build_features(instance, defs, SAE)
+    server, url = serve_chat(RuleModel(), api_key=KEY)
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    try:
+        resources = {**defs.resources, "llm_explainer": LLMExplainerResource(base_url=url, model="rules",
+                                                                            api_key_env="TEST_LLM_KEY",
+                                                                            features_per_shard=3, examples=2)}
+        defs = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources)
+        result = defs.resolve_job_def("explain_with_llm").execute_in_process(instance=instance, partition_key="f0")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.success
+    (event,) = [e for e in result.get_asset_materialization_events()]
+    meta = {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
+    assert meta["explainer"] == f"rules at {url.split('://')[1].split('/')[0]}" and KEY not in str(meta)
+    assert 1 <= meta["n_explained"] <= 3 and 0 <= meta["balanced_accuracy"] <= 1
+    frame = pl.read_parquet(f"{store.resolve(f'features/{SAE}/llm_explanations/f0')}/llm_explanations.parquet")
+    assert frame.height == meta["n_explained"] and (frame["n_positive"] == 2).all()
+
+
 def test_lineage_names_every_upstream_artifact(pipeline, store):
     defs, instance = pipeline
     assert build_features(instance, defs, SAE)
