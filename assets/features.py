@@ -304,13 +304,19 @@ def explain_with_llm(run: StageRun) -> dict:
             "path": MetadataValue.path(store.url(store.resolve(llm_explanations_name(settings.sae_name, index))))}
 
 
+def llm_disabled(run: StageRun) -> str | None:
+    if run.resources.llm_explainer.enabled:
+        return None
+    return "LLM explanations are off (resources.llm_explainer.config.enabled: true turns them on)"
+
+
 FEATURE_LLM_EXPLANATIONS = Stage(
     asset="feature_llm_explanations", op_name="explain_with_llm_step", group="features", kinds=frozenset({"parquet"}),
     description="Optional: LLM explanations of a few latents of one feature shard (an OpenAI-compatible endpoint, "
                 "or the embedded SmolLM2-135M-Instruct offline), scored by detection: balanced accuracy on held-out "
                 "activating and non-activating text (delphi).",
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model", "holdout_text", "evaluation", "llm_explainer"),
-    deps=("feature_contexts",), body=explain_with_llm,
+    deps=("feature_contexts",), body=explain_with_llm, up_to_date=llm_disabled,
     version=pointer_version(lambda run: llm_explanations_name(_settings(run).sae_name, _shard(run.partition_key))))
 
 

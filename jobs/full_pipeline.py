@@ -181,6 +181,7 @@ merge_shard = partition_step(STAGES["feature_topk"])
 context_windows = partition_step(STAGES["feature_context_windows"])
 regroup_contexts = partition_step(STAGES["feature_contexts"])
 explain_shard = partition_step(STAGES["feature_explanations"])
+explain_with_llm_step = partition_step(STAGES["feature_llm_explanations"])  # skipped unless enabled
 write_browser = single_step(STAGES["feature_browser"])
 
 
@@ -227,6 +228,7 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         windows = pinned_batch_keys(merged).map(context_windows).collect()
         regrouped = feature_shards.alias("regroup_shards")(windows).map(regroup_contexts).collect()
         explained = feature_shards.alias("explain_shards")(regrouped).map(explain_shard).collect()
+        explained = feature_shards.alias("llm_shards")(explained).map(explain_with_llm_step).collect()
         write_browser(explained)
 
     return full_pipeline

@@ -48,6 +48,8 @@ class LLMExplainerResource(ConfigurableResource):
     """The model that writes and scores LLM explanations (optional ``feature_llm_explanations``): an
     OpenAI-compatible chat endpoint, or by default the embedded model through transformers (offline)."""
 
+    enabled: bool = Field(default=False, description="write LLM explanations (off by default: feature_llm_explanations "
+                                                     "and its full_pipeline step are skipped)")
     base_url: str = Field(default="", description="OpenAI-compatible endpoint up to the version, e.g. "
                                                   "http://127.0.0.1:8080/v1; empty: local_model through transformers")
     model: str = Field(default="default", description="model name sent to the endpoint")

@@ -84,7 +84,7 @@ def test_llm_explanations_through_an_openai_compatible_server(pipeline, store, m
     server, url = serve_chat(RuleModel(), api_key=KEY)
     monkeypatch.setenv("TEST_LLM_KEY", KEY)
     try:
-        resources = {**defs.resources, "llm_explainer": LLMExplainerResource(base_url=url, model="rules",
+        resources = {**defs.resources, "llm_explainer": LLMExplainerResource(enabled=True, base_url=url, model="rules",
                                                                             api_key_env="TEST_LLM_KEY",
                                                                             features_per_shard=3, examples=2)}
         defs = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources)
