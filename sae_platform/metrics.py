@@ -21,7 +21,13 @@ from sae_platform import explain as n2g
 from sae_platform.ablation import ablation_sparsities
 from sae_platform.errors import PlatformError
 from sae_platform.model import HookedModel
-from sae_platform.probes import PROPERTIES, base_rate_entropy, best_probe_losses, token_properties
+from sae_platform.probes import (
+    PROPERTIES,
+    base_rate_entropy,
+    best_probe_losses,
+    best_probe_losses_dense,
+    token_properties,
+)
 
 MASKED = -2  # token id of positions without codes in an N2G stream: no pattern matches or crosses them
 
@@ -123,9 +129,7 @@ def probe_metrics(codes: HeldoutCodes, tokenizer, n_latents: int) -> tuple[dict,
     row_of = np.full(flat_mask.shape, -1, dtype=np.int64)
     row_of[flat_mask] = np.arange(n_rows)
     sae_loss, sae_best = best_probe_losses(row_of[codes.positions], codes.features, codes.values, n_rows, n_latents, y)
-    resid = codes.resid
-    r, c = np.nonzero(np.ones(resid.shape, dtype=bool))
-    neuron_loss, neuron_best = best_probe_losses(r, c, resid.reshape(-1), n_rows, resid.shape[1], y)
+    neuron_loss, neuron_best = best_probe_losses_dense(codes.resid, y)
     entropy = base_rate_entropy(y)
     table = [{"property": k, "positives": int(y[i].sum()), "tokens": n_rows, "entropy": float(entropy[i]),
               "sae_loss": float(sae_loss[i]), "sae_best_latent": int(sae_best[i]),

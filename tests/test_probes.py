@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 from sae_platform.errors import PlatformError
-from sae_platform.probes import PROPERTIES, base_rate_entropy, best_probe_losses, token_properties
+from sae_platform.probes import (
+    PROPERTIES,
+    base_rate_entropy,
+    best_probe_losses,
+    best_probe_losses_dense,
+    token_properties,
+)
 
 
 def test_the_latent_that_is_the_property_wins_with_loss_near_zero():
@@ -37,6 +43,8 @@ def test_sparse_and_dense_inputs_agree_and_partial_information_is_between():
     dense = best_probe_losses(r, c, x.reshape(-1), n, 3, y[None])
     assert sparse[1][0] == dense[1][0] == 1
     assert sparse[0][0] == pytest.approx(dense[0][0], rel=1e-6)
+    matrix = best_probe_losses_dense(x, y[None])      # the neurons' form: the same fit on quantile bins
+    assert matrix[1][0] == 1 and matrix[0][0] == pytest.approx(dense[0][0], abs=1e-3)
     assert 0.05 < sparse[0][0] < base_rate_entropy(y[None])[0] - 0.05
     with pytest.raises(PlatformError, match="labels"):
         best_probe_losses(rows, cols, x[rows, cols], n, 3, y[None, :10])
