@@ -48,7 +48,6 @@ def synthetic(n_features: int, n_ctx: int = N_CTX, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     trigger = np.minimum(rng.zipf(1.1, size=n_features) + 30, VOCAB - 1)  # each feature's token
-    rows = []
     n_windows = 40
     ids = zipf_tokens(rng, n_features * n_windows * WINDOW).reshape(n_features, n_windows, WINDOW)
     ids[:, :, CENTER] = trigger[:, None]

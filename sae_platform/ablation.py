@@ -14,6 +14,8 @@ token runs in one forward batch (row 0: the base, row i: latent i ablated), cut 
 ``p + T``. Runs on the model's and SAE's devices.
 """
 
+import math
+
 import numpy as np
 import torch
 
@@ -93,10 +95,10 @@ def ablation_sparsities(hooked: HookedModel, sae, tokens: np.ndarray, n_tokens: 
         vocab = logits.shape[-1]
         for i in range(len(latents)):
             s = ablation_sparsity(logits[i + 1] - logits[0])
-            if s == s:
+            if not math.isnan(s):
                 values.append(s)
     arr = np.array(values, dtype=float)
     return {"ablation_sparsity": float(arr.mean()) if len(arr) else None,
             "ablation_sparsity_median": float(np.median(arr)) if len(arr) else None,
-            "ablation_pairs": int(len(arr)),
+            "ablation_pairs": len(arr),
             "ablation_sparsity_min_possible": 1.0 / (vocab * horizon) if vocab else None}

@@ -180,7 +180,7 @@ def score(stream: TokenStream, patterns: list[tuple], firing_positions: np.ndarr
     hits = len(np.intersect1d(matched, firing_positions, assume_unique=True))
     return Score(precision=hits / len(matched) if len(matched) else None,
                  recall=hits / len(firing_positions) if len(firing_positions) else None,
-                 n_matches=int(len(matched)), n_firings=int(len(firing_positions)))
+                 n_matches=len(matched), n_firings=len(firing_positions))
 
 
 def describe(patterns: list[tuple], token_str) -> str:
@@ -271,7 +271,15 @@ def explain_windows(windows, score_stream: TokenStream, score_firing: tuple, fea
     ``token_str``: token id -> text for the readable ``explanation``."""
     import polars as pl
 
-    from sae_platform.tables import ACTS, CENTER, FEATURE, HAS_ACT, KIND, RANK, TOKEN_IDS
+    from sae_platform.tables import (
+        ACTS,
+        CENTER,
+        FEATURE,
+        HAS_ACT,
+        KIND,
+        RANK,
+        TOKEN_IDS,
+    )
 
     order = {k: i for i, k in enumerate(kinds)}
     frame = (windows.filter(pl.col(KIND).is_in(list(kinds)))

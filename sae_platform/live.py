@@ -86,7 +86,7 @@ def make_live_server(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", po
         handler.end_headers()
         handler.wfile.write(data)
 
-    def do_POST(handler):  # noqa: N802 (http.server's name)
+    def do_POST(handler):  # http.server's name
         if handler.path.split("?")[0] != API_PATH:
             return answer(handler, 404, {"error": f"only POST {API_PATH} is answered"})
         try:

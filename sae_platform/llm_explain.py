@@ -174,7 +174,7 @@ def serve_chat(backend, model_name: str = "local", host: str = "127.0.0.1", port
             self.end_headers()
             self.wfile.write(data)
 
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):  # http.server's name
             if self.path.rstrip("/") != "/v1/chat/completions":
                 return self._send(404, {"error": {"message": "not found"}})
             if api_key is not None and self.headers.get("Authorization") != f"Bearer {api_key}":
@@ -240,7 +240,7 @@ def llm_explain_shard(backend, windows, codes, tokenizer, start: int, stop: int,
                 neg_spans.append((a, b))
             if len(neg_spans) == n_examples:
                 break
-        text = lambda ab: tokenizer.decode([int(t) for t in flat[ab[0]:ab[1]]])  # noqa: E731
+        text = lambda ab: tokenizer.decode([int(t) for t in flat[ab[0]:ab[1]]])
         if not neg_spans:
             continue
         score = detection_score(backend, explanation, [text(s) for s in pos_spans], [text(s) for s in neg_spans])

@@ -71,7 +71,7 @@ def heldout_codes(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
         pos.append(flat[r].numpy())
         feat.append(codes.indices.cpu()[on].numpy())
         val.append(codes.values.cpu()[on].float().numpy())
-    cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
+    cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
     return HeldoutCodes(tokens, mask, cat(pos, np.int64), cat(feat, np.int64), cat(val, np.float32),
                         np.concatenate(resid) if keep_resid and resid else None)
 
@@ -175,7 +175,7 @@ def explain_shard(store, run: str, sae, hooked: HookedModel, heldout_tokens: np.
     nearest latents by decoder cosine and the ``cooccurring_k`` latents firing with it most often on
     the held-out text. Commits ``explanations_name(run, shard_index)`` (pinned to the checkpoint
     version) and returns (summary: n2g_* figures of ``explain.summarize``, the frame)."""
-    from functools import lru_cache
+    from functools import cache
 
     from sae_platform.contexts import token_display_strings
     from sae_platform.similarity import cooccurring, nearest_by_decoder
@@ -185,7 +185,7 @@ def explain_shard(store, run: str, sae, hooked: HookedModel, heldout_tokens: np.
     stream = n2g_stream(codes)
     firing = n2g.firing_by_feature(codes.positions, codes.features, sae.n_latents)
 
-    @lru_cache(maxsize=None)
+    @cache
     def token_str(t: int) -> str:
         return token_display_strings(hooked.tokenizer, [t])[0]
 

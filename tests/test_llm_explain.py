@@ -8,7 +8,15 @@ import re
 import pytest
 
 from sae_platform.errors import PlatformError
-from sae_platform.llm_explain import ChatClient, LocalChat, detection_score, explain_feature, mark, says_yes, serve_chat
+from sae_platform.llm_explain import (
+    ChatClient,
+    LocalChat,
+    detection_score,
+    explain_feature,
+    mark,
+    says_yes,
+    serve_chat,
+)
 
 KEY = "sk-test-0123456789"
 
