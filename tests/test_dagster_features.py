@@ -11,15 +11,17 @@ from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from jobs.cli import build_features
 from jobs.definitions import ASSET_JOBS, build_resources
 from jobs.settings import Settings
-from resources import BaseModelResource, stage_resource
+from resources import BaseModelResource, LLMExplainerResource, stage_resource
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file
 from sae_platform.corpus import list_source
 from sae_platform.lineage import feature_table_lineage, format_lineage
+from sae_platform.llm_explain import serve_chat
 from sae_platform.metrics import explanations_current, read_explanations
 from sae_platform.trainer import TrainSettings, train_sae
+from tests.test_llm_explain import KEY, RuleModel
 
 SAE = "topk-4k-k32"
 
@@ -46,7 +48,7 @@ def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
     return defs, instance
 
 
-def test_feature_pipeline_through_dagster(pipeline, store):
+def test_feature_pipeline_through_dagster(pipeline, store, monkeypatch):
     defs, instance = pipeline
     assert build_features(instance, defs, SAE)
     checks = [e for e in instance.fetch_materializations(AssetKey("feature_topk"), limit=10).records]
@@ -73,14 +75,7 @@ def test_feature_pipeline_through_dagster(pipeline, store):
     assert len(meta) == N_FEATURE_SHARDS
     assert all(explanations_current(store, SAE, i) for i in range(N_FEATURE_SHARDS))
 
-
-def test_llm_explanations_through_an_openai_compatible_server(pipeline, store, monkeypatch):
-    from resources import LLMExplainerResource
-    from sae_platform.llm_explain import serve_chat
-    from tests.test_llm_explain import KEY, RuleModel
-
-    defs, instance = pipeline
-    assert build_features(instance, defs, SAE)
+    # optional LLM explanations, through a real local OpenAI-compatible server
     server, url = serve_chat(RuleModel(), api_key=KEY)
     monkeypatch.setenv("TEST_LLM_KEY", KEY)
     try:
