@@ -38,5 +38,8 @@ def test_ablation_on_a_model(tiny_hooked):
     out = ablation_sparsities(tiny_hooked, sae, tokens, n_tokens=4, horizon=3)
     assert out["ablation_pairs"] > 0
     assert out["ablation_sparsity_min_possible"] <= out["ablation_sparsity"] <= 1.0
+    full = ablation_sparsities(tiny_hooked, sae, tokens, n_tokens=4, horizon=3, use_cache=False)
+    assert full["ablation_pairs"] == out["ablation_pairs"]   # the prefix's cache: the same logits
+    assert full["ablation_sparsity"] == pytest.approx(out["ablation_sparsity"], rel=1e-4)
     with pytest.raises(PlatformError, match="horizon"):
         ablation_sparsities(tiny_hooked, sae, tokens[:, :3], horizon=3)
