@@ -304,6 +304,13 @@ def explain_with_llm(run: StageRun) -> dict:
             "path": MetadataValue.path(store.url(store.resolve(llm_explanations_name(settings.sae_name, index))))}
 
 
+def llm_version(run: StageRun) -> str | None:
+    """The stored explanations' version; "off" while none were ever written and the stage is off (a
+    stable data version for a skipped optional stage, so re-runs change nothing)."""
+    stored = pointer_version(lambda r: llm_explanations_name(_settings(r).sae_name, _shard(r.partition_key)))(run)
+    return stored or (None if run.resources.llm_explainer.enabled else "off")
+
+
 def llm_disabled(run: StageRun) -> str | None:
     if run.resources.llm_explainer.enabled:
         return None
@@ -316,8 +323,7 @@ FEATURE_LLM_EXPLANATIONS = Stage(
                 "or the embedded SmolLM2-135M-Instruct offline), scored by detection: balanced accuracy on held-out "
                 "activating and non-activating text (delphi).",
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model", "holdout_text", "evaluation", "llm_explainer"),
-    deps=("feature_contexts",), body=explain_with_llm, up_to_date=llm_disabled,
-    version=pointer_version(lambda run: llm_explanations_name(_settings(run).sae_name, _shard(run.partition_key))))
+    deps=("feature_contexts",), body=explain_with_llm, up_to_date=llm_disabled, version=llm_version)
 
 
 # -- browser --------------------------------------------------------------------------------------
