@@ -11,8 +11,10 @@ from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, N_FEATURE_SHAR
 from assets.stage import Check, Stage, StageRun, pointer_version
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
+from sae_platform import metrics as fm
 from sae_platform.activations import open_partition
 from sae_platform.errors import PlatformError
+from sae_platform.evaluate import eval_name
 from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.model import pick_device
@@ -229,6 +231,114 @@ FEATURE_CONTEXTS = _stage(
     version=pointer_version(lambda run: ctx.shard_name(_settings(run).sae_name, _shard(run.partition_key))))
 
 
+# -- explanations ---------------------------------------------------------------------------------
+
+def explanations_current(run: StageRun) -> str | None:
+    settings = _settings(run)
+    if settings.rebuild or not fm.explanations_current(run.store, settings.sae_name, _shard(run.partition_key)):
+        return None
+    return (f"the explanations of {settings.sae_name} [{run.partition_key}] describe its current checkpoint "
+            "(resources.features.config.rebuild forces a rebuild)")
+
+
+def explain_features(run: StageRun) -> dict:
+    """N2G explanations of this shard's features from their top and interval windows, scored on held-out
+    text; nearest features by decoder cosine; co-occurring features."""
+    from assets.training import heldout_contexts
+
+    settings, sae, store = _settings(run), _load(run), run.store
+    index = _shard(run.partition_key)
+    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    evaluation = run.resources.evaluation.settings()
+    hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
+    tokens = heldout_contexts(run.resources.holdout_text, hooked, evaluation.ctx_len,
+                              max(evaluation.metric_contexts, 2), run.log, setting_name="metric_contexts",
+                              what="the explanation scores")
+    run.log.info(f"explaining features [{start:,}, {stop:,}) from their windows, scored on {len(tokens)} held-out "
+                 "contexts")
+    summary, frame = fm.explain_shard(store, settings.sae_name, sae, hooked, tokens, index, start, stop,
+                                      ctx.read_feature_contexts(store, settings.sae_name, index))
+    best = (frame.filter(pl.col("n_firings") >= 3).with_columns(
+        f1=2 * pl.col("precision") * pl.col("recall") / (pl.col("precision") + pl.col("recall")))
+        .sort(["f1", "n_firings"], descending=True, nulls_last=True).head(PREVIEW_FEATURES))
+    rows = [{"feature": r["feature"], "explanation": r["explanation"][:120], "precision": round(r["precision"] or 0, 3),
+             "recall": round(r["recall"] or 0, 3), "browser": f"{BROWSER_URL}#/feature/{r['feature']}"}
+            for r in best.iter_rows(named=True)]
+    return {"sae": settings.sae_name, "features": f"[{start}, {stop})", "heldout_contexts": len(tokens),
+            **{k: v for k, v in summary.items() if v is not None}, **table_metadata(frame),
+            "best_explained": table_preview(rows, {"feature": "int", "explanation": "string", "precision": "float",
+                                                   "recall": "float", "browser": "string"}),
+            "path": MetadataValue.path(store.url(store.resolve(fm.explanations_name(settings.sae_name, index))))}
+
+
+FEATURE_EXPLANATIONS = Stage(
+    asset="feature_explanations", op_name="explain_shard", group="features", kinds=frozenset({"parquet"}),
+    description="N2G explanations (Gao et al. 2024, section 4.4) of one feature shard from its top and interval "
+                "windows, scored by precision and recall on held-out text; nearest features by decoder cosine; "
+                "co-occurring features.",
+    partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model", "holdout_text", "evaluation"),
+    deps=("feature_contexts",), up_to_date=explanations_current, body=explain_features,
+    version=pointer_version(lambda run: fm.explanations_name(_settings(run).sae_name, _shard(run.partition_key))))
+
+
+def llm_explanations_name(run: str, shard_index: int) -> str:
+    return f"features/{run}/llm_explanations/f{shard_index}"
+
+
+def explain_with_llm(run: StageRun) -> dict:
+    """LLM explanations of the shard's most active latents, scored by detection on held-out text."""
+    from assets.training import heldout_contexts
+    from sae_platform.llm_explain import llm_explain_shard
+
+    settings, sae, store = _settings(run), _load(run), run.store
+    index = _shard(run.partition_key)
+    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    llm, evaluation = run.resources.llm_explainer, run.resources.evaluation.settings()
+    hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
+    tokens = heldout_contexts(run.resources.holdout_text, hooked, evaluation.ctx_len,
+                              max(evaluation.metric_contexts, 2), run.log, setting_name="metric_contexts",
+                              what="the LLM explanation scores")
+    run.log.info(f"LLM explanations of up to {llm.features_per_shard} features of [{start:,}, {stop:,}) by "
+                 f"{llm.describe()}")
+    rows = llm_explain_shard(llm.backend(store), ctx.read_feature_contexts(store, settings.sae_name, index),
+                             fm.heldout_codes(hooked, sae, tokens), hooked.tokenizer, start, stop,
+                             n_features=llm.features_per_shard, n_examples=llm.examples)
+    frame = pl.DataFrame(rows, schema={"feature": pl.Int64, "explanation": pl.String, "balanced_accuracy": pl.Float64,
+                                       "true_positive_rate": pl.Float64, "true_negative_rate": pl.Float64,
+                                       "n_positive": pl.Int64, "n_negative": pl.Int64})
+    with store.writing(llm_explanations_name(settings.sae_name, index), explainer=llm.describe()) as version:
+        store.write_parquet(f"{version}/llm_explanations.parquet", frame)
+    preview = [{"feature": r["feature"], "explanation": r["explanation"][:120],
+                "balanced_accuracy": round(r["balanced_accuracy"], 3)} for r in rows]
+    return {"explainer": llm.describe(), "n_explained": len(rows),
+            **({"balanced_accuracy": float(frame["balanced_accuracy"].mean())} if rows else {}),
+            "explanations": table_preview(preview, {"feature": "int", "explanation": "string",
+                                                    "balanced_accuracy": "float"}),
+            "path": MetadataValue.path(store.url(store.resolve(llm_explanations_name(settings.sae_name, index))))}
+
+
+def llm_version(run: StageRun) -> str | None:
+    """The stored explanations' version; "off" while none were ever written and the stage is off (a
+    stable data version for a skipped optional stage, so re-runs change nothing)."""
+    stored = pointer_version(lambda r: llm_explanations_name(_settings(r).sae_name, _shard(r.partition_key)))(run)
+    return stored or (None if run.resources.llm_explainer.enabled else "off")
+
+
+def llm_disabled(run: StageRun) -> str | None:
+    if run.resources.llm_explainer.enabled:
+        return None
+    return "LLM explanations are off (resources.llm_explainer.config.enabled: true turns them on)"
+
+
+FEATURE_LLM_EXPLANATIONS = Stage(
+    asset="feature_llm_explanations", op_name="explain_with_llm_step", group="features", kinds=frozenset({"parquet"}),
+    description="Optional: LLM explanations of a few latents of one feature shard (an OpenAI-compatible endpoint, "
+                "or the embedded SmolLM2-135M-Instruct offline), scored by detection: balanced accuracy on held-out "
+                "activating and non-activating text (delphi).",
+    partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model", "holdout_text", "evaluation", "llm_explainer"),
+    deps=("feature_contexts",), body=explain_with_llm, up_to_date=llm_disabled, version=llm_version)
+
+
 # -- browser --------------------------------------------------------------------------------------
 
 def build_browser(run: StageRun) -> dict:
@@ -245,14 +355,17 @@ def build_browser(run: StageRun) -> dict:
                        "feature_examples": shown_examples(tables.examples, settings.random_examples),
                        "feature_contexts": ctx.read_feature_contexts(store, settings.sae_name, index),
                        "logit_effects": store.read_parquet(f"{logits_path}/logit_effects.parquet"),
+                       "explanations": fm.read_explanations(store, settings.sae_name, index),
                        "lineage": recorded_lineage(store, settings.sae_name, index)})  # each page: its shard's
     # site-wide: what every shard shares (checkpoint, shuffle, partitions, model) and the browser's run
     lineage = {k: v for k, v in shards[0]["lineage"].items() if k != "feature_table"}
     lineage["browser_dagster_run_id"] = run.run_id
     out = browser_dir(store, settings.sae_name)
+    evaluated = store.resolve(eval_name(settings.sae_name))  # the overview page's figures, when evaluated
+    evaluation = store.read_json(f"{evaluated}/report.json") if evaluated else None
     summary = build_site(out if store.is_local else store.url(out), run=settings.sae_name, shards=shards,
                          hist_bin_edges=ft.hist_bin_edges(), lineage=lineage, n_intervals=settings.n_intervals,
-                         fs=None if store.is_local else store.fs)
+                         fs=None if store.is_local else store.fs, evaluation=evaluation)
     run.log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
     return {
         "n_features": summary["n_features"], "bytes": summary["bytes"], "files": summary["files"],
@@ -271,7 +384,9 @@ FEATURE_BROWSER = _stage(
                 "histogram, logit effects, lineage). Serve it with `make browse`.",
     resources=("storage", "features"),
     deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()),
-          AssetDep("feature_contexts", partition_mapping=AllPartitionMapping())),
+          AssetDep("feature_contexts", partition_mapping=AllPartitionMapping()),
+          AssetDep("feature_explanations", partition_mapping=AllPartitionMapping())),
     body=build_browser, version=browser_version)
 
-STAGES = [FEATURE_STATS_PARTIAL, FEATURE_TOPK, FEATURE_CONTEXT_WINDOWS, FEATURE_CONTEXTS, FEATURE_BROWSER]
+STAGES = [FEATURE_STATS_PARTIAL, FEATURE_TOPK, FEATURE_CONTEXT_WINDOWS, FEATURE_CONTEXTS, FEATURE_EXPLANATIONS,
+          FEATURE_LLM_EXPLANATIONS, FEATURE_BROWSER]

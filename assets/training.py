@@ -6,9 +6,9 @@ when its checkpoint is a finished training with the same settings on the current
 checks, so the catalog shows pass/fail per SAE.
 """
 
-from dagster import MetadataValue
+from dagster import AllPartitionMapping, AssetDep, MetadataValue
 
-from assets.metadata import inline_png
+from assets.metadata import inline_png, table_preview
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import Check, Stage, StageRun, pointer_version
 from sae_platform.activations import activation_attrs
@@ -105,40 +105,61 @@ def evaluate(run: StageRun) -> dict:
     settings = run.resources.evaluation.settings()
     name, store = run.partition_key, run.store
     device = pick_device(run.resources.evaluation.device, warn=run.log.warning)
-    hooked, tokens = None, None
-    if settings.ce_contexts:
+    hooked, tokens, metric_tokens = None, None, None
+    if settings.ce_contexts or settings.metric_contexts:
         hooked, _ = run.resources.language_model.load(store, device=str(device))
+    if settings.ce_contexts:
         tokens = heldout_contexts(run.resources.holdout_text, hooked, settings.ctx_len, settings.ce_contexts, run.log)
+    if settings.metric_contexts:
+        metric_tokens = heldout_contexts(run.resources.holdout_text, hooked, settings.ctx_len,
+                                         settings.metric_contexts, run.log, setting_name="metric_contexts",
+                                         what="the feature metrics")
     run.log.info(f"evaluating {name}: reconstruction on the held-out rows, latent density over every cached row"
-                 + (f", downstream CE on {len(tokens)} held-out contexts" if tokens is not None else ""))
-    report, density = evaluate_sae(store, shuffle_name(run), name, hooked, tokens, device)
+                 + (f", downstream CE on {len(tokens)} held-out contexts" if tokens is not None else "")
+                 + (f", N2G explanations, probe loss and ablation sparsity on {len(metric_tokens)} held-out "
+                    "contexts" if metric_tokens is not None else ""))
+    report, density = evaluate_sae(store, shuffle_name(run), name, hooked, tokens, device,
+                                   metric_tokens=metric_tokens, ablation_tokens=settings.ablation_tokens)
     png = density_histogram_png(density, report["dead_window_tokens"])
     plot_path = store.path("reports", name, "latent_density.png")
     store.write_bytes_atomic(plot_path, png)
     run.log.info(f"{name}: fvu {report['fvu']:.4g}, L0 {report['l0']:.1f}, dead {report['dead_fraction']:.1%} "
                  f"(never fired on any of {report['dead_window_tokens']:,} cached tokens)"
                  + (f", loss recovered {report['loss_recovered']:.4g}" if report.get("loss_recovered") else ""))
+    if report.get("n2g_precision") is not None:
+        run.log.info(f"{name}: N2G precision {report['n2g_precision']:.3f}, recall {report['n2g_recall']:.3f}; "
+                     f"ablation sparsity {report.get('ablation_sparsity')}; probe loss {report['probe_loss']:.4f} "
+                     f"(neurons {report['probe_loss_neurons']:.4f}, base rate {report['probe_loss_base_rate']:.4f})")
     numbers = {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     first = [k for k in EVAL_HEADLINE if k in numbers]  # each dead figure beside the window it was measured on
+    extra = {}
+    probes_path = f"{store.resolve(eval_name(name))}/probes.json"
+    if report.get("probe_loss") is not None and store.fs.exists(probes_path):
+        extra["probes"] = table_preview(store.read_json(probes_path), PROBE_COLUMNS)
     return {
         "hook_name": str(report.get("hook_name") or activation_attrs(store, shuffle_name(run))
                          .get("hook_name")),
-        **{k: numbers[k] for k in first}, **{k: v for k, v in numbers.items() if k not in first},
+        **{k: numbers[k] for k in first}, **{k: v for k, v in numbers.items() if k not in first}, **extra,
         "latent_density": inline_png(png, "latent density"),
         "latent_density_path": MetadataValue.path(store.url(plot_path)),
     }
 
 
 EVAL_HEADLINE = ("fvu", "nmse", "l0", "dead_fraction", "dead_window_tokens", "n_dead", "heldout_dead_fraction",
-                 "heldout_tokens", "loss_recovered", "ce_clean", "ce_sae", "ce_zero")
+                 "heldout_tokens", "loss_recovered", "ce_clean", "ce_sae", "ce_zero", "n2g_precision", "n2g_recall",
+                 "ablation_sparsity", "probe_loss", "probe_loss_neurons", "probe_loss_base_rate")
 
 
-def heldout_contexts(holdout_text, hooked, ctx_len: int, n_contexts: int, log=None):
+PROBE_COLUMNS = {"property": "string", "positives": "int", "tokens": "int", "entropy": "float", "sae_loss": "float",
+                 "sae_best_latent": "int", "neuron_loss": "float", "best_neuron": "int"}
+
+
+def heldout_contexts(holdout_text, hooked, ctx_len: int, n_contexts: int, log=None, **named):
     """Contexts from text the SAE never saw (the holdout source), packed like the training data."""
     sources = [(f.url, tokenize(hooked.tokenizer, read_documents(f, holdout_text.text_field, holdout_text.encoding,
                                                                  holdout_text.storage_options)))
                for f in holdout_text.files()]
-    return heldout_ce_tokens(sources, ctx_len, n_contexts, hooked.start_token_id, log)
+    return heldout_ce_tokens(sources, ctx_len, n_contexts, hooked.start_token_id, log, **named)
 
 
 def _report(run: StageRun) -> dict:
@@ -164,7 +185,8 @@ def threshold(figure: str, setting: str, below: bool, window: str = ""):
 SAE_EVAL = Stage(
     asset="sae_eval", op_name="evaluate_sae", group="training", kinds=frozenset({"pytorch"}),
     description="Quality of one SAE: normalized MSE, FVU and L0 on held-out rows, dead latents and density on "
-                "every cached token, downstream CE loss recovered on held-out text.",
+                "every cached token, downstream CE loss recovered on held-out text; feature metrics (Gao et al.): "
+                "N2G explanation precision/recall, ablation sparsity, 1-D probe loss vs neurons.",
     partitions=SAE_SWEEP, deps=("sae_checkpoint",),
     resources=("storage", "shuffle", "evaluation", "language_model", "holdout_text"),
     body=evaluate, version=pointer_version(lambda run: eval_name(run.partition_key)),
@@ -177,4 +199,30 @@ SAE_EVAL = Stage(
               threshold("loss_recovered", "min_loss_recovered", below=False, window="held-out text")),
     ))
 
-STAGES = [SAE_CHECKPOINT, SAE_EVAL]
+
+
+# -- the sweep side by side -----------------------------------------------------------------------
+
+def compare(run: StageRun) -> dict:
+    """Every evaluated SAE of the sweep on every figure: a metadata table and one HTML page."""
+    from sae_platform.compare import COLUMNS, comparison_html, comparison_rows
+
+    store = run.store
+    rows = comparison_rows(store, list(SAE_SWEEP_SPECS))
+    page = store.path("reports", "sweep_comparison.html")
+    store.write_bytes_atomic(page, comparison_html(rows).encode())
+    run.log.info(f"{len(rows)} of {len(SAE_SWEEP_SPECS)} sweep entries evaluated")
+    kinds = {key: "int" if key in ("checkpoint_step", "training_tokens") else "float" for key, _, _ in COLUMNS}
+    return {"evaluated": len(rows), "sweep_entries": len(SAE_SWEEP_SPECS),
+            "comparison": table_preview(rows, {"sae": "string", **kinds}),
+            "page": MetadataValue.path(store.url(page))}
+
+
+SAE_COMPARISON = Stage(
+    asset="sae_comparison", op_name="compare_saes", group="training", kinds=frozenset({"html"}),
+    description="Every evaluated SAE of the sweep side by side on every figure of sae_eval (FVU, L0, dead, loss "
+                "recovered, N2G precision/recall, ablation sparsity, probe loss vs neurons): a table and one page.",
+    deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),), body=compare,
+    version=lambda run: None)
+
+STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_COMPARISON]

@@ -8,6 +8,7 @@
     sae-platform features [--sae NAME]                     feature tables, context windows, browser
     sae-platform lineage [--sae NAME] [--shard N]          upstream lineage of a feature table
     sae-platform browse [--port 8000]                      serve the feature browser on localhost
+    sae-platform serve [--port 8000]                       the browser + live "text in, features out"
     sae-platform status                                    partitions and what is stored
     sae-platform recover                                   fail runs whose process died, free their pool slots
 
@@ -207,7 +208,8 @@ def cmd_train(args) -> int:
 
 
 def build_features(instance, defs, sae_name: str) -> bool:
-    """Passes 1-3 and the browser, one Dagster run per partition (as a backfill would launch them)."""
+    """Passes 1-3, the explanations and the browser, one Dagster run per partition (as a backfill would
+    launch them)."""
     from tqdm import tqdm
 
     from assets.partitions import N_FEATURE_SHARDS
@@ -218,7 +220,8 @@ def build_features(instance, defs, sae_name: str) -> bool:
     shards = [f"f{i}" for i in range(N_FEATURE_SHARDS)]
     run_config = _quiet(stage_settings(features={"sae_name": sae_name}))
     steps = [("feature_pass_1", batches),
-             ("feature_pass_2", shards), ("feature_pass_3", batches), ("feature_regroup", shards)]
+             ("feature_pass_2", shards), ("feature_pass_3", batches), ("feature_regroup", shards),
+             ("explain_features", shards)]
     for job_name, keys in steps:
         job = defs.resolve_job_def(job_name)
         for key in tqdm(keys, desc=job_name, unit="run"):
@@ -311,9 +314,31 @@ def _upstream_chain(graph, key) -> list[str]:
     return order
 
 
+def cmd_serve(args) -> int:
+    """The browser plus the live endpoint: the base model and the SAE answer typed text."""
+    from sae_platform.live import LiveEncoder, serve_live
+    from sae_platform.model import pick_device
+    from sae_platform.trainer import load_sae
+
+    site, defs, store = _site(args)
+    device = pick_device(args.device)
+    sae, _ = load_sae(store, args.sae, device)
+    hooked, _ = defs.resources["language_model"].load(store, device=str(device))
+    serve_live(site, LiveEncoder(hooked, sae, max_tokens=args.max_tokens), host=args.host, port=args.port)
+    return 0
+
+
 def cmd_browse(args) -> int:
-    from assets.features import browser_dir
     from sae_platform.browser import serve
+
+    site, _, _ = _site(args)
+    serve(site, port=args.port)
+    return 0
+
+
+def _site(args):
+    """(local site folder, definitions, store) of the browser of ``args.sae``; exits saying why not."""
+    from assets.features import browser_dir
 
     defs = _definitions()
     store = defs.resources["storage"].store()
@@ -337,8 +362,7 @@ def cmd_browse(args) -> int:
                      "or set SAE_PLATFORM_ROOT to its artifacts folder")
         sys.exit(f"error: no feature browser in the artifact root {root} ({where}): build it with `make demo` or "
                  f"`sae-platform features --sae {args.sae}`, or point SAE_PLATFORM_ROOT at the root it was built in")
-    serve(site, port=args.port)
-    return 0
+    return site, defs, store
 
 
 def cmd_shuffle(args) -> int:
@@ -509,6 +533,13 @@ def main(argv=None) -> int:
     browse.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     browse.add_argument("--port", type=int, default=8000)
     browse.set_defaults(func=cmd_browse)
+    serve = commands.add_parser("serve", help="the feature browser plus live text -> features (base model + SAE)")
+    serve.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    serve.add_argument("--max-tokens", type=int, default=256, help="longest text answered, in tokens")
+    serve.set_defaults(func=cmd_serve)
     commands.add_parser("status", help="what is stored").set_defaults(func=cmd_status)
     recover = commands.add_parser("recover", help="mark runs whose process died as failed, freeing their pool slots")
     recover.add_argument("--all-runs-on-this-host", action="store_true",

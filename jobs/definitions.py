@@ -20,6 +20,7 @@ from resources import (
     STAGE_SETTINGS,
     AutomationResource,
     BaseModelResource,
+    LLMExplainerResource,
     StorageResource,
     TextSourceResource,
     read_run_config,
@@ -36,8 +37,11 @@ ASSET_JOBS = [
     define_asset_job("shuffle_activations", selection=AssetSelection.groups("shuffle"),
                      description="Plan, scatter, finalize and commit the global shuffle of every cached activation "
                                  "partition (one ranged run over the shuffle workers)."),
-    define_asset_job("train_saes", selection=AssetSelection.groups("training"), partitions_def=SAE_SWEEP,
+    define_asset_job("train_saes", selection=AssetSelection.assets("sae_checkpoint", "sae_eval"),
+                     partitions_def=SAE_SWEEP,
                      description="Train and evaluate one SAE of the sweep (partition = sweep entry)."),
+    define_asset_job("compare_sweep", selection=AssetSelection.assets("sae_comparison"),
+                     description="Every evaluated SAE of the sweep side by side on every evaluation figure."),
     define_asset_job("feature_pass_1", selection=AssetSelection.assets("feature_stats_partial"),
                      partitions_def=ACTIVATION_BATCHES,
                      description="Pass 1 of the feature tables for one activation batch (every feature shard)."),
@@ -49,6 +53,12 @@ ASSET_JOBS = [
                      description="Pass 3: context windows of the examples that fall in one activation batch."),
     define_asset_job("feature_regroup", selection=AssetSelection.assets("feature_contexts"),
                      partitions_def=FEATURE_SHARDS, description="Pass 3 regrouped by feature shard."),
+    define_asset_job("explain_features", selection=AssetSelection.assets("feature_explanations"),
+                     partitions_def=FEATURE_SHARDS, description="N2G explanations of one feature shard, scored on "
+                                                                "held-out text; similar and co-occurring features."),
+    define_asset_job("explain_with_llm", selection=AssetSelection.assets("feature_llm_explanations"),
+                     partitions_def=FEATURE_SHARDS, description="Optional: LLM explanations of a few features of one "
+                                                                "shard, scored by detection (balanced accuracy)."),
     define_asset_job("build_browser", selection=AssetSelection.assets("feature_browser"),
                      description="Generate the static feature browser."),
 ]
@@ -58,10 +68,12 @@ def build_resources(settings: Settings, run_config: dict | None = None) -> dict:
     """Every resource, with the run config file's ``resources`` section as the deployment's values."""
     run_config = read_run_config(settings.run_config) if run_config is None else run_config
     configured = {key: (value or {}).get("config", {}) for key, value in (run_config.get("resources") or {}).items()}
-    unknown = set(configured) - set(STAGE_SETTINGS) - {"storage", "language_model", "text_source", "holdout_text"}
+    unknown = set(configured) - set(STAGE_SETTINGS) - {"storage", "language_model", "text_source", "holdout_text",
+                                                       "llm_explainer"}
     if unknown:
         raise SettingsError(f"{settings.run_config}: unknown resource(s) {', '.join(sorted(unknown))}",
-                            f"use {', '.join(sorted(STAGE_SETTINGS))}, language_model, text_source, holdout_text")
+                            f"use {', '.join(sorted(STAGE_SETTINGS))}, language_model, text_source, holdout_text, "
+                            "llm_explainer")
     text = {"endpoint_url": settings.s3_endpoint_url}
     return {
         "storage": StorageResource(**{"root_url": settings.root_url, "endpoint_url": settings.s3_endpoint_url,
@@ -72,6 +84,7 @@ def build_resources(settings: Settings, run_config: dict | None = None) -> dict:
                                               **configured.get("holdout_text", {})}),
         **{key: stage_resource(key, configured.get(key)) for key in STAGE_SETTINGS},
         "automation": AutomationResource(run_config_path=settings.run_config),
+        "llm_explainer": LLMExplainerResource(**configured.get("llm_explainer", {})),
     }
 
 

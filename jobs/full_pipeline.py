@@ -1,5 +1,5 @@
 """`full_pipeline`: the whole chain in one run, text → activations → shuffle → SAEs → evaluation →
-feature tables → context windows → browser.
+feature tables → context windows → explanations → browser.
 
     dagster job execute -m jobs.definitions -j full_pipeline -c config/demo.yaml
 
@@ -167,10 +167,13 @@ shuffle_buckets = partition_step(STAGES["shuffle_final"])
 commit_shuffle = single_step(STAGES["shuffled_activations"])
 train_sae = partition_step(STAGES["sae_checkpoint"])
 evaluate_sae = partition_step(STAGES["sae_eval"])
+compare_saes = single_step(STAGES["sae_comparison"])
 partial_stats = partition_step(STAGES["feature_stats_partial"])
 merge_shard = partition_step(STAGES["feature_topk"])
 context_windows = partition_step(STAGES["feature_context_windows"])
 regroup_contexts = partition_step(STAGES["feature_contexts"])
+explain_shard = partition_step(STAGES["feature_explanations"])
+explain_with_llm_step = partition_step(STAGES["feature_llm_explanations"])  # skipped unless enabled
 write_browser = single_step(STAGES["feature_browser"])
 
 
@@ -211,10 +214,13 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         scattered = shuffle_workers.alias("pass_2_workers")(scattered).map(scatter_pass_2).collect()
         finals = shuffle_workers.alias("final_workers")(scattered).map(shuffle_buckets).collect()
         evaluated = sae_sweep(commit_shuffle(finals)).map(train_sae).map(evaluate_sae).collect()
+        compare_saes(evaluated)
         partials = pinned_batch_keys.alias("pass_1_batches")(evaluated).map(partial_stats).collect()
         merged = feature_shards.alias("pass_2_shards")(partials).map(merge_shard).collect()
         windows = pinned_batch_keys.alias("pass_3_batches")(merged).map(context_windows).collect()
         regrouped = feature_shards.alias("regroup_shards")(windows).map(regroup_contexts).collect()
-        write_browser(regrouped)
+        explained = feature_shards.alias("explain_shards")(regrouped).map(explain_shard).collect()
+        explained = feature_shards.alias("llm_shards")(explained).map(explain_with_llm_step).collect()
+        write_browser(explained)
 
     return full_pipeline

@@ -48,6 +48,45 @@ class BaseModelResource(ConfigurableResource):
         return load_stored_tokenizer(store, self.source)
 
 
+class LLMExplainerResource(ConfigurableResource):
+    """The model that writes and scores LLM explanations (optional ``feature_llm_explanations``): an
+    OpenAI-compatible chat endpoint, or by default the embedded model through transformers (offline)."""
+
+    enabled: bool = Field(default=False, description="write LLM explanations (off by default: feature_llm_explanations "
+                                                     "and its full_pipeline step are skipped)")
+    base_url: str = Field(default="", description="OpenAI-compatible endpoint up to the version, e.g. "
+                                                  "http://127.0.0.1:8080/v1; empty: local_model through transformers")
+    model: str = Field(default="default", description="model name sent to the endpoint")
+    api_key_env: str = Field(default="SAE_PLATFORM_LLM_API_KEY", description="environment variable holding the API "
+                                                                             "key (the key itself is never configured "
+                                                                             "or logged)")
+    local_model: str = Field(default=EMBEDDED_MODEL, description="without base_url: the model to run locally "
+                                                                 f"({EMBEDDED_MODEL!r}: the embedded "
+                                                                 "SmolLM2-135M-Instruct), or a local HF folder")
+    features_per_shard: int = Field(default=8, ge=1, description="latents explained per feature shard (those firing "
+                                                                 "most often on the held-out text)")
+    examples: int = Field(default=5, ge=1, description="held-out activating and as many non-activating texts per "
+                                                       "detection score")
+
+    def backend(self, store: ArtifactStore):
+        import os
+
+        from sae_platform.llm_explain import ChatClient, LocalChat
+        from sae_platform.model import ensure_base_model
+
+        if self.base_url:
+            return ChatClient(self.base_url, self.model, os.environ.get(self.api_key_env) or None)
+        model_dir, _ = ensure_base_model(store, self.local_model)
+        return LocalChat(model_dir)
+
+    def describe(self) -> str:
+        """What explains, in words for metadata: never the key, never a URL's credentials."""
+        if not self.base_url:
+            return f"{self.local_model} through transformers (local)"
+        host = self.base_url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+        return f"{self.model} at {host}"
+
+
 class TextSourceResource(ConfigurableResource):
     """Where new text arrives: a glob over .txt / .jsonl / .parquet files, local or s3."""
 

@@ -114,6 +114,10 @@ STATS_FRAME = "feature_stats"
 EXAMPLES_FRAME = "feature_examples"
 CONTEXTS_FRAME = "feature_contexts"
 LOGITS_FRAME = "logit_effects"
+EXPLANATIONS_FRAME = "explanations"   # optional: sae_platform.metrics.explain_shard's table
+EXPLANATION_COLUMNS = ("feature", "explanation", "precision", "recall", "n_matches", "n_firings", "neighbors",
+                       "neighbor_cosines", "cooccurring", "cooccurring_shares")
+INDEX_EXPLANATION_CHARS = 160         # explanation text kept in index.json for the search
 SHARD_START, SHARD_STOP = "start", "stop"
 
 N_TOKENS_TOTAL = "n_tokens_total"
@@ -270,6 +274,26 @@ def _logits_frame(shards: list[dict]) -> pl.DataFrame | None:
     return logits
 
 
+def _explanations_frame(shards: list[dict]) -> pl.DataFrame | None:
+    """Per feature: its N2G explanation and scores, nearest and co-occurring features (or None)."""
+    frames = []
+    for frame in _gather(shards, EXPLANATIONS_FRAME):
+        _need(frame, EXPLANATION_COLUMNS, EXPLANATIONS_FRAME)
+        frames.append(frame.select(
+            pl.col(FEATURE).cast(pl.Int64), pl.col("explanation").cast(pl.String),
+            _round(pl.col("precision"), 3).alias("n2g_precision"), _round(pl.col("recall"), 3).alias("n2g_recall"),
+            pl.col("n_matches").alias("n2g_matches"), pl.col("n_firings").alias("n2g_firings"),
+            pl.col("neighbors").cast(pl.List(pl.Int64)), _round_list(pl.col("neighbor_cosines"), 3),
+            pl.col("cooccurring").cast(pl.List(pl.Int64)), _round_list(pl.col("cooccurring_shares"), 3)))
+    if not frames:
+        return None
+    frame = pl.concat(frames)
+    _unique_features(frame, EXPLANATIONS_FRAME)
+    p, r = pl.col("n2g_precision"), pl.col("n2g_recall")
+    return frame.with_columns(pl.when(p + r > 0).then((2 * p * r / (p + r)).round_sig_figs(3))
+                              .otherwise(pl.when(p.is_not_null() & r.is_not_null()).then(0.0)).alias("n2g_f1"))
+
+
 def _unique_features(frame: pl.DataFrame, what: str) -> None:
     dup = frame.filter(pl.col(FEATURE).is_duplicated())[FEATURE].unique().sort().head(5).to_list()
     if dup:
@@ -365,7 +389,8 @@ def _search_tokens(examples: pl.DataFrame) -> pl.DataFrame:
     return best.group_by(FEATURE).agg(pl.col(TOKEN_STRS).sort_by(ACTS, descending=True).head(SEARCH_TOKENS))
 
 
-def _index_json(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame, meta: dict) -> bytes:
+def _index_json(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame, meta: dict,
+                explanations: pl.DataFrame | None = None) -> bytes:
     frame = pl.DataFrame({FEATURE: ids}).join(stats.select(FEATURE, DENSITY, MAX, COUNT), on=FEATURE, how="left",
                                               maintain_order="left")
     tokens = _search_tokens(examples)
@@ -389,6 +414,11 @@ def _index_json(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame, me
         "token_table": table.to_list(),
         "top_tokens": [t if t is not None else [] for t in per_feature[TOKEN_STRS].to_list()],
     }
+    if explanations is not None:  # searchable and sortable in the list: text and N2G F1
+        ex = pl.DataFrame({FEATURE: ids}).join(explanations.select(FEATURE, "explanation", "n2g_f1"), on=FEATURE,
+                                               how="left", maintain_order="left")
+        index["columns"]["explanation"] = ex["explanation"].str.slice(0, INDEX_EXPLANATION_CHARS).to_list()
+        index["columns"]["n2g_f1"] = ex["n2g_f1"].to_list()
     return _dumps(index)
 
 
@@ -397,7 +427,7 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _feature_frame(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame,
-                   logits: pl.DataFrame | None) -> pl.DataFrame:
+                   logits: pl.DataFrame | None, explanations: pl.DataFrame | None = None) -> pl.DataFrame:
     ex = examples.select(
         FEATURE, KIND, RANK, INTERVAL, _round(pl.col(ACTIVATION), STAT_SIG_FIGS).alias(ACTIVATION), CENTER,
         pl.col(TOKEN_STRS).alias("tokens"),
@@ -410,6 +440,8 @@ def _feature_frame(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame,
     frame = pl.DataFrame({FEATURE: ids}).join(stats, on=FEATURE, how="left", maintain_order="left")
     if logits is not None:
         frame = frame.join(logits, on=FEATURE, how="left", maintain_order="left")
+    if explanations is not None:
+        frame = frame.join(explanations, on=FEATURE, how="left", maintain_order="left")
     examples_struct = pl.struct([c for c in grouped.columns if c != FEATURE]).alias("examples")
     frame = frame.join(grouped.select(FEATURE, examples_struct), on=FEATURE, how="left", maintain_order="left")
     return frame.with_columns((pl.col(FEATURE) // CHUNK_FEATURES).alias("_chunk"))
@@ -447,10 +479,23 @@ def _shard_lineage(shards: list[dict]) -> list[dict]:
             for s in shards if s.get("lineage") is not None]
 
 
+def _evaluation_figures(report: dict | None) -> dict | None:
+    """The finite numbers of an evaluation report (JSON has no NaN), rounded to 4 significant digits."""
+    if not report:
+        return None
+    out = {}
+    for key, value in report.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        out[str(key)] = value if isinstance(value, int) else float(f"{value:.4g}")
+    return out
+
+
 def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
                n_intervals: int | None = None, version: str | None = None,
-               dagster_url: str | None = None) -> dict[str, bytes]:
-    """Every file of the site, by relative path (what :func:`build_site` writes)."""
+               dagster_url: str | None = None, evaluation: dict | None = None) -> dict[str, bytes]:
+    """Every file of the site, by relative path (what :func:`build_site` writes). ``evaluation``:
+    the SAE's evaluation figures (``sae_eval``'s report), shown on the overview page."""
     edges = [float(e) for e in hist_bin_edges]
     if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
         raise PlatformError(f"bad hist_bin_edges {edges[:8]}…", "pass at least 2 finite, increasing bin edges")
@@ -459,6 +504,7 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
     bin_edges = _bin_edges(edges, stats)
     examples = _fold_twins(_merge_byte_tokens(_examples_frame(shards)))
     logits = _logits_frame(shards)
+    explanations = _explanations_frame(shards)
     version = version or time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     if not VERSION_RE.fullmatch(version):
         raise PlatformError(f"bad site version {version!r}", "use the form YYYYmmddTHHMMSS-<8 hex digits>")
@@ -471,9 +517,10 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
         "shard_lineage": _shard_lineage(shards),
         "dagster_url": dagster_ui_url(dagster_url),
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "evaluation": _evaluation_figures(evaluation),
     }
-    files = {f"{data}/index.json": _index_json(ids, stats, examples, meta)}
-    for name, body in _chunk_files(_feature_frame(ids, stats, examples, logits)).items():
+    files = {f"{data}/index.json": _index_json(ids, stats, examples, meta, explanations)}
+    for name, body in _chunk_files(_feature_frame(ids, stats, examples, logits, explanations)).items():
         files[f"{data}/{name}"] = body
     static = _static_bytes()
     for name, body in static.items():
@@ -489,7 +536,8 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
 # ---------------------------------------------------------------------------------------------
 
 def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
-               n_intervals: int | None = None, fs=None, dagster_url: str | None = None) -> dict:
+               n_intervals: int | None = None, fs=None, dagster_url: str | None = None,
+               evaluation: dict | None = None) -> dict:
     """Generate the browser site for SAE ``run`` into ``out`` (a local directory, or a path on the
     fsspec filesystem ``fs``, or a URL). ``shards``: one dict per feature shard with ``start``,
     ``stop`` and the polars frames ``feature_stats``, ``feature_examples``, ``feature_contexts``,
@@ -497,11 +545,13 @@ def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float]
     with len(edges) + 1 counts have underflow and overflow bins). ``n_intervals``: when given, the
     interval examples are labelled with their range (interval j: [j, j+1) * max / n_intervals).
     A shard may carry ``lineage`` (its own record, shown on its features' pages); ``dagster_url``:
-    the Dagster UI those pages link to (default: :func:`dagster_ui_url`).
+    the Dagster UI those pages link to (default: :func:`dagster_ui_url`). A shard may carry
+    ``explanations`` (N2G explanation, scores, nearest and co-occurring features per feature) and
+    ``evaluation`` is the SAE's evaluation report (the overview page shows its figures).
     Returns a summary: n_features, bytes, files, seconds, path, version, index_bytes."""
     t0 = time.perf_counter()
     files = site_files(run=run, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
-                       n_intervals=n_intervals, dagster_url=dagster_url)
+                       n_intervals=n_intervals, dagster_url=dagster_url, evaluation=evaluation)
     pointer = json.loads(files[SITE_POINTER])
     if fs is None and "://" in str(out):
         import fsspec

@@ -51,6 +51,10 @@ class EvalSettings:
                                              "any cached token must not exceed this", ge=0, le=1)
     min_loss_recovered: float = setting(0.9, "check loss_recovered_above: downstream loss recovered must "
                                              "reach this (skipped when ce_contexts is 0)", le=1)
+    metric_contexts: int = setting(64, "held-out contexts (of ctx_len tokens) for the feature metrics: N2G "
+                                       "explanations, probe loss, ablation sparsity (0 skips them)", ge=0)
+    ablation_tokens: int = setting(8, "held-out tokens at which every active latent is ablated for the "
+                                      "ablation sparsity (0 skips it)", ge=0)
 
     def __post_init__(self):
         validate(self, "resources.evaluation.config")
@@ -297,12 +301,15 @@ def heldout_activation_batches(store, shuffle_name: str, holdout_rows: int,
 
 
 def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, n_contexts: int,
-                      start_token_id: int, log: logging.Logger | None = None) -> np.ndarray:
+                      start_token_id: int, log: logging.Logger | None = None,
+                      setting_name: str = "ce_contexts", what: str = "the downstream CE") -> np.ndarray:
     """Token contexts [n, ctx_len] for the downstream CE from the held-out text, packed like the
     training data. ``sources``: (file, token lists of its documents) per held-out file.
 
     No context at all is an error naming the files and ``ce_contexts: 0``; fewer contexts than
-    ``n_contexts`` is a warning on ``log`` (the CE is then measured on fewer tokens)."""
+    ``n_contexts`` is a warning on ``log`` (the CE is then measured on fewer tokens).
+    ``setting_name``: the evaluation setting that asked for ``n_contexts`` and ``what`` they are for,
+    named in both."""
     from sae_platform.corpus import pack_contexts
 
     token_lists = [t for _, lists in sources for t in lists]
@@ -320,13 +327,13 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
     if n == 0:
         raise SourceError(
             f"the held-out text ({names}) has {n_tokens:,} tokens, too few for one context of {ctx_len} tokens: "
-            f"the downstream CE cannot be measured (ce_contexts asks for {n_contexts})",
+            f"{what} cannot be measured ({setting_name} asks for {n_contexts})",
             f"add held-out text (at least {n_contexts * ctx_len:,} tokens for {n_contexts} contexts) to the holdout "
-            "folder, lower ctx_len, or set ce_contexts: 0 in the evaluation config to skip the CE")
+            f"folder, lower ctx_len, or set {setting_name}: 0 in the evaluation config to skip {what}")
     if n < n_contexts:
         (log or logging.getLogger(__name__)).warning(
             f"the held-out text ({names}) fills only {n} of the {n_contexts} contexts of {ctx_len} tokens that "
-            f"ce_contexts asks for: the downstream CE is measured on {n} contexts; add held-out text for all "
+            f"{setting_name} asks for: {what} is measured on {n} contexts; add held-out text for all "
             f"{n_contexts}")
     return contexts.tokens
 
@@ -338,13 +345,18 @@ def eval_name(run: str) -> str:
 
 def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
                  device: torch.device, sink_norm_factor: float = 10.0,
-                 density_over_all_rows: bool = True) -> tuple[dict, np.ndarray]:
+                 density_over_all_rows: bool = True, metric_tokens: np.ndarray | None = None,
+                 ablation_tokens: int = 8) -> tuple[dict, np.ndarray]:
     """Every figure of the evaluation for checkpoint ``run``; commits ``eval/<run>`` (report + density).
 
     Reconstruction (nmse, fvu, l0) is measured on the held-out rows; the latent density and
     ``dead_fraction`` on every row of the shuffled store (``dead_window_tokens`` of them; the
     held-out-only figure is ``heldout_dead_fraction``), since a latent that fires once in 120k
-    tokens is rare, not dead, and 8,192 tokens cannot tell the two apart."""
+    tokens is rare, not dead, and 8,192 tokens cannot tell the two apart.
+
+    With ``metric_tokens`` (held-out contexts [n, ctx_len]) the report also holds the feature
+    metrics of ``sae_platform.metrics`` (N2G precision/recall, ablation sparsity, probe loss of the
+    latents and of the neurons); the per-property probe table is ``probes.json`` beside it."""
     from sae_platform.trainer import load_sae
 
     sae, cfg = load_sae(store, run, device)
@@ -376,8 +388,16 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
                            input_hook_point=attrs.get("hook_name_in"))
         report["hook_name"] = attrs.get("hook_name") or hooked.hook_name
         report.update({k if k.startswith("ce_") or k == "loss_recovered" else f"ce_{k}": v for k, v in ce.items()})
+    details = None
+    if hooked is not None and metric_tokens is not None:
+        from sae_platform.metrics import feature_metrics
+
+        figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens)
+        report.update(figures)
     with store.writing(eval_name(run), checkpoint_step=cfg["step"]) as version:
         store.write_json(f"{version}/report.json", report)
+        if details is not None:
+            store.write_json(f"{version}/probes.json", details["probes"])
         buffer = io.BytesIO()
         np.save(buffer, density)
         store.fs.pipe_file(f"{version}/density.npy", buffer.getvalue())

@@ -609,3 +609,109 @@ def test_examples_without_a_window_are_never_folded():
     assert folded[browser.ROW].to_list() == [1, 2, 3] and folded["twins"].to_list() == [1, 1, 1]
     twice = browser._fold_twins(pl.concat([frame, frame.tail(1)]))
     assert twice[browser.ROW].to_list() == [1, 2, 3] and twice["twins"].to_list() == [1, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# For research: explanations, similar and co-occurring features, overview, live text
+# ---------------------------------------------------------------------------------------------
+
+EVALUATION = {"fvu": 0.1612345, "l0": 32.0, "loss_recovered": 0.995, "n2g_precision": 0.61, "n2g_recall": 0.42,
+              "ablation_sparsity": 0.0123, "probe_loss": 0.08, "dead_fraction": float("nan"), "run": "test-sae"}
+
+
+def _explained(tables):
+    """The synthetic tables plus an explanations frame: feature f is explained by "tok<f>", its
+    neighbours are f+1..f+10 (wrapping), it co-occurs with f+1 at share 0.5; feature 42's text is
+    "winter <b>" (markup stays text)."""
+    shards, edges = tables
+    out = []
+    for s in shards:
+        rows = []
+        for f in range(s[browser.SHARD_START], s[browser.SHARD_STOP]):
+            rows.append({"feature": f, "explanation": "['winter <b>']" if f == 42 else f"['tok{f}']",
+                         "precision": 0.75, "recall": f / N_FEATURES, "n_matches": 8, "n_firings": 5,
+                         "neighbors": [(f + i) % N_FEATURES for i in range(1, 11)],
+                         "neighbor_cosines": [0.9 - 0.05 * i for i in range(10)],
+                         "cooccurring": [(f + 1) % N_FEATURES], "cooccurring_shares": [0.5]})
+        from sae_platform.explain import explanations_frame
+        out.append({**s, browser.EXPLANATIONS_FRAME: explanations_frame(rows)})
+    return out, edges
+
+
+@pytest.fixture(scope="module")
+def research_site(tmp_path_factory, tables):
+    shards, edges = _explained(tables)
+    out = tmp_path_factory.mktemp("research") / "site"
+    browser.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE, n_intervals=3,
+                       evaluation=EVALUATION)
+    return out
+
+
+def test_explanations_in_the_site_data(research_site):
+    index = _index((research_site,))
+    cols = index["columns"]
+    assert cols["explanation"][42] == "['winter <b>']" and cols["explanation"][7] == "['tok7']"
+    assert cols["n2g_f1"][150] == pytest.approx(2 * 0.75 * 0.5 / 1.25, rel=1e-3)
+    assert index["evaluation"]["fvu"] == 0.1612 and "dead_fraction" not in index["evaluation"]   # NaN dropped
+    rows = _chunk_feature(research_site, 42)
+    assert rows["neighbors"] == list(range(43, 53)) and rows["n2g_precision"] == 0.75
+    assert rows["cooccurring"] == [43] and rows["n2g_firings"] == 5
+
+
+@pytest.fixture
+def research_page(chromium, research_site):
+    yield from _served_page(chromium, research_site)
+
+
+def test_explanation_similar_and_cooccurring_features_in_chromium(research_page):
+    pg = research_page
+    pg.goto(pg.base_url + "#/feature/42")
+    pg.wait_for_selector("#explanation")
+    assert pg.locator("#explanation .expltext").inner_text() == "['winter <b>']"      # text, not markup
+    assert pg.locator("#stat-precision dd").inner_text().startswith("0.75")
+    assert [a.get_attribute("href") for a in pg.locator("#similar a").all()] == [f"#/feature/{i}" for i in range(43, 53)]
+    assert "cos 0.9" in pg.locator("#similar li").first.inner_text()
+    assert "['tok43']" in pg.locator("#similar li").first.inner_text()   # a neighbour's explanation
+    assert pg.locator("#cooccurring a").get_attribute("href") == "#/feature/43"
+    pg.click("#similar a >> nth=2")
+    pg.wait_for_selector("h1:has-text('Feature 45')")
+    assert not pg.problems, pg.problems
+
+
+def test_search_by_explanation_filters_and_sort_by_score_in_chromium(research_page):
+    pg = research_page
+    pg.goto(pg.base_url)
+    pg.wait_for_selector("table.features tbody tr")
+    pg.fill("#search", "winter")
+    expect(pg.locator("table.features tbody tr")).to_have_count(1)
+    assert _ids(pg) == [42] and pg.locator("td.expl").first.inner_text() == "['winter <b>']"
+    pg.fill("#search", "")
+    pg.click("button[data-sort=n2g_f1]")
+    expect(pg.locator("table.features tbody tr").first).to_have_attribute("data-feature", "299")
+    pg.select_option("#filter", "dead")
+    expect(pg.locator("#count")).to_contain_text("matching")
+    assert all(pg.locator("table.features tbody tr").evaluate_all("rs => rs.map(r => r.classList.contains('dead'))"))
+    assert not pg.problems, pg.problems
+
+
+def test_overview_page_in_chromium(research_page, research_site):
+    index = _index((research_site,))
+    dens = index["columns"]["density"]
+    dead = sum(1 for d in dens if not d)
+    dense = sum(1 for d in dens if d and d > 0.1)
+    pg = research_page
+    pg.goto(pg.base_url + "#/overview")
+    pg.wait_for_selector("#density-histogram")
+    assert pg.locator("#ov-features dd").inner_text().startswith("300")
+    assert pg.locator("#ov-dead dd").inner_text().startswith(str(dead))
+    assert pg.locator("#ov-dense dd").inner_text().startswith(str(dense))
+    bars = pg.locator("#density-histogram rect").evaluate_all("rs => rs.map(r => r.textContent)")
+    assert sum(int(re.search(r": ([\d,]+) features", b).group(1).replace(",", "")) for b in bars) == 300 - dead
+    evaluation = pg.locator("#evaluation").inner_text()
+    assert "fvu" in evaluation and "0.161" in evaluation and "n2g_precision" in evaluation
+    pg.screenshot(path=str(SCREENSHOTS / "sae_browser_overview.png"), full_page=True)
+    pg.click("a.filterlink[data-filter=dead]")
+    pg.wait_for_selector("table.features tbody tr")
+    assert pg.locator("#filter").input_value() == "dead"
+    assert len(_ids(pg)) == min(dead, 200)
+    assert not pg.problems, pg.problems

@@ -2,6 +2,7 @@
 
 import json
 
+import polars as pl
 import pytest
 from dagster import AssetKey, DagsterInstance, Definitions
 
@@ -10,14 +11,17 @@ from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from jobs.cli import build_features
 from jobs.definitions import ASSET_JOBS, build_resources
 from jobs.settings import Settings
-from resources import BaseModelResource, stage_resource
+from resources import BaseModelResource, LLMExplainerResource, stage_resource
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file
 from sae_platform.corpus import list_source
 from sae_platform.lineage import feature_table_lineage, format_lineage
+from sae_platform.llm_explain import serve_chat
+from sae_platform.metrics import explanations_current, read_explanations
 from sae_platform.trainer import TrainSettings, train_sae
+from tests.test_llm_explain import KEY, RuleModel
 
 SAE = "topk-4k-k32"
 
@@ -30,8 +34,11 @@ def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
     sh.run_shuffle(store, "main", n_buckets=4, memory_budget_bytes=1 << 20, n_jobs=2, seed=0)
     train_sae(store, "main", SAE, TrainSettings(variant="topk", n_latents=256, k=8, batch_size=256,
                                                token_budget=256 * 8, holdout_rows=256), log=lambda m: None)
+    holdout = tmp_path / "holdout"
+    holdout.mkdir()
+    (holdout / "held.txt").write_text((text_dir / "beta.txt").read_text())
     resources = build_resources(Settings(root_url=store.root_url, data_dir=str(tmp_path), inbox=str(text_dir / "*"),
-                                         s3_endpoint_url=None))
+                                         s3_endpoint_url=None, holdout=str(holdout / "*")))
     resources["language_model"] = BaseModelResource(source=str(tiny_model_dir), layer=1, device="cpu")
     resources["features"] = stage_resource("features", {"sae_name": SAE, "top_k": 5, "reservoir_factor": 4,
                                                         "device": "cpu"})
@@ -41,7 +48,7 @@ def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
     return defs, instance
 
 
-def test_feature_pipeline_through_dagster(pipeline, store):
+def test_feature_pipeline_through_dagster(pipeline, store, monkeypatch):
     defs, instance = pipeline
     assert build_features(instance, defs, SAE)
     checks = [e for e in instance.fetch_materializations(AssetKey("feature_topk"), limit=10).records]
@@ -58,6 +65,35 @@ def test_feature_pipeline_through_dagster(pipeline, store):
     site = store.path("browser", SAE)
     index = json.loads(open(f"{site}/site.json").read())
     assert json.loads(open(f"{site}/{index['data']}/index.json").read())["n_features"] == 256
+    # explanations: one row per feature of each shard, pinned to the checkpoint, scores in [0, 1]
+    explained = pl.concat([read_explanations(store, SAE, i) for i in range(N_FEATURE_SHARDS)])
+    assert explained["feature"].to_list() == list(range(256))
+    scored = explained.filter(pl.col("recall").is_not_null())
+    assert scored.height > 0 and scored["recall"].is_between(0, 1).all()
+    assert (explained["neighbors"].list.len() == 10).all()
+    meta = instance.fetch_materializations(AssetKey("feature_explanations"), limit=10).records
+    assert len(meta) == N_FEATURE_SHARDS
+    assert all(explanations_current(store, SAE, i) for i in range(N_FEATURE_SHARDS))
+
+    # optional LLM explanations, through a real local OpenAI-compatible server
+    server, url = serve_chat(RuleModel(), api_key=KEY)
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    try:
+        resources = {**defs.resources, "llm_explainer": LLMExplainerResource(enabled=True, base_url=url, model="rules",
+                                                                            api_key_env="TEST_LLM_KEY",
+                                                                            features_per_shard=3, examples=2)}
+        defs = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources)
+        result = defs.resolve_job_def("explain_with_llm").execute_in_process(instance=instance, partition_key="f0")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.success
+    (event,) = [e for e in result.get_asset_materialization_events()]
+    meta = {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
+    assert meta["explainer"] == f"rules at {url.split('://')[1].split('/')[0]}" and KEY not in str(meta)
+    assert 1 <= meta["n_explained"] <= 3 and 0 <= meta["balanced_accuracy"] <= 1
+    frame = pl.read_parquet(f"{store.resolve(f'features/{SAE}/llm_explanations/f0')}/llm_explanations.parquet")
+    assert frame.height == meta["n_explained"] and (frame["n_positive"] == 2).all()
 
 
 def test_lineage_names_every_upstream_artifact(pipeline, store):

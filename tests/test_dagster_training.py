@@ -51,6 +51,22 @@ def test_train_and_evaluate_one_sweep_entry(defs, store):
     assert 0 < ev["fvu"] < float("inf") and ev["l0"] <= 32 and 0 <= ev["dead_fraction"] <= 1
     assert ev["ce_clean"] > 0 and ev["ce_zero"] > 0 and ev["ce_n_contexts"] == 4
     assert "data:image/png;base64" in ev["latent_density"]
+    # the feature metrics of Gao et al., next to FVU and loss recovered
+    assert 0 <= ev["n2g_precision"] <= 1 and 0 <= ev["n2g_recall"] <= 1 and ev["n2g_features_scored"] > 0
+    assert ev["ablation_sparsity_min_possible"] <= ev["ablation_sparsity"] <= 1 and ev["ablation_pairs"] > 0
+    assert ev["probe_properties"] >= 1 and 0 <= ev["probe_loss"] <= ev["probe_loss_base_rate"] + 1e-6
+    assert ev["probe_loss_neurons"] <= ev["probe_loss_base_rate"] + 1e-6
+    report = json.loads(store.fs.cat_file(f"{store.resolve('eval/topk-4k-k32')}/report.json"))
+    assert report["n2g_recall"] == pytest.approx(ev["n2g_recall"], rel=1e-3)  # metadata: 4 digits
+    probes = json.loads(store.fs.cat_file(f"{store.resolve('eval/topk-4k-k32')}/probes.json"))
+    assert len(probes) >= 8 and {p["property"] for p in probes} >= {"number", "start_of_line", "end_of_sentence"}
+    # the sweep side by side: this SAE's row carries the same figures
+    compared = defs.resolve_job_def("compare_sweep").execute_in_process(instance=DagsterInstance.ephemeral())
+    table = _materializations(compared)["sae_comparison"]
+    assert table["evaluated"] == 1
+    (row,) = [r.data for r in table["comparison"].records]
+    assert row["sae"] == "topk-4k-k32" and row["n2g_recall"] == pytest.approx(report["n2g_recall"])
+    assert "topk-4k-k32" in open(store.path("reports", "sweep_comparison.html")).read()
     cfg = json.loads(store.fs.cat_file(f"{store.resolve('saelens/topk-4k-k32')}/cfg.json"))
     assert cfg["architecture"] == "topk" and cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["d_sae"] == 4096
 

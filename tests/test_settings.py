@@ -21,6 +21,7 @@ BAD = [
     (TrainSettings, "variant", "gated", "one of topk, batchtopk, matryoshka_batchtopk, switch, jumprelu, relu"),
     (EvalSettings, "ce_contexts", -1, "an integer >= 0"), (EvalSettings, "max_dead_fraction", 1.5, "<= 1"),
     (EvalSettings, "max_fvu", math.inf, "a finite number >= 0"),
+    (EvalSettings, "metric_contexts", -1, "an integer >= 0"), (EvalSettings, "ablation_tokens", -2, "an integer >= 0"),
     (FeatureSettings, "top_k", 0, "an integer >= 1"), (FeatureSettings, "before", -1, "an integer >= 0"),
     (ShuffleSettings, "n_buckets", 1, "an integer >= 2"), (ShuffleSettings, "seed", -1, "an integer >= 0"),
     (ShuffleSettings, "memory_budget_bytes", 1000, "an integer >= 65,536"),

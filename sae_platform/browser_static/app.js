@@ -1,4 +1,6 @@
-// SAE feature browser. Static single-page app: #/ lists features, #/feature/<id> shows one.
+// SAE feature browser. Static single-page app: #/ lists features, #/feature/<id> shows one,
+// #/overview summarises the SAE (density histogram, dead/dense counts, evaluation figures),
+// #/live asks the live server (sae-platform serve) which features fire on a typed text.
 // Corpus text is untrusted: every string from the data goes into the page as a text node
 // (the el() helper below takes children as text; nothing here assigns innerHTML).
 'use strict';
@@ -16,6 +18,14 @@
     order: null,                  // Int32Array of row positions, the current filtered + sorted list
     sort: { key: 'feature', desc: false }, query: '', page: 0, matchRank: null,
     rowOf: new Map(), chunks: new Map(), tokensLower: null, view: null, histLog: false,
+    filter: 'all', explLower: null,
+  };
+  const DENSE = 0.1;              // a latent firing on more than 10% of tokens is "dense"
+  const FILTERS = {
+    all: ['All features', () => true],
+    alive: ['Alive', (d) => d > 0],
+    dead: ['Dead (never fired)', (d) => d === 0 || d === null],
+    dense: [`Dense (> ${DENSE * 100}% of tokens)`, (d) => d > DENSE],
   };
 
   // ---------- DOM helpers (text only) ----------
@@ -84,6 +94,7 @@
     S.n = cols.feature.length;
     for (let i = 0; i < S.n; i++) S.rowOf.set(cols.feature[i], i);
     S.tokensLower = S.index.token_table.map((t) => t.trim().toLowerCase());
+    S.explLower = cols.explanation ? cols.explanation.map((t) => (t || '').toLowerCase()) : null;
     document.title = `${S.index.run} · SAE feature browser`;
     const run = document.getElementById('run');
     clear(run).appendChild(document.createTextNode(`${S.index.run} · ${fmtInt(S.n)} features`));
@@ -110,6 +121,7 @@
     const q = S.query.trim();
     let rows;
     S.matchRank = null;
+    const keep = FILTERS[S.filter] ? FILTERS[S.filter][1] : FILTERS.all[1];
     if (!q) {
       rows = Int32Array.from({ length: S.n }, (_, i) => i);
     } else {
@@ -135,9 +147,17 @@
           }
         }
       }
+      if (S.explLower && ql.length >= 2) {     // explanation text: after token matches
+        for (let r = 0; r < S.n; r++) {
+          if (rank.has(r)) continue;
+          const at = S.explLower[r].indexOf(ql);
+          if (at >= 0) rank.set(r, 100 + at / 1000);
+        }
+      }
       rows = Int32Array.from(rank.keys());
       S.matchRank = rank;
     }
+    if (S.filter !== 'all') rows = rows.filter((r) => keep(cols.density[r]));
     S.order = rows;
     sortRows();
     S.page = 0;
@@ -168,7 +188,7 @@
     S.view = 'index';
     const search = el('input', {
       id: 'search', type: 'search', value: S.query, autocomplete: 'off', spellcheck: false,
-      placeholder: 'Search: feature id, or a token (e.g. " Paris")',
+      placeholder: 'Search: feature id, a token (e.g. " Paris") or explanation text',
       oninput: debounce((e) => {
         if (S.view !== 'index') return;   // a feature was opened meanwhile: the list is gone
         const had = S.query.trim() !== '';
@@ -185,8 +205,13 @@
         }
       },
     });
+    const filter = el('select', { id: 'filter', title: 'Show only some features',
+      onchange: (e) => { S.filter = e.target.value; applyQuery(); renderList(); } },
+      Object.entries(FILTERS).map(([k, [label]]) => el('option', { value: k, selected: S.filter === k }, label)));
     root.appendChild(el('section', { class: 'controls' },
-      search,
+      search, filter,
+      el('a', { href: '#/overview', id: 'overview-link' }, 'SAE overview'),
+      el('a', { href: '#/live', id: 'live-link' }, 'Text \u2192 features'),
       el('span', { id: 'count', class: 'muted' })));
     root.appendChild(el('div', { id: 'list' }));
     renderList();
@@ -221,7 +246,7 @@
     const lo = S.page * PAGE, hi = Math.min(total, lo + PAGE);
     const count = document.getElementById('count');
     clear(count).appendChild(document.createTextNode(
-      S.query.trim() ? `${fmtInt(total)} matching of ${fmtInt(S.n)} features` : `${fmtInt(S.n)} features`));
+      S.query.trim() || S.filter !== 'all' ? `${fmtInt(total)} matching of ${fmtInt(S.n)} features` : `${fmtInt(S.n)} features`));
     if (total === 0) {
       list.appendChild(el('p', { class: 'status' }, 'No feature matches this search.'));
       return;
@@ -232,6 +257,8 @@
       el('th', { class: 'bar' }),
       headerCell('Max act', 'max', 'num'),
       el('th', null, 'Top activating tokens'),
+      cols.explanation ? el('th', null, 'Explanation') : null,
+      cols.n2g_f1 ? headerCell('N2G F1', 'n2g_f1', 'num') : null,
       S.matchRank ? headerCell('Match', 'match', 'num') : null);
     const body = el('tbody');
     for (let i = lo; i < hi; i++) {
@@ -256,7 +283,9 @@
         el('td', { class: 'bar' }, el('span', { class: 'dtrack' }, bar)),
         el('td', { class: 'num max' }, fmt(cols.max[r])),
         toks,
-        S.matchRank ? el('td', { class: 'num muted' }, S.matchRank.get(r) < 0 ? 'id' : 'token') : null));
+        cols.explanation ? el('td', { class: 'expl' }, cols.explanation[r] || '') : null,
+        cols.n2g_f1 ? el('td', { class: 'num f1' }, fmt(cols.n2g_f1[r])) : null,
+        S.matchRank ? el('td', { class: 'num muted' }, S.matchRank.get(r) < 0 ? 'id' : S.matchRank.get(r) >= 100 ? 'explanation' : 'token') : null));
     }
     list.appendChild(el('table', { class: 'features' }, el('thead', null, head), body));
     if (pages > 1) {
@@ -310,6 +339,7 @@
     grid.appendChild(el('section', { class: 'card' }, el('h2', null, 'Activation histogram'), histogram(f)));
     grid.appendChild(el('section', { class: 'card' }, el('h2', null, 'Logit effects'), logits(f)));
     root.appendChild(grid);
+    if (f.explanation !== undefined) root.appendChild(explanationCard(f));
     root.appendChild(examples(f));
     root.appendChild(lineage(id));
   }
@@ -324,6 +354,127 @@
         stat('Max activation', fmt(f.max), null, 'stat-max'),
         stat('Mean activation', fmt(f.mean), null, 'stat-mean')));
   }
+  function explanationCard(f) {
+    const related = (title, id, ids, scores, what) => el('div', { id },
+      el('h3', null, title),
+      ids && ids.length
+        ? el('ul', { class: 'related' }, ids.map((n, i) => el('li', null,
+          el('a', { href: `#/feature/${n}` }, `#${n}`), el('span', { class: 'muted small' }, ` ${what} ${fmt(scores[i])}`),
+          S.index.columns.explanation && S.rowOf.has(n) ? el('span', { class: 'small' }, ` ${S.index.columns.explanation[S.rowOf.get(n)] || ''}`) : null)))
+        : el('p', { class: 'muted' }, 'none'));
+    return el('section', { class: 'card', id: 'explanation' },
+      el('h2', null, 'Explanation (N2G)'),
+      el('p', { class: 'expltext' }, f.explanation || 'No pattern explains this feature.'),
+      el('dl', { class: 'stats' },
+        stat('Precision', fmt(f.n2g_precision), `${fmtInt(f.n2g_matches)} matches on held-out text`, 'stat-precision'),
+        stat('Recall', fmt(f.n2g_recall), `${fmtInt(f.n2g_firings)} firings on held-out text`, 'stat-recall')),
+      el('p', { class: 'muted small' }, 'Pattern: the activating token in [brackets] after the tokens that must precede it (* any token); scored on held-out text: precision = firings among matches, recall = matches among firings.'),
+      el('div', { class: 'grid' },
+        related('Similar features (decoder cosine)', 'similar', f.neighbors, f.neighbor_cosines, 'cos'),
+        related('Co-occurring features (held-out text)', 'cooccurring', f.cooccurring, f.cooccurring_shares, 'shares')));
+  }
+
+  // ---------- overview ----------
+  function renderOverview() {
+    S.view = 'overview';
+    const root = clear(app());
+    const cols = S.index.columns;
+    root.appendChild(el('nav', { class: 'fnav' }, el('a', { href: '#/' }, '\u2190 All features')));
+    root.appendChild(el('h1', null, `SAE overview \u00b7 ${S.index.run}`));
+    let dead = 0, dense = 0;
+    const bins = new Array(29).fill(0);   // log10 density from -7 to 0, 0.25 wide
+    for (let r = 0; r < S.n; r++) {
+      const d = cols.density[r];
+      if (d === 0 || d === null) { dead++; continue; }
+      if (d > DENSE) dense++;
+      const b = Math.max(0, Math.min(bins.length - 1, Math.floor((Math.log10(d) + 7) * 4)));
+      bins[b]++;
+    }
+    const counts = el('dl', { class: 'stats' },
+      stat('Features', fmtInt(S.n), null, 'ov-features'),
+      stat('Dead', fmtInt(dead), 'never fired on any cached token', 'ov-dead'),
+      stat('Dense', fmtInt(dense), `fire on > ${DENSE * 100}% of tokens`, 'ov-dense'));
+    const show = (k) => el('a', { href: '#/', class: 'filterlink', dataset: { filter: k },
+      onclick: () => { S.filter = k; S.query = ''; applyQuery(); } }, FILTERS[k][0]);
+    root.appendChild(el('section', { class: 'card' }, el('h2', null, 'Features'), counts,
+      el('p', null, 'List: ', show('dead'), ' \u00b7 ', show('dense'), ' \u00b7 ', show('alive'),
+        ' \u00b7 sort the list by density, max activation', cols.n2g_f1 ? ' or N2G F1' : '', ' with its column headers.')));
+    const W = 600, H = 180, PADB = 24;
+    const top = Math.max(1, ...bins);
+    const bw = W / bins.length;
+    const s = svg('svg', { id: 'density-histogram', viewBox: `0 0 ${W} ${H}`, role: 'img', class: 'histsvg' });
+    bins.forEach((c, i) => {
+      const h = (c / top) * (H - PADB - 6);
+      const rect = svg('rect', { x: (i * bw + 0.5).toFixed(2), y: (H - PADB - h).toFixed(2),
+        width: Math.max(0.5, bw - 1).toFixed(2), height: h.toFixed(2), class: 'histbar' });
+      const t = svg('title');
+      t.textContent = `log10 density [${(-7 + i / 4).toFixed(2)}, ${(-7 + (i + 1) / 4).toFixed(2)}): ${fmtInt(c)} features`;
+      rect.appendChild(t);
+      s.appendChild(rect);
+    });
+    for (const x of [-7, -6, -5, -4, -3, -2, -1, 0]) {
+      const t = svg('text', { x: Math.min(W - 8, Math.max(8, (x + 7) * 4 * bw)), y: H - 6, 'text-anchor': 'middle', class: 'histlabel' });
+      t.textContent = String(x);
+      s.appendChild(t);
+    }
+    root.appendChild(el('section', { class: 'card' }, el('h2', null, 'Feature density (log10, alive features)'), s,
+      el('p', { class: 'muted small' }, `x: log10 of the fraction of tokens a feature fires on; y: features. ${fmtInt(dead)} dead features are not drawn.`)));
+    const ev = S.index.evaluation;
+    const evBox = el('section', { class: 'card', id: 'evaluation' }, el('h2', null, 'Evaluation (sae_eval)'));
+    if (!ev) {
+      evBox.appendChild(el('p', { class: 'muted' }, 'No evaluation report was found when the site was built.'));
+    } else {
+      const tbl = el('table', { class: 'evaltable' });
+      for (const [k, v] of Object.entries(ev)) tbl.appendChild(el('tr', null, el('td', null, k), el('td', { class: 'num' }, fmt(v))));
+      evBox.appendChild(tbl);
+    }
+    root.appendChild(evBox);
+  }
+
+  // ---------- live: text in, features out (needs sae-platform serve) ----------
+  function renderLive() {
+    S.view = 'live';
+    const root = clear(app());
+    root.appendChild(el('nav', { class: 'fnav' }, el('a', { href: '#/' }, '\u2190 All features')));
+    root.appendChild(el('h1', null, 'Text \u2192 features'));
+    const out = el('div', { id: 'live-out' });
+    const box = el('textarea', { id: 'live-text', rows: 4, maxLength: 2000, placeholder: 'Type a text; the features firing on each token are computed live by the base model and the SAE.' });
+    const go = el('button', { type: 'button', id: 'live-go', onclick: async () => {
+      clear(out).appendChild(el('p', { class: 'status' }, 'Running the model\u2026'));
+      try {
+        const res = await fetch('api/features', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+          body: JSON.stringify({ text: box.value }) });
+        const data = await res.json();
+        if (!res.ok) throw new Error(data.error || `HTTP ${res.status}`);
+        clear(out).appendChild(liveTokens(data));
+      } catch (err) {
+        clear(out).appendChild(el('p', { class: 'status error' }, `No live answer: ${err.message}. Live text needs the live server (sae-platform serve).`));
+      }
+    } }, 'Find features');
+    root.appendChild(el('section', { class: 'card' }, box, el('div', null, go)));
+    root.appendChild(out);
+  }
+  function liveTokens(data) {
+    const wrap = el('div', { class: 'card' });
+    const detail = el('div', { id: 'live-detail', class: 'muted' }, 'Click a token to list its features.');
+    const text = el('div', { class: 'ctx' });
+    data.tokens.forEach((t, j) => {
+      const feats = data.features[j] || [];
+      const span = el('span', { class: 'tok' + (feats.length ? ' active' : ''), dataset: { index: j } }, showToken(t));
+      span.title = `${feats.length} features`;
+      span.addEventListener('click', () => {
+        clear(detail).appendChild(el('ul', { class: 'related' }, feats.map(([id, a]) => el('li', null,
+          el('a', { href: `#/feature/${id}` }, `#${id}`), el('span', { class: 'muted small' }, ` act ${fmt(a)}`),
+          S.index.columns.explanation && S.rowOf.has(id) ? el('span', { class: 'small' }, ` ${S.index.columns.explanation[S.rowOf.get(id)] || ''}`) : null))));
+      });
+      text.appendChild(span);
+    });
+    wrap.appendChild(el('h2', null, `${data.tokens.length} tokens` + (data.truncated ? ' (input truncated)' : '')));
+    wrap.appendChild(text);
+    wrap.appendChild(detail);
+    return wrap;
+  }
+
   function stat(label, value, sub, id) {
     return el('div', { class: 'stat', id },
       el('dt', null, label), el('dd', null, value, sub ? el('small', null, sub) : null));
@@ -560,6 +711,10 @@
     if (m) {
       renderFeature(Number(m[1]));
       window.scrollTo(0, 0);
+    } else if (location.hash === '#/overview') {
+      renderOverview();
+    } else if (location.hash === '#/live') {
+      renderLive();
     } else if (S.view !== 'index') {
       renderIndex();
     }

@@ -1,0 +1,24 @@
+"""The sweep comparison: one row per evaluated SAE from its report, the best value per column in bold,
+every value escaped, non-finite figures shown as missing."""
+
+from sae_platform.compare import comparison_html, comparison_rows
+from sae_platform.evaluate import eval_name
+
+
+def _report(store, name, **figures):
+    with store.writing(eval_name(name)) as version:
+        store.write_json(f"{version}/report.json", {"run": name, **figures})
+
+
+def test_rows_and_page(store):
+    _report(store, "a", fvu=0.2, l0=32.0, n2g_precision=0.5, probe_loss=0.1, loss_recovered=float("nan"))
+    _report(store, "b<script>", fvu=0.1, l0=64.0, n2g_precision=0.7, probe_loss=0.2, loss_recovered=0.99)
+    rows = comparison_rows(store, ["a", "b<script>", "never-evaluated"])
+    assert [r["sae"] for r in rows] == ["a", "b<script>"]
+    assert rows[0]["loss_recovered"] is None and rows[1]["n2g_precision"] == 0.7 and rows[0]["ablation_sparsity"] is None
+    page = comparison_html(rows)
+    assert "<script>" not in page and "b&lt;script&gt;" in page
+    assert "<b>0.1</b>" in page          # lowest FVU (b) and lowest probe loss (a) in bold
+    assert "<b>0.7</b>" in page and "<b>0.5</b>" not in page and "<b>0.2</b>" not in page
+    assert "<b>32</b>" not in page       # L0 has no direction
+    assert "No SAE has been evaluated" in comparison_html([])

@@ -1,0 +1,109 @@
+"""Text in, features out: the live endpoint answers with the SAE's active latents per token, equal to
+encoding the model's residual stream directly; bounded input; no file access; the page in Chromium."""
+
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from sae_platform import browser
+from sae_platform.live import MAX_BODY, LiveEncoder, serve_live_in_thread
+from sae_platform.sae import build_sae
+from tests.test_browser import LINEAGE, _served_page, _tables, chromium  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def live_site(tmp_path_factory):
+    shards, edges = _tables()
+    out = tmp_path_factory.mktemp("live") / "site"
+    browser.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE)
+    return out
+
+
+@pytest.fixture
+def encoder(tiny_hooked):
+    torch.manual_seed(0)
+    sae = build_sae("topk", tiny_hooked.d_model, 300, k=4)  # 300 latents: the synthetic site's features
+    return LiveEncoder(tiny_hooked, sae, max_tokens=12, top=3)
+
+
+@pytest.fixture
+def live(live_site, encoder):
+    server, url = serve_live_in_thread(live_site, encoder)
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+def _post(url, body: bytes, content_type="application/json"):
+    request = urllib.request.Request(url + "api/features", data=body, method="POST",
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_answer_equals_encoding_the_residual_stream(encoder, tiny_hooked):
+    text = "To be, or not to be"
+    got = encoder.features(text)
+    ids = tiny_hooked.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert "".join(got["tokens"]) == text and len(got["features"]) == len(ids) and not got["truncated"]
+    x = tiny_hooked.residual(torch.tensor([[tiny_hooked.start_token_id, *ids]]))[0, 1:]
+    dense = encoder.sae.encode(x).to_dense(300).detach().numpy()
+    for t, feats in enumerate(got["features"]):
+        want = np.argsort(-dense[t], kind="stable")[:3]
+        want = [int(i) for i in want if dense[t, i] > 0]
+        assert [f for f, _ in feats] == want
+        assert [a for _, a in feats] == pytest.approx([float(dense[t, i]) for i in want], rel=1e-3)
+
+
+def test_bounds_and_bad_requests(live, encoder):
+    status, body = _post(live, json.dumps({"text": "word " * 100}).encode())
+    assert status == 200 and body["truncated"] and len(body["tokens"]) == 12
+    assert _post(live, json.dumps({"text": ""}).encode())[1]["tokens"] == []
+    assert _post(live, b"not json")[0] == 400
+    assert _post(live, json.dumps({"path": "/etc/passwd"}).encode())[0] == 400
+    assert _post(live, json.dumps({"text": ["/etc/passwd"]}).encode())[0] == 400
+    assert _post(live, b"x" * (MAX_BODY + 1))[0] == 413
+    request = urllib.request.Request(live + "api/other", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=10)
+    assert raised.value.code == 404
+    with pytest.raises(urllib.error.HTTPError):   # GET stays inside the site folder
+        urllib.request.urlopen(live + "../../../../etc/passwd", timeout=10)
+    assert urllib.request.urlopen(live + "site.json", timeout=10).status == 200
+
+
+def test_live_text_in_chromium(chromium, live, live_site):  # noqa: F811
+    ctx = chromium.new_context(viewport={"width": 1280, "height": 900})
+    pg = ctx.new_page()
+    problems = []
+    pg.on("pageerror", lambda e: problems.append(str(e)))
+    pg.set_default_timeout(15000)
+    try:
+        pg.goto(live + "#/live")
+        pg.fill("#live-text", "To be, or not to be")
+        pg.click("#live-go")
+        pg.wait_for_selector("#live-out .tok")
+        assert "".join(pg.locator("#live-out .tok").all_inner_texts()) == "To be, or not to be"
+        pg.locator("#live-out .tok").nth(1).click()
+        links = pg.locator("#live-detail a")
+        assert 1 <= links.count() <= 3 and links.first.get_attribute("href").startswith("#/feature/")
+        links.first.click()
+        pg.wait_for_selector("h1:has-text('Feature')")
+        assert not problems, problems
+    finally:
+        ctx.close()
+
+
+def test_live_page_without_the_live_server_says_so(chromium, live_site):  # noqa: F811
+    for pg in _served_page(chromium, live_site):
+        pg.goto(pg.base_url + "#/live")
+        pg.fill("#live-text", "hello")
+        pg.click("#live-go")
+        pg.wait_for_selector("text=Live text needs the live server")
