@@ -17,7 +17,8 @@ Site layout (everything static; any plain HTTP server can serve it — ``fetch``
     data/<version>/index.json       compact, loaded up front: per feature id, density, max and
                                     count (columnar), the strongest activating tokens of its top
                                     examples (indices into one token table; the token search and
-                                    the list's token column), plus run, lineage, histogram edges
+                                    the list's token column), plus run, the SAE's hook point
+                                    (shown in the header), lineage, histogram edges
     data/<version>/features/<k>.json   the full data of features [k*64, (k+1)*64): fetched only
                                     when one of them is opened
 
@@ -449,7 +450,7 @@ def _shard_lineage(shards: list[dict]) -> list[dict]:
 
 def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
                n_intervals: int | None = None, version: str | None = None,
-               dagster_url: str | None = None) -> dict[str, bytes]:
+               dagster_url: str | None = None, hook_point: str | None = None) -> dict[str, bytes]:
     """Every file of the site, by relative path (what :func:`build_site` writes)."""
     edges = [float(e) for e in hist_bin_edges]
     if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
@@ -465,6 +466,7 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
     data = f"data/{version}"
     meta = {
         "run": str(run), "version": version, "n_features": int(ids.size),
+        "hook_point": None if hook_point is None else str(hook_point),
         "chunk_features": CHUNK_FEATURES, "hist_bin_edges": bin_edges, "kind_order": list(KIND_ORDER),
         "n_intervals": None if n_intervals is None else int(n_intervals),
         "lineage": json.loads(json.dumps(lineage, default=str)),
@@ -489,7 +491,8 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
 # ---------------------------------------------------------------------------------------------
 
 def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
-               n_intervals: int | None = None, fs=None, dagster_url: str | None = None) -> dict:
+               n_intervals: int | None = None, fs=None, dagster_url: str | None = None,
+               hook_point: str | None = None) -> dict:
     """Generate the browser site for SAE ``run`` into ``out`` (a local directory, or a path on the
     fsspec filesystem ``fs``, or a URL). ``shards``: one dict per feature shard with ``start``,
     ``stop`` and the polars frames ``feature_stats``, ``feature_examples``, ``feature_contexts``,
@@ -497,11 +500,13 @@ def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float]
     with len(edges) + 1 counts have underflow and overflow bins). ``n_intervals``: when given, the
     interval examples are labelled with their range (interval j: [j, j+1) * max / n_intervals).
     A shard may carry ``lineage`` (its own record, shown on its features' pages); ``dagster_url``:
-    the Dagster UI those pages link to (default: :func:`dagster_ui_url`).
+    the Dagster UI those pages link to (default: :func:`dagster_ui_url`). ``hook_point``: where
+    the SAE reads (e.g. ``blocks.4.hook_mlp_out``; a transcoder ``IN -> OUT``), shown in every
+    page's header.
     Returns a summary: n_features, bytes, files, seconds, path, version, index_bytes."""
     t0 = time.perf_counter()
     files = site_files(run=run, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
-                       n_intervals=n_intervals, dagster_url=dagster_url)
+                       n_intervals=n_intervals, dagster_url=dagster_url, hook_point=hook_point)
     pointer = json.loads(files[SITE_POINTER])
     if fs is None and "://" in str(out):
         import fsspec
