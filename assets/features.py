@@ -59,10 +59,9 @@ def pinned_batches(run: StageRun) -> list[str]:
     return pinned_keys(run.store, sae_shuffle(run))
 
 
-def hook_point(store, shuffle_name: str) -> str:
-    """The hook point of a shuffled store as caching.config.hook_points spells it (a transcoder:
-    'IN -> OUT')."""
-    attrs = activation_attrs(store, shuffle_name)
+def hook_point(attrs: dict) -> str:
+    """The hook point as caching.config.hook_points spells it (a transcoder: 'IN -> OUT'), from an
+    activation store's attributes (or a lineage's ``base_model``: hook_name, hook_name_in)."""
     name = str(attrs.get("hook_name"))
     return f"{attrs['hook_name_in']} -> {name}" if attrs.get("hook_name_in") else name
 
@@ -143,7 +142,7 @@ def merge_shard(run: StageRun) -> dict:
     lineage = feature_table_lineage(store, settings.sae_name, index, run_id=run.run_id)
     store.write_json(store.path("features", settings.sae_name, "lineage", f"f{index}.json"), lineage)
     dead = int((tables.stats["count"] == 0).sum())
-    return {"sae": settings.sae_name, "hook_point": hook_point(store, sae_shuffle(run)),
+    return {"sae": settings.sae_name, "hook_point": hook_point(attrs),
             "logit_effects": ctx.logit_effect_meaning(attrs.get("hook_name"), attrs.get("hook_name_in")),
             "features": f"[{start}, {stop})", "n_batches": len(batches),
             "n_tokens": int(tables.meta["n_tokens_total"]), "n_examples": tables.examples.height,
@@ -263,15 +262,14 @@ def build_browser(run: StageRun) -> dict:
     # site-wide: what every shard shares (checkpoint, shuffle, partitions, model) and the browser's run
     lineage = {k: v for k, v in shards[0]["lineage"].items() if k != "feature_table"}
     lineage["browser_dagster_run_id"] = run.run_id
-    model = lineage.get("base_model") or {}  # read from the SAE's own hook-point store (lineage.py)
-    hook = f"{model['hook_name_in']} -> {model.get('hook_name')}" if model.get("hook_name_in") else model.get("hook_name")
+    hook = hook_point(lineage.get("base_model") or {})  # read from the SAE's own hook-point store (lineage.py)
     out = browser_dir(store, settings.sae_name)
     summary = build_site(out if store.is_local else store.url(out), run=settings.sae_name, shards=shards,
                          hist_bin_edges=ft.hist_bin_edges(), lineage=lineage, n_intervals=settings.n_intervals,
                          fs=None if store.is_local else store.fs, hook_point=hook)
     run.log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
     return {
-        "hook_point": str(hook), "n_features": summary["n_features"], "bytes": summary["bytes"],
+        "hook_point": hook, "n_features": summary["n_features"], "bytes": summary["bytes"],
         "files": summary["files"],
         "seconds": summary["seconds"], "path": MetadataValue.path(store.url(out)),
         "url": MetadataValue.url(BROWSER_URL), "serve_with": "make browse  (or: sae-platform browse)",
