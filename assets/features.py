@@ -1,7 +1,9 @@
 """Feature tables: pass 1 (dataset shard x feature shard) → pass 2 (per feature shard) → pass 3 windows
 (per dataset shard) → contexts regrouped per feature shard → browser. All describe one SAE checkpoint
-(``resources.features.config.sae_name``) over exactly the batches its shuffled store pinned; every
-one of them is up to date (skipped) while the tables and the browser describe the current checkpoint."""
+(``resources.features.config.sae_name``) over exactly the batches its shuffled store pinned, reading
+the rows of the SAE's own hook point (the store inside each activation partition that its shuffled
+store was built from: ``shuffle.input_group``); every one of them is up to date (skipped) while the
+tables and the browser describe the current checkpoint."""
 
 import polars as pl
 from dagster import AllPartitionMapping, AssetDep, MetadataValue
@@ -12,14 +14,13 @@ from assets.stage import Check, Stage, StageRun, pointer_version
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform import metrics as fm
-from sae_platform.activations import open_partition
-from sae_platform.errors import PlatformError
+from sae_platform.activations import activation_attrs, open_partition
 from sae_platform.evaluate import eval_name
 from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.model import pick_device
-from sae_platform.shuffle import pinned_keys
-from sae_platform.trainer import load_sae
+from sae_platform.shuffle import input_group, pinned_keys
+from sae_platform.trainer import load_sae, trained_on
 
 BROWSER_URL = "http://127.0.0.1:8000/"
 RESOURCES = ("storage", "features", "shuffle")
@@ -49,10 +50,22 @@ def shown_examples(examples: pl.DataFrame, random_examples: int) -> pl.DataFrame
     return examples.filter((pl.col("kind") != "random") | (pl.col("rank") < random_examples))
 
 
+def sae_shuffle(run: StageRun) -> str:
+    """The shuffled store the described SAE was trained on (``main``, ``main.h1``, …: its hook point)."""
+    return trained_on(run.store, _settings(run).sae_name)
+
+
 def pinned_batches(run: StageRun) -> list[str]:
-    """The batches the shuffled store (so the SAE) was built from. The feature stages describe exactly
-    these, even when another batch gets cached meanwhile (the next refresh adds it)."""
-    return pinned_keys(run.store, run.resources.shuffle.settings().name)
+    """The batches the SAE's shuffled store (so the SAE) was built from. The feature stages describe
+    exactly these, even when another batch gets cached meanwhile (the next refresh adds it)."""
+    return pinned_keys(run.store, sae_shuffle(run))
+
+
+def hook_point(attrs: dict) -> str:
+    """The hook point as caching.config.hook_points spells it (a transcoder: 'IN -> OUT'), from an
+    activation store's attributes (or a lineage's ``base_model``: hook_name, hook_name_in)."""
+    name = str(attrs.get("hook_name"))
+    return f"{attrs['hook_name_in']} -> {name}" if attrs.get("hook_name_in") else name
 
 
 def tables_current(run: StageRun) -> str | None:
@@ -67,13 +80,9 @@ def tables_current(run: StageRun) -> str | None:
 
 
 def _load(run: StageRun):
+    """The SAE and the store inside each activation partition holding its hook point's rows."""
     sae, cfg = load_sae(run.store, _settings(run).sae_name, pick_device(run.resources.features.device))
-    if cfg["data"]["shuffle"] != run.resources.shuffle.settings().name:  # never read another hook point's rows
-        raise PlatformError(f"SAE {_settings(run).sae_name!r} was trained on shuffled/{cfg['data']['shuffle']} (a "
-                            "hook point after the first of caching.config.hook_points); feature tables are built "
-                            "from the first hook point's activations only",
-                            "set resources.features.config.sae_name to an SAE of the first hook point")
-    return sae
+    return sae, input_group(cfg["data"]["shuffle"])
 
 
 def _stage(**declared) -> Stage:
@@ -86,15 +95,15 @@ def stats_partial(run: StageRun) -> dict:
     """Stream one activation batch through the SAE once and fold its codes into every feature shard's
     partial (docs/design.md, "Feature tables"): for TopK-style SAEs the selection, the expensive part,
     runs once per row whatever the number of feature shards."""
-    settings, sae = _settings(run), _load(run)
+    settings, (sae, group) = _settings(run), _load(run)
     batch = run.partition_key
     shards = ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)
     partials = ft.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, top_k=settings.top_k,
                                              reservoir_factor=settings.reservoir_factor, seed=settings.seed,
-                                             check_features=settings.check_features)
+                                             check_features=settings.check_features, group=group)
     n_tokens = int(partials[0].n_tokens)
-    run.log.info(f"pass 1 [{batch}]: {n_tokens:,} tokens encoded once into {len(shards)} feature shards")
-    return {"sae": settings.sae_name, "feature_shards": len(shards), "n_tokens": n_tokens,
+    run.log.info(f"pass 1 [{batch}]: {n_tokens:,} tokens of {group} encoded once into {len(shards)} feature shards")
+    return {"sae": settings.sae_name, "store": group, "feature_shards": len(shards), "n_tokens": n_tokens,
             "path": MetadataValue.path(run.store.url(run.store.path(ft.PREFIX, settings.sae_name, "partial", batch)))}
 
 
@@ -119,7 +128,7 @@ FEATURE_STATS_PARTIAL = _stage(
 def merge_shard(run: StageRun) -> dict:
     """Merge the partials of every pinned batch: exact top-K, uniform random and interval examples,
     density, histogram; plus the logit effects (W_dec · W_U) of each feature."""
-    settings, sae, store = _settings(run), _load(run), run.store
+    settings, (sae, group), store = _settings(run), _load(run), run.store
     index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     batches = pinned_batches(run)
@@ -128,20 +137,23 @@ def merge_shard(run: StageRun) -> dict:
                                n_intervals=settings.n_intervals, per_interval=settings.per_interval)
     hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
     logits = ctx.logit_effects(sae, ctx.unembedding_matrix(hooked.model), hooked.tokenizer, start, stop)
+    attrs = activation_attrs(store, sae_shuffle(run))
     path = ft.write_tables(store, settings.sae_name, index, tables)
     with store.writing(logits_name(settings.sae_name, index)) as version:
         store.write_parquet(f"{version}/logit_effects.parquet", logits)
     lineage = feature_table_lineage(store, settings.sae_name, index, run_id=run.run_id)
     store.write_json(store.path("features", settings.sae_name, "lineage", f"f{index}.json"), lineage)
     dead = int((tables.stats["count"] == 0).sum())
-    return {"sae": settings.sae_name, "features": f"[{start}, {stop})", "n_batches": len(batches),
+    return {"sae": settings.sae_name, "hook_point": hook_point(attrs),
+            "logit_effects": ctx.logit_effect_meaning(attrs.get("hook_name"), attrs.get("hook_name_in")),
+            "features": f"[{start}, {stop})", "n_batches": len(batches),
             "n_tokens": int(tables.meta["n_tokens_total"]), "n_examples": tables.examples.height,
             "never_active_features": dead, "path": MetadataValue.path(store.url(path)),
-            **table_metadata(tables.stats), "top_features": _preview(run, tables, hooked.tokenizer),
+            **table_metadata(tables.stats), "top_features": _preview(run, tables, hooked.tokenizer, group),
             "lineage": MetadataValue.json(lineage)}
 
 
-def _preview(run: StageRun, tables: ft.FeatureTables, tokenizer) -> MetadataValue:
+def _preview(run: StageRun, tables: ft.FeatureTables, tokenizer, group: str) -> MetadataValue:
     """The shard's densest features as a table on the asset page, each with a link into the browser."""
     top = tables.examples.filter((pl.col("kind") == "top") & (pl.col("rank") == 0))
     top_example = {f: (p, r) for f, p, r in zip(top["feature"], top["partition"], top["row"], strict=True)}
@@ -152,7 +164,7 @@ def _preview(run: StageRun, tables: ft.FeatureTables, tokenizer) -> MetadataValu
         if feature in top_example:
             partition, row = top_example[feature]
             if partition not in token_ids:
-                token_ids[partition] = open_partition(run.store, partition).group["token_id"]
+                token_ids[partition] = open_partition(run.store, partition, group).group["token_id"]
             token = tokenizer.decode([int(token_ids[partition][row])])
         rows.append({"feature": feature, "density": round(stat["density"], 5), "max_activation": round(stat["max"], 3),
                      "top_token": repr(token), "browser": f"{BROWSER_URL}#/feature/{feature}"})
@@ -161,7 +173,7 @@ def _preview(run: StageRun, tables: ft.FeatureTables, tokenizer) -> MetadataValu
 
 
 def check_brute_force(run: StageRun) -> dict:
-    settings, sae = _settings(run), _load(run)
+    settings, (sae, _) = _settings(run), _load(run)  # the tables' meta names the store they read
     index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     check = ft.brute_force_check(run.store, sae, settings.sae_name, index, start, stop)
@@ -189,7 +201,7 @@ FEATURE_TOPK = _stage(
 def context_windows(run: StageRun) -> dict:
     """The windows around every chosen example in this batch, with the feature's activation on each
     token and the decoded token strings."""
-    settings, sae = _settings(run), _load(run)
+    settings, (sae, group) = _settings(run), _load(run)
     examples = [shown_examples(ft.read_tables(run.store, settings.sae_name, i).examples, settings.random_examples)
                 for i in range(N_FEATURE_SHARDS)]
     tokenizer = run.resources.language_model.tokenizer(run.store)  # the weights are not needed here
@@ -197,7 +209,8 @@ def context_windows(run: StageRun) -> dict:
                  f"({sum(e.height for e in examples):,} shown examples over all batches)")
     codes = ft.read_codes(run.store, settings.sae_name, run.partition_key, sae)  # pass 1's: no encode again
     info = ctx.build_partition_windows(run.store, settings.sae_name, sae, run.partition_key, pl.concat(examples),
-                                       tokenizer, before=settings.before, after=settings.after, codes=codes)
+                                       tokenizer, before=settings.before, after=settings.after, codes=codes,
+                                       group=group)
     return {"n_windows": info["n_windows"], "n_features": info["n_features"], "dagster/row_count": info["n_windows"],
             "path": MetadataValue.path(info["path"])}
 
@@ -213,7 +226,7 @@ FEATURE_CONTEXT_WINDOWS = _stage(
 
 def regroup(run: StageRun) -> dict:
     """The context windows of this feature shard's examples, sorted by feature."""
-    settings, sae = _settings(run), _load(run)
+    settings, (sae, _) = _settings(run), _load(run)
     index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     frame = ctx.regroup_by_feature(run.store, settings.sae_name, pinned_batches(run), start, stop)
@@ -246,7 +259,7 @@ def explain_features(run: StageRun) -> dict:
     text; nearest features by decoder cosine; co-occurring features."""
     from assets.training import heldout_contexts
 
-    settings, sae, store = _settings(run), _load(run), run.store
+    settings, (sae, _), store = _settings(run), _load(run), run.store
     index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     evaluation = run.resources.evaluation.settings()
@@ -290,7 +303,7 @@ def explain_with_llm(run: StageRun) -> dict:
     from assets.training import heldout_contexts
     from sae_platform.llm_explain import llm_explain_shard
 
-    settings, sae, store = _settings(run), _load(run), run.store
+    settings, (sae, _), store = _settings(run), _load(run), run.store
     index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     llm, evaluation = run.resources.llm_explainer, run.resources.evaluation.settings()
@@ -360,15 +373,17 @@ def build_browser(run: StageRun) -> dict:
     # site-wide: what every shard shares (checkpoint, shuffle, partitions, model) and the browser's run
     lineage = {k: v for k, v in shards[0]["lineage"].items() if k != "feature_table"}
     lineage["browser_dagster_run_id"] = run.run_id
+    hook = hook_point(lineage.get("base_model") or {})  # read from the SAE's own hook-point store (lineage.py)
     out = browser_dir(store, settings.sae_name)
     evaluated = store.resolve(eval_name(settings.sae_name))  # the overview page's figures, when evaluated
     evaluation = store.read_json(f"{evaluated}/report.json") if evaluated else None
     summary = build_site(out if store.is_local else store.url(out), run=settings.sae_name, shards=shards,
                          hist_bin_edges=ft.hist_bin_edges(), lineage=lineage, n_intervals=settings.n_intervals,
-                         fs=None if store.is_local else store.fs, evaluation=evaluation)
+                         fs=None if store.is_local else store.fs, evaluation=evaluation, hook_point=hook)
     run.log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
     return {
-        "n_features": summary["n_features"], "bytes": summary["bytes"], "files": summary["files"],
+        "hook_point": hook, "n_features": summary["n_features"], "bytes": summary["bytes"],
+        "files": summary["files"],
         "seconds": summary["seconds"], "path": MetadataValue.path(store.url(out)),
         "url": MetadataValue.url(BROWSER_URL), "serve_with": "make browse  (or: sae-platform browse)",
     }

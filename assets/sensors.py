@@ -5,8 +5,8 @@
   ``sae_platform.inbox.needs_caching``) go into few ``cache_inbox`` runs of up to
   ``SAE_PLATFORM_FILES_PER_RUN`` files each. Files not read are named with their reason.
 * ``downstream_freshness_sensor``: the declared policy for everything downstream. Once no caching
-  run is in flight, if the shuffled store, the SAE, its feature tables or the browser do not pin
-  the currently cached activations (``sae_platform.freshness``), one ``full_pipeline`` run brings
+  run is in flight, if any hook point's shuffled store, the SAE, its feature tables or the browser
+  do not pin the currently cached activations (``sae_platform.freshness``), one ``full_pipeline`` run brings
   them up to date. Its run key is the set of cached versions: one run per state of the data.
 * ``nightly_refresh``: the periodic backfill. Every night, the same check (uncached and replaced
   inbox files included); it launches ``full_pipeline`` when anything is behind, e.g. after a

@@ -6,6 +6,9 @@ when its checkpoint is a finished training with the same settings on the current
 checks, so the catalog shows pass/fail per SAE.
 """
 
+import hashlib
+import json
+
 from dagster import AllPartitionMapping, AssetDep, MetadataValue
 
 from assets.metadata import inline_png, table_preview
@@ -218,11 +221,18 @@ def compare(run: StageRun) -> dict:
             "page": MetadataValue.path(store.url(page))}
 
 
+def comparison_version(run: StageRun) -> str:
+    """The data version of the comparison: the evaluations it puts side by side (one hash of every
+    sweep entry's committed sae_eval version), so Dagster sees it fresh after any job built it."""
+    versions = [(run.store.pointer(eval_name(name)) or {}).get("version") for name in SAE_SWEEP_SPECS]
+    return hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
+
+
 SAE_COMPARISON = Stage(
     asset="sae_comparison", op_name="compare_saes", group="training", kinds=frozenset({"html"}),
     description="Every evaluated SAE of the sweep side by side on every figure of sae_eval (FVU, L0, dead, loss "
                 "recovered, N2G precision/recall, ablation sparsity, probe loss vs neurons): a table and one page.",
     deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),), body=compare,
-    version=lambda run: None)
+    version=comparison_version)
 
 STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_COMPARISON]

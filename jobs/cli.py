@@ -214,9 +214,10 @@ def build_features(instance, defs, sae_name: str) -> bool:
 
     from assets.partitions import N_FEATURE_SHARDS
     from sae_platform.shuffle import pinned_keys
+    from sae_platform.trainer import trained_on
 
     store = defs.resources["storage"].store()
-    batches = pinned_keys(store, defs.resources["shuffle"].settings().name)
+    batches = pinned_keys(store, trained_on(store, sae_name))  # the store of the SAE's own hook point
     shards = [f"f{i}" for i in range(N_FEATURE_SHARDS)]
     run_config = _quiet(stage_settings(features={"sae_name": sae_name}))
     steps = [("feature_pass_1", batches),

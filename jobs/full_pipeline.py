@@ -149,8 +149,8 @@ def feature_shards():
         yield DynamicOutput(shard, mapping_key=shard)
 
 
-@op(ins={"after": In(Nothing)}, out=DynamicOut(str), required_resource_keys={"storage", "shuffle"},
-    description="The batches the shuffled store pinned, fanned out.")
+@op(ins={"after": In(Nothing)}, out=DynamicOut(str), required_resource_keys={"storage", "shuffle", "features"},
+    description="The batches the described SAE's shuffled store (its hook point's) pinned, fanned out.")
 def pinned_batch_keys(context: OpExecutionContext):
     for index, batch in enumerate(pinned_batches(_run(context))):
         yield DynamicOutput(batch, mapping_key=_mapping_key(index, batch))

@@ -41,7 +41,7 @@ from sae_platform.corpus import (
     source_stamp,
     stream_contexts,
 )
-from sae_platform.errors import ModelError, SourceError
+from sae_platform.errors import ModelError, SourceError, StorageError
 from sae_platform.inbox import PREFIX, list_partitions, partition_name  # noqa: F401 (re-exported)
 from sae_platform.model import HookedModel
 from sae_platform.settings import SettingsError, setting, validate
@@ -457,11 +457,19 @@ class VersionChecked:
         return len(self._array)
 
 
-def open_partition(store: ArtifactStore, key: str) -> Partition:
+def open_partition(store: ArtifactStore, key: str, group: str = "data.zarr") -> Partition:
+    """The committed partition ``key``, opened on one of its hook-point stores (``group``: what
+    ``store_group`` names, ``shuffle.input_group`` gives a shuffled store's; default the first).
+    Each store has its own rows and its own index (token_id, context_id, position, …)."""
     path = store.require(partition_name(key), f"activation partition {key!r}",
                          "materialize the activations asset for that partition first")
     version = path.rstrip("/").rsplit("/", 1)[-1]
     with store.reading(partition_name(key), version, f"activation partition {key!r}"):
-        return Partition(key, path, store.open_group(f"{path}/data.zarr", mode="r"), store)
+        if group != "data.zarr" and not store.fs.exists(f"{path}/{group}"):
+            held = dict(store.open_group(f"{path}/data.zarr", mode="r").attrs).get("hook_points") or ["one store"]
+            raise StorageError(f"activation partition {key!r} has no hook-point store {group!r} (it holds: "
+                               f"{', '.join(held)})", "cache that partition again with the SAE's hook point in "
+                               "resources.caching.config.hook_points")
+        return Partition(key, path, store.open_group(f"{path}/{group}", mode="r"), store)
 
 

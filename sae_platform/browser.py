@@ -17,7 +17,8 @@ Site layout (everything static; any plain HTTP server can serve it — ``fetch``
     data/<version>/index.json       compact, loaded up front: per feature id, density, max and
                                     count (columnar), the strongest activating tokens of its top
                                     examples (indices into one token table; the token search and
-                                    the list's token column), plus run, lineage, histogram edges
+                                    the list's token column), plus run, the SAE's hook point
+                                    (shown in the header), lineage, histogram edges
     data/<version>/features/<k>.json   the full data of features [k*64, (k+1)*64): fetched only
                                     when one of them is opened
 
@@ -493,7 +494,8 @@ def _evaluation_figures(report: dict | None) -> dict | None:
 
 def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
                n_intervals: int | None = None, version: str | None = None,
-               dagster_url: str | None = None, evaluation: dict | None = None) -> dict[str, bytes]:
+               dagster_url: str | None = None, evaluation: dict | None = None,
+               hook_point: str | None = None) -> dict[str, bytes]:
     """Every file of the site, by relative path (what :func:`build_site` writes). ``evaluation``:
     the SAE's evaluation figures (``sae_eval``'s report), shown on the overview page."""
     edges = [float(e) for e in hist_bin_edges]
@@ -511,6 +513,7 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
     data = f"data/{version}"
     meta = {
         "run": str(run), "version": version, "n_features": int(ids.size),
+        "hook_point": None if hook_point is None else str(hook_point),
         "chunk_features": CHUNK_FEATURES, "hist_bin_edges": bin_edges, "kind_order": list(KIND_ORDER),
         "n_intervals": None if n_intervals is None else int(n_intervals),
         "lineage": json.loads(json.dumps(lineage, default=str)),
@@ -537,7 +540,7 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
 
 def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
                n_intervals: int | None = None, fs=None, dagster_url: str | None = None,
-               evaluation: dict | None = None) -> dict:
+               evaluation: dict | None = None, hook_point: str | None = None) -> dict:
     """Generate the browser site for SAE ``run`` into ``out`` (a local directory, or a path on the
     fsspec filesystem ``fs``, or a URL). ``shards``: one dict per feature shard with ``start``,
     ``stop`` and the polars frames ``feature_stats``, ``feature_examples``, ``feature_contexts``,
@@ -548,10 +551,13 @@ def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float]
     the Dagster UI those pages link to (default: :func:`dagster_ui_url`). A shard may carry
     ``explanations`` (N2G explanation, scores, nearest and co-occurring features per feature) and
     ``evaluation`` is the SAE's evaluation report (the overview page shows its figures).
+    ``hook_point``: where the SAE reads (e.g. ``blocks.4.hook_mlp_out``; a transcoder ``IN -> OUT``),
+    shown in every page's header.
     Returns a summary: n_features, bytes, files, seconds, path, version, index_bytes."""
     t0 = time.perf_counter()
     files = site_files(run=run, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
-                       n_intervals=n_intervals, dagster_url=dagster_url, evaluation=evaluation)
+                       n_intervals=n_intervals, dagster_url=dagster_url, evaluation=evaluation,
+                       hook_point=hook_point)
     pointer = json.loads(files[SITE_POINTER])
     if fs is None and "://" in str(out):
         import fsspec

@@ -64,6 +64,22 @@ reported per unit of the unit-norm decoder direction. ``unembedding_matrix`` fol
 norm's gain into ``W_U`` by default (TransformerLens' ``fold_ln``): the norm's 1/rms is a
 positive scalar common to all tokens, its per-channel gain is not.
 
+What the score means depends on the SAE's hook point (``logit_effect_meaning``); it is the
+standard direct-logit view wherever the decoder writes into the residual stream's basis:
+
+* ``hook_resid_pre`` / ``hook_resid_mid`` / ``hook_resid_post``: the decoder direction *is* a
+  residual-stream direction; the score is its direct path to the logits, bypassing every layer
+  after the hook point (their attention and MLPs may change it).
+* ``hook_attn_out`` / ``hook_mlp_out``: the block adds this output to the residual stream
+  unchanged, so the direction is again a residual direction: the score is the direct effect of
+  what the attention (MLP) writes, bypassing the later layers.
+* a transcoder (``ln2.hook_normalized -> hook_mlp_out``): it decodes into the MLP's output, so
+  the same holds for its decoder (``W_dec`` [n_latents, d_out]); its encoder reads the MLP's
+  normalized input and plays no part in the score.
+* ``ln2.hook_normalized`` as an SAE's own hook point: the normalized MLP input is not in the
+  residual stream's basis (divided by the rms, not yet multiplied by the norm's gain); the score
+  is computed the same way but is only a rough guide.
+
 Storage (every write goes through ``ArtifactStore.writing``: nothing half-written is visible)::
 
     features/<run>/contexts_partial/<partition>/<version>/windows.parquet   one per partition
@@ -215,7 +231,8 @@ class _Index:
 def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests: pl.DataFrame, tokenizer, *,
                     before: int = 16, after: int = 8, device=None, batch_rows: int = 4096,
                     rtol: float = RTOL, atol: float = ATOL,
-                    max_mismatch_fraction: float = MAX_MISMATCH_FRACTION, codes=None) -> pl.DataFrame:
+                    max_mismatch_fraction: float = MAX_MISMATCH_FRACTION, codes=None,
+                    group: str = "data.zarr") -> pl.DataFrame:
     """One window per request (schema ``WINDOW_SCHEMA``, in request order): the example's tokens
     ± (before, after) within its document, their strings, and the feature's activation on each.
 
@@ -224,12 +241,16 @@ def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests:
 
     ``codes``: pass 1's sparse codes of the whole partition (``features.read_codes``: values
     float32 and indices [n_rows, K]); the activations are then looked up in them instead of
-    encoding the window rows again (TopK-style variants)."""
+    encoding the window rows again (TopK-style variants).
+
+    ``group``: the partition's hook-point store whose rows the examples point into (the one the
+    feature tables were built from, their ``meta["group"]``); its own index gives the windows. A
+    transcoder's store holds paired rows [input | output]; the SAE encodes the input half."""
     if before < 0 or after < 0 or batch_rows < 1:
         raise PlatformError(f"bad window settings before={before}, after={after}, batch_rows={batch_rows}",
                             "use before >= 0, after >= 0, batch_rows >= 1")
     _check_examples(requests)
-    part = open_partition(store, partition_key)
+    part = open_partition(store, partition_key, group)
     d_model = int(part.attrs.get("d_model", part.acts.shape[1]))
     if d_model != sae.d_model:
         raise ModelError(f"activation partition {partition_key!r} has d_model {d_model} but the SAE expects "
@@ -354,13 +375,14 @@ def _pair_activations(sae: SparseAutoencoder, part: Partition, rows: np.ndarray,
     pair_rows, pair_feats = keys // n_lat, keys % n_lat
     needed = np.unique(pair_rows)
     device, dtype = _sae_device(sae), sae.W_dec.dtype
-    resident = max(batch_rows, RESIDENT_BYTES // (sae.d_model * torch.finfo(dtype).bits // 8))
+    width = int(part.acts.shape[1])  # d_model; a transcoder's paired rows: d_model + d_out
+    resident = max(batch_rows, RESIDENT_BYTES // (width * torch.finfo(dtype).bits // 8))
     out = np.empty(len(keys), dtype=np.float32)
     for b in range(0, len(needed), resident):
         block = needed[b:b + resident]
         a, z = np.searchsorted(pair_rows, [block[0], block[-1] + 1])
         local = np.searchsorted(block, pair_rows[a:z])
-        x = torch.empty(len(block), sae.d_model, dtype=dtype, device=device)
+        x = torch.empty(len(block), width, dtype=dtype, device=device)
         for s in range(0, len(block), READ_ROWS):
             part_rows = block[s:s + READ_ROWS]
             data = np.ascontiguousarray(part.acts.get_orthogonal_selection((part_rows, slice(None))))
@@ -653,6 +675,22 @@ def read_feature_contexts(store, run: str, shard_index: int, feature: int | None
 # Logit effects
 # ---------------------------------------------------------------------------------------------
 
+def logit_effect_meaning(hook_name: str | None, hook_name_in: str | None = None) -> str:
+    """One line on what ``W_dec @ W_U^T`` means for an SAE at ``hook_name`` (a transcoder: also
+    ``hook_name_in``), as the module docstring explains ("Logit effects")."""
+    name = hook_name or ""
+    if hook_name_in:
+        return (f"direct effect on the logits of what the transcoder writes into {name} (added to the residual "
+                "stream), bypassing the later layers")
+    if name.endswith(("hook_attn_out", "hook_mlp_out")):
+        return (f"direct effect on the logits of what {name} adds to the residual stream, bypassing the later "
+                "layers")
+    if "hook_resid_" in name:
+        return f"direct path to the logits of the residual-stream direction at {name}, bypassing the later layers"
+    return (f"{name or 'this hook point'} is not a residual-stream basis: W_dec . W_U is only a rough guide "
+            "there")
+
+
 def unembedding_matrix(model, fold_norm: bool = True) -> torch.Tensor:
     """W_U as [vocab, d_model] (a detached tensor) for a Hugging Face causal LM or a HookedModel.
 
@@ -689,13 +727,15 @@ def logit_effects(sae: SparseAutoencoder, unembedding: torch.Tensor, tokenizer, 
     ``W_dec[f] @ W_U^T`` (schema ``LOGIT_SCHEMA``; top descending, bottom ascending).
 
     Scores are computed in feature chunks of at most LOGIT_ELEMENTS / vocab rows on the SAE's
-    device. Rows of W_U past the tokenizer's vocabulary (padding) are left out."""
+    device. Rows of W_U past the tokenizer's vocabulary (padding) are left out. What the scores
+    mean at each hook point: the module docstring, "Logit effects" (``logit_effect_meaning``)."""
     if not 0 <= start < stop <= sae.n_latents:
         raise PlatformError(f"feature range [{start}, {stop}) is outside [0, {sae.n_latents})",
                             "pass 0 <= start < stop <= n_latents")
-    if unembedding.ndim != 2 or unembedding.shape[1] != sae.d_model:
+    width = int(sae.W_dec.shape[1])  # d_model; a transcoder writes d_out
+    if unembedding.ndim != 2 or unembedding.shape[1] != width:
         raise ModelError(f"the unembedding has shape {tuple(unembedding.shape)} but the SAE writes d_model "
-                         f"{sae.d_model}", "pass W_U [vocab, d_model] of the model the SAE was trained on")
+                         f"{width}", "pass W_U [vocab, d_model] of the model the SAE was trained on")
     if top < 1:
         raise PlatformError(f"top must be >= 1, got {top}", "ask for e.g. top=10 tokens")
     vocab = min(int(unembedding.shape[0]), len(tokenizer))

@@ -90,10 +90,13 @@ Tables (polars), one pair per feature shard, committed together under
     interval    Int32    interval index for kind "interval", null otherwise
     activation  Float32
     partition   Utf8     activation partition key
-    row         Int64    row in that partition (``open_partition(store, partition).acts[row]``)
+    row         Int64    row in that partition's hook-point store ``meta["group"]``
+                         (``open_partition(store, partition, group).acts[row]``)
 
 ``meta.json`` holds ``hist_bin_edges`` (the 65 edges), the shard range, top_k, reservoir size,
-seed, n_intervals, per_interval, the SAE's config and weight fingerprint and every partition's key,
+seed, n_intervals, per_interval, the SAE's config and weight fingerprint, ``group`` (the hook-point
+store inside each partition whose rows were read: ``data.zarr`` for the first entry of
+``caching.config.hook_points``, ``hooks/<i>.zarr`` for entry i) and every partition's key,
 pinned version, token count and pass-1 batch size.
 
 Partials (pass-1 output) are committed under ``features/<run>/partial/<partition>/f<shard_index>``
@@ -405,6 +408,7 @@ class Partial:
     entries_sum: float | None = None  # their activations' sum (float64), accumulated apart
     sae: dict = field(default_factory=dict)  # {"config": ..., "fingerprint": ...}
     diagnostics: dict = field(default_factory=dict)
+    group: str = "data.zarr"  # the partition's hook-point store the rows were read from (activations.store_group)
 
     ARRAYS = ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "sum", "max", "hist")
     WITNESS = ("witness", "witness_feature", "witness_row", "witness_act")
@@ -417,7 +421,8 @@ class Partial:
         return {"partition": self.partition, "partition_version": self.partition_version, "start": self.start,
                 "stop": self.stop, "top_k": self.top_k, "reservoir_size": self.reservoir_size, "seed": self.seed,
                 "batch_rows": self.batch_rows, "n_tokens": self.n_tokens, "sae": self.sae,
-                "n_entries": self.n_entries, "entries_sum": self.entries_sum, "hist_bin_edges": hist_bin_edges()}
+                "n_entries": self.n_entries, "entries_sum": self.entries_sum, "hist_bin_edges": hist_bin_edges(),
+                "group": self.group}
 
 
 def sae_fingerprint(sae) -> str:
@@ -452,13 +457,20 @@ def _effective_batch_rows(sae, batch_rows: int, n_features: int) -> int:
     return max(1, min(batch_rows, DENSE_BATCH_ELEMENTS // n_features))
 
 
-def _open_checked(store: ArtifactStore, sae, key: str):
-    part = open_partition(store, key)  # StorageError naming the partition and the fix if missing
+def row_widths(sae) -> tuple[int, ...]:
+    """The stored row widths ``sae`` reads: d_model; for a transcoder also its paired rows
+    [input | output] (d_model + d_out), of which it encodes the input half."""
+    return (sae.d_model, sae.d_model + sae.d_out) if sae.is_transcoder else (sae.d_model,)
+
+
+def _open_checked(store: ArtifactStore, sae, key: str, group: str = "data.zarr"):
+    part = open_partition(store, key, group)  # StorageError naming the partition and the fix if missing
     width = part.acts.shape[1] if len(part.acts.shape) == 2 else None
-    if width != sae.d_model:
-        raise FeatureError(f"activation partition {key!r} has rows of width {width} but the SAE expects "
+    if width not in row_widths(sae):
+        where = "" if group == "data.zarr" else f" (hook-point store {group})"
+        raise FeatureError(f"activation partition {key!r}{where} has rows of width {width} but the SAE expects "
                            f"d_model {sae.d_model}",
-                           "use an SAE trained on the model and layer these activations were cached from")
+                           "use an SAE trained on the model and hook point these activations were cached from")
     if part.n_rows > MAX_ROWS:
         raise FeatureError(f"activation partition {key!r} has {part.n_rows} rows, more than {MAX_ROWS}",
                            "cache smaller partitions (fewer contexts per batch file)")
@@ -602,7 +614,8 @@ class _ShardState:
 @torch.no_grad()
 def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list[tuple[int, int]], *,
                      top_k: int = 20, reservoir_factor: int = 10, seed: int = 0, batch_rows: int = 4096,
-                     check_features: int = 64, device=None, on_codes=None) -> list[Partial]:
+                     check_features: int = 64, device=None, on_codes=None,
+                     group: str = "data.zarr") -> list[Partial]:
     """Pass 1 for one activation partition and every feature shard in ``shards`` (latent ranges
     [start, stop)), reading and encoding each row once: stream the partition in batches and keep
     per feature the top_k activations, a bottom-R random sample (R = reservoir_factor * top_k),
@@ -616,7 +629,11 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     state of every listed shard at once (pass fewer shards per call to bound it).
 
     ``on_codes(offset, values, indices)``, if given, receives each token batch's sparse codes
-    (sparse route only; ``write_codes`` keeps them for pass 3)."""
+    (sparse route only; ``write_codes`` keeps them for pass 3).
+
+    ``group``: the partition's hook-point store to read (``activations.store_group``; the SAE's
+    own: ``shuffle.input_group`` of the shuffled store it was trained on). A transcoder reads its
+    paired rows [input | output] and encodes the input half."""
     if not shards:
         raise FeatureError("compute_partials needs at least one feature shard", "pass feature_shards(n_latents, n)")
     for start, stop in shards:
@@ -628,7 +645,7 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
         raise FeatureError(f"check_features must be an integer >= 0, got {check_features!r}",
                            "set check_features to the number of features per shard the exactness check recomputes")
     dev = _resolve_device(sae, device)
-    part = _open_checked(store, sae, partition_key)
+    part = _open_checked(store, sae, partition_key, group)
     version = part.path.rstrip("/").rsplit("/", 1)[-1]  # the version actually read, pinned in the partial
     n_rows, res_size = part.n_rows, reservoir_factor * top_k
     sparse = _sparse_route(sae)
@@ -684,20 +701,20 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
         partials.append(Partial(
             partition=partition_key, partition_version=version, start=s.start, stop=s.stop, top_k=top_k,
             reservoir_size=res_size, seed=int(seed), batch_rows=rows_per_batch, n_tokens=n_rows,
-            sae=fingerprint, diagnostics=diagnostics, **arrays))
+            sae=fingerprint, diagnostics=diagnostics, group=group, **arrays))
     states.clear()
     return partials
 
 
 def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, stop: int, *, top_k: int = 20,
                     reservoir_factor: int = 10, seed: int = 0, batch_rows: int = 4096, check_features: int = 64,
-                    device=None) -> Partial:
+                    device=None, group: str = "data.zarr") -> Partial:
     """Pass 1 for one activation partition and latents [start, stop) (``compute_partials`` with
     one shard). For TopK-style variants prefer one ``compute_partials`` call over all shards:
     each call runs the full selection."""
     return compute_partials(store, sae, partition_key, [(start, stop)], top_k=top_k,
                             reservoir_factor=reservoir_factor, seed=seed, batch_rows=batch_rows,
-                            check_features=check_features, device=device)[0]
+                            check_features=check_features, device=device, group=group)[0]
 
 
 def compute_and_write_partials(store: ArtifactStore, sae, run: str, partition_key: str, shards: list[tuple[int, int]],
@@ -783,7 +800,7 @@ def read_partial(store: ArtifactStore, run: str, partition_key: str, shard_index
     fields = {k: meta[k] for k in ("partition", "partition_version", "start", "stop", "top_k", "reservoir_size",
                                    "seed", "batch_rows", "n_tokens", "sae")}
     fields.update({k: meta.get(k) for k in ("n_entries", "entries_sum")})
-    return Partial(**fields, **data)
+    return Partial(**fields, **data, group=meta.get("group", "data.zarr"))
 
 
 def list_partials(store: ArtifactStore, run: str, shard_index: int) -> list[str]:
@@ -874,7 +891,7 @@ def _fold(a: _Merged, b: _Merged) -> _Merged:
 
 
 def _check_compatible(first: Partial, p: Partial) -> None:
-    for name in ("start", "stop", "top_k", "reservoir_size", "seed"):
+    for name in ("start", "stop", "top_k", "reservoir_size", "seed", "group"):
         if getattr(first, name) != getattr(p, name):
             raise FeatureError(f"partials disagree on {name}: partition {first.partition!r} has "
                                f"{getattr(first, name)!r}, partition {p.partition!r} has {getattr(p, name)!r}",
@@ -911,7 +928,7 @@ def merge_partials(partials: Iterable[Partial], *, n_intervals: int = 5, per_int
     meta = {"start": first.start, "stop": first.stop, "top_k": first.top_k, "reservoir_size": first.reservoir_size,
             "seed": first.seed, "n_intervals": n_intervals, "per_interval": per_interval,
             "n_tokens_total": state.n_tokens, "partitions": state.partitions, "sae": first.sae,
-            "witness": first.witness.tolist(), "n_entries": n_entries, "entries_sum": entries_sum,
+            "witness": first.witness.tolist(), "n_entries": n_entries, "entries_sum": entries_sum, "group": first.group,
             "hist_bin_edges": hist_bin_edges(),
             "hist_bins": "histogram[0]: 0 < a < edges[0]; histogram[i]: edges[i-1] <= a < edges[i]; "
                          "histogram[65]: a >= edges[64]"}
@@ -1010,7 +1027,7 @@ def read_tables(store: ArtifactStore, run: str, shard_index: int) -> FeatureTabl
 def build_feature_tables(store: ArtifactStore, sae, run: str, *, n_feature_shards: int = 1,
                          partitions: list[str] | None = None, top_k: int = 20, reservoir_factor: int = 10,
                          seed: int = 0, batch_rows: int = 4096, n_intervals: int = 5, per_interval: int = 4,
-                         check_features: int = 64, device=None) -> list[dict]:
+                         check_features: int = 64, device=None, group: str = "data.zarr") -> list[dict]:
     """Both passes, in this process: every partition's partials (all feature shards from one
     encode), then every shard's tables. The Dagster layer runs the same functions as separate
     partitioned steps."""
@@ -1021,7 +1038,8 @@ def build_feature_tables(store: ArtifactStore, sae, run: str, *, n_feature_shard
     shards = feature_shards(sae.n_latents, n_feature_shards)
     for key in keys:
         partials = compute_partials(store, sae, key, shards, top_k=top_k, reservoir_factor=reservoir_factor,
-                                    seed=seed, batch_rows=batch_rows, check_features=check_features, device=device)
+                                    seed=seed, batch_rows=batch_rows, check_features=check_features, device=device,
+                                    group=group)
         for index, partial in enumerate(partials):
             write_partial(store, run, key, index, partial)
     summaries = []
@@ -1129,7 +1147,7 @@ def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, sta
         pointer = store.pointer(partition_name(info["key"])) or {}
         if pointer.get("version") != info["version"]:
             bad(None, f"partition {info['key']} version", info["version"], pointer.get("version"))
-        part = _open_checked(store, sae, info["key"])
+        part = _open_checked(store, sae, info["key"], meta.get("group", "data.zarr"))
         if part.n_rows != info["n_tokens"]:
             bad(None, f"partition {info['key']} n_rows", info["n_tokens"], part.n_rows)
         n_tokens += part.n_rows

@@ -29,22 +29,44 @@ def changed_sources(store: ArtifactStore, stamps: dict[str, str]) -> list[str]:
 
 def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int) -> list[str]:
     """Why the downstream of the cached activations is out of date; empty when it is current (or
-    when nothing is cached yet: there is nothing to build from)."""
+    when nothing is cached yet: there is nothing to build from).
+
+    Every hook point's shuffled store (``shuffle.hook_shuffle_names``: ``shuffle_name`` for the
+    first entry of ``caching.config.hook_points``, ``<shuffle_name>.h<i>`` for entry i) must pin
+    the cached versions; one reason per store that does not. The SAE ``sae_name`` must be a
+    finished training on the current plan of the store it was trained on (its own hook point's)."""
+    from sae_platform.activations import cached_hook_points
+    from sae_platform.shuffle import hook_shuffle_names
+
     cached = cached_versions(store)
     if not cached:
         return []
-    shuffled = store.resolve(f"shuffled/{shuffle_name}")
-    if shuffled is None:
-        return [f"no shuffled store {shuffle_name!r} yet ({len(cached)} cached partition(s))"]
-    index = store.read_json(f"{shuffled}/index.json")
-    pinned = {i["key"]: i["version"] for i in index["inputs"]}
-    if pinned != cached:
-        return [_describe_change(pinned, cached)]
+    names = hook_shuffle_names(store, shuffle_name)
+    hooks = cached_hook_points(store)
+    reasons, indexes = [], {}
+    for i, name in enumerate(names):
+        label = f"{name!r}" + (f" ({hooks[i]})" if len(names) > 1 and i < len(hooks) else "")
+        shuffled = store.resolve(f"shuffled/{name}")
+        if shuffled is None:
+            reasons.append(f"no shuffled store {label} yet ({len(cached)} cached partition(s))")
+            continue
+        indexes[name] = index = store.read_json(f"{shuffled}/index.json")
+        pinned = {entry["key"]: entry["version"] for entry in index["inputs"]}
+        if pinned != cached:
+            reasons.append(_describe_change(pinned, cached, label))
+    if reasons:
+        return reasons
     checkpoint = store.pointer(f"sae/{sae_name}")
     if checkpoint is None:
         return [f"SAE {sae_name!r} was never trained"]
+    trained = checkpoint.get("data", {}).get("shuffle") or shuffle_name
+    index = indexes.get(trained)
+    if index is None:
+        return [f"SAE {sae_name!r} was trained on shuffled store {trained!r}, which is not one of the cached hook "
+                f"points' stores ({', '.join(names)})"]
     if checkpoint.get("data", {}).get("plan_id") != index["plan_id"] or not checkpoint.get("final"):
-        return [f"SAE {sae_name!r} is not a finished training on shuffle plan {index['plan_id']}"]
+        return [f"SAE {sae_name!r} is not a finished training on shuffle plan {index['plan_id']} "
+                f"(shuffled store {trained!r})"]
     return features_behind(store, sae_name=sae_name, n_feature_shards=n_feature_shards)
 
 
@@ -72,13 +94,14 @@ def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: in
     return []
 
 
-def _describe_change(pinned: dict[str, str], cached: dict[str, str]) -> str:
+def _describe_change(pinned: dict[str, str], cached: dict[str, str], label: str = "") -> str:
     new = sorted(set(cached) - set(pinned))
     gone = sorted(set(pinned) - set(cached))
     changed = sorted(k for k in set(pinned) & set(cached) if pinned[k] != cached[k])
     parts = [f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
              for label, keys in (("new", new), ("re-cached", changed), ("removed", gone)) if keys]
-    return "the shuffled store is older than the cached activations (" + "; ".join(parts) + ")"
+    store = f"the shuffled store {label}" if label else "the shuffled store"
+    return f"{store} is older than the cached activations (" + "; ".join(parts) + ")"
 
 
 def _recorded_checkpoint(store: ArtifactStore, lineage_path: str) -> str | None:

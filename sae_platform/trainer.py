@@ -156,6 +156,13 @@ def checkpoint_name(run: str) -> str:
     return f"{PREFIX}/{run}"
 
 
+def trained_on(store: ArtifactStore, run: str) -> str:
+    """The shuffled store (``shuffle.hook_store_name``: its hook point) the last committed
+    checkpoint of ``run`` was trained on. StorageError when there is no checkpoint."""
+    store.require(checkpoint_name(run), f"SAE checkpoint {run!r}", "materialize sae_checkpoint first")
+    return store.pointer(checkpoint_name(run))["data"]["shuffle"]
+
+
 def data_fingerprint(shuffled: Shuffled) -> dict:
     return {"shuffle": shuffled.name, "plan_id": shuffled.index["plan_id"], "n_rows": shuffled.n_rows,
             "d_model": shuffled.d_model}

@@ -76,6 +76,9 @@ LINEAGE = {"sae": "test-sae", "checkpoint": "checkpoints/test-sae/v3/sae.safeten
            "hook_name": "blocks.2.hook_resid_post"}
 
 
+HOOK_POINT = "blocks.2.ln2.hook_normalized -> blocks.2.hook_mlp_out"
+
+
 @pytest.fixture(scope="module")
 def tables():
     return _tables()
@@ -86,7 +89,7 @@ def site(tmp_path_factory, tables):
     shards, edges = tables
     out = tmp_path_factory.mktemp("browser") / "site"
     summary = browser.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE,
-                                 n_intervals=3)
+                                 n_intervals=3, hook_point=HOOK_POINT)
     return out, summary
 
 
@@ -106,6 +109,7 @@ def test_site_layout_and_index(site, tables):
     index = json.loads((data / "index.json").read_text())
     assert index["columns"]["feature"] == list(range(N_FEATURES))
     assert index["lineage"]["run_id"] == "run-7f3a9c" and index["n_intervals"] == 3
+    assert index["hook_point"] == HOOK_POINT
     # 24 bins between the 25 edges, plus underflow (from 0) and overflow (unbounded): 26 counts
     assert len(index["hist_bin_edges"]) == 27 and index["hist_bin_edges"][0] == 0
     assert index["hist_bin_edges"][-1] is None and index["hist_bin_edges"][1:-1] == pytest.approx(tables[1])
@@ -242,6 +246,7 @@ def test_index_lists_sorts_and_searches(page, site):
     pg.wait_for_selector("table.features tbody tr")
     assert _ids(pg) == list(range(200))                      # first page of 200, by id
     assert pg.locator("#count").inner_text() == "300 features"
+    assert pg.locator("#run").inner_text() == f"test-sae · {HOOK_POINT} · 300 features"   # where the SAE reads
     pg.click("#next-page")
     assert _ids(pg) == list(range(200, 300))
     cols = _index(site)["columns"]                           # the values the page sorts (rounded)

@@ -352,6 +352,38 @@ def test_brute_force_check_passes_on_good_tables_and_catches_tampering(store):
     assert not result["ok"] and "sae_fingerprint" in {m["what"] for m in result["mismatches"]}
 
 
+def test_tables_of_a_later_hook_point_and_of_a_transcoder_read_their_own_store(store):
+    """Each partition holds one store per hook point (data.zarr, hooks/<i>.zarr) with its own rows;
+    the tables read the named one (``group``), and a transcoder's paired rows [input | output]
+    are encoded by their input half, exactly (the re-encoding check)."""
+    rng = np.random.default_rng(4)
+    first, second = synthetic_rows(700, seed=1), synthetic_rows(650, seed=2)
+    paired = np.concatenate([second, rng.standard_normal((650, D)).astype(np.float16)], 1)
+    with store.writing("activations/p0") as version:
+        for group, acts in (("data.zarr", first), ("hooks/1.zarr", second), ("hooks/2.zarr", paired)):
+            store.open_group(f"{version}/{group}", "w").create_array("acts", data=acts, chunks=(256, acts.shape[1]),
+                                                                    compressors=None)
+    transcoder = build_sae("relu", D, N_LATENTS, d_out=D).eval()
+    transcoder.load_state_dict({**make_sae("relu").state_dict(), "b_dec": transcoder.b_dec,
+                                "output_scale": transcoder.output_scale})
+    for run, sae, group, rows in (("h1", make_sae("relu"), "hooks/1.zarr", second),
+                                  ("tc", transcoder, "hooks/2.zarr", second)):
+        F.build_feature_tables(store, sae, run, n_feature_shards=2, top_k=4, reservoir_factor=2, group=group)
+        for i, (start, stop) in enumerate(F.feature_shards(N_LATENTS, 2)):
+            tables = F.read_tables(store, run, i)
+            assert tables.meta["group"] == group and tables.stats["n_tokens_total"][0] == len(rows)
+            check = F.brute_force_check(store, sae, run, i, start, stop, sample_features=stop - start, reencode=True)
+            assert check["ok"], check["mismatches"][:3]
+            top = tables.examples.filter(pl.col("kind") == "top")
+            dense = sae.encode_dense(torch.from_numpy(rows[top["row"].to_numpy()]).float()).detach().numpy()
+            np.testing.assert_allclose(top["activation"].to_numpy(), dense[np.arange(top.height), top["feature"]],
+                                       rtol=1e-5, atol=1e-6)
+    with pytest.raises(StorageError, match="no hook-point store 'hooks/3.zarr'"):
+        F.compute_partials(store, make_sae("relu"), "p0", [(0, N_LATENTS)], group="hooks/3.zarr")
+    with pytest.raises(F.FeatureError, match=r"\(hook-point store hooks/2.zarr\) has rows of width 32"):
+        F.compute_partials(store, make_sae("relu"), "p0", [(0, N_LATENTS)], group="hooks/2.zarr")
+
+
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from sae_platform import features as F

@@ -8,13 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
+import torch
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, EventRecordsFilter
 
 from conftest import TINY_SAE, deployment
+from sae_platform import contexts as ctx
+from sae_platform import features as ft
 from sae_platform.corpus import partition_key
 from sae_platform.freshness import stale_reasons
 from sae_platform.storage import ArtifactStore
+from sae_platform.trainer import load_sae
 
 REPO = Path(__file__).resolve().parents[1]
 MULTIPROCESS = ("multiprocess: {max_concurrent: 2, "
@@ -167,10 +173,50 @@ def test_bad_files_never_stop_the_pipeline(tmp_path, tiny_model_dir, text_dir):
         assert line in status.stdout, (line, status.stdout)
 
 
-def test_full_pipeline_with_several_hook_points_and_a_transcoder(tmp_path, tiny_model_dir, text_dir):
+def site_index(store: ArtifactStore, sae_name: str) -> dict:
+    site = store.path("browser", sae_name)
+    return json.loads(open(f"{site}/{json.loads(open(f'{site}/site.json').read())['data']}/index.json").read())
+
+
+def assert_tables_match_brute_force(store: ArtifactStore, sae_name: str, group: str) -> None:
+    """The committed feature tables of ``sae_name`` against a dense encode of every row of hook-point
+    store ``group`` of every pinned partition: counts and max of every feature, the top-k values,
+    and each example's activation at its (partition, row)."""
+    sae, _ = load_sae(store, sae_name)
+    tables = [ft.read_tables(store, sae_name, i) for i in range(4)]
+    parts = tables[0].meta["partitions"]
+    assert all(t.meta["group"] == group for t in tables)
+    dense, offsets = [], {}
+    for info in parts:
+        offsets[info["key"]] = sum(len(d) for d in dense)
+        acts = store.open_group(store.path("activations", info["key"], info["version"], group), mode="r")["acts"][:]
+        assert len(acts) == info["n_tokens"]
+        with torch.no_grad():
+            dense.append(sae.encode_dense(torch.from_numpy(acts).float()).numpy())
+    dense = np.concatenate(dense)
+    stats = pl.concat([t.stats for t in tables]).sort("feature")
+    examples = pl.concat([t.examples for t in tables])
+    assert stats["feature"].to_list() == list(range(sae.n_latents))
+    assert (stats["n_tokens_total"] == len(dense)).all()
+    active = dense > 0
+    assert np.abs(stats["count"].to_numpy() - active.sum(0)).max() <= 1  # a threshold tie may flip once
+    np.testing.assert_allclose(stats["max"].to_numpy(), dense.max(0), rtol=1e-5, atol=1e-6)
+    rows = np.array([offsets[p] for p in examples["partition"]]) + examples["row"].to_numpy()
+    np.testing.assert_allclose(examples["activation"].to_numpy(), dense[rows, examples["feature"].to_numpy()],
+                               rtol=1e-5, atol=1e-6)  # each example names the row of *this* store it came from
+    top = tables[0].meta["top_k"]
+    for feature in np.flatnonzero(active.sum(0) > 0)[:64].tolist():
+        got = examples.filter((pl.col("feature") == feature) & (pl.col("kind") == "top")).sort("rank")
+        want = np.sort(dense[:, feature])[::-1][:min(top, int(active[:, feature].sum()))]
+        np.testing.assert_allclose(got["activation"].to_numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_full_pipeline_with_several_hook_points_and_a_transcoder(tmp_path, tiny_model_dir, text_dir, monkeypatch):
     """config/demo-multihook.yaml's shape on the tiny model: three hook points and a transcoder pair
     cached in one pass per batch, one shuffled store each, one SAE per hook point plus a transcoder,
-    each evaluated by splicing at its own hook point and exported under its own hook name."""
+    each evaluated by splicing at its own hook point and exported under its own hook name. The
+    feature tables and browser describe the SAE of the second hook point (full_pipeline) and the
+    transcoder (`sae-platform features`), each read from its own store's rows."""
     env = deployment(tmp_path, tiny_model_dir, text_dir)
     for path in sorted(text_dir.glob("*.txt")):
         shutil.copy(path, Path(env["SAE_PLATFORM_INBOX"]).parent / path.name)
@@ -189,6 +235,8 @@ transcoder1: {{variant: batchtopk, n_latents: 256, k: 8, hook_point: "{hooks[3]}
     assert "hook_points" in text
     text = text.replace("evaluation: {config: {ce_contexts: 2,",
                         "evaluation: {config: {max_fvu: 10.0, min_loss_recovered: -100.0, ce_contexts: 2,")
+    text = text.replace(f"features: {{config: {{sae_name: {TINY_SAE},", "features: {config: {sae_name: mlp1,")
+    assert "sae_name: mlp1" in text
     text += f"ops: {{sae_sweep: {{config: {{sae_names: [{TINY_SAE}, mlp1, attn0, transcoder1]}}}}}}\n"
     run_config.write_text(text)
     run = execute_full_pipeline({**env, "SAE_PLATFORM_SWEEP": str(sweep)}, run_config)
@@ -210,3 +258,28 @@ transcoder1: {{variant: batchtopk, n_latents: 256, k: 8, hook_point: "{hooks[3]}
         assert exported["hook_name"] == (hook_in or hook_name), name
         assert exported.get("hook_name_out") == (hook_name if hook_in else None), name
     assert json.loads(store.fs.cat_file(f"{store.resolve('sae/transcoder1')}/cfg.json"))["sae"]["d_out"] == 32
+
+    # features of the second hook point's SAE, built by full_pipeline from hooks/1.zarr's rows
+    assert_tables_match_brute_force(store, "mlp1", "hooks/1.zarr")
+    index = site_index(store, "mlp1")
+    assert index["hook_point"] == "blocks.1.hook_mlp_out" == index["lineage"]["base_model"]["hook_name"]
+    assert index["n_features"] == 256
+    assert stale_reasons(store, shuffle_name="main", sae_name="mlp1", n_feature_shards=4) == []
+    assert stale_reasons(store, shuffle_name="main", sae_name="attn0", n_feature_shards=4) == [
+        "feature tables f0 of 'attn0' were never built", "feature tables f1 of 'attn0' were never built",
+        "feature tables f2 of 'attn0' were never built", "feature tables f3 of 'attn0' were never built"]
+
+    # the transcoder's: paired rows [input | output] of hooks/3.zarr, the input half encoded
+    for key, value in {**env, "SAE_PLATFORM_SWEEP": str(sweep)}.items():
+        monkeypatch.setenv(key, value)
+    from jobs.cli import build_features
+    from jobs.definitions import build_definitions
+    from jobs.settings import Settings
+
+    assert build_features(DagsterInstance.from_config(env["DAGSTER_HOME"]), build_definitions(Settings.from_env()),
+                          "transcoder1")
+    assert_tables_match_brute_force(store, "transcoder1", "hooks/3.zarr")
+    index = site_index(store, "transcoder1")
+    assert index["hook_point"] == hooks[3]
+    contexts = pl.concat([ctx.read_feature_contexts(store, "transcoder1", i) for i in range(4)])
+    assert contexts.height > 0 and contexts["has_act"].list.any().all()

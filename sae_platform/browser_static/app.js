@@ -95,9 +95,10 @@
     for (let i = 0; i < S.n; i++) S.rowOf.set(cols.feature[i], i);
     S.tokensLower = S.index.token_table.map((t) => t.trim().toLowerCase());
     S.explLower = cols.explanation ? cols.explanation.map((t) => (t || '').toLowerCase()) : null;
-    document.title = `${S.index.run} · SAE feature browser`;
+    const hook = S.index.hook_point ? ` · ${S.index.hook_point}` : '';
+    document.title = `${S.index.run}${hook} · SAE feature browser`;
     const run = document.getElementById('run');
-    clear(run).appendChild(document.createTextNode(`${S.index.run} · ${fmtInt(S.n)} features`));
+    clear(run).appendChild(document.createTextNode(`${S.index.run}${hook} · ${fmtInt(S.n)} features`));
     applyQuery();
   }
   function chunkOf(id) { return Math.floor(id / S.index.chunk_features); }
@@ -673,7 +674,8 @@
       el('details', null, el('summary', null, `${parts.length} partition${parts.length === 1 ? '' : 's'}`),
         el('ul', { class: 'parts' }, parts.map((p) => el('li', null,
           el('code', null, `${p.key} \u00b7 version ${p.version} \u00b7 ${fmtInt(p.n_rows)} rows`), ' ', assetLink('activations', p.key))))));
-    lineageRow(dl, 'Base model', el('code', null, `${m.model || '?'} \u00b7 ${m.hook_name || '?'} \u00b7 d_model ${m.d_model || '?'}`),
+    const hookName = m.hook_name_in ? `${m.hook_name_in} -> ${m.hook_name}` : (m.hook_name || '?');
+    lineageRow(dl, 'Base model', el('code', null, `${m.model || '?'} \u00b7 ${hookName} \u00b7 d_model ${m.d_model || '?'}`),
       ' ', assetLink('base_model'));
   }
 
