@@ -27,7 +27,7 @@ def live_site(tmp_path_factory):
 def encoder(tiny_hooked):
     torch.manual_seed(0)
     sae = build_sae("topk", tiny_hooked.d_model, 300, k=4)  # 300 latents: the synthetic site's features
-    return LiveEncoder(tiny_hooked, sae, max_tokens=12, top=3)
+    return LiveEncoder(tiny_hooked, sae, tiny_hooked.hook_name, max_tokens=12, top=3)
 
 
 @pytest.fixture
