@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sae_platform.errors import PlatformError
-from sae_platform.hooks import check_hook_point, splice_hooks
+from sae_platform.hooks import sae_hook_points, splice_hooks
 from sae_platform.model import HookedModel
 from sae_platform.sae import Codes
 
@@ -59,14 +59,13 @@ def ablation_sparsities(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_po
     cache): the same logits as full forwards (``use_cache=False``), ~p/T times cheaper, since a
     splice at position p changes nothing before it. Returns mean and median over the (token,
     latent) pairs, the pair count, and the minimum possible value 1/(V·T). ModelError naming the
-    valid hook points when the model lacks one."""
+    valid hook points when the model lacks one or the pairing is wrong (``hooks.sae_hook_points``)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < horizon + 1:
         raise PlatformError(f"ablation needs contexts [n, ctx_len > horizon={horizon}], got {tokens.shape}",
                             "pass longer held-out contexts or a shorter horizon")
-    point = check_hook_point(hooked.model, hook_point)
-    reads = input_hook_point or hook_point
-    check_hook_point(hooked.model, reads)
+    point, source = sae_hook_points(hooked.model, hook_point, input_hook_point, sae.is_transcoder)
+    reads = source.name
     rng = np.random.default_rng(seed)
     sae_device = sae.W_dec.device
     values: list[float] = []

@@ -383,11 +383,13 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
     else:
         density = heldout_density
         report["dead_window_tokens"] = metrics["n_tokens"]
-    entry = activation_hook_entry(store, shuffle_name)  # read and splice where the SAE's rows were read
-    report["hook_name"] = entry.hook_name
-    if entry.hook_name_in:
-        report["hook_name_in"] = entry.hook_name_in
-    points = {"hook_point": entry.hook_name, "input_hook_point": entry.hook_name_in}
+    points = {}
+    if hooked is not None:  # read and splice where the SAE's rows were read
+        entry = activation_hook_entry(store, shuffle_name)
+        report["hook_name"] = entry.hook_name
+        if entry.hook_name_in:
+            report["hook_name_in"] = entry.hook_name_in
+        points = {"hook_point": entry.hook_name, "input_hook_point": entry.hook_name_in}
     if hooked is not None and heldout_tokens is not None:
         ce = downstream_ce(hooked, sae, heldout_tokens, sink_norm_factor=sink_norm_factor, **points)
         report.update({k if k.startswith("ce_") or k == "loss_recovered" else f"ce_{k}": v for k, v in ce.items()})

@@ -34,7 +34,7 @@ API_PATH = "/api/features"
 class LiveEncoder:
     """The base model (``HookedModel``) and the SAE, ready to answer texts. The SAE encodes the
     value at ``hook_point`` (a transcoder: at ``input_hook_point``, its input); a name the model
-    lacks is a ModelError listing the valid ones."""
+    lacks or a wrong pairing is a ModelError (``hooks.sae_hook_points``)."""
 
     hooked: object
     sae: object
@@ -45,12 +45,11 @@ class LiveEncoder:
     top: int = 16
 
     def __post_init__(self):
-        from sae_platform.hooks import check_hook_point
+        from sae_platform.hooks import sae_hook_points
 
         self._lock = threading.Lock()
-        self.reads = self.input_hook_point or self.hook_point
-        check_hook_point(self.hooked.model, self.hook_point)
-        check_hook_point(self.hooked.model, self.reads)
+        self.reads = sae_hook_points(self.hooked.model, self.hook_point, self.input_hook_point,
+                                     self.sae.is_transcoder)[1].name
 
     @torch.inference_mode()
     def features(self, text: str) -> dict:

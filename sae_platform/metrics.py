@@ -23,7 +23,7 @@ from sae_platform import explain as n2g
 from sae_platform.ablation import ablation_sparsities
 from sae_platform.activations import sae_hook_entry
 from sae_platform.errors import PlatformError
-from sae_platform.hooks import check_hook_point
+from sae_platform.hooks import sae_hook_points
 from sae_platform.model import HookedModel
 from sae_platform.probes import (
     PROPERTIES,
@@ -55,14 +55,13 @@ def heldout_codes(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: s
     """The SAE's codes of held-out ``tokens`` [n_contexts, ctx_len]: the value at ``hook_point``
     (a transcoder: at ``input_hook_point``, its input) from forward passes that stop there, encoded
     by ``sae.encode``. ``keep_neurons`` also keeps those values (the probe baseline's neurons).
-    ModelError naming the valid hook points when the model lacks one; PlatformError when the SAE's
-    width differs from the value's."""
+    ModelError naming the valid hook points when the model lacks one or the pairing is wrong
+    (``hooks.sae_hook_points``); PlatformError when the SAE's width differs from the value's."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise PlatformError(f"held-out tokens must be integer [n_contexts, ctx_len], got {tokens.dtype} "
                             f"{tokens.shape}", "pass packed held-out contexts")
-    reads = input_hook_point or hook_point
-    check_hook_point(hooked.model, hook_point)
+    reads = sae_hook_points(hooked.model, hook_point, input_hook_point, sae.is_transcoder)[1].name
     mask = tokens != hooked.start_token_id
     mask[:, 0] = False
     sae_device = sae.W_dec.device

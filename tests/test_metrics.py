@@ -68,8 +68,11 @@ def test_codes_are_the_encode_of_the_saes_own_hook_point(tiny_hooked, transcoder
     want = sae.encode(rows).to_dense(64).detach().numpy()
     np.testing.assert_allclose(_dense(got, len(rows), 64, mask), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.neurons, rows.numpy(), rtol=1e-5, atol=1e-6)  # the probe baseline's neurons
-    # the residual stream after the block has the same width, and other codes: it was not read
-    resid = heldout_codes(tiny_hooked, sae, tokens, hook_point=f"blocks.{LAYER}.hook_resid_post")
+    # the residual stream (after the block; a transcoder: entering the MLP, before its norm) has the
+    # same width, and other codes: it was not read
+    other = ({"hook_point": f"blocks.{LAYER}.hook_resid_post"} if not transcoder else
+             {"hook_point": at["hook_point"], "input_hook_point": f"blocks.{LAYER}.hook_resid_mid"})
+    resid = heldout_codes(tiny_hooked, sae, tokens, **other)
     assert not np.allclose(_dense(resid, len(rows), 64, mask), want, atol=1e-3)
 
 
@@ -79,3 +82,10 @@ def test_a_wrong_hook_point_is_named(tiny_hooked):
         heldout_codes(tiny_hooked, sae, _contexts(tiny_hooked), hook_point="blocks.2.hook_mlp")
     with pytest.raises(ModelError, match="0..3"):
         heldout_codes(tiny_hooked, sae, _contexts(tiny_hooked), hook_point="blocks.9.hook_mlp_out")
+    # a transcoder encoded from its output, or an SAE from another hook point: refused, not silently wrong
+    with pytest.raises(ModelError, match="only for transcoders"):
+        heldout_codes(tiny_hooked, sae, _contexts(tiny_hooked), hook_point="blocks.2.hook_mlp_out",
+                      input_hook_point="blocks.2.ln2.hook_normalized")
+    transcoder = build_sae("topk", tiny_hooked.d_model, 64, k=4, d_out=tiny_hooked.d_model)
+    with pytest.raises(ModelError, match="transcoder needs its input"):
+        heldout_codes(tiny_hooked, transcoder, _contexts(tiny_hooked), hook_point="blocks.2.hook_mlp_out")
