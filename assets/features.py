@@ -301,6 +301,7 @@ def llm_explanations_name(run: str, shard_index: int) -> str:
 def explain_with_llm(run: StageRun) -> dict:
     """LLM explanations of the shard's most active latents, scored by detection on held-out text."""
     from assets.training import heldout_contexts
+    from sae_platform.activations import sae_hook_entry
     from sae_platform.llm_explain import llm_explain_shard
 
     settings, (sae, _), store = _settings(run), _load(run), run.store
@@ -313,8 +314,10 @@ def explain_with_llm(run: StageRun) -> dict:
                               what="the LLM explanation scores")
     run.log.info(f"LLM explanations of up to {llm.features_per_shard} features of [{start:,}, {stop:,}) by "
                  f"{llm.describe()}")
+    entry = sae_hook_entry(store, settings.sae_name)  # codes read at the SAE's own hook point
+    codes = fm.heldout_codes(hooked, sae, tokens, hook_point=entry.hook_name, input_hook_point=entry.hook_name_in)
     rows = llm_explain_shard(llm.backend(store), ctx.read_feature_contexts(store, settings.sae_name, index),
-                             fm.heldout_codes(hooked, sae, tokens), hooked.tokenizer, start, stop,
+                             codes, hooked.tokenizer, start, stop,
                              n_features=llm.features_per_shard, n_examples=llm.examples)
     frame = pl.DataFrame(rows, schema={"feature": pl.Int64, "explanation": pl.String, "balanced_accuracy": pl.Float64,
                                        "true_positive_rate": pl.Float64, "true_negative_rate": pl.Float64,

@@ -217,7 +217,7 @@ def compare(run: StageRun) -> dict:
     run.log.info(f"{len(rows)} of {len(SAE_SWEEP_SPECS)} sweep entries evaluated")
     kinds = {key: "int" if key in ("checkpoint_step", "training_tokens") else "float" for key, _, _ in COLUMNS}
     return {"evaluated": len(rows), "sweep_entries": len(SAE_SWEEP_SPECS),
-            "comparison": table_preview(rows, {"sae": "string", **kinds}),
+            "comparison": table_preview(rows, {"sae": "string", "hook_point": "string", **kinds}),
             "page": MetadataValue.path(store.url(page))}
 
 

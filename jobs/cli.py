@@ -317,6 +317,7 @@ def _upstream_chain(graph, key) -> list[str]:
 
 def cmd_serve(args) -> int:
     """The browser plus the live endpoint: the base model and the SAE answer typed text."""
+    from sae_platform.activations import sae_hook_entry
     from sae_platform.live import LiveEncoder, serve_live
     from sae_platform.model import pick_device
     from sae_platform.trainer import load_sae
@@ -324,8 +325,10 @@ def cmd_serve(args) -> int:
     site, defs, store = _site(args)
     device = pick_device(args.device)
     sae, _ = load_sae(store, args.sae, device)
+    entry = sae_hook_entry(store, args.sae)  # where the SAE's training rows were read
     hooked, _ = defs.resources["language_model"].load(store, device=str(device))
-    serve_live(site, LiveEncoder(hooked, sae, max_tokens=args.max_tokens), host=args.host, port=args.port)
+    encoder = LiveEncoder(hooked, sae, entry.hook_name, entry.hook_name_in, max_tokens=args.max_tokens)
+    serve_live(site, encoder, host=args.host, port=args.port)
     return 0
 
 

@@ -7,11 +7,14 @@ token and the ``T - 1`` tokens after it. At each affected token subtract the med
 measure (L1/L2)², the "effective number" of logits affected, divided by ``V·T``: a fraction in
 [1/(V·T), 1], smaller = sparser effects. One logit moving alone gives the minimum 1/(V·T).
 
-Here the base is the model with the hook layer's output at the chosen token replaced by the SAE
-reconstruction (other positions clean); the ablated run subtracts ``a_f · W_dec[f] / input_scale``
-from that reconstruction (the latent's contribution in raw residual units). Every ablation of one
-token runs in one forward batch (row 0: the base, row i: latent i ablated), cut at position
-``p + T``. Runs on the model's and SAE's devices.
+Here the base is the model with the value at the SAE's own hook point (``hook_point``, any of
+``sae_platform.hooks``' names) at the chosen token replaced by the SAE reconstruction (other
+positions clean), spliced with ``hooks.splice_hooks``; a transcoder encodes its input hook point
+(``input_hook_point``) and its reconstruction replaces ``hook_point`` (the MLP's output). The
+ablated run replaces it with the reconstruction decoded without the latent (``a_f · W_dec[f]``
+less, in the raw units of what the SAE writes). Every ablation of one token runs in one forward
+batch (row 0: the base, row i: latent i ablated), cut at position ``p + T``. Runs on the model's
+and SAE's devices.
 """
 
 import math
@@ -20,7 +23,9 @@ import numpy as np
 import torch
 
 from sae_platform.errors import PlatformError
-from sae_platform.model import HookedModel, find_decoder_layers
+from sae_platform.hooks import sae_hook_points, splice_hooks
+from sae_platform.model import HookedModel
+from sae_platform.sae import Codes
 
 
 def ablation_sparsity(delta: torch.Tensor | np.ndarray) -> float:
@@ -41,76 +46,81 @@ def ablation_sparsity(delta: torch.Tensor | np.ndarray) -> float:
 
 
 @torch.inference_mode()
-def ablation_sparsities(hooked: HookedModel, sae, tokens: np.ndarray, n_tokens: int = 8, horizon: int = 4,
+def ablation_sparsities(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: str,
+                        input_hook_point: str | None = None, n_tokens: int = 8, horizon: int = 4,
                         max_latents: int = 32, seed: int = 0, use_cache: bool = True) -> dict:
     """Ablation sparsity of the active latents at ``n_tokens`` random held-out tokens.
 
     ``tokens``: [n_contexts, ctx_len] held-out contexts. A token is drawn uniformly among
     positions 1..ctx_len-horizon of a random context (not a start token); up to ``max_latents``
-    of its active latents are ablated one by one. With ``use_cache`` the prefix before the token
-    runs once and only the ``horizon`` affected positions run per ablation (on copies of its
-    key/value cache): the same logits as full forwards (``use_cache=False``), ~p/T times cheaper.
-    Returns mean and median over the (token, latent) pairs, the pair count, and the minimum
-    possible value 1/(V·T)."""
+    of its active latents are ablated one by one, at ``hook_point`` (a transcoder: encoded from
+    ``input_hook_point``). With ``use_cache`` the prefix before the token runs once, unspliced,
+    and only the ``horizon`` affected positions run per ablation (on copies of its key/value
+    cache): the same logits as full forwards (``use_cache=False``), ~p/T times cheaper, since a
+    splice at position p changes nothing before it. Returns mean and median over the (token,
+    latent) pairs, the pair count, and the minimum possible value 1/(V·T). ModelError naming the
+    valid hook points when the model lacks one or the pairing is wrong (``hooks.sae_hook_points``)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < horizon + 1:
         raise PlatformError(f"ablation needs contexts [n, ctx_len > horizon={horizon}], got {tokens.shape}",
                             "pass longer held-out contexts or a shorter horizon")
+    point, source = sae_hook_points(hooked.model, hook_point, input_hook_point, sae.is_transcoder)
+    reads = source.name
     rng = np.random.default_rng(seed)
-    layer = find_decoder_layers(hooked.model)[hooked.layer]
     sae_device = sae.W_dec.device
     values: list[float] = []
     vocab = None
-    state: dict = {}
+    state: dict = {"rows": None}
 
-    def hook(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        new = hidden.clone()
+    def replace(value, _source):  # the spliced token's value -> state["rows"] (one per batch row)
+        if state["rows"] is None:
+            return None
+        new = value.clone()
         new[:, state["index"]] = state["rows"].to(device=new.device, dtype=new.dtype)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return new
 
+    handles = splice_hooks(hooked.model, point, replace)
     enabled = hooked.autocast is not None
-    for _ in range(n_tokens):
-        c = int(rng.integers(len(tokens)))
-        p = int(rng.integers(1, tokens.shape[1] - horizon + 1))
-        if int(tokens[c, p]) == hooked.start_token_id:
-            continue
-        ids = torch.from_numpy(tokens[c:c + 1, :p + horizon].astype(np.int64)).to(hooked.device)
-        x = hooked.residual(ids)[0, p].to(sae_device)[None]
-        with torch.autocast(sae_device.type, enabled=False):
-            codes = sae.encode(x)
-            recon = sae.decode(codes)[0]
-        on = codes.values[0] > 0
-        latents, acts = codes.indices[0][on][:max_latents], codes.values[0][on][:max_latents]
-        if not len(latents):
-            continue
-        contrib = acts[:, None] * sae.W_dec[latents] / sae.input_scale  # [m, d_model], raw units
-        state["rows"] = torch.cat([recon[None], recon[None] - contrib])  # [1 + m, d_model]
-        rows = len(latents) + 1
-        with torch.autocast(hooked.device.type, dtype=hooked.autocast or torch.bfloat16, enabled=enabled):
-            if use_cache:  # the prefix before p once, then p..p+T for every row on a copy of its cache
-                cache = hooked.model(input_ids=ids[:, :p], use_cache=True).past_key_values
-                cache.batch_repeat_interleave(rows)
-                state["index"] = 0
-                handle = layer.register_forward_hook(hook)
-                try:
+    try:
+        for _ in range(n_tokens):
+            c = int(rng.integers(len(tokens)))
+            p = int(rng.integers(1, tokens.shape[1] - horizon + 1))
+            if int(tokens[c, p]) == hooked.start_token_id:
+                continue
+            ids = torch.from_numpy(tokens[c:c + 1, :p + horizon].astype(np.int64)).to(hooked.device)
+            state["rows"] = None
+            x = hooked.read(ids[:, :p + 1], (reads,))[reads][0, p].to(sae_device)[None]
+            with torch.autocast(sae_device.type, enabled=False):
+                codes = sae.encode(x)
+                on = torch.nonzero(codes.values[0] > 0)[:max_latents, 0]  # slots of the active latents
+                if not len(on):
+                    continue
+                m = len(on)
+                ablated = codes.values.expand(m + 1, -1).clone()  # row 0: every latent; row i: latent i off
+                ablated[torch.arange(1, m + 1, device=on.device), on] = 0
+                state["rows"] = sae.decode(Codes(ablated, codes.indices.expand(m + 1, -1)))  # [1 + m, d_out]
+            rows = m + 1
+            with torch.autocast(hooked.device.type, dtype=hooked.autocast or torch.bfloat16, enabled=enabled):
+                if use_cache:  # the prefix before p once (unspliced), then p..p+T per row on a copy of its cache
+                    saved, state["rows"] = state["rows"], None
+                    cache = hooked.model(input_ids=ids[:, :p], use_cache=True).past_key_values
+                    cache.batch_repeat_interleave(rows)
+                    state.update(rows=saved, index=0)
                     logits = hooked.model(input_ids=ids[:, p:].expand(rows, -1), past_key_values=cache,
                                           use_cache=True).logits
-                finally:
-                    handle.remove()
-            else:
-                state["index"] = p
-                handle = layer.register_forward_hook(hook)
-                try:
+                else:
+                    state["index"] = p
                     logits = hooked.model(input_ids=ids.expand(rows, -1), use_cache=False).logits[:, p:]
-                finally:
-                    handle.remove()
-        logits = logits[:, :horizon].double()  # [1 + m, T, V]
-        vocab = logits.shape[-1]
-        for i in range(len(latents)):
-            s = ablation_sparsity(logits[i + 1] - logits[0])
-            if not math.isnan(s):
-                values.append(s)
+            state["rows"] = None
+            logits = logits[:, :horizon].double()  # [1 + m, T, V]
+            vocab = logits.shape[-1]
+            for i in range(m):
+                s = ablation_sparsity(logits[i + 1] - logits[0])
+                if not math.isnan(s):
+                    values.append(s)
+    finally:
+        for handle in handles:
+            handle.remove()
     arr = np.array(values, dtype=float)
     return {"ablation_sparsity": float(arr.mean()) if len(arr) else None,
             "ablation_sparsity_median": float(np.median(arr)) if len(arr) else None,

@@ -92,6 +92,11 @@ class HookEntry:
     def names(self) -> tuple[str, ...]:
         return (self.hook_name,) if self.hook_name_in is None else (self.hook_name_in, self.hook_name)
 
+    @property
+    def reads(self) -> str:
+        """What an SAE of this store encodes: the hook point itself, or a transcoder's input."""
+        return self.hook_name_in or self.hook_name
+
 
 def hook_entries(model: HookedModel, settings: CacheSettings) -> list[HookEntry]:
     """The stores one caching pass writes, checked against the model (ModelError naming the valid
@@ -356,6 +361,32 @@ def activation_attrs(store, shuffle_name: str) -> dict:
     first = open_shuffled(store, shuffle_name).index["inputs"][0]
     return dict(store.open_group(store.path("activations", first["key"], first["version"], input_group(shuffle_name)),
                                  mode="r").attrs)
+
+
+def activation_hook_entry(store, shuffle_name: str) -> HookEntry:
+    """Where the rows of shuffled store ``shuffle_name`` were read (``activation_attrs``): the SAE
+    trained on it encodes ``HookEntry.reads`` and its reconstruction belongs at ``hook_name``.
+    Stores cached before hook points were named hold only their ``layer``: its resid_post."""
+    from sae_platform.hooks import hook_name
+
+    attrs = activation_attrs(store, shuffle_name)
+    name = attrs.get("hook_name") or (hook_name(int(attrs["layer"])) if attrs.get("layer") is not None else None)
+    if not name:
+        raise StorageError(f"the activations behind shuffled/{shuffle_name} do not say which hook point they "
+                           "were read at (no hook_name or layer in their attrs)",
+                           "cache the activations again with this version, then shuffle and train again")
+    return HookEntry(name, attrs.get("hook_name_in"))
+
+
+def sae_hook_entry(store, run: str) -> HookEntry:
+    """Where SAE ``run`` reads and writes: the hook point of the shuffled store its checkpoint
+    was trained on (cfg.json's ``data.shuffle``); the one source every consumer of an SAE uses
+    (evaluation, feature metrics, explanations, the live server, the SAELens export)."""
+    from sae_platform.trainer import checkpoint_name
+
+    path = store.require(checkpoint_name(run), f"SAE checkpoint {run!r}", "materialize sae_checkpoint first")
+    cfg = store.read_json(f"{path}/cfg.json")
+    return activation_hook_entry(store, cfg["data"]["shuffle"])
 
 
 def _not_sinks(rows: torch.Tensor, factor: float) -> torch.Tensor:

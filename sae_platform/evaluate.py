@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_platform.activations import _not_sinks, activation_attrs
+from sae_platform.activations import _not_sinks, activation_hook_entry
 from sae_platform.errors import PlatformError, SourceError, StorageError
 from sae_platform.hooks import check_hook_point, splice_hooks
 from sae_platform.model import HookedModel
@@ -356,7 +356,9 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
 
     With ``metric_tokens`` (held-out contexts [n, ctx_len]) the report also holds the feature
     metrics of ``sae_platform.metrics`` (N2G precision/recall, ablation sparsity, probe loss of the
-    latents and of the neurons); the per-property probe table is ``probes.json`` beside it."""
+    latents and of the neurons); the per-property probe table is ``probes.json`` beside it. The
+    downstream CE and the feature metrics read and splice at the SAE's own hook point
+    (``activations.activation_hook_entry`` of its shuffled store)."""
     from sae_platform.trainer import load_sae
 
     sae, cfg = load_sae(store, run, device)
@@ -381,18 +383,21 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
     else:
         density = heldout_density
         report["dead_window_tokens"] = metrics["n_tokens"]
+    points = {}
+    if hooked is not None:  # read and splice where the SAE's rows were read
+        entry = activation_hook_entry(store, shuffle_name)
+        report["hook_name"] = entry.hook_name
+        if entry.hook_name_in:
+            report["hook_name_in"] = entry.hook_name_in
+        points = {"hook_point": entry.hook_name, "input_hook_point": entry.hook_name_in}
     if hooked is not None and heldout_tokens is not None:
-        attrs = activation_attrs(store, shuffle_name)  # splice where the SAE's activations were read
-        ce = downstream_ce(hooked, sae, heldout_tokens, sink_norm_factor=sink_norm_factor,
-                           hook_point=attrs.get("hook_name") or hooked.hook_name,
-                           input_hook_point=attrs.get("hook_name_in"))
-        report["hook_name"] = attrs.get("hook_name") or hooked.hook_name
+        ce = downstream_ce(hooked, sae, heldout_tokens, sink_norm_factor=sink_norm_factor, **points)
         report.update({k if k.startswith("ce_") or k == "loss_recovered" else f"ce_{k}": v for k, v in ce.items()})
     details = None
     if hooked is not None and metric_tokens is not None:
         from sae_platform.metrics import feature_metrics
 
-        figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens)
+        figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens, **points)
         report.update(figures)
     with store.writing(eval_name(run), checkpoint_step=cfg["step"]) as version:
         store.write_json(f"{version}/report.json", report)

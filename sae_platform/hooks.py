@@ -185,6 +185,27 @@ def check_hook_point(model, name: str) -> HookPoint:
     return point
 
 
+def sae_hook_points(model, hook_point: str, input_hook_point: str | None, transcoder: bool) -> tuple[HookPoint, HookPoint]:
+    """(where an SAE's reconstruction goes, what it encodes), both checked against ``model``. An SAE
+    reads and writes ``hook_point``; a transcoder reads ``input_hook_point`` (computed before
+    ``hook_point``) and writes ``hook_point``. ModelError when the pairing is wrong: encoding a
+    transcoder from its output, or an SAE from another hook point, would give codes of the wrong
+    activations with the same width."""
+    point = check_hook_point(model, hook_point)
+    if transcoder != (input_hook_point is not None):
+        raise ModelError(f"a transcoder needs its input hook point besides {hook_point}" if transcoder else
+                         f"an SAE reads and writes {hook_point}; input_hook_point {input_hook_point} is only for "
+                         "transcoders",
+                         "pass the hook point(s) the SAE was trained at (activations.sae_hook_entry: hook_name "
+                         "and, for a transcoder, hook_name_in)")
+    if input_hook_point is None:
+        return point, point
+    source = check_hook_point(model, input_hook_point)
+    if source.order >= point.order:
+        raise ModelError(f"{input_hook_point} is computed after {hook_point}", "read a source that comes first")
+    return point, source
+
+
 def _site_module(model, point: HookPoint) -> tuple[torch.nn.Module, str]:
     """(module, "in" | "out"): the value is that module's input (hidden states) or output."""
     family = family_of(model)

@@ -3,7 +3,9 @@
 The server serves a built browser site (as ``sae_platform.browser.serve`` does, same security
 headers) and answers ``POST /api/features`` with a JSON body ``{"text": "..."}``: the text is
 tokenized (with the model's start token in front, as the training contexts have), run through the
-base model up to the hook layer and encoded by the SAE; the answer lists per token its display
+base model up to the SAE's own hook point (``LiveEncoder.hook_point``; a transcoder's input
+``input_hook_point``; ``sae-platform serve`` takes both from ``activations.sae_hook_entry``, where
+the SAE's training rows were read) and encoded by the SAE; the answer lists per token its display
 string and its active latents, strongest first::
 
     {"tokens": [" The", ...], "features": [[[id, act], ...], ...], "truncated": false, "max_tokens": 256}
@@ -30,16 +32,24 @@ API_PATH = "/api/features"
 
 @dataclass
 class LiveEncoder:
-    """The base model (``HookedModel``) and the SAE, ready to answer texts."""
+    """The base model (``HookedModel``) and the SAE, ready to answer texts. The SAE encodes the
+    value at ``hook_point`` (a transcoder: at ``input_hook_point``, its input); a name the model
+    lacks or a wrong pairing is a ModelError (``hooks.sae_hook_points``)."""
 
     hooked: object
     sae: object
+    hook_point: str
+    input_hook_point: str | None = None
     max_tokens: int = 256
     max_chars: int = 4000
     top: int = 16
 
     def __post_init__(self):
+        from sae_platform.hooks import sae_hook_points
+
         self._lock = threading.Lock()
+        self.reads = sae_hook_points(self.hooked.model, self.hook_point, self.input_hook_point,
+                                     self.sae.is_transcoder)[1].name
 
     @torch.inference_mode()
     def features(self, text: str) -> dict:
@@ -56,7 +66,7 @@ class LiveEncoder:
         if not ids:
             return {"tokens": [], "features": [], "truncated": truncated, "max_tokens": self.max_tokens}
         with self._lock:
-            x = self.hooked.residual(torch.tensor([[self.hooked.start_token_id, *ids]]))[0, 1:]
+            x = self.hooked.read(torch.tensor([[self.hooked.start_token_id, *ids]]), (self.reads,))[self.reads][0, 1:]
             sae_device = self.sae.W_dec.device
             with torch.autocast(sae_device.type, enabled=False):
                 codes = self.sae.encode(x.to(sae_device))

@@ -4,12 +4,14 @@
   scored by precision and recall on the second half; mean over the features that fire there;
 - ablation sparsity (``sae_platform.ablation``);
 - probe loss on hypothesized token properties (``sae_platform.probes``), for the SAE's latents
-  and, as a baseline, for the residual-stream neurons the SAE reads.
+  and, as a baseline, for the neurons the SAE reads (the channels of its input hook point).
 
-``heldout_codes`` encodes held-out contexts once: the residual stream at the hook layer, then the
-SAE's sparse codes, on every position that would have been a training row (not position 0, not
-a start token). ``feature_metrics`` returns flat numbers for ``sae_eval``'s report plus a
-per-property table.
+``heldout_codes`` encodes held-out contexts once: the value at the SAE's own hook point
+(``hook_point``; a transcoder's input ``input_hook_point``, e.g. ``blocks.L.ln2.hook_normalized``),
+then the SAE's sparse codes, on every position that would have been a training row (not position
+0, not a start token). Every function here takes the hook point(s) explicitly: where an SAE reads
+is a fact of its training data (``activations.sae_hook_entry``), not of the model. ``feature_metrics``
+returns flat numbers for ``sae_eval``'s report plus a per-property table.
 """
 
 from dataclasses import dataclass
@@ -19,7 +21,9 @@ import torch
 
 from sae_platform import explain as n2g
 from sae_platform.ablation import ablation_sparsities
+from sae_platform.activations import sae_hook_entry
 from sae_platform.errors import PlatformError
+from sae_platform.hooks import sae_hook_points
 from sae_platform.model import HookedModel
 from sae_platform.probes import (
     PROPERTIES,
@@ -41,29 +45,36 @@ class HeldoutCodes:
     positions: np.ndarray  # [nnz] flat positions of the non-zero codes
     features: np.ndarray   # [nnz] latent ids
     values: np.ndarray     # [nnz] activations (> 0)
-    resid: np.ndarray | None = None  # [n_masked_rows, d_model] float32: the neurons (rows where mask)
+    neurons: np.ndarray | None = None  # [n_masked_rows, d_model] float32: what the SAE reads (rows where mask)
 
 
 @torch.inference_mode()
-def heldout_codes(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int = 8,
-                  keep_resid: bool = False) -> HeldoutCodes:
+def heldout_codes(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: str,
+                  input_hook_point: str | None = None, batch_size: int = 8,
+                  keep_neurons: bool = False) -> HeldoutCodes:
+    """The SAE's codes of held-out ``tokens`` [n_contexts, ctx_len]: the value at ``hook_point``
+    (a transcoder: at ``input_hook_point``, its input) from forward passes that stop there, encoded
+    by ``sae.encode``. ``keep_neurons`` also keeps those values (the probe baseline's neurons).
+    ModelError naming the valid hook points when the model lacks one or the pairing is wrong
+    (``hooks.sae_hook_points``); PlatformError when the SAE's width differs from the value's."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise PlatformError(f"held-out tokens must be integer [n_contexts, ctx_len], got {tokens.dtype} "
                             f"{tokens.shape}", "pass packed held-out contexts")
+    reads = sae_hook_points(hooked.model, hook_point, input_hook_point, sae.is_transcoder)[1].name
     mask = tokens != hooked.start_token_id
     mask[:, 0] = False
     sae_device = sae.W_dec.device
-    pos, feat, val, resid = [], [], [], []
+    pos, feat, val, neurons = [], [], [], []
     ctx_len = tokens.shape[1]
     for first in range(0, len(tokens), batch_size):
         ids = torch.from_numpy(tokens[first:first + batch_size].astype(np.int64))
-        x = hooked.residual(ids)
+        x = hooked.read(ids, (reads,))[reads]
         m = torch.from_numpy(mask[first:first + batch_size]).to(x.device)
         rows = x[m].to(sae_device)
         flat = (torch.nonzero(m.cpu()) * torch.tensor([ctx_len, 1])).sum(1) + first * ctx_len
-        if keep_resid:
-            resid.append(rows.cpu().numpy())
+        if keep_neurons:
+            neurons.append(rows.cpu().numpy())
         with torch.autocast(sae_device.type, enabled=False):
             codes = sae.encode(rows)
         on = (codes.values > 0).cpu()
@@ -73,7 +84,7 @@ def heldout_codes(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
         val.append(codes.values.cpu()[on].float().numpy())
     cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
     return HeldoutCodes(tokens, mask, cat(pos, np.int64), cat(feat, np.int64), cat(val, np.float32),
-                        np.concatenate(resid) if keep_resid and resid else None)
+                        np.concatenate(neurons) if keep_neurons and neurons else None)
 
 
 def n2g_stream(codes: HeldoutCodes, contexts: slice = slice(None)) -> n2g.TokenStream:
@@ -115,7 +126,8 @@ def n2g_heldout(codes: HeldoutCodes, n_latents: int) -> tuple[dict, list[dict]]:
 
 
 def probe_metrics(codes: HeldoutCodes, tokenizer, n_latents: int) -> tuple[dict, list[dict]]:
-    """Best 1-D probe loss per property for the SAE's latents and for the neurons (residual channels)."""
+    """Best 1-D probe loss per property for the SAE's latents and for the neurons it reads (the
+    channels of its input hook point, ``codes.neurons``)."""
     from sae_platform.contexts import token_display_strings
 
     labels = {k: [] for k in PROPERTIES}
@@ -129,7 +141,7 @@ def probe_metrics(codes: HeldoutCodes, tokenizer, n_latents: int) -> tuple[dict,
     row_of = np.full(flat_mask.shape, -1, dtype=np.int64)
     row_of[flat_mask] = np.arange(n_rows)
     sae_loss, sae_best = best_probe_losses(row_of[codes.positions], codes.features, codes.values, n_rows, n_latents, y)
-    neuron_loss, neuron_best = best_probe_losses_dense(codes.resid, y)
+    neuron_loss, neuron_best = best_probe_losses_dense(codes.neurons, y)
     entropy = base_rate_entropy(y)
     table = [{"property": k, "positives": int(y[i].sum()), "tokens": n_rows, "entropy": float(entropy[i]),
               "sae_loss": float(sae_loss[i]), "sae_best_latent": int(sae_best[i]),
@@ -143,18 +155,21 @@ def probe_metrics(codes: HeldoutCodes, tokenizer, n_latents: int) -> tuple[dict,
     return summary, table
 
 
-def feature_metrics(hooked: HookedModel, sae, tokens: np.ndarray, ablation_tokens: int = 8,
+def feature_metrics(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: str,
+                    input_hook_point: str | None = None, ablation_tokens: int = 8,
                     log=None) -> tuple[dict, dict]:
     """N2G precision/recall, ablation sparsity and probe loss of ``sae`` on held-out ``tokens``
-    [n_contexts, ctx_len]. Returns (flat numbers for the report, details: per-property probe
-    table and per-feature N2G rows)."""
-    codes = heldout_codes(hooked, sae, tokens, keep_resid=True)
+    [n_contexts, ctx_len], read (and, for the ablations, spliced) at the SAE's own ``hook_point``
+    (a transcoder reads ``input_hook_point`` and replaces ``hook_point``). Returns (flat numbers for
+    the report, details: per-property probe table and per-feature N2G rows)."""
+    points = {"hook_point": hook_point, "input_hook_point": input_hook_point}
+    codes = heldout_codes(hooked, sae, tokens, **points, keep_neurons=True)
     n2g_summary, n2g_rows = n2g_heldout(codes, sae.n_latents)
     if log:
         log(f"N2G: precision {n2g_summary['n2g_precision']}, recall {n2g_summary['n2g_recall']} over "
             f"{n2g_summary['n2g_features_scored']} features")
     probe_summary, probe_table = probe_metrics(codes, hooked.tokenizer, sae.n_latents)
-    ablation = ablation_sparsities(hooked, sae, tokens, n_tokens=ablation_tokens) if ablation_tokens else {}
+    ablation = ablation_sparsities(hooked, sae, tokens, **points, n_tokens=ablation_tokens) if ablation_tokens else {}
     return {**n2g_summary, **ablation, **probe_summary}, {"probes": probe_table, "n2g": n2g_rows}
 
 
@@ -173,15 +188,16 @@ def explain_shard(store, run: str, sae, hooked: HookedModel, heldout_tokens: np.
     """N2G explanations of latents ``start..stop`` from their context windows (``windows``, the
     shard's ``feature_contexts``), scored on held-out contexts; plus per latent the ``neighbors``
     nearest latents by decoder cosine and the ``cooccurring_k`` latents firing with it most often on
-    the held-out text. Commits ``explanations_name(run, shard_index)`` (pinned to the checkpoint
-    version) and returns (summary: n2g_* figures of ``explain.summarize``, the frame)."""
+    the held-out text (read at SAE ``run``'s own hook point, ``activations.sae_hook_entry``). Commits
+    ``explanations_name(run, shard_index)`` (pinned to the checkpoint version) and returns (summary: n2g_* figures of ``explain.summarize``, the frame)."""
     from functools import cache
 
     from sae_platform.contexts import token_display_strings
     from sae_platform.similarity import cooccurring, nearest_by_decoder
     from sae_platform.trainer import checkpoint_name
 
-    codes = heldout_codes(hooked, sae, heldout_tokens)
+    entry = sae_hook_entry(store, run)
+    codes = heldout_codes(hooked, sae, heldout_tokens, hook_point=entry.hook_name, input_hook_point=entry.hook_name_in)
     stream = n2g_stream(codes)
     firing = n2g.firing_by_feature(codes.positions, codes.features, sae.n_latents)
 

@@ -5,7 +5,8 @@ features with 1D probes"): for each binary property of tokens, fit a logistic re
 every single latent (one weight and one bias) and report the lowest cross-entropy among them.
 An SAE that has a latent for the property gets a loss near 0; one that has none stays near the
 entropy of the property's base rate. The same probes on raw neurons (here: the d_model channels
-of the residual stream at the hook point) are the baseline.
+of the value the SAE reads, at its own input hook point: the residual stream, an attention or
+MLP output, or a transcoder's MLP input) are the baseline.
 
 Properties are computed from the text itself (``token_properties``), token by token:
 inside double quotes, capitalised word, all-caps word, number, start of a line, speaker name of

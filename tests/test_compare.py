@@ -22,3 +22,19 @@ def test_rows_and_page(store):
     assert "<b>0.7</b>" in page and "<b>0.5</b>" not in page and "<b>0.2</b>" not in page
     assert "<b>32</b>" not in page       # L0 has no direction
     assert "No SAE has been evaluated" in comparison_html([])
+
+
+def test_best_is_marked_per_hook_point(store):
+    """SAEs of different hook points read different activations: each hook point has its own best."""
+    _report(store, "resid", hook_name="blocks.1.hook_resid_post", fvu=0.1)
+    _report(store, "mlp-a", hook_name="blocks.1.hook_mlp_out", fvu=0.3)
+    _report(store, "mlp-b", hook_name="blocks.1.hook_mlp_out", fvu=0.4)
+    _report(store, "tc", hook_name="blocks.1.hook_mlp_out", hook_name_in="blocks.1.ln2.hook_normalized", fvu=0.5)
+    rows = comparison_rows(store, ["resid", "mlp-a", "mlp-b", "tc"])
+    assert [r["hook_point"] for r in rows] == ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out",
+                                               "blocks.1.hook_mlp_out",
+                                               "blocks.1.ln2.hook_normalized -> blocks.1.hook_mlp_out"]
+    page = comparison_html(rows)
+    assert "<b>0.3</b>" in page and "<b>0.4</b>" not in page   # best among the two mlp_out SAEs
+    assert "<b>0.1</b>" not in page and "<b>0.5</b>" not in page  # alone at its hook point: nothing to beat
+    assert "blocks.1.ln2.hook_normalized -&gt; blocks.1.hook_mlp_out" in page

@@ -254,6 +254,9 @@ transcoder1: {{variant: batchtopk, n_latents: 256, k: 8, hook_point: "{hooks[3]}
         assert cfg["data"]["shuffle"] == shuffled, name
         report = json.loads(store.fs.cat_file(f"{store.resolve(f'eval/{name}')}/report.json"))
         assert report["hook_name"] == hook_name and report["loss_recovered"] is not None, name
+        assert report.get("hook_name_in") == hook_in, name
+        # the feature metrics ran at the SAE's own hook point (tests/test_trainer.py checks their values)
+        assert report["ablation_pairs"] > 0 and report["probe_loss_neurons"] is not None, name
         exported = json.loads(store.fs.cat_file(f"{store.resolve(f'saelens/{name}')}/cfg.json"))
         assert exported["hook_name"] == (hook_in or hook_name), name
         assert exported.get("hook_name_out") == (hook_name if hook_in else None), name

@@ -14,6 +14,7 @@ from sae_platform.hooks import (
     family_of,
     parse_hook_point,
     read_hook_points,
+    sae_hook_points,
     splice_hooks,
     start_token_id,
 )
@@ -244,3 +245,19 @@ def test_unsupported_layouts_are_refused():
         family_of(post_ln)
     with pytest.raises(ModelError, match="no hook-point layout for Linear"):
         family_of(torch.nn.Linear(2, 2))
+
+
+def test_sae_hook_points_pair_what_an_sae_reads_with_where_it_writes(family_model):
+    _, model = family_model
+    out, reads = sae_hook_points(model, "blocks.1.hook_mlp_out", None, transcoder=False)
+    assert out == reads == HookPoint(1, "mlp_out")
+    out, reads = sae_hook_points(model, "blocks.1.hook_mlp_out", "blocks.1.ln2.hook_normalized", transcoder=True)
+    assert (out, reads) == (HookPoint(1, "mlp_out"), HookPoint(1, "mlp_in"))
+    with pytest.raises(ModelError, match="transcoder needs its input"):
+        sae_hook_points(model, "blocks.1.hook_mlp_out", None, transcoder=True)
+    with pytest.raises(ModelError, match="only for transcoders"):
+        sae_hook_points(model, "blocks.1.hook_attn_out", "blocks.1.hook_resid_pre", transcoder=False)
+    with pytest.raises(ModelError, match="computed after"):
+        sae_hook_points(model, "blocks.0.hook_mlp_out", "blocks.1.ln2.hook_normalized", transcoder=True)
+    with pytest.raises(ModelError, match="valid|use one of"):
+        sae_hook_points(model, "blocks.1.hook_mlp", None, transcoder=False)

@@ -1,5 +1,6 @@
 """Text in, features out: the live endpoint answers with the SAE's active latents per token, equal to
-encoding the model's residual stream directly; bounded input; no file access; the page in Chromium."""
+encoding the value at the SAE's own hook point directly (residual stream, MLP output, a
+transcoder's input); bounded input; no file access; the page in Chromium."""
 
 import json
 import urllib.error
@@ -27,7 +28,7 @@ def live_site(tmp_path_factory):
 def encoder(tiny_hooked):
     torch.manual_seed(0)
     sae = build_sae("topk", tiny_hooked.d_model, 300, k=4)  # 300 latents: the synthetic site's features
-    return LiveEncoder(tiny_hooked, sae, max_tokens=12, top=3)
+    return LiveEncoder(tiny_hooked, sae, tiny_hooked.hook_name, max_tokens=12, top=3)
 
 
 @pytest.fixture
@@ -60,6 +61,36 @@ def test_answer_equals_encoding_the_residual_stream(encoder, tiny_hooked):
         want = [int(i) for i in want if dense[t, i] > 0]
         assert [f for f, _ in feats] == want
         assert [a for _, a in feats] == pytest.approx([float(dense[t, i]) for i in want], rel=1e-3)
+
+
+@pytest.mark.parametrize("transcoder", [False, True], ids=["mlp_out", "transcoder"])
+def test_answer_at_another_hook_point_equals_an_independent_encode(tiny_hooked, transcoder):
+    """An SAE of blocks.2.hook_mlp_out (a transcoder: reading blocks.2.ln2.hook_normalized) is
+    answered from that value, taken here by the test's own hook on the block's MLP (or its norm)."""
+    from sae_platform.errors import ModelError
+
+    torch.manual_seed(0)
+    d = tiny_hooked.d_model
+    sae = build_sae("topk", d, 64, k=4, **({"d_out": d} if transcoder else {}))
+    encoder = LiveEncoder(tiny_hooked, sae, "blocks.2.hook_mlp_out",
+                          "blocks.2.ln2.hook_normalized" if transcoder else None, max_tokens=12, top=64)
+    text = "To be, or not to be"
+    got = encoder.features(text)
+    ids = tiny_hooked.tokenizer(text, add_special_tokens=False)["input_ids"]
+    block = tiny_hooked.model.model.layers[2]
+    seen = {}
+    module = block.post_attention_layernorm if transcoder else block.mlp
+    handle = module.register_forward_hook(lambda m, i, o: seen.__setitem__("x", o.detach().clone()))
+    with torch.no_grad():
+        tiny_hooked.model(input_ids=torch.tensor([[tiny_hooked.start_token_id, *ids]]), use_cache=False)
+    handle.remove()
+    dense = sae.encode(seen["x"][0, 1:]).to_dense(64).detach().numpy()
+    assert len(got["features"]) == len(ids)
+    for t, feats in enumerate(got["features"]):
+        assert sorted(f for f, _ in feats) == sorted(int(i) for i in np.flatnonzero(dense[t] > 0))
+        assert [a for _, a in feats] == pytest.approx([float(dense[t, f]) for f, _ in feats], rel=1e-3)
+    with pytest.raises(ModelError, match="hook_mlp_out"):
+        LiveEncoder(tiny_hooked, sae, "blocks.2.mlp_out")
 
 
 def test_bounds_and_bad_requests(live, encoder):

@@ -349,8 +349,12 @@ def test_a_transcoder_trains_on_paired_rows_cached_in_one_pass_and_is_evaluated_
     sae, cfg = load_sae(store, "tc")
     assert sae.is_transcoder and sae.d_model == 32 and sae.d_out == 32 and cfg["sae"]["d_out"] == 32
 
-    report, _ = evaluate_sae(store, "main", "tc", tiny_hooked, _heldout_tokens(tiny_hooked), torch.device("cpu"))
+    report, _ = evaluate_sae(store, "main", "tc", tiny_hooked, _heldout_tokens(tiny_hooked), torch.device("cpu"),
+                             metric_tokens=_heldout_tokens(tiny_hooked, seed=1))
     assert report["hook_name"] == "blocks.1.hook_mlp_out"
+    assert report["hook_name_in"] == "blocks.1.ln2.hook_normalized"
+    _assert_feature_metrics_read(report, store, "tc", sae, tiny_hooked, "blocks.1.hook_mlp_out",
+                                 "blocks.1.ln2.hook_normalized")
     assert 0 < report["fvu"] < 1 and report["ce_zero"] != report["ce_clean"]
     assert report["loss_recovered"] is not None and report["ce_n_spliced"] > 0
 
@@ -360,11 +364,30 @@ def test_a_transcoder_trains_on_paired_rows_cached_in_one_pass_and_is_evaluated_
     assert cfg_json["hook_name"] == "blocks.1.ln2.hook_normalized" and cfg_json["hook_name_out"] == "blocks.1.hook_mlp_out"
 
 
-def _heldout_tokens(hooked, n=4, ctx_len=16):
-    rng = np.random.default_rng(0)
+def _heldout_tokens(hooked, n=4, ctx_len=16, seed=0):
+    rng = np.random.default_rng(seed)
     tokens = rng.integers(1, hooked.model.config.vocab_size, size=(n, ctx_len))
     tokens[:, 0] = hooked.start_token_id
     return tokens.astype(np.int32)
+
+
+def _assert_feature_metrics_read(report, store, run, sae, hooked, hook_point, input_hook_point=None):
+    """evaluate_sae's feature metrics came from the SAE's own hook point (sae_hook_entry, the same
+    source the explanations and the live server use), not from the model's default layer."""
+    from sae_platform.activations import HookEntry, sae_hook_entry
+    from sae_platform.metrics import heldout_codes, probe_metrics
+
+    assert sae_hook_entry(store, run) == HookEntry(hook_point, input_hook_point)
+    assert report["ablation_pairs"] > 0 and report["n2g_features_scored"] >= 0
+    tokens = _heldout_tokens(hooked, seed=1)
+    own = probe_metrics(heldout_codes(hooked, sae, tokens, hook_point=hook_point, input_hook_point=input_hook_point,
+                                      keep_neurons=True), hooked.tokenizer, sae.n_latents)[0]
+    assert report["probe_loss_neurons"] == pytest.approx(own["probe_loss_neurons"], rel=1e-6)
+    assert report["probe_loss"] == pytest.approx(own["probe_loss"], rel=1e-6)
+    if input_hook_point is None:  # an SAE of the default hook point would give other neurons
+        default = probe_metrics(heldout_codes(hooked, sae, tokens, hook_point=hooked.hook_name, keep_neurons=True),
+                                hooked.tokenizer, sae.n_latents)[0]
+        assert default["probe_loss_neurons"] != pytest.approx(own["probe_loss_neurons"], rel=1e-6)
 
 
 def test_one_sae_per_hook_point_from_one_caching_pass(store, tiny_hooked, text_dir):
@@ -391,7 +414,10 @@ def test_one_sae_per_hook_point_from_one_caching_pass(store, tiny_hooked, text_d
     train = TrainSettings(variant="topk", n_latents=64, k=4, batch_size=128, token_budget=128 * 10,
                           checkpoint_every_tokens=128 * 10, holdout_rows=128, dead_after_tokens=128 * 10)
     train_sae(store, "main.h1", "mlp0", train, log=lambda m: None)
-    report, _ = evaluate_sae(store, "main.h1", "mlp0", tiny_hooked, _heldout_tokens(tiny_hooked), torch.device("cpu"))
+    report, _ = evaluate_sae(store, "main.h1", "mlp0", tiny_hooked, _heldout_tokens(tiny_hooked), torch.device("cpu"),
+                             metric_tokens=_heldout_tokens(tiny_hooked, seed=1))
     assert report["hook_name"] == "blocks.0.hook_mlp_out" and report["loss_recovered"] is not None
+    _assert_feature_metrics_read(report, store, "mlp0", load_sae(store, "mlp0")[0], tiny_hooked,
+                                 "blocks.0.hook_mlp_out")
     cfg = json.loads(store.fs.cat_file(export_run(store, "mlp0")["cfg_path"]))
     assert cfg["hook_name"] == "blocks.0.hook_mlp_out" and cfg["hook_layer"] == 0
