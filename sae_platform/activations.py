@@ -380,13 +380,11 @@ def activation_hook_entry(store, shuffle_name: str) -> HookEntry:
 
 def sae_hook_entry(store, run: str) -> HookEntry:
     """Where SAE ``run`` reads and writes: the hook point of the shuffled store its checkpoint
-    was trained on (cfg.json's ``data.shuffle``); the one source every consumer of an SAE uses
+    was trained on (``trainer.trained_on``); the one source every consumer of an SAE uses
     (evaluation, feature metrics, explanations, the live server, the SAELens export)."""
-    from sae_platform.trainer import checkpoint_name
+    from sae_platform.trainer import trained_on
 
-    path = store.require(checkpoint_name(run), f"SAE checkpoint {run!r}", "materialize sae_checkpoint first")
-    cfg = store.read_json(f"{path}/cfg.json")
-    return activation_hook_entry(store, cfg["data"]["shuffle"])
+    return activation_hook_entry(store, trained_on(store, run))
 
 
 def _not_sinks(rows: torch.Tensor, factor: float) -> torch.Tensor:
