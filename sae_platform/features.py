@@ -615,8 +615,8 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     ``encode_slice`` once per shard and batch, which together multiply W_enc once. Memory: the
     state of every listed shard at once (pass fewer shards per call to bound it).
 
-    ``on_codes(offset, values, indices)``, if given, receives each token batch's sparse codes
-    (sparse route only; ``write_codes`` keeps them for pass 3)."""
+    ``on_codes(offset, values, indices, n_rows)``, if given, receives each token batch's sparse
+    codes and the partition's row count (sparse route only; ``write_codes`` keeps them for pass 3)."""
     if not shards:
         raise FeatureError("compute_partials needs at least one feature shard", "pass feature_shards(n_latents, n)")
     for start, stop in shards:
@@ -659,7 +659,7 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
         if sparse:  # one selection per row, its codes split among the shards
             codes = sae.encode(x)
             if on_codes is not None:
-                on_codes(offset, codes.values, codes.indices)
+                on_codes(offset, codes.values, codes.indices, n_rows)
             rows, pos = (codes.values > 0).nonzero(as_tuple=True)
             pending.append((rows + offset, codes.indices[rows, pos], codes.values[rows, pos].float()))
             n_pending += len(rows)
@@ -705,18 +705,25 @@ def compute_and_write_partials(store: ArtifactStore, sae, run: str, partition_ke
     """Pass 1 as the pipeline runs it: ``compute_partials`` over every shard, each partial
     committed (shard i at ``partial_name(run, partition_key, i)``), and for TopK-style variants the
     partition's sparse codes committed too (``write_codes``), so that pass 3 looks activations up
-    instead of encoding the rows again."""
-    values, indices = [], []
+    instead of encoding the rows again.
 
-    def keep(offset, vals, idx):
-        values.append(vals.float().cpu().numpy())
-        indices.append(idx.to(torch.int32).cpu().numpy())
+    Memory: the partition's codes are held until written, float32 + int32 per code (8 * K bytes
+    per row, K = the SAE's k), in arrays allocated once, plus their serialised copy while they are
+    written (docs/scale.md, "Feature tables")."""
+    codes: dict = {}
+
+    def keep(offset, vals, idx, n_rows):
+        if not codes:  # the partition's length is known up front: fill in place, no concatenation copy
+            codes["values"] = np.empty((n_rows, vals.shape[1]), dtype=np.float32)
+            codes["indices"] = np.empty((n_rows, idx.shape[1]), dtype=np.int32)
+        codes["values"][offset:offset + len(vals)] = vals.float().cpu().numpy()
+        codes["indices"][offset:offset + len(idx)] = idx.to(torch.int32).cpu().numpy()
 
     partials = compute_partials(store, sae, partition_key, shards, on_codes=keep, **settings)
     for index, partial in enumerate(partials):
         write_partial(store, run, partition_key, index, partial)
-    if values:
-        write_codes(store, run, partition_key, np.concatenate(values), np.concatenate(indices),
+    if codes:
+        write_codes(store, run, partition_key, codes["values"], codes["indices"],
                     partition_version=partials[0].partition_version, fingerprint=partials[0].sae["fingerprint"])
     return partials
 
