@@ -366,10 +366,20 @@ class _Selector:
         keys[real] = self.sort_key(flat[real], features[real // width])
         return keys.view(rows.shape)
 
-    def finish(self) -> torch.Tensor:
-        """[n, m] slots, ascending by sort key, EMPTY-padded."""
-        self._compact(torch.arange(self.n, device=self.device), self.fill[:0], self.fill[:0], self.fill[:0])
-        return self.slots[:, :self.m]
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([n, m] slots, [n, m] their sort keys), ascending by key, EMPTY / KEY_PAD-padded; frees
+        the buffer. Each block of features is sorted once, straight into the outputs."""
+        m = self.m
+        slots = torch.empty((self.n, m), dtype=torch.long, device=self.device)
+        keys = torch.empty((self.n, m), dtype=torch.long, device=self.device)
+        for b0 in range(0, self.n, self.block):
+            b1 = min(b0 + self.block, self.n)
+            rows = self.slots[b0:b1]
+            block_keys, idx = self.keys_of(rows, torch.arange(b0, b1, device=self.device)).sort(dim=1)
+            keys[b0:b1] = block_keys[:, :m]
+            slots[b0:b1] = rows.gather(1, idx[:, :m])
+        self.slots = None
+        return slots, keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,21 +577,21 @@ class _ShardState:
     def finish(self) -> dict:
         """The state as numpy arrays (frees the device buffers)."""
         self.flush()
-        dev, n_feat, res_size = self.dev, self.n, self.res_size
-        top_act, top_row = (t.cpu().numpy() for t in _decode_top(self.top.finish()))
+        n_feat, res_size = self.n, self.res_size
+        top_act, top_row = (t.cpu().numpy() for t in _decode_top(self.top.finish()[0]))
         top_compactions = self.top.compactions
         self.top = None
         res = self.res
-        res_slots, res_compactions = res.finish().clone(), res.compactions
-        res.slots = None  # the free half of the buffer goes before the outputs are built
-        res_keys = np.empty((n_feat, res_size), dtype=np.int64)
+        res_slots, res_key = res.finish()  # frees the [n, 2R] buffer
+        res_compactions = res.compactions
+        res_keys = res_key.cpu().numpy()
+        del res_key
         res_row = np.empty((n_feat, res_size), dtype=np.int64)
         res_act = np.empty((n_feat, res_size), dtype=np.float32)
         for f0 in range(0, n_feat, res.block):  # blockwise: no [n_feat, R] temporaries beyond the outputs
             f1 = min(f0 + res.block, n_feat)
             slots = res_slots[f0:f1]
             empty = slots < 0
-            res_keys[f0:f1] = res.keys_of(slots, torch.arange(f0, f1, device=dev)).cpu().numpy()
             res_row[f0:f1] = torch.where(empty, -1, slots >> 32).cpu().numpy()
             res_act[f0:f1] = torch.where(empty, 0.0,
                                          (slots & 0xFFFFFFFF).to(torch.int32).view(torch.float32)).cpu().numpy()
