@@ -100,6 +100,7 @@ Partials (pass-1 output) are committed under ``features/<run>/partial/<partition
 as ``partial.npz`` (arrays) plus ``meta.json``.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -308,13 +309,15 @@ class _Selector:
         self.compactions = 0
         self.block = max(1, COMPACT_BLOCK_ENTRIES // (3 * m))
 
-    def add(self, feat: torch.Tensor, key: torch.Tensor, slot: torch.Tensor) -> None:
+    def add(self, feat: torch.Tensor, key: torch.Tensor, slot: torch.Tensor, feat_sorted: bool = False) -> None:
+        """Offer entries (feature, key, slot); ``feat_sorted``: feat is already ascending (stably)."""
         keep = key < self.threshold[feat]
         feat, key, slot = feat[keep], key[keep], slot[keep]
         if feat.numel() == 0:
             return
-        order = torch.argsort(feat, stable=True)
-        feat, key, slot = feat[order], key[order], slot[order]
+        if not feat_sorted:
+            order = torch.argsort(feat, stable=True)
+            feat, key, slot = feat[order], key[order], slot[order]
         counts = torch.bincount(feat, minlength=self.n)
         rank = torch.arange(feat.numel(), device=self.device) - (counts.cumsum(0) - counts)[feat]
         pos = self.fill[feat] + rank
@@ -453,6 +456,23 @@ def _resolve_device(sae, device) -> torch.device:
     return sae_device
 
 
+@contextlib.contextmanager
+def _bookkeeping_threads(dev: torch.device):
+    """One intra-op thread for pass 1's bookkeeping on CPU (the encode keeps torch's setting):
+    it is many small, memory-bound ops, for which a second thread buys nothing and each parallel
+    op's synchronisation costs more than the op (measured on 2 loaded cores: 1-2 CPU s of waiting
+    per 12.5k tokens, against 0.3 s of work). On other devices, nothing changes."""
+    threads = torch.get_num_threads()
+    if dev.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _sparse_route(sae) -> bool:
     """True when encode_slice is the slice of the full sparse selection (TopK, Switch)."""
     return type(sae).encode_slice is SparseAutoencoder.encode_slice
@@ -559,6 +579,11 @@ class _ShardState:
         entries = self.pending
         rows, feat, vals = (torch.cat(e) for e in zip(*entries)) if len(entries) > 1 else entries[0]
         self.pending, self.n_pending = [], 0
+        # one stable sort by feature for both selectors (each feature's entries keep their order,
+        # so the per-feature sums add in the same order as unsorted)
+        order = torch.argsort(feat, stable=True)
+        rows, feat, vals = rows[order], feat[order], vals[order]
+        del order
         self.n_entries += vals.numel()
         self.entries_sum += vals.sum(dtype=torch.float64)
         w = self.is_witness[feat]
@@ -570,9 +595,9 @@ class _ShardState:
         bins = feat * N_HIST_BINS + torch.bucketize(vals, self.edges, right=True)
         self.hist.index_add_(0, bins, torch.ones_like(bins))
         top_slot = _top_keys(vals, rows)
-        self.top.add(feat, -top_slot, top_slot)
+        self.top.add(feat, -top_slot, top_slot, feat_sorted=True)
         bits = vals.contiguous().view(torch.int32).long()
-        self.res.add(feat, sample_keys(self.salt, rows, feat + self.start), (rows << 32) | bits)
+        self.res.add(feat, sample_keys(self.salt, rows, feat + self.start), (rows << 32) | bits, feat_sorted=True)
 
     def finish(self) -> dict:
         """The state as numpy arrays (frees the device buffers)."""
@@ -700,21 +725,25 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
             pending.append((rows + offset, codes.indices.reshape(-1)[on], flat_values[on].float()))
             n_pending += len(rows)
             if n_pending >= UPDATE_ENTRIES:
-                dispatch()
+                with _bookkeeping_threads(dev):
+                    dispatch()
                 n_pending = 0
             del codes
         else:
             for s in states:
                 acts = sae.encode_slice(x, s.start, s.stop)
                 r, f = (acts > 0).nonzero(as_tuple=True)
-                s.add(r + offset, f, acts[r, f].float())
+                with _bookkeeping_threads(dev):
+                    s.add(r + offset, f, acts[r, f].float())
                 del acts
         del x
-    dispatch()
+    with _bookkeeping_threads(dev):
+        dispatch()
     partials = []
     fingerprint = {"config": sae.config, "fingerprint": sae_fingerprint(sae)}
     for s in states:
-        arrays = s.finish()
+        with _bookkeeping_threads(dev):
+            arrays = s.finish()
         diagnostics = {**arrays.pop("diagnostics"), "route": "sparse" if sparse else "dense",
                        "shards_per_encode": len(states)}
         partials.append(Partial(
