@@ -34,7 +34,6 @@ from dagster import (
     DataVersion,
     Failure,
     MaterializeResult,
-    MultiPartitionKey,
     OpExecutionContext,
     PartitionsDefinition,
     asset,
@@ -294,6 +293,3 @@ def upstream_keys(stage: Stage) -> list[AssetKey]:
     """Stage deps are asset names or AssetDeps (those with a partition mapping)."""
     return [dep.asset_key if isinstance(dep, AssetDep) else AssetKey(dep) for dep in stage.deps]
 
-
-def multi_key(batch: str, shard: str) -> MultiPartitionKey:
-    return MultiPartitionKey({"batch": batch, "features": shard})

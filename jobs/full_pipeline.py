@@ -37,7 +37,7 @@ from pydantic import Field
 from assets import STAGES
 from assets.features import pinned_batches
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS, N_SHUFFLE_WORKERS, SAE_SWEEP_SPECS
-from assets.stage import NO_OP_CONFIG, Stage, StageRun, multi_key, run_as_step
+from assets.stage import NO_OP_CONFIG, Stage, StageRun, run_as_step
 from sae_platform.errors import PlatformError
 
 FEATURE_SHARD_KEYS = [f"f{i}" for i in range(N_FEATURE_SHARDS)]
@@ -54,11 +54,10 @@ def partition_step(stage: Stage):
     @op(name=stage.op_name, required_resource_keys=set(stage.resources), pool=stage.pool, config_schema=NO_OP_CONFIG,
         description=f"Logs {stage.asset}[partition]: {stage.description}")
     def step(context: OpExecutionContext, partition):
-        key = multi_key(*partition) if isinstance(partition, tuple) else partition
         try:
-            run_as_step(stage, context, key)
+            run_as_step(stage, context, partition)
         except stage.partition_errors as error:  # this partition's own fault: the others go on
-            context.log.error(f"{stage.asset}[{key}] failed, the pipeline goes on without it: {error}")
+            context.log.error(f"{stage.asset}[{partition}] failed, the pipeline goes on without it: {error}")
             context.add_output_metadata({"failed": str(error)})
         return partition
 

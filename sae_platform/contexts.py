@@ -19,11 +19,15 @@ position ``(c, p)``. Its window is the run of tokens of context ``c`` from ``p -
   previous document stops right before it; either way it never shows. Any other occurrence of
   the start-token id is treated the same way, matching ``activations.training_rows``.
 
-Window activations. Every window token is re-encoded with the SAE from its stored activation
-row (the inverse map ``(context, position) -> row`` of the partition index), for the example's
-feature only. Tokens without a row (start tokens never appear; attention-sink rows excluded at
+Window activations. Each window token's activation, for the example's feature only, comes from
+its stored activation row (the inverse map ``(context, position) -> row`` of the partition
+index). For TopK-style variants pass 1 committed the partition's sparse codes
+(``features.write_codes``); when they were computed by the same SAE weights from the same
+partition version (``features.read_codes``), the activations are looked up in them
+(``codes=``) and no row is encoded again. Otherwise the window rows are encoded, as below.
+Tokens without a row (start tokens never appear; attention-sink rows excluded at
 caching time can) get ``0.0`` and ``has_act = False``, so the browser can draw them as "no data"
-rather than "inactive". The work is batched: the (row, feature) pairs of all windows are
+rather than "inactive". The encoding is batched: the (row, feature) pairs of all windows are
 deduplicated (neighbouring examples overlap), and each distinct row is read from zarr once, in
 sorted order, into a resident block on the SAE's device (at most ``RESIDENT_BYTES``, 1 GiB:
 every needed row of a typical partition at once). Then
@@ -37,7 +41,7 @@ every needed row of a typical partition at once). Then
   the sparse codes: exactly what the default ``encode_slice`` computes, without a dense
   [rows, width] tensor.
 
-The activation recomputed at the example's own token must equal the stored ``activation`` of
+The activation found at the example's own token must equal the stored ``activation`` of
 the example (within RTOL/ATOL); if not, the SAE checkpoint or the activations changed after the
 tables were built and :class:`StorageError` says so (as it does for rows past the end of the
 partition). Up to ``MAX_MISMATCH_FRACTION`` (1%) of a partition's examples may disagree, with a

@@ -103,6 +103,7 @@ Partials (pass-1 output) are committed under ``features/<run>/partial/<partition
 as ``partial.npz`` (arrays) plus ``meta.json``.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -311,13 +312,15 @@ class _Selector:
         self.compactions = 0
         self.block = max(1, COMPACT_BLOCK_ENTRIES // (3 * m))
 
-    def add(self, feat: torch.Tensor, key: torch.Tensor, slot: torch.Tensor) -> None:
+    def add(self, feat: torch.Tensor, key: torch.Tensor, slot: torch.Tensor, feat_sorted: bool = False) -> None:
+        """Offer entries (feature, key, slot); ``feat_sorted``: feat is already ascending (stably)."""
         keep = key < self.threshold[feat]
         feat, key, slot = feat[keep], key[keep], slot[keep]
         if feat.numel() == 0:
             return
-        order = torch.argsort(feat, stable=True)
-        feat, key, slot = feat[order], key[order], slot[order]
+        if not feat_sorted:
+            order = torch.argsort(feat, stable=True)
+            feat, key, slot = feat[order], key[order], slot[order]
         counts = torch.bincount(feat, minlength=self.n)
         rank = torch.arange(feat.numel(), device=self.device) - (counts.cumsum(0) - counts)[feat]
         pos = self.fill[feat] + rank
@@ -362,15 +365,27 @@ class _Selector:
     def keys_of(self, rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Sort keys of a [len(features), w] block of slots; KEY_PAD for empty slots (only the
         occupied ones are hashed: early in a stream most slots are empty)."""
-        keys = torch.full_like(rows, KEY_PAD)
-        real = rows != self.EMPTY
-        keys[real] = self.sort_key(rows[real], features[:, None].expand_as(rows)[real])
-        return keys
+        width, flat = rows.shape[1], rows.reshape(-1)
+        keys = torch.full_like(flat, KEY_PAD)
+        # flat integer indices, not a boolean mask: masked indexing of a 2-d block costs ~8x more
+        real = torch.nonzero(flat != self.EMPTY).squeeze(1)
+        keys[real] = self.sort_key(flat[real], features[real // width])
+        return keys.view(rows.shape)
 
-    def finish(self) -> torch.Tensor:
-        """[n, m] slots, ascending by sort key, EMPTY-padded."""
-        self._compact(torch.arange(self.n, device=self.device), self.fill[:0], self.fill[:0], self.fill[:0])
-        return self.slots[:, :self.m]
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([n, m] slots, [n, m] their sort keys), ascending by key, EMPTY / KEY_PAD-padded; frees
+        the buffer. Each block of features is sorted once, straight into the outputs."""
+        m = self.m
+        slots = torch.empty((self.n, m), dtype=torch.long, device=self.device)
+        keys = torch.empty((self.n, m), dtype=torch.long, device=self.device)
+        for b0 in range(0, self.n, self.block):
+            b1 = min(b0 + self.block, self.n)
+            rows = self.slots[b0:b1]
+            block_keys, idx = self.keys_of(rows, torch.arange(b0, b1, device=self.device)).sort(dim=1)
+            keys[b0:b1] = block_keys[:, :m]
+            slots[b0:b1] = rows.gather(1, idx[:, :m])
+        self.slots = None
+        return slots, keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,6 +459,23 @@ def _resolve_device(sae, device) -> torch.device:
         raise FeatureError(f"the SAE is on {sae_device} but pass 1 was asked to run on {device}",
                            f"move the SAE first (sae.to('{device}')), or leave device unset")
     return sae_device
+
+
+@contextlib.contextmanager
+def _bookkeeping_threads(dev: torch.device):
+    """One intra-op thread for pass 1's bookkeeping on CPU (the encode keeps torch's setting):
+    it is many small, memory-bound ops, for which a second thread buys nothing and each parallel
+    op's synchronisation costs more than the op (measured on 2 loaded cores: 1-2 CPU s of waiting
+    per 12.5k tokens, against 0.3 s of work). On other devices, nothing changes."""
+    threads = torch.get_num_threads()
+    if dev.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _sparse_route(sae) -> bool:
@@ -559,6 +591,11 @@ class _ShardState:
         entries = self.pending
         rows, feat, vals = (torch.cat(e) for e in zip(*entries)) if len(entries) > 1 else entries[0]
         self.pending, self.n_pending = [], 0
+        # one stable sort by feature for both selectors (each feature's entries keep their order,
+        # so the per-feature sums add in the same order as unsorted)
+        order = torch.argsort(feat, stable=True)
+        rows, feat, vals = rows[order], feat[order], vals[order]
+        del order
         self.n_entries += vals.numel()
         self.entries_sum += vals.sum(dtype=torch.float64)
         w = self.is_witness[feat]
@@ -570,28 +607,28 @@ class _ShardState:
         bins = feat * N_HIST_BINS + torch.bucketize(vals, self.edges, right=True)
         self.hist.index_add_(0, bins, torch.ones_like(bins))
         top_slot = _top_keys(vals, rows)
-        self.top.add(feat, -top_slot, top_slot)
+        self.top.add(feat, -top_slot, top_slot, feat_sorted=True)
         bits = vals.contiguous().view(torch.int32).long()
-        self.res.add(feat, sample_keys(self.salt, rows, feat + self.start), (rows << 32) | bits)
+        self.res.add(feat, sample_keys(self.salt, rows, feat + self.start), (rows << 32) | bits, feat_sorted=True)
 
     def finish(self) -> dict:
         """The state as numpy arrays (frees the device buffers)."""
         self.flush()
-        dev, n_feat, res_size = self.dev, self.n, self.res_size
-        top_act, top_row = (t.cpu().numpy() for t in _decode_top(self.top.finish()))
+        n_feat, res_size = self.n, self.res_size
+        top_act, top_row = (t.cpu().numpy() for t in _decode_top(self.top.finish()[0]))
         top_compactions = self.top.compactions
         self.top = None
         res = self.res
-        res_slots, res_compactions = res.finish().clone(), res.compactions
-        res.slots = None  # the free half of the buffer goes before the outputs are built
-        res_keys = np.empty((n_feat, res_size), dtype=np.int64)
+        res_slots, res_key = res.finish()  # frees the [n, 2R] buffer
+        res_compactions = res.compactions
+        res_keys = res_key.cpu().numpy()
+        del res_key
         res_row = np.empty((n_feat, res_size), dtype=np.int64)
         res_act = np.empty((n_feat, res_size), dtype=np.float32)
         for f0 in range(0, n_feat, res.block):  # blockwise: no [n_feat, R] temporaries beyond the outputs
             f1 = min(f0 + res.block, n_feat)
             slots = res_slots[f0:f1]
             empty = slots < 0
-            res_keys[f0:f1] = res.keys_of(slots, torch.arange(f0, f1, device=dev)).cpu().numpy()
             res_row[f0:f1] = torch.where(empty, -1, slots >> 32).cpu().numpy()
             res_act[f0:f1] = torch.where(empty, 0.0,
                                          (slots & 0xFFFFFFFF).to(torch.int32).view(torch.float32)).cpu().numpy()
@@ -628,8 +665,8 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     ``encode_slice`` once per shard and batch, which together multiply W_enc once. Memory: the
     state of every listed shard at once (pass fewer shards per call to bound it).
 
-    ``on_codes(offset, values, indices)``, if given, receives each token batch's sparse codes
-    (sparse route only; ``write_codes`` keeps them for pass 3).
+    ``on_codes(offset, values, indices, n_rows)``, if given, receives each token batch's sparse
+    codes and the partition's row count (sparse route only; ``write_codes`` keeps them for pass 3).
 
     ``group``: the partition's hook-point store to read (``activations.store_group``; the SAE's
     own: ``shuffle.input_group`` of the shuffled store it was trained on). A transcoder reads its
@@ -657,45 +694,73 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     # few tensor ops per group, not per batch and shard: small ops cost mostly their overhead).
     pending, n_pending = [], 0
 
+    # Shards in latent order and disjoint (the pipeline's feature_shards): entries are split by one
+    # stable sort on their shard number (order kept within a shard), not by a mask per shard.
+    by_start = sorted(range(len(states)), key=lambda i: states[i].start)
+    disjoint = all(states[a].stop <= states[b].start for a, b in zip(by_start, by_start[1:]))
+    starts = torch.tensor([states[i].start for i in by_start], dtype=torch.long, device=dev)
+    stops = torch.tensor([states[i].stop for i in by_start], dtype=torch.long, device=dev)
+
     def dispatch():
         if not pending:
             return
         rows, idx, vals = (torch.cat(t) for t in zip(*pending)) if len(pending) > 1 else pending[0]
         pending.clear()
-        for s in states:
-            whole = s.start == 0 and s.stop == sae.n_latents
-            inside = slice(None) if whole else (idx >= s.start) & (idx < s.stop)
-            s.add(rows[inside], idx[inside] - s.start, vals[inside])
+        if len(states) == 1 and states[0].start == 0 and states[0].stop == sae.n_latents:
+            states[0].add(rows, idx, vals)
+        elif not disjoint:
+            for s in states:
+                inside = (idx >= s.start) & (idx < s.stop)
+                s.add(rows[inside], idx[inside] - s.start, vals[inside])
+        else:
+            shard = torch.searchsorted(starts, idx, right=True) - 1
+            outside = (shard < 0) | (idx >= stops[shard.clamp_min(0)])
+            shard = shard.masked_fill_(outside, len(states))
+            order = torch.argsort(shard, stable=True)
+            counts = torch.bincount(shard, minlength=len(states) + 1).tolist()
+            rows, idx, vals = rows[order], idx[order], vals[order]
+            lo = 0
+            for i, count in zip(by_start, counts):
+                s = states[i]
+                s.add(rows[lo:lo + count], idx[lo:lo + count] - s.start, vals[lo:lo + count])
+                lo += count
 
     for offset, block in _batches(part.acts, n_rows, rows_per_batch):
-        x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
-        if not bool(torch.isfinite(x).all()):
-            bad = offset + int(torch.nonzero(~torch.isfinite(x).all(1))[0, 0])
+        finite = np.isfinite(block).all(1)  # on the host block: one cheap numpy pass, on any device
+        if not finite.all():
+            bad = offset + int(np.flatnonzero(~finite)[0])
             raise FeatureError(f"activation partition {partition_key!r} has NaN/inf values (first at row {bad})",
                                "re-cache that partition (materialize its activations again)")
+        x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
         if sparse:  # one selection per row, its codes split among the shards
             codes = sae.encode(x)
             if on_codes is not None:
-                on_codes(offset, codes.values, codes.indices)
-            rows, pos = (codes.values > 0).nonzero(as_tuple=True)
-            pending.append((rows + offset, codes.indices[rows, pos], codes.values[rows, pos].float()))
+                on_codes(offset, codes.values, codes.indices, n_rows)
+            flat_values = codes.values.reshape(-1)
+            on = torch.nonzero(flat_values > 0).squeeze(1)  # flat positions: 1-d gathers, row-major order
+            rows = on // codes.values.shape[1]
+            pending.append((rows + offset, codes.indices.reshape(-1)[on], flat_values[on].float()))
             n_pending += len(rows)
             if n_pending >= UPDATE_ENTRIES:
-                dispatch()
+                with _bookkeeping_threads(dev):
+                    dispatch()
                 n_pending = 0
             del codes
         else:
             for s in states:
                 acts = sae.encode_slice(x, s.start, s.stop)
                 r, f = (acts > 0).nonzero(as_tuple=True)
-                s.add(r + offset, f, acts[r, f].float())
+                with _bookkeeping_threads(dev):
+                    s.add(r + offset, f, acts[r, f].float())
                 del acts
         del x
-    dispatch()
+    with _bookkeeping_threads(dev):
+        dispatch()
     partials = []
     fingerprint = {"config": sae.config, "fingerprint": sae_fingerprint(sae)}
     for s in states:
-        arrays = s.finish()
+        with _bookkeeping_threads(dev):
+            arrays = s.finish()
         diagnostics = {**arrays.pop("diagnostics"), "route": "sparse" if sparse else "dense",
                        "shards_per_encode": len(states)}
         partials.append(Partial(
@@ -722,18 +787,25 @@ def compute_and_write_partials(store: ArtifactStore, sae, run: str, partition_ke
     """Pass 1 as the pipeline runs it: ``compute_partials`` over every shard, each partial
     committed (shard i at ``partial_name(run, partition_key, i)``), and for TopK-style variants the
     partition's sparse codes committed too (``write_codes``), so that pass 3 looks activations up
-    instead of encoding the rows again."""
-    values, indices = [], []
+    instead of encoding the rows again.
 
-    def keep(offset, vals, idx):
-        values.append(vals.float().cpu().numpy())
-        indices.append(idx.to(torch.int32).cpu().numpy())
+    Memory: the partition's codes are held until written, float32 + int32 per code (8 * K bytes
+    per row, K = the SAE's k), in arrays allocated once, plus their serialised copy while they are
+    written (docs/scale.md, "Feature tables")."""
+    codes: dict = {}
+
+    def keep(offset, vals, idx, n_rows):
+        if not codes:  # the partition's length is known up front: fill in place, no concatenation copy
+            codes["values"] = np.empty((n_rows, vals.shape[1]), dtype=np.float32)
+            codes["indices"] = np.empty((n_rows, idx.shape[1]), dtype=np.int32)
+        codes["values"][offset:offset + len(vals)] = vals.float().cpu().numpy()
+        codes["indices"][offset:offset + len(idx)] = idx.to(torch.int32).cpu().numpy()
 
     partials = compute_partials(store, sae, partition_key, shards, on_codes=keep, **settings)
     for index, partial in enumerate(partials):
         write_partial(store, run, partition_key, index, partial)
-    if values:
-        write_codes(store, run, partition_key, np.concatenate(values), np.concatenate(indices),
+    if codes:
+        write_codes(store, run, partition_key, codes["values"], codes["indices"],
                     partition_version=partials[0].partition_version, fingerprint=partials[0].sae["fingerprint"])
     return partials
 

@@ -27,10 +27,13 @@ deterministic given (seed, plan), so a re-run writes the same bytes.
 
 Memory: ``memory_budget_bytes`` bounds the arrays a job allocates (a scatter block and its
 regrouped copy; a final bucket, its permutation and the chunks being written). glibc adds slack:
-zarr reads on a thread pool and each thread's malloc arena keeps what it freed. Measured peak
-RSS growth of a warmed-up worker over 48 MiB of rows: with default malloc settings up to ~1.9x
-the budget (4-64 MiB budgets); with ``MALLOC_ARENA_MAX=2`` in the worker's environment at most
-~1.35x, at no cost in speed. Set it for workers that run under a hard memory limit.
+zarr reads on a thread pool and each thread's malloc arena keeps what it freed (the chunk
+buffers of every read), so with default malloc settings a worker's peak RSS grew by up to ~1.9x
+the budget (4-64 MiB budgets; 135 MiB above a 64 MiB budget over a 4 GB, 4-pass shuffle).
+Every job therefore first limits the process to ``MALLOC_ARENAS`` (2) malloc arenas
+(``limit_malloc_arenas``: glibc's ``mallopt(M_ARENA_MAX)``, what ``MALLOC_ARENA_MAX=2`` in the
+environment does; an explicit ``MALLOC_ARENA_MAX`` is left as set): at most ~1.35x the budget,
+at no cost in speed (docs/design.md, "The shuffle"). The limit is process-wide and stays.
 
 Scatter outputs are raw little-endian records ``(id int64, acts[d_model])``, one file per
 (job, bucket): cheap to append while streaming, and each bucket is read back with a few large
@@ -40,15 +43,18 @@ fixed-size uncompressed chunks, one piece per final bucket, read back in order b
 """
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from zarr.core.buffer.cpu import NDBuffer
 
 from sae_platform.errors import StorageError
 from sae_platform.storage import ArtifactStore
@@ -68,6 +74,8 @@ MIN_GOOD_FILE_BYTES = 4 << 20  # smaller (job, bucket) files cost throughput (do
 MAX_PASSES = 6
 _SCATTER, _FINAL = 1, 2  # RNG stream tags: scatter and final draws never share a stream
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+MALLOC_ARENAS = 2  # glibc malloc arenas a shuffle worker keeps (see the module docstring, "Memory")
+_M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 @dataclass(frozen=True)
@@ -327,6 +335,29 @@ def input_group(name: str) -> str:
     return store_group(int(match.group(1)) if match else 0)
 
 
+# -- memory -------------------------------------------------------------------------------------
+
+_arenas_limited = False
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Limit this process to ``arenas`` glibc malloc arenas (``mallopt(M_ARENA_MAX)``), so the
+    buffers zarr's reader threads free are reused rather than kept per thread. Once per process;
+    it applies to arenas created from then on (glibc latches the limit when it first needs it),
+    and a ``MALLOC_ARENA_MAX`` already in the environment wins. Returns True if the limit was set
+    here; False on other C libraries (musl, macOS: no per-thread arenas to tame) or when the
+    environment set it."""
+    global _arenas_limited
+    if _arenas_limited or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    _arenas_limited = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(ctypes.c_int(_M_ARENA_MAX), ctypes.c_int(arenas)))
+
+
 # -- scatter passes -----------------------------------------------------------------------------
 
 
@@ -337,6 +368,7 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
     Files hold rows in arrival order: the final in-memory shuffle makes any within-file order
     irrelevant, so shuffling here would be wasted work.
     """
+    limit_malloc_arenas()
     run = load_run(store, name)
     plan = run.plan
     _require(1 <= pass_index < plan.n_passes,
@@ -411,7 +443,8 @@ def _job_range(run: ShuffleRun, job_index: int) -> tuple[int, int]:
 
 
 def _partition_blocks(store, run, lo: int, hi: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Global rows [lo, hi) as (ids, acts) blocks, each read ending on a chunk boundary."""
+    """Global rows [lo, hi) as (ids, acts) blocks, each read ending on a chunk boundary; acts is
+    a view of one buffer per partition, valid until the next block is requested."""
     for part in run.inputs:
         start, stop = max(lo - part["offset"], 0), min(hi - part["offset"], part["n_rows"])
         if start >= stop:
@@ -419,9 +452,14 @@ def _partition_blocks(store, run, lo: int, hi: int, block_rows: int) -> Iterator
         acts = _open_pinned(store, run, part)
         chunk = acts.chunks[0]
         block = max(chunk, block_rows - block_rows % chunk)
+        # One buffer per partition, allocated here, that zarr reads into: zarr would otherwise
+        # allocate every block on its I/O thread, in that thread's malloc arena.
+        buffer = np.empty((min(block, stop - start), acts.shape[1]), dtype=acts.dtype)
         while start < stop:
             end = min(stop, (start // chunk) * chunk + block)
-            yield np.arange(part["offset"] + start, part["offset"] + end, dtype=np.int64), acts[start:end]
+            out = buffer[:end - start]
+            acts.get_basic_selection((slice(start, end),), out=NDBuffer.from_numpy_array(out))
+            yield np.arange(part["offset"] + start, part["offset"] + end, dtype=np.int64), out
             start = end
 
 
@@ -435,10 +473,12 @@ def _open_pinned(store: ArtifactStore, run: ShuffleRun, part: dict):
 
 
 def _record_blocks(store, run, path: str, count: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, acts) views of a record file, block by block."""
+    """(ids, acts) views of a record file, block by block, read into one buffer: each block is
+    valid until the next one is requested."""
+    buffer = np.empty(min(block_rows, count), dtype=_record_dtype(run))
     with store.fs.open(path, "rb") as f:
         for start in range(0, count, block_rows):
-            records = np.empty(min(block_rows, count - start), dtype=_record_dtype(run))
+            records = buffer[:min(block_rows, count - start)]
             _read_exactly(f, records, path)
             yield records["id"], records["acts"]
 
@@ -479,6 +519,7 @@ def finalize_bucket(store: ArtifactStore, name: str, bucket: int) -> dict:
     Generator.permutation, i.e. Fisher–Yates), so the bucket is held once, already in output
     order, and is written out sequentially in whole chunks.
     """
+    limit_malloc_arenas()
     run = load_run(store, name)
     plan = run.plan
     _check_index("bucket", bucket, plan.n_final_buckets)
