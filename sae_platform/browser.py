@@ -750,13 +750,15 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             super().log_message(format, *args)
 
 
-def make_server(site_dir, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False):
-    """A threaded HTTP server for the site in ``site_dir`` (not started; port 0 picks a free one)."""
+def make_server(site_dir, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
+                handler_methods: dict | None = None):
+    """A threaded HTTP server for the site in ``site_dir`` (not started; port 0 picks a free one).
+    ``handler_methods``: further request-handler methods (the live server's ``do_POST``)."""
     site_dir = Path(site_dir)
     if not (site_dir / SITE_POINTER).is_file():
         raise PlatformError(f"{site_dir} is not a built feature-browser site (no {SITE_POINTER})",
                             "build it first with sae_platform.browser.build_site, or point at its directory")
-    handler = type("Handler", (_Handler,), {"quiet": quiet})
+    handler = type("Handler", (_Handler,), {"quiet": quiet, **(handler_methods or {})})
     server = http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(site_dir)))
     server.daemon_threads = True
     return server
@@ -764,9 +766,15 @@ def make_server(site_dir, host: str = "127.0.0.1", port: int = 8000, quiet: bool
 
 def serve(site_dir, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve a built site until interrupted."""
-    server = make_server(site_dir, host, port)
+    serve_until_interrupted(make_server(site_dir, host, port),
+                            f"Feature browser: http://{{host}}:{{port}}/  (serving {Path(site_dir).resolve()}; "
+                            "Ctrl-C stops)")
+
+
+def serve_until_interrupted(server, banner: str) -> None:
+    """Print ``banner`` (``{host}``/``{port}`` filled in) and serve until Ctrl-C; close the socket."""
     h, p = server.server_address[:2]
-    print(f"Feature browser: http://{h}:{p}/  (serving {Path(site_dir).resolve()}; Ctrl-C stops)", flush=True)
+    print(banner.format(host=h, port=p), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -775,9 +783,10 @@ def serve(site_dir, host: str = "127.0.0.1", port: int = 8000) -> None:
         server.server_close()
 
 
-def serve_in_thread(site_dir, host: str = "127.0.0.1", port: int = 0):
-    """Start a quiet server on a thread; returns (server, url). Stop with ``server.shutdown()``."""
-    server = make_server(site_dir, host, port, quiet=True)
+def serve_in_thread(site_dir, host: str = "127.0.0.1", port: int = 0, server=None):
+    """Start a quiet server (``server``, or one for ``site_dir``) on a thread; returns (server, url).
+    Stop with ``server.shutdown()``."""
+    server = server or make_server(site_dir, host, port, quiet=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     h, p = server.server_address[:2]
     return server, f"http://{h}:{p}/"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sae_platform.browser import make_server, serve_in_thread, serve_until_interrupted
 from sae_platform.errors import PlatformError
 
 MAX_BODY = 64 * 1024
@@ -82,11 +83,6 @@ class LiveEncoder:
 
 def make_live_server(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False):
     """The browser's static server for ``site_dir`` plus ``POST /api/features`` (not started)."""
-    from sae_platform.browser import make_server
-
-    server = make_server(site_dir, host, port, quiet=quiet)
-    base = server.RequestHandlerClass
-
     def answer(handler, status: int, body: dict) -> None:
         data = json.dumps(body, ensure_ascii=False).encode()
         handler.send_response(status)
@@ -115,34 +111,15 @@ def make_live_server(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", po
         except PlatformError as error:
             return answer(handler, 400, {"error": str(error)})
 
-    # functools.partial(handler, directory=...) is the server's factory: subclass what it builds
-    factory = base.func if hasattr(base, "func") else base
-    handler_class = type("LiveHandler", (factory,), {"do_POST": do_POST})
-    if hasattr(base, "func"):
-        import functools
-
-        server.RequestHandlerClass = functools.partial(handler_class, *base.args, **base.keywords)
-    else:
-        server.RequestHandlerClass = handler_class
-    return server
+    return make_server(site_dir, host, port, quiet=quiet, handler_methods={"do_POST": do_POST})
 
 
 def serve_live(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the site and the live endpoint until interrupted."""
-    server = make_live_server(site_dir, encoder, host, port)
-    h, p = server.server_address[:2]
-    print(f"Feature browser with live text: http://{h}:{p}/#/live  (Ctrl-C stops)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(make_live_server(site_dir, encoder, host, port),
+                            "Feature browser with live text: http://{host}:{port}/#/live  (Ctrl-C stops)")
 
 
 def serve_live_in_thread(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", port: int = 0):
     """Start a quiet live server on a thread; returns (server, url). Stop with ``server.shutdown()``."""
-    server = make_live_server(site_dir, encoder, host, port, quiet=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    h, p = server.server_address[:2]
-    return server, f"http://{h}:{p}/"
+    return serve_in_thread(site_dir, server=make_live_server(site_dir, encoder, host, port, quiet=True))
