@@ -369,10 +369,10 @@ def start_token_id(model, tokenizer) -> int:
     else EOS (GPT-2 and Pythia use <|endoftext|> for both). ModelError when the model has none."""
     config = _lm(model).config
     start = getattr(config, "sae_platform_start_token", None) or getattr(tokenizer, "bos_token", None)
-    if start is not None:
-        token_id = tokenizer.convert_tokens_to_ids(start)
-        if token_id is not None and token_id != getattr(tokenizer, "unk_token_id", object()):
-            return int(token_id)
+    # Membership in the vocabulary, not "id != unk": SmolLM2's <|endoftext|> is both its unk token
+    # and the platform's start token.
+    if start is not None and start in tokenizer.get_vocab():
+        return int(tokenizer.convert_tokens_to_ids(start))
     for candidate in (getattr(config, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None),
                       getattr(config, "eos_token_id", None)):
         if isinstance(candidate, list):

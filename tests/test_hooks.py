@@ -234,6 +234,9 @@ def test_start_token_per_family(bos, eos, config_bos, expected):
     assert start_token_id(model, tok) == vocab[expected]
     model.config.sae_platform_start_token = "b"  # the platform's own choice wins (the embedded SmolLM2)
     assert start_token_id(model, tok) == vocab["b"]
+    # ... even when it is also the unk token (SmolLM2's <|endoftext|> is both)
+    model.config.sae_platform_start_token = "<unk>"
+    assert start_token_id(model, tok) == vocab["<unk>"]
 
 
 def test_unsupported_layouts_are_refused():

@@ -41,6 +41,9 @@ def real_model(real_root):
 def test_converted_model_is_the_real_smollm2(real_model):
     assert (real_model.n_layers, real_model.d_model, real_model.layer) == (30, 576, 15)
     tok = real_model.tokenizer
+    # every context starts with the platform's choice, <|endoftext|> (id 0; also SmolLM2's unk token),
+    # not the chat template's <|im_start|> (id 1): docs/design.md, "contexts and the attention sink"
+    assert real_model.start_token_id == tok.convert_tokens_to_ids("<|endoftext|>") == 0
     ids = torch.tensor([[real_model.start_token_id] + tok("The capital of France is")["input_ids"]])
     with torch.no_grad():
         out = real_model.model.generate(ids, max_new_tokens=3, do_sample=False)
