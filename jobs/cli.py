@@ -10,6 +10,7 @@
     sae-platform browse [--port 8000]                      serve the feature browser on localhost
     sae-platform serve [--port 8000]                       the browser + live "text in, features out"
     sae-platform status                                    partitions and what is stored
+    sae-platform timings [RUN_ID]                          where a run spent its time (default: the latest run)
     sae-platform recover                                   fail runs whose process died, free their pool slots
 
 Runs go to the instance in $DAGSTER_HOME, so the UI (`make ui`) shows them afterwards.
@@ -405,6 +406,45 @@ def cmd_demo(args) -> int:
     return 0 if succeeded else 1
 
 
+def step_times(instance, run_id: str) -> tuple[list[tuple[str, int, float]], float]:
+    """Step wall time summed per op of one run, slowest first, from its event log: [(op, steps,
+    seconds)], and the run's wall time (first step start to last step end), in seconds."""
+    stats = [s for s in instance.get_run_step_stats(run_id) if s.start_time and s.end_time]
+    per_op: dict[str, list[float]] = {}
+    for stat in stats:
+        op = stat.step_key.split("[", 1)[0]  # a mapped step "op[key]" counts for its op
+        per_op.setdefault(op, []).append(stat.end_time - stat.start_time)
+    rows = sorted(((op, len(times), sum(times)) for op, times in per_op.items()), key=lambda row: -row[2])
+    wall = max(s.end_time for s in stats) - min(s.start_time for s in stats) if stats else 0.0
+    return rows, wall
+
+
+def print_timings(instance, run_id: str) -> None:
+    rows, wall = step_times(instance, run_id)
+    total = sum(seconds for _, _, seconds in rows)
+    print(f"\nrun {run_id}: {sum(n for _, n, _ in rows)} steps, {wall:.0f} s from the first step's start to the "
+          f"last step's end; step time per op ({total:.0f} s in all):")
+    for op, n, seconds in rows:
+        print(f"  {op:<32} {n:>4} step(s) {seconds:>8.1f} s {100 * seconds / max(total, 1e-9):>5.1f}%")
+
+
+def cmd_timings(args) -> int:
+    instance = _instance()
+    run_id = args.run_id
+    if run_id is None:
+        records = instance.get_run_records(limit=1)
+        if not records:
+            print("error: no runs in this instance ($DAGSTER_HOME) yet", file=sys.stderr)
+            return 2
+        run_id = records[0].dagster_run.run_id
+    elif instance.get_run_by_id(run_id) is None:
+        print(f"error: no run {run_id} in this instance ($DAGSTER_HOME); `dagster run list` shows the run ids",
+              file=sys.stderr)
+        return 2
+    print_timings(instance, run_id)
+    return 0
+
+
 def cmd_recover(args) -> int:
     recovered = recover_dead_runs(_instance(), args.all_runs_on_this_host)
     print(f"{len(recovered)} dead run(s) marked failed, their pool slots freed" +
@@ -545,6 +585,9 @@ def main(argv=None) -> int:
     serve.add_argument("--max-tokens", type=int, default=256, help="longest text answered, in tokens")
     serve.set_defaults(func=cmd_serve)
     commands.add_parser("status", help="what is stored").set_defaults(func=cmd_status)
+    timings = commands.add_parser("timings", help="step time per op of a run, from its event log")
+    timings.add_argument("run_id", nargs="?", default=None, help="default: the latest run")
+    timings.set_defaults(func=cmd_timings)
     recover = commands.add_parser("recover", help="mark runs whose process died as failed, freeing their pool slots")
     recover.add_argument("--all-runs-on-this-host", action="store_true",
                          help="needed with a shared (e.g. PostgreSQL) instance: assert every run ran here")
