@@ -69,7 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source (default: %(default)s)")
     parser.add_argument("--layer", type=int, default=None, help="hook layer (default: the middle layer)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
-    parser.add_argument("--autocast", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), none, bfloat16, float16")
+    parser.add_argument("--autocast", default="auto", help="auto (bf16 where the device has native bf16 matmuls: CUDA, AVX512-BF16/AMX CPUs; else fp32), none, bfloat16, float16")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored activation dtype")
     parser.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: %(default)s)")
     parser.add_argument("--ctx-len", type=int, default=128, help="tokens per context (default: %(default)s)")

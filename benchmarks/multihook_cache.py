@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--hook-points", nargs="+", default=None,
                         help="hook points (default: attn_out, mlp_out and resid_post of the middle block)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
-    parser.add_argument("--autocast", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), none, bfloat16, float16")
+    parser.add_argument("--autocast", default="auto", help="auto (bf16 where the device has native bf16 matmuls: CUDA, AVX512-BF16/AMX CPUs; else fp32), none, bfloat16, float16")
     parser.add_argument("--batch-size", type=int, default=None, help="contexts per forward pass (quick: 4, else 16)")
     parser.add_argument("--ctx-len", type=int, default=None, help="tokens per context (quick: 64, else 128)")
     parser.add_argument("--batches", type=int, default=None, help="forward batches per timed run (quick: 2, else 4)")

@@ -38,7 +38,7 @@ class BaseModelResource(ConfigurableResource):
                         description=f"{EMBEDDED_MODEL!r} (embedded, offline), a local HF model dir, or a hub name")
     layer: int | None = Field(default=None, description="residual stream after this block; default: middle")
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, cuda:1, …")
-    autocast: str = Field(default="auto", description="auto (bf16 on CUDA, fp32 on CPU), none, bfloat16, float16")
+    autocast: str = Field(default="auto", description="auto (bf16 where the device has native bf16 matmuls: CUDA, AVX512-BF16/AMX CPUs; else fp32), none, bfloat16, float16")
 
     def load(self, store: ArtifactStore, device: str | None = None):
         return load_stored_model(store, self.source, self.layer, device or self.device, self.autocast)

@@ -14,6 +14,9 @@ feature pass that a machine with 8 GPUs ran at once stacked on the first one. Th
    it keeps its GPU for every later step it runs. When every GPU is claimed (more concurrent steps
    than GPUs: size the ``gpu`` pool to the GPU count) it shares ``cuda:<pid mod GPUs>`` and says so.
 
+Which precision is fast on a device is decided here too (:func:`native_bf16`), once, for the base
+model's autocast and the SAE training step's selection.
+
 The lock directory is ``$SAE_PLATFORM_DEVICE_LOCKS`` (default: ``sae_platform-devices`` in the
 system temp directory); it must be local to the machine, since the locks are per machine.
 """
@@ -22,6 +25,8 @@ import fcntl
 import os
 import tempfile
 from pathlib import Path
+
+import torch
 
 LOCK_DIR_ENV = "SAE_PLATFORM_DEVICE_LOCKS"
 
@@ -77,3 +82,19 @@ def local_rank() -> int | None:
     """This process's LOCAL_RANK when torchrun started it, else None."""
     value = os.environ.get("LOCAL_RANK")
     return int(value) if value not in (None, "") else None
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively, i.e. several times faster than fp32:
+    CUDA (tensor cores), or a CPU with AVX512-BF16 or AMX instructions (oneDNN's bf16 kernels;
+    measured on this project's 2-core AMD EPYC: a 1024 x 576 x 16,384 matmul 3.8x faster, the
+    SmolLM2 forward 2.9x). Elsewhere bf16 is emulated and slower than fp32, so ``auto`` settings
+    keep fp32 there."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so guarded
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)

@@ -5,8 +5,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
-from sae_platform.devices import claim_device, device_name
+from sae_platform.devices import claim_device, device_name, native_bf16
 from sae_platform.errors import ModelError
 from sae_platform.model import pick_device
 
@@ -64,3 +65,13 @@ def test_pick_device_auto_is_cpu_without_cuda_and_cuda_is_refused(monkeypatch):
     assert str(pick_device("auto")) == "cpu"
     with pytest.raises(ModelError, match="CUDA is not available"):
         pick_device("cuda")
+
+
+def test_native_bf16_follows_the_cpu_instructions_and_cuda(monkeypatch):
+    """bf16 is chosen only where it is fast: CUDA, or a CPU with AVX512-BF16 or AMX."""
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert native_bf16("cpu") is expected
+    assert native_bf16(torch.device("cuda")) is True
+    assert native_bf16("meta") is False

@@ -69,10 +69,14 @@ def test_local_model_is_stored_once_as_safetensors(store, tiny_model_dir):
     assert store.resolve(model_artifact_name(str(tiny_model_dir))) == path
 
 
-def test_device_and_autocast_selection():
+def test_device_and_autocast_selection(monkeypatch):
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert autocast_dtype("auto", torch.device("cpu")) is None
+    for native in (False, True):  # a CPU without, then with, bf16 instructions
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert autocast_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if native else None)
+        assert autocast_dtype("none", torch.device("cpu")) is None
     assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
     with pytest.raises(ModelError, match="unknown autocast"):
         autocast_dtype("fp8", torch.device("cpu"))
