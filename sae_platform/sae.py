@@ -325,6 +325,11 @@ class SparseAutoencoder(nn.Module):
     variant = "base"
     DEFAULTS: dict = {}
     COEFFS: dict = {}  # loss part name -> hyperparameter holding its weight
+    # Precision of the dense pre-activations from which a training step *picks* its latents (TopK
+    # family); None: the parameters' own. The picked values are recomputed exactly, so the loss and
+    # its gradients are exact for the picked latents; only near-ties at the k-th place may resolve
+    # differently. Set by the trainer (TrainSettings.selection_precision); never used at inference.
+    selection_dtype: torch.dtype | None = None
 
     def __init__(self, d_model: int, n_latents: int, device=None, dtype=torch.float32, **hparams):
         super().__init__()
@@ -535,22 +540,36 @@ class TopKSAE(SparseAutoencoder):
         what it keeps, so the reuse is safe."""
         batch, n = xs.shape[0], self.n_latents
         xc = xs.detach() - self.b_pre
+        low = self.training and self.selection_dtype not in (None, xs.dtype)
+        if low:  # pick in low precision, then recompute the picked values exactly (below)
+            xc_s, w_s, b_s = (t.detach().to(self.selection_dtype) for t in (xc, self.W_enc, self.b_enc))
+        else:
+            xc_s, w_s, b_s = xc, self.W_enc, self.b_enc
         rows = max(1, min(batch, TRAIN_BLOCK_ELEMENTS // n))
-        block = self._scratch_block(rows, xs)
-        vals, idx = xs.new_empty(batch, width), torch.empty(batch, width, dtype=torch.long, device=xs.device)
+        block = self._scratch_block(rows, xc_s)
+        vals, idx = xc_s.new_empty(batch, width), torch.empty(batch, width, dtype=torch.long, device=xs.device)
         k_aux = self.hparams["k_aux"]
         aux = None
         if dead_mask is not None and k_aux > 0:
-            aux = xs.new_empty(batch, k_aux), torch.empty(batch, k_aux, dtype=torch.long, device=xs.device)
+            aux = xc_s.new_empty(batch, k_aux), torch.empty(batch, k_aux, dtype=torch.long, device=xs.device)
             alive = ~dead_mask.to(device=xs.device, dtype=torch.bool)
         for start in range(0, batch, rows):
             stop = min(start + rows, batch)
-            pre = torch.addmm(self.b_enc, xc[start:stop], self.W_enc.t(), out=block[:stop - start])
+            pre = torch.addmm(b_s, xc_s[start:stop], w_s.t(), out=block[:stop - start])
             torch.topk(pre, width, dim=1, sorted=sort, out=(vals[start:stop], idx[start:stop]))
             if aux is not None:  # pre is spent: mask it in place rather than copy it
                 pre.masked_fill_(alive, float("-inf"))
                 torch.topk(pre, k_aux, dim=1, sorted=False, out=(aux[0][start:stop], aux[1][start:stop]))
+        if low:
+            vals = self._exact_pre(xc, vals, idx)
+            aux = None if aux is None else (self._exact_pre(xc, *aux), aux[1])
         return vals, idx, aux
+
+    def _exact_pre(self, xc: Tensor, picked: Tensor, idx: Tensor) -> Tensor:
+        """The pre-activations at ``idx`` [batch, w] recomputed in the parameters' precision (O(batch
+        * w * d_model): one dot product per pick); entries picked as -inf (masked) stay -inf."""
+        exact = sddmm(Pattern.regular(idx, self.n_latents), xc, self.W_enc).view_as(idx) + self.b_enc[idx]
+        return torch.where(torch.isneginf(picked), float("-inf"), exact)
 
     def _scratch_block(self, rows: int, like: Tensor) -> Tensor:
         if not self.training:

@@ -503,6 +503,47 @@ def test_training_forward_in_row_blocks_matches_one_block(variant, extra, monkey
         torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
 
 
+@pytest.mark.parametrize("variant, extra", [("topk", {}), ("topk", {"multi_topk": True}), ("batchtopk", {}),
+                                            ("matryoshka_batchtopk", {})])
+def test_low_precision_selection_keeps_the_picked_values_exact(variant, extra):
+    """bf16 picks, float32 values: every picked pre-activation (main and AuxK) equals the float32
+    pre-activation of that (row, latent), so loss and gradients are exact for the picks; the picks
+    themselves agree with float32's but for near-ties; AuxK still picks only dead latents."""
+    x = make_data(96, seed=5)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[7:10] = True  # fewer dead latents than k_aux (8): the rest of AuxK's picks stay -inf
+    sae = calibrated(variant, x, **extra)
+    reference = sae(x, dead_mask=dead)
+    sae.selection_dtype = torch.bfloat16
+    out = sae(x, dead_mask=dead)
+    xs = sae._normalize(x)
+    pre = F.linear(xs - sae.b_pre, sae.W_enc, sae.b_enc).detach()
+    pattern, z = out.sparse
+    rows, cols = pattern.rows, pattern.cols
+    torch.testing.assert_close(z.detach().reshape(-1), pre[rows, cols].relu())
+    picked = set(zip(rows.tolist(), cols.tolist(), strict=True))
+    ref_pattern = reference.sparse[0]
+    agree = len(picked & set(zip(ref_pattern.rows.tolist(), ref_pattern.cols.tolist(), strict=True)))
+    assert agree >= 0.95 * len(picked)
+    vals, idx, aux = sae._scan(xs, 4, dead)
+    torch.testing.assert_close(vals, pre.gather(1, idx))
+    aux_vals, aux_idx = aux
+    finite = torch.isfinite(aux_vals)
+    assert dead[aux_idx[finite]].all() and finite.sum(1).eq(3).all()
+    torch.testing.assert_close(aux_vals[finite], pre.gather(1, aux_idx)[finite])
+    total, _ = sae.loss(x, out)
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in sae.parameters() if p.grad is not None)
+    sae.eval()  # inference never picks in low precision
+    torch.testing.assert_close(sae.encode(x).values, build_sae_like(sae).encode(x).values)
+
+
+def build_sae_like(sae):
+    twin = build_sae(sae.variant, sae.d_model, sae.n_latents, **sae.hparams)
+    twin.load_state_dict(sae.state_dict())
+    return twin.eval()
+
+
 def test_training_scratch_follows_the_batch_size():
     x = make_data(48)
     sae = calibrated("topk", x)
