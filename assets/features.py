@@ -254,22 +254,37 @@ def explanations_current(run: StageRun) -> str | None:
             "(resources.features.config.rebuild forces a rebuild)")
 
 
-def explain_features(run: StageRun) -> dict:
-    """N2G explanations of this shard's features from their top and interval windows, scored on held-out
-    text; nearest features by decoder cosine; co-occurring features."""
+def heldout_codes(run: StageRun, sae, what: str):
+    """(held-out codes of the configured SAE, its tokenizer): the codes sae_eval stored for this very
+    checkpoint when there are some (no base model needed), else encoded here from the held-out text."""
     from assets.training import heldout_contexts
+    from sae_platform.trainer import checkpoint_name
 
-    settings, (sae, _), store = _settings(run), _load(run), run.store
-    index = _shard(run.partition_key)
-    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    settings, store = _settings(run), run.store
+    checkpoint = (store.pointer(checkpoint_name(settings.sae_name)) or {}).get("version")
+    codes = fm.read_heldout_codes(store, store.resolve(eval_name(settings.sae_name)), checkpoint)
+    if codes is not None:
+        run.log.info(f"{what}: the {len(codes.tokens)} held-out contexts sae_eval encoded with this checkpoint")
+        return codes, run.resources.language_model.tokenizer(store)
     evaluation = run.resources.evaluation.settings()
     hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
     tokens = heldout_contexts(run.resources.holdout_text, hooked, evaluation.ctx_len,
-                              max(evaluation.metric_contexts, 2), run.log, setting_name="metric_contexts",
-                              what="the explanation scores")
+                              max(evaluation.metric_contexts, 2), run.log, setting_name="metric_contexts", what=what)
+    run.log.info(f"{what}: {len(tokens)} held-out contexts encoded here (sae_eval stored none for this checkpoint)")
+    return fm.sae_heldout_codes(hooked, sae, store, settings.sae_name, tokens), hooked.tokenizer
+
+
+def explain_features(run: StageRun) -> dict:
+    """N2G explanations of this shard's features from their top and interval windows, scored on held-out
+    text; nearest features by decoder cosine; co-occurring features."""
+    settings, (sae, _), store = _settings(run), _load(run), run.store
+    index = _shard(run.partition_key)
+    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    codes, tokenizer = heldout_codes(run, sae, "the explanation scores")
+    tokens = codes.tokens
     run.log.info(f"explaining features [{start:,}, {stop:,}) from their windows, scored on {len(tokens)} held-out "
                  "contexts")
-    summary, frame = fm.explain_shard(store, settings.sae_name, sae, hooked, tokens, index, start, stop,
+    summary, frame = fm.explain_shard(store, settings.sae_name, sae, tokenizer, codes, index, start, stop,
                                       ctx.read_feature_contexts(store, settings.sae_name, index))
     best = (frame.filter(pl.col("n_firings") >= 3).with_columns(
         f1=2 * pl.col("precision") * pl.col("recall") / (pl.col("precision") + pl.col("recall")))
@@ -300,24 +315,17 @@ def llm_explanations_name(run: str, shard_index: int) -> str:
 
 def explain_with_llm(run: StageRun) -> dict:
     """LLM explanations of the shard's most active latents, scored by detection on held-out text."""
-    from assets.training import heldout_contexts
-    from sae_platform.activations import sae_hook_entry
     from sae_platform.llm_explain import llm_explain_shard
 
     settings, (sae, _), store = _settings(run), _load(run), run.store
     index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
-    llm, evaluation = run.resources.llm_explainer, run.resources.evaluation.settings()
-    hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
-    tokens = heldout_contexts(run.resources.holdout_text, hooked, evaluation.ctx_len,
-                              max(evaluation.metric_contexts, 2), run.log, setting_name="metric_contexts",
-                              what="the LLM explanation scores")
+    llm = run.resources.llm_explainer
+    codes, tokenizer = heldout_codes(run, sae, "the LLM explanation scores")
     run.log.info(f"LLM explanations of up to {llm.features_per_shard} features of [{start:,}, {stop:,}) by "
                  f"{llm.describe()}")
-    entry = sae_hook_entry(store, settings.sae_name)  # codes read at the SAE's own hook point
-    codes = fm.heldout_codes(hooked, sae, tokens, hook_point=entry.hook_name, input_hook_point=entry.hook_name_in)
     rows = llm_explain_shard(llm.backend(store), ctx.read_feature_contexts(store, settings.sae_name, index),
-                             codes, hooked.tokenizer, start, stop,
+                             codes, tokenizer, start, stop,
                              n_features=llm.features_per_shard, n_examples=llm.examples)
     frame = pl.DataFrame(rows, schema={"feature": pl.Int64, "explanation": pl.String, "balanced_accuracy": pl.Float64,
                                        "true_positive_rate": pl.Float64, "true_negative_rate": pl.Float64,

@@ -356,11 +356,13 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
 
     With ``metric_tokens`` (held-out contexts [n, ctx_len]) the report also holds the feature
     metrics of ``sae_platform.metrics`` (N2G precision/recall, ablation sparsity, probe loss of the
-    latents and of the neurons); the per-property probe table is ``probes.json`` beside it. The
+    latents and of the neurons); the per-property probe table is ``probes.json`` beside it, and the
+    held-out codes they were measured on ``heldout_codes.npz`` (the feature explanations reuse them). The
     downstream CE and the feature metrics read and splice at the SAE's own hook point
     (``activations.activation_hook_entry`` of its shuffled store)."""
-    from sae_platform.trainer import load_sae
+    from sae_platform.trainer import checkpoint_name, load_sae
 
+    checkpoint = (store.pointer(checkpoint_name(run)) or {}).get("version")  # read first: a later commit mismatches
     sae, cfg = load_sae(store, run, device)
     if cfg["data"]["shuffle"] != shuffle_name:
         raise PlatformError(f"SAE {run!r} was trained on shuffled store {cfg['data']['shuffle']!r}, not "
@@ -402,7 +404,10 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
     with store.writing(eval_name(run), checkpoint_step=cfg["step"]) as version:
         store.write_json(f"{version}/report.json", report)
         if details is not None:
+            from sae_platform.metrics import HELDOUT_CODES_FILE, heldout_codes_bytes
+
             store.write_json(f"{version}/probes.json", details["probes"])
+            store.fs.pipe_file(f"{version}/{HELDOUT_CODES_FILE}", heldout_codes_bytes(details["codes"], checkpoint))
         buffer = io.BytesIO()
         np.save(buffer, density)
         store.fs.pipe_file(f"{version}/density.npy", buffer.getvalue())

@@ -14,6 +14,7 @@ is a fact of its training data (``activations.sae_hook_entry``), not of the mode
 returns flat numbers for ``sae_eval``'s report plus a per-property table.
 """
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,35 @@ def heldout_codes(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: s
     cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
     return HeldoutCodes(tokens, mask, cat(pos, np.int64), cat(feat, np.int64), cat(val, np.float32),
                         np.concatenate(neurons) if keep_neurons and neurons else None)
+
+
+HELDOUT_CODES_FILE = "heldout_codes.npz"  # beside sae_eval's report: the codes its metrics were measured on
+_CODE_ARRAYS = ("tokens", "mask", "positions", "features", "values")
+
+
+def heldout_codes_bytes(codes: HeldoutCodes, checkpoint: str | None) -> bytes:
+    """``codes`` (without the neurons) as an .npz of plain arrays, tagged with the checkpoint
+    version they were encoded with: sae_eval stores them so that every feature shard's explanations
+    score on the same codes without loading the base model again."""
+    buffer = io.BytesIO()
+    np.savez(buffer, checkpoint=np.array(checkpoint or ""), **{k: getattr(codes, k) for k in _CODE_ARRAYS})
+    return buffer.getvalue()
+
+
+def read_heldout_codes(store, eval_path: str | None, checkpoint: str | None) -> HeldoutCodes | None:
+    """The held-out codes stored in the evaluation at ``eval_path`` when they were encoded with
+    checkpoint version ``checkpoint``; None when absent (no evaluation yet, or one without feature
+    metrics) or from another checkpoint: the caller then encodes the held-out text itself."""
+    if eval_path is None or checkpoint is None:
+        return None
+    try:
+        raw = store.fs.cat_file(f"{eval_path}/{HELDOUT_CODES_FILE}")
+    except FileNotFoundError:
+        return None
+    with np.load(io.BytesIO(raw), allow_pickle=False) as arrays:  # plain arrays only: never unpickles
+        if str(arrays["checkpoint"]) != checkpoint:
+            return None
+        return HeldoutCodes(**{k: arrays[k] for k in _CODE_ARRAYS})
 
 
 def n2g_stream(codes: HeldoutCodes, contexts: slice = slice(None)) -> n2g.TokenStream:
@@ -161,7 +191,7 @@ def feature_metrics(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point:
     """N2G precision/recall, ablation sparsity and probe loss of ``sae`` on held-out ``tokens``
     [n_contexts, ctx_len], read (and, for the ablations, spliced) at the SAE's own ``hook_point``
     (a transcoder reads ``input_hook_point`` and replaces ``hook_point``). Returns (flat numbers for
-    the report, details: per-property probe table and per-feature N2G rows)."""
+    the report, details: per-property probe table, per-feature N2G rows and the held-out codes)."""
     points = {"hook_point": hook_point, "input_hook_point": input_hook_point}
     codes = heldout_codes(hooked, sae, tokens, **points, keep_neurons=True)
     n2g_summary, n2g_rows = n2g_heldout(codes, sae.n_latents)
@@ -170,7 +200,7 @@ def feature_metrics(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point:
             f"{n2g_summary['n2g_features_scored']} features")
     probe_summary, probe_table = probe_metrics(codes, hooked.tokenizer, sae.n_latents)
     ablation = ablation_sparsities(hooked, sae, tokens, **points, n_tokens=ablation_tokens) if ablation_tokens else {}
-    return {**n2g_summary, **ablation, **probe_summary}, {"probes": probe_table, "n2g": n2g_rows}
+    return {**n2g_summary, **ablation, **probe_summary}, {"probes": probe_table, "n2g": n2g_rows, "codes": codes}
 
 
 # -- per feature shard: explanations from the feature tables, related features -------------------
@@ -183,27 +213,33 @@ def explanations_name(run: str, shard_index: int) -> str:
 EXPLANATIONS_FILE = "explanations.parquet"
 
 
-def explain_shard(store, run: str, sae, hooked: HookedModel, heldout_tokens: np.ndarray, shard_index: int,
+def sae_heldout_codes(hooked: HookedModel, sae, store, run: str, tokens: np.ndarray) -> HeldoutCodes:
+    """:func:`heldout_codes` of SAE ``run`` on ``tokens``, read at its own hook point
+    (``activations.sae_hook_entry``)."""
+    entry = sae_hook_entry(store, run)
+    return heldout_codes(hooked, sae, tokens, hook_point=entry.hook_name, input_hook_point=entry.hook_name_in)
+
+
+def explain_shard(store, run: str, sae, tokenizer, codes: HeldoutCodes, shard_index: int,
                   start: int, stop: int, windows, neighbors: int = 10, cooccurring_k: int = 5) -> tuple[dict, object]:
     """N2G explanations of latents ``start..stop`` from their context windows (``windows``, the
-    shard's ``feature_contexts``), scored on held-out contexts; plus per latent the ``neighbors``
-    nearest latents by decoder cosine and the ``cooccurring_k`` latents firing with it most often on
-    the held-out text (read at SAE ``run``'s own hook point, ``activations.sae_hook_entry``). Commits
-    ``explanations_name(run, shard_index)`` (pinned to the checkpoint version) and returns (summary: n2g_* figures of ``explain.summarize``, the frame)."""
+    shard's ``feature_contexts``), scored on the held-out ``codes`` (:func:`sae_heldout_codes`, or
+    the ones sae_eval stored: :func:`read_heldout_codes`); plus per latent the ``neighbors`` nearest
+    latents by decoder cosine and the ``cooccurring_k`` latents firing with it most often on the
+    held-out text. Commits ``explanations_name(run, shard_index)`` (pinned to the checkpoint
+    version) and returns (summary: n2g_* figures of ``explain.summarize``, the frame)."""
     from functools import cache
 
     from sae_platform.contexts import token_display_strings
     from sae_platform.similarity import cooccurring, nearest_by_decoder
     from sae_platform.trainer import checkpoint_name
 
-    entry = sae_hook_entry(store, run)
-    codes = heldout_codes(hooked, sae, heldout_tokens, hook_point=entry.hook_name, input_hook_point=entry.hook_name_in)
     stream = n2g_stream(codes)
     firing = n2g.firing_by_feature(codes.positions, codes.features, sae.n_latents)
 
     @cache
     def token_str(t: int) -> str:
-        return token_display_strings(hooked.tokenizer, [t])[0]
+        return token_display_strings(tokenizer, [t])[0]
 
     rows = n2g.explain_windows(windows, stream, firing, range(start, stop), token_str)
     idx, cos = nearest_by_decoder(sae.W_dec.detach(), start, stop, k=neighbors)

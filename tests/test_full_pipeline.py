@@ -56,6 +56,8 @@ def test_full_pipeline_runs_end_to_end_with_parallel_steps(tmp_path, tiny_model_
         shutil.copy(path, inbox / path.name)
     run = execute_full_pipeline(env, Path(env["SAE_PLATFORM_RUN_CONFIG"]))
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    # the explanation steps score on the held-out codes sae_eval stored: no base model per shard
+    assert run.stderr.count("held-out contexts sae_eval encoded with this checkpoint") == 4, run.stderr[-5000:]
 
     instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
     (record,) = instance.get_runs()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sae_platform.errors import ModelError
-from sae_platform.metrics import heldout_codes
+from sae_platform.metrics import HELDOUT_CODES_FILE, heldout_codes, heldout_codes_bytes, read_heldout_codes
 from sae_platform.sae import build_sae
 
 LAYER = 2  # not tiny_hooked's default layer (1): nothing may fall back to it
@@ -89,3 +89,21 @@ def test_a_wrong_hook_point_is_named(tiny_hooked):
     transcoder = build_sae("topk", tiny_hooked.d_model, 64, k=4, d_out=tiny_hooked.d_model)
     with pytest.raises(ModelError, match="transcoder needs its input"):
         heldout_codes(tiny_hooked, transcoder, _contexts(tiny_hooked), hook_point="blocks.2.hook_mlp_out")
+
+
+def test_stored_heldout_codes_are_reused_only_for_the_checkpoint_they_were_encoded_with(tiny_hooked, store):
+    """sae_eval stores its held-out codes; the explanation steps read them back exactly, and only
+    for the same checkpoint version (another checkpoint, or no file, means: encode again)."""
+    torch.manual_seed(0)
+    sae = build_sae("topk", tiny_hooked.d_model, 64, k=4)
+    codes = heldout_codes(tiny_hooked, sae, _contexts(tiny_hooked), hook_point="blocks.1.hook_resid_post")
+    path = store.path("eval", "run", "v1")
+    store.fs.makedirs(path, exist_ok=True)
+    assert read_heldout_codes(store, path, "ckpt-a") is None  # nothing stored yet
+    store.fs.pipe_file(f"{path}/{HELDOUT_CODES_FILE}", heldout_codes_bytes(codes, "ckpt-a"))
+    back = read_heldout_codes(store, path, "ckpt-a")
+    for name in ("tokens", "mask", "positions", "features", "values"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(codes, name))
+        assert getattr(back, name).dtype == getattr(codes, name).dtype
+    assert read_heldout_codes(store, path, "ckpt-b") is None  # encoded with another checkpoint
+    assert read_heldout_codes(store, None, "ckpt-a") is None  # no evaluation committed
