@@ -584,8 +584,13 @@ def _byte_level_bytes(token: str | None) -> bytes | None:
 # ---------------------------------------------------------------------------------------------
 
 def _parquet_bytes(frame: pl.DataFrame) -> bytes:
+    """Parquet in row groups of ROW_GROUP_ROWS with min/max statistics (a page reads only its
+    feature's groups). Written by pyarrow: polars' writer spends ~10x longer on these small row
+    groups of list columns (5.3 s against 0.5 s for a demo shard of 227k windows) and writes a
+    file 1.5x larger."""
     buffer = io.BytesIO()
-    frame.write_parquet(buffer, compression="zstd", statistics=True, row_group_size=ROW_GROUP_ROWS)
+    pq.write_table(frame.to_arrow(), buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+                   write_statistics=True)
     return buffer.getvalue()
 
 
