@@ -448,7 +448,8 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
     if state is None:
         state = TrainState(tokens_since_fired=torch.zeros(settings.n_latents, dtype=torch.long, device=device))
         log(f"training {run}: {settings.variant}, {settings.n_latents} latents, {n_steps} steps of "
-            f"{settings.batch_size} on {n_train:,} rows ({epochs:.2f} epochs) on {device}")
+            f"{settings.batch_size} on {n_train:,} rows ({epochs:.2f} epochs) on {device}"
+            + (f", picking latents in {str(sae.selection_dtype).removeprefix('torch.')}" if sae.selection_dtype else ""))
     elif state.step >= n_steps:
         log(f"{run} is already trained for this config and data (step {state.step}); nothing to do")
         return _summary(store, run, state, settings, sae, started=time.perf_counter(), resumed_from=state.step)
