@@ -53,6 +53,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -391,16 +392,25 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
         with contextlib.ExitStack() as files:
             out = [files.enter_context(store.fs.open(f"{version}/{_bucket_file(base + k)}", "wb"))
                    for k in range(K)]
+            # One writer thread: block i is written while block i+1 is read and grouped (writes and
+            # numpy's copies release the GIL). At most two grouped blocks exist, which with the read
+            # block and the gathered rows is the plan's four blocks (plan_shuffle, per_row). It shuts
+            # down (waiting for the last write) before the files close.
+            writer = files.enter_context(ThreadPoolExecutor(1, thread_name_prefix="shuffle-writer"))
+            pending = None
             for ids, acts in _job_blocks(store, run, pass_index, job_index):
                 buckets = rng.integers(0, K, size=len(ids), dtype=np.uint16 if K <= 1 << 16 else np.uint32)
                 records, block_counts = _group_by_bucket(ids, acts, buckets, K, dtype)
-                for k, (lo, hi) in enumerate(_spans(block_counts)):
-                    if hi > lo:
-                        out[k].write(records[lo:hi].view(np.uint8))
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_write_spans, out, records, block_counts)
+                del records
                 counts += block_counts
                 done += len(ids)
                 if progress:
                     progress(done, total)
+            if pending is not None:
+                pending.result()
         _require(done == total, f"pass {pass_index} job {job_index} read {done} rows, expected {total}",
                  "an input changed while the job ran: re-run the job")
         manifest = {"plan_id": run.plan_id, "first_bucket": base, "counts": counts.tolist()}
@@ -419,6 +429,13 @@ def _group_by_bucket(ids, acts, buckets, n_buckets, dtype) -> tuple[np.ndarray, 
     records["id"] = ids[order]
     records["acts"] = acts[order]
     return records, np.bincount(buckets, minlength=n_buckets)
+
+
+def _write_spans(out: list, records: np.ndarray, counts: np.ndarray) -> None:
+    """Bucket k's records (rows [sum(counts[:k]), sum(counts[:k+1])) of ``records``) to file k."""
+    for k, (lo, hi) in enumerate(_spans(counts)):
+        if hi > lo:
+            out[k].write(records[lo:hi].view(np.uint8))
 
 
 def _spans(counts: np.ndarray) -> list[tuple[int, int]]:
