@@ -636,10 +636,12 @@ def _write_piece(store, run: ShuffleRun, path: str, acts: np.ndarray, ids: np.nd
     is invisible until ``ArtifactStore.writing`` commits it.
     """
     layout = _piece_layout(run.dtype, run.d_model, run.plan.chunk_rows)
+    store.fs.makedirs(path, exist_ok=True)
     _put_file(store, f"{path}/zarr.json", layout["group"])
     for name, data in (("acts", acts), ("row_id", ids)):
         array = layout[name]
         meta = {**array["meta"], "shape": list(data.shape)}
+        store.fs.makedirs(f"{path}/{name}", exist_ok=True)
         _put_file(store, f"{path}/{name}/zarr.json", json.dumps(meta, indent=2).encode())
         data = data.astype(data.dtype.newbyteorder("<"), copy=False)
         rows, encode = array["rows"], array["key"]
@@ -681,10 +683,7 @@ def _put_file(store: ArtifactStore, path: str, data: bytes) -> None:
 def _open_for_write(store: ArtifactStore, path: str):
     # The local file system straight through the OS (fsspec's local opener adds a few hundred
     # microseconds per file); other file systems (S3) through fsspec.
-    if store.is_local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return open(path, "wb")
-    return store.fs.open(path, "wb")
+    return open(path, "wb") if store.is_local else store.fs.open(path, "wb")
 
 
 # -- commit and read ----------------------------------------------------------------------------
