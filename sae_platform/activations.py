@@ -45,7 +45,7 @@ from sae_platform.errors import ModelError, SourceError, StorageError
 from sae_platform.inbox import PREFIX, list_partitions, partition_name  # noqa: F401 (re-exported)
 from sae_platform.model import HookedModel
 from sae_platform.settings import SettingsError, setting, validate
-from sae_platform.shuffle import store_group  # noqa: F401 (re-exported; defined there to keep shuffle workers torch-free)
+from sae_platform.shuffle import store_group  # defined there: shuffle workers stay torch-free
 from sae_platform.storage import ArtifactStore
 
 STORED_DTYPES = ("float16", "float32")  # zarr has no bfloat16
