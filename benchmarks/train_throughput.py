@@ -1,7 +1,8 @@
 """Training-step throughput of the SAE models against dense references and the matmul limit.
 
 What is timed, in one run, with the sides interleaved round by round (so drift and other
-processes hit every side alike) and medians quoted after an untimed warm-up round. A step is
+processes hit every side alike) and medians quoted after an untimed warm-up (a round; with
+--quick one step per side at 1/8 of the batch, see QUICK_ROUNDS). A step is
 what the trainer does: forward, loss, backward, remove_parallel_grad_, Adam (fused where torch
 has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
 
@@ -29,8 +30,8 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     200,000 tokens turns AuxK on, both sides), then held-out FVU and the fraction of latents that
     never fire on the held-out rows, side by side. Ours is the trainer's step
     (``sae_platform.trainer``: sae(x, dead_mask), loss, remove_parallel_grad_, Adam,
-    normalize_decoder_). Goal: ours at least as good on both. --quick trains 20,480 tokens
-    (the JSON line says which).
+    normalize_decoder_). Goal: ours at least as good on both. --quick trains 10,240 tokens
+    (the JSON line says which), a smoke figure; the full mode trains the demo's 614,400.
 
 Output: a table, then one JSON object per line, one per figure, with ``metric``, ``value``,
 ``baseline``, ``ratio`` and ``goal``.
@@ -62,6 +63,13 @@ GOAL_SWITCH_VS_TOPK = 3.0
 GOAL_VS_SAELENS = 6.0
 GOAL_VS_SAELENS_AUXK = 4.0
 QUALITY_BATCH, QUALITY_LR, QUALITY_DEAD_TOKENS, QUALITY_HOLDOUT = 1024, 1e-3, 200_000, 8192
+CALIBRATION_ROWS = 8192
+# --quick: under a minute on 2 CPU cores (issue 17). At the full shapes one round of all eight
+# sides takes ~12 s there and (e) ~1.2 s per 1,024 tokens (both sides), so --quick warms every
+# side up with one step at 1/8 of the batch (what a warm-up is for: thread pools, lazy init, Adam
+# state; the full mode warms up with a whole round), times 2 rounds (median of 2 = their mean) and
+# trains 10,240 tokens for (e).
+QUICK_ROUNDS, QUICK_QUALITY_TOKENS = 2, 10_240
 
 
 def saelens():
@@ -121,14 +129,16 @@ def parse_args(argv=None):
     parser.add_argument("--n-latents", type=int, default=16384, help="dictionary size (default: %(default)s)")
     parser.add_argument("--k", type=int, default=32, help="active latents per row (default: %(default)s)")
     parser.add_argument("--experts", type=int, default=8, help="Switch SAE experts (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (quick: 3, else 7)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"timed rounds after the warm-up (quick: {QUICK_ROUNDS}, else 7)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all usable cores)")
     parser.add_argument("--quality-tokens", type=int, default=None,
-                        help="(e) training budget per side (default: 614,400 as the demo; quick: 20,480)")
+                        help=f"(e) training budget per side (default: 614,400 as the demo; quick: "
+                             f"{QUICK_QUALITY_TOKENS:,})")
     args = parser.parse_args(argv)
     if args.rounds is None:
-        args.rounds = 3 if args.quick else 7
+        args.rounds = QUICK_ROUNDS if args.quick else 7
     return args
 
 
@@ -158,11 +168,12 @@ def dense_reference_recon(sae, x):
 def make_step(sae, x, dense=False, dead_mask=None):
     opt = make_adam(sae)
 
-    def step():
+    def step(batch=None):
+        xb = x if batch is None else batch
         if dense:
-            loss = ((dense_reference_recon(sae, x) - x) * sae.input_scale).pow(2).mean()
+            loss = ((dense_reference_recon(sae, xb) - xb) * sae.input_scale).pow(2).mean()
         else:
-            loss, _ = sae.loss(x, sae(x, dead_mask=dead_mask))
+            loss, _ = sae.loss(xb, sae(xb, dead_mask=dead_mask))
         opt.zero_grad()
         loss.backward()
         sae.remove_parallel_grad_()
@@ -208,17 +219,25 @@ def quality_side_by_side(args, device, n, k, common) -> dict | None:
     except Exception as error:  # noqa: BLE001 - any missing piece: say so and skip this line
         print(f"(e) quality side by side skipped: no shuffled demo store under {root} ({error}); run `make demo`")
         return None
-    budget = args.quality_tokens or (20_480 if args.quick else 614_400)
+    budget = args.quality_tokens or (QUICK_QUALITY_TOKENS if args.quick else 614_400)
     n_rows = shuffled.n_rows
     held = min(QUALITY_HOLDOUT, n_rows // 5)
-    rows = np.concatenate([a for _, a in iter_shuffled(store, "main", batch_rows=8192)]).astype(np.float32)
-    train, holdout = torch.from_numpy(rows[:n_rows - held]).to(device), torch.from_numpy(rows[n_rows - held:]).to(device)
-    d = train.shape[1]
     n_steps = budget // QUALITY_BATCH
+    # Only the rows training reads (batch i is rows [i*B, (i+1)*B) until the budget wraps around
+    # the training rows, then all of them) and the held-out tail: the same batches as loading the
+    # whole store, without reading and converting rows no step uses.
+    used = min(n_rows - held, max(n_steps * QUALITY_BATCH, CALIBRATION_ROWS))
+
+    def load(start, stop):
+        blocks = iter_shuffled(store, "main", batch_rows=8192, start=start, stop=stop)
+        return torch.from_numpy(np.concatenate([a for _, a in blocks]).astype(np.float32)).to(device)
+
+    train, holdout = load(0, used), load(n_rows - held, n_rows)
+    d = train.shape[1]
     dead_steps = QUALITY_DEAD_TOKENS // QUALITY_BATCH
     torch.manual_seed(0)
     ours = build_sae("topk", d, n, k=k, device=device)
-    ours.calibrate_(train[:8192])
+    ours.calibrate_(train[:CALIBRATION_ROWS])
     opt = torch.optim.Adam(ours.parameters(), lr=QUALITY_LR, eps=ADAM_EPS)
     theirs = make_saelens(d, n, k, device)
     their_step = make_saelens_step(theirs, train[:QUALITY_BATCH], QUALITY_LR)
@@ -276,7 +295,8 @@ def quality_side_by_side(args, device, n, k, common) -> dict | None:
             "tokens_trained": n_steps * QUALITY_BATCH, "quick_budget": bool(args.quick and not args.quality_tokens),
             "batch_size": QUALITY_BATCH, "lr": QUALITY_LR, "dead_after_tokens": QUALITY_DEAD_TOKENS,
             "train_seconds": seconds["ours"], "baseline_train_seconds": seconds["saelens"],
-            "data": f"shuffled store 'main' under {root}: {n_rows - held:,} training rows, {held:,} held out",
+            "data": f"shuffled store 'main' under {root}: {n_rows - held:,} training rows ({used:,} read), "
+                    f"{held:,} held out",
             **{k_: v for k_, v in common.items() if k_ not in ("batch",)}}
 
 
@@ -318,10 +338,13 @@ def main(argv=None) -> int:
     steps["matmul_forward"], steps["matmul_weight_grad"] = mm_forward, mm_weight_grad
 
     runs = {name: [] for name in steps}
-    for round_index in range(args.rounds + 1):  # round 0 warms up: allocations, thread pools
+    if args.quick:  # warm-up at 1/8 of the batch: the one-time costs (thread pools, lazy init, Adam state)
+        for name, step in steps.items():
+            step() if name.startswith("matmul") else step(x[:max(1, batch // 8)])
+    for round_index in range(args.rounds + (0 if args.quick else 1)):  # full: round 0 is the warm-up
         for name, step in steps.items():
             seconds = timed(step, device)
-            if round_index:
+            if round_index or args.quick:
                 runs[name].append(seconds)
     med = {name: statistics.median(times) for name, times in runs.items()}
     wall_s = time.perf_counter() - wall
@@ -338,7 +361,8 @@ def main(argv=None) -> int:
     routed = torch.bincount(models["switch"].route(models["switch"]._centered(x))[1], minlength=args.experts)
 
     print(f"SAE training step, d_model {d}, {n:,} latents, k {k}, batch {batch:,}, device {device}, "
-          f"{torch.get_num_threads()} thread(s), median of {args.rounds} round(s) after 1 warm-up")
+          f"{torch.get_num_threads()} thread(s), median of {args.rounds} round(s) after 1 warm-up"
+          f"{' at 1/8 of the batch' if args.quick else ''}")
     print(f"{'side':28s} {'ms/step':>9s} {'tokens/s':>10s}   runs (ms)")
     for name in runs:
         tok = f"{batch / med[name]:10.0f}" if name in tps else f"{'':10s}"
@@ -400,9 +424,12 @@ def main(argv=None) -> int:
              "baseline_is": f"sae_lens {lens.__version__} TopKTrainingSAE step with the same dead mask (its AuxK)",
              "ours_runs_ms": ms("topk_sparse_auxk"), "saelens_runs_ms": ms("saelens_topk_auxk"), **common},
         ]
+        started = time.perf_counter()
         quality = quality_side_by_side(args, device, n, k, common)
         if quality:
+            quality["quality_wall_s"] = round(time.perf_counter() - started, 1)
             lines.append(quality)
+    print(f"whole run {time.perf_counter() - wall:.1f} s (timed rounds {wall_s:.1f} s)")
     noisy = load_before is not None and max(load_before, load_after or 0) > usable_cores() + 0.5
     for line in lines:
         line["noisy"] = noisy

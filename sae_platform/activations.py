@@ -45,6 +45,7 @@ from sae_platform.errors import ModelError, SourceError, StorageError
 from sae_platform.inbox import PREFIX, list_partitions, partition_name  # noqa: F401 (re-exported)
 from sae_platform.model import HookedModel
 from sae_platform.settings import SettingsError, setting, validate
+from sae_platform.shuffle import store_group  # defined there: shuffle workers stay torch-free
 from sae_platform.storage import ArtifactStore
 
 STORED_DTYPES = ("float16", "float32")  # zarr has no bfloat16
@@ -128,12 +129,6 @@ def cached_hook_points(store: ArtifactStore) -> list[str]:
         stored = store.pointer(name).get("fingerprint", {})
         return list(stored.get("hook_points") or [stored.get("hook_name")])
     return []
-
-
-def store_group(index: int) -> str:
-    """Where entry ``index`` of a caching pass lives inside a partition: the first in ``data.zarr``
-    (what the shuffle reads), the others in ``hooks/<index>.zarr``."""
-    return "data.zarr" if index == 0 else f"hooks/{index}.zarr"
 
 
 def training_rows(contexts: Contexts, start_token_id: int) -> np.ndarray:

@@ -44,16 +44,21 @@ fixed-size uncompressed chunks, one piece per final bucket, read back in order b
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.buffer.cpu import NDBuffer
 
 from sae_platform.errors import StorageError
@@ -66,10 +71,19 @@ ACTIVATIONS = "activations"
 SCRATCH = "shuffle"
 SHUFFLED = "shuffled"
 
+
+def store_group(index: int) -> str:
+    """Where entry ``index`` of a caching pass lives inside an activation partition: the first in
+    ``data.zarr`` (what the shuffle reads), the others in ``hooks/<index>.zarr``. Defined here, not
+    in sae_platform.activations (which uses it), so that a shuffle worker never imports torch:
+    importing it from there added ~150-250 MiB to a worker's RSS (benchmarks/shuffle_throughput.py)."""
+    return "data.zarr" if index == 0 else f"hooks/{index}.zarr"
+
 ID_BYTES = 8
 FINAL_SHARE = 0.7  # of the budget, for a final bucket and its permutation; the rest for reading/writing
 SIGMAS = 6  # bucket sizes are random: plan for the mean plus 6 standard deviations
 OUTPUT_CHUNK_BYTES = 4 << 20
+ROW_ID_CHUNKS = 8  # acts chunks per row_id chunk: 8 x 8 B ids per 1.5-4 KB row, few small files
 MIN_GOOD_FILE_BYTES = 4 << 20  # smaller (job, bucket) files cost throughput (docs/design.md, "The shuffle")
 MAX_PASSES = 6
 _SCATTER, _FINAL = 1, 2  # RNG stream tags: scatter and final draws never share a stream
@@ -296,7 +310,7 @@ def _open_acts(store: ArtifactStore, key: str, version: str, group: str = "data.
 
 def hook_store_name(name: str, index: int) -> str:
     """The shuffled store of a caching pass's hook-point entry ``index``: ``name`` for the first
-    entry, ``<name>.h<index>`` for the others (``activations.store_group``)."""
+    entry, ``<name>.h<index>`` for the others (``store_group``)."""
     _check_name(name)
     return name if index == 0 else f"{name}.h{index}"
 
@@ -329,8 +343,6 @@ def shuffle_for_hook_point(store: ArtifactStore, name: str, hook_point: str | No
 
 def input_group(name: str) -> str:
     """The store inside each activation partition that shuffle ``name`` reads (hook_store_name's inverse)."""
-    from sae_platform.activations import store_group
-
     match = re.fullmatch(r".*\.h([1-9][0-9]*)", name)
     return store_group(int(match.group(1)) if match else 0)
 
@@ -384,18 +396,27 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
     started, done = time.perf_counter(), 0
     with store.writing(_job_name(run, pass_index, job_index), plan_id=run.plan_id) as version:
         with contextlib.ExitStack() as files:
-            out = [files.enter_context(store.fs.open(f"{version}/{_bucket_file(base + k)}", "wb"))
+            out = [files.enter_context(_open_for_write(store, f"{version}/{_bucket_file(base + k)}"))
                    for k in range(K)]
+            # One writer thread: block i is written while block i+1 is read and grouped (writes and
+            # numpy's copies release the GIL). At most two grouped blocks exist, which with the read
+            # block and the gathered rows is the plan's four blocks (plan_shuffle, per_row). It shuts
+            # down (waiting for the last write) before the files close.
+            writer = files.enter_context(ThreadPoolExecutor(1, thread_name_prefix="shuffle-writer"))
+            pending = None
             for ids, acts in _job_blocks(store, run, pass_index, job_index):
                 buckets = rng.integers(0, K, size=len(ids), dtype=np.uint16 if K <= 1 << 16 else np.uint32)
                 records, block_counts = _group_by_bucket(ids, acts, buckets, K, dtype)
-                for k, (lo, hi) in enumerate(_spans(block_counts)):
-                    if hi > lo:
-                        out[k].write(records[lo:hi].view(np.uint8))
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_write_spans, out, records, block_counts)
+                del records
                 counts += block_counts
                 done += len(ids)
                 if progress:
                     progress(done, total)
+            if pending is not None:
+                pending.result()
         _require(done == total, f"pass {pass_index} job {job_index} read {done} rows, expected {total}",
                  "an input changed while the job ran: re-run the job")
         manifest = {"plan_id": run.plan_id, "first_bucket": base, "counts": counts.tolist()}
@@ -414,6 +435,13 @@ def _group_by_bucket(ids, acts, buckets, n_buckets, dtype) -> tuple[np.ndarray, 
     records["id"] = ids[order]
     records["acts"] = acts[order]
     return records, np.bincount(buckets, minlength=n_buckets)
+
+
+def _write_spans(out: list, records: np.ndarray, counts: np.ndarray) -> None:
+    """Bucket k's records (rows [sum(counts[:k]), sum(counts[:k+1])) of ``records``) to file k."""
+    for k, (lo, hi) in enumerate(_spans(counts)):
+        if hi > lo:
+            out[k].write(records[lo:hi].view(np.uint8))
 
 
 def _spans(counts: np.ndarray) -> list[tuple[int, int]]:
@@ -455,12 +483,58 @@ def _partition_blocks(store, run, lo: int, hi: int, block_rows: int) -> Iterator
         # One buffer per partition, allocated here, that zarr reads into: zarr would otherwise
         # allocate every block on its I/O thread, in that thread's malloc arena.
         buffer = np.empty((min(block, stop - start), acts.shape[1]), dtype=acts.dtype)
+        folder = _raw_chunk_folder(store, run, part, acts)
         while start < stop:
             end = min(stop, (start // chunk) * chunk + block)
             out = buffer[:end - start]
-            acts.get_basic_selection((slice(start, end),), out=NDBuffer.from_numpy_array(out))
+            if folder is None:
+                acts.get_basic_selection((slice(start, end),), out=NDBuffer.from_numpy_array(out))
+            else:
+                _read_raw_rows(acts, folder, start, end, out)
             yield np.arange(part["offset"] + start, part["offset"] + end, dtype=np.int64), out
             start = end
+
+
+def _raw_chunk_folder(store, run, part: dict, acts) -> str | None:
+    """The folder of ``acts``'s chunk files when they can be read straight into a buffer: a local
+    store, one chunk across d_model and the bytes codec alone in the machine's byte order (what
+    sae_platform.activations writes), so a chunk file is its rows' bytes (zarr v3 spec, "Chunk
+    encoding"). Reading them directly skips zarr's decode pipeline and its copy of every chunk:
+    about 3x faster on page-cached input (docs/design.md, "The shuffle"). None: read through zarr."""
+    codecs = acts.metadata.codecs
+    if not store.is_local or len(codecs) != 1 or acts.chunks[1] != acts.shape[1] \
+            or codecs[0].to_dict().get("name") != "bytes":
+        return None
+    endian = (codecs[0].to_dict().get("configuration") or {}).get("endian", "little")
+    if np.dtype(acts.dtype).itemsize > 1 and endian != sys.byteorder:
+        return None
+    return store.path(ACTIVATIONS, part["key"], part["version"], input_group(run.name), "acts")
+
+
+def _read_raw_rows(acts, folder: str, start: int, end: int, out: np.ndarray) -> None:
+    """Rows [start, end) of ``acts`` into ``out``, from the chunk files in ``folder``."""
+    chunk, row_bytes = acts.chunks[0], out[:1].nbytes
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    fill = acts.metadata.fill_value
+    row = start
+    while row < end:
+        c = row // chunk
+        upto = min(end, (c + 1) * chunk)
+        into = view[(row - start) * row_bytes:(upto - start) * row_bytes]
+        path = f"{folder}/{acts.metadata.encode_chunk_key((c, 0))}"
+        try:
+            with open(path, "rb", buffering=0) as f:
+                f.seek((row - c * chunk) * row_bytes)
+                got = 0
+                while got < len(into):
+                    n = f.readinto(into[got:])
+                    if not n:
+                        raise StorageError(f"chunk file {path} is shorter than its array's chunk shape",
+                                           "re-materialize that activation partition")
+                    got += n
+        except FileNotFoundError:  # zarr leaves chunks equal to the fill value unwritten
+            out[row - start:upto - start] = fill
+        row = upto
 
 
 def _open_pinned(store: ArtifactStore, run: ShuffleRun, part: dict):
@@ -555,17 +629,68 @@ def _bucket_blocks(store, run: ShuffleRun, sources, block_rows: int) -> Iterator
 
 
 def _write_piece(store, run: ShuffleRun, path: str, acts: np.ndarray, ids: np.ndarray) -> None:
-    """Whole chunks, a few at a time: no read-modify-write and bounded extra memory."""
-    C = run.plan.chunk_rows
-    # Skip zarr's per-chunk "is it all zeros?" scan (activations never are): 2-3x faster writes.
-    config = {"write_empty_chunks": True}
-    group = store.open_group(path, mode="w")
-    out = group.create_array("acts", shape=acts.shape, dtype=run.dtype, chunks=(C, run.d_model),
-                             compressors=None, config=config)
-    group.create_array("row_id", data=ids, chunks=(C,), compressors=None, config=config)
-    span = C * max(1, (run.plan.memory_budget_bytes // 4) // (C * run.plan.row_bytes))  # zarr copies a span
-    for start in range(0, len(acts), span):
-        out[start:start + span] = acts[start:start + span]
+    """The piece as a zarr v3 group of uncompressed arrays acts [n, d_model] (chunks of
+    ``chunk_rows`` rows) and row_id [n] (chunks of ``ROW_ID_CHUNKS`` x ``chunk_rows``), its files
+    written here straight from ``acts`` and ``ids``.
+
+    With the bytes codec alone a chunk file is its rows' little-endian bytes, the edge chunk padded
+    to the full chunk shape (zarr v3 spec, "Chunk encoding"); chunk keys use "." separators, so an
+    array's chunks share one directory. The metadata documents are zarr's own (``_piece_layout``),
+    with this piece's shape. Going through zarr instead costs a copy, a directory, a temporary file
+    and a rename per chunk, and a round trip to zarr's I/O thread per call: about half the final
+    pass's time (docs/design.md, "The shuffle"). The rename would buy nothing: the version directory
+    is invisible until ``ArtifactStore.writing`` commits it.
+    """
+    layout = _piece_layout(run.dtype, run.d_model, run.plan.chunk_rows)
+    store.fs.makedirs(path, exist_ok=True)
+    _put_file(store, f"{path}/zarr.json", layout["group"])
+    for name, data in (("acts", acts), ("row_id", ids)):
+        array = layout[name]
+        meta = {**array["meta"], "shape": list(data.shape)}
+        store.fs.makedirs(f"{path}/{name}", exist_ok=True)
+        _put_file(store, f"{path}/{name}/zarr.json", json.dumps(meta, indent=2).encode())
+        data = data.astype(data.dtype.newbyteorder("<"), copy=False)
+        rows, encode = array["rows"], array["key"]
+        for i, start in enumerate(range(0, len(data), rows)):
+            block = data[start:start + rows]
+            with _open_for_write(store, f"{path}/{name}/{encode(i)}") as f:
+                f.write(np.ascontiguousarray(block).view(np.uint8).data)
+                if len(block) < rows:  # the edge chunk, padded with the fill value (0)
+                    f.write(bytes((rows - len(block)) * block[:1].nbytes))
+
+
+@functools.lru_cache(maxsize=16)
+def _piece_layout(dtype: str, d_model: int, chunk_rows: int) -> dict:
+    """zarr's metadata documents for a piece's group and arrays (built once, in memory), the rows per
+    chunk and the chunk key of chunk i of each array."""
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+    flat = {"name": "default", "separator": "."}
+    layout = {"group": group.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()}
+    for name, shape, chunks, dt in (("acts", (1, d_model), (chunk_rows, d_model), dtype),
+                                    ("row_id", (1,), (chunk_rows * ROW_ID_CHUNKS,), "int64")):
+        array = group.create_array(name, shape=shape, dtype=dt, chunks=chunks, compressors=None,
+                                   chunk_key_encoding=flat)
+        codecs = [c.to_dict() for c in array.metadata.codecs]
+        _require([c["name"] for c in codecs] == ["bytes"] and codecs[0].get("configuration", {}).get("endian", "little")
+                 == "little", f"zarr encodes uncompressed {dt} arrays with {codecs}, not the little-endian bytes codec "
+                 "alone, which the shuffle writes itself", "report this with the zarr version installed")
+        meta = json.loads(array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
+        layout[name] = {"meta": meta, "rows": chunks[0],
+                        "key": functools.partial(lambda md, i: md.encode_chunk_key((i,) + (0,) * (len(md.shape) - 1)),
+                                                 array.metadata)}
+    return layout
+
+
+def _put_file(store: ArtifactStore, path: str, data: bytes) -> None:
+    with _open_for_write(store, path) as f:
+        f.write(data)
+
+
+def _open_for_write(store: ArtifactStore, path: str):
+    # The local file system straight through the OS: fsspec's local opener adds a few hundred
+    # microseconds per file, most of it os.makedirs of the (existing) folder; the caller makes the
+    # folder once. Other file systems (S3) through fsspec.
+    return open(path, "wb") if store.is_local else store.fs.open(path, "wb")
 
 
 # -- commit and read ----------------------------------------------------------------------------

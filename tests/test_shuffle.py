@@ -114,6 +114,38 @@ def test_single_pass_when_the_data_fits(store):
     assert_exact_permutation(store, "s", rows)
 
 
+def test_chunk_files_read_and_written_directly_match_zarr(store):
+    """Pass 1 reads local chunk files itself and the final pass writes the pieces' files itself
+    (no zarr pipeline): an all-zero chunk zarr left unwritten reads as zeros, job ranges that
+    split chunks read the right rows, and plain zarr reads every piece back, edge chunks included."""
+    import zarr
+
+    rows = make_dataset(store, [5000, 3001], chunk_rows=1000)
+    zero_rows = rows[1000:2000]  # partition p00's second chunk: zarr skips writing a chunk of zeros
+    zero_rows[:] = 0
+    with store.writing("activations/p00") as version:
+        group = store.open_group(f"{version}/data.zarr", "w")
+        group.create_array("acts", data=rows[:5000], chunks=(1000, 16), compressors=None)
+    folder = store.path("activations", "p00", store.pointer("activations/p00")["version"], "data.zarr", "acts")
+    assert sorted(os.listdir(folder)) == ["c", "zarr.json"] and len(os.listdir(f"{folder}/c")) == 4, \
+        "the all-zero chunk must be absent for this test to test it"
+    summary = shuffle.run_shuffle(store, "s", seed=3, **(SMALL | {"n_jobs": 7, "memory_budget_bytes": 256 << 10}))
+    assert summary["n_passes"] == 2 and summary["pieces"] > 1
+    assert_exact_permutation(store, "s", rows)
+    index = store.read_json(f"{store.resolve('shuffled/s')}/index.json")
+    C = index["chunk_rows"]
+    for piece in index["pieces"]:
+        path = store.path(piece["name"], store.pointer(piece["name"])["version"], "data.zarr")
+        group = zarr.open_group(path, mode="r", zarr_format=3)
+        acts, ids = group["acts"][:], group["row_id"][:]
+        assert acts.shape == (piece["n_rows"], 16) and group["acts"].chunks == (C, 16)
+        assert np.array_equal(acts.view(np.uint8), rows[ids].view(np.uint8))
+        n_chunks = -(-piece["n_rows"] // C)
+        assert sorted(os.listdir(f"{path}/acts")) == sorted(["zarr.json"] + [f"c.{i}.0" for i in range(n_chunks)])
+        assert all(os.path.getsize(f"{path}/acts/c.{i}.0") == C * 16 * 2 for i in range(n_chunks)), \
+            "edge chunks are stored at the full chunk shape"
+
+
 def test_same_seed_same_order_other_seed_other_order(store):
     make_dataset(store, [20000, 20000])
     for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
@@ -215,7 +247,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
     baseline = status("VmRSS")
     result = shuffle.run_shuffle(store, "big", n_buckets=8, memory_budget_bytes=budget, n_jobs=2, seed=0)
-    print(json.dumps({"n_passes": result["n_passes"], "extra_mib": status("VmHWM") - baseline}))
+    print(json.dumps({"n_passes": result["n_passes"], "extra_mib": status("VmHWM") - baseline,
+                      "torch_imported": "torch" in sys.modules}))
 """)
 
 
@@ -243,6 +276,8 @@ def test_multi_pass_shuffle_of_12x_the_budget_stays_within_memory(tmp_path):
     print(f"peak RSS above baseline: {small['extra_mib']:.1f} MiB for 48 MiB of rows, budget 4 MiB, "
           f"{small['n_passes']} passes")
     assert small["n_passes"] == 3
+    # A worker that imports torch holds ~150-250 MiB more, which its warm-up here would hide.
+    assert not small["torch_imported"], "a shuffle worker imported torch (sae_platform.activations?)"
     # The budget bounds the shuffle's arrays; the allocator's slack (measured: 4-5.5 MiB in all) fits in 2x.
     assert small["extra_mib"] < 4 * 2, f"the shuffle held {small['extra_mib']:.1f} MiB with a 4 MiB budget"
     assert shuffle.permutation_check(store, "big")["ok"]
