@@ -24,13 +24,19 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     (``training_forward_pass``, firing statistics, backward, grad-norm clipping at 1.0, Adam), same
     shapes, threads and rows, interleaved with ours: goal >= 6x its tokens/s with no dead latents,
     and >= 4x with AuxK active on both sides (half the latents marked dead, the same mask).
+(f) **Picking in bf16** (the trainer's default where the device multiplies bf16 natively:
+    ``training.config.selection_precision: auto``): the same sparse TopK step with the dense
+    pre-activations it picks from computed in bf16 and the picked values recomputed in float32,
+    against float32 picks (side (a)'s step). Goal >= 1.5x tokens/s. Skipped with a message where
+    bf16 is not native (there ``auto`` keeps float32). Sides (a)-(d) pick in float32, as SAELens does.
 (e) **Quality on the same rows for the same budget** (SAELens present and a shuffled demo store
     under $SAE_PLATFORM_ROOT, else skipped with a message): both trained on the same shuffled
     demo rows, batch 1,024, the demo's lr (1e-3) and the same dead criterion (no fire for
     200,000 tokens turns AuxK on, both sides), then held-out FVU and the fraction of latents that
     never fire on the held-out rows, side by side. Ours is the trainer's step
     (``sae_platform.trainer``: sae(x, dead_mask), loss, remove_parallel_grad_, Adam,
-    normalize_decoder_). Goal: ours at least as good on both. --quick trains 10,240 tokens
+    normalize_decoder_), picking as the trainer does by default (``selection_precision: auto``).
+    Goal: ours at least as good on both. --quick trains 10,240 tokens
     (the JSON line says which), a smoke figure; the full mode trains the demo's 614,400.
 
 Output: a table, then one JSON object per line, one per figure, with ``metric``, ``value``,
@@ -56,12 +62,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sae_platform.sae import ADAM_EPS, build_sae, lr_for  # noqa: E402
+from sae_platform.trainer import selection_dtype  # noqa: E402
 
 GOAL_SPARSE_VS_DENSE = 1.5
 GOAL_FLOPS_FRACTION = 0.6
 GOAL_SWITCH_VS_TOPK = 3.0
 GOAL_VS_SAELENS = 6.0
 GOAL_VS_SAELENS_AUXK = 4.0
+GOAL_BF16_PICKS = 1.5
 QUALITY_BATCH, QUALITY_LR, QUALITY_DEAD_TOKENS, QUALITY_HOLDOUT = 1024, 1e-3, 200_000, 8192
 CALIBRATION_ROWS = 8192
 # --quick: under a minute on 2 CPU cores (issue 17). At the full shapes one round of all eight
@@ -238,6 +246,7 @@ def quality_side_by_side(args, device, n, k, common) -> dict | None:
     torch.manual_seed(0)
     ours = build_sae("topk", d, n, k=k, device=device)
     ours.calibrate_(train[:CALIBRATION_ROWS])
+    ours.selection_dtype = selection_dtype("auto", device)  # as the trainer picks by default
     opt = torch.optim.Adam(ours.parameters(), lr=QUALITY_LR, eps=ADAM_EPS)
     theirs = make_saelens(d, n, k, device)
     their_step = make_saelens_step(theirs, train[:QUALITY_BATCH], QUALITY_LR)
@@ -295,6 +304,7 @@ def quality_side_by_side(args, device, n, k, common) -> dict | None:
             "tokens_trained": n_steps * QUALITY_BATCH, "quick_budget": bool(args.quick and not args.quality_tokens),
             "batch_size": QUALITY_BATCH, "lr": QUALITY_LR, "dead_after_tokens": QUALITY_DEAD_TOKENS,
             "train_seconds": seconds["ours"], "baseline_train_seconds": seconds["saelens"],
+            "ours_picks_in": str(ours.selection_dtype or "float32").removeprefix("torch."),
             "data": f"shuffled store 'main' under {root}: {n_rows - held:,} training rows ({used:,} read), "
                     f"{held:,} held out",
             **{k_: v for k_, v in common.items() if k_ not in ("batch",)}}
@@ -320,11 +330,20 @@ def main(argv=None) -> int:
     }
     for sae in models.values():
         sae.calibrate_(x[:1024])
+    low = selection_dtype("auto", device)
+    if low is not None:  # (f): the trainer's default picks on this device
+        models["topk_bf16_picks"] = build_sae("topk", d, n, k=k, device=device)
+        models["topk_bf16_picks"].calibrate_(x[:1024])
+        models["topk_bf16_picks"].selection_dtype = low
+    else:
+        print(f"(f) skipped: bf16 is not native on {device}, where the trainer keeps float32 picks")
     steps = {
         "topk_sparse": make_step(models["topk_sparse"], x),
         "topk_dense_ref": make_step(models["topk_dense_ref"], x, dense=True),
         "switch": make_step(models["switch"], x),
     }
+    if low is not None:
+        steps["topk_bf16_picks"] = make_step(models["topk_bf16_picks"], x)
     lens = saelens()
     if lens is not None:  # (d): the same rows; AuxK: half the latents dead, the same mask on both sides
         dead = torch.zeros(n, dtype=torch.bool, device=device)
@@ -351,7 +370,7 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     tps = {name: batch / med[name] for name in ("topk_sparse", "topk_dense_ref", "switch", "topk_sparse_auxk",
-                                                 "saelens_topk", "saelens_topk_auxk") if name in med}
+                                                 "saelens_topk", "saelens_topk_auxk", "topk_bf16_picks") if name in med}
     useful = 4 * batch * d * n  # encoder forward + encoder weight gradient
     mm_s = med["matmul_forward"] + med["matmul_weight_grad"]
     step_flops = useful / med["topk_sparse"]
@@ -378,6 +397,9 @@ def main(argv=None) -> int:
         print(f"(d) ours vs SAELens {lens.__version__} TopK step: {tps['topk_sparse'] / tps['saelens_topk']:.2f}x "
               f"(goal >= {GOAL_VS_SAELENS}); with AuxK (half dead): "
               f"{tps['topk_sparse_auxk'] / tps['saelens_topk_auxk']:.2f}x (goal >= {GOAL_VS_SAELENS_AUXK})")
+    if low is not None:
+        print(f"(f) picking in bf16 vs float32: {tps['topk_bf16_picks'] / tps['topk_sparse']:.2f}x "
+              f"(goal >= {GOAL_BF16_PICKS})")
     busy = load_before is not None and load_before > 1.0
     print(f"wall time {wall_s:.1f} s; load average {load_before:.2f} -> {load_after:.2f} on {usable_cores()} CPUs"
           if load_before is not None else f"wall time {wall_s:.1f} s")
@@ -410,6 +432,14 @@ def main(argv=None) -> int:
          "n_experts": args.experts, "rows_per_expert": routed.tolist(),
          "baseline_is": "sparse TopK SAE with the same total latents", "switch_runs_ms": ms("switch"), **common},
     ]
+    if low is not None:
+        lines.append({"metric": "topk_train_tokens_per_s_bf16_picks", "value": tps["topk_bf16_picks"],
+                      "baseline": tps["topk_sparse"], "ratio": tps["topk_bf16_picks"] / tps["topk_sparse"],
+                      "goal": GOAL_BF16_PICKS, "unit": "tokens/s",
+                      "value_is": "sparse TopK step picking from bf16 pre-activations, picked values recomputed in "
+                                  "float32 (the trainer's selection_precision: auto on this device)",
+                      "baseline_is": "the same step picking from float32 pre-activations (side a)",
+                      "bf16_runs_ms": ms("topk_bf16_picks"), **common})
     if lens is not None:
         lines += [
             {"metric": "topk_train_tokens_per_s_vs_saelens", "value": tps["topk_sparse"],

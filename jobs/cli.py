@@ -395,6 +395,9 @@ def cmd_demo(args) -> int:
     env = {**os.environ, "SAE_PLATFORM_RUN_CONFIG": os.path.abspath(args.config)}
     succeeded = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env).returncode == 0
     _print_status()
+    latest = instance.get_run_records(limit=1)
+    if latest:  # where the time went (`sae-platform timings` prints it again)
+        print_timings(instance, latest[0].dagster_run.run_id)
     print(f"\nDagster runs are in {os.environ['DAGSTER_HOME']}: see the run, the asset graph and the lineage "
           "with `make ui` (http://127.0.0.1:3000), or `sae-platform lineage`.")
     if succeeded:

@@ -45,3 +45,45 @@ def test_status_names_every_inbox_file_waiting_to_be_cached(tmp_path):
     assert "2 readable file(s), 2 waiting to be cached" in out
     assert "to cache alpha.txt as partition alpha" in out and "to cache a b.txt as partition a_b~" in out
     assert "skipped empty.txt: empty (0 bytes)" in out
+
+
+def test_timings_sums_step_time_per_op_from_the_event_log(tmp_path, monkeypatch, capsys):
+    """`sae-platform timings` reads a real run's event log: a mapped op's steps count for the op."""
+    import time
+
+    from dagster import DagsterInstance, DynamicOut, DynamicOutput, job, op
+
+    from jobs.cli import main, step_times
+
+    @op(out=DynamicOut())
+    def fan():
+        for i in range(3):
+            yield DynamicOutput(i, mapping_key=f"k{i}")
+
+    @op
+    def slow(i):
+        time.sleep(0.2)
+        return i
+
+    @op
+    def total(values):
+        return sum(values)
+
+    @job
+    def tiny():
+        total(fan().map(slow).collect())
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with DagsterInstance.get() as instance:
+        run_id = tiny.execute_in_process(instance=instance).run_id
+        rows, wall = step_times(instance, run_id)
+    ops = {op_name: (n, seconds) for op_name, n, seconds in rows}
+    assert set(ops) == {"fan", "slow", "total"} and ops["slow"][0] == 3
+    assert rows[0][0] == "slow" and ops["slow"][1] >= 0.6 and wall >= ops["slow"][1]
+    assert main(["timings"]) == 0  # the latest run by default
+    out = capsys.readouterr().out
+    assert f"run {run_id}: 5 steps" in out and "slow" in out
+    assert main(["timings", "no-such-run"]) == 2
+    assert "no run no-such-run" in capsys.readouterr().err
