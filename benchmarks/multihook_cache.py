@@ -57,13 +57,13 @@ def parse_args(argv=None):
                         help="hook points (default: attn_out, mlp_out and resid_post of the middle block)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--autocast", default="auto", help="auto (bf16 where the device has native bf16 matmuls: CUDA, AVX512-BF16/AMX CPUs; else fp32), none, bfloat16, float16")
-    parser.add_argument("--batch-size", type=int, default=None, help="contexts per forward pass (quick: 4, else 16)")
-    parser.add_argument("--ctx-len", type=int, default=None, help="tokens per context (quick: 64, else 128)")
+    parser.add_argument("--batch-size", type=int, default=None, help="contexts per forward pass (default 16)")
+    parser.add_argument("--ctx-len", type=int, default=None, help="tokens per context (default 128)")
     parser.add_argument("--batches", type=int, default=None, help="forward batches per timed run (quick: 2, else 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs of each side (quick: 3, else 5)")
     args = parser.parse_args(argv)
-    args.batch_size = args.batch_size or (4 if args.quick else 16)
-    args.ctx_len = args.ctx_len or (64 if args.quick else 128)
+    args.batch_size = args.batch_size or 16
+    args.ctx_len = args.ctx_len or 128
     args.batches = args.batches or (2 if args.quick else 4)
     args.repeats = args.repeats or (3 if args.quick else 5)
     return args
