@@ -525,13 +525,8 @@ def _read_raw_rows(acts, folder: str, start: int, end: int, out: np.ndarray) -> 
         try:
             with open(path, "rb", buffering=0) as f:
                 f.seek((row - c * chunk) * row_bytes)
-                got = 0
-                while got < len(into):
-                    n = f.readinto(into[got:])
-                    if not n:
-                        raise StorageError(f"chunk file {path} is shorter than its array's chunk shape",
-                                           "re-materialize that activation partition")
-                    got += n
+                _read_into(f, into, f"chunk file {path} is shorter than its array's chunk shape",
+                           "re-materialize that activation partition")
         except FileNotFoundError:  # zarr leaves chunks equal to the fill value unwritten
             out[row - start:upto - start] = fill
         row = upto
@@ -553,17 +548,18 @@ def _record_blocks(store, run, path: str, count: int, block_rows: int) -> Iterat
     with store.fs.open(path, "rb") as f:
         for start in range(0, count, block_rows):
             records = buffer[:min(block_rows, count - start)]
-            _read_exactly(f, records, path)
+            _read_into(f, memoryview(records.view(np.uint8)), f"bucket file {path} is shorter than its manifest "
+                       "says", "re-run the scatter job that wrote it")
             yield records["id"], records["acts"]
 
 
-def _read_exactly(f, records: np.ndarray, path: str) -> None:
-    view, got = memoryview(records.view(np.uint8)), 0
+def _read_into(f, view: memoryview, problem: str, fix: str) -> None:
+    """Fill ``view`` from ``f``; StorageError(problem, fix) when the file ends first."""
+    got = 0
     while got < len(view):
         n = f.readinto(view[got:])
         if not n:
-            raise StorageError(f"bucket file {path} is shorter than its manifest says",
-                               "re-run the scatter job that wrote it")
+            raise StorageError(problem, fix)
         got += n
 
 
