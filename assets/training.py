@@ -130,9 +130,10 @@ def evaluate(run: StageRun) -> dict:
                  f"(never fired on any of {report['dead_window_tokens']:,} cached tokens)"
                  + (f", loss recovered {report['loss_recovered']:.4g}" if report.get("loss_recovered") else ""))
     if report.get("n2g_precision") is not None:
-        run.log.info(f"{name}: N2G precision {report['n2g_precision']:.3f}, recall {report['n2g_recall']:.3f}; "
-                     f"ablation sparsity {report.get('ablation_sparsity')}; probe loss {report['probe_loss']:.4f} "
-                     f"(neurons {report['probe_loss_neurons']:.4f}, base rate {report['probe_loss_base_rate']:.4f})")
+        figure = lambda key, digits: "n/a" if report.get(key) is None else f"{report[key]:.{digits}f}"  # noqa: E731
+        run.log.info(f"{name}: N2G precision {figure('n2g_precision', 3)}, recall {figure('n2g_recall', 3)}; "
+                     f"ablation sparsity {figure('ablation_sparsity', 3)}; probe loss {figure('probe_loss', 4)} "
+                     f"(neurons {figure('probe_loss_neurons', 4)}, base rate {figure('probe_loss_base_rate', 4)})")
     numbers = {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     first = [k for k in EVAL_HEADLINE if k in numbers]  # each dead figure beside the window it was measured on
     extra = {}

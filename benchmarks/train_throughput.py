@@ -78,6 +78,10 @@ CALIBRATION_ROWS = 8192
 # state; the full mode warms up with a whole round), times 2 rounds (median of 2 = their mean) and
 # trains 10,240 tokens for (e).
 QUICK_ROUNDS, QUICK_QUALITY_TOKENS = 2, 10_240
+# --quick times these multi-second steps (2.7-6.5 s each at the full shapes) in the first round only:
+# one run of a step that long is already a long sample (two runs differed by 2% here), and their
+# second round alone cost ~13 s of the minute.
+QUICK_ONE_ROUND = ("topk_dense_ref", "saelens_topk", "saelens_topk_auxk")
 
 
 def saelens():
@@ -362,6 +366,8 @@ def main(argv=None) -> int:
             step() if name.startswith("matmul") else step(x[:max(1, batch // 8)])
     for round_index in range(args.rounds + (0 if args.quick else 1)):  # full: round 0 is the warm-up
         for name, step in steps.items():
+            if args.quick and round_index and name in QUICK_ONE_ROUND:
+                continue
             seconds = timed(step, device)
             if round_index or args.quick:
                 runs[name].append(seconds)
@@ -381,7 +387,7 @@ def main(argv=None) -> int:
 
     print(f"SAE training step, d_model {d}, {n:,} latents, k {k}, batch {batch:,}, device {device}, "
           f"{torch.get_num_threads()} thread(s), median of {args.rounds} round(s) after 1 warm-up"
-          f"{' at 1/8 of the batch' if args.quick else ''}")
+          f"{' at 1/8 of the batch (one round for ' + ', '.join(QUICK_ONE_ROUND) + ')' if args.quick else ''}")
     print(f"{'side':28s} {'ms/step':>9s} {'tokens/s':>10s}   runs (ms)")
     for name in runs:
         tok = f"{batch / med[name]:10.0f}" if name in tps else f"{'':10s}"
@@ -460,7 +466,7 @@ def main(argv=None) -> int:
             quality["quality_wall_s"] = round(time.perf_counter() - started, 1)
             lines.append(quality)
     print(f"whole run {time.perf_counter() - wall:.1f} s (timed rounds {wall_s:.1f} s)")
-    noisy = load_before is not None and max(load_before, load_after or 0) > usable_cores() + 0.5
+    noisy = busy or (load_after is not None and load_after > usable_cores() + 0.5)  # as the WARNING says
     for line in lines:
         line["noisy"] = noisy
     sys.stdout.flush()
