@@ -440,10 +440,14 @@ def cmd_timings(args) -> int:
             print("error: no runs in this instance ($DAGSTER_HOME) yet", file=sys.stderr)
             return 2
         run_id = records[0].dagster_run.run_id
-    elif instance.get_run_by_id(run_id) is None:
-        print(f"error: no run {run_id} in this instance ($DAGSTER_HOME); `dagster run list` shows the run ids",
-              file=sys.stderr)
-        return 2
+    elif instance.get_run_by_id(run_id) is None:  # a prefix, as the UI shows (d422c996)?
+        matches = [r.dagster_run.run_id for r in instance.get_run_records(limit=1000)
+                   if r.dagster_run.run_id.startswith(run_id)]
+        if len(matches) != 1:
+            print(f"error: {'no' if not matches else len(matches)} run(s) {run_id}… in this instance ($DAGSTER_HOME); "
+                  "give a whole run id or a unique prefix (`dagster run list` shows them)", file=sys.stderr)
+            return 2
+        run_id = matches[0]
     print_timings(instance, run_id)
     return 0
 

@@ -85,5 +85,7 @@ def test_timings_sums_step_time_per_op_from_the_event_log(tmp_path, monkeypatch,
     assert main(["timings"]) == 0  # the latest run by default
     out = capsys.readouterr().out
     assert f"run {run_id}: 5 steps" in out and "slow" in out
+    assert main(["timings", run_id[:8]]) == 0  # a unique prefix, as the UI shows run ids
+    assert f"run {run_id}: 5 steps" in capsys.readouterr().out
     assert main(["timings", "no-such-run"]) == 2
-    assert "no run no-such-run" in capsys.readouterr().err
+    assert "no run(s) no-such-run" in capsys.readouterr().err
