@@ -36,7 +36,7 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     never fire on the held-out rows, side by side. Ours is the trainer's step
     (``sae_platform.trainer``: sae(x, dead_mask), loss, remove_parallel_grad_, Adam,
     normalize_decoder_), picking as the trainer does by default (``selection_precision: auto``).
-    Goal: ours at least as good on both. --quick trains 10,240 tokens
+    Goal: ours at least as good on both. --quick trains 6,144 tokens
     (the JSON line says which), a smoke figure; the full mode trains the demo's 614,400.
 
 Output: a table, then one JSON object per line, one per figure, with ``metric``, ``value``,
@@ -76,12 +76,8 @@ CALIBRATION_ROWS = 8192
 # sides takes ~12 s there and (e) ~1.2 s per 1,024 tokens (both sides), so --quick warms every
 # side up with one step at 1/8 of the batch (what a warm-up is for: thread pools, lazy init, Adam
 # state; the full mode warms up with a whole round), times 2 rounds (median of 2 = their mean) and
-# trains 10,240 tokens for (e).
-QUICK_ROUNDS, QUICK_QUALITY_TOKENS = 2, 10_240
-# --quick times these multi-second steps (2.7-6.5 s each at the full shapes) in the first round only:
-# one run of a step that long is already a long sample (two runs differed by 2% here), and their
-# second round alone cost ~13 s of the minute.
-QUICK_ONE_ROUND = ("topk_dense_ref", "saelens_topk", "saelens_topk_auxk")
+# trains 6,144 tokens for (e) (a minute on 2 cores leaves no more).
+QUICK_ROUNDS, QUICK_QUALITY_TOKENS = 2, 6_144
 
 
 def saelens():
@@ -366,8 +362,6 @@ def main(argv=None) -> int:
             step() if name.startswith("matmul") else step(x[:max(1, batch // 8)])
     for round_index in range(args.rounds + (0 if args.quick else 1)):  # full: round 0 is the warm-up
         for name, step in steps.items():
-            if args.quick and round_index and name in QUICK_ONE_ROUND:
-                continue
             seconds = timed(step, device)
             if round_index or args.quick:
                 runs[name].append(seconds)
@@ -387,7 +381,7 @@ def main(argv=None) -> int:
 
     print(f"SAE training step, d_model {d}, {n:,} latents, k {k}, batch {batch:,}, device {device}, "
           f"{torch.get_num_threads()} thread(s), median of {args.rounds} round(s) after 1 warm-up"
-          f"{' at 1/8 of the batch (one round for ' + ', '.join(QUICK_ONE_ROUND) + ')' if args.quick else ''}")
+          f"{' at 1/8 of the batch' if args.quick else ''}")
     print(f"{'side':28s} {'ms/step':>9s} {'tokens/s':>10s}   runs (ms)")
     for name in runs:
         tok = f"{batch / med[name]:10.0f}" if name in tps else f"{'':10s}"
