@@ -83,6 +83,10 @@ ID_BYTES = 8
 FINAL_SHARE = 0.7  # of the budget, for a final bucket and its permutation; the rest for reading/writing
 SIGMAS = 6  # bucket sizes are random: plan for the mean plus 6 standard deviations
 OUTPUT_CHUNK_BYTES = 4 << 20
+# Threads writing a piece's chunk files: nothing else runs then, and the kernel's page-cache copies
+# of two files proceed in parallel (final pass 0.091 -> 0.071 s per 0.2 GB here). The scatter pass
+# keeps one writer thread: a second one contended with its reading and grouping and was slower.
+PIECE_WRITERS = 2
 ROW_ID_CHUNKS = 8  # acts chunks per row_id chunk: 8 x 8 B ids per 1.5-4 KB row, few small files
 MIN_GOOD_FILE_BYTES = 4 << 20  # smaller (job, bucket) files cost throughput (docs/design.md, "The shuffle")
 MAX_PASSES = 6
@@ -647,12 +651,17 @@ def _write_piece(store, run: ShuffleRun, path: str, acts: np.ndarray, ids: np.nd
         _put_file(store, f"{path}/{name}/zarr.json", json.dumps(meta, indent=2).encode())
         data = data.astype(data.dtype.newbyteorder("<"), copy=False)
         rows, encode = array["rows"], array["key"]
-        for i, start in enumerate(range(0, len(data), rows)):
-            block = data[start:start + rows]
+
+        def write_chunk(i, data=data, rows=rows, encode=encode, name=name):
+            block = data[i * rows:(i + 1) * rows]
             with _open_for_write(store, f"{path}/{name}/{encode(i)}") as f:
                 f.write(np.ascontiguousarray(block).view(np.uint8).data)
                 if len(block) < rows:  # the edge chunk, padded with the fill value (0)
                     f.write(bytes((rows - len(block)) * block[:1].nbytes))
+
+        with ThreadPoolExecutor(PIECE_WRITERS, thread_name_prefix="shuffle-piece") as pool:
+            for _ in pool.map(write_chunk, range(math.ceil(len(data) / rows))):
+                pass  # re-raises a failed write here
 
 
 @functools.lru_cache(maxsize=16)
