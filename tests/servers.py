@@ -111,15 +111,21 @@ class PgServer:
             conn.close()
 
 
+def server_missing(problem: str, name: str, skip_env: str):
+    """A test server's binaries are absent: skip when ``skip_env`` is 1, else fail naming the fix
+    (``.ci/install-<name>``, which ``make test`` runs)."""
+    if os.environ.get(skip_env) == "1":
+        pytest.skip(f"{problem} and {skip_env}=1")
+    pytest.fail(f"{problem}: run .ci/install-{name} (or `make {name}`), or set {skip_env}=1 to skip")
+
+
 @contextlib.contextmanager
 def postgres_server():
     """A throwaway PostgreSQL server (module docstring); pytest.fail/skip when it cannot run here."""
     bin_dir = find_server_bin()
     if bin_dir is None:
-        if os.environ.get("SAE_PLATFORM_SKIP_POSTGRES") == "1":
-            pytest.skip("no PostgreSQL server binaries and SAE_PLATFORM_SKIP_POSTGRES=1")
-        pytest.fail("no PostgreSQL server (initdb, pg_ctl) in /usr/lib/postgresql/*/bin or PATH: "
-                    "run .ci/install-postgres (or `make postgres`), or set SAE_PLATFORM_SKIP_POSTGRES=1 to skip")
+        server_missing("no PostgreSQL server (initdb, pg_ctl) in /usr/lib/postgresql/*/bin or PATH", "postgres",
+                       "SAE_PLATFORM_SKIP_POSTGRES")
     as_user = None
     if os.geteuid() == 0:  # "initdb: cannot be run as root"
         as_user = "postgres"
@@ -180,10 +186,7 @@ def redis_server():
     """A throwaway Redis on a free port of 127.0.0.1; yields its URL (``redis://127.0.0.1:PORT``)."""
     binary = find_redis_server()
     if binary is None:
-        if os.environ.get("SAE_PLATFORM_SKIP_REDIS") == "1":
-            pytest.skip("no redis-server and SAE_PLATFORM_SKIP_REDIS=1")
-        pytest.fail("no redis-server on PATH: run .ci/install-redis (or `make redis`), or set "
-                    "SAE_PLATFORM_SKIP_REDIS=1 to skip")
+        server_missing("no redis-server on PATH", "redis", "SAE_PLATFORM_SKIP_REDIS")
     base = Path(tempfile.mkdtemp(prefix="sae-redis-"))
     port = free_port()
     process = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(base),
