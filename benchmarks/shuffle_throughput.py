@@ -19,11 +19,11 @@ files, since the store's format fixes that granularity; on this machine that cos
 ~0.06-0.07 s per 0.2 GB against ~0.05 s for one file per partition.
 
 What bounds (c) here: the input and every intermediate file sit in the page cache, so the copy
-runs at memory speed (2-4 GB/s read + write). The shuffle also reorders every row twice (a
-stable sort by bucket and a gather per block in the scatter pass, a scatter to the random
-destination in the final pass: ~20-25 ms per 0.2 GB each, partly overlapped with writes), and
-pays per-file costs the copy does not (~40 scatter files, the pieces' metadata and a commit with
-an fsync per job). Where reads and writes cost more (disk or object storage, data beyond RAM) these
+runs at memory speed (2-4 GB/s read + write). The shuffle also moves every row through memory
+once more per pass (a gather by bucket in the scatter pass, a gather into each output chunk in the
+final pass: ~10-15 ms per 0.2 GB each, overlapped with writes), and pays per-file costs the copy
+does not (~40 scatter files, the pieces' metadata and a commit with an fsync per job: ~4 ms per
+scatter job here, where creating a file costs ~0.15 ms). Where reads and writes cost more (disk or object storage, data beyond RAM) these
 fixed costs shrink relative to the I/O.
 (c) The whole shuffle against the ideal for its pass count: one sequential read + write of the
     data per pass (the plain copy of (b), measured in the same run, times the number of passes).

@@ -35,11 +35,12 @@ Every job therefore first limits the process to ``MALLOC_ARENAS`` (2) malloc are
 environment does; an explicit ``MALLOC_ARENA_MAX`` is left as set): at most ~1.35x the budget,
 at no cost in speed (docs/design.md, "The shuffle"). The limit is process-wide and stays.
 
-Scatter outputs are raw little-endian records ``(id int64, acts[d_model])``, one file per
-(job, bucket): cheap to append while streaming, and each bucket is read back with a few large
-sequential reads. The training-ready store is zarr v3 (acts [n, d_model], row_id [n]) with
-fixed-size uncompressed chunks, one piece per final bucket, read back in order by
-``iter_shuffled``.
+Scatter outputs are raw little-endian files, one per (job, bucket), each a sequence of segments
+(one per block the job read): the segment's row count (int64), its rows' ids (int64), then their
+acts. Cheap to append while streaming, each bucket is read back with a few large sequential
+reads, and neither side interleaves ids and acts row by row (``_write_segments``). The
+training-ready store is zarr v3 (acts [n, d_model], row_id [n]) with fixed-size uncompressed
+chunks, one piece per final bucket, read back in order by ``iter_shuffled``.
 """
 
 import contextlib
@@ -51,6 +52,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +83,7 @@ def store_group(index: int) -> str:
 
 ID_BYTES = 8
 FINAL_SHARE = 0.7  # of the budget, for a final bucket and its permutation; the rest for reading/writing
+SCATTER_LAYOUT = "segments"  # the scatter files' layout, named in each job's manifest (_write_segments)
 SIGMAS = 6  # bucket sizes are random: plan for the mean plus 6 standard deviations
 OUTPUT_CHUNK_BYTES = 4 << 20
 # Threads writing a piece's chunk files: nothing else runs then, and the kernel's page-cache copies
@@ -394,7 +397,6 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
     K = plan.n_buckets
     base = 0 if pass_index == 1 else job_index * K  # sub-buckets of bucket j are j*K .. j*K+K-1
     rng = np.random.default_rng([run.seed, _SCATTER, pass_index, job_index])
-    dtype = _record_dtype(run)
     counts = np.zeros(K, dtype=np.int64)
     total = _job_rows(store, run, pass_index, job_index)
     started, done = time.perf_counter(), 0
@@ -403,19 +405,22 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
             out = [files.enter_context(_open_for_write(store, f"{version}/{_bucket_file(base + k)}"))
                    for k in range(K)]
             # One writer thread: block i is written while block i+1 is read and grouped (writes and
-            # numpy's copies release the GIL). At most two grouped blocks exist, which with the read
-            # block and the gathered rows is the plan's four blocks (plan_shuffle, per_row). It shuts
-            # down (waiting for the last write) before the files close.
+            # numpy's copies release the GIL). Two gathered buffers take turns, which with the read
+            # block is three of the plan's four blocks (plan_shuffle, per_row). The writer shuts
+            # down (waiting for the last write) before the files close. A second writer thread was
+            # no faster: the pass is bound by the kernel's page-cache writes, not by the thread.
             writer = files.enter_context(ThreadPoolExecutor(1, thread_name_prefix="shuffle-writer"))
+            gathered = [np.empty((min(plan.block_rows, max(total, 1)), run.d_model), dtype=run.dtype)
+                        for _ in range(2)]
             pending = None
             for ids, acts in _job_blocks(store, run, pass_index, job_index):
                 buckets = rng.integers(0, K, size=len(ids), dtype=np.uint16 if K <= 1 << 16 else np.uint32)
-                records, block_counts = _group_by_bucket(ids, acts, buckets, K, dtype)
+                grouped = _group_by_bucket(ids, acts, buckets, K, gathered[0])
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(_write_spans, out, records, block_counts)
-                del records
-                counts += block_counts
+                pending = writer.submit(_write_segments, out, *grouped)
+                gathered.reverse()
+                counts += grouped[2]
                 done += len(ids)
                 if progress:
                     progress(done, total)
@@ -423,7 +428,7 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
                 pending.result()
         _require(done == total, f"pass {pass_index} job {job_index} read {done} rows, expected {total}",
                  "an input changed while the job ran: re-run the job")
-        manifest = {"plan_id": run.plan_id, "first_bucket": base, "counts": counts.tolist()}
+        manifest = {"plan_id": run.plan_id, "first_bucket": base, "counts": counts.tolist(), "layout": SCATTER_LAYOUT}
         store.fs.pipe_file(f"{version}/manifest.json", json.dumps(manifest).encode())  # the commit makes it visible
     seconds = time.perf_counter() - started
     read = done * (plan.row_bytes if pass_index == 1 else plan.record_bytes)
@@ -432,20 +437,25 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
             "min_file_rows": int(counts.min()), "max_file_rows": int(counts.max())}
 
 
-def _group_by_bucket(ids, acts, buckets, n_buckets, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Records ordered by bucket (a stable radix sort for <=16-bit keys), and rows per bucket."""
+def _group_by_bucket(ids, acts, buckets, n_buckets, into: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, acts, rows per bucket) with the rows ordered by bucket (a stable radix sort for <=16-bit
+    keys); the acts are gathered into ``into`` in one pass (``np.take`` with an in-range index
+    needs no temporary)."""
     order = np.argsort(buckets, kind="stable")
-    records = np.empty(len(ids), dtype=dtype)
-    records["id"] = ids[order]
-    records["acts"] = acts[order]
-    return records, np.bincount(buckets, minlength=n_buckets)
+    sorted_acts = into[:len(ids)] if len(ids) <= len(into) else np.empty_like(acts)
+    np.take(acts, order, axis=0, out=sorted_acts, mode="clip")
+    return ids[order], sorted_acts, np.bincount(buckets, minlength=n_buckets)
 
 
-def _write_spans(out: list, records: np.ndarray, counts: np.ndarray) -> None:
-    """Bucket k's records (rows [sum(counts[:k]), sum(counts[:k+1])) of ``records``) to file k."""
-    for k, (lo, hi) in enumerate(_spans(counts)):
+def _write_segments(out: list, ids: np.ndarray, acts: np.ndarray, counts: np.ndarray) -> None:
+    """Append bucket k's rows (rows [sum(counts[:k]), sum(counts[:k+1])) of ``ids``/``acts``) to file k
+    as one segment: its row count (int64), the rows' ids (int64), then their acts, all little-endian
+    (``_segments`` reads them). Ids and acts apart, each contiguous, so that neither side
+    interleaves rows into records: a strided copy of every row that cost ~3x the gather itself."""
+    for file, (lo, hi) in zip(out, _spans(counts)):
         if hi > lo:
-            out[k].write(records[lo:hi].view(np.uint8))
+            file.write(np.int64(hi - lo).astype("<i8").tobytes() + ids[lo:hi].astype("<i8", copy=False).tobytes())
+            file.write(acts[lo:hi].astype(acts.dtype.newbyteorder("<"), copy=False).view(np.uint8).data)
 
 
 def _spans(counts: np.ndarray) -> list[tuple[int, int]]:
@@ -466,7 +476,7 @@ def _job_blocks(store, run, pass_index, job_index) -> Iterator[tuple[np.ndarray,
         yield from _partition_blocks(store, run, *_job_range(run, job_index), run.plan.block_rows)
     else:
         for path, count in _bucket_sources(store, run, pass_index - 1, job_index):
-            yield from _record_blocks(store, run, path, count, run.plan.block_rows)
+            yield from _segment_blocks(store, run, path, count, run.plan.block_rows)
 
 
 def _job_range(run: ShuffleRun, job_index: int) -> tuple[int, int]:
@@ -545,16 +555,49 @@ def _open_pinned(store: ArtifactStore, run: ShuffleRun, part: dict):
     return _open_acts(store, part["key"], part["version"], input_group(run.name))
 
 
-def _record_blocks(store, run, path: str, count: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, acts) views of a record file, block by block, read into one buffer: each block is
-    valid until the next one is requested."""
-    buffer = np.empty(min(block_rows, count), dtype=_record_dtype(run))
+def _segment_blocks(store, run, path: str, count: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, acts) of a scatter file of ``count`` rows in blocks of ``block_rows`` rows (the last one
+    shorter), read into one buffer: each block is valid until the next one is requested. Acts are
+    read straight into the buffer; a segment may span blocks."""
+    rows = min(block_rows, count)
+    acts_buffer = np.empty((rows, run.d_model), dtype=np.dtype(run.dtype).newbyteorder("<"))
+    ids_buffer = np.empty(rows, dtype="<i8")
+    filled = 0
     with store.fs.open(path, "rb") as f:
-        for start in range(0, count, block_rows):
-            records = buffer[:min(block_rows, count - start)]
-            _read_into(f, memoryview(records.view(np.uint8)), f"bucket file {path} is shorter than its manifest "
-                       "says", "re-run the scatter job that wrote it")
-            yield records["id"], records["acts"]
+        for n, segment_ids in _segments(f, path, count):
+            at = 0
+            while at < n:
+                m = min(n - at, rows - filled)
+                _read_rows(f, acts_buffer[filled:filled + m], path)
+                ids_buffer[filled:filled + m] = segment_ids[at:at + m]
+                filled, at = filled + m, at + m
+                if filled == rows:
+                    yield ids_buffer, acts_buffer
+                    filled = 0
+        if filled:
+            yield ids_buffer[:filled], acts_buffer[:filled]
+
+
+def _segments(f, path: str, count: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Per segment of a scatter file of ``count`` rows (``_write_segments``): its row count n and its
+    ids; the caller reads the segment's n rows of acts before asking for the next segment."""
+    left = 0
+    while left < count:
+        header = np.empty(1, dtype="<i8")
+        _read_rows(f, header, path)
+        n = int(header[0])
+        _require(0 < n <= count - left, f"bucket file {path} has a segment of {n} rows where {count - left} remain: "
+                 "it is damaged, or not a scatter file of this plan", "re-run the scatter job that wrote it")
+        ids = np.empty(n, dtype="<i8")
+        _read_rows(f, ids, path)
+        yield n, ids
+        left += n
+
+
+def _read_rows(f, into: np.ndarray, path: str) -> None:
+    """Fill the contiguous array ``into`` from a scatter file."""
+    _read_into(f, memoryview(into.reshape(-1).view(np.uint8)), f"bucket file {path} is shorter than its "
+               "manifest and segments say", "re-run the scatter job that wrote it")
 
 
 def _read_into(f, view: memoryview, problem: str, fix: str) -> None:
@@ -577,6 +620,11 @@ def _bucket_sources(store, run: ShuffleRun, after_pass: int, bucket: int) -> lis
         path = store.require(_job_name(run, after_pass, job), f"pass {after_pass} job {job} of shuffle {run.name!r}",
                              f"run scatter_job(pass_index={after_pass}, job_index={job}) first")
         manifest = store.read_json(f"{path}/manifest.json")
+        _require(manifest.get("layout") == SCATTER_LAYOUT,
+                 f"pass {after_pass} job {job} of shuffle {run.name!r} wrote its files in another layout "
+                 f"({manifest.get('layout', 'records, before segments')!r}, not {SCATTER_LAYOUT!r}): an older "
+                 "sae-platform wrote it", f"re-run scatter_job(pass_index={after_pass}, job_index={job}), or the "
+                 "shuffle from scratch (delete_scratch, then every pass)")
         count = manifest["counts"][bucket - manifest["first_bucket"]]
         if count:
             sources.append((f"{path}/{_bucket_file(bucket)}", count))
@@ -587,11 +635,12 @@ def _bucket_sources(store, run: ShuffleRun, after_pass: int, bucket: int) -> lis
 
 
 def finalize_bucket(store: ArtifactStore, name: str, bucket: int) -> dict:
-    """Load one final bucket straight into a uniformly random order; commit it as one zarr piece.
+    """Shuffle one final bucket in memory (a permutation drawn with Generator.permutation, i.e.
+    Fisher–Yates); commit it as one zarr piece.
 
-    Each row is placed at its random destination as it is read (a permutation drawn with
-    Generator.permutation, i.e. Fisher–Yates), so the bucket is held once, already in output
-    order, and is written out sequentially in whole chunks.
+    The bucket is read once, in arrival order, straight into one array; each output chunk then
+    gathers its rows into a chunk buffer that is written at once, so the gathering of one chunk
+    overlaps the writing of another (``_write_piece``) and the bucket is held once.
     """
     limit_malloc_arenas()
     run = load_run(store, name)
@@ -604,34 +653,56 @@ def finalize_bucket(store: ArtifactStore, name: str, bucket: int) -> dict:
         raise StorageError(f"final bucket {bucket} holds {n} rows ({_mb(n * plan.record_bytes)}), more than the "
                            f"{_mb(plan.memory_budget_bytes)} budget can shuffle in memory",
                            "re-plan with more buckets (n_buckets) or a larger memory_budget_bytes")
-    destination = np.random.default_rng([run.seed, _FINAL, plan.n_passes, bucket]).permutation(n)
+    source = _output_order(np.random.default_rng([run.seed, _FINAL, plan.n_passes, bucket]), n)
     acts, ids = np.empty((n, run.d_model), dtype=run.dtype), np.empty(n, dtype=np.int64)
-    filled = 0
-    for block_ids, block_acts in _bucket_blocks(store, run, sources, max(1, plan.block_rows // 4)):
-        where = destination[filled:filled + len(block_ids)]
-        acts[where] = block_acts
-        ids[where] = block_ids
-        filled += len(block_ids)
-    del destination
+    _read_bucket(store, run, sources, ids, acts)
     with store.writing(_piece_name(run, bucket), plan_id=run.plan_id, n_rows=n) as version:
         if n:
-            _write_piece(store, run, f"{version}/data.zarr", acts, ids)
+            _write_piece(store, run, f"{version}/data.zarr", acts, ids, order=source)
     seconds = time.perf_counter() - started
     return {"bucket": bucket, "rows": n, "bytes_read": n * (plan.row_bytes if sources is None else plan.record_bytes),
             "bytes_written": n * plan.record_bytes, "seconds": seconds}
 
 
-def _bucket_blocks(store, run: ShuffleRun, sources, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    if sources is None:  # a single pass: the bucket is the whole input
-        yield from _partition_blocks(store, run, 0, run.plan.n_rows, block_rows)
+def _read_bucket(store, run: ShuffleRun, sources, ids: np.ndarray, acts: np.ndarray) -> None:
+    """Every row of a final bucket into ``ids``/``acts``, in arrival order: the scatter files'
+    segments are read straight into place; a single-pass plan's bucket is the whole input."""
+    filled = 0
+    if sources is None:
+        for block_ids, block_acts in _partition_blocks(store, run, 0, run.plan.n_rows, run.plan.block_rows):
+            ids[filled:filled + len(block_ids)], acts[filled:filled + len(block_ids)] = block_ids, block_acts
+            filled += len(block_ids)
     for path, count in sources or []:
-        yield from _record_blocks(store, run, path, count, block_rows)
+        with store.fs.open(path, "rb") as f:
+            for n, segment_ids in _segments(f, path, count):
+                ids[filled:filled + n] = segment_ids
+                _read_rows(f, acts[filled:filled + n], path)
+                filled += n
+    _require(filled == len(ids), f"final bucket read {filled} rows, its manifests say {len(ids)}",
+             "re-run the scatter jobs of its pass")
+    if sources and sys.byteorder != "little":  # the files hold little-endian acts, read as raw bytes
+        acts.byteswap(inplace=True)
 
 
-def _write_piece(store, run: ShuffleRun, path: str, acts: np.ndarray, ids: np.ndarray) -> None:
+def _output_order(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Which arrival row lands at each output position: the inverse of ``rng.permutation(n)``, the
+    destination of each arrival row (Fisher–Yates). The inverse keeps the permutation of a seed what
+    it was when the final pass scattered rows to their destinations instead of gathering them, so
+    stores (and SAEs trained on them) shuffled before stay reproducible."""
+    destination = rng.permutation(n)
+    source = np.empty(n, dtype=np.int64)
+    source[destination] = np.arange(n)
+    return source
+
+
+def _write_piece(store, run: ShuffleRun, path: str, acts: np.ndarray, ids: np.ndarray,
+                 order: np.ndarray | None = None) -> None:
     """The piece as a zarr v3 group of uncompressed arrays acts [n, d_model] (chunks of
     ``chunk_rows`` rows) and row_id [n] (chunks of ``ROW_ID_CHUNKS`` x ``chunk_rows``), its files
-    written here straight from ``acts`` and ``ids``.
+    written here from ``acts[order]`` and ``ids[order]`` (``acts`` and ``ids`` when order is None).
+    ``PIECE_WRITERS`` threads write every file of the piece; with an order, each thread gathers a
+    chunk's rows into a buffer of its own (one chunk per array), then writes it, so gathering one
+    chunk overlaps writing another and the piece is never held twice.
 
     With the bytes codec alone a chunk file is its rows' little-endian bytes, the edge chunk padded
     to the full chunk shape (zarr v3 spec, "Chunk encoding"); chunk keys use "." separators, so an
@@ -642,26 +713,39 @@ def _write_piece(store, run: ShuffleRun, path: str, acts: np.ndarray, ids: np.nd
     is invisible until ``ArtifactStore.writing`` commits it.
     """
     layout = _piece_layout(run.dtype, run.d_model, run.plan.chunk_rows)
-    store.fs.makedirs(path, exist_ok=True)
-    _put_file(store, f"{path}/zarr.json", layout["group"])
+    documents, chunks = [(f"{path}/zarr.json", layout["group"])], []
     for name, data in (("acts", acts), ("row_id", ids)):
         array = layout[name]
-        meta = {**array["meta"], "shape": list(data.shape)}
-        store.fs.makedirs(f"{path}/{name}", exist_ok=True)
-        _put_file(store, f"{path}/{name}/zarr.json", json.dumps(meta, indent=2).encode())
+        _makedirs(store, f"{path}/{name}")
+        documents.append((f"{path}/{name}/zarr.json",
+                          json.dumps({**array["meta"], "shape": list(data.shape)}, indent=2).encode()))
         data = data.astype(data.dtype.newbyteorder("<"), copy=False)
-        rows, encode = array["rows"], array["key"]
+        rows = array["rows"]
+        chunks += [(f"{path}/{name}/{array['key'](i)}", data, order, i * rows, rows)
+                   for i in range(math.ceil(len(data) / rows))]
+    buffers = threading.local()  # per writer thread: a chunk buffer per array it gathered into
 
-        def write_chunk(i, data=data, rows=rows, encode=encode, name=name):
-            block = data[i * rows:(i + 1) * rows]
-            with _open_for_write(store, f"{path}/{name}/{encode(i)}") as f:
-                f.write(np.ascontiguousarray(block).view(np.uint8).data)
-                if len(block) < rows:  # the edge chunk, padded with the fill value (0)
-                    f.write(bytes((rows - len(block)) * block[:1].nbytes))
+    def write_chunk(file, data, rows_of, start, rows):
+        if rows_of is None:
+            block = data[start:start + rows]
+        else:
+            key, mine = (rows, data.shape[1:], data.dtype.str), buffers.__dict__.setdefault("chunks", {})
+            if key not in mine:
+                mine[key] = np.empty((rows,) + data.shape[1:], dtype=data.dtype)
+            buffer = mine[key]
+            picked = rows_of[start:start + rows]
+            block = buffer[:len(picked)]
+            np.take(data, picked, axis=0, out=block, mode="clip")  # in range: no temporary
+        with _open_for_write(store, file) as f:
+            f.write(np.ascontiguousarray(block).view(np.uint8).data)
+            if len(block) < rows:  # the edge chunk, padded with the fill value (0)
+                f.write(bytes((rows - len(block)) * block[:1].nbytes))
 
-        with ThreadPoolExecutor(PIECE_WRITERS, thread_name_prefix="shuffle-piece") as pool:
-            for _ in pool.map(write_chunk, range(math.ceil(len(data) / rows))):
-                pass  # re-raises a failed write here
+    with ThreadPoolExecutor(PIECE_WRITERS, thread_name_prefix="shuffle-piece") as pool:
+        done = [pool.submit(write_chunk, *chunk) for chunk in chunks]
+        done += [pool.submit(_put_file, store, file, body) for file, body in documents]
+        for future in done:
+            future.result()  # re-raises a failed write here
 
 
 @functools.lru_cache(maxsize=16)
@@ -689,6 +773,13 @@ def _piece_layout(dtype: str, d_model: int, chunk_rows: int) -> dict:
 def _put_file(store: ArtifactStore, path: str, data: bytes) -> None:
     with _open_for_write(store, path) as f:
         f.write(data)
+
+
+def _makedirs(store: ArtifactStore, path: str) -> None:
+    if store.is_local:
+        os.makedirs(path, exist_ok=True)  # as _open_for_write: fsspec's local makedirs costs more
+    else:
+        store.fs.makedirs(path, exist_ok=True)
 
 
 def _open_for_write(store: ArtifactStore, path: str):
@@ -1056,10 +1147,6 @@ def _kolmogorov_sf(d: float, n: int) -> float:
 
 
 # -- small helpers ------------------------------------------------------------------------------
-
-
-def _record_dtype(run: ShuffleRun) -> np.dtype:
-    return np.dtype([("id", "<i8"), ("acts", np.dtype(run.dtype).newbyteorder("<"), (run.d_model,))])
 
 
 def _plan_dict(plan: ShufflePlan) -> dict:

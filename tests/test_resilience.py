@@ -189,9 +189,9 @@ SHUFFLE_SCRIPT = textwrap.dedent("""
 
     real, written = sh._write_piece, []
 
-    def write_then_die(store, run, path, acts, ids):
+    def write_then_die(store, run, path, acts, ids, **kwargs):
         # The second final piece's data is fully down, its version not yet committed: die here.
-        real(store, run, path, acts, ids)
+        real(store, run, path, acts, ids, **kwargs)
         written.append(path)
         if len(written) == 2:
             os.kill(os.getpid(), signal.SIGKILL)

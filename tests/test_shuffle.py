@@ -440,3 +440,75 @@ def test_jobs_refuse_indices_outside_the_plan_and_changed_inputs(store):
     with pytest.raises(StorageError, match="'p01' changed or vanished"):
         shuffle.scatter_job(store, "s", 1, run.plan.n_jobs - 1)
     assert store.pointer(shuffle._job_name(run, 1, run.plan.n_jobs - 1)) is None
+
+
+# -- the scatter files' segments and the final pass's gather ---------------------------------------
+
+def _segment_file(tmp_path, blocks, d_model=4):
+    """A scatter file of K=2 buckets written block by block as scatter_job does; returns the path of
+    bucket 0's file and its rows (ids, acts) in file order."""
+    rng = np.random.default_rng(0)
+    files = [open(tmp_path / f"b{k}", "wb") for k in range(2)]
+    kept_ids, kept_acts, start = [], [], 0
+    for n in blocks:
+        ids = np.arange(start, start + n, dtype=np.int64)
+        acts = rng.standard_normal((n, d_model)).astype(np.float16)
+        buckets = rng.integers(0, 2, size=n, dtype=np.uint16)
+        sorted_ids, sorted_acts, counts = shuffle._group_by_bucket(ids, acts, buckets, 2, np.empty_like(acts))
+        shuffle._write_segments(files, sorted_ids, sorted_acts, counts)
+        kept_ids.append(sorted_ids[:counts[0]]), kept_acts.append(sorted_acts[:counts[0]].copy())
+        start += n
+    for f in files:
+        f.close()
+    return str(tmp_path / "b0"), np.concatenate(kept_ids), np.concatenate(kept_acts)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 50, 10_000])
+def test_segments_read_back_in_order_whatever_the_block_size(tmp_path, block_rows):
+    path, ids, acts = _segment_file(tmp_path, [40, 3, 0, 61, 17])
+    store = ArtifactStore(str(tmp_path / "store"))
+    run = type("Run", (), {"d_model": 4, "dtype": "float16"})()
+    blocks = [(i.copy(), a.copy()) for i, a in shuffle._segment_blocks(store, run, path, len(ids), block_rows)]
+    assert all(len(i) == min(block_rows, len(ids)) for i, _ in blocks[:-1]), "every block but the last is full"
+    assert np.array_equal(np.concatenate([i for i, _ in blocks]), ids)
+    assert np.array_equal(np.concatenate([a for _, a in blocks]).view(np.uint16), acts.view(np.uint16))
+    # the final pass reads the same file straight into place
+    into_ids, into_acts = np.empty(len(ids), np.int64), np.empty((len(ids), 4), np.float16)
+    shuffle._read_bucket(store, run, [(path, len(ids))], into_ids, into_acts)
+    assert np.array_equal(into_ids, ids) and np.array_equal(into_acts.view(np.uint16), acts.view(np.uint16))
+
+
+def test_damaged_scatter_files_are_refused_by_name(tmp_path):
+    path, ids, _ = _segment_file(tmp_path, [40, 30])
+    store = ArtifactStore(str(tmp_path / "store"))
+    run = type("Run", (), {"d_model": 4, "dtype": "float16"})()
+    with pytest.raises(StorageError, match="b0 has a segment of .* rows where 5 remain"):
+        list(shuffle._segment_blocks(store, run, path, 5, 8))  # the manifest says fewer rows than the file holds
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:-3])
+    with pytest.raises(StorageError, match="b0 is shorter than its manifest and segments say") as caught:
+        list(shuffle._segment_blocks(store, run, path, len(ids), 8))
+    assert "re-run the scatter job" in str(caught.value)
+
+
+def test_scatter_files_of_an_older_layout_are_refused_with_the_fix(store):
+    make_dataset(store, [20000, 20000])
+    run = shuffle.start_shuffle(store, "s", seed=0, **SMALL)
+    for job in range(run.plan.n_jobs):
+        shuffle.scatter_job(store, "s", 1, job)
+    path = store.resolve(shuffle._job_name(run, 1, 0))
+    manifest = store.read_json(f"{path}/manifest.json")
+    del manifest["layout"]  # what the jobs wrote before segments
+    store.fs.pipe_file(f"{path}/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(StorageError, match="pass 1 job 0 .* another layout") as caught:
+        shuffle.finalize_bucket(store, "s", 0)
+    assert "re-run scatter_job(pass_index=1, job_index=0)" in str(caught.value)
+
+
+def test_the_final_pass_keeps_the_permutation_of_a_seed():
+    """The final pass gathers each output row from where it arrived: the inverse of the
+    Fisher-Yates destinations it drew when it scattered rows, so a seed shuffles as it did."""
+    for n in (0, 1, 2, 1000):
+        source = shuffle._output_order(np.random.default_rng([3, n]), n)
+        destination = np.random.default_rng([3, n]).permutation(n)
+        assert np.array_equal(source[destination], np.arange(n))
