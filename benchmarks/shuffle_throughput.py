@@ -35,8 +35,14 @@ fixed costs shrink relative to the I/O.
 
 Input: synthetic activations (random float16 rows, d_model 768) written in the activations
 layout in a temporary directory. Every figure is the median of --repeats runs; the two sides
-alternate which goes first, and dirty pages are flushed (os.sync) between measurements. The
-last lines are one JSON object per figure.
+alternate which goes first; between measurements outputs are emptied and moved aside and dirty
+pages flushed (``clear``). On this machine's file system (ext4 without a journal) deleting many
+files makes creating new ones slow for a minute or more (up to ~0.8 ms a file instead of ~12 us),
+and the shuffle creates more files than the copy (~220 against ~130 per run): a run right after
+another one in the same folder, or after any mass deletion there, measures that, not the shuffle.
+So the run measures how long creating a file takes, before and after (``file_create_us`` in
+every JSON line), and marks the figures noisy above 100 us (re-run a few minutes later, or in a
+fresh folder with --root). The last lines are one JSON object per figure.
 
 What bounds (a): the naive shuffle costs K reads + 1 write of the data, two passes cost
 2 reads + 2 writes. Here the input sits in the page cache, so a zarr read costs about half a
@@ -64,6 +70,7 @@ from sae_platform.storage import ArtifactStore  # noqa: E402
 CHUNK_BYTES = 4 << 20  # as sae_platform.activations writes them
 GOAL_OF_IDEAL = 0.7
 BIG_MB, BIG_BUDGET, RSS_SLACK = 4000, 64 << 20, 64 << 20
+SLOW_CREATE_US = 100  # a file creation slower than this (median; ~12 us normally) marks the run noisy
 
 
 def _vm(field: str) -> int:
@@ -167,10 +174,41 @@ def plain_copy(store: ArtifactStore, run: shuffle.ShuffleRun) -> float:
     return time.perf_counter() - started
 
 
+def file_create_us(root: str, tag: str, n: int = 100) -> float:
+    """Median microseconds to create an empty file under ``root`` now. The files stay until the run
+    ends (deleting them would slow the next creations: see ``clear``)."""
+    folder = os.path.join(root, f"create-probe-{tag}")
+    os.makedirs(folder)
+    times = []
+    for i in range(n):
+        started = time.perf_counter()
+        os.close(os.open(os.path.join(folder, str(i)), os.O_CREAT | os.O_WRONLY))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
 def clear(store: ArtifactStore, *names: str) -> None:
-    """Remove outputs and flush dirty pages, so one measurement's writeback does not slow the next."""
+    """Put a measurement's outputs out of the way: empty every file (its memory is free for the next
+    measurement at once), move the folders aside, and flush dirty pages (os.sync) so that writeback
+    does not slow the next measurement. The emptied files are deleted when the run ends.
+
+    Not deleted between measurements: ext4 without a journal (this machine's root file system)
+    skips, when it creates a file, every inode deleted in the last 60 s (360 s while the inode's
+    table block is dirty; fs/ext4/ialloc.c, ``recently_deleted``), so a run that deleted its
+    thousands of outputs between measurements made its own file creations slower and slower
+    (12 -> ~120 us each over a --quick run), and the shuffle, which creates more files than the
+    copy, paid most of it. Keeping outputs whole instead made every side slower and noisier:
+    fresh memory costs more here than memory just freed."""
+    trash = store.path("trash")
+    os.makedirs(trash, exist_ok=True)
     for name in names:
-        shutil.rmtree(store.path(name), ignore_errors=True)
+        path = store.path(name)
+        if not os.path.exists(path):
+            continue
+        for folder, _, files in os.walk(path):
+            for file in files:
+                os.truncate(os.path.join(folder, file), 0)
+        os.rename(path, os.path.join(trash, str(len(os.listdir(trash)))))
     os.sync()
 
 
@@ -205,7 +243,7 @@ def main(argv=None) -> None:
     parser.add_argument("--mb", type=int, default=1024, help="input size in MB")
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--buckets", type=int, default=8, help="K: buckets, and jobs of the naive shuffle")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9, help="runs per figure (medians)")
     parser.add_argument("--root", default=None, help="where to write (default: a temporary directory)")
     parser.add_argument("--big-mb", type=int, default=BIG_MB, help="(d) input size in MB (full mode)")
     parser.add_argument("--big-worker", help=argparse.SUPPRESS)
@@ -219,6 +257,7 @@ def main(argv=None) -> None:
     tmp = tempfile.mkdtemp(prefix="shuffle-bench-", dir=args.root)
     try:
         store = ArtifactStore(tmp)
+        create_before = file_create_us(tmp, "before")
         n_rows = make_inputs(store, args.mb * 10**6, args.d_model, "float16", n_partitions=4)
         os.sync()
         data = n_rows * args.d_model * 2
@@ -286,13 +325,22 @@ def main(argv=None) -> None:
         ]
         if not args.quick:
             figures.append(big_shuffle(args, tmp))
-        load = os.getloadavg()[0]
+        load, create_us = os.getloadavg()[0], max(create_before, file_create_us(tmp, "after"))
+        slow_files = create_us > SLOW_CREATE_US
+        print(f"creating a file here took {create_us:.0f} us (median, the slower of before and after)")
+        if slow_files:
+            print(f"WARNING: creating a file took {create_us:.0f} us, not ~12: this file system deleted many files "
+                  "here in the last minutes (ext4 without a journal then skips those inodes on every creation), "
+                  "which taxes the shuffle's ~220 file creations per run more than the copy's ~130; re-run a few "
+                  "minutes later, or with --root in a fresh folder")
         for figure in figures:
-            figure["noisy"] = load > (os.cpu_count() or 1) + 0.5
+            figure["noisy"] = load > (os.cpu_count() or 1) + 0.5 or slow_files
+            figure["file_create_us"] = create_us
         for figure in figures:
             print(json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in figure.items()}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.sync()  # inode-table blocks clean: later creations skip the deleted inodes for 60 s, not 360
 
 
 if __name__ == "__main__":

@@ -669,7 +669,9 @@ def _read_bucket(store, run: ShuffleRun, sources, ids: np.ndarray, acts: np.ndar
     segments are read straight into place; a single-pass plan's bucket is the whole input."""
     filled = 0
     if sources is None:
-        for block_ids, block_acts in _partition_blocks(store, run, 0, run.plan.n_rows, run.plan.block_rows):
+        # a quarter block at a time: the bucket (70% of the budget) is already allocated
+        quarter = max(1, run.plan.block_rows // 4)
+        for block_ids, block_acts in _partition_blocks(store, run, 0, run.plan.n_rows, quarter):
             ids[filled:filled + len(block_ids)], acts[filled:filled + len(block_ids)] = block_ids, block_acts
             filled += len(block_ids)
     for path, count in sources or []:
