@@ -18,13 +18,6 @@ chunk size (``plan.chunk_rows`` rows, ~3-4 MB), as many as the shuffle's final p
 files, since the store's format fixes that granularity; on this machine that costs the copy
 ~0.06-0.07 s per 0.2 GB against ~0.05 s for one file per partition.
 
-What bounds (c) here: the input and every intermediate file sit in the page cache, so the copy
-runs at memory speed (2-4 GB/s read + write). The shuffle also moves every row through memory
-once more per pass (a gather by bucket in the scatter pass, a gather into each output chunk in the
-final pass: ~10-15 ms per 0.2 GB each, overlapped with writes), and pays per-file costs the copy
-does not (~40 scatter files, the pieces' metadata and a commit with an fsync per job: ~4 ms per
-scatter job here, where creating a file costs ~0.15 ms). Where reads and writes cost more (disk or object storage, data beyond RAM) these
-fixed costs shrink relative to the I/O.
 (c) The whole shuffle against the ideal for its pass count: one sequential read + write of the
     data per pass (the plain copy of (b), measured in the same run, times the number of passes).
     Goal >= 0.7 of ideal.
@@ -33,15 +26,23 @@ fixed costs shrink relative to the I/O.
     process's RSS once imports are done and the store is opened (the interpreter, numpy, zarr:
     what any process holds before it touches data); the absolute peak is in the line too.
 
+What bounds (c) here: the input and every intermediate file sit in the page cache, so the copy
+runs at memory speed (2-4 GB/s read + write). The shuffle also moves every row through memory
+once more per pass (a gather by bucket in the scatter pass, a gather into each output chunk in the
+final pass: ~10-15 ms per 0.2 GB each, overlapped with writes), and pays fixed costs the copy
+does not (the pieces' metadata, and per job a commit with an fsync: ~4 ms per scatter job here).
+Where reads and writes cost more (disk or object storage, data beyond RAM) these fixed costs
+shrink relative to the I/O.
+
 Input: synthetic activations (random float16 rows, d_model 768) written in the activations
 layout in a temporary directory. Every figure is the median of --repeats runs; the two sides
 alternate which goes first; between measurements outputs are emptied and moved aside and dirty
 pages flushed (``clear``). On this machine's file system (ext4 without a journal) deleting many
 files makes creating new ones slow for a minute or more (up to ~0.8 ms a file instead of ~12 us),
-and the shuffle creates more files than the copy (~220 against ~130 per run): a run right after
-another one in the same folder, or after any mass deletion there, measures that, not the shuffle.
-So the run measures how long creating a file takes, before and after (``file_create_us`` in
-every JSON line), and marks the figures noisy above 100 us (re-run a few minutes later, or in a
+and creating ~185 files per shuffle (and ~75 per copy) then costs as much as the data: a run right
+after another one in the same folder, or after any mass deletion there, measures that, not the
+shuffle. So the run measures how long creating a file takes, before and after (``file_create_us``
+in every JSON line), and marks the figures noisy above 100 us (re-run a few minutes later, or in a
 fresh folder with --root). The last lines are one JSON object per figure.
 
 What bounds (a): the naive shuffle costs K reads + 1 write of the data, two passes cost
@@ -331,7 +332,7 @@ def main(argv=None) -> None:
         if slow_files:
             print(f"WARNING: creating a file took {create_us:.0f} us, not ~12: this file system deleted many files "
                   "here in the last minutes (ext4 without a journal then skips those inodes on every creation), "
-                  "which taxes the shuffle's ~220 file creations per run more than the copy's ~130; re-run a few "
+                  "so the ~185 files of a shuffle and the ~75 of a copy cost more than their data; re-run a few "
                   "minutes later, or with --root in a fresh folder")
         for figure in figures:
             figure["noisy"] = load > (os.cpu_count() or 1) + 0.5 or slow_files

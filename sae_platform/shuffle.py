@@ -36,8 +36,8 @@ environment does; an explicit ``MALLOC_ARENA_MAX`` is left as set): at most ~1.3
 at no cost in speed (docs/design.md, "The shuffle"). The limit is process-wide and stays.
 
 Scatter outputs are raw little-endian files, one per (job, bucket), each a sequence of segments
-(one per block the job read): the segment's row count (int64), its rows' ids (int64), then their
-acts. Cheap to append while streaming, each bucket is read back with a few large sequential
+(one per block the job read that sent the bucket rows): the segment's row count (int64), its rows'
+ids (int64), then their acts. Cheap to append while streaming, each bucket is read back with a few large sequential
 reads, and neither side interleaves ids and acts row by row (``_write_segments``). The
 training-ready store is zarr v3 (acts [n, d_model], row_id [n]) with fixed-size uncompressed
 chunks, one piece per final bucket, read back in order by ``iter_shuffled``.
@@ -160,8 +160,8 @@ def plan_shuffle(n_rows: int, row_bytes: int, n_buckets: int, memory_budget_byte
     _require(n_jobs >= 1, f"n_jobs={n_jobs}: at least one job must run", "use n_jobs >= 1")
     record = row_bytes + ID_BYTES
     budget = int(memory_budget_bytes)
-    # Scatter holds the block it read and the read's chunk buffers, the gathered rows and the
-    # block regrouped into records, plus ids, bucket numbers and the sort order.
+    # Scatter holds the block it read and the read's chunk buffers, two buffers of gathered rows
+    # (one being written), plus ids, bucket numbers and the sort order.
     per_row = 4 * record + 32
     block_rows = budget // per_row
     if block_rows < input_chunk_rows:
@@ -620,11 +620,13 @@ def _bucket_sources(store, run: ShuffleRun, after_pass: int, bucket: int) -> lis
         path = store.require(_job_name(run, after_pass, job), f"pass {after_pass} job {job} of shuffle {run.name!r}",
                              f"run scatter_job(pass_index={after_pass}, job_index={job}) first")
         manifest = store.read_json(f"{path}/manifest.json")
-        _require(manifest.get("layout") == SCATTER_LAYOUT,
-                 f"pass {after_pass} job {job} of shuffle {run.name!r} wrote its files in another layout "
-                 f"({manifest.get('layout', 'records, before segments')!r}, not {SCATTER_LAYOUT!r}): an older "
-                 "sae-platform wrote it", f"re-run scatter_job(pass_index={after_pass}, job_index={job}), or the "
-                 "shuffle from scratch (delete_scratch, then every pass)")
+        layout = manifest.get("layout")
+        _require(layout == SCATTER_LAYOUT,
+                 f"pass {after_pass} job {job} of shuffle {run.name!r} wrote its files in "
+                 f"{'layout ' + repr(layout) if layout else 'interleaved records (no layout named)'}, not in "
+                 f"{SCATTER_LAYOUT!r}: an older sae-platform wrote them",
+                 f"re-run every job of scatter pass {after_pass} (scatter_job(pass_index={after_pass}, job_index=j) "
+                 "for each j) and the passes after it, or the whole shuffle (delete_scratch, then every pass)")
         count = manifest["counts"][bucket - manifest["first_bucket"]]
         if count:
             sources.append((f"{path}/{_bucket_file(bucket)}", count))
@@ -1174,7 +1176,9 @@ def _piece_name(run: ShuffleRun, bucket: int) -> str:
 
 
 def _bucket_file(bucket: int) -> str:
-    return f"b{bucket:06d}.rec"
+    # ".seg": the segment layout (_write_segments). Record files were ".rec", so a worker of an
+    # older sae-platform, which reads records, finds no file instead of misreading segments.
+    return f"b{bucket:06d}.seg"
 
 
 def _check_name(name: str) -> None:

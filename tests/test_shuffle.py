@@ -4,6 +4,8 @@ Activation partitions are synthetic (random rows written in the activations layo
 language model is needed.
 """
 
+import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -448,18 +450,17 @@ def _segment_file(tmp_path, blocks, d_model=4):
     """A scatter file of K=2 buckets written block by block as scatter_job does; returns the path of
     bucket 0's file and its rows (ids, acts) in file order."""
     rng = np.random.default_rng(0)
-    files = [open(tmp_path / f"b{k}", "wb") for k in range(2)]
     kept_ids, kept_acts, start = [], [], 0
-    for n in blocks:
-        ids = np.arange(start, start + n, dtype=np.int64)
-        acts = rng.standard_normal((n, d_model)).astype(np.float16)
-        buckets = rng.integers(0, 2, size=n, dtype=np.uint16)
-        sorted_ids, sorted_acts, counts = shuffle._group_by_bucket(ids, acts, buckets, 2, np.empty_like(acts))
-        shuffle._write_segments(files, sorted_ids, sorted_acts, counts)
-        kept_ids.append(sorted_ids[:counts[0]]), kept_acts.append(sorted_acts[:counts[0]].copy())
-        start += n
-    for f in files:
-        f.close()
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(tmp_path / f"b{k}", "wb")) for k in range(2)]
+        for n in blocks:
+            ids = np.arange(start, start + n, dtype=np.int64)
+            acts = rng.standard_normal((n, d_model)).astype(np.float16)
+            buckets = rng.integers(0, 2, size=n, dtype=np.uint16)
+            sorted_ids, sorted_acts, counts = shuffle._group_by_bucket(ids, acts, buckets, 2, np.empty_like(acts))
+            shuffle._write_segments(files, sorted_ids, sorted_acts, counts)
+            kept_ids.append(sorted_ids[:counts[0]]), kept_acts.append(sorted_acts[:counts[0]].copy())
+            start += n
     return str(tmp_path / "b0"), np.concatenate(kept_ids), np.concatenate(kept_acts)
 
 
@@ -500,9 +501,9 @@ def test_scatter_files_of_an_older_layout_are_refused_with_the_fix(store):
     manifest = store.read_json(f"{path}/manifest.json")
     del manifest["layout"]  # what the jobs wrote before segments
     store.fs.pipe_file(f"{path}/manifest.json", json.dumps(manifest).encode())
-    with pytest.raises(StorageError, match="pass 1 job 0 .* another layout") as caught:
+    with pytest.raises(StorageError, match="pass 1 job 0 .* interleaved records .* not in 'segments'") as caught:
         shuffle.finalize_bucket(store, "s", 0)
-    assert "re-run scatter_job(pass_index=1, job_index=0)" in str(caught.value)
+    assert "re-run every job of scatter pass 1" in str(caught.value)
 
 
 def test_the_final_pass_keeps_the_permutation_of_a_seed():
@@ -512,3 +513,19 @@ def test_the_final_pass_keeps_the_permutation_of_a_seed():
         source = shuffle._output_order(np.random.default_rng([3, n]), n)
         destination = np.random.default_rng([3, n]).permutation(n)
         assert np.array_equal(source[destination], np.arange(n))
+
+
+@pytest.mark.parametrize("sizes, settings, passes, fingerprint", [
+    ([3000, 2000], dict(n_buckets=4, memory_budget_bytes=8 * MiB, n_jobs=2), 1, "526195fdb94044de"),
+    ([20000, 20000], SMALL, 2, "84d67de9c5f2d074"),
+    ([30000, 30000, 30000], dict(n_buckets=3, memory_budget_bytes=1 * MiB, n_jobs=3), 3, "f08bed592c8cee80"),
+])
+def test_a_seed_shuffles_as_it_did_before_segments_and_the_gather(store, sizes, settings, passes, fingerprint):
+    """The order of the row ids (sha256 of their int64 bytes) that the shuffle gave these inputs and
+    seed before its scatter files became segments and its final pass a gather (commit 4659ea5): a
+    stored shuffle, and every SAE trained on it, must be reproducible by a later version."""
+    rows = make_dataset(store, sizes)
+    shuffle.run_shuffle(store, "s", seed=5, **settings)
+    assert shuffle.load_run(store, "s").plan.n_passes == passes
+    ids = assert_exact_permutation(store, "s", rows)
+    assert hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()[:16] == fingerprint
