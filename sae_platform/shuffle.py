@@ -37,10 +37,11 @@ at no cost in speed (docs/design.md, "The shuffle"). The limit is process-wide a
 
 Scatter outputs are raw little-endian files, one per (job, bucket), each a sequence of segments
 (one per block the job read that sent the bucket rows): the segment's row count (int64), its rows'
-ids (int64), then their acts. Cheap to append while streaming, each bucket is read back with a few large sequential
-reads, and neither side interleaves ids and acts row by row (``_write_segments``). The
-training-ready store is zarr v3 (acts [n, d_model], row_id [n]) with fixed-size uncompressed
-chunks, one piece per final bucket, read back in order by ``iter_shuffled``.
+ids (int64), then their acts. Cheap to append while streaming, each bucket is read back with a
+few large sequential reads, and neither side interleaves ids and acts row by row
+(``_write_segments``). The training-ready store is zarr v3 (acts [n, d_model], row_id [n]) with
+fixed-size uncompressed chunks, one piece per final bucket, read back in order by
+``iter_shuffled``.
 """
 
 import contextlib
@@ -428,7 +429,8 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
                 pending.result()
         _require(done == total, f"pass {pass_index} job {job_index} read {done} rows, expected {total}",
                  "an input changed while the job ran: re-run the job")
-        manifest = {"plan_id": run.plan_id, "first_bucket": base, "counts": counts.tolist(), "layout": SCATTER_LAYOUT}
+        manifest = {"plan_id": run.plan_id, "first_bucket": base, "counts": counts.tolist(),
+                    "layout": SCATTER_LAYOUT}
         store.fs.pipe_file(f"{version}/manifest.json", json.dumps(manifest).encode())  # the commit makes it visible
     seconds = time.perf_counter() - started
     read = done * (plan.row_bytes if pass_index == 1 else plan.record_bytes)
