@@ -258,11 +258,11 @@ def heldout_codes(run: StageRun, sae, what: str):
     """(held-out codes of the configured SAE, its tokenizer): the codes sae_eval stored for this very
     checkpoint when there are some (no base model needed), else encoded here from the held-out text."""
     from assets.training import heldout_contexts
-    from sae_platform.trainer import checkpoint_name
+    from sae_platform.trainer import checkpoint_version
 
     settings, store = _settings(run), run.store
-    checkpoint = (store.pointer(checkpoint_name(settings.sae_name)) or {}).get("version")
-    codes = fm.read_heldout_codes(store, store.resolve(eval_name(settings.sae_name)), checkpoint)
+    codes = fm.read_heldout_codes(store, store.resolve(eval_name(settings.sae_name)),
+                                  checkpoint_version(store, settings.sae_name))
     if codes is not None:
         run.log.info(f"{what}: the {len(codes.tokens)} held-out contexts sae_eval encoded with this checkpoint")
         return codes, run.resources.language_model.tokenizer(store)

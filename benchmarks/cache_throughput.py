@@ -50,7 +50,7 @@ import torch  # noqa: E402
 
 from sae_platform.activations import CacheSettings, cache_text_file  # noqa: E402
 from sae_platform.corpus import TextFile, pack_contexts, read_documents, tokenize  # noqa: E402
-from sae_platform.model import EMBEDDED_MODEL, ensure_base_model, load_hooked_model  # noqa: E402
+from sae_platform.model import AUTOCAST_HELP, EMBEDDED_MODEL, ensure_base_model, load_hooked_model  # noqa: E402
 from sae_platform.storage import ArtifactStore  # noqa: E402
 
 GOAL_CACHE_RATIO = 0.90
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source (default: %(default)s)")
     parser.add_argument("--layer", type=int, default=None, help="hook layer (default: the middle layer)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
-    parser.add_argument("--autocast", default="auto", help="auto (bf16 where the device has native bf16 matmuls: CUDA, AVX512-BF16/AMX CPUs; else fp32), none, bfloat16, float16")
+    parser.add_argument("--autocast", default="auto", help=AUTOCAST_HELP)
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored activation dtype")
     parser.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: %(default)s)")
     parser.add_argument("--ctx-len", type=int, default=128, help="tokens per context (default: %(default)s)")

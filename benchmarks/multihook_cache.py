@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from sae_platform.activations import CacheSettings, cache_partition  # noqa: E402
 from sae_platform.corpus import Contexts  # noqa: E402
-from sae_platform.model import EMBEDDED_MODEL, ensure_base_model, load_hooked_model  # noqa: E402
+from sae_platform.model import AUTOCAST_HELP, EMBEDDED_MODEL, ensure_base_model, load_hooked_model  # noqa: E402
 from sae_platform.storage import ArtifactStore  # noqa: E402
 
 GOAL_PER_HOOK = 0.8  # one pass must be >= 0.8 * k times faster than k passes
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--hook-points", nargs="+", default=None,
                         help="hook points (default: attn_out, mlp_out and resid_post of the middle block)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
-    parser.add_argument("--autocast", default="auto", help="auto (bf16 where the device has native bf16 matmuls: CUDA, AVX512-BF16/AMX CPUs; else fp32), none, bfloat16, float16")
+    parser.add_argument("--autocast", default="auto", help=AUTOCAST_HELP)
     parser.add_argument("--batch-size", type=int, default=None, help="contexts per forward pass (default 16)")
     parser.add_argument("--ctx-len", type=int, default=None, help="tokens per context (default 128)")
     parser.add_argument("--batches", type=int, default=None, help="forward batches per timed run (quick: 2, else 4)")

@@ -12,7 +12,7 @@ from sae_platform.corpus import TextFile, find_file, list_source, resolve_source
 from sae_platform.evaluate import EvalSettings
 from sae_platform.features import FeatureSettings
 from sae_platform.inbox import Inbox, scan_inbox
-from sae_platform.model import EMBEDDED_MODEL, load_stored_model, load_stored_tokenizer
+from sae_platform.model import AUTOCAST_HELP, EMBEDDED_MODEL, load_stored_model, load_stored_tokenizer
 from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, default_of
 from sae_platform.shuffle import ShuffleSettings
 from sae_platform.storage import ArtifactStore, open_store
@@ -38,7 +38,7 @@ class BaseModelResource(ConfigurableResource):
                         description=f"{EMBEDDED_MODEL!r} (embedded, offline), a local HF model dir, or a hub name")
     layer: int | None = Field(default=None, description="residual stream after this block; default: middle")
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, cuda:1, …")
-    autocast: str = Field(default="auto", description="auto (bf16 where the device has native bf16 matmuls: CUDA, AVX512-BF16/AMX CPUs; else fp32), none, bfloat16, float16")
+    autocast: str = Field(default="auto", description=AUTOCAST_HELP)
 
     def load(self, store: ArtifactStore, device: str | None = None):
         return load_stored_model(store, self.source, self.layer, device or self.device, self.autocast)

@@ -98,3 +98,9 @@ def native_bf16(device: torch.device | str) -> bool:
     cpu = torch.cpu
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so guarded
     return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
+
+
+def auto_dtype(device: torch.device | str) -> torch.dtype | None:
+    """What an ``auto`` precision setting means on ``device``: bfloat16 where it is native
+    (:func:`native_bf16`), else None (keep float32)."""
+    return torch.bfloat16 if native_bf16(device) else None

@@ -357,12 +357,12 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
     With ``metric_tokens`` (held-out contexts [n, ctx_len]) the report also holds the feature
     metrics of ``sae_platform.metrics`` (N2G precision/recall, ablation sparsity, probe loss of the
     latents and of the neurons); the per-property probe table is ``probes.json`` beside it, and the
-    held-out codes they were measured on ``heldout_codes.npz`` (the feature explanations reuse them). The
-    downstream CE and the feature metrics read and splice at the SAE's own hook point
+    held-out codes they were measured on ``heldout_codes.npz`` (the feature explanations reuse
+    them). The downstream CE and the feature metrics read and splice at the SAE's own hook point
     (``activations.activation_hook_entry`` of its shuffled store)."""
-    from sae_platform.trainer import checkpoint_name, load_sae
+    from sae_platform.trainer import checkpoint_version, load_sae
 
-    checkpoint = (store.pointer(checkpoint_name(run)) or {}).get("version")  # read first: a later commit mismatches
+    checkpoint = checkpoint_version(store, run)  # read before loading: a later commit then mismatches
     sae, cfg = load_sae(store, run, device)
     if cfg["data"]["shuffle"] != shuffle_name:
         raise PlatformError(f"SAE {run!r} was trained on shuffled store {cfg['data']['shuffle']!r}, not "

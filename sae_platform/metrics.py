@@ -232,7 +232,7 @@ def explain_shard(store, run: str, sae, tokenizer, codes: HeldoutCodes, shard_in
 
     from sae_platform.contexts import token_display_strings
     from sae_platform.similarity import cooccurring, nearest_by_decoder
-    from sae_platform.trainer import checkpoint_name
+    from sae_platform.trainer import checkpoint_version
 
     stream = n2g_stream(codes)
     firing = n2g.firing_by_feature(codes.positions, codes.features, sae.n_latents)
@@ -250,8 +250,7 @@ def explain_shard(store, run: str, sae, tokenizer, codes: HeldoutCodes, shard_in
                    cooccurring=[f for f, _ in co[row["feature"]]],
                    cooccurring_shares=[share for _, share in co[row["feature"]]])
     frame = n2g.explanations_frame(rows)
-    checkpoint = (store.pointer(checkpoint_name(run)) or {}).get("version")
-    with store.writing(explanations_name(run, shard_index), checkpoint=checkpoint) as version:
+    with store.writing(explanations_name(run, shard_index), checkpoint=checkpoint_version(store, run)) as version:
         store.write_parquet(f"{version}/{EXPLANATIONS_FILE}", frame)
     return n2g.summarize(rows), frame
 
@@ -264,7 +263,7 @@ def read_explanations(store, run: str, shard_index: int):
 
 def explanations_current(store, run: str, shard_index: int) -> bool:
     """Whether shard ``shard_index``'s explanations describe SAE ``run``'s current checkpoint."""
-    from sae_platform.trainer import checkpoint_name
+    from sae_platform.trainer import checkpoint_version
 
-    pointer, checkpoint = store.pointer(explanations_name(run, shard_index)), store.pointer(checkpoint_name(run))
-    return pointer is not None and checkpoint is not None and pointer.get("checkpoint") == checkpoint["version"]
+    pointer, checkpoint = store.pointer(explanations_name(run, shard_index)), checkpoint_version(store, run)
+    return pointer is not None and checkpoint is not None and pointer.get("checkpoint") == checkpoint

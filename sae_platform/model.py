@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sae_platform.devices import device_name, local_rank, native_bf16
+from sae_platform.devices import auto_dtype, device_name, local_rank
 from sae_platform.errors import ModelError
 from sae_platform.hooks import (
     check_hook_point,
@@ -51,13 +51,17 @@ def pick_device(preference: str = "auto", warn=None) -> torch.device:
     return torch.device(preference)
 
 
+AUTOCAST_HELP = ("auto (bf16 where the device has native bf16 matmuls: CUDA, AVX512-BF16/AMX CPUs; else fp32), "
+                 "none, bfloat16, float16")  # the autocast setting's choices, as the resource and CLIs describe them
+
+
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """'auto' means bf16 where the device multiplies bf16 natively (CUDA; CPUs with AVX512-BF16 or
     AMX: :func:`sae_platform.devices.native_bf16`) and exact fp32 elsewhere. On the demo's text bf16
     changes the layer-15 residual stream of SmolLM2-135M by 0.6% (median relative L2) and its
     next-token cross-entropy by < 0.001 nats, while the forward runs 2.9x faster on such a CPU."""
     if setting == "auto":
-        return torch.bfloat16 if native_bf16(device) else None
+        return auto_dtype(device)
     choices = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if setting not in choices:
         raise ModelError(f"unknown autocast setting {setting!r}", f"use one of auto, {', '.join(choices)}")

@@ -53,7 +53,7 @@ from sae_platform.distributed import (
     rank_and_world,
 )
 from sae_platform.activations import activation_attrs
-from sae_platform.devices import native_bf16
+from sae_platform.devices import auto_dtype
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.sae import ADAM_EPS, VARIANTS, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate
@@ -154,7 +154,7 @@ PLACEMENT = ("world_size", "nproc_per_node", "selection_precision")
 def selection_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The dtype of TrainSettings.selection_precision on ``device`` (None: the parameters' own)."""
     if precision == "auto":
-        return torch.bfloat16 if native_bf16(device) else None
+        return auto_dtype(device)
     return {"float32": None, "bfloat16": torch.bfloat16}[precision]
 
 
@@ -170,6 +170,13 @@ def identity(settings: TrainSettings) -> dict:
 
 def checkpoint_name(run: str) -> str:
     return f"{PREFIX}/{run}"
+
+
+def checkpoint_version(store: ArtifactStore, run: str) -> str | None:
+    """The version of ``run``'s committed checkpoint (None before any): what derived artifacts
+    (explanations, stored held-out codes) are pinned to."""
+    pointer = store.pointer(checkpoint_name(run))
+    return None if pointer is None else pointer["version"]
 
 
 def trained_on(store: ArtifactStore, run: str) -> str:
@@ -447,9 +454,9 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
     state = _resume(store, run, settings, fingerprint, sae, optimizer, device)
     if state is None:
         state = TrainState(tokens_since_fired=torch.zeros(settings.n_latents, dtype=torch.long, device=device))
+        picks = f", picking latents in {str(sae.selection_dtype).removeprefix('torch.')}" if sae.selection_dtype else ""
         log(f"training {run}: {settings.variant}, {settings.n_latents} latents, {n_steps} steps of "
-            f"{settings.batch_size} on {n_train:,} rows ({epochs:.2f} epochs) on {device}"
-            + (f", picking latents in {str(sae.selection_dtype).removeprefix('torch.')}" if sae.selection_dtype else ""))
+            f"{settings.batch_size} on {n_train:,} rows ({epochs:.2f} epochs) on {device}{picks}")
     elif state.step >= n_steps:
         log(f"{run} is already trained for this config and data (step {state.step}); nothing to do")
         return _summary(store, run, state, settings, sae, started=time.perf_counter(), resumed_from=state.step)
