@@ -9,13 +9,14 @@ from assets.stage import Stage, StageRun, pointer_version
 from sae_platform.activations import cache_text_file, partition_name
 from sae_platform.errors import SourceError
 from sae_platform.freshness import changed_sources
-from sae_platform.model import model_artifact_name, store_base_model
+from sae_platform.catalog import model_name
+from sae_platform.model import store_base_model
 
 
 # -- base_model -----------------------------------------------------------------------------------
 
 def _model_name(run: StageRun) -> str:
-    return model_artifact_name(run.resources.language_model.source)
+    return model_name(run.resources.language_model.source)
 
 
 def base_model_stored(run: StageRun) -> str | None:

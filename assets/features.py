@@ -2,7 +2,7 @@
 (per dataset shard) → contexts regrouped per feature shard → browser. All describe one SAE checkpoint
 (``resources.features.config.sae_name``) over exactly the batches its shuffled store pinned, reading
 the rows of the SAE's own hook point (the store inside each activation partition that its shuffled
-store was built from: ``shuffle.input_group``); every one of them is up to date (skipped) while the
+store was built from: ``catalog.shuffled_input_group``); every one of them is up to date (skipped) while the
 tables and the browser describe the current checkpoint."""
 
 import polars as pl
@@ -11,28 +11,24 @@ from dagster import AllPartitionMapping, AssetDep, MetadataValue
 from assets.metadata import table_metadata, table_preview
 from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, N_FEATURE_SHARDS
 from assets.stage import Check, Stage, StageRun, pointer_version
+from assets.training import heldout_contexts
+from sae_platform import catalog
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform import metrics as fm
 from sae_platform.activations import activation_attrs, open_partition
-from sae_platform.evaluate import eval_name
+from sae_platform.browser import build_site
+from sae_platform.catalog import checkpoint_version, eval_name, trained_on
 from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
+from sae_platform.llm_explain import llm_explain_shard
 from sae_platform.model import pick_device
-from sae_platform.shuffle import input_group, pinned_keys
-from sae_platform.trainer import load_sae, trained_on
+from sae_platform.shuffle import pinned_keys
+from sae_platform.trainer import load_sae
 
 BROWSER_URL = "http://127.0.0.1:8000/"
 RESOURCES = ("storage", "features", "shuffle")
 PREVIEW_FEATURES = 10  # top features by density in feature_topk's metadata table
-
-
-def logits_name(run: str, shard_index: int) -> str:
-    return f"features/{run}/logits/f{shard_index}"
-
-
-def browser_dir(store, run: str) -> str:
-    return store.path("browser", run)
 
 
 def _shard(key: str) -> int:
@@ -82,7 +78,7 @@ def tables_current(run: StageRun) -> str | None:
 def _load(run: StageRun):
     """The SAE and the store inside each activation partition holding its hook point's rows."""
     sae, cfg = load_sae(run.store, _settings(run).sae_name, pick_device(run.resources.features.device))
-    return sae, input_group(cfg["data"]["shuffle"])
+    return sae, catalog.shuffled_input_group(run.store, cfg["data"]["shuffle"])
 
 
 def _stage(**declared) -> Stage:
@@ -104,13 +100,13 @@ def stats_partial(run: StageRun) -> dict:
     n_tokens = int(partials[0].n_tokens)
     run.log.info(f"pass 1 [{batch}]: {n_tokens:,} tokens of {group} encoded once into {len(shards)} feature shards")
     return {"sae": settings.sae_name, "store": group, "feature_shards": len(shards), "n_tokens": n_tokens,
-            "path": MetadataValue.path(run.store.url(run.store.path(ft.PREFIX, settings.sae_name, "partial", batch)))}
+            "path": MetadataValue.path(run.store.url(catalog.partials_folder(run.store, settings.sae_name, batch)))}
 
 
 def partials_version(run: StageRun) -> str | None:
     """The committed versions of the batch's partials, one per feature shard (None until all exist)."""
     name = _settings(run).sae_name
-    versions = [run.store.pointer(ft.partial_name(name, run.partition_key, i)) for i in range(N_FEATURE_SHARDS)]
+    versions = [run.store.pointer(catalog.partial_name(name, run.partition_key, i)) for i in range(N_FEATURE_SHARDS)]
     return None if None in versions else "+".join(v["version"] for v in versions)
 
 
@@ -139,10 +135,10 @@ def merge_shard(run: StageRun) -> dict:
     logits = ctx.logit_effects(sae, ctx.unembedding_matrix(hooked.model), hooked.tokenizer, start, stop)
     attrs = activation_attrs(store, sae_shuffle(run))
     path = ft.write_tables(store, settings.sae_name, index, tables)
-    with store.writing(logits_name(settings.sae_name, index)) as version:
+    with store.writing(catalog.logits_name(settings.sae_name, index)) as version:
         store.write_parquet(f"{version}/logit_effects.parquet", logits)
     lineage = feature_table_lineage(store, settings.sae_name, index, run_id=run.run_id)
-    store.write_json(store.path("features", settings.sae_name, "lineage", f"f{index}.json"), lineage)
+    store.write_json(catalog.lineage_record_path(store, settings.sae_name, index), lineage)
     dead = int((tables.stats["count"] == 0).sum())
     return {"sae": settings.sae_name, "hook_point": hook_point(attrs),
             "logit_effects": ctx.logit_effect_meaning(attrs.get("hook_name"), attrs.get("hook_name_in")),
@@ -189,7 +185,7 @@ FEATURE_TOPK = _stage(
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model"),
     deps=(AssetDep("feature_stats_partial", partition_mapping=AllPartitionMapping()),),
     body=merge_shard,
-    version=pointer_version(lambda run: ft.tables_name(_settings(run).sae_name, _shard(run.partition_key))),
+    version=pointer_version(lambda run: catalog.tables_name(_settings(run).sae_name, _shard(run.partition_key))),
     checks=(Check("matches_brute_force", "every activating token pass 1 recorded for a fixed random sample of "
                   "features (resources.features.config.check_features per shard), sorted apart: exact; every "
                   "feature: counts, sums and example counts that must agree across the passes",
@@ -221,7 +217,7 @@ FEATURE_CONTEXT_WINDOWS = _stage(
     partitions=ACTIVATION_BATCHES, resources=(*RESOURCES, "language_model"),
     deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()), "activations"),
     body=context_windows,
-    version=pointer_version(lambda run: ctx.partial_name(_settings(run).sae_name, run.partition_key)))
+    version=pointer_version(lambda run: catalog.contexts_partial_name(_settings(run).sae_name, run.partition_key)))
 
 
 def regroup(run: StageRun) -> dict:
@@ -241,7 +237,7 @@ FEATURE_CONTEXTS = _stage(
     partitions=FEATURE_SHARDS, resources=RESOURCES,
     deps=(AssetDep("feature_context_windows", partition_mapping=AllPartitionMapping()),),
     body=regroup,
-    version=pointer_version(lambda run: ctx.shard_name(_settings(run).sae_name, _shard(run.partition_key))))
+    version=pointer_version(lambda run: catalog.contexts_name(_settings(run).sae_name, _shard(run.partition_key))))
 
 
 # -- explanations ---------------------------------------------------------------------------------
@@ -257,9 +253,6 @@ def explanations_current(run: StageRun) -> str | None:
 def heldout_codes(run: StageRun, sae, what: str):
     """(held-out codes of the configured SAE, its tokenizer): the codes sae_eval stored for this very
     checkpoint when there are some (no base model needed), else encoded here from the held-out text."""
-    from assets.training import heldout_contexts
-    from sae_platform.trainer import checkpoint_version
-
     settings, store = _settings(run), run.store
     codes = fm.read_heldout_codes(store, store.resolve(eval_name(settings.sae_name)),
                                   checkpoint_version(store, settings.sae_name))
@@ -296,7 +289,7 @@ def explain_features(run: StageRun) -> dict:
             **{k: v for k, v in summary.items() if v is not None}, **table_metadata(frame),
             "best_explained": table_preview(rows, {"feature": "int", "explanation": "string", "precision": "float",
                                                    "recall": "float", "browser": "string"}),
-            "path": MetadataValue.path(store.url(store.resolve(fm.explanations_name(settings.sae_name, index))))}
+            "path": MetadataValue.path(store.url(store.resolve(catalog.explanations_name(settings.sae_name, index))))}
 
 
 FEATURE_EXPLANATIONS = Stage(
@@ -306,17 +299,11 @@ FEATURE_EXPLANATIONS = Stage(
                 "co-occurring features.",
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model", "holdout_text", "evaluation"),
     deps=("feature_contexts",), up_to_date=explanations_current, body=explain_features,
-    version=pointer_version(lambda run: fm.explanations_name(_settings(run).sae_name, _shard(run.partition_key))))
-
-
-def llm_explanations_name(run: str, shard_index: int) -> str:
-    return f"features/{run}/llm_explanations/f{shard_index}"
+    version=pointer_version(lambda run: catalog.explanations_name(_settings(run).sae_name, _shard(run.partition_key))))
 
 
 def explain_with_llm(run: StageRun) -> dict:
     """LLM explanations of the shard's most active latents, scored by detection on held-out text."""
-    from sae_platform.llm_explain import llm_explain_shard
-
     settings, (sae, _), store = _settings(run), _load(run), run.store
     index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
@@ -330,7 +317,7 @@ def explain_with_llm(run: StageRun) -> dict:
     frame = pl.DataFrame(rows, schema={"feature": pl.Int64, "explanation": pl.String, "balanced_accuracy": pl.Float64,
                                        "true_positive_rate": pl.Float64, "true_negative_rate": pl.Float64,
                                        "n_positive": pl.Int64, "n_negative": pl.Int64})
-    with store.writing(llm_explanations_name(settings.sae_name, index), explainer=llm.describe()) as version:
+    with store.writing(catalog.llm_explanations_name(settings.sae_name, index), explainer=llm.describe()) as version:
         store.write_parquet(f"{version}/llm_explanations.parquet", frame)
     preview = [{"feature": r["feature"], "explanation": r["explanation"][:120],
                 "balanced_accuracy": round(r["balanced_accuracy"], 3)} for r in rows]
@@ -338,13 +325,13 @@ def explain_with_llm(run: StageRun) -> dict:
             **({"balanced_accuracy": float(frame["balanced_accuracy"].mean())} if rows else {}),
             "explanations": table_preview(preview, {"feature": "int", "explanation": "string",
                                                     "balanced_accuracy": "float"}),
-            "path": MetadataValue.path(store.url(store.resolve(llm_explanations_name(settings.sae_name, index))))}
+            "path": MetadataValue.path(store.url(store.resolve(catalog.llm_explanations_name(settings.sae_name, index))))}
 
 
 def llm_version(run: StageRun) -> str | None:
     """The stored explanations' version; "off" while none were ever written and the stage is off (a
     stable data version for a skipped optional stage, so re-runs change nothing)."""
-    stored = pointer_version(lambda r: llm_explanations_name(_settings(r).sae_name, _shard(r.partition_key)))(run)
+    stored = pointer_version(lambda r: catalog.llm_explanations_name(_settings(r).sae_name, _shard(r.partition_key)))(run)
     return stored or (None if run.resources.llm_explainer.enabled else "off")
 
 
@@ -367,13 +354,11 @@ FEATURE_LLM_EXPLANATIONS = Stage(
 
 def build_browser(run: StageRun) -> dict:
     """A static feature browser: index with search, a page per feature. Serve it with `make browse`."""
-    from sae_platform.browser import build_site
-
     settings, store = _settings(run), run.store
     shards = []
     for index in range(N_FEATURE_SHARDS):
         tables = ft.read_tables(store, settings.sae_name, index)
-        logits_path = store.require(logits_name(settings.sae_name, index), "logit effects",
+        logits_path = store.require(catalog.logits_name(settings.sae_name, index), "logit effects",
                                     "materialize feature_topk")
         shards.append({"start": tables.meta["start"], "stop": tables.meta["stop"], "feature_stats": tables.stats,
                        "feature_examples": shown_examples(tables.examples, settings.random_examples),
@@ -385,7 +370,7 @@ def build_browser(run: StageRun) -> dict:
     lineage = {k: v for k, v in shards[0]["lineage"].items() if k != "feature_table"}
     lineage["browser_dagster_run_id"] = run.run_id
     hook = hook_point(lineage.get("base_model") or {})  # read from the SAE's own hook-point store (lineage.py)
-    out = browser_dir(store, settings.sae_name)
+    out = catalog.browser_dir(store, settings.sae_name)
     evaluated = store.resolve(eval_name(settings.sae_name))  # the overview page's figures, when evaluated
     evaluation = store.read_json(f"{evaluated}/report.json") if evaluated else None
     summary = build_site(out if store.is_local else store.url(out), run=settings.sae_name, shards=shards,

@@ -9,7 +9,7 @@ K²·M; a pass the plan does not need does nothing. Every stage is up to date (s
 committed store holds the current plan; all of them are versioned by the plan id.
 
 With several hook points cached per pass (``caching.config.hook_points``) every stage works on
-one shuffled store per hook-point entry (``shuffle.hook_store_name``: ``main``, ``main.h1``, …),
+one shuffled store per hook-point entry (``catalog.hook_store_name``: ``main``, ``main.h1``, …),
 each planned and checked on its own; versions join their plan ids.
 """
 
@@ -18,7 +18,9 @@ from dagster import AssetCheckSeverity, MetadataValue
 from assets.partitions import N_SHUFFLE_WORKERS, SHUFFLE_WORKERS
 from assets.stage import Check, Stage, StageRun
 from sae_platform import shuffle as sh
-from sae_platform.activations import activation_attrs, cached_hook_points
+from sae_platform import catalog
+from sae_platform.activations import activation_attrs
+from sae_platform.catalog import cached_hook_points
 from sae_platform.errors import StorageError
 from sae_platform.inbox import failed_attempts
 
@@ -32,24 +34,24 @@ def _settings(run: StageRun) -> sh.ShuffleSettings:
 
 def _names(run: StageRun) -> list[str]:
     """One shuffled store per cached hook-point entry."""
-    return sh.hook_shuffle_names(run.store, _settings(run).name)
+    return catalog.hook_shuffle_names(run.store, _settings(run).name)
 
 
-def _describe(run: StageRun, name: str) -> dict:
+def _describe(run: StageRun, store_index: int, name: str) -> dict:
     settings = _settings(run)
     return sh.describe_plan(run.store, name, n_buckets=settings.n_buckets,
                             memory_budget_bytes=settings.memory_budget_bytes, n_jobs=N_SHUFFLE_WORKERS,
-                            seed=settings.seed)
+                            seed=settings.seed, store_index=store_index)
 
 
 def plan_committed(run: StageRun) -> str | None:
     """Up to date when every committed store already holds the plan the current inputs give."""
     held = []
-    for name in _names(run):
-        plan_id = _describe(run, name)["plan_id"]
+    for store_index, name in enumerate(_names(run)):
+        plan_id = _describe(run, store_index, name)["plan_id"]
         if sh.committed_plan_id(run.store, name) != plan_id or sh.planned_id(run.store, name) != plan_id:
             return None
-        held.append(f"shuffled/{name} already holds plan {plan_id}")
+        held.append(f"{catalog.shuffled_name(name)} already holds plan {plan_id}")
     return "; ".join(held) + " (the cached batches and settings are unchanged)"
 
 
@@ -60,7 +62,7 @@ def store_holds_plan(run: StageRun) -> str | None:
         plan_id = sh.planned_id(run.store, name)
         if plan_id is None or sh.committed_plan_id(run.store, name) != plan_id:
             return None
-        held.append(f"shuffled/{name} already holds plan {plan_id}")
+        held.append(f"{catalog.shuffled_name(name)} already holds plan {plan_id}")
     return "; ".join(held)
 
 
@@ -83,7 +85,7 @@ def plan_shuffle(run: StageRun) -> dict:
     names = _names(run)
     runs = [sh.start_shuffle(run.store, name, n_buckets=settings.n_buckets,
                              memory_budget_bytes=settings.memory_budget_bytes, n_jobs=N_SHUFFLE_WORKERS,
-                             seed=settings.seed) for name in names]
+                             seed=settings.seed, store_index=store_index) for store_index, name in enumerate(names)]
     shuffle_run = runs[0]
     plan = max((r.plan for r in runs), key=lambda p: p.n_passes)
     if plan.n_passes - 1 > MAX_SCATTER_PASSES:
@@ -105,7 +107,7 @@ def plan_shuffle(run: StageRun) -> dict:
         "final_buckets": plan.n_final_buckets,
         "inputs": MetadataValue.json([{"key": i["key"], "version": i["version"]} for i in shuffle_run.inputs]),
         "failed_batches": MetadataValue.json(failed),
-        "stores": MetadataValue.json([{"store": f"shuffled/{n}", "hook_name": h, "plan_id": r.plan_id}
+        "stores": MetadataValue.json([{"store": catalog.shuffled_name(n), "hook_name": h, "plan_id": r.plan_id}
                                       for n, h, r in zip(names, cached_hook_points(run.store) or ["(default)"], runs,
                                                          strict=False)]),
     }
@@ -129,7 +131,7 @@ def scatter(pass_index: int):
             shuffle_run = sh.load_run(run.store, name)
             ids.append(shuffle_run.plan_id)
             if pass_index >= shuffle_run.plan.n_passes:
-                run.log.info(f"shuffled/{name}: the plan has {shuffle_run.plan.n_passes} pass(es): scatter pass "
+                run.log.info(f"{catalog.shuffled_name(name)}: the plan has {shuffle_run.plan.n_passes} pass(es): scatter pass "
                              f"{pass_index} is not needed")
                 continue
             needed = True
@@ -171,14 +173,14 @@ def commit(run: StageRun) -> dict:
         summaries.append(summary)
         sh.delete_scratch(run.store, name)
         shuffled = sh.open_shuffled(run.store, name)
-        stores.append({"store": f"shuffled/{name}", "hook_name": activation_attrs(run.store, name).get("hook_name"),
+        stores.append({"store": catalog.shuffled_name(name), "hook_name": activation_attrs(run.store, name).get("hook_name"),
                        "rows": shuffled.n_rows, "d_model": shuffled.d_model, "plan_id": summary["plan_id"]})
     first = sh.open_shuffled(run.store, names[0])
     return {
         "dagster/row_count": first.n_rows, "d_model": first.d_model, "dtype": first.dtype,
         "n_passes": summaries[0]["n_passes"], "plan_id": summaries[0]["plan_id"], "pieces": summaries[0]["pieces"],
         "hook_name": str(stores[0]["hook_name"]),
-        "path": MetadataValue.path(run.store.url(run.store.resolve(f"{sh.SHUFFLED}/{names[0]}"))),
+        "path": MetadataValue.path(run.store.url(run.store.resolve(catalog.shuffled_name(names[0])))),
         "stores": MetadataValue.json(stores),
     }
 
@@ -197,8 +199,8 @@ def uncommit(run: StageRun) -> str:
     """A store that is not a permutation of its inputs must never be trained on (all hook points go)."""
     names = _names(run)
     for name in names:
-        run.store.delete(f"{sh.SHUFFLED}/{name}")
-    return (f"{', '.join(f'shuffled/{n}' for n in names)} {'was' if len(names) == 1 else 'were'} uncommitted: "
+        run.store.delete(catalog.shuffled_name(name))
+    return (f"{', '.join(catalog.shuffled_name(n) for n in names)} {'was' if len(names) == 1 else 'were'} uncommitted: "
             "nothing trains on it, and the next run shuffles again")
 
 

@@ -41,6 +41,7 @@ from dagster import (
 
 from assets.metadata import readable
 from resources import SETTINGS_FIELDS
+from sae_platform.catalog import check_verdicts_path
 from sae_platform.errors import PlatformError
 from sae_platform.settings import SettingsError
 
@@ -183,7 +184,7 @@ def _verdict(check: Check, run: StageRun) -> dict:
 
 def _verdicts_path(stage: Stage, run: StageRun) -> str:
     partition = "-".join(str(k) for k in run.partition_keys) or "all"
-    return run.store.path("checks", stage.asset, f"{partition}.json")
+    return check_verdicts_path(run.store, stage.asset, partition)
 
 
 def _record_verdicts(stage: Stage, run: StageRun, version: str | None, verdicts: list[dict]) -> None:

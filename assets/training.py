@@ -16,14 +16,14 @@ from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import Check, Stage, StageRun, pointer_version
 from sae_platform.activations import activation_attrs
 from sae_platform.corpus import read_documents, tokenize
-from sae_platform.distributed import launch_training
+from sae_platform.launch import launch_training
 from sae_platform.errors import PlatformError
-from sae_platform.evaluate import eval_name, evaluate_sae, heldout_ce_tokens
+from sae_platform.evaluate import evaluate_sae, heldout_ce_tokens
 from sae_platform.export import export_run
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
-from sae_platform.shuffle import shuffle_for_hook_point
-from sae_platform.trainer import TrainSettings, checkpoint_name, finished_checkpoint, train_sae
+from sae_platform.catalog import checkpoint_name, eval_name, report_path, shuffle_for_hook_point
+from sae_platform.trainer import TrainSettings, finished_checkpoint, train_sae
 
 
 def settings_for(name: str, training) -> TrainSettings:
@@ -83,7 +83,7 @@ def train_and_export(run: StageRun) -> dict:
     metadata["dead_window"] = f"silent for the last {settings.dead_after_tokens:,} training tokens (AuxK's rule)"
     if result["history"]:
         png = training_curves_png(result["history"])
-        plot_path = store.path("reports", name, "training_curves.png")
+        plot_path = report_path(store, name, "training_curves.png")
         store.write_bytes_atomic(plot_path, png)
         metadata["training_curves"] = inline_png(png, "training curves")
         metadata["training_curves_path"] = MetadataValue.path(store.url(plot_path))
@@ -124,7 +124,7 @@ def evaluate(run: StageRun) -> dict:
     report, density = evaluate_sae(store, shuffle_name(run), name, hooked, tokens, device,
                                    metric_tokens=metric_tokens, ablation_tokens=settings.ablation_tokens)
     png = density_histogram_png(density, report["dead_window_tokens"])
-    plot_path = store.path("reports", name, "latent_density.png")
+    plot_path = report_path(store, name, "latent_density.png")
     store.write_bytes_atomic(plot_path, png)
     run.log.info(f"{name}: fvu {report['fvu']:.4g}, L0 {report['l0']:.1f}, dead {report['dead_fraction']:.1%} "
                  f"(never fired on any of {report['dead_window_tokens']:,} cached tokens)"
@@ -213,7 +213,7 @@ def compare(run: StageRun) -> dict:
 
     store = run.store
     rows = comparison_rows(store, list(SAE_SWEEP_SPECS))
-    page = store.path("reports", "sweep_comparison.html")
+    page = report_path(store, None, "sweep_comparison.html")
     store.write_bytes_atomic(page, comparison_html(rows).encode())
     run.log.info(f"{len(rows)} of {len(SAE_SWEEP_SPECS)} sweep entries evaluated")
     kinds = {key: "int" if key in ("checkpoint_step", "training_tokens") else "float" for key, _, _ in COLUMNS}

@@ -41,11 +41,24 @@ from sae_platform.corpus import (
     source_stamp,
     stream_contexts,
 )
+from sae_platform.catalog import (
+    ACTIVATIONS,
+    FIRST_STORE,
+    HookEntry,
+    cached_hook_points,
+    list_partitions,
+    partition_name,
+    partition_store_path,
+    shuffled_store_index,
+    store_group,
+    trained_on,
+)
 from sae_platform.errors import ModelError, SourceError, StorageError
-from sae_platform.inbox import PREFIX, list_partitions, partition_name  # noqa: F401 (re-exported)
+from sae_platform.hooks import check_hook_point, hook_name
+from sae_platform.inbox import clear_failed_attempt, record_failed_attempt
 from sae_platform.model import HookedModel
 from sae_platform.settings import SettingsError, setting, validate
-from sae_platform.shuffle import store_group  # defined there: shuffle workers stay torch-free
+from sae_platform.shuffle import open_shuffled
 from sae_platform.storage import ArtifactStore
 
 STORED_DTYPES = ("float16", "float32")  # zarr has no bfloat16
@@ -77,58 +90,21 @@ class CacheSettings:
                                 f"{self.hook_points!r}", "e.g. [blocks.4.hook_mlp_out, blocks.4.hook_resid_post]")
 
 
-@dataclass(frozen=True)
-class HookEntry:
-    """One activation store of a caching pass: the hook point read (``hook_name``) and, for a
-    transcoder's paired rows, the input read beside it (``hook_name_in``; rows are [input | output])."""
-
-    hook_name: str
-    hook_name_in: str | None = None
-
-    @property
-    def spec(self) -> str:
-        return self.hook_name if self.hook_name_in is None else f"{self.hook_name_in} -> {self.hook_name}"
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return (self.hook_name,) if self.hook_name_in is None else (self.hook_name_in, self.hook_name)
-
-    @property
-    def reads(self) -> str:
-        """What an SAE of this store encodes: the hook point itself, or a transcoder's input."""
-        return self.hook_name_in or self.hook_name
-
-
 def hook_entries(model: HookedModel, settings: CacheSettings) -> list[HookEntry]:
     """The stores one caching pass writes, checked against the model (ModelError naming the valid
     hook points when one is wrong; a transcoder's input must come before its output)."""
-    from sae_platform.hooks import check_hook_point
-
     specs = list(settings.hook_points) or [model.hook_name]
     entries = []
     for spec in specs:
-        parts = [p.strip() for p in spec.split("->")]
-        if len(parts) > 2 or not all(parts):
-            raise ModelError(f"hook point entry {spec!r} is neither a hook point nor an 'IN -> OUT' pair",
-                             "write e.g. blocks.4.hook_mlp_out, or "
-                             "blocks.4.ln2.hook_normalized -> blocks.4.hook_mlp_out")
-        points = [check_hook_point(model.model, p) for p in parts]
+        entry = HookEntry.parse(spec)
+        points = [check_hook_point(model.model, p) for p in entry.names]
         if len(points) == 2 and points[0].order >= points[1].order:
             raise ModelError(f"in the transcoder pair {spec!r} the input is computed after the output",
                              "name the input first: 'blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out'")
-        entries.append(HookEntry(parts[-1], parts[0] if len(parts) == 2 else None))
+        entries.append(entry)
     if len({e.spec for e in entries}) != len(entries):
         raise ModelError(f"hook_points lists an entry twice: {specs}", "list each hook point once")
     return entries
-
-
-def cached_hook_points(store: ArtifactStore) -> list[str]:
-    """The hook-point entries (``HookEntry.spec``) the committed activation partitions hold, in
-    store order; [] when nothing is cached. All partitions agree (``check_compatible``)."""
-    for name in store.committed_names(PREFIX):
-        stored = store.pointer(name).get("fingerprint", {})
-        return list(stored.get("hook_points") or [stored.get("hook_name")])
-    return []
 
 
 def training_rows(contexts: Contexts, start_token_id: int) -> np.ndarray:
@@ -148,7 +124,7 @@ def fingerprint(model: HookedModel, model_source: str, entries: list[HookEntry] 
 
 def check_compatible(store: ArtifactStore, expected: dict, writing_key: str) -> None:
     """Refuse to mix activations of different models/layers under one root: SAEs would train on garbage."""
-    for name in store.committed_names(PREFIX):
+    for name in store.committed_names(ACTIVATIONS):
         if name == partition_name(writing_key):
             continue
         stored = store.pointer(name).get("fingerprint", {})
@@ -327,8 +303,6 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
     ``max_contexts``), forward, commit. A failure caused by the file (``SourceError``) is recorded
     with the file's stamp (``inbox.record_failed_attempt``), so that version is not retried; a
     commit clears the record."""
-    from sae_platform.inbox import clear_failed_attempt, record_failed_attempt
-
     try:
         stamp = source_stamp(text_file, storage_options)  # before reading: a file replaced meanwhile looks changed
     except FileNotFoundError as error:
@@ -349,21 +323,16 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
 def activation_attrs(store, shuffle_name: str) -> dict:
     """The caching attrs (model, hook_name, layer, d_model, ctx_len, …) of the activations behind
     shuffled store ``shuffle_name``: where its rows were read."""
-    from sae_platform.shuffle import open_shuffled
-
-    from sae_platform.shuffle import input_group
-
-    first = open_shuffled(store, shuffle_name).index["inputs"][0]
-    return dict(store.open_group(store.path("activations", first["key"], first["version"], input_group(shuffle_name)),
-                                 mode="r").attrs)
+    index = open_shuffled(store, shuffle_name).index
+    first = index["inputs"][0]
+    group = store_group(shuffled_store_index(index))
+    return dict(store.open_group(partition_store_path(store, first["key"], first["version"], group), mode="r").attrs)
 
 
 def activation_hook_entry(store, shuffle_name: str) -> HookEntry:
     """Where the rows of shuffled store ``shuffle_name`` were read (``activation_attrs``): the SAE
     trained on it encodes ``HookEntry.reads`` and its reconstruction belongs at ``hook_name``.
     Stores cached before hook points were named hold only their ``layer``: its resid_post."""
-    from sae_platform.hooks import hook_name
-
     attrs = activation_attrs(store, shuffle_name)
     name = attrs.get("hook_name") or (hook_name(int(attrs["layer"])) if attrs.get("layer") is not None else None)
     if not name:
@@ -375,10 +344,8 @@ def activation_hook_entry(store, shuffle_name: str) -> HookEntry:
 
 def sae_hook_entry(store, run: str) -> HookEntry:
     """Where SAE ``run`` reads and writes: the hook point of the shuffled store its checkpoint
-    was trained on (``trainer.trained_on``); the one source every consumer of an SAE uses
+    was trained on (``catalog.trained_on``); the one source every consumer of an SAE uses
     (evaluation, feature metrics, explanations, the live server, the SAELens export)."""
-    from sae_platform.trainer import trained_on
-
     return activation_hook_entry(store, trained_on(store, run))
 
 
@@ -442,8 +409,8 @@ class Partition:
             return self.group["acts"]
         name, version = self.path.rstrip("/").rsplit("/", 2)[-2:]
         what = f"activation partition {self.key!r}"
-        with self.store.reading(f"{PREFIX}/{name}", version, what):
-            return VersionChecked(self.group["acts"], self.store, f"{PREFIX}/{name}", version, what)
+        with self.store.reading(partition_name(name), version, what):
+            return VersionChecked(self.group["acts"], self.store, partition_name(name), version, what)
 
     @property
     def n_rows(self) -> int:
@@ -481,16 +448,16 @@ class VersionChecked:
         return len(self._array)
 
 
-def open_partition(store: ArtifactStore, key: str, group: str = "data.zarr") -> Partition:
+def open_partition(store: ArtifactStore, key: str, group: str = FIRST_STORE) -> Partition:
     """The committed partition ``key``, opened on one of its hook-point stores (``group``: what
-    ``store_group`` names, ``shuffle.input_group`` gives a shuffled store's; default the first).
+    ``catalog.store_group`` names; ``catalog.shuffled_input_group`` gives a shuffled store's; default the first).
     Each store has its own rows and its own index (token_id, context_id, position, …)."""
     path = store.require(partition_name(key), f"activation partition {key!r}",
                          "materialize the activations asset for that partition first")
     version = path.rstrip("/").rsplit("/", 1)[-1]
     with store.reading(partition_name(key), version, f"activation partition {key!r}"):
-        if group != "data.zarr" and not store.fs.exists(f"{path}/{group}"):
-            held = dict(store.open_group(f"{path}/data.zarr", mode="r").attrs).get("hook_points") or ["one store"]
+        if group != FIRST_STORE and not store.fs.exists(f"{path}/{group}"):
+            held = dict(store.open_group(f"{path}/{FIRST_STORE}", mode="r").attrs).get("hook_points") or ["one store"]
             raise StorageError(f"activation partition {key!r} has no hook-point store {group!r} (it holds: "
                                f"{', '.join(held)})", "cache that partition again with the SAE's hook point in "
                                "resources.caching.config.hook_points")

@@ -84,6 +84,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from sae_platform.catalog import checkpoint_pin, pinned_checkpoint
 from sae_platform.errors import PlatformError
 from sae_platform.tables import (
     ACTIVATION,
@@ -138,6 +139,7 @@ SEARCH_TOKENS = 6          # strongest distinct activating tokens per feature ke
 ACT_SIG_FIGS = 3           # window activations in the chunk files
 STAT_SIG_FIGS = 4          # densities, maxima, scores
 SITE_POINTER = "site.json"
+FEATURE_CHUNKS = "features"  # data/<version>/features/<chunk>.json: the site's per-feature files
 VERSION_RE = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}")   # data/<version>: the only folders a rebuild removes
 STATIC_FILES = ("app.js", "app.css")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -451,7 +453,7 @@ def _feature_frame(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame,
 def _chunk_files(frame: pl.DataFrame) -> dict[str, bytes]:
     files = {}
     for (chunk,), part in frame.partition_by("_chunk", as_dict=True, maintain_order=True).items():
-        files[f"features/{int(chunk)}.json"] = part.drop("_chunk").write_json().encode()
+        files[f"{FEATURE_CHUNKS}/{int(chunk)}.json"] = part.drop("_chunk").write_json().encode()
     return files
 
 
@@ -530,7 +532,8 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
         files[f"static/{name}"] = body
     digest = {name: hashlib.sha256(body).hexdigest()[:12] for name, body in static.items()}
     files["index.html"] = INDEX_HTML.format(csp=CSP, css_hash=digest["app.css"], js_hash=digest["app.js"]).encode()
-    files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(run)})  # last: the switch
+    pin = checkpoint_pin(pinned_checkpoint(lineage))  # the checkpoint the site shows (freshness reads it)
+    files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(run), **pin})  # last: the switch
     return files
 
 
@@ -583,6 +586,13 @@ def _step(name: str) -> None:
 
 BUILDING_MARK = ".building.json"
 STALE_BUILD_S = 24 * 3600
+
+
+def site_record(store, site: str) -> dict | None:
+    """The site pointer (``site.json``: version, data folder, run, the checkpoint shown) of the site
+    at ``site`` (a path in ``store``); None when no site was built there."""
+    pointer = f"{site}/{SITE_POINTER}"
+    return store.read_json(pointer) if store.fs.exists(pointer) else None
 
 
 def versions_dir(out: Path) -> Path:

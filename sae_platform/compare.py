@@ -13,7 +13,7 @@ import html
 import math
 import time
 
-from sae_platform.evaluate import eval_name
+from sae_platform.catalog import eval_name
 
 COLUMNS = (
     ("fvu", "FVU", True), ("l0", "L0", None), ("dead_fraction", "dead", True),

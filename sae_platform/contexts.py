@@ -98,7 +98,6 @@ import codecs
 import copy
 import io
 import logging
-import re
 
 import numpy as np
 import polars as pl
@@ -106,6 +105,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from sae_platform import catalog
 from sae_platform.activations import Partition, open_partition
 from sae_platform.errors import ModelError, PlatformError, StorageError
 from sae_platform.model import HookedModel
@@ -133,7 +133,6 @@ from sae_platform.tables import (  # noqa: F401  (re-exported: callers use conte
     LOGIT_SCHEMA,
 )
 
-PREFIX = "features"
 PARTIAL_FILE = "windows.parquet"
 SHARD_FILE = "contexts.parquet"
 ROW_GROUP_ROWS = 1024  # windows per parquet row group: the unit a feature-range read fetches
@@ -152,14 +151,6 @@ RTOL, ATOL = 1e-3, 1e-4  # recomputed vs stored example activation (fp32 vs fp32
 MAX_MISMATCH_FRACTION = 0.01
 REPLACEMENT = "\ufffd"
 log = logging.getLogger(__name__)
-
-
-def partial_name(run: str, partition_key: str) -> str:
-    return f"{PREFIX}/{_check_run(run)}/contexts_partial/{partition_key}"
-
-
-def shard_name(run: str, shard_index: int) -> str:
-    return f"{PREFIX}/{_check_run(run)}/contexts/f{int(shard_index)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,13 +196,6 @@ def _sae_device(sae: SparseAutoencoder) -> torch.device:
     return sae.W_dec.device
 
 
-def _check_run(run: str) -> str:
-    if not run or not re.fullmatch(r"[A-Za-z0-9_.=-]+", str(run)):
-        raise PlatformError(f"run name {run!r} is not usable in a storage path",
-                            "use letters, digits, '_', '-', '.', '=' only")
-    return str(run)
-
-
 class _Index:
     """A partition's index arrays, read once."""
 
@@ -236,7 +220,7 @@ def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests:
                     before: int = 16, after: int = 8, device=None, batch_rows: int = 4096,
                     rtol: float = RTOL, atol: float = ATOL,
                     max_mismatch_fraction: float = MAX_MISMATCH_FRACTION, codes=None,
-                    group: str = "data.zarr") -> pl.DataFrame:
+                    group: str = catalog.FIRST_STORE) -> pl.DataFrame:
     """One window per request (schema ``WINDOW_SCHEMA``, in request order): the example's tokens
     ± (before, after) within its document, their strings, and the feature's activation on each.
 
@@ -605,7 +589,7 @@ def _check_windows(frame: pl.DataFrame) -> pl.DataFrame:
 def write_partition_windows(store, run: str, partition_key: str, frame: pl.DataFrame) -> dict:
     """Commit one partition's windows at ``features/<run>/contexts_partial/<partition_key>``."""
     frame = _check_windows(frame)
-    name = partial_name(run, partition_key)
+    name = catalog.contexts_partial_name(run, partition_key)
     info = {"partition": partition_key, "n_windows": len(frame), "n_features": frame[FEATURE].n_unique()}
     with store.writing(name, **info) as version:
         store.write_bytes_atomic(f"{version}/{PARTIAL_FILE}", _parquet_bytes(frame))
@@ -649,7 +633,7 @@ def regroup_by_feature(store, run: str, partition_keys: list[str], start: int, s
         raise PlatformError(f"feature range [{start}, {stop}) is empty or negative", "pass 0 <= start < stop")
     paths = []
     for key in partition_keys:
-        path = store.require(partial_name(run, key), f"context windows of partition {key!r} (run {run!r})",
+        path = store.require(catalog.contexts_partial_name(run, key), f"context windows of partition {key!r} (run {run!r})",
                              "materialize the context windows of every activation partition first")
         paths.append(f"{path}/{PARTIAL_FILE}")
     frames = [_read_feature_range(store, p, start, stop) for p in paths]
@@ -661,7 +645,7 @@ def regroup_by_feature(store, run: str, partition_keys: list[str], start: int, s
 def write_feature_contexts(store, run: str, shard_index: int, frame: pl.DataFrame) -> dict:
     """Commit one feature shard's windows at ``features/<run>/contexts/f<shard_index>``."""
     frame = _check_windows(frame)
-    name = shard_name(run, shard_index)
+    name = catalog.contexts_name(run, shard_index)
     features = frame[FEATURE]
     info = {"shard": int(shard_index), "n_windows": len(frame), "n_features": features.n_unique(),
             "min_feature": None if frame.is_empty() else int(features.min()),
@@ -673,7 +657,7 @@ def write_feature_contexts(store, run: str, shard_index: int, frame: pl.DataFram
 
 def read_feature_contexts(store, run: str, shard_index: int, feature: int | None = None) -> pl.DataFrame:
     """A committed feature shard's windows; with ``feature``, only that feature's (a page)."""
-    path = store.require(shard_name(run, shard_index), f"context windows of feature shard {shard_index} (run {run!r})",
+    path = store.require(catalog.contexts_name(run, shard_index), f"context windows of feature shard {shard_index} (run {run!r})",
                          "materialize the feature contexts asset for that shard")
     if feature is None:
         return _read_feature_range(store, f"{path}/{SHARD_FILE}", None, None)

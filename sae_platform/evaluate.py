@@ -31,11 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from sae_platform.activations import _not_sinks, activation_hook_entry
+from sae_platform.catalog import checkpoint_version, eval_name
+from sae_platform.corpus import pack_contexts
 from sae_platform.errors import PlatformError, SourceError, StorageError
 from sae_platform.hooks import check_hook_point, splice_hooks
+from sae_platform.metrics import HELDOUT_CODES_FILE, feature_metrics, heldout_codes_bytes
 from sae_platform.model import HookedModel
 from sae_platform.sae import Codes
 from sae_platform.settings import setting, validate
+from sae_platform.shuffle import iter_shuffled, open_shuffled
+from sae_platform.trainer import load_sae
 
 
 @dataclass(frozen=True)
@@ -277,8 +282,6 @@ def heldout_activation_batches(store, shuffle_name: str, holdout_rows: int,
                                batch_rows: int = 4096) -> Iterable[np.ndarray]:
     """The rows the trainer never saw: the last ``holdout_rows`` of the shuffled store, checked
     finite as the trainer checks its batches (an error names the shuffled row and global row id)."""
-    from sae_platform.shuffle import iter_shuffled, open_shuffled
-
     n_rows = open_shuffled(store, shuffle_name).n_rows
     start = n_rows - holdout_rows
 
@@ -310,8 +313,6 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
     ``n_contexts`` is a warning on ``log`` (the CE is then measured on fewer tokens).
     ``setting_name``: the evaluation setting that asked for ``n_contexts`` and ``what`` they are for,
     named in both."""
-    from sae_platform.corpus import pack_contexts
-
     token_lists = [t for _, lists in sources for t in lists]
     names = ", ".join(name for name, _ in sources) or "(no file)"
     n_tokens = sum(len(t) for t in token_lists)
@@ -338,11 +339,6 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
     return contexts.tokens
 
 
-def eval_name(run: str) -> str:
-    """The artifact holding SAE ``run``'s evaluation (report.json, density.npy)."""
-    return f"eval/{run}"
-
-
 def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
                  device: torch.device, sink_norm_factor: float = 10.0,
                  density_over_all_rows: bool = True, metric_tokens: np.ndarray | None = None,
@@ -360,8 +356,6 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
     held-out codes they were measured on ``heldout_codes.npz`` (the feature explanations reuse
     them). The downstream CE and the feature metrics read and splice at the SAE's own hook point
     (``activations.activation_hook_entry`` of its shuffled store)."""
-    from sae_platform.trainer import checkpoint_version, load_sae
-
     checkpoint = checkpoint_version(store, run)  # read before loading: a later commit then mismatches
     sae, cfg = load_sae(store, run, device)
     if cfg["data"]["shuffle"] != shuffle_name:
@@ -376,8 +370,6 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
     report = {"run": run, "checkpoint_step": cfg["step"], "training_tokens": cfg["tokens"], **metrics,
               "heldout_dead_fraction": metrics["dead_fraction"], "heldout_tokens": metrics["n_tokens"]}
     if density_over_all_rows:  # dead = never fired on any cached token: the window is the whole store
-        from sae_platform.shuffle import iter_shuffled
-
         counts, n_all = firing_counts(sae, (acts for _, acts in iter_shuffled(store, shuffle_name, 4096)))
         density = counts / max(n_all, 1)
         report.update({"dead_fraction": float((counts == 0).mean()), "n_dead": int((counts == 0).sum()),
@@ -397,15 +389,11 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
         report.update({k if k.startswith("ce_") or k == "loss_recovered" else f"ce_{k}": v for k, v in ce.items()})
     details = None
     if hooked is not None and metric_tokens is not None:
-        from sae_platform.metrics import feature_metrics
-
         figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens, **points)
         report.update(figures)
     with store.writing(eval_name(run), checkpoint_step=cfg["step"]) as version:
         store.write_json(f"{version}/report.json", report)
         if details is not None:
-            from sae_platform.metrics import HELDOUT_CODES_FILE, heldout_codes_bytes
-
             store.write_json(f"{version}/probes.json", details["probes"])
             store.fs.pipe_file(f"{version}/{HELDOUT_CODES_FILE}", heldout_codes_bytes(details["codes"], checkpoint))
         buffer = io.BytesIO()

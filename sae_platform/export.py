@@ -54,9 +54,12 @@ import os
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from sae_platform.activations import activation_attrs
+from sae_platform.catalog import export_name
 from sae_platform.errors import ModelError, PlatformError
 from sae_platform.hooks import parse_hook_point
 from sae_platform.storage import write_local_atomic
+from sae_platform.trainer import load_sae
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -209,9 +212,6 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
 
 def export_run(store, run: str) -> dict | None:
     """Export checkpoint ``run`` to ``saelens/<run>`` (committed atomically); None for Switch SAEs."""
-    from sae_platform.activations import activation_attrs
-    from sae_platform.trainer import load_sae
-
     sae, cfg = load_sae(store, run)
     if cfg["sae"]["variant"] not in ARCHITECTURES:
         return None
@@ -221,7 +221,7 @@ def export_run(store, run: str) -> dict | None:
         except PlatformError:
             return None
     attrs = activation_attrs(store, cfg["data"]["shuffle"])
-    with store.writing(f"saelens/{run}", checkpoint_step=cfg["step"]) as version:
+    with store.writing(export_name(run), checkpoint_step=cfg["step"]) as version:
         transcoder = attrs.get("hook_name_in") is not None  # a paired store: input -> hook_name
         hook_name = attrs["hook_name_in"] if transcoder else attrs.get("hook_name", "")
         try:
@@ -232,4 +232,4 @@ def export_run(store, run: str) -> dict | None:
                                 model_name=attrs.get("model", ""),
                                 fs=None if store.is_local else store.fs, context_size=attrs.get("ctx_len"),
                                 hook_name_out=attrs.get("hook_name") if transcoder else None)
-    return {**result, "path": store.url(store.resolve(f"saelens/{run}"))}
+    return {**result, "path": store.url(store.resolve(export_name(run)))}

@@ -23,7 +23,7 @@ kernels by shape), so the brute-force check replays pass 1's batch boundaries an
 bit for bit.
 
 Order and ties. Examples are ordered by activation (descending), then partition key (ascending,
-the order of ``activations.list_partitions``), then row (ascending). Inside pass 1 the activation's
+the order of ``catalog.list_partitions``), then row (ascending). Inside pass 1 the activation's
 float32 bits and the row are packed into one int64 ``(bits << 32) | (2**32 - 1 - row)``, so integer
 comparisons give exactly this order on any device.
 
@@ -117,13 +117,21 @@ import numpy as np
 import polars as pl
 import torch
 
-from sae_platform.activations import list_partitions, open_partition, partition_name
+from sae_platform.activations import open_partition
+from sae_platform.catalog import (
+    FIRST_STORE,
+    codes_name,
+    list_partitions,
+    partial_name,
+    partials_folder,
+    partition_name,
+    tables_name,
+)
 from sae_platform.errors import PlatformError
 from sae_platform.sae import SparseAutoencoder
 from sae_platform.settings import setting, validate
 from sae_platform.storage import ArtifactStore
 
-PREFIX = "features"
 HIST_EDGES = np.logspace(-4, 4, 65).astype(np.float32)
 N_HIST_BINS = len(HIST_EDGES) + 1  # + underflow and overflow
 KEY_PAD = np.iinfo(np.int64).max    # an empty slot in a bottom-m buffer
@@ -423,7 +431,7 @@ class Partial:
     entries_sum: float | None = None  # their activations' sum (float64), accumulated apart
     sae: dict = field(default_factory=dict)  # {"config": ..., "fingerprint": ...}
     diagnostics: dict = field(default_factory=dict)
-    group: str = "data.zarr"  # the partition's hook-point store the rows were read from (activations.store_group)
+    group: str = FIRST_STORE  # the partition's hook-point store the rows were read from (activations.store_group)
 
     ARRAYS = ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "sum", "max", "hist")
     WITNESS = ("witness", "witness_feature", "witness_row", "witness_act")
@@ -495,11 +503,11 @@ def row_widths(sae) -> tuple[int, ...]:
     return (sae.d_model, sae.d_model + sae.d_out) if sae.is_transcoder else (sae.d_model,)
 
 
-def _open_checked(store: ArtifactStore, sae, key: str, group: str = "data.zarr"):
+def _open_checked(store: ArtifactStore, sae, key: str, group: str = FIRST_STORE):
     part = open_partition(store, key, group)  # StorageError naming the partition and the fix if missing
     width = part.acts.shape[1] if len(part.acts.shape) == 2 else None
     if width not in row_widths(sae):
-        where = "" if group == "data.zarr" else f" (hook-point store {group})"
+        where = "" if group == FIRST_STORE else f" (hook-point store {group})"
         raise FeatureError(f"activation partition {key!r}{where} has rows of width {width} but the SAE expects "
                            f"d_model {sae.d_model}",
                            "use an SAE trained on the model and hook point these activations were cached from")
@@ -652,7 +660,7 @@ class _ShardState:
 def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list[tuple[int, int]], *,
                      top_k: int = 20, reservoir_factor: int = 10, seed: int = 0, batch_rows: int = 4096,
                      check_features: int = 64, device=None, on_codes=None,
-                     group: str = "data.zarr") -> list[Partial]:
+                     group: str = FIRST_STORE) -> list[Partial]:
     """Pass 1 for one activation partition and every feature shard in ``shards`` (latent ranges
     [start, stop)), reading and encoding each row once: stream the partition in batches and keep
     per feature the top_k activations, a bottom-R random sample (R = reservoir_factor * top_k),
@@ -669,7 +677,7 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     codes and the partition's row count (sparse route only; ``write_codes`` keeps them for pass 3).
 
     ``group``: the partition's hook-point store to read (``activations.store_group``; the SAE's
-    own: ``shuffle.input_group`` of the shuffled store it was trained on). A transcoder reads its
+    own: ``catalog.shuffled_input_group`` of the shuffled store it was trained on). A transcoder reads its
     paired rows [input | output] and encodes the input half."""
     if not shards:
         raise FeatureError("compute_partials needs at least one feature shard", "pass feature_shards(n_latents, n)")
@@ -773,7 +781,7 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
 
 def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, stop: int, *, top_k: int = 20,
                     reservoir_factor: int = 10, seed: int = 0, batch_rows: int = 4096, check_features: int = 64,
-                    device=None, group: str = "data.zarr") -> Partial:
+                    device=None, group: str = FIRST_STORE) -> Partial:
     """Pass 1 for one activation partition and latents [start, stop) (``compute_partials`` with
     one shard). For TopK-style variants prefer one ``compute_partials`` call over all shards:
     each call runs the full selection."""
@@ -810,10 +818,6 @@ def compute_and_write_partials(store: ArtifactStore, sae, run: str, partition_ke
     return partials
 
 
-def codes_name(run: str, partition_key: str) -> str:
-    return f"{PREFIX}/{run}/codes/{partition_key}"
-
-
 def write_codes(store: ArtifactStore, run: str, partition_key: str, values: np.ndarray, indices: np.ndarray, *,
                 partition_version: str | None, fingerprint: str) -> str:
     """Commit pass 1's sparse codes of one partition: ``values`` float32 [n_rows, K] and
@@ -843,10 +847,6 @@ def read_codes(store: ArtifactStore, run: str, partition_key: str, sae) -> tuple
         return arrays["values"], arrays["indices"]
 
 
-def partial_name(run: str, partition_key: str, shard_index: int) -> str:
-    return f"{PREFIX}/{run}/partial/{partition_key}/f{int(shard_index)}"
-
-
 def write_partial(store: ArtifactStore, run: str, partition_key: str, shard_index: int, partial: Partial) -> str:
     """Commit a partial atomically; returns the committed version path."""
     if partial.partition != partition_key:
@@ -872,13 +872,13 @@ def read_partial(store: ArtifactStore, run: str, partition_key: str, shard_index
     fields = {k: meta[k] for k in ("partition", "partition_version", "start", "stop", "top_k", "reservoir_size",
                                    "seed", "batch_rows", "n_tokens", "sae")}
     fields.update({k: meta.get(k) for k in ("n_entries", "entries_sum")})
-    return Partial(**fields, **data, group=meta.get("group", "data.zarr"))
+    return Partial(**fields, **data, group=meta.get("group", FIRST_STORE))
 
 
 def list_partials(store: ArtifactStore, run: str, shard_index: int) -> list[str]:
     """Partition keys that have a committed partial for this run and feature shard, sorted."""
     try:
-        entries = store.fs.ls(store.path(f"{PREFIX}/{run}/partial"), detail=False)
+        entries = store.fs.ls(partials_folder(store, run), detail=False)
     except FileNotFoundError:
         return []
     keys = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
@@ -1074,10 +1074,6 @@ def _examples_frame(s: _Merged, start: int, n_intervals: int, per_interval: int)
     return pl.DataFrame(frame)
 
 
-def tables_name(run: str, shard_index: int) -> str:
-    return f"{PREFIX}/{run}/tables/f{int(shard_index)}"
-
-
 def write_tables(store: ArtifactStore, run: str, shard_index: int, tables: FeatureTables) -> str:
     """Commit stats.parquet, examples.parquet and meta.json of one feature shard together."""
     name = tables_name(run, shard_index)
@@ -1099,7 +1095,7 @@ def read_tables(store: ArtifactStore, run: str, shard_index: int) -> FeatureTabl
 def build_feature_tables(store: ArtifactStore, sae, run: str, *, n_feature_shards: int = 1,
                          partitions: list[str] | None = None, top_k: int = 20, reservoir_factor: int = 10,
                          seed: int = 0, batch_rows: int = 4096, n_intervals: int = 5, per_interval: int = 4,
-                         check_features: int = 64, device=None, group: str = "data.zarr") -> list[dict]:
+                         check_features: int = 64, device=None, group: str = FIRST_STORE) -> list[dict]:
     """Both passes, in this process: every partition's partials (all feature shards from one
     encode), then every shard's tables. The Dagster layer runs the same functions as separate
     partitioned steps."""
@@ -1219,7 +1215,7 @@ def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, sta
         pointer = store.pointer(partition_name(info["key"])) or {}
         if pointer.get("version") != info["version"]:
             bad(None, f"partition {info['key']} version", info["version"], pointer.get("version"))
-        part = _open_checked(store, sae, info["key"], meta.get("group", "data.zarr"))
+        part = _open_checked(store, sae, info["key"], meta.get("group", FIRST_STORE))
         if part.n_rows != info["n_tokens"]:
             bad(None, f"partition {info['key']} n_rows", info["n_tokens"], part.n_rows)
         n_tokens += part.n_rows

@@ -7,7 +7,18 @@ rebuilt the same thing, or a materialization made outside Dagster cannot fool it
 the schedule that keep the pipeline up to date both ask this module.
 """
 
-from sae_platform.activations import list_partitions, partition_name
+from sae_platform.browser import site_record
+from sae_platform.catalog import (
+    browser_dir,
+    cached_hook_points,
+    checkpoint_name,
+    hook_shuffle_names,
+    lineage_record_path,
+    list_partitions,
+    partition_name,
+    pinned_checkpoint,
+    shuffled_name,
+)
 from sae_platform.storage import ArtifactStore
 
 
@@ -31,13 +42,10 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
     """Why the downstream of the cached activations is out of date; empty when it is current (or
     when nothing is cached yet: there is nothing to build from).
 
-    Every hook point's shuffled store (``shuffle.hook_shuffle_names``: ``shuffle_name`` for the
+    Every hook point's shuffled store (``catalog.hook_shuffle_names``: ``shuffle_name`` for the
     first entry of ``caching.config.hook_points``, ``<shuffle_name>.h<i>`` for entry i) must pin
     the cached versions; one reason per store that does not. The SAE ``sae_name`` must be a
     finished training on the current plan of the store it was trained on (its own hook point's)."""
-    from sae_platform.activations import cached_hook_points
-    from sae_platform.shuffle import hook_shuffle_names
-
     cached = cached_versions(store)
     if not cached:
         return []
@@ -46,7 +54,7 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
     reasons, indexes = [], {}
     for i, name in enumerate(names):
         label = f"{name!r}" + (f" ({hooks[i]})" if len(names) > 1 and i < len(hooks) else "")
-        shuffled = store.resolve(f"shuffled/{name}")
+        shuffled = store.resolve(shuffled_name(name))
         if shuffled is None:
             reasons.append(f"no shuffled store {label} yet ({len(cached)} cached partition(s))")
             continue
@@ -56,7 +64,7 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
             reasons.append(_describe_change(pinned, cached, label))
     if reasons:
         return reasons
-    checkpoint = store.pointer(f"sae/{sae_name}")
+    checkpoint = store.pointer(checkpoint_name(sae_name))
     if checkpoint is None:
         return [f"SAE {sae_name!r} was never trained"]
     trained = checkpoint.get("data", {}).get("shuffle") or shuffle_name
@@ -73,12 +81,12 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
 def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: int) -> list[str]:
     """Why the feature tables, context windows or browser of ``sae_name`` do not describe its current
     checkpoint; empty when they all do."""
-    checkpoint = store.pointer(f"sae/{sae_name}")
+    checkpoint = store.pointer(checkpoint_name(sae_name))
     if checkpoint is None:
         return [f"SAE {sae_name!r} was never trained"]
     reasons = []
     for i in range(n_feature_shards):
-        recorded = _recorded_checkpoint(store, store.path("features", sae_name, "lineage", f"f{i}.json"))
+        recorded = _recorded_checkpoint(store, lineage_record_path(store, sae_name, i))
         if recorded is None:
             reasons.append(f"feature tables f{i} of {sae_name!r} were never built")
         elif recorded != checkpoint["version"]:
@@ -107,15 +115,9 @@ def _describe_change(pinned: dict[str, str], cached: dict[str, str], label: str 
 def _recorded_checkpoint(store: ArtifactStore, lineage_path: str) -> str | None:
     if not store.fs.exists(lineage_path):
         return None
-    return store.read_json(lineage_path).get("sae_checkpoint", {}).get("version")
+    return pinned_checkpoint(store.read_json(lineage_path))
 
 
 def browser_checkpoint(store: ArtifactStore, sae_name: str) -> str | None:
     """The checkpoint version the feature browser of ``sae_name`` shows (None: no browser)."""
-    site = store.path("browser", sae_name)
-    pointer = f"{site}/site.json"
-    if not store.fs.exists(pointer):
-        return None
-    data = store.read_json(pointer)["data"]
-    index = store.read_json(f"{site}/{data}/index.json")
-    return index.get("lineage", {}).get("sae_checkpoint", {}).get("version")
+    return pinned_checkpoint(site_record(store, browser_dir(store, sae_name)))

@@ -24,25 +24,11 @@ from dataclasses import dataclass
 
 import fsspec
 
-from sae_platform.corpus import Listing, Skipped, TextFile, check_key, scan_source, source_stamp
+from sae_platform.catalog import failed_attempt_path, failed_attempts_glob, list_partitions, partition_name
+from sae_platform.corpus import Listing, Skipped, TextFile, scan_source, source_stamp
 from sae_platform.storage import ArtifactStore
 
-FAILED = "FAILED.json"
 _HASHES: dict[tuple[str, str], str] = {}  # (url, stamp) → sha256: a file is hashed once per version
-
-
-PREFIX = "activations"  # the artifact prefix of cached activation partitions
-
-
-def partition_name(key: str) -> str:
-    """``activations/<key>``; refuses a key that is not one safe path segment, so nothing is ever
-    written outside ``activations/<key>/``."""
-    return f"{PREFIX}/{check_key(key)}"
-
-
-def list_partitions(store: ArtifactStore) -> list[str]:
-    """Keys of the committed activation partitions."""
-    return [name.split("/", 1)[1] for name in store.committed_names(PREFIX)]
 
 
 @dataclass
@@ -123,12 +109,12 @@ def scan_inbox(pattern: str, storage_options: dict | None = None, store: Artifac
 
 def record_failed_attempt(store: ArtifactStore, key: str, stamp: str | None, reason: str) -> None:
     """Remember that caching ``key`` failed for the file version ``stamp`` (next to the pointer)."""
-    store.write_json(store.path(partition_name(key), FAILED),
+    store.write_json(failed_attempt_path(store, key),
                      {"key": key, "stamp": stamp, "reason": reason, "failed_at": time.time()})
 
 
 def clear_failed_attempt(store: ArtifactStore, key: str) -> None:
-    path = store.path(partition_name(key), FAILED)
+    path = failed_attempt_path(store, key)
     if store.fs.exists(path):
         store.fs.rm_file(path)
 
@@ -136,7 +122,7 @@ def clear_failed_attempt(store: ArtifactStore, key: str) -> None:
 def failed_attempts(store: ArtifactStore) -> dict[str, dict]:
     """key → {stamp, reason, failed_at} for every recorded failure."""
     try:
-        paths = store.fs.glob(store.path("activations", "*", FAILED))
+        paths = store.fs.glob(failed_attempts_glob(store))
     except FileNotFoundError:
         return {}
     failed = {}

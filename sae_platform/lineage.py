@@ -5,33 +5,33 @@ checkpoint records the shuffle plan id, feature tables record the checkpoint the
 the lineage printed here is what the table was built from, not what happens to be newest now.
 """
 
+from sae_platform import catalog
 from sae_platform.errors import StorageError
 from sae_platform.storage import ArtifactStore
 
 
 def feature_table_lineage(store: ArtifactStore, run: str, shard_index: int, run_id: str | None = None) -> dict:
     """SAE checkpoint → shuffled store → activation partitions → base model, for one feature shard."""
-    tables = store.pointer(f"features/{run}/tables/f{shard_index}")
+    tables = store.pointer(catalog.tables_name(run, shard_index))
     if tables is None:
         raise StorageError(f"feature tables of {run!r} shard {shard_index} do not exist",
                            "materialize feature_topk for that shard first")
-    checkpoint = store.pointer(f"sae/{run}")
+    checkpoint = store.pointer(catalog.checkpoint_name(run))
     if checkpoint is None:
         raise StorageError(f"the SAE checkpoint {run!r} behind the feature tables is gone",
                            "re-train it (materialize sae_checkpoint) and rebuild the tables")
     data = checkpoint.get("data", {})
-    shuffled_path = store.resolve(f"shuffled/{data.get('shuffle')}")
+    shuffled_path = store.resolve(catalog.shuffled_name(data.get("shuffle")))
     index = store.read_json(f"{shuffled_path}/index.json") if shuffled_path else {}
     inputs = index.get("inputs", [])
     first = inputs[0] if inputs else None
     attrs = {}
     if first:
-        from sae_platform.shuffle import input_group  # the store of the SAE's own hook point
-
-        group = store.open_group(store.path("activations", first["key"], first["version"],
-                                            input_group(data.get("shuffle") or "")), mode="r")
+        group = store.open_group(catalog.partition_store_path(  # the store of the SAE's own hook point
+            store, first["key"], first["version"], catalog.store_group(catalog.shuffled_store_index(index))), mode="r")
         attrs = dict(group.attrs)
     return {
+        **catalog.checkpoint_pin(checkpoint["version"]),
         "feature_table": {"sae": run, "shard": shard_index, "version": tables["version"],
                           "features": [tables.get("start"), tables.get("stop")], "dagster_run_id": run_id},
         "sae_checkpoint": {"name": run, "version": checkpoint["version"], "step": checkpoint.get("step"),
@@ -44,14 +44,9 @@ def feature_table_lineage(store: ArtifactStore, run: str, shard_index: int, run_
     }
 
 
-def lineage_record_path(store: ArtifactStore, run: str, shard_index: int) -> str:
-    """Where ``feature_topk`` records the lineage of shard ``shard_index`` (with its Dagster run)."""
-    return store.path("features", run, "lineage", f"f{shard_index}.json")
-
-
 def recorded_lineage(store: ArtifactStore, run: str, shard_index: int) -> dict:
     """The lineage recorded with shard ``shard_index``'s tables, else read back from the artifacts."""
-    path = lineage_record_path(store, run, shard_index)
+    path = catalog.lineage_record_path(store, run, shard_index)
     if store.fs.exists(path):
         return store.read_json(path)
     return feature_table_lineage(store, run, shard_index)

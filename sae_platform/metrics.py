@@ -16,6 +16,7 @@ returns flat numbers for ``sae_eval``'s report plus a per-property table.
 
 import io
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -23,8 +24,11 @@ import torch
 from sae_platform import explain as n2g
 from sae_platform.ablation import ablation_sparsities
 from sae_platform.activations import sae_hook_entry
+from sae_platform.catalog import checkpoint_pin, checkpoint_version, explanations_name, is_current
+from sae_platform.contexts import token_display_strings
 from sae_platform.errors import PlatformError
 from sae_platform.hooks import sae_hook_points
+from sae_platform.similarity import cooccurring, nearest_by_decoder
 from sae_platform.model import HookedModel
 from sae_platform.probes import (
     PROPERTIES,
@@ -158,8 +162,6 @@ def n2g_heldout(codes: HeldoutCodes, n_latents: int) -> tuple[dict, list[dict]]:
 def probe_metrics(codes: HeldoutCodes, tokenizer, n_latents: int) -> tuple[dict, list[dict]]:
     """Best 1-D probe loss per property for the SAE's latents and for the neurons it reads (the
     channels of its input hook point, ``codes.neurons``)."""
-    from sae_platform.contexts import token_display_strings
-
     labels = {k: [] for k in PROPERTIES}
     for row in codes.tokens:
         props = token_properties(token_display_strings(tokenizer, row))
@@ -205,11 +207,6 @@ def feature_metrics(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point:
 
 # -- per feature shard: explanations from the feature tables, related features -------------------
 
-def explanations_name(run: str, shard_index: int) -> str:
-    """The artifact holding feature shard ``shard_index``'s explanations (explanations.parquet)."""
-    return f"features/{run}/explanations/f{shard_index}"
-
-
 EXPLANATIONS_FILE = "explanations.parquet"
 
 
@@ -228,12 +225,6 @@ def explain_shard(store, run: str, sae, tokenizer, codes: HeldoutCodes, shard_in
     latents by decoder cosine and the ``cooccurring_k`` latents firing with it most often on the
     held-out text. Commits ``explanations_name(run, shard_index)`` (pinned to the checkpoint
     version) and returns (summary: n2g_* figures of ``explain.summarize``, the frame)."""
-    from functools import cache
-
-    from sae_platform.contexts import token_display_strings
-    from sae_platform.similarity import cooccurring, nearest_by_decoder
-    from sae_platform.trainer import checkpoint_version
-
     stream = n2g_stream(codes)
     firing = n2g.firing_by_feature(codes.positions, codes.features, sae.n_latents)
 
@@ -250,7 +241,7 @@ def explain_shard(store, run: str, sae, tokenizer, codes: HeldoutCodes, shard_in
                    cooccurring=[f for f, _ in co[row["feature"]]],
                    cooccurring_shares=[share for _, share in co[row["feature"]]])
     frame = n2g.explanations_frame(rows)
-    with store.writing(explanations_name(run, shard_index), checkpoint=checkpoint_version(store, run)) as version:
+    with store.writing(explanations_name(run, shard_index), **checkpoint_pin(checkpoint_version(store, run))) as version:
         store.write_parquet(f"{version}/{EXPLANATIONS_FILE}", frame)
     return n2g.summarize(rows), frame
 
@@ -263,7 +254,4 @@ def read_explanations(store, run: str, shard_index: int):
 
 def explanations_current(store, run: str, shard_index: int) -> bool:
     """Whether shard ``shard_index``'s explanations describe SAE ``run``'s current checkpoint."""
-    from sae_platform.trainer import checkpoint_version
-
-    pointer, checkpoint = store.pointer(explanations_name(run, shard_index)), checkpoint_version(store, run)
-    return pointer is not None and checkpoint is not None and pointer.get("checkpoint") == checkpoint
+    return is_current(store, run, store.pointer(explanations_name(run, shard_index)))

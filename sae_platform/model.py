@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sae_platform import catalog
 from sae_platform.devices import auto_dtype, device_name, local_rank
 from sae_platform.errors import ModelError
 from sae_platform.hooks import (
@@ -228,13 +229,9 @@ def load_hooked_model(model_dir: str, layer: int | None = None, device: str = "a
                        start_token_id(model, tokenizer), points)
 
 
-def model_artifact_name(source: str) -> str:
-    return "models/" + "".join(c if c.isalnum() or c in "-_." else "_" for c in source.strip("/"))
-
-
 def store_base_model(store, source: str = EMBEDDED_MODEL) -> dict:
     """Convert ``source`` to safetensors and commit it as the base-model artifact."""
-    name = model_artifact_name(source)
+    name = catalog.model_name(source)
     with store.writing(name, source=source) as version:
         if store.is_local:
             info = convert_to_safetensors(source, version)
@@ -252,7 +249,7 @@ def load_stored_model(store, source: str = EMBEDDED_MODEL, layer: int | None = N
     A version removed while it loads (another run converted it again and the grace period ran
     out) is a StorageError that says so."""
     model_dir, converted = ensure_base_model(store, source)
-    name = model_artifact_name(source)
+    name = catalog.model_name(source)
     version = (store.pointer(name) or {}).get("version", "?") if not store.is_local else \
         model_dir.rstrip("/").rsplit("/", 1)[-1]
     with store.reading(name, version, f"base model {source!r}"):
@@ -265,7 +262,7 @@ def load_stored_tokenizer(store, source: str = EMBEDDED_MODEL):
 
     _quiet_transformers()
     model_dir, _ = ensure_base_model(store, source)
-    name = model_artifact_name(source)
+    name = catalog.model_name(source)
     version = (store.pointer(name) or {}).get("version", "?") if not store.is_local else \
         model_dir.rstrip("/").rsplit("/", 1)[-1]
     with store.reading(name, version, f"base model {source!r}"):
@@ -274,7 +271,7 @@ def load_stored_tokenizer(store, source: str = EMBEDDED_MODEL):
 
 def ensure_base_model(store, source: str = EMBEDDED_MODEL) -> tuple[str, bool]:
     """Local directory of the stored base model, converting it first if it was never stored."""
-    name = model_artifact_name(source)
+    name = catalog.model_name(source)
     created = store.resolve(name) is None
     if created:
         store_base_model(store, source)

@@ -64,23 +64,10 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.buffer.cpu import NDBuffer
 
+from sae_platform import catalog
 from sae_platform.errors import StorageError
 from sae_platform.storage import ArtifactStore
 from sae_platform.settings import setting, validate
-
-# The layout of sae_platform.activations, not imported from there because that module pulls in
-# torch: shuffle workers and their memory checks stay light.
-ACTIVATIONS = "activations"
-SCRATCH = "shuffle"
-SHUFFLED = "shuffled"
-
-
-def store_group(index: int) -> str:
-    """Where entry ``index`` of a caching pass lives inside an activation partition: the first in
-    ``data.zarr`` (what the shuffle reads), the others in ``hooks/<index>.zarr``. Defined here, not
-    in sae_platform.activations (which uses it), so that a shuffle worker never imports torch:
-    importing it from there added ~150-250 MiB to a worker's RSS (benchmarks/shuffle_throughput.py)."""
-    return "data.zarr" if index == 0 else f"hooks/{index}.zarr"
 
 ID_BYTES = 8
 FINAL_SHARE = 0.7  # of the budget, for a final bucket and its permutation; the rest for reading/writing
@@ -221,31 +208,34 @@ class ShuffleRun:
     dtype: str
     inputs: tuple[dict, ...]  # key, version, n_rows, offset (global index of its first row)
     plan: ShufflePlan = field(repr=False)
+    store_index: int = 0  # the hook-point entry whose store (catalog.store_group) every input is read from
 
 
 def describe_plan(store: ArtifactStore, name: str, *, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
-                  seed: int, keys: list[str] | None = None) -> dict:
-    """The plan the current inputs and settings give, with its ``plan_id``, without writing it."""
+                  seed: int, keys: list[str] | None = None, store_index: int = 0) -> dict:
+    """The plan the current inputs and settings give, with its ``plan_id``, without writing it.
+    ``store_index``: which hook-point entry's store of each partition to read (``catalog.store_group``;
+    0, the first, is left out of the hashed body so plan ids of first-entry stores do not change)."""
     _check_name(name)
     _require(isinstance(seed, int) and seed >= 0, f"seed={seed!r} is not a non-negative integer",
              "use a seed such as 0")
-    inputs, d_model, dtype, chunk_rows = _describe_inputs(store, keys, input_group(name))
+    inputs, d_model, dtype, chunk_rows = _describe_inputs(store, keys, catalog.store_group(store_index))
     n_rows = sum(i["n_rows"] for i in inputs)
     plan = plan_shuffle(n_rows, d_model * np.dtype(dtype).itemsize, n_buckets, memory_budget_bytes, n_jobs,
                         chunk_rows)
     body = {"name": name, "seed": seed, "d_model": d_model, "dtype": dtype, "inputs": inputs,
-            "plan": _plan_dict(plan)}
+            "plan": _plan_dict(plan), **({"store_index": store_index} if store_index else {})}
     return {**body, "plan_id": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]}
 
 
 def start_shuffle(store: ArtifactStore, name: str, *, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
-                  seed: int, keys: list[str] | None = None) -> ShuffleRun:
+                  seed: int, keys: list[str] | None = None, store_index: int = 0) -> ShuffleRun:
     """Validate and pin the inputs, plan, and commit the plan so that every job sees the same rows.
 
     Re-running with the same inputs and settings keeps the plan (and the jobs already done).
     """
     body = describe_plan(store, name, n_buckets=n_buckets, memory_budget_bytes=memory_budget_bytes, n_jobs=n_jobs,
-                         seed=seed, keys=keys)
+                         seed=seed, keys=keys, store_index=store_index)
     current = store.pointer(_plan_name(name))
     if current is None or current.get("plan_id") != body["plan_id"]:
         with store.writing(_plan_name(name), plan_id=body["plan_id"]) as version:
@@ -262,13 +252,13 @@ def planned_id(store: ArtifactStore, name: str) -> str | None:
 def pinned_keys(store: ArtifactStore, name: str) -> list[str]:
     """The activation partitions the committed shuffled store was built from, sorted: what the SAEs
     trained on it (and their feature tables) describe."""
-    path = store.require(f"{SHUFFLED}/{name}", f"the shuffled store {name!r}", "materialize shuffled_activations first")
+    path = store.require(catalog.shuffled_name(name), f"the shuffled store {name!r}", "materialize shuffled_activations first")
     return sorted(i["key"] for i in store.read_json(f"{path}/index.json")["inputs"])
 
 
 def committed_plan_id(store: ArtifactStore, name: str) -> str | None:
     """The plan id of the committed shuffled store (None when nothing is committed)."""
-    pointer = store.pointer(f"{SHUFFLED}/{name}")
+    pointer = store.pointer(catalog.shuffled_name(name))
     return pointer.get("plan_id") if pointer else None
 
 
@@ -276,23 +266,23 @@ def load_run(store: ArtifactStore, name: str) -> ShuffleRun:
     path = store.require(_plan_name(name), f"the plan of shuffle {name!r}", "run start_shuffle first")
     body = store.read_json(f"{path}/plan.json")
     return ShuffleRun(body["name"], body["plan_id"], body["seed"], body["d_model"], body["dtype"],
-                      tuple(body["inputs"]), _plan_from_dict(body["plan"]))
+                      tuple(body["inputs"]), _plan_from_dict(body["plan"]), catalog.shuffled_store_index(body))
 
 
 def _describe_inputs(store: ArtifactStore, keys: list[str] | None,
-                     group: str = "data.zarr") -> tuple[list[dict], int, str, int]:
+                     group: str = catalog.FIRST_STORE) -> tuple[list[dict], int, str, int]:
     """Pinned versions and offsets of the input partitions; refuses mixes that cannot be one dataset."""
     if keys is None:
-        keys = [n.split("/", 1)[1] for n in store.committed_names(ACTIVATIONS)]
+        keys = catalog.list_partitions(store)
     _require(len(keys) > 0, "there are no committed activation partitions to shuffle",
              "materialize the activations asset first")
     _require(len(set(keys)) == len(keys), f"input keys repeat: {sorted(keys)}", "list each partition once")
     inputs, shapes, offset = [], {}, 0
     for key in sorted(keys):
-        pointer = store.pointer(f"{ACTIVATIONS}/{key}")
+        pointer = store.pointer(catalog.partition_name(key))
         if pointer is None:
             raise StorageError(f"activation partition {key!r} is missing (nothing committed at "
-                               f"{store.url(store.path(ACTIVATIONS, key))})",
+                               f"{store.url(store.path(catalog.partition_name(key)))})",
                                "materialize the activations asset for that partition first, "
                                "or leave it out of the shuffle's inputs")
         acts = _open_acts(store, key, pointer["version"], group)
@@ -312,47 +302,8 @@ def _describe_inputs(store: ArtifactStore, keys: list[str] | None,
     return inputs, d_model, dtype, max(c for _, _, c in shapes.values())
 
 
-def _open_acts(store: ArtifactStore, key: str, version: str, group: str = "data.zarr"):
-    return store.open_group(store.path(ACTIVATIONS, key, version, group), mode="r")["acts"]
-
-
-def hook_store_name(name: str, index: int) -> str:
-    """The shuffled store of a caching pass's hook-point entry ``index``: ``name`` for the first
-    entry, ``<name>.h<index>`` for the others (``store_group``)."""
-    _check_name(name)
-    return name if index == 0 else f"{name}.h{index}"
-
-
-def hook_shuffle_names(store: ArtifactStore, name: str) -> list[str]:
-    """Shuffled store names of every hook-point entry the cached activations hold (``name`` alone
-    when nothing is cached yet)."""
-    from sae_platform.activations import cached_hook_points
-
-    return [hook_store_name(name, i) for i in range(max(1, len(cached_hook_points(store))))]
-
-
-def shuffle_for_hook_point(store: ArtifactStore, name: str, hook_point: str | None) -> str:
-    """The shuffled store holding ``hook_point`` (an entry of ``caching.config.hook_points``; for a
-    transcoder pair its 'IN -> OUT' spec); ``name`` itself for None. StorageError listing the
-    cached entries when it was not cached."""
-    if hook_point is None:
-        return name
-    from sae_platform.activations import cached_hook_points
-
-    cached = cached_hook_points(store)
-    wanted = " -> ".join(p.strip() for p in hook_point.split("->"))
-    if wanted not in cached:
-        raise StorageError(f"hook point {hook_point!r} was not cached (the activations hold: "
-                           f"{', '.join(cached) or 'nothing yet'})",
-                           "add it to resources.caching.config.hook_points and cache again, or name a cached one "
-                           "in the sweep entry's hook_point")
-    return hook_store_name(name, cached.index(wanted))
-
-
-def input_group(name: str) -> str:
-    """The store inside each activation partition that shuffle ``name`` reads (hook_store_name's inverse)."""
-    match = re.fullmatch(r".*\.h([1-9][0-9]*)", name)
-    return store_group(int(match.group(1)) if match else 0)
+def _open_acts(store: ArtifactStore, key: str, version: str, group: str = catalog.FIRST_STORE):
+    return store.open_group(catalog.partition_store_path(store, key, version, group), mode="r")["acts"]
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -524,7 +475,7 @@ def _raw_chunk_folder(store, run, part: dict, acts) -> str | None:
     endian = (codecs[0].to_dict().get("configuration") or {}).get("endian", "little")
     if np.dtype(acts.dtype).itemsize > 1 and endian != sys.byteorder:
         return None
-    return store.path(ACTIVATIONS, part["key"], part["version"], input_group(run.name), "acts")
+    return catalog.partition_store_path(store, part["key"], part["version"], catalog.store_group(run.store_index), "acts")
 
 
 def _read_raw_rows(acts, folder: str, start: int, end: int, out: np.ndarray) -> None:
@@ -549,12 +500,12 @@ def _read_raw_rows(acts, folder: str, start: int, end: int, out: np.ndarray) -> 
 
 
 def _open_pinned(store: ArtifactStore, run: ShuffleRun, part: dict):
-    pointer = store.pointer(f"{ACTIVATIONS}/{part['key']}")
+    pointer = store.pointer(catalog.partition_name(part['key']))
     if pointer is None or pointer["version"] != part["version"]:
         raise StorageError(f"activation partition {part['key']!r} changed or vanished since shuffle "
                            f"{run.name!r} was planned; its row indices would no longer match",
                            "re-run start_shuffle (the shuffle asset) from scratch")
-    return _open_acts(store, part["key"], part["version"], input_group(run.name))
+    return _open_acts(store, part["key"], part["version"], catalog.store_group(run.store_index))
 
 
 def _segment_blocks(store, run, path: str, count: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -662,7 +613,7 @@ def finalize_bucket(store: ArtifactStore, name: str, bucket: int) -> dict:
     _read_bucket(store, run, sources, ids, acts)
     with store.writing(_piece_name(run, bucket), plan_id=run.plan_id, n_rows=n) as version:
         if n:
-            _write_piece(store, run, f"{version}/data.zarr", acts, ids, order=source)
+            _write_piece(store, run, f"{version}/{catalog.PIECE_STORE}", acts, ids, order=source)
     seconds = time.perf_counter() - started
     return {"bucket": bucket, "rows": n, "bytes_read": n * (plan.row_bytes if sources is None else plan.record_bytes),
             "bytes_written": n * plan.record_bytes, "seconds": seconds}
@@ -818,8 +769,9 @@ def commit_shuffled(store: ArtifactStore, name: str) -> dict:
                            "delete the shuffle (delete_shuffle) and run it again from start_shuffle")
     index = {"name": name, "plan_id": run.plan_id, "seed": run.seed, "n_rows": offset, "d_model": run.d_model,
              "dtype": run.dtype, "chunk_rows": run.plan.chunk_rows, "n_passes": run.plan.n_passes,
-             "inputs": list(run.inputs), "plan": _plan_dict(run.plan), "pieces": pieces}
-    with store.writing(f"{SHUFFLED}/{name}", plan_id=run.plan_id, n_rows=offset) as version:
+             "inputs": list(run.inputs), "plan": _plan_dict(run.plan), "pieces": pieces,
+             "store_index": run.store_index}
+    with store.writing(catalog.shuffled_name(name), plan_id=run.plan_id, n_rows=offset) as version:
         store.write_json(f"{version}/index.json", index)
     _drop_stale_pieces(store, run)
     return {"n_rows": offset, "pieces": len(pieces), "n_passes": run.plan.n_passes, "plan_id": run.plan_id}
@@ -828,17 +780,17 @@ def commit_shuffled(store: ArtifactStore, name: str) -> dict:
 def _drop_stale_pieces(store, run: ShuffleRun) -> None:
     # Pieces of earlier plans are superseded: a run still training on them keeps reading them for
     # the store's grace period (ArtifactStore.retire), then they go.
-    keep = f"pieces-{run.plan_id}"
-    for entry in store.fs.ls(store.path(SHUFFLED, run.name), detail=False):
+    keep = catalog.shuffle_pieces_folder(run.plan_id)
+    for entry in store.fs.ls(catalog.shuffled_folder(store, run.name), detail=False):
         base = entry.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith("pieces-") and base != keep:
+        if base.startswith(catalog.shuffle_pieces_folder("")) and base != keep:
             store.retire(entry, superseded_by=keep)
 
 
 def delete_scratch(store: ArtifactStore, name: str) -> None:
     """The scatter files are as large as the data; drop them once the result is committed."""
     with contextlib.suppress(FileNotFoundError):
-        for entry in store.fs.ls(store.path(SCRATCH, name), detail=False):
+        for entry in store.fs.ls(catalog.shuffle_scratch_folder(store, name), detail=False):
             if entry.rstrip("/").rsplit("/", 1)[-1] != "plan":
                 store.fs.rm(entry, recursive=True)
 
@@ -846,8 +798,8 @@ def delete_scratch(store: ArtifactStore, name: str) -> None:
 def delete_shuffle(store: ArtifactStore, name: str) -> None:
     """Forget a shuffle entirely: its plan, scratch files and committed result."""
     _check_name(name)
-    store.delete(f"{SHUFFLED}/{name}")
-    store.delete(f"{SCRATCH}/{name}")
+    store.delete(catalog.shuffled_name(name))
+    store.delete(catalog.shuffle_scratch_name(name))
 
 
 @dataclass(frozen=True)
@@ -886,7 +838,7 @@ class Shuffled:
     def _open_piece(self, piece: dict):
         pointer = self.store.pointer(piece["name"])
         if pointer is None:
-            current = self.store.pointer(f"{SHUFFLED}/{self.name}")
+            current = self.store.pointer(catalog.shuffled_name(self.name))
             if current is not None and current.get("plan_id") != self.index["plan_id"]:
                 raise StorageError(
                     f"piece {piece['name']} of shuffled store {self.name!r} (plan {self.index['plan_id']}), which "
@@ -899,12 +851,12 @@ class Shuffled:
             raise StorageError(f"piece {piece['name']} of shuffled store {self.name!r} changed or vanished after "
                                "the store was committed", "re-run the shuffle (finalize and commit)")
         with self.store.reading(piece["name"], pointer["version"], f"piece {piece['name']}"):
-            group = self.store.open_group(self.store.path(piece["name"], pointer["version"], "data.zarr"), mode="r")
+            group = self.store.open_group(self.store.path(piece["name"], pointer["version"], catalog.PIECE_STORE), mode="r")
         return group, pointer["version"]
 
 
 def open_shuffled(store: ArtifactStore, name: str) -> Shuffled:
-    path = store.require(f"{SHUFFLED}/{name}", f"shuffled store {name!r}", "run the shuffle (commit_shuffled) first")
+    path = store.require(catalog.shuffled_name(name), f"shuffled store {name!r}", "run the shuffle (commit_shuffled) first")
     index = store.read_json(f"{path}/index.json")
     return Shuffled(store, name, index["n_rows"], index["d_model"], index["dtype"], index["chunk_rows"],
                     tuple(p for p in index["pieces"] if p["n_rows"]), index)
@@ -996,7 +948,7 @@ def permutation_check(store: ArtifactStore, name: str) -> dict:
 def _run_from_index(index: dict) -> ShuffleRun:
     """The run a committed store came from, even if a newer plan has been started since."""
     return ShuffleRun(index["name"], index["plan_id"], index["seed"], index["d_model"], index["dtype"],
-                      tuple(index["inputs"]), _plan_from_dict(index["plan"]))
+                      tuple(index["inputs"]), _plan_from_dict(index["plan"]), catalog.shuffled_store_index(index))
 
 
 def _mark(seen: np.ndarray, ids: np.ndarray) -> int:
@@ -1166,15 +1118,15 @@ def _plan_from_dict(d: dict) -> ShufflePlan:
 
 
 def _plan_name(name: str) -> str:
-    return f"{SCRATCH}/{name}/plan"
+    return catalog.shuffle_plan_name(name)
 
 
 def _job_name(run: ShuffleRun, pass_index: int, job_index: int) -> str:
-    return f"{SCRATCH}/{run.name}/{run.plan_id}/pass{pass_index}/job{job_index:06d}"
+    return catalog.shuffle_job_name(run.name, run.plan_id, pass_index, job_index)
 
 
 def _piece_name(run: ShuffleRun, bucket: int) -> str:
-    return f"{SHUFFLED}/{run.name}/pieces-{run.plan_id}/b{bucket:06d}"
+    return catalog.shuffle_piece_name(run.name, run.plan_id, bucket)
 
 
 def _bucket_file(bucket: int) -> str:

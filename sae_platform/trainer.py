@@ -53,6 +53,7 @@ from sae_platform.distributed import (
     rank_and_world,
 )
 from sae_platform.activations import activation_attrs
+from sae_platform.catalog import checkpoint_name, shuffled_name
 from sae_platform.devices import auto_dtype
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.sae import ADAM_EPS, VARIANTS, build_sae, lr_for, normalized_mse
@@ -60,7 +61,6 @@ from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.shuffle import Shuffled, open_shuffled
 from sae_platform.storage import ArtifactStore
 
-PREFIX = "sae"
 SELECTION_PRECISIONS = ("auto", "float32", "bfloat16")
 CALIBRATION_ROWS = 16_384
 
@@ -166,24 +166,6 @@ def identity(settings: TrainSettings) -> dict:
     if record.get("hook_point") is None:
         record.pop("hook_point", None)
     return json.loads(json.dumps(record))
-
-
-def checkpoint_name(run: str) -> str:
-    return f"{PREFIX}/{run}"
-
-
-def checkpoint_version(store: ArtifactStore, run: str) -> str | None:
-    """The version of ``run``'s committed checkpoint (None before any): what derived artifacts
-    (explanations, stored held-out codes) are pinned to."""
-    pointer = store.pointer(checkpoint_name(run))
-    return None if pointer is None else pointer["version"]
-
-
-def trained_on(store: ArtifactStore, run: str) -> str:
-    """The shuffled store (``shuffle.hook_store_name``: its hook point) the last committed
-    checkpoint of ``run`` was trained on. StorageError when there is no checkpoint."""
-    store.require(checkpoint_name(run), f"SAE checkpoint {run!r}", "materialize sae_checkpoint first")
-    return store.pointer(checkpoint_name(run))["data"]["shuffle"]
 
 
 def data_fingerprint(shuffled: Shuffled) -> dict:
@@ -386,7 +368,7 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, run: str, setti
         return None
     if pointer.get("settings") != identity(settings):
         return None
-    if store.resolve(f"shuffled/{shuffle_name}") is None:
+    if store.resolve(shuffled_name(shuffle_name)) is None:
         return None
     return pointer if pointer.get("data") == data_fingerprint(open_shuffled(store, shuffle_name)) else None
 

@@ -33,7 +33,7 @@ from jobs.settings import Settings
 from sae_platform import shuffle as sh
 from sae_platform.activations import open_partition
 from sae_platform.storage import ArtifactStore
-from sae_platform.trainer import checkpoint_name
+from sae_platform.catalog import checkpoint_name
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

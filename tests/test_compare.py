@@ -2,7 +2,7 @@
 every value escaped, non-finite figures shown as missing."""
 
 from sae_platform.compare import comparison_html, comparison_rows
-from sae_platform.evaluate import eval_name
+from sae_platform.catalog import eval_name
 
 
 def _report(store, name, **figures):

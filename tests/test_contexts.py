@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from sae_platform import contexts
+from sae_platform import catalog
 from sae_platform.activations import CacheSettings, cache_text_file, open_partition
 from sae_platform.contexts import (
     ACTIVATION, ACTS, CENTER, EXAMPLE_COLUMNS, FEATURE, HAS_ACT, INTERVAL, KIND, PARTITION, RANK, ROW,
     TOKEN_IDS, TOKEN_STRS, WINDOW_SCHEMA, build_partition_windows, context_windows, logit_effects,
-    partial_name, read_feature_contexts, regroup_by_feature, requests_for_partition, token_display_strings,
+    read_feature_contexts, regroup_by_feature, requests_for_partition, token_display_strings,
     unembedding_matrix, write_feature_contexts, write_partition_windows,
 )
 from sae_platform.corpus import list_source
@@ -298,8 +299,8 @@ def test_failed_write_leaves_nothing(store, cached, tiny_hooked, monkeypatch):
     monkeypatch.setattr(store, "write_bytes_atomic", boom)
     with pytest.raises(OSError):
         write_partition_windows(store, "failing", "docs", frame)
-    assert store.resolve(partial_name("failing", "docs")) is None
-    folder = store.path(partial_name("failing", "docs"))
+    assert store.resolve(catalog.contexts_partial_name("failing", "docs")) is None
+    folder = store.path(catalog.contexts_partial_name("failing", "docs"))
     assert not store.fs.exists(folder) or not store.fs.ls(folder)  # the version directory was removed
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from test_trainer import SETTINGS, make_shuffled
 
-from sae_platform.distributed import launch_command, launch_training
+from sae_platform.launch import launch_command, launch_training
 from sae_platform.errors import PlatformError
 from sae_platform.settings import SettingsError
-from sae_platform.trainer import TrainSettings, checkpoint_name, load_sae, train_sae
+from sae_platform.catalog import checkpoint_name
+from sae_platform.trainer import TrainSettings, load_sae, train_sae
 
 # AuxK normalises by a statistic of the batch (each rank uses its slice: sae_platform/distributed.py),
 # so the exact comparison keeps every latent alive; the dead counters are compared separately.
@@ -73,7 +74,7 @@ def test_killed_two_rank_run_resumes(store, tmp_path):
     script = tmp_path / "rank_that_dies.py"
     script.write_text(textwrap.dedent(f"""
         import json, os, signal
-        from sae_platform.distributed import run_rank
+        from sae_platform.launch import run_rank
         def die(row):
             if row["step"] >= 25:  # after the checkpoint at step 20, mid-way to the next
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -3,6 +3,7 @@ cached activations, and an SAE of a later hook point is judged against its own s
 
 import pytest
 
+from sae_platform import catalog
 from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file
 from sae_platform.corpus import list_source
@@ -34,7 +35,7 @@ def cached(store, tiny_hooked, text_dir):
 
 def test_every_hook_points_shuffled_store_must_pin_the_cached_activations(cached, tiny_hooked, text_dir):
     store = cached
-    assert sh.hook_shuffle_names(store, "main") == ["main", "main.h1"]
+    assert catalog.hook_shuffle_names(store, "main") == ["main", "main.h1"]
     _shuffle(store, "main")
     assert _reasons(store) == ["no shuffled store 'main.h1' (blocks.1.hook_mlp_out) yet (2 cached partition(s))"]
     _shuffle(store, "main.h1")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sae_platform import catalog
 from sae_platform.errors import ModelError
 from sae_platform.model import (
     autocast_dtype,
@@ -10,7 +11,6 @@ from sae_platform.model import (
     ensure_base_model,
     find_decoder_layers,
     load_hooked_model,
-    model_artifact_name,
     pick_device,
 )
 
@@ -66,7 +66,7 @@ def test_local_model_is_stored_once_as_safetensors(store, tiny_model_dir):
     assert again == path and not created_again
     info = store.read_json(f"{path}/model_info.json")
     assert info["d_model"] == 32 and info["n_layers"] == 4
-    assert store.resolve(model_artifact_name(str(tiny_model_dir))) == path
+    assert store.resolve(catalog.model_name(str(tiny_model_dir))) == path
 
 
 def test_device_and_autocast_selection(monkeypatch):

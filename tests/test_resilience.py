@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from sae_platform import catalog
 from sae_platform import features as ft
 from sae_platform import shuffle as sh
 from sae_platform.errors import StorageError
@@ -94,7 +95,8 @@ def test_training_killed_through_dagster_cli_resumes_from_its_last_checkpoint(sh
 
     from assets.training import settings_for
     from resources import stage_resource
-    from sae_platform.trainer import checkpoint_name, load_sae, train_sae
+    from sae_platform.catalog import checkpoint_name
+    from sae_platform.trainer import load_sae, train_sae
 
     store = shuffled_store
     run_yaml = tmp_path / "run.yaml"
@@ -323,8 +325,8 @@ def _feature_sae():
 
 
 @pytest.mark.parametrize("kill_after, killed_name", [
-    ("partial.npz", ft.partial_name("run", "p1", 0)),  # pass 1: the partial's arrays down, its meta not
-    ("stats.parquet", ft.tables_name("run", 0)),       # pass 2: stats down, examples and meta not
+    ("partial.npz", catalog.partial_name("run", "p1", 0)),  # pass 1: the partial's arrays down, its meta not
+    ("stats.parquet", catalog.tables_name("run", 0)),       # pass 2: stats down, examples and meta not
 ], ids=["pass1-partial", "pass2-tables"])
 def test_killed_table_pass_leaves_the_committed_table_whole(store, tmp_path, kill_after, killed_name):
     p0, p1 = _feature_rows(1500, seed=0), _feature_rows(1000, seed=1)
@@ -333,7 +335,7 @@ def test_killed_table_pass_leaves_the_committed_table_whole(store, tmp_path, kil
     torch.save(sae.state_dict(), sae_file)
     _write_acts(store, "p0", p0)
     ft.build_feature_tables(store, sae, "run", n_feature_shards=N_SHARDS, **TABLES)  # the first complete run
-    before = {i: (store.pointer(ft.tables_name("run", i)), ft.read_tables(store, "run", i)) for i in range(N_SHARDS)}
+    before = {i: (store.pointer(catalog.tables_name("run", i)), ft.read_tables(store, "run", i)) for i in range(N_SHARDS)}
     assert all(t.meta["n_tokens_total"] == 1500 for _, t in before.values())
 
     _write_acts(store, "p1", p1)
@@ -343,7 +345,7 @@ def test_killed_table_pass_leaves_the_committed_table_whole(store, tmp_path, kil
 
     # Readers see exactly the tables of the first run ...
     for i, (pointer, tables) in before.items():
-        assert store.pointer(ft.tables_name("run", i)) == pointer
+        assert store.pointer(catalog.tables_name("run", i)) == pointer
         again = ft.read_tables(store, "run", i)
         assert again.stats.equals(tables.stats) and again.examples.equals(tables.examples)
         assert again.meta == tables.meta and again.meta["n_tokens_total"] == 1500
@@ -372,7 +374,7 @@ def test_killed_table_pass_leaves_the_committed_table_whole(store, tmp_path, kil
         assert got.meta["n_tokens_total"] == 2500 and [p["key"] for p in got.meta["partitions"]] == ["p0", "p1"]
         assert got.stats.equals(want.stats) and got.examples.equals(want.examples)
         assert not got.examples.equals(before[i][1].examples)
-        assert not _debris(store, ft.tables_name("run", i))
+        assert not _debris(store, catalog.tables_name("run", i))
     assert not _debris(store, killed_name), "the killed attempt's version is swept on commit"
     start, stop = ft.feature_shard(N_LATENTS, N_SHARDS, 0)
     check = ft.brute_force_check(store, sae, "run", 0, start, stop)

@@ -8,6 +8,7 @@ import textwrap
 import polars as pl
 import pytest
 
+from sae_platform import catalog
 from sae_platform.errors import StorageError
 from sae_platform.storage import POINTER, ArtifactStore
 
@@ -220,12 +221,11 @@ def test_base_model_converted_again_under_a_loader(tmp_path, tiny_model_dir):
     from sae_platform.model import (
         load_hooked_model,
         load_stored_model,
-        model_artifact_name,
         store_base_model,
     )
 
     source = str(tiny_model_dir)
-    name = model_artifact_name(source)
+    name = catalog.model_name(source)
     store = ArtifactStore(str(tmp_path / "m"))
     hooked, converted = load_stored_model(store, source, layer=1, device="cpu", autocast="none")
     assert converted and hooked.d_model == 32

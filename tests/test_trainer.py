@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from sae_platform import catalog
 from sae_platform import shuffle
 from sae_platform.trainer import (
     TrainingError,
@@ -374,7 +375,8 @@ def _heldout_tokens(hooked, n=4, ctx_len=16, seed=0):
 def _assert_feature_metrics_read(report, store, run, sae, hooked, hook_point, input_hook_point=None):
     """evaluate_sae's feature metrics came from the SAE's own hook point (sae_hook_entry, the same
     source the explanations and the live server use), not from the model's default layer."""
-    from sae_platform.activations import HookEntry, sae_hook_entry
+    from sae_platform.activations import sae_hook_entry
+    from sae_platform.catalog import HookEntry
     from sae_platform.metrics import heldout_codes, probe_metrics
 
     assert sae_hook_entry(store, run) == HookEntry(hook_point, input_hook_point)
@@ -405,7 +407,7 @@ def test_one_sae_per_hook_point_from_one_caching_pass(store, tiny_hooked, text_d
     settings = CacheSettings(ctx_len=16, batch_size=8, dtype="float32", hook_points=hooks)
     for text_file in list_source(str(text_dir / "*")):
         cache_text_file(store, text_file, tiny_hooked, "tiny", settings)
-    names = [shuffle.hook_store_name("main", i) for i in range(2)]
+    names = [catalog.hook_store_name("main", i) for i in range(2)]
     assert names == ["main", "main.h1"]
     for name in names:
         shuffle.run_shuffle(store, name, n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)

@@ -1,0 +1,384 @@
+"""Where every artifact lives and what it pins: the one owner of artifact names.
+
+Every artifact of the pipeline is a name under the artifact root (``storage.ArtifactStore``), most
+of them committed versions behind a ``COMMITTED.json`` pointer. This module is the only place
+that spells those names (``tests/test_catalog.py`` greps the rest of the code for path
+literals), answers *which store does SAE Y read* and *which checkpoint did artifact Z pin*, and
+holds the hook-point entries (``HookEntry``) a caching pass writes. The layout it produces is
+drawn in docs/design.md ("Storage layout").
+
+Torch-free and Dagster-free: shuffle workers, the browser and the sensors import it.
+
+=====================  ===================================================  ===================
+kind                   name                                                 written by
+=====================  ===================================================  ===================
+base model             ``models/<source>``                                  model.store_base_model
+activation partition   ``activations/<key>`` (stores ``data.zarr``,         activations
+                       ``hooks/<i>.zarr``; ``FAILED.json`` beside it)
+shuffle scratch        ``shuffle/<name>/plan``, ``…/<plan>/pass<p>/job<j>`` shuffle
+shuffled store         ``shuffled/<name>`` (+ ``pieces-<plan>/b<bucket>``)  shuffle
+SAE checkpoint         ``sae/<sae_name>``                                   trainer
+evaluation             ``eval/<sae_name>``                                  evaluate
+training reports       ``reports/<sae_name>/<file>``, ``reports/<file>``    assets.training
+sparse codes           ``features/<sae_name>/codes/<key>``                  features
+pass-1 partials        ``features/<sae_name>/partial/<key>/f<shard>``        features
+feature tables         ``features/<sae_name>/tables/f<shard>``               features
+logit effects          ``features/<sae_name>/logits/f<shard>``               assets.features
+lineage records        ``features/<sae_name>/lineage/f<shard>.json``         assets.features
+context windows        ``features/<sae_name>/contexts_partial/<key>``,       contexts
+                       ``features/<sae_name>/contexts/f<shard>``
+explanations           ``features/<sae_name>/explanations/f<shard>``,        metrics, assets
+                       ``…/llm_explanations/f<shard>``
+feature browser        ``browser/<sae_name>``                               browser
+check verdicts         ``checks/<asset>/<partition>.json``                  assets.stage
+=====================  ===================================================  ===================
+"""
+
+import re
+from dataclasses import dataclass
+
+from sae_platform.corpus import check_key
+from sae_platform.errors import ModelError, PlatformError, StorageError
+
+# -- top-level prefixes under the artifact root ------------------------------------------------
+MODELS = "models"
+ACTIVATIONS = "activations"
+SHUFFLE_SCRATCH = "shuffle"
+SHUFFLED = "shuffled"
+CHECKPOINTS = "sae"
+EVALUATIONS = "eval"
+EXPORTS = "saelens"
+REPORTS = "reports"
+FEATURES = "features"
+BROWSER = "browser"
+CHECKS = "checks"
+
+FIRST_STORE = "data.zarr"  # a partition's first hook-point store: what the demo trains on
+FAILED_ATTEMPT = "FAILED.json"  # beside a partition's pointer, never inside a version (inbox.py)
+PIECE_STORE = FIRST_STORE  # a shuffled piece holds one zarr group of the same name
+HOOK_STORE_SUFFIX = ".h"  # shuffled/<name>.h<i>: the shuffled store of hook-point entry i >= 1
+
+
+# -- base model ---------------------------------------------------------------------------------
+
+def model_name(source: str) -> str:
+    """``models/<source>`` with every character but letters, digits and ``-_.`` replaced by ``_``."""
+    return f"{MODELS}/" + "".join(c if c.isalnum() or c in "-_." else "_" for c in source.strip("/"))
+
+
+# -- activation partitions and their hook-point stores -------------------------------------------
+
+def partition_name(key: str) -> str:
+    """``activations/<key>``; refuses a key that is not one safe path segment (SourceError), so
+    nothing is ever written outside ``activations/<key>/``."""
+    return f"{ACTIVATIONS}/{check_key(key)}"
+
+
+def partition_key(name: str) -> str:
+    """The key of partition artifact ``name`` (``activations/<key>`` → ``<key>``)."""
+    return name.split("/", 1)[1]
+
+
+def list_partitions(store) -> list[str]:
+    """Keys of the committed activation partitions."""
+    return [partition_key(name) for name in store.committed_names(ACTIVATIONS)]
+
+
+def failed_attempt_path(store, key: str) -> str:
+    """Where a failed caching attempt of partition ``key`` is recorded (inbox.record_failed_attempt)."""
+    return store.path(partition_name(key), FAILED_ATTEMPT)
+
+
+def failed_attempts_glob(store) -> str:
+    return store.path(ACTIVATIONS, "*", FAILED_ATTEMPT)
+
+
+def store_group(index: int) -> str:
+    """Where entry ``index`` of a caching pass lives inside a partition version: the first in
+    ``data.zarr`` (what the shuffle of the default hook point reads), the others in
+    ``hooks/<index>.zarr``."""
+    if not isinstance(index, int) or index < 0:
+        raise StorageError(f"hook-point store index {index!r} is not a non-negative integer",
+                           "use the entry's position in resources.caching.config.hook_points")
+    return FIRST_STORE if index == 0 else f"hooks/{index}.zarr"
+
+
+def partition_store_path(store, key: str, version: str, group: str = FIRST_STORE, *array: str) -> str:
+    """The hook-point store ``group`` (``store_group``) of partition ``key`` at ``version``, or
+    one of its arrays (``acts``, ``token_id``, …)."""
+    return store.path(ACTIVATIONS, key, version, group, *array)
+
+
+@dataclass(frozen=True)
+class HookEntry:
+    """One activation store of a caching pass: the hook point read (``hook_name``, TransformerLens
+    name) and, for a transcoder's paired rows, the input read beside it (``hook_name_in``; rows are
+    ``[input | output]``). ``spec`` is its one spelling in settings, metadata and stored
+    fingerprints: ``"blocks.4.hook_mlp_out"`` or ``"blocks.4.ln2.hook_normalized -> blocks.4.hook_mlp_out"``."""
+
+    hook_name: str
+    hook_name_in: str | None = None
+
+    ARROW = " -> "
+
+    @property
+    def spec(self) -> str:
+        return self.hook_name if self.hook_name_in is None else f"{self.hook_name_in}{self.ARROW}{self.hook_name}"
+
+    @classmethod
+    def parse(cls, spec: str) -> "HookEntry":
+        """The entry ``spec`` names (whitespace around ``->`` does not matter). ModelError when it
+        is neither a hook point nor an ``IN -> OUT`` pair."""
+        parts = [p.strip() for p in str(spec).split("->")]
+        if len(parts) > 2 or not all(parts):
+            raise ModelError(f"hook point entry {spec!r} is neither a hook point nor an 'IN -> OUT' pair",
+                             "write e.g. blocks.4.hook_mlp_out, or "
+                             "blocks.4.ln2.hook_normalized -> blocks.4.hook_mlp_out")
+        return cls(parts[-1], parts[0] if len(parts) == 2 else None)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "HookEntry | None":
+        """The entry a store's attributes (or a lineage record's ``base_model``) describe; None
+        when they name no hook point."""
+        return cls(attrs["hook_name"], attrs.get("hook_name_in")) if attrs.get("hook_name") else None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.hook_name,) if self.hook_name_in is None else (self.hook_name_in, self.hook_name)
+
+    @property
+    def reads(self) -> str:
+        """What an SAE of this store encodes: the hook point itself, or a transcoder's input."""
+        return self.hook_name_in or self.hook_name
+
+
+def cached_hook_points(store) -> list[str]:
+    """The hook-point entries (``HookEntry.spec``) the committed activation partitions hold, in
+    store order; [] when nothing is cached. All partitions agree (``activations.check_compatible``)."""
+    for name in store.committed_names(ACTIVATIONS):
+        stored = store.pointer(name).get("fingerprint", {})
+        return list(stored.get("hook_points") or [stored.get("hook_name")])
+    return []
+
+
+# -- the shuffle --------------------------------------------------------------------------------
+
+def shuffled_name(name: str) -> str:
+    """``shuffled/<name>``: the committed shuffled store ``name``."""
+    return f"{SHUFFLED}/{name}"
+
+
+def shuffled_folder(store, name: str) -> str:
+    return store.path(SHUFFLED, name)
+
+
+def hook_store_name(name: str, index: int) -> str:
+    """The shuffled store of a caching pass's hook-point entry ``index``: ``name`` for the first
+    entry, ``<name>.h<index>`` for the others."""
+    return name if index == 0 else f"{name}{HOOK_STORE_SUFFIX}{index}"
+
+
+def hook_shuffle_names(store, name: str) -> list[str]:
+    """Shuffled store names of every hook-point entry the cached activations hold (``name`` alone
+    when nothing is cached yet), in store order: entry i's is ``hook_store_name(name, i)``."""
+    return [hook_store_name(name, i) for i in range(max(1, len(cached_hook_points(store))))]
+
+
+def shuffle_for_hook_point(store, name: str, hook_point: str | None) -> str:
+    """The shuffled store holding ``hook_point`` (an entry of ``caching.config.hook_points``; for a
+    transcoder pair its 'IN -> OUT' spec); ``name`` itself for None. StorageError listing the
+    cached entries when it was not cached."""
+    if hook_point is None:
+        return name
+    cached = cached_hook_points(store)
+    wanted = HookEntry.parse(hook_point).spec
+    if wanted not in cached:
+        raise StorageError(f"hook point {hook_point!r} was not cached (the activations hold: "
+                           f"{', '.join(cached) or 'nothing yet'})",
+                           "add it to resources.caching.config.hook_points and cache again, or name a cached one "
+                           "in the sweep entry's hook_point")
+    return hook_store_name(name, cached.index(wanted))
+
+
+def shuffled_store_index(index: dict) -> int:
+    """Which hook-point entry a shuffled store holds, from its committed ``index.json`` (or its
+    plan): recorded as ``store_index`` since stores are shuffled per entry. A store committed
+    before that was recorded is named by ``hook_store_name``, so its name says."""
+    if "store_index" in index:
+        return int(index["store_index"])
+    base, _, suffix = str(index.get("name", "")).rpartition(HOOK_STORE_SUFFIX)
+    return int(suffix) if base and suffix.isdigit() and not suffix.startswith("0") else 0
+
+
+def shuffled_input_group(store, name: str) -> str:
+    """The hook-point store inside each activation partition that shuffled store ``name`` was
+    built from (``store_group`` of its recorded ``store_index``)."""
+    path = store.require(shuffled_name(name), f"shuffled store {name!r}", "materialize shuffled_activations first")
+    return store_group(shuffled_store_index(store.read_json(f"{path}/index.json")))
+
+
+def shuffle_plan_name(name: str) -> str:
+    return f"{SHUFFLE_SCRATCH}/{name}/plan"
+
+
+def shuffle_scratch_folder(store, name: str) -> str:
+    return store.path(SHUFFLE_SCRATCH, name)
+
+
+def shuffle_scratch_name(name: str) -> str:
+    return f"{SHUFFLE_SCRATCH}/{name}"
+
+
+def shuffle_job_name(name: str, plan_id: str, pass_index: int, job_index: int) -> str:
+    return f"{SHUFFLE_SCRATCH}/{name}/{plan_id}/pass{pass_index}/job{job_index:06d}"
+
+
+def shuffle_pieces_folder(plan_id: str) -> str:
+    """The folder (inside ``shuffled/<name>/``) of plan ``plan_id``'s final pieces."""
+    return f"pieces-{plan_id}"
+
+
+def shuffle_piece_name(name: str, plan_id: str, bucket: int) -> str:
+    return f"{SHUFFLED}/{name}/{shuffle_pieces_folder(plan_id)}/b{bucket:06d}"
+
+
+# -- SAE checkpoints and what derived artifacts pin ----------------------------------------------
+
+def checkpoint_name(sae_name: str) -> str:
+    """``sae/<sae_name>``: the committed checkpoint of SAE ``sae_name``."""
+    return f"{CHECKPOINTS}/{sae_name}"
+
+
+def checkpoint_version(store, sae_name: str) -> str | None:
+    """The version of ``sae_name``'s committed checkpoint (None before any): what every derived
+    artifact pins (``pinned_checkpoint``)."""
+    pointer = store.pointer(checkpoint_name(sae_name))
+    return None if pointer is None else pointer["version"]
+
+
+def trained_on(store, sae_name: str) -> str:
+    """The shuffled store (so the hook point) the last committed checkpoint of ``sae_name`` was
+    trained on. StorageError when there is no checkpoint."""
+    store.require(checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first")
+    return store.pointer(checkpoint_name(sae_name))["data"]["shuffle"]
+
+
+PIN = "checkpoint"  # the field every artifact derived from a checkpoint records its version in
+
+
+def checkpoint_pin(version: str | None) -> dict:
+    """``{"checkpoint": version}``: what a writer of an artifact derived from checkpoint ``version``
+    records (as pointer info, or a top-level field of its record), read back by ``pinned_checkpoint``.
+    Read the version (``checkpoint_version``) before loading the checkpoint, so a commit in between
+    makes the artifact look stale rather than current."""
+    return {PIN: version}
+
+
+def pinned_checkpoint(record: dict | None) -> str | None:
+    """The checkpoint version a derived artifact was built from: the ``checkpoint`` field of its
+    record (a commit pointer, a lineage record, a site pointer); None when it has none."""
+    return None if record is None else record.get(PIN)
+
+
+def is_current(store, sae_name: str, record: dict | None) -> bool:
+    """Whether a derived artifact's ``record`` pins ``sae_name``'s current checkpoint."""
+    current = checkpoint_version(store, sae_name)
+    return current is not None and pinned_checkpoint(record) == current
+
+
+# -- evaluation, exports and reports ------------------------------------------------------------
+
+def export_name(sae_name: str) -> str:
+    """``saelens/<sae_name>``: the checkpoint in SAELens's on-disk layout (export.export_run)."""
+    return f"{EXPORTS}/{sae_name}"
+
+
+def eval_name(sae_name: str) -> str:
+    """The artifact holding SAE ``sae_name``'s evaluation (report.json, density.npy, held-out codes)."""
+    return f"{EVALUATIONS}/{sae_name}"
+
+
+def report_path(store, sae_name: str | None, file: str) -> str:
+    """A training report picture or page: ``reports/<sae_name>/<file>``, or ``reports/<file>`` for
+    the whole sweep (``sae_name`` None)."""
+    return store.path(REPORTS, file) if sae_name is None else store.path(REPORTS, sae_name, file)
+
+
+# -- feature tables -----------------------------------------------------------------------------
+
+def features_folder(store, sae_name: str | None = None) -> str:
+    """``features/`` (every SAE's tables), or ``features/<sae_name>/``."""
+    return store.path(FEATURES) if sae_name is None else store.path(FEATURES, sae_name)
+
+
+def described_saes(store) -> list[str]:
+    """Names of the SAEs with at least one committed feature-table shard."""
+    folder = features_folder(store)
+    if not store.fs.exists(folder):
+        return []
+    names = [e.rstrip("/").rsplit("/", 1)[-1] for e in store.fs.ls(folder, detail=False)]
+    return sorted(n for n in names if store.committed_names(f"{FEATURES}/{n}/tables"))
+
+
+def codes_name(sae_name: str, partition: str) -> str:
+    return f"{FEATURES}/{sae_name}/codes/{partition}"
+
+
+def partials_folder(store, sae_name: str, partition: str | None = None) -> str:
+    """``features/<sae_name>/partial`` (every batch's pass-1 partials), or one batch's."""
+    base = store.path(FEATURES, sae_name, "partial")
+    return base if partition is None else f"{base}/{partition}"
+
+
+def partial_name(sae_name: str, partition: str, shard_index: int) -> str:
+    return f"{FEATURES}/{sae_name}/partial/{partition}/f{int(shard_index)}"
+
+
+def tables_name(sae_name: str, shard_index: int) -> str:
+    return f"{FEATURES}/{sae_name}/tables/f{int(shard_index)}"
+
+
+def logits_name(sae_name: str, shard_index: int) -> str:
+    return f"{FEATURES}/{sae_name}/logits/f{int(shard_index)}"
+
+
+def lineage_record_path(store, sae_name: str, shard_index: int) -> str:
+    """Where ``feature_topk`` records the lineage of shard ``shard_index`` (with its Dagster run)."""
+    return store.path(FEATURES, sae_name, "lineage", f"f{int(shard_index)}.json")
+
+
+def check_sae_name(sae_name: str) -> str:
+    """``sae_name`` when it is usable as one path segment; PlatformError naming the fix otherwise."""
+    if not sae_name or not re.fullmatch(r"[A-Za-z0-9_.=-]+", str(sae_name)):
+        raise PlatformError(f"run name {sae_name!r} is not usable in a storage path",
+                            "use letters, digits, '_', '-', '.', '=' only")
+    return str(sae_name)
+
+
+def contexts_partial_name(sae_name: str, partition: str) -> str:
+    return f"{FEATURES}/{check_sae_name(sae_name)}/contexts_partial/{partition}"
+
+
+def contexts_name(sae_name: str, shard_index: int) -> str:
+    return f"{FEATURES}/{check_sae_name(sae_name)}/contexts/f{int(shard_index)}"
+
+
+def explanations_name(sae_name: str, shard_index: int) -> str:
+    """N2G explanations, nearest and co-occurring features of one feature shard."""
+    return f"{FEATURES}/{sae_name}/explanations/f{int(shard_index)}"
+
+
+def llm_explanations_name(sae_name: str, shard_index: int) -> str:
+    return f"{FEATURES}/{sae_name}/llm_explanations/f{int(shard_index)}"
+
+
+# -- the feature browser and check verdicts ----------------------------------------------------
+
+def browser_dir(store, sae_name: str | None = None) -> str:
+    """``browser/`` (every SAE's site), or the site of ``sae_name``."""
+    return store.path(BROWSER) if sae_name is None else store.path(BROWSER, sae_name)
+
+
+def check_verdicts_path(store, asset: str, partition: str) -> str:
+    """Where the verdicts of an asset's checks for one partition (or ``all``) are recorded."""
+    return store.path(CHECKS, asset, f"{partition}.json")

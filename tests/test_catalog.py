@@ -1,0 +1,108 @@
+"""The catalog: every artifact name in one module, and nothing else spelling one."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from sae_platform import catalog
+from sae_platform.errors import ModelError, PlatformError, StorageError
+from sae_platform.storage import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIXES = (catalog.MODELS, catalog.ACTIVATIONS, catalog.SHUFFLE_SCRATCH, catalog.SHUFFLED, catalog.CHECKPOINTS,
+            catalog.EVALUATIONS, catalog.EXPORTS, catalog.REPORTS, catalog.FEATURES, catalog.BROWSER, catalog.CHECKS)
+STORE_NAMES = (catalog.FIRST_STORE, "hooks/")
+
+
+def _leading_text(node: ast.AST) -> str | None:
+    """The literal text a string constant or f-string starts with (None for other nodes)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "\0" for v in node.values)
+    return None
+
+
+def path_literals(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every string in ``source`` that spells an artifact path: one starting with an
+    artifact prefix and '/', one naming a partition's zarr store, or a prefix passed alone as the
+    first part of ``store.path(...)``. Docstrings are prose and not counted."""
+    tree = ast.parse(source)
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+                  and n.body and isinstance(n.body[0], ast.Expr)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "path" and node.args:
+            text = _leading_text(node.args[0])
+            if text in PREFIXES:
+                found.append((node.lineno, f"path({text!r}, ...)"))
+        text = _leading_text(node)
+        if text is None or id(node) in docstrings or isinstance(node, ast.Constant) and _in_fstring(tree, node):
+            continue
+        if text.startswith(tuple(f"{p}/" for p in PREFIXES)) or any(s in text for s in STORE_NAMES):
+            found.append((node.lineno, text.replace("\0", "{…}")))
+    return found
+
+
+def _in_fstring(tree: ast.AST, node: ast.Constant) -> bool:
+    return any(isinstance(parent, ast.JoinedStr) and node in parent.values for parent in ast.walk(tree))
+
+
+def test_path_literal_check_finds_the_kinds_it_should():
+    source = 'a = f"features/{x}/tables"\nb = store.path("browser", x)\nc = "data.zarr"\n' \
+             'd = f"{v}/hooks/1.zarr"\ne = "a feature of the browser"\n'
+    assert [line for line, _ in path_literals(source)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix() for package in
+                                        ("sae_platform", "assets", "resources", "jobs")
+                                        for p in (REPO / package).rglob("*.py") if p.name != "catalog.py"))
+def test_no_artifact_path_outside_the_catalog(path):
+    found = path_literals((REPO / path).read_text())
+    assert not found, f"{path} spells artifact paths itself (ask sae_platform.catalog): {found}"
+
+
+def test_hook_entry_spec_and_parse_round_trip():
+    pair = catalog.HookEntry.parse("blocks.4.ln2.hook_normalized->  blocks.4.hook_mlp_out")
+    assert pair == catalog.HookEntry("blocks.4.hook_mlp_out", "blocks.4.ln2.hook_normalized")
+    assert pair.spec == "blocks.4.ln2.hook_normalized -> blocks.4.hook_mlp_out"
+    assert catalog.HookEntry.parse(pair.spec) == pair
+    assert catalog.HookEntry.parse("blocks.2.hook_resid_post").spec == "blocks.2.hook_resid_post"
+    for bad in ("a -> b -> c", " -> b", ""):
+        with pytest.raises(ModelError, match="neither a hook point nor"):
+            catalog.HookEntry.parse(bad)
+
+
+def test_store_index_is_recorded_not_parsed_from_names():
+    assert catalog.hook_store_name("main", 0) == "main" and catalog.hook_store_name("main", 2) == "main.h2"
+    assert catalog.shuffled_store_index({"name": "main.h2", "store_index": 0}) == 0  # the record wins
+    assert catalog.shuffled_store_index({"name": "main", "store_index": 3}) == 3
+    assert catalog.shuffled_store_index({"name": "main.h2"}) == 2  # stores shuffled before it was recorded
+    assert catalog.store_group(0) == catalog.FIRST_STORE and catalog.store_group(2) == "hooks/2.zarr"
+    with pytest.raises(StorageError):
+        catalog.store_group(-1)
+
+
+def test_names_refuse_unsafe_parts():
+    with pytest.raises(Exception, match="not a safe path segment"):
+        catalog.partition_name("../x")
+    with pytest.raises(PlatformError, match="not usable in a storage path"):
+        catalog.contexts_name("a/b", 0)
+
+
+def test_pinned_checkpoint_reads_what_writers_record(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    assert catalog.checkpoint_version(store, "s") is None
+    with store.writing(catalog.checkpoint_name("s")) as version:
+        store.write_json(f"{version}/cfg.json", {})
+    current = catalog.checkpoint_version(store, "s")
+    with store.writing(catalog.explanations_name("s", 0), **catalog.checkpoint_pin(current)):
+        pass
+    record = store.pointer(catalog.explanations_name("s", 0))
+    assert catalog.pinned_checkpoint(record) == current and catalog.is_current(store, "s", record)
+    with store.writing(catalog.checkpoint_name("s")) as version:  # a newer checkpoint: the record is stale
+        store.write_json(f"{version}/cfg.json", {})
+    assert not catalog.is_current(store, "s", record)
+    assert catalog.pinned_checkpoint(None) is None

@@ -1,0 +1,83 @@
+"""The import graph of the code base: no cycle, counting imports inside functions too (an import
+moved into a function to dodge a cycle still is one), and the compute core never imports the
+Dagster layer."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("sae_platform", "assets", "resources", "jobs")
+DAGSTER_LAYER = ("assets", "resources", "jobs")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module → the project modules it imports anywhere in its source (``from x import y`` names
+    module ``x.y`` when that is a module of the project, else ``x``)."""
+    files = {_module_name(p): p for package in PACKAGES for p in (REPO / package).rglob("*.py")}
+    graph = {}
+    for module, path in files.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in files else node.module
+                         for alias in node.names]
+            else:
+                continue
+            edges |= {name for name in names if name in files and name != module}
+        graph[module] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as [a, b, …, a], or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in import_graph() if m.startswith("sae_platform")))
+def test_core_never_imports_the_dagster_layer(module):
+    layer = sorted(m for m in import_graph()[module] if m.split(".")[0] in DAGSTER_LAYER)
+    assert not layer, f"{module} imports {layer}: the compute core must not depend on the Dagster layer"
+
+
+def test_core_never_imports_dagster():
+    for path in (REPO / "sae_platform").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0].startswith("dagster") for n in names), f"{path} imports {names}"
