@@ -7,9 +7,10 @@ what the trainer does: forward, loss, backward, remove_parallel_grad_, Adam (fus
 has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
 
 (a) **TopK, sparse** (``sae_platform.sae.TopKSAE``: the encoder gradient and the decoder run as
-    embedding bags over the k active latents) against **TopK, dense reference**: the textbook
-    autograd version of the same model (codes scattered into a dense [batch, n_latents] tensor,
-    x_hat = z @ W_dec). Goal >= 1.5x tokens/s.
+    embedding bags over the k active latents) against **TopK, dense reference**
+    (``sae_platform.sae.dense_topk_reference``): the textbook autograd version of the same model
+    (codes scattered into a dense [batch, n_latents] tensor, x_hat = z @ W_dec). Goal >= 1.5x
+    tokens/s.
 (b) **Useful FLOP/s** of the sparse TopK step. Once decoding is sparse, the matmuls that
     dominate a textbook step are the encoder forward (2·B·d·n) and the encoder weight gradient
     (2·B·d·n); their total divided by the step time is set against the same two matmuls run bare
@@ -59,9 +60,8 @@ if str(REPO) not in sys.path:  # run as a script: make the package importable wi
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from sae_platform.sae import ADAM_EPS, build_sae, lr_for  # noqa: E402
+from sae_platform.sae import ADAM_EPS, build_sae, dense_topk_reference, lr_for  # noqa: E402
 from sae_platform.trainer import selection_dtype  # noqa: E402
 
 GOAL_SPARSE_VS_DENSE = 1.5
@@ -164,22 +164,13 @@ def make_adam(sae):
         return torch.optim.Adam(sae.parameters(), lr=lr_for(sae.n_latents), eps=ADAM_EPS)
 
 
-def dense_reference_recon(sae, x):
-    """The textbook TopK SAE through plain autograd, on `sae`'s own parameters."""
-    xc = x * sae.input_scale - sae.b_pre
-    pre = F.linear(xc, sae.W_enc, sae.b_enc)
-    vals, idx = pre.topk(sae.hparams["k"], dim=1)
-    z = torch.zeros_like(pre).scatter(1, idx, vals.relu())
-    return (z @ sae.W_dec + sae.b_pre) / sae.input_scale
-
-
 def make_step(sae, x, dense=False, dead_mask=None):
     opt = make_adam(sae)
 
     def step(batch=None):
         xb = x if batch is None else batch
         if dense:
-            loss = ((dense_reference_recon(sae, xb) - xb) * sae.input_scale).pow(2).mean()
+            loss = ((dense_topk_reference(sae, xb) - xb) * sae.input_scale).pow(2).mean()
         else:
             loss, _ = sae.loss(xb, sae(xb, dead_mask=dead_mask))
         opt.zero_grad()

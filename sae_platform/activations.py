@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import polars as pl
@@ -61,7 +62,8 @@ from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.shuffle import open_shuffled
 from sae_platform.storage import ArtifactStore
 
-STORED_DTYPES = ("float16", "float32")  # zarr has no bfloat16
+StoredDtype = Literal["float16", "float32"]  # zarr has no bfloat16
+STORED_DTYPES: tuple[StoredDtype, ...] = get_args(StoredDtype)
 FLOAT16_MAX = 65504.0
 CHUNK_BYTES = 4 << 20  # ~4 MB chunks: big enough for streaming reads, small enough to shuffle
 
@@ -72,7 +74,7 @@ class CacheSettings:
 
     ctx_len: int = setting(128, "tokens per context, start token included", ge=2)
     batch_size: int = setting(16, "contexts per forward pass", ge=1)
-    dtype: str = setting("float16", "stored dtype (zarr has no bfloat16)", choices=STORED_DTYPES)
+    dtype: StoredDtype = setting("float16", "stored dtype (zarr has no bfloat16)", choices=STORED_DTYPES)
     max_contexts: int | None = setting(None, "contexts kept per batch of text (demo/CI); null: all", ge=1)
     sink_norm_factor: float = setting(10.0, "drop rows whose norm exceeds this factor x the batch median "
                                             "(attention sinks); 0 keeps every non-start token", ge=0)

@@ -31,6 +31,7 @@ training step are BatchTopK's exactness check and Switch's per-expert row counts
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,8 @@ from torch import Tensor, nn
 from sae_platform.errors import PlatformError
 
 ADAM_EPS = 6.25e-10  # Gao et al.: a small eps matters with tiny gradients on huge dictionaries
-VARIANTS = ("topk", "batchtopk", "matryoshka_batchtopk", "switch", "jumprelu", "relu")
+Variant = Literal["topk", "batchtopk", "matryoshka_batchtopk", "switch", "jumprelu", "relu"]
+VARIANTS: tuple[Variant, ...] = get_args(Variant)  # the same names as a tuple (settings choices, tests)
 # Pre-activation elements per chunk when encoding without a training graph: bounds inference
 # memory for big dictionaries (1M latents x 4096 rows would be 16 GB at once).
 ENCODE_CHUNK_ELEMENTS = 1 << 25
@@ -262,12 +264,16 @@ class _Step(torch.autograd.Function):
 @dataclass
 class Codes:
     """Padded sparse codes: row b's activations are values[b] at latents indices[b]; entries
-    with value 0 are inactive (padding, or a TopK pick that ReLU zeroed)."""
+    with value 0 are inactive (padding, or a TopK pick that ReLU zeroed).
+
+    Values are in normalised units: latent i with value a adds a * W_dec[i] / input_scale
+    (output_scale for a transcoder) to the raw reconstruction (``SparseAutoencoder.decode``)."""
 
     values: Tensor   # [batch, K]
     indices: Tensor  # [batch, K] int64, global latent ids
 
     def to_dense(self, n_latents: int) -> Tensor:
+        """[batch, n_latents], zeros where inactive."""
         dense = self.values.new_zeros(self.values.shape[0], n_latents)
         return dense.scatter_add_(1, self.indices, self.values)
 
@@ -318,9 +324,14 @@ class SparseAutoencoder(nn.Module):
     """Shared parameters, normalisation, init, decoder constraint and the eval-time helpers.
 
     Parameters: W_enc [n_latents, d_model] (row i reads latent i), b_enc [n_latents],
-    W_dec [n_latents, d_model] (row i is latent i's direction, kept unit-norm), b_pre [d_model].
+    W_dec [n_latents, d_out] (row i is latent i's direction, kept unit-norm), b_pre [d_model].
     Rows-as-latents on both sides means slicing latents is slicing rows, and the sparse kernels
-    are embedding bags over rows."""
+    are embedding bags over rows.
+
+    Shapes in the method docstrings: ``x`` [batch, d_model] raw activations (a transcoder also
+    accepts its paired store rows [batch, d_model + d_out] and reads the first d_model columns);
+    reconstructions [batch, d_out] in raw output units, d_out = d_model for an SAE. A width other
+    than d_model raises PlatformError."""
 
     variant = "base"
     DEFAULTS: dict = {}
@@ -366,6 +377,7 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def b_out(self) -> Tensor:
+        """[d_out], normalised units: the output bias (b_dec of a transcoder, b_pre of an SAE)."""
         return self.b_dec if self.is_transcoder else self.b_pre
 
     @property
@@ -388,17 +400,22 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def set_input_scale_(self, sample: Tensor) -> None:
+        """input_scale from ``sample`` [rows, d_model] raw (``input_scale_for``)."""
         self.input_scale.fill_(input_scale_for(sample))
 
     @torch.no_grad()
     def init_b_pre_(self, sample: Tensor, iters: int = 50) -> None:
-        """Call after set_input_scale_: b_pre lives in normalised units."""
+        """b_pre [d_model] := the geometric median of ``sample`` [rows, d_model] raw, normalised
+        (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", §A.1). Call after
+        set_input_scale_: b_pre lives in normalised units. Raises PlatformError on a wrong width."""
         median = geometric_median(self._normalize(sample), iters)
         self.b_pre.copy_(median.to(self.b_pre.dtype))
 
     def calibrate_(self, sample: Tensor, target: Tensor | None = None) -> None:
-        """Input scale and b_pre from one data sample, in the order they depend on each other;
-        a transcoder also sets output_scale and b_dec from the paired ``target`` rows."""
+        """Input scale and b_pre from one data sample [rows, d_model] raw, in the order they depend
+        on each other; a transcoder also sets output_scale and b_dec from the paired ``target``
+        rows [rows, d_out] raw. Raises PlatformError on a wrong width, or for a transcoder without
+        ``target``."""
         self.set_input_scale_(sample)
         self.init_b_pre_(sample)
         if self.is_transcoder:
@@ -450,15 +467,20 @@ class SparseAutoencoder(nn.Module):
     # --- encoding / decoding for evaluation ------------------------------------------------------
 
     def encode(self, x: Tensor) -> Codes:
-        """Inference codes (subclasses override this or encode_dense)."""
+        """Inference codes of ``x`` [batch, d_model] raw: Codes [batch, K], K the largest number of
+        active latents in a row (at least 1; k for TopK and Switch), values >= 0 in normalised
+        units. Runs without autograd. Subclasses override this or encode_dense."""
         return _dense_to_codes(self.encode_dense(x))
 
     def encode_dense(self, x: Tensor) -> Tensor:
-        """[batch, n_latents] activations; for eval-sized batches."""
+        """Activations of ``x`` [batch, d_model] raw as a dense [batch, n_latents] tensor
+        (normalised units); for eval-sized batches."""
         return self.encode(x).to_dense(self.n_latents)
 
     def encode_slice(self, x: Tensor, start: int, stop: int) -> Tensor:
-        """Activations of latents [start, stop) only, [batch, stop - start], exact.
+        """Activations of latents [start, stop) only for ``x`` [batch, d_model] raw:
+        [batch, stop - start], normalised units, exact. Raises PlatformError unless
+        0 <= start < stop <= n_latents.
 
         Default (TopK, Switch): whether a latent is active depends on all the others, so the full
         selection runs (in chunks, memory-bounded) and only the slice is kept. Variants whose
@@ -477,21 +499,30 @@ class SparseAutoencoder(nn.Module):
                                 "pass 0 <= start < stop <= n_latents")
 
     def decode(self, codes: Codes) -> Tensor:
-        """Reconstruction in raw units from (possibly padded) codes."""
+        """Reconstruction from (possibly padded) codes, values and indices [batch, K]:
+        x_hat = (sum_j values[:, j] W_dec[indices[:, j]] + b_out) / input_scale (output_scale for
+        a transcoder), [batch, d_out], raw units. Padding entries (value 0) add nothing."""
         recon = F.embedding_bag(codes.indices, self.W_dec, mode="sum", per_sample_weights=codes.values)
         return self._to_raw(recon + self.b_out)
 
     # --- training --------------------------------------------------------------------------
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
-        """``target``: a transcoder's paired output rows (raw units), needed for its loss parts."""
+        """One training (or evaluation) pass.
+
+        x: [batch, d_model] raw. dead_mask: bool [n_latents], the latents counted as dead (turns
+        on AuxK in the variants that have it; the others ignore it). target: a transcoder's paired
+        output rows [batch, d_out] raw, needed for its loss parts (an SAE's target is x).
+        Returns SAEOutput: recon [batch, d_out] raw, l0 (scalar), fired (bool [n_latents]) and the
+        unweighted loss parts. Raises PlatformError if x or target has the wrong width."""
         raise NotImplementedError
 
     def loss(self, x: Tensor, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
-        """(total, named weighted terms): "mse" (per element, in normalised units, where inputs
-        have mean square 1 per coordinate) plus each of out.parts times its coefficient.
-        ``x``: what the reconstruction should match, the input for an SAE, the target for a
-        transcoder."""
+        """(total, named weighted terms), all scalars: "mse" = mean((out.recon - x)^2) times the
+        output scale squared (per element, in normalised units, where inputs have mean square 1 per
+        coordinate) plus each of out.parts times its coefficient (``COEFFS``).
+        ``x``: [batch, d_out] raw, what the reconstruction should match: the input for an SAE,
+        the target for a transcoder."""
         err = (out.recon - x.to(out.recon.dtype)) * self._out_scale
         terms = {"mse": err.pow(2).mean()}
         for name, part in out.parts.items():
@@ -512,11 +543,14 @@ def _auxk_loss(aux_recon: Tensor, error: Tensor, any_dead: Tensor) -> Tensor:
 
 
 class TopKSAE(SparseAutoencoder):
-    """z = ReLU(TopK(W_enc (x - b_pre) + b_enc)), x_hat = W_dec^T z + b_pre (Gao et al.).
+    """z = ReLU(TopK(W_enc (x - b_pre) + b_enc)), x_hat = W_dec^T z + b_pre (Gao et al. 2024,
+    "Scaling and evaluating sparse autoencoders", §2.3; x in normalised units).
 
-    k fixes L0 directly, so there is no sparsity coefficient to tune. AuxK (weight 1/32) lets the
-    k_aux most active dead latents model the residual, which keeps them from staying dead.
-    multi_topk adds L(4k)/8 so the code stays good when read at other k."""
+    k fixes L0 directly, so there is no sparsity coefficient to tune. AuxK (weight 1/32, §2.4) lets
+    the k_aux most active dead latents model the residual, which keeps them from staying dead.
+    multi_topk adds L(4k)/8 so the code stays good when read at other k (Multi-TopK, §5.3).
+    ``dense_topk_reference`` is the same forward in plain dense autograd, what this one is
+    tested against."""
 
     variant = "topk"
     DEFAULTS = {"k": 32, "k_aux": None, "aux_coeff": 1 / 32, "multi_topk": False, "multi_coeff": 1 / 8}
@@ -595,6 +629,11 @@ class TopKSAE(SparseAutoencoder):
         return _auxk_loss(aux_recon, _aux_target(ys, recon_n), dead_mask.any())
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
+        """x [batch, d_model] raw -> SAEOutput with recon [batch, d_out] raw and sparse codes with
+        exactly k entries per row (a pick that ReLU zeroed stays, with value 0). Parts: "auxk"
+        (given dead_mask [n_latents] and k_aux > 0) and "multi_topk" (MSE at 4k, normalised units);
+        for a transcoder both need ``target`` [batch, d_out] raw. Raises PlatformError on a wrong
+        width."""
         k, multi = self.hparams["k"], self.hparams["multi_topk"]
         xs = self._normalize(x)
         ys = self._target(xs, target)
@@ -617,6 +656,8 @@ class TopKSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Codes:
+        """x [batch, d_model] raw -> Codes [batch, k]: each row's k largest pre-activations after
+        ReLU, normalised units. Chunked over latents: no [batch, n_latents] tensor."""
         vals, idx = self._topk_chunked(self._centered(x), self.hparams["k"])
         return Codes(vals.relu(), idx)
 
@@ -637,6 +678,31 @@ class TopKSAE(SparseAutoencoder):
         return best
 
 
+def dense_topk_reference(sae: TopKSAE, x: Tensor) -> Tensor:
+    """The textbook TopK SAE forward through plain autograd, on ``sae``'s own parameters: the
+    reference that TopKSAE's sparse kernels are tested against (tests/test_sae.py) and that
+    benchmarks/train_throughput.py times them against. Dense codes, dense decoder:
+
+        pre   = W_enc (x * input_scale - b_pre) + b_enc          [batch, n_latents]
+        z     = scatter of ReLU(TopK_k(pre)) into zeros           [batch, n_latents]
+        x_hat = (z @ W_dec + b_pre) / input_scale                 [batch, d_model]
+
+    (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", §2.3), k = sae.hparams["k"].
+
+    x: [batch, d_model] raw. Returns x_hat [batch, d_model] in raw units, differentiable in every
+    parameter. Raises PlatformError unless ``sae`` is a TopK SAE (variant "topk", not a
+    transcoder): the other variants select differently."""
+    if sae.variant != "topk" or sae.is_transcoder:
+        kind = f"{sae.variant} transcoder" if sae.is_transcoder else f"{sae.variant} SAE"
+        raise PlatformError(f"dense_topk_reference is the forward of a topk SAE, not of a {kind}",
+                            "pass a model from build_sae('topk', d_model, n_latents)")
+    xc = x * sae.input_scale - sae.b_pre
+    pre = F.linear(xc, sae.W_enc, sae.b_enc)
+    vals, idx = pre.topk(sae.hparams["k"], dim=1)
+    z = torch.zeros_like(pre).scatter(1, idx, vals.relu())
+    return (z @ sae.W_dec + sae.b_pre) / sae.input_scale
+
+
 def _batch_topk(cand_vals: Tensor, cand_idx: Tensor, total: int, n: int, full_pre) -> tuple[Tensor, Tensor]:
     """Exact top `total` entries of a [batch, n] matrix as (values, flat indices), from each
     row's top candidates (cand_vals, cand_idx).
@@ -653,8 +719,9 @@ def _batch_topk(cand_vals: Tensor, cand_idx: Tensor, total: int, n: int, full_pr
 
 
 class BatchTopKSAE(TopKSAE):
-    """TopK over the whole batch: k * batch activations shared among rows (Bussmann et al. 2024),
-    so hard tokens can use more latents than easy ones at the same average L0.
+    """TopK over the whole batch: k * batch activations shared among rows (Bussmann et al. 2024,
+    "BatchTopK Sparse Autoencoders", arXiv:2412.06410), so hard tokens can use more latents than
+    easy ones at the same average L0.
 
     A row's code then depends on its batch-mates, which is wrong at inference; there a global
     threshold is used instead: an exponential moving average of the smallest activation
@@ -698,6 +765,12 @@ class BatchTopKSAE(TopKSAE):
         return Pattern.from_rows(rows, cols, pre.shape[0], self.n_latents), pre[rows, cols]
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
+        """x [batch, d_model] raw -> SAEOutput, recon [batch, d_out] raw. Training mode: the
+        k * batch largest pre-activations of the batch (any number per row; ReLU then drops
+        negative picks), and the threshold's EMA is updated; eval mode: pre > threshold (each
+        row's top k before any training step). Parts: "auxk" given dead_mask [n_latents] (and
+        "matryoshka" for that variant); a transcoder needs ``target`` [batch, d_out] raw for them.
+        Raises PlatformError on a wrong width."""
         xs = self._normalize(x)
         ys = self._target(xs, target)
         if self.training:
@@ -719,11 +792,16 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Codes:
+        """x [batch, d_model] raw -> Codes [batch, K] by the global threshold (pre > threshold; each
+        row's top k before any training step), K the most latents active in a row, padded with 0.
+        Computes the dense [batch, n_latents] pre-activations at once."""
         pattern, vals = self._select_threshold(F.linear(self._centered(x), self.W_enc, self.b_enc))
         return Codes(*pattern.padded(vals.relu()))
 
     @torch.no_grad()
     def encode_slice(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """[batch, stop - start] by the threshold, multiplying only the slice's rows of W_enc.
+        Raises PlatformError unless 0 <= start < stop <= n_latents."""
         if torch.isnan(self.threshold):
             return super().encode_slice(x, start, stop)
         self._check_slice(start, stop)
@@ -747,7 +825,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     so it exports to SAELens as ``jumprelu`` exactly like BatchTopK (as SAELens saves its own).
 
     ``matryoshka_widths``: strictly increasing prefix sizes ending at n_latents (appended if
-    missing); default n_latents / 16, / 4 and n_latents."""
+    missing); default n_latents / 16, / 4 and n_latents. forward, encode: as BatchTopK's, plus the
+    "matryoshka" part (the sum of the inner prefixes' MSE, normalised units)."""
 
     variant = "matryoshka_batchtopk"
     DEFAULTS = {**BatchTopKSAE.DEFAULTS, "matryoshka_widths": None, "matryoshka_coeff": 1.0}
@@ -788,8 +867,9 @@ def matryoshka_widths(n_latents: int, widths) -> list[int]:
 
 
 class SwitchSAE(TopKSAE):
-    """Switch SAE (Mudide 2024): a softmax router sends each row to one of n_experts TopK SAEs
-    over n_latents / n_experts latents each.
+    """Switch SAE (Mudide et al. 2024, "Efficient Dictionary Learning with Switch Sparse
+    Autoencoders", arXiv:2410.08201): a softmax router sends each row to one of n_experts TopK
+    SAEs over n_latents / n_experts latents each.
 
     Only the chosen expert's encoder rows are multiplied (rows grouped by expert, one matmul per
     expert), so encoder FLOPs fall by n_experts; the public implementation computes the dense
@@ -797,7 +877,8 @@ class SwitchSAE(TopKSAE):
     e * (n_latents / n_experts) + j, and the code values include the router probability
     (x_hat = p * W_dec^T z + b_pre, which is how the router gets a gradient), so downstream code
     sees one flat dictionary obeying the same decode rule as every other variant.
-    Load balancing: balance_coeff * E * sum_e f_e P_e (Switch Transformer, Fedus et al.)."""
+    Load balancing: balance_coeff * E * sum_e f_e P_e (Fedus et al. 2022, "Switch Transformers",
+    §2.2). Not available as a transcoder."""
 
     variant = "switch"
     DEFAULTS = {"n_experts": 8, "k": 32, "k_aux": None, "aux_coeff": 1 / 32, "balance_coeff": 0.01}
@@ -813,13 +894,15 @@ class SwitchSAE(TopKSAE):
         self.b_router = nn.Parameter(torch.zeros(n_experts, device=device, dtype=dtype))
 
     def route(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(probs [batch, E], chosen expert [batch], its probability [batch])."""
+        """Route centred normalised rows ``xc`` = x * input_scale - b_pre [batch, d_model]:
+        (probs [batch, n_experts], chosen expert [batch] int64, its probability [batch])."""
         probs = F.linear(xc, self.W_router, self.b_router).softmax(-1)
         p, expert = probs.max(-1)
         return probs, expert, p
 
     def expert_pre(self, e: int, xc_rows: Tensor) -> Tensor:
-        """Pre-activations of expert e for the rows routed to it: the only encoder matmul."""
+        """Pre-activations of expert e, [rows, n_latents / n_experts], for the centred normalised
+        rows routed to it, ``xc_rows`` [rows, d_model]: the only encoder matmul."""
         lo, hi = e * self.expert_size, (e + 1) * self.expert_size
         return F.linear(xc_rows, self.W_enc[lo:hi], self.b_enc[lo:hi])
 
@@ -852,6 +935,10 @@ class SwitchSAE(TopKSAE):
         return *unsort(picks), aux, counts.to(xc.dtype)
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
+        """x [batch, d_model] raw -> SAEOutput, recon [batch, d_model] raw; codes: k entries per
+        row, p * ReLU(TopK_k(expert pre-activations)), global latent ids. Parts: "balance" always,
+        "auxk" given dead_mask [n_latents] (among the chosen expert's dead latents). ``target`` is
+        ignored (an SAE's target is x). Raises PlatformError on a wrong width."""
         xs = self._normalize(x)
         xc = xs - self.b_pre
         probs, expert, p = self.route(xc)
@@ -869,6 +956,7 @@ class SwitchSAE(TopKSAE):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Codes:
+        """x [batch, d_model] raw -> Codes [batch, k], values including the router probability."""
         xc = self._centered(x)
         _, expert, p = self.route(xc)
         vals, idx, _, _ = self._select(xc, expert, None, False)
@@ -885,8 +973,10 @@ class _DenseSAE(SparseAutoencoder):
         raise NotImplementedError
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
-        """dead_mask and target are accepted for a uniform trainer and ignored: these variants have
-        no AuxK and no loss part that needs the target."""
+        """x [batch, d_model] raw -> SAEOutput, recon [batch, d_out] raw, dense codes
+        [batch, n_latents] (``dense``), part "l1" (ReLU) or "l0" (JumpReLU). dead_mask and target
+        are accepted for a uniform trainer and ignored: these variants have no AuxK and no loss
+        part that needs the target. Raises PlatformError on a wrong width."""
         xc = self._centered(x)
         z, parts = self._activate(F.linear(xc, self.W_enc, self.b_enc))
         recon_n = z @ self.W_dec + self.b_out
@@ -895,10 +985,13 @@ class _DenseSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def encode_dense(self, x: Tensor) -> Tensor:
+        """x [batch, d_model] raw -> [batch, n_latents] activations, normalised units."""
         return self._activate(F.linear(self._centered(x), self.W_enc, self.b_enc))[0]
 
     @torch.no_grad()
     def encode_slice(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """[batch, stop - start], multiplying only the slice's rows of W_enc. Raises PlatformError
+        unless 0 <= start < stop <= n_latents."""
         self._check_slice(start, stop)
         pre = F.linear(self._centered(x), self.W_enc[start:stop], self.b_enc[start:stop])
         return self._slice_activation(pre, start, stop)
@@ -906,8 +999,8 @@ class _DenseSAE(SparseAutoencoder):
 
 class ReLUSAE(_DenseSAE):
     """z = ReLU(W_enc (x - b_pre) + b_enc) with an L1 penalty weighted by decoder row norms
-    (Anthropic, "Towards Monosemanticity" and its April 2024 update): the weighting keeps the
-    penalty honest if the trainer ever lets decoder norms float.
+    (Bricken et al. 2023, "Towards Monosemanticity", and Conerly et al.'s April 2024 update): the
+    weighting keeps the penalty honest if the trainer ever lets decoder norms float.
 
     l1_coeff defaults to Anthropic's lambda = 5 (on summed squared error) expressed for this
     module's per-element MSE: 5 / d_model."""
@@ -931,8 +1024,9 @@ class ReLUSAE(_DenseSAE):
 
 class JumpReLUSAE(_DenseSAE):
     """z = pre * H(pre - theta) with a learned per-latent threshold theta and an L0 penalty
-    (Rajamanoharan et al. 2024). Both are piecewise constant in theta, so theta learns through
-    straight-through pseudo-derivatives with a rectangle kernel of width `bandwidth`.
+    (Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction Fidelity with JumpReLU
+    Sparse Autoencoders", §3). Both are piecewise constant in theta, so theta learns through
+    straight-through pseudo-derivatives with a rectangle kernel of width `bandwidth` (§4).
     theta is stored as log theta, keeping it positive."""
 
     variant = "jumprelu"
@@ -963,7 +1057,7 @@ def _positive_int(name: str, value) -> None:
         raise PlatformError(f"{name} must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
 
 
-def _check_hparams(variant: str, n_latents: int, hp: dict) -> None:
+def _check_hparams(variant: Variant, n_latents: int, hp: dict) -> None:
     if "k" in hp:
         _positive_int("k", hp["k"])
         per = n_latents // hp["n_experts"] if variant == "switch" else n_latents
@@ -988,10 +1082,13 @@ def _check_hparams(variant: str, n_latents: int, hp: dict) -> None:
                             "use e.g. 0.99")
 
 
-def build_sae(variant: str, d_model: int, n_latents: int, *, device=None, dtype=torch.float32,
+def build_sae(variant: Variant, d_model: int, n_latents: int, *, device=None, dtype=torch.float32,
               d_out: int | None = None, **hparams) -> SparseAutoencoder:
     """The one constructor the platform uses: build_sae(**sae.config) rebuilds a model.
-    ``d_out`` makes it a transcoder (d_model in, d_out out; every variant but switch)."""
+    ``d_out`` makes it a transcoder (d_model in, d_out out; every variant but switch; Dunefsky et
+    al. 2024, "Transcoders Find Interpretable LLM Feature Circuits"). ``hparams``: the variant's
+    DEFAULTS keys. Raises PlatformError for an unknown variant or setting, a switch transcoder,
+    or an out-of-range size or setting."""
     if variant not in _CLASSES:
         raise PlatformError(f"unknown SAE variant {variant!r}", f"use one of {', '.join(VARIANTS)}")
     _positive_int("d_model", d_model)

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -56,12 +57,13 @@ from sae_platform.activations import activation_attrs
 from sae_platform.catalog import checkpoint_name, shuffled_name
 from sae_platform.devices import auto_dtype
 from sae_platform.errors import PlatformError, StorageError
-from sae_platform.sae import ADAM_EPS, VARIANTS, build_sae, lr_for, normalized_mse
+from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.shuffle import Shuffled, open_shuffled
 from sae_platform.storage import ArtifactStore
 
-SELECTION_PRECISIONS = ("auto", "float32", "bfloat16")
+SelectionPrecision = Literal["auto", "float32", "bfloat16"]
+SELECTION_PRECISIONS: tuple[SelectionPrecision, ...] = get_args(SelectionPrecision)
 CALIBRATION_ROWS = 16_384
 
 
@@ -86,7 +88,7 @@ class TrainSettings:
     (``variant``, ``n_latents``, ``k``, ``hparams``) and may override any other field for that SAE;
     the rest are shared by the sweep (``resources.training.config``)."""
 
-    variant: str = setting("topk", "SAE variant", choices=VARIANTS)
+    variant: Variant = setting("topk", "SAE variant", choices=VARIANTS)
     n_latents: int = setting(16_384, "dictionary size (latents)", ge=1)
     k: int = setting(32, "active latents per token (TopK family only)", ge=1)
     lr: float | None = setting(None, "Adam learning rate; null: Gao et al.'s 2e-4 * sqrt(16384 / n_latents)",
@@ -109,7 +111,7 @@ class TrainSettings:
                             default_factory=dict)
     hook_point: str | None = setting(None, "the cached hook point (an entry of resources.caching.config.hook_points, "
                                            "e.g. blocks.4.hook_mlp_out) this SAE trains on; null: the first")
-    selection_precision: str = setting(
+    selection_precision: SelectionPrecision = setting(
         "auto", "precision in which a TopK-family training step computes the dense [batch, n_latents] "
                 "pre-activations it picks latents from: auto (bfloat16 where the device multiplies bf16 natively, "
                 "devices.native_bf16; else float32), float32, bfloat16. The picked pre-activations are recomputed "
@@ -151,7 +153,7 @@ class TrainState:
 PLACEMENT = ("world_size", "nproc_per_node", "selection_precision")
 
 
-def selection_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+def selection_dtype(precision: SelectionPrecision, device: torch.device | str) -> torch.dtype | None:
     """The dtype of TrainSettings.selection_precision on ``device`` (None: the parameters' own)."""
     if precision == "auto":
         return auto_dtype(device)

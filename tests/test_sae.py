@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sae_platform.errors import PlatformError
 from sae_platform.sae import (ADAM_EPS, VARIANTS, Pattern, _batch_topk, _SelectedPre, _SparseDecode, build_sae,
-                              geometric_median, input_scale_for, lr_for, normalized_mse, sddmm, spmm, spmm_t)
+                              dense_topk_reference, geometric_median, input_scale_for, lr_for, normalized_mse, sddmm,
+                              spmm, spmm_t)
 
 D, N, K = 16, 64, 4
 SMALL = {"topk": {"k": K}, "batchtopk": {"k": K}, "matryoshka_batchtopk": {"k": K, "matryoshka_widths": [8, 24]},
@@ -130,15 +131,6 @@ def test_sparse_kernels_match_dense_algebra():
     torch.testing.assert_close(torch.zeros(pattern.batch, N).scatter_add_(1, indices, values), s)
 
 
-def dense_topk_reference(sae, x):
-    """The textbook TopK SAE through plain autograd: dense codes, dense decoder."""
-    xc = x * sae.input_scale - sae.b_pre
-    pre = F.linear(xc, sae.W_enc, sae.b_enc)
-    vals, idx = pre.topk(sae.hparams["k"], dim=1)
-    z = torch.zeros_like(pre).scatter(1, idx, vals.relu())
-    return (z @ sae.W_dec + sae.b_pre) / sae.input_scale
-
-
 def test_topk_forward_and_all_gradients_match_dense_reference():
     x = make_data(48, seed=2, scale=3.0, offset=0.5)
     sae = calibrated("topk", x)
@@ -154,6 +146,11 @@ def test_topk_forward_and_all_gradients_match_dense_reference():
     ((ref - x) * sae.input_scale).pow(2).mean().backward()
     for name, p in sae.named_parameters():
         torch.testing.assert_close(sparse_grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_dense_topk_reference_refuses_other_variants():
+    with pytest.raises(PlatformError, match="forward of a topk SAE, not of a batchtopk SAE"):
+        dense_topk_reference(sae_for("batchtopk"), make_data(4))
 
 
 def test_selected_pre_gradient_reaches_input_when_asked():
