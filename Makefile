@@ -13,7 +13,7 @@ TORCH_WHEELS := /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),)
 TORCH_PIN := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0*.whl),torch==2.13.0,)
 
-.PHONY: setup browser postgres redis demo test test-fast bench browse ui clean
+.PHONY: setup browser postgres redis demo lint test test-fast bench browse ui clean
 
 setup: $(VENV)/.installed $(SAE_PLATFORM_DATA)/.fetched $(DAGSTER_HOME)/dagster.yaml
 
@@ -52,6 +52,11 @@ postgres:
 # tests/test_celery.py starts a throwaway Redis (the Celery broker); .ci/install-redis installs it (apt) when missing.
 redis:
 	.ci/install-redis
+
+# ruff with the rules in pyproject.toml ([tool.ruff]); tests/test_catalog.py and tests/test_imports.py
+# hold the layout rules (artifact names only in the catalog, no import cycle).
+lint: setup
+	$(VENV)/bin/ruff check sae_platform assets resources jobs tests benchmarks
 
 test: setup browser postgres redis
 	$(PY) -m pytest -q
