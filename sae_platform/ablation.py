@@ -47,12 +47,14 @@ def ablation_sparsity(delta: torch.Tensor | np.ndarray) -> float:
 
 @torch.inference_mode()
 def ablation_sparsities(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: str,
-                        input_hook_point: str | None = None, n_tokens: int = 8, horizon: int = 4,
+                        input_hook_point: str | None = None, row_mask: np.ndarray, n_tokens: int = 8, horizon: int = 4,
                         max_latents: int = 32, seed: int = 0, use_cache: bool = True) -> dict:
     """Ablation sparsity of the active latents at ``n_tokens`` random held-out tokens.
 
-    ``tokens``: [n_contexts, ctx_len] held-out contexts. A token is drawn uniformly among
-    positions 1..ctx_len-horizon of a random context (not a start token); up to ``max_latents``
+    ``tokens``: [n_contexts, ctx_len] held-out contexts; ``row_mask``: bool, same shape, the tokens
+    that would have been training rows (``training_rows.training_rows``, e.g. the
+    ``metrics.HeldoutCodes.mask`` of ``tokens``). A draw picks a position uniformly among
+    1..ctx_len-horizon of a random context and is skipped unless it is a training row; up to ``max_latents``
     of its active latents are ablated one by one, at ``hook_point`` (a transcoder: encoded from
     ``input_hook_point``). With ``use_cache`` the prefix before the token runs once, unspliced,
     and only the ``horizon`` affected positions run per ablation (on copies of its key/value
@@ -64,6 +66,10 @@ def ablation_sparsities(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_po
     if tokens.ndim != 2 or tokens.shape[1] < horizon + 1:
         raise PlatformError(f"ablation needs contexts [n, ctx_len > horizon={horizon}], got {tokens.shape}",
                             "pass longer held-out contexts or a shorter horizon")
+    row_mask = np.asarray(row_mask, dtype=bool)
+    if row_mask.shape != tokens.shape:
+        raise PlatformError(f"the training-row mask has shape {row_mask.shape}, the tokens {tokens.shape}",
+                            "pass training_rows.training_rows of these tokens (e.g. HeldoutCodes.mask)")
     point, source = sae_hook_points(hooked.model, hook_point, input_hook_point, sae.is_transcoder)
     reads = source.name
     rng = np.random.default_rng(seed)
@@ -85,7 +91,7 @@ def ablation_sparsities(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_po
         for _ in range(n_tokens):
             c = int(rng.integers(len(tokens)))
             p = int(rng.integers(1, tokens.shape[1] - horizon + 1))
-            if int(tokens[c, p]) == hooked.start_token_id:
+            if not row_mask[c, p]:  # the SAE never saw it (a start token or an attention sink)
                 continue
             ids = torch.from_numpy(tokens[c:c + 1, :p + horizon].astype(np.int64)).to(hooked.device)
             state["rows"] = None

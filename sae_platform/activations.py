@@ -10,7 +10,7 @@ Layout of a committed partition (``activations/<key>/<version>/``)::
       position    [n_rows] int16     position inside its context (never 0)
       tokens      [n_contexts, ctx_len] int32  the full contexts, start tokens included
       context_doc_id [n_contexts, ctx_len] int32  document of every context token (windows stop there)
-      (attrs)     model, layer, d_model, dtype, counts and norm statistics
+      (attrs)     model, layer, d_model, dtype, counts and norm statistics, the training-row rule
     documents.parquet                doc_id, source, n_tokens
 
 Rows exclude every start token: position 0 is the attention sink (residual norm ~100x the rest)
@@ -19,6 +19,8 @@ packed documents is the same token and behaves the same way. Measured on SmolLM2
 token right after the start token is sometimes a sink too (a leading newline: norm ~20,000 against
 a median of ~166), so rows whose norm exceeds ``sink_norm_factor`` x the batch median are excluded
 as well and counted in the metadata. ``tokens`` keeps everything so context windows show in full.
+The rule is ``training_rows.training_rows``; each store records it in its attrs (``RowRule.attrs``)
+and everything that scores an SAE on text reads it back from there.
 
 The rows of all partitions, in partition-key order, form the dataset that the shuffle permutes;
 a row's global index is its partition's offset plus its row number.
@@ -46,8 +48,6 @@ from sae_platform.catalog import (
     ACTIVATIONS,
     FIRST_STORE,
     HookEntry,
-    cached_hook_points,
-    list_partitions,
     partition_name,
     partition_store_path,
     shuffled_store_index,
@@ -61,6 +61,7 @@ from sae_platform.model import HookedModel
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.shuffle import open_shuffled
 from sae_platform.storage import ArtifactStore
+from sae_platform.training_rows import RowRule, training_rows
 
 StoredDtype = Literal["float16", "float32"]  # zarr has no bfloat16
 STORED_DTYPES: tuple[StoredDtype, ...] = get_args(StoredDtype)
@@ -109,11 +110,6 @@ def hook_entries(model: HookedModel, settings: CacheSettings) -> list[HookEntry]
     return entries
 
 
-def training_rows(contexts: Contexts, start_token_id: int) -> np.ndarray:
-    """Mask [n_contexts, ctx_len] of tokens that become training rows (no start tokens)."""
-    mask = contexts.tokens != start_token_id
-    mask[:, 0] = False
-    return mask
 
 
 def fingerprint(model: HookedModel, model_source: str, entries: list[HookEntry] | None = None) -> dict:
@@ -206,11 +202,16 @@ class _HookStore:
         self.writer = _ChunkWriter(self.acts, self.acts.chunks[0], np_dtype)
         self.stats, self.kept, self.max_rows, self.width = _RunningNorms(), [], max_rows, width
 
-    def add(self, values: dict[str, torch.Tensor], batch_mask: torch.Tensor, settings: CacheSettings, key: str):
+    def add(self, values: dict[str, torch.Tensor], batch_mask: torch.Tensor, settings: CacheSettings, key: str,
+            tokens: np.ndarray, rule: RowRule):
         read = values[self.entry.names[0]]
         rows = read[batch_mask.to(read.device)]
-        keep = _not_sinks(rows, settings.sink_norm_factor)  # a pair keeps or drops its rows together
-        self.kept.append(keep.cpu().numpy())
+        # the sink rule on this batch (one median group); a pair keeps or drops its rows together
+        norms = np.zeros(tokens.shape, dtype=np.float32)
+        norms[batch_mask.numpy()] = rows.norm(dim=-1).float().cpu().numpy()
+        keep_np = training_rows(tokens, rule, norms)[batch_mask.numpy()]
+        keep = torch.from_numpy(keep_np).to(rows.device)
+        self.kept.append(keep_np)
         rows = rows[keep]
         if self.entry.hook_name_in is not None:
             out = values[self.entry.hook_name]
@@ -244,7 +245,8 @@ def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_so
     entries = hook_entries(model, settings)
     expected = fingerprint(model, model_source, entries)
     check_compatible(store, expected, key)
-    mask = training_rows(contexts, model.start_token_id)
+    rule = RowRule(model.start_token_id, settings.sink_norm_factor, settings.batch_size)  # one median group a batch
+    mask = training_rows(contexts.tokens, rule)  # the candidates; each store drops its own sinks
     max_rows, d_model = int(mask.sum()), model.d_model
     names = tuple(dict.fromkeys(n for e in entries for n in e.names))
     started = time.perf_counter()
@@ -261,7 +263,7 @@ def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_so
                 values = {names[0]: model.residual(ids)} if names == (model.hook_name,) else model.read(ids, names)
                 batch_mask = torch.from_numpy(mask[batch])
                 for hook in hooks:
-                    hook.add(values, batch_mask, settings, key)
+                    hook.add(values, batch_mask, settings, key, contexts.tokens[batch], rule)
                 if progress:
                     progress(min(first + settings.batch_size, contexts.n_contexts), contexts.n_contexts)
         finally:
@@ -276,7 +278,7 @@ def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_so
                 "key": key, **expected, "hook_name": entry.hook_name, "store": store_group(i),
                 **({"hook_name_in": entry.hook_name_in, "d_in": d_model, "d_out": d_model}
                    if entry.hook_name_in else {}),
-                "dtype": settings.dtype, "ctx_len": settings.ctx_len, "start_token_id": model.start_token_id,
+                "dtype": settings.dtype, "ctx_len": settings.ctx_len, **rule.attrs(),
                 "n_rows": n_rows, "n_contexts": contexts.n_contexts, "n_documents": len(docs),
                 "dropped_tokens": contexts.dropped_tokens, "excluded_start_tokens": contexts.tokens.size - max_rows,
                 "excluded_sink_rows": max_rows - n_rows,
@@ -344,19 +346,18 @@ def activation_hook_entry(store, shuffle_name: str) -> HookEntry:
     return HookEntry(name, attrs.get("hook_name_in"))
 
 
+def activation_row_rule(store, shuffle_name: str, start_token_id: int | None = None) -> RowRule:
+    """Which tokens were training rows of shuffled store ``shuffle_name``: the rule caching
+    recorded in the attrs of its activations (``RowRule.from_attrs``, which names the fallback for
+    stores cached before it was recorded; ``start_token_id``: the model's, for stores without one)."""
+    return RowRule.from_attrs(activation_attrs(store, shuffle_name), start_token_id)
+
+
 def sae_hook_entry(store, run: str) -> HookEntry:
     """Where SAE ``run`` reads and writes: the hook point of the shuffled store its checkpoint
     was trained on (``catalog.trained_on``); the one source every consumer of an SAE uses
     (evaluation, feature metrics, explanations, the live server, the SAELens export)."""
     return activation_hook_entry(store, trained_on(store, run))
-
-
-def _not_sinks(rows: torch.Tensor, factor: float) -> torch.Tensor:
-    """Rows that are not attention sinks: norm within ``factor`` x the batch median."""
-    norms = rows.norm(dim=-1)
-    if factor <= 0 or len(norms) == 0:
-        return torch.ones_like(norms, dtype=torch.bool)
-    return norms <= factor * norms.median()
 
 
 def _torch_dtype(name: str) -> torch.dtype:

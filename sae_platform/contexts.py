@@ -17,7 +17,7 @@ position ``(c, p)``. Its window is the run of tokens of context ``c`` from ``p -
   separator start tokens between packed documents. A separator belongs to the *next* document
   (``corpus.pack_contexts``), so a window of that document stops right after it and one of the
   previous document stops right before it; either way it never shows. Any other occurrence of
-  the start-token id is treated the same way, matching ``activations.training_rows``.
+  the start-token id is treated the same way: the start-token part of ``training_rows.training_rows``.
 
 Window activations. Each window token's activation, for the example's feature only, comes from
 its stored activation row (the inverse map ``(context, position) -> row`` of the partition
@@ -108,6 +108,7 @@ import torch
 from sae_platform import catalog
 from sae_platform.activations import Partition, open_partition
 from sae_platform.errors import ModelError, PlatformError, StorageError
+from sae_platform.hooks import final_norm_fold
 from sae_platform.model import HookedModel
 from sae_platform.sae import SparseAutoencoder
 from sae_platform.tables import (  # noqa: F401  (re-exported: callers use contexts.FEATURE etc.)
@@ -132,6 +133,7 @@ from sae_platform.tables import (  # noqa: F401  (re-exported: callers use conte
     WINDOW_SCHEMA,
     LOGIT_SCHEMA,
 )
+from sae_platform.training_rows import RowRule, training_rows
 
 PARTIAL_FILE = "windows.parquet"
 SHARD_FILE = "contexts.parquet"
@@ -212,6 +214,8 @@ class _Index:
         # Recorded at caching time; older partitions: position 0 always holds it (corpus.pack_contexts).
         recorded = part.attrs.get("start_token_id")
         self.start_token_id = int(recorded) if recorded is not None else int(self.tokens[0, 0]) if n_contexts else -1
+        # Tokens that can be rows: the start-token part of the rule (sinks are text: they show, without an activation).
+        self.can_be_row = training_rows(self.tokens, RowRule.from_attrs(part.attrs, self.start_token_id))
         self.row_of = np.full(self.tokens.shape, -1, dtype=np.int64)
         self.row_of[self.context_id, self.position] = np.arange(self.n_rows, dtype=np.int64)
 
@@ -334,11 +338,10 @@ def _window_bounds(index: _Index, ctx: np.ndarray, pos: np.ndarray, before: int,
     tokens, at most ``before`` to the left and ``after`` to the right."""
     offsets = np.arange(-before, after + 1)
     q = pos[:, None] + offsets
-    inside = (q > 0) & (q < index.ctx_len)  # position 0 is always the start token
+    inside = (q >= 0) & (q < index.ctx_len)
     qc = np.clip(q, 0, index.ctx_len - 1)
-    tok = index.tokens[ctx[:, None], qc]
     doc = index.context_doc_id[ctx[:, None], qc]
-    ok = inside & (doc == index.context_doc_id[ctx, pos][:, None]) & (tok != index.start_token_id)
+    ok = inside & (doc == index.context_doc_id[ctx, pos][:, None]) & index.can_be_row[ctx[:, None], qc]
     n_left = np.cumprod(ok[:, :before][:, ::-1], axis=1).sum(1) if before else np.zeros(len(pos), np.int64)
     n_right = np.cumprod(ok[:, before + 1:], axis=1).sum(1) if after else np.zeros(len(pos), np.int64)
     return pos - n_left, pos + n_right
@@ -703,8 +706,6 @@ def unembedding_matrix(model, fold_norm: bool = True) -> torch.Tensor:
                          "use a causal LM with an output embedding (lm_head) or tied embeddings")
     weight = weight.detach()
     if fold_norm:
-        from sae_platform.hooks import final_norm_fold
-
         gain, centres = final_norm_fold(lm)
         if gain is not None and gain.shape == weight.shape[1:]:
             weight = weight * gain.to(weight.dtype)[None, :]

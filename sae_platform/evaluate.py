@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_platform.activations import _not_sinks, activation_hook_entry
+from sae_platform.activations import activation_hook_entry, activation_row_rule
 from sae_platform.catalog import checkpoint_version, eval_name
 from sae_platform.corpus import pack_contexts
 from sae_platform.errors import PlatformError, SourceError, StorageError
@@ -41,6 +41,7 @@ from sae_platform.sae import Codes
 from sae_platform.settings import setting, validate
 from sae_platform.shuffle import iter_shuffled, open_shuffled
 from sae_platform.trainer import load_sae
+from sae_platform.training_rows import RowRule, training_rows
 
 
 @dataclass(frozen=True)
@@ -168,32 +169,20 @@ def firing_counts(sae, batches: Iterable[torch.Tensor | np.ndarray]) -> tuple[np
     return counts.cpu().numpy(), n
 
 
-def _splice_mask(hidden: torch.Tensor, tokens: torch.Tensor, start_token_id: int,
-                 sink_norm_factor: float) -> torch.Tensor:
-    """[batch, seq] bool: positions that would have been training rows (activations.py): not
-    position 0, not a start token, and not an attention sink (norm > factor x the median norm
-    of this batch's non-start rows)."""
-    mask = tokens != start_token_id
-    mask[:, 0] = False
-    keep = _not_sinks(hidden[mask].float(), sink_norm_factor)
-    mask[mask.clone()] = keep
-    return mask
-
-
-def _replacer(state: dict, hooked: HookedModel, sae, sink_norm_factor: float) -> Callable:
+def _replacer(state: dict, sae) -> Callable:
     """replace(value, source) for ``hooks.splice_hooks`` at the SAE's hook point. state["mode"]:
-    "clean" (record the splice mask, change nothing), "sae" (spliced rows -> the SAE's
-    reconstruction of them; a transcoder's of its input ``source``) or "zero" (spliced rows -> 0).
-    The mask comes from what the SAE reads: the value itself, or a transcoder's input."""
+    "clean" (record state["norms"], [batch, seq] float32 norms of what the SAE reads: the value
+    itself, or a transcoder's input; change nothing), "sae" (the positions of state["mask"] ->
+    the SAE's reconstruction of them; a transcoder's of its input ``source``) or "zero" (-> 0)."""
     sae_device = _sae_device(sae)
 
     def replace(value: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor | None:
         read = value if source is None else source
         mode = state["mode"]
         if mode == "clean":
-            state["mask"] = _splice_mask(read, state["tokens"], hooked.start_token_id, sink_norm_factor)
+            state["norms"] = read.float().norm(dim=-1).cpu().numpy()
             return None
-        mask = state["mask"]
+        mask = state["mask"].to(value.device)
         new = value.clone()
         if mode == "zero":
             new[mask] = 0
@@ -215,9 +204,8 @@ def _ce_sums(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int = 8,
-                  sink_norm_factor: float = 10.0, hook_point: str | None = None,
-                  input_hook_point: str | None = None) -> dict:
+def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int = 8, *, rule: RowRule,
+                  hook_point: str | None = None, input_hook_point: str | None = None) -> dict:
     """Next-token cross-entropy of the full model on ``tokens`` [n_ctx, ctx_len], three ways:
     clean, with the value at the SAE's hook point (``hook_point``, default ``hooked.hook_name``;
     any of ``sae_platform.hooks``' names) replaced by the SAE reconstruction, and with it replaced
@@ -225,10 +213,11 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
     ``blocks.L.ln2.hook_normalized``) and replaces ``hook_point`` (``blocks.L.hook_mlp_out``):
     it stands in for the MLP, and zero ablation removes the MLP's output.
 
-    Only positions that would have been training rows are replaced (not position 0, not start
-    tokens, not attention sinks by the caching rule with ``sink_norm_factor``; the median is
-    taken per forward batch of ``batch_size`` contexts): the SAE never saw the others, and
-    zeroing the sink would measure the sink, not the SAE. Every pass replaces the same positions.
+    Only positions that would have been training rows are replaced (``training_rows.training_rows``
+    under ``rule``, the one caching recorded: ``activations.activation_row_rule``; the sink
+    median is taken per group of ``rule.sink_median_contexts`` contexts, each run in forward
+    batches of at most ``batch_size``): the SAE never saw the others, and zeroing the sink would
+    measure the sink, not the SAE. Every pass replaces the same positions.
 
     CE is the standard causal-LM loss: the mean over every target position >= 1 (start-token
     targets included, i.e. predicting a document boundary counts), in float32.
@@ -250,21 +239,34 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
     point = check_hook_point(hooked.model, hook_point or hooked.hook_name)
     source = check_hook_point(hooked.model, input_hook_point) if input_hook_point else None
     state: dict = {"mode": "clean"}
-    handles = splice_hooks(hooked.model, point, _replacer(state, hooked, sae, sink_norm_factor), source)
+    handles = splice_hooks(hooked.model, point, _replacer(state, sae), source)
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_tokens = n_spliced = 0
     enabled = hooked.autocast is not None
+
+    def run(mode: str, ids: torch.Tensor) -> None:
+        state["mode"] = mode
+        with torch.autocast(hooked.device.type, dtype=hooked.autocast or torch.bfloat16, enabled=enabled):
+            logits = hooked.model(input_ids=ids, use_cache=False).logits
+        sums[mode] += _ce_sums(logits, ids)
+
+    group = rule.contexts_at_once(batch_size)
     try:
-        for first in range(0, len(tokens), batch_size):
-            ids = torch.from_numpy(tokens[first:first + batch_size].astype(np.int64)).to(hooked.device)
-            state["tokens"] = ids
-            for mode in ("clean", "sae", "zero"):  # clean first: it records the mask
-                state["mode"] = mode
-                with torch.autocast(hooked.device.type, dtype=hooked.autocast or torch.bfloat16, enabled=enabled):
-                    logits = hooked.model(input_ids=ids, use_cache=False).logits
-                sums[mode] += _ce_sums(logits, ids)
-            n_tokens += ids.shape[0] * (ids.shape[1] - 1)
-            n_spliced += int(state["mask"].sum())
+        for start in range(0, len(tokens), group):  # one median group of the sink rule at a time
+            group_tokens = tokens[start:start + group]
+            batches = [torch.from_numpy(group_tokens[first:first + batch_size].astype(np.int64)).to(hooked.device)
+                       for first in range(0, len(group_tokens), batch_size)]
+            norms = []
+            for ids in batches:  # clean first: it records the norms that decide the rows
+                run("clean", ids)
+                norms.append(state["norms"])
+            mask = torch.from_numpy(training_rows(group_tokens, rule, np.concatenate(norms)))
+            for ids, batch_mask in zip(batches, mask.split(batch_size), strict=True):
+                state["mask"] = batch_mask.to(hooked.device)
+                for mode in ("sae", "zero"):
+                    run(mode, ids)
+                n_tokens += ids.shape[0] * (ids.shape[1] - 1)
+                n_spliced += int(batch_mask.sum())
     finally:
         for handle in handles:
             handle.remove()
@@ -340,8 +342,7 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
 
 
 def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
-                 device: torch.device, sink_norm_factor: float = 10.0,
-                 density_over_all_rows: bool = True, metric_tokens: np.ndarray | None = None,
+                 device: torch.device, density_over_all_rows: bool = True, metric_tokens: np.ndarray | None = None,
                  ablation_tokens: int = 8) -> tuple[dict, np.ndarray]:
     """Every figure of the evaluation for checkpoint ``run``; commits ``eval/<run>`` (report + density).
 
@@ -355,7 +356,9 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
     latents and of the neurons); the per-property probe table is ``probes.json`` beside it, and the
     held-out codes they were measured on ``heldout_codes.npz`` (the feature explanations reuse
     them). The downstream CE and the feature metrics read and splice at the SAE's own hook point
-    (``activations.activation_hook_entry`` of its shuffled store)."""
+    (``activations.activation_hook_entry`` of its shuffled store), on the tokens that would have
+    been its training rows by the rule caching recorded there (``activations.activation_row_rule``;
+    ``training_rows.RowRule.from_attrs`` names the fallback for activations cached before it was)."""
     checkpoint = checkpoint_version(store, run)  # read before loading: a later commit then mismatches
     sae, cfg = load_sae(store, run, device)
     if cfg["data"]["shuffle"] != shuffle_name:
@@ -378,18 +381,20 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
         density = heldout_density
         report["dead_window_tokens"] = metrics["n_tokens"]
     points = {}
-    if hooked is not None:  # read and splice where the SAE's rows were read
+    if hooked is not None:  # read and splice where the SAE's rows were read, on the tokens that were rows
         entry = activation_hook_entry(store, shuffle_name)
+        rule = activation_row_rule(store, shuffle_name, hooked.start_token_id)
         report["hook_name"] = entry.hook_name
         if entry.hook_name_in:
             report["hook_name_in"] = entry.hook_name_in
         points = {"hook_point": entry.hook_name, "input_hook_point": entry.hook_name_in}
     if hooked is not None and heldout_tokens is not None:
-        ce = downstream_ce(hooked, sae, heldout_tokens, sink_norm_factor=sink_norm_factor, **points)
+        ce = downstream_ce(hooked, sae, heldout_tokens, rule=rule, **points)
         report.update({k if k.startswith("ce_") or k == "loss_recovered" else f"ce_{k}": v for k, v in ce.items()})
     details = None
     if hooked is not None and metric_tokens is not None:
-        figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens, **points)
+        figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens, rule=rule,
+                                           **points)
         report.update(figures)
     with store.writing(eval_name(run), checkpoint_step=cfg["step"]) as version:
         store.write_json(f"{version}/report.json", report)

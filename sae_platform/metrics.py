@@ -8,9 +8,10 @@
 
 ``heldout_codes`` encodes held-out contexts once: the value at the SAE's own hook point
 (``hook_point``; a transcoder's input ``input_hook_point``, e.g. ``blocks.L.ln2.hook_normalized``),
-then the SAE's sparse codes, on every position that would have been a training row (not position
-0, not a start token). Every function here takes the hook point(s) explicitly: where an SAE reads
-is a fact of its training data (``activations.sae_hook_entry``), not of the model. ``feature_metrics``
+then the SAE's sparse codes, on every position that would have been a training row (by the rule
+caching recorded, ``training_rows``). Every function here takes the hook point(s) and that rule
+explicitly: where an SAE reads and which tokens it saw are facts of its training data
+(``activations.sae_hook_entry``, ``activations.activation_row_rule``), not of the model. ``feature_metrics``
 returns flat numbers for ``sae_eval``'s report plus a per-property table.
 """
 
@@ -23,8 +24,8 @@ import torch
 
 from sae_platform import explain as n2g
 from sae_platform.ablation import ablation_sparsities
-from sae_platform.activations import sae_hook_entry
-from sae_platform.catalog import checkpoint_pin, checkpoint_version, explanations_name, is_current
+from sae_platform.activations import activation_row_rule, sae_hook_entry
+from sae_platform.catalog import checkpoint_pin, checkpoint_version, explanations_name, is_current, trained_on
 from sae_platform.contexts import token_display_strings
 from sae_platform.errors import PlatformError
 from sae_platform.hooks import sae_hook_points
@@ -37,6 +38,7 @@ from sae_platform.probes import (
     best_probe_losses_dense,
     token_properties,
 )
+from sae_platform.training_rows import RowRule, training_rows
 
 MASKED = -2  # token id of positions without codes in an N2G stream: no pattern matches or crosses them
 
@@ -55,11 +57,14 @@ class HeldoutCodes:
 
 @torch.inference_mode()
 def heldout_codes(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: str,
-                  input_hook_point: str | None = None, batch_size: int = 8,
+                  input_hook_point: str | None = None, rule: RowRule, batch_size: int = 8,
                   keep_neurons: bool = False) -> HeldoutCodes:
     """The SAE's codes of held-out ``tokens`` [n_contexts, ctx_len]: the value at ``hook_point``
     (a transcoder: at ``input_hook_point``, its input) from forward passes that stop there, encoded
-    by ``sae.encode``. ``keep_neurons`` also keeps those values (the probe baseline's neurons).
+    by ``sae.encode`` on the tokens that would have been training rows (``training_rows`` under
+    ``rule``; read a median group of ``rule.sink_median_contexts`` contexts at a time, in forward
+    batches of at most ``batch_size``). ``keep_neurons`` also keeps those values (the probe
+    baseline's neurons).
     ModelError naming the valid hook points when the model lacks one or the pairing is wrong
     (``hooks.sae_hook_points``); PlatformError when the SAE's width differs from the value's."""
     tokens = np.asarray(tokens)
@@ -67,26 +72,30 @@ def heldout_codes(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: s
         raise PlatformError(f"held-out tokens must be integer [n_contexts, ctx_len], got {tokens.dtype} "
                             f"{tokens.shape}", "pass packed held-out contexts")
     reads = sae_hook_points(hooked.model, hook_point, input_hook_point, sae.is_transcoder)[1].name
-    mask = tokens != hooked.start_token_id
-    mask[:, 0] = False
+    mask = np.zeros(tokens.shape, dtype=bool)
     sae_device = sae.W_dec.device
     pos, feat, val, neurons = [], [], [], []
     ctx_len = tokens.shape[1]
-    for first in range(0, len(tokens), batch_size):
-        ids = torch.from_numpy(tokens[first:first + batch_size].astype(np.int64))
-        x = hooked.read(ids, (reads,))[reads]
-        m = torch.from_numpy(mask[first:first + batch_size]).to(x.device)
-        rows = x[m].to(sae_device)
-        flat = (torch.nonzero(m.cpu()) * torch.tensor([ctx_len, 1])).sum(1) + first * ctx_len
-        if keep_neurons:
-            neurons.append(rows.cpu().numpy())
-        with torch.autocast(sae_device.type, enabled=False):
-            codes = sae.encode(rows)
-        on = (codes.values > 0).cpu()
-        r = torch.arange(len(rows))[:, None].expand_as(on)[on]
-        pos.append(flat[r].numpy())
-        feat.append(codes.indices.cpu()[on].numpy())
-        val.append(codes.values.cpu()[on].float().numpy())
+    group = rule.contexts_at_once(batch_size)
+    for start in range(0, len(tokens), group):  # one median group of the sink rule at a time
+        stop = min(start + group, len(tokens))
+        read = {first: hooked.read(torch.from_numpy(tokens[first:min(first + batch_size, stop)].astype(np.int64)),
+                                   (reads,))[reads] for first in range(start, stop, batch_size)}
+        norms = np.concatenate([x.float().norm(dim=-1).cpu().numpy() for x in read.values()])
+        mask[start:stop] = training_rows(tokens[start:stop], rule, norms)
+        for first, x in read.items():
+            m = torch.from_numpy(mask[first:first + len(x)]).to(x.device)
+            rows = x[m].to(sae_device)
+            flat = (torch.nonzero(m.cpu()) * torch.tensor([ctx_len, 1])).sum(1) + first * ctx_len
+            if keep_neurons:
+                neurons.append(rows.cpu().numpy())
+            with torch.autocast(sae_device.type, enabled=False):
+                codes = sae.encode(rows)
+            on = (codes.values > 0).cpu()
+            r = torch.arange(len(rows))[:, None].expand_as(on)[on]
+            pos.append(flat[r].numpy())
+            feat.append(codes.indices.cpu()[on].numpy())
+            val.append(codes.values.cpu()[on].float().numpy())
     cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
     return HeldoutCodes(tokens, mask, cat(pos, np.int64), cat(feat, np.int64), cat(val, np.float32),
                         np.concatenate(neurons) if keep_neurons and neurons else None)
@@ -188,20 +197,22 @@ def probe_metrics(codes: HeldoutCodes, tokenizer, n_latents: int) -> tuple[dict,
 
 
 def feature_metrics(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: str,
-                    input_hook_point: str | None = None, ablation_tokens: int = 8,
+                    input_hook_point: str | None = None, rule: RowRule, ablation_tokens: int = 8,
                     log=None) -> tuple[dict, dict]:
     """N2G precision/recall, ablation sparsity and probe loss of ``sae`` on held-out ``tokens``
     [n_contexts, ctx_len], read (and, for the ablations, spliced) at the SAE's own ``hook_point``
-    (a transcoder reads ``input_hook_point`` and replaces ``hook_point``). Returns (flat numbers for
-    the report, details: per-property probe table, per-feature N2G rows and the held-out codes)."""
+    (a transcoder reads ``input_hook_point`` and replaces ``hook_point``), all on the tokens that
+    would have been training rows under ``rule`` (the held-out codes' mask). Returns (flat numbers
+    for the report, details: per-property probe table, per-feature N2G rows and the held-out codes)."""
     points = {"hook_point": hook_point, "input_hook_point": input_hook_point}
-    codes = heldout_codes(hooked, sae, tokens, **points, keep_neurons=True)
+    codes = heldout_codes(hooked, sae, tokens, **points, rule=rule, keep_neurons=True)
     n2g_summary, n2g_rows = n2g_heldout(codes, sae.n_latents)
     if log:
         log(f"N2G: precision {n2g_summary['n2g_precision']}, recall {n2g_summary['n2g_recall']} over "
             f"{n2g_summary['n2g_features_scored']} features")
     probe_summary, probe_table = probe_metrics(codes, hooked.tokenizer, sae.n_latents)
-    ablation = ablation_sparsities(hooked, sae, tokens, **points, n_tokens=ablation_tokens) if ablation_tokens else {}
+    ablation = (ablation_sparsities(hooked, sae, tokens, **points, row_mask=codes.mask, n_tokens=ablation_tokens)
+                if ablation_tokens else {})
     return {**n2g_summary, **ablation, **probe_summary}, {"probes": probe_table, "n2g": n2g_rows, "codes": codes}
 
 
@@ -212,9 +223,12 @@ EXPLANATIONS_FILE = "explanations.parquet"
 
 def sae_heldout_codes(hooked: HookedModel, sae, store, run: str, tokens: np.ndarray) -> HeldoutCodes:
     """:func:`heldout_codes` of SAE ``run`` on ``tokens``, read at its own hook point
-    (``activations.sae_hook_entry``)."""
+    (``activations.sae_hook_entry``), on the tokens that would have been its training rows
+    (``activations.activation_row_rule`` of the store it was trained on)."""
     entry = sae_hook_entry(store, run)
-    return heldout_codes(hooked, sae, tokens, hook_point=entry.hook_name, input_hook_point=entry.hook_name_in)
+    rule = activation_row_rule(store, trained_on(store, run), hooked.start_token_id)
+    return heldout_codes(hooked, sae, tokens, hook_point=entry.hook_name, input_hook_point=entry.hook_name_in,
+                         rule=rule)
 
 
 def explain_shard(store, run: str, sae, tokenizer, codes: HeldoutCodes, shard_index: int,

@@ -10,6 +10,12 @@ import torch
 from sae_platform.ablation import ablation_sparsities, ablation_sparsity
 from sae_platform.errors import PlatformError
 from sae_platform.sae import build_sae
+from sae_platform.training_rows import RowRule, training_rows
+
+
+def _rows(hooked, tokens):
+    """Every non-start token (sink_norm_factor 0): the training rows of these tests' tokens."""
+    return training_rows(np.asarray(tokens), RowRule(hooked.start_token_id, 0.0, 1))
 
 
 def test_single_logit_change_is_the_minimum():
@@ -36,14 +42,17 @@ def test_ablation_on_a_model(tiny_hooked):
     sae = build_sae("topk", tiny_hooked.d_model, 64, k=4)
     tokens = np.random.default_rng(0).integers(1, 200, size=(3, 16))
     at = {"hook_point": tiny_hooked.hook_name}
-    out = ablation_sparsities(tiny_hooked, sae, tokens, **at, n_tokens=4, horizon=3)
+    out = ablation_sparsities(tiny_hooked, sae, tokens, **at, row_mask=_rows(tiny_hooked, tokens), n_tokens=4,
+                              horizon=3)
     assert out["ablation_pairs"] > 0
     assert out["ablation_sparsity_min_possible"] <= out["ablation_sparsity"] <= 1.0
-    full = ablation_sparsities(tiny_hooked, sae, tokens, **at, n_tokens=4, horizon=3, use_cache=False)
+    full = ablation_sparsities(tiny_hooked, sae, tokens, **at, row_mask=_rows(tiny_hooked, tokens), n_tokens=4,
+                               horizon=3, use_cache=False)
     assert full["ablation_pairs"] == out["ablation_pairs"]   # the prefix's cache: the same logits
     assert full["ablation_sparsity"] == pytest.approx(out["ablation_sparsity"], rel=1e-4)
     with pytest.raises(PlatformError, match="horizon"):
-        ablation_sparsities(tiny_hooked, sae, tokens[:, :3], **at, horizon=3)
+        ablation_sparsities(tiny_hooked, sae, tokens[:, :3], **at, row_mask=_rows(tiny_hooked, tokens[:, :3]),
+                            horizon=3)
 
 
 # -- at the SAE's own hook point (not the residual stream after the model's default layer) --------
@@ -129,13 +138,15 @@ def test_ablation_is_spliced_at_the_saes_own_hook_point(tiny_hooked, family, tra
     want = [w for w in want if not math.isnan(w)]
     assert want and len(set(np.round(want, 9))) > 1  # distinct values: a wrong splice could not match them all
     for use_cache in (True, False):
-        got = ablation_sparsities(hooked, sae, tokens[:1], **at, n_tokens=20, horizon=horizon, use_cache=use_cache)
+        got = ablation_sparsities(hooked, sae, tokens[:1], **at, row_mask=_rows(hooked, tokens[:1]), n_tokens=20,
+                                  horizon=horizon, use_cache=use_cache)
         assert got["ablation_pairs"] % len(want) == 0 and got["ablation_pairs"] > 0
         assert got["ablation_sparsity"] == pytest.approx(float(np.mean(want)), rel=1e-4)
         assert got["ablation_sparsity_median"] == pytest.approx(float(np.median(want)), rel=1e-4)
     # the residual stream at the same block is another place, with other numbers
     other = ablation_sparsities(hooked, build_sae("topk", d, 64, k=4), tokens[:1],
-                                hook_point=f"blocks.{layer}.hook_resid_post", n_tokens=20, horizon=horizon)
+                                hook_point=f"blocks.{layer}.hook_resid_post", row_mask=_rows(hooked, tokens[:1]),
+                                n_tokens=20, horizon=horizon)
     assert other["ablation_sparsity"] != pytest.approx(float(np.mean(want)), rel=1e-3)
 
 
@@ -154,13 +165,14 @@ def test_a_single_logit_change_at_mlp_out_is_the_minimum(tiny_hooked):
     tokens = np.random.default_rng(0).integers(1, 200, size=(3, 16))
     last = hooked.n_layers - 1
     assert last != hooked.layer  # not the model's default hook point
-    got = ablation_sparsities(hooked, sae, tokens, hook_point=f"blocks.{last}.hook_mlp_out", n_tokens=6, horizon=3)
+    got = ablation_sparsities(hooked, sae, tokens, hook_point=f"blocks.{last}.hook_mlp_out",
+                              row_mask=_rows(hooked, tokens), n_tokens=6, horizon=3)
     assert got["ablation_pairs"] > 0
     # float32 noise of ~1e-7 on the later tokens' logit is all that separates it from the minimum
     assert got["ablation_sparsity"] == pytest.approx(got["ablation_sparsity_min_possible"], rel=1e-3)
     assert got["ablation_sparsity_median"] == pytest.approx(got["ablation_sparsity_min_possible"], rel=1e-3)
-    earlier = ablation_sparsities(hooked, sae, tokens, hook_point=f"blocks.{last - 2}.hook_mlp_out", n_tokens=6,
-                                  horizon=3)
+    earlier = ablation_sparsities(hooked, sae, tokens, hook_point=f"blocks.{last - 2}.hook_mlp_out",
+                                  row_mask=_rows(hooked, tokens), n_tokens=6, horizon=3)
     assert earlier["ablation_sparsity"] > 1.5 * earlier["ablation_sparsity_min_possible"]
 
 
@@ -169,4 +181,5 @@ def test_ablation_names_a_missing_hook_point(tiny_hooked):
 
     sae = build_sae("topk", tiny_hooked.d_model, 64, k=4)
     with pytest.raises(ModelError, match="hook_mlp_out"):
-        ablation_sparsities(tiny_hooked, sae, np.ones((1, 8), dtype=np.int64), hook_point="blocks.1.mlp_out")
+        ablation_sparsities(tiny_hooked, sae, np.ones((1, 8), dtype=np.int64), hook_point="blocks.1.mlp_out",
+                            row_mask=np.ones((1, 8), dtype=bool))

@@ -20,7 +20,8 @@ from assets.partitions import ACTIVATION_BATCHES
 from jobs.definitions import build_definitions, build_resources
 from jobs.settings import Settings
 from resources import AutomationResource, BaseModelResource, StorageResource, TextSourceResource, stage_resource
-from sae_platform.activations import CacheSettings, cache_text_file, list_partitions, open_partition
+from sae_platform.activations import CacheSettings, cache_text_file, open_partition
+from sae_platform.catalog import list_partitions
 from sae_platform.freshness import changed_sources
 from sae_platform.inbox import inbox_report
 from sae_platform.storage import ArtifactStore

@@ -11,7 +11,8 @@ from jobs.definitions import ASSET_JOBS, build_resources
 from jobs.settings import Settings
 from resources import stage_resource
 from sae_platform import shuffle as sh
-from sae_platform.activations import CacheSettings, cache_text_file, list_partitions, open_partition
+from sae_platform.activations import CacheSettings, cache_text_file, open_partition
+from sae_platform.catalog import list_partitions
 from sae_platform.corpus import list_source
 
 ALL_WORKERS = {"dagster/asset_partition_range_start": "0", "dagster/asset_partition_range_end": "3"}

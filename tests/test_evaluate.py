@@ -15,6 +15,7 @@ from sae_platform.evaluate import _replacer, downstream_ce, reconstruction_metri
 from sae_platform.model import find_decoder_layers
 from sae_platform.plots import density_histogram_png, training_curves_png
 from sae_platform.sae import build_sae
+from sae_platform.training_rows import RowRule
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -113,6 +114,11 @@ def contexts(hooked, n_ctx=6, ctx_len=12, seed=0):
     return tokens.astype(np.int32)
 
 
+def rule(hooked, factor=10.0):
+    """The sink rule as caching applies it, with median groups of 3 contexts (these tests' batches)."""
+    return RowRule(hooked.start_token_id, factor, 3)
+
+
 class Capture:
     """The residual stream as the next layer sees it, i.e. after any splice."""
 
@@ -143,7 +149,7 @@ def test_identity_splice_keeps_ce_and_zero_ablation_changes_it(tiny_hooked):
     tokens = contexts(tiny_hooked)
     layer = find_decoder_layers(tiny_hooked.model)[tiny_hooked.layer]
     hooks_before = len(layer._forward_hooks)
-    got = downstream_ce(tiny_hooked, identity_sae(tiny_hooked.d_model), tokens, batch_size=3)
+    got = downstream_ce(tiny_hooked, identity_sae(tiny_hooked.d_model), tokens, batch_size=3, rule=rule(tiny_hooked))
     assert len(layer._forward_hooks) == hooks_before  # the splice hook is gone
     assert got["ce_sae"] == got["ce_clean"]  # bit-identical: the splice itself changes nothing
     assert got["ce_zero"] != got["ce_clean"]
@@ -164,7 +170,7 @@ def test_splice_touches_only_training_rows(tiny_hooked):
     factor, start = 1.2, tiny_hooked.start_token_id  # a low factor so that some rows count as sinks
     capture = Capture(tiny_hooked)
     try:
-        got = downstream_ce(tiny_hooked, sae, tokens, batch_size=3, sink_norm_factor=factor)
+        got = downstream_ce(tiny_hooked, sae, tokens, batch_size=3, rule=rule(tiny_hooked, factor))
     finally:
         capture.close()
     assert len(capture.seen) == 2 * 3  # two batches x (clean, sae, zero)
@@ -193,7 +199,7 @@ def test_sae_runs_outside_the_models_autocast(tiny_hooked):
     """Under bf16 autocast the identity SAE must still reconstruct exactly (it would not if its
     matmuls ran in bf16)."""
     hooked = dataclasses.replace(tiny_hooked, autocast=torch.bfloat16)
-    got = downstream_ce(hooked, identity_sae(hooked.d_model), contexts(hooked), batch_size=3)
+    got = downstream_ce(hooked, identity_sae(hooked.d_model), contexts(hooked), batch_size=3, rule=rule(hooked))
     assert got["ce_sae"] == got["ce_clean"] and got["ce_zero"] != got["ce_clean"]
 
 
@@ -202,7 +208,7 @@ def test_replacer_zeroes_or_reconstructs_only_masked_rows(tiny_hooked):
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, 2] = mask[1, 4] = True
     state = {"mode": "zero", "mask": mask}
-    replace = _replacer(state, tiny_hooked, identity_sae(tiny_hooked.d_model), 10.0)
+    replace = _replacer(state, identity_sae(tiny_hooked.d_model))
     out = replace(hidden, None)
     assert bool((out[mask] == 0).all()) and torch.equal(out[~mask], hidden[~mask])
     state["mode"] = "sae"
@@ -219,10 +225,11 @@ def test_perfect_reconstruction_recovers_all_the_loss_at_every_hook_point(tiny_h
     and zero-ablating that point (not the block output) is what the 0 of the scale means."""
     tokens = contexts(tiny_hooked)
     name = f"blocks.{tiny_hooked.layer}.{site}"
-    got = downstream_ce(tiny_hooked, identity_sae(tiny_hooked.d_model), tokens, batch_size=3, hook_point=name)
+    got = downstream_ce(tiny_hooked, identity_sae(tiny_hooked.d_model), tokens, batch_size=3, rule=rule(tiny_hooked),
+                        hook_point=name)
     assert got["ce_zero"] != pytest.approx(got["ce_clean"], abs=1e-5)  # the random MLP adds little
     assert got["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
-    other = downstream_ce(tiny_hooked, identity_sae(tiny_hooked.d_model), tokens, batch_size=3,
+    other = downstream_ce(tiny_hooked, identity_sae(tiny_hooked.d_model), tokens, batch_size=3, rule=rule(tiny_hooked),
                           hook_point=f"blocks.{tiny_hooked.layer}.hook_resid_post")
     # a different place: zeroing it costs a different amount (zeroing resid_mid zeroes resid_post in
     # Llama: the MLP of 0 is 0 without biases)
@@ -246,7 +253,7 @@ def test_a_perfect_transcoder_in_place_of_the_mlp_recovers_all_the_loss(tiny_hoo
         def decode(self, x):
             return mlp(x)
 
-    got = downstream_ce(tiny_hooked, MLPAsTranscoder(), contexts(tiny_hooked), batch_size=3,
+    got = downstream_ce(tiny_hooked, MLPAsTranscoder(), contexts(tiny_hooked), batch_size=3, rule=rule(tiny_hooked),
                         hook_point=f"blocks.{layer}.hook_mlp_out", input_hook_point=f"blocks.{layer}.ln2.hook_normalized")
     assert got["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert got["ce_zero"] != pytest.approx(got["ce_clean"], abs=1e-5)
@@ -255,9 +262,9 @@ def test_a_perfect_transcoder_in_place_of_the_mlp_recovers_all_the_loss(tiny_hoo
 def test_downstream_ce_errors(tiny_hooked):
     sae = identity_sae(tiny_hooked.d_model)
     with pytest.raises(PlatformError, match="n_contexts, ctx_len"):
-        downstream_ce(tiny_hooked, sae, np.arange(10))
+        downstream_ce(tiny_hooked, sae, np.arange(10), rule=rule(tiny_hooked))
     with pytest.raises(PlatformError, match="d_model 4"):
-        downstream_ce(tiny_hooked, identity_sae(4), contexts(tiny_hooked))
+        downstream_ce(tiny_hooked, identity_sae(4), contexts(tiny_hooked), rule=rule(tiny_hooked))
 
 
 # --- figures -------------------------------------------------------------------------------------

@@ -3,15 +3,24 @@ encode of the hook point's value computed independently (a hook of the test's ow
 sub-block), for an SAE of hook_mlp_out and for a transcoder (which encodes the MLP's input), not
 the residual stream after the model's default layer; the probe baseline's neurons are that value."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
+from sae_platform import metrics
 from sae_platform.errors import ModelError
 from sae_platform.metrics import HELDOUT_CODES_FILE, heldout_codes, heldout_codes_bytes, read_heldout_codes
 from sae_platform.sae import build_sae
+from sae_platform.training_rows import RowRule
 
 LAYER = 2  # not tiny_hooked's default layer (1): nothing may fall back to it
+
+
+def _rule(hooked):
+    """Every non-start token is a row (sink_norm_factor 0): what these tests' masks expect."""
+    return RowRule(hooked.start_token_id, 0.0, 1)
 
 
 def _own_value(hooked, ids, module):
@@ -60,7 +69,7 @@ def test_codes_are_the_encode_of_the_saes_own_hook_point(tiny_hooked, transcoder
         sae = build_sae("topk", d, 64, k=4)
         sae.calibrate_(mlp_out.reshape(-1, d))
         reads = mlp_out
-    got = heldout_codes(tiny_hooked, sae, tokens, **at, batch_size=2, keep_neurons=True)
+    got = heldout_codes(tiny_hooked, sae, tokens, **at, rule=_rule(tiny_hooked), batch_size=2, keep_neurons=True)
     mask = (tokens != tiny_hooked.start_token_id)
     mask[:, 0] = False
     assert (got.mask == mask).all()
@@ -72,12 +81,13 @@ def test_codes_are_the_encode_of_the_saes_own_hook_point(tiny_hooked, transcoder
     # same width, and other codes: it was not read
     other = ({"hook_point": f"blocks.{LAYER}.hook_resid_post"} if not transcoder else
              {"hook_point": at["hook_point"], "input_hook_point": f"blocks.{LAYER}.hook_resid_mid"})
-    resid = heldout_codes(tiny_hooked, sae, tokens, **other)
+    resid = heldout_codes(tiny_hooked, sae, tokens, **other, rule=_rule(tiny_hooked))
     assert not np.allclose(_dense(resid, len(rows), 64, mask), want, atol=1e-3)
 
 
 def test_a_wrong_hook_point_is_named(tiny_hooked):
     sae = build_sae("topk", tiny_hooked.d_model, 64, k=4)
+    heldout_codes = functools.partial(metrics.heldout_codes, rule=_rule(tiny_hooked))
     with pytest.raises(ModelError, match="blocks.L"):
         heldout_codes(tiny_hooked, sae, _contexts(tiny_hooked), hook_point="blocks.2.hook_mlp")
     with pytest.raises(ModelError, match="0..3"):
@@ -96,7 +106,8 @@ def test_stored_heldout_codes_are_reused_only_for_the_checkpoint_they_were_encod
     for the same checkpoint version (another checkpoint, or no file, means: encode again)."""
     torch.manual_seed(0)
     sae = build_sae("topk", tiny_hooked.d_model, 64, k=4)
-    codes = heldout_codes(tiny_hooked, sae, _contexts(tiny_hooked), hook_point="blocks.1.hook_resid_post")
+    codes = heldout_codes(tiny_hooked, sae, _contexts(tiny_hooked), hook_point="blocks.1.hook_resid_post",
+                          rule=_rule(tiny_hooked))
     path = store.path("eval", "run", "v1")
     store.fs.makedirs(path, exist_ok=True)
     assert read_heldout_codes(store, path, "ckpt-a") is None  # nothing stored yet

@@ -375,20 +375,22 @@ def _heldout_tokens(hooked, n=4, ctx_len=16, seed=0):
 def _assert_feature_metrics_read(report, store, run, sae, hooked, hook_point, input_hook_point=None):
     """evaluate_sae's feature metrics came from the SAE's own hook point (sae_hook_entry, the same
     source the explanations and the live server use), not from the model's default layer."""
-    from sae_platform.activations import sae_hook_entry
+    from sae_platform.activations import activation_row_rule, sae_hook_entry
     from sae_platform.catalog import HookEntry
     from sae_platform.metrics import heldout_codes, probe_metrics
+    from sae_platform.catalog import trained_on
 
     assert sae_hook_entry(store, run) == HookEntry(hook_point, input_hook_point)
+    rule = activation_row_rule(store, trained_on(store, run), hooked.start_token_id)
     assert report["ablation_pairs"] > 0 and report["n2g_features_scored"] >= 0
     tokens = _heldout_tokens(hooked, seed=1)
     own = probe_metrics(heldout_codes(hooked, sae, tokens, hook_point=hook_point, input_hook_point=input_hook_point,
-                                      keep_neurons=True), hooked.tokenizer, sae.n_latents)[0]
+                                      rule=rule, keep_neurons=True), hooked.tokenizer, sae.n_latents)[0]
     assert report["probe_loss_neurons"] == pytest.approx(own["probe_loss_neurons"], rel=1e-6)
     assert report["probe_loss"] == pytest.approx(own["probe_loss"], rel=1e-6)
     if input_hook_point is None:  # an SAE of the default hook point would give other neurons
-        default = probe_metrics(heldout_codes(hooked, sae, tokens, hook_point=hooked.hook_name, keep_neurons=True),
-                                hooked.tokenizer, sae.n_latents)[0]
+        default = probe_metrics(heldout_codes(hooked, sae, tokens, hook_point=hooked.hook_name, rule=rule,
+                                              keep_neurons=True), hooked.tokenizer, sae.n_latents)[0]
         assert default["probe_loss_neurons"] != pytest.approx(own["probe_loss_neurons"], rel=1e-6)
 
 
