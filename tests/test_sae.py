@@ -477,7 +477,7 @@ def test_encode_slice_matches_dense_encode(variant):
 
 @pytest.mark.parametrize("variant, extra", [("topk", {"multi_topk": True}), ("batchtopk", {})])
 def test_training_forward_in_row_blocks_matches_one_block(variant, extra, monkeypatch):
-    import sae_platform.sae as sae_module
+    import sae_platform.sae.topk as sae_module  # the module that reads the constant
 
     x = make_data(48, seed=9)
     dead = torch.zeros(N, dtype=torch.bool)
@@ -551,7 +551,7 @@ def test_training_scratch_follows_the_batch_size():
 
 
 def test_topk_encode_chunks_agree_with_one_pass(monkeypatch):
-    import sae_platform.sae as sae_module
+    import sae_platform.sae.topk as sae_module  # the module that reads the constant
 
     x = make_data(40)
     sae = calibrated("topk", x)

@@ -1,0 +1,111 @@
+"""The Switch SAE (Mudide et al. 2024): a router sends each row to one of n_experts TopK SAEs
+and only that expert's encoder rows are multiplied, cutting the encoder matmul by n_experts.
+Built on ``TopKSAE`` (``topk.py``) and the sparse kernels (``kernels.py``).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sae_platform.sae.base import Codes, SAEOutput, _sparse_stats
+from sae_platform.sae.kernels import Pattern, _SelectedPre
+from sae_platform.sae.topk import TopKSAE
+
+
+class SwitchSAE(TopKSAE):
+    """Switch SAE (Mudide et al. 2024, "Efficient Dictionary Learning with Switch Sparse
+    Autoencoders", arXiv:2410.08201): a softmax router sends each row to one of n_experts TopK
+    SAEs over n_latents / n_experts latents each.
+
+    Only the chosen expert's encoder rows are multiplied (rows grouped by expert, one matmul per
+    expert), so encoder FLOPs fall by n_experts; the public implementation computes the dense
+    encoder and masks it, which never realises that saving. Expert e's latent j is global latent
+    e * (n_latents / n_experts) + j, and the code values include the router probability
+    (x_hat = p * W_dec^T z + b_pre, which is how the router gets a gradient), so downstream code
+    sees one flat dictionary obeying the same decode rule as every other variant.
+    Load balancing: balance_coeff * E * sum_e f_e P_e (Fedus et al. 2022, "Switch Transformers",
+    §2.2). Not available as a transcoder."""
+
+    variant = "switch"
+    DEFAULTS = {"n_experts": 8, "k": 32, "k_aux": None, "aux_coeff": 1 / 32, "balance_coeff": 0.01}
+    COEFFS = {"auxk": "aux_coeff", "balance": "balance_coeff"}
+
+    def __init__(self, d_model, n_latents, device=None, dtype=torch.float32, **hparams):
+        super().__init__(d_model, n_latents, device, dtype, **hparams)
+        n_experts = self.hparams["n_experts"]
+        self.expert_size = n_latents // n_experts
+        self.hparams["k_aux"] = min(self.hparams["k_aux"], self.expert_size)
+        router = torch.randn(n_experts, d_model, device=device, dtype=dtype) / math.sqrt(d_model)
+        self.W_router = nn.Parameter(router)
+        self.b_router = nn.Parameter(torch.zeros(n_experts, device=device, dtype=dtype))
+
+    def route(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Route centred normalised rows ``xc`` = x * input_scale - b_pre [batch, d_model]:
+        (probs [batch, n_experts], chosen expert [batch] int64, its probability [batch])."""
+        probs = F.linear(xc, self.W_router, self.b_router).softmax(-1)
+        p, expert = probs.max(-1)
+        return probs, expert, p
+
+    def expert_pre(self, e: int, xc_rows: Tensor) -> Tensor:
+        """Pre-activations of expert e, [rows, n_latents / n_experts], for the centred normalised
+        rows routed to it, ``xc_rows`` [rows, d_model]: the only encoder matmul."""
+        lo, hi = e * self.expert_size, (e + 1) * self.expert_size
+        return F.linear(xc_rows, self.W_enc[lo:hi], self.b_enc[lo:hi])
+
+    @torch.no_grad()
+    def _select(self, xc: Tensor, expert: Tensor, dead_mask: Tensor | None, with_aux: bool):
+        """Per-expert TopK (and AuxK among that expert's dead latents), returned in input row
+        order with global latent ids: (vals, idx, aux or None, rows per expert)."""
+        k, k_aux, m = self.hparams["k"], self.hparams["k_aux"], self.expert_size
+        order = expert.argsort(stable=True)
+        counts = torch.bincount(expert, minlength=self.hparams["n_experts"])
+        x_sorted = xc.detach()[order]
+        picks, aux_picks, start = [], [], 0
+        for e, count in enumerate(counts.tolist()):
+            if count == 0:
+                continue
+            pre = self.expert_pre(e, x_sorted[start:start + count])
+            picks.append(pre.topk(k, dim=1, sorted=False))
+            if with_aux:  # pre is spent: mask it in place rather than copy it
+                pre.masked_fill_(~dead_mask[e * m:(e + 1) * m].to(pre.device), float("-inf"))
+                aux_picks.append(pre.topk(k_aux, dim=1, sorted=False))
+            start += count
+        offset = expert[order][:, None] * m  # expert-local -> global latent ids
+
+        def unsort(pairs):  # back to input row order, global ids
+            vals, idx = torch.cat([v for v, _ in pairs]), torch.cat([i for _, i in pairs]) + offset
+            return (torch.empty_like(vals).index_copy_(0, order, vals),
+                    torch.empty_like(idx).index_copy_(0, order, idx))
+
+        aux = unsort(aux_picks) if with_aux else None
+        return *unsort(picks), aux, counts.to(xc.dtype)
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, target: Tensor | None = None) -> SAEOutput:
+        """x [batch, d_model] raw -> SAEOutput, recon [batch, d_model] raw; codes: k entries per
+        row, p * ReLU(TopK_k(expert pre-activations)), global latent ids. Parts: "balance" always,
+        "auxk" given dead_mask [n_latents] (among the chosen expert's dead latents). ``target`` is
+        ignored (an SAE's target is x). Raises PlatformError on a wrong width."""
+        xs = self._normalize(x)
+        xc = xs - self.b_pre
+        probs, expert, p = self.route(xc)
+        with_aux = dead_mask is not None and self.hparams["k_aux"] > 0
+        sel_vals, sel_idx, aux, counts = self._select(xc, expert, dead_mask, with_aux)
+        pattern = Pattern.regular(sel_idx, self.n_latents)
+        z = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, sel_vals, pattern).relu() * p[:, None]
+        recon_n = self._sparse_decode(pattern, z) + self.b_pre
+        n_experts = self.hparams["n_experts"]
+        parts = {"balance": n_experts * (counts / x.shape[0] * probs.mean(0)).sum()}
+        if aux is not None:
+            parts["auxk"] = self._aux_part(xs, xs, recon_n, aux, dead_mask, scale=p.detach()[:, None])
+        l0, fired = _sparse_stats(pattern, z)
+        return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z.reshape(-1)))
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Codes:
+        """x [batch, d_model] raw -> Codes [batch, k], values including the router probability."""
+        xc = self._centered(x)
+        _, expert, p = self.route(xc)
+        vals, idx, _, _ = self._select(xc, expert, None, False)
+        return Codes(vals.relu() * p[:, None], idx)
