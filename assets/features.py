@@ -17,7 +17,7 @@ from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform import metrics as fm
 from sae_platform.activations import activation_attrs, open_partition
-from sae_platform.browser import build_site
+from sae_platform.browser.publish import build_site
 from sae_platform.catalog import checkpoint_version, eval_name, trained_on
 from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage, recorded_lineage

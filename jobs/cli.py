@@ -334,7 +334,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_browse(args) -> int:
-    from sae_platform.browser import serve
+    from sae_platform.browser.server import serve
 
     site, _, _ = _site(args)
     serve(site, port=args.port)

@@ -7,7 +7,7 @@ rebuilt the same thing, or a materialization made outside Dagster cannot fool it
 the schedule that keep the pipeline up to date both ask this module.
 """
 
-from sae_platform.browser import site_record
+from sae_platform.browser.publish import site_record
 from sae_platform.catalog import (
     browser_dir,
     cached_hook_points,

@@ -1,6 +1,6 @@
 """Text in, features out: the feature browser with a live endpoint (``sae-platform serve``).
 
-The server serves a built browser site (as ``sae_platform.browser.serve`` does, same security
+The server serves a built browser site (as ``sae_platform.browser.server.serve`` does, same security
 headers) and answers ``POST /api/features`` with a JSON body ``{"text": "..."}``: the text is
 tokenized (with the model's start token in front, as the training contexts have), run through the
 base model up to the SAE's own hook point (``LiveEncoder.hook_point``; a transcoder's input
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sae_platform.browser import make_server, serve_in_thread, serve_until_interrupted
+from sae_platform.browser.server import make_server, serve_in_thread, serve_until_interrupted
 from sae_platform.errors import PlatformError
 
 MAX_BODY = 64 * 1024

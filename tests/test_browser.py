@@ -20,7 +20,9 @@ try:
 except ImportError:     # the chromium fixture says what to install
     expect = sync_playwright = None
 
-from sae_platform import browser
+from sae_platform.browser import generate, publish
+from sae_platform.browser.server import serve_in_thread
+from sae_platform.browser.synthetic import synthetic_shards
 from sae_platform.errors import PlatformError
 
 CHROMIUM = os.environ.get("SAE_PLATFORM_CHROMIUM", "/usr/bin/chromium")
@@ -38,36 +40,36 @@ N_LOGITS = 10
 def _mark(shards):
     """Put the malicious strings (active) and a unique token into the top example of MARKED."""
     for s in shards:
-        hit = pl.col(browser.FEATURE).is_in(list(MARKED))
-        top0 = hit & (pl.col(browser.KIND) == "top") & (pl.col(browser.RANK) == 0)
-        ctx = s[browser.CONTEXTS_FRAME]
-        width = ctx[browser.TOKEN_STRS].list.len().max()
+        hit = pl.col(generate.FEATURE).is_in(list(MARKED))
+        top0 = hit & (pl.col(generate.KIND) == "top") & (pl.col(generate.RANK) == 0)
+        ctx = s[generate.CONTEXTS_FRAME]
+        width = ctx[generate.TOKEN_STRS].list.len().max()
         toks = (MALICIOUS + [" zebra"] + [" plain"] * width)[:width]
         # the strongest tokens of the feature: " zebra" (the example token) at 100, the others 50..90
         acts = [50.0 + 10 * i for i in range(len(MALICIOUS) + 1)] + [0.0] * (width - len(MALICIOUS) - 1)
-        s[browser.STATS_FRAME] = s[browser.STATS_FRAME].with_columns(
-            pl.when(hit).then(100.0).otherwise(pl.col(browser.MAX)).alias(browser.MAX))
-        s[browser.CONTEXTS_FRAME] = ctx.with_columns(
-            pl.when(top0).then(pl.lit(len(MALICIOUS), pl.Int32)).otherwise(pl.col(browser.CENTER))
-            .alias(browser.CENTER),
-            pl.when(top0).then(pl.lit(100.0, pl.Float32)).otherwise(pl.col(browser.ACTIVATION))
-            .alias(browser.ACTIVATION),
-            pl.when(top0).then(pl.lit(toks, pl.List(pl.String))).otherwise(pl.col(browser.TOKEN_STRS))
-            .alias(browser.TOKEN_STRS),
-            pl.when(top0).then(pl.lit(acts, pl.List(pl.Float32))).otherwise(pl.col(browser.ACTS))
-            .alias(browser.ACTS),
-            pl.when(top0).then(pl.lit([True] * width, pl.List(pl.Boolean))).otherwise(pl.col(browser.HAS_ACT))
-            .alias(browser.HAS_ACT))
-        lg = s[browser.LOGITS_FRAME]
-        s[browser.LOGITS_FRAME] = lg.with_columns(
+        s[generate.STATS_FRAME] = s[generate.STATS_FRAME].with_columns(
+            pl.when(hit).then(100.0).otherwise(pl.col(generate.MAX)).alias(generate.MAX))
+        s[generate.CONTEXTS_FRAME] = ctx.with_columns(
+            pl.when(top0).then(pl.lit(len(MALICIOUS), pl.Int32)).otherwise(pl.col(generate.CENTER))
+            .alias(generate.CENTER),
+            pl.when(top0).then(pl.lit(100.0, pl.Float32)).otherwise(pl.col(generate.ACTIVATION))
+            .alias(generate.ACTIVATION),
+            pl.when(top0).then(pl.lit(toks, pl.List(pl.String))).otherwise(pl.col(generate.TOKEN_STRS))
+            .alias(generate.TOKEN_STRS),
+            pl.when(top0).then(pl.lit(acts, pl.List(pl.Float32))).otherwise(pl.col(generate.ACTS))
+            .alias(generate.ACTS),
+            pl.when(top0).then(pl.lit([True] * width, pl.List(pl.Boolean))).otherwise(pl.col(generate.HAS_ACT))
+            .alias(generate.HAS_ACT))
+        lg = s[generate.LOGITS_FRAME]
+        s[generate.LOGITS_FRAME] = lg.with_columns(
             pl.when(hit).then(pl.lit((MALICIOUS * 2)[:N_LOGITS], pl.List(pl.String)))
-            .otherwise(pl.col(browser.TOP_TOKEN_STRS)).alias(browser.TOP_TOKEN_STRS))
+            .otherwise(pl.col(generate.TOP_TOKEN_STRS)).alias(generate.TOP_TOKEN_STRS))
     return shards
 
 
 def _tables():
-    shards, edges = browser.synthetic_shards(N_FEATURES, SHARD, n_top=6, n_intervals=3, per_interval=2, n_random=3,
-                                             before=10, after=5, n_bins=24, n_logits=N_LOGITS, seed=1)
+    shards, edges = synthetic_shards(N_FEATURES, SHARD, n_top=6, n_intervals=3, per_interval=2, n_random=3,
+                                     before=10, after=5, n_bins=24, n_logits=N_LOGITS, seed=1)
     return _mark(shards), edges
 
 
@@ -88,7 +90,7 @@ def tables():
 def site(tmp_path_factory, tables):
     shards, edges = tables
     out = tmp_path_factory.mktemp("browser") / "site"
-    summary = browser.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE,
+    summary = publish.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE,
                                  n_intervals=3, hook_point=HOOK_POINT)
     return out, summary
 
@@ -113,14 +115,14 @@ def test_site_layout_and_index(site, tables):
     # 24 bins between the 25 edges, plus underflow (from 0) and overflow (unbounded): 26 counts
     assert len(index["hist_bin_edges"]) == 27 and index["hist_bin_edges"][0] == 0
     assert index["hist_bin_edges"][-1] is None and index["hist_bin_edges"][1:-1] == pytest.approx(tables[1])
-    stats = pl.concat([s[browser.STATS_FRAME] for s in tables[0]]).sort(browser.FEATURE)
-    assert index["columns"]["max"][5] == pytest.approx(stats[browser.MAX][5], rel=1e-3)
+    stats = pl.concat([s[generate.STATS_FRAME] for s in tables[0]]).sort(generate.FEATURE)
+    assert index["columns"]["max"][5] == pytest.approx(stats[generate.MAX][5], rel=1e-3)
     for f in MARKED:
         names = [index["token_table"][t] for t in index["top_tokens"][f]]
         assert " zebra" in names and MALICIOUS[0] in names
     chunks = sorted(int(p.stem) for p in (data / "features").glob("*.json"))
-    assert chunks == list(range((N_FEATURES + browser.CHUNK_FEATURES - 1) // browser.CHUNK_FEATURES))
-    rows = json.loads((data / f"features/{42 // browser.CHUNK_FEATURES}.json").read_text())
+    assert chunks == list(range((N_FEATURES + generate.CHUNK_FEATURES - 1) // generate.CHUNK_FEATURES))
+    rows = json.loads((data / f"features/{42 // generate.CHUNK_FEATURES}.json").read_text())
     f42 = next(r for r in rows if r["feature"] == 42)
     ex = f42["examples"]
     assert ex["kind"][0] == "top" and ex["tokens"][0][:len(MALICIOUS)] == MALICIOUS
@@ -131,8 +133,8 @@ def test_site_layout_and_index(site, tables):
 def test_rebuild_replaces_atomically_and_fs_target(tmp_path, tables):
     shards, edges = tables
     out = tmp_path / "site"
-    first = browser.build_site(out, run="r", shards=shards[:1], hist_bin_edges=edges, lineage={})
-    second = browser.build_site(out, run="r", shards=shards, hist_bin_edges=edges, lineage={})
+    first = publish.build_site(out, run="r", shards=shards[:1], hist_bin_edges=edges, lineage={})
+    second = publish.build_site(out, run="r", shards=shards, hist_bin_edges=edges, lineage={})
     assert first["n_features"] == SHARD and second["n_features"] == N_FEATURES
     assert [p.name for p in (out / "data").iterdir()] == [second["version"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".site.versions", "site"]     # no temp dirs left
@@ -141,11 +143,11 @@ def test_rebuild_replaces_atomically_and_fs_target(tmp_path, tables):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious/notes.txt").write_text("keep me")
     with pytest.raises(PlatformError, match="not a feature-browser site"):
-        browser.build_site(tmp_path / "precious", run="r", shards=shards, hist_bin_edges=edges, lineage={})
+        publish.build_site(tmp_path / "precious", run="r", shards=shards, hist_bin_edges=edges, lineage={})
     assert (tmp_path / "precious/notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".site.versions", "precious", "site"]
     fs = fsspec.filesystem("memory")
-    built = [browser.build_site("/sites/x", run="r", shards=shards, hist_bin_edges=edges, lineage={}, fs=fs)
+    built = [publish.build_site("/sites/x", run="r", shards=shards, hist_bin_edges=edges, lineage={}, fs=fs)
              for _ in range(3)]
     summary = built[-1]
     assert json.loads(fs.cat_file("/sites/x/site.json"))["version"] == summary["version"]
@@ -158,17 +160,17 @@ def test_rebuild_replaces_atomically_and_fs_target(tmp_path, tables):
 def test_bad_inputs_are_explained(tables):
     shards, edges = tables
     with pytest.raises(PlatformError, match="bins"):
-        browser.site_files(run="r", shards=shards, hist_bin_edges=edges[:-3], lineage={})
+        generate.site_files(run="r", shards=shards, hist_bin_edges=edges[:-3], lineage={})
     with pytest.raises(PlatformError, match="overlap"):
-        browser.site_files(run="r", shards=[shards[0], shards[0]], hist_bin_edges=edges, lineage={})
-    bad = dict(shards[0], **{browser.STATS_FRAME: shards[0][browser.STATS_FRAME].drop(browser.DENSITY)})
+        generate.site_files(run="r", shards=[shards[0], shards[0]], hist_bin_edges=edges, lineage={})
+    bad = dict(shards[0], **{generate.STATS_FRAME: shards[0][generate.STATS_FRAME].drop(generate.DENSITY)})
     with pytest.raises(PlatformError, match="density"):
-        browser.site_files(run="r", shards=[bad], hist_bin_edges=edges, lineage={})
+        generate.site_files(run="r", shards=[bad], hist_bin_edges=edges, lineage={})
 
 
 def test_features_without_tables_still_listed(tmp_path):
-    _, edges = browser.synthetic_shards(4, 4)
-    summary = browser.build_site(tmp_path / "s", run="empty", shards=[{"start": 0, "stop": 10}],
+    _, edges = synthetic_shards(4, 4)
+    summary = publish.build_site(tmp_path / "s", run="empty", shards=[{"start": 0, "stop": 10}],
                                  hist_bin_edges=edges, lineage={})
     index = json.loads((tmp_path / "s" / summary["path"] / json.loads(
         (tmp_path / "s/site.json").read_text())["data"] / "index.json").read_text())
@@ -176,7 +178,7 @@ def test_features_without_tables_still_listed(tmp_path):
 
 
 def test_server_sends_security_headers(site):
-    server, url = browser.serve_in_thread(site[0])
+    server, url = serve_in_thread(site[0])
     try:
         with urllib.request.urlopen(url) as res:
             assert "script-src 'self'" in res.headers["Content-Security-Policy"]
@@ -210,7 +212,7 @@ def chromium():
 def _served_page(chromium, site_dir):
     """A page on the site served from ``site_dir``; console errors, page errors and dialogs are
     collected in ``pg.problems``."""
-    server, url = browser.serve_in_thread(site_dir)
+    server, url = serve_in_thread(site_dir)
     ctx = chromium.new_context(viewport={"width": 1280, "height": 900})
     pg = ctx.new_page()
     pg.problems = []
@@ -328,8 +330,8 @@ def test_feature_page(page, tables):
 
 
 def test_dead_feature_page(page, tables):
-    stats = pl.concat([s[browser.STATS_FRAME] for s in tables[0]])
-    dead = stats.filter(pl.col(browser.COUNT) == 0)[browser.FEATURE].to_list()
+    stats = pl.concat([s[generate.STATS_FRAME] for s in tables[0]])
+    dead = stats.filter(pl.col(generate.COUNT) == 0)[generate.FEATURE].to_list()
     assert dead, "the synthetic tables should have a dead feature"
     pg = page
     pg.goto(pg.base_url + f"#/feature/{dead[0]}")
@@ -346,23 +348,24 @@ def test_dead_feature_page(page, tables):
 KILL_SCRIPT = r"""
 import sys, time
 from pathlib import Path
-from sae_platform import browser
+from sae_platform.browser import publish
+from sae_platform.browser.synthetic import synthetic_shards
 out, step = sys.argv[1], sys.argv[2]
 def hook(name):
     if name == step:
         print("at", name, flush=True)
         time.sleep(60)
-browser._STEP_HOOK = hook
-shards, edges = browser.synthetic_shards(300, 150, n_top=6, n_intervals=3, per_interval=2, n_random=3, before=10,
-                                         after=5, n_bins=24, seed=2)
-browser.build_site(out, run="killed", shards=shards, hist_bin_edges=edges, lineage={})
+publish._STEP_HOOK = hook
+shards, edges = synthetic_shards(300, 150, n_top=6, n_intervals=3, per_interval=2, n_random=3, before=10,
+                                 after=5, n_bins=24, seed=2)
+publish.build_site(out, run="killed", shards=shards, hist_bin_edges=edges, lineage={})
 print("done", flush=True)
 """
 
 
 def _served_site(out: Path) -> dict:
     """What a reader gets: site.json, then every file it names; all must be there."""
-    server, url = browser.serve_in_thread(out)
+    server, url = serve_in_thread(out)
     try:
         with urllib.request.urlopen(url + "site.json") as res:
             pointer = json.loads(res.read())
@@ -387,7 +390,7 @@ def test_a_build_killed_at_any_step_leaves_a_whole_site_and_a_next_build_sweeps(
 
     shards, edges = tables
     out = tmp_path / "site"
-    old = browser.build_site(out, run="old", shards=shards, hist_bin_edges=edges, lineage={})
+    old = publish.build_site(out, run="old", shards=shards, hist_bin_edges=edges, lineage={})
     (tmp_path / ".site.tmp-deadbeef").mkdir()            # what a killed build of the earlier layout left
     (tmp_path / ".site.tmp-deadbeef" / "junk.json").write_text("{}")
     child = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), step], stdout=subprocess.PIPE,
@@ -405,7 +408,7 @@ def test_a_build_killed_at_any_step_leaves_a_whole_site_and_a_next_build_sweeps(
     versions = tmp_path / ".site.versions"
     left = {p.name for p in versions.iterdir()}
     assert len(left) == 2, left                         # the old site and the killed build's folder
-    new = browser.build_site(out, run="new", shards=shards, hist_bin_edges=edges, lineage={})
+    new = publish.build_site(out, run="new", shards=shards, hist_bin_edges=edges, lineage={})
     assert _served_site(out) == {"version": new["version"], "run": "new"}
     previous = served["version"]
     assert {p.name for p in versions.iterdir()} == {new["version"], previous}   # debris swept
@@ -415,14 +418,14 @@ def test_a_build_killed_at_any_step_leaves_a_whole_site_and_a_next_build_sweeps(
 def test_a_site_of_the_earlier_layout_is_replaced_atomically(tmp_path, tables):
     shards, edges = tables
     out = tmp_path / "site"
-    files = browser.site_files(run="legacy", shards=shards[:1], hist_bin_edges=edges, lineage={})
+    files = generate.site_files(run="legacy", shards=shards[:1], hist_bin_edges=edges, lineage={})
     for rel, body in files.items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(body)
     assert _served_site(out)["run"] == "legacy"
-    server, url = browser.serve_in_thread(out)           # a server started before the switch ...
+    server, url = serve_in_thread(out)           # a server started before the switch ...
     try:
-        new = browser.build_site(out, run="new", shards=shards, hist_bin_edges=edges, lineage={})
+        new = publish.build_site(out, run="new", shards=shards, hist_bin_edges=edges, lineage={})
         assert out.is_symlink()
         with urllib.request.urlopen(url + "site.json") as res:          # ... serves the new site after it
             assert json.loads(res.read())["version"] == new["version"]
@@ -462,32 +465,32 @@ def _shard_lineage(index: int, start: int, stop: int) -> dict:
 
 
 def _special_tables():
-    shards, edges = browser.synthetic_shards(N_FEATURES, SHARD, n_top=6, n_intervals=3, per_interval=2, n_random=3,
-                                             before=10, after=5, n_bins=24, n_logits=N_LOGITS, seed=3)
+    shards, edges = synthetic_shards(N_FEATURES, SHARD, n_top=6, n_intervals=3, per_interval=2, n_random=3,
+                                     before=10, after=5, n_bins=24, n_logits=N_LOGITS, seed=3)
     window = _byte_window()                   # ['He', ' said', ' ', '日', '', '本', ' ', '', '🙂', '!']
     assert window[3:6] == ["日", "", "本"] and window[7:9] == ["", "🙂"]
     s = shards[0]
-    ctx = s[browser.CONTEXTS_FRAME]
-    top = pl.col(browser.KIND) == "top"
-    twin = (pl.col(browser.FEATURE) == TWIN) & top & pl.col(browser.RANK).is_in([0, 1])
-    first = ctx.filter((pl.col(browser.FEATURE) == TWIN) & top & (pl.col(browser.RANK) == 0)).row(0, named=True)
+    ctx = s[generate.CONTEXTS_FRAME]
+    top = pl.col(generate.KIND) == "top"
+    twin = (pl.col(generate.FEATURE) == TWIN) & top & pl.col(generate.RANK).is_in([0, 1])
+    first = ctx.filter((pl.col(generate.FEATURE) == TWIN) & top & (pl.col(generate.RANK) == 0)).row(0, named=True)
     n = len(window)
     acts_bytes = [0.0, 0.0, 0.0, 1.0, 100.0, 3.0, 0.0, 0.0, 0.0, 0.0]   # the activating token: "" (bytes of 本)
     acts_emoji = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 90.0, 2.0, 0.0]    # the activating token: "" (bytes of 🙂)
 
     def put(frame, cond, center, tokens, acts):
         return frame.with_columns(
-            pl.when(cond).then(pl.lit(center, pl.Int32)).otherwise(pl.col(browser.CENTER)).alias(browser.CENTER),
-            pl.when(cond).then(pl.lit(tokens, pl.List(pl.String))).otherwise(pl.col(browser.TOKEN_STRS))
-            .alias(browser.TOKEN_STRS),
-            pl.when(cond).then(pl.lit(acts, pl.List(pl.Float32))).otherwise(pl.col(browser.ACTS)).alias(browser.ACTS),
-            pl.when(cond).then(pl.lit([True] * len(tokens), pl.List(pl.Boolean))).otherwise(pl.col(browser.HAS_ACT))
-            .alias(browser.HAS_ACT))
+            pl.when(cond).then(pl.lit(center, pl.Int32)).otherwise(pl.col(generate.CENTER)).alias(generate.CENTER),
+            pl.when(cond).then(pl.lit(tokens, pl.List(pl.String))).otherwise(pl.col(generate.TOKEN_STRS))
+            .alias(generate.TOKEN_STRS),
+            pl.when(cond).then(pl.lit(acts, pl.List(pl.Float32))).otherwise(pl.col(generate.ACTS)).alias(generate.ACTS),
+            pl.when(cond).then(pl.lit([True] * len(tokens), pl.List(pl.Boolean))).otherwise(pl.col(generate.HAS_ACT))
+            .alias(generate.HAS_ACT))
 
-    ctx = put(ctx, twin, first[browser.CENTER], first[browser.TOKEN_STRS], first[browser.ACTS])
-    ctx = put(ctx, (pl.col(browser.FEATURE) == BYTES) & top & (pl.col(browser.RANK) == 0), 4, window, acts_bytes)
-    ctx = put(ctx, (pl.col(browser.FEATURE) == EMOJI) & top & (pl.col(browser.RANK) == 0), 7, window, acts_emoji)
-    s[browser.CONTEXTS_FRAME] = ctx
+    ctx = put(ctx, twin, first[generate.CENTER], first[generate.TOKEN_STRS], first[generate.ACTS])
+    ctx = put(ctx, (pl.col(generate.FEATURE) == BYTES) & top & (pl.col(generate.RANK) == 0), 4, window, acts_bytes)
+    ctx = put(ctx, (pl.col(generate.FEATURE) == EMOJI) & top & (pl.col(generate.RANK) == 0), 7, window, acts_emoji)
+    s[generate.CONTEXTS_FRAME] = ctx
     assert n == 10
     for i, shard in enumerate(shards):
         shard["lineage"] = _shard_lineage(i, shard["start"], shard["stop"])
@@ -497,19 +500,19 @@ def _special_tables():
 @pytest.fixture(scope="module")
 def special_site(tmp_path_factory):
     shards, edges = _special_tables()
-    stored = [s[browser.CONTEXTS_FRAME].clone() for s in shards]
+    stored = [s[generate.CONTEXTS_FRAME].clone() for s in shards]
     out = tmp_path_factory.mktemp("special") / "site"
-    summary = browser.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges,
+    summary = publish.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges,
                                  lineage={"sae_checkpoint": {"version": "v-ckpt"}, "browser_dagster_run_id": "run-br"},
                                  n_intervals=3, dagster_url=DAGSTER_UI)
     for before, s in zip(stored, shards):        # the consumer changes nothing of what is stored
-        assert before.equals(s[browser.CONTEXTS_FRAME])
+        assert before.equals(s[generate.CONTEXTS_FRAME])
     return out, summary
 
 
 def _chunk_feature(out, feature):
     data = out / json.loads((out / "site.json").read_text())["data"]
-    rows = json.loads((data / f"features/{feature // browser.CHUNK_FEATURES}.json").read_text())
+    rows = json.loads((data / f"features/{feature // generate.CHUNK_FEATURES}.json").read_text())
     return next(r for r in rows if r["feature"] == feature)
 
 
@@ -605,15 +608,15 @@ def test_search_typed_just_before_opening_a_feature_throws_nothing(special_page)
 
 
 def test_examples_without_a_window_are_never_folded():
-    frame = pl.DataFrame({browser.FEATURE: [1, 1, 1], browser.KIND: ["top"] * 3, browser.INTERVAL: [None] * 3,
-                          browser.TOKEN_STRS: [None, None, ["a", "b"]], browser.CENTER: [None, None, 1],
-                          browser.PARTITION: ["p", "p", "p"], browser.ROW: [1, 2, 3]},
-                         schema_overrides={browser.INTERVAL: pl.Int64, browser.TOKEN_STRS: pl.List(pl.String),
-                                           browser.CENTER: pl.Int32})
-    folded = browser._fold_twins(frame)
-    assert folded[browser.ROW].to_list() == [1, 2, 3] and folded["twins"].to_list() == [1, 1, 1]
-    twice = browser._fold_twins(pl.concat([frame, frame.tail(1)]))
-    assert twice[browser.ROW].to_list() == [1, 2, 3] and twice["twins"].to_list() == [1, 1, 2]
+    frame = pl.DataFrame({generate.FEATURE: [1, 1, 1], generate.KIND: ["top"] * 3, generate.INTERVAL: [None] * 3,
+                          generate.TOKEN_STRS: [None, None, ["a", "b"]], generate.CENTER: [None, None, 1],
+                          generate.PARTITION: ["p", "p", "p"], generate.ROW: [1, 2, 3]},
+                         schema_overrides={generate.INTERVAL: pl.Int64, generate.TOKEN_STRS: pl.List(pl.String),
+                                           generate.CENTER: pl.Int32})
+    folded = generate._fold_twins(frame)
+    assert folded[generate.ROW].to_list() == [1, 2, 3] and folded["twins"].to_list() == [1, 1, 1]
+    twice = generate._fold_twins(pl.concat([frame, frame.tail(1)]))
+    assert twice[generate.ROW].to_list() == [1, 2, 3] and twice["twins"].to_list() == [1, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,14 +635,14 @@ def _explained(tables):
     out = []
     for s in shards:
         rows = []
-        for f in range(s[browser.SHARD_START], s[browser.SHARD_STOP]):
+        for f in range(s[generate.SHARD_START], s[generate.SHARD_STOP]):
             rows.append({"feature": f, "explanation": "['winter <b>']" if f == 42 else f"['tok{f}']",
                          "precision": 0.75, "recall": f / N_FEATURES, "n_matches": 8, "n_firings": 5,
                          "neighbors": [(f + i) % N_FEATURES for i in range(1, 11)],
                          "neighbor_cosines": [0.9 - 0.05 * i for i in range(10)],
                          "cooccurring": [(f + 1) % N_FEATURES], "cooccurring_shares": [0.5]})
         from sae_platform.explain import explanations_frame
-        out.append({**s, browser.EXPLANATIONS_FRAME: explanations_frame(rows)})
+        out.append({**s, generate.EXPLANATIONS_FRAME: explanations_frame(rows)})
     return out, edges
 
 
@@ -647,7 +650,7 @@ def _explained(tables):
 def research_site(tmp_path_factory, tables):
     shards, edges = _explained(tables)
     out = tmp_path_factory.mktemp("research") / "site"
-    browser.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE, n_intervals=3,
+    publish.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE, n_intervals=3,
                        evaluation=EVALUATION)
     return out
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_platform import browser
+from sae_platform.browser import publish
 from sae_platform.live import MAX_BODY, LiveEncoder, serve_live_in_thread
 from sae_platform.sae import build_sae
 from tests.test_browser import LINEAGE, _served_page, _tables, chromium  # noqa: F401  (fixture)
@@ -20,7 +20,7 @@ from tests.test_browser import LINEAGE, _served_page, _tables, chromium  # noqa:
 def live_site(tmp_path_factory):
     shards, edges = _tables()
     out = tmp_path_factory.mktemp("live") / "site"
-    browser.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE)
+    publish.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE)
     return out
 
 

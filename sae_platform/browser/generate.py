@@ -1,4 +1,4 @@
-"""The feature browser: a static single-page site generated from the feature tables.
+"""The feature browser's files: a static single-page site generated from the feature tables.
 
 In the spirit of Anthropic's feature browser and Neuronpedia. One page lists every latent of one
 SAE run (density, max activation, its strongest tokens), sortable and searchable by feature id
@@ -31,20 +31,8 @@ window tokens with no stored activation; null when all have one), ``partition``,
 Security: token strings are untrusted corpus text. The page inserts them only as text nodes
 (``textContent``), never as markup; no JSON is embedded in HTML (all data is fetched JSON); the
 page sets ``Content-Security-Policy: default-src 'none'; script-src 'self'; style-src 'self'; …``
-in a meta tag (and the bundled server sends it as a header too), so even an injected element
-could not run script.
-
-Writing is atomic. Locally, ``out`` is a symbolic link to a complete build in the sibling folder
-``.<out>.versions/<version>/``: a build writes a new version folder there (marked in flight by
-``.building.json`` with its process id) and switches by one ``rename`` of a new link over ``out``
-(atomic on POSIX), so a reader sees the old site or the new one, never a half; a kill at any
-point leaves the previous site served. Every build sweeps what earlier ones left (killed builds'
-folders, the ``.tmp-*`` / ``.old-*`` folders of the earlier layout) and keeps the current version
-and the one before it (a page opened before the switch still loads its feature files until the
-next build). A site of the earlier layout (a real folder) is swapped for the link atomically too
-(``renameat2(RENAME_EXCHANGE)`` on Linux). On an fsspec filesystem (``fs=``, or a URL) the
-versioned data is written first and ``site.json`` last (the switch), and data versions older than
-the previous one are removed after it.
+in a meta tag (and the bundled server, :mod:`sae_platform.browser.server`, sends it as a header
+too), so even an injected element could not run script.
 
 Per feature, identical windows (same tokens, same centre, same kind and interval: the same text
 at two places of the corpus) are shown once with their count (``twins``); the stored tables keep
@@ -57,28 +45,20 @@ Lineage: each shard may carry its own ``lineage`` (the record its ``feature_topk
 a feature page shows the one of its shard, with links into the Dagster UI at ``dagster_url``
 (default ``$SAE_PLATFORM_DAGSTER_URL``, else http://127.0.0.1:3000).
 
-``python -m sae_platform.browser serve DIR [--port N]`` serves a built site;
-``python -m sae_platform.browser demo DIR [--features N]`` builds one from synthetic tables.
+Writing the files (atomically, locally or to a filesystem) is :mod:`sae_platform.browser.publish`;
+serving them, :mod:`sae_platform.browser.server`.
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import functools
 import hashlib
-import http.server
 import json
 import math
 import os
 import re
-import shutil
-import socket
-import threading
 import time
 import uuid
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,7 +83,6 @@ from sae_platform.tables import (
     PARTITION,
     RANK,
     ROW,
-    TOKEN_IDS,
     TOKEN_STRS,
     TOP_SCORES,
     TOP_TOKEN_IDS,
@@ -498,7 +477,8 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
                n_intervals: int | None = None, version: str | None = None,
                dagster_url: str | None = None, evaluation: dict | None = None,
                hook_point: str | None = None) -> dict[str, bytes]:
-    """Every file of the site, by relative path (what :func:`build_site` writes). ``evaluation``:
+    """Every file of the site, by relative path (what
+    :func:`sae_platform.browser.publish.build_site` writes). ``evaluation``:
     the SAE's evaluation figures (``sae_eval``'s report), shown on the overview page."""
     edges = [float(e) for e in hist_bin_edges]
     if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
@@ -535,407 +515,3 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
     pin = checkpoint_pin(pinned_checkpoint(lineage))  # the checkpoint the site shows (freshness reads it)
     files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(run), **pin})  # last: the switch
     return files
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------
-
-def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
-               n_intervals: int | None = None, fs=None, dagster_url: str | None = None,
-               evaluation: dict | None = None, hook_point: str | None = None) -> dict:
-    """Generate the browser site for SAE ``run`` into ``out`` (a local directory, or a path on the
-    fsspec filesystem ``fs``, or a URL). ``shards``: one dict per feature shard with ``start``,
-    ``stop`` and the polars frames ``feature_stats``, ``feature_examples``, ``feature_contexts``,
-    ``logit_effects`` (any may be None). ``hist_bin_edges``: the histogram bin edges (histograms
-    with len(edges) + 1 counts have underflow and overflow bins). ``n_intervals``: when given, the
-    interval examples are labelled with their range (interval j: [j, j+1) * max / n_intervals).
-    A shard may carry ``lineage`` (its own record, shown on its features' pages); ``dagster_url``:
-    the Dagster UI those pages link to (default: :func:`dagster_ui_url`). A shard may carry
-    ``explanations`` (N2G explanation, scores, nearest and co-occurring features per feature) and
-    ``evaluation`` is the SAE's evaluation report (the overview page shows its figures).
-    ``hook_point``: where the SAE reads (e.g. ``blocks.4.hook_mlp_out``; a transcoder ``IN -> OUT``),
-    shown in every page's header.
-    Returns a summary: n_features, bytes, files, seconds, path, version, index_bytes."""
-    t0 = time.perf_counter()
-    files = site_files(run=run, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
-                       n_intervals=n_intervals, dagster_url=dagster_url, evaluation=evaluation,
-                       hook_point=hook_point)
-    pointer = json.loads(files[SITE_POINTER])
-    if fs is None and "://" in str(out):
-        import fsspec
-        fs, out = fsspec.core.url_to_fs(str(out))
-    if fs is None:
-        path = _write_local(Path(out), files)
-    else:
-        path = _write_fs(fs, str(out).rstrip("/"), files, pointer["data"])
-    index_bytes = len(files[f"{pointer['data']}/index.json"])
-    return {"n_features": json.loads(files[f"{pointer['data']}/index.json"])["n_features"],
-            "bytes": sum(len(b) for b in files.values()), "files": len(files),
-            "seconds": round(time.perf_counter() - t0, 3), "path": str(path), "version": pointer["version"],
-            "index_bytes": index_bytes}
-
-
-_STEP_HOOK = None   # tests: called with the name of each step of a local build ("writing", "written", "switched")
-
-
-def _step(name: str) -> None:
-    if _STEP_HOOK is not None:
-        _STEP_HOOK(name)
-
-
-BUILDING_MARK = ".building.json"
-STALE_BUILD_S = 24 * 3600
-
-
-def site_record(store, site: str) -> dict | None:
-    """The site pointer (``site.json``: version, data folder, run, the checkpoint shown) of the site
-    at ``site`` (a path in ``store``); None when no site was built there."""
-    pointer = f"{site}/{SITE_POINTER}"
-    return store.read_json(pointer) if store.fs.exists(pointer) else None
-
-
-def versions_dir(out: Path) -> Path:
-    """Where the local builds of the site ``out`` live (``out`` is a link to one of them)."""
-    return out.parent / f".{out.name}.versions"
-
-
-def _check_target(out: Path, versions: Path) -> None:
-    if out.is_symlink():
-        target = Path(os.path.normpath(out.parent / os.readlink(out)))
-        if target.parent == versions:
-            return
-        raise PlatformError(f"{out} is a link to {target}, not to a feature-browser build; not replacing it",
-                            "pass a new directory, or the directory of an earlier site build")
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / SITE_POINTER).is_file())):
-        raise PlatformError(f"{out} exists and is not a feature-browser site (no {SITE_POINTER}); not replacing it",
-                            "pass a new directory, or the directory of an earlier site build")
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where not supported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _switch(out: Path, versions: Path, version: str) -> None:
-    """Point ``out`` at ``versions/version`` in one atomic rename."""
-    link = out.parent / f".{out.name}.link-{uuid.uuid4().hex[:8]}"
-    os.symlink(os.path.join(versions.name, version), link)
-    try:
-        if out.is_dir() and not out.is_symlink():        # a site of the earlier layout: a real folder
-            if _exchange(link, out):                      # now `link` is the old folder
-                shutil.rmtree(link, ignore_errors=True)
-                return
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)                               # no renameat2: two renames, old folder swept later
-        os.replace(link, out)
-    finally:
-        if link.is_symlink():
-            link.unlink()
-
-
-def _build_alive(folder: Path) -> bool:
-    try:
-        mark = json.loads((folder / BUILDING_MARK).read_text())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return False
-    if time.time() - mark.get("started", 0) > STALE_BUILD_S:
-        return False
-    if mark.get("host") != socket.gethostname():
-        return True
-    from sae_platform.storage import process_alive
-
-    return process_alive(int(mark.get("pid", -1)))
-
-
-def sweep_site(out) -> list[str]:
-    """Remove what earlier builds of ``out`` left: killed builds, leftovers of the earlier layout,
-    and versions older than the one before the current. Returns the removed paths."""
-    out = Path(os.path.abspath(out))
-    versions = versions_dir(out)
-    current = None
-    if out.is_symlink():
-        current = Path(os.readlink(out)).name
-    removed = []
-    for entry in out.parent.glob(f".{out.name}.*"):
-        if entry == versions:
-            continue
-        if entry.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-", f".{out.name}.link-")):
-            if entry.name.startswith(f".{out.name}.link-") and entry.is_symlink():
-                entry.unlink()
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
-            removed.append(str(entry))
-    if not versions.is_dir():
-        return removed
-    # complete builds, oldest first (by when their site.json was written: names may share a second)
-    complete = sorted((p for p in versions.iterdir() if p.is_dir() and not (p / BUILDING_MARK).exists()
-                       and (p / SITE_POINTER).is_file()), key=lambda p: (p / SITE_POINTER).stat().st_mtime_ns)
-    names = [p.name for p in complete]
-    before = names[:names.index(current)] if current in names else names
-    previous = before[-1:]
-    keep = {current, *previous}
-    for entry in versions.iterdir():
-        if entry.name in keep or _build_alive(entry):   # current, previous, another build in flight
-            continue
-        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
-        removed.append(str(entry))
-    return removed
-
-
-def _write_local(out: Path, files: dict[str, bytes]) -> Path:
-    out = Path(os.path.abspath(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    versions = versions_dir(out)
-    _check_target(out, versions)
-    sweep_site(out)
-    version = json.loads(files[SITE_POINTER])["version"]
-    folder = versions / version
-    folder.mkdir(parents=True)
-    (folder / BUILDING_MARK).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                                    "started": time.time()}))
-    try:
-        for d in sorted({(folder / rel).parent for rel in files}):
-            d.mkdir(parents=True, exist_ok=True)
-        for i, (rel, body) in enumerate(files.items()):
-            (folder / rel).write_bytes(body)
-            if i == len(files) // 2:
-                _step("writing")
-        folder.chmod(0o755)
-        (folder / BUILDING_MARK).unlink()
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    _step("written")
-    _switch(out, versions, version)
-    _step("switched")
-    sweep_site(out)
-    return out
-
-
-def _write_fs(fs, out: str, files: dict[str, bytes], data: str) -> str:
-    # Versioned data first, then the shell, then the pointer that switches readers over. The data
-    # version the pointer named before stays (pages opened before the switch still load it) until
-    # the next build; older ones are removed.
-    try:
-        previous = json.loads(fs.cat_file(f"{out}/{SITE_POINTER}")).get("data", "").split("/")[-1]
-    except (FileNotFoundError, ValueError):
-        previous = None
-    order = sorted(files, key=lambda rel: (rel == SITE_POINTER, not rel.startswith("data/"), rel))
-    for rel in order:
-        fs.pipe_file(f"{out}/{rel}", files[rel])
-    try:
-        for old in fs.ls(f"{out}/data", detail=False):
-            name = old.rstrip("/").split("/")[-1]
-            if name not in (data.split("/")[-1], previous) and VERSION_RE.fullmatch(name):
-                fs.rm(old, recursive=True)
-    except FileNotFoundError:
-        pass
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Serving
-# ---------------------------------------------------------------------------------------------
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    quiet = False
-
-    def end_headers(self):
-        self.send_header("Content-Security-Policy", CSP + "; frame-ancestors 'none'")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        if self.path.split("?")[0].endswith(("/" + SITE_POINTER, "/index.html", "/")):
-            self.send_header("Cache-Control", "no-cache")
-        super().end_headers()
-
-    def log_message(self, format, *args):
-        if not self.quiet:
-            super().log_message(format, *args)
-
-
-def make_server(site_dir, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
-                handler_methods: dict | None = None):
-    """A threaded HTTP server for the site in ``site_dir`` (not started; port 0 picks a free one).
-    ``handler_methods``: further request-handler methods (the live server's ``do_POST``)."""
-    site_dir = Path(site_dir)
-    if not (site_dir / SITE_POINTER).is_file():
-        raise PlatformError(f"{site_dir} is not a built feature-browser site (no {SITE_POINTER})",
-                            "build it first with sae_platform.browser.build_site, or point at its directory")
-    handler = type("Handler", (_Handler,), {"quiet": quiet, **(handler_methods or {})})
-    server = http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(site_dir)))
-    server.daemon_threads = True
-    return server
-
-
-def serve(site_dir, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve a built site until interrupted."""
-    serve_until_interrupted(make_server(site_dir, host, port),
-                            f"Feature browser: http://{{host}}:{{port}}/  (serving {Path(site_dir).resolve()}; "
-                            "Ctrl-C stops)")
-
-
-def serve_until_interrupted(server, banner: str) -> None:
-    """Print ``banner`` (``{host}``/``{port}`` filled in) and serve until Ctrl-C; close the socket."""
-    h, p = server.server_address[:2]
-    print(banner.format(host=h, port=p), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
-def serve_in_thread(site_dir, host: str = "127.0.0.1", port: int = 0, server=None):
-    """Start a quiet server (``server``, or one for ``site_dir``) on a thread; returns (server, url).
-    Stop with ``server.shutdown()``."""
-    server = server or make_server(site_dir, host, port, quiet=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    h, p = server.server_address[:2]
-    return server, f"http://{h}:{p}/"
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic tables (demo and benchmark; the real ones come from the feature pipeline)
-# ---------------------------------------------------------------------------------------------
-
-WORDS = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on",
-         "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they",
-         "you", "were", "their", "one", "all", "we", "can", "her", "has", "there", "been", "if", "more",
-         "when", "will", "would", "who", "so", "no", "data", "model", "token", "layer", "feature", "Paris",
-         "river", "music", "code", "def", "return", "{", "}", "(", ")", ".", ",", ";", ":", "\n", "\n\n", "'s")
-
-
-def synthetic_shards(n_features: int = 16384, shard_size: int = 4096, *, n_top: int = 10, n_intervals: int = 5,
-                     per_interval: int = 3, n_random: int = 5, before: int = 16, after: int = 8, n_bins: int = 64,
-                     n_logits: int = 10, vocab: list[str] | None = None, seed: int = 0) -> tuple[list[dict], list[float]]:
-    """Random feature tables with the pipeline's schemas: (shards, hist_bin_edges)."""
-    rng = np.random.default_rng(seed)
-    words = list(vocab) if vocab is not None else [w if w.startswith(("\n", "'")) or not w[0].isalnum() else " " + w
-                                                   for w in WORDS]
-    vocab_size = len(words)
-    width = before + after + 1
-    edges_np = np.logspace(-4, 4, n_bins + 1)
-    edges = edges_np.tolist()
-    shards = []
-    for start in range(0, n_features, shard_size):
-        stop = min(start + shard_size, n_features)
-        feats = np.arange(start, stop)
-        nf = feats.size
-        fmax = rng.gamma(2.0, 2.0, nf).astype(np.float32) + 0.1
-        density = 10 ** rng.uniform(-6, -1, nf)
-        n_tok = 10_000_000
-        count = (density * n_tok).astype(np.int64)
-        dead = rng.random(nf) < 0.02
-        count[dead], fmax[dead], density[dead] = 0, 0, 0
-        # as sae_platform.features: log-spaced edges, underflow and overflow bins (len(edges) + 1)
-        log_mid = np.log10(np.sqrt(edges_np[:-1] * edges_np[1:]))
-        log_max = np.log10(np.maximum(fmax, 1e-6))[:, None]
-        mu = log_max - rng.uniform(0.3, 1.2, (nf, 1))
-        weight = np.exp(-0.5 * ((log_mid[None, :] - mu) / 0.35) ** 2) * (log_mid[None, :] <= log_max)
-        weight /= np.maximum(weight.sum(1, keepdims=True), 1e-12)
-        hist = np.zeros((nf, n_bins + 2), np.int64)
-        hist[:, 1:-1] = np.round(weight * count[:, None])
-        hist[dead] = 0
-        stats = pl.DataFrame({
-            FEATURE: feats, N_TOKENS_TOTAL: np.full(nf, n_tok), COUNT: count, DENSITY: density,
-            MAX: fmax, MEAN: np.where(dead, np.nan, fmax / 3), HISTOGRAM: hist.tolist(),
-        }).with_columns(pl.col(MEAN).fill_nan(None))
-        # examples: top, interval, random per live feature
-        kinds, ranks, intervals = [], [], []
-        for kind, n, ivals in (("top", n_top, [None]), ("interval", per_interval, list(range(n_intervals))),
-                               ("random", n_random, [None])):
-            for iv in ivals:
-                kinds += [kind] * n
-                ranks += list(range(n))
-                intervals += [iv] * n
-        per = len(kinds)
-        live = feats[~dead]
-        n_ex = live.size * per
-        ex_feat = np.repeat(live, per)
-        lmax = np.repeat(fmax[~dead], per)
-        top = np.array([k == "top" for k in kinds] * live.size)
-        ivl = np.array([-1 if iv is None else iv for iv in intervals] * live.size)
-        frac = rng.uniform(0.02, 1.0, n_ex)                                              # random
-        frac = np.where(ivl >= 0, (np.maximum(ivl, 0) + rng.uniform(0, 1, n_ex)) / n_intervals, frac)
-        frac = np.where(top, np.tile([1.0 - 0.04 * r for r in ranks], live.size), frac)
-        act = (lmax * np.clip(frac, 0.02, 1.0)).astype(np.float32)
-        toks = rng.integers(0, vocab_size, (n_ex, width))
-        acts = np.where(rng.random((n_ex, width)) < 0.15, rng.random((n_ex, width)) * act[:, None], 0.0)
-        acts[:, before] = act
-        has = rng.random((n_ex, width)) > 0.01
-        has[:, before] = True
-        acts = np.where(has, acts, 0.0).astype(np.float32)
-        examples = pl.DataFrame({
-            FEATURE: ex_feat, KIND: np.tile(kinds, live.size), RANK: np.tile(ranks, live.size),
-            INTERVAL: pl.Series(intervals * live.size, dtype=pl.Int64), ACTIVATION: act,
-            PARTITION: np.char.add("p00", (np.arange(n_ex) % 8).astype(str)),
-            ROW: rng.integers(0, 1 << 30, n_ex)})
-        tok_strs = pl.Series(TOKEN_STRS, np.asarray(words, dtype=object)[toks].tolist(), dtype=pl.List(pl.String))
-        contexts = examples.with_columns(
-            pl.lit(before, pl.Int32).alias(CENTER),
-            pl.Series(TOKEN_IDS, toks.astype(np.int32)),
-            tok_strs,
-            pl.Series(ACTS, acts),
-            pl.Series(HAS_ACT, has),
-            pl.Series(DOC_ID, rng.integers(0, 100_000, n_ex)),
-        ).with_columns(pl.col(TOKEN_IDS).arr.to_list(), pl.col(ACTS).arr.to_list(), pl.col(HAS_ACT).arr.to_list())
-        lt = rng.integers(0, vocab_size, (nf, 2 * n_logits))
-        scores = np.sort(rng.normal(0, 1, (nf, 2 * n_logits)), axis=1)[:, ::-1]
-        wa = np.asarray(words, dtype=object)
-        logits = pl.DataFrame({
-            FEATURE: feats,
-            TOP_TOKEN_IDS: lt[:, :n_logits].tolist(), TOP_TOKEN_STRS: wa[lt[:, :n_logits]].tolist(),
-            TOP_SCORES: scores[:, :n_logits].astype(np.float32).tolist(),
-            BOTTOM_TOKEN_IDS: lt[:, n_logits:].tolist(), BOTTOM_TOKEN_STRS: wa[lt[:, n_logits:]].tolist(),
-            BOTTOM_SCORES: scores[:, ::-1][:, :n_logits].astype(np.float32).tolist()})
-        shards.append({SHARD_START: start, SHARD_STOP: stop, STATS_FRAME: stats, EXAMPLES_FRAME: examples,
-                       CONTEXTS_FRAME: contexts, LOGITS_FRAME: logits})
-    return shards, edges
-
-
-def synthetic_lineage(run: str = "demo") -> dict:
-    return {"sae": run, "checkpoint": f"checkpoints/{run}/v1/sae.safetensors", "run_id": "00000000-demo",
-            "shuffle": "shuffle-demo", "activation_partitions": [f"p{i:03d}" for i in range(8)],
-            "model": "synthetic", "hook_name": "blocks.6.hook_resid_post"}
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sae_platform.browser", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p_serve = sub.add_parser("serve", help="serve a built site")
-    p_serve.add_argument("site_dir")
-    p_serve.add_argument("--host", default="127.0.0.1")
-    p_serve.add_argument("--port", type=int, default=8000)
-    p_demo = sub.add_parser("demo", help="build a site from synthetic tables (and print size and time)")
-    p_demo.add_argument("site_dir")
-    p_demo.add_argument("--features", type=int, default=16384)
-    p_demo.add_argument("--serve", action="store_true")
-    p_demo.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args(argv)
-    if args.cmd == "serve":
-        serve(args.site_dir, args.host, args.port)
-        return 0
-    t0 = time.perf_counter()
-    shards, edges = synthetic_shards(args.features)
-    made = time.perf_counter() - t0
-    summary = build_site(args.site_dir, run="demo", shards=shards, hist_bin_edges=edges, lineage=synthetic_lineage())
-    print(json.dumps({**summary, "tables_seconds": round(made, 2)}))
-    if args.serve:
-        serve(args.site_dir, port=args.port)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
