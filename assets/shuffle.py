@@ -23,6 +23,8 @@ from sae_platform.activations import activation_attrs
 from sae_platform.catalog import cached_hook_points
 from sae_platform.errors import StorageError
 from sae_platform.inbox import failed_attempts
+from sae_platform.shuffle_checks import permutation_check, uniformity_stats
+from sae_platform.shuffled import open_shuffled
 
 MAX_SCATTER_PASSES = 2  # assets below: plans of up to 3 passes, i.e. K²·M of data
 RESOURCES = ("storage", "shuffle")
@@ -172,10 +174,10 @@ def commit(run: StageRun) -> dict:
         summary = sh.commit_shuffled(run.store, name)
         summaries.append(summary)
         sh.delete_scratch(run.store, name)
-        shuffled = sh.open_shuffled(run.store, name)
+        shuffled = open_shuffled(run.store, name)
         stores.append({"store": catalog.shuffled_name(name), "hook_name": activation_attrs(run.store, name).get("hook_name"),
                        "rows": shuffled.n_rows, "d_model": shuffled.d_model, "plan_id": summary["plan_id"]})
-    first = sh.open_shuffled(run.store, names[0])
+    first = open_shuffled(run.store, names[0])
     return {
         "dagster/row_count": first.n_rows, "d_model": first.d_model, "dtype": first.dtype,
         "n_passes": summaries[0]["n_passes"], "plan_id": summaries[0]["plan_id"], "pieces": summaries[0]["pieces"],
@@ -186,7 +188,7 @@ def commit(run: StageRun) -> dict:
 
 
 def check_permutation(run: StageRun) -> dict:
-    results = {name: sh.permutation_check(run.store, name) for name in _names(run)}
+    results = {name: permutation_check(run.store, name) for name in _names(run)}
     passed = all(r["ok"] for r in results.values())
     if len(results) == 1:
         (result,) = results.values()
@@ -207,7 +209,7 @@ def uncommit(run: StageRun) -> str:
 def check_uniformity(run: StageRun) -> dict:
     problems, metadata = [], None
     for name in _names(run):  # the first store's statistics; every store's problems
-        stats = sh.uniformity_stats(run.store, name)
+        stats = uniformity_stats(run.store, name)
         metadata = metadata or stats
         problems += [p if name == _settings(run).name else f"{name}: {p}" for p in uniformity_problems(stats)]
     return {"passed": not problems, "severity": AssetCheckSeverity.WARN,

@@ -10,7 +10,7 @@
 (b) One scatter pass against a plain sequential copy (read the same zarr input, write its bytes
     to one file per partition).
 
-Every side reads the input with the shuffle's own reader (``shuffle._partition_blocks``: on a
+Every side reads the input with the shuffle's own reader (``shuffle.partition_blocks``: on a
 local store it reads uncompressed chunk files straight into its buffer, ~3x faster than zarr's
 decode pipeline on page-cached data), so neither the naive shuffle nor the copy that defines the
 ideal pays for zarr overhead the shuffle avoids. The copy writes files of the shuffled store's
@@ -66,6 +66,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_platform import shuffle  # noqa: E402
+from sae_platform.shuffle_checks import permutation_check  # noqa: E402
+from sae_platform.shuffle_plan import ID_BYTES, MIN_GOOD_FILE_BYTES  # noqa: E402
 from sae_platform.storage import ArtifactStore  # noqa: E402
 
 CHUNK_BYTES = 4 << 20  # as sae_platform.activations writes them
@@ -135,7 +137,7 @@ def naive(store: ArtifactStore, run: shuffle.ShuffleRun, k: int, seed: int) -> d
         position[np.random.default_rng(seed).permutation(n)] = np.arange(n)
         lo, hi = job * n // k, (job + 1) * n // k
         acts_out, ids_out = np.empty((hi - lo, d), dtype=dtype), np.empty(hi - lo, dtype=np.int64)
-        for ids, block in shuffle._partition_blocks(store, run, 0, n, run.plan.block_rows):  # the shuffle's reader
+        for ids, block in shuffle.partition_blocks(store, run, 0, n, run.plan.block_rows):  # the shuffle's reader
             dest = position[ids]
             mine = (dest >= lo) & (dest < hi)
             acts_out[dest[mine] - lo] = block[mine]
@@ -167,7 +169,7 @@ def plain_copy(store: ArtifactStore, run: shuffle.ShuffleRun) -> float:
     store.fs.makedirs(folder, exist_ok=True)
     for part in run.inputs:
         lo, hi = part["offset"], part["offset"] + part["n_rows"]
-        for _, block in shuffle._partition_blocks(store, run, lo, hi, run.plan.block_rows):
+        for _, block in shuffle.partition_blocks(store, run, lo, hi, run.plan.block_rows):
             for start in range(0, len(block), rows):
                 with open(os.path.join(folder, f"{part['key']}.{lo}"), "wb") as f:
                     f.write(block[start:start + rows])
@@ -265,8 +267,8 @@ def main(argv=None) -> None:
         # The naive job holds its 1/K share; both get the same budget, at least 4 input chunks' worth.
         budget = max(int(2 * data / k), 24 << 20)
         # First-pass jobs: as many as K, but few enough that each (job, bucket) file has >= 4 MB.
-        n_jobs = max(1, min(k, data // (k * shuffle.MIN_GOOD_FILE_BYTES)))
-        out_bytes = n_rows * (args.d_model * 2 + shuffle.ID_BYTES)
+        n_jobs = max(1, min(k, data // (k * MIN_GOOD_FILE_BYTES)))
+        out_bytes = n_rows * (args.d_model * 2 + ID_BYTES)
         print(f"synthetic activations in {tmp}: {n_rows} rows x d_model {args.d_model} float16 = "
               f"{data / 1e9:.3f} GB in 4 partitions; K={k} buckets, {n_jobs} first-pass jobs, "
               f"memory budget per job {budget / 2**20:.0f} MiB (both sides); "
@@ -280,7 +282,7 @@ def main(argv=None) -> None:
                     ours.append(multipass(store, k, n_jobs, budget, seed=r))
                     if r == 0:
                         print(f"  permutation check of the multi-pass output: "
-                              f"{'ok' if shuffle.permutation_check(store, 'mp')['ok'] else 'FAILED'}")
+                              f"{'ok' if permutation_check(store, 'mp')['ok'] else 'FAILED'}")
                     clear(store, "shuffle/mp", "shuffled/mp")
                 else:
                     theirs.append(naive(store, run, k, seed=r))

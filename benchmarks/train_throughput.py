@@ -208,7 +208,7 @@ def quality_side_by_side(args, device, n, k, common) -> dict | None:
     """(e): ours and SAELens trained on the same shuffled demo rows for the same budget."""
     import numpy as np
 
-    from sae_platform.shuffle import iter_shuffled, open_shuffled
+    from sae_platform.shuffled import iter_shuffled, open_shuffled
     from sae_platform.storage import ArtifactStore
 
     root = os.environ.get("SAE_PLATFORM_ROOT", str(REPO / "artifacts"))

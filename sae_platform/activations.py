@@ -59,7 +59,7 @@ from sae_platform.hooks import check_hook_point, hook_name
 from sae_platform.inbox import clear_failed_attempt, record_failed_attempt
 from sae_platform.model import HookedModel
 from sae_platform.settings import SettingsError, setting, validate
-from sae_platform.shuffle import open_shuffled
+from sae_platform.shuffled import open_shuffled
 from sae_platform.storage import ArtifactStore
 from sae_platform.training_rows import RowRule, training_rows
 

@@ -39,7 +39,7 @@ from sae_platform.metrics import HELDOUT_CODES_FILE, feature_metrics, heldout_co
 from sae_platform.model import HookedModel
 from sae_platform.sae import Codes
 from sae_platform.settings import setting, validate
-from sae_platform.shuffle import iter_shuffled, open_shuffled
+from sae_platform.shuffled import iter_shuffled, open_shuffled
 from sae_platform.trainer import load_sae
 from sae_platform.training_rows import RowRule, training_rows
 

@@ -41,7 +41,11 @@ ids (int64), then their acts. Cheap to append while streaming, each bucket is re
 few large sequential reads, and neither side interleaves ids and acts row by row
 (``_write_segments``). The training-ready store is zarr v3 (acts [n, d_model], row_id [n]) with
 fixed-size uncompressed chunks, one piece per final bucket, read back in order by
-``iter_shuffled``.
+``sae_platform.shuffled.iter_shuffled``.
+
+Beside this module: the plan's arithmetic (``sae_platform.shuffle_plan``), the committed store's
+reader (``sae_platform.shuffled``) and its permutation and uniformity checks
+(``sae_platform.shuffle_checks``).
 """
 
 import contextlib
@@ -55,7 +59,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -66,21 +70,16 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from sae_platform import catalog
 from sae_platform.errors import StorageError
-from sae_platform.storage import ArtifactStore
 from sae_platform.settings import setting, validate
+from sae_platform.shuffle_plan import ShufflePlan, final_bucket_rows, plan_shuffle
+from sae_platform.storage import ArtifactStore
 
-ID_BYTES = 8
-FINAL_SHARE = 0.7  # of the budget, for a final bucket and its permutation; the rest for reading/writing
 SCATTER_LAYOUT = "segments"  # the scatter files' layout, named in each job's manifest (_write_segments)
-SIGMAS = 6  # bucket sizes are random: plan for the mean plus 6 standard deviations
-OUTPUT_CHUNK_BYTES = 4 << 20
 # Threads writing a piece's chunk files: nothing else runs then, and the kernel's page-cache copies
 # of two files proceed in parallel (final pass 0.091 -> 0.071 s per 0.2 GB here). The scatter pass
 # keeps one writer thread: a second one contended with its reading and grouping and was slower.
 PIECE_WRITERS = 2
 ROW_ID_CHUNKS = 8  # acts chunks per row_id chunk: 8 x 8 B ids per 1.5-4 KB row, few small files
-MIN_GOOD_FILE_BYTES = 4 << 20  # smaller (job, bucket) files cost throughput (docs/design.md, "The shuffle")
-MAX_PASSES = 6
 _SCATTER, _FINAL = 1, 2  # RNG stream tags: scatter and final draws never share a stream
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MALLOC_ARENAS = 2  # glibc malloc arenas a shuffle worker keeps (see the module docstring, "Memory")
@@ -100,98 +99,6 @@ class ShuffleSettings:
     def __post_init__(self):
         validate(self, "resources.shuffle.config")
         _check_name(self.name)
-
-
-# -- the plan -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShufflePlan:
-    """How many passes, and how much each job may hold; derived from sizes and the budget only."""
-
-    n_rows: int
-    row_bytes: int  # activation bytes per row; the id adds ID_BYTES on disk
-    n_buckets: int  # K
-    memory_budget_bytes: int  # M, per job
-    n_jobs: int  # N: jobs of the first scatter pass
-    n_passes: int  # P, the final in-memory shuffle included
-    block_rows: int  # rows a scatter job reads at once
-    chunk_rows: int  # rows per chunk of the shuffled output
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def record_bytes(self) -> int:
-        return self.row_bytes + ID_BYTES
-
-    @property
-    def n_final_buckets(self) -> int:
-        return self.n_buckets ** (self.n_passes - 1)
-
-    def jobs_in_pass(self, pass_index: int) -> int:
-        """Scatter pass 1 splits the input N ways; later passes run one job per bucket."""
-        if not 1 <= pass_index <= self.n_passes:
-            raise StorageError(f"pass {pass_index} does not exist: the plan has passes 1..{self.n_passes}",
-                               "use a pass index from the plan (ShufflePlan.n_passes)")
-        if pass_index == self.n_passes:
-            return self.n_final_buckets
-        return self.n_jobs if pass_index == 1 else self.n_buckets ** (pass_index - 1)
-
-
-def plan_shuffle(n_rows: int, row_bytes: int, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
-                 input_chunk_rows: int = 1) -> ShufflePlan:
-    """Fewest passes such that every final bucket fits in memory: P with n ≤ cap·K^(P-1).
-
-    cap is what one job can shuffle in memory; random bucket sizes get a 6-sigma margin.
-    """
-    _require(n_rows >= 1, "there are no rows to shuffle", "cache some activations first")
-    _require(n_buckets >= 2, f"n_buckets={n_buckets}: a scatter pass needs at least 2 buckets", "use n_buckets >= 2")
-    _require(n_jobs >= 1, f"n_jobs={n_jobs}: at least one job must run", "use n_jobs >= 1")
-    record = row_bytes + ID_BYTES
-    budget = int(memory_budget_bytes)
-    # Scatter holds the block it read and the read's chunk buffers, two buffers of gathered rows
-    # (one being written), plus ids, bucket numbers and the sort order.
-    per_row = 4 * record + 32
-    block_rows = budget // per_row
-    if block_rows < input_chunk_rows:
-        raise StorageError(
-            f"memory budget {_mb(budget)} cannot hold one input chunk ({input_chunk_rows} rows x {record} B) "
-            f"four times over, which a scatter job needs",
-            f"raise memory_budget_bytes to at least {_mb(per_row * input_chunk_rows)}")
-    block_rows -= block_rows % input_chunk_rows
-    chunk_rows = max(1, min(OUTPUT_CHUNK_BYTES, budget // 16) // row_bytes)
-    bucket_rows = final_bucket_rows(budget, row_bytes)
-    if bucket_rows < 1:
-        raise StorageError(f"memory budget {_mb(budget)} cannot hold even one row in memory",
-                           f"raise memory_budget_bytes well above {_mb(2 * (record + 8))}")
-    n_passes = 1
-    while not _fits(n_rows / n_buckets ** (n_passes - 1), bucket_rows, random=n_passes > 1):
-        n_passes += 1
-        if n_passes > MAX_PASSES:
-            raise StorageError(
-                f"{_mb(n_rows * record)} of rows need more than {MAX_PASSES} passes with "
-                f"K={n_buckets} buckets and a {_mb(budget)} budget",
-                "raise n_buckets or memory_budget_bytes")
-    plan = ShufflePlan(n_rows, row_bytes, n_buckets, budget, n_jobs, n_passes, block_rows, chunk_rows)
-    return ShufflePlan(**{**asdict(plan), "warnings": tuple(_small_file_warnings(plan))})
-
-
-def final_bucket_rows(memory_budget_bytes: int, row_bytes: int) -> int:
-    """Rows one job can shuffle in memory: records plus an 8-byte permutation index each."""
-    return int(FINAL_SHARE * memory_budget_bytes) // (row_bytes + ID_BYTES + 8)
-
-
-def _fits(mean_rows: float, limit_rows: int, random: bool) -> bool:
-    # Bucket sizes after a scatter pass are binomial: sd <= sqrt(mean).
-    return mean_rows + (SIGMAS * math.sqrt(mean_rows) if random else 0) <= limit_rows
-
-
-def _small_file_warnings(plan: ShufflePlan) -> Iterator[str]:
-    data = plan.n_rows * plan.record_bytes
-    for p in range(1, plan.n_passes):
-        files = plan.jobs_in_pass(p) * plan.n_buckets
-        if data / files < MIN_GOOD_FILE_BYTES:
-            yield (f"pass {p} writes {files} files of ~{_mb(data / files)}; files under "
-                   f"{_mb(MIN_GOOD_FILE_BYTES)} cost throughput: use fewer jobs or buckets")
 
 
 # -- starting a shuffle: pin the inputs ---------------------------------------------------------
@@ -267,6 +174,13 @@ def load_run(store: ArtifactStore, name: str) -> ShuffleRun:
     body = store.read_json(f"{path}/plan.json")
     return ShuffleRun(body["name"], body["plan_id"], body["seed"], body["d_model"], body["dtype"],
                       tuple(body["inputs"]), _plan_from_dict(body["plan"]), catalog.shuffled_store_index(body))
+
+
+def run_from_index(index: dict) -> ShuffleRun:
+    """The run a committed store came from (its ``index.json``), even if a newer plan has been
+    started since: what ``shuffle_checks.permutation_check`` reads the inputs by."""
+    return ShuffleRun(index["name"], index["plan_id"], index["seed"], index["d_model"], index["dtype"],
+                      tuple(index["inputs"]), _plan_from_dict(index["plan"]), catalog.shuffled_store_index(index))
 
 
 def _describe_inputs(store: ArtifactStore, keys: list[str] | None,
@@ -426,7 +340,7 @@ def _job_rows(store: ArtifactStore, run: ShuffleRun, pass_index: int, job_index:
 def _job_blocks(store, run, pass_index, job_index) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Pass 1 reads its 1/N share of the partitions; later passes read their parent bucket's files."""
     if pass_index == 1:
-        yield from _partition_blocks(store, run, *_job_range(run, job_index), run.plan.block_rows)
+        yield from partition_blocks(store, run, *_job_range(run, job_index), run.plan.block_rows)
     else:
         for path, count in _bucket_sources(store, run, pass_index - 1, job_index):
             yield from _segment_blocks(store, run, path, count, run.plan.block_rows)
@@ -437,7 +351,7 @@ def _job_range(run: ShuffleRun, job_index: int) -> tuple[int, int]:
     return job_index * n // N, (job_index + 1) * n // N
 
 
-def _partition_blocks(store, run, lo: int, hi: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def partition_blocks(store, run, lo: int, hi: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Global rows [lo, hi) as (ids, acts) blocks, each read ending on a chunk boundary; acts is
     a view of one buffer per partition, valid until the next block is requested."""
     for part in run.inputs:
@@ -626,7 +540,7 @@ def _read_bucket(store, run: ShuffleRun, sources, ids: np.ndarray, acts: np.ndar
     if sources is None:
         # a quarter block at a time: the bucket (70% of the budget) is already allocated
         quarter = max(1, run.plan.block_rows // 4)
-        for block_ids, block_acts in _partition_blocks(store, run, 0, run.plan.n_rows, quarter):
+        for block_ids, block_acts in partition_blocks(store, run, 0, run.plan.n_rows, quarter):
             ids[filled:filled + len(block_ids)], acts[filled:filled + len(block_ids)] = block_ids, block_acts
             filled += len(block_ids)
     for path, count in sources or []:
@@ -746,7 +660,7 @@ def _open_for_write(store: ArtifactStore, path: str):
     return open(path, "wb") if store.is_local else store.fs.open(path, "wb")
 
 
-# -- commit and read ----------------------------------------------------------------------------
+# -- commit and clean up ------------------------------------------------------------------------
 
 
 def commit_shuffled(store: ArtifactStore, name: str) -> dict:
@@ -802,96 +716,6 @@ def delete_shuffle(store: ArtifactStore, name: str) -> None:
     store.delete(catalog.shuffle_scratch_name(name))
 
 
-@dataclass(frozen=True)
-class Shuffled:
-    """A committed shuffled store: n_rows rows in uniformly random order, in pieces read in sequence."""
-
-    store: ArtifactStore
-    name: str
-    n_rows: int
-    d_model: int
-    dtype: str
-    chunk_rows: int
-    pieces: tuple[dict, ...]
-    index: dict = field(repr=False)
-
-    def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(row_id, acts) for rows [start, stop), in reads of whole chunks."""
-        stop = self.n_rows if stop is None else min(stop, self.n_rows)
-        read = self.chunk_rows * max(1, (8 << 20) // (self.chunk_rows * self.d_model * np.dtype(self.dtype).itemsize))
-        for piece in self.pieces:
-            lo, hi = max(start - piece["offset"], 0), min(stop - piece["offset"], piece["n_rows"])
-            if lo >= hi:
-                continue
-            group, version = self._open_piece(piece)
-            what = f"piece {piece['name']} of shuffled store {self.name!r} (plan {self.index['plan_id']})"
-            acts, row_id = group["acts"], group["row_id"]
-            while lo < hi:
-                end = min(hi, (lo // self.chunk_rows) * self.chunk_rows + read)
-                with self.store.reading(piece["name"], version, what):
-                    block = row_id[lo:end], acts[lo:end]
-                # a removed chunk reads back as zeros: the version must still exist after the read
-                self.store.check_version(piece["name"], version, what)
-                yield block
-                lo = end
-
-    def _open_piece(self, piece: dict):
-        pointer = self.store.pointer(piece["name"])
-        if pointer is None:
-            current = self.store.pointer(catalog.shuffled_name(self.name))
-            if current is not None and current.get("plan_id") != self.index["plan_id"]:
-                raise StorageError(
-                    f"piece {piece['name']} of shuffled store {self.name!r} (plan {self.index['plan_id']}), which "
-                    f"this run was reading, has been removed: the store was re-shuffled (plan "
-                    f"{current.get('plan_id')}) and the superseded pieces outlived the grace period of "
-                    f"{self.store.grace_s:g} s",
-                    "re-run this step: it reads the current shuffled store. So that long reads finish, raise "
-                    "SAE_PLATFORM_GRACE_S (seconds a superseded version stays readable) for every run that commits")
-        if pointer is None or pointer.get("plan_id") != self.index["plan_id"] or pointer["n_rows"] != piece["n_rows"]:
-            raise StorageError(f"piece {piece['name']} of shuffled store {self.name!r} changed or vanished after "
-                               "the store was committed", "re-run the shuffle (finalize and commit)")
-        with self.store.reading(piece["name"], pointer["version"], f"piece {piece['name']}"):
-            group = self.store.open_group(self.store.path(piece["name"], pointer["version"], catalog.PIECE_STORE), mode="r")
-        return group, pointer["version"]
-
-
-def open_shuffled(store: ArtifactStore, name: str) -> Shuffled:
-    path = store.require(catalog.shuffled_name(name), f"shuffled store {name!r}", "run the shuffle (commit_shuffled) first")
-    index = store.read_json(f"{path}/index.json")
-    return Shuffled(store, name, index["n_rows"], index["d_model"], index["dtype"], index["chunk_rows"],
-                    tuple(p for p in index["pieces"] if p["n_rows"]), index)
-
-
-def iter_shuffled(store: ArtifactStore, name: str, batch_rows: int, start: int = 0, stop: int | None = None,
-                  drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Stream (row_id [b], acts [b, d_model]) batches in shuffled order; [start, stop) selects a split.
-
-    Reads are sequential and chunk-aligned (~8 MB each), whatever the batch size.
-    """
-    _require(batch_rows >= 1, f"batch_rows={batch_rows} is not a batch size", "use batch_rows >= 1")
-    shuffled = open_shuffled(store, name)  # fail here, not at the first batch
-    return _rebatch(shuffled.blocks(start, stop), batch_rows, drop_last)
-
-
-def _rebatch(blocks: Iterable[tuple[np.ndarray, np.ndarray]], batch_rows: int,
-             drop_last: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Exact-size batches across block and piece boundaries."""
-    held_ids, held_acts, held = [], [], 0
-    for ids, acts in blocks:
-        held_ids.append(ids)
-        held_acts.append(acts)
-        held += len(ids)
-        if held < batch_rows:
-            continue
-        ids, acts = np.concatenate(held_ids), np.concatenate(held_acts)
-        cut = held - held % batch_rows
-        for lo in range(0, cut, batch_rows):
-            yield ids[lo:lo + batch_rows], acts[lo:lo + batch_rows]
-        held_ids, held_acts, held = [ids[cut:]], [acts[cut:]], held - cut
-    if held and not drop_last:
-        yield np.concatenate(held_ids), np.concatenate(held_acts)
-
-
 def run_shuffle(store: ArtifactStore, name: str, *, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
                 seed: int, keys: list[str] | None = None, keep_scratch: bool = False) -> dict:
     """Every step in sequence in this process: for tests, benchmarks and small local runs."""
@@ -907,201 +731,6 @@ def run_shuffle(store: ArtifactStore, name: str, *, n_buckets: int, memory_budge
     if not keep_scratch:
         delete_scratch(store, name)
     return {**summary, "seconds": time.perf_counter() - started, "plan": _plan_dict(run.plan)}
-
-
-# -- verification (streaming, bounded memory) ---------------------------------------------------
-
-
-def permutation_check(store: ArtifactStore, name: str) -> dict:
-    """The invariant that matters most: output = input as a multiset of (id, row bytes).
-
-    Order-independent sums of a 64-bit hash per row (over the id and the activation bytes
-    together, so an id paired with another row's vector is caught) compare input and output;
-    a bitmap of ids finds duplicates and, with equal counts, proves nothing is missing.
-    """
-    shuffled = open_shuffled(store, name)
-    run = _run_from_index(shuffled.index)
-    inputs = _Digest()
-    for ids, acts in _partition_blocks(store, run, 0, run.plan.n_rows, run.plan.block_rows):
-        inputs.add(ids, acts)
-    outputs, seen = _Digest(), np.zeros((shuffled.n_rows + 7) // 8, dtype=np.uint8)
-    duplicates = out_of_range = 0
-    for ids, acts in shuffled.blocks():
-        outputs.add(ids, acts)
-        valid = (ids >= 0) & (ids < shuffled.n_rows)
-        out_of_range += int((~valid).sum())
-        duplicates += _mark(seen, ids[valid])
-    distinct = int(np.unpackbits(seen).sum())
-    result = {
-        "input_rows": inputs.rows, "output_rows": outputs.rows, "distinct_ids": distinct,
-        "duplicate_ids": duplicates, "out_of_range_ids": out_of_range,
-        "missing_ids": run.plan.n_rows - distinct,
-        "id_checksum_match": inputs.id_sum == outputs.id_sum,
-        "row_checksum_match": inputs.row_sum == outputs.row_sum,
-        "input_row_checksum": f"{inputs.row_sum:016x}", "output_row_checksum": f"{outputs.row_sum:016x}",
-    }
-    result["ok"] = bool(result["input_rows"] == result["output_rows"] == distinct and not duplicates
-                        and not out_of_range and result["id_checksum_match"] and result["row_checksum_match"])
-    return result
-
-
-def _run_from_index(index: dict) -> ShuffleRun:
-    """The run a committed store came from, even if a newer plan has been started since."""
-    return ShuffleRun(index["name"], index["plan_id"], index["seed"], index["d_model"], index["dtype"],
-                      tuple(index["inputs"]), _plan_from_dict(index["plan"]), catalog.shuffled_store_index(index))
-
-
-def _mark(seen: np.ndarray, ids: np.ndarray) -> int:
-    """Set the ids' bits; return how many were already set or repeat within ``ids``."""
-    ids = np.sort(ids)
-    repeats = int((ids[1:] == ids[:-1]).sum())
-    ids = np.unique(ids)
-    byte, bit = ids >> 3, (1 << (ids & 7)).astype(np.uint8)
-    already = int(((seen[byte] & bit) != 0).sum())
-    np.bitwise_or.at(seen, byte, bit)
-    return repeats + already
-
-
-class _Digest:
-    """Row count and order-independent checksums (sums mod 2^64) of ids and of whole rows."""
-
-    def __init__(self):
-        self.rows, self.id_sum, self.row_sum = 0, 0, 0
-
-    def add(self, ids: np.ndarray, acts: np.ndarray) -> None:
-        id_hash = _fmix(ids.astype(np.uint64) ^ np.uint64(0x9E3779B97F4A7C15))
-        row_hash = _fmix(_words_hash(acts) + id_hash)
-        self.rows += len(ids)
-        self.id_sum = (self.id_sum + int(id_hash.sum(dtype=np.uint64))) % (1 << 64)
-        self.row_sum = (self.row_sum + int(row_hash.sum(dtype=np.uint64))) % (1 << 64)
-
-
-def _words_hash(acts: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each row's bytes: position-salted mixed words, summed."""
-    raw = np.ascontiguousarray(acts).view(np.uint8).reshape(len(acts), -1)
-    width = next(w for w in (8, 4, 2, 1) if raw.shape[1] % w == 0)
-    words = raw.view(f"<u{width}").astype(np.uint64)
-    words ^= _fmix(np.arange(1, words.shape[1] + 1, dtype=np.uint64) * np.uint64(0xD6E8FEB86659FD93))
-    return _fmix(words).sum(axis=1, dtype=np.uint64)
-
-
-def _fmix(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finalizer, in place."""
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xFF51AFD7ED558CCD)
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xC4CEB9FE1A85EC53)
-    h ^= h >> np.uint64(33)
-    return h
-
-
-def uniformity_stats(store: ArtifactStore, name: str, n_groups: int = 16) -> dict:
-    """Evidence that the order is uniformly random, streamed over the output's row ids."""
-    shuffled = open_shuffled(store, name)
-    return uniformity_from_ids((ids for ids, _ in shuffled.blocks()), shuffled.n_rows, n_groups)
-
-
-def uniformity_from_ids(id_blocks: Iterable[np.ndarray], n_rows: int, n_groups: int = 16) -> dict:
-    """Statistics of an output order given as blocks of input indices (a permutation of 0..n-1).
-
-    - chi²: G source shards (equal ranges of input index) × G output blocks (equal ranges of output
-      position); a uniform permutation makes them independent. ``chi2_mod`` does the same with
-      shards of index mod G, which catches round-robin-like assignments that contiguous shards miss.
-    - Spearman rho of input index vs output position: ≈ 0, sd ≈ 1/√(n-1); ``spearman_z`` is rho·√(n-1).
-    - neighbours: the fraction of adjacent output pairs that were adjacent in the input, ≈ 2/n.
-    - KS: each source shard's output positions against U(0,1); the smallest p, Bonferroni-corrected.
-    """
-    n = int(n_rows)
-    G = max(2, min(n_groups, int(math.sqrt(n / 5))))  # expected cell count >= 5
-    shard_sizes = np.diff([-(-s * n // G) for s in range(G + 1)])
-    table, table_mod = np.zeros(G * G, dtype=np.int64), np.zeros(G * G, dtype=np.int64)
-    seen_in_shard = np.zeros(G, dtype=np.int64)
-    ks = np.zeros(G)
-    sum_d2, adjacent, position, last = 0.0, 0, 0, None
-    for ids in id_blocks:
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = np.arange(position, position + len(ids), dtype=np.int64)
-        shard, block = ids * G // n, pos * G // n
-        table += np.bincount(shard * G + block, minlength=G * G)
-        table_mod += np.bincount(ids % G * G + block, minlength=G * G)
-        sum_d2 += float(np.square((ids - pos).astype(np.float64)).sum())
-        chain = ids if last is None else np.concatenate([[last], ids])
-        adjacent += int((np.abs(np.diff(chain)) == 1).sum())
-        for s in range(G):
-            where = pos[shard == s]
-            if len(where):
-                rank = seen_in_shard[s] + np.arange(1, len(where) + 1)
-                u = (where + 0.5) / n
-                ks[s] = max(ks[s], float(np.max(rank / shard_sizes[s] - u)),
-                            float(np.max(u - (rank - 1) / shard_sizes[s])))
-                seen_in_shard[s] += len(where)
-        position += len(ids)
-        last = int(ids[-1]) if len(ids) else last
-    _require(position == n, f"the output holds {position} rows, expected {n}", "check the shuffle's inputs")
-    chi2, df = _chi2_independence(table.reshape(G, G))
-    chi2_mod, _ = _chi2_independence(table_mod.reshape(G, G))
-    rho = 1.0 - 6.0 * sum_d2 / (n * (n * n - 1.0)) if n > 1 else 0.0
-    ks_p = [_kolmogorov_sf(float(d), int(m)) for d, m in zip(ks, shard_sizes)]
-    return {
-        "n_rows": n, "groups": G,
-        "chi2": chi2, "chi2_df": df, "chi2_p": chi2_sf(chi2, df), "chi2_mod": chi2_mod,
-        "chi2_mod_p": chi2_sf(chi2_mod, df),
-        "spearman_rho": rho, "spearman_z": rho * math.sqrt(max(n - 1, 1)), "spearman_sd": 1 / math.sqrt(max(n - 1, 1)),
-        "adjacent_pairs": adjacent, "adjacent_fraction": adjacent / max(n - 1, 1), "adjacent_expected": 2 / n,
-        "ks_max_d": float(ks.max()), "ks_min_p": min(1.0, G * min(ks_p)),
-    }
-
-
-def _chi2_independence(table: np.ndarray) -> tuple[float, int]:
-    expected = np.outer(table.sum(1), table.sum(0)) / table.sum()
-    keep = expected > 0
-    stat = float((((table - expected) ** 2)[keep] / expected[keep]).sum())
-    return stat, (table.shape[0] - 1) * (table.shape[1] - 1)
-
-
-def chi2_sf(x: float, df: int) -> float:
-    """P(X >= x) for X ~ chi²(df): the regularized upper incomplete gamma Q(df/2, x/2)."""
-    if x <= 0:
-        return 1.0
-    a, z = df / 2.0, x / 2.0
-    log_front = a * math.log(z) - z - math.lgamma(a)
-    if z < a + 1:  # series for the lower part converges fast here
-        term = total = 1.0 / a
-        k = a
-        while abs(term) > abs(total) * 1e-15:
-            k += 1
-            term *= z / k
-            total += term
-        return max(0.0, 1.0 - total * math.exp(log_front))
-    # Lentz's continued fraction for the upper part
-    tiny = 1e-300
-    b = z + 1 - a
-    c, d = 1 / tiny, 1 / b
-    h = d
-    for i in range(1, 1000):
-        an = -i * (i - a)
-        b += 2
-        d = an * d + b
-        d = tiny if abs(d) < tiny else d
-        c = b + an / c
-        c = tiny if abs(c) < tiny else c
-        d = 1 / d
-        h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return min(1.0, math.exp(log_front) * h)
-
-
-def _kolmogorov_sf(d: float, n: int) -> float:
-    """Asymptotic P(D_n >= d) (Stephens' small-n correction). Sampling positions without
-    replacement makes D smaller than this assumes, so the p-value errs on the safe side."""
-    if n < 1 or d <= 0:
-        return 1.0
-    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
-    if lam < 0.2:
-        return 1.0
-    total = sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))
-    return min(1.0, max(0.0, 2 * total))
 
 
 # -- small helpers ------------------------------------------------------------------------------

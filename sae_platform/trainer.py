@@ -59,7 +59,7 @@ from sae_platform.devices import auto_dtype
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate
-from sae_platform.shuffle import Shuffled, open_shuffled
+from sae_platform.shuffled import Shuffled, open_shuffled
 from sae_platform.storage import ArtifactStore
 
 SelectionPrecision = Literal["auto", "float32", "bfloat16"]

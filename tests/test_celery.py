@@ -30,10 +30,10 @@ from test_stage import BATCHES, _same_artifacts
 
 from jobs.definitions import build_definitions
 from jobs.settings import Settings
-from sae_platform import shuffle as sh
 from sae_platform.activations import open_partition
 from sae_platform.storage import ArtifactStore
 from sae_platform.catalog import checkpoint_name
+from sae_platform.shuffled import iter_shuffled
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -186,7 +186,7 @@ def test_full_pipeline_on_celery_workers_survives_a_killed_worker(
             messages = [r.user_message or "" for r in instance.all_logs(instance.get_runs(limit=1)[0].run_id)]
         assert any(m.startswith("sae_checkpoint[") and "is up to date" in m for m in messages), messages
         print(f"re-launch: {time.monotonic() - started:.0f} s")
-        ids = np.concatenate([i for i, _ in sh.iter_shuffled(store, "main", batch_rows=512)])
+        ids = np.concatenate([i for i, _ in iter_shuffled(store, "main", batch_rows=512)])
         n_rows = sum(open_partition(store, batch).acts.shape[0] for batch in BATCHES)
         assert len(ids) == n_rows and np.array_equal(np.sort(ids), np.arange(n_rows)), "lost or duplicated rows"
         print(f"celery test: {time.monotonic() - started:.0f} s")

@@ -20,6 +20,7 @@ from sae_platform.corpus import list_source
 from sae_platform.lineage import feature_table_lineage, format_lineage
 from sae_platform.llm_explain import serve_chat
 from sae_platform.metrics import explanations_current, read_explanations
+from sae_platform.shuffled import open_shuffled
 from sae_platform.trainer import TrainSettings, train_sae
 from tests.test_llm_explain import KEY, RuleModel
 
@@ -102,7 +103,7 @@ def test_lineage_names_every_upstream_artifact(pipeline, store):
     record = instance.fetch_materializations(AssetKey("feature_topk"), limit=10).records[0]
     lineage = feature_table_lineage(store, SAE, int(record.partition_key[1:]), run_id=record.run_id)
     assert lineage["sae_checkpoint"]["version"] == store.pointer(f"sae/{SAE}")["version"]
-    assert lineage["shuffle"]["plan_id"] == sh.open_shuffled(store, "main").index["plan_id"]
+    assert lineage["shuffle"]["plan_id"] == open_shuffled(store, "main").index["plan_id"]
     keys = sorted(p["key"] for p in lineage["activation_partitions"])
     assert keys == sorted(k.split("/")[1] for k in store.committed_names("activations"))
     text = format_lineage(lineage)

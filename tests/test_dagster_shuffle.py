@@ -14,6 +14,8 @@ from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file, open_partition
 from sae_platform.catalog import list_partitions
 from sae_platform.corpus import list_source
+from sae_platform.shuffle_checks import uniformity_from_ids
+from sae_platform.shuffled import iter_shuffled
 
 ALL_WORKERS = {"dagster/asset_partition_range_start": "0", "dagster/asset_partition_range_end": "3"}
 
@@ -45,14 +47,14 @@ def test_shuffle_job_runs_every_pass_and_its_checks_pass(cached, text_dir):
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert checks["shuffle_is_a_permutation"].passed
     assert checks["shuffle_is_uniform"].passed, checks["shuffle_is_uniform"].metadata
-    ids = np.concatenate([i for i, _ in sh.iter_shuffled(cached, "main", batch_rows=100)])
+    ids = np.concatenate([i for i, _ in iter_shuffled(cached, "main", batch_rows=100)])
     assert sorted(ids.tolist()) == list(range(n_rows)) and not (np.diff(ids) == 1).all()
     assert not cached.fs.exists(cached.path("shuffle/main", sh.load_run(cached, "main").plan_id))
 
 
 def test_uniformity_problems_flags_an_unshuffled_order():
     n = 10_000
-    in_order = sh.uniformity_from_ids([np.arange(n)], n)
+    in_order = uniformity_from_ids([np.arange(n)], n)
     assert uniformity_problems(in_order)
-    shuffled = sh.uniformity_from_ids([np.random.default_rng(0).permutation(n)], n)
+    shuffled = uniformity_from_ids([np.random.default_rng(0).permutation(n)], n)
     assert uniformity_problems(shuffled) == []

@@ -12,6 +12,7 @@ from resources import BaseModelResource
 from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file
 from sae_platform.corpus import list_source
+from sae_platform.shuffled import open_shuffled
 
 TRAIN = {"token_budget": 256 * 12, "batch_size": 256, "checkpoint_every_tokens": 256 * 4, "holdout_rows": 256,
          "dead_after_tokens": 256 * 6}
@@ -87,7 +88,7 @@ def test_eval_reports_dead_latents_over_every_cached_token_and_checks_thresholds
                                   "evaluation": {"config": {"ce_contexts": 0, "max_fvu": 1e-9}}}})
     assert result.success  # the thresholds are checks, not failures: the catalog shows pass/fail
     ev = _materializations(result)["sae_eval"]
-    n_rows = sh.open_shuffled(store, "main").n_rows
+    n_rows = open_shuffled(store, "main").n_rows
     assert ev["dead_window_tokens"] == n_rows and ev["heldout_tokens"] == TRAIN["holdout_rows"]
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert set(checks) == {"fvu_below", "dead_fraction_below", "loss_recovered_above"}

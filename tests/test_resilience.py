@@ -26,6 +26,8 @@ from sae_platform import features as ft
 from sae_platform import shuffle as sh
 from sae_platform.errors import StorageError
 from sae_platform.sae import build_sae
+from sae_platform.shuffle_checks import permutation_check
+from sae_platform.shuffled import iter_shuffled, open_shuffled
 from sae_platform.storage import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +215,7 @@ def _partition(store, key, n_rows, seed, d_model=16):
 
 
 def _read_shuffled(store, name):
-    batches = list(sh.iter_shuffled(store, name, batch_rows=4096))
+    batches = list(iter_shuffled(store, name, batch_rows=4096))
     return np.concatenate([i for i, _ in batches]), np.concatenate([a for _, a in batches])
 
 
@@ -247,15 +249,15 @@ def test_killed_reshuffle_leaves_the_previous_store_whole_and_a_rerun_commits_th
     assert store.size_bytes(half) > 10000 * 16 * 2 // 8, "its data was already on disk when the kill came"
     # ... and readers still get the previous store, complete and unchanged.
     assert store.pointer("shuffled/s") == old_pointer
-    shuffled = sh.open_shuffled(store, "s")
+    shuffled = open_shuffled(store, "s")
     assert shuffled.n_rows == 20000 and shuffled.index["plan_id"] == old_plan
     assert np.array_equal(_assert_exact_permutation(store, "s", old_rows), old_ids)
-    check = sh.permutation_check(store, "s")
+    check = permutation_check(store, "s")
     assert check["ok"] and check["output_rows"] == 20000, check
 
     summary = sh.run_shuffle(store, "s", **SHUFFLE)  # the re-run
     assert summary["plan_id"] == new_plan and summary["n_rows"] == 30000
-    check = sh.permutation_check(store, "s")
+    check = permutation_check(store, "s")
     assert check["ok"] and check["output_rows"] == 30000, check
     _assert_exact_permutation(store, "s", new_rows)
     pieces = [p.rsplit("/", 1)[-1] for p in store.fs.ls(store.path("shuffled", "s"), detail=False)]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import TINY_SAE, tiny_run_config
 
-from sae_platform import shuffle as sh
 from sae_platform.errors import StorageError
 from sae_platform.features import read_tables
 from sae_platform.freshness import stale_reasons
+from sae_platform.shuffled import open_shuffled
 from sae_platform.storage import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_full_pipeline_runs_on_s3_and_artifacts_read_back(s3, s3_endpoint, tiny_
     assert report["n_tokens"] == 256 and report["ce_n_contexts"] == 2
     assert json.loads(store.fs.cat_file(f"{store.resolve(f'saelens/{TINY_SAE}')}/cfg.json"))["d_in"] == 32
     tables = read_tables(store, TINY_SAE, 0)
-    assert tables.meta["n_tokens_total"] == sh.open_shuffled(store, "main").n_rows
+    assert tables.meta["n_tokens_total"] == open_shuffled(store, "main").n_rows
     site = json.loads(store.fs.cat_file(f"{store.root}/browser/{TINY_SAE}/site.json"))
     index = json.loads(store.fs.cat_file(f"{store.root}/browser/{TINY_SAE}/{site['data']}/index.json"))
     assert index["n_features"] == 4096 and index["lineage"]["sae_checkpoint"]["name"] == TINY_SAE

@@ -10,7 +10,7 @@ import pytest
 
 from assets.partitions import N_FEATURE_SHARDS, N_SHUFFLE_WORKERS
 from sae_platform.features import N_HIST_BINS, FeatureSettings, feature_shards
-from sae_platform.shuffle import SIGMAS, final_bucket_rows, plan_shuffle
+from sae_platform.shuffle_plan import SIGMAS, final_bucket_rows, plan_shuffle
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "scale.md"
 GiB = 1 << 30

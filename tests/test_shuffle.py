@@ -20,6 +20,9 @@ import pytest
 
 from sae_platform import shuffle
 from sae_platform.errors import StorageError
+from sae_platform.shuffle_checks import chi2_sf, permutation_check, uniformity_from_ids, uniformity_stats
+from sae_platform.shuffle_plan import FINAL_SHARE, final_bucket_rows, plan_shuffle
+from sae_platform.shuffled import iter_shuffled, open_shuffled
 from sae_platform.storage import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +46,7 @@ def make_dataset(store, sizes, **kwargs):
 
 
 def read_all(store, name):
-    batches = list(shuffle.iter_shuffled(store, name, batch_rows=4096))
+    batches = list(iter_shuffled(store, name, batch_rows=4096))
     return np.concatenate([i for i, _ in batches]), np.concatenate([a for _, a in batches])
 
 
@@ -63,17 +66,17 @@ SMALL = dict(n_buckets=4, memory_budget_bytes=1 * MiB, n_jobs=3)  # d_model 16 f
 
 def test_plan_follows_the_seed_arithmetic():
     row, K, M = 1000, 10, 100 * MiB
-    cap = shuffle.final_bucket_rows(M, row)  # rows one job shuffles in memory
-    assert cap == int(shuffle.FINAL_SHARE * M) // (row + 16)
+    cap = final_bucket_rows(M, row)  # rows one job shuffles in memory
+    assert cap == int(FINAL_SHARE * M) // (row + 16)
 
     def passes(n_rows):
-        return shuffle.plan_shuffle(n_rows, row, K, M, 4).n_passes
+        return plan_shuffle(n_rows, row, K, M, 4).n_passes
 
     margin = int(6 * cap**0.5) + 1  # bucket sizes are random: room for 6 standard deviations
     assert passes(cap) == 1 and passes(cap + 1) == 2
     assert passes(K * (cap - margin)) == 2 and passes(K * cap) == 3
     assert passes(K**2 * (cap - margin)) == 3 and passes(K**2 * cap) == 4
-    three = shuffle.plan_shuffle(K * cap, row, K, M, 4)
+    three = plan_shuffle(K * cap, row, K, M, 4)
     assert three.n_final_buckets == K**2
     assert [three.jobs_in_pass(p) for p in (1, 2, 3)] == [4, K, K**2]
     assert three.block_rows * (4 * three.record_bytes) <= M
@@ -91,7 +94,7 @@ def test_plan_follows_the_seed_arithmetic():
 def test_plan_rejects_impossible_settings(kwargs, match):
     args = dict(n_rows=10_000, row_bytes=128, n_buckets=4, memory_budget_bytes=64 * MiB, n_jobs=2) | kwargs
     with pytest.raises(StorageError, match=match) as error:
-        shuffle.plan_shuffle(**args)
+        plan_shuffle(**args)
     assert error.value.fix
 
 
@@ -104,7 +107,7 @@ def test_output_is_an_exact_permutation(store):
     assert summary["n_passes"] == 3 and summary["n_rows"] == len(rows)
     ids = assert_exact_permutation(store, "s", rows)
     assert not np.array_equal(ids, np.arange(len(rows)))
-    check = shuffle.permutation_check(store, "s")
+    check = permutation_check(store, "s")
     assert check["ok"] and check["missing_ids"] == 0 and check["duplicate_ids"] == 0, check
     assert not store.fs.exists(store.path("shuffle", "s", summary["plan_id"])), "scratch is dropped"
 
@@ -160,7 +163,7 @@ def test_same_seed_same_order_other_seed_other_order(store):
 def test_order_is_uniformly_random(store):
     make_dataset(store, [30000, 30000, 20000], d_model=4)
     shuffle.run_shuffle(store, "s", n_buckets=4, memory_budget_bytes=1 * MiB, n_jobs=2, seed=3)
-    stats = shuffle.uniformity_stats(store, "s")
+    stats = uniformity_stats(store, "s")
     # Thresholds a uniform permutation fails ~1 time in 1000 at most.
     assert stats["groups"] == 16 and stats["chi2_df"] == 225
     assert stats["chi2_p"] > 1e-3 and stats["chi2_mod_p"] > 1e-3, stats
@@ -171,17 +174,17 @@ def test_order_is_uniformly_random(store):
 
 def test_uniformity_stats_catch_orders_that_are_not_shuffled():
     n, rng = 80_000, np.random.default_rng(0)
-    identity = shuffle.uniformity_from_ids(np.array_split(np.arange(n), 7), n)
+    identity = uniformity_from_ids(np.array_split(np.arange(n), 7), n)
     assert identity["chi2_p"] < 1e-12 and identity["spearman_rho"] > 0.999 and identity["adjacent_fraction"] > 0.99
     # A mixing buffer (shuffle within windows) looks random locally but keeps the global order.
     windows = np.concatenate([w[rng.permutation(len(w))] for w in np.array_split(np.arange(n), 80)])
-    mixing = shuffle.uniformity_from_ids([windows], n)
+    mixing = uniformity_from_ids([windows], n)
     assert mixing["chi2_p"] < 1e-12 and mixing["spearman_z"] > 100 and mixing["ks_min_p"] < 1e-6
     # Round-robin buckets (id mod 4), each shuffled: contiguous shards see nothing wrong.
     round_robin = np.concatenate([rng.permutation(np.arange(r, n, 4)) for r in range(4)])
-    strided = shuffle.uniformity_from_ids([round_robin], n)
+    strided = uniformity_from_ids([round_robin], n)
     assert strided["chi2_p"] > 1e-3 and strided["chi2_mod_p"] < 1e-12
-    uniform = shuffle.uniformity_from_ids([rng.permutation(n)], n)
+    uniform = uniformity_from_ids([rng.permutation(n)], n)
     assert uniform["chi2_p"] > 1e-3 and uniform["chi2_mod_p"] > 1e-3 and abs(uniform["spearman_z"]) < 3.5
 
 
@@ -189,45 +192,45 @@ def test_uniformity_stats_catch_orders_that_are_not_shuffled():
 @pytest.mark.parametrize("x, df, p", [(3.841459, 1, 0.05), (18.307038, 10, 0.05), (0.5, 3, 0.918891),
                                       (249.4452, 225, 0.1262613), (0.0, 5, 1.0), (400.0, 225, 6.078744e-12)])
 def test_chi2_survival_function(x, df, p):
-    assert shuffle.chi2_sf(x, df) == pytest.approx(p, rel=2e-3)
+    assert chi2_sf(x, df) == pytest.approx(p, rel=2e-3)
 
 
 def test_permutation_check_catches_lost_duplicated_and_altered_rows(store):
     make_dataset(store, [6000, 6000], dtype="float32")
     shuffle.run_shuffle(store, "s", n_buckets=4, memory_budget_bytes=1 * MiB, n_jobs=2, seed=0)
-    piece = shuffle.open_shuffled(store, "s").pieces[0]
+    piece = open_shuffled(store, "s").pieces[0]
     group = store.open_group(f"{store.resolve(piece['name'])}/data.zarr", "r+")
     acts, row_id = group["acts"], group["row_id"]
 
     first_row = acts[0:1]
     acts[0:1] = first_row + np.float32(1e-3)
-    check = shuffle.permutation_check(store, "s")
+    check = permutation_check(store, "s")
     assert not check["ok"] and not check["row_checksum_match"] and check["id_checksum_match"]
     acts[0:1] = first_row
-    assert shuffle.permutation_check(store, "s")["ok"]
+    assert permutation_check(store, "s")["ok"]
 
     second_id = row_id[1:2]
     row_id[1:2] = row_id[0:1]  # row 0's id twice: one id duplicated, one lost
-    check = shuffle.permutation_check(store, "s")
+    check = permutation_check(store, "s")
     assert not check["ok"] and check["duplicate_ids"] == 1 and check["missing_ids"] == 1
     row_id[1:2] = second_id
 
     acts[0:2] = acts[0:2][::-1].copy()  # two vectors swapped between their ids
-    check = shuffle.permutation_check(store, "s")
+    check = permutation_check(store, "s")
     assert not check["ok"] and check["id_checksum_match"] and not check["row_checksum_match"]
 
 
 def test_iter_shuffled_batches_and_splits(store):
     make_dataset(store, [5000, 7000])
     shuffle.run_shuffle(store, "s", seed=0, **SMALL)
-    batches = list(shuffle.iter_shuffled(store, "s", batch_rows=1000))
+    batches = list(iter_shuffled(store, "s", batch_rows=1000))
     assert [len(i) for i, _ in batches] == [1000] * 12 and batches[0][1].shape == (1000, 16)
     everything = np.concatenate([i for i, _ in batches])
-    ragged = list(shuffle.iter_shuffled(store, "s", batch_rows=5000))
+    ragged = list(iter_shuffled(store, "s", batch_rows=5000))
     assert [len(i) for i, _ in ragged] == [5000, 5000, 2000]
-    assert [len(i) for i, _ in shuffle.iter_shuffled(store, "s", 5000, drop_last=True)] == [5000, 5000]
-    train = np.concatenate([i for i, _ in shuffle.iter_shuffled(store, "s", 999, stop=10000)])
-    holdout = np.concatenate([i for i, _ in shuffle.iter_shuffled(store, "s", 999, start=10000)])
+    assert [len(i) for i, _ in iter_shuffled(store, "s", 5000, drop_last=True)] == [5000, 5000]
+    train = np.concatenate([i for i, _ in iter_shuffled(store, "s", 999, stop=10000)])
+    holdout = np.concatenate([i for i, _ in iter_shuffled(store, "s", 999, start=10000)])
     assert np.array_equal(np.concatenate([train, holdout]), everything)
 
 
@@ -282,7 +285,7 @@ def test_multi_pass_shuffle_of_12x_the_budget_stays_within_memory(tmp_path):
     assert not small["torch_imported"], "a shuffle worker imported torch (sae_platform.activations?)"
     # The budget bounds the shuffle's arrays; the allocator's slack (measured: 4-5.5 MiB in all) fits in 2x.
     assert small["extra_mib"] < 4 * 2, f"the shuffle held {small['extra_mib']:.1f} MiB with a 4 MiB budget"
-    assert shuffle.permutation_check(store, "big")["ok"]
+    assert permutation_check(store, "big")["ok"]
     assert_exact_permutation(store, "big", rows)
     # The measurement sees a whole-data load: one in-memory pass over the same rows.
     store.delete("shuffled/big")
@@ -356,7 +359,7 @@ def test_a_killed_job_leaves_nothing_visible_and_a_rerun_gives_one_copy(store):
         shuffle.finalize_bucket(store, "s", bucket)
     assert store.resolve("shuffled/s") is None, "nothing is visible before the commit"
     shuffle.commit_shuffled(store, "s")
-    assert shuffle.permutation_check(store, "s")["ok"]
+    assert permutation_check(store, "s")["ok"]
     assert_exact_permutation(store, "s", rows)
 
 
@@ -369,7 +372,7 @@ def test_a_new_plan_leaves_the_committed_store_readable_until_it_commits(store):
         shuffle.scatter_job(store, "s", 1, job)
     shuffle.finalize_bucket(store, "s", 0)
     assert np.array_equal(read_all(store, "s")[0], before)
-    assert shuffle.permutation_check(store, "s")["ok"]  # checked against the committed store's inputs
+    assert permutation_check(store, "s")["ok"]  # checked against the committed store's inputs
     for bucket in range(1, run.plan.n_final_buckets):
         shuffle.finalize_bucket(store, "s", bucket)
     shuffle.commit_shuffled(store, "s")
@@ -410,7 +413,7 @@ def test_missing_or_absent_inputs_are_refused(store):
         shuffle.start_shuffle(store, "s", seed=0, keys=["a", "zz"], **SMALL)
     assert "materialize the activations asset" in error.value.fix
     with pytest.raises(StorageError, match="no committed artifact"):
-        shuffle.iter_shuffled(store, "s", 10)
+        iter_shuffled(store, "s", 10)
     assert _nothing_written(store)
 
 

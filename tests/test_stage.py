@@ -17,8 +17,8 @@ from conftest import TINY_SAE, tiny_run_config
 from jobs.definitions import build_definitions
 from jobs.settings import Settings
 from sae_platform import features as ft
-from sae_platform import shuffle as sh
 from sae_platform.activations import open_partition
+from sae_platform.shuffled import iter_shuffled
 from sae_platform.storage import ArtifactStore
 from sae_platform.trainer import load_sae
 
@@ -91,7 +91,7 @@ def _same_artifacts(a: ArtifactStore, b: ArtifactStore) -> None:
         pa, pb = open_partition(a, batch), open_partition(b, batch)
         assert np.array_equal(pa.group["token_id"][:], pb.group["token_id"][:])
         assert np.array_equal(pa.acts[:], pb.acts[:])
-    ids = [np.concatenate([i for i, _ in sh.iter_shuffled(s, "main", batch_rows=512)]) for s in (a, b)]
+    ids = [np.concatenate([i for i, _ in iter_shuffled(s, "main", batch_rows=512)]) for s in (a, b)]
     assert np.array_equal(*ids), "the same permutation (same seed, same inputs)"
     (sae_a, cfg_a), (sae_b, cfg_b) = load_sae(a, TINY_SAE), load_sae(b, TINY_SAE)
     assert cfg_a["step"] == cfg_b["step"] and cfg_a["final"] and cfg_b["final"]

@@ -161,6 +161,7 @@ def test_training_reader_survives_a_reshuffle_and_a_vanished_version_says_so(tmp
     import numpy as np
 
     from sae_platform import shuffle
+    from sae_platform.shuffled import open_shuffled
 
     store = ArtifactStore(str(tmp_path / "s"), grace_s=3600)
     rng = np.random.default_rng(0)
@@ -174,18 +175,18 @@ def test_training_reader_survives_a_reshuffle_and_a_vanished_version_says_so(tmp
     budget = 1 << 18          # several final pieces, read one after the other
     cache("a", 2000)
     shuffle.run_shuffle(store, "main", n_buckets=2, memory_budget_bytes=budget, n_jobs=1, seed=0)
-    reading = shuffle.open_shuffled(store, "main")
+    reading = open_shuffled(store, "main")
     expected = np.concatenate([b for _, b in reading.blocks()])
     blocks = reading.blocks()
     first = next(blocks)
     cache("b", 300)                                                   # new data arrives ...
     shuffle.run_shuffle(store, "main", n_buckets=2, memory_budget_bytes=budget, n_jobs=1, seed=0)  # re-shuffle
-    assert shuffle.open_shuffled(store, "main").n_rows == 2300 and len(reading.pieces) > 1
+    assert open_shuffled(store, "main").n_rows == 2300 and len(reading.pieces) > 1
     rest = [b for _, b in blocks]                                     # the old plan, read to the end
     assert np.array_equal(np.concatenate([first[1], *rest]), expected)
     # the same with no grace: the reader's pieces go at the re-shuffle's commit
     quick = ArtifactStore(store.root_url, grace_s=0)
-    reading = shuffle.open_shuffled(quick, "main")
+    reading = open_shuffled(quick, "main")
     blocks = reading.blocks()
     next(blocks)
     cache("c", 300)

@@ -10,6 +10,7 @@ import torch
 
 from sae_platform import catalog
 from sae_platform import shuffle
+from sae_platform.shuffled import iter_shuffled, open_shuffled
 from sae_platform.trainer import (
     TrainingError,
     TrainSettings,
@@ -47,9 +48,9 @@ def test_training_reduces_error_and_writes_a_loadable_checkpoint(store):
     assert result["steps"] == 30 and last["tokens"] == 30 * 256
     assert last["nmse"] < 0.75 * first["nmse"]
     sae, cfg = load_sae(store, "run")
-    assert cfg["final"] and cfg["data"]["plan_id"] == shuffle.open_shuffled(store, "main").index["plan_id"]
+    assert cfg["final"] and cfg["data"]["plan_id"] == open_shuffled(store, "main").index["plan_id"]
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
-    x = torch.from_numpy(next(shuffle.iter_shuffled(store, "main", 64))[1])
+    x = torch.from_numpy(next(iter_shuffled(store, "main", 64))[1])
     assert (sae.encode(x).values > 0).sum(1).max() <= 4
 
 
@@ -284,7 +285,7 @@ def test_nan_in_held_out_rows_is_an_error_naming_the_row(store):
     from sae_platform.sae import build_sae
 
     make_shuffled(store, nan_row=7)  # global row id 7, wherever the shuffle put it
-    n_rows = shuffle.open_shuffled(store, "main").n_rows
+    n_rows = open_shuffled(store, "main").n_rows
     sae = build_sae("topk", 16, 64, k=4)
     with pytest.raises(StorageError) as error:
         reconstruction_metrics(sae, heldout_activation_batches(store, "main", n_rows, batch_rows=256))
@@ -336,7 +337,7 @@ def test_a_transcoder_trains_on_paired_rows_cached_in_one_pass_and_is_evaluated_
     for text_file in list_source(str(text_dir / "*")):
         cache_text_file(store, text_file, tiny_hooked, "tiny", settings)
     shuffle.run_shuffle(store, "main", n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
-    rows = next(shuffle.iter_shuffled(store, "main", 4096))[1]
+    rows = next(iter_shuffled(store, "main", 4096))[1]
     assert rows.shape[1] == 64
     mlp = dict(tiny_hooked.model.model.layers[1].named_children())["mlp"]
     with torch.no_grad():  # still paired after the shuffle: the output is the MLP of the input
@@ -413,7 +414,7 @@ def test_one_sae_per_hook_point_from_one_caching_pass(store, tiny_hooked, text_d
     assert names == ["main", "main.h1"]
     for name in names:
         shuffle.run_shuffle(store, name, n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
-    a, b = (next(shuffle.iter_shuffled(store, n, 4096))[1] for n in names)
+    a, b = (next(iter_shuffled(store, n, 4096))[1] for n in names)
     assert a.shape[1] == b.shape[1] == 32 and not np.allclose(a[:10], b[:10])
     train = TrainSettings(variant="topk", n_latents=64, k=4, batch_size=128, token_budget=128 * 10,
                           checkpoint_every_tokens=128 * 10, holdout_rows=128, dead_after_tokens=128 * 10)

@@ -1,0 +1,108 @@
+"""The committed shuffled store, read back: ``open_shuffled`` and ``iter_shuffled`` stream its rows
+in shuffled order (docs/design.md, "The shuffle").
+
+``sae_platform.shuffle`` writes the store (``commit_shuffled``): zarr v3 pieces, acts [n, d_model]
+and row_id [n] in fixed-size uncompressed chunks, one piece per final bucket, listed in order by
+the store's index. This module only reads, so the trainer and the evaluation need nothing of the
+shuffle's machinery.
+"""
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sae_platform import catalog
+from sae_platform.errors import StorageError
+from sae_platform.storage import ArtifactStore
+
+
+@dataclass(frozen=True)
+class Shuffled:
+    """A committed shuffled store: n_rows rows in uniformly random order, in pieces read in sequence."""
+
+    store: ArtifactStore
+    name: str
+    n_rows: int
+    d_model: int
+    dtype: str
+    chunk_rows: int
+    pieces: tuple[dict, ...]
+    index: dict = field(repr=False)
+
+    def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row_id, acts) for rows [start, stop), in reads of whole chunks."""
+        stop = self.n_rows if stop is None else min(stop, self.n_rows)
+        read = self.chunk_rows * max(1, (8 << 20) // (self.chunk_rows * self.d_model * np.dtype(self.dtype).itemsize))
+        for piece in self.pieces:
+            lo, hi = max(start - piece["offset"], 0), min(stop - piece["offset"], piece["n_rows"])
+            if lo >= hi:
+                continue
+            group, version = self._open_piece(piece)
+            what = f"piece {piece['name']} of shuffled store {self.name!r} (plan {self.index['plan_id']})"
+            acts, row_id = group["acts"], group["row_id"]
+            while lo < hi:
+                end = min(hi, (lo // self.chunk_rows) * self.chunk_rows + read)
+                with self.store.reading(piece["name"], version, what):
+                    block = row_id[lo:end], acts[lo:end]
+                # a removed chunk reads back as zeros: the version must still exist after the read
+                self.store.check_version(piece["name"], version, what)
+                yield block
+                lo = end
+
+    def _open_piece(self, piece: dict):
+        pointer = self.store.pointer(piece["name"])
+        if pointer is None:
+            current = self.store.pointer(catalog.shuffled_name(self.name))
+            if current is not None and current.get("plan_id") != self.index["plan_id"]:
+                raise StorageError(
+                    f"piece {piece['name']} of shuffled store {self.name!r} (plan {self.index['plan_id']}), which "
+                    f"this run was reading, has been removed: the store was re-shuffled (plan "
+                    f"{current.get('plan_id')}) and the superseded pieces outlived the grace period of "
+                    f"{self.store.grace_s:g} s",
+                    "re-run this step: it reads the current shuffled store. So that long reads finish, raise "
+                    "SAE_PLATFORM_GRACE_S (seconds a superseded version stays readable) for every run that commits")
+        if pointer is None or pointer.get("plan_id") != self.index["plan_id"] or pointer["n_rows"] != piece["n_rows"]:
+            raise StorageError(f"piece {piece['name']} of shuffled store {self.name!r} changed or vanished after "
+                               "the store was committed", "re-run the shuffle (finalize and commit)")
+        with self.store.reading(piece["name"], pointer["version"], f"piece {piece['name']}"):
+            group = self.store.open_group(self.store.path(piece["name"], pointer["version"], catalog.PIECE_STORE), mode="r")
+        return group, pointer["version"]
+
+
+def open_shuffled(store: ArtifactStore, name: str) -> Shuffled:
+    path = store.require(catalog.shuffled_name(name), f"shuffled store {name!r}", "run the shuffle (commit_shuffled) first")
+    index = store.read_json(f"{path}/index.json")
+    return Shuffled(store, name, index["n_rows"], index["d_model"], index["dtype"], index["chunk_rows"],
+                    tuple(p for p in index["pieces"] if p["n_rows"]), index)
+
+
+def iter_shuffled(store: ArtifactStore, name: str, batch_rows: int, start: int = 0, stop: int | None = None,
+                  drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (row_id [b], acts [b, d_model]) batches in shuffled order; [start, stop) selects a split.
+
+    Reads are sequential and chunk-aligned (~8 MB each), whatever the batch size.
+    """
+    if batch_rows < 1:
+        raise StorageError(f"batch_rows={batch_rows} is not a batch size", "use batch_rows >= 1")
+    shuffled = open_shuffled(store, name)  # fail here, not at the first batch
+    return _rebatch(shuffled.blocks(start, stop), batch_rows, drop_last)
+
+
+def _rebatch(blocks: Iterable[tuple[np.ndarray, np.ndarray]], batch_rows: int,
+             drop_last: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Exact-size batches across block and piece boundaries."""
+    held_ids, held_acts, held = [], [], 0
+    for ids, acts in blocks:
+        held_ids.append(ids)
+        held_acts.append(acts)
+        held += len(ids)
+        if held < batch_rows:
+            continue
+        ids, acts = np.concatenate(held_ids), np.concatenate(held_acts)
+        cut = held - held % batch_rows
+        for lo in range(0, cut, batch_rows):
+            yield ids[lo:lo + batch_rows], acts[lo:lo + batch_rows]
+        held_ids, held_acts, held = [ids[cut:]], [acts[cut:]], held - cut
+    if held and not drop_last:
+        yield np.concatenate(held_ids), np.concatenate(held_acts)
