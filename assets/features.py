@@ -60,8 +60,7 @@ def pinned_batches(run: StageRun) -> list[str]:
 def hook_point(attrs: dict) -> str:
     """The hook point as caching.config.hook_points spells it (a transcoder: 'IN -> OUT'), from an
     activation store's attributes (or a lineage's ``base_model``: hook_name, hook_name_in)."""
-    name = str(attrs.get("hook_name"))
-    return f"{attrs['hook_name_in']} -> {name}" if attrs.get("hook_name_in") else name
+    return str(catalog.HookEntry.spec_of(attrs))
 
 
 def tables_current(run: StageRun) -> str | None:

@@ -22,7 +22,7 @@ from sae_platform.evaluate import evaluate_sae, heldout_ce_tokens
 from sae_platform.export import export_run
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
-from sae_platform.catalog import checkpoint_name, eval_name, report_path, shuffle_for_hook_point
+from sae_platform.catalog import HookEntry, checkpoint_name, eval_name, report_path, shuffle_for_hook_point
 from sae_platform.trainer import TrainSettings, finished_checkpoint, train_sae
 
 
@@ -76,8 +76,8 @@ def train_and_export(run: StageRun) -> dict:
                            on_metrics=report)
     metadata = {k: result[k] for k in ("steps", "tokens", "resumed_from_step", "variant", "n_latents")}
     attrs = activation_attrs(store, shuffle_name(run))  # which hook point it reads
-    metadata["hook_name"] = (f"{attrs['hook_name_in']} -> {attrs.get('hook_name')} (transcoder)"
-                             if attrs.get("hook_name_in") else str(attrs.get("hook_name")))
+    spec = HookEntry.spec_of(attrs)
+    metadata["hook_name"] = f"{spec} (transcoder)" if attrs.get("hook_name_in") else str(spec)
     metadata.update({k: float(result[k]) for k in ("final_nmse", "final_l0", "dead_fraction", "tokens_per_second",
                                                    "seconds") if result.get(k) is not None})
     metadata["dead_window"] = f"silent for the last {settings.dead_after_tokens:,} training tokens (AuxK's rule)"

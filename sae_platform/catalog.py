@@ -138,9 +138,15 @@ class HookEntry:
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "HookEntry | None":
-        """The entry a store's attributes (or a lineage record's ``base_model``) describe; None
-        when they name no hook point."""
+        """The entry a store's attributes (or an evaluation report, or a lineage record's
+        ``base_model``: ``hook_name``, ``hook_name_in``) describe; None when they name no hook point."""
         return cls(attrs["hook_name"], attrs.get("hook_name_in")) if attrs.get("hook_name") else None
+
+    @classmethod
+    def spec_of(cls, attrs: dict) -> str | None:
+        """``from_attrs(attrs).spec``, or None when the attributes name no hook point."""
+        entry = cls.from_attrs(attrs)
+        return None if entry is None else entry.spec
 
     @property
     def names(self) -> tuple[str, ...]:

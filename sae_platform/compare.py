@@ -13,7 +13,7 @@ import html
 import math
 import time
 
-from sae_platform.catalog import eval_name
+from sae_platform.catalog import HookEntry, eval_name
 
 COLUMNS = (
     ("fvu", "FVU", True), ("l0", "L0", None), ("dead_fraction", "dead", True),
@@ -34,8 +34,7 @@ def comparison_rows(store, names: list[str]) -> list[dict]:
         if path is None:
             continue
         report = store.read_json(f"{path}/report.json")
-        hook = report.get("hook_name")
-        row = {"sae": name, "hook_point": f"{report['hook_name_in']} -> {hook}" if report.get("hook_name_in") else hook}
+        row = {"sae": name, "hook_point": HookEntry.spec_of(report)}
         for key, _, _ in COLUMNS:
             value = report.get(key)
             row[key] = value if isinstance(value, int | float) and not isinstance(value, bool) and \

@@ -67,6 +67,6 @@ def format_lineage(lineage: dict) -> str:
         branch = "└─" if i == len(parts) - 1 else "├─"
         lines.append(f"      {branch} activations/{p['key']}  version {p['version']}  {p['n_rows']:,} rows")
     m = lineage["base_model"]
-    hook = f"{m['hook_name_in']} -> {m['hook_name']}" if m.get("hook_name_in") else m["hook_name"]
+    hook = catalog.HookEntry.spec_of(m)
     lines.append(f"         base_model {m['model']}  {hook}  d_model {m['d_model']}")
     return "\n".join(lines)
