@@ -372,7 +372,7 @@ def build_browser(run: StageRun) -> dict:
     out = catalog.browser_dir(store, settings.sae_name)
     evaluated = store.resolve(eval_name(settings.sae_name))  # the overview page's figures, when evaluated
     evaluation = store.read_json(f"{evaluated}/report.json") if evaluated else None
-    summary = build_site(out if store.is_local else store.url(out), run=settings.sae_name, shards=shards,
+    summary = build_site(out if store.is_local else store.url(out), sae_name=settings.sae_name, shards=shards,
                          hist_bin_edges=ft.hist_bin_edges(), lineage=lineage, n_intervals=settings.n_intervals,
                          fs=None if store.is_local else store.fs, evaluation=evaluation, hook_point=hook)
     run.log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")

@@ -353,11 +353,11 @@ def activation_row_rule(store, shuffle_name: str, start_token_id: int | None = N
     return RowRule.from_attrs(activation_attrs(store, shuffle_name), start_token_id)
 
 
-def sae_hook_entry(store, run: str) -> HookEntry:
-    """Where SAE ``run`` reads and writes: the hook point of the shuffled store its checkpoint
+def sae_hook_entry(store, sae_name: str) -> HookEntry:
+    """Where SAE ``sae_name`` reads and writes: the hook point of the shuffled store its checkpoint
     was trained on (``catalog.trained_on``); the one source every consumer of an SAE uses
     (evaluation, feature metrics, explanations, the live server, the SAELens export)."""
-    return activation_hook_entry(store, trained_on(store, run))
+    return activation_hook_entry(store, trained_on(store, sae_name))
 
 
 def _torch_dtype(name: str) -> torch.dtype:

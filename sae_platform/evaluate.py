@@ -244,7 +244,7 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
     n_tokens = n_spliced = 0
     enabled = hooked.autocast is not None
 
-    def run(mode: str, ids: torch.Tensor) -> None:
+    def run_pass(mode: str, ids: torch.Tensor) -> None:
         state["mode"] = mode
         with torch.autocast(hooked.device.type, dtype=hooked.autocast or torch.bfloat16, enabled=enabled):
             logits = hooked.model(input_ids=ids, use_cache=False).logits
@@ -258,13 +258,13 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
                        for first in range(0, len(group_tokens), batch_size)]
             norms = []
             for ids in batches:  # clean first: it records the norms that decide the rows
-                run("clean", ids)
+                run_pass("clean", ids)
                 norms.append(state["norms"])
             mask = torch.from_numpy(training_rows(group_tokens, rule, np.concatenate(norms)))
             for ids, batch_mask in zip(batches, mask.split(batch_size), strict=True):
                 state["mask"] = batch_mask.to(hooked.device)
                 for mode in ("sae", "zero"):
-                    run(mode, ids)
+                    run_pass(mode, ids)
                 n_tokens += ids.shape[0] * (ids.shape[1] - 1)
                 n_spliced += int(batch_mask.sum())
     finally:
@@ -341,10 +341,10 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
     return contexts.tokens
 
 
-def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
+def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
                  device: torch.device, density_over_all_rows: bool = True, metric_tokens: np.ndarray | None = None,
                  ablation_tokens: int = 8) -> tuple[dict, np.ndarray]:
-    """Every figure of the evaluation for checkpoint ``run``; commits ``eval/<run>`` (report + density).
+    """Every figure of the evaluation for checkpoint ``sae_name``; commits ``eval/<sae_name>`` (report + density).
 
     Reconstruction (nmse, fvu, l0) is measured on the held-out rows; the latent density and
     ``dead_fraction`` on every row of the shuffled store (``dead_window_tokens`` of them; the
@@ -359,18 +359,18 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
     (``activations.activation_hook_entry`` of its shuffled store), on the tokens that would have
     been its training rows by the rule caching recorded there (``activations.activation_row_rule``;
     ``training_rows.RowRule.from_attrs`` names the fallback for activations cached before it was)."""
-    checkpoint = checkpoint_version(store, run)  # read before loading: a later commit then mismatches
-    sae, cfg = load_sae(store, run, device)
+    checkpoint = checkpoint_version(store, sae_name)  # read before loading: a later commit then mismatches
+    sae, cfg = load_sae(store, sae_name, device)
     if cfg["data"]["shuffle"] != shuffle_name:
-        raise PlatformError(f"SAE {run!r} was trained on shuffled store {cfg['data']['shuffle']!r}, not "
+        raise PlatformError(f"SAE {sae_name!r} was trained on shuffled store {cfg['data']['shuffle']!r}, not "
                             f"{shuffle_name!r}", "evaluate against the store it was trained on")
     if hooked is not None and hooked.d_model != sae.d_model:
-        raise PlatformError(f"the base model's d_model {hooked.d_model} differs from SAE {run!r}'s {sae.d_model}",
+        raise PlatformError(f"the base model's d_model {hooked.d_model} differs from SAE {sae_name!r}'s {sae.d_model}",
                             "configure the base model the activations were cached from")
     metrics = reconstruction_metrics(sae, heldout_activation_batches(store, shuffle_name,
                                                                      cfg["training"]["holdout_rows"]), device)
     heldout_density = metrics.pop("density")
-    report = {"run": run, "checkpoint_step": cfg["step"], "training_tokens": cfg["tokens"], **metrics,
+    report = {"run": sae_name, "checkpoint_step": cfg["step"], "training_tokens": cfg["tokens"], **metrics,
               "heldout_dead_fraction": metrics["dead_fraction"], "heldout_tokens": metrics["n_tokens"]}
     if density_over_all_rows:  # dead = never fired on any cached token: the window is the whole store
         counts, n_all = firing_counts(sae, (acts for _, acts in iter_shuffled(store, shuffle_name, 4096)))
@@ -396,7 +396,7 @@ def evaluate_sae(store, shuffle_name: str, run: str, hooked: HookedModel | None,
         figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens, rule=rule,
                                            **points)
         report.update(figures)
-    with store.writing(eval_name(run), checkpoint_step=cfg["step"]) as version:
+    with store.writing(eval_name(sae_name), checkpoint_step=cfg["step"]) as version:
         store.write_json(f"{version}/report.json", report)
         if details is not None:
             store.write_json(f"{version}/probes.json", details["probes"])

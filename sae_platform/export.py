@@ -210,9 +210,9 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
             "weights_path": weights_path, "mapping": mapping, "cfg": cfg}
 
 
-def export_run(store, run: str) -> dict | None:
-    """Export checkpoint ``run`` to ``saelens/<run>`` (committed atomically); None for Switch SAEs."""
-    sae, cfg = load_sae(store, run)
+def export_run(store, sae_name: str) -> dict | None:
+    """Export checkpoint ``sae_name`` to ``saelens/<sae_name>`` (committed atomically); None for Switch SAEs."""
+    sae, cfg = load_sae(store, sae_name)
     if cfg["sae"]["variant"] not in ARCHITECTURES:
         return None
     if sae.is_transcoder:
@@ -221,7 +221,7 @@ def export_run(store, run: str) -> dict | None:
         except PlatformError:
             return None
     attrs = activation_attrs(store, cfg["data"]["shuffle"])
-    with store.writing(export_name(run), checkpoint_step=cfg["step"]) as version:
+    with store.writing(export_name(sae_name), checkpoint_step=cfg["step"]) as version:
         transcoder = attrs.get("hook_name_in") is not None  # a paired store: input -> hook_name
         hook_name = attrs["hook_name_in"] if transcoder else attrs.get("hook_name", "")
         try:
@@ -232,4 +232,4 @@ def export_run(store, run: str) -> dict | None:
                                 model_name=attrs.get("model", ""),
                                 fs=None if store.is_local else store.fs, context_size=attrs.get("ctx_len"),
                                 hook_name_out=attrs.get("hook_name") if transcoder else None)
-    return {**result, "path": store.url(store.resolve(export_name(run)))}
+    return {**result, "path": store.url(store.resolve(export_name(sae_name)))}

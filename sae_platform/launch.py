@@ -29,7 +29,7 @@ from sae_platform.trainer import TrainingError, TrainSettings, train_sae
 RDZV_ENV = "SAE_PLATFORM_RDZV_ENDPOINT"
 
 
-def launch_command(spec_path: str, world_size: int, nproc_per_node: int, run: str) -> list[str]:
+def launch_command(spec_path: str, world_size: int, nproc_per_node: int, sae_name: str) -> list[str]:
     """torchrun's command line for one machine of a ``world_size``-rank training."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node)]
     nnodes = world_size // nproc_per_node
@@ -42,12 +42,12 @@ def launch_command(spec_path: str, world_size: int, nproc_per_node: int, run: st
                             f"set {RDZV_ENV} to host:port of the first machine, or world_size = nproc_per_node "
                             "for one machine")
     return [*command, "--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-            "--rdzv-id", f"sae-{run}", "-m", "sae_platform.launch", spec_path]
+            "--rdzv-id", f"sae-{sae_name}", "-m", "sae_platform.launch", spec_path]
 
 
-def launch_training(store, shuffle_name: str, run: str, settings, device: str,
+def launch_training(store, shuffle_name: str, sae_name: str, settings, device: str,
                     log: Callable[[str], None] = print) -> dict:
-    """Train ``run`` on ``settings.world_size`` ranks with torchrun; returns rank 0's summary
+    """Train ``sae_name`` on ``settings.world_size`` ranks with torchrun; returns rank 0's summary
     (what :func:`sae_platform.trainer.train_sae` returns). Raises TrainingError with the ranks'
     last output when torchrun fails; the committed checkpoint is then the last one rank 0 wrote,
     and launching again resumes from it."""
@@ -56,9 +56,9 @@ def launch_training(store, shuffle_name: str, run: str, settings, device: str,
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec_path.write_text(json.dumps({
             "root_url": store.root_url, "storage_options": store.storage_options, "shuffle_name": shuffle_name,
-            "run": run, "settings": asdict(settings), "device": device, "result": str(result_path)}))
-        command = launch_command(str(spec_path), settings.world_size, nproc, run)
-        log(f"training {run} data-parallel on {settings.world_size} ranks: {' '.join(command)}")
+            "run": sae_name, "settings": asdict(settings), "device": device, "result": str(result_path)}))
+        command = launch_command(str(spec_path), settings.world_size, nproc, sae_name)
+        log(f"training {sae_name} data-parallel on {settings.world_size} ranks: {' '.join(command)}")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         tail: list[str] = []
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
@@ -68,7 +68,7 @@ def launch_training(store, shuffle_name: str, run: str, settings, device: str,
                 if line:
                     log(line)
         if proc.returncode != 0 or not result_path.exists():
-            raise TrainingError(f"data-parallel training of {run!r} failed (torchrun exit code {proc.returncode}): "
+            raise TrainingError(f"data-parallel training of {sae_name!r} failed (torchrun exit code {proc.returncode}): "
                                 + "\n".join(tail[-15:]),
                                 "see the ranks' output above; launching again resumes from the last committed "
                                 "checkpoint")

@@ -10,15 +10,15 @@ from sae_platform.errors import StorageError
 from sae_platform.storage import ArtifactStore
 
 
-def feature_table_lineage(store: ArtifactStore, run: str, shard_index: int, run_id: str | None = None) -> dict:
+def feature_table_lineage(store: ArtifactStore, sae_name: str, shard_index: int, run_id: str | None = None) -> dict:
     """SAE checkpoint → shuffled store → activation partitions → base model, for one feature shard."""
-    tables = store.pointer(catalog.tables_name(run, shard_index))
+    tables = store.pointer(catalog.tables_name(sae_name, shard_index))
     if tables is None:
-        raise StorageError(f"feature tables of {run!r} shard {shard_index} do not exist",
+        raise StorageError(f"feature tables of {sae_name!r} shard {shard_index} do not exist",
                            "materialize feature_topk for that shard first")
-    checkpoint = store.pointer(catalog.checkpoint_name(run))
+    checkpoint = store.pointer(catalog.checkpoint_name(sae_name))
     if checkpoint is None:
-        raise StorageError(f"the SAE checkpoint {run!r} behind the feature tables is gone",
+        raise StorageError(f"the SAE checkpoint {sae_name!r} behind the feature tables is gone",
                            "re-train it (materialize sae_checkpoint) and rebuild the tables")
     data = checkpoint.get("data", {})
     shuffled_path = store.resolve(catalog.shuffled_name(data.get("shuffle")))
@@ -32,9 +32,9 @@ def feature_table_lineage(store: ArtifactStore, run: str, shard_index: int, run_
         attrs = dict(group.attrs)
     return {
         **catalog.checkpoint_pin(checkpoint["version"]),
-        "feature_table": {"sae": run, "shard": shard_index, "version": tables["version"],
+        "feature_table": {"sae": sae_name, "shard": shard_index, "version": tables["version"],
                           "features": [tables.get("start"), tables.get("stop")], "dagster_run_id": run_id},
-        "sae_checkpoint": {"name": run, "version": checkpoint["version"], "step": checkpoint.get("step"),
+        "sae_checkpoint": {"name": sae_name, "version": checkpoint["version"], "step": checkpoint.get("step"),
                            "tokens": checkpoint.get("tokens"), "variant": checkpoint.get("settings", {}).get("variant")},
         "shuffle": {"name": data.get("shuffle"), "plan_id": data.get("plan_id"),
                     "current_plan_id": index.get("plan_id"), "n_rows": data.get("n_rows")},
@@ -44,12 +44,12 @@ def feature_table_lineage(store: ArtifactStore, run: str, shard_index: int, run_
     }
 
 
-def recorded_lineage(store: ArtifactStore, run: str, shard_index: int) -> dict:
+def recorded_lineage(store: ArtifactStore, sae_name: str, shard_index: int) -> dict:
     """The lineage recorded with shard ``shard_index``'s tables, else read back from the artifacts."""
-    path = catalog.lineage_record_path(store, run, shard_index)
+    path = catalog.lineage_record_path(store, sae_name, shard_index)
     if store.fs.exists(path):
         return store.read_json(path)
-    return feature_table_lineage(store, run, shard_index)
+    return feature_table_lineage(store, sae_name, shard_index)
 
 
 def format_lineage(lineage: dict) -> str:

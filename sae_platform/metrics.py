@@ -221,17 +221,17 @@ def feature_metrics(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point:
 EXPLANATIONS_FILE = "explanations.parquet"
 
 
-def sae_heldout_codes(hooked: HookedModel, sae, store, run: str, tokens: np.ndarray) -> HeldoutCodes:
-    """:func:`heldout_codes` of SAE ``run`` on ``tokens``, read at its own hook point
+def sae_heldout_codes(hooked: HookedModel, sae, store, sae_name: str, tokens: np.ndarray) -> HeldoutCodes:
+    """:func:`heldout_codes` of SAE ``sae_name`` on ``tokens``, read at its own hook point
     (``activations.sae_hook_entry``), on the tokens that would have been its training rows
     (``activations.activation_row_rule`` of the store it was trained on)."""
-    entry = sae_hook_entry(store, run)
-    rule = activation_row_rule(store, trained_on(store, run), hooked.start_token_id)
+    entry = sae_hook_entry(store, sae_name)
+    rule = activation_row_rule(store, trained_on(store, sae_name), hooked.start_token_id)
     return heldout_codes(hooked, sae, tokens, hook_point=entry.hook_name, input_hook_point=entry.hook_name_in,
                          rule=rule)
 
 
-def explain_shard(store, run: str, sae, tokenizer, codes: HeldoutCodes, shard_index: int,
+def explain_shard(store, sae_name: str, sae, tokenizer, codes: HeldoutCodes, shard_index: int,
                   start: int, stop: int, windows, neighbors: int = 10, cooccurring_k: int = 5) -> tuple[dict, object]:
     """N2G explanations of latents ``start..stop`` from their context windows (``windows``, the
     shard's ``feature_contexts``), scored on the held-out ``codes`` (:func:`sae_heldout_codes`, or
@@ -255,17 +255,17 @@ def explain_shard(store, run: str, sae, tokenizer, codes: HeldoutCodes, shard_in
                    cooccurring=[f for f, _ in co[row["feature"]]],
                    cooccurring_shares=[share for _, share in co[row["feature"]]])
     frame = n2g.explanations_frame(rows)
-    with store.writing(explanations_name(run, shard_index), **checkpoint_pin(checkpoint_version(store, run))) as version:
+    with store.writing(explanations_name(sae_name, shard_index), **checkpoint_pin(checkpoint_version(store, sae_name))) as version:
         store.write_parquet(f"{version}/{EXPLANATIONS_FILE}", frame)
     return n2g.summarize(rows), frame
 
 
-def read_explanations(store, run: str, shard_index: int):
+def read_explanations(store, sae_name: str, shard_index: int):
     """The committed explanations of one feature shard, or None when they were never built."""
-    path = store.resolve(explanations_name(run, shard_index))
+    path = store.resolve(explanations_name(sae_name, shard_index))
     return None if path is None else store.read_parquet(f"{path}/{EXPLANATIONS_FILE}")
 
 
-def explanations_current(store, run: str, shard_index: int) -> bool:
-    """Whether shard ``shard_index``'s explanations describe SAE ``run``'s current checkpoint."""
-    return is_current(store, run, store.pointer(explanations_name(run, shard_index)))
+def explanations_current(store, sae_name: str, shard_index: int) -> bool:
+    """Whether shard ``shard_index``'s explanations describe SAE ``sae_name``'s current checkpoint."""
+    return is_current(store, sae_name, store.pointer(explanations_name(sae_name, shard_index)))

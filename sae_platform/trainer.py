@@ -11,7 +11,7 @@ Rows [n_rows − holdout_rows, n_rows) of the store are never trained on: evalua
 A token budget larger than the training rows loops over epochs in the same (already random)
 order; the log says how many.
 
-Checkpoint layout (``sae/<run>/<version>/``)::
+Checkpoint layout (``sae/<sae_name>/<version>/``)::
 
     sae_weights.safetensors   the SAE's state_dict (input scale and b_pre included)
     cfg.json                  SAE config + training settings + data fingerprint
@@ -71,13 +71,13 @@ class TrainingError(PlatformError):
     """Training cannot go on (bad data, diverged); nothing of the failed run is committed."""
 
 
-def _committed_note(store: ArtifactStore | None, run: str | None) -> str:
-    """What is true of the committed checkpoint of ``run`` after a failure (said in errors)."""
-    pointer = store.pointer(checkpoint_name(run)) if store is not None and run else None
+def _committed_note(store: ArtifactStore | None, sae_name: str | None) -> str:
+    """What is true of the committed checkpoint of ``sae_name`` after a failure (said in errors)."""
+    pointer = store.pointer(checkpoint_name(sae_name)) if store is not None and sae_name else None
     if pointer is None:
-        return f"no checkpoint of {run!r} was committed, so nothing is stored for it" if run else \
+        return f"no checkpoint of {sae_name!r} was committed, so nothing is stored for it" if sae_name else \
             "nothing was committed by this run; a checkpoint committed before is left as it was"
-    return (f"the committed checkpoint of {run!r} (step {pointer.get('step')}, version {pointer['version']}) is "
+    return (f"the committed checkpoint of {sae_name!r} (step {pointer.get('step')}, version {pointer['version']}) is "
             "left as it was: a re-run with the same settings resumes from it, one with changed settings (e.g. "
             "a lower lr) starts afresh and replaces it when it commits")
 
@@ -232,7 +232,7 @@ def prefetch(shuffled: Shuffled, schedule: Iterator[tuple[int, int]], device: to
         thread.join(timeout=5)
 
 
-def _check_finite(x: torch.Tensor, ids: np.ndarray, start: int, step: int | None, store=None, run=None,
+def _check_finite(x: torch.Tensor, ids: np.ndarray, start: int, step: int | None, store=None, sae_name=None,
                   what: str = "") -> None:
     """Raise naming the first row of ``x`` holding NaN/inf (``start``: its shuffled row)."""
     bad = ~torch.isfinite(x).all(dim=1)
@@ -243,7 +243,7 @@ def _check_finite(x: torch.Tensor, ids: np.ndarray, start: int, step: int | None
             f"NaN/inf in the {what or 'activations'}{when}: shuffled row {start + first} (global row id "
             f"{int(ids[first])}), {int(bad.sum())} bad row(s) in this batch",
             "re-cache the activation partition holding that row (global row ids run over partitions in "
-            f"key order), then re-run the shuffle; {_committed_note(store, run)}")
+            f"key order), then re-run the shuffle; {_committed_note(store, sae_name)}")
 
 
 def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -299,7 +299,7 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, device) -> di
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(store: ArtifactStore, run: str, sae, optimizer, state: TrainState, settings: TrainSettings,
+def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: TrainState, settings: TrainSettings,
                     fingerprint: dict, final: bool) -> str:
     """Commit a checkpoint; refuses (TrainingError, nothing written) when a weight or Adam moment is
     NaN/inf, so the committed checkpoint is always the last good one."""
@@ -308,15 +308,15 @@ def save_checkpoint(store: ArtifactStore, run: str, sae, optimizer, state: Train
     bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(load_safetensors(optimizer_tensors))]
     if bad:
         raise TrainingError(
-            f"training {run!r} diverged: after step {state.step} ({state.tokens:,} tokens) {', '.join(bad[:4])}"
+            f"training {sae_name!r} diverged: after step {state.step} ({state.tokens:,} tokens) {', '.join(bad[:4])}"
             f"{' …' if len(bad) > 4 else ''} hold NaN/inf (lr {settings.learning_rate:g}); this state was not "
-            f"committed", f"lower lr; {_committed_note(store, run)}")
+            f"committed", f"lower lr; {_committed_note(store, sae_name)}")
     cfg = {"sae": sae.config, "training": identity(settings), "data": fingerprint, "step": state.step,
            "tokens": state.tokens, "final": final}
     trainer_tensors = {"tokens_since_fired": state.tokens_since_fired.detach().cpu().contiguous(),
                        "rng": torch.get_rng_state()}
     trainer_meta = {"step": state.step, "tokens": state.tokens, "history": state.history}
-    with store.writing(checkpoint_name(run), step=state.step, tokens=state.tokens, final=final,
+    with store.writing(checkpoint_name(sae_name), step=state.step, tokens=state.tokens, final=final,
                        settings=identity(settings), data=fingerprint) as version:
         store.fs.pipe_file(f"{version}/sae_weights.safetensors", save_safetensors(weights))
         store.fs.pipe_file(f"{version}/cfg.json", json.dumps(cfg, indent=2, default=str).encode())
@@ -324,7 +324,7 @@ def save_checkpoint(store: ArtifactStore, run: str, sae, optimizer, state: Train
         store.fs.pipe_file(f"{version}/optimizer.json", optimizer_meta)
         store.fs.pipe_file(f"{version}/trainer_state.safetensors", save_safetensors(trainer_tensors))
         store.fs.pipe_file(f"{version}/trainer_state.json", json.dumps(trainer_meta).encode())
-    return store.resolve(checkpoint_name(run))
+    return store.resolve(checkpoint_name(sae_name))
 
 
 def _read_tensors(store: ArtifactStore, path: str, file: str) -> dict[str, torch.Tensor]:
@@ -336,7 +336,7 @@ def _read_tensors(store: ArtifactStore, path: str, file: str) -> dict[str, torch
         raise StorageError(
             f"{store.url(path)}/{file} is not a valid safetensors file ({type(error).__name__}: {error}); it was "
             "refused, nothing in it was run",
-            "the checkpoint is damaged or was tampered with: delete it (the whole sae/<run> folder) and train "
+            "the checkpoint is damaged or was tampered with: delete it (the whole sae/<sae_name> folder) and train "
             "again") from error
 
 
@@ -345,7 +345,7 @@ def _read_json(store: ArtifactStore, path: str, file: str) -> dict:
         return json.loads(store.fs.cat_file(f"{path}/{file}"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise StorageError(f"{store.url(path)}/{file} is not valid JSON ({error}); it was refused",
-                           "the checkpoint is damaged or was tampered with: delete it (the whole sae/<run> "
+                           "the checkpoint is damaged or was tampered with: delete it (the whole sae/<sae_name> "
                            "folder) and train again") from error
 
 
@@ -358,14 +358,14 @@ def _legacy_torch_file(store: ArtifactStore, path: str, file: str, device=None):
         raise StorageError(
             f"{store.url(path)}/{file} holds more than tensors and plain data (a pickle that could run code): it "
             f"was refused, nothing in it was run ({type(error).__name__}: {str(error).splitlines()[0][:200]})",
-            "the checkpoint is damaged or was tampered with: delete it (the whole sae/<run> folder) and train "
+            "the checkpoint is damaged or was tampered with: delete it (the whole sae/<sae_name> folder) and train "
             "again") from error
 
 
-def finished_checkpoint(store: ArtifactStore, shuffle_name: str, run: str, settings: TrainSettings) -> dict | None:
-    """The pointer of ``run``'s checkpoint when it is a finished training with these settings on the
+def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: TrainSettings) -> dict | None:
+    """The pointer of ``sae_name``'s checkpoint when it is a finished training with these settings on the
     current shuffled store (then training again would only find it); None otherwise."""
-    pointer = store.pointer(checkpoint_name(run))
+    pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None or not pointer.get("final"):
         return None
     if pointer.get("settings") != identity(settings):
@@ -375,9 +375,9 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, run: str, setti
     return pointer if pointer.get("data") == data_fingerprint(open_shuffled(store, shuffle_name)) else None
 
 
-def load_sae(store: ArtifactStore, run: str, device: str | torch.device = "cpu"):
-    """The SAE of the last committed checkpoint of ``run``, and its cfg.json."""
-    path = store.require(checkpoint_name(run), f"SAE checkpoint {run!r}", "materialize sae_checkpoint first")
+def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "cpu"):
+    """The SAE of the last committed checkpoint of ``sae_name``, and its cfg.json."""
+    path = store.require(checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first")
     cfg = json.loads(store.fs.cat_file(f"{path}/cfg.json"))
     sae_cfg = dict(cfg["sae"])
     sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
@@ -386,12 +386,12 @@ def load_sae(store: ArtifactStore, run: str, device: str | torch.device = "cpu")
     return sae, cfg
 
 
-def _resume(store, run, settings, fingerprint, sae, optimizer, device) -> TrainState | None:
-    pointer = store.pointer(checkpoint_name(run))
+def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device) -> TrainState | None:
+    pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None or pointer.get("settings") != identity(settings) \
             or pointer.get("data") != fingerprint:
         return None
-    path = store.resolve(checkpoint_name(run))
+    path = store.resolve(checkpoint_name(sae_name))
     weights = _read_tensors(store, path, "sae_weights.safetensors")
     files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
     if "trainer_state.json" in files:
@@ -409,17 +409,17 @@ def _resume(store, run, settings, fingerprint, sae, optimizer, device) -> TrainS
         raise StorageError(
             f"the committed checkpoint {store.url(path)} (step {pointer.get('step')}) holds NaN/inf in "
             f"{', '.join(bad[:4])}: it was written before checkpoints were checked finite, and is not resumed from",
-            "delete that checkpoint (the whole sae/<run> folder), lower lr, and train again")
+            "delete that checkpoint (the whole sae/<sae_name> folder), lower lr, and train again")
     sae.load_state_dict(weights)
     optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(saved["rng"])
     return TrainState(saved["step"], saved["tokens"], saved["history"], saved["tokens_since_fired"].to(device))
 
 
-def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: TrainSettings,
+def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: TrainSettings,
               device: torch.device | str = "cpu", log: Callable[[str], None] = print,
               on_metrics: Callable[[dict], None] | None = None) -> dict:
-    """Train (or resume, or find finished) the SAE ``run`` on shuffled store ``shuffle_name``.
+    """Train (or resume, or find finished) the SAE ``sae_name`` on shuffled store ``shuffle_name``.
 
     Inside a torch.distributed process group (sae_platform.distributed) this process is one rank of
     a data-parallel training: it reads its slice of each batch, gradients and fired latents are
@@ -435,17 +435,17 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
     sae = _new_sae(settings, shuffled.d_model, device, shuffled, d_in)
     sae.selection_dtype = selection_dtype(settings.selection_precision, device)
     optimizer = _optimizer(sae, settings, device)
-    state = _resume(store, run, settings, fingerprint, sae, optimizer, device)
+    state = _resume(store, sae_name, settings, fingerprint, sae, optimizer, device)
     if state is None:
         state = TrainState(tokens_since_fired=torch.zeros(settings.n_latents, dtype=torch.long, device=device))
         picks = f", picking latents in {str(sae.selection_dtype).removeprefix('torch.')}" if sae.selection_dtype else ""
-        log(f"training {run}: {settings.variant}, {settings.n_latents} latents, {n_steps} steps of "
+        log(f"training {sae_name}: {settings.variant}, {settings.n_latents} latents, {n_steps} steps of "
             f"{settings.batch_size} on {n_train:,} rows ({epochs:.2f} epochs) on {device}{picks}")
     elif state.step >= n_steps:
-        log(f"{run} is already trained for this config and data (step {state.step}); nothing to do")
-        return _summary(store, run, state, settings, sae, started=time.perf_counter(), resumed_from=state.step)
+        log(f"{sae_name} is already trained for this config and data (step {state.step}); nothing to do")
+        return _summary(store, sae_name, state, settings, sae, started=time.perf_counter(), resumed_from=state.step)
     else:
-        log(f"resuming {run} from step {state.step} ({state.tokens:,} tokens)")
+        log(f"resuming {sae_name} from step {state.step} ({state.tokens:,} tokens)")
     resumed_from, started = state.step, time.perf_counter()
     every = max(1, settings.checkpoint_every_tokens // settings.batch_size)
     schedule = batch_schedule(n_train, settings.batch_size, state.step, n_steps)
@@ -453,14 +453,14 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
         share = settings.batch_size // world
         schedule = ((start + rank * share, start + (rank + 1) * share) for start, _ in schedule)
     for x, ids, start in prefetch(shuffled, schedule, device):
-        _check_finite(x, ids, start, state.step, store, run)
+        _check_finite(x, ids, start, state.step, store, sae_name)
         dead = state.tokens_since_fired >= settings.dead_after_tokens
         target = x if d_in is None else x[:, d_in:]
         out = sae(x, dead_mask=dead, target=None if d_in is None else target)
         loss, terms = sae.loss(target, out)
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss became {loss.item()} at step {state.step} ({state.tokens:,} tokens)",
-                                f"lower lr; {_committed_note(store, run)}")
+                                f"lower lr; {_committed_note(store, sae_name)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
@@ -481,12 +481,12 @@ def train_sae(store: ArtifactStore, shuffle_name: str, run: str, settings: Train
             if on_metrics:
                 on_metrics(row)
         if state.step % every == 0 and state.step < n_steps and rank == 0:
-            save_checkpoint(store, run, sae, optimizer, state, settings, fingerprint, final=False)
+            save_checkpoint(store, sae_name, sae, optimizer, state, settings, fingerprint, final=False)
             log(f"checkpoint at step {state.step} ({state.tokens:,} tokens)")
     if rank == 0:
-        save_checkpoint(store, run, sae, optimizer, state, settings, fingerprint, final=True)
+        save_checkpoint(store, sae_name, sae, optimizer, state, settings, fingerprint, final=True)
     barrier()
-    return _summary(store, run, state, settings, sae, started, resumed_from)
+    return _summary(store, sae_name, state, settings, sae, started, resumed_from)
 
 
 def _metrics_row(state, loss, terms, out, x, dead, started, resumed_from, settings) -> dict:
@@ -499,10 +499,10 @@ def _metrics_row(state, loss, terms, out, x, dead, started, resumed_from, settin
             **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
 
 
-def _summary(store, run, state: TrainState, settings, sae, started, resumed_from) -> dict:
+def _summary(store, sae_name, state: TrainState, settings, sae, started, resumed_from) -> dict:
     last = state.history[-1] if state.history else {}
     elapsed = time.perf_counter() - started
-    return {"run": run, "path": store.url(store.resolve(checkpoint_name(run))), "steps": state.step,
+    return {"run": sae_name, "path": store.url(store.resolve(checkpoint_name(sae_name))), "steps": state.step,
             "tokens": state.tokens, "resumed_from_step": resumed_from, "seconds": elapsed,
             "tokens_per_second": (state.step - resumed_from) * settings.batch_size / max(elapsed, 1e-9)
             if state.step > resumed_from else math.nan,

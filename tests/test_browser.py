@@ -90,7 +90,7 @@ def tables():
 def site(tmp_path_factory, tables):
     shards, edges = tables
     out = tmp_path_factory.mktemp("browser") / "site"
-    summary = publish.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE,
+    summary = publish.build_site(out, sae_name="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE,
                                  n_intervals=3, hook_point=HOOK_POINT)
     return out, summary
 
@@ -133,8 +133,8 @@ def test_site_layout_and_index(site, tables):
 def test_rebuild_replaces_atomically_and_fs_target(tmp_path, tables):
     shards, edges = tables
     out = tmp_path / "site"
-    first = publish.build_site(out, run="r", shards=shards[:1], hist_bin_edges=edges, lineage={})
-    second = publish.build_site(out, run="r", shards=shards, hist_bin_edges=edges, lineage={})
+    first = publish.build_site(out, sae_name="r", shards=shards[:1], hist_bin_edges=edges, lineage={})
+    second = publish.build_site(out, sae_name="r", shards=shards, hist_bin_edges=edges, lineage={})
     assert first["n_features"] == SHARD and second["n_features"] == N_FEATURES
     assert [p.name for p in (out / "data").iterdir()] == [second["version"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".site.versions", "site"]     # no temp dirs left
@@ -143,11 +143,11 @@ def test_rebuild_replaces_atomically_and_fs_target(tmp_path, tables):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious/notes.txt").write_text("keep me")
     with pytest.raises(PlatformError, match="not a feature-browser site"):
-        publish.build_site(tmp_path / "precious", run="r", shards=shards, hist_bin_edges=edges, lineage={})
+        publish.build_site(tmp_path / "precious", sae_name="r", shards=shards, hist_bin_edges=edges, lineage={})
     assert (tmp_path / "precious/notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".site.versions", "precious", "site"]
     fs = fsspec.filesystem("memory")
-    built = [publish.build_site("/sites/x", run="r", shards=shards, hist_bin_edges=edges, lineage={}, fs=fs)
+    built = [publish.build_site("/sites/x", sae_name="r", shards=shards, hist_bin_edges=edges, lineage={}, fs=fs)
              for _ in range(3)]
     summary = built[-1]
     assert json.loads(fs.cat_file("/sites/x/site.json"))["version"] == summary["version"]
@@ -160,17 +160,17 @@ def test_rebuild_replaces_atomically_and_fs_target(tmp_path, tables):
 def test_bad_inputs_are_explained(tables):
     shards, edges = tables
     with pytest.raises(PlatformError, match="bins"):
-        generate.site_files(run="r", shards=shards, hist_bin_edges=edges[:-3], lineage={})
+        generate.site_files(sae_name="r", shards=shards, hist_bin_edges=edges[:-3], lineage={})
     with pytest.raises(PlatformError, match="overlap"):
-        generate.site_files(run="r", shards=[shards[0], shards[0]], hist_bin_edges=edges, lineage={})
+        generate.site_files(sae_name="r", shards=[shards[0], shards[0]], hist_bin_edges=edges, lineage={})
     bad = dict(shards[0], **{generate.STATS_FRAME: shards[0][generate.STATS_FRAME].drop(generate.DENSITY)})
     with pytest.raises(PlatformError, match="density"):
-        generate.site_files(run="r", shards=[bad], hist_bin_edges=edges, lineage={})
+        generate.site_files(sae_name="r", shards=[bad], hist_bin_edges=edges, lineage={})
 
 
 def test_features_without_tables_still_listed(tmp_path):
     _, edges = synthetic_shards(4, 4)
-    summary = publish.build_site(tmp_path / "s", run="empty", shards=[{"start": 0, "stop": 10}],
+    summary = publish.build_site(tmp_path / "s", sae_name="empty", shards=[{"start": 0, "stop": 10}],
                                  hist_bin_edges=edges, lineage={})
     index = json.loads((tmp_path / "s" / summary["path"] / json.loads(
         (tmp_path / "s/site.json").read_text())["data"] / "index.json").read_text())
@@ -358,7 +358,7 @@ def hook(name):
 publish._STEP_HOOK = hook
 shards, edges = synthetic_shards(300, 150, n_top=6, n_intervals=3, per_interval=2, n_random=3, before=10,
                                  after=5, n_bins=24, seed=2)
-publish.build_site(out, run="killed", shards=shards, hist_bin_edges=edges, lineage={})
+publish.build_site(out, sae_name="killed", shards=shards, hist_bin_edges=edges, lineage={})
 print("done", flush=True)
 """
 
@@ -390,7 +390,7 @@ def test_a_build_killed_at_any_step_leaves_a_whole_site_and_a_next_build_sweeps(
 
     shards, edges = tables
     out = tmp_path / "site"
-    old = publish.build_site(out, run="old", shards=shards, hist_bin_edges=edges, lineage={})
+    old = publish.build_site(out, sae_name="old", shards=shards, hist_bin_edges=edges, lineage={})
     (tmp_path / ".site.tmp-deadbeef").mkdir()            # what a killed build of the earlier layout left
     (tmp_path / ".site.tmp-deadbeef" / "junk.json").write_text("{}")
     child = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), step], stdout=subprocess.PIPE,
@@ -408,7 +408,7 @@ def test_a_build_killed_at_any_step_leaves_a_whole_site_and_a_next_build_sweeps(
     versions = tmp_path / ".site.versions"
     left = {p.name for p in versions.iterdir()}
     assert len(left) == 2, left                         # the old site and the killed build's folder
-    new = publish.build_site(out, run="new", shards=shards, hist_bin_edges=edges, lineage={})
+    new = publish.build_site(out, sae_name="new", shards=shards, hist_bin_edges=edges, lineage={})
     assert _served_site(out) == {"version": new["version"], "run": "new"}
     previous = served["version"]
     assert {p.name for p in versions.iterdir()} == {new["version"], previous}   # debris swept
@@ -418,14 +418,14 @@ def test_a_build_killed_at_any_step_leaves_a_whole_site_and_a_next_build_sweeps(
 def test_a_site_of_the_earlier_layout_is_replaced_atomically(tmp_path, tables):
     shards, edges = tables
     out = tmp_path / "site"
-    files = generate.site_files(run="legacy", shards=shards[:1], hist_bin_edges=edges, lineage={})
+    files = generate.site_files(sae_name="legacy", shards=shards[:1], hist_bin_edges=edges, lineage={})
     for rel, body in files.items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(body)
     assert _served_site(out)["run"] == "legacy"
     server, url = serve_in_thread(out)           # a server started before the switch ...
     try:
-        new = publish.build_site(out, run="new", shards=shards, hist_bin_edges=edges, lineage={})
+        new = publish.build_site(out, sae_name="new", shards=shards, hist_bin_edges=edges, lineage={})
         assert out.is_symlink()
         with urllib.request.urlopen(url + "site.json") as res:          # ... serves the new site after it
             assert json.loads(res.read())["version"] == new["version"]
@@ -502,7 +502,7 @@ def special_site(tmp_path_factory):
     shards, edges = _special_tables()
     stored = [s[generate.CONTEXTS_FRAME].clone() for s in shards]
     out = tmp_path_factory.mktemp("special") / "site"
-    summary = publish.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges,
+    summary = publish.build_site(out, sae_name="test-sae", shards=shards, hist_bin_edges=edges,
                                  lineage={"sae_checkpoint": {"version": "v-ckpt"}, "browser_dagster_run_id": "run-br"},
                                  n_intervals=3, dagster_url=DAGSTER_UI)
     for before, s in zip(stored, shards):        # the consumer changes nothing of what is stored
@@ -650,7 +650,7 @@ def _explained(tables):
 def research_site(tmp_path_factory, tables):
     shards, edges = _explained(tables)
     out = tmp_path_factory.mktemp("research") / "site"
-    publish.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE, n_intervals=3,
+    publish.build_site(out, sae_name="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE, n_intervals=3,
                        evaluation=EVALUATION)
     return out
 

@@ -20,7 +20,7 @@ from tests.test_browser import LINEAGE, _served_page, _tables, chromium  # noqa:
 def live_site(tmp_path_factory):
     shards, edges = _tables()
     out = tmp_path_factory.mktemp("live") / "site"
-    publish.build_site(out, run="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE)
+    publish.build_site(out, sae_name="test-sae", shards=shards, hist_bin_edges=edges, lineage=LINEAGE)
     return out
 
 

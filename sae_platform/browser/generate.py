@@ -473,7 +473,7 @@ def _evaluation_figures(report: dict | None) -> dict | None:
     return out
 
 
-def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
+def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
                n_intervals: int | None = None, version: str | None = None,
                dagster_url: str | None = None, evaluation: dict | None = None,
                hook_point: str | None = None) -> dict[str, bytes]:
@@ -494,7 +494,7 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
         raise PlatformError(f"bad site version {version!r}", "use the form YYYYmmddTHHMMSS-<8 hex digits>")
     data = f"data/{version}"
     meta = {
-        "run": str(run), "version": version, "n_features": int(ids.size),
+        "run": str(sae_name), "version": version, "n_features": int(ids.size),
         "hook_point": None if hook_point is None else str(hook_point),
         "chunk_features": CHUNK_FEATURES, "hist_bin_edges": bin_edges, "kind_order": list(KIND_ORDER),
         "n_intervals": None if n_intervals is None else int(n_intervals),
@@ -513,5 +513,5 @@ def site_files(*, run: str, shards: list[dict], hist_bin_edges: list[float], lin
     digest = {name: hashlib.sha256(body).hexdigest()[:12] for name, body in static.items()}
     files["index.html"] = INDEX_HTML.format(csp=CSP, css_hash=digest["app.css"], js_hash=digest["app.js"]).encode()
     pin = checkpoint_pin(pinned_checkpoint(lineage))  # the checkpoint the site shows (freshness reads it)
-    files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(run), **pin})  # last: the switch
+    files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(sae_name), **pin})  # last: the switch
     return files

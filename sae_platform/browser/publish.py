@@ -31,10 +31,10 @@ from sae_platform.browser.generate import SITE_POINTER, VERSION_RE, site_files
 from sae_platform.errors import PlatformError
 
 
-def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
+def build_site(out, *, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
                n_intervals: int | None = None, fs=None, dagster_url: str | None = None,
                evaluation: dict | None = None, hook_point: str | None = None) -> dict:
-    """Generate the browser site for SAE ``run`` into ``out`` (a local directory, or a path on the
+    """Generate the browser site for SAE ``sae_name`` into ``out`` (a local directory, or a path on the
     fsspec filesystem ``fs``, or a URL). ``shards``: one dict per feature shard with ``start``,
     ``stop`` and the polars frames ``feature_stats``, ``feature_examples``, ``feature_contexts``,
     ``logit_effects`` (any may be None). ``hist_bin_edges``: the histogram bin edges (histograms
@@ -49,7 +49,7 @@ def build_site(out, *, run: str, shards: list[dict], hist_bin_edges: list[float]
     shown in every page's header.
     Returns a summary: n_features, bytes, files, seconds, path, version, index_bytes."""
     t0 = time.perf_counter()
-    files = site_files(run=run, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
+    files = site_files(sae_name=sae_name, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
                        n_intervals=n_intervals, dagster_url=dagster_url, evaluation=evaluation,
                        hook_point=hook_point)
     pointer = json.loads(files[SITE_POINTER])

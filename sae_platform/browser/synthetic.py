@@ -139,7 +139,7 @@ def synthetic_shards(n_features: int = 16384, shard_size: int = 4096, *, n_top: 
     return shards, edges
 
 
-def synthetic_lineage(run: str = "demo") -> dict:
-    return {"sae": run, "checkpoint": f"checkpoints/{run}/v1/sae.safetensors", "run_id": "00000000-demo",
+def synthetic_lineage(sae_name: str = "demo") -> dict:
+    return {"sae": sae_name, "checkpoint": f"checkpoints/{sae_name}/v1/sae.safetensors", "run_id": "00000000-demo",
             "shuffle": "shuffle-demo", "activation_partitions": [f"p{i:03d}" for i in range(8)],
             "model": "synthetic", "hook_name": "blocks.6.hook_resid_post"}
