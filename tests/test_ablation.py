@@ -43,7 +43,7 @@ def test_ablation_on_a_model(tiny_hooked):
     assert full["ablation_pairs"] == out["ablation_pairs"]   # the prefix's cache: the same logits
     assert full["ablation_sparsity"] == pytest.approx(out["ablation_sparsity"], rel=1e-4)
     with pytest.raises(PlatformError, match="horizon"):
-        ablation_sparsities(tiny_hooked, sae, tokens[:, :3], **at, horizon=3)
+        ablation_sparsities(tiny_hooked, sae, tokens[:, :3], **at, n_tokens=4, horizon=3)
 
 
 # -- at the SAE's own hook point (not the residual stream after the model's default layer) --------
@@ -169,4 +169,5 @@ def test_ablation_names_a_missing_hook_point(tiny_hooked):
 
     sae = build_sae("topk", tiny_hooked.d_model, 64, k=4)
     with pytest.raises(ModelError, match="hook_mlp_out"):
-        ablation_sparsities(tiny_hooked, sae, np.ones((1, 8), dtype=np.int64), hook_point="blocks.1.mlp_out")
+        ablation_sparsities(tiny_hooked, sae, np.ones((1, 8), dtype=np.int64), hook_point="blocks.1.mlp_out",
+                            n_tokens=4)
