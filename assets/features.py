@@ -24,6 +24,7 @@ from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
 from sae_platform.model import pick_device
 from sae_platform.shuffle import pinned_keys
+from sae_platform.tables import LLM_EXPLANATION_SCHEMA
 from sae_platform.trainer import load_sae
 
 BROWSER_URL = "http://127.0.0.1:8000/"
@@ -93,9 +94,7 @@ def stats_partial(run: StageRun) -> dict:
     settings, (sae, group) = _settings(run), _load(run)
     batch = run.partition_key
     shards = ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)
-    partials = ft.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, top_k=settings.top_k,
-                                             reservoir_factor=settings.reservoir_factor, seed=settings.seed,
-                                             check_features=settings.check_features, group=group)
+    partials = ft.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, settings, group=group)
     n_tokens = int(partials[0].n_tokens)
     run.log.info(f"pass 1 [{batch}]: {n_tokens:,} tokens of {group} encoded once into {len(shards)} feature shards")
     return {"sae": settings.sae_name, "store": group, "feature_shards": len(shards), "n_tokens": n_tokens,
@@ -128,8 +127,7 @@ def merge_shard(run: StageRun) -> dict:
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     batches = pinned_batches(run)
     run.log.info(f"pass 2, features [{start:,}, {stop:,}): merging {len(batches)} partial(s)")
-    tables = ft.merge_partials(ft.read_partials(store, settings.sae_name, index, batches),
-                               n_intervals=settings.n_intervals, per_interval=settings.per_interval)
+    tables = ft.merge_partials(ft.read_partials(store, settings.sae_name, index, batches), settings)
     hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
     logits = ctx.logit_effects(sae, ctx.unembedding_matrix(hooked.model), hooked.tokenizer, start, stop)
     attrs = activation_attrs(store, sae_shuffle(run))
@@ -313,9 +311,7 @@ def explain_with_llm(run: StageRun) -> dict:
     rows = llm_explain_shard(llm.backend(store), ctx.read_feature_contexts(store, settings.sae_name, index),
                              codes, tokenizer, start, stop,
                              n_features=llm.features_per_shard, n_examples=llm.examples)
-    frame = pl.DataFrame(rows, schema={"feature": pl.Int64, "explanation": pl.String, "balanced_accuracy": pl.Float64,
-                                       "true_positive_rate": pl.Float64, "true_negative_rate": pl.Float64,
-                                       "n_positive": pl.Int64, "n_negative": pl.Int64})
+    frame = pl.DataFrame(rows, schema=LLM_EXPLANATION_SCHEMA)
     with store.writing(catalog.llm_explanations_name(settings.sae_name, index), explainer=llm.describe()) as version:
         store.write_parquet(f"{version}/llm_explanations.parquet", frame)
     preview = [{"feature": r["feature"], "explanation": r["explanation"][:120],

@@ -34,10 +34,15 @@ _DAGSTER_TYPES = {pl.Int64: "int", pl.Int32: "int", pl.Int16: "int", pl.Float64:
                   pl.Utf8: "string", pl.Boolean: "bool"}
 
 
+def dagster_types(schema: dict) -> dict[str, str]:
+    """The Dagster column types (int, float, string, bool, …) of a polars schema (name -> dtype)."""
+    return {name: _DAGSTER_TYPES.get(dtype, str(dtype)) for name, dtype in schema.items()}
+
+
 def column_schema(schema: dict) -> MetadataValue:
     """``dagster/column_schema`` from a polars schema (name -> dtype)."""
     return MetadataValue.table_schema(TableSchema(columns=[
-        TableColumn(name, _DAGSTER_TYPES.get(dtype, str(dtype))) for name, dtype in schema.items()]))
+        TableColumn(name, kind) for name, kind in dagster_types(schema).items()]))
 
 
 def table_metadata(frame: pl.DataFrame) -> dict:

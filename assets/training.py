@@ -11,7 +11,7 @@ import json
 
 from dagster import AllPartitionMapping, AssetDep, MetadataValue
 
-from assets.metadata import inline_png, table_preview
+from assets.metadata import dagster_types, inline_png, table_preview
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import Check, Stage, StageRun, pointer_version
 from sae_platform.activations import activation_attrs
@@ -23,6 +23,7 @@ from sae_platform.export import export_run
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
 from sae_platform.catalog import HookEntry, checkpoint_name, eval_name, report_path, shuffle_for_hook_point
+from sae_platform.tables import PROBE_SCHEMA
 from sae_platform.trainer import TrainSettings, finished_checkpoint, train_sae
 
 
@@ -139,7 +140,7 @@ def evaluate(run: StageRun) -> dict:
     extra = {}
     probes_path = f"{store.resolve(eval_name(name))}/probes.json"
     if report.get("probe_loss") is not None and store.fs.exists(probes_path):
-        extra["probes"] = table_preview(store.read_json(probes_path), PROBE_COLUMNS)
+        extra["probes"] = table_preview(store.read_json(probes_path), dagster_types(PROBE_SCHEMA))
     return {
         "hook_name": str(report.get("hook_name") or activation_attrs(store, shuffle_name(run))
                          .get("hook_name")),
@@ -152,10 +153,6 @@ def evaluate(run: StageRun) -> dict:
 EVAL_HEADLINE = ("fvu", "nmse", "l0", "dead_fraction", "dead_window_tokens", "n_dead", "heldout_dead_fraction",
                  "heldout_tokens", "loss_recovered", "ce_clean", "ce_sae", "ce_zero", "n2g_precision", "n2g_recall",
                  "ablation_sparsity", "probe_loss", "probe_loss_neurons", "probe_loss_base_rate")
-
-
-PROBE_COLUMNS = {"property": "string", "positives": "int", "tokens": "int", "entropy": "float", "sae_loss": "float",
-                 "sae_best_latent": "int", "neuron_loss": "float", "best_neuron": "int"}
 
 
 def heldout_contexts(holdout_text, hooked, ctx_len: int, n_contexts: int, log=None, **named):

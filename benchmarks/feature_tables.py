@@ -105,6 +105,7 @@ def worker(args) -> None:
     store = ArtifactStore(args.store)
     part = open_partition(store, args.partition)
     n_tokens = part.n_rows
+    settings = features.FeatureSettings(top_k=TOP_K, reservoir_factor=RESERVOIR_FACTOR)
     import gc
 
     gc.collect()
@@ -115,8 +116,8 @@ def worker(args) -> None:
         extra = stages_worker(args, store, sae, part)
         n_features = N_LATENTS
     elif args.worker == "streaming":
-        partial = features.compute_partial(store, sae, args.partition, 0, N_LATENTS, top_k=TOP_K,
-                                           reservoir_factor=RESERVOIR_FACTOR, batch_rows=args.batch_rows)
+        partial = features.compute_partial(store, sae, args.partition, 0, N_LATENTS, settings,
+                                           batch_rows=args.batch_rows)
         n_features = N_LATENTS
         extra = {"diagnostics": partial.diagnostics, "check_count": int(partial.count.sum())}
     else:
@@ -160,6 +161,7 @@ def stages_worker(args, store, sae, part) -> dict:
     from sae_platform import features
 
     shards = features.feature_shards(N_LATENTS, N_FEATURE_SHARDS)
+    settings = features.FeatureSettings(top_k=TOP_K, reservoir_factor=RESERVOIR_FACTOR)
     seconds = {}
     t0 = time.perf_counter()
     if args.worker == "encode":
@@ -168,21 +170,20 @@ def stages_worker(args, store, sae, part) -> dict:
                 sae.encode(torch.from_numpy(np.ascontiguousarray(part.acts[lo:lo + args.batch_rows])).float())
         return {"stage_seconds": {"encode": time.perf_counter() - t0}}
     if args.worker == "stages_one_encode":  # today's layout: one encode per row feeds every shard
-        partials = features.compute_partials(store, sae, args.partition, shards, top_k=TOP_K,
-                                             reservoir_factor=RESERVOIR_FACTOR, batch_rows=args.batch_rows)
+        partials = features.compute_partials(store, sae, args.partition, shards, settings,
+                                             batch_rows=args.batch_rows)
         for index, partial in enumerate(partials):
             features.write_partial(store, "bench", args.partition, index, partial)
         del partials
     else:  # the previous layout: one pass-1 job per (batch, feature shard), each with the full selection
         for index, (start, stop) in enumerate(shards):
             features.write_partial(store, "bench", args.partition, index, features.compute_partial(
-                store, sae, args.partition, start, stop, top_k=TOP_K, reservoir_factor=RESERVOIR_FACTOR,
-                batch_rows=args.batch_rows))
+                store, sae, args.partition, start, stop, settings, batch_rows=args.batch_rows))
     seconds["pass_1"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     for index in range(len(shards)):
         features.write_tables(store, "bench", index, features.merge_partials(
-            features.read_partials(store, "bench", index, [args.partition])))
+            features.read_partials(store, "bench", index, [args.partition]), settings))
     seconds["pass_2"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     checks = [features.brute_force_check(store, sae, "bench", index, start, stop,

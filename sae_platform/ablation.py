@@ -47,7 +47,7 @@ def ablation_sparsity(delta: torch.Tensor | np.ndarray) -> float:
 
 @torch.inference_mode()
 def ablation_sparsities(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: str,
-                        input_hook_point: str | None = None, row_mask: np.ndarray, n_tokens: int = 8, horizon: int = 4,
+                        input_hook_point: str | None = None, row_mask: np.ndarray, n_tokens: int, horizon: int = 4,
                         max_latents: int = 32, seed: int = 0, use_cache: bool = True) -> dict:
     """Ablation sparsity of the active latents at ``n_tokens`` random held-out tokens.
 

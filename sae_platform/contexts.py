@@ -131,6 +131,12 @@ from sae_platform.tables import (  # noqa: F401  (re-exported: callers use conte
     ACTS,
     HAS_ACT,
     WINDOW_SCHEMA,
+    TOP_TOKEN_IDS,
+    TOP_TOKEN_STRS,
+    TOP_SCORES,
+    BOTTOM_TOKEN_IDS,
+    BOTTOM_TOKEN_STRS,
+    BOTTOM_SCORES,
     LOGIT_SCHEMA,
 )
 from sae_platform.training_rows import RowRule, training_rows
@@ -221,12 +227,13 @@ class _Index:
 
 
 def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests: pl.DataFrame, tokenizer, *,
-                    before: int = 16, after: int = 8, device=None, batch_rows: int = 4096,
+                    before: int, after: int, device=None, batch_rows: int = 4096,
                     rtol: float = RTOL, atol: float = ATOL,
                     max_mismatch_fraction: float = MAX_MISMATCH_FRACTION, codes=None,
                     group: str = catalog.FIRST_STORE) -> pl.DataFrame:
     """One window per request (schema ``WINDOW_SCHEMA``, in request order): the example's tokens
-    ± (before, after) within its document, their strings, and the feature's activation on each.
+    ± (before, after) within its document, their strings, and the feature's activation on each
+    (``FeatureSettings.before`` and ``.after`` in the pipeline).
 
     Raises StorageError for a missing partition, a row past its end, or an example activation
     the SAE no longer reproduces (stale tables); ModelError for an SAE of another width.
@@ -749,8 +756,8 @@ def logit_effects(sae: SparseAutoencoder, unembedding: torch.Tensor, tokenizer, 
     top_names, bottom_names = names[: ti.size].reshape(ti.shape), names[ti.size:].reshape(bi.shape)
     return pl.DataFrame({
         FEATURE: np.arange(start, stop, dtype=np.int64),
-        "top_token_ids": ti.astype(np.int64).tolist(), "top_token_strs": top_names.tolist(),
-        "top_scores": tv.astype(np.float32).tolist(),
-        "bottom_token_ids": bi.astype(np.int64).tolist(), "bottom_token_strs": bottom_names.tolist(),
-        "bottom_scores": bv.astype(np.float32).tolist(),
+        TOP_TOKEN_IDS: ti.astype(np.int64).tolist(), TOP_TOKEN_STRS: top_names.tolist(),
+        TOP_SCORES: tv.astype(np.float32).tolist(),
+        BOTTOM_TOKEN_IDS: bi.astype(np.int64).tolist(), BOTTOM_TOKEN_STRS: bottom_names.tolist(),
+        BOTTOM_SCORES: bv.astype(np.float32).tolist(),
     }).cast(LOGIT_SCHEMA)

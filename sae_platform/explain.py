@@ -249,14 +249,12 @@ def summarize(rows: list[dict], min_firings: int = 1) -> dict:
 
 def explanations_frame(rows: list[dict]):
     """The per-feature table of ``explain_windows`` rows, with related features added by the caller
-    (extra keys become columns)."""
+    (schema ``tables.EXPLANATION_SCHEMA``; a column a row lacks is null)."""
     import polars as pl
 
-    schema = {"feature": pl.Int64, "explanation": pl.String, "patterns": pl.List(pl.List(pl.Int64)),
-              "precision": pl.Float64, "recall": pl.Float64, "n_matches": pl.Int64, "n_firings": pl.Int64,
-              "neighbors": pl.List(pl.Int64), "neighbor_cosines": pl.List(pl.Float32),
-              "cooccurring": pl.List(pl.Int64), "cooccurring_shares": pl.List(pl.Float32)}
-    return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)
+    from sae_platform.tables import EXPLANATION_SCHEMA
+
+    return pl.DataFrame([{k: r.get(k) for k in EXPLANATION_SCHEMA} for r in rows], schema=EXPLANATION_SCHEMA)
 
 
 def explain_windows(windows, score_stream: TokenStream, score_firing: tuple, features, token_str,

@@ -68,7 +68,7 @@ are often sparse in the reservoir; the top examples cover them.
 
 Tables (polars), one pair per feature shard, committed together under
 ``features/<run>/tables/f<shard_index>/`` as ``stats.parquet``, ``examples.parquet`` and
-``meta.json``:
+``meta.json`` (the schemas: ``tables.STATS_SCHEMA`` and ``tables.EXAMPLE_SCHEMA``):
 
 ``feature_stats`` (one row per feature of the shard, sorted by feature)
     feature         Int64    global latent id
@@ -131,12 +131,34 @@ from sae_platform.errors import PlatformError
 from sae_platform.sae import SparseAutoencoder
 from sae_platform.settings import setting, validate
 from sae_platform.storage import ArtifactStore
+from sae_platform.tables import (
+    ACTIVATION,
+    COUNT,
+    DENSITY,
+    EXAMPLE_COLUMNS,
+    EXAMPLE_SCHEMA,
+    FEATURE,
+    HISTOGRAM,
+    INTERVAL,
+    KIND,
+    KIND_INTERVAL,
+    KIND_ORDER,
+    KIND_RANDOM,
+    KIND_TOP,
+    MAX,
+    MEAN,
+    N_TOKENS_TOTAL,
+    PARTITION,
+    RANK,
+    ROW,
+    STATS_SCHEMA,
+    SUM,
+)
 
 HIST_EDGES = np.logspace(-4, 4, 65).astype(np.float32)
 N_HIST_BINS = len(HIST_EDGES) + 1  # + underflow and overflow
 KEY_PAD = np.iinfo(np.int64).max    # an empty slot in a bottom-m buffer
 MAX_ROWS = 2**31 - 1                # rows per partition (the top-k key packs 32 bits of row)
-KINDS = ("top", "interval", "random")
 # Dense route (ReLU-like variants): bound the [batch, n_features] activation block.
 DENSE_BATCH_ELEMENTS = 1 << 22
 # Pass 1 folds the active entries of several token batches at once, up to about this many (and
@@ -543,7 +565,7 @@ def _batches(acts, n_rows: int, batch_rows: int) -> Iterator[tuple[int, np.ndarr
         yield lo, block
 
 
-def witness_features(start: int, stop: int, n: int, seed: int = 0) -> np.ndarray:
+def witness_features(start: int, stop: int, n: int, seed: int) -> np.ndarray:
     """The features of [start, stop) whose every activating token pass 1 records for the
     exactness check (``brute_force_check``): ``n`` of them (all when n >= stop - start), drawn
     uniformly without replacement by a generator seeded with (seed, start, stop), so every
@@ -657,15 +679,15 @@ class _ShardState:
 
 
 @torch.no_grad()
-def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list[tuple[int, int]], *,
-                     top_k: int = 20, reservoir_factor: int = 10, seed: int = 0, batch_rows: int = 4096,
-                     check_features: int = 64, device=None, on_codes=None,
+def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list[tuple[int, int]],
+                     settings: FeatureSettings, *, batch_rows: int = 4096, device=None, on_codes=None,
                      group: str = FIRST_STORE) -> list[Partial]:
     """Pass 1 for one activation partition and every feature shard in ``shards`` (latent ranges
     [start, stop)), reading and encoding each row once: stream the partition in batches and keep
     per feature the top_k activations, a bottom-R random sample (R = reservoir_factor * top_k),
     count / sum / max and the histogram, plus every activating token of ``check_features``
     witness features per shard (``witness_features``). Returns one Partial per shard (numpy).
+    Of ``settings`` it reads top_k, reservoir_factor, seed and check_features.
 
     For TopK-style variants (sparse route) each token batch is encoded once with ``sae.encode``
     and its sparse codes are split among the shards: the selection, the expensive part, runs once
@@ -684,6 +706,8 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     for start, stop in shards:
         _check_range(sae, start, stop)
     shards = [(int(a), int(b)) for a, b in shards]
+    top_k, reservoir_factor, seed = settings.top_k, settings.reservoir_factor, settings.seed
+    check_features = settings.check_features
     for name, value in (("top_k", top_k), ("reservoir_factor", reservoir_factor), ("batch_rows", batch_rows)):
         _positive(name, value)
     if isinstance(check_features, bool) or not isinstance(check_features, int) or check_features < 0:
@@ -779,19 +803,18 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     return partials
 
 
-def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, stop: int, *, top_k: int = 20,
-                    reservoir_factor: int = 10, seed: int = 0, batch_rows: int = 4096, check_features: int = 64,
-                    device=None, group: str = FIRST_STORE) -> Partial:
+def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, stop: int,
+                    settings: FeatureSettings, *, batch_rows: int = 4096, device=None,
+                    group: str = FIRST_STORE) -> Partial:
     """Pass 1 for one activation partition and latents [start, stop) (``compute_partials`` with
     one shard). For TopK-style variants prefer one ``compute_partials`` call over all shards:
     each call runs the full selection."""
-    return compute_partials(store, sae, partition_key, [(start, stop)], top_k=top_k,
-                            reservoir_factor=reservoir_factor, seed=seed, batch_rows=batch_rows,
-                            check_features=check_features, device=device, group=group)[0]
+    return compute_partials(store, sae, partition_key, [(start, stop)], settings, batch_rows=batch_rows,
+                            device=device, group=group)[0]
 
 
 def compute_and_write_partials(store: ArtifactStore, sae, run: str, partition_key: str, shards: list[tuple[int, int]],
-                               **settings) -> list[Partial]:
+                               settings: FeatureSettings, **options) -> list[Partial]:
     """Pass 1 as the pipeline runs it: ``compute_partials`` over every shard, each partial
     committed (shard i at ``partial_name(run, partition_key, i)``), and for TopK-style variants the
     partition's sparse codes committed too (``write_codes``), so that pass 3 looks activations up
@@ -809,7 +832,7 @@ def compute_and_write_partials(store: ArtifactStore, sae, run: str, partition_ke
         codes["values"][offset:offset + len(vals)] = vals.float().cpu().numpy()
         codes["indices"][offset:offset + len(idx)] = idx.to(torch.int32).cpu().numpy()
 
-    partials = compute_partials(store, sae, partition_key, shards, on_codes=keep, **settings)
+    partials = compute_partials(store, sae, partition_key, shards, settings, on_codes=keep, **options)
     for index, partial in enumerate(partials):
         write_partial(store, run, partition_key, index, partial)
     if codes:
@@ -974,8 +997,11 @@ def _check_compatible(first: Partial, p: Partial) -> None:
                            "recompute every partial of this run with the current checkpoint")
 
 
-def merge_partials(partials: Iterable[Partial], *, n_intervals: int = 5, per_interval: int = 4) -> FeatureTables:
-    """Pass 2: fold the partials of one feature shard (one per partition, any order) into tables."""
+def merge_partials(partials: Iterable[Partial], settings: FeatureSettings) -> FeatureTables:
+    """Pass 2: fold the partials of one feature shard (one per partition, any order) into tables.
+    Of ``settings`` it reads n_intervals and per_interval (top_k, the reservoir size and the seed
+    are the partials' own)."""
+    n_intervals, per_interval = settings.n_intervals, settings.per_interval
     _positive("n_intervals", n_intervals)
     _positive("per_interval", per_interval)
     state, first, seen = None, None, set()
@@ -1013,15 +1039,15 @@ def _stats_frame(s: _Merged, start: int) -> pl.DataFrame:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(s.count > 0, s.sum / np.maximum(s.count, 1), np.nan)
     return pl.DataFrame({
-        "feature": pl.Series(np.arange(start, start + n, dtype=np.int64)),
-        "n_tokens_total": pl.Series(np.full(n, s.n_tokens, dtype=np.int64)),
-        "count": pl.Series(s.count.astype(np.int64)),
-        "density": pl.Series(s.count / max(s.n_tokens, 1)).cast(pl.Float64),
-        "max": pl.Series(s.max.astype(np.float32)),
-        "mean": pl.Series(mean, nan_to_null=True).cast(pl.Float64),
-        "sum": pl.Series(s.sum.astype(np.float64)),
-        "histogram": pl.Series(s.hist.astype(np.int64)).cast(pl.List(pl.Int64)),
-    })
+        FEATURE: pl.Series(np.arange(start, start + n, dtype=np.int64)),
+        N_TOKENS_TOTAL: pl.Series(np.full(n, s.n_tokens, dtype=np.int64)),
+        COUNT: pl.Series(s.count.astype(np.int64)),
+        DENSITY: pl.Series(s.count / max(s.n_tokens, 1)).cast(pl.Float64),
+        MAX: pl.Series(s.max.astype(np.float32)),
+        MEAN: pl.Series(mean, nan_to_null=True).cast(pl.Float64),
+        SUM: pl.Series(s.sum.astype(np.float64)),
+        HISTOGRAM: pl.Series(s.hist.astype(np.int64)).cast(pl.List(pl.Int64)),
+    }, schema=STATS_SCHEMA)
 
 
 def interval_of(act: np.ndarray, vmax: np.ndarray, n_intervals: int) -> np.ndarray:
@@ -1036,42 +1062,41 @@ def _examples_frame(s: _Merged, start: int, n_intervals: int, per_interval: int)
     order, so one stable sort by feature gives (feature, kind, interval, rank) order."""
     n, k = s.top_act.shape
     r = s.res_key.shape[1]
-    cols: dict[str, list[np.ndarray]] = {c: [] for c in ("feature", "kind", "rank", "interval", "activation",
-                                                          "partition", "row")}
+    cols: dict[str, list[np.ndarray]] = {c: [] for c in EXAMPLE_COLUMNS}
 
     def piece(kind, mask, rank, act, part, row, interval=-1):
         f, c = np.nonzero(mask)
-        for name, values in (("feature", f.astype(np.int64) + start),
-                             ("kind", np.full(len(f), KINDS.index(kind), dtype=np.int8)),
-                             ("rank", rank[f, c].astype(np.int32)), ("interval", np.full(len(f), interval, np.int32)),
-                             ("activation", act[f, c].astype(np.float32)), ("partition", part[f, c].astype(np.int32)),
-                             ("row", row[f, c].astype(np.int64))):
+        for name, values in ((FEATURE, f.astype(np.int64) + start),
+                             (KIND, np.full(len(f), KIND_ORDER.index(kind), dtype=np.int8)),
+                             (RANK, rank[f, c].astype(np.int32)), (INTERVAL, np.full(len(f), interval, np.int32)),
+                             (ACTIVATION, act[f, c].astype(np.float32)), (PARTITION, part[f, c].astype(np.int32)),
+                             (ROW, row[f, c].astype(np.int64))):
             cols[name].append(values)
 
-    piece("top", s.top_row >= 0, np.broadcast_to(np.arange(k), (n, k)), s.top_act, s.top_part, s.top_row)
+    piece(KIND_TOP, s.top_row >= 0, np.broadcast_to(np.arange(k), (n, k)), s.top_act, s.top_part, s.top_row)
     filled = s.res_row >= 0
     interval = np.where(filled, interval_of(s.res_act, s.max[:, None], n_intervals), -1)
     for j in range(n_intervals):
         inside = interval == j
         rank = np.cumsum(inside, axis=1) - 1  # the reservoir is in key order: smallest keys first
-        piece("interval", inside & (rank < per_interval), rank, s.res_act, s.res_part, s.res_row, j)
-    piece("random", filled, np.broadcast_to(np.arange(r), (n, r)), s.res_act, s.res_part, s.res_row)
-    order = np.argsort(np.concatenate(cols["feature"]), kind="stable")
+        piece(KIND_INTERVAL, inside & (rank < per_interval), rank, s.res_act, s.res_part, s.res_row, j)
+    piece(KIND_RANDOM, filled, np.broadcast_to(np.arange(r), (n, r)), s.res_act, s.res_part, s.res_row)
+    order = np.argsort(np.concatenate(cols[FEATURE]), kind="stable")
     names = [p["key"] for p in s.partitions]
     frame = {}
     for name in list(cols):  # one column at a time: bounded temporaries
         values = np.concatenate(cols.pop(name))[order]
-        if name == "kind":
-            frame[name] = pl.Series(values.astype(np.int64)).replace_strict(list(range(len(KINDS))), list(KINDS),
-                                                                            return_dtype=pl.Utf8)
-        elif name == "partition":
+        if name == KIND:
+            frame[name] = pl.Series(values.astype(np.int64)).replace_strict(list(range(len(KIND_ORDER))),
+                                                                            list(KIND_ORDER), return_dtype=pl.Utf8)
+        elif name == PARTITION:
             frame[name] = pl.Series(values.astype(np.int64)).replace_strict(list(range(len(names))), names,
                                                                             return_dtype=pl.Utf8)
-        elif name == "interval":
+        elif name == INTERVAL:
             frame[name] = pl.Series(values).set(pl.Series(values < 0), None)
         else:
             frame[name] = pl.Series(values)
-    return pl.DataFrame(frame)
+    return pl.DataFrame(frame, schema=EXAMPLE_SCHEMA)
 
 
 def write_tables(store: ArtifactStore, run: str, shard_index: int, tables: FeatureTables) -> str:
@@ -1092,10 +1117,9 @@ def read_tables(store: ArtifactStore, run: str, shard_index: int) -> FeatureTabl
                          store.read_json(f"{path}/meta.json"))
 
 
-def build_feature_tables(store: ArtifactStore, sae, run: str, *, n_feature_shards: int = 1,
-                         partitions: list[str] | None = None, top_k: int = 20, reservoir_factor: int = 10,
-                         seed: int = 0, batch_rows: int = 4096, n_intervals: int = 5, per_interval: int = 4,
-                         check_features: int = 64, device=None, group: str = FIRST_STORE) -> list[dict]:
+def build_feature_tables(store: ArtifactStore, sae, run: str, settings: FeatureSettings, *, n_feature_shards: int = 1,
+                         partitions: list[str] | None = None, batch_rows: int = 4096, device=None,
+                         group: str = FIRST_STORE) -> list[dict]:
     """Both passes, in this process: every partition's partials (all feature shards from one
     encode), then every shard's tables. The Dagster layer runs the same functions as separate
     partitioned steps."""
@@ -1105,15 +1129,13 @@ def build_feature_tables(store: ArtifactStore, sae, run: str, *, n_feature_shard
                            "materialize the activations asset first")
     shards = feature_shards(sae.n_latents, n_feature_shards)
     for key in keys:
-        partials = compute_partials(store, sae, key, shards, top_k=top_k, reservoir_factor=reservoir_factor,
-                                    seed=seed, batch_rows=batch_rows, check_features=check_features, device=device,
+        partials = compute_partials(store, sae, key, shards, settings, batch_rows=batch_rows, device=device,
                                     group=group)
         for index, partial in enumerate(partials):
             write_partial(store, run, key, index, partial)
     summaries = []
     for index, (start, stop) in enumerate(shards):
-        tables = merge_partials(read_partials(store, run, index, keys), n_intervals=n_intervals,
-                                per_interval=per_interval)
+        tables = merge_partials(read_partials(store, run, index, keys), settings)
         path = write_tables(store, run, index, tables)
         summaries.append({"shard_index": index, "start": start, "stop": stop, "path": path,
                           "n_tokens_total": tables.meta["n_tokens_total"],

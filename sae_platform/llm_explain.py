@@ -199,15 +199,15 @@ def serve_chat(backend, model_name: str = "local", host: str = "127.0.0.1", port
 
 # -- one feature shard ----------------------------------------------------------------------------
 
-def llm_explain_shard(backend, windows, codes, tokenizer, start: int, stop: int, n_features: int = 8,
-                      n_examples: int = 5, width: int = 24, seed: int = 0) -> list[dict]:
+def llm_explain_shard(backend, windows, codes, tokenizer, start: int, stop: int, *, n_features: int,
+                      n_examples: int, width: int = 24, seed: int = 0) -> list[dict]:
     """Explain up to ``n_features`` latents of ``start..stop`` (those firing most often on the held-out
     text, at least ``n_examples`` times) from their top windows (``windows``: the feature_contexts
     table), and score each by detection on ``n_examples`` held-out activating and as many
     non-activating spans of ``width`` tokens (``codes``: ``metrics.HeldoutCodes``)."""
     import polars as pl
 
-    from sae_platform.tables import ACTS, FEATURE, KIND, RANK, TOKEN_STRS
+    from sae_platform.tables import ACTS, FEATURE, KIND, KIND_TOP, RANK, TOKEN_STRS
 
     rng = np.random.default_rng(seed)
     ctx_len = codes.tokens.shape[1]
@@ -216,7 +216,7 @@ def llm_explain_shard(backend, windows, codes, tokenizer, start: int, stop: int,
     ids, counts = np.unique(codes.features[in_shard], return_counts=True)
     order = np.lexsort((ids, -counts))
     chosen = [int(ids[i]) for i in order if counts[i] >= n_examples][:n_features]
-    top = windows.filter(pl.col(KIND) == "top").sort([FEATURE, RANK])
+    top = windows.filter(pl.col(KIND) == KIND_TOP).sort([FEATURE, RANK])
     rows = []
     for f in chosen:
         mine = top.filter(pl.col(FEATURE) == f)

@@ -197,7 +197,7 @@ def probe_metrics(codes: HeldoutCodes, tokenizer, n_latents: int) -> tuple[dict,
 
 
 def feature_metrics(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: str,
-                    input_hook_point: str | None = None, rule: RowRule, ablation_tokens: int = 8,
+                    input_hook_point: str | None = None, rule: RowRule, ablation_tokens: int,
                     log=None) -> tuple[dict, dict]:
     """N2G precision/recall, ablation sparsity and probe loss of ``sae`` on held-out ``tokens``
     [n_contexts, ctx_len], read (and, for the ablations, spliced) at the SAE's own ``hook_point``

@@ -52,7 +52,7 @@ def test_ablation_on_a_model(tiny_hooked):
     assert full["ablation_sparsity"] == pytest.approx(out["ablation_sparsity"], rel=1e-4)
     with pytest.raises(PlatformError, match="horizon"):
         ablation_sparsities(tiny_hooked, sae, tokens[:, :3], **at, row_mask=_rows(tiny_hooked, tokens[:, :3]),
-                            horizon=3)
+                            n_tokens=4, horizon=3)
 
 
 # -- at the SAE's own hook point (not the residual stream after the model's default layer) --------
@@ -182,4 +182,4 @@ def test_ablation_names_a_missing_hook_point(tiny_hooked):
     sae = build_sae("topk", tiny_hooked.d_model, 64, k=4)
     with pytest.raises(ModelError, match="hook_mlp_out"):
         ablation_sparsities(tiny_hooked, sae, np.ones((1, 8), dtype=np.int64), hook_point="blocks.1.mlp_out",
-                            row_mask=np.ones((1, 8), dtype=bool))
+                            row_mask=np.ones((1, 8), dtype=bool), n_tokens=4)

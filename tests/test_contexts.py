@@ -21,6 +21,7 @@ from sae_platform.errors import ModelError, PlatformError, StorageError
 from sae_platform.sae import build_sae
 
 CTX_LEN, BEFORE, AFTER = 32, 16, 8
+WINDOW = {"before": BEFORE, "after": AFTER}
 SINK_POS = 5  # the wrapper below makes this position an attention sink: no stored row
 MARKUP = "<script>alert(1)</script>"
 DOCS = [
@@ -127,6 +128,7 @@ def _top_examples(store, sae, keys, per_feature=3):
 
 
 def _windows(store, sae, keys, examples, tokenizer, **kw):
+    kw = {**WINDOW, **kw}
     return {k: context_windows(store, sae, k, requests_for_partition(examples, k), tokenizer, **kw) for k in keys}
 
 
@@ -218,12 +220,13 @@ def test_windows_from_pass_1_codes_equal_windows_from_a_new_encode(store, cached
     examples = _top_examples(store, sae, keys)
     encoded = _windows(store, sae, keys, examples, tiny_hooked.tokenizer)
     for key in keys:
-        ft.compute_and_write_partials(store, sae, "codes-run", key, [(0, 64)], top_k=3, reservoir_factor=2)
+        ft.compute_and_write_partials(store, sae, "codes-run", key, [(0, 64)],
+                                      ft.FeatureSettings(top_k=3, reservoir_factor=2))
         codes = ft.read_codes(store, "codes-run", key, sae)
         assert codes is not None and codes[0].shape == (open_partition(store, key).n_rows, 4)
         monkeypatch.setattr(contexts, "_pair_activations", None)  # no encode at all
         got = context_windows(store, sae, key, requests_for_partition(examples, key), tiny_hooked.tokenizer,
-                              codes=codes)
+                              codes=codes, **WINDOW)
         monkeypatch.undo()
         assert got.drop(ACTS).equals(encoded[key].drop(ACTS))
         np.testing.assert_allclose(got[ACTS].explode().to_numpy(), encoded[key][ACTS].explode().to_numpy(),
@@ -258,7 +261,7 @@ def test_regroup_keeps_exactly_the_shard_features_sorted(store, cached, tiny_hoo
     sae = _sae("relu", store, cached)
     examples = _top_examples(store, sae, cached)
     for key in cached:
-        info = build_partition_windows(store, "run1", sae, key, examples, tiny_hooked.tokenizer)
+        info = build_partition_windows(store, "run1", sae, key, examples, tiny_hooked.tokenizer, **WINDOW)
         assert info["n_windows"] == len(examples.filter(pl.col(PARTITION) == key))
     for start, stop in [(0, 5), (13, 27), (33, 64), (16, 40)]:
         shard = regroup_by_feature(store, "run1", cached, start, stop)
@@ -283,15 +286,29 @@ def test_regroup_keeps_exactly_the_shard_features_sorted(store, cached, tiny_hoo
 def test_partition_without_examples_writes_an_empty_partial(store, cached, tiny_hooked):
     sae = _sae("relu", store, cached)
     examples = _top_examples(store, sae, ["alpha"])
-    info = build_partition_windows(store, "empty", sae, "beta", examples, tiny_hooked.tokenizer)
+    info = build_partition_windows(store, "empty", sae, "beta", examples, tiny_hooked.tokenizer, **WINDOW)
     assert info["n_windows"] == 0
     assert regroup_by_feature(store, "empty", ["beta"], 0, 64).schema == pl.Schema(WINDOW_SCHEMA)
+
+
+def test_written_windows_have_the_schema_tables_declares(store, cached, tiny_hooked):
+    """windows.parquet (per partition) and contexts.parquet (per feature shard) as written: the
+    columns, order and dtypes of ``tables.WINDOW_SCHEMA``."""
+    sae = _sae("relu", store, cached)
+    key = cached[0]
+    build_partition_windows(store, "files", sae, key, _top_examples(store, sae, [key]), tiny_hooked.tokenizer,
+                            **WINDOW)
+    write_feature_contexts(store, "files", 0, regroup_by_feature(store, "files", [key], 0, 64))
+    for path in (f"{store.resolve(catalog.contexts_partial_name('files', key))}/{contexts.PARTIAL_FILE}",
+                 f"{store.resolve(catalog.contexts_name('files', 0))}/{contexts.SHARD_FILE}"):
+        assert list(pl.read_parquet_schema(path).items()) == list(WINDOW_SCHEMA.items()), path
 
 
 def test_failed_write_leaves_nothing(store, cached, tiny_hooked, monkeypatch):
     sae = _sae("relu", store, cached)
     examples = _top_examples(store, sae, cached)
-    frame = context_windows(store, sae, "docs", requests_for_partition(examples, "docs"), tiny_hooked.tokenizer)
+    frame = context_windows(store, sae, "docs", requests_for_partition(examples, "docs"), tiny_hooked.tokenizer,
+                            **WINDOW)
 
     def boom(path, data):
         raise OSError("disk full")
@@ -313,21 +330,21 @@ def test_stale_tables_and_mismatches_are_refused(store, cached, tiny_hooked):
     assert len(many) >= 100
     nudged = many.with_columns(pl.when(pl.int_range(pl.len()) == 7).then(pl.col(ACTIVATION) + 1.0)
                                .otherwise(pl.col(ACTIVATION)).alias(ACTIVATION))
-    context_windows(store, sae, "docs", nudged, tok)  # one near-tie flip in >= 100 examples: tolerated
+    context_windows(store, sae, "docs", nudged, tok, **WINDOW)  # one near-tie flip in >= 100 examples: tolerated
     with pytest.raises(StorageError, match="1 of .* no longer reproduce"):
-        context_windows(store, sae, "docs", nudged, tok, max_mismatch_fraction=0.0)
+        context_windows(store, sae, "docs", nudged, tok, max_mismatch_fraction=0.0, **WINDOW)
     with pytest.raises(StorageError, match="past the end .* stale"):
-        context_windows(store, sae, "docs", requests.with_columns(pl.lit(n_rows, pl.Int64).alias(ROW)), tok)
+        context_windows(store, sae, "docs", requests.with_columns(pl.lit(n_rows, pl.Int64).alias(ROW)), tok, **WINDOW)
     with torch.no_grad():
         sae.W_enc.mul_(1.5)  # the checkpoint changed after the tables were built
     with pytest.raises(StorageError, match="no longer reproduce"):
-        context_windows(store, sae, "docs", requests, tok)
+        context_windows(store, sae, "docs", requests, tok, **WINDOW)
     with pytest.raises(ModelError, match="d_model 32 but the SAE expects 48"):
-        context_windows(store, build_sae("relu", 48, 64), "docs", requests, tok)
+        context_windows(store, build_sae("relu", 48, 64), "docs", requests, tok, **WINDOW)
     with pytest.raises(PlatformError, match="SAE has 8 latents"):
-        context_windows(store, build_sae("relu", 32, 8), "docs", requests, tok)
+        context_windows(store, build_sae("relu", 32, 8), "docs", requests, tok, **WINDOW)
     with pytest.raises(StorageError, match="activation partition 'gone' is missing"):
-        context_windows(store, sae, "gone", requests.with_columns(pl.lit("gone").alias(PARTITION)), tok)
+        context_windows(store, sae, "gone", requests.with_columns(pl.lit("gone").alias(PARTITION)), tok, **WINDOW)
     with pytest.raises(PlatformError, match="no column"):
         requests_for_partition(requests.drop(ROW), "docs")
 

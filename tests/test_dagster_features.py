@@ -21,6 +21,14 @@ from sae_platform.lineage import feature_table_lineage, format_lineage
 from sae_platform.llm_explain import serve_chat
 from sae_platform.metrics import explanations_current, read_explanations
 from sae_platform.shuffled import open_shuffled
+from sae_platform.tables import (
+    EXAMPLE_SCHEMA,
+    EXPLANATION_SCHEMA,
+    LLM_EXPLANATION_SCHEMA,
+    LOGIT_SCHEMA,
+    STATS_SCHEMA,
+    WINDOW_SCHEMA,
+)
 from sae_platform.trainer import TrainSettings, train_sae
 from tests.test_llm_explain import KEY, RuleModel
 
@@ -95,6 +103,16 @@ def test_feature_pipeline_through_dagster(pipeline, store, monkeypatch):
     assert 1 <= meta["n_explained"] <= 3 and 0 <= meta["balanced_accuracy"] <= 1
     frame = pl.read_parquet(f"{store.resolve(f'features/{SAE}/llm_explanations/f0')}/llm_explanations.parquet")
     assert frame.height == meta["n_explained"] and (frame["n_positive"] == 2).all()
+
+    # every table as the pipeline wrote it: the columns, order and dtypes sae_platform.tables declares
+    for name, file, schema in (("tables/f0", "stats.parquet", STATS_SCHEMA),
+                               ("tables/f0", "examples.parquet", EXAMPLE_SCHEMA),
+                               ("logits/f0", "logit_effects.parquet", LOGIT_SCHEMA),
+                               ("contexts/f0", "contexts.parquet", WINDOW_SCHEMA),
+                               ("explanations/f0", "explanations.parquet", EXPLANATION_SCHEMA),
+                               ("llm_explanations/f0", "llm_explanations.parquet", LLM_EXPLANATION_SCHEMA)):
+        written = pl.read_parquet_schema(f"{store.resolve(f'features/{SAE}/{name}')}/{file}")
+        assert list(written.items()) == list(schema.items()), file
 
 
 def test_lineage_names_every_upstream_artifact(pipeline, store):

@@ -17,8 +17,10 @@ import torch
 from sae_platform import features as F
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.sae import build_sae
+from sae_platform.settings import SettingsError
 
 D, N_LATENTS = 16, 64
+SETTINGS = F.FeatureSettings()  # the pipeline's defaults
 
 
 def write_partition(store, key, acts, chunk_rows=512):
@@ -119,8 +121,8 @@ def test_merged_tables_equal_brute_force_whatever_the_sharding(store, variant):
         for n_shards in (1, 4):
             root = ArtifactStore(f"{store.root}/{len(splits)}x{n_shards}")
             make_dataset(root, splits, exact=True)
-            F.build_feature_tables(root, sae, "run", n_feature_shards=n_shards, top_k=6, reservoir_factor=3,
-                                   batch_rows=256)
+            F.build_feature_tables(root, sae, "run", F.FeatureSettings(top_k=6, reservoir_factor=3),
+                                   n_feature_shards=n_shards, batch_rows=256)
             for i, (start, stop) in enumerate(F.feature_shards(N_LATENTS, n_shards)):
                 check = F.brute_force_check(root, sae, "run", i, start, stop, sample_features=stop - start)
                 assert check["ok"], check["mismatches"][:3]
@@ -158,15 +160,14 @@ def test_one_pass_over_every_shard_equals_one_pass_per_shard_and_encodes_each_ro
     for name in ("encode", "encode_slice"):
         original = getattr(sae, name)
         monkeypatch.setattr(sae, name, lambda x, *a, _f=original, _n=name: calls.append((_n, len(x))) or _f(x, *a))
-    together = F.compute_partials(store, sae, "p0", shards, top_k=5, reservoir_factor=2, batch_rows=128,
-                                  check_features=3)
+    settings = F.FeatureSettings(top_k=5, reservoir_factor=2, check_features=3)
+    together = F.compute_partials(store, sae, "p0", shards, settings, batch_rows=128)
     if variant == "topk":  # the selection runs once per row, whatever the number of shards
         assert [n for n, _ in calls] == ["encode"] * 6 and sum(r for _, r in calls) == 700
     else:  # one slice per shard and batch: W_enc multiplied once in all
         assert {n for n, _ in calls} == {"encode_slice"} and sum(r for _, r in calls) == 700 * len(shards)
     for (start, stop), got in zip(shards, together):
-        alone = F.compute_partial(store, sae, "p0", start, stop, top_k=5, reservoir_factor=2, batch_rows=128,
-                                  check_features=3)
+        alone = F.compute_partial(store, sae, "p0", start, stop, settings, batch_rows=128)
         for name in F.Partial.ARRAYS + F.Partial.WITNESS:
             assert np.array_equal(getattr(got, name), getattr(alone, name)), name
         assert (got.n_entries, got.entries_sum) == (alone.n_entries, alone.entries_sum)
@@ -177,7 +178,8 @@ def test_one_pass_over_every_shard_equals_one_pass_per_shard_and_encodes_each_ro
 def test_other_variants_pass_the_exactness_check(store, variant):
     make_dataset(store, [500, 300])
     sae = make_sae(variant)
-    F.build_feature_tables(store, sae, "run", n_feature_shards=2, top_k=5, reservoir_factor=2, batch_rows=128)
+    F.build_feature_tables(store, sae, "run", F.FeatureSettings(top_k=5, reservoir_factor=2), n_feature_shards=2,
+                           batch_rows=128)
     for i, (start, stop) in enumerate(F.feature_shards(N_LATENTS, 2)):
         check = F.brute_force_check(store, sae, "run", i, start, stop, sample_features=stop - start)
         assert check["ok"], check["mismatches"][:3]
@@ -186,12 +188,12 @@ def test_other_variants_pass_the_exactness_check(store, variant):
 def test_reservoir_is_the_same_whatever_the_batch_size_feature_range_and_merge_order(store, monkeypatch):
     make_dataset(store, [900, 1300, 400], exact=True)
     sae = make_sae("relu", exact=True)
-    kw = dict(top_k=4, reservoir_factor=5)
-    by_batch = [F.compute_partial(store, sae, "p1", 0, N_LATENTS, batch_rows=b, **kw) for b in (13, 100, 4096)]
+    settings = F.FeatureSettings(top_k=4, reservoir_factor=5)
+    by_batch = [F.compute_partial(store, sae, "p1", 0, N_LATENTS, settings, batch_rows=b) for b in (13, 100, 4096)]
     # tiny update groups and one-feature compaction blocks: every path of the streaming selection
     monkeypatch.setattr(F, "UPDATE_ENTRIES", 37)
     monkeypatch.setattr(F, "COMPACT_BLOCK_ENTRIES", 1)
-    by_batch.append(F.compute_partial(store, sae, "p1", 0, N_LATENTS, batch_rows=50, **kw))
+    by_batch.append(F.compute_partial(store, sae, "p1", 0, N_LATENTS, settings, batch_rows=50))
     assert by_batch[-1].diagnostics["res_compactions"] > by_batch[0].diagnostics["res_compactions"] + 10
     monkeypatch.undo()
     for other in by_batch[1:]:
@@ -201,19 +203,22 @@ def test_reservoir_is_the_same_whatever_the_batch_size_feature_range_and_merge_o
                 np.testing.assert_allclose(a, b, rtol=1e-12)
             else:
                 assert np.array_equal(a, b), name
-    sliced = F.compute_partial(store, sae, "p1", 16, 40, batch_rows=64, **kw)
+    sliced = F.compute_partial(store, sae, "p1", 16, 40, settings, batch_rows=64)
     for name in ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "max", "hist"):
         assert np.array_equal(getattr(sliced, name), getattr(by_batch[0], name)[16:40]), name
     # the reservoir really is kept partially: more activating tokens than slots
     assert (by_batch[0].count > by_batch[0].reservoir_size).sum() > 10
 
-    partials = [F.compute_partial(store, sae, key, 0, N_LATENTS, batch_rows=256, **kw) for key in ("p0", "p1", "p2")]
-    merged = [F.merge_partials(order) for order in (partials, partials[::-1], [partials[1], partials[2], partials[0]])]
+    partials = [F.compute_partial(store, sae, key, 0, N_LATENTS, settings, batch_rows=256)
+                for key in ("p0", "p1", "p2")]
+    merged = [F.merge_partials(order, settings)
+              for order in (partials, partials[::-1], [partials[1], partials[2], partials[0]])]
     for other in merged[1:]:
         assert other.examples.equals(merged[0].examples)
         assert other.stats.drop("mean", "sum").equals(merged[0].stats.drop("mean", "sum"))
     # a different seed draws a different sample
-    reseeded = F.compute_partial(store, sae, "p1", 0, N_LATENTS, batch_rows=256, top_k=4, reservoir_factor=5, seed=1)
+    reseeded = F.compute_partial(store, sae, "p1", 0, N_LATENTS, F.FeatureSettings(top_k=4, reservoir_factor=5, seed=1),
+                                 batch_rows=256)
     assert not np.array_equal(reseeded.res_row, by_batch[0].res_row)
     assert np.array_equal(reseeded.top_row, by_batch[0].top_row)
 
@@ -229,8 +234,9 @@ def test_reservoir_is_statistically_uniform_over_all_activating_tokens(store):
     offsets = {"p0": 0, "p1": splits[0], "p2": splits[0] + splits[1]}
     positions, per_partition, expected_partition = [], np.zeros(3), np.zeros(3)
     for seed in range(6):
-        tables = F.merge_partials(F.compute_partial(store, sae, k, 0, N_LATENTS, top_k=2, reservoir_factor=10,
-                                                    seed=seed, batch_rows=512) for k in offsets)
+        settings = F.FeatureSettings(top_k=2, reservoir_factor=10, seed=seed)
+        tables = F.merge_partials((F.compute_partial(store, sae, k, 0, N_LATENTS, settings, batch_rows=512)
+                                   for k in offsets), settings)
         rand = tables.examples.filter(pl.col("kind") == "random")
         for feature, group in rand.group_by("feature"):
             active = np.nonzero(dense[:, feature[0]] > 0)[0]
@@ -255,8 +261,9 @@ def test_densities_and_histograms_add_up(store):
     splits = [800, 1200, 300]
     make_dataset(store, splits)
     sae = make_sae("topk")
-    partials = [F.compute_partial(store, sae, f"p{i}", 0, N_LATENTS, top_k=3, batch_rows=200) for i in range(3)]
-    stats = F.merge_partials(partials).stats
+    settings = F.FeatureSettings(top_k=3)
+    partials = [F.compute_partial(store, sae, f"p{i}", 0, N_LATENTS, settings, batch_rows=200) for i in range(3)]
+    stats = F.merge_partials(partials, settings).stats
     counts = np.stack(stats["count"].to_numpy())
     hist = np.stack(stats["histogram"].to_list())
     assert hist.shape == (N_LATENTS, F.N_HIST_BINS) and len(F.HIST_EDGES) == F.N_HIST_BINS - 1
@@ -276,8 +283,8 @@ def test_densities_and_histograms_add_up(store):
 def test_interval_examples_fall_in_their_intervals_and_come_from_the_sample(store):
     make_dataset(store, [3000])
     sae = make_sae("relu")
-    tables = F.merge_partials([F.compute_partial(store, sae, "p0", 0, N_LATENTS, top_k=5, reservoir_factor=10)],
-                              n_intervals=5, per_interval=3)
+    settings = F.FeatureSettings(top_k=5, reservoir_factor=10, n_intervals=5, per_interval=3)
+    tables = F.merge_partials([F.compute_partial(store, sae, "p0", 0, N_LATENTS, settings)], settings)
     ex = tables.examples.join(tables.stats.select("feature", "max"), on="feature")
     inter = ex.filter(pl.col("kind") == "interval")
     assert inter.height > N_LATENTS
@@ -300,7 +307,7 @@ def test_interval_examples_fall_in_their_intervals_and_come_from_the_sample(stor
 def test_brute_force_check_passes_on_good_tables_and_catches_tampering(store):
     make_dataset(store, [600, 500])
     sae = make_sae("relu")
-    F.build_feature_tables(store, sae, "run", top_k=4, reservoir_factor=2)
+    F.build_feature_tables(store, sae, "run", F.FeatureSettings(top_k=4, reservoir_factor=2))
     good = F.read_tables(store, "run", 0)
     for reencode in (False, True):  # the witness pass 1 recorded (every feature here), and a dense re-encode
         check = F.brute_force_check(store, sae, "run", 0, 0, N_LATENTS, sample_features=N_LATENTS, reencode=reencode)
@@ -329,7 +336,7 @@ def test_brute_force_check_passes_on_good_tables_and_catches_tampering(store):
     tampered("histogram", stats=good.stats.with_columns(
         pl.when(is_f).then(pl.col("histogram").list.reverse()).otherwise(pl.col("histogram")).alias("histogram")))
     # features outside a small witness sample: the invariants still catch a changed count or histogram
-    F.build_feature_tables(store, sae, "small", top_k=4, reservoir_factor=2, check_features=4)
+    F.build_feature_tables(store, sae, "small", F.FeatureSettings(top_k=4, reservoir_factor=2, check_features=4))
     small = F.read_tables(store, "small", 0)
     assert len(small.meta["witness"]) == 4
     assert F.brute_force_check(store, sae, "small", 0, 0, N_LATENTS)["ok"]
@@ -368,7 +375,8 @@ def test_tables_of_a_later_hook_point_and_of_a_transcoder_read_their_own_store(s
                                 "output_scale": transcoder.output_scale})
     for run, sae, group, rows in (("h1", make_sae("relu"), "hooks/1.zarr", second),
                                   ("tc", transcoder, "hooks/2.zarr", second)):
-        F.build_feature_tables(store, sae, run, n_feature_shards=2, top_k=4, reservoir_factor=2, group=group)
+        F.build_feature_tables(store, sae, run, F.FeatureSettings(top_k=4, reservoir_factor=2), n_feature_shards=2,
+                               group=group)
         for i, (start, stop) in enumerate(F.feature_shards(N_LATENTS, 2)):
             tables = F.read_tables(store, run, i)
             assert tables.meta["group"] == group and tables.stats["n_tokens_total"][0] == len(rows)
@@ -379,9 +387,9 @@ def test_tables_of_a_later_hook_point_and_of_a_transcoder_read_their_own_store(s
             np.testing.assert_allclose(top["activation"].to_numpy(), dense[np.arange(top.height), top["feature"]],
                                        rtol=1e-5, atol=1e-6)
     with pytest.raises(StorageError, match="no hook-point store 'hooks/3.zarr'"):
-        F.compute_partials(store, make_sae("relu"), "p0", [(0, N_LATENTS)], group="hooks/3.zarr")
+        F.compute_partials(store, make_sae("relu"), "p0", [(0, N_LATENTS)], SETTINGS, group="hooks/3.zarr")
     with pytest.raises(F.FeatureError, match=r"\(hook-point store hooks/2.zarr\) has rows of width 32"):
-        F.compute_partials(store, make_sae("relu"), "p0", [(0, N_LATENTS)], group="hooks/2.zarr")
+        F.compute_partials(store, make_sae("relu"), "p0", [(0, N_LATENTS)], SETTINGS, group="hooks/2.zarr")
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
@@ -402,7 +410,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     for key in ("short", "short", "long"):  # the first run warms up (lazy initialisation)
         open("/proc/self/clear_refs", "w").write("5")
         before = status("VmRSS")
-        partial = F.compute_partial(store, sae, key, 0, 64, batch_rows=4096)
+        partial = F.compute_partial(store, sae, key, 0, 64, F.FeatureSettings(), batch_rows=4096)
         out[key] = status("VmHWM") - before
         del partial
     print(json.dumps(out))
@@ -437,51 +445,51 @@ def test_bad_inputs_raise_errors_that_name_the_problem_and_the_fix(store):
     make_dataset(store, [300, 200])
     sae = make_sae("relu")
     with pytest.raises(F.FeatureError, match="width 16 but the SAE expects d_model 24") as err:
-        F.compute_partial(store, make_sae("relu", d=24), "p0", 0, 8)
+        F.compute_partial(store, make_sae("relu", d=24), "p0", 0, 8, SETTINGS)
     assert "How to fix" in str(err.value)
     with pytest.raises(StorageError, match="activation partition 'nope' is missing"):
-        F.compute_partial(store, sae, "nope", 0, 8)
+        F.compute_partial(store, sae, "nope", 0, 8, SETTINGS)
     with pytest.raises(F.FeatureError, match=r"feature range \[60, 70\) is outside the SAE's latents \[0, 64\)"):
-        F.compute_partial(store, sae, "p0", 60, 70)
-    with pytest.raises(F.FeatureError, match="top_k must be a positive integer"):
-        F.compute_partial(store, sae, "p0", 0, 8, top_k=0)
-    a = F.compute_partial(store, sae, "p0", 0, 8)
+        F.compute_partial(store, sae, "p0", 60, 70, SETTINGS)
+    with pytest.raises(SettingsError, match="top_k = 0 is too small"):
+        F.compute_partial(store, sae, "p0", 0, 8, F.FeatureSettings(top_k=0))
+    a = F.compute_partial(store, sae, "p0", 0, 8, SETTINGS)
     with pytest.raises(F.FeatureError, match="disagree on stop"):
-        F.merge_partials([a, F.compute_partial(store, sae, "p1", 0, 16)])
+        F.merge_partials([a, F.compute_partial(store, sae, "p1", 0, 16, SETTINGS)], SETTINGS)
     with pytest.raises(F.FeatureError, match="appears twice"):
-        F.merge_partials([a, a])
+        F.merge_partials([a, a], SETTINGS)
     with pytest.raises(F.FeatureError, match="different SAE weights"):
-        F.merge_partials([a, F.compute_partial(store, make_sae("relu", seed=4), "p1", 0, 8)])
+        F.merge_partials([a, F.compute_partial(store, make_sae("relu", seed=4), "p1", 0, 8, SETTINGS)], SETTINGS)
     with pytest.raises(F.FeatureError, match="no partials"):
-        F.merge_partials([])
+        F.merge_partials([], SETTINGS)
     with pytest.raises(StorageError, match="feature tables of run 'run', shard 0 is missing"):
         F.read_tables(store, "run", 0)
     with pytest.raises(StorageError, match="feature partial"):
         F.read_partial(store, "run", "p0", 0)
-    F.write_tables(store, "run", 0, F.merge_partials([a]))
+    F.write_tables(store, "run", 0, F.merge_partials([a], SETTINGS))
     with pytest.raises(F.FeatureError, match=r"cover \[0, 8\), not \[0, 16\)"):
         F.brute_force_check(store, sae, "run", 0, 0, 16)
     bad = synthetic_rows(100)
     bad[37, 3] = np.nan
     write_partition(store, "broken", bad)
     with pytest.raises(F.FeatureError, match="NaN/inf values .first at row 37"):
-        F.compute_partial(store, sae, "broken", 0, 8, batch_rows=16)
+        F.compute_partial(store, sae, "broken", 0, 8, SETTINGS, batch_rows=16)
     with pytest.raises(PlatformError, match="no activation partitions"):
         from sae_platform.storage import ArtifactStore
-        F.build_feature_tables(ArtifactStore(f"{store.root}/empty"), sae, "run")
+        F.build_feature_tables(ArtifactStore(f"{store.root}/empty"), sae, "run", SETTINGS)
 
 
 def test_partials_and_tables_commit_atomically(store, monkeypatch):
     make_dataset(store, [400])
     sae = make_sae("relu")
-    partial = F.compute_partial(store, sae, "p0", 0, N_LATENTS, top_k=3)
+    partial = F.compute_partial(store, sae, "p0", 0, N_LATENTS, F.FeatureSettings(top_k=3))
     F.write_partial(store, "run", "p0", 0, partial)
     back = F.read_partial(store, "run", "p0", 0)
     for name in F.Partial.ARRAYS:
         assert np.array_equal(getattr(back, name), getattr(partial, name)), name
     assert back.partition_version == store.pointer("activations/p0")["version"]
     assert F.list_partials(store, "run", 0) == ["p0"] and F.list_partials(store, "run", 1) == []
-    tables = F.merge_partials([back])
+    tables = F.merge_partials([back], SETTINGS)
     F.write_tables(store, "run", 0, tables)
     first = store.resolve(F.tables_name("run", 0))
 
@@ -502,3 +510,17 @@ def test_partials_and_tables_commit_atomically(store, monkeypatch):
     assert again.meta["hist_bin_edges"] == F.hist_bin_edges() and again.meta["partitions"][0]["key"] == "p0"
     leftovers = [p for p in store.fs.ls(store.path(F.tables_name("run", 0)), detail=False) if "/v-" in p]
     assert len(leftovers) == 1  # the failed version directory was removed
+
+
+def test_written_tables_have_the_schemas_tables_declares(store):
+    """stats.parquet and examples.parquet as written: the columns, order and dtypes of
+    ``tables.STATS_SCHEMA`` and ``tables.EXAMPLE_SCHEMA`` (the browser and pass 3 read them by those)."""
+    from sae_platform.tables import EXAMPLE_SCHEMA, STATS_SCHEMA
+
+    make_dataset(store, [300, 200])
+    F.build_feature_tables(store, make_sae("relu"), "run", F.FeatureSettings(top_k=3, reservoir_factor=2),
+                           n_feature_shards=2)
+    for index in range(2):
+        path = store.resolve(F.tables_name("run", index))
+        for name, schema in (("stats.parquet", STATS_SCHEMA), ("examples.parquet", EXAMPLE_SCHEMA)):
+            assert list(pl.read_parquet_schema(f"{path}/{name}").items()) == list(schema.items()), name

@@ -118,3 +118,24 @@ def test_stored_heldout_codes_are_reused_only_for_the_checkpoint_they_were_encod
         assert getattr(back, name).dtype == getattr(codes, name).dtype
     assert read_heldout_codes(store, path, "ckpt-b") is None  # encoded with another checkpoint
     assert read_heldout_codes(store, None, "ckpt-a") is None  # no evaluation committed
+
+
+def test_the_probe_table_has_the_schema_tables_declares(tiny_hooked):
+    """probes.json beside sae_eval's report (``probe_metrics``' table): one row per property, with
+    the columns (in order) and value types of ``tables.PROBE_SCHEMA``."""
+    import polars as pl
+
+    from sae_platform.metrics import probe_metrics
+    from sae_platform.probes import PROPERTIES
+    from sae_platform.tables import PROBE_SCHEMA
+
+    torch.manual_seed(0)
+    sae = build_sae("topk", tiny_hooked.d_model, 64, k=4)
+    codes = heldout_codes(tiny_hooked, sae, _contexts(tiny_hooked), hook_point="blocks.1.hook_resid_post",
+                          keep_neurons=True)
+    _, table = probe_metrics(codes, tiny_hooked.tokenizer, sae.n_latents)
+    assert len(table) == len(PROPERTIES)
+    python_type = {pl.String: str, pl.Int64: int, pl.Float64: float}
+    for row in table:
+        assert list(row) == list(PROBE_SCHEMA)
+        assert all(type(row[k]) is python_type[dtype] for k, dtype in PROBE_SCHEMA.items()), row

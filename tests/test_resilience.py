@@ -295,11 +295,13 @@ TABLES_SCRIPT = textwrap.dedent("""
     sae = build_sae("relu", {D}, {N_LATENTS}).eval()
     sae.load_state_dict(torch.load(sae_file))
     shards = ft.feature_shards(sae.n_latents, {N_SHARDS})
+    settings = ft.FeatureSettings(**{TABLES})
     # The new batch p1 arrived: pass 1 for it, then pass 2 over every batch, shard by shard.
     for index, (start, stop) in enumerate(shards):
-        ft.write_partial(store, "run", "p1", index, ft.compute_partial(store, sae, "p1", start, stop, **{TABLES}))
+        ft.write_partial(store, "run", "p1", index, ft.compute_partial(store, sae, "p1", start, stop, settings))
     for index in range(len(shards)):
-        ft.write_tables(store, "run", index, ft.merge_partials(ft.read_partials(store, "run", index, ["p0", "p1"])))
+        ft.write_tables(store, "run", index, ft.merge_partials(ft.read_partials(store, "run", index, ["p0", "p1"]),
+                                                               settings))
 """).replace("{D}", str(D)).replace("{N_LATENTS}", str(N_LATENTS)).replace("{N_SHARDS}", str(N_SHARDS)) \
     .replace("{TABLES}", repr(TABLES))
 
@@ -336,7 +338,8 @@ def test_killed_table_pass_leaves_the_committed_table_whole(store, tmp_path, kil
     sae_file = tmp_path / "sae.pt"
     torch.save(sae.state_dict(), sae_file)
     _write_acts(store, "p0", p0)
-    ft.build_feature_tables(store, sae, "run", n_feature_shards=N_SHARDS, **TABLES)  # the first complete run
+    # the first complete run
+    ft.build_feature_tables(store, sae, "run", ft.FeatureSettings(**TABLES), n_feature_shards=N_SHARDS)
     before = {i: (store.pointer(catalog.tables_name("run", i)), ft.read_tables(store, "run", i)) for i in range(N_SHARDS)}
     assert all(t.meta["n_tokens_total"] == 1500 for _, t in before.values())
 
@@ -370,7 +373,7 @@ def test_killed_table_pass_leaves_the_committed_table_whole(store, tmp_path, kil
     clean = ArtifactStore(str(tmp_path / "clean"))  # the same data computed once, without a kill
     _write_acts(clean, "p0", p0)
     _write_acts(clean, "p1", p1)
-    ft.build_feature_tables(clean, sae, "run", n_feature_shards=N_SHARDS, **TABLES)
+    ft.build_feature_tables(clean, sae, "run", ft.FeatureSettings(**TABLES), n_feature_shards=N_SHARDS)
     for i in range(N_SHARDS):
         got, want = ft.read_tables(store, "run", i), ft.read_tables(clean, "run", i)
         assert got.meta["n_tokens_total"] == 2500 and [p["key"] for p in got.meta["partitions"]] == ["p0", "p1"]

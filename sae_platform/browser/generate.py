@@ -73,44 +73,58 @@ from sae_platform.tables import (
     BOTTOM_TOKEN_IDS,
     BOTTOM_TOKEN_STRS,
     CENTER,
+    COOCCURRING,
+    COOCCURRING_SHARES,
+    COUNT,
+    DENSITY,
     DOC_ID,
     EXAMPLE_COLUMNS,
+    EXPLANATION,
+    EXPLANATION_SCHEMA,
     FEATURE,
     HAS_ACT,
+    HISTOGRAM,
     INTERVAL,
     KIND,
     KIND_ORDER,
+    KIND_TOP,
+    LOGIT_SCHEMA,
+    MAX,
+    MEAN,
+    N_FIRINGS,
+    N_MATCHES,
+    N_TOKENS_TOTAL,
+    NEIGHBOR_COSINES,
+    NEIGHBORS,
     PARTITION,
+    PATTERNS,
+    PRECISION,
     RANK,
+    RECALL,
     ROW,
+    STATS_SCHEMA,
+    SUM,
     TOKEN_STRS,
     TOP_SCORES,
     TOP_TOKEN_IDS,
     TOP_TOKEN_STRS,
 )
 
-# -- input tables (the same column names as sae_platform.features / sae_platform.contexts; not
-#    imported from there so that building and serving a site never loads torch) ---------------
+# -- input tables (their schemas: sae_platform.tables, free of torch so that building and serving
+#    a site never loads it) --------------------------------------------------------------------
 STATS_FRAME = "feature_stats"
 EXAMPLES_FRAME = "feature_examples"
 CONTEXTS_FRAME = "feature_contexts"
 LOGITS_FRAME = "logit_effects"
 EXPLANATIONS_FRAME = "explanations"   # optional: sae_platform.metrics.explain_shard's table
-EXPLANATION_COLUMNS = ("feature", "explanation", "precision", "recall", "n_matches", "n_firings", "neighbors",
-                       "neighbor_cosines", "cooccurring", "cooccurring_shares")
 INDEX_EXPLANATION_CHARS = 160         # explanation text kept in index.json for the search
 SHARD_START, SHARD_STOP = "start", "stop"
 
-N_TOKENS_TOTAL = "n_tokens_total"
-COUNT = "count"
-DENSITY = "density"
-MAX = "max"
-MEAN = "mean"
-HISTOGRAM = "histogram"
-STATS_COLUMNS = (FEATURE, N_TOKENS_TOTAL, COUNT, DENSITY, MAX, MEAN, HISTOGRAM)
+# the columns a site reads from each table
+STATS_COLUMNS = tuple(c for c in STATS_SCHEMA if c != SUM)
 CONTEXT_COLUMNS = (*EXAMPLE_COLUMNS, CENTER, TOKEN_STRS, ACTS, HAS_ACT, DOC_ID)
-LOGIT_COLUMNS = (FEATURE, TOP_TOKEN_IDS, TOP_TOKEN_STRS, TOP_SCORES, BOTTOM_TOKEN_IDS, BOTTOM_TOKEN_STRS,
-                 BOTTOM_SCORES)
+LOGIT_COLUMNS = tuple(LOGIT_SCHEMA)
+EXPLANATION_COLUMNS = tuple(c for c in EXPLANATION_SCHEMA if c != PATTERNS)
 
 # -- the site ----------------------------------------------------------------------------------
 CHUNK_FEATURES = 64        # features per lazily fetched data file
@@ -262,11 +276,11 @@ def _explanations_frame(shards: list[dict]) -> pl.DataFrame | None:
     for frame in _gather(shards, EXPLANATIONS_FRAME):
         _need(frame, EXPLANATION_COLUMNS, EXPLANATIONS_FRAME)
         frames.append(frame.select(
-            pl.col(FEATURE).cast(pl.Int64), pl.col("explanation").cast(pl.String),
-            _round(pl.col("precision"), 3).alias("n2g_precision"), _round(pl.col("recall"), 3).alias("n2g_recall"),
-            pl.col("n_matches").alias("n2g_matches"), pl.col("n_firings").alias("n2g_firings"),
-            pl.col("neighbors").cast(pl.List(pl.Int64)), _round_list(pl.col("neighbor_cosines"), 3),
-            pl.col("cooccurring").cast(pl.List(pl.Int64)), _round_list(pl.col("cooccurring_shares"), 3)))
+            pl.col(FEATURE).cast(pl.Int64), pl.col(EXPLANATION).cast(pl.String),
+            _round(pl.col(PRECISION), 3).alias("n2g_precision"), _round(pl.col(RECALL), 3).alias("n2g_recall"),
+            pl.col(N_MATCHES).alias("n2g_matches"), pl.col(N_FIRINGS).alias("n2g_firings"),
+            pl.col(NEIGHBORS).cast(pl.List(pl.Int64)), _round_list(pl.col(NEIGHBOR_COSINES), 3),
+            pl.col(COOCCURRING).cast(pl.List(pl.Int64)), _round_list(pl.col(COOCCURRING_SHARES), 3)))
     if not frames:
         return None
     frame = pl.concat(frames)
@@ -363,7 +377,7 @@ def _feature_ids(shards: list[dict]) -> np.ndarray:
 
 def _search_tokens(examples: pl.DataFrame) -> pl.DataFrame:
     """Per feature, its strongest distinct activating tokens in the top examples: (feature, tokens)."""
-    top = examples.filter((pl.col(KIND) == "top") & pl.col(TOKEN_STRS).is_not_null()).select(
+    top = examples.filter((pl.col(KIND) == KIND_TOP) & pl.col(TOKEN_STRS).is_not_null()).select(
         FEATURE, TOKEN_STRS, ACTS, HAS_ACT)
     exploded = top.explode([TOKEN_STRS, ACTS, HAS_ACT]).filter(
         (pl.col(ACTS) > 0) & pl.col(HAS_ACT).fill_null(True) & (pl.col(TOKEN_STRS).str.strip_chars() != ""))
