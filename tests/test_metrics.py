@@ -132,7 +132,7 @@ def test_the_probe_table_has_the_schema_tables_declares(tiny_hooked):
     torch.manual_seed(0)
     sae = build_sae("topk", tiny_hooked.d_model, 64, k=4)
     codes = heldout_codes(tiny_hooked, sae, _contexts(tiny_hooked), hook_point="blocks.1.hook_resid_post",
-                          keep_neurons=True)
+                          rule=_rule(tiny_hooked), keep_neurons=True)
     _, table = probe_metrics(codes, tiny_hooked.tokenizer, sae.n_latents)
     assert len(table) == len(PROPERTIES)
     python_type = {pl.String: str, pl.Int64: int, pl.Float64: float}
