@@ -5,7 +5,7 @@
     sae-platform backfill [--all | KEY ...]                run cache_activations for missing partitions
     sae-platform shuffle [--memory-budget-mb 1024]         shuffle every cached partition (one ranged run)
     sae-platform train [NAME ...] [--token-budget N]       train + evaluate sweep entries (config/sweep.yaml)
-    sae-platform features [--sae NAME]                     feature tables, context windows, browser
+    sae-platform features [--sae NAME]                     feature tables, contexts, explanations, browser
     sae-platform lineage [--sae NAME] [--shard N]          upstream lineage of a feature table
     sae-platform browse [--port 8000]                      serve the feature browser on localhost
     sae-platform serve [--port 8000]                       the browser + live "text in, features out"
@@ -208,32 +208,71 @@ def cmd_train(args) -> int:
     return 1 if failed else 0
 
 
+def feature_runs(batches: list[str]) -> list[tuple[str, list[str | None]]]:
+    """The runs that build one SAE's feature tables, explanations and browser, in pipeline order: the
+    asset job of every stage of the `features` group, as the stage declarations name them (the jobs
+    the UI launches), with one run per partition: each batch of ``batches`` (the SAE's pinned ones),
+    each feature shard, or one run for an unpartitioned stage."""
+    from assets import STAGES
+    from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS
+
+    runs: dict[str, list[str | None]] = {}
+    for stage in STAGES.values():  # declared in dependency order (tests/test_definitions.py)
+        if stage.group != "features" or stage.job.name in runs:
+            continue
+        if stage.partitions is None:
+            runs[stage.job.name] = [None]
+        elif stage.partitions is ACTIVATION_BATCHES:
+            runs[stage.job.name] = list(batches)
+        elif stage.partitions is FEATURE_SHARDS:
+            runs[stage.job.name] = FEATURE_SHARDS.get_partition_keys()
+        else:
+            raise PlatformError(f"`sae-platform features` does not know which partitions of {stage.asset} to run "
+                                f"({type(stage.partitions).__name__})", "teach feature_runs in jobs/cli its partitions")
+    return list(runs.items())
+
+
+def run_failure(result) -> str | None:
+    """Why a run failed (its failed checks, else the error its first failed step raised), or None."""
+    failed_checks = [f"{c.asset_key.to_user_string()}: check {c.check_name} failed"
+                     for c in result.get_asset_check_evaluations() if not c.passed]
+    if failed_checks:
+        return "; ".join(failed_checks)
+    if result.success:
+        return None
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error
+        while error.cause is not None:  # the error the stage raised, not Dagster's wrapper
+            error = error.cause
+        return f"{event.step_key}: {error.message.strip()}"
+    return "the run failed (its events are in the UI)"
+
+
 def build_features(instance, defs, sae_name: str) -> bool:
-    """Passes 1-3, the explanations and the browser, one Dagster run per partition (as a backfill would
-    launch them)."""
+    """Feature tables, context windows, explanations and browser of one SAE: each stage's asset job
+    (:func:`feature_runs`), one Dagster run per partition, as a backfill would launch them."""
     from tqdm import tqdm
 
-    from assets.partitions import N_FEATURE_SHARDS
     from sae_platform.shuffle import pinned_keys
     from sae_platform.trainer import trained_on
 
     store = defs.resources["storage"].store()
     batches = pinned_keys(store, trained_on(store, sae_name))  # the store of the SAE's own hook point
-    shards = [f"f{i}" for i in range(N_FEATURE_SHARDS)]
     run_config = _quiet(stage_settings(features={"sae_name": sae_name}))
-    steps = [("feature_pass_1", batches),
-             ("feature_pass_2", shards), ("feature_pass_3", batches), ("feature_regroup", shards),
-             ("explain_features", shards)]
-    for job_name, keys in steps:
+    runs = feature_runs(batches)
+    print(f"{sae_name}: {len(batches)} pinned batch(es); " + ", then ".join(
+        f"{job_name} ({len(keys)} run{'s' if len(keys) > 1 else ''})" for job_name, keys in runs), flush=True)
+    for job_name, keys in runs:
         job = defs.resolve_job_def(job_name)
         for key in tqdm(keys, desc=job_name, unit="run"):
             result = job.execute_in_process(instance=instance, partition_key=key, run_config=run_config,
                                             raise_on_error=False)
-            if not result.success or not all(c.passed for c in result.get_asset_check_evaluations()):
-                print(f"{job_name} failed for {key}", file=sys.stderr)
+            failure = run_failure(result)
+            if failure:
+                print(f"{job_name}{f' [{key}]' if key is not None else ''} failed (run {result.run_id}): {failure}",
+                      file=sys.stderr)
                 return False
-    return defs.resolve_job_def("build_browser").execute_in_process(
-        instance=instance, run_config=run_config, raise_on_error=False).success
+    return True
 
 
 def cmd_features(args) -> int:
@@ -573,7 +612,7 @@ def main(argv=None) -> int:
     train_cmd.add_argument("names", nargs="*")
     _training_arguments(train_cmd)
     train_cmd.set_defaults(func=cmd_train)
-    features = commands.add_parser("features", help="feature tables, contexts and the browser for one SAE")
+    features = commands.add_parser("features", help="feature tables, contexts, explanations and the browser of one SAE")
     features.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     features.set_defaults(func=cmd_features)
     lineage = commands.add_parser("lineage", help="upstream lineage of a feature table")

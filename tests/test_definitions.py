@@ -81,7 +81,7 @@ def test_each_stage_is_one_asset_and_one_full_pipeline_step(tmp_path):
 def test_each_stage_has_one_name_and_declares_its_asset_job(tmp_path):
     """Besides its asset key, a stage has one name: its body's, which is its full_pipeline step; and the
     asset jobs are the ones the stages declare, each selecting exactly the stages that name it."""
-    from assets.stage import Stage
+    from assets.stage import Stage, upstream_keys
 
     names = [stage.op_name for stage in STAGES.values()]
     assert names == [stage.body.__name__ for stage in STAGES.values()]
@@ -89,6 +89,9 @@ def test_each_stage_has_one_name_and_declares_its_asset_job(tmp_path):
     with pytest.raises(TypeError, match="named function"):
         Stage(asset="x", description="", group="g", body=lambda run: {}, version=lambda run: None)
     assert all(stage.job for stage in STAGES.values())
+    declared = list(STAGES)  # in dependency order, which full_pipeline and `sae-platform features` follow
+    for position, stage in enumerate(STAGES.values()):
+        assert {key.to_user_string() for key in upstream_keys(stage)} <= set(declared[:position]), stage.asset
     graph = build_definitions(_settings(tmp_path)).resolve_asset_graph()
     assert [job.name for job in ASSET_JOBS] == list(dict.fromkeys(stage.job.name for stage in STAGES.values()))
     for job in ASSET_JOBS:
