@@ -13,10 +13,10 @@ blocking check does and the asset job that materializes it. A stage has two name
 * :func:`run_as_step`: the step of the ``full_pipeline`` op job (``jobs/full_pipeline.py``), which
   logs the same materialization and check evaluations.
 
-Both call :func:`execute`, so a stage skips, versions, checks and fails the same way whichever
-job runs it. A skipped stage still reports a materialization, with the data version of what is
-stored (unchanged, so nothing downstream turns stale) and ``up_to_date`` saying why; its checks
-report the verdicts recorded when that version was built.
+The asset and the step both call :func:`execute`, so a stage skips, versions, checks and fails the
+same way whichever job runs it. A skipped stage still reports a materialization, with the data
+version of what is stored (unchanged, so nothing downstream turns stale) and ``up_to_date`` saying
+why; its checks report the verdicts recorded when that version was built.
 """
 
 from collections.abc import Callable
@@ -108,14 +108,23 @@ class Check:
 
 
 @dataclass(frozen=True)
+class AssetJob:
+    """An asset job: what the UI's Launchpad, the sensors and the CLI launch to materialize the stages
+    that name it (declared on the stages, so a new stage brings its job with it; see :func:`asset_jobs`)."""
+
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
 class Stage:
     """One stage of the pipeline, declared once (see the module docstring)."""
 
     asset: str                                       # asset key
     description: str
     group: str
-    body: Callable[[StageRun], dict]                 # does the work; returns metadata. Its name is the stage's
-                                                     # (op_name): the step in full_pipeline
+    body: Callable[[StageRun], dict]                 # does the work; returns metadata. Its name is the
+                                                     # stage's step in full_pipeline (op_name)
     version: Callable[[StageRun], str | None]        # data version of what is stored now
     resources: tuple[str, ...] = ("storage",)
     partitions: PartitionsDefinition | None = None
@@ -127,7 +136,7 @@ class Stage:
     # Errors that are one partition's own fault (a bad file): the asset run of that partition fails,
     # while full_pipeline reports it and goes on with the other partitions.
     partition_errors: tuple[type[Exception], ...] = ()
-    job: "AssetJob | None" = None                    # its asset job (stages of one job name the same AssetJob)
+    job: AssetJob | None = None                      # its asset job (stages of one job name the same AssetJob)
 
     def __post_init__(self):
         if not getattr(self.body, "__name__", "<lambda>").isidentifier():
@@ -138,15 +147,6 @@ class Stage:
     def op_name(self) -> str:
         """The stage's one name besides its asset key: its body's, and its step's in full_pipeline."""
         return self.body.__name__
-
-
-@dataclass(frozen=True)
-class AssetJob:
-    """An asset job: what the UI's Launchpad, the sensors and the CLI launch to materialize the stages
-    that name it (declared on the stages, so a new stage brings its job with it; see :func:`asset_jobs`)."""
-
-    name: str
-    description: str
 
 
 @dataclass
