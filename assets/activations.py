@@ -5,7 +5,7 @@ import time
 from dagster import MetadataValue
 
 from assets.partitions import ACTIVATION_BATCHES
-from assets.stage import Stage, StageRun, pointer_version
+from assets.stage import AssetJob, Stage, StageRun, pointer_version
 from sae_platform.activations import cache_text_file
 from sae_platform.catalog import partition_name
 from sae_platform.errors import SourceError
@@ -38,9 +38,10 @@ def convert_base_model(run: StageRun) -> dict:
 
 
 BASE_MODEL = Stage(
-    asset="base_model", op_name="convert_base_model", group="activations", kinds=frozenset({"pytorch", "safetensors"}),
+    asset="base_model", group="activations", kinds=frozenset({"pytorch", "safetensors"}),
     description="The base LM converted once to fp32 safetensors, so every later load takes under a second.",
     resources=("storage", "language_model"),
+    job=AssetJob("prepare_base_model", "Convert the base model once to safetensors and store it as an artifact."),
     up_to_date=base_model_stored, body=convert_base_model, version=pointer_version(_model_name))
 
 
@@ -100,9 +101,10 @@ def progress_logger(log, unit: str):
 
 
 ACTIVATIONS = Stage(
-    asset="activations", op_name="cache_batch", group="activations", kinds=frozenset({"pytorch", "zarr"}),
+    asset="activations", group="activations", kinds=frozenset({"pytorch", "zarr"}),
     description="Residual-stream activations of one batch of text, one row per token (start tokens excluded).",
     partitions=ACTIVATION_BATCHES, deps=("base_model",),
+    job=AssetJob("cache_activations", "Cache the hook-layer activations of one batch of text (one partition)."),
     resources=("storage", "language_model", "text_source", "caching"),
     up_to_date=batch_cached, body=cache_batch, version=pointer_version(_batch_name),
     partition_errors=(SourceError,))  # recorded by cache_text_file (inbox.record_failed_attempt)

@@ -10,7 +10,7 @@ from dagster import AllPartitionMapping, AssetDep, MetadataValue
 
 from assets.metadata import table_metadata, table_preview
 from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, N_FEATURE_SHARDS
-from assets.stage import Check, Stage, StageRun, pointer_version
+from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from assets.training import heldout_contexts
 from sae_platform import catalog
 from sae_platform import contexts as ctx
@@ -87,7 +87,7 @@ def _stage(**declared) -> Stage:
 
 # -- pass 1 ---------------------------------------------------------------------------------------
 
-def stats_partial(run: StageRun) -> dict:
+def partial_stats(run: StageRun) -> dict:
     """Stream one activation batch through the SAE once and fold its codes into every feature shard's
     partial (docs/design.md, "Feature tables"): for TopK-style SAEs the selection, the expensive part,
     runs once per row whatever the number of feature shards."""
@@ -109,12 +109,13 @@ def partials_version(run: StageRun) -> str | None:
 
 
 FEATURE_STATS_PARTIAL = _stage(
-    asset="feature_stats_partial", op_name="partial_stats", kinds=frozenset({"pytorch"}),
+    asset="feature_stats_partial", kinds=frozenset({"pytorch"}),
+    job=AssetJob("feature_pass_1", "Pass 1 of the feature tables for one activation batch (every feature shard)."),
     description="Pass 1: stream one activation batch through the SAE once; keep per feature of every feature shard "
                 "the top-K, a uniform random sample, counts, sum, max and a histogram.",
     partitions=ACTIVATION_BATCHES, resources=RESOURCES,
     deps=("activations", AssetDep("sae_checkpoint", partition_mapping=AllPartitionMapping())),
-    body=stats_partial, version=partials_version)
+    body=partial_stats, version=partials_version)
 
 
 # -- pass 2 ---------------------------------------------------------------------------------------
@@ -176,7 +177,9 @@ def check_brute_force(run: StageRun) -> dict:
 
 
 FEATURE_TOPK = _stage(
-    asset="feature_topk", op_name="merge_shard", kinds=frozenset({"parquet"}),
+    asset="feature_topk", kinds=frozenset({"parquet"}),
+    job=AssetJob("feature_pass_2", "Pass 2: merge one feature shard's partials, check against brute force, logit "
+                 "effects."),
     description="Pass 2: merge one feature shard's partials: exact top-K, uniform random and interval examples, "
                 "density, histogram, logit effects (W_dec · W_U).",
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model"),
@@ -209,7 +212,8 @@ def context_windows(run: StageRun) -> dict:
 
 
 FEATURE_CONTEXT_WINDOWS = _stage(
-    asset="feature_context_windows", op_name="context_windows", kinds=frozenset({"parquet"}),
+    asset="feature_context_windows", kinds=frozenset({"parquet"}),
+    job=AssetJob("feature_pass_3", "Pass 3: context windows of the examples that fall in one activation batch."),
     description="Pass 3, sharded over the dataset: the context windows of the chosen examples in one batch.",
     partitions=ACTIVATION_BATCHES, resources=(*RESOURCES, "language_model"),
     deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()), "activations"),
@@ -217,7 +221,7 @@ FEATURE_CONTEXT_WINDOWS = _stage(
     version=pointer_version(lambda run: catalog.contexts_partial_name(_settings(run).sae_name, run.partition_key)))
 
 
-def regroup(run: StageRun) -> dict:
+def regroup_contexts(run: StageRun) -> dict:
     """The context windows of this feature shard's examples, sorted by feature."""
     settings, (sae, _) = _settings(run), _load(run)
     index = _shard(run.partition_key)
@@ -229,11 +233,12 @@ def regroup(run: StageRun) -> dict:
 
 
 FEATURE_CONTEXTS = _stage(
-    asset="feature_contexts", op_name="regroup_contexts", kinds=frozenset({"parquet"}),
+    asset="feature_contexts", kinds=frozenset({"parquet"}),
+    job=AssetJob("feature_regroup", "Pass 3 regrouped by feature shard."),
     description="Pass 3, regrouped: the context windows of one feature shard's examples, sorted by feature.",
     partitions=FEATURE_SHARDS, resources=RESOURCES,
     deps=(AssetDep("feature_context_windows", partition_mapping=AllPartitionMapping()),),
-    body=regroup,
+    body=regroup_contexts,
     version=pointer_version(lambda run: catalog.contexts_name(_settings(run).sae_name, _shard(run.partition_key))))
 
 
@@ -264,7 +269,7 @@ def heldout_codes(run: StageRun, sae, what: str):
     return fm.sae_heldout_codes(hooked, sae, store, settings.sae_name, tokens), hooked.tokenizer
 
 
-def explain_features(run: StageRun) -> dict:
+def explain_shard(run: StageRun) -> dict:
     """N2G explanations of this shard's features from their top and interval windows, scored on held-out
     text; nearest features by decoder cosine; co-occurring features."""
     settings, (sae, _), store = _settings(run), _load(run), run.store
@@ -290,16 +295,18 @@ def explain_features(run: StageRun) -> dict:
 
 
 FEATURE_EXPLANATIONS = Stage(
-    asset="feature_explanations", op_name="explain_shard", group="features", kinds=frozenset({"parquet"}),
+    asset="feature_explanations", group="features", kinds=frozenset({"parquet"}),
+    job=AssetJob("explain_features", "N2G explanations of one feature shard, scored on held-out text; similar and "
+                 "co-occurring features."),
     description="N2G explanations (Gao et al. 2024, section 4.4) of one feature shard from its top and interval "
                 "windows, scored by precision and recall on held-out text; nearest features by decoder cosine; "
                 "co-occurring features.",
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model", "holdout_text", "evaluation"),
-    deps=("feature_contexts",), up_to_date=explanations_current, body=explain_features,
+    deps=("feature_contexts",), up_to_date=explanations_current, body=explain_shard,
     version=pointer_version(lambda run: catalog.explanations_name(_settings(run).sae_name, _shard(run.partition_key))))
 
 
-def explain_with_llm(run: StageRun) -> dict:
+def explain_with_llm_step(run: StageRun) -> dict:
     """LLM explanations of the shard's most active latents, scored by detection on held-out text."""
     settings, (sae, _), store = _settings(run), _load(run), run.store
     index = _shard(run.partition_key)
@@ -337,17 +344,19 @@ def llm_disabled(run: StageRun) -> str | None:
 
 
 FEATURE_LLM_EXPLANATIONS = Stage(
-    asset="feature_llm_explanations", op_name="explain_with_llm_step", group="features", kinds=frozenset({"parquet"}),
+    asset="feature_llm_explanations", group="features", kinds=frozenset({"parquet"}),
+    job=AssetJob("explain_with_llm", "Optional: LLM explanations of a few features of one shard, scored by detection "
+                 "(balanced accuracy)."),
     description="Optional: LLM explanations of a few latents of one feature shard (an OpenAI-compatible endpoint, "
                 "or the embedded SmolLM2-135M-Instruct offline), scored by detection: balanced accuracy on held-out "
                 "activating and non-activating text (delphi).",
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model", "holdout_text", "evaluation", "llm_explainer"),
-    deps=("feature_contexts",), body=explain_with_llm, up_to_date=llm_disabled, version=llm_version)
+    deps=("feature_contexts",), body=explain_with_llm_step, up_to_date=llm_disabled, version=llm_version)
 
 
 # -- browser --------------------------------------------------------------------------------------
 
-def build_browser(run: StageRun) -> dict:
+def write_browser(run: StageRun) -> dict:
     """A static feature browser: index with search, a page per feature. Serve it with `make browse`."""
     settings, store = _settings(run), run.store
     shards = []
@@ -385,14 +394,15 @@ def browser_version(run: StageRun) -> str | None:
 
 
 FEATURE_BROWSER = _stage(
-    asset="feature_browser", op_name="write_browser", kinds=frozenset({"html"}),
+    asset="feature_browser", kinds=frozenset({"html"}),
+    job=AssetJob("build_browser", "Generate the static feature browser."),
     description="A static feature browser: index with search, a page per feature (highlighted examples, "
                 "histogram, logit effects, lineage). Serve it with `make browse`.",
     resources=("storage", "features"),
     deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()),
           AssetDep("feature_contexts", partition_mapping=AllPartitionMapping()),
           AssetDep("feature_explanations", partition_mapping=AllPartitionMapping())),
-    body=build_browser, version=browser_version)
+    body=write_browser, version=browser_version)
 
 STAGES = [FEATURE_STATS_PARTIAL, FEATURE_TOPK, FEATURE_CONTEXT_WINDOWS, FEATURE_CONTEXTS, FEATURE_EXPLANATIONS,
           FEATURE_LLM_EXPLANATIONS, FEATURE_BROWSER]

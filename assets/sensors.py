@@ -33,6 +33,7 @@ from dagster import (
     sensor,
 )
 
+from assets.activations import ACTIVATIONS
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from resources import AutomationResource, StorageResource, TextSourceResource
 from sae_platform.errors import SourceError
@@ -44,7 +45,7 @@ SENSOR_INTERVAL_S = int(os.environ.get("SAE_PLATFORM_SENSOR_INTERVAL_S", "30"))
 NIGHTLY_CRON = os.environ.get("SAE_PLATFORM_REFRESH_CRON", "0 3 * * *")
 # Inbox files cached per cache_inbox run: 200 files dropped at once are 8 runs, not 200.
 FILES_PER_RUN = int(os.environ.get("SAE_PLATFORM_FILES_PER_RUN", "25"))
-CACHING_JOBS = ["cache_inbox", "cache_activations"]
+CACHING_JOBS = ["cache_inbox", ACTIVATIONS.job.name]  # the inbox sensor's op job; the activations asset job
 IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
              DagsterRunStatus.STARTED]
 
@@ -92,7 +93,7 @@ def _keys_in_flight(instance) -> set[str]:
         if run.job_name == "cache_inbox":
             keys |= set(run.run_config.get("ops", {}).get("activation_batches", {}).get("config", {})
                         .get("keys") or [])
-        elif run.job_name == "cache_activations" and "dagster/partition" in run.tags:
+        elif run.job_name == ACTIVATIONS.job.name and "dagster/partition" in run.tags:
             keys.add(run.tags["dagster/partition"])
     return keys
 

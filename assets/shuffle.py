@@ -16,7 +16,7 @@ each planned and checked on its own; versions join their plan ids.
 from dagster import AssetCheckSeverity, MetadataValue
 
 from assets.partitions import N_SHUFFLE_WORKERS, SHUFFLE_WORKERS
-from assets.stage import Check, Stage, StageRun
+from assets.stage import AssetJob, Check, Stage, StageRun
 from sae_platform import shuffle as sh
 from sae_platform import catalog
 from sae_platform.activations import activation_attrs
@@ -149,10 +149,11 @@ def scatter(pass_index: int):
         return {"plan_id": "+".join(ids), "needed": True, **totals,
                 "GB_per_s": totals["bytes_written"] / max(totals["seconds"], 1e-9) / 1e9}
 
+    scatter_pass.__name__ = scatter_pass.__qualname__ = f"scatter_pass_{pass_index}"  # the stage's name
     return scatter_pass
 
 
-def finalize(run: StageRun) -> dict:
+def shuffle_buckets(run: StageRun) -> dict:
     """The final pass: each final bucket fits in memory and gets an in-memory Fisher–Yates shuffle."""
     rows = seconds = n_buckets = 0
     ids = []
@@ -168,7 +169,7 @@ def finalize(run: StageRun) -> dict:
     return {"plan_id": "+".join(ids), "buckets": n_buckets, "rows": rows, "seconds": seconds}
 
 
-def commit(run: StageRun) -> dict:
+def commit_shuffle(run: StageRun) -> dict:
     names, stores, summaries = _names(run), [], []
     for name in names:
         summary = sh.commit_shuffled(run.store, name)
@@ -231,29 +232,35 @@ def uniformity_problems(stats: dict, alpha: float = 1e-4) -> list[str]:
     return problems
 
 
-def _worker_stage(asset: str, op_name: str, description: str, deps: tuple, body, kinds: set[str]) -> Stage:
-    return Stage(asset=asset, op_name=op_name, group="shuffle", kinds=frozenset(kinds), description=description,
+# One job for the whole shuffle: a run over every worker partition (a range) is the shuffle in one process.
+SHUFFLE_JOB = AssetJob("shuffle_activations", "Plan, scatter, finalize and commit the global shuffle of every cached "
+                       "activation partition (one ranged run over the shuffle workers).")
+
+
+def _worker_stage(asset: str, description: str, deps: tuple, body, kinds: set[str]) -> Stage:
+    return Stage(asset=asset, group="shuffle", kinds=frozenset(kinds), description=description,
                  partitions=SHUFFLE_WORKERS, deps=deps, resources=RESOURCES, up_to_date=store_holds_plan,
-                 body=body, version=planned)
+                 body=body, version=planned, job=SHUFFLE_JOB)
 
 
 SHUFFLE_PLAN = Stage(
-    asset="shuffle_plan", op_name="plan_shuffle", group="shuffle", kinds=frozenset({"numpy"}),
+    asset="shuffle_plan", group="shuffle", kinds=frozenset({"numpy"}), job=SHUFFLE_JOB,
     description="Pin every committed activation partition and plan the passes from size, K and the budget.",
     deps=("activations",), resources=RESOURCES, up_to_date=plan_committed, body=plan_shuffle, version=planned)
 SHUFFLE_PASS_1 = _worker_stage(
-    "shuffle_pass_1", "scatter_pass_1", "Scatter pass 1: each job reads 1/N of the rows, sends each to one of "
+    "shuffle_pass_1", "Scatter pass 1: each job reads 1/N of the rows, sends each to one of "
     "K buckets.", ("shuffle_plan",), scatter(1), {"numpy"})
 SHUFFLE_PASS_2 = _worker_stage(
-    "shuffle_pass_2", "scatter_pass_2", "Scatter pass 2 (only when the plan needs it): splits each bucket K "
+    "shuffle_pass_2", "Scatter pass 2 (only when the plan needs it): splits each bucket K "
     "ways again.", ("shuffle_pass_1",), scatter(2), {"numpy"})
 SHUFFLE_FINAL = _worker_stage(
-    "shuffle_final", "shuffle_buckets", "The final pass: each final bucket fits in memory and gets an "
-    "in-memory Fisher–Yates shuffle.", ("shuffle_pass_2",), finalize, {"zarr"})
+    "shuffle_final", "The final pass: each final bucket fits in memory and gets an "
+    "in-memory Fisher–Yates shuffle.", ("shuffle_pass_2",), shuffle_buckets, {"zarr"})
 SHUFFLED_ACTIVATIONS = Stage(
-    asset="shuffled_activations", op_name="commit_shuffle", group="shuffle", kinds=frozenset({"zarr"}),
+    asset="shuffled_activations", group="shuffle", kinds=frozenset({"zarr"}), job=SHUFFLE_JOB,
     description="The training-ready store: every cached row once, in uniformly random order, for sequential reads.",
-    deps=("shuffle_final",), resources=RESOURCES, up_to_date=store_holds_plan, body=commit, version=committed,
+    deps=("shuffle_final",), resources=RESOURCES, up_to_date=store_holds_plan, body=commit_shuffle,
+    version=committed,
     checks=(
         Check("shuffle_is_a_permutation", "Output is a permutation of the input: same count, no duplicate or "
               "missing ids, equal checksums over ids and activation bytes.", check_permutation, blocking=True,

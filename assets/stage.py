@@ -2,18 +2,21 @@
 
 A :class:`Stage` holds everything about a stage: its asset key, partitioning, upstream assets,
 the resources whose settings it reads (each a settings dataclass of ``sae_platform``, so one
-vocabulary and one default everywhere), its body, its up-to-date rule, its checks and what a failed
-blocking check does. Two factories turn it into Dagster definitions:
+vocabulary and one default everywhere), its body, its up-to-date rule, its checks, what a failed
+blocking check does and the asset job that materializes it. A stage has two names: its asset key
+(what users see and select) and its body's function name, which is also its step in
+``full_pipeline`` (``Stage.op_name``). These turn it into Dagster definitions:
 
-* :func:`stage_asset`: the software-defined asset (what *Materialize* in the UI runs, and the
-  asset jobs in ``jobs/definitions.py``);
-* :func:`stage_op`: the step of the ``full_pipeline`` op job (``jobs/full_pipeline.py``), which logs
-  the same materialization and check evaluations.
+* :func:`stage_asset`: the software-defined asset (what *Materialize* in the UI runs);
+* :func:`asset_jobs`: the asset jobs of ``jobs/definitions.py`` (what the Launchpad, the sensors
+  and ``sae-platform`` launch), from the :class:`AssetJob` each stage names;
+* :func:`run_as_step`: the step of the ``full_pipeline`` op job (``jobs/full_pipeline.py``), which
+  logs the same materialization and check evaluations.
 
-Both call :func:`execute`, so a stage skips, versions, checks and fails the same way whichever
-job runs it. A skipped stage still reports a materialization, with the data version of what is
-stored (unchanged, so nothing downstream turns stale) and ``up_to_date`` saying why; its checks
-report the verdicts recorded when that version was built.
+The asset and the step both call :func:`execute`, so a stage skips, versions, checks and fails the
+same way whichever job runs it. A skipped stage still reports a materialization, with the data
+version of what is stored (unchanged, so nothing downstream turns stale) and ``up_to_date`` saying
+why; its checks report the verdicts recorded when that version was built.
 """
 
 from collections.abc import Callable
@@ -31,12 +34,14 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetSelection,
     DataVersion,
     Failure,
     MaterializeResult,
     OpExecutionContext,
     PartitionsDefinition,
     asset,
+    define_asset_job,
 )
 
 from assets.metadata import readable
@@ -104,14 +109,23 @@ class Check:
 
 
 @dataclass(frozen=True)
+class AssetJob:
+    """An asset job: what the UI's Launchpad, the sensors and the CLI launch to materialize the stages
+    that name it (declared on the stages, so a new stage brings its job with it; see :func:`asset_jobs`)."""
+
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
 class Stage:
     """One stage of the pipeline, declared once (see the module docstring)."""
 
     asset: str                                       # asset key
-    op_name: str                                     # its step in full_pipeline
     description: str
     group: str
-    body: Callable[[StageRun], dict]                 # does the work; returns metadata
+    body: Callable[[StageRun], dict]                 # does the work; returns metadata. Its name is the
+                                                     # stage's step in full_pipeline (op_name)
     version: Callable[[StageRun], str | None]        # data version of what is stored now
     resources: tuple[str, ...] = ("storage",)
     partitions: PartitionsDefinition | None = None
@@ -123,6 +137,17 @@ class Stage:
     # Errors that are one partition's own fault (a bad file): the asset run of that partition fails,
     # while full_pipeline reports it and goes on with the other partitions.
     partition_errors: tuple[type[Exception], ...] = ()
+    job: AssetJob | None = None                      # its asset job (stages of one job name the same AssetJob)
+
+    def __post_init__(self):
+        if not getattr(self.body, "__name__", "<lambda>").isidentifier():
+            raise TypeError(f"stage {self.asset}: its body must be a named function (its name is the stage's step "
+                            f"in full_pipeline), got {self.body!r}")
+
+    @property
+    def op_name(self) -> str:
+        """The stage's one name besides its asset key: its body's, and its step's in full_pipeline."""
+        return self.body.__name__
 
 
 @dataclass
@@ -239,6 +264,28 @@ def stage_asset(stage: Stage, guard: Callable[[AssetExecutionContext], None] | N
                                             metadata=readable(v.get("metadata", {}))) for v in outcome.verdicts])
 
     return compute
+
+
+# -- as asset jobs ---------------------------------------------------------------------------------
+
+def asset_jobs(stages) -> list:
+    """The asset jobs the stages declare, in the order of their first stage: each selects the assets of
+    every stage naming it, with their partitions (left to Dagster where they differ: the shuffle's
+    job is an unpartitioned plan and commit around per-worker passes)."""
+    members: dict[str, list[Stage]] = {}
+    for stage in stages:
+        if stage.job:
+            members.setdefault(stage.job.name, []).append(stage)
+    jobs = []
+    for name, of_job in members.items():
+        declared = {stage.job for stage in of_job}
+        if len(declared) > 1:
+            raise ValueError(f"asset job {name} is declared differently by {', '.join(s.asset for s in of_job)}")
+        partitions = {id(stage.partitions): stage.partitions for stage in of_job}
+        jobs.append(define_asset_job(name, selection=AssetSelection.assets(*(stage.asset for stage in of_job)),
+                                     partitions_def=next(iter(partitions.values())) if len(partitions) == 1 else None,
+                                     description=of_job[0].job.description))
+    return jobs
 
 
 # -- as a step of full_pipeline --------------------------------------------------------------------

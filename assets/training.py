@@ -13,18 +13,19 @@ from dagster import AllPartitionMapping, AssetDep, MetadataValue
 
 from assets.metadata import dagster_types, inline_png, table_preview
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
-from assets.stage import Check, Stage, StageRun, pointer_version
+from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
+from sae_platform import evaluate, trainer
 from sae_platform.activations import activation_attrs
 from sae_platform.corpus import read_documents, tokenize
 from sae_platform.launch import launch_training
 from sae_platform.errors import PlatformError
-from sae_platform.evaluate import evaluate_sae, heldout_ce_tokens
+from sae_platform.evaluate import heldout_ce_tokens
 from sae_platform.export import export_run
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
 from sae_platform.catalog import HookEntry, checkpoint_name, eval_name, report_path, shuffle_for_hook_point
 from sae_platform.tables import PROBE_SCHEMA
-from sae_platform.trainer import TrainSettings, finished_checkpoint, train_sae
+from sae_platform.trainer import TrainSettings, finished_checkpoint
 
 
 def settings_for(name: str, training) -> TrainSettings:
@@ -53,7 +54,7 @@ def training_finished(run: StageRun) -> str | None:
             "on the current shuffled store")
 
 
-def train_and_export(run: StageRun) -> dict:
+def train_sae(run: StageRun) -> dict:
     """Train (or resume) one sweep entry, export it for SAELens, plot its curves."""
     name, settings = run.partition_key, _settings(run)
     n_steps = max(1, settings.token_budget // settings.batch_size)
@@ -73,8 +74,8 @@ def train_and_export(run: StageRun) -> dict:
         device = f"{settings.world_size} data-parallel ranks ({run.resources.training.device})"
     else:
         device = pick_device(run.resources.training.device, warn=run.log.warning)
-        result = train_sae(store, shuffle_name(run), name, settings, device, log=run.log.info,
-                           on_metrics=report)
+        result = trainer.train_sae(store, shuffle_name(run), name, settings, device, log=run.log.info,
+                                   on_metrics=report)
     metadata = {k: result[k] for k in ("steps", "tokens", "resumed_from_step", "variant", "n_latents")}
     attrs = activation_attrs(store, shuffle_name(run))  # which hook point it reads
     spec = HookEntry.spec_of(attrs)
@@ -96,16 +97,19 @@ def train_and_export(run: StageRun) -> dict:
     return metadata
 
 
+# Training and evaluation run together, one run per sweep entry.
+TRAIN_JOB = AssetJob("train_saes", "Train and evaluate one SAE of the sweep (partition = sweep entry).")
+
 SAE_CHECKPOINT = Stage(
-    asset="sae_checkpoint", op_name="train_sae", group="training", kinds=frozenset({"pytorch", "safetensors"}),
+    asset="sae_checkpoint", group="training", kinds=frozenset({"pytorch", "safetensors"}), job=TRAIN_JOB,
     description="A trained SAE (safetensors + cfg.json, resumable checkpoints, SAELens export), one per sweep entry.",
     partitions=SAE_SWEEP, deps=("shuffled_activations",), resources=("storage", "shuffle", "training"),
-    pool="gpu", up_to_date=training_finished, body=train_and_export, version=pointer_version(lambda run: checkpoint_name(run.partition_key)))
+    pool="gpu", up_to_date=training_finished, body=train_sae, version=pointer_version(lambda run: checkpoint_name(run.partition_key)))
 
 
 # -- evaluation -----------------------------------------------------------------------------------
 
-def evaluate(run: StageRun) -> dict:
+def evaluate_sae(run: StageRun) -> dict:
     settings = run.resources.evaluation.settings()
     name, store = run.partition_key, run.store
     device = pick_device(run.resources.evaluation.device, warn=run.log.warning)
@@ -122,8 +126,8 @@ def evaluate(run: StageRun) -> dict:
                  + (f", downstream CE on {len(tokens)} held-out contexts" if tokens is not None else "")
                  + (f", N2G explanations, probe loss and ablation sparsity on {len(metric_tokens)} held-out "
                     "contexts" if metric_tokens is not None else ""))
-    report, density = evaluate_sae(store, shuffle_name(run), name, hooked, tokens, device,
-                                   metric_tokens=metric_tokens, ablation_tokens=settings.ablation_tokens)
+    report, density = evaluate.evaluate_sae(store, shuffle_name(run), name, hooked, tokens, device,
+                                            metric_tokens=metric_tokens, ablation_tokens=settings.ablation_tokens)
     png = density_histogram_png(density, report["dead_window_tokens"])
     plot_path = report_path(store, name, "latent_density.png")
     store.write_bytes_atomic(plot_path, png)
@@ -184,13 +188,13 @@ def threshold(figure: str, setting: str, below: bool, window: str = ""):
 
 
 SAE_EVAL = Stage(
-    asset="sae_eval", op_name="evaluate_sae", group="training", kinds=frozenset({"pytorch"}),
+    asset="sae_eval", group="training", kinds=frozenset({"pytorch"}), job=TRAIN_JOB,
     description="Quality of one SAE: normalized MSE, FVU and L0 on held-out rows, dead latents and density on "
                 "every cached token, downstream CE loss recovered on held-out text; feature metrics (Gao et al.): "
                 "N2G explanation precision/recall, ablation sparsity, 1-D probe loss vs neurons.",
     partitions=SAE_SWEEP, deps=("sae_checkpoint",),
     resources=("storage", "shuffle", "evaluation", "language_model", "holdout_text"),
-    body=evaluate, version=pointer_version(lambda run: eval_name(run.partition_key)),
+    body=evaluate_sae, version=pointer_version(lambda run: eval_name(run.partition_key)),
     checks=(
         Check("fvu_below", "FVU on held-out rows <= resources.evaluation.config.max_fvu",
               threshold("fvu", "max_fvu", below=True, window="held-out rows")),
@@ -204,7 +208,7 @@ SAE_EVAL = Stage(
 
 # -- the sweep side by side -----------------------------------------------------------------------
 
-def compare(run: StageRun) -> dict:
+def compare_saes(run: StageRun) -> dict:
     """Every evaluated SAE of the sweep on every figure: a metadata table and one HTML page."""
     from sae_platform.compare import COLUMNS, comparison_html, comparison_rows
 
@@ -227,10 +231,11 @@ def comparison_version(run: StageRun) -> str:
 
 
 SAE_COMPARISON = Stage(
-    asset="sae_comparison", op_name="compare_saes", group="training", kinds=frozenset({"html"}),
+    asset="sae_comparison", group="training", kinds=frozenset({"html"}),
+    job=AssetJob("compare_sweep", "Every evaluated SAE of the sweep side by side on every evaluation figure."),
     description="Every evaluated SAE of the sweep side by side on every figure of sae_eval (FVU, L0, dead, loss "
                 "recovered, N2G precision/recall, ablation sparsity, probe loss vs neurons): a table and one page.",
-    deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),), body=compare,
+    deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),), body=compare_saes,
     version=comparison_version)
 
 STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_COMPARISON]

@@ -10,10 +10,10 @@ deployment's settings: its ``resources`` section configures the resources of *ev
 settings), and the whole file is ``full_pipeline``'s default run config (the Launchpad opens with it).
 """
 
-from dagster import AssetSelection, Definitions, define_asset_job
+from dagster import Definitions
 
-from assets import ASSETS, SCHEDULES, SENSORS
-from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, SAE_SWEEP
+from assets import ASSETS, SCHEDULES, SENSORS, STAGES
+from assets.stage import asset_jobs
 from jobs.full_pipeline import build_full_pipeline, cache_inbox
 from jobs.settings import Settings
 from resources import (
@@ -28,40 +28,8 @@ from resources import (
 )
 from sae_platform.settings import SettingsError
 
-ASSET_JOBS = [
-    define_asset_job("prepare_base_model", selection=AssetSelection.assets("base_model"),
-                     description="Convert the base model once to safetensors and store it as an artifact."),
-    define_asset_job("cache_activations", selection=AssetSelection.assets("activations"),
-                     partitions_def=ACTIVATION_BATCHES,
-                     description="Cache the hook-layer activations of one batch of text (one partition)."),
-    define_asset_job("shuffle_activations", selection=AssetSelection.groups("shuffle"),
-                     description="Plan, scatter, finalize and commit the global shuffle of every cached activation "
-                                 "partition (one ranged run over the shuffle workers)."),
-    define_asset_job("train_saes", selection=AssetSelection.assets("sae_checkpoint", "sae_eval"),
-                     partitions_def=SAE_SWEEP,
-                     description="Train and evaluate one SAE of the sweep (partition = sweep entry)."),
-    define_asset_job("compare_sweep", selection=AssetSelection.assets("sae_comparison"),
-                     description="Every evaluated SAE of the sweep side by side on every evaluation figure."),
-    define_asset_job("feature_pass_1", selection=AssetSelection.assets("feature_stats_partial"),
-                     partitions_def=ACTIVATION_BATCHES,
-                     description="Pass 1 of the feature tables for one activation batch (every feature shard)."),
-    define_asset_job("feature_pass_2", selection=AssetSelection.assets("feature_topk"), partitions_def=FEATURE_SHARDS,
-                     description="Pass 2: merge one feature shard's partials, check against brute force, logit "
-                                 "effects."),
-    define_asset_job("feature_pass_3", selection=AssetSelection.assets("feature_context_windows"),
-                     partitions_def=ACTIVATION_BATCHES,
-                     description="Pass 3: context windows of the examples that fall in one activation batch."),
-    define_asset_job("feature_regroup", selection=AssetSelection.assets("feature_contexts"),
-                     partitions_def=FEATURE_SHARDS, description="Pass 3 regrouped by feature shard."),
-    define_asset_job("explain_features", selection=AssetSelection.assets("feature_explanations"),
-                     partitions_def=FEATURE_SHARDS, description="N2G explanations of one feature shard, scored on "
-                                                                "held-out text; similar and co-occurring features."),
-    define_asset_job("explain_with_llm", selection=AssetSelection.assets("feature_llm_explanations"),
-                     partitions_def=FEATURE_SHARDS, description="Optional: LLM explanations of a few features of one "
-                                                                "shard, scored by detection (balanced accuracy)."),
-    define_asset_job("build_browser", selection=AssetSelection.assets("feature_browser"),
-                     description="Generate the static feature browser."),
-]
+# One asset job per AssetJob the stage declarations name (assets/*.py), in pipeline order.
+ASSET_JOBS = asset_jobs(STAGES.values())
 
 
 def build_resources(settings: Settings, run_config: dict | None = None) -> dict:

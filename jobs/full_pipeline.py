@@ -9,8 +9,9 @@ fan-out. Each step is made from the *same stage declaration* as its asset (``ass
 same settings (resources, so the same run-config keys in every job), body, up-to-date rule and
 checks, and it logs that asset's materialization and check evaluations for the partition it
 covered, so the asset catalog, its lineage and checks look the same whichever way a stage ran.
-(Op names must differ from the assets' own ops: ``cache_batch`` logs `activations`, ``train_sae``
-logs `sae_checkpoint`, and so on.) The ops below that are not stages only fan the work out.
+(A step is named after its stage's body, ``Stage.op_name``, since op names must differ from the
+assets' own ops: ``cache_batch`` logs `activations`, ``train_sae`` logs `sae_checkpoint`, and so on.)
+The ops below that are not stages only fan the work out.
 
 It is safe to re-run: every stage is skipped while what it would build is current (cached batches,
 a shuffle that holds the current plan, a finished checkpoint, tables that describe it). Evaluation
@@ -157,30 +158,21 @@ def pinned_batch_keys(context: OpExecutionContext):
 
 # -- the steps, made from the stage declarations -------------------------------------------------
 
-convert_base_model = single_step(STAGES["base_model"])
-cache_batch = partition_step(STAGES["activations"])
-plan_shuffle = single_step(STAGES["shuffle_plan"])
-scatter_pass_1 = partition_step(STAGES["shuffle_pass_1"])
-scatter_pass_2 = partition_step(STAGES["shuffle_pass_2"])
-shuffle_buckets = partition_step(STAGES["shuffle_final"])
-commit_shuffle = single_step(STAGES["shuffled_activations"])
-train_sae = partition_step(STAGES["sae_checkpoint"])
-evaluate_sae = partition_step(STAGES["sae_eval"])
-compare_saes = single_step(STAGES["sae_comparison"])
-partial_stats = partition_step(STAGES["feature_stats_partial"])
-merge_shard = partition_step(STAGES["feature_topk"])
-context_windows = partition_step(STAGES["feature_context_windows"])
-regroup_contexts = partition_step(STAGES["feature_contexts"])
-explain_shard = partition_step(STAGES["feature_explanations"])
-explain_with_llm_step = partition_step(STAGES["feature_llm_explanations"])  # skipped unless enabled
-write_browser = single_step(STAGES["feature_browser"])
+def stage_step(stage: Stage):
+    """A partitioned stage's step runs one partition it gets from a fan-out; another one runs once."""
+    return partition_step(stage) if stage.partitions is not None else single_step(stage)
+
+
+# Every stage's step, by asset key (each op is named Stage.op_name, its body's name); the jobs below
+# wire them, and tests/test_definitions.py checks that full_pipeline runs every one.
+STEPS = {asset: stage_step(stage) for asset, stage in STAGES.items()}
 
 
 @job(executor_def=in_process_executor, tags={"sae_platform/pipeline": "cache_inbox"},
      description="Cache the activations of several inbox files in one run (what inbox_sensor launches: "
                  "ops.activation_batches.config.keys); a file that fails is reported and the others go on.")
 def cache_inbox():
-    activation_batches(convert_base_model()).map(cache_batch)
+    activation_batches(STEPS["base_model"]()).map(STEPS["activations"])
 
 
 def pipeline_executor(kind: str):
@@ -208,18 +200,22 @@ def build_full_pipeline(executor: str, default_run_config: dict):
                      "feature tables → context windows → browser. Safe to re-run (skips what is up to date).",
          tags={"sae_platform/pipeline": "full"})
     def full_pipeline():
-        cached = activation_batches(convert_base_model()).map(cache_batch).collect()
-        scattered = shuffle_workers.alias("pass_1_workers")(plan_shuffle(cached)).map(scatter_pass_1).collect()
-        scattered = shuffle_workers.alias("pass_2_workers")(scattered).map(scatter_pass_2).collect()
-        finals = shuffle_workers.alias("final_workers")(scattered).map(shuffle_buckets).collect()
-        evaluated = sae_sweep(commit_shuffle(finals)).map(train_sae).map(evaluate_sae).collect()
-        compare_saes(evaluated)
-        partials = pinned_batch_keys.alias("pass_1_batches")(evaluated).map(partial_stats).collect()
-        merged = feature_shards.alias("pass_2_shards")(partials).map(merge_shard).collect()
-        windows = pinned_batch_keys.alias("pass_3_batches")(merged).map(context_windows).collect()
-        regrouped = feature_shards.alias("regroup_shards")(windows).map(regroup_contexts).collect()
-        explained = feature_shards.alias("explain_shards")(regrouped).map(explain_shard).collect()
-        explained = feature_shards.alias("llm_shards")(explained).map(explain_with_llm_step).collect()
-        write_browser(explained)
+        step = STEPS
+        cached = activation_batches(step["base_model"]()).map(step["activations"]).collect()
+        planned = step["shuffle_plan"](cached)
+        scattered = shuffle_workers.alias("pass_1_workers")(planned).map(step["shuffle_pass_1"]).collect()
+        scattered = shuffle_workers.alias("pass_2_workers")(scattered).map(step["shuffle_pass_2"]).collect()
+        finals = shuffle_workers.alias("final_workers")(scattered).map(step["shuffle_final"]).collect()
+        trained = sae_sweep(step["shuffled_activations"](finals)).map(step["sae_checkpoint"])
+        evaluated = trained.map(step["sae_eval"]).collect()
+        step["sae_comparison"](evaluated)
+        partials = pinned_batch_keys.alias("pass_1_batches")(evaluated).map(step["feature_stats_partial"]).collect()
+        merged = feature_shards.alias("pass_2_shards")(partials).map(step["feature_topk"]).collect()
+        windows = pinned_batch_keys.alias("pass_3_batches")(merged).map(step["feature_context_windows"]).collect()
+        regrouped = feature_shards.alias("regroup_shards")(windows).map(step["feature_contexts"]).collect()
+        explained = feature_shards.alias("explain_shards")(regrouped).map(step["feature_explanations"]).collect()
+        # feature_llm_explanations is skipped unless enabled
+        explained = feature_shards.alias("llm_shards")(explained).map(step["feature_llm_explanations"]).collect()
+        step["feature_browser"](explained)
 
     return full_pipeline

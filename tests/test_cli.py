@@ -89,3 +89,56 @@ def test_timings_sums_step_time_per_op_from_the_event_log(tmp_path, monkeypatch,
     assert f"run {run_id}: 5 steps" in capsys.readouterr().out
     assert main(["timings", "no-such-run"]) == 2
     assert "no run(s) no-such-run" in capsys.readouterr().err
+
+
+def test_features_launches_the_asset_job_of_every_feature_stage(tmp_path):
+    """`sae-platform features` runs the jobs the UI runs, one per stage of the features group, in
+    dependency order, each on every partition it covers: a stage it skipped fails here."""
+    from dagster import AssetKey
+
+    from assets import STAGES
+    from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS
+    from jobs.cli import feature_runs
+    from jobs.definitions import ASSET_JOBS, build_definitions
+    from jobs.settings import Settings
+
+    runs = feature_runs(["alpha", "beta"])
+    graph = build_definitions(Settings(root_url=str(tmp_path / "artifacts"), data_dir=str(tmp_path),
+                                       inbox=str(tmp_path / "inbox" / "*"), s3_endpoint_url=None)).resolve_asset_graph()
+    selected = {job.name: [key.to_user_string() for key in job.selection.resolve(graph)] for job in ASSET_JOBS}
+    covered = [asset for job_name, _ in runs for asset in selected[job_name]]
+    features = [stage.asset for stage in STAGES.values() if stage.group == "features"]
+    assert sorted(covered) == sorted(features)
+    assert "feature_llm_explanations" in covered  # (skipped while resources.llm_explainer is off)
+    built = set()
+    for job_name, keys in runs:
+        for asset in selected[job_name]:
+            reads = {key.to_user_string() for key in graph.get(AssetKey(asset)).parent_keys}
+            assert reads & set(features) <= built, f"{asset} would run before what it reads"
+            partitions = STAGES[asset].partitions
+            assert keys == ([None] if partitions is None else ["alpha", "beta"] if partitions is ACTIVATION_BATCHES
+                            else FEATURE_SHARDS.get_partition_keys()), job_name
+            assert partitions in (None, ACTIVATION_BATCHES, FEATURE_SHARDS)
+        built |= set(selected[job_name])
+
+
+def test_a_failed_run_is_reported_with_the_error_its_stage_raised():
+    from dagster import AssetCheckResult, AssetCheckSpec, Definitions, MaterializeResult, asset, define_asset_job
+
+    from jobs.cli import run_failure
+    from sae_platform.errors import PlatformError
+
+    @asset
+    def broken():
+        raise PlatformError("the tables describe another checkpoint", "rebuild them")
+
+    @asset(check_specs=[AssetCheckSpec("exact", asset="checked", blocking=True)])
+    def checked():
+        return MaterializeResult(check_results=[AssetCheckResult(check_name="exact", passed=False)])
+
+    defs = Definitions(assets=[broken, checked], jobs=[define_asset_job("b", selection=["broken"]),
+                                                       define_asset_job("c", selection=["checked"])])
+    failure = run_failure(defs.resolve_job_def("b").execute_in_process(raise_on_error=False))
+    assert failure.startswith("broken: ") and "another checkpoint" in failure and "How to fix: rebuild them" in failure
+    assert run_failure(defs.resolve_job_def("c").execute_in_process(raise_on_error=False)) == (
+        "checked: check exact failed")

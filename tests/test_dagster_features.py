@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 from dagster import AssetKey, DagsterInstance, Definitions
 
-from assets import ASSETS
+from assets import ASSETS, STAGES
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from jobs.cli import build_features
 from jobs.definitions import ASSET_JOBS, build_resources
@@ -60,6 +60,9 @@ def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
 def test_feature_pipeline_through_dagster(pipeline, store, monkeypatch):
     defs, instance = pipeline
     assert build_features(instance, defs, SAE)
+    for stage in STAGES.values():  # every feature stage ran (the LLM explanations: skipped, they are off)
+        if stage.group == "features":
+            assert instance.fetch_materializations(AssetKey(stage.asset), limit=1).records, stage.asset
     checks = [e for e in instance.fetch_materializations(AssetKey("feature_topk"), limit=10).records]
     assert len(checks) == N_FEATURE_SHARDS
     total = 0

@@ -14,7 +14,7 @@ import yaml
 from dagster import Definitions, DynamicPartitionsDefinition, MultiPartitionsDefinition, StaticPartitionsDefinition
 
 from assets import STAGES
-from jobs.definitions import build_definitions
+from jobs.definitions import ASSET_JOBS, build_definitions
 from jobs.settings import Settings
 from resources import STAGE_SETTINGS, stage_resource
 from sae_platform.settings import SettingsError, default_of
@@ -76,6 +76,28 @@ def test_each_stage_is_one_asset_and_one_full_pipeline_step(tmp_path):
     assets = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert set(STAGES) == assets
     assert {stage.op_name for stage in STAGES.values()} <= steps
+
+
+def test_each_stage_has_one_name_and_declares_its_asset_job(tmp_path):
+    """Besides its asset key, a stage has one name: its body's, which is its full_pipeline step; and the
+    asset jobs are the ones the stages declare, each selecting exactly the stages that name it."""
+    from assets.stage import Stage, upstream_keys
+
+    names = [stage.op_name for stage in STAGES.values()]
+    assert names == [stage.body.__name__ for stage in STAGES.values()]
+    assert len(set(names)) == len(names) and not set(names) & set(STAGES)
+    with pytest.raises(TypeError, match="named function"):
+        Stage(asset="x", description="", group="g", body=lambda run: {}, version=lambda run: None)
+    assert all(stage.job for stage in STAGES.values())
+    declared = list(STAGES)  # in dependency order, which full_pipeline and `sae-platform features` follow
+    for position, stage in enumerate(STAGES.values()):
+        assert {key.to_user_string() for key in upstream_keys(stage)} <= set(declared[:position]), stage.asset
+    graph = build_definitions(_settings(tmp_path)).resolve_asset_graph()
+    assert [job.name for job in ASSET_JOBS] == list(dict.fromkeys(stage.job.name for stage in STAGES.values()))
+    for job in ASSET_JOBS:
+        declared = [stage for stage in STAGES.values() if stage.job.name == job.name]
+        assert job.description == declared[0].job.description
+        assert {key.to_user_string() for key in job.selection.resolve(graph)} == {stage.asset for stage in declared}
 
 
 def test_no_stage_reads_op_config_every_setting_is_a_resource(tmp_path):

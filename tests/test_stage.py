@@ -164,7 +164,7 @@ def _stage_before_commit(defs, instance, store) -> None:
 
 def test_a_store_failing_its_permutation_check_is_uncommitted_whichever_job_ran_it(tmp_path, tiny_model_dir,
                                                                                   text_dir):
-    from jobs.full_pipeline import commit_shuffle
+    from jobs.full_pipeline import STEPS
 
     # As an asset (Materialize on shuffled_activations):
     defs, instance, store = _deployment(tmp_path, "asset", tiny_model_dir, text_dir)
@@ -181,7 +181,7 @@ def test_a_store_failing_its_permutation_check_is_uncommitted_whichever_job_ran_
 
     @job(resource_defs=defs.resources)
     def commit_only():
-        commit_shuffle()
+        STEPS["shuffled_activations"]()
 
     result = commit_only.execute_in_process(instance=instance, raise_on_error=False)
     assert not result.success

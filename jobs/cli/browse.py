@@ -1,0 +1,124 @@
+"""Reading what the pipeline built: `lineage` of a feature table, the browser (`browse`), and the
+browser with live text -> features (`serve`)."""
+
+import os
+import sys
+from pathlib import Path
+
+from jobs.cli.common import _definitions, _described_sae, _instance
+
+
+def cmd_lineage(args) -> int:
+    from dagster import AssetKey
+
+    from assets.partitions import N_FEATURE_SHARDS
+    from sae_platform.lineage import feature_table_lineage, format_lineage
+
+    if not 0 <= args.shard < N_FEATURE_SHARDS:
+        sys.exit(f"error: there is no feature shard {args.shard}: shards are 0–{N_FEATURE_SHARDS - 1} "
+                 f"(--shard N, one per quarter of the SAE's latents)")
+    instance, defs = _instance(), _definitions()
+    store = defs.resources["storage"].store()
+    args.sae = args.sae or _described_sae(defs)
+    _require_sae_with_tables(store, args.sae)
+    records = instance.fetch_materializations(AssetKey("feature_topk"), limit=100).records
+    run_ids = [r.run_id for r in records if r.partition_key == f"f{args.shard}"
+               and _metadata_value(r, "sae") == args.sae]  # the newest run that described this SAE
+    lineage = feature_table_lineage(store, args.sae, args.shard, run_id=run_ids[0] if run_ids else None)
+    print(format_lineage(lineage))
+    graph = defs.resolve_asset_graph()
+    print("\nasset graph upstream of feature_topk: " + " ← ".join(_upstream_chain(graph, AssetKey("feature_topk"))))
+    return 0
+
+
+def _saes_with_tables(store) -> list[str]:
+    from sae_platform.catalog import described_saes
+
+    return described_saes(store)
+
+
+def _require_sae_with_tables(store, sae: str) -> None:
+    """Exit naming the SAEs that do have feature tables when ``sae`` has none."""
+    known = _saes_with_tables(store)
+    if sae in known:
+        return
+    trained = [n.split("/", 1)[1] for n in store.committed_names("sae")]
+    root = store.url(store.root)
+    if sae in trained:
+        sys.exit(f"error: SAE {sae!r} is trained but has no feature tables under {root}: build them with "
+                 f"`sae-platform features --sae {sae}` (or materialize feature_topk)")
+    sys.exit(f"error: no SAE named {sae!r} in the artifact root {root}; known: "
+             + (", ".join(known) if known else "none with feature tables")
+             + (f" (trained without tables: {', '.join(t for t in trained if t not in known)})"
+                if any(t not in known for t in trained) else ""))
+
+
+def _metadata_value(record, key: str):
+    entry = record.asset_materialization.metadata.get(key) if record.asset_materialization else None
+    return getattr(entry, "value", entry)
+
+
+def _upstream_chain(graph, key) -> list[str]:
+    seen, order, frontier = set(), [], [key]
+    while frontier:
+        current = frontier.pop(0)
+        if current in seen:
+            continue
+        seen.add(current)
+        order.append(current.to_user_string())
+        frontier.extend(sorted(graph.get(current).parent_keys, key=lambda k: k.to_user_string()))
+    return order
+
+
+def cmd_serve(args) -> int:
+    """The browser plus the live endpoint: the base model and the SAE answer typed text."""
+    from sae_platform.activations import sae_hook_entry
+    from sae_platform.live import LiveEncoder, serve_live
+    from sae_platform.model import pick_device
+    from sae_platform.trainer import load_sae
+
+    site, defs, store = _site(args)
+    device = pick_device(args.device)
+    sae, _ = load_sae(store, args.sae, device)
+    entry = sae_hook_entry(store, args.sae)  # where the SAE's training rows were read
+    hooked, _ = defs.resources["language_model"].load(store, device=str(device))
+    encoder = LiveEncoder(hooked, sae, entry.hook_name, entry.hook_name_in, max_tokens=args.max_tokens)
+    serve_live(site, encoder, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_browse(args) -> int:
+    from sae_platform.browser.server import serve
+
+    site, _, _ = _site(args)
+    serve(site, port=args.port)
+    return 0
+
+
+def _site(args):
+    """(local site folder, definitions, store) of the browser of ``args.sae``; exits saying why not."""
+    from sae_platform.catalog import browser_dir
+
+    defs = _definitions()
+    store = defs.resources["storage"].store()
+    args.sae = args.sae or _described_sae(defs)
+    site = browser_dir(store, args.sae)
+    if not store.is_local:
+        sys.exit(f"the feature browser is at {store.url(site)}: serve it from any static web host, or copy it "
+                 "to a local folder (e.g. `aws s3 sync`) and run `python -m sae_platform.browser serve DIR`")
+    if not os.path.exists(os.path.join(site, "index.html")):
+        root, env = store.url(store.root), os.environ.get("SAE_PLATFORM_ROOT")
+        where = (f"SAE_PLATFORM_ROOT={env}" if env else
+                 f"SAE_PLATFORM_ROOT is unset, so the root is ./artifacts of the current folder {os.getcwd()}")
+        sites = browser_dir(store)
+        built = [e.name for e in Path(sites).glob("*") if (e / "index.html").exists()] if os.path.isdir(sites) else []
+        if built:
+            sys.exit(f"error: no feature browser of SAE {args.sae!r} in the artifact root {root} ({where}); it has "
+                     f"browsers of: {', '.join(sorted(built))} (pass --sae NAME)")
+        if not os.path.isdir(root) or not os.listdir(root):
+            sys.exit(f"error: the artifact root {root} is {'empty' if os.path.isdir(root) else 'missing'} "
+                     f"({where}): run from the folder the pipeline ran in (the repository, with `make browse`), "
+                     "or set SAE_PLATFORM_ROOT to its artifacts folder")
+        sys.exit(f"error: no feature browser in the artifact root {root} ({where}): build it with `make demo` or "
+                 f"`sae-platform features --sae {args.sae}`, or point SAE_PLATFORM_ROOT at the root it was built in")
+    return site, defs, store

@@ -1,0 +1,63 @@
+"""`sae-platform status`: what is stored, read from the artifact store alone (no Dagster, no torch)."""
+
+from jobs.settings import Settings
+from sae_platform.errors import PlatformError
+
+
+def describe_eval(report: dict) -> str:
+    """The evaluation's headline figures, each dead-latent figure with the window it was measured on."""
+    parts = [f"{k} {report[k]:.4g}" for k in ("fvu", "l0") if report.get(k) is not None]
+    if report.get("dead_fraction") is not None:
+        window = report.get("dead_window_tokens")
+        parts.append(f"dead {report['dead_fraction']:.1%}" + (f" (never fired in {window:,} tokens)" if window else ""))
+    if report.get("loss_recovered") is not None:
+        parts.append(f"loss recovered {report['loss_recovered']:.4g}")
+    return ", ".join(parts)
+
+
+def _print_status() -> None:
+    """What is stored, read from the artifact store alone (no Dagster, no torch: it answers at once)."""
+    from sae_platform.storage import open_store
+
+    settings = Settings.from_env()
+    store = open_store(settings.root_url, settings.s3_endpoint_url)
+    print(f"\nartifact root: {store.url(store.root)}")
+    for name in store.committed_names("activations"):
+        pointer = store.pointer(name)
+        print(f"  {name}: committed {pointer['version']}")
+    _print_inbox(settings, store)
+    for name in store.committed_names("shuffled"):
+        pointer = store.pointer(name)
+        print(f"  {name}: {pointer.get('n_rows', '?'):,} rows, plan {pointer.get('plan_id')}")
+    for name in store.committed_names("sae"):
+        pointer = store.pointer(name)
+        print(f"  {name}: step {pointer['step']}, {pointer['tokens']:,} tokens{' (final)' if pointer['final'] else ''}")
+    for name in store.committed_names("eval"):
+        print(f"  {name}: {describe_eval(store.read_json(f'{store.resolve(name)}/report.json'))}")
+
+
+def _print_inbox(settings: Settings, store) -> None:
+    """Every inbox file: readable ones that wait for caching (with the key they get), and those not
+    cached with why: skipped (never read) or failed (their last attempt)."""
+    from sae_platform.corpus import resolve_source
+    from sae_platform.inbox import inbox_report, needs_caching, scan_inbox
+
+    try:
+        inbox = scan_inbox(*resolve_source(settings.inbox, settings.s3_endpoint_url), store)
+    except (PlatformError, OSError) as error:
+        print(f"\ninbox {settings.inbox}: cannot be listed ({error})")
+        return
+    waiting = needs_caching(store, inbox.stamps)
+    lines = inbox_report(inbox, store)
+    print(f"\ninbox {settings.inbox}: {len(inbox.files)} readable file(s), {len(waiting)} waiting to be cached"
+          + (f"; {len(lines)} other line(s):" if lines else ""))
+    names = {f.key: f.url.rsplit("/", 1)[-1] for f in inbox.files}
+    for key in waiting:
+        print(f"  to cache {names[key]} as partition {key}")
+    for line in lines:
+        print(line)
+
+
+def cmd_status(args) -> int:
+    _print_status()
+    return 0
