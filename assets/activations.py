@@ -7,12 +7,10 @@ from dagster import MetadataValue
 from assets.partitions import ACTIVATION_BATCHES
 from assets.stage import AssetJob, Stage, StageRun, pointer_version
 from sae_platform.activations import cache_text_file
-from sae_platform.catalog import partition_name
+from sae_platform.catalog import model_name, partition_name
 from sae_platform.errors import SourceError
 from sae_platform.freshness import changed_sources
-from sae_platform.catalog import model_name
 from sae_platform.model import store_base_model
-
 
 # -- base_model -----------------------------------------------------------------------------------
 

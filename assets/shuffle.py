@@ -17,8 +17,8 @@ from dagster import AssetCheckSeverity, MetadataValue
 
 from assets.partitions import N_SHUFFLE_WORKERS, SHUFFLE_WORKERS
 from assets.stage import AssetJob, Check, Stage, StageRun
-from sae_platform import shuffle as sh
 from sae_platform import catalog
+from sae_platform import shuffle as sh
 from sae_platform.activations import activation_attrs
 from sae_platform.catalog import cached_hook_points
 from sae_platform.errors import StorageError

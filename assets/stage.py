@@ -25,8 +25,6 @@ from functools import cached_property
 
 from dagster import (
     AssetCheckEvaluation,
-    Field,
-    Permissive,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
@@ -37,9 +35,11 @@ from dagster import (
     AssetSelection,
     DataVersion,
     Failure,
+    Field,
     MaterializeResult,
     OpExecutionContext,
     PartitionsDefinition,
+    Permissive,
     asset,
     define_asset_job,
 )
@@ -49,7 +49,6 @@ from resources import SETTINGS_FIELDS
 from sae_platform.catalog import check_verdicts_path
 from sae_platform.errors import PlatformError
 from sae_platform.settings import SettingsError
-
 
 # Stages take no op config: their settings are resources (one vocabulary in every job). The schema
 # accepts anything so that an old-style `ops.<step>.config` reaches `refuse_op_config`, which says

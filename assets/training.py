@@ -16,14 +16,14 @@ from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from sae_platform import evaluate, trainer
 from sae_platform.activations import activation_attrs
+from sae_platform.catalog import HookEntry, checkpoint_name, eval_name, report_path, shuffle_for_hook_point
 from sae_platform.corpus import read_documents, tokenize
-from sae_platform.launch import launch_training
 from sae_platform.errors import PlatformError
 from sae_platform.evaluate import heldout_ce_tokens
 from sae_platform.export import export_run
+from sae_platform.launch import launch_training
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
-from sae_platform.catalog import HookEntry, checkpoint_name, eval_name, report_path, shuffle_for_hook_point
 from sae_platform.tables import PROBE_SCHEMA
 from sae_platform.trainer import TrainSettings, finished_checkpoint
 

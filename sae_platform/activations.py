@@ -37,13 +37,6 @@ import numpy as np
 import polars as pl
 import torch
 
-from sae_platform.corpus import (
-    Contexts,
-    Document,
-    TextFile,
-    source_stamp,
-    stream_contexts,
-)
 from sae_platform.catalog import (
     ACTIVATIONS,
     FIRST_STORE,
@@ -53,6 +46,13 @@ from sae_platform.catalog import (
     shuffled_store_index,
     store_group,
     trained_on,
+)
+from sae_platform.corpus import (
+    Contexts,
+    Document,
+    TextFile,
+    source_stamp,
+    stream_contexts,
 )
 from sae_platform.errors import ModelError, SourceError, StorageError
 from sae_platform.hooks import check_hook_point, hook_name

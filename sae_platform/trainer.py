@@ -46,6 +46,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from sae_platform.activations import activation_attrs
+from sae_platform.catalog import checkpoint_name, shuffled_name
+from sae_platform.devices import auto_dtype
 from sae_platform.distributed import (
     average_gradients,
     barrier,
@@ -53,9 +56,6 @@ from sae_platform.distributed import (
     mean_over_ranks,
     rank_and_world,
 )
-from sae_platform.activations import activation_attrs
-from sae_platform.catalog import checkpoint_name, shuffled_name
-from sae_platform.devices import auto_dtype
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate

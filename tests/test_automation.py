@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, DagsterRunStatus, RunRequest, build_schedule_context
-
 from conftest import TINY_SAE as SAE
 from conftest import deployment, stop_process_group
+from dagster import DagsterInstance, DagsterRunStatus, RunRequest, build_schedule_context
+
 from sae_platform.freshness import stale_reasons
 from sae_platform.storage import ArtifactStore
 

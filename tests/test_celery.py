@@ -31,9 +31,9 @@ from test_stage import BATCHES, _same_artifacts
 from jobs.definitions import build_definitions
 from jobs.settings import Settings
 from sae_platform.activations import open_partition
-from sae_platform.storage import ArtifactStore
 from sae_platform.catalog import checkpoint_name
 from sae_platform.shuffled import iter_shuffled
+from sae_platform.storage import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

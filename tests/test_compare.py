@@ -1,8 +1,8 @@
 """The sweep comparison: one row per evaluated SAE from its report, the best value per column in bold,
 every value escaped, non-finite figures shown as missing."""
 
-from sae_platform.compare import comparison_html, comparison_rows
 from sae_platform.catalog import eval_name
+from sae_platform.compare import comparison_html, comparison_rows
 
 
 def _report(store, name, **figures):

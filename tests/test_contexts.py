@@ -7,14 +7,33 @@ import polars as pl
 import pytest
 import torch
 
-from sae_platform import contexts
-from sae_platform import catalog
+from sae_platform import catalog, contexts
 from sae_platform.activations import CacheSettings, cache_text_file, open_partition
 from sae_platform.contexts import (
-    ACTIVATION, ACTS, CENTER, EXAMPLE_COLUMNS, FEATURE, HAS_ACT, INTERVAL, KIND, PARTITION, RANK, ROW,
-    TOKEN_IDS, TOKEN_STRS, WINDOW_SCHEMA, build_partition_windows, context_windows, logit_effects,
-    read_feature_contexts, regroup_by_feature, requests_for_partition, token_display_strings,
-    unembedding_matrix, write_feature_contexts, write_partition_windows,
+    ACTIVATION,
+    ACTS,
+    CENTER,
+    EXAMPLE_COLUMNS,
+    FEATURE,
+    HAS_ACT,
+    INTERVAL,
+    KIND,
+    PARTITION,
+    RANK,
+    ROW,
+    TOKEN_IDS,
+    TOKEN_STRS,
+    WINDOW_SCHEMA,
+    build_partition_windows,
+    context_windows,
+    logit_effects,
+    read_feature_contexts,
+    regroup_by_feature,
+    requests_for_partition,
+    token_display_strings,
+    unembedding_matrix,
+    write_feature_contexts,
+    write_partition_windows,
 )
 from sae_platform.corpus import list_source
 from sae_platform.errors import ModelError, PlatformError, StorageError

@@ -5,7 +5,6 @@ import pytest
 from dagster import DagsterInstance, Definitions
 
 from assets import ASSETS
-
 from assets.shuffle import uniformity_problems
 from jobs.definitions import ASSET_JOBS, build_resources
 from jobs.settings import Settings

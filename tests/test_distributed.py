@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_trainer import SETTINGS, make_shuffled
 
-from sae_platform.launch import launch_command, launch_training
-from sae_platform.errors import PlatformError
-from sae_platform.settings import SettingsError
 from sae_platform.catalog import checkpoint_name
+from sae_platform.errors import PlatformError
+from sae_platform.launch import launch_command, launch_training
+from sae_platform.settings import SettingsError
 from sae_platform.trainer import TrainSettings, load_sae, train_sae
 
 # AuxK normalises by a statistic of the batch (each rank uses its slice: sae_platform/distributed.py),

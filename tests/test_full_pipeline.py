@@ -12,9 +12,9 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import TINY_SAE, deployment
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, EventRecordsFilter
 
-from conftest import TINY_SAE, deployment
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform.corpus import partition_key

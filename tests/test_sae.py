@@ -10,9 +10,23 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from sae_platform.errors import PlatformError
-from sae_platform.sae import (ADAM_EPS, VARIANTS, Pattern, _batch_topk, _SelectedPre, _SparseDecode, build_sae,
-                              dense_topk_reference, geometric_median, input_scale_for, lr_for, normalized_mse, sddmm,
-                              spmm, spmm_t)
+from sae_platform.sae import (
+    ADAM_EPS,
+    VARIANTS,
+    Pattern,
+    _batch_topk,
+    _SelectedPre,
+    _SparseDecode,
+    build_sae,
+    dense_topk_reference,
+    geometric_median,
+    input_scale_for,
+    lr_for,
+    normalized_mse,
+    sddmm,
+    spmm,
+    spmm_t,
+)
 
 D, N, K = 16, 64, 4
 SMALL = {"topk": {"k": K}, "batchtopk": {"k": K}, "matryoshka_batchtopk": {"k": K, "matryoshka_widths": [8, 24]},

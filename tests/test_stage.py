@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SAE, tiny_run_config
 from dagster import AssetKey, DagsterEventType, DagsterInstance, job
 
-from conftest import TINY_SAE, tiny_run_config
 from jobs.definitions import build_definitions
 from jobs.settings import Settings
 from sae_platform import features as ft

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_platform import catalog
-from sae_platform import shuffle
+from sae_platform import catalog, shuffle
 from sae_platform.shuffled import iter_shuffled, open_shuffled
 from sae_platform.trainer import (
     TrainingError,
@@ -377,9 +376,8 @@ def _assert_feature_metrics_read(report, store, run, sae, hooked, hook_point, in
     """evaluate_sae's feature metrics came from the SAE's own hook point (sae_hook_entry, the same
     source the explanations and the live server use), not from the model's default layer."""
     from sae_platform.activations import activation_row_rule, sae_hook_entry
-    from sae_platform.catalog import HookEntry
+    from sae_platform.catalog import HookEntry, trained_on
     from sae_platform.metrics import heldout_codes, probe_metrics
-    from sae_platform.catalog import trained_on
 
     assert sae_hook_entry(store, run) == HookEntry(hook_point, input_hook_point)
     rule = activation_row_rule(store, trained_on(store, run), hooked.start_token_id)

@@ -115,8 +115,8 @@ def _stored_rows(store):
 @pytest.mark.parametrize("factor", [0.0, 5.0])
 def test_every_metric_sees_exactly_the_rows_training_saw(store, tiny_hooked, monkeypatch, factor):
     from sae_platform.activations import CacheSettings, activation_attrs, cache_partition
-    from sae_platform.corpus import Contexts, Document
     from sae_platform.catalog import checkpoint_version, eval_name
+    from sae_platform.corpus import Contexts, Document
     from sae_platform.evaluate import evaluate_sae
     from sae_platform.metrics import read_heldout_codes, sae_heldout_codes
     from sae_platform.model import find_decoder_layers

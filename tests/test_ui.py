@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_SAE, deployment, stop_process_group
-from sae_platform.storage import ArtifactStore
 from test_stage import BATCHES, _same_artifacts
+
+from sae_platform.storage import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 300

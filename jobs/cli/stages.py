@@ -133,8 +133,8 @@ def build_features(instance, defs, sae_name: str) -> bool:
     (:func:`feature_runs`), one Dagster run per partition, as a backfill would launch them."""
     from tqdm import tqdm
 
-    from sae_platform.shuffle import pinned_keys
     from sae_platform.catalog import trained_on
+    from sae_platform.shuffle import pinned_keys
 
     store = defs.resources["storage"].store()
     batches = pinned_keys(store, trained_on(store, sae_name))  # the store of the SAE's own hook point

@@ -48,15 +48,27 @@ from typing import Literal, get_args
 import torch
 
 from sae_platform.errors import PlatformError
-from sae_platform.sae.base import (ADAM_EPS, Codes, SAEOutput, SparseAutoencoder, geometric_median, input_scale_for,
-                                   lr_for, normalized_mse)
+from sae_platform.sae.base import (
+    ADAM_EPS,
+    Codes,
+    SAEOutput,
+    SparseAutoencoder,
+    geometric_median,
+    input_scale_for,
+    lr_for,
+    normalized_mse,
+)
 from sae_platform.sae.dense import JumpReLUSAE, ReLUSAE
-from sae_platform.sae.kernels import _SelectedPre, _SparseDecode  # noqa: F401  (tests/test_sae.py imports them)
-from sae_platform.sae.kernels import Pattern, sddmm, spmm, spmm_t
+from sae_platform.sae.kernels import Pattern, _SelectedPre, _SparseDecode, sddmm, spmm, spmm_t  # noqa: F401  (tests/test_sae.py imports them)
 from sae_platform.sae.switch import SwitchSAE
-from sae_platform.sae.topk import (BatchTopKSAE, MatryoshkaBatchTopKSAE, TopKSAE, dense_topk_reference,
-                                   matryoshka_widths)
-from sae_platform.sae.topk import _batch_topk  # noqa: F401  (tests/test_sae.py imports it)
+from sae_platform.sae.topk import (
+    BatchTopKSAE,
+    MatryoshkaBatchTopKSAE,
+    TopKSAE,
+    _batch_topk,  # noqa: F401  (tests/test_sae.py imports it)
+    dense_topk_reference,
+    matryoshka_widths,
+)
 
 # ENCODE_CHUNK_ELEMENTS and TRAIN_BLOCK_ELEMENTS are deliberately not re-exported: topk.py reads its own
 # globals, so a copy here could be patched without effect; patch sae_platform.sae.topk instead.
