@@ -133,8 +133,8 @@ def scatter(pass_index: int):
             shuffle_run = sh.load_run(run.store, name)
             ids.append(shuffle_run.plan_id)
             if pass_index >= shuffle_run.plan.n_passes:
-                run.log.info(f"{catalog.shuffled_name(name)}: the plan has {shuffle_run.plan.n_passes} pass(es): scatter pass "
-                             f"{pass_index} is not needed")
+                run.log.info(f"{catalog.shuffled_name(name)}: the plan has {shuffle_run.plan.n_passes} pass(es): "
+                             f"scatter pass {pass_index} is not needed")
                 continue
             needed = True
             jobs = _worker_jobs(_workers(run), shuffle_run.plan.jobs_in_pass(pass_index))
@@ -176,8 +176,9 @@ def commit_shuffle(run: StageRun) -> dict:
         summaries.append(summary)
         sh.delete_scratch(run.store, name)
         shuffled = open_shuffled(run.store, name)
-        stores.append({"store": catalog.shuffled_name(name), "hook_name": activation_attrs(run.store, name).get("hook_name"),
-                       "rows": shuffled.n_rows, "d_model": shuffled.d_model, "plan_id": summary["plan_id"]})
+        stores.append({"store": catalog.shuffled_name(name),
+                       "hook_name": activation_attrs(run.store, name).get("hook_name"), "rows": shuffled.n_rows,
+                       "d_model": shuffled.d_model, "plan_id": summary["plan_id"]})
     first = open_shuffled(run.store, names[0])
     return {
         "dagster/row_count": first.n_rows, "d_model": first.d_model, "dtype": first.dtype,

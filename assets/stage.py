@@ -248,8 +248,9 @@ def stage_asset(stage: Stage, guard: Callable[[AssetExecutionContext], None] | N
 
     @asset(name=stage.asset, partitions_def=stage.partitions, deps=list(stage.deps), group_name=stage.group,
            kinds=set(stage.kinds), description=stage.description, required_resource_keys=set(stage.resources),
-           pool=stage.pool, config_schema=NO_OP_CONFIG, check_specs=[AssetCheckSpec(c.name, asset=stage.asset, blocking=c.blocking,
-                                                        description=c.description) for c in stage.checks])
+           pool=stage.pool, config_schema=NO_OP_CONFIG,
+           check_specs=[AssetCheckSpec(c.name, asset=stage.asset, blocking=c.blocking, description=c.description)
+                        for c in stage.checks])
     def compute(context: AssetExecutionContext):
         if guard:
             guard(context)

@@ -104,7 +104,8 @@ SAE_CHECKPOINT = Stage(
     asset="sae_checkpoint", group="training", kinds=frozenset({"pytorch", "safetensors"}), job=TRAIN_JOB,
     description="A trained SAE (safetensors + cfg.json, resumable checkpoints, SAELens export), one per sweep entry.",
     partitions=SAE_SWEEP, deps=("shuffled_activations",), resources=("storage", "shuffle", "training"),
-    pool="gpu", up_to_date=training_finished, body=train_sae, version=pointer_version(lambda run: checkpoint_name(run.partition_key)))
+    pool="gpu", up_to_date=training_finished, body=train_sae,
+    version=pointer_version(lambda run: checkpoint_name(run.partition_key)))
 
 
 # -- evaluation -----------------------------------------------------------------------------------

@@ -133,7 +133,6 @@ def worker(args) -> None:
             count = torch.zeros(f1 - f0, dtype=torch.long)
             vsum = torch.zeros(f1 - f0, dtype=torch.float64)
             hist = torch.zeros((f1 - f0) * features.N_HIST_BINS, dtype=torch.long)
-            vmax = dense.amax(0)
             for lo in range(0, n_tokens, args.batch_rows):
                 block = dense[lo:lo + args.batch_rows]
                 on = block > 0
@@ -296,8 +295,9 @@ def main() -> int:
     for (side, p), rs in runs.items():
         n_tok, n_feat = rs[0]["n_tokens"], rs[0]["n_features"]
         sec = med(side, p, "seconds")
+        times = " ".join(f"{x['seconds']:.2f}" for x in rs)
         print(f"{side:<11}{n_tok:>8}{n_feat:>10}{sec:>10.2f}{n_tok * n_feat / sec:>14.3g}{mb(peak[(side, p)]):>10.1f}"
-              f"   {' '.join('%.2f' % x['seconds'] for x in rs)}")
+              f"   {times}")
     growth_s = peak[("streaming", "large")] / peak[("streaming", "small")]
     growth_b = peak[("baseline", "large")] / peak[("baseline", "small")]
     print(f"throughput ratio {tput['streaming'] / tput['baseline']:.2f} (goal >= {GOAL_THROUGHPUT}); "

@@ -19,7 +19,8 @@ The base model is converted from the embedded GGUF once into a persistent artifa
 root and deleted. Token ids are drawn at random (the forward pass does not care what they say).
 
     python benchmarks/multihook_cache.py --quick     # < 1 minute on 2 CPU cores
-    python benchmarks/multihook_cache.py --hook-points blocks.4.hook_mlp_out blocks.8.hook_mlp_out blocks.12.hook_mlp_out
+    python benchmarks/multihook_cache.py --hook-points blocks.4.hook_mlp_out blocks.8.hook_mlp_out \
+        blocks.12.hook_mlp_out
 """
 
 import argparse

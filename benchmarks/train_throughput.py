@@ -381,7 +381,8 @@ def main(argv=None) -> int:
           f"(goal >= {GOAL_SPARSE_VS_DENSE})")
     print(f"(b) useful FLOP/s {step_flops / 1e9:.1f} G vs bare matmuls {limit_flops / 1e9:.1f} G: "
           f"{step_flops / limit_flops:.2f} (goal >= {GOAL_FLOPS_FRACTION}); dense FLOPs actually executed "
-          f"{dense_flops / 1e9:.1f} G/s vs bare forward matmul {fwd_limit / 1e9:.1f} G/s: {dense_flops / fwd_limit:.2f} "
+          f"{dense_flops / 1e9:.1f} G/s vs bare forward matmul {fwd_limit / 1e9:.1f} G/s: "
+          f"{dense_flops / fwd_limit:.2f} "
           f"(goal >= {GOAL_FLOPS_FRACTION})")
     print(f"(c) Switch ({args.experts} experts) vs TopK: {tps['switch'] / tps['topk_sparse']:.2f}x "
           f"(goal >= {GOAL_SWITCH_VS_TOPK}); rows per expert in this batch: {routed.tolist()}")

@@ -98,7 +98,8 @@ def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: in
     if shown is None:
         return [f"the feature browser of {sae_name!r} was never built"]
     if shown != checkpoint["version"]:
-        return [f"the feature browser of {sae_name!r} shows checkpoint {shown}, not the current {checkpoint['version']}"]
+        return [f"the feature browser of {sae_name!r} shows checkpoint {shown}, "
+                f"not the current {checkpoint['version']}"]
     return []
 
 

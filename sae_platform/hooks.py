@@ -15,7 +15,8 @@ Where each is read, per family (``FAMILIES``; the module names are the Hugging F
     family                 blocks                attn_out                   ln2 (pre-MLP norm)      mlp_out
     Llama/Mistral/Qwen2/   model.layers          self_attn[0]               post_attention_layernorm mlp
       Gemma (1)/SmolLM2
-    Gemma2/Gemma3          model.layers          post_attention_layernorm   pre_feedforward_layernorm post_feedforward_layernorm
+    Gemma2/Gemma3          model.layers          post_attention_layernorm   pre_feedforward_layernorm
+                                                                                                    post_feedforward_layernorm
     GPT-2                  transformer.h         attn[0] (Conv1D c_proj)    ln_2                    mlp
     GPT-NeoX/Pythia        gpt_neox.layers       attention[0]               post_attention_layernorm mlp
     OPT (pre-LN)           model.decoder.layers  self_attn[0]               final_layer_norm        fc2
@@ -185,7 +186,8 @@ def check_hook_point(model, name: str) -> HookPoint:
     return point
 
 
-def sae_hook_points(model, hook_point: str, input_hook_point: str | None, transcoder: bool) -> tuple[HookPoint, HookPoint]:
+def sae_hook_points(model, hook_point: str, input_hook_point: str | None,
+                    transcoder: bool) -> tuple[HookPoint, HookPoint]:
     """(where an SAE's reconstruction goes, what it encodes), both checked against ``model``. An SAE
     reads and writes ``hook_point``; a transcoder reads ``input_hook_point`` (computed before
     ``hook_point``) and writes ``hook_point``. ModelError when the pairing is wrong: encoding a

@@ -163,5 +163,6 @@ def inbox_report(inbox: Inbox, store: ArtifactStore) -> list[str]:
     listed = {f.key for f in inbox.files}
     lines += [f"  cached {k}: no inbox file has this key now (removed, renamed, a copy of another file, or named "
               f"under the older key rule); it is still shuffled and trained on: delete "
-              f"{store.url(store.path(partition_name(k)))} to drop it" for k in list_partitions(store) if k not in listed]
+              f"{store.url(store.path(partition_name(k)))} to drop it"
+              for k in list_partitions(store) if k not in listed]
     return lines

@@ -68,7 +68,8 @@ def launch_training(store, shuffle_name: str, sae_name: str, settings, device: s
                 if line:
                     log(line)
         if proc.returncode != 0 or not result_path.exists():
-            raise TrainingError(f"data-parallel training of {sae_name!r} failed (torchrun exit code {proc.returncode}): "
+            raise TrainingError(f"data-parallel training of {sae_name!r} failed "
+                                f"(torchrun exit code {proc.returncode}): "
                                 + "\n".join(tail[-15:]),
                                 "see the ranks' output above; launching again resumes from the last committed "
                                 "checkpoint")

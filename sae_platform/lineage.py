@@ -35,12 +35,14 @@ def feature_table_lineage(store: ArtifactStore, sae_name: str, shard_index: int,
         "feature_table": {"sae": sae_name, "shard": shard_index, "version": tables["version"],
                           "features": [tables.get("start"), tables.get("stop")], "dagster_run_id": run_id},
         "sae_checkpoint": {"name": sae_name, "version": checkpoint["version"], "step": checkpoint.get("step"),
-                           "tokens": checkpoint.get("tokens"), "variant": checkpoint.get("settings", {}).get("variant")},
+                           "tokens": checkpoint.get("tokens"),
+                           "variant": checkpoint.get("settings", {}).get("variant")},
         "shuffle": {"name": data.get("shuffle"), "plan_id": data.get("plan_id"),
                     "current_plan_id": index.get("plan_id"), "n_rows": data.get("n_rows")},
         "activation_partitions": [{"key": i["key"], "version": i["version"], "n_rows": i["n_rows"]} for i in inputs],
         "base_model": {"model": attrs.get("model"), "hook_name": attrs.get("hook_name"),
-                       "d_model": attrs.get("d_model"), **({"hook_name_in": attrs["hook_name_in"]} if attrs.get("hook_name_in") else {})},
+                       "d_model": attrs.get("d_model"),
+                       **({"hook_name_in": attrs["hook_name_in"]} if attrs.get("hook_name_in") else {})},
     }
 
 
@@ -55,11 +57,13 @@ def recorded_lineage(store: ArtifactStore, sae_name: str, shard_index: int) -> d
 def format_lineage(lineage: dict) -> str:
     """The lineage as an indented tree, newest artifact first."""
     t, c, s = lineage["feature_table"], lineage["sae_checkpoint"], lineage["shuffle"]
-    stale = "" if s["plan_id"] == s["current_plan_id"] else f"  (the store has since been re-shuffled: {s['current_plan_id']})"
+    stale = ("" if s["plan_id"] == s["current_plan_id"]
+             else f"  (the store has since been re-shuffled: {s['current_plan_id']})")
     lines = [
         f"feature tables {t['sae']} shard f{t['shard']} latents {t['features']}  version {t['version']}"
         + (f"  dagster run {t['dagster_run_id']}" if t.get("dagster_run_id") else ""),
-        f"└─ sae_checkpoint {c['name']} ({c['variant']})  version {c['version']}  step {c['step']}, {c['tokens']:,} tokens",
+        f"└─ sae_checkpoint {c['name']} ({c['variant']})  version {c['version']}  "
+        f"step {c['step']}, {c['tokens']:,} tokens",
         f"   └─ shuffled_activations {s['name']}  plan {s['plan_id']}  {s['n_rows']:,} rows{stale}",
     ]
     parts = lineage["activation_partitions"]

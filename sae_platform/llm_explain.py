@@ -54,7 +54,8 @@ class ChatClient:
                                 "set base_url to the endpoint's base, e.g. http://127.0.0.1:8080/v1")
 
     def __repr__(self) -> str:  # the key never appears, even in a traceback's locals
-        return f"ChatClient(base_url={self.base_url!r}, model={self.model!r}, api_key={'***' if self.api_key else None})"
+        key = "***" if self.api_key else None
+        return f"ChatClient(base_url={self.base_url!r}, model={self.model!r}, api_key={key})"
 
     def chat(self, messages: list[dict]) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
@@ -240,7 +241,9 @@ def llm_explain_shard(backend, windows, codes, tokenizer, start: int, stop: int,
                 neg_spans.append((a, b))
             if len(neg_spans) == n_examples:
                 break
-        text = lambda ab: tokenizer.decode([int(t) for t in flat[ab[0]:ab[1]]])
+        def text(ab):
+            return tokenizer.decode([int(t) for t in flat[ab[0]:ab[1]]])
+
         if not neg_spans:
             continue
         score = detection_score(backend, explanation, [text(s) for s in pos_spans], [text(s) for s in neg_spans])

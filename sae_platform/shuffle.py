@@ -159,7 +159,8 @@ def planned_id(store: ArtifactStore, name: str) -> str | None:
 def pinned_keys(store: ArtifactStore, name: str) -> list[str]:
     """The activation partitions the committed shuffled store was built from, sorted: what the SAEs
     trained on it (and their feature tables) describe."""
-    path = store.require(catalog.shuffled_name(name), f"the shuffled store {name!r}", "materialize shuffled_activations first")
+    path = store.require(catalog.shuffled_name(name), f"the shuffled store {name!r}",
+                         "materialize shuffled_activations first")
     return sorted(i["key"] for i in store.read_json(f"{path}/index.json")["inputs"])
 
 
@@ -389,7 +390,8 @@ def _raw_chunk_folder(store, run, part: dict, acts) -> str | None:
     endian = (codecs[0].to_dict().get("configuration") or {}).get("endian", "little")
     if np.dtype(acts.dtype).itemsize > 1 and endian != sys.byteorder:
         return None
-    return catalog.partition_store_path(store, part["key"], part["version"], catalog.store_group(run.store_index), "acts")
+    group = catalog.store_group(run.store_index)
+    return catalog.partition_store_path(store, part["key"], part["version"], group, "acts")
 
 
 def _read_raw_rows(acts, folder: str, start: int, end: int, out: np.ndarray) -> None:

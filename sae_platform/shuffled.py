@@ -66,12 +66,14 @@ class Shuffled:
             raise StorageError(f"piece {piece['name']} of shuffled store {self.name!r} changed or vanished after "
                                "the store was committed", "re-run the shuffle (finalize and commit)")
         with self.store.reading(piece["name"], pointer["version"], f"piece {piece['name']}"):
-            group = self.store.open_group(self.store.path(piece["name"], pointer["version"], catalog.PIECE_STORE), mode="r")
+            path = self.store.path(piece["name"], pointer["version"], catalog.PIECE_STORE)
+            group = self.store.open_group(path, mode="r")
         return group, pointer["version"]
 
 
 def open_shuffled(store: ArtifactStore, name: str) -> Shuffled:
-    path = store.require(catalog.shuffled_name(name), f"shuffled store {name!r}", "run the shuffle (commit_shuffled) first")
+    path = store.require(catalog.shuffled_name(name), f"shuffled store {name!r}",
+                         "run the shuffle (commit_shuffled) first")
     index = store.read_json(f"{path}/index.json")
     return Shuffled(store, name, index["n_rows"], index["d_model"], index["dtype"], index["chunk_rows"],
                     tuple(p for p in index["pieces"] if p["n_rows"]), index)

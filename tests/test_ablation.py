@@ -95,7 +95,8 @@ def _independent_sparsities(hooked, sae, ids, q, horizon, layer, transcoder):
 
     norm, mlp = _block_modules(hooked, layer)
     seen = {}
-    grab = (norm if transcoder else mlp).register_forward_hook(lambda m, i, o: seen.__setitem__("x", o.detach().clone()))
+    grab = (norm if transcoder else mlp).register_forward_hook(
+        lambda m, i, o: seen.__setitem__("x", o.detach().clone()))
     with torch.no_grad():
         hooked.model(input_ids=ids, use_cache=False)
     grab.remove()

@@ -15,7 +15,8 @@ def test_rows_and_page(store):
     _report(store, "b<script>", fvu=0.1, l0=64.0, n2g_precision=0.7, probe_loss=0.2, loss_recovered=0.99)
     rows = comparison_rows(store, ["a", "b<script>", "never-evaluated"])
     assert [r["sae"] for r in rows] == ["a", "b<script>"]
-    assert rows[0]["loss_recovered"] is None and rows[1]["n2g_precision"] == 0.7 and rows[0]["ablation_sparsity"] is None
+    assert rows[0]["loss_recovered"] is None and rows[1]["n2g_precision"] == 0.7
+    assert rows[0]["ablation_sparsity"] is None
     page = comparison_html(rows)
     assert "<script>" not in page and "b&lt;script&gt;" in page
     assert "<b>0.1</b>" in page          # lowest FVU (b) and lowest probe loss (a) in bold

@@ -35,7 +35,8 @@ def defs(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
 
 
 def _materializations(result) -> dict:
-    return {e.asset_key.to_user_string(): {k: v.value for k, v in e.event_specific_data.materialization.metadata.items()}
+    return {e.asset_key.to_user_string():
+            {k: v.value for k, v in e.event_specific_data.materialization.metadata.items()}
             for e in result.get_asset_materialization_events()}
 
 

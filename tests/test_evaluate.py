@@ -254,7 +254,8 @@ def test_a_perfect_transcoder_in_place_of_the_mlp_recovers_all_the_loss(tiny_hoo
             return mlp(x)
 
     got = downstream_ce(tiny_hooked, MLPAsTranscoder(), contexts(tiny_hooked), batch_size=3, rule=rule(tiny_hooked),
-                        hook_point=f"blocks.{layer}.hook_mlp_out", input_hook_point=f"blocks.{layer}.ln2.hook_normalized")
+                        hook_point=f"blocks.{layer}.hook_mlp_out",
+                        input_hook_point=f"blocks.{layer}.ln2.hook_normalized")
     assert got["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert got["ce_zero"] != pytest.approx(got["ce_clean"], abs=1e-5)
 

@@ -169,7 +169,8 @@ def test_bad_files_never_stop_the_pipeline(tmp_path, tiny_model_dir, text_dir):
     status = subprocess.run([str(Path(sys.executable).parent / "sae-platform"), "status"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr[-3000:]
-    for line in ("0 waiting to be cached", "skipped passwd.txt: a symbolic link", "skipped environ.txt: a symbolic link",
+    for line in ("0 waiting to be cached", "skipped passwd.txt: a symbolic link",
+                 "skipped environ.txt: a symbolic link",
                  "skipped ._alpha.txt: hidden", "skipped zz_empty.txt: empty (0 bytes)",
                  "failed blank: ", "holds no text", "failed latin: ", "byte 3 is 0xe9"):
         assert line in status.stdout, (line, status.stdout)
@@ -232,8 +233,8 @@ attn0: {{variant: matryoshka_batchtopk, n_latents: 256, k: 8, hook_point: blocks
 transcoder1: {{variant: batchtopk, n_latents: 256, k: 8, hook_point: "{hooks[3]}"}}
 """)
     run_config = Path(env["SAE_PLATFORM_RUN_CONFIG"])
-    text = run_config.read_text().replace("caching: {config: {ctx_len: 32, batch_size: 4}}",
-                                          f"caching: {{config: {{ctx_len: 32, batch_size: 4, hook_points: {json.dumps(hooks)}}}}}")
+    with_hooks = f"caching: {{config: {{ctx_len: 32, batch_size: 4, hook_points: {json.dumps(hooks)}}}}}"
+    text = run_config.read_text().replace("caching: {config: {ctx_len: 32, batch_size: 4}}", with_hooks)
     assert "hook_points" in text
     text = text.replace("evaluation: {config: {ce_contexts: 2,",
                         "evaluation: {config: {max_fvu: 10.0, min_loss_recovered: -100.0, ce_contexts: 2,")

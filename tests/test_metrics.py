@@ -57,7 +57,8 @@ def test_codes_are_the_encode_of_the_saes_own_hook_point(tiny_hooked, transcoder
     tokens = _contexts(tiny_hooked)
     ids = torch.from_numpy(tokens).long()
     d = tiny_hooked.d_model
-    mlp_in, mlp_out = _own_value(tiny_hooked, ids, block.post_attention_layernorm), _own_value(tiny_hooked, ids, block.mlp)
+    mlp_in = _own_value(tiny_hooked, ids, block.post_attention_layernorm)
+    mlp_out = _own_value(tiny_hooked, ids, block.mlp)
     torch.manual_seed(0)
     at = {"hook_point": f"blocks.{LAYER}.hook_mlp_out"}
     if transcoder:

@@ -340,7 +340,8 @@ def test_killed_table_pass_leaves_the_committed_table_whole(store, tmp_path, kil
     _write_acts(store, "p0", p0)
     # the first complete run
     ft.build_feature_tables(store, sae, "run", ft.FeatureSettings(**TABLES), n_feature_shards=N_SHARDS)
-    before = {i: (store.pointer(catalog.tables_name("run", i)), ft.read_tables(store, "run", i)) for i in range(N_SHARDS)}
+    before = {i: (store.pointer(catalog.tables_name("run", i)), ft.read_tables(store, "run", i))
+              for i in range(N_SHARDS)}
     assert all(t.meta["n_tokens_total"] == 1500 for _, t in before.values())
 
     _write_acts(store, "p1", p1)

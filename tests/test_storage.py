@@ -99,7 +99,8 @@ def test_process_killed_mid_write_keeps_old_version(store, tmp_path):
     assert result.returncode == -9
     fresh = ArtifactStore(store.root_url)
     assert _read(fresh, "things/a") == "old"
-    assert json.loads(fresh.fs.cat_file(fresh.path("things/a", POINTER)))["version"] == store.pointer("things/a")["version"]
+    written = json.loads(fresh.fs.cat_file(fresh.path("things/a", POINTER)))
+    assert written["version"] == store.pointer("things/a")["version"]
     old = fresh.resolve("things/a")
     _write(fresh, "things/a", "new")  # the next successful write sweeps the orphan at once ...
     versions = [e for e in fresh.fs.ls(fresh.path("things/a"), detail=False) if "/v-" in e]

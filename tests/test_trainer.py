@@ -362,7 +362,8 @@ def test_a_transcoder_trains_on_paired_rows_cached_in_one_pass_and_is_evaluated_
     exported = export_run(store, "tc")
     cfg_json = json.loads(store.fs.cat_file(exported["cfg_path"]))
     assert exported["architecture"] == "jumprelu_transcoder"
-    assert cfg_json["hook_name"] == "blocks.1.ln2.hook_normalized" and cfg_json["hook_name_out"] == "blocks.1.hook_mlp_out"
+    assert cfg_json["hook_name"] == "blocks.1.ln2.hook_normalized"
+    assert cfg_json["hook_name_out"] == "blocks.1.hook_mlp_out"
 
 
 def _heldout_tokens(hooked, n=4, ctx_len=16, seed=0):

@@ -51,7 +51,8 @@ def _training_arguments(parser) -> None:
     full_pipeline train with the same settings unless asked otherwise."""
     for flag, kind in (("token-budget", int), ("batch-size", int), ("lr", float), ("checkpoint-every-tokens", int),
                        ("dead-after-tokens", int)):
-        parser.add_argument(f"--{flag}", type=kind, default=None, help=DEPLOYED.format("training", flag.replace("-", "_")))
+        parser.add_argument(f"--{flag}", type=kind, default=None,
+                            help=DEPLOYED.format("training", flag.replace("-", "_")))
     parser.add_argument("--ce-contexts", type=int, default=None, help=DEPLOYED.format("evaluation", "ce_contexts"))
 
 

@@ -108,7 +108,8 @@ def feature_runs(batches: list[str]) -> list[tuple[str, list[str | None]]]:
             runs[stage.job.name] = FEATURE_SHARDS.get_partition_keys()
         else:
             raise PlatformError(f"`sae-platform features` does not know which partitions of {stage.asset} to run "
-                                f"({type(stage.partitions).__name__})", "teach feature_runs (jobs/cli/stages.py) its partitions")
+                                f"({type(stage.partitions).__name__})",
+                                "teach feature_runs (jobs/cli/stages.py) its partitions")
     return list(runs.items())
 
 

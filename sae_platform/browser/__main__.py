@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     shards, edges = synthetic_shards(args.features)
     made = time.perf_counter() - t0
-    summary = build_site(args.site_dir, sae_name="demo", shards=shards, hist_bin_edges=edges, lineage=synthetic_lineage())
+    summary = build_site(args.site_dir, sae_name="demo", shards=shards, hist_bin_edges=edges,
+                         lineage=synthetic_lineage())
     print(json.dumps({**summary, "tables_seconds": round(made, 2)}))
     if args.serve:
         serve(args.site_dir, port=args.port)

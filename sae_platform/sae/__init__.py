@@ -108,7 +108,8 @@ def _check_hparams(variant: Variant, n_latents: int, hp: dict) -> None:
             raise PlatformError(f"{name} must be >= 0, got {hp[name]!r}", f"set {name} to a non-negative number")
     for name in ("bandwidth", "init_threshold"):
         if name in hp and not hp[name] > 0:
-            raise PlatformError(f"{name} must be > 0, got {hp[name]!r}", f"set {name} to a small positive number, e.g. 1e-3")
+            raise PlatformError(f"{name} must be > 0, got {hp[name]!r}",
+                                f"set {name} to a small positive number, e.g. 1e-3")
     if "threshold_momentum" in hp and not 0 <= hp["threshold_momentum"] < 1:
         raise PlatformError(f"threshold_momentum must be in [0, 1), got {hp['threshold_momentum']!r}",
                             "use e.g. 0.99")
