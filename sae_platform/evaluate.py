@@ -343,7 +343,7 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
 
 def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
                  device: torch.device, density_over_all_rows: bool = True, metric_tokens: np.ndarray | None = None,
-                 ablation_tokens: int = 8) -> tuple[dict, np.ndarray]:
+                 *, ablation_tokens: int) -> tuple[dict, np.ndarray]:
     """Every figure of the evaluation for checkpoint ``sae_name``; commits ``eval/<sae_name>`` (report + density).
 
     Reconstruction (nmse, fvu, l0) is measured on the held-out rows; the latent density and

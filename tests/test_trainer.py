@@ -328,7 +328,7 @@ def test_a_transcoder_trains_on_paired_rows_cached_in_one_pass_and_is_evaluated_
 
     from sae_platform.activations import CacheSettings, cache_text_file
     from sae_platform.corpus import list_source
-    from sae_platform.evaluate import evaluate_sae
+    from sae_platform.evaluate import EvalSettings, evaluate_sae
     from sae_platform.export import export_run
 
     pair = "blocks.1.ln2.hook_normalized -> blocks.1.hook_mlp_out"
@@ -351,7 +351,8 @@ def test_a_transcoder_trains_on_paired_rows_cached_in_one_pass_and_is_evaluated_
     assert sae.is_transcoder and sae.d_model == 32 and sae.d_out == 32 and cfg["sae"]["d_out"] == 32
 
     report, _ = evaluate_sae(store, "main", "tc", tiny_hooked, _heldout_tokens(tiny_hooked), torch.device("cpu"),
-                             metric_tokens=_heldout_tokens(tiny_hooked, seed=1))
+                             metric_tokens=_heldout_tokens(tiny_hooked, seed=1),
+                             ablation_tokens=EvalSettings().ablation_tokens)
     assert report["hook_name"] == "blocks.1.hook_mlp_out"
     assert report["hook_name_in"] == "blocks.1.ln2.hook_normalized"
     _assert_feature_metrics_read(report, store, "tc", sae, tiny_hooked, "blocks.1.hook_mlp_out",
@@ -402,7 +403,7 @@ def test_one_sae_per_hook_point_from_one_caching_pass(store, tiny_hooked, text_d
 
     from sae_platform.activations import CacheSettings, cache_text_file
     from sae_platform.corpus import list_source
-    from sae_platform.evaluate import evaluate_sae
+    from sae_platform.evaluate import EvalSettings, evaluate_sae
     from sae_platform.export import export_run
 
     hooks = ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]
@@ -419,7 +420,8 @@ def test_one_sae_per_hook_point_from_one_caching_pass(store, tiny_hooked, text_d
                           checkpoint_every_tokens=128 * 10, holdout_rows=128, dead_after_tokens=128 * 10)
     train_sae(store, "main.h1", "mlp0", train, log=lambda m: None)
     report, _ = evaluate_sae(store, "main.h1", "mlp0", tiny_hooked, _heldout_tokens(tiny_hooked), torch.device("cpu"),
-                             metric_tokens=_heldout_tokens(tiny_hooked, seed=1))
+                             metric_tokens=_heldout_tokens(tiny_hooked, seed=1),
+                             ablation_tokens=EvalSettings().ablation_tokens)
     assert report["hook_name"] == "blocks.0.hook_mlp_out" and report["loss_recovered"] is not None
     _assert_feature_metrics_read(report, store, "mlp0", load_sae(store, "mlp0")[0], tiny_hooked,
                                  "blocks.0.hook_mlp_out")
