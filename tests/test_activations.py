@@ -8,9 +8,9 @@ from sae_platform.activations import (
     CacheSettings,
     cache_partition,
     cache_text_file,
-    list_partitions,
     open_partition,
 )
+from sae_platform.catalog import list_partitions
 from sae_platform.corpus import Contexts, list_source
 from sae_platform.errors import ModelError
 from sae_platform.model import load_hooked_model
