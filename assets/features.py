@@ -18,7 +18,7 @@ from sae_platform import features as ft
 from sae_platform import metrics as fm
 from sae_platform.activations import activation_attrs, open_partition
 from sae_platform.browser.publish import build_site
-from sae_platform.catalog import checkpoint_version, eval_name, trained_on
+from sae_platform.catalog import eval_name, trained_on
 from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
@@ -256,8 +256,7 @@ def heldout_codes(run: StageRun, sae, what: str):
     """(held-out codes of the configured SAE, its tokenizer): the codes sae_eval stored for this very
     checkpoint when there are some (no base model needed), else encoded here from the held-out text."""
     settings, store = _settings(run), run.store
-    codes = fm.read_heldout_codes(store, store.resolve(eval_name(settings.sae_name)),
-                                  checkpoint_version(store, settings.sae_name))
+    codes = fm.read_heldout_codes(store, settings.sae_name)
     if codes is not None:
         run.log.info(f"{what}: the {len(codes.tokens)} held-out contexts sae_eval encoded with this checkpoint")
         return codes, run.resources.language_model.tokenizer(store)
@@ -319,7 +318,8 @@ def explain_with_llm_step(run: StageRun) -> dict:
                              codes, tokenizer, start, stop,
                              n_features=llm.features_per_shard, n_examples=llm.examples)
     frame = pl.DataFrame(rows, schema=LLM_EXPLANATION_SCHEMA)
-    with store.writing(catalog.llm_explanations_name(settings.sae_name, index), explainer=llm.describe()) as version:
+    name = catalog.llm_explanations_name(settings.sae_name, index)
+    with store.writing(name, explainer=llm.describe()) as version:
         store.write_parquet(f"{version}/llm_explanations.parquet", frame)
     preview = [{"feature": r["feature"], "explanation": r["explanation"][:120],
                 "balanced_accuracy": round(r["balanced_accuracy"], 3)} for r in rows]
@@ -327,13 +327,14 @@ def explain_with_llm_step(run: StageRun) -> dict:
             **({"balanced_accuracy": float(frame["balanced_accuracy"].mean())} if rows else {}),
             "explanations": table_preview(preview, {"feature": "int", "explanation": "string",
                                                     "balanced_accuracy": "float"}),
-            "path": MetadataValue.path(store.url(store.resolve(catalog.llm_explanations_name(settings.sae_name, index))))}
+            "path": MetadataValue.path(store.url(store.resolve(name)))}
 
 
 def llm_version(run: StageRun) -> str | None:
     """The stored explanations' version; "off" while none were ever written and the stage is off (a
     stable data version for a skipped optional stage, so re-runs change nothing)."""
-    stored = pointer_version(lambda r: catalog.llm_explanations_name(_settings(r).sae_name, _shard(r.partition_key)))(run)
+    stored = pointer_version(
+        lambda r: catalog.llm_explanations_name(_settings(r).sae_name, _shard(r.partition_key)))(run)
     return stored or (None if run.resources.llm_explainer.enabled else "off")
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_platform.activations import activation_hook_entry, activation_row_rule
-from sae_platform.catalog import checkpoint_version, eval_name
+from sae_platform.catalog import checkpoint_pin, checkpoint_version, eval_name
 from sae_platform.corpus import pack_contexts
 from sae_platform.errors import PlatformError, SourceError, StorageError
 from sae_platform.hooks import check_hook_point, splice_hooks
@@ -396,11 +396,11 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
         figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens, rule=rule,
                                            **points)
         report.update(figures)
-    with store.writing(eval_name(sae_name), checkpoint_step=cfg["step"]) as version:
+    with store.writing(eval_name(sae_name), checkpoint_step=cfg["step"], **checkpoint_pin(checkpoint)) as version:
         store.write_json(f"{version}/report.json", report)
         if details is not None:
             store.write_json(f"{version}/probes.json", details["probes"])
-            store.fs.pipe_file(f"{version}/{HELDOUT_CODES_FILE}", heldout_codes_bytes(details["codes"], checkpoint))
+            store.fs.pipe_file(f"{version}/{HELDOUT_CODES_FILE}", heldout_codes_bytes(details["codes"]))
         buffer = io.BytesIO()
         np.save(buffer, density)
         store.fs.pipe_file(f"{version}/density.npy", buffer.getvalue())

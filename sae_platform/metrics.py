@@ -25,7 +25,14 @@ import torch
 from sae_platform import explain as n2g
 from sae_platform.ablation import ablation_sparsities
 from sae_platform.activations import activation_row_rule, sae_hook_entry
-from sae_platform.catalog import checkpoint_pin, checkpoint_version, explanations_name, is_current, trained_on
+from sae_platform.catalog import (
+    checkpoint_pin,
+    checkpoint_version,
+    eval_name,
+    explanations_name,
+    is_current,
+    trained_on,
+)
 from sae_platform.contexts import token_display_strings
 from sae_platform.errors import PlatformError
 from sae_platform.hooks import sae_hook_points
@@ -107,28 +114,27 @@ HELDOUT_CODES_FILE = "heldout_codes.npz"  # beside sae_eval's report: the codes 
 _CODE_ARRAYS = ("tokens", "mask", "positions", "features", "values")
 
 
-def heldout_codes_bytes(codes: HeldoutCodes, checkpoint: str | None) -> bytes:
-    """``codes`` (without the neurons) as an .npz of plain arrays, tagged with the checkpoint
-    version they were encoded with: sae_eval stores them so that every feature shard's explanations
-    score on the same codes without loading the base model again."""
+def heldout_codes_bytes(codes: HeldoutCodes) -> bytes:
+    """``codes`` (without the neurons) as an .npz of plain arrays: sae_eval stores them beside its
+    report (whose commit pins the checkpoint they were encoded with: ``catalog.checkpoint_pin``) so
+    that every feature shard's explanations score on the same codes without loading the base model."""
     buffer = io.BytesIO()
-    np.savez(buffer, checkpoint=np.array(checkpoint or ""), **{k: getattr(codes, k) for k in _CODE_ARRAYS})
+    np.savez(buffer, **{k: getattr(codes, k) for k in _CODE_ARRAYS})
     return buffer.getvalue()
 
 
-def read_heldout_codes(store, eval_path: str | None, checkpoint: str | None) -> HeldoutCodes | None:
-    """The held-out codes stored in the evaluation at ``eval_path`` when they were encoded with
-    checkpoint version ``checkpoint``; None when absent (no evaluation yet, or one without feature
-    metrics) or from another checkpoint: the caller then encodes the held-out text itself."""
-    if eval_path is None or checkpoint is None:
+def read_heldout_codes(store, sae_name: str) -> HeldoutCodes | None:
+    """The held-out codes ``sae_name``'s committed evaluation stored, when that evaluation pins the
+    current checkpoint (``catalog.is_current``); None when there is none, it has no feature metrics,
+    or it describes another checkpoint: the caller then encodes the held-out text itself."""
+    pointer = store.pointer(eval_name(sae_name))
+    if not is_current(store, sae_name, pointer):
         return None
     try:
-        raw = store.fs.cat_file(f"{eval_path}/{HELDOUT_CODES_FILE}")
+        raw = store.fs.cat_file(f"{store.resolve(eval_name(sae_name))}/{HELDOUT_CODES_FILE}")
     except FileNotFoundError:
         return None
     with np.load(io.BytesIO(raw), allow_pickle=False) as arrays:  # plain arrays only: never unpickles
-        if str(arrays["checkpoint"]) != checkpoint:
-            return None
         return HeldoutCodes(**{k: arrays[k] for k in _CODE_ARRAYS})
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_platform import metrics
+from sae_platform import catalog, metrics
 from sae_platform.errors import ModelError
 from sae_platform.metrics import HELDOUT_CODES_FILE, heldout_codes, heldout_codes_bytes, read_heldout_codes
 from sae_platform.sae import build_sae
@@ -109,16 +109,20 @@ def test_stored_heldout_codes_are_reused_only_for_the_checkpoint_they_were_encod
     sae = build_sae("topk", tiny_hooked.d_model, 64, k=4)
     codes = heldout_codes(tiny_hooked, sae, _contexts(tiny_hooked), hook_point="blocks.1.hook_resid_post",
                           rule=_rule(tiny_hooked))
-    path = store.path("eval", "run", "v1")
-    store.fs.makedirs(path, exist_ok=True)
-    assert read_heldout_codes(store, path, "ckpt-a") is None  # nothing stored yet
-    store.fs.pipe_file(f"{path}/{HELDOUT_CODES_FILE}", heldout_codes_bytes(codes, "ckpt-a"))
-    back = read_heldout_codes(store, path, "ckpt-a")
+    assert read_heldout_codes(store, "s") is None  # no checkpoint, no evaluation
+    with store.writing(catalog.checkpoint_name("s")) as version:
+        store.write_json(f"{version}/cfg.json", {})
+    assert read_heldout_codes(store, "s") is None  # no evaluation committed
+    pin = catalog.checkpoint_pin(catalog.checkpoint_version(store, "s"))
+    with store.writing(catalog.eval_name("s"), **pin) as version:
+        store.fs.pipe_file(f"{version}/{HELDOUT_CODES_FILE}", heldout_codes_bytes(codes))
+    back = read_heldout_codes(store, "s")
     for name in ("tokens", "mask", "positions", "features", "values"):
         np.testing.assert_array_equal(getattr(back, name), getattr(codes, name))
         assert getattr(back, name).dtype == getattr(codes, name).dtype
-    assert read_heldout_codes(store, path, "ckpt-b") is None  # encoded with another checkpoint
-    assert read_heldout_codes(store, None, "ckpt-a") is None  # no evaluation committed
+    with store.writing(catalog.checkpoint_name("s")) as version:  # a newer checkpoint: the codes are stale
+        store.write_json(f"{version}/cfg.json", {})
+    assert read_heldout_codes(store, "s") is None
 
 
 def test_the_probe_table_has_the_schema_tables_declares(tiny_hooked):
