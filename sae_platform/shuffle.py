@@ -71,7 +71,7 @@ from zarr.core.buffer.cpu import NDBuffer
 from sae_platform import catalog
 from sae_platform.errors import StorageError
 from sae_platform.settings import setting, validate
-from sae_platform.shuffle_plan import ShufflePlan, final_bucket_rows, plan_shuffle
+from sae_platform.shuffle_plan import ShufflePlan, final_bucket_rows, mib, plan_shuffle, require
 from sae_platform.storage import ArtifactStore
 
 SCATTER_LAYOUT = "segments"  # the scatter files' layout, named in each job's manifest (_write_segments)
@@ -124,7 +124,7 @@ def describe_plan(store: ArtifactStore, name: str, *, n_buckets: int, memory_bud
     ``store_index``: which hook-point entry's store of each partition to read (``catalog.store_group``;
     0, the first, is left out of the hashed body so plan ids of first-entry stores do not change)."""
     _check_name(name)
-    _require(isinstance(seed, int) and seed >= 0, f"seed={seed!r} is not a non-negative integer",
+    require(isinstance(seed, int) and seed >= 0, f"seed={seed!r} is not a non-negative integer",
              "use a seed such as 0")
     inputs, d_model, dtype, chunk_rows = _describe_inputs(store, keys, catalog.store_group(store_index))
     n_rows = sum(i["n_rows"] for i in inputs)
@@ -189,9 +189,9 @@ def _describe_inputs(store: ArtifactStore, keys: list[str] | None,
     """Pinned versions and offsets of the input partitions; refuses mixes that cannot be one dataset."""
     if keys is None:
         keys = catalog.list_partitions(store)
-    _require(len(keys) > 0, "there are no committed activation partitions to shuffle",
+    require(len(keys) > 0, "there are no committed activation partitions to shuffle",
              "materialize the activations asset first")
-    _require(len(set(keys)) == len(keys), f"input keys repeat: {sorted(keys)}", "list each partition once")
+    require(len(set(keys)) == len(keys), f"input keys repeat: {sorted(keys)}", "list each partition once")
     inputs, shapes, offset = [], {}, 0
     for key in sorted(keys):
         pointer = store.pointer(catalog.partition_name(key))
@@ -201,7 +201,7 @@ def _describe_inputs(store: ArtifactStore, keys: list[str] | None,
                                "materialize the activations asset for that partition first, "
                                "or leave it out of the shuffle's inputs")
         acts = _open_acts(store, key, pointer["version"], group)
-        _require(acts.ndim == 2, f"activation partition {key!r} has acts of shape {acts.shape}, not [rows, d_model]",
+        require(acts.ndim == 2, f"activation partition {key!r} has acts of shape {acts.shape}, not [rows, d_model]",
                  "re-materialize that partition")
         shapes[key] = (int(acts.shape[1]), str(acts.dtype), int(acts.chunks[0]))
         inputs.append({"key": key, "version": pointer["version"], "n_rows": int(acts.shape[0]), "offset": offset})
@@ -257,7 +257,7 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
     limit_malloc_arenas()
     run = load_run(store, name)
     plan = run.plan
-    _require(1 <= pass_index < plan.n_passes,
+    require(1 <= pass_index < plan.n_passes,
              f"pass {pass_index} is not a scatter pass: the plan has scatter passes 1..{plan.n_passes - 1}",
              "run scatter passes 1..n_passes-1, then finalize_bucket")
     _check_index("job", job_index, plan.jobs_in_pass(pass_index))
@@ -293,7 +293,7 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
                     progress(done, total)
             if pending is not None:
                 pending.result()
-        _require(done == total, f"pass {pass_index} job {job_index} read {done} rows, expected {total}",
+        require(done == total, f"pass {pass_index} job {job_index} read {done} rows, expected {total}",
                  "an input changed while the job ran: re-run the job")
         manifest = {"plan_id": run.plan_id, "first_bucket": base, "counts": counts.tolist(),
                     "layout": SCATTER_LAYOUT}
@@ -455,7 +455,7 @@ def _segments(f, path: str, count: int) -> Iterator[tuple[int, np.ndarray]]:
         header = np.empty(1, dtype="<i8")
         _read_rows(f, header, path)
         n = int(header[0])
-        _require(0 < n <= count - left, f"bucket file {path} has a segment of {n} rows where {count - left} remain: "
+        require(0 < n <= count - left, f"bucket file {path} has a segment of {n} rows where {count - left} remain: "
                  "it is damaged, or not a scatter file of this plan", "re-run the scatter job that wrote it")
         ids = np.empty(n, dtype="<i8")
         _read_rows(f, ids, path)
@@ -490,7 +490,7 @@ def _bucket_sources(store, run: ShuffleRun, after_pass: int, bucket: int) -> lis
                              f"run scatter_job(pass_index={after_pass}, job_index={job}) first")
         manifest = store.read_json(f"{path}/manifest.json")
         layout = manifest.get("layout")
-        _require(layout == SCATTER_LAYOUT,
+        require(layout == SCATTER_LAYOUT,
                  f"pass {after_pass} job {job} of shuffle {run.name!r} wrote its files in "
                  f"{'layout ' + repr(layout) if layout else 'interleaved records (no layout named)'}, not in "
                  f"{SCATTER_LAYOUT!r}: an older sae-platform wrote them",
@@ -521,8 +521,8 @@ def finalize_bucket(store: ArtifactStore, name: str, bucket: int) -> dict:
     sources = None if plan.n_passes == 1 else _bucket_sources(store, run, plan.n_passes - 1, bucket)
     n = plan.n_rows if sources is None else sum(count for _, count in sources)
     if n > final_bucket_rows(plan.memory_budget_bytes, plan.row_bytes):
-        raise StorageError(f"final bucket {bucket} holds {n} rows ({_mb(n * plan.record_bytes)}), more than the "
-                           f"{_mb(plan.memory_budget_bytes)} budget can shuffle in memory",
+        raise StorageError(f"final bucket {bucket} holds {n} rows ({mib(n * plan.record_bytes)}), more than the "
+                           f"{mib(plan.memory_budget_bytes)} budget can shuffle in memory",
                            "re-plan with more buckets (n_buckets) or a larger memory_budget_bytes")
     source = _output_order(np.random.default_rng([run.seed, _FINAL, plan.n_passes, bucket]), n)
     acts, ids = np.empty((n, run.d_model), dtype=run.dtype), np.empty(n, dtype=np.int64)
@@ -551,7 +551,7 @@ def _read_bucket(store, run: ShuffleRun, sources, ids: np.ndarray, acts: np.ndar
                 ids[filled:filled + n] = segment_ids
                 _read_rows(f, acts[filled:filled + n], path)
                 filled += n
-    _require(filled == len(ids), f"final bucket read {filled} rows, its manifests say {len(ids)}",
+    require(filled == len(ids), f"final bucket read {filled} rows, its manifests say {len(ids)}",
              "re-run the scatter jobs of its pass")
     if sources and sys.byteorder != "little":  # the files hold little-endian acts, read as raw bytes
         acts.byteswap(inplace=True)
@@ -633,7 +633,7 @@ def _piece_layout(dtype: str, d_model: int, chunk_rows: int) -> dict:
         array = group.create_array(name, shape=shape, dtype=dt, chunks=chunks, compressors=None,
                                    chunk_key_encoding=flat)
         codecs = [c.to_dict() for c in array.metadata.codecs]
-        _require([c["name"] for c in codecs] == ["bytes"] and codecs[0].get("configuration", {}).get("endian", "little")
+        require([c["name"] for c in codecs] == ["bytes"] and codecs[0].get("configuration", {}).get("endian", "little")
                  == "little", f"zarr encodes uncompressed {dt} arrays with {codecs}, not the little-endian bytes codec "
                  "alone, which the shuffle writes itself", "report this with the zarr version installed")
         meta = json.loads(array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
@@ -767,19 +767,11 @@ def _bucket_file(bucket: int) -> str:
 
 
 def _check_name(name: str) -> None:
-    _require(bool(_NAME.match(name or "")), f"shuffle name {name!r} is not a plain name",
+    require(bool(_NAME.match(name or "")), f"shuffle name {name!r} is not a plain name",
              "use letters, digits, '.', '_' or '-' only")
 
 
 def _check_index(what: str, index: int, count: int) -> None:
-    _require(0 <= index < count, f"{what} {index} does not exist: this pass has {what}s 0..{count - 1}",
+    require(0 <= index < count, f"{what} {index} does not exist: this pass has {what}s 0..{count - 1}",
              f"use a {what} index from the plan")
 
-
-def _require(condition: bool, problem: str, fix: str) -> None:
-    if not condition:
-        raise StorageError(problem, fix)
-
-
-def _mb(n_bytes: float) -> str:
-    return f"{n_bytes / 2**20:.1f} MiB"

@@ -57,9 +57,9 @@ def plan_shuffle(n_rows: int, row_bytes: int, n_buckets: int, memory_budget_byte
 
     cap is what one job can shuffle in memory; random bucket sizes get a 6-sigma margin.
     """
-    _require(n_rows >= 1, "there are no rows to shuffle", "cache some activations first")
-    _require(n_buckets >= 2, f"n_buckets={n_buckets}: a scatter pass needs at least 2 buckets", "use n_buckets >= 2")
-    _require(n_jobs >= 1, f"n_jobs={n_jobs}: at least one job must run", "use n_jobs >= 1")
+    require(n_rows >= 1, "there are no rows to shuffle", "cache some activations first")
+    require(n_buckets >= 2, f"n_buckets={n_buckets}: a scatter pass needs at least 2 buckets", "use n_buckets >= 2")
+    require(n_jobs >= 1, f"n_jobs={n_jobs}: at least one job must run", "use n_jobs >= 1")
     record = row_bytes + ID_BYTES
     budget = int(memory_budget_bytes)
     # Scatter holds the block it read and the read's chunk buffers, two buffers of gathered rows
@@ -68,22 +68,22 @@ def plan_shuffle(n_rows: int, row_bytes: int, n_buckets: int, memory_budget_byte
     block_rows = budget // per_row
     if block_rows < input_chunk_rows:
         raise StorageError(
-            f"memory budget {_mb(budget)} cannot hold one input chunk ({input_chunk_rows} rows x {record} B) "
+            f"memory budget {mib(budget)} cannot hold one input chunk ({input_chunk_rows} rows x {record} B) "
             f"four times over, which a scatter job needs",
-            f"raise memory_budget_bytes to at least {_mb(per_row * input_chunk_rows)}")
+            f"raise memory_budget_bytes to at least {mib(per_row * input_chunk_rows)}")
     block_rows -= block_rows % input_chunk_rows
     chunk_rows = max(1, min(OUTPUT_CHUNK_BYTES, budget // 16) // row_bytes)
     bucket_rows = final_bucket_rows(budget, row_bytes)
     if bucket_rows < 1:
-        raise StorageError(f"memory budget {_mb(budget)} cannot hold even one row in memory",
-                           f"raise memory_budget_bytes well above {_mb(2 * (record + 8))}")
+        raise StorageError(f"memory budget {mib(budget)} cannot hold even one row in memory",
+                           f"raise memory_budget_bytes well above {mib(2 * (record + 8))}")
     n_passes = 1
     while not _fits(n_rows / n_buckets ** (n_passes - 1), bucket_rows, random=n_passes > 1):
         n_passes += 1
         if n_passes > MAX_PASSES:
             raise StorageError(
-                f"{_mb(n_rows * record)} of rows need more than {MAX_PASSES} passes with "
-                f"K={n_buckets} buckets and a {_mb(budget)} budget",
+                f"{mib(n_rows * record)} of rows need more than {MAX_PASSES} passes with "
+                f"K={n_buckets} buckets and a {mib(budget)} budget",
                 "raise n_buckets or memory_budget_bytes")
     plan = ShufflePlan(n_rows, row_bytes, n_buckets, budget, n_jobs, n_passes, block_rows, chunk_rows)
     return ShufflePlan(**{**asdict(plan), "warnings": tuple(_small_file_warnings(plan))})
@@ -104,14 +104,16 @@ def _small_file_warnings(plan: ShufflePlan) -> Iterator[str]:
     for p in range(1, plan.n_passes):
         files = plan.jobs_in_pass(p) * plan.n_buckets
         if data / files < MIN_GOOD_FILE_BYTES:
-            yield (f"pass {p} writes {files} files of ~{_mb(data / files)}; files under "
-                   f"{_mb(MIN_GOOD_FILE_BYTES)} cost throughput: use fewer jobs or buckets")
+            yield (f"pass {p} writes {files} files of ~{mib(data / files)}; files under "
+                   f"{mib(MIN_GOOD_FILE_BYTES)} cost throughput: use fewer jobs or buckets")
 
 
-def _require(condition: bool, problem: str, fix: str) -> None:
+def require(condition: bool, problem: str, fix: str) -> None:
+    """StorageError(problem, fix) unless ``condition``: the shuffle's checks of its inputs and settings."""
     if not condition:
         raise StorageError(problem, fix)
 
 
-def _mb(n_bytes: float) -> str:
+def mib(n_bytes: float) -> str:
+    """``n_bytes`` in MiB, one decimal: how the shuffle's plan and logs state sizes."""
     return f"{n_bytes / 2**20:.1f} MiB"
