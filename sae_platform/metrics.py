@@ -26,7 +26,6 @@ from sae_platform import explain as n2g
 from sae_platform.ablation import ablation_sparsities
 from sae_platform.activations import activation_row_rule, sae_hook_entry
 from sae_platform.catalog import checkpoint_pin, checkpoint_version, explanations_name, is_current, trained_on
-from sae_platform.contexts import token_display_strings
 from sae_platform.errors import PlatformError
 from sae_platform.hooks import sae_hook_points
 from sae_platform.model import HookedModel
@@ -38,6 +37,7 @@ from sae_platform.probes import (
     token_properties,
 )
 from sae_platform.similarity import cooccurring, nearest_by_decoder
+from sae_platform.tokens import token_display_strings
 from sae_platform.training_rows import RowRule, training_rows
 
 MASKED = -2  # token id of positions without codes in an N2G stream: no pattern matches or crosses them
