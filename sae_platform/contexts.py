@@ -54,8 +54,8 @@ window's decoded text; ``sae_platform.tokens`` (``window_strings``) says how, by
 
 Storage (every write goes through ``ArtifactStore.writing``: nothing half-written is visible)::
 
-    features/<run>/contexts_partial/<partition>/<version>/windows.parquet   one per partition
-    features/<run>/contexts/f<shard>/<version>/contexts.parquet             one per feature shard
+    features/<sae_name>/contexts_partial/<partition>/<version>/windows.parquet   one per partition
+    features/<sae_name>/contexts/f<shard>/<version>/contexts.parquet             one per feature shard
 
 Both are sorted by feature and written in small row groups with statistics, so reading one
 feature range (``regroup_by_feature``, ``read_feature_contexts(feature=…)``) fetches only the
@@ -446,22 +446,22 @@ def _check_windows(frame: pl.DataFrame) -> pl.DataFrame:
     return _sort_examples(frame.select(list(WINDOW_SCHEMA)).cast(WINDOW_SCHEMA))
 
 
-def write_partition_windows(store, run: str, partition_key: str, frame: pl.DataFrame) -> dict:
-    """Commit one partition's windows at ``features/<run>/contexts_partial/<partition_key>``."""
+def write_partition_windows(store, sae_name: str, partition_key: str, frame: pl.DataFrame) -> dict:
+    """Commit one partition's windows at ``features/<sae_name>/contexts_partial/<partition_key>``."""
     frame = _check_windows(frame)
-    name = catalog.contexts_partial_name(run, partition_key)
+    name = catalog.contexts_partial_name(sae_name, partition_key)
     info = {"partition": partition_key, "n_windows": len(frame), "n_features": frame[FEATURE].n_unique()}
     with store.writing(name, **info) as version:
         store.write_bytes_atomic(f"{version}/{PARTIAL_FILE}", _parquet_bytes(frame))
     return {**info, "path": store.url(store.resolve(name))}
 
 
-def build_partition_windows(store, run: str, sae: SparseAutoencoder, partition_key: str, examples: pl.DataFrame,
-                            tokenizer, **window_settings) -> dict:
+def build_partition_windows(store, sae_name: str, sae: SparseAutoencoder, partition_key: str,
+                            examples: pl.DataFrame, tokenizer, **window_settings) -> dict:
     """Pass 3 for one activation partition: select its examples, build and commit the windows."""
     requests = requests_for_partition(examples, partition_key)
     frame = context_windows(store, sae, partition_key, requests, tokenizer, **window_settings)
-    return write_partition_windows(store, run, partition_key, frame)
+    return write_partition_windows(store, sae_name, partition_key, frame)
 
 
 def _read_feature_range(store, path: str, start: int | None, stop: int | None) -> pl.DataFrame:
@@ -486,14 +486,15 @@ def _read_feature_range(store, path: str, start: int | None, stop: int | None) -
     return frame.cast(WINDOW_SCHEMA)
 
 
-def regroup_by_feature(store, run: str, partition_keys: list[str], start: int, stop: int) -> pl.DataFrame:
+def regroup_by_feature(store, sae_name: str, partition_keys: list[str], start: int, stop: int) -> pl.DataFrame:
     """All windows of features [start, stop) from the partials of ``partition_keys``, sorted by
     feature, kind (top, interval, random), interval, rank."""
     if not 0 <= start < stop:
         raise PlatformError(f"feature range [{start}, {stop}) is empty or negative", "pass 0 <= start < stop")
     paths = []
     for key in partition_keys:
-        path = store.require(catalog.contexts_partial_name(run, key), f"context windows of partition {key!r} (run {run!r})",
+        path = store.require(catalog.contexts_partial_name(sae_name, key),
+                             f"context windows of partition {key!r} (SAE {sae_name!r})",
                              "materialize the context windows of every activation partition first")
         paths.append(f"{path}/{PARTIAL_FILE}")
     frames = [_read_feature_range(store, p, start, stop) for p in paths]
@@ -502,10 +503,10 @@ def regroup_by_feature(store, run: str, partition_keys: list[str], start: int, s
     return _sort_examples(pl.concat(frames, how="vertical"))
 
 
-def write_feature_contexts(store, run: str, shard_index: int, frame: pl.DataFrame) -> dict:
-    """Commit one feature shard's windows at ``features/<run>/contexts/f<shard_index>``."""
+def write_feature_contexts(store, sae_name: str, shard_index: int, frame: pl.DataFrame) -> dict:
+    """Commit one feature shard's windows at ``features/<sae_name>/contexts/f<shard_index>``."""
     frame = _check_windows(frame)
-    name = catalog.contexts_name(run, shard_index)
+    name = catalog.contexts_name(sae_name, shard_index)
     features = frame[FEATURE]
     info = {"shard": int(shard_index), "n_windows": len(frame), "n_features": features.n_unique(),
             "min_feature": None if frame.is_empty() else int(features.min()),
@@ -515,9 +516,10 @@ def write_feature_contexts(store, run: str, shard_index: int, frame: pl.DataFram
     return {**info, "path": store.url(store.resolve(name))}
 
 
-def read_feature_contexts(store, run: str, shard_index: int, feature: int | None = None) -> pl.DataFrame:
+def read_feature_contexts(store, sae_name: str, shard_index: int, feature: int | None = None) -> pl.DataFrame:
     """A committed feature shard's windows; with ``feature``, only that feature's (a page)."""
-    path = store.require(catalog.contexts_name(run, shard_index), f"context windows of feature shard {shard_index} (run {run!r})",
+    path = store.require(catalog.contexts_name(sae_name, shard_index),
+                         f"context windows of feature shard {shard_index} (SAE {sae_name!r})",
                          "materialize the feature contexts asset for that shard")
     if feature is None:
         return _read_feature_range(store, f"{path}/{SHARD_FILE}", None, None)
