@@ -328,13 +328,15 @@ def explain_with_llm_step(run: StageRun) -> dict:
             **({"balanced_accuracy": float(frame["balanced_accuracy"].mean())} if rows else {}),
             "explanations": table_preview(preview, {"feature": "int", "explanation": "string",
                                                     "balanced_accuracy": "float"}),
-            "path": MetadataValue.path(store.url(store.resolve(catalog.llm_explanations_name(settings.sae_name, index))))}
+            "path": MetadataValue.path(
+                store.url(store.resolve(catalog.llm_explanations_name(settings.sae_name, index))))}
 
 
 def llm_version(run: StageRun) -> str | None:
     """The stored explanations' version; "off" while none were ever written and the stage is off (a
     stable data version for a skipped optional stage, so re-runs change nothing)."""
-    stored = pointer_version(lambda r: catalog.llm_explanations_name(_settings(r).sae_name, _shard(r.partition_key)))(run)
+    stored = pointer_version(
+        lambda r: catalog.llm_explanations_name(_settings(r).sae_name, _shard(r.partition_key)))(run)
     return stored or (None if run.resources.llm_explainer.enabled else "off")
 
 

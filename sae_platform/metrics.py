@@ -96,7 +96,10 @@ def heldout_codes(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_point: s
             pos.append(flat[r].numpy())
             feat.append(codes.indices.cpu()[on].numpy())
             val.append(codes.values.cpu()[on].float().numpy())
-    cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
+
+    def cat(parts, dt):
+        return np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
+
     return HeldoutCodes(tokens, mask, cat(pos, np.int64), cat(feat, np.int64), cat(val, np.float32),
                         np.concatenate(neurons) if keep_neurons and neurons else None)
 
@@ -255,7 +258,8 @@ def explain_shard(store, sae_name: str, sae, tokenizer, codes: HeldoutCodes, sha
                    cooccurring=[f for f, _ in co[row["feature"]]],
                    cooccurring_shares=[share for _, share in co[row["feature"]]])
     frame = n2g.explanations_frame(rows)
-    with store.writing(explanations_name(sae_name, shard_index), **checkpoint_pin(checkpoint_version(store, sae_name))) as version:
+    pin = checkpoint_pin(checkpoint_version(store, sae_name))
+    with store.writing(explanations_name(sae_name, shard_index), **pin) as version:
         store.write_parquet(f"{version}/{EXPLANATIONS_FILE}", frame)
     return n2g.summarize(rows), frame
 

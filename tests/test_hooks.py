@@ -89,7 +89,8 @@ def _reference(family, model, ids, layer):
     block = _get(model, blocks_path)[layer]
     got = {}
     handles = [
-        _get(block, attn_path).register_forward_hook(lambda m, i, o: got.__setitem__("attn", o[0] if isinstance(o, tuple) else o)),
+        _get(block, attn_path).register_forward_hook(
+            lambda m, i, o: got.__setitem__("attn", o[0] if isinstance(o, tuple) else o)),
         _get(block, mlp_path).register_forward_hook(lambda m, i, o: got.__setitem__("mlp", o)),
     ]
     try:
@@ -179,7 +180,8 @@ def test_splice_at_every_hook_point_changes_what_follows(family_model):
 
 def test_unknown_hook_points_list_the_valid_names(family_model):
     _, model = family_model
-    with pytest.raises(ModelError, match=r"(?s)unknown hook point 'blocks.1.hook_resid'.*blocks.L \(0..2\).hook_mlp_out"):
+    with pytest.raises(ModelError,
+                       match=r"(?s)unknown hook point 'blocks.1.hook_resid'.*blocks.L \(0..2\).hook_mlp_out"):
         check_hook_point(model, "blocks.1.hook_resid")
     with pytest.raises(ModelError, match="names block 7, but the model has 3 blocks"):
         check_hook_point(model, "blocks.7.hook_mlp_out")
