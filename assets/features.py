@@ -22,6 +22,7 @@ from sae_platform.catalog import eval_name, trained_on
 from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
+from sae_platform.logits import logit_effect_meaning, logit_effects, unembedding_matrix
 from sae_platform.model import pick_device
 from sae_platform.shuffle import pinned_keys
 from sae_platform.tables import LLM_EXPLANATION_SCHEMA
@@ -130,7 +131,7 @@ def merge_shard(run: StageRun) -> dict:
     run.log.info(f"pass 2, features [{start:,}, {stop:,}): merging {len(batches)} partial(s)")
     tables = ft.merge_partials(ft.read_partials(store, settings.sae_name, index, batches), settings)
     hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
-    logits = ctx.logit_effects(sae, ctx.unembedding_matrix(hooked.model), hooked.tokenizer, start, stop)
+    logits = logit_effects(sae, unembedding_matrix(hooked.model), hooked.tokenizer, start, stop)
     attrs = activation_attrs(store, sae_shuffle(run))
     path = ft.write_tables(store, settings.sae_name, index, tables)
     with store.writing(catalog.logits_name(settings.sae_name, index)) as version:
@@ -139,7 +140,7 @@ def merge_shard(run: StageRun) -> dict:
     store.write_json(catalog.lineage_record_path(store, settings.sae_name, index), lineage)
     dead = int((tables.stats["count"] == 0).sum())
     return {"sae": settings.sae_name, "hook_point": hook_point(attrs),
-            "logit_effects": ctx.logit_effect_meaning(attrs.get("hook_name"), attrs.get("hook_name_in")),
+            "logit_effects": logit_effect_meaning(attrs.get("hook_name"), attrs.get("hook_name_in")),
             "features": f"[{start}, {stop})", "n_batches": len(batches),
             "n_tokens": int(tables.meta["n_tokens_total"]), "n_examples": tables.examples.height,
             "never_active_features": dead, "path": MetadataValue.path(store.url(path)),

@@ -1,4 +1,4 @@
-"""Pass 3 of the feature pipeline: context windows around the chosen examples, and logit effects.
+"""Pass 3 of the feature pipeline: context windows around the chosen examples.
 
 The examples (per feature: top activations, activation-interval samples, random activating
 tokens) come out of pass 2 as one ``feature_examples`` table whose rows point into the
@@ -50,51 +50,18 @@ and this one (another device, another batch shape), and no rebuild would change 
 changed SAE or changed activations make nearly every example disagree.
 
 Token strings. ``token_strs`` are the exact text of each token, so ``"".join(token_strs)`` is the
-window's decoded text (``tokenizer.decode(ids, clean_up_tokenization_spaces=False)``). Spaces,
-newlines, tabs and markup (``<script>``) are kept verbatim: making whitespace visible and
-escaping HTML is the renderer's job. A token that is only part of a UTF-8 character (byte-level
-BPE splits emoji and accents into byte tokens) decodes alone to U+FFFD; in windows containing
-such tokens the strings come from incremental decoding instead: the token that completes a
-character carries the whole character and the tokens before it carry ``""``. Strings come from
-``tokenizer.decode`` of single tokens, which is faithful for byte-level BPE (GPT-2, Llama-3,
-SmolLM2); SentencePiece decoders may drop the leading space of a word-initial piece.
-
-Logit effects (``logit_effects``): ``W_dec[f] @ W_U^T``, the direct effect of the feature's
-decoder direction on the logits, skipping the layers above (as in Anthropic's browser,
-SAEDashboard and Neuronpedia). The SAE works on inputs multiplied by the scalar ``input_scale``,
-so in raw residual units the feature writes ``a * W_dec[f] / input_scale``: that divides all
-scores of a feature by the same positive constant and changes no ranking, so scores are
-reported per unit of the unit-norm decoder direction. ``unembedding_matrix`` folds the final
-norm's gain into ``W_U`` by default (TransformerLens' ``fold_ln``): the norm's 1/rms is a
-positive scalar common to all tokens, its per-channel gain is not.
-
-What the score means depends on the SAE's hook point (``logit_effect_meaning``); it is the
-standard direct-logit view wherever the decoder writes into the residual stream's basis:
-
-* ``hook_resid_pre`` / ``hook_resid_mid`` / ``hook_resid_post``: the decoder direction *is* a
-  residual-stream direction; the score is its direct path to the logits, bypassing every layer
-  after the hook point (their attention and MLPs may change it).
-* ``hook_attn_out`` / ``hook_mlp_out``: the block adds this output to the residual stream
-  unchanged, so the direction is again a residual direction: the score is the direct effect of
-  what the attention (MLP) writes, bypassing the later layers.
-* a transcoder (``ln2.hook_normalized -> hook_mlp_out``): it decodes into the MLP's output, so
-  the same holds for its decoder (``W_dec`` [n_latents, d_out]); its encoder reads the MLP's
-  normalized input and plays no part in the score.
-* ``ln2.hook_normalized`` as an SAE's own hook point: the normalized MLP input is not in the
-  residual stream's basis (divided by the rms, not yet multiplied by the norm's gain); the score
-  is computed the same way but is only a rough guide.
+window's decoded text; ``sae_platform.tokens`` (``window_strings``) says how, byte tokens included.
 
 Storage (every write goes through ``ArtifactStore.writing``: nothing half-written is visible)::
 
-    features/<run>/contexts_partial/<partition>/<version>/windows.parquet   one per partition
-    features/<run>/contexts/f<shard>/<version>/contexts.parquet             one per feature shard
+    features/<sae_name>/contexts_partial/<partition>/<version>/windows.parquet   one per partition
+    features/<sae_name>/contexts/f<shard>/<version>/contexts.parquet             one per feature shard
 
 Both are sorted by feature and written in small row groups with statistics, so reading one
 feature range (``regroup_by_feature``, ``read_feature_contexts(feature=…)``) fetches only the
 row groups that can hold it, also on S3.
 """
 
-import codecs
 import copy
 import io
 import logging
@@ -108,15 +75,10 @@ import torch
 from sae_platform import catalog
 from sae_platform.activations import Partition, open_partition
 from sae_platform.errors import ModelError, PlatformError, StorageError
-from sae_platform.hooks import final_norm_fold
-from sae_platform.model import HookedModel
 from sae_platform.sae import SparseAutoencoder
-from sae_platform.tables import (  # noqa: F401  (re-exported: callers use contexts.FEATURE etc.)
+from sae_platform.tables import (
     ACTIVATION,
     ACTS,
-    BOTTOM_SCORES,
-    BOTTOM_TOKEN_IDS,
-    BOTTOM_TOKEN_STRS,
     CENTER,
     CONTEXT_ID,
     DOC_ID,
@@ -127,26 +89,21 @@ from sae_platform.tables import (  # noqa: F401  (re-exported: callers use conte
     INTERVAL,
     KIND,
     KIND_ORDER,
-    LOGIT_SCHEMA,
     PARTITION,
     POSITION,
     RANK,
     ROW,
     TOKEN_IDS,
     TOKEN_STRS,
-    TOP_SCORES,
-    TOP_TOKEN_IDS,
-    TOP_TOKEN_STRS,
     WINDOW_SCHEMA,
 )
+from sae_platform.tokens import window_strings
 from sae_platform.training_rows import RowRule, training_rows
 
 PARTIAL_FILE = "windows.parquet"
 SHARD_FILE = "contexts.parquet"
 ROW_GROUP_ROWS = 1024  # windows per parquet row group: the unit a feature-range read fetches
-# Elements of one [rows, latents] encode_slice block, and of one [features, vocab] score block.
-ENCODE_ELEMENTS = 1 << 24
-LOGIT_ELEMENTS = 1 << 24
+ENCODE_ELEMENTS = 1 << 24  # elements of one [rows, latents] encode_slice block
 SLICE_CALL_ELEMENTS = 1 << 13  # fixed cost of one encode_slice call, in (row x latent) elements
 PAIR_CHUNK = 1 << 18  # (row, feature) lookups per step in TopK codes
 RESIDENT_BYTES = 1 << 30  # distinct activation rows held at once (float32, on the SAE's device)
@@ -157,7 +114,6 @@ RTOL, ATOL = 1e-3, 1e-4  # recomputed vs stored example activation (fp32 vs fp32
 # selection at a near-tie, which no rebuild would fix. A changed SAE or changed activations
 # make nearly every example disagree.
 MAX_MISMATCH_FRACTION = 0.01
-REPLACEMENT = "\ufffd"
 log = logging.getLogger(__name__)
 
 
@@ -322,7 +278,7 @@ def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests:
                     "tolerance (within the %.2g%% allowed for near-tie TopK flips); windows show the recomputed "
                     "values", int(off.sum()), len(rows), partition_key, 100 * max_mismatch_fraction)
 
-    strs = _window_strings(tokenizer, flat_tok, starts)
+    strs = window_strings(tokenizer, flat_tok, starts)
     return pl.DataFrame([
         *[requests[c] for c in EXAMPLE_COLUMNS],
         pl.Series(CONTEXT_ID, ctx.astype(np.int32)),
@@ -468,112 +424,6 @@ def _list_series(name: str, starts: np.ndarray, values: pa.Array) -> pl.Series:
 
 
 # ---------------------------------------------------------------------------------------------
-# Token strings
-# ---------------------------------------------------------------------------------------------
-
-def _decode(tokenizer, ids) -> str:
-    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-def _single_strings(tokenizer, ids: np.ndarray) -> list[str]:
-    return tokenizer.batch_decode([[int(i)] for i in ids], skip_special_tokens=False,
-                                  clean_up_tokenization_spaces=False)
-
-
-def _window_strings(tokenizer, flat_tok: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Exact text per window token (see the module docstring), as an object array."""
-    uniq, inv = np.unique(flat_tok, return_inverse=True)
-    table = np.array(_single_strings(tokenizer, uniq), dtype=object)
-    strs = table[inv]
-    partial = np.array([REPLACEMENT in s for s in table], dtype=bool)[inv]
-    if partial.any():
-        windows = np.unique(np.searchsorted(starts, np.flatnonzero(partial), side="right") - 1)
-        dirty = np.concatenate([np.arange(starts[w], starts[w + 1]) for w in windows])
-        byte_of = _token_bytes(tokenizer, np.unique(flat_tok[dirty]), dict(zip(uniq.tolist(), table, strict=True)))
-        for w in windows:
-            a, z = int(starts[w]), int(starts[w + 1])
-            ids = flat_tok[a:z].tolist()
-            pieces = [byte_of.get(i) for i in ids]
-            if all(p is not None for p in pieces):
-                strs[a:z] = _utf8_strings(pieces)
-            else:
-                strs[a:z] = _incremental_strings(tokenizer, flat_tok[a:z])
-    return strs
-
-
-def _token_bytes(tokenizer, ids: np.ndarray, single: dict[int, str]) -> dict[int, bytes]:
-    """The bytes of byte-level BPE tokens (GPT-2 alphabet), kept only where they decode to what
-    the tokenizer itself decodes the token to."""
-    out = {}
-    for i, raw in zip(ids.tolist(), tokenizer.convert_ids_to_tokens(ids.tolist()), strict=True):
-        data = _byte_level_bytes(raw)
-        if data is not None and data.decode("utf-8", errors="replace") == single[i]:
-            out[i] = data
-    return out
-
-
-def _utf8_strings(pieces: list[bytes]) -> list[str]:
-    """Incremental UTF-8 decoding: a token ending inside a character yields "" and the token
-    completing it yields the character (fast path of _incremental_strings for byte-level BPE)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    last = len(pieces) - 1
-    return [decoder.decode(p, final=(i == last)) for i, p in enumerate(pieces)]
-
-
-def _incremental_strings(tokenizer, ids: np.ndarray) -> list[str]:
-    """Streaming detokenization: a token whose text is still an incomplete character yields ""
-    and the token completing it yields the whole character; the last token takes any rest."""
-    out, pending = [], 0
-    for i in range(len(ids)):
-        text = _decode(tokenizer, ids[pending:i + 1])
-        if text.endswith(REPLACEMENT) and i + 1 < len(ids):
-            out.append("")
-        else:
-            out.append(text)
-            pending = i + 1
-    return out
-
-
-def token_display_strings(tokenizer, ids) -> list[str]:
-    """A readable string for each single token id, out of context (for logit tables): its text,
-    or, for a token that is part of a UTF-8 character, its bytes as backslash escapes
-    (``"\\xf0\\x9f"``) when the tokenizer is byte-level, else the vocabulary entry."""
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    strs = _single_strings(tokenizer, ids)
-    for i, s in enumerate(strs):
-        if REPLACEMENT in s:
-            raw = tokenizer.convert_ids_to_tokens(int(ids[i]))
-            data = _byte_level_bytes(raw)
-            if data is not None and data.decode("utf-8", errors="replace") == s:
-                strs[i] = data.decode("utf-8", errors="backslashreplace")
-            elif raw is not None and REPLACEMENT not in raw:
-                strs[i] = raw
-    return strs
-
-
-def _byte_level_unicode() -> dict[str, int]:
-    """GPT-2's byte <-> printable-character table, inverted."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-_UNICODE_TO_BYTE = _byte_level_unicode()
-
-
-def _byte_level_bytes(token: str | None) -> bytes | None:
-    if not token or any(ch not in _UNICODE_TO_BYTE for ch in token):
-        return None
-    return bytes(_UNICODE_TO_BYTE[ch] for ch in token)
-
-
-# ---------------------------------------------------------------------------------------------
 # Storage: per-partition partials, regrouped per feature shard
 # ---------------------------------------------------------------------------------------------
 
@@ -596,22 +446,22 @@ def _check_windows(frame: pl.DataFrame) -> pl.DataFrame:
     return _sort_examples(frame.select(list(WINDOW_SCHEMA)).cast(WINDOW_SCHEMA))
 
 
-def write_partition_windows(store, run: str, partition_key: str, frame: pl.DataFrame) -> dict:
-    """Commit one partition's windows at ``features/<run>/contexts_partial/<partition_key>``."""
+def write_partition_windows(store, sae_name: str, partition_key: str, frame: pl.DataFrame) -> dict:
+    """Commit one partition's windows at ``features/<sae_name>/contexts_partial/<partition_key>``."""
     frame = _check_windows(frame)
-    name = catalog.contexts_partial_name(run, partition_key)
+    name = catalog.contexts_partial_name(sae_name, partition_key)
     info = {"partition": partition_key, "n_windows": len(frame), "n_features": frame[FEATURE].n_unique()}
     with store.writing(name, **info) as version:
         store.write_bytes_atomic(f"{version}/{PARTIAL_FILE}", _parquet_bytes(frame))
     return {**info, "path": store.url(store.resolve(name))}
 
 
-def build_partition_windows(store, run: str, sae: SparseAutoencoder, partition_key: str, examples: pl.DataFrame,
-                            tokenizer, **window_settings) -> dict:
+def build_partition_windows(store, sae_name: str, sae: SparseAutoencoder, partition_key: str,
+                            examples: pl.DataFrame, tokenizer, **window_settings) -> dict:
     """Pass 3 for one activation partition: select its examples, build and commit the windows."""
     requests = requests_for_partition(examples, partition_key)
     frame = context_windows(store, sae, partition_key, requests, tokenizer, **window_settings)
-    return write_partition_windows(store, run, partition_key, frame)
+    return write_partition_windows(store, sae_name, partition_key, frame)
 
 
 def _read_feature_range(store, path: str, start: int | None, stop: int | None) -> pl.DataFrame:
@@ -636,14 +486,15 @@ def _read_feature_range(store, path: str, start: int | None, stop: int | None) -
     return frame.cast(WINDOW_SCHEMA)
 
 
-def regroup_by_feature(store, run: str, partition_keys: list[str], start: int, stop: int) -> pl.DataFrame:
+def regroup_by_feature(store, sae_name: str, partition_keys: list[str], start: int, stop: int) -> pl.DataFrame:
     """All windows of features [start, stop) from the partials of ``partition_keys``, sorted by
     feature, kind (top, interval, random), interval, rank."""
     if not 0 <= start < stop:
         raise PlatformError(f"feature range [{start}, {stop}) is empty or negative", "pass 0 <= start < stop")
     paths = []
     for key in partition_keys:
-        path = store.require(catalog.contexts_partial_name(run, key), f"context windows of partition {key!r} (run {run!r})",
+        path = store.require(catalog.contexts_partial_name(sae_name, key),
+                             f"context windows of partition {key!r} (SAE {sae_name!r})",
                              "materialize the context windows of every activation partition first")
         paths.append(f"{path}/{PARTIAL_FILE}")
     frames = [_read_feature_range(store, p, start, stop) for p in paths]
@@ -652,10 +503,10 @@ def regroup_by_feature(store, run: str, partition_keys: list[str], start: int, s
     return _sort_examples(pl.concat(frames, how="vertical"))
 
 
-def write_feature_contexts(store, run: str, shard_index: int, frame: pl.DataFrame) -> dict:
-    """Commit one feature shard's windows at ``features/<run>/contexts/f<shard_index>``."""
+def write_feature_contexts(store, sae_name: str, shard_index: int, frame: pl.DataFrame) -> dict:
+    """Commit one feature shard's windows at ``features/<sae_name>/contexts/f<shard_index>``."""
     frame = _check_windows(frame)
-    name = catalog.contexts_name(run, shard_index)
+    name = catalog.contexts_name(sae_name, shard_index)
     features = frame[FEATURE]
     info = {"shard": int(shard_index), "n_windows": len(frame), "n_features": features.n_unique(),
             "min_feature": None if frame.is_empty() else int(features.min()),
@@ -665,99 +516,11 @@ def write_feature_contexts(store, run: str, shard_index: int, frame: pl.DataFram
     return {**info, "path": store.url(store.resolve(name))}
 
 
-def read_feature_contexts(store, run: str, shard_index: int, feature: int | None = None) -> pl.DataFrame:
+def read_feature_contexts(store, sae_name: str, shard_index: int, feature: int | None = None) -> pl.DataFrame:
     """A committed feature shard's windows; with ``feature``, only that feature's (a page)."""
-    path = store.require(catalog.contexts_name(run, shard_index), f"context windows of feature shard {shard_index} (run {run!r})",
+    path = store.require(catalog.contexts_name(sae_name, shard_index),
+                         f"context windows of feature shard {shard_index} (SAE {sae_name!r})",
                          "materialize the feature contexts asset for that shard")
     if feature is None:
         return _read_feature_range(store, f"{path}/{SHARD_FILE}", None, None)
     return _read_feature_range(store, f"{path}/{SHARD_FILE}", int(feature), int(feature) + 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Logit effects
-# ---------------------------------------------------------------------------------------------
-
-def logit_effect_meaning(hook_name: str | None, hook_name_in: str | None = None) -> str:
-    """One line on what ``W_dec @ W_U^T`` means for an SAE at ``hook_name`` (a transcoder: also
-    ``hook_name_in``), as the module docstring explains ("Logit effects")."""
-    name = hook_name or ""
-    if hook_name_in:
-        return (f"direct effect on the logits of what the transcoder writes into {name} (added to the residual "
-                "stream), bypassing the later layers")
-    if name.endswith(("hook_attn_out", "hook_mlp_out")):
-        return (f"direct effect on the logits of what {name} adds to the residual stream, bypassing the later "
-                "layers")
-    if "hook_resid_" in name:
-        return f"direct path to the logits of the residual-stream direction at {name}, bypassing the later layers"
-    return (f"{name or 'this hook point'} is not a residual-stream basis: W_dec . W_U is only a rough guide "
-            "there")
-
-
-def unembedding_matrix(model, fold_norm: bool = True) -> torch.Tensor:
-    """W_U as [vocab, d_model] (a detached tensor) for a Hugging Face causal LM or a HookedModel.
-
-    Tied embeddings: ``get_output_embeddings()`` already returns the shared matrix; a model
-    without an output head but with ``tie_word_embeddings`` uses the input embeddings.
-    ``fold_norm`` multiplies in the final norm's per-channel gain (Llama RMSNorm weight, Gemma's
-    1 + weight, LayerNorm weight) and, for LayerNorm, its centring (each row of W_U minus its
-    mean, so d @ W_U^T sees d - mean(d)); the norm's bias and 1/rms do not depend on the token
-    and are left out (``sae_platform.hooks.final_norm_fold``)."""
-    lm = model.model if isinstance(model, HookedModel) else model
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is None and getattr(getattr(lm, "config", None), "tie_word_embeddings", False):
-        weight = lm.get_input_embeddings().weight
-    if weight is None:
-        raise ModelError(f"cannot find the unembedding matrix of {type(lm).__name__}",
-                         "use a causal LM with an output embedding (lm_head) or tied embeddings")
-    weight = weight.detach()
-    if fold_norm:
-        gain, centres = final_norm_fold(lm)
-        if gain is not None and gain.shape == weight.shape[1:]:
-            weight = weight * gain.to(weight.dtype)[None, :]
-        if centres:  # LayerNorm subtracts the mean of its input: d -> d - mean(d), folded into W_U
-            weight = weight - weight.mean(1, keepdim=True)
-    return weight
-
-
-@torch.no_grad()
-def logit_effects(sae: SparseAutoencoder, unembedding: torch.Tensor, tokenizer, start: int, stop: int,
-                  top: int = 10) -> pl.DataFrame:
-    """Per feature in [start, stop): the ``top`` tokens with the largest and the smallest
-    ``W_dec[f] @ W_U^T`` (schema ``LOGIT_SCHEMA``; top descending, bottom ascending).
-
-    Scores are computed in feature chunks of at most LOGIT_ELEMENTS / vocab rows on the SAE's
-    device. Rows of W_U past the tokenizer's vocabulary (padding) are left out. What the scores
-    mean at each hook point: the module docstring, "Logit effects" (``logit_effect_meaning``)."""
-    if not 0 <= start < stop <= sae.n_latents:
-        raise PlatformError(f"feature range [{start}, {stop}) is outside [0, {sae.n_latents})",
-                            "pass 0 <= start < stop <= n_latents")
-    width = int(sae.W_dec.shape[1])  # d_model; a transcoder writes d_out
-    if unembedding.ndim != 2 or unembedding.shape[1] != width:
-        raise ModelError(f"the unembedding has shape {tuple(unembedding.shape)} but the SAE writes d_model "
-                         f"{width}", "pass W_U [vocab, d_model] of the model the SAE was trained on")
-    if top < 1:
-        raise PlatformError(f"top must be >= 1, got {top}", "ask for e.g. top=10 tokens")
-    vocab = min(int(unembedding.shape[0]), len(tokenizer))
-    w_u = unembedding[:vocab].to(device=_sae_device(sae), dtype=sae.W_dec.dtype)
-    top = min(top, vocab)
-    chunk = max(1, LOGIT_ELEMENTS // vocab)
-    parts = {k: [] for k in ("tv", "ti", "bv", "bi")}
-    for s in range(start, stop, chunk):
-        scores = sae.W_dec[s:min(s + chunk, stop)] @ w_u.T
-        tv, ti = scores.topk(top, dim=1)
-        bv, bi = scores.topk(top, dim=1, largest=False)
-        for k, t in zip(("tv", "ti", "bv", "bi"), (tv, ti, bv, bi), strict=True):
-            parts[k].append(t.cpu())
-    tv, ti, bv, bi = (torch.cat(parts[k]).numpy() for k in ("tv", "ti", "bv", "bi"))
-    uniq, inv = np.unique(np.concatenate([ti.ravel(), bi.ravel()]), return_inverse=True)
-    names = np.array(token_display_strings(tokenizer, uniq), dtype=object)[inv]
-    top_names, bottom_names = names[: ti.size].reshape(ti.shape), names[ti.size:].reshape(bi.shape)
-    return pl.DataFrame({
-        FEATURE: np.arange(start, stop, dtype=np.int64),
-        TOP_TOKEN_IDS: ti.astype(np.int64).tolist(), TOP_TOKEN_STRS: top_names.tolist(),
-        TOP_SCORES: tv.astype(np.float32).tolist(),
-        BOTTOM_TOKEN_IDS: bi.astype(np.int64).tolist(), BOTTOM_TOKEN_STRS: bottom_names.tolist(),
-        BOTTOM_SCORES: bv.astype(np.float32).tolist(),
-    }).cast(LOGIT_SCHEMA)

@@ -26,6 +26,7 @@ import torch
 
 from sae_platform.browser.server import make_server, serve_in_thread, serve_until_interrupted
 from sae_platform.errors import PlatformError
+from sae_platform.tokens import token_display_strings
 
 MAX_BODY = 64 * 1024
 API_PATH = "/api/features"
@@ -55,8 +56,6 @@ class LiveEncoder:
     @torch.inference_mode()
     def features(self, text: str) -> dict:
         """The active latents of each token of ``text`` (see the module docstring for the answer)."""
-        from sae_platform.contexts import token_display_strings
-
         if not isinstance(text, str):
             raise PlatformError("the request's 'text' must be a string", 'send {"text": "your text"}')
         truncated = len(text) > self.max_chars

@@ -33,7 +33,6 @@ from sae_platform.catalog import (
     is_current,
     trained_on,
 )
-from sae_platform.contexts import token_display_strings
 from sae_platform.errors import PlatformError
 from sae_platform.hooks import sae_hook_points
 from sae_platform.model import HookedModel
@@ -45,6 +44,7 @@ from sae_platform.probes import (
     token_properties,
 )
 from sae_platform.similarity import cooccurring, nearest_by_decoder
+from sae_platform.tokens import token_display_strings
 from sae_platform.training_rows import RowRule, training_rows
 
 MASKED = -2  # token id of positions without codes in an N2G stream: no pattern matches or crosses them

@@ -62,7 +62,7 @@ WINDOW_SCHEMA = {
     HAS_ACT: pl.List(pl.Boolean),  # False: the token has no stored row (act is 0.0)
 }
 
-# -- the logit effects (sae_platform.contexts.logit_effects, written by the feature_topk asset) --
+# -- the logit effects (sae_platform.logits.logit_effects, written by the feature_topk asset) ---
 TOP_TOKEN_IDS, TOP_TOKEN_STRS, TOP_SCORES = "top_token_ids", "top_token_strs", "top_scores"
 BOTTOM_TOKEN_IDS, BOTTOM_TOKEN_STRS, BOTTOM_SCORES = "bottom_token_ids", "bottom_token_strs", "bottom_scores"
 LOGIT_SCHEMA = {

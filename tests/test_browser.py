@@ -445,9 +445,9 @@ DAGSTER_UI = "http://127.0.0.1:3999"
 
 
 def _byte_window():
-    """A window as sae_platform.contexts stores it for byte-level BPE: a token that is only part of
-    a character is "" and the token completing it carries the character."""
-    from sae_platform.contexts import _utf8_strings
+    """A window as sae_platform.contexts stores it for byte-level BPE (sae_platform.tokens): a token
+    that is only part of a character is "" and the token completing it carries the character."""
+    from sae_platform.tokens import _utf8_strings
 
     pieces = [b"He", b" said", b" \xe6", b"\x97\xa5", b"\xe6\x9c", b"\xac", b" \xf0\x9f", b"\x99", b"\x82", b"!"]
     return _utf8_strings(pieces)

@@ -7,13 +7,27 @@ import polars as pl
 import pytest
 import torch
 
-from sae_platform import catalog, contexts
+from sae_platform import catalog, contexts, logits
 from sae_platform.activations import CacheSettings, cache_text_file, open_partition
 from sae_platform.contexts import (
+    build_partition_windows,
+    context_windows,
+    read_feature_contexts,
+    regroup_by_feature,
+    requests_for_partition,
+    write_feature_contexts,
+    write_partition_windows,
+)
+from sae_platform.corpus import list_source
+from sae_platform.errors import ModelError, PlatformError, StorageError
+from sae_platform.logits import logit_effects, unembedding_matrix
+from sae_platform.sae import build_sae
+from sae_platform.tables import (
     ACTIVATION,
     ACTS,
     CENTER,
     EXAMPLE_COLUMNS,
+    EXAMPLE_SCHEMA,
     FEATURE,
     HAS_ACT,
     INTERVAL,
@@ -24,20 +38,8 @@ from sae_platform.contexts import (
     TOKEN_IDS,
     TOKEN_STRS,
     WINDOW_SCHEMA,
-    build_partition_windows,
-    context_windows,
-    logit_effects,
-    read_feature_contexts,
-    regroup_by_feature,
-    requests_for_partition,
-    token_display_strings,
-    unembedding_matrix,
-    write_feature_contexts,
-    write_partition_windows,
 )
-from sae_platform.corpus import list_source
-from sae_platform.errors import ModelError, PlatformError, StorageError
-from sae_platform.sae import build_sae
+from sae_platform.tokens import token_display_strings
 
 CTX_LEN, BEFORE, AFTER = 32, 16, 8
 WINDOW = {"before": BEFORE, "after": AFTER}
@@ -128,7 +130,7 @@ def _all_rows_examples(store, sae, keys, features=(3, 17, 40)):
             frames.append(pl.DataFrame({
                 FEATURE: [f] * n, KIND: ["random"] * n, RANK: list(range(n)), INTERVAL: [None] * n,
                 ACTIVATION: dense[:, f], PARTITION: [key] * n, ROW: list(range(n)),
-            }, schema=contexts.EXAMPLE_SCHEMA))
+            }, schema=EXAMPLE_SCHEMA))
     return pl.concat(frames)
 
 
@@ -143,7 +145,7 @@ def _top_examples(store, sae, keys, per_feature=3):
         active = [c for c in cands if c[0] > 0]
         for interval, (act, key, row) in enumerate(active[len(active) // 2::max(1, len(active) // 4)][:2]):
             records.append((f, "interval", 0, interval, act, key, row))
-    return pl.DataFrame(records, schema=contexts.EXAMPLE_SCHEMA, orient="row")
+    return pl.DataFrame(records, schema=EXAMPLE_SCHEMA, orient="row")
 
 
 def _windows(store, sae, keys, examples, tokenizer, **kw):
@@ -378,7 +380,7 @@ def test_logit_effects_equal_brute_force(tiny_hooked, monkeypatch):
     folded = unembedding_matrix(model)
     torch.testing.assert_close(folded, model.lm_head.weight * model.model.norm.weight)
     sae = build_sae("topk", 32, 64, k=4)
-    monkeypatch.setattr(contexts, "LOGIT_ELEMENTS", 3 * w_u.shape[0])  # chunks of 3 features
+    monkeypatch.setattr(logits, "LOGIT_ELEMENTS", 3 * w_u.shape[0])  # chunks of 3 features
     table = logit_effects(sae, folded, tok, 5, 20, top=7)
     assert table[FEATURE].to_list() == list(range(5, 20))
     scores = (sae.W_dec.detach() @ folded.T)[5:20]

@@ -193,7 +193,7 @@ def test_unknown_hook_points_list_the_valid_names(family_model):
 def test_logit_effects_fold_the_final_norm(family_model):
     """d @ W_U_folded^T equals the head applied to the final norm of d, rescaled by the norm's
     token-independent factor (1/rms, or 1/std and the bias for LayerNorm)."""
-    from sae_platform.contexts import unembedding_matrix
+    from sae_platform.logits import unembedding_matrix
 
     family, model = family_model
     w_u = unembedding_matrix(model).double()

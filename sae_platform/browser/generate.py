@@ -37,7 +37,7 @@ too), so even an injected element could not run script.
 Per feature, identical windows (same tokens, same centre, same kind and interval: the same text
 at two places of the corpus) are shown once with their count (``twins``); the stored tables keep
 every example. Byte-level tokens that are only part of a UTF-8 character are stored as ``""``
-with the character on the token that completes it (see ``sae_platform.contexts``); the site
+with the character on the token that completes it (see ``sae_platform.tokens``); the site
 merges each such run into one span per character (``ntok``: tokens per span) carrying the
 maximum activation of its tokens, so the activating token is always visible and marked.
 
