@@ -144,7 +144,7 @@ def worker(args) -> None:
                 hist += torch.bincount(feat * features.N_HIST_BINS + bins, minlength=hist.numel())
             total += int(count.sum())
             n_features += f1 - f0
-            del dense, top_vals, top_rows
+            del dense, top_vals, top_rows, vmax
         extra = {"check_count": total}
     seconds = time.perf_counter() - started
     after = _status()
@@ -159,6 +159,8 @@ def stages_worker(args, store, sae, part) -> dict:
     import torch
 
     from sae_platform import features
+    from sae_platform.feature_check import brute_force_check
+    from sae_platform.feature_merge import merge_partials, write_tables
 
     shards = features.feature_shards(N_LATENTS, N_FEATURE_SHARDS)
     settings = features.FeatureSettings(top_k=TOP_K, reservoir_factor=RESERVOIR_FACTOR)
@@ -182,12 +184,11 @@ def stages_worker(args, store, sae, part) -> dict:
     seconds["pass_1"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     for index in range(len(shards)):
-        features.write_tables(store, "bench", index, features.merge_partials(
+        write_tables(store, "bench", index, merge_partials(
             features.read_partials(store, "bench", index, [args.partition]), settings))
     seconds["pass_2"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    checks = [features.brute_force_check(store, sae, "bench", index, start, stop,
-                                         reencode=args.worker == "stages_per_shard")
+    checks = [brute_force_check(store, sae, "bench", index, start, stop, reencode=args.worker == "stages_per_shard")
               for index, (start, stop) in enumerate(shards)]
     seconds["check"] = time.perf_counter() - t2
     return {"stage_seconds": seconds, "checks_ok": all(c["ok"] for c in checks),
@@ -297,7 +298,7 @@ def main() -> int:
         n_tok, n_feat = rs[0]["n_tokens"], rs[0]["n_features"]
         sec = med(side, p, "seconds")
         print(f"{side:<11}{n_tok:>8}{n_feat:>10}{sec:>10.2f}{n_tok * n_feat / sec:>14.3g}{mb(peak[(side, p)]):>10.1f}"
-              f"   {' '.join('%.2f' % x['seconds'] for x in rs)}")
+              f"   {' '.join(format(x['seconds'], '.2f') for x in rs)}")
     growth_s = peak[("streaming", "large")] / peak[("streaming", "small")]
     growth_b = peak[("baseline", "large")] / peak[("baseline", "small")]
     print(f"throughput ratio {tput['streaming'] / tput['baseline']:.2f} (goal >= {GOAL_THROUGHPUT}); "

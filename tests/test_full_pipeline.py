@@ -16,8 +16,8 @@ from conftest import TINY_SAE, deployment
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, EventRecordsFilter
 
 from sae_platform import contexts as ctx
-from sae_platform import features as ft
 from sae_platform.corpus import partition_key
+from sae_platform.feature_merge import read_tables
 from sae_platform.freshness import stale_reasons
 from sae_platform.storage import ArtifactStore
 from sae_platform.trainer import load_sae
@@ -169,9 +169,10 @@ def test_bad_files_never_stop_the_pipeline(tmp_path, tiny_model_dir, text_dir):
     status = subprocess.run([str(Path(sys.executable).parent / "sae-platform"), "status"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr[-3000:]
-    for line in ("0 waiting to be cached", "skipped passwd.txt: a symbolic link", "skipped environ.txt: a symbolic link",
-                 "skipped ._alpha.txt: hidden", "skipped zz_empty.txt: empty (0 bytes)",
-                 "failed blank: ", "holds no text", "failed latin: ", "byte 3 is 0xe9"):
+    for line in ("0 waiting to be cached", "skipped passwd.txt: a symbolic link",
+                 "skipped environ.txt: a symbolic link", "skipped ._alpha.txt: hidden",
+                 "skipped zz_empty.txt: empty (0 bytes)", "failed blank: ", "holds no text", "failed latin: ",
+                 "byte 3 is 0xe9"):
         assert line in status.stdout, (line, status.stdout)
 
 
@@ -185,7 +186,7 @@ def assert_tables_match_brute_force(store: ArtifactStore, sae_name: str, group: 
     store ``group`` of every pinned partition: counts and max of every feature, the top-k values,
     and each example's activation at its (partition, row)."""
     sae, _ = load_sae(store, sae_name)
-    tables = [ft.read_tables(store, sae_name, i) for i in range(4)]
+    tables = [read_tables(store, sae_name, i) for i in range(4)]
     parts = tables[0].meta["partitions"]
     assert all(t.meta["group"] == group for t in tables)
     dense, offsets = [], {}
@@ -232,8 +233,9 @@ attn0: {{variant: matryoshka_batchtopk, n_latents: 256, k: 8, hook_point: blocks
 transcoder1: {{variant: batchtopk, n_latents: 256, k: 8, hook_point: "{hooks[3]}"}}
 """)
     run_config = Path(env["SAE_PLATFORM_RUN_CONFIG"])
-    text = run_config.read_text().replace("caching: {config: {ctx_len: 32, batch_size: 4}}",
-                                          f"caching: {{config: {{ctx_len: 32, batch_size: 4, hook_points: {json.dumps(hooks)}}}}}")
+    text = run_config.read_text().replace(
+        "caching: {config: {ctx_len: 32, batch_size: 4}}",
+        f"caching: {{config: {{ctx_len: 32, batch_size: 4, hook_points: {json.dumps(hooks)}}}}}")
     assert "hook_points" in text
     text = text.replace("evaluation: {config: {ce_contexts: 2,",
                         "evaluation: {config: {max_fvu: 10.0, min_loss_recovered: -100.0, ce_contexts: 2,")

@@ -1,6 +1,6 @@
 """Synthetic feature tables with the pipeline's schemas, for the browser's demo, its tests and its
-size and speed figures (the real tables come from the feature pipeline: ``sae_platform.features``
-and ``sae_platform.contexts``).
+size and speed figures (the real tables come from the feature pipeline: ``sae_platform.features``,
+``sae_platform.feature_merge`` and ``sae_platform.contexts``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ WORDS = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was",
 
 def synthetic_shards(n_features: int = 16384, shard_size: int = 4096, *, n_top: int = 10, n_intervals: int = 5,
                      per_interval: int = 3, n_random: int = 5, before: int = 16, after: int = 8, n_bins: int = 64,
-                     n_logits: int = 10, vocab: list[str] | None = None, seed: int = 0) -> tuple[list[dict], list[float]]:
+                     n_logits: int = 10, vocab: list[str] | None = None,
+                     seed: int = 0) -> tuple[list[dict], list[float]]:
     """Random feature tables with the pipeline's schemas: (shards, hist_bin_edges)."""
     rng = np.random.default_rng(seed)
     words = list(vocab) if vocab is not None else [w if w.startswith(("\n", "'")) or not w[0].isalnum() else " " + w
