@@ -62,10 +62,10 @@ def _shard_stats(tables: FeatureTables) -> tuple[pl.DataFrame, bool]:
         "feature"), False
 
 
-def _read_witness(store: ArtifactStore, run: str, key: str, shard_index: int) -> tuple[dict, dict]:
+def _read_witness(store: ArtifactStore, sae_name: str, key: str, shard_index: int) -> tuple[dict, dict]:
     """A partial's meta and its witness arrays only (not the selection state)."""
-    path = store.require(partial_name(run, key, shard_index),
-                         f"feature partial of run {run!r}, partition {key!r}, shard {shard_index}",
+    path = store.require(partial_name(sae_name, key, shard_index),
+                         f"feature partial of SAE {sae_name!r}, partition {key!r}, shard {shard_index}",
                          "run pass 1 (compute_partials + write_partial) for that partition")
     meta = store.read_json(f"{path}/meta.json")
     with np.load(io.BytesIO(store.fs.cat_file(f"{path}/partial.npz")), allow_pickle=False) as arrays:
@@ -77,7 +77,7 @@ def _read_witness(store: ArtifactStore, run: str, key: str, shard_index: int) ->
 
 
 @torch.no_grad()
-def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, start: int, stop: int,
+def brute_force_check(store: ArtifactStore, sae, sae_name: str, shard_index: int, start: int, stop: int,
                       sample_features: int = 8, seed: int = 0, reencode: bool = False) -> dict:
     """Check the committed tables of one feature shard, exactly, without a second pass by default.
 
@@ -101,13 +101,13 @@ def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, sta
     The two halves: ``recompute_checked_features`` (the checked features' activating tokens, from
     the data as it is now), then ``compare_tables`` (the tables against them and the invariants)."""
     check_range(sae, start, stop)
-    tables = read_tables(store, run, shard_index)
+    tables = read_tables(store, sae_name, shard_index)
     meta = tables.meta
     if (meta["start"], meta["stop"]) != (start, stop):
-        raise FeatureError(f"feature tables of run {run!r} shard {shard_index} cover [{meta['start']}, "
+        raise FeatureError(f"feature tables of SAE {sae_name!r} shard {shard_index} cover [{meta['start']}, "
                            f"{meta['stop']}), not [{start}, {stop})",
                            "pass the shard's own range (feature_shard(n_latents, n_shards, index))")
-    recomputed = recompute_checked_features(store, sae, run, shard_index, tables, sample_features=sample_features,
+    recomputed = recompute_checked_features(store, sae, sae_name, shard_index, tables, sample_features=sample_features,
                                             seed=seed, reencode=reencode)
     mismatches = compare_tables(tables, sae_fingerprint(sae), recomputed)
     return {"ok": not mismatches, "mismatches": mismatches, "features_checked": (recomputed.features + start).tolist(),
@@ -117,7 +117,7 @@ def brute_force_check(store: ArtifactStore, sae, run: str, shard_index: int, sta
 
 
 @torch.no_grad()
-def recompute_checked_features(store: ArtifactStore, sae, run: str, shard_index: int, tables: FeatureTables, *,
+def recompute_checked_features(store: ArtifactStore, sae, sae_name: str, shard_index: int, tables: FeatureTables, *,
                                sample_features: int = 8, seed: int = 0, reencode: bool = False) -> Recomputed:
     """The recompute half of ``brute_force_check``: from the data as it is now, every activating
     token (activation, partition index in the tables' partition list, row) of the checked features,
@@ -179,7 +179,7 @@ def recompute_checked_features(store: ArtifactStore, sae, run: str, shard_index:
     else:
         local = np.asarray(meta.get("witness") or [], dtype=np.int64)
         for index, info in enumerate(meta["partitions"]):
-            pmeta, w = _read_witness(store, run, info["key"], shard_index)
+            pmeta, w = _read_witness(store, sae_name, info["key"], shard_index)
             if pmeta.get("partition_version") != info["version"] or not np.array_equal(w["witness"], local):
                 bad(None, f"partition {info['key']} partial", {"version": info["version"], "witness": local.tolist()},
                     {"version": pmeta.get("partition_version"), "witness": w["witness"].tolist()})

@@ -12,7 +12,7 @@ random sample of the feature's activating tokens in that interval (deterministic
 are often sparse in the reservoir; the top examples cover them.
 
 Tables (polars), one pair per feature shard, committed together under
-``features/<run>/tables/f<shard_index>/`` as ``stats.parquet``, ``examples.parquet`` and
+``features/<sae_name>/tables/f<shard_index>/`` as ``stats.parquet``, ``examples.parquet`` and
 ``meta.json`` (the schemas: ``tables.STATS_SCHEMA`` and ``tables.EXAMPLE_SCHEMA``):
 
 ``feature_stats`` (one row per feature of the shard, sorted by feature)
@@ -167,7 +167,7 @@ def _check_compatible(first: Partial, p: Partial) -> None:
     if first.sae.get("fingerprint") != p.sae.get("fingerprint"):
         raise FeatureError(f"partials of partitions {first.partition!r} and {p.partition!r} were computed "
                            "with different SAE weights",
-                           "recompute every partial of this run with the current checkpoint")
+                           "recompute every partial of this SAE with the current checkpoint")
 
 
 def merge_partials(partials: Iterable[Partial], settings: FeatureSettings) -> FeatureTables:
@@ -186,7 +186,7 @@ def merge_partials(partials: Iterable[Partial], settings: FeatureSettings) -> Fe
         if not np.array_equal(first.witness, p.witness):
             raise FeatureError(f"partials of partitions {first.partition!r} and {p.partition!r} recorded different "
                                "witness features for the exactness check",
-                               "recompute every partial of this run with the same check_features and seed")
+                               "recompute every partial of this SAE with the same check_features and seed")
         n_entries = None if n_entries is None or p.n_entries is None else n_entries + p.n_entries
         entries_sum = None if entries_sum is None or p.entries_sum is None else entries_sum + p.entries_sum
         if p.partition in seen:
@@ -272,27 +272,27 @@ def _examples_frame(s: _Merged, start: int, n_intervals: int, per_interval: int)
     return pl.DataFrame(frame, schema=EXAMPLE_SCHEMA)
 
 
-def write_tables(store: ArtifactStore, run: str, shard_index: int, tables: FeatureTables) -> str:
+def write_tables(store: ArtifactStore, sae_name: str, shard_index: int, tables: FeatureTables) -> str:
     """Commit stats.parquet, examples.parquet and meta.json of one feature shard together."""
-    name = tables_name(run, shard_index)
+    name = tables_name(sae_name, shard_index)
     with store.writing(name, start=tables.meta["start"], stop=tables.meta["stop"],
                        n_tokens_total=tables.meta["n_tokens_total"]) as version:
         store.write_parquet(f"{version}/stats.parquet", tables.stats)
         store.write_parquet(f"{version}/examples.parquet", tables.examples)
-        store.write_json(f"{version}/meta.json", {**tables.meta, "run": run, "shard_index": int(shard_index)})
+        store.write_json(f"{version}/meta.json", {**tables.meta, "run": sae_name, "shard_index": int(shard_index)})
     return store.resolve(name)
 
 
-def read_tables(store: ArtifactStore, run: str, shard_index: int) -> FeatureTables:
-    path = store.require(tables_name(run, shard_index), f"feature tables of run {run!r}, shard {shard_index}",
+def read_tables(store: ArtifactStore, sae_name: str, shard_index: int) -> FeatureTables:
+    path = store.require(tables_name(sae_name, shard_index), f"feature tables of SAE {sae_name!r}, shard {shard_index}",
                          "run pass 2 (merge_partials + write_tables) for that feature shard")
     return FeatureTables(store.read_parquet(f"{path}/stats.parquet"), store.read_parquet(f"{path}/examples.parquet"),
                          store.read_json(f"{path}/meta.json"))
 
 
-def build_feature_tables(store: ArtifactStore, sae, run: str, settings: FeatureSettings, *, n_feature_shards: int = 1,
-                         partitions: list[str] | None = None, batch_rows: int = 4096, device=None,
-                         group: str = FIRST_STORE) -> list[dict]:
+def build_feature_tables(store: ArtifactStore, sae, sae_name: str, settings: FeatureSettings, *,
+                         n_feature_shards: int = 1, partitions: list[str] | None = None, batch_rows: int = 4096,
+                         device=None, group: str = FIRST_STORE) -> list[dict]:
     """Both passes, in this process: every partition's partials (all feature shards from one
     encode), then every shard's tables. The Dagster layer runs the same functions as separate
     partitioned steps."""
@@ -305,11 +305,11 @@ def build_feature_tables(store: ArtifactStore, sae, run: str, settings: FeatureS
         partials = compute_partials(store, sae, key, shards, settings, batch_rows=batch_rows, device=device,
                                     group=group)
         for index, partial in enumerate(partials):
-            write_partial(store, run, key, index, partial)
+            write_partial(store, sae_name, key, index, partial)
     summaries = []
     for index, (start, stop) in enumerate(shards):
-        tables = merge_partials(read_partials(store, run, index, keys), settings)
-        path = write_tables(store, run, index, tables)
+        tables = merge_partials(read_partials(store, sae_name, index, keys), settings)
+        path = write_tables(store, sae_name, index, tables)
         summaries.append({"shard_index": index, "start": start, "stop": stop, "path": path,
                           "n_tokens_total": tables.meta["n_tokens_total"],
                           "n_examples": tables.examples.height,

@@ -44,7 +44,7 @@ Histogram. 64 log-spaced bins over [1e-4, 1e4] (``HIST_EDGES``: 65 float32 edges
 HIST_EDGES[i-1] <= a < HIST_EDGES[i], ``histogram[65]`` counts a >= 1e4. The same bins for every
 shard, so histograms add.
 
-Partials (pass-1 output) are committed under ``features/<run>/partial/<partition>/f<shard_index>``
+Partials (pass-1 output) are committed under ``features/<sae_name>/partial/<partition>/f<shard_index>``
 as ``partial.npz`` (arrays) plus ``meta.json``.
 """
 
@@ -557,10 +557,10 @@ def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, s
                             device=device, group=group)[0]
 
 
-def compute_and_write_partials(store: ArtifactStore, sae, run: str, partition_key: str, shards: list[tuple[int, int]],
-                               settings: FeatureSettings, **options) -> list[Partial]:
+def compute_and_write_partials(store: ArtifactStore, sae, sae_name: str, partition_key: str,
+                               shards: list[tuple[int, int]], settings: FeatureSettings, **options) -> list[Partial]:
     """Pass 1 as the pipeline runs it: ``compute_partials`` over every shard, each partial
-    committed (shard i at ``partial_name(run, partition_key, i)``), and for TopK-style variants the
+    committed (shard i at ``partial_name(sae_name, partition_key, i)``), and for TopK-style variants the
     partition's sparse codes committed too (``write_codes``), so that pass 3 looks activations up
     instead of encoding the rows again.
 
@@ -578,21 +578,21 @@ def compute_and_write_partials(store: ArtifactStore, sae, run: str, partition_ke
 
     partials = compute_partials(store, sae, partition_key, shards, settings, on_codes=keep, **options)
     for index, partial in enumerate(partials):
-        write_partial(store, run, partition_key, index, partial)
+        write_partial(store, sae_name, partition_key, index, partial)
     if codes:
-        write_codes(store, run, partition_key, codes["values"], codes["indices"],
+        write_codes(store, sae_name, partition_key, codes["values"], codes["indices"],
                     partition_version=partials[0].partition_version, fingerprint=partials[0].sae["fingerprint"])
     return partials
 
 
-def write_codes(store: ArtifactStore, run: str, partition_key: str, values: np.ndarray, indices: np.ndarray, *,
+def write_codes(store: ArtifactStore, sae_name: str, partition_key: str, values: np.ndarray, indices: np.ndarray, *,
                 partition_version: str | None, fingerprint: str) -> str:
     """Commit pass 1's sparse codes of one partition: ``values`` float32 [n_rows, K] and
     ``indices`` int32 [n_rows, K] (row r's activations are values[r] at latents indices[r]; 0 =
     inactive), with the partition version and SAE fingerprint they came from."""
     buffer = io.BytesIO()
     np.savez(buffer, values=np.ascontiguousarray(values, np.float32), indices=np.ascontiguousarray(indices, np.int32))
-    name = codes_name(run, partition_key)
+    name = codes_name(sae_name, partition_key)
     with store.writing(name, partition=partition_key, partition_version=partition_version) as version:
         store.write_bytes_atomic(f"{version}/codes.npz", buffer.getvalue())
         store.write_json(f"{version}/meta.json", {"partition": partition_key, "partition_version": partition_version,
@@ -600,10 +600,10 @@ def write_codes(store: ArtifactStore, run: str, partition_key: str, values: np.n
     return store.resolve(name)
 
 
-def read_codes(store: ArtifactStore, run: str, partition_key: str, sae) -> tuple[np.ndarray, np.ndarray] | None:
+def read_codes(store: ArtifactStore, sae_name: str, partition_key: str, sae) -> tuple[np.ndarray, np.ndarray] | None:
     """Pass 1's sparse codes (values, indices) of a partition, or None when there are none or they
     were computed by other SAE weights or from another version of the partition."""
-    path = store.resolve(codes_name(run, partition_key))
+    path = store.resolve(codes_name(sae_name, partition_key))
     if path is None:
         return None
     meta = store.read_json(f"{path}/meta.json")
@@ -614,24 +614,24 @@ def read_codes(store: ArtifactStore, run: str, partition_key: str, sae) -> tuple
         return arrays["values"], arrays["indices"]
 
 
-def write_partial(store: ArtifactStore, run: str, partition_key: str, shard_index: int, partial: Partial) -> str:
+def write_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_index: int, partial: Partial) -> str:
     """Commit a partial atomically; returns the committed version path."""
     if partial.partition != partition_key:
         raise FeatureError(f"this partial was computed on partition {partial.partition!r}, not {partition_key!r}",
                            "pass the partition key the partial came from")
     buffer = io.BytesIO()
     np.savez(buffer, **{name: getattr(partial, name) for name in Partial.ARRAYS + Partial.WITNESS})
-    name = partial_name(run, partition_key, shard_index)
+    name = partial_name(sae_name, partition_key, shard_index)
     with store.writing(name, partition=partition_key, partition_version=partial.partition_version,
                        start=partial.start, stop=partial.stop, top_k=partial.top_k) as version:
         store.write_bytes_atomic(f"{version}/partial.npz", buffer.getvalue())
-        store.write_json(f"{version}/meta.json", {**partial.meta(), "run": run, "shard_index": int(shard_index)})
+        store.write_json(f"{version}/meta.json", {**partial.meta(), "run": sae_name, "shard_index": int(shard_index)})
     return store.resolve(name)
 
 
-def read_partial(store: ArtifactStore, run: str, partition_key: str, shard_index: int) -> Partial:
-    path = store.require(partial_name(run, partition_key, shard_index),
-                         f"feature partial of run {run!r}, partition {partition_key!r}, shard {shard_index}",
+def read_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_index: int) -> Partial:
+    path = store.require(partial_name(sae_name, partition_key, shard_index),
+                         f"feature partial of SAE {sae_name!r}, partition {partition_key!r}, shard {shard_index}",
                          "run pass 1 (compute_partial + write_partial) for that partition and feature shard")
     meta = store.read_json(f"{path}/meta.json")
     with np.load(io.BytesIO(store.fs.cat_file(f"{path}/partial.npz")), allow_pickle=False) as arrays:
@@ -642,19 +642,19 @@ def read_partial(store: ArtifactStore, run: str, partition_key: str, shard_index
     return Partial(**fields, **data, group=meta.get("group", FIRST_STORE))
 
 
-def list_partials(store: ArtifactStore, run: str, shard_index: int) -> list[str]:
-    """Partition keys that have a committed partial for this run and feature shard, sorted."""
+def list_partials(store: ArtifactStore, sae_name: str, shard_index: int) -> list[str]:
+    """Partition keys that have a committed partial for this SAE and feature shard, sorted."""
     try:
-        entries = store.fs.ls(partials_folder(store, run), detail=False)
+        entries = store.fs.ls(partials_folder(store, sae_name), detail=False)
     except FileNotFoundError:
         return []
     keys = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
-    return sorted(k for k in keys if store.pointer(partial_name(run, k, shard_index)) is not None)
+    return sorted(k for k in keys if store.pointer(partial_name(sae_name, k, shard_index)) is not None)
 
 
-def read_partials(store: ArtifactStore, run: str, shard_index: int,
+def read_partials(store: ArtifactStore, sae_name: str, shard_index: int,
                   partitions: Iterable[str] | None = None) -> Iterator[Partial]:
     """The committed partials of one feature shard, one at a time (pass 2's input)."""
-    for key in (list_partials(store, run, shard_index) if partitions is None else partitions):
-        yield read_partial(store, run, key, shard_index)
+    for key in (list_partials(store, sae_name, shard_index) if partitions is None else partitions):
+        yield read_partial(store, sae_name, key, shard_index)
 

@@ -474,7 +474,7 @@ def test_bad_inputs_raise_errors_that_name_the_problem_and_the_fix(store):
         merge_partials([a, F.compute_partial(store, make_sae("relu", seed=4), "p1", 0, 8, SETTINGS)], SETTINGS)
     with pytest.raises(F.FeatureError, match="no partials"):
         merge_partials([], SETTINGS)
-    with pytest.raises(StorageError, match="feature tables of run 'run', shard 0 is missing"):
+    with pytest.raises(StorageError, match="feature tables of SAE 'run', shard 0 is missing"):
         read_tables(store, "run", 0)
     with pytest.raises(StorageError, match="feature partial"):
         F.read_partial(store, "run", "p0", 0)
