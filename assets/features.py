@@ -19,6 +19,8 @@ from sae_platform import metrics as fm
 from sae_platform.activations import activation_attrs, open_partition
 from sae_platform.browser.publish import build_site
 from sae_platform.catalog import eval_name, trained_on
+from sae_platform.feature_check import brute_force_check
+from sae_platform.feature_merge import FeatureTables, merge_partials, read_tables, write_tables
 from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
@@ -129,11 +131,11 @@ def merge_shard(run: StageRun) -> dict:
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     batches = pinned_batches(run)
     run.log.info(f"pass 2, features [{start:,}, {stop:,}): merging {len(batches)} partial(s)")
-    tables = ft.merge_partials(ft.read_partials(store, settings.sae_name, index, batches), settings)
+    tables = merge_partials(ft.read_partials(store, settings.sae_name, index, batches), settings)
     hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
     logits = logit_effects(sae, unembedding_matrix(hooked.model), hooked.tokenizer, start, stop)
     attrs = activation_attrs(store, sae_shuffle(run))
-    path = ft.write_tables(store, settings.sae_name, index, tables)
+    path = write_tables(store, settings.sae_name, index, tables)
     with store.writing(catalog.logits_name(settings.sae_name, index)) as version:
         store.write_parquet(f"{version}/logit_effects.parquet", logits)
     lineage = feature_table_lineage(store, settings.sae_name, index, run_id=run.run_id)
@@ -148,7 +150,7 @@ def merge_shard(run: StageRun) -> dict:
             "lineage": MetadataValue.json(lineage)}
 
 
-def _preview(run: StageRun, tables: ft.FeatureTables, tokenizer, group: str) -> MetadataValue:
+def _preview(run: StageRun, tables: FeatureTables, tokenizer, group: str) -> MetadataValue:
     """The shard's densest features as a table on the asset page, each with a link into the browser."""
     top = tables.examples.filter((pl.col("kind") == "top") & (pl.col("rank") == 0))
     top_example = {f: (p, r) for f, p, r in zip(top["feature"], top["partition"], top["row"], strict=True)}
@@ -171,7 +173,7 @@ def check_brute_force(run: StageRun) -> dict:
     settings, (sae, _) = _settings(run), _load(run)  # the tables' meta names the store they read
     index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
-    check = ft.brute_force_check(run.store, sae, settings.sae_name, index, start, stop)
+    check = brute_force_check(run.store, sae, settings.sae_name, index, start, stop)
     return {"passed": bool(check["ok"]), "metadata": {"features_checked": str(check["features_checked"]),
                                                        "mode": check["mode"],
                                                        "mismatches": str(check["mismatches"][:5])}}
@@ -199,7 +201,7 @@ def context_windows(run: StageRun) -> dict:
     """The windows around every chosen example in this batch, with the feature's activation on each
     token and the decoded token strings."""
     settings, (sae, group) = _settings(run), _load(run)
-    examples = [shown_examples(ft.read_tables(run.store, settings.sae_name, i).examples, settings.random_examples)
+    examples = [shown_examples(read_tables(run.store, settings.sae_name, i).examples, settings.random_examples)
                 for i in range(N_FEATURE_SHARDS)]
     tokenizer = run.resources.language_model.tokenizer(run.store)  # the weights are not needed here
     run.log.info(f"pass 3 [{run.partition_key}]: context windows of the shown examples that fall in this batch "
@@ -363,7 +365,7 @@ def write_browser(run: StageRun) -> dict:
     settings, store = _settings(run), run.store
     shards = []
     for index in range(N_FEATURE_SHARDS):
-        tables = ft.read_tables(store, settings.sae_name, index)
+        tables = read_tables(store, settings.sae_name, index)
         logits_path = store.require(catalog.logits_name(settings.sae_name, index), "logit effects",
                                     "materialize feature_topk")
         shards.append({"start": tables.meta["start"], "stop": tables.meta["stop"], "feature_stats": tables.stats,

@@ -133,6 +133,7 @@ def worker(args) -> None:
             count = torch.zeros(f1 - f0, dtype=torch.long)
             vsum = torch.zeros(f1 - f0, dtype=torch.float64)
             hist = torch.zeros((f1 - f0) * features.N_HIST_BINS, dtype=torch.long)
+            dense.amax(0)  # each feature's max, as a dashboard computes it (the value is not compared)
             for lo in range(0, n_tokens, args.batch_rows):
                 block = dense[lo:lo + args.batch_rows]
                 on = block > 0
@@ -158,6 +159,8 @@ def stages_worker(args, store, sae, part) -> dict:
     import torch
 
     from sae_platform import features
+    from sae_platform.feature_check import brute_force_check
+    from sae_platform.feature_merge import merge_partials, write_tables
 
     shards = features.feature_shards(N_LATENTS, N_FEATURE_SHARDS)
     settings = features.FeatureSettings(top_k=TOP_K, reservoir_factor=RESERVOIR_FACTOR)
@@ -181,12 +184,11 @@ def stages_worker(args, store, sae, part) -> dict:
     seconds["pass_1"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     for index in range(len(shards)):
-        features.write_tables(store, "bench", index, features.merge_partials(
+        write_tables(store, "bench", index, merge_partials(
             features.read_partials(store, "bench", index, [args.partition]), settings))
     seconds["pass_2"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    checks = [features.brute_force_check(store, sae, "bench", index, start, stop,
-                                         reencode=args.worker == "stages_per_shard")
+    checks = [brute_force_check(store, sae, "bench", index, start, stop, reencode=args.worker == "stages_per_shard")
               for index, (start, stop) in enumerate(shards)]
     seconds["check"] = time.perf_counter() - t2
     return {"stage_seconds": seconds, "checks_ok": all(c["ok"] for c in checks),

@@ -7,7 +7,7 @@ generating or serving the browser never loads it.
 
 import polars as pl
 
-# -- the feature_stats table (written by sae_platform.features) --------------------------------
+# -- the feature_stats table (written by sae_platform.feature_merge) ---------------------------
 FEATURE = "feature"
 N_TOKENS_TOTAL = "n_tokens_total"
 COUNT = "count"
@@ -27,7 +27,7 @@ STATS_SCHEMA = {
     HISTOGRAM: pl.List(pl.Int64),  # counts on features.HIST_EDGES' bins, underflow and overflow included
 }
 
-# -- the feature_examples table (written by sae_platform.features) ------------------------------
+# -- the feature_examples table (written by sae_platform.feature_merge) -------------------------
 KIND = "kind"
 RANK = "rank"
 INTERVAL = "interval"

@@ -13,10 +13,10 @@ from jobs.definitions import ASSET_JOBS, build_resources
 from jobs.settings import Settings
 from resources import BaseModelResource, LLMExplainerResource, stage_resource
 from sae_platform import contexts as ctx
-from sae_platform import features as ft
 from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file
 from sae_platform.corpus import list_source
+from sae_platform.feature_merge import read_tables
 from sae_platform.lineage import feature_table_lineage, format_lineage
 from sae_platform.llm_explain import serve_chat
 from sae_platform.metrics import explanations_current, read_explanations
@@ -67,7 +67,7 @@ def test_feature_pipeline_through_dagster(pipeline, store, monkeypatch):
     assert len(checks) == N_FEATURE_SHARDS
     total = 0
     for index in range(N_FEATURE_SHARDS):
-        tables = ft.read_tables(store, SAE, index)
+        tables = read_tables(store, SAE, index)
         contexts = ctx.read_feature_contexts(store, SAE, index)
         total += tables.stats.height
         assert set(contexts["feature"].to_list()) <= set(tables.stats["feature"].to_list())

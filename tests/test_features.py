@@ -14,8 +14,20 @@ import polars as pl
 import pytest
 import torch
 
+from sae_platform import feature_select
 from sae_platform import features as F
+from sae_platform.catalog import tables_name
 from sae_platform.errors import PlatformError, StorageError
+from sae_platform.feature_check import brute_force_check
+from sae_platform.feature_merge import (
+    FeatureTables,
+    build_feature_tables,
+    interval_of,
+    merge_partials,
+    read_tables,
+    write_tables,
+)
+from sae_platform.feature_select import KEY_PAD, partition_salt, sample_keys, sample_keys_numpy
 from sae_platform.sae import build_sae
 from sae_platform.settings import SettingsError
 
@@ -78,7 +90,7 @@ def global_examples(tables, offsets):
 
 
 def all_tables(store, run, n_shards):
-    tables = [F.read_tables(store, run, i) for i in range(n_shards)]
+    tables = [read_tables(store, run, i) for i in range(n_shards)]
     return (pl.concat([t.stats for t in tables]).sort("feature"),
             pl.concat([t.examples for t in tables]).sort(["feature", "kind", "interval", "rank"], nulls_last=False))
 
@@ -103,12 +115,12 @@ def test_sample_keys_on_torch_match_the_numpy_twin():
     rng = np.random.default_rng(1)
     rows = rng.integers(0, 2**31 - 1, 5000)
     feats = rng.integers(0, 2**24, 5000)
-    for salt in (0, -1, F.partition_salt(7, "batch_0001"), 2**63 - 1):
-        got = F.sample_keys(salt, torch.from_numpy(rows), torch.from_numpy(feats)).numpy()
-        assert np.array_equal(got, F.sample_keys_numpy(salt, rows, feats))
-        assert got.min() >= 0 and got.max() < F.KEY_PAD
+    for salt in (0, -1, partition_salt(7, "batch_0001"), 2**63 - 1):
+        got = sample_keys(salt, torch.from_numpy(rows), torch.from_numpy(feats)).numpy()
+        assert np.array_equal(got, sample_keys_numpy(salt, rows, feats))
+        assert got.min() >= 0 and got.max() < KEY_PAD
     # counter-based: a key depends on (seed, partition, row, feature) only
-    assert F.partition_salt(0, "a") != F.partition_salt(1, "a") != F.partition_salt(0, "b")
+    assert partition_salt(0, "a") != partition_salt(1, "a") != partition_salt(0, "b")
 
 
 @pytest.mark.parametrize("variant", ["relu", "topk"])
@@ -121,15 +133,15 @@ def test_merged_tables_equal_brute_force_whatever_the_sharding(store, variant):
         for n_shards in (1, 4):
             root = ArtifactStore(f"{store.root}/{len(splits)}x{n_shards}")
             make_dataset(root, splits, exact=True)
-            F.build_feature_tables(root, sae, "run", F.FeatureSettings(top_k=6, reservoir_factor=3),
-                                   n_feature_shards=n_shards, batch_rows=256)
+            build_feature_tables(root, sae, "run", F.FeatureSettings(top_k=6, reservoir_factor=3),
+                                 n_feature_shards=n_shards, batch_rows=256)
             for i, (start, stop) in enumerate(F.feature_shards(N_LATENTS, n_shards)):
-                check = F.brute_force_check(root, sae, "run", i, start, stop, sample_features=stop - start)
+                check = brute_force_check(root, sae, "run", i, start, stop, sample_features=stop - start)
                 assert check["ok"], check["mismatches"][:3]
                 assert len(check["features_checked"]) == stop - start
             offsets = dict(zip([f"p{i}" for i in range(len(splits))], np.cumsum([0, *splits[:-1]]).tolist()))
             stats, _ = all_tables(root, "run", n_shards)
-            examples = pl.concat([global_examples(F.read_tables(root, "run", i), offsets) for i in range(n_shards)])
+            examples = pl.concat([global_examples(read_tables(root, "run", i), offsets) for i in range(n_shards)])
             runs[(len(splits), n_shards)] = (stats, examples)
 
     # feature sharding changes nothing at all (same data layout): identical tables
@@ -178,10 +190,10 @@ def test_one_pass_over_every_shard_equals_one_pass_per_shard_and_encodes_each_ro
 def test_other_variants_pass_the_exactness_check(store, variant):
     make_dataset(store, [500, 300])
     sae = make_sae(variant)
-    F.build_feature_tables(store, sae, "run", F.FeatureSettings(top_k=5, reservoir_factor=2), n_feature_shards=2,
-                           batch_rows=128)
+    build_feature_tables(store, sae, "run", F.FeatureSettings(top_k=5, reservoir_factor=2), n_feature_shards=2,
+                         batch_rows=128)
     for i, (start, stop) in enumerate(F.feature_shards(N_LATENTS, 2)):
-        check = F.brute_force_check(store, sae, "run", i, start, stop, sample_features=stop - start)
+        check = brute_force_check(store, sae, "run", i, start, stop, sample_features=stop - start)
         assert check["ok"], check["mismatches"][:3]
 
 
@@ -192,7 +204,7 @@ def test_reservoir_is_the_same_whatever_the_batch_size_feature_range_and_merge_o
     by_batch = [F.compute_partial(store, sae, "p1", 0, N_LATENTS, settings, batch_rows=b) for b in (13, 100, 4096)]
     # tiny update groups and one-feature compaction blocks: every path of the streaming selection
     monkeypatch.setattr(F, "UPDATE_ENTRIES", 37)
-    monkeypatch.setattr(F, "COMPACT_BLOCK_ENTRIES", 1)
+    monkeypatch.setattr(feature_select, "COMPACT_BLOCK_ENTRIES", 1)
     by_batch.append(F.compute_partial(store, sae, "p1", 0, N_LATENTS, settings, batch_rows=50))
     assert by_batch[-1].diagnostics["res_compactions"] > by_batch[0].diagnostics["res_compactions"] + 10
     monkeypatch.undo()
@@ -211,7 +223,7 @@ def test_reservoir_is_the_same_whatever_the_batch_size_feature_range_and_merge_o
 
     partials = [F.compute_partial(store, sae, key, 0, N_LATENTS, settings, batch_rows=256)
                 for key in ("p0", "p1", "p2")]
-    merged = [F.merge_partials(order, settings)
+    merged = [merge_partials(order, settings)
               for order in (partials, partials[::-1], [partials[1], partials[2], partials[0]])]
     for other in merged[1:]:
         assert other.examples.equals(merged[0].examples)
@@ -235,8 +247,8 @@ def test_reservoir_is_statistically_uniform_over_all_activating_tokens(store):
     positions, per_partition, expected_partition = [], np.zeros(3), np.zeros(3)
     for seed in range(6):
         settings = F.FeatureSettings(top_k=2, reservoir_factor=10, seed=seed)
-        tables = F.merge_partials((F.compute_partial(store, sae, k, 0, N_LATENTS, settings, batch_rows=512)
-                                   for k in offsets), settings)
+        tables = merge_partials((F.compute_partial(store, sae, k, 0, N_LATENTS, settings, batch_rows=512)
+                                 for k in offsets), settings)
         rand = tables.examples.filter(pl.col("kind") == "random")
         for feature, group in rand.group_by("feature"):
             active = np.nonzero(dense[:, feature[0]] > 0)[0]
@@ -263,7 +275,7 @@ def test_densities_and_histograms_add_up(store):
     sae = make_sae("topk")
     settings = F.FeatureSettings(top_k=3)
     partials = [F.compute_partial(store, sae, f"p{i}", 0, N_LATENTS, settings, batch_rows=200) for i in range(3)]
-    stats = F.merge_partials(partials, settings).stats
+    stats = merge_partials(partials, settings).stats
     counts = np.stack(stats["count"].to_numpy())
     hist = np.stack(stats["histogram"].to_list())
     assert hist.shape == (N_LATENTS, F.N_HIST_BINS) and len(F.HIST_EDGES) == F.N_HIST_BINS - 1
@@ -284,7 +296,7 @@ def test_interval_examples_fall_in_their_intervals_and_come_from_the_sample(stor
     make_dataset(store, [3000])
     sae = make_sae("relu")
     settings = F.FeatureSettings(top_k=5, reservoir_factor=10, n_intervals=5, per_interval=3)
-    tables = F.merge_partials([F.compute_partial(store, sae, "p0", 0, N_LATENTS, settings)], settings)
+    tables = merge_partials([F.compute_partial(store, sae, "p0", 0, N_LATENTS, settings)], settings)
     ex = tables.examples.join(tables.stats.select("feature", "max"), on="feature")
     inter = ex.filter(pl.col("kind") == "interval")
     assert inter.height > N_LATENTS
@@ -297,7 +309,7 @@ def test_interval_examples_fall_in_their_intervals_and_come_from_the_sample(stor
     # each interval takes its first sample members (smallest keys): as many as exist, up to 3
     for (feature,), group in ex.filter(pl.col("kind") == "random").group_by("feature"):
         mx = group["max"][0]
-        members = F.interval_of(group.sort("rank")["activation"].to_numpy(), mx, 5)
+        members = interval_of(group.sort("rank")["activation"].to_numpy(), mx, 5)
         got = inter.filter(pl.col("feature") == feature)
         for jj in range(5):
             assert got.filter(pl.col("interval") == jj).height == min(3, int((members == jj).sum()))
@@ -307,20 +319,20 @@ def test_interval_examples_fall_in_their_intervals_and_come_from_the_sample(stor
 def test_brute_force_check_passes_on_good_tables_and_catches_tampering(store):
     make_dataset(store, [600, 500])
     sae = make_sae("relu")
-    F.build_feature_tables(store, sae, "run", F.FeatureSettings(top_k=4, reservoir_factor=2))
-    good = F.read_tables(store, "run", 0)
+    build_feature_tables(store, sae, "run", F.FeatureSettings(top_k=4, reservoir_factor=2))
+    good = read_tables(store, "run", 0)
     for reencode in (False, True):  # the witness pass 1 recorded (every feature here), and a dense re-encode
-        check = F.brute_force_check(store, sae, "run", 0, 0, N_LATENTS, sample_features=N_LATENTS, reencode=reencode)
+        check = brute_force_check(store, sae, "run", 0, 0, N_LATENTS, sample_features=N_LATENTS, reencode=reencode)
         assert check["ok"] and check["features_checked"] == list(range(N_LATENTS)), check["mismatches"][:3]
     feature = int(good.stats.filter(pl.col("count") > 50)["feature"][0])
 
     def tampered(what, stats=None, examples=None):
-        F.write_tables(store, "run", 0, F.FeatureTables(stats if stats is not None else good.stats,
-                                                        examples if examples is not None else good.examples,
-                                                        good.meta))
+        write_tables(store, "run", 0, FeatureTables(stats if stats is not None else good.stats,
+                                                    examples if examples is not None else good.examples,
+                                                    good.meta))
         for reencode in (False, True):
-            result = F.brute_force_check(store, sae, "run", 0, 0, N_LATENTS, sample_features=N_LATENTS,
-                                         reencode=reencode)
+            result = brute_force_check(store, sae, "run", 0, 0, N_LATENTS, sample_features=N_LATENTS,
+                                       reencode=reencode)
             found = {(m["feature"], m["what"]) for m in result["mismatches"]}
             # the exact comparison names the tampered figure; invariants may add shard-wide totals
             assert not result["ok"] and (feature, what) in found and {f for f, _ in found} <= {feature, None}, found
@@ -336,26 +348,26 @@ def test_brute_force_check_passes_on_good_tables_and_catches_tampering(store):
     tampered("histogram", stats=good.stats.with_columns(
         pl.when(is_f).then(pl.col("histogram").list.reverse()).otherwise(pl.col("histogram")).alias("histogram")))
     # features outside a small witness sample: the invariants still catch a changed count or histogram
-    F.build_feature_tables(store, sae, "small", F.FeatureSettings(top_k=4, reservoir_factor=2, check_features=4))
-    small = F.read_tables(store, "small", 0)
+    build_feature_tables(store, sae, "small", F.FeatureSettings(top_k=4, reservoir_factor=2, check_features=4))
+    small = read_tables(store, "small", 0)
     assert len(small.meta["witness"]) == 4
-    assert F.brute_force_check(store, sae, "small", 0, 0, N_LATENTS)["ok"]
+    assert brute_force_check(store, sae, "small", 0, 0, N_LATENTS)["ok"]
     other_f = int(small.stats.filter((pl.col("count") > 10) & ~pl.col("feature").is_in(small.meta["witness"]))
                   ["feature"][0])
     is_o = pl.col("feature") == other_f
     for stats in (small.stats.with_columns(pl.when(is_o).then(pl.col("count") + 1).otherwise(pl.col("count"))),
                   small.stats.with_columns(pl.when(is_o).then(pl.col("sum") * 1.01).otherwise(pl.col("sum"))),
                   small.stats.with_columns(pl.when(is_o).then(pl.col("max") * 2).otherwise(pl.col("max")))):
-        F.write_tables(store, "small", 0, F.FeatureTables(stats, small.examples, small.meta))
-        assert not F.brute_force_check(store, sae, "small", 0, 0, N_LATENTS)["ok"]
+        write_tables(store, "small", 0, FeatureTables(stats, small.examples, small.meta))
+        assert not brute_force_check(store, sae, "small", 0, 0, N_LATENTS)["ok"]
     dropped = small.examples.filter(~(is_o & (pl.col("kind") == "random") & (pl.col("rank") == 0)))
-    F.write_tables(store, "small", 0, F.FeatureTables(small.stats, dropped, small.meta))
-    assert ("random examples" in {m["what"] for m in F.brute_force_check(store, sae, "small", 0, 0,
-                                                                         N_LATENTS)["mismatches"]})
+    write_tables(store, "small", 0, FeatureTables(small.stats, dropped, small.meta))
+    assert ("random examples" in {m["what"] for m in brute_force_check(store, sae, "small", 0, 0,
+                                                                       N_LATENTS)["mismatches"]})
     # a different SAE is noticed too
     other = make_sae("relu", seed=9)
-    F.write_tables(store, "run", 0, good)
-    result = F.brute_force_check(store, other, "run", 0, 0, N_LATENTS)
+    write_tables(store, "run", 0, good)
+    result = brute_force_check(store, other, "run", 0, 0, N_LATENTS)
     assert not result["ok"] and "sae_fingerprint" in {m["what"] for m in result["mismatches"]}
 
 
@@ -375,12 +387,12 @@ def test_tables_of_a_later_hook_point_and_of_a_transcoder_read_their_own_store(s
                                 "output_scale": transcoder.output_scale})
     for run, sae, group, rows in (("h1", make_sae("relu"), "hooks/1.zarr", second),
                                   ("tc", transcoder, "hooks/2.zarr", second)):
-        F.build_feature_tables(store, sae, run, F.FeatureSettings(top_k=4, reservoir_factor=2), n_feature_shards=2,
-                               group=group)
+        build_feature_tables(store, sae, run, F.FeatureSettings(top_k=4, reservoir_factor=2), n_feature_shards=2,
+                             group=group)
         for i, (start, stop) in enumerate(F.feature_shards(N_LATENTS, 2)):
-            tables = F.read_tables(store, run, i)
+            tables = read_tables(store, run, i)
             assert tables.meta["group"] == group and tables.stats["n_tokens_total"][0] == len(rows)
-            check = F.brute_force_check(store, sae, run, i, start, stop, sample_features=stop - start, reencode=True)
+            check = brute_force_check(store, sae, run, i, start, stop, sample_features=stop - start, reencode=True)
             assert check["ok"], check["mismatches"][:3]
             top = tables.examples.filter(pl.col("kind") == "top")
             dense = sae.encode_dense(torch.from_numpy(rows[top["row"].to_numpy()]).float()).detach().numpy()
@@ -455,20 +467,20 @@ def test_bad_inputs_raise_errors_that_name_the_problem_and_the_fix(store):
         F.compute_partial(store, sae, "p0", 0, 8, F.FeatureSettings(top_k=0))
     a = F.compute_partial(store, sae, "p0", 0, 8, SETTINGS)
     with pytest.raises(F.FeatureError, match="disagree on stop"):
-        F.merge_partials([a, F.compute_partial(store, sae, "p1", 0, 16, SETTINGS)], SETTINGS)
+        merge_partials([a, F.compute_partial(store, sae, "p1", 0, 16, SETTINGS)], SETTINGS)
     with pytest.raises(F.FeatureError, match="appears twice"):
-        F.merge_partials([a, a], SETTINGS)
+        merge_partials([a, a], SETTINGS)
     with pytest.raises(F.FeatureError, match="different SAE weights"):
-        F.merge_partials([a, F.compute_partial(store, make_sae("relu", seed=4), "p1", 0, 8, SETTINGS)], SETTINGS)
+        merge_partials([a, F.compute_partial(store, make_sae("relu", seed=4), "p1", 0, 8, SETTINGS)], SETTINGS)
     with pytest.raises(F.FeatureError, match="no partials"):
-        F.merge_partials([], SETTINGS)
-    with pytest.raises(StorageError, match="feature tables of run 'run', shard 0 is missing"):
-        F.read_tables(store, "run", 0)
+        merge_partials([], SETTINGS)
+    with pytest.raises(StorageError, match="feature tables of SAE 'run', shard 0 is missing"):
+        read_tables(store, "run", 0)
     with pytest.raises(StorageError, match="feature partial"):
         F.read_partial(store, "run", "p0", 0)
-    F.write_tables(store, "run", 0, F.merge_partials([a], SETTINGS))
+    write_tables(store, "run", 0, merge_partials([a], SETTINGS))
     with pytest.raises(F.FeatureError, match=r"cover \[0, 8\), not \[0, 16\)"):
-        F.brute_force_check(store, sae, "run", 0, 0, 16)
+        brute_force_check(store, sae, "run", 0, 0, 16)
     bad = synthetic_rows(100)
     bad[37, 3] = np.nan
     write_partition(store, "broken", bad)
@@ -476,7 +488,7 @@ def test_bad_inputs_raise_errors_that_name_the_problem_and_the_fix(store):
         F.compute_partial(store, sae, "broken", 0, 8, SETTINGS, batch_rows=16)
     with pytest.raises(PlatformError, match="no activation partitions"):
         from sae_platform.storage import ArtifactStore
-        F.build_feature_tables(ArtifactStore(f"{store.root}/empty"), sae, "run", SETTINGS)
+        build_feature_tables(ArtifactStore(f"{store.root}/empty"), sae, "run", SETTINGS)
 
 
 def test_partials_and_tables_commit_atomically(store, monkeypatch):
@@ -489,9 +501,9 @@ def test_partials_and_tables_commit_atomically(store, monkeypatch):
         assert np.array_equal(getattr(back, name), getattr(partial, name)), name
     assert back.partition_version == store.pointer("activations/p0")["version"]
     assert F.list_partials(store, "run", 0) == ["p0"] and F.list_partials(store, "run", 1) == []
-    tables = F.merge_partials([back], SETTINGS)
-    F.write_tables(store, "run", 0, tables)
-    first = store.resolve(F.tables_name("run", 0))
+    tables = merge_partials([back], SETTINGS)
+    write_tables(store, "run", 0, tables)
+    first = store.resolve(tables_name("run", 0))
 
     real = store.write_parquet
 
@@ -502,13 +514,13 @@ def test_partials_and_tables_commit_atomically(store, monkeypatch):
 
     monkeypatch.setattr(store, "write_parquet", failing)
     with pytest.raises(OSError):
-        F.write_tables(store, "run", 0, tables)
+        write_tables(store, "run", 0, tables)
     monkeypatch.undo()
-    assert store.resolve(F.tables_name("run", 0)) == first  # the old version stays, whole
-    again = F.read_tables(store, "run", 0)
+    assert store.resolve(tables_name("run", 0)) == first  # the old version stays, whole
+    again = read_tables(store, "run", 0)
     assert again.stats.equals(tables.stats) and again.examples.equals(tables.examples)
     assert again.meta["hist_bin_edges"] == F.hist_bin_edges() and again.meta["partitions"][0]["key"] == "p0"
-    leftovers = [p for p in store.fs.ls(store.path(F.tables_name("run", 0)), detail=False) if "/v-" in p]
+    leftovers = [p for p in store.fs.ls(store.path(tables_name("run", 0)), detail=False) if "/v-" in p]
     assert len(leftovers) == 1  # the failed version directory was removed
 
 
@@ -518,9 +530,9 @@ def test_written_tables_have_the_schemas_tables_declares(store):
     from sae_platform.tables import EXAMPLE_SCHEMA, STATS_SCHEMA
 
     make_dataset(store, [300, 200])
-    F.build_feature_tables(store, make_sae("relu"), "run", F.FeatureSettings(top_k=3, reservoir_factor=2),
-                           n_feature_shards=2)
+    build_feature_tables(store, make_sae("relu"), "run", F.FeatureSettings(top_k=3, reservoir_factor=2),
+                         n_feature_shards=2)
     for index in range(2):
-        path = store.resolve(F.tables_name("run", index))
+        path = store.resolve(tables_name("run", index))
         for name, schema in (("stats.parquet", STATS_SCHEMA), ("examples.parquet", EXAMPLE_SCHEMA)):
             assert list(pl.read_parquet_schema(f"{path}/{name}").items()) == list(schema.items()), name

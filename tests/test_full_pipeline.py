@@ -16,8 +16,8 @@ from conftest import TINY_SAE, deployment
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, EventRecordsFilter
 
 from sae_platform import contexts as ctx
-from sae_platform import features as ft
 from sae_platform.corpus import partition_key
+from sae_platform.feature_merge import read_tables
 from sae_platform.freshness import stale_reasons
 from sae_platform.storage import ArtifactStore
 from sae_platform.trainer import load_sae
@@ -186,7 +186,7 @@ def assert_tables_match_brute_force(store: ArtifactStore, sae_name: str, group: 
     store ``group`` of every pinned partition: counts and max of every feature, the top-k values,
     and each example's activation at its (partition, row)."""
     sae, _ = load_sae(store, sae_name)
-    tables = [ft.read_tables(store, sae_name, i) for i in range(4)]
+    tables = [read_tables(store, sae_name, i) for i in range(4)]
     parts = tables[0].meta["partitions"]
     assert all(t.meta["group"] == group for t in tables)
     dense, offsets = [], {}

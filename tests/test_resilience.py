@@ -25,6 +25,8 @@ from sae_platform import catalog
 from sae_platform import features as ft
 from sae_platform import shuffle as sh
 from sae_platform.errors import StorageError
+from sae_platform.feature_check import brute_force_check
+from sae_platform.feature_merge import build_feature_tables, read_tables
 from sae_platform.sae import build_sae
 from sae_platform.shuffle_checks import permutation_check
 from sae_platform.shuffled import iter_shuffled, open_shuffled
@@ -279,6 +281,7 @@ TABLES_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import torch
     from sae_platform import features as ft
+    from sae_platform.feature_merge import merge_partials, write_tables
     from sae_platform.sae import build_sae
     from sae_platform.storage import ArtifactStore
 
@@ -300,8 +303,8 @@ TABLES_SCRIPT = textwrap.dedent("""
     for index, (start, stop) in enumerate(shards):
         ft.write_partial(store, "run", "p1", index, ft.compute_partial(store, sae, "p1", start, stop, settings))
     for index in range(len(shards)):
-        ft.write_tables(store, "run", index, ft.merge_partials(ft.read_partials(store, "run", index, ["p0", "p1"]),
-                                                               settings))
+        write_tables(store, "run", index, merge_partials(ft.read_partials(store, "run", index, ["p0", "p1"]),
+                                                         settings))
 """).replace("{D}", str(D)).replace("{N_LATENTS}", str(N_LATENTS)).replace("{N_SHARDS}", str(N_SHARDS)) \
     .replace("{TABLES}", repr(TABLES))
 
@@ -339,8 +342,8 @@ def test_killed_table_pass_leaves_the_committed_table_whole(store, tmp_path, kil
     torch.save(sae.state_dict(), sae_file)
     _write_acts(store, "p0", p0)
     # the first complete run
-    ft.build_feature_tables(store, sae, "run", ft.FeatureSettings(**TABLES), n_feature_shards=N_SHARDS)
-    before = {i: (store.pointer(catalog.tables_name("run", i)), ft.read_tables(store, "run", i))
+    build_feature_tables(store, sae, "run", ft.FeatureSettings(**TABLES), n_feature_shards=N_SHARDS)
+    before = {i: (store.pointer(catalog.tables_name("run", i)), read_tables(store, "run", i))
               for i in range(N_SHARDS)}
     assert all(t.meta["n_tokens_total"] == 1500 for _, t in before.values())
 
@@ -352,7 +355,7 @@ def test_killed_table_pass_leaves_the_committed_table_whole(store, tmp_path, kil
     # Readers see exactly the tables of the first run ...
     for i, (pointer, tables) in before.items():
         assert store.pointer(catalog.tables_name("run", i)) == pointer
-        again = ft.read_tables(store, "run", i)
+        again = read_tables(store, "run", i)
         assert again.stats.equals(tables.stats) and again.examples.equals(tables.examples)
         assert again.meta == tables.meta and again.meta["n_tokens_total"] == 1500
     # ... although the kill landed inside a new version: its first file is down, the rest is not.
@@ -374,14 +377,14 @@ def test_killed_table_pass_leaves_the_committed_table_whole(store, tmp_path, kil
     clean = ArtifactStore(str(tmp_path / "clean"))  # the same data computed once, without a kill
     _write_acts(clean, "p0", p0)
     _write_acts(clean, "p1", p1)
-    ft.build_feature_tables(clean, sae, "run", ft.FeatureSettings(**TABLES), n_feature_shards=N_SHARDS)
+    build_feature_tables(clean, sae, "run", ft.FeatureSettings(**TABLES), n_feature_shards=N_SHARDS)
     for i in range(N_SHARDS):
-        got, want = ft.read_tables(store, "run", i), ft.read_tables(clean, "run", i)
+        got, want = read_tables(store, "run", i), read_tables(clean, "run", i)
         assert got.meta["n_tokens_total"] == 2500 and [p["key"] for p in got.meta["partitions"]] == ["p0", "p1"]
         assert got.stats.equals(want.stats) and got.examples.equals(want.examples)
         assert not got.examples.equals(before[i][1].examples)
         assert not _debris(store, catalog.tables_name("run", i))
     assert not _debris(store, killed_name), "the killed attempt's version is swept on commit"
     start, stop = ft.feature_shard(N_LATENTS, N_SHARDS, 0)
-    check = ft.brute_force_check(store, sae, "run", 0, start, stop)
+    check = brute_force_check(store, sae, "run", 0, start, stop)
     assert check["ok"], check["mismatches"][:3]

@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_SAE, tiny_run_config
 
 from sae_platform.errors import StorageError
-from sae_platform.features import read_tables
+from sae_platform.feature_merge import read_tables
 from sae_platform.freshness import stale_reasons
 from sae_platform.shuffled import open_shuffled
 from sae_platform.storage import ArtifactStore

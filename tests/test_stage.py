@@ -16,8 +16,8 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, job
 
 from jobs.definitions import build_definitions
 from jobs.settings import Settings
-from sae_platform import features as ft
 from sae_platform.activations import open_partition
+from sae_platform.feature_merge import read_tables
 from sae_platform.shuffled import iter_shuffled
 from sae_platform.storage import ArtifactStore
 from sae_platform.trainer import load_sae
@@ -101,7 +101,7 @@ def _same_artifacts(a: ArtifactStore, b: ArtifactStore) -> None:
     for figure in ("fvu", "nmse", "l0", "dead_fraction", "dead_window_tokens", "ce_clean", "ce_sae"):
         assert reports[0][figure] == pytest.approx(reports[1][figure], rel=1e-6), figure
     for index in range(len(SHARDS)):
-        ta, tb = ft.read_tables(a, TINY_SAE, index), ft.read_tables(b, TINY_SAE, index)
+        ta, tb = read_tables(a, TINY_SAE, index), read_tables(b, TINY_SAE, index)
         assert ta.stats.drop("sum", "mean").equals(tb.stats.drop("sum", "mean"))
         assert ta.examples.equals(tb.examples)
     indexes = []

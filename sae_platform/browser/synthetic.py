@@ -1,6 +1,6 @@
 """Synthetic feature tables with the pipeline's schemas, for the browser's demo, its tests and its
 size and speed figures (the real tables come from the feature pipeline: ``sae_platform.features``,
-``sae_platform.contexts`` and ``sae_platform.logits``).
+``sae_platform.feature_merge``, ``sae_platform.contexts`` and ``sae_platform.logits``).
 """
 
 from __future__ import annotations
