@@ -9,29 +9,27 @@ drawn in docs/design.md ("Storage layout").
 
 Torch-free and Dagster-free: shuffle workers, the browser and the sensors import it.
 
-=====================  ===================================================  ===================
-kind                   name                                                 written by
-=====================  ===================================================  ===================
-base model             ``models/<source>``                                  model.store_base_model
-activation partition   ``activations/<key>`` (stores ``data.zarr``,         activations
-                       ``hooks/<i>.zarr``; ``FAILED.json`` beside it)
-shuffle scratch        ``shuffle/<name>/plan``, ``…/<plan>/pass<p>/job<j>`` shuffle
-shuffled store         ``shuffled/<name>`` (+ ``pieces-<plan>/b<bucket>``)  shuffle
-SAE checkpoint         ``sae/<sae_name>``                                   trainer
-evaluation             ``eval/<sae_name>``                                  evaluate
-training reports       ``reports/<sae_name>/<file>``, ``reports/<file>``    assets.training
-sparse codes           ``features/<sae_name>/codes/<key>``                  features
-pass-1 partials        ``features/<sae_name>/partial/<key>/f<shard>``        features
-feature tables         ``features/<sae_name>/tables/f<shard>``               features
-logit effects          ``features/<sae_name>/logits/f<shard>``               assets.features
-lineage records        ``features/<sae_name>/lineage/f<shard>.json``         assets.features
-context windows        ``features/<sae_name>/contexts_partial/<key>``,       contexts
-                       ``features/<sae_name>/contexts/f<shard>``
-explanations           ``features/<sae_name>/explanations/f<shard>``,        metrics, assets
-                       ``…/llm_explanations/f<shard>``
-feature browser        ``browser/<sae_name>``                               browser
-check verdicts         ``checks/<asset>/<partition>.json``                  assets.stage
-=====================  ===================================================  ===================
+====================  ==========================================================================  ==================
+kind                  name                                                                        written by
+====================  ==========================================================================  ==================
+base model            ``models/<source>``                                                         model
+activation partition  ``activations/<key>`` (``data.zarr``, ``hooks/<i>.zarr``, ``FAILED.json``)  activations, inbox
+shuffle scratch       ``shuffle/<name>/plan``, ``shuffle/<name>/<plan>/pass<p>/job<j>``           shuffle
+shuffled store        ``shuffled/<name>`` (+ ``pieces-<plan>/b<bucket>``), ``<name>.h<i>``        shuffle
+SAE checkpoint        ``sae/<sae_name>``                                                          trainer
+evaluation            ``eval/<sae_name>`` (report, density, held-out codes)                       evaluate
+SAELens export        ``saelens/<sae_name>``                                                      export
+training reports      ``reports/<sae_name>/<file>``, ``reports/<file>``                           assets.training
+sparse codes          ``features/<sae_name>/codes/<key>``                                         features
+pass-1 partials       ``features/<sae_name>/partial/<key>/f<shard>``                              features
+feature tables        ``features/<sae_name>/tables/f<shard>``                                     feature_merge
+logit effects         ``features/<sae_name>/logits/f<shard>``                                     assets.features
+lineage records       ``features/<sae_name>/lineage/f<shard>.json``                               assets.features
+context windows       ``features/<sae_name>/contexts_partial/<key>``, ``…/contexts/f<shard>``     contexts
+explanations          ``features/<sae_name>/explanations/f<shard>``, ``…/llm_explanations/…``     metrics, assets
+feature browser       ``browser/<sae_name>``                                                      browser.publish
+check verdicts        ``checks/<asset>/<partition>.json``                                         assets.stage
+====================  ==========================================================================  ==================
 """
 
 import re

@@ -32,6 +32,7 @@ def path_literals(source: str) -> list[tuple[int, str]]:
     docstrings = {id(n.body[0].value) for n in ast.walk(tree)
                   if isinstance(n, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
                   and n.body and isinstance(n.body[0], ast.Expr)}
+    in_fstrings = _fstring_parts(tree)
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "path" and node.args:
@@ -39,15 +40,16 @@ def path_literals(source: str) -> list[tuple[int, str]]:
             if text in PREFIXES:
                 found.append((node.lineno, f"path({text!r}, ...)"))
         text = _leading_text(node)
-        if text is None or id(node) in docstrings or isinstance(node, ast.Constant) and _in_fstring(tree, node):
+        if text is None or id(node) in docstrings or id(node) in in_fstrings:
             continue
         if text.startswith(tuple(f"{p}/" for p in PREFIXES)) or any(s in text for s in STORE_NAMES):
             found.append((node.lineno, text.replace("\0", "{…}")))
     return found
 
 
-def _in_fstring(tree: ast.AST, node: ast.Constant) -> bool:
-    return any(isinstance(parent, ast.JoinedStr) and node in parent.values for parent in ast.walk(tree))
+def _fstring_parts(tree: ast.AST) -> set[int]:
+    """ids of the constant pieces of every f-string in ``tree`` (judged as part of their f-string)."""
+    return {id(v) for parent in ast.walk(tree) if isinstance(parent, ast.JoinedStr) for v in parent.values}
 
 
 def test_path_literal_check_finds_the_kinds_it_should():

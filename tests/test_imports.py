@@ -3,6 +3,7 @@ moved into a function to dodge a cycle still is one), and the compute core never
 Dagster layer."""
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """module → the project modules it imports anywhere in its source (``from x import y`` names
     module ``x.y`` when that is a module of the project, else ``x``)."""
