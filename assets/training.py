@@ -17,6 +17,7 @@ from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from sae_platform import evaluate, trainer
 from sae_platform.activations import activation_attrs
 from sae_platform.catalog import HookEntry, checkpoint_name, eval_name, report_path, shuffle_for_hook_point
+from sae_platform.compare import COLUMNS, comparison_html, comparison_rows
 from sae_platform.corpus import read_documents, tokenize
 from sae_platform.errors import PlatformError
 from sae_platform.evaluate import heldout_ce_tokens
@@ -211,8 +212,6 @@ SAE_EVAL = Stage(
 
 def compare_saes(run: StageRun) -> dict:
     """Every evaluated SAE of the sweep on every figure: a metadata table and one HTML page."""
-    from sae_platform.compare import COLUMNS, comparison_html, comparison_rows
-
     store = run.store
     rows = comparison_rows(store, list(SAE_SWEEP_SPECS))
     page = report_path(store, None, "sweep_comparison.html")

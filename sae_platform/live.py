@@ -26,6 +26,7 @@ import torch
 
 from sae_platform.browser.server import make_server, serve_in_thread, serve_until_interrupted
 from sae_platform.errors import PlatformError
+from sae_platform.hooks import sae_hook_points
 from sae_platform.tokens import token_display_strings
 
 MAX_BODY = 64 * 1024
@@ -47,8 +48,6 @@ class LiveEncoder:
     top: int = 16
 
     def __post_init__(self):
-        from sae_platform.hooks import sae_hook_points
-
         self._lock = threading.Lock()
         self.reads = sae_hook_points(self.hooked.model, self.hook_point, self.input_hook_point,
                                      self.sae.is_transcoder)[1].name
