@@ -196,7 +196,7 @@ class Partial:
     entries_sum: float | None = None  # their activations' sum (float64), accumulated apart
     sae: dict = field(default_factory=dict)  # {"config": ..., "fingerprint": ...}
     diagnostics: dict = field(default_factory=dict)
-    group: str = FIRST_STORE  # the partition's hook-point store the rows were read from (activations.store_group)
+    group: str = FIRST_STORE  # the partition's hook-point store the rows were read from (catalog.store_group)
 
     ARRAYS = ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "sum", "max", "hist")
     WITNESS = ("witness", "witness_feature", "witness_row", "witness_act")
@@ -442,7 +442,7 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     ``on_codes(offset, values, indices, n_rows)``, if given, receives each token batch's sparse
     codes and the partition's row count (sparse route only; ``write_codes`` keeps them for pass 3).
 
-    ``group``: the partition's hook-point store to read (``activations.store_group``; the SAE's
+    ``group``: the partition's hook-point store to read (``catalog.store_group``; the SAE's
     own: ``catalog.shuffled_input_group`` of the shuffled store it was trained on). A transcoder reads its
     paired rows [input | output] and encodes the input half."""
     if not shards:
