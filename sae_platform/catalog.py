@@ -280,8 +280,12 @@ def checkpoint_pin(version: str | None) -> dict:
 
 def pinned_checkpoint(record: dict | None) -> str | None:
     """The checkpoint version a derived artifact was built from: the ``checkpoint`` field of its
-    record (a commit pointer, a lineage record, a site pointer); None when it has none."""
-    return None if record is None else record.get(PIN)
+    record (a commit pointer, a lineage record, a site pointer); None when it has none. A lineage
+    record written before the field existed names it as ``sae_checkpoint.version`` (read here, so
+    that upgrading does not make every feature table look stale)."""
+    if record is None:
+        return None
+    return record.get(PIN) or (record.get("sae_checkpoint") or {}).get("version")
 
 
 def is_current(store, sae_name: str, record: dict | None) -> bool:

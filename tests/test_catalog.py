@@ -108,3 +108,4 @@ def test_pinned_checkpoint_reads_what_writers_record(tmp_path):
         store.write_json(f"{version}/cfg.json", {})
     assert not catalog.is_current(store, "s", record)
     assert catalog.pinned_checkpoint(None) is None
+    assert catalog.pinned_checkpoint({"sae_checkpoint": {"version": "v-1"}}) == "v-1"  # an older lineage record
