@@ -115,7 +115,7 @@ def _stored_rows(store):
 @pytest.mark.parametrize("factor", [0.0, 5.0])
 def test_every_metric_sees_exactly_the_rows_training_saw(store, tiny_hooked, monkeypatch, factor):
     from sae_platform.activations import CacheSettings, activation_attrs, cache_partition
-    from sae_platform.catalog import checkpoint_version, eval_name
+    from sae_platform.catalog import eval_name
     from sae_platform.corpus import Contexts, Document
     from sae_platform.evaluate import evaluate_sae
     from sae_platform.metrics import read_heldout_codes, sae_heldout_codes
@@ -176,7 +176,7 @@ def test_every_metric_sees_exactly_the_rows_training_saw(store, tiny_hooked, mon
     assert report["ce_n_spliced"] == int(rows.sum())
 
     eval_path = store.resolve(eval_name("sae"))
-    codes = read_heldout_codes(store, eval_path, checkpoint_version(store, "sae"))
+    codes = read_heldout_codes(store, "sae")
     assert (codes.mask == rows).all(), "the held-out codes (N2G, probes) cover other tokens"
     assert rows.reshape(-1)[codes.positions].all()
     probes = store.read_json(f"{eval_path}/probes.json")
