@@ -43,8 +43,8 @@ from sae_platform.catalog import (
     HookEntry,
     partition_name,
     partition_store_path,
-    shuffled_store_index,
     store_group,
+    store_group_of,
     trained_on,
 )
 from sae_platform.corpus import (
@@ -329,7 +329,7 @@ def activation_attrs(store, shuffle_name: str) -> dict:
     shuffled store ``shuffle_name``: where its rows were read."""
     index = open_shuffled(store, shuffle_name).index
     first = index["inputs"][0]
-    group = store_group(shuffled_store_index(index))
+    group = store_group_of(index)
     return dict(store.open_group(partition_store_path(store, first["key"], first["version"], group), mode="r").attrs)
 
 

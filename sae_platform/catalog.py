@@ -204,21 +204,32 @@ def shuffle_for_hook_point(store, name: str, hook_point: str | None) -> str:
     return hook_store_name(name, cached.index(wanted))
 
 
+def is_hook_store_name(name: str) -> bool:
+    """Whether ``name`` has the form ``hook_store_name`` gives entries i >= 1 (``<base>.h<i>``)."""
+    base, _, suffix = str(name).rpartition(HOOK_STORE_SUFFIX)
+    return bool(base) and suffix.isdigit() and not suffix.startswith("0")
+
+
 def shuffled_store_index(index: dict) -> int:
-    """Which hook-point entry a shuffled store holds, from its committed ``index.json`` (or its
-    plan): recorded as ``store_index`` since stores are shuffled per entry. A store committed
-    before that was recorded is named by ``hook_store_name``, so its name says."""
+    """Which hook-point entry a shuffled store holds, from its committed ``index.json`` or its
+    plan, where it is recorded as ``store_index``. Only a store shuffled before the index was
+    recorded lacks it; such a store was named by ``hook_store_name``, so its name says."""
     if "store_index" in index:
         return int(index["store_index"])
-    base, _, suffix = str(index.get("name", "")).rpartition(HOOK_STORE_SUFFIX)
-    return int(suffix) if base and suffix.isdigit() and not suffix.startswith("0") else 0
+    name = str(index.get("name", ""))
+    return int(name.rpartition(HOOK_STORE_SUFFIX)[2]) if is_hook_store_name(name) else 0
+
+
+def store_group_of(index: dict) -> str:
+    """The partition store (``store_group``) a shuffled store's ``index.json`` says it was built from."""
+    return store_group(shuffled_store_index(index))
 
 
 def shuffled_input_group(store, name: str) -> str:
     """The hook-point store inside each activation partition that shuffled store ``name`` was
     built from (``store_group`` of its recorded ``store_index``)."""
     path = store.require(shuffled_name(name), f"shuffled store {name!r}", "materialize shuffled_activations first")
-    return store_group(shuffled_store_index(store.read_json(f"{path}/index.json")))
+    return store_group_of(store.read_json(f"{path}/index.json"))
 
 
 def shuffle_plan_name(name: str) -> str:

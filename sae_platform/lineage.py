@@ -28,7 +28,7 @@ def feature_table_lineage(store: ArtifactStore, sae_name: str, shard_index: int,
     attrs = {}
     if first:
         group = store.open_group(catalog.partition_store_path(  # the store of the SAE's own hook point
-            store, first["key"], first["version"], catalog.store_group(catalog.shuffled_store_index(index))), mode="r")
+            store, first["key"], first["version"], catalog.store_group_of(index)), mode="r")
         attrs = dict(group.attrs)
     return {
         **catalog.checkpoint_pin(checkpoint["version"]),

@@ -70,7 +70,7 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from sae_platform import catalog
 from sae_platform.errors import StorageError
-from sae_platform.settings import setting, validate
+from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.shuffle_plan import ShufflePlan, final_bucket_rows, mib, plan_shuffle, require
 from sae_platform.storage import ArtifactStore
 
@@ -99,6 +99,10 @@ class ShuffleSettings:
     def __post_init__(self):
         validate(self, "resources.shuffle.config")
         _check_name(self.name)
+        if catalog.is_hook_store_name(self.name):
+            raise SettingsError(f"resources.shuffle.config.name {self.name!r} ends like the shuffled store of a "
+                                "second hook point (<name>.h<i>), which it would collide with",
+                                "choose a name that does not end in .h and a number")
 
 
 # -- starting a shuffle: pin the inputs ---------------------------------------------------------
@@ -121,8 +125,9 @@ class ShuffleRun:
 def describe_plan(store: ArtifactStore, name: str, *, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
                   seed: int, keys: list[str] | None = None, store_index: int = 0) -> dict:
     """The plan the current inputs and settings give, with its ``plan_id``, without writing it.
-    ``store_index``: which hook-point entry's store of each partition to read (``catalog.store_group``;
-    0, the first, is left out of the hashed body so plan ids of first-entry stores do not change)."""
+    ``store_index``: which hook-point entry's store of each partition to read (``catalog.store_group``).
+    It is always recorded; 0, the first, is left out of the hashed body so that the plan ids of
+    first-entry stores are those of the stores shuffled before the index was recorded."""
     _check_name(name)
     require(isinstance(seed, int) and seed >= 0, f"seed={seed!r} is not a non-negative integer",
              "use a seed such as 0")
@@ -132,7 +137,8 @@ def describe_plan(store: ArtifactStore, name: str, *, n_buckets: int, memory_bud
                         chunk_rows)
     body = {"name": name, "seed": seed, "d_model": d_model, "dtype": dtype, "inputs": inputs,
             "plan": _plan_dict(plan), **({"store_index": store_index} if store_index else {})}
-    return {**body, "plan_id": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]}
+    plan_id = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+    return {**body, "plan_id": plan_id, "store_index": store_index}
 
 
 def start_shuffle(store: ArtifactStore, name: str, *, n_buckets: int, memory_budget_bytes: int, n_jobs: int,

@@ -20,6 +20,7 @@ import pytest
 
 from sae_platform import shuffle
 from sae_platform.errors import StorageError
+from sae_platform.settings import SettingsError
 from sae_platform.shuffle_checks import chi2_sf, permutation_check, uniformity_from_ids, uniformity_stats
 from sae_platform.shuffle_plan import FINAL_SHARE, final_bucket_rows, plan_shuffle
 from sae_platform.shuffled import iter_shuffled, open_shuffled
@@ -532,3 +533,13 @@ def test_a_seed_shuffles_as_it_did_before_segments_and_the_gather(store, sizes, 
     assert shuffle.load_run(store, "s").plan.n_passes == passes
     ids = assert_exact_permutation(store, "s", rows)
     assert hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()[:16] == fingerprint
+
+
+def test_the_store_index_is_recorded_whatever_the_name(store):
+    """Which hook-point store a shuffle reads is recorded in its plan and index, never read back from
+    its name: a shuffle named like a second hook point's store still reads the store it was given."""
+    make_dataset(store, [2000], d_model=8)
+    run = shuffle.start_shuffle(store, "exp.h2", seed=0, **SMALL)
+    assert run.store_index == 0 and shuffle.load_run(store, "exp.h2").store_index == 0
+    with pytest.raises(SettingsError, match="collide"):
+        shuffle.ShuffleSettings(name="main.h1")
