@@ -55,7 +55,7 @@ redis:
 
 # ruff with the rules in pyproject.toml ([tool.ruff]); tests/test_catalog.py and tests/test_imports.py
 # hold the layout rules (artifact names only in the catalog, no import cycle).
-lint: setup
+lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check sae_platform assets resources jobs tests benchmarks
 
 test: setup browser postgres redis

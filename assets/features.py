@@ -80,8 +80,8 @@ def tables_current(run: StageRun) -> str | None:
 
 def _load(run: StageRun):
     """The SAE and the store inside each activation partition holding its hook point's rows."""
-    sae, cfg = load_sae(run.store, _settings(run).sae_name, pick_device(run.resources.features.device))
-    return sae, catalog.shuffled_input_group(run.store, cfg["data"]["shuffle"])
+    sae, _ = load_sae(run.store, _settings(run).sae_name, pick_device(run.resources.features.device))
+    return sae, catalog.shuffled_input_group(run.store, sae_shuffle(run))
 
 
 def _stage(**declared) -> Stage:

@@ -54,8 +54,8 @@ import os
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from sae_platform.activations import activation_attrs
-from sae_platform.catalog import export_name
+from sae_platform.activations import activation_attrs, activation_hook_entry
+from sae_platform.catalog import checkpoint_pin, checkpoint_version, export_name, trained_on
 from sae_platform.errors import ModelError, PlatformError
 from sae_platform.hooks import parse_hook_point
 from sae_platform.storage import write_local_atomic
@@ -220,16 +220,16 @@ def export_run(store, sae_name: str) -> dict | None:
             saelens_state_dict(sae)
         except PlatformError:
             return None
-    attrs = activation_attrs(store, cfg["data"]["shuffle"])
-    with store.writing(export_name(sae_name), checkpoint_step=cfg["step"]) as version:
-        transcoder = attrs.get("hook_name_in") is not None  # a paired store: input -> hook_name
-        hook_name = attrs["hook_name_in"] if transcoder else attrs.get("hook_name", "")
+    shuffle_name = trained_on(store, sae_name)
+    attrs, entry = activation_attrs(store, shuffle_name), activation_hook_entry(store, shuffle_name)
+    pin = checkpoint_pin(checkpoint_version(store, sae_name))
+    with store.writing(export_name(sae_name), checkpoint_step=cfg["step"], **pin) as version:
         try:
-            hook_layer = parse_hook_point(hook_name).layer  # the hook point's block, not the model's default layer
+            hook_layer = parse_hook_point(entry.reads).layer  # the hook point's block, not the model's default layer
         except ModelError:
             hook_layer = attrs.get("layer", -1)
-        result = export_saelens(sae, version, hook_name=hook_name, hook_layer=hook_layer,
+        result = export_saelens(sae, version, hook_name=entry.reads, hook_layer=hook_layer,
                                 model_name=attrs.get("model", ""),
                                 fs=None if store.is_local else store.fs, context_size=attrs.get("ctx_len"),
-                                hook_name_out=attrs.get("hook_name") if transcoder else None)
+                                hook_name_out=entry.hook_name if entry.hook_name_in else None)
     return {**result, "path": store.url(store.resolve(export_name(sae_name)))}

@@ -18,6 +18,7 @@ from sae_platform.catalog import (
     partition_name,
     pinned_checkpoint,
     shuffled_name,
+    trained_on,
 )
 from sae_platform.storage import ArtifactStore
 
@@ -67,7 +68,7 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
     checkpoint = store.pointer(checkpoint_name(sae_name))
     if checkpoint is None:
         return [f"SAE {sae_name!r} was never trained"]
-    trained = checkpoint.get("data", {}).get("shuffle") or shuffle_name
+    trained = trained_on(store, sae_name)
     index = indexes.get(trained)
     if index is None:
         return [f"SAE {sae_name!r} was trained on shuffled store {trained!r}, which is not one of the cached hook "

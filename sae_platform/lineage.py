@@ -21,7 +21,7 @@ def feature_table_lineage(store: ArtifactStore, sae_name: str, shard_index: int,
         raise StorageError(f"the SAE checkpoint {sae_name!r} behind the feature tables is gone",
                            "re-train it (materialize sae_checkpoint) and rebuild the tables")
     data = checkpoint.get("data", {})
-    shuffled_path = store.resolve(catalog.shuffled_name(data.get("shuffle")))
+    shuffled_path = store.resolve(catalog.shuffled_name(catalog.trained_on(store, sae_name)))
     index = store.read_json(f"{shuffled_path}/index.json") if shuffled_path else {}
     inputs = index.get("inputs", [])
     first = inputs[0] if inputs else None

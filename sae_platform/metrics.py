@@ -131,7 +131,7 @@ def read_heldout_codes(store, sae_name: str) -> HeldoutCodes | None:
     if not is_current(store, sae_name, pointer):
         return None
     try:
-        raw = store.fs.cat_file(f"{store.resolve(eval_name(sae_name))}/{HELDOUT_CODES_FILE}")
+        raw = store.fs.cat_file(store.path(eval_name(sae_name), pointer["version"], HELDOUT_CODES_FILE))
     except FileNotFoundError:
         return None
     with np.load(io.BytesIO(raw), allow_pickle=False) as arrays:  # plain arrays only: never unpickles
