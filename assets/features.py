@@ -137,7 +137,7 @@ def merge_shard(run: StageRun) -> dict:
     attrs = activation_attrs(store, sae_shuffle(run))
     path = write_tables(store, settings.sae_name, index, tables)
     with store.writing(catalog.logits_name(settings.sae_name, index)) as version:
-        store.write_parquet(f"{version}/logit_effects.parquet", logits)
+        store.write_parquet(f"{version}/{catalog.LOGIT_EFFECTS}", logits)
     lineage = feature_table_lineage(store, settings.sae_name, index, run_id=run.run_id)
     store.write_json(catalog.lineage_record_path(store, settings.sae_name, index), lineage)
     dead = int((tables.stats["count"] == 0).sum())
@@ -371,7 +371,7 @@ def write_browser(run: StageRun) -> dict:
         shards.append({"start": tables.meta["start"], "stop": tables.meta["stop"], "feature_stats": tables.stats,
                        "feature_examples": shown_examples(tables.examples, settings.random_examples),
                        "feature_contexts": ctx.read_feature_contexts(store, settings.sae_name, index),
-                       "logit_effects": store.read_parquet(f"{logits_path}/logit_effects.parquet"),
+                       "logit_effects": store.read_parquet(f"{logits_path}/{catalog.LOGIT_EFFECTS}"),
                        "explanations": fm.read_explanations(store, settings.sae_name, index),
                        "lineage": recorded_lineage(store, settings.sae_name, index)})  # each page: its shard's
     # site-wide: what every shard shares (checkpoint, shuffle, partitions, model) and the browser's run
@@ -380,7 +380,7 @@ def write_browser(run: StageRun) -> dict:
     hook = hook_point(lineage.get("base_model") or {})  # read from the SAE's own hook-point store (lineage.py)
     out = catalog.browser_dir(store, settings.sae_name)
     evaluated = store.resolve(eval_name(settings.sae_name))  # the overview page's figures, when evaluated
-    evaluation = store.read_json(f"{evaluated}/report.json") if evaluated else None
+    evaluation = store.read_json(f"{evaluated}/{catalog.EVAL_REPORT}") if evaluated else None
     summary = build_site(out if store.is_local else store.url(out), sae_name=settings.sae_name, shards=shards,
                          hist_bin_edges=ft.hist_bin_edges(), lineage=lineage, n_intervals=settings.n_intervals,
                          fs=None if store.is_local else store.fs, evaluation=evaluation, hook_point=hook)

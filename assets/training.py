@@ -16,7 +16,15 @@ from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from sae_platform import evaluate, trainer
 from sae_platform.activations import activation_attrs
-from sae_platform.catalog import HookEntry, checkpoint_name, eval_name, report_path, shuffle_for_hook_point
+from sae_platform.catalog import (
+    EVAL_PROBES,
+    EVAL_REPORT,
+    HookEntry,
+    checkpoint_name,
+    eval_name,
+    report_path,
+    shuffle_for_hook_point,
+)
 from sae_platform.compare import COLUMNS, comparison_html, comparison_rows
 from sae_platform.corpus import read_documents, tokenize
 from sae_platform.errors import PlatformError
@@ -144,7 +152,7 @@ def evaluate_sae(run: StageRun) -> dict:
     numbers = {k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     first = [k for k in EVAL_HEADLINE if k in numbers]  # each dead figure beside the window it was measured on
     extra = {}
-    probes_path = f"{store.resolve(eval_name(name))}/probes.json"
+    probes_path = f"{store.resolve(eval_name(name))}/{EVAL_PROBES}"
     if report.get("probe_loss") is not None and store.fs.exists(probes_path):
         extra["probes"] = table_preview(store.read_json(probes_path), dagster_types(PROBE_SCHEMA))
     return {
@@ -171,7 +179,7 @@ def heldout_contexts(holdout_text, hooked, ctx_len: int, n_contexts: int, log=No
 
 def _report(run: StageRun) -> dict:
     path = run.store.require(eval_name(run.partition_key), "the evaluation report", "materialize sae_eval")
-    return run.store.read_json(f"{path}/report.json")
+    return run.store.read_json(f"{path}/{EVAL_REPORT}")
 
 
 def threshold(figure: str, setting: str, below: bool, window: str = ""):

@@ -202,6 +202,7 @@ def stages_worker(args, store, sae, part) -> dict:
 def make_data(root: str, sizes: dict[str, int], sae_path: str) -> None:
     import torch
 
+    from sae_platform import catalog
     from sae_platform.sae import build_sae
     from sae_platform.storage import ArtifactStore
 
@@ -216,8 +217,8 @@ def make_data(root: str, sizes: dict[str, int], sae_path: str) -> None:
     store = ArtifactStore(root)
     chunk = CHUNK_BYTES // (D_MODEL * 2)
     for key, n in sizes.items():
-        with store.writing(f"activations/{key}") as version:
-            group = store.open_group(f"{version}/data.zarr", "w")
+        with store.writing(catalog.partition_name(key)) as version:
+            group = store.open_group(f"{version}/{catalog.FIRST_STORE}", "w")
             acts = group.create_array("acts", shape=(n, D_MODEL), dtype="float16", chunks=(chunk, D_MODEL),
                                       compressors=None)
             for lo in range(0, n, chunk):

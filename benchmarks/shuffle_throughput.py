@@ -65,7 +65,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_platform import shuffle  # noqa: E402
+from sae_platform import catalog, shuffle  # noqa: E402
 from sae_platform.shuffle_checks import permutation_check  # noqa: E402
 from sae_platform.shuffle_plan import ID_BYTES, MIN_GOOD_FILE_BYTES  # noqa: E402
 from sae_platform.storage import ArtifactStore  # noqa: E402
@@ -106,8 +106,8 @@ def make_inputs(store: ArtifactStore, total_bytes: int, d_model: int, dtype: str
     chunk = max(1, CHUNK_BYTES // row_bytes)
     rng = np.random.default_rng(0)
     for p in range(n_partitions):
-        with store.writing(f"activations/b{p:03d}") as version:
-            group = store.open_group(f"{version}/data.zarr", "w")
+        with store.writing(catalog.partition_name(f"b{p:03d}")) as version:
+            group = store.open_group(f"{version}/{catalog.FIRST_STORE}", "w")
             acts = group.create_array("acts", shape=(rows, d_model), dtype=dtype, chunks=(chunk, d_model),
                                       compressors=None)
             for lo in range(0, rows, chunk * 8):
@@ -144,7 +144,7 @@ def naive(store: ArtifactStore, run: shuffle.ShuffleRun, k: int, seed: int) -> d
             ids_out[dest[mine] - lo] = ids[mine]
             read += block.nbytes
         with store.writing(f"naive/job{job:03d}") as version:
-            group = store.open_group(f"{version}/data.zarr", "w")
+            group = store.open_group(f"{version}/{catalog.FIRST_STORE}", "w")
             c, config = run.plan.chunk_rows, {"write_empty_chunks": True}  # as shuffle._write_piece
             group.create_array("acts", data=acts_out, chunks=(c, d), compressors=None, config=config)
             group.create_array("row_id", data=ids_out, chunks=(c,), compressors=None, config=config)
@@ -283,14 +283,14 @@ def main(argv=None) -> None:
                     if r == 0:
                         print(f"  permutation check of the multi-pass output: "
                               f"{'ok' if permutation_check(store, 'mp')['ok'] else 'FAILED'}")
-                    clear(store, "shuffle/mp", "shuffled/mp")
+                    clear(store, catalog.shuffle_scratch_name("mp"), catalog.shuffled_name("mp"))
                 else:
                     theirs.append(naive(store, run, k, seed=r))
                     clear(store, "naive")
             for side in ("pass", "copy") if r % 2 == 0 else ("copy", "pass"):
                 if side == "pass":
                     passes.append(scatter_pass(store, k, n_jobs, budget, seed=r))
-                    clear(store, "shuffle/onepass")
+                    clear(store, catalog.shuffle_scratch_name("onepass"))
                 else:
                     copies.append(plain_copy(store, run))
                     clear(store, "copy")

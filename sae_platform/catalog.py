@@ -51,6 +51,12 @@ FEATURES = "features"
 BROWSER = "browser"
 CHECKS = "checks"
 
+# Files inside an artifact's version that more than one module reads.
+EVAL_REPORT = "report.json"  # eval/<sae_name>: every evaluation figure
+EVAL_PROBES = "probes.json"  # eval/<sae_name>: the per-property probe table
+SHUFFLED_INDEX = "index.json"  # shuffled/<name>: pinned inputs, plan, pieces, store_index
+LOGIT_EFFECTS = "logit_effects.parquet"  # features/<sae_name>/logits/f<shard>
+
 FIRST_STORE = "data.zarr"  # a partition's first hook-point store: what the demo trains on
 FAILED_ATTEMPT = "FAILED.json"  # beside a partition's pointer, never inside a version (inbox.py)
 PIECE_STORE = FIRST_STORE  # a shuffled piece holds one zarr group of the same name
@@ -229,7 +235,7 @@ def shuffled_input_group(store, name: str) -> str:
     """The hook-point store inside each activation partition that shuffled store ``name`` was
     built from (``store_group`` of its recorded ``store_index``)."""
     path = store.require(shuffled_name(name), f"shuffled store {name!r}", "materialize shuffled_activations first")
-    return store_group_of(store.read_json(f"{path}/index.json"))
+    return store_group_of(store.read_json(f"{path}/{SHUFFLED_INDEX}"))
 
 
 def shuffle_plan_name(name: str) -> str:
@@ -262,6 +268,11 @@ def shuffle_piece_name(name: str, plan_id: str, bucket: int) -> str:
 def checkpoint_name(sae_name: str) -> str:
     """``sae/<sae_name>``: the committed checkpoint of SAE ``sae_name``."""
     return f"{CHECKPOINTS}/{sae_name}"
+
+
+def trained_saes(store) -> list[str]:
+    """Names of the SAEs with a committed checkpoint."""
+    return [name.split("/", 1)[1] for name in store.committed_names(CHECKPOINTS)]
 
 
 def checkpoint_version(store, sae_name: str) -> str | None:

@@ -13,7 +13,7 @@ import html
 import math
 import time
 
-from sae_platform.catalog import HookEntry, eval_name
+from sae_platform.catalog import EVAL_REPORT, HookEntry, eval_name
 
 COLUMNS = (
     ("fvu", "FVU", True), ("l0", "L0", None), ("dead_fraction", "dead", True),
@@ -33,7 +33,7 @@ def comparison_rows(store, names: list[str]) -> list[dict]:
         path = store.resolve(eval_name(name))
         if path is None:
             continue
-        report = store.read_json(f"{path}/report.json")
+        report = store.read_json(f"{path}/{EVAL_REPORT}")
         row = {"sae": name, "hook_point": HookEntry.spec_of(report)}
         for key, _, _ in COLUMNS:
             value = report.get(key)

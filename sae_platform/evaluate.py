@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_platform.activations import activation_hook_entry, activation_row_rule
-from sae_platform.catalog import checkpoint_pin, checkpoint_version, eval_name
+from sae_platform.catalog import EVAL_PROBES, EVAL_REPORT, checkpoint_pin, checkpoint_version, eval_name
 from sae_platform.corpus import pack_contexts
 from sae_platform.errors import PlatformError, SourceError, StorageError
 from sae_platform.hooks import check_hook_point, splice_hooks
@@ -397,9 +397,9 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
                                            **points)
         report.update(figures)
     with store.writing(eval_name(sae_name), checkpoint_step=cfg["step"], **checkpoint_pin(checkpoint)) as version:
-        store.write_json(f"{version}/report.json", report)
+        store.write_json(f"{version}/{EVAL_REPORT}", report)
         if details is not None:
-            store.write_json(f"{version}/probes.json", details["probes"])
+            store.write_json(f"{version}/{EVAL_PROBES}", details["probes"])
             store.fs.pipe_file(f"{version}/{HELDOUT_CODES_FILE}", heldout_codes_bytes(details["codes"]))
         buffer = io.BytesIO()
         np.save(buffer, density)

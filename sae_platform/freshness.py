@@ -9,6 +9,7 @@ the schedule that keep the pipeline up to date both ask this module.
 
 from sae_platform.browser.publish import site_record
 from sae_platform.catalog import (
+    SHUFFLED_INDEX,
     browser_dir,
     cached_hook_points,
     checkpoint_name,
@@ -59,7 +60,7 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
         if shuffled is None:
             reasons.append(f"no shuffled store {label} yet ({len(cached)} cached partition(s))")
             continue
-        indexes[name] = index = store.read_json(f"{shuffled}/index.json")
+        indexes[name] = index = store.read_json(f"{shuffled}/{SHUFFLED_INDEX}")
         pinned = {entry["key"]: entry["version"] for entry in index["inputs"]}
         if pinned != cached:
             reasons.append(_describe_change(pinned, cached, label))

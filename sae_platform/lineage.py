@@ -22,7 +22,7 @@ def feature_table_lineage(store: ArtifactStore, sae_name: str, shard_index: int,
                            "re-train it (materialize sae_checkpoint) and rebuild the tables")
     data = checkpoint.get("data", {})
     shuffled_path = store.resolve(catalog.shuffled_name(catalog.trained_on(store, sae_name)))
-    index = store.read_json(f"{shuffled_path}/index.json") if shuffled_path else {}
+    index = store.read_json(f"{shuffled_path}/{catalog.SHUFFLED_INDEX}") if shuffled_path else {}
     inputs = index.get("inputs", [])
     first = inputs[0] if inputs else None
     attrs = {}

@@ -167,7 +167,7 @@ def pinned_keys(store: ArtifactStore, name: str) -> list[str]:
     trained on it (and their feature tables) describe."""
     path = store.require(catalog.shuffled_name(name), f"the shuffled store {name!r}",
                          "materialize shuffled_activations first")
-    return sorted(i["key"] for i in store.read_json(f"{path}/index.json")["inputs"])
+    return sorted(i["key"] for i in store.read_json(f"{path}/{catalog.SHUFFLED_INDEX}")["inputs"])
 
 
 def committed_plan_id(store: ArtifactStore, name: str) -> str | None:
@@ -694,7 +694,7 @@ def commit_shuffled(store: ArtifactStore, name: str) -> dict:
              "inputs": list(run.inputs), "plan": _plan_dict(run.plan), "pieces": pieces,
              "store_index": run.store_index}
     with store.writing(catalog.shuffled_name(name), plan_id=run.plan_id, n_rows=offset) as version:
-        store.write_json(f"{version}/index.json", index)
+        store.write_json(f"{version}/{catalog.SHUFFLED_INDEX}", index)
     _drop_stale_pieces(store, run)
     return {"n_rows": offset, "pieces": len(pieces), "n_passes": run.plan.n_passes, "plan_id": run.plan_id}
 

@@ -74,7 +74,7 @@ class Shuffled:
 def open_shuffled(store: ArtifactStore, name: str) -> Shuffled:
     path = store.require(catalog.shuffled_name(name), f"shuffled store {name!r}",
                          "run the shuffle (commit_shuffled) first")
-    index = store.read_json(f"{path}/index.json")
+    index = store.read_json(f"{path}/{catalog.SHUFFLED_INDEX}")
     return Shuffled(store, name, index["n_rows"], index["d_model"], index["dtype"], index["chunk_rows"],
                     tuple(p for p in index["pieces"] if p["n_rows"]), index)
 

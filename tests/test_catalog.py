@@ -1,6 +1,7 @@
 """The catalog: every artifact name in one module, and nothing else spelling one."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 PREFIXES = (catalog.MODELS, catalog.ACTIVATIONS, catalog.SHUFFLE_SCRATCH, catalog.SHUFFLED, catalog.CHECKPOINTS,
             catalog.EVALUATIONS, catalog.EXPORTS, catalog.REPORTS, catalog.FEATURES, catalog.BROWSER, catalog.CHECKS)
 STORE_NAMES = (catalog.FIRST_STORE, "hooks/")
+PATH_CALLS = ("path", "committed_names", "pointer", "resolve", "writing", "delete", "require")
+# An artifact prefix as a path segment anywhere in a string ("features/…", "{root}/eval/…"),
+# but not in prose ("the features of…"): the prefix must follow the start, a '/' or a placeholder.
+ARTIFACT_PATH = re.compile(r"(?:^|[/\0])(?:" + "|".join(map(re.escape, PREFIXES)) + r")/")
 
 
 def _leading_text(node: ast.AST) -> str | None:
@@ -35,16 +40,28 @@ def path_literals(source: str) -> list[tuple[int, str]]:
     in_fstrings = _fstring_parts(tree)
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "path" and node.args:
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in PATH_CALLS and node.args:
             text = _leading_text(node.args[0])
             if text in PREFIXES:
                 found.append((node.lineno, f"path({text!r}, ...)"))
+        if _joins_a_prefix(node):
+            found.append((node.lineno, "a path joined from an artifact prefix"))
         text = _leading_text(node)
         if text is None or id(node) in docstrings or id(node) in in_fstrings:
             continue
-        if text.startswith(tuple(f"{p}/" for p in PREFIXES)) or any(s in text for s in STORE_NAMES):
+        if ARTIFACT_PATH.search(text) or any(s in text for s in STORE_NAMES):
             found.append((node.lineno, text.replace("\0", "{…}")))
     return found
+
+
+def _joins_a_prefix(node: ast.AST) -> bool:
+    """``os.path.join(root, "features", …)``, ``"/".join(["eval", …])`` or ``"eval" + "/" + …``."""
+    if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "join":
+        parts = [a for arg in node.args for a in (arg.elts if isinstance(arg, ast.List | ast.Tuple) else [arg])]
+        return any(_leading_text(p) in PREFIXES for p in parts)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _leading_text(node.left) in PREFIXES or _leading_text(node.right) in PREFIXES
+    return False
 
 
 def _fstring_parts(tree: ast.AST) -> set[int]:
@@ -53,14 +70,19 @@ def _fstring_parts(tree: ast.AST) -> set[int]:
 
 
 def test_path_literal_check_finds_the_kinds_it_should():
-    source = 'a = f"features/{x}/tables"\nb = store.path("browser", x)\nc = "data.zarr"\n' \
-             'd = f"{v}/hooks/1.zarr"\ne = "a feature of the browser"\n'
-    assert [line for line, _ in path_literals(source)] == [1, 2, 3, 4]
+    source = ('a = f"features/{x}/tables"\nb = store.path("browser", x)\nc = "data.zarr"\n'
+              'd = f"{v}/hooks/1.zarr"\ne = f"{root}/eval/{name}"\nf = os.path.join(root, "sae", name)\n'
+              'g = "/".join(["shuffled", name])\nh = "reports" + "/" + name\n'
+              'i = "a feature of the browser: see the eval report"\n')
+    assert [line for line, _ in path_literals(source)] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+CATALOG = REPO / "sae_platform" / "catalog.py"
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix() for package in
-                                        ("sae_platform", "assets", "resources", "jobs")
-                                        for p in (REPO / package).rglob("*.py") if p.name != "catalog.py"))
+                                        ("sae_platform", "assets", "resources", "jobs", "benchmarks")
+                                        for p in (REPO / package).rglob("*.py") if p != CATALOG))
 def test_no_artifact_path_outside_the_catalog(path):
     found = path_literals((REPO / path).read_text())
     assert not found, f"{path} spells artifact paths itself (ask sae_platform.catalog): {found}"

@@ -39,10 +39,12 @@ def _saes_with_tables(store) -> list[str]:
 
 def _require_sae_with_tables(store, sae: str) -> None:
     """Exit naming the SAEs that do have feature tables when ``sae`` has none."""
+    from sae_platform.catalog import trained_saes
+
     known = _saes_with_tables(store)
     if sae in known:
         return
-    trained = [n.split("/", 1)[1] for n in store.committed_names("sae")]
+    trained = trained_saes(store)
     root = store.url(store.root)
     if sae in trained:
         sys.exit(f"error: SAE {sae!r} is trained but has no feature tables under {root}: build them with "

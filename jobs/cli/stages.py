@@ -157,10 +157,12 @@ def build_features(instance, defs, sae_name: str) -> bool:
 
 
 def cmd_features(args) -> int:
+    from sae_platform.catalog import trained_saes
+
     defs = _definitions()
     store = defs.resources["storage"].store()
     args.sae = args.sae or _described_sae(defs)
-    trained = [n.split("/", 1)[1] for n in store.committed_names("sae")]
+    trained = trained_saes(store)
     if args.sae not in trained:
         sys.exit(f"error: no trained SAE named {args.sae!r} in the artifact root {store.url(store.root)}; trained: "
                  f"{', '.join(trained) if trained else 'none'} (train it first: `sae-platform train NAME`)")

@@ -17,23 +17,24 @@ def describe_eval(report: dict) -> str:
 
 def _print_status() -> None:
     """What is stored, read from the artifact store alone (no Dagster, no torch: it answers at once)."""
+    from sae_platform import catalog
     from sae_platform.storage import open_store
 
     settings = Settings.from_env()
     store = open_store(settings.root_url, settings.s3_endpoint_url)
     print(f"\nartifact root: {store.url(store.root)}")
-    for name in store.committed_names("activations"):
+    for name in store.committed_names(catalog.ACTIVATIONS):
         pointer = store.pointer(name)
         print(f"  {name}: committed {pointer['version']}")
     _print_inbox(settings, store)
-    for name in store.committed_names("shuffled"):
+    for name in store.committed_names(catalog.SHUFFLED):
         pointer = store.pointer(name)
         print(f"  {name}: {pointer.get('n_rows', '?'):,} rows, plan {pointer.get('plan_id')}")
-    for name in store.committed_names("sae"):
+    for name in store.committed_names(catalog.CHECKPOINTS):
         pointer = store.pointer(name)
         print(f"  {name}: step {pointer['step']}, {pointer['tokens']:,} tokens{' (final)' if pointer['final'] else ''}")
-    for name in store.committed_names("eval"):
-        print(f"  {name}: {describe_eval(store.read_json(f'{store.resolve(name)}/report.json'))}")
+    for name in store.committed_names(catalog.EVALUATIONS):
+        print(f"  {name}: {describe_eval(store.read_json(f'{store.resolve(name)}/{catalog.EVAL_REPORT}'))}")
 
 
 def _print_inbox(settings: Settings, store) -> None:
