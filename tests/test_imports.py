@@ -101,3 +101,12 @@ def test_core_never_imports_dagster():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0].startswith("dagster") for n in names), f"{path} imports {names}"
+
+
+MAX_MODULE_LINES = 800  # one concept per module: a module this long holds two (split it along its seams)
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "sae_platform").rglob("*.py")))
+def test_core_modules_stay_small(path):
+    lines = len((REPO / path).read_text().splitlines())
+    assert lines < MAX_MODULE_LINES, f"{path} has {lines} lines: split it along the seams its sections mark"
