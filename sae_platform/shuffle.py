@@ -725,10 +725,11 @@ def delete_shuffle(store: ArtifactStore, name: str) -> None:
 
 
 def run_shuffle(store: ArtifactStore, name: str, *, n_buckets: int, memory_budget_bytes: int, n_jobs: int,
-                seed: int, keys: list[str] | None = None, keep_scratch: bool = False) -> dict:
-    """Every step in sequence in this process: for tests, benchmarks and small local runs."""
+                seed: int, keys: list[str] | None = None, keep_scratch: bool = False, store_index: int = 0) -> dict:
+    """Every step in sequence in this process: for tests, benchmarks and small local runs.
+    ``store_index``: the hook-point entry whose store to shuffle (``start_shuffle``)."""
     run = start_shuffle(store, name, n_buckets=n_buckets, memory_budget_bytes=memory_budget_bytes,
-                        n_jobs=n_jobs, seed=seed, keys=keys)
+                        n_jobs=n_jobs, seed=seed, keys=keys, store_index=store_index)
     started = time.perf_counter()
     for p in range(1, run.plan.n_passes):
         for job in range(run.plan.jobs_in_pass(p)):

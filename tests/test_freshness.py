@@ -19,7 +19,8 @@ def _cache(store, model, text_dir, key):
 
 
 def _shuffle(store, name):
-    sh.run_shuffle(store, name, n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
+    index = catalog.hook_shuffle_names(store, "main").index(name)  # the hook-point entry it holds
+    sh.run_shuffle(store, name, n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0, store_index=index)
 
 
 def _reasons(store, sae_name="mlp1"):

@@ -412,8 +412,9 @@ def test_one_sae_per_hook_point_from_one_caching_pass(store, tiny_hooked, text_d
         cache_text_file(store, text_file, tiny_hooked, "tiny", settings)
     names = [catalog.hook_store_name("main", i) for i in range(2)]
     assert names == ["main", "main.h1"]
-    for name in names:
-        shuffle.run_shuffle(store, name, n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
+    for index, name in enumerate(names):
+        shuffle.run_shuffle(store, name, n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0,
+                            store_index=index)
     a, b = (next(iter_shuffled(store, n, 4096))[1] for n in names)
     assert a.shape[1] == b.shape[1] == 32 and not np.allclose(a[:10], b[:10])
     train = TrainSettings(variant="topk", n_latents=64, k=4, batch_size=128, token_budget=128 * 10,
