@@ -222,26 +222,19 @@ def _bin_edges(edges: list[float], stats: pl.DataFrame) -> list[float | None]:
 def _examples_frame(shards: list[dict]) -> pl.DataFrame:
     """One row per example, window included: the contexts table, plus any example that has no
     window (shown with its activation only)."""
-    windows = []
-    for frame in _gather(shards, CONTEXTS_FRAME):
-        _need(frame, CONTEXT_COLUMNS, CONTEXTS_FRAME)
-        windows.append(frame.select(
-            pl.col(FEATURE).cast(pl.Int64), pl.col(KIND).cast(pl.String), pl.col(RANK).cast(pl.Int64),
-            pl.col(INTERVAL).cast(pl.Int64), pl.col(ACTIVATION).cast(pl.Float32), pl.col(PARTITION).cast(pl.String),
-            pl.col(ROW).cast(pl.Int64), pl.col(CENTER).cast(pl.Int32), pl.col(TOKEN_STRS).cast(pl.List(pl.String)),
-            pl.col(ACTS).cast(pl.List(pl.Float32)), pl.col(HAS_ACT).cast(pl.List(pl.Boolean)),
-            pl.col(DOC_ID).cast(pl.Int64)))
     schema = {FEATURE: pl.Int64, KIND: pl.String, RANK: pl.Int64, INTERVAL: pl.Int64, ACTIVATION: pl.Float32,
               PARTITION: pl.String, ROW: pl.Int64, CENTER: pl.Int32, TOKEN_STRS: pl.List(pl.String),
               ACTS: pl.List(pl.Float32), HAS_ACT: pl.List(pl.Boolean), DOC_ID: pl.Int64}
+    bare_columns = (FEATURE, KIND, RANK, INTERVAL, ACTIVATION, PARTITION, ROW)  # an example without a window
+    windows = []
+    for frame in _gather(shards, CONTEXTS_FRAME):
+        _need(frame, CONTEXT_COLUMNS, CONTEXTS_FRAME)
+        windows.append(frame.select([pl.col(c).cast(t) for c, t in schema.items()]))
     ctx = pl.concat(windows) if windows else pl.DataFrame(schema=schema)
     bare = []
     for frame in _gather(shards, EXAMPLES_FRAME):
         _need(frame, EXAMPLE_COLUMNS, EXAMPLES_FRAME)
-        bare.append(frame.select(
-            pl.col(FEATURE).cast(pl.Int64), pl.col(KIND).cast(pl.String), pl.col(RANK).cast(pl.Int64),
-            pl.col(INTERVAL).cast(pl.Int64), pl.col(ACTIVATION).cast(pl.Float32), pl.col(PARTITION).cast(pl.String),
-            pl.col(ROW).cast(pl.Int64)))
+        bare.append(frame.select([pl.col(c).cast(schema[c]) for c in bare_columns]))
     if bare:
         key = [FEATURE, KIND, RANK, PARTITION, ROW]
         missing = pl.concat(bare).join(ctx.select(key), on=key, how="anti", nulls_equal=True)
