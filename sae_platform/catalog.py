@@ -254,9 +254,12 @@ def shuffle_job_name(name: str, plan_id: str, pass_index: int, job_index: int) -
     return f"{SHUFFLE_SCRATCH}/{name}/{plan_id}/pass{pass_index}/job{job_index:06d}"
 
 
+PIECES_PREFIX = "pieces-"  # shuffled/<name>/pieces-<plan_id>/: one plan's final pieces
+
+
 def shuffle_pieces_folder(plan_id: str) -> str:
     """The folder (inside ``shuffled/<name>/``) of plan ``plan_id``'s final pieces."""
-    return f"pieces-{plan_id}"
+    return f"{PIECES_PREFIX}{plan_id}"
 
 
 def shuffle_piece_name(name: str, plan_id: str, bucket: int) -> str:

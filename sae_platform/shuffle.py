@@ -705,7 +705,7 @@ def _drop_stale_pieces(store, run: ShuffleRun) -> None:
     keep = catalog.shuffle_pieces_folder(run.plan_id)
     for entry in store.fs.ls(catalog.shuffled_folder(store, run.name), detail=False):
         base = entry.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith(catalog.shuffle_pieces_folder("")) and base != keep:
+        if base.startswith(catalog.PIECES_PREFIX) and base != keep:
             store.retire(entry, superseded_by=keep)
 
 
