@@ -125,6 +125,10 @@ def test_full_pipeline_on_celery_workers_survives_a_killed_worker(
 
     celery_yaml = tmp_path / "celery.yaml"  # config/celery.yaml with the short visibility timeout
     celery_yaml.write_text(json.dumps({"execution": _celery_execution()}))
+    # Once, before the first worker (as docs/operator.md#celery says): two processes meeting a fresh
+    # database both create Dagster's schema, and one of them fails ("alembic_version already exists").
+    subprocess.run([str(BIN / "dagster"), "instance", "migrate"], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=180)
     logs = {name: tmp_path / f"{name}.log" for name in ("w1", "w2")}
     workers = {name: _start_worker(name, env, logs[name], celery_yaml) for name in logs}
     launched = None
