@@ -15,12 +15,17 @@ blocking check does and the asset job that materializes it. A stage has two name
 
 The asset and the step both call :func:`execute`, so a stage skips, versions, checks and fails the
 same way whichever job runs it. A skipped stage still reports a materialization, with the data
-version of what is stored (unchanged, so nothing downstream turns stale) and ``up_to_date`` saying
-why; its checks report the verdicts recorded when that version was built.
+version of what is stored (unchanged, so nothing downstream turns stale: Dagster's own meaning of
+an unchanged data version), ``up_to_date`` saying why and ``built_by_run``/``built_at`` naming the
+build, and the metadata that build showed (its curves, tables and paths), so the asset's page keeps
+showing the artifact it has; its checks report the verdicts recorded for that version. (An
+observation instead would leave downstream assets of the same run unmaterialized, so skipped.)
 """
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cached_property
 
 from dagster import (
@@ -42,11 +47,14 @@ from dagster import (
     Permissive,
     asset,
     define_asset_job,
+    deserialize_value,
+    serialize_value,
 )
+from dagster._core.definitions.metadata import normalize_metadata
 
 from assets.metadata import readable
 from resources import SETTINGS_FIELDS
-from sae_platform.catalog import check_verdicts_path
+from sae_platform.catalog import stage_record_path
 from sae_platform.errors import PlatformError
 from sae_platform.settings import SettingsError
 
@@ -105,6 +113,9 @@ class Check:
     evaluate: Callable[[StageRun], dict]
     blocking: bool = False
     on_failure: Callable[[StageRun], str] | None = None
+    # Evaluated again when the stage is skipped, instead of reporting the recorded verdict: for a
+    # cheap check whose outcome depends on settings besides the artifact (a threshold).
+    recheck_when_skipped: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,11 +184,12 @@ def execute(stage: Stage, run: StageRun) -> Outcome:
     if reason:
         run.log.info(f"{stage.asset}{_label(run)} is up to date: {reason}")
         version = stage.version(run)
-        return Outcome({"up_to_date": reason}, version, _recorded_verdicts(stage, run, version))
+        record = _read_record(stage, run, version)
+        return Outcome({**_shown_again(record), "up_to_date": reason}, version, _skipped_verdicts(stage, run, record))
     metadata = stage.body(run)
     version = stage.version(run)
     verdicts = _verdicts(stage, run)
-    _record_verdicts(stage, run, version, verdicts)
+    _write_record(stage, run, version, metadata, verdicts)
     return Outcome(metadata, version, verdicts)
 
 
@@ -206,30 +218,70 @@ def _verdict(check: Check, run: StageRun) -> dict:
     return verdict
 
 
-def _verdicts_path(stage: Stage, run: StageRun) -> str:
+def _record_path(stage: Stage, run: StageRun) -> str:
     partition = "-".join(str(k) for k in run.partition_keys) or "all"
-    return check_verdicts_path(run.store, stage.asset, partition)
+    return stage_record_path(run.store, stage.asset, partition)
 
 
-def _record_verdicts(stage: Stage, run: StageRun, version: str | None, verdicts: list[dict]) -> None:
-    if stage.checks:
-        run.store.write_json(_verdicts_path(stage, run), {"version": version, "verdicts": [
-            {**v, "severity": v["severity"].value, "metadata": {k: str(m) for k, m in v.get("metadata", {}).items()}}
-            for v in verdicts]})
+def _write_record(stage: Stage, run: StageRun, version: str | None, metadata: dict, verdicts: list[dict]) -> None:
+    """What this build showed, for the skips that follow: metadata in Dagster's own serialization
+    (JSON of whitelisted types: reading it back runs no code), verdicts as plain JSON."""
+    run.store.write_json(_record_path(stage, run), {
+        "version": version, "built_by_run": run.run_id, "built_at": time.time(),
+        "metadata": serialize_value(normalize_metadata(readable(metadata))), "verdicts": _plain(verdicts)})
 
 
-def _recorded_verdicts(stage: Stage, run: StageRun, version: str | None) -> list[dict]:
-    """The verdicts recorded when ``version`` was built; evaluated again when there are none."""
+def _plain(verdicts: list[dict]) -> list[dict]:
+    return [{**v, "severity": v["severity"].value, "metadata": {k: str(m) for k, m in v.get("metadata", {}).items()}}
+            for v in verdicts]
+
+
+def _read_record(stage: Stage, run: StageRun, version: str | None) -> dict | None:
+    """The record of the build of ``version``; None when there is none (built before records were
+    kept, or the record is unreadable: the skip then shows only why it skipped)."""
+    path = _record_path(stage, run)
+    try:
+        record = run.store.read_json(path) if run.store.fs.exists(path) else None
+    except ValueError:  # a truncated record: as if none were kept
+        run.log.warning(f"the stage record {path} is unreadable; it is rewritten at the next build")
+        return None
+    return record if isinstance(record, dict) and record.get("version") == version else None
+
+
+def _shown_again(record: dict | None) -> dict:
+    """The metadata the build showed, and which build it was."""
+    if record is None:
+        return {}
+    try:
+        metadata = deserialize_value(record["metadata"]) if record.get("metadata") else {}
+    except Exception:  # a record from another Dagster version it cannot read: show only the build
+        metadata = {}
+    if not record.get("built_at"):
+        return metadata
+    built_at = datetime.fromtimestamp(record["built_at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return {**metadata, "built_by_run": record.get("built_by_run") or "", "built_at": built_at}
+
+
+def _skipped_verdicts(stage: Stage, run: StageRun, record: dict | None) -> list[dict]:
+    """The verdicts recorded for the stored version (re-checked where a check asks for it); every
+    check evaluated again when there are none."""
     if not stage.checks:
         return []
-    path = _verdicts_path(stage, run)
-    recorded = run.store.read_json(path) if run.store.fs.exists(path) else None
-    if recorded is None or recorded["version"] != version:
-        verdicts = _verdicts(stage, run)
-        _record_verdicts(stage, run, version, verdicts)
+    recorded = {v["check_name"]: v for v in (record or {}).get("verdicts", [])}
+    if not all(c.name in recorded for c in stage.checks):
+        verdicts = _verdicts(stage, run)  # a version built before records were kept: its verdicts only
+        kept = record or {"version": stage.version(run), "built_by_run": None, "built_at": None, "metadata": None}
+        run.store.write_json(_record_path(stage, run), {**kept, "verdicts": _plain(verdicts)})
         return verdicts
-    return [{**v, "severity": AssetCheckSeverity(v["severity"]),
-             "metadata": {**v["metadata"], "recorded_for_version": str(version)}} for v in recorded["verdicts"]]
+    verdicts = []
+    for check in stage.checks:
+        if check.recheck_when_skipped:
+            verdicts.append(_verdict(check, run))
+            continue
+        v = recorded[check.name]
+        verdicts.append({**v, "severity": AssetCheckSeverity(v["severity"]),
+                         "metadata": {**v["metadata"], "recorded_for_version": str(record["version"])}})
+    return verdicts
 
 
 def _label(run: StageRun) -> str:

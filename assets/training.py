@@ -2,8 +2,9 @@
 
 ``sae_checkpoint`` runs in the `gpu` pool (one training at a time per pool slot); it is up to date
 when its checkpoint is a finished training with the same settings on the current shuffled store.
-``sae_eval`` always runs (it is cheap, and it is the quality signal) and carries the threshold
-checks, so the catalog shows pass/fail per SAE.
+``sae_eval`` is up to date when its committed report was computed from the same checkpoint,
+shuffled store, held-out text, base model and settings (recorded in its pointer); it carries the
+threshold checks, so the catalog shows pass/fail per SAE.
 """
 
 import hashlib
@@ -22,6 +23,7 @@ from sae_platform.catalog import (
     HookEntry,
     checkpoint_name,
     eval_name,
+    model_name,
     report_path,
     shuffle_for_hook_point,
 )
@@ -119,6 +121,24 @@ SAE_CHECKPOINT = Stage(
 
 # -- evaluation -----------------------------------------------------------------------------------
 
+def _evaluation_inputs(run: StageRun) -> dict:
+    """What this evaluation would be computed from (``evaluate.evaluation_inputs``); the held-out
+    text and the base model only when a setting reads them."""
+    settings, model = run.resources.evaluation.settings(), run.resources.language_model
+    reads_text = bool(settings.ce_contexts or settings.metric_contexts)
+    pointer = run.store.pointer(model_name(model.source)) if reads_text else None
+    return evaluate.evaluation_inputs(
+        run.store, run.partition_key, shuffle_name(run), settings,
+        holdout_stamps=run.resources.holdout_text.stamps() if reads_text else {},
+        base_model={"version": pointer["version"], "autocast": model.autocast} if pointer else None)
+
+
+def evaluation_unchanged(run: StageRun) -> str | None:
+    if evaluate.evaluation_current(run.store, run.partition_key, _evaluation_inputs(run)):
+        return "evaluated from the same checkpoint, shuffled store, held-out text, base model and settings"
+    return None
+
+
 def evaluate_sae(run: StageRun) -> dict:
     settings = run.resources.evaluation.settings()
     name, store = run.partition_key, run.store
@@ -137,7 +157,8 @@ def evaluate_sae(run: StageRun) -> dict:
                  + (f", N2G explanations, probe loss and ablation sparsity on {len(metric_tokens)} held-out "
                     "contexts" if metric_tokens is not None else ""))
     report, density = evaluate.evaluate_sae(store, shuffle_name(run), name, hooked, tokens, device,
-                                            metric_tokens=metric_tokens, ablation_tokens=settings.ablation_tokens)
+                                            metric_tokens=metric_tokens, ablation_tokens=settings.ablation_tokens,
+                                            inputs=_evaluation_inputs(run), log=run.log.info)
     png = density_histogram_png(density, report["dead_window_tokens"])
     plot_path = report_path(store, name, "latent_density.png")
     store.write_bytes_atomic(plot_path, png)
@@ -204,14 +225,17 @@ SAE_EVAL = Stage(
                 "N2G explanation precision/recall, ablation sparsity, 1-D probe loss vs neurons.",
     partitions=SAE_SWEEP, deps=("sae_checkpoint",),
     resources=("storage", "shuffle", "evaluation", "language_model", "holdout_text"),
-    body=evaluate_sae, version=pointer_version(lambda run: eval_name(run.partition_key)),
-    checks=(
+    up_to_date=evaluation_unchanged, body=evaluate_sae,
+    version=pointer_version(lambda run: eval_name(run.partition_key)),
+    checks=(  # thresholds are settings of their own: checked again on every skip (they read report.json)
         Check("fvu_below", "FVU on held-out rows <= resources.evaluation.config.max_fvu",
-              threshold("fvu", "max_fvu", below=True, window="held-out rows")),
+              threshold("fvu", "max_fvu", below=True, window="held-out rows"), recheck_when_skipped=True),
         Check("dead_fraction_below", "share of latents that never fire on any cached token <= max_dead_fraction",
-              threshold("dead_fraction", "max_dead_fraction", below=True, window="every cached token")),
+              threshold("dead_fraction", "max_dead_fraction", below=True, window="every cached token"),
+              recheck_when_skipped=True),
         Check("loss_recovered_above", "downstream loss recovered >= min_loss_recovered (when measured)",
-              threshold("loss_recovered", "min_loss_recovered", below=False, window="held-out text")),
+              threshold("loss_recovered", "min_loss_recovered", below=False, window="held-out text"),
+              recheck_when_skipped=True),
     ))
 
 

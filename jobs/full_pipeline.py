@@ -14,8 +14,8 @@ assets' own ops: ``cache_batch`` logs `activations`, ``train_sae`` logs `sae_che
 The ops below that are not stages only fan the work out.
 
 It is safe to re-run: every stage is skipped while what it would build is current (cached batches,
-a shuffle that holds the current plan, a finished checkpoint, tables that describe it). Evaluation
-always runs.
+a shuffle that holds the current plan, a finished checkpoint, an evaluation of it from the same
+inputs, tables that describe it), and a skipped stage shows again what its build showed.
 """
 
 import re

@@ -28,7 +28,7 @@ lineage records       ``features/<sae_name>/lineage/f<shard>.json``             
 context windows       ``features/<sae_name>/contexts_partial/<key>``, ``…/contexts/f<shard>``     contexts
 explanations          ``features/<sae_name>/explanations/f<shard>``, ``…/llm_explanations/…``     metrics, assets
 feature browser       ``browser/<sae_name>``                                                      browser.publish
-check verdicts        ``checks/<asset>/<partition>.json``                                         assets.stage
+stage records         ``stages/<asset>/<partition>.json``                                         assets.stage
 ====================  ==========================================================================  ==================
 """
 
@@ -49,7 +49,7 @@ EXPORTS = "saelens"
 REPORTS = "reports"
 FEATURES = "features"
 BROWSER = "browser"
-CHECKS = "checks"
+STAGE_RECORDS = "stages"
 
 # Files inside an artifact's version that more than one module reads.
 EVAL_REPORT = "report.json"  # eval/<sae_name>: every evaluation figure
@@ -405,13 +405,14 @@ def llm_explanations_name(sae_name: str, shard_index: int) -> str:
     return f"{FEATURES}/{sae_name}/llm_explanations/f{int(shard_index)}"
 
 
-# -- the feature browser and check verdicts ----------------------------------------------------
+# -- the feature browser and stage records ----------------------------------------------------
 
 def browser_dir(store, sae_name: str | None = None) -> str:
     """``browser/`` (every SAE's site), or the site of ``sae_name``."""
     return store.path(BROWSER) if sae_name is None else store.path(BROWSER, sae_name)
 
 
-def check_verdicts_path(store, asset: str, partition: str) -> str:
-    """Where the verdicts of an asset's checks for one partition (or ``all``) are recorded."""
-    return store.path(CHECKS, asset, f"{partition}.json")
+def stage_record_path(store, asset: str, partition: str) -> str:
+    """What the last build of an asset's partition (or ``all``) recorded: its data version, the
+    metadata it showed and its checks' verdicts (a skipped stage shows them again)."""
+    return store.path(STAGE_RECORDS, asset, f"{partition}.json")

@@ -21,8 +21,11 @@ every variant (BatchTopK's global threshold, not its batch-dependent training ru
 mode the module is in. Everything runs on the SAE's / model's device.
 """
 
+import contextlib
 import io
+import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -31,7 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from sae_platform.activations import activation_hook_entry, activation_row_rule
-from sae_platform.catalog import EVAL_PROBES, EVAL_REPORT, checkpoint_pin, checkpoint_version, eval_name
+from sae_platform.catalog import (
+    EVAL_PROBES,
+    EVAL_REPORT,
+    checkpoint_pin,
+    checkpoint_version,
+    eval_name,
+    shuffled_name,
+)
 from sae_platform.corpus import pack_contexts
 from sae_platform.errors import PlatformError, SourceError, StorageError
 from sae_platform.hooks import check_hook_point, splice_hooks
@@ -64,6 +74,31 @@ class EvalSettings:
 
     def __post_init__(self):
         validate(self, "resources.evaluation.config")
+
+
+# The settings that change what the report holds; the thresholds only change the checks' verdicts.
+REPORT_SETTINGS = ("ce_contexts", "ctx_len", "metric_contexts", "ablation_tokens")
+
+
+def evaluation_inputs(store, sae_name: str, shuffle_name: str, settings: EvalSettings, *,
+                      holdout_stamps: dict[str, str], base_model: dict | None) -> dict:
+    """Everything an evaluation of ``sae_name`` is computed from, as JSON: the checkpoint version,
+    the shuffled store's version (density and dead latents are counted over all of it), the
+    held-out text (file key -> size and modification stamp, ``corpus.source_stamp``), the stored
+    base model (its version and autocast mode, which change the downstream CE) and the settings of
+    ``REPORT_SETTINGS``. Recorded in the evaluation's
+    pointer, so an unchanged evaluation is recognised without recomputing it."""
+    shuffled = store.pointer(shuffled_name(shuffle_name)) or {}
+    return {"checkpoint": checkpoint_version(store, sae_name), "shuffled": shuffled.get("version"),
+            "holdout": dict(sorted(holdout_stamps.items())), "base_model": base_model,
+            "settings": {key: getattr(settings, key) for key in REPORT_SETTINGS}}
+
+
+def evaluation_current(store, sae_name: str, inputs: dict) -> bool:
+    """Whether the committed evaluation of ``sae_name`` was computed from exactly ``inputs``
+    (an evaluation committed before inputs were recorded never is)."""
+    pointer = store.pointer(eval_name(sae_name))
+    return pointer is not None and pointer.get("inputs") == json.loads(json.dumps(inputs))
 
 
 def _sae_device(sae) -> torch.device:
@@ -343,7 +378,8 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
 
 def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
                  device: torch.device, density_over_all_rows: bool = True, metric_tokens: np.ndarray | None = None,
-                 *, ablation_tokens: int) -> tuple[dict, np.ndarray]:
+                 *, ablation_tokens: int, inputs: dict | None = None,
+                 log: Callable[[str], None] | None = None) -> tuple[dict, np.ndarray]:
     """Every figure of the evaluation for checkpoint ``sae_name``; commits ``eval/<sae_name>`` (report + density).
 
     Reconstruction (nmse, fvu, l0) is measured on the held-out rows; the latent density and
@@ -358,7 +394,10 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     them). The downstream CE and the feature metrics read and splice at the SAE's own hook point
     (``activations.activation_hook_entry`` of its shuffled store), on the tokens that would have
     been its training rows by the rule caching recorded there (``activations.activation_row_rule``;
-    ``training_rows.RowRule.from_attrs`` names the fallback for activations cached before it was)."""
+    ``training_rows.RowRule.from_attrs`` names the fallback for activations cached before it was).
+
+    ``inputs`` (:func:`evaluation_inputs`) is recorded in the commit's pointer; ``log`` gets one
+    line as each metric starts and ends, with its seconds."""
     checkpoint = checkpoint_version(store, sae_name)  # read before loading: a later commit then mismatches
     sae, cfg = load_sae(store, sae_name, device)
     if cfg["data"]["shuffle"] != shuffle_name:
@@ -367,13 +406,16 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     if hooked is not None and hooked.d_model != sae.d_model:
         raise PlatformError(f"the base model's d_model {hooked.d_model} differs from SAE {sae_name!r}'s {sae.d_model}",
                             "configure the base model the activations were cached from")
-    metrics = reconstruction_metrics(sae, heldout_activation_batches(store, shuffle_name,
-                                                                     cfg["training"]["holdout_rows"]), device)
+    timed = _timer(log or logging.getLogger(__name__).info, sae_name)
+    with timed(f"reconstruction (nmse, fvu, L0) on {cfg['training']['holdout_rows']:,} held-out rows"):
+        metrics = reconstruction_metrics(sae, heldout_activation_batches(store, shuffle_name,
+                                                                         cfg["training"]["holdout_rows"]), device)
     heldout_density = metrics.pop("density")
     report = {"run": sae_name, "checkpoint_step": cfg["step"], "training_tokens": cfg["tokens"], **metrics,
               "heldout_dead_fraction": metrics["dead_fraction"], "heldout_tokens": metrics["n_tokens"]}
     if density_over_all_rows:  # dead = never fired on any cached token: the window is the whole store
-        counts, n_all = firing_counts(sae, (acts for _, acts in iter_shuffled(store, shuffle_name, 4096)))
+        with timed("latent density over every cached row"):
+            counts, n_all = firing_counts(sae, (acts for _, acts in iter_shuffled(store, shuffle_name, 4096)))
         density = counts / max(n_all, 1)
         report.update({"dead_fraction": float((counts == 0).mean()), "n_dead": int((counts == 0).sum()),
                        "dead_window_tokens": n_all})
@@ -389,14 +431,18 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
             report["hook_name_in"] = entry.hook_name_in
         points = {"hook_point": entry.hook_name, "input_hook_point": entry.hook_name_in}
     if hooked is not None and heldout_tokens is not None:
-        ce = downstream_ce(hooked, sae, heldout_tokens, rule=rule, **points)
+        with timed(f"downstream CE on {len(heldout_tokens)} held-out contexts"):
+            ce = downstream_ce(hooked, sae, heldout_tokens, rule=rule, **points)
         report.update({k if k.startswith("ce_") or k == "loss_recovered" else f"ce_{k}": v for k, v in ce.items()})
     details = None
     if hooked is not None and metric_tokens is not None:
-        figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens, rule=rule,
-                                           **points)
+        with timed(f"N2G, probe loss and ablation sparsity on {len(metric_tokens)} held-out contexts"):
+            figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens,
+                                               rule=rule, **points)
         report.update(figures)
-    with store.writing(eval_name(sae_name), checkpoint_step=cfg["step"], **checkpoint_pin(checkpoint)) as version:
+    pins = {"inputs": inputs} if inputs is not None else {}
+    with store.writing(eval_name(sae_name), checkpoint_step=cfg["step"], **checkpoint_pin(checkpoint),
+                       **pins) as version:
         store.write_json(f"{version}/{EVAL_REPORT}", report)
         if details is not None:
             store.write_json(f"{version}/{EVAL_PROBES}", details["probes"])
@@ -405,3 +451,15 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
         np.save(buffer, density)
         store.fs.pipe_file(f"{version}/density.npy", buffer.getvalue())
     return report, density
+
+
+def _timer(log: Callable[[str], None], sae_name: str):
+    """A context manager factory: ``with timed("what"):`` logs the start and the seconds it took."""
+    @contextlib.contextmanager
+    def timed(what: str):
+        log(f"{sae_name}: {what} ...")
+        started = time.perf_counter()
+        yield
+        log(f"{sae_name}: {what}: {time.perf_counter() - started:.1f} s")
+
+    return timed

@@ -97,6 +97,34 @@ def test_eval_reports_dead_latents_over_every_cached_token_and_checks_thresholds
     assert checks["loss_recovered_above"].passed  # not measured (ce_contexts 0): nothing to fail
 
 
+def test_eval_is_skipped_while_its_inputs_are_unchanged_and_shows_its_figures_again(defs, store, tmp_path):
+    def train_and_evaluate(**evaluation):
+        result = defs.resolve_job_def("train_saes").execute_in_process(
+            instance=DagsterInstance.ephemeral(), partition_key="relu-4k",
+            run_config={"resources": {"training": {"config": TRAIN}, "evaluation": {"config": {
+                "ce_contexts": 2, "ctx_len": 16, "metric_contexts": 0, "max_fvu": 1e9, "min_loss_recovered": -1e9,
+                **evaluation}}}})
+        assert result.success
+        checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+        return _materializations(result)["sae_eval"], store.pointer("eval/relu-4k")["version"], checks
+
+    built, version, checks = train_and_evaluate()
+    assert "up_to_date" not in built and checks["fvu_below"]
+    # the same inputs: skipped, same version, the page shows the figures of the build again
+    again, same, _ = train_and_evaluate()
+    assert "same checkpoint" in again["up_to_date"] and same == version
+    assert again["fvu"] == built["fvu"] and "data:image/png;base64" in again["latent_density"]
+    # a threshold is not an input of the report: still skipped, but the check is evaluated again
+    tighter, same, checks = train_and_evaluate(max_fvu=1e-9)
+    assert "up_to_date" in tighter and same == version and not checks["fvu_below"]
+    # each input of the report makes it run again: a setting, then the held-out text
+    _, changed, _ = train_and_evaluate(ctx_len=12)
+    assert changed != version
+    (tmp_path / "holdout" / "more.txt").write_text("More held-out text, never trained on. " * 20)
+    rerun, newer, _ = train_and_evaluate(ctx_len=12)
+    assert "up_to_date" not in rerun and newer != changed
+
+
 def test_bad_training_setting_fails_before_anything_is_written(defs, store):
     result = defs.resolve_job_def("train_saes").execute_in_process(
         instance=DagsterInstance.ephemeral(), partition_key="relu-4k", raise_on_error=False,

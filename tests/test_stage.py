@@ -129,16 +129,22 @@ def test_both_paths_build_the_same_artifacts_and_events_and_skip_alike(tmp_path,
             continue
         assert not by_op[key]["up_to_date"] and not by_asset[key]["up_to_date"], key
 
-    # Re-run both ways: every stage but the evaluation is up to date and keeps its data version.
+    # Re-run both ways: every stage is up to date, keeps its data version and shows again what its
+    # build showed (the asset's page keeps its content), naming the build.
     _op_path(op_defs, op_instance)
     _asset_path(asset_defs, asset_instance)
     for instance, before in ((op_instance, by_op), (asset_instance, by_asset)):
         after = _materializations(instance)
         for key, event in after.items():
-            if key[0] in ("sae_eval", "sae_comparison"):
-                continue  # evaluation (and the sweep's comparison of it) always runs: it is the quality signal
-            assert event["up_to_date"], key
             assert event["data_version"] == before[key]["data_version"], key
+            if key[0] == "sae_comparison":
+                continue  # no skip rule: it only reads the evaluations (a second or two)
+            assert event["up_to_date"], key
+            if key[0] == "feature_llm_explanations":
+                continue  # never built (off): nothing to show again
+            shown = set(event["metadata"]) - {"up_to_date", "built_by_run", "built_at"}
+            assert shown == set(before[key]["metadata"]), (key, shown ^ set(before[key]["metadata"]))
+            assert {"built_by_run", "built_at"} <= set(event["metadata"]), key
     _same_artifacts(op_store, asset_store)
 
 
