@@ -49,6 +49,7 @@ import polars as pl
 import zarr
 
 from sae_platform.errors import StorageError
+from sae_platform.settings import env_value
 
 POINTER = "COMMITTED.json"
 VERSION_PREFIX = "v-"
@@ -56,23 +57,13 @@ WRITER_MARK = ".writer.json"
 STALE_WRITER_S = 24 * 3600  # a writer on another host silent this long is taken for dead
 SUPERSEDED_MARK = ".superseded.json"
 GRACE_ENV = "SAE_PLATFORM_GRACE_S"
+CREATE_BUCKET_ENV = "SAE_PLATFORM_CREATE_BUCKET"
 DEFAULT_GRACE_S = 3600.0
 
 
 def grace_from_env() -> float:
     """Seconds a superseded version stays readable: ``$SAE_PLATFORM_GRACE_S``, default 3600."""
-    raw = os.environ.get(GRACE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_GRACE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (value >= 0 and value != float("inf")):
-        raise StorageError(f"{GRACE_ENV}={raw!r} is not a number of seconds >= 0",
-                           f"set {GRACE_ENV} to the seconds a superseded artifact version stays readable "
-                           f"(default {DEFAULT_GRACE_S:g}; 0 removes it at the next commit), or unset it")
-    return value
+    return env_value(GRACE_ENV, DEFAULT_GRACE_S, float, ge=0)
 _BUCKETS_SEEN: set[tuple[str, str, str]] = set()  # buckets checked once per process
 
 
@@ -146,7 +137,7 @@ class ArtifactStore:
             return
         create = self.create_bucket
         if create is None:
-            create = os.environ.get("SAE_PLATFORM_CREATE_BUCKET", "").strip().lower() in ("1", "true", "yes")
+            create = env_value(CREATE_BUCKET_ENV, False, bool)
         try:
             exists = self.fs.exists(bucket)
         except PermissionError:
