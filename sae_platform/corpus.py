@@ -364,7 +364,7 @@ def _open_binary(text_file: TextFile, storage_options: dict | None):
     return fsspec.compression.compr[compression](raw, mode="rb") if compression else raw
 
 
-def check_encoding(encoding: str, field: str = "resources.text_source.config.encoding (or holdout_text's)") -> str:
+def check_encoding(encoding: str, field: str = "resources.{text_source,holdout_text}.config.encoding") -> str:
     """``encoding`` when Python can decode text with it (``codecs.lookup``; not a bytes-to-bytes
     codec such as ``zlib`` or ``base64``). Checked when the text source is configured, so a typo
     stops the run before any file is read. SourceError naming ``field``, the value and the fix."""
