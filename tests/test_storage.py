@@ -10,6 +10,7 @@ import pytest
 
 from sae_platform import catalog
 from sae_platform.errors import StorageError
+from sae_platform.settings import SettingsError
 from sae_platform.storage import POINTER, ArtifactStore
 
 
@@ -152,7 +153,7 @@ def test_superseded_version_is_readable_for_the_grace_period_then_swept(tmp_path
         store.check_version("things/a", reader.rsplit("/", 1)[-1])
     for bad in ("-1", "soon", "inf"):
         monkeypatch.setenv(storage.GRACE_ENV, bad)
-        with pytest.raises(StorageError, match="SAE_PLATFORM_GRACE_S"):
+        with pytest.raises(SettingsError, match="SAE_PLATFORM_GRACE_S"):
             ArtifactStore(str(tmp_path / "a"))
 
 
