@@ -3,8 +3,9 @@
 import os
 from pathlib import Path
 
-import yaml
 from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
+
+from sae_platform.catalog import load_sweep
 
 SWEEP_FILE = Path(os.environ.get("SAE_PLATFORM_SWEEP", Path(__file__).resolve().parents[1] / "config" / "sweep.yaml"))
 
@@ -19,7 +20,7 @@ ALL_SHUFFLE_WORKERS_TAGS = {"dagster/asset_partition_range_start": "0",
                             "dagster/asset_partition_range_end": str(N_SHUFFLE_WORKERS - 1)}
 
 # One partition per SAE of the sweep (config/sweep.yaml): sae_checkpoint and sae_eval.
-SAE_SWEEP_SPECS: dict[str, dict] = yaml.safe_load(SWEEP_FILE.read_text())
+SAE_SWEEP_SPECS: dict[str, dict] = load_sweep(SWEEP_FILE)
 SAE_SWEEP = StaticPartitionsDefinition(list(SAE_SWEEP_SPECS))
 
 # Feature tables: latents split into shards (each shard's range is computed from the SAE's width);

@@ -17,7 +17,6 @@ All three launch runs with the run config in ``SAE_PLATFORM_RUN_CONFIG`` (``Auto
 
 import hashlib
 import json
-import os
 
 from dagster import (
     DagsterRunStatus,
@@ -39,12 +38,13 @@ from resources import AutomationResource, StorageResource, TextSourceResource
 from sae_platform.errors import SourceError
 from sae_platform.freshness import cached_versions, stale_reasons
 from sae_platform.inbox import needs_caching
+from sae_platform.settings import env_value
 
 # How often the sensors look (seconds); tests and busy deployments change it.
-SENSOR_INTERVAL_S = int(os.environ.get("SAE_PLATFORM_SENSOR_INTERVAL_S", "30"))
-NIGHTLY_CRON = os.environ.get("SAE_PLATFORM_REFRESH_CRON", "0 3 * * *")
+SENSOR_INTERVAL_S = env_value("SAE_PLATFORM_SENSOR_INTERVAL_S", 30, int, ge=1, le=24 * 3600)
+NIGHTLY_CRON = env_value("SAE_PLATFORM_REFRESH_CRON", "0 3 * * *")
 # Inbox files cached per cache_inbox run: 200 files dropped at once are 8 runs, not 200.
-FILES_PER_RUN = int(os.environ.get("SAE_PLATFORM_FILES_PER_RUN", "25"))
+FILES_PER_RUN = env_value("SAE_PLATFORM_FILES_PER_RUN", 25, int, ge=1, le=10_000)
 CACHING_JOBS = ["cache_inbox", ACTIVATIONS.job.name]  # the inbox sensor's op job; the activations asset job
 IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
              DagsterRunStatus.STARTED]

@@ -39,6 +39,7 @@ from assets import STAGES
 from assets.features import pinned_batches
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS, N_SHUFFLE_WORKERS, SAE_SWEEP_SPECS
 from assets.stage import NO_OP_CONFIG, Stage, StageRun, run_as_step
+from jobs.settings import EXECUTORS
 from sae_platform.errors import PlatformError
 
 FEATURE_SHARD_KEYS = [f"f{i}" for i in range(N_FEATURE_SHARDS)]
@@ -183,7 +184,7 @@ def pipeline_executor(kind: str):
     engines = {"celery": ("dagster_celery", "celery_executor", "dagster-celery"),
                "k8s": ("dagster_k8s", "k8s_job_executor", "dagster-k8s")}
     if kind not in engines:
-        raise PlatformError(f"unknown SAE_PLATFORM_EXECUTOR={kind!r}", "use multiprocess (default), celery or k8s")
+        raise PlatformError(f"unknown SAE_PLATFORM_EXECUTOR={kind!r}", f"use one of {', '.join(EXECUTORS)}")
     module, name, package = engines[kind]
     try:
         return getattr(__import__(module), name)

@@ -3,6 +3,10 @@
 import os
 from dataclasses import dataclass
 
+from sae_platform.settings import env_value
+
+EXECUTORS = ("multiprocess", "celery", "k8s")  # where full_pipeline's steps run (jobs.full_pipeline.pipeline_executor)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -12,7 +16,7 @@ class Settings:
     s3_endpoint_url: str | None
     holdout: str = ""  # held-out text for downstream CE; default $SAE_PLATFORM_DATA/holdout/*
     run_config: str | None = None  # full_pipeline run config used by sensors and schedules
-    executor: str = "multiprocess"  # where full_pipeline's steps run: multiprocess | celery | k8s
+    executor: str = EXECUTORS[0]  # where full_pipeline's steps run: one of EXECUTORS
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -24,7 +28,7 @@ class Settings:
             s3_endpoint_url=os.environ.get("SAE_PLATFORM_S3_ENDPOINT_URL") or None,
             holdout=os.environ.get("SAE_PLATFORM_HOLDOUT", os.path.join(data_dir, "holdout", "*")),
             run_config=os.environ.get("SAE_PLATFORM_RUN_CONFIG") or None,
-            executor=os.environ.get("SAE_PLATFORM_EXECUTOR", "multiprocess"),
+            executor=env_value("SAE_PLATFORM_EXECUTOR", EXECUTORS[0], choices=EXECUTORS),
         )
 
     @property

@@ -3,17 +3,16 @@
 from dataclasses import fields
 from pathlib import Path
 
-import yaml
 from dagster import ConfigurableResource
-from pydantic import Field, create_model
+from pydantic import Field, create_model, field_validator
 
 from sae_platform.activations import CacheSettings
-from sae_platform.corpus import TextFile, find_file, list_source, resolve_source, source_stamp
+from sae_platform.corpus import TextFile, check_encoding, find_file, list_source, resolve_source, source_stamp
 from sae_platform.evaluate import EvalSettings
 from sae_platform.features import FeatureSettings
 from sae_platform.inbox import Inbox, scan_inbox
 from sae_platform.model import AUTOCAST_HELP, EMBEDDED_MODEL, load_stored_model, load_stored_tokenizer
-from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, default_of
+from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, default_of, load_yaml
 from sae_platform.shuffle import ShuffleSettings
 from sae_platform.storage import ArtifactStore, open_store
 from sae_platform.trainer import TrainSettings
@@ -97,6 +96,11 @@ class TextSourceResource(ConfigurableResource):
     skip_duplicates: bool = Field(default=True, description="a file byte-identical to another inbox file is "
                                                             "reported and not cached again; false caches copies")
 
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, encoding: str) -> str:
+        return check_encoding(encoding)
+
     @property
     def storage_options(self) -> dict:
         return resolve_source(self.pattern, self.endpoint_url)[1]
@@ -128,7 +132,11 @@ def read_run_config(path: str | None) -> dict:
     if not Path(path).is_file():
         raise FileNotFoundError(f"run config {path} (SAE_PLATFORM_RUN_CONFIG) does not exist: "
                                 "point it at a full_pipeline run config such as config/demo.yaml")
-    return yaml.safe_load(Path(path).read_text()) or {}
+    config = load_yaml(path, "run config (SAE_PLATFORM_RUN_CONFIG)") or {}
+    if not isinstance(config, dict):
+        raise SettingsError(f"run config {path} (SAE_PLATFORM_RUN_CONFIG) is a {type(config).__name__}, not a mapping",
+                            "write a full_pipeline run config (resources:, ops:, execution:) like config/demo.yaml")
+    return config
 
 
 class StageSettingsResource(ConfigurableResource):

@@ -36,7 +36,8 @@ import re
 from dataclasses import dataclass
 
 from sae_platform.corpus import check_key
-from sae_platform.errors import ModelError, PlatformError, StorageError
+from sae_platform.errors import ModelError, StorageError
+from sae_platform.settings import SettingsError, load_yaml
 
 # -- top-level prefixes under the artifact root ------------------------------------------------
 MODELS = "models"
@@ -61,6 +62,27 @@ FIRST_STORE = "data.zarr"  # a partition's first hook-point store: what the demo
 FAILED_ATTEMPT = "FAILED.json"  # beside a partition's pointer, never inside a version (inbox.py)
 PIECE_STORE = FIRST_STORE  # a shuffled piece holds one zarr group of the same name
 HOOK_STORE_SUFFIX = ".h"  # shuffled/<name>.h<i>: the shuffled store of hook-point entry i >= 1
+
+
+# -- names that become paths -------------------------------------------------------------------
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")
+NAME_MAX_CHARS = 128
+SAFE_NAME_RULE = (f"a letter or digit, then letters, digits, '.', '_', '-' or '='; no '..'; at most "
+                  f"{NAME_MAX_CHARS} characters")
+
+
+def check_name(value, field: str) -> str:
+    """``value`` when it may become one segment of an artifact path (a sweep entry, an SAE, a
+    shuffled store): ``SAFE_NAME_RULE``, so no name can reach outside its folder (``..``, ``/``, an
+    absolute path, NUL) or hide as a dot-file. Every user-supplied name passes here, when its
+    configuration is loaded and again when a path is built from it. SettingsError naming
+    ``field`` (where the name was set), the value and the rule otherwise."""
+    text = value if isinstance(value, str) else None
+    if text is None or len(text) > NAME_MAX_CHARS or ".." in text or not SAFE_NAME.fullmatch(text):
+        raise SettingsError(f"{field} = {value!r} is not a safe name for a storage path",
+                            f"rename it: {SAFE_NAME_RULE} (e.g. topk-16k-k32)")
+    return text
 
 
 # -- base model ---------------------------------------------------------------------------------
@@ -175,11 +197,11 @@ def cached_hook_points(store) -> list[str]:
 
 def shuffled_name(name: str) -> str:
     """``shuffled/<name>``: the committed shuffled store ``name``."""
-    return f"{SHUFFLED}/{name}"
+    return f"{SHUFFLED}/{check_name(name, 'shuffled store name')}"
 
 
 def shuffled_folder(store, name: str) -> str:
-    return store.path(SHUFFLED, name)
+    return store.path(SHUFFLED, check_name(name, "shuffled store name"))
 
 
 def hook_store_name(name: str, index: int) -> str:
@@ -239,19 +261,19 @@ def shuffled_input_group(store, name: str) -> str:
 
 
 def shuffle_plan_name(name: str) -> str:
-    return f"{SHUFFLE_SCRATCH}/{name}/plan"
+    return f"{shuffle_scratch_name(name)}/plan"
 
 
 def shuffle_scratch_folder(store, name: str) -> str:
-    return store.path(SHUFFLE_SCRATCH, name)
+    return store.path(shuffle_scratch_name(name))
 
 
 def shuffle_scratch_name(name: str) -> str:
-    return f"{SHUFFLE_SCRATCH}/{name}"
+    return f"{SHUFFLE_SCRATCH}/{check_name(name, 'shuffle name')}"
 
 
 def shuffle_job_name(name: str, plan_id: str, pass_index: int, job_index: int) -> str:
-    return f"{SHUFFLE_SCRATCH}/{name}/{plan_id}/pass{pass_index}/job{job_index:06d}"
+    return f"{shuffle_scratch_name(name)}/{plan_id}/pass{pass_index}/job{job_index:06d}"
 
 
 PIECES_PREFIX = "pieces-"  # shuffled/<name>/pieces-<plan_id>/: one plan's final pieces
@@ -263,14 +285,36 @@ def shuffle_pieces_folder(plan_id: str) -> str:
 
 
 def shuffle_piece_name(name: str, plan_id: str, bucket: int) -> str:
-    return f"{SHUFFLED}/{name}/{shuffle_pieces_folder(plan_id)}/b{bucket:06d}"
+    return f"{shuffled_name(name)}/{shuffle_pieces_folder(plan_id)}/b{bucket:06d}"
 
 
 # -- SAE checkpoints and what derived artifacts pin ----------------------------------------------
 
+def check_sae_name(sae_name: str) -> str:
+    """``sae_name`` (a sweep entry: the SAE's name) when it is a safe name (``check_name``)."""
+    return check_name(sae_name, "SAE name (sweep entry)")
+
+
+def load_sweep(path) -> dict[str, dict]:
+    """The SAE sweep file ``path`` (config/sweep.yaml): entry name → its spec (a mapping: variant,
+    n_latents, …). Read with ``settings.load_yaml`` (no aliases, bounded size); every entry name is
+    checked by ``check_name`` here, when the code location loads, since it becomes the SAE's path.
+    SettingsError naming the file, the entry and the fix otherwise."""
+    specs = load_yaml(path, "sweep file")
+    if not isinstance(specs, dict) or not specs:
+        raise SettingsError(f"sweep file {path} holds no entries (it must be a mapping of SAE name to its settings)",
+                            "write one entry per SAE, e.g. topk-16k-k32: {variant: topk, n_latents: 16384, k: 32}")
+    for name, spec in specs.items():
+        check_name(name, f"sweep entry name in {path}")
+        if not isinstance(spec, dict):
+            raise SettingsError(f"sweep entry {name!r} in {path} is {spec!r}, not a mapping of settings",
+                                "write it as e.g. {variant: topk, n_latents: 16384, k: 32}")
+    return specs
+
+
 def checkpoint_name(sae_name: str) -> str:
     """``sae/<sae_name>``: the committed checkpoint of SAE ``sae_name``."""
-    return f"{CHECKPOINTS}/{sae_name}"
+    return f"{CHECKPOINTS}/{check_sae_name(sae_name)}"
 
 
 def trained_saes(store) -> list[str]:
@@ -323,25 +367,25 @@ def is_current(store, sae_name: str, record: dict | None) -> bool:
 
 def export_name(sae_name: str) -> str:
     """``saelens/<sae_name>``: the checkpoint in SAELens's on-disk layout (export.export_run)."""
-    return f"{EXPORTS}/{sae_name}"
+    return f"{EXPORTS}/{check_sae_name(sae_name)}"
 
 
 def eval_name(sae_name: str) -> str:
     """The artifact holding SAE ``sae_name``'s evaluation (report.json, density.npy, held-out codes)."""
-    return f"{EVALUATIONS}/{sae_name}"
+    return f"{EVALUATIONS}/{check_sae_name(sae_name)}"
 
 
 def report_path(store, sae_name: str | None, file: str) -> str:
     """A training report picture or page: ``reports/<sae_name>/<file>``, or ``reports/<file>`` for
     the whole sweep (``sae_name`` None)."""
-    return store.path(REPORTS, file) if sae_name is None else store.path(REPORTS, sae_name, file)
+    return store.path(REPORTS, file) if sae_name is None else store.path(REPORTS, check_sae_name(sae_name), file)
 
 
 # -- feature tables -----------------------------------------------------------------------------
 
 def features_folder(store, sae_name: str | None = None) -> str:
     """``features/`` (every SAE's tables), or ``features/<sae_name>/``."""
-    return store.path(FEATURES) if sae_name is None else store.path(FEATURES, sae_name)
+    return store.path(FEATURES) if sae_name is None else store.path(FEATURES, check_sae_name(sae_name))
 
 
 def described_saes(store) -> list[str]:
@@ -354,42 +398,34 @@ def described_saes(store) -> list[str]:
 
 
 def codes_name(sae_name: str, partition: str) -> str:
-    return f"{FEATURES}/{sae_name}/codes/{partition}"
+    return f"{FEATURES}/{check_sae_name(sae_name)}/codes/{check_key(partition)}"
 
 
 def partials_folder(store, sae_name: str, partition: str | None = None) -> str:
     """``features/<sae_name>/partial`` (every batch's pass-1 partials), or one batch's."""
-    base = store.path(FEATURES, sae_name, "partial")
-    return base if partition is None else f"{base}/{partition}"
+    base = store.path(FEATURES, check_sae_name(sae_name), "partial")
+    return base if partition is None else f"{base}/{check_key(partition)}"
 
 
 def partial_name(sae_name: str, partition: str, shard_index: int) -> str:
-    return f"{FEATURES}/{sae_name}/partial/{partition}/f{int(shard_index)}"
+    return f"{FEATURES}/{check_sae_name(sae_name)}/partial/{check_key(partition)}/f{int(shard_index)}"
 
 
 def tables_name(sae_name: str, shard_index: int) -> str:
-    return f"{FEATURES}/{sae_name}/tables/f{int(shard_index)}"
+    return f"{FEATURES}/{check_sae_name(sae_name)}/tables/f{int(shard_index)}"
 
 
 def logits_name(sae_name: str, shard_index: int) -> str:
-    return f"{FEATURES}/{sae_name}/logits/f{int(shard_index)}"
+    return f"{FEATURES}/{check_sae_name(sae_name)}/logits/f{int(shard_index)}"
 
 
 def lineage_record_path(store, sae_name: str, shard_index: int) -> str:
     """Where ``feature_topk`` records the lineage of shard ``shard_index`` (with its Dagster run)."""
-    return store.path(FEATURES, sae_name, "lineage", f"f{int(shard_index)}.json")
-
-
-def check_sae_name(sae_name: str) -> str:
-    """``sae_name`` when it is usable as one path segment; PlatformError naming the fix otherwise."""
-    if not sae_name or not re.fullmatch(r"[A-Za-z0-9_.=-]+", str(sae_name)):
-        raise PlatformError(f"run name {sae_name!r} is not usable in a storage path",
-                            "use letters, digits, '_', '-', '.', '=' only")
-    return str(sae_name)
+    return store.path(FEATURES, check_sae_name(sae_name), "lineage", f"f{int(shard_index)}.json")
 
 
 def contexts_partial_name(sae_name: str, partition: str) -> str:
-    return f"{FEATURES}/{check_sae_name(sae_name)}/contexts_partial/{partition}"
+    return f"{FEATURES}/{check_sae_name(sae_name)}/contexts_partial/{check_key(partition)}"
 
 
 def contexts_name(sae_name: str, shard_index: int) -> str:
@@ -398,21 +434,21 @@ def contexts_name(sae_name: str, shard_index: int) -> str:
 
 def explanations_name(sae_name: str, shard_index: int) -> str:
     """N2G explanations, nearest and co-occurring features of one feature shard."""
-    return f"{FEATURES}/{sae_name}/explanations/f{int(shard_index)}"
+    return f"{FEATURES}/{check_sae_name(sae_name)}/explanations/f{int(shard_index)}"
 
 
 def llm_explanations_name(sae_name: str, shard_index: int) -> str:
-    return f"{FEATURES}/{sae_name}/llm_explanations/f{int(shard_index)}"
+    return f"{FEATURES}/{check_sae_name(sae_name)}/llm_explanations/f{int(shard_index)}"
 
 
 # -- the feature browser and stage records ----------------------------------------------------
 
 def browser_dir(store, sae_name: str | None = None) -> str:
     """``browser/`` (every SAE's site), or the site of ``sae_name``."""
-    return store.path(BROWSER) if sae_name is None else store.path(BROWSER, sae_name)
+    return store.path(BROWSER) if sae_name is None else store.path(BROWSER, check_sae_name(sae_name))
 
 
 def stage_record_path(store, asset: str, partition: str) -> str:
     """What the last build of an asset's partition (or ``all``) recorded: its data version, the
     metadata it showed and its checks' verdicts (a skipped stage shows them again)."""
-    return store.path(STAGE_RECORDS, asset, f"{partition}.json")
+    return store.path(STAGE_RECORDS, check_key(asset), f"{check_key(partition)}.json")

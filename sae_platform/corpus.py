@@ -364,9 +364,24 @@ def _open_binary(text_file: TextFile, storage_options: dict | None):
     return fsspec.compression.compr[compression](raw, mode="rb") if compression else raw
 
 
+def check_encoding(encoding: str, field: str = "resources.{text_source,holdout_text}.config.encoding") -> str:
+    """``encoding`` when Python can decode text with it (``codecs.lookup``; not a bytes-to-bytes
+    codec such as ``zlib`` or ``base64``). Checked when the text source is configured, so a typo
+    stops the run before any file is read. SourceError naming ``field``, the value and the fix."""
+    try:
+        text_codec = codecs.lookup(encoding)._is_text_encoding
+    except (LookupError, TypeError):
+        text_codec = False
+    if not text_codec:
+        raise SourceError(f"{field} = {encoding!r} is not a text encoding Python knows",
+                          f"set {field} to a text encoding such as utf-8 (the default), latin-1, utf-16 or cp1252 "
+                          "(the names Python's codecs module accepts)")
+    return encoding
+
+
 def _codec(head: bytes, url: str, encoding: str) -> str:
     """The codec to decode with: byte-order marks win over the UTF-8 default."""
-    if codecs.lookup(encoding).name != "utf-8":
+    if codecs.lookup(check_encoding(encoding)).name != "utf-8":
         return encoding
     if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
         return "utf-32"

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from sae_platform.activations import open_partition
-from sae_platform.catalog import FIRST_STORE, codes_name, partial_name, partials_folder, partition_name
+from sae_platform.catalog import FIRST_STORE, check_name, codes_name, partial_name, partials_folder, partition_name
 from sae_platform.errors import PlatformError
 from sae_platform.feature_select import Selector, decode_top, partition_salt, sample_keys, top_keys
 from sae_platform.sae import SparseAutoencoder
@@ -100,6 +100,7 @@ class FeatureSettings:
 
     def __post_init__(self):
         validate(self, "resources.features.config")
+        check_name(self.sae_name, "resources.features.config.sae_name")
 
 
 class FeatureError(PlatformError):

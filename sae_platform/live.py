@@ -14,7 +14,9 @@ Bounds: the request body is at most ``MAX_BODY`` bytes, the text at most ``max_c
 and ``max_tokens`` tokens (longer input is cut and ``truncated`` says so), at most ``top`` latents
 per token. Requests never name files: the endpoint reads only its JSON body, and GET requests go
 to the static site's directory handler (no listing outside it). One request runs the model at a
-time (a lock). The server binds 127.0.0.1 unless told otherwise.
+time (a lock). The server binds 127.0.0.1 unless told otherwise and checks every request's ``Host``
+header (``browser.server``). A body that is not JSON, nested too deeply, or whose text holds a lone
+surrogate gets 400 with the reason; the server keeps answering.
 """
 
 import json
@@ -57,6 +59,12 @@ class LiveEncoder:
         """The active latents of each token of ``text`` (see the module docstring for the answer)."""
         if not isinstance(text, str):
             raise PlatformError("the request's 'text' must be a string", 'send {"text": "your text"}')
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise PlatformError(f"the request's 'text' holds a lone surrogate ({text[error.start]!r} at character "
+                                f"{error.start}), which is not Unicode text",
+                                "send UTF-8 text; a JSON \\uD800-\\uDFFF escape must be half of a surrogate pair")
         truncated = len(text) > self.max_chars
         text = text[: self.max_chars]
         ids = self.hooked.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -79,8 +87,11 @@ class LiveEncoder:
                 "truncated": truncated, "max_tokens": self.max_tokens}
 
 
-def make_live_server(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False):
-    """The browser's static server for ``site_dir`` plus ``POST /api/features`` (not started)."""
+def make_live_server(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
+                     extra_hosts=None):
+    """The browser's static server for ``site_dir`` plus ``POST /api/features`` (not started); it
+    answers to the host names ``browser.server.make_server`` allows (``extra_hosts``: names
+    besides its address and loopback)."""
     def answer(handler, status: int, body: dict) -> None:
         data = json.dumps(body, ensure_ascii=False).encode()
         handler.send_response(status)
@@ -104,12 +115,18 @@ def make_live_server(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", po
             request = json.loads(handler.rfile.read(length).decode("utf-8"))
             text = request["text"] if isinstance(request, dict) else None
             return answer(handler, 200, encoder.features(text))
+        except RecursionError:
+            return answer(handler, 400, {"error": 'the JSON is nested too deeply; send {"text": "..."}'})
         except (ValueError, KeyError, UnicodeDecodeError):
             return answer(handler, 400, {"error": 'send a JSON object {"text": "..."}'})
         except PlatformError as error:
             return answer(handler, 400, {"error": str(error)})
+        except Exception as error:  # a bug, not the request: say so, and keep serving the next request
+            handler.log_error("live endpoint failed: %r", error)
+            return answer(handler, 500, {"error": f"the server failed on this text ({type(error).__name__}); "
+                                                  "the next request is answered as usual"})
 
-    return make_server(site_dir, host, port, quiet=quiet, handler_methods={"do_POST": do_POST})
+    return make_server(site_dir, host, port, quiet=quiet, handler_methods={"do_POST": do_POST}, extra_hosts=extra_hosts)
 
 
 def serve_live(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", port: int = 8000) -> None:

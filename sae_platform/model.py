@@ -205,16 +205,22 @@ class HookedModel:
 
 
 def load_hooked_model(model_dir: str, layer: int | None = None, device: str = "auto",
-                      autocast: str = "auto", hook_points: tuple[str, ...] | list[str] = ()) -> HookedModel:
+                      autocast: str = "auto", hook_points: tuple[str, ...] | list[str] = (),
+                      read_guard=contextlib.nullcontext) -> HookedModel:
+    """The model in ``model_dir`` on ``device``, ready to read hook points. ``read_guard()`` wraps
+    reading the folder's files (``load_stored_model``: ``ArtifactStore.damaged``, so a damaged
+    stored model is an error naming it); ModelError for a layer or hook point the model lacks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     torch_device = pick_device(device)
     # The stored base model is safetensors + JSON: never fall back to a pickled pytorch_model.bin
     # (use_safetensors=True refuses one) and never run code shipped beside it (trust_remote_code).
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=False).to(torch_device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    with read_guard():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = model.to(torch_device).eval()
     n_layers = int(model.config.num_hidden_layers)
     points = tuple(hook_points)
     for name in points:  # a wrong name or one the architecture lacks fails here, listing the valid names
@@ -254,7 +260,8 @@ def load_stored_model(store, source: str = EMBEDDED_MODEL, layer: int | None = N
     version = (store.pointer(name) or {}).get("version", "?") if not store.is_local else \
         model_dir.rstrip("/").rsplit("/", 1)[-1]
     with store.reading(name, version, f"base model {source!r}"):
-        return load_hooked_model(model_dir, layer, device, autocast), converted
+        return load_hooked_model(model_dir, layer, device, autocast,
+                                 read_guard=lambda: _damaged_model(store, source, model_dir)), converted
 
 
 def load_stored_tokenizer(store, source: str = EMBEDDED_MODEL):
@@ -266,8 +273,15 @@ def load_stored_tokenizer(store, source: str = EMBEDDED_MODEL):
     name = catalog.model_name(source)
     version = (store.pointer(name) or {}).get("version", "?") if not store.is_local else \
         model_dir.rstrip("/").rsplit("/", 1)[-1]
-    with store.reading(name, version, f"base model {source!r}"):
+    with _damaged_model(store, source, model_dir), store.reading(name, version, f"base model {source!r}"):
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def _damaged_model(store, source: str, model_dir: str):
+    """``store.damaged`` for the stored base model's folder: its fix is to convert it again."""
+    return store.damaged(model_dir, f"stored base model {source!r}",
+                         f"delete the stored copy ({store.url(store.path(catalog.model_name(source)))}) and run "
+                         f"again: the model is converted again from {source!r}")
 
 
 def ensure_base_model(store, source: str = EMBEDDED_MODEL) -> tuple[str, bool]:

@@ -9,10 +9,20 @@ these fields, so the UI, every job, the sensors and the CLI share one vocabulary
 A field is declared with :func:`setting` and checked by :func:`validate` when the dataclass is
 built (its ``__post_init__``), so a bad value fails before anything is read or written, with an
 error that names the setting, the value and the allowed range.
+
+The same holds for what configures a deployment from outside: every ``SAE_PLATFORM_*``
+environment value that is not a path is parsed by :func:`env_value` (typed, range-checked), and
+every YAML file the platform reads (run configs, the sweep) by :func:`load_yaml`, which refuses
+aliases (a "billion laughs" file of a few hundred bytes expands to gigabytes) and files over
+``MAX_CONFIG_BYTES``.
 """
 
 import math
+import os
 from dataclasses import MISSING, Field, field, fields
+from pathlib import Path
+
+import yaml
 
 from sae_platform.errors import PlatformError
 
@@ -91,6 +101,87 @@ def _problem(value, meta: dict) -> str | None:
     if meta.get("le") is not None and value > meta["le"]:
         return "is too large"
     return None
+
+
+# -- environment values ---------------------------------------------------------------------------
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+
+
+def env_value(variable: str, default, kind: type = str, *, ge: float | None = None, gt: float | None = None,
+              le: float | None = None, choices: tuple | None = None):
+    """The environment value ``variable`` as ``kind`` (int, float, bool or str), ``default`` when it
+    is unset or blank. Numbers are checked against ``ge``/``gt``/``le`` (and must be finite), strings
+    against ``choices``. Read when the module that needs it loads, so a bad value stops the code
+    location, a CLI command or a worker before anything runs. SettingsError naming the variable,
+    the value and the allowed range otherwise."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    meta = {"ge": ge, "gt": gt, "le": le, "choices": choices}
+    value = _parse_env(raw, kind)
+    problem = f"is not {_KIND_WORDS[kind]}" if value is None else _problem(value, meta)
+    if problem:
+        rule = ("one of " + ", ".join(TRUE_WORDS + FALSE_WORDS)) if kind is bool else allowed(meta, kind is int)
+        raise SettingsError(f"environment variable {variable}={raw!r} {problem}: it must be {rule}",
+                            f"set {variable} to {rule}, or unset it for the default ({default!r})")
+    return value
+
+
+def _parse_env(raw: str, kind: type):
+    """``raw`` as ``kind``; None when it is not one."""
+    if kind is bool:
+        word = raw.lower()
+        return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+    try:
+        return kind(raw)
+    except ValueError:
+        return None
+
+
+# -- configuration files ------------------------------------------------------------------------
+
+MAX_CONFIG_BYTES = 1 << 20  # a run config or sweep file; the repository's are a few kB
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with aliases refused: ``*name`` (and ``<<: *name``) would let a small
+    file stand for an exponentially large document (the "billion laughs" attack)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise SettingsError(f"{self.name}: line {event.start_mark.line + 1} uses the YAML alias "
+                                f"*{event.anchor}, which configuration files may not use",
+                                "write the value out in full where the alias stands (and drop its &anchor)")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(path, what: str):
+    """The YAML document in ``path`` (``what`` says which configuration it is, for errors): safe tags
+    only, no aliases, at most ``MAX_CONFIG_BYTES``. SettingsError naming the file and the fix when it
+    is missing, too large, not YAML, or uses an alias."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise SettingsError(f"{what} {path} cannot be read ({error.strerror or error})",
+                            f"point it at an existing {what} file") from error
+    if size > MAX_CONFIG_BYTES:
+        raise SettingsError(f"{what} {path} is {size:,} bytes, more than the {MAX_CONFIG_BYTES:,} a configuration "
+                            "file may have", "check that it is the right file; split it or shorten it")
+    with path.open("rb") as stream:
+        loader = _NoAliasLoader(stream)
+        loader.name = str(path)
+        try:
+            return loader.get_single_data()
+        except yaml.YAMLError as error:
+            raise SettingsError(f"{what} {path} is not valid YAML: {error}",
+                                "fix the YAML at the line named above") from error
+        finally:
+            loader.dispose()
 
 
 DEVICE_DOC = "auto (CUDA when present), cpu, cuda, cuda:1, …"

@@ -55,7 +55,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import threading
 import time
@@ -81,7 +80,6 @@ SCATTER_LAYOUT = "segments"  # the scatter files' layout, named in each job's ma
 PIECE_WRITERS = 2
 ROW_ID_CHUNKS = 8  # acts chunks per row_id chunk: 8 x 8 B ids per 1.5-4 KB row, few small files
 _SCATTER, _FINAL = 1, 2  # RNG stream tags: scatter and final draws never share a stream
-_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MALLOC_ARENAS = 2  # glibc malloc arenas a shuffle worker keeps (see the module docstring, "Memory")
 _M_ARENA_MAX = -8  # glibc's malloc.h
 
@@ -98,7 +96,7 @@ class ShuffleSettings:
 
     def __post_init__(self):
         validate(self, "resources.shuffle.config")
-        _check_name(self.name)
+        catalog.check_name(self.name, "resources.shuffle.config.name")
         if catalog.is_hook_store_name(self.name):
             raise SettingsError(f"resources.shuffle.config.name {self.name!r} ends like the shuffled store of a "
                                 "second hook point (<name>.h<i>), which it would collide with",
@@ -128,7 +126,7 @@ def describe_plan(store: ArtifactStore, name: str, *, n_buckets: int, memory_bud
     ``store_index``: which hook-point entry's store of each partition to read (``catalog.store_group``).
     It is always recorded; 0, the first, is left out of the hashed body so that the plan ids of
     first-entry stores are those of the stores shuffled before the index was recorded."""
-    _check_name(name)
+    catalog.check_name(name, "shuffle name")
     require(isinstance(seed, int) and seed >= 0, f"seed={seed!r} is not a non-negative integer",
              "use a seed such as 0")
     inputs, d_model, dtype, chunk_rows = _describe_inputs(store, keys, catalog.store_group(store_index))
@@ -719,7 +717,7 @@ def delete_scratch(store: ArtifactStore, name: str) -> None:
 
 def delete_shuffle(store: ArtifactStore, name: str) -> None:
     """Forget a shuffle entirely: its plan, scratch files and committed result."""
-    _check_name(name)
+    catalog.check_name(name, "shuffle name")
     store.delete(catalog.shuffled_name(name))
     store.delete(catalog.shuffle_scratch_name(name))
 
@@ -771,11 +769,6 @@ def _bucket_file(bucket: int) -> str:
     # ".seg": the segment layout (_write_segments). Record files were ".rec", so a worker of an
     # older sae-platform, which reads records, finds no file instead of misreading segments.
     return f"b{bucket:06d}.seg"
-
-
-def _check_name(name: str) -> None:
-    require(bool(_NAME.match(name or "")), f"shuffle name {name!r} is not a plain name",
-             "use letters, digits, '.', '_' or '-' only")
 
 
 def _check_index(what: str, index: int, count: int) -> None:

@@ -48,7 +48,8 @@ import fsspec
 import polars as pl
 import zarr
 
-from sae_platform.errors import StorageError
+from sae_platform.errors import PlatformError, StorageError
+from sae_platform.settings import env_value
 
 POINTER = "COMMITTED.json"
 VERSION_PREFIX = "v-"
@@ -56,23 +57,13 @@ WRITER_MARK = ".writer.json"
 STALE_WRITER_S = 24 * 3600  # a writer on another host silent this long is taken for dead
 SUPERSEDED_MARK = ".superseded.json"
 GRACE_ENV = "SAE_PLATFORM_GRACE_S"
+CREATE_BUCKET_ENV = "SAE_PLATFORM_CREATE_BUCKET"
 DEFAULT_GRACE_S = 3600.0
 
 
 def grace_from_env() -> float:
     """Seconds a superseded version stays readable: ``$SAE_PLATFORM_GRACE_S``, default 3600."""
-    raw = os.environ.get(GRACE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_GRACE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (value >= 0 and value != float("inf")):
-        raise StorageError(f"{GRACE_ENV}={raw!r} is not a number of seconds >= 0",
-                           f"set {GRACE_ENV} to the seconds a superseded artifact version stays readable "
-                           f"(default {DEFAULT_GRACE_S:g}; 0 removes it at the next commit), or unset it")
-    return value
+    return env_value(GRACE_ENV, DEFAULT_GRACE_S, float, ge=0)
 _BUCKETS_SEEN: set[tuple[str, str, str]] = set()  # buckets checked once per process
 
 
@@ -146,7 +137,7 @@ class ArtifactStore:
             return
         create = self.create_bucket
         if create is None:
-            create = os.environ.get("SAE_PLATFORM_CREATE_BUCKET", "").strip().lower() in ("1", "true", "yes")
+            create = env_value(CREATE_BUCKET_ENV, False, bool)
         try:
             exists = self.fs.exists(bucket)
         except PermissionError:
@@ -205,10 +196,21 @@ class ArtifactStore:
         return path
 
     def pointer(self, name: str) -> dict | None:
+        """The committed pointer of ``name`` (``version`` and the writer's info); None before any
+        commit. StorageError naming the file and the fix when it is damaged."""
+        path = self.path(name, POINTER)
         try:
-            return json.loads(self.fs.cat_file(self.path(name, POINTER)))
+            data = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
+        fix = (f"delete {self.url(path)} (the artifact then reads as never committed; its versions are swept at the "
+               f"next commit) and re-run the stage that writes {name}")
+        with self.damaged(path, "commit pointer", fix):
+            pointer = json.loads(data)
+            if not (isinstance(pointer, dict) and isinstance(pointer.get("version"), str)
+                    and pointer["version"].startswith(VERSION_PREFIX) and "/" not in pointer["version"]):
+                raise ValueError(f"it names no version ({VERSION_PREFIX}…) of {name}")
+        return pointer
 
     def committed_names(self, prefix: str) -> list[str]:
         """Names directly under ``prefix`` that have a committed version, sorted."""
@@ -320,7 +322,10 @@ class ArtifactStore:
         self.write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
     def read_json(self, path: str) -> Any:
-        return json.loads(self.fs.cat_file(path))
+        """A JSON file of an artifact; StorageError naming it when it is damaged (``damaged``)."""
+        data = self.fs.cat_file(path)
+        with self.damaged(path, "JSON file"):
+            return json.loads(data)
 
     def write_parquet(self, path: str, frame: pl.DataFrame) -> None:
         buffer = io.BytesIO()
@@ -328,8 +333,36 @@ class ArtifactStore:
         self.write_bytes_atomic(path, buffer.getvalue())
 
     def read_parquet(self, path: str) -> pl.DataFrame:
-        with self.fs.open(path, "rb") as f:
-            return pl.read_parquet(f)
+        """A parquet table of an artifact; StorageError naming it when it is damaged (``damaged``)."""
+        data = self.fs.cat_file(path)
+        with self.damaged(path, "parquet table"):
+            return pl.read_parquet(io.BytesIO(data))
+
+    @contextlib.contextmanager
+    def damaged(self, path: str, what: str, fix: str | None = None) -> Iterator[None]:
+        """Turn an error from decoding the artifact file (or folder) ``path`` into a StorageError
+        naming it, the error and ``fix`` (default: re-run the stage that writes the artifact,
+        after deleting it). Errors that already explain themselves (PlatformError), a missing
+        file (or ``path`` gone meanwhile) and network faults pass unchanged: they are not damage."""
+        try:
+            yield
+        except (PlatformError, FileNotFoundError, ConnectionError, TimeoutError, MemoryError):
+            raise
+        except Exception as error:
+            if not self.fs.exists(path):
+                raise  # gone, not damaged: ``reading`` says a version vanished
+            detail = (str(error).strip().splitlines() or [""])[0][:300]
+            raise StorageError(f"{what} {self.url(path)} is damaged and cannot be read ({type(error).__name__}: "
+                               f"{detail})", fix or self._rewrite_fix(path)) from error
+
+    def _rewrite_fix(self, path: str) -> str:
+        """How to replace a damaged file of a committed version: delete the artifact (the folder
+        holding its ``COMMITTED.json``) and re-run the stage that writes it."""
+        parts = path.rstrip("/").split("/")
+        versions = [i for i, part in enumerate(parts) if part.startswith(VERSION_PREFIX)]
+        artifact = "/".join(parts[:versions[-1]]) if versions else "/".join(parts[:-1])
+        return (f"the file was damaged after it was committed (disk, copy or edit): delete {self.url(artifact)} and "
+                "re-run the stage that writes it (its asset in Dagster, or the sae-platform command)")
 
     def zarr_store(self, path: str, read_only: bool = False) -> zarr.abc.store.Store:
         if self.is_local:

@@ -376,13 +376,20 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str, 
 
 
 def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "cpu"):
-    """The SAE of the last committed checkpoint of ``sae_name``, and its cfg.json."""
+    """The SAE of the last committed checkpoint of ``sae_name``, and its cfg.json. StorageError
+    naming the file and the fix (delete the checkpoint, train again) when cfg.json lacks a field or
+    the weights do not have the shapes it describes."""
     path = store.require(checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first")
-    cfg = json.loads(store.fs.cat_file(f"{path}/cfg.json"))
-    sae_cfg = dict(cfg["sae"])
-    sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
-                    **sae_cfg)
-    sae.load_state_dict(_read_tensors(store, path, "sae_weights.safetensors"))
+    fix = f"delete the checkpoint ({store.url(store.path(checkpoint_name(sae_name)))}) and train {sae_name!r} again"
+    cfg = _read_json(store, path, "cfg.json")
+    with store.damaged(f"{path}/cfg.json", f"cfg.json of SAE checkpoint {sae_name!r}", fix):
+        sae_cfg = dict(cfg["sae"])
+        sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
+                        **sae_cfg)
+    weights = _read_tensors(store, path, "sae_weights.safetensors")
+    with store.damaged(f"{path}/sae_weights.safetensors", f"weights (not those cfg.json describes) of SAE checkpoint "
+                                                          f"{sae_name!r}", fix):
+        sae.load_state_dict(weights)
     return sae, cfg
 
 

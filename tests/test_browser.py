@@ -189,6 +189,56 @@ def test_server_sends_security_headers(site):
         server.server_close()
 
 
+def _get_with_host(url: str, host: str | None, path: str = "/") -> tuple[int, bytes]:
+    """GET ``path`` from the server at ``url`` with the ``Host`` header forged to ``host``."""
+    import http.client
+    import urllib.parse
+
+    where = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+    try:
+        connection.putrequest("GET", path, skip_host=True)
+        if host is not None:
+            connection.putheader("Host", host)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_server_refuses_a_host_header_naming_another_server(site, monkeypatch):
+    """DNS rebinding: a page on attacker.example whose name resolves to 127.0.0.1 reaches the socket,
+    but its requests say Host: attacker.example; they get 403 with the fix, the real names 200."""
+    from sae_platform.browser.server import ALLOWED_HOSTS_ENV, make_server
+
+    monkeypatch.setenv(ALLOWED_HOSTS_ENV, "sae.internal.example, proxy.example")
+    server, url = serve_in_thread(site[0])
+    port = server.server_address[1]
+    try:
+        for forged in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.attacker.example", "localhost.",
+                       "[::2]"):
+            status, body = _get_with_host(url, forged)
+            assert status == 403, forged
+            assert b"Host not allowed" in body and ALLOWED_HOSTS_ENV.encode() in body
+        for allowed in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}",
+                        "sae.internal.example", f"proxy.example:{port}", None):
+            status, body = _get_with_host(url, allowed)
+            assert status == 200 and b"static/app.js" in body, allowed
+    finally:
+        server.shutdown()
+        server.server_close()
+    wildcard = make_server(site[0], "0.0.0.0", 0, quiet=True, extra_hosts=[])
+    server, _ = serve_in_thread(site[0], server=wildcard)   # bound to every address: IP literals reach it too
+    try:
+        local = f"http://127.0.0.1:{wildcard.server_address[1]}/"
+        assert _get_with_host(local, "10.1.2.3")[0] == 200
+        assert _get_with_host(local, "sae.internal.example")[0] == 403, "extra_hosts=[] overrides the environment"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ---------------------------------------------------------------------------------------------
 # In Chromium
 # ---------------------------------------------------------------------------------------------

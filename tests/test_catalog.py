@@ -113,7 +113,7 @@ def test_store_index_is_recorded_not_parsed_from_names():
 def test_names_refuse_unsafe_parts():
     with pytest.raises(Exception, match="not a safe path segment"):
         catalog.partition_name("../x")
-    with pytest.raises(PlatformError, match="not usable in a storage path"):
+    with pytest.raises(PlatformError, match="not a safe name"):
         catalog.contexts_name("a/b", 0)
 
 
@@ -132,3 +132,54 @@ def test_pinned_checkpoint_reads_what_writers_record(tmp_path):
     assert not catalog.is_current(store, "s", record)
     assert catalog.pinned_checkpoint(None) is None
     assert catalog.pinned_checkpoint({"sae_checkpoint": {"version": "v-1"}}) == "v-1"  # an older lineage record
+
+
+# -- names that become paths --------------------------------------------------------------------
+
+ESCAPING_NAMES = ["../../escaped-sae", "..", "a/../b", "/etc/passwd", "sub/dir", "a\\b", "nul\0byte", "", ".hidden",
+                  "-dash", "x" * 129, "caf\u00e9", "a..b", None, 7]
+
+
+@pytest.mark.parametrize("bad", ESCAPING_NAMES, ids=repr)
+def test_a_name_that_would_leave_its_folder_is_refused_everywhere_it_becomes_a_path(bad, tmp_path):
+    """check_name is the one rule; every builder of a path from a user's name applies it, so
+    ../../escaped-sae can never commit outside the artifact root."""
+    from sae_platform.settings import SettingsError
+
+    store = ArtifactStore(str(tmp_path / "root"))
+    with pytest.raises(SettingsError, match="not a safe name") as error:
+        catalog.check_name(bad, "somewhere.name")
+    assert "somewhere.name" in error.value.problem and repr(bad) in error.value.problem
+    assert catalog.SAFE_NAME_RULE in error.value.fix
+    if bad is None:
+        return  # features_folder(store, None) & co. mean every SAE's folder
+    builders = [catalog.checkpoint_name, catalog.eval_name, catalog.export_name, catalog.shuffled_name,
+                catalog.shuffle_plan_name, lambda n: catalog.tables_name(n, 0), lambda n: catalog.logits_name(n, 0),
+                lambda n: catalog.contexts_name(n, 0), lambda n: catalog.features_folder(store, n),
+                lambda n: catalog.browser_dir(store, n), lambda n: catalog.report_path(store, n, "x.png"),
+                lambda n: catalog.lineage_record_path(store, n, 0), lambda n: catalog.partial_name(n, "key", 0),
+                lambda n: catalog.shuffle_piece_name(n, "p", 0)]
+    for build in builders:
+        with pytest.raises(SettingsError, match="not a safe name"):
+            build(bad)
+    assert not (tmp_path / "escaped-sae").exists()
+
+
+def test_good_names_pass_unchanged():
+    for good in ("topk-16k-k32", "relu-4k", "lr=1e-3", "a.h1", "R2_d2", "x" * 128):
+        assert catalog.check_name(good, "f") == good
+        assert catalog.checkpoint_name(good) == f"sae/{good}"
+
+
+def test_sweep_entry_names_are_checked_when_the_sweep_loads(tmp_path):
+    from sae_platform.settings import SettingsError
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("good-one: {variant: topk, n_latents: 64, k: 4}\n"
+                     "'../../escaped-sae': {variant: topk, n_latents: 64, k: 4}\n")
+    with pytest.raises(SettingsError, match=r"sweep entry name in .*sweep.yaml = '\.\./\.\./escaped-sae' is not"):
+        catalog.load_sweep(sweep)
+    sweep.write_text("relu-4k: relu\n")
+    with pytest.raises(SettingsError, match="not a mapping of settings"):
+        catalog.load_sweep(sweep)
+    assert list(catalog.load_sweep(Path(__file__).resolve().parents[1] / "config" / "sweep.yaml"))[0] == "topk-16k-k32"

@@ -138,3 +138,26 @@ def test_live_page_without_the_live_server_says_so(chromium, live_site):  # noqa
         pg.fill("#live-text", "hello")
         pg.click("#live-go")
         pg.wait_for_selector("text=Live text needs the live server")
+
+
+def test_forged_host_lone_surrogate_and_deep_nesting_get_400_and_the_server_stays_up(live):
+    """A lone surrogate in the text and 60k nested brackets are answered 400 with the reason, fast;
+    a forged Host header gets 403; the next request is answered as usual."""
+    import time
+
+    from tests.test_browser import _get_with_host
+
+    start = time.monotonic()
+    status, body = _post(live, b'{"text": "a\\ud800b"}')
+    assert status == 400 and "lone surrogate" in body["error"] and "'\\ud800' at character 1" in body["error"]
+    status, body = _post(live, b'{"text": ' + b"[" * 30_000 + b"]" * 30_000 + b"}")
+    assert status == 400 and "nested too deeply" in body["error"]
+    assert time.monotonic() - start < 10
+    request = urllib.request.Request(live + "api/features", data=b'{"text": "hi"}', method="POST",
+                                     headers={"Content-Type": "application/json", "Host": "attacker.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 403
+    assert _get_with_host(live, "attacker.example")[0] == 403
+    status, body = _post(live, json.dumps({"text": "still here"}).encode())
+    assert status == 200 and "".join(body["tokens"]) == "still here"

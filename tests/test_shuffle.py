@@ -423,7 +423,7 @@ def test_bad_settings_are_refused_before_anything_is_written(store):
     with pytest.raises(StorageError, match="cannot hold one input chunk") as error:
         shuffle.start_shuffle(store, "s", n_buckets=4, memory_budget_bytes=64 << 10, n_jobs=2, seed=0)
     assert "raise memory_budget_bytes" in error.value.fix
-    with pytest.raises(StorageError, match="not a plain name"):
+    with pytest.raises(SettingsError, match="not a safe name"):
         shuffle.start_shuffle(store, "../s", seed=0, **SMALL)
     with pytest.raises(StorageError, match="seed"):
         shuffle.start_shuffle(store, "s", seed=-1, **SMALL)

@@ -10,6 +10,7 @@ import pytest
 
 from sae_platform import catalog
 from sae_platform.errors import StorageError
+from sae_platform.settings import SettingsError
 from sae_platform.storage import POINTER, ArtifactStore
 
 
@@ -152,7 +153,7 @@ def test_superseded_version_is_readable_for_the_grace_period_then_swept(tmp_path
         store.check_version("things/a", reader.rsplit("/", 1)[-1])
     for bad in ("-1", "soon", "inf"):
         monkeypatch.setenv(storage.GRACE_ENV, bad)
-        with pytest.raises(StorageError, match="SAE_PLATFORM_GRACE_S"):
+        with pytest.raises(SettingsError, match="SAE_PLATFORM_GRACE_S"):
             ArtifactStore(str(tmp_path / "a"))
 
 
@@ -269,3 +270,48 @@ def test_a_zombie_process_is_not_alive():
     assert not process_alive(child.pid)
     assert child.poll() == 0  # reap it
     assert process_alive(os.getpid())
+
+
+# -- damaged artifacts are errors naming the file and the fix ----------------------------------
+
+def test_a_damaged_pointer_json_or_parquet_names_the_file_and_the_fix(store):
+    """A truncated COMMITTED.json, a truncated JSON file and a truncated parquet table: each read
+    raises StorageError naming the file and the fix, not a raw JSONDecodeError / ComputeError."""
+    with store.writing("things/t") as version:
+        store.write_json(f"{version}/meta.json", {"a": 1})
+        store.write_parquet(f"{version}/stats.parquet", pl.DataFrame({"x": list(range(1000))}))
+    path = store.resolve("things/t")
+    pointer = store.path("things/t", POINTER)
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b"[]", lambda b: b'{"version": "../../etc"}'):
+        good = store.fs.cat_file(pointer)
+        store.fs.pipe_file(pointer, damage(good))
+        with pytest.raises(StorageError, match="commit pointer .*COMMITTED.json is damaged") as error:
+            store.resolve("things/t")
+        assert "delete" in error.value.fix and "re-run the stage that writes things/t" in error.value.fix
+        store.fs.pipe_file(pointer, good)
+    for file, what in (("meta.json", "JSON file"), ("stats.parquet", "parquet table")):
+        data = store.fs.cat_file(f"{path}/{file}")
+        store.fs.pipe_file(f"{path}/{file}", data[: len(data) // 2])
+        reader = store.read_json if file.endswith(".json") else store.read_parquet
+        with pytest.raises(StorageError, match=rf"{what} .*{path.rsplit('/', 1)[-1]}/{file} is damaged") as error:
+            reader(f"{path}/{file}")
+        assert f"delete {store.url(store.path('things/t'))} and re-run the stage" in error.value.fix
+    with pytest.raises(FileNotFoundError):
+        store.read_json(f"{path}/missing.json")  # missing is not damaged
+
+
+def test_a_damaged_stored_base_model_names_it_and_the_fix(tmp_path, tiny_model_dir):
+    from sae_platform.model import load_stored_model, load_stored_tokenizer
+
+    source = str(tiny_model_dir)
+    store = ArtifactStore(str(tmp_path / "m"))
+    load_stored_model(store, source, layer=1, device="cpu", autocast="none")
+    path = store.resolve(catalog.model_name(source))
+    weights = f"{path}/model.safetensors"
+    store.fs.pipe_file(weights, store.fs.cat_file(weights)[:1000])
+    with pytest.raises(StorageError, match="stored base model .* is damaged") as error:
+        load_stored_model(store, source, layer=1, device="cpu", autocast="none")
+    assert "delete the stored copy" in error.value.fix and "converted again" in error.value.fix
+    store.fs.pipe_file(f"{path}/tokenizer.json", b'{"version": ')
+    with pytest.raises(StorageError, match="stored base model .* is damaged"):
+        load_stored_tokenizer(store, source)

@@ -428,3 +428,36 @@ def test_one_sae_per_hook_point_from_one_caching_pass(store, tiny_hooked, text_d
                                  "blocks.0.hook_mlp_out")
     cfg = json.loads(store.fs.cat_file(export_run(store, "mlp0")["cfg_path"]))
     assert cfg["hook_name"] == "blocks.0.hook_mlp_out" and cfg["hook_layer"] == 0
+
+
+@pytest.mark.parametrize("damage", ["cfg_missing_field", "cfg_truncated", "w_enc_wrong_shape"])
+def test_a_damaged_checkpoint_names_the_file_and_the_fix(store, damage):
+    """cfg.json without a field, truncated, or weights whose W_enc has another shape than cfg.json
+    says: load_sae raises StorageError naming the file and the fix, not KeyError / RuntimeError."""
+    import json
+
+    from safetensors.torch import load as load_st
+    from safetensors.torch import save as save_st
+
+    from sae_platform.errors import StorageError
+
+    make_shuffled(store)
+    train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
+    path = store.resolve(checkpoint_name("run"))
+    cfg = json.loads(store.fs.cat_file(f"{path}/cfg.json"))
+    if damage == "cfg_missing_field":
+        del cfg["sae"]["n_latents"]
+        store.fs.pipe_file(f"{path}/cfg.json", json.dumps(cfg).encode())
+        file = "cfg.json"
+    elif damage == "cfg_truncated":
+        store.fs.pipe_file(f"{path}/cfg.json", json.dumps(cfg).encode()[:40])
+        file = "cfg.json"
+    else:
+        weights = load_st(store.fs.cat_file(f"{path}/sae_weights.safetensors"))
+        weights["W_enc"] = weights["W_enc"][:, :-1].contiguous()
+        store.fs.pipe_file(f"{path}/sae_weights.safetensors", save_st(weights))
+        file = "sae_weights.safetensors"
+    with pytest.raises(StorageError) as error:
+        load_sae(store, "run")
+    assert f"{path.rsplit('/', 1)[-1]}/{file}" in error.value.problem
+    assert "train" in error.value.fix and "delete" in error.value.fix

@@ -4,21 +4,77 @@ The server sends the site's Content-Security-Policy as a header too (the page al
 meta tag; see :mod:`sae_platform.browser.generate`), with ``nosniff``, no referrer, and
 ``no-cache`` on the shell and the ``site.json`` pointer, so a rebuild is seen on the next load.
 ``sae_platform.live`` serves the same site with a live encoding endpoint added.
+
+Every request's ``Host`` header is checked (``host_allowed``) against the names this server
+answers to: the address it is bound to, the loopback names (``localhost``, 127.0.0.1, ::1), and
+the names in ``$SAE_PLATFORM_ALLOWED_HOSTS`` (comma-separated; the names a proxy forwards);
+bound to every address (0.0.0.0), any IP address too. Anything else gets 403. This defeats DNS
+rebinding: a web page on ``attacker.example`` whose name is made to resolve to 127.0.0.1 reaches
+the socket, but its requests carry ``Host: attacker.example``.
 """
 
 from __future__ import annotations
 
 import functools
 import http.server
+import ipaddress
 import threading
 from pathlib import Path
 
 from sae_platform.browser.generate import CSP, SITE_POINTER
 from sae_platform.errors import PlatformError
+from sae_platform.settings import env_value
+
+ALLOWED_HOSTS_ENV = "SAE_PLATFORM_ALLOWED_HOSTS"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
+
+
+def allowed_hosts(bound: str, extra=None) -> frozenset[str]:
+    """The host names a server bound to ``bound`` answers to: ``bound``, the loopback names, and
+    ``extra`` (default: the comma-separated names in ``$SAE_PLATFORM_ALLOWED_HOSTS``), lower case."""
+    if extra is None:
+        extra = env_value(ALLOWED_HOSTS_ENV, "").split(",")
+    return frozenset(name.strip().lower().strip("[]") for name in (bound, *LOOPBACK_NAMES, *extra) if name.strip())
+
+
+def host_allowed(host_header: str | None, names: frozenset[str], bound: str) -> bool:
+    """Whether a request's ``Host`` header (``name``, ``name:port``, ``[v6]:port``) names this server.
+    A request without one (HTTP/1.0) is allowed: browsers always send it, so no rebinding comes
+    without it. Bound to a wildcard address, an IP literal is allowed too (no DNS is involved)."""
+    if host_header is None:
+        return True
+    host = host_header.strip().lower()
+    host = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 \
+        else host
+    if host in names:
+        return True
+    if bound in WILDCARD_ADDRESSES:
+        try:
+            ipaddress.ip_address(host)
+            return True
+        except ValueError:
+            return False
+    return False
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     quiet = False
+    hosts: frozenset[str] = LOOPBACK_NAMES
+
+    def parse_request(self) -> bool:
+        """http.server's request parsing, then the Host check (module docstring): 403 when the
+        header names another server."""
+        if not super().parse_request():
+            return False
+        bound = str(self.server.server_address[0])
+        host = self.headers.get("Host")
+        if host_allowed(host, self.hosts, bound):
+            return True
+        self.send_error(403, "Host not allowed",
+                        f"this server answers to {', '.join(sorted(self.hosts))}, not Host: {host!r}; behind a proxy, "
+                        f"add the name to {ALLOWED_HOSTS_ENV} (comma-separated)")
+        return False
 
     def end_headers(self):
         self.send_header("Content-Security-Policy", CSP + "; frame-ancestors 'none'")
@@ -34,14 +90,17 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 def make_server(site_dir, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
-                handler_methods: dict | None = None):
+                handler_methods: dict | None = None, extra_hosts=None):
     """A threaded HTTP server for the site in ``site_dir`` (not started; port 0 picks a free one).
-    ``handler_methods``: further request-handler methods (the live server's ``do_POST``)."""
+    ``handler_methods``: further request-handler methods (the live server's ``do_POST``);
+    ``extra_hosts``: host names it answers to besides its address and loopback (default
+    ``$SAE_PLATFORM_ALLOWED_HOSTS``; ``allowed_hosts``)."""
     site_dir = Path(site_dir)
     if not (site_dir / SITE_POINTER).is_file():
         raise PlatformError(f"{site_dir} is not a built feature-browser site (no {SITE_POINTER})",
                             "build it first with sae_platform.browser.publish.build_site, or point at its directory")
-    handler = type("Handler", (_Handler,), {"quiet": quiet, **(handler_methods or {})})
+    handler = type("Handler", (_Handler,), {"quiet": quiet, "hosts": allowed_hosts(host, extra_hosts),
+                                            **(handler_methods or {})})
     server = http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(site_dir)))
     server.daemon_threads = True
     return server
