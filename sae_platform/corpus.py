@@ -41,6 +41,7 @@ import fsspec.compression
 import numpy as np
 
 from sae_platform.errors import SourceError
+from sae_platform.filesystems import open_file, open_fs
 
 # Format of each extension (lower case): how a file's text is read.
 TEXT_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".markdown": "text",
@@ -234,7 +235,7 @@ def _kind(mode: int) -> str:
 
 def scan_source(pattern: str, storage_options: dict | None = None) -> Listing:
     """Every file ``pattern`` matches, either to read (with its key) or skipped with its reason."""
-    fs, path = fsspec.core.url_to_fs(pattern, **(storage_options or {}))
+    fs, path = open_fs(pattern, storage_options)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     local = protocol in ("file", "local")
     root = _glob_root(path)
@@ -312,7 +313,7 @@ def source_stamp(text_file: TextFile, storage_options: dict | None = None) -> st
     if text_file.root:  # local: the file the link leads to, never the link
         info = os.stat(os.path.realpath(text_file.url))
         return f"{info.st_size}:{info.st_mtime}"
-    fs, path = fsspec.core.url_to_fs(text_file.url, **(storage_options or {}))
+    fs, path = open_fs(text_file.url, storage_options)
     info = fs.info(path)
     changed = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created") or ""
     return f"{info.get('size')}:{changed}"
@@ -346,7 +347,7 @@ def _open_binary(text_file: TextFile, storage_options: dict | None):
     name = text_file.url.rsplit("/", 1)[-1]
     compression = COMPRESSIONS.get(split_name(name)[2] or "")
     if "://" in text_file.url and not text_file.url.startswith("file://"):
-        return fsspec.open(text_file.url, "rb", compression=compression, **(storage_options or {})).open()
+        return open_file(text_file.url, "rb", storage_options, compression).open()
     path = text_file.url.removeprefix("file://")
     real = os.path.realpath(path)
     if text_file.root and not _inside(real, text_file.root):

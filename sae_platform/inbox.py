@@ -22,10 +22,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import fsspec
-
 from sae_platform.catalog import failed_attempt_path, failed_attempts_glob, list_partitions, partition_name
 from sae_platform.corpus import Listing, Skipped, TextFile, scan_source, source_stamp
+from sae_platform.filesystems import open_file
 from sae_platform.storage import ArtifactStore
 
 _HASHES: dict[tuple[str, str], str] = {}  # (url, stamp) → sha256: a file is hashed once per version
@@ -43,7 +42,7 @@ def content_hash(text_file: TextFile, stamp: str, storage_options: dict | None =
     if cached:
         return cached
     digest = hashlib.sha256()
-    with fsspec.open(text_file.url, "rb", **(storage_options or {})) as f:
+    with open_file(text_file.url, "rb", storage_options) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     _HASHES[(text_file.url, stamp)] = digest.hexdigest()
