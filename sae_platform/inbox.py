@@ -90,7 +90,7 @@ def scan_inbox(pattern: str, storage_options: dict | None = None, store: Artifac
     files, skipped, stamps = [], list(listing.skipped), {}
     for f in listing.files:  # a file removed since the listing is skipped, not an error for the others
         try:
-            stamps[f.key] = source_stamp(f, storage_options)
+            stamps[f.key] = listing.stamps.get(f.url) or source_stamp(f, storage_options)
             files.append(f)
         except OSError as error:
             skipped.append(Skipped(f.url, f"cannot be inspected ({error}): removed meanwhile?"))

@@ -129,14 +129,16 @@ def _in_another_process(code: str) -> None:
 
 
 def _commit_inbox_in_another_process(pattern: str, root: str, endpoint: str) -> None:
-    """What a cache_inbox run commits: each inbox file's partition pointer with the file's stamp."""
+    """What a cache_inbox run commits: each inbox file's partition pointer with the file's stamp, taken
+    as caching takes it (``source_stamp``: the object's own HEAD, not the sensor's listing)."""
     _in_another_process(f"""
 from sae_platform.catalog import partition_name
-from sae_platform.inbox import scan_inbox
+from sae_platform.corpus import list_source, source_stamp
 from sae_platform.storage import ArtifactStore
-store = ArtifactStore({root!r}, {{"endpoint_url": {endpoint!r}}})
-for key, stamp in scan_inbox({pattern!r}, {{"endpoint_url": {endpoint!r}}}, store).stamps.items():
-    with store.writing(partition_name(key), source_stamp=stamp):
+options = {{"endpoint_url": {endpoint!r}}}
+store = ArtifactStore({root!r}, options)
+for text_file in list_source({pattern!r}, options):
+    with store.writing(partition_name(text_file.key), source_stamp=source_stamp(text_file, options)):
         pass
 """)
 
