@@ -41,6 +41,7 @@ import fsspec.compression
 import numpy as np
 
 from sae_platform.errors import SourceError
+from sae_platform.filesystems import open_file, open_fs
 
 # Format of each extension (lower case): how a file's text is read.
 TEXT_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".markdown": "text",
@@ -87,6 +88,9 @@ class Skipped:
 class Listing:
     files: list[TextFile]
     skipped: list[Skipped]
+    # url → source_stamp of a remote file, from the listing itself (one request per 1000 files, no
+    # request per file); local files are stamped with os.stat by source_stamp
+    stamps: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -234,30 +238,31 @@ def _kind(mode: int) -> str:
 
 def scan_source(pattern: str, storage_options: dict | None = None) -> Listing:
     """Every file ``pattern`` matches, either to read (with its key) or skipped with its reason."""
-    fs, path = fsspec.core.url_to_fs(pattern, **(storage_options or {}))
+    fs, path = open_fs(pattern, storage_options)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     local = protocol in ("file", "local")
     root = _glob_root(path)
     real_root = os.path.realpath(root) if local else root
     try:
-        matches = sorted(fs.glob(path))
+        matches = fs.glob(path, detail=True)  # name → info (type, size, ETag): one fresh listing
     except FileNotFoundError:
-        matches = []
+        matches = {}
     accepted, skipped = [], []
-    for match in matches:
+    for match, info in sorted(matches.items()):
         url = match if local else f"{protocol}://{match}"
         rel = match[len(root):].lstrip("/") if _inside(match, root) else match.rsplit("/", 1)[-1]
-        reason = _skip_reason(fs, match, rel, local, real_root)
+        reason = _skip_reason(info, match, rel, local, real_root)
         if reason:
             skipped.append(Skipped(url, reason))
         else:
-            accepted.append((url, rel))
-    keys = assign_keys([rel for _, rel in accepted])
-    files = [TextFile(url, keys[rel], real_root if local else "", rel) for url, rel in accepted]
-    return Listing(files, skipped)
+            accepted.append((url, rel, info))
+    keys = assign_keys([rel for _, rel, _ in accepted])
+    files = [TextFile(url, keys[rel], real_root if local else "", rel) for url, rel, _ in accepted]
+    return Listing(files, skipped, {} if local else {url: stamp_of(info) for url, _, info in accepted})
 
 
-def _skip_reason(fs, match: str, rel: str, local: bool, real_root: str) -> str | None:
+def _skip_reason(info: dict, match: str, rel: str, local: bool, real_root: str) -> str | None:
+    """Why the file ``match`` (``info``: its listing entry, used for remote files) is not read, or None."""
     if any(part.startswith(".") for part in rel.split("/")):
         return "hidden (its name starts with '.': an upload in progress, macOS metadata, …): ignored"
     try:
@@ -278,10 +283,6 @@ def _skip_reason(fs, match: str, rel: str, local: bool, real_root: str) -> str |
             return _kind(info.st_mode)
         size = info.st_size
     else:
-        try:
-            info = fs.info(match)
-        except FileNotFoundError:
-            return "removed meanwhile"
         if info.get("type") != "file":
             return "a folder: the source is not searched recursively (use a ** glob)"
         size = info.get("size")
@@ -312,8 +313,13 @@ def source_stamp(text_file: TextFile, storage_options: dict | None = None) -> st
     if text_file.root:  # local: the file the link leads to, never the link
         info = os.stat(os.path.realpath(text_file.url))
         return f"{info.st_size}:{info.st_mtime}"
-    fs, path = fsspec.core.url_to_fs(text_file.url, **(storage_options or {}))
-    info = fs.info(path)
+    fs, path = open_fs(text_file.url, storage_options)
+    return stamp_of(fs.info(path))
+
+
+def stamp_of(info: dict) -> str:
+    """The source stamp of a remote file from its fsspec info (``info()`` or a listing entry: the
+    same fields): size, and the ETag (else a modification time)."""
     changed = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created") or ""
     return f"{info.get('size')}:{changed}"
 
@@ -346,7 +352,7 @@ def _open_binary(text_file: TextFile, storage_options: dict | None):
     name = text_file.url.rsplit("/", 1)[-1]
     compression = COMPRESSIONS.get(split_name(name)[2] or "")
     if "://" in text_file.url and not text_file.url.startswith("file://"):
-        return fsspec.open(text_file.url, "rb", compression=compression, **(storage_options or {})).open()
+        return open_file(text_file.url, "rb", storage_options, compression).open()
     path = text_file.url.removeprefix("file://")
     real = os.path.realpath(path)
     if text_file.root and not _inside(real, text_file.root):

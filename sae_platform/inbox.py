@@ -22,10 +22,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import fsspec
-
 from sae_platform.catalog import failed_attempt_path, failed_attempts_glob, list_partitions, partition_name
 from sae_platform.corpus import Listing, Skipped, TextFile, scan_source, source_stamp
+from sae_platform.filesystems import open_file
 from sae_platform.storage import ArtifactStore
 
 _HASHES: dict[tuple[str, str], str] = {}  # (url, stamp) → sha256: a file is hashed once per version
@@ -43,7 +42,7 @@ def content_hash(text_file: TextFile, stamp: str, storage_options: dict | None =
     if cached:
         return cached
     digest = hashlib.sha256()
-    with fsspec.open(text_file.url, "rb", **(storage_options or {})) as f:
+    with open_file(text_file.url, "rb", storage_options) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     _HASHES[(text_file.url, stamp)] = digest.hexdigest()
@@ -91,7 +90,7 @@ def scan_inbox(pattern: str, storage_options: dict | None = None, store: Artifac
     files, skipped, stamps = [], list(listing.skipped), {}
     for f in listing.files:  # a file removed since the listing is skipped, not an error for the others
         try:
-            stamps[f.key] = source_stamp(f, storage_options)
+            stamps[f.key] = listing.stamps.get(f.url) or source_stamp(f, storage_options)
             files.append(f)
         except OSError as error:
             skipped.append(Skipped(f.url, f"cannot be inspected ({error}): removed meanwhile?"))

@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import polars as pl
 import zarr
 
 from sae_platform.errors import PlatformError, StorageError
+from sae_platform.filesystems import fs_options, open_fs
 from sae_platform.settings import env_value
 
 POINTER = "COMMITTED.json"
@@ -124,7 +124,7 @@ class ArtifactStore:
         options = dict(self.storage_options)
         if "://" not in self.root_url or self.root_url.startswith("file://"):
             options.setdefault("auto_mkdir", True)
-        self.fs, self.root = fsspec.core.url_to_fs(self.root_url, **options)
+        self.fs, self.root = open_fs(self.root_url, options)  # listings always fresh
         self.root = self.root.rstrip("/")
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         if self.protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
@@ -368,7 +368,7 @@ class ArtifactStore:
         if self.is_local:
             return zarr.storage.LocalStore(path, read_only=read_only)
         return zarr.storage.FsspecStore.from_url(
-            self.url(path), storage_options=self.storage_options, read_only=read_only
+            self.url(path), storage_options=fs_options(self.storage_options), read_only=read_only
         )
 
     def open_group(self, path: str, mode: str = "r") -> zarr.Group:

@@ -110,3 +110,61 @@ MAX_MODULE_LINES = 800  # one concept per module: a module this long holds two (
 def test_core_modules_stay_small(path):
     lines = len((REPO / path).read_text().splitlines())
     assert lines < MAX_MODULE_LINES, f"{path} has {lines} lines: split it along the seams its sections mark"
+
+
+# Calls that build an fsspec filesystem; only sae_platform.filesystems may make them, with listing
+# caching off, so that no long-lived process decides what exists from a stale listing.
+FILESYSTEM_BUILDERS = {"url_to_fs", "filesystem", "open", "open_files", "get_fs_token_paths", "S3FileSystem",
+                       "from_url"}
+FILESYSTEMS_MODULE = "sae_platform/filesystems.py"
+
+
+def _dotted(node: ast.AST) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def filesystems_opened_elsewhere(source: str) -> list[str]:
+    """Calls in ``source`` that build an fsspec filesystem without sae_platform.filesystems: fsspec's
+    or s3fs's constructors, and zarr's ``FsspecStore.from_url`` unless its ``storage_options`` is
+    ``fs_options(...)``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        head, _, last = name.rpartition(".")
+        if last not in FILESYSTEM_BUILDERS or not (head.startswith(("fsspec", "s3fs")) or "FsspecStore" in head
+                                                   or name == "S3FileSystem"):
+            continue
+        options = next((k.value for k in node.keywords if k.arg == "storage_options"), None)
+        if "FsspecStore" in head and isinstance(options, ast.Call) and _dotted(options.func) == "fs_options":
+            continue
+        found.append(f"line {node.lineno}: {name}(...)")
+    return found
+
+
+def test_the_filesystem_check_finds_the_kinds_it_should():
+    assert filesystems_opened_elsewhere("fs, p = fsspec.core.url_to_fs(u)\nf = fsspec.open(u)\n"
+                                        "s = s3fs.S3FileSystem()\n"
+                                        "z = zarr.storage.FsspecStore.from_url(u, storage_options=o)") == [
+        "line 1: fsspec.core.url_to_fs(...)", "line 2: fsspec.open(...)", "line 3: s3fs.S3FileSystem(...)",
+        "line 4: zarr.storage.FsspecStore.from_url(...)"]
+    assert filesystems_opened_elsewhere("z = zarr.storage.FsspecStore.from_url(u, storage_options=fs_options(o))\n"
+                                        "x = fsspec.available_compressions()\nopen(p)") == []
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix() for package in PACKAGES
+                                        for p in (REPO / package).rglob("*.py")))
+def test_every_filesystem_is_opened_with_fresh_listings(path):
+    if path == FILESYSTEMS_MODULE:
+        return
+    found = filesystems_opened_elsewhere((REPO / path).read_text())
+    assert not found, (f"{path} builds an fsspec filesystem itself ({'; '.join(found)}): its directory listings "
+                       "would be cached for the life of the process; use sae_platform.filesystems.open_fs / "
+                       "open_file / fs_options")

@@ -38,7 +38,6 @@ def test_storage_commit_protocol_on_s3(s3, s3_endpoint):
     quick = ArtifactStore(f"s3://{bucket}/root", {"endpoint_url": s3_endpoint}, grace_s=0)
     with quick.writing("things/a") as version:
         quick.fs.pipe_file(f"{version}/x.txt", b"three")
-    quick.fs.invalidate_cache()
     assert not quick.fs.exists(f"{first}/x.txt")
     with pytest.raises(StorageError, match="has been removed"):
         quick.check_version("things/a", first.rsplit("/", 1)[-1])
@@ -118,3 +117,95 @@ def test_full_pipeline_runs_on_s3_and_artifacts_read_back(s3, s3_endpoint, tiny_
     index = json.loads(store.fs.cat_file(f"{store.root}/browser/{TINY_SAE}/{site['data']}/index.json"))
     assert index["n_features"] == 4096 and index["lineage"]["sae_checkpoint"]["name"] == TINY_SAE
     assert stale_reasons(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4) == []
+
+
+# -- listings seen afresh: a long-lived process (Dagster's code server) sees what others change ------
+
+def _in_another_process(code: str) -> None:
+    """Run ``code`` in a new Python process (a caching run beside the code server), in this environment."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=os.environ, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _commit_inbox_in_another_process(pattern: str, root: str, endpoint: str) -> None:
+    """What a cache_inbox run commits: each inbox file's partition pointer with the file's stamp, taken
+    as caching takes it (``source_stamp``: the object's own HEAD, not the sensor's listing)."""
+    _in_another_process(f"""
+from sae_platform.catalog import partition_name
+from sae_platform.corpus import list_source, source_stamp
+from sae_platform.storage import ArtifactStore
+options = {{"endpoint_url": {endpoint!r}}}
+store = ArtifactStore({root!r}, options)
+for text_file in list_source({pattern!r}, options):
+    with store.writing(partition_name(text_file.key), source_stamp=source_stamp(text_file, options)):
+        pass
+""")
+
+
+def test_the_inbox_sensor_sees_new_and_replaced_s3_files_in_one_process(s3, s3_endpoint, tmp_path):
+    """One process ticks the sensor (as Dagster's long-lived code server does): a file added to the
+    S3 inbox and a file replaced under its name (new ETag, same size) are both seen at the next tick."""
+    from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
+
+    from assets import inbox_sensor
+    from assets.partitions import ACTIVATION_BATCHES
+    from resources import AutomationResource, StorageResource, TextSourceResource
+
+    client, bucket = s3
+    for name, text in (("alpha", "The first batch of text. " * 20), ("beta", "The second batch of text. " * 20)):
+        client.put_object(Bucket=bucket, Key=f"inbox/{name}.txt", Body=text.encode())
+    pattern, root = f"s3://{bucket}/inbox/*", f"s3://{bucket}/sae"
+    resources = {"text_source": TextSourceResource(pattern=pattern, endpoint_url=s3_endpoint),
+                 "storage": StorageResource(root_url=root, endpoint_url=s3_endpoint),
+                 "automation": AutomationResource()}
+    (tmp_path / "dagster_home").mkdir()
+    instance = DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
+
+    def tick():
+        return inbox_sensor(build_sensor_context(instance=instance, resources=resources))
+
+    first = tick()
+    assert isinstance(first, SensorResult)
+    assert [r.run_config["ops"]["activation_batches"]["config"]["keys"] for r in first.run_requests] == [
+        ["alpha", "beta"]]
+    instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, ["alpha", "beta"])
+    _commit_inbox_in_another_process(pattern, root, s3_endpoint)  # the caching run, in its own process
+    assert isinstance(tick(), SkipReason)
+
+    client.put_object(Bucket=bucket, Key="inbox/gamma.txt", Body=b"A third batch, arrived later. " * 20)
+    client.put_object(Bucket=bucket, Key="inbox/beta.txt", Body=b"The second batch, re-uploaded. " * 20)
+    result = tick()
+    assert isinstance(result, SensorResult), result
+    assert [r.run_config["ops"]["activation_batches"]["config"]["keys"] for r in result.run_requests] == [
+        ["beta", "gamma"]]
+    assert list(result.dynamic_partitions_requests[0].partition_keys) == ["gamma"]
+
+
+def test_the_store_lists_what_another_process_committed(s3, s3_endpoint):
+    """Partitions committed or deleted, and failed attempts recorded, by another process are seen by
+    this process's listings after it listed them once."""
+    from sae_platform.catalog import list_partitions, partition_name
+    from sae_platform.freshness import cached_versions
+    from sae_platform.inbox import failed_attempts
+
+    _, bucket = s3
+    root = f"s3://{bucket}/sae"
+    store = ArtifactStore(root, {"endpoint_url": s3_endpoint})
+    for key in ("alpha", "beta"):
+        with store.writing(partition_name(key)):
+            pass
+    assert list_partitions(store) == ["alpha", "beta"] and failed_attempts(store) == {}
+    _in_another_process(f"""
+from sae_platform.catalog import partition_name
+from sae_platform.inbox import record_failed_attempt
+from sae_platform.storage import ArtifactStore
+store = ArtifactStore({root!r}, {{"endpoint_url": {s3_endpoint!r}}})
+with store.writing(partition_name("gamma")):
+    pass
+store.delete(partition_name("alpha"))
+record_failed_attempt(store, "delta", "12:etag", "not UTF-8")
+""")
+    assert list_partitions(store) == ["beta", "gamma"]
+    assert sorted(cached_versions(store)) == ["beta", "gamma"]
+    assert list(failed_attempts(store)) == ["delta"]

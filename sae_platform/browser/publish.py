@@ -29,6 +29,7 @@ from pathlib import Path
 
 from sae_platform.browser.generate import SITE_POINTER, VERSION_RE, site_files
 from sae_platform.errors import PlatformError
+from sae_platform.filesystems import open_fs
 
 
 def build_site(out, *, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
@@ -54,8 +55,7 @@ def build_site(out, *, sae_name: str, shards: list[dict], hist_bin_edges: list[f
                        hook_point=hook_point)
     pointer = json.loads(files[SITE_POINTER])
     if fs is None and "://" in str(out):
-        import fsspec
-        fs, out = fsspec.core.url_to_fs(str(out))
+        fs, out = open_fs(str(out))
     if fs is None:
         path = _write_local(Path(out), files)
     else:
