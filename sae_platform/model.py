@@ -277,4 +277,5 @@ def ensure_base_model(store, source: str = EMBEDDED_MODEL) -> tuple[str, bool]:
     if created:
         store_base_model(store, source)
     path = store.resolve(name)
+    store.check_intact(name, store.version_of(path), what=f"base model {source!r}")
     return (path if store.is_local else fetch_to_local(store.fs, path)), created

@@ -378,6 +378,7 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str, 
 def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "cpu"):
     """The SAE of the last committed checkpoint of ``sae_name``, and its cfg.json."""
     path = store.require(checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first")
+    store.check_intact(checkpoint_name(sae_name), store.version_of(path), what=f"SAE checkpoint {sae_name!r}")
     cfg = json.loads(store.fs.cat_file(f"{path}/cfg.json"))
     sae_cfg = dict(cfg["sae"])
     sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
@@ -392,6 +393,7 @@ def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device) -> T
             or pointer.get("data") != fingerprint:
         return None
     path = store.resolve(checkpoint_name(sae_name))
+    store.check_intact(checkpoint_name(sae_name), pointer["version"], what=f"SAE checkpoint {sae_name!r}")
     weights = _read_tensors(store, path, "sae_weights.safetensors")
     files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
     if "trainer_state.json" in files:
