@@ -405,8 +405,8 @@ class ArtifactStore:
         """The error for a version whose files differ from what its writer recorded."""
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         return StorageError(
-            f"{what or name} ({self.url(self.path(name, version))}) is damaged: {shown}. It is not read: a missing "
-            "zarr chunk would read back as zeros and a changed file as other numbers",
+            f"{what or name} ({self.url(self.path(name, version))}) is damaged: {shown}. It was refused, nothing "
+            "in it read: a missing zarr chunk would read back as zeros and a changed file as other numbers",
             f"{rebuild_fix(self, name)} (sae-platform verify {name} lists every damaged file)")
 
     def _found(self, name: str, version: str, under: str) -> dict[str, int]:

@@ -588,5 +588,6 @@ def test_a_deleted_chunk_of_a_shuffled_piece_is_refused_when_read(store):
     folder = Path(store.resolve(piece["name"])) / "data.zarr" / "acts"
     chunk = sorted(p for p in folder.iterdir() if p.name != "zarr.json")[-1]
     chunk.unlink()
-    with pytest.raises(StorageError, match=rf"piece {piece['name']} of shuffled store 's'.*acts/{chunk.name} is missing"):
+    with pytest.raises(StorageError, match=rf"piece {piece['name']} of shuffled store 's'.*acts/{chunk.name} is "
+                                           "missing"):
         read_all(store, "s")

@@ -295,11 +295,11 @@ def test_a_commit_records_every_file_and_a_missing_added_or_changed_one_is_refus
     pointer = store.pointer("activations/k")
     recorded = json.loads(store.fs.cat_file(f"{path}/{catalog.CHECKSUMS}"))["files"]
     assert pointer["checksums"]["files"] == len(recorded) == 8 + 2        # 8 chunks, 2 zarr.json
-    assert recorded["data.zarr/acts/c/3/0"]["size"] == 512 * 8 * 4
-    assert recorded["data.zarr/acts/c/3/0"]["sha256"] == hashlib.sha256(store.fs.cat_file(f"{path}/data.zarr/acts/c/3/0")).hexdigest()
+    chunk = f"{path}/data.zarr/acts/c/3/0"
+    assert recorded["data.zarr/acts/c/3/0"] == {"size": 512 * 8 * 4,
+                                               "sha256": hashlib.sha256(store.fs.cat_file(chunk)).hexdigest()}
     assert _check_reads(store).shape == (4096, 8)
 
-    chunk = f"{path}/data.zarr/acts/c/3/0"
     saved = store.fs.cat_file(chunk)
     store.fs.rm_file(chunk)
     with pytest.raises(StorageError, match=r"activation partition 'k' \(.*\) is damaged: data.zarr/acts/c/3/0 is "

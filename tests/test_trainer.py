@@ -204,6 +204,7 @@ def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path)
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         store.fs.pipe_file(f"{path}/{name}", buffer.getvalue())
+    _as_committed_before_checksums(store, checkpoint_name("run"))
     logs = []          # the same settings again: the finished run is found (its state read back safely)
     train_sae(store, "main", "run", first, log=logs.append)
     assert "already trained" in logs[0]
@@ -213,6 +214,17 @@ def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path)
         train_sae(store, "main", "run", first, log=lambda m: None)
     assert not marker.exists(), "the pickle ran"
     assert "trainer_state.pt" in str(error.value) and "refused" in str(error.value)
+
+
+def _as_committed_before_checksums(store, name):
+    """The checkpoint as that earlier version committed it: no CHECKSUMS.json, none in the pointer."""
+    from sae_platform.catalog import CHECKSUMS
+    from sae_platform.storage import POINTER
+
+    store.fs.rm_file(f"{store.resolve(name)}/{CHECKSUMS}")
+    pointer = store.pointer(name)
+    del pointer["checksums"]
+    store.write_json(store.path(name, POINTER), pointer)
 
 
 def json_load(store, path):
