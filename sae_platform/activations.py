@@ -42,7 +42,6 @@ from sae_platform.catalog import (
     FIRST_STORE,
     HookEntry,
     partition_name,
-    partition_store_path,
     store_group,
     store_group_of,
     trained_on,
@@ -330,7 +329,8 @@ def activation_attrs(store, shuffle_name: str) -> dict:
     index = open_shuffled(store, shuffle_name).index
     first = index["inputs"][0]
     group = store_group_of(index)
-    return dict(store.open_group(partition_store_path(store, first["key"], first["version"], group), mode="r").attrs)
+    return dict(store.open_checked_group(partition_name(first["key"]), first["version"], group,
+                                         f"activation partition {first['key']!r}").attrs)
 
 
 def activation_hook_entry(store, shuffle_name: str) -> HookEntry:
@@ -465,6 +465,7 @@ def open_partition(store: ArtifactStore, key: str, group: str = FIRST_STORE) -> 
             raise StorageError(f"activation partition {key!r} has no hook-point store {group!r} (it holds: "
                                f"{', '.join(held)})", "cache that partition again with the SAE's hook point in "
                                "resources.caching.config.hook_points")
-        return Partition(key, path, store.open_group(f"{path}/{group}", mode="r"), store)
+        return Partition(key, path, store.open_checked_group(partition_name(key), version, group,
+                                                             f"activation partition {key!r}"), store)
 
 

@@ -47,7 +47,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from sae_platform.activations import activation_attrs
-from sae_platform.catalog import checkpoint_name, shuffled_name
+from sae_platform.catalog import checkpoint_name, rebuild_fix, shuffled_name
 from sae_platform.devices import auto_dtype
 from sae_platform.distributed import (
     average_gradients,
@@ -380,7 +380,8 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
     naming the file and the fix (delete the checkpoint, train again) when cfg.json lacks a field or
     the weights do not have the shapes it describes."""
     path = store.require(checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first")
-    fix = f"delete the checkpoint ({store.url(store.path(checkpoint_name(sae_name)))}) and train {sae_name!r} again"
+    store.check_intact(checkpoint_name(sae_name), store.version_of(path), what=f"SAE checkpoint {sae_name!r}")
+    fix = rebuild_fix(store, checkpoint_name(sae_name))
     cfg = _read_json(store, path, "cfg.json")
     with store.damaged(f"{path}/cfg.json", f"cfg.json of SAE checkpoint {sae_name!r}", fix):
         sae_cfg = dict(cfg["sae"])
@@ -399,6 +400,7 @@ def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device) -> T
             or pointer.get("data") != fingerprint:
         return None
     path = store.resolve(checkpoint_name(sae_name))
+    store.check_intact(checkpoint_name(sae_name), pointer["version"], what=f"SAE checkpoint {sae_name!r}")
     weights = _read_tensors(store, path, "sae_weights.safetensors")
     files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
     if "trainer_state.json" in files:

@@ -1,5 +1,6 @@
 """The commit protocol: a version is visible only when complete, and replaced cleanly."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def test_a_commit_leaves_an_older_writer_in_flight_alone(store):
         store.fs.pipe_file(f"{slow}/config", b"{}")
     assert store.fs.cat_file(f"{store.resolve('models/m')}/weights") == b"slow"  # the last commit wins
     assert sorted(store.fs.ls(store.resolve("models/m"), detail=False)) == sorted(
-        [f"{store.resolve('models/m')}/weights", f"{store.resolve('models/m')}/config"]), "no writer mark left"
+        [f"{store.resolve('models/m')}/{f}" for f in ("weights", "config", catalog.CHECKSUMS)]), "no writer mark left"
 
 
 # -- superseded versions stay readable for a grace period (issue 13.3) -------------------------
@@ -309,9 +310,90 @@ def test_a_damaged_stored_base_model_names_it_and_the_fix(tmp_path, tiny_model_d
     path = store.resolve(catalog.model_name(source))
     weights = f"{path}/model.safetensors"
     store.fs.pipe_file(weights, store.fs.cat_file(weights)[:1000])
-    with pytest.raises(StorageError, match="stored base model .* is damaged") as error:
+    with pytest.raises(StorageError, match="base model .* is damaged") as error:
         load_stored_model(store, source, layer=1, device="cpu", autocast="none")
-    assert "delete the stored copy" in error.value.fix and "converted again" in error.value.fix
+    assert f"delete {store.url(store.path(catalog.model_name(source)))}" in error.value.fix
+    assert "converts it again" in error.value.fix
     store.fs.pipe_file(f"{path}/tokenizer.json", b'{"version": ')
-    with pytest.raises(StorageError, match="stored base model .* is damaged"):
+    with pytest.raises(StorageError, match="base model .* is damaged"):
         load_stored_tokenizer(store, source)
+
+
+# -- nothing missing is read as zeros; content checksums (issue 31.3) --------------------------
+
+def _partition(store, key="k", rows=4096):
+    import numpy as np
+
+    with store.writing(catalog.partition_name(key)) as version:
+        group = store.open_group(f"{version}/{catalog.FIRST_STORE}", "w")
+        group.create_array("acts", data=np.arange(rows * 8, dtype=np.float32).reshape(rows, 8) + 1, chunks=(512, 8),
+                           compressors=None)
+    return store.resolve(catalog.partition_name(key))
+
+
+def _check_reads(store, key="k"):
+    from sae_platform.activations import open_partition
+
+    return open_partition(store, key).acts[:]
+
+
+def test_a_commit_records_every_file_and_a_missing_added_or_changed_one_is_refused_on_read(store):
+    path = _partition(store)
+    pointer = store.pointer("activations/k")
+    recorded = json.loads(store.fs.cat_file(f"{path}/{catalog.CHECKSUMS}"))["files"]
+    assert pointer["checksums"]["files"] == len(recorded) == 8 + 2        # 8 chunks, 2 zarr.json
+    chunk = f"{path}/data.zarr/acts/c/3/0"
+    assert recorded["data.zarr/acts/c/3/0"] == {"size": 512 * 8 * 4,
+                                               "sha256": hashlib.sha256(store.fs.cat_file(chunk)).hexdigest()}
+    assert _check_reads(store).shape == (4096, 8)
+
+    saved = store.fs.cat_file(chunk)
+    store.fs.rm_file(chunk)
+    with pytest.raises(StorageError, match=r"activation partition 'k' \(.*\) is damaged: data.zarr/acts/c/3/0 is "
+                                           r"missing \(the writer wrote 16,384 bytes\)"):
+        _check_reads(store)
+    store.fs.pipe_file(chunk, saved[:-4])
+    with pytest.raises(StorageError, match="data.zarr/acts/c/3/0 is 16,380 bytes, the writer wrote 16,384"):
+        _check_reads(store)
+    store.fs.pipe_file(chunk, saved)
+    store.fs.pipe_file(f"{path}/data.zarr/acts/c/9/0", saved)             # a chunk beyond the written ones
+    with pytest.raises(StorageError, match="data.zarr/acts/c/9/0 .* was not written by the artifact's writer"):
+        _check_reads(store)
+    store.fs.rm_file(f"{path}/data.zarr/acts/c/9/0")
+    meta = f"{path}/data.zarr/acts/zarr.json"
+    body = store.fs.cat_file(meta)
+    store.fs.pipe_file(meta, body.replace(b"4096", b"5096"))               # same size, one more chunk of rows
+    with pytest.raises(StorageError, match="data.zarr/acts/zarr.json has changed: its sha256 is"):
+        _check_reads(store)
+    store.fs.pipe_file(meta, body)
+    store.fs.pipe_file(f"{path}/{catalog.CHECKSUMS}", b"{}")
+    with pytest.raises(StorageError, match="CHECKSUMS.json has changed since the commit"):
+        _check_reads(store)
+
+
+def test_an_artifact_committed_before_checksums_still_reads_and_says_so(store, caplog):
+    import numpy as np
+
+    path = _partition(store, "old")
+    store.fs.rm_file(f"{path}/{catalog.CHECKSUMS}")                       # as committed by an earlier version
+    pointer = store.pointer("activations/old")
+    del pointer["checksums"]
+    store.write_json(store.path("activations/old", POINTER), pointer)
+    with caplog.at_level("WARNING", logger="sae_platform.storage"):
+        rows = _check_reads(store, "old")
+    assert rows.shape == (4096, 8) and np.all(rows > 0)
+    assert "activation partition 'old'" in caplog.text and "before content checksums were recorded" in caplog.text
+    assert store.verify("activations/old")["status"] == "unrecorded"
+
+
+def test_checksums_on_s3(s3, s3_endpoint):
+    _, bucket = s3
+    store = ArtifactStore(f"s3://{bucket}/root", {"endpoint_url": s3_endpoint})
+    path = _partition(store)
+    assert _check_reads(store).shape == (4096, 8)
+    assert store.verify("activations/k")["status"] == "ok"
+    store.fs.rm_file(f"{path}/data.zarr/acts/c/1/0")
+    store.fs.invalidate_cache()
+    with pytest.raises(StorageError, match=r"activation partition 'k' .*data.zarr/acts/c/1/0 is missing"):
+        _check_reads(store)
+    assert store.verify("activations/k")["status"] == "damaged"

@@ -204,6 +204,7 @@ def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path)
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         store.fs.pipe_file(f"{path}/{name}", buffer.getvalue())
+    _as_committed_before_checksums(store, checkpoint_name("run"))
     logs = []          # the same settings again: the finished run is found (its state read back safely)
     train_sae(store, "main", "run", first, log=logs.append)
     assert "already trained" in logs[0]
@@ -213,6 +214,17 @@ def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path)
         train_sae(store, "main", "run", first, log=lambda m: None)
     assert not marker.exists(), "the pickle ran"
     assert "trainer_state.pt" in str(error.value) and "refused" in str(error.value)
+
+
+def _as_committed_before_checksums(store, name):
+    """The checkpoint as that earlier version committed it: no CHECKSUMS.json, none in the pointer."""
+    from sae_platform.catalog import CHECKSUMS
+    from sae_platform.storage import POINTER
+
+    store.fs.rm_file(f"{store.resolve(name)}/{CHECKSUMS}")
+    pointer = store.pointer(name)
+    del pointer["checksums"]
+    store.write_json(store.path(name, POINTER), pointer)
 
 
 def json_load(store, path):
@@ -459,5 +471,7 @@ def test_a_damaged_checkpoint_names_the_file_and_the_fix(store, damage):
         file = "sae_weights.safetensors"
     with pytest.raises(StorageError) as error:
         load_sae(store, "run")
-    assert f"{path.rsplit('/', 1)[-1]}/{file}" in error.value.problem
-    assert "train" in error.value.fix and "delete" in error.value.fix
+    # found by the checksums recorded at commit (storage.check_intact), or, for a checkpoint written
+    # before they were, when its cfg.json or weights are read
+    assert path.rsplit("/", 1)[-1] in error.value.problem and file in error.value.problem
+    assert "sae-platform train run" in error.value.fix and "delete" in error.value.fix
