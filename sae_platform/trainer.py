@@ -28,7 +28,10 @@ else is refused with a :class:`StorageError` naming it.
 
 Every tensor of a checkpoint (weights, Adam moments) is checked finite before the commit: a
 diverged run raises :class:`TrainingError` and the committed checkpoint stays the last good one.
-A resume checks the same, so a checkpoint written before that check cannot be resumed from.
+Every read checks again (a checkpoint written before that check, or damaged since): a resume, the
+"already finished" skip and ``load_sae`` (evaluation, export, feature tables, the live browser)
+refuse a checkpoint holding NaN/inf with a :class:`StorageError` naming the file, so it is never
+evaluated to NaN metrics nor kept as finished by a re-run that exits 0.
 """
 
 import io
@@ -251,6 +254,25 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
+def _refuse_non_finite(store: ArtifactStore, path: str, file: str, bad: list[str], step) -> None:
+    """Raise StorageError naming ``file`` of the checkpoint at ``path`` when ``bad`` (the names of
+    its tensors holding NaN/inf) is not empty: such a checkpoint is never used."""
+    if bad:
+        raise StorageError(
+            f"the committed checkpoint {store.url(path)} (step {step}) holds NaN/inf in {', '.join(bad[:4])}"
+            f"{' …' if len(bad) > 4 else ''} ({file}): it is refused, not resumed from, evaluated, exported or kept as "
+            "finished", f"delete that checkpoint (the folder {store.url(path.rsplit('/', 1)[0])}) and train again; "
+            "if the run diverged, with a lower lr")
+
+
+def _finite_weights(store: ArtifactStore, path: str, step) -> dict[str, torch.Tensor]:
+    """The SAE weights of the checkpoint at ``path`` (``sae_weights.safetensors``), refused with a
+    StorageError naming the file when a tensor holds NaN/inf."""
+    weights = _read_tensors(store, path, "sae_weights.safetensors")
+    _refuse_non_finite(store, path, "sae_weights.safetensors", _non_finite(weights), step)
+    return weights
+
+
 def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffled: Shuffled,
              d_in: int | None = None):
     """A calibrated SAE; with ``d_in``, rows are a transcoder's [input (d_in) | target] pairs."""
@@ -364,7 +386,8 @@ def _legacy_torch_file(store: ArtifactStore, path: str, file: str, device=None):
 
 def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: TrainSettings) -> dict | None:
     """The pointer of ``sae_name``'s checkpoint when it is a finished training with these settings on the
-    current shuffled store (then training again would only find it); None otherwise."""
+    current shuffled store (then training again would only find it); None otherwise. Raises StorageError
+    naming the file when that checkpoint's weights hold NaN/inf (never skipped as finished)."""
     pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None or not pointer.get("final"):
         return None
@@ -372,17 +395,22 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str, 
         return None
     if store.resolve(shuffled_name(shuffle_name)) is None:
         return None
-    return pointer if pointer.get("data") == data_fingerprint(open_shuffled(store, shuffle_name)) else None
+    if pointer.get("data") != data_fingerprint(open_shuffled(store, shuffle_name)):
+        return None
+    _finite_weights(store, store.path(checkpoint_name(sae_name), pointer["version"]), pointer.get("step"))
+    return pointer
 
 
 def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "cpu"):
-    """The SAE of the last committed checkpoint of ``sae_name``, and its cfg.json."""
+    """The SAE of the last committed checkpoint of ``sae_name``, and its cfg.json. Raises StorageError
+    when there is none, or naming the file when its weights hold NaN/inf or a file is not what it says."""
     path = store.require(checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first")
-    cfg = json.loads(store.fs.cat_file(f"{path}/cfg.json"))
+    cfg = _read_json(store, path, "cfg.json")
+    weights = _finite_weights(store, path, cfg.get("step"))
     sae_cfg = dict(cfg["sae"])
     sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
                     **sae_cfg)
-    sae.load_state_dict(_read_tensors(store, path, "sae_weights.safetensors"))
+    sae.load_state_dict(weights)
     return sae, cfg
 
 
@@ -392,7 +420,7 @@ def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device) -> T
             or pointer.get("data") != fingerprint:
         return None
     path = store.resolve(checkpoint_name(sae_name))
-    weights = _read_tensors(store, path, "sae_weights.safetensors")
+    weights = _finite_weights(store, path, pointer.get("step"))
     files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
     if "trainer_state.json" in files:
         optimizer_tensors = _read_tensors(store, path, "optimizer.safetensors")
@@ -404,12 +432,8 @@ def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device) -> T
         optimizer_tensors = {f"state.{i}.{k}": v for i, e in optimizer_state["state"].items() for k, v in e.items()
                              if torch.is_tensor(v)}
         saved = _legacy_torch_file(store, path, "trainer_state.pt")
-    bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(optimizer_tensors)]
-    if bad:
-        raise StorageError(
-            f"the committed checkpoint {store.url(path)} (step {pointer.get('step')}) holds NaN/inf in "
-            f"{', '.join(bad[:4])}: it was written before checkpoints were checked finite, and is not resumed from",
-            "delete that checkpoint (the whole sae/<sae_name> folder), lower lr, and train again")
+    optimizer_file = "optimizer.safetensors" if "trainer_state.json" in files else "optimizer.pt"
+    _refuse_non_finite(store, path, optimizer_file, _non_finite(optimizer_tensors), pointer.get("step"))
     sae.load_state_dict(weights)
     optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(saved["rng"])

@@ -278,6 +278,45 @@ def test_a_non_finite_checkpoint_of_an_earlier_version_is_not_resumed(store):
         train_sae(store, "main", "run", every, log=lambda m: None)
 
 
+def _poison(store, sae_name, tensor="W_enc"):
+    """A committed checkpoint whose weights hold NaN (written before the finite check, or damaged since)."""
+    from safetensors.torch import load as load_st
+    from safetensors.torch import save as save_st
+
+    path = store.resolve(checkpoint_name(sae_name))
+    weights = load_st(store.fs.cat_file(f"{path}/sae_weights.safetensors"))
+    weights[tensor][0, 0] = float("nan")
+    store.fs.pipe_file(f"{path}/sae_weights.safetensors", save_st(weights))
+    return path
+
+
+def test_a_non_finite_finished_checkpoint_is_refused_by_every_reader(store):
+    """Issue 31.4: a finished checkpoint holding NaN was kept by the "already finished" skip (a re-run
+    that exits 0) and loaded by evaluation, export and the feature tables (NaN metrics)."""
+    from sae_platform.errors import StorageError
+    from sae_platform.evaluate import evaluate_sae
+    from sae_platform.export import export_run
+    from sae_platform.trainer import finished_checkpoint
+
+    make_shuffled(store)
+    train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
+    assert finished_checkpoint(store, "main", "run", SETTINGS) is not None
+    path = _poison(store, "run")
+    readers = {"finished skip": lambda: finished_checkpoint(store, "main", "run", SETTINGS),
+               "re-run": lambda: train_sae(store, "main", "run", SETTINGS, log=lambda m: None),
+               "load_sae": lambda: load_sae(store, "run"),
+               "evaluation": lambda: evaluate_sae(store, "main", "run", None, None, torch.device("cpu"),
+                                                  ablation_tokens=0),
+               "export": lambda: export_run(store, "run")}
+    for what, read in readers.items():
+        with pytest.raises(StorageError) as error:
+            read()
+        message = str(error.value)
+        assert f"{store.url(path)} (step 30) holds NaN/inf in W_enc (sae_weights.safetensors)" in message, what
+        assert "refused" in message and "delete that checkpoint" in message, what
+    assert store.resolve(catalog.eval_name("run")) is None and store.resolve(catalog.export_name("run")) is None
+
+
 def test_nan_in_held_out_rows_is_an_error_naming_the_row(store):
     from sae_platform.errors import StorageError
     from sae_platform.evaluate import heldout_activation_batches, reconstruction_metrics
