@@ -110,7 +110,8 @@ class TrainSettings:
                                  "slice of every batch; batch_size must divide by it", ge=1)
     nproc_per_node: int | None = setting(None, "ranks per machine (one GPU each); null: world_size (one machine)",
                                          ge=1)
-    hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, …)",
+    hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, l0_coeff, target_l0, …; "
+                                  "each variant's class docstring in sae_platform/sae/ lists its own)",
                             default_factory=dict)
     hook_point: str | None = setting(None, "the cached hook point (an entry of resources.caching.config.hook_points, "
                                            "e.g. blocks.4.hook_mlp_out) this SAE trains on; null: the first")
@@ -291,9 +292,10 @@ def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffl
 def _optimizer(sae, settings: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
     # fused Adam: ~25x faster than the default foreach path on CPU for 16k x 576 matrices
     try:
-        return torch.optim.Adam(sae.parameters(), lr=settings.learning_rate, eps=ADAM_EPS, fused=True)
+        return torch.optim.Adam(sae.param_groups(settings.learning_rate), lr=settings.learning_rate, eps=ADAM_EPS,
+                                fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(sae.parameters(), lr=settings.learning_rate, eps=ADAM_EPS)
+        return torch.optim.Adam(sae.param_groups(settings.learning_rate), lr=settings.learning_rate, eps=ADAM_EPS)
 
 
 def _optimizer_files(optimizer) -> tuple[bytes, bytes]:
@@ -414,7 +416,7 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
     return sae, cfg
 
 
-def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device) -> TrainState | None:
+def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log) -> TrainState | None:
     pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None or pointer.get("settings") != identity(settings) \
             or pointer.get("data") != fingerprint:
@@ -434,6 +436,12 @@ def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device) -> T
         saved = _legacy_torch_file(store, path, "trainer_state.pt")
     optimizer_file = "optimizer.safetensors" if "trainer_state.json" in files else "optimizer.pt"
     _refuse_non_finite(store, path, optimizer_file, _non_finite(optimizer_tensors), pointer.get("step"))
+    stored, current = ([len(g["params"]) for g in groups] for groups in (optimizer_state["param_groups"],
+                                                                       optimizer.param_groups))
+    if stored != current:  # e.g. JumpReLU before its thresholds had their own group
+        log(f"the checkpoint of {sae_name} (step {pointer.get('step')}) has the optimizer layout of an earlier version "
+            f"(parameters per group {stored}, now {current}): training starts afresh and replaces it")
+        return None
     sae.load_state_dict(weights)
     optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(saved["rng"])
@@ -459,7 +467,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     sae = _new_sae(settings, shuffled.d_model, device, shuffled, d_in)
     sae.selection_dtype = selection_dtype(settings.selection_precision, device)
     optimizer = _optimizer(sae, settings, device)
-    state = _resume(store, sae_name, settings, fingerprint, sae, optimizer, device)
+    state = _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log)
     if state is None:
         state = TrainState(tokens_since_fired=torch.zeros(settings.n_latents, dtype=torch.long, device=device))
         picks = f", picking latents in {str(sae.selection_dtype).removeprefix('torch.')}" if sae.selection_dtype else ""
@@ -471,6 +479,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     else:
         log(f"resuming {sae_name} from step {state.step} ({state.tokens:,} tokens)")
     resumed_from, started = state.step, time.perf_counter()
+    warned = False
     every = max(1, settings.checkpoint_every_tokens // settings.batch_size)
     schedule = batch_schedule(n_train, settings.batch_size, state.step, n_steps)
     if world > 1:  # this rank's slice of each batch
@@ -504,6 +513,9 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
             state.history.append(row)
             if on_metrics:
                 on_metrics(row)
+            if rank == 0 and not warned and (warning := sae.training_warning(row["l0"])):
+                log(f"warning: {warning}")
+                warned = True  # once per run: the log stays readable
         if state.step % every == 0 and state.step < n_steps and rank == 0:
             save_checkpoint(store, sae_name, sae, optimizer, state, settings, fingerprint, final=False)
             log(f"checkpoint at step {state.step} ({state.tokens:,} tokens)")

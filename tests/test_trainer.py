@@ -467,3 +467,23 @@ def test_one_sae_per_hook_point_from_one_caching_pass(store, tiny_hooked, text_d
                                  "blocks.0.hook_mlp_out")
     cfg = json.loads(store.fs.cat_file(export_run(store, "mlp0")["cfg_path"]))
     assert cfg["hook_name"] == "blocks.0.hook_mlp_out" and cfg["hook_layer"] == 0
+
+
+def test_the_trainer_warns_when_jumprelu_thresholds_stop_moving(store):
+    """Issue 31.6: thresholds frozen (their lr 0) leave the sparsity term without effect; the log says
+    so once. The trainer builds Adam from the SAE's parameter groups, so threshold_lr_scale reaches it."""
+    make_shuffled(store)
+    logged = {}
+    for scale in (0.0, None):
+        hparams = {"target_l0": 2, "l0_coeff": 1.0, **({"threshold_lr_scale": scale} if scale is not None else {})}
+        settings = TrainSettings(**{**SETTINGS.__dict__, "variant": "jumprelu", "hparams": hparams})
+        lines = logged[scale] = []
+        train_sae(store, "main", f"jump-{scale}", settings, log=lines.append)
+    (warning,) = [line for line in logged[0.0] if line.startswith("warning:")]
+    assert "thresholds stopped moving" in warning and "target_l0 2" in warning
+    assert "threshold_lr_scale (now 0)" in warning
+    assert not [line for line in logged[None] if line.startswith("warning:")], logged[None]
+    frozen, _ = load_sae(store, "jump-0.0")
+    moving, _ = load_sae(store, "jump-None")
+    assert torch.equal(frozen.threshold, torch.full_like(frozen.threshold, frozen.hparams["init_threshold"]))
+    assert not torch.equal(moving.threshold, torch.full_like(moving.threshold, moving.hparams["init_threshold"]))
