@@ -111,7 +111,7 @@ class TrainSettings:
     nproc_per_node: int | None = setting(None, "ranks per machine (one GPU each); null: world_size (one machine)",
                                          ge=1)
     hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, l0_coeff, target_l0, …; "
-                                  "each variant's class docstring in sae_platform/sae/ lists its own)",
+                                  "each SAE variant's class docstring lists its own)",
                             default_factory=dict)
     hook_point: str | None = setting(None, "the cached hook point (an entry of resources.caching.config.hook_points, "
                                            "e.g. blocks.4.hook_mlp_out) this SAE trains on; null: the first")
