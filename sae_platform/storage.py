@@ -38,6 +38,15 @@ pointer records that file's own sha256. Readers of zarr stores, checkpoints and 
 JSON metadata hashing as recorded: a deleted chunk or an edited shape is a StorageError naming the
 artifact, the file and the fix); :meth:`ArtifactStore.verify` (``sae-platform verify``) re-hashes
 every byte. A version committed before checksums were recorded reads as before, with one log line.
+
+The protocol's own small JSON files (the pointer, the writer mark, the superseded mark) may be
+found empty or truncated: a writer on a full disk, a kill mid-write, a filesystem that lost the
+data of a rename. None of them is ever a ``JSONDecodeError``: each is read by
+:meth:`ArtifactStore._protocol_json`, which logs the file and takes it for absent or stale
+(an unreadable pointer: nothing committed, so the step runs again and its commit replaces it; an
+unreadable writer mark: a writer that died before it wrote its mark, swept at the next commit;
+an unreadable superseded mark: its grace period is over). The writer mark is written atomically
+and a commit whose mark cannot be written (a full disk) removes its version directory at once.
 """
 
 import contextlib
@@ -72,6 +81,7 @@ CHECKSUMS_FIELD = "checksums"  # of the pointer: sha256 of the version's CHECKSU
 GRACE_ENV = "SAE_PLATFORM_GRACE_S"
 CREATE_BUCKET_ENV = "SAE_PLATFORM_CREATE_BUCKET"
 DEFAULT_GRACE_S = 3600.0
+log = logging.getLogger(__name__)
 
 
 def grace_from_env() -> float:
@@ -184,10 +194,15 @@ class ArtifactStore:
         """Yield a fresh version directory for ``name``; commit it only if the block succeeds."""
         version = _new_version_name()
         version_path = self.path(name, version)
-        self.fs.makedirs(version_path, exist_ok=True)
         mark = self.path(name, version, WRITER_MARK)
-        self.fs.pipe_file(mark, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                            "started": time.time()}).encode())
+        try:  # atomic, so a concurrent commit never reads a live writer's mark half written
+            self.fs.makedirs(version_path, exist_ok=True)
+            self.write_bytes_atomic(mark, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                      "started": time.time()}).encode())
+        except BaseException:  # e.g. a full disk: leave no version directory behind
+            with contextlib.suppress(OSError):
+                self._remove(version_path)
+            raise
         try:
             yield version_path
             recorded = self._record_checksums(version_path)
@@ -217,30 +232,49 @@ class ArtifactStore:
         return path
 
     def pointer(self, name: str) -> dict | None:
-        """The committed pointer of ``name`` (``version`` and the writer's info); None before any
-        commit. StorageError naming the file and the fix when it is damaged."""
+        """The ``COMMITTED.json`` of ``name`` (``version`` plus what the writer recorded), or None
+        when nothing is committed. An empty, truncated or tampered pointer (one naming no version
+        folder of ``name``) counts as nothing committed (logged): the step that makes ``name`` runs
+        again and its commit replaces the pointer; the version it named is kept for the grace period
+        like any superseded one."""
         path = self.path(name, POINTER)
-        try:
-            data = self.fs.cat_file(path)
-        except FileNotFoundError:
+        taken_as = "taken as nothing committed; the next commit of it replaces the pointer"
+        pointer = self._protocol_json(path, ("version",), taken_as)
+        if not isinstance(pointer, dict):
             return None
-        fix = (f"delete {self.url(path)} (the artifact then reads as never committed; its versions are swept at the "
-               f"next commit) and re-run the stage that writes {name}")
-        with self.damaged(path, "commit pointer", fix):
-            pointer = json.loads(data)
-            if not (isinstance(pointer, dict) and isinstance(pointer.get("version"), str)
-                    and pointer["version"].startswith(VERSION_PREFIX) and "/" not in pointer["version"]):
-                raise ValueError(f"it names no version ({VERSION_PREFIX}…) of {name}")
+        version = pointer["version"]
+        if not (isinstance(version, str) and version.startswith(VERSION_PREFIX) and "/" not in version):
+            log.warning("%s names no version folder of %s (%r): %s", self.url(path), name, version, taken_as)
+            return None
         return pointer
 
     def committed_names(self, prefix: str) -> list[str]:
-        """Names directly under ``prefix`` that have a committed version, sorted."""
+        """Names directly under ``prefix`` that have a committed version (a readable pointer), sorted."""
         try:
             entries = self.fs.ls(self.path(prefix), detail=False)
         except FileNotFoundError:
             return []
         names = [f"{prefix.strip('/')}/{e.rstrip('/').rsplit('/', 1)[-1]}" for e in entries]
-        return sorted(n for n in names if self.fs.exists(self.path(n, POINTER)))
+        return sorted(n for n in names if self.fs.exists(self.path(n, POINTER)) and self.pointer(n) is not None)
+
+    def _protocol_json(self, path: str, keys: tuple[str, ...], taken_as: str) -> dict | bool | None:
+        """One of the commit protocol's small JSON files: the dict, None when it does not exist, or
+        False when it is unreadable (empty, truncated, not an object with ``keys``: a full disk or a
+        kill mid-write). An unreadable file is logged with ``taken_as`` (what the caller does instead),
+        never raised: one damaged mark must not break every later commit of the artifact."""
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            value = json.loads(data)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+            value = None
+        if isinstance(value, dict) and all(key in value for key in keys):
+            return value
+        log.warning("%s is unreadable (%d bytes%s; left by a full disk or a killed writer): %s",
+                    self.url(path), len(data), "" if data else ", empty", taken_as)
+        return False
 
     def delete(self, name: str) -> None:
         """Uncommit first (readers stop seeing it at once), then remove the data."""
@@ -269,15 +303,16 @@ class ArtifactStore:
         if self.grace_s <= 0:
             self._remove(path)
             return True
-        try:
-            since = json.loads(self.fs.cat_file(mark))["superseded_at"]
-        except FileNotFoundError:
+        superseded = self._protocol_json(mark, ("superseded_at",), "its grace period is taken as over")
+        if superseded is None:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.pipe_file(mark, json.dumps({"superseded_at": time.time(), "by": superseded_by}).encode())
             return False
-        except (ValueError, KeyError, TypeError):
-            since = 0.0  # an unreadable mark: the grace period counts from the epoch
-        if time.time() - float(since) >= self.grace_s:
+        try:
+            since = float(superseded["superseded_at"]) if superseded else 0.0
+        except (TypeError, ValueError):
+            since = 0.0  # an unreadable time: the grace period counts from the epoch
+        if time.time() - since >= self.grace_s:
             self._remove(path)
             return True
         return False
@@ -428,16 +463,22 @@ class ArtifactStore:
                     "missing or changed file in it cannot be detected. Re-run the stage that writes it to record "
                     "them (%s)", what or name, self.url(self.path(name, version)), rebuild_fix(self, name))
 
-    def _writer(self, version_path: str) -> dict | None:
-        try:
-            return json.loads(self.fs.cat_file(f"{version_path.rstrip('/')}/{WRITER_MARK}"))
-        except FileNotFoundError:
-            return None  # committed once, since superseded
+    def _writer(self, version_path: str) -> dict | bool | None:
+        """The writer mark of a version: None when it has none (committed once, since superseded),
+        False when it is unreadable (a writer that died writing it: taken for dead)."""
+        return self._protocol_json(f"{version_path.rstrip('/')}/{WRITER_MARK}", ("host", "pid", "started"),
+                                   "its writer is taken for dead and the version is swept")
 
-    def _writer_alive(self, writer: dict) -> bool:
-        if time.time() - writer["started"] > STALE_WRITER_S:
+    def _writer_alive(self, writer: dict | bool) -> bool:
+        if not writer:
             return False
-        return writer["host"] != socket.gethostname() or process_alive(writer["pid"])
+        try:
+            started, pid = float(writer["started"]), int(writer["pid"])
+        except (TypeError, ValueError):
+            return False
+        if time.time() - started > STALE_WRITER_S:
+            return False
+        return writer["host"] != socket.gethostname() or process_alive(pid)
 
     def _in_flight(self, version_path: str) -> bool:
         writer = self._writer(version_path)
