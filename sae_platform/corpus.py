@@ -26,6 +26,7 @@ document boundaries.
 """
 
 import codecs
+import errno
 import hashlib
 import io
 import json
@@ -40,7 +41,7 @@ import fsspec
 import fsspec.compression
 import numpy as np
 
-from sae_platform.errors import SourceError
+from sae_platform.errors import SourceError, SourceUnavailable
 
 # Format of each extension (lower case): how a file's text is read.
 TEXT_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".markdown": "text",
@@ -65,6 +66,7 @@ HASH_SEP = "~"  # never part of a plain key, so a hashed key cannot equal a plai
 HASH_CHARS = 10
 PIECE_CHARS = 1 << 18  # text is decoded and tokenized this many characters at a time
 READ_BYTES = 1 << 20
+OPEN_ATTEMPTS = 3  # a local path changed while it was opened is resolved and checked again this often
 
 
 @dataclass(frozen=True)
@@ -340,27 +342,62 @@ def find_file(pattern: str, key: str, storage_options: dict | None = None,
 
 # -- reading ---------------------------------------------------------------------------------------
 
-def _open_binary(text_file: TextFile, storage_options: dict | None):
-    """The file's raw bytes, decompressed. Local files are re-checked at open: a regular file whose
-    real path is inside the source folder (a link swapped in after the scan is refused)."""
-    name = text_file.url.rsplit("/", 1)[-1]
-    compression = COMPRESSIONS.get(split_name(name)[2] or "")
+def open_raw(text_file: TextFile, storage_options: dict | None = None):
+    """The file's stored bytes (still compressed), as a binary stream. A local file of a source is
+    opened one folder at a time from ``/`` with ``O_NOFOLLOW`` (``_open_beneath``) along its real
+    path, which must lie inside the source folder: a folder on the path flipped to a link between
+    the check and the open makes the open fail instead of reading outside, and the path is then
+    resolved and checked again. Raises ``SourceError`` (outside the source, not a regular file,
+    vanished) and ``OSError`` (e.g. ``PermissionError``)."""
     if "://" in text_file.url and not text_file.url.startswith("file://"):
-        return fsspec.open(text_file.url, "rb", compression=compression, **(storage_options or {})).open()
+        return fsspec.open(text_file.url, "rb", **(storage_options or {})).open()
     path = text_file.url.removeprefix("file://")
-    real = os.path.realpath(path)
-    if text_file.root and not _inside(real, text_file.root):
-        raise SourceError(f"{text_file.url} leads to {real}, outside the text source {text_file.root}",
-                          "copy the file into the inbox instead of linking to it")
-    try:
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError as error:
-        raise SourceError(f"{text_file.url} vanished before it could be read",
-                          "restore the file, or delete its partition") from error
+    for attempt in range(OPEN_ATTEMPTS):
+        real = os.path.realpath(path)
+        if text_file.root and not _inside(real, text_file.root):
+            raise SourceError(f"{text_file.url} leads to {real}, outside the text source {text_file.root}",
+                              "copy the file into the inbox instead of linking to it")
+        try:
+            fd = _open_beneath(real)
+            break
+        except OSError as error:  # a link or a rename on the path since realpath: resolve again
+            if error.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT) or attempt == OPEN_ATTEMPTS - 1:
+                if isinstance(error, FileNotFoundError):
+                    raise SourceError(f"{text_file.url} vanished before it could be read",
+                                      "restore the file, or delete its partition") from error
+                if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise SourceUnavailable(f"{text_file.url}: a folder on its path kept being replaced (by "
+                                            "a link or a file) while it was opened",
+                                            "leave the inbox's folders in place; the file is tried again at "
+                                            "the next look") from error
+                raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise SourceError(f"{text_file.url} is not a regular file", "only regular files are read; remove it")
-    raw = os.fdopen(fd, "rb")
+    return os.fdopen(fd, "rb")
+
+
+def _open_beneath(real: str) -> int:
+    """A read-only descriptor of the file at the absolute, link-free path ``real``, walking each
+    folder with ``O_NOFOLLOW`` relative to the one before: no link on the path is followed, so what
+    is opened is what was checked. Raises ``OSError`` (``ELOOP``/``ENOTDIR`` when a component is now
+    a link or not a folder)."""
+    *folders, name = real.strip("/").split("/")
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for folder in folders:
+            inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        return os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _open_binary(text_file: TextFile, storage_options: dict | None):
+    """The file's bytes, decompressed (``open_raw``, then the codec its name says)."""
+    compression = COMPRESSIONS.get(split_name(text_file.url.rsplit("/", 1)[-1])[2] or "")
+    raw = open_raw(text_file, storage_options)
     return fsspec.compression.compr[compression](raw, mode="rb") if compression else raw
 
 

@@ -24,3 +24,8 @@ class ModelError(PlatformError):
 
 class StorageError(PlatformError):
     """An artifact is missing, incomplete or incompatible with the request."""
+
+
+class SourceUnavailable(SourceError):
+    """A text file could not be read *now* for a reason outside its content (permissions, a path
+    changing while it was opened): not a failure of that file version, so it is tried again."""
