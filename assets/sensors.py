@@ -36,7 +36,8 @@ from dagster import (
 from assets.activations import ACTIVATIONS
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from resources import AutomationResource, StorageResource, TextSourceResource
-from sae_platform.errors import SourceError
+from sae_platform.corpus import display_name
+from sae_platform.errors import SourceError, printable
 from sae_platform.freshness import cached_versions, stale_reasons
 from sae_platform.inbox import needs_caching
 
@@ -61,9 +62,9 @@ def inbox_sensor(context: SensorEvaluationContext, text_source: TextSourceResour
     try:
         inbox = text_source.scan(store)
     except (SourceError, OSError) as error:
-        return SkipReason(str(error))
+        return SkipReason(printable(str(error)))
     skipped = (f"; {len(inbox.skipped)} file(s) skipped: "
-               + "; ".join(f"{s.url.rsplit('/', 1)[-1]}: {s.reason}" for s in inbox.skipped[:5])
+               + "; ".join(f"{display_name(s.url)}: {printable(s.reason)}" for s in inbox.skipped[:5])
                + (" …" if len(inbox.skipped) > 5 else "")) if inbox.skipped else ""
     if not inbox.files:
         return SkipReason(f"text source {text_source.pattern!r} holds no readable file{skipped}")

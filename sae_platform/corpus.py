@@ -41,7 +41,7 @@ import fsspec
 import fsspec.compression
 import numpy as np
 
-from sae_platform.errors import SourceError, SourceUnavailable
+from sae_platform.errors import SourceError, SourceUnavailable, printable
 
 # Format of each extension (lower case): how a file's text is read.
 TEXT_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".markdown": "text",
@@ -295,12 +295,17 @@ def _skip_reason(fs, match: str, rel: str, local: bool, real_root: str) -> str |
     return None
 
 
+def display_name(url: str) -> str:
+    """A file's name (the last part of its URL) as it may be printed: control characters escaped."""
+    return printable(url.rsplit("/", 1)[-1])
+
+
 def list_source(pattern: str, storage_options: dict | None = None) -> list[TextFile]:
     """The readable files matching ``pattern``, sorted, each with its partition key; an error when
     there is none (the skipped files and their reasons are named)."""
     listing = scan_source(pattern, storage_options)
     if not listing.files:
-        skipped = "; ".join(f"{s.url.rsplit('/', 1)[-1]}: {s.reason}" for s in listing.skipped[:5])
+        skipped = "; ".join(f"{display_name(s.url)}: {s.reason}" for s in listing.skipped[:5])
         raise SourceError(f"text source {pattern!r} matches no readable {'/'.join(FORMATS)} files"
                           + (f" ({len(listing.skipped)} skipped: {skipped})" if skipped else ""),
                           "check the path or glob (e.g. 'data/inbox/*.txt' or 's3://bucket/inbox/*.jsonl'); "

@@ -18,6 +18,7 @@ name. ``skip_duplicates=False`` (the text source's setting) caches copies too.
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from dataclasses import dataclass
 import fsspec
 
 from sae_platform.catalog import failed_attempt_path, failed_attempts_glob, list_partitions, partition_name
-from sae_platform.corpus import Listing, Skipped, TextFile, scan_source, source_stamp
+from sae_platform.corpus import Listing, Skipped, TextFile, display_name, scan_source, source_stamp
+from sae_platform.errors import printable
 from sae_platform.storage import ArtifactStore
 
+log = logging.getLogger(__name__)
 _HASHES: dict[tuple[str, str], str] = {}  # (url, stamp) → sha256: a file is hashed once per version
 
 
@@ -97,7 +100,7 @@ def scan_inbox(pattern: str, storage_options: dict | None = None, store: Artifac
             skipped.append(Skipped(f.url, f"cannot be inspected ({error}): removed meanwhile?"))
     if skip_duplicates and len(files) > 1:
         copies = duplicates(files, stamps, list_partitions(store) if store is not None else (), storage_options)
-        skipped += [Skipped(f.url, f"identical content to {copies[f.key].url.rsplit('/', 1)[-1]} (partition "
+        skipped += [Skipped(f.url, f"identical content to {display_name(copies[f.key].url)} (partition "
                                    f"{copies[f.key].key}): not cached again (text source setting "
                                    "skip_duplicates: false caches copies)") for f in files if f.key in copies]
         files = [f for f in files if f.key not in copies]
@@ -120,7 +123,9 @@ def clear_failed_attempt(store: ArtifactStore, key: str) -> None:
 
 
 def failed_attempts(store: ArtifactStore) -> dict[str, dict]:
-    """key → {stamp, reason, failed_at} for every recorded failure."""
+    """key → {stamp, reason, failed_at} for every recorded failure. A record that cannot be read
+    (truncated, not JSON, fields missing: a full disk, a hand edit) is left out with a warning: its
+    file is then tried again, and that attempt writes a whole record over it."""
     try:
         paths = store.fs.glob(failed_attempts_glob(store))
     except FileNotFoundError:
@@ -128,11 +133,23 @@ def failed_attempts(store: ArtifactStore) -> dict[str, dict]:
     failed = {}
     for path in paths:
         try:
-            record = json.loads(store.fs.cat_file(path))
+            record = _failure_record(store.fs.cat_file(path))
         except FileNotFoundError:  # cleared meanwhile
+            continue
+        except ValueError as error:
+            log.warning("ignoring the unreadable failure record %s (%s): its file is tried again and the "
+                        "record rewritten", printable(store.url(path)), error)
             continue
         failed[record["key"]] = record
     return failed
+
+
+def _failure_record(data: bytes) -> dict:
+    """A failure record's fields; ``ValueError`` when it is not a JSON object with a string key."""
+    record = json.loads(data)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        raise ValueError("not a JSON object with a string 'key'")
+    return record
 
 
 def needs_caching(store: ArtifactStore, stamps: dict[str, str]) -> list[str]:
@@ -156,8 +173,9 @@ def failed_current(store: ArtifactStore, stamps: dict[str, str]) -> dict[str, st
 
 
 def inbox_report(inbox: Inbox, store: ArtifactStore) -> list[str]:
-    """Lines for `sae-platform status`: skipped files with their reason, failed files with theirs."""
-    lines = [f"  skipped {s.url.rsplit('/', 1)[-1]}: {s.reason}" for s in inbox.skipped]
+    """Lines for `sae-platform status`: skipped files with their reason, failed files with theirs;
+    control characters of file names (and of anything else) escaped (``errors.printable``)."""
+    lines = [f"  skipped {display_name(s.url)}: {s.reason}" for s in inbox.skipped]
     lines += [f"  failed {k}: {reason} (retried when the file changes)"
               for k, reason in sorted(failed_current(store, inbox.stamps).items())]
     listed = {f.key for f in inbox.files}
@@ -165,4 +183,4 @@ def inbox_report(inbox: Inbox, store: ArtifactStore) -> list[str]:
               f"under the older key rule); it is still shuffled and trained on: delete "
               f"{store.url(store.path(partition_name(k)))} to drop it"
               for k in list_partitions(store) if k not in listed]
-    return lines
+    return [printable(line) for line in lines]

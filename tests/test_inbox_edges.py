@@ -4,6 +4,9 @@ ticks, advice that names what non-text bytes look like, and file names printed s
 
 import os
 import threading
+from pathlib import Path
+
+import pytest
 
 from sae_platform.corpus import list_source, read_documents
 from sae_platform.errors import SourceError
@@ -41,3 +44,63 @@ def test_a_folder_flipped_to_a_link_while_opening_never_reads_outside(tmp_path):
         flipper.join()
     assert texts.count("SECRET outside") == 0
     assert texts.count("inside text") > 0
+
+
+def _sensor_tick(instance, pattern: str, store):
+    from dagster import build_sensor_context
+
+    from assets import inbox_sensor
+    from resources import AutomationResource, StorageResource, TextSourceResource
+
+    resources = {"text_source": TextSourceResource(pattern=pattern),
+                 "storage": StorageResource(root_url=store.root_url), "automation": AutomationResource()}
+    return inbox_sensor(build_sensor_context(instance=instance, resources=resources))
+
+
+def _keys(result) -> list[str]:
+    requests = getattr(result, "run_requests", [])
+    return [k for r in requests for k in r.run_config["ops"]["activation_batches"]["config"]["keys"]]
+
+
+@pytest.mark.parametrize("content", [b'{"key": "bad", "stamp": "12:3', b"", b"\xff\xfe", b"[1, 2]",
+                                     b'{"stamp": "1:2"}'])
+def test_a_corrupt_failure_record_is_ignored_with_a_warning_and_the_file_retried(tmp_path, store, content, caplog):
+    from dagster import DagsterInstance
+
+    from sae_platform.catalog import failed_attempt_path
+    from sae_platform.inbox import failed_attempts, record_failed_attempt
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "bad.txt").write_text("some text " * 20)
+    (inbox / "good.txt").write_text("other text " * 20)
+    record_failed_attempt(store, "good", "1:2", "an old failure")
+    Path(failed_attempt_path(store, "bad")).parent.mkdir(parents=True, exist_ok=True)
+    Path(failed_attempt_path(store, "bad")).write_bytes(content)  # a truncated or hand-edited record
+    assert set(failed_attempts(store)) == {"good"}
+    assert "ignoring the unreadable failure record" in caplog.text and "bad/FAILED.json" in caplog.text
+    assert _keys(_sensor_tick(DagsterInstance.ephemeral(), str(inbox / "*"), store)) == ["bad", "good"]
+
+
+def test_status_escapes_control_characters_in_file_names(tmp_path):
+    import subprocess
+    import sys
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "red\x1b[31m.txt").write_text("Some text to cache. " * 20)
+    (inbox / "fake\n  skipped x.txt").write_bytes(b"")
+    (inbox / "bidi\u202etxt.exe.txt").write_text("Other text. " * 20)
+    env = {**os.environ, "SAE_PLATFORM_ROOT": str(tmp_path / "artifacts"), "SAE_PLATFORM_INBOX": str(inbox / "*")}
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "status"], cwd=Path(__file__).resolve().parents[1],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert "\x1b" not in out and "\u202e" not in out and "\n  skipped x.txt" not in out
+    assert "to cache red\\x1b[31m.txt as partition" in out and "bidi\\u202etxt.exe.txt" in out
+    assert "skipped fake\\n  skipped x.txt: empty (0 bytes)" in out
+
+
+def test_printable_escapes_controls_and_keeps_text():
+    from sae_platform.errors import printable
+
+    assert printable("数据 é\x1b[0m\r\t\x7f\x85\udce9") == "数据 é\\x1b[0m\\r\\t\\x7f\\x85\\udce9"
+    assert printable(printable("a\x1bb")) == "a\\x1bb"
