@@ -42,6 +42,7 @@ import fsspec.compression
 import numpy as np
 
 from sae_platform.errors import SourceError, SourceUnavailable, printable
+from sae_platform.sniff import magic, what_bytes_look_like
 
 # Format of each extension (lower case): how a file's text is read.
 TEXT_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".markdown": "text",
@@ -66,6 +67,7 @@ HASH_SEP = "~"  # never part of a plain key, so a hashed key cannot equal a plai
 HASH_CHARS = 10
 PIECE_CHARS = 1 << 18  # text is decoded and tokenized this many characters at a time
 READ_BYTES = 1 << 20
+SNIFF_BYTES = 4096  # bytes looked at to say what an undecodable file looks like
 OPEN_ATTEMPTS = 3  # a local path changed while it was opened is resolved and checked again this often
 
 
@@ -417,6 +419,9 @@ def _codec(head: bytes, url: str, encoding: str) -> str:
     if head.startswith(codecs.BOM_UTF8):
         return "utf-8-sig"
     sample = head[:4096]
+    known = magic(sample)  # a PNG or a ZIP holds many NUL bytes too: name what it is
+    if known and b"\x00" in sample:
+        raise SourceError(f"{url} is {known[0]}, not text", known[1])
     if sample and sample.count(0) * 4 >= len(sample):
         little = sample[1::2].count(0) >= sample[0::2].count(0)
         raise SourceError(f"{url} looks like UTF-16 or UTF-32 text without a byte-order mark "
@@ -428,16 +433,18 @@ def _codec(head: bytes, url: str, encoding: str) -> str:
 
 def _decode_error(error: UnicodeDecodeError, text_file: TextFile, codec: str, storage_options) -> SourceError:
     """Name the first undecodable byte (its offset in the whole file) and the right fix."""
-    offset, bad = 0, None
+    offset, bad, head, sample = 0, None, b"", b""
     decoder = codecs.getincrementaldecoder(codec)()
     with _open_binary(text_file, storage_options) as f:
         while chunk := f.read(READ_BYTES):
+            head = head or chunk[:SNIFF_BYTES]
             pending = len(decoder.getstate()[0])
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as found:
                 bad = offset - pending + found.start
                 byte = found.object[found.start]
+                sample = found.object[max(found.start - SNIFF_BYTES // 2, 0):found.start + SNIFF_BYTES // 2]
                 break
             offset += len(chunk)
         else:
@@ -446,11 +453,11 @@ def _decode_error(error: UnicodeDecodeError, text_file: TextFile, codec: str, st
             except UnicodeDecodeError as found:
                 bad = offset - len(found.object) + found.start
                 byte = found.object[found.start]
+                sample = found.object
     where = f"byte {bad} is 0x{byte:02x}" if bad is not None else error.reason
     if codec.startswith("utf-8"):
-        fix = ("if it is Western European text (Latin-1/Windows-1252), convert it: iconv -f cp1252 -t utf-8; "
-               "`file -bi FILE` names other encodings; or set the text source's encoding (e.g. encoding: "
-               "cp1252) if the whole source uses another one")
+        what, fix = what_bytes_look_like(head, sample)
+        where += f"; it looks like {what}"
     else:
         fix = f"check the text source's encoding ({codec}); `file -bi FILE` names the file's encoding"
     return SourceError(f"{text_file.url} is not valid {codec.replace('-sig', '')}: {where}", fix)

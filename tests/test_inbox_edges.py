@@ -2,6 +2,7 @@
 link, renames that are not cached twice, unreadable files, corrupt failure records, bounded sensor
 ticks, advice that names what non-text bytes look like, and file names printed safely."""
 
+import codecs
 import os
 import threading
 from pathlib import Path
@@ -104,3 +105,44 @@ def test_printable_escapes_controls_and_keeps_text():
 
     assert printable("数据 é\x1b[0m\r\t\x7f\x85\udce9") == "数据 é\\x1b[0m\\r\\t\\x7f\\x85\\udce9"
     assert printable(printable("a\x1bb")) == "a\\x1bb"
+
+
+def _png() -> bytes:
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + header
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+            + zlib.compress(b"\x00" * 64))
+
+
+@pytest.mark.parametrize("name,content,looks_like,fix", [
+    ("report.txt", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj << >>\n", "a PDF document", "pdftotext"),
+    ("book.txt", b"PK\x03\x04\x14\x00\x06\x00\x08\x00\x00\x00!\x00\xdf\xa4\xd2lZ\x01", "a ZIP archive", "unpack"),
+    ("log.txt", None, "gzip-compressed data", "NAME.txt.gz"),
+    ("image.txt", _png(), "a PNG image", "only text is read"),
+    ("blob.txt", bytes(range(256)) * 4, "binary data", "not text"),
+    ("odd.txt", b"plain words \x81\x8d\x8f\x90 more", "neither UTF-8 nor Windows-1252", "file -bi"),
+    ("latin.txt", "Caf\u00e9 cr\u00e8me, na\u00efve \u2013 d\u00e9j\u00e0 vu. ".encode("cp1252") * 20,
+     "Western European text", "iconv -f cp1252"),
+])
+def test_non_text_bytes_are_named_and_cp1252_advice_only_for_text(tmp_path, name, content, looks_like, fix):
+    import gzip
+
+    (tmp_path / name).write_bytes(gzip.compress(b"hello " * 50) if content is None else content)
+    with pytest.raises(SourceError) as error:
+        read_documents(list_source(str(tmp_path / "*"))[0])
+    message = str(error.value)
+    assert looks_like in message and fix in message and "UTF-16" not in message
+    assert ("cp1252" in message) == (looks_like == "Western European text")
+
+
+def test_a_utf16_file_read_under_another_encoding_is_named(tmp_path):
+    (tmp_path / "w.txt").write_bytes(codecs.BOM_UTF16_LE + "plain words here".encode("utf-16-le"))
+    (text_file,) = list_source(str(tmp_path / "*"))
+    from sae_platform.sniff import what_bytes_look_like
+
+    what, fix = what_bytes_look_like((tmp_path / "w.txt").read_bytes(), b"")
+    assert what.startswith("UTF-16 text") and "iconv -f UTF-16" in fix
+    assert read_documents(text_file)[0].text == "plain words here"  # with the default utf-8, the BOM is read
