@@ -39,7 +39,7 @@ from resources import AutomationResource, StorageResource, TextSourceResource
 from sae_platform.corpus import display_name
 from sae_platform.errors import SourceError, printable
 from sae_platform.freshness import cached_versions, stale_reasons
-from sae_platform.inbox import needs_caching
+from sae_platform.inbox import failed_attempts, needs_caching
 
 # How often the sensors look (seconds); tests and busy deployments change it.
 SENSOR_INTERVAL_S = int(os.environ.get("SAE_PLATFORM_SENSOR_INTERVAL_S", "30"))
@@ -71,15 +71,17 @@ def inbox_sensor(context: SensorEvaluationContext, text_source: TextSourceResour
     existing = set(context.instance.get_dynamic_partitions(ACTIVATION_BATCHES.name))
     new = [f.key for f in inbox.files if f.key not in existing]
     busy = _keys_in_flight(context.instance)
-    todo = [k for k in needs_caching(store, inbox.stamps) if k not in busy]
+    todo = [k for k in needs_caching(store, inbox.stamps, inbox.access) if k not in busy]
     if not new and not todo:
         return SkipReason(f"no new or changed files in the inbox{skipped}")
     context.log.info(f"new: {', '.join(new[:10]) or 'none'}; to cache: {', '.join(todo[:10]) or 'none'}"
                      + (f" ({len(todo)} in all)" if len(todo) > 10 else "") + skipped)
-    requests = []
+    requests, failed = [], failed_attempts(store)
     for first in range(0, len(todo), FILES_PER_RUN):
         chunk = todo[first:first + FILES_PER_RUN]
-        versions = json.dumps([[k, inbox.stamps[k]] for k in chunk])
+        # a version tried again after a failure (its permissions changed) is a new run, not the old one's key
+        versions = json.dumps([[k, inbox.stamps[k], *([failed[k].get("failed_at")] if k in failed else [])]
+                               for k in chunk])
         requests.append(RunRequest(run_key=f"cache:{hashlib.sha256(versions.encode()).hexdigest()[:16]}",
                                    run_config=automation.inbox_run_config(chunk),
                                    tags={"sae_platform/files": ", ".join(chunk)[:200]}))
@@ -109,7 +111,8 @@ def _behind(storage: StorageResource, resources, text_source: TextSourceResource
     store = storage.store()
     reasons = []
     if text_source is not None:  # files whose current version failed wait for a new one: not behind
-        todo = needs_caching(store, text_source.scan(store).stamps)
+        inbox = text_source.scan(store)
+        todo = needs_caching(store, inbox.stamps, inbox.access)
         cached = cached_versions(store)
         uncached = [k for k in todo if k not in cached]
         if uncached:

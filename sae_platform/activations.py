@@ -51,10 +51,11 @@ from sae_platform.corpus import (
     Contexts,
     Document,
     TextFile,
+    access_stamp,
     source_stamp,
     stream_contexts,
 )
-from sae_platform.errors import ModelError, SourceError, StorageError
+from sae_platform.errors import ModelError, SourceError, SourceUnavailable, StorageError
 from sae_platform.hooks import check_hook_point, hook_name
 from sae_platform.inbox import clear_failed_attempt, record_failed_attempt
 from sae_platform.model import HookedModel
@@ -305,8 +306,9 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
                     progress: Callable[[int, int], None] | None = None) -> dict:
     """The whole caching path for one batch: read, tokenize and pack (streamed, stopping at
     ``max_contexts``), forward, commit. A failure caused by the file (``SourceError``) is recorded
-    with the file's stamp (``inbox.record_failed_attempt``), so that version is not retried; a
-    commit clears the record."""
+    with the file's stamp (``inbox.record_failed_attempt``), so that version is not retried; one
+    caused by its permissions (``SourceUnavailable``) with its access stamp too, so it is retried
+    once they change; a commit clears the record."""
     try:
         stamp = source_stamp(text_file, storage_options)  # before reading: a file replaced meanwhile looks changed
     except FileNotFoundError as error:
@@ -316,6 +318,9 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
         docs, contexts = stream_contexts(text_file, model.tokenizer, settings.ctx_len, model.start_token_id,
                                          settings.max_contexts if max_contexts is None else max_contexts,
                                          text_field, encoding, storage_options)
+    except SourceUnavailable as error:  # its permissions, not its text: tried again once they change
+        record_failed_attempt(store, text_file.key, stamp, str(error), access=access_stamp(text_file))
+        raise
     except SourceError as error:
         record_failed_attempt(store, text_file.key, stamp, str(error))
         raise

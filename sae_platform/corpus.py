@@ -355,7 +355,14 @@ def open_raw(text_file: TextFile, storage_options: dict | None = None):
     path, which must lie inside the source folder: a folder on the path flipped to a link between
     the check and the open makes the open fail instead of reading outside, and the path is then
     resolved and checked again. Raises ``SourceError`` (outside the source, not a regular file,
-    vanished) and ``OSError`` (e.g. ``PermissionError``)."""
+    vanished), ``SourceUnavailable`` (permission denied: ``permission_error``) and ``OSError``."""
+    try:
+        return _open_raw(text_file, storage_options)
+    except PermissionError as error:
+        raise permission_error(text_file, error) from error
+
+
+def _open_raw(text_file: TextFile, storage_options: dict | None):
     if "://" in text_file.url and not text_file.url.startswith("file://"):
         return fsspec.open(text_file.url, "rb", **(storage_options or {})).open()
     path = text_file.url.removeprefix("file://")
@@ -382,6 +389,36 @@ def open_raw(text_file: TextFile, storage_options: dict | None = None):
         os.close(fd)
         raise SourceError(f"{text_file.url} is not a regular file", "only regular files are read; remove it")
     return os.fdopen(fd, "rb")
+
+
+def permission_error(text_file: TextFile, error: OSError) -> SourceUnavailable:
+    """The file may not be read by this process: a problem of its permissions, not of its text, so
+    its caching is tried again once they change (``access_stamp``)."""
+    if "://" in text_file.url and not text_file.url.startswith("file://"):
+        return SourceUnavailable(f"{text_file.url} cannot be read: permission denied by the storage ({error})",
+                                 "grant the platform's credentials read access to it (s3:GetObject); it is tried "
+                                 "again within the hour")
+    try:
+        info = os.stat(os.path.realpath(text_file.url.removeprefix("file://")))
+        owner = f"owner uid {info.st_uid}, mode {stat.filemode(info.st_mode)}"
+    except OSError:
+        owner = "a folder on its path may not be entered"
+    return SourceUnavailable(f"{text_file.url} cannot be read: permission denied ({owner}; the platform runs as "
+                             f"uid {os.geteuid()})",
+                             "make it readable to the platform's user: chmod a+r FILE, or chown it to that user; "
+                             "it is tried again as soon as its permissions change")
+
+
+def access_stamp(text_file: TextFile) -> str:
+    """Mode, owner and group of a local file ('' for remote ones, and when it cannot be inspected):
+    it changes with chmod/chown, which is when a file that could not be read is tried again."""
+    if not text_file.root:
+        return ""
+    try:
+        info = os.stat(os.path.realpath(text_file.url.removeprefix("file://")))
+    except OSError:
+        return ""
+    return f"{info.st_mode:o}:{info.st_uid}:{info.st_gid}"
 
 
 def _open_beneath(real: str) -> int:
@@ -516,6 +553,8 @@ def iter_pieces(text_file: TextFile, text_field: str = "text", encoding: str = "
         if isinstance(error, FileNotFoundError):
             raise SourceError(f"{text_file.url} vanished before it could be read",
                               "restore the file, or delete its partition") from error
+        if isinstance(error, PermissionError):  # e.g. S3 denies the GET after the open
+            raise permission_error(text_file, error) from error
         raise SourceError(f"{text_file.url} cannot be read: {error}",
                           "replace it with a complete copy (a compressed file may be truncated)") from error
 

@@ -21,16 +21,18 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 
 from sae_platform.catalog import failed_attempt_path, failed_attempts_glob, list_partitions, partition_name
-from sae_platform.corpus import Listing, Skipped, TextFile, display_name, scan_source, source_stamp
+from sae_platform.corpus import Listing, Skipped, TextFile, access_stamp, display_name, scan_source, source_stamp
 from sae_platform.errors import printable
 from sae_platform.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
+# A file that could not be read for its permissions is tried again at least this often (seconds).
+UNAVAILABLE_RETRY_S = 3600
 _HASHES: dict[tuple[str, str], str] = {}  # (url, stamp) → sha256: a file is hashed once per version
 
 
@@ -39,6 +41,7 @@ class Inbox:
     files: list[TextFile]
     skipped: list[Skipped]
     stamps: dict[str, str]  # key → corpus.source_stamp
+    access: dict[str, str] = field(default_factory=dict)  # key → corpus.access_stamp (local files)
 
 
 def content_hash(text_file: TextFile, stamp: str, storage_options: dict | None = None) -> str:
@@ -91,10 +94,11 @@ def scan_inbox(pattern: str, storage_options: dict | None = None, store: Artifac
                skip_duplicates: bool = True) -> Inbox:
     """The inbox as every automation sees it: files to cache (keys, stamps) and files skipped with why."""
     listing: Listing = scan_source(pattern, storage_options)
-    files, skipped, stamps = [], list(listing.skipped), {}
+    files, skipped, stamps, access = [], list(listing.skipped), {}, {}
     for f in listing.files:  # a file removed since the listing is skipped, not an error for the others
         try:
             stamps[f.key] = source_stamp(f, storage_options)
+            access[f.key] = access_stamp(f)
             files.append(f)
         except OSError as error:
             skipped.append(Skipped(f.url, f"cannot be inspected ({error}): removed meanwhile?"))
@@ -105,15 +109,18 @@ def scan_inbox(pattern: str, storage_options: dict | None = None, store: Artifac
                                    "skip_duplicates: false caches copies)") for f in files if f.key in copies]
         files = [f for f in files if f.key not in copies]
         stamps = {f.key: stamps[f.key] for f in files}
-    return Inbox(files, sorted(skipped, key=lambda s: s.url), stamps)
+    return Inbox(files, sorted(skipped, key=lambda s: s.url), stamps, {k: access[k] for k in stamps})
 
 
 # -- failed caching attempts -----------------------------------------------------------------------
 
-def record_failed_attempt(store: ArtifactStore, key: str, stamp: str | None, reason: str) -> None:
-    """Remember that caching ``key`` failed for the file version ``stamp`` (next to the pointer)."""
-    store.write_json(failed_attempt_path(store, key),
-                     {"key": key, "stamp": stamp, "reason": reason, "failed_at": time.time()})
+def record_failed_attempt(store: ArtifactStore, key: str, stamp: str | None, reason: str,
+                          access: str | None = None) -> None:
+    """Remember that caching ``key`` failed for the file version ``stamp`` (next to the pointer).
+    ``access`` (``corpus.access_stamp``) marks a failure of the file's permissions, not of its
+    text: that version is tried again once they change, or after ``UNAVAILABLE_RETRY_S``."""
+    record = {"key": key, "stamp": stamp, "reason": reason, "failed_at": time.time()}
+    store.write_json(failed_attempt_path(store, key), record if access is None else {**record, "access": access})
 
 
 def clear_failed_attempt(store: ArtifactStore, key: str) -> None:
@@ -152,32 +159,48 @@ def _failure_record(data: bytes) -> dict:
     return record
 
 
-def needs_caching(store: ArtifactStore, stamps: dict[str, str]) -> list[str]:
-    """Keys whose current file version is neither cached nor already tried (and failed)."""
+def needs_caching(store: ArtifactStore, stamps: dict[str, str], access: dict[str, str] | None = None) -> list[str]:
+    """Keys whose current file version is neither cached nor already tried (and failed); a file that
+    could not be read for its permissions is tried again when ``access`` (key → current
+    ``corpus.access_stamp``) differs from the one it failed with, or after ``UNAVAILABLE_RETRY_S``."""
     failed = failed_attempts(store)
     todo = []
     for key, stamp in sorted(stamps.items()):
         pointer = store.pointer(partition_name(key))
         if pointer is not None and pointer.get("source_stamp") in (None, stamp):
             continue  # cached (partitions cached before stamps were recorded count as current)
-        if failed.get(key, {}).get("stamp") == stamp:
-            continue  # this very version failed: wait for a new one
+        if key in failed and _still_failing(failed[key], stamp, (access or {}).get(key)):
+            continue  # this very version failed: wait for a new one (or new permissions)
         todo.append(key)
     return todo
 
 
-def failed_current(store: ArtifactStore, stamps: dict[str, str]) -> dict[str, str]:
-    """key → reason, for files whose current version failed caching and is not cached."""
+def _still_failing(record: dict, stamp: str, access: str | None) -> bool:
+    """Whether a failure record still holds for the file's current version (``stamp``) and permissions."""
+    if record.get("stamp") != stamp:
+        return False
+    if "access" not in record:
+        return True  # the text itself failed: only a new version is tried
+    if access and access != record["access"]:
+        return False  # chmod/chown since
+    return time.time() < float(record.get("failed_at") or 0) + UNAVAILABLE_RETRY_S
+
+
+def failed_current(store: ArtifactStore, stamps: dict[str, str], access: dict[str, str] | None = None
+                   ) -> dict[str, dict]:
+    """key → failure record, for files whose current version failed caching, is not cached and
+    is not due to be tried again (``needs_caching``'s rule)."""
     failed = failed_attempts(store)
-    return {k: r["reason"] for k, r in failed.items() if k in stamps and r.get("stamp") == stamps[k]}
+    return {k: r for k, r in failed.items() if k in stamps and _still_failing(r, stamps[k], (access or {}).get(k))}
 
 
 def inbox_report(inbox: Inbox, store: ArtifactStore) -> list[str]:
     """Lines for `sae-platform status`: skipped files with their reason, failed files with theirs;
     control characters of file names (and of anything else) escaped (``errors.printable``)."""
     lines = [f"  skipped {display_name(s.url)}: {s.reason}" for s in inbox.skipped]
-    lines += [f"  failed {k}: {reason} (retried when the file changes)"
-              for k, reason in sorted(failed_current(store, inbox.stamps).items())]
+    lines += [f"  failed {k}: {record['reason']} (retried when the file changes"
+              + (", or its permissions, or within the hour)" if "access" in record else ")")
+              for k, record in sorted(failed_current(store, inbox.stamps, inbox.access).items())]
     listed = {f.key for f in inbox.files}
     lines += [f"  cached {k}: no inbox file has this key now (removed, renamed, a copy of another file, or named "
               f"under the older key rule); it is still shuffled and trained on: delete "

@@ -146,3 +146,53 @@ def test_a_utf16_file_read_under_another_encoding_is_named(tmp_path):
     what, fix = what_bytes_look_like((tmp_path / "w.txt").read_bytes(), b"")
     assert what.startswith("UTF-16 text") and "iconv -f UTF-16" in fix
     assert read_documents(text_file)[0].text == "plain words here"  # with the default utf-8, the BOM is read
+
+
+@pytest.fixture
+def deny_unreadable(monkeypatch):
+    """As root, chmod 000 does not deny a read: make os.open deny it as the kernel does for a user."""
+    if os.geteuid() != 0:
+        return
+    import errno
+    import stat
+
+    real_open = os.open
+
+    def open_as_a_user(path, flags, mode=0o777, *, dir_fd=None):
+        info = os.stat(path, dir_fd=dir_fd)
+        if stat.S_ISREG(info.st_mode) and not info.st_mode & 0o444:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", open_as_a_user)
+
+
+def test_an_unreadable_file_gets_permission_advice_and_is_retried_once_readable(
+        tmp_path, store, tiny_hooked, tiny_model_dir, deny_unreadable):
+    from dagster import DagsterInstance, SkipReason
+
+    from sae_platform.activations import CacheSettings, cache_text_file
+    from sae_platform.inbox import failed_attempts, inbox_report, scan_inbox
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "locked.txt").write_text("Some text that is locked away for a while. " * 30)
+    pattern, instance = str(inbox / "*"), DagsterInstance.ephemeral()
+    first = _sensor_tick(instance, pattern, store).run_requests[0]
+    instance.add_dynamic_partitions("activation_batches", ["locked"])
+    os.chmod(inbox / "locked.txt", 0)
+    (text_file,) = scan_inbox(pattern, store=store).files
+    with pytest.raises(SourceError) as error:
+        cache_text_file(store, text_file, tiny_hooked, str(tiny_model_dir), CacheSettings(ctx_len=16, batch_size=4))
+    message = str(error.value)
+    assert "permission denied" in message and "chmod a+r" in message and "complete copy" not in message
+    assert "access" in failed_attempts(store)["locked"]
+    assert isinstance(_sensor_tick(instance, pattern, store), SkipReason)  # unchanged: not tried over and over
+    assert "or its permissions" in "\n".join(inbox_report(scan_inbox(pattern, store=store), store))
+
+    os.chmod(inbox / "locked.txt", 0o644)
+    (again,) = _sensor_tick(instance, pattern, store).run_requests
+    assert again.run_key != first.run_key  # a new run, not deduplicated against the failed one
+    assert again.run_config["ops"]["activation_batches"]["config"]["keys"] == ["locked"]
+    cache_text_file(store, text_file, tiny_hooked, str(tiny_model_dir), CacheSettings(ctx_len=16, batch_size=4))
+    assert "locked" not in failed_attempts(store)

@@ -48,7 +48,7 @@ def _print_inbox(settings: Settings, store) -> None:
     except (PlatformError, OSError) as error:
         print("\n" + printable(f"inbox {settings.inbox}: cannot be listed ({error})"))
         return
-    waiting = needs_caching(store, inbox.stamps)
+    waiting = needs_caching(store, inbox.stamps, inbox.access)
     lines = inbox_report(inbox, store)
     print(f"\ninbox {printable(settings.inbox)}: {len(inbox.files)} readable file(s), {len(waiting)} waiting to be "
           "cached"
