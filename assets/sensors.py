@@ -44,6 +44,9 @@ from sae_platform.inbox import failed_attempts, needs_caching
 # How often the sensors look (seconds); tests and busy deployments change it.
 SENSOR_INTERVAL_S = int(os.environ.get("SAE_PLATFORM_SENSOR_INTERVAL_S", "30"))
 NIGHTLY_CRON = os.environ.get("SAE_PLATFORM_REFRESH_CRON", "0 3 * * *")
+# Seconds a tick may spend reading files to compare their contents (Dagster stops a sensor at 60 s);
+# a comparison not finished goes on at the next tick.
+HASH_BUDGET_S = float(os.environ.get("SAE_PLATFORM_SENSOR_HASH_BUDGET_S", "20"))
 # Inbox files cached per cache_inbox run: 200 files dropped at once are 8 runs, not 200.
 FILES_PER_RUN = int(os.environ.get("SAE_PLATFORM_FILES_PER_RUN", "25"))
 CACHING_JOBS = ["cache_inbox", ACTIVATIONS.job.name]  # the inbox sensor's op job; the activations asset job
@@ -60,7 +63,7 @@ def inbox_sensor(context: SensorEvaluationContext, text_source: TextSourceResour
     FILES_PER_RUN files per cache_inbox run. One bad file never holds back the others."""
     store = storage.store()
     try:
-        inbox = text_source.scan(store)
+        inbox = text_source.scan(store, HASH_BUDGET_S)
     except (SourceError, OSError) as error:
         return SkipReason(printable(str(error)))
     skipped = (f"; {len(inbox.skipped)} file(s) skipped: "
@@ -111,7 +114,7 @@ def _behind(storage: StorageResource, resources, text_source: TextSourceResource
     store = storage.store()
     reasons = []
     if text_source is not None:  # files whose current version failed wait for a new one: not behind
-        inbox = text_source.scan(store)
+        inbox = text_source.scan(store, HASH_BUDGET_S)
         todo = needs_caching(store, inbox.stamps, inbox.access)
         cached = cached_versions(store)
         uncached = [k for k in todo if k not in cached]

@@ -196,3 +196,74 @@ def test_an_unreadable_file_gets_permission_advice_and_is_retried_once_readable(
     assert again.run_config["ops"]["activation_batches"]["config"]["keys"] == ["locked"]
     cache_text_file(store, text_file, tiny_hooked, str(tiny_model_dir), CacheSettings(ctx_len=16, batch_size=4))
     assert "locked" not in failed_attempts(store)
+
+
+def test_a_cached_file_renamed_is_not_cached_again(tmp_path, store, tiny_hooked, tiny_model_dir):
+    from dagster import DagsterInstance, SkipReason
+
+    from sae_platform.activations import CacheSettings, cache_text_file
+    from sae_platform.inbox import inbox_report, scan_inbox
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "hamlet.txt").write_text("To be, or not to be, that is the question. " * 30)
+    (inbox / "other.txt").write_text("Something else entirely, of another length. " * 30)
+    pattern, instance = str(inbox / "*"), DagsterInstance.ephemeral()
+    for text_file in scan_inbox(pattern, store=store).files:
+        cache_text_file(store, text_file, tiny_hooked, str(tiny_model_dir), CacheSettings(ctx_len=16, batch_size=4))
+    instance.add_dynamic_partitions("activation_batches", ["hamlet", "other"])
+    assert isinstance(_sensor_tick(instance, pattern, store), SkipReason)
+
+    (inbox / "hamlet.txt").rename(inbox / "hamlet_v2.txt")  # and a copy that keeps no mtime: still the same bytes
+    (inbox / "other_copy.txt").write_bytes((inbox / "other.txt").read_bytes())
+    (inbox / "other.txt").unlink()
+    result = _sensor_tick(instance, pattern, store)
+    assert isinstance(result, SkipReason), _keys(result)
+    state = scan_inbox(pattern, store=store)
+    assert state.renamed == {"hamlet": "hamlet_v2", "other": "other_copy"}
+    report = "\n".join(inbox_report(state, store))
+    assert "skipped hamlet_v2.txt: identical content to partition hamlet" in report
+    assert "no inbox file has this key now" not in report
+
+    (inbox / "hamlet_v2.txt").write_text("A new text now. " * 40)  # changed after the rename: a new batch
+    assert _keys(_sensor_tick(instance, pattern, store)) == ["hamlet_v2"]
+
+
+def test_a_tick_with_two_large_equal_size_files_stays_within_its_budget(tmp_path, store, monkeypatch):
+    """Two identical 4 GiB files (sparse: no disk used) used to be hashed whole inside the tick."""
+    import time
+
+    from dagster import DagsterInstance
+
+    from assets import sensors
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("big_a.txt", "big_b.txt"):
+        with open(inbox / name, "wb") as f:
+            f.truncate(4 << 30)
+    (inbox / "small.txt").write_text("a small file that is cached meanwhile " * 10)
+    monkeypatch.setattr(sensors, "HASH_BUDGET_S", 0.3)
+    _sensor_tick(DagsterInstance.ephemeral(), str(tmp_path / "nothing" / "*"), store)  # Dagster's own first-call cost
+    started = time.monotonic()
+    result = _sensor_tick(DagsterInstance.ephemeral(), str(inbox / "*"), store)
+    elapsed = time.monotonic() - started
+    assert _keys(result) == ["small"]  # the others wait for their comparison, the rest goes on
+    assert elapsed < 3, f"the tick took {elapsed:.1f} s"
+
+
+def test_a_comparison_cut_short_goes_on_at_the_next_look(tmp_path, monkeypatch):
+    from sae_platform import inbox as inbox_module
+    from sae_platform.inbox import scan_inbox
+
+    monkeypatch.setattr(inbox_module, "BLOCK_BYTES", 1024)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    content = os.urandom(10 * 1024)
+    (inbox / "a.txt").write_bytes(content)
+    (inbox / "b.txt").write_bytes(content)
+    (inbox / "c.txt").write_bytes(content[:-1] + b"x")  # differs in its last block only
+    looks = [scan_inbox(str(inbox / "*"), hash_budget_s=0) for _ in range(40)]
+    first, last = ({s.url.rsplit("/", 1)[-1]: s.reason for s in look.skipped} for look in (looks[0], looks[-1]))
+    assert all("still comparing" in first[name] for name in ("a.txt", "b.txt", "c.txt"))
+    assert [f.key for f in looks[-1].files] == ["a", "c"] and "identical content to a.txt" in last["b.txt"]
