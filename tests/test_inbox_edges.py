@@ -267,3 +267,18 @@ def test_a_comparison_cut_short_goes_on_at_the_next_look(tmp_path, monkeypatch):
     first, last = ({s.url.rsplit("/", 1)[-1]: s.reason for s in look.skipped} for look in (looks[0], looks[-1]))
     assert all("still comparing" in first[name] for name in ("a.txt", "b.txt", "c.txt"))
     assert [f.key for f in looks[-1].files] == ["a", "c"] and "identical content to a.txt" in last["b.txt"]
+
+
+def test_an_s3_inbox_is_compared_and_read_through_the_same_paths(s3, s3_endpoint, tmp_path):
+    from sae_platform.corpus import resolve_source
+    from sae_platform.inbox import scan_inbox
+
+    client, bucket = s3
+    for name in ("a.txt", "b.txt"):
+        client.put_object(Bucket=bucket, Key=f"inbox/{name}", Body=b"the same words " * 50)
+    client.put_object(Bucket=bucket, Key="inbox/c.txt", Body=b"%PDF-1.4\n\xe2\xe3\xcf\xd3 " * 10)
+    state = scan_inbox(*resolve_source(f"s3://{bucket}/inbox/*", s3_endpoint), hash_budget_s=5)
+    assert [f.key for f in state.files] == ["a", "c"] and "identical content to a.txt" in state.skipped[0].reason
+    assert read_documents(state.files[0], storage_options={"endpoint_url": s3_endpoint})[0].text.startswith("the same")
+    with pytest.raises(SourceError, match="a PDF document"):
+        read_documents(state.files[1], storage_options={"endpoint_url": s3_endpoint})
