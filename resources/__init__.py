@@ -111,10 +111,11 @@ class TextSourceResource(ConfigurableResource):
     def _resolved(self) -> str:
         return resolve_source(self.pattern, self.endpoint_url)[0]
 
-    def scan(self, store: ArtifactStore | None = None) -> Inbox:
+    def scan(self, store: ArtifactStore | None = None, hash_budget_s: float | None = None) -> Inbox:
         """Files to cache (keys, stamps) and files skipped with their reason (sae_platform.inbox);
-        with ``store``, of byte-identical files the cached one stays the original."""
-        return scan_inbox(self._resolved(), self.storage_options, store, self.skip_duplicates)
+        with ``store``, of byte-identical files the cached one stays the original, and a renamed
+        cached file is not cached again. Comparing contents takes at most ``hash_budget_s`` seconds."""
+        return scan_inbox(self._resolved(), self.storage_options, store, self.skip_duplicates, hash_budget_s)
 
     def files(self, store: ArtifactStore | None = None) -> list[TextFile]:
         files = self.scan(store).files

@@ -36,7 +36,7 @@ from jobs.cli.stages import (
 )
 from jobs.cli.status import cmd_status
 from jobs.cli.verify import cmd_verify
-from sae_platform.errors import PlatformError
+from sae_platform.errors import PlatformError, printable
 
 # The commands live in the modules of this package, one per kind of work; everything heavy (dagster,
 # torch, the definitions) is imported inside the commands that need it, so `--help` and argument
@@ -117,5 +117,5 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except PlatformError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(error.problem)}\n  How to fix: {printable(error.fix)}", file=sys.stderr)
         return 2
