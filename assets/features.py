@@ -20,7 +20,7 @@ from sae_platform.activations import activation_attrs, open_partition
 from sae_platform.browser.publish import build_site
 from sae_platform.catalog import eval_name, trained_on
 from sae_platform.feature_check import brute_force_check
-from sae_platform.feature_merge import FeatureTables, merge_partials, read_tables, write_tables
+from sae_platform.feature_merge import FeatureTables, merge_shard_tables, read_tables, write_tables
 from sae_platform.freshness import browser_checkpoint, features_behind
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
@@ -124,14 +124,15 @@ FEATURE_STATS_PARTIAL = _stage(
 # -- pass 2 ---------------------------------------------------------------------------------------
 
 def merge_shard(run: StageRun) -> dict:
-    """Merge the partials of every pinned batch: exact top-K, uniform random and interval examples,
-    density, histogram; plus the logit effects (W_dec · W_U) of each feature."""
+    """Merge the partials of every pinned batch: exact top-K, uniform random examples, density,
+    histogram; then the interval examples, sampled from all activating tokens of each interval
+    with the merged max (each batch's codes read again); plus the logit effects (W_dec · W_U)."""
     settings, (sae, group), store = _settings(run), _load(run), run.store
     index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     batches = pinned_batches(run)
     run.log.info(f"pass 2, features [{start:,}, {stop:,}): merging {len(batches)} partial(s)")
-    tables = merge_partials(ft.read_partials(store, settings.sae_name, index, batches), settings)
+    tables = merge_shard_tables(store, sae, settings.sae_name, index, batches, settings)
     hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
     logits = logit_effects(sae, unembedding_matrix(hooked.model), hooked.tokenizer, start, stop)
     attrs = activation_attrs(store, sae_shuffle(run))
