@@ -17,7 +17,7 @@ from sae_platform.export import export_saelens
 from sae_platform.sae import build_sae
 
 D, N, K = 16, 48, 5
-HOOK = {"hook_name": "blocks.1.hook_resid_post", "hook_layer": 1, "model_name": "tiny-llama"}
+HOOK = {"hook_name": "blocks.1.hook_resid_post", "model_name": "tiny-llama"}
 
 
 def raw_data(n=96, seed=0):
