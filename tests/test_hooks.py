@@ -18,6 +18,7 @@ from sae_platform.hooks import (
     splice_hooks,
     start_token_id,
 )
+from tests.tl_reference import transformer_lens_model
 
 SITES = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized", "hook_mlp_out",
          "hook_resid_post")
@@ -271,31 +272,13 @@ def test_unsupported_layouts_are_refused():
 TL_FAMILIES = ("llama", "qwen2", "gpt2", "gpt_neox", "gpt_neox_sequential", "opt")
 
 
-def _transformer_lens_model(model, tmp_path):
-    """The same weights as a TransformerLens HookedTransformer, unfolded (fold_ln and centring off,
-    so every hook holds the unprocessed model's value)."""
-    tl = pytest.importorskip("transformer_lens", reason="TransformerLens (a dependency of the dev extra's "
-                             "sae-lens) is not installed: install the dev extra to compare hook points with it")
-    from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
-
-    if model.config.model_type == "gpt2":
-        model.config.n_ctx = model.config.n_positions  # TL reads n_ctx, which GPT2Config no longer has
-    model.save_pretrained(tmp_path)
-    cfg = get_pretrained_model_config(str(tmp_path), device="cpu")
-    cfg.tokenizer_name = None  # the tiny model has no tokenizer
-    hooked = tl.HookedTransformer(cfg, tokenizer=None, move_to_device=False)
-    hooked.load_and_process_state_dict(get_pretrained_state_dict(str(tmp_path), cfg, hf_model=model), fold_ln=False,
-                                       center_writing_weights=False, center_unembed=False, fold_value_biases=False)
-    return hooked.eval()
-
-
 def test_every_hook_point_equals_transformer_lens(family_model, tmp_path):
     """Every hook point of every block, read by us from the Hugging Face model, equals
     TransformerLens's run_with_cache value of the same name on the same weights."""
     family, model = family_model
     if family not in TL_FAMILIES:
         pytest.skip(f"TransformerLens converts {family} only from its official model names")
-    hooked = _transformer_lens_model(model, tmp_path)
+    hooked = transformer_lens_model(model, tmp_path)
     ids = torch.randint(3, 97, (2, 9))
     with torch.no_grad():
         _, cache = hooked.run_with_cache(ids)
