@@ -286,7 +286,8 @@ def test_every_hook_point_equals_transformer_lens(family_model, tmp_path):
              if not (family == "gpt_neox" and site == "hook_resid_mid")]
     ours = read_hook_points(model, ids, names)
     for name in names:
-        torch.testing.assert_close(ours[name], cache[name].float(), atol=2e-5, rtol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(ours[name], cache[name].float(), atol=2e-5, rtol=2e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_olmo2_olmo3_granite_are_refused_by_name():
