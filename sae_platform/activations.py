@@ -55,7 +55,7 @@ from sae_platform.corpus import (
     stream_contexts,
 )
 from sae_platform.errors import ModelError, SourceError, SourceUnavailable, StorageError
-from sae_platform.hooks import check_hook_point, hook_name
+from sae_platform.hooks import HOOK_DEFINITIONS, check_definitions, check_hook_point, hook_name
 from sae_platform.inbox import clear_failed_attempt, content_digest, record_failed_attempt
 from sae_platform.model import HookedModel
 from sae_platform.settings import SettingsError, setting, validate
@@ -117,7 +117,13 @@ def fingerprint(model: HookedModel, model_source: str, entries: list[HookEntry] 
     first = entries[0]
     return {"model": model_source, "layer": model.layer, "hook_name": first.hook_name, "d_model": model.d_model,
             **({"hook_name_in": first.hook_name_in} if first.hook_name_in else {}),
-            "hook_points": [e.spec for e in entries]}
+            "hook_points": [e.spec for e in entries], "hook_definitions": HOOK_DEFINITIONS}
+
+
+def _held_hook_points(attrs: dict) -> list[str]:
+    """Every hook point a fingerprint or store's attributes name (each entry's input and output)."""
+    specs = attrs.get("hook_points") or [HookEntry.spec_of(attrs)]
+    return [name for spec in specs if spec for name in HookEntry.parse(spec).names]
 
 
 def check_compatible(store: ArtifactStore, expected: dict, writing_key: str) -> None:
@@ -126,6 +132,7 @@ def check_compatible(store: ArtifactStore, expected: dict, writing_key: str) -> 
         if name == partition_name(writing_key):
             continue
         stored = store.pointer(name).get("fingerprint", {})
+        check_definitions(_held_hook_points(stored), stored.get("hook_definitions"), f"activation partition {name!r}")
         for field in ("d_model", "model", "layer", "hook_name", "hook_name_in", "hook_points"):
             if field in stored and stored[field] != expected[field]:
                 raise ModelError(
@@ -361,7 +368,9 @@ def activation_hook_entry(store, shuffle_name: str) -> HookEntry:
         raise StorageError(f"the activations behind shuffled/{shuffle_name} do not say which hook point they "
                            "were read at (no hook_name or layer in their attrs)",
                            "cache the activations again with this version, then shuffle and train again")
-    return HookEntry(name, attrs.get("hook_name_in"))
+    entry = HookEntry(name, attrs.get("hook_name_in"))
+    check_definitions(entry.names, attrs.get("hook_definitions"), f"the activations behind shuffled/{shuffle_name}")
+    return entry
 
 
 def activation_row_rule(store, shuffle_name: str, start_token_id: int | None = None) -> RowRule:

@@ -57,7 +57,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from sae_platform.activations import activation_attrs, activation_hook_entry
 from sae_platform.catalog import checkpoint_pin, checkpoint_version, export_name, trained_on
-from sae_platform.errors import ModelError, PlatformError
+from sae_platform.errors import PlatformError
 from sae_platform.hooks import parse_hook_point
 from sae_platform.storage import write_local_atomic
 from sae_platform.trainer import load_sae
@@ -144,9 +144,15 @@ def _write(path: str, data: bytes, fs) -> None:
         fs.pipe_file(path, data)  # one PUT: atomic on object stores
 
 
-def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model_name: str, fs=None,
+def export_saelens(sae, dest_dir: str, *, hook_name: str, model_name: str, fs=None,
                    context_size: int | None = None, dataset_path: str = "", hook_name_out: str | None = None) -> dict:
     """Write ``dest_dir/cfg.json`` and ``dest_dir/sae_weights.safetensors`` for SAELens.
+
+    ``hook_name``: what the SAE reads (a transcoder's input); ``hook_name_out``: where a
+    transcoder writes. ``hook_layer`` and ``hook_layer_out`` are each parsed from their own hook
+    name (``hooks.parse_hook_point``): a cross-block transcoder (``blocks.0.hook_resid_pre ->
+    blocks.2.hook_mlp_out``) has hook_layer 0 and hook_layer_out 2. ModelError when a name is
+    not a hook point.
 
     ``dest_dir`` is a local directory (files written to a temporary name, fsynced and renamed)
     or, with ``fs`` an fsspec filesystem, a path on it (one ``pipe_file`` per file). The weights
@@ -154,6 +160,9 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
     the context length the activations were cached with (SAELens metadata; None if unknown).
     Returns the architecture, the file paths, the field mapping and the cfg written."""
     architecture, fields, weights = saelens_state_dict(sae)
+    if sae.is_transcoder and not hook_name_out:
+        raise PlatformError("a transcoder export needs hook_name_out (where its output goes)",
+                            "pass hook_name_out, e.g. blocks.L.hook_mlp_out")
     config = sae.config
     cfg = {
         "architecture": architecture,
@@ -163,7 +172,7 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
         "device": "cpu",
         "model_name": model_name,
         "hook_name": hook_name,
-        "hook_layer": int(hook_layer),
+        "hook_layer": parse_hook_point(hook_name).layer,
         "hook_head_index": None,
         **fields,
         "context_size": context_size,
@@ -174,7 +183,8 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
         "finetuning_scaling_factor": False,
         "sae_lens_training_version": None,
         **({} if not sae.is_transcoder else {
-            "d_out": int(sae.d_out), "hook_name_out": hook_name_out, "hook_layer_out": int(hook_layer),
+            "d_out": int(sae.d_out), "hook_name_out": hook_name_out,
+            "hook_layer_out": parse_hook_point(hook_name_out).layer,
             "hook_head_index_out": None, "apply_b_dec_to_input": False}),
         "metadata": {
             "exported_by": "sae_platform",
@@ -191,9 +201,6 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
         "W_enc": "input_scale * W_enc.T", "b_enc": "b_enc - W_enc @ b_pre", "W_dec": "W_dec / output_scale",
         "b_dec": "b_dec / output_scale",
     }
-    if sae.is_transcoder and not hook_name_out:
-        raise PlatformError("a transcoder export needs hook_name_out (where its output goes)",
-                            "pass hook_name_out, e.g. blocks.L.hook_mlp_out")
     if "threshold" in weights:
         mapping["threshold"] = ("threshold" if sae.variant == "jumprelu"
                                 else "global inference threshold, repeated per latent")
@@ -225,12 +232,7 @@ def export_run(store, sae_name: str) -> dict | None:
     attrs, entry = activation_attrs(store, shuffle_name), activation_hook_entry(store, shuffle_name)
     pin = checkpoint_pin(checkpoint_version(store, sae_name))
     with store.writing(export_name(sae_name), checkpoint_step=cfg["step"], **pin) as version:
-        try:
-            hook_layer = parse_hook_point(entry.reads).layer  # the hook point's block, not the model's default layer
-        except ModelError:
-            hook_layer = attrs.get("layer", -1)
-        result = export_saelens(sae, version, hook_name=entry.reads, hook_layer=hook_layer,
-                                model_name=attrs.get("model", ""),
+        result = export_saelens(sae, version, hook_name=entry.reads, model_name=attrs.get("model", ""),
                                 fs=None if store.is_local else store.fs, context_size=attrs.get("ctx_len"),
                                 hook_name_out=entry.hook_name if entry.hook_name_in else None)
     return {**result, "path": store.url(store.resolve(export_name(sae_name)))}

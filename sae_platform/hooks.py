@@ -6,13 +6,15 @@ Names (``L`` a 0-based block index)::
     blocks.L.hook_resid_pre        residual stream entering block L (input of the block)
     blocks.L.hook_attn_out         what the attention sub-block adds to the residual stream
     blocks.L.hook_resid_mid        resid_pre + attn_out: the residual stream entering the MLP
-    blocks.L.ln2.hook_normalized   the MLP's input: the pre-MLP norm's output (a transcoder's input)
+    blocks.L.ln2.hook_normalized   the pre-MLP norm's input, normalized but not yet multiplied by the
+                                   norm's gain (nor shifted by its bias): x / rms(x) (RMSNorm) or
+                                   (x - mean) / std (LayerNorm); a transcoder's input
     blocks.L.hook_mlp_out          what the MLP sub-block adds to the residual stream
     blocks.L.hook_resid_post       residual stream leaving block L (output of the block)
 
 Where each is read, per family (``FAMILIES``; the module names are the Hugging Face ones)::
 
-    family                 blocks                attn_out                   ln2 (pre-MLP norm)      mlp_out
+    family                 blocks                attn_out                   ln2 (pre-MLP norm)       mlp_out
     Llama/Mistral/Qwen2/   model.layers          self_attn[0]               post_attention_layernorm mlp
       Gemma (1)/SmolLM2
     Gemma2/Gemma3          model.layers          post_attention_layernorm   pre_feedforward_layernorm
@@ -22,7 +24,20 @@ Where each is read, per family (``FAMILIES``; the module names are the Hugging F
     OPT (pre-LN)           model.decoder.layers  self_attn[0]               final_layer_norm        fc2
 
 Gemma2's attn_out and mlp_out are the outputs of its extra post-norms, because those are what is
-added to the residual stream. ``resid_mid`` is the input of the pre-MLP norm. Models with
+added to the residual stream. ``ln2.hook_normalized`` is TransformerLens's: ``hook_normalized`` in
+``transformer_lens/components/rms_norm.py`` and ``layer_norm.py`` wraps ``x / scale`` and the gain
+``* self.w`` (``+ self.b``) comes after it. It is computed here from the norm module's input with
+the module's own epsilon; a splice there is multiplied by the gain (plus the bias) on its way into
+the MLP, as the norm would. Stores cached before version 2 of these definitions
+(``HOOK_DEFINITIONS``) hold the value after the gain under the same name: ``check_definitions``
+refuses them.
+
+Families are picked by ``config.model_type`` from an explicit list; any other type is refused by
+name, never guessed from module names: OLMo2/OLMo3 have Llama's module names but normalise the
+sub-block *outputs* (``post_attention_layernorm``, ``post_feedforward_layernorm``) and have no
+pre-MLP norm, and Granite multiplies what each sub-block adds by ``residual_multiplier``
+(TransformerLens issue #1648). A config of any type with ``residual_multiplier`` other than 1 is
+refused too. ``resid_mid`` is the input of the pre-MLP norm. Models with
 *parallel* attention and MLP (GPT-NeoX/Pythia with ``use_parallel_residual``, the default) compute
 ``x + attn(ln1(x)) + mlp(ln2(x))``: no residual stream exists between attention and MLP, so
 ``hook_resid_mid`` is refused there (as TransformerLens has no resid_mid for such models); the
@@ -46,6 +61,30 @@ _SITE_NAMES = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "resi
                "mlp_in": "ln2.hook_normalized", "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
 _NAME_SITES = {v: k for k, v in _SITE_NAMES.items()}
 _PATTERN = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+HOOK_DEFINITIONS = 2
+"""The version of these hook-point definitions, recorded as ``hook_definitions`` in every activation
+store's fingerprint and attributes (absent: 1). Version 2 stores ``ln2.hook_normalized`` before the
+norm's gain, as TransformerLens defines it; version 1 stored it after the gain."""
+# Per older version: the hook-point names whose values changed since, and what they held then.
+_REDEFINED = {1: ("hook_normalized", "the norm's output, after its gain (and bias)")}
+
+
+def check_definitions(names: Iterable[str], version: int | None, what: str) -> None:
+    """ModelError when ``what`` (activations cached with hook definitions ``version``; None means 1)
+    holds a hook point in ``names`` whose value has a different meaning now (``HOOK_DEFINITIONS``):
+    rows of two meanings under one name would be mixed, or an SAE trained on one spliced at the other."""
+    version = 1 if version is None else int(version)
+    for old in range(version, HOOK_DEFINITIONS):
+        suffix, meaning = _REDEFINED[old]
+        changed = [n for n in names if n.endswith(suffix)]
+        if changed:
+            raise ModelError(f"{what} holds {', '.join(changed)} cached with hook definitions version {version}, "
+                             f"where it was {meaning}; version {HOOK_DEFINITIONS} stores TransformerLens's value "
+                             "(normalized, before the gain)",
+                             "delete those activation partitions (and the shuffled stores and SAEs built on them) "
+                             "and cache them again, or cache into a different artifact root (storage.root_url)")
 
 
 @dataclass(frozen=True, order=True)
@@ -115,9 +154,17 @@ FAMILIES = {
     "opt": Family("OPT", "model.decoder.layers", "self_attn", "final_layer_norm", "fc2",
                   "model.decoder.final_layer_norm", "layer"),
 }
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "olmo2": None,
-                "phi3": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma2", "gemma3": "gemma2",
+_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
+                "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma2", "gemma3": "gemma2",
                 "gpt2": "gpt2", "gpt_neox": "gpt_neox", "opt": "opt"}
+_POST_NORM_BLOCKS = ("normalises each sub-block's output (post_attention_layernorm, post_feedforward_layernorm) "
+                     "before adding it and has no pre-MLP norm")
+_SCALED_RESIDUAL = "multiplies what each sub-block adds to the residual stream by residual_multiplier"
+# Types whose blocks look like a supported family's but compute something else (TransformerLens #1648)
+_REFUSED_TYPES = {"olmo2": ("OLMo2", _POST_NORM_BLOCKS), "olmo3": ("OLMo3", _POST_NORM_BLOCKS),
+                  "granite": ("Granite", _SCALED_RESIDUAL), "granitemoe": ("GraniteMoE", _SCALED_RESIDUAL),
+                  "granitemoeshared": ("GraniteMoEShared", _SCALED_RESIDUAL),
+                  "granitemoehybrid": ("GraniteMoEHybrid", _SCALED_RESIDUAL)}
 
 
 def _get(module, path: str):
@@ -132,19 +179,32 @@ def _lm(model) -> torch.nn.Module:
     return getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model
 
 
+def _supported_types() -> str:
+    return ", ".join(f"{t} ({FAMILIES[k].name})" for t, k in _MODEL_TYPES.items())
+
+
 def family_of(model) -> Family:
-    """The family table entry of a Hugging Face causal LM (by ``config.model_type``, else by layout)."""
+    """The family table entry of a Hugging Face causal LM, by ``config.model_type``. ModelError
+    naming the model type and the supported ones for any other type (a block that merely has
+    Llama's module names may add its sub-blocks differently: OLMo2, Granite), and for a config
+    whose ``residual_multiplier`` is not 1."""
     model = _lm(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in _REFUSED_TYPES:
+        family, why = _REFUSED_TYPES[model_type]
+        raise ModelError(f"{family} models (model_type {model_type!r}, {type(model).__name__}) are not supported: "
+                         f"{family} {why}, so hook_attn_out / hook_mlp_out / ln2.hook_normalized would not mean "
+                         "what TransformerLens means", f"use a model of a supported type: {_supported_types()}")
     key = _MODEL_TYPES.get(model_type)
-    if key is None:  # unknown type: a Llama-layout block (SmolLM2 GGUF conversions, fine-tunes) still works
-        block = _get(model, "model.layers.0")
-        if block is not None and all(_get(block, p) is not None
-                                     for p in ("self_attn", "post_attention_layernorm", "mlp")):
-            key = "gemma2" if _get(block, "pre_feedforward_layernorm") is not None else "llama"
     if key is None:
         raise ModelError(f"no hook-point layout for {type(model).__name__} (model_type {model_type!r})",
-                         "use a model of a supported family: " + ", ".join(f.name for f in FAMILIES.values()))
+                         f"use a model of a supported type: {_supported_types()}")
+    multiplier = getattr(config, "residual_multiplier", 1.0)
+    if multiplier != 1:
+        raise ModelError(f"this {model_type} model's config has residual_multiplier {multiplier}: each sub-block's "
+                         "output is scaled before it is added, so hook_attn_out / hook_mlp_out would not be what "
+                         "the residual stream receives", "use a model without residual_multiplier (or with 1.0)")
     family = FAMILIES[key]
     if key == "opt" and not getattr(model.config, "do_layer_norm_before", True):
         raise ModelError("this OPT model normalises after each sub-block (do_layer_norm_before: false, e.g. "
@@ -208,12 +268,48 @@ def sae_hook_points(model, hook_point: str, input_hook_point: str | None,
     return point, source
 
 
-def _site_module(model, point: HookPoint) -> tuple[torch.nn.Module, str]:
-    """(module, "in" | "out"): the value is that module's input (hidden states) or output."""
+@dataclass(frozen=True)
+class _Normalized:
+    """Where a value is the norm module's input normalized without its gain (``hook_normalized``):
+    ``kind`` is ``Family.norm``. Read from the module's input; a replacement goes on as the
+    module's output, multiplied by the gain and shifted by the bias as the module would."""
+
+    kind: str
+
+    @staticmethod
+    def _eps(module) -> float:
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if eps is None:
+            raise ModelError(f"the norm module {type(module).__name__} has no eps / variance_epsilon",
+                             "use an unmodified Hugging Face model of a supported family")
+        return float(eps)
+
+    def normalize(self, module, x: torch.Tensor) -> torch.Tensor:
+        """x / sqrt(mean(x²) + eps) (RMSNorm) or (x - mean) / sqrt(var + eps) (LayerNorm), in float32
+        over the last dimension; shape as ``x``."""
+        x = x.float()
+        if self.kind == "layer":
+            x = x - x.mean(-1, keepdim=True)
+        return x / (x.pow(2).mean(-1, keepdim=True) + self._eps(module)).sqrt()
+
+    def apply_gain(self, module, normalized: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """What the norm module outputs for ``normalized``: times w (Gemma: 1 + w), plus the bias."""
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        out = normalized.float()
+        if weight is not None:
+            out = out * ((1.0 + weight.float()) if self.kind == "rms_plus_one" else weight.float())
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(dtype)
+
+
+def _site_module(model, point: HookPoint) -> tuple[torch.nn.Module, "str | _Normalized"]:
+    """(module, "in" | "out" | _Normalized): the value is that module's input (hidden states), its
+    output, or its input normalized without the gain (``_Normalized``)."""
     family = family_of(model)
     block = decoder_blocks(model)[point.layer]
     path, where = {"resid_pre": ("", "in"), "resid_post": ("", "out"), "attn_out": (family.attn, "out"),
-                   "mlp_out": (family.mlp, "out"), "mlp_in": (family.ln2, "out"),
+                   "mlp_out": (family.mlp, "out"), "mlp_in": (family.ln2, _Normalized(family.norm)),
                    "resid_mid": (family.ln2, "in")}[point.site]
     module = _get(block, path) if path else block
     if module is None:
@@ -234,8 +330,14 @@ class _StopForward(Exception):
     pass
 
 
-def _register(module, where: str, fn: Callable, prepend: bool = False):
-    """fn(value) -> replacement or None, on a module's input ("in") or output ("out")."""
+def _register(module, where: "str | _Normalized", fn: Callable, prepend: bool = False):
+    """fn(value) -> replacement or None, on a module's input ("in"), output ("out") or normalized
+    input (``_Normalized``: the replacement becomes the output after the gain)."""
+    if isinstance(where, _Normalized):
+        def normalized_hook(_m, args, kwargs, output):
+            new = fn(where.normalize(module, _input_of(args, kwargs)))
+            return None if new is None else where.apply_gain(module, new, _first(output).dtype)
+        return module.register_forward_hook(normalized_hook, with_kwargs=True, prepend=prepend)
     if where == "out":
         def out_hook(_m, _args, output):
             new = fn(_first(output))

@@ -218,3 +218,51 @@ def test_a_cached_partition_with_a_deleted_chunk_or_an_edited_shape_is_refused(s
     meta.write_text(json.dumps(body, indent=2))
     with pytest.raises(StorageError, match=r"data.zarr/acts/zarr.json (has changed|is \d+ bytes)"):
         open_partition(store, "alpha")
+
+
+def _as_cached_before_hook_definitions(store, key):
+    """Make partition ``key`` look as a store cached before hook definitions were versioned (version
+    1: ln2.hook_normalized after the norm's gain): no hook_definitions in its pointer's fingerprint
+    nor in its hook-point stores' attributes."""
+    import json
+
+    from sae_platform.catalog import CHECKSUMS, partition_name, partition_store_path, store_group
+    from sae_platform.storage import POINTER
+
+    name = partition_name(key)
+    pointer = store.pointer(name)
+    del pointer["fingerprint"]["hook_definitions"]
+    del pointer["checksums"]  # ... and so before content checksums were recorded (its attrs change below)
+    store.fs.rm_file(store.path(name, pointer["version"], CHECKSUMS))
+    store.write_bytes_atomic(store.path(name, POINTER), json.dumps(pointer).encode())
+    for index in range(len(pointer["fingerprint"]["hook_points"])):
+        group = store.open_group(partition_store_path(store, key, pointer["version"], store_group(index)), mode="r+")
+        attrs = dict(group.attrs)
+        del attrs["hook_definitions"]
+        group.attrs.put(attrs)
+
+
+def test_normalized_stores_cached_with_the_old_definition_are_refused(store, tiny_hooked, text_dir):
+    """ln2.hook_normalized rows cached before version 2 (after the gain) are never mixed with new
+    rows, nor used by an SAE's consumers; stores of hook points whose meaning did not change are."""
+    from sae_platform.activations import activation_hook_entry
+    from sae_platform.shuffle import run_shuffle
+
+    pair = CacheSettings(ctx_len=16, batch_size=4, dtype="float32",
+                         hook_points=["blocks.1.ln2.hook_normalized -> blocks.1.hook_mlp_out"])
+    _cache(store, tiny_hooked, text_dir, settings=pair)
+    assert open_partition(store, "alpha").attrs["hook_definitions"] == 2
+    _as_cached_before_hook_definitions(store, "alpha")
+    with pytest.raises(ModelError, match="(?s)partition 'activations/alpha' holds blocks.1.ln2.hook_normalized "
+                                         "cached with hook definitions version 1.*delete those activation partitions"):
+        _cache(store, tiny_hooked, text_dir, key="beta", settings=pair)
+    run_shuffle(store, "main", n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
+    with pytest.raises(ModelError, match="activations behind shuffled/main holds blocks.1.ln2.hook_normalized"):
+        activation_hook_entry(store, "main")
+
+
+def test_old_stores_of_unchanged_hook_points_are_still_accepted(store, tiny_hooked, text_dir):
+    _cache(store, tiny_hooked, text_dir)  # blocks.1.hook_resid_post: its meaning never changed
+    _as_cached_before_hook_definitions(store, "alpha")
+    _cache(store, tiny_hooked, text_dir, key="beta")
+    assert list_partitions(store) == ["alpha", "beta"]

@@ -241,7 +241,9 @@ def test_a_perfect_transcoder_in_place_of_the_mlp_recovers_all_the_loss(tiny_hoo
     """A transcoder reads ln2.hook_normalized and replaces hook_mlp_out; one that reproduces the
     MLP exactly (here: the MLP itself) gives loss recovered 1."""
     layer = tiny_hooked.layer
-    mlp = copy.deepcopy(find_decoder_layers(tiny_hooked.model)[layer].mlp)  # a copy: the hook is on the original
+    block = find_decoder_layers(tiny_hooked.model)[layer]
+    mlp = copy.deepcopy(block.mlp)  # a copy: the hook is on the original
+    gain = block.post_attention_layernorm.weight.detach()  # ln2.hook_normalized is before the gain
 
     class MLPAsTranscoder:
         d_model = tiny_hooked.d_model
@@ -251,7 +253,7 @@ def test_a_perfect_transcoder_in_place_of_the_mlp_recovers_all_the_loss(tiny_hoo
             return x
 
         def decode(self, x):
-            return mlp(x)
+            return mlp(x * gain)
 
     got = downstream_ce(tiny_hooked, MLPAsTranscoder(), contexts(tiny_hooked), batch_size=3, rule=rule(tiny_hooked),
                         hook_point=f"blocks.{layer}.hook_mlp_out",

@@ -17,7 +17,7 @@ from sae_platform.export import export_saelens
 from sae_platform.sae import build_sae
 
 D, N, K = 16, 48, 5
-HOOK = {"hook_name": "blocks.1.hook_resid_post", "hook_layer": 1, "model_name": "tiny-llama"}
+HOOK = {"hook_name": "blocks.1.hook_resid_post", "model_name": "tiny-llama"}
 
 
 def raw_data(n=96, seed=0):
@@ -226,3 +226,68 @@ def test_a_topk_transcoder_is_refused_as_saelens_has_none(tmp_path):
     with pytest.raises(PlatformError, match="no topk transcoder"):
         export_saelens(sae, str(tmp_path / "out"), **HOOK, hook_name_out="blocks.1.hook_mlp_out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cross_block_transcoder_names_each_hook_points_own_layer(tmp_path):
+    """hook_layer comes from hook_name and hook_layer_out from hook_name_out (SAELens PR #624): a
+    transcoder from blocks.0.hook_resid_pre to blocks.2.hook_mlp_out is 0 -> 2, not 0 -> 0."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = _trained_transcoder("jumprelu")
+    export_saelens(sae, str(tmp_path / "out"), hook_name="blocks.0.hook_resid_pre", model_name="tiny-llama",
+                   hook_name_out="blocks.2.hook_mlp_out")
+    cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    assert (cfg["hook_name"], cfg["hook_layer"]) == ("blocks.0.hook_resid_pre", 0)
+    assert (cfg["hook_name_out"], cfg["hook_layer_out"]) == ("blocks.2.hook_mlp_out", 2)
+    lens = sae_lens.SAE.load_from_disk(str(tmp_path / "out"), device="cpu")
+    assert lens.cfg.metadata.hook_name_out == "blocks.2.hook_mlp_out"
+
+
+def _fvu(target: torch.Tensor, recon: torch.Tensor) -> float:
+    """Fraction of variance unexplained over rows [n, d]: sum |y - y'|² / sum |y - mean(y)|²."""
+    return float((target - recon).pow(2).sum() / (target - target.mean(0)).pow(2).sum())
+
+
+def test_an_exported_transcoder_fed_transformer_lens_values_keeps_its_fvu(store, tiny_hooked, text_dir, tmp_path):
+    """A transcoder trained here on blocks.1.ln2.hook_normalized -> blocks.1.hook_mlp_out, exported,
+    loaded by SAELens and fed TransformerLens's run_with_cache values of those names (same weights,
+    same tokens) reconstructs TransformerLens's hook_mlp_out with the FVU it has on our own reads.
+    The norms get random gains: with unit gains "before" and "after the gain" would be equal."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_platform import shuffle
+    from sae_platform.activations import CacheSettings, cache_text_file
+    from sae_platform.corpus import list_source
+    from sae_platform.export import export_run
+    from sae_platform.trainer import TrainSettings, load_sae, train_sae
+    from tests.tl_reference import transformer_lens_model
+
+    model = tiny_hooked.model
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.empty_like(param).uniform_(0.2, 3.0))
+    reads, writes = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    settings = CacheSettings(ctx_len=16, batch_size=8, dtype="float32", hook_points=[f"{reads} -> {writes}"])
+    for text_file in list_source(str(text_dir / "*")):
+        cache_text_file(store, text_file, tiny_hooked, "tiny", settings)
+    shuffle.run_shuffle(store, "main", n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
+    train = TrainSettings(variant="batchtopk", n_latents=64, k=8, batch_size=128, token_budget=128 * 40, lr=3e-3,
+                          checkpoint_every_tokens=128 * 40, holdout_rows=128, dead_after_tokens=128 * 10)
+    train_sae(store, "main", "tc", train, log=lambda m: None)
+    exported = export_run(store, "tc")
+    lens = sae_lens.SAE.load_from_disk(exported["path"], device="cpu")
+
+    text = tiny_hooked.tokenizer((text_dir / "gamma.txt").read_text(encoding="utf-8"))["input_ids"]
+    ids = torch.tensor(text[:4 * 15]).reshape(4, 15)
+    ids = torch.cat([torch.full((4, 1), tiny_hooked.start_token_id), ids], 1)  # contexts as cached
+    ours = tiny_hooked.read(ids, [reads, writes])
+    with torch.no_grad():
+        _, cache = transformer_lens_model(model, tmp_path / "tl").run_with_cache(ids)
+        sae = load_sae(store, "tc")[0]
+        rows = (slice(None), slice(1, None))  # the start token is never a training row
+        fvu_ours = _fvu(ours[writes][rows].flatten(0, 1), sae.decode(sae.encode(ours[reads][rows].flatten(0, 1))))
+        x_tl, y_tl = cache[reads][rows].flatten(0, 1), cache[writes][rows].flatten(0, 1)
+        fvu_tl = _fvu(y_tl, lens.decode(lens.encode(x_tl)))
+    print(f"FVU ours {fvu_ours:.6f} TransformerLens {fvu_tl:.6f}")
+    assert fvu_ours < 0.9, fvu_ours
+    assert fvu_tl == pytest.approx(fvu_ours, rel=1e-3, abs=1e-4), (fvu_tl, fvu_ours)

@@ -18,6 +18,7 @@ from sae_platform.hooks import (
     splice_hooks,
     start_token_id,
 )
+from tests.tl_reference import transformer_lens_model
 
 SITES = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized", "hook_mlp_out",
          "hook_resid_post")
@@ -83,6 +84,21 @@ def family_model(request):
     return request.param, model
 
 
+CENTRED = ("gpt2", "gpt_neox", "gpt_neox_sequential", "opt")  # LayerNorm families
+
+
+def _tl_normalized(norm, x, centred: bool):
+    """TransformerLens's ``hook_normalized``, written out from transformer_lens/components/rms_norm.py
+    and layer_norm.py (RMSNorm.forward / LayerNorm.forward): ``x = x - x.mean(-1)`` (LayerNorm only),
+    ``scale = (x.pow(2).mean(-1) + eps).sqrt()``, ``hook_normalized(x / scale)``; the gain
+    ``* self.w`` (``+ self.b``) is applied after the hook."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    x = x.float()
+    if centred:
+        x = x - x.mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
 def _reference(family, model, ids, layer):
     """Independent values: hidden_states for the residual stream, own hooks on the sub-blocks."""
     blocks_path, attn_path, mlp_path, ln2_path = SUBMODULES[family]
@@ -103,8 +119,7 @@ def _reference(family, model, ids, layer):
     ln2 = _get(block, ln2_path)
     parallel = family == "gpt_neox"
     mid = pre + got["attn"]
-    with torch.no_grad():
-        normalized = ln2(pre if parallel else mid)
+    normalized = _tl_normalized(ln2, pre if parallel else mid, family in CENTRED)
     ref = {"hook_resid_pre": pre, "hook_attn_out": got["attn"], "ln2.hook_normalized": normalized,
            "hook_mlp_out": got["mlp"].reshape(*ids.shape, -1)}  # OPT: fc2 runs on [batch * seq, d]
     if layer < N_LAYERS - 1:  # HF applies the final norm to the last entry of hidden_states
@@ -250,6 +265,52 @@ def test_unsupported_layouts_are_refused():
         family_of(post_ln)
     with pytest.raises(ModelError, match="no hook-point layout for Linear"):
         family_of(torch.nn.Linear(2, 2))
+
+
+# Families TransformerLens converts from a local Hugging Face directory (its Gemma2 conversion
+# works only from official names, so Gemma2 is checked against the written-out definition above).
+TL_FAMILIES = ("llama", "qwen2", "gpt2", "gpt_neox", "gpt_neox_sequential", "opt")
+
+
+def test_every_hook_point_equals_transformer_lens(family_model, tmp_path):
+    """Every hook point of every block, read by us from the Hugging Face model, equals
+    TransformerLens's run_with_cache value of the same name on the same weights."""
+    family, model = family_model
+    if family not in TL_FAMILIES:
+        pytest.skip(f"TransformerLens converts {family} only from its official model names")
+    hooked = transformer_lens_model(model, tmp_path)
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        _, cache = hooked.run_with_cache(ids)
+    names = [f"blocks.{layer}.{site}" for layer in range(N_LAYERS) for site in SITES
+             if not (family == "gpt_neox" and site == "hook_resid_mid")]
+    ours = read_hook_points(model, ids, names)
+    for name in names:
+        torch.testing.assert_close(ours[name], cache[name].float(), atol=2e-5, rtol=2e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_olmo2_olmo3_granite_are_refused_by_name():
+    """Llama's module names, but sub-block outputs normalised (OLMo2/3) or scaled by
+    residual_multiplier (Granite): refused by name, never taken for the Llama layout."""
+    import transformers as T
+
+    small = {"vocab_size": 11, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+             "num_attention_heads": 2}
+    for config, family, why in ((T.Olmo2Config(**small), "OLMo2", "normalises each sub-block's output"),
+                                (T.Olmo3Config(**small), "OLMo3", "normalises each sub-block's output"),
+                                (T.GraniteConfig(residual_multiplier=0.22, **small), "Granite", "residual_multiplier")):
+        model = T.AutoModelForCausalLM.from_config(config)
+        with pytest.raises(ModelError, match=f"(?s){family} models.*{why}.*supported type: llama"):
+            read_hook_points(model, torch.zeros(1, 2, dtype=torch.long), ["blocks.0.hook_mlp_out"])
+    # a type nobody listed is refused, not guessed from its module names
+    cohere = T.AutoModelForCausalLM.from_config(T.CohereConfig(**small))
+    with pytest.raises(ModelError, match="no hook-point layout for CohereForCausalLM \\(model_type 'cohere'\\)"):
+        family_of(cohere)
+    llama = T.LlamaForCausalLM(T.LlamaConfig(**small))
+    llama.config.residual_multiplier = 0.5  # a derivative that scales the residual additions
+    with pytest.raises(ModelError, match="residual_multiplier 0.5"):
+        family_of(llama)
 
 
 def test_sae_hook_points_pair_what_an_sae_reads_with_where_it_writes(family_model):

@@ -389,9 +389,11 @@ def test_a_transcoder_trains_on_paired_rows_cached_in_one_pass_and_is_evaluated_
     shuffle.run_shuffle(store, "main", n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
     rows = next(iter_shuffled(store, "main", 4096))[1]
     assert rows.shape[1] == 64
-    mlp = dict(tiny_hooked.model.model.layers[1].named_children())["mlp"]
+    block = dict(tiny_hooked.model.model.layers[1].named_children())
+    gain = block["post_attention_layernorm"].weight  # the input is normalized, before the norm's gain
     with torch.no_grad():  # still paired after the shuffle: the output is the MLP of the input
-        np.testing.assert_allclose(mlp(torch.from_numpy(rows[:, :32])).numpy(), rows[:, 32:], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(block["mlp"](torch.from_numpy(rows[:, :32]) * gain).numpy(), rows[:, 32:],
+                                   rtol=1e-4, atol=1e-5)
 
     train = TrainSettings(variant="batchtopk", n_latents=64, k=8, batch_size=128, token_budget=128 * 40, lr=3e-3,
                           checkpoint_every_tokens=128 * 40, holdout_rows=128, log_every_steps=10,
