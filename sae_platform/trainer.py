@@ -375,11 +375,16 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str, 
     return pointer if pointer.get("data") == data_fingerprint(open_shuffled(store, shuffle_name)) else None
 
 
-def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "cpu"):
-    """The SAE of the last committed checkpoint of ``sae_name``, and its cfg.json. StorageError
-    naming the file and the fix (delete the checkpoint, train again) when cfg.json lacks a field or
-    the weights do not have the shapes it describes."""
+def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "cpu", version: str | None = None):
+    """The SAE of the last committed checkpoint of ``sae_name`` (``version``: that checkpoint
+    version, committed or superseded and still stored), and its cfg.json. StorageError naming the
+    file and the fix (delete the checkpoint, train again) when cfg.json lacks a field or the
+    weights do not have the shapes it describes; when ``version`` is no longer stored, the one
+    ``ArtifactStore.check_version`` raises."""
     path = store.require(checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first")
+    if version is not None:
+        store.check_version(checkpoint_name(sae_name), version, f"SAE checkpoint {sae_name!r}")
+        path = store.path(checkpoint_name(sae_name), version)
     fix = f"delete the checkpoint ({store.url(store.path(checkpoint_name(sae_name)))}) and train {sae_name!r} again"
     cfg = _read_json(store, path, "cfg.json")
     with store.damaged(f"{path}/cfg.json", f"cfg.json of SAE checkpoint {sae_name!r}", fix):
