@@ -222,3 +222,93 @@ def test_limits_answer_the_bound_the_server_applies(live, encoder):
     assert MAX_CHARS == encoder.max_chars
     status, body = _post(live, json.dumps({"text": "a" * (MAX_CHARS + 1)}).encode())
     assert status == 200 and body["truncated"] and body["max_chars"] == MAX_CHARS
+
+
+def _trained_twice(store, hooked):
+    """Two committed checkpoint versions of SAE "run" (the second with another learning rate), trained
+    on activations that say they were read at the tiny model's hook point."""
+    from sae_platform import shuffle
+    from sae_platform.catalog import checkpoint_version
+    from sae_platform.trainer import TrainSettings, train_sae
+
+    rng = np.random.default_rng(0)
+    for p in range(2):
+        acts = rng.standard_normal((600, hooked.d_model)).astype(np.float32)
+        with store.writing(f"activations/p{p}") as version:
+            group = store.open_group(f"{version}/data.zarr", "w")
+            group.create_array("acts", data=acts, chunks=(300, hooked.d_model), compressors=None)
+            group.attrs.update({"d_model": hooked.d_model, "dtype": "float32", "n_rows": 600,
+                                "hook_name": hooked.hook_name})
+    shuffle.run_shuffle(store, "main", n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
+    versions = []
+    for lr in (1e-3, 3e-2):
+        settings = TrainSettings(variant="topk", n_latents=300, k=4, batch_size=128, token_budget=128 * 4,
+                                 checkpoint_every_tokens=128 * 4, holdout_rows=128, dead_after_tokens=128 * 4,
+                                 lr=lr)
+        train_sae(store, "main", "run", settings, log=lambda m: None)
+        versions.append(checkpoint_version(store, "run"))
+    assert versions[0] != versions[1]
+    return versions
+
+
+def test_the_live_server_follows_the_checkpoint_the_site_shows(store, tiny_hooked, tmp_path):
+    """The site is rebuilt for a second checkpoint: the next answer names the new version and is that
+    version's encoding (other features); the base model is loaded once; a site pinning a checkpoint
+    that is no longer stored gets 503 naming the fix, not the old weights."""
+    from sae_platform.trainer import load_sae
+
+    first, second = _trained_twice(store, tiny_hooked)
+    shards, edges = _tables()
+    site = tmp_path / "site"
+    build = lambda version: publish.build_site(site, sae_name="run", shards=shards, hist_bin_edges=edges,  # noqa: E731
+                                               lineage={**LINEAGE, "checkpoint": version})
+    build(first)
+    model_loads = []
+    load = checkpoint_loader(store, "run", lambda: model_loads.append(1) or tiny_hooked, max_tokens=12, top=64)
+    server, url = serve_live_in_thread(site, SiteEncoder(site, load, check_every_s=0))
+    text = json.dumps({"text": "To be, or not to be"}).encode()
+    try:
+        status, before = _post(url, text)
+        assert status == 200 and before["checkpoint_version"] == first
+        build(second)
+        status, after = _post(url, text)
+        assert status == 200 and after["checkpoint_version"] == second
+        assert json.loads(urllib.request.urlopen(url + "api/limits", timeout=10).read())["checkpoint_version"] == second
+        assert after["features"] != before["features"] and after["top_features"] != before["top_features"]
+        want = LiveEncoder(tiny_hooked, load_sae(store, "run", version=second)[0], tiny_hooked.hook_name,
+                           max_tokens=12, top=64).features("To be, or not to be")
+        assert after["features"] == want["features"] and model_loads == [1]
+        build("v-00000000000000000001-deadbeef")
+        status, gone = _post(url, text)
+        assert status == 503 and "v-00000000000000000001-deadbeef" in gone["error"]
+        assert "sae-platform features --sae run" in gone["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_port_in_use_fails_at_once_naming_the_port_and_the_fix(tmp_path, live_site, python_exe):
+    """`sae-platform serve` next to `make browse`: the port is checked before the definitions, torch
+    and the models load; the message names the port and what to do. The server itself says so too."""
+    import os
+    import subprocess
+    import time
+
+    from sae_platform.browser.server import serve_in_thread
+
+    holder, url = serve_in_thread(live_site)
+    port = holder.server_address[1]
+    try:
+        env = {**os.environ, "SAE_PLATFORM_ROOT": str(tmp_path / "artifacts")}
+        start = time.monotonic()
+        done = subprocess.run([python_exe, "-m", "jobs.cli", "serve", "--sae", "run", "--port", str(port)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        seconds = time.monotonic() - start
+        assert done.returncode == 2, done.stderr
+        assert f"port {port} on 127.0.0.1 is in use" in done.stderr and f"--port {port + 1}" in done.stderr
+        assert seconds < 5, f"{seconds:.1f} s"
+        with pytest.raises(PlatformError, match=f"port {port} on 127.0.0.1 is in use"):
+            serve_live_in_thread(live_site, encoder=None, port=port)
+    finally:
+        holder.shutdown()
+        holder.server_close()
