@@ -380,12 +380,13 @@ def activation_row_rule(store, shuffle_name: str, start_token_id: int | None = N
     return RowRule.from_attrs(activation_attrs(store, shuffle_name), start_token_id)
 
 
-def sae_hook_entry(store, sae_name: str) -> HookEntry:
+def sae_hook_entry(store, sae_name: str, cfg: dict | None = None) -> HookEntry:
     """Where SAE ``sae_name`` reads and writes: the hook point of the shuffled store its checkpoint
-    was trained on (``catalog.trained_on``); the one source every consumer of an SAE uses
-    (evaluation, feature metrics, explanations, the live server; the SAELens export reads
-    ``activation_hook_entry`` of the same store)."""
-    return activation_hook_entry(store, trained_on(store, sae_name))
+    (``cfg``: the cfg.json of a loaded checkpoint version; default the committed one) was trained on
+    (``catalog.trained_on``); the one source every consumer of an SAE uses (evaluation, feature
+    metrics, explanations, the live server; the SAELens export reads ``activation_hook_entry`` of
+    the same store)."""
+    return activation_hook_entry(store, trained_on(store, sae_name, cfg))
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -330,9 +330,13 @@ def checkpoint_version(store, sae_name: str) -> str | None:
     return None if pointer is None else pointer["version"]
 
 
-def trained_on(store, sae_name: str) -> str:
+def trained_on(store, sae_name: str, cfg: dict | None = None) -> str:
     """The shuffled store (so the hook point) the last committed checkpoint of ``sae_name`` was
-    trained on. StorageError when there is no checkpoint."""
+    trained on; with ``cfg`` (a loaded checkpoint's cfg.json, whose ``data`` is what its commit
+    pointer recorded), the store that checkpoint version was trained on. StorageError when there
+    is no checkpoint."""
+    if cfg is not None:
+        return cfg["data"]["shuffle"]
     store.require(checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first")
     return store.pointer(checkpoint_name(sae_name))["data"]["shuffle"]
 

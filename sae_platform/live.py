@@ -1,37 +1,68 @@
 """Text in, features out: the feature browser with a live endpoint (``sae-platform serve``).
 
 The server serves a built browser site (as ``sae_platform.browser.server.serve`` does, same security
-headers) and answers ``POST /api/features`` with a JSON body ``{"text": "..."}``: the text is
-tokenized (with the model's start token in front, as the training contexts have), run through the
-base model up to the SAE's own hook point (``LiveEncoder.hook_point``; a transcoder's input
-``input_hook_point``; ``sae-platform serve`` takes both from ``activations.sae_hook_entry``, where
-the SAE's training rows were read) and encoded by the SAE; the answer lists per token its display
-string and its active latents, strongest first::
+headers) and answers ``POST /api/features`` with a JSON body ``{"text": "...", "feature": id}``
+(``feature`` optional): the text is tokenized (with the model's start token in front, as the
+training contexts have), run through the base model up to the SAE's own hook point
+(``LiveEncoder.hook_point``; a transcoder's input ``input_hook_point``; taken from
+``activations.sae_hook_entry`` of the checkpoint version loaded, where its training rows were read)
+and encoded by the SAE. The answer::
 
-    {"tokens": [" The", ...], "features": [[[id, act], ...], ...], "truncated": false, "max_tokens": 256}
+    {"checkpoint_version": "v-…",          the checkpoint that encoded the text
+     "tokens": [" The", ...],              display strings
+     "features": [[[id, act], ...], ...],  per token its active latents, strongest first, at most ``top``
+     "n_active": [4, ...],                 per token how many latents were active (> len(features[t]): cut)
+     "top_features": [[id, total, max, n_tokens], ...],  the latents most active on the whole text,
+                                           largest summed activation first, at most ``top_features``
+     "n_active_features": 57, "top_features_truncated": true,
+     "feature": id, "feature_acts": [act per token],      the heat map of the chosen feature
+                                           (the request's ``feature``; default the first of top_features)
+     "truncated": false, "max_tokens": 256, "max_chars": 4000}
+
+With TopK every token has k active latents, so the per-token lists alone do not show what the text
+is about; the whole-text ranking and one feature's heat map do (Neuronpedia's search by inference).
+
+``GET /api/limits`` answers ``{"max_chars", "max_tokens", "top", "top_features",
+"checkpoint_version"}``: the page's probe (it offers the live page only when this answers) and
+the one source of the textarea's ``maxlength`` (``MAX_CHARS`` unless the server was told otherwise).
+
+The server follows the site it serves (``SiteEncoder``): each request checks, at most every
+``check_every_s`` seconds, the checkpoint version the site's ``site.json`` pins (a ``stat``, and a
+read only when the file changed); when a rebuild switched it, the SAE of that version is loaded
+before the request is answered, so the text is encoded by the weights the linked pages describe.
 
 Bounds: the request body is at most ``MAX_BODY`` bytes, the text at most ``max_chars`` characters
 and ``max_tokens`` tokens (longer input is cut and ``truncated`` says so), at most ``top`` latents
 per token. Requests never name files: the endpoint reads only its JSON body, and GET requests go
 to the static site's directory handler (no listing outside it). One request runs the model at a
 time (a lock). The server binds 127.0.0.1 unless told otherwise and checks every request's ``Host``
-header (``browser.server``). A body that is not JSON, nested too deeply, or whose text holds a lone
-surrogate gets 400 with the reason; the server keeps answering.
+header (``browser.server``); it binds before any model is loaded, so a port in use fails at once.
+A body that is not JSON, nested too deeply, or whose text holds a lone surrogate gets 400 with the
+reason; the server keeps answering.
 """
 
+import http.server
 import json
+import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from sae_platform.browser.server import make_server, serve_in_thread, serve_until_interrupted
-from sae_platform.errors import PlatformError
+from sae_platform.browser.generate import SITE_POINTER
+from sae_platform.browser.server import LIMITS_PATH, make_server, serve_in_thread, serve_until_interrupted
+from sae_platform.catalog import checkpoint_version, pinned_checkpoint
+from sae_platform.errors import PlatformError, StorageError
 from sae_platform.hooks import sae_hook_points
 from sae_platform.tokens import token_display_strings
 
 MAX_BODY = 64 * 1024
+MAX_CHARS = 4000      # the longest text answered, in characters: the server's bound and the page's maxlength
+TOP_FEATURES = 20     # latents listed for the whole text
 API_PATH = "/api/features"
 
 
@@ -39,59 +70,196 @@ API_PATH = "/api/features"
 class LiveEncoder:
     """The base model (``HookedModel``) and the SAE, ready to answer texts. The SAE encodes the
     value at ``hook_point`` (a transcoder: at ``input_hook_point``, its input); a name the model
-    lacks or a wrong pairing is a ModelError (``hooks.sae_hook_points``)."""
+    lacks or a wrong pairing is a ModelError (``hooks.sae_hook_points``). ``checkpoint_version``:
+    the checkpoint the SAE was loaded from, named in every answer."""
 
     hooked: object
     sae: object
     hook_point: str
     input_hook_point: str | None = None
     max_tokens: int = 256
-    max_chars: int = 4000
+    max_chars: int = MAX_CHARS
     top: int = 16
+    top_features: int = TOP_FEATURES
+    checkpoint_version: str | None = None
 
     def __post_init__(self):
         self._lock = threading.Lock()
         self.reads = sae_hook_points(self.hooked.model, self.hook_point, self.input_hook_point,
                                      self.sae.is_transcoder)[1].name
 
+    def current(self) -> "LiveEncoder":
+        """Itself (a ``SiteEncoder`` answers with the encoder of the site's checkpoint)."""
+        return self
+
+    def limits(self) -> dict:
+        """What the page needs before it sends a text: the bounds and the checkpoint version."""
+        return {"max_chars": self.max_chars, "max_tokens": self.max_tokens, "top": self.top,
+                "top_features": self.top_features, "checkpoint_version": self.checkpoint_version}
+
     @torch.inference_mode()
-    def features(self, text: str) -> dict:
-        """The active latents of each token of ``text`` (see the module docstring for the answer)."""
-        if not isinstance(text, str):
-            raise PlatformError("the request's 'text' must be a string", 'send {"text": "your text"}')
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise PlatformError(f"the request's 'text' holds a lone surrogate ({text[error.start]!r} at character "
-                                f"{error.start}), which is not Unicode text",
-                                "send UTF-8 text; a JSON \\uD800-\\uDFFF escape must be half of a surrogate pair")
+    def features(self, text: str, feature: int | None = None) -> dict:
+        """The answer for ``text`` (see the module docstring); ``feature``: the latent whose
+        per-token activations the answer carries (default: the most active on the whole text).
+        PlatformError for a text that is not a string or not Unicode, a feature outside the SAE."""
+        text = _checked_text(text)
+        feature = self._checked_feature(feature)
         truncated = len(text) > self.max_chars
         text = text[: self.max_chars]
         ids = self.hooked.tokenizer(text, add_special_tokens=False)["input_ids"]
         truncated = truncated or len(ids) > self.max_tokens
         ids = [int(i) for i in ids[: self.max_tokens]]
+        values, indices = self._codes(ids)
+        per_token = [_strongest(v, i, self.top) for v, i in zip(values, indices, strict=True)]
+        ranking = _whole_text_ranking(values, indices)
+        if feature is None and ranking:
+            feature = ranking[0][0]
+        heat = [] if feature is None else [_rounded(float(v[i == feature].sum())) for v, i in zip(values, indices,
+                                                                                                   strict=True)]
+        return {"checkpoint_version": self.checkpoint_version,
+                "tokens": token_display_strings(self.hooked.tokenizer, ids) if ids else [], "features": per_token,
+                "n_active": [int((v > 0).sum()) for v in values],
+                "top_features": ranking[: self.top_features], "n_active_features": len(ranking),
+                "top_features_truncated": len(ranking) > self.top_features,
+                "feature": feature, "feature_acts": heat,
+                "truncated": truncated, "max_tokens": self.max_tokens, "max_chars": self.max_chars}
+
+    def _checked_feature(self, feature) -> int | None:
+        n = int(self.sae.config["n_latents"])
+        if feature is None:
+            return None
+        if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < n:
+            raise PlatformError(f"the request's 'feature' {feature!r} is not a latent of this SAE (0..{n - 1})",
+                                'send {"text": "...", "feature": ID} with an integer ID, or leave "feature" out')
+        return feature
+
+    def _codes(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The SAE's codes of each token: values and latent ids, [tokens, K] each (K 0 for no tokens)."""
         if not ids:
-            return {"tokens": [], "features": [], "truncated": truncated, "max_tokens": self.max_tokens}
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
         with self._lock:
             x = self.hooked.read(torch.tensor([[self.hooked.start_token_id, *ids]]), (self.reads,))[self.reads][0, 1:]
             sae_device = self.sae.W_dec.device
             with torch.autocast(sae_device.type, enabled=False):
                 codes = self.sae.encode(x.to(sae_device))
-        values, indices = codes.values.float().cpu().numpy(), codes.indices.cpu().numpy()
-        per_token = []
-        for v, i in zip(values, indices, strict=True):
-            keep = np.flatnonzero(v > 0)
-            keep = keep[np.argsort(-v[keep], kind="stable")][: self.top]
-            per_token.append([[int(i[k]), float(f"{v[k]:.4g}")] for k in keep])  # 4 significant digits
-        return {"tokens": token_display_strings(self.hooked.tokenizer, ids), "features": per_token,
-                "truncated": truncated, "max_tokens": self.max_tokens}
+        return codes.values.float().cpu().numpy(), codes.indices.cpu().numpy()
 
 
-def make_live_server(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
-                     extra_hosts=None):
-    """The browser's static server for ``site_dir`` plus ``POST /api/features`` (not started); it
-    answers to the host names ``browser.server.make_server`` allows (``extra_hosts``: names
-    besides its address and loopback)."""
+def _rounded(value: float) -> float:
+    return float(f"{value:.4g}")  # 4 significant digits: what the page shows
+
+
+def _checked_text(text) -> str:
+    if not isinstance(text, str):
+        raise PlatformError("the request's 'text' must be a string", 'send {"text": "your text"}')
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PlatformError(f"the request's 'text' holds a lone surrogate ({text[error.start]!r} at character "
+                            f"{error.start}), which is not Unicode text",
+                            "send UTF-8 text; a JSON \\uD800-\\uDFFF escape must be half of a surrogate pair")
+    return text
+
+
+def _strongest(values: np.ndarray, indices: np.ndarray, top: int) -> list[list]:
+    """One token's active latents ``[[id, act], ...]``, strongest first, at most ``top``."""
+    keep = np.flatnonzero(values > 0)
+    keep = keep[np.argsort(-values[keep], kind="stable")][:top]
+    return [[int(indices[k]), _rounded(values[k])] for k in keep]
+
+
+def _whole_text_ranking(values: np.ndarray, indices: np.ndarray) -> list[list]:
+    """Every latent active on the text, ``[id, summed activation, max activation, tokens active]``,
+    largest sum first (ties: smaller id first)."""
+    active = values > 0
+    ids, where = np.unique(indices[active], return_inverse=True)
+    totals = np.bincount(where, weights=values[active], minlength=ids.size)
+    maxima = np.zeros(ids.size)
+    np.maximum.at(maxima, where, values[active])
+    counts = np.bincount(where, minlength=ids.size)
+    order = np.lexsort((ids, -totals))
+    return [[int(ids[j]), _rounded(totals[j]), _rounded(maxima[j]), int(counts[j])] for j in order]
+
+
+class SiteEncoder:
+    """The ``LiveEncoder`` of the checkpoint version the site in ``site_dir`` pins (its
+    ``site.json``), loaded by ``load(version)`` (None: the site pins none, an older build) and
+    loaded again when a rebuild of the site pins another. The pin is checked at most every
+    ``check_every_s`` seconds: a ``stat`` of ``site.json`` (through the site's link, so a switch of
+    builds is seen) and a read only when it changed. Nothing is loaded until the first ``current``."""
+
+    def __init__(self, site_dir, load: Callable[[str | None], LiveEncoder], check_every_s: float = 1.0):
+        self.pointer = Path(site_dir) / SITE_POINTER
+        self.load = load
+        self.check_every_s = check_every_s
+        self._lock = threading.Lock()
+        self._encoder: LiveEncoder | None = None
+        self._loaded_for: object = ()   # the pin the encoder was loaded for (() before any load)
+        self._stat: tuple | None = None
+        self._pin: str | None = None
+        self._checked = float("-inf")
+
+    def site_checkpoint(self) -> str | None:
+        """The checkpoint version the site pins now (None when it pins none)."""
+        info = os.stat(self.pointer)
+        key = (info.st_ino, info.st_mtime_ns, info.st_size)
+        if key != self._stat:
+            self._pin = pinned_checkpoint(json.loads(self.pointer.read_bytes()))
+            self._stat = key
+        return self._pin
+
+    def current(self) -> LiveEncoder:
+        """The encoder of the site's checkpoint, loading it first when the site changed. A load
+        that fails raises (the site's pages and the old weights would disagree) and is tried again
+        at the next request."""
+        with self._lock:
+            now = time.monotonic()
+            if self._encoder is not None and now - self._checked < self.check_every_s:
+                return self._encoder
+            pin = self.site_checkpoint()
+            if pin != self._loaded_for:
+                self._encoder = None            # never answer with weights the site no longer shows
+                self._encoder, self._loaded_for = self.load(pin), pin
+            self._checked = now
+            return self._encoder
+
+    def limits(self) -> dict:
+        return self.current().limits()
+
+
+def checkpoint_loader(store, sae_name: str, load_model: Callable[[], object], device="cpu",
+                      **bounds) -> Callable[[str | None], LiveEncoder]:
+    """``load(version)`` for ``SiteEncoder``: the ``LiveEncoder`` of checkpoint ``version`` of SAE
+    ``sae_name`` in ``store`` (None: the committed one) at the hook point that version was trained
+    on; the base model comes from ``load_model()``, called once. ``bounds``: LiveEncoder's
+    ``max_tokens``, ``top``, …. StorageError naming the version and the fix when it is gone."""
+    from sae_platform.activations import sae_hook_entry
+    from sae_platform.trainer import load_sae
+
+    model: list = []
+
+    def load(version: str | None) -> LiveEncoder:
+        version = version or checkpoint_version(store, sae_name)   # the version first, then its weights
+        try:
+            sae, cfg = load_sae(store, sae_name, device, version=version)
+        except StorageError as error:
+            raise StorageError(f"the feature browser shows checkpoint {version} of SAE {sae_name!r}, which the live "
+                               f"server cannot load: {error.problem}",
+                               f"rebuild the browser for the current checkpoint (`sae-platform features --sae "
+                               f"{sae_name}`); the live server follows it") from error
+        entry = sae_hook_entry(store, sae_name, cfg)  # where this version's training rows were read
+        model[:] = model or [load_model()]
+        return LiveEncoder(model[0], sae, entry.hook_name, entry.hook_name_in, checkpoint_version=version, **bounds)
+
+    return load
+
+
+def make_live_server(site_dir, encoder: LiveEncoder | SiteEncoder, host: str = "127.0.0.1", port: int = 8000,
+                     quiet: bool = False, extra_hosts=None):
+    """The browser's static server for ``site_dir`` plus ``POST /api/features`` and
+    ``GET /api/limits``, bound but not started (a port in use is a PlatformError now; nothing of
+    ``encoder`` is loaded yet); it answers to the host names ``browser.server.make_server`` allows
+    (``extra_hosts``: names besides its address and loopback)."""
     def answer(handler, status: int, body: dict) -> None:
         data = json.dumps(body, ensure_ascii=False).encode()
         handler.send_response(status)
@@ -100,6 +268,14 @@ def make_live_server(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", po
         handler.send_header("Cache-Control", "no-store")
         handler.end_headers()
         handler.wfile.write(data)
+
+    def do_GET(handler):  # http.server's name
+        if handler.path.split("?")[0] != LIMITS_PATH:
+            return http.server.SimpleHTTPRequestHandler.do_GET(handler)   # the site's files
+        try:
+            return answer(handler, 200, encoder.current().limits())
+        except PlatformError as error:
+            return answer(handler, 503, {"error": str(error)})
 
     def do_POST(handler):  # http.server's name
         if handler.path.split("?")[0] != API_PATH:
@@ -113,12 +289,17 @@ def make_live_server(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", po
                           {"error": f"the body must be 1..{MAX_BODY} bytes of JSON, got {length}"})
         try:
             request = json.loads(handler.rfile.read(length).decode("utf-8"))
-            text = request["text"] if isinstance(request, dict) else None
-            return answer(handler, 200, encoder.features(text))
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+            live = encoder.current()
         except RecursionError:
             return answer(handler, 400, {"error": 'the JSON is nested too deeply; send {"text": "..."}'})
-        except (ValueError, KeyError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):
             return answer(handler, 400, {"error": 'send a JSON object {"text": "..."}'})
+        except PlatformError as error:   # the site's checkpoint could not be loaded
+            return answer(handler, 503, {"error": str(error)})
+        try:
+            return answer(handler, 200, live.features(request.get("text"), request.get("feature")))
         except PlatformError as error:
             return answer(handler, 400, {"error": str(error)})
         except Exception as error:  # a bug, not the request: say so, and keep serving the next request
@@ -126,15 +307,18 @@ def make_live_server(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", po
             return answer(handler, 500, {"error": f"the server failed on this text ({type(error).__name__}); "
                                                   "the next request is answered as usual"})
 
-    return make_server(site_dir, host, port, quiet=quiet, handler_methods={"do_POST": do_POST}, extra_hosts=extra_hosts)
+    return make_server(site_dir, host, port, quiet=quiet, handler_methods={"do_GET": do_GET, "do_POST": do_POST},
+                       extra_hosts=extra_hosts)
 
 
-def serve_live(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", port: int = 8000) -> None:
+LIVE_BANNER = "Feature browser with live text: http://{host}:{port}/#/live  (Ctrl-C stops)"
+
+
+def serve_live(site_dir, encoder: LiveEncoder | SiteEncoder, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the site and the live endpoint until interrupted."""
-    serve_until_interrupted(make_live_server(site_dir, encoder, host, port),
-                            "Feature browser with live text: http://{host}:{port}/#/live  (Ctrl-C stops)")
+    serve_until_interrupted(make_live_server(site_dir, encoder, host, port), LIVE_BANNER)
 
 
-def serve_live_in_thread(site_dir, encoder: LiveEncoder, host: str = "127.0.0.1", port: int = 0):
+def serve_live_in_thread(site_dir, encoder: LiveEncoder | SiteEncoder, host: str = "127.0.0.1", port: int = 0):
     """Start a quiet live server on a thread; returns (server, url). Stop with ``server.shutdown()``."""
     return serve_in_thread(site_dir, server=make_live_server(site_dir, encoder, host, port, quiet=True))

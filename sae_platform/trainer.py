@@ -403,12 +403,16 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str, 
     return pointer
 
 
-def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "cpu"):
-    """The SAE of the last committed checkpoint of ``sae_name``, and its cfg.json. Raises StorageError
+def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "cpu", version: str | None = None):
+    """The SAE of the last committed checkpoint of ``sae_name`` (``version``: that checkpoint
+    version, committed or superseded and still stored), and its cfg.json. Raises StorageError
     when there is none, or naming the file and the fix when a file differs from what its writer
     recorded, its weights hold NaN/inf, cfg.json lacks a field or the weights do not have the shapes
-    it describes."""
+    it describes; when ``version`` is no longer stored, the one ``ArtifactStore.check_version`` raises."""
     path = store.require(checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first")
+    if version is not None:
+        store.check_version(checkpoint_name(sae_name), version, f"SAE checkpoint {sae_name!r}")
+        path = store.path(checkpoint_name(sae_name), version)
     store.check_intact(checkpoint_name(sae_name), store.version_of(path), what=f"SAE checkpoint {sae_name!r}")
     fix = rebuild_fix(store, checkpoint_name(sae_name))
     cfg = _read_json(store, path, "cfg.json")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sae_platform.browser import publish
-from sae_platform.live import MAX_BODY, LiveEncoder, serve_live_in_thread
+from sae_platform.errors import PlatformError
+from sae_platform.live import MAX_BODY, MAX_CHARS, LiveEncoder, SiteEncoder, checkpoint_loader, serve_live_in_thread
 from sae_platform.sae import build_sae
 from tests.test_browser import LINEAGE, _served_page, _tables, chromium  # noqa: F401  (fixture)
 
@@ -28,7 +29,8 @@ def live_site(tmp_path_factory):
 def encoder(tiny_hooked):
     torch.manual_seed(0)
     sae = build_sae("topk", tiny_hooked.d_model, 300, k=4)  # 300 latents: the synthetic site's features
-    return LiveEncoder(tiny_hooked, sae, tiny_hooked.hook_name, max_tokens=12, top=3)
+    return LiveEncoder(tiny_hooked, sae, tiny_hooked.hook_name, max_tokens=12, top=3, top_features=5,
+                       checkpoint_version="v-test")
 
 
 @pytest.fixture
@@ -117,11 +119,26 @@ def test_live_text_in_chromium(chromium, live, live_site):  # noqa: F811
     pg.on("pageerror", lambda e: problems.append(str(e)))
     pg.set_default_timeout(15000)
     try:
+        pg.goto(live)
+        pg.wait_for_selector("#live-link")           # the live server answers its probe: the index offers it
         pg.goto(live + "#/live")
+        limits = json.loads(urllib.request.urlopen(live + "api/limits", timeout=10).read())
+        assert pg.get_attribute("#live-text", "maxlength") == str(limits["max_chars"]) == "4000"
         pg.fill("#live-text", "To be, or not to be")
         pg.click("#live-go")
         pg.wait_for_selector("#live-out .tok")
         assert "".join(pg.locator("#live-out .tok").all_inner_texts()) == "To be, or not to be"
+        answer = _post(live, json.dumps({"text": "To be, or not to be"}).encode())[1]
+        top = answer["top_features"]
+        assert pg.locator("#live-top li").count() == len(top) and len(top) >= 2   # the whole text's features
+        assert pg.locator("#live-top li a").first.inner_text() == f"#{top[0][0]}"
+        assert pg.inner_text("#live-top-note").startswith(f"Showing {len(top)} of {answer['n_active_features']}")
+        heated = pg.locator("#live-heat .tok.active")   # the heat map of the strongest feature
+        assert heated.count() == sum(a > 0 for a in answer["feature_acts"]) >= 1
+        assert pg.inner_text("#live-out h2").startswith(f"Feature #{top[0][0]} over the text")
+        pg.locator("#live-top button.live-show").nth(1).click()   # another feature's heat map
+        pg.wait_for_selector(f"#live-out h2:has-text('Feature #{top[1][0]} over the text')")
+        assert answer["checkpoint_version"] in pg.inner_text("#live-version")
         pg.locator("#live-out .tok").nth(1).click()
         links = pg.locator("#live-detail a")
         assert 1 <= links.count() <= 3 and links.first.get_attribute("href").startswith("#/feature/")
@@ -133,8 +150,14 @@ def test_live_text_in_chromium(chromium, live, live_site):  # noqa: F811
 
 
 def test_live_page_without_the_live_server_says_so(chromium, live_site):  # noqa: F811
+    """The plain server answers the page's live probe with 204: no live link on the index, no failed request."""
     for pg in _served_page(chromium, live_site):
+        pg.goto(pg.base_url)
+        pg.wait_for_selector("#overview-link")
+        assert pg.locator("#live-link").count() == 0
         pg.goto(pg.base_url + "#/live")
+        pg.wait_for_selector("text=Live text needs the live server")
+        assert not pg.problems, pg.problems
         pg.fill("#live-text", "hello")
         pg.click("#live-go")
         pg.wait_for_selector("text=Live text needs the live server")
@@ -161,3 +184,131 @@ def test_forged_host_lone_surrogate_and_deep_nesting_get_400_and_the_server_stay
     assert _get_with_host(live, "attacker.example")[0] == 403
     status, body = _post(live, json.dumps({"text": "still here"}).encode())
     assert status == 200 and "".join(body["tokens"]) == "still here"
+
+
+def test_whole_text_ranking_and_heat_map_equal_the_dense_codes(encoder, tiny_hooked):
+    """With TopK every token has k latents: the answer ranks the latents of the whole text by summed
+    activation (max and token count beside), says how many there were, and carries one latent's
+    activation on every token (the chosen one, else the strongest)."""
+    text = "To be, or not to be, that is the question"
+    ids = tiny_hooked.tokenizer(text, add_special_tokens=False)["input_ids"][:12]
+    x = tiny_hooked.residual(torch.tensor([[tiny_hooked.start_token_id, *ids]]))[0, 1:]
+    dense = encoder.sae.encode(x).to_dense(300).detach().numpy()
+    got = encoder.features(text)
+    totals = dense.sum(0)
+    active = np.flatnonzero(totals > 0)
+    want = sorted(active, key=lambda f: (-totals[f], f))
+    assert [f for f, *_ in got["top_features"]] == [int(f) for f in want[:5]]
+    assert got["n_active_features"] == active.size > 5 and got["top_features_truncated"]
+    for f, total, peak, count in got["top_features"]:
+        assert total == pytest.approx(totals[f], rel=1e-3) and peak == pytest.approx(dense[:, f].max(), rel=1e-3)
+        assert count == int((dense[:, f] > 0).sum())
+    assert got["feature"] == want[0]
+    assert got["feature_acts"] == pytest.approx(dense[:, want[0]].tolist(), rel=1e-3, abs=1e-6)
+    assert got["n_active"] == [4] * len(ids) and all(len(f) == 3 for f in got["features"])  # 3 of 4 shown
+    chosen = int(want[-1])
+    assert encoder.features(text, chosen)["feature_acts"] == pytest.approx(dense[:, chosen].tolist(), rel=1e-3,
+                                                                          abs=1e-6)
+    assert got["checkpoint_version"] == "v-test"
+    for bad in (300, -1, "7", 1.5, True):
+        with pytest.raises(PlatformError, match="not a latent of this SAE"):
+            encoder.features(text, bad)
+
+
+def test_limits_answer_the_bound_the_server_applies(live, encoder):
+    limits = json.loads(urllib.request.urlopen(live + "api/limits", timeout=10).read())
+    assert limits == {"max_chars": encoder.max_chars, "max_tokens": 12, "top": 3, "top_features": 5,
+                      "checkpoint_version": "v-test"}
+    assert MAX_CHARS == encoder.max_chars
+    status, body = _post(live, json.dumps({"text": "a" * (MAX_CHARS + 1)}).encode())
+    assert status == 200 and body["truncated"] and body["max_chars"] == MAX_CHARS
+
+
+def _trained_twice(store, hooked):
+    """Two committed checkpoint versions of SAE "run" (the second with another learning rate), trained
+    on activations that say they were read at the tiny model's hook point."""
+    from sae_platform import shuffle
+    from sae_platform.catalog import checkpoint_version
+    from sae_platform.trainer import TrainSettings, train_sae
+
+    rng = np.random.default_rng(0)
+    for p in range(2):
+        acts = rng.standard_normal((600, hooked.d_model)).astype(np.float32)
+        with store.writing(f"activations/p{p}") as version:
+            group = store.open_group(f"{version}/data.zarr", "w")
+            group.create_array("acts", data=acts, chunks=(300, hooked.d_model), compressors=None)
+            group.attrs.update({"d_model": hooked.d_model, "dtype": "float32", "n_rows": 600,
+                                "hook_name": hooked.hook_name})
+    shuffle.run_shuffle(store, "main", n_buckets=2, memory_budget_bytes=1 << 20, n_jobs=1, seed=0)
+    versions = []
+    for lr in (1e-3, 3e-2):
+        settings = TrainSettings(variant="topk", n_latents=300, k=4, batch_size=128, token_budget=128 * 4,
+                                 checkpoint_every_tokens=128 * 4, holdout_rows=128, dead_after_tokens=128 * 4,
+                                 lr=lr)
+        train_sae(store, "main", "run", settings, log=lambda m: None)
+        versions.append(checkpoint_version(store, "run"))
+    assert versions[0] != versions[1]
+    return versions
+
+
+def test_the_live_server_follows_the_checkpoint_the_site_shows(store, tiny_hooked, tmp_path):
+    """The site is rebuilt for a second checkpoint: the next answer names the new version and is that
+    version's encoding (other features); the base model is loaded once; a site pinning a checkpoint
+    that is no longer stored gets 503 naming the fix, not the old weights."""
+    from sae_platform.trainer import load_sae
+
+    first, second = _trained_twice(store, tiny_hooked)
+    shards, edges = _tables()
+    site = tmp_path / "site"
+    build = lambda version: publish.build_site(site, sae_name="run", shards=shards, hist_bin_edges=edges,  # noqa: E731
+                                               lineage={**LINEAGE, "checkpoint": version})
+    build(first)
+    model_loads = []
+    load = checkpoint_loader(store, "run", lambda: model_loads.append(1) or tiny_hooked, max_tokens=12, top=64)
+    server, url = serve_live_in_thread(site, SiteEncoder(site, load, check_every_s=0))
+    text = json.dumps({"text": "To be, or not to be"}).encode()
+    try:
+        status, before = _post(url, text)
+        assert status == 200 and before["checkpoint_version"] == first
+        build(second)
+        status, after = _post(url, text)
+        assert status == 200 and after["checkpoint_version"] == second
+        assert json.loads(urllib.request.urlopen(url + "api/limits", timeout=10).read())["checkpoint_version"] == second
+        assert after["features"] != before["features"] and after["top_features"] != before["top_features"]
+        want = LiveEncoder(tiny_hooked, load_sae(store, "run", version=second)[0], tiny_hooked.hook_name,
+                           max_tokens=12, top=64).features("To be, or not to be")
+        assert after["features"] == want["features"] and model_loads == [1]
+        build("v-00000000000000000001-deadbeef")
+        status, gone = _post(url, text)
+        assert status == 503 and "v-00000000000000000001-deadbeef" in gone["error"]
+        assert "sae-platform features --sae run" in gone["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_port_in_use_fails_at_once_naming_the_port_and_the_fix(tmp_path, live_site, python_exe):
+    """`sae-platform serve` next to `make browse`: the port is checked before the definitions, torch
+    and the models load; the message names the port and what to do. The server itself says so too."""
+    import os
+    import subprocess
+    import time
+
+    from sae_platform.browser.server import serve_in_thread
+
+    holder, url = serve_in_thread(live_site)
+    port = holder.server_address[1]
+    try:
+        env = {**os.environ, "SAE_PLATFORM_ROOT": str(tmp_path / "artifacts")}
+        start = time.monotonic()
+        done = subprocess.run([python_exe, "-m", "jobs.cli", "serve", "--sae", "run", "--port", str(port)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        seconds = time.monotonic() - start
+        assert done.returncode == 2, done.stderr
+        assert f"port {port} on 127.0.0.1 is in use" in done.stderr and f"--port {port + 1}" in done.stderr
+        assert seconds < 5, f"{seconds:.1f} s"
+        with pytest.raises(PlatformError, match=f"port {port} on 127.0.0.1 is in use"):
+            serve_live_in_thread(live_site, encoder=None, port=port)
+    finally:
+        holder.shutdown()
+        holder.server_close()

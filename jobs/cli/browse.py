@@ -73,25 +73,34 @@ def _upstream_chain(graph, key) -> list[str]:
 
 
 def cmd_serve(args) -> int:
-    """The browser plus the live endpoint: the base model and the SAE answer typed text."""
-    from sae_platform.activations import sae_hook_entry
-    from sae_platform.live import LiveEncoder, serve_live
+    """The browser plus the live endpoint: the base model and the SAE of the checkpoint the browser
+    shows answer typed text. The port is bound before anything loads, so a used one fails at once."""
+    from sae_platform.browser.server import require_free_port, serve_until_interrupted
+
+    require_free_port(args.host, args.port)   # before the definitions, torch and the models load
+    from sae_platform.live import LIVE_BANNER, SiteEncoder, checkpoint_loader, make_live_server
     from sae_platform.model import pick_device
-    from sae_platform.trainer import load_sae
 
     site, defs, store = _site(args)
     device = pick_device(args.device)
-    sae, _ = load_sae(store, args.sae, device)
-    entry = sae_hook_entry(store, args.sae)  # where the SAE's training rows were read
-    hooked, _ = defs.resources["language_model"].load(store, device=str(device))
-    encoder = LiveEncoder(hooked, sae, entry.hook_name, entry.hook_name_in, max_tokens=args.max_tokens)
-    serve_live(site, encoder, host=args.host, port=args.port)
+    load_model = lambda: defs.resources["language_model"].load(store, device=str(device))[0]  # noqa: E731
+    load = checkpoint_loader(store, args.sae, load_model, device, max_tokens=args.max_tokens)
+    encoder = SiteEncoder(site, load)
+    server = make_live_server(site, encoder, host=args.host, port=args.port)
+    try:
+        print(f"loading the base model and the SAE of checkpoint {encoder.site_checkpoint()} …", flush=True)
+        encoder.current()
+    except BaseException:
+        server.server_close()
+        raise
+    serve_until_interrupted(server, LIVE_BANNER)
     return 0
 
 
 def cmd_browse(args) -> int:
-    from sae_platform.browser.server import serve
+    from sae_platform.browser.server import require_free_port, serve
 
+    require_free_port("127.0.0.1", args.port)   # before the definitions load
     site, _, _ = _site(args)
     serve(site, port=args.port)
     return 0

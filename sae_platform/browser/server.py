@@ -3,7 +3,8 @@
 The server sends the site's Content-Security-Policy as a header too (the page also sets it in a
 meta tag; see :mod:`sae_platform.browser.generate`), with ``nosniff``, no referrer, and
 ``no-cache`` on the shell and the ``site.json`` pointer, so a rebuild is seen on the next load.
-``sae_platform.live`` serves the same site with a live encoding endpoint added.
+``sae_platform.live`` serves the same site with a live encoding endpoint added; this server answers
+the page's probe of it (``GET /api/limits``) with 204, so the page offers no live page.
 
 Every request's ``Host`` header is checked (``host_allowed``) against the names this server
 answers to: the address it is bound to, the loopback names (``localhost``, 127.0.0.1, ::1), and
@@ -15,9 +16,11 @@ the socket, but its requests carry ``Host: attacker.example``.
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.server
 import ipaddress
+import socket
 import threading
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from sae_platform.errors import PlatformError
 from sae_platform.settings import env_value
 
 ALLOWED_HOSTS_ENV = "SAE_PLATFORM_ALLOWED_HOSTS"
+LIMITS_PATH = "/api/limits"   # the live server's bounds; the page probes it (here: 204, no live endpoint)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
 
@@ -76,6 +80,15 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
                         f"add the name to {ALLOWED_HOSTS_ENV} (comma-separated)")
         return False
 
+    def do_GET(self):  # http.server's name
+        """Files of the site; the live probe answered 204 (the page then offers no live page, and
+        the browser logs no failed request)."""
+        if self.path.split("?")[0] == LIMITS_PATH:
+            self.send_response(204)
+            self.end_headers()
+            return None
+        return super().do_GET()
+
     def end_headers(self):
         self.send_header("Content-Security-Policy", CSP + "; frame-ancestors 'none'")
         self.send_header("X-Content-Type-Options", "nosniff")
@@ -94,16 +107,42 @@ def make_server(site_dir, host: str = "127.0.0.1", port: int = 8000, quiet: bool
     """A threaded HTTP server for the site in ``site_dir`` (not started; port 0 picks a free one).
     ``handler_methods``: further request-handler methods (the live server's ``do_POST``);
     ``extra_hosts``: host names it answers to besides its address and loopback (default
-    ``$SAE_PLATFORM_ALLOWED_HOSTS``; ``allowed_hosts``)."""
+    ``$SAE_PLATFORM_ALLOWED_HOSTS``; ``allowed_hosts``). PlatformError naming the port and the fix
+    when another server holds it (it is bound here, before the caller loads anything slow)."""
     site_dir = Path(site_dir)
     if not (site_dir / SITE_POINTER).is_file():
         raise PlatformError(f"{site_dir} is not a built feature-browser site (no {SITE_POINTER})",
                             "build it first with sae_platform.browser.publish.build_site, or point at its directory")
     handler = type("Handler", (_Handler,), {"quiet": quiet, "hosts": allowed_hosts(host, extra_hosts),
                                             **(handler_methods or {})})
-    server = http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(site_dir)))
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(site_dir)))
+    except OSError as error:
+        raise _port_error(error, host, port) from None
     server.daemon_threads = True
     return server
+
+
+def require_free_port(host: str, port: int) -> None:
+    """Fail at once, before anything slow loads, when another server holds ``port`` on ``host``:
+    a PlatformError naming the port and the fix (the server binds it again when it starts)."""
+    server_class = http.server.ThreadingHTTPServer
+    with socket.socket(server_class.address_family, socket.SOCK_STREAM) as probe:
+        if server_class.allow_reuse_address:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server binds it
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise _port_error(error, host, port) from None
+
+
+def _port_error(error: OSError, host: str, port: int) -> OSError | PlatformError:
+    """A port in use as a PlatformError naming it and the fix; any other bind error as it was."""
+    if error.errno != errno.EADDRINUSE:
+        return error
+    return PlatformError(f"port {port} on {host} is in use: another server (`make browse`, `sae-platform browse` or "
+                         "`sae-platform serve`?) already listens there",
+                         f"start this one on another port (--port {port + 1}), or stop the server on port {port} first")
 
 
 def serve(site_dir, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -18,7 +18,7 @@
     order: null,                  // Int32Array of row positions, the current filtered + sorted list
     sort: { key: 'feature', desc: false }, query: '', page: 0, matchRank: null,
     rowOf: new Map(), chunks: new Map(), tokensLower: null, view: null, histLog: false,
-    filter: 'all', explLower: null,
+    filter: 'all', explLower: null, live: null,
   };
   const DENSE = 0.1;              // a latent firing on more than 10% of tokens is "dense"
   const FILTERS = {
@@ -72,6 +72,13 @@
     return (p >= 1e-4 ? String(Number(p.toPrecision(3))) : p.toExponential(2)) + '%';
   }
   function fmtEdge(v, upper) { return v === null || v === undefined ? (upper ? '\u221e' : '\u2212\u221e') : fmt(v); }
+  // A token's background by its activation a relative to the largest fmax (orange; strong above 60%).
+  function heat(span, a, fmax) {
+    const x = Math.min(1, a / fmax);
+    span.style.backgroundColor = `rgba(255, 128, 0, ${(0.08 + 0.82 * x).toFixed(3)})`;
+    span.classList.add('active');
+    if (x > 0.6) span.classList.add('strong');
+  }
   function fmtInt(n) { return n === null || n === undefined ? '–' : Number(n).toLocaleString('en-US'); }
   // Whitespace made visible; the string stays text.
   function showToken(s) {
@@ -217,7 +224,7 @@
     root.appendChild(el('section', { class: 'controls' },
       search, filter,
       el('a', { href: '#/overview', id: 'overview-link' }, 'SAE overview'),
-      el('a', { href: '#/live', id: 'live-link' }, 'Text \u2192 features'),
+      S.live ? el('a', { href: '#/live', id: 'live-link' }, 'Text \u2192 features') : null,
       el('span', { id: 'count', class: 'muted' })));
     root.appendChild(el('div', { id: 'list' }));
     renderList();
@@ -448,47 +455,107 @@
   }
 
   // ---------- live: text in, features out (needs sae-platform serve) ----------
+  // The live server answers GET api/limits (its bounds and checkpoint); the plain server answers 204
+  // and other static hosts 404: then the index offers no live page.
+  async function probeLive() {
+    try {
+      const res = await fetch('api/limits', { cache: 'no-store' });
+      const limits = res.status === 200 ? await res.json() : null;
+      S.live = limits && Number.isInteger(limits.max_chars) ? limits : null;
+    } catch (err) {
+      S.live = null;
+    }
+  }
   function renderLive() {
     S.view = 'live';
     const root = clear(app());
     root.appendChild(el('nav', { class: 'fnav' }, el('a', { href: '#/' }, '\u2190 All features')));
     root.appendChild(el('h1', null, 'Text \u2192 features'));
     const out = el('div', { id: 'live-out' });
-    const box = el('textarea', { id: 'live-text', rows: 4, maxLength: 2000, placeholder: 'Type a text; the features firing on each token are computed live by the base model and the SAE.' });
-    const go = el('button', { type: 'button', id: 'live-go', onclick: async () => {
+    const box = el('textarea', { id: 'live-text', rows: 4, maxLength: S.live ? S.live.max_chars : undefined,
+      placeholder: 'Type a text; the base model and the SAE find the features most active on it, live.' });
+    const pick = el('input', { id: 'live-feature', type: 'number', min: 0, step: 1, placeholder: 'feature #',
+      title: 'Show the heat map of this feature (empty: the most active on the text)' });
+    const run = async () => {
       clear(out).appendChild(el('p', { class: 'status' }, 'Running the model\u2026'));
+      const body = { text: box.value };
+      if (pick.value !== '') body.feature = Number(pick.value);
       try {
         const res = await fetch('api/features', { method: 'POST', headers: { 'Content-Type': 'application/json' },
-          body: JSON.stringify({ text: box.value }) });
+          body: JSON.stringify(body) });
         const data = await res.json();
         if (!res.ok) throw new Error(data.error || `HTTP ${res.status}`);
-        clear(out).appendChild(liveTokens(data));
+        clear(out).appendChild(liveView(data, (id) => { pick.value = String(id); run(); }));
       } catch (err) {
         clear(out).appendChild(el('p', { class: 'status error' }, `No live answer: ${err.message}. Live text needs the live server (sae-platform serve).`));
       }
-    } }, 'Find features');
-    root.appendChild(el('section', { class: 'card' }, box, el('div', null, go)));
+    };
+    const go = el('button', { type: 'button', id: 'live-go', onclick: run }, 'Find features');
+    const limit = S.live ? `at most ${fmtInt(S.live.max_chars)} characters, ${fmtInt(S.live.max_tokens)} tokens; checkpoint ${S.live.checkpoint_version || '–'}`
+      : 'Live text needs the live server (sae-platform serve); this server does not answer it.';
+    root.appendChild(el('section', { class: 'card' }, box,
+      el('div', null, go, ' ', pick, ' ', el('span', { id: 'live-limits', class: 'muted small' }, limit))));
     root.appendChild(out);
   }
-  function liveTokens(data) {
-    const wrap = el('div', { class: 'card' });
+  function liveView(data, showFeature) {
+    const wrap = el('div');
+    const shown = S.site && S.site.checkpoint;
+    wrap.appendChild(el('p', { id: 'live-version', class: 'muted small' }, `Encoded by checkpoint ${data.checkpoint_version || '–'}` +
+      (data.truncated ? ` \u00b7 input cut to ${fmtInt(data.max_tokens)} tokens / ${fmtInt(data.max_chars)} characters` : '')));
+    if (shown && data.checkpoint_version && shown !== data.checkpoint_version) {
+      wrap.appendChild(el('p', { class: 'status error', id: 'live-stale' },
+        `This page shows checkpoint ${shown}; the server now answers with ${data.checkpoint_version} (the browser was rebuilt): reload the page.`));
+    }
+    wrap.appendChild(liveHeat(data));
+    wrap.appendChild(liveTop(data, showFeature));
+    return wrap;
+  }
+  // The text with the chosen feature's activation on each token as its background; a click lists the token's features.
+  function liveHeat(data) {
+    const card = el('section', { class: 'card' });
+    const f = data.feature;
+    const acts = data.feature_acts || [];
+    const fmax = Math.max(0, ...acts) || 1;
     const detail = el('div', { id: 'live-detail', class: 'muted' }, 'Click a token to list its features.');
-    const text = el('div', { class: 'ctx' });
+    const text = el('div', { class: 'ctx', id: 'live-heat' });
     data.tokens.forEach((t, j) => {
       const feats = data.features[j] || [];
-      const span = el('span', { class: 'tok' + (feats.length ? ' active' : ''), dataset: { index: j } }, showToken(t));
-      span.title = `${feats.length} features`;
+      const n = data.n_active ? data.n_active[j] : feats.length;
+      const span = el('span', { class: 'tok', dataset: { index: j } }, showToken(t));
+      if (acts[j] > 0) heat(span, acts[j], fmax);
+      span.title = (f === null || f === undefined ? '' : `#${f} act ${fmt(acts[j] || 0)} \u00b7 `) + `${n} active features`;
       span.addEventListener('click', () => {
         clear(detail).appendChild(el('ul', { class: 'related' }, feats.map(([id, a]) => el('li', null,
           el('a', { href: `#/feature/${id}` }, `#${id}`), el('span', { class: 'muted small' }, ` act ${fmt(a)}`),
-          S.index.columns.explanation && S.rowOf.has(id) ? el('span', { class: 'small' }, ` ${S.index.columns.explanation[S.rowOf.get(id)] || ''}`) : null))));
+          explanationOf(id)))));
+        if (n > feats.length) detail.appendChild(el('p', { class: 'muted small' }, `Showing the strongest ${feats.length} of ${n} active features.`));
       });
       text.appendChild(span);
     });
-    wrap.appendChild(el('h2', null, `${data.tokens.length} tokens` + (data.truncated ? ' (input truncated)' : '')));
-    wrap.appendChild(text);
-    wrap.appendChild(detail);
-    return wrap;
+    const title = f === null || f === undefined ? `${data.tokens.length} tokens` : `Feature #${f} over the text`;
+    card.appendChild(el('h2', null, title, f === null || f === undefined ? null : el('a', { href: `#/feature/${f}`, class: 'small' }, ' open feature page')));
+    card.appendChild(text);
+    card.appendChild(detail);
+    return card;
+  }
+  // The features most active on the whole text, largest summed activation first; a click shows one's heat map.
+  function liveTop(data, showFeature) {
+    const card = el('section', { class: 'card' }, el('h2', null, 'Features most active on the whole text'));
+    const top = data.top_features || [];
+    const list = el('ol', { id: 'live-top', class: 'related' }, top.map(([id, total, max, count]) => el('li', { class: id === data.feature ? 'chosen' : null },
+      el('a', { href: `#/feature/${id}` }, `#${id}`),
+      el('span', { class: 'muted small' }, ` sum ${fmt(total)} \u00b7 max ${fmt(max)} \u00b7 ${count} tokens `),
+      el('button', { type: 'button', class: 'live-show', onclick: () => showFeature(id) }, 'heat map'),
+      explanationOf(id))));
+    card.appendChild(list);
+    const n = data.n_active_features || 0;
+    card.appendChild(el('p', { id: 'live-top-note', class: 'muted small' }, data.top_features_truncated
+      ? `Showing ${top.length} of ${fmtInt(n)} active features.` : `All ${fmtInt(n)} active features.`));
+    return card;
+  }
+  function explanationOf(id) {
+    const cols = S.index.columns;
+    return cols.explanation && S.rowOf.has(id) ? el('span', { class: 'small' }, ` ${cols.explanation[S.rowOf.get(id)] || ''}`) : null;
   }
 
   function stat(label, value, sub, id) {
@@ -630,10 +697,7 @@
         } else {
           span.title = `act ${a === null || a === undefined ? '–' : a}` + bytes;
           if (a > 0) {
-            const x = Math.min(1, a / fmax);
-            span.style.backgroundColor = `rgba(255, 128, 0, ${(0.08 + 0.82 * x).toFixed(3)})`;
-            span.classList.add('active');
-            if (x > 0.6) span.classList.add('strong');
+            heat(span, a, fmax);
           } else if (a < 0) {
             span.style.backgroundColor = `rgba(40, 110, 255, ${(0.08 + 0.6 * Math.min(1, -a / fmax)).toFixed(3)})`;
             span.classList.add('active');
@@ -744,7 +808,7 @@
 
   async function boot() {
     try {
-      await loadIndex();
+      await Promise.all([loadIndex(), probeLive()]);
     } catch (err) {
       clear(app()).appendChild(el('p', { class: 'status error' }, `Could not load the feature index: ${err.message}. Serve this directory over HTTP (python -m sae_platform.browser serve DIR).`));
       return;
