@@ -7,7 +7,9 @@
 * ``downstream_freshness_sensor``: the declared policy for everything downstream. Once no caching
   run is in flight, if any hook point's shuffled store, the SAE, its feature tables or the browser
   do not pin the currently cached activations (``sae_platform.freshness``), one ``full_pipeline`` run brings
-  them up to date. Its run key is the set of cached versions: one run per state of the data.
+  them up to date. Its run key is the set of cached versions: one run per state of the data. At
+  every tick, runs in flight or not, it records feature_browser's check describes_every_cached_batch
+  (a runless evaluation) when the answer changed, so the UI shows the browser behind the data.
 * ``nightly_refresh``: the periodic backfill. Every night, the same check (uncached and replaced
   inbox files included); it launches ``full_pipeline`` when anything is behind, e.g. after a
   failed run, a sensor that was off, or files that arrived while the daemon was down.
