@@ -20,7 +20,7 @@ from sae_platform.activations import activation_attrs, open_partition
 from sae_platform.browser.publish import build_site
 from sae_platform.catalog import eval_name, trained_on
 from sae_platform.feature_check import brute_force_check
-from sae_platform.feature_merge import FeatureTables, merge_partials, read_tables, write_tables
+from sae_platform.feature_merge import FeatureTables, merge_shard_tables, read_tables, write_tables
 from sae_platform.freshness import browser_checkpoint, features_behind, stale_reasons
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
@@ -124,14 +124,15 @@ FEATURE_STATS_PARTIAL = _stage(
 # -- pass 2 ---------------------------------------------------------------------------------------
 
 def merge_shard(run: StageRun) -> dict:
-    """Merge the partials of every pinned batch: exact top-K, uniform random and interval examples,
-    density, histogram; plus the logit effects (W_dec · W_U) of each feature."""
+    """Merge the partials of every pinned batch: exact top-K, uniform random examples, density,
+    histogram; then the interval examples, sampled from all activating tokens of each interval
+    with the merged max (each batch's codes read again); plus the logit effects (W_dec · W_U)."""
     settings, (sae, group), store = _settings(run), _load(run), run.store
     index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
     batches = pinned_batches(run)
     run.log.info(f"pass 2, features [{start:,}, {stop:,}): merging {len(batches)} partial(s)")
-    tables = merge_partials(ft.read_partials(store, settings.sae_name, index, batches), settings)
+    tables = merge_shard_tables(store, sae, settings.sae_name, index, batches, settings)
     hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
     logits = logit_effects(sae, unembedding_matrix(hooked.model), hooked.tokenizer, start, stop)
     attrs = activation_attrs(store, sae_shuffle(run))
@@ -309,7 +310,9 @@ FEATURE_EXPLANATIONS = Stage(
 
 
 def explain_with_llm_step(run: StageRun) -> dict:
-    """LLM explanations of the shard's most active latents, scored by detection on held-out text."""
+    """LLM explanations of the shard's most active latents, scored by detection on held-out text. A
+    feature whose answer was unusable is stored with its error and counted in ``n_failed``; an
+    endpoint that cannot serve fails this asset only (no stage depends on it: ``Stage.optional``)."""
     settings, (sae, _), store = _settings(run), _load(run), run.store
     index = _shard(run.partition_key)
     start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
@@ -324,12 +327,17 @@ def explain_with_llm_step(run: StageRun) -> dict:
     name = catalog.llm_explanations_name(settings.sae_name, index)
     with store.writing(name, explainer=llm.describe()) as version:
         store.write_parquet(f"{version}/llm_explanations.parquet", frame)
+    explained, failed = frame.filter(pl.col("error").is_null()), frame.filter(pl.col("error").is_not_null())
+    for row in failed.iter_rows(named=True):
+        run.log.warning(f"feature {row['feature']}: no LLM explanation: {row['error']}")
     preview = [{"feature": r["feature"], "explanation": r["explanation"][:120],
-                "balanced_accuracy": round(r["balanced_accuracy"], 3)} for r in rows]
-    return {"explainer": llm.describe(), "n_explained": len(rows),
-            **({"balanced_accuracy": float(frame["balanced_accuracy"].mean())} if rows else {}),
+                "balanced_accuracy": round(r["balanced_accuracy"], 3)} for r in explained.iter_rows(named=True)]
+    return {"explainer": llm.describe(), "n_explained": explained.height, "n_failed": failed.height,
+            **({"balanced_accuracy": float(explained["balanced_accuracy"].mean())} if explained.height else {}),
             "explanations": table_preview(preview, {"feature": "int", "explanation": "string",
                                                     "balanced_accuracy": "float"}),
+            **({"failures": table_preview(failed.select("feature", "error").to_dicts(),
+                                          {"feature": "int", "error": "string"})} if failed.height else {}),
             "path": MetadataValue.path(store.url(store.resolve(name)))}
 
 
@@ -355,7 +363,8 @@ FEATURE_LLM_EXPLANATIONS = Stage(
                 "or the embedded SmolLM2-135M-Instruct offline), scored by detection: balanced accuracy on held-out "
                 "activating and non-activating text (delphi).",
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model", "holdout_text", "evaluation", "llm_explainer"),
-    deps=("feature_contexts",), body=explain_with_llm_step, up_to_date=llm_disabled, version=llm_version)
+    deps=("feature_contexts",), body=explain_with_llm_step, up_to_date=llm_disabled, version=llm_version,
+    optional=True)
 
 
 # -- browser --------------------------------------------------------------------------------------

@@ -45,14 +45,18 @@ from assets.features import DESCRIBES_EVERY_CACHED_BATCH, FEATURE_BROWSER, chain
 from assets.metadata import readable
 from assets.partitions import ACTIVATION_BATCHES
 from resources import AutomationResource, StorageResource, TextSourceResource
-from sae_platform.errors import SourceError
+from sae_platform.corpus import display_name
+from sae_platform.errors import SourceError, printable
 from sae_platform.freshness import cached_versions
-from sae_platform.inbox import needs_caching
+from sae_platform.inbox import failed_attempts, needs_caching
 from sae_platform.settings import env_value
 
 # How often the sensors look (seconds); tests and busy deployments change it.
 SENSOR_INTERVAL_S = env_value("SAE_PLATFORM_SENSOR_INTERVAL_S", 30, int, ge=1, le=24 * 3600)
 NIGHTLY_CRON = env_value("SAE_PLATFORM_REFRESH_CRON", "0 3 * * *")
+# Seconds a tick may spend reading files to compare their contents (Dagster stops a sensor at 60 s);
+# a comparison not finished goes on at the next tick.
+HASH_BUDGET_S = env_value("SAE_PLATFORM_SENSOR_HASH_BUDGET_S", 20.0, float, ge=0.1, le=50)
 # Inbox files cached per cache_inbox run: 200 files dropped at once are 8 runs, not 200.
 FILES_PER_RUN = env_value("SAE_PLATFORM_FILES_PER_RUN", 25, int, ge=1, le=10_000)
 CACHING_JOBS = ["cache_inbox", ACTIVATIONS.job.name]  # the inbox sensor's op job; the activations asset job
@@ -69,26 +73,28 @@ def inbox_sensor(context: SensorEvaluationContext, text_source: TextSourceResour
     FILES_PER_RUN files per cache_inbox run. One bad file never holds back the others."""
     store = storage.store()
     try:
-        inbox = text_source.scan(store)
+        inbox = text_source.scan(store, HASH_BUDGET_S)
     except (SourceError, OSError) as error:
-        return SkipReason(str(error))
+        return SkipReason(printable(str(error)))
     skipped = (f"; {len(inbox.skipped)} file(s) skipped: "
-               + "; ".join(f"{s.url.rsplit('/', 1)[-1]}: {s.reason}" for s in inbox.skipped[:5])
+               + "; ".join(f"{display_name(s.url)}: {printable(s.reason)}" for s in inbox.skipped[:5])
                + (" …" if len(inbox.skipped) > 5 else "")) if inbox.skipped else ""
     if not inbox.files:
         return SkipReason(f"text source {text_source.pattern!r} holds no readable file{skipped}")
     existing = set(context.instance.get_dynamic_partitions(ACTIVATION_BATCHES.name))
     new = [f.key for f in inbox.files if f.key not in existing]
     busy = _keys_in_flight(context.instance)
-    todo = [k for k in needs_caching(store, inbox.stamps) if k not in busy]
+    todo = [k for k in needs_caching(store, inbox.stamps, inbox.access) if k not in busy]
     if not new and not todo:
         return SkipReason(f"no new or changed files in the inbox{skipped}")
     context.log.info(f"new: {', '.join(new[:10]) or 'none'}; to cache: {', '.join(todo[:10]) or 'none'}"
                      + (f" ({len(todo)} in all)" if len(todo) > 10 else "") + skipped)
-    requests = []
+    requests, failed = [], failed_attempts(store)
     for first in range(0, len(todo), FILES_PER_RUN):
         chunk = todo[first:first + FILES_PER_RUN]
-        versions = json.dumps([[k, inbox.stamps[k]] for k in chunk])
+        # a version tried again after a failure (its permissions changed) is a new run, not the old one's key
+        versions = json.dumps([[k, inbox.stamps[k], *([failed[k].get("failed_at")] if k in failed else [])]
+                               for k in chunk])
         requests.append(RunRequest(run_key=f"cache:{hashlib.sha256(versions.encode()).hexdigest()[:16]}",
                                    run_config=automation.inbox_run_config(chunk),
                                    tags={"sae_platform/files": ", ".join(chunk)[:200]}))
@@ -118,7 +124,8 @@ def _behind(storage: StorageResource, resources, text_source: TextSourceResource
     store = storage.store()
     reasons = []
     if text_source is not None:  # files whose current version failed wait for a new one: not behind
-        todo = needs_caching(store, text_source.scan(store).stamps)
+        inbox = text_source.scan(store, HASH_BUDGET_S)
+        todo = needs_caching(store, inbox.stamps, inbox.access)
         cached = cached_versions(store)
         uncached = [k for k in todo if k not in cached]
         if uncached:

@@ -147,6 +147,9 @@ class Stage:
     # Errors that are one partition's own fault (a bad file): the asset run of that partition fails,
     # while full_pipeline reports it and goes on with the other partitions.
     partition_errors: tuple[type[Exception], ...] = ()
+    # An optional stage (the LLM explanations) adds to the result and no stage depends on it: when it
+    # fails, its run is red, and every other stage still runs (full_pipeline, `sae-platform features`).
+    optional: bool = False
     job: AssetJob | None = None                      # its asset job (stages of one job name the same AssetJob)
 
     def __post_init__(self):

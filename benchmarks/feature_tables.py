@@ -160,7 +160,7 @@ def stages_worker(args, store, sae, part) -> dict:
 
     from sae_platform import features
     from sae_platform.feature_check import brute_force_check
-    from sae_platform.feature_merge import merge_partials, write_tables
+    from sae_platform.feature_merge import merge_shard_tables, write_tables
 
     shards = features.feature_shards(N_LATENTS, N_FEATURE_SHARDS)
     settings = features.FeatureSettings(top_k=TOP_K, reservoir_factor=RESERVOIR_FACTOR)
@@ -184,8 +184,7 @@ def stages_worker(args, store, sae, part) -> dict:
     seconds["pass_1"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     for index in range(len(shards)):
-        write_tables(store, "bench", index, merge_partials(
-            features.read_partials(store, "bench", index, [args.partition]), settings))
+        write_tables(store, "bench", index, merge_shard_tables(store, sae, "bench", index, [args.partition], settings))
     seconds["pass_2"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     checks = [brute_force_check(store, sae, "bench", index, start, stop, reencode=args.worker == "stages_per_shard")

@@ -159,9 +159,9 @@ def usable_cores() -> int:
 
 def make_adam(sae):
     try:
-        return torch.optim.Adam(sae.parameters(), lr=lr_for(sae.n_latents), eps=ADAM_EPS, fused=True)
+        return torch.optim.Adam(sae.param_groups(lr_for(sae.n_latents)), eps=ADAM_EPS, fused=True)
     except (RuntimeError, TypeError):  # a torch without fused Adam for this device
-        return torch.optim.Adam(sae.parameters(), lr=lr_for(sae.n_latents), eps=ADAM_EPS)
+        return torch.optim.Adam(sae.param_groups(lr_for(sae.n_latents)), eps=ADAM_EPS)
 
 
 def make_step(sae, x, dense=False, dead_mask=None):

@@ -215,8 +215,9 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         windows = pinned_batch_keys.alias("pass_3_batches")(merged).map(step["feature_context_windows"]).collect()
         regrouped = feature_shards.alias("regroup_shards")(windows).map(step["feature_contexts"]).collect()
         explained = feature_shards.alias("explain_shards")(regrouped).map(step["feature_explanations"]).collect()
-        # feature_llm_explanations is skipped unless enabled
-        explained = feature_shards.alias("llm_shards")(explained).map(step["feature_llm_explanations"]).collect()
+        # optional (Stage.optional; skipped unless enabled): nothing waits for it, so its failure
+        # never keeps the browser from being written
+        feature_shards.alias("llm_shards")(regrouped).map(step["feature_llm_explanations"])
         step["feature_browser"](explained)
 
     return full_pipeline

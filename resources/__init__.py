@@ -11,6 +11,7 @@ from sae_platform.corpus import TextFile, check_encoding, find_file, list_source
 from sae_platform.evaluate import EvalSettings
 from sae_platform.features import FeatureSettings
 from sae_platform.inbox import Inbox, scan_inbox
+from sae_platform.llm_explain import ChatClient, public_url
 from sae_platform.model import AUTOCAST_HELP, EMBEDDED_MODEL, load_stored_model, load_stored_tokenizer
 from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, default_of, load_yaml
 from sae_platform.shuffle import ShuffleSettings
@@ -66,15 +67,18 @@ class LLMExplainerResource(ConfigurableResource):
                                                                  "most often on the held-out text)")
     examples: int = Field(default=5, ge=1, description="held-out activating and as many non-activating texts per "
                                                        "detection score")
+    timeout_s: float = Field(default=default_of(ChatClient, "timeout_s"), gt=0,
+                             description="with base_url: the most one answer may take, wall clock (connect, wait, "
+                                         "read); a slower answer fails its feature")
 
     def backend(self, store: ArtifactStore):
         import os
 
-        from sae_platform.llm_explain import ChatClient, LocalChat
+        from sae_platform.llm_explain import LocalChat
         from sae_platform.model import ensure_base_model
 
         if self.base_url:
-            return ChatClient(self.base_url, self.model, os.environ.get(self.api_key_env) or None)
+            return ChatClient(self.base_url, self.model, os.environ.get(self.api_key_env) or None, self.timeout_s)
         model_dir, _ = ensure_base_model(store, self.local_model)
         return LocalChat(model_dir)
 
@@ -82,8 +86,7 @@ class LLMExplainerResource(ConfigurableResource):
         """What explains, in words for metadata: never the key, never a URL's credentials."""
         if not self.base_url:
             return f"{self.local_model} through transformers (local)"
-        host = self.base_url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
-        return f"{self.model} at {host}"
+        return f"{self.model} at {public_url(self.base_url)}"
 
 
 class TextSourceResource(ConfigurableResource):
@@ -108,10 +111,11 @@ class TextSourceResource(ConfigurableResource):
     def _resolved(self) -> str:
         return resolve_source(self.pattern, self.endpoint_url)[0]
 
-    def scan(self, store: ArtifactStore | None = None) -> Inbox:
+    def scan(self, store: ArtifactStore | None = None, hash_budget_s: float | None = None) -> Inbox:
         """Files to cache (keys, stamps) and files skipped with their reason (sae_platform.inbox);
-        with ``store``, of byte-identical files the cached one stays the original."""
-        return scan_inbox(self._resolved(), self.storage_options, store, self.skip_duplicates)
+        with ``store``, of byte-identical files the cached one stays the original, and a renamed
+        cached file is not cached again. Comparing contents takes at most ``hash_budget_s`` seconds."""
+        return scan_inbox(self._resolved(), self.storage_options, store, self.skip_duplicates, hash_budget_s)
 
     def files(self, store: ArtifactStore | None = None) -> list[TextFile]:
         files = self.scan(store).files

@@ -42,7 +42,6 @@ from sae_platform.catalog import (
     FIRST_STORE,
     HookEntry,
     partition_name,
-    partition_store_path,
     store_group,
     store_group_of,
     trained_on,
@@ -51,12 +50,13 @@ from sae_platform.corpus import (
     Contexts,
     Document,
     TextFile,
+    access_stamp,
     source_stamp,
     stream_contexts,
 )
-from sae_platform.errors import ModelError, SourceError, StorageError
+from sae_platform.errors import ModelError, SourceError, SourceUnavailable, StorageError
 from sae_platform.hooks import check_hook_point, hook_name
-from sae_platform.inbox import clear_failed_attempt, record_failed_attempt
+from sae_platform.inbox import clear_failed_attempt, content_digest, record_failed_attempt
 from sae_platform.model import HookedModel
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.shuffled import open_shuffled
@@ -234,9 +234,11 @@ class _HookStore:
 
 def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_source: str,
                     docs: list[Document], contexts: Contexts, settings: CacheSettings,
-                    progress: Callable[[int, int], None] | None = None, source_stamp: str | None = None) -> dict:
+                    progress: Callable[[int, int], None] | None = None, source_stamp: str | None = None,
+                    source_digest: str | None = None) -> dict:
     """Run the model over ``contexts`` and commit partition ``key``; returns its statistics.
-    ``source_stamp`` (of the text file, taken before reading it) goes on the commit pointer.
+    ``source_stamp`` (of the text file, taken before reading it) and ``source_digest`` (its content
+    identity, ``inbox.content_digest``) go on the commit pointer.
 
     Every entry of ``settings.hook_points`` (``hook_entries``) is read from the same forward
     pass, which stops after the deepest of them, and gets its own store (``store_group``) with
@@ -250,7 +252,8 @@ def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_so
     max_rows, d_model = int(mask.sum()), model.d_model
     names = tuple(dict.fromkeys(n for e in entries for n in e.names))
     started = time.perf_counter()
-    with store.writing(partition_name(key), fingerprint=expected, source_stamp=source_stamp) as version:
+    with store.writing(partition_name(key), fingerprint=expected, source_stamp=source_stamp,
+                       source_digest=source_digest) as version:
         hooks = []
         for i, entry in enumerate(entries):
             group = store.open_group(f"{version}/{store_group(i)}", mode="w")
@@ -305,8 +308,9 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
                     progress: Callable[[int, int], None] | None = None) -> dict:
     """The whole caching path for one batch: read, tokenize and pack (streamed, stopping at
     ``max_contexts``), forward, commit. A failure caused by the file (``SourceError``) is recorded
-    with the file's stamp (``inbox.record_failed_attempt``), so that version is not retried; a
-    commit clears the record."""
+    with the file's stamp (``inbox.record_failed_attempt``), so that version is not retried; one
+    caused by its permissions (``SourceUnavailable``) with its access stamp too, so it is retried
+    once they change; a commit clears the record."""
     try:
         stamp = source_stamp(text_file, storage_options)  # before reading: a file replaced meanwhile looks changed
     except FileNotFoundError as error:
@@ -316,12 +320,25 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
         docs, contexts = stream_contexts(text_file, model.tokenizer, settings.ctx_len, model.start_token_id,
                                          settings.max_contexts if max_contexts is None else max_contexts,
                                          text_field, encoding, storage_options)
+    except SourceUnavailable as error:  # its permissions, not its text: tried again once they change
+        record_failed_attempt(store, text_file.key, stamp, str(error), access=access_stamp(text_file))
+        raise
     except SourceError as error:
         record_failed_attempt(store, text_file.key, stamp, str(error))
         raise
-    summary = cache_partition(store, text_file.key, model, model_source, docs, contexts, settings, progress, stamp)
+    summary = cache_partition(store, text_file.key, model, model_source, docs, contexts, settings, progress, stamp,
+                              _source_digest(text_file, stamp, storage_options))
     clear_failed_attempt(store, text_file.key)
     return summary
+
+
+def _source_digest(text_file: TextFile, stamp: str, storage_options: dict | None) -> str | None:
+    """The file's content identity (``inbox.content_digest``) for the commit pointer: a file renamed
+    later is recognized as this partition and not cached again. None when it cannot be read now."""
+    try:
+        return content_digest(text_file, stamp, storage_options)
+    except (OSError, SourceError):
+        return None
 
 
 def activation_attrs(store, shuffle_name: str) -> dict:
@@ -330,7 +347,8 @@ def activation_attrs(store, shuffle_name: str) -> dict:
     index = open_shuffled(store, shuffle_name).index
     first = index["inputs"][0]
     group = store_group_of(index)
-    return dict(store.open_group(partition_store_path(store, first["key"], first["version"], group), mode="r").attrs)
+    return dict(store.open_checked_group(partition_name(first["key"]), first["version"], group,
+                                         f"activation partition {first['key']!r}").attrs)
 
 
 def activation_hook_entry(store, shuffle_name: str) -> HookEntry:
@@ -465,6 +483,7 @@ def open_partition(store: ArtifactStore, key: str, group: str = FIRST_STORE) -> 
             raise StorageError(f"activation partition {key!r} has no hook-point store {group!r} (it holds: "
                                f"{', '.join(held)})", "cache that partition again with the SAE's hook point in "
                                "resources.caching.config.hook_points")
-        return Partition(key, path, store.open_group(f"{path}/{group}", mode="r"), store)
+        return Partition(key, path, store.open_checked_group(partition_name(key), version, group,
+                                                             f"activation partition {key!r}"), store)
 
 

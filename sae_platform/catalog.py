@@ -57,6 +57,7 @@ EVAL_REPORT = "report.json"  # eval/<sae_name>: every evaluation figure
 EVAL_PROBES = "probes.json"  # eval/<sae_name>: the per-property probe table
 SHUFFLED_INDEX = "index.json"  # shuffled/<name>: pinned inputs, plan, pieces, store_index
 LOGIT_EFFECTS = "logit_effects.parquet"  # features/<sae_name>/logits/f<shard>
+CHECKSUMS = "CHECKSUMS.json"  # in every committed version: each file's size and sha256 (checksums.py)
 
 FIRST_STORE = "data.zarr"  # a partition's first hook-point store: what the demo trains on
 FAILED_ATTEMPT = "FAILED.json"  # beside a partition's pointer, never inside a version (inbox.py)
@@ -451,6 +452,31 @@ def explanations_name(sae_name: str, shard_index: int) -> str:
 
 def llm_explanations_name(sae_name: str, shard_index: int) -> str:
     return f"{FEATURES}/{check_sae_name(sae_name)}/llm_explanations/f{int(shard_index)}"
+
+
+# -- what to do when an artifact is damaged ------------------------------------------------------
+
+_WRITING_STAGE = {  # the CLI command that writes each kind ({first}: the name's segment after the prefix)
+    MODELS: "any stage that loads the base model (e.g. sae-platform backfill --all), which converts it again",
+    ACTIVATIONS: "sae-platform backfill {first}, then sae-platform shuffle",
+    SHUFFLE_SCRATCH: "sae-platform shuffle",
+    SHUFFLED: "sae-platform shuffle",
+    CHECKPOINTS: "sae-platform train {first}",
+    EVALUATIONS: "sae-platform train {first}",
+    EXPORTS: "sae-platform train {first}",
+    REPORTS: "sae-platform train {first}",
+    FEATURES: "sae-platform features --sae {first}",
+    BROWSER: "sae-platform features --sae {first}",
+}
+
+
+def rebuild_fix(store, name: str) -> str:
+    """The fix for a damaged or incomplete artifact ``name``: delete it (a stage skips an artifact
+    that is committed and current) and re-run the stage that writes it, by its CLI command."""
+    prefix, _, rest = name.partition("/")
+    command = _WRITING_STAGE.get(prefix, "re-materialize the asset that writes it (Dagster UI)")
+    return (f"delete {store.url(store.path(name))} and re-run the stage that writes it: "
+            f"{command.format(first=rest.split('/', 1)[0])}")
 
 
 # -- the feature browser and stage records ----------------------------------------------------

@@ -26,6 +26,7 @@ document boundaries.
 """
 
 import codecs
+import errno
 import hashlib
 import io
 import json
@@ -40,8 +41,9 @@ import fsspec
 import fsspec.compression
 import numpy as np
 
-from sae_platform.errors import SourceError
+from sae_platform.errors import SourceError, SourceUnavailable, printable
 from sae_platform.filesystems import open_file, open_fs
+from sae_platform.sniff import magic, what_bytes_look_like
 
 # Format of each extension (lower case): how a file's text is read.
 TEXT_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".markdown": "text",
@@ -66,6 +68,8 @@ HASH_SEP = "~"  # never part of a plain key, so a hashed key cannot equal a plai
 HASH_CHARS = 10
 PIECE_CHARS = 1 << 18  # text is decoded and tokenized this many characters at a time
 READ_BYTES = 1 << 20
+SNIFF_BYTES = 4096  # bytes looked at to say what an undecodable file looks like
+OPEN_ATTEMPTS = 3  # a local path changed while it was opened is resolved and checked again this often
 
 
 @dataclass(frozen=True)
@@ -294,12 +298,17 @@ def _skip_reason(info: dict, match: str, rel: str, local: bool, real_root: str) 
     return None
 
 
+def display_name(url: str) -> str:
+    """A file's name (the last part of its URL) as it may be printed: control characters escaped."""
+    return printable(url.rsplit("/", 1)[-1])
+
+
 def list_source(pattern: str, storage_options: dict | None = None) -> list[TextFile]:
     """The readable files matching ``pattern``, sorted, each with its partition key; an error when
     there is none (the skipped files and their reasons are named)."""
     listing = scan_source(pattern, storage_options)
     if not listing.files:
-        skipped = "; ".join(f"{s.url.rsplit('/', 1)[-1]}: {s.reason}" for s in listing.skipped[:5])
+        skipped = "; ".join(f"{display_name(s.url)}: {s.reason}" for s in listing.skipped[:5])
         raise SourceError(f"text source {pattern!r} matches no readable {'/'.join(FORMATS)} files"
                           + (f" ({len(listing.skipped)} skipped: {skipped})" if skipped else ""),
                           "check the path or glob (e.g. 'data/inbox/*.txt' or 's3://bucket/inbox/*.jsonl'); "
@@ -346,27 +355,99 @@ def find_file(pattern: str, key: str, storage_options: dict | None = None,
 
 # -- reading ---------------------------------------------------------------------------------------
 
-def _open_binary(text_file: TextFile, storage_options: dict | None):
-    """The file's raw bytes, decompressed. Local files are re-checked at open: a regular file whose
-    real path is inside the source folder (a link swapped in after the scan is refused)."""
-    name = text_file.url.rsplit("/", 1)[-1]
-    compression = COMPRESSIONS.get(split_name(name)[2] or "")
-    if "://" in text_file.url and not text_file.url.startswith("file://"):
-        return open_file(text_file.url, "rb", storage_options, compression).open()
-    path = text_file.url.removeprefix("file://")
-    real = os.path.realpath(path)
-    if text_file.root and not _inside(real, text_file.root):
-        raise SourceError(f"{text_file.url} leads to {real}, outside the text source {text_file.root}",
-                          "copy the file into the inbox instead of linking to it")
+def open_raw(text_file: TextFile, storage_options: dict | None = None):
+    """The file's stored bytes (still compressed), as a binary stream. A local file of a source is
+    opened one folder at a time from ``/`` with ``O_NOFOLLOW`` (``_open_beneath``) along its real
+    path, which must lie inside the source folder: a folder on the path flipped to a link between
+    the check and the open makes the open fail instead of reading outside, and the path is then
+    resolved and checked again. Raises ``SourceError`` (outside the source, not a regular file,
+    vanished), ``SourceUnavailable`` (permission denied: ``permission_error``) and ``OSError``."""
     try:
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError as error:
-        raise SourceError(f"{text_file.url} vanished before it could be read",
-                          "restore the file, or delete its partition") from error
+        return _open_raw(text_file, storage_options)
+    except PermissionError as error:
+        raise permission_error(text_file, error) from error
+
+
+def _open_raw(text_file: TextFile, storage_options: dict | None):
+    if "://" in text_file.url and not text_file.url.startswith("file://"):
+        return open_file(text_file.url, "rb", storage_options).open()
+    path = text_file.url.removeprefix("file://")
+    for attempt in range(OPEN_ATTEMPTS):
+        real = os.path.realpath(path)
+        if text_file.root and not _inside(real, text_file.root):
+            raise SourceError(f"{text_file.url} leads to {real}, outside the text source {text_file.root}",
+                              "copy the file into the inbox instead of linking to it")
+        try:
+            fd = _open_beneath(real)
+            break
+        except OSError as error:  # a link or a rename on the path since realpath: resolve again
+            if error.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT) or attempt == OPEN_ATTEMPTS - 1:
+                if isinstance(error, FileNotFoundError):
+                    raise SourceError(f"{text_file.url} vanished before it could be read",
+                                      "restore the file, or delete its partition") from error
+                if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise SourceUnavailable(f"{text_file.url}: a folder on its path kept being replaced (by "
+                                            "a link or a file) while it was opened",
+                                            "leave the inbox's folders in place; the file is tried again at "
+                                            "the next look") from error
+                raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise SourceError(f"{text_file.url} is not a regular file", "only regular files are read; remove it")
-    raw = os.fdopen(fd, "rb")
+    return os.fdopen(fd, "rb")
+
+
+def permission_error(text_file: TextFile, error: OSError) -> SourceUnavailable:
+    """The file may not be read by this process: a problem of its permissions, not of its text, so
+    its caching is tried again once they change (``access_stamp``)."""
+    if "://" in text_file.url and not text_file.url.startswith("file://"):
+        return SourceUnavailable(f"{text_file.url} cannot be read: permission denied by the storage ({error})",
+                                 "grant the platform's credentials read access to it (s3:GetObject); it is tried "
+                                 "again within the hour")
+    try:
+        info = os.stat(os.path.realpath(text_file.url.removeprefix("file://")))
+        owner = f"owner uid {info.st_uid}, mode {stat.filemode(info.st_mode)}"
+    except OSError:
+        owner = "a folder on its path may not be entered"
+    return SourceUnavailable(f"{text_file.url} cannot be read: permission denied ({owner}; the platform runs as "
+                             f"uid {os.geteuid()})",
+                             "make it readable to the platform's user: chmod a+r FILE, or chown it to that user; "
+                             "it is tried again as soon as its permissions change")
+
+
+def access_stamp(text_file: TextFile) -> str:
+    """Mode, owner and group of a local file ('' for remote ones, and when it cannot be inspected):
+    it changes with chmod/chown, which is when a file that could not be read is tried again."""
+    if not text_file.root:
+        return ""
+    try:
+        info = os.stat(os.path.realpath(text_file.url.removeprefix("file://")))
+    except OSError:
+        return ""
+    return f"{info.st_mode:o}:{info.st_uid}:{info.st_gid}"
+
+
+def _open_beneath(real: str) -> int:
+    """A read-only descriptor of the file at the absolute, link-free path ``real``, walking each
+    folder with ``O_NOFOLLOW`` relative to the one before: no link on the path is followed, so what
+    is opened is what was checked. Raises ``OSError`` (``ELOOP``/``ENOTDIR`` when a component is now
+    a link or not a folder)."""
+    *folders, name = real.strip("/").split("/")
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for folder in folders:
+            inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        return os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _open_binary(text_file: TextFile, storage_options: dict | None):
+    """The file's bytes, decompressed (``open_raw``, then the codec its name says)."""
+    compression = COMPRESSIONS.get(split_name(text_file.url.rsplit("/", 1)[-1])[2] or "")
+    raw = open_raw(text_file, storage_options)
     return fsspec.compression.compr[compression](raw, mode="rb") if compression else raw
 
 
@@ -396,6 +477,9 @@ def _codec(head: bytes, url: str, encoding: str) -> str:
     if head.startswith(codecs.BOM_UTF8):
         return "utf-8-sig"
     sample = head[:4096]
+    known = magic(sample)  # a PNG or a ZIP holds many NUL bytes too: name what it is
+    if known and b"\x00" in sample:
+        raise SourceError(f"{url} is {known[0]}, not text", known[1])
     if sample and sample.count(0) * 4 >= len(sample):
         little = sample[1::2].count(0) >= sample[0::2].count(0)
         raise SourceError(f"{url} looks like UTF-16 or UTF-32 text without a byte-order mark "
@@ -407,16 +491,18 @@ def _codec(head: bytes, url: str, encoding: str) -> str:
 
 def _decode_error(error: UnicodeDecodeError, text_file: TextFile, codec: str, storage_options) -> SourceError:
     """Name the first undecodable byte (its offset in the whole file) and the right fix."""
-    offset, bad = 0, None
+    offset, bad, head, sample = 0, None, b"", b""
     decoder = codecs.getincrementaldecoder(codec)()
     with _open_binary(text_file, storage_options) as f:
         while chunk := f.read(READ_BYTES):
+            head = head or chunk[:SNIFF_BYTES]
             pending = len(decoder.getstate()[0])
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as found:
                 bad = offset - pending + found.start
                 byte = found.object[found.start]
+                sample = found.object[max(found.start - SNIFF_BYTES // 2, 0):found.start + SNIFF_BYTES // 2]
                 break
             offset += len(chunk)
         else:
@@ -425,11 +511,11 @@ def _decode_error(error: UnicodeDecodeError, text_file: TextFile, codec: str, st
             except UnicodeDecodeError as found:
                 bad = offset - len(found.object) + found.start
                 byte = found.object[found.start]
+                sample = found.object
     where = f"byte {bad} is 0x{byte:02x}" if bad is not None else error.reason
     if codec.startswith("utf-8"):
-        fix = ("if it is Western European text (Latin-1/Windows-1252), convert it: iconv -f cp1252 -t utf-8; "
-               "`file -bi FILE` names other encodings; or set the text source's encoding (e.g. encoding: "
-               "cp1252) if the whole source uses another one")
+        what, fix = what_bytes_look_like(head, sample)
+        where += f"; it looks like {what}"
     else:
         fix = f"check the text source's encoding ({codec}); `file -bi FILE` names the file's encoding"
     return SourceError(f"{text_file.url} is not valid {codec.replace('-sig', '')}: {where}", fix)
@@ -488,6 +574,8 @@ def iter_pieces(text_file: TextFile, text_field: str = "text", encoding: str = "
         if isinstance(error, FileNotFoundError):
             raise SourceError(f"{text_file.url} vanished before it could be read",
                               "restore the file, or delete its partition") from error
+        if isinstance(error, PermissionError):  # e.g. S3 denies the GET after the open
+            raise permission_error(text_file, error) from error
         raise SourceError(f"{text_file.url} cannot be read: {error}",
                           "replace it with a complete copy (a compressed file may be truncated)") from error
 

@@ -1,8 +1,23 @@
 """Errors a user can act on.
 
 Every error the platform raises for bad input names the problem *and* the fix, so an operator
-reading a failed Dagster run knows what to change without reading the code.
+reading a failed Dagster run knows what to change without reading the code. Text from outside
+(a file's name) is passed through ``printable`` before it reaches a terminal or a log.
 """
+
+import unicodedata
+
+# Control (ESC, newline, DEL, C1), format (bidi overrides, zero-width), surrogate (an undecodable
+# byte of a name) and line/paragraph separator characters: never printed as they are.
+_UNPRINTABLE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or format character written as its Python escape (``\\x1b``,
+    ``\\n``, ``\\u202e``, ``\\udce9``), so a file name printed to a terminal or a log can neither
+    colour it, move the cursor, fake a line, reorder what follows, nor fail to encode. Everything
+    else is unchanged, so applying it twice changes nothing more."""
+    return "".join(ascii(c)[1:-1] if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
 
 
 class PlatformError(Exception):
@@ -24,3 +39,8 @@ class ModelError(PlatformError):
 
 class StorageError(PlatformError):
     """An artifact is missing, incomplete or incompatible with the request."""
+
+
+class SourceUnavailable(SourceError):
+    """A text file could not be read *now* for a reason outside its content (permissions, a path
+    changing while it was opened): not a failure of that file version, so it is tried again."""

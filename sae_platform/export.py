@@ -28,7 +28,7 @@ Variants:
     ==========  ===================  =========================================================
     topk        ``topk``             ReLU(TopK_k(pre)); activation_fn_kwargs {"k": k}
     relu        ``standard``         ReLU(pre)
-    jumprelu    ``jumprelu``         ReLU(pre) * (pre > threshold); threshold = exp(log_threshold)
+    jumprelu    ``jumprelu``         ReLU(pre) * (pre > threshold); threshold = our θ
     batchtopk   ``jumprelu``         the inference rule: ReLU(pre) where pre > the learned global
                                      threshold; exported as that threshold for every latent,
                                      exactly as SAELens saves its own BatchTopK SAEs. If the SAE
@@ -41,8 +41,9 @@ Variants:
                                      architecture.
     ==========  ===================  =========================================================
 
-JumpReLU's SAELens rule ReLU(pre) * (pre > theta) equals ours, pre * (pre > theta), because
-theta > 0 (both thresholds are positive by construction). ``cfg.json`` carries the pre-6.0
+JumpReLU's SAELens rule ReLU(pre) * (pre > theta) equals ours, ReLU(pre) * (ReLU(pre) > theta), for
+every theta (where pre <= 0 both are 0); BatchTopK's pre * (pre > theta) equals it because its
+threshold is positive by construction. ``cfg.json`` carries the pre-6.0
 field set (which SAELens 6 still loads, converting it) plus ``metadata`` with our own config,
 input scale and the mapping used; it never claims a ``sae_lens_version``.
 """
@@ -98,7 +99,7 @@ def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
         architecture = ARCHITECTURES[variant]
         fields = {"activation_fn_str": "relu", "activation_fn_kwargs": {}}
         if variant == "jumprelu":
-            weights["threshold"] = f64(sae.log_threshold.exp())  # exactly the theta our encode uses
+            weights["threshold"] = f64(sae.threshold)  # exactly the theta our encode uses
         elif variant in ("batchtopk", "matryoshka_batchtopk"):
             threshold = float(sae.threshold)
             if math.isnan(threshold):  # untrained: encode() uses per-row TopK
@@ -194,7 +195,7 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, hook_layer: int, model
         raise PlatformError("a transcoder export needs hook_name_out (where its output goes)",
                             "pass hook_name_out, e.g. blocks.L.hook_mlp_out")
     if "threshold" in weights:
-        mapping["threshold"] = ("exp(log_threshold)" if sae.variant == "jumprelu"
+        mapping["threshold"] = ("threshold" if sae.variant == "jumprelu"
                                 else "global inference threshold, repeated per latent")
     dest = dest_dir.rstrip("/") or "/"
     if fs is None:

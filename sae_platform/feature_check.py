@@ -9,7 +9,8 @@ sample of features encoded again from the activations, with pass 1's batch bound
 floating-point results are bit-identical. ``compare_tables`` then checks the tables against it:
 invariants over every feature (counts and sums that must agree across the passes), and for each
 checked feature its stats and examples against what those tokens give when numpy sorts them
-(top-k, the numpy twin of the sample keys for the random sample, the interval examples).
+(top-k, the numpy twin of the sample keys for the random sample and, on the interval stream, for
+the interval examples: each interval's smallest priorities among all its activating tokens).
 """
 
 import io
@@ -21,7 +22,8 @@ import polars as pl
 import torch
 
 from sae_platform.catalog import FIRST_STORE, list_partitions, partial_name, partition_name
-from sae_platform.feature_merge import FeatureTables, interval_of, read_tables
+from sae_platform.feature_intervals import interval_of, interval_salt
+from sae_platform.feature_merge import FeatureTables, read_tables
 from sae_platform.feature_select import partition_salt, sample_keys_numpy
 from sae_platform.features import (
     N_HIST_BINS,
@@ -214,7 +216,7 @@ def compare_tables(tables: FeatureTables, fingerprint: str, recomputed: Recomput
         bad(None, "stats features", f"[{start}, {stop})",
             f"{tables.stats.height} rows, {tables.stats['feature'].n_unique()} ids")
     examples = tables.examples
-    k, r, n_int = meta["top_k"], meta["reservoir_size"], meta["n_intervals"]
+    k, r = meta["top_k"], meta["reservoir_size"]
     keys = [p["key"] for p in meta["partitions"]]
 
     # -- invariants over every feature (no pass over the data) --
@@ -230,6 +232,11 @@ def compare_tables(tables: FeatureTables, fingerprint: str, recomputed: Recomput
         for f, c in zip(feats_all.tolist(), count_all.tolist()):
             if n_have.get(f, 0) != min(c, cap):
                 bad(f, f"{kind} examples", min(c, cap), n_have.get(f, 0))
+    inter = examples.filter(pl.col("kind") == "interval").join(stats.select("feature", "max"), on="feature")
+    outside = inter.filter(pl.col("interval") != pl.Series(interval_of(inter["activation"].to_numpy(),
+                                                                       inter["max"].to_numpy(), meta["n_intervals"])))
+    for f in outside["feature"].unique().sort().to_list():
+        bad(f, "interval examples outside their interval", 0, outside.filter(pl.col("feature") == f).height)
     first_top = examples.filter((pl.col("kind") == "top") & (pl.col("rank") == 0))
     top_max = dict(zip(first_top["feature"].to_list(), first_top["activation"].to_list()))
     for f, m, c in zip(feats_all.tolist(), stats["max"].to_list(), count_all.tolist()):
@@ -295,16 +302,31 @@ def compare_tables(tables: FeatureTables, fingerprint: str, recomputed: Recomput
         got = list(zip(rand["activation"].to_list(), rand["partition"].to_list(), rand["row"].to_list()))
         if got != expect:
             bad(feature, "random", expect, got)
-        # interval examples: the first per_interval reservoir members of each interval, in key order
-        ivals = interval_of(np.array([e[0] for e in expect], dtype=np.float32), np.float64(vmax), n_int) \
-            if expect else np.zeros(0, np.int32)
+        # interval examples: per interval, the per_interval smallest priorities among all its tokens
+        want = _interval_examples(aa, pp, rr, feature, vmax, meta, keys)
         inter = ex.filter(pl.col("kind") == "interval").sort(["interval", "rank"])
         got = list(zip(inter["interval"].to_list(), inter["rank"].to_list(), inter["activation"].to_list(),
                        inter["partition"].to_list(), inter["row"].to_list()))
-        want = []
-        for j in range(n_int):
-            members = [e for e, iv in zip(expect, ivals) if iv == j][:meta["per_interval"]]
-            want += [(j, rank, *e) for rank, e in enumerate(members)]
         if got != want:
             bad(feature, "interval", want, got)
     return mismatches
+
+
+def _interval_examples(aa: np.ndarray, pp: np.ndarray, rr: np.ndarray, feature: int, vmax, meta: dict,
+                       keys: list[str]) -> list[tuple]:
+    """Brute force of ``feature_intervals``: every activating token (activation, partition
+    index, row) of ``feature`` gets its interval under ``vmax`` and its priority on the interval
+    stream (numpy twin); per interval the ``per_interval`` smallest, as (interval, rank,
+    activation, partition, row)."""
+    n_int, k = meta["n_intervals"], meta["per_interval"]
+    priority = np.empty(len(aa), dtype=np.int64)
+    for i in np.unique(pp):
+        m = pp == i
+        priority[m] = sample_keys_numpy(interval_salt(meta["seed"], keys[i]), rr[m], np.full(m.sum(), feature))
+    ivals = interval_of(aa, np.float64(vmax), n_int)
+    want = []
+    for j in range(n_int):
+        inside = np.flatnonzero(ivals == j)
+        chosen = inside[np.argsort(priority[inside], kind="stable")[:k]]
+        want += [(j, rank, float(aa[c]), keys[pp[c]], int(rr[c])) for rank, c in enumerate(chosen)]
+    return want

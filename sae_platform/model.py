@@ -280,8 +280,7 @@ def load_stored_tokenizer(store, source: str = EMBEDDED_MODEL):
 def _damaged_model(store, source: str, model_dir: str):
     """``store.damaged`` for the stored base model's folder: its fix is to convert it again."""
     return store.damaged(model_dir, f"stored base model {source!r}",
-                         f"delete the stored copy ({store.url(store.path(catalog.model_name(source)))}) and run "
-                         f"again: the model is converted again from {source!r}")
+                         catalog.rebuild_fix(store, catalog.model_name(source)))
 
 
 def ensure_base_model(store, source: str = EMBEDDED_MODEL) -> tuple[str, bool]:
@@ -291,4 +290,5 @@ def ensure_base_model(store, source: str = EMBEDDED_MODEL) -> tuple[str, bool]:
     if created:
         store_base_model(store, source)
     path = store.resolve(name)
+    store.check_intact(name, store.version_of(path), what=f"base model {source!r}")
     return (path if store.is_local else fetch_to_local(store.fs, path)), created

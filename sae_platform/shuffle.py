@@ -222,7 +222,8 @@ def _describe_inputs(store: ArtifactStore, keys: list[str] | None,
 
 
 def _open_acts(store: ArtifactStore, key: str, version: str, group: str = catalog.FIRST_STORE):
-    return store.open_group(catalog.partition_store_path(store, key, version, group), mode="r")["acts"]
+    what = f"activation partition {key!r}"
+    return store.open_checked_group(catalog.partition_name(key), version, group, what)["acts"]
 
 
 # -- memory -------------------------------------------------------------------------------------

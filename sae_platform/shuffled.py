@@ -65,15 +65,16 @@ class Shuffled:
         if pointer is None or pointer.get("plan_id") != self.index["plan_id"] or pointer["n_rows"] != piece["n_rows"]:
             raise StorageError(f"piece {piece['name']} of shuffled store {self.name!r} changed or vanished after "
                                "the store was committed", "re-run the shuffle (finalize and commit)")
-        with self.store.reading(piece["name"], pointer["version"], f"piece {piece['name']}"):
-            path = self.store.path(piece["name"], pointer["version"], catalog.PIECE_STORE)
-            group = self.store.open_group(path, mode="r")
+        what = f"piece {piece['name']} of shuffled store {self.name!r}"
+        with self.store.reading(piece["name"], pointer["version"], what):
+            group = self.store.open_checked_group(piece["name"], pointer["version"], catalog.PIECE_STORE, what)
         return group, pointer["version"]
 
 
 def open_shuffled(store: ArtifactStore, name: str) -> Shuffled:
     path = store.require(catalog.shuffled_name(name), f"shuffled store {name!r}",
                          "run the shuffle (commit_shuffled) first")
+    store.check_intact(catalog.shuffled_name(name), store.version_of(path), what=f"shuffled store {name!r}")
     index = store.read_json(f"{path}/{catalog.SHUFFLED_INDEX}")
     return Shuffled(store, name, index["n_rows"], index["d_model"], index["dtype"], index["chunk_rows"],
                     tuple(p for p in index["pieces"] if p["n_rows"]), index)

@@ -30,16 +30,35 @@ version that never committed (a killed writer) is removed at the next commit as 
 whose version was removed after all gets a :class:`StorageError` that says so (which artifact,
 which version, the grace period) instead of an unrelated ``OSError`` or silently missing data:
 see :meth:`ArtifactStore.check_version`.
+
+Nothing missing is read as zeros. Before the pointer switches, the commit records every file of the
+version in ``CHECKSUMS.json`` (relative path, size, sha256; ``sae_platform/checksums.py``) and the
+pointer records that file's own sha256. Readers of zarr stores, checkpoints and the base model call
+:meth:`ArtifactStore.check_intact` (every recorded file present with its size, none added, the
+JSON metadata hashing as recorded: a deleted chunk or an edited shape is a StorageError naming the
+artifact, the file and the fix); :meth:`ArtifactStore.verify` (``sae-platform verify``) re-hashes
+every byte. A version committed before checksums were recorded reads as before, with one log line.
+
+The protocol's own small JSON files (the pointer, the writer mark, the superseded mark) may be
+found empty or truncated: a writer on a full disk, a kill mid-write, a filesystem that lost the
+data of a rename. None of them is ever a ``JSONDecodeError``: each is read by
+:meth:`ArtifactStore._protocol_json`, which logs the file and takes it for absent or stale
+(an unreadable pointer: nothing committed, so the step runs again and its commit replaces it; an
+unreadable writer mark: a writer that died before it wrote its mark, swept at the next commit;
+an unreadable superseded mark: its grace period is over). The writer mark is written atomically
+and a commit whose mark cannot be written (a full disk) removes its version directory at once.
 """
 
 import contextlib
 import io
 import json
+import logging
 import os
 import socket
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +66,8 @@ from typing import Any
 import polars as pl
 import zarr
 
+from sae_platform import checksums
+from sae_platform.catalog import CHECKSUMS, rebuild_fix
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.filesystems import fs_options, open_fs
 from sae_platform.settings import env_value
@@ -56,15 +77,19 @@ VERSION_PREFIX = "v-"
 WRITER_MARK = ".writer.json"
 STALE_WRITER_S = 24 * 3600  # a writer on another host silent this long is taken for dead
 SUPERSEDED_MARK = ".superseded.json"
+CHECKSUMS_FIELD = "checksums"  # of the pointer: sha256 of the version's CHECKSUMS.json, files, bytes
 GRACE_ENV = "SAE_PLATFORM_GRACE_S"
 CREATE_BUCKET_ENV = "SAE_PLATFORM_CREATE_BUCKET"
 DEFAULT_GRACE_S = 3600.0
+log = logging.getLogger(__name__)
 
 
 def grace_from_env() -> float:
     """Seconds a superseded version stays readable: ``$SAE_PLATFORM_GRACE_S``, default 3600."""
     return env_value(GRACE_ENV, DEFAULT_GRACE_S, float, ge=0)
 _BUCKETS_SEEN: set[tuple[str, str, str]] = set()  # buckets checked once per process
+_UNRECORDED_SEEN: set[str] = set()  # versions without checksums already logged in this process
+log = logging.getLogger(__name__)
 
 
 def write_local_atomic(path: str, data: bytes) -> None:
@@ -169,16 +194,22 @@ class ArtifactStore:
         """Yield a fresh version directory for ``name``; commit it only if the block succeeds."""
         version = _new_version_name()
         version_path = self.path(name, version)
-        self.fs.makedirs(version_path, exist_ok=True)
         mark = self.path(name, version, WRITER_MARK)
-        self.fs.pipe_file(mark, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                            "started": time.time()}).encode())
+        try:  # atomic, so a concurrent commit never reads a live writer's mark half written
+            self.fs.makedirs(version_path, exist_ok=True)
+            self.write_bytes_atomic(mark, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                      "started": time.time()}).encode())
+        except BaseException:  # e.g. a full disk: leave no version directory behind
+            with contextlib.suppress(OSError):
+                self._remove(version_path)
+            raise
         try:
             yield version_path
+            recorded = self._record_checksums(version_path)
         except BaseException:
             self._remove(version_path)
             raise
-        pointer = {"version": version, "committed_at": time.time(), **pointer_info}
+        pointer = {"version": version, "committed_at": time.time(), **pointer_info, CHECKSUMS_FIELD: recorded}
         self.write_bytes_atomic(self.path(name, POINTER), json.dumps(pointer).encode())
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(mark)
@@ -189,6 +220,11 @@ class ArtifactStore:
         pointer = self.pointer(name)
         return None if pointer is None else self.path(name, pointer["version"])
 
+    @staticmethod
+    def version_of(path: str) -> str:
+        """The version folder's name in the path ``resolve`` or ``require`` returned."""
+        return path.rstrip("/").rsplit("/", 1)[-1]
+
     def require(self, name: str, what: str, fix: str) -> str:
         path = self.resolve(name)
         if path is None:
@@ -196,30 +232,49 @@ class ArtifactStore:
         return path
 
     def pointer(self, name: str) -> dict | None:
-        """The committed pointer of ``name`` (``version`` and the writer's info); None before any
-        commit. StorageError naming the file and the fix when it is damaged."""
+        """The ``COMMITTED.json`` of ``name`` (``version`` plus what the writer recorded), or None
+        when nothing is committed. An empty, truncated or tampered pointer (one naming no version
+        folder of ``name``) counts as nothing committed (logged): the step that makes ``name`` runs
+        again and its commit replaces the pointer; the version it named is kept for the grace period
+        like any superseded one."""
         path = self.path(name, POINTER)
-        try:
-            data = self.fs.cat_file(path)
-        except FileNotFoundError:
+        taken_as = "taken as nothing committed; the next commit of it replaces the pointer"
+        pointer = self._protocol_json(path, ("version",), taken_as)
+        if not isinstance(pointer, dict):
             return None
-        fix = (f"delete {self.url(path)} (the artifact then reads as never committed; its versions are swept at the "
-               f"next commit) and re-run the stage that writes {name}")
-        with self.damaged(path, "commit pointer", fix):
-            pointer = json.loads(data)
-            if not (isinstance(pointer, dict) and isinstance(pointer.get("version"), str)
-                    and pointer["version"].startswith(VERSION_PREFIX) and "/" not in pointer["version"]):
-                raise ValueError(f"it names no version ({VERSION_PREFIX}…) of {name}")
+        version = pointer["version"]
+        if not (isinstance(version, str) and version.startswith(VERSION_PREFIX) and "/" not in version):
+            log.warning("%s names no version folder of %s (%r): %s", self.url(path), name, version, taken_as)
+            return None
         return pointer
 
     def committed_names(self, prefix: str) -> list[str]:
-        """Names directly under ``prefix`` that have a committed version, sorted."""
+        """Names directly under ``prefix`` that have a committed version (a readable pointer), sorted."""
         try:
             entries = self.fs.ls(self.path(prefix), detail=False)
         except FileNotFoundError:
             return []
         names = [f"{prefix.strip('/')}/{e.rstrip('/').rsplit('/', 1)[-1]}" for e in entries]
-        return sorted(n for n in names if self.fs.exists(self.path(n, POINTER)))
+        return sorted(n for n in names if self.fs.exists(self.path(n, POINTER)) and self.pointer(n) is not None)
+
+    def _protocol_json(self, path: str, keys: tuple[str, ...], taken_as: str) -> dict | bool | None:
+        """One of the commit protocol's small JSON files: the dict, None when it does not exist, or
+        False when it is unreadable (empty, truncated, not an object with ``keys``: a full disk or a
+        kill mid-write). An unreadable file is logged with ``taken_as`` (what the caller does instead),
+        never raised: one damaged mark must not break every later commit of the artifact."""
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            value = json.loads(data)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+            value = None
+        if isinstance(value, dict) and all(key in value for key in keys):
+            return value
+        log.warning("%s is unreadable (%d bytes%s; left by a full disk or a killed writer): %s",
+                    self.url(path), len(data), "" if data else ", empty", taken_as)
+        return False
 
     def delete(self, name: str) -> None:
         """Uncommit first (readers stop seeing it at once), then remove the data."""
@@ -248,15 +303,16 @@ class ArtifactStore:
         if self.grace_s <= 0:
             self._remove(path)
             return True
-        try:
-            since = json.loads(self.fs.cat_file(mark))["superseded_at"]
-        except FileNotFoundError:
+        superseded = self._protocol_json(mark, ("superseded_at",), "its grace period is taken as over")
+        if superseded is None:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.pipe_file(mark, json.dumps({"superseded_at": time.time(), "by": superseded_by}).encode())
             return False
-        except (ValueError, KeyError, TypeError):
-            since = 0.0  # an unreadable mark: the grace period counts from the epoch
-        if time.time() - float(since) >= self.grace_s:
+        try:
+            since = float(superseded["superseded_at"]) if superseded else 0.0
+        except (TypeError, ValueError):
+            since = 0.0  # an unreadable time: the grace period counts from the epoch
+        if time.time() - since >= self.grace_s:
             self._remove(path)
             return True
         return False
@@ -291,16 +347,138 @@ class ArtifactStore:
                 raise self.vanished(name, version, what) from error
             raise
 
-    def _writer(self, version_path: str) -> dict | None:
-        try:
-            return json.loads(self.fs.cat_file(f"{version_path.rstrip('/')}/{WRITER_MARK}"))
-        except FileNotFoundError:
-            return None  # committed once, since superseded
+    # -- what the writer wrote ---------------------------------------------------------------
 
-    def _writer_alive(self, writer: dict) -> bool:
-        if time.time() - writer["started"] > STALE_WRITER_S:
+    def _record_checksums(self, version_path: str) -> dict:
+        """Write the version's CHECKSUMS.json (every file's size and sha256); return what the
+        pointer records of it: its own sha256, the number of files and their bytes."""
+        recorded = checksums.record(self.fs, version_path, skip=(WRITER_MARK,))
+        body = json.dumps(recorded, sort_keys=True, separators=(",", ":")).encode()
+        self.write_bytes_atomic(f"{version_path}/{CHECKSUMS}", body)
+        return {checksums.HASH: checksums.digest_bytes(body), "files": len(recorded["files"]),
+                "bytes": sum(f["size"] for f in recorded["files"].values())}
+
+    def recorded_files(self, name: str, version: str, what: str | None = None) -> dict | None:
+        """``{relative path: {"size", "sha256"}}`` the writer of ``name``'s ``version`` recorded;
+        None for a version committed before checksums were (logged once). A StorageError when the
+        record is missing or was changed (against the sha256 the pointer holds of it)."""
+        pointer = self.pointer(name)
+        expected = ((pointer or {}).get(CHECKSUMS_FIELD) or {}).get(checksums.HASH) \
+            if (pointer or {}).get("version") == version else None
+        try:
+            body = self.fs.cat_file(self.path(name, version, CHECKSUMS))
+        except FileNotFoundError:
+            if not self.fs.exists(self.path(name, version)):
+                raise self.vanished(name, version, what) from None
+            if expected:
+                raise self.damaged_version(name, version, [f"{CHECKSUMS} is missing"], what) from None
+            self._log_unrecorded(name, version, what)
+            return None
+        if expected and checksums.digest_bytes(body) != expected:
+            raise self.damaged_version(name, version, [f"{CHECKSUMS} has changed since the commit"], what)
+        return json.loads(body)["files"]
+
+    def check_intact(self, name: str, version: str | None = None, under: str = "", what: str | None = None) -> None:
+        """The cheap check every reader makes before reading ``under`` (a sub-folder; '' the whole
+        version) of ``name``'s ``version`` (default: the committed one): each file the writer
+        recorded is there with its size, none was added, and the small JSON files (zarr's shapes,
+        cfg.json, config.json) hash as recorded. Costs one listing and the JSON reads.
+        Raises StorageError naming the artifact, each damaged file and the fix (``damaged``)."""
+        if version is None:
+            version = self.version_of(self.require(name, what or name, rebuild_fix(self, name)))
+        recorded = self.recorded_files(name, version, what)
+        if recorded is None:
+            return
+        recorded, found = checksums.under(recorded, under), self._found(name, version, under)
+        problems = checksums.presence_problems(recorded, found)
+        small = [rel for rel in checksums.checked_on_read(recorded) if found.get(rel) == recorded[rel]["size"]]
+        if small:
+            paths = {self.path(name, version, rel): rel for rel in small}
+            data = self.fs.cat(list(paths), on_error="return")
+            digests = {paths[p]: checksums.digest_bytes(d) for p, d in data.items() if isinstance(d, bytes)}
+            problems += checksums.content_problems(recorded, digests)
+        if problems:
+            raise self.damaged_version(name, version, problems, what)
+
+    def verify(self, name: str, progress=None) -> dict:
+        """Every byte of ``name``'s committed version re-hashed against what its writer recorded:
+        ``{"name", "version", "status": "ok" | "damaged" | "unrecorded" (committed before
+        checksums), "problems": [one line per file], "bytes"}``. ``progress(n_bytes)`` as it reads."""
+        version = self.version_of(self.require(name, name, rebuild_fix(self, name)))
+        result = {"name": name, "version": version, "problems": [], "bytes": 0}
+        try:
+            recorded = self.recorded_files(name, version)
+        except StorageError as error:
+            return {**result, "status": "damaged", "problems": [error.problem]}
+        if recorded is None:
+            return {**result, "status": "unrecorded"}
+        found = self._found(name, version, "")
+        problems = checksums.presence_problems(recorded, found)
+        whole = [rel for rel in recorded if found.get(rel) == recorded[rel]["size"]]
+        with ThreadPoolExecutor(max_workers=checksums.HASH_THREADS) as pool:
+            hashed = pool.map(lambda r: checksums.digest_file(self.fs, self.path(name, version, r), progress), whole)
+            problems += checksums.content_problems(recorded, dict(zip(whole, hashed)))
+        return {**result, "status": "damaged" if problems else "ok", "problems": problems,
+                "bytes": sum(found[rel] for rel in whole)}
+
+    def committed_artifacts(self, prefix: str = "") -> list[str]:
+        """Every committed artifact name under ``prefix`` ('' the whole root), sorted: folders
+        holding a pointer, searched without descending into version folders."""
+        names, folders = [], [prefix.strip("/")]
+        while folders:
+            folder = folders.pop()
+            try:
+                entries = self.fs.ls(self.path(folder), detail=True)
+            except FileNotFoundError:
+                continue
+            bases = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["type"] for e in entries}
+            if bases.get(POINTER) == "file" and folder:
+                names.append(folder)
+            folders += [f"{folder}/{b}".strip("/") for b, kind in bases.items()
+                        if kind == "directory" and not b.startswith((VERSION_PREFIX, "."))]
+        return sorted(names)
+
+    def damaged_version(self, name: str, version: str, problems: list[str], what: str | None = None) -> StorageError:
+        """The error for a version whose files differ from what its writer recorded."""
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        return StorageError(
+            f"{what or name} ({self.url(self.path(name, version))}) is damaged: {shown}. It was refused, nothing "
+            "in it read: a missing zarr chunk would read back as zeros and a changed file as other numbers",
+            f"{rebuild_fix(self, name)} (sae-platform verify {name} lists every damaged file)")
+
+    def _found(self, name: str, version: str, under: str) -> dict[str, int]:
+        """{path relative to the version: size} of the files under ``under``, without the protocol's marks."""
+        if not self.fs.exists(self.path(name, version)):
+            raise self.vanished(name, version)
+        prefix = f"{under.strip('/')}/" if under.strip("/") else ""
+        marks = (WRITER_MARK, SUPERSEDED_MARK, CHECKSUMS)
+        found = checksums.listing(self.fs, self.path(name, version, under), skip=marks)
+        return {f"{prefix}{rel}": size for rel, size in found.items()}
+
+    def _log_unrecorded(self, name: str, version: str, what: str | None) -> None:
+        if self.path(name, version) in _UNRECORDED_SEEN:
+            return
+        _UNRECORDED_SEEN.add(self.path(name, version))
+        log.warning("%s (%s) was committed before content checksums were recorded: it is read as before, but a "
+                    "missing or changed file in it cannot be detected. Re-run the stage that writes it to record "
+                    "them (%s)", what or name, self.url(self.path(name, version)), rebuild_fix(self, name))
+
+    def _writer(self, version_path: str) -> dict | bool | None:
+        """The writer mark of a version: None when it has none (committed once, since superseded),
+        False when it is unreadable (a writer that died writing it: taken for dead)."""
+        return self._protocol_json(f"{version_path.rstrip('/')}/{WRITER_MARK}", ("host", "pid", "started"),
+                                   "its writer is taken for dead and the version is swept")
+
+    def _writer_alive(self, writer: dict | bool) -> bool:
+        if not writer:
             return False
-        return writer["host"] != socket.gethostname() or process_alive(writer["pid"])
+        try:
+            started, pid = float(writer["started"]), int(writer["pid"])
+        except (TypeError, ValueError):
+            return False
+        if time.time() - started > STALE_WRITER_S:
+            return False
+        return writer["host"] != socket.gethostname() or process_alive(pid)
 
     def _in_flight(self, version_path: str) -> bool:
         writer = self._writer(version_path)
@@ -357,12 +535,12 @@ class ArtifactStore:
 
     def _rewrite_fix(self, path: str) -> str:
         """How to replace a damaged file of a committed version: delete the artifact (the folder
-        holding its ``COMMITTED.json``) and re-run the stage that writes it."""
+        holding its ``COMMITTED.json``) and re-run the stage that writes it (``catalog.rebuild_fix``)."""
         parts = path.rstrip("/").split("/")
         versions = [i for i, part in enumerate(parts) if part.startswith(VERSION_PREFIX)]
         artifact = "/".join(parts[:versions[-1]]) if versions else "/".join(parts[:-1])
-        return (f"the file was damaged after it was committed (disk, copy or edit): delete {self.url(artifact)} and "
-                "re-run the stage that writes it (its asset in Dagster, or the sae-platform command)")
+        name = artifact[len(self.root):].strip("/") if artifact.startswith(self.root) else artifact
+        return f"the file was damaged after it was committed (disk, copy or edit): {rebuild_fix(self, name)}"
 
     def zarr_store(self, path: str, read_only: bool = False) -> zarr.abc.store.Store:
         if self.is_local:
@@ -373,6 +551,12 @@ class ArtifactStore:
 
     def open_group(self, path: str, mode: str = "r") -> zarr.Group:
         return zarr.open_group(self.zarr_store(path, read_only=(mode == "r")), mode=mode, zarr_format=3)
+
+    def open_checked_group(self, name: str, version: str, group: str, what: str | None = None) -> zarr.Group:
+        """The zarr group ``group`` (a sub-folder) of ``name``'s ``version``, read-only, after
+        ``check_intact`` found its chunks, sizes and shapes as the writer recorded them."""
+        self.check_intact(name, version, group, what)
+        return self.open_group(self.path(name, version, group), mode="r")
 
     def size_bytes(self, path: str) -> int:
         return int(self.fs.du(path, total=True))

@@ -96,6 +96,7 @@ LLM_EXPLANATION_SCHEMA = {
     FEATURE: pl.Int64, EXPLANATION: pl.String, "balanced_accuracy": pl.Float64,
     "true_positive_rate": pl.Float64, "true_negative_rate": pl.Float64,
     "n_positive": pl.Int64, "n_negative": pl.Int64,
+    "error": pl.String,  # why the feature has no scores (an unusable answer), else null
 }
 
 # -- the probe table of an evaluation (rows of sae_platform.metrics.probe_metrics, probes.json

@@ -28,7 +28,10 @@ else is refused with a :class:`StorageError` naming it.
 
 Every tensor of a checkpoint (weights, Adam moments) is checked finite before the commit: a
 diverged run raises :class:`TrainingError` and the committed checkpoint stays the last good one.
-A resume checks the same, so a checkpoint written before that check cannot be resumed from.
+Every read checks again (a checkpoint written before that check, or damaged since): a resume, the
+"already finished" skip and ``load_sae`` (evaluation, export, feature tables, the live browser)
+refuse a checkpoint holding NaN/inf with a :class:`StorageError` naming the file, so it is never
+evaluated to NaN metrics nor kept as finished by a re-run that exits 0.
 """
 
 import io
@@ -47,7 +50,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from sae_platform.activations import activation_attrs
-from sae_platform.catalog import checkpoint_name, shuffled_name
+from sae_platform.catalog import checkpoint_name, rebuild_fix, shuffled_name
 from sae_platform.devices import auto_dtype
 from sae_platform.distributed import (
     average_gradients,
@@ -107,7 +110,8 @@ class TrainSettings:
                                  "slice of every batch; batch_size must divide by it", ge=1)
     nproc_per_node: int | None = setting(None, "ranks per machine (one GPU each); null: world_size (one machine)",
                                          ge=1)
-    hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, …)",
+    hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, l0_coeff, target_l0, …; "
+                                  "each SAE variant's class docstring lists its own)",
                             default_factory=dict)
     hook_point: str | None = setting(None, "the cached hook point (an entry of resources.caching.config.hook_points, "
                                            "e.g. blocks.4.hook_mlp_out) this SAE trains on; null: the first")
@@ -251,6 +255,25 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
+def _refuse_non_finite(store: ArtifactStore, path: str, file: str, bad: list[str], step) -> None:
+    """Raise StorageError naming ``file`` of the checkpoint at ``path`` when ``bad`` (the names of
+    its tensors holding NaN/inf) is not empty: such a checkpoint is never used."""
+    if bad:
+        raise StorageError(
+            f"the committed checkpoint {store.url(path)} (step {step}) holds NaN/inf in {', '.join(bad[:4])}"
+            f"{' …' if len(bad) > 4 else ''} ({file}): it is refused, not resumed from, evaluated, exported or kept as "
+            "finished", f"delete that checkpoint (the folder {store.url(path.rsplit('/', 1)[0])}) and train again; "
+            "if the run diverged, with a lower lr")
+
+
+def _finite_weights(store: ArtifactStore, path: str, step) -> dict[str, torch.Tensor]:
+    """The SAE weights of the checkpoint at ``path`` (``sae_weights.safetensors``), refused with a
+    StorageError naming the file when a tensor holds NaN/inf."""
+    weights = _read_tensors(store, path, "sae_weights.safetensors")
+    _refuse_non_finite(store, path, "sae_weights.safetensors", _non_finite(weights), step)
+    return weights
+
+
 def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffled: Shuffled,
              d_in: int | None = None):
     """A calibrated SAE; with ``d_in``, rows are a transcoder's [input (d_in) | target] pairs."""
@@ -269,9 +292,10 @@ def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffl
 def _optimizer(sae, settings: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
     # fused Adam: ~25x faster than the default foreach path on CPU for 16k x 576 matrices
     try:
-        return torch.optim.Adam(sae.parameters(), lr=settings.learning_rate, eps=ADAM_EPS, fused=True)
+        return torch.optim.Adam(sae.param_groups(settings.learning_rate), lr=settings.learning_rate, eps=ADAM_EPS,
+                                fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(sae.parameters(), lr=settings.learning_rate, eps=ADAM_EPS)
+        return torch.optim.Adam(sae.param_groups(settings.learning_rate), lr=settings.learning_rate, eps=ADAM_EPS)
 
 
 def _optimizer_files(optimizer) -> tuple[bytes, bytes]:
@@ -364,7 +388,8 @@ def _legacy_torch_file(store: ArtifactStore, path: str, file: str, device=None):
 
 def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: TrainSettings) -> dict | None:
     """The pointer of ``sae_name``'s checkpoint when it is a finished training with these settings on the
-    current shuffled store (then training again would only find it); None otherwise."""
+    current shuffled store (then training again would only find it); None otherwise. Raises StorageError
+    naming the file when that checkpoint's weights hold NaN/inf (never skipped as finished)."""
     pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None or not pointer.get("final"):
         return None
@@ -372,34 +397,40 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str, 
         return None
     if store.resolve(shuffled_name(shuffle_name)) is None:
         return None
-    return pointer if pointer.get("data") == data_fingerprint(open_shuffled(store, shuffle_name)) else None
+    if pointer.get("data") != data_fingerprint(open_shuffled(store, shuffle_name)):
+        return None
+    _finite_weights(store, store.path(checkpoint_name(sae_name), pointer["version"]), pointer.get("step"))
+    return pointer
 
 
 def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "cpu"):
-    """The SAE of the last committed checkpoint of ``sae_name``, and its cfg.json. StorageError
-    naming the file and the fix (delete the checkpoint, train again) when cfg.json lacks a field or
-    the weights do not have the shapes it describes."""
+    """The SAE of the last committed checkpoint of ``sae_name``, and its cfg.json. Raises StorageError
+    when there is none, or naming the file and the fix when a file differs from what its writer
+    recorded, its weights hold NaN/inf, cfg.json lacks a field or the weights do not have the shapes
+    it describes."""
     path = store.require(checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first")
-    fix = f"delete the checkpoint ({store.url(store.path(checkpoint_name(sae_name)))}) and train {sae_name!r} again"
+    store.check_intact(checkpoint_name(sae_name), store.version_of(path), what=f"SAE checkpoint {sae_name!r}")
+    fix = rebuild_fix(store, checkpoint_name(sae_name))
     cfg = _read_json(store, path, "cfg.json")
+    weights = _finite_weights(store, path, cfg.get("step"))
     with store.damaged(f"{path}/cfg.json", f"cfg.json of SAE checkpoint {sae_name!r}", fix):
         sae_cfg = dict(cfg["sae"])
         sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
                         **sae_cfg)
-    weights = _read_tensors(store, path, "sae_weights.safetensors")
     with store.damaged(f"{path}/sae_weights.safetensors", f"weights (not those cfg.json describes) of SAE checkpoint "
                                                           f"{sae_name!r}", fix):
         sae.load_state_dict(weights)
     return sae, cfg
 
 
-def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device) -> TrainState | None:
+def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log) -> TrainState | None:
     pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None or pointer.get("settings") != identity(settings) \
             or pointer.get("data") != fingerprint:
         return None
     path = store.resolve(checkpoint_name(sae_name))
-    weights = _read_tensors(store, path, "sae_weights.safetensors")
+    store.check_intact(checkpoint_name(sae_name), pointer["version"], what=f"SAE checkpoint {sae_name!r}")
+    weights = _finite_weights(store, path, pointer.get("step"))
     files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
     if "trainer_state.json" in files:
         optimizer_tensors = _read_tensors(store, path, "optimizer.safetensors")
@@ -411,12 +442,14 @@ def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device) -> T
         optimizer_tensors = {f"state.{i}.{k}": v for i, e in optimizer_state["state"].items() for k, v in e.items()
                              if torch.is_tensor(v)}
         saved = _legacy_torch_file(store, path, "trainer_state.pt")
-    bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(optimizer_tensors)]
-    if bad:
-        raise StorageError(
-            f"the committed checkpoint {store.url(path)} (step {pointer.get('step')}) holds NaN/inf in "
-            f"{', '.join(bad[:4])}: it was written before checkpoints were checked finite, and is not resumed from",
-            "delete that checkpoint (the whole sae/<sae_name> folder), lower lr, and train again")
+    optimizer_file = "optimizer.safetensors" if "trainer_state.json" in files else "optimizer.pt"
+    _refuse_non_finite(store, path, optimizer_file, _non_finite(optimizer_tensors), pointer.get("step"))
+    stored, current = ([len(g["params"]) for g in groups] for groups in (optimizer_state["param_groups"],
+                                                                       optimizer.param_groups))
+    if stored != current:  # e.g. JumpReLU before its thresholds had their own group
+        log(f"the checkpoint of {sae_name} (step {pointer.get('step')}) has the optimizer layout of an earlier version "
+            f"(parameters per group {stored}, now {current}): training starts afresh and replaces it")
+        return None
     sae.load_state_dict(weights)
     optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(saved["rng"])
@@ -442,7 +475,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     sae = _new_sae(settings, shuffled.d_model, device, shuffled, d_in)
     sae.selection_dtype = selection_dtype(settings.selection_precision, device)
     optimizer = _optimizer(sae, settings, device)
-    state = _resume(store, sae_name, settings, fingerprint, sae, optimizer, device)
+    state = _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log)
     if state is None:
         state = TrainState(tokens_since_fired=torch.zeros(settings.n_latents, dtype=torch.long, device=device))
         picks = f", picking latents in {str(sae.selection_dtype).removeprefix('torch.')}" if sae.selection_dtype else ""
@@ -454,6 +487,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     else:
         log(f"resuming {sae_name} from step {state.step} ({state.tokens:,} tokens)")
     resumed_from, started = state.step, time.perf_counter()
+    warned = False
     every = max(1, settings.checkpoint_every_tokens // settings.batch_size)
     schedule = batch_schedule(n_train, settings.batch_size, state.step, n_steps)
     if world > 1:  # this rank's slice of each batch
@@ -487,6 +521,9 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
             state.history.append(row)
             if on_metrics:
                 on_metrics(row)
+            if rank == 0 and not warned and (warning := sae.training_warning(row["l0"])):
+                log(f"warning: {warning}")
+                warned = True  # once per run: the log stays readable
         if state.step % every == 0 and state.step < n_steps and rank == 0:
             save_checkpoint(store, sae_name, sae, optimizer, state, settings, fingerprint, final=False)
             log(f"checkpoint at step {state.step} ({state.tokens:,} tokens)")

@@ -187,3 +187,34 @@ def test_hook_point_entries_are_checked(store, tiny_hooked, text_dir):
     with pytest.raises(ModelError, match="hook_name="):  # no mixing hook points under one root
         _cache(store, tiny_hooked, text_dir, key="beta",
                settings=CacheSettings(ctx_len=16, batch_size=4, dtype="float32", hook_points=["blocks.1.hook_mlp_out"]))
+
+
+def test_a_cached_partition_with_a_deleted_chunk_or_an_edited_shape_is_refused(store, tiny_hooked, text_dir):
+    """Nothing missing is read as zeros: the reader compares the store with what the writer recorded."""
+    import json
+    from pathlib import Path
+
+    from sae_platform.errors import StorageError
+
+    _cache(store, tiny_hooked, text_dir)
+    part = open_partition(store, "alpha")
+    folder = Path(part.path) / "data.zarr"
+    assert part.acts[:].all(axis=1).any()
+
+    chunk = folder / "acts" / "c" / "0" / "0"
+    saved = chunk.read_bytes()
+    chunk.unlink()                                                  # used to read back as zeros
+    with pytest.raises(StorageError) as error:
+        open_partition(store, "alpha")
+    message = str(error.value)
+    assert "activation partition 'alpha'" in message and "data.zarr/acts/c/0/0 is missing" in message
+    assert "sae-platform backfill alpha" in message and "sae-platform verify activations/alpha" in message
+    chunk.write_bytes(saved)
+    np.testing.assert_array_equal(open_partition(store, "alpha").acts[:], part.acts[:])  # restored: read again
+
+    meta = folder / "acts" / "zarr.json"
+    body = json.loads(meta.read_text())
+    body["shape"][0] += 7
+    meta.write_text(json.dumps(body, indent=2))
+    with pytest.raises(StorageError, match=r"data.zarr/acts/zarr.json (has changed|is \d+ bytes)"):
+        open_partition(store, "alpha")

@@ -681,14 +681,16 @@ EVALUATION = {"fvu": 0.1612345, "l0": 32.0, "loss_recovered": 0.995, "n2g_precis
 def _explained(tables):
     """The synthetic tables plus an explanations frame: feature f is explained by "tok<f>", its
     neighbours are f+1..f+10 (wrapping), it co-occurs with f+1 at share 0.5; feature 42's text is
-    "winter <b>" (markup stays text)."""
+    "winter <b>" (markup stays text). F1 grows with f; features 42 and 299 were measured on 5
+    firings only (too little evidence to rank by), the others on 50; feature 7 was never measured."""
     shards, edges = tables
     out = []
     for s in shards:
         rows = []
         for f in range(s[generate.SHARD_START], s[generate.SHARD_STOP]):
             rows.append({"feature": f, "explanation": "['winter <b>']" if f == 42 else f"['tok{f}']",
-                         "precision": 0.75, "recall": f / N_FEATURES, "n_matches": 8, "n_firings": 5,
+                         "precision": None if f == 7 else 0.75, "recall": f / N_FEATURES, "n_matches": 8,
+                         "n_firings": 5 if f in (42, 299) else 50,
                          "neighbors": [(f + i) % N_FEATURES for i in range(1, 11)],
                          "neighbor_cosines": [0.9 - 0.05 * i for i in range(10)],
                          "cooccurring": [(f + 1) % N_FEATURES], "cooccurring_shares": [0.5]})
@@ -711,6 +713,8 @@ def test_explanations_in_the_site_data(research_site):
     cols = index["columns"]
     assert cols["explanation"][42] == "['winter <b>']" and cols["explanation"][7] == "['tok7']"
     assert cols["n2g_f1"][150] == pytest.approx(2 * 0.75 * 0.5 / 1.25, rel=1e-3)
+    assert cols["n2g_support"][150] == 50 and cols["n2g_support"][299] == 5 and cols["n2g_f1"][7] is None
+    assert index["n2g_min_support"] == generate.N2G_MIN_SUPPORT
     assert index["evaluation"]["fvu"] == 0.1612 and "dead_fraction" not in index["evaluation"]   # NaN dropped
     rows = _chunk_feature(research_site, 42)
     assert rows["neighbors"] == list(range(43, 53)) and rows["n2g_precision"] == 0.75
@@ -747,7 +751,13 @@ def test_search_by_explanation_filters_and_sort_by_score_in_chromium(research_pa
     assert _ids(pg) == [42] and pg.locator("td.expl").first.inner_text() == "['winter <b>']"
     pg.fill("#search", "")
     pg.click("button[data-sort=n2g_f1]")
-    expect(pg.locator("table.features tbody tr").first).to_have_attribute("data-feature", "299")
+    # the best F1 with evidence first: 299's higher F1 rests on 5 firings, so it ranks after every
+    # feature measured on 50; the unmeasured feature 7 ("–") comes last
+    expect(pg.locator("table.features tbody tr").first).to_have_attribute("data-feature", "298")
+    assert "n=50" in pg.locator("table.features tbody tr td.f1").first.inner_text()
+    assert "fewer than 20 firings" in pg.locator("#n2g-legend").inner_text()
+    assert "not measured" in pg.locator("#n2g-legend").inner_text()
+    expect(pg.locator("table.features tbody tr").nth(1)).to_have_attribute("data-feature", "297")
     pg.select_option("#filter", "dead")
     expect(pg.locator("#count")).to_contain_text("matching")
     assert all(pg.locator("table.features tbody tr").evaluate_all("rs => rs.map(r => r.classList.contains('dead'))"))

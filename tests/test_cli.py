@@ -142,3 +142,57 @@ def test_a_failed_run_is_reported_with_the_error_its_stage_raised():
     assert failure.startswith("broken: ") and "another checkpoint" in failure and "How to fix: rebuild them" in failure
     assert run_failure(defs.resolve_job_def("c").execute_in_process(raise_on_error=False)) == (
         "checked: check exact failed")
+
+
+def test_verify_reports_a_flipped_byte_an_edited_cfg_and_a_swapped_base_model(tmp_path, tiny_model_dir):
+    """`sae-platform verify` re-hashes every committed artifact against what its writer recorded."""
+    import json
+
+    import numpy as np
+
+    from sae_platform import catalog
+    from sae_platform.model import store_base_model
+    from sae_platform.storage import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    store_base_model(store, str(tiny_model_dir))
+    with store.writing(catalog.partition_name("b0")) as version:
+        group = store.open_group(f"{version}/{catalog.FIRST_STORE}", "w")
+        group.create_array("acts", data=np.ones((2048, 8), np.float16), chunks=(512, 8), compressors=None)
+    with store.writing(catalog.checkpoint_name("run")) as version:
+        store.fs.pipe_file(f"{version}/cfg.json", json.dumps({"sae": {"k": 4}}).encode())
+        store.fs.pipe_file(f"{version}/sae_weights.safetensors", b"\0" * 64)
+
+    def verify(*names):
+        env = {**os.environ, "SAE_PLATFORM_ROOT": str(tmp_path / "artifacts")}
+        return subprocess.run([sys.executable, "-m", "jobs.cli", "verify", *names], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    clean = verify()
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "3 artifact(s) intact, 0 damaged" in clean.stdout
+
+    chunk = f"{store.resolve(catalog.partition_name('b0'))}/{catalog.FIRST_STORE}/acts/c/2/0"
+    data = bytearray(store.fs.cat_file(chunk))
+    data[100] ^= 0x01                                                   # one flipped bit
+    store.fs.pipe_file(chunk, bytes(data))
+    cfg = f"{store.resolve(catalog.checkpoint_name('run'))}/cfg.json"
+    store.fs.pipe_file(cfg, json.dumps({"sae": {"k": 8}}).encode())     # edited, same size
+    model = f"{store.resolve(catalog.model_name(str(tiny_model_dir)))}/model.safetensors"
+    weights = bytearray(store.fs.cat_file(model))
+    weights[-8:] = b"\x01" * 8                                          # another model's last weights
+    store.fs.pipe_file(model, bytes(weights))
+
+    damaged = verify()
+    assert damaged.returncode == 1, damaged.stdout + damaged.stderr
+    out = damaged.stdout
+    assert "0 artifact(s) intact, 3 damaged" in out
+    assert "DAMAGED activations/b0" in out and "data.zarr/acts/c/2/0 has changed" in out
+    assert "DAMAGED sae/run" in out and "cfg.json has changed" in out
+    assert f"DAMAGED {catalog.model_name(str(tiny_model_dir))}" in out and "model.safetensors has changed" in out
+    assert "sae-platform backfill b0" in out and "sae-platform train run" in out
+
+    one = verify("sae")                                                 # a prefix: the artifacts under it
+    assert one.returncode == 1 and "0 artifact(s) intact, 1 damaged" in one.stdout
+    unknown = verify("activations/nope")
+    assert unknown.returncode == 2 and "nothing is committed at 'activations/nope'" in unknown.stderr

@@ -102,8 +102,8 @@ def test_feature_pipeline_through_dagster(pipeline, store, monkeypatch):
     assert result.success
     (event,) = [e for e in result.get_asset_materialization_events()]
     meta = {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
-    assert meta["explainer"] == f"rules at {url.split('://')[1].split('/')[0]}" and KEY not in str(meta)
-    assert 1 <= meta["n_explained"] <= 3 and 0 <= meta["balanced_accuracy"] <= 1
+    assert meta["explainer"] == f"rules at {url}" and KEY not in str(meta)
+    assert 1 <= meta["n_explained"] <= 3 and 0 <= meta["balanced_accuracy"] <= 1 and meta["n_failed"] == 0
     frame = pl.read_parquet(f"{store.resolve(f'features/{SAE}/llm_explanations/f0')}/llm_explanations.parquet")
     assert frame.height == meta["n_explained"] and (frame["n_positive"] == 2).all()
 
@@ -148,3 +148,55 @@ def test_lineage_names_every_upstream_artifact(pipeline, store):
     assert len({s["lineage"]["feature_table"]["version"] for s in shards.values()}) == N_FEATURE_SHARDS
     assert "feature_table" not in index["lineage"] and index["lineage"]["browser_dagster_run_id"]
     assert index["lineage"]["sae_checkpoint"]["version"] == store.pointer(f"sae/{SAE}")["version"]
+
+
+class FirstExplanationSilent(RuleModel):
+    """The rule model, but its first explanation is an empty answer (a malformed one for the client)."""
+
+    def chat(self, messages):
+        answer = super().chat(messages)
+        if messages[-1]["content"].startswith("Excerpts:") and not getattr(self, "silenced", False):
+            self.silenced = True
+            return ""
+        return answer
+
+
+def test_a_failing_explainer_blocks_nothing_and_shows_no_secret(pipeline, store, monkeypatch, capsys):
+    """Optional means optional: with the LLM explainer enabled and unreachable, `sae-platform features`
+    reports the failed explain_with_llm runs and still writes the browser; an unusable answer fails
+    its feature only. Nothing logged, raised or recorded shows the key or base_url's password."""
+    defs, instance = pipeline
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+
+    def with_explainer(base_url: str) -> Definitions:
+        llm = LLMExplainerResource(enabled=True, base_url=base_url, model="rules", api_key_env="TEST_LLM_KEY",
+                                   features_per_shard=4, examples=2, timeout_s=5)
+        return Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources={**defs.resources, "llm_explainer": llm})
+
+    assert not build_features(instance, with_explainer("http://alice:pa55word@127.0.0.1:9/v1"), SAE)
+    site = store.path("browser", SAE)
+    index = json.loads(open(f"{site}/site.json").read())
+    assert json.loads(open(f"{site}/{index['data']}/index.json").read())["n_features"] == 256
+    reported = capsys.readouterr().err
+    assert reported.count("(optional: the other stages go on)") == N_FEATURE_SHARDS, reported
+    assert "the chat endpoint http://127.0.0.1:9/v1 cannot be reached" in reported
+    assert store.resolve(f"features/{SAE}/llm_explanations/f0") is None          # nothing half-written
+
+    server, url = serve_chat(FirstExplanationSilent(), api_key=KEY)
+    try:
+        result = with_explainer(url).resolve_job_def("explain_with_llm").execute_in_process(
+            instance=instance, partition_key="f0")
+    finally:
+        server.shutdown()
+        server.server_close()
+    (event,) = result.get_asset_materialization_events()
+    meta = {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
+    assert meta["n_failed"] == 1 and meta["n_explained"] >= 1
+    frame = pl.read_parquet(f"{store.resolve(f'features/{SAE}/llm_explanations/f0')}/llm_explanations.parquet")
+    failed = frame.filter(pl.col("error").is_not_null())
+    assert failed["error"].to_list() == ["the chat endpoint " + url + " sent no text in choices[0].message.content "
+                                         "(it sent an empty string)"]
+    assert failed["balanced_accuracy"].is_null().all() and "None" not in frame["explanation"].to_list()
+    logged = "\n".join(str(entry) for run in instance.get_runs() for entry in instance.all_logs(run.run_id))
+    assert "cannot be reached" in logged and "no LLM explanation" in logged
+    assert "pa55word" not in logged + reported and KEY not in logged + reported

@@ -146,3 +146,27 @@ def test_world_size_2_trains_data_parallel_through_torchrun(defs, store):
     assert ckpt["steps"] == 12 and ckpt["tokens"] == 12 * 256 and ckpt["device"] == "2 data-parallel ranks (cpu)"
     pointer = store.pointer("sae/topk-4k-k32")
     assert pointer["final"] and "world_size" not in pointer["settings"]
+
+
+def test_a_rerun_over_a_non_finite_finished_checkpoint_fails_instead_of_keeping_it(defs, store):
+    """Issue 31.4: a re-run found the finished checkpoint "up to date" and exited 0 although its
+    weights held NaN (its evaluation then reported NaN metrics)."""
+    from safetensors.torch import load as load_st
+    from safetensors.torch import save as save_st
+
+    config = {"resources": {"training": {"config": TRAIN}, "evaluation": {"config": {"ce_contexts": 0}}}}
+    job = defs.resolve_job_def("train_saes")
+    assert job.execute_in_process(instance=DagsterInstance.ephemeral(), partition_key="topk-4k-k32",
+                                  run_config=config).success
+    path = store.resolve("sae/topk-4k-k32")
+    weights = load_st(store.fs.cat_file(f"{path}/sae_weights.safetensors"))
+    weights["b_enc"][3] = float("inf")
+    store.fs.pipe_file(f"{path}/sae_weights.safetensors", save_st(weights))
+    evaluated = store.pointer("eval/topk-4k-k32")
+    result = job.execute_in_process(instance=DagsterInstance.ephemeral(), partition_key="topk-4k-k32",
+                                    run_config=config, raise_on_error=False)
+    assert not result.success
+    message = result.failure_data_for_node("sae_checkpoint").error.cause.message
+    assert "holds NaN/inf in b_enc (sae_weights.safetensors)" in message and "refused" in message
+    assert "sae_eval" not in _materializations(result)
+    assert store.pointer("eval/topk-4k-k32") == evaluated

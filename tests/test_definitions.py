@@ -156,3 +156,16 @@ def test_a_bad_setting_in_the_run_config_file_is_refused_when_the_code_loads(tmp
     bad.write_text("resources:\n  training:\n    config: {batchsize: 256}\n")
     with pytest.raises(SettingsError, match="unknown setting.*batchsize"):
         build_definitions(_settings(tmp_path, str(bad)))
+
+
+def test_no_step_or_asset_waits_for_an_optional_stage(tmp_path):
+    """An optional stage (the LLM explanations) can fail without blocking anything: no asset depends
+    on it and, in full_pipeline, no step waits for its step (the browser is written either way)."""
+    from assets.stage import upstream_keys
+
+    optional = [stage for stage in STAGES.values() if stage.optional]
+    assert [stage.asset for stage in optional] == ["feature_llm_explanations"]
+    structure = build_definitions(_settings(tmp_path)).resolve_job_def("full_pipeline").graph.dependency_structure
+    for stage in optional:
+        assert not structure.output_to_downstream_inputs_for_node(stage.op_name), stage.op_name
+        assert not [s.asset for s in STAGES.values() if stage.asset in {k.to_user_string() for k in upstream_keys(s)}]

@@ -36,7 +36,7 @@ def trained_like(variant, **kw):
         sae.b_enc.copy_(0.2 * torch.randn(N))
         sae.b_pre.add_(0.1 * torch.randn(D))
         if variant == "jumprelu":
-            sae.log_threshold.copy_(torch.empty(N).uniform_(math.log(0.05), math.log(0.8)))
+            sae.threshold.copy_(torch.empty(N).uniform_(math.log(0.05), math.log(0.8)).exp())
         if variant == "batchtopk":
             sae.threshold.fill_(0.35)
     assert abs(float(sae.input_scale) - 1) > 0.5
@@ -147,7 +147,7 @@ def test_export_through_fsspec(tmp_path):
     for name in local_w:
         assert torch.equal(remote_w[name], local_w[name])
     assert json.loads(fs.cat_file(info["cfg_path"])) == local["cfg"]
-    torch.testing.assert_close(remote_w["threshold"], sae.log_threshold.detach().exp())
+    torch.testing.assert_close(remote_w["threshold"], sae.threshold.detach())
     np.testing.assert_allclose(remote_w["W_enc"].numpy(), (sae.W_enc.detach() * sae.input_scale).T.numpy(),
                                rtol=1e-6)
 
@@ -166,7 +166,7 @@ def _trained_transcoder(variant, **kw):
         sae.b_pre.add_(0.1 * torch.randn(D))
         sae.b_dec.add_(0.1 * torch.randn(D + 3))
         if variant == "jumprelu":
-            sae.log_threshold.copy_(torch.empty(N).uniform_(math.log(0.05), math.log(0.8)))
+            sae.threshold.copy_(torch.empty(N).uniform_(math.log(0.05), math.log(0.8)).exp())
         if variant in ("batchtopk", "matryoshka_batchtopk"):
             sae.threshold.fill_(0.35)
     assert abs(float(sae.output_scale) - 1) > 0.3 and abs(float(sae.output_scale) - float(sae.input_scale)) > 0.1

@@ -19,10 +19,10 @@ from sae_platform import features as F
 from sae_platform.catalog import tables_name
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.feature_check import brute_force_check
+from sae_platform.feature_intervals import interval_of
 from sae_platform.feature_merge import (
     FeatureTables,
     build_feature_tables,
-    interval_of,
     merge_partials,
     read_tables,
     write_tables,
@@ -30,6 +30,7 @@ from sae_platform.feature_merge import (
 from sae_platform.feature_select import KEY_PAD, partition_salt, sample_keys, sample_keys_numpy
 from sae_platform.sae import build_sae
 from sae_platform.settings import SettingsError
+from sae_platform.storage import ArtifactStore
 
 D, N_LATENTS = 16, 64
 SETTINGS = F.FeatureSettings()  # the pipeline's defaults
@@ -292,28 +293,43 @@ def test_densities_and_histograms_add_up(store):
     assert stats["mean"].null_count() == (~active).sum()
 
 
-def test_interval_examples_fall_in_their_intervals_and_come_from_the_sample(store):
-    make_dataset(store, [3000])
-    sae = make_sae("relu")
-    settings = F.FeatureSettings(top_k=5, reservoir_factor=10, n_intervals=5, per_interval=3)
-    tables = merge_partials([F.compute_partial(store, sae, "p0", 0, N_LATENTS, settings)], settings)
-    ex = tables.examples.join(tables.stats.select("feature", "max"), on="feature")
-    inter = ex.filter(pl.col("kind") == "interval")
-    assert inter.height > N_LATENTS
-    a, m, j = inter["activation"].to_numpy().astype(np.float64), inter["max"].to_numpy(), inter["interval"].to_numpy()
-    assert ((j * m / 5 <= a * (1 + 1e-7)) & (a <= (j + 1) * m / 5 * (1 + 1e-7))).all()
-    assert inter.group_by("feature", "interval").len()["len"].max() == 3
-    rand = ex.filter(pl.col("kind") == "random").select("feature", "partition", "row")
-    assert inter.select("feature", "partition", "row").join(rand, on=["feature", "partition", "row"],
-                                                            how="anti").height == 0
-    # each interval takes its first sample members (smallest keys): as many as exist, up to 3
-    for (feature,), group in ex.filter(pl.col("kind") == "random").group_by("feature"):
-        mx = group["max"][0]
-        members = interval_of(group.sort("rank")["activation"].to_numpy(), mx, 5)
-        got = inter.filter(pl.col("feature") == feature)
-        for jj in range(5):
-            assert got.filter(pl.col("interval") == jj).height == min(3, int((members == jj).sum()))
-    assert ex.filter(pl.col("kind") == "top")["interval"].null_count() == ex.filter(pl.col("kind") == "top").height
+@pytest.mark.parametrize("variant", ["relu", "topk"])
+def test_interval_examples_cover_every_interval_of_a_dense_feature_and_equal_brute_force(store, variant):
+    """Interval examples are sampled from ALL activating tokens of each interval (SAEDashboard's
+    quantile examples), not from the random sample: a feature firing on most tokens gets
+    per_interval examples in each of its n_intervals intervals (a 10-token random sample could
+    not hold 5 x 3 of them), the examples equal a brute force over every token, and they are not
+    the random sample again."""
+    splits = [1700, 1300]
+    rows = make_dataset(store, splits)
+    sae = make_sae(variant)
+    dense = 7
+    with torch.no_grad():
+        sae.b_enc[dense] = 4.0  # fires on most tokens, activations spread over (0, max]
+    settings = F.FeatureSettings(top_k=5, reservoir_factor=2, n_intervals=5, per_interval=3)
+    build_feature_tables(store, sae, "run", settings, n_feature_shards=2, batch_rows=256)
+    tables = read_tables(store, "run", 0)
+    stats = tables.stats.filter(pl.col("feature") == dense).row(0, named=True)
+    assert stats["count"] > 0.5 * sum(splits)  # fires on most tokens
+    # every token's activation of the dense feature: every interval holds enough tokens to fill
+    acts = sae.encode_slice(torch.from_numpy(rows.astype(np.float32)), dense, dense + 1)[:, 0].detach().numpy()
+    np.testing.assert_allclose(acts.max(), stats["max"], rtol=1e-5)
+    per_interval = np.bincount(interval_of(acts[acts > 0], stats["max"], 5), minlength=5)
+    assert (per_interval >= 3).all(), per_interval
+    inter = tables.examples.filter((pl.col("feature") == dense) & (pl.col("kind") == "interval"))
+    assert inter.group_by("interval").len().sort("interval")["len"].to_list() == [3] * 5
+    assert (interval_of(inter["activation"].to_numpy(), stats["max"], 5) == inter["interval"].to_numpy()).all()
+    rand = tables.examples.filter((pl.col("feature") == dense) & (pl.col("kind") == "random"))
+    assert inter.join(rand, on=["partition", "row"], how="semi").height <= 1  # an independent draw
+    # exactly the brute force over every activating token (witness: every feature here), every feature
+    check = brute_force_check(store, sae, "run", 0, 0, 32, sample_features=32)
+    assert check["ok"] and dense in check["features_checked"], check["mismatches"][:3]
+    # the same samples whatever the batch size and feature sharding: exact and mergeable
+    again = ArtifactStore(f"{store.root}/again")
+    make_dataset(again, splits)
+    build_feature_tables(again, sae, "run", settings, n_feature_shards=1, batch_rows=999)
+    other = read_tables(again, "run", 0).examples.filter(pl.col("feature") < 32)
+    assert other.filter(pl.col("kind") == "interval").equals(tables.examples.filter(pl.col("kind") == "interval"))
 
 
 def test_brute_force_check_passes_on_good_tables_and_catches_tampering(store):

@@ -281,7 +281,7 @@ TABLES_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import torch
     from sae_platform import features as ft
-    from sae_platform.feature_merge import merge_partials, write_tables
+    from sae_platform.feature_merge import merge_shard_tables, write_tables
     from sae_platform.sae import build_sae
     from sae_platform.storage import ArtifactStore
 
@@ -303,8 +303,7 @@ TABLES_SCRIPT = textwrap.dedent("""
     for index, (start, stop) in enumerate(shards):
         ft.write_partial(store, "run", "p1", index, ft.compute_partial(store, sae, "p1", start, stop, settings))
     for index in range(len(shards)):
-        write_tables(store, "run", index, merge_partials(ft.read_partials(store, "run", index, ["p0", "p1"]),
-                                                         settings))
+        write_tables(store, "run", index, merge_shard_tables(store, sae, "run", index, ["p0", "p1"], settings))
 """).replace("{D}", str(D)).replace("{N_LATENTS}", str(N_LATENTS)).replace("{N_SHARDS}", str(N_SHARDS)) \
     .replace("{TABLES}", repr(TABLES))
 

@@ -379,19 +379,74 @@ def test_jumprelu_threshold_learns_through_the_straight_through_estimator():
     sae = calibrated("jumprelu", x, init_threshold=0.05, bandwidth=0.1)
     out = sae(x)
     out.parts["l0"].backward()
-    grad = sae.log_threshold.grad
+    grad = sae.threshold.grad
     assert grad is not None and bool((grad < 0).any())  # L0 pushes thresholds up
     assert bool((grad <= 0).all())
     codes = sae.encode_dense(x)
-    theta = sae.log_threshold.exp()
+    theta = sae.threshold
     assert bool(((codes == 0) | (codes > theta)).all())
+
+
+# --- JumpReLU's sparsity control (issue 31.6) -------------------------------------------------
+
+def jumprelu_l0(seed=0, steps=300, **hparams) -> tuple[float, float]:
+    """(L0, normalized MSE) on held-out rows of a JumpReLU SAE trained with ``hparams`` on rows
+    that are 3-sparse combinations of a planted dictionary, with the default lr of its size."""
+    data = make_data(8192, seed=5, scale=10.0, offset=1.0)
+    held_out = make_data(1024, seed=6, scale=10.0, offset=1.0)
+    sae = sae_for("jumprelu", seed=seed, **hparams)
+    train(sae, data, steps=steps, batch=256, lr=lr_for(N))
+    with torch.no_grad():
+        out = sae(held_out)
+    return float(out.l0), float(normalized_mse(out.recon, held_out))
+
+
+def test_jumprelu_l0_coeff_sets_the_sparsity(one_thread):
+    """The coefficient used to have no effect: 1e-3 and 1e-1 gave the same run to 4 digits (the
+    threshold, stored as log θ, moved θ·lr per step under Adam; SAELens #719)."""
+    loose, loose_mse = jumprelu_l0(l0_coeff=1e-3)
+    tight, tight_mse = jumprelu_l0(l0_coeff=1e-1)
+    assert tight < 0.5 * loose, (loose, tight)   # a higher coefficient, clearly fewer active latents ...
+    assert tight_mse > loose_mse                 # ... bought with reconstruction
+    assert loose < N / 2
+
+
+@pytest.mark.parametrize("target", [4, 8, 16])
+def test_jumprelu_target_l0_brings_l0_to_the_target(target, one_thread):
+    l0, _ = jumprelu_l0(target_l0=target, l0_coeff=1.0)
+    assert 0.5 * target <= l0 <= 1.5 * target, (target, l0)
+
+
+def test_jumprelu_defaults_are_the_papers_in_these_units_and_checkpoints_of_log_theta_load():
+    sae = sae_for("jumprelu")
+    eps = 1e-3 * math.sqrt(D)  # the paper's 0.001 at E||x||^2 = 1; here E||x||^2 = D
+    assert sae.hparams["bandwidth"] == sae.hparams["init_threshold"] == pytest.approx(eps)
+    assert sae.hparams["threshold_lr_scale"] == pytest.approx(math.sqrt(D))
+    assert [g["lr"] for g in sae.param_groups(1e-3)] == pytest.approx([1e-3, 1e-3 * math.sqrt(D)])
+    assert build_sae(**sae.config).hparams == sae.hparams  # the resolved values are stored
+    old = {k: v for k, v in sae.state_dict().items() if k != "threshold"}
+    old["log_threshold"] = torch.full((N,), math.log(0.25))  # a checkpoint of an earlier version
+    sae.load_state_dict(old)
+    torch.testing.assert_close(sae.threshold.detach(), torch.full((N,), 0.25))
+
+
+def test_jumprelu_stalled_thresholds_are_warned_about():
+    x = make_data(256)
+    sae = calibrated("jumprelu", x, target_l0=4)
+    assert sae.training_warning(40.0) is None  # the first check only records θ
+    warning = sae.training_warning(40.0)
+    assert "stopped moving" in warning and "L0 40.0" in warning and "threshold_lr_scale" in warning
+    assert sae.training_warning(4.5) is None   # near the target: nothing to say
+    with torch.no_grad():
+        sae.threshold.add_(0.1)
+    assert sae.training_warning(40.0) is None  # moving
 
 
 # --- training on data with a known sparse dictionary ----------------------------------------------
 
 def train(sae, data, steps=300, batch=128, lr=1e-2):
     sae.calibrate_(data[:1024])
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=ADAM_EPS)
+    opt = torch.optim.Adam(sae.param_groups(lr), lr=lr, eps=ADAM_EPS)  # as the trainer builds it
     since_fired = torch.zeros(sae.n_latents)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):

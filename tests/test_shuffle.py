@@ -543,3 +543,51 @@ def test_the_store_index_is_recorded_whatever_the_name(store):
     assert run.store_index == 0 and shuffle.load_run(store, "exp.h2").store_index == 0
     with pytest.raises(SettingsError, match="collide"):
         shuffle.ShuffleSettings(name="main.h1")
+
+
+# -- nothing missing is read as zeros (issue 31.3) ----------------------------------------------
+
+def _acts_path(store, key, *parts):
+    from sae_platform import catalog
+
+    return catalog.partition_store_path(store, key, store.version_of(store.resolve(f"activations/{key}")),
+                                        "data.zarr", "acts", *parts)
+
+
+def test_a_deleted_chunk_or_an_edited_shape_is_refused_by_the_shuffle_and_its_permutation_check(store):
+    """A deleted chunk used to read back as zeros on both sides of the permutation check, which then
+    passed; an edited zarr.json shape added zero rows. Both are now errors naming the file and the fix."""
+    make_dataset(store, [3000, 3000], chunk_rows=1024)
+    shuffle.run_shuffle(store, "s", n_buckets=4, memory_budget_bytes=1 * MiB, n_jobs=2, seed=0)
+    assert permutation_check(store, "s")["ok"]
+
+    os.remove(_acts_path(store, "p00", "c", "1", "0"))     # rows 1024..2047 of p00
+    for run in (lambda: permutation_check(store, "s"),
+                lambda: shuffle.run_shuffle(store, "t", n_buckets=4, memory_budget_bytes=1 * MiB, n_jobs=2, seed=1)):
+        with pytest.raises(StorageError) as error:
+            run()
+        message = str(error.value)
+        assert "activation partition 'p00'" in message and "is damaged" in message
+        assert "data.zarr/acts/c/1/0 is missing" in message and "sae-platform backfill p00" in message
+    assert open_shuffled(store, "s").n_rows == 6000, "the committed shuffled store is untouched"
+
+    meta = Path(_acts_path(store, "p01", "zarr.json"))
+    body = json.loads(meta.read_text())
+    body["shape"][0] += 1024                                     # 1024 more rows: all zeros
+    meta.write_text(json.dumps(body))
+    with pytest.raises(StorageError, match=r"activation partition 'p01'.*data.zarr/acts/zarr.json"):
+        shuffle.start_shuffle(store, "u", n_buckets=4, memory_budget_bytes=1 * MiB, n_jobs=2, seed=0, keys=["p01"])
+    assert store.resolve("shuffle/u/plan") is None
+
+
+def test_a_deleted_chunk_of_a_shuffled_piece_is_refused_when_read(store):
+    rows = make_dataset(store, [5000])
+    shuffle.run_shuffle(store, "s", n_buckets=2, memory_budget_bytes=1 * MiB, n_jobs=1, seed=0)
+    assert_exact_permutation(store, "s", rows)
+    piece = open_shuffled(store, "s").pieces[0]
+    folder = Path(store.resolve(piece["name"])) / "data.zarr" / "acts"
+    chunk = sorted(p for p in folder.iterdir() if p.name != "zarr.json")[-1]
+    chunk.unlink()
+    with pytest.raises(StorageError, match=rf"piece {piece['name']} of shuffled store 's'.*acts/{chunk.name} is "
+                                           "missing"):
+        read_all(store, "s")

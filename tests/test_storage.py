@@ -1,5 +1,6 @@
 """The commit protocol: a version is visible only when complete, and replaced cleanly."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def test_a_commit_leaves_an_older_writer_in_flight_alone(store):
         store.fs.pipe_file(f"{slow}/config", b"{}")
     assert store.fs.cat_file(f"{store.resolve('models/m')}/weights") == b"slow"  # the last commit wins
     assert sorted(store.fs.ls(store.resolve("models/m"), detail=False)) == sorted(
-        [f"{store.resolve('models/m')}/weights", f"{store.resolve('models/m')}/config"]), "no writer mark left"
+        [f"{store.resolve('models/m')}/{f}" for f in ("weights", "config", catalog.CHECKSUMS)]), "no writer mark left"
 
 
 # -- superseded versions stay readable for a grace period (issue 13.3) -------------------------
@@ -274,21 +275,21 @@ def test_a_zombie_process_is_not_alive():
 
 # -- damaged artifacts are errors naming the file and the fix ----------------------------------
 
-def test_a_damaged_pointer_json_or_parquet_names_the_file_and_the_fix(store):
-    """A truncated COMMITTED.json, a truncated JSON file and a truncated parquet table: each read
-    raises StorageError naming the file and the fix, not a raw JSONDecodeError / ComputeError."""
+def test_a_damaged_json_or_parquet_names_the_file_and_the_fix(store, caplog):
+    """A truncated JSON file and a truncated parquet table: each read raises StorageError naming
+    the file and the fix, not a raw JSONDecodeError / ComputeError. A pointer naming a folder outside
+    its artifact counts as nothing committed, like an unreadable one (below): it is never followed."""
     with store.writing("things/t") as version:
         store.write_json(f"{version}/meta.json", {"a": 1})
         store.write_parquet(f"{version}/stats.parquet", pl.DataFrame({"x": list(range(1000))}))
     path = store.resolve("things/t")
     pointer = store.path("things/t", POINTER)
-    for damage in (lambda b: b[: len(b) // 2], lambda b: b"[]", lambda b: b'{"version": "../../etc"}'):
-        good = store.fs.cat_file(pointer)
-        store.fs.pipe_file(pointer, damage(good))
-        with pytest.raises(StorageError, match="commit pointer .*COMMITTED.json is damaged") as error:
-            store.resolve("things/t")
-        assert "delete" in error.value.fix and "re-run the stage that writes things/t" in error.value.fix
-        store.fs.pipe_file(pointer, good)
+    good = store.fs.cat_file(pointer)
+    store.fs.pipe_file(pointer, b'{"version": "../../etc"}')
+    with caplog.at_level("WARNING", logger="sae_platform.storage"):
+        assert store.resolve("things/t") is None
+    assert "names no version folder of things/t" in caplog.text
+    store.fs.pipe_file(pointer, good)
     for file, what in (("meta.json", "JSON file"), ("stats.parquet", "parquet table")):
         data = store.fs.cat_file(f"{path}/{file}")
         store.fs.pipe_file(f"{path}/{file}", data[: len(data) // 2])
@@ -309,9 +310,174 @@ def test_a_damaged_stored_base_model_names_it_and_the_fix(tmp_path, tiny_model_d
     path = store.resolve(catalog.model_name(source))
     weights = f"{path}/model.safetensors"
     store.fs.pipe_file(weights, store.fs.cat_file(weights)[:1000])
-    with pytest.raises(StorageError, match="stored base model .* is damaged") as error:
+    with pytest.raises(StorageError, match="base model .* is damaged") as error:
         load_stored_model(store, source, layer=1, device="cpu", autocast="none")
-    assert "delete the stored copy" in error.value.fix and "converted again" in error.value.fix
+    assert f"delete {store.url(store.path(catalog.model_name(source)))}" in error.value.fix
+    assert "converts it again" in error.value.fix
     store.fs.pipe_file(f"{path}/tokenizer.json", b'{"version": ')
-    with pytest.raises(StorageError, match="stored base model .* is damaged"):
+    with pytest.raises(StorageError, match="base model .* is damaged"):
         load_stored_tokenizer(store, source)
+
+
+# -- nothing missing is read as zeros; content checksums (issue 31.3) --------------------------
+
+def _partition(store, key="k", rows=4096):
+    import numpy as np
+
+    with store.writing(catalog.partition_name(key)) as version:
+        group = store.open_group(f"{version}/{catalog.FIRST_STORE}", "w")
+        group.create_array("acts", data=np.arange(rows * 8, dtype=np.float32).reshape(rows, 8) + 1, chunks=(512, 8),
+                           compressors=None)
+    return store.resolve(catalog.partition_name(key))
+
+
+def _check_reads(store, key="k"):
+    from sae_platform.activations import open_partition
+
+    return open_partition(store, key).acts[:]
+
+
+def test_a_commit_records_every_file_and_a_missing_added_or_changed_one_is_refused_on_read(store):
+    path = _partition(store)
+    pointer = store.pointer("activations/k")
+    recorded = json.loads(store.fs.cat_file(f"{path}/{catalog.CHECKSUMS}"))["files"]
+    assert pointer["checksums"]["files"] == len(recorded) == 8 + 2        # 8 chunks, 2 zarr.json
+    chunk = f"{path}/data.zarr/acts/c/3/0"
+    assert recorded["data.zarr/acts/c/3/0"] == {"size": 512 * 8 * 4,
+                                               "sha256": hashlib.sha256(store.fs.cat_file(chunk)).hexdigest()}
+    assert _check_reads(store).shape == (4096, 8)
+
+    saved = store.fs.cat_file(chunk)
+    store.fs.rm_file(chunk)
+    with pytest.raises(StorageError, match=r"activation partition 'k' \(.*\) is damaged: data.zarr/acts/c/3/0 is "
+                                           r"missing \(the writer wrote 16,384 bytes\)"):
+        _check_reads(store)
+    store.fs.pipe_file(chunk, saved[:-4])
+    with pytest.raises(StorageError, match="data.zarr/acts/c/3/0 is 16,380 bytes, the writer wrote 16,384"):
+        _check_reads(store)
+    store.fs.pipe_file(chunk, saved)
+    store.fs.pipe_file(f"{path}/data.zarr/acts/c/9/0", saved)             # a chunk beyond the written ones
+    with pytest.raises(StorageError, match="data.zarr/acts/c/9/0 .* was not written by the artifact's writer"):
+        _check_reads(store)
+    store.fs.rm_file(f"{path}/data.zarr/acts/c/9/0")
+    meta = f"{path}/data.zarr/acts/zarr.json"
+    body = store.fs.cat_file(meta)
+    store.fs.pipe_file(meta, body.replace(b"4096", b"5096"))               # same size, one more chunk of rows
+    with pytest.raises(StorageError, match="data.zarr/acts/zarr.json has changed: its sha256 is"):
+        _check_reads(store)
+    store.fs.pipe_file(meta, body)
+    store.fs.pipe_file(f"{path}/{catalog.CHECKSUMS}", b"{}")
+    with pytest.raises(StorageError, match="CHECKSUMS.json has changed since the commit"):
+        _check_reads(store)
+
+
+def test_an_artifact_committed_before_checksums_still_reads_and_says_so(store, caplog):
+    import numpy as np
+
+    path = _partition(store, "old")
+    store.fs.rm_file(f"{path}/{catalog.CHECKSUMS}")                       # as committed by an earlier version
+    pointer = store.pointer("activations/old")
+    del pointer["checksums"]
+    store.write_json(store.path("activations/old", POINTER), pointer)
+    with caplog.at_level("WARNING", logger="sae_platform.storage"):
+        rows = _check_reads(store, "old")
+    assert rows.shape == (4096, 8) and np.all(rows > 0)
+    assert "activation partition 'old'" in caplog.text and "before content checksums were recorded" in caplog.text
+    assert store.verify("activations/old")["status"] == "unrecorded"
+
+
+def test_checksums_on_s3(s3, s3_endpoint):
+    _, bucket = s3
+    store = ArtifactStore(f"s3://{bucket}/root", {"endpoint_url": s3_endpoint})
+    path = _partition(store)
+    assert _check_reads(store).shape == (4096, 8)
+    assert store.verify("activations/k")["status"] == "ok"
+    store.fs.rm_file(f"{path}/data.zarr/acts/c/1/0")
+    store.fs.invalidate_cache()
+    with pytest.raises(StorageError, match=r"activation partition 'k' .*data.zarr/acts/c/1/0 is missing"):
+        _check_reads(store)
+    assert store.verify("activations/k")["status"] == "damaged"
+
+
+# -- damaged protocol files are recovered from, never a JSONDecodeError (issue 31.4) -------------
+
+DAMAGED = {"empty": b"", "truncated": b'{"host": "h", "pid": 12', "not an object": b"[1, 2]"}
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path):
+    if request.param == "local":
+        return ArtifactStore(str(tmp_path / "artifacts"))
+    _, bucket = request.getfixturevalue("s3")
+    return ArtifactStore(f"s3://{bucket}/root", {"endpoint_url": request.getfixturevalue("s3_endpoint")})
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_a_writer_mark_left_empty_by_a_full_disk_is_swept_at_the_next_commit(any_store, damage, caplog):
+    """A commit started on a full disk left its version with an empty (or truncated) .writer.json;
+    it used to break every later commit of the artifact with JSONDecodeError."""
+    from sae_platform.storage import WRITER_MARK
+
+    store = any_store
+    _write(store, "things/a", "one")
+    debris = store.path("things/a", "v-00000000000000000001-fulldisk")
+    store.fs.pipe_file(f"{debris}/{WRITER_MARK}", DAMAGED[damage])
+    with caplog.at_level("WARNING", logger="sae_platform.storage"):
+        _write(store, "things/a", "two")
+    assert _read(store, "things/a") == "two"
+    assert not store.fs.exists(debris), "the dead writer's version is swept"
+    assert any(WRITER_MARK in r.message and "unreadable" in r.message and "taken for dead" in r.message
+               for r in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_an_empty_pointer_counts_as_nothing_committed_and_the_next_commit_replaces_it(any_store, damage, caplog):
+    store = any_store
+    _write(store, "things/a", "one")
+    old = store.resolve("things/a")
+    store.fs.pipe_file(store.path("things/a", POINTER), DAMAGED[damage])
+    with caplog.at_level("WARNING", logger="sae_platform.storage"):
+        assert store.pointer("things/a") is None and store.resolve("things/a") is None
+        assert store.committed_names("things") == []
+        with pytest.raises(StorageError, match="missing"):
+            store.require("things/a", "thing a", "make it")
+    assert any(POINTER in r.message and "nothing committed" in r.message for r in caplog.records), caplog.text
+    _write(store, "things/a", "two")
+    assert _read(store, "things/a") == "two" and store.committed_names("things") == ["things/a"]
+    assert store.fs.cat_file(f"{old}/payload.txt") == b"one", "the version it named is kept for the grace period"
+
+
+def test_an_empty_superseded_mark_ends_the_grace_period(store, caplog):
+    from sae_platform.storage import SUPERSEDED_MARK
+
+    _write(store, "things/a", "one")
+    old = store.resolve("things/a")
+    _write(store, "things/a", "two")
+    store.fs.pipe_file(f"{old}/{SUPERSEDED_MARK}", b"")
+    with caplog.at_level("WARNING", logger="sae_platform.storage"):
+        _write(store, "things/a", "three")
+    assert not store.fs.exists(old) and _read(store, "things/a") == "three"
+    assert any(SUPERSEDED_MARK in r.message for r in caplog.records), caplog.text
+
+
+def test_a_commit_that_cannot_write_its_writer_mark_leaves_nothing(store, monkeypatch):
+    """The full disk itself: writing the mark fails, so the commit fails at once and leaves no
+    version directory (it used to leave one with an empty mark)."""
+    import errno
+
+    from sae_platform import storage
+
+    _write(store, "things/a", "one")
+
+    def full_disk(path, data):
+        open(path, "wb").close()  # the file is created, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(storage, "write_local_atomic", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _write(store, "things/a", "two")
+    monkeypatch.undo()
+    versions = [e for e in store.fs.ls(store.path("things/a"), detail=False) if "/v-" in e]
+    assert versions == [store.resolve("things/a")] and _read(store, "things/a") == "one"
+    _write(store, "things/a", "three")
+    assert _read(store, "things/a") == "three"

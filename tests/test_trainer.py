@@ -204,6 +204,7 @@ def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path)
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         store.fs.pipe_file(f"{path}/{name}", buffer.getvalue())
+    _as_committed_before_checksums(store, checkpoint_name("run"))
     logs = []          # the same settings again: the finished run is found (its state read back safely)
     train_sae(store, "main", "run", first, log=logs.append)
     assert "already trained" in logs[0]
@@ -213,6 +214,17 @@ def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path)
         train_sae(store, "main", "run", first, log=lambda m: None)
     assert not marker.exists(), "the pickle ran"
     assert "trainer_state.pt" in str(error.value) and "refused" in str(error.value)
+
+
+def _as_committed_before_checksums(store, name):
+    """The checkpoint as that earlier version committed it: no CHECKSUMS.json, none in the pointer."""
+    from sae_platform.catalog import CHECKSUMS
+    from sae_platform.storage import POINTER
+
+    store.fs.rm_file(f"{store.resolve(name)}/{CHECKSUMS}")
+    pointer = store.pointer(name)
+    del pointer["checksums"]
+    store.write_json(store.path(name, POINTER), pointer)
 
 
 def json_load(store, path):
@@ -276,6 +288,45 @@ def test_a_non_finite_checkpoint_of_an_earlier_version_is_not_resumed(store):
     store.fs.pipe_file(f"{path}/sae_weights.safetensors", save_st(weights))
     with pytest.raises(Exception, match="holds NaN/inf in W_dec.*not resumed from"):
         train_sae(store, "main", "run", every, log=lambda m: None)
+
+
+def _poison(store, sae_name, tensor="W_enc"):
+    """A committed checkpoint whose weights hold NaN (written before the finite check, or damaged since)."""
+    from safetensors.torch import load as load_st
+    from safetensors.torch import save as save_st
+
+    path = store.resolve(checkpoint_name(sae_name))
+    weights = load_st(store.fs.cat_file(f"{path}/sae_weights.safetensors"))
+    weights[tensor][0, 0] = float("nan")
+    store.fs.pipe_file(f"{path}/sae_weights.safetensors", save_st(weights))
+    return path
+
+
+def test_a_non_finite_finished_checkpoint_is_refused_by_every_reader(store):
+    """Issue 31.4: a finished checkpoint holding NaN was kept by the "already finished" skip (a re-run
+    that exits 0) and loaded by evaluation, export and the feature tables (NaN metrics)."""
+    from sae_platform.errors import StorageError
+    from sae_platform.evaluate import evaluate_sae
+    from sae_platform.export import export_run
+    from sae_platform.trainer import finished_checkpoint
+
+    make_shuffled(store)
+    train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
+    assert finished_checkpoint(store, "main", "run", SETTINGS) is not None
+    path = _poison(store, "run")
+    readers = {"finished skip": lambda: finished_checkpoint(store, "main", "run", SETTINGS),
+               "re-run": lambda: train_sae(store, "main", "run", SETTINGS, log=lambda m: None),
+               "load_sae": lambda: load_sae(store, "run"),
+               "evaluation": lambda: evaluate_sae(store, "main", "run", None, None, torch.device("cpu"),
+                                                  ablation_tokens=0),
+               "export": lambda: export_run(store, "run")}
+    for what, read in readers.items():
+        with pytest.raises(StorageError) as error:
+            read()
+        message = str(error.value)
+        assert f"{store.url(path)} (step 30) holds NaN/inf in W_enc (sae_weights.safetensors)" in message, what
+        assert "refused" in message and "delete that checkpoint" in message, what
+    assert store.resolve(catalog.eval_name("run")) is None and store.resolve(catalog.export_name("run")) is None
 
 
 def test_nan_in_held_out_rows_is_an_error_naming_the_row(store):
@@ -459,5 +510,27 @@ def test_a_damaged_checkpoint_names_the_file_and_the_fix(store, damage):
         file = "sae_weights.safetensors"
     with pytest.raises(StorageError) as error:
         load_sae(store, "run")
-    assert f"{path.rsplit('/', 1)[-1]}/{file}" in error.value.problem
-    assert "train" in error.value.fix and "delete" in error.value.fix
+    # found by the checksums recorded at commit (storage.check_intact), or, for a checkpoint written
+    # before they were, when its cfg.json or weights are read
+    assert path.rsplit("/", 1)[-1] in error.value.problem and file in error.value.problem
+    assert "sae-platform train run" in error.value.fix and "delete" in error.value.fix
+
+
+def test_the_trainer_warns_when_jumprelu_thresholds_stop_moving(store):
+    """Issue 31.6: thresholds frozen (their lr 0) leave the sparsity term without effect; the log says
+    so once. The trainer builds Adam from the SAE's parameter groups, so threshold_lr_scale reaches it."""
+    make_shuffled(store)
+    logged = {}
+    for scale in (0.0, None):
+        hparams = {"target_l0": 2, "l0_coeff": 1.0, **({"threshold_lr_scale": scale} if scale is not None else {})}
+        settings = TrainSettings(**{**SETTINGS.__dict__, "variant": "jumprelu", "hparams": hparams})
+        lines = logged[scale] = []
+        train_sae(store, "main", f"jump-{scale}", settings, log=lines.append)
+    (warning,) = [line for line in logged[0.0] if line.startswith("warning:")]
+    assert "thresholds stopped moving" in warning and "target_l0 2" in warning
+    assert "threshold_lr_scale (now 0)" in warning
+    assert not [line for line in logged[None] if line.startswith("warning:")], logged[None]
+    frozen, _ = load_sae(store, "jump-0.0")
+    moving, _ = load_sae(store, "jump-None")
+    assert torch.equal(frozen.threshold, torch.full_like(frozen.threshold, frozen.hparams["init_threshold"]))
+    assert not torch.equal(moving.threshold, torch.full_like(moving.threshold, moving.hparams["init_threshold"]))

@@ -12,6 +12,7 @@
     sae-platform status                                    partitions and what is stored
     sae-platform timings [RUN_ID]                          where a run spent its time (default: the latest run)
     sae-platform recover                                   fail runs whose process died, free their pool slots
+    sae-platform verify [ARTIFACT ...]                     re-hash stored artifacts against their checksums
 
 Runs go to the instance in $DAGSTER_HOME, so the UI (`make ui`) shows them afterwards.
 """
@@ -34,7 +35,8 @@ from jobs.cli.stages import (
     run_failure,
 )
 from jobs.cli.status import cmd_status
-from sae_platform.errors import PlatformError
+from jobs.cli.verify import cmd_verify
+from sae_platform.errors import PlatformError, printable
 
 # The commands live in the modules of this package, one per kind of work; everything heavy (dagster,
 # torch, the definitions) is imported inside the commands that need it, so `--help` and argument
@@ -105,11 +107,15 @@ def main(argv=None) -> int:
     recover.add_argument("--all-runs-on-this-host", action="store_true",
                          help="needed with a shared (e.g. PostgreSQL) instance: assert every run ran here")
     recover.set_defaults(func=cmd_recover)
+    verify = commands.add_parser("verify", help="re-hash committed artifacts against what their writers recorded")
+    verify.add_argument("artifacts", nargs="*", help="artifact names or prefixes (activations/<key>, sae, models); "
+                                                     "default: every committed artifact")
+    verify.set_defaults(func=cmd_verify)
     args = parser.parse_args(argv)
     if args.command == "backfill" and not args.all and not args.keys:
         parser.error("backfill needs partition keys or --all")
     try:
         return args.func(args)
     except PlatformError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(error.problem)}\n  How to fix: {printable(error.fix)}", file=sys.stderr)
         return 2

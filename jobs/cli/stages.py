@@ -131,9 +131,12 @@ def run_failure(result) -> str | None:
 
 def build_features(instance, defs, sae_name: str) -> bool:
     """Feature tables, context windows, explanations and browser of one SAE: each stage's asset job
-    (:func:`feature_runs`), one Dagster run per partition, as a backfill would launch them."""
+    (:func:`feature_runs`), one Dagster run per partition, as a backfill would launch them. A failed
+    run stops the build, but for an optional stage's (the LLM explanations): reported, and the
+    other stages go on. True when every run succeeded."""
     from tqdm import tqdm
 
+    from assets import STAGES
     from sae_platform.catalog import trained_on
     from sae_platform.shuffle import pinned_keys
 
@@ -141,8 +144,10 @@ def build_features(instance, defs, sae_name: str) -> bool:
     batches = pinned_keys(store, trained_on(store, sae_name))  # the store of the SAE's own hook point
     run_config = _quiet(stage_settings(features={"sae_name": sae_name}))
     runs = feature_runs(batches)
+    optional = {stage.job.name for stage in STAGES.values() if stage.optional}
     print(f"{sae_name}: {len(batches)} pinned batch(es); " + ", then ".join(
         f"{job_name} ({len(keys)} run{'s' if len(keys) > 1 else ''})" for job_name, keys in runs), flush=True)
+    succeeded = True
     for job_name, keys in runs:
         job = defs.resolve_job_def(job_name)
         for key in tqdm(keys, desc=job_name, unit="run"):
@@ -150,10 +155,13 @@ def build_features(instance, defs, sae_name: str) -> bool:
                                             raise_on_error=False)
             failure = run_failure(result)
             if failure:
-                print(f"{job_name}{f' [{key}]' if key is not None else ''} failed (run {result.run_id}): {failure}",
-                      file=sys.stderr)
-                return False
-    return True
+                goes_on = " (optional: the other stages go on)" if job_name in optional else ""
+                print(f"{job_name}{f' [{key}]' if key is not None else ''} failed (run {result.run_id}){goes_on}: "
+                      f"{failure}", file=sys.stderr)
+                if not goes_on:
+                    return False
+                succeeded = False
+    return succeeded
 
 
 def cmd_features(args) -> int:

@@ -1,7 +1,7 @@
 """`sae-platform status`: what is stored, read from the artifact store alone (no Dagster, no torch)."""
 
 from jobs.settings import Settings
-from sae_platform.errors import PlatformError
+from sae_platform.errors import PlatformError, printable
 
 
 def describe_eval(report: dict) -> str:
@@ -70,19 +70,20 @@ def _against(checkpoint: str | None, pins) -> str:
 def _print_inbox(settings: Settings, store) -> None:
     """Every inbox file: readable ones that wait for caching (with the key they get), and those not
     cached with why: skipped (never read) or failed (their last attempt)."""
-    from sae_platform.corpus import resolve_source
+    from sae_platform.corpus import display_name, resolve_source
     from sae_platform.inbox import inbox_report, needs_caching, scan_inbox
 
     try:
         inbox = scan_inbox(*resolve_source(settings.inbox, settings.s3_endpoint_url), store)
     except (PlatformError, OSError) as error:
-        print(f"\ninbox {settings.inbox}: cannot be listed ({error})")
+        print("\n" + printable(f"inbox {settings.inbox}: cannot be listed ({error})"))
         return
-    waiting = needs_caching(store, inbox.stamps)
+    waiting = needs_caching(store, inbox.stamps, inbox.access)
     lines = inbox_report(inbox, store)
-    print(f"\ninbox {settings.inbox}: {len(inbox.files)} readable file(s), {len(waiting)} waiting to be cached"
+    print(f"\ninbox {printable(settings.inbox)}: {len(inbox.files)} readable file(s), {len(waiting)} waiting to be "
+          "cached"
           + (f"; {len(lines)} other line(s):" if lines else ""))
-    names = {f.key: f.url.rsplit("/", 1)[-1] for f in inbox.files}
+    names = {f.key: display_name(f.url) for f in inbox.files}
     for key in waiting:
         print(f"  to cache {names[key]} as partition {key}")
     for line in lines:

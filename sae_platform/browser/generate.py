@@ -118,6 +118,9 @@ CONTEXTS_FRAME = "feature_contexts"
 LOGITS_FRAME = "logit_effects"
 EXPLANATIONS_FRAME = "explanations"   # optional: sae_platform.metrics.explain_shard's table
 INDEX_EXPLANATION_CHARS = 160         # explanation text kept in index.json for the search
+# Sorting by N2G F1 ranks a feature by it only when its F1 rests on at least this many firings on
+# the held-out text (its support); below, it ranks after them: an F1 of 1.0 from 2 firings is no evidence.
+N2G_MIN_SUPPORT = 20
 SHARD_START, SHARD_STOP = "start", "stop"
 
 # the columns a site reads from each table
@@ -403,11 +406,13 @@ def _index_json(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame, me
         "token_table": table.to_list(),
         "top_tokens": [t if t is not None else [] for t in per_feature[TOKEN_STRS].to_list()],
     }
-    if explanations is not None:  # searchable and sortable in the list: text and N2G F1
-        ex = pl.DataFrame({FEATURE: ids}).join(explanations.select(FEATURE, "explanation", "n2g_f1"), on=FEATURE,
-                                               how="left", maintain_order="left")
+    if explanations is not None:  # searchable and sortable in the list: text, N2G F1 and its support
+        ex = pl.DataFrame({FEATURE: ids}).join(explanations.select(FEATURE, "explanation", "n2g_f1", "n2g_firings"),
+                                               on=FEATURE, how="left", maintain_order="left")
         index["columns"]["explanation"] = ex["explanation"].str.slice(0, INDEX_EXPLANATION_CHARS).to_list()
         index["columns"]["n2g_f1"] = ex["n2g_f1"].to_list()
+        index["columns"]["n2g_support"] = ex["n2g_firings"].to_list()
+        index["n2g_min_support"] = N2G_MIN_SUPPORT
     return _dumps(index)
 
 

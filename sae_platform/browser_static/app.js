@@ -170,6 +170,11 @@
     const sign = desc ? -1 : 1;
     if (key === 'match' && S.matchRank) {
       arr.sort((a, b) => (S.matchRank.get(a) - S.matchRank.get(b)) || (cols.feature[a] - cols.feature[b]));
+    } else if (key === 'n2g_f1') {
+      // an F1 ranks only with evidence: measured on >= n2g_min_support firings; then the rest, then unmeasured
+      const tier = (r) => cols.n2g_f1[r] === null ? 2 : (cols.n2g_support[r] ?? 0) < S.index.n2g_min_support ? 1 : 0;
+      arr.sort((a, b) => (tier(a) - tier(b)) || (cols.n2g_f1[a] !== cols.n2g_f1[b] && sign * (cols.n2g_f1[a] - cols.n2g_f1[b]))
+        || (cols.feature[a] - cols.feature[b]));
     } else {
       const col = cols[key === 'match' ? 'feature' : key];
       arr.sort((a, b) => {
@@ -285,10 +290,20 @@
         el('td', { class: 'num max' }, fmt(cols.max[r])),
         toks,
         cols.explanation ? el('td', { class: 'expl' }, cols.explanation[r] || '') : null,
-        cols.n2g_f1 ? el('td', { class: 'num f1' }, fmt(cols.n2g_f1[r])) : null,
+        cols.n2g_f1 ? el('td', { class: 'num f1' }, fmt(cols.n2g_f1[r]),
+          cols.n2g_f1[r] === null ? null : el('span', {
+            class: (cols.n2g_support[r] ?? 0) < S.index.n2g_min_support ? 'support low' : 'support muted small' },
+          ` n=${fmtInt(cols.n2g_support[r] ?? 0)}`)) : null,
         S.matchRank ? el('td', { class: 'num muted' }, S.matchRank.get(r) < 0 ? 'id' : S.matchRank.get(r) >= 100 ? 'explanation' : 'token') : null));
     }
     list.appendChild(el('table', { class: 'features' }, el('thead', null, head), body));
+    if (cols.n2g_f1) {
+      list.appendChild(el('p', { class: 'muted small', id: 'n2g-legend' },
+        `N2G F1: how well the explanation's patterns predict the feature's firings on held-out text; n = the firings it was measured on. `
+        + `Sorting by it ranks features with fewer than ${fmtInt(S.index.n2g_min_support)} firings after the others (too little evidence). `
+        + '\u2013 = not measured (no explanation, or the feature never fired on the held-out text, or its patterns never matched there); '
+        + '0 = measured, and none of its patterns\' matches was a firing.'));
+    }
     if (pages > 1) {
       list.appendChild(el('nav', { class: 'pager' },
         el('button', { type: 'button', id: 'prev-page', disabled: S.page === 0,

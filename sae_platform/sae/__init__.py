@@ -107,9 +107,15 @@ def _check_hparams(variant: Variant, n_latents: int, hp: dict) -> None:
         if hp.get(name) is not None and not hp[name] >= 0:
             raise PlatformError(f"{name} must be >= 0, got {hp[name]!r}", f"set {name} to a non-negative number")
     for name in ("bandwidth", "init_threshold"):
-        if name in hp and not hp[name] > 0:
+        if hp.get(name) is not None and not hp[name] > 0:
             raise PlatformError(f"{name} must be > 0, got {hp[name]!r}",
-                                f"set {name} to a small positive number, e.g. 1e-3")
+                                f"set {name} to a small positive number, e.g. 1e-3, or leave it out")
+    if hp.get("target_l0") is not None and not 0 < hp["target_l0"] <= n_latents:
+        raise PlatformError(f"target_l0 must be in (0, n_latents = {n_latents}], got {hp['target_l0']!r}",
+                            "set target_l0 to the active latents per token you want, e.g. 64, or leave it out")
+    if hp.get("threshold_lr_scale") is not None and not hp["threshold_lr_scale"] >= 0:
+        raise PlatformError(f"threshold_lr_scale must be >= 0, got {hp['threshold_lr_scale']!r}",
+                            "leave it out (sqrt(d_model)), or set a number >= 0 (0 freezes the thresholds)")
     if "threshold_momentum" in hp and not 0 <= hp["threshold_momentum"] < 1:
         raise PlatformError(f"threshold_momentum must be in [0, 1), got {hp['threshold_momentum']!r}",
                             "use e.g. 0.99")

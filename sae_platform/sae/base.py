@@ -316,6 +316,16 @@ class SparseAutoencoder(nn.Module):
         unweighted loss parts. Raises PlatformError if x or target has the wrong width."""
         raise NotImplementedError
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimizer's parameter groups at Adam lr ``lr``: one group, every parameter in
+        ``parameters()`` order (a variant whose parameter needs its own lr overrides this)."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
+    def training_warning(self, l0: float) -> str | None:
+        """Something training should say about this model, checked at every metrics row with the
+        batch's L0 (mean active latents per token); None: nothing (JumpReLU: stalled thresholds)."""
+        return None
+
     def loss(self, x: Tensor, out: SAEOutput) -> tuple[Tensor, dict[str, Tensor]]:
         """(total, named weighted terms), all scalars: "mse" = mean((out.recon - x)^2) times the
         output scale squared (per element, in normalised units, where inputs have mean square 1 per
