@@ -6,7 +6,7 @@ store was built from: ``catalog.shuffled_input_group``); every one of them is up
 tables and the browser describe the current checkpoint."""
 
 import polars as pl
-from dagster import AllPartitionMapping, AssetDep, MetadataValue
+from dagster import AllPartitionMapping, AssetCheckSeverity, AssetDep, MetadataValue
 
 from assets.metadata import table_metadata, table_preview
 from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, N_FEATURE_SHARDS
@@ -21,7 +21,7 @@ from sae_platform.browser.publish import build_site
 from sae_platform.catalog import eval_name, trained_on
 from sae_platform.feature_check import brute_force_check
 from sae_platform.feature_merge import FeatureTables, merge_shard_tables, read_tables, write_tables
-from sae_platform.freshness import browser_checkpoint, features_behind
+from sae_platform.freshness import browser_checkpoint, features_behind, stale_reasons
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
 from sae_platform.logits import logit_effect_meaning, logit_effects, unembedding_matrix
@@ -406,16 +406,45 @@ def browser_version(run: StageRun) -> str | None:
     return browser_checkpoint(run.store, _settings(run).sae_name)
 
 
+def chain_behind(store, resources) -> list[str]:
+    """Why the chain downstream of the cached activations (the deployment's shuffled store
+    ``resources.shuffle``, SAE ``resources.features``) does not describe every cached batch:
+    ``freshness.stale_reasons``, the one rule. The freshness sensor launches a refresh on it and the
+    browser's check shows it."""
+    return stale_reasons(store, shuffle_name=resources.shuffle.settings().name,
+                         sae_name=resources.features.settings().sae_name, n_feature_shards=N_FEATURE_SHARDS)
+
+
+def freshness_verdict(reasons: list[str]) -> dict:
+    """The ``describes_every_cached_batch`` verdict for ``chain_behind``'s reasons: a warning (the
+    browser still works, it is only behind the data) naming each reason."""
+    return {"passed": not reasons, "severity": AssetCheckSeverity.WARN,
+            "metadata": {"behind": "\n".join(reasons) if reasons else "nothing: every cached batch is described",
+                         "n_reasons": len(reasons)}}
+
+
+def check_describes_every_cached_batch(run: StageRun) -> dict:
+    return freshness_verdict(chain_behind(run.store, run.resources))
+
+
+DESCRIBES_EVERY_CACHED_BATCH = Check(
+    "describes_every_cached_batch",
+    "Warns while the chain is behind the data: a batch cached (or re-cached) but not yet in the shuffled store, "
+    "the SAE, the feature tables or this browser (sae_platform.freshness.stale_reasons, the rule the freshness "
+    "sensor refreshes on). The sensor re-reports it at every tick where the answer changes, so it turns to a "
+    "warning when a batch is cached, without a run.",
+    check_describes_every_cached_batch, recheck_when_skipped=True)
+
 FEATURE_BROWSER = _stage(
     asset="feature_browser", kinds=frozenset({"html"}),
     job=AssetJob("build_browser", "Generate the static feature browser."),
     description="A static feature browser: index with search, a page per feature (highlighted examples, "
                 "histogram, logit effects, lineage). Serve it with `make browse`.",
-    resources=("storage", "features"),
+    resources=("storage", "features", "shuffle"),
     deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()),
           AssetDep("feature_contexts", partition_mapping=AllPartitionMapping()),
           AssetDep("feature_explanations", partition_mapping=AllPartitionMapping())),
-    body=write_browser, version=browser_version)
+    body=write_browser, version=browser_version, checks=(DESCRIBES_EVERY_CACHED_BATCH,))
 
 STAGES = [FEATURE_STATS_PARTIAL, FEATURE_TOPK, FEATURE_CONTEXT_WINDOWS, FEATURE_CONTEXTS, FEATURE_EXPLANATIONS,
           FEATURE_LLM_EXPLANATIONS, FEATURE_BROWSER]

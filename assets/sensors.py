@@ -7,7 +7,9 @@
 * ``downstream_freshness_sensor``: the declared policy for everything downstream. Once no caching
   run is in flight, if any hook point's shuffled store, the SAE, its feature tables or the browser
   do not pin the currently cached activations (``sae_platform.freshness``), one ``full_pipeline`` run brings
-  them up to date. Its run key is the set of cached versions: one run per state of the data.
+  them up to date. Its run key is the set of cached versions: one run per state of the data. At
+  every tick, runs in flight or not, it records feature_browser's check describes_every_cached_batch
+  (a runless evaluation) when the answer changed, so the UI shows the browser behind the data.
 * ``nightly_refresh``: the periodic backfill. Every night, the same check (uncached and replaced
   inbox files included); it launches ``full_pipeline`` when anything is behind, e.g. after a
   failed run, a sensor that was off, or files that arrived while the daemon was down.
@@ -19,6 +21,9 @@ import hashlib
 import json
 
 from dagster import (
+    AssetCheckEvaluation,
+    AssetKey,
+    AssetRecordsFilter,
     DagsterRunStatus,
     DefaultScheduleStatus,
     DefaultSensorStatus,
@@ -31,13 +36,18 @@ from dagster import (
     schedule,
     sensor,
 )
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,  # not exported by dagster; what a run's evaluation records
+)
 
 from assets.activations import ACTIVATIONS
-from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
+from assets.features import DESCRIBES_EVERY_CACHED_BATCH, FEATURE_BROWSER, chain_behind, freshness_verdict
+from assets.metadata import readable
+from assets.partitions import ACTIVATION_BATCHES
 from resources import AutomationResource, StorageResource, TextSourceResource
 from sae_platform.corpus import display_name
 from sae_platform.errors import SourceError, printable
-from sae_platform.freshness import cached_versions, stale_reasons
+from sae_platform.freshness import cached_versions
 from sae_platform.inbox import failed_attempts, needs_caching
 from sae_platform.settings import env_value
 
@@ -124,26 +134,47 @@ def _behind(storage: StorageResource, resources, text_source: TextSourceResource
         if changed:
             reasons.append(f"{len(changed)} inbox file(s) replaced since cached: {', '.join(changed[:5])}")
     # The stage resources are configured from the same run config file the launched runs use.
-    return reasons + stale_reasons(store, shuffle_name=resources.shuffle.settings().name,
-                                   sae_name=resources.features.settings().sae_name, n_feature_shards=N_FEATURE_SHARDS)
+    return reasons + chain_behind(store, resources)
 
 
 @sensor(job_name="full_pipeline", minimum_interval_seconds=SENSOR_INTERVAL_S,
         default_status=DefaultSensorStatus.RUNNING,
         required_resource_keys={"storage", "shuffle", "features", "automation"})
 def downstream_freshness_sensor(context: SensorEvaluationContext):
-    """Bring shuffle, SAE, evaluation, feature tables and browser up to date with the cached activations."""
+    """Bring shuffle, SAE, evaluation, feature tables and browser up to date with the cached activations;
+    show at every tick, runs in flight or not, whether the browser describes every cached batch."""
+    storage, automation = context.resources.storage, context.resources.automation
+    reasons = _behind(storage, context.resources, text_source=None)
+    report_browser_freshness(context, reasons)
     busy = _in_flight(context.instance, [*CACHING_JOBS, "full_pipeline"])
     if busy:
         return SkipReason(f"waiting for runs in flight: {', '.join(busy[:5])}")
-    storage, automation = context.resources.storage, context.resources.automation
-    reasons = _behind(storage, context.resources, text_source=None)
     if not reasons:
         return SkipReason("downstream of the cached activations is up to date")
     state = json.dumps(sorted(cached_versions(storage.store()).items()))
     context.log.info("; ".join(reasons))
     return RunRequest(run_key=f"refresh:{hashlib.sha256(state.encode()).hexdigest()[:16]}",
                       run_config=automation.run_config(), tags={"sae_platform/why": reasons[0][:200]})
+
+
+def report_browser_freshness(context: SensorEvaluationContext, reasons: list[str]) -> None:
+    """Record ``describes_every_cached_batch`` of feature_browser as a runless check evaluation when its
+    verdict differs from the last one this sensor recorded (its cursor), so the asset's page turns to a
+    warning when a batch is cached, not 25 minutes later when a refresh rebuilds the browser. It targets
+    the browser's latest materialization, so the UI shows it as the check of the browser it sees."""
+    said = hashlib.sha256(json.dumps(reasons).encode()).hexdigest()[:16]
+    if context.cursor == said:
+        return
+    verdict = freshness_verdict(reasons)
+    key = AssetKey(FEATURE_BROWSER.asset)
+    latest = context.instance.fetch_materializations(AssetRecordsFilter(asset_key=key), limit=1).records
+    target = AssetCheckEvaluationTargetMaterializationData(
+        storage_id=latest[0].storage_id, run_id=latest[0].run_id, timestamp=latest[0].timestamp) if latest else None
+    context.instance.report_runless_asset_event(AssetCheckEvaluation(
+        asset_key=key, check_name=DESCRIBES_EVERY_CACHED_BATCH.name, passed=verdict["passed"],
+        severity=verdict["severity"], metadata=readable(verdict["metadata"]), blocking=False,
+        target_materialization_data=target))
+    context.update_cursor(said)
 
 
 @schedule(job_name="full_pipeline", cron_schedule=NIGHTLY_CRON, default_status=DefaultScheduleStatus.RUNNING,

@@ -239,6 +239,12 @@ def is_hook_store_name(name: str) -> bool:
     return bool(base) and suffix.isdigit() and not suffix.startswith("0")
 
 
+def hook_store_base(name: str) -> str:
+    """The ``name`` a hook-point store was made from by ``hook_store_name`` (``main`` for ``main.h1``
+    and for ``main``)."""
+    return str(name).rpartition(HOOK_STORE_SUFFIX)[0] if is_hook_store_name(name) else name
+
+
 def shuffled_store_index(index: dict) -> int:
     """Which hook-point entry a shuffled store holds, from its committed ``index.json`` or its
     plan, where it is recorded as ``store_index``. Only a store shuffled before the index was
@@ -387,6 +393,12 @@ def report_path(store, sae_name: str | None, file: str) -> str:
 
 
 # -- feature tables -----------------------------------------------------------------------------
+
+# Feature shards f0 … f<N-1>: the latents of every SAE split into this many tables (each shard's
+# range is computed from the SAE's width: ``features.feature_shards``). The feature assets'
+# partitions (assets/partitions.py) and ``sae-platform status`` both count them from here.
+N_FEATURE_SHARDS = 4
+
 
 def features_folder(store, sae_name: str | None = None) -> str:
     """``features/`` (every SAE's tables), or ``features/<sae_name>/``."""

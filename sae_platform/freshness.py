@@ -7,13 +7,18 @@ rebuilt the same thing, or a materialization made outside Dagster cannot fool it
 the schedule that keep the pipeline up to date both ask this module.
 """
 
+from dataclasses import dataclass
+
 from sae_platform.browser.publish import site_record
 from sae_platform.catalog import (
+    N_FEATURE_SHARDS,
     SHUFFLED_INDEX,
     browser_dir,
     cached_hook_points,
     checkpoint_name,
+    checkpoint_version,
     hook_shuffle_names,
+    hook_store_base,
     lineage_record_path,
     list_partitions,
     partition_name,
@@ -80,29 +85,57 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
     return features_behind(store, sae_name=sae_name, n_feature_shards=n_feature_shards)
 
 
+@dataclass(frozen=True)
+class FeatureState:
+    """Which checkpoint of one SAE its feature tables and browser describe (versions as committed;
+    None where there is none)."""
+
+    sae_name: str
+    checkpoint: str | None          # the SAE's current checkpoint
+    shards: tuple[str | None, ...]  # per feature shard f0, f1, …: the checkpoint its tables describe
+    browser: str | None             # the checkpoint the feature browser shows
+
+    def behind(self) -> list[str]:
+        """Why the tables or the browser do not describe the current checkpoint; empty when they do."""
+        if self.checkpoint is None:
+            return [f"SAE {self.sae_name!r} was never trained"]
+        reasons = []
+        for i, recorded in enumerate(self.shards):
+            if recorded is None:
+                reasons.append(f"feature tables f{i} of {self.sae_name!r} were never built")
+            elif recorded != self.checkpoint:
+                reasons.append(f"feature tables f{i} of {self.sae_name!r} describe checkpoint {recorded}, not the "
+                               f"current {self.checkpoint}")
+        if reasons:
+            return reasons
+        if self.browser is None:
+            return [f"the feature browser of {self.sae_name!r} was never built"]
+        if self.browser != self.checkpoint:
+            return [f"the feature browser of {self.sae_name!r} shows checkpoint {self.browser}, "
+                    f"not the current {self.checkpoint}"]
+        return []
+
+
+def feature_state(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> FeatureState:
+    """What the feature tables (their lineage records) and the browser (its site record) of
+    ``sae_name`` pin, beside its current checkpoint."""
+    return FeatureState(sae_name, checkpoint_version(store, sae_name),
+                        tuple(_recorded_checkpoint(store, lineage_record_path(store, sae_name, i))
+                              for i in range(n_feature_shards)),
+                        browser_checkpoint(store, sae_name))
+
+
 def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: int) -> list[str]:
     """Why the feature tables, context windows or browser of ``sae_name`` do not describe its current
     checkpoint; empty when they all do."""
-    checkpoint = store.pointer(checkpoint_name(sae_name))
-    if checkpoint is None:
-        return [f"SAE {sae_name!r} was never trained"]
-    reasons = []
-    for i in range(n_feature_shards):
-        recorded = _recorded_checkpoint(store, lineage_record_path(store, sae_name, i))
-        if recorded is None:
-            reasons.append(f"feature tables f{i} of {sae_name!r} were never built")
-        elif recorded != checkpoint["version"]:
-            reasons.append(f"feature tables f{i} of {sae_name!r} describe checkpoint {recorded}, not the current "
-                           f"{checkpoint['version']}")
-    if reasons:
-        return reasons
-    shown = browser_checkpoint(store, sae_name)
-    if shown is None:
-        return [f"the feature browser of {sae_name!r} was never built"]
-    if shown != checkpoint["version"]:
-        return [f"the feature browser of {sae_name!r} shows checkpoint {shown}, "
-                f"not the current {checkpoint['version']}"]
-    return []
+    return feature_state(store, sae_name, n_feature_shards).behind()
+
+
+def sae_stale_reasons(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> list[str]:
+    """``stale_reasons`` for a trained SAE, with the shuffle it was trained on as ``shuffle_name``
+    (the base name of its hook point's store): what ``sae-platform status`` shows per SAE."""
+    return stale_reasons(store, shuffle_name=hook_store_base(trained_on(store, sae_name)), sae_name=sae_name,
+                         n_feature_shards=n_feature_shards)
 
 
 def _describe_change(pinned: dict[str, str], cached: dict[str, str], label: str = "") -> str:

@@ -68,3 +68,66 @@ def test_both_stores_behind_give_one_reason_each(cached, tiny_hooked, text_dir):
     assert _reasons(store) == [
         "the shuffled store 'main' (blocks.1.hook_resid_post) is older than the cached activations (new: gamma)",
         "the shuffled store 'main.h1' (blocks.1.hook_mlp_out) is older than the cached activations (new: gamma)"]
+
+
+def test_the_browser_warns_while_a_cached_batch_is_not_in_it(tmp_path, tiny_model_dir, text_dir, monkeypatch, capsys):
+    """After a full build, one more cached batch turns feature_browser's describes_every_cached_batch
+    into a warning naming it (reported by the freshness sensor without a run, and by the browser's own
+    skipped build), and `status` says the chain is behind; a rebuild makes both current again."""
+    from dagster import AssetCheckKey, AssetCheckSeverity, AssetKey, build_sensor_context
+    from test_stage import _deployment, _op_path
+
+    from jobs.cli import main
+
+    defs, instance, store = _deployment(tmp_path, "op", tiny_model_dir, text_dir)
+    monkeypatch.setenv("SAE_PLATFORM_ROOT", store.root_url)
+    monkeypatch.setenv("SAE_PLATFORM_INBOX", str(tmp_path / "none" / "*"))
+    check = AssetCheckKey(AssetKey("feature_browser"), "describes_every_cached_batch")
+    sensor = defs.get_sensor_def("downstream_freshness_sensor")
+    resources = dict(defs.resources)
+
+    def tick(cursor):
+        with build_sensor_context(instance=instance, resources=resources, cursor=cursor) as context:
+            return sensor.evaluate_tick(context)
+
+    def latest():
+        return instance.get_latest_asset_check_evaluation_record(check)
+
+    def status() -> str:
+        capsys.readouterr()
+        main(["status"])
+        return capsys.readouterr().out
+
+    _op_path(defs, instance)
+    assert latest().evaluation.passed, "a full build describes every cached batch"
+    cursor = tick(None).cursor
+    assert "topk-4k-k32 downstream of the cached activations: current" in status()
+
+    (tmp_path / "op" / "inbox" / "delta.txt").write_text((text_dir / "gamma.txt").read_text() * 2)
+    instance.add_dynamic_partitions("activation_batches", ["delta"])
+    defs.resolve_job_def("cache_activations").execute_in_process(instance=instance, partition_key="delta")
+    result = tick(cursor)
+    assert len(result.run_requests) == 1, "the sensor still launches the refresh"
+    warned = latest()
+    assert not warned.evaluation.passed and warned.evaluation.severity == AssetCheckSeverity.WARN
+    assert "new: delta" in warned.evaluation.metadata["behind"].value, warned.evaluation.metadata
+    assert warned.evaluation.target_materialization_data is not None, "shown as the check of the latest browser"
+    assert tick(result.cursor).cursor == result.cursor and latest().id == warned.id, "reported once per change"
+
+    out = status()
+    tables = next(line for line in out.splitlines() if "feature tables of topk-4k-k32" in line)
+    assert "4 of 4 feature shard(s) built" in tables and tables.endswith(": current"), out
+    assert "feature browser of topk-4k-k32: shows checkpoint" in out
+    assert "topk-4k-k32 downstream of the cached activations: behind: the shuffled store 'main'" in out
+    assert "new: delta" in out
+
+    # Building the browser alone skips (it describes the current checkpoint) and re-checks: still a warning.
+    built = defs.resolve_job_def("build_browser").execute_in_process(instance=instance)
+    assert built.success
+    (evaluation,) = built.get_asset_check_evaluations()
+    assert not evaluation.passed and "new: delta" in evaluation.metadata["behind"].value
+
+    _op_path(defs, instance)  # the refresh
+    assert latest().evaluation.passed
+    assert "topk-4k-k32 downstream of the cached activations: current" in status()
+    assert latest().evaluation.passed and tick(result.cursor).skip_message

@@ -35,6 +35,36 @@ def _print_status() -> None:
         print(f"  {name}: step {pointer['step']}, {pointer['tokens']:,} tokens{' (final)' if pointer['final'] else ''}")
     for name in store.committed_names(catalog.EVALUATIONS):
         print(f"  {name}: {describe_eval(store.read_json(f'{store.resolve(name)}/{catalog.EVAL_REPORT}'))}")
+    for sae_name in catalog.trained_saes(store):
+        _print_features(store, sae_name)
+
+
+def _print_features(store, sae_name: str) -> None:
+    """The feature tables and browser of one SAE: the checkpoint each describes, whether that is the
+    current one, and whether the chain describes every cached batch (``sae_platform.freshness``)."""
+    from sae_platform.freshness import feature_state, sae_stale_reasons
+
+    state = feature_state(store, sae_name)
+    built = [f"f{i}" for i, pinned in enumerate(state.shards) if pinned is not None]
+    described = sorted({pinned for pinned in state.shards if pinned is not None})
+    tables = (f"{len(built)} of {len(state.shards)} feature shard(s) built"
+              + (f" ({', '.join(built)}), describing checkpoint {', '.join(described)}" if built else ""))
+    print(f"  feature tables of {sae_name}: {tables}: {_against(state.checkpoint, state.shards)}")
+    browser = f"shows checkpoint {state.browser}" if state.browser else "never built"
+    print(f"  feature browser of {sae_name}: {browser}: {_against(state.checkpoint, [state.browser])}")
+    try:
+        behind = sae_stale_reasons(store, sae_name)
+    except (PlatformError, OSError, ValueError) as error:  # a damaged record: say so, list the rest
+        behind = [f"cannot tell ({error})"]
+    print(f"  {sae_name} downstream of the cached activations: "
+          + (f"behind: {'; '.join(behind)}" if behind else "current (describes every cached batch)"))
+
+
+def _against(checkpoint: str | None, pins) -> str:
+    """'current' when every one of ``pins`` is the current ``checkpoint``; else 'behind …'."""
+    if pins and all(pinned == checkpoint for pinned in pins):
+        return "current"
+    return f"behind (the current checkpoint is {checkpoint})"
 
 
 def _print_inbox(settings: Settings, store) -> None:
