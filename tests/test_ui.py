@@ -7,8 +7,10 @@ LaunchAssetChoosePartitionsDialog.tsx, ConfigFetch.tsx).
 2. *Launch Run* with that preset builds the same artifacts as `dagster job execute … full_pipeline -c
    <file>` on a second, separate root.
 3. *Materialize* on one partition of sae_eval, launched as the UI does (no run config of its own),
-   evaluates with the file's settings (ce_contexts: 2, not the default 32); on shuffle_plan, it keeps
-   the committed plan (same settings, so up to date, same data version).
+   reads the file's settings (ce_contexts: 2, not the default 32), so it finds full_pipeline's
+   evaluation current and skips; on sae_checkpoint and shuffle_plan likewise (same data version).
+   Each skipped asset's page (its newest materialization, through GraphQL) still shows what the
+   build showed: figures, curves, export, and which run built it.
 4. *Materialize all* (an asset backfill of every asset and partition) is refused by its first runs
    with a message naming full_pipeline, and writes nothing.
 5. After a new batch is cached, the asset graph marks shuffle_plan stale, and nothing else.
@@ -347,7 +349,20 @@ def test_the_ui_runs_what_the_demo_runs(ui, tmp_path, tiny_model_dir, text_dir):
     assert yaml.safe_load(launched["runConfigYaml"]) in (None, {}), launched  # no run config: resource defaults
     evaluation = _latest_materialization(server, "sae_eval", TINY_SAE)
     assert evaluation["run_id"] == run_id
-    assert evaluation["metadata"]["ce_n_contexts"] == 2, evaluation  # the file's ce_contexts; the default is 32
+    # Evaluated by full_pipeline from the same inputs with the file's settings: skipped, and the asset's page
+    # still shows that build's figures (ce_contexts 2 is the file's; the default is 32) and names the build.
+    assert "up_to_date" in evaluation["metadata"], evaluation
+    assert evaluation["metadata"]["ce_n_contexts"] == 2, evaluation
+    assert {"fvu", "l0", "latent_density", "built_by_run", "built_at"} <= set(evaluation["metadata"]), evaluation
+    # The same for the checkpoint: a skip keeps its training curves and its SAELens export on the page.
+    checkpoint_before = _latest_materialization(server, "sae_checkpoint", TINY_SAE)
+    run_id, _, _ = _materialize(server, "sae_checkpoint", TINY_SAE)
+    assert server.wait_for_run(run_id) == "SUCCESS", server.errors(run_id)
+    checkpoint = _latest_materialization(server, "sae_checkpoint", TINY_SAE)
+    assert checkpoint["run_id"] == run_id and "up_to_date" in checkpoint["metadata"], checkpoint
+    assert set(checkpoint_before["metadata"]) <= set(checkpoint["metadata"]), checkpoint
+    assert {"training_curves", "saelens_export", "final_nmse"} <= set(checkpoint["metadata"]), checkpoint
+    assert checkpoint["metadata"]["built_by_run"] == checkpoint_before["run_id"]
     # ... and on an unpartitioned asset (one click, runConfigData "{}"): shuffle_plan keeps the committed
     # plan, which full_pipeline made with the file's shuffle settings (the issue's first complaint).
     plan_before = _latest_materialization(server, "shuffle_plan")
@@ -356,15 +371,15 @@ def test_the_ui_runs_what_the_demo_runs(ui, tmp_path, tiny_model_dir, text_dir):
     assert status == "SUCCESS", server.errors(run_id)
     plan = _latest_materialization(server, "shuffle_plan")
     assert plan["run_id"] == run_id and "up_to_date" in plan["metadata"], plan
+    assert set(plan_before["metadata"]) <= set(plan["metadata"]), plan  # the page keeps the plan's figures
     assert plan["tags"]["dagster/data_version"] == plan_before["tags"]["dagster/data_version"]
     _same_artifacts(ArtifactStore(env["SAE_PLATFORM_ROOT"]), ArtifactStore(cli_env["SAE_PLATFORM_ROOT"]))
     timings["materialize"] = time.monotonic() - started
     print(f"Materialize ran job {job_name}; shuffle_plan: {plan['metadata']['up_to_date']}")
 
     # 5. A new batch cached (Materialize on its new partition): the shuffle plan is stale, nothing else.
-    # After full_pipeline nothing is stale but the sweep comparison: step 3 evaluated one SAE again (sae_eval
-    # always runs and commits a new version), so the comparison shows an older evaluation than the newest.
-    assert _stale_assets(server) == {"sae_comparison"}, "after full_pipeline and one re-evaluation"
+    # After full_pipeline and the skips of step 3 nothing is stale (a skip keeps the data version).
+    assert _stale_assets(server) == set(), "after full_pipeline and the skipped materializations"
     inbox = Path(env["SAE_PLATFORM_INBOX"]).parent
     (inbox / "delta.txt").write_text((text_dir / "gamma.txt").read_text() * 2)
     added = server.query("""mutation ($selector: RepositorySelector!) {
@@ -374,7 +389,7 @@ def test_the_ui_runs_what_the_demo_runs(ui, tmp_path, tiny_model_dir, text_dir):
     run_id, _, _ = _materialize(server, "activations", "delta")
     status = server.wait_for_run(run_id)
     assert status == "SUCCESS", server.errors(run_id)
-    assert _stale_assets(server) == {"shuffle_plan", "sae_comparison"}
+    assert _stale_assets(server) == {"shuffle_plan"}
     timings["stale"] = time.monotonic() - started
 
     # Every run of the instance was launched here: no sensor or schedule built anything behind our back.
@@ -382,5 +397,5 @@ def test_the_ui_runs_what_the_demo_runs(ui, tmp_path, tiny_model_dir, text_dir):
     launched = sorted((r["jobName"], any(t["key"] == "dagster/backfill" for t in r["tags"]))
                       for r in runs["runsOrError"]["results"])
     assert launched == sorted([("full_pipeline", False), *[("__ASSET_JOB", True)] * len(refused),
-                               *[("__ASSET_JOB", False)] * 3]), launched
+                               *[("__ASSET_JOB", False)] * 4]), launched
     print("elapsed (s):", {k: round(v) for k, v in timings.items()})
