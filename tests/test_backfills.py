@@ -1,6 +1,8 @@
 """Which asset backfills run: one group's (e.g. every activation batch) yes; Materialize all (every
-group) is refused in its first run, before anything is written, saying what to launch instead."""
+group) is refused and canceled by its first run, before anything is written, saying what to launch
+instead, with nothing failed."""
 
+import logging
 import time
 
 from dagster import AssetKey, DagsterInstance
@@ -19,7 +21,9 @@ def _backfill(instance, keys: list[str]) -> str:
     return backfill.backfill_id
 
 
-def test_materialize_all_is_refused_with_what_to_do_instead(tmp_path):
+def test_materialize_all_is_refused_and_canceled_with_nothing_red(tmp_path):
+    """The backfill's first run cancels the backfill with the message as its error (no stack trace), logs
+    it at error level, and ends without materializing and without failing: no asset turns red."""
     settings = Settings(root_url=str(tmp_path / "artifacts"), data_dir=str(tmp_path),
                         inbox=str(tmp_path / "inbox" / "*"), s3_endpoint_url=None)
     defs = build_definitions(settings)
@@ -27,10 +31,22 @@ def test_materialize_all_is_refused_with_what_to_do_instead(tmp_path):
     every_asset = _backfill(instance, sorted(GROUPS))
     result = defs.resolve_job_def("prepare_base_model").execute_in_process(
         instance=instance, tags={"dagster/backfill": every_asset}, raise_on_error=False)
-    assert not result.success
-    message = result.failure_data_for_node("base_model").error.cause.message
-    assert "Materialize all" in message and "full_pipeline" in message and "4 groups" in message
+    assert result.success, "a refused run does not fail"
+    assert result.get_asset_materialization_events() == []
+    backfill = instance.get_backfill(every_asset)
+    assert backfill.status == BulkActionStatus.CANCELED
+    message = backfill.error.message
+    assert "Materialize all" in message and "full_pipeline" in message and "4 groups" in message, message
+    assert "How to fix" in message and backfill.error.stack == []
+    assert not any(event.is_step_failure for event in result.all_events)
+    errors = [r.user_message for r in instance.all_logs(result.run_id) if r.level >= logging.ERROR]
+    assert errors == [message], errors
     assert not (tmp_path / "artifacts").exists(), "refused before anything was written"
+    # a second run of the backfill (launched before the cancel) refuses the same way and leaves the backfill be
+    again = defs.resolve_job_def("prepare_base_model").execute_in_process(
+        instance=instance, tags={"dagster/backfill": every_asset}, raise_on_error=False)
+    assert again.success and again.get_asset_materialization_events() == []
+    assert instance.get_backfill(every_asset) == backfill
 
 
 def test_a_backfill_of_one_group_runs(tmp_path):
