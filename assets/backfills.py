@@ -22,7 +22,8 @@ in those first runs, before anything is read or written, and leaves nothing red:
 import time
 
 from dagster import AssetExecutionContext
-from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, BulkActionStatus
+from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, BulkActionStatus, PartitionBackfill
 from dagster._utils.error import SerializableErrorInfo
 
 from sae_platform.errors import PlatformError
@@ -61,10 +62,23 @@ def refuse_cross_stage_backfill(groups_by_asset: dict[str, str]):
         if refusal is None:
             return None
         if backfill.status not in BULK_ACTION_TERMINAL_STATUSES:
-            context.instance.update_backfill(
-                backfill.with_status(BulkActionStatus.CANCELED)
-                .with_error(SerializableErrorInfo(str(refusal), stack=[], cls_name=type(refusal).__name__))
-                .with_end_timestamp(time.time()))
+            context.instance.update_backfill(_canceled(backfill, refusal, context))
         return str(refusal)
 
     return guard
+
+
+def _canceled(backfill: PartitionBackfill, refusal: PlatformError, context: AssetExecutionContext) -> PartitionBackfill:
+    """The backfill canceled by ``refusal``: status CANCELED, the refusal as its error (message only, no
+    stack), and nothing counted as requested, so its page shows every asset untouched rather than its
+    first runs forever in progress (they end without materializing, and a canceled backfill is not
+    looked at again)."""
+    canceled = (backfill.with_status(BulkActionStatus.CANCELED)
+                .with_error(SerializableErrorInfo(str(refusal), stack=[], cls_name=type(refusal).__name__))
+                .with_end_timestamp(time.time()))
+    if backfill.asset_backfill_data is None:  # stored serialized (an older Dagster's backfill): left as it is
+        return canceled
+    untouched = backfill.asset_backfill_data.replace_requested_subset(AssetGraphSubset())
+    # stored as is (the graph serializes only the older form)
+    return canceled.with_asset_backfill_data(untouched, dynamic_partitions_store=context.instance,
+                                            asset_graph=context.job_def.asset_layer.asset_graph)
