@@ -298,21 +298,26 @@ def failed_blocking(stage: Stage, outcome: Outcome) -> list[str]:
 
 # -- as an asset -----------------------------------------------------------------------------------
 
-def stage_asset(stage: Stage, guard: Callable[[AssetExecutionContext], None] | None = None):
-    """The stage as a software-defined asset. ``guard`` may refuse a run before anything happens."""
+def stage_asset(stage: Stage, guard: Callable[[AssetExecutionContext], str | None] | None = None):
+    """The stage as a software-defined asset. ``guard`` may refuse a run before anything happens: it
+    returns why (else None), and the run logs that at error level and ends without materializing and
+    without failing, so a refusal turns nothing red (the output is optional for this reason only:
+    every run the guard lets through materializes the asset or fails)."""
 
     @asset(name=stage.asset, partitions_def=stage.partitions, deps=list(stage.deps), group_name=stage.group,
            kinds=set(stage.kinds), description=stage.description, required_resource_keys=set(stage.resources),
-           pool=stage.pool, config_schema=NO_OP_CONFIG,
+           pool=stage.pool, config_schema=NO_OP_CONFIG, output_required=guard is None,
            check_specs=[AssetCheckSpec(c.name, asset=stage.asset, blocking=c.blocking, description=c.description)
                         for c in stage.checks])
     def compute(context: AssetExecutionContext):
-        if guard:
-            guard(context)
+        refusal = guard(context) if guard else None
+        if refusal:
+            context.log.error(refusal)
+            return
         refuse_op_config(stage, stage.asset, context.op_config)
         keys = list(context.partition_keys) if context.has_partition_key_range or context.has_partition_key else []
         outcome = execute(stage, StageRun(context.log, context.resources, keys, context.run.run_id))
-        return MaterializeResult(
+        yield MaterializeResult(
             metadata=readable(outcome.metadata),
             data_version=DataVersion(outcome.data_version) if outcome.data_version else None,
             check_results=[AssetCheckResult(check_name=v["check_name"], passed=v["passed"], severity=v["severity"],
