@@ -21,7 +21,7 @@ from jobs.definitions import build_definitions
 from jobs.settings import Settings
 from sae_platform.activations import CacheSettings, cache_text_file
 from sae_platform.catalog import list_partitions
-from sae_platform.corpus import MAX_RECORD_CHARS, list_source
+from sae_platform.corpus import list_source
 from sae_platform.errors import SourceError
 from sae_platform.inbox import failed_attempts
 
@@ -80,7 +80,7 @@ def test_a_hostile_file_fails_alone_with_its_own_error(name, tmp_path, store, ti
 
 def test_a_record_over_max_record_chars_fails_its_file_and_one_at_the_limit_is_read(tmp_path):
     """The limit counts characters: of the JSONL line as written, of the parquet text value."""
-    from sae_platform.corpus import read_documents
+    from sae_platform.corpus import MAX_RECORD_CHARS, read_documents
 
     texts = ["short", "é" * 1000]
     line = json.dumps({"text": texts[1]}, ensure_ascii=False)
