@@ -47,6 +47,7 @@ from sae_platform.catalog import (
     trained_on,
 )
 from sae_platform.corpus import (
+    MAX_RECORD_CHARS,
     Contexts,
     Document,
     TextFile,
@@ -77,6 +78,8 @@ class CacheSettings:
     batch_size: int = setting(16, "contexts per forward pass", ge=1)
     dtype: StoredDtype = setting("float16", "stored dtype (zarr has no bfloat16)", choices=STORED_DTYPES)
     max_contexts: int | None = setting(None, "contexts kept per batch of text (demo/CI); null: all", ge=1)
+    max_record_chars: int = setting(MAX_RECORD_CHARS, "characters one JSONL line or parquet text value may hold; "
+                                                      "a file with a longer record fails alone (bounds memory)", ge=1)
     sink_norm_factor: float = setting(10.0, "drop rows whose norm exceeds this factor x the batch median "
                                             "(attention sinks); 0 keeps every non-start token", ge=0)
     recache: bool = setting(False, "cache batches again even when stored and their file is unchanged")
@@ -314,10 +317,11 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
                     storage_options: dict | None = None, max_contexts: int | None = None,
                     progress: Callable[[int, int], None] | None = None) -> dict:
     """The whole caching path for one batch: read, tokenize and pack (streamed, stopping at
-    ``max_contexts``), forward, commit. A failure caused by the file (``SourceError``) is recorded
-    with the file's stamp (``inbox.record_failed_attempt``), so that version is not retried; one
-    caused by its permissions (``SourceUnavailable``) with its access stamp too, so it is retried
-    once they change; a commit clears the record."""
+    ``max_contexts``, records of at most ``settings.max_record_chars``), forward, commit. Any failure
+    reading the file is a ``SourceError`` naming it (``corpus.iter_pieces``) and is recorded with
+    the file's stamp (``inbox.record_failed_attempt``, ``FAILED.json``), so that version is not
+    retried; one caused by its permissions (``SourceUnavailable``) with its access stamp too, so it
+    is retried once they change; a commit clears the record."""
     try:
         stamp = source_stamp(text_file, storage_options)  # before reading: a file replaced meanwhile looks changed
     except FileNotFoundError as error:
@@ -326,7 +330,7 @@ def cache_text_file(store: ArtifactStore, text_file: TextFile, model: HookedMode
     try:
         docs, contexts = stream_contexts(text_file, model.tokenizer, settings.ctx_len, model.start_token_id,
                                          settings.max_contexts if max_contexts is None else max_contexts,
-                                         text_field, encoding, storage_options)
+                                         text_field, encoding, storage_options, settings.max_record_chars)
     except SourceUnavailable as error:  # its permissions, not its text: tried again once they change
         record_failed_attempt(store, text_file.key, stamp, str(error), access=access_stamp(text_file))
         raise

@@ -19,6 +19,14 @@ Reading streams: text is decoded and tokenized a piece at a time and packing sto
 A UTF-8 byte-order mark is dropped; UTF-16/32 files with a byte-order mark are decoded; JSONL
 records are split on ``\\n`` only (a raw U+2028 inside a JSON string is valid JSON).
 
+Whatever the input, memory stays bounded: a JSONL line is read at most ``max_record_chars``
+characters at a time and a longer one is refused; a parquet file is read a few rows of one row
+group at a time and a text value longer than ``max_record_chars`` is refused before it becomes a
+Python string; a long record is tokenized in pieces like a text file; and leading whitespace is
+kept only up to ``PIECE_CHARS`` characters. Anything that goes wrong while reading one file (a
+corrupt page, a lone surrogate, a 5,000-digit number, nesting too deep for the JSON reader, …) is
+a ``SourceError`` naming that file: the file fails alone (``iter_pieces``).
+
 Documents are packed back to back into contexts of ``ctx_len`` tokens, each starting with the
 start token; a start token also separates consecutive documents inside a context, as in
 pre-training. Every token keeps its document id, so later stages (context windows) can stop at
@@ -29,7 +37,6 @@ import codecs
 import errno
 import hashlib
 import io
-import json
 import os
 import re
 import stat
@@ -43,6 +50,7 @@ import numpy as np
 
 from sae_platform.errors import SourceError, SourceUnavailable, printable
 from sae_platform.filesystems import open_file, open_fs
+from sae_platform.records import MAX_RECORD_CHARS, PIECE_CHARS, cut_pieces, jsonl_pieces, parquet_pieces
 from sae_platform.sniff import magic, what_bytes_look_like
 
 # Format of each extension (lower case): how a file's text is read.
@@ -66,7 +74,6 @@ SUPPORTED = ".txt/.text/.md/.markdown, .jsonl/.ndjson, .parquet (text formats al
 KEY_MAX_BYTES = 96  # UTF-8 bytes of a partition key: well under any file-name limit once paths are built on it
 HASH_SEP = "~"  # never part of a plain key, so a hashed key cannot equal a plain one
 HASH_CHARS = 10
-PIECE_CHARS = 1 << 18  # text is decoded and tokenized this many characters at a time
 READ_BYTES = 1 << 20
 SNIFF_BYTES = 4096  # bytes looked at to say what an undecodable file looks like
 OPEN_ATTEMPTS = 3  # a local path changed while it was opened is resolved and checked again this often
@@ -552,22 +559,52 @@ class _Prefixed(io.RawIOBase):
 
 
 def iter_pieces(text_file: TextFile, text_field: str = "text", encoding: str = "utf-8",
-                storage_options: dict | None = None) -> Iterator[tuple[int, str]]:
+                storage_options: dict | None = None,
+                max_record_chars: int = MAX_RECORD_CHARS) -> Iterator[tuple[int, str]]:
     """(document id, text) pieces in order; a document's pieces are consecutive. A .txt file is one
     document cut into pieces of about ``PIECE_CHARS`` at line ends; a JSONL line or parquet row is one
-    piece. Nothing but the current piece is held in memory."""
+    document, cut the same way when it is long. Nothing but the current record is held in memory,
+    and a record over ``max_record_chars`` characters is refused before it is read whole.
+
+    Raises ``SourceError`` naming the file for *anything* that goes wrong reading it (undecodable
+    bytes, invalid JSON, a corrupt parquet page, a record over the limit, an exception of the
+    decoders such as RecursionError or MemoryError): the file's own failure, never the run's."""
     kind = TEXT_FORMATS.get(split_name(text_file.url.rsplit("/", 1)[-1])[1], "text")
-    if kind == "parquet":
-        yield from _parquet_pieces(text_file, text_field, storage_options)
-        return
+    try:
+        if kind == "parquet":
+            with _open_binary(text_file, storage_options) as binary:
+                yield from parquet_pieces(binary, text_file.url, text_field, max_record_chars, READ_BYTES)
+        else:
+            yield from _text_pieces(text_file, kind, text_field, encoding, storage_options, max_record_chars)
+    except SourceError:
+        raise
+    except Exception as error:  # whatever else reading this one file raised is this file's failure
+        raise _unreadable(text_file, error) from error
+
+
+def _unreadable(text_file: TextFile, error: Exception) -> SourceError:
+    url = text_file.url
+    if isinstance(error, PermissionError):  # e.g. S3 denies a parquet file's GET after the open
+        return permission_error(text_file, error)
+    if isinstance(error, FileNotFoundError):
+        return SourceError(f"{url} vanished before it could be read", "restore the file, or delete its partition")
+    if isinstance(error, MemoryError):
+        return SourceError(f"{url} ran out of memory while being read",
+                           "split the file into smaller files, or lower resources.caching.config.max_record_chars")
+    return SourceError(f"{url} cannot be read: {type(error).__name__}: {error}",
+                       "replace it with a complete, valid copy (the other files are cached without it)")
+
+
+def _text_pieces(text_file: TextFile, kind: str, text_field: str, encoding: str, storage_options,
+                 max_record_chars: int) -> Iterator[tuple[int, str]]:
     codec = "utf-8"
     try:
         with _open_binary(text_file, storage_options) as binary:
             stream, codec = _text_stream(binary, text_file, encoding, newline="" if kind == "text" else "\n")
             if kind == "text":
-                yield from _txt_pieces(stream)
+                yield from cut_pieces(stream)
             else:
-                yield from _jsonl_pieces(stream, text_file.url, text_field)
+                yield from jsonl_pieces(stream, text_file.url, text_field, max_record_chars)
     except UnicodeDecodeError as error:
         raise _decode_error(error, text_file, codec, storage_options) from error
     except (EOFError, OSError) as error:  # truncated or corrupt compressed data, unreadable file
@@ -580,70 +617,11 @@ def iter_pieces(text_file: TextFile, text_field: str = "text", encoding: str = "
                           "replace it with a complete copy (a compressed file may be truncated)") from error
 
 
-def _txt_pieces(stream) -> Iterator[tuple[int, str]]:
-    carry = ""
-    while chunk := stream.read(PIECE_CHARS):
-        text = carry + chunk
-        cut = text.rfind("\n") + 1 or text.rfind(" ") + 1
-        if cut <= 0 or cut < len(text) // 2:
-            cut = len(text) if len(text) >= 2 * PIECE_CHARS else cut
-        if cut <= 0:
-            carry = text
-            continue
-        yield 0, text[:cut]
-        carry = text[cut:]
-    if carry:
-        yield 0, carry
-
-
-def _jsonl_pieces(stream, url: str, field_name: str) -> Iterator[tuple[int, str]]:
-    doc_id = 0
-    for line_no, line in enumerate(stream, start=1):  # newline="\n": U+2028 and friends stay in the string
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SourceError(f"{url} line {line_no} is not valid JSON: {error.msg}",
-                              "fix or remove that line; every line must be one JSON object") from error
-        if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
-            raise SourceError(f"{url} line {line_no} has no string field {field_name!r}",
-                              "set the text source's text_field to the field that holds the text")
-        yield doc_id, record[field_name]
-        doc_id += 1
-
-
-def _parquet_pieces(text_file: TextFile, column: str, storage_options) -> Iterator[tuple[int, str]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    url = text_file.url
-    with _open_binary(text_file, storage_options) as f:
-        try:
-            parquet = pq.ParquetFile(f)
-            schema = parquet.schema_arrow
-        except Exception as error:  # pyarrow raises several types for corrupt files
-            raise SourceError(f"{url} is not a readable parquet file: {error}",
-                              "re-export the file as parquet") from error
-        names = schema.names
-        kind = schema.field(column).type if column in names else None
-        if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-                                or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
-            raise SourceError(f"{url} has no string column {column!r} (columns: {', '.join(names)})",
-                              "set the text source's text_field to the column that holds the text")
-        doc_id = 0
-        for batch in parquet.iter_batches(columns=[column], batch_size=256):
-            for text in batch.column(0).to_pylist():
-                if text is not None:
-                    yield doc_id, text
-                    doc_id += 1
-
-
 def read_documents(text_file: TextFile, text_field: str = "text", encoding: str = "utf-8",
-                   storage_options: dict | None = None) -> list[Document]:
+                   storage_options: dict | None = None, max_record_chars: int = MAX_RECORD_CHARS) -> list[Document]:
     """Every document of a file, whole (small files: the held-out text, tests). Caching streams instead."""
     texts: dict[int, list[str]] = {}
-    for doc_id, piece in iter_pieces(text_file, text_field, encoding, storage_options):
+    for doc_id, piece in iter_pieces(text_file, text_field, encoding, storage_options, max_record_chars):
         texts.setdefault(doc_id, []).append(piece)
     docs = [Document(i, text_file.url, "".join(t)) for i, t in texts.items()]
     docs = [d for d in docs if d.text.strip()]
@@ -719,17 +697,20 @@ def pack_contexts(token_lists: list[list[int]], doc_ids: list[int], ctx_len: int
 
 def stream_contexts(text_file: TextFile, tokenizer, ctx_len: int, start_token_id: int,
                     max_contexts: int | None = None, text_field: str = "text", encoding: str = "utf-8",
-                    storage_options: dict | None = None) -> tuple[list[Document], Contexts]:
+                    storage_options: dict | None = None,
+                    max_record_chars: int = MAX_RECORD_CHARS) -> tuple[list[Document], Contexts]:
     """Read, tokenize and pack one file a piece at a time, stopping once ``max_contexts`` contexts are
     full: memory stays flat in the file's size. Returns the documents that contributed (without their
-    text) and the contexts. Blank documents are left out, as ``read_documents`` does."""
+    text) and the contexts. Blank documents are left out, as ``read_documents`` does; of a document's
+    leading whitespace only the last ``PIECE_CHARS`` characters are kept (a file of gigabytes of
+    blanks costs no more than one piece). Raises ``SourceError`` naming the file (``iter_pieces``)."""
     packer = ContextPacker(ctx_len, start_token_id, max_contexts)
     pending_doc, pending = None, ""  # whitespace seen at the start of a document, not yet kept
-    for doc_id, piece in iter_pieces(text_file, text_field, encoding, storage_options):
+    for doc_id, piece in iter_pieces(text_file, text_field, encoding, storage_options, max_record_chars):
         if doc_id != pending_doc:
             pending_doc, pending = doc_id, ""
         if doc_id != packer.last_doc and not piece.strip():
-            pending += piece
+            pending = (pending + piece)[-PIECE_CHARS:]
             continue
         text, pending = pending + piece, ""
         packer.add(doc_id, tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
