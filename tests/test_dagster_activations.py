@@ -214,7 +214,8 @@ def test_cache_inbox_run_caches_the_good_files_and_records_the_bad(hostile_inbox
     failed = failed_attempts(store)
     assert set(failed) == {"blank", "latin"}
     assert "holds no text" in failed["blank"]["reason"] and "byte 3 is 0xe9" in failed["latin"]["reason"]
-    assert {p.name for p in Path(store.root).iterdir()} <= {"activations", "models"}
+    # the activations, the base model and what each build showed (assets.stage's records): nothing else
+    assert {p.name for p in Path(store.root).iterdir()} <= {"activations", "models", "stages"}
     assert {p.name for p in (Path(store.root) / "activations").iterdir()} == set(keys)
 
     # the sensor does not retry a failed version, but does as soon as the file is replaced
