@@ -55,7 +55,7 @@ from dagster._core.definitions.metadata import normalize_metadata
 from assets.metadata import readable
 from resources import SETTINGS_FIELDS
 from sae_platform.catalog import stage_record_path
-from sae_platform.errors import PlatformError
+from sae_platform.errors import PlatformError, StorageError
 from sae_platform.settings import SettingsError
 
 # Stages take no op config: their settings are resources (one vocabulary in every job). The schema
@@ -245,7 +245,7 @@ def _read_record(stage: Stage, run: StageRun, version: str | None) -> dict | Non
     path = _record_path(stage, run)
     try:
         record = run.store.read_json(path) if run.store.fs.exists(path) else None
-    except ValueError:  # a truncated record: as if none were kept
+    except (ValueError, StorageError):  # a truncated record: as if none were kept
         run.log.warning(f"the stage record {path} is unreadable; it is rewritten at the next build")
         return None
     return record if isinstance(record, dict) and record.get("version") == version else None

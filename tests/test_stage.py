@@ -225,3 +225,41 @@ def test_a_new_batch_makes_the_shuffle_stale_in_dagster_and_nothing_else(tmp_pat
     assert stale() == {"shuffle_plan"}, "the plan no longer pins every cached batch; downstream follows it"
     _op_path(defs, instance)
     assert stale() == set()
+
+
+def _toy_stage(calls: list, store: ArtifactStore):
+    """A stage whose body commits one artifact and shows a figure; up to date once it exists."""
+    from dagster import MetadataValue
+
+    from assets.stage import Stage, pointer_version
+
+    def build_toy(run):
+        calls.append(run.run_id)
+        with run.store.writing("toy/t") as version:
+            run.store.write_json(f"{version}/x.json", {"x": 1})
+        return {"figure": 0.5, "path": MetadataValue.path(store.url(store.resolve("toy/t")))}
+
+    return Stage(asset="toy", description="", group="g", body=build_toy,
+                 version=pointer_version(lambda run: "toy/t"),
+                 up_to_date=lambda run: "built" if run.store.resolve("toy/t") else None)
+
+
+def test_a_skip_shows_the_builds_metadata_and_a_damaged_record_only_costs_the_metadata(tmp_path):
+    import logging
+    from types import SimpleNamespace
+
+    from assets.stage import StageRun, execute
+
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    resources = SimpleNamespace(storage=SimpleNamespace(store=lambda: store))
+    calls = []
+    stage = _toy_stage(calls, store)
+    built = execute(stage, StageRun(logging.getLogger("t"), resources, [], "run-1"))
+    skipped = execute(stage, StageRun(logging.getLogger("t"), resources, [], "run-2"))
+    assert calls == ["run-1"] and skipped.data_version == built.data_version
+    assert skipped.metadata["figure"].value == 0.5 and skipped.metadata["built_by_run"] == "run-1"
+    assert set(skipped.metadata) == {"figure", "path", "up_to_date", "built_by_run", "built_at"}
+    record = Path(store.root) / "stages" / "toy" / "all.json"
+    record.write_text(record.read_text()[:20])  # truncated (a full disk, a kill)
+    again = execute(stage, StageRun(logging.getLogger("t"), resources, [], "run-3"))
+    assert calls == ["run-1"] and set(again.metadata) == {"up_to_date"}  # still skipped, nothing raised
