@@ -91,9 +91,10 @@ def cmd_serve(args) -> int:
 
 def cmd_browse(args) -> int:
     from sae_platform.browser.server import serve
+    from sae_platform.catalog import reports_folder
 
-    site, _, _ = _site(args)
-    serve(site, port=args.port)
+    site, _, store = _site(args)
+    serve(site, host=args.host, port=args.port, reports_dir=reports_folder(store))
     return 0
 
 
