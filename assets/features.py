@@ -17,8 +17,8 @@ from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform import metrics as fm
 from sae_platform.activations import activation_attrs, open_partition
+from sae_platform.browser.address import BROWSER_URL
 from sae_platform.browser.publish import build_site
-from sae_platform.browser.server import BROWSER_URL
 from sae_platform.catalog import eval_name, trained_on
 from sae_platform.feature_check import brute_force_check
 from sae_platform.feature_merge import FeatureTables, merge_partials, read_tables, write_tables

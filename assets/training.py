@@ -17,7 +17,7 @@ from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from sae_platform import evaluate, trainer
 from sae_platform.activations import activation_attrs
-from sae_platform.browser.server import BROWSER_URL
+from sae_platform.browser.address import BROWSER_URL
 from sae_platform.catalog import (
     EVAL_PROBES,
     EVAL_REPORT,

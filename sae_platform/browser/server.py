@@ -34,6 +34,7 @@ import threading
 import urllib.parse
 from pathlib import Path
 
+from sae_platform.browser.address import DEFAULT_HOST, DEFAULT_PORT
 from sae_platform.browser.generate import CSP, SITE_POINTER
 from sae_platform.catalog import REPORTS
 from sae_platform.compare import PAGE_CSP
@@ -43,8 +44,6 @@ from sae_platform.settings import env_value
 ALLOWED_HOSTS_ENV = "SAE_PLATFORM_ALLOWED_HOSTS"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
-BROWSER_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}/"  # where `sae-platform browse` serves, by default
 COMPRESSED_SUFFIXES = (".json", ".js", ".css", ".html", ".svg", ".txt")
 REPORTS_PREFIX = f"/{REPORTS}/"
 
