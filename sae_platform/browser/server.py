@@ -10,9 +10,9 @@ Given the artifact root's ``reports/`` folder (``reports_dir``), the server also
 to, with that page's own CSP (``compare.PAGE_CSP``: inline style, no script).
 
 Text files (JSON, JS, CSS, HTML, SVG) go out gzip-compressed when the request accepts it
-(``Accept-Encoding: gzip``), with ``Vary: Accept-Encoding``: the feature index of a 16k-latent SAE
-is several megabytes of JSON and compresses about fivefold. Each file is compressed once per
-version of it (cached by path, size and modification time).
+(``Accept-Encoding: gzip``), with ``Vary: Accept-Encoding``: the feature index of a 16k-latent
+synthetic SAE is 730 KB of JSON and goes out as 273 KB. Each file is compressed once per version
+of it (cached by path, size and modification time: ~0.4 s for that index on a busy core).
 
 Every request's ``Host`` header is checked (``host_allowed``) against the names this server
 answers to: the address it is bound to, the loopback names (``localhost``, 127.0.0.1, ::1), and
