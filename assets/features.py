@@ -17,6 +17,7 @@ from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform import metrics as fm
 from sae_platform.activations import activation_attrs, open_partition
+from sae_platform.browser.address import BROWSER_URL
 from sae_platform.browser.publish import build_site
 from sae_platform.catalog import eval_name, trained_on
 from sae_platform.feature_check import brute_force_check
@@ -30,7 +31,6 @@ from sae_platform.shuffle import pinned_keys
 from sae_platform.tables import LLM_EXPLANATION_SCHEMA
 from sae_platform.trainer import load_sae
 
-BROWSER_URL = "http://127.0.0.1:8000/"
 RESOURCES = ("storage", "features", "shuffle")
 PREVIEW_FEATURES = 10  # top features by density in feature_topk's metadata table
 

@@ -17,14 +17,17 @@ from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from sae_platform import evaluate, trainer
 from sae_platform.activations import activation_attrs
+from sae_platform.browser.address import BROWSER_URL
 from sae_platform.catalog import (
     EVAL_PROBES,
     EVAL_REPORT,
+    SWEEP_COMPARISON,
     HookEntry,
     checkpoint_name,
     eval_name,
     model_name,
     report_path,
+    reports_url_path,
     shuffle_for_hook_point,
 )
 from sae_platform.compare import COLUMNS, comparison_html, comparison_rows
@@ -33,6 +36,7 @@ from sae_platform.errors import PlatformError
 from sae_platform.evaluate import heldout_ce_tokens
 from sae_platform.export import export_run
 from sae_platform.launch import launch_training
+from sae_platform.metric_info import grouped_markdown
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
 from sae_platform.tables import PROBE_SCHEMA
@@ -179,10 +183,18 @@ def evaluate_sae(run: StageRun) -> dict:
     return {
         "hook_name": str(report.get("hook_name") or activation_attrs(store, shuffle_name(run))
                          .get("hook_name")),
+        **_grouped_figures(report),
         **{k: numbers[k] for k in first}, **{k: v for k, v in numbers.items() if k not in first}, **extra,
         "latent_density": inline_png(png, "latent density"),
         "latent_density_path": MetadataValue.path(store.url(plot_path)),
     }
+
+
+def _grouped_figures(report: dict) -> dict:
+    """One Markdown table per metric group (``metric_info.grouped_markdown``: value, unit, which
+    way is better, definition, source), first in the metadata so the UI reads like a report; the
+    numeric entries after it stay for plots and the comparison."""
+    return {group: MetadataValue.md(table) for group, table in grouped_markdown(report).items()}
 
 
 EVAL_HEADLINE = ("fvu", "nmse", "l0", "dead_fraction", "dead_window_tokens", "n_dead", "heldout_dead_fraction",
@@ -246,13 +258,14 @@ def compare_saes(run: StageRun) -> dict:
     """Every evaluated SAE of the sweep on every figure: a metadata table and one HTML page."""
     store = run.store
     rows = comparison_rows(store, list(SAE_SWEEP_SPECS))
-    page = report_path(store, None, "sweep_comparison.html")
+    page = report_path(store, None, SWEEP_COMPARISON)
     store.write_bytes_atomic(page, comparison_html(rows).encode())
     run.log.info(f"{len(rows)} of {len(SAE_SWEEP_SPECS)} sweep entries evaluated")
     kinds = {key: "int" if key in ("checkpoint_step", "training_tokens") else "float" for key, _, _ in COLUMNS}
     return {"evaluated": len(rows), "sweep_entries": len(SAE_SWEEP_SPECS),
             "comparison": table_preview(rows, {"sae": "string", "hook_point": "string", **kinds}),
-            "page": MetadataValue.path(store.url(page))}
+            "page": MetadataValue.path(store.url(page)),
+            "page_in_browser": MetadataValue.url(BROWSER_URL + reports_url_path(SWEEP_COMPARISON))}
 
 
 def comparison_version(run: StageRun) -> str:

@@ -386,10 +386,25 @@ def eval_name(sae_name: str) -> str:
     return f"{EVALUATIONS}/{check_sae_name(sae_name)}"
 
 
+SWEEP_COMPARISON = "sweep_comparison.html"  # reports/<file>: every evaluated SAE of the sweep side by side
+
+
 def report_path(store, sae_name: str | None, file: str) -> str:
     """A training report picture or page: ``reports/<sae_name>/<file>``, or ``reports/<file>`` for
     the whole sweep (``sae_name`` None)."""
     return store.path(REPORTS, file) if sae_name is None else store.path(REPORTS, check_sae_name(sae_name), file)
+
+
+def reports_folder(store) -> str:
+    """``reports/``: the folder the feature browser's server also serves, under its URL path
+    ``reports_url_path``."""
+    return store.path(REPORTS)
+
+
+def reports_url_path(file: str = SWEEP_COMPARISON) -> str:
+    """The path, relative to a feature browser's address, at which its server serves
+    ``reports/<file>`` (``sae_platform.browser.server``): ``reports/sweep_comparison.html``."""
+    return f"{REPORTS}/{file}"
 
 
 # -- feature tables -----------------------------------------------------------------------------

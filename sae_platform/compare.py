@@ -14,14 +14,13 @@ import math
 import time
 
 from sae_platform.catalog import EVAL_REPORT, HookEntry, eval_name
+from sae_platform.metric_info import GROUPS, HIGHER, LOWER, metric_info
 
-COLUMNS = (
-    ("fvu", "FVU", True), ("l0", "L0", None), ("dead_fraction", "dead", True),
-    ("loss_recovered", "loss recovered", False), ("n2g_precision", "N2G precision", False),
-    ("n2g_recall", "N2G recall", False), ("ablation_sparsity", "ablation sparsity", True),
-    ("probe_loss", "probe loss", True), ("probe_loss_neurons", "probe loss (neurons)", True),
-    ("checkpoint_step", "steps", None), ("training_tokens", "tokens", None),
-)  # (report key, heading, lower is better: True / False / None = no direction)
+COLUMN_KEYS = ("fvu", "l0", "dead_fraction", "loss_recovered", "n2g_precision", "n2g_recall", "ablation_sparsity",
+               "probe_loss", "probe_loss_neurons", "checkpoint_step", "training_tokens")
+COLUMNS = tuple((key, metric_info(key).label, {LOWER: True, HIGHER: False}.get(metric_info(key).better))
+                for key in COLUMN_KEYS)  # (report key, heading, lower is better: True / False / None = no direction)
+PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'"  # static HTML: no script, inline style only
 
 
 def comparison_rows(store, names: list[str]) -> list[dict]:
@@ -51,18 +50,42 @@ def _best(rows: list[dict], key: str, lower: bool | None, hook_point: str | None
     return min(values) if lower else max(values)
 
 
+def _grouped_columns() -> list[tuple[str, list[tuple[str, str, bool | None]]]]:
+    """``COLUMNS`` by metric group (``metric_info.GROUPS`` order): [(group, columns)]."""
+    return [(g, cols) for g in GROUPS if (cols := [c for c in COLUMNS if metric_info(c[0]).group == g])]
+
+
+def _definitions_html() -> str:
+    """The legend: one row per column, from ``metric_info`` (group, unit, direction, definition, source)."""
+    rows = []
+    for group, cols in _grouped_columns():
+        for key, heading, _ in cols:
+            m = metric_info(key)
+            rows.append(f"<tr><th scope=row>{html.escape(heading)}</th><td>{html.escape(group)}</td>"
+                        f"<td>{html.escape(m.unit)}</td><td>{m.arrow} {html.escape(m.better or '')}</td>"
+                        f"<td>{html.escape(m.definition)}</td><td>{html.escape(m.source)}</td></tr>")
+    return ("<h2>What the figures mean</h2><table class=defs><thead><tr><th>figure</th><th>group</th><th>unit</th>"
+            "<th>better</th><th>definition</th><th>source</th></tr></thead><tbody>\n" + "\n".join(rows)
+            + "</tbody></table>")
+
+
 def comparison_html(rows: list[dict], title: str = "SAE sweep comparison") -> str:
-    """A self-contained HTML page: one row per SAE, the best value of each column in bold."""
+    """A self-contained HTML page: one row per SAE, the columns grouped (reconstruction, sparsity,
+    downstream, feature quality, training) with their direction, the best value of each column in
+    bold, and the definition of every column (``sae_platform.metric_info``) below the table."""
     def cell(v):
         if v is None:
             return "–"
         return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
-    head = "<th>hook point</th>" + "".join(f"<th>{html.escape(h)}{' ↓' if lo else ' ↑' if lo is False else ''}</th>"
-                   for _, h, lo in COLUMNS)
+    grouped = _grouped_columns()
+    ordered = [c for _, cols in grouped for c in cols]
+    groups = "".join(f"<th colspan={len(cols)} scope=colgroup>{html.escape(g)}</th>" for g, cols in grouped)
+    head = "".join(f"<th title=\"{html.escape(metric_info(key).unit, quote=True)}\">{html.escape(h)}"
+                   f"{' ' + metric_info(key).arrow if metric_info(key).arrow else ''}</th>" for key, h, _ in ordered)
     body = []
     for r in rows:
         tds = []
-        for key, _, lower in COLUMNS:
+        for key, _, lower in ordered:
             best = _best(rows, key, lower, r.get("hook_point"))
             text = html.escape(cell(r[key]))
             tds.append(f"<td class=num>{'<b>' + text + '</b>' if best is not None and r[key] == best else text}</td>")
@@ -71,19 +94,18 @@ def comparison_html(rows: list[dict], title: str = "SAE sweep comparison") -> st
     generated = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}">
 <title>{html.escape(title)}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left}}td.num{{text-align:right}}</style>
+td,th{{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left}}td.num{{text-align:right}}
+th[scope=colgroup]{{text-align:center;border-bottom:2px solid #888}}table.defs td{{vertical-align:top}}</style>
 </head><body><h1>{html.escape(title)}</h1>
-<p>Every trained SAE of the sweep on its held-out evaluation (sae_eval). ↓ lower is better, ↑ higher is better;
-the best of each column among the SAEs of the same hook point in bold (other hook points read other activations).
-Every metric is measured at the SAE's own hook point. N2G: explanations built on half the held-out contexts, scored
-on the other half (Gao et al. 2024, 4.4); ablation sparsity: (L1/L2)² of the logit change when a latent is removed
-from the reconstruction spliced in at the hook point / (vocab × positions), smaller = sparser (4.5); probe loss:
-best single-latent logistic probe, mean over token properties (4.2), beside the same probes on the neurons the SAE
-reads (the channels of its input hook point).</p>
-<table><thead><tr><th>SAE</th>{head}</tr></thead><tbody>
+<p>Every trained SAE of the sweep on its held-out evaluation (sae_eval), each metric measured at the SAE's own hook
+point. ↓ lower is better, ↑ higher is better; the best of each column among the SAEs of the same hook point in bold
+(other hook points read other activations).</p>
+<table><thead><tr><th rowspan=2>SAE</th><th rowspan=2>hook point</th>{groups}</tr><tr>{head}</tr></thead><tbody>
 {chr(10).join(body) if body else '<tr><td colspan=99>No SAE has been evaluated yet.</td></tr>'}
-</tbody></table><p><small>generated {generated}</small></p></body></html>
+</tbody></table>
+{_definitions_html()}
+<p><small>generated {generated}</small></p></body></html>
 """

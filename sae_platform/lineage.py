@@ -54,13 +54,39 @@ def recorded_lineage(store: ArtifactStore, sae_name: str, shard_index: int) -> d
     return feature_table_lineage(store, sae_name, shard_index)
 
 
+def latent_range(features) -> str:
+    """``latents [start, stop)``: a shard's latents in the half-open interval notation the feature
+    browser uses (``features`` is the record's ``[start, stop]`` pair)."""
+    start, stop = (list(features) + [None, None])[:2] if features else (None, None)
+    return f"latents [{'?' if start is None else start}, {'?' if stop is None else stop})"
+
+
+def format_asset_edges(parents: dict[str, list[str]], root: str) -> str:
+    """The asset graph upstream of ``root`` as its edges: one line per asset, ``root`` first then
+    breadth-first, each with every asset it reads (``asset ← a, b``; ``(no upstream)`` for a
+    source). ``parents``: asset → the assets it reads (its direct upstreams), e.g. from Dagster's
+    asset graph; an asset missing from it counts as having none. A DAG, so shared upstreams
+    (read by two assets) are listed once, under their own line, not drawn as a chain."""
+    order, seen, frontier = [], {root}, [root]
+    while frontier:
+        asset = frontier.pop(0)
+        order.append(asset)
+        for parent in sorted(parents.get(asset, ())):
+            if parent not in seen:
+                seen.add(parent)
+                frontier.append(parent)
+    width = max(len(a) for a in order)
+    return "\n".join(f"  {a:<{width}} ← {', '.join(sorted(parents[a]))}" if parents.get(a)
+                     else f"  {a:<{width}}   (no upstream)" for a in order)
+
+
 def format_lineage(lineage: dict) -> str:
     """The lineage as an indented tree, newest artifact first."""
     t, c, s = lineage["feature_table"], lineage["sae_checkpoint"], lineage["shuffle"]
     stale = ("" if s["plan_id"] == s["current_plan_id"]
              else f"  (the store has since been re-shuffled: {s['current_plan_id']})")
     lines = [
-        f"feature tables {t['sae']} shard f{t['shard']} latents {t['features']}  version {t['version']}"
+        f"feature tables {t['sae']} shard f{t['shard']} {latent_range(t['features'])}  version {t['version']}"
         + (f"  dagster run {t['dagster_run_id']}" if t.get("dagster_run_id") else ""),
         f"└─ sae_checkpoint {c['name']} ({c['variant']})  version {c['version']}  "
         f"step {c['step']}, {c['tokens']:,} tokens",

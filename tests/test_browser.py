@@ -259,10 +259,10 @@ def chromium():
         b.close()
 
 
-def _served_page(chromium, site_dir):
-    """A page on the site served from ``site_dir``; console errors, page errors and dialogs are
-    collected in ``pg.problems``."""
-    server, url = serve_in_thread(site_dir)
+def _served_page(chromium, site_dir, server=None):
+    """A page on the site served from ``site_dir`` (by ``server``, default a plain one); console
+    errors, page errors and dialogs are collected in ``pg.problems``."""
+    server, url = serve_in_thread(site_dir, server=server)
     ctx = chromium.new_context(viewport={"width": 1280, "height": 900})
     pg = ctx.new_page()
     pg.problems = []
@@ -778,7 +778,7 @@ def test_overview_page_in_chromium(research_page, research_site):
     bars = pg.locator("#density-histogram rect").evaluate_all("rs => rs.map(r => r.textContent)")
     assert sum(int(re.search(r": ([\d,]+) features", b).group(1).replace(",", "")) for b in bars) == 300 - dead
     evaluation = pg.locator("#evaluation").inner_text()
-    assert "fvu" in evaluation and "0.161" in evaluation and "n2g_precision" in evaluation
+    assert "FVU" in evaluation and "0.161" in evaluation and "N2G precision" in evaluation   # labels: metric_info
     pg.screenshot(path=str(SCREENSHOTS / "sae_browser_overview.png"), full_page=True)
     pg.click("a.filterlink[data-filter=dead]")
     pg.wait_for_selector("table.features tbody tr")

@@ -19,6 +19,30 @@ def test_help_loads_no_heavy_module():
     assert not {"torch", "dagster", "transformers", "polars"} & loaded
 
 
+def test_serving_commands_help_shows_their_defaults(capsys):
+    """`serve --help`, `browse --help`, `lineage --help` and the browser module's `serve --help`
+    say what each option is when not given; the defaults come from sae_platform.browser.address."""
+    import pytest
+
+    from jobs.cli import main
+    from sae_platform.browser.__main__ import main as browser_main
+
+    for command, expected in ((main, ["serve", "--help"]), (main, ["browse", "--help"]),
+                              (browser_main, ["serve", "--help"])):
+        with pytest.raises(SystemExit):
+            command(expected)
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: 127.0.0.1)" in text and "(default: 8000)" in text, text
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: auto)" in text and "(default: 256)" in text
+    assert "(default: None)" not in text                     # --sae: its help says where its default comes from
+    with pytest.raises(SystemExit):
+        main(["lineage", "--help"])
+    assert "(default: 0)" in capsys.readouterr().out
+
+
 def test_status_reads_the_store_without_dagster_or_torch(tmp_path):
     env = {**os.environ, "SAE_PLATFORM_ROOT": str(tmp_path / "artifacts")}
     loaded = _modules_after("import jobs.cli\njobs.cli.main(['status'])", env)
@@ -196,3 +220,19 @@ def test_verify_reports_a_flipped_byte_an_edited_cfg_and_a_swapped_base_model(tm
     assert one.returncode == 1 and "0 artifact(s) intact, 1 damaged" in one.stdout
     unknown = verify("activations/nope")
     assert unknown.returncode == 2 and "nothing is committed at 'activations/nope'" in unknown.stderr
+
+
+def test_lineage_prints_the_asset_graphs_real_edges():
+    """Each asset upstream of feature_topk on its own line with every asset it reads (a DAG: the
+    activations feed both the shuffle and feature pass 1), not a BFS order drawn as one chain."""
+    from jobs.cli.browse import _asset_parents
+    from jobs.definitions import build_definitions
+    from sae_platform.lineage import format_asset_edges, latent_range
+
+    lines = [" ".join(line.split()) for line in
+             format_asset_edges(_asset_parents(build_definitions()), "feature_topk").splitlines()]
+    assert lines[0] == "feature_topk ← feature_stats_partial"
+    assert "feature_stats_partial ← activations, sae_checkpoint" in lines
+    assert "shuffle_plan ← activations" in lines and "activations ← base_model" in lines
+    assert "base_model (no upstream)" in lines and len(lines) == len(set(lines)) == 10
+    assert latent_range([0, 4096]) == "latents [0, 4096)"          # the browser's half-open notation

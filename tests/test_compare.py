@@ -1,6 +1,9 @@
 """The sweep comparison: one row per evaluated SAE from its report, the best value per column in bold,
 every value escaped, non-finite figures shown as missing."""
 
+import html
+import re
+
 from sae_platform.catalog import eval_name
 from sae_platform.compare import comparison_html, comparison_rows
 
@@ -12,9 +15,10 @@ def _report(store, name, **figures):
 
 def test_rows_and_page(store):
     _report(store, "a", fvu=0.2, l0=32.0, n2g_precision=0.5, probe_loss=0.1, loss_recovered=float("nan"))
-    _report(store, "b<script>", fvu=0.1, l0=64.0, n2g_precision=0.7, probe_loss=0.2, loss_recovered=0.99)
-    rows = comparison_rows(store, ["a", "b<script>", "never-evaluated"])
-    assert [r["sae"] for r in rows] == ["a", "b<script>"]
+    _report(store, "b", fvu=0.1, l0=64.0, n2g_precision=0.7, probe_loss=0.2, loss_recovered=0.99)
+    rows = comparison_rows(store, ["a", "b", "never-evaluated"])
+    assert [r["sae"] for r in rows] == ["a", "b"]
+    rows[1]["sae"] = "b<script>"         # SAE names are checked safe; the page escapes whatever it shows
     assert rows[0]["loss_recovered"] is None and rows[1]["n2g_precision"] == 0.7
     assert rows[0]["ablation_sparsity"] is None
     page = comparison_html(rows)
@@ -39,3 +43,23 @@ def test_best_is_marked_per_hook_point(store):
     assert "<b>0.3</b>" in page and "<b>0.4</b>" not in page   # best among the two mlp_out SAEs
     assert "<b>0.1</b>" not in page and "<b>0.5</b>" not in page  # alone at its hook point: nothing to beat
     assert "blocks.1.ln2.hook_normalized -&gt; blocks.1.hook_mlp_out" in page
+
+
+def test_page_groups_the_figures_with_units_directions_and_definitions(store):
+    """The page reads like a report: columns under their group, each heading with its direction,
+    and a legend giving every column's unit, direction, one-line definition and source, all from
+    the one table of metric definitions (sae_platform.metric_info)."""
+    from sae_platform.compare import COLUMNS
+    from sae_platform.metric_info import GROUPS, metric_info
+
+    _report(store, "a", fvu=0.2, l0=32.0)
+    page = comparison_html(comparison_rows(store, ["a"]))
+    groups = re.findall(r"<th colspan=\d+ scope=colgroup>([^<]+)</th>", page)
+    assert groups == [g for g in GROUPS if any(metric_info(k).group == g for k, _, _ in COLUMNS)]
+    assert {"reconstruction", "sparsity", "downstream", "feature quality"} <= set(groups)
+    assert ">FVU ↓</th>" in page and ">loss recovered ↑</th>" in page and ">L0</th>" in page
+    legend = page.split("What the figures mean", 1)[1]
+    for key, heading, _ in COLUMNS:
+        info = metric_info(key)
+        assert f"<th scope=row>{heading}</th>" in legend and html.escape(info.definition) in legend
+    assert "Gao §4.4" in legend and "nats (binary CE)" in legend

@@ -14,6 +14,7 @@ from dagster import (
     build_sensor_context,
     materialize,
 )
+from dagster._core.instance.ref import InstanceRef
 
 from assets import ASSET_BY_NAME, inbox_sensor
 from assets.partitions import ACTIVATION_BATCHES
@@ -251,6 +252,20 @@ def test_the_run_queue_is_limited_for_a_small_machine():
     for name in ("dagster.yaml", "dagster-s3.yaml", "dagster-postgres.yaml"):
         config = yaml.safe_load((REPO / "config" / name).read_text())
         assert config["concurrency"]["runs"]["max_concurrent_runs"] == 2, name
+
+
+def test_the_shipped_instance_configs_turn_the_first_visit_modal_off(tmp_path):
+    """Dagster's own reading of config/dagster.yaml (its schema validated): nux_enabled is False,
+    so the UI opens on the asset graph, not on a modal."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "config" / "dagster.yaml", home / "dagster.yaml")
+    with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+        assert instance.nux_enabled is False
+    import yaml
+
+    for name in ("dagster-s3.yaml", "dagster-postgres.yaml"):    # the other shipped instances: the same key
+        assert yaml.safe_load((REPO / "config" / name).read_text())["nux"] == {"enabled": False}, name
 
 
 def test_identical_content_under_another_name_is_not_cached_again(tmp_path, text_dir, tiny_hooked, tiny_model_dir):

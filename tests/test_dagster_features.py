@@ -1,6 +1,7 @@
 """Feature tables through Dagster on a tiny model: passes 1-3, the exactness check, lineage and the browser."""
 
 import json
+import re
 
 import polars as pl
 import pytest
@@ -129,6 +130,7 @@ def test_lineage_names_every_upstream_artifact(pipeline, store):
     assert keys == sorted(k.split("/")[1] for k in store.committed_names("activations"))
     text = format_lineage(lineage)
     assert record.run_id in text and lineage["sae_checkpoint"]["version"] in text and "activations/markup" in text
+    assert re.search(r"shard f\d+ latents \[\d+, \d+\)", text)      # the browser's interval notation
     stored = json.loads(store.fs.cat_file(store.path("features", SAE, "lineage", f"{record.partition_key}.json")))
     assert stored["feature_table"]["dagster_run_id"] == record.run_id
     site = store.path("browser", SAE)

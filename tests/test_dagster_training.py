@@ -69,6 +69,15 @@ def test_train_and_evaluate_one_sweep_entry(defs, store):
     (row,) = [r.data for r in table["comparison"].records]
     assert row["sae"] == "topk-4k-k32" and row["n2g_recall"] == pytest.approx(report["n2g_recall"])
     assert "topk-4k-k32" in open(store.path("reports", "sweep_comparison.html")).read()
+    assert table["page_in_browser"] == "http://127.0.0.1:8000/reports/sweep_comparison.html"   # served by browse
+    # the figures grouped like a report: one Markdown table per group, each figure with unit, direction, definition
+    groups = [k for k in ev if k in ("reconstruction", "sparsity", "downstream", "feature quality")]
+    assert groups == ["reconstruction", "sparsity", "downstream", "feature quality"]
+    assert list(ev).index("reconstruction") < list(ev).index("fvu")            # the tables first, numbers after
+    assert "| FVU | " in ev["reconstruction"] and "↓ lower" in ev["reconstruction"]
+    assert "| loss recovered |" in ev["downstream"] and "↑ higher" in ev["downstream"]
+    assert "Gao §4.1" in ev["downstream"]
+    assert "| N2G precision |" in ev["feature quality"] and "| L0 |" in ev["sparsity"]
     cfg = json.loads(store.fs.cat_file(f"{store.resolve('saelens/topk-4k-k32')}/cfg.json"))
     assert cfg["architecture"] == "topk" and cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["d_sae"] == 4096
 

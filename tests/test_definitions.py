@@ -169,3 +169,27 @@ def test_no_step_or_asset_waits_for_an_optional_stage(tmp_path):
     for stage in optional:
         assert not structure.output_to_downstream_inputs_for_node(stage.op_name), stage.op_name
         assert not [s.asset for s in STAGES.values() if stage.asset in {k.to_user_string() for k in upstream_keys(s)}]
+
+
+NUMBER_WORDS = {"four": 4, "five": 5, "six": 6, "fourteen": 14, "fifteen": 15, "sixteen": 16, "seventeen": 17}
+
+
+def test_the_readme_and_docs_name_what_this_build_has(tmp_path):
+    """The asset and group counts the README states, and every job the docs name (`X` run/job,
+    ``-j X``), are those of the definitions: a doc number or name that drifts fails here."""
+    import re
+
+    defs = build_definitions(_settings(tmp_path))
+    graph = defs.resolve_asset_graph()
+    keys = list(graph.get_all_asset_keys())
+    groups = {graph.get(k).group_name for k in keys}
+    readme = (REPO / "README.md").read_text()
+    stated = re.search(r"(\w+) assets from `base_model` to `feature_browser` in (\w+)\s+groups", readme)
+    assert stated, "README: the sentence stating the asset count is gone"
+    count = lambda word: int(word) if word.isdigit() else NUMBER_WORDS[word.lower()]  # noqa: E731
+    assert (count(stated.group(1)), count(stated.group(2))) == (len(keys), len(groups)) == (17, 4)
+    jobs = {job.name for job in defs.resolve_all_job_defs()} | {k.to_user_string() for k in keys}  # "`sae_eval` run"
+    for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        text = doc.read_text()
+        named = set(re.findall(r"`(\w+)` (?:job|run)\b", text)) | set(re.findall(r"-j (\w+)", text))
+        assert named <= jobs, f"{doc.name} names jobs this build does not have: {sorted(named - jobs)}"

@@ -301,12 +301,16 @@ def test_a_port_in_use_fails_at_once_naming_the_port_and_the_fix(tmp_path, live_
     try:
         env = {**os.environ, "SAE_PLATFORM_ROOT": str(tmp_path / "artifacts")}
         start = time.monotonic()
-        done = subprocess.run([python_exe, "-m", "jobs.cli", "serve", "--sae", "run", "--port", str(port)], env=env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run([python_exe, "-X", "importtime", "-m", "jobs.cli", "serve", "--sae", "run", "--port",
+                               str(port)], env=env, capture_output=True, text=True, timeout=120)
         seconds = time.monotonic() - start
         assert done.returncode == 2, done.stderr
         assert f"port {port} on 127.0.0.1 is in use" in done.stderr and f"--port {port + 1}" in done.stderr
-        assert seconds < 5, f"{seconds:.1f} s"
+        # Before anything slow: neither torch nor Dagster was imported (the ~25 s the issue measured were
+        # theirs and the models'); the wall-clock bound is loose, for a loaded CI machine.
+        imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+        assert not imported & {"torch", "dagster", "transformers"}, sorted(imported & {"torch", "dagster"})
+        assert seconds < 15, f"{seconds:.1f} s"
         with pytest.raises(PlatformError, match=f"port {port} on 127.0.0.1 is in use"):
             serve_live_in_thread(live_site, encoder=None, port=port)
     finally:

@@ -36,6 +36,7 @@ from jobs.cli.stages import (
 )
 from jobs.cli.status import cmd_status
 from jobs.cli.verify import cmd_verify
+from sae_platform.browser.address import DEFAULT_HOST, DEFAULT_PORT
 from sae_platform.errors import PlatformError, printable
 
 # The commands live in the modules of this package, one per kind of work; everything heavy (dagster,
@@ -56,6 +57,25 @@ def _training_arguments(parser) -> None:
         parser.add_argument(f"--{flag}", type=kind, default=None,
                             help=DEPLOYED.format("training", flag.replace("-", "_")))
     parser.add_argument("--ce-contexts", type=int, default=None, help=DEPLOYED.format("evaluation", "ce_contexts"))
+
+
+class _ShowsDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends each option with its default, except the options whose help already says
+    where their default comes from (``DEPLOYED``) and those without one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+SHOWS_DEFAULTS = {"formatter_class": _ShowsDefaults}
+
+
+def _address_arguments(parser) -> None:
+    """--host and --port of a command that serves the browser."""
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind; 127.0.0.1 answers this machine only")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
 
 
 def main(argv=None) -> int:
@@ -84,18 +104,18 @@ def main(argv=None) -> int:
     features = commands.add_parser("features", help="feature tables, contexts, explanations and the browser of one SAE")
     features.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     features.set_defaults(func=cmd_features)
-    lineage = commands.add_parser("lineage", help="upstream lineage of a feature table")
+    lineage = commands.add_parser("lineage", help="upstream lineage of a feature table", **SHOWS_DEFAULTS)
     lineage.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
-    lineage.add_argument("--shard", type=int, default=0)
+    lineage.add_argument("--shard", type=int, default=0, help="feature shard (a quarter of the SAE's latents)")
     lineage.set_defaults(func=cmd_lineage)
-    browse = commands.add_parser("browse", help="serve the feature browser on localhost")
+    browse = commands.add_parser("browse", help="serve the feature browser on localhost", **SHOWS_DEFAULTS)
     browse.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
-    browse.add_argument("--port", type=int, default=8000)
+    _address_arguments(browse)
     browse.set_defaults(func=cmd_browse)
-    serve = commands.add_parser("serve", help="the feature browser plus live text -> features (base model + SAE)")
+    serve = commands.add_parser("serve", help="the feature browser plus live text -> features (base model + SAE)",
+                                **SHOWS_DEFAULTS)
     serve.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    _address_arguments(serve)
     serve.add_argument("--device", default="auto", help="auto, cpu or cuda")
     serve.add_argument("--max-tokens", type=int, default=256, help="longest text answered, in tokens")
     serve.set_defaults(func=cmd_serve)

@@ -12,7 +12,7 @@ def cmd_lineage(args) -> int:
     from dagster import AssetKey
 
     from assets.partitions import N_FEATURE_SHARDS
-    from sae_platform.lineage import feature_table_lineage, format_lineage
+    from sae_platform.lineage import feature_table_lineage, format_asset_edges, format_lineage
 
     if not 0 <= args.shard < N_FEATURE_SHARDS:
         sys.exit(f"error: there is no feature shard {args.shard}: shards are 0–{N_FEATURE_SHARDS - 1} "
@@ -26,8 +26,8 @@ def cmd_lineage(args) -> int:
                and _metadata_value(r, "sae") == args.sae]  # the newest run that described this SAE
     lineage = feature_table_lineage(store, args.sae, args.shard, run_id=run_ids[0] if run_ids else None)
     print(format_lineage(lineage))
-    graph = defs.resolve_asset_graph()
-    print("\nasset graph upstream of feature_topk: " + " ← ".join(_upstream_chain(graph, AssetKey("feature_topk"))))
+    print("\nasset graph upstream of feature_topk (each asset ← the assets it reads):")
+    print(format_asset_edges(_asset_parents(defs), "feature_topk"))
     return 0
 
 
@@ -60,16 +60,11 @@ def _metadata_value(record, key: str):
     return getattr(entry, "value", entry)
 
 
-def _upstream_chain(graph, key) -> list[str]:
-    seen, order, frontier = set(), [], [key]
-    while frontier:
-        current = frontier.pop(0)
-        if current in seen:
-            continue
-        seen.add(current)
-        order.append(current.to_user_string())
-        frontier.extend(sorted(graph.get(current).parent_keys, key=lambda k: k.to_user_string()))
-    return order
+def _asset_parents(defs) -> dict[str, list[str]]:
+    """Every asset of the definitions → the assets it reads (its direct upstreams)."""
+    graph = defs.resolve_asset_graph()
+    return {key.to_user_string(): [p.to_user_string() for p in graph.get(key).parent_keys]
+            for key in graph.get_all_asset_keys()}
 
 
 def cmd_serve(args) -> int:
@@ -99,10 +94,11 @@ def cmd_serve(args) -> int:
 
 def cmd_browse(args) -> int:
     from sae_platform.browser.server import require_free_port, serve
+    from sae_platform.catalog import reports_folder
 
-    require_free_port("127.0.0.1", args.port)   # before the definitions load
-    site, _, _ = _site(args)
-    serve(site, port=args.port)
+    require_free_port(args.host, args.port)   # before the definitions load
+    site, _, store = _site(args)
+    serve(site, host=args.host, port=args.port, reports_dir=reports_folder(store))
     return 0
 
 

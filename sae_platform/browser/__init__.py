@@ -5,6 +5,7 @@ One concept per module (import from them directly; this package re-exports nothi
 ``generate``   the site's files from the feature tables: index, per-feature chunks, page shell
 ``publish``    writing a build atomically (local versions folder and link switch, or fsspec/S3),
                sweeping older builds, reading a published site's pointer
+``address``    the default host, port and URL it is served at (imports nothing)
 ``server``     the local HTTP server (``serve``, ``serve_in_thread``, ``make_server``)
 ``synthetic``  random feature tables with the pipeline's schemas (demo, tests, size figures)
 ``__main__``   ``python -m sae_platform.browser serve DIR`` / ``demo DIR``

@@ -10,24 +10,28 @@ import argparse
 import json
 import time
 
-from sae_platform.browser.publish import build_site
-from sae_platform.browser.server import serve
-from sae_platform.browser.synthetic import synthetic_lineage, synthetic_shards
+from sae_platform.browser.address import DEFAULT_HOST, DEFAULT_PORT
 
 
 def main(argv: list[str] | None = None) -> int:
+    shows_defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
     parser = argparse.ArgumentParser(prog="python -m sae_platform.browser", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p_serve = sub.add_parser("serve", help="serve a built site")
-    p_serve.add_argument("site_dir")
-    p_serve.add_argument("--host", default="127.0.0.1")
-    p_serve.add_argument("--port", type=int, default=8000)
-    p_demo = sub.add_parser("demo", help="build a site from synthetic tables (and print size and time)")
-    p_demo.add_argument("site_dir")
-    p_demo.add_argument("--features", type=int, default=16384)
-    p_demo.add_argument("--serve", action="store_true")
-    p_demo.add_argument("--port", type=int, default=8000)
+    p_serve = sub.add_parser("serve", help="serve a built site", **shows_defaults)
+    p_serve.add_argument("site_dir", help="the built site's folder (holding site.json)")
+    p_serve.add_argument("--host", default=DEFAULT_HOST, help="address to bind; 127.0.0.1 answers this machine only")
+    p_serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    p_demo = sub.add_parser("demo", help="build a site from synthetic tables (and print size and time)",
+                            **shows_defaults)
+    p_demo.add_argument("site_dir", help="folder to build the site in")
+    p_demo.add_argument("--features", type=int, default=16384, help="latents of the synthetic SAE")
+    p_demo.add_argument("--serve", action="store_true", help="serve the site once built")
+    p_demo.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve it on")
     args = parser.parse_args(argv)
+    from sae_platform.browser.publish import build_site
+    from sae_platform.browser.server import serve
+    from sae_platform.browser.synthetic import synthetic_lineage, synthetic_shards
+
     if args.cmd == "serve":
         serve(args.site_dir, args.host, args.port)
         return 0

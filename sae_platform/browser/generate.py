@@ -64,8 +64,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from sae_platform.catalog import checkpoint_pin, pinned_checkpoint
+from sae_platform.catalog import checkpoint_pin, pinned_checkpoint, reports_url_path
 from sae_platform.errors import PlatformError
+from sae_platform.metric_info import metric_info_json
 from sae_platform.tables import (
     ACTIVATION,
     ACTS,
@@ -515,6 +516,8 @@ def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
         "dagster_url": dagster_ui_url(dagster_url),
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "evaluation": _evaluation_figures(evaluation),
+        "metric_info": metric_info_json(),  # what each evaluation figure means (the overview's groups)
+        "comparison_url": reports_url_path(),  # the sweep comparison page, when the server serves reports/
     }
     files = {f"{data}/index.json": _index_json(ids, stats, examples, meta, explanations)}
     for name, body in _chunk_files(_feature_frame(ids, stats, examples, logits, explanations)).items():

@@ -6,6 +6,15 @@ meta tag; see :mod:`sae_platform.browser.generate`), with ``nosniff``, no referr
 ``sae_platform.live`` serves the same site with a live encoding endpoint added; this server answers
 the page's probe of it (``GET /api/limits``) with 204, so the page offers no live page.
 
+Given the artifact root's ``reports/`` folder (``reports_dir``), the server also serves it under
+``reports/`` (``catalog.reports_url_path``): the sweep comparison page, which the overview links
+to, with that page's own CSP (``compare.PAGE_CSP``: inline style, no script).
+
+Text files (JSON, JS, CSS, HTML, SVG) go out gzip-compressed when the request accepts it
+(``Accept-Encoding: gzip``), with ``Vary: Accept-Encoding``: the feature index of a 16k-latent
+synthetic SAE is 730 KB of JSON and goes out as 273 KB. Each file is compressed once per version
+of it (cached by path, size and modification time: ~0.4 s for that index on a busy core).
+
 Every request's ``Host`` header is checked (``host_allowed``) against the names this server
 answers to: the address it is bound to, the loopback names (``localhost``, 127.0.0.1, ::1), and
 the names in ``$SAE_PLATFORM_ALLOWED_HOSTS`` (comma-separated; the names a proxy forwards);
@@ -18,13 +27,20 @@ from __future__ import annotations
 
 import errno
 import functools
+import gzip
 import http.server
+import io
 import ipaddress
+import os
 import socket
 import threading
+import urllib.parse
 from pathlib import Path
 
+from sae_platform.browser.address import DEFAULT_HOST, DEFAULT_PORT
 from sae_platform.browser.generate import CSP, SITE_POINTER
+from sae_platform.catalog import REPORTS
+from sae_platform.compare import PAGE_CSP
 from sae_platform.errors import PlatformError
 from sae_platform.settings import env_value
 
@@ -32,6 +48,8 @@ ALLOWED_HOSTS_ENV = "SAE_PLATFORM_ALLOWED_HOSTS"
 LIMITS_PATH = "/api/limits"   # the live server's bounds; the page probes it (here: 204, no live endpoint)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
+COMPRESSED_SUFFIXES = (".json", ".js", ".css", ".html", ".svg", ".txt")
+REPORTS_PREFIX = f"/{REPORTS}/"
 
 
 def allowed_hosts(bound: str, extra=None) -> frozenset[str]:
@@ -62,9 +80,30 @@ def host_allowed(host_header: str | None, names: frozenset[str], bound: str) -> 
     return False
 
 
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an ``Accept-Encoding`` header accepts gzip (``gzip`` or ``*`` without ``q=0``)."""
+    for part in (accept_encoding or "").lower().split(","):
+        name, _, params = part.strip().partition(";")
+        if name.strip() in ("gzip", "*"):
+            q = params.strip().removeprefix("q=") if params.strip().startswith("q=") else "1"
+            try:
+                return float(q) > 0
+            except ValueError:
+                return False
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _gzipped(path: str, size: int, mtime_ns: int) -> bytes:
+    """The gzip of the file at ``path`` as it is at (``size``, ``mtime_ns``): the key makes a
+    rewritten file compress anew."""
+    return gzip.compress(Path(path).read_bytes(), compresslevel=6, mtime=0)
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     quiet = False
     hosts: frozenset[str] = LOOPBACK_NAMES
+    reports_dir: str | None = None
 
     def parse_request(self) -> bool:
         """http.server's request parsing, then the Host check (module docstring): 403 when the
@@ -89,8 +128,44 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             return None
         return super().do_GET()
 
+    def _in_reports(self) -> bool:
+        return self.reports_dir is not None and urllib.parse.urlsplit(self.path).path.startswith(REPORTS_PREFIX)
+
+    def translate_path(self, path: str) -> str:
+        """The file of a URL path: below the site, or below ``reports_dir`` for ``reports/...``
+        (http.server's rules either way: no ``..`` escapes the folder)."""
+        if not self._in_reports():
+            return super().translate_path(path)
+        site, self.directory = self.directory, self.reports_dir
+        try:
+            return super().translate_path(path[len(REPORTS_PREFIX) - 1:])
+        finally:
+            self.directory = site
+
+    def send_head(self):
+        """http.server's response head, with a text file's body gzip-compressed when the client
+        accepts it (module docstring)."""
+        path = self.translate_path(self.path)
+        if not (path.endswith(COMPRESSED_SUFFIXES) and os.path.isfile(path)
+                and accepts_gzip(self.headers.get("Accept-Encoding"))):
+            return super().send_head()
+        try:
+            st = os.stat(path)
+            body = _gzipped(path, st.st_size, st.st_mtime_ns)
+        except OSError:
+            return super().send_head()
+        self.send_response(200)
+        self.send_header("Content-Type", self.guess_type(path))
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Vary", "Accept-Encoding")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Last-Modified", self.date_time_string(int(st.st_mtime)))
+        self.end_headers()
+        return io.BytesIO(body)
+
     def end_headers(self):
-        self.send_header("Content-Security-Policy", CSP + "; frame-ancestors 'none'")
+        csp = PAGE_CSP if self._in_reports() else CSP
+        self.send_header("Content-Security-Policy", csp + "; frame-ancestors 'none'")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
         if self.path.split("?")[0].endswith(("/" + SITE_POINTER, "/index.html", "/")):
@@ -102,10 +177,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             super().log_message(format, *args)
 
 
-def make_server(site_dir, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
-                handler_methods: dict | None = None, extra_hosts=None):
+def make_server(site_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, quiet: bool = False,
+                handler_methods: dict | None = None, extra_hosts=None, reports_dir=None):
     """A threaded HTTP server for the site in ``site_dir`` (not started; port 0 picks a free one).
-    ``handler_methods``: further request-handler methods (the live server's ``do_POST``);
+    ``reports_dir``: the artifact root's ``reports/`` folder, served under ``reports/`` (None:
+    not served). ``handler_methods``: further request-handler methods (the live server's ``do_POST``);
     ``extra_hosts``: host names it answers to besides its address and loopback (default
     ``$SAE_PLATFORM_ALLOWED_HOSTS``; ``allowed_hosts``). PlatformError naming the port and the fix
     when another server holds it (it is bound here, before the caller loads anything slow)."""
@@ -114,6 +190,7 @@ def make_server(site_dir, host: str = "127.0.0.1", port: int = 8000, quiet: bool
         raise PlatformError(f"{site_dir} is not a built feature-browser site (no {SITE_POINTER})",
                             "build it first with sae_platform.browser.publish.build_site, or point at its directory")
     handler = type("Handler", (_Handler,), {"quiet": quiet, "hosts": allowed_hosts(host, extra_hosts),
+                                            "reports_dir": None if reports_dir is None else str(reports_dir),
                                             **(handler_methods or {})})
     try:
         server = http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(site_dir)))
@@ -145,9 +222,9 @@ def _port_error(error: OSError, host: str, port: int) -> OSError | PlatformError
                          f"start this one on another port (--port {port + 1}), or stop the server on port {port} first")
 
 
-def serve(site_dir, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve a built site until interrupted."""
-    serve_until_interrupted(make_server(site_dir, host, port),
+def serve(site_dir, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, reports_dir=None) -> None:
+    """Serve a built site (and ``reports_dir`` under ``reports/``) until interrupted."""
+    serve_until_interrupted(make_server(site_dir, host, port, reports_dir=reports_dir),
                             f"Feature browser: http://{{host}}:{{port}}/  (serving {Path(site_dir).resolve()}; "
                             "Ctrl-C stops)")
 

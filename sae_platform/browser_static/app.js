@@ -19,6 +19,7 @@
     sort: { key: 'feature', desc: false }, query: '', page: 0, matchRank: null,
     rowOf: new Map(), chunks: new Map(), tokensLower: null, view: null, histLog: false,
     filter: 'all', explLower: null, live: null,
+    listHash: '#/',               // the list's address with its state (search, sort, filter, page)
   };
   const DENSE = 0.1;              // a latent firing on more than 10% of tokens is "dense"
   const FILTERS = {
@@ -47,7 +48,8 @@
     }
     return node;
   }
-  function safeHref(v) { return /^#\/[\w/]*$/.test(v) ? v : '#/'; }   // only our own routes
+  // only our own routes, and the one report page the server serves beside the site
+  function safeHref(v) { return /^#\/[\w/?=&%.*+-]*$/.test(v) || (S.index && v === S.index.comparison_url && /^reports\/[\w.-]+\.html$/.test(v)) ? v : '#/'; }
   function svg(tag, attrs) {
     const node = document.createElementNS(SVG_NS, tag);
     for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
@@ -195,6 +197,43 @@
     S.order = Int32Array.from(arr);
   }
 
+  // ---------- the list's state in the URL: #/?q=…&sort=…&desc=1&filter=…&page=… ----------
+  // Only what differs from the defaults is written; page is 1-based. The address is updated in
+  // place (history.replaceState) as the list changes, so a reload, a shared link or Back from a
+  // feature page restores the same list.
+  const SORT_KEYS = ['feature', 'density', 'max', 'n2g_f1', 'match'];
+  function defaultSortKey() { return S.query.trim() ? 'match' : 'feature'; }
+  function listHash() {
+    const p = new URLSearchParams();
+    if (S.query) p.set('q', S.query);
+    if (S.sort.key !== defaultSortKey() || S.sort.desc) {
+      p.set('sort', S.sort.key);
+      if (S.sort.desc) p.set('desc', '1');
+    }
+    if (S.filter !== 'all') p.set('filter', S.filter);
+    if (S.page > 0) p.set('page', String(S.page + 1));
+    const qs = p.toString();
+    return qs ? `#/?${qs}` : '#/';
+  }
+  function syncHash() {
+    S.listHash = listHash();
+    const now = location.hash || '#/';
+    if (now !== S.listHash && isListHash(now)) history.replaceState(null, '', S.listHash);
+  }
+  function isListHash(h) { return h === '' || h === '#' || h === '#/' || h.startsWith('#/?'); }
+  function readListHash(hash) {
+    const at = hash.indexOf('?');
+    const p = new URLSearchParams(at >= 0 ? hash.slice(at + 1) : '');
+    S.query = p.get('q') || '';
+    S.filter = Object.prototype.hasOwnProperty.call(FILTERS, p.get('filter')) ? p.get('filter') : 'all';
+    const key = p.get('sort');
+    S.sort = SORT_KEYS.includes(key) && (S.index.columns[key] || key === 'match')
+      ? { key, desc: p.get('desc') === '1' } : { key: defaultSortKey(), desc: false };
+    applyQuery();   // resets the page
+    const page = parseInt(p.get('page') || '1', 10);
+    S.page = Number.isFinite(page) && page > 1 ? page - 1 : 0;   // renderList clamps it to the last page
+  }
+
   // ---------- index view ----------
   function renderIndex() {
     const root = clear(app());
@@ -256,6 +295,7 @@
     const total = S.order.length;
     const pages = Math.max(1, Math.ceil(total / PAGE));
     S.page = Math.min(S.page, pages - 1);
+    syncHash();
     const lo = S.page * PAGE, hi = Math.min(total, lo + PAGE);
     const count = document.getElementById('count');
     clear(count).appendChild(document.createTextNode(
@@ -333,7 +373,7 @@
     const r = S.rowOf.get(id);
     const cols = S.index.columns;
     const nav = el('nav', { class: 'fnav' },
-      el('a', { href: '#/' }, '\u2190 All features'),
+      el('a', { href: S.listHash }, '\u2190 All features'),
       r > 0 ? el('a', { href: `#/feature/${cols.feature[r - 1]}`, id: 'prev-feature' }, `\u2039 ${cols.feature[r - 1]}`) : null,
       r !== undefined && r < S.n - 1 ? el('a', { href: `#/feature/${cols.feature[r + 1]}`, id: 'next-feature' }, `${cols.feature[r + 1]} \u203a`) : null);
     root.appendChild(nav);
@@ -402,7 +442,7 @@
     S.view = 'overview';
     const root = clear(app());
     const cols = S.index.columns;
-    root.appendChild(el('nav', { class: 'fnav' }, el('a', { href: '#/' }, '\u2190 All features')));
+    root.appendChild(el('nav', { class: 'fnav' }, el('a', { href: S.listHash }, '\u2190 All features')));
     root.appendChild(el('h1', null, `SAE overview \u00b7 ${S.index.run}`));
     let dead = 0, dense = 0;
     const bins = new Array(29).fill(0);   // log10 density from -7 to 0, 0.25 wide
@@ -417,29 +457,26 @@
       stat('Features', fmtInt(S.n), null, 'ov-features'),
       stat('Dead', fmtInt(dead), 'never fired on any cached token', 'ov-dead'),
       stat('Dense', fmtInt(dense), `fire on > ${DENSE * 100}% of tokens`, 'ov-dense'));
-    const show = (k) => el('a', { href: '#/', class: 'filterlink', dataset: { filter: k },
-      onclick: () => { S.filter = k; S.query = ''; applyQuery(); } }, FILTERS[k][0]);
+    const show = (k) => el('a', { href: `#/?filter=${k}`, class: 'filterlink', dataset: { filter: k } }, FILTERS[k][0]);
     root.appendChild(el('section', { class: 'card' }, el('h2', null, 'Features'), counts,
       el('p', null, 'List: ', show('dead'), ' \u00b7 ', show('dense'), ' \u00b7 ', show('alive'),
         ' \u00b7 sort the list by density, max activation', cols.n2g_f1 ? ' or N2G F1' : '', ' with its column headers.')));
-    const W = 600, H = 180, PADB = 24;
+    const W = 600, H = 180, PADB = 24, PADL = 44;
     const top = Math.max(1, ...bins);
-    const bw = W / bins.length;
+    const bw = (W - PADL) / bins.length;
     const s = svg('svg', { id: 'density-histogram', viewBox: `0 0 ${W} ${H}`, role: 'img', class: 'histsvg' });
     bins.forEach((c, i) => {
       const h = (c / top) * (H - PADB - 6);
-      const rect = svg('rect', { x: (i * bw + 0.5).toFixed(2), y: (H - PADB - h).toFixed(2),
+      const rect = svg('rect', { x: (PADL + i * bw + 0.5).toFixed(2), y: (H - PADB - h).toFixed(2),
         width: Math.max(0.5, bw - 1).toFixed(2), height: h.toFixed(2), class: 'histbar' });
       const t = svg('title');
       t.textContent = `log10 density [${(-7 + i / 4).toFixed(2)}, ${(-7 + (i + 1) / 4).toFixed(2)}): ${fmtInt(c)} features`;
       rect.appendChild(t);
       s.appendChild(rect);
     });
-    for (const x of [-7, -6, -5, -4, -3, -2, -1, 0]) {
-      const t = svg('text', { x: Math.min(W - 8, Math.max(8, (x + 7) * 4 * bw)), y: H - 6, 'text-anchor': 'middle', class: 'histlabel' });
-      t.textContent = String(x);
-      s.appendChild(t);
-    }
+    s.appendChild(svg('line', { x1: PADL, y1: H - PADB + 0.5, x2: W, y2: H - PADB + 0.5, class: 'axis' }));
+    yAxis(s, top, PADL, H - PADB, H - PADB - 6, (v) => v);
+    for (const x of [-7, -6, -5, -4, -3, -2, -1, 0]) xTick(s, Math.min(W - 1, PADL + (x + 7) * 4 * bw), H - PADB, String(x));
     root.appendChild(el('section', { class: 'card' }, el('h2', null, 'Feature density (log10, alive features)'), s,
       el('p', { class: 'muted small' }, `x: log10 of the fraction of tokens a feature fires on; y: features. ${fmtInt(dead)} dead features are not drawn.`)));
     const ev = S.index.evaluation;
@@ -447,11 +484,39 @@
     if (!ev) {
       evBox.appendChild(el('p', { class: 'muted' }, 'No evaluation report was found when the site was built.'));
     } else {
-      const tbl = el('table', { class: 'evaltable' });
-      for (const [k, v] of Object.entries(ev)) tbl.appendChild(el('tr', null, el('td', null, k), el('td', { class: 'num' }, fmt(v))));
-      evBox.appendChild(tbl);
+      evaluationTables(evBox, ev);
+    }
+    if (S.index.comparison_url) {
+      evBox.appendChild(el('p', null, el('a', { href: S.index.comparison_url, id: 'comparison-link' },
+        'Every SAE of the sweep side by side →'), el('span', { class: 'muted small' }, ' (sae_comparison; served by sae-platform browse)')));
     }
     root.appendChild(evBox);
+  }
+
+  // Evaluation figures by group (reconstruction, sparsity, downstream, feature quality, ...), each
+  // with its unit, which way is better and a one-line definition: index.json's metric_info, the
+  // same table sae_eval's Dagster metadata and the comparison page read (sae_platform.metric_info).
+  function evaluationTables(box, ev) {
+    const info = S.index.metric_info || [];
+    const known = new Set(info.map((m) => m.key));
+    const groups = [...new Set(info.map((m) => m.group))];
+    for (const group of groups) {
+      const rows = info.filter((m) => m.group === group && ev[m.key] !== undefined && ev[m.key] !== null);
+      if (!rows.length) continue;
+      const tbl = el('table', { class: 'evaltable', dataset: { group } },
+        el('thead', null, el('tr', null, ['figure', 'value', 'unit', 'better', 'definition'].map((h) => el('th', null, h)))),
+        el('tbody', null, rows.map((m) => el('tr', { dataset: { key: m.key } },
+          el('td', { title: m.key }, m.label), el('td', { class: 'num' }, fmt(ev[m.key])), el('td', { class: 'muted small' }, m.unit),
+          el('td', { title: m.better ? `${m.better} is better` : 'no direction' }, m.arrow),
+          el('td', { class: 'small' }, m.definition, m.source ? el('span', { class: 'muted' }, ` (${m.source})`) : null)))));
+      box.appendChild(el('h3', null, group));
+      box.appendChild(tbl);
+    }
+    const other = Object.keys(ev).filter((k) => !known.has(k));
+    if (other.length) {
+      box.appendChild(el('details', null, el('summary', null, `${other.length} more figures of the report`),
+        el('table', { class: 'evaltable', id: 'evaluation-other' }, other.map((k) => el('tr', null, el('td', null, k), el('td', { class: 'num' }, fmt(ev[k])))))));
+    }
   }
 
   // ---------- live: text in, features out (needs sae-platform serve) ----------
@@ -469,7 +534,7 @@
   function renderLive() {
     S.view = 'live';
     const root = clear(app());
-    root.appendChild(el('nav', { class: 'fnav' }, el('a', { href: '#/' }, '\u2190 All features')));
+    root.appendChild(el('nav', { class: 'fnav' }, el('a', { href: S.listHash }, '\u2190 All features')));
     root.appendChild(el('h1', null, 'Text \u2192 features'));
     const out = el('div', { id: 'live-out' });
     const box = el('textarea', { id: 'live-text', rows: 4, maxLength: S.live ? S.live.max_chars : undefined,
@@ -558,6 +623,25 @@
     return cols.explanation && S.rowOf.has(id) ? el('span', { class: 'small' }, ` ${cols.explanation[S.rowOf.get(id)] || ''}`) : null;
   }
 
+  // A y axis with 3 ticks (0, half, top) labelled in counts: ``unscale`` turns a drawn height
+  // back into a count (identity, or the inverse of a log scale).
+  function yAxis(s, top, x0, y0, height, unscale) {
+    s.appendChild(svg('line', { x1: x0 + 0.5, y1: y0 - height, x2: x0 + 0.5, y2: y0, class: 'axis' }));
+    for (const f of [0, 0.5, 1]) {
+      const y = (y0 - f * height).toFixed(1);
+      s.appendChild(svg('line', { x1: x0 - 4, y1: y, x2: x0, y2: y, class: 'axis tick' }));
+      const t = svg('text', { x: x0 - 6, y: Number(y) + 4, 'text-anchor': 'end', class: 'histlabel ytick' });
+      t.textContent = fmtInt(Math.round(unscale(f * top)));
+      s.appendChild(t);
+    }
+  }
+  function xTick(s, x, y0, text, anchor) {
+    s.appendChild(svg('line', { x1: x, y1: y0, x2: x, y2: y0 + 4, class: 'axis tick' }));
+    const t = svg('text', { x, y: y0 + 16, 'text-anchor': anchor || 'middle', class: 'histlabel xtick' });
+    t.textContent = text;
+    s.appendChild(t);
+  }
+
   function stat(label, value, sub, id) {
     return el('div', { class: 'stat', id },
       el('dt', null, label), el('dd', null, value, sub ? el('small', null, sub) : null));
@@ -575,8 +659,9 @@
     }
     lo = Math.max(0, lo - 1); hi = Math.min(counts.length - 1, hi + 1);
     const shown = counts.slice(lo, hi + 1);
-    const W = 460, H = 150, PADB = 22, PADL = 4;
+    const W = 460, H = 150, PADB = 22, PADL = 44;
     const scale = (c) => (S.histLog ? Math.log10(1 + c) : c);
+    const unscale = (v) => (S.histLog ? 10 ** v - 1 : v);
     const top = Math.max(...shown.map(scale)) || 1;
     const bw = (W - PADL) / shown.length;
     const s = svg('svg', { id: 'histogram', viewBox: `0 0 ${W} ${H}`, role: 'img', class: 'histsvg' });
@@ -592,14 +677,11 @@
       rect.appendChild(t);
       s.appendChild(rect);
     });
-    const label = (x, anchor, text) => {
-      const t = svg('text', { x, y: H - 6, 'text-anchor': anchor, class: 'histlabel' });
-      t.textContent = text;
-      s.appendChild(t);
-    };
-    label(PADL, 'start', fmtEdge(edges[lo], false));
-    label((W + PADL) / 2, 'middle', fmtEdge(edges[lo + Math.floor(shown.length / 2)], false));
-    label(W, 'end', fmtEdge(edges[hi + 1], true));
+    yAxis(s, top, PADL, H - PADB, H - PADB - 6, unscale);
+    const mid = Math.floor(shown.length / 2);
+    xTick(s, PADL + 0.5, H - PADB, fmtEdge(edges[lo], false), 'start');
+    xTick(s, PADL + mid * bw, H - PADB, fmtEdge(edges[lo + mid], false));
+    xTick(s, W - 0.5, H - PADB, fmtEdge(edges[hi + 1], true), 'end');
     box.appendChild(s);
     const toggle = el('label', { class: 'muted small' },
       el('input', { type: 'checkbox', checked: S.histLog, onchange: (e) => {
@@ -607,7 +689,7 @@
         box.replaceWith(histogram(f));
       } }), ' log scale');
     box.appendChild(el('div', { class: 'histfoot' },
-      el('span', { class: 'muted small' }, 'x: activation (bins with data), y: number of tokens; hover a bar for its range'), toggle));
+      el('span', { class: 'muted small' }, `x: activation (bins with data), y: number of tokens${S.histLog ? ' (log scale)' : ''}; hover a bar for its range`), toggle));
     return box;
   }
 
@@ -628,7 +710,11 @@
     }
     wrap.appendChild(col('Promoted', f.top_token_strs, f.top_scores, f.top_token_ids, 'pos'));
     wrap.appendChild(col('Suppressed', f.bottom_token_strs, f.bottom_scores, f.bottom_token_ids, 'neg'));
-    return wrap;
+    const where = S.index.hook_point ? ` written at ${S.index.hook_point}` : '';
+    return el('figure', { class: 'logitfig' }, wrap, el('figcaption', { class: 'muted small', id: 'logit-caption' },
+      `Score: the feature's decoder direction${where} times the unembedding (W_dec \u00b7 W_U, the final norm folded in): `
+      + 'the change in each token\'s logit per unit of activation along the direct path, bypassing the later layers. '
+      + 'Promoted: the largest scores; suppressed: the smallest.'));
   }
 
   function examples(f) {
@@ -796,6 +882,9 @@
       renderOverview();
     } else if (location.hash === '#/live') {
       renderLive();
+    } else if (isListHash(location.hash)) {
+      readListHash(location.hash);
+      renderIndex();
     } else if (S.view !== 'index') {
       renderIndex();
     }
