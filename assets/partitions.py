@@ -5,7 +5,7 @@ from pathlib import Path
 
 from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
 
-from sae_platform.catalog import load_sweep
+from sae_platform.catalog import N_FEATURE_SHARDS, load_sweep
 
 SWEEP_FILE = Path(os.environ.get("SAE_PLATFORM_SWEEP", Path(__file__).resolve().parents[1] / "config" / "sweep.yaml"))
 
@@ -25,5 +25,5 @@ SAE_SWEEP = StaticPartitionsDefinition(list(SAE_SWEEP_SPECS))
 
 # Feature tables: latents split into shards (each shard's range is computed from the SAE's width);
 # pass 1 is cut by dataset shard (activation batch) only: each row is encoded once for every shard.
-N_FEATURE_SHARDS = 4
+# N_FEATURE_SHARDS: how many, from the catalog.
 FEATURE_SHARDS = StaticPartitionsDefinition([f"f{i}" for i in range(N_FEATURE_SHARDS)])

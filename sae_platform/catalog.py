@@ -52,6 +52,10 @@ FEATURES = "features"
 BROWSER = "browser"
 STAGE_RECORDS = "stages"
 
+# Feature tables: the latents are split into this many feature shards (``f<i>`` in the partials',
+# tables' and explanations' names); the pipeline's partitions and the benchmarks read it here.
+N_FEATURE_SHARDS = 4
+
 # Files inside an artifact's version that more than one module reads.
 EVAL_REPORT = "report.json"  # eval/<sae_name>: every evaluation figure
 EVAL_PROBES = "probes.json"  # eval/<sae_name>: the per-property probe table
