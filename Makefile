@@ -13,7 +13,7 @@ TORCH_WHEELS := /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),)
 TORCH_PIN := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0*.whl),torch==2.13.0,)
 
-.PHONY: setup browser postgres redis demo lint test test-fast bench browse ui clean
+.PHONY: setup browser postgres redis demo lint test test-fast bench gpu-check browse ui clean
 
 setup: $(VENV)/.installed $(SAE_PLATFORM_DATA)/.fetched $(DAGSTER_HOME)/dagster.yaml
 
@@ -66,6 +66,15 @@ test-fast: setup
 
 bench: setup
 	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done
+
+# The prepared GPU check (benchmarks/gpu_check.py; docs/operator.md, "Checking a GPU"): one JSON line per
+# figure, also in $$OUT/gpu_check.jsonl when OUT is set. No `setup` first: a lent GPU machine reaches no
+# registry, so it runs on the machine's own python3 (torch, transformers) when this checkout has no venv.
+# DEVICE=cpu runs the tiny sizes (--quick): the CI smoke test, tests/test_gpu_check.py.
+DEVICE ?= cuda
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_CHECK_PY) benchmarks/gpu_check.py --device $(DEVICE) $(if $(filter cpu,$(DEVICE)),--quick,) $(GPU_CHECK_ARGS)
 
 ui: setup
 	$(VENV)/bin/dagster dev -w workspace.yaml

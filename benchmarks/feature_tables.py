@@ -56,13 +56,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sae_platform.catalog import N_FEATURE_SHARDS  # noqa: E402  (as the pipeline's feature shards)
+
 D_MODEL, N_LATENTS, K = 576, 16384, 32
 TOP_K, RESERVOIR_FACTOR = 20, 10
 GOAL_THROUGHPUT = 2.0
 GOAL_MEMORY_RATIO = 0.25
 GOAL_MEMORY_GROWTH = 1.1
 GOAL_STAGES_OVER_ENCODE = 2.0
-N_FEATURE_SHARDS = 4  # as the pipeline (assets/partitions.py)
 STAGE_SIDES = ("encode", "stages_one_encode", "stages_per_shard")
 CHUNK_BYTES = 4 << 20
 MMAP_THRESHOLD = 256 << 10  # glibc: blocks above this are mmapped, so freeing returns them at once

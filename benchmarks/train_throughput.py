@@ -182,6 +182,12 @@ def make_step(sae, x, dense=False, dead_mask=None):
     return step
 
 
+def useful_step_flops(batch: int, d: int, n: int) -> int:
+    """FLOPs of the dense matmuls a textbook TopK step cannot avoid: the encoder forward (2·B·d·n)
+    and the encoder weight gradient (2·B·d·n); figure (b)'s and gpu_check.py's numerator."""
+    return 4 * batch * d * n
+
+
 def make_matmuls(batch, d, n, device):
     """The two dense matmuls of a textbook step, bare, into preallocated outputs."""
     x = torch.randn(batch, d, device=device)
@@ -362,7 +368,7 @@ def main(argv=None) -> int:
 
     tps = {name: batch / med[name] for name in ("topk_sparse", "topk_dense_ref", "switch", "topk_sparse_auxk",
                                                  "saelens_topk", "saelens_topk_auxk", "topk_bf16_picks") if name in med}
-    useful = 4 * batch * d * n  # encoder forward + encoder weight gradient
+    useful = useful_step_flops(batch, d, n)
     mm_s = med["matmul_forward"] + med["matmul_weight_grad"]
     step_flops = useful / med["topk_sparse"]
     limit_flops = useful / mm_s

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
-import polars as pl
 import torch
 
 from sae_platform.catalog import (
@@ -254,6 +253,8 @@ def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_so
     pass, which stops after the deepest of them, and gets its own store (``store_group``) with
     its own rows (the sink rule applies per store; a transcoder pair keeps or drops a token's
     input and output together, by the input's norm)."""
+    import polars as pl  # here, not at the top: GPU machines without polars still train (gpu_check.py)
+
     entries = hook_entries(model, settings)
     expected = fingerprint(model, model_source, entries)
     check_compatible(store, expected, key)

@@ -411,7 +411,7 @@ def reports_url_path(file: str = SWEEP_COMPARISON) -> str:
 
 # Feature shards f0 … f<N-1>: the latents of every SAE split into this many tables (each shard's
 # range is computed from the SAE's width: ``features.feature_shards``). The feature assets'
-# partitions (assets/partitions.py) and ``sae-platform status`` both count them from here.
+# partitions (assets/partitions.py), ``sae-platform status`` and the benchmarks count them from here.
 N_FEATURE_SHARDS = 4
 
 

@@ -423,6 +423,21 @@ class _ShardState:
                     diagnostics={"top_compactions": top_compactions, "res_compactions": res_compactions})
 
 
+def _check_pass1_arguments(sae, shards: list[tuple[int, int]], settings: FeatureSettings, batch_rows: int) -> None:
+    """FeatureError naming the first bad argument of pass 1 (before any partition is read)."""
+    if not shards:
+        raise FeatureError("compute_partials needs at least one feature shard", "pass feature_shards(n_latents, n)")
+    for start, stop in shards:
+        check_range(sae, start, stop)
+    for name, value in (("top_k", settings.top_k), ("reservoir_factor", settings.reservoir_factor),
+                        ("batch_rows", batch_rows)):
+        check_positive(name, value)
+    check_features = settings.check_features
+    if isinstance(check_features, bool) or not isinstance(check_features, int) or check_features < 0:
+        raise FeatureError(f"check_features must be an integer >= 0, got {check_features!r}",
+                           "set check_features to the number of features per shard the exactness check recomputes")
+
+
 @torch.no_grad()
 def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list[tuple[int, int]],
                      settings: FeatureSettings, *, batch_rows: int = 4096, device=None, on_codes=None,
@@ -446,22 +461,28 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     ``group``: the partition's hook-point store to read (``catalog.store_group``; the SAE's
     own: ``catalog.shuffled_input_group`` of the shuffled store it was trained on). A transcoder reads its
     paired rows [input | output] and encodes the input half."""
-    if not shards:
-        raise FeatureError("compute_partials needs at least one feature shard", "pass feature_shards(n_latents, n)")
-    for start, stop in shards:
-        check_range(sae, start, stop)
-    shards = [(int(a), int(b)) for a, b in shards]
-    top_k, reservoir_factor, seed = settings.top_k, settings.reservoir_factor, settings.seed
-    check_features = settings.check_features
-    for name, value in (("top_k", top_k), ("reservoir_factor", reservoir_factor), ("batch_rows", batch_rows)):
-        check_positive(name, value)
-    if isinstance(check_features, bool) or not isinstance(check_features, int) or check_features < 0:
-        raise FeatureError(f"check_features must be an integer >= 0, got {check_features!r}",
-                           "set check_features to the number of features per shard the exactness check recomputes")
+    _check_pass1_arguments(sae, shards, settings, batch_rows)
     dev = _resolve_device(sae, device)
     part = open_checked(store, sae, partition_key, group)
     version = part.path.rstrip("/").rsplit("/", 1)[-1]  # the version actually read, pinned in the partial
-    n_rows, res_size = part.n_rows, reservoir_factor * top_k
+    return partials_of_rows(sae, part.acts, part.n_rows, partition_key, version, shards, settings,
+                            batch_rows=batch_rows, device=dev, on_codes=on_codes, group=group)
+
+
+@torch.no_grad()
+def partials_of_rows(sae, acts, n_rows: int, partition_key: str, version: str, shards: list[tuple[int, int]],
+                     settings: FeatureSettings, *, batch_rows: int = 4096, device=None, on_codes=None,
+                     group: str = FIRST_STORE) -> list[Partial]:
+    """Pass 1 over ``acts``, rows [0, n_rows) of any array that slices into numpy blocks ``[rows,
+    width]`` (a partition's zarr array, or rows in memory: ``benchmarks/gpu_check.py`` times pass 1
+    on a machine with no store); ``version`` is recorded as the partition's. Everything else as
+    :func:`compute_partials`, which opens the partition first; FeatureError for the same bad arguments."""
+    _check_pass1_arguments(sae, shards, settings, batch_rows)
+    shards = [(int(a), int(b)) for a, b in shards]
+    top_k, reservoir_factor, seed = settings.top_k, settings.reservoir_factor, settings.seed
+    check_features = settings.check_features
+    dev = _resolve_device(sae, device)
+    res_size = reservoir_factor * top_k
     sparse = _sparse_route(sae)
     rows_per_batch = _effective_batch_rows(sae, batch_rows, max(b - a for a, b in shards))
     salt = partition_salt(seed, partition_key)
@@ -502,7 +523,7 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
                 s.add(rows[lo:lo + count], idx[lo:lo + count] - s.start, vals[lo:lo + count])
                 lo += count
 
-    for offset, block in _batches(part.acts, n_rows, rows_per_batch):
+    for offset, block in _batches(acts, n_rows, rows_per_batch):
         finite = np.isfinite(block).all(1)  # on the host block: one cheap numpy pass, on any device
         if not finite.all():
             bad = offset + int(np.flatnonzero(~finite)[0])

@@ -49,6 +49,8 @@ an unreadable superseded mark: its grace period is over). The writer mark is wri
 and a commit whose mark cannot be written (a full disk) removes its version directory at once.
 """
 
+from __future__ import annotations  # pl / zarr in signatures only: both are imported where used
+
 import contextlib
 import io
 import json
@@ -61,16 +63,17 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import polars as pl
-import zarr
+from typing import TYPE_CHECKING, Any
 
 from sae_platform import checksums
 from sae_platform.catalog import CHECKSUMS, rebuild_fix
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.filesystems import fs_options, open_fs
 from sae_platform.settings import env_value
+
+if TYPE_CHECKING:
+    import polars as pl
+    import zarr
 
 POINTER = "COMMITTED.json"
 VERSION_PREFIX = "v-"
@@ -512,6 +515,8 @@ class ArtifactStore:
 
     def read_parquet(self, path: str) -> pl.DataFrame:
         """A parquet table of an artifact; StorageError naming it when it is damaged (``damaged``)."""
+        import polars as pl  # here, not at the top: GPU machines without polars still train (gpu_check.py)
+
         data = self.fs.cat_file(path)
         with self.damaged(path, "parquet table"):
             return pl.read_parquet(io.BytesIO(data))
@@ -543,6 +548,8 @@ class ArtifactStore:
         return f"the file was damaged after it was committed (disk, copy or edit): {rebuild_fix(self, name)}"
 
     def zarr_store(self, path: str, read_only: bool = False) -> zarr.abc.store.Store:
+        import zarr  # here, not at the top: GPU machines without zarr still train (gpu_check.py)
+
         if self.is_local:
             return zarr.storage.LocalStore(path, read_only=read_only)
         return zarr.storage.FsspecStore.from_url(
@@ -550,6 +557,8 @@ class ArtifactStore:
         )
 
     def open_group(self, path: str, mode: str = "r") -> zarr.Group:
+        import zarr
+
         return zarr.open_group(self.zarr_store(path, read_only=(mode == "r")), mode=mode, zarr_format=3)
 
     def open_checked_group(self, name: str, version: str, group: str, what: str | None = None) -> zarr.Group:

@@ -69,6 +69,7 @@ def test_local_model_is_stored_once_as_safetensors(store, tiny_model_dir):
     assert store.resolve(catalog.model_name(str(tiny_model_dir))) == path
 
 
+@pytest.mark.cuda  # pick_device("auto") is cuda there
 def test_device_and_autocast_selection(monkeypatch):
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

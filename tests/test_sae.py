@@ -29,6 +29,9 @@ from sae_platform.sae import (
 )
 
 D, N, K = 16, 64, 4
+# The CPU always; the CUDA device where there is one (`make gpu-check` runs the `cuda`-marked tests on a GPU).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                    reason="no CUDA device")])]
 SMALL = {"topk": {"k": K}, "batchtopk": {"k": K}, "matryoshka_batchtopk": {"k": K, "matryoshka_widths": [8, 24]},
          "switch": {"k": K, "n_experts": 4},
          "jumprelu": {}, "relu": {}}
@@ -94,18 +97,20 @@ def test_relu_after_topk_silences_negative_picks(variant):
 
 # --- sparse kernels vs dense references --------------------------------------------------------
 
-def irregular_pattern(batch=12, seed=0):
+def irregular_pattern(batch=12, seed=0, device="cpu"):
     """Rows with 0..6 entries, the first row empty: the BatchTopK shape."""
     g = torch.Generator().manual_seed(seed)
     counts = torch.randint(0, 7, (batch,), generator=g)
     counts[0] = 0
     rows = torch.arange(batch).repeat_interleave(counts)
     cols = torch.cat([torch.randperm(N, generator=g)[:c] for c in counts.tolist()])
-    return Pattern.from_rows(rows, cols, batch, N), torch.randn(rows.numel(), generator=g)
+    return (Pattern.from_rows(rows.to(device), cols.to(device), batch, N),
+            torch.randn(rows.numel(), generator=g).to(device))
 
 
 def dense_of(pattern, vals):
-    return torch.zeros(pattern.batch, N).index_put((pattern.rows, pattern.cols), vals, accumulate=True)
+    return torch.zeros(pattern.batch, N, device=vals.device).index_put((pattern.rows, pattern.cols), vals,
+                                                                       accumulate=True)
 
 
 @pytest.mark.parametrize("kind", ["regular", "irregular"])
@@ -133,21 +138,23 @@ def test_sparse_decode_matches_dense_decode_values_and_gradients(kind):
     assert table.grad.abs().sum() > 0 and vals.grad.abs().sum() > 0
 
 
-def test_sparse_kernels_match_dense_algebra():
-    pattern, vals = irregular_pattern(seed=3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_kernels_match_dense_algebra(device):
+    pattern, vals = irregular_pattern(seed=3, device=device)
     s = dense_of(pattern, vals)
-    y, table = torch.randn(pattern.batch, D), torch.randn(N, D)
+    y, table = torch.randn(pattern.batch, D, device=device), torch.randn(N, D, device=device)
     torch.testing.assert_close(spmm(pattern, vals, table), s @ table, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(spmm_t(pattern, vals, y), s.T @ y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sddmm(pattern, y, table), (y @ table.T)[pattern.rows, pattern.cols], atol=1e-5,
                                rtol=1e-5)
     values, indices = pattern.padded(vals)
-    torch.testing.assert_close(torch.zeros(pattern.batch, N).scatter_add_(1, indices, values), s)
+    torch.testing.assert_close(torch.zeros(pattern.batch, N, device=device).scatter_add_(1, indices, values), s)
 
 
-def test_topk_forward_and_all_gradients_match_dense_reference():
-    x = make_data(48, seed=2, scale=3.0, offset=0.5)
-    sae = calibrated("topk", x)
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_forward_and_all_gradients_match_dense_reference(device):
+    x = make_data(48, seed=2, scale=3.0, offset=0.5).to(device)
+    sae = calibrated("topk", x, device=device)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)  # non-zero so its gradient path is exercised
     out = sae(x)
