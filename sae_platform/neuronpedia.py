@@ -173,7 +173,7 @@ def check_record(kind: str, record: dict, where: str = "") -> dict:
         if value is None and field["nullable"]:
             continue
         if value is None or not _type_ok(value, field["type"]):
-            raise NeuronpediaError(f"{label}: {name} = {str(value)[:80]!r} is not {field['type']}"
+            raise NeuronpediaError(f"{label}: {name} = {repr(value)[:80]} is not {field['type']}"
                                    f"{' or null' if field['nullable'] else ''}",
                                    f"write {name} as Neuronpedia's {kind} record declares it ({FIELDS_FILE})")
     for problem in _invariants(kind, record):
