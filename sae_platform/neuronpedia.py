@@ -83,7 +83,7 @@ from sae_platform.catalog import (
 )
 from sae_platform.contexts import read_feature_contexts
 from sae_platform.errors import PlatformError
-from sae_platform.export import CFG_FILENAME, WEIGHTS_FILENAME
+from sae_platform.export import CFG_FILENAME, WEIGHTS_FILENAME, export_run
 from sae_platform.feature_intervals import interval_bounds
 from sae_platform.feature_merge import read_tables
 from sae_platform.hooks import parse_hook_point
@@ -516,7 +516,10 @@ def export_sae(store, sae_name: str, n_feature_shards: int, *, attrs: dict, entr
     (every feature shard, one at a time in memory) with its SAELens weights: ``write_export``.
     ``attrs``/``entry``: its activations' caching attributes and hook-point entry (model, d_model,
     ctx_len; where its reconstruction belongs). StorageError naming the missing artifact and the stage
-    that makes it; NeuronpediaError for a record Neuronpedia would not accept."""
+    that makes it; NeuronpediaError for a record Neuronpedia would not accept. Writes the SAELens
+    export of the current checkpoint first when there is none (``export.export_run``)."""
+    if not is_current(store, sae_name, store.pointer(export_name(sae_name))):
+        export_run(store, sae_name)  # None (nothing written) where SAELens has no equivalent
     inputs = input_versions(store, sae_name, n_feature_shards)
     ids = export_ids(attrs.get("model", "model"), sae_name, parse_hook_point(entry.hook_name).layer)
     shards = (_shard_tables(store, sae_name, i) for i in range(n_feature_shards))

@@ -37,7 +37,8 @@ def _llm(start: int) -> pl.DataFrame:
     return pl.DataFrame([{"feature": start, "explanation": "llm says", "balanced_accuracy": 0.75,
                           "true_positive_rate": 0.5, "true_negative_rate": 1.0, "n_positive": 2, "n_negative": 2,
                           "error": None},
-                         {"feature": start + 1, "explanation": "", "balanced_accuracy": None, "true_positive_rate": None,
+                         {"feature": start + 1, "explanation": "", "balanced_accuracy": None,
+                          "true_positive_rate": None,
                           "true_negative_rate": None, "n_positive": 0, "n_negative": 0, "error": "unusable answer"}],
                         schema=LLM_EXPLANATION_SCHEMA)
 
