@@ -13,7 +13,7 @@ TORCH_WHEELS := /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),)
 TORCH_PIN := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0*.whl),torch==2.13.0,)
 
-.PHONY: setup browser postgres redis demo lint test test-fast bench gpu-check browse ui clean
+.PHONY: setup browser postgres redis demo lint test test-fast bench gpu-check browse ui clean neuronpedia-venv
 
 setup: $(VENV)/.installed $(SAE_PLATFORM_DATA)/.fetched $(DAGSTER_HOME)/dagster.yaml
 
@@ -84,3 +84,9 @@ clean:
 
 browse: setup
 	$(VENV)/bin/sae-platform browse
+
+# The `neuronpedia` package (its record readers) in its own environment, never in .venv: tests/test_neuronpedia.py
+# runs it as a subprocess and is skipped while it is absent (SAE_PLATFORM_NEURONPEDIA_PYTHON overrides the path).
+NEURONPEDIA_VENV ?= /work/venvs/neuronpedia
+neuronpedia-venv:
+	$(PYTHON) -m venv $(NEURONPEDIA_VENV) && $(NEURONPEDIA_VENV)/bin/pip install neuronpedia==1.2.1

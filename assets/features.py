@@ -12,11 +12,11 @@ from assets.metadata import table_metadata, table_preview
 from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, N_FEATURE_SHARDS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from assets.training import heldout_contexts
-from sae_platform import catalog
+from sae_platform import catalog, neuronpedia
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform import metrics as fm
-from sae_platform.activations import activation_attrs, open_partition
+from sae_platform.activations import activation_attrs, activation_hook_entry, open_partition
 from sae_platform.browser.address import BROWSER_URL
 from sae_platform.browser.publish import build_site
 from sae_platform.catalog import eval_name, trained_on
@@ -326,7 +326,7 @@ def explain_with_llm_step(run: StageRun) -> dict:
     frame = pl.DataFrame(rows, schema=LLM_EXPLANATION_SCHEMA)
     name = catalog.llm_explanations_name(settings.sae_name, index)
     with store.writing(name, explainer=llm.describe()) as version:
-        store.write_parquet(f"{version}/llm_explanations.parquet", frame)
+        store.write_parquet(f"{version}/{catalog.LLM_EXPLANATIONS_FILE}", frame)
     explained, failed = frame.filter(pl.col("error").is_null()), frame.filter(pl.col("error").is_not_null())
     for row in failed.iter_rows(named=True):
         run.log.warning(f"feature {row['feature']}: no LLM explanation: {row['error']}")
@@ -446,5 +446,43 @@ FEATURE_BROWSER = _stage(
           AssetDep("feature_explanations", partition_mapping=AllPartitionMapping())),
     body=write_browser, version=browser_version, checks=(DESCRIBES_EVERY_CACHED_BATCH,))
 
+
+# -- Neuronpedia export ---------------------------------------------------------------------------
+
+def export_to_neuronpedia(run: StageRun) -> dict:
+    """Every feature of the SAE in Neuronpedia's import layout, with its SAELens weights
+    (sae_platform.neuronpedia): one committed folder to import or upload."""
+    settings, store = _settings(run), run.store
+    shuffle = sae_shuffle(run)
+    attrs, entry = activation_attrs(store, shuffle), activation_hook_entry(store, shuffle)
+    result = neuronpedia.export_sae(store, settings.sae_name, N_FEATURE_SHARDS, attrs=attrs, entry=entry)
+    run.log.info(f"Neuronpedia export of {settings.sae_name}: {result['features']:,} features, "
+                 f"{result['activations']:,} example windows, {result['explanations']:,} explanations")
+    return {"source": result["source"], "features": result["features"], "activations": result["activations"],
+            "explanations": result["explanations"], "batches": result["batches"],
+            "saelens_weights": result["saelens_weights"], "path": MetadataValue.path(store.url(result["path"]))}
+
+
+def neuronpedia_current(run: StageRun) -> str | None:
+    settings = _settings(run)
+    if settings.rebuild or not neuronpedia.export_current(run.store, settings.sae_name, N_FEATURE_SHARDS):
+        return None
+    return (f"the Neuronpedia export of {settings.sae_name} was written from the tables, windows and explanations "
+            "stored now (resources.features.config.rebuild forces a rebuild)")
+
+
+NEURONPEDIA_EXPORT = Stage(
+    asset="neuronpedia_export", group="features", kinds=frozenset({"json"}),
+    job=AssetJob("export_neuronpedia", "Write one SAE's features in Neuronpedia's import layout."),
+    description="The SAE's features in Neuronpedia's import layout (model, source, source set and release records; "
+                "features, example windows and explanations in batch-<n>.jsonl.gz) with its SAELens weights, every "
+                "record checked against Neuronpedia's record definitions.",
+    resources=("storage", "features", "shuffle"),
+    deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()),
+          AssetDep("feature_contexts", partition_mapping=AllPartitionMapping()),
+          AssetDep("feature_explanations", partition_mapping=AllPartitionMapping())),
+    body=export_to_neuronpedia, up_to_date=neuronpedia_current, optional=True,
+    version=pointer_version(lambda run: catalog.neuronpedia_name(_settings(run).sae_name)))
+
 STAGES = [FEATURE_STATS_PARTIAL, FEATURE_TOPK, FEATURE_CONTEXT_WINDOWS, FEATURE_CONTEXTS, FEATURE_EXPLANATIONS,
-          FEATURE_LLM_EXPLANATIONS, FEATURE_BROWSER]
+          FEATURE_LLM_EXPLANATIONS, FEATURE_BROWSER, NEURONPEDIA_EXPORT]

@@ -219,5 +219,6 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         # never keeps the browser from being written
         feature_shards.alias("llm_shards")(regrouped).map(step["feature_llm_explanations"])
         step["feature_browser"](explained)
+        step["neuronpedia_export"](explained)  # optional too: beside the browser, neither waits for the other
 
     return full_pipeline

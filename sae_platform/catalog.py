@@ -28,6 +28,7 @@ lineage records       ``features/<sae_name>/lineage/f<shard>.json``             
 context windows       ``features/<sae_name>/contexts_partial/<key>``, ``…/contexts/f<shard>``     contexts
 explanations          ``features/<sae_name>/explanations/f<shard>``, ``…/llm_explanations/…``     metrics, assets
 feature browser       ``browser/<sae_name>``                                                      browser.publish
+Neuronpedia export    ``neuronpedia/<sae_name>`` (``<modelId>/<sourceId>/…``)                      neuronpedia
 stage records         ``stages/<asset>/<partition>.json``                                         assets.stage
 ====================  ==========================================================================  ==================
 """
@@ -50,6 +51,7 @@ EXPORTS = "saelens"
 REPORTS = "reports"
 FEATURES = "features"
 BROWSER = "browser"
+NEURONPEDIA = "neuronpedia"
 STAGE_RECORDS = "stages"
 
 # Files inside an artifact's version that more than one module reads.
@@ -57,6 +59,7 @@ EVAL_REPORT = "report.json"  # eval/<sae_name>: every evaluation figure
 EVAL_PROBES = "probes.json"  # eval/<sae_name>: the per-property probe table
 SHUFFLED_INDEX = "index.json"  # shuffled/<name>: pinned inputs, plan, pieces, store_index
 LOGIT_EFFECTS = "logit_effects.parquet"  # features/<sae_name>/logits/f<shard>
+LLM_EXPLANATIONS_FILE = "llm_explanations.parquet"  # features/<sae_name>/llm_explanations/f<shard>
 CHECKSUMS = "CHECKSUMS.json"  # in every committed version: each file's size and sha256 (checksums.py)
 
 FIRST_STORE = "data.zarr"  # a partition's first hook-point store: what the demo trains on
@@ -503,6 +506,28 @@ def rebuild_fix(store, name: str) -> str:
 def browser_dir(store, sae_name: str | None = None) -> str:
     """``browser/`` (every SAE's site), or the site of ``sae_name``."""
     return store.path(BROWSER) if sae_name is None else store.path(BROWSER, check_sae_name(sae_name))
+
+
+def neuronpedia_name(sae_name: str) -> str:
+    """``neuronpedia/<sae_name>``: SAE ``sae_name``'s features in Neuronpedia's import layout (neuronpedia.py)."""
+    return f"{NEURONPEDIA}/{check_sae_name(sae_name)}"
+
+
+NEURONPEDIA_RECORD_KINDS = ("features", "activations", "explanations")  # batched, one record a line
+NEURONPEDIA_SAELENS = "saelens"  # beside the records: the SAELens weights the source record points to
+
+
+def neuronpedia_source_dir(model_id: str, source_id: str) -> str:
+    """``<modelId>/<sourceId>`` inside an export version: where Neuronpedia's importer looks for one source."""
+    return f"{model_id}/{source_id}"
+
+
+def neuronpedia_batch_file(kind: str, batch: int) -> str:
+    """``<kind>/batch-<n>.jsonl.gz`` inside a source folder (kind: ``NEURONPEDIA_RECORD_KINDS``)."""
+    if kind not in NEURONPEDIA_RECORD_KINDS:
+        raise StorageError(f"{kind!r} is not a batched Neuronpedia record kind",
+                           f"use one of {', '.join(NEURONPEDIA_RECORD_KINDS)}")
+    return f"{kind}/batch-{int(batch)}.jsonl.gz"
 
 
 def stage_record_path(store, asset: str, partition: str) -> str:

@@ -77,6 +77,13 @@ def interval_of(act, vmax, n_intervals: int) -> np.ndarray:
     return np.clip(np.nan_to_num(j, nan=0.0), 0, n_intervals - 1).astype(np.int32)
 
 
+def interval_bounds(vmax: float, n_intervals: int, interval: int) -> tuple[float, float]:
+    """[low, high) in activation units of equal-width interval ``interval`` of (0, vmax] (the last
+    also holds vmax itself): the interval ``interval_of`` puts an activation in."""
+    width = float(vmax) / n_intervals
+    return interval * width, (interval + 1) * width
+
+
 def interval_salt(seed: int, partition: str) -> int:
     """The salt of the interval examples' priorities in one partition (independent of the random sample's)."""
     return partition_salt(seed, partition, INTERVAL_STREAM)

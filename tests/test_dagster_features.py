@@ -21,6 +21,7 @@ from sae_platform.feature_merge import read_tables
 from sae_platform.lineage import feature_table_lineage, format_lineage
 from sae_platform.llm_explain import serve_chat
 from sae_platform.metrics import explanations_current, read_explanations
+from sae_platform.neuronpedia import check_record, export_current, read_export
 from sae_platform.shuffled import open_shuffled
 from sae_platform.tables import (
     EXAMPLE_SCHEMA,
@@ -87,6 +88,19 @@ def test_feature_pipeline_through_dagster(pipeline, store, monkeypatch):
     meta = instance.fetch_materializations(AssetKey("feature_explanations"), limit=10).records
     assert len(meta) == N_FEATURE_SHARDS
     assert all(explanations_current(store, SAE, i) for i in range(N_FEATURE_SHARDS))
+    # the Neuronpedia export: every feature and every window, each record as Neuronpedia defines it
+    records = read_export(store, SAE)
+    assert [int(f["index"]) for f in records["features"]] == list(range(256))
+    n_windows = sum(ctx.read_feature_contexts(store, SAE, i).height for i in range(N_FEATURE_SHARDS))
+    assert len(records["activations"]) == n_windows > 0
+    for kind, name in (("feature", "features"), ("activation", "activations"), ("explanation", "explanations"),
+                       ("source", "source"), ("model", "model"), ("sourceset", "sourceset"), ("release", "release")):
+        for record in records[name]:
+            check_record(kind, record)
+    first = records["features"][0]
+    assert {(len(f["vector"]), f["hookName"]) for f in records["features"]} == {(32, first["hookName"])}, first
+    assert first["hookName"].endswith(".hook_resid_post") and first["hookName"] in records["source"][0]["notes"]
+    assert export_current(store, SAE, N_FEATURE_SHARDS)
 
     # optional LLM explanations, through a real local OpenAI-compatible server
     server, url = serve_chat(RuleModel(), api_key=KEY)

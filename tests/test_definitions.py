@@ -164,7 +164,7 @@ def test_no_step_or_asset_waits_for_an_optional_stage(tmp_path):
     from assets.stage import upstream_keys
 
     optional = [stage for stage in STAGES.values() if stage.optional]
-    assert [stage.asset for stage in optional] == ["feature_llm_explanations"]
+    assert [stage.asset for stage in optional] == ["feature_llm_explanations", "neuronpedia_export"]
     structure = build_definitions(_settings(tmp_path)).resolve_job_def("full_pipeline").graph.dependency_structure
     for stage in optional:
         assert not structure.output_to_downstream_inputs_for_node(stage.op_name), stage.op_name

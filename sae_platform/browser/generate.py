@@ -208,7 +208,7 @@ def _stats_frame(shards: list[dict]) -> pl.DataFrame:
     return stats
 
 
-def _bin_edges(edges: list[float], stats: pl.DataFrame) -> list[float | None]:
+def histogram_bin_edges(edges: list[float], stats: pl.DataFrame) -> list[float | None]:
     """The edges of every histogram bin (len = bins + 1). Histograms have either len(edges) - 1
     bins, or len(edges) + 1: an underflow bin below edges[0] (from 0 when edges[0] > 0, as
     activations are positive) and an overflow bin from edges[-1] up (None: unbounded)."""
@@ -498,7 +498,7 @@ def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
         raise PlatformError(f"bad hist_bin_edges {edges[:8]}…", "pass at least 2 finite, increasing bin edges")
     ids = _feature_ids(shards)
     stats = _stats_frame(shards)
-    bin_edges = _bin_edges(edges, stats)
+    bin_edges = histogram_bin_edges(edges, stats)
     examples = _fold_twins(_merge_byte_tokens(_examples_frame(shards)))
     logits = _logits_frame(shards)
     explanations = _explanations_frame(shards)

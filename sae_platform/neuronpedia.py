@@ -1,0 +1,528 @@
+"""One SAE's features in Neuronpedia's import layout, written from the feature tables in one step.
+
+Neuronpedia (neuronpedia.org, github.com/hijohnnylin/neuronpedia) imports a source (one SAE) from
+the folder its own exporter and its SAEDashboard converter write
+(``utils/neuronpedia-utils/neuronpedia_utils/convert-saedashboard-to-neuronpedia-export.py``)::
+
+    <modelId>/<sourceId>/                   sourceId = "<layer>-<sourceSetName>"
+        release.jsonl model.jsonl sourceset.jsonl source.jsonl     one record each
+        features/batch-<n>.jsonl.gz         one Feature record a line
+        activations/batch-<n>.jsonl.gz      one Activation (an example window) a line
+        explanations/batch-<n>.jsonl.gz     one Explanation a line
+        saelens/cfg.json, sae_weights.safetensors    the SAELens weights the source points to
+
+Every record has exactly the fields of Neuronpedia's database records (``db_models/*.py``),
+transcribed with their types in ``neuronpedia_fields.json`` (its source named inside), and is
+checked against it and against the invariants below before anything is written
+(``check_record``); the whole layout is one committed version of ``neuronpedia/<sae_name>``.
+
+From our tables (``sae_platform.tables``):
+
+=====================================  ===============================================================
+Feature ``maxActApprox``               feature_stats.max (activation units at the SAE's hook point)
+``frac_nonzero``                       feature_stats.density
+``freq_hist_data_bar_heights/values``  feature_stats.histogram: the counts of its non-empty bins and
+                                       each bin's centre (geometric; the underflow bin's: half its top)
+``pos_str/values``, ``neg_str/values``  logit effects: top and bottom tokens by W_dec · W_U
+``topkCosSimIndices/Values``           explanations.neighbors / neighbor_cosines (decoder cosine)
+``vector``, ``hookName``               the SAELens export's W_dec row (raw units) and the hook point
+                                       its reconstruction belongs at; ``vectorDefaultSteerStrength``
+                                       = maxActApprox, as Neuronpedia's converter sets it
+Activation ``tokens``, ``values``      a context window (feature_contexts): token strings and the
+                                       feature on every token (0 where a token has no stored row:
+                                       start tokens and sinks, as the converter zeroes BOS)
+``qualifyingTokenIndex``               the example token (the window's centre)
+``binMin``, ``binMax``, ``binContains``  the interval the example was sampled from: an interval
+                                       example's [j·max/n, (j+1)·max/n) (its share unrecorded: null);
+                                       a random example's (0, max], all activating tokens (1.0); a
+                                       top example: null, as Neuronpedia's top activations
+``dataSource``, ``dataIndex``          the activation partition and the row in it
+Explanation                            the N2G explanation (precision and recall in ``notes``) and
+                                       the LLM explanations when there are some
+=====================================  ===============================================================
+
+Left empty (we compute no such figure): neuron alignment, correlated neurons and features
+(Pearson), the logit histogram, DFA and loss values.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from importlib import resources
+
+import numpy as np
+import polars as pl
+from safetensors.numpy import load as load_safetensors
+
+from sae_platform.browser.generate import histogram_bin_edges
+from sae_platform.catalog import (
+    LLM_EXPLANATIONS_FILE,
+    LOGIT_EFFECTS,
+    NEURONPEDIA_SAELENS,
+    HookEntry,
+    checkpoint_pin,
+    checkpoint_version,
+    contexts_name,
+    explanations_name,
+    export_name,
+    is_current,
+    llm_explanations_name,
+    logits_name,
+    neuronpedia_batch_file,
+    neuronpedia_name,
+    neuronpedia_source_dir,
+    tables_name,
+)
+from sae_platform.contexts import read_feature_contexts
+from sae_platform.errors import PlatformError
+from sae_platform.export import CFG_FILENAME, WEIGHTS_FILENAME, export_run
+from sae_platform.feature_intervals import interval_bounds
+from sae_platform.feature_merge import read_tables
+from sae_platform.hooks import parse_hook_point
+from sae_platform.metrics import read_explanations
+from sae_platform.tables import (
+    ACTS,
+    BOTTOM_SCORES,
+    BOTTOM_TOKEN_STRS,
+    CENTER,
+    DENSITY,
+    EXPLANATION,
+    FEATURE,
+    HISTOGRAM,
+    INTERVAL,
+    KIND,
+    KIND_INTERVAL,
+    KIND_RANDOM,
+    MAX,
+    NEIGHBOR_COSINES,
+    NEIGHBORS,
+    PARTITION,
+    PRECISION,
+    RANK,
+    RECALL,
+    ROW,
+    TOKEN_STRS,
+    TOP_SCORES,
+    TOP_TOKEN_STRS,
+)
+
+FIELDS_FILE = "neuronpedia_fields.json"
+SINGLE_RECORDS = ("release", "model", "sourceset", "source")  # <kind>.jsonl, one record each
+FEATURES_PER_BATCH = 128      # features per batch file; a feature's activations share its batch number
+CREATOR_ID = "sae-platform"   # creatorId / authorId: Neuronpedia maps it to a user when importing
+N2G_TYPE, LLM_TYPE = "sae-platform-n2g", "sae-platform-llm-detection"  # Explanation.typeName
+ID_CHARS = 25                 # record ids: as long as Neuronpedia's cuids
+
+
+class NeuronpediaError(PlatformError):
+    """A record that does not match Neuronpedia's definition (names the record and the field)."""
+
+
+# -- the field definitions ------------------------------------------------------------------------
+
+@cache
+def field_definitions() -> dict:
+    """``neuronpedia_fields.json``: {"source": where the fields were read, "records": {kind: {"file",
+    "fields": {name: {"type", "required", "nullable"}}}}} for kind in feature, activation,
+    explanation, model, source, sourceset, release."""
+    return json.loads(resources.files("sae_platform").joinpath(FIELDS_FILE).read_text())
+
+
+def _type_ok(value, type_name: str) -> bool:
+    scalar = {"str": str, "int": int, "bool": bool, "datetime": str}
+    if type_name == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if type_name.startswith("list["):
+        return isinstance(value, list) and all(_type_ok(v, type_name[5:-1]) for v in value)
+    if type_name == "int" and isinstance(value, bool):
+        return False
+    if type_name == "datetime":
+        return isinstance(value, str) and _is_iso(value)
+    return isinstance(value, scalar[type_name])
+
+
+def _is_iso(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_record(kind: str, record: dict, where: str = "") -> dict:
+    """``record`` when it has exactly the fields Neuronpedia's ``kind`` record declares, each of its
+    declared type (floats finite, datetimes ISO 8601, null only where Optional), and meets its
+    invariants (``_invariants``); NeuronpediaError naming ``where``, the field and the rule otherwise."""
+    spec = field_definitions()["records"][kind]["fields"]
+    label = f"{kind} record{' ' + where if where else ''}"
+    unknown = sorted(set(record) - set(spec))
+    missing = sorted(n for n, f in spec.items() if f["required"] and n not in record)
+    if unknown or missing:
+        raise NeuronpediaError(f"{label} has unknown fields {unknown} and lacks required fields {missing}",
+                               f"write exactly the fields of Neuronpedia's {kind} record ({FIELDS_FILE})")
+    for name, value in record.items():
+        field = spec[name]
+        if value is None and field["nullable"]:
+            continue
+        if value is None or not _type_ok(value, field["type"]):
+            raise NeuronpediaError(f"{label}: {name} = {repr(value)[:80]} is not {field['type']}"
+                                   f"{' or null' if field['nullable'] else ''}",
+                                   f"write {name} as Neuronpedia's {kind} record declares it ({FIELDS_FILE})")
+    for problem in _invariants(kind, record):
+        raise NeuronpediaError(f"{label}: {problem}", "rebuild the feature tables and contexts, then export again")
+    return record
+
+
+def _invariants(kind: str, r: dict) -> Iterator[str]:
+    """What a record's values must satisfy beyond their types."""
+    if kind == "activation":
+        values = r["values"]
+        if not values or len(values) != len(r["tokens"]):
+            yield f"{len(values)} values for {len(r['tokens'])} tokens"
+            return
+        if r["maxValue"] != max(values) or r["minValue"] != min(values):
+            yield f"maxValue {r['maxValue']} / minValue {r['minValue']} are not the values' max / min"
+        if values[r["maxValueTokenIndex"]] != r["maxValue"] if 0 <= r["maxValueTokenIndex"] < len(values) else True:
+            yield f"maxValueTokenIndex {r['maxValueTokenIndex']} does not hold maxValue"
+        q = r.get("qualifyingTokenIndex")
+        if q is not None and not 0 <= q < len(values):
+            yield f"qualifyingTokenIndex {q} is outside the {len(values)} tokens"
+        low, high, share = r.get("binMin"), r.get("binMax"), r.get("binContains")
+        if (low is None) != (high is None) or (low is not None and not 0 <= low <= high):
+            yield f"the interval [{low}, {high}] is not an interval of activations"
+        if share is not None and not 0 <= share <= 1:
+            yield f"binContains {share} is not a fraction"
+    elif kind == "feature":
+        if not r["maxActApprox"] >= 0 or not 0 <= r["frac_nonzero"] <= 1:
+            yield f"maxActApprox {r['maxActApprox']} < 0 or frac_nonzero {r['frac_nonzero']} not in [0, 1]"
+        for a, b in (("pos_str", "pos_values"), ("neg_str", "neg_values"), ("topkCosSimIndices", "topkCosSimValues"),
+                     ("freq_hist_data_bar_heights", "freq_hist_data_bar_values")):
+            if len(r[a]) != len(r[b]):
+                yield f"{a} has {len(r[a])} entries and {b} {len(r[b])}"
+        if r["hasVector"] != bool(r["vector"]):
+            yield f"hasVector is {r['hasVector']} with a vector of {len(r['vector'])} values"
+
+
+# -- ids ------------------------------------------------------------------------------------------
+
+def slug(text: str) -> str:
+    """Lowercase letters, digits, '.' and '-' (Neuronpedia's ids appear in its URLs)."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9.-]", "-", text.lower())).strip("-.") or "x"
+
+
+@dataclass(frozen=True)
+class ExportIds:
+    """Who the records belong to on Neuronpedia: the model, the source set (our SAE) and its layer."""
+
+    model_id: str       # e.g. "smollm2-135m": the last segment of the model's source, slugged
+    source_set: str     # the SAE's name, slugged
+    layer: int          # the block of the SAE's hook point
+    release: str = "sae-platform"
+    created_at: str = ""
+
+    @property
+    def source_id(self) -> str:
+        """``<layer>-<sourceSetName>``: Neuronpedia's source id, the ``layer`` of every feature record."""
+        return f"{self.layer}-{self.source_set}"
+
+
+def export_ids(model_source: str, sae_name: str, layer: int, created_at: str | None = None) -> ExportIds:
+    """The ids of SAE ``sae_name`` read at block ``layer`` of the model loaded from ``model_source``."""
+    return ExportIds(slug(str(model_source).rstrip("/").rsplit("/", 1)[-1]), slug(sae_name), int(layer),
+                     created_at=created_at or datetime.now(UTC).isoformat())
+
+
+def record_id(*parts) -> str:
+    """A stable id for a record (the same example gets the same id at every export)."""
+    return "c" + hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:ID_CHARS - 1]
+
+
+# -- records --------------------------------------------------------------------------------------
+
+def _floats(values) -> list[float]:
+    return [float(v) for v in values]
+
+
+def histogram_bars(histogram: list[int], bin_edges: list[float | None]) -> tuple[list[float], list[float]]:
+    """(heights, values) of an activation histogram's non-empty bins: the count and the bin's centre
+    (geometric for positive edges; half the top of a bin from 0; the overflow bin's lower edge)."""
+    heights, values = [], []
+    for count, low, high in zip(histogram, bin_edges[:-1], bin_edges[1:], strict=True):
+        if count:
+            heights.append(float(count))
+            values.append(float(low if high is None else high / 2 if not low else math.sqrt(low * high)))
+    return heights, values
+
+
+def feature_record(ids: ExportIds, stat: dict, bin_edges: list[float | None], *, logits: dict | None,
+                   explanation: dict | None, vector: np.ndarray | None, hook_name: str) -> dict:
+    """One feature's Feature record from its feature_stats row (``stat``), its logit effects and
+    explanations rows (or None) and its decoder row ``vector`` [d_model] in raw units (or None)."""
+    heights, values = histogram_bars(stat[HISTOGRAM], bin_edges)
+    neighbours = [(int(i), float(c)) for i, c in zip(explanation[NEIGHBORS] or [], explanation[NEIGHBOR_COSINES] or [],
+                                                  strict=True) if i >= 0 and math.isfinite(c)] if explanation else []
+    max_act = float(stat[MAX])
+    record = {"modelId": ids.model_id, "layer": ids.source_id, "index": str(stat[FEATURE]), "creatorId": CREATOR_ID,
+              "createdAt": ids.created_at, "maxActApprox": max_act, "hasVector": vector is not None,
+              "vector": [] if vector is None else _floats(vector), "vectorLabel": None,
+              "vectorDefaultSteerStrength": max_act, "hookName": hook_name,
+              "topkCosSimIndices": [i for i, _ in neighbours], "topkCosSimValues": [c for _, c in neighbours],
+              "pos_str": list(logits[TOP_TOKEN_STRS]) if logits else [],
+              "pos_values": _floats(logits[TOP_SCORES]) if logits else [],
+              "neg_str": list(logits[BOTTOM_TOKEN_STRS]) if logits else [],
+              "neg_values": _floats(logits[BOTTOM_SCORES]) if logits else [],
+              "frac_nonzero": float(stat[DENSITY]),
+              "freq_hist_data_bar_heights": heights, "freq_hist_data_bar_values": values}
+    empty = {name for name, f in field_definitions()["records"]["feature"]["fields"].items()
+             if f["type"].startswith("list") and name not in record}
+    return {**record, **{name: [] for name in sorted(empty)}}
+
+
+def sampled_interval(kind: str, interval: int | None, vmax: float, n_intervals: int) -> tuple:
+    """(binMin, binMax, binContains) of an example: the interval of activations it was drawn from."""
+    if kind == KIND_INTERVAL:
+        low, high = interval_bounds(vmax, n_intervals, int(interval))
+        return low, high, None
+    if kind == KIND_RANDOM:
+        return 0.0, float(vmax), 1.0
+    return None, None, None
+
+
+def activation_record(ids: ExportIds, window: dict, vmax: float, n_intervals: int) -> dict:
+    """One example window (a feature_contexts row) as an Activation record; ``vmax``: the feature's max."""
+    values = [0.0 if v is None or not math.isfinite(v) else float(v) for v in window[ACTS]]
+    top = int(np.argmax(values))
+    low, high, share = sampled_interval(window[KIND], window[INTERVAL], vmax, n_intervals)
+    return {"id": record_id(ids.model_id, ids.source_id, window[FEATURE], window[KIND], window[INTERVAL], window[RANK]),
+            "tokens": [t or "" for t in window[TOKEN_STRS]], "index": str(window[FEATURE]), "layer": ids.source_id,
+            "modelId": ids.model_id, "maxValue": values[top], "maxValueTokenIndex": top, "minValue": min(values),
+            "values": values, "creatorId": CREATOR_ID, "dataSource": window[PARTITION],
+            "dataIndex": str(window[ROW]), "createdAt": ids.created_at, "binMin": low, "binMax": high,
+            "binContains": share, "qualifyingTokenIndex": int(window[CENTER])}
+
+
+def explanation_records(ids: ExportIds, n2g: dict | None, llm: Iterable[dict], explainer: str | None) -> list[dict]:
+    """A feature's Explanation records: its N2G explanation (when it has one) and its LLM ones."""
+    out = []
+    if n2g and n2g.get(EXPLANATION):
+        notes = f"N2G on held-out text: precision {n2g[PRECISION]}, recall {n2g[RECALL]}"
+        out.append(_explanation(ids, n2g[FEATURE], n2g[EXPLANATION], N2G_TYPE, None, notes))
+    for row in llm:
+        if row.get(EXPLANATION) and row.get("error") is None:
+            notes = f"detection balanced accuracy {row['balanced_accuracy']:.3f} on held-out text"
+            out.append(_explanation(ids, row[FEATURE], row[EXPLANATION], LLM_TYPE, explainer, notes))
+    return out
+
+
+def _explanation(ids: ExportIds, feature: int, text: str, type_name: str, model: str | None, notes: str) -> dict:
+    return {"id": record_id(ids.model_id, ids.source_id, feature, type_name), "modelId": ids.model_id,
+            "layer": ids.source_id, "index": str(feature), "description": text, "authorId": CREATOR_ID,
+            "typeName": type_name, "explanationModelName": model, "notes": notes, "createdAt": ids.created_at}
+
+
+def single_records(ids: ExportIds, *, d_model: int, hook_name: str, saelens_cfg: dict | None,
+                   ctx_len: int | None, description: str) -> dict[str, dict]:
+    """The release, model, source set and source records of one export (``SINGLE_RECORDS``)."""
+    created = ids.created_at
+    return {
+        "release": {"name": ids.release, "description": "SAEs trained and described by sae-platform",
+                    "creatorName": CREATOR_ID, "creatorId": CREATOR_ID, "descriptionShort": "sae-platform",
+                    "creatorNameShort": CREATOR_ID, "urls": [], "createdAt": created},
+        "model": {"id": ids.model_id, "instruct": False, "creatorId": CREATOR_ID, "displayNameShort": ids.model_id,
+                  "displayName": ids.model_id, "dimension": int(d_model), "createdAt": created, "updatedAt": created},
+        "sourceset": {"modelId": ids.model_id, "name": ids.source_set, "creatorId": CREATOR_ID,
+                      "visibility": "PUBLIC", "description": description, "creatorName": CREATOR_ID,
+                      "releaseName": ids.release, "createdAt": created},
+        "source": {"id": ids.source_id, "modelId": ids.model_id, "setName": ids.source_set, "creatorId": CREATOR_ID,
+                   "hasDashboards": True, "inferenceEnabled": False,
+                   "saelensConfig": None if saelens_cfg is None else json.dumps(saelens_cfg),
+                   "visibility": "PUBLIC", "num_tokens_in_prompt": ctx_len,
+                   "notes": f"hook point {hook_name}; SAELens weights: {NEURONPEDIA_SAELENS}/ beside these records"
+                            if saelens_cfg is not None else f"hook point {hook_name}; no SAELens equivalent",
+                   "createdAt": created},
+    }
+
+
+@dataclass
+class ShardTables:
+    """One feature shard's tables, as the feature stages committed them (``sae_platform.tables``)."""
+
+    stats: pl.DataFrame
+    contexts: pl.DataFrame
+    hist_bin_edges: list[float]     # the tables' meta: the histogram's bin edges
+    n_intervals: int                # the tables' meta: equal-width intervals of (0, max]
+    logits: pl.DataFrame | None = None
+    explanations: pl.DataFrame | None = None
+    llm_explanations: pl.DataFrame | None = None
+    llm_explainer: str | None = None
+
+
+def _by_feature(frame: pl.DataFrame | None) -> dict[int, dict]:
+    return {} if frame is None else {row[FEATURE]: row for row in frame.iter_rows(named=True)}
+
+
+def shard_records(ids: ExportIds, shard: ShardTables, *, hook_name: str,
+                  W_dec: np.ndarray | None) -> Iterator[tuple[dict, list[dict], list[dict]]]:
+    """Per feature of the shard, in feature order: (Feature, its Activations, its Explanations), each
+    checked (``check_record``). ``W_dec`` [n_latents, d_model]: the SAELens decoder (raw units), or None."""
+    edges, n_intervals = histogram_bin_edges(shard.hist_bin_edges, shard.stats), shard.n_intervals
+    logits, n2g = _by_feature(shard.logits), _by_feature(shard.explanations)
+    llm = {} if shard.llm_explanations is None else shard.llm_explanations.partition_by(FEATURE, as_dict=True)
+    windows = shard.contexts.partition_by(FEATURE, as_dict=True) if shard.contexts.height else {}
+    for stat in shard.stats.sort(FEATURE).iter_rows(named=True):
+        f = stat[FEATURE]
+        feature = check_record("feature", feature_record(
+            ids, stat, edges, logits=logits.get(f), explanation=n2g.get(f), hook_name=hook_name,
+            vector=None if W_dec is None else W_dec[f]), f"of feature {f}")
+        own = windows.get((f,))
+        acts = [] if own is None else [
+            check_record("activation", activation_record(ids, w, stat[MAX], n_intervals),
+                         f"of feature {f} ({w[KIND]} example {w[RANK]})")
+            for w in own.sort(KIND, INTERVAL, RANK, nulls_last=True).iter_rows(named=True)]
+        llm_rows = [] if (f,) not in llm else llm[(f,)].to_dicts()
+        expl = [check_record("explanation", e, f"of feature {f}")
+                for e in explanation_records(ids, n2g.get(f), llm_rows, shard.llm_explainer)]
+        yield feature, acts, expl
+
+
+def _jsonl_gz(records: list[dict]) -> bytes:
+    lines = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
+    return gzip.compress(lines.encode(), compresslevel=5, mtime=0)
+
+
+def write_export(store, sae_name: str, ids: ExportIds, shards: Iterable[ShardTables], *, hook_name: str,
+                 d_model: int, ctx_len: int | None, saelens: dict[str, bytes] | None, pin: dict,
+                 inputs: dict | None = None) -> dict:
+    """Commit ``neuronpedia/<sae_name>``: the records of every feature of ``shards`` in Neuronpedia's
+    layout (module docstring), ``FEATURES_PER_BATCH`` features a batch, and the SAELens files
+    ``saelens`` ({file name: bytes}: ``export.CFG_FILENAME`` and ``WEIGHTS_FILENAME``; None: no
+    SAELens equivalent, features get no vector). ``pin``: the checkpoint the tables describe. All or
+    nothing: a record that fails ``check_record`` raises NeuronpediaError before the commit.
+    ``inputs``: the versions of the artifacts read (``input_versions``), recorded in the pointer.
+    Returns counts, the source folder and the committed path."""
+    cfg, W_dec = None, None
+    if saelens is not None:
+        cfg = json.loads(saelens[CFG_FILENAME])
+        W_dec = load_safetensors(saelens[WEIGHTS_FILENAME])["W_dec"]
+    singles = single_records(ids, d_model=d_model, hook_name=hook_name, saelens_cfg=cfg, ctx_len=ctx_len,
+                             description=f"sae-platform SAE {sae_name} at {hook_name}")
+    counts = {"features": 0, "activations": 0, "explanations": 0, "batches": 0}
+    source = neuronpedia_source_dir(ids.model_id, ids.source_id)
+    with store.writing(neuronpedia_name(sae_name), model_id=ids.model_id, source_id=ids.source_id,
+                       inputs=inputs or {}, **pin) as version:
+        base = f"{version}/{source}"
+        for kind, record in singles.items():
+            store.write_bytes_atomic(f"{base}/{kind}.jsonl", (json.dumps(check_record(kind, record)) + "\n").encode())
+        for name, data in (saelens or {}).items():
+            store.write_bytes_atomic(f"{base}/{NEURONPEDIA_SAELENS}/{name}", data)
+        batch: dict[str, list[dict]] = {k: [] for k in ("features", "activations", "explanations")}
+
+        def flush():
+            for kind, records in batch.items():
+                store.write_bytes_atomic(f"{base}/{neuronpedia_batch_file(kind, counts['batches'])}",
+                                         _jsonl_gz(records))
+                counts[kind] += len(records)
+                records.clear()
+            counts["batches"] += 1
+
+        for shard in shards:
+            for feature, acts, expl in shard_records(ids, shard, hook_name=hook_name, W_dec=W_dec):
+                batch["features"].append(feature)
+                batch["activations"].extend(acts)
+                batch["explanations"].extend(expl)
+                if len(batch["features"]) == FEATURES_PER_BATCH:
+                    flush()
+        if batch["features"] or not counts["batches"]:
+            flush()
+    return {**counts, "source": source, "saelens_weights": saelens is not None,
+            "path": store.resolve(neuronpedia_name(sae_name))}
+
+
+def read_export(store, sae_name: str) -> dict[str, list[dict]]:
+    """Every record of the committed export of ``sae_name``, by kind (release, model, sourceset,
+    source, features, activations, explanations); StorageError when there is none."""
+    path = store.require(neuronpedia_name(sae_name), f"Neuronpedia export of {sae_name!r}",
+                         "materialize neuronpedia_export")
+    pointer = store.pointer(neuronpedia_name(sae_name))
+    base = f"{path}/{neuronpedia_source_dir(pointer['model_id'], pointer['source_id'])}"
+    out = {kind: [json.loads(store.fs.cat_file(f"{base}/{kind}.jsonl"))] for kind in SINGLE_RECORDS}
+    for kind in ("features", "activations", "explanations"):
+        out[kind] = []
+        n = 0
+        while store.fs.exists(f"{base}/{neuronpedia_batch_file(kind, n)}"):
+            text = gzip.decompress(store.fs.cat_file(f"{base}/{neuronpedia_batch_file(kind, n)}")).decode()
+            out[kind].extend(json.loads(line) for line in text.splitlines())
+            n += 1
+    return out
+
+
+# -- from the committed artifacts -----------------------------------------------------------------
+
+def _input_names(sae_name: str, n_feature_shards: int) -> list[str]:
+    return [name for i in range(n_feature_shards)
+            for name in (tables_name(sae_name, i), logits_name(sae_name, i), contexts_name(sae_name, i),
+                         explanations_name(sae_name, i), llm_explanations_name(sae_name, i))]
+
+
+def input_versions(store, sae_name: str, n_feature_shards: int) -> dict[str, str | None]:
+    """The committed version of every artifact an export of ``sae_name`` reads (None: not built),
+    and of its SAELens export: an export that recorded these describes what is stored now."""
+    names = [*_input_names(sae_name, n_feature_shards), export_name(sae_name)]
+    return {name: (store.pointer(name) or {}).get("version") for name in names}
+
+
+def export_current(store, sae_name: str, n_feature_shards: int) -> bool:
+    """Whether the committed export pins the current checkpoint and was written from the artifacts
+    stored now (a rebuilt table, window or explanation makes it stale)."""
+    pointer = store.pointer(neuronpedia_name(sae_name))
+    return (is_current(store, sae_name, pointer)
+            and pointer.get("inputs") == input_versions(store, sae_name, n_feature_shards))
+
+
+def saelens_files(store, sae_name: str) -> dict[str, bytes] | None:
+    """The SAELens export of the current checkpoint ({file name: bytes}), or None when the SAE has
+    none (a Switch SAE, a TopK transcoder: no SAELens equivalent) or it describes another checkpoint."""
+    pointer = store.pointer(export_name(sae_name))
+    if not is_current(store, sae_name, pointer):
+        return None
+    path = store.resolve(export_name(sae_name))
+    return {name: store.fs.cat_file(f"{path}/{name}") for name in (CFG_FILENAME, WEIGHTS_FILENAME)}
+
+
+def _shard_tables(store, sae_name: str, index: int) -> ShardTables:
+    tables = read_tables(store, sae_name, index)
+    logits = store.require(logits_name(sae_name, index), f"logit effects of {sae_name!r}, shard {index}",
+                           "materialize feature_topk")
+    llm = store.resolve(llm_explanations_name(sae_name, index))
+    llm_pointer = store.pointer(llm_explanations_name(sae_name, index)) or {}
+    return ShardTables(stats=tables.stats, contexts=read_feature_contexts(store, sae_name, index),
+                       hist_bin_edges=tables.meta["hist_bin_edges"], n_intervals=int(tables.meta["n_intervals"]),
+                       logits=store.read_parquet(f"{logits}/{LOGIT_EFFECTS}"),
+                       explanations=read_explanations(store, sae_name, index),
+                       llm_explanations=None if llm is None else store.read_parquet(f"{llm}/{LLM_EXPLANATIONS_FILE}"),
+                       llm_explainer=llm_pointer.get("explainer"))
+
+
+def export_sae(store, sae_name: str, n_feature_shards: int, *, attrs: dict, entry: HookEntry) -> dict:
+    """Export SAE ``sae_name``'s committed feature tables, windows, logit effects and explanations
+    (every feature shard, one at a time in memory) with its SAELens weights: ``write_export``.
+    ``attrs``/``entry``: its activations' caching attributes and hook-point entry (model, d_model,
+    ctx_len; where its reconstruction belongs). StorageError naming the missing artifact and the stage
+    that makes it; NeuronpediaError for a record Neuronpedia would not accept. Writes the SAELens
+    export of the current checkpoint first when there is none (``export.export_run``)."""
+    if not is_current(store, sae_name, store.pointer(export_name(sae_name))):
+        export_run(store, sae_name)  # None (nothing written) where SAELens has no equivalent
+    inputs = input_versions(store, sae_name, n_feature_shards)
+    ids = export_ids(attrs.get("model", "model"), sae_name, parse_hook_point(entry.hook_name).layer)
+    shards = (_shard_tables(store, sae_name, i) for i in range(n_feature_shards))
+    return write_export(store, sae_name, ids, shards, hook_name=entry.hook_name, d_model=int(attrs["d_model"]),
+                        ctx_len=attrs.get("ctx_len"), saelens=saelens_files(store, sae_name),
+                        pin=checkpoint_pin(checkpoint_version(store, sae_name)), inputs=inputs)

@@ -1,0 +1,172 @@
+"""The Neuronpedia export: every record has exactly the fields of Neuronpedia's own record definitions
+(sae_platform/neuronpedia_fields.json, transcribed from its db_models) and their invariants; the layout
+is one atomic commit; where the `neuronpedia` package is installed (/work/venvs/neuronpedia, see
+`make neuronpedia-venv`), its own readers accept the records. The run through Dagster on the tiny
+model is in tests/test_dagster_features.py."""
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from safetensors.numpy import save as save_safetensors
+
+from sae_platform import neuronpedia as npd
+from sae_platform.browser.synthetic import synthetic_shards
+from sae_platform.catalog import checkpoint_pin, neuronpedia_name
+from sae_platform.export import CFG_FILENAME, WEIGHTS_FILENAME
+from sae_platform.tables import EXPLANATION_SCHEMA, LLM_EXPLANATION_SCHEMA
+
+NP_PYTHON = Path(os.environ.get("SAE_PLATFORM_NEURONPEDIA_PYTHON", "/work/venvs/neuronpedia/bin/python"))
+N_FEATURES, SHARD, D_MODEL = 40, 24, 8
+
+
+def _explanations(start: int, stop: int) -> pl.DataFrame:
+    rows = [{"feature": f, "explanation": f"word {f}" if f % 3 else "", "patterns": [[f]], "precision": 0.5,
+             "recall": 0.25, "n_matches": 3, "n_firings": 6, "neighbors": [(f + 1) % N_FEATURES, -1],
+             "neighbor_cosines": [0.5, float("nan")], "cooccurring": [], "cooccurring_shares": []}
+            for f in range(start, stop)]
+    return pl.DataFrame(rows, schema=EXPLANATION_SCHEMA)
+
+
+def _llm(start: int) -> pl.DataFrame:
+    return pl.DataFrame([{"feature": start, "explanation": "llm says", "balanced_accuracy": 0.75,
+                          "true_positive_rate": 0.5, "true_negative_rate": 1.0, "n_positive": 2, "n_negative": 2,
+                          "error": None},
+                         {"feature": start + 1, "explanation": "", "balanced_accuracy": None,
+                          "true_positive_rate": None,
+                          "true_negative_rate": None, "n_positive": 0, "n_negative": 0, "error": "unusable answer"}],
+                        schema=LLM_EXPLANATION_SCHEMA)
+
+
+def small_shards() -> list[npd.ShardTables]:
+    shards, edges = synthetic_shards(N_FEATURES, SHARD, n_bins=8, before=3, after=2, seed=1)
+    return [npd.ShardTables(stats=s["feature_stats"], contexts=s["feature_contexts"], hist_bin_edges=edges,
+                            n_intervals=5, logits=s["logit_effects"], explanations=_explanations(s["start"], s["stop"]),
+                            llm_explanations=_llm(s["start"]), llm_explainer="rules at http://127.0.0.1:1")
+            for s in shards]
+
+
+def saelens() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    w = {"W_dec": rng.normal(size=(N_FEATURES, D_MODEL)).astype(np.float32)}
+    return {CFG_FILENAME: json.dumps({"architecture": "topk", "d_sae": N_FEATURES}).encode(),
+            WEIGHTS_FILENAME: save_safetensors(w)}
+
+
+def export(store, shards=None, weights=True):
+    ids = npd.export_ids("/models/HuggingFaceTB/SmolLM2-135M", "topk_4k k32", 1, created_at="2026-01-01T00:00:00")
+    return npd.write_export(store, "sae", ids, small_shards() if shards is None else shards,
+                            hook_name="blocks.1.hook_resid_post", d_model=D_MODEL, ctx_len=32,
+                            saelens=saelens() if weights is True else weights, pin=checkpoint_pin("v-1"))
+
+
+def test_every_record_matches_neuronpedias_definitions_and_the_tables(store):
+    shards = small_shards()
+    summary = export(store, shards)
+    records = npd.read_export(store, "sae")
+    assert summary["source"] == "smollm2-135m/1-topk-4k-k32" and summary["batches"] == 1
+    source_dir = Path(summary["path"]) / summary["source"]
+    assert sorted(p.name for p in source_dir.iterdir()) == [
+        "activations", "explanations", "features", "model.jsonl", "release.jsonl", "saelens", "source.jsonl",
+        "sourceset.jsonl"]
+    assert sorted(p.name for p in (source_dir / "saelens").iterdir()) == sorted([CFG_FILENAME, WEIGHTS_FILENAME])
+    spec = npd.field_definitions()["records"]
+    for kind, name in (("release", "release"), ("model", "model"), ("sourceset", "sourceset"), ("source", "source"),
+                       ("feature", "features"), ("activation", "activations"), ("explanation", "explanations")):
+        assert records[name], name
+        for record in records[name]:
+            npd.check_record(kind, record)  # types, required fields, nulls, invariants
+            assert set(record) <= set(spec[kind]["fields"])
+    source = records["source"][0]
+    assert source["id"] == "1-topk-4k-k32" and json.loads(source["saelensConfig"])["d_sae"] == N_FEATURES
+
+    stats = pl.concat([s.stats for s in shards])
+    contexts = pl.concat([s.contexts for s in shards])
+    features = {int(r["index"]): r for r in records["features"]}
+    assert sorted(features) == stats["feature"].to_list()
+    W_dec = np.frombuffer(saelens()[WEIGHTS_FILENAME][-N_FEATURES * D_MODEL * 4:], np.float32).reshape(N_FEATURES, -1)
+    for stat in stats.iter_rows(named=True):
+        r = features[stat["feature"]]
+        assert r["layer"] == "1-topk-4k-k32" and r["modelId"] == "smollm2-135m"
+        assert r["maxActApprox"] == pytest.approx(stat["max"]) and r["frac_nonzero"] == stat["density"]
+        assert r["vectorDefaultSteerStrength"] == r["maxActApprox"] and r["hasVector"] and len(r["vector"]) == D_MODEL
+        assert np.array_equal(np.float32(r["vector"]), W_dec[stat["feature"]])
+        assert sum(r["freq_hist_data_bar_heights"]) == sum(stat["histogram"])
+        assert r["topkCosSimIndices"] == [(stat["feature"] + 1) % N_FEATURES] and r["topkCosSimValues"] == [0.5]
+    # one Activation per window, the values of the window, the example at its qualifying token
+    assert len(records["activations"]) == contexts.height
+    by_key = {(w["feature"], w["kind"], w["interval"], w["rank"]): w for w in contexts.iter_rows(named=True)}
+    max_of = dict(zip(stats["feature"], stats["max"], strict=True))
+    for a in records["activations"]:
+        assert len(a["values"]) == len(a["tokens"]) and a["maxValue"] == max(a["values"])
+        kinds = {(f, k, i, r) for (f, k, i, r) in by_key if f == int(a["index"])}
+        assert kinds
+        if a["binContains"] == 1.0:  # a random example: from all activating tokens, (0, max]
+            assert a["binMin"] == 0 and a["binMax"] == pytest.approx(max_of[int(a["index"])])
+    intervals = [a for a in records["activations"] if a["binMin"] is not None and a["binContains"] is None]
+    assert intervals and all(a["binMax"] - a["binMin"] == pytest.approx(max_of[int(a["index"])] / 5)
+                             for a in intervals)
+    assert len({a["id"] for a in records["activations"]}) == len(records["activations"])
+    # N2G explanations where there is one, the LLM explanation that worked, not the failed one
+    types = [(e["typeName"], int(e["index"])) for e in records["explanations"]]
+    assert (npd.LLM_TYPE, 0) in types and (npd.LLM_TYPE, 1) not in types
+    assert sum(t == npd.N2G_TYPE for t, _ in types) == sum(1 for f in range(N_FEATURES) if f % 3)
+
+
+def test_a_record_neuronpedia_would_refuse_commits_nothing(store):
+    shards = small_shards()
+    bad = shards[1].contexts.with_columns(pl.col("acts").list.head(1))  # a window with fewer values than tokens
+    shards[1] = npd.ShardTables(**{**shards[1].__dict__, "contexts": bad})
+    with pytest.raises(npd.NeuronpediaError, match=r"activation record of feature \d+ .*1 values for 6 tokens"):
+        export(store, shards)
+    assert store.resolve(neuronpedia_name("sae")) is None
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("maxValue", float("nan"), "maxValue = nan is not float"),
+    ("binContains", 1.5, "binContains 1.5 is not a fraction"),
+    ("surprise", 1, r"unknown fields \['surprise'\]"),
+    ("maxValueTokenIndex", True, "maxValueTokenIndex = True is not int"),
+])
+def test_check_record_names_the_field_and_the_rule(field, value, message):
+    record = {"id": "c1", "tokens": ["a", "b"], "index": "3", "layer": "1-x", "modelId": "m", "maxValue": 2.0,
+              "maxValueTokenIndex": 1, "minValue": 0.0, "values": [0.0, 2.0], "creatorId": "c"}
+    npd.check_record("activation", record)
+    with pytest.raises(npd.NeuronpediaError, match=message):
+        npd.check_record("activation", {**record, field: value})
+
+
+def test_without_saelens_weights_features_carry_no_vector(store):
+    export(store, weights=None)
+    features = npd.read_export(store, "sae")["features"]
+    assert not any(f["hasVector"] or f["vector"] for f in features)
+    assert all(math.isfinite(f["maxActApprox"]) for f in features)
+
+
+@pytest.mark.skipif(not NP_PYTHON.exists(), reason=f"the neuronpedia package is not installed at {NP_PYTHON} "
+                    "(make neuronpedia-venv builds it; the checked-in field definitions are tested above)")
+def test_the_neuronpedia_package_reads_the_records(store, tmp_path):
+    """neuronpedia==1.2.1's own readers of database records (Activation.from_np_db_json checks the
+    token/value lengths and that binContains is a fraction; Explanation.from_np_db_json) accept every
+    activation and explanation; its API records name the source ``source`` where the export says ``layer``."""
+    export(store)
+    records = npd.read_export(store, "sae")
+    (tmp_path / "records.json").write_text(json.dumps({k: records[k] for k in ("activations", "explanations")}))
+    script = (
+        "import json, sys\n"
+        "from neuronpedia.np_activation import Activation\n"
+        "from neuronpedia.np_explanation import Explanation\n"
+        "r = json.load(open(sys.argv[1]))\n"
+        "acts = [Activation.from_np_db_json({**a, 'source': a['layer']}) for a in r['activations']]\n"
+        "expl = [Explanation.from_np_db_json({**e, 'source': e['layer']}) for e in r['explanations']]\n"
+        "print(len(acts), len(expl), acts[0].source)\n")
+    done = subprocess.run([str(NP_PYTHON), "-c", script, str(tmp_path / "records.json")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(len(records["activations"])), str(len(records["explanations"])),
+                                   "1-topk-4k-k32"]
