@@ -1,5 +1,5 @@
 """Sparse autoencoders: TopK, BatchTopK, Matryoshka BatchTopK, JumpReLU, ReLU+L1 and Switch, behind one
-interface.
+interface; and the one-latent ``vector`` dictionary of a user-supplied direction.
 
 Every variant reconstructs an activation as a sparse, non-negative combination of unit-norm
 dictionary rows plus a bias,
@@ -39,6 +39,8 @@ Layout, one concept per module (submodules import from each other, never from th
   ``MatryoshkaBatchTopKSAE``;
 - ``switch``: ``SwitchSAE``;
 - ``dense``: ``ReLUSAE``, ``JumpReLUSAE`` and JumpReLU's straight-through estimators;
+- ``vector``: ``VectorDictionary``, a user-supplied direction as a one-latent dictionary (built, never
+  trained: ``UNTRAINED_VARIANTS``);
 - this module: the variant registry (``Variant``, ``VARIANTS``), the hyper-parameter checks and
   ``build_sae``, the one constructor; it re-exports the public names of the others.
 """
