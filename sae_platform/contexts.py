@@ -488,9 +488,10 @@ def _read_feature_range(store, path: str, start: int | None, stop: int | None) -
 
 def regroup_by_feature(store, sae_name: str, partition_keys: list[str], start: int, stop: int) -> pl.DataFrame:
     """All windows of features [start, stop) from the partials of ``partition_keys``, sorted by
-    feature, kind (top, interval, random), interval, rank."""
-    if not 0 <= start < stop:
-        raise PlatformError(f"feature range [{start}, {stop}) is empty or negative", "pass 0 <= start < stop")
+    feature, kind (top, interval, random), interval, rank; none for an empty range (a feature
+    shard with no latent)."""
+    if not 0 <= start <= stop:
+        raise PlatformError(f"feature range [{start}, {stop}) is negative", "pass 0 <= start <= stop")
     paths = []
     for key in partition_keys:
         path = store.require(catalog.contexts_partial_name(sae_name, key),

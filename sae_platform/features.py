@@ -113,13 +113,13 @@ class FeatureError(PlatformError):
 # ---------------------------------------------------------------------------------------------
 
 def feature_shards(n_latents: int, n_shards: int) -> list[tuple[int, int]]:
-    """Contiguous latent ranges [start, stop) covering [0, n_latents), sizes differing by at most 1."""
+    """Contiguous latent ranges [start, stop) covering [0, n_latents), sizes differing by at most 1.
+    With more shards than latents (a vector's one-latent dictionary, ``sae.vector``) some ranges are
+    empty (start == stop): every stage still commits those shards, with no feature in them, so the
+    pipeline's fixed shard partitions (``catalog.N_FEATURE_SHARDS``) fit every SAE."""
     for name, value in (("n_latents", n_latents), ("n_shards", n_shards)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise FeatureError(f"{name} must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
-    if n_shards > n_latents:
-        raise FeatureError(f"{n_shards} feature shards is more than the SAE's {n_latents} latents",
-                           f"use at most {n_latents} feature shards")
     bounds = [n_latents * i // n_shards for i in range(n_shards + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
@@ -138,7 +138,7 @@ def _is_int(value) -> bool:
 
 
 def check_range(sae, start: int, stop: int) -> None:
-    if not (_is_int(start) and _is_int(stop) and 0 <= start < stop <= sae.n_latents):
+    if not (_is_int(start) and _is_int(stop) and 0 <= start <= stop <= sae.n_latents):
         raise FeatureError(f"feature range [{start}, {stop}) is outside the SAE's latents [0, {sae.n_latents})",
                            f"pass 0 <= start < stop <= {sae.n_latents} (feature_shards(n_latents, n_shards) "
                            "gives valid ranges)")
@@ -545,7 +545,7 @@ def partials_of_rows(sae, acts, n_rows: int, partition_key: str, version: str, s
                 n_pending = 0
             del codes
         else:
-            for s in states:
+            for s in (s for s in states if s.stop > s.start):  # an empty shard has no latent to encode
                 acts = sae.encode_slice(x, s.start, s.stop)
                 r, f = (acts > 0).nonzero(as_tuple=True)
                 with _bookkeeping_threads(dev):

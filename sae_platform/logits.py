@@ -102,10 +102,11 @@ def logit_effects(sae: SparseAutoencoder, unembedding: torch.Tensor, tokenizer, 
 
     Scores are computed in feature chunks of at most LOGIT_ELEMENTS / vocab rows on the SAE's
     device. Rows of W_U past the tokenizer's vocabulary (padding) are left out. What the scores
-    mean at each hook point: the module docstring (``logit_effect_meaning``)."""
-    if not 0 <= start < stop <= sae.n_latents:
+    mean at each hook point: the module docstring (``logit_effect_meaning``). An empty range (a
+    feature shard with no latent, ``features.feature_shards``) gives an empty frame."""
+    if not 0 <= start <= stop <= sae.n_latents:
         raise PlatformError(f"feature range [{start}, {stop}) is outside [0, {sae.n_latents})",
-                            "pass 0 <= start < stop <= n_latents")
+                            "pass 0 <= start <= stop <= n_latents")
     width = int(sae.W_dec.shape[1])  # d_model; a transcoder writes d_out
     if unembedding.ndim != 2 or unembedding.shape[1] != width:
         raise ModelError(f"the unembedding has shape {tuple(unembedding.shape)} but the SAE writes d_model "
@@ -115,6 +116,8 @@ def logit_effects(sae: SparseAutoencoder, unembedding: torch.Tensor, tokenizer, 
     vocab = min(int(unembedding.shape[0]), len(tokenizer))
     w_u = unembedding[:vocab].to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
     top = min(top, vocab)
+    if start == stop:
+        return pl.DataFrame(schema=LOGIT_SCHEMA)
     chunk = max(1, LOGIT_ELEMENTS // vocab)
     parts = {k: [] for k in ("tv", "ti", "bv", "bi")}
     for s in range(start, stop, chunk):

@@ -104,8 +104,9 @@ def test_feature_shards_cover_the_dictionary_and_reject_bad_ranges():
     shards = F.feature_shards(10, 3)
     assert shards[0][0] == 0 and shards[-1][1] == 10 and all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
     assert F.feature_shard(10, 3, 2) == shards[2]
-    with pytest.raises(F.FeatureError, match="more than the SAE's 8 latents"):
-        F.feature_shards(8, 9)
+    # more shards than latents (a vector's one-latent dictionary in the pipeline's 4 shards): empty ranges
+    assert F.feature_shards(1, 4) == [(0, 0), (0, 0), (0, 0), (0, 1)]
+    assert F.feature_shards(8, 9)[0] == (0, 0) and sum(b - a for a, b in F.feature_shards(8, 9)) == 8
     with pytest.raises(F.FeatureError, match="positive integer"):
         F.feature_shards(8, 0)
     with pytest.raises(F.FeatureError, match=r"outside \[0, 3\)"):

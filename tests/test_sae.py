@@ -672,6 +672,7 @@ def test_learning_rate_rule():
     (("switch", D, N), {"k": 20, "n_experts": 4}, "per expert"),
     (("switch", D, 60), {"k": 2, "n_experts": 8}, "divisible"),
     (("mystery", D, N), {}, "unknown SAE variant"),
+    (("vector", D, 2), {}, "exactly one latent"),
     (("topk", D, N), {"l1_coeff": 1.0}, "no setting"),
     (("topk", D, 0), {}, "n_latents"),
     (("topk", D, N), {"k": 0}, "positive integer"),
@@ -691,6 +692,12 @@ def test_wrong_activation_width_is_a_platform_error():
     sae = sae_for("topk")
     with pytest.raises(PlatformError, match="d_model 16"):
         sae(torch.randn(4, D + 1))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_empty_slice_encodes_to_no_column(variant):
+    """A feature shard may hold no latent (more shards than latents: a vector's one-latent dictionary)."""
+    assert sae_for(variant).encode_slice(torch.randn(3, D), 5, 5).shape == (3, 0)
 
 
 def test_encode_slice_rejects_out_of_range():

@@ -6,6 +6,7 @@
     sae-platform shuffle [--memory-budget-mb 1024]         shuffle every cached partition (one ranged run)
     sae-platform train [NAME ...] [--token-budget N]       train + evaluate sweep entries (config/sweep.yaml)
     sae-platform features [--sae NAME]                     feature tables, contexts, explanations, browser
+    sae-platform vector add NAME FILE [--hook-point H]     a direction (.npy/.safetensors) as a one-latent SAE
     sae-platform lineage [--sae NAME] [--shard N]          upstream lineage of a feature table
     sae-platform browse [--port 8000]                      serve the feature browser on localhost
     sae-platform serve [--port 8000]                       the browser + live "text in, features out"
@@ -35,6 +36,7 @@ from jobs.cli.stages import (
     run_failure,
 )
 from jobs.cli.status import cmd_status
+from jobs.cli.vector import add_parser as add_vector_parser
 from jobs.cli.verify import cmd_verify
 from sae_platform.browser.address import DEFAULT_HOST, DEFAULT_PORT
 from sae_platform.errors import PlatformError, printable
@@ -104,6 +106,7 @@ def main(argv=None) -> int:
     features = commands.add_parser("features", help="feature tables, contexts, explanations and the browser of one SAE")
     features.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     features.set_defaults(func=cmd_features)
+    add_vector_parser(commands)
     lineage = commands.add_parser("lineage", help="upstream lineage of a feature table", **SHOWS_DEFAULTS)
     lineage.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     lineage.add_argument("--shard", type=int, default=0, help="feature shard (a quarter of the SAE's latents)")

@@ -1,5 +1,5 @@
 """Sparse autoencoders: TopK, BatchTopK, Matryoshka BatchTopK, JumpReLU, ReLU+L1 and Switch, behind one
-interface.
+interface; and the one-latent ``vector`` dictionary of a user-supplied direction.
 
 Every variant reconstructs an activation as a sparse, non-negative combination of unit-norm
 dictionary rows plus a bias,
@@ -39,6 +39,8 @@ Layout, one concept per module (submodules import from each other, never from th
   ``MatryoshkaBatchTopKSAE``;
 - ``switch``: ``SwitchSAE``;
 - ``dense``: ``ReLUSAE``, ``JumpReLUSAE`` and JumpReLU's straight-through estimators;
+- ``vector``: ``VectorDictionary``, a user-supplied direction as a one-latent dictionary (built, never
+  trained: ``UNTRAINED_VARIANTS``);
 - this module: the variant registry (``Variant``, ``VARIANTS``), the hyper-parameter checks and
   ``build_sae``, the one constructor; it re-exports the public names of the others.
 """
@@ -69,19 +71,23 @@ from sae_platform.sae.topk import (
     dense_topk_reference,
     matryoshka_widths,
 )
+from sae_platform.sae.vector import VectorDictionary
 
 # ENCODE_CHUNK_ELEMENTS and TRAIN_BLOCK_ELEMENTS are deliberately not re-exported: topk.py reads its own
 # globals, so a copy here could be patched without effect; patch sae_platform.sae.topk instead.
 __all__ = ["ADAM_EPS", "VARIANTS", "BatchTopKSAE", "Codes", "JumpReLUSAE", "MatryoshkaBatchTopKSAE", "Pattern",
            "ReLUSAE", "SAEOutput", "SparseAutoencoder", "SwitchSAE", "TopKSAE", "Variant", "build_sae",
            "dense_topk_reference", "geometric_median", "input_scale_for", "lr_for", "matryoshka_widths",
-           "normalized_mse", "sddmm", "spmm", "spmm_t"]
+           "normalized_mse", "sddmm", "spmm", "spmm_t", "UNTRAINED_VARIANTS", "VectorDictionary"]
 
 Variant = Literal["topk", "batchtopk", "matryoshka_batchtopk", "switch", "jumprelu", "relu"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)  # the same names as a tuple (settings choices, tests)
+# Dictionaries that are built, not trained (``build_sae`` and ``load_sae`` know them; the trainer's
+# settings do not accept them): ``vector``, a user-supplied direction (``sae_platform.vectors``).
+UNTRAINED_VARIANTS = ("vector",)
 
 _CLASSES = {cls.variant: cls for cls in (TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE, SwitchSAE, JumpReLUSAE,
-                                          ReLUSAE)}
+                                          ReLUSAE, VectorDictionary)}
 
 
 def _positive_int(name: str, value) -> None:
@@ -129,7 +135,8 @@ def build_sae(variant: Variant, d_model: int, n_latents: int, *, device=None, dt
     DEFAULTS keys. Raises PlatformError for an unknown variant or setting, a switch transcoder,
     or an out-of-range size or setting."""
     if variant not in _CLASSES:
-        raise PlatformError(f"unknown SAE variant {variant!r}", f"use one of {', '.join(VARIANTS)}")
+        raise PlatformError(f"unknown SAE variant {variant!r}",
+                            f"use one of {', '.join(VARIANTS + UNTRAINED_VARIANTS)}")
     _positive_int("d_model", d_model)
     _positive_int("n_latents", n_latents)
     if d_out is not None:

@@ -278,14 +278,17 @@ class SparseAutoencoder(nn.Module):
 
     def encode_slice(self, x: Tensor, start: int, stop: int) -> Tensor:
         """Activations of latents [start, stop) only for ``x`` [batch, d_model] raw:
-        [batch, stop - start], normalised units, exact. Raises PlatformError unless
-        0 <= start < stop <= n_latents.
+        [batch, stop - start], normalised units, exact; [batch, 0] for an empty slice (a feature
+        shard with no latent: ``features.feature_shards``). Raises PlatformError unless
+        0 <= start <= stop <= n_latents.
 
         Default (TopK, Switch): whether a latent is active depends on all the others, so the full
         selection runs (in chunks, memory-bounded) and only the slice is kept. Variants whose
         activation is per-latent (ReLU, JumpReLU, BatchTopK at inference) override this to
         multiply only the slice's rows of W_enc."""
         self._check_slice(start, stop)
+        if start == stop:
+            return x.new_zeros(x.shape[0], 0, dtype=self.W_dec.dtype)
         codes = self.encode(x)
         inside = (codes.indices >= start) & (codes.indices < stop)
         out = codes.values.new_zeros(codes.values.shape[0], stop - start)
@@ -293,9 +296,9 @@ class SparseAutoencoder(nn.Module):
         return out.scatter_add_(1, local, codes.values * inside)
 
     def _check_slice(self, start: int, stop: int) -> None:
-        if not 0 <= start < stop <= self.n_latents:
+        if not 0 <= start <= stop <= self.n_latents:
             raise PlatformError(f"latent slice [{start}, {stop}) is outside [0, {self.n_latents})",
-                                "pass 0 <= start < stop <= n_latents")
+                                "pass 0 <= start <= stop <= n_latents")
 
     def decode(self, codes: Codes) -> Tensor:
         """Reconstruction from (possibly padded) codes, values and indices [batch, K]:

@@ -92,7 +92,7 @@ class _DenseSAE(SparseAutoencoder):
     @torch.no_grad()
     def encode_slice(self, x: Tensor, start: int, stop: int) -> Tensor:
         """[batch, stop - start], multiplying only the slice's rows of W_enc. Raises PlatformError
-        unless 0 <= start < stop <= n_latents."""
+        unless 0 <= start <= stop <= n_latents."""
         self._check_slice(start, stop)
         pre = F.linear(self._centered(x), self.W_enc[start:stop], self.b_enc[start:stop])
         return self._slice_activation(pre, start, stop)

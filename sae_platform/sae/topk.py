@@ -299,7 +299,7 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def encode_slice(self, x: Tensor, start: int, stop: int) -> Tensor:
         """[batch, stop - start] by the threshold, multiplying only the slice's rows of W_enc.
-        Raises PlatformError unless 0 <= start < stop <= n_latents."""
+        Raises PlatformError unless 0 <= start <= stop <= n_latents."""
         if torch.isnan(self.threshold):
             return super().encode_slice(x, start, stop)
         self._check_slice(start, stop)
