@@ -7,7 +7,10 @@
 * ``downstream_freshness_sensor``: the declared policy for everything downstream. Once no caching
   run is in flight, if any hook point's shuffled store, the SAE, its feature tables or the browser
   do not pin the currently cached activations (``sae_platform.freshness``), one ``full_pipeline`` run brings
-  them up to date. Its run key is the set of cached versions: one run per state of the data.
+  them up to date. Its run key is the set of cached versions: one run per state of the data. It logs,
+  and tags the run with (``sae_platform/plan``), what the refresh will rebuild and about how long
+  that takes (``freshness.refresh_plan``: a kept SAE, by ``retrain_above_fraction``, costs pass 1 of
+  the new batches, not a training).
 * ``nightly_refresh``: the periodic backfill. Every night, the same check (uncached and replaced
   inbox files included); it launches ``full_pipeline`` when anything is behind, e.g. after a
   failed run, a sensor that was off, or files that arrived while the daemon was down.
@@ -34,9 +37,10 @@ from dagster import (
 
 from assets.activations import ACTIVATIONS
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
+from assets.training import settings_for
 from resources import AutomationResource, StorageResource, TextSourceResource
 from sae_platform.errors import SourceError
-from sae_platform.freshness import cached_versions, stale_reasons
+from sae_platform.freshness import cached_versions, refresh_plan, stale_reasons
 from sae_platform.inbox import needs_caching
 from sae_platform.settings import env_value
 
@@ -117,13 +121,21 @@ def _behind(storage: StorageResource, resources, text_source: TextSourceResource
         if changed:
             reasons.append(f"{len(changed)} inbox file(s) replaced since cached: {', '.join(changed[:5])}")
     # The stage resources are configured from the same run config file the launched runs use.
-    return reasons + stale_reasons(store, shuffle_name=resources.shuffle.settings().name,
-                                   sae_name=resources.features.settings().sae_name, n_feature_shards=N_FEATURE_SHARDS)
+    return reasons + stale_reasons(store, **_described(resources))
+
+
+def _described(resources) -> dict:
+    """The SAE the feature tables describe, its shuffled store and its refresh policy, as the
+    launched runs' resources configure them."""
+    sae_name = resources.features.settings().sae_name
+    return {"shuffle_name": resources.shuffle.settings().name, "sae_name": sae_name,
+            "n_feature_shards": N_FEATURE_SHARDS,
+            "retrain_above_fraction": settings_for(sae_name, resources.training).retrain_above_fraction}
 
 
 @sensor(job_name="full_pipeline", minimum_interval_seconds=SENSOR_INTERVAL_S,
         default_status=DefaultSensorStatus.RUNNING,
-        required_resource_keys={"storage", "shuffle", "features", "automation"})
+        required_resource_keys={"storage", "shuffle", "features", "training", "automation"})
 def downstream_freshness_sensor(context: SensorEvaluationContext):
     """Bring shuffle, SAE, evaluation, feature tables and browser up to date with the cached activations."""
     busy = _in_flight(context.instance, [*CACHING_JOBS, "full_pipeline"])
@@ -134,13 +146,16 @@ def downstream_freshness_sensor(context: SensorEvaluationContext):
     if not reasons:
         return SkipReason("downstream of the cached activations is up to date")
     state = json.dumps(sorted(cached_versions(storage.store()).items()))
+    plan = refresh_plan(storage.store(), **_described(context.resources))
     context.log.info("; ".join(reasons))
+    context.log.info(plan)
     return RunRequest(run_key=f"refresh:{hashlib.sha256(state.encode()).hexdigest()[:16]}",
-                      run_config=automation.run_config(), tags={"sae_platform/why": reasons[0][:200]})
+                      run_config=automation.run_config(),
+                      tags={"sae_platform/why": reasons[0][:200], "sae_platform/plan": plan[:1000]})
 
 
 @schedule(job_name="full_pipeline", cron_schedule=NIGHTLY_CRON, default_status=DefaultScheduleStatus.RUNNING,
-          required_resource_keys={"storage", "shuffle", "features", "text_source", "automation"})
+          required_resource_keys={"storage", "shuffle", "features", "training", "text_source", "automation"})
 def nightly_refresh(context: ScheduleEvaluationContext):
     """Periodic backfill: uncached inbox files and anything downstream that is behind, in one run."""
     busy = _in_flight(context.instance, ["full_pipeline"])
@@ -150,4 +165,7 @@ def nightly_refresh(context: ScheduleEvaluationContext):
     reasons = _behind(resources.storage, resources, resources.text_source)
     if not reasons:
         return SkipReason("everything is up to date")
-    return RunRequest(run_config=resources.automation.run_config(), tags={"sae_platform/why": reasons[0][:200]})
+    plan = refresh_plan(resources.storage.store(), **_described(resources))
+    context.log.info(plan)
+    return RunRequest(run_config=resources.automation.run_config(),
+                      tags={"sae_platform/why": reasons[0][:200], "sae_platform/plan": plan[:1000]})
