@@ -37,7 +37,7 @@ def _run(env: dict) -> tuple[float, str]:
 
 def _from_scratch(store: ArtifactStore, keys: list[str]) -> list:
     """Pass 1 in memory over every batch with the current checkpoint, merged: what a full rebuild writes."""
-    settings = ft.FeatureSettings(sae_name=TINY_SAE, top_k=5, reservoir_factor=2, random_examples=4, device="cpu")
+    settings = ft.FeatureSettings(sae_name=TINY_SAE, top_k=5, reservoir_factor=2, random_examples=4)
     sae, _ = load_sae(store, TINY_SAE)
     shards = ft.feature_shards(sae.n_latents, 4)
     group = shuffled_input_group(store, "main")
@@ -68,15 +68,16 @@ def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path
     tables = [read_tables(store, TINY_SAE, i) for i in range(4)]
     assert sorted(p["key"] for p in tables[0].meta["partitions"]) == ["alpha", "beta", "delta", "gamma"]
     assert "delta" in set(pl.concat([t.examples for t in tables])["partition"].to_list())
-    assert_tables_match_brute_force(store, TINY_SAE, "acts.zarr")
+    assert_tables_match_brute_force(store, TINY_SAE, shuffled_input_group(store, "main"))
     for stored, scratch in zip(tables, _from_scratch(store, ["alpha", "beta", "delta", "gamma"]), strict=True):
         assert stored.stats.equals(scratch.stats) and stored.examples.equals(scratch.examples)
     site = store.read_json(f"{store.path('browser', TINY_SAE)}/site.json")
     assert sorted(site["batches"]) == ["alpha", "beta", "delta", "gamma"]
 
-    shutil.copy(text_dir / "gamma.txt", inbox / "epsilon.txt")  # hundreds of tokens: > 10%
+    (inbox / "epsilon.txt").write_text((text_dir / "gamma.txt").read_text() + " another batch")  # ~775 tokens
     large_s, log = _run(env)
     assert store.pointer(checkpoint_name(TINY_SAE))["version"] != kept["version"]  # retrained
+    assert "epsilon" in {b["key"] for b in store.pointer(checkpoint_name(TINY_SAE))["trained_batches"]}
     assert stale_reasons(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4) == []
     plan = refresh_plan(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4)
     assert plan.startswith(f"refresh will keep {TINY_SAE} (current); feature pass 1 for 0 of 5 batch(es)"), plan
