@@ -11,18 +11,18 @@ from dagster import AllPartitionMapping, AssetCheckSeverity, AssetDep, MetadataV
 from assets.metadata import table_metadata, table_preview
 from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, N_FEATURE_SHARDS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
-from assets.training import heldout_contexts
+from assets.training import heldout_contexts, settings_for
 from sae_platform import catalog, neuronpedia
 from sae_platform import contexts as ctx
 from sae_platform import features as ft
 from sae_platform import metrics as fm
 from sae_platform.activations import activation_attrs, activation_hook_entry, open_partition
 from sae_platform.browser.address import BROWSER_URL
-from sae_platform.browser.publish import build_site
+from sae_platform.browser.publish import build_site, site_record
 from sae_platform.catalog import eval_name, trained_on
 from sae_platform.feature_check import brute_force_check
 from sae_platform.feature_merge import FeatureTables, merge_shard_tables, read_tables, write_tables
-from sae_platform.freshness import browser_checkpoint, features_behind, stale_reasons
+from sae_platform.freshness import features_behind, stale_reasons
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
 from sae_platform.logits import logit_effect_meaning, logit_effects, unembedding_matrix
@@ -85,7 +85,7 @@ def _load(run: StageRun):
 
 
 def _stage(**declared) -> Stage:
-    return Stage(group="features", up_to_date=tables_current, **declared)
+    return Stage(group="features", **{"up_to_date": tables_current, **declared})
 
 
 # -- pass 1 ---------------------------------------------------------------------------------------
@@ -94,14 +94,30 @@ def partial_stats(run: StageRun) -> dict:
     """Stream one activation batch through the SAE once and fold its codes into every feature shard's
     partial (docs/design.md, "Feature tables"): for TopK-style SAEs the selection, the expensive part,
     runs once per row whatever the number of feature shards."""
-    settings, (sae, group) = _settings(run), _load(run)
+    settings = _settings(run)
+    checkpoint = catalog.checkpoint_version(run.store, settings.sae_name)  # read before loading (checkpoint_pin)
+    sae, group = _load(run)
     batch = run.partition_key
     shards = ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)
-    partials = ft.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, settings, group=group)
+    partials = ft.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, settings, group=group,
+                                             checkpoint=checkpoint)
     n_tokens = int(partials[0].n_tokens)
     run.log.info(f"pass 1 [{batch}]: {n_tokens:,} tokens of {group} encoded once into {len(shards)} feature shards")
     return {"sae": settings.sae_name, "store": group, "feature_shards": len(shards), "n_tokens": n_tokens,
             "path": MetadataValue.path(run.store.url(catalog.partials_folder(run.store, settings.sae_name, batch)))}
+
+
+def partials_done(run: StageRun) -> str | None:
+    """Pass 1 of a batch is up to date while the tables are, or when its partials were computed with the
+    current checkpoint from the batch's current version: a kept SAE's refresh encodes new batches only."""
+    settings = _settings(run)
+    if settings.rebuild:
+        return None
+    if ft.partials_current(run.store, settings.sae_name, run.partition_key, N_FEATURE_SHARDS, settings):
+        return (f"the partials of {run.partition_key} were computed with the current checkpoint of "
+                f"{settings.sae_name} from this version of the batch (resources.features.config.rebuild forces "
+                "a rebuild)")
+    return tables_current(run)
 
 
 def partials_version(run: StageRun) -> str | None:
@@ -118,7 +134,7 @@ FEATURE_STATS_PARTIAL = _stage(
                 "the top-K, a uniform random sample, counts, sum, max and a histogram.",
     partitions=ACTIVATION_BATCHES, resources=RESOURCES,
     deps=("activations", AssetDep("sae_checkpoint", partition_mapping=AllPartitionMapping())),
-    body=partial_stats, version=partials_version)
+    body=partial_stats, version=partials_version, up_to_date=partials_done)
 
 
 # -- pass 2 ---------------------------------------------------------------------------------------
@@ -403,16 +419,27 @@ def write_browser(run: StageRun) -> dict:
 
 
 def browser_version(run: StageRun) -> str | None:
-    return browser_checkpoint(run.store, _settings(run).sae_name)
+    """The published site's build version (a refresh that adds batches to a kept SAE's tables builds a
+    new one); None before the first build."""
+    return (site_record(run.store, catalog.browser_dir(run.store, _settings(run).sae_name)) or {}).get("version")
+
+
+def described_chain(resources) -> dict:
+    """The chain the feature tables describe, as the deployment's resources configure it: the
+    shuffled store (``resources.shuffle``), the SAE (``resources.features``) and its refresh policy
+    (``retrain_above_fraction`` of its sweep entry): the arguments of ``freshness.stale_reasons``
+    and ``freshness.refresh_plan``."""
+    sae_name = resources.features.settings().sae_name
+    return {"shuffle_name": resources.shuffle.settings().name, "sae_name": sae_name,
+            "n_feature_shards": N_FEATURE_SHARDS,
+            "retrain_above_fraction": settings_for(sae_name, resources.training).retrain_above_fraction}
 
 
 def chain_behind(store, resources) -> list[str]:
-    """Why the chain downstream of the cached activations (the deployment's shuffled store
-    ``resources.shuffle``, SAE ``resources.features``) does not describe every cached batch:
+    """Why the chain downstream of the cached activations does not describe every cached batch:
     ``freshness.stale_reasons``, the one rule. The freshness sensor launches a refresh on it and the
     browser's check shows it."""
-    return stale_reasons(store, shuffle_name=resources.shuffle.settings().name,
-                         sae_name=resources.features.settings().sae_name, n_feature_shards=N_FEATURE_SHARDS)
+    return stale_reasons(store, **described_chain(resources))
 
 
 def freshness_verdict(reasons: list[str]) -> dict:
@@ -440,7 +467,7 @@ FEATURE_BROWSER = _stage(
     job=AssetJob("build_browser", "Generate the static feature browser."),
     description="A static feature browser: index with search, a page per feature (highlighted examples, "
                 "histogram, logit effects, lineage). Serve it with `make browse`.",
-    resources=("storage", "features", "shuffle"),
+    resources=("storage", "features", "shuffle", "training"),  # training: the refresh policy of its check
     deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()),
           AssetDep("feature_contexts", partition_mapping=AllPartitionMapping()),
           AssetDep("feature_explanations", partition_mapping=AllPartitionMapping())),

@@ -9,7 +9,10 @@
   do not pin the currently cached activations (``sae_platform.freshness``), one ``full_pipeline`` run brings
   them up to date. Its run key is the set of cached versions: one run per state of the data. At
   every tick, runs in flight or not, it records feature_browser's check describes_every_cached_batch
-  (a runless evaluation) when the answer changed, so the UI shows the browser behind the data.
+  (a runless evaluation) when the answer changed, so the UI shows the browser behind the data. It logs,
+  and tags the run with (``sae_platform/plan``), what the refresh will rebuild and about how long
+  that takes (``freshness.refresh_plan``: a kept SAE, by ``retrain_above_fraction``, costs pass 1 of
+  the new batches, not a training).
 * ``nightly_refresh``: the periodic backfill. Every night, the same check (uncached and replaced
   inbox files included); it launches ``full_pipeline`` when anything is behind, e.g. after a
   failed run, a sensor that was off, or files that arrived while the daemon was down.
@@ -41,13 +44,19 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 
 from assets.activations import ACTIVATIONS
-from assets.features import DESCRIBES_EVERY_CACHED_BATCH, FEATURE_BROWSER, chain_behind, freshness_verdict
+from assets.features import (
+    DESCRIBES_EVERY_CACHED_BATCH,
+    FEATURE_BROWSER,
+    chain_behind,
+    described_chain,
+    freshness_verdict,
+)
 from assets.metadata import readable
 from assets.partitions import ACTIVATION_BATCHES
 from resources import AutomationResource, StorageResource, TextSourceResource
 from sae_platform.corpus import display_name
 from sae_platform.errors import SourceError, printable
-from sae_platform.freshness import cached_versions
+from sae_platform.freshness import cached_versions, refresh_plan
 from sae_platform.inbox import failed_attempts, needs_caching
 from sae_platform.settings import env_value
 
@@ -139,7 +148,7 @@ def _behind(storage: StorageResource, resources, text_source: TextSourceResource
 
 @sensor(job_name="full_pipeline", minimum_interval_seconds=SENSOR_INTERVAL_S,
         default_status=DefaultSensorStatus.RUNNING,
-        required_resource_keys={"storage", "shuffle", "features", "automation"})
+        required_resource_keys={"storage", "shuffle", "features", "training", "automation"})
 def downstream_freshness_sensor(context: SensorEvaluationContext):
     """Bring shuffle, SAE, evaluation, feature tables and browser up to date with the cached activations;
     show at every tick, runs in flight or not, whether the browser describes every cached batch."""
@@ -152,9 +161,12 @@ def downstream_freshness_sensor(context: SensorEvaluationContext):
     if not reasons:
         return SkipReason("downstream of the cached activations is up to date")
     state = json.dumps(sorted(cached_versions(storage.store()).items()))
+    plan = refresh_plan(storage.store(), **described_chain(context.resources))
     context.log.info("; ".join(reasons))
+    context.log.info(plan)
     return RunRequest(run_key=f"refresh:{hashlib.sha256(state.encode()).hexdigest()[:16]}",
-                      run_config=automation.run_config(), tags={"sae_platform/why": reasons[0][:200]})
+                      run_config=automation.run_config(),
+                      tags={"sae_platform/why": reasons[0][:200], "sae_platform/plan": plan[:1000]})
 
 
 def report_browser_freshness(context: SensorEvaluationContext, reasons: list[str]) -> None:
@@ -178,7 +190,7 @@ def report_browser_freshness(context: SensorEvaluationContext, reasons: list[str
 
 
 @schedule(job_name="full_pipeline", cron_schedule=NIGHTLY_CRON, default_status=DefaultScheduleStatus.RUNNING,
-          required_resource_keys={"storage", "shuffle", "features", "text_source", "automation"})
+          required_resource_keys={"storage", "shuffle", "features", "training", "text_source", "automation"})
 def nightly_refresh(context: ScheduleEvaluationContext):
     """Periodic backfill: uncached inbox files and anything downstream that is behind, in one run."""
     busy = _in_flight(context.instance, ["full_pipeline"])
@@ -188,4 +200,7 @@ def nightly_refresh(context: ScheduleEvaluationContext):
     reasons = _behind(resources.storage, resources, resources.text_source)
     if not reasons:
         return SkipReason("everything is up to date")
-    return RunRequest(run_config=resources.automation.run_config(), tags={"sae_platform/why": reasons[0][:200]})
+    plan = refresh_plan(resources.storage.store(), **described_chain(resources))
+    context.log.info(plan)
+    return RunRequest(run_config=resources.automation.run_config(),
+                      tags={"sae_platform/why": reasons[0][:200], "sae_platform/plan": plan[:1000]})

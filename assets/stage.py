@@ -189,10 +189,12 @@ def execute(stage: Stage, run: StageRun) -> Outcome:
         version = stage.version(run)
         record = _read_record(stage, run, version)
         return Outcome({**_shown_again(record), "up_to_date": reason}, version, _skipped_verdicts(stage, run, record))
+    started = time.perf_counter()
     metadata = stage.body(run)
+    seconds = time.perf_counter() - started
     version = stage.version(run)
     verdicts = _verdicts(stage, run)
-    _write_record(stage, run, version, metadata, verdicts)
+    _write_record(stage, run, version, metadata, verdicts, seconds)
     return Outcome(metadata, version, verdicts)
 
 
@@ -226,11 +228,13 @@ def _record_path(stage: Stage, run: StageRun) -> str:
     return stage_record_path(run.store, stage.asset, partition)
 
 
-def _write_record(stage: Stage, run: StageRun, version: str | None, metadata: dict, verdicts: list[dict]) -> None:
+def _write_record(stage: Stage, run: StageRun, version: str | None, metadata: dict, verdicts: list[dict],
+                  seconds: float) -> None:
     """What this build showed, for the skips that follow: metadata in Dagster's own serialization
-    (JSON of whitelisted types: reading it back runs no code), verdicts as plain JSON."""
+    (JSON of whitelisted types: reading it back runs no code), verdicts as plain JSON; and how long
+    its body took (``seconds``, wall clock: what a refresh plan estimates from)."""
     run.store.write_json(_record_path(stage, run), {
-        "version": version, "built_by_run": run.run_id, "built_at": time.time(),
+        "version": version, "built_by_run": run.run_id, "built_at": time.time(), "seconds": round(seconds, 3),
         "metadata": serialize_value(normalize_metadata(readable(metadata))), "verdicts": _plain(verdicts)})
 
 

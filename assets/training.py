@@ -61,12 +61,22 @@ def shuffle_name(run: StageRun) -> str:
 
 
 def training_finished(run: StageRun) -> str | None:
+    """Why the sweep entry needs no training: a finished checkpoint with these settings on the current
+    shuffled store, or one the refresh policy keeps (``settings.retrain_above_fraction``), then
+    stale: the reason is logged as a warning and shown as the skip's reason."""
     settings = _settings(run)  # validated first
-    pointer = finished_checkpoint(run.store, shuffle_name(run), run.partition_key, settings)
-    if pointer is None:
+    found = finished_checkpoint(run.store, shuffle_name(run), run.partition_key, settings)
+    if found is None:
         return None
-    return (f"a finished checkpoint ({pointer['step']:,} steps, {pointer['tokens']:,} tokens) with these settings "
-            "on the current shuffled store")
+    pointer, unseen = found
+    trained = f"a finished checkpoint ({pointer['step']:,} steps, {pointer['tokens']:,} tokens) with these settings"
+    if not unseen.tokens:
+        return f"{trained} on the current shuffled store"
+    run.log.warning(f"{run.partition_key} is kept, {unseen.describe()}: below "
+                    f"resources.training.config.retrain_above_fraction = {settings.retrain_above_fraction:g}; "
+                    "the feature tables add the new batches")
+    return (f"{trained}, kept by the refresh policy ({unseen.describe()}; retrain_above_fraction "
+            f"{settings.retrain_above_fraction:g})")
 
 
 def train_sae(run: StageRun) -> dict:

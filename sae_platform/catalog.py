@@ -371,6 +371,27 @@ def pinned_checkpoint(record: dict | None) -> str | None:
     return record.get(PIN) or (record.get("sae_checkpoint") or {}).get("version")
 
 
+BATCHES_PIN = "batches"  # the field a site pointer records the described batches in: {key: version}
+
+
+def batches_pin(lineage: dict) -> dict:
+    """``{"batches": {key: version}}`` of the activation batches a lineage record describes: what a
+    site pointer records beside its checkpoint (``described_batches`` reads it back)."""
+    return {BATCHES_PIN: described_batches(lineage)}
+
+
+def described_batches(record: dict | None) -> dict[str, str] | None:
+    """key → version of the activation batches a derived artifact describes: a site pointer's
+    ``batches``, or a lineage record's ``activation_partitions``; None when it records neither
+    (a site built before batches were recorded: it counts as behind)."""
+    if record is None:
+        return None
+    if BATCHES_PIN in record:
+        return record[BATCHES_PIN]
+    parts = record.get("activation_partitions")
+    return None if parts is None else {p["key"]: p["version"] for p in parts}
+
+
 def is_current(store, sae_name: str, record: dict | None) -> bool:
     """Whether a derived artifact's ``record`` pins ``sae_name``'s current checkpoint."""
     current = checkpoint_version(store, sae_name)
@@ -528,6 +549,13 @@ def neuronpedia_batch_file(kind: str, batch: int) -> str:
         raise StorageError(f"{kind!r} is not a batched Neuronpedia record kind",
                            f"use one of {', '.join(NEURONPEDIA_RECORD_KINDS)}")
     return f"{kind}/batch-{int(batch)}.jsonl.gz"
+
+
+def stage_records(store, asset: str) -> list[str]:
+    """The paths of every stage record of ``asset`` (one per partition built; ``stage_record_path``)."""
+    folder = store.path(STAGE_RECORDS, check_key(asset))
+    return sorted(p for p in store.fs.ls(folder, detail=False) if p.endswith(".json")) \
+        if store.fs.exists(folder) else []
 
 
 def stage_record_path(store, asset: str, partition: str) -> str:

@@ -60,7 +60,16 @@ import numpy as np
 import torch
 
 from sae_platform.activations import open_partition
-from sae_platform.catalog import FIRST_STORE, check_name, codes_name, partial_name, partials_folder, partition_name
+from sae_platform.catalog import (
+    FIRST_STORE,
+    check_name,
+    checkpoint_pin,
+    codes_name,
+    is_current,
+    partial_name,
+    partials_folder,
+    partition_name,
+)
 from sae_platform.errors import PlatformError
 from sae_platform.feature_select import Selector, decode_top, partition_salt, sample_keys, top_keys
 from sae_platform.sae import SparseAutoencoder
@@ -580,9 +589,11 @@ def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, s
 
 
 def compute_and_write_partials(store: ArtifactStore, sae, sae_name: str, partition_key: str,
-                               shards: list[tuple[int, int]], settings: FeatureSettings, **options) -> list[Partial]:
+                               shards: list[tuple[int, int]], settings: FeatureSettings, *,
+                               checkpoint: str | None = None, **options) -> list[Partial]:
     """Pass 1 as the pipeline runs it: ``compute_partials`` over every shard, each partial
-    committed (shard i at ``partial_name(sae_name, partition_key, i)``), and for TopK-style variants the
+    committed (shard i at ``partial_name(sae_name, partition_key, i)``, pinning ``checkpoint``, the
+    version ``sae`` was loaded from: ``partials_current`` reads it), and for TopK-style variants the
     partition's sparse codes committed too (``write_codes``), so that pass 3 looks activations up
     instead of encoding the rows again.
 
@@ -600,7 +611,7 @@ def compute_and_write_partials(store: ArtifactStore, sae, sae_name: str, partiti
 
     partials = compute_partials(store, sae, partition_key, shards, settings, on_codes=keep, **options)
     for index, partial in enumerate(partials):
-        write_partial(store, sae_name, partition_key, index, partial)
+        write_partial(store, sae_name, partition_key, index, partial, checkpoint=checkpoint)
     if codes:
         write_codes(store, sae_name, partition_key, codes["values"], codes["indices"],
                     partition_version=partials[0].partition_version, fingerprint=partials[0].sae["fingerprint"])
@@ -636,8 +647,10 @@ def read_codes(store: ArtifactStore, sae_name: str, partition_key: str, sae) -> 
         return arrays["values"], arrays["indices"]
 
 
-def write_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_index: int, partial: Partial) -> str:
-    """Commit a partial atomically; returns the committed version path."""
+def write_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_index: int, partial: Partial, *,
+                  checkpoint: str | None = None) -> str:
+    """Commit a partial atomically, pinning the SAE ``checkpoint`` version it was computed with (when
+    known); returns the committed version path."""
     if partial.partition != partition_key:
         raise FeatureError(f"this partial was computed on partition {partial.partition!r}, not {partition_key!r}",
                            "pass the partition key the partial came from")
@@ -645,10 +658,27 @@ def write_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard
     np.savez(buffer, **{name: getattr(partial, name) for name in Partial.ARRAYS + Partial.WITNESS})
     name = partial_name(sae_name, partition_key, shard_index)
     with store.writing(name, partition=partition_key, partition_version=partial.partition_version,
-                       start=partial.start, stop=partial.stop, top_k=partial.top_k) as version:
+                       start=partial.start, stop=partial.stop, top_k=partial.top_k,
+                       **(checkpoint_pin(checkpoint) if checkpoint else {})) as version:
         store.write_bytes_atomic(f"{version}/partial.npz", buffer.getvalue())
         store.write_json(f"{version}/meta.json", {**partial.meta(), "run": sae_name, "shard_index": int(shard_index)})
     return store.resolve(name)
+
+
+def partials_current(store: ArtifactStore, sae_name: str, partition_key: str, n_shards: int,
+                     settings: FeatureSettings) -> bool:
+    """Whether pass 1 of partition ``partition_key`` is done for the current checkpoint of ``sae_name``:
+    every one of the ``n_shards`` feature shards' partials pins that checkpoint (``checkpoint_pin``),
+    the partition's current version and ``settings.top_k``. Then only new batches are encoded when
+    a kept SAE's tables are brought up to date (``sae_platform.refresh``); a partial written before
+    partials pinned their checkpoint never counts."""
+    current = (store.pointer(partition_name(partition_key)) or {}).get("version")
+    for index in range(n_shards):
+        pointer = store.pointer(partial_name(sae_name, partition_key, index))
+        if (pointer is None or not is_current(store, sae_name, pointer)
+                or pointer.get("partition_version") != current or pointer.get("top_k") != settings.top_k):
+            return False
+    return True
 
 
 def read_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_index: int) -> Partial:

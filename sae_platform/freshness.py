@@ -9,6 +9,7 @@ the schedule that keep the pipeline up to date both ask this module.
 
 from dataclasses import dataclass
 
+from sae_platform.activations import open_partition
 from sae_platform.browser.publish import site_record
 from sae_platform.catalog import (
     N_FEATURE_SHARDS,
@@ -17,15 +18,19 @@ from sae_platform.catalog import (
     cached_hook_points,
     checkpoint_name,
     checkpoint_version,
+    described_batches,
     hook_shuffle_names,
     hook_store_base,
     lineage_record_path,
     list_partitions,
+    partial_name,
     partition_name,
     pinned_checkpoint,
     shuffled_name,
+    stage_records,
     trained_on,
 )
+from sae_platform.refresh import RETRAIN_ABOVE_FRACTION, kept_unseen
 from sae_platform.storage import ArtifactStore
 
 
@@ -45,14 +50,18 @@ def changed_sources(store: ArtifactStore, stamps: dict[str, str]) -> list[str]:
     return changed
 
 
-def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int) -> list[str]:
+def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int,
+                  retrain_above_fraction: float = RETRAIN_ABOVE_FRACTION) -> list[str]:
     """Why the downstream of the cached activations is out of date; empty when it is current (or
     when nothing is cached yet: there is nothing to build from).
 
     Every hook point's shuffled store (``catalog.hook_shuffle_names``: ``shuffle_name`` for the
     first entry of ``caching.config.hook_points``, ``<shuffle_name>.h<i>`` for entry i) must pin
     the cached versions; one reason per store that does not. The SAE ``sae_name`` must be a
-    finished training on the current plan of the store it was trained on (its own hook point's)."""
+    finished training on the current plan of the store it was trained on (its own hook point's),
+    or one the refresh policy keeps on it (``sae_platform.refresh``: only new batches, holding less
+    than ``retrain_above_fraction`` of its training tokens); its feature tables and browser must
+    then describe every batch of that store."""
     cached = cached_versions(store)
     if not cached:
         return []
@@ -79,33 +88,42 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
     if index is None:
         return [f"SAE {sae_name!r} was trained on shuffled store {trained!r}, which is not one of the cached hook "
                 f"points' stores ({', '.join(names)})"]
-    if checkpoint.get("data", {}).get("plan_id") != index["plan_id"] or not checkpoint.get("final"):
+    if kept_unseen(checkpoint, index, retrain_above_fraction) is None:
         return [f"SAE {sae_name!r} is not a finished training on shuffle plan {index['plan_id']} "
-                f"(shuffled store {trained!r})"]
+                f"(shuffled store {trained!r}), nor one the refresh policy keeps (only new batches holding less "
+                f"than {retrain_above_fraction:.0%} of its training tokens)"]
     return features_behind(store, sae_name=sae_name, n_feature_shards=n_feature_shards)
 
 
 @dataclass(frozen=True)
 class FeatureState:
-    """Which checkpoint of one SAE its feature tables and browser describe (versions as committed;
-    None where there is none)."""
+    """Which checkpoint, and which batches of its shuffled store, one SAE's feature tables and
+    browser describe (versions as committed; None where there is none, or for batches where the
+    record predates batch records)."""
 
     sae_name: str
     checkpoint: str | None          # the SAE's current checkpoint
     shards: tuple[str | None, ...]  # per feature shard f0, f1, …: the checkpoint its tables describe
     browser: str | None             # the checkpoint the feature browser shows
+    batches: dict | None = None     # key → version of every batch of the shuffled store it was trained on
+    shard_batches: tuple = ()       # per feature shard: the batches its tables describe
+    browser_batches: dict | None = None
 
     def behind(self) -> list[str]:
-        """Why the tables or the browser do not describe the current checkpoint; empty when they do."""
+        """Why the tables or the browser do not describe the current checkpoint over every batch of
+        its shuffled store (a kept SAE's tables add new batches); empty when they do."""
         if self.checkpoint is None:
             return [f"SAE {self.sae_name!r} was never trained"]
         reasons = []
         for i, recorded in enumerate(self.shards):
+            described = self.shard_batches[i] if i < len(self.shard_batches) else None
             if recorded is None:
                 reasons.append(f"feature tables f{i} of {self.sae_name!r} were never built")
             elif recorded != self.checkpoint:
                 reasons.append(f"feature tables f{i} of {self.sae_name!r} describe checkpoint {recorded}, not the "
                                f"current {self.checkpoint}")
+            elif self.batches is not None and described != self.batches:
+                reasons.append(f"feature tables f{i} of {self.sae_name!r} " + _batch_change(described, self.batches))
         if reasons:
             return reasons
         if self.browser is None:
@@ -113,16 +131,20 @@ class FeatureState:
         if self.browser != self.checkpoint:
             return [f"the feature browser of {self.sae_name!r} shows checkpoint {self.browser}, "
                     f"not the current {self.checkpoint}"]
+        if self.batches is not None and self.browser_batches != self.batches:
+            return [f"the feature browser of {self.sae_name!r} " + _batch_change(self.browser_batches, self.batches)]
         return []
 
 
 def feature_state(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> FeatureState:
     """What the feature tables (their lineage records) and the browser (its site record) of
-    ``sae_name`` pin, beside its current checkpoint."""
-    return FeatureState(sae_name, checkpoint_version(store, sae_name),
-                        tuple(_recorded_checkpoint(store, lineage_record_path(store, sae_name, i))
-                              for i in range(n_feature_shards)),
-                        browser_checkpoint(store, sae_name))
+    ``sae_name`` pin, beside its current checkpoint and the batches of its shuffled store."""
+    checkpoint = checkpoint_version(store, sae_name)
+    lineages = [_lineage(store, lineage_record_path(store, sae_name, i)) for i in range(n_feature_shards)]
+    site = site_record(store, browser_dir(store, sae_name))
+    return FeatureState(sae_name, checkpoint, tuple(pinned_checkpoint(lineage) for lineage in lineages),
+                        pinned_checkpoint(site), store_batches(store, sae_name) if checkpoint else None,
+                        tuple(described_batches(lineage) for lineage in lineages), described_batches(site))
 
 
 def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: int) -> list[str]:
@@ -138,6 +160,25 @@ def sae_stale_reasons(store: ArtifactStore, sae_name: str, n_feature_shards: int
                          n_feature_shards=n_feature_shards)
 
 
+def store_batches(store: ArtifactStore, sae_name: str) -> dict[str, str] | None:
+    """key → version of every batch of the shuffled store ``sae_name`` was trained on (its hook
+    point's): what its feature tables describe. None when that store is gone."""
+    path = store.resolve(shuffled_name(trained_on(store, sae_name)))
+    if path is None:
+        return None
+    return {i["key"]: i["version"] for i in store.read_json(f"{path}/{SHUFFLED_INDEX}")["inputs"]}
+
+
+def _batch_change(described: dict[str, str] | None, batches: dict[str, str]) -> str:
+    if described is None:
+        return "record no batches (built before batches were recorded)"
+    new = sorted(set(batches) - set(described))
+    other = sorted(k for k in described if batches.get(k) != described[k])
+    return ("describe other batches than the SAE's shuffled store ("
+            + "; ".join(f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
+                        for label, keys in (("new", new), ("re-cached or removed", other)) if keys) + ")")
+
+
 def _describe_change(pinned: dict[str, str], cached: dict[str, str], label: str = "") -> str:
     new = sorted(set(cached) - set(pinned))
     gone = sorted(set(pinned) - set(cached))
@@ -148,12 +189,103 @@ def _describe_change(pinned: dict[str, str], cached: dict[str, str], label: str 
     return f"{store} is older than the cached activations (" + "; ".join(parts) + ")"
 
 
-def _recorded_checkpoint(store: ArtifactStore, lineage_path: str) -> str | None:
-    if not store.fs.exists(lineage_path):
+def _lineage(store: ArtifactStore, lineage_path: str) -> dict | None:
+    return store.read_json(lineage_path) if store.fs.exists(lineage_path) else None
+
+
+# -- what a refresh will rebuild, and roughly how long ---------------------------------------------
+
+SHUFFLE_STAGES = ("shuffle_plan", "shuffle_pass_1", "shuffle_pass_2", "shuffle_final", "shuffled_activations")
+TABLE_STAGES = ("feature_topk", "feature_contexts", "feature_explanations")  # once per feature shard
+BATCH_STAGES = ("feature_context_windows",)  # pass 3: once per batch
+
+
+def refresh_plan(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int,
+                 retrain_above_fraction: float = RETRAIN_ABOVE_FRACTION) -> str:
+    """One line: what a ``full_pipeline`` refresh of the cached activations will rebuild (reshuffle;
+    keep or retrain ``sae_name`` by the refresh policy; pass 1 for the batches without a current
+    partial) and roughly how long it will take, from the seconds the last builds of those stages
+    recorded in their stage records (``catalog.stage_record_path``; '?' for a stage never timed)."""
+    cached = cached_versions(store)
+    names = hook_shuffle_names(store, shuffle_name)
+    behind = [n for n in names if _pinned(store, n) != cached]
+    steps, seconds = [], []
+    if behind:
+        steps.append(f"reshuffle {len(behind)} store(s) ({sum(_rows(store, k) for k in cached):,} rows)")
+        seconds += [_last_seconds(store, stage) for stage in SHUFFLE_STAGES]
+    checkpoint = store.pointer(checkpoint_name(sae_name))
+    unseen = None
+    if checkpoint is not None:
+        trained = trained_on(store, sae_name)
+        index = {"name": trained, "d_model": (checkpoint.get("data") or {}).get("d_model"),
+                 "plan_id": None if trained in behind else _plan_id(store, trained),
+                 "inputs": [{"key": k, "version": v, "n_rows": _rows(store, k)} for k, v in cached.items()]}
+        unseen = kept_unseen(checkpoint, index, retrain_above_fraction)
+    if unseen is None:
+        steps.append(f"train {sae_name} from scratch, evaluate it")
+        seconds += [_last_seconds(store, "sae_checkpoint"), _last_seconds(store, "sae_eval")]
+        new = list(cached)
+    else:
+        steps.append(f"keep {sae_name} ({unseen.describe() or 'current'})")
+        new = [k for k in cached if k in unseen.batches or not _partials_pinned(store, sae_name, k, checkpoint)]
+        if behind:
+            seconds.append(_last_seconds(store, "sae_eval"))
+    steps.append(f"feature pass 1 for {len(new)} of {len(cached)} batch(es), pass 2 and contexts for "
+                 f"{n_feature_shards} shard(s), pass 3 for {len(cached)} batch(es), the browser")
+    seconds += [_mean_seconds(store, "feature_stats_partial") * len(new) if new else 0.0,
+                *(_mean_seconds(store, s) * n_feature_shards for s in TABLE_STAGES),
+                *(_mean_seconds(store, s) * len(cached) for s in BATCH_STAGES),
+                _last_seconds(store, "feature_browser")]
+    known = [s for s in seconds if s == s]  # NaN: never timed
+    estimate = f"~{_duration(sum(known))}" + ("" if len(known) == len(seconds) else " (some stages never timed)")
+    return "refresh will " + "; ".join(steps) + f": about {estimate} by the last recorded stage timings"
+
+
+def _pinned(store: ArtifactStore, name: str) -> dict[str, str] | None:
+    path = store.resolve(shuffled_name(name))
+    if path is None:
         return None
-    return pinned_checkpoint(store.read_json(lineage_path))
+    return {i["key"]: i["version"] for i in store.read_json(f"{path}/{SHUFFLED_INDEX}")["inputs"]}
 
 
-def browser_checkpoint(store: ArtifactStore, sae_name: str) -> str | None:
-    """The checkpoint version the feature browser of ``sae_name`` shows (None: no browser)."""
-    return pinned_checkpoint(site_record(store, browser_dir(store, sae_name)))
+def _plan_id(store: ArtifactStore, name: str) -> str | None:
+    path = store.resolve(shuffled_name(name))
+    return store.read_json(f"{path}/{SHUFFLED_INDEX}")["plan_id"] if path else None
+
+
+def _rows(store: ArtifactStore, key: str) -> int:
+    return int(open_partition(store, key).acts.shape[0])
+
+
+def _partials_pinned(store: ArtifactStore, sae_name: str, key: str, checkpoint: dict) -> bool:
+    pointer = store.pointer(partial_name(sae_name, key, 0))
+    return pointer is not None and pinned_checkpoint(pointer) == checkpoint["version"]
+
+
+def _record_seconds(store: ArtifactStore, stage: str) -> list[float]:
+    seconds = []
+    for path in stage_records(store, stage):
+        try:
+            value = store.read_json(path).get("seconds")
+        except ValueError:  # a truncated record: as if never timed
+            continue
+        if isinstance(value, int | float):
+            seconds.append(float(value))
+    return seconds
+
+
+def _mean_seconds(store: ArtifactStore, stage: str) -> float:
+    """Mean recorded seconds per partition of ``stage``; NaN when never timed."""
+    seconds = _record_seconds(store, stage)
+    return sum(seconds) / len(seconds) if seconds else float("nan")
+
+
+def _last_seconds(store: ArtifactStore, stage: str) -> float:
+    """Total recorded seconds of ``stage`` over its partitions (an unpartitioned or per-worker stage
+    runs all of them again); NaN when never timed."""
+    seconds = _record_seconds(store, stage)
+    return sum(seconds) if seconds else float("nan")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

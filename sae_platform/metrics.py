@@ -28,6 +28,7 @@ from sae_platform.activations import activation_row_rule, sae_hook_entry
 from sae_platform.catalog import (
     checkpoint_pin,
     checkpoint_version,
+    contexts_name,
     eval_name,
     explanations_name,
     is_current,
@@ -263,7 +264,8 @@ def explain_shard(store, sae_name: str, sae, tokenizer, codes: HeldoutCodes, sha
                    cooccurring=[f for f, _ in co[row["feature"]]],
                    cooccurring_shares=[share for _, share in co[row["feature"]]])
     frame = n2g.explanations_frame(rows)
-    pin = checkpoint_pin(checkpoint_version(store, sae_name))
+    pin = {**checkpoint_pin(checkpoint_version(store, sae_name)), "contexts": _contexts_version(store, sae_name,
+                                                                                                 shard_index)}
     with store.writing(explanations_name(sae_name, shard_index), **pin) as version:
         store.write_parquet(f"{version}/{EXPLANATIONS_FILE}", frame)
     return n2g.summarize(rows), frame
@@ -276,5 +278,13 @@ def read_explanations(store, sae_name: str, shard_index: int):
 
 
 def explanations_current(store, sae_name: str, shard_index: int) -> bool:
-    """Whether shard ``shard_index``'s explanations describe SAE ``sae_name``'s current checkpoint."""
-    return is_current(store, sae_name, store.pointer(explanations_name(sae_name, shard_index)))
+    """Whether shard ``shard_index``'s explanations describe SAE ``sae_name``'s current checkpoint and
+    the shard's current context windows (which a kept SAE's refresh rebuilds with new batches)."""
+    pointer = store.pointer(explanations_name(sae_name, shard_index))
+    return is_current(store, sae_name, pointer) and pointer.get("contexts") == _contexts_version(store, sae_name,
+                                                                                                 shard_index)
+
+
+def _contexts_version(store, sae_name: str, shard_index: int) -> str | None:
+    """The committed version of the shard's context windows the explanations are written from."""
+    return (store.pointer(contexts_name(sae_name, shard_index)) or {}).get("version")

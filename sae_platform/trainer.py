@@ -60,6 +60,7 @@ from sae_platform.distributed import (
     rank_and_world,
 )
 from sae_platform.errors import PlatformError, StorageError
+from sae_platform.refresh import RETRAIN_ABOVE_FRACTION, TRAINED_BATCHES, Unseen, batches_record, kept_unseen
 from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.shuffled import Shuffled, open_shuffled
@@ -113,6 +114,11 @@ class TrainSettings:
     hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, l0_coeff, target_l0, …; "
                                   "each SAE variant's class docstring lists its own)",
                             default_factory=dict)
+    retrain_above_fraction: float = setting(
+        RETRAIN_ABOVE_FRACTION, "the refresh policy (sae_platform.refresh): when the shuffled store only gains "
+        "batches holding fewer tokens than this fraction of the tokens the finished SAE was trained on, the SAE is "
+        "kept (marked stale, with the reason) and the feature tables are updated incrementally; at or above it, "
+        "the SAE is retrained. 0: always retrain", ge=0.0, le=1.0)
     hook_point: str | None = setting(None, "the cached hook point (an entry of resources.caching.config.hook_points, "
                                            "e.g. blocks.4.hook_mlp_out) this SAE trains on; null: the first")
     selection_precision: SelectionPrecision = setting(
@@ -155,6 +161,7 @@ class TrainState:
 # Where the ranks run and how precisely they pick latents, not what is trained: a checkpoint resumes
 # and stays finished whatever they are.
 PLACEMENT = ("world_size", "nproc_per_node", "selection_precision")
+POLICY = ("retrain_above_fraction",)  # when to retrain, not what a checkpoint is
 
 
 def selection_dtype(precision: SelectionPrecision, device: torch.device | str) -> torch.dtype | None:
@@ -166,9 +173,9 @@ def selection_dtype(precision: SelectionPrecision, device: torch.device | str) -
 
 def identity(settings: TrainSettings) -> dict:
     """The settings that define a checkpoint, as stored with it and compared to decide "already
-    trained": all but PLACEMENT, and ``hook_point`` only when set, so checkpoints from before it
+    trained": all but PLACEMENT and POLICY, and ``hook_point`` only when set, so checkpoints from before it
     existed still count as finished."""
-    record = {k: v for k, v in asdict(settings).items() if k not in PLACEMENT}
+    record = {k: v for k, v in asdict(settings).items() if k not in PLACEMENT + POLICY}
     if record.get("hook_point") is None:
         record.pop("hook_point", None)
     return json.loads(json.dumps(record))
@@ -324,9 +331,12 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, device) -> di
 
 
 def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: TrainState, settings: TrainSettings,
-                    fingerprint: dict, final: bool) -> str:
-    """Commit a checkpoint; refuses (TrainingError, nothing written) when a weight or Adam moment is
-    NaN/inf, so the committed checkpoint is always the last good one."""
+                    shuffled: Shuffled, final: bool) -> str:
+    """Commit a checkpoint of training on ``shuffled``; its pointer records the data fingerprint and
+    the batches trained on (``refresh.TRAINED_BATCHES``: what the refresh policy compares new data
+    to). Refuses (TrainingError, nothing written) when a weight or Adam moment is NaN/inf, so the
+    committed checkpoint is always the last good one."""
+    fingerprint = data_fingerprint(shuffled)
     weights = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     optimizer_tensors, optimizer_meta = _optimizer_files(optimizer)
     bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(load_safetensors(optimizer_tensors))]
@@ -341,7 +351,8 @@ def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: 
                        "rng": torch.get_rng_state()}
     trainer_meta = {"step": state.step, "tokens": state.tokens, "history": state.history}
     with store.writing(checkpoint_name(sae_name), step=state.step, tokens=state.tokens, final=final,
-                       settings=identity(settings), data=fingerprint) as version:
+                       settings=identity(settings), data=fingerprint,
+                       **{TRAINED_BATCHES: batches_record(shuffled.index)}) as version:
         store.fs.pipe_file(f"{version}/sae_weights.safetensors", save_safetensors(weights))
         store.fs.pipe_file(f"{version}/cfg.json", json.dumps(cfg, indent=2, default=str).encode())
         store.fs.pipe_file(f"{version}/optimizer.safetensors", optimizer_tensors)
@@ -386,10 +397,13 @@ def _legacy_torch_file(store: ArtifactStore, path: str, file: str, device=None):
             "again") from error
 
 
-def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: TrainSettings) -> dict | None:
-    """The pointer of ``sae_name``'s checkpoint when it is a finished training with these settings on the
-    current shuffled store (then training again would only find it); None otherwise. Raises StorageError
-    naming the file when that checkpoint's weights hold NaN/inf (never skipped as finished)."""
+def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str,
+                        settings: TrainSettings) -> tuple[dict, Unseen] | None:
+    """(pointer, what it has not seen) of ``sae_name``'s checkpoint when it is a finished training with
+    these settings that the refresh policy keeps on the current shuffled store (the same plan, or only
+    batches added holding less than ``settings.retrain_above_fraction`` of its training tokens: then
+    training again would only find it, or is not worth it); None otherwise. Raises StorageError naming
+    the file when that checkpoint's weights hold NaN/inf (never skipped as finished)."""
     pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None or not pointer.get("final"):
         return None
@@ -397,10 +411,11 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str, 
         return None
     if store.resolve(shuffled_name(shuffle_name)) is None:
         return None
-    if pointer.get("data") != data_fingerprint(open_shuffled(store, shuffle_name)):
+    unseen = kept_unseen(pointer, open_shuffled(store, shuffle_name).index, settings.retrain_above_fraction)
+    if unseen is None:
         return None
     _finite_weights(store, store.path(checkpoint_name(sae_name), pointer["version"]), pointer.get("step"))
-    return pointer
+    return pointer, unseen
 
 
 def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "cpu", version: str | None = None):
@@ -529,10 +544,10 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
                 log(f"warning: {warning}")
                 warned = True  # once per run: the log stays readable
         if state.step % every == 0 and state.step < n_steps and rank == 0:
-            save_checkpoint(store, sae_name, sae, optimizer, state, settings, fingerprint, final=False)
+            save_checkpoint(store, sae_name, sae, optimizer, state, settings, shuffled, final=False)
             log(f"checkpoint at step {state.step} ({state.tokens:,} tokens)")
     if rank == 0:
-        save_checkpoint(store, sae_name, sae, optimizer, state, settings, fingerprint, final=True)
+        save_checkpoint(store, sae_name, sae, optimizer, state, settings, shuffled, final=True)
     barrier()
     return _summary(store, sae_name, state, settings, sae, started, resumed_from)
 

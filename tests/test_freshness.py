@@ -57,7 +57,8 @@ def test_every_hook_points_shuffled_store_must_pin_the_cached_activations(cached
     plan = sh.committed_plan_id(store, "main.h1")
     assert plan != sh.committed_plan_id(store, "main")
     assert _reasons(store) == [f"SAE 'mlp1' is not a finished training on shuffle plan {plan} "
-                               "(shuffled store 'main.h1')"]
+                               "(shuffled store 'main.h1'), nor one the refresh policy keeps (only new batches "
+                               "holding less than 10% of its training tokens)"]  # gamma holds more
 
 
 def test_both_stores_behind_give_one_reason_each(cached, tiny_hooked, text_dir):

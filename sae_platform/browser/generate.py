@@ -12,7 +12,8 @@ Site layout (everything static; any plain HTTP server can serve it — ``fetch``
 
     index.html                      the page shell: no inline script, a strict CSP
     static/app.js, static/app.css   the app (copied from ``browser_static/``)
-    site.json                       {"version", "data"}: points at the data of the current build;
+    site.json                       {"version", "data", "checkpoint", "batches"}: points at the data of
+                                    the current build, and pins what it shows;
                                     written last, so a rebuild switches over in one write
     data/<version>/index.json       compact, loaded up front: per feature id, density, max and
                                     count (columnar), the strongest activating tokens of its top
@@ -64,7 +65,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from sae_platform.catalog import checkpoint_pin, pinned_checkpoint, reports_url_path
+from sae_platform.catalog import batches_pin, checkpoint_pin, pinned_checkpoint, reports_url_path
 from sae_platform.errors import PlatformError
 from sae_platform.metric_info import metric_info_json
 from sae_platform.tables import (
@@ -527,6 +528,7 @@ def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
         files[f"static/{name}"] = body
     digest = {name: hashlib.sha256(body).hexdigest()[:12] for name, body in static.items()}
     files["index.html"] = INDEX_HTML.format(csp=CSP, css_hash=digest["app.css"], js_hash=digest["app.js"]).encode()
-    pin = checkpoint_pin(pinned_checkpoint(lineage))  # the checkpoint the site shows (freshness reads it)
+    # the checkpoint and batches the site shows (freshness reads them)
+    pin = {**checkpoint_pin(pinned_checkpoint(lineage)), **batches_pin(lineage)}
     files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(sae_name), **pin})  # last: the switch
     return files

@@ -1,0 +1,109 @@
+"""Issue 30.3: new data costs what it adds. After a full build, a batch adding less than
+retrain_above_fraction of the SAE's training tokens keeps the checkpoint (stale, with the reason),
+encodes pass 1 for that batch only, and the tables equal a from-scratch build with the same
+checkpoint; a larger batch retrains. Real `dagster job execute -j full_pipeline` runs, tiny model."""
+
+import shutil
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import TINY_SAE, deployment
+from test_full_pipeline import assert_tables_match_brute_force, execute_full_pipeline
+
+from sae_platform import features as ft
+from sae_platform.catalog import checkpoint_name, shuffled_input_group, stage_record_path
+from sae_platform.feature_intervals import add_interval_examples
+from sae_platform.feature_merge import merge_partials, read_tables
+from sae_platform.freshness import refresh_plan, stale_reasons
+from sae_platform.refresh import Unseen, unseen_since
+from sae_platform.settings import SettingsError
+from sae_platform.storage import ArtifactStore
+from sae_platform.trainer import TrainSettings, load_sae
+
+SMALL_TEXT = "The quick brown fox jumps over the lazy dog. " * 2
+
+
+def _built_by(store: ArtifactStore, asset: str, partition: str) -> str:
+    return store.read_json(stage_record_path(store, asset, partition))["built_by_run"]
+
+
+def _run(env: dict) -> tuple[float, str]:
+    started = time.perf_counter()
+    run = execute_full_pipeline(env, Path(env["SAE_PLATFORM_RUN_CONFIG"]))
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    return time.perf_counter() - started, run.stderr
+
+
+def _from_scratch(store: ArtifactStore, keys: list[str]) -> list:
+    """Pass 1 in memory over every batch with the current checkpoint, merged, with the interval
+    examples pass 2 samples: what a full rebuild writes."""
+    settings = ft.FeatureSettings(sae_name=TINY_SAE, top_k=5, reservoir_factor=2, random_examples=4)
+    sae, _ = load_sae(store, TINY_SAE)
+    shards = ft.feature_shards(sae.n_latents, 4)
+    group = shuffled_input_group(store, "main")
+    partials = [ft.compute_partials(store, sae, key, shards, settings, group=group) for key in keys]
+    return [add_interval_examples(store, sae, TINY_SAE, merge_partials([p[i] for p in partials], settings))
+            for i in range(4)]
+
+
+def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path, tiny_model_dir, text_dir):
+    env = deployment(tmp_path, tiny_model_dir, text_dir)
+    inbox = Path(env["SAE_PLATFORM_INBOX"]).parent
+    for path in sorted(text_dir.glob("*.txt")):
+        shutil.copy(path, inbox / path.name)
+    first_s, _ = _run(env)
+    store = ArtifactStore(env["SAE_PLATFORM_ROOT"])
+    kept = store.pointer(checkpoint_name(TINY_SAE))
+    first_run = _built_by(store, "feature_stats_partial", "alpha")
+
+    (inbox / "delta.txt").write_text(SMALL_TEXT)  # a few dozen tokens: < 10% of the 1,536 trained on
+    small_s, log = _run(env)
+    assert store.pointer(checkpoint_name(TINY_SAE))["version"] == kept["version"]  # not retrained
+    assert "kept by the refresh policy (stale: trained on 1,536 tokens," in log, log[-3000:]
+    assert "new tokens not seen (" in log and "batches delta" in log
+    # pass 1 encoded the new batch only; the old batches' partials were reused
+    assert _built_by(store, "feature_stats_partial", "delta") != first_run
+    assert {_built_by(store, "feature_stats_partial", k) for k in ("alpha", "beta", "gamma")} == {first_run}
+    assert stale_reasons(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4) == []
+    # the tables describe every batch, the new one included, exactly as a from-scratch build would
+    tables = [read_tables(store, TINY_SAE, i) for i in range(4)]
+    assert sorted(p["key"] for p in tables[0].meta["partitions"]) == ["alpha", "beta", "delta", "gamma"]
+    assert "delta" in set(pl.concat([t.examples for t in tables])["partition"].to_list())
+    assert_tables_match_brute_force(store, TINY_SAE, shuffled_input_group(store, "main"))
+    for stored, scratch in zip(tables, _from_scratch(store, ["alpha", "beta", "delta", "gamma"]), strict=True):
+        assert stored.stats.equals(scratch.stats) and stored.examples.equals(scratch.examples)
+    site = store.read_json(f"{store.path('browser', TINY_SAE)}/site.json")
+    assert sorted(site["batches"]) == ["alpha", "beta", "delta", "gamma"]
+
+    (inbox / "epsilon.txt").write_text((text_dir / "gamma.txt").read_text() + " another batch")  # ~775 tokens
+    large_s, log = _run(env)
+    assert store.pointer(checkpoint_name(TINY_SAE))["version"] != kept["version"]  # retrained
+    assert "epsilon" in {b["key"] for b in store.pointer(checkpoint_name(TINY_SAE))["trained_batches"]}
+    assert stale_reasons(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4) == []
+    plan = refresh_plan(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4)
+    assert plan.startswith(f"refresh will keep {TINY_SAE} (current); feature pass 1 for 0 of 5 batch(es)"), plan
+    assert "about ~" in plan and "never timed" not in plan, plan  # every stage recorded its seconds
+    print(plan)
+    print(f"\ndrop -> browser on the tiny setup: first build {first_s:.0f} s, small batch (SAE kept) "
+          f"{small_s:.0f} s, large batch (retrained) {large_s:.0f} s")
+
+
+def test_the_policy_keeps_only_added_batches_below_the_fraction():
+    index = {"name": "main", "d_model": 32, "plan_id": "new",
+             "inputs": [{"key": "a", "version": "1", "n_rows": 900}, {"key": "b", "version": "1", "n_rows": 100},
+                        {"key": "c", "version": "1", "n_rows": 50}]}
+    pointer = {"final": True, "tokens": 1000, "data": {"shuffle": "main", "d_model": 32, "plan_id": "old"},
+               "trained_batches": [{"key": "a", "version": "1", "n_rows": 900},
+                                   {"key": "b", "version": "1", "n_rows": 100}]}
+    unseen = unseen_since(pointer, index)
+    assert unseen == Unseen(1000, ("c",), 50) and unseen.within(0.1) and not unseen.within(0.05)
+    assert unseen.describe() == "stale: trained on 1,000 tokens, 50 new tokens not seen (5.0%, batches c)"
+    recached = {**index, "inputs": [{**index["inputs"][0], "version": "2"}, *index["inputs"][1:]]}
+    assert unseen_since(pointer, recached) is None  # a batch replaced: the SAE's data changed, not grew
+    assert unseen_since({**pointer, "trained_batches": None}, index) is None  # nothing recorded: retrain
+    assert unseen_since(pointer, {**index, "plan_id": "old"}) == Unseen(1000)
+    assert TrainSettings().retrain_above_fraction == 0.1
+    with pytest.raises(SettingsError, match="retrain_above_fraction"):
+        TrainSettings(retrain_above_fraction=1.5)
