@@ -148,3 +148,39 @@ def test_no_steer_panel_without_the_live_server(chromium, live_site):  # noqa: F
         pg.goto(pg.base_url + f"#/feature/{PLANTED}")
         pg.wait_for_selector("h1:has-text('Feature')")
         assert pg.locator("#steer").count() == 0 and not pg.problems, pg.problems
+
+
+def test_cli_prints_both_continuations_of_the_committed_checkpoint(store, tiny_hooked, tiny_model_dir, tmp_path):
+    """`sae-platform steer` (a subprocess, the deployment's model and store) prints the baseline
+    and the steered continuation the core gives for the committed checkpoint; a --feature without
+    its --strength is refused naming the fix."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, tiny_run_config
+
+    from sae_platform.catalog import checkpoint_version
+    from sae_platform.trainer import load_sae
+    from tests.test_live import _trained_twice
+
+    _trained_twice(store, tiny_hooked)
+    run_config = tmp_path / "run.yaml"
+    run_config.write_text(tiny_run_config(tiny_model_dir))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SAE_PLATFORM_")},
+           "SAE_PLATFORM_ROOT": store.root_url, "SAE_PLATFORM_RUN_CONFIG": str(run_config),
+           "DAGSTER_HOME": str(tmp_path), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "jobs.cli", "steer", "--sae", "run", "--device", "cpu", PROMPT]
+    done = subprocess.run([*cli, "--feature", "7", "--strength", "20", "--feature", "9", "--strength", "-4",
+                           "--max-new-tokens", "6"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    sae = load_sae(store, "run")[0]
+    ids = tiny_hooked.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    pairs = list(steer(tiny_hooked, sae, ids, [(7, 20.0), (9, -4.0)], "additive", 6))
+    decode = tiny_hooked.tokenizer.decode
+    assert checkpoint_version(store, "run") in done.stdout and "#7 x 20, #9 x -4" in done.stdout
+    assert f"--- without ---\n{PROMPT}{decode([b for b, _ in pairs if b is not None])}\n" in done.stdout
+    assert f"--- steered ---\n{PROMPT}{decode([s for _, s in pairs if s is not None])}\n" in done.stdout
+    bad = subprocess.run([*cli, "--feature", "7", "--feature", "8", "--strength", "1"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "give one strength" in bad.stderr
