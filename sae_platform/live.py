@@ -161,36 +161,6 @@ class LiveEncoder:
         finally:
             continuations.close()
 
-
-class _Held:
-    """The lines of a steering request, holding the model's lock until they end or are closed
-    (even if never read: a client gone before the first line must not keep the model)."""
-
-    def __init__(self, lines: Iterator[dict], continuations, lock: threading.Lock):
-        self.lines, self.continuations, self.lock = lines, continuations, lock
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        try:
-            return next(self.lines)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        """Closes the lines and the continuations (the splice hooks come off the model), then
-        frees the model; a second call does nothing."""
-        if self.lock is None:
-            return
-        try:
-            self.lines.close()
-            self.continuations.close()
-        finally:
-            self.lock.release()
-            self.lock = None
-
     @torch.inference_mode()
     def features(self, text: str, feature: int | None = None) -> dict:
         """The answer for ``text`` (see the module docstring); ``feature``: the latent whose
@@ -237,6 +207,36 @@ class _Held:
             with torch.autocast(sae_device.type, enabled=False):
                 codes = self.sae.encode(x.to(sae_device))
         return codes.values.float().cpu().numpy(), codes.indices.cpu().numpy()
+
+
+class _Held:
+    """The lines of a steering request, holding the model's lock until they end or are closed
+    (even if never read: a client gone before the first line must not keep the model)."""
+
+    def __init__(self, lines: Iterator[dict], continuations, lock: threading.Lock):
+        self.lines, self.continuations, self.lock = lines, continuations, lock
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            return next(self.lines)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Closes the lines and the continuations (the splice hooks come off the model), then
+        frees the model; a second call does nothing."""
+        if self.lock is None:
+            return
+        try:
+            self.lines.close()
+            self.continuations.close()
+        finally:
+            self.lock.release()
+            self.lock = None
 
 
 def _rounded(value: float) -> float:
