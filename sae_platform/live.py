@@ -39,6 +39,18 @@ time (a lock). The server binds 127.0.0.1 unless told otherwise and checks every
 header (``browser.server``); it binds before any model is loaded, so a port in use fails at once.
 A body that is not JSON, nested too deeply, or whose text holds a lone surrogate gets 400 with the
 reason; the server keeps answering.
+
+``POST /api/steer`` (``sae_platform.steering``) takes ``{"prompt": "...", "features": [[id, strength],
+...], "method": "additive" | "orthogonal" | "cap", "max_new_tokens": 32, "condition": {"feature": id,
+"threshold": act} (optional)}`` and streams JSON lines (``application/x-ndjson``) as the model
+generates: first ``{"checkpoint_version", "prompt_tokens", "method", "features", "condition",
+"max_new_tokens"}``, then one ``{"baseline": " tok", "steered": " tok"}`` per step (null for a side
+that has ended), then ``{"done": true, "baseline_text", "steered_text"}`` (or ``{"error"}`` when
+the model fails midway). Bounded like the live text: the prompt at most ``max_chars`` characters
+and ``max_tokens`` tokens and ``max_new_tokens`` at most ``max_new_tokens_cap`` (longer: 400, naming
+the bound), and one steering request at a time: the model is held for the whole generation, and a
+request that finds it busy gets 429 at once. ``/api/limits`` also answers ``max_new_tokens`` and
+``steer_methods``: the feature page shows its steer panel only when they are there.
 """
 
 import http.server
@@ -46,7 +58,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +70,19 @@ from sae_platform.browser.server import LIMITS_PATH, make_server, serve_in_threa
 from sae_platform.catalog import checkpoint_version, pinned_checkpoint
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.hooks import sae_hook_points
+from sae_platform.steering import METHODS, Condition, check_method, check_number, steer
 from sae_platform.tokens import token_display_strings
 
 MAX_BODY = 64 * 1024
 MAX_CHARS = 4000      # the longest text answered, in characters: the server's bound and the page's maxlength
 TOP_FEATURES = 20     # latents listed for the whole text
+MAX_NEW_TOKENS = 64   # the most tokens one steering request generates (per side)
 API_PATH = "/api/features"
+STEER_PATH = "/api/steer"
+
+
+class Busy(PlatformError):
+    """The model is running another steering request (answered 429)."""
 
 
 @dataclass
@@ -82,6 +101,7 @@ class LiveEncoder:
     top: int = 16
     top_features: int = TOP_FEATURES
     checkpoint_version: str | None = None
+    max_new_tokens_cap: int = MAX_NEW_TOKENS
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -95,7 +115,51 @@ class LiveEncoder:
     def limits(self) -> dict:
         """What the page needs before it sends a text: the bounds and the checkpoint version."""
         return {"max_chars": self.max_chars, "max_tokens": self.max_tokens, "top": self.top,
-                "top_features": self.top_features, "checkpoint_version": self.checkpoint_version}
+                "top_features": self.top_features, "checkpoint_version": self.checkpoint_version,
+                "max_new_tokens": self.max_new_tokens_cap, "steer_methods": list(METHODS)}
+
+    def steering(self, request: dict) -> Iterator[dict]:
+        """The JSON lines of ``POST /api/steer`` for ``request`` (the module docstring). The request
+        is checked and the model taken before the first line: PlatformError naming the bad field,
+        ``Busy`` when another steering request holds the model. The model is held until the
+        iterator ends or is closed."""
+        prompt = _checked_text(request.get("prompt"), "prompt")
+        if len(prompt) > self.max_chars:
+            raise PlatformError(f"the prompt has {len(prompt)} characters; at most {self.max_chars} are steered",
+                                "send a shorter prompt")
+        ids = [int(i) for i in self.hooked.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        if len(ids) > self.max_tokens:
+            raise PlatformError(f"the prompt has {len(ids)} tokens; at most {self.max_tokens} are steered",
+                                "send a shorter prompt")
+        n_new = request.get("max_new_tokens", 32)
+        if isinstance(n_new, bool) or not isinstance(n_new, int) or not 1 <= n_new <= self.max_new_tokens_cap:
+            raise PlatformError(f"max_new_tokens must be an integer in 1..{self.max_new_tokens_cap}, got {n_new!r}",
+                                f"ask for at most {self.max_new_tokens_cap} tokens")
+        condition = _condition(request.get("condition"))
+        method = check_method(request.get("method", "additive"))
+        continuations = steer(self.hooked, self.sae, ids, request.get("features"), method, n_new, condition,
+                              hook_point=self.hook_point, input_hook_point=self.input_hook_point)
+        if not self._lock.acquire(blocking=False):
+            continuations.close()
+            raise Busy("the model is answering another request", "wait for it to finish, then send again")
+        return _Held(self._steered_lines(continuations, request.get("features"), method, n_new, condition, len(ids)),
+                     continuations, self._lock)
+
+    def _steered_lines(self, continuations, features, method, n_new, condition, n_prompt) -> Iterator[dict]:
+        try:
+            yield {"checkpoint_version": self.checkpoint_version, "prompt_tokens": n_prompt, "method": method,
+                   "features": features, "max_new_tokens": n_new,
+                   "condition": None if condition is None else vars(condition)}
+            sides: tuple[list[int], list[int]] = ([], [])
+            for step in continuations:
+                for side, token in zip(sides, step, strict=True):
+                    side.extend([] if token is None else [token])
+                yield {name: None if token is None else token_display_strings(self.hooked.tokenizer, [token])[0]
+                       for name, token in zip(("baseline", "steered"), step, strict=True)}
+            yield {"done": True, **{f"{name}_text": self.hooked.tokenizer.decode(side)
+                                    for name, side in zip(("baseline", "steered"), sides, strict=True)}}
+        finally:
+            continuations.close()
 
     @torch.inference_mode()
     def features(self, text: str, feature: int | None = None) -> dict:
@@ -145,17 +209,57 @@ class LiveEncoder:
         return codes.values.float().cpu().numpy(), codes.indices.cpu().numpy()
 
 
+class _Held:
+    """The lines of a steering request, holding the model's lock until they end or are closed
+    (even if never read: a client gone before the first line must not keep the model)."""
+
+    def __init__(self, lines: Iterator[dict], continuations, lock: threading.Lock):
+        self.lines, self.continuations, self.lock = lines, continuations, lock
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            return next(self.lines)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Closes the lines and the continuations (the splice hooks come off the model), then
+        frees the model; a second call does nothing."""
+        if self.lock is None:
+            return
+        try:
+            self.lines.close()
+            self.continuations.close()
+        finally:
+            self.lock.release()
+            self.lock = None
+
+
 def _rounded(value: float) -> float:
     return float(f"{value:.4g}")  # 4 significant digits: what the page shows
 
 
-def _checked_text(text) -> str:
+def _condition(condition) -> Condition | None:
+    """The request's ``condition`` ({"feature": id, "threshold": act} or absent) as a Condition."""
+    if condition is None:
+        return None
+    if not isinstance(condition, dict) or set(condition) != {"feature", "threshold"}:
+        raise PlatformError(f"the request's 'condition' {condition!r} is not {{\"feature\": id, \"threshold\": act}}",
+                            'send "condition": {"feature": 12, "threshold": 0.5}, or leave it out')
+    return Condition(condition["feature"], check_number(condition["threshold"], "the condition threshold"))
+
+
+def _checked_text(text, field: str = "text") -> str:
     if not isinstance(text, str):
-        raise PlatformError("the request's 'text' must be a string", 'send {"text": "your text"}')
+        raise PlatformError(f"the request's {field!r} must be a string", f'send {{"{field}": "your text"}}')
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise PlatformError(f"the request's 'text' holds a lone surrogate ({text[error.start]!r} at character "
+        raise PlatformError(f"the request's {field!r} holds a lone surrogate ({text[error.start]!r} at character "
                             f"{error.start}), which is not Unicode text",
                             "send UTF-8 text; a JSON \\uD800-\\uDFFF escape must be half of a surrogate pair")
     return text
@@ -256,8 +360,8 @@ def checkpoint_loader(store, sae_name: str, load_model: Callable[[], object], de
 
 def make_live_server(site_dir, encoder: LiveEncoder | SiteEncoder, host: str = "127.0.0.1", port: int = 8000,
                      quiet: bool = False, extra_hosts=None):
-    """The browser's static server for ``site_dir`` plus ``POST /api/features`` and
-    ``GET /api/limits``, bound but not started (a port in use is a PlatformError now; nothing of
+    """The browser's static server for ``site_dir`` plus ``POST /api/features``, ``POST /api/steer``
+    and ``GET /api/limits``, bound but not started (a port in use is a PlatformError now; nothing of
     ``encoder`` is loaded yet); it answers to the host names ``browser.server.make_server`` allows
     (``extra_hosts``: names besides its address and loopback)."""
     def answer(handler, status: int, body: dict) -> None:
@@ -278,8 +382,9 @@ def make_live_server(site_dir, encoder: LiveEncoder | SiteEncoder, host: str = "
             return answer(handler, 503, {"error": str(error)})
 
     def do_POST(handler):  # http.server's name
-        if handler.path.split("?")[0] != API_PATH:
-            return answer(handler, 404, {"error": f"only POST {API_PATH} is answered"})
+        path = handler.path.split("?")[0]
+        if path not in (API_PATH, STEER_PATH):
+            return answer(handler, 404, {"error": f"only POST {API_PATH} and {STEER_PATH} are answered"})
         try:
             length = int(handler.headers.get("Content-Length") or 0)
         except ValueError:
@@ -299,13 +404,37 @@ def make_live_server(site_dir, encoder: LiveEncoder | SiteEncoder, host: str = "
         except PlatformError as error:   # the site's checkpoint could not be loaded
             return answer(handler, 503, {"error": str(error)})
         try:
+            if path == STEER_PATH:
+                return stream(handler, live.steering(request))
             return answer(handler, 200, live.features(request.get("text"), request.get("feature")))
+        except Busy as error:
+            return answer(handler, 429, {"error": str(error)})
         except PlatformError as error:
             return answer(handler, 400, {"error": str(error)})
         except Exception as error:  # a bug, not the request: say so, and keep serving the next request
             handler.log_error("live endpoint failed: %r", error)
             return answer(handler, 500, {"error": f"the server failed on this text ({type(error).__name__}); "
                                                   "the next request is answered as usual"})
+
+    def stream(handler, lines: "_Held") -> None:
+        """200 and one JSON line per item of ``lines`` as it comes (HTTP/1.0: the connection's end
+        ends the body); a failure after the first line is sent as an ``{"error"}`` line."""
+        try:
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/x-ndjson; charset=utf-8")
+            handler.send_header("Cache-Control", "no-store")
+            handler.end_headers()
+            for line in lines:
+                handler.wfile.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass                               # the page went away: stop generating
+        except Exception as error:
+            handler.log_error("steering failed: %r", error)
+            handler.wfile.write(json.dumps({"error": f"the model failed midway ({type(error).__name__})"}).encode()
+                                + b"\n")
+        finally:
+            lines.close()
+            handler.close_connection = True
 
     return make_server(site_dir, host, port, quiet=quiet, handler_methods={"do_GET": do_GET, "do_POST": do_POST},
                        extra_hosts=extra_hosts)

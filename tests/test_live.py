@@ -218,7 +218,8 @@ def test_whole_text_ranking_and_heat_map_equal_the_dense_codes(encoder, tiny_hoo
 def test_limits_answer_the_bound_the_server_applies(live, encoder):
     limits = json.loads(urllib.request.urlopen(live + "api/limits", timeout=10).read())
     assert limits == {"max_chars": encoder.max_chars, "max_tokens": 12, "top": 3, "top_features": 5,
-                      "checkpoint_version": "v-test"}
+                      "checkpoint_version": "v-test", "max_new_tokens": 64,
+                      "steer_methods": ["additive", "orthogonal", "cap"]}
     assert MAX_CHARS == encoder.max_chars
     status, body = _post(live, json.dumps({"text": "a" * (MAX_CHARS + 1)}).encode())
     assert status == 200 and body["truncated"] and body["max_chars"] == MAX_CHARS

@@ -10,6 +10,7 @@
     sae-platform lineage [--sae NAME] [--shard N]          upstream lineage of a feature table
     sae-platform browse [--port 8000]                      serve the feature browser on localhost
     sae-platform serve [--port 8000]                       the browser + live "text in, features out"
+    sae-platform steer --feature F --strength S "prompt"   greedy continuation without / with the feature added
     sae-platform status                                    partitions and what is stored
     sae-platform timings [RUN_ID]                          where a run spent its time (default: the latest run)
     sae-platform recover                                   fail runs whose process died, free their pool slots
@@ -36,6 +37,7 @@ from jobs.cli.stages import (
     run_failure,
 )
 from jobs.cli.status import cmd_status
+from jobs.cli.steer import add_parser as add_steer_parser
 from jobs.cli.vector import add_parser as add_vector_parser
 from jobs.cli.verify import cmd_verify
 from sae_platform.browser.address import DEFAULT_HOST, DEFAULT_PORT
@@ -122,6 +124,7 @@ def main(argv=None) -> int:
     serve.add_argument("--device", default="auto", help="auto, cpu or cuda")
     serve.add_argument("--max-tokens", type=int, default=256, help="longest text answered, in tokens")
     serve.set_defaults(func=cmd_serve)
+    add_steer_parser(commands)
     commands.add_parser("status", help="what is stored").set_defaults(func=cmd_status)
     timings = commands.add_parser("timings", help="step time per op of a run, from its event log")
     timings.add_argument("run_id", nargs="?", default=None, help="default: the latest run")

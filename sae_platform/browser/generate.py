@@ -12,6 +12,7 @@ Site layout (everything static; any plain HTTP server can serve it — ``fetch``
 
     index.html                      the page shell: no inline script, a strict CSP
     static/app.js, static/app.css   the app (copied from ``browser_static/``)
+    static/steer.js                 the feature page's steer panel (shown with the live server)
     site.json                       {"version", "data", "checkpoint", "batches"}: points at the data of
                                     the current build, and pins what it shows;
                                     written last, so a rebuild switches over in one write
@@ -139,7 +140,7 @@ STAT_SIG_FIGS = 4          # densities, maxima, scores
 SITE_POINTER = "site.json"
 FEATURE_CHUNKS = "features"  # data/<version>/features/<chunk>.json: the site's per-feature files
 VERSION_RE = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}")   # data/<version>: the only folders a rebuild removes
-STATIC_FILES = ("app.js", "app.css")
+STATIC_FILES = ("app.js", "app.css", "steer.js")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; base-uri 'none'; form-action 'none'")
 
@@ -154,6 +155,7 @@ INDEX_HTML = """<!doctype html>
 <link rel="icon" href="data:,">
 <link rel="stylesheet" href="static/app.css?v={css_hash}">
 <script src="static/app.js?v={js_hash}" defer></script>
+<script src="static/steer.js?v={steer_hash}" defer></script>
 </head>
 <body>
 <header id="top"><a class="brand" href="#/">SAE feature browser</a><span id="run"></span></header>
@@ -527,7 +529,8 @@ def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
     for name, body in static.items():
         files[f"static/{name}"] = body
     digest = {name: hashlib.sha256(body).hexdigest()[:12] for name, body in static.items()}
-    files["index.html"] = INDEX_HTML.format(csp=CSP, css_hash=digest["app.css"], js_hash=digest["app.js"]).encode()
+    files["index.html"] = INDEX_HTML.format(csp=CSP, css_hash=digest["app.css"], js_hash=digest["app.js"],
+                                      steer_hash=digest["steer.js"]).encode()
     # the checkpoint and batches the site shows (freshness reads them)
     pin = {**checkpoint_pin(pinned_checkpoint(lineage)), **batches_pin(lineage)}
     files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(sae_name), **pin})  # last: the switch

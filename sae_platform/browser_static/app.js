@@ -404,6 +404,7 @@
     root.appendChild(grid);
     if (f.explanation !== undefined) root.appendChild(explanationCard(f));
     root.appendChild(examples(f));
+    if (S.live && S.live.max_new_tokens && window.saeSteerPanel) root.appendChild(window.saeSteerPanel(f, S.live));   // steer.js
     root.appendChild(lineage(id));
   }
 
