@@ -97,10 +97,9 @@ def export(args) -> None:
 
 def load(args) -> None:
     import torch
-    from safetensors.torch import load_file
-
     from circuit_tracer import ReplacementModel, attribute
     from circuit_tracer.utils.hf_utils import load_transcoders
+    from safetensors.torch import load_file
 
     work = Path(args.work)
     config = json.loads((work / "local_config.json").read_text())
@@ -133,7 +132,8 @@ def load(args) -> None:
     seconds = time.perf_counter() - started
     emit(step="attribute", tokens=int(ids.numel()), active_features=int(graph.active_features.shape[0]),
          selected_features=int(graph.selected_features.shape[0]), logits=int(len(graph.logit_targets)),
-         adjacency=list(graph.adjacency_matrix.shape), adjacency_finite=bool(torch.isfinite(graph.adjacency_matrix).all()),
+         adjacency=list(graph.adjacency_matrix.shape),
+         adjacency_finite=bool(torch.isfinite(graph.adjacency_matrix).all()),
          model_load_seconds=round(loaded, 2), graph_seconds=round(seconds, 2), torch_threads=torch.get_num_threads())
 
 

@@ -31,7 +31,8 @@ D, N, LAYERS = 24, 40, 3
 def test_a_transcoder_set_entry_trains_one_transcoder_per_mlp_layer(tmp_path):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("plain: {variant: topk, n_latents: 64, k: 8}\n"
-                     "plt: {variant: batchtopk, n_latents: 64, k: 8, transcoder_set: {n_layers: 3, input: hook_resid_mid}}\n")
+                     "plt: {variant: batchtopk, n_latents: 64, k: 8, "
+                     "transcoder_set: {n_layers: 3, input: hook_resid_mid}}\n")
     specs = load_sweep(sweep)
     assert list(specs) == ["plain", "plt-L0", "plt-L1", "plt-L2"]
     assert specs["plt-L2"] == {"variant": "batchtopk", "n_latents": 64, "k": 8,
@@ -99,7 +100,8 @@ def circuit_tracer_forward(tensors: dict, x: torch.Tensor, config: dict) -> tupl
 
 
 @pytest.mark.parametrize("variant, hparams, activation", [
-    ("relu", {}, "relu"), ("jumprelu", {}, "jumprelu"), ("batchtopk", {"k": 6}, "jumprelu"), ("topk", {"k": 6}, "topk")])
+    ("relu", {}, "relu"), ("jumprelu", {}, "jumprelu"), ("batchtopk", {"k": 6}, "jumprelu"),
+    ("topk", {"k": 6}, "topk")])
 def test_the_written_set_has_circuit_tracers_layout_and_reproduces_our_transcoders(tmp_path, variant, hparams,
                                                                                     activation):
     saes = [_transcoder(variant, layer, **hparams) for layer in range(LAYERS)]
