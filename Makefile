@@ -13,7 +13,12 @@ TORCH_WHEELS := /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),)
 TORCH_PIN := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0*.whl),torch==2.13.0,)
 
-.PHONY: setup browser postgres redis demo lint test test-fast bench gpu-check browse ui clean neuronpedia-venv
+# circuit-tracer 0.5.0 in its own environment (never in .venv): benchmarks/circuit_tracer_check.py and
+# tests/test_circuit_tracer.py run it as a subprocess, and skip when it is absent. nnsight is pinned below
+# 0.7: circuit-tracer 0.5.0 imports nnsight.intervention.tracing, which 0.8 removed.
+CIRCUIT_TRACER_VENV ?= /work/venvs/circuit-tracer
+
+.PHONY: setup browser postgres redis demo lint test test-fast bench gpu-check browse ui clean neuronpedia-venv circuit-tracer-venv
 
 setup: $(VENV)/.installed $(SAE_PLATFORM_DATA)/.fetched $(DAGSTER_HOME)/dagster.yaml
 
@@ -90,3 +95,7 @@ browse: setup
 NEURONPEDIA_VENV ?= /work/venvs/neuronpedia
 neuronpedia-venv:
 	$(PYTHON) -m venv $(NEURONPEDIA_VENV) && $(NEURONPEDIA_VENV)/bin/pip install neuronpedia==1.2.1
+
+circuit-tracer-venv:
+	$(PYTHON) -m venv $(CIRCUIT_TRACER_VENV)
+	$(CIRCUIT_TRACER_VENV)/bin/pip install -q $(FIND_LINKS) $(TORCH_PIN) circuit-tracer==0.5.0 'nnsight>=0.6,<0.7'

@@ -84,8 +84,10 @@ class CacheSettings:
     recache: bool = setting(False, "cache batches again even when stored and their file is unchanged")
     hook_points: list = setting(None, "hook points read in one forward pass, TransformerLens names (e.g. "
                                       "blocks.4.hook_mlp_out), or 'IN -> OUT' pairs for a transcoder (e.g. "
-                                      "'blocks.4.ln2.hook_normalized -> blocks.4.hook_mlp_out'); one store per entry, "
-                                      "the first is what the pipeline trains on; empty: the language model's "
+                                      "'blocks.4.ln2.hook_normalized -> blocks.4.hook_mlp_out'); one store per "
+                                      "entry, the first is what the pipeline trains on; 'blocks.*.' in an entry: "
+                                      "one entry per block (e.g. 'blocks.*.ln2.hook_normalized -> "
+                                      "blocks.*.hook_mlp_out' for a transcoder set); empty: the language model's "
                                       "blocks.<layer>.hook_resid_post", default_factory=list)
 
     def __post_init__(self):
@@ -95,10 +97,27 @@ class CacheSettings:
                                 f"{self.hook_points!r}", "e.g. [blocks.4.hook_mlp_out, blocks.4.hook_resid_post]")
 
 
+EVERY_BLOCK = "blocks.*."  # in a hook_points entry: the same entry for every block of the model
+
+
+def expand_every_block(specs: list[str], n_layers: int) -> list[str]:
+    """``specs`` with each entry naming ``blocks.*.`` replaced by one entry per block 0..n_layers-1
+    (``*`` -> the block index, in block order), in place: so a transcoder set's pairs
+    (``catalog.TranscoderSet``) are cached in one pass from one line,
+    ``'blocks.*.ln2.hook_normalized -> blocks.*.hook_mlp_out'``."""
+    expanded = []
+    for spec in specs:
+        if EVERY_BLOCK in spec:
+            expanded.extend(spec.replace(EVERY_BLOCK, f"blocks.{i}.") for i in range(n_layers))
+        else:
+            expanded.append(spec)
+    return expanded
+
+
 def hook_entries(model: HookedModel, settings: CacheSettings) -> list[HookEntry]:
     """The stores one caching pass writes, checked against the model (ModelError naming the valid
     hook points when one is wrong; a transcoder's input must come before its output)."""
-    specs = list(settings.hook_points) or [model.hook_name]
+    specs = expand_every_block(list(settings.hook_points) or [model.hook_name], model.n_layers)
     entries = []
     for spec in specs:
         entry = HookEntry.parse(spec)

@@ -19,6 +19,7 @@ shuffled store        ``shuffled/<name>`` (+ ``pieces-<plan>/b<bucket>``), ``<na
 SAE checkpoint        ``sae/<sae_name>``                                                          trainer
 evaluation            ``eval/<sae_name>`` (report, density, held-out codes)                       evaluate
 SAELens export        ``saelens/<sae_name>``                                                      export
+circuit-tracer set    ``circuit_tracer/<set_name>`` (``config.yaml``, ``layer_<i>.safetensors``)   circuit_tracer
 training reports      ``reports/<sae_name>/<file>``, ``reports/<file>``                           assets.training
 sparse codes          ``features/<sae_name>/codes/<key>``                                         features
 pass-1 partials       ``features/<sae_name>/partial/<key>/f<shard>``                              features
@@ -48,6 +49,7 @@ SHUFFLED = "shuffled"
 CHECKPOINTS = "sae"
 EVALUATIONS = "eval"
 EXPORTS = "saelens"
+CIRCUIT_TRACER_EXPORTS = "circuit_tracer"
 REPORTS = "reports"
 FEATURES = "features"
 BROWSER = "browser"
@@ -309,17 +311,99 @@ def load_sweep(path) -> dict[str, dict]:
     """The SAE sweep file ``path`` (config/sweep.yaml): entry name → its spec (a mapping: variant,
     n_latents, …). Read with ``settings.load_yaml`` (no aliases, bounded size); every entry name is
     checked by ``check_name`` here, when the code location loads, since it becomes the SAE's path.
-    SettingsError naming the file, the entry and the fix otherwise."""
+    An entry with a ``transcoder_set`` block stands for one transcoder per MLP layer
+    (``TranscoderSet``): it is expanded here into its members, ``<name>-L<i>``, each a plain entry
+    with its own ``hook_point``. SettingsError naming the file, the entry and the fix otherwise."""
     specs = load_yaml(path, "sweep file")
     if not isinstance(specs, dict) or not specs:
         raise SettingsError(f"sweep file {path} holds no entries (it must be a mapping of SAE name to its settings)",
                             "write one entry per SAE, e.g. topk-16k-k32: {variant: topk, n_latents: 16384, k: 32}")
+    expanded: dict[str, dict] = {}
     for name, spec in specs.items():
         check_name(name, f"sweep entry name in {path}")
         if not isinstance(spec, dict):
             raise SettingsError(f"sweep entry {name!r} in {path} is {spec!r}, not a mapping of settings",
                                 "write it as e.g. {variant: topk, n_latents: 16384, k: 32}")
-    return specs
+        members = ({name: spec} if TRANSCODER_SET not in spec
+                   else TranscoderSet.from_spec(name, spec, path).member_specs(spec))
+        clash = sorted(set(members) & set(expanded))
+        if clash:
+            raise SettingsError(f"sweep file {path}: entry {name!r} gives SAE name(s) {', '.join(clash)} that another "
+                                "entry already has", f"rename {name!r} (a transcoder set names its members <set>-L<i>)")
+        expanded.update(members)
+    return expanded
+
+
+TRANSCODER_SET = "transcoder_set"  # the sweep-entry key of a set of per-layer transcoders
+# What a set's transcoders may read (TransformerLens names, the ones circuit-tracer accepts as
+# feature_input_hook) and where they write.
+TRANSCODER_SET_INPUTS = ("hook_resid_mid", "ln2.hook_normalized")
+TRANSCODER_SET_OUTPUT = "hook_mlp_out"
+
+
+@dataclass(frozen=True)
+class TranscoderSet:
+    """One transcoder per MLP layer of a model, declared as one sweep entry (circuit-tracer's
+    per-layer transcoder set, "PLT")::
+
+        smollm2-plt: {variant: topk, n_latents: 4096, k: 32,
+                      transcoder_set: {n_layers: 30, input: ln2.hook_normalized}}
+
+    trains ``smollm2-plt-L0`` … ``smollm2-plt-L29``, member i reading ``blocks.i.<input>`` and
+    writing ``blocks.i.hook_mlp_out`` (the other settings are every member's). ``n_layers`` is the
+    model's block count: circuit-tracer needs a transcoder on every layer. Caching all of them in one
+    pass takes one ``hook_points`` entry, ``'blocks.*.<input> -> blocks.*.hook_mlp_out'``
+    (``activations.hook_entries`` expands ``*`` to every block)."""
+
+    name: str
+    n_layers: int
+    input: str
+
+    @classmethod
+    def from_spec(cls, name: str, spec: dict, path) -> "TranscoderSet":
+        """The set sweep entry ``name`` declares; SettingsError naming the file, entry and fix."""
+        block = spec[TRANSCODER_SET]
+        example = "transcoder_set: {n_layers: 30, input: ln2.hook_normalized}"
+        if not isinstance(block, dict) or set(block) - {"n_layers", "input"}:
+            raise SettingsError(f"sweep entry {name!r} in {path}: transcoder_set is {block!r}, not a mapping of "
+                                "n_layers and input", f"write e.g. {example}")
+        n_layers, hook_in = block.get("n_layers"), block.get("input", TRANSCODER_SET_INPUTS[1])
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+            raise SettingsError(f"sweep entry {name!r} in {path}: transcoder_set.n_layers is {n_layers!r}, not the "
+                                "model's (positive) number of blocks", f"write e.g. {example}")
+        if hook_in not in TRANSCODER_SET_INPUTS:
+            raise SettingsError(f"sweep entry {name!r} in {path}: transcoder_set.input is {hook_in!r}",
+                                f"use one of {', '.join(TRANSCODER_SET_INPUTS)}")
+        if "hook_point" in spec:
+            raise SettingsError(f"sweep entry {name!r} in {path} has both transcoder_set and hook_point",
+                                "drop hook_point: each member's is blocks.<i>.<input> -> blocks.<i>.hook_mlp_out")
+        return cls(name, n_layers, hook_in)
+
+    def member(self, layer: int) -> str:
+        """The sweep entry (SAE name) of layer ``layer``'s transcoder."""
+        return f"{self.name}-L{layer}"
+
+    @property
+    def members(self) -> list[str]:
+        """Member SAE names, in layer order."""
+        return [self.member(i) for i in range(self.n_layers)]
+
+    def hook_point(self, layer: int) -> str:
+        """Layer ``layer``'s transcoder pair (``HookEntry.spec``)."""
+        return HookEntry(f"blocks.{layer}.{TRANSCODER_SET_OUTPUT}", f"blocks.{layer}.{self.input}").spec
+
+    def member_specs(self, spec: dict) -> dict[str, dict]:
+        """Each member's sweep entry: ``spec`` without the block, plus its own hook point."""
+        shared = {k: v for k, v in spec.items() if k != TRANSCODER_SET}
+        return {self.member(i): {**shared, "hook_point": self.hook_point(i)} for i in range(self.n_layers)}
+
+
+def load_transcoder_sets(path) -> dict[str, TranscoderSet]:
+    """The transcoder sets sweep file ``path`` declares (``TranscoderSet``), by set name."""
+    load_sweep(path)  # every entry checked, as when the code location loads
+    specs = load_yaml(path, "sweep file")
+    return {name: TranscoderSet.from_spec(name, spec, path) for name, spec in specs.items()
+            if TRANSCODER_SET in spec}
 
 
 def checkpoint_name(sae_name: str) -> str:
@@ -403,6 +487,12 @@ def is_current(store, sae_name: str, record: dict | None) -> bool:
 def export_name(sae_name: str) -> str:
     """``saelens/<sae_name>``: the checkpoint in SAELens's on-disk layout (export.export_run)."""
     return f"{EXPORTS}/{check_sae_name(sae_name)}"
+
+
+def circuit_tracer_name(set_name: str) -> str:
+    """``circuit_tracer/<set_name>``: transcoder set ``set_name`` (``TranscoderSet``) in
+    circuit-tracer's layout (circuit_tracer.export_transcoder_set)."""
+    return f"{CIRCUIT_TRACER_EXPORTS}/{check_name(set_name, 'transcoder set name')}"
 
 
 def eval_name(sae_name: str) -> str:

@@ -70,7 +70,25 @@ TRANSCODER_ARCHITECTURES = {"standard": "transcoder", "jumprelu": "jumprelu_tran
 
 
 def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
-    """(architecture, activation fields for cfg.json, float32 CPU tensors in SAELens layout)."""
+    """(architecture, activation fields for cfg.json, float32 CPU tensors in SAELens layout).
+    PlatformError for what SAELens cannot hold (a switch SAE, a TopK transcoder)."""
+    architecture, fields, weights = folded_weights(sae)
+    if sae.is_transcoder:
+        if architecture not in TRANSCODER_ARCHITECTURES:
+            raise PlatformError(f"a {sae.variant} transcoder cannot be exported to SAELens: it has no {architecture} "
+                                "transcoder (only ReLU `transcoder` and `jumprelu_transcoder`)",
+                                "train a batchtopk, matryoshka_batchtopk, jumprelu or relu transcoder to export it")
+        architecture = TRANSCODER_ARCHITECTURES[architecture]
+    return architecture, fields, weights
+
+
+def folded_weights(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(activation rule, its cfg.json fields, float32 CPU tensors) with the scales folded in, so
+    pre = x @ W_enc + b_enc (minus b_dec first for an SAE) and out = act(pre) @ W_dec + b_dec in
+    raw units. The rule is SAELens's architecture name of an SAE (``ARCHITECTURES``: ``topk``,
+    ``standard``, ``jumprelu``); ``threshold`` [d_sae] is present for ``jumprelu``. Shapes: W_enc
+    [d_in, d_sae], W_dec [d_sae, d_out], b_enc [d_sae], b_dec [d_out]. A transcoder's are folded
+    by ``_as_transcoder`` (any rule). PlatformError for a switch SAE or an uncalibrated one."""
     variant = sae.variant
     if variant == "switch":
         raise PlatformError(
@@ -110,20 +128,15 @@ def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
             k = int(sae.hparams["k"])
             fields = {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": k}, "k": k}
     if sae.is_transcoder:
-        architecture, weights = _as_transcoder(sae, architecture, weights)
+        weights = _as_transcoder(sae, weights)
     return architecture, fields, {name: t.to(torch.float32).contiguous() for name, t in weights.items()}
 
 
-def _as_transcoder(sae, architecture: str, weights: dict) -> tuple[str, dict]:
-    """SAELens transcoders (``transcoder``: ReLU, ``jumprelu_transcoder``) compute
+def _as_transcoder(sae, weights: dict) -> dict:
+    """Transcoders (SAELens's ``transcoder`` / ``jumprelu_transcoder``, circuit-tracer's) compute
     z = act(x @ W_enc + b_enc), y = z @ W_dec + b_dec, with no b_dec subtracted from the input
     (it lives in the output space). So b_pre is folded into b_enc (b_enc - W_enc b_pre, in our
-    normalised units) and the output scale s_out into the decoder: W_dec / s_out, b_dec / s_out.
-    SAELens has no TopK transcoder: a topk transcoder is refused."""
-    if architecture not in TRANSCODER_ARCHITECTURES:
-        raise PlatformError(f"a {sae.variant} transcoder cannot be exported to SAELens: it has no {architecture} "
-                            "transcoder (only ReLU `transcoder` and `jumprelu_transcoder`)",
-                            "train a batchtopk, matryoshka_batchtopk, jumprelu or relu transcoder to export it")
+    normalised units) and the output scale s_out into the decoder: W_dec / s_out, b_dec / s_out."""
     with torch.no_grad():
         s_out = float(sae.output_scale)
         if not (math.isfinite(s_out) and s_out > 0):
@@ -134,7 +147,7 @@ def _as_transcoder(sae, architecture: str, weights: dict) -> tuple[str, dict]:
                    "b_enc": weights["b_enc"] - w_enc @ b_pre,
                    "W_dec": sae.W_dec.detach().to("cpu", torch.float64) / s_out,
                    "b_dec": sae.b_dec.detach().to("cpu", torch.float64) / s_out}
-    return TRANSCODER_ARCHITECTURES[architecture], weights
+    return weights
 
 
 def _write(path: str, data: bytes, fs) -> None:
