@@ -23,10 +23,9 @@ from resources import (
     LLMExplainerResource,
     StorageResource,
     TextSourceResource,
-    read_run_config,
     stage_resource,
 )
-from sae_platform.settings import SettingsError
+from sae_platform.settings import SettingsError, read_run_config
 
 # One asset job per AssetJob the stage declarations name (assets/*.py), in pipeline order.
 ASSET_JOBS = asset_jobs(STAGES.values())
@@ -44,8 +43,7 @@ def build_resources(settings: Settings, run_config: dict | None = None) -> dict:
                             "llm_explainer")
     text = {"endpoint_url": settings.s3_endpoint_url}
     return {
-        "storage": StorageResource(**{"root_url": settings.root_url, "endpoint_url": settings.s3_endpoint_url,
-                                      **configured.get("storage", {})}),
+        "storage": StorageResource(**settings.storage_config(configured.get("storage"))),
         "language_model": BaseModelResource(**configured.get("language_model", {})),
         "text_source": TextSourceResource(**{"pattern": settings.inbox, **text, **configured.get("text_source", {})}),
         "holdout_text": TextSourceResource(**{"pattern": settings.holdout_pattern, **text,

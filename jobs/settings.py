@@ -31,6 +31,11 @@ class Settings:
             executor=env_value("SAE_PLATFORM_EXECUTOR", EXECUTORS[0], choices=EXECUTORS),
         )
 
+    def storage_config(self, configured: dict | None = None) -> dict:
+        """The storage resource's config: this environment's root and S3 endpoint, under the run
+        config file's ``resources.storage.config`` (``configured``), which wins."""
+        return {"root_url": self.root_url, "endpoint_url": self.s3_endpoint_url, **(configured or {})}
+
     @property
     def holdout_pattern(self) -> str:
         return self.holdout or os.path.join(self.data_dir, "holdout", "*")

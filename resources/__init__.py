@@ -1,7 +1,6 @@
 """Dagster resources: configuration that says *where* (storage root, model, text source)."""
 
 from dataclasses import fields
-from pathlib import Path
 
 from dagster import ConfigurableResource
 from pydantic import Field, create_model, field_validator
@@ -13,7 +12,7 @@ from sae_platform.features import FeatureSettings
 from sae_platform.inbox import Inbox, scan_inbox
 from sae_platform.llm_explain import ChatClient, public_url
 from sae_platform.model import AUTOCAST_HELP, EMBEDDED_MODEL, load_stored_model, load_stored_tokenizer
-from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, default_of, load_yaml
+from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, default_of, read_run_config
 from sae_platform.shuffle import ShuffleSettings
 from sae_platform.storage import ArtifactStore, open_store
 from sae_platform.trainer import TrainSettings
@@ -127,20 +126,6 @@ class TextSourceResource(ConfigurableResource):
     def stamps(self, files: list[TextFile] | None = None) -> dict[str, str]:
         """Partition key → size and modification stamp, to notice files replaced under the same name."""
         return {f.key: source_stamp(f, self.storage_options) for f in (self.files() if files is None else files)}
-
-
-def read_run_config(path: str | None) -> dict:
-    """A full_pipeline run config file (``SAE_PLATFORM_RUN_CONFIG``, e.g. config/demo.yaml); {} for none."""
-    if not path:
-        return {}
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"run config {path} (SAE_PLATFORM_RUN_CONFIG) does not exist: "
-                                "point it at a full_pipeline run config such as config/demo.yaml")
-    config = load_yaml(path, "run config (SAE_PLATFORM_RUN_CONFIG)") or {}
-    if not isinstance(config, dict):
-        raise SettingsError(f"run config {path} (SAE_PLATFORM_RUN_CONFIG) is a {type(config).__name__}, not a mapping",
-                            "write a full_pipeline run config (resources:, ops:, execution:) like config/demo.yaml")
-    return config
 
 
 class StageSettingsResource(ConfigurableResource):

@@ -302,6 +302,11 @@ def shuffle_piece_name(name: str, plan_id: str, bucket: int) -> str:
 
 # -- SAE checkpoints and what derived artifacts pin ----------------------------------------------
 
+# The SAE the feature tables and the browser describe unless resources.features.config.sae_name
+# says otherwise (FeatureSettings.sae_name); here, so the CLI reads it without importing torch.
+DEFAULT_SAE_NAME = "topk-16k-k32"
+
+
 def check_sae_name(sae_name: str) -> str:
     """``sae_name`` (a sweep entry: the SAE's name) when it is a safe name (``check_name``)."""
     return check_name(sae_name, "SAE name (sweep entry)")

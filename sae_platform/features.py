@@ -61,6 +61,7 @@ import torch
 
 from sae_platform.activations import open_partition
 from sae_platform.catalog import (
+    DEFAULT_SAE_NAME,
     FIRST_STORE,
     check_name,
     checkpoint_pin,
@@ -92,7 +93,7 @@ class FeatureSettings:
     """Settings of the feature tables, context windows and browser (``resources.features.config``):
     which SAE they describe and how many examples they keep."""
 
-    sae_name: str = setting("topk-16k-k32", "sweep entry whose checkpoint the tables describe")
+    sae_name: str = setting(DEFAULT_SAE_NAME, "sweep entry whose checkpoint the tables describe")
     top_k: int = setting(20, "top activating examples per feature", ge=1)
     reservoir_factor: int = setting(10, "random examples kept per feature = reservoir_factor x top_k", ge=1)
     random_examples: int = setting(20, "random examples per feature shown with context (a prefix of the "

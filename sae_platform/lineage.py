@@ -21,8 +21,7 @@ def feature_table_lineage(store: ArtifactStore, sae_name: str, shard_index: int,
         raise StorageError(f"the SAE checkpoint {sae_name!r} behind the feature tables is gone",
                            "re-train it (materialize sae_checkpoint) and rebuild the tables")
     data = checkpoint.get("data", {})
-    shuffled_path = store.resolve(catalog.shuffled_name(catalog.trained_on(store, sae_name)))
-    index = store.read_json(f"{shuffled_path}/{catalog.SHUFFLED_INDEX}") if shuffled_path else {}
+    index = _shuffled_index(store, catalog.trained_on(store, sae_name))
     inputs = index.get("inputs", [])
     first = inputs[0] if inputs else None
     attrs = {}
@@ -46,12 +45,29 @@ def feature_table_lineage(store: ArtifactStore, sae_name: str, shard_index: int,
     }
 
 
+def _shuffled_index(store: ArtifactStore, shuffle_name: str | None) -> dict:
+    """The committed index of shuffled store ``shuffle_name`` ({} when none is committed)."""
+    path = store.resolve(catalog.shuffled_name(shuffle_name)) if shuffle_name else None
+    return store.read_json(f"{path}/{catalog.SHUFFLED_INDEX}") if path else {}
+
+
 def recorded_lineage(store: ArtifactStore, sae_name: str, shard_index: int) -> dict:
     """The lineage recorded with shard ``shard_index``'s tables, else read back from the artifacts."""
     path = catalog.lineage_record_path(store, sae_name, shard_index)
     if store.fs.exists(path):
         return store.read_json(path)
     return feature_table_lineage(store, sae_name, shard_index)
+
+
+def lineage_with_current_shuffle(store: ArtifactStore, sae_name: str, shard_index: int) -> dict:
+    """What ``sae-platform lineage`` prints: the lineage recorded with the shard's tables (what they
+    were built from and the Dagster run that built them, all read from the store), with the plan
+    the shuffled store holds *now* as ``shuffle.current_plan_id``, so a re-shuffle since shows.
+    StorageError when the shard has no tables (and no record)."""
+    lineage = recorded_lineage(store, sae_name, shard_index)
+    shuffle = lineage.get("shuffle") or {}
+    current = _shuffled_index(store, shuffle.get("name")).get("plan_id")
+    return {**lineage, "shuffle": {**shuffle, "current_plan_id": current}}
 
 
 def latent_range(features) -> str:
@@ -84,6 +100,7 @@ def format_lineage(lineage: dict) -> str:
     """The lineage as an indented tree, newest artifact first."""
     t, c, s = lineage["feature_table"], lineage["sae_checkpoint"], lineage["shuffle"]
     stale = ("" if s["plan_id"] == s["current_plan_id"]
+             else "  (the shuffled store is no longer stored)" if s["current_plan_id"] is None
              else f"  (the store has since been re-shuffled: {s['current_plan_id']})")
     lines = [
         f"feature tables {t['sae']} shard f{t['shard']} {latent_range(t['features'])}  version {t['version']}"

@@ -186,3 +186,17 @@ def load_yaml(path, what: str):
 
 DEVICE_DOC = "auto (CUDA when present), cpu, cuda, cuda:1, …"
 DEFAULT_DEVICE = "auto"
+
+
+def read_run_config(path: str | None) -> dict:
+    """A full_pipeline run config file (``SAE_PLATFORM_RUN_CONFIG``, e.g. config/demo.yaml); {} for none."""
+    if not path:
+        return {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"run config {path} (SAE_PLATFORM_RUN_CONFIG) does not exist: "
+                                "point it at a full_pipeline run config such as config/demo.yaml")
+    config = load_yaml(path, "run config (SAE_PLATFORM_RUN_CONFIG)") or {}
+    if not isinstance(config, dict):
+        raise SettingsError(f"run config {path} (SAE_PLATFORM_RUN_CONFIG) is a {type(config).__name__}, not a mapping",
+                            "write a full_pipeline run config (resources:, ops:, execution:) like config/demo.yaml")
+    return config

@@ -1,8 +1,10 @@
 """The operator CLI answers at once: `--help` and `status` import neither Dagster nor torch."""
 
+import functools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,17 +224,94 @@ def test_verify_reports_a_flipped_byte_an_edited_cfg_and_a_swapped_base_model(tm
     assert unknown.returncode == 2 and "nothing is committed at 'activations/nope'" in unknown.stderr
 
 
+@functools.cache
+def _definitions_parents() -> dict[str, tuple[str, ...]]:
+    """Every asset of the code location's definitions → the assets it reads, from Dagster's own
+    resolved asset graph (the fact ``jobs.asset_graph.ASSET_PARENTS`` copies)."""
+    from jobs.definitions import build_definitions
+
+    graph = build_definitions().resolve_asset_graph()
+    return {key.to_user_string(): tuple(sorted(p.to_user_string() for p in graph.get(key).parent_keys))
+            for key in graph.get_all_asset_keys()}
+
+
+def test_the_static_asset_graph_is_the_definitions_graph():
+    """`lineage` prints the edges of a static table so that it imports no asset module; this binds
+    the table to the stage declarations: a changed dep fails here until the table is updated."""
+    from jobs.asset_graph import ASSET_PARENTS
+
+    expected = _definitions_parents()
+    table = "".join(f"    {k!r}: {v!r},\n".replace("'", '"') for k, v in sorted(expected.items()))
+    assert {k: tuple(sorted(v)) for k, v in ASSET_PARENTS.items()} == expected, \
+        f"the asset graph changed: set ASSET_PARENTS in jobs/asset_graph.py to\n{table}"
+
+
 def test_lineage_prints_the_asset_graphs_real_edges():
     """Each asset upstream of feature_topk on its own line with every asset it reads (a DAG: the
     activations feed both the shuffle and feature pass 1), not a BFS order drawn as one chain."""
-    from jobs.cli.browse import _asset_parents
-    from jobs.definitions import build_definitions
+    from jobs.asset_graph import ASSET_PARENTS
     from sae_platform.lineage import format_asset_edges, latent_range
 
-    lines = [" ".join(line.split()) for line in
-             format_asset_edges(_asset_parents(build_definitions()), "feature_topk").splitlines()]
+    lines = [" ".join(line.split()) for line in format_asset_edges(ASSET_PARENTS, "feature_topk").splitlines()]
     assert lines[0] == "feature_topk ← feature_stats_partial"
     assert "feature_stats_partial ← activations, sae_checkpoint" in lines
     assert "shuffle_plan ← activations" in lines and "activations ← base_model" in lines
     assert "base_model (no upstream)" in lines and len(lines) == len(set(lines)) == 10
     assert latent_range([0, 4096]) == "latents [0, 4096)"          # the browser's half-open notation
+
+
+def _root_with_recorded_lineage(root: Path, sae: str, shard: int) -> dict:
+    """An artifact root holding shard ``shard``'s tables of ``sae`` and the lineage record its
+    feature_topk run wrote (the shape of ``feature_table_lineage``), the shuffled store since
+    re-shuffled to another plan."""
+    from sae_platform import catalog
+    from sae_platform.storage import ArtifactStore
+
+    store = ArtifactStore(str(root))
+    with store.writing(catalog.tables_name(sae, shard), start=4096, stop=8192) as version:
+        store.fs.pipe_file(f"{version}/meta.json", b"{}")
+    with store.writing(catalog.shuffled_name("main")) as version:
+        store.write_json(f"{version}/{catalog.SHUFFLED_INDEX}", {"plan_id": "plan-new", "inputs": []})
+    lineage = {
+        "checkpoint": "v-ckpt",
+        "feature_table": {"sae": sae, "shard": shard, "version": "v-tables", "features": [4096, 8192],
+                          "dagster_run_id": "run-that-built-the-tables"},
+        "sae_checkpoint": {"name": sae, "version": "v-ckpt", "step": 600, "tokens": 614400, "variant": "topk"},
+        "shuffle": {"name": "main", "plan_id": "plan-old", "current_plan_id": "plan-old", "n_rows": 121700},
+        "activation_partitions": [{"key": "alpha", "version": "v-a", "n_rows": 20286},
+                                  {"key": "gamma", "version": "v-g", "n_rows": 101414}],
+        "base_model": {"model": "smollm2-135m", "hook_name": "blocks.15.hook_resid_post", "d_model": 576},
+    }
+    store.write_json(catalog.lineage_record_path(store, sae, shard), lineage)
+    return lineage
+
+
+def _imported_top_level(importtime_log: str) -> set[str]:
+    """The top-level packages a ``python -X importtime`` run imported (its stderr)."""
+    names = (line.split("|")[-1].strip() for line in importtime_log.splitlines() if line.startswith("import time:"))
+    return {name.split(".")[0] for name in names}
+
+
+def test_lineage_reads_the_store_without_dagster_or_torch(tmp_path):
+    """`sae-platform lineage` answers from the store alone: the run that built the tables from their
+    lineage record, the asset graph's edges (the definitions' own) from jobs.asset_graph; no
+    Dagster, no torch, so it answers in well under 2 s."""
+    from sae_platform.lineage import format_asset_edges
+
+    sae = "topk-4k-k32"
+    _root_with_recorded_lineage(tmp_path / "artifacts", sae, 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAE_PLATFORM_") and k != "DAGSTER_HOME"}
+    env.update(SAE_PLATFORM_ROOT=str(tmp_path / "artifacts"), PYTHONPATH=str(REPO))
+    command = [sys.executable, "-X", "importtime", "-m", "jobs.cli", "lineage", "--sae", sae, "--shard", "1"]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not {"torch", "dagster", "transformers", "assets", "resources"} & _imported_top_level(done.stderr)
+    out = done.stdout
+    assert f"feature tables {sae} shard f1 latents [4096, 8192)  version v-tables" in out
+    assert "dagster run run-that-built-the-tables" in out and "(the store has since been re-shuffled: plan-new)" in out
+    assert "activations/alpha" in out and "activations/gamma" in out and "blocks.15.hook_resid_post" in out
+    edges = out.split("(each asset ← the assets it reads):\n", 1)[1]
+    assert edges.rstrip("\n") == format_asset_edges(_definitions_parents(), "feature_topk")
+    assert seconds < 5, f"lineage took {seconds:.1f} s"   # < 2 s unloaded; loose for a loaded CI machine

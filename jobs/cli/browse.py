@@ -5,29 +5,27 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.cli.common import _definitions, _described_sae, _instance
+from jobs.cli.common import _definitions, _described_sae
 
 
 def cmd_lineage(args) -> int:
-    from dagster import AssetKey
-
-    from assets.partitions import N_FEATURE_SHARDS
-    from sae_platform.lineage import feature_table_lineage, format_asset_edges, format_lineage
+    """The lineage recorded with one feature shard's tables and the asset graph upstream of
+    ``feature_topk``: read from the store and a static table (``jobs.asset_graph``), so it answers at
+    once, without Dagster or torch (the record already names the Dagster run that built the tables)."""
+    from jobs.asset_graph import ASSET_PARENTS
+    from jobs.cli.common import deployed_store_and_sae
+    from sae_platform.catalog import N_FEATURE_SHARDS
+    from sae_platform.lineage import format_asset_edges, format_lineage, lineage_with_current_shuffle
 
     if not 0 <= args.shard < N_FEATURE_SHARDS:
         sys.exit(f"error: there is no feature shard {args.shard}: shards are 0–{N_FEATURE_SHARDS - 1} "
                  f"(--shard N, one per quarter of the SAE's latents)")
-    instance, defs = _instance(), _definitions()
-    store = defs.resources["storage"].store()
-    args.sae = args.sae or _described_sae(defs)
+    store, deployed_sae = deployed_store_and_sae()
+    args.sae = args.sae or deployed_sae
     _require_sae_with_tables(store, args.sae)
-    records = instance.fetch_materializations(AssetKey("feature_topk"), limit=100).records
-    run_ids = [r.run_id for r in records if r.partition_key == f"f{args.shard}"
-               and _metadata_value(r, "sae") == args.sae]  # the newest run that described this SAE
-    lineage = feature_table_lineage(store, args.sae, args.shard, run_id=run_ids[0] if run_ids else None)
-    print(format_lineage(lineage))
+    print(format_lineage(lineage_with_current_shuffle(store, args.sae, args.shard)))
     print("\nasset graph upstream of feature_topk (each asset ← the assets it reads):")
-    print(format_asset_edges(_asset_parents(defs), "feature_topk"))
+    print(format_asset_edges(ASSET_PARENTS, "feature_topk"))
     return 0
 
 
@@ -53,18 +51,6 @@ def _require_sae_with_tables(store, sae: str) -> None:
              + (", ".join(known) if known else "none with feature tables")
              + (f" (trained without tables: {', '.join(t for t in trained if t not in known)})"
                 if any(t not in known for t in trained) else ""))
-
-
-def _metadata_value(record, key: str):
-    entry = record.asset_materialization.metadata.get(key) if record.asset_materialization else None
-    return getattr(entry, "value", entry)
-
-
-def _asset_parents(defs) -> dict[str, list[str]]:
-    """Every asset of the definitions → the assets it reads (its direct upstreams)."""
-    graph = defs.resolve_asset_graph()
-    return {key.to_user_string(): [p.to_user_string() for p in graph.get(key).parent_keys]
-            for key in graph.get_all_asset_keys()}
 
 
 def cmd_serve(args) -> int:

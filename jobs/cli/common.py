@@ -38,6 +38,25 @@ def stage_settings(**sections: dict) -> dict:
     return {"resources": {stage: section for stage, section in resources.items() if section["config"]}}
 
 
+def deployed_store_and_sae():
+    """(artifact store, SAE the feature tables describe) of this deployment, from the environment
+    and the run config file (``SAE_PLATFORM_RUN_CONFIG``) alone: for commands that only read the
+    store and must answer at once, without Dagster, torch or the definitions. The same values the
+    definitions' storage and features resources hold (``Settings.storage_config``,
+    ``catalog.DEFAULT_SAE_NAME``). SettingsError naming a bad run config file."""
+    from jobs.settings import Settings
+    from sae_platform.catalog import DEFAULT_SAE_NAME
+    from sae_platform.settings import read_run_config
+    from sae_platform.storage import open_store
+
+    settings = Settings.from_env()
+    resources = read_run_config(settings.run_config).get("resources") or {}
+    configured = {key: (value or {}).get("config") or {} for key, value in resources.items()}
+    storage = settings.storage_config(configured.get("storage"))
+    store = open_store(storage["root_url"], storage.get("endpoint_url"))
+    return store, configured.get("features", {}).get("sae_name") or DEFAULT_SAE_NAME
+
+
 def _described_sae(defs) -> str:
     """The SAE the deployment's feature tables describe (resources.features.config.sae_name)."""
     return defs.resources["features"].settings().sae_name
