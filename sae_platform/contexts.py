@@ -52,6 +52,12 @@ changed SAE or changed activations make nearly every example disagree.
 Token strings. ``token_strs`` are the exact text of each token, so ``"".join(token_strs)`` is the
 window's decoded text; ``sae_platform.tokens`` (``window_strings``) says how, byte tokens included.
 
+Reuse. A window depends only on its (feature, row) and on what ``windows_basis`` records in the
+partition's pointer (checkpoint, batch version, store, before/after, activation source), with the
+(feature, row) selection it covers. ``build_partition_windows`` given the checkpoint version reuses
+the stored windows of the pairs still selected when that basis is unchanged (a kept SAE's refresh)
+and computes only the others; the frame equals a build from scratch.
+
 Storage (every write goes through ``ArtifactStore.writing``: nothing half-written is visible)::
 
     features/<sae_name>/contexts_partial/<partition>/<version>/windows.parquet   one per partition
