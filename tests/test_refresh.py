@@ -103,6 +103,7 @@ def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path
     # pass 3 of an old batch reused the windows still shown and computed the new examples' only
     reused, computed = _pass_3(log, "alpha")
     assert reused > computed, (reused, computed)
+    print(f"\npass 3 of alpha after the small batch: {reused} windows reused, {computed} computed")
     assert _pass_3(log, "delta") == (0, store.pointer(contexts_partial_name(TINY_SAE, "delta"))["n_windows"])
     assert store.pointer(contexts_partial_name(TINY_SAE, "alpha"))[contexts.BUILT_FROM]["checkpoint"] == \
         kept["version"]
