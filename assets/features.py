@@ -216,8 +216,11 @@ FEATURE_TOPK = _stage(
 
 def context_windows(run: StageRun) -> dict:
     """The windows around every chosen example in this batch, with the feature's activation on each
-    token and the decoded token strings."""
-    settings, (sae, group) = _settings(run), _load(run)
+    token and the decoded token strings; the batch's stored windows are reused for the examples still
+    shown when they were built from this checkpoint and batch version (a kept SAE's refresh)."""
+    settings = _settings(run)
+    checkpoint = catalog.checkpoint_version(run.store, settings.sae_name)  # read before loading (checkpoint_pin)
+    sae, group = _load(run)
     examples = [shown_examples(read_tables(run.store, settings.sae_name, i).examples, settings.random_examples)
                 for i in range(N_FEATURE_SHARDS)]
     tokenizer = run.resources.language_model.tokenizer(run.store)  # the weights are not needed here
@@ -226,8 +229,12 @@ def context_windows(run: StageRun) -> dict:
     codes = ft.read_codes(run.store, settings.sae_name, run.partition_key, sae)  # pass 1's: no encode again
     info = ctx.build_partition_windows(run.store, settings.sae_name, sae, run.partition_key, pl.concat(examples),
                                        tokenizer, before=settings.before, after=settings.after, codes=codes,
-                                       group=group)
+                                       group=group, checkpoint=checkpoint)
+    run.log.info(f"pass 3 [{run.partition_key}]: {info['n_reused']:,} windows reused, {info['n_computed']:,} "
+                 "computed" + (f" (rebuilt: {info['rebuilt_because']})" if info["rebuilt_because"] else ""))
     return {"n_windows": info["n_windows"], "n_features": info["n_features"], "dagster/row_count": info["n_windows"],
+            "n_reused": info["n_reused"], "n_computed": info["n_computed"],
+            **({"rebuilt_because": info["rebuilt_because"]} if info["rebuilt_because"] else {}),
             "path": MetadataValue.path(info["path"])}
 
 

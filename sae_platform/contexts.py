@@ -52,6 +52,12 @@ changed SAE or changed activations make nearly every example disagree.
 Token strings. ``token_strs`` are the exact text of each token, so ``"".join(token_strs)`` is the
 window's decoded text; ``sae_platform.tokens`` (``window_strings``) says how, byte tokens included.
 
+Reuse. A window depends only on its (feature, row) and on what ``windows_basis`` records in the
+partition's pointer (checkpoint, batch version, store, before/after, activation source), with the
+(feature, row) selection it covers. ``build_partition_windows`` given the checkpoint version reuses
+the stored windows of the pairs still selected when that basis is unchanged (a kept SAE's refresh)
+and computes only the others; the frame equals a build from scratch.
+
 Storage (every write goes through ``ArtifactStore.writing``: nothing half-written is visible)::
 
     features/<sae_name>/contexts_partial/<partition>/<version>/windows.parquet   one per partition
@@ -63,6 +69,7 @@ row groups that can hold it, also on S3.
 """
 
 import copy
+import hashlib
 import io
 import logging
 
@@ -108,6 +115,7 @@ SLICE_CALL_ELEMENTS = 1 << 13  # fixed cost of one encode_slice call, in (row x 
 PAIR_CHUNK = 1 << 18  # (row, feature) lookups per step in TopK codes
 RESIDENT_BYTES = 1 << 30  # distinct activation rows held at once (float32, on the SAE's device)
 READ_ROWS = 1 << 15  # rows per zarr read into the resident block
+BATCH_ROWS = 4096  # rows per sae.encode call (TopK-style variants without pass 1's codes)
 RTOL, ATOL = 1e-3, 1e-4  # recomputed vs stored example activation (fp32 vs fp32, other batching/device)
 # Examples of a partition allowed to disagree beyond RTOL/ATOL: float-level differences between
 # the pass that built the tables and this one (another device or batch shape) can flip a TopK
@@ -183,7 +191,7 @@ class _Index:
 
 
 def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests: pl.DataFrame, tokenizer, *,
-                    before: int, after: int, device=None, batch_rows: int = 4096,
+                    before: int, after: int, device=None, batch_rows: int = BATCH_ROWS,
                     rtol: float = RTOL, atol: float = ATOL,
                     max_mismatch_fraction: float = MAX_MISMATCH_FRACTION, codes=None,
                     group: str = catalog.FIRST_STORE) -> pl.DataFrame:
@@ -201,6 +209,16 @@ def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests:
     ``group``: the partition's hook-point store whose rows the examples point into (the one the
     feature tables were built from, their ``meta["group"]``); its own index gives the windows. A
     transcoder's store holds paired rows [input | output]; the SAE encodes the input half."""
+    windows = _windows(store, sae, partition_key, requests, tokenizer, before=before, after=after, device=device,
+                       batch_rows=batch_rows, codes=codes, group=group)
+    _check_reproduced(windows, partition_key, rtol=rtol, atol=atol, max_mismatch_fraction=max_mismatch_fraction)
+    return windows
+
+
+def _windows(store, sae: SparseAutoencoder, partition_key: str, requests: pl.DataFrame, tokenizer, *,
+             before: int, after: int, device=None, batch_rows: int = BATCH_ROWS, codes=None,
+             group: str = catalog.FIRST_STORE) -> pl.DataFrame:
+    """``context_windows`` without the check that the examples still reproduce."""
     if before < 0 or after < 0 or batch_rows < 1:
         raise PlatformError(f"bad window settings before={before}, after={after}, batch_rows={batch_rows}",
                             "use before >= 0, after >= 0, batch_rows >= 1")
@@ -263,21 +281,6 @@ def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests:
     else:
         flat_act[has] = _pair_activations(run_sae, part, flat_row[has], features[which][has], batch_rows)
 
-    expected = requests[ACTIVATION].to_numpy().astype(np.float32)
-    got = flat_act[center_flat]
-    off = ~(np.abs(got - expected) <= atol + rtol * np.abs(expected))
-    if off.sum() > int(max_mismatch_fraction * len(rows)):
-        i = int(np.flatnonzero(off)[0])
-        raise StorageError(
-            f"{int(off.sum())} of {len(rows)} examples in partition {partition_key!r} no longer reproduce: "
-            f"feature {int(features[i])} at row {int(rows[i])} has stored activation {expected[i]:.6g} but the SAE "
-            f"gives {got[i]:.6g} — the SAE checkpoint or the activations changed after the feature tables were built",
-            "re-materialize the feature tables with the current SAE and activations, then the context windows")
-    if off.any():
-        log.warning("%d of %d examples in partition %r differ from their stored activation beyond float "
-                    "tolerance (within the %.2g%% allowed for near-tie TopK flips); windows show the recomputed "
-                    "values", int(off.sum()), len(rows), partition_key, 100 * max_mismatch_fraction)
-
     strs = window_strings(tokenizer, flat_tok, starts)
     return pl.DataFrame([
         *[requests[c] for c in EXAMPLE_COLUMNS],
@@ -290,6 +293,30 @@ def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests:
         _list_series(ACTS, starts, pa.array(flat_act)),
         _list_series(HAS_ACT, starts, pa.array(has)),
     ]).cast(WINDOW_SCHEMA)
+
+
+def _check_reproduced(windows: pl.DataFrame, partition_key: str, *, rtol: float = RTOL, atol: float = ATOL,
+                      max_mismatch_fraction: float = MAX_MISMATCH_FRACTION) -> None:
+    """The activation each window shows at its example's own token against the example's stored
+    ``activation``: more than ``max_mismatch_fraction`` of the partition's examples off means stale
+    tables (StorageError); fewer are near-tie TopK flips (a warning)."""
+    if windows.is_empty():
+        return
+    features, rows = windows[FEATURE].to_numpy(), windows[ROW].to_numpy()
+    expected = windows[ACTIVATION].to_numpy().astype(np.float32)
+    got = windows.select(pl.col(ACTS).list.get(pl.col(CENTER))).to_series().to_numpy().astype(np.float32)
+    off = ~(np.abs(got - expected) <= atol + rtol * np.abs(expected))
+    if off.sum() > int(max_mismatch_fraction * len(rows)):
+        i = int(np.flatnonzero(off)[0])
+        raise StorageError(
+            f"{int(off.sum())} of {len(rows)} examples in partition {partition_key!r} no longer reproduce: "
+            f"feature {int(features[i])} at row {int(rows[i])} has stored activation {expected[i]:.6g} but the SAE "
+            f"gives {got[i]:.6g} — the SAE checkpoint or the activations changed after the feature tables were built",
+            "re-materialize the feature tables with the current SAE and activations, then the context windows")
+    if off.any():
+        log.warning("%d of %d examples in partition %r differ from their stored activation beyond float "
+                    "tolerance (within the %.2g%% allowed for near-tie TopK flips); windows show the recomputed "
+                    "values", int(off.sum()), len(rows), partition_key, 100 * max_mismatch_fraction)
 
 
 def empty_windows() -> pl.DataFrame:
@@ -446,22 +473,133 @@ def _check_windows(frame: pl.DataFrame) -> pl.DataFrame:
     return _sort_examples(frame.select(list(WINDOW_SCHEMA)).cast(WINDOW_SCHEMA))
 
 
-def write_partition_windows(store, sae_name: str, partition_key: str, frame: pl.DataFrame) -> dict:
-    """Commit one partition's windows at ``features/<sae_name>/contexts_partial/<partition_key>``."""
+def write_partition_windows(store, sae_name: str, partition_key: str, frame: pl.DataFrame, *,
+                            built_from: dict | None = None) -> dict:
+    """Commit one partition's windows at ``features/<sae_name>/contexts_partial/<partition_key>``.
+
+    ``built_from`` (``windows_basis``): what the windows were built from, recorded in the pointer
+    with the (feature, row) pairs they cover, so the next build of this partition may reuse them."""
     frame = _check_windows(frame)
     name = catalog.contexts_partial_name(sae_name, partition_key)
     info = {"partition": partition_key, "n_windows": len(frame), "n_features": frame[FEATURE].n_unique()}
-    with store.writing(name, **info) as version:
+    reuse = {} if built_from is None else {BUILT_FROM: built_from, SELECTION: _selection(frame)}
+    with store.writing(name, **info, **reuse) as version:
         store.write_bytes_atomic(f"{version}/{PARTIAL_FILE}", _parquet_bytes(frame))
     return {**info, "path": store.url(store.resolve(name))}
 
 
 def build_partition_windows(store, sae_name: str, sae: SparseAutoencoder, partition_key: str,
-                            examples: pl.DataFrame, tokenizer, **window_settings) -> dict:
-    """Pass 3 for one activation partition: select its examples, build and commit the windows."""
+                            examples: pl.DataFrame, tokenizer, *, before: int, after: int,
+                            checkpoint: str | None = None, codes=None, group: str = catalog.FIRST_STORE,
+                            rtol: float = RTOL, atol: float = ATOL,
+                            max_mismatch_fraction: float = MAX_MISMATCH_FRACTION, **build) -> dict:
+    """Pass 3 for one activation partition: select its examples, build and commit the windows.
+
+    A window depends on its (feature, row) and on nothing else that ``windows_basis`` does not
+    record. So with the ``checkpoint`` version the SAE was loaded from, the windows this partition
+    committed before are reused for every (feature, row) still selected when they were built from
+    the same basis, and only the newly selected pairs are computed (a kept SAE's refresh: the old
+    batches' examples barely change). The frame equals a build from scratch: same rows, order and
+    values; the check that the examples reproduce runs over all of it. Anything else rebuilds.
+
+    Returns the commit's info plus ``n_reused`` and ``n_computed`` (windows) and ``rebuilt_because``
+    (why nothing was reused; None when the stored windows were used). Raises as ``context_windows``."""
     requests = requests_for_partition(examples, partition_key)
-    frame = context_windows(store, sae, partition_key, requests, tokenizer, **window_settings)
-    return write_partition_windows(store, sae_name, partition_key, frame)
+    name = catalog.contexts_partial_name(sae_name, partition_key)
+    basis = windows_basis(store, partition_key, checkpoint=checkpoint, group=group, before=before, after=after,
+                          codes=codes)
+    pointer = store.pointer(name)
+    reason = _why_rebuilt(pointer, basis)
+    stored = None if reason else _stored_windows(store, name, pointer, requests.select(FEATURE, ROW).unique())
+    if reason is None and stored is None:
+        reason = "the stored windows do not cover the selection their pointer records"
+    build = {"before": before, "after": after, "codes": codes, "group": group, **build}
+    check = {"rtol": rtol, "atol": atol, "max_mismatch_fraction": max_mismatch_fraction}
+    frame, n_reused = _windows_reusing(store, sae, partition_key, requests, stored, tokenizer, build, check)
+    log.info("pass 3 [%s]: %d windows reused, %d computed%s", partition_key, n_reused, len(frame) - n_reused,
+             f" (rebuilt: {reason})" if reason else "")
+    info = write_partition_windows(store, sae_name, partition_key, frame, built_from=basis)
+    return {**info, "n_reused": n_reused, "n_computed": len(frame) - n_reused, "rebuilt_because": reason}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reuse: a partition's windows committed before, for the same checkpoint and batch version
+# ---------------------------------------------------------------------------------------------
+
+BUILT_FROM = "built_from"  # contexts_partial pointer field: what its windows were built from (windows_basis)
+SELECTION = "selection"  # ... and the (feature, row) pairs they cover: {"n_pairs", "sha256"}
+COMPUTED = (CONTEXT_ID, POSITION, DOC_ID, CENTER, TOKEN_IDS, TOKEN_STRS, ACTS, HAS_ACT)  # what a window adds
+ORDER = "_request_order"
+
+
+def windows_basis(store, partition_key: str, *, checkpoint: str | None, group: str, before: int, after: int,
+                  codes) -> dict | None:
+    """What a window of this partition depends on besides its (feature, row): the SAE checkpoint
+    version, the batch's committed version, the hook-point store, the window size and where the
+    activations come from (pass 1's stored codes or a new encode, equal only to float tolerance).
+    None without a checkpoint version: nothing pins the SAE, so nothing is reused."""
+    if checkpoint is None:
+        return None
+    version = (store.pointer(catalog.partition_name(partition_key)) or {}).get("version")
+    return {**catalog.checkpoint_pin(checkpoint), "partition_version": version, "group": group,
+            "before": int(before), "after": int(after), "activations": "encoded" if codes is None else "pass 1 codes"}
+
+
+def _selection(frame: pl.DataFrame) -> dict:
+    """The distinct (feature, row) pairs a windows frame covers: their number and sha256."""
+    pairs = np.unique(frame.select(FEATURE, ROW).to_numpy().astype(np.int64).reshape(-1, 2), axis=0)
+    return {"n_pairs": len(pairs), "sha256": hashlib.sha256(np.ascontiguousarray(pairs).tobytes()).hexdigest()}
+
+
+def _why_rebuilt(pointer: dict | None, basis: dict | None) -> str | None:
+    """Why the committed windows (``pointer``) cannot be reused for ``basis``; None when they can."""
+    if basis is None:
+        return "no checkpoint version pins the SAE"
+    if pointer is None:
+        return "no windows stored"
+    built = pointer.get(BUILT_FROM)
+    if built is None or SELECTION not in pointer:
+        return "the stored windows do not record what they were built from"
+    changed = [key for key in basis if built.get(key) != basis[key]]
+    return f"built from another {', '.join(changed)}" if changed else None
+
+
+def _stored_windows(store, name: str, pointer: dict, wanted: pl.DataFrame) -> pl.DataFrame | None:
+    """The committed windows of the (feature, row) pairs in ``wanted`` (one per pair: a pair's
+    window is the same whatever its kind or rank), read one row group at a time so at most the
+    reused windows are held. None when the file is gone or covers another selection than its
+    pointer records."""
+    try:
+        with store.fs.open(f"{store.path(name, pointer['version'])}/{PARTIAL_FILE}", "rb") as f:
+            pf = pq.ParquetFile(f)
+            if _selection(pl.from_arrow(pf.read(columns=[FEATURE, ROW]))) != pointer[SELECTION]:
+                return None
+            kept = [pl.from_arrow(pf.read_row_group(i, columns=[FEATURE, ROW, *COMPUTED]))
+                    .join(wanted, on=[FEATURE, ROW], how="semi") for i in range(pf.num_row_groups)]
+    except FileNotFoundError:
+        return None
+    schema = {c: WINDOW_SCHEMA[c] for c in (FEATURE, ROW, *COMPUTED)}
+    if not kept:
+        return pl.DataFrame(schema=schema)
+    return pl.concat(kept).cast(schema).unique([FEATURE, ROW], keep="first", maintain_order=True)
+
+
+def _windows_reusing(store, sae, partition_key: str, requests: pl.DataFrame, stored: pl.DataFrame | None,
+                     tokenizer, build: dict, check: dict) -> tuple[pl.DataFrame, int]:
+    """The windows of ``requests`` in request order: the ``stored`` ones joined to their request,
+    the others computed; checked together (``_check_reproduced``). Returns (windows, reused)."""
+    if stored is None:
+        return context_windows(store, sae, partition_key, requests, tokenizer, **build, **check), 0
+    ordered = requests.with_row_index(ORDER)
+    reused = ordered.join(stored, on=[FEATURE, ROW], how="inner")
+    missing = ordered.join(stored.select(FEATURE, ROW), on=[FEATURE, ROW], how="anti")
+    parts = [reused.select(ORDER, *WINDOW_SCHEMA)]
+    if missing.height:
+        computed = _windows(store, sae, partition_key, missing.drop(ORDER), tokenizer, **build)
+        parts.append(computed.with_columns(missing[ORDER]).select(ORDER, *WINDOW_SCHEMA))
+    frame = pl.concat(parts).sort(ORDER).drop(ORDER).cast(WINDOW_SCHEMA)
+    _check_reproduced(frame, partition_key, **check)
+    return frame, reused.height
 
 
 def _read_feature_range(store, path: str, start: int | None, stop: int | None) -> pl.DataFrame:

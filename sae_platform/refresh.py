@@ -5,9 +5,9 @@ rows of each input of its shuffled store). When the shuffled store is rebuilt an
 is *added* batches holding fewer tokens than ``retrain_above_fraction`` of the tokens the SAE was
 trained on, the SAE is kept: training skips it, and the feature tables are brought up to date
 incrementally (pass 1 for the new batches only, pass 2 merging every batch's partials, pass 3
-for the batches whose shown examples changed). The checkpoint is then *stale*, and says so
-(:meth:`Unseen.describe`). A batch removed or re-cached, another hook point's store or another
-d_model always retrains: the SAE's data changed, not only grew.
+computing only the windows of newly shown examples: ``contexts.build_partition_windows``). The
+checkpoint is then *stale*, and says so (:meth:`Unseen.describe`). A batch removed or re-cached,
+another hook point's store or another d_model always retrains: the SAE's data changed, not only grew.
 
 Pure: reads only the pointer and the shuffled store's index handed to it.
 """

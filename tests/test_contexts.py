@@ -426,3 +426,63 @@ def test_a_document_change_cuts_the_window_even_without_a_separator(tmp_path, ti
         lo, hi = (1, 8) if p < 9 else (9, 15)
         assert rec[TOKEN_IDS] == tokens[c, lo:hi + 1].tolist() and rec[CENTER] == p - lo
         assert rec["doc_id"] == (0 if p < 9 else 1)
+
+
+def test_pass_3_reuses_the_windows_still_selected_and_equals_a_build_from_scratch(store, cached, tiny_hooked,
+                                                                                   monkeypatch):
+    """Issue 30.3: a batch's windows built before for the same checkpoint and batch version are
+    reused for the (feature, row) pairs still selected; only the new pairs are computed, and the
+    committed windows equal a from-scratch pass 3. Another checkpoint rebuilds everything."""
+    import time
+
+    from sae_platform import features as ft
+
+    tok, key = tiny_hooked.tokenizer, "alpha"
+    sae = _sae("topk", store, cached, k=4)
+    ft.compute_and_write_partials(store, sae, "reuse", key, [(0, 64)], ft.FeatureSettings(top_k=3, reservoir_factor=2))
+    codes = ft.read_codes(store, "reuse", key, sae)
+    before = _top_examples(store, sae, ["alpha", "beta", "gamma"])
+    after = _top_examples(store, sae, ["alpha", "beta", "gamma", "docs"])  # a batch added: some examples move
+    build = {"codes": codes, **WINDOW}
+    first = build_partition_windows(store, "reuse", sae, key, before, tok, checkpoint="ckpt-1", **build)
+    assert first["n_reused"] == 0 and first["rebuilt_because"] == "no windows stored"
+    pointer = store.pointer(catalog.contexts_partial_name("reuse", key))
+    assert pointer[contexts.BUILT_FROM] == {
+        "checkpoint": "ckpt-1", "partition_version": store.pointer(catalog.partition_name(key))["version"],
+        "group": catalog.FIRST_STORE, "before": BEFORE, "after": AFTER, "activations": "pass 1 codes"}
+    assert pointer[contexts.SELECTION]["n_pairs"] == len(requests_for_partition(before, key).unique([FEATURE, ROW]))
+
+    old_pairs = set(requests_for_partition(before, key).select(FEATURE, ROW).rows())
+    wanted = requests_for_partition(after, key)
+    new_requests = sum(pair not in old_pairs for pair in wanted.select(FEATURE, ROW).rows())
+    computed = []
+    real_windows = contexts._windows
+    monkeypatch.setattr(contexts, "_windows", lambda *a, **kw: computed.append(len(a[3])) or real_windows(*a, **kw))
+    started = time.perf_counter()
+    second = build_partition_windows(store, "reuse", sae, key, after, tok, checkpoint="ckpt-1", **build)
+    reuse_s = time.perf_counter() - started
+    assert second["rebuilt_because"] is None
+    assert second["n_computed"] == new_requests == sum(computed) and 0 < new_requests
+    assert second["n_reused"] == len(wanted) - new_requests > second["n_computed"]  # most windows reused
+    stored = regroup_by_feature(store, "reuse", [key], 0, sae.n_latents)
+    started = time.perf_counter()
+    scratch = context_windows(store, sae, key, wanted, tok, **build)
+    scratch_s = time.perf_counter() - started
+    assert stored.equals(scratch)  # same rows, same order, same values: the pass 3 a full rebuild runs
+
+    computed.clear()
+    started = time.perf_counter()
+    other = build_partition_windows(store, "reuse", sae, key, after, tok, checkpoint="ckpt-2", **build)
+    rebuild_s = time.perf_counter() - started
+    assert other["n_reused"] == 0 and other["n_computed"] == len(wanted) == sum(computed)
+    assert other["rebuilt_because"] == "built from another checkpoint"
+    assert regroup_by_feature(store, "reuse", [key], 0, sae.n_latents).equals(scratch)
+    wider = build_partition_windows(store, "reuse", sae, key, after, tok, checkpoint="ckpt-2", codes=codes,
+                                    before=BEFORE + 1, after=AFTER)
+    assert wider["n_reused"] == 0 and wider["rebuilt_because"] == "built from another before"
+    unpinned = build_partition_windows(store, "reuse", sae, key, after, tok, **build)
+    assert unpinned["n_reused"] == 0 and contexts.BUILT_FROM not in store.pointer(
+        catalog.contexts_partial_name("reuse", key))
+    print(f"\npass 3 of {key}, build and commit: {len(wanted)} windows, {second['n_reused']} reused and "
+          f"{new_requests} computed in {reuse_s * 1e3:.0f} ms; all computed {rebuild_s * 1e3:.0f} ms "
+          f"(windows alone, no commit: {scratch_s * 1e3:.0f} ms)")

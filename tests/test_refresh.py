@@ -3,6 +3,7 @@ retrain_above_fraction of the SAE's training tokens keeps the checkpoint (stale,
 encodes pass 1 for that batch only, and the tables equal a from-scratch build with the same
 checkpoint; a larger batch retrains. Real `dagster job execute -j full_pipeline` runs, tiny model."""
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -11,9 +12,12 @@ import polars as pl
 import pytest
 from conftest import TINY_SAE, deployment
 from test_full_pipeline import assert_tables_match_brute_force, execute_full_pipeline
+from transformers import AutoTokenizer
 
+from assets.features import shown_examples
+from sae_platform import contexts
 from sae_platform import features as ft
-from sae_platform.catalog import checkpoint_name, shuffled_input_group, stage_record_path
+from sae_platform.catalog import checkpoint_name, contexts_partial_name, shuffled_input_group, stage_record_path
 from sae_platform.feature_intervals import add_interval_examples
 from sae_platform.feature_merge import merge_partials, read_tables
 from sae_platform.freshness import refresh_plan, stale_reasons
@@ -48,6 +52,26 @@ def _from_scratch(store: ArtifactStore, keys: list[str]) -> list:
             for i in range(4)]
 
 
+def _pass_3(log: str, batch: str) -> tuple[int, int]:
+    """(windows reused, windows computed) that pass 3 of ``batch`` logged in a run."""
+    found = re.findall(rf"pass 3 \[{batch}\]: ([\d,]+) windows reused, ([\d,]+) computed", log)
+    assert found and len(set(found)) == 1, log[-3000:]  # the Dagster log, and the core's where it shows
+    return tuple(int(n.replace(",", "")) for n in found[0])
+
+
+def _windows_match_a_build_from_scratch(store: ArtifactStore, batch: str, model_dir: Path) -> None:
+    """The committed windows of ``batch`` equal pass 3 run from scratch on the current tables."""
+    settings = ft.FeatureSettings(sae_name=TINY_SAE, random_examples=4)  # the deployment's, as _from_scratch
+    sae, _ = load_sae(store, TINY_SAE)
+    shown = pl.concat([shown_examples(read_tables(store, TINY_SAE, i).examples, settings.random_examples)
+                       for i in range(4)])
+    scratch = contexts.context_windows(store, sae, batch, contexts.requests_for_partition(shown, batch),
+                                       AutoTokenizer.from_pretrained(str(model_dir)), before=settings.before,
+                                       after=settings.after, codes=ft.read_codes(store, TINY_SAE, batch, sae),
+                                       group=shuffled_input_group(store, "main"))
+    assert contexts.regroup_by_feature(store, TINY_SAE, [batch], 0, sae.n_latents).equals(scratch)
+
+
 def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path, tiny_model_dir, text_dir):
     env = deployment(tmp_path, tiny_model_dir, text_dir)
     inbox = Path(env["SAE_PLATFORM_INBOX"]).parent
@@ -76,12 +100,22 @@ def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path
         assert stored.stats.equals(scratch.stats) and stored.examples.equals(scratch.examples)
     site = store.read_json(f"{store.path('browser', TINY_SAE)}/site.json")
     assert sorted(site["batches"]) == ["alpha", "beta", "delta", "gamma"]
+    # pass 3 of an old batch reused the windows still shown and computed the new examples' only
+    reused, computed = _pass_3(log, "alpha")
+    assert reused > computed, (reused, computed)
+    print(f"\npass 3 of alpha after the small batch: {reused} windows reused, {computed} computed")
+    assert _pass_3(log, "delta") == (0, store.pointer(contexts_partial_name(TINY_SAE, "delta"))["n_windows"])
+    assert store.pointer(contexts_partial_name(TINY_SAE, "alpha"))[contexts.BUILT_FROM]["checkpoint"] == \
+        kept["version"]
+    _windows_match_a_build_from_scratch(store, "alpha", tiny_model_dir)
 
     (inbox / "epsilon.txt").write_text((text_dir / "gamma.txt").read_text() + " another batch")  # ~775 tokens
     large_s, log = _run(env)
     assert store.pointer(checkpoint_name(TINY_SAE))["version"] != kept["version"]  # retrained
     assert "epsilon" in {b["key"] for b in store.pointer(checkpoint_name(TINY_SAE))["trained_batches"]}
     assert stale_reasons(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4) == []
+    assert _pass_3(log, "alpha")[0] == 0 and "(rebuilt: built from another checkpoint)" in log  # a new SAE
+    _windows_match_a_build_from_scratch(store, "alpha", tiny_model_dir)
     plan = refresh_plan(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4)
     assert plan.startswith(f"refresh will keep {TINY_SAE} (current); feature pass 1 for 0 of 5 batch(es)"), plan
     assert "about ~" in plan and "never timed" not in plan, plan  # every stage recorded its seconds
