@@ -9,7 +9,7 @@ import polars as pl
 from dagster import AllPartitionMapping, AssetCheckSeverity, AssetDep, MetadataValue
 
 from assets.metadata import table_metadata, table_preview
-from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, N_FEATURE_SHARDS
+from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, N_FEATURE_SHARDS, SAE_SWEEP_SPECS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from assets.training import heldout_contexts, settings_for
 from sae_platform import catalog, neuronpedia
@@ -437,9 +437,11 @@ def described_chain(resources) -> dict:
     (``retrain_above_fraction`` of its sweep entry): the arguments of ``freshness.stale_reasons``
     and ``freshness.refresh_plan``."""
     sae_name = resources.features.settings().sae_name
+    # a sweep entry's own policy; an SAE from outside the sweep (a vector's dictionary) the shared one
+    training = settings_for(sae_name, resources.training) if sae_name in SAE_SWEEP_SPECS \
+        else resources.training.settings()
     return {"shuffle_name": resources.shuffle.settings().name, "sae_name": sae_name,
-            "n_feature_shards": N_FEATURE_SHARDS,
-            "retrain_above_fraction": settings_for(sae_name, resources.training).retrain_above_fraction}
+            "n_feature_shards": N_FEATURE_SHARDS, "retrain_above_fraction": training.retrain_above_fraction}
 
 
 def chain_behind(store, resources) -> list[str]:

@@ -227,7 +227,7 @@ def refresh_plan(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_fe
         new = list(cached)
     else:
         steps.append(f"keep {sae_name} ({unseen.describe() or 'current'})")
-        new = [k for k in cached if k in unseen.batches or not _partials_pinned(store, sae_name, k, checkpoint)]
+        new = [k for k in cached if not _partials_pinned(store, sae_name, k, checkpoint)]  # no current partial
         if behind:
             seconds.append(_last_seconds(store, "sae_eval"))
     steps.append(f"feature pass 1 for {len(new)} of {len(cached)} batch(es), pass 2 and contexts for "
@@ -238,7 +238,7 @@ def refresh_plan(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_fe
                 _last_seconds(store, "feature_browser")]
     known = [s for s in seconds if s == s]  # NaN: never timed
     estimate = f"~{_duration(sum(known))}" + ("" if len(known) == len(seconds) else " (some stages never timed)")
-    return "refresh will " + "; ".join(steps) + f": about {estimate} by the last recorded stage timings"
+    return "refresh will " + "; ".join(steps) + f": {estimate} by the last recorded stage timings"
 
 
 def _pinned(store: ArtifactStore, name: str) -> dict[str, str] | None:

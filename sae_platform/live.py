@@ -359,11 +359,12 @@ def checkpoint_loader(store, sae_name: str, load_model: Callable[[], object], de
 
 
 def make_live_server(site_dir, encoder: LiveEncoder | SiteEncoder, host: str = "127.0.0.1", port: int = 8000,
-                     quiet: bool = False, extra_hosts=None):
+                     quiet: bool = False, extra_hosts=None, reports_dir=None):
     """The browser's static server for ``site_dir`` plus ``POST /api/features``, ``POST /api/steer``
     and ``GET /api/limits``, bound but not started (a port in use is a PlatformError now; nothing of
     ``encoder`` is loaded yet); it answers to the host names ``browser.server.make_server`` allows
-    (``extra_hosts``: names besides its address and loopback)."""
+    (``extra_hosts``: names besides its address and loopback); ``reports_dir`` is served under
+    ``reports/`` as ``browse`` serves it (the sweep comparison the overview links to)."""
     def answer(handler, status: int, body: dict) -> None:
         data = json.dumps(body, ensure_ascii=False).encode()
         handler.send_response(status)
@@ -437,7 +438,7 @@ def make_live_server(site_dir, encoder: LiveEncoder | SiteEncoder, host: str = "
             handler.close_connection = True
 
     return make_server(site_dir, host, port, quiet=quiet, handler_methods={"do_GET": do_GET, "do_POST": do_POST},
-                       extra_hosts=extra_hosts)
+                       reports_dir=reports_dir, extra_hosts=extra_hosts)
 
 
 LIVE_BANNER = "Feature browser with live text: http://{host}:{port}/#/live  (Ctrl-C stops)"

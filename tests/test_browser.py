@@ -74,7 +74,9 @@ def _tables():
 
 
 LINEAGE = {"sae": "test-sae", "checkpoint": "checkpoints/test-sae/v3/sae.safetensors", "run_id": "run-7f3a9c",
-           "shuffle": "shuffle-abc/plan-1", "activation_partitions": ["p000", "p001"], "model": "tiny",
+           "shuffle": "shuffle-abc/plan-1", "activation_partitions": [{"key": "p000", "version": "v-0", "n_rows": 100},
+                                                                  {"key": "p001", "version": "v-1", "n_rows": 100}],
+           "model": "tiny",
            "hook_name": "blocks.2.hook_resid_post"}
 
 

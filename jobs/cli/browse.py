@@ -59,6 +59,7 @@ def cmd_serve(args) -> int:
     from sae_platform.browser.server import require_free_port, serve_until_interrupted
 
     require_free_port(args.host, args.port)   # before the definitions, torch and the models load
+    from sae_platform.catalog import reports_folder
     from sae_platform.live import LIVE_BANNER, SiteEncoder, checkpoint_loader, make_live_server
     from sae_platform.model import pick_device
 
@@ -67,7 +68,7 @@ def cmd_serve(args) -> int:
     load_model = lambda: defs.resources["language_model"].load(store, device=str(device))[0]  # noqa: E731
     load = checkpoint_loader(store, args.sae, load_model, device, max_tokens=args.max_tokens)
     encoder = SiteEncoder(site, load)
-    server = make_live_server(site, encoder, host=args.host, port=args.port)
+    server = make_live_server(site, encoder, host=args.host, port=args.port, reports_dir=reports_folder(store))
     try:
         print(f"loading the base model and the SAE of checkpoint {encoder.site_checkpoint()} …", flush=True)
         encoder.current()
