@@ -24,9 +24,15 @@ class PlatformError(Exception):
     """Base class: a problem with the user's input or configuration, not a bug."""
 
     def __init__(self, problem: str, fix: str):
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem}\n  How to fix: {fix}")
+        # What a message quotes (a file name, a value) may hold terminal escapes: every message is
+        # printable wherever it lands (a run's log, a terminal), its own line breaks kept.
+        self.problem = _printable_lines(problem)
+        self.fix = _printable_lines(fix)
+        super().__init__(f"{self.problem}\n  How to fix: {self.fix}")
+
+
+def _printable_lines(text) -> str:
+    return "\n".join(printable(line) for line in str(text).split("\n"))
 
 
 class SourceError(PlatformError):

@@ -104,6 +104,13 @@ class ChatClient:
         if scheme not in ("http", "https") or not host or re.search(r"\s", self.base_url):
             raise PlatformError(f"the chat endpoint URL {public_url(self.base_url or '')!r} is not an http(s) URL",
                                 "set base_url to the endpoint's base, e.g. http://127.0.0.1:8080/v1")
+        if self.api_key is not None:  # never in a message: a bad key would otherwise reach a header error
+            self.api_key = self.api_key.strip()
+            if not re.fullmatch(r"[\x21-\x7e]*", self.api_key):
+                raise PlatformError("the API key holds characters an HTTP header cannot carry (spaces, control or "
+                                    "non-ASCII characters; the key itself is not shown)",
+                                    "set the key's environment variable to the key alone, e.g. without quotes "
+                                    "or a line break")
 
     def __repr__(self) -> str:  # the key never appears, even in a traceback's locals
         key = "***" if self.api_key else None
@@ -211,6 +218,9 @@ class ChatClient:
     def _content(self, raw: bytes, content_type: str) -> str:
         try:
             answer = json.loads(raw)
+        except RecursionError:
+            raise AnswerError(f"the chat endpoint {self._shown} answered JSON nested too deeply to read",
+                              "use an OpenAI-compatible /chat/completions endpoint") from None
         except ValueError:  # UnicodeDecodeError included
             raise AnswerError(f"the chat endpoint {self._shown} answered {content_type} ({len(raw):,} bytes), "
                               "not JSON", "point base_url at an OpenAI-compatible API (…/v1), not a web page") from None
@@ -223,6 +233,11 @@ class ChatClient:
                     else "an empty string" if isinstance(content, str) else f"a {type(content).__name__}")
             raise AnswerError(f"the chat endpoint {self._shown} sent no text in choices[0].message.content "
                               f"(it sent {said})", "use an OpenAI-compatible /chat/completions endpoint")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON's \ud800): no table can store it
+            raise AnswerError(f"the chat endpoint {self._shown} sent text holding a lone surrogate, not Unicode text",
+                              "check the server's output encoding") from None
         return content
 
 

@@ -158,6 +158,20 @@ class _NoAliasLoader(yaml.SafeLoader):
                                 "write the value out in full where the alias stands (and drop its &anchor)")
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is refused (PyYAML keeps the last one silently: a setting typed twice
+        would quietly lose the first)."""
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.value in seen:
+                        raise SettingsError(
+                            f"{self.name}: line {key_node.start_mark.line + 1} sets {key_node.value!r} again "
+                            f"(first set on line {seen[key_node.value] + 1})", "keep one of the two")
+                    seen[key_node.value] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
 
 def load_yaml(path, what: str):
     """The YAML document in ``path`` (``what`` says which configuration it is, for errors): safe tags
@@ -173,15 +187,23 @@ def load_yaml(path, what: str):
         raise SettingsError(f"{what} {path} is {size:,} bytes, more than the {MAX_CONFIG_BYTES:,} a configuration "
                             "file may have", "check that it is the right file; split it or shorten it")
     with path.open("rb") as stream:
-        loader = _NoAliasLoader(stream)
-        loader.name = str(path)
+        loader = None
         try:
+            loader = _NoAliasLoader(stream)  # reads the first bytes: a non-UTF-8 file fails here
+            loader.name = str(path)
             return loader.get_single_data()
-        except yaml.YAMLError as error:
+        except yaml.YAMLError as error:  # non-UTF-8 bytes included (a ReaderError)
             raise SettingsError(f"{what} {path} is not valid YAML: {error}",
                                 "fix the YAML at the line named above") from error
+        except RecursionError:
+            raise SettingsError(f"{what} {path} nests lists or mappings too deeply to read",
+                                "a configuration needs a few levels; check that it is the right file") from None
+        except ValueError as error:  # e.g. an integer of more than 4,300 digits
+            raise SettingsError(f"{what} {path} holds a value that cannot be read: {str(error).split(';')[0]}",
+                                "write the value as a quoted string, or fix it") from None
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
 
 
 DEVICE_DOC = "auto (CUDA when present), cpu, cuda, cuda:1, …"

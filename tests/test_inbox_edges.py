@@ -282,3 +282,14 @@ def test_an_s3_inbox_is_compared_and_read_through_the_same_paths(s3, s3_endpoint
     assert read_documents(state.files[0], storage_options={"endpoint_url": s3_endpoint})[0].text.startswith("the same")
     with pytest.raises(SourceError, match="a PDF document"):
         read_documents(state.files[1], storage_options={"endpoint_url": s3_endpoint})
+
+
+def test_an_error_naming_a_hostile_file_name_carries_no_terminal_escape():
+    """A SourceError (and every PlatformError) reaches run logs and tracebacks, not only `status`:
+    the name's control characters are escaped in the error itself, its own line breaks kept."""
+    from sae_platform.errors import SourceError
+
+    error = SourceError("/inbox/x\x1b[31mRED\x1b]0;PWNED\x07.txt is a PNG image\nsecond line", "convert it\x1b[2J")
+    assert "\x1b" not in str(error) and "\x07" not in str(error)
+    assert error.problem == "/inbox/x\\x1b[31mRED\\x1b]0;PWNED\\x07.txt is a PNG image\nsecond line"
+    assert error.fix == "convert it\\x1b[2J"

@@ -244,12 +244,26 @@ def test_a_huge_answer_is_cut_at_one_megabyte_in_bounded_memory():
     (completion(["a"]), "application/json", r"it sent a list"),
     (b'{"choices": []}', "application/json", r"it sent nothing"),
     (b"null", "application/json", r"it sent nothing"),
+    (b"[" * 200_000 + b"]" * 200_000, "application/json", "nested too deeply"),
+    (b'{"choices": [{"message": {"content": "a \\ud800 b"}}]}', "application/json", "a lone surrogate"),
 ])
 def test_a_malformed_answer_is_a_clear_error_never_the_explanation_none(body, content_type, says):
     with scripted_server(lambda h: answer(h, body, content_type)) as (url, _):
         with pytest.raises(AnswerError, match=says) as raised:
             ChatClient(url, "m").chat(HI)
     assert "How to fix" in str(raised.value)
+
+
+@pytest.mark.parametrize("key", ["sk-SECRET123\n", "sk-SECRET 123", "sk-SECRÉT123"])
+def test_a_key_a_header_cannot_carry_is_refused_without_showing_it(key):
+    """A key with a line break (an env file's), a space or non-ASCII: refused when the client is
+    made, never a raw header error whose message would carry the key into the run's log."""
+    if key.strip() == "sk-SECRET123":
+        assert ChatClient("http://127.0.0.1:9/v1", "m", api_key=key).api_key == "sk-SECRET123"  # stripped
+        return
+    with pytest.raises(PlatformError, match="holds characters an HTTP header cannot carry") as raised:
+        ChatClient("http://127.0.0.1:9/v1", "m", api_key=key)
+    assert "SECR" not in str(raised.value)
 
 
 def test_an_empty_explanation_is_an_error_not_stored():

@@ -94,6 +94,22 @@ def test_the_sensors_refuse_files_per_run_0_when_the_code_loads():
     assert "SAE_PLATFORM_FILES_PER_RUN='0' is too small: it must be an integer >= 1" in done.stderr
 
 
+@pytest.mark.parametrize(("text", "says"), [
+    (b"x: " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "nests lists or mappings too deeply"),
+    (b"x: " + b"9" * 5000 + b"\n", "holds a value that cannot be read"),
+    (b"x: caf\xe9\n", "is not valid YAML"),
+    (b"resources:\n  a: 1\n  a: 2\n", "line 3 sets 'a' again \\(first set on line 2\\)"),
+])
+def test_a_hostile_or_ambiguous_yaml_is_a_settings_error_naming_the_file(tmp_path, text, says):
+    from sae_platform.settings import load_yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text)
+    with pytest.raises(SettingsError, match=says) as raised:
+        load_yaml(path, "run config")
+    assert str(path) in str(raised.value)
+
+
 def test_a_yaml_alias_bomb_is_refused_fast_and_small(tmp_path):
     """Nine levels of nine aliases: 9**9 = 387M strings once expanded (3.1 GB when Dagster copied
     the run config). Refused at the first alias, in milliseconds, without building it."""
