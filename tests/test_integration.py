@@ -76,7 +76,9 @@ def test_dagster_job_execute_caches_a_partition(real_root, tmp_path):
     """What CI runs through the real CLI: register a batch, then `dagster job execute` one partition."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    (inbox / "pride.txt").write_text(PASSAGE)
+    # other bytes than the partition 'austen' an earlier test cached in this root from another folder:
+    # a file with the same bytes would be that partition's file renamed, and skipped (docs/inbox.md)
+    (inbox / "pride.txt").write_text(PASSAGE + "\nChapter 2\n")
     env = _cli_env(real_root, tmp_path, inbox)
     bin_dir = Path(sys.executable).parent
     subprocess.run([str(bin_dir / "sae-platform"), "register"], env=env, check=True, cwd=REPO)
