@@ -104,7 +104,7 @@ def ablation_sparsities(hooked: HookedModel, sae, tokens: np.ndarray, *, hook_po
                 m = len(on)
                 ablated = codes.values.expand(m + 1, -1).clone()  # row 0: every latent; row i: latent i off
                 ablated[torch.arange(1, m + 1, device=on.device), on] = 0
-                state["rows"] = sae.decode(Codes(ablated, codes.indices.expand(m + 1, -1)))  # [1 + m, d_out]
+                state["rows"] = sae.decode(Codes(ablated, codes.indices.expand(m + 1, -1)), x.expand(m + 1, -1))
             rows = m + 1
             with torch.autocast(hooked.device.type, dtype=hooked.autocast or torch.bfloat16, enabled=enabled):
                 if use_cache:  # the prefix before p once (unspliced), then p..p+T per row on a copy of its cache

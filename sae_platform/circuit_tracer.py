@@ -12,16 +12,18 @@ attribution graphs from a transcoder on every MLP layer. Its loader
                              W_enc [d_tc, d_model]   b_enc [d_tc]
                              W_dec [d_tc, d_model]   b_dec [d_model]
                              activation_function.threshold [d_tc]   (JumpReLU only)
+                             W_skip [d_model, d_model]              (skip transcoders only)
 
-and computes z = act(x @ W_enc.T + b_enc), out = z @ W_dec + b_dec, act = ReLU, or JumpReLU
+and computes z = act(x @ W_enc.T + b_enc), out = z @ W_dec + b_dec (+ x @ W_skip.T), act = ReLU, or JumpReLU
 z * (z > threshold) when the threshold is present. Our transcoders' scales and b_pre are folded
 in exactly as for SAELens (``export.folded_weights``), so circuit-tracer's codes and outputs are
 ours. Activations per variant: relu -> ReLU; jumprelu -> JumpReLU with our theta; batchtopk and
 matryoshka_batchtopk -> JumpReLU with the learned global threshold (their inference rule); topk ->
 ReLU weights plus ``activation: topk`` and ``k`` in config.yaml. circuit-tracer 0.5.0's loader
 does not read those two keys (it has a TopK module but never builds one from a config), so it
-would run a TopK set as ReLU: ``CIRCUIT_TRACER_TOPK_NOTE`` says so in the export's result. We
-train no skip connection, so no ``W_skip`` is written (circuit-tracer treats it as optional).
+would run a TopK set as ReLU: ``CIRCUIT_TRACER_TOPK_NOTE`` says so in the export's result.
+Transcoders trained with ``hparams: {skip_connection: true}`` (skip transcoders, Paulo et al.
+2025) also write ``W_skip``, folded like the rest; circuit-tracer adds x @ W_skip.T to the output.
 
 config.yaml lists no ``transcoders`` paths: uploaded as a Hugging Face repo, circuit-tracer finds
 ``layer_*.safetensors`` itself; to load a local copy, give it ``local_config(folder)``.
@@ -68,6 +70,8 @@ def layer_tensors(sae) -> tuple[str, dict[str, torch.Tensor]]:
                "b_enc": weights["b_enc"], "b_dec": weights["b_dec"]}
     if "threshold" in weights:
         tensors[THRESHOLD_KEY] = weights["threshold"]
+    if "W_skip" in weights:
+        tensors["W_skip"] = weights["W_skip"].contiguous()
     return {"standard": "relu"}.get(rule, rule), tensors
 
 

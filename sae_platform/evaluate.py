@@ -108,7 +108,7 @@ def _sae_device(sae) -> torch.device:
 def _reconstruct(sae, rows: torch.Tensor) -> tuple[torch.Tensor, Codes]:
     """(reconstruction in raw units, codes) by the inference path."""
     codes = sae.encode(rows)
-    return sae.decode(codes), codes
+    return sae.decode(codes, rows), codes
 
 
 @torch.no_grad()

@@ -67,6 +67,8 @@ WEIGHTS_FILENAME = "sae_weights.safetensors"
 ARCHITECTURES = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
                  "matryoshka_batchtopk": "jumprelu"}
 TRANSCODER_ARCHITECTURES = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}
+# SAELens's skip transcoders (``SkipTranscoder``, ``JumpReLUSkipTranscoder``): W_skip [d_out, d_in].
+SKIP_TRANSCODER_ARCHITECTURES = {"standard": "skip_transcoder", "jumprelu": "jumprelu_skip_transcoder"}
 
 
 def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -78,7 +80,8 @@ def saelens_state_dict(sae) -> tuple[str, dict, dict[str, torch.Tensor]]:
             raise PlatformError(f"a {sae.variant} transcoder cannot be exported to SAELens: it has no {architecture} "
                                 "transcoder (only ReLU `transcoder` and `jumprelu_transcoder`)",
                                 "train a batchtopk, matryoshka_batchtopk, jumprelu or relu transcoder to export it")
-        architecture = TRANSCODER_ARCHITECTURES[architecture]
+        named = SKIP_TRANSCODER_ARCHITECTURES if sae.skip_connection else TRANSCODER_ARCHITECTURES
+        architecture = named[architecture]
     return architecture, fields, weights
 
 
@@ -136,7 +139,9 @@ def _as_transcoder(sae, weights: dict) -> dict:
     """Transcoders (SAELens's ``transcoder`` / ``jumprelu_transcoder``, circuit-tracer's) compute
     z = act(x @ W_enc + b_enc), y = z @ W_dec + b_dec, with no b_dec subtracted from the input
     (it lives in the output space). So b_pre is folded into b_enc (b_enc - W_enc b_pre, in our
-    normalised units) and the output scale s_out into the decoder: W_dec / s_out, b_dec / s_out."""
+    normalised units) and the output scale s_out into the decoder: W_dec / s_out, b_dec / s_out.
+    A skip transcoder's W_skip [d_out, d_in] reads the normalised input x * s_in and writes
+    normalised output units, so raw y gains x @ (W_skip * s_in / s_out).T."""
     with torch.no_grad():
         s_out = float(sae.output_scale)
         if not (math.isfinite(s_out) and s_out > 0):
@@ -147,6 +152,8 @@ def _as_transcoder(sae, weights: dict) -> dict:
                    "b_enc": weights["b_enc"] - w_enc @ b_pre,
                    "W_dec": sae.W_dec.detach().to("cpu", torch.float64) / s_out,
                    "b_dec": sae.b_dec.detach().to("cpu", torch.float64) / s_out}
+        if sae.skip_connection:
+            weights["W_skip"] = sae.W_skip.detach().to("cpu", torch.float64) * float(sae.input_scale) / s_out
     return weights
 
 

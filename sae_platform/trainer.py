@@ -112,7 +112,8 @@ class TrainSettings:
     nproc_per_node: int | None = setting(None, "ranks per machine (one GPU each); null: world_size (one machine)",
                                          ge=1)
     hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, l0_coeff, target_l0, …; "
-                                  "each SAE variant's class docstring lists its own)",
+                                  "each SAE variant's class docstring lists its own; a transcoder also takes "
+                                  "skip_connection: true, a learned W_skip)",
                             default_factory=dict)
     retrain_above_fraction: float = setting(
         RETRAIN_ABOVE_FRACTION, "the refresh policy (sae_platform.refresh): when the shuffled store only gains "

@@ -83,6 +83,8 @@ def _transcoder(variant, layer, **hparams):
             sae.threshold.copy_(torch.empty(N).uniform_(math.log(0.05), math.log(0.8)).exp())
         if variant == "batchtopk":
             sae.threshold.fill_(0.35)
+        if sae.skip_connection:
+            sae.W_skip.copy_(0.2 * torch.randn_like(sae.W_skip))
     return sae, x
 
 
@@ -96,12 +98,13 @@ def circuit_tracer_forward(tensors: dict, x: torch.Tensor, config: dict) -> tupl
         z = F.relu(pre * keep)
     else:
         z = F.relu(pre)
-    return z, z @ tensors["W_dec"] + tensors["b_dec"]
+    skip = x @ tensors["W_skip"].T if "W_skip" in tensors else 0
+    return z, z @ tensors["W_dec"] + tensors["b_dec"] + skip
 
 
 @pytest.mark.parametrize("variant, hparams, activation", [
     ("relu", {}, "relu"), ("jumprelu", {}, "jumprelu"), ("batchtopk", {"k": 6}, "jumprelu"),
-    ("topk", {"k": 6}, "topk")])
+    ("topk", {"k": 6}, "topk"), ("batchtopk", {"k": 6, "skip_connection": True}, "jumprelu")])
 def test_the_written_set_has_circuit_tracers_layout_and_reproduces_our_transcoders(tmp_path, variant, hparams,
                                                                                     activation):
     saes = [_transcoder(variant, layer, **hparams) for layer in range(LAYERS)]
@@ -123,10 +126,11 @@ def test_the_written_set_has_circuit_tracers_layout_and_reproduces_our_transcode
             dims = (LAYOUT["tensors"] | LAYOUT["optional_tensors"])[key]
             assert list(tensor.shape) == [sizes[d] for d in dims] and tensor.dtype == torch.float32, key
         assert ("activation_function.threshold" in tensors) == (activation == "jumprelu")
+        assert ("W_skip" in tensors) == bool(hparams.get("skip_connection"))
         codes, out = circuit_tracer_forward(tensors, x, config)
         with torch.no_grad():
             torch.testing.assert_close(codes, sae.encode_dense(x), atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(out, sae.decode(sae.encode(x)), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(out, sae.decode(sae.encode(x), x), atol=1e-4, rtol=1e-4)
     assert local_config(str(tmp_path / "set"))["transcoders"][-1].endswith(f"layer_{LAYERS - 1}.safetensors")
 
 

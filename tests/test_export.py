@@ -169,6 +169,8 @@ def _trained_transcoder(variant, **kw):
             sae.threshold.copy_(torch.empty(N).uniform_(math.log(0.05), math.log(0.8)).exp())
         if variant in ("batchtopk", "matryoshka_batchtopk"):
             sae.threshold.fill_(0.35)
+        if sae.skip_connection:  # trained skips are not zero: a wrong fold of the scales must show
+            sae.W_skip.copy_(0.2 * torch.randn_like(sae.W_skip))
     assert abs(float(sae.output_scale) - 1) > 0.3 and abs(float(sae.output_scale) - float(sae.input_scale)) > 0.1
     return sae
 
@@ -189,7 +191,9 @@ ROUND_TRIP = [("sae", "topk", {"k": K}, "topk"), ("sae", "relu", {}, "standard")
               ("sae", "matryoshka_batchtopk", {"k": K, "matryoshka_widths": [8, 24]}, "jumprelu"),
               ("transcoder", "relu", {}, "transcoder"), ("transcoder", "jumprelu", {}, "jumprelu_transcoder"),
               ("transcoder", "batchtopk", {"k": K}, "jumprelu_transcoder"),
-              ("transcoder", "matryoshka_batchtopk", {"k": K}, "jumprelu_transcoder")]
+              ("transcoder", "matryoshka_batchtopk", {"k": K}, "jumprelu_transcoder"),
+              ("transcoder", "relu", {"skip_connection": True}, "skip_transcoder"),
+              ("transcoder", "batchtopk", {"k": K, "skip_connection": True}, "jumprelu_skip_transcoder")]
 
 
 @pytest.mark.parametrize("kind,variant,hparams,architecture", ROUND_TRIP)
@@ -213,8 +217,9 @@ def test_saelens_loads_every_export_and_encodes_and_decodes_like_us(tmp_path, ki
     with torch.no_grad():
         z_lens = lens.encode(x)
         z_ours = sae.encode_dense(x)
-        recon_lens = lens.decode(z_lens)
-        recon_ours = sae.decode(sae.encode(x))
+        # A skip transcoder's output also reads x: SAELens adds it in forward, not in decode.
+        recon_lens = lens(x) if hparams.get("skip_connection") else lens.decode(z_lens)
+        recon_ours = sae.decode(sae.encode(x), x)
     assert 0 < int((z_ours > 0).sum()) < z_ours.numel()
     assert torch.equal(z_lens > 0, z_ours > 0)
     assert float((z_lens - z_ours).abs().max()) <= 1e-4

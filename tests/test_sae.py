@@ -760,6 +760,59 @@ def test_transcoder_learns_the_paired_map(variant, one_thread):
         torch.testing.assert_close(rebuilt.decode(rebuilt.encode(hx)), recon)
 
 
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "matryoshka_batchtopk", "relu"])
+def test_a_skip_transcoder_learns_the_linear_part_of_the_map(variant, one_thread):
+    """A skip transcoder (Paulo et al. 2025) adds W_skip x to the decoded latents: zero at init (the
+    same outputs as the plain transcoder), trained like every other parameter, and on a target with
+    a dense linear part in x (of a dense noise no few latents can span) it ends far below the plain
+    transcoder's error at the same steps."""
+    x, y = make_pairs(4096, seed=1)
+    hx, hy = make_pairs(512, seed=2)
+    g5 = torch.Generator().manual_seed(5)
+    linear = torch.randn(D + 4, D, generator=g5) / D ** 0.5
+    x, hx = x + 3 * torch.randn(x.shape, generator=g5), hx + 3 * torch.randn(hx.shape, generator=g5)
+    y, hy = y + x @ linear.T, hy + hx @ linear.T
+    errors = {}
+    for skip in (False, True):
+        torch.manual_seed(0)
+        sae = build_sae(variant, D, N, d_out=D + 4, skip_connection=skip, **SMALL[variant])
+        sae.calibrate_(x[:1024], y[:1024])
+        if skip:
+            assert sae.W_skip.shape == (D + 4, D) and sae.config["skip_connection"] is True
+            plain = build_sae(variant, D, N, d_out=D + 4, **SMALL[variant])
+            plain.load_state_dict({k: v for k, v in sae.state_dict().items() if k != "W_skip"})
+            with torch.no_grad():
+                torch.testing.assert_close(sae(hx).recon, plain(hx).recon)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2, eps=ADAM_EPS)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(200):
+            rows = torch.randint(0, len(x), (128,), generator=g)
+            total, _ = sae.loss(y[rows], sae(x[rows], target=y[rows]))
+            opt.zero_grad()
+            total.backward()
+            sae.remove_parallel_grad_()
+            opt.step()
+            sae.normalize_decoder_()
+        sae.eval()
+        with torch.no_grad():
+            errors[skip] = float(normalized_mse(sae.decode(sae.encode(hx), hx), hy))
+            if skip:
+                rebuilt = build_sae(**sae.config)
+                rebuilt.load_state_dict(sae.state_dict())
+                rebuilt.eval()
+                torch.testing.assert_close(rebuilt.decode(rebuilt.encode(hx), hx), sae.decode(sae.encode(hx), hx))
+                with pytest.raises(PlatformError, match="pass the input rows"):
+                    sae.decode(sae.encode(hx))
+    assert errors[True] < 0.5 * errors[False], errors
+
+
+def test_a_skip_connection_is_a_transcoder_setting():
+    with pytest.raises(PlatformError, match="transcoder setting"):
+        build_sae("topk", D, N, k=K, skip_connection=True)
+    with pytest.raises(PlatformError, match="true or false"):
+        build_sae("topk", D, N, d_out=D, k=K, skip_connection="yes")
+
+
 def test_transcoder_auxk_models_the_target_error():
     x, y = make_pairs(64)
     torch.manual_seed(0)

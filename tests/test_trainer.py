@@ -369,12 +369,14 @@ def test_ce_contexts_from_too_little_held_out_text(caplog):
     assert not caplog.text
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["transcoder", "skip_transcoder"])
 def test_a_transcoder_trains_on_paired_rows_cached_in_one_pass_and_is_evaluated_in_place_of_the_mlp(
-        store, tiny_hooked, text_dir):
+        store, tiny_hooked, text_dir, skip):
     """ln2.hook_normalized -> hook_mlp_out pairs cached from one pass stay paired through the
     shuffle (each shuffled row is [input | output] of one token); the transcoder trains on them,
     is scored against the MLP output, spliced in place of the MLP for the CE, and exported with
-    both hook names."""
+    both hook names. A skip transcoder goes the same way, its W_skip trained, checkpointed and
+    exported as SAELens's jumprelu_skip_transcoder."""
     import json
 
     from sae_platform.activations import CacheSettings, cache_text_file
@@ -397,11 +399,12 @@ def test_a_transcoder_trains_on_paired_rows_cached_in_one_pass_and_is_evaluated_
 
     train = TrainSettings(variant="batchtopk", n_latents=64, k=8, batch_size=128, token_budget=128 * 40, lr=3e-3,
                           checkpoint_every_tokens=128 * 40, holdout_rows=128, log_every_steps=10,
-                          dead_after_tokens=128 * 10)
+                          dead_after_tokens=128 * 10, hparams={"skip_connection": True} if skip else {})
     result = train_sae(store, "main", "tc", train, log=lambda m: None)
     assert result["history"][-1]["nmse"] < 0.8 * result["history"][0]["nmse"]
     sae, cfg = load_sae(store, "tc")
     assert sae.is_transcoder and sae.d_model == 32 and sae.d_out == 32 and cfg["sae"]["d_out"] == 32
+    assert sae.skip_connection == skip and (not skip or float(sae.W_skip.abs().max()) > 0)  # trained off zero
 
     report, _ = evaluate_sae(store, "main", "tc", tiny_hooked, _heldout_tokens(tiny_hooked), torch.device("cpu"),
                              metric_tokens=_heldout_tokens(tiny_hooked, seed=1),
@@ -415,7 +418,7 @@ def test_a_transcoder_trains_on_paired_rows_cached_in_one_pass_and_is_evaluated_
 
     exported = export_run(store, "tc")
     cfg_json = json.loads(store.fs.cat_file(exported["cfg_path"]))
-    assert exported["architecture"] == "jumprelu_transcoder"
+    assert exported["architecture"] == ("jumprelu_skip_transcoder" if skip else "jumprelu_transcoder")
     assert cfg_json["hook_name"] == "blocks.1.ln2.hook_normalized"
     assert cfg_json["hook_name_out"] == "blocks.1.hook_mlp_out"
 

@@ -128,12 +128,15 @@ def _check_hparams(variant: Variant, n_latents: int, hp: dict) -> None:
 
 
 def build_sae(variant: Variant, d_model: int, n_latents: int, *, device=None, dtype=torch.float32,
-              d_out: int | None = None, **hparams) -> SparseAutoencoder:
+              d_out: int | None = None, skip_connection: bool = False, **hparams) -> SparseAutoencoder:
     """The one constructor the platform uses: build_sae(**sae.config) rebuilds a model.
     ``d_out`` makes it a transcoder (d_model in, d_out out; every variant but switch; Dunefsky et
-    al. 2024, "Transcoders Find Interpretable LLM Feature Circuits"). ``hparams``: the variant's
-    DEFAULTS keys. Raises PlatformError for an unknown variant or setting, a switch transcoder,
-    or an out-of-range size or setting."""
+    al. 2024, "Transcoders Find Interpretable LLM Feature Circuits"). ``skip_connection`` gives a
+    transcoder a learned affine skip W_skip [d_out, d_model], zero at init (a skip transcoder:
+    Paulo, Shabalin and Belrose 2025, "Transcoders Beat Sparse Autoencoders for
+    Interpretability"). ``hparams``: the variant's DEFAULTS keys. Raises PlatformError for an
+    unknown variant or setting, a switch transcoder, a skip connection on an SAE (not a
+    transcoder), or an out-of-range size or setting."""
     if variant not in _CLASSES:
         raise PlatformError(f"unknown SAE variant {variant!r}",
                             f"use one of {', '.join(VARIANTS + UNTRAINED_VARIANTS)}")
@@ -145,6 +148,14 @@ def build_sae(variant: Variant, d_model: int, n_latents: int, *, device=None, dt
             raise PlatformError("a switch transcoder is not supported: the router and AuxK of the switch SAE read "
                                 "and reconstruct the same space", "train a topk, batchtopk, matryoshka_batchtopk, "
                                 "jumprelu or relu transcoder")
+    if not isinstance(skip_connection, bool):
+        raise PlatformError(f"skip_connection must be true or false, got {skip_connection!r}",
+                            "write hparams: {skip_connection: true} for a skip transcoder, or leave it out")
+    if skip_connection and d_out is None:
+        raise PlatformError("skip_connection is a transcoder setting: an SAE reconstructs its own input, so a "
+                            "learned skip from input to output would reconstruct it without any latent",
+                            "give the entry a transcoder hook point ('blocks.L.<input> -> blocks.L.hook_mlp_out'), "
+                            "or drop skip_connection")
     cls = _CLASSES[variant]
     unknown = sorted(set(hparams) - set(cls.DEFAULTS))
     if unknown:
@@ -159,4 +170,6 @@ def build_sae(variant: Variant, d_model: int, n_latents: int, *, device=None, dt
     _check_hparams(variant, n_latents, hp)
     if d_out is not None:
         hparams["d_out"] = d_out
+    if skip_connection:
+        hparams["skip_connection"] = True
     return cls(d_model, n_latents, device=device, dtype=dtype, **hparams)

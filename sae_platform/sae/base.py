@@ -144,6 +144,7 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, d_model: int, n_latents: int, device=None, dtype=torch.float32, **hparams):
         super().__init__()
         self.d_out = hparams.pop("d_out", None)
+        self.skip_connection = bool(hparams.pop("skip_connection", False))
         self.d_model, self.n_latents = d_model, n_latents
         self.hparams = {**self.DEFAULTS, **hparams}
         w_dec = torch.randn(n_latents, self.d_out or d_model, device=device, dtype=dtype)
@@ -156,6 +157,8 @@ class SparseAutoencoder(nn.Module):
             self.W_enc = nn.Parameter(w_enc / w_enc.norm(dim=1, keepdim=True))
             self.b_dec = nn.Parameter(torch.zeros(self.d_out, device=device, dtype=dtype))
             self.register_buffer("output_scale", torch.ones((), device=device, dtype=dtype))
+            if self.skip_connection:  # zero at init: training starts from the plain transcoder
+                self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_model, device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
         self.b_pre = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
         self.register_buffer("input_scale", torch.ones((), device=device, dtype=dtype))
@@ -164,6 +167,8 @@ class SparseAutoencoder(nn.Module):
     def config(self) -> dict:
         """Everything build_sae needs to rebuild this model (weights come from state_dict)."""
         extra = {} if self.d_out is None else {"d_out": self.d_out}
+        if self.skip_connection:
+            extra["skip_connection"] = True
         return {"variant": self.variant, "d_model": self.d_model, "n_latents": self.n_latents, **extra, **self.hparams}
 
     @property
@@ -178,6 +183,15 @@ class SparseAutoencoder(nn.Module):
     def b_out(self) -> Tensor:
         """[d_out], normalised units: the output bias (b_dec of a transcoder, b_pre of an SAE)."""
         return self.b_dec if self.is_transcoder else self.b_pre
+
+    def _offset(self, xs: Tensor) -> Tensor:
+        """What the output adds to the decoded latents, normalised units: b_out [d_out], plus for a
+        skip transcoder the affine skip connection xs @ W_skip.T [batch, d_out] (Paulo, Shabalin
+        and Belrose 2025, "Transcoders Beat Sparse Autoencoders for Interpretability", section 2:
+        y = W_dec z + W_skip x + b_dec). ``xs``: the normalised input [batch, d_model]."""
+        if not self.skip_connection:
+            return self.b_out
+        return F.linear(xs, self.W_skip, self.b_out)
 
     @property
     def _out_scale(self) -> Tensor:
@@ -300,12 +314,19 @@ class SparseAutoencoder(nn.Module):
             raise PlatformError(f"latent slice [{start}, {stop}) is outside [0, {self.n_latents})",
                                 "pass 0 <= start <= stop <= n_latents")
 
-    def decode(self, codes: Codes) -> Tensor:
+    def decode(self, codes: Codes, x: Tensor | None = None) -> Tensor:
         """Reconstruction from (possibly padded) codes, values and indices [batch, K]:
         x_hat = (sum_j values[:, j] W_dec[indices[:, j]] + b_out) / input_scale (output_scale for
-        a transcoder), [batch, d_out], raw units. Padding entries (value 0) add nothing."""
+        a transcoder), [batch, d_out], raw units. Padding entries (value 0) add nothing. A skip
+        transcoder also adds its skip connection of the input ``x`` [batch, d_model] raw (the rows
+        the codes came from), which it then requires: PlatformError without it."""
         recon = F.embedding_bag(codes.indices, self.W_dec, mode="sum", per_sample_weights=codes.values)
-        return self._to_raw(recon + self.b_out)
+        if not self.skip_connection:
+            return self._to_raw(recon + self.b_out)
+        if x is None:
+            raise PlatformError("a skip transcoder's output depends on its input, but decode was given codes only",
+                                "pass the input rows the codes came from: sae.decode(codes, x)")
+        return self._to_raw(recon + self._offset(self._normalize(x)))
 
     # --- training --------------------------------------------------------------------------
 

@@ -78,9 +78,9 @@ class _DenseSAE(SparseAutoencoder):
         [batch, n_latents] (``dense``), part "l1" (ReLU) or "l0" (JumpReLU). dead_mask and target
         are accepted for a uniform trainer and ignored: these variants have no AuxK and no loss
         part that needs the target. Raises PlatformError on a wrong width."""
-        xc = self._centered(x)
-        z, parts = self._activate(F.linear(xc, self.W_enc, self.b_enc))
-        recon_n = z @ self.W_dec + self.b_out
+        xs = self._normalize(x)
+        z, parts = self._activate(F.linear(xs - self.b_pre, self.W_enc, self.b_enc))
+        recon_n = z @ self.W_dec + self._offset(xs)
         l0, fired = _dense_stats(z)
         return SAEOutput(self._to_raw(recon_n), l0, fired, parts, dense=z)
 

@@ -139,14 +139,14 @@ class TopKSAE(SparseAutoencoder):
         top_vals, top_idx, aux = self._scan(xs, width, dead_mask, sort=multi)  # sorted: top k come first
         wide = Pattern.regular(top_idx, self.n_latents)
         z_wide = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, top_vals, wide).relu()
-        parts = {}
+        parts, offset = {}, self._offset(xs)
         if multi and ys is not None:
-            parts["multi_topk"] = (self._sparse_decode(wide, z_wide) + self.b_out - ys).pow(2).mean()
+            parts["multi_topk"] = (self._sparse_decode(wide, z_wide) + offset - ys).pow(2).mean()
         if multi:
             pattern, z = Pattern.regular(top_idx[:, :k], self.n_latents), z_wide[:, :k]
         else:
             pattern, z = wide, z_wide
-        recon_n = self._sparse_decode(pattern, z) + self.b_out
+        recon_n = self._sparse_decode(pattern, z) + offset
         if aux is not None and ys is not None:
             parts["auxk"] = self._aux_part(xs, ys, recon_n, aux, dead_mask)
         l0, fired = _sparse_stats(pattern, z)
@@ -278,15 +278,17 @@ class BatchTopKSAE(TopKSAE):
                 pattern, sel_vals = self._select_threshold(F.linear(xs - self.b_pre, self.W_enc, self.b_enc))
             aux = self._scan(xs, 1, dead_mask)[2] if dead_mask is not None else None
         z = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, sel_vals, pattern).relu()
-        recon_n, parts = self._decode_parts(pattern, z, ys)
+        recon_n, parts = self._decode_parts(pattern, z, ys, self._offset(xs))
         if aux is not None and ys is not None:
             parts["auxk"] = self._aux_part(xs, ys, recon_n, aux, dead_mask)
         l0, fired = _sparse_stats(pattern, z)
         return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z))
 
-    def _decode_parts(self, pattern: Pattern, z: Tensor, ys: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        """(normalised reconstruction, extra loss parts against the target ys) from the selected codes."""
-        return self._sparse_decode(pattern, z) + self.b_out, {}
+    def _decode_parts(self, pattern: Pattern, z: Tensor, ys: Tensor | None,
+                      offset: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(normalised reconstruction, extra loss parts against the target ys) from the selected
+        codes; ``offset``: ``_offset`` of the batch (b_out, plus a skip transcoder's skip term)."""
+        return self._sparse_decode(pattern, z) + offset, {}
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Codes:
@@ -334,10 +336,11 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         super().__init__(d_model, n_latents, device, dtype, **hparams)
         self.hparams["matryoshka_widths"] = matryoshka_widths(n_latents, self.hparams["matryoshka_widths"])
 
-    def _decode_parts(self, pattern: Pattern, z: Tensor, ys: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def _decode_parts(self, pattern: Pattern, z: Tensor, ys: Tensor | None,
+                      offset: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         widths = self.hparams["matryoshka_widths"]
         cols, rows, flat = pattern.cols, pattern.rows, z.reshape(-1)
-        recon_n, inner, lo = self.b_out.expand(pattern.batch, -1), [], 0
+        recon_n, inner, lo = offset.expand(pattern.batch, -1), [], 0
         for hi in widths:
             keep = (cols >= lo) & (cols < hi)
             group = Pattern.from_rows(rows[keep], cols[keep], pattern.batch, self.n_latents)
