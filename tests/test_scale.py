@@ -116,3 +116,40 @@ def test_the_page_quotes_these_figures():
     missing = {k: v for k, v in quoted.items() if v not in text}
     assert not missing, f"docs/scale.md does not quote the simulated figures: {missing}"
     assert re.search(r"N_SHUFFLE_WORKERS", text) and re.search(r"N_FEATURE_SHARDS", text)
+
+
+# docs/scale.md, "16M latents": Gao et al.'s width on a 4,096-wide model, latent-sharded (planned).
+GAO_LATENTS, GAO_D_MODEL, GAO_BATCH, GAO_K = 1 << 24, 4096, 4096, 32
+DEVICE_MEMORY, PRE_CHUNK_LATENTS, ASSUMED_FLOPS = 80 * GiB, 65536, 400e12
+MiB = 1 << 20
+
+
+def latent_sharded_figures(ranks: int) -> dict:
+    """Per-rank bytes and traffic of one step of a TopK SAE sharded over ``ranks`` latent ranks."""
+    per_matrix = GAO_LATENTS // ranks * GAO_D_MODEL * 4  # float32 rows of W_enc or W_dec on this rank
+    state = 2 * per_matrix * 4  # the two matrices, their gradients, Adam's m and v
+    chunk = GAO_BATCH * PRE_CHUNK_LATENTS * 4
+    gather = GAO_BATCH * GAO_K * 8 * (ranks - 1)  # f32 value + i32 index of every other rank's candidates
+    all_reduce = 2 * (ranks - 1) / ranks * GAO_BATCH * GAO_D_MODEL * 4
+    encoder_s = 2 * GAO_BATCH * GAO_D_MODEL * GAO_LATENTS / ranks / ASSUMED_FLOPS
+    return {"state": state, "peak": state + chunk, "gather": gather, "all_reduce": all_reduce,
+            "encoder_ms": encoder_s * 1e3}
+
+
+def test_sixteen_million_latents_fit_only_latent_sharded():
+    replicated = latent_sharded_figures(1)
+    assert replicated["state"] == 2048 * GiB > DEVICE_MEMORY  # no device holds the replicated SAE
+    fits = [r for r in (16, 32, 64) if latent_sharded_figures(r)["peak"] <= DEVICE_MEMORY]
+    assert fits[0] == 32, "the smallest latent-sharded layout on 80 GiB devices"
+    rows = {}
+    for line in DOC.read_text().splitlines():  # the page's table: | R | state | + chunk | gather | all-reduce | ms |
+        cells = [c.strip().replace("**", "").split(" (")[0] for c in line.split("|")[1:-1]]
+        if len(cells) == 6 and cells[0].isdigit():
+            rows[int(cells[0])] = cells[1:]
+    for ranks in (16, 32, 64):
+        f = latent_sharded_figures(ranks)
+        assert rows.get(ranks) == [f"{f['state'] / GiB:.1f} GiB", f"{f['peak'] / GiB:.1f} GiB",
+                                   f"{f['gather'] / MiB:.0f} MiB", f"{f['all_reduce'] / MiB:.0f} MiB",
+                                   f"{f['encoder_ms']:.0f} ms"], (ranks, rows.get(ranks))
+    text = DOC.read_text()
+    assert "2,048 GiB per rank" in text and "512 GiB of gradients" in text
