@@ -118,7 +118,7 @@ def test_declared_labels_are_probed_beside_the_sources():
 def test_a_bad_sidecar_names_the_file_the_problem_and_the_fix(content, problem):
     with pytest.raises(SourceError) as error:
         parse_labels(content, "hamlet.txt.labels.json")
-    assert f"label sidecar hamlet.txt.labels.json" in error.value.problem and problem in error.value.problem
+    assert "label sidecar hamlet.txt.labels.json" in error.value.problem and problem in error.value.problem
     assert '{"genre": "tragedy", "verse": true}' in error.value.fix
 
 
@@ -149,7 +149,8 @@ def test_the_result_file_validates_against_saebenchs_own_pydantic_model(tmp_path
     result = run(planted_means(), {"a": {"genre": "comedy"}, "b": {"genre": "tragedy"}, "c": {"genre": "comedy"}})
     result["label_problems"] = []
     output = saebench_output(result, eval_id="topk-test-v1", evaluated_at_ms=1_760_000_000_000, model_name="tiny",
-                             ctx_len=32, seed=0, sae_cfg={"d_in": 16, "d_sae": 64, "hook_name": "blocks.1.hook_resid_post"})
+                             ctx_len=32, seed=0,
+                             sae_cfg={"d_in": 16, "d_sae": 64, "hook_name": "blocks.1.hook_resid_post"})
     path = tmp_path / "saebench_sparse_probing.json"
     path.write_text(json.dumps(output))
     check = (
