@@ -71,6 +71,7 @@ def probe_sae(run: StageRun) -> dict:
         "skipped": skipped,
         "label_problems": MetadataValue.md("\n".join(f"- {p}" for p in result["label_problems"]) or "none"),
         **averages,
+        **{f"seconds_{step}": seconds for step, seconds in result["seconds"].items()},
         "result": MetadataValue.path(store.url(f"{folder}/{SPARSE_PROBING_RESULT}")),
         "saebench_result": MetadataValue.path(store.url(f"{folder}/{SAEBENCH_SPARSE_PROBING}")),
     }

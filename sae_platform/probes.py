@@ -18,6 +18,9 @@ a latent that is 0 on a token contributes only through the bias, so each Newton 
 column the sums over its non-zero entries plus the counts of the zero ones. A small L2 penalty on
 the weight keeps separable properties finite; the reported loss is the plain mean cross-entropy
 (nats per token).
+
+``fit_logistic`` is the dense multi-column probe of k-sparse probing (``sparse_probing``): an L2
+logistic regression with sklearn's objective, as SAEBench fits it.
 """
 
 import re

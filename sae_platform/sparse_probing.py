@@ -319,16 +319,21 @@ def probe_sae(store, sae_name: str, settings, labels: TextLabels, device: str | 
     """Run :func:`sparse_probing` on checkpoint ``sae_name`` (the contexts behind the shuffled store
     it was trained on, ``labels`` from the inbox's sidecars, ``settings``: ``evaluate.EvalSettings``)
     and commit ``sparse_probing/<sae_name>``: ``result.json`` (with the sidecars' problems as
-    ``label_problems``) and the same figures in SAEBench's schema (:func:`saebench_output`).
+    ``label_problems`` and the wall seconds of pooling and of the probes as ``seconds``) and the
+    same figures in SAEBench's schema (:func:`saebench_output`).
     Returns the result; without a task to score (``no_score``) only ``result.json`` is written."""
     checkpoint = checkpoint_version(store, sae_name)  # read before loading: a later commit then mismatches
     sae, cfg = load_sae(store, sae_name, device)
     shuffle = trained_on(store, sae_name, cfg)
+    started = time.perf_counter()
     means = context_means(store, sae, shuffle)
+    pooled = time.perf_counter()
     result = sparse_probing(means, labels.labels, seed=settings.sparse_probing_seed,
                             min_contexts=settings.sparse_probing_min_contexts,
                             max_contexts=settings.sparse_probing_max_contexts, log=log)
     result["label_problems"] = labels.problems
+    result["seconds"] = {"context_means": round(pooled - started, 2),
+                         "probes": round(time.perf_counter() - pooled, 2)}
     attrs = activation_attrs(store, shuffle)
     result["hook_name"] = activation_hook_entry(store, shuffle).reads
     export = store.pointer(export_name(sae_name))
