@@ -20,7 +20,7 @@ ASSET_PARENTS: dict[str, tuple[str, ...]] = {
     "feature_topk": ("feature_stats_partial",),
     "neuronpedia_export": ("feature_contexts", "feature_explanations", "feature_topk"),
     "sae_checkpoint": ("shuffled_activations",),
-    "sae_comparison": ("sae_eval",),
+    "sae_comparison": ("sae_eval", "sae_sparse_probing"),
     "sae_eval": ("sae_checkpoint",),
     "sae_sparse_probing": ("sae_checkpoint",),
     "shuffle_final": ("shuffle_pass_2",),
