@@ -4,7 +4,9 @@
 when its checkpoint is a finished training with the same settings on the current shuffled store.
 ``sae_eval`` is up to date when its committed report was computed from the same checkpoint,
 shuffled store, held-out text, base model and settings (recorded in its pointer); it carries the
-threshold checks, so the catalog shows pass/fail per SAE.
+threshold checks, so the catalog shows pass/fail per SAE. ``sae_sparse_probing`` (k-sparse probing on
+tasks from the corpus) is up to date when its result was computed from the same checkpoint, shuffled
+store, label sidecars and settings. ``sae_comparison`` puts every evaluated SAE side by side.
 """
 
 import hashlib
@@ -15,12 +17,14 @@ from dagster import AllPartitionMapping, AssetDep, MetadataValue
 from assets.metadata import dagster_types, inline_png, table_preview
 from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
-from sae_platform import evaluate, trainer
+from sae_platform import evaluate, sparse_probing, trainer
 from sae_platform.activations import activation_attrs
 from sae_platform.browser.address import BROWSER_URL
 from sae_platform.catalog import (
     EVAL_PROBES,
     EVAL_REPORT,
+    SAEBENCH_SPARSE_PROBING,
+    SPARSE_PROBING_RESULT,
     SWEEP_COMPARISON,
     HookEntry,
     checkpoint_name,
@@ -29,6 +33,7 @@ from sae_platform.catalog import (
     report_path,
     reports_url_path,
     shuffle_for_hook_point,
+    sparse_probing_name,
 )
 from sae_platform.compare import COLUMNS, comparison_html, comparison_rows
 from sae_platform.corpus import read_documents, tokenize
@@ -40,6 +45,7 @@ from sae_platform.metric_info import grouped_markdown
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
 from sae_platform.tables import PROBE_SCHEMA
+from sae_platform.text_labels import TextLabels, read_text_labels
 from sae_platform.trainer import TrainSettings, finished_checkpoint
 
 
@@ -262,6 +268,94 @@ SAE_EVAL = Stage(
 
 
 
+# -- k-sparse probing ----------------------------------------------------------------------------
+# Up to date when its committed result was computed from the same checkpoint, shuffled store (so the
+# same cached contexts), label sidecars and settings (``sparse_probing.probing_inputs``, recorded in
+# its pointer). The labels are read from the text source's sidecars at every run (a few small
+# files); a bad sidecar is named in the log and the metadata, and the other tasks run.
+
+ACCURACY_COLUMNS = {key: "float" for key in sparse_probing.ACCURACIES}
+
+
+def _labels(run: StageRun) -> TextLabels:
+    """The inbox's label sidecars; an inbox that cannot be listed leaves only the source tasks."""
+    source = run.resources.text_source
+    try:
+        inbox = source.scan(run.store)
+    except (PlatformError, OSError) as error:
+        run.log.warning(f"the text source could not be listed, so no label sidecar is read: {error}")
+        return TextLabels(problems=[f"the text source could not be listed: {error}"])
+    labels = read_text_labels(inbox.files, [(s.url, s.reason) for s in inbox.skipped], source.storage_options)
+    for problem in labels.problems:
+        run.log.warning(problem)
+    return labels
+
+
+def _inputs(run: StageRun, labels: TextLabels) -> dict:
+    return sparse_probing.probing_inputs(run.store, run.partition_key, shuffle_name(run),
+                                         run.resources.evaluation.settings(), labels.digests)
+
+
+def probing_unchanged(run: StageRun) -> str | None:
+    if sparse_probing.probing_current(run.store, run.partition_key, _inputs(run, _labels(run))):
+        return "probed from the same checkpoint, cached contexts, label sidecars and settings"
+    return None
+
+
+def probe_sae(run: StageRun) -> dict:
+    """Sparse probing of one SAE: a table per task and the averages, with the result files' paths."""
+    store, name = run.store, run.partition_key
+    labels = _labels(run)
+    device = pick_device(run.resources.evaluation.device, warn=run.log.warning)
+    result = sparse_probing.probe_sae(store, name, run.resources.evaluation.settings(), labels, device,
+                                      inputs=_inputs(run, labels), log=run.log.info)
+    folder = store.resolve(sparse_probing_name(name))
+    skipped = table_preview(result["skipped"], {"task": "string", "reason": "string"})
+    if result["no_score"]:
+        run.log.warning(f"{name}: no sparse-probing score: {result['no_score']}")
+        return {"hook_name": result["hook_name"], "no_score": result["no_score"], "skipped": skipped,
+                "result": MetadataValue.path(store.url(f"{folder}/{SPARSE_PROBING_RESULT}"))}
+    averages = result["averages"]["all"]
+    run.log.info(f"{name}: {averages['n_tasks']} tasks, SAE top-1 {averages['sae_top_1_test_accuracy']:.3f} "
+                 f"(residual top-1 {averages['llm_top_1_test_accuracy']:.3f}); {len(result['skipped'])} skipped")
+    return {
+        "hook_name": result["hook_name"],
+        "averages": MetadataValue.md(averages_markdown(result["averages"])),
+        "tasks": table_preview([{"task": t["task"], "kind": t["kind"], "n_test": t["n_test"],
+                                 **{k: t[k] for k in ACCURACY_COLUMNS}} for t in result["tasks"]],
+                               {"task": "string", "kind": "string", "n_test": "int", **ACCURACY_COLUMNS}),
+        "skipped": skipped,
+        "label_problems": MetadataValue.md("\n".join(f"- {p}" for p in result["label_problems"]) or "none"),
+        **averages,
+        **{f"seconds_{step}": seconds for step, seconds in result["seconds"].items()},
+        "result": MetadataValue.path(store.url(f"{folder}/{SPARSE_PROBING_RESULT}")),
+        "saebench_result": MetadataValue.path(store.url(f"{folder}/{SAEBENCH_SPARSE_PROBING}")),
+    }
+
+
+def averages_markdown(averages: dict) -> str:
+    """The averages as a Markdown table: one row per group of tasks, residual and SAE side by side."""
+    ks = sparse_probing.K_VALUES
+    head = ("| tasks | n | " + " | ".join(f"residual top-{k}" for k in ks) + " | residual all | "
+            + " | ".join(f"SAE top-{k}" for k in ks) + " | SAE all |")
+    lines = [head, "|" + "---|" * (2 * len(ks) + 4)]
+    for kind, row in averages.items():
+        cells = [row[f"llm_top_{k}_test_accuracy"] for k in ks] + [row["llm_test_accuracy"]]
+        cells += [row[f"sae_top_{k}_test_accuracy"] for k in ks] + [row["sae_test_accuracy"]]
+        lines.append(f"| {kind} | {row['n_tasks']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+SAE_SPARSE_PROBING = Stage(
+    asset="sae_sparse_probing", group="training", kinds=frozenset({"pytorch"}), job=TRAIN_JOB,
+    description="k-sparse probing (SAEBench): logistic probes on the top 1, 2, 5 and all mean-pooled latents per "
+                "context against the same probes on the raw activations at the hook point, on binary tasks from "
+                "the corpus (which text a context comes from; labels declared in <text>.labels.json sidecars).",
+    partitions=SAE_SWEEP, deps=("sae_checkpoint",), resources=("storage", "shuffle", "evaluation", "text_source"),
+    up_to_date=probing_unchanged, body=probe_sae,
+    version=pointer_version(lambda run: sparse_probing_name(run.partition_key)))
+
+
 # -- the sweep side by side -----------------------------------------------------------------------
 
 def compare_saes(run: StageRun) -> dict:
@@ -280,8 +374,10 @@ def compare_saes(run: StageRun) -> dict:
 
 def comparison_version(run: StageRun) -> str:
     """The data version of the comparison: the evaluations it puts side by side (one hash of every
-    sweep entry's committed sae_eval version), so Dagster sees it fresh after any job built it."""
-    versions = [(run.store.pointer(eval_name(name)) or {}).get("version") for name in SAE_SWEEP_SPECS]
+    sweep entry's committed sae_eval and sae_sparse_probing versions), so Dagster sees it fresh
+    after any job built it."""
+    versions = [(run.store.pointer(artifact(name)) or {}).get("version") for name in SAE_SWEEP_SPECS
+                for artifact in (eval_name, sparse_probing_name)]
     return hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
 
 
@@ -289,8 +385,10 @@ SAE_COMPARISON = Stage(
     asset="sae_comparison", group="training", kinds=frozenset({"html"}),
     job=AssetJob("compare_sweep", "Every evaluated SAE of the sweep side by side on every evaluation figure."),
     description="Every evaluated SAE of the sweep side by side on every figure of sae_eval (FVU, L0, dead, loss "
-                "recovered, N2G precision/recall, ablation sparsity, probe loss vs neurons): a table and one page.",
-    deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),), body=compare_saes,
+                "recovered, N2G precision/recall, ablation sparsity, probe loss vs neurons) and sparse probing's "
+                "top-1 accuracy: a table and one page.",
+    deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),
+          AssetDep("sae_sparse_probing", partition_mapping=AllPartitionMapping())), body=compare_saes,
     version=comparison_version)
 
-STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_COMPARISON]
+STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_SPARSE_PROBING, SAE_COMPARISON]

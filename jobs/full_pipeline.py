@@ -208,8 +208,10 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         scattered = shuffle_workers.alias("pass_2_workers")(scattered).map(step["shuffle_pass_2"]).collect()
         finals = shuffle_workers.alias("final_workers")(scattered).map(step["shuffle_final"]).collect()
         trained = sae_sweep(step["shuffled_activations"](finals)).map(step["sae_checkpoint"])
-        evaluated = trained.map(step["sae_eval"]).collect()
-        step["sae_comparison"](evaluated)
+        evaluated_each = trained.map(step["sae_eval"])
+        evaluated = evaluated_each.collect()
+        # each SAE's probing after its evaluation, so the comparison (after the probing) has both
+        step["sae_comparison"](evaluated_each.map(step["sae_sparse_probing"]).collect())
         step["circuit_tracer_export"](evaluated)  # every transcoder set whose layers are all trained
         partials = pinned_batch_keys.alias("pass_1_batches")(evaluated).map(step["feature_stats_partial"]).collect()
         merged = feature_shards.alias("pass_2_shards")(partials).map(step["feature_topk"]).collect()

@@ -48,6 +48,7 @@ SHUFFLE_SCRATCH = "shuffle"
 SHUFFLED = "shuffled"
 CHECKPOINTS = "sae"
 EVALUATIONS = "eval"
+SPARSE_PROBING = "sparse_probing"
 EXPORTS = "saelens"
 CIRCUIT_TRACER_EXPORTS = "circuit_tracer"
 REPORTS = "reports"
@@ -59,6 +60,8 @@ STAGE_RECORDS = "stages"
 # Files inside an artifact's version that more than one module reads.
 EVAL_REPORT = "report.json"  # eval/<sae_name>: every evaluation figure
 EVAL_PROBES = "probes.json"  # eval/<sae_name>: the per-property probe table
+SPARSE_PROBING_RESULT = "result.json"  # sparse_probing/<sae_name>: every task's accuracies, skips, averages
+SAEBENCH_SPARSE_PROBING = "saebench_sparse_probing.json"  # sparse_probing/<sae_name>: SAEBench's output schema
 SHUFFLED_INDEX = "index.json"  # shuffled/<name>: pinned inputs, plan, pieces, store_index
 LOGIT_EFFECTS = "logit_effects.parquet"  # features/<sae_name>/logits/f<shard>
 LLM_EXPLANATIONS_FILE = "llm_explanations.parquet"  # features/<sae_name>/llm_explanations/f<shard>
@@ -505,6 +508,12 @@ def eval_name(sae_name: str) -> str:
     return f"{EVALUATIONS}/{check_sae_name(sae_name)}"
 
 
+def sparse_probing_name(sae_name: str) -> str:
+    """The artifact holding SAE ``sae_name``'s k-sparse probing (``sparse_probing``): the result and
+    the same figures in SAEBench's output schema."""
+    return f"{SPARSE_PROBING}/{check_sae_name(sae_name)}"
+
+
 SWEEP_COMPARISON = "sweep_comparison.html"  # reports/<file>: every evaluated SAE of the sweep side by side
 
 
@@ -601,6 +610,7 @@ _WRITING_STAGE = {  # the CLI command that writes each kind ({first}: the name's
     SHUFFLED: "sae-platform shuffle",
     CHECKPOINTS: "sae-platform train {first}",
     EVALUATIONS: "sae-platform train {first}",
+    SPARSE_PROBING: "sae-platform train {first}",
     EXPORTS: "sae-platform train {first}",
     REPORTS: "sae-platform train {first}",
     FEATURES: "sae-platform features --sae {first}",

@@ -69,6 +69,10 @@ REFUSED_FORMATS = {
     ".pdf": "extract its text into a .txt file", ".docx": "export its text as .txt",
     ".html": "extract its text into a .txt file", ".htm": "extract its text into a .txt file",
 }
+# A text's label sidecar: ``<text file name>`` + this (``hamlet.txt.labels.json``), read by sparse
+# probing (``text_labels``), never cached as text; docs/inbox.md, "Labels".
+LABELS_SUFFIX = ".labels.json"
+LABELS_SIDECAR = "a label sidecar (the labels of the text it is named after, read by sparse probing): not cached"
 SUPPORTED = ".txt/.text/.md/.markdown, .jsonl/.ndjson, .parquet (text formats also as .gz/.bz2/.xz)"
 
 KEY_MAX_BYTES = 96  # UTF-8 bytes of a partition key: well under any file-name limit once paths are built on it
@@ -297,6 +301,8 @@ def _skip_reason(info: dict, match: str, rel: str, local: bool, real_root: str) 
         if info.get("type") != "file":
             return "a folder: the source is not searched recursively (use a ** glob)"
         size = info.get("size")
+    if rel.lower().endswith(LABELS_SUFFIX):
+        return LABELS_SIDECAR
     problem = format_problem(rel.rsplit("/", 1)[-1])
     if problem:
         return problem

@@ -71,6 +71,12 @@ class EvalSettings:
                                        "explanations, probe loss, ablation sparsity (0 skips them)", ge=0)
     ablation_tokens: int = setting(8, "held-out tokens at which every active latent is ablated for the "
                                       "ablation sparsity (0 skips it)", ge=0)
+    sparse_probing_seed: int = setting(42, "sae_sparse_probing: seed of each task's balanced sample and train/test "
+                                           "split (SAEBench's default random_seed)")
+    sparse_probing_min_contexts: int = setting(20, "sae_sparse_probing: contexts each class of a task needs, else "
+                                                   "the task is skipped with its counts", ge=2)
+    sparse_probing_max_contexts: int = setting(5000, "sae_sparse_probing: contexts per class at most (SAEBench's "
+                                                     "4,000 train + 1,000 test)", ge=2)
 
     def __post_init__(self):
         validate(self, "resources.evaluation.config")
@@ -78,6 +84,8 @@ class EvalSettings:
 
 # The settings that change what the report holds; the thresholds only change the checks' verdicts.
 REPORT_SETTINGS = ("ce_contexts", "ctx_len", "metric_contexts", "ablation_tokens")
+# The settings that change what sae_sparse_probing computes.
+SPARSE_PROBING_SETTINGS = ("sparse_probing_seed", "sparse_probing_min_contexts", "sparse_probing_max_contexts")
 
 
 def evaluation_inputs(store, sae_name: str, shuffle_name: str, settings: EvalSettings, *,

@@ -86,6 +86,13 @@ METRICS = (
                "the same probes on the channels of the hook point the SAE reads: the baseline to beat", "Gao §4.2"),
     MetricInfo("probe_loss_base_rate", "probe loss (base rate)", FEATURE_QUALITY, "nats (binary CE)", LOWER,
                "the probes' loss when predicting each property's base rate: the no-information floor"),
+    MetricInfo("sparse_probing_sae_top_1", "sparse probing top-1", FEATURE_QUALITY, "accuracy", HIGHER,
+               "test accuracy of a logistic probe on the one latent whose context means differ most between the "
+               "classes, mean over the corpus's tasks (source text one-vs-rest, declared labels); sae_sparse_probing",
+               "SAEBench sparse probing"),
+    MetricInfo("sparse_probing_llm_top_1", "sparse probing top-1 (residual)", FEATURE_QUALITY, "accuracy", HIGHER,
+               "the same probe on the one channel of the hook point that differs most: the baseline to beat",
+               "SAEBench sparse probing"),
     MetricInfo("checkpoint_step", "steps", TRAINING, "steps", None, "optimizer steps of the evaluated checkpoint"),
     MetricInfo("training_tokens", "tokens", TRAINING, "tokens", None, "training tokens the checkpoint has seen"),
 )

@@ -18,6 +18,9 @@ a latent that is 0 on a token contributes only through the bias, so each Newton 
 column the sums over its non-zero entries plus the counts of the zero ones. A small L2 penalty on
 the weight keeps separable properties finite; the reported loss is the plain mean cross-entropy
 (nats per token).
+
+``fit_logistic`` is the dense multi-column probe of k-sparse probing (``sparse_probing``): an L2
+logistic regression with sklearn's objective, as SAEBench fits it.
 """
 
 import re
@@ -190,3 +193,48 @@ def base_rate_entropy(labels: np.ndarray) -> np.ndarray:
     """Entropy (nats) of each property's base rate: the loss of a probe that knows nothing."""
     p = np.clip(np.asarray(labels, dtype=float).mean(axis=1), 1e-12, 1 - 1e-12)
     return -(p * np.log(p) + (1 - p) * np.log(1 - p))
+
+
+# -- dense logistic regression (k-sparse probing, ``sparse_probing``) -----------------------------
+
+LOGISTIC_C = 1.0        # inverse L2 strength, as sklearn's LogisticRegression default (what SAEBench fits)
+LOGISTIC_MAX_ITER = 1000  # SAEBench's max_iter for its sklearn probes
+
+
+def fit_logistic(x: np.ndarray | torch.Tensor, y: np.ndarray, c: float = LOGISTIC_C,
+                 max_iter: int = LOGISTIC_MAX_ITER) -> tuple[torch.Tensor, float]:
+    """An L2-regularised logistic regression on ``x`` [n, d] with labels ``y`` bool [n]: (weights
+    [d] float64, bias). The objective is sklearn's ``LogisticRegression(penalty="l2", C=c)``
+    (½‖w‖² + c · Σ log-loss, the bias unpenalised), which SAEBench's k-sparse probes fit
+    (``sae_bench/evals/sparse_probing/probe_training.py``, ``train_sklearn_probe``); minimised
+    with L-BFGS in float64 (strong Wolfe line search) from zero. Raises PlatformError unless ``y``
+    has both classes and one label per row."""
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    target = torch.as_tensor(np.asarray(y, dtype=bool), dtype=torch.float64)
+    if x.ndim != 2 or target.shape != (x.shape[0],) or not 0 < float(target.sum()) < len(target):
+        raise PlatformError(f"a probe needs rows [n, d] and n labels of both classes, got x {tuple(x.shape)} and "
+                            f"{int(target.sum())} positive of {len(target)} labels",
+                            "give each task contexts of both classes")
+    params = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], lr=1, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-12,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def objective():
+        optimizer.zero_grad()
+        w, b = params[:-1], params[-1]
+        loss = c * torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, target, reduction="sum")
+        loss = loss + 0.5 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    params = params.detach()
+    return params[:-1], float(params[-1])
+
+
+def logistic_accuracy(x: np.ndarray | torch.Tensor, y: np.ndarray, weights: torch.Tensor, bias: float) -> float:
+    """Share of rows of ``x`` [n, d] whose predicted class (logit > 0) is ``y`` bool [n]."""
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    predicted = (x @ weights + bias > 0).numpy()
+    return float((predicted == np.asarray(y, dtype=bool)).mean())

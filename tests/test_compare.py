@@ -63,3 +63,18 @@ def test_page_groups_the_figures_with_units_directions_and_definitions(store):
         info = metric_info(key)
         assert f"<th scope=row>{heading}</th>" in legend and html.escape(info.definition) in legend
     assert "Gao §4.4" in legend and "nats (binary CE)" in legend
+
+
+def test_sparse_probing_top_1_accuracies_are_columns_once_probed(store):
+    from sae_platform.catalog import SPARSE_PROBING_RESULT, sparse_probing_name
+
+    _report(store, "a", fvu=0.2)
+    _report(store, "b", fvu=0.1)
+    with store.writing(sparse_probing_name("a")) as version:
+        store.write_json(f"{version}/{SPARSE_PROBING_RESULT}", {"averages": {"all": {
+            "sae_top_1_test_accuracy": 0.83, "llm_top_1_test_accuracy": 0.71}}})
+    rows = comparison_rows(store, ["a", "b"])
+    assert (rows[0]["sparse_probing_sae_top_1"], rows[0]["sparse_probing_llm_top_1"]) == (0.83, 0.71)
+    assert rows[1]["sparse_probing_sae_top_1"] is None  # not probed yet: shown as missing
+    page = comparison_html(rows)
+    assert "sparse probing top-1 ↑" in page and "0.83" in page and "SAEBench sparse probing" in page
