@@ -13,7 +13,7 @@ import json
 from dagster import AllPartitionMapping, AssetDep, MetadataValue
 
 from assets.metadata import dagster_types, inline_png, table_preview
-from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
+from assets.partitions import SAE_RESEED_GROUPS, SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from sae_platform import evaluate, trainer
 from sae_platform.activations import activation_attrs
@@ -30,7 +30,15 @@ from sae_platform.catalog import (
     reports_url_path,
     shuffle_for_hook_point,
 )
-from sae_platform.compare import COLUMNS, comparison_html, comparison_rows
+from sae_platform.compare import (
+    COLUMNS,
+    RESEEDS_TABLE_COLUMNS,
+    SPREAD_KEYS,
+    comparison_html,
+    comparison_rows,
+    reseeds_html,
+    reseeds_table,
+)
 from sae_platform.corpus import read_documents, tokenize
 from sae_platform.errors import PlatformError
 from sae_platform.evaluate import heldout_ce_tokens
@@ -39,6 +47,7 @@ from sae_platform.launch import launch_training
 from sae_platform.metric_info import grouped_markdown
 from sae_platform.model import pick_device
 from sae_platform.plots import density_histogram_png, training_curves_png
+from sae_platform.reseeds import not_distinguishable, seed_consistency, sweep_units
 from sae_platform.tables import PROBE_SCHEMA
 from sae_platform.trainer import TrainSettings, finished_checkpoint
 
@@ -264,16 +273,35 @@ SAE_EVAL = Stage(
 
 # -- the sweep side by side -----------------------------------------------------------------------
 
+def _error_bars(run: StageRun, rows: list[dict]) -> tuple[str, dict]:
+    """The comparison's error-bar section (``compare.reseeds_html``) and its metadata table: mean ±
+    sd over each reseed group, bootstrap intervals of lone seeds, "not distinguishable" marks, and
+    the cross-seed decoder consistency of each group with >= 2 trained seeds."""
+    units = sweep_units(rows, SAE_RESEED_GROUPS, SPREAD_KEYS)
+    marks = not_distinguishable(units, SPREAD_KEYS)
+    consistency = {u.sae: found for u in units if len(u.members) > 1
+                   if (found := seed_consistency(run.store, list(u.members))) is not None}
+    for group, found in consistency.items():
+        run.log.info(f"{group}: {found['consistent_fraction']:.1%} of latents have a partner at cosine >= "
+                     f"{found['threshold']:g} in another seed ({found['method']} matching)")
+    metadata = {"error_bars": table_preview(reseeds_table(units, marks), RESEEDS_TABLE_COLUMNS)}
+    metadata.update({f"seed_consistency/{group}": found["consistent_fraction"] for group, found in consistency.items()})
+    return reseeds_html(units, marks, consistency), metadata
+
+
 def compare_saes(run: StageRun) -> dict:
-    """Every evaluated SAE of the sweep on every figure: a metadata table and one HTML page."""
+    """Every evaluated SAE of the sweep on every figure: a metadata table and one HTML page, with
+    error bars (mean ± sd over reseeds, "not distinguishable" marks)."""
     store = run.store
     rows = comparison_rows(store, list(SAE_SWEEP_SPECS))
+    error_bars, error_metadata = _error_bars(run, rows)
     page = report_path(store, None, SWEEP_COMPARISON)
-    store.write_bytes_atomic(page, comparison_html(rows).encode())
+    store.write_bytes_atomic(page, comparison_html(rows, sections=(error_bars,)).encode())
     run.log.info(f"{len(rows)} of {len(SAE_SWEEP_SPECS)} sweep entries evaluated")
     kinds = {key: "int" if key in ("checkpoint_step", "training_tokens") else "float" for key, _, _ in COLUMNS}
+    columns = {"sae": "string", "hook_point": "string", **kinds}
     return {"evaluated": len(rows), "sweep_entries": len(SAE_SWEEP_SPECS),
-            "comparison": table_preview(rows, {"sae": "string", "hook_point": "string", **kinds}),
+            "comparison": table_preview([{k: r[k] for k in columns} for r in rows], columns), **error_metadata,
             "page": MetadataValue.path(store.url(page)),
             "page_in_browser": MetadataValue.url(BROWSER_URL + reports_url_path(SWEEP_COMPARISON))}
 

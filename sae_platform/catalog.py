@@ -441,7 +441,7 @@ class ReseedGroup:
         for key, value, low in ((RESEEDS, count, 1), ("seed", first, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SettingsError(f"sweep entry {name!r} in {path}: {key} is {value!r}, not an integer >= {low}",
-                                    f"write e.g. {{variant: topk, n_latents: 4096, k: 32, seeds: 3}}")
+                                    "write e.g. {variant: topk, n_latents: 4096, k: 32, seeds: 3}")
         if TRANSCODER_SET in spec:
             raise SettingsError(f"sweep entry {name!r} in {path} has both seeds and transcoder_set",
                                 "reseed one SAE per entry: drop seeds, or declare the set without it")

@@ -17,7 +17,6 @@ better measured from all groups than from two.
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from sae_platform.errors import PlatformError
 
@@ -85,6 +84,56 @@ def distinguishable(a: SeedSpread, b: SeedSpread, noise: PooledNoise | None) -> 
     return abs(a.mean - b.mean) >= min_reliable_difference(noise, a.n, b.n)
 
 
+@dataclass(frozen=True)
+class SweepUnit:
+    """One SAE of the comparison as error bars see it: a reseed group (``catalog.ReseedGroup``, its
+    evaluated members) or a lone SAE; per metric its ``spreads`` over seeds and, from a lone
+    seed's evaluation, its bootstrap ``intervals`` (the report's ``<metric>_interval``)."""
+
+    sae: str
+    hook_point: str | None
+    members: tuple[str, ...]
+    spreads: dict[str, SeedSpread]
+    intervals: dict[str, tuple[float, float]]
+
+
+def sweep_units(rows: list[dict], groups: dict[str, list[str]], keys: tuple[str, ...]) -> list[SweepUnit]:
+    """The comparison's ``rows`` (``compare.comparison_rows``; a row may carry ``intervals``) folded
+    into one ``SweepUnit`` per reseed group of ``groups`` (entry name -> member SAE names) and one
+    per SAE in no group, in the rows' order; a metric a member did not measure is left out of its
+    spread."""
+    group_of = {member: group for group, members in groups.items() for member in members}
+    folded: dict[str, list[dict]] = {}
+    for row in rows:
+        folded.setdefault(group_of.get(row["sae"], row["sae"]), []).append(row)
+    units = []
+    for name, members in folded.items():
+        spreads = {key: seed_spread(values) for key in keys
+                   if (values := [r[key] for r in members if r.get(key) is not None])}
+        intervals = {key: tuple(value) for key, value in members[0].get("intervals", {}).items()} \
+            if len(members) == 1 else {}
+        units.append(SweepUnit(name, members[0].get("hook_point"), tuple(r["sae"] for r in members), spreads,
+                               intervals))
+    return units
+
+
+def not_distinguishable(units: list[SweepUnit], keys: tuple[str, ...]) -> dict[tuple[str, str], list[str]]:
+    """(unit, metric) -> the other units of the same hook point it cannot be told apart from on
+    that metric (``distinguishable`` is False: their difference is below the metric's minimum
+    reliable difference, with the reseed noise pooled over every unit). Metrics without measured
+    reseed noise are left out: nothing is marked."""
+    marks: dict[tuple[str, str], list[str]] = {}
+    for key in keys:
+        noise = pooled_noise([u.spreads[key] for u in units if key in u.spreads])
+        for a in units:
+            for b in units:
+                if a is b or a.hook_point != b.hook_point or key not in a.spreads or key not in b.spreads:
+                    continue
+                if distinguishable(a.spreads[key], b.spreads[key], noise) is False:
+                    marks.setdefault((a.sae, key), []).append(b.sae)
+    return marks
+
+
 def bootstrap_ratio_interval(numerator: np.ndarray, denominator: np.ndarray, *, complement: bool = False,
                              resamples: int = BOOTSTRAP_RESAMPLES, level: float = BOOTSTRAP_LEVEL,
                              seed: int = 0) -> tuple[float, float]:
@@ -106,54 +155,72 @@ def bootstrap_ratio_interval(numerator: np.ndarray, denominator: np.ndarray, *, 
     return float(low), float(high)
 
 
-def _unit_rows(decoder: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(decoder.detach().double(), dim=1)
+def _unit_rows(decoder) -> np.ndarray:
+    rows = np.asarray(decoder, dtype=np.float64)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def _hungarian_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+def _hungarian_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     from scipy.optimize import linear_sum_assignment
 
-    cosine = (a @ b.T).numpy()
+    cosine = a @ b.T
     rows, cols = linear_sum_assignment(cosine, maximize=True)
     matched = np.zeros(len(a))
     matched[rows] = cosine[rows, cols]
     return matched
 
 
-def _greedy_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """Each latent of ``a``'s best partner in ``b``, one-to-one, from the best pairs down; the cosine
-    matrix is computed ``GREEDY_BLOCK_ROWS`` rows at a time, keeping each row's top candidates only."""
-    n_candidates = min(8, len(b))
-    top_values, top_index = [], []
+def _greedy_cosines(a: np.ndarray, b: np.ndarray, n_candidates: int = 8) -> np.ndarray:
+    """Each latent of ``a``'s partner in ``b``, one-to-one, taking the best remaining pairs first;
+    the cosine matrix is computed ``GREEDY_BLOCK_ROWS`` rows at a time, keeping each row's
+    ``n_candidates`` best columns only (memory O(n * n_candidates), not O(n**2))."""
+    n_candidates = min(n_candidates, len(b))
+    values, index = [], []
     for start in range(0, len(a), GREEDY_BLOCK_ROWS):
-        values, index = (a[start:start + GREEDY_BLOCK_ROWS] @ b.T).topk(n_candidates, dim=1)
-        top_values.append(values)
-        top_index.append(index)
-    values, index = torch.cat(top_values).numpy(), torch.cat(top_index).numpy()
-    order = np.argsort(-values, axis=None)
+        cosine = a[start:start + GREEDY_BLOCK_ROWS] @ b.T
+        top = np.argpartition(-cosine, n_candidates - 1, axis=1)[:, :n_candidates]
+        values.append(np.take_along_axis(cosine, top, axis=1))
+        index.append(top)
+    values, index = np.concatenate(values), np.concatenate(index)
     matched, taken_a, taken_b = np.zeros(len(a)), np.zeros(len(a), bool), np.zeros(len(b), bool)
-    for flat in order:
+    for flat in np.argsort(-values, axis=None, kind="stable"):
         row, col = divmod(int(flat), n_candidates)
         partner = index[row, col]
         if not taken_a[row] and not taken_b[partner]:
             taken_a[row], taken_b[partner], matched[row] = True, True, values[row, col]
-    return matched  # a latent whose 8 candidates were all taken keeps 0: no partner above any threshold
+    return matched  # a latent whose candidates were all taken keeps 0: no partner above any threshold
 
 
-def decoder_consistency(decoder_a: torch.Tensor, decoder_b: torch.Tensor,
-                        threshold: float = CONSISTENT_COSINE) -> dict:
-    """How many latents two seeds share: their decoders (``[n_latents, d_model]`` each, any float
-    dtype; rows need not be unit norm) are matched one-to-one by cosine similarity, exactly
+def decoder_consistency(decoder_a, decoder_b, threshold: float = CONSISTENT_COSINE) -> dict:
+    """How many latents two seeds share: their decoders (``[n_latents, d_model]`` arrays each, any
+    float dtype; rows need not be unit norm) are matched one-to-one by cosine similarity, exactly
     (Hungarian, ``scipy.optimize.linear_sum_assignment``) up to ``HUNGARIAN_MAX_LATENTS`` latents,
     blockwise greedy above it (a 16k x 16k float64 cost matrix is 2 GiB and the exact matching
     minutes of CPU). Returns ``consistent_fraction`` (share of ``decoder_a``'s latents whose partner
-    is at cosine >= ``threshold``), ``mean_cosine`` of the matched pairs, ``method`` and
-    ``n_latents``. PlatformError when the decoders differ in d_model."""
-    if decoder_a.ndim != 2 or decoder_b.ndim != 2 or decoder_a.shape[1] != decoder_b.shape[1]:
-        raise PlatformError(f"decoders of shapes {tuple(decoder_a.shape)} and {tuple(decoder_b.shape)} cannot be "
-                            "matched", "compare reseeds of one SAE: [n_latents, d_model] decoders of the same d_model")
-    a, b = _unit_rows(decoder_a.cpu()), _unit_rows(decoder_b.cpu())
+    is at cosine >= ``threshold``), ``mean_cosine`` of the matched pairs, ``method``,
+    ``n_latents`` and ``threshold``. PlatformError when the decoders differ in d_model."""
+    shape_a, shape_b = np.shape(decoder_a), np.shape(decoder_b)
+    if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[1] != shape_b[1]:
+        raise PlatformError(f"decoders of shapes {shape_a} and {shape_b} cannot be matched",
+                            "compare reseeds of one SAE: [n_latents, d_model] decoders of the same d_model")
+    a, b = _unit_rows(decoder_a), _unit_rows(decoder_b)
     exact = max(len(a), len(b)) <= HUNGARIAN_MAX_LATENTS
     matched = _hungarian_cosines(a, b) if exact else _greedy_cosines(a, b)
     return {"consistent_fraction": float((matched >= threshold).mean()), "mean_cosine": float(matched.mean()),
             "method": "hungarian" if exact else "blockwise greedy", "n_latents": len(a), "threshold": threshold}
+
+
+def seed_consistency(store, members: list[str]) -> dict | None:
+    """``decoder_consistency`` of the first reseed of ``members`` (SAE names) against each other one
+    with a committed checkpoint, averaged over those pairs (``pairs``: how many); None with fewer
+    than two checkpoints. Reads the checkpoints with ``trainer.load_sae`` (its errors)."""
+    from sae_platform.catalog import checkpoint_version
+    from sae_platform.trainer import load_sae  # torch: imported here, so the page's readers stay torch-free
+
+    trained = [name for name in members if checkpoint_version(store, name) is not None]
+    if len(trained) < 2:
+        return None
+    first = load_sae(store, trained[0])[0].W_dec.detach().numpy()
+    pairs = [decoder_consistency(first, load_sae(store, other)[0].W_dec.detach().numpy()) for other in trained[1:]]
+    return {**pairs[0], "pairs": len(pairs),
+            **{key: float(np.mean([p[key] for p in pairs])) for key in ("consistent_fraction", "mean_cosine")}}
