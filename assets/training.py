@@ -12,7 +12,7 @@ import json
 
 from dagster import AllPartitionMapping, AssetDep, MetadataValue
 
-from assets.metadata import dagster_types, inline_png, table_preview
+from assets.metadata import dagster_types, inline_png, inline_png_url, table_preview
 from assets.partitions import SAE_RESEED_GROUPS, SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from sae_platform import evaluate, trainer
@@ -21,6 +21,8 @@ from sae_platform.browser.address import BROWSER_URL
 from sae_platform.catalog import (
     EVAL_PROBES,
     EVAL_REPORT,
+    SCALING_LAWS,
+    SCALING_LAWS_PLOT,
     SWEEP_COMPARISON,
     HookEntry,
     checkpoint_name,
@@ -46,8 +48,17 @@ from sae_platform.export import export_run
 from sae_platform.launch import launch_training
 from sae_platform.metric_info import grouped_markdown
 from sae_platform.model import pick_device
-from sae_platform.plots import density_histogram_png, training_curves_png
+from sae_platform.plots import density_histogram_png, scaling_laws_png, training_curves_png
 from sae_platform.reseeds import not_distinguishable, seed_consistency, sweep_units
+from sae_platform.scaling import (
+    SCALING_VARIANT,
+    SUMMARY_COLUMNS,
+    ScalingPoint,
+    ScalingRefused,
+    fit_scaling_laws,
+    scaling_html,
+    scaling_summary,
+)
 from sae_platform.tables import PROBE_SCHEMA
 from sae_platform.trainer import TrainSettings, finished_checkpoint
 
@@ -295,8 +306,11 @@ def compare_saes(run: StageRun) -> dict:
     store = run.store
     rows = comparison_rows(store, list(SAE_SWEEP_SPECS))
     error_bars, error_metadata = _error_bars(run, rows)
+    points, fit, refusal = sweep_scaling_fit(run, rows)
+    plot = inline_png_url(scaling_laws_png(points, fit)) if fit else None
     page = report_path(store, None, SWEEP_COMPARISON)
-    store.write_bytes_atomic(page, comparison_html(rows, sections=(error_bars,)).encode())
+    sections = (error_bars, scaling_html(fit, plot, refusal))
+    store.write_bytes_atomic(page, comparison_html(rows, sections=sections).encode())
     run.log.info(f"{len(rows)} of {len(SAE_SWEEP_SPECS)} sweep entries evaluated")
     kinds = {key: "int" if key in ("checkpoint_step", "training_tokens") else "float" for key, _, _ in COLUMNS}
     columns = {"sae": "string", "hook_point": "string", **kinds}
@@ -313,12 +327,67 @@ def comparison_version(run: StageRun) -> str:
     return hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
 
 
+# The sweep's figures side by side and its scaling laws, both from every evaluation.
+COMPARE_JOB = AssetJob("compare_sweep", "Every evaluated SAE of the sweep side by side on every evaluation figure, "
+                                        "with error bars, and the sweep's scaling laws.")
+
 SAE_COMPARISON = Stage(
-    asset="sae_comparison", group="training", kinds=frozenset({"html"}),
-    job=AssetJob("compare_sweep", "Every evaluated SAE of the sweep side by side on every evaluation figure."),
+    asset="sae_comparison", group="training", kinds=frozenset({"html"}), job=COMPARE_JOB,
+    resources=("storage", "training"),
     description="Every evaluated SAE of the sweep side by side on every figure of sae_eval (FVU, L0, dead, loss "
                 "recovered, N2G precision/recall, ablation sparsity, probe loss vs neurons): a table and one page.",
     deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),), body=compare_saes,
     version=comparison_version)
 
-STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_COMPARISON]
+
+# -- Gao et al.'s scaling laws from the sweep (sae_platform.scaling) ----------------------------------
+
+def sweep_scaling_fit(run: StageRun, rows: list[dict]) -> tuple[list[ScalingPoint], dict | None, str | None]:
+    """The evaluated TopK SAEs of the sweep as points (n_latents and k from each entry's settings,
+    the loss its held-out FVU), their fit (``scaling.fit_scaling_laws``), or why it was refused."""
+    points = []
+    for row in rows:
+        settings = settings_for(row["sae"], run.resources.training)
+        if settings.variant == SCALING_VARIANT and row["fvu"] is not None:
+            points.append(ScalingPoint(row["sae"], settings.n_latents, settings.k, row["fvu"]))
+    try:
+        return points, fit_scaling_laws(points), None
+    except ScalingRefused as refused:
+        return points, None, str(refused)
+
+
+def fit_scaling_laws_of_sweep(run: StageRun) -> dict:
+    """Gao's L(N) at each k and joint L(N, k) from the sweep's evaluations: the fits, exponents with
+    95% intervals and residuals (``reports/scaling_laws.json``) and the log-log plot. A sweep too
+    small for a fit is refused: nothing is written, and the metadata and a warning say what the
+    sweep has and what it needs (so full_pipeline on a small sweep stays green)."""
+    store = run.store
+    points, fit, refusal = sweep_scaling_fit(run, comparison_rows(store, list(SAE_SWEEP_SPECS)))
+    if fit is None:
+        run.log.warning(f"scaling laws not fitted: {refusal}")
+        return {"fitted": False, "refused": refusal, "points": len(points)}
+    png = scaling_laws_png(points, fit)
+    plot_path = report_path(store, None, SCALING_LAWS_PLOT)
+    store.write_bytes_atomic(plot_path, png)
+    fit_path = report_path(store, None, SCALING_LAWS)
+    store.write_bytes_atomic(fit_path, json.dumps({**fit, "points": [vars(p) for p in points]}, indent=1).encode())
+    for line in fit["not_fitted"]:
+        run.log.warning(f"not fitted: {line}")
+    residuals = fit["joint"]["residuals"] if fit["joint"] else [r for one in fit["fixed_k"] for r in one["residuals"]]
+    return {"fitted": True, "points": len(points), "exponents": table_preview(scaling_summary(fit), SUMMARY_COLUMNS),
+            "residuals": table_preview(residuals, {"sae": "string", "n_latents": "int", "k": "int", "loss": "float",
+                                                   "fitted": "float", "log_residual": "float"}),
+            "plot": inline_png(png, "scaling laws"), "plot_path": MetadataValue.path(store.url(plot_path)),
+            "fit_path": MetadataValue.path(store.url(fit_path))}
+
+
+SCALING_LAWS_STAGE = Stage(
+    asset="scaling_laws", group="training", kinds=frozenset({"scipy"}), job=COMPARE_JOB,
+    resources=("storage", "training"),
+    description="Gao et al. 2024's scaling laws fitted to the sweep's TopK evaluations: normalized MSE against "
+                "n_latents at each k (L(N) = c N^a + e) and the joint L(N, k) form, exponents with 95% intervals, "
+                "residuals and the log-log plot; refused (nothing written) for fewer than 4 widths at one k.",
+    deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),), body=fit_scaling_laws_of_sweep,
+    version=comparison_version)
+
+STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_COMPARISON, SCALING_LAWS_STAGE]

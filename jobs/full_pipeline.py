@@ -210,6 +210,7 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         trained = sae_sweep(step["shuffled_activations"](finals)).map(step["sae_checkpoint"])
         evaluated = trained.map(step["sae_eval"]).collect()
         step["sae_comparison"](evaluated)
+        step["scaling_laws"](evaluated)  # refused without a grid of >= 4 widths at one k: logged, not failed
         step["circuit_tracer_export"](evaluated)  # every transcoder set whose layers are all trained
         partials = pinned_batch_keys.alias("pass_1_batches")(evaluated).map(step["feature_stats_partial"]).collect()
         merged = feature_shards.alias("pass_2_shards")(partials).map(step["feature_topk"]).collect()

@@ -564,6 +564,8 @@ def eval_name(sae_name: str) -> str:
 
 
 SWEEP_COMPARISON = "sweep_comparison.html"  # reports/<file>: every evaluated SAE of the sweep side by side
+SCALING_LAWS = "scaling_laws.json"  # reports/<file>: the sweep's scaling-law fits (sae_platform.scaling)
+SCALING_LAWS_PLOT = "scaling_laws.png"  # reports/<file>: their log-log plot
 
 
 def report_path(store, sae_name: str | None, file: str) -> str:

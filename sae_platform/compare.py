@@ -22,7 +22,7 @@ COLUMN_KEYS = ("fvu", "l0", "dead_fraction", "loss_recovered", "n2g_precision", 
 COLUMNS = tuple((key, metric_info(key).label, {LOWER: True, HIGHER: False}.get(metric_info(key).better))
                 for key in COLUMN_KEYS)  # (report key, heading, lower is better: True / False / None = no direction)
 SPREAD_KEYS = tuple(k for k in COLUMN_KEYS if metric_info(k).group != "training")  # figures that get error bars
-PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'"  # static HTML: no script, inline style only
+PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"  # no script; inline style, data: images
 
 
 def comparison_rows(store, names: list[str]) -> list[dict]:

@@ -27,7 +27,8 @@ MULTIPROCESS = ("multiprocess: {max_concurrent: 2, "
                 "start_method: {forkserver: {preload_modules: [jobs.definitions]}}}")
 ASSETS = ["base_model", "activations", "shuffle_plan", "shuffle_pass_1", "shuffle_final", "shuffled_activations",
           "sae_checkpoint", "sae_eval", "feature_stats_partial", "feature_topk", "feature_context_windows",
-          "feature_contexts", "feature_explanations", "feature_llm_explanations", "feature_browser", "sae_comparison"]
+          "feature_contexts", "feature_explanations", "feature_llm_explanations", "feature_browser", "sae_comparison",
+          "scaling_laws"]
 
 
 def execute_full_pipeline(env: dict, run_config: Path) -> subprocess.CompletedProcess:
