@@ -116,3 +116,18 @@ def test_the_asset_refuses_a_small_sweep_without_failing_the_run(store, tmp_path
     assert meta["fitted"] is False and "k = 32: widths [4096, 16384]" in meta["refused"]
     assert not store.fs.exists(store.path("reports", "scaling_laws.json"))
     assert "Not fitted" in open(store.path("reports", "sweep_comparison.html")).read()
+
+
+def test_every_entry_fans_out_the_whole_sweep_and_refuses_a_double_choice():
+    """config/scaling.yaml trains every grid entry through full_pipeline (ops.sae_sweep.config.every_entry)."""
+    from dagster import build_op_context
+
+    from assets.partitions import SAE_SWEEP_SPECS
+    from jobs.full_pipeline import SweepConfig, sae_sweep
+    from resources import stage_resource
+    from sae_platform.errors import PlatformError
+
+    context = build_op_context(resources={"features": stage_resource("features")})
+    assert [out.value for out in sae_sweep(context, SweepConfig(every_entry=True))] == list(SAE_SWEEP_SPECS)
+    with pytest.raises(PlatformError, match="both every_entry and sae_names"):
+        list(sae_sweep(context, SweepConfig(every_entry=True, sae_names=["relu-4k"])))
