@@ -156,7 +156,9 @@ def bootstrap_ratio_interval(numerator: np.ndarray, denominator: np.ndarray, *, 
 
 
 def _unit_rows(decoder) -> np.ndarray:
-    rows = np.asarray(decoder, dtype=np.float64)
+    """Rows scaled to unit norm, float32: cosines exact to ~1e-7, far below the 0.9 threshold's
+    concern, and the 16k x 16k products twice as fast as in float64."""
+    rows = np.asarray(decoder, dtype=np.float32)
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
@@ -178,7 +180,8 @@ def _greedy_cosines(a: np.ndarray, b: np.ndarray, n_candidates: int = 8) -> np.n
     values, index = [], []
     for start in range(0, len(a), GREEDY_BLOCK_ROWS):
         cosine = a[start:start + GREEDY_BLOCK_ROWS] @ b.T
-        top = np.argpartition(-cosine, n_candidates - 1, axis=1)[:, :n_candidates]
+        # a copy: the slice alone would keep the whole [block, n] partition alive (2 GiB at 16k)
+        top = np.argpartition(-cosine, n_candidates - 1, axis=1)[:, :n_candidates].copy()
         values.append(np.take_along_axis(cosine, top, axis=1))
         index.append(top)
     values, index = np.concatenate(values), np.concatenate(index)

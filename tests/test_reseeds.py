@@ -2,6 +2,8 @@
 mean ± sd, the minimum reliable difference and bootstrap intervals on inputs with known answers;
 cross-seed decoder consistency; the comparison page's error-bar section."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -129,7 +131,12 @@ def test_decoder_consistency_counts_the_latents_another_seed_found(n_latents):
     b = a[rng.permutation(n_latents)] * 3.0  # same directions, shuffled, other norms
     half = n_latents // 2
     b[:half] = rng.standard_normal((half, 64))  # half of them replaced by random directions
+    tracemalloc.start()
     found = decoder_consistency(a, b)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    if n_latents > 4096:  # blockwise: one [1024, n] block at a time (the whole matrix would be 200 MB at 5k)
+        assert peak < 150 * 2**20, f"{peak / 2**20:.0f} MiB"
     assert found["consistent_fraction"] == pytest.approx(0.5, abs=0.01)
     assert found["method"] == ("hungarian" if n_latents <= 4096 else "blockwise greedy")
     assert decoder_consistency(a, a)["consistent_fraction"] == 1.0
