@@ -215,6 +215,8 @@ def evaluate_sae(run: StageRun) -> dict:
                          .get("hook_name")),
         **_grouped_figures(report),
         **{k: numbers[k] for k in first}, **{k: v for k, v in numbers.items() if k not in first}, **extra,
+        **{key: f"[{low:.4g}, {high:.4g}] (95% bootstrap)" for key, value in report.items()
+           if key.endswith("_interval") and isinstance(value, list) for low, high in (value,)},
         "latent_density": inline_png(png, "latent density"),
         "latent_density_path": MetadataValue.path(store.url(plot_path)),
     }
@@ -314,8 +316,11 @@ def compare_saes(run: StageRun) -> dict:
     run.log.info(f"{len(rows)} of {len(SAE_SWEEP_SPECS)} sweep entries evaluated")
     kinds = {key: "int" if key in ("checkpoint_step", "training_tokens") else "float" for key, _, _ in COLUMNS}
     columns = {"sae": "string", "hook_point": "string", **kinds}
+    scaling = ({"scaling_exponents": table_preview(scaling_summary(fit), SUMMARY_COLUMNS)} if fit
+               else {"scaling_laws": f"not fitted: {refusal}"})
     return {"evaluated": len(rows), "sweep_entries": len(SAE_SWEEP_SPECS),
             "comparison": table_preview([{k: r[k] for k in columns} for r in rows], columns), **error_metadata,
+            **scaling,
             "page": MetadataValue.path(store.url(page)),
             "page_in_browser": MetadataValue.url(BROWSER_URL + reports_url_path(SWEEP_COMPARISON))}
 

@@ -99,6 +99,8 @@ def test_the_asset_fits_the_sweep_and_the_page_shows_the_plot(store, tmp_path, m
     page = open(store.path("reports", "sweep_comparison.html")).read()
     assert "<h2>Scaling laws</h2>" in page and 'src="data:image/png;base64,' in page and "beta_N" in page
     assert "<h2>Error bars</h2>" in page
+    exponents = [r.data for r in meta["sae_comparison"]["scaling_exponents"].records]  # the same table there
+    assert [r["parameter"] for r in exponents] == [r["parameter"] for r in rows]
 
 
 def test_the_asset_refuses_a_small_sweep_without_failing_the_run(store, tmp_path):
@@ -116,6 +118,9 @@ def test_the_asset_refuses_a_small_sweep_without_failing_the_run(store, tmp_path
     assert meta["fitted"] is False and "k = 32: widths [4096, 16384]" in meta["refused"]
     assert not store.fs.exists(store.path("reports", "scaling_laws.json"))
     assert "Not fitted" in open(store.path("reports", "sweep_comparison.html")).read()
+    (compared,) = [e for e in result.get_asset_materialization_events()
+                   if e.asset_key.to_user_string() == "sae_comparison"]
+    assert "k = 32: widths [4096, 16384]" in compared.materialization.metadata["scaling_laws"].value
 
 
 def test_every_entry_fans_out_the_whole_sweep_and_refuses_a_double_choice():
