@@ -5,9 +5,9 @@ The figure is the normalized MSE of each TopK SAE on its held-out rows (the eval
 number of latents N and its k. Two forms, both fitted in log space (a power law's residuals are
 relative), with ``scipy.optimize.curve_fit``:
 
-* at fixed k (§3.1.1): ``L(N) = c * N**a + e``, ``e >= 0`` the irreducible loss; one fit per k
+* at fixed k (§3.1.2, training to convergence): ``L(N) = c * N**a + e``, ``e >= 0`` the irreducible loss; one fit per k
   that has at least ``MIN_WIDTHS`` widths (3 parameters, so at least one residual degree of freedom);
-* jointly (§3.1.2): ``L(N, k) = exp(alpha + beta_k log k + beta_N log N + gamma log k log N)
+* jointly (§3.1.2, the same SAEs over k): ``L(N, k) = exp(alpha + beta_k log k + beta_N log N + gamma log k log N)
   + exp(zeta + eta log k)``: the first term vanishes as N grows, the second is the irreducible
   loss at that k; needs at least ``MIN_KS`` values of k and ``MIN_WIDTHS`` widths (6 parameters).
 
