@@ -25,9 +25,14 @@ def _readable(value):
     return round(value, max(0, SIGNIFICANT_DIGITS - 1 - int(math.floor(math.log10(abs(value))))))
 
 
+def inline_png_url(png: bytes) -> str:
+    """``png`` as a data URL: a picture inside a page or Markdown, with no file to serve."""
+    return f"data:image/png;base64,{base64.b64encode(png).decode()}"
+
+
 def inline_png(png: bytes, title: str) -> MetadataValue:
     """A picture shown on the asset page itself (Markdown with a data URL)."""
-    return MetadataValue.md(f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})")
+    return MetadataValue.md(f"![{title}]({inline_png_url(png)})")
 
 
 _DAGSTER_TYPES = {pl.Int64: "int", pl.Int32: "int", pl.Int16: "int", pl.Float64: "float", pl.Float32: "float",

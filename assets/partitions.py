@@ -5,7 +5,7 @@ from pathlib import Path
 
 from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
 
-from sae_platform.catalog import N_FEATURE_SHARDS, load_sweep
+from sae_platform.catalog import N_FEATURE_SHARDS, load_reseed_groups, load_sweep
 
 SWEEP_FILE = Path(os.environ.get("SAE_PLATFORM_SWEEP", Path(__file__).resolve().parents[1] / "config" / "sweep.yaml"))
 
@@ -22,6 +22,9 @@ ALL_SHUFFLE_WORKERS_TAGS = {"dagster/asset_partition_range_start": "0",
 # One partition per SAE of the sweep (config/sweep.yaml): sae_checkpoint and sae_eval.
 SAE_SWEEP_SPECS: dict[str, dict] = load_sweep(SWEEP_FILE)
 SAE_SWEEP = StaticPartitionsDefinition(list(SAE_SWEEP_SPECS))
+# Entries with `seeds: S` (catalog.ReseedGroup): entry name -> its member partitions, one per seed.
+SAE_RESEED_GROUPS: dict[str, list[str]] = {name: group.members
+                                           for name, group in load_reseed_groups(SWEEP_FILE).items()}
 
 # Feature tables: latents split into catalog.N_FEATURE_SHARDS shards (each shard's range is computed
 # from the SAE's width); pass 1 is cut by dataset shard (activation batch) only: each row is encoded

@@ -14,8 +14,8 @@ import json
 
 from dagster import AllPartitionMapping, AssetDep, MetadataValue
 
-from assets.metadata import dagster_types, inline_png, table_preview
-from assets.partitions import SAE_SWEEP, SAE_SWEEP_SPECS
+from assets.metadata import dagster_types, inline_png, inline_png_url, table_preview
+from assets.partitions import SAE_RESEED_GROUPS, SAE_SWEEP, SAE_SWEEP_SPECS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from sae_platform import evaluate, sparse_probing, trainer
 from sae_platform.activations import activation_attrs
@@ -24,6 +24,8 @@ from sae_platform.catalog import (
     EVAL_PROBES,
     EVAL_REPORT,
     SAEBENCH_SPARSE_PROBING,
+    SCALING_LAWS,
+    SCALING_LAWS_PLOT,
     SPARSE_PROBING_RESULT,
     SWEEP_COMPARISON,
     HookEntry,
@@ -35,7 +37,15 @@ from sae_platform.catalog import (
     shuffle_for_hook_point,
     sparse_probing_name,
 )
-from sae_platform.compare import COLUMNS, comparison_html, comparison_rows
+from sae_platform.compare import (
+    COLUMNS,
+    RESEEDS_TABLE_COLUMNS,
+    SPREAD_KEYS,
+    comparison_html,
+    comparison_rows,
+    reseeds_html,
+    reseeds_table,
+)
 from sae_platform.corpus import read_documents, tokenize
 from sae_platform.errors import PlatformError
 from sae_platform.evaluate import heldout_ce_tokens
@@ -43,7 +53,17 @@ from sae_platform.export import export_run
 from sae_platform.launch import launch_training
 from sae_platform.metric_info import grouped_markdown
 from sae_platform.model import pick_device
-from sae_platform.plots import density_histogram_png, training_curves_png
+from sae_platform.plots import density_histogram_png, scaling_laws_png, training_curves_png
+from sae_platform.reseeds import not_distinguishable, seed_consistency, sweep_units
+from sae_platform.scaling import (
+    SCALING_VARIANT,
+    SUMMARY_COLUMNS,
+    ScalingPoint,
+    ScalingRefused,
+    fit_scaling_laws,
+    scaling_html,
+    scaling_summary,
+)
 from sae_platform.tables import PROBE_SCHEMA
 from sae_platform.text_labels import TextLabels, read_text_labels
 from sae_platform.trainer import TrainSettings, finished_checkpoint
@@ -201,6 +221,8 @@ def evaluate_sae(run: StageRun) -> dict:
                          .get("hook_name")),
         **_grouped_figures(report),
         **{k: numbers[k] for k in first}, **{k: v for k, v in numbers.items() if k not in first}, **extra,
+        **{key: f"[{low:.4g}, {high:.4g}] (95% bootstrap)" for key, value in report.items()
+           if key.endswith("_interval") and isinstance(value, list) for low, high in (value,)},
         "latent_density": inline_png(png, "latent density"),
         "latent_density_path": MetadataValue.path(store.url(plot_path)),
     }
@@ -358,16 +380,41 @@ SAE_SPARSE_PROBING = Stage(
 
 # -- the sweep side by side -----------------------------------------------------------------------
 
+def _error_bars(run: StageRun, rows: list[dict]) -> tuple[str, dict]:
+    """The comparison's error-bar section (``compare.reseeds_html``) and its metadata table: mean ±
+    sd over each reseed group, bootstrap intervals of lone seeds, "not distinguishable" marks, and
+    the cross-seed decoder consistency of each group with >= 2 trained seeds."""
+    units = sweep_units(rows, SAE_RESEED_GROUPS, SPREAD_KEYS)
+    marks = not_distinguishable(units, SPREAD_KEYS)
+    consistency = {u.sae: found for u in units if len(u.members) > 1
+                   if (found := seed_consistency(run.store, list(u.members))) is not None}
+    for group, found in consistency.items():
+        run.log.info(f"{group}: {found['consistent_fraction']:.1%} of latents have a partner at cosine >= "
+                     f"{found['threshold']:g} in another seed ({found['method']} matching)")
+    metadata = {"error_bars": table_preview(reseeds_table(units, marks), RESEEDS_TABLE_COLUMNS)}
+    metadata.update({f"seed_consistency/{group}": found["consistent_fraction"] for group, found in consistency.items()})
+    return reseeds_html(units, marks, consistency), metadata
+
+
 def compare_saes(run: StageRun) -> dict:
-    """Every evaluated SAE of the sweep on every figure: a metadata table and one HTML page."""
+    """Every evaluated SAE of the sweep on every figure: a metadata table and one HTML page, with
+    error bars (mean ± sd over reseeds, "not distinguishable" marks)."""
     store = run.store
     rows = comparison_rows(store, list(SAE_SWEEP_SPECS))
+    error_bars, error_metadata = _error_bars(run, rows)
+    points, fit, refusal = sweep_scaling_fit(run, rows)
+    plot = inline_png_url(scaling_laws_png(points, fit)) if fit else None
     page = report_path(store, None, SWEEP_COMPARISON)
-    store.write_bytes_atomic(page, comparison_html(rows).encode())
+    sections = (error_bars, scaling_html(fit, plot, refusal))
+    store.write_bytes_atomic(page, comparison_html(rows, sections=sections).encode())
     run.log.info(f"{len(rows)} of {len(SAE_SWEEP_SPECS)} sweep entries evaluated")
     kinds = {key: "int" if key in ("checkpoint_step", "training_tokens") else "float" for key, _, _ in COLUMNS}
+    columns = {"sae": "string", "hook_point": "string", **kinds}
+    scaling = ({"scaling_exponents": table_preview(scaling_summary(fit), SUMMARY_COLUMNS)} if fit
+               else {"scaling_laws": f"not fitted: {refusal}"})
     return {"evaluated": len(rows), "sweep_entries": len(SAE_SWEEP_SPECS),
-            "comparison": table_preview(rows, {"sae": "string", "hook_point": "string", **kinds}),
+            "comparison": table_preview([{k: r[k] for k in columns} for r in rows], columns), **error_metadata,
+            **scaling,
             "page": MetadataValue.path(store.url(page)),
             "page_in_browser": MetadataValue.url(BROWSER_URL + reports_url_path(SWEEP_COMPARISON))}
 
@@ -381,9 +428,13 @@ def comparison_version(run: StageRun) -> str:
     return hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
 
 
+# The sweep's figures side by side and its scaling laws, both from every evaluation.
+COMPARE_JOB = AssetJob("compare_sweep", "Every evaluated SAE of the sweep side by side on every evaluation figure, "
+                                        "with error bars, and the sweep's scaling laws.")
+
 SAE_COMPARISON = Stage(
-    asset="sae_comparison", group="training", kinds=frozenset({"html"}),
-    job=AssetJob("compare_sweep", "Every evaluated SAE of the sweep side by side on every evaluation figure."),
+    asset="sae_comparison", group="training", kinds=frozenset({"html"}), job=COMPARE_JOB,
+    resources=("storage", "training"),
     description="Every evaluated SAE of the sweep side by side on every figure of sae_eval (FVU, L0, dead, loss "
                 "recovered, N2G precision/recall, ablation sparsity, probe loss vs neurons) and sparse probing's "
                 "top-1 accuracy: a table and one page.",
@@ -391,4 +442,55 @@ SAE_COMPARISON = Stage(
           AssetDep("sae_sparse_probing", partition_mapping=AllPartitionMapping())), body=compare_saes,
     version=comparison_version)
 
-STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_SPARSE_PROBING, SAE_COMPARISON]
+
+# -- Gao et al.'s scaling laws from the sweep (sae_platform.scaling) ----------------------------------
+
+def sweep_scaling_fit(run: StageRun, rows: list[dict]) -> tuple[list[ScalingPoint], dict | None, str | None]:
+    """The evaluated TopK SAEs of the sweep as points (n_latents and k from each entry's settings,
+    the loss its held-out FVU), their fit (``scaling.fit_scaling_laws``), or why it was refused."""
+    points = []
+    for row in rows:
+        settings = settings_for(row["sae"], run.resources.training)
+        if settings.variant == SCALING_VARIANT and row["fvu"] is not None:
+            points.append(ScalingPoint(row["sae"], settings.n_latents, settings.k, row["fvu"]))
+    try:
+        return points, fit_scaling_laws(points), None
+    except ScalingRefused as refused:
+        return points, None, str(refused)
+
+
+def fit_scaling_laws_of_sweep(run: StageRun) -> dict:
+    """Gao's L(N) at each k and joint L(N, k) from the sweep's evaluations: the fits, exponents with
+    95% intervals and residuals (``reports/scaling_laws.json``) and the log-log plot. A sweep too
+    small for a fit is refused: nothing is written, and the metadata and a warning say what the
+    sweep has and what it needs (so full_pipeline on a small sweep stays green)."""
+    store = run.store
+    points, fit, refusal = sweep_scaling_fit(run, comparison_rows(store, list(SAE_SWEEP_SPECS)))
+    if fit is None:
+        run.log.warning(f"scaling laws not fitted: {refusal}")
+        return {"fitted": False, "refused": refusal, "points": len(points)}
+    png = scaling_laws_png(points, fit)
+    plot_path = report_path(store, None, SCALING_LAWS_PLOT)
+    store.write_bytes_atomic(plot_path, png)
+    fit_path = report_path(store, None, SCALING_LAWS)
+    store.write_bytes_atomic(fit_path, json.dumps({**fit, "points": [vars(p) for p in points]}, indent=1).encode())
+    for line in fit["not_fitted"]:
+        run.log.warning(f"not fitted: {line}")
+    residuals = fit["joint"]["residuals"] if fit["joint"] else [r for one in fit["fixed_k"] for r in one["residuals"]]
+    return {"fitted": True, "points": len(points), "exponents": table_preview(scaling_summary(fit), SUMMARY_COLUMNS),
+            "residuals": table_preview(residuals, {"sae": "string", "n_latents": "int", "k": "int", "loss": "float",
+                                                   "fitted": "float", "log_residual": "float"}),
+            "plot": inline_png(png, "scaling laws"), "plot_path": MetadataValue.path(store.url(plot_path)),
+            "fit_path": MetadataValue.path(store.url(fit_path))}
+
+
+SCALING_LAWS_STAGE = Stage(
+    asset="scaling_laws", group="training", kinds=frozenset({"scipy"}), job=COMPARE_JOB,
+    resources=("storage", "training"),
+    description="Gao et al. 2024's scaling laws fitted to the sweep's TopK evaluations: normalized MSE against "
+                "n_latents at each k (L(N) = c N^a + e) and the joint L(N, k) form, exponents with 95% intervals, "
+                "residuals and the log-log plot; refused (nothing written) for fewer than 4 widths at one k.",
+    deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),), body=fit_scaling_laws_of_sweep,
+    version=comparison_version)
+
+STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_SPARSE_PROBING, SAE_COMPARISON, SCALING_LAWS_STAGE]

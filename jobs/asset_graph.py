@@ -23,6 +23,7 @@ ASSET_PARENTS: dict[str, tuple[str, ...]] = {
     "sae_comparison": ("sae_eval", "sae_sparse_probing"),
     "sae_eval": ("sae_checkpoint",),
     "sae_sparse_probing": ("sae_checkpoint",),
+    "scaling_laws": ("sae_eval",),
     "shuffle_final": ("shuffle_pass_2",),
     "shuffle_pass_1": ("shuffle_plan",),
     "shuffle_pass_2": ("shuffle_pass_1",),

@@ -126,13 +126,19 @@ def shuffle_workers():
 class SweepConfig(Config):
     sae_names: list[str] = Field(default=[], description="sweep entries to train; default: the one the feature "
                                                          "tables describe (resources.features.config.sae_name)")
+    every_entry: bool = Field(default=False, description="train every entry of the sweep (SAE_PLATFORM_SWEEP), "
+                                                         "e.g. the grid of config/sweep-scaling.yaml; sae_names is "
+                                                         "then left unset")
 
 
 @op(ins={"shuffled": In(Nothing)}, out=DynamicOut(str), required_resource_keys={"features"},
     description="The sweep entries to train, fanned out.")
 def sae_sweep(context: OpExecutionContext, config: SweepConfig):
     described = context.resources.features.settings().sae_name
-    names = config.sae_names or [described]
+    if config.every_entry and config.sae_names:
+        raise PlatformError("ops.sae_sweep.config sets both every_entry and sae_names",
+                            "keep one: every_entry trains the whole sweep, sae_names the entries it lists")
+    names = list(SAE_SWEEP_SPECS) if config.every_entry else config.sae_names or [described]
     unknown = [n for n in names if n not in SAE_SWEEP_SPECS]
     if unknown:
         raise PlatformError(f"no SAE named {', '.join(unknown)} in the sweep",
@@ -212,6 +218,7 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         evaluated = evaluated_each.collect()
         # each SAE's probing after its evaluation, so the comparison (after the probing) has both
         step["sae_comparison"](evaluated_each.map(step["sae_sparse_probing"]).collect())
+        step["scaling_laws"](evaluated)  # refused without a grid of >= 4 widths at one k: logged, not failed
         step["circuit_tracer_export"](evaluated)  # every transcoder set whose layers are all trained
         partials = pinned_batch_keys.alias("pass_1_batches")(evaluated).map(step["feature_stats_partial"]).collect()
         merged = feature_shards.alias("pass_2_shards")(partials).map(step["feature_topk"]).collect()

@@ -321,7 +321,9 @@ def load_sweep(path) -> dict[str, dict]:
     checked by ``check_name`` here, when the code location loads, since it becomes the SAE's path.
     An entry with a ``transcoder_set`` block stands for one transcoder per MLP layer
     (``TranscoderSet``): it is expanded here into its members, ``<name>-L<i>``, each a plain entry
-    with its own ``hook_point``. SettingsError naming the file, the entry and the fix otherwise."""
+    with its own ``hook_point``; an entry with ``seeds: S`` stands for S reseeds of one SAE
+    (``ReseedGroup``): members ``<name>-s<seed>``, each with its own ``seed``. SettingsError naming
+    the file, the entry and the fix otherwise."""
     specs = load_yaml(path, "sweep file")
     if not isinstance(specs, dict) or not specs:
         raise SettingsError(f"sweep file {path} holds no entries (it must be a mapping of SAE name to its settings)",
@@ -332,12 +334,16 @@ def load_sweep(path) -> dict[str, dict]:
         if not isinstance(spec, dict):
             raise SettingsError(f"sweep entry {name!r} in {path} is {spec!r}, not a mapping of settings",
                                 "write it as e.g. {variant: topk, n_latents: 16384, k: 32}")
-        members = ({name: spec} if TRANSCODER_SET not in spec
+        members = (ReseedGroup.from_spec(name, spec, path).member_specs(spec) if RESEEDS in spec
+                   else {name: spec} if TRANSCODER_SET not in spec
                    else TranscoderSet.from_spec(name, spec, path).member_specs(spec))
         clash = sorted(set(members) & set(expanded))
         if clash:
             raise SettingsError(f"sweep file {path}: entry {name!r} gives SAE name(s) {', '.join(clash)} that another "
-                                "entry already has", f"rename {name!r} (a transcoder set names its members <set>-L<i>)")
+                                "entry already has", f"rename {name!r} (a transcoder set names its members <set>-L<i>, "
+                                "a reseeded entry <entry>-s<seed>)")
+        for member in members:
+            check_name(member, f"SAE name {member!r} expanded from sweep entry {name!r} in {path}")
         expanded.update(members)
     return expanded
 
@@ -412,6 +418,58 @@ def load_transcoder_sets(path) -> dict[str, TranscoderSet]:
     specs = load_yaml(path, "sweep file")
     return {name: TranscoderSet.from_spec(name, spec, path) for name, spec in specs.items()
             if TRANSCODER_SET in spec}
+
+
+RESEEDS = "seeds"  # the sweep-entry key asking for S reseeds of one SAE
+RESEED_SUFFIX = "-s"  # a reseed member is <entry>-s<seed>
+
+
+@dataclass(frozen=True)
+class ReseedGroup:
+    """S trainings of one SAE that differ only in their init seed, declared as one sweep entry::
+
+        topk-16k-k32: {variant: topk, n_latents: 16384, k: 32, seeds: 3}
+
+    trains ``topk-16k-k32-s0``, ``-s1``, ``-s2`` (seeds ``seed`` … ``seed + S - 1``; ``seed``, the
+    entry's own, defaults to 0), each its own partition of sae_checkpoint and sae_eval; the
+    comparison reports their metrics as mean ± sd (``sae_platform.reseeds``)."""
+
+    name: str
+    seeds: tuple[int, ...]
+
+    @classmethod
+    def from_spec(cls, name: str, spec: dict, path) -> "ReseedGroup":
+        """The reseed group sweep entry ``name`` declares; SettingsError naming the file, entry and fix."""
+        count, first = spec[RESEEDS], spec.get("seed", 0)
+        for key, value, low in ((RESEEDS, count, 1), ("seed", first, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise SettingsError(f"sweep entry {name!r} in {path}: {key} is {value!r}, not an integer >= {low}",
+                                    "write e.g. {variant: topk, n_latents: 4096, k: 32, seeds: 3}")
+        if TRANSCODER_SET in spec:
+            raise SettingsError(f"sweep entry {name!r} in {path} has both seeds and transcoder_set",
+                                "reseed one SAE per entry: drop seeds, or declare the set without it")
+        return cls(name, tuple(range(first, first + count)))
+
+    def member(self, seed: int) -> str:
+        """The sweep entry (SAE name) of the reseed with init seed ``seed``."""
+        return f"{self.name}{RESEED_SUFFIX}{seed}"
+
+    @property
+    def members(self) -> list[str]:
+        """Member SAE names, in seed order."""
+        return [self.member(seed) for seed in self.seeds]
+
+    def member_specs(self, spec: dict) -> dict[str, dict]:
+        """Each member's sweep entry: ``spec`` without ``seeds``, with its own ``seed``."""
+        shared = {k: v for k, v in spec.items() if k != RESEEDS}
+        return {self.member(seed): {**shared, "seed": seed} for seed in self.seeds}
+
+
+def load_reseed_groups(path) -> dict[str, ReseedGroup]:
+    """The reseed groups sweep file ``path`` declares (``ReseedGroup``), by entry name."""
+    load_sweep(path)  # every entry checked, as when the code location loads
+    specs = load_yaml(path, "sweep file")
+    return {name: ReseedGroup.from_spec(name, spec, path) for name, spec in specs.items() if RESEEDS in spec}
 
 
 def checkpoint_name(sae_name: str) -> str:
@@ -515,6 +573,8 @@ def sparse_probing_name(sae_name: str) -> str:
 
 
 SWEEP_COMPARISON = "sweep_comparison.html"  # reports/<file>: every evaluated SAE of the sweep side by side
+SCALING_LAWS = "scaling_laws.json"  # reports/<file>: the sweep's scaling-law fits (sae_platform.scaling)
+SCALING_LAWS_PLOT = "scaling_laws.png"  # reports/<file>: their log-log plot
 
 
 def report_path(store, sae_name: str | None, file: str) -> str:

@@ -16,6 +16,7 @@ import time
 
 from sae_platform.catalog import EVAL_REPORT, SPARSE_PROBING_RESULT, HookEntry, eval_name, sparse_probing_name
 from sae_platform.metric_info import GROUPS, HIGHER, LOWER, metric_info
+from sae_platform.reseeds import SweepUnit
 
 COLUMN_KEYS = ("fvu", "l0", "dead_fraction", "loss_recovered", "n2g_precision", "n2g_recall", "ablation_sparsity",
                "probe_loss", "probe_loss_neurons", "sparse_probing_sae_top_1", "sparse_probing_llm_top_1",
@@ -25,13 +26,15 @@ SPARSE_PROBING_COLUMNS = {"sparse_probing_sae_top_1": "sae_top_1_test_accuracy",
                           "sparse_probing_llm_top_1": "llm_top_1_test_accuracy"}
 COLUMNS = tuple((key, metric_info(key).label, {LOWER: True, HIGHER: False}.get(metric_info(key).better))
                 for key in COLUMN_KEYS)  # (report key, heading, lower is better: True / False / None = no direction)
-PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'"  # static HTML: no script, inline style only
+SPREAD_KEYS = tuple(k for k in COLUMN_KEYS if metric_info(k).group != "training")  # figures that get error bars
+PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"  # no script; inline style, data: images
 
 
 def comparison_rows(store, names: list[str]) -> list[dict]:
     """One row per SAE of ``names`` that has an evaluation report: name, hook point (None in
-    reports from before hook points were named) and every figure of ``COLUMNS`` (None when not
-    measured)."""
+    reports from before hook points were named), every figure of ``COLUMNS`` (None when not
+    measured) and ``intervals``: metric -> the report's 95% bootstrap interval ``[low, high]``
+    where the evaluation measured one (``evaluate``: FVU, L0, loss recovered)."""
     rows = []
     for name in names:
         path = store.resolve(eval_name(name))
@@ -43,6 +46,8 @@ def comparison_rows(store, names: list[str]) -> list[dict]:
             value = report.get(key)
             row[key] = value if isinstance(value, int | float) and not isinstance(value, bool) and \
                 math.isfinite(value) else None
+        row["intervals"] = {key: report[f"{key}_interval"] for key in SPREAD_KEYS
+                            if isinstance(report.get(f"{key}_interval"), list)}
         rows.append(row)
     return rows
 
@@ -84,10 +89,11 @@ def _definitions_html() -> str:
             + "</tbody></table>")
 
 
-def comparison_html(rows: list[dict], title: str = "SAE sweep comparison") -> str:
+def comparison_html(rows: list[dict], title: str = "SAE sweep comparison", sections: tuple[str, ...] = ()) -> str:
     """A self-contained HTML page: one row per SAE, the columns grouped (reconstruction, sparsity,
     downstream, feature quality, training) with their direction, the best value of each column in
-    bold, and the definition of every column (``sae_platform.metric_info``) below the table."""
+    bold, then ``sections`` (HTML built here, e.g. ``reseeds_html``, ``scaling.scaling_html``),
+    and the definition of every column (``sae_platform.metric_info``) below."""
     def cell(v):
         if v is None:
             return "–"
@@ -113,7 +119,8 @@ def comparison_html(rows: list[dict], title: str = "SAE sweep comparison") -> st
 <title>{html.escape(title)}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left}}td.num{{text-align:right}}
-th[scope=colgroup]{{text-align:center;border-bottom:2px solid #888}}table.defs td{{vertical-align:top}}</style>
+th[scope=colgroup]{{text-align:center;border-bottom:2px solid #888}}table.defs td{{vertical-align:top}}
+.tie{{color:#a50}}</style>
 </head><body><h1>{html.escape(title)}</h1>
 <p>Every trained SAE of the sweep on its held-out evaluation (sae_eval), each metric measured at the SAE's own hook
 point. ↓ lower is better, ↑ higher is better; the best of each column among the SAEs of the same hook point in bold
@@ -121,6 +128,56 @@ point. ↓ lower is better, ↑ higher is better; the best of each column among 
 <table><thead><tr><th rowspan=2>SAE</th><th rowspan=2>hook point</th>{groups}</tr><tr>{head}</tr></thead><tbody>
 {chr(10).join(body) if body else '<tr><td colspan=99>No SAE has been evaluated yet.</td></tr>'}
 </tbody></table>
+{chr(10).join(sections)}
 {_definitions_html()}
 <p><small>generated {generated}</small></p></body></html>
 """
+
+
+# -- error bars: reseeds and bootstrap intervals (sae_platform.reseeds) ---------------------------
+
+def _spread_cell(unit: SweepUnit, key: str, marks: dict) -> str:
+    spread, interval = unit.spreads.get(key), unit.intervals.get(key)
+    if spread is None:
+        return "<td class=num>–</td>"
+    text = html.escape(spread.text())
+    if spread.n == 1 and interval is not None:
+        text += f"<br><small>95% CI [{interval[0]:.4g}, {interval[1]:.4g}]</small>"
+    tied = marks.get((unit.sae, key))
+    if tied:
+        text += f"<br><small class=tie>≈ {html.escape(', '.join(tied))}</small>"
+    return f"<td class=num>{text}</td>"
+
+
+def reseeds_html(units: list[SweepUnit], marks: dict, consistency: dict[str, dict]) -> str:
+    """The error-bar section of the comparison page: per SAE (a reseed group or a lone SAE) each
+    figure as mean ± sd over its seeds (a lone seed: its value and 95% bootstrap interval), with
+    "≈ X" where it is not distinguishable from X (``reseeds.not_distinguishable``), and the
+    cross-seed decoder consistency of each group (``consistency``: group -> ``decoder_consistency``)."""
+    head = "".join(f"<th>{html.escape(metric_info(key).label)} {metric_info(key).arrow}</th>" for key in SPREAD_KEYS)
+    body = "\n".join(f"<tr><th scope=row>{html.escape(u.sae)}</th><td class=num>{len(u.members)}</td>"
+                     + "".join(_spread_cell(u, key, marks) for key in SPREAD_KEYS) + "</tr>" for u in units)
+    agree = "".join(f"<li>{html.escape(group)}: {c['consistent_fraction']:.1%} of latents have a partner at cosine "
+                    f"≥ {c['threshold']:g} in another seed (mean matched cosine {c['mean_cosine']:.3f}, "
+                    f"{html.escape(c['method'])} matching, {c['n_latents']:,} latents)</li>"
+                    for group, c in consistency.items())
+    return (f"<h2>Error bars</h2><p>Each figure as mean ± sd over the SAE's reseeds (n = seeds); a single seed shows "
+            f"its 95% bootstrap interval over held-out rows (FVU, L0) or held-out contexts (loss recovered). "
+            f"<span class=tie>≈ X</span>: not distinguishable from X on that figure — their difference is below "
+            f"the figure's minimum reliable difference (two-sample t-test at 5%, reseed sd pooled over every "
+            f"reseeded SAE of the sweep; no mark without reseeds).</p>"
+            f"<table><thead><tr><th>SAE</th><th>seeds</th>{head}</tr></thead><tbody>\n{body}</tbody></table>"
+            + (f"<h3>Cross-seed feature consistency</h3><ul>{agree}</ul>" if agree else ""))
+
+
+def reseeds_table(units: list[SweepUnit], marks: dict) -> list[dict]:
+    """The same as ``reseeds_html``, one row per (SAE, figure), for the Dagster metadata table."""
+    return [{"sae": u.sae, "figure": key, "seeds": s.n, "mean": s.mean, "sd": s.sd,
+             "ci_low": u.intervals[key][0] if s.n == 1 and key in u.intervals else None,
+             "ci_high": u.intervals[key][1] if s.n == 1 and key in u.intervals else None,
+             "not_distinguishable_from": ", ".join(marks.get((u.sae, key), []))}
+            for u in units for key, s in u.spreads.items()]
+
+
+RESEEDS_TABLE_COLUMNS = {"sae": "string", "figure": "string", "seeds": "int", "mean": "float", "sd": "float",
+                         "ci_low": "float", "ci_high": "float", "not_distinguishable_from": "string"}

@@ -47,6 +47,7 @@ from sae_platform.errors import PlatformError, SourceError, StorageError
 from sae_platform.hooks import check_hook_point, splice_hooks
 from sae_platform.metrics import HELDOUT_CODES_FILE, feature_metrics, heldout_codes_bytes
 from sae_platform.model import HookedModel
+from sae_platform.reseeds import bootstrap_ratio_interval
 from sae_platform.sae import Codes
 from sae_platform.settings import setting, validate
 from sae_platform.shuffled import iter_shuffled, open_shuffled
@@ -125,7 +126,9 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
 
     ``batches``: arrays/tensors [rows, d_model] (or [..., d_model]) in raw units, any float dtype.
     ``device``: where to compute; defaults to the SAE's device (the SAE must live there).
-    Returns python floats/ints plus ``density``, a float64 numpy array [n_latents].
+    Returns python floats/ints plus ``density``, a float64 numpy array [n_latents], and
+    ``per_row``: float64 arrays [n_rows] of each row's squared error, squared deviation from its
+    batch's mean and active latents, the units ``reconstruction_intervals`` resamples.
     """
     sae_device = _sae_device(sae)
     if device is not None and torch.empty(0, device=device).device != sae_device:
@@ -141,6 +144,7 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
     mean = torch.zeros(d_model, dtype=torch.float64, device=sae_device)
     m2, sse, active, nmse_sum = zero(), zero(), zero(), zero()
     n = nmse_batches = 0
+    per_row: dict[str, list[torch.Tensor]] = {"sq_error": [], "sq_deviation": [], "active": []}
     for batch in batches:
         x = torch.as_tensor(batch).to(sae_device)
         if x.shape[-1] != width:
@@ -159,13 +163,17 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
                                 "evaluate on finite activations: re-cache the partition the row came from")
         recon, codes = _reconstruct(sae, x)
         xd = (x if d_out is None else x[:, d_in:]).double()
-        err = (recon.double() - xd).pow(2).sum()
+        err_rows = (recon.double() - xd).pow(2).sum(1)
+        err = err_rows.sum()
         sse += err
         on = codes.values > 0
         active += on.sum()
         counts += torch.bincount(codes.indices[on], minlength=n_latents)
         mean_b = xd.mean(0)
-        m2_b = (xd - mean_b).pow(2).sum()
+        deviation_rows = (xd - mean_b).pow(2).sum(1)
+        m2_b = deviation_rows.sum()
+        for key, rows in (("sq_error", err_rows), ("sq_deviation", deviation_rows), ("active", on.sum(1))):
+            per_row[key].append(rows.double())
         if b > 1:  # a single row has no spread to normalise by
             nmse_sum += err / m2_b.clamp_min(1e-300)
             nmse_batches += 1
@@ -193,7 +201,21 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
         "n_latents": n_latents,
         "n_batches_nmse": nmse_batches,
         "density": density,
+        "per_row": {key: torch.cat(rows).cpu().numpy() for key, rows in per_row.items()},
     }
+
+
+def reconstruction_intervals(per_row: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Bootstrap intervals (``reseeds.bootstrap_ratio_interval``, 95%) of FVU and L0 over the
+    held-out rows (``reconstruction_metrics``' ``per_row``): the error bars of a single seed. The
+    rows are tokens drawn by the shuffle from every context, so they are resampled one by one; the
+    FVU's denominator takes each row's deviation from its batch mean (4,096 rows), not the global
+    one: the difference is below 1/4096 of it. Empty when there are fewer than 2 rows."""
+    if len(per_row["sq_error"]) < 2:
+        return {}
+    ones = np.ones_like(per_row["active"])
+    return {"fvu_interval": list(bootstrap_ratio_interval(per_row["sq_error"], per_row["sq_deviation"])),
+            "l0_interval": list(bootstrap_ratio_interval(per_row["active"], ones))}
 
 
 @torch.no_grad()
@@ -240,10 +262,12 @@ def _replacer(state: dict, sae) -> Callable:
     return replace
 
 
-def _ce_sums(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    """Summed next-token cross-entropy: targets ids[:, 1:] predicted from logits[:, :-1]."""
+def _ce_sums(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of each context [batch] (float64 on the CPU): targets
+    ids[:, 1:] predicted from logits[:, :-1]."""
     pred = logits[:, :-1].float()
-    return float(F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+    per_token = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return per_token.reshape(ids.shape[0], -1).sum(1).double().cpu()
 
 
 @torch.inference_mode()
@@ -265,7 +289,9 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
     CE is the standard causal-LM loss: the mean over every target position >= 1 (start-token
     targets included, i.e. predicting a document boundary counts), in float32.
     Returns ce_clean, ce_sae, ce_zero, loss_recovered (None when CE_zero == CE_clean),
-    n_tokens (CE targets), n_spliced (replaced positions) and n_contexts.
+    n_tokens (CE targets), n_spliced (replaced positions), n_contexts, and
+    ``loss_recovered_interval``: its 95% bootstrap interval over the contexts
+    (``reseeds.bootstrap_ratio_interval``; None when loss_recovered is, or for one context).
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] == 0:
@@ -283,7 +309,7 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
     source = check_hook_point(hooked.model, input_hook_point) if input_hook_point else None
     state: dict = {"mode": "clean"}
     handles = splice_hooks(hooked.model, point, _replacer(state, sae), source)
-    sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    sums: dict[str, list[torch.Tensor]] = {"clean": [], "sae": [], "zero": []}  # per context
     n_tokens = n_spliced = 0
     enabled = hooked.autocast is not None
 
@@ -291,7 +317,7 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
         state["mode"] = mode
         with torch.autocast(hooked.device.type, dtype=hooked.autocast or torch.bfloat16, enabled=enabled):
             logits = hooked.model(input_ids=ids, use_cache=False).logits
-        sums[mode] += _ce_sums(logits, ids)
+        sums[mode].append(_ce_sums(logits, ids))
 
     group = rule.contexts_at_once(batch_size)
     try:
@@ -313,13 +339,18 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
     finally:
         for handle in handles:
             handle.remove()
-    ce = {mode: total / n_tokens for mode, total in sums.items()}
+    per_context = {mode: torch.cat(parts).numpy() for mode, parts in sums.items()}
+    ce = {mode: float(values.sum()) / n_tokens for mode, values in per_context.items()}
     denom = ce["zero"] - ce["clean"]
+    bootstrap = abs(denom) >= 1e-12 and len(tokens) > 1
     return {
         "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
         "ce_delta": ce["sae"] - ce["clean"],
         "loss_recovered": None if abs(denom) < 1e-12 else 1.0 - (ce["sae"] - ce["clean"]) / denom,
         "n_tokens": n_tokens, "n_spliced": n_spliced, "n_contexts": int(len(tokens)),
+        "loss_recovered_interval": list(bootstrap_ratio_interval(
+            per_context["sae"] - per_context["clean"], per_context["zero"] - per_context["clean"],
+            complement=True)) if bootstrap else None,
     }
 
 
@@ -419,6 +450,7 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
         metrics = reconstruction_metrics(sae, heldout_activation_batches(store, shuffle_name,
                                                                          cfg["training"]["holdout_rows"]), device)
     heldout_density = metrics.pop("density")
+    metrics.update(reconstruction_intervals(metrics.pop("per_row")))
     report = {"run": sae_name, "checkpoint_step": cfg["step"], "training_tokens": cfg["tokens"], **metrics,
               "heldout_dead_fraction": metrics["dead_fraction"], "heldout_tokens": metrics["n_tokens"]}
     if density_over_all_rows:  # dead = never fired on any cached token: the window is the whole store
@@ -441,7 +473,7 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     if hooked is not None and heldout_tokens is not None:
         with timed(f"downstream CE on {len(heldout_tokens)} held-out contexts"):
             ce = downstream_ce(hooked, sae, heldout_tokens, rule=rule, **points)
-        report.update({k if k.startswith("ce_") or k == "loss_recovered" else f"ce_{k}": v for k, v in ce.items()})
+        report.update({k if k.startswith(("ce_", "loss_recovered")) else f"ce_{k}": v for k, v in ce.items()})
     details = None
     if hooked is not None and metric_tokens is not None:
         with timed(f"N2G, probe loss and ablation sparsity on {len(metric_tokens)} held-out contexts"):

@@ -98,3 +98,26 @@ def density_histogram_png(density: np.ndarray, n_tokens: int | None = None) -> b
     ax.set_ylabel("latents")
     ax.grid(True, alpha=0.3)
     return _png(fig)
+
+
+def scaling_laws_png(points, fit: dict) -> bytes:
+    """The log-log plot of ``scaling.fit_scaling_laws``: normalized MSE against n_latents, one
+    colour per k, the SAEs as points, the joint fit solid and each fixed-k fit dashed."""
+    from sae_platform.scaling import fixed_k_curve, joint_curve
+
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    ks = sorted({p.k for p in points})
+    colours = {k: f"C{i % 10}" for i, k in enumerate(ks)}
+    grid = np.geomspace(min(p.n_latents for p in points), max(p.n_latents for p in points), 100)
+    for k in ks:
+        mine = [p for p in points if p.k == k]
+        ax.scatter([p.n_latents for p in mine], [p.loss for p in mine], color=colours[k], label=f"k = {k}", zorder=3)
+        if fit.get("joint"):
+            ax.plot(grid, joint_curve(fit["joint"], grid, k), color=colours[k])
+    for one in fit["fixed_k"]:
+        ax.plot(grid, fixed_k_curve(one, grid), color=colours[one["k"]], linestyle="--")
+    ax.set(xscale="log", yscale="log", xlabel="n_latents (N)", ylabel="normalized MSE (FVU, held-out rows)",
+           title="Scaling laws (Gao et al. 2024): joint fit solid, fixed k dashed")
+    ax.legend()
+    return _png(fig)

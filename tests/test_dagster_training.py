@@ -53,6 +53,8 @@ def test_train_and_evaluate_one_sweep_entry(defs, store):
     assert 0 < ev["fvu"] < float("inf") and ev["l0"] <= 32 and 0 <= ev["dead_fraction"] <= 1
     assert ev["ce_clean"] > 0 and ev["ce_zero"] > 0 and ev["ce_n_contexts"] == 4
     assert "data:image/png;base64" in ev["latent_density"]
+    # a single seed's error bars: 95% bootstrap intervals over held-out rows (FVU, L0) and contexts (loss recovered)
+    assert all("(95% bootstrap)" in ev[f"{key}_interval"] for key in ("fvu", "l0", "loss_recovered"))
     # the feature metrics of Gao et al., next to FVU and loss recovered
     assert 0 <= ev["n2g_precision"] <= 1 and 0 <= ev["n2g_recall"] <= 1 and ev["n2g_features_scored"] > 0
     assert ev["ablation_sparsity_min_possible"] <= ev["ablation_sparsity"] <= 1 and ev["ablation_pairs"] > 0

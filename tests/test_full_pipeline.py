@@ -28,7 +28,7 @@ MULTIPROCESS = ("multiprocess: {max_concurrent: 2, "
 ASSETS = ["base_model", "activations", "shuffle_plan", "shuffle_pass_1", "shuffle_final", "shuffled_activations",
           "sae_checkpoint", "sae_eval", "sae_sparse_probing", "feature_stats_partial", "feature_topk",
           "feature_context_windows", "feature_contexts", "feature_explanations", "feature_llm_explanations",
-          "feature_browser", "sae_comparison"]
+          "feature_browser", "sae_comparison", "scaling_laws"]
 
 
 def execute_full_pipeline(env: dict, run_config: Path) -> subprocess.CompletedProcess:
