@@ -46,3 +46,25 @@ def test_the_training_benchmark_runs_without_peers_and_says_which_are_skipped(no
     assert "sparsify side skipped" in out and "make sparsify-venv" in out
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert lines and not [line for line in lines if "peer" in line or "saelens" in line["metric"]]
+
+
+def test_the_chart_draws_one_panel_per_benchmark_from_every_file(tmp_path):
+    import peers_chart
+
+    line = {"metric": "topk_train_tokens_per_s_vs_saelens", "value": 900.0, "baseline": 100.0, "ratio": 9.0,
+            "goal": 6.0, "unit": "tokens/s", "peer": "sae-lens", "peer_version": "6.54.12"}
+    (tmp_path / "train.jsonl").write_text("a table line\n" + json.dumps(line) + "\n" + json.dumps(
+        {**line, "metric": "topk_train_tokens_per_s_vs_sparsify", "baseline": 300.0, "ratio": 3.0,
+         "peer": "eai-sparsify", "peer_version": "1.3.3"}) + "\n{\"metric\": \"no peer\", \"value\": 1}\n")
+    (tmp_path / "dash.jsonl").write_text(json.dumps(
+        {"metric": "dashboard_features_per_s_vs_saedashboard", "value": 30.0, "baseline": 10.0, "ratio": 3.0,
+         "goal": 3.0, "peer": "sae-dashboard", "peer_version": "0.8.0", "noisy": True}) + "\n")
+    out = tmp_path / "peers.png"
+    assert peers_chart.main([str(tmp_path / "train.jsonl"), str(tmp_path / "dash.jsonl"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    grouped = peers_chart.panels(peers_chart.peer_lines([tmp_path / "train.jsonl", tmp_path / "dash.jsonl"]))
+    assert sorted(grouped) == ["dashboard_features_per_s", "topk_train_tokens_per_s"]
+    assert [line["peer"] for line in grouped["topk_train_tokens_per_s"]] == ["sae-lens", "eai-sparsify"]
+    (tmp_path / "empty.jsonl").write_text("no lines here\n")
+    with pytest.raises(SystemExit, match="no JSON line naming a peer"):
+        peers_chart.main([str(tmp_path / "empty.jsonl")])

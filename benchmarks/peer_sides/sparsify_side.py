@@ -1,5 +1,12 @@
 """sparsify's side of the benchmarks (benchmarks/peer_venv.py's protocol), run by /work/venvs/sparsify's python.
 
+``multihook_setup``/``multihook_run``: sparsify's all-layers path, the forward pass ``Trainer.fit``
+runs per batch: a forward hook on every hook point's module of the Hugging Face model, each taking the
+module's output (the tensor of a tuple), flattening batch and position and keeping a detached copy (its
+``all_outputs``) and the rows of the tokens it trains on; the full forward (sparsify does not stop early).
+Our hook point names map to its modules: ``blocks.L.hook_resid_post`` is ``layers.L``,
+``blocks.L.hook_mlp_out`` is ``layers.L.mlp``, ``blocks.L.hook_attn_out`` is ``layers.L.self_attn``.
+
 A training step is what ``sparsify.Trainer.fit`` does per batch with ``loss_fn="fvu"`` on one hook point,
 taken from eai-sparsify 1.3.3's trainer.py without the model forward, the logging and the checkpoints:
 ``set_decoder_norm_to_unit_norm``, ``SparseCoder.forward(x, dead_mask=...)`` (its fused TopK encoder and its
@@ -102,4 +109,55 @@ def reconstruct(name: str, data: str, out: str) -> dict:
     return {}
 
 
-OPS = {"load": load, "build": build, "step": step, "train": train, "reconstruct": reconstruct}
+SPARSIFY_MODULE = {"hook_resid_post": "", "hook_mlp_out": ".mlp", "hook_attn_out": ".self_attn"}
+
+
+def sparsify_hookpoint(hook_point: str) -> str:
+    """Our hook point (``blocks.4.hook_mlp_out``) as sparsify's hookpoint, a module of the base model."""
+    _, layer, site = hook_point.split(".")
+    if site not in SPARSIFY_MODULE:
+        raise ValueError(f"hook point {hook_point!r}: sparsify hooks module outputs; one of {sorted(SPARSIFY_MODULE)}")
+    return f"layers.{layer}{SPARSIFY_MODULE[site]}"
+
+
+def multihook_setup(model_dir: str, hook_points: list[str], tokens: str, batch_size: int, ctx_len: int) -> dict:
+    """The model (AutoModelForCausalLM, as sparsify loads it) and its hook points' modules."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    names = [sparsify_hookpoint(h) for h in hook_points]
+    SIDES["multihook"] = {"model": model, "modules": [model.base_model.get_submodule(n) for n in names],
+                          "ids": DATA[tokens].long(), "batch_size": batch_size}
+    return {"hookpoints": names}
+
+
+@torch.no_grad()
+def multihook_run() -> dict:
+    """One pass over every batch, every hook point read from the one forward pass per batch."""
+    side = SIDES["multihook"]
+    kept = []
+
+    def hook(module, inputs, outputs):
+        if isinstance(outputs, tuple):
+            outputs = outputs[0]
+        flat = outputs.flatten(0, 1)
+        kept.append(flat.detach().clone()[mask.flatten(0, 1)])
+
+    start, rows = time.perf_counter(), 0
+    for lo in range(0, len(side["ids"]), side["batch_size"]):
+        x = side["ids"][lo:lo + side["batch_size"]]
+        mask = torch.ones_like(x, dtype=torch.bool)  # exclude_tokens is empty by default: every token kept
+        handles = [m.register_forward_hook(hook) for m in side["modules"]]
+        try:
+            side["model"](x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        rows += kept[0].shape[0]
+        kept.clear()
+    return {"seconds": time.perf_counter() - start, "rows": rows}
+
+
+OPS = {"load": load, "build": build, "step": step, "train": train, "reconstruct": reconstruct,
+       "multihook_setup": multihook_setup, "multihook_run": multihook_run}
