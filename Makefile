@@ -69,8 +69,10 @@ test: setup browser postgres redis
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 
+# Every benchmark script, not the modules they share (the peer-venv protocol, the peers' chart).
+BENCHMARKS := $(filter-out %/peer_venv.py %/peers_chart.py,$(wildcard benchmarks/*.py))
 bench: setup
-	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done
+	for b in $(BENCHMARKS); do $(PY) $$b --quick || exit 1; done
 
 # The prepared GPU check (benchmarks/gpu_check.py; docs/operator.md, "Checking a GPU"): one JSON line per
 # figure, also in $$OUT/gpu_check.jsonl when OUT is set. No `setup` first: a lent GPU machine reaches no

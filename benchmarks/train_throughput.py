@@ -42,7 +42,10 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     demo rows, batch 1,024, the same dead criterion (no fire for 200,000 tokens turns AuxK on, every
     side), SAELens at the demo's lr (1e-3, Adam) and sparsify with its own default optimizer and lr;
     then held-out FVU (against the mean) and the fraction of latents that never fire on the held-out
-    rows, computed here from every side's reconstructions of the same held-out rows. Ours is the trainer's step
+    rows, computed here from every side's reconstructions of the same held-out rows.
+    ``--quality-data synthetic`` trains on seeded synthetic rows instead (a sparse sum of feature
+    directions in superposition, plus an offset and noise): no demo store needed, the same rows on
+    every side. Ours is the trainer's step
     (``sae_platform.trainer``: sae(x, dead_mask), loss, remove_parallel_grad_, Adam,
     normalize_decoder_), picking as the trainer does by default (``selection_precision: auto``).
     Goal: ours at least as good on both. --quick trains 6,144 tokens
@@ -160,6 +163,8 @@ def parse_args(argv=None):
     parser.add_argument("--quality-tokens", type=int, default=None,
                         help=f"(e) training budget per side (default: 614,400 as the demo; quick: "
                              f"{QUICK_QUALITY_TOKENS:,})")
+    parser.add_argument("--quality-data", choices=("demo", "synthetic"), default="demo",
+                        help="(e)'s rows: the shuffled demo store (default) or seeded synthetic superposition rows")
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = QUICK_ROUNDS if args.quick else 7
@@ -227,11 +232,9 @@ def timed(fn, device) -> float:
     return measured if isinstance(measured, float) else time.perf_counter() - start
 
 
-def quality_side_by_side(args, device, n, k, common, peers, folder: Path) -> list[dict]:
-    """(e): ours and each peer trained on the same shuffled demo rows for the same budget; held-out FVU
-    and silent latents measured here, on every side's reconstructions of the same held-out rows."""
+def demo_rows(n_steps: int, device):
+    """(train, held-out, description) from the shuffled demo store under $SAE_PLATFORM_ROOT, or None (said why)."""
     import numpy as np
-    from safetensors.torch import load_file, save_file
 
     from sae_platform.shuffled import iter_shuffled, open_shuffled
     from sae_platform.storage import ArtifactStore
@@ -241,12 +244,11 @@ def quality_side_by_side(args, device, n, k, common, peers, folder: Path) -> lis
         store = ArtifactStore(root)
         shuffled = open_shuffled(store, "main")
     except Exception as error:  # noqa: BLE001 - any missing piece: say so and skip this line
-        print(f"(e) quality side by side skipped: no shuffled demo store under {root} ({error}); run `make demo`")
-        return []
-    budget = args.quality_tokens or (QUICK_QUALITY_TOKENS if args.quick else 614_400)
+        print(f"(e) quality side by side skipped: no shuffled demo store under {root} ({error}); run `make demo`, "
+              "or train on synthetic rows with --quality-data synthetic")
+        return None
     n_rows = shuffled.n_rows
     held = min(QUALITY_HOLDOUT, n_rows // 5)
-    n_steps = budget // QUALITY_BATCH
     # Only the rows training reads (batch i is rows [i*B, (i+1)*B) until the budget wraps around
     # the training rows, then all of them) and the held-out tail: the same batches as loading the
     # whole store, without reading and converting rows no step uses.
@@ -256,7 +258,44 @@ def quality_side_by_side(args, device, n, k, common, peers, folder: Path) -> lis
         blocks = iter_shuffled(store, "main", batch_rows=8192, start=start, stop=stop)
         return torch.from_numpy(np.concatenate([a for _, a in blocks]).astype(np.float32)).to(device)
 
-    train, holdout = load(0, used), load(n_rows - held, n_rows)
+    return (load(0, used), load(n_rows - held, n_rows),
+            f"shuffled store 'main' under {root}: {n_rows - held:,} training rows ({used:,} read), {held:,} held out")
+
+
+def synthetic_rows(n_steps: int, d: int, device):
+    """(train, held-out, description): rows made as an SAE assumes activations are, a sparse sum of feature
+    directions in superposition (4·d unit directions, 16 active per row, exponential magnitudes) plus an
+    offset and noise; seeded, so every side and every run sees the same rows."""
+    g = torch.Generator().manual_seed(0)
+    n_features, active = 4 * d, 16
+    directions = torch.nn.functional.normalize(torch.randn(n_features, d, generator=g), dim=1)
+    offset = 2.0 * torch.randn(d, generator=g)
+
+    def make(count):
+        idx = torch.randint(0, n_features, (count, active), generator=g)
+        mags = torch.empty(count, active).exponential_(1.0, generator=g)
+        rows = torch.nn.functional.embedding_bag(idx, directions, per_sample_weights=mags, mode="sum")
+        return (rows + offset + 0.05 * torch.randn(count, d, generator=g)).to(device)
+
+    used = max(n_steps * QUALITY_BATCH, CALIBRATION_ROWS)
+    return (make(used), make(QUALITY_HOLDOUT),
+            f"synthetic: {n_features:,} unit directions in {d} dims, {active} active per row (Exp(1) magnitudes), "
+            f"offset, noise 0.05; {used:,} training rows, {QUALITY_HOLDOUT:,} held out, seed 0")
+
+
+def quality_side_by_side(args, device, n, k, common, peers, folder: Path) -> list[dict]:
+    """(e): ours and each peer trained on the same shuffled demo rows for the same budget; held-out FVU
+    and silent latents measured here, on every side's reconstructions of the same held-out rows."""
+    from safetensors.torch import load_file, save_file
+
+    budget = args.quality_tokens or (QUICK_QUALITY_TOKENS if args.quick else 614_400)
+    n_steps = budget // QUALITY_BATCH
+    rows = synthetic_rows(n_steps, args.d_model, device) if args.quality_data == "synthetic" else \
+        demo_rows(n_steps, device)
+    if rows is None:
+        return []
+    train, holdout, data = rows
+    held, used = len(holdout), len(train)
     d = train.shape[1]
     dead_steps = QUALITY_DEAD_TOKENS // QUALITY_BATCH
     torch.manual_seed(0)
@@ -305,7 +344,7 @@ def quality_side_by_side(args, device, n, k, common, peers, folder: Path) -> lis
         peer.call("reconstruct", name="quality", data="holdout", out=str(out_path))
         theirs = load_file(str(out_path))
         fvu_s, dead_s = scores(theirs["recon"], theirs["fired"].bool())
-        print(f"(e) same {n_steps * QUALITY_BATCH:,} demo tokens (batch {QUALITY_BATCH}): held-out FVU "
+        print(f"(e) same {n_steps * QUALITY_BATCH:,} {args.quality_data} tokens (batch {QUALITY_BATCH}): held-out FVU "
               f"ours {fvu_o:.3f} vs {peer.package} {fvu_s:.3f}; never firing on {held:,} held-out rows: ours "
               f"{dead_o:.1%} vs {peer.package} {dead_s:.1%}; training s ours {ours_s:.1f} vs {peer.package} "
               f"{their_s:.1f}")
@@ -319,8 +358,7 @@ def quality_side_by_side(args, device, n, k, common, peers, folder: Path) -> lis
             "baseline_optimizer": "Adam at lr" if peer.name == "sae-lens" else "its default signum, its own lr",
             "train_seconds": ours_s, "baseline_train_seconds": their_s,
             "ours_picks_in": str(ours.selection_dtype or "float32").removeprefix("torch."),
-            "data": f"shuffled store 'main' under {root}: {n_rows - held:,} training rows ({used:,} read), "
-                    f"{held:,} held out",
+            "data": data,
             **{k_: v for k_, v in common.items() if k_ not in ("batch",)}})
     return lines
 
