@@ -349,7 +349,7 @@ def quality_side_by_side(args, device, n, k, common, peers, folder: Path) -> lis
               f"{dead_o:.1%} vs {peer.package} {dead_s:.1%}; training s ours {ours_s:.1f} vs {peer.package} "
               f"{their_s:.1f}")
         lines.append({
-            "metric": f"topk_heldout_fvu_vs_{peer.name}_same_rows", "value": fvu_o, "baseline": fvu_s,
+            "metric": f"topk_heldout_fvu_vs_{peer_slug(peer.name)}_same_rows", "value": fvu_o, "baseline": fvu_s,
             "ratio": fvu_o / fvu_s, "goal": 1.0, "lower_is_better": True, "unit": "FVU", **peer.label,
             "dead_fraction": dead_o, "baseline_dead_fraction": dead_s,
             "dead_is": f"latents that never fire on the {held} held-out rows",
