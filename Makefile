@@ -18,7 +18,7 @@ TORCH_PIN := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0*.whl),torch==2.13.0,)
 # 0.7: circuit-tracer 0.5.0 imports nnsight.intervention.tracing, which 0.8 removed.
 CIRCUIT_TRACER_VENV ?= /work/venvs/circuit-tracer
 
-.PHONY: setup browser postgres redis demo lint test test-fast bench gpu-check browse ui clean neuronpedia-venv circuit-tracer-venv
+.PHONY: setup browser postgres redis demo lint test test-fast bench gpu-check browse ui clean neuronpedia-venv circuit-tracer-venv peer-venvs sparsify-venv sae-lens-venv
 
 setup: $(VENV)/.installed $(SAE_PLATFORM_DATA)/.fetched $(DAGSTER_HOME)/dagster.yaml
 
@@ -69,8 +69,10 @@ test: setup browser postgres redis
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 
+# Every benchmark script, not the modules they share (the peer-venv protocol, the peers' chart).
+BENCHMARKS := $(filter-out %/peer_venv.py %/peers_chart.py,$(wildcard benchmarks/*.py))
 bench: setup
-	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done
+	for b in $(BENCHMARKS); do $(PY) $$b --quick || exit 1; done
 
 # The prepared GPU check (benchmarks/gpu_check.py; docs/operator.md, "Checking a GPU"): one JSON line per
 # figure, also in $$OUT/gpu_check.jsonl when OUT is set. No `setup` first: a lent GPU machine reaches no
@@ -99,3 +101,18 @@ neuronpedia-venv:
 circuit-tracer-venv:
 	$(PYTHON) -m venv $(CIRCUIT_TRACER_VENV)
 	$(CIRCUIT_TRACER_VENV)/bin/pip install -q $(FIND_LINKS) $(TORCH_PIN) circuit-tracer==0.5.0 'nnsight>=0.6,<0.7'
+
+# The training/caching peers (benchmarks/train_throughput.py, benchmarks/multihook_cache.py), each in its own
+# environment, never in .venv: they pin torch and transformers differently. The benchmarks run each peer's side
+# as a subprocess of that venv's python (benchmarks/peer_venv.py) and skip it, naming the target below, when absent.
+SPARSIFY_VENV ?= /work/venvs/sparsify
+SAE_LENS_VENV ?= /work/venvs/sae-lens
+peer-venvs: sparsify-venv sae-lens-venv
+
+sparsify-venv:
+	$(PYTHON) -m venv $(SPARSIFY_VENV)
+	$(SPARSIFY_VENV)/bin/pip install -q $(FIND_LINKS) $(TORCH_PIN) eai-sparsify==1.3.3 safetensors
+
+sae-lens-venv:
+	$(PYTHON) -m venv $(SAE_LENS_VENV)
+	$(SAE_LENS_VENV)/bin/pip install -q $(FIND_LINKS) $(TORCH_PIN) sae-lens==6.54.12 safetensors

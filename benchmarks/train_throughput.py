@@ -20,21 +20,32 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     against the bare forward matmul.
 (c) **Switch SAE**, 8 experts, same total latents, against the sparse TopK step: goal >= 3x
     tokens/s (the encoder matmul shrinks 8x; everything else stays).
-(d) **SAELens** (``sae_lens.TopKTrainingSAE``, installed by the ``bench`` extra; skipped with a
-    message when absent): its own training step as its ``SAETrainer._train_step`` runs it
-    (``training_forward_pass``, firing statistics, backward, grad-norm clipping at 1.0, Adam), same
-    shapes, threads and rows, interleaved with ours: goal >= 6x its tokens/s with no dead latents,
-    and >= 4x with AuxK active on both sides (half the latents marked dead, the same mask).
+(d) **The peers' own steps**, each in its own venv (``make peer-venvs``; benchmarks/peer_venv.py runs
+    it as a subprocess, on the same rows from a safetensors file and the same thread count, and skips a
+    peer whose venv is absent with a line naming its make target), interleaved with ours round by
+    round, each timed inside its process:
+    **SAELens** (``sae_lens.TopKTrainingSAE``): its training step as its ``SAETrainer._train_step``
+    runs it (``training_forward_pass``, firing statistics, backward, grad-norm clipping at 1.0, Adam):
+    goal >= 6x its tokens/s with no dead latents, and >= 4x with AuxK active on both sides (half the
+    latents marked dead, the same mask).
+    **sparsify** (``eai-sparsify``'s ``SparseCoder``: its fused TopK encoder with the index_add
+    backward and its embedding-bag sparse decoder): its ``Trainer.fit`` step (loss_fn fvu) with its
+    default optimizer (signum: schedule-free SignSGD): goal >= 1.5x its tokens/s, without and with
+    AuxK (the same mask, AuxK weight 1/32 as ours).
 (f) **Picking in bf16** (the trainer's default where the device multiplies bf16 natively:
     ``training.config.selection_precision: auto``): the same sparse TopK step with the dense
     pre-activations it picks from computed in bf16 and the picked values recomputed in float32,
     against float32 picks (side (a)'s step). Goal >= 1.5x tokens/s. Skipped with a message where
-    bf16 is not native (there ``auto`` keeps float32). Sides (a)-(d) pick in float32, as SAELens does.
-(e) **Quality on the same rows for the same budget** (SAELens present and a shuffled demo store
-    under $SAE_PLATFORM_ROOT, else skipped with a message): both trained on the same shuffled
-    demo rows, batch 1,024, the demo's lr (1e-3) and the same dead criterion (no fire for
-    200,000 tokens turns AuxK on, both sides), then held-out FVU and the fraction of latents that
-    never fire on the held-out rows, side by side. Ours is the trainer's step
+    bf16 is not native (there ``auto`` keeps float32). Sides (a)-(d) pick in float32, as the peers do.
+(e) **Quality on the same rows for the same budget** (per peer present, and a shuffled demo store
+    under $SAE_PLATFORM_ROOT, else skipped with a message): each trained on the same shuffled
+    demo rows, batch 1,024, the same dead criterion (no fire for 200,000 tokens turns AuxK on, every
+    side), SAELens at the demo's lr (1e-3, Adam) and sparsify with its own default optimizer and lr;
+    then held-out FVU (against the mean) and the fraction of latents that never fire on the held-out
+    rows, computed here from every side's reconstructions of the same held-out rows.
+    ``--quality-data synthetic`` trains on seeded synthetic rows instead (a sparse sum of feature
+    directions in superposition, plus an offset and noise): no demo store needed, the same rows on
+    every side. Ours is the trainer's step
     (``sae_platform.trainer``: sae(x, dead_mask), loss, remove_parallel_grad_, Adam,
     normalize_decoder_), picking as the trainer does by default (``selection_precision: auto``).
     Goal: ours at least as good on both. --quick trains 6,144 tokens
@@ -52,14 +63,17 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the package importable without installing it
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # peer_venv beside this script, also when imported by a test
 
 import torch  # noqa: E402
+from peer_venv import open_peer  # noqa: E402
 
 from sae_platform.sae import ADAM_EPS, build_sae, dense_topk_reference, lr_for  # noqa: E402
 from sae_platform.trainer import selection_dtype  # noqa: E402
@@ -70,6 +84,8 @@ GOAL_SWITCH_VS_TOPK = 3.0
 GOAL_VS_SAELENS = 6.0
 GOAL_VS_SAELENS_AUXK = 4.0
 GOAL_BF16_PICKS = 1.5
+GOAL_VS_SPARSIFY = 1.5
+GOAL_VS_SPARSIFY_AUXK = 1.5
 QUALITY_BATCH, QUALITY_LR, QUALITY_DEAD_TOKENS, QUALITY_HOLDOUT = 1024, 1e-3, 200_000, 8192
 CALIBRATION_ROWS = 8192
 # --quick: under a minute on 2 CPU cores (issue 17). At the full shapes one round of all eight
@@ -80,50 +96,53 @@ CALIBRATION_ROWS = 8192
 QUICK_ROUNDS, QUICK_QUALITY_TOKENS = 2, 6_144
 
 
-def saelens():
-    """The sae_lens module, or None (with the reason printed) when it is not installed."""
-    try:
-        import sae_lens
-        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: F401
-        return sae_lens
-    except ImportError as error:
-        print(f"SAELens side skipped: sae-lens is not installed ({error}); pip install -e '.[bench]'")
-        return None
+PEER_GOALS = {"sae-lens": (GOAL_VS_SAELENS, GOAL_VS_SAELENS_AUXK),
+              "sparsify": (GOAL_VS_SPARSIFY, GOAL_VS_SPARSIFY_AUXK)}
+PEER_STEP_IS = {
+    "sae-lens": "TopKTrainingSAE, its SAETrainer._train_step (forward, firing stats, backward, clip_grad_norm 1.0, "
+                "Adam at our lr)",
+    "sparsify": "SparseCoder (fused TopK encoder, embedding-bag decoder), its Trainer.fit step with loss_fn fvu "
+                "(forward, backward, remove_gradient_parallel_to_decoder_directions, its default signum optimizer: "
+                "ScheduleFreeWrapper(SignSGD)), firing bookkeeping",
+}
 
 
-def make_saelens(d, n, k, device):
-    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+def start_peers(threads: int, tensors: dict, folder: Path) -> dict:
+    """The peers whose venv is built (benchmarks/peer_venv.py), each with ``tensors`` loaded; a missing one is
+    skipped with a line naming its make target."""
+    from safetensors.torch import save_file
 
-    cfg = TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, dtype="float32", device=str(device))
-    return TopKTrainingSAE(cfg)
+    path = folder / "rows.safetensors"
+    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(path))
+    peers = {}
+    for name in PEER_STEP_IS:
+        peer = open_peer(name, threads)
+        if peer is not None:
+            peer.call("load", path=str(path))
+            peers[name] = peer
+    return peers
 
 
-def make_saelens_step(sae, x, lr, dead_mask=None):
-    """SAELens's own step (sae_lens.training.sae_trainer.SAETrainer._train_step, without logging
-    and schedulers): forward with its aux loss, firing statistics, backward, clip, Adam."""
-    from sae_lens.saes.sae import TrainStepInput
+def build_peer(peer, name: str, d: int, n: int, k: int, dead: str | None = None, dead_tokens: int | None = None,
+               lr: float | None = None, aux_coeff: float = 0.0, first: str = "x") -> None:
+    """One SAE on the peer's side: SAELens at ``lr`` (Adam, ours); sparsify with its own optimizer and lr,
+    AuxK at ``aux_coeff`` (ours) when ``dead`` or ``dead_tokens`` is given."""
+    if peer.name == "sae-lens":
+        peer.call("build", name=name, d=d, n=n, k=k, seed=0, lr=lr, dead=dead, dead_tokens=dead_tokens)
+    else:
+        peer.call("build", name=name, d=d, n=n, k=k, seed=0, first=first, dead=dead, dead_tokens=dead_tokens,
+                  auxk_alpha=aux_coeff if (dead or dead_tokens) else 0.0)
 
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    n = sae.cfg.d_sae
-    since_fired = torch.zeros(n, device=x.device)
-    mask = torch.zeros(n, dtype=torch.bool, device=x.device) if dead_mask is None else dead_mask
 
-    def step(batch=None, mask_now=None):
-        xb = x if batch is None else batch
-        sae.train()
-        out = sae.training_forward_pass(step_input=TrainStepInput(
-            sae_in=xb, coefficients={}, dead_neuron_mask=mask if mask_now is None else mask_now,
-            n_training_steps=0, is_logging_step=False))
-        with torch.no_grad():
-            fired = out.feature_acts.bool().float()
-            did_fire = fired.sum(-2).bool()
-            since_fired.add_(1)
-            since_fired[did_fire] = 0
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        return did_fire
+def peer_slug(name: str) -> str:
+    """The peer as it appears in metric and step names: saelens, sparsify."""
+    return name.replace("-", "")
+
+
+def peer_step(peer, name: str, data: str = "x"):
+    """A step callable like make_step's, run on the peer's side; it returns the seconds the peer measured."""
+    def step(batch=None):
+        return peer.call("step", name=name, data=data, rows=None if batch is None else len(batch))["seconds"]
 
     return step
 
@@ -144,6 +163,8 @@ def parse_args(argv=None):
     parser.add_argument("--quality-tokens", type=int, default=None,
                         help=f"(e) training budget per side (default: 614,400 as the demo; quick: "
                              f"{QUICK_QUALITY_TOKENS:,})")
+    parser.add_argument("--quality-data", choices=("demo", "synthetic"), default="demo",
+                        help="(e)'s rows: the shuffled demo store (default) or seeded synthetic superposition rows")
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = QUICK_ROUNDS if args.quick else 7
@@ -201,17 +222,18 @@ def make_matmuls(batch, d, n, device):
 
 
 def timed(fn, device) -> float:
+    """Seconds ``fn()`` took; a peer's step returns the seconds its own process measured, which count instead."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    fn()
+    measured = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return measured if isinstance(measured, float) else time.perf_counter() - start
 
 
-def quality_side_by_side(args, device, n, k, common) -> dict | None:
-    """(e): ours and SAELens trained on the same shuffled demo rows for the same budget."""
+def demo_rows(n_steps: int, device):
+    """(train, held-out, description) from the shuffled demo store under $SAE_PLATFORM_ROOT, or None (said why)."""
     import numpy as np
 
     from sae_platform.shuffled import iter_shuffled, open_shuffled
@@ -222,12 +244,11 @@ def quality_side_by_side(args, device, n, k, common) -> dict | None:
         store = ArtifactStore(root)
         shuffled = open_shuffled(store, "main")
     except Exception as error:  # noqa: BLE001 - any missing piece: say so and skip this line
-        print(f"(e) quality side by side skipped: no shuffled demo store under {root} ({error}); run `make demo`")
+        print(f"(e) quality side by side skipped: no shuffled demo store under {root} ({error}); run `make demo`, "
+              "or train on synthetic rows with --quality-data synthetic")
         return None
-    budget = args.quality_tokens or (QUICK_QUALITY_TOKENS if args.quick else 614_400)
     n_rows = shuffled.n_rows
     held = min(QUALITY_HOLDOUT, n_rows // 5)
-    n_steps = budget // QUALITY_BATCH
     # Only the rows training reads (batch i is rows [i*B, (i+1)*B) until the budget wraps around
     # the training rows, then all of them) and the held-out tail: the same batches as loading the
     # whole store, without reading and converting rows no step uses.
@@ -237,7 +258,44 @@ def quality_side_by_side(args, device, n, k, common) -> dict | None:
         blocks = iter_shuffled(store, "main", batch_rows=8192, start=start, stop=stop)
         return torch.from_numpy(np.concatenate([a for _, a in blocks]).astype(np.float32)).to(device)
 
-    train, holdout = load(0, used), load(n_rows - held, n_rows)
+    return (load(0, used), load(n_rows - held, n_rows),
+            f"shuffled store 'main' under {root}: {n_rows - held:,} training rows ({used:,} read), {held:,} held out")
+
+
+def synthetic_rows(n_steps: int, d: int, device):
+    """(train, held-out, description): rows made as an SAE assumes activations are, a sparse sum of feature
+    directions in superposition (4·d unit directions, 16 active per row, exponential magnitudes) plus an
+    offset and noise; seeded, so every side and every run sees the same rows."""
+    g = torch.Generator().manual_seed(0)
+    n_features, active = 4 * d, 16
+    directions = torch.nn.functional.normalize(torch.randn(n_features, d, generator=g), dim=1)
+    offset = 2.0 * torch.randn(d, generator=g)
+
+    def make(count):
+        idx = torch.randint(0, n_features, (count, active), generator=g)
+        mags = torch.empty(count, active).exponential_(1.0, generator=g)
+        rows = torch.nn.functional.embedding_bag(idx, directions, per_sample_weights=mags, mode="sum")
+        return (rows + offset + 0.05 * torch.randn(count, d, generator=g)).to(device)
+
+    used = max(n_steps * QUALITY_BATCH, CALIBRATION_ROWS)
+    return (make(used), make(QUALITY_HOLDOUT),
+            f"synthetic: {n_features:,} unit directions in {d} dims, {active} active per row (Exp(1) magnitudes), "
+            f"offset, noise 0.05; {used:,} training rows, {QUALITY_HOLDOUT:,} held out, seed 0")
+
+
+def quality_side_by_side(args, device, n, k, common, peers, folder: Path) -> list[dict]:
+    """(e): ours and each peer trained on the same shuffled demo rows for the same budget; held-out FVU
+    and silent latents measured here, on every side's reconstructions of the same held-out rows."""
+    from safetensors.torch import load_file, save_file
+
+    budget = args.quality_tokens or (QUICK_QUALITY_TOKENS if args.quick else 614_400)
+    n_steps = budget // QUALITY_BATCH
+    rows = synthetic_rows(n_steps, args.d_model, device) if args.quality_data == "synthetic" else \
+        demo_rows(n_steps, device)
+    if rows is None:
+        return []
+    train, holdout, data = rows
+    held, used = len(holdout), len(train)
     d = train.shape[1]
     dead_steps = QUALITY_DEAD_TOKENS // QUALITY_BATCH
     torch.manual_seed(0)
@@ -245,15 +303,12 @@ def quality_side_by_side(args, device, n, k, common) -> dict | None:
     ours.calibrate_(train[:CALIBRATION_ROWS])
     ours.selection_dtype = selection_dtype("auto", device)  # as the trainer picks by default
     opt = torch.optim.Adam(ours.parameters(), lr=QUALITY_LR, eps=ADAM_EPS)
-    theirs = make_saelens(d, n, k, device)
-    their_step = make_saelens_step(theirs, train[:QUALITY_BATCH], QUALITY_LR)
-    since = {"ours": torch.zeros(n, device=device), "saelens": torch.zeros(n, device=device)}
-    seconds = {"ours": 0.0, "saelens": 0.0}
+    since, ours_s = torch.zeros(n, device=device), 0.0
     for step in range(n_steps):
         lo = (step * QUALITY_BATCH) % (len(train) - QUALITY_BATCH + 1)
         x = train[lo:lo + QUALITY_BATCH]
         t0 = time.perf_counter()
-        out = ours(x, dead_mask=since["ours"] >= dead_steps)
+        out = ours(x, dead_mask=since >= dead_steps)
         loss, _ = ours.loss(x, out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -261,54 +316,66 @@ def quality_side_by_side(args, device, n, k, common) -> dict | None:
         opt.step()
         with torch.no_grad():
             ours.normalize_decoder_()
-        since["ours"] += 1
-        since["ours"][out.fired] = 0
-        t1 = time.perf_counter()
-        fired = their_step(x, since["saelens"] >= dead_steps)
-        since["saelens"] += 1
-        since["saelens"][fired] = 0
-        seconds["ours"] += t1 - t0
-        seconds["saelens"] += time.perf_counter() - t1
+        since += 1
+        since[out.fired] = 0
+        ours_s += time.perf_counter() - t0
+
+    var = float(((holdout - holdout.mean(0)) ** 2).sum())
 
     @torch.no_grad()
-    def evaluate(recon_and_codes):
-        err, fired = 0.0, torch.zeros(n, dtype=torch.bool, device=device)
-        for lo in range(0, len(holdout), 2048):
-            x = holdout[lo:lo + 2048]
-            recon, active = recon_and_codes(x)
-            err += float(((x - recon) ** 2).sum())
-            fired |= active
-        var = float(((holdout - holdout.mean(0)) ** 2).sum())
-        return err / var, float(1 - fired.float().mean())
+    def ours_recon():
+        chunks = [ours(holdout[lo:lo + 2048]) for lo in range(0, len(holdout), 2048)]
+        return torch.cat([c.recon for c in chunks]), torch.stack([c.fired for c in chunks]).any(0)
 
-    def ours_eval(x):
-        out = ours(x)
-        return out.recon, out.fired
+    def scores(recon, fired):
+        """Held-out FVU (against the mean) and the fraction of latents silent on every held-out row."""
+        return float(((holdout - recon.to(device)) ** 2).sum()) / var, float(1 - fired.to(device).float().mean())
 
-    def theirs_eval(x):
-        theirs.eval()
-        acts = theirs.encode(x)
-        return theirs.decode(acts), (acts > 0).any(0)
-
-    (fvu_o, dead_o), (fvu_s, dead_s) = evaluate(ours_eval), evaluate(theirs_eval)
-    print(f"(e) same {n_steps * QUALITY_BATCH:,} demo tokens (batch {QUALITY_BATCH}, lr {QUALITY_LR}): held-out FVU "
-          f"ours {fvu_o:.3f} vs SAELens {fvu_s:.3f}; never firing on {held:,} held-out rows: ours {dead_o:.1%} vs "
-          f"SAELens {dead_s:.1%}; training s ours {seconds['ours']:.1f} vs SAELens {seconds['saelens']:.1f}")
-    return {"metric": "topk_heldout_fvu_vs_saelens_same_rows", "value": fvu_o, "baseline": fvu_s,
-            "ratio": fvu_o / fvu_s, "goal": 1.0, "lower_is_better": True, "unit": "FVU",
+    fvu_o, dead_o = scores(*ours_recon())
+    rows = folder / "quality_rows.safetensors"
+    save_file({"train": train[:used].cpu().contiguous(), "holdout": holdout.cpu().contiguous()}, str(rows))
+    lines = []
+    for peer in peers.values():
+        peer.call("load", path=str(rows))
+        build_peer(peer, "quality", d, n, k, dead_tokens=QUALITY_DEAD_TOKENS, lr=QUALITY_LR,
+                   aux_coeff=ours.hparams["aux_coeff"], first="train")
+        their_s = peer.call("train", name="quality", data="train", batch=QUALITY_BATCH, steps=n_steps)["seconds"]
+        out_path = folder / f"recon-{peer.name}.safetensors"
+        peer.call("reconstruct", name="quality", data="holdout", out=str(out_path))
+        theirs = load_file(str(out_path))
+        fvu_s, dead_s = scores(theirs["recon"], theirs["fired"].bool())
+        print(f"(e) same {n_steps * QUALITY_BATCH:,} {args.quality_data} tokens (batch {QUALITY_BATCH}): held-out FVU "
+              f"ours {fvu_o:.3f} vs {peer.package} {fvu_s:.3f}; never firing on {held:,} held-out rows: ours "
+              f"{dead_o:.1%} vs {peer.package} {dead_s:.1%}; training s ours {ours_s:.1f} vs {peer.package} "
+              f"{their_s:.1f}")
+        lines.append({
+            "metric": f"topk_heldout_fvu_vs_{peer_slug(peer.name)}_same_rows", "value": fvu_o, "baseline": fvu_s,
+            "ratio": fvu_o / fvu_s, "goal": 1.0, "lower_is_better": True, "unit": "FVU", **peer.label,
             "dead_fraction": dead_o, "baseline_dead_fraction": dead_s,
             "dead_is": f"latents that never fire on the {held} held-out rows",
             "tokens_trained": n_steps * QUALITY_BATCH, "quick_budget": bool(args.quick and not args.quality_tokens),
             "batch_size": QUALITY_BATCH, "lr": QUALITY_LR, "dead_after_tokens": QUALITY_DEAD_TOKENS,
-            "train_seconds": seconds["ours"], "baseline_train_seconds": seconds["saelens"],
+            "baseline_optimizer": "Adam at lr" if peer.name == "sae-lens" else "its default signum, its own lr",
+            "train_seconds": ours_s, "baseline_train_seconds": their_s,
             "ours_picks_in": str(ours.selection_dtype or "float32").removeprefix("torch."),
-            "data": f"shuffled store 'main' under {root}: {n_rows - held:,} training rows ({used:,} read), "
-                    f"{held:,} held out",
-            **{k_: v for k_, v in common.items() if k_ not in ("batch",)}}
+            "data": data,
+            **{k_: v for k_, v in common.items() if k_ not in ("batch",)}})
+    return lines
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    peers = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="train_throughput-") as folder:
+            return run(args, Path(folder), peers)
+    finally:
+        for peer in peers.values():
+            peer.close()
+
+
+def run(args, folder: Path, peers: dict) -> int:
+    """The whole benchmark; ``peers`` (filled here) are closed by the caller; ``folder`` holds the rows they read."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     torch.set_num_threads(args.threads or usable_cores())
@@ -341,15 +408,20 @@ def main(argv=None) -> int:
     }
     if low is not None:
         steps["topk_bf16_picks"] = make_step(models["topk_bf16_picks"], x)
-    lens = saelens()
-    if lens is not None:  # (d): the same rows; AuxK: half the latents dead, the same mask on both sides
-        dead = torch.zeros(n, dtype=torch.bool, device=device)
-        dead[torch.randperm(n, device=device)[:n // 2]] = True
+    # (d), (g): the peers' steps on the same rows; AuxK: half the latents dead, the same mask on every side
+    dead = torch.zeros(n, dtype=torch.bool, device=device)
+    dead[torch.randperm(n, device=device)[:n // 2]] = True
+    peers.update(start_peers(torch.get_num_threads(), {"x": x, "dead": dead.to(torch.uint8)}, folder))
+    if peers:
         models["topk_sparse_auxk"] = build_sae("topk", d, n, k=k, device=device)
         models["topk_sparse_auxk"].calibrate_(x[:1024])
         steps["topk_sparse_auxk"] = make_step(models["topk_sparse_auxk"], x, dead_mask=dead)
-        steps["saelens_topk"] = make_saelens_step(make_saelens(d, n, k, device), x, lr_for(n))
-        steps["saelens_topk_auxk"] = make_saelens_step(make_saelens(d, n, k, device), x, lr_for(n), dead)
+    for name, peer in peers.items():
+        slug = peer_slug(name)
+        build_peer(peer, "topk", d, n, k, lr=lr_for(n))
+        build_peer(peer, "topk_auxk", d, n, k, dead="dead", lr=lr_for(n),
+                   aux_coeff=models["topk_sparse"].hparams["aux_coeff"])
+        steps[f"{slug}_topk"], steps[f"{slug}_topk_auxk"] = peer_step(peer, "topk"), peer_step(peer, "topk_auxk")
     mm_forward, mm_weight_grad = make_matmuls(batch, d, n, device)
     steps["matmul_forward"], steps["matmul_weight_grad"] = mm_forward, mm_weight_grad
 
@@ -366,8 +438,7 @@ def main(argv=None) -> int:
     wall_s = time.perf_counter() - wall
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
-    tps = {name: batch / med[name] for name in ("topk_sparse", "topk_dense_ref", "switch", "topk_sparse_auxk",
-                                                 "saelens_topk", "saelens_topk_auxk", "topk_bf16_picks") if name in med}
+    tps = {name: batch / med[name] for name in med if not name.startswith("matmul")}
     useful = useful_step_flops(batch, d, n)
     mm_s = med["matmul_forward"] + med["matmul_weight_grad"]
     step_flops = useful / med["topk_sparse"]
@@ -392,10 +463,11 @@ def main(argv=None) -> int:
           f"(goal >= {GOAL_FLOPS_FRACTION})")
     print(f"(c) Switch ({args.experts} experts) vs TopK: {tps['switch'] / tps['topk_sparse']:.2f}x "
           f"(goal >= {GOAL_SWITCH_VS_TOPK}); rows per expert in this batch: {routed.tolist()}")
-    if lens is not None:
-        print(f"(d) ours vs SAELens {lens.__version__} TopK step: {tps['topk_sparse'] / tps['saelens_topk']:.2f}x "
-              f"(goal >= {GOAL_VS_SAELENS}); with AuxK (half dead): "
-              f"{tps['topk_sparse_auxk'] / tps['saelens_topk_auxk']:.2f}x (goal >= {GOAL_VS_SAELENS_AUXK})")
+    for name, peer in peers.items():
+        slug, (goal, goal_auxk) = peer_slug(name), PEER_GOALS[name]
+        print(f"(d) ours vs {peer.package} {peer.version} TopK step: {tps['topk_sparse'] / tps[f'{slug}_topk']:.2f}x "
+              f"(goal >= {goal}); with AuxK (half dead): "
+              f"{tps['topk_sparse_auxk'] / tps[f'{slug}_topk_auxk']:.2f}x (goal >= {goal_auxk})")
     if low is not None:
         print(f"(f) picking in bf16 vs float32: {tps['topk_bf16_picks'] / tps['topk_sparse']:.2f}x "
               f"(goal >= {GOAL_BF16_PICKS})")
@@ -439,25 +511,26 @@ def main(argv=None) -> int:
                                   "float32 (the trainer's selection_precision: auto on this device)",
                       "baseline_is": "the same step picking from float32 pre-activations (side a)",
                       "bf16_runs_ms": ms("topk_bf16_picks"), **common})
-    if lens is not None:
+    for name, peer in peers.items():
+        slug, (goal, goal_auxk) = peer_slug(name), PEER_GOALS[name]
         lines += [
-            {"metric": "topk_train_tokens_per_s_vs_saelens", "value": tps["topk_sparse"],
-             "baseline": tps["saelens_topk"], "ratio": tps["topk_sparse"] / tps["saelens_topk"],
-             "goal": GOAL_VS_SAELENS, "unit": "tokens/s", "dead_latents": 0,
-             "baseline_is": f"sae_lens {lens.__version__} TopKTrainingSAE, its SAETrainer._train_step "
-                            "(forward, firing stats, backward, clip_grad_norm 1.0, Adam)",
-             "ours_runs_ms": ms("topk_sparse"), "saelens_runs_ms": ms("saelens_topk"), **common},
-            {"metric": "topk_train_tokens_per_s_vs_saelens_auxk", "value": tps["topk_sparse_auxk"],
-             "baseline": tps["saelens_topk_auxk"], "ratio": tps["topk_sparse_auxk"] / tps["saelens_topk_auxk"],
-             "goal": GOAL_VS_SAELENS_AUXK, "unit": "tokens/s", "dead_latents": n // 2,
-             "baseline_is": f"sae_lens {lens.__version__} TopKTrainingSAE step with the same dead mask (its AuxK)",
-             "ours_runs_ms": ms("topk_sparse_auxk"), "saelens_runs_ms": ms("saelens_topk_auxk"), **common},
+            {"metric": f"topk_train_tokens_per_s_vs_{slug}", "value": tps["topk_sparse"], **peer.label,
+             "baseline": tps[f"{slug}_topk"], "ratio": tps["topk_sparse"] / tps[f"{slug}_topk"],
+             "goal": goal, "unit": "tokens/s", "dead_latents": 0,
+             "baseline_is": f"{peer.package} {peer.version} {PEER_STEP_IS[name]}, in its own venv",
+             "ours_runs_ms": ms("topk_sparse"), f"{slug}_runs_ms": ms(f"{slug}_topk"), **common},
+            {"metric": f"topk_train_tokens_per_s_vs_{slug}_auxk", "value": tps["topk_sparse_auxk"], **peer.label,
+             "baseline": tps[f"{slug}_topk_auxk"], "ratio": tps["topk_sparse_auxk"] / tps[f"{slug}_topk_auxk"],
+             "goal": goal_auxk, "unit": "tokens/s", "dead_latents": n // 2,
+             "baseline_is": f"{peer.package} {peer.version} step with the same dead mask (its AuxK)",
+             "ours_runs_ms": ms("topk_sparse_auxk"), f"{slug}_runs_ms": ms(f"{slug}_topk_auxk"), **common},
         ]
+    if peers:
         started = time.perf_counter()
-        quality = quality_side_by_side(args, device, n, k, common)
-        if quality:
-            quality["quality_wall_s"] = round(time.perf_counter() - started, 1)
-            lines.append(quality)
+        quality = quality_side_by_side(args, device, n, k, common, peers, folder)
+        for line in quality:
+            line["quality_wall_s"] = round(time.perf_counter() - started, 1)
+        lines += quality
     print(f"whole run {time.perf_counter() - wall:.1f} s (timed rounds {wall_s:.1f} s)")
     noisy = busy or (load_after is not None and load_after > usable_cores() + 0.5)  # as the WARNING says
     for line in lines:
