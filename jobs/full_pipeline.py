@@ -209,6 +209,7 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         finals = shuffle_workers.alias("final_workers")(scattered).map(step["shuffle_final"]).collect()
         trained = sae_sweep(step["shuffled_activations"](finals)).map(step["sae_checkpoint"])
         evaluated = trained.map(step["sae_eval"]).collect()
+        trained.map(step["sae_absorption"])  # nothing waits for it: minutes of probes beside the feature tables
         step["sae_comparison"](evaluated)
         step["circuit_tracer_export"](evaluated)  # every transcoder set whose layers are all trained
         partials = pinned_batch_keys.alias("pass_1_batches")(evaluated).map(step["feature_stats_partial"]).collect()

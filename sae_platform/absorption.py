@@ -49,9 +49,11 @@ compared with their decoder directions) and per-head attention hooks (patterns, 
 not one d_model vector at the word's position).
 """
 
+import json
 import random
 import statistics
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 
@@ -59,7 +61,17 @@ import numpy as np
 import torch
 
 from sae_platform import absorption_probes as ap
+from sae_platform.activations import sae_hook_entry
+from sae_platform.catalog import (
+    ABSORPTION_REPORT,
+    SAEBENCH_ABSORPTION,
+    absorption_name,
+    checkpoint_pin,
+    checkpoint_version,
+    export_name,
+)
 from sae_platform.errors import PlatformError
+from sae_platform.export import CFG_FILENAME
 from sae_platform.settings import setting, validate
 
 EPS = 1e-8                                       # SAEBench feature_absorption_calculator.EPS
@@ -69,6 +81,12 @@ ABSORPTION_PROBE_PROJECTION_PROPORTION_THRESHOLD = 0.4
 ABSORPTION_FRACTION_MAX_ABSORBING_LATENTS = 3
 TOP_PROJECTION_FEATURES = 10                     # FeatureAbsorptionCalculator.topk_feats
 PER_HEAD_HOOKS = ("hook_pattern", "hook_attn_scores", "hook_q", "hook_k", "hook_v", "hook_z", "hook_result")
+
+
+class AbsorptionRefused(PlatformError):
+    """Absorption cannot be measured for this SAE or tokenizer (a refused hook point, or a prompt
+    position that misses the word): committed as a refusal by :func:`absorb_checkpoint`, so a
+    sweep with a transcoder still runs the rest of the pipeline."""
 
 
 @dataclass(frozen=True)
@@ -107,14 +125,14 @@ def check_absorption_hook(hook_name: str, hook_name_in: str | None, sae) -> None
     """Refuse the SAEs for which absorption has no meaning (see the module docstring); PlatformError
     naming the hook point and why."""
     if hook_name_in or getattr(sae, "is_transcoder", False):
-        raise PlatformError(
+        raise AbsorptionRefused(
             f"feature absorption has no meaning for a transcoder ({hook_name_in} -> {hook_name}): it compares a "
             "probe trained on the activation the SAE reads with the SAE's decoder directions, and a transcoder's "
             "decoder writes into another space than it reads",
             "run the absorption evaluation on SAEs that reconstruct the activation they read (e.g. "
             "blocks.L.hook_resid_post)")
     if hook_name.rsplit(".", 1)[-1] in PER_HEAD_HOOKS:
-        raise PlatformError(f"feature absorption has no meaning at {hook_name}: it is per attention head (over "
+        raise AbsorptionRefused(f"feature absorption has no meaning at {hook_name}: it is per attention head (over "
                             "positions), not one d_model vector at the word's position",
                             "run it on a residual-stream, attn_out or mlp_out SAE")
 
@@ -198,7 +216,7 @@ def word_activations(hooked, prompts: list[ap.Prompt], settings: AbsorptionSetti
     misses = sum(offset != pos for offset in offsets)
     if prompts and misses * 2 > len(prompts):
         usual = max(set(offsets), key=offsets.count)
-        raise PlatformError(f"prompt_token_pos = {pos} does not point at the word in {misses} of {len(prompts)} "
+        raise AbsorptionRefused(f"prompt_token_pos = {pos} does not point at the word in {misses} of {len(prompts)} "
                             f"prompts of {settings.prompt_template!r} with this tokenizer (the word is at {usual})",
                             f"set resources.absorption.config.prompt_token_pos to {usual}")
     by_length = defaultdict(list)
@@ -353,5 +371,62 @@ def saebench_absorption_json(result: dict, *, eval_id: str, model_name: str, llm
         "sae_lens_release_id": release,
         "sae_lens_version": None,
         "sae_cfg_dict": sae_cfg,
-        "eval_result_unstructured": None,
+        # what SAEBench's file has no field for: the word subsample, the hook point, the word counts
+        "eval_result_unstructured": {key: result[key] for key in (
+            "hook_name", "n_vocabulary", "n_train_words", "n_test_words", "word_elsewhere", "probe_f1")}
+        | {"max_words": result["settings"]["max_words"]},
     }
+
+
+# -- one checkpoint, committed ---------------------------------------------------------------------
+
+def absorption_inputs(store, sae_name: str, settings: AbsorptionSettings, base_model: dict | None) -> dict:
+    """What the absorption of ``sae_name`` is computed from, as JSON: the checkpoint version, the
+    stored base model (``{"version", "autocast"}``) and every setting. Recorded in the commit's
+    pointer, so an unchanged result is recognised without recomputing it."""
+    return {"checkpoint": checkpoint_version(store, sae_name), "base_model": base_model, "settings": asdict(settings)}
+
+
+def absorption_current(store, sae_name: str, inputs: dict) -> bool:
+    """Whether the committed absorption of ``sae_name`` was computed from exactly ``inputs``."""
+    pointer = store.pointer(absorption_name(sae_name))
+    return pointer is not None and pointer.get("inputs") == json.loads(json.dumps(inputs))
+
+
+def _saelens_cfg(store, sae_name: str) -> dict | None:
+    """The SAELens cfg.json of the checkpoint's export (SAEBench's ``sae_cfg_dict``), None if none."""
+    if store.pointer(export_name(sae_name)) is None:
+        return None
+    return store.read_json(f"{store.resolve(export_name(sae_name))}/{CFG_FILENAME}")
+
+
+def absorb_checkpoint(store, sae_name: str, hooked, settings: AbsorptionSettings, device, *, model_name: str,
+                      inputs: dict | None = None, log=print) -> dict:
+    """Measure checkpoint ``sae_name`` at its own hook point (``activations.sae_hook_entry``) and
+    commit ``absorption/<sae_name>``: ``absorption.json`` (the result, or the refusal: too few
+    letters, with the per-letter probe F1, or an ``AbsorptionRefused`` hook point or prompt
+    position) and, when scored, SAEBench's result file. Returns the result. StorageError for a
+    missing checkpoint."""
+    from sae_platform.trainer import load_sae  # the trainer imports the SAE stack: only when measuring
+
+    checkpoint = checkpoint_version(store, sae_name)  # read first: a later commit then mismatches
+    sae, cfg = load_sae(store, sae_name, device)
+    entry = sae_hook_entry(store, sae_name, cfg)
+    try:
+        result = evaluate_absorption(hooked, sae, entry.hook_name, settings, hook_name_in=entry.hook_name_in,
+                                     log=log)
+    except AbsorptionRefused as refused:
+        result = {"hook_name": entry.spec, "scored": False, "refusal": str(refused), "metrics": None, "letters": [],
+                  "letters_counted": [], "probe_f1": {}, "settings": asdict(settings), "n_vocabulary": None,
+                  "n_train_words": None, "n_test_words": None, "word_elsewhere": None, "seconds": 0.0}
+    pins = {"inputs": inputs} if inputs is not None else {}
+    with store.writing(absorption_name(sae_name), checkpoint_step=cfg["step"], **checkpoint_pin(checkpoint),
+                       **pins) as version:
+        store.write_json(f"{version}/{ABSORPTION_REPORT}", result)
+        if result["scored"]:
+            document = saebench_absorption_json(
+                result, eval_id=str(uuid.uuid4()), model_name=model_name,
+                llm_dtype=str(hooked.autocast or torch.float32).removeprefix("torch."), sae_name=sae_name,
+                sae_cfg=_saelens_cfg(store, sae_name), release="sae_platform", created_ms=int(time.time() * 1000))
+            store.write_json(f"{version}/{SAEBENCH_ABSORPTION}", document)
+    return result

@@ -72,9 +72,9 @@ def first_letter_answer(word: str) -> str:
 
 def icl_prompt(word: str, examples: list[str], template: str, rng: random.Random) -> Prompt:
     """SAEBench ``create_icl_prompt`` with ``max_icl_examples=10``, shuffled examples, the
-    contamination check and a separator before the first example. ValueError when 1000 draws all
-    contain the word (only possible with a tiny vocabulary)."""
-    count = min(MAX_ICL_EXAMPLES, len(examples))
+    contamination check and a separator before the first example. A split of at most 10 other words
+    uses all of them (SAEBench's draw of 10 would never succeed there: only a small subsample has one)."""
+    count = min(MAX_ICL_EXAMPLES, len(examples) - (word in examples))
     for _ in range(CONTAMINATION_ATTEMPTS):
         chosen = rng.sample(examples, count)
         if word not in chosen:
