@@ -301,7 +301,8 @@ def _score_letters(hooked, sae, hook_name, settings, vocab, rng, probe, x_train,
                                       num_epochs=settings.k_sparse_probe_num_epochs, seed=settings.random_seed,
                                       precalc=settings.precalc_k_sparse_probe_sae_acts)
     y_test = np.array([p.letter for p in test])
-    test_latents = torch.cat([latents_of(batch) for batch in x_test.values.split(settings.eval_k_sparse_probe_batch_size)])
+    batches = x_test.values.split(settings.eval_k_sparse_probe_batch_size)
+    test_latents = torch.cat([latents_of(batch) for batch in batches])
     results = []
     for letter in ap.LETTERS:  # SAEBench scores every letter, then keeps the counted ones
         i = ap.LETTERS.index(letter)

@@ -115,7 +115,8 @@ def test_logistic_regression_reaches_scikit_learns_optimum(tmp_path):
     np.save(tmp_path / "x.npy", x.numpy())
     np.save(tmp_path / "y.npy", y.numpy())
     script = ("import numpy as np, json; from sklearn.linear_model import LogisticRegression as L; "
-              f"m = L(max_iter=500, class_weight='balanced').fit(np.load('{tmp_path}/x.npy'), np.load('{tmp_path}/y.npy')); "
+              f"m = L(max_iter=500, class_weight='balanced').fit(np.load('{tmp_path}/x.npy'), "
+              f"np.load('{tmp_path}/y.npy')); "
               "print(json.dumps([m.coef_[0].tolist(), float(m.intercept_[0])]))")
     coef, intercept = json.loads(subprocess.run([str(SAEBENCH_PYTHON), "-c", script], check=True,
                                                 capture_output=True, text=True).stdout)
