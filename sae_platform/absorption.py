@@ -200,11 +200,11 @@ class WordActivations:
 
 
 def word_activations(hooked, prompts: list[ap.Prompt], settings: AbsorptionSettings,
-                     hook_name: str) -> WordActivations:
+                     hook_name: str, log=None) -> WordActivations:
     """Read ``hook_name`` at ``prompt_token_pos`` of every prompt, prompts of one token length
     batched together (``llm_batch_size``). PlatformError when the position misses the word in most
     prompts: the template tokenizes differently for this tokenizer, and the error names the value
-    that would point at the word."""
+    that would point at the word. ``log`` gets a line at each quarter of the prompts read."""
     tokenizer, pos = hooked.tokenizer, settings.prompt_token_pos
     tail = settings.prompt_template.split("{word}", 1)[1]
     ids, offsets = [], []
@@ -223,12 +223,17 @@ def word_activations(hooked, prompts: list[ap.Prompt], settings: AbsorptionSetti
     for index, tokens in enumerate(ids):
         by_length[len(tokens)].append(index)
     out = torch.empty(len(prompts), hooked.d_model)
+    done, quarter = 0, 1
     with torch.inference_mode():
         for indices in by_length.values():
             for start in range(0, len(indices), settings.llm_batch_size):
                 batch = indices[start:start + settings.llm_batch_size]
                 tensor = torch.tensor([ids[i] for i in batch], device=hooked.device)
                 out[batch] = hooked.read(tensor, (hook_name,))[hook_name][:, pos].float().cpu()
+                done += len(batch)
+                if log and done * 4 >= quarter * len(prompts):
+                    log(f"absorption: read {done:,} of {len(prompts):,} prompts at {hook_name}")
+                    quarter = 1 + done * 4 // len(prompts)
     return WordActivations(out, misses)
 
 
@@ -261,8 +266,8 @@ def evaluate_absorption(hooked, sae, hook_name: str, settings: AbsorptionSetting
     vocab = ap.alpha_vocabulary(hooked.tokenizer)
     train, test = ap.split_prompts(vocab, settings.prompt_template, rng, settings.max_words)
     log(f"absorption: {len(vocab):,} alphabetic tokens; {len(train):,} train / {len(test):,} test words")
-    x_train = word_activations(hooked, train, settings, hook_name)
-    x_test = word_activations(hooked, test, settings, hook_name)
+    x_train = word_activations(hooked, train, settings, hook_name, log)
+    x_test = word_activations(hooked, test, settings, hook_name, log)
     y_train = torch.tensor([p.letter for p in train])
     y_test = np.array([p.letter for p in test])
     probe = ap.train_ground_truth_probe(x_train.values, y_train, settings.random_seed)
