@@ -3,7 +3,8 @@
 Rows come from each SAE's committed evaluation report (``eval/<name>/report.json``, written by
 ``evaluate.evaluate_sae``): reconstruction (FVU, L0, dead fraction), downstream loss recovered and
 the feature metrics of Gao et al. 2024 (N2G precision/recall, ablation sparsity, probe loss and its
-neuron baseline). SAEs of different hook points (``hook_point``: the report's ``hook_name``, a
+neuron baseline), and SAEBench's feature absorption when ``sae_absorption`` scored it
+(``absorption/<name>/absorption.json``). SAEs of different hook points (``hook_point``: the report's ``hook_name``, a
 transcoder's ``hook_name_in -> hook_name``) read different activations, so a column's best value is
 marked among the SAEs of the same hook point only. The page is static HTML with every value escaped
 (``html.escape``), no script.
@@ -13,11 +14,12 @@ import html
 import math
 import time
 
-from sae_platform.catalog import EVAL_REPORT, HookEntry, eval_name
+from sae_platform.catalog import ABSORPTION_REPORT, EVAL_REPORT, HookEntry, absorption_name, eval_name
 from sae_platform.metric_info import GROUPS, HIGHER, LOWER, metric_info
 
 COLUMN_KEYS = ("fvu", "l0", "dead_fraction", "loss_recovered", "n2g_precision", "n2g_recall", "ablation_sparsity",
-               "probe_loss", "probe_loss_neurons", "checkpoint_step", "training_tokens")
+               "probe_loss", "probe_loss_neurons", "mean_absorption_fraction_score", "mean_full_absorption_score",
+               "mean_num_split_features", "checkpoint_step", "training_tokens")
 COLUMNS = tuple((key, metric_info(key).label, {LOWER: True, HIGHER: False}.get(metric_info(key).better))
                 for key in COLUMN_KEYS)  # (report key, heading, lower is better: True / False / None = no direction)
 PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'"  # static HTML: no script, inline style only
@@ -32,7 +34,7 @@ def comparison_rows(store, names: list[str]) -> list[dict]:
         path = store.resolve(eval_name(name))
         if path is None:
             continue
-        report = store.read_json(f"{path}/{EVAL_REPORT}")
+        report = {**store.read_json(f"{path}/{EVAL_REPORT}"), **_absorption_figures(store, name)}
         row = {"sae": name, "hook_point": HookEntry.spec_of(report)}
         for key, _, _ in COLUMNS:
             value = report.get(key)
@@ -40,6 +42,13 @@ def comparison_rows(store, names: list[str]) -> list[dict]:
                 math.isfinite(value) else None
         rows.append(row)
     return rows
+
+
+def _absorption_figures(store, name: str) -> dict:
+    """The committed absorption means of ``name`` (``sae_absorption``); {} when not measured or refused."""
+    path = store.resolve(absorption_name(name))
+    result = store.read_json(f"{path}/{ABSORPTION_REPORT}") if path else {}
+    return result.get("metrics") or {}
 
 
 def _best(rows: list[dict], key: str, lower: bool | None, hook_point: str | None = None):

@@ -86,6 +86,15 @@ METRICS = (
                "the same probes on the channels of the hook point the SAE reads: the baseline to beat", "Gao §4.2"),
     MetricInfo("probe_loss_base_rate", "probe loss (base rate)", FEATURE_QUALITY, "nats (binary CE)", LOWER,
                "the probes' loss when predicting each property's base rate: the no-information floor"),
+    MetricInfo("mean_absorption_fraction_score", "absorption fraction", FEATURE_QUALITY, "fraction", LOWER,
+               "first-letter task: share of the probe's projection carried by absorbing latents instead of the "
+               "letter's own, mean over letters (none: under 20 letters readable)", "SAEBench; Chanin et al. 2024"),
+    MetricInfo("mean_full_absorption_score", "full absorption", FEATURE_QUALITY, "fraction", LOWER,
+               "first-letter task: share of words where the letter's latents stay silent and one absorbing latent "
+               "carries the probe's projection, mean over letters", "SAEBench; Chanin et al. 2024"),
+    MetricInfo("mean_num_split_features", "split features", FEATURE_QUALITY, "latents", None,
+               "first-letter task: latents a letter is split over (k-sparse probe F1 still rising), mean over letters",
+               "SAEBench; Chanin et al. 2024"),
     MetricInfo("checkpoint_step", "steps", TRAINING, "steps", None, "optimizer steps of the evaluated checkpoint"),
     MetricInfo("training_tokens", "tokens", TRAINING, "tokens", None, "training tokens the checkpoint has seen"),
 )

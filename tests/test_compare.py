@@ -63,3 +63,20 @@ def test_page_groups_the_figures_with_units_directions_and_definitions(store):
         info = metric_info(key)
         assert f"<th scope=row>{heading}</th>" in legend and html.escape(info.definition) in legend
     assert "Gao §4.4" in legend and "nats (binary CE)" in legend
+
+
+def test_absorption_figures_join_their_sae_row_and_a_refusal_shows_none(store):
+    from sae_platform.catalog import ABSORPTION_REPORT, absorption_name
+
+    _report(store, "scored", fvu=0.2)
+    _report(store, "refused", fvu=0.3)
+    with store.writing(absorption_name("scored")) as version:
+        store.write_json(f"{version}/{ABSORPTION_REPORT}", {"scored": True, "metrics": {
+            "mean_absorption_fraction_score": 0.12, "mean_full_absorption_score": 0.05, "mean_num_split_features": 1.5}})
+    with store.writing(absorption_name("refused")) as version:
+        store.write_json(f"{version}/{ABSORPTION_REPORT}", {"scored": False, "metrics": None,
+                                                            "refusal": "only 3 of 26 letters ..."})
+    scored, refused = comparison_rows(store, ["scored", "refused"])
+    assert (scored["mean_absorption_fraction_score"], scored["mean_num_split_features"]) == (0.12, 1.5)
+    assert refused["mean_absorption_fraction_score"] is None and refused["mean_full_absorption_score"] is None
+    assert "absorption fraction" in comparison_html([scored, refused])
