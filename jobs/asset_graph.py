@@ -19,6 +19,7 @@ ASSET_PARENTS: dict[str, tuple[str, ...]] = {
     "feature_stats_partial": ("activations", "sae_checkpoint"),
     "feature_topk": ("feature_stats_partial",),
     "neuronpedia_export": ("feature_contexts", "feature_explanations", "feature_topk"),
+    "sae_absorption": ("sae_checkpoint",),
     "sae_checkpoint": ("shuffled_activations",),
     "sae_comparison": ("sae_eval", "sae_sparse_probing"),
     "sae_eval": ("sae_checkpoint",),

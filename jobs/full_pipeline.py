@@ -218,6 +218,7 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         evaluated = evaluated_each.collect()
         # each SAE's probing after its evaluation, so the comparison (after the probing) has both
         step["sae_comparison"](evaluated_each.map(step["sae_sparse_probing"]).collect())
+        trained.map(step["sae_absorption"])  # nothing waits for it: minutes of probes beside the feature tables
         step["scaling_laws"](evaluated)  # refused without a grid of >= 4 widths at one k: logged, not failed
         step["circuit_tracer_export"](evaluated)  # every transcoder set whose layers are all trained
         partials = pinned_batch_keys.alias("pass_1_batches")(evaluated).map(step["feature_stats_partial"]).collect()

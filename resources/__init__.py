@@ -5,6 +5,7 @@ from dataclasses import fields
 from dagster import ConfigurableResource
 from pydantic import Field, create_model, field_validator
 
+from sae_platform.absorption import AbsorptionSettings
 from sae_platform.activations import CacheSettings
 from sae_platform.corpus import TextFile, check_encoding, find_file, list_source, resolve_source, source_stamp
 from sae_platform.evaluate import EvalSettings
@@ -146,6 +147,7 @@ STAGE_SETTINGS = {
     "training": (TrainSettings, ("variant", "n_latents", "k", "hparams", "hook_point"), True),  # the sweep entry's own
     "evaluation": (EvalSettings, (), True),
     "features": (FeatureSettings, (), True),
+    "absorption": (AbsorptionSettings, (), True),
 }
 
 

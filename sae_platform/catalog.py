@@ -18,6 +18,7 @@ shuffle scratch       ``shuffle/<name>/plan``, ``shuffle/<name>/<plan>/pass<p>/j
 shuffled store        ``shuffled/<name>`` (+ ``pieces-<plan>/b<bucket>``), ``<name>.h<i>``        shuffle
 SAE checkpoint        ``sae/<sae_name>``                                                          trainer
 evaluation            ``eval/<sae_name>`` (report, density, held-out codes)                       evaluate
+feature absorption    ``absorption/<sae_name>`` (result, SAEBench's result file)                  absorption
 SAELens export        ``saelens/<sae_name>``                                                      export
 circuit-tracer set    ``circuit_tracer/<set_name>`` (``config.yaml``, ``layer_<i>.safetensors``)   circuit_tracer
 training reports      ``reports/<sae_name>/<file>``, ``reports/<file>``                           assets.training
@@ -49,6 +50,7 @@ SHUFFLED = "shuffled"
 CHECKPOINTS = "sae"
 EVALUATIONS = "eval"
 SPARSE_PROBING = "sparse_probing"
+ABSORPTION = "absorption"
 EXPORTS = "saelens"
 CIRCUIT_TRACER_EXPORTS = "circuit_tracer"
 REPORTS = "reports"
@@ -62,6 +64,9 @@ EVAL_REPORT = "report.json"  # eval/<sae_name>: every evaluation figure
 EVAL_PROBES = "probes.json"  # eval/<sae_name>: the per-property probe table
 SPARSE_PROBING_RESULT = "result.json"  # sparse_probing/<sae_name>: every task's accuracies, skips, averages
 SAEBENCH_SPARSE_PROBING = "saebench_sparse_probing.json"  # sparse_probing/<sae_name>: SAEBench's output schema
+ABSORPTION_REPORT = "absorption.json"  # absorption/<sae_name>: the result (or the refusal), per letter
+# absorption/<sae_name>: the result in SAEBench's AbsorptionEvalOutput schema (only when scored)
+SAEBENCH_ABSORPTION = "absorption_first_letter_eval_results.json"
 SHUFFLED_INDEX = "index.json"  # shuffled/<name>: pinned inputs, plan, pieces, store_index
 LOGIT_EFFECTS = "logit_effects.parquet"  # features/<sae_name>/logits/f<shard>
 LLM_EXPLANATIONS_FILE = "llm_explanations.parquet"  # features/<sae_name>/llm_explanations/f<shard>
@@ -570,6 +575,11 @@ def sparse_probing_name(sae_name: str) -> str:
     """The artifact holding SAE ``sae_name``'s k-sparse probing (``sparse_probing``): the result and
     the same figures in SAEBench's output schema."""
     return f"{SPARSE_PROBING}/{check_sae_name(sae_name)}"
+
+
+def absorption_name(sae_name: str) -> str:
+    """``absorption/<sae_name>``: SAE ``sae_name``'s feature-absorption result (absorption.py)."""
+    return f"{ABSORPTION}/{check_sae_name(sae_name)}"
 
 
 SWEEP_COMPARISON = "sweep_comparison.html"  # reports/<file>: every evaluated SAE of the sweep side by side

@@ -3,23 +3,34 @@
 Rows come from each SAE's committed evaluation report (``eval/<name>/report.json``, written by
 ``evaluate.evaluate_sae``): reconstruction (FVU, L0, dead fraction), downstream loss recovered and
 the feature metrics of Gao et al. 2024 (N2G precision/recall, ablation sparsity, probe loss and its
-neuron baseline), and the top-1 accuracies of k-sparse probing (SAE and residual, from
-``sparse_probing/<name>/result.json`` when ``sae_sparse_probing`` has run). SAEs of different hook
-points (``hook_point``: the report's ``hook_name``, a transcoder's ``hook_name_in -> hook_name``)
-read different activations, so a column's best value is marked among the SAEs of the same hook
-point only. The page is static HTML with every value escaped (``html.escape``), no script.
+neuron baseline), the top-1 accuracies of k-sparse probing (SAE and residual, from
+``sparse_probing/<name>/result.json`` when ``sae_sparse_probing`` has run), and SAEBench's feature
+absorption when ``sae_absorption`` scored it (``absorption/<name>/absorption.json``). SAEs of
+different hook points (``hook_point``: the report's ``hook_name``, a transcoder's
+``hook_name_in -> hook_name``) read different activations, so a column's best value is marked
+among the SAEs of the same hook point only. The page is static HTML with every value escaped
+(``html.escape``), no script.
 """
 
 import html
 import math
 import time
 
-from sae_platform.catalog import EVAL_REPORT, SPARSE_PROBING_RESULT, HookEntry, eval_name, sparse_probing_name
+from sae_platform.catalog import (
+    ABSORPTION_REPORT,
+    EVAL_REPORT,
+    SPARSE_PROBING_RESULT,
+    HookEntry,
+    absorption_name,
+    eval_name,
+    sparse_probing_name,
+)
 from sae_platform.metric_info import GROUPS, HIGHER, LOWER, metric_info
 from sae_platform.reseeds import SweepUnit
 
 COLUMN_KEYS = ("fvu", "l0", "dead_fraction", "loss_recovered", "n2g_precision", "n2g_recall", "ablation_sparsity",
                "probe_loss", "probe_loss_neurons", "sparse_probing_sae_top_1", "sparse_probing_llm_top_1",
+               "mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
                "checkpoint_step", "training_tokens")
 # comparison column → the key of sparse probing's averages over all tasks (sparse_probing/<sae>/result.json)
 SPARSE_PROBING_COLUMNS = {"sparse_probing_sae_top_1": "sae_top_1_test_accuracy",
@@ -40,7 +51,8 @@ def comparison_rows(store, names: list[str]) -> list[dict]:
         path = store.resolve(eval_name(name))
         if path is None:
             continue
-        report = {**store.read_json(f"{path}/{EVAL_REPORT}"), **sparse_probing_figures(store, name)}
+        report = {**store.read_json(f"{path}/{EVAL_REPORT}"), **sparse_probing_figures(store, name),
+                  **_absorption_figures(store, name)}
         row = {"sae": name, "hook_point": HookEntry.spec_of(report)}
         for key, _, _ in COLUMNS:
             value = report.get(key)
@@ -60,6 +72,13 @@ def sparse_probing_figures(store, name: str) -> dict:
         return {}
     averages = store.read_json(f"{path}/{SPARSE_PROBING_RESULT}").get("averages", {}).get("all", {})
     return {column: averages.get(key) for column, key in SPARSE_PROBING_COLUMNS.items()}
+
+
+def _absorption_figures(store, name: str) -> dict:
+    """The committed absorption means of ``name`` (``sae_absorption``); {} when not measured or refused."""
+    path = store.resolve(absorption_name(name))
+    result = store.read_json(f"{path}/{ABSORPTION_REPORT}") if path else {}
+    return result.get("metrics") or {}
 
 
 def _best(rows: list[dict], key: str, lower: bool | None, hook_point: str | None = None):

@@ -93,6 +93,15 @@ METRICS = (
     MetricInfo("sparse_probing_llm_top_1", "sparse probing top-1 (residual)", FEATURE_QUALITY, "accuracy", HIGHER,
                "the same probe on the one channel of the hook point that differs most: the baseline to beat",
                "SAEBench sparse probing"),
+    MetricInfo("mean_absorption_fraction_score", "absorption fraction", FEATURE_QUALITY, "fraction", LOWER,
+               "first-letter task: share of the probe's projection carried by absorbing latents instead of the "
+               "letter's own, mean over letters (none: under 20 letters readable)", "SAEBench; Chanin et al. 2024"),
+    MetricInfo("mean_full_absorption_score", "full absorption", FEATURE_QUALITY, "fraction", LOWER,
+               "first-letter task: share of words where the letter's latents stay silent and one absorbing latent "
+               "carries the probe's projection, mean over letters", "SAEBench; Chanin et al. 2024"),
+    MetricInfo("mean_num_split_features", "split features", FEATURE_QUALITY, "latents", None,
+               "first-letter task: latents a letter is split over (k-sparse probe F1 still rising), mean over letters",
+               "SAEBench; Chanin et al. 2024"),
     MetricInfo("checkpoint_step", "steps", TRAINING, "steps", None, "optimizer steps of the evaluated checkpoint"),
     MetricInfo("training_tokens", "tokens", TRAINING, "tokens", None, "training tokens the checkpoint has seen"),
 )

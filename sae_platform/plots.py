@@ -121,3 +121,22 @@ def scaling_laws_png(points, fit: dict) -> bytes:
            title="Scaling laws (Gao et al. 2024): joint fit solid, fixed k dashed")
     ax.legend()
     return _png(fig)
+
+
+def absorption_by_letter_png(letters: list[dict]) -> bytes:
+    """Bar chart of the mean absorption fraction and full-absorption rate per first letter
+    (``letters``: the ``letters`` of an absorption result; each in [0, 1])."""
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(letters))
+    ax.bar(x - 0.2, [r["mean_absorption_fraction"] for r in letters], 0.4, label="mean absorption fraction",
+           color="tab:blue")
+    ax.bar(x + 0.2, [r["full_absorption_rate"] for r in letters], 0.4, label="full absorption rate",
+           color="tab:orange")
+    ax.set_xticks(x, [r["first_letter"] for r in letters])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("first letter (letters whose ground-truth probe has test F1 > the bar)")
+    ax.set_title("feature absorption per letter (SAEBench, Chanin et al. 2024)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _png(fig)

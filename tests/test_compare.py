@@ -78,3 +78,21 @@ def test_sparse_probing_top_1_accuracies_are_columns_once_probed(store):
     assert rows[1]["sparse_probing_sae_top_1"] is None  # not probed yet: shown as missing
     page = comparison_html(rows)
     assert "sparse probing top-1 ↑" in page and "0.83" in page and "SAEBench sparse probing" in page
+
+
+def test_absorption_figures_join_their_sae_row_and_a_refusal_shows_none(store):
+    from sae_platform.catalog import ABSORPTION_REPORT, absorption_name
+
+    _report(store, "scored", fvu=0.2)
+    _report(store, "refused", fvu=0.3)
+    with store.writing(absorption_name("scored")) as version:
+        store.write_json(f"{version}/{ABSORPTION_REPORT}", {"scored": True, "metrics": {
+            "mean_absorption_fraction_score": 0.12, "mean_full_absorption_score": 0.05,
+            "mean_num_split_features": 1.5}})
+    with store.writing(absorption_name("refused")) as version:
+        store.write_json(f"{version}/{ABSORPTION_REPORT}", {"scored": False, "metrics": None,
+                                                            "refusal": "only 3 of 26 letters ..."})
+    scored, refused = comparison_rows(store, ["scored", "refused"])
+    assert (scored["mean_absorption_fraction_score"], scored["mean_num_split_features"]) == (0.12, 1.5)
+    assert refused["mean_absorption_fraction_score"] is None and refused["mean_full_absorption_score"] is None
+    assert "absorption fraction" in comparison_html([scored, refused])
