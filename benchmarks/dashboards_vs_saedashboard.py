@@ -1,8 +1,8 @@
 """Feature dashboards: our feature stages against sae-dashboard 0.8.0's own runner, in one run, on the
 same SAE, the same tokens and the same number of features.
 
-    python benchmarks/dashboards_vs_saedashboard.py --quick   # 6k tokens, 512 features: under a minute on 2 cores
-    python benchmarks/dashboards_vs_saedashboard.py           # 32k tokens, 4096 features (the README's figures)
+    python benchmarks/dashboards_vs_saedashboard.py --quick   # 4k tokens, 256 features
+    python benchmarks/dashboards_vs_saedashboard.py           # 16k tokens, 2,048 features (the README's figures)
 
 The model: sae-dashboard runs the model itself through TransformerLens, whose ``from_pretrained`` only
 takes names from its list of official models (it looks the name up before it would read a local
@@ -26,16 +26,18 @@ whole process, imports included; the work alone is reported too, as VmHWM after 
   ``regroup_by_feature``) and the browser writer (``build_site``), every artifact committed to a local
   store. It reads the cached activations; the caching forward pass is timed apart (``caching_s``).
 - sae-dashboard (its venv, ``SAE_DASHBOARD_PYTHON``, default /work/venvs/sae-dashboard/bin/python, built
-  by ``make sae-dashboard-venv``): ``SaeVisRunner(SaeVisConfig(...)).run(encoder, model, tokens)`` for
-  every latent, then ``save_feature_centric_vis`` (its HTML dashboards). Its defaults (256 features per
-  batch, 64 contexts per forward) except two settings that make it pick its top examples among the same
-  tokens as ours: ``ignore_positions=[0]`` (the start token, never a training row) and the sequence
-  group's ``buffer=None`` (by default it skips the first 6 and last 5 positions of every context).
+  by ``make sae-dashboard-venv``): ``SaeVisRunner(SaeVisConfig(hook_point, features)).run(encoder, model,
+  tokens)`` for every latent at its defaults (256 features per batch, each batch a forward pass over all
+  tokens in minibatches of 64 contexts; top 20, 10 quantile groups of 5; 12-token windows), then
+  ``save_feature_centric_vis`` (its HTML dashboards). One change to the SAE: its runner folds the decoder
+  norms, which SAELens 6.54 refuses for a TopK SAE saved without ``rescale_acts_by_decoder_norm``; that
+  flag is set on the loaded SAE, which changes nothing here (every decoder row of ours has the same norm).
 
-Agreement: per feature that activates anywhere, the share of our top-20 token positions (context,
-position) that are among sae-dashboard's top-20 (a feature with fewer than 20 activating tokens: all of
-its activating ones); the mean over features. Ours reads float16 activations, it computes float32 ones:
-a near-tie at the 20th place may differ (``--dtype float32`` stores float32 to show that alone).
+Agreement: sae-dashboard picks examples only from positions 6..122 of each context (its sequence
+buffer); ours from every position but the start token. Per feature that activates, the share of our
+top-20 token positions (context, position) inside that range that are among its top-20 (ours restricted
+to the range is the top of the same tokens, so each must be there); the mean over features. Ours reads
+float16 activations, it computes float32 ones: a near-tie may swap (``--dtype float32`` shows that alone).
 
 Prints a table, then one JSON line per figure (metric, value, baseline, ratio, goal, lower_is_better,
 peer, peer_version); the full mode also writes them to benchmarks/results/dashboards.jsonl (``--out``).
@@ -63,7 +65,7 @@ TOP = 20  # top examples per feature, both sides (FeatureSettings.top_k; Sequenc
 LAYER, N_LAYERS, CTX_LEN, K = 2, 4, 128, 32
 HOOK = f"blocks.{LAYER}.hook_resid_post"
 SAE_NAME, PARTITION = "bench", "text"
-SIZES = {"quick": {"contexts": 48, "latents": 512}, "full": {"contexts": 256, "latents": 4096}}
+SIZES = {"quick": {"contexts": 32, "latents": 256}, "full": {"contexts": 128, "latents": 2048}}
 
 
 def emit(**fields) -> None:
@@ -148,6 +150,7 @@ def ours(args) -> None:
     import numpy as np
     import polars as pl
     import torch
+    import transformers  # noqa: F401  (load_hooked_model imports it lazily: an import, outside the timing)
 
     from sae_platform import catalog
     from sae_platform import contexts as ctx
@@ -165,7 +168,7 @@ def ours(args) -> None:
     info = json.loads((work / "prepared.json").read_text())
     gc.collect()
     _reset_peak()
-    before = _status()
+    before, cpu = _status(), time.process_time()
     seconds, t = {}, time.perf_counter()
 
     def lap(name):
@@ -208,7 +211,7 @@ def ours(args) -> None:
                                f"{store.resolve(catalog.logits_name(SAE_NAME, index))}/{catalog.LOGIT_EFFECTS}")}
                           for index, ((start, stop), t, s) in enumerate(zip(shards, tables, shown, strict=True))])
     lap("browser")
-    after = _status()
+    after, cpu = _status(), time.process_time() - cpu
     part = open_partition(store, PARTITION)
     top = pl.concat([t.examples.filter(pl.col("kind") == "top") for t in tables])
     rows = top["row"].to_numpy()
@@ -217,7 +220,7 @@ def ours(args) -> None:
              position=np.asarray(part.group["position"][:])[rows])
     emit(side="ours", seconds=sum(seconds.values()), stage_seconds=seconds, checks_ok=all(checks),
          n_features=int(site["n_features"]), site_bytes=int(site["bytes"]),
-         work_peak_bytes=after["VmHWM"] - before["VmRSS"], torch_threads=torch.get_num_threads())
+         work_peak_bytes=after["VmHWM"] - before["VmRSS"], cpu_seconds=cpu, torch_threads=torch.get_num_threads())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +241,21 @@ def load_transformer_lens(model_dir: str):
     model.load_and_process_state_dict(loading.get_pretrained_state_dict(model_dir, cfg, hf_model=hf_model),
                                       fold_ln=False, center_writing_weights=False, center_unembed=False,
                                       fold_value_biases=False)
-    return model.eval()
+    return model.eval(), hf_model
+
+
+def tl_matches_hugging_face(model, hf_model, tokens) -> float:
+    """The largest difference between TransformerLens's hook point and the Hugging Face model's
+    hidden state after the same block, on two contexts; SystemExit past float32 rounding."""
+    import torch
+
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[:2], names_filter=HOOK)
+        expected = hf_model(tokens[:2], output_hidden_states=True).hidden_states[LAYER + 1]
+    diff = float((cache[HOOK] - expected).abs().max())
+    if diff > 1e-4 * max(1.0, float(expected.abs().max())):
+        raise SystemExit(f"TransformerLens's {HOOK} differs from the Hugging Face model's by {diff}")
+    return diff
 
 
 def peer(args) -> None:
@@ -247,15 +264,7 @@ def peer(args) -> None:
 
     import numpy as np
     import torch
-    from sae_dashboard.components_config import (
-        ActsHistogramConfig,
-        FeatureTablesConfig,
-        LogitsHistogramConfig,
-        LogitsTableConfig,
-        SequencesConfig,
-    )
     from sae_dashboard.data_writing_fns import save_feature_centric_vis
-    from sae_dashboard.layout import Column, SaeVisLayoutConfig
     from sae_dashboard.sae_vis_data import SaeVisConfig
     from sae_dashboard.sae_vis_runner import SaeVisRunner
     from sae_lens import SAE
@@ -268,21 +277,23 @@ def peer(args) -> None:
     info = json.loads((work / "prepared.json").read_text())
     gc.collect()
     _reset_peak()
-    before = _status()
+    before, cpu = _status(), time.process_time()
     seconds, t = {}, time.perf_counter()
-    model = load_transformer_lens(info["model_dir"])
+    model, hf_model = load_transformer_lens(info["model_dir"])
     sae = SAE.load_from_disk(str(work / "saelens"), device="cpu")
     # SaeVisRunner folds the decoder norms into the encoder, which SAELens refuses for a TopK SAE unless
     # it selects on norm-scaled pre-activations. Every decoder row of ours has the same norm (1 /
     # input_scale), so that scaling is uniform: the same top k, each code scaled by the same factor.
     sae.cfg.rescale_acts_by_decoder_norm = True
     tokens = torch.from_numpy(np.load(work / "tokens.npy")).long()
-    # its default feature-centric layout, the sequences picked among every position (buffer=None)
-    layout = SaeVisLayoutConfig(columns=[
-        Column(FeatureTablesConfig()), Column(ActsHistogramConfig(), LogitsTableConfig(), LogitsHistogramConfig()),
-        Column(SequencesConfig(stack_mode="stack-none", buffer=None, top_acts_group_size=TOP))], height=750)
-    cfg = SaeVisConfig(hook_point=HOOK, features=range(args.latents), ignore_positions=[0],
-                       feature_centric_layout=layout, device="cpu", seed=0)
+    cfg = SaeVisConfig(hook_point=HOOK, features=range(args.latents), device="cpu")  # its defaults otherwise
+    # where it picks examples from: its sequence group's buffer skips each context's first buffer[0] + 1
+    # and last buffer[1] positions (SequenceDataGenerator.get_buffer_and_padding)
+    if cfg.feature_centric_layout.seq_cfg.top_acts_group_size != TOP:
+        raise SystemExit(f"{PEER} {installed} shows {cfg.feature_centric_layout.seq_cfg.top_acts_group_size} top "
+                         f"examples by default, this benchmark compares {TOP}")
+    buffer = cfg.feature_centric_layout.seq_cfg.buffer
+    eligible = (0, tokens.shape[1]) if buffer is None else (buffer[0] + 1, tokens.shape[1] - buffer[1])
     seconds["load"] = time.perf_counter() - t
     t = time.perf_counter()
     data = SaeVisRunner(cfg).run(encoder=sae, model=model, tokens=tokens)
@@ -290,17 +301,20 @@ def peer(args) -> None:
     t = time.perf_counter()
     save_feature_centric_vis(data, work / "sae_dashboard.html")
     seconds["write"] = time.perf_counter() - t
-    after = _status()
+    after, cpu = _status(), time.process_time() - cpu
+    diff = tl_matches_hugging_face(model, hf_model, tokens)
     feature, context, position = [], [], []
     for f, fd in data.feature_data_dict.items():
         for seq in fd.sequence_data.seq_group_data[0].seq_data:  # the top-activations group
             feature.append(f)
             context.append(seq.original_index)
             position.append(seq.qualifying_token_index)
-    np.savez(work / "peer_top.npz", feature=np.array(feature), context=np.array(context), position=np.array(position))
+    np.savez(work / "peer_top.npz", feature=np.array(feature), context=np.array(context), position=np.array(position),
+             eligible=np.array(eligible))
     emit(side="peer", seconds=sum(seconds.values()), stage_seconds=seconds, n_features=len(data.feature_data_dict),
          html_bytes=(work / "sae_dashboard.html").stat().st_size, work_peak_bytes=after["VmHWM"] - before["VmRSS"],
-         peer_version=installed, torch_threads=torch.get_num_threads())
+         cpu_seconds=cpu,
+         peer_version=installed, torch_threads=torch.get_num_threads(), tl_vs_hf_max_abs_diff=diff)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,21 +340,27 @@ def run_side(python: str, side: str, args, work: Path, env: dict) -> dict:
 
 
 def top_overlap(work: Path) -> dict:
-    """Mean over features of |our top-20 ∩ its top-20| / |our top-20| (token positions as (context,
-    position)); our list holds only activating tokens, so a rare feature's is shorter than 20."""
+    """Mean over features of the share of our top-20 token positions (context, position) that are in
+    sae-dashboard's top-20, counting only the positions it picks from (``eligible``): ours, ranked over
+    every position, restricted to those is the top of the same tokens, so each must be among its top-20.
+    Our list holds activating tokens only, so a rare feature's is shorter than 20."""
     import numpy as np
 
-    def by_feature(name):
-        z = np.load(work / name)
+    theirs_npz = np.load(work / "peer_top.npz")
+    lo, hi = theirs_npz["eligible"].tolist()
+
+    def by_feature(z, keep=lambda p: True):
         groups: dict[int, set] = {}
         for f, c, p in zip(z["feature"].tolist(), z["context"].tolist(), z["position"].tolist(), strict=True):
-            groups.setdefault(f, set()).add((c, p))
+            if keep(p):
+                groups.setdefault(f, set()).add((c, p))
         return groups
 
-    ours, theirs = by_feature("ours_top.npz"), by_feature("peer_top.npz")
+    ours, theirs = by_feature(np.load(work / "ours_top.npz"), lambda p: lo <= p < hi), by_feature(theirs_npz)
     shares = [len(o & theirs.get(f, set())) / len(o) for f, o in ours.items() if o]
     return {"mean": float(np.mean(shares)), "min": float(np.min(shares)), "n_features": len(shares),
-            "all_agree": sum(s == 1.0 for s in shares), "fewer_than_top": sum(len(o) < TOP for o in ours.values())}
+            "all_agree": sum(s == 1.0 for s in shares), "positions_compared": [lo, hi],
+            "positions_per_feature": float(np.mean([len(o) for o in ours.values()]))}
 
 
 def lines_for(args, prepared: dict, o: dict, p: dict, overlap: dict, common: dict) -> list[dict]:
@@ -353,6 +373,10 @@ def lines_for(args, prepared: dict, o: dict, p: dict, overlap: dict, common: dic
          "ratio": fps["ours"] / fps["peer"], "goal": GOAL_THROUGHPUT, "unit": "features/s", **peer_fields, **common},
         {"metric": "dashboard_tokens_per_s", "value": tps["ours"], "baseline": tps["peer"],
          "ratio": tps["ours"] / tps["peer"], "goal": GOAL_THROUGHPUT, "unit": "tokens/s", **peer_fields, **common},
+        {"metric": "dashboard_features_per_cpu_s", "value": n_features / o["cpu_seconds"],
+         "baseline": n_features / p["cpu_seconds"], "ratio": p["cpu_seconds"] / o["cpu_seconds"],
+         "goal": GOAL_THROUGHPUT, "unit": "features per CPU second (every thread; steadier than wall time on a "
+                                         "shared machine)", **peer_fields, **common},
         {"metric": "dashboard_peak_rss_bytes", "value": o["peak_rss_bytes"], "baseline": p["peak_rss_bytes"],
          "ratio": o["peak_rss_bytes"] / p["peak_rss_bytes"], "goal": GOAL_MEMORY, "lower_is_better": True,
          "unit": "bytes", "measured_as": "ru_maxrss of each side's process (os.wait4), imports included",
@@ -365,7 +389,7 @@ def lines_for(args, prepared: dict, o: dict, p: dict, overlap: dict, common: dic
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="6k tokens, 512 features (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="4k tokens, 256 features")
     parser.add_argument("--contexts", type=int, default=None, help="contexts of 128 tokens")
     parser.add_argument("--latents", type=int, default=None, help="SAE latents = features given dashboards")
     parser.add_argument("--d-model", type=int, default=256, help="the tiny model's width")
@@ -406,7 +430,8 @@ def main() -> int:
     for name, r in (("ours", o), (f"{PEER} {p['peer_version']}", p)):
         parts = {k: round(v, 2) for k, v in r["stage_seconds"].items()}
         print(f"{name:<22} {r['seconds']:7.1f} s  {args.latents / r['seconds']:8.1f} features/s  "
-              f"{prepared['n_tokens'] / r['seconds']:9.0f} tokens/s  peak RSS {mib(r['peak_rss_bytes']):7.0f} MiB "
+              f"{prepared['n_tokens'] / r['seconds']:9.0f} tokens/s  CPU {r['cpu_seconds']:6.1f} s  "
+              f"peak RSS {mib(r['peak_rss_bytes']):7.0f} MiB "
               f"(work {mib(r['work_peak_bytes']):6.0f} MiB)  {parts}")
     print(f"top-{TOP} agreement: {overlap}; our checks ok: {o['checks_ok']}")
     print(f"wall {wall_s:.0f} s; load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs"
