@@ -370,7 +370,8 @@ def lines_for(args, prepared: dict, o: dict, p: dict, overlap: dict, common: dic
     peer_fields = {"peer": PEER, "peer_version": p["peer_version"]}
     return [
         {"metric": "dashboard_features_per_s", "value": fps["ours"], "baseline": fps["peer"],
-         "ratio": fps["ours"] / fps["peer"], "goal": GOAL_THROUGHPUT, "unit": "features per second", **peer_fields, **common},
+         "ratio": fps["ours"] / fps["peer"], "goal": GOAL_THROUGHPUT, "unit": "features per second", **peer_fields,
+         **common},
         {"metric": "dashboard_tokens_per_s", "value": tps["ours"], "baseline": tps["peer"],
          "ratio": tps["ours"] / tps["peer"], "goal": GOAL_THROUGHPUT, "unit": "tokens/s", **peer_fields, **common},
         {"metric": "dashboard_features_per_cpu_s", "value": n_features / o["cpu_seconds"],
