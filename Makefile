@@ -18,7 +18,7 @@ TORCH_PIN := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0*.whl),torch==2.13.0,)
 # 0.7: circuit-tracer 0.5.0 imports nnsight.intervention.tracing, which 0.8 removed.
 CIRCUIT_TRACER_VENV ?= /work/venvs/circuit-tracer
 
-.PHONY: setup browser postgres redis demo lint test test-fast bench gpu-check browse ui clean neuronpedia-venv circuit-tracer-venv peer-venvs sparsify-venv sae-lens-venv
+.PHONY: setup browser postgres redis demo lint test test-fast bench gpu-check browse ui clean neuronpedia-venv circuit-tracer-venv peer-venvs sparsify-venv sae-lens-venv sae-dashboard-venv
 
 setup: $(VENV)/.installed $(SAE_PLATFORM_DATA)/.fetched $(DAGSTER_HOME)/dagster.yaml
 
@@ -107,7 +107,7 @@ circuit-tracer-venv:
 # as a subprocess of that venv's python (benchmarks/peer_venv.py) and skip it, naming the target below, when absent.
 SPARSIFY_VENV ?= /work/venvs/sparsify
 SAE_LENS_VENV ?= /work/venvs/sae-lens
-peer-venvs: sparsify-venv sae-lens-venv
+peer-venvs: sparsify-venv sae-lens-venv sae-dashboard-venv
 
 sparsify-venv:
 	$(PYTHON) -m venv $(SPARSIFY_VENV)
@@ -116,3 +116,15 @@ sparsify-venv:
 sae-lens-venv:
 	$(PYTHON) -m venv $(SAE_LENS_VENV)
 	$(SAE_LENS_VENV)/bin/pip install -q $(FIND_LINKS) $(TORCH_PIN) sae-lens==6.54.12 safetensors
+
+# sae-dashboard 0.8.0 (with transformer-lens and sae-lens) in its own environment, never in .venv:
+# benchmarks/dashboards_vs_saedashboard.py runs its SaeVisRunner as a subprocess and skips, naming this target,
+# while it is absent (SAE_DASHBOARD_PYTHON overrides the path). Two fixes to what pip resolves: pyarrow below 22
+# (26 imports only with NumPy 2, which transformer-lens 2.17 pins below 2 on Python 3.11), and no torchvision
+# (the registry's 0.28 wheel is the CUDA build, which fails to load beside the CPU torch and breaks transformers'
+# imports; only sae-dashboard's unused CLT support, decode-clt, declares it).
+SAE_DASHBOARD_VENV ?= /work/venvs/sae-dashboard
+sae-dashboard-venv:
+	$(PYTHON) -m venv $(SAE_DASHBOARD_VENV)
+	$(SAE_DASHBOARD_VENV)/bin/pip install -q $(FIND_LINKS) $(TORCH_PIN) sae-dashboard==0.8.0 'pyarrow<22'
+	$(SAE_DASHBOARD_VENV)/bin/pip uninstall -q -y torchvision

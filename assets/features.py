@@ -20,6 +20,7 @@ from sae_platform.activations import activation_attrs, activation_hook_entry, op
 from sae_platform.browser.address import BROWSER_URL
 from sae_platform.browser.publish import build_site, site_record
 from sae_platform.catalog import eval_name, trained_on
+from sae_platform.contexts import shown_examples
 from sae_platform.feature_check import brute_force_check
 from sae_platform.feature_merge import FeatureTables, merge_shard_tables, read_tables, write_tables
 from sae_platform.freshness import features_behind, stale_reasons
@@ -41,13 +42,6 @@ def _shard(key: str) -> int:
 
 def _settings(run: StageRun) -> ft.FeatureSettings:
     return run.resources.features.settings()
-
-
-def shown_examples(examples: pl.DataFrame, random_examples: int) -> pl.DataFrame:
-    """The examples that get context windows: all top and interval ones, and the first
-    ``random_examples`` of the random sample (ranked by sample key, so still a uniform sample).
-    The whole sample stays in the tables for interval picking and statistics."""
-    return examples.filter((pl.col("kind") != "random") | (pl.col("rank") < random_examples))
 
 
 def sae_shuffle(run: StageRun) -> str:

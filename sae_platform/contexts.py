@@ -129,6 +129,13 @@ log = logging.getLogger(__name__)
 # Requests
 # ---------------------------------------------------------------------------------------------
 
+def shown_examples(examples: pl.DataFrame, random_examples: int) -> pl.DataFrame:
+    """The examples that get context windows: all top and interval ones, and the first
+    ``random_examples`` of the random sample (ranked by sample key, so still a uniform sample).
+    The whole sample stays in the tables for interval picking and statistics."""
+    return examples.filter((pl.col(KIND) != "random") | (pl.col(RANK) < random_examples))
+
+
 def requests_for_partition(examples: pl.DataFrame, partition_key: str) -> pl.DataFrame:
     """The example rows that point into activation partition ``partition_key`` (schema
     ``EXAMPLE_SCHEMA``, sorted by feature, kind, interval, rank)."""

@@ -1,0 +1,456 @@
+"""Feature dashboards: our feature stages against sae-dashboard 0.8.0's own runner, in one run, on the
+same SAE, the same tokens and the same number of features.
+
+    python benchmarks/dashboards_vs_saedashboard.py --quick   # 4k tokens, 256 features
+    python benchmarks/dashboards_vs_saedashboard.py           # 16k tokens, 2,048 features (the README's figures)
+
+The model: sae-dashboard runs the model itself through TransformerLens, whose ``from_pretrained`` only
+takes names from its list of official models (it looks the name up before it would read a local
+folder), and SmolLM2 is not on that list; so the script builds a tiny random Llama (``build_tiny_model``
+of tests/conftest.py: a real byte-level BPE tokenizer, 4 blocks, d_model 256) that both load from the
+same folder: we with ``load_hooked_model``, sae-dashboard's side through TransformerLens's own
+conversion of a local Hugging Face folder (``get_pretrained_model_config`` and
+``get_pretrained_state_dict``, no processing, so its ``blocks.2.hook_resid_post`` is the Hugging Face
+model's; checked against it). The SAE: TopK, k 32, random weights calibrated on the cached
+activations, written in SAELens's layout by ``export.export_saelens`` and loaded by sae-dashboard with
+``SAE.load_from_disk``. The tokens: the demo corpus packed into contexts of 128 by our caching stage
+(``cache_text_file``, stores float16 as deployed, sinks kept: ``sink_norm_factor`` 0), and exactly the
+stored ``tokens`` [contexts, 128] handed to sae-dashboard.
+
+Sides, each a fresh subprocess (its peak memory is the child's ``ru_maxrss`` from ``os.wait4``: the
+whole process, imports included; the work alone is reported too, as VmHWM after minus VmRSS before):
+
+- ours (this venv): the feature stages as the pipeline runs them, through the compute core: pass 1
+  (``compute_and_write_partials``, every feature shard), pass 2 (``merge_shard_tables``, logit effects,
+  the blocking ``brute_force_check``), pass 3 (``build_partition_windows`` from pass 1's codes,
+  ``regroup_by_feature``) and the browser writer (``build_site``), every artifact committed to a local
+  store. It reads the cached activations; the caching forward pass is timed apart (``caching_s``).
+- sae-dashboard (its venv, ``SAE_DASHBOARD_PYTHON``, default /work/venvs/sae-dashboard/bin/python, built
+  by ``make sae-dashboard-venv``): ``SaeVisRunner(SaeVisConfig(hook_point, features)).run(encoder, model,
+  tokens)`` for every latent at its defaults (256 features per batch, each batch a forward pass over all
+  tokens in minibatches of 64 contexts; top 20, 10 quantile groups of 5; 12-token windows), then
+  ``save_feature_centric_vis`` (its HTML dashboards). One change to the SAE: its runner folds the decoder
+  norms, which SAELens 6.54 refuses for a TopK SAE saved without ``rescale_acts_by_decoder_norm``; that
+  flag is set on the loaded SAE, which changes nothing here (every decoder row of ours has the same norm).
+
+Agreement: sae-dashboard picks examples only from positions 6..122 of each context (its sequence
+buffer); ours from every position but the start token. Per feature that activates, the share of our
+top-20 token positions (context, position) inside that range that are among its top-20 (ours restricted
+to the range is the top of the same tokens, so each must be there); the mean over features. Ours reads
+float16 activations, it computes float32 ones: a near-tie may swap (``--dtype float32`` shows that alone).
+
+Prints a table, then one JSON line per figure (metric, value, baseline, ratio, goal, lower_is_better,
+peer, peer_version); the full mode also writes them to benchmarks/results/dashboards.jsonl (``--out``).
+Without sae-dashboard's venv it prints why and the make target, and exits 0 having run nothing.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
+
+PEER, PEER_VERSION = "sae-dashboard", "0.8.0"
+MAKE_TARGET = "sae-dashboard-venv"
+PEER_PYTHON = os.environ.get("SAE_DASHBOARD_PYTHON", "/work/venvs/sae-dashboard/bin/python")
+RESULTS = REPO / "benchmarks" / "results" / "dashboards.jsonl"
+GOAL_THROUGHPUT, GOAL_MEMORY, GOAL_OVERLAP = 3.0, 0.5, 1.0
+TOP = 20  # top examples per feature, both sides (FeatureSettings.top_k; SequencesConfig.top_acts_group_size)
+LAYER, N_LAYERS, CTX_LEN, K = 2, 4, 128, 32
+HOOK = f"blocks.{LAYER}.hook_resid_post"
+SAE_NAME, PARTITION = "bench", "text"
+SIZES = {"quick": {"contexts": 32, "latents": 256}, "full": {"contexts": 128, "latents": 2048}}
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def _status() -> dict:
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+                if k in ("VmHWM", "VmRSS")}
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peer_missing() -> str | None:
+    """Why sae-dashboard's side cannot run (its interpreter is absent), naming the make target; None if it can."""
+    if Path(PEER_PYTHON).is_file():
+        return None
+    return (f"{PEER} side skipped: its venv is not built (no {PEER_PYTHON}); run `make {MAKE_TARGET}`, or point "
+            "SAE_DASHBOARD_PYTHON at a python that has sae-dashboard==0.8.0")
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare (this venv): model, tokens, cached activations, the SAE in both layouts
+# ---------------------------------------------------------------------------------------------
+
+def prepare(work: Path, args) -> dict:
+    import numpy as np
+    import torch
+    from circuit_tracer_check import readable_by_older_transformers
+    from conftest import build_tiny_model
+
+    from sae_platform.activations import CacheSettings, cache_text_file, open_partition
+    from sae_platform.corpus import TextFile
+    from sae_platform.export import export_saelens
+    from sae_platform.model import load_hooked_model
+    from sae_platform.sae import build_sae
+    from sae_platform.storage import ArtifactStore
+
+    # TransformerLens reads a local folder as a Llama only when its path says "llama", and then
+    # without reading its config: so this folder's name must not.
+    model_dir = build_tiny_model(work / "tiny_model", hidden=args.d_model, layers=N_LAYERS)
+    readable_by_older_transformers(model_dir)  # the peer's transformers 4.56 reads the tokenizer too
+    model = load_hooked_model(str(model_dir), LAYER, "cpu", "none")
+    corpus = sorted(Path(args.corpus).glob("*.txt"))
+    if not corpus:
+        raise SystemExit(f"no .txt files in {args.corpus}: run `make setup` (it fetches the demo corpus) or pass "
+                         "--corpus DIR")
+    text = work / "text.txt"
+    text.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in corpus[:2]), encoding="utf-8")
+    store = ArtifactStore(str(work / "store"))
+    settings = CacheSettings(ctx_len=CTX_LEN, dtype=args.dtype, sink_norm_factor=0, hook_points=[HOOK])
+    started = time.perf_counter()
+    summary = cache_text_file(store, TextFile(str(text), PARTITION), model, str(model_dir), settings,
+                              max_contexts=args.contexts)
+    caching_s = time.perf_counter() - started
+    part = open_partition(store, PARTITION)
+    tokens = np.asarray(part.group["tokens"][:])
+    if tokens.shape[0] != args.contexts:
+        raise SystemExit(f"the corpus packs into {tokens.shape[0]} contexts, not {args.contexts}: pass a bigger "
+                         "--corpus")
+    np.save(work / "tokens.npy", tokens)
+    torch.manual_seed(0)
+    sae = build_sae("topk", model.d_model, args.latents, k=K).eval()
+    sae.calibrate_(torch.from_numpy(np.asarray(part.acts[:4096])).float())
+    torch.save(sae.state_dict(), work / "sae.pt")
+    export_saelens(sae, str(work / "saelens"), hook_name=HOOK, model_name=str(model_dir), context_size=CTX_LEN)
+    return {"model_dir": str(model_dir), "n_tokens": int(tokens.size), "n_contexts": int(tokens.shape[0]),
+            "n_rows": int(part.n_rows), "caching_s": caching_s, "cached_tokens_per_s": summary["tokens_per_second"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# our side (this venv, a fresh process)
+# ---------------------------------------------------------------------------------------------
+
+def ours(args) -> None:
+    import gc
+
+    import numpy as np
+    import polars as pl
+    import torch
+    import transformers  # noqa: F401  (load_hooked_model imports it lazily: an import, outside the timing)
+
+    from sae_platform import catalog
+    from sae_platform import contexts as ctx
+    from sae_platform import features as ft
+    from sae_platform.activations import open_partition
+    from sae_platform.browser.publish import build_site
+    from sae_platform.feature_check import brute_force_check
+    from sae_platform.feature_merge import merge_shard_tables, read_tables, write_tables
+    from sae_platform.logits import logit_effects, unembedding_matrix
+    from sae_platform.model import load_hooked_model
+    from sae_platform.sae import build_sae
+    from sae_platform.storage import ArtifactStore
+
+    work = Path(args.work)
+    info = json.loads((work / "prepared.json").read_text())
+    gc.collect()
+    _reset_peak()
+    before, cpu = _status(), time.process_time()
+    seconds, t = {}, time.perf_counter()
+
+    def lap(name):
+        nonlocal t
+        now = time.perf_counter()
+        seconds[name], t = now - t, now
+
+    store = ArtifactStore(str(work / "store"))
+    sae = build_sae("topk", args.d_model, args.latents, k=K).eval()
+    sae.load_state_dict(torch.load(work / "sae.pt", weights_only=True))
+    hooked = load_hooked_model(info["model_dir"], LAYER, "cpu", "none")
+    settings = ft.FeatureSettings(sae_name=SAE_NAME, top_k=TOP)
+    shards = ft.feature_shards(sae.n_latents, catalog.N_FEATURE_SHARDS)
+    lap("load")
+    ft.compute_and_write_partials(store, sae, SAE_NAME, PARTITION, shards, settings)
+    lap("pass_1")
+    unembedding = unembedding_matrix(hooked.model)
+    checks = []
+    for index, (start, stop) in enumerate(shards):
+        write_tables(store, SAE_NAME, index, merge_shard_tables(store, sae, SAE_NAME, index, [PARTITION], settings))
+        with store.writing(catalog.logits_name(SAE_NAME, index)) as version:
+            store.write_parquet(f"{version}/{catalog.LOGIT_EFFECTS}",
+                                logit_effects(sae, unembedding, hooked.tokenizer, start, stop))
+        checks.append(brute_force_check(store, sae, SAE_NAME, index, start, stop)["ok"])
+    lap("pass_2")
+    tables = [read_tables(store, SAE_NAME, index) for index in range(len(shards))]
+    shown = [ctx.shown_examples(t.examples, settings.random_examples) for t in tables]
+    ctx.build_partition_windows(store, SAE_NAME, sae, PARTITION, pl.concat(shown), hooked.tokenizer,
+                                before=settings.before, after=settings.after,
+                                codes=ft.read_codes(store, SAE_NAME, PARTITION, sae))
+    for index, (start, stop) in enumerate(shards):
+        ctx.write_feature_contexts(store, SAE_NAME, index, ctx.regroup_by_feature(store, SAE_NAME, [PARTITION],
+                                                                                  start, stop))
+    lap("pass_3")
+    site = build_site(catalog.browser_dir(store, SAE_NAME), sae_name=SAE_NAME, hist_bin_edges=ft.hist_bin_edges(),
+                      lineage={}, n_intervals=settings.n_intervals, hook_point=HOOK, shards=[
+                          {"start": start, "stop": stop, "feature_stats": t.stats, "feature_examples": s,
+                           "feature_contexts": ctx.read_feature_contexts(store, SAE_NAME, index),
+                           "logit_effects": store.read_parquet(
+                               f"{store.resolve(catalog.logits_name(SAE_NAME, index))}/{catalog.LOGIT_EFFECTS}")}
+                          for index, ((start, stop), t, s) in enumerate(zip(shards, tables, shown, strict=True))])
+    lap("browser")
+    after, cpu = _status(), time.process_time() - cpu
+    part = open_partition(store, PARTITION)
+    top = pl.concat([t.examples.filter(pl.col("kind") == "top") for t in tables])
+    rows = top["row"].to_numpy()
+    np.savez(work / "ours_top.npz", feature=top["feature"].to_numpy(),
+             context=np.asarray(part.group["context_id"][:])[rows],
+             position=np.asarray(part.group["position"][:])[rows])
+    emit(side="ours", seconds=sum(seconds.values()), stage_seconds=seconds, checks_ok=all(checks),
+         n_features=int(site["n_features"]), site_bytes=int(site["bytes"]),
+         work_peak_bytes=after["VmHWM"] - before["VmRSS"], cpu_seconds=cpu, torch_threads=torch.get_num_threads())
+
+
+# ---------------------------------------------------------------------------------------------
+# sae-dashboard's side (its venv, a fresh process; nothing of the platform is imported there)
+# ---------------------------------------------------------------------------------------------
+
+def load_transformer_lens(model_dir: str):
+    """The Hugging Face folder as a HookedSAETransformer, unprocessed (no folding or centring, so every
+    hook point holds the Hugging Face model's values), through TransformerLens's own conversion."""
+    import torch
+    from sae_lens import HookedSAETransformer
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = loading.get_pretrained_model_config(model_dir, fold_ln=False, device="cpu", dtype=torch.float32)
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = HookedSAETransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    model.load_and_process_state_dict(loading.get_pretrained_state_dict(model_dir, cfg, hf_model=hf_model),
+                                      fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                      fold_value_biases=False)
+    return model.eval(), hf_model
+
+
+def tl_matches_hugging_face(model, hf_model, tokens) -> float:
+    """The largest difference between TransformerLens's hook point and the Hugging Face model's
+    hidden state after the same block, on two contexts; SystemExit past float32 rounding."""
+    import torch
+
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[:2], names_filter=HOOK)
+        expected = hf_model(tokens[:2], output_hidden_states=True).hidden_states[LAYER + 1]
+    diff = float((cache[HOOK] - expected).abs().max())
+    if diff > 1e-4 * max(1.0, float(expected.abs().max())):
+        raise SystemExit(f"TransformerLens's {HOOK} differs from the Hugging Face model's by {diff}")
+    return diff
+
+
+def peer(args) -> None:
+    import gc
+    from importlib.metadata import version
+
+    import numpy as np
+    import torch
+    from sae_dashboard.data_writing_fns import save_feature_centric_vis
+    from sae_dashboard.sae_vis_data import SaeVisConfig
+    from sae_dashboard.sae_vis_runner import SaeVisRunner
+    from sae_lens import SAE
+
+    installed = version(PEER)
+    if installed != PEER_VERSION:
+        raise SystemExit(f"{PEER_PYTHON} has {PEER} {installed}, this benchmark pins {PEER_VERSION}: run "
+                         f"`make {MAKE_TARGET}`")
+    work = Path(args.work)
+    info = json.loads((work / "prepared.json").read_text())
+    gc.collect()
+    _reset_peak()
+    before, cpu = _status(), time.process_time()
+    seconds, t = {}, time.perf_counter()
+    model, hf_model = load_transformer_lens(info["model_dir"])
+    sae = SAE.load_from_disk(str(work / "saelens"), device="cpu")
+    # SaeVisRunner folds the decoder norms into the encoder, which SAELens refuses for a TopK SAE unless
+    # it selects on norm-scaled pre-activations. Every decoder row of ours has the same norm (1 /
+    # input_scale), so that scaling is uniform: the same top k, each code scaled by the same factor.
+    sae.cfg.rescale_acts_by_decoder_norm = True
+    tokens = torch.from_numpy(np.load(work / "tokens.npy")).long()
+    cfg = SaeVisConfig(hook_point=HOOK, features=range(args.latents), device="cpu")  # its defaults otherwise
+    # where it picks examples from: its sequence group's buffer skips each context's first buffer[0] + 1
+    # and last buffer[1] positions (SequenceDataGenerator.get_buffer_and_padding)
+    if cfg.feature_centric_layout.seq_cfg.top_acts_group_size != TOP:
+        raise SystemExit(f"{PEER} {installed} shows {cfg.feature_centric_layout.seq_cfg.top_acts_group_size} top "
+                         f"examples by default, this benchmark compares {TOP}")
+    buffer = cfg.feature_centric_layout.seq_cfg.buffer
+    eligible = (0, tokens.shape[1]) if buffer is None else (buffer[0] + 1, tokens.shape[1] - buffer[1])
+    seconds["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    data = SaeVisRunner(cfg).run(encoder=sae, model=model, tokens=tokens)
+    seconds["run"] = time.perf_counter() - t
+    t = time.perf_counter()
+    save_feature_centric_vis(data, work / "sae_dashboard.html")
+    seconds["write"] = time.perf_counter() - t
+    after, cpu = _status(), time.process_time() - cpu
+    diff = tl_matches_hugging_face(model, hf_model, tokens)
+    feature, context, position = [], [], []
+    for f, fd in data.feature_data_dict.items():
+        for seq in fd.sequence_data.seq_group_data[0].seq_data:  # the top-activations group
+            feature.append(f)
+            context.append(seq.original_index)
+            position.append(seq.qualifying_token_index)
+    np.savez(work / "peer_top.npz", feature=np.array(feature), context=np.array(context), position=np.array(position),
+             eligible=np.array(eligible))
+    emit(side="peer", seconds=sum(seconds.values()), stage_seconds=seconds, n_features=len(data.feature_data_dict),
+         html_bytes=(work / "sae_dashboard.html").stat().st_size, work_peak_bytes=after["VmHWM"] - before["VmRSS"],
+         cpu_seconds=cpu,
+         peer_version=installed, torch_threads=torch.get_num_threads(), tl_vs_hf_max_abs_diff=diff)
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+
+def run_side(python: str, side: str, args, work: Path, env: dict) -> dict:
+    """One side in a fresh process: its JSON line plus ``peak_rss_bytes``, the process's maximum resident
+    set (``ru_maxrss`` of that child alone, from ``os.wait4``). SystemExit with its stderr if it fails."""
+    cmd = [python, __file__, "--side", side, "--work", str(work), "--latents", str(args.latents),
+           "--d-model", str(args.d_model)]
+    with open(work / f"{side}.stderr", "w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"the {side} side failed (exit {proc.returncode}):\n{err.read()[-4000:]}")
+    result = {**json.loads(out.strip().splitlines()[-1]), "peak_rss_bytes": usage.ru_maxrss * 1024}
+    print(f"# {side}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
+
+
+def top_overlap(work: Path) -> dict:
+    """Mean over features of the share of our top-20 token positions (context, position) that are in
+    sae-dashboard's top-20, counting only the positions it picks from (``eligible``): ours, ranked over
+    every position, restricted to those is the top of the same tokens, so each must be among its top-20.
+    Our list holds activating tokens only, so a rare feature's is shorter than 20."""
+    import numpy as np
+
+    theirs_npz = np.load(work / "peer_top.npz")
+    lo, hi = theirs_npz["eligible"].tolist()
+
+    def by_feature(z, keep=lambda p: True):
+        groups: dict[int, set] = {}
+        for f, c, p in zip(z["feature"].tolist(), z["context"].tolist(), z["position"].tolist(), strict=True):
+            if keep(p):
+                groups.setdefault(f, set()).add((c, p))
+        return groups
+
+    ours, theirs = by_feature(np.load(work / "ours_top.npz"), lambda p: lo <= p < hi), by_feature(theirs_npz)
+    shares = [len(o & theirs.get(f, set())) / len(o) for f, o in ours.items() if o]
+    return {"mean": float(np.mean(shares)), "min": float(np.min(shares)), "n_features": len(shares),
+            "all_agree": sum(s == 1.0 for s in shares), "positions_compared": [lo, hi],
+            "positions_per_feature": float(np.mean([len(o) for o in ours.values()]))}
+
+
+def lines_for(args, prepared: dict, o: dict, p: dict, overlap: dict, common: dict) -> list[dict]:
+    n_features, n_tokens = args.latents, prepared["n_tokens"]
+    fps = {s: n_features / r["seconds"] for s, r in (("ours", o), ("peer", p))}
+    tps = {s: n_tokens / r["seconds"] for s, r in (("ours", o), ("peer", p))}
+    peer_fields = {"peer": PEER, "peer_version": p["peer_version"]}
+    return [
+        {"metric": "dashboard_features_per_s", "value": fps["ours"], "baseline": fps["peer"],
+         "ratio": fps["ours"] / fps["peer"], "goal": GOAL_THROUGHPUT, "unit": "features per second", **peer_fields,
+         **common},
+        {"metric": "dashboard_tokens_per_s", "value": tps["ours"], "baseline": tps["peer"],
+         "ratio": tps["ours"] / tps["peer"], "goal": GOAL_THROUGHPUT, "unit": "tokens/s", **peer_fields, **common},
+        {"metric": "dashboard_features_per_cpu_s", "value": n_features / o["cpu_seconds"],
+         "baseline": n_features / p["cpu_seconds"], "ratio": p["cpu_seconds"] / o["cpu_seconds"],
+         "goal": GOAL_THROUGHPUT, "unit": "features per CPU second (every thread; steadier than wall time on a "
+                                         "shared machine)", **peer_fields, **common},
+        {"metric": "dashboard_peak_rss_bytes", "value": o["peak_rss_bytes"], "baseline": p["peak_rss_bytes"],
+         "ratio": o["peak_rss_bytes"] / p["peak_rss_bytes"], "goal": GOAL_MEMORY, "lower_is_better": True,
+         "unit": "bytes", "measured_as": "ru_maxrss of each side's process (os.wait4), imports included",
+         "work_peak_bytes": {"ours": o["work_peak_bytes"], "peer": p["work_peak_bytes"]}, **peer_fields, **common},
+        {"metric": "dashboard_top20_overlap", "value": overlap["mean"], "baseline": 1.0, "ratio": overlap["mean"],
+         "goal": GOAL_OVERLAP, "unit": "share of our top-20 positions in the peer's top-20, mean over features",
+         **{f"overlap_{k}": v for k, v in overlap.items() if k != "mean"}, **peer_fields, **common},
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4k tokens, 256 features")
+    parser.add_argument("--contexts", type=int, default=None, help="contexts of 128 tokens")
+    parser.add_argument("--latents", type=int, default=None, help="SAE latents = features given dashboards")
+    parser.add_argument("--d-model", type=int, default=256, help="the tiny model's width")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored activations")
+    parser.add_argument("--corpus", default=os.path.join(os.environ.get("SAE_PLATFORM_DATA", REPO / "data"),
+                                                         "demo_corpus"), help="folder of .txt files (the demo corpus)")
+    parser.add_argument("--out", default=None, help=f"JSON lines file (full mode default: {RESULTS})")
+    parser.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        (ours if args.side == "ours" else peer)(args)
+        return 0
+    why = peer_missing()
+    if why:
+        print(why)
+        emit(metric="dashboard_features_per_s", skipped=why, peer=PEER, peer_version=PEER_VERSION)
+        return 0
+    size = SIZES["quick" if args.quick else "full"]
+    args.contexts = args.contexts or size["contexts"]
+    args.latents = args.latents or size["latents"]
+    wall, load_before = time.perf_counter(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="dashboards_bench_") as tmp:
+        work = Path(tmp)
+        prepared = prepare(work, args)
+        (work / "prepared.json").write_text(json.dumps(prepared))
+        peer_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its venv only
+        peer_env["HF_HUB_OFFLINE"] = "1"
+        o = run_side(sys.executable, "ours", args, work, dict(os.environ))
+        p = run_side(PEER_PYTHON, "peer", args, work, peer_env)
+        overlap = top_overlap(work)
+    wall_s, load_after = time.perf_counter() - wall, os.getloadavg()[0]
+    noisy = max(load_before, load_after) > (os.cpu_count() or 1) + 0.5
+    mib = lambda b: b / 2**20  # noqa: E731
+    print(f"{args.latents} features, {prepared['n_tokens']:,} tokens ({prepared['n_contexts']} x {CTX_LEN}), TopK k "
+          f"{K}, d_model {args.d_model}, {HOOK} of a tiny random Llama; stored {args.dtype}; caching "
+          f"{prepared['caching_s']:.1f} s (ours, apart)")
+    for name, r in (("ours", o), (f"{PEER} {p['peer_version']}", p)):
+        parts = {k: round(v, 2) for k, v in r["stage_seconds"].items()}
+        print(f"{name:<22} {r['seconds']:7.1f} s  {args.latents / r['seconds']:8.1f} features/s  "
+              f"{prepared['n_tokens'] / r['seconds']:9.0f} tokens/s  CPU {r['cpu_seconds']:6.1f} s  "
+              f"peak RSS {mib(r['peak_rss_bytes']):7.0f} MiB "
+              f"(work {mib(r['work_peak_bytes']):6.0f} MiB)  {parts}")
+    print(f"top-{TOP} agreement: {overlap}; our checks ok: {o['checks_ok']}")
+    print(f"wall {wall_s:.0f} s; load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs"
+          + ("  WARNING: a loaded machine, timings are noisy" if noisy else ""))
+    common = {"n_features": args.latents, "n_tokens": prepared["n_tokens"], "d_model": args.d_model, "k": K,
+              "hook": HOOK, "model": "tiny random Llama (4 blocks)", "dtype": args.dtype, "quick": args.quick,
+              "caching_s": round(prepared["caching_s"], 2), "ours_seconds": round(o["seconds"], 2),
+              "peer_seconds": round(p["seconds"], 2), "wall_s": round(wall_s, 1), "load_before": load_before,
+              "load_after": load_after, "noisy": noisy}
+    lines = lines_for(args, prepared, o, p, overlap, common)
+    out = args.out or (None if args.quick else str(RESULTS))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for line in lines:
+        emit(**line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
