@@ -30,7 +30,7 @@ from sae_platform.catalog import (
     reports_url_path,
     shuffle_for_hook_point,
 )
-from sae_platform.compare import COLUMNS, comparison_html, comparison_rows
+from sae_platform.compare import COLUMNS, GROUND_TRUTH_KEYS, comparison_html, comparison_rows, ground_truth_rows
 from sae_platform.corpus import read_documents, tokenize
 from sae_platform.errors import PlatformError
 from sae_platform.evaluate import heldout_ce_tokens
@@ -272,8 +272,12 @@ def compare_saes(run: StageRun) -> dict:
     store.write_bytes_atomic(page, comparison_html(rows).encode())
     run.log.info(f"{len(rows)} of {len(SAE_SWEEP_SPECS)} sweep entries evaluated")
     kinds = {key: "int" if key in ("checkpoint_step", "training_tokens") else "float" for key, _, _ in COLUMNS}
+    scored = ground_truth_rows(rows)  # SAEs of synthetic activations: their figures against the known features
+    truth = {"ground_truth": table_preview(scored, {"sae": "string", "hook_point": "string",
+                                                    **dict.fromkeys(GROUND_TRUTH_KEYS, "float")})} if scored else {}
     return {"evaluated": len(rows), "sweep_entries": len(SAE_SWEEP_SPECS),
-            "comparison": table_preview(rows, {"sae": "string", "hook_point": "string", **kinds}),
+            "comparison": table_preview([{k: r[k] for k in ("sae", "hook_point", *kinds)} for r in rows],
+                                        {"sae": "string", "hook_point": "string", **kinds}), **truth,
             "page": MetadataValue.path(store.url(page)),
             "page_in_browser": MetadataValue.url(BROWSER_URL + reports_url_path(SWEEP_COMPARISON))}
 

@@ -15,6 +15,7 @@ from sae_platform.model import AUTOCAST_HELP, EMBEDDED_MODEL, load_stored_model,
 from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, default_of, read_run_config
 from sae_platform.shuffle import ShuffleSettings
 from sae_platform.storage import ArtifactStore, open_store
+from sae_platform.synthetic import SyntheticSettings
 from sae_platform.trainer import TrainSettings
 
 
@@ -146,6 +147,7 @@ STAGE_SETTINGS = {
     "training": (TrainSettings, ("variant", "n_latents", "k", "hparams", "hook_point"), True),  # the sweep entry's own
     "evaluation": (EvalSettings, (), True),
     "features": (FeatureSettings, (), True),
+    "synthetic": (SyntheticSettings, (), False),  # n_features set: activations are drawn, not cached from text
 }
 
 

@@ -50,7 +50,10 @@ from sae_platform.corpus import Contexts, Document
 from sae_platform.errors import StorageError
 from sae_platform.settings import SettingsError, setting, validate
 
-HOOK_NAME = "synthetic"  # the hook point synthetic partitions record: no model was read
+# The hook point synthetic partitions record: nominal (no model is read; their ``model`` is
+# ``synthetic:<truth_id>``), a residual stream's name so every consumer of a hook name (the SAELens
+# export, the browser's lineage) reads it as one.
+HOOK_NAME = "blocks.0.hook_resid_post"
 START_TOKEN = 0  # position 0 of every synthetic context: a start token, never a training row
 TRUTH_FILE = "truth.npz"
 SETTINGS_FILE = "settings.json"
