@@ -70,8 +70,7 @@ def _ground_truth_html(rows: list[dict], cell) -> str:
     if not scored:
         return ""
     directions = {key: {LOWER: True, HIGHER: False}.get(metric_info(key).better) for key in GROUND_TRUTH_KEYS}
-    head = "".join(f"<th>{html.escape(metric_info(k).label)}{' ' + metric_info(k).arrow if metric_info(k).arrow else ''}"
-                   "</th>" for k in GROUND_TRUTH_KEYS)
+    head = "".join(f"<th>{html.escape(metric_info(k).label)} {metric_info(k).arrow}</th>" for k in GROUND_TRUTH_KEYS)
     body = []
     for r in scored:
         tds = []

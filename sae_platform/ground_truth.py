@@ -166,3 +166,23 @@ def score_sae(sae, truth, draws) -> dict:
             yield codes / scale, draw.codes
 
     return score_codes(decoder, truth, activations())
+
+
+@torch.no_grad()
+def synthetic_heldout_codes(sae, truth, ctx_len: int):
+    """``metrics.HeldoutCodes`` of fresh synthetic contexts (``synthetic.heldout_contexts``): what
+    the feature explanations score on when the SAE was trained on synthetic activations (there is
+    no held-out text). Every position but the start token is a row."""
+    from sae_platform.metrics import HeldoutCodes
+    from sae_platform.synthetic import heldout_contexts
+
+    tokens, rows = heldout_contexts(truth, ctx_len)
+    mask = np.ones(tokens.shape, dtype=bool)
+    mask[:, 0] = False
+    device = next(sae.parameters()).device
+    codes = sae.encode(torch.from_numpy(rows[mask]).to(device))
+    on = (codes.values > 0).cpu().numpy()
+    flat = np.flatnonzero(mask)
+    which = np.broadcast_to(np.arange(len(flat))[:, None], on.shape)[on]
+    return HeldoutCodes(tokens, mask, flat[which].astype(np.int64), codes.indices.cpu().numpy()[on].astype(np.int64),
+                        codes.values.cpu().float().numpy()[on].astype(np.float32))

@@ -323,8 +323,7 @@ class SyntheticSource:
         draw = sample(truth, partition_stream(s, index), s.contexts_per_partition * ctx_len)
         self.d_model = s.d_model
         self.rows = torch.from_numpy(draw.acts).reshape(s.contexts_per_partition, ctx_len, s.d_model)
-        strongest = np.where(draw.codes.max(1) > 0, 1 + draw.codes.argmax(1), truth.n_features + 1)
-        tokens = strongest.reshape(s.contexts_per_partition, ctx_len).astype(np.int32)
+        tokens = _strongest_tokens(draw.codes, truth.n_features).reshape(s.contexts_per_partition, ctx_len)
         tokens[:, 0] = START_TOKEN
         self.tokens, self._next = tokens, 0
 
@@ -368,3 +367,57 @@ def model_source(settings: SyntheticSettings) -> str:
 def synthetic_provenance(attrs: dict) -> dict | None:
     """{truth_id, partition_index} when a store's attributes describe synthetic rows, else None."""
     return attrs.get("synthetic")
+
+
+# -- what the feature stages read in place of a language model ---------------------------------------
+
+class SyntheticTokenizer:
+    """The token strings of synthetic contexts (``SyntheticSource``): token 0 is the start token
+    ``<s>``, token t in 1..N the row whose strongest true feature is t − 1 (shown ``f<t-1>``),
+    N + 1 a row where none fires (``∅``). Has what the feature stages call on a Hugging Face
+    tokenizer: ``decode``, ``batch_decode``, ``convert_ids_to_tokens``, ``len``."""
+
+    def __init__(self, n_features: int):
+        self.n_features = n_features
+
+    def __len__(self) -> int:
+        return self.n_features + 2
+
+    def token(self, token_id: int) -> str:
+        if token_id == START_TOKEN:
+            return "<s>"
+        return "∅" if token_id == self.n_features + 1 else f"f{token_id - 1}"
+
+    def convert_ids_to_tokens(self, ids):
+        return self.token(int(ids)) if isinstance(ids, int | np.integer) else [self.token(int(i)) for i in ids]
+
+    def decode(self, ids, **_) -> str:
+        return "".join(f"{self.token(int(i))} " for i in ids)
+
+    def batch_decode(self, sequences, **_) -> list[str]:
+        return [self.decode(ids) for ids in sequences]
+
+
+def token_unembedding(truth: Truth) -> torch.Tensor:
+    """[N + 2, d]: the true direction of each token's feature (zeros for ``<s>`` and ``∅``), so
+    ``logits.logit_effects`` of a latent lists the true features its decoder row points along
+    (W_dec[f] · direction): on synthetic data the browser's "logit effects" name true features."""
+    matrix = torch.zeros(truth.n_features + 2, truth.settings.d_model)
+    matrix[1:-1] = torch.from_numpy(truth.directions)
+    return matrix
+
+
+def heldout_contexts(truth: Truth, ctx_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fresh held-out contexts as the feature explanations read them: (tokens [n, ctx_len] int32,
+    rows [n, ctx_len, d] float32), n = ceil(heldout_rows / ctx_len), from the held-out stream."""
+    n_contexts = -(-truth.settings.heldout_rows // ctx_len)
+    rng = np.random.default_rng([truth.settings.seed, 3])  # not the stream the ground-truth figures read
+    draw = sample(truth, rng, n_contexts * ctx_len)
+    tokens = _strongest_tokens(draw.codes, truth.n_features).reshape(n_contexts, ctx_len)
+    tokens[:, 0] = START_TOKEN
+    return tokens, draw.acts.reshape(n_contexts, ctx_len, -1)
+
+
+def _strongest_tokens(codes: np.ndarray, n_features: int) -> np.ndarray:
+    """Token id of each row [n]: 1 + its strongest true feature, n_features + 1 when none fires."""
+    return np.where(codes.max(1) > 0, 1 + codes.argmax(1), n_features + 1).astype(np.int32)
