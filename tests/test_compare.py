@@ -63,3 +63,21 @@ def test_page_groups_the_figures_with_units_directions_and_definitions(store):
         info = metric_info(key)
         assert f"<th scope=row>{heading}</th>" in legend and html.escape(info.definition) in legend
     assert "Gao §4.4" in legend and "nats (binary CE)" in legend
+
+
+def test_ground_truth_figures_get_their_own_panel_only_when_measured(store):
+    """SAEs of synthetic activations carry figures against the known features (sae_eval's gt_*):
+    the page shows them in a panel of their own, best per figure in bold (absorption: lowest), and
+    a sweep without them shows no panel."""
+    _report(store, "syn-topk", fvu=0.1, gt_mcc=0.91, gt_uniqueness=0.8, gt_f1=0.7, gt_absorption=0.05,
+            gt_shrinkage=0.97)
+    _report(store, "syn-relu", fvu=0.2, gt_mcc=0.62, gt_uniqueness=0.6, gt_f1=0.3, gt_absorption=0.25,
+            gt_shrinkage=0.71)
+    rows = comparison_rows(store, ["syn-topk", "syn-relu"])
+    assert rows[0]["gt_mcc"] == 0.91 and rows[1]["gt_precision"] is None
+    page = comparison_html(rows)
+    panel = page[page.index("id=ground-truth"):page.index("What the figures mean")]
+    assert "<b>0.91</b>" in panel and "<b>0.05</b>" in panel and "<b>0.25</b>" not in panel
+    assert "Hungarian" in panel  # each figure's definition beside it
+    _report(store, "text-sae", fvu=0.3)
+    assert "ground-truth" not in comparison_html(comparison_rows(store, ["text-sae"]))
