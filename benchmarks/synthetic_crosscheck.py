@@ -50,8 +50,11 @@ def generator_check(settings: synthetic.SyntheticSettings, rows: int) -> dict:
 
 
 def metric_check(sae, truth, rows: int) -> dict:
-    from sae_lens.synthetic.evals import compute_classification_metrics, feature_uniqueness, \
-        mean_correlation_coefficient
+    from sae_lens.synthetic.evals import (
+        compute_classification_metrics,
+        feature_uniqueness,
+        mean_correlation_coefficient,
+    )
 
     decoder = sae.W_dec.detach().float()
     directions = torch.from_numpy(truth.directions)
