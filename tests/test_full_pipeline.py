@@ -298,7 +298,8 @@ def test_full_pipeline_on_synthetic_activations(tmp_path, tiny_model_dir, text_d
     tokens and logit effects name true features."""
     env = deployment(tmp_path, tiny_model_dir, text_dir)
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"{TINY_SAE}: {{variant: topk, n_latents: 128, k: 6}}\nsyn-relu: {{variant: relu, n_latents: 128}}\n")
+    sweep.write_text(f"{TINY_SAE}: {{variant: topk, n_latents: 128, k: 6}}\n"
+                     "syn-relu: {variant: relu, n_latents: 128}\n")
     run_config = Path(env["SAE_PLATFORM_RUN_CONFIG"])
     text = run_config.read_text().replace("evaluation: {config: {ce_contexts: 2,",
                                           "evaluation: {config: {ce_contexts: 0, metric_contexts: 0, max_fvu: 10.0,")
