@@ -24,11 +24,13 @@ from sae_platform.contexts import shown_examples
 from sae_platform.feature_check import brute_force_check
 from sae_platform.feature_merge import FeatureTables, merge_shard_tables, read_tables, write_tables
 from sae_platform.freshness import features_behind, stale_reasons
+from sae_platform.ground_truth import synthetic_heldout_codes
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
 from sae_platform.logits import logit_effect_meaning, logit_effects, unembedding_matrix
 from sae_platform.model import pick_device
 from sae_platform.shuffle import pinned_keys
+from sae_platform.synthetic import SyntheticTokenizer, read_truth, synthetic_provenance, token_unembedding
 from sae_platform.tables import LLM_EXPLANATION_SCHEMA
 from sae_platform.trainer import load_sae
 
@@ -70,6 +72,20 @@ def tables_current(run: StageRun) -> str | None:
         return None
     return (f"the feature tables and browser of {settings.sae_name} describe its current checkpoint "
             "(resources.features.config.rebuild forces a rebuild)")
+
+
+def _synthetic_truth(run: StageRun):
+    """The truth of the synthetic activations the described SAE read (``synthetic.Truth``), or
+    None when they were cached from a language model."""
+    provenance = synthetic_provenance(activation_attrs(run.store, sae_shuffle(run)))
+    return None if provenance is None else read_truth(run.store, provenance["truth_id"])
+
+
+def _tokenizer(run: StageRun):
+    """What turns the described SAE's token ids into strings: the language model's tokenizer, or
+    ``synthetic.SyntheticTokenizer`` on synthetic activations."""
+    truth = _synthetic_truth(run)
+    return run.resources.language_model.tokenizer(run.store) if truth is None else SyntheticTokenizer(truth.n_features)
 
 
 def _load(run: StageRun):
@@ -143,8 +159,13 @@ def merge_shard(run: StageRun) -> dict:
     batches = pinned_batches(run)
     run.log.info(f"pass 2, features [{start:,}, {stop:,}): merging {len(batches)} partial(s)")
     tables = merge_shard_tables(store, sae, settings.sae_name, index, batches, settings)
-    hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
-    logits = logit_effects(sae, unembedding_matrix(hooked.model), hooked.tokenizer, start, stop)
+    truth = _synthetic_truth(run)
+    if truth is None:
+        hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
+        unembedding, tokenizer = unembedding_matrix(hooked.model), hooked.tokenizer
+    else:  # no model: the true directions stand in for W_U (synthetic.token_unembedding)
+        unembedding, tokenizer = token_unembedding(truth), SyntheticTokenizer(truth.n_features)
+    logits = logit_effects(sae, unembedding.to(sae.W_dec.device), tokenizer, start, stop)
     attrs = activation_attrs(store, sae_shuffle(run))
     path = write_tables(store, settings.sae_name, index, tables)
     with store.writing(catalog.logits_name(settings.sae_name, index)) as version:
@@ -153,11 +174,12 @@ def merge_shard(run: StageRun) -> dict:
     store.write_json(catalog.lineage_record_path(store, settings.sae_name, index), lineage)
     dead = int((tables.stats["count"] == 0).sum())
     return {"sae": settings.sae_name, "hook_point": hook_point(attrs),
-            "logit_effects": logit_effect_meaning(attrs.get("hook_name"), attrs.get("hook_name_in")),
+            "logit_effects": logit_effect_meaning(attrs.get("hook_name"), attrs.get("hook_name_in")) if truth is None
+            else "decoder cosine with the true feature directions (token fN: true feature N)",
             "features": f"[{start}, {stop})", "n_batches": len(batches),
             "n_tokens": int(tables.meta["n_tokens_total"]), "n_examples": tables.examples.height,
             "never_active_features": dead, "path": MetadataValue.path(store.url(path)),
-            **table_metadata(tables.stats), "top_features": _preview(run, tables, hooked.tokenizer, group),
+            **table_metadata(tables.stats), "top_features": _preview(run, tables, tokenizer, group),
             "lineage": MetadataValue.json(lineage)}
 
 
@@ -217,7 +239,7 @@ def context_windows(run: StageRun) -> dict:
     sae, group = _load(run)
     examples = [shown_examples(read_tables(run.store, settings.sae_name, i).examples, settings.random_examples)
                 for i in range(N_FEATURE_SHARDS)]
-    tokenizer = run.resources.language_model.tokenizer(run.store)  # the weights are not needed here
+    tokenizer = _tokenizer(run)  # the weights are not needed here
     run.log.info(f"pass 3 [{run.partition_key}]: context windows of the shown examples that fall in this batch "
                  f"({sum(e.height for e in examples):,} shown examples over all batches)")
     codes = ft.read_codes(run.store, settings.sae_name, run.partition_key, sae)  # pass 1's: no encode again
@@ -277,6 +299,11 @@ def heldout_codes(run: StageRun, sae, what: str):
     """(held-out codes of the configured SAE, its tokenizer): the codes sae_eval stored for this very
     checkpoint when there are some (no base model needed), else encoded here from the held-out text."""
     settings, store = _settings(run), run.store
+    truth = _synthetic_truth(run)
+    if truth is not None:  # no held-out text: fresh contexts of the same generator
+        codes = synthetic_heldout_codes(sae, truth, run.resources.evaluation.settings().ctx_len)
+        run.log.info(f"{what}: {len(codes.tokens)} fresh synthetic contexts")
+        return codes, SyntheticTokenizer(truth.n_features)
     codes = fm.read_heldout_codes(store, settings.sae_name)
     if codes is not None:
         run.log.info(f"{what}: the {len(codes.tokens)} held-out contexts sae_eval encoded with this checkpoint")

@@ -39,10 +39,12 @@ from sae_platform.catalog import (
 )
 from sae_platform.compare import (
     COLUMNS,
+    GROUND_TRUTH_KEYS,
     RESEEDS_TABLE_COLUMNS,
     SPREAD_KEYS,
     comparison_html,
     comparison_rows,
+    ground_truth_rows,
     reseeds_html,
     reseeds_table,
 )
@@ -409,11 +411,14 @@ def compare_saes(run: StageRun) -> dict:
     store.write_bytes_atomic(page, comparison_html(rows, sections=sections).encode())
     run.log.info(f"{len(rows)} of {len(SAE_SWEEP_SPECS)} sweep entries evaluated")
     kinds = {key: "int" if key in ("checkpoint_step", "training_tokens") else "float" for key, _, _ in COLUMNS}
+    scored = ground_truth_rows(rows)  # SAEs of synthetic activations: their figures against the known features
+    truth = {"ground_truth": table_preview(scored, {"sae": "string", "hook_point": "string",
+                                                    **dict.fromkeys(GROUND_TRUTH_KEYS, "float")})} if scored else {}
     columns = {"sae": "string", "hook_point": "string", **kinds}
     scaling = ({"scaling_exponents": table_preview(scaling_summary(fit), SUMMARY_COLUMNS)} if fit
                else {"scaling_laws": f"not fitted: {refusal}"})
     return {"evaluated": len(rows), "sweep_entries": len(SAE_SWEEP_SPECS),
-            "comparison": table_preview([{k: r[k] for k in columns} for r in rows], columns), **error_metadata,
+            "comparison": table_preview([{k: r[k] for k in columns} for r in rows], columns), **error_metadata, **truth,
             **scaling,
             "page": MetadataValue.path(store.url(page)),
             "page_in_browser": MetadataValue.url(BROWSER_URL + reports_url_path(SWEEP_COMPARISON))}

@@ -90,17 +90,13 @@ class BatchesConfig(Config):
                                                              "cache_inbox runs); default: every inbox file")
 
 
-@op(ins={"model": In(Nothing)}, out=DynamicOut(str), required_resource_keys={"text_source", "storage"},
+@op(ins={"model": In(Nothing)}, out=DynamicOut(str), required_resource_keys={"text_source", "storage", "synthetic"},
     description="One activation partition per inbox file (registered in the instance), fanned out; every "
-                "file the inbox holds is either here or logged as skipped with its reason.")
+                "file the inbox holds is either here or logged as skipped with its reason. With synthetic "
+                "data (resources.synthetic.config.n_features), its partitions synthetic-000, … instead.")
 def activation_batches(context: OpExecutionContext, config: BatchesConfig):
-    text_source = context.resources.text_source
-    inbox = text_source.scan(context.resources.storage.store())
-    for skipped in inbox.skipped:
-        context.log.warning(f"skipped {skipped.url}: {skipped.reason}")
-    keys = sorted(f.key for f in inbox.files)[: config.max_batches]
-    if not keys:
-        text_source.files()  # raises the error naming the empty source
+    synthetic = context.resources.synthetic.settings()
+    keys = (synthetic.partition_keys() if synthetic.enabled else _inbox_keys(context))[: config.max_batches]
     if config.keys is not None:
         gone = sorted(set(config.keys) - set(keys))
         if gone:
@@ -113,6 +109,18 @@ def activation_batches(context: OpExecutionContext, config: BatchesConfig):
     context.log.info(f"{len(keys)} batch(es), {len(new)} newly registered")
     for index, key in enumerate(keys):
         yield DynamicOutput(key, mapping_key=_mapping_key(index, key))
+
+
+def _inbox_keys(context: OpExecutionContext) -> list[str]:
+    """The partition keys of the inbox's files, sorted; the skipped files logged with their reason."""
+    text_source = context.resources.text_source
+    inbox = text_source.scan(context.resources.storage.store())
+    for skipped in inbox.skipped:
+        context.log.warning(f"skipped {skipped.url}: {skipped.reason}")
+    keys = sorted(f.key for f in inbox.files)
+    if not keys:
+        text_source.files()  # raises the error naming the empty source
+    return keys
 
 
 @op(ins={"after": In(Nothing)}, out=DynamicOut(str),

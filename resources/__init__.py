@@ -16,6 +16,7 @@ from sae_platform.model import AUTOCAST_HELP, EMBEDDED_MODEL, load_stored_model,
 from sae_platform.settings import DEFAULT_DEVICE, DEVICE_DOC, SettingsError, default_of, read_run_config
 from sae_platform.shuffle import ShuffleSettings
 from sae_platform.storage import ArtifactStore, open_store
+from sae_platform.synthetic import SyntheticSettings
 from sae_platform.trainer import TrainSettings
 
 
@@ -148,6 +149,7 @@ STAGE_SETTINGS = {
     "evaluation": (EvalSettings, (), True),
     "features": (FeatureSettings, (), True),
     "absorption": (AbsorptionSettings, (), True),
+    "synthetic": (SyntheticSettings, (), False),  # n_features set: activations are drawn, not cached from text
 }
 
 

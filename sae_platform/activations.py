@@ -263,7 +263,8 @@ class _HookStore:
 def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_source: str,
                     docs: list[Document], contexts: Contexts, settings: CacheSettings,
                     progress: Callable[[int, int], None] | None = None, source_stamp: str | None = None,
-                    source_digest: str | None = None) -> dict:
+                    source_digest: str | None = None, *, entries: list[HookEntry] | None = None,
+                    provenance: dict | None = None) -> dict:
     """Run the model over ``contexts`` and commit partition ``key``; returns its statistics.
     ``source_stamp`` (of the text file, taken before reading it) and ``source_digest`` (its content
     identity, ``inbox.content_digest``) go on the commit pointer.
@@ -271,11 +272,16 @@ def cache_partition(store: ArtifactStore, key: str, model: HookedModel, model_so
     Every entry of ``settings.hook_points`` (``hook_entries``) is read from the same forward
     pass, which stops after the deepest of them, and gets its own store (``store_group``) with
     its own rows (the sink rule applies per store; a transcoder pair keeps or drops a token's
-    input and output together, by the input's norm)."""
+    input and output together, by the input's norm).
+
+    ``model`` may be any source of rows with a HookedModel's ``residual``, ``d_model``,
+    ``layer``, ``hook_name`` and ``start_token_id`` (``synthetic.SyntheticSource``); such a source
+    passes its ``entries`` itself, since hook points are checked against a real model.
+    ``provenance`` is added to the fingerprint and every store's attributes."""
     import polars as pl  # here, not at the top: GPU machines without polars still train (gpu_check.py)
 
-    entries = hook_entries(model, settings)
-    expected = fingerprint(model, model_source, entries)
+    entries = entries or hook_entries(model, settings)
+    expected = {**fingerprint(model, model_source, entries), **(provenance or {})}
     check_compatible(store, expected, key)
     rule = RowRule(model.start_token_id, settings.sink_norm_factor, settings.batch_size)  # one median group a batch
     mask = training_rows(contexts.tokens, rule)  # the candidates; each store drops its own sinks

@@ -32,6 +32,7 @@ explanations          ``features/<sae_name>/explanations/f<shard>``, ``…/llm_e
 feature browser       ``browser/<sae_name>``                                                      browser.publish
 Neuronpedia export    ``neuronpedia/<sae_name>`` (``<modelId>/<sourceId>/…``)                      neuronpedia
 stage records         ``stages/<asset>/<partition>.json``                                         assets.stage
+synthetic truth       ``synthetic/<truth_id>`` (``settings.json``, ``truth.npz``)                  synthetic
 ====================  ==========================================================================  ==================
 """
 
@@ -58,6 +59,7 @@ FEATURES = "features"
 BROWSER = "browser"
 NEURONPEDIA = "neuronpedia"
 STAGE_RECORDS = "stages"
+SYNTHETIC = "synthetic"
 
 # Files inside an artifact's version that more than one module reads.
 EVAL_REPORT = "report.json"  # eval/<sae_name>: every evaluation figure
@@ -97,6 +99,13 @@ def check_name(value, field: str) -> str:
         raise SettingsError(f"{field} = {value!r} is not a safe name for a storage path",
                             f"rename it: {SAFE_NAME_RULE} (e.g. topk-16k-k32)")
     return text
+
+
+# -- synthetic data -----------------------------------------------------------------------------
+
+def synthetic_truth_name(truth_id: str) -> str:
+    """``synthetic/<truth_id>``: the known dictionary synthetic partitions were drawn from."""
+    return f"{SYNTHETIC}/{check_name(truth_id, 'truth_id')}"
 
 
 # -- base model ---------------------------------------------------------------------------------

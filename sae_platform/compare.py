@@ -39,13 +39,17 @@ COLUMNS = tuple((key, metric_info(key).label, {LOWER: True, HIGHER: False}.get(m
                 for key in COLUMN_KEYS)  # (report key, heading, lower is better: True / False / None = no direction)
 SPREAD_KEYS = tuple(k for k in COLUMN_KEYS if metric_info(k).group != "training")  # figures that get error bars
 PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"  # no script; inline style, data: images
+# Figures against the known features, measured only on synthetic activations (sae_platform/ground_truth.py):
+# a panel of their own, shown when any SAE has them.
+GROUND_TRUTH_KEYS = ("gt_mcc", "gt_uniqueness", "gt_f1", "gt_precision", "gt_recall", "gt_shrinkage", "gt_absorption")
 
 
 def comparison_rows(store, names: list[str]) -> list[dict]:
     """One row per SAE of ``names`` that has an evaluation report: name, hook point (None in
-    reports from before hook points were named), every figure of ``COLUMNS`` (None when not
-    measured) and ``intervals``: metric -> the report's 95% bootstrap interval ``[low, high]``
-    where the evaluation measured one (``evaluate``: FVU, L0, loss recovered)."""
+    reports from before hook points were named), every figure of ``COLUMNS`` and of
+    ``GROUND_TRUTH_KEYS`` (None when not measured) and ``intervals``: metric -> the report's 95%
+    bootstrap interval ``[low, high]`` where the evaluation measured one (``evaluate``: FVU, L0,
+    loss recovered)."""
     rows = []
     for name in names:
         path = store.resolve(eval_name(name))
@@ -54,7 +58,7 @@ def comparison_rows(store, names: list[str]) -> list[dict]:
         report = {**store.read_json(f"{path}/{EVAL_REPORT}"), **sparse_probing_figures(store, name),
                   **_absorption_figures(store, name)}
         row = {"sae": name, "hook_point": HookEntry.spec_of(report)}
-        for key, _, _ in COLUMNS:
+        for key in (*COLUMN_KEYS, *GROUND_TRUTH_KEYS):
             value = report.get(key)
             row[key] = value if isinstance(value, int | float) and not isinstance(value, bool) and \
                 math.isfinite(value) else None
@@ -92,6 +96,37 @@ def _best(rows: list[dict], key: str, lower: bool | None, hook_point: str | None
 def _grouped_columns() -> list[tuple[str, list[tuple[str, str, bool | None]]]]:
     """``COLUMNS`` by metric group (``metric_info.GROUPS`` order): [(group, columns)]."""
     return [(g, cols) for g in GROUPS if (cols := [c for c in COLUMNS if metric_info(c[0]).group == g])]
+
+
+def ground_truth_rows(rows: list[dict]) -> list[dict]:
+    """The rows of SAEs scored against known features: sae, hook point and ``GROUND_TRUTH_KEYS``."""
+    return [{k: r[k] for k in ("sae", "hook_point", *GROUND_TRUTH_KEYS)} for r in rows if r["gt_mcc"] is not None]
+
+
+def _ground_truth_html(rows: list[dict], cell) -> str:
+    """The ground-truth panel: one row per SAE trained on synthetic activations, each figure's
+    best in bold, with the definitions; "" when no SAE has ground-truth figures."""
+    scored = ground_truth_rows(rows)
+    if not scored:
+        return ""
+    directions = {key: {LOWER: True, HIGHER: False}.get(metric_info(key).better) for key in GROUND_TRUTH_KEYS}
+    head = "".join(f"<th>{html.escape(metric_info(k).label)} {metric_info(k).arrow}</th>" for k in GROUND_TRUTH_KEYS)
+    body = []
+    for r in scored:
+        tds = []
+        for key in GROUND_TRUTH_KEYS:
+            best = _best(scored, key, directions[key], r.get("hook_point"))
+            text = html.escape(cell(r[key]))
+            tds.append(f"<td class=num>{'<b>' + text + '</b>' if best is not None and r[key] == best else text}</td>")
+        body.append(f"<tr><th scope=row>{html.escape(r['sae'])}</th>{''.join(tds)}</tr>")
+    legend = "".join(f"<li><b>{html.escape(metric_info(k).label)}</b>: {html.escape(metric_info(k).definition)}"
+                     f"{' (' + html.escape(metric_info(k).source) + ')' if metric_info(k).source else ''}</li>"
+                     for k in GROUND_TRUTH_KEYS)
+    return ("<h2 id=ground-truth>Against the known features (synthetic activations)</h2>"
+            "<p>These SAEs were trained on synthetic activations whose true feature directions and firings are "
+            "known (sae_platform/synthetic.py); each figure is measured on fresh rows of the same generator.</p>"
+            f"<table class=gt><thead><tr><th>SAE</th>{head}</tr></thead><tbody>\n" + "\n".join(body)
+            + f"</tbody></table><ul>{legend}</ul>")
 
 
 def _definitions_html() -> str:
@@ -147,6 +182,7 @@ point. ↓ lower is better, ↑ higher is better; the best of each column among 
 <table><thead><tr><th rowspan=2>SAE</th><th rowspan=2>hook point</th>{groups}</tr><tr>{head}</tr></thead><tbody>
 {chr(10).join(body) if body else '<tr><td colspan=99>No SAE has been evaluated yet.</td></tr>'}
 </tbody></table>
+{_ground_truth_html(rows, cell)}
 {chr(10).join(sections)}
 {_definitions_html()}
 <p><small>generated {generated}</small></p></body></html>

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_platform.activations import activation_hook_entry, activation_row_rule
+from sae_platform.activations import activation_attrs, activation_hook_entry, activation_row_rule
 from sae_platform.catalog import (
     EVAL_PROBES,
     EVAL_REPORT,
@@ -44,6 +44,7 @@ from sae_platform.catalog import (
 )
 from sae_platform.corpus import pack_contexts
 from sae_platform.errors import PlatformError, SourceError, StorageError
+from sae_platform.ground_truth import score_sae
 from sae_platform.hooks import check_hook_point, splice_hooks
 from sae_platform.metrics import HELDOUT_CODES_FILE, feature_metrics, heldout_codes_bytes
 from sae_platform.model import HookedModel
@@ -51,6 +52,7 @@ from sae_platform.reseeds import bootstrap_ratio_interval
 from sae_platform.sae import Codes
 from sae_platform.settings import setting, validate
 from sae_platform.shuffled import iter_shuffled, open_shuffled
+from sae_platform.synthetic import heldout_draws, read_truth, synthetic_provenance
 from sae_platform.trainer import load_sae
 from sae_platform.training_rows import RowRule, training_rows
 
@@ -435,6 +437,10 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     been its training rows by the rule caching recorded there (``activations.activation_row_rule``;
     ``training_rows.RowRule.from_attrs`` names the fallback for activations cached before it was).
 
+    On synthetic activations (``synthetic.write_partition``) the report also holds the figures
+    against the known features (``ground_truth``: ``gt_mcc``, ``gt_f1``, ``gt_absorption``, …),
+    measured on fresh rows drawn from the committed truth.
+
     ``inputs`` (:func:`evaluation_inputs`) is recorded in the commit's pointer; ``log`` gets one
     line as each metric starts and ends, with its seconds."""
     checkpoint = checkpoint_version(store, sae_name)  # read before loading: a later commit then mismatches
@@ -462,6 +468,12 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     else:
         density = heldout_density
         report["dead_window_tokens"] = metrics["n_tokens"]
+    provenance = synthetic_provenance(activation_attrs(store, shuffle_name))
+    if provenance is not None:  # synthetic rows: the true features are known
+        truth = read_truth(store, provenance["truth_id"])
+        with timed(f"ground truth (MCC, firing F1, shrinkage, absorption) on {truth.settings.heldout_rows:,} "
+                   "fresh synthetic rows"):
+            report.update(score_sae(sae, truth, heldout_draws(truth)))
     points = {}
     if hooked is not None:  # read and splice where the SAE's rows were read, on the tokens that were rows
         entry = activation_hook_entry(store, shuffle_name)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-RECONSTRUCTION, SPARSITY, DOWNSTREAM, FEATURE_QUALITY, TRAINING = (
-    "reconstruction", "sparsity", "downstream", "feature quality", "training")
-GROUPS = (RECONSTRUCTION, SPARSITY, DOWNSTREAM, FEATURE_QUALITY, TRAINING)  # the order they are shown in
+RECONSTRUCTION, SPARSITY, DOWNSTREAM, FEATURE_QUALITY, GROUND_TRUTH, TRAINING = (
+    "reconstruction", "sparsity", "downstream", "feature quality", "ground truth", "training")
+GROUPS = (RECONSTRUCTION, SPARSITY, DOWNSTREAM, FEATURE_QUALITY, GROUND_TRUTH, TRAINING)  # the order they are shown in
 
 LOWER, HIGHER = "lower", "higher"  # which way is better; None: no direction (a size, not a score)
 ARROWS = {LOWER: "↓", HIGHER: "↑", None: ""}
@@ -102,6 +102,25 @@ METRICS = (
     MetricInfo("mean_num_split_features", "split features", FEATURE_QUALITY, "latents", None,
                "first-letter task: latents a letter is split over (k-sparse probe F1 still rising), mean over letters",
                "SAEBench; Chanin et al. 2024"),
+    # measured only on synthetic activations, whose true features are known (sae_platform/ground_truth.py)
+    MetricInfo("gt_mcc", "MCC", GROUND_TRUTH, "mean |cosine|", HIGHER,
+               "decoder rows matched one-to-one to the true feature directions (Hungarian); mean |cosine| of "
+               "the matched pairs", "O'Neill et al. 2025 (arXiv 2505.20254); SAELens SynthSAEBench"),
+    MetricInfo("gt_uniqueness", "uniqueness", GROUND_TRUTH, "fraction", HIGHER,
+               "distinct true features among the latents' best matches, over the latents", "SAELens SynthSAEBench"),
+    MetricInfo("gt_f1", "firing F1", GROUND_TRUTH, "fraction", HIGHER,
+               "per true feature, F1 of its matched latent firing as a detector of the feature firing, mean "
+               "over the features that fire on the held-out synthetic rows"),
+    MetricInfo("gt_precision", "firing precision", GROUND_TRUTH, "fraction", HIGHER,
+               "per true feature, P(feature fires | its matched latent fires), mean"),
+    MetricInfo("gt_recall", "firing recall", GROUND_TRUTH, "fraction", HIGHER,
+               "per true feature, P(its matched latent fires | feature fires), mean"),
+    MetricInfo("gt_shrinkage", "shrinkage", GROUND_TRUTH, "ratio (1: none)", None,
+               "on rows where a feature and its matched latent both fire, the latent's contribution along the "
+               "feature's direction / the true magnitude, mean (below 1: shrunk, as by an L1 penalty)"),
+    MetricInfo("gt_absorption", "absorption", GROUND_TRUTH, "fraction", LOWER,
+               "over rows where a child feature fires, the share where its matched latent is silent and its "
+               "parent's matched latent fires; mean over children", "Chanin et al. 2024, \"A is for Absorption\""),
     MetricInfo("checkpoint_step", "steps", TRAINING, "steps", None, "optimizer steps of the evaluated checkpoint"),
     MetricInfo("training_tokens", "tokens", TRAINING, "tokens", None, "training tokens the checkpoint has seen"),
 )

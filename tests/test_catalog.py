@@ -13,7 +13,7 @@ from sae_platform.storage import ArtifactStore
 REPO = Path(__file__).resolve().parents[1]
 PREFIXES = (catalog.MODELS, catalog.ACTIVATIONS, catalog.SHUFFLE_SCRATCH, catalog.SHUFFLED, catalog.CHECKPOINTS,
             catalog.EVALUATIONS, catalog.SPARSE_PROBING, catalog.EXPORTS, catalog.REPORTS, catalog.FEATURES,
-            catalog.BROWSER, catalog.NEURONPEDIA, catalog.STAGE_RECORDS, catalog.ABSORPTION)
+            catalog.BROWSER, catalog.NEURONPEDIA, catalog.STAGE_RECORDS, catalog.ABSORPTION, catalog.SYNTHETIC)
 STORE_NAMES = (catalog.FIRST_STORE, "hooks/")
 PATH_CALLS = ("path", "committed_names", "pointer", "resolve", "writing", "delete", "require")
 # An artifact prefix as a path segment anywhere in a string ("features/…", "{root}/eval/…"),

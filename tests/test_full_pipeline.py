@@ -290,3 +290,37 @@ transcoder1: {{variant: batchtopk, n_latents: 256, k: 8, hook_point: "{hooks[3]}
     assert index["hook_point"] == hooks[3]
     contexts = pl.concat([ctx.read_feature_contexts(store, "transcoder1", i) for i in range(4)])
     assert contexts.height > 0 and contexts["has_act"].list.any().all()
+
+
+def test_full_pipeline_on_synthetic_activations(tmp_path, tiny_model_dir, text_dir):
+    """resources.synthetic set: full_pipeline draws its partitions (synthetic-000, …) instead of caching
+    the inbox, reads no base model, trains and evaluates the sweep with the figures against the known
+    features, shows them on the comparison page, and builds feature tables and the browser whose
+    tokens and logit effects name true features."""
+    env = deployment(tmp_path, tiny_model_dir, text_dir)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"{TINY_SAE}: {{variant: topk, n_latents: 128, k: 6}}\n"
+                     "syn-relu: {variant: relu, n_latents: 128}\n")
+    run_config = Path(env["SAE_PLATFORM_RUN_CONFIG"])
+    text = run_config.read_text().replace("evaluation: {config: {ce_contexts: 2,",
+                                          "evaluation: {config: {ce_contexts: 0, metric_contexts: 0, max_fvu: 10.0,")
+    synthetic = ("  synthetic: {config: {n_features: 128, d_model: 32, n_partitions: 2, contexts_per_partition: 24,"
+                 " n_parents: 4, children_per_parent: 3, mean_l0: 6, heldout_rows: 512}}\n")
+    text = text.replace("resources:\n", "resources:\n" + synthetic)
+    text += f"ops: {{sae_sweep: {{config: {{sae_names: [{TINY_SAE}, syn-relu]}}}}}}\n"
+    run_config.write_text(text)
+    run = execute_full_pipeline({**env, "SAE_PLATFORM_SWEEP": str(sweep)}, run_config)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+
+    store = ArtifactStore(env["SAE_PLATFORM_ROOT"])
+    assert sorted(store.committed_names("activations")) == ["activations/synthetic-000", "activations/synthetic-001"]
+    assert store.committed_names("models") == []  # no base model was read or converted
+    for name in (TINY_SAE, "syn-relu"):
+        report = json.loads(store.fs.cat_file(f"{store.resolve(f'eval/{name}')}/report.json"))
+        assert 0 < report["gt_mcc"] <= 1 and report["gt_rows"] == 512 and report["gt_absorption_children"] > 0
+    page = next(Path(env["SAE_PLATFORM_ROOT"], "reports").glob("*.html")).read_text()
+    assert "id=ground-truth" in page and "syn-relu" in page[page.index("id=ground-truth"):]
+    index = site_index(store, TINY_SAE)
+    assert index["n_features"] == 128
+    logits = pl.read_parquet(f"{store.resolve(f'features/{TINY_SAE}/logits/f0')}/logit_effects.parquet")
+    assert logits["top_token_strs"].list.first().str.starts_with("f").all()  # true features, not words
