@@ -62,9 +62,39 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
     or one the refresh policy keeps on it (``sae_platform.refresh``: only new batches, holding less
     than ``retrain_above_fraction`` of its training tokens); its feature tables and browser must
     then describe every batch of that store."""
+    return chain_state(store, shuffle_name=shuffle_name, sae_name=sae_name, n_feature_shards=n_feature_shards,
+                       retrain_above_fraction=retrain_above_fraction).behind()
+
+
+@dataclass(frozen=True)
+class ChainState:
+    """Where the chain downstream of the cached activations stands, per link: ``upstream`` (why the
+    shuffled stores or the SAE are behind the cached batches), then the feature tables and the
+    browser (``FeatureState``, None when upstream is behind: they are judged only against a current
+    SAE). One rule for every reader: ``stale_reasons`` is ``behind()``, and `sae-platform status`
+    prints ``tables_behind()`` and ``browser_behind()``, so its lines cannot contradict it."""
+
+    upstream: list[str]
+    features: "FeatureState | None" = None
+
+    def tables_behind(self) -> list[str]:
+        """Why the feature tables do not describe every cached batch (the upstream reasons first)."""
+        return self.upstream or (self.features.tables_behind() if self.features else [])
+
+    def browser_behind(self) -> list[str]:
+        """Why the browser does not describe every cached batch: whatever keeps the tables behind, or its own."""
+        return self.tables_behind() or (self.features.browser_behind() if self.features else [])
+
+    def behind(self) -> list[str]:
+        return self.browser_behind()
+
+
+def chain_state(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int,
+                retrain_above_fraction: float = RETRAIN_ABOVE_FRACTION) -> ChainState:
+    """The ``ChainState`` of ``sae_name``'s chain (the arguments of ``stale_reasons``)."""
     cached = cached_versions(store)
     if not cached:
-        return []
+        return ChainState([])
     names = hook_shuffle_names(store, shuffle_name)
     hooks = cached_hook_points(store)
     reasons, indexes = [], {}
@@ -79,20 +109,20 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
         if pinned != cached:
             reasons.append(_describe_change(pinned, cached, label))
     if reasons:
-        return reasons
+        return ChainState(reasons)
     checkpoint = store.pointer(checkpoint_name(sae_name))
     if checkpoint is None:
-        return [f"SAE {sae_name!r} was never trained"]
+        return ChainState([f"SAE {sae_name!r} was never trained"])
     trained = trained_on(store, sae_name)
     index = indexes.get(trained)
     if index is None:
-        return [f"SAE {sae_name!r} was trained on shuffled store {trained!r}, which is not one of the cached hook "
-                f"points' stores ({', '.join(names)})"]
+        return ChainState([f"SAE {sae_name!r} was trained on shuffled store {trained!r}, which is not one of the "
+                           f"cached hook points' stores ({', '.join(names)})"])
     if kept_unseen(checkpoint, index, retrain_above_fraction) is None:
-        return [f"SAE {sae_name!r} is not a finished training on shuffle plan {index['plan_id']} "
-                f"(shuffled store {trained!r}), nor one the refresh policy keeps (only new batches holding less "
-                f"than {retrain_above_fraction:.0%} of its training tokens)"]
-    return features_behind(store, sae_name=sae_name, n_feature_shards=n_feature_shards)
+        return ChainState([f"SAE {sae_name!r} is not a finished training on shuffle plan {index['plan_id']} "
+                           f"(shuffled store {trained!r}), nor one the refresh policy keeps (only new batches "
+                           f"holding less than {retrain_above_fraction:.0%} of its training tokens)"])
+    return ChainState([], feature_state(store, sae_name, n_feature_shards))
 
 
 @dataclass(frozen=True)
@@ -112,6 +142,11 @@ class FeatureState:
     def behind(self) -> list[str]:
         """Why the tables or the browser do not describe the current checkpoint over every batch of
         its shuffled store (a kept SAE's tables add new batches); empty when they do."""
+        return self.tables_behind() or self.browser_behind()
+
+    def tables_behind(self) -> list[str]:
+        """Why the feature tables (one reason per shard) do not describe the current checkpoint over
+        every batch of its shuffled store."""
         if self.checkpoint is None:
             return [f"SAE {self.sae_name!r} was never trained"]
         reasons = []
@@ -124,8 +159,13 @@ class FeatureState:
                                f"current {self.checkpoint}")
             elif self.batches is not None and described != self.batches:
                 reasons.append(f"feature tables f{i} of {self.sae_name!r} " + _batch_change(described, self.batches))
-        if reasons:
-            return reasons
+        return reasons
+
+    def browser_behind(self) -> list[str]:
+        """Why the browser, by its own record, does not show the current checkpoint over every batch
+        (whatever the tables describe)."""
+        if self.checkpoint is None:
+            return [f"SAE {self.sae_name!r} was never trained"]
         if self.browser is None:
             return [f"the feature browser of {self.sae_name!r} was never built"]
         if self.browser != self.checkpoint:
@@ -153,11 +193,16 @@ def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: in
     return feature_state(store, sae_name, n_feature_shards).behind()
 
 
-def sae_stale_reasons(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> list[str]:
-    """``stale_reasons`` for a trained SAE, with the shuffle it was trained on as ``shuffle_name``
+def sae_chain_state(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> ChainState:
+    """``chain_state`` for a trained SAE, with the shuffle it was trained on as ``shuffle_name``
     (the base name of its hook point's store): what ``sae-platform status`` shows per SAE."""
-    return stale_reasons(store, shuffle_name=hook_store_base(trained_on(store, sae_name)), sae_name=sae_name,
-                         n_feature_shards=n_feature_shards)
+    return chain_state(store, shuffle_name=hook_store_base(trained_on(store, sae_name)), sae_name=sae_name,
+                       n_feature_shards=n_feature_shards)
+
+
+def sae_stale_reasons(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> list[str]:
+    """``stale_reasons`` for a trained SAE (``sae_chain_state``)."""
+    return sae_chain_state(store, sae_name, n_feature_shards).behind()
 
 
 def store_batches(store: ArtifactStore, sae_name: str) -> dict[str, str] | None:
