@@ -6,8 +6,10 @@ is *added* batches holding fewer tokens than ``retrain_above_fraction`` of the t
 trained on, the SAE is kept: training skips it, and the feature tables are brought up to date
 incrementally (pass 1 for the new batches only, pass 2 merging every batch's partials, pass 3
 computing only the windows of newly shown examples: ``contexts.build_partition_windows``). The
-checkpoint is then *stale*, and says so (:meth:`Unseen.describe`). A batch removed or re-cached,
-another hook point's store or another d_model always retrains: the SAE's data changed, not only grew.
+checkpoint is then *stale*, and says so (:meth:`Unseen.describe`). At or above the fraction the SAE
+is retrained by resuming its finished checkpoint for the new tokens (:func:`continuation`) while its
+settings are unchanged. A batch removed or re-cached, another hook point's store or another d_model
+always trains from scratch: the SAE's data changed, not only grew.
 
 Pure: reads only the pointer and the shuffled store's index handed to it.
 """

@@ -126,7 +126,8 @@ class TrainSettings:
         RETRAIN_ABOVE_FRACTION, "the refresh policy (sae_platform.refresh): when the shuffled store only gains "
         "batches holding fewer tokens than this fraction of the tokens the finished SAE was trained on, the SAE is "
         "kept (marked stale, with the reason) and the feature tables are updated incrementally; at or above it, "
-        "the SAE is retrained. 0: always retrain", ge=0.0, le=1.0)
+        "the SAE is retrained: resumed from its checkpoint for the new tokens' steps while its settings are "
+        "unchanged (refresh.continuation), else from scratch. 0: never kept", ge=0.0, le=1.0)
     hook_point: str | None = setting(None, "the cached hook point (an entry of resources.caching.config.hook_points, "
                                            "e.g. blocks.4.hook_mlp_out) this SAE trains on; null: the first")
     selection_precision: SelectionPrecision = setting(
