@@ -23,7 +23,7 @@ from sae_platform.catalog import eval_name, trained_on
 from sae_platform.contexts import shown_examples
 from sae_platform.feature_check import brute_force_check
 from sae_platform.feature_merge import FeatureTables, merge_shard_tables, read_tables, write_tables
-from sae_platform.freshness import features_behind, stale_reasons
+from sae_platform.freshness import features_behind, refresh_plan, stale_reasons
 from sae_platform.ground_truth import synthetic_heldout_codes
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
@@ -32,7 +32,7 @@ from sae_platform.model import pick_device
 from sae_platform.shuffle import pinned_keys
 from sae_platform.synthetic import SyntheticTokenizer, read_truth, synthetic_provenance, token_unembedding
 from sae_platform.tables import LLM_EXPLANATION_SCHEMA
-from sae_platform.trainer import load_sae
+from sae_platform.trainer import identity, load_sae
 
 RESOURCES = ("storage", "features", "shuffle")
 PREVIEW_FEATURES = 10  # top features by density in feature_topk's metadata table
@@ -458,11 +458,23 @@ def described_chain(resources) -> dict:
     (``retrain_above_fraction`` of its sweep entry): the arguments of ``freshness.stale_reasons``
     and ``freshness.refresh_plan``."""
     sae_name = resources.features.settings().sae_name
-    # a sweep entry's own policy; an SAE from outside the sweep (a vector's dictionary) the shared one
-    training = settings_for(sae_name, resources.training) if sae_name in SAE_SWEEP_SPECS \
-        else resources.training.settings()
     return {"shuffle_name": resources.shuffle.settings().name, "sae_name": sae_name,
-            "n_feature_shards": N_FEATURE_SHARDS, "retrain_above_fraction": training.retrain_above_fraction}
+            "n_feature_shards": N_FEATURE_SHARDS,
+            "retrain_above_fraction": _described_training(resources).retrain_above_fraction}
+
+
+def _described_training(resources):
+    """The training settings of the described SAE: its sweep entry's; an SAE from outside the sweep
+    (a vector's dictionary) the shared ones."""
+    sae_name = resources.features.settings().sae_name
+    return settings_for(sae_name, resources.training) if sae_name in SAE_SWEEP_SPECS \
+        else resources.training.settings()
+
+
+def planned_refresh(store, resources) -> str:
+    """``freshness.refresh_plan`` of the described chain, told the current training settings so it
+    says whether the SAE resumes or trains from scratch (the trainer's own rule)."""
+    return refresh_plan(store, **described_chain(resources), training=identity(_described_training(resources)))
 
 
 def chain_behind(store, resources) -> list[str]:

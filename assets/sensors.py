@@ -12,7 +12,7 @@
   (a runless evaluation) when the answer changed, so the UI shows the browser behind the data. It logs,
   and tags the run with (``sae_platform/plan``), what the refresh will rebuild and about how long
   that takes (``freshness.refresh_plan``: a kept SAE, by ``retrain_above_fraction``, costs pass 1 of
-  the new batches, not a training).
+  the new batches, not a training; above it the SAE resumes where its settings allow).
 * ``nightly_refresh``: the periodic backfill. Every night, the same check (uncached and replaced
   inbox files included); it launches ``full_pipeline`` when anything is behind, e.g. after a
   failed run, a sensor that was off, or files that arrived while the daemon was down.
@@ -48,15 +48,15 @@ from assets.features import (
     DESCRIBES_EVERY_CACHED_BATCH,
     FEATURE_BROWSER,
     chain_behind,
-    described_chain,
     freshness_verdict,
+    planned_refresh,
 )
 from assets.metadata import readable
 from assets.partitions import ACTIVATION_BATCHES
 from resources import AutomationResource, StorageResource, TextSourceResource
 from sae_platform.corpus import display_name
 from sae_platform.errors import SourceError, printable
-from sae_platform.freshness import cached_versions, refresh_plan
+from sae_platform.freshness import cached_versions
 from sae_platform.inbox import failed_attempts, needs_caching
 from sae_platform.settings import env_value
 
@@ -161,7 +161,7 @@ def downstream_freshness_sensor(context: SensorEvaluationContext):
     if not reasons:
         return SkipReason("downstream of the cached activations is up to date")
     state = json.dumps(sorted(cached_versions(storage.store()).items()))
-    plan = refresh_plan(storage.store(), **described_chain(context.resources))
+    plan = planned_refresh(storage.store(), context.resources)
     context.log.info("; ".join(reasons))
     context.log.info(plan)
     return RunRequest(run_key=f"refresh:{hashlib.sha256(state.encode()).hexdigest()[:16]}",
@@ -200,7 +200,7 @@ def nightly_refresh(context: ScheduleEvaluationContext):
     reasons = _behind(resources.storage, resources, resources.text_source)
     if not reasons:
         return SkipReason("everything is up to date")
-    plan = refresh_plan(resources.storage.store(), **described_chain(resources))
+    plan = planned_refresh(resources.storage.store(), resources)
     context.log.info(plan)
     return RunRequest(run_config=resources.automation.run_config(),
                       tags={"sae_platform/why": reasons[0][:200], "sae_platform/plan": plan[:1000]})

@@ -30,7 +30,7 @@ from sae_platform.catalog import (
     stage_records,
     trained_on,
 )
-from sae_platform.refresh import RETRAIN_ABOVE_FRACTION, kept_unseen
+from sae_platform.refresh import RETRAIN_ABOVE_FRACTION, Continuation, continuation, kept_unseen
 from sae_platform.storage import ArtifactStore
 
 
@@ -62,9 +62,39 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
     or one the refresh policy keeps on it (``sae_platform.refresh``: only new batches, holding less
     than ``retrain_above_fraction`` of its training tokens); its feature tables and browser must
     then describe every batch of that store."""
+    return chain_state(store, shuffle_name=shuffle_name, sae_name=sae_name, n_feature_shards=n_feature_shards,
+                       retrain_above_fraction=retrain_above_fraction).behind()
+
+
+@dataclass(frozen=True)
+class ChainState:
+    """Where the chain downstream of the cached activations stands, per link: ``upstream`` (why the
+    shuffled stores or the SAE are behind the cached batches), then the feature tables and the
+    browser (``FeatureState``, None when upstream is behind: they are judged only against a current
+    SAE). One rule for every reader: ``stale_reasons`` is ``behind()``, and `sae-platform status`
+    prints ``tables_behind()`` and ``browser_behind()``, so its lines cannot contradict it."""
+
+    upstream: list[str]
+    features: "FeatureState | None" = None
+
+    def tables_behind(self) -> list[str]:
+        """Why the feature tables do not describe every cached batch (the upstream reasons first)."""
+        return self.upstream or (self.features.tables_behind() if self.features else [])
+
+    def browser_behind(self) -> list[str]:
+        """Why the browser does not describe every cached batch: whatever keeps the tables behind, or its own."""
+        return self.tables_behind() or (self.features.browser_behind() if self.features else [])
+
+    def behind(self) -> list[str]:
+        return self.browser_behind()
+
+
+def chain_state(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int,
+                retrain_above_fraction: float = RETRAIN_ABOVE_FRACTION) -> ChainState:
+    """The ``ChainState`` of ``sae_name``'s chain (the arguments of ``stale_reasons``)."""
     cached = cached_versions(store)
     if not cached:
-        return []
+        return ChainState([])
     names = hook_shuffle_names(store, shuffle_name)
     hooks = cached_hook_points(store)
     reasons, indexes = [], {}
@@ -79,20 +109,20 @@ def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_f
         if pinned != cached:
             reasons.append(_describe_change(pinned, cached, label))
     if reasons:
-        return reasons
+        return ChainState(reasons)
     checkpoint = store.pointer(checkpoint_name(sae_name))
     if checkpoint is None:
-        return [f"SAE {sae_name!r} was never trained"]
+        return ChainState([f"SAE {sae_name!r} was never trained"])
     trained = trained_on(store, sae_name)
     index = indexes.get(trained)
     if index is None:
-        return [f"SAE {sae_name!r} was trained on shuffled store {trained!r}, which is not one of the cached hook "
-                f"points' stores ({', '.join(names)})"]
+        return ChainState([f"SAE {sae_name!r} was trained on shuffled store {trained!r}, which is not one of the "
+                           f"cached hook points' stores ({', '.join(names)})"])
     if kept_unseen(checkpoint, index, retrain_above_fraction) is None:
-        return [f"SAE {sae_name!r} is not a finished training on shuffle plan {index['plan_id']} "
-                f"(shuffled store {trained!r}), nor one the refresh policy keeps (only new batches holding less "
-                f"than {retrain_above_fraction:.0%} of its training tokens)"]
-    return features_behind(store, sae_name=sae_name, n_feature_shards=n_feature_shards)
+        return ChainState([f"SAE {sae_name!r} is not a finished training on shuffle plan {index['plan_id']} "
+                           f"(shuffled store {trained!r}), nor one the refresh policy keeps (only new batches "
+                           f"holding less than {retrain_above_fraction:.0%} of its training tokens)"])
+    return ChainState([], feature_state(store, sae_name, n_feature_shards))
 
 
 @dataclass(frozen=True)
@@ -112,6 +142,11 @@ class FeatureState:
     def behind(self) -> list[str]:
         """Why the tables or the browser do not describe the current checkpoint over every batch of
         its shuffled store (a kept SAE's tables add new batches); empty when they do."""
+        return self.tables_behind() or self.browser_behind()
+
+    def tables_behind(self) -> list[str]:
+        """Why the feature tables (one reason per shard) do not describe the current checkpoint over
+        every batch of its shuffled store."""
         if self.checkpoint is None:
             return [f"SAE {self.sae_name!r} was never trained"]
         reasons = []
@@ -124,8 +159,13 @@ class FeatureState:
                                f"current {self.checkpoint}")
             elif self.batches is not None and described != self.batches:
                 reasons.append(f"feature tables f{i} of {self.sae_name!r} " + _batch_change(described, self.batches))
-        if reasons:
-            return reasons
+        return reasons
+
+    def browser_behind(self) -> list[str]:
+        """Why the browser, by its own record, does not show the current checkpoint over every batch
+        (whatever the tables describe)."""
+        if self.checkpoint is None:
+            return [f"SAE {self.sae_name!r} was never trained"]
         if self.browser is None:
             return [f"the feature browser of {self.sae_name!r} was never built"]
         if self.browser != self.checkpoint:
@@ -153,11 +193,16 @@ def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: in
     return feature_state(store, sae_name, n_feature_shards).behind()
 
 
-def sae_stale_reasons(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> list[str]:
-    """``stale_reasons`` for a trained SAE, with the shuffle it was trained on as ``shuffle_name``
+def sae_chain_state(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> ChainState:
+    """``chain_state`` for a trained SAE, with the shuffle it was trained on as ``shuffle_name``
     (the base name of its hook point's store): what ``sae-platform status`` shows per SAE."""
-    return stale_reasons(store, shuffle_name=hook_store_base(trained_on(store, sae_name)), sae_name=sae_name,
-                         n_feature_shards=n_feature_shards)
+    return chain_state(store, shuffle_name=hook_store_base(trained_on(store, sae_name)), sae_name=sae_name,
+                       n_feature_shards=n_feature_shards)
+
+
+def sae_stale_reasons(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> list[str]:
+    """``stale_reasons`` for a trained SAE (``sae_chain_state``)."""
+    return sae_chain_state(store, sae_name, n_feature_shards).behind()
 
 
 def store_batches(store: ArtifactStore, sae_name: str) -> dict[str, str] | None:
@@ -198,23 +243,31 @@ def _lineage(store: ArtifactStore, lineage_path: str) -> dict | None:
 SHUFFLE_STAGES = ("shuffle_plan", "shuffle_pass_1", "shuffle_pass_2", "shuffle_final", "shuffled_activations")
 TABLE_STAGES = ("feature_topk", "feature_contexts", "feature_explanations")  # once per feature shard
 BATCH_STAGES = ("feature_context_windows",)  # pass 3: once per batch
+# full_pipeline runs these in every refresh: the comparison and the circuit-tracer export have no skip
+# rule, the Neuronpedia export follows the tables (a refresh always changes them)
+EXPORT_STAGES = ("sae_comparison", "circuit_tracer_export", "neuronpedia_export")
+OPTIONAL_SHARD_STAGES = ("feature_llm_explanations",)  # counted once it has run: off by default, then ~0 s
 
 
 def refresh_plan(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int,
-                 retrain_above_fraction: float = RETRAIN_ABOVE_FRACTION) -> str:
+                 retrain_above_fraction: float = RETRAIN_ABOVE_FRACTION, training: dict | None = None) -> str:
     """One line: what a ``full_pipeline`` refresh of the cached activations will rebuild (reshuffle;
-    keep or retrain ``sae_name`` by the refresh policy; pass 1 for the batches without a current
-    partial) and roughly how long it will take, from the seconds the last builds of those stages
-    recorded in their stage records (``catalog.stage_record_path``; '?' for a stage never timed)."""
+    keep, resume or retrain ``sae_name`` by the refresh policy, its SAELens export with it; evaluate;
+    pass 1 for the batches without a current partial, pass 2, 3, contexts, explanations, the browser
+    and the exports) and roughly how long it will take, from the seconds the last builds of those
+    stages recorded in their stage records (``catalog.stage_record_path``; a resumed training from
+    its checkpoint's last training speed). Stages never timed are named as unknown, not counted.
+    ``training``: the current training settings' ``trainer.identity`` (None: taken as unchanged),
+    which decide between resuming and training from scratch (``refresh.continuation``)."""
     cached = cached_versions(store)
     names = hook_shuffle_names(store, shuffle_name)
     behind = [n for n in names if _pinned(store, n) != cached]
-    steps, seconds = [], []
+    steps, timed = [], []  # timed: (stage, seconds; NaN when never timed)
     if behind:
         steps.append(f"reshuffle {len(behind)} store(s) ({sum(_rows(store, k) for k in cached):,} rows)")
-        seconds += [_last_seconds(store, stage) for stage in SHUFFLE_STAGES]
+        timed += [(stage, _last_seconds(store, stage)) for stage in SHUFFLE_STAGES]
     checkpoint = store.pointer(checkpoint_name(sae_name))
-    unseen = None
+    unseen = index = None
     if checkpoint is not None:
         trained = trained_on(store, sae_name)
         index = {"name": trained, "d_model": (checkpoint.get("data") or {}).get("d_model"),
@@ -222,23 +275,55 @@ def refresh_plan(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_fe
                  "inputs": [{"key": k, "version": v, "n_rows": _rows(store, k)} for k, v in cached.items()]}
         unseen = kept_unseen(checkpoint, index, retrain_above_fraction)
     if unseen is None:
-        steps.append(f"train {sae_name} from scratch, evaluate it")
-        seconds += [_last_seconds(store, "sae_checkpoint"), _last_seconds(store, "sae_eval")]
+        steps.append(_training_step(store, sae_name, checkpoint, index, training, timed))
+        timed.append(("sae_eval", _last_seconds(store, "sae_eval")))
         new = list(cached)
     else:
         steps.append(f"keep {sae_name} ({unseen.describe() or 'current'})")
         new = [k for k in cached if not _partials_pinned(store, sae_name, k, checkpoint)]  # no current partial
         if behind:
-            seconds.append(_last_seconds(store, "sae_eval"))
-    steps.append(f"feature pass 1 for {len(new)} of {len(cached)} batch(es), pass 2 and contexts for "
-                 f"{n_feature_shards} shard(s), pass 3 for {len(cached)} batch(es), the browser")
-    seconds += [_mean_seconds(store, "feature_stats_partial") * len(new) if new else 0.0,
-                *(_mean_seconds(store, s) * n_feature_shards for s in TABLE_STAGES),
-                *(_mean_seconds(store, s) * len(cached) for s in BATCH_STAGES),
-                _last_seconds(store, "feature_browser")]
-    known = [s for s in seconds if s == s]  # NaN: never timed
-    estimate = f"~{_duration(sum(known))}" + ("" if len(known) == len(seconds) else " (some stages never timed)")
+            timed.append(("sae_eval", _last_seconds(store, "sae_eval")))
+    llm = [stage for stage in OPTIONAL_SHARD_STAGES if _record_seconds(store, stage)]
+    steps.append(f"feature pass 1 for {len(new)} of {len(cached)} batch(es), pass 2, contexts and explanations "
+                 f"for {n_feature_shards} shard(s){''.join(f', {s}' for s in llm)}, pass 3 for {len(cached)} "
+                 "batch(es), the browser")
+    steps.append("the exports (" + ", ".join(EXPORT_STAGES) + ")")
+    timed += [("feature_stats_partial", _mean_seconds(store, "feature_stats_partial") * len(new) if new else 0.0),
+              *((s, _mean_seconds(store, s) * n_feature_shards) for s in (*TABLE_STAGES, *llm)),
+              *((s, _mean_seconds(store, s) * len(cached)) for s in BATCH_STAGES),
+              ("feature_browser", _last_seconds(store, "feature_browser")),
+              *((s, _last_seconds(store, s)) for s in EXPORT_STAGES)]
+    unknown = [stage for stage, seconds in timed if seconds != seconds]  # NaN: never timed
+    estimate = f"~{_duration(sum(seconds for _, seconds in timed if seconds == seconds))}"
+    if unknown:
+        estimate += f" + unknown for {', '.join(unknown)} (never timed)"
     return "refresh will " + "; ".join(steps) + f": {estimate} by the last recorded stage timings"
+
+
+def _training_step(store: ArtifactStore, sae_name: str, checkpoint: dict | None, index: dict | None,
+                   training: dict | None, timed: list) -> str:
+    """The plan's words for (re)training ``sae_name`` (resumed where ``refresh.continuation``
+    allows, else from scratch with the reason), appending its stage's estimate to ``timed``."""
+    batch_size = (training or (checkpoint or {}).get("settings") or {}).get("batch_size") or 1
+    resume = continuation(checkpoint, index, training, batch_size) if checkpoint else "never trained"
+    if isinstance(resume, Continuation):
+        timed.append(("sae_checkpoint", _resume_seconds(store, sae_name, resume, batch_size)))
+        return f"{resume.describe()} of {sae_name}, export and evaluate it"
+    timed.append(("sae_checkpoint", _last_seconds(store, "sae_checkpoint")))
+    return f"train {sae_name} from scratch ({resume}), export and evaluate it"
+
+
+def _resume_seconds(store: ArtifactStore, sae_name: str, resume: Continuation, batch_size: int) -> float:
+    """The added steps at the training speed the checkpoint's last metrics row recorded; NaN when none."""
+    path = store.resolve(checkpoint_name(sae_name))
+    try:
+        history = store.read_json(f"{path}/trainer_state.json").get("history") or []
+    except (OSError, ValueError):  # an earlier version's checkpoint (trainer_state.pt), or unreadable
+        return float("nan")
+    speed = history[-1].get("tokens_per_second") if history else None
+    if not isinstance(speed, int | float) or speed <= 0:
+        return float("nan")
+    return resume.added_steps * batch_size / speed
 
 
 def _pinned(store: ArtifactStore, name: str) -> dict[str, str] | None:

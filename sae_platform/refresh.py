@@ -6,8 +6,10 @@ is *added* batches holding fewer tokens than ``retrain_above_fraction`` of the t
 trained on, the SAE is kept: training skips it, and the feature tables are brought up to date
 incrementally (pass 1 for the new batches only, pass 2 merging every batch's partials, pass 3
 computing only the windows of newly shown examples: ``contexts.build_partition_windows``). The
-checkpoint is then *stale*, and says so (:meth:`Unseen.describe`). A batch removed or re-cached,
-another hook point's store or another d_model always retrains: the SAE's data changed, not only grew.
+checkpoint is then *stale*, and says so (:meth:`Unseen.describe`). At or above the fraction the SAE
+is retrained by resuming its finished checkpoint for the new tokens (:func:`continuation`) while its
+settings are unchanged. A batch removed or re-cached, another hook point's store or another d_model
+always trains from scratch: the SAE's data changed, not only grew.
 
 Pure: reads only the pointer and the shuffled store's index handed to it.
 """
@@ -83,3 +85,48 @@ def kept_unseen(pointer: dict | None, index: dict, retrain_above_fraction: float
         return None
     unseen = unseen_since(pointer, index)
     return unseen if unseen is not None and unseen.within(retrain_above_fraction) else None
+
+
+# -- above the threshold: go on training the finished checkpoint, where its settings allow ---------
+
+@dataclass(frozen=True)
+class Continuation:
+    """How a finished checkpoint goes on training on its grown shuffled store: from ``from_step``,
+    ``added_steps`` more steps (the budget raised by the new tokens: ``unseen.tokens // batch_size``,
+    at least one), at the same constant learning rate (the trainer's Adam has no schedule, so the
+    added steps need no re-planned warm-up or decay; the Adam moments and the dead-latent counters
+    go on from the checkpoint)."""
+
+    from_step: int
+    added_steps: int
+    unseen: Unseen
+
+    def describe(self) -> str:
+        """The log and plan line's words for it."""
+        return (f"resume from step {self.from_step:,} for {self.added_steps:,} more step(s), the budget raised by "
+                f"{self.unseen.tokens:,} new tokens (batches {', '.join(self.unseen.batches[:5])}"
+                f"{' …' if len(self.unseen.batches) > 5 else ''})")
+
+
+def continuation(pointer: dict | None, index: dict, settings: dict | None, batch_size: int) -> Continuation | str:
+    """The ``Continuation`` of checkpoint ``pointer`` on the shuffled store ``index``, or why it
+    must train from scratch (a string for the log): no finished checkpoint; ``settings`` (the
+    current settings' ``trainer.identity``, None when unknown: taken as unchanged) differ from the
+    ones it was trained with (another n_latents, variant, k, lr, batch_size, seed, token_budget,
+    dead_after_tokens, holdout_rows, hparams …: the changed ones are named); the store's data is
+    not its data plus new batches (``unseen_since``); or nothing new (then it is current)."""
+    if pointer is None or not pointer.get("final"):
+        return "no finished checkpoint to resume from"
+    trained_with = pointer.get("settings") or {}
+    if settings is not None and trained_with != settings:
+        changed = sorted(k for k in set(trained_with) | set(settings) if trained_with.get(k) != settings.get(k))
+        return ("the settings changed since the checkpoint was trained ("
+                + ", ".join(f"{k} {trained_with.get(k)!r} → {settings.get(k)!r}" for k in changed[:6])
+                + (" …" if len(changed) > 6 else "") + "): a resumed SAE would not be the one these settings train")
+    unseen = unseen_since(pointer, index)
+    if unseen is None:
+        return ("the shuffled store's data is not the checkpoint's plus new batches (a batch re-cached or removed, "
+                "another store or d_model, or a checkpoint that recorded no batches)")
+    if not unseen.tokens:
+        return "the checkpoint is current on this shuffled store"
+    return Continuation(int(pointer.get("step") or 0), max(1, unseen.tokens // batch_size), unseen)

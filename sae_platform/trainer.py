@@ -60,7 +60,15 @@ from sae_platform.distributed import (
     rank_and_world,
 )
 from sae_platform.errors import PlatformError, StorageError
-from sae_platform.refresh import RETRAIN_ABOVE_FRACTION, TRAINED_BATCHES, Unseen, batches_record, kept_unseen
+from sae_platform.refresh import (
+    RETRAIN_ABOVE_FRACTION,
+    TRAINED_BATCHES,
+    Continuation,
+    Unseen,
+    batches_record,
+    continuation,
+    kept_unseen,
+)
 from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.shuffled import Shuffled, open_shuffled
@@ -119,7 +127,8 @@ class TrainSettings:
         RETRAIN_ABOVE_FRACTION, "the refresh policy (sae_platform.refresh): when the shuffled store only gains "
         "batches holding fewer tokens than this fraction of the tokens the finished SAE was trained on, the SAE is "
         "kept (marked stale, with the reason) and the feature tables are updated incrementally; at or above it, "
-        "the SAE is retrained. 0: always retrain", ge=0.0, le=1.0)
+        "the SAE is retrained: resumed from its checkpoint for the new tokens' steps while its settings are "
+        "unchanged (refresh.continuation), else from scratch. 0: never kept", ge=0.0, le=1.0)
     hook_point: str | None = setting(None, "the cached hook point (an entry of resources.caching.config.hook_points, "
                                            "e.g. blocks.4.hook_mlp_out) this SAE trains on; null: the first")
     selection_precision: SelectionPrecision = setting(
@@ -157,6 +166,9 @@ class TrainState:
     tokens: int = 0
     history: list = field(default_factory=list)
     tokens_since_fired: torch.Tensor | None = None
+    # the step training ends at, when not the settings' (token_budget // batch_size): a finished
+    # checkpoint resumed on its grown store (refresh.Continuation) trains on past it
+    target_steps: int | None = None
 
 
 # Where the ranks run and how precisely they pick latents, not what is trained: a checkpoint resumes
@@ -350,8 +362,10 @@ def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: 
            "tokens": state.tokens, "final": final}
     trainer_tensors = {"tokens_since_fired": state.tokens_since_fired.detach().cpu().contiguous(),
                        "rng": torch.get_rng_state()}
-    trainer_meta = {"step": state.step, "tokens": state.tokens, "history": state.history}
+    trainer_meta = {"step": state.step, "tokens": state.tokens, "history": state.history,
+                    "target_steps": state.target_steps}
     with store.writing(checkpoint_name(sae_name), step=state.step, tokens=state.tokens, final=final,
+                       target_steps=state.target_steps,
                        settings=identity(settings), data=fingerprint,
                        **{TRAINED_BATCHES: batches_record(shuffled.index)}) as version:
         store.fs.pipe_file(f"{version}/sae_weights.safetensors", save_safetensors(weights))
@@ -444,10 +458,39 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
 
 
 def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log) -> TrainState | None:
+    """The state of an interrupted training of these settings on this very shuffled store; None
+    when there is none."""
     pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None or pointer.get("settings") != identity(settings) \
             or pointer.get("data") != fingerprint:
         return None
+    return _load_state(store, sae_name, pointer, sae, optimizer, device, log)
+
+
+def _resume_grown(store, sae_name, settings, shuffled, sae, optimizer, device, log) -> TrainState | None:
+    """The state of a *finished* checkpoint of these settings whose shuffled store only gained
+    batches since (``refresh.continuation``), set to train the added steps; None, with the reason
+    logged when there was a checkpoint, when training must start from scratch."""
+    pointer = store.pointer(checkpoint_name(sae_name))
+    if pointer is None:
+        return None
+    plan = continuation(pointer, shuffled.index, identity(settings), settings.batch_size)
+    if not isinstance(plan, Continuation):
+        log(f"training {sae_name} from scratch, not resuming its checkpoint (step {pointer.get('step')}, version "
+            f"{pointer['version']}): {plan}")
+        return None
+    state = _load_state(store, sae_name, pointer, sae, optimizer, device, log)
+    if state is None:
+        return None
+    log(f"{sae_name}: {plan.describe()}: its checkpoint's weights, Adam state and dead-latent counters go on at the "
+        f"same constant lr {settings.learning_rate:g} ({plan.unseen.describe()})")
+    state.target_steps = state.step + plan.added_steps
+    return state
+
+
+def _load_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainState | None:
+    """Load checkpoint ``pointer``'s weights and Adam state into ``sae`` and ``optimizer`` and the
+    torch RNG; its TrainState (None when its optimizer layout is an earlier version's)."""
     path = store.resolve(checkpoint_name(sae_name))
     store.check_intact(checkpoint_name(sae_name), pointer["version"], what=f"SAE checkpoint {sae_name!r}")
     weights = _finite_weights(store, path, pointer.get("step"))
@@ -473,7 +516,8 @@ def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log)
     sae.load_state_dict(weights)
     optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(saved["rng"])
-    return TrainState(saved["step"], saved["tokens"], saved["history"], saved["tokens_since_fired"].to(device))
+    return TrainState(saved["step"], saved["tokens"], saved["history"], saved["tokens_since_fired"].to(device),
+                      saved.get("target_steps"))
 
 
 def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: TrainSettings,
@@ -495,7 +539,10 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     sae = _new_sae(settings, shuffled.d_model, device, shuffled, d_in)
     sae.selection_dtype = selection_dtype(settings.selection_precision, device)
     optimizer = _optimizer(sae, settings, device)
-    state = _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log)
+    state = _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log) \
+        or _resume_grown(store, sae_name, settings, shuffled, sae, optimizer, device, log)
+    if state is not None and state.target_steps:
+        n_steps = state.target_steps
     if state is None:
         state = TrainState(tokens_since_fired=torch.zeros(settings.n_latents, dtype=torch.long, device=device))
         picks = f", picking latents in {str(sae.selection_dtype).removeprefix('torch.')}" if sae.selection_dtype else ""

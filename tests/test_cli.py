@@ -45,6 +45,53 @@ def test_serving_commands_help_shows_their_defaults(capsys):
     assert "(default: 0)" in capsys.readouterr().out
 
 
+def _subcommand_parsers(parser, path=()):
+    """(command words, parser) of every subcommand of ``parser``, nested ones (``vector add``) included."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _subcommand_parsers(sub, (*path, name))
+
+
+def test_every_subcommands_help_shows_each_options_default(capsys):
+    """Not only `serve`: every option of every subcommand that has a default says it in `--help`
+    (or says where its default comes from), so `steer --help` reads like `serve --help`."""
+    import argparse
+
+    import pytest
+
+    from jobs.cli import main
+
+    parser = None
+
+    def capture(self, *args, **kwargs):
+        nonlocal parser
+        parser = self
+        raise SystemExit(0)
+
+    with pytest.MonkeyPatch.context() as patch:  # the top-level parser main builds, as main builds it
+        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
+        with pytest.raises(SystemExit):
+            main([])
+    commands = list(_subcommand_parsers(parser))
+    assert {"steer", "serve", "lineage", "timings"} <= {words[0] for words, _ in commands}
+    assert ("vector", "add") in {words for words, _ in commands}
+    missing = []
+    for words, sub in commands:
+        with pytest.raises(SystemExit):
+            main([*words, "--help"])
+        text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+        for action in sub._actions:
+            if not action.option_strings or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+                continue
+            if f"(default:{action.default})".replace(" ", "") not in text and "default:" not in (action.help or ""):
+                missing.append(f"{' '.join(words)} {action.option_strings[-1]}")
+    assert not missing, f"options whose --help hides their default: {missing}"
+
+
 def test_status_reads_the_store_without_dagster_or_torch(tmp_path):
     env = {**os.environ, "SAE_PLATFORM_ROOT": str(tmp_path / "artifacts")}
     loaded = _modules_after("import jobs.cli\njobs.cli.main(['status'])", env)

@@ -102,7 +102,9 @@ def test_the_browser_warns_while_a_cached_batch_is_not_in_it(tmp_path, tiny_mode
     _op_path(defs, instance)
     assert latest().evaluation.passed, "a full build describes every cached batch"
     cursor = tick(None).cursor
-    assert "topk-4k-k32 downstream of the cached activations: current" in status()
+    out = status()
+    assert "topk-4k-k32 downstream of the cached activations: current" in out
+    assert "feature tables of topk-4k-k32: 4 of 4" in out and out.count(": current") == 3, out
 
     (tmp_path / "op" / "inbox" / "delta.txt").write_text((text_dir / "gamma.txt").read_text() * 2)
     instance.add_dynamic_partitions("activation_batches", ["delta"])
@@ -116,11 +118,13 @@ def test_the_browser_warns_while_a_cached_batch_is_not_in_it(tmp_path, tiny_mode
     assert tick(result.cursor).cursor == result.cursor and latest().id == warned.id, "reported once per change"
 
     out = status()
-    tables = next(line for line in out.splitlines() if "feature tables of topk-4k-k32" in line)
-    assert "4 of 4 feature shard(s) built" in tables and tables.endswith(": current"), out
-    assert "feature browser of topk-4k-k32: shows checkpoint" in out
-    assert "topk-4k-k32 downstream of the cached activations: behind: the shuffled store 'main'" in out
-    assert "new: delta" in out
+    lines = {line.split(":", 1)[0].strip(): line for line in out.splitlines() if "topk-4k-k32" in line}
+    tables, browser = lines["feature tables of topk-4k-k32"], lines["feature browser of topk-4k-k32"]
+    # no line says current while the check warns: each names the batch the chain has not taken in
+    assert "4 of 4 feature shard(s) built" in tables and ": current" not in out, out
+    for line in (tables, browser, lines["topk-4k-k32 downstream of the cached activations"]):
+        assert "behind: the shuffled store 'main' is older than the cached activations (new: delta)" in line, out
+    assert "feature browser of topk-4k-k32: shows checkpoint" in browser
 
     # Building the browser alone skips (it describes the current checkpoint) and re-checks: still a warning.
     built = defs.resolve_job_def("build_browser").execute_in_process(instance=instance)

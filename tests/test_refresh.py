@@ -111,7 +111,9 @@ def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path
 
     (inbox / "epsilon.txt").write_text((text_dir / "gamma.txt").read_text() + " another batch")  # ~775 tokens
     large_s, log = _run(env)
-    assert store.pointer(checkpoint_name(TINY_SAE))["version"] != kept["version"]  # retrained
+    resumed = store.pointer(checkpoint_name(TINY_SAE))
+    assert resumed["version"] != kept["version"]  # retrained: above the threshold, resumed from the kept one
+    assert resumed["step"] > kept["step"] and f"resume from step {kept['step']:,} for " in log, log[-3000:]
     assert "epsilon" in {b["key"] for b in store.pointer(checkpoint_name(TINY_SAE))["trained_batches"]}
     assert stale_reasons(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4) == []
     assert _pass_3(log, "alpha")[0] == 0 and "(rebuilt: built from another checkpoint)" in log  # a new SAE
@@ -119,9 +121,54 @@ def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path
     plan = refresh_plan(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4)
     assert plan.startswith(f"refresh will keep {TINY_SAE} (current); feature pass 1 for 0 of 5 batch(es)"), plan
     assert ": ~" in plan and "never timed" not in plan, plan  # every stage recorded its seconds
+    assert "the exports (sae_comparison, circuit_tracer_export, neuronpedia_export)" in plan, plan
     print(plan)
     print(f"\ndrop -> browser on the tiny setup: first build {first_s:.0f} s, small batch (SAE kept) "
           f"{small_s:.0f} s, large batch (retrained) {large_s:.0f} s")
+
+
+def _record(store: ArtifactStore, asset: str, partition: str, seconds: float) -> None:
+    store.write_json(stage_record_path(store, asset, partition), {"version": "v", "seconds": seconds})
+
+
+def test_the_plan_estimates_every_stage_it_runs_and_says_resume_or_from_scratch(store):
+    """The refresh plan names and times every stage full_pipeline will run, explanations and the
+    exports included (from their stage records; a stage never timed is named as unknown, not
+    silently left out), and says "resume" above the threshold when the settings allow it, "from
+    scratch" with the changed setting when they do not."""
+    from test_trainer import SETTINGS, make_shuffled
+
+    from sae_platform.trainer import identity, train_sae
+
+    settings = TrainSettings(**{**SETTINGS.__dict__, "token_budget": 256 * 4})
+    make_shuffled(store)
+    train_sae(store, "main", "run", settings, log=lambda m: None)
+    make_shuffled(store, n_partitions=1, first=3)  # 1,500 new rows: 146% of the 1,024 trained tokens
+    chain = {"shuffle_name": "main", "sae_name": "run", "n_feature_shards": 2}
+    plan = refresh_plan(store, **chain, training=identity(settings))
+    assert "resume from step 4 for 5 more step(s), the budget raised by 1,500 new tokens (batches p3) of run" in plan
+    assert "pass 2, contexts and explanations for 2 shard(s)" in plan, plan
+    assert "the exports (sae_comparison, circuit_tracer_export, neuronpedia_export)" in plan, plan
+    assert "unknown for " in plan and "feature_explanations" in plan.split("unknown for ")[1], plan
+    assert "neuronpedia_export" in plan.split("unknown for ")[1], plan
+
+    seconds = {"feature_stats_partial": 2.0, "feature_topk": 3.0, "feature_contexts": 5.0,
+               "feature_explanations": 7.0, "feature_context_windows": 11.0}
+    for asset, each in seconds.items():
+        for partition in ("a", "b"):
+            _record(store, asset, partition, each)
+    for asset, total in (("sae_eval", 13.0), ("feature_browser", 17.0), ("sae_comparison", 19.0),
+                         ("circuit_tracer_export", 23.0), ("neuronpedia_export", 29.0), ("sae_checkpoint", 31.0),
+                         *((stage, 1.0) for stage in ("shuffle_plan", "shuffle_pass_1", "shuffle_pass_2",
+                                                      "shuffle_final", "shuffled_activations"))):
+        _record(store, asset, "all", total)
+    retrain = refresh_plan(store, **chain, training=identity(TrainSettings(**{**settings.__dict__, "n_latents": 96})))
+    assert "train run from scratch (the settings changed since the checkpoint was trained (n_latents 64 → 96)" \
+        in retrain, retrain
+    # 5 shuffle stages + training 31 + eval 13, pass 1 for 4 batches, 3 table stages x 2 shards, pass 3 x 4, the
+    # browser and the three exports
+    expected = 5 + 31 + 13 + 2 * 4 + (3 + 5 + 7) * 2 + 11 * 4 + 17 + 19 + 23 + 29
+    assert retrain.endswith(f": ~{expected / 60:.0f} min by the last recorded stage timings"), (retrain, expected)
 
 
 def test_the_policy_keeps_only_added_batches_below_the_fraction():

@@ -23,11 +23,14 @@ SETTINGS = TrainSettings(variant="topk", n_latents=64, k=4, batch_size=256, toke
                          dead_after_tokens=256 * 8)
 
 
-def make_shuffled(store, n_partitions=3, rows=1500, d_model=16, nan_row=None):
-    """Synthetic activations (sparse combinations of a hidden dictionary), shuffled."""
-    rng = np.random.default_rng(0)
-    dictionary = rng.standard_normal((48, d_model)).astype(np.float32)
-    for p in range(n_partitions):
+def make_shuffled(store, n_partitions=3, rows=1500, d_model=16, nan_row=None, first=0):
+    """Synthetic activations (sparse combinations of a hidden dictionary) in partitions p<first>, …,
+    cached beside those already stored, then every cached partition shuffled."""
+    rng = np.random.default_rng(first)
+    dictionary = np.random.default_rng(0).standard_normal((48, d_model)).astype(np.float32)
+    if first == 0:
+        rng.standard_normal((48, d_model))  # the dictionary's draws: the same data as before ``first`` existed
+    for p in range(first, first + n_partitions):
         codes = rng.random((rows, 48)) * (rng.random((rows, 48)) < 0.08)
         acts = (codes @ dictionary + 0.05 * rng.standard_normal((rows, d_model))).astype(np.float32)
         if nan_row is not None and p == 0:
@@ -94,6 +97,37 @@ def test_finished_run_is_not_retrained_but_changed_settings_are(store):
     changed = TrainSettings(**{**SETTINGS.__dict__, "k": 8})
     train_sae(store, "main", "run", changed, log=logs.append)
     assert store.pointer(checkpoint_name("run"))["settings"]["k"] == 8
+
+
+def test_a_grown_store_resumes_the_finished_sae_with_the_added_budget_unless_its_settings_changed(store):
+    """Above the refresh threshold the SAE is retrained by going on from its finished checkpoint:
+    the step continues from the checkpoint's, for the new tokens' steps (weights, Adam state and
+    dead-latent counters loaded), at the same constant lr; changed settings train from scratch and
+    say why; a re-cached batch (data changed, not grown) too."""
+    make_shuffled(store)
+    train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
+    finished = store.pointer(checkpoint_name("run"))
+    make_shuffled(store, n_partitions=1, first=3)           # p3: 1,500 new rows, 19.5% of 7,680 trained tokens
+    logs = []
+    resumed = train_sae(store, "main", "run", SETTINGS, log=logs.append)
+    grown = store.pointer(checkpoint_name("run"))
+    added = 1500 // SETTINGS.batch_size
+    assert resumed["resumed_from_step"] == finished["step"] == 30 and grown["step"] == 30 + added, logs
+    assert grown["final"] and grown["tokens"] == finished["tokens"] + added * SETTINGS.batch_size
+    assert any(f"resume from step 30 for {added} more step(s)" in m and "1,500 new tokens (batches p3)" in m
+               for m in logs), logs
+    assert grown["settings"] == finished["settings"] and "p3" in {b["key"] for b in grown["trained_batches"]}
+    assert resumed["history"][0]["step"] < 30 < resumed["history"][-1]["step"]  # the curves go on from the first's
+    logs.clear()
+    assert train_sae(store, "main", "run", SETTINGS, log=logs.append)["steps"] == 30 + added
+    assert "already trained" in logs[0]                     # finished on the grown store: nothing more
+
+    make_shuffled(store, n_partitions=1, first=4)
+    wider = TrainSettings(**{**SETTINGS.__dict__, "n_latents": 96})
+    logs.clear()
+    retrained = train_sae(store, "main", "run", wider, log=logs.append)
+    assert retrained["resumed_from_step"] == 0 and retrained["steps"] == 30, logs
+    assert any("from scratch" in m and "settings changed" in m and "n_latents 64 → 96" in m for m in logs), logs
 
 
 def test_nan_activation_stops_training_and_keeps_the_last_checkpoint(store):

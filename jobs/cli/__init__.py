@@ -65,15 +65,21 @@ def _training_arguments(parser) -> None:
 
 class _ShowsDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Help that ends each option with its default, except the options whose help already says
-    where their default comes from (``DEPLOYED``) and those without one."""
+    where their default comes from (``DEPLOYED``), those without one and on/off flags."""
 
     def _get_help_string(self, action):
-        if action.default is None or "default:" in (action.help or ""):
+        if action.default is None or action.nargs == 0 or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
 
-SHOWS_DEFAULTS = {"formatter_class": _ShowsDefaults}
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of every subcommand (``add_subparsers(parser_class=...)``, inherited by nested
+    ones such as ``vector add``): its ``--help`` shows each option's default, so a command added
+    later cannot forget to."""
+
+    def __init__(self, *args, formatter_class=_ShowsDefaults, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
 def _address_arguments(parser) -> None:
@@ -85,7 +91,7 @@ def _address_arguments(parser) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sae-platform", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     demo = commands.add_parser("demo", help="the whole pipeline on the demo corpus (full_pipeline job)")
     demo.add_argument("--batches", type=int, default=6, help="demo texts copied into an empty inbox")
     demo.add_argument("--config", default=str(REPO / "config" / "demo.yaml"),
@@ -109,16 +115,15 @@ def main(argv=None) -> int:
     features.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     features.set_defaults(func=cmd_features)
     add_vector_parser(commands)
-    lineage = commands.add_parser("lineage", help="upstream lineage of a feature table", **SHOWS_DEFAULTS)
+    lineage = commands.add_parser("lineage", help="upstream lineage of a feature table")
     lineage.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     lineage.add_argument("--shard", type=int, default=0, help="feature shard (a quarter of the SAE's latents)")
     lineage.set_defaults(func=cmd_lineage)
-    browse = commands.add_parser("browse", help="serve the feature browser on localhost", **SHOWS_DEFAULTS)
+    browse = commands.add_parser("browse", help="serve the feature browser on localhost")
     browse.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     _address_arguments(browse)
     browse.set_defaults(func=cmd_browse)
-    serve = commands.add_parser("serve", help="the feature browser plus live text -> features (base model + SAE)",
-                                **SHOWS_DEFAULTS)
+    serve = commands.add_parser("serve", help="the feature browser plus live text -> features (base model + SAE)")
     serve.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
     _address_arguments(serve)
     serve.add_argument("--device", default="auto", help="auto, cpu or cuda")

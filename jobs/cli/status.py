@@ -40,31 +40,32 @@ def _print_status() -> None:
 
 
 def _print_features(store, sae_name: str) -> None:
-    """The feature tables and browser of one SAE: the checkpoint each describes, whether that is the
-    current one, and whether the chain describes every cached batch (``sae_platform.freshness``)."""
-    from sae_platform.freshness import feature_state, sae_stale_reasons
+    """The feature tables and browser of one SAE: the checkpoint each describes and whether it
+    describes every cached batch. Every verdict is a link of ``freshness.sae_chain_state``, the
+    rule of the ``describes_every_cached_batch`` check, so no line says "current" while the chain
+    is behind (a batch cached but not yet shuffled, trained on or in the tables)."""
+    from sae_platform.freshness import feature_state, sae_chain_state
 
     state = feature_state(store, sae_name)
     built = [f"f{i}" for i, pinned in enumerate(state.shards) if pinned is not None]
     described = sorted({pinned for pinned in state.shards if pinned is not None})
     tables = (f"{len(built)} of {len(state.shards)} feature shard(s) built"
               + (f" ({', '.join(built)}), describing checkpoint {', '.join(described)}" if built else ""))
-    print(f"  feature tables of {sae_name}: {tables}: {_against(state.checkpoint, state.shards)}")
     browser = f"shows checkpoint {state.browser}" if state.browser else "never built"
-    print(f"  feature browser of {sae_name}: {browser}: {_against(state.checkpoint, [state.browser])}")
     try:
-        behind = sae_stale_reasons(store, sae_name)
+        chain = sae_chain_state(store, sae_name)
+        tables_behind, browser_behind = chain.tables_behind(), chain.browser_behind()
     except (PlatformError, OSError, ValueError) as error:  # a damaged record: say so, list the rest
-        behind = [f"cannot tell ({error})"]
+        tables_behind = browser_behind = [f"cannot tell ({error})"]
+    print(f"  feature tables of {sae_name}: {tables}: {_verdict(tables_behind)}")
+    print(f"  feature browser of {sae_name}: {browser}: {_verdict(browser_behind)}")
     print(f"  {sae_name} downstream of the cached activations: "
-          + (f"behind: {'; '.join(behind)}" if behind else "current (describes every cached batch)"))
+          + (_verdict(browser_behind) if browser_behind else "current (describes every cached batch)"))
 
 
-def _against(checkpoint: str | None, pins) -> str:
-    """'current' when every one of ``pins`` is the current ``checkpoint``; else 'behind …'."""
-    if pins and all(pinned == checkpoint for pinned in pins):
-        return "current"
-    return f"behind (the current checkpoint is {checkpoint})"
+def _verdict(behind: list[str]) -> str:
+    """'current', or 'behind: ' and every reason."""
+    return f"behind: {'; '.join(behind)}" if behind else "current"
 
 
 def _print_inbox(settings: Settings, store) -> None:

@@ -51,6 +51,7 @@ def add_parser(commands) -> None:
     steer.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated")
     steer.add_argument("--condition-feature", type=int, default=None,
                        help="steer only at positions where this latent fires above --condition-threshold")
-    steer.add_argument("--condition-threshold", type=float, default=0.0)
+    steer.add_argument("--condition-threshold", type=float, default=0.0,
+                       help="activation units --condition-feature must exceed")
     steer.add_argument("--device", default="auto", help="auto, cpu or cuda")
     steer.set_defaults(func=cmd_steer)
