@@ -16,8 +16,9 @@ import time
 from sae_platform.catalog import EVAL_REPORT, HookEntry, eval_name
 from sae_platform.metric_info import GROUPS, HIGHER, LOWER, metric_info
 
-COLUMN_KEYS = ("fvu", "l0", "dead_fraction", "loss_recovered", "n2g_precision", "n2g_recall", "ablation_sparsity",
-               "probe_loss", "probe_loss_neurons", "checkpoint_step", "training_tokens")
+COLUMN_KEYS = ("fvu", "explained_variance", "explained_variance_about_zero", "l0", "dead_fraction", "loss_recovered",
+               "kl_div_score", "n2g_precision", "n2g_recall", "ablation_sparsity", "probe_loss", "probe_loss_neurons",
+               "average_max_decoder_cosine", "meta_sae_fve", "checkpoint_step", "training_tokens")
 COLUMNS = tuple((key, metric_info(key).label, {LOWER: True, HIGHER: False}.get(metric_info(key).better))
                 for key in COLUMN_KEYS)  # (report key, heading, lower is better: True / False / None = no direction)
 PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'"  # static HTML: no script, inline style only
