@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("sae_name")
     parser.add_argument("holdout_file")
     parser.add_argument("--shuffle", default="main")
+    parser.add_argument("--ablation-tokens", type=int, default=None,
+                        help="override EvalSettings' ablation_tokens (0 skips the slowest feature metric)")
     args = parser.parse_args()
     settings = EvalSettings()
     store = ArtifactStore(args.root)
@@ -46,10 +48,11 @@ def main() -> None:
     metric_tokens = heldout_ce_tokens(sources, settings.ctx_len, settings.metric_contexts, hooked.start_token_id)
     lines = []
     started = time.perf_counter()
+    ablation = settings.ablation_tokens if args.ablation_tokens is None else args.ablation_tokens
     report, _ = evaluate_sae(store, args.shuffle, args.sae_name, hooked, tokens, torch.device("cpu"),
-                             metric_tokens=metric_tokens, ablation_tokens=settings.ablation_tokens,
+                             metric_tokens=metric_tokens, ablation_tokens=ablation,
                              meta_sae_steps=settings.meta_sae_steps, log=lines.append)
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
     print(f"evaluate_sae: {time.perf_counter() - started:.1f} s")
     print(json.dumps({key: report.get(key) for key in FIGURES}, indent=1))
 

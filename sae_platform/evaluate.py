@@ -504,7 +504,7 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     cah = latents.get("consistent_activation_heuristic")
     if cah is not None and np.isfinite(cah).any():
         report["consistent_activation_heuristic"] = float(np.nanmean(cah))
-    if meta_sae_steps:
+    if meta_sae_steps and sae.n_latents > 1:  # a one-latent dictionary (a steering vector) has no structure
         with timed(f"meta-SAE on the decoder rows ({meta_sae_steps} steps)"):
             report.update(meta_sae_decoder_fve(sae.W_dec, steps=meta_sae_steps))
     ctx_len = next((t.shape[1] for t in (heldout_tokens, metric_tokens) if t is not None), None)
