@@ -200,6 +200,7 @@ def evaluate_sae(run: StageRun) -> dict:
                     "contexts" if metric_tokens is not None else ""))
     report, density = evaluate.evaluate_sae(store, shuffle_name(run), name, hooked, tokens, device,
                                             metric_tokens=metric_tokens, ablation_tokens=settings.ablation_tokens,
+                                            meta_sae_steps=settings.meta_sae_steps,
                                             inputs=_evaluation_inputs(run), log=run.log.info)
     png = density_histogram_png(density, report["dead_window_tokens"])
     plot_path = report_path(store, name, "latent_density.png")

@@ -15,6 +15,7 @@ Two processes, because circuit-tracer and the platform live in separate environm
 
 Prints one JSON line per step; exits non-zero on any failure.
     python benchmarks/circuit_tracer_check.py [--model DIR] [--tokens 16] [--latents 64]
+    python benchmarks/circuit_tracer_check.py --model smollm2 --store ROOT --set smollm2-plt   # a trained set
 """
 
 import argparse
@@ -45,6 +46,27 @@ def readable_by_older_transformers(model_dir: Path) -> None:
         path.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
 
 
+def trained_set(args, n_layers: int) -> dict | None:
+    """With ``--store ROOT --set NAME``: the members' trained checkpoints (``NAME-L<i>``) and the folder
+    ``circuit_tracer_export`` committed for them in that (local) artifact root; None otherwise."""
+    if not args.store:
+        return None
+    import yaml
+
+    from sae_platform.catalog import circuit_tracer_name
+    from sae_platform.storage import open_store
+    from sae_platform.trainer import load_sae
+
+    store = open_store(args.store)
+    version = store.resolve(circuit_tracer_name(args.set))
+    if version is None:
+        raise SystemExit(f"no committed circuit_tracer/{args.set} in {args.store}: materialize circuit_tracer_export")
+    folder = Path(store.url(version))
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    saes = [load_sae(store, f"{args.set}-L{layer}")[0] for layer in range(n_layers)]
+    return {"saes": saes, "folder": folder, "activation": config.get("activation", "jumprelu or relu")}
+
+
 def export(args) -> None:
     import torch
 
@@ -72,25 +94,32 @@ def export(args) -> None:
     with torch.no_grad():
         acts = hooked.read(ids, names)
     torch.manual_seed(0)
+    trained = trained_set(args, hooked.n_layers)
     saes, probe = [], {}
     for layer in range(hooked.n_layers):
         x = acts[f"blocks.{layer}.hook_resid_mid"].reshape(-1, hooked.d_model).float()
         y = acts[f"blocks.{layer}.hook_mlp_out"].reshape(-1, hooked.d_model).float()
-        sae = build_sae("jumprelu", hooked.d_model, args.latents, d_out=hooked.d_model)
-        sae.calibrate_(x, y)
+        if trained:
+            sae = trained["saes"][layer]
+        else:
+            sae = build_sae("jumprelu", hooked.d_model, args.latents, d_out=hooked.d_model)
+            sae.calibrate_(x, y)
         with torch.no_grad():
             codes = sae.encode_dense(x)
-            out = sae.decode(sae.encode(x))
+            out = sae.decode(sae.encode(x), x)
         probe.update({f"x{layer}": x, f"codes{layer}": codes.float(), f"out{layer}": out.float()})
         saes.append(sae)
-    folder = work / "set"
-    result = write_transcoder_set(saes, str(folder), name="check-plt", feature_input_hook="hook_resid_mid",
-                                  model_name=model_dir)
+    if trained:  # the set circuit_tracer_export committed, as it is
+        folder, result = trained["folder"], {"activation": trained["activation"]}
+    else:
+        folder = work / "set"
+        result = write_transcoder_set(saes, str(folder), name="check-plt", feature_input_hook="hook_resid_mid",
+                                      model_name=model_dir)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in probe.items()}, str(work / "probe.safetensors"))
     (work / "local_config.json").write_text(json.dumps(local_config(str(folder))))
-    emit(step="export", model=model_dir, n_layers=hooked.n_layers, d_model=hooked.d_model, n_latents=args.latents,
+    emit(step="export", model=model_dir, n_layers=hooked.n_layers, d_model=hooked.d_model, n_latents=saes[0].n_latents,
          activation=result["activation"], files=sorted(os.listdir(folder)))
     (work / "model_dir").write_text(model_dir)
 
@@ -146,6 +175,10 @@ def main() -> None:
     parser.add_argument("--max-feature-nodes", type=int, default=None)
     parser.add_argument("--phase", choices=("both", "export", "load"), default="both")
     parser.add_argument("--work", help="working folder (default: a temporary one)")
+    parser.add_argument("--store", help="a local artifact root holding a trained set that circuit_tracer_export "
+                                        "committed (with --set and --model smollm2): check that set, not a "
+                                        "calibrated one")
+    parser.add_argument("--set", default="smollm2-plt", help="the transcoder set's sweep entry name (with --store)")
     args = parser.parse_args()
     if args.phase == "export":
         return export(args)
@@ -157,6 +190,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         common = [__file__, "--work", work, "--tokens", str(args.tokens), "--latents", str(args.latents),
                   *(["--model", args.model] if args.model else []),
+                  *(["--store", args.store, "--set", args.set] if args.store else []),
                   *(["--max-feature-nodes", str(args.max_feature_nodes)] if args.max_feature_nodes else [])]
         subprocess.run([sys.executable, *common, "--phase", "export"], check=True)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # circuit-tracer's venv only

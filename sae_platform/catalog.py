@@ -576,7 +576,8 @@ def circuit_tracer_name(set_name: str) -> str:
 
 
 def eval_name(sae_name: str) -> str:
-    """The artifact holding SAE ``sae_name``'s evaluation (report.json, density.npy, held-out codes)."""
+    """The artifact holding SAE ``sae_name``'s evaluation (report.json, density.npy, held-out codes,
+    the SAEBench result files of ``saebench_result_file``)."""
     return f"{EVALUATIONS}/{check_sae_name(sae_name)}"
 
 
@@ -589,6 +590,12 @@ def sparse_probing_name(sae_name: str) -> str:
 def absorption_name(sae_name: str) -> str:
     """``absorption/<sae_name>``: SAE ``sae_name``'s feature-absorption result (absorption.py)."""
     return f"{ABSORPTION}/{check_sae_name(sae_name)}"
+
+
+def saebench_result_file(eval_type_id: str) -> str:
+    """``saebench_<eval_type_id>.json``: one SAEBench result file (``saebench_results``), inside
+    the version of the evaluation artifact that computed it (``eval/<sae_name>`` for ``core``)."""
+    return f"saebench_{check_name(eval_type_id, 'SAEBench eval type id')}.json"
 
 
 SWEEP_COMPARISON = "sweep_comparison.html"  # reports/<file>: every evaluated SAE of the sweep side by side

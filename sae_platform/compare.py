@@ -28,10 +28,11 @@ from sae_platform.catalog import (
 from sae_platform.metric_info import GROUPS, HIGHER, LOWER, metric_info
 from sae_platform.reseeds import SweepUnit
 
-COLUMN_KEYS = ("fvu", "l0", "dead_fraction", "loss_recovered", "n2g_precision", "n2g_recall", "ablation_sparsity",
-               "probe_loss", "probe_loss_neurons", "sparse_probing_sae_top_1", "sparse_probing_llm_top_1",
+COLUMN_KEYS = ("fvu", "explained_variance", "explained_variance_about_zero", "l0", "dead_fraction", "loss_recovered",
+               "kl_div_score", "n2g_precision", "n2g_recall", "ablation_sparsity", "probe_loss", "probe_loss_neurons",
+               "sparse_probing_sae_top_1", "sparse_probing_llm_top_1",
                "mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
-               "checkpoint_step", "training_tokens")
+               "average_max_decoder_cosine", "meta_sae_fve", "checkpoint_step", "training_tokens")
 # comparison column → the key of sparse probing's averages over all tasks (sparse_probing/<sae>/result.json)
 SPARSE_PROBING_COLUMNS = {"sparse_probing_sae_top_1": "sae_top_1_test_accuracy",
                           "sparse_probing_llm_top_1": "llm_top_1_test_accuracy"}

@@ -42,14 +42,24 @@ from sae_platform.catalog import (
     eval_name,
     shuffled_name,
 )
+from sae_platform.core_metrics import (
+    ShapeSums,
+    consistent_activation,
+    frequency_figures,
+    geometry_figures,
+    latent_geometry,
+    meta_sae_decoder_fve,
+)
 from sae_platform.corpus import pack_contexts
 from sae_platform.errors import PlatformError, SourceError, StorageError
+from sae_platform.export import folded_weights, run_saelens_cfg
 from sae_platform.ground_truth import score_sae
 from sae_platform.hooks import check_hook_point, splice_hooks
 from sae_platform.metrics import HELDOUT_CODES_FILE, feature_metrics, heldout_codes_bytes
 from sae_platform.model import HookedModel
 from sae_platform.reseeds import bootstrap_ratio_interval
 from sae_platform.sae import Codes
+from sae_platform.saebench_results import core_eval_result, write_saebench_result
 from sae_platform.settings import setting, validate
 from sae_platform.shuffled import iter_shuffled, open_shuffled
 from sae_platform.synthetic import heldout_draws, read_truth, synthetic_provenance
@@ -80,13 +90,15 @@ class EvalSettings:
                                                    "the task is skipped with its counts", ge=2)
     sparse_probing_max_contexts: int = setting(5000, "sae_sparse_probing: contexts per class at most (SAEBench's "
                                                      "4,000 train + 1,000 test)", ge=2)
+    meta_sae_steps: int = setting(300, "Adam steps of the meta-SAE decoder check (a BatchTopK SAE of 0.25x the "
+                                       "latents, k 4, on the decoder rows; 0 skips it)", ge=0)
 
     def __post_init__(self):
         validate(self, "resources.evaluation.config")
 
 
 # The settings that change what the report holds; the thresholds only change the checks' verdicts.
-REPORT_SETTINGS = ("ce_contexts", "ctx_len", "metric_contexts", "ablation_tokens")
+REPORT_SETTINGS = ("ce_contexts", "ctx_len", "metric_contexts", "ablation_tokens", "meta_sae_steps")
 # The settings that change what sae_sparse_probing computes.
 SPARSE_PROBING_SETTINGS = ("sparse_probing_seed", "sparse_probing_min_contexts", "sparse_probing_max_contexts")
 
@@ -128,7 +140,9 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
 
     ``batches``: arrays/tensors [rows, d_model] (or [..., d_model]) in raw units, any float dtype.
     ``device``: where to compute; defaults to the SAE's device (the SAE must live there).
-    Returns python floats/ints plus ``density``, a float64 numpy array [n_latents], and
+    Returns python floats/ints plus ``density``, a float64 numpy array [n_latents]; the figures
+    of SAEBench's core eval (explained variance about the mean and about zero, cosine, L2 norms
+    and ratio, relative reconstruction bias, L1) are ``core_metrics.ShapeSums``'; and
     ``per_row``: float64 arrays [n_rows] of each row's squared error, squared deviation from its
     batch's mean and active latents, the units ``reconstruction_intervals`` resamples.
     """
@@ -145,6 +159,7 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
     counts = torch.zeros(n_latents, dtype=torch.long, device=sae_device)
     mean = torch.zeros(d_model, dtype=torch.float64, device=sae_device)
     m2, sse, active, nmse_sum = zero(), zero(), zero(), zero()
+    shape = ShapeSums(sae_device)
     n = nmse_batches = 0
     per_row: dict[str, list[torch.Tensor]] = {"sq_error": [], "sq_deviation": [], "active": []}
     for batch in batches:
@@ -168,6 +183,7 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
         err_rows = (recon.double() - xd).pow(2).sum(1)
         err = err_rows.sum()
         sse += err
+        shape.add(xd, recon.double(), codes.values)
         on = codes.values > 0
         active += on.sum()
         counts += torch.bincount(codes.indices[on], minlength=n_latents)
@@ -192,9 +208,11 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
     density = counts_np / n
     n_dead = int((counts_np == 0).sum())
     sse, m2 = float(sse), float(m2)
+    fvu = sse / max(m2, 1e-300)
     return {
         "nmse": float(nmse_sum) / nmse_batches if nmse_batches else float("nan"),
-        "fvu": sse / max(m2, 1e-300),
+        "fvu": fvu,
+        **shape.figures(n, sse, fvu),
         "mse": sse / (n * d_model),
         "l0": float(active) / n,
         "dead_fraction": n_dead / n_latents,
@@ -264,6 +282,18 @@ def _replacer(state: dict, sae) -> Callable:
     return replace
 
 
+def _kl_sum(clean_logp: torch.Tensor, logits: torch.Tensor, rows: int = 1) -> float:
+    """Summed KL(clean || spliced) over every position of [batch, seq, vocab]: SAEBench's
+    per-token KL of the next-token distributions, float32, ``rows`` contexts at a time (one
+    [rows, seq, vocab] temporary, not a second batch-sized one)."""
+    total = 0.0
+    for start in range(0, logits.shape[0], rows):
+        p_logp = clean_logp[start:start + rows]
+        q_logp = logits[start:start + rows].float().log_softmax(-1)
+        total += float((p_logp.exp() * (p_logp - q_logp)).sum())
+    return total
+
+
 def _ce_sums(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy of each context [batch] (float64 on the CPU): targets
     ids[:, 1:] predicted from logits[:, :-1]."""
@@ -272,8 +302,11 @@ def _ce_sums(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return per_token.reshape(ids.shape[0], -1).sum(1).double().cpu()
 
 
+CE_BATCH_SIZE = 8  # contexts per forward pass of the downstream CE (SAEBench's batch_size_prompts)
+
+
 @torch.inference_mode()
-def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int = 8, *, rule: RowRule,
+def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int = CE_BATCH_SIZE, *, rule: RowRule,
                   hook_point: str | None = None, input_hook_point: str | None = None) -> dict:
     """Next-token cross-entropy of the full model on ``tokens`` [n_ctx, ctx_len], three ways:
     clean, with the value at the SAE's hook point (``hook_point``, default ``hooked.hook_name``;
@@ -290,10 +323,13 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
 
     CE is the standard causal-LM loss: the mean over every target position >= 1 (start-token
     targets included, i.e. predicting a document boundary counts), in float32.
-    Returns ce_clean, ce_sae, ce_zero, loss_recovered (None when CE_zero == CE_clean),
-    n_tokens (CE targets), n_spliced (replaced positions), n_contexts, and
+    Returns ce_clean, ce_sae, ce_zero, loss_recovered (None when CE_zero == CE_clean; SAEBench's
+    CE-loss score), n_tokens (CE targets), n_spliced (replaced positions), n_contexts, and
     ``loss_recovered_interval``: its 95% bootstrap interval over the contexts
-    (``reseeds.bootstrap_ratio_interval``; None when loss_recovered is, or for one context).
+    (``reseeds.bootstrap_ratio_interval``; None when loss_recovered is, or for one context); and
+    SAEBench's KL figures: kl_div_with_sae / kl_div_with_ablation, the mean over every position
+    (all n_contexts * ctx_len) of KL(clean next-token distribution || spliced one), in nats, and
+    kl_div_score = (KL_zero - KL_sae) / KL_zero (None when KL_zero is 0).
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] == 0:
@@ -312,14 +348,17 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
     state: dict = {"mode": "clean"}
     handles = splice_hooks(hooked.model, point, _replacer(state, sae), source)
     sums: dict[str, list[torch.Tensor]] = {"clean": [], "sae": [], "zero": []}  # per context
-    n_tokens = n_spliced = 0
+    kl_sums = {"sae": 0.0, "zero": 0.0}
+    n_tokens = n_spliced = n_positions = 0
     enabled = hooked.autocast is not None
 
-    def run_pass(mode: str, ids: torch.Tensor) -> None:
+    def run_pass(mode: str, ids: torch.Tensor, count: bool = True) -> torch.Tensor:
         state["mode"] = mode
         with torch.autocast(hooked.device.type, dtype=hooked.autocast or torch.bfloat16, enabled=enabled):
             logits = hooked.model(input_ids=ids, use_cache=False).logits
-        sums[mode].append(_ce_sums(logits, ids))
+        if count:
+            sums[mode].append(_ce_sums(logits, ids))
+        return logits
 
     group = rule.contexts_at_once(batch_size)
     try:
@@ -327,15 +366,24 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
             group_tokens = tokens[start:start + group]
             batches = [torch.from_numpy(group_tokens[first:first + batch_size].astype(np.int64)).to(hooked.device)
                        for first in range(0, len(group_tokens), batch_size)]
-            norms = []
+            norms, clean = [], None
             for ids in batches:  # clean first: it records the norms that decide the rows
-                run_pass("clean", ids)
+                clean = run_pass("clean", ids)
                 norms.append(state["norms"])
             mask = torch.from_numpy(training_rows(group_tokens, rule, np.concatenate(norms)))
+            if len(batches) > 1:  # the last batch's logits are not the ones needed next
+                clean = None
             for ids, batch_mask in zip(batches, mask.split(batch_size), strict=True):
+                # One batch's clean log-probs at a time: a group of several batches runs its clean
+                # pass again rather than hold every batch's [batch, seq, vocab] logits.
+                clean_logp = (clean if clean is not None else run_pass("clean", ids, count=False)).float() \
+                    .log_softmax(-1)
+                clean = None
                 state["mask"] = batch_mask.to(hooked.device)
                 for mode in ("sae", "zero"):
-                    run_pass(mode, ids)
+                    kl_sums[mode] += _kl_sum(clean_logp, run_pass(mode, ids))
+                del clean_logp
+                n_positions += ids.numel()
                 n_tokens += ids.shape[0] * (ids.shape[1] - 1)
                 n_spliced += int(batch_mask.sum())
     finally:
@@ -345,10 +393,13 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
     ce = {mode: float(values.sum()) / n_tokens for mode, values in per_context.items()}
     denom = ce["zero"] - ce["clean"]
     bootstrap = abs(denom) >= 1e-12 and len(tokens) > 1
+    kl = {mode: total / n_positions for mode, total in kl_sums.items()}
     return {
         "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
         "ce_delta": ce["sae"] - ce["clean"],
         "loss_recovered": None if abs(denom) < 1e-12 else 1.0 - (ce["sae"] - ce["clean"]) / denom,
+        "kl_div_with_sae": kl["sae"], "kl_div_with_ablation": kl["zero"],
+        "kl_div_score": None if kl["zero"] < 1e-12 else (kl["zero"] - kl["sae"]) / kl["zero"],
         "n_tokens": n_tokens, "n_spliced": n_spliced, "n_contexts": int(len(tokens)),
         "loss_recovered_interval": list(bootstrap_ratio_interval(
             per_context["sae"] - per_context["clean"], per_context["zero"] - per_context["clean"],
@@ -419,7 +470,7 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
 
 def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
                  device: torch.device, density_over_all_rows: bool = True, metric_tokens: np.ndarray | None = None,
-                 *, ablation_tokens: int, inputs: dict | None = None,
+                 *, ablation_tokens: int, meta_sae_steps: int = 0, inputs: dict | None = None,
                  log: Callable[[str], None] | None = None) -> tuple[dict, np.ndarray]:
     """Every figure of the evaluation for checkpoint ``sae_name``; commits ``eval/<sae_name>`` (report + density).
 
@@ -440,6 +491,11 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     On synthetic activations (``synthetic.write_partition``) the report also holds the figures
     against the known features (``ground_truth``: ``gt_mcc``, ``gt_f1``, ``gt_absorption``, …),
     measured on fresh rows drawn from the committed truth.
+    The report also holds SAEBench's core figures (``core_metrics``: explained variance about the
+    mean and about zero, cosine, shrinkage, L1, frequencies, the KL score, the per-latent weight
+    figures' means, the consistent-activation heuristic) and, with ``meta_sae_steps`` > 0, the
+    meta-SAE decoder check (``core_metrics.meta_sae_decoder_fve``); the same figures, per latent
+    where SAEBench has them, are ``saebench_core.json`` beside it (``saebench_results``).
 
     ``inputs`` (:func:`evaluation_inputs`) is recorded in the commit's pointer; ``log`` gets one
     line as each metric starts and ends, with its seconds."""
@@ -485,17 +541,33 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     if hooked is not None and heldout_tokens is not None:
         with timed(f"downstream CE on {len(heldout_tokens)} held-out contexts"):
             ce = downstream_ce(hooked, sae, heldout_tokens, rule=rule, **points)
-        report.update({k if k.startswith(("ce_", "loss_recovered")) else f"ce_{k}": v for k, v in ce.items()})
+        report.update({k if k.startswith(("ce_", "loss_recovered", "kl_")) else f"ce_{k}": v for k, v in ce.items()})
     details = None
     if hooked is not None and metric_tokens is not None:
         with timed(f"N2G, probe loss and ablation sparsity on {len(metric_tokens)} held-out contexts"):
             figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens,
                                                rule=rule, **points)
         report.update(figures)
+    with timed("SAEBench's per-latent figures (max cosine to the other latents, in blocks)"):
+        latents = _latent_figures(sae, density, details)
+    report.update({**frequency_figures(density), **geometry_figures(latents)})
+    cah = latents.get("consistent_activation_heuristic")
+    if cah is not None and np.isfinite(cah).any():
+        report["consistent_activation_heuristic"] = float(np.nanmean(cah))
+    if meta_sae_steps and sae.n_latents > 1:  # a one-latent dictionary (a steering vector) has no structure
+        with timed(f"meta-SAE on the decoder rows ({meta_sae_steps} steps)"):
+            report.update(meta_sae_decoder_fve(sae.W_dec, steps=meta_sae_steps))
+    ctx_len = next((t.shape[1] for t in (heldout_tokens, metric_tokens) if t is not None), None)
+    saebench_core = core_eval_result(
+        report, latents, sae_name=sae_name, sae_cfg=run_saelens_cfg(store, sae_name, sae),
+        model_name=str(activation_attrs(store, shuffle_name).get("model", "")), ctx_len=int(ctx_len or 0),
+        batch_size=CE_BATCH_SIZE, llm_dtype=str(hooked.autocast or torch.float32).removeprefix("torch.")
+        if hooked is not None else "float32")
     pins = {"inputs": inputs} if inputs is not None else {}
     with store.writing(eval_name(sae_name), checkpoint_step=cfg["step"], **checkpoint_pin(checkpoint),
                        **pins) as version:
         store.write_json(f"{version}/{EVAL_REPORT}", report)
+        write_saebench_result(store, version, saebench_core)
         if details is not None:
             store.write_json(f"{version}/{EVAL_PROBES}", details["probes"])
             store.fs.pipe_file(f"{version}/{HELDOUT_CODES_FILE}", heldout_codes_bytes(details["codes"]))
@@ -503,6 +575,23 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
         np.save(buffer, density)
         store.fs.pipe_file(f"{version}/density.npy", buffer.getvalue())
     return report, density
+
+
+def _latent_figures(sae, density: np.ndarray, details: dict | None) -> dict[str, np.ndarray]:
+    """Per latent [n_latents]: ``density``, the weight figures of ``core_metrics.latent_geometry``,
+    the encoder's norm and bias as SAELens holds them (``export.folded_weights``; not for a switch
+    SAE) and, given the feature metrics' held-out codes, the consistent-activation heuristic."""
+    latents = {"density": np.asarray(density, np.float64), **latent_geometry(sae)}
+    try:
+        _, _, folded = folded_weights(sae)
+        latents.update(encoder_norm=folded["W_enc"].norm(dim=0).numpy(), encoder_bias=folded["b_enc"].numpy())
+    except PlatformError:
+        pass
+    if details is not None:
+        codes = details["codes"]
+        latents["consistent_activation_heuristic"] = consistent_activation(
+            codes.positions // codes.tokens.shape[1], codes.features, sae.n_latents)
+    return latents
 
 
 def _timer(log: Callable[[str], None], sae_name: str):

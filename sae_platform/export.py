@@ -164,27 +164,17 @@ def _write(path: str, data: bytes, fs) -> None:
         fs.pipe_file(path, data)  # one PUT: atomic on object stores
 
 
-def export_saelens(sae, dest_dir: str, *, hook_name: str, model_name: str, fs=None,
-                   context_size: int | None = None, dataset_path: str = "", hook_name_out: str | None = None) -> dict:
-    """Write ``dest_dir/cfg.json`` and ``dest_dir/sae_weights.safetensors`` for SAELens.
-
-    ``hook_name``: what the SAE reads (a transcoder's input); ``hook_name_out``: where a
-    transcoder writes. ``hook_layer`` and ``hook_layer_out`` are each parsed from their own hook
-    name (``hooks.parse_hook_point``): a cross-block transcoder (``blocks.0.hook_resid_pre ->
-    blocks.2.hook_mlp_out``) has hook_layer 0 and hook_layer_out 2. ModelError when a name is
-    not a hook point.
-
-    ``dest_dir`` is a local directory (files written to a temporary name, fsynced and renamed)
-    or, with ``fs`` an fsspec filesystem, a path on it (one ``pipe_file`` per file). The weights
-    go first and cfg.json last, so a directory with a cfg.json is complete. ``context_size``:
-    the context length the activations were cached with (SAELens metadata; None if unknown).
-    Returns the architecture, the file paths, the field mapping and the cfg written."""
-    architecture, fields, weights = saelens_state_dict(sae)
+def saelens_cfg(sae, architecture: str, fields: dict, *, hook_name: str, model_name: str,
+                context_size: int | None = None, dataset_path: str = "", hook_name_out: str | None = None) -> dict:
+    """SAELens's ``cfg.json`` of ``sae`` as ``export_saelens`` writes it (``architecture`` and
+    ``fields`` from ``saelens_state_dict``); also the ``sae_cfg_dict`` of SAEBench result files
+    (``sae_platform.saebench_results``). PlatformError for a transcoder without
+    ``hook_name_out``; ModelError when a name is not a hook point."""
     if sae.is_transcoder and not hook_name_out:
         raise PlatformError("a transcoder export needs hook_name_out (where its output goes)",
                             "pass hook_name_out, e.g. blocks.L.hook_mlp_out")
     config = sae.config
-    cfg = {
+    return {
         "architecture": architecture,
         "d_in": int(sae.d_model),
         "d_sae": int(sae.n_latents),
@@ -214,6 +204,26 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, model_name: str, fs=No
             "source_variant": sae.variant,
         },
     }
+
+
+def export_saelens(sae, dest_dir: str, *, hook_name: str, model_name: str, fs=None,
+                   context_size: int | None = None, dataset_path: str = "", hook_name_out: str | None = None) -> dict:
+    """Write ``dest_dir/cfg.json`` and ``dest_dir/sae_weights.safetensors`` for SAELens.
+
+    ``hook_name``: what the SAE reads (a transcoder's input); ``hook_name_out``: where a
+    transcoder writes. ``hook_layer`` and ``hook_layer_out`` are each parsed from their own hook
+    name (``hooks.parse_hook_point``): a cross-block transcoder (``blocks.0.hook_resid_pre ->
+    blocks.2.hook_mlp_out``) has hook_layer 0 and hook_layer_out 2. ModelError when a name is
+    not a hook point.
+
+    ``dest_dir`` is a local directory (files written to a temporary name, fsynced and renamed)
+    or, with ``fs`` an fsspec filesystem, a path on it (one ``pipe_file`` per file). The weights
+    go first and cfg.json last, so a directory with a cfg.json is complete. ``context_size``:
+    the context length the activations were cached with (SAELens metadata; None if unknown).
+    Returns the architecture, the file paths, the field mapping and the cfg written."""
+    architecture, fields, weights = saelens_state_dict(sae)
+    cfg = saelens_cfg(sae, architecture, fields, hook_name=hook_name, model_name=model_name,
+                      context_size=context_size, dataset_path=dataset_path, hook_name_out=hook_name_out)
     mapping = {
         "W_enc": "input_scale * W_enc.T", "b_enc": "b_enc", "W_dec": "W_dec / input_scale",
         "b_dec": "b_pre / input_scale",
@@ -248,11 +258,29 @@ def export_run(store, sae_name: str) -> dict | None:
             saelens_state_dict(sae)
         except PlatformError:
             return None
-    shuffle_name = trained_on(store, sae_name)
-    attrs, entry = activation_attrs(store, shuffle_name), activation_hook_entry(store, shuffle_name)
     pin = checkpoint_pin(checkpoint_version(store, sae_name))
     with store.writing(export_name(sae_name), checkpoint_step=cfg["step"], **pin) as version:
-        result = export_saelens(sae, version, hook_name=entry.reads, model_name=attrs.get("model", ""),
-                                fs=None if store.is_local else store.fs, context_size=attrs.get("ctx_len"),
-                                hook_name_out=entry.hook_name if entry.hook_name_in else None)
+        result = export_saelens(sae, version, fs=None if store.is_local else store.fs,
+                                **saelens_placement(store, sae_name))
     return {**result, "path": store.url(store.resolve(export_name(sae_name)))}
+
+
+def saelens_placement(store, sae_name: str) -> dict:
+    """Where checkpoint ``sae_name`` reads and writes, as ``export_saelens`` / ``saelens_cfg``
+    keywords (hook_name, model_name, context_size, hook_name_out), from the activations it was
+    trained on."""
+    shuffle_name = trained_on(store, sae_name)
+    attrs, entry = activation_attrs(store, shuffle_name), activation_hook_entry(store, shuffle_name)
+    return {"hook_name": entry.reads, "model_name": attrs.get("model", ""), "context_size": attrs.get("ctx_len"),
+            "hook_name_out": entry.hook_name if entry.hook_name_in else None}
+
+
+def run_saelens_cfg(store, sae_name: str, sae) -> dict | None:
+    """SAELens's cfg.json of checkpoint ``sae_name`` (loaded as ``sae``), as its export would
+    write it; None where SAELens cannot hold it (a switch SAE, a TopK transcoder) or its
+    activations do not name their hook point (cached before hook points were recorded)."""
+    try:
+        architecture, fields, _ = saelens_state_dict(sae)
+        return saelens_cfg(sae, architecture, fields, **saelens_placement(store, sae_name))
+    except PlatformError:
+        return None

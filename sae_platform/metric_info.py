@@ -6,7 +6,8 @@ table per group), the sweep comparison page (``sae_platform.compare``) and the f
 overview (``index.json``'s ``metric_info``). The figures themselves are computed by
 ``sae_platform.evaluate`` and ``sae_platform.metrics``; the sources are Gao et al. 2024,
 "Scaling and evaluating sparse autoencoders" (sections cited as "Gao §N") and Bricken et al. 2023,
-"Towards Monosemanticity" (dead latents).
+"Towards Monosemanticity" (dead latents), and SAEBench's core eval (Karvonen et al. 2025,
+"SAEBench", ``sae_bench/evals/core``; ``sae_platform.core_metrics``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-RECONSTRUCTION, SPARSITY, DOWNSTREAM, FEATURE_QUALITY, GROUND_TRUTH, TRAINING = (
-    "reconstruction", "sparsity", "downstream", "feature quality", "ground truth", "training")
-GROUPS = (RECONSTRUCTION, SPARSITY, DOWNSTREAM, FEATURE_QUALITY, GROUND_TRUTH, TRAINING)  # the order they are shown in
+RECONSTRUCTION, SPARSITY, DOWNSTREAM, FEATURE_QUALITY, GEOMETRY, GROUND_TRUTH, TRAINING = (
+    "reconstruction", "sparsity", "downstream", "feature quality", "latent geometry", "ground truth", "training")
+GROUPS = (RECONSTRUCTION, SPARSITY, DOWNSTREAM, FEATURE_QUALITY, GEOMETRY, GROUND_TRUTH, TRAINING)  # in this order
+SAEBENCH = "SAEBench core (Karvonen et al. 2025)"
 
 LOWER, HIGHER = "lower", "higher"  # which way is better; None: no direction (a size, not a score)
 ARROWS = {LOWER: "↓", HIGHER: "↑", None: ""}
@@ -51,6 +53,24 @@ METRICS = (
                "Gao §2.1"),
     MetricInfo("mse", "MSE", RECONSTRUCTION, "activation units²", LOWER,
                "mean squared reconstruction error per activation channel on the held-out rows"),
+    MetricInfo("explained_variance", "explained variance", RECONSTRUCTION, "fraction of variance", HIGHER,
+               "1 − squared error / squared deviation from the per-dimension mean (= 1 − FVU): predicting the mean "
+               "scores 0", SAEBENCH),
+    MetricInfo("explained_variance_about_zero", "explained variance (about zero)", RECONSTRUCTION,
+               "fraction of second moment", HIGHER,
+               "legacy figure: 1 − squared error / squared norm of the rows (about zero, not the mean); reads high "
+               "when activations have a large mean", "SAEBench legacy; SAELens < 6.45.1 (#659)"),
+    MetricInfo("cossim", "cosine", RECONSTRUCTION, "cosine", HIGHER,
+               "mean over held-out rows of cos(x, reconstruction)", SAEBENCH),
+    MetricInfo("l2_ratio", "L2 ratio", RECONSTRUCTION, "ratio", None,
+               "mean over held-out rows of ‖reconstruction‖ / ‖x‖ (1: no shrinkage)", SAEBENCH),
+    MetricInfo("relative_reconstruction_bias", "relative reconstruction bias", RECONSTRUCTION, "ratio", None,
+               "E‖x̂‖² / E⟨x, x̂⟩ over the held-out rows: 1 is unbiased, below 1 shrinkage",
+               "Rajamanoharan et al. 2024 eq. 10; " + SAEBENCH),
+    MetricInfo("l2_norm_in", "‖x‖", RECONSTRUCTION, "activation units", None,
+               "mean L2 norm of the held-out rows", SAEBENCH),
+    MetricInfo("l2_norm_out", "‖x̂‖", RECONSTRUCTION, "activation units", None,
+               "mean L2 norm of their reconstructions", SAEBENCH),
     MetricInfo("l0", "L0", SPARSITY, "latents per token", None,
                "mean number of latents active on a held-out token (set by k or the sparsity penalty)", "Gao §2.2"),
     MetricInfo("dead_fraction", "dead", SPARSITY, "fraction of latents", LOWER,
@@ -63,6 +83,21 @@ METRICS = (
                "share of latents that never fired on the held-out rows (a shorter window: an upper bound)"),
     MetricInfo("heldout_tokens", "held-out tokens", SPARSITY, "tokens", None,
                "held-out rows the reconstruction and L0 were measured on"),
+    MetricInfo("l1", "L1", SPARSITY, "code units per token", None,
+               "mean over held-out rows of the sum of the latent activations (the SAELens export's units)", SAEBENCH),
+    MetricInfo("frac_alive", "alive", SPARSITY, "fraction of latents", HIGHER,
+               "share of latents that fired on at least one cached token (1 − dead)", SAEBENCH),
+    MetricInfo("freq_over_1_percent", "density > 1%", SPARSITY, "fraction of latents", LOWER,
+               "share of latents firing on more than 1% of cached tokens", SAEBENCH),
+    MetricInfo("freq_over_10_percent", "density > 10%", SPARSITY, "fraction of latents", LOWER,
+               "share of latents firing on more than 10% of cached tokens (dense latents)", SAEBENCH),
+    MetricInfo("normalized_freq_over_1_percent", "firings by > 1% latents", SPARSITY, "fraction of firings", None,
+               "the latents denser than 1%: their share of all firings", SAEBENCH),
+    MetricInfo("normalized_freq_over_10_percent", "firings by > 10% latents", SPARSITY, "fraction of firings", None,
+               "the latents denser than 10%: their share of all firings", SAEBENCH),
+    MetricInfo("consistent_activation_heuristic", "tokens per firing context", SPARSITY, "tokens per context", None,
+               "per latent, tokens it fires on / held-out contexts it fires in; mean over latents that fired",
+               SAEBENCH),
     MetricInfo("loss_recovered", "loss recovered", DOWNSTREAM, "fraction", HIGHER,
                "1 − (CE with the reconstruction − clean CE) / (CE with the layer zeroed − clean CE)", "Gao §4.1"),
     MetricInfo("ce_clean", "CE clean", DOWNSTREAM, "nats per token", None,
@@ -73,6 +108,13 @@ METRICS = (
                "cross-entropy with the hook point's output zeroed (the floor loss recovered is measured to)"),
     MetricInfo("ce_delta", "CE increase", DOWNSTREAM, "nats per token", LOWER,
                "CE with the SAE − clean CE", "Gao §4.1"),
+    MetricInfo("kl_div_score", "KL score", DOWNSTREAM, "fraction", HIGHER,
+               "(KL zero-ablated − KL with the SAE) / KL zero-ablated, KL of the clean next-token distribution to "
+               "the spliced one", SAEBENCH),
+    MetricInfo("kl_div_with_sae", "KL with SAE", DOWNSTREAM, "nats per token", LOWER,
+               "mean KL(clean ‖ with the reconstruction spliced in) over every position", SAEBENCH),
+    MetricInfo("kl_div_with_ablation", "KL zero-ablated", DOWNSTREAM, "nats per token", None,
+               "mean KL(clean ‖ with the hook point zeroed): the floor of the KL score", SAEBENCH),
     MetricInfo("n2g_precision", "N2G precision", FEATURE_QUALITY, "fraction", HIGHER,
                "mean over latents of the share of an N2G explanation's matches on which the latent fires "
                "(explanations built on half the held-out contexts, scored on the other half)", "Gao §4.4"),
@@ -121,6 +163,17 @@ METRICS = (
     MetricInfo("gt_absorption", "absorption", GROUND_TRUTH, "fraction", LOWER,
                "over rows where a child feature fires, the share where its matched latent is silent and its "
                "parent's matched latent fires; mean over children", "Chanin et al. 2024, \"A is for Absorption\""),
+    MetricInfo("average_max_decoder_cosine", "max decoder cosine", GEOMETRY, "cosine", LOWER,
+               "mean over latents of the largest cosine between its decoder row and any other latent's", SAEBENCH),
+    MetricInfo("average_max_encoder_cosine", "max encoder cosine", GEOMETRY, "cosine", LOWER,
+               "mean over latents of the largest cosine between its encoder row and any other latent's", SAEBENCH),
+    MetricInfo("mean_encoder_decoder_cosine", "encoder–decoder cosine", GEOMETRY, "cosine", None,
+               "mean over latents of the cosine between its encoder and decoder rows (SAEs, not transcoders)",
+               SAEBENCH),
+    MetricInfo("meta_sae_fve", "meta-SAE variance explained", GEOMETRY, "fraction of variance", None,
+               "variance of the decoder rows explained by a BatchTopK meta-SAE (0.25× the latents, k 4) trained "
+               "on them: high means the directions compose from shared parts",
+               "Bussmann et al. 2025 App. D.1; SAEBench meta_structure"),
     MetricInfo("checkpoint_step", "steps", TRAINING, "steps", None, "optimizer steps of the evaluated checkpoint"),
     MetricInfo("training_tokens", "tokens", TRAINING, "tokens", None, "training tokens the checkpoint has seen"),
 )

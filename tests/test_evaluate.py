@@ -162,6 +162,24 @@ def test_identity_splice_keeps_ce_and_zero_ablation_changes_it(tiny_hooked):
     assert got["ce_clean"] == pytest.approx(float(sum(losses)) / len(losses), rel=1e-5)
 
 
+def test_kl_score_identity_splice_is_zero_kl_and_batching_does_not_change_it(tiny_hooked):
+    """SAEBench's KL figures: an exact splice has KL 0 and score 1; zero ablation has KL > 0; a median
+    group run in several forward batches (its clean pass recomputed per batch) gives the same KL as one."""
+    tokens = contexts(tiny_hooked)
+    exact = downstream_ce(tiny_hooked, identity_sae(tiny_hooked.d_model), tokens, batch_size=3, rule=rule(tiny_hooked))
+    assert exact["kl_div_with_sae"] == 0.0 and exact["kl_div_score"] == 1.0
+    assert exact["kl_div_with_ablation"] > 0
+    torch.manual_seed(0)
+    sae = build_sae("topk", tiny_hooked.d_model, 64, k=4)
+    one = downstream_ce(tiny_hooked, sae, tokens, batch_size=3, rule=rule(tiny_hooked))
+    split = downstream_ce(tiny_hooked, sae, tokens, batch_size=2, rule=rule(tiny_hooked))
+    assert 0 < one["kl_div_with_sae"] and one["kl_div_score"] < 1
+    for key in ("kl_div_with_sae", "kl_div_with_ablation", "kl_div_score", "ce_sae"):
+        assert split[key] == pytest.approx(one[key], rel=1e-5), key
+    assert one["kl_div_score"] == pytest.approx(
+        (one["kl_div_with_ablation"] - one["kl_div_with_sae"]) / one["kl_div_with_ablation"])
+
+
 def test_splice_touches_only_training_rows(tiny_hooked):
     tokens = contexts(tiny_hooked, seed=1)
     torch.manual_seed(0)

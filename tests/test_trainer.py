@@ -23,9 +23,10 @@ SETTINGS = TrainSettings(variant="topk", n_latents=64, k=4, batch_size=256, toke
                          dead_after_tokens=256 * 8)
 
 
-def make_shuffled(store, n_partitions=3, rows=1500, d_model=16, nan_row=None, first=0):
+def make_shuffled(store, n_partitions=3, rows=1500, d_model=16, nan_row=None, first=0, attrs=None):
     """Synthetic activations (sparse combinations of a hidden dictionary) in partitions p<first>, …,
-    cached beside those already stored, then every cached partition shuffled."""
+    cached beside those already stored, then every cached partition shuffled; ``attrs``: more
+    attributes of each partition's store (e.g. its hook_name)."""
     rng = np.random.default_rng(first)
     dictionary = np.random.default_rng(0).standard_normal((48, d_model)).astype(np.float32)
     if first == 0:
@@ -38,7 +39,7 @@ def make_shuffled(store, n_partitions=3, rows=1500, d_model=16, nan_row=None, fi
         with store.writing(f"activations/p{p}") as version:
             group = store.open_group(f"{version}/data.zarr", "w")
             group.create_array("acts", data=acts, chunks=(512, d_model), compressors=None)
-            group.attrs.update({"d_model": d_model, "dtype": "float32", "n_rows": rows})
+            group.attrs.update({"d_model": d_model, "dtype": "float32", "n_rows": rows, **(attrs or {})})
     shuffle.run_shuffle(store, "main", n_buckets=4, memory_budget_bytes=1 << 20, n_jobs=2, seed=0)
     return store
 
