@@ -270,8 +270,8 @@ def test_a_perfect_transcoder_in_place_of_the_mlp_recovers_all_the_loss(tiny_hoo
         def encode(self, x):
             return x
 
-        def decode(self, x):
-            return mlp(x * gain)
+        def decode(self, codes, x=None):  # the codes are the input itself
+            return mlp(codes * gain)
 
     got = downstream_ce(tiny_hooked, MLPAsTranscoder(), contexts(tiny_hooked), batch_size=3, rule=rule(tiny_hooked),
                         hook_point=f"blocks.{layer}.hook_mlp_out",
