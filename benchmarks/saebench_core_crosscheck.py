@@ -43,11 +43,15 @@ from sae_platform.trainer import load_sae
 from sae_platform.training_rows import RowRule
 
 CHILD = r'''
-import json, sys
+import importlib.util, json, sys
+# The venv's torchvision does not match its CPU torch build (torchvision::nms is missing) and the core
+# eval never uses it: hide it from transformers' optional-import probe.
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split(".")[0] == "torchvision" else _find_spec(name, package))
 import numpy as np, torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.loading_from_pretrained import get_pretrained_model_config  # noqa: F401 (version check)
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 from sae_lens import SAE
 from sae_bench.evals.core.eval_config import CoreEvalConfig
