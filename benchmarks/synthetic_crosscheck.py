@@ -1,6 +1,6 @@
 """Our synthetic generator and ground-truth figures against SAELens's own (``sae_lens.synthetic``).
 
-Not in CI: it needs sae-lens (the ``dev``/``bench`` extra) and, for part B on a trained SAE, an
+Not in CI: it needs sae-lens (the ``dev`` extra) and, for part B on a trained SAE, an
 artifact root where config/synthetic.yaml ran.
 
 A. Generator: SAELens's ``ActivationGenerator`` fed our truth's firing probabilities, low-rank
