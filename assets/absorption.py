@@ -40,7 +40,9 @@ def measure_absorption(run: StageRun) -> dict:
     """Measure and commit one sweep entry's absorption; its figures, or its refusal, as metadata."""
     settings, store, name = run.resources.absorption.settings(), run.store, run.partition_key
     device = pick_device(run.resources.absorption.device, warn=run.log.warning)
-    hooked, _ = run.resources.language_model.load(store, device=str(device))
+    # synthetic activations: no model to prompt (and none is loaded or stored); a committed refusal
+    hooked = (run.resources.language_model.load(store, device=str(device))[0]
+              if absorption.reads_a_language_model(store, name) else None)
     result = absorption.absorb_checkpoint(store, name, hooked, settings, device,
                                           model_name=run.resources.language_model.source, inputs=_inputs(run),
                                           log=run.log.info)

@@ -429,8 +429,18 @@ def comparison_version(run: StageRun) -> str:
     """The data version of the comparison: the evaluations it puts side by side (one hash of every
     sweep entry's committed sae_eval and sae_sparse_probing versions), so Dagster sees it fresh
     after any job built it."""
+    return _versions_hash(run, (eval_name, sparse_probing_name))
+
+
+def evaluations_version(run: StageRun) -> str:
+    """The data version of the scaling-law fit: a hash of every sweep entry's committed sae_eval
+    version, all it reads (full_pipeline runs it before the sparse probing ends)."""
+    return _versions_hash(run, (eval_name,))
+
+
+def _versions_hash(run: StageRun, artifacts: tuple) -> str:
     versions = [(run.store.pointer(artifact(name)) or {}).get("version") for name in SAE_SWEEP_SPECS
-                for artifact in (eval_name, sparse_probing_name)]
+                for artifact in artifacts]
     return hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
 
 
@@ -497,6 +507,6 @@ SCALING_LAWS_STAGE = Stage(
                 "n_latents at each k (L(N) = c N^a + e) and the joint L(N, k) form, exponents with 95% intervals, "
                 "residuals and the log-log plot; refused (nothing written) for fewer than 4 widths at one k.",
     deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),), body=fit_scaling_laws_of_sweep,
-    version=comparison_version)
+    version=evaluations_version)
 
 STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_SPARSE_PROBING, SAE_COMPARISON, SCALING_LAWS_STAGE]

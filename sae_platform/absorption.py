@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from sae_platform import absorption_probes as ap
-from sae_platform.activations import sae_hook_entry
+from sae_platform.activations import activation_attrs, sae_hook_entry
 from sae_platform.catalog import (
     ABSORPTION_REPORT,
     SAEBENCH_ABSORPTION,
@@ -69,10 +69,12 @@ from sae_platform.catalog import (
     checkpoint_pin,
     checkpoint_version,
     export_name,
+    trained_on,
 )
 from sae_platform.errors import PlatformError
 from sae_platform.export import CFG_FILENAME
 from sae_platform.settings import setting, validate
+from sae_platform.synthetic import synthetic_provenance
 
 EPS = 1e-8                                       # SAEBench feature_absorption_calculator.EPS
 FULL_ABSORPTION_PROBE_COS_THRESHOLD = 0.025      # SAEBench feature_absorption.py constants
@@ -406,19 +408,33 @@ def _saelens_cfg(store, sae_name: str) -> dict | None:
     return store.read_json(f"{store.resolve(export_name(sae_name))}/{CFG_FILENAME}")
 
 
+SYNTHETIC_REFUSAL = ("the SAE was trained on synthetic activations (resources.synthetic): no language model reads "
+                     "them, so there is no first-letter task to ask it; its figures against the known features are "
+                     "sae_eval's gt_* (gt_absorption: absorption of child features by their parent's latent)")
+
+
+def reads_a_language_model(store, sae_name: str) -> bool:
+    """Whether SAE ``sae_name``'s activations came from a language model: False for synthetic
+    partitions (``synthetic.synthetic_provenance``), which absorption refuses without loading one."""
+    return synthetic_provenance(activation_attrs(store, trained_on(store, sae_name))) is None
+
+
 def absorb_checkpoint(store, sae_name: str, hooked, settings: AbsorptionSettings, device, *, model_name: str,
                       inputs: dict | None = None, log=print) -> dict:
     """Measure checkpoint ``sae_name`` at its own hook point (``activations.sae_hook_entry``) and
     commit ``absorption/<sae_name>``: ``absorption.json`` (the result, or the refusal: too few
     letters, with the per-letter probe F1, or an ``AbsorptionRefused`` hook point or prompt
-    position) and, when scored, SAEBench's result file. Returns the result. StorageError for a
-    missing checkpoint."""
+    position, or ``SYNTHETIC_REFUSAL`` when ``hooked`` is None for an SAE of synthetic activations)
+    and, when scored, SAEBench's result file. Returns the result. StorageError for a missing
+    checkpoint."""
     from sae_platform.trainer import load_sae  # the trainer imports the SAE stack: only when measuring
 
     checkpoint = checkpoint_version(store, sae_name)  # read first: a later commit then mismatches
     sae, cfg = load_sae(store, sae_name, device)
     entry = sae_hook_entry(store, sae_name, cfg)
     try:
+        if hooked is None:
+            raise AbsorptionRefused(SYNTHETIC_REFUSAL, "nothing to fix: train on a model's activations to measure it")
         result = evaluate_absorption(hooked, sae, entry.hook_name, settings, hook_name_in=entry.hook_name_in,
                                      log=log)
     except AbsorptionRefused as refused:

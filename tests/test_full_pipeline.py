@@ -315,6 +315,10 @@ def test_full_pipeline_on_synthetic_activations(tmp_path, tiny_model_dir, text_d
     store = ArtifactStore(env["SAE_PLATFORM_ROOT"])
     assert sorted(store.committed_names("activations")) == ["activations/synthetic-000", "activations/synthetic-001"]
     assert store.committed_names("models") == []  # no base model was read or converted
+    from sae_platform.catalog import ABSORPTION_REPORT, absorption_name  # absorption refuses: no model to prompt
+
+    refused = json.loads(store.fs.cat_file(f"{store.resolve(absorption_name(TINY_SAE))}/{ABSORPTION_REPORT}"))
+    assert not refused["scored"] and "synthetic activations" in refused["refusal"]
     for name in (TINY_SAE, "syn-relu"):
         report = json.loads(store.fs.cat_file(f"{store.resolve(f'eval/{name}')}/report.json"))
         assert 0 < report["gt_mcc"] <= 1 and report["gt_rows"] == 512 and report["gt_absorption_children"] > 0

@@ -59,6 +59,7 @@ def _asset_path(defs, instance) -> None:
         run("cache_activations", partition_key=batch)
     run("shuffle_activations", tags=ALL_WORKERS)
     run("train_saes", partition_key=TINY_SAE)
+    run("absorption_eval", partition_key=TINY_SAE)
     run("compare_sweep")
     run("export_transcoder_sets")   # no transcoder set in this sweep: it reports so both ways
     for batch in BATCHES:
