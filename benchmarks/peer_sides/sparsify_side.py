@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from schedulefree import ScheduleFreeWrapper
 from sparsify import SparseCoder, SparseCoderConfig
 from sparsify.sign_sgd import SignSGD
+from timing import step_ops  # benchmarks/peer_sides/timing.py, beside this module
 
 DATA: dict[str, torch.Tensor] = {}
 SIDES: dict[str, dict] = {}
@@ -70,25 +71,6 @@ def _step(side: dict, x: torch.Tensor) -> None:
         fired[out.latent_indices.flatten()] = True
         side["since"] += x.shape[0]
         side["since"][fired] = 0
-
-
-def step(name: str, data: str, rows: int | None = None) -> dict:
-    """One step on DATA[data] (its first ``rows`` rows); the seconds it took."""
-    x = DATA[data] if rows is None else DATA[data][:rows]
-    start = time.perf_counter()
-    _step(SIDES[name], x)
-    return {"seconds": time.perf_counter() - start}
-
-
-def train(name: str, data: str, batch: int, steps: int) -> dict:
-    """``steps`` steps over DATA[data] in order (batch i is rows [i*batch, (i+1)*batch), wrapping)."""
-    x, seconds = DATA[data], 0.0
-    for i in range(steps):
-        lo = (i * batch) % (len(x) - batch + 1)
-        start = time.perf_counter()
-        _step(SIDES[name], x[lo:lo + batch])
-        seconds += time.perf_counter() - start
-    return {"seconds": seconds}
 
 
 @torch.no_grad()
@@ -159,5 +141,5 @@ def multihook_run() -> dict:
     return {"seconds": time.perf_counter() - start, "rows": rows}
 
 
-OPS = {"load": load, "build": build, "step": step, "train": train, "reconstruct": reconstruct,
+OPS = {"load": load, "build": build, **step_ops(DATA, SIDES, _step), "reconstruct": reconstruct,
        "multihook_setup": multihook_setup, "multihook_run": multihook_run}
