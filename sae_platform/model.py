@@ -217,8 +217,9 @@ def load_hooked_model(model_dir: str, layer: int | None = None, device: str = "a
     # The stored base model is safetensors + JSON: never fall back to a pickled pytorch_model.bin
     # (use_safetensors=True refuses one) and never run code shipped beside it (trust_remote_code).
     with read_guard():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
-                                                     trust_remote_code=False)
+        model, loading = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                                              trust_remote_code=False, output_loading_info=True)
+        _refuse_incomplete_weights(model_dir, loading)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     model = model.to(torch_device).eval()
     n_layers = int(model.config.num_hidden_layers)
@@ -234,6 +235,25 @@ def load_hooked_model(model_dir: str, layer: int | None = None, device: str = "a
                          "or leave it unset for the middle layer")
     return HookedModel(model, tokenizer, layer, torch_device, autocast_dtype(autocast, torch_device),
                        start_token_id(model, tokenizer), points)
+
+
+def _refuse_incomplete_weights(model_dir: str, loading: dict) -> None:
+    """transformers fills a weight missing from the files with a random init and (with its logging
+    quieted, as in every pipeline step) says nothing: activations cached from such a model look
+    normal and are wrong. A missing or wrongly shaped tensor is an error naming them. Tied weights
+    (lm_head = embed_tokens) are not reported missing by transformers, so a stored tied model passes.
+
+    Raises:
+        ModelError: some parameter of the architecture has no tensor of its shape in ``model_dir``."""
+    missing = sorted(loading.get("missing_keys") or [])
+    mismatched = sorted(str(key[0] if isinstance(key, tuple) else key) for key in loading.get("mismatched_keys") or [])
+    if missing or mismatched:
+        names = ", ".join((missing + mismatched)[:5]) + (" ..." if len(missing) + len(mismatched) > 5 else "")
+        raise ModelError(f"model {model_dir} lacks {len(missing)} weight(s) and has {len(mismatched)} of the wrong "
+                         f"shape ({names}): loading it would fill them with random values",
+                         "convert or download the model again (a stored base model: delete its version so the "
+                         "next run converts it again), or point resources.language_model.config.source at a "
+                         "complete model directory")
 
 
 def store_base_model(store, source: str = EMBEDDED_MODEL) -> dict:

@@ -84,3 +84,21 @@ def test_device_and_autocast_selection(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+def test_a_model_missing_a_weight_is_refused_not_filled_at_random(tiny_model_dir, tmp_path):
+    """transformers would initialize the missing tensor randomly and, with its logging quieted, say nothing."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(name for name in weights if "layers.1.mlp" in name)
+    save_file({k: v for k, v in weights.items() if k != dropped}, broken / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="lacks 1 weight") as error:
+        load_hooked_model(str(broken), layer=1, device="cpu", autocast="none")
+    assert dropped in str(error.value) and "random" in str(error.value)
+    load_hooked_model(str(tiny_model_dir), layer=1, device="cpu", autocast="none")  # the complete one loads
