@@ -649,10 +649,11 @@ class ContextPacker:
     documents. Tokens are kept as int32 arrays; ``full`` says when ``max_contexts`` contexts are filled
     (the caller stops reading there)."""
 
-    def __init__(self, ctx_len: int, start_token_id: int, max_contexts: int | None = None):
+    def __init__(self, ctx_len: int, start_token_id: int, max_contexts: int | None = None, source: str = "the batch"):
+        """``source`` names the text in errors (a file's URL: which of many inbox files is too short)."""
         if ctx_len < 2:
             raise SourceError(f"ctx_len {ctx_len} is too short", "use ctx_len >= 2 (default 128)")
-        self.ctx_len, self.start, self.max_contexts = ctx_len, start_token_id, max_contexts
+        self.ctx_len, self.start, self.max_contexts, self.source = ctx_len, start_token_id, max_contexts, source
         self.tokens: list[np.ndarray] = []
         self.docs: list[np.ndarray] = []
         self.length = 0
@@ -680,8 +681,8 @@ class ContextPacker:
         if self.max_contexts is not None:
             n_contexts = min(n_contexts, self.max_contexts)
         if n_contexts == 0:
-            raise SourceError(f"the batch has {self.length} tokens, fewer than one context of {self.ctx_len}",
-                              "add more text to the file, or lower ctx_len")
+            raise SourceError(f"{self.source} has {self.length} tokens, fewer than one context of {self.ctx_len}",
+                              "add more text to the file, or lower resources.caching.config.ctx_len")
         used = n_contexts * body
         stream = np.concatenate(self.tokens)[:used]
         stream_docs = np.concatenate(self.docs)[:used]
@@ -710,7 +711,7 @@ def stream_contexts(text_file: TextFile, tokenizer, ctx_len: int, start_token_id
     text) and the contexts. Blank documents are left out, as ``read_documents`` does; of a document's
     leading whitespace only the last ``PIECE_CHARS`` characters are kept (a file of gigabytes of
     blanks costs no more than one piece). Raises ``SourceError`` naming the file (``iter_pieces``)."""
-    packer = ContextPacker(ctx_len, start_token_id, max_contexts)
+    packer = ContextPacker(ctx_len, start_token_id, max_contexts, source=text_file.url)
     pending_doc, pending = None, ""  # whitespace seen at the start of a document, not yet kept
     for doc_id, piece in iter_pieces(text_file, text_field, encoding, storage_options, max_record_chars):
         if doc_id != pending_doc:

@@ -301,3 +301,13 @@ def test_memory_stays_flat_in_file_size(tmp_path, tiny_hooked):
 
 
 TRAINING_LINE = "It is a truth universally acknowledged, that a single man in possession of a good fortune.\n"
+
+
+def test_a_file_too_short_for_one_context_is_named(tmp_path, tiny_hooked):
+    """Of many inbox files, the error says which one is too short (it said only "the batch")."""
+    from sae_platform.corpus import stream_contexts
+
+    (tmp_path / "tiny note.txt").write_text("Three words only.")
+    (text_file,) = list_source(str(tmp_path / "*"))
+    with pytest.raises(SourceError, match=r"tiny note\.txt has \d+ tokens, fewer than one context of 128"):
+        stream_contexts(text_file, tiny_hooked.tokenizer, 128, tiny_hooked.start_token_id)
