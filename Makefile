@@ -38,10 +38,16 @@ $(SAE_PLATFORM_DATA)/.fetched: $(VENV)/.installed
 	$(PY) -m sae_platform.demo_data --dest $(SAE_PLATFORM_DATA)
 	touch $@
 
-# Only when missing: an instance configured for PostgreSQL or S3 logs is never overwritten.
-$(DAGSTER_HOME)/dagster.yaml: | config/dagster.yaml
-	mkdir -p $(DAGSTER_HOME)
-	cp config/dagster.yaml $@
+# A newer config/dagster.yaml (after a pull) is copied over an unedited instance config; one the
+# operator edited (PostgreSQL, S3 logs...) is never overwritten: make says how to see the difference.
+$(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	@if [ ! -f $@ ] || { [ -f $@.orig ] && cmp -s $@ $@.orig; } || cmp -s $@ config/dagster.yaml; then \
+		cp config/dagster.yaml $@ && cp config/dagster.yaml $@.orig && echo "copied config/dagster.yaml to $@"; \
+	else \
+		echo "note: config/dagster.yaml changed, but $@ has your edits: kept it (see: diff $@ config/dagster.yaml)"; \
+		touch $@; \
+	fi
 
 demo: setup
 	$(PY) -m jobs.cli demo
