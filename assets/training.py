@@ -114,10 +114,11 @@ def train_sae(run: StageRun) -> dict:
     logged = {"tenth": 0}
 
     def report(row: dict) -> None:  # ~10 progress lines per run in the Dagster log
-        tenth = 10 * row["step"] // n_steps
+        total = row.get("n_steps", n_steps)  # a resumed continuation trains past the settings' steps
+        tenth = 10 * row["step"] // total
         if tenth > logged["tenth"]:
             logged["tenth"] = tenth
-            run.log.info(f"step {row['step']:,}/{n_steps:,}: {row['tokens']:,} tokens, nmse {row['nmse']:.4f}, "
+            run.log.info(f"step {row['step']:,}/{total:,}: {row['tokens']:,} tokens, nmse {row['nmse']:.4f}, "
                          f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.3f}, {row['tokens_per_second']:,.0f} tok/s")
 
     store = run.store

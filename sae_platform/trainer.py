@@ -586,8 +586,8 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
             if world > 1:
                 row = mean_over_ranks(row)
             state.history.append(row)
-            if on_metrics:
-                on_metrics(row)
+            if on_metrics:  # with the run's own step count: a resumed continuation goes past settings'
+                on_metrics({**row, "n_steps": n_steps})
             if rank == 0 and not warned and (warning := sae.training_warning(row["l0"])):
                 log(f"warning: {warning}")
                 warned = True  # once per run: the log stays readable

@@ -109,10 +109,11 @@ def test_a_grown_store_resumes_the_finished_sae_with_the_added_budget_unless_its
     train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
     finished = store.pointer(checkpoint_name("run"))
     make_shuffled(store, n_partitions=1, first=3)           # p3: 1,500 new rows, 19.5% of 7,680 trained tokens
-    logs = []
-    resumed = train_sae(store, "main", "run", SETTINGS, log=logs.append)
+    logs, rows = [], []
+    resumed = train_sae(store, "main", "run", SETTINGS, log=logs.append, on_metrics=rows.append)
     grown = store.pointer(checkpoint_name("run"))
     added = 1500 // SETTINGS.batch_size
+    assert rows and all(row["step"] <= row["n_steps"] == 30 + added for row in rows)  # progress: not "step 35/30"
     assert resumed["resumed_from_step"] == finished["step"] == 30 and grown["step"] == 30 + added, logs
     assert grown["final"] and grown["tokens"] == finished["tokens"] + added * SETTINGS.batch_size
     assert any(f"resume from step 30 for {added} more step(s)" in m and "1,500 new tokens (batches p3)" in m
