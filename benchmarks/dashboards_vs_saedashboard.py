@@ -45,6 +45,7 @@ Without sae-dashboard's venv it prints why and the make target, and exits 0 havi
 """
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -76,6 +77,16 @@ def _status() -> dict:
     with open("/proc/self/status") as f:
         return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
                 if k in ("VmHWM", "VmRSS")}
+
+
+def _begin_measuring(args) -> tuple[Path, dict, dict, float]:
+    """Both sides start alike: the prepared inputs read, garbage collected, the peak RSS reset;
+    returns (work dir, prepared.json, /proc status now, CPU seconds now)."""
+    work = Path(args.work)
+    info = json.loads((work / "prepared.json").read_text())
+    gc.collect()
+    _reset_peak()
+    return work, info, _status(), time.process_time()
 
 
 def _reset_peak() -> None:
@@ -145,7 +156,6 @@ def prepare(work: Path, args) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def ours(args) -> None:
-    import gc
 
     import numpy as np
     import polars as pl
@@ -164,11 +174,7 @@ def ours(args) -> None:
     from sae_platform.sae import build_sae
     from sae_platform.storage import ArtifactStore
 
-    work = Path(args.work)
-    info = json.loads((work / "prepared.json").read_text())
-    gc.collect()
-    _reset_peak()
-    before, cpu = _status(), time.process_time()
+    work, info, before, cpu = _begin_measuring(args)
     seconds, t = {}, time.perf_counter()
 
     def lap(name):
@@ -259,7 +265,6 @@ def tl_matches_hugging_face(model, hf_model, tokens) -> float:
 
 
 def peer(args) -> None:
-    import gc
     from importlib.metadata import version
 
     import numpy as np
@@ -273,11 +278,7 @@ def peer(args) -> None:
     if installed != PEER_VERSION:
         raise SystemExit(f"{PEER_PYTHON} has {PEER} {installed}, this benchmark pins {PEER_VERSION}: run "
                          f"`make {MAKE_TARGET}`")
-    work = Path(args.work)
-    info = json.loads((work / "prepared.json").read_text())
-    gc.collect()
-    _reset_peak()
-    before, cpu = _status(), time.process_time()
+    work, info, before, cpu = _begin_measuring(args)
     seconds, t = {}, time.perf_counter()
     model, hf_model = load_transformer_lens(info["model_dir"])
     sae = SAE.load_from_disk(str(work / "saelens"), device="cpu")
