@@ -511,3 +511,24 @@ def check_gather(checkpoint: ShardedCheckpoint, prefix: str = "", limit_bytes: i
             f"the {limit:,} bytes ({limit / 2**30:.2f} GiB) allowed, so this process cannot {purpose}",
             f"run it where more memory is free, or raise {GATHER_LIMIT_ENV} (bytes; default: half the available "
             "memory) if the memory is there")
+
+
+def check_shards(store: ArtifactStore, sae_name: str, *, version: str | None = None, prefix: str = "") -> None:
+    """Read every shard of ``sae_name``'s sharded checkpoint in the layout it was written in, one
+    at a time (never more than one shard in memory), and drop it: the StorageErrors of
+    :func:`read_shard` (a changed file, NaN/inf) without gathering anything."""
+    checkpoint = open_sharded(store, sae_name, version)
+    for shard in range(checkpoint.layout.n_shards):
+        _read(checkpoint, checkpoint.layout, shard, prefix, None)
+
+
+def require_gatherable(store: ArtifactStore, sae_name: str, purpose: str, *, version: str | None = None,
+                       limit_bytes: int | None = None) -> None:
+    """Nothing for an unsharded checkpoint of ``sae_name``; for a sharded one, :func:`check_gather`
+    of its SAE weights (``sae.*``): a StorageError naming the size and the limit, before anything
+    is read, when this process cannot hold the whole SAE to ``purpose``."""
+    name = checkpoint_name(sae_name)
+    path = store.require(name, f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first") \
+        if version is None else store.path(name, version)
+    if is_sharded(store, path):
+        check_gather(open_sharded(store, sae_name, store.version_of(path)), SAE, limit_bytes, purpose)

@@ -1,0 +1,252 @@
+"""Latent-sharded checkpoints (sae_platform/sharded_checkpoint.py): one safetensors file per shard
+plus an index, committed through the store's protocol, read back under any layout from only the
+overlapping shards, refused by name when half-written or changed, never a pickle."""
+
+import json
+import struct
+import threading
+
+import pytest
+import torch
+
+from sae_platform import sharded_checkpoint as sc
+from sae_platform.catalog import checkpoint_name
+from sae_platform.errors import PlatformError, StorageError
+from sae_platform.sae import build_sae
+from sae_platform.sharded_checkpoint import LatentLayout
+from sae_platform.trainer import TrainSettings, _load_state, _optimizer, load_sae, train_sae
+from tests.test_trainer import SETTINGS, make_shuffled
+
+N_LATENTS, D_MODEL = 12, 8
+
+
+def _trained(variant="topk", steps=3, **hparams):
+    """A tiny SAE after a few Adam steps: (sae, optimizer, its checkpoint tensors, optimizer.json)."""
+    torch.manual_seed(0)
+    sae = build_sae(variant, D_MODEL, N_LATENTS, **({"k": 3} if variant == "topk" else {}), **hparams)
+    optimizer = torch.optim.Adam(sae.param_groups(1e-2), lr=1e-2)
+    for _ in range(steps):
+        x = torch.randn(32, D_MODEL)
+        loss, _ = sae.loss(x, sae(x, dead_mask=torch.zeros(N_LATENTS, dtype=torch.bool)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tensors, meta = sc.training_tensors(sae, optimizer, torch.arange(N_LATENTS) * 7)
+    return sae, optimizer, tensors, {**meta, "sae": sae.config}
+
+
+def _save(store, tensors, meta, n_shards, variant="topk", name="run"):
+    """``meta`` (from ``_trained``) also carries the SAE config, written as cfg.json."""
+    return sc.save_sharded(store, checkpoint_name(name), variant, LatentLayout(N_LATENTS, n_shards), tensors,
+                           {"optimizer.json": meta, "cfg.json": {"sae": meta["sae"], "step": 3}})
+
+
+def _assert_same(got: dict, want: dict):
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("variant", ["topk", "jumprelu"])
+def test_each_shard_reads_back_as_written(store, variant):
+    _, _, tensors, meta = _trained(variant)
+    _save(store, tensors, meta, 2, variant)
+    layout = LatentLayout(N_LATENTS, 2)
+    for shard in range(2):
+        _assert_same(sc.read_shard(store, "run", layout, shard), sc.shard_slice(tensors, variant, layout, shard))
+    index = json.loads(store.fs.cat_file(f"{store.resolve(checkpoint_name('run'))}/{sc.INDEX}"))
+    assert index["layout"] == {"n_latents": N_LATENTS, "n_shards": 2}
+    assert index["tensors"]["sae.W_dec"] == {"dtype": "F32", "shape": [N_LATENTS, D_MODEL], "axis": 0}
+    assert index["tensors"]["sae.b_pre"]["axis"] is None
+    # JumpReLU's threshold is per latent; BatchTopK's (a scalar of the same name) would be replicated
+    assert (index["tensors"].get("sae.threshold", {}).get("axis") == 0) == (variant == "jumprelu")
+
+
+@pytest.mark.parametrize("written,read", [(2, 1), (1, 4), (4, 2), (3, 4)])
+def test_a_checkpoint_reads_back_under_another_layout_with_its_adam_state(store, written, read):
+    sae, optimizer, tensors, meta = _trained("jumprelu")
+    _save(store, tensors, meta, written, "jumprelu")
+    layout = LatentLayout(N_LATENTS, read)
+    for shard in range(read):
+        _assert_same(sc.read_shard(store, "run", layout, shard), sc.shard_slice(tensors, "jumprelu", layout, shard))
+    # gathered into one process, the training goes on exactly as it would have
+    fresh = build_sae("jumprelu", D_MODEL, N_LATENTS)
+    fresh_optimizer = torch.optim.Adam(fresh.param_groups(1e-2), lr=1e-2)
+    counters = sc.restore_training(fresh, fresh_optimizer, sc.gathered_state(store, "run"), meta)
+    assert torch.equal(counters, torch.arange(N_LATENTS) * 7)
+    x = torch.randn(32, D_MODEL)
+    for model, opt in ((sae, optimizer), (fresh, fresh_optimizer)):
+        loss, _ = model.loss(x, model(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _assert_same(fresh.state_dict(), sae.state_dict())
+
+
+def test_a_shard_is_assembled_from_only_the_overlapping_source_shards(store, monkeypatch):
+    _, _, tensors, meta = _trained()
+    _save(store, tensors, meta, 4)
+    opened = []
+    real = sc._opened
+
+    def recording(checkpoint, file):
+        opened.append(file)
+        return real(checkpoint, file)
+
+    monkeypatch.setattr(sc, "_opened", recording)
+    sc.read_shard(store, "run", LatentLayout(N_LATENTS, 2), 1)  # latents [6, 12): source shards 2 and 3
+    assert opened == [sc.REPLICATED, sc.shard_file(2, 4), sc.shard_file(3, 4)]
+
+
+def test_ranks_write_their_own_shards_and_the_root_commits_after_all(store):
+    """The protocol of sharded_commit with two ranks (threads standing in for processes): the
+    root's version path is shared, each writes its shard, the index and the commit come last."""
+    _, _, tensors, meta = _trained()
+    layout, shared, errors = LatentLayout(N_LATENTS, 2), [], []
+    barrier = threading.Barrier(2)
+
+    def share(version):
+        if version is not None:
+            shared.append(version)
+        barrier.wait()
+        return shared[0]
+
+    def rank(shard):
+        try:
+            with sc.sharded_commit(store, checkpoint_name("run"), "topk", layout, root=shard == 0, share=share,
+                                   wait=barrier.wait, step=3) as version:
+                sc.write_shard(store, version, "topk", layout, shard, sc.shard_slice(tensors, "topk", layout, shard))
+                if shard == 0:
+                    assert store.pointer(checkpoint_name("run")) is None  # nothing visible mid-write
+                    sc.write_replicated(store, version, "topk", tensors)
+        except BaseException as error:  # noqa: BLE001 (surfaced below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=rank, args=(shard,)) for shard in (1, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors, errors
+    pointer = store.pointer(checkpoint_name("run"))
+    assert pointer["sharded"] == {"n_latents": N_LATENTS, "n_shards": 2} and pointer["step"] == 3
+    _assert_same(sc.gathered_state(store, "run"), tensors)
+
+
+def test_a_shard_set_missing_a_shard_is_never_committed(store):
+    _, _, tensors, _ = _trained()
+    layout = LatentLayout(N_LATENTS, 2)
+    with pytest.raises(StorageError, match=sc.shard_file(1, 2)) as error:
+        with sc.sharded_commit(store, checkpoint_name("run"), "topk", layout) as version:
+            sc.write_shard(store, version, "topk", layout, 0, sc.shard_slice(tensors, "topk", layout, 0))
+            sc.write_replicated(store, version, "topk", tensors)
+    assert "not committed" in str(error.value) and store.pointer(checkpoint_name("run")) is None
+    assert store.fs.ls(store.path(checkpoint_name("run")), detail=False) == []  # the half-written version is gone
+
+
+def test_a_shard_of_the_wrong_width_is_refused_by_its_writer(store):
+    _, _, tensors, _ = _trained()
+    with pytest.raises(PlatformError, match=r"sae.W_\w+ has 12 latents on axis 0, but shard 0 of 2 holds 6"):
+        sc.write_shard(store, store.path("x"), "topk", LatentLayout(N_LATENTS, 2), 0, tensors)
+
+
+def _committed_file(store, file):
+    return f"{store.resolve(checkpoint_name('run'))}/{file}"
+
+
+@pytest.mark.parametrize("damage", ["index deleted", "shard deleted", "shard changed", "never indexed"])
+def test_a_half_written_or_changed_shard_set_is_refused_naming_the_file(store, damage):
+    _, _, tensors, meta = _trained()
+    if damage == "never indexed":  # shards committed without the index (not through sharded_commit)
+        with store.writing(checkpoint_name("run")) as version:
+            sc.write_shard(store, version, "topk", LatentLayout(N_LATENTS, 1), 0, tensors)
+            store.write_json(f"{version}/cfg.json", {"sae": meta["sae"], "step": 3})
+        file = sc.INDEX
+    else:
+        _save(store, tensors, meta, 2)
+        file = sc.INDEX if damage == "index deleted" else sc.shard_file(1, 2)
+        path = _committed_file(store, file)
+        if damage == "shard changed":  # same size, one byte of W_dec's data flipped
+            data = bytearray(store.fs.cat_file(path))
+            data[-1] ^= 0xFF
+            store.fs.pipe_file(path, bytes(data))
+        else:
+            store.fs.rm_file(path)
+    for read in (lambda: sc.read_shard(store, "run", LatentLayout(N_LATENTS, 2), 1),
+                 lambda: sc.gathered_state(store, "run"), lambda: load_sae(store, "run")):
+        with pytest.raises(StorageError, match=file) as error:
+            read()
+        assert ("sha256" in str(error.value)) == (damage == "shard changed")
+        assert error.value.fix
+
+
+def test_no_file_of_a_sharded_checkpoint_is_a_pickle(store):
+    _, _, tensors, meta = _trained()
+    _save(store, tensors, meta, 3)
+    folder = store.resolve(checkpoint_name("run"))
+    files = [p.rsplit("/", 1)[-1] for p in store.fs.ls(folder, detail=False)]
+    assert sorted(f for f in files if f.endswith(".safetensors")) == \
+        sorted([sc.REPLICATED] + [sc.shard_file(i, 3) for i in range(3)])
+    for file in files:
+        data = store.fs.cat_file(f"{folder}/{file}")
+        assert data[:1] != b"\x80"  # a pickle's PROTO opcode
+        if file.endswith(".json"):
+            json.loads(data)
+        else:
+            assert file.endswith(".safetensors")
+            (length,) = struct.unpack("<Q", data[:8])
+            json.loads(data[8:8 + length])  # a JSON header, then raw tensor bytes
+
+
+def _sharded_copy(store, plain: str, sharded: str, n_shards: int, settings: TrainSettings) -> None:
+    """Rewrite ``plain``'s committed (unsharded) checkpoint as ``sharded`` in ``n_shards`` latent
+    shards, by hand: the same weights, Adam state, counters, RNG, JSON files and pointer."""
+    pointer = store.pointer(checkpoint_name(plain))
+    sae, _ = load_sae(store, plain)
+    optimizer = _optimizer(sae, settings, torch.device("cpu"))
+    state = _load_state(store, plain, pointer, sae, optimizer, "cpu", print)
+    tensors, meta = sc.training_tensors(sae, optimizer, state.tokens_since_fired)
+    path = store.resolve(checkpoint_name(plain))
+    files = {f: json.loads(store.fs.cat_file(f"{path}/{f}")) for f in ("cfg.json", "trainer_state.json")}
+    info = {k: v for k, v in pointer.items() if k not in ("version", "committed_at", "checksums")}
+    sc.save_sharded(store, checkpoint_name(sharded), sae.variant, LatentLayout(sae.n_latents, n_shards), tensors,
+                    {**files, "optimizer.json": meta}, **info)
+
+
+def test_training_resumed_from_two_shards_in_one_process_ends_as_from_the_unsharded_checkpoint(store):
+    make_shuffled(store)
+
+    def stop_after_checkpoint(row):
+        if row["step"] >= 25:  # the checkpoint at step 20 is committed
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(store, "main", "plain", SETTINGS, log=lambda m: None, on_metrics=stop_after_checkpoint)
+    _sharded_copy(store, "plain", "sharded", 2, SETTINGS)
+    assert sc.is_sharded(store, store.resolve(checkpoint_name("sharded")))
+    logs = []
+    plain = train_sae(store, "main", "plain", SETTINGS, log=lambda m: None)
+    sharded = train_sae(store, "main", "sharded", SETTINGS, log=logs.append)
+    assert sharded["resumed_from_step"] == plain["resumed_from_step"] == 20, logs
+    a, _ = load_sae(store, "plain")
+    b, _ = load_sae(store, "sharded")
+    _assert_same(b.state_dict(), a.state_dict())
+    assert [r["loss"] for r in sharded["history"]] == [r["loss"] for r in plain["history"]]
+
+
+def test_a_sharded_checkpoint_loads_whole_where_it_fits_and_is_refused_naming_size_and_limit(store, monkeypatch):
+    make_shuffled(store)
+    train_sae(store, "main", "plain", SETTINGS, log=lambda m: None)
+    _sharded_copy(store, "plain", "sharded", 4, SETTINGS)
+    a, cfg_a = load_sae(store, "plain")
+    b, cfg_b = load_sae(store, "sharded")
+    _assert_same(b.state_dict(), a.state_dict())
+    assert cfg_b == cfg_a
+    logs = []
+    train_sae(store, "main", "sharded", SETTINGS, log=logs.append)  # finished: checked shard by shard, kept
+    assert "already trained" in logs[0]
+    monkeypatch.setenv(sc.GATHER_LIMIT_ENV, "1000")
+    whole = sum(t.numel() * t.element_size() for t in a.state_dict().values())
+    with pytest.raises(StorageError, match=f"would take {whole:,} bytes .* more than the 1,000 bytes") as error:
+        load_sae(store, "sharded")
+    assert sc.GATHER_LIMIT_ENV in error.value.fix
