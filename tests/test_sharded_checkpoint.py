@@ -250,3 +250,82 @@ def test_a_sharded_checkpoint_loads_whole_where_it_fits_and_is_refused_naming_si
     with pytest.raises(StorageError, match=f"would take {whole:,} bytes .* more than the 1,000 bytes") as error:
         load_sae(store, "sharded")
     assert sc.GATHER_LIMIT_ENV in error.value.fix
+
+
+def _model(kind):
+    """A tiny SAE of each inference rule, trained a few steps (BatchTopK learns its threshold), and
+    the width of the rows it reads."""
+    torch.manual_seed(0)
+    if kind == "skip transcoder":
+        sae = build_sae("jumprelu", D_MODEL, N_LATENTS, d_out=5, skip_connection=True)
+        with torch.no_grad():
+            sae.W_skip.normal_()  # zero at init: make it count
+        return sae.eval(), D_MODEL + 5
+    hparams = {"k": 3} if "topk" in kind else {}
+    if kind == "matryoshka_batchtopk":
+        hparams["matryoshka_widths"] = [4, 8]
+    sae = build_sae(kind, D_MODEL, N_LATENTS, **hparams)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(3):
+        x = torch.randn(32, D_MODEL)
+        loss, _ = sae.loss(x, sae(x))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return sae.eval(), D_MODEL
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu",
+                                  "skip transcoder"])
+def test_shard_by_shard_evaluation_equals_the_whole_sae(store, kind):
+    from sae_platform.evaluate import firing_counts, reconstruction_metrics
+    from sae_platform.sharded_sae import ShardedSAE
+
+    sae, width = _model(kind)
+    tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    sc.save_sharded(store, checkpoint_name("run"), sae.variant, LatentLayout(N_LATENTS, 3), tensors,
+                    {"cfg.json": {"sae": sae.config}})
+    view = ShardedSAE(store, "run", {"sae": sae.config}, rows_per_pass=40)  # chunks of 2 batches
+    batches = [torch.randn(32, width) * 2 for _ in range(5)]
+    whole, sharded = reconstruction_metrics(sae, batches), reconstruction_metrics(view, batches)
+    for figure, value in whole.items():
+        if figure == "per_row":
+            for key, rows in value.items():
+                assert rows == pytest.approx(sharded[figure][key], rel=1e-5, abs=1e-6), key
+        else:
+            assert sharded[figure] == pytest.approx(value, rel=1e-5, abs=1e-7), figure
+    assert whole["l0"] > 0
+    counts, n = firing_counts(view, batches)
+    assert (counts == firing_counts(sae, batches)[0]).all() and n == 160
+
+
+def test_sae_eval_reads_a_sharded_checkpoint_shard_by_shard_without_gathering_it(store, monkeypatch):
+    from sae_platform import evaluate, sharded_sae
+    from sae_platform.evaluate import evaluate_sae
+
+    make_shuffled(store)
+    train_sae(store, "main", "plain", SETTINGS, log=lambda m: None)
+    _sharded_copy(store, "plain", "sharded", 3, SETTINGS)  # 64 latents: 21, 21, 22
+    want, want_density = evaluate_sae(store, "main", "plain", None, None, torch.device("cpu"), ablation_tokens=0)
+    monkeypatch.setenv(sc.GATHER_LIMIT_ENV, "0")  # too little memory to hold the whole SAE
+
+    def gathering(*args, **kwargs):
+        raise AssertionError("the whole SAE was gathered")
+
+    monkeypatch.setattr(evaluate, "load_sae", gathering)
+    monkeypatch.setattr(sc, "gathered_state", gathering)
+    widths = []
+    real = sharded_sae.ShardedSAE.shard_model
+    monkeypatch.setattr(sharded_sae.ShardedSAE, "shard_model",
+                        lambda self, shard: widths.append(self.layout.width(shard)) or real(self, shard))
+    got, density = evaluate_sae(store, "main", "sharded", None, None, torch.device("cpu"), ablation_tokens=0)
+    assert set(widths) == {21, 22}  # never more than one shard's latents in a model
+    assert got["latent_shards"] == 3 and got["whole_sae_figures"].startswith("left out: the whole SAE takes")
+    for figure in ("fvu", "nmse", "l0", "mse", "dead_fraction", "n_dead", "heldout_dead_fraction", "frac_alive",
+                   "explained_variance", "cossim", "l2_ratio", "dead_window_tokens", "heldout_tokens"):
+        assert got[figure] == pytest.approx(want[figure], rel=1e-5), figure
+    assert density == pytest.approx(want_density)
+    monkeypatch.undo()  # where it fits, the figures that need the whole SAE are there too
+    got, _ = evaluate_sae(store, "main", "sharded", None, None, torch.device("cpu"), ablation_tokens=0)
+    assert got["whole_sae_figures"] == "gathered"
+    assert got["average_max_decoder_cosine"] == pytest.approx(want["average_max_decoder_cosine"])
