@@ -234,8 +234,13 @@ def test_training_resumed_from_two_shards_in_one_process_ends_as_from_the_unshar
     assert [r["loss"] for r in sharded["history"]] == [r["loss"] for r in plain["history"]]
 
 
-def test_a_sharded_checkpoint_loads_whole_where_it_fits_and_is_refused_naming_size_and_limit(store, monkeypatch):
-    make_shuffled(store)
+def test_a_sharded_checkpoint_loads_and_exports_whole_where_it_fits_and_is_refused_naming_size_and_limit(
+        store, monkeypatch):
+    from safetensors.torch import load_file
+
+    from sae_platform.export import export_run
+
+    make_shuffled(store, attrs={"hook_name": "blocks.0.hook_resid_post"})
     train_sae(store, "main", "plain", SETTINGS, log=lambda m: None)
     _sharded_copy(store, "plain", "sharded", 4, SETTINGS)
     a, cfg_a = load_sae(store, "plain")
@@ -245,11 +250,15 @@ def test_a_sharded_checkpoint_loads_whole_where_it_fits_and_is_refused_naming_si
     logs = []
     train_sae(store, "main", "sharded", SETTINGS, log=logs.append)  # finished: checked shard by shard, kept
     assert "already trained" in logs[0]
+    plain, sharded = export_run(store, "plain"), export_run(store, "sharded")  # SAELens's layout: one whole SAE
+    _assert_same(load_file(sharded["weights_path"]), load_file(plain["weights_path"]))
     monkeypatch.setenv(sc.GATHER_LIMIT_ENV, "1000")
     whole = sum(t.numel() * t.element_size() for t in a.state_dict().values())
-    with pytest.raises(StorageError, match=f"would take {whole:,} bytes .* more than the 1,000 bytes") as error:
-        load_sae(store, "sharded")
-    assert sc.GATHER_LIMIT_ENV in error.value.fix
+    for read, purpose in ((lambda: load_sae(store, "sharded"), "load SAE 'sharded' whole"),
+                          (lambda: export_run(store, "sharded"), "export it to SAELens's layout")):
+        with pytest.raises(StorageError, match=f"would take {whole:,} bytes .* more than the 1,000 bytes") as error:
+            read()
+        assert purpose in str(error.value) and sc.GATHER_LIMIT_ENV in error.value.fix
 
 
 def _model(kind):
