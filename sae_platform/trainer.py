@@ -20,6 +20,11 @@ Checkpoint layout (``sae/<sae_name>/<version>/``)::
     trainer_state.safetensors tokens-since-fired, torch RNG state
     trainer_state.json        step, tokens, metrics history
 
+A latent-sharded checkpoint (``sharded_checkpoint``: one safetensors file per latent shard,
+``replicated.safetensors`` and ``index.json`` in place of the three tensor files) is read the same
+way: ``load_sae`` gathers it where it fits the process, a resume in one process gathers it from any
+layout, the "already finished" check reads it shard by shard.
+
 Nothing read back from a checkpoint can run code: weights and states are safetensors (a header
 plus raw tensor bytes) and JSON; no pickle is ever loaded. Checkpoints of earlier versions hold
 ``optimizer.pt`` / ``trainer_state.pt``: those are read with ``torch.load(weights_only=True)``
