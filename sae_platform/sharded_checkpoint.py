@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file
 
 from sae_platform import checksums
 from sae_platform.catalog import checkpoint_name, rebuild_fix
@@ -223,7 +223,7 @@ def write_shard(store: ArtifactStore, version_path: str, variant: str, layout: L
                                 "pass each rank's own rows (shard_slice of the whole tensors)")
         kept[name] = tensor.detach().cpu().contiguous()
     file = shard_file(shard, layout.n_shards)
-    store.fs.pipe_file(f"{version_path}/{file}", save_safetensors(kept))
+    _write_safetensors(store, f"{version_path}/{file}", kept)
     return file
 
 
@@ -231,7 +231,20 @@ def write_replicated(store: ArtifactStore, version_path: str, variant: str, tens
     """Write the replicated tensors of ``tensors`` (per-latent names are skipped) into
     ``version_path``: done once, by the committing rank."""
     kept = {name: t.detach().cpu().contiguous() for name, t in tensors.items() if latent_axis(variant, name) is None}
-    store.fs.pipe_file(f"{version_path}/{REPLICATED}", save_safetensors(kept))
+    _write_safetensors(store, f"{version_path}/{REPLICATED}", kept)
+
+
+def _write_safetensors(store: ArtifactStore, path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` as the safetensors file ``path`` (in an uncommitted version folder), streamed
+    from the tensors to the file: a shard of a wide SAE is gigabytes, so never copied whole into
+    a bytes object first (a remote store gets a local temporary file, then one upload)."""
+    if store.is_local:
+        save_file(tensors, path)
+        return
+    with tempfile.TemporaryDirectory(prefix="sae-shard-") as folder:
+        local = os.path.join(folder, path.rsplit("/", 1)[-1])
+        save_file(tensors, local)
+        store.fs.put_file(local, path)
 
 
 def _header(store: ArtifactStore, path: str) -> dict:

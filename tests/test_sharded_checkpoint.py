@@ -338,3 +338,22 @@ def test_sae_eval_reads_a_sharded_checkpoint_shard_by_shard_without_gathering_it
     got, _ = evaluate_sae(store, "main", "sharded", None, None, torch.device("cpu"), ablation_tokens=0)
     assert got["whole_sae_figures"] == "gathered"
     assert got["average_max_decoder_cosine"] == pytest.approx(want["average_max_decoder_cosine"])
+
+
+def test_a_sharded_checkpoint_on_s3_reads_back_under_another_layout_and_refuses_a_changed_shard(s3, s3_endpoint):
+    from sae_platform.storage import ArtifactStore
+
+    _, bucket = s3
+    store = ArtifactStore(f"s3://{bucket}/root", {"endpoint_url": s3_endpoint})
+    _, _, tensors, meta = _trained("jumprelu")
+    _save(store, tensors, meta, 2, "jumprelu")
+    layout = LatentLayout(N_LATENTS, 3)
+    for shard in range(3):
+        _assert_same(sc.read_shard(store, "run", layout, shard), sc.shard_slice(tensors, "jumprelu", layout, shard))
+    path = _committed_file(store, sc.shard_file(0, 2))
+    data = bytearray(store.fs.cat_file(path))
+    data[-1] ^= 0xFF
+    store.fs.pipe_file(path, bytes(data))
+    store.fs.invalidate_cache()
+    with pytest.raises(StorageError, match=rf"{sc.shard_file(0, 2)} differs from the bytes recorded"):
+        sc.read_shard(store, "run", layout, 0)
