@@ -5,6 +5,7 @@ overlapping shards, refused by name when half-written or changed, never a pickle
 import json
 import struct
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from sae_platform.trainer import TrainSettings, _load_state, _optimizer, load_sa
 from tests.test_trainer import SETTINGS, make_shuffled
 
 N_LATENTS, D_MODEL = 12, 8
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _trained(variant="topk", steps=3, **hparams):
@@ -357,3 +359,53 @@ def test_a_sharded_checkpoint_on_s3_reads_back_under_another_layout_and_refuses_
     store.fs.invalidate_cache()
     with pytest.raises(StorageError, match=rf"{sc.shard_file(0, 2)} differs from the bytes recorded"):
         sc.read_shard(store, "run", layout, 0)
+
+
+def test_two_gloo_ranks_write_their_shards_and_rank0_commits(store, tmp_path):
+    """sharded_commit across real processes: torch.distributed (gloo) shares rank 0's version
+    folder and the barrier; each rank holds and writes only its own rows."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        import torch, torch.distributed as dist, torch.multiprocessing as mp
+        sys.path.insert(0, {str(REPO)!r})
+        from sae_platform import sharded_checkpoint as sc
+        from sae_platform.catalog import checkpoint_name
+        from sae_platform.storage import ArtifactStore
+
+        def whole():
+            torch.manual_seed(0)
+            return {{"sae.W_enc": torch.randn(12, 8), "sae.b_pre": torch.randn(8),
+                     "adam.W_enc.exp_avg": torch.randn(12, 8), "adam.W_enc.step": torch.tensor(3.0)}}
+
+        def share(version):
+            box = [version]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+
+        def rank(r):
+            dist.init_process_group("gloo", init_method="file://{tmp_path}/rendezvous", rank=r, world_size=2)
+            store, layout = ArtifactStore({store.root_url!r}), sc.LatentLayout(12, 2)
+            mine = sc.shard_slice(whole(), "topk", layout, r)  # what this rank holds
+            with sc.sharded_commit(store, checkpoint_name("run"), "topk", layout, root=r == 0, share=share,
+                                   wait=dist.barrier, step=7) as version:
+                sc.write_shard(store, version, "topk", layout, r, mine)
+                if r == 0:
+                    sc.write_replicated(store, version, "topk", mine)
+            dist.destroy_process_group()
+
+        if __name__ == "__main__":
+            mp.spawn(rank, nprocs=2)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert store.pointer(checkpoint_name("run"))["step"] == 7
+    got = sc.gathered_state(store, "run")
+    torch.manual_seed(0)
+    want = {"sae.W_enc": torch.randn(12, 8), "sae.b_pre": torch.randn(8), "adam.W_enc.exp_avg": torch.randn(12, 8),
+            "adam.W_enc.step": torch.tensor(3.0)}
+    _assert_same(got, want)
