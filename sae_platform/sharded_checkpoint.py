@@ -248,11 +248,24 @@ def _write_safetensors(store: ArtifactStore, path: str, tensors: dict[str, torch
 
 
 def _header(store: ArtifactStore, path: str) -> dict:
-    """The JSON header of the safetensors file ``path``: {name: {"dtype", "shape", ...}}."""
-    with store.fs.open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
+    """The JSON header of the safetensors file ``path``: {name: {"dtype", "shape", ...}}.
+    StorageError naming the file when it is not whole (a writer killed mid-file: a header that
+    does not parse, or fewer bytes than the header's tensors end at)."""
+    try:
+        size = store.fs.size(path)
+        with store.fs.open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        end = 8 + length + max((meta["data_offsets"][1] for meta in header.values()), default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as error:
+        raise StorageError(f"{store.url(path)} is not a whole safetensors file ({type(error).__name__}: {error}): "
+                           "its writer stopped mid-file; nothing is committed",
+                           "write the checkpoint again (every latent rank writes its shard)") from error
+    if size != end:
+        raise StorageError(f"{store.url(path)} holds {size:,} bytes, its header describes {end:,}: its writer stopped "
+                           "mid-file; nothing is committed",
+                           "write the checkpoint again (every latent rank writes its shard)")
     return header
 
 
@@ -306,20 +319,29 @@ def sharded_commit(store: ArtifactStore, name: str, variant: str, layout: Latent
     and returns the root's path; single process: not needed). In the block each rank calls
     :func:`write_shard`; the root also :func:`write_replicated` and the JSON files. On leaving,
     ``wait()`` (a barrier over the latent ranks) lets every shard land, then the root writes the
-    index (:func:`write_index`) and commits. An error in the root's block commits nothing."""
+    index (:func:`write_index`) and commits.
+
+    A rank whose block raises still reaches ``wait()`` before its error propagates, so no rank is
+    left waiting at the barrier: a shard that was not written, or not whole, makes the root's
+    index check fail (StorageError naming the file) and nothing is committed; an error in the
+    root's block commits nothing either (the other ranks return; the root's error is the run's)."""
     wait = wait or (lambda: None)
     if not root:
         if share is None:
             raise PlatformError("a non-committing rank needs share (the root's broadcast of the version path)",
                                 "pass share=, e.g. a torch.distributed.broadcast_object_list from the root")
-        yield share(None)
-        wait()
+        try:
+            yield share(None)
+        finally:
+            wait()
         return
     with store.writing(name, sharded=layout.as_dict(), **pointer_info) as version:
         if share is not None:
             share(version)
-        yield version
-        wait()
+        try:
+            yield version
+        finally:
+            wait()
         write_index(store, version, variant, layout)
 
 

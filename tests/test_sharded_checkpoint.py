@@ -100,12 +100,11 @@ def test_a_shard_is_assembled_from_only_the_overlapping_source_shards(store, mon
     assert opened == [sc.REPLICATED, sc.shard_file(2, 4), sc.shard_file(3, 4)]
 
 
-def test_ranks_write_their_own_shards_and_the_root_commits_after_all(store):
-    """The protocol of sharded_commit with two ranks (threads standing in for processes): the
-    root's version path is shared, each writes its shard, the index and the commit come last."""
-    _, _, tensors, meta = _trained()
+def _two_ranks(store, tensors, fail_on=None) -> list[BaseException]:
+    """sharded_commit with two ranks (threads standing in for processes): the root's version path
+    is shared, each writes its shard (rank ``fail_on`` raises instead); the errors raised."""
     layout, shared, errors = LatentLayout(N_LATENTS, 2), [], []
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(2, timeout=30)
 
     def share(version):
         if version is not None:
@@ -117,22 +116,50 @@ def test_ranks_write_their_own_shards_and_the_root_commits_after_all(store):
         try:
             with sc.sharded_commit(store, checkpoint_name("run"), "topk", layout, root=shard == 0, share=share,
                                    wait=barrier.wait, step=3) as version:
+                if shard == fail_on:
+                    raise RuntimeError(f"rank {shard} failed")
                 sc.write_shard(store, version, "topk", layout, shard, sc.shard_slice(tensors, "topk", layout, shard))
                 if shard == 0:
                     assert store.pointer(checkpoint_name("run")) is None  # nothing visible mid-write
                     sc.write_replicated(store, version, "topk", tensors)
-        except BaseException as error:  # noqa: BLE001 (surfaced below)
+        except BaseException as error:  # noqa: BLE001 (returned)
             errors.append(error)
 
     threads = [threading.Thread(target=rank, args=(shard,)) for shard in (1, 0)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=30)
-    assert not errors, errors
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a rank was left waiting"
+    return errors
+
+
+def test_ranks_write_their_own_shards_and_the_root_commits_after_all(store):
+    _, _, tensors, _ = _trained()
+    assert _two_ranks(store, tensors) == []
     pointer = store.pointer(checkpoint_name("run"))
     assert pointer["sharded"] == {"n_latents": N_LATENTS, "n_shards": 2} and pointer["step"] == 3
     _assert_same(sc.gathered_state(store, "run"), tensors)
+
+
+def test_a_rank_that_fails_leaves_no_rank_waiting_and_nothing_committed(store):
+    _, _, tensors, _ = _trained()
+    errors = sorted(_two_ranks(store, tensors, fail_on=1), key=lambda e: type(e).__name__)
+    assert [type(e) for e in errors] == [RuntimeError, StorageError]
+    assert f"{sc.shard_file(1, 2)} was not written" in str(errors[1])
+    assert store.pointer(checkpoint_name("run")) is None
+
+
+def test_a_shard_its_writer_left_unfinished_is_never_committed(store):
+    _, _, tensors, _ = _trained()
+    layout = LatentLayout(N_LATENTS, 1)
+    with pytest.raises(StorageError, match=rf"{sc.shard_file(0, 1)} holds [\d,]+ bytes, its header describes"):
+        with sc.sharded_commit(store, checkpoint_name("run"), "topk", layout) as version:
+            sc.write_shard(store, version, "topk", layout, 0, tensors)
+            sc.write_replicated(store, version, "topk", tensors)
+            path = f"{version}/{sc.shard_file(0, 1)}"
+            store.fs.pipe_file(path, store.fs.cat_file(path)[:-100])  # killed mid-file
+    assert store.pointer(checkpoint_name("run")) is None
 
 
 def test_a_shard_set_missing_a_shard_is_never_committed(store):
