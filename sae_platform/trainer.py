@@ -20,6 +20,11 @@ Checkpoint layout (``sae/<sae_name>/<version>/``)::
     trainer_state.safetensors tokens-since-fired, torch RNG state
     trainer_state.json        step, tokens, metrics history
 
+A latent-sharded checkpoint (``sharded_checkpoint``: one safetensors file per latent shard,
+``replicated.safetensors`` and ``index.json`` in place of the three tensor files) is read the same
+way: ``load_sae`` gathers it where it fits the process, a resume in one process gathers it from any
+layout, the "already finished" check reads it shard by shard.
+
 Nothing read back from a checkpoint can run code: weights and states are safetensors (a header
 plus raw tensor bytes) and JSON; no pickle is ever loaded. Checkpoints of earlier versions hold
 ``optimizer.pt`` / ``trainer_state.pt``: those are read with ``torch.load(weights_only=True)``
@@ -71,6 +76,15 @@ from sae_platform.refresh import (
 )
 from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate
+from sae_platform.sharded_checkpoint import (
+    SAE,
+    LatentLayout,
+    check_shards,
+    gathered_state,
+    is_sharded,
+    read_shard,
+    restore_training,
+)
 from sae_platform.shuffled import Shuffled, open_shuffled
 from sae_platform.storage import ArtifactStore
 
@@ -429,7 +443,11 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str,
     unseen = kept_unseen(pointer, open_shuffled(store, shuffle_name).index, settings.retrain_above_fraction)
     if unseen is None:
         return None
-    _finite_weights(store, store.path(checkpoint_name(sae_name), pointer["version"]), pointer.get("step"))
+    path = store.path(checkpoint_name(sae_name), pointer["version"])
+    if is_sharded(store, path):  # shard by shard: nothing gathered
+        check_shards(store, sae_name, version=pointer["version"], prefix=SAE)
+    else:
+        _finite_weights(store, path, pointer.get("step"))
     return pointer, unseen
 
 
@@ -446,7 +464,7 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
     store.check_intact(checkpoint_name(sae_name), store.version_of(path), what=f"SAE checkpoint {sae_name!r}")
     fix = rebuild_fix(store, checkpoint_name(sae_name))
     cfg = _read_json(store, path, "cfg.json")
-    weights = _finite_weights(store, path, cfg.get("step"))
+    weights = _sae_weights(store, sae_name, path, cfg.get("step"))
     with store.damaged(f"{path}/cfg.json", f"cfg.json of SAE checkpoint {sae_name!r}", fix):
         sae_cfg = dict(cfg["sae"])
         sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
@@ -455,6 +473,17 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
                                                           f"{sae_name!r}", fix):
         sae.load_state_dict(weights)
     return sae, cfg
+
+
+def _sae_weights(store: ArtifactStore, sae_name: str, path: str, step) -> dict[str, torch.Tensor]:
+    """The SAE weights (state_dict) of the checkpoint version at ``path``: ``_finite_weights``, or
+    a sharded checkpoint's shards gathered (``sharded_checkpoint.gathered_state``: refused, naming
+    the size and the limit, when the whole SAE would not fit this process)."""
+    if not is_sharded(store, path):
+        return _finite_weights(store, path, step)
+    gathered = gathered_state(store, sae_name, version=store.version_of(path), prefix=SAE,
+                              purpose=f"load SAE {sae_name!r} whole")
+    return {name.removeprefix(SAE): tensor for name, tensor in gathered.items()}
 
 
 def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log) -> TrainState | None:
@@ -493,6 +522,8 @@ def _load_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainS
     torch RNG; its TrainState (None when its optimizer layout is an earlier version's)."""
     path = store.resolve(checkpoint_name(sae_name))
     store.check_intact(checkpoint_name(sae_name), pointer["version"], what=f"SAE checkpoint {sae_name!r}")
+    if is_sharded(store, path):
+        return _load_sharded_state(store, sae_name, pointer, sae, optimizer, device, log)
     weights = _finite_weights(store, path, pointer.get("step"))
     files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
     if "trainer_state.json" in files:
@@ -518,6 +549,23 @@ def _load_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainS
     torch.set_rng_state(saved["rng"])
     return TrainState(saved["step"], saved["tokens"], saved["history"], saved["tokens_since_fired"].to(device),
                       saved.get("target_steps"))
+
+
+def _load_sharded_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainState | None:
+    """``_load_state`` of a latent-sharded checkpoint into this process's whole SAE: its shards
+    gathered into one (``sharded_checkpoint.read_shard`` of a one-shard layout), whatever layout
+    they were written in; the Adam state and dead-latent counters follow."""
+    path = store.path(checkpoint_name(sae_name), pointer["version"])
+    meta = _read_json(store, path, "optimizer.json")
+    stored, current = ([len(g["params"]) for g in groups] for groups in (meta["param_groups"], optimizer.param_groups))
+    if stored != current:
+        log(f"the checkpoint of {sae_name} (step {pointer.get('step')}) has the optimizer layout of an earlier version "
+            f"(parameters per group {stored}, now {current}): training starts afresh and replaces it")
+        return None
+    tensors = read_shard(store, sae_name, LatentLayout(sae.n_latents, 1), 0, version=pointer["version"])
+    tokens_since_fired = restore_training(sae, optimizer, tensors, meta, device)
+    saved = _read_json(store, path, "trainer_state.json")
+    return TrainState(saved["step"], saved["tokens"], saved["history"], tokens_since_fired, saved.get("target_steps"))
 
 
 def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: TrainSettings,
