@@ -33,24 +33,25 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def average_gradients(parameters) -> None:
-    """Replace every gradient by its mean over the ranks (one all-reduce of them all, flattened)."""
+def average_gradients(parameters, group=None) -> None:
+    """Replace every gradient by its mean over the ranks of ``group`` (default: all; a latent-sharded
+    run passes its data-parallel group, the replicas of its shard): one all-reduce of them all, flattened."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
-def fired_on_any_rank(fired: torch.Tensor) -> torch.Tensor:
-    """bool [n_latents]: fired on at least one rank in this step."""
+def fired_on_any_rank(fired: torch.Tensor, group=None) -> torch.Tensor:
+    """bool [latents held]: fired on at least one rank of ``group`` (default: all) in this step."""
     counts = fired.to(torch.int32)
-    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
     return counts.bool()
 
 
