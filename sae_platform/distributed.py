@@ -18,6 +18,11 @@ order (tests/test_distributed.py). Two terms normalise by a statistic of the bat
 rank's slice instead, as sparsify and other data-parallel SAE trainers do: AuxK divides by the
 variance of the residual, BatchTopK selects its top B·k activations per slice.
 
+With ``latent_parallel`` R > 1 (``sae_platform.latent_parallel``) the world is a mesh of W / R
+data-parallel replicas x R latent shards: the collectives above run over a rank's *data* group (the
+replicas of its shard: slices, gradient average, fired masks of its latents), the latent group sums
+reconstructions, and every latent rank of replica 0 writes its shard of the checkpoint.
+
 Backend: NCCL when the rank's device is CUDA (one GPU per rank: ``cuda:<LOCAL_RANK>``), gloo on
 CPU (``sae_platform.launch.run_rank`` joins the group).
 """

@@ -22,11 +22,12 @@ replicated. Its initial rows are the very rows one process draws at the same see
 One training step, per variant (every collective over the latent group):
 
 * TopK (+ Multi-TopK): each rank picks its local top-w per row (w = k, or 4k for Multi-TopK); the
-  values and global ids of every rank's candidates are all-gathered (B x w x R x 12 bytes) and every
-  rank keeps the same global top-w (value, then the lower global id on an exact tie: torch.topk
-  leaves that order unspecified in one process; exact float ties do not occur in practice). Each
-  rank decodes only its winners; one all-reduce sums the partial reconstructions (Multi-TopK's 4k
-  reconstruction rides in the same all-reduce).
+  values and global ids of every rank's candidates are all-gathered (B x w x 8 bytes from each rank:
+  float32 value, int32 id) and every rank keeps the same global top-w (value, then the lower global
+  id on an exact tie: torch.topk leaves that order unspecified in one process; exact float ties do
+  not occur in practice). Each rank decodes only its winners; one all-reduce sums the partial
+  reconstructions (Multi-TopK's 4k reconstruction rides in the same all-reduce). A shard narrower
+  than w offers all its latents.
 * BatchTopK / Matryoshka: each rank picks its local top k * B of the batch, the candidates
   (value, global flat id) are all-gathered and the batch-wide top k * B kept. Matryoshka's
   prefix groups [w_{j-1}, w_j) are over global ids: a shard decodes its winners of each group
@@ -267,12 +268,14 @@ class LatentShardedSAE(nn.Module):
         dist.all_gather(parts, tensor.contiguous(), group=self.layout.latent_group)
         return torch.stack(parts)
 
-    def _global_top(self, vals: Tensor, ids: Tensor, width: int) -> tuple[Tensor, Tensor]:
-        """Every rank's candidates (vals, global ids) [batch, w] (or [w] for the batch-wide pick) ->
-        the top ``width`` of their union along the last axis, sorted by value (descending), then id
-        (ascending) on an exact tie; the same on every rank."""
+    def _global_top(self, vals: Tensor, ids: Tensor, width: int, id_bound: int) -> tuple[Tensor, Tensor]:
+        """Every rank's candidates (vals, global ids < ``id_bound``) [batch, w] (or [w] for the
+        batch-wide pick) -> the top ``width`` of their union along the last axis, sorted by value
+        (descending), then id (ascending) on an exact tie; the same on every rank. Ids travel as int32
+        when they fit (a TopK candidate: 8 bytes with its float32 value, docs/scale.md)."""
+        wire = torch.int32 if id_bound <= torch.iinfo(torch.int32).max else torch.int64
         vals = torch.cat(self._gather(vals).unbind(0), dim=-1)
-        ids = torch.cat(self._gather(ids).unbind(0), dim=-1)
+        ids = torch.cat(self._gather(ids.to(wire)).unbind(0), dim=-1).long()
         by_id = ids.argsort(dim=-1)
         vals, ids = vals.gather(-1, by_id), ids.gather(-1, by_id)
         vals, pick = vals.sort(dim=-1, descending=True, stable=True)
@@ -290,7 +293,7 @@ class LatentShardedSAE(nn.Module):
     def _regular_top(self, scanned: tuple[Tensor, Tensor], width: int, xs: Tensor, b_pre: Tensor):
         """Per-row global top ``width`` from each shard's scan (vals, local ids) [batch, w]:
         (local pattern, codes, position of each local entry in its row's sorted top)."""
-        vals, ids = self._global_top(scanned[0], scanned[1] + self.rows.start, width)
+        vals, ids = self._global_top(scanned[0], scanned[1] + self.rows.start, width, self.n_latents)
         rows = torch.arange(xs.shape[0], device=xs.device).repeat_interleave(width)
         position = torch.arange(width, device=xs.device).repeat(xs.shape[0])
         pattern, z, mine = self._own(rows, ids.reshape(-1), vals.reshape(-1), xs, b_pre)
@@ -303,7 +306,7 @@ class LatentShardedSAE(nn.Module):
         full_pre = lambda: F.linear(xs - local.b_pre, local.W_enc, local.b_enc)  # noqa: E731
         vals, flat = _batch_topk(*scanned, min(total, batch * n_local), n_local, full_pre)
         ids = (flat // n_local) * self.n_latents + flat % n_local + self.rows.start  # global flat ids
-        vals, ids = self._global_top(vals, ids, total)
+        vals, ids = self._global_top(vals, ids, total, batch * self.n_latents)
         ids, order = ids.sort()  # row-major, as CSR needs
         vals = vals[order]
         pattern, z, _ = self._own(ids // self.n_latents, ids % self.n_latents, vals, xs, b_pre)
