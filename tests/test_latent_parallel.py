@@ -41,6 +41,22 @@ RANKS = 4  # one spawn of 4 processes: the 2-D run (2 data replicas x 2 latent s
 SHARDS = 4
 GRID = dataclasses.replace(BASE, dead_after_tokens=10**9, world_size=RANKS, latent_parallel=2)
 BYTES_SHAPE = {"d_model": 64, "n_latents": 1024}  # measured on a shard of a wider SAE than the runs
+# Killed after the checkpoint at step 25, then resumed under another layout: 1 process -> 4 shards, 4 -> 1
+RESUMED = dataclasses.replace(VARIANTS["topk"], checkpoint_every_tokens=256 * 25)
+
+
+class Killed(Exception):
+    """Raised by every rank at step 30, after the checkpoint at step 25: a run that died."""
+
+
+def _die_at_30(row: dict) -> None:
+    if row["step"] == 30:
+        raise Killed
+
+
+def _killed(store, name: str, settings: TrainSettings) -> None:
+    with pytest.raises(Killed):
+        train_sae(store, "main", name, settings, log=lambda m: None, on_metrics=_die_at_30)
 
 
 def _sharded(settings: TrainSettings) -> TrainSettings:
@@ -54,11 +70,14 @@ def _worker(rank: int, rendezvous: str, root: str, out: str) -> None:
         torch.set_num_threads(1)
         store = ArtifactStore(root)
         grid = train_sae(store, "main", "grid", GRID, log=lambda m: None)["history"]
+        _killed(store, "four-to-one", _sharded(RESUMED))
+        one_to_four = train_sae(store, "main", "one-to-four", _sharded(RESUMED), log=lambda m: None)
         histories = {name: train_sae(store, "main", f"{name}-sharded", _sharded(settings),
                                      log=lambda m: None)["history"] for name, settings in VARIANTS.items()}
         measured = _state_bytes(_sharded(BASE), current_layout(SHARDS))
         with open(f"{out}/rank{rank}.json", "w") as f:
-            json.dump({"grid": grid, "histories": histories, "bytes": measured}, f)
+            json.dump({"grid": grid, "histories": histories, "bytes": measured,
+                       "one_to_four": one_to_four["resumed_from_step"]}, f)
     finally:
         dist.destroy_process_group()
 
@@ -80,6 +99,7 @@ def trained(tmp_path_factory):
     """The sharded runs (spawned ranks) and, meanwhile, the same runs in this one process."""
     root = tmp_path_factory.mktemp("latent_parallel")
     store = make_shuffled(ArtifactStore(str(root / "artifacts")), **ROWS)
+    _killed(store, "one-to-four", RESUMED)  # the ranks resume it as 4 shards
     workers = mp.spawn(_worker, args=(str(root / "rendezvous"), store.root_url, str(root)), nprocs=RANKS, join=False)
     torch.set_num_threads(1)
     runs = {**VARIANTS, "grid": dataclasses.replace(GRID, world_size=1, latent_parallel=1)}
@@ -87,6 +107,7 @@ def trained(tmp_path_factory):
            for name, settings in runs.items()}
     while not workers.join():
         pass
+    one["four-to-one"] = train_sae(store, "main", "four-to-one", RESUMED, log=lambda m: None)
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(RANKS)]
     return store, one, ranks
 
@@ -142,6 +163,21 @@ def test_two_data_replicas_of_two_latent_shards_equal_one_process(trained):
     store, one, ranks = trained
     assert store.pointer(checkpoint_name("grid"))["sharded"] == {"n_latents": 128, "n_shards": 2}
     _assert_same_run(store, one["grid"], ranks[0]["grid"], "grid-one", "grid")
+
+
+def test_a_killed_run_resumes_under_another_layout_and_ends_equal(trained):
+    """4 latent shards -> 1 process (read from the overlapping shards), 1 process -> 4 shards (the
+    unsharded checkpoint sliced), both from the checkpoint at step 25: the same weights, Adam-driven
+    over the 25 steps after it, as the uninterrupted one-process run."""
+    store, one, ranks = trained
+    assert one["four-to-one"]["resumed_from_step"] == 25 and not store.pointer(checkpoint_name("four-to-one")).get(
+        "sharded")
+    assert all(rank["one_to_four"] == 25 for rank in ranks)
+    weights = load_sae(store, "topk-one")[0].state_dict()
+    _assert_close(weights, load_sae(store, "four-to-one")[0].state_dict())
+    gathered = gathered_state(store, "one-to-four", prefix="sae.")
+    _assert_close(weights, {k.removeprefix("sae."): v for k, v in gathered.items()})
+    assert torch.equal(_counters(store, "topk-one"), _counters(store, "four-to-one"))
 
 
 def test_a_shard_holds_one_over_r_of_the_parameter_and_adam_bytes(trained):
