@@ -322,10 +322,10 @@ class LatentShardedSAE(nn.Module):
         if self.variant == "topk":
             width = min(4 * k, self.n_latents) if hp["multi_topk"] else k
             vals, ids, aux = local._scan(xs, min(width, n_local), dead_mask)
-            wide, z_wide, position = self._regular_top((vals, ids), width, xs, b_pre)
-            top = position < k
-            pattern = Pattern.from_rows(wide.rows[top], wide.cols[top], batch, n_local)
-            z = z_wide[top]
+            pattern, z, position = self._regular_top((vals, ids), width, xs, b_pre)
+            if hp["multi_topk"]:  # the wide code is sorted: its first k per row are the top k
+                wide, z_wide, top = pattern, z, position < k
+                pattern, z = Pattern.from_rows(wide.rows[top], wide.cols[top], batch, n_local), z_wide[top]
             partials.append(local._sparse_decode(pattern, z))
             if hp["multi_topk"] and ys is not None:
                 partials.append(local._sparse_decode(wide, z_wide))
