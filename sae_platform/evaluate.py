@@ -26,7 +26,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +37,7 @@ from sae_platform.activations import activation_attrs, activation_hook_entry, ac
 from sae_platform.catalog import (
     EVAL_PROBES,
     EVAL_REPORT,
+    checkpoint_name,
     checkpoint_pin,
     checkpoint_version,
     eval_name,
@@ -61,6 +62,15 @@ from sae_platform.reseeds import bootstrap_ratio_interval
 from sae_platform.sae import Codes
 from sae_platform.saebench_results import core_eval_result, write_saebench_result
 from sae_platform.settings import setting, validate
+from sae_platform.sharded_checkpoint import (
+    GATHER_LIMIT_ENV,
+    SAE,
+    gather_limit_bytes,
+    is_sharded,
+    open_sharded,
+    require_gatherable,
+)
+from sae_platform.sharded_sae import ShardedSAE
 from sae_platform.shuffled import iter_shuffled, open_shuffled
 from sae_platform.synthetic import heldout_draws, read_truth, synthetic_provenance
 from sae_platform.trainer import load_sae
@@ -125,13 +135,28 @@ def evaluation_current(store, sae_name: str, inputs: dict) -> bool:
 
 
 def _sae_device(sae) -> torch.device:
-    return sae.W_dec.device
+    return sae.device if isinstance(sae, ShardedSAE) else sae.W_dec.device
 
 
 def _reconstruct(sae, rows: torch.Tensor) -> tuple[torch.Tensor, Codes]:
-    """(reconstruction in raw units, codes) by the inference path."""
+    """(reconstruction in raw units, codes) by the inference path of a whole SAE."""
     codes = sae.encode(rows)
     return sae.decode(codes, rows), codes
+
+
+def _reconstructions(sae, rows: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Codes]]:
+    """(rows, reconstruction in raw units, codes) of each batch by the inference path; a
+    ShardedSAE's shard by shard."""
+    if isinstance(sae, ShardedSAE):
+        yield from sae.reconstructions(rows)
+        return
+    for x in rows:
+        yield x, *_reconstruct(sae, x)
+
+
+def _encoded(sae, rows: Iterable[torch.Tensor]) -> Iterator[Codes]:
+    """Codes of each batch by the inference path; a ShardedSAE's shard by shard."""
+    return sae.codes(rows) if isinstance(sae, ShardedSAE) else (sae.encode(x) for x in rows)
 
 
 @torch.no_grad()
@@ -139,6 +164,7 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
     """Streaming reconstruction and sparsity metrics over held-out activation batches.
 
     ``batches``: arrays/tensors [rows, d_model] (or [..., d_model]) in raw units, any float dtype.
+    ``sae``: a model, or a ``sharded_sae.ShardedSAE`` (evaluated shard by shard, never whole).
     ``device``: where to compute; defaults to the SAE's device (the SAE must live there).
     Returns python floats/ints plus ``density``, a float64 numpy array [n_latents]; the figures
     of SAEBench's core eval (explained variance about the mean and about zero, cosine, L2 norms
@@ -162,23 +188,8 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
     shape = ShapeSums(sae_device)
     n = nmse_batches = 0
     per_row: dict[str, list[torch.Tensor]] = {"sq_error": [], "sq_deviation": [], "active": []}
-    for batch in batches:
-        x = torch.as_tensor(batch).to(sae_device)
-        if x.shape[-1] != width:
-            raise PlatformError(f"activation batch has width {x.shape[-1]} but the SAE expects d_model {width}"
-                                + ("" if d_out is None else f" (paired rows: input {d_in} + target {d_out})"),
-                                "evaluate on activations of the layer and model this SAE was trained on")
-        x = x.reshape(-1, width).float()
+    for x, recon, codes in _reconstructions(sae, _checked_rows(batches, width, d_in, d_out, sae_device)):
         b = x.shape[0]
-        if b == 0:
-            continue
-        bad = ~torch.isfinite(x).all(dim=1)
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0, 0])
-            raise PlatformError(f"NaN/inf in the evaluation activations: row {n + first} of the rows evaluated "
-                                f"({int(bad.sum())} bad row(s) in its batch); no metric was computed",
-                                "evaluate on finite activations: re-cache the partition the row came from")
-        recon, codes = _reconstruct(sae, x)
         xd = (x if d_out is None else x[:, d_in:]).double()
         err_rows = (recon.double() - xd).pow(2).sum(1)
         err = err_rows.sum()
@@ -225,6 +236,29 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor | np.ndarray], de
     }
 
 
+def _checked_rows(batches, width: int, d_in: int, d_out: int | None, device) -> Iterator[torch.Tensor]:
+    """Each non-empty batch as float32 [rows, width] on ``device``; PlatformError for a wrong width
+    or a row holding NaN/inf (naming it), before any metric is computed from it."""
+    seen = 0
+    for batch in batches:
+        x = torch.as_tensor(batch).to(device)
+        if x.shape[-1] != width:
+            raise PlatformError(f"activation batch has width {x.shape[-1]} but the SAE expects d_model {width}"
+                                + ("" if d_out is None else f" (paired rows: input {d_in} + target {d_out})"),
+                                "evaluate on activations of the layer and model this SAE was trained on")
+        x = x.reshape(-1, width).float()
+        if x.shape[0] == 0:
+            continue
+        bad = ~torch.isfinite(x).all(dim=1)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise PlatformError(f"NaN/inf in the evaluation activations: row {seen + first} of the rows evaluated "
+                                f"({int(bad.sum())} bad row(s) in its batch); no metric was computed",
+                                "evaluate on finite activations: re-cache the partition the row came from")
+        seen += x.shape[0]
+        yield x
+
+
 def reconstruction_intervals(per_row: dict[str, np.ndarray]) -> dict[str, list[float]]:
     """Bootstrap intervals (``reseeds.bootstrap_ratio_interval``, 95%) of FVU and L0 over the
     held-out rows (``reconstruction_metrics``' ``per_row``): the error bars of a single seed. The
@@ -244,14 +278,19 @@ def firing_counts(sae, batches: Iterable[torch.Tensor | np.ndarray]) -> tuple[np
     the number of tokens: the density and dead-latent window of every cached token, not a sample."""
     device = _sae_device(sae)
     counts = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
-    n = 0
-    for batch in batches:
-        x = torch.as_tensor(batch).to(device).reshape(-1, sae.d_model + (getattr(sae, "d_out", None) or 0)).float()
-        codes = sae.encode(x)
+    width = sae.d_model + (getattr(sae, "d_out", None) or 0)
+    rows = [0]
+
+    def counted(batches):
+        for batch in batches:
+            x = torch.as_tensor(batch).to(device).reshape(-1, width).float()
+            rows[0] += x.shape[0]
+            yield x
+
+    for codes in _encoded(sae, counted(batches)):
         on = codes.values > 0
         counts += torch.bincount(codes.indices[on], minlength=sae.n_latents)
-        n += x.shape[0]
-    return counts.cpu().numpy(), n
+    return counts.cpu().numpy(), rows[0]
 
 
 def _replacer(state: dict, sae) -> Callable:
@@ -500,24 +539,24 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     ``inputs`` (:func:`evaluation_inputs`) is recorded in the commit's pointer; ``log`` gets one
     line as each metric starts and ends, with its seconds."""
     checkpoint = checkpoint_version(store, sae_name)  # read before loading: a later commit then mismatches
-    sae, cfg = load_sae(store, sae_name, device)
+    timed = _timer(log or logging.getLogger(__name__).info, sae_name)
+    view, sae, cfg, whole = _evaluated(store, sae_name, checkpoint, device, timed)
     if cfg["data"]["shuffle"] != shuffle_name:
         raise PlatformError(f"SAE {sae_name!r} was trained on shuffled store {cfg['data']['shuffle']!r}, not "
                             f"{shuffle_name!r}", "evaluate against the store it was trained on")
-    if hooked is not None and hooked.d_model != sae.d_model:
-        raise PlatformError(f"the base model's d_model {hooked.d_model} differs from SAE {sae_name!r}'s {sae.d_model}",
-                            "configure the base model the activations were cached from")
-    timed = _timer(log or logging.getLogger(__name__).info, sae_name)
+    if hooked is not None and hooked.d_model != view.d_model:
+        raise PlatformError(f"the base model's d_model {hooked.d_model} differs from SAE {sae_name!r}'s "
+                            f"{view.d_model}", "configure the base model the activations were cached from")
     with timed(f"reconstruction (nmse, fvu, L0) on {cfg['training']['holdout_rows']:,} held-out rows"):
-        metrics = reconstruction_metrics(sae, heldout_activation_batches(store, shuffle_name,
-                                                                         cfg["training"]["holdout_rows"]), device)
+        metrics = reconstruction_metrics(view, heldout_activation_batches(store, shuffle_name,
+                                                                          cfg["training"]["holdout_rows"]), device)
     heldout_density = metrics.pop("density")
     metrics.update(reconstruction_intervals(metrics.pop("per_row")))
     report = {"run": sae_name, "checkpoint_step": cfg["step"], "training_tokens": cfg["tokens"], **metrics,
-              "heldout_dead_fraction": metrics["dead_fraction"], "heldout_tokens": metrics["n_tokens"]}
+              "heldout_dead_fraction": metrics["dead_fraction"], "heldout_tokens": metrics["n_tokens"], **whole}
     if density_over_all_rows:  # dead = never fired on any cached token: the window is the whole store
         with timed("latent density over every cached row"):
-            counts, n_all = firing_counts(sae, (acts for _, acts in iter_shuffled(store, shuffle_name, 4096)))
+            counts, n_all = firing_counts(view, (acts for _, acts in iter_shuffled(store, shuffle_name, 4096)))
         density = counts / max(n_all, 1)
         report.update({"dead_fraction": float((counts == 0).mean()), "n_dead": int((counts == 0).sum()),
                        "dead_window_tokens": n_all})
@@ -525,7 +564,7 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
         density = heldout_density
         report["dead_window_tokens"] = metrics["n_tokens"]
     provenance = synthetic_provenance(activation_attrs(store, shuffle_name))
-    if provenance is not None:  # synthetic rows: the true features are known
+    if provenance is not None and sae is not None:  # synthetic rows: the true features are known
         truth = read_truth(store, provenance["truth_id"])
         with timed(f"ground truth (MCC, firing F1, shrinkage, absorption) on {truth.settings.heldout_rows:,} "
                    "fresh synthetic rows"):
@@ -538,12 +577,12 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
         if entry.hook_name_in:
             report["hook_name_in"] = entry.hook_name_in
         points = {"hook_point": entry.hook_name, "input_hook_point": entry.hook_name_in}
-    if hooked is not None and heldout_tokens is not None:
+    if hooked is not None and heldout_tokens is not None and sae is not None:
         with timed(f"downstream CE on {len(heldout_tokens)} held-out contexts"):
             ce = downstream_ce(hooked, sae, heldout_tokens, rule=rule, **points)
         report.update({k if k.startswith(("ce_", "loss_recovered", "kl_")) else f"ce_{k}": v for k, v in ce.items()})
     details = None
-    if hooked is not None and metric_tokens is not None:
+    if hooked is not None and metric_tokens is not None and sae is not None:
         with timed(f"N2G, probe loss and ablation sparsity on {len(metric_tokens)} held-out contexts"):
             figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens,
                                                rule=rule, **points)
@@ -554,12 +593,13 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     cah = latents.get("consistent_activation_heuristic")
     if cah is not None and np.isfinite(cah).any():
         report["consistent_activation_heuristic"] = float(np.nanmean(cah))
-    if meta_sae_steps and sae.n_latents > 1:  # a one-latent dictionary (a steering vector) has no structure
+    # a one-latent dictionary (a steering vector) has no structure
+    if meta_sae_steps and sae is not None and sae.n_latents > 1:
         with timed(f"meta-SAE on the decoder rows ({meta_sae_steps} steps)"):
             report.update(meta_sae_decoder_fve(sae.W_dec, steps=meta_sae_steps))
     ctx_len = next((t.shape[1] for t in (heldout_tokens, metric_tokens) if t is not None), None)
     saebench_core = core_eval_result(
-        report, latents, sae_name=sae_name, sae_cfg=run_saelens_cfg(store, sae_name, sae),
+        report, latents, sae_name=sae_name, sae_cfg=run_saelens_cfg(store, sae_name, sae) if sae is not None else None,
         model_name=str(activation_attrs(store, shuffle_name).get("model", "")), ctx_len=int(ctx_len or 0),
         batch_size=CE_BATCH_SIZE, llm_dtype=str(hooked.autocast or torch.float32).removeprefix("torch.")
         if hooked is not None else "float32")
@@ -577,10 +617,48 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     return report, density
 
 
+def _evaluated(store, sae_name: str, version: str | None, device, timed) -> tuple:
+    """(what the reconstruction and density figures run on, the whole SAE or None, cfg.json, what
+    the report says of sharding) for checkpoint ``version`` of ``sae_name``.
+
+    An unsharded checkpoint: its SAE (``load_sae``) for everything. A latent-sharded one: a
+    ``sharded_sae.ShardedSAE`` (shard by shard, never the whole dictionary in memory) for the
+    reconstruction and density; the figures that need every latent of a row or of the dictionary
+    at once (downstream CE and feature metrics splice the SAE into the model, the weight geometry,
+    the meta-SAE, ground truth) from the gathered SAE where it fits this process
+    (``sharded_checkpoint.gather_limit_bytes``), else left out of the report, which says so
+    (``whole_sae_figures``). A Switch SAE is evaluated gathered, or refused naming size and limit."""
+    path = store.path(checkpoint_name(sae_name), version) if version is not None else None
+    if path is None or not is_sharded(store, path):
+        sae, cfg = load_sae(store, sae_name, device, version)
+        return sae, sae, cfg, {}
+    cfg = store.read_json(f"{path}/cfg.json")
+    try:
+        view = ShardedSAE(store, sae_name, cfg, version=version, device=device)
+    except PlatformError:  # a Switch SAE: only whole
+        require_gatherable(store, sae_name, f"evaluate its {cfg['sae']['variant']} SAE (evaluated whole)",
+                           version=version)
+        view = None
+    checkpoint = view.checkpoint if view is not None else open_sharded(store, sae_name, version)
+    size, limit = checkpoint.whole_bytes(SAE), gather_limit_bytes()
+    said = {"latent_shards": checkpoint.layout.n_shards}
+    if size <= limit:
+        with timed(f"gathering its {checkpoint.layout.n_shards} latent shards ({size:,} bytes) for the figures that "
+                   "need the whole SAE"):
+            sae, cfg = load_sae(store, sae_name, device, version)
+        return view or sae, sae, cfg, {**said, "whole_sae_figures": "gathered"}
+    return view, None, cfg, {**said, "whole_sae_figures": (
+        f"left out: the whole SAE takes {size:,} bytes, more than the {limit:,} this process may gather "
+        f"({GATHER_LIMIT_ENV}); reconstruction, L0 and density were measured shard by shard")}
+
+
 def _latent_figures(sae, density: np.ndarray, details: dict | None) -> dict[str, np.ndarray]:
     """Per latent [n_latents]: ``density``, the weight figures of ``core_metrics.latent_geometry``,
     the encoder's norm and bias as SAELens holds them (``export.folded_weights``; not for a switch
-    SAE) and, given the feature metrics' held-out codes, the consistent-activation heuristic."""
+    SAE) and, given the feature metrics' held-out codes, the consistent-activation heuristic.
+    Without the whole SAE (``sae`` None: a sharded one too wide to gather), the density alone."""
+    if sae is None:
+        return {"density": np.asarray(density, np.float64)}
     latents = {"density": np.asarray(density, np.float64), **latent_geometry(sae)}
     try:
         _, _, folded = folded_weights(sae)

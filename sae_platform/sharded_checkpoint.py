@@ -40,12 +40,12 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file
 
 from sae_platform import checksums
 from sae_platform.catalog import checkpoint_name, rebuild_fix
@@ -223,7 +223,7 @@ def write_shard(store: ArtifactStore, version_path: str, variant: str, layout: L
                                 "pass each rank's own rows (shard_slice of the whole tensors)")
         kept[name] = tensor.detach().cpu().contiguous()
     file = shard_file(shard, layout.n_shards)
-    store.fs.pipe_file(f"{version_path}/{file}", save_safetensors(kept))
+    _write_safetensors(store, f"{version_path}/{file}", kept)
     return file
 
 
@@ -231,15 +231,41 @@ def write_replicated(store: ArtifactStore, version_path: str, variant: str, tens
     """Write the replicated tensors of ``tensors`` (per-latent names are skipped) into
     ``version_path``: done once, by the committing rank."""
     kept = {name: t.detach().cpu().contiguous() for name, t in tensors.items() if latent_axis(variant, name) is None}
-    store.fs.pipe_file(f"{version_path}/{REPLICATED}", save_safetensors(kept))
+    _write_safetensors(store, f"{version_path}/{REPLICATED}", kept)
+
+
+def _write_safetensors(store: ArtifactStore, path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` as the safetensors file ``path`` (in an uncommitted version folder), streamed
+    from the tensors to the file: a shard of a wide SAE is gigabytes, so never copied whole into
+    a bytes object first (a remote store gets a local temporary file, then one upload)."""
+    if store.is_local:
+        save_file(tensors, path)
+        return
+    with tempfile.TemporaryDirectory(prefix="sae-shard-") as folder:
+        local = os.path.join(folder, path.rsplit("/", 1)[-1])
+        save_file(tensors, local)
+        store.fs.put_file(local, path)
 
 
 def _header(store: ArtifactStore, path: str) -> dict:
-    """The JSON header of the safetensors file ``path``: {name: {"dtype", "shape", ...}}."""
-    with store.fs.open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
+    """The JSON header of the safetensors file ``path``: {name: {"dtype", "shape", ...}}.
+    StorageError naming the file when it is not whole (a writer killed mid-file: a header that
+    does not parse, or fewer bytes than the header's tensors end at)."""
+    try:
+        size = store.fs.size(path)
+        with store.fs.open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        end = 8 + length + max((meta["data_offsets"][1] for meta in header.values()), default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as error:
+        raise StorageError(f"{store.url(path)} is not a whole safetensors file ({type(error).__name__}: {error}): "
+                           "its writer stopped mid-file; nothing is committed",
+                           "write the checkpoint again (every latent rank writes its shard)") from error
+    if size != end:
+        raise StorageError(f"{store.url(path)} holds {size:,} bytes, its header describes {end:,}: its writer stopped "
+                           "mid-file; nothing is committed",
+                           "write the checkpoint again (every latent rank writes its shard)")
     return header
 
 
@@ -293,20 +319,29 @@ def sharded_commit(store: ArtifactStore, name: str, variant: str, layout: Latent
     and returns the root's path; single process: not needed). In the block each rank calls
     :func:`write_shard`; the root also :func:`write_replicated` and the JSON files. On leaving,
     ``wait()`` (a barrier over the latent ranks) lets every shard land, then the root writes the
-    index (:func:`write_index`) and commits. An error in the root's block commits nothing."""
+    index (:func:`write_index`) and commits.
+
+    A rank whose block raises still reaches ``wait()`` before its error propagates, so no rank is
+    left waiting at the barrier: a shard that was not written, or not whole, makes the root's
+    index check fail (StorageError naming the file) and nothing is committed; an error in the
+    root's block commits nothing either (the other ranks return; the root's error is the run's)."""
     wait = wait or (lambda: None)
     if not root:
         if share is None:
             raise PlatformError("a non-committing rank needs share (the root's broadcast of the version path)",
                                 "pass share=, e.g. a torch.distributed.broadcast_object_list from the root")
-        yield share(None)
-        wait()
+        try:
+            yield share(None)
+        finally:
+            wait()
         return
     with store.writing(name, sharded=layout.as_dict(), **pointer_info) as version:
         if share is not None:
             share(version)
-        yield version
-        wait()
+        try:
+            yield version
+        finally:
+            wait()
         write_index(store, version, variant, layout)
 
 
@@ -345,6 +380,7 @@ class ShardedCheckpoint:
     path: str
     index: dict
     recorded: dict | None
+    verified: set = field(default_factory=set, compare=False)  # files hashed as recorded by this reader
 
     @property
     def layout(self) -> LatentLayout:
@@ -357,6 +393,11 @@ class ShardedCheckpoint:
     def whole_bytes(self, prefix: str = "") -> int:
         """Bytes of every tensor whose name starts with ``prefix``, whole (gathered)."""
         return sum(_nbytes(meta) for name, meta in self.index["tensors"].items() if name.startswith(prefix))
+
+    def read(self, layout: LatentLayout, shard: int, prefix: str = "", device=None) -> dict[str, torch.Tensor]:
+        """Shard ``shard`` of ``layout`` of this checkpoint (:func:`read_shard`); each file is hashed
+        against its record once per ShardedCheckpoint."""
+        return _read(self, layout, shard, prefix, device)
 
     def refuse(self, file: str, problem: str) -> StorageError:
         return StorageError(f"{self.store.url(self.path)}/{file} {problem}; the sharded checkpoint was refused",
@@ -411,9 +452,10 @@ def _opened(checkpoint: ShardedCheckpoint, file: str) -> Iterator:
             local = os.path.join(folder, file)
             store.fs.get_file(remote, local)
         expected = (checkpoint.recorded or {}).get(file, {}).get(checksums.HASH)
-        if expected is not None:
+        if expected is not None and file not in checkpoint.verified:
             if checksums.digest_file(LocalFileSystem(), local) != expected:
                 raise checkpoint.refuse(file, "differs from the bytes recorded at its commit (sha256 mismatch)")
+            checkpoint.verified.add(file)
         try:
             handle = stack.enter_context(safe_open(local, framework="pt"))
         except Exception as error:  # safetensors' own error kinds
@@ -430,10 +472,11 @@ def read_shard(store: ArtifactStore, sae_name: str, layout: LatentLayout, shard:
     every replicated tensor; only names starting with ``prefix`` (``"sae."``: the weights).
     StorageError naming the file for a missing index or shard, a shard whose bytes changed since
     the commit, a tensor holding NaN/inf, or a layout of another number of latents."""
-    return _read(open_sharded(store, sae_name, version), layout, shard, prefix, device)
+    return open_sharded(store, sae_name, version).read(layout, shard, prefix, device)
 
 
 def _read(checkpoint: ShardedCheckpoint, layout: LatentLayout, shard: int, prefix: str, device) -> dict:
+    """``ShardedCheckpoint.read``."""
     if layout.n_latents != checkpoint.layout.n_latents:
         raise checkpoint.refuse(INDEX, f"describes {checkpoint.layout.n_latents} latents, not the {layout.n_latents} "
                                        "asked for")
@@ -495,7 +538,7 @@ def gathered_state(store: ArtifactStore, sae_name: str, *, version: str | None =
     :func:`gather_limit_bytes`); ``purpose`` says what the gathering was for."""
     checkpoint = open_sharded(store, sae_name, version)
     check_gather(checkpoint, prefix, limit_bytes, purpose)
-    return _read(checkpoint, LatentLayout(checkpoint.layout.n_latents, 1), 0, prefix, device)
+    return checkpoint.read(LatentLayout(checkpoint.layout.n_latents, 1), 0, prefix, device)
 
 
 def check_gather(checkpoint: ShardedCheckpoint, prefix: str = "", limit_bytes: int | None = None,
@@ -511,3 +554,24 @@ def check_gather(checkpoint: ShardedCheckpoint, prefix: str = "", limit_bytes: i
             f"the {limit:,} bytes ({limit / 2**30:.2f} GiB) allowed, so this process cannot {purpose}",
             f"run it where more memory is free, or raise {GATHER_LIMIT_ENV} (bytes; default: half the available "
             "memory) if the memory is there")
+
+
+def check_shards(store: ArtifactStore, sae_name: str, *, version: str | None = None, prefix: str = "") -> None:
+    """Read every shard of ``sae_name``'s sharded checkpoint in the layout it was written in, one
+    at a time (never more than one shard in memory), and drop it: the StorageErrors of
+    :func:`read_shard` (a changed file, NaN/inf) without gathering anything."""
+    checkpoint = open_sharded(store, sae_name, version)
+    for shard in range(checkpoint.layout.n_shards):
+        checkpoint.read(checkpoint.layout, shard, prefix)
+
+
+def require_gatherable(store: ArtifactStore, sae_name: str, purpose: str, *, version: str | None = None,
+                       limit_bytes: int | None = None) -> None:
+    """Nothing for an unsharded checkpoint of ``sae_name``; for a sharded one, :func:`check_gather`
+    of its SAE weights (``sae.*``): a StorageError naming the size and the limit, before anything
+    is read, when this process cannot hold the whole SAE to ``purpose``."""
+    name = checkpoint_name(sae_name)
+    path = store.require(name, f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first") \
+        if version is None else store.path(name, version)
+    if is_sharded(store, path):
+        check_gather(open_sharded(store, sae_name, store.version_of(path)), SAE, limit_bytes, purpose)

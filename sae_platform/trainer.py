@@ -20,6 +20,11 @@ Checkpoint layout (``sae/<sae_name>/<version>/``)::
     trainer_state.safetensors tokens-since-fired, torch RNG state
     trainer_state.json        step, tokens, metrics history
 
+A latent-sharded checkpoint (``sharded_checkpoint``: one safetensors file per latent shard,
+``replicated.safetensors`` and ``index.json`` in place of the three tensor files) is read the same
+way: ``load_sae`` gathers it where it fits the process, a resume in one process gathers it from any
+layout, the "already finished" check reads it shard by shard.
+
 Nothing read back from a checkpoint can run code: weights and states are safetensors (a header
 plus raw tensor bytes) and JSON; no pickle is ever loaded. Checkpoints of earlier versions hold
 ``optimizer.pt`` / ``trainer_state.pt``: those are read with ``torch.load(weights_only=True)``
@@ -80,7 +85,11 @@ from sae_platform.refresh import (
 from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.sharded_checkpoint import (
+    SAE,
     LatentLayout,
+    check_shards,
+    gathered_state,
+    is_sharded,
     non_finite,
     parameter_names,
     read_shard,
@@ -491,7 +500,11 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str,
     unseen = kept_unseen(pointer, open_shuffled(store, shuffle_name).index, settings.retrain_above_fraction)
     if unseen is None:
         return None
-    _finite_weights(store, store.path(checkpoint_name(sae_name), pointer["version"]), pointer.get("step"))
+    path = store.path(checkpoint_name(sae_name), pointer["version"])
+    if is_sharded(store, path):  # shard by shard: nothing gathered
+        check_shards(store, sae_name, version=pointer["version"], prefix=SAE)
+    else:
+        _finite_weights(store, path, pointer.get("step"))
     return pointer, unseen
 
 
@@ -508,7 +521,7 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
     store.check_intact(checkpoint_name(sae_name), store.version_of(path), what=f"SAE checkpoint {sae_name!r}")
     fix = rebuild_fix(store, checkpoint_name(sae_name))
     cfg = _read_json(store, path, "cfg.json")
-    weights = _finite_weights(store, path, cfg.get("step"))
+    weights = _sae_weights(store, sae_name, path, cfg.get("step"))
     with store.damaged(f"{path}/cfg.json", f"cfg.json of SAE checkpoint {sae_name!r}", fix):
         sae_cfg = dict(cfg["sae"])
         sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
@@ -517,6 +530,17 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
                                                           f"{sae_name!r}", fix):
         sae.load_state_dict(weights)
     return sae, cfg
+
+
+def _sae_weights(store: ArtifactStore, sae_name: str, path: str, step) -> dict[str, torch.Tensor]:
+    """The SAE weights (state_dict) of the checkpoint version at ``path``: ``_finite_weights``, or
+    a sharded checkpoint's shards gathered (``sharded_checkpoint.gathered_state``: refused, naming
+    the size and the limit, when the whole SAE would not fit this process)."""
+    if not is_sharded(store, path):
+        return _finite_weights(store, path, step)
+    gathered = gathered_state(store, sae_name, version=store.version_of(path), prefix=SAE,
+                              purpose=f"load SAE {sae_name!r} whole")
+    return {name.removeprefix(SAE): tensor for name, tensor in gathered.items()}
 
 
 def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log) -> TrainState | None:
@@ -556,8 +580,9 @@ def _load_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainS
     path = store.resolve(checkpoint_name(sae_name))
     store.check_intact(checkpoint_name(sae_name), pointer["version"], what=f"SAE checkpoint {sae_name!r}")
     files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
-    if (pointer.get("sharded") or isinstance(sae, LatentShardedSAE)) and "trainer_state.json" in files:
-        return _load_shard_state(store, sae_name, pointer, path, sae, optimizer, device, log)
+    sharded = is_sharded(store, path)
+    if sharded or (isinstance(sae, LatentShardedSAE) and "trainer_state.json" in files):
+        return _load_shard_state(store, sae_name, pointer, path, sharded, sae, optimizer, device, log)
     weights = _finite_weights(store, path, pointer.get("step"))
     if "trainer_state.json" in files:
         optimizer_tensors = _read_tensors(store, path, "optimizer.safetensors")
@@ -584,13 +609,14 @@ def _load_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainS
                       saved.get("target_steps"))
 
 
-def _load_shard_state(store, sae_name, pointer, path, sae, optimizer, device, log) -> TrainState | None:
-    """_load_state where the run or the checkpoint is latent-sharded: this rank's rows under the run's
-    layout whatever layout wrote them (sharded_checkpoint.read_shard reads only the overlapping
-    shards: 2 shards resume as 1, 1 as 4); an unsharded checkpoint is read whole and sliced."""
+def _load_shard_state(store, sae_name, pointer, path, sharded: bool, sae, optimizer, device,
+                      log) -> TrainState | None:
+    """_load_state where the run or the checkpoint (``sharded``) is latent-sharded: this rank's rows
+    under the run's layout whatever layout wrote them (sharded_checkpoint.read_shard reads only the
+    overlapping shards: 2 shards resume as 1, 1 as 4); an unsharded checkpoint is read whole and sliced."""
     module, layout = (sae.local, sae.layout) if isinstance(sae, LatentShardedSAE) else (sae, Layout())
     shards = LatentLayout(sae.config["n_latents"], layout.latent_parallel)
-    if pointer.get("sharded"):
+    if sharded:
         tensors = read_shard(store, sae_name, shards, layout.latent_rank, version=pointer["version"], device=device)
         optimizer_meta = _read_json(store, path, "optimizer.json")
     else:

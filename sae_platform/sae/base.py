@@ -338,13 +338,17 @@ class SparseAutoencoder(nn.Module):
             raise PlatformError(f"latent slice [{start}, {stop}) is outside [0, {self.n_latents})",
                                 "pass 0 <= start <= stop <= n_latents")
 
-    def decode(self, codes: Codes, x: Tensor | None = None) -> Tensor:
+    def decode(self, codes: Codes, x: Tensor | None = None, offset: bool = True) -> Tensor:
         """Reconstruction from (possibly padded) codes, values and indices [batch, K]:
         x_hat = (sum_j values[:, j] W_dec[indices[:, j]] + b_out) / input_scale (output_scale for
         a transcoder), [batch, d_out], raw units. Padding entries (value 0) add nothing. A skip
         transcoder also adds its skip connection of the input ``x`` [batch, d_model] raw (the rows
-        the codes came from), which it then requires: PlatformError without it."""
+        the codes came from), which it then requires: PlatformError without it. ``offset`` False:
+        the latents' part alone (no b_out, no skip), what one latent shard adds to a sharded SAE's
+        reconstruction (``sharded_sae``)."""
         recon = F.embedding_bag(codes.indices, self.W_dec, mode="sum", per_sample_weights=codes.values)
+        if not offset:
+            return self._to_raw(recon)
         if not self.skip_connection:
             return self._to_raw(recon + self.b_out)
         if x is None:
