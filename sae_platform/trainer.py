@@ -422,7 +422,6 @@ def _save_shards(store, sae_name, sae: LatentShardedSAE, optimizer, state, setti
     json_files, pointer_info = _checkpoint_records(sae, state, settings, shuffled, final)
     commit_shards(store, checkpoint_name(sae_name), sae, tensors,
                   {**json_files, "optimizer.json": json.dumps(optimizer_meta).encode()}, **pointer_info)
-    barrier()
     return store.resolve(checkpoint_name(sae_name))
 
 
@@ -656,7 +655,10 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
 
     Inside a torch.distributed process group (sae_platform.distributed) this process is one rank of
     a data-parallel training: it reads its slice of each batch, gradients and fired latents are
-    reduced over the ranks, and only rank 0 logs and commits checkpoints."""
+    reduced over the ranks, and only rank 0 logs and commits checkpoints. With
+    ``settings.latent_parallel`` R > 1 it is one latent shard of one data-parallel replica
+    (sae_platform.latent_parallel): it holds and trains n_latents / R latents, their dead counters,
+    and writes its shard of every checkpoint (every rank must call this; rank 0 commits)."""
     device = torch.device(device)
     rank, world = rank_and_world()
     layout = current_layout(settings.latent_parallel, device)
