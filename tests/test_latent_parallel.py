@@ -1,8 +1,9 @@
-"""Latent-sharded training (sae_platform.latent_parallel) on 2-4 CPU processes (gloo): for every
-variant a run whose latents are split over 2 ranks equals one process at the same seed and global
-batch (loss curve and final weights to float tolerance, dead-latent counters exactly), a 2-D run of
-2 data-parallel replicas x 2 latent shards launched by torchrun equals one process too, and a rank
-holds 1/R of one process's parameter and Adam bytes."""
+"""Latent-sharded training (sae_platform.latent_parallel) on 4 CPU processes (gloo, spawned once): every
+variant with its latents split over 4 ranks equals one process at the same seed and global batch over 50
+steps (loss curve, L0 and dead fraction per metrics row, final weights to float tolerance, dead-latent
+counters exactly); so does a 2-D run of 2 data-parallel replicas x 2 latent shards; a run killed after a
+checkpoint resumes under another layout and ends equal; a rank holds 1/R of one process's parameter and
+Adam bytes. Also: the training step's torchrun path starts the latent ranks, and bad layouts are refused."""
 
 import dataclasses
 import json
@@ -16,6 +17,7 @@ from test_trainer import SETTINGS, make_shuffled
 
 from sae_platform.catalog import checkpoint_name
 from sae_platform.latent_parallel import LatentShardedSAE, current_layout, state_bytes
+from sae_platform.launch import launch_training
 from sae_platform.sae import build_sae
 from sae_platform.settings import SettingsError
 from sae_platform.sharded_checkpoint import gathered_state
@@ -195,6 +197,18 @@ def test_a_shard_holds_one_over_r_of_the_parameter_and_adam_bytes(trained):
     whole = _state_bytes(BASE)
     for rank in ranks:
         assert rank["bytes"] / whole == pytest.approx(1 / SHARDS, rel=0.05), (rank["bytes"], whole)
+
+
+def test_the_training_step_launches_the_latent_ranks_with_torchrun(store):
+    """The path of the Dagster training step (launch_training -> torchrun -> run_rank): world_size ranks,
+    latent_parallel of them per replica, each committing its shard."""
+    make_shuffled(store, **ROWS)
+    logs = []
+    short = dataclasses.replace(BASE, token_budget=256 * 5, world_size=2, latent_parallel=2)
+    result = launch_training(store, "main", "launched", short, "cpu", log=logs.append)
+    assert result["steps"] == 5 and any("1 data-parallel x 2 latent-parallel on 2 ranks" in m and
+                                         "--nproc_per_node 2" in m for m in logs)
+    assert store.pointer(checkpoint_name("launched"))["sharded"] == {"n_latents": 128, "n_shards": 2}
 
 
 def test_layouts_that_cannot_run_are_refused_naming_the_fix():

@@ -153,7 +153,12 @@ class SparseAutoencoder(nn.Module):
     Shapes in the method docstrings: ``x`` [batch, d_model] raw activations (a transcoder also
     accepts its paired store rows [batch, d_model + d_out] and reads the first d_model columns);
     reconstructions [batch, d_out] in raw output units, d_out = d_model for an SAE. A width other
-    than d_model raises PlatformError."""
+    than d_model raises PlatformError.
+
+    Init: rows of ``unit_rows`` (per-block generators seeded from one draw of the global RNG, so
+    ``torch.manual_seed`` fixes them); the keyword ``first_latent`` (default 0) makes this model rows
+    [first_latent, first_latent + n_latents) of the whole dictionary: a latent shard
+    (sae_platform.latent_parallel) starts from the rows one process would hold there."""
 
     variant = "base"
     DEFAULTS: dict = {}
