@@ -18,6 +18,11 @@ order (tests/test_distributed.py). Two terms normalise by a statistic of the bat
 rank's slice instead, as sparsify and other data-parallel SAE trainers do: AuxK divides by the
 variance of the residual, BatchTopK selects its top B·k activations per slice.
 
+With ``latent_parallel`` R > 1 (``sae_platform.latent_parallel``) the world is a mesh of W / R
+data-parallel replicas x R latent shards: the collectives above run over a rank's *data* group (the
+replicas of its shard: slices, gradient average, fired masks of its latents), the latent group sums
+reconstructions, and every latent rank of replica 0 writes its shard of the checkpoint.
+
 Backend: NCCL when the rank's device is CUDA (one GPU per rank: ``cuda:<LOCAL_RANK>``), gloo on
 CPU (``sae_platform.launch.run_rank`` joins the group).
 """
@@ -33,24 +38,25 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def average_gradients(parameters) -> None:
-    """Replace every gradient by its mean over the ranks (one all-reduce of them all, flattened)."""
+def average_gradients(parameters, group=None) -> None:
+    """Replace every gradient by its mean over the ranks of ``group`` (default: all; a latent-sharded
+    run passes its data-parallel group, the replicas of its shard): one all-reduce of them all, flattened."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
-def fired_on_any_rank(fired: torch.Tensor) -> torch.Tensor:
-    """bool [n_latents]: fired on at least one rank in this step."""
+def fired_on_any_rank(fired: torch.Tensor, group=None) -> torch.Tensor:
+    """bool [latents held]: fired on at least one rank of ``group`` (default: all) in this step."""
     counts = fired.to(torch.int32)
-    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
     return counts.bool()
 
 

@@ -58,7 +58,9 @@ def launch_training(store, shuffle_name: str, sae_name: str, settings, device: s
             "root_url": store.root_url, "storage_options": store.storage_options, "shuffle_name": shuffle_name,
             "run": sae_name, "settings": asdict(settings), "device": device, "result": str(result_path)}))
         command = launch_command(str(spec_path), settings.world_size, nproc, sae_name)
-        log(f"training {sae_name} data-parallel on {settings.world_size} ranks: {' '.join(command)}")
+        layout = f"{settings.data_parallel} data-parallel x {settings.latent_parallel} latent-parallel" \
+            if settings.latent_parallel > 1 else "data-parallel"
+        log(f"training {sae_name} {layout} on {settings.world_size} ranks: {' '.join(command)}")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         tail: list[str] = []
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
@@ -68,7 +70,7 @@ def launch_training(store, shuffle_name: str, sae_name: str, settings, device: s
                 if line:
                     log(line)
         if proc.returncode != 0 or not result_path.exists():
-            raise TrainingError(f"data-parallel training of {sae_name!r} failed "
+            raise TrainingError(f"distributed training of {sae_name!r} failed "
                                 f"(torchrun exit code {proc.returncode}): "
                                 + "\n".join(tail[-15:]),
                                 "see the ranks' output above; launching again resumes from the last committed "

@@ -65,6 +65,14 @@ from sae_platform.distributed import (
     rank_and_world,
 )
 from sae_platform.errors import PlatformError, StorageError
+from sae_platform.latent_parallel import (
+    LatentShardedSAE,
+    Layout,
+    agreed_non_finite,
+    check_layout,
+    commit_shards,
+    current_layout,
+)
 from sae_platform.refresh import (
     RETRAIN_ABOVE_FRACTION,
     TRAINED_BATCHES,
@@ -82,8 +90,12 @@ from sae_platform.sharded_checkpoint import (
     check_shards,
     gathered_state,
     is_sharded,
+    non_finite,
+    parameter_names,
     read_shard,
     restore_training,
+    shard_slice,
+    training_tensors,
 )
 from sae_platform.shuffled import Shuffled, open_shuffled
 from sae_platform.storage import ArtifactStore
@@ -133,6 +145,11 @@ class TrainSettings:
                                  "slice of every batch; batch_size must divide by it", ge=1)
     nproc_per_node: int | None = setting(None, "ranks per machine (one GPU each); null: world_size (one machine)",
                                          ge=1)
+    latent_parallel: int = setting(1, "latent-parallel degree: each of this many ranks holds n_latents / "
+                                      "latent_parallel of the latents (their rows of W_enc, b_enc, W_dec and Adam "
+                                      "state), so world_size ranks form world_size / latent_parallel data-parallel "
+                                      "replicas of one sharded SAE (sae_platform.latent_parallel; docs/scale.md). "
+                                      "world_size and n_latents must divide by it; not for switch", ge=1)
     hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, l0_coeff, target_l0, …; "
                                   "each SAE variant's class docstring lists its own; a transcoder also takes "
                                   "skip_connection: true, a learned W_skip)",
@@ -158,12 +175,18 @@ class TrainSettings:
             raise SettingsError(f"resources.training.config.token_budget = {self.token_budget} is less than one "
                                 f"batch (batch_size = {self.batch_size})",
                                 "set token_budget to at least batch_size tokens")
+        check_layout(self.variant, self.n_latents, self.world_size, self.latent_parallel, self.batch_size)
         nproc = self.nproc_per_node or self.world_size
-        if self.batch_size % self.world_size or self.world_size % nproc:
+        if self.batch_size % self.data_parallel or self.world_size % nproc:
             raise SettingsError(f"resources.training.config: batch_size {self.batch_size}, world_size "
                                 f"{self.world_size}, nproc_per_node {nproc}: each rank needs an equal share",
-                                "make batch_size a multiple of world_size, and world_size a multiple of "
-                                "nproc_per_node")
+                                "make batch_size a multiple of world_size / latent_parallel, and world_size a "
+                                "multiple of nproc_per_node")
+
+    @property
+    def data_parallel(self) -> int:
+        """The data-parallel replicas: world_size / latent_parallel (each reads its slice of every batch)."""
+        return self.world_size // self.latent_parallel
 
     def sae_kwargs(self) -> dict:
         top_k = self.variant in ("topk", "batchtopk", "matryoshka_batchtopk", "switch")
@@ -187,7 +210,7 @@ class TrainState:
 
 # Where the ranks run and how precisely they pick latents, not what is trained: a checkpoint resumes
 # and stays finished whatever they are.
-PLACEMENT = ("world_size", "nproc_per_node", "selection_precision")
+PLACEMENT = ("world_size", "nproc_per_node", "latent_parallel", "selection_precision")
 POLICY = ("retrain_above_fraction",)  # when to retrain, not what a checkpoint is
 
 
@@ -309,12 +332,17 @@ def _finite_weights(store: ArtifactStore, path: str, step) -> dict[str, torch.Te
 
 
 def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffled: Shuffled,
-             d_in: int | None = None):
-    """A calibrated SAE; with ``d_in``, rows are a transcoder's [input (d_in) | target] pairs."""
+             d_in: int | None = None, layout: Layout = Layout()):
+    """A calibrated SAE; with ``d_in``, rows are a transcoder's [input (d_in) | target] pairs; with a
+    latent-parallel ``layout``, this rank's shard of it (the same rows one process would draw)."""
     torch.manual_seed(settings.seed)
     extra = {} if d_in is None else {"d_out": d_model - d_in}
-    sae = build_sae(settings.variant, d_in or d_model, settings.n_latents, device=device, **extra,
-                    **settings.sae_kwargs())
+    if layout.latent_parallel > 1:
+        sae = LatentShardedSAE(settings.variant, d_in or d_model, settings.n_latents, layout, device=device,
+                               **extra, **settings.sae_kwargs())
+    else:
+        sae = build_sae(settings.variant, d_in or d_model, settings.n_latents, device=device, **extra,
+                        **settings.sae_kwargs())
     rows = min(CALIBRATION_ROWS, shuffled.n_rows - settings.holdout_rows)
     ids, acts = zip(*shuffled.blocks(0, rows))
     sample = torch.from_numpy(np.concatenate(acts)).float().to(device)
@@ -363,32 +391,60 @@ def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: 
     the batches trained on (``refresh.TRAINED_BATCHES``: what the refresh policy compares new data
     to). Refuses (TrainingError, nothing written) when a weight or Adam moment is NaN/inf, so the
     committed checkpoint is always the last good one."""
-    fingerprint = data_fingerprint(shuffled)
+    if isinstance(sae, LatentShardedSAE):
+        return _save_shards(store, sae_name, sae, optimizer, state, settings, shuffled, final)
     weights = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     optimizer_tensors, optimizer_meta = _optimizer_files(optimizer)
     bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(load_safetensors(optimizer_tensors))]
     if bad:
-        raise TrainingError(
-            f"training {sae_name!r} diverged: after step {state.step} ({state.tokens:,} tokens) {', '.join(bad[:4])}"
-            f"{' …' if len(bad) > 4 else ''} hold NaN/inf (lr {settings.learning_rate:g}); this state was not "
-            f"committed", f"lower lr; {_committed_note(store, sae_name)}")
-    cfg = {"sae": sae.config, "training": identity(settings), "data": fingerprint, "step": state.step,
-           "tokens": state.tokens, "final": final}
+        raise _diverged(store, sae_name, state, settings, bad)
     trainer_tensors = {"tokens_since_fired": state.tokens_since_fired.detach().cpu().contiguous(),
                        "rng": torch.get_rng_state()}
-    trainer_meta = {"step": state.step, "tokens": state.tokens, "history": state.history,
-                    "target_steps": state.target_steps}
-    with store.writing(checkpoint_name(sae_name), step=state.step, tokens=state.tokens, final=final,
-                       target_steps=state.target_steps,
-                       settings=identity(settings), data=fingerprint,
-                       **{TRAINED_BATCHES: batches_record(shuffled.index)}) as version:
+    json_files, pointer_info = _checkpoint_records(sae, state, settings, shuffled, final)
+    with store.writing(checkpoint_name(sae_name), **pointer_info) as version:
         store.fs.pipe_file(f"{version}/sae_weights.safetensors", save_safetensors(weights))
-        store.fs.pipe_file(f"{version}/cfg.json", json.dumps(cfg, indent=2, default=str).encode())
+        store.fs.pipe_file(f"{version}/cfg.json", json_files["cfg.json"])
         store.fs.pipe_file(f"{version}/optimizer.safetensors", optimizer_tensors)
         store.fs.pipe_file(f"{version}/optimizer.json", optimizer_meta)
         store.fs.pipe_file(f"{version}/trainer_state.safetensors", save_safetensors(trainer_tensors))
-        store.fs.pipe_file(f"{version}/trainer_state.json", json.dumps(trainer_meta).encode())
+        store.fs.pipe_file(f"{version}/trainer_state.json", json_files["trainer_state.json"])
     return store.resolve(checkpoint_name(sae_name))
+
+
+def _save_shards(store, sae_name, sae: LatentShardedSAE, optimizer, state, settings, shuffled, final) -> str:
+    """save_checkpoint of a latent-sharded run (a collective: every rank calls it): each latent rank
+    writes its shard (sae_platform.sharded_checkpoint), rank 0 commits; refused on every rank alike
+    when any rank's weights or Adam moments hold NaN/inf."""
+    tensors, optimizer_meta = training_tensors(sae.local, optimizer, state.tokens_since_fired)
+    bad = agreed_non_finite(non_finite(tensors))
+    if bad:
+        raise _diverged(store, sae_name, state, settings, bad)
+    json_files, pointer_info = _checkpoint_records(sae, state, settings, shuffled, final)
+    commit_shards(store, checkpoint_name(sae_name), sae, tensors,
+                  {**json_files, "optimizer.json": json.dumps(optimizer_meta).encode()}, **pointer_info)
+    return store.resolve(checkpoint_name(sae_name))
+
+
+def _checkpoint_records(sae, state: TrainState, settings: TrainSettings, shuffled: Shuffled,
+                        final: bool) -> tuple[dict[str, bytes], dict]:
+    """({cfg.json, trainer_state.json: their bytes}, the pointer's record) of a checkpoint."""
+    fingerprint = data_fingerprint(shuffled)
+    cfg = {"sae": sae.config, "training": identity(settings), "data": fingerprint, "step": state.step,
+           "tokens": state.tokens, "final": final}
+    trainer_meta = {"step": state.step, "tokens": state.tokens, "history": state.history,
+                    "target_steps": state.target_steps}
+    pointer_info = {"step": state.step, "tokens": state.tokens, "final": final, "target_steps": state.target_steps,
+                    "settings": identity(settings), "data": fingerprint,
+                    TRAINED_BATCHES: batches_record(shuffled.index)}
+    return ({"cfg.json": json.dumps(cfg, indent=2, default=str).encode(),
+             "trainer_state.json": json.dumps(trainer_meta).encode()}, pointer_info)
+
+
+def _diverged(store, sae_name, state: TrainState, settings: TrainSettings, bad: list[str]) -> TrainingError:
+    return TrainingError(
+        f"training {sae_name!r} diverged: after step {state.step} ({state.tokens:,} tokens) {', '.join(bad[:4])}"
+        f"{' …' if len(bad) > 4 else ''} hold NaN/inf (lr {settings.learning_rate:g}); this state was not "
+        f"committed", f"lower lr; {_committed_note(store, sae_name)}")
 
 
 def _read_tensors(store: ArtifactStore, path: str, file: str) -> dict[str, torch.Tensor]:
@@ -522,10 +578,11 @@ def _load_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainS
     torch RNG; its TrainState (None when its optimizer layout is an earlier version's)."""
     path = store.resolve(checkpoint_name(sae_name))
     store.check_intact(checkpoint_name(sae_name), pointer["version"], what=f"SAE checkpoint {sae_name!r}")
-    if is_sharded(store, path):
-        return _load_sharded_state(store, sae_name, pointer, sae, optimizer, device, log)
-    weights = _finite_weights(store, path, pointer.get("step"))
     files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
+    sharded = is_sharded(store, path)
+    if sharded or (isinstance(sae, LatentShardedSAE) and "trainer_state.json" in files):
+        return _load_shard_state(store, sae_name, pointer, path, sharded, sae, optimizer, device, log)
+    weights = _finite_weights(store, path, pointer.get("step"))
     if "trainer_state.json" in files:
         optimizer_tensors = _read_tensors(store, path, "optimizer.safetensors")
         optimizer_state = _optimizer_state(optimizer_tensors, _read_json(store, path, "optimizer.json"), device)
@@ -551,21 +608,44 @@ def _load_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainS
                       saved.get("target_steps"))
 
 
-def _load_sharded_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainState | None:
-    """``_load_state`` of a latent-sharded checkpoint into this process's whole SAE: its shards
-    gathered into one (``sharded_checkpoint.read_shard`` of a one-shard layout), whatever layout
-    they were written in; the Adam state and dead-latent counters follow."""
-    path = store.path(checkpoint_name(sae_name), pointer["version"])
-    meta = _read_json(store, path, "optimizer.json")
-    stored, current = ([len(g["params"]) for g in groups] for groups in (meta["param_groups"], optimizer.param_groups))
-    if stored != current:
+def _load_shard_state(store, sae_name, pointer, path, sharded: bool, sae, optimizer, device,
+                      log) -> TrainState | None:
+    """_load_state where the run or the checkpoint (``sharded``) is latent-sharded: this rank's rows
+    under the run's layout whatever layout wrote them (sharded_checkpoint.read_shard reads only the
+    overlapping shards: 2 shards resume as 1, 1 as 4); an unsharded checkpoint is read whole and sliced."""
+    module, layout = (sae.local, sae.layout) if isinstance(sae, LatentShardedSAE) else (sae, Layout())
+    shards = LatentLayout(sae.config["n_latents"], layout.latent_parallel)
+    if sharded:
+        tensors = read_shard(store, sae_name, shards, layout.latent_rank, version=pointer["version"], device=device)
+        optimizer_meta = _read_json(store, path, "optimizer.json")
+    else:
+        whole, optimizer_meta = _named_tensors(store, path, pointer, module, optimizer)
+        tensors = shard_slice(whole, sae.config["variant"], shards, layout.latent_rank)
+    stored = [len(g["params"]) for g in optimizer_meta["param_groups"]]
+    if stored != [len(g["params"]) for g in optimizer.param_groups]:
         log(f"the checkpoint of {sae_name} (step {pointer.get('step')}) has the optimizer layout of an earlier version "
-            f"(parameters per group {stored}, now {current}): training starts afresh and replaces it")
+            f"(parameters per group {stored}): training starts afresh and replaces it")
         return None
-    tensors = read_shard(store, sae_name, LatentLayout(sae.n_latents, 1), 0, version=pointer["version"])
-    tokens_since_fired = restore_training(sae, optimizer, tensors, meta, device)
     saved = _read_json(store, path, "trainer_state.json")
+    tokens_since_fired = restore_training(module, optimizer, tensors, optimizer_meta, device)
     return TrainState(saved["step"], saved["tokens"], saved["history"], tokens_since_fired, saved.get("target_steps"))
+
+
+def _named_tensors(store, path, pointer, module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An unsharded checkpoint's tensors named as a sharded one's (sharded_checkpoint: ``sae.*``,
+    ``adam.<parameter>.*``, ``trainer.*``) and its optimizer.json keyed by parameter name."""
+    names = parameter_names(module, optimizer)
+    optimizer_tensors = _read_tensors(store, path, "optimizer.safetensors")
+    _refuse_non_finite(store, path, "optimizer.safetensors", _non_finite(optimizer_tensors), pointer.get("step"))
+    trainer_tensors = _read_tensors(store, path, "trainer_state.safetensors")
+    tensors = {**{f"sae.{k}": v for k, v in _finite_weights(store, path, pointer.get("step")).items()},
+               **{f"trainer.{k}": v for k, v in trainer_tensors.items()}}
+    for name, value in optimizer_tensors.items():  # state.<optimizer index>.<key>
+        _, index, key = name.split(".", 2)
+        tensors[f"adam.{names[int(index)]}.{key}"] = value
+    meta = _read_json(store, path, "optimizer.json")
+    by_name = {names[int(i)]: entries for i, entries in meta.get("state", {}).items()}
+    return tensors, {"param_groups": meta["param_groups"], "state_by_name": by_name}
 
 
 def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: TrainSettings,
@@ -575,16 +655,20 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
 
     Inside a torch.distributed process group (sae_platform.distributed) this process is one rank of
     a data-parallel training: it reads its slice of each batch, gradients and fired latents are
-    reduced over the ranks, and only rank 0 logs and commits checkpoints."""
+    reduced over the ranks, and only rank 0 logs and commits checkpoints. With
+    ``settings.latent_parallel`` R > 1 it is one latent shard of one data-parallel replica
+    (sae_platform.latent_parallel): it holds and trains n_latents / R latents, their dead counters,
+    and writes its shard of every checkpoint (every rank must call this; rank 0 commits)."""
     device = torch.device(device)
     rank, world = rank_and_world()
+    layout = current_layout(settings.latent_parallel, device)
     shuffled = open_shuffled(store, shuffle_name)
     n_train = _train_rows(shuffled, settings)
     fingerprint = data_fingerprint(shuffled)
     n_steps = max(1, settings.token_budget // settings.batch_size)
     epochs = n_steps * settings.batch_size / (n_train // settings.batch_size * settings.batch_size)
     d_in = activation_attrs(store, shuffle_name).get("d_in")  # paired rows: a transcoder
-    sae = _new_sae(settings, shuffled.d_model, device, shuffled, d_in)
+    sae = _new_sae(settings, shuffled.d_model, device, shuffled, d_in, layout)
     sae.selection_dtype = selection_dtype(settings.selection_precision, device)
     optimizer = _optimizer(sae, settings, device)
     state = _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log) \
@@ -592,10 +676,13 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     if state is not None and state.target_steps:
         n_steps = state.target_steps
     if state is None:
-        state = TrainState(tokens_since_fired=torch.zeros(settings.n_latents, dtype=torch.long, device=device))
+        held = len(layout.shard(settings.n_latents))  # the dead counters of this rank's latents
+        state = TrainState(tokens_since_fired=torch.zeros(held, dtype=torch.long, device=device))
         picks = f", picking latents in {str(sae.selection_dtype).removeprefix('torch.')}" if sae.selection_dtype else ""
+        sharded = f", {layout.data_parallel} x {layout.latent_parallel} latent shards of {held}" \
+            if layout.latent_parallel > 1 else ""
         log(f"training {sae_name}: {settings.variant}, {settings.n_latents} latents, {n_steps} steps of "
-            f"{settings.batch_size} on {n_train:,} rows ({epochs:.2f} epochs) on {device}{picks}")
+            f"{settings.batch_size} on {n_train:,} rows ({epochs:.2f} epochs) on {device}{picks}{sharded}")
     elif state.step >= n_steps:
         log(f"{sae_name} is already trained for this config and data (step {state.step}); nothing to do")
         return _summary(store, sae_name, state, settings, sae, started=time.perf_counter(), resumed_from=state.step)
@@ -605,9 +692,9 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     warned = False
     every = max(1, settings.checkpoint_every_tokens // settings.batch_size)
     schedule = batch_schedule(n_train, settings.batch_size, state.step, n_steps)
-    if world > 1:  # this rank's slice of each batch
-        share = settings.batch_size // world
-        schedule = ((start + rank * share, start + (rank + 1) * share) for start, _ in schedule)
+    if layout.data_parallel > 1:  # this replica's slice of each batch (the same for its latent ranks)
+        share, replica = settings.batch_size // layout.data_parallel, layout.data_rank
+        schedule = ((start + replica * share, start + (replica + 1) * share) for start, _ in schedule)
     for x, ids, start in prefetch(shuffled, schedule, device):
         _check_finite(x, ids, start, state.step, store, sae_name)
         dead = state.tokens_since_fired >= settings.dead_after_tokens
@@ -619,8 +706,8 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
                                 f"lower lr; {_committed_note(store, sae_name)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
-            average_gradients(sae.parameters())
+        if layout.data_parallel > 1:
+            average_gradients(sae.parameters(), layout.data_group)
         sae.remove_parallel_grad_()
         optimizer.step()
         with torch.no_grad():
@@ -628,9 +715,11 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
         state.step += 1
         state.tokens += settings.batch_size
         state.tokens_since_fired += settings.batch_size
-        state.tokens_since_fired[fired_on_any_rank(out.fired) if world > 1 else out.fired] = 0
+        fired = fired_on_any_rank(out.fired, layout.data_group) if layout.data_parallel > 1 else out.fired
+        state.tokens_since_fired[fired] = 0
         if state.step % settings.log_every_steps == 0 or state.step == n_steps:
-            row = _metrics_row(state, loss, terms, out, target, dead, started, resumed_from, settings)
+            dead_fraction = sae.dead_fraction(dead) if layout.latent_parallel > 1 else float(dead.float().mean())
+            row = _metrics_row(state, loss, terms, out, target, dead_fraction, started, resumed_from, settings)
             if world > 1:
                 row = mean_over_ranks(row)
             state.history.append(row)
@@ -639,21 +728,21 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
             if rank == 0 and not warned and (warning := sae.training_warning(row["l0"])):
                 log(f"warning: {warning}")
                 warned = True  # once per run: the log stays readable
-        if state.step % every == 0 and state.step < n_steps and rank == 0:
+        if state.step % every == 0 and state.step < n_steps and (rank == 0 or layout.latent_parallel > 1):
             save_checkpoint(store, sae_name, sae, optimizer, state, settings, shuffled, final=False)
             log(f"checkpoint at step {state.step} ({state.tokens:,} tokens)")
-    if rank == 0:
+    if rank == 0 or layout.latent_parallel > 1:  # a sharded checkpoint: every rank takes part
         save_checkpoint(store, sae_name, sae, optimizer, state, settings, shuffled, final=True)
     barrier()
     return _summary(store, sae_name, state, settings, sae, started, resumed_from)
 
 
-def _metrics_row(state, loss, terms, out, x, dead, started, resumed_from, settings) -> dict:
+def _metrics_row(state, loss, terms, out, x, dead_fraction: float, started, resumed_from, settings) -> dict:
     with torch.no_grad():
         nmse = float(normalized_mse(out.recon, x))
     elapsed = time.perf_counter() - started
     return {"step": state.step, "tokens": state.tokens, "loss": float(loss.detach()), "nmse": nmse, "l0": float(out.l0),
-            "dead_fraction": float(dead.float().mean()),
+            "dead_fraction": dead_fraction,
             "tokens_per_second": (state.step - resumed_from) * settings.batch_size / max(elapsed, 1e-9),
             **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
 

@@ -118,7 +118,7 @@ def test_the_page_quotes_these_figures():
     assert re.search(r"N_SHUFFLE_WORKERS", text) and re.search(r"N_FEATURE_SHARDS", text)
 
 
-# docs/scale.md, "16M latents": Gao et al.'s width on a 4,096-wide model, latent-sharded (planned).
+# docs/scale.md, "16M latents": Gao et al.'s width on a 4,096-wide model, latent-sharded (latent_parallel.py).
 GAO_LATENTS, GAO_D_MODEL, GAO_BATCH, GAO_K = 1 << 24, 4096, 4096, 32
 DEVICE_MEMORY, PRE_CHUNK_LATENTS, ASSUMED_FLOPS = 80 * GiB, 65536, 400e12
 MiB = 1 << 20

@@ -41,6 +41,29 @@ def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
     return y
 
 
+# Rows of the initial dictionary drawn per block from their own generator: rows [a, b) of a
+# dictionary are the same whichever process draws them (a latent shard draws only its own blocks),
+# and no process ever holds more than one block beyond its rows. Changing it changes every init.
+INIT_BLOCK_ROWS = 4096
+
+
+def unit_rows(seed: int, rows: range, width: int, device=None, dtype=torch.float32) -> Tensor:
+    """Rows ``rows`` (a range of latent ids) of the initial dictionary of ``seed``: [len(rows), width],
+    each row a standard normal draw scaled to unit norm. Block b (rows [b, b + 1) * INIT_BLOCK_ROWS)
+    comes from a generator seeded with (seed, b) on ``device``'s type, so a latent shard draws the
+    very rows one process would, without drawing the others (sae_platform.latent_parallel)."""
+    out = torch.empty(len(rows), width, device=device, dtype=dtype)
+    if not len(rows) or out.is_meta:  # meta: shapes only (latent_parallel checks a layout on them)
+        return out
+    generator = torch.Generator(device=out.device)
+    for block in range(rows.start // INIT_BLOCK_ROWS, (rows.stop - 1) // INIT_BLOCK_ROWS + 1):
+        generator.manual_seed((seed * 1_000_003 + block) % 2**63)
+        drawn = torch.randn(INIT_BLOCK_ROWS, width, generator=generator, device=out.device, dtype=dtype)
+        lo, hi = max(rows.start, block * INIT_BLOCK_ROWS), min(rows.stop, (block + 1) * INIT_BLOCK_ROWS)
+        out[lo - rows.start:hi - rows.start] = drawn[lo - block * INIT_BLOCK_ROWS:hi - block * INIT_BLOCK_ROWS]
+    return out.div_(out.norm(dim=1, keepdim=True))
+
+
 def input_scale_for(x: Tensor) -> float:
     """The scalar that brings a sample to E||x||^2 = d_model (per-coordinate mean square 1).
 
@@ -130,7 +153,12 @@ class SparseAutoencoder(nn.Module):
     Shapes in the method docstrings: ``x`` [batch, d_model] raw activations (a transcoder also
     accepts its paired store rows [batch, d_model + d_out] and reads the first d_model columns);
     reconstructions [batch, d_out] in raw output units, d_out = d_model for an SAE. A width other
-    than d_model raises PlatformError."""
+    than d_model raises PlatformError.
+
+    Init: rows of ``unit_rows`` (per-block generators seeded from one draw of the global RNG, so
+    ``torch.manual_seed`` fixes them); the keyword ``first_latent`` (default 0) makes this model rows
+    [first_latent, first_latent + n_latents) of the whole dictionary: a latent shard
+    (sae_platform.latent_parallel) starts from the rows one process would hold there."""
 
     variant = "base"
     DEFAULTS: dict = {}
@@ -146,15 +174,16 @@ class SparseAutoencoder(nn.Module):
         self.d_out = hparams.pop("d_out", None)
         self.skip_connection = bool(hparams.pop("skip_connection", False))
         self.d_model, self.n_latents = d_model, n_latents
+        start = hparams.pop("first_latent", 0)  # a latent shard (sae_platform.latent_parallel): its first row
         self.hparams = {**self.DEFAULTS, **hparams}
-        w_dec = torch.randn(n_latents, self.d_out or d_model, device=device, dtype=dtype)
-        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.long))  # one draw of the global RNG (torch.manual_seed)
+        rows = range(start, start + n_latents)
+        w_dec = unit_rows(seed, rows, self.d_out or d_model, device=device, dtype=dtype)
         self.W_dec = nn.Parameter(w_dec)
         if self.d_out is None:
             self.W_enc = nn.Parameter(w_dec.clone())
         else:  # input and output spaces differ: no tied init
-            w_enc = torch.randn(n_latents, d_model, device=device, dtype=dtype)
-            self.W_enc = nn.Parameter(w_enc / w_enc.norm(dim=1, keepdim=True))
+            self.W_enc = nn.Parameter(unit_rows(seed + 1, rows, d_model, device=device, dtype=dtype))
             self.b_dec = nn.Parameter(torch.zeros(self.d_out, device=device, dtype=dtype))
             self.register_buffer("output_scale", torch.ones((), device=device, dtype=dtype))
             if self.skip_connection:  # zero at init: training starts from the plain transcoder

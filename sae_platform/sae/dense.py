@@ -68,7 +68,19 @@ class _DenseSAE(SparseAutoencoder):
     """Shared path of the variants whose activation is per latent: dense codes, dense decode."""
 
     def _activate(self, pre: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(codes [batch, n_latents], unweighted loss parts) of the pre-activations ``pre``."""
+        z, sums = self._code(pre)
+        return z, self._penalties(sums)
+
+    def _code(self, pre: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(codes, the penalties' sums over latents, scalars): sums over latents add up over any
+        split of the latents, which is how a latent shard (sae_platform.latent_parallel) combines
+        its shard's sums with the others' before ``_penalties``."""
         raise NotImplementedError
+
+    def _penalties(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The loss parts from the sums over *all* latents of ``_code``."""
+        return sums
 
     def _slice_activation(self, pre: Tensor, start: int, stop: int) -> Tensor:
         raise NotImplementedError
@@ -115,7 +127,7 @@ class ReLUSAE(_DenseSAE):
         if self.hparams["l1_coeff"] is None:
             self.hparams["l1_coeff"] = 5.0 / d_model
 
-    def _activate(self, pre):
+    def _code(self, pre):
         z = pre.relu()
         return z, {"l1": (z * self.W_dec.norm(dim=1)).sum(1).mean()}
 
@@ -171,12 +183,13 @@ class JumpReLUSAE(_DenseSAE):
         rest = [p for name, p in self.named_parameters() if name != "threshold"]
         return [{"params": rest, "lr": lr}, {"params": [self.threshold], "lr": lr * self.hparams["threshold_lr_scale"]}]
 
-    def _activate(self, pre):
+    def _code(self, pre):
         pre, theta, eps = pre.relu(), self.threshold, self.hparams["bandwidth"]
-        z = _JumpReLU.apply(pre, theta, eps)
-        l0 = _Step.apply(pre, theta, eps).sum(1).mean()
+        return _JumpReLU.apply(pre, theta, eps), {"l0": _Step.apply(pre, theta, eps).sum(1).mean()}
+
+    def _penalties(self, sums):
         target = self.hparams["target_l0"]
-        return z, {"l0": l0 if target is None else (l0 / target - 1).pow(2)}
+        return sums if target is None else {"l0": (sums["l0"] / target - 1).pow(2)}
 
     def _slice_activation(self, pre, start, stop):
         pre = pre.relu()
