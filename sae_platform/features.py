@@ -4,10 +4,12 @@ browser"); the settings and feature shards of every pass. Pass 2 (the merge into
 ``feature_merge``, the exactness check ``feature_check``, the selection's keys and buffers
 ``feature_select``.
 
-Sharding. One job of pass 1 reads one *dataset shard* (one activation partition) once and feeds
-every *feature shard* (latents [start, stop), see ``feature_shards``) from the same encode
-(``compute_partials``); per feature it keeps a fixed amount of state, whatever the partition's
-length:
+Sharding. Pass 1 reads one *dataset shard* (one activation partition) and computes the partials
+of *feature shards* (latents [start, stop), see ``feature_shards``): ``compute_partials`` feeds
+every shard it is given from one encode; the pipeline (``feature_codes``) encodes a batch once,
+commits its codes split by shard, and computes each shard's partial from its own codes, one shard
+at a time, with the same results. Per feature it keeps a fixed amount of state, whatever the
+partition's length:
 
 - the ``top_k`` largest activations with their row;
 - a uniform random sample of ``R = reservoir_factor * top_k`` activating tokens (activation > 0);
@@ -35,8 +37,9 @@ multiply only the slice's encoder rows: all shards together multiply W_enc once)
 whose activations are a slice of the full sparse selection (TopK, Switch: ``encode_slice`` not
 overridden) each token batch is encoded once with ``sae.encode`` and its sparse codes are split
 among the shards: the same values, without a dense [batch, n_features] matrix, and the selection
-runs once per row whatever the number of shards. Those codes are also committed per partition
-(``write_codes``) so that pass 3 looks the window activations up instead of encoding again.
+runs once per row whatever the number of shards (``on_codes`` receives them:
+``feature_codes.encode_codes`` commits them split by shard, for pass 1 per shard, the interval
+examples and pass 3).
 
 Histogram. 64 log-spaced bins over [1e-4, 1e4] (``HIST_EDGES``: 65 float32 edges,
 ``np.logspace(-4, 4, 65)``) plus underflow and overflow, 66 counts per feature:
@@ -479,7 +482,7 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     state of every listed shard at once (pass fewer shards per call to bound it).
 
     ``on_codes(offset, values, indices, n_rows)``, if given, receives each token batch's sparse
-    codes and the partition's row count (sparse route only; ``write_codes`` keeps them for pass 3).
+    codes and the partition's row count (sparse route only).
 
     ``group``: the partition's hook-point store to read (``catalog.store_group``; the SAE's
     own: ``catalog.shuffled_input_group`` of the shuffled store it was trained on). A transcoder reads its
