@@ -18,7 +18,7 @@ Jobs, each a fresh subprocess, as the pipeline runs them (``sae_platform/feature
   shard's codes) + ``write_tables``.
 The full mode runs pass 1 for every shard of the first batch and for the first and last shard of
 the second, then pass 2 of the first and last shard (every shard has the same width, so the same
-memory); the quick mode one batch, pass 1 and 2 of the first and last shard. The baseline is
+memory); the quick mode one batch, pass 1 of the first and last shard and pass 2 of the first. The baseline is
 today's single-group pass-1 job: ``compute_partials`` over every latent of one batch in one process,
 measured at 2^16 latents (at 2^20 it would take ~9 GiB beside the other work on this machine) and
 scaled by the latent count, which its state is proportional to.

@@ -139,8 +139,12 @@ def codes_meta(store: ArtifactStore, sae_name: str, partition_key: str, fingerpr
 
 
 def _load_shard(store: ArtifactStore, path: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with np.load(io.BytesIO(store.fs.cat_file(f"{path}/{shard_file(index)}")), allow_pickle=False) as arrays:
-        return arrays["row"], arrays["latent"], arrays["value"]
+    """One shard's stored entries; StorageError naming the file when it does not decode (pickles
+    are refused: nothing stored is executable)."""
+    file = f"{path}/{shard_file(index)}"
+    with store.damaged(file, f"sparse codes of feature shard {index}"):
+        with np.load(io.BytesIO(store.fs.cat_file(file)), allow_pickle=False) as arrays:
+            return arrays["row"], arrays["latent"], arrays["value"]
 
 
 def read_range_codes(store: ArtifactStore, sae_name: str, partition_key: str, sae, start: int,

@@ -9,6 +9,7 @@ import pytest
 
 from sae_platform import feature_codes as fc
 from sae_platform import features as F
+from sae_platform.errors import StorageError
 from sae_platform.feature_check import brute_force_check
 from sae_platform.feature_merge import build_feature_tables, merge_shard_tables, write_tables
 from sae_platform.feature_plan import FeaturePlanError, plan_feature_shards
@@ -140,3 +141,14 @@ def test_the_planner_names_a_budget_too_small_for_one_latent():
         plan_feature_shards(1024, batch_tokens=0, memory_budget_bytes=100 << 20, n_groups=4, **DEFAULTS)
     with pytest.raises(FeaturePlanError, match="n_groups"):
         plan_feature_shards(1024, batch_tokens=0, memory_budget_bytes=GiB, n_groups=0, **DEFAULTS)
+
+
+def test_damaged_shard_codes_are_refused_naming_the_file(store):
+    make_dataset(store, [100])
+    sae = make_sae("topk")
+    fc.encode_codes(store, sae, "run", "p0", F.feature_shards(N_LATENTS, 2))
+    path, meta = fc.codes_meta(store, "run", "p0", F.sae_fingerprint(sae))
+    store.fs.pipe_file(f"{path}/f1.npz", b"not an npz")
+    assert fc.shard_partial(store, "run", "p0", 0, meta, path, SETTINGS).n_tokens == 100  # the good shard still runs
+    with pytest.raises(StorageError, match="f1.npz"):
+        fc.shard_partial(store, "run", "p0", 1, meta, path, SETTINGS)
