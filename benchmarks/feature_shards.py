@@ -60,6 +60,7 @@ def make_sae(n_latents: int):
 
 def make_data(root: str, tokens: int, batches: tuple[str, ...]) -> None:
     """Batches of sparse combinations of random directions plus noise (float16, as cached)."""
+    from sae_platform import catalog
     from sae_platform.storage import ArtifactStore
 
     store = ArtifactStore(root)
@@ -68,8 +69,8 @@ def make_data(root: str, tokens: int, batches: tuple[str, ...]) -> None:
     for key in batches:
         codes = rng.exponential(1.0, (tokens, 256)) * (rng.random((tokens, 256)) < 0.05)
         acts = (codes @ directions + 0.2 * rng.standard_normal((tokens, D_MODEL))).astype(np.float16)
-        with store.writing(f"activations/{key}") as version:
-            group = store.open_group(f"{version}/data.zarr", "w")
+        with store.writing(catalog.partition_name(key)) as version:
+            group = store.open_group(f"{version}/{catalog.FIRST_STORE}", "w")
             group.create_array("acts", data=acts, chunks=(min(4096, tokens), D_MODEL), compressors=None)
             group.attrs.update({"d_model": D_MODEL, "dtype": "float16", "n_rows": tokens})
 
