@@ -134,10 +134,17 @@ def test_the_planner_keeps_todays_layout_for_small_saes_and_fits_the_budget_for_
     # memory per job falls with the shard count, not with n_latents
     assert plan_feature_shards(1 << 24, batch_tokens=10**7, memory_budget_bytes=2 * GiB, n_groups=4,
                                **DEFAULTS).job_bytes <= 2 * GiB
+    # weights every job loads whole shrink the room; read shard by shard they cost per latent
+    whole = plan_feature_shards(1 << 20, batch_tokens=0, memory_budget_bytes=2 * GiB, n_groups=4, sae_bytes=GiB,
+                                **DEFAULTS)
+    assert whole.n_shards > wide.n_shards and whole.job_bytes <= 2 * GiB
+    with pytest.raises(FeaturePlanError, match="shard by shard"):
+        plan_feature_shards(1 << 20, batch_tokens=0, memory_budget_bytes=2 * GiB, n_groups=4, sae_bytes=2 * GiB,
+                            **DEFAULTS)
 
 
 def test_the_planner_names_a_budget_too_small_for_one_latent():
-    with pytest.raises(FeaturePlanError, match="job_memory_mib"):
+    with pytest.raises(FeaturePlanError, match="memory_budget_bytes"):
         plan_feature_shards(1024, batch_tokens=0, memory_budget_bytes=100 << 20, n_groups=4, **DEFAULTS)
     with pytest.raises(FeaturePlanError, match="n_groups"):
         plan_feature_shards(1024, batch_tokens=0, memory_budget_bytes=GiB, n_groups=0, **DEFAULTS)

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from assets.partitions import N_FEATURE_SHARDS, N_SHUFFLE_WORKERS
-from sae_platform.feature_plan import FIXED_JOB_BYTES, partial_bytes_per_latent, plan_feature_shards
+from sae_platform.feature_plan import (
+    FIXED_JOB_BYTES,
+    FeaturePlanError,
+    partial_bytes_per_latent,
+    plan_feature_shards,
+)
 from sae_platform.features import N_HIST_BINS, FeatureSettings, feature_shards
 from sae_platform.sae.topk import ENCODE_CHUNK_ELEMENTS
 from sae_platform.shuffle_plan import SIGMAS, final_bucket_rows, plan_shuffle
@@ -40,13 +45,22 @@ def shuffle_figures() -> dict:
     return {"plan": plan, "data_bytes": data, "passes": passes}
 
 
+def sae_weight_bytes(n_latents: int) -> int:
+    """The SAE as ``load_sae`` loads it: W_enc, W_dec and b_enc, float32."""
+    return n_latents * (2 * D_MODEL + 1) * 4
+
+
 def shard_plan(n_latents: int = N_LATENTS, reservoir_factor: int = FeatureSettings().reservoir_factor,
-               batch_tokens: int = BATCH_TOKENS):
-    """plan_feature_shards for the page's run at one worker's budget (JOB_MEMORY)."""
+               batch_tokens: int = BATCH_TOKENS, weights_by_shard: bool = False):
+    """plan_feature_shards for the page's run at one worker's budget (JOB_MEMORY). Pass 2's jobs
+    load the SAE: whole (today), or with ``weights_by_shard`` only their shard's rows (planned:
+    the latent-sharded checkpoint read shard by shard)."""
     settings = FeatureSettings(reservoir_factor=reservoir_factor)
+    weights = {"weight_bytes_per_latent": sae_weight_bytes(1)} if weights_by_shard \
+        else {"sae_bytes": sae_weight_bytes(n_latents)}
     return plan_feature_shards(n_latents, top_k=settings.top_k, reservoir_size=settings.top_k * reservoir_factor,
                                n_hist_bins=N_HIST_BINS, batch_tokens=batch_tokens, k=K,
-                               memory_budget_bytes=JOB_MEMORY, n_groups=N_FEATURE_SHARDS)
+                               memory_budget_bytes=JOB_MEMORY, n_groups=N_FEATURE_SHARDS, **weights)
 
 
 def encode_job_bytes(n_latents: int, batch_tokens: int, chunk_latents: int | None = None) -> int:
@@ -56,15 +70,16 @@ def encode_job_bytes(n_latents: int, batch_tokens: int, chunk_latents: int | Non
     (ENCODE_CHUNK_ELEMENTS float32 values: the TopK encode never holds [batch, n_latents]), the
     batch's activating codes until they are written (12 B each, k per token) and the job's fixed
     memory."""
-    weights = chunk_latents * (D_MODEL + 1) * 4 if chunk_latents else n_latents * (2 * D_MODEL + 1) * 4
+    weights = chunk_latents * (D_MODEL + 1) * 4 if chunk_latents else sae_weight_bytes(n_latents)
     return FIXED_JOB_BYTES + weights + ENCODE_CHUNK_ELEMENTS * 4 + batch_tokens * K * 12
 
 
 def feature_figures(reservoir_factor: int = FeatureSettings().reservoir_factor,
-                    batch_tokens: int = BATCH_TOKENS, n_latents: int = N_LATENTS) -> dict:
+                    batch_tokens: int = BATCH_TOKENS, n_latents: int = N_LATENTS,
+                    weights_by_shard: bool = False) -> dict:
     """The feature passes of the page's run: the plan, one shard's job, one batch's encode job, and
     what they store (partials: one per batch and shard; codes: 12 B per activating code)."""
-    plan = shard_plan(n_latents, reservoir_factor, batch_tokens)
+    plan = shard_plan(n_latents, reservoir_factor, batch_tokens, weights_by_shard)
     settings = FeatureSettings(reservoir_factor=reservoir_factor)
     n_batches = math.ceil(TOKENS / batch_tokens)
     partial = partial_bytes_per_latent(settings.top_k, settings.top_k * reservoir_factor, N_HIST_BINS)
@@ -105,8 +120,9 @@ def test_the_feature_sharding_for_a_million_latents_stays_within_budget():
     # the shard job is the planner's fewest: one shard group fewer would not fit
     assert plan.n_shards == N_FEATURE_SHARDS \
         or dataclasses.replace(plan, n_shards=plan.n_shards - N_FEATURE_SHARDS).job_bytes > JOB_MEMORY
-    # memory per job grows with the latents per shard, not with n_latents: 16x the latents, the same job
-    wide = feature_figures(n_latents=16 * N_LATENTS)
+    # memory per job grows with the latents per shard, not with n_latents: 4x the latents, more shards
+    # of the same job, once pass 2 reads only its shard's weights (the whole SAE is then 18 GiB)
+    wide = feature_figures(n_latents=4 * N_LATENTS, weights_by_shard=True)
     assert wide["plan"].n_shards > plan.n_shards and wide["shard_job"] <= JOB_MEMORY
     # 25M-token batches with the default reservoir fit too (the old single-group job needed 25.1 GiB)
     assert feature_figures(batch_tokens=25_000_000)["shard_job"] <= JOB_MEMORY
@@ -114,18 +130,21 @@ def test_the_feature_sharding_for_a_million_latents_stays_within_budget():
 
 def test_sixteen_million_latents_over_a_billion_tokens_plan_every_feature_job_within_budget():
     """Gao et al.'s width through the feature passes of the page's run (d_model 576, 1B tokens):
-    the planner cuts pass 1 and pass 2 into shard jobs within one worker; the batch's encode fits
-    only reading W_enc one shard at a time (the latent-sharded checkpoint): the whole matrix is 36 GiB."""
-    figures = feature_figures(n_latents=GAO_LATENTS)
+    the planner cuts pass 1 and pass 2 into shard jobs within one worker once pass 2 and the encode
+    read the SAE shard by shard (the latent-sharded checkpoint): the whole SAE is 72 GiB, which no
+    job of today's pipeline (it loads it whole) can hold."""
+    with pytest.raises(FeaturePlanError, match="shard by shard"):
+        shard_plan(GAO_LATENTS)  # today: every pass-2 job loads the whole SAE
+    figures = feature_figures(n_latents=GAO_LATENTS, weights_by_shard=True)
     plan = figures["plan"]
     assert figures["shard_job"] <= JOB_MEMORY, plan
-    assert figures["encode_job"] > JOB_MEMORY  # today's encode holds the whole W_enc
+    assert figures["encode_job"] > JOB_MEMORY  # today's encode holds the whole SAE
     chunked = encode_job_bytes(GAO_LATENTS, BATCH_TOKENS, chunk_latents=plan.latents_per_shard)
     assert chunked <= JOB_MEMORY
     text = DOC.read_text()
     for figure in (f"{plan.n_shards} shards of {plan.latents_per_shard:,} latents", f"{plan.job_bytes / GiB:.1f} GiB",
                    f"{figures['encode_job'] / GiB:.1f} GiB", f"{chunked / GiB:.1f} GiB",
-                   f"{figures['n_pass_1_jobs']:,} pass-1 jobs"):
+                   f"{figures['n_pass_1_jobs']:,} pass-1 jobs", f"{figures['partials_bytes'] / 1e12:.1f} TB"):
         assert figure in text, f"docs/scale.md does not quote {figure!r}"
 
 
