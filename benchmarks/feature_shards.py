@@ -15,7 +15,8 @@ Jobs, each a fresh subprocess, as the pipeline runs them (``sae_platform/feature
 - pass 1 (one per batch x shard): ``shard_partial`` + ``write_partial`` from the shard's codes only,
   without the SAE;
 - pass 2 (one per shard): ``merge_shard_tables`` (the merge, and the interval examples from the
-  shard's codes) + ``write_tables``.
+  shard's codes) + ``write_tables``; it loads the whole SAE, as the pipeline's pass 2 does (512 MiB
+  at d_model 64 and 2^20 latents: part of its peak, not of the shard's).
 The full mode runs pass 1 for every shard of the first batch and for the first and last shard of
 the second, then pass 2 of the first and last shard (every shard has the same width, so the same
 memory); the quick mode one batch, pass 1 of the first and last shard and pass 2 of the first. The baseline is
@@ -188,19 +189,19 @@ def main() -> int:
     load_after = os.getloadavg()[0]
     print(f"wall time {wall_s:.1f} s; load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs")
     print()
-    worst = max(j["peak_bytes"] for j in jobs if j["job"] in ("pass1", "pass2"))
-    encode = max(j["peak_bytes"] for j in jobs if j["job"] == "encode")
+    peak = {kind: max(j["peak_bytes"] for j in jobs if j["job"] == kind) for kind in ("encode", "pass1", "pass2")}
     common = {"n_latents": latents, "n_shards": n_shards, "latents_per_shard": -(-latents // n_shards),
               "d_model": D_MODEL, "k": K, "tokens_per_batch": tokens, "n_batches": len(batches),
               "planned_shards_at_goal_budget": plan.n_shards, "quick": args.quick, "wall_s": round(wall_s, 1),
               "baseline_measured_at_latents": baseline_latents, "load_before": load_before, "load_after": load_after}
     lines = [{"metric": metric, "value": value, "baseline": baseline_bytes, "ratio": value / baseline_bytes,
               "goal": GOAL_JOB_BYTES, "unit": "bytes", **common}
-             for metric, value in (("feature_shard_job_peak_rss_bytes", worst),
-                                   ("feature_encode_job_peak_rss_bytes", encode))]
+             for metric, value in (("feature_pass1_shard_job_peak_rss_bytes", peak["pass1"]),
+                                   ("feature_pass2_shard_job_peak_rss_bytes", peak["pass2"]),
+                                   ("feature_encode_job_peak_rss_bytes", peak["encode"]))]
     for line in lines:
         print(json.dumps(line))
-    return 0 if max(worst, encode) <= GOAL_JOB_BYTES else 1
+    return 0 if max(peak.values()) <= GOAL_JOB_BYTES else 1
 
 
 if __name__ == "__main__":
