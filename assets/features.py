@@ -14,6 +14,7 @@ from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from assets.training import heldout_contexts, settings_for
 from sae_platform import catalog, neuronpedia
 from sae_platform import contexts as ctx
+from sae_platform import feature_codes as fc
 from sae_platform import features as ft
 from sae_platform import metrics as fm
 from sae_platform.activations import activation_attrs, activation_hook_entry, open_partition
@@ -101,18 +102,20 @@ def _stage(**declared) -> Stage:
 # -- pass 1 ---------------------------------------------------------------------------------------
 
 def partial_stats(run: StageRun) -> dict:
-    """Stream one activation batch through the SAE once and fold its codes into every feature shard's
-    partial (docs/design.md, "Feature tables"): for TopK-style SAEs the selection, the expensive part,
-    runs once per row whatever the number of feature shards."""
+    """Stream one activation batch through the SAE once, commit its codes split by feature shard,
+    then fold each shard's codes into its partial, one shard at a time (docs/design.md, "Feature
+    tables"; ``feature_codes``): for TopK-style SAEs the selection, the expensive part, runs once
+    per row whatever the number of feature shards, and memory holds one shard's state at a time."""
     settings = _settings(run)
     checkpoint = catalog.checkpoint_version(run.store, settings.sae_name)  # read before loading (checkpoint_pin)
     sae, group = _load(run)
     batch = run.partition_key
     shards = ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)
-    partials = ft.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, settings, group=group,
+    partials = fc.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, settings, group=group,
                                              checkpoint=checkpoint)
-    n_tokens = int(partials[0].n_tokens)
-    run.log.info(f"pass 1 [{batch}]: {n_tokens:,} tokens of {group} encoded once into {len(shards)} feature shards")
+    n_tokens = int(partials[0]["n_tokens"])
+    run.log.info(f"pass 1 [{batch}]: {n_tokens:,} tokens of {group} encoded once, its codes split into "
+                 f"{len(shards)} feature shards, each shard's partial from its own codes")
     return {"sae": settings.sae_name, "store": group, "feature_shards": len(shards), "n_tokens": n_tokens,
             "path": MetadataValue.path(run.store.url(catalog.partials_folder(run.store, settings.sae_name, batch)))}
 
@@ -242,7 +245,7 @@ def context_windows(run: StageRun) -> dict:
     tokenizer = _tokenizer(run)  # the weights are not needed here
     run.log.info(f"pass 3 [{run.partition_key}]: context windows of the shown examples that fall in this batch "
                  f"({sum(e.height for e in examples):,} shown examples over all batches)")
-    codes = ft.read_codes(run.store, settings.sae_name, run.partition_key, sae)  # pass 1's: no encode again
+    codes = fc.read_codes(run.store, settings.sae_name, run.partition_key, sae)  # pass 1's: no encode again
     info = ctx.build_partition_windows(run.store, settings.sae_name, sae, run.partition_key, pl.concat(examples),
                                        tokenizer, before=settings.before, after=settings.after, codes=codes,
                                        group=group, checkpoint=checkpoint)

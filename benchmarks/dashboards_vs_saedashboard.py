@@ -164,6 +164,7 @@ def ours(args) -> None:
 
     from sae_platform import catalog
     from sae_platform import contexts as ctx
+    from sae_platform import feature_codes as fc
     from sae_platform import features as ft
     from sae_platform.activations import open_partition
     from sae_platform.browser.publish import build_site
@@ -189,7 +190,7 @@ def ours(args) -> None:
     settings = ft.FeatureSettings(sae_name=SAE_NAME, top_k=TOP)
     shards = ft.feature_shards(sae.n_latents, catalog.N_FEATURE_SHARDS)
     lap("load")
-    ft.compute_and_write_partials(store, sae, SAE_NAME, PARTITION, shards, settings)
+    fc.compute_and_write_partials(store, sae, SAE_NAME, PARTITION, shards, settings)
     lap("pass_1")
     unembedding = unembedding_matrix(hooked.model)
     checks = []
@@ -204,7 +205,7 @@ def ours(args) -> None:
     shown = [ctx.shown_examples(t.examples, settings.random_examples) for t in tables]
     ctx.build_partition_windows(store, SAE_NAME, sae, PARTITION, pl.concat(shown), hooked.tokenizer,
                                 before=settings.before, after=settings.after,
-                                codes=ft.read_codes(store, SAE_NAME, PARTITION, sae))
+                                codes=fc.read_codes(store, SAE_NAME, PARTITION, sae))
     for index, (start, stop) in enumerate(shards):
         ctx.write_feature_contexts(store, SAE_NAME, index, ctx.regroup_by_feature(store, SAE_NAME, [PARTITION],
                                                                                   start, stop))

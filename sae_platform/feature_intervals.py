@@ -15,10 +15,11 @@ largest activation over the whole dataset.
 Why after the merge. Which tokens fall in interval j depends on max, known only once every
 partition has been seen (pass 2 merges it); no bounded pass-1 state holds the sample of every
 interval for every possible max. So pass 2, after merging the partials, reads each partition again
-(``add_interval_examples``): for TopK-style variants pass 1's committed sparse codes
-(``features.read_codes``: no encode), otherwise the rows encoded again for the shard's latents
-with pass 1's batch boundaries (its recorded ``batch_rows``), so the activations are pass 1's bit
-for bit on the same device (one more encode of the shard's slice: together one W_enc multiply).
+(``add_interval_examples``): for TopK-style variants the shard's own committed sparse codes
+(``feature_codes.read_range_codes``: no encode, only its latents read), otherwise the rows encoded
+again for the shard's latents with pass 1's batch boundaries (its recorded ``batch_rows``), so the
+activations are pass 1's bit for bit on the same device (one more encode of the shard's slice:
+together one W_enc multiply).
 
 Sampling (bottom-k, exact and mergeable). Every activating (partition, row, feature) gets a
 priority from ``feature_select.sample_keys``, on its own stream (salt
@@ -39,6 +40,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from sae_platform.feature_codes import REPLAY_ENTRIES, read_range_codes
 from sae_platform.feature_select import KEY_PAD, Selector, partition_salt, sample_keys
 from sae_platform.features import (
     FeatureError,
@@ -47,7 +49,6 @@ from sae_platform.features import (
     check_range,
     device_of,
     open_checked,
-    read_codes,
 )
 from sae_platform.storage import ArtifactStore
 from sae_platform.tables import (
@@ -153,13 +154,13 @@ def _partition_entries(store: ArtifactStore, sae, sae_name: str, info: dict, sta
         raise FeatureError(f"activation partition {key!r} is now version {version}, but the feature partials were "
                            f"computed from version {info['version']}",
                            "run pass 1 again for that partition, then pass 2 (the tables must describe one version)")
-    codes = read_codes(store, sae_name, key, sae) if _sparse_route(sae) else None
-    if codes is not None:
-        values, indices = codes
-        for lo in range(0, len(values), batch_rows):
-            v = torch.from_numpy(values[lo:lo + batch_rows]).to(dev)
-            i = torch.from_numpy(indices[lo:lo + batch_rows]).to(dev).long()
-            yield _select(v, i, lo, start, stop)
+    codes = read_range_codes(store, sae_name, key, sae, start, stop) if _sparse_route(sae) else None
+    if codes is not None:  # this shard's entries only, in pass 1's order
+        rows, latents, values = codes
+        for lo in range(0, len(values), REPLAY_ENTRIES):
+            yield (torch.from_numpy(rows[lo:lo + REPLAY_ENTRIES]).to(dev).long(),
+                   torch.from_numpy(latents[lo:lo + REPLAY_ENTRIES]).to(dev).long(),
+                   torch.from_numpy(values[lo:lo + REPLAY_ENTRIES]).to(dev))
         return
     for lo, block in _batches(part.acts, part.n_rows, batch_rows):
         x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)

@@ -4,10 +4,12 @@ browser"); the settings and feature shards of every pass. Pass 2 (the merge into
 ``feature_merge``, the exactness check ``feature_check``, the selection's keys and buffers
 ``feature_select``.
 
-Sharding. One job of pass 1 reads one *dataset shard* (one activation partition) once and feeds
-every *feature shard* (latents [start, stop), see ``feature_shards``) from the same encode
-(``compute_partials``); per feature it keeps a fixed amount of state, whatever the partition's
-length:
+Sharding. Pass 1 reads one *dataset shard* (one activation partition) and computes the partials
+of *feature shards* (latents [start, stop), see ``feature_shards``): ``compute_partials`` feeds
+every shard it is given from one encode; the pipeline (``feature_codes``) encodes a batch once,
+commits its codes split by shard, and computes each shard's partial from its own codes, one shard
+at a time, with the same results. Per feature it keeps a fixed amount of state, whatever the
+partition's length:
 
 - the ``top_k`` largest activations with their row;
 - a uniform random sample of ``R = reservoir_factor * top_k`` activating tokens (activation > 0);
@@ -35,8 +37,9 @@ multiply only the slice's encoder rows: all shards together multiply W_enc once)
 whose activations are a slice of the full sparse selection (TopK, Switch: ``encode_slice`` not
 overridden) each token batch is encoded once with ``sae.encode`` and its sparse codes are split
 among the shards: the same values, without a dense [batch, n_features] matrix, and the selection
-runs once per row whatever the number of shards. Those codes are also committed per partition
-(``write_codes``) so that pass 3 looks the window activations up instead of encoding again.
+runs once per row whatever the number of shards (``on_codes`` receives them:
+``feature_codes.encode_codes`` commits them split by shard, for pass 1 per shard, the interval
+examples and pass 3).
 
 Histogram. 64 log-spaced bins over [1e-4, 1e4] (``HIST_EDGES``: 65 float32 edges,
 ``np.logspace(-4, 4, 65)``) plus underflow and overflow, 66 counts per feature:
@@ -65,7 +68,6 @@ from sae_platform.catalog import (
     FIRST_STORE,
     check_name,
     checkpoint_pin,
-    codes_name,
     is_current,
     partial_name,
     partials_folder,
@@ -320,6 +322,20 @@ def _batches(acts, n_rows: int, batch_rows: int) -> Iterator[tuple[int, np.ndarr
         yield lo, block
 
 
+def token_batches(sae, acts, n_rows: int, rows_per_batch: int, partition_key: str,
+                  dev: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, rows as a tensor on ``dev`` in the SAE's dtype) blocks of ``rows_per_batch`` rows:
+    the token batches every encode of pass 1 runs on. Raises FeatureError naming the partition and
+    the first bad row when a block has NaN/inf values."""
+    for offset, block in _batches(acts, n_rows, rows_per_batch):
+        finite = np.isfinite(block).all(1)  # on the host block: one cheap numpy pass, on any device
+        if not finite.all():
+            bad = offset + int(np.flatnonzero(~finite)[0])
+            raise FeatureError(f"activation partition {partition_key!r} has NaN/inf values (first at row {bad})",
+                               "re-cache that partition (materialize its activations again)")
+        yield offset, torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
+
+
 def witness_features(start: int, stop: int, n: int, seed: int) -> np.ndarray:
     """The features of [start, stop) whose every activating token pass 1 records for the
     exactness check (``brute_force_check``): ``n`` of them (all when n >= stop - start), drawn
@@ -466,7 +482,7 @@ def compute_partials(store: ArtifactStore, sae, partition_key: str, shards: list
     state of every listed shard at once (pass fewer shards per call to bound it).
 
     ``on_codes(offset, values, indices, n_rows)``, if given, receives each token batch's sparse
-    codes and the partition's row count (sparse route only; ``write_codes`` keeps them for pass 3).
+    codes and the partition's row count (sparse route only).
 
     ``group``: the partition's hook-point store to read (``catalog.store_group``; the SAE's
     own: ``catalog.shuffled_input_group`` of the shuffled store it was trained on). A transcoder reads its
@@ -533,13 +549,7 @@ def partials_of_rows(sae, acts, n_rows: int, partition_key: str, version: str, s
                 s.add(rows[lo:lo + count], idx[lo:lo + count] - s.start, vals[lo:lo + count])
                 lo += count
 
-    for offset, block in _batches(acts, n_rows, rows_per_batch):
-        finite = np.isfinite(block).all(1)  # on the host block: one cheap numpy pass, on any device
-        if not finite.all():
-            bad = offset + int(np.flatnonzero(~finite)[0])
-            raise FeatureError(f"activation partition {partition_key!r} has NaN/inf values (first at row {bad})",
-                               "re-cache that partition (materialize its activations again)")
-        x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
+    for offset, x in token_batches(sae, acts, n_rows, rows_per_batch, partition_key, dev):
         if sparse:  # one selection per row, its codes split among the shards
             codes = sae.encode(x)
             if on_codes is not None:
@@ -587,65 +597,6 @@ def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, s
     each call runs the full selection."""
     return compute_partials(store, sae, partition_key, [(start, stop)], settings, batch_rows=batch_rows,
                             device=device, group=group)[0]
-
-
-def compute_and_write_partials(store: ArtifactStore, sae, sae_name: str, partition_key: str,
-                               shards: list[tuple[int, int]], settings: FeatureSettings, *,
-                               checkpoint: str | None = None, **options) -> list[Partial]:
-    """Pass 1 as the pipeline runs it: ``compute_partials`` over every shard, each partial
-    committed (shard i at ``partial_name(sae_name, partition_key, i)``, pinning ``checkpoint``, the
-    version ``sae`` was loaded from: ``partials_current`` reads it), and for TopK-style variants the
-    partition's sparse codes committed too (``write_codes``), so that pass 3 looks activations up
-    instead of encoding the rows again.
-
-    Memory: the partition's codes are held until written, float32 + int32 per code (8 * K bytes
-    per row, K = the SAE's k), in arrays allocated once, plus their serialised copy while they are
-    written (docs/scale.md, "Feature tables")."""
-    codes: dict = {}
-
-    def keep(offset, vals, idx, n_rows):
-        if not codes:  # the partition's length is known up front: fill in place, no concatenation copy
-            codes["values"] = np.empty((n_rows, vals.shape[1]), dtype=np.float32)
-            codes["indices"] = np.empty((n_rows, idx.shape[1]), dtype=np.int32)
-        codes["values"][offset:offset + len(vals)] = vals.float().cpu().numpy()
-        codes["indices"][offset:offset + len(idx)] = idx.to(torch.int32).cpu().numpy()
-
-    partials = compute_partials(store, sae, partition_key, shards, settings, on_codes=keep, **options)
-    for index, partial in enumerate(partials):
-        write_partial(store, sae_name, partition_key, index, partial, checkpoint=checkpoint)
-    if codes:
-        write_codes(store, sae_name, partition_key, codes["values"], codes["indices"],
-                    partition_version=partials[0].partition_version, fingerprint=partials[0].sae["fingerprint"])
-    return partials
-
-
-def write_codes(store: ArtifactStore, sae_name: str, partition_key: str, values: np.ndarray, indices: np.ndarray, *,
-                partition_version: str | None, fingerprint: str) -> str:
-    """Commit pass 1's sparse codes of one partition: ``values`` float32 [n_rows, K] and
-    ``indices`` int32 [n_rows, K] (row r's activations are values[r] at latents indices[r]; 0 =
-    inactive), with the partition version and SAE fingerprint they came from."""
-    buffer = io.BytesIO()
-    np.savez(buffer, values=np.ascontiguousarray(values, np.float32), indices=np.ascontiguousarray(indices, np.int32))
-    name = codes_name(sae_name, partition_key)
-    with store.writing(name, partition=partition_key, partition_version=partition_version) as version:
-        store.write_bytes_atomic(f"{version}/codes.npz", buffer.getvalue())
-        store.write_json(f"{version}/meta.json", {"partition": partition_key, "partition_version": partition_version,
-                                                  "sae_fingerprint": fingerprint, "n_rows": int(len(values))})
-    return store.resolve(name)
-
-
-def read_codes(store: ArtifactStore, sae_name: str, partition_key: str, sae) -> tuple[np.ndarray, np.ndarray] | None:
-    """Pass 1's sparse codes (values, indices) of a partition, or None when there are none or they
-    were computed by other SAE weights or from another version of the partition."""
-    path = store.resolve(codes_name(sae_name, partition_key))
-    if path is None:
-        return None
-    meta = store.read_json(f"{path}/meta.json")
-    current = (store.pointer(partition_name(partition_key)) or {}).get("version")
-    if meta.get("partition_version") != current or meta.get("sae_fingerprint") != sae_fingerprint(sae):
-        return None
-    with np.load(io.BytesIO(store.fs.cat_file(f"{path}/codes.npz")), allow_pickle=False) as arrays:
-        return arrays["values"], arrays["indices"]
 
 
 def write_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_index: int, partial: Partial, *,

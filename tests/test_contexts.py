@@ -234,6 +234,7 @@ def test_small_blocks_and_slices_give_the_same_windows(store, cached, tiny_hooke
 
 
 def test_windows_from_pass_1_codes_equal_windows_from_a_new_encode(store, cached, tiny_hooked, monkeypatch):
+    from sae_platform import feature_codes as fc
     from sae_platform import features as ft
 
     sae = _sae("topk", store, cached, k=4)
@@ -241,9 +242,9 @@ def test_windows_from_pass_1_codes_equal_windows_from_a_new_encode(store, cached
     examples = _top_examples(store, sae, keys)
     encoded = _windows(store, sae, keys, examples, tiny_hooked.tokenizer)
     for key in keys:
-        ft.compute_and_write_partials(store, sae, "codes-run", key, [(0, 64)],
+        fc.compute_and_write_partials(store, sae, "codes-run", key, [(0, 64)],
                                       ft.FeatureSettings(top_k=3, reservoir_factor=2))
-        codes = ft.read_codes(store, "codes-run", key, sae)
+        codes = fc.read_codes(store, "codes-run", key, sae)
         assert codes is not None and codes[0].shape == (open_partition(store, key).n_rows, 4)
         monkeypatch.setattr(contexts, "_pair_activations", None)  # no encode at all
         got = context_windows(store, sae, key, requests_for_partition(examples, key), tiny_hooked.tokenizer,
@@ -256,7 +257,7 @@ def test_windows_from_pass_1_codes_equal_windows_from_a_new_encode(store, cached
     other = _sae("topk", store, cached, k=4)
     with torch.no_grad():
         other.b_enc.add_(0.01)
-    assert ft.read_codes(store, "codes-run", "alpha", other) is None
+    assert fc.read_codes(store, "codes-run", "alpha", other) is None
 
 
 def test_token_strings_are_the_exact_text(store, cached, tiny_hooked):
@@ -435,12 +436,13 @@ def test_pass_3_reuses_the_windows_still_selected_and_equals_a_build_from_scratc
     committed windows equal a from-scratch pass 3. Another checkpoint rebuilds everything."""
     import time
 
+    from sae_platform import feature_codes as fc
     from sae_platform import features as ft
 
     tok, key = tiny_hooked.tokenizer, "alpha"
     sae = _sae("topk", store, cached, k=4)
-    ft.compute_and_write_partials(store, sae, "reuse", key, [(0, 64)], ft.FeatureSettings(top_k=3, reservoir_factor=2))
-    codes = ft.read_codes(store, "reuse", key, sae)
+    fc.compute_and_write_partials(store, sae, "reuse", key, [(0, 64)], ft.FeatureSettings(top_k=3, reservoir_factor=2))
+    codes = fc.read_codes(store, "reuse", key, sae)
     before = _top_examples(store, sae, ["alpha", "beta", "gamma"])
     after = _top_examples(store, sae, ["alpha", "beta", "gamma", "docs"])  # a batch added: some examples move
     build = {"codes": codes, **WINDOW}

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from assets.features import shown_examples
 from sae_platform import contexts
+from sae_platform import feature_codes as fc
 from sae_platform import features as ft
 from sae_platform.catalog import checkpoint_name, contexts_partial_name, shuffled_input_group, stage_record_path
 from sae_platform.feature_intervals import add_interval_examples
@@ -67,7 +68,7 @@ def _windows_match_a_build_from_scratch(store: ArtifactStore, batch: str, model_
                        for i in range(4)])
     scratch = contexts.context_windows(store, sae, batch, contexts.requests_for_partition(shown, batch),
                                        AutoTokenizer.from_pretrained(str(model_dir)), before=settings.before,
-                                       after=settings.after, codes=ft.read_codes(store, TINY_SAE, batch, sae),
+                                       after=settings.after, codes=fc.read_codes(store, TINY_SAE, batch, sae),
                                        group=shuffled_input_group(store, "main"))
     assert contexts.regroup_by_feature(store, TINY_SAE, [batch], 0, sae.n_latents).equals(scratch)
 

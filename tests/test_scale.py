@@ -1,6 +1,7 @@
 """docs/scale.md's plan for a 1B-token, 1M-latent run, checked by simulation: the real shuffle planner
 and the real feature sharding run at those sizes without data, and every job stays within budget."""
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -9,7 +10,14 @@ import numpy as np
 import pytest
 
 from assets.partitions import N_FEATURE_SHARDS, N_SHUFFLE_WORKERS
+from sae_platform.feature_plan import (
+    FIXED_JOB_BYTES,
+    FeaturePlanError,
+    partial_bytes_per_latent,
+    plan_feature_shards,
+)
 from sae_platform.features import N_HIST_BINS, FeatureSettings, feature_shards
+from sae_platform.sae.topk import ENCODE_CHUNK_ELEMENTS
 from sae_platform.shuffle_plan import SIGMAS, final_bucket_rows, plan_shuffle
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "scale.md"
@@ -19,7 +27,6 @@ GiB = 1 << 30
 TOKENS, D_MODEL, ACT_BYTES = 10**9, 576, 2
 N_LATENTS, K = 1 << 20, 32
 BATCH_TOKENS = 10_000_000  # tokens per activation batch (inbox file): 100 batches
-RESERVOIR_FACTOR = 4  # the feature settings the page recommends at this size (default 10)
 # The shuffle settings the page recommends at this size.
 N_BUCKETS, SHUFFLE_MEMORY = 32, 8 * GiB
 # Budgets a job must stay within (one Celery worker or Kubernetes pod: 16 GiB, files >= 64 MB).
@@ -38,33 +45,48 @@ def shuffle_figures() -> dict:
     return {"plan": plan, "data_bytes": data, "passes": passes}
 
 
-def feature_figures(reservoir_factor: int = RESERVOIR_FACTOR, batch_tokens: int = BATCH_TOKENS) -> dict:
-    """Bytes of one pass-1 job (one activation batch, encoded once, feeding every feature shard)
-    and of its partials and codes."""
+def sae_weight_bytes(n_latents: int) -> int:
+    """The SAE as ``load_sae`` loads it: W_enc, W_dec and b_enc, float32."""
+    return n_latents * (2 * D_MODEL + 1) * 4
+
+
+def shard_plan(n_latents: int = N_LATENTS, reservoir_factor: int = FeatureSettings().reservoir_factor,
+               batch_tokens: int = BATCH_TOKENS, weights_by_shard: bool = False):
+    """plan_feature_shards for the page's run at one worker's budget (JOB_MEMORY). Pass 2's jobs
+    load the SAE: whole (today), or with ``weights_by_shard`` only their shard's rows (planned:
+    the latent-sharded checkpoint read shard by shard)."""
     settings = FeatureSettings(reservoir_factor=reservoir_factor)
-    shards = feature_shards(N_LATENTS, N_FEATURE_SHARDS)
-    top_k, reservoir = settings.top_k, settings.top_k * settings.reservoir_factor
-    # Partial's arrays per feature (sae_platform/features.py): top_act f4 + top_row i8 per top-k slot,
-    # res_key i8 + res_row i8 + res_act f4 per reservoir slot, count i8 + sum f8 + max f4, hist i8 per bin.
-    partial_per_feature = top_k * 12 + reservoir * 20 + 20 + N_HIST_BINS * 8
-    # _ShardState per feature: two selectors (an int64 [features, 2m] slot buffer each, plus fill
-    # and threshold), count i8, sum f8, max f4, hist i8 per bin, the witness flag
-    state_per_feature = 16 * (top_k + reservoir) + 2 * 16 + 20 + N_HIST_BINS * 8 + 1
-    sae_bytes = 2 * N_LATENTS * D_MODEL * 4  # W_enc and W_dec, float32: TopK selects over every latent
-    # the batch's sparse codes (float32 value + int32 index per code), held until written, plus
-    # their serialised copy while they are written (compute_and_write_partials)
-    codes_bytes = 2 * batch_tokens * K * 8
-    # one job holds every shard's state while it streams and every shard's partial when it ends:
-    # counting both at once bounds the peak
-    job_memory = sae_bytes + N_LATENTS * (state_per_feature + partial_per_feature) + codes_bytes
+    weights = {"weight_bytes_per_latent": sae_weight_bytes(1)} if weights_by_shard \
+        else {"sae_bytes": sae_weight_bytes(n_latents)}
+    return plan_feature_shards(n_latents, top_k=settings.top_k, reservoir_size=settings.top_k * reservoir_factor,
+                               n_hist_bins=N_HIST_BINS, batch_tokens=batch_tokens, k=K,
+                               memory_budget_bytes=JOB_MEMORY, n_groups=N_FEATURE_SHARDS, **weights)
+
+
+def encode_job_bytes(n_latents: int, batch_tokens: int, chunk_latents: int | None = None) -> int:
+    """One batch's encode job (feature_codes.encode_codes): the SAE as ``load_sae`` loads it (W_enc,
+    W_dec and b_enc, float32), or with ``chunk_latents`` only one chunk of W_enc and b_enc at a time
+    (planned: read shard by shard from a latent-sharded checkpoint), one pre-activation chunk
+    (ENCODE_CHUNK_ELEMENTS float32 values: the TopK encode never holds [batch, n_latents]), the
+    batch's activating codes until they are written (12 B each, k per token) and the job's fixed
+    memory."""
+    weights = chunk_latents * (D_MODEL + 1) * 4 if chunk_latents else sae_weight_bytes(n_latents)
+    return FIXED_JOB_BYTES + weights + ENCODE_CHUNK_ELEMENTS * 4 + batch_tokens * K * 12
+
+
+def feature_figures(reservoir_factor: int = FeatureSettings().reservoir_factor,
+                    batch_tokens: int = BATCH_TOKENS, n_latents: int = N_LATENTS,
+                    weights_by_shard: bool = False) -> dict:
+    """The feature passes of the page's run: the plan, one shard's job, one batch's encode job, and
+    what they store (partials: one per batch and shard; codes: 12 B per activating code)."""
+    plan = shard_plan(n_latents, reservoir_factor, batch_tokens, weights_by_shard)
+    settings = FeatureSettings(reservoir_factor=reservoir_factor)
     n_batches = math.ceil(TOKENS / batch_tokens)
-    return {"shards": shards, "partial_bytes": N_LATENTS * partial_per_feature, "job_memory": job_memory,
-            "sae_bytes": sae_bytes, "codes_bytes": codes_bytes, "n_jobs": n_batches,
-            "n_partials": n_batches * N_FEATURE_SHARDS, "stored_codes_bytes": TOKENS * K * 8,
-            "partials_bytes": n_batches * N_LATENTS * partial_per_feature, "n_batches": n_batches}
-
-
-DEFAULT_FEATURES = {"reservoir_factor": FeatureSettings().reservoir_factor, "batch_tokens": 25_000_000}
+    partial = partial_bytes_per_latent(settings.top_k, settings.top_k * reservoir_factor, N_HIST_BINS)
+    return {"plan": plan, "shards": feature_shards(n_latents, plan.n_shards), "shard_job": plan.job_bytes,
+            "encode_job": encode_job_bytes(n_latents, batch_tokens),
+            "n_pass_1_jobs": n_batches * plan.n_shards, "n_batches": n_batches,
+            "partials_bytes": n_batches * n_latents * partial, "stored_codes_bytes": TOKENS * K * 12}
 
 
 def test_the_shuffle_plan_for_a_billion_tokens_stays_within_budget():
@@ -86,19 +108,44 @@ def test_the_shuffle_plan_for_a_billion_tokens_stays_within_budget():
 
 def test_the_feature_sharding_for_a_million_latents_stays_within_budget():
     figures = feature_figures()
+    plan = figures["plan"]
     covered = np.zeros(N_LATENTS, dtype=np.int8)
     for start, stop in figures["shards"]:
         covered[start:stop] += 1
     assert (covered == 1).all(), "every latent in exactly one shard"
-    # one pass-1 job per activation batch, whatever the number of feature shards
-    assert figures["n_jobs"] == figures["n_batches"] == 100
-    assert figures["job_memory"] <= JOB_MEMORY, figures["job_memory"] / GiB
-    # the partials scale with the number of activation batches, not with tokens: few large batches
-    assert figures["partials_bytes"] <= 0.25 * TOKENS * D_MODEL * ACT_BYTES
-    # docs/scale.md's warning: with the default reservoir and 25M-token batches a job does not fit
-    # (the batch's codes push it over), hence the smaller batches and reservoir above
-    default = feature_figures(**DEFAULT_FEATURES)
-    assert default["job_memory"] > JOB_MEMORY >= default["job_memory"] - default["codes_bytes"]
+    assert plan.n_shards % N_FEATURE_SHARDS == 0  # every shard group runs as many shards
+    # every job within one worker, with the default reservoir: pass 1 of one (batch, shard), pass 2
+    # of one shard, and the batch's one encode
+    assert figures["shard_job"] <= JOB_MEMORY and figures["encode_job"] <= JOB_MEMORY, figures
+    # the shard job is the planner's fewest: one shard group fewer would not fit
+    assert plan.n_shards == N_FEATURE_SHARDS \
+        or dataclasses.replace(plan, n_shards=plan.n_shards - N_FEATURE_SHARDS).job_bytes > JOB_MEMORY
+    # memory per job grows with the latents per shard, not with n_latents: 4x the latents, more shards
+    # of the same job, once pass 2 reads only its shard's weights (the whole SAE is then 18 GiB)
+    wide = feature_figures(n_latents=4 * N_LATENTS, weights_by_shard=True)
+    assert wide["plan"].n_shards > plan.n_shards and wide["shard_job"] <= JOB_MEMORY
+    # 25M-token batches with the default reservoir fit too (the old single-group job needed 25.1 GiB)
+    assert feature_figures(batch_tokens=25_000_000)["shard_job"] <= JOB_MEMORY
+
+
+def test_sixteen_million_latents_over_a_billion_tokens_plan_every_feature_job_within_budget():
+    """Gao et al.'s width through the feature passes of the page's run (d_model 576, 1B tokens):
+    the planner cuts pass 1 and pass 2 into shard jobs within one worker once pass 2 and the encode
+    read the SAE shard by shard (the latent-sharded checkpoint): the whole SAE is 72 GiB, which no
+    job of today's pipeline (it loads it whole) can hold."""
+    with pytest.raises(FeaturePlanError, match="shard by shard"):
+        shard_plan(GAO_LATENTS)  # today: every pass-2 job loads the whole SAE
+    figures = feature_figures(n_latents=GAO_LATENTS, weights_by_shard=True)
+    plan = figures["plan"]
+    assert figures["shard_job"] <= JOB_MEMORY, plan
+    assert figures["encode_job"] > JOB_MEMORY  # today's encode holds the whole SAE
+    chunked = encode_job_bytes(GAO_LATENTS, BATCH_TOKENS, chunk_latents=plan.latents_per_shard)
+    assert chunked <= JOB_MEMORY
+    text = DOC.read_text()
+    for figure in (f"{plan.n_shards} shards of {plan.latents_per_shard:,} latents", f"{plan.job_bytes / GiB:.1f} GiB",
+                   f"{figures['encode_job'] / GiB:.1f} GiB", f"{chunked / GiB:.1f} GiB",
+                   f"{figures['n_pass_1_jobs']:,} pass-1 jobs", f"{figures['partials_bytes'] / 1e12:.1f} TB"):
+        assert figure in text, f"docs/scale.md does not quote {figure!r}"
 
 
 def test_the_page_quotes_these_figures():
@@ -108,8 +155,10 @@ def test_the_page_quotes_these_figures():
         "passes": f"{shuffle['plan'].n_passes} passes",
         "final buckets": f"{shuffle['plan'].n_final_buckets:,} final buckets",
         "data": f"{shuffle['data_bytes'] / 1e12:.2f} TB",
-        "feature job memory": f"{features['job_memory'] / GiB:.1f} GiB",
-        "default feature job memory": f"{feature_figures(**DEFAULT_FEATURES)['job_memory'] / GiB:.1f} GiB",
+        "feature shards": f"{features['plan'].n_shards} shards of {features['plan'].latents_per_shard:,} latents",
+        "shard job memory": f"{features['shard_job'] / GiB:.1f} GiB",
+        "encode job memory": f"{features['encode_job'] / GiB:.1f} GiB",
+        "pass-1 jobs": f"{features['n_pass_1_jobs']:,} pass-1 jobs",
         "partials": f"{features['partials_bytes'] / 1e9:.0f} GB",
         "codes": f"{features['stored_codes_bytes'] / 1e9:.0f} GB",
     }

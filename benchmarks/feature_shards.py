@@ -1,0 +1,208 @@
+"""Feature tables sharded over data AND features: peak RSS of every job of the feature stages for a
+wide SAE, against the single-group layout where one pass-1 job holds every latent's state.
+
+    python benchmarks/feature_shards.py --quick     # 2^16 latents, 16 shards of 4,096, one batch: < 1 min quiet
+    python benchmarks/feature_shards.py             # 2^20 latents, 16 shards of 65,536, two batches
+
+Data: activation batches of 2,048 synthetic rows (d_model 64, float16, the partition layout; the
+feature stages' memory does not depend on d_model beyond the SAE's own weights). SAE: TopK, k 32,
+random weights (torch seed 0; the stages' cost does not depend on training). Feature settings: the
+pipeline's defaults (top 20, reservoir 200, 5 intervals x 4). ``--shards`` (default 16, the goal's
+layout); ``plan_feature_shards``' own choice at the 2 GiB goal budget is printed beside it.
+
+Jobs, each a fresh subprocess, as the pipeline runs them (``sae_platform/feature_codes.py``):
+- encode (one per batch): ``encode_codes``, the batch's one encode, its codes committed split by shard;
+- pass 1 (one per batch x shard): ``shard_partial`` + ``write_partial`` from the shard's codes only,
+  without the SAE;
+- pass 2 (one per shard): ``merge_shard_tables`` (the merge, and the interval examples from the
+  shard's codes) + ``write_tables``; it loads the whole SAE, as the pipeline's pass 2 does (512 MiB
+  at d_model 64 and 2^20 latents: part of its peak, not of the shard's).
+The full mode runs pass 1 for every shard of the first batch and for the first and last shard of
+the second, then pass 2 of the first and last shard (every shard has the same width, so the same
+memory); the quick mode one batch, pass 1 of the first and last shard and pass 2 of the first. The baseline is
+today's single-group pass-1 job: ``compute_partials`` over every latent of one batch in one process,
+measured at 2^16 latents (at 2^20 it would take ~9 GiB beside the other work on this machine) and
+scaled by the latent count, which its state is proportional to.
+
+Peak RSS: each job's own VmHWM when it ends (the whole process: interpreter, torch, the store
+client and the job), with MALLOC_MMAP_THRESHOLD_=256 KiB so that RSS follows live
+allocations (as benchmarks/feature_tables.py). The plan (``feature_plan.plan_feature_shards``)
+and its modelled job bytes are printed beside the measured peaks. The last lines are one JSON
+object per figure.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+D_MODEL, K, N_GROUPS = 64, 32, 4
+GOAL_JOB_BYTES, GOAL_SHARDS = 2 << 30, 16  # issue 25: <= 2 GiB per job at 16 shards of 65,536 latents
+BATCHES = ("b0", "b1")
+SAE_NAME = "bench"
+
+
+def make_sae(n_latents: int):
+    import torch
+
+    from sae_platform.sae import build_sae
+
+    torch.manual_seed(0)
+    return build_sae("topk", D_MODEL, n_latents, k=K).eval()
+
+
+def make_data(root: str, tokens: int, batches: tuple[str, ...]) -> None:
+    """Batches of sparse combinations of random directions plus noise (float16, as cached)."""
+    from sae_platform import catalog
+    from sae_platform.storage import ArtifactStore
+
+    store = ArtifactStore(root)
+    rng = np.random.default_rng(0)
+    directions = rng.standard_normal((256, D_MODEL))
+    for key in batches:
+        codes = rng.exponential(1.0, (tokens, 256)) * (rng.random((tokens, 256)) < 0.05)
+        acts = (codes @ directions + 0.2 * rng.standard_normal((tokens, D_MODEL))).astype(np.float16)
+        with store.writing(catalog.partition_name(key)) as version:
+            group = store.open_group(f"{version}/{catalog.FIRST_STORE}", "w")
+            group.create_array("acts", data=acts, chunks=(min(4096, tokens), D_MODEL), compressors=None)
+            group.attrs.update({"d_model": D_MODEL, "dtype": "float16", "n_rows": tokens})
+
+
+def worker(args) -> None:
+    """One job in this process; prints {"seconds", "peak_bytes"}."""
+    from sae_platform import feature_codes as fc
+    from sae_platform import features as F
+    from sae_platform.feature_merge import merge_shard_tables, write_tables
+    from sae_platform.storage import ArtifactStore
+
+    store, settings = ArtifactStore(args.store), F.FeatureSettings()
+    shards = F.feature_shards(args.latents, args.shards)
+    started = time.perf_counter()
+    if args.worker == "encode":  # the batch's one encode; it records the weights' fingerprint for pass 1
+        meta = fc.encode_codes(store, make_sae(args.latents), SAE_NAME, args.batch, shards,
+                               batch_rows=args.batch_rows)
+        Path(args.store, "fingerprint.json").write_text(json.dumps(meta["sae_fingerprint"]))
+    elif args.worker == "pass1":  # no SAE: the shard's codes only
+        fingerprint = json.loads(Path(args.store, "fingerprint.json").read_text())
+        path, meta = fc.codes_meta(store, SAE_NAME, args.batch, fingerprint)
+        F.write_partial(store, SAE_NAME, args.batch, args.shard,
+                        fc.shard_partial(store, SAE_NAME, args.batch, args.shard, meta, path, settings))
+    elif args.worker == "pass2":  # the SAE only to match the codes' fingerprint (interval examples)
+        tables = merge_shard_tables(store, make_sae(args.latents), SAE_NAME, args.shard, args.batches.split(","),
+                                    settings)
+        write_tables(store, SAE_NAME, args.shard, tables)
+    elif args.worker == "baseline":
+        F.compute_partials(store, make_sae(args.latents), BATCHES[0], [(0, args.latents)], settings,
+                           batch_rows=args.batch_rows)
+    print(json.dumps({"seconds": time.perf_counter() - started, "peak_bytes": peak_rss_bytes()}))
+
+
+def run_job(args, root: str, job: str, *, latents: int | None = None, batch: str = BATCHES[0],
+            shard: int = 0) -> dict:
+    """Run one job in a fresh subprocess; its seconds and peak RSS (bytes)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(256 << 10),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, __file__, "--worker", job, "--store", root, "--latents", str(latents or args.latents),
+           "--shards", str(args.shards), "--batches", args.batches, "--batch", batch, "--shard", str(shard),
+           "--batch-rows", str(args.batch_rows)]
+    run = subprocess.run(cmd, capture_output=True, env=env, text=True)
+    if run.returncode:
+        raise SystemExit(f"{job} job failed:\n{run.stderr[-3000:]}")
+    return {"job": job, "shard": shard, "batch": batch, **json.loads(run.stdout.strip().splitlines()[-1])}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM): the interpreter, torch, the store client and the job."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (this benchmark reads Linux's peak RSS)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2^16 latents, one batch of 2,048 tokens")
+    parser.add_argument("--latents", type=int, default=None)
+    parser.add_argument("--shards", type=int, default=GOAL_SHARDS, help="feature shards (the goal's layout: 16)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per batch")
+    parser.add_argument("--batch-rows", type=int, default=None, help="rows per encode (pre-activations: x latents)")
+    parser.add_argument("--worker", choices=["encode", "pass1", "pass2", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--batches", default=",".join(BATCHES), help=argparse.SUPPRESS)
+    parser.add_argument("--batch", default=BATCHES[0], help=argparse.SUPPRESS)
+    parser.add_argument("--shard", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.latents = args.latents or (1 << 16 if args.quick else 1 << 20)
+    args.batch_rows = args.batch_rows or max(16, (1 << 26) // args.latents)  # a 256 MiB pre-activation block
+    if args.worker:
+        worker(args)
+        return 0
+
+    from sae_platform.feature_plan import plan_feature_shards
+    from sae_platform.features import N_HIST_BINS, FeatureSettings
+
+    latents, n_shards = args.latents, args.shards
+    tokens = args.tokens or 2048
+    batches = BATCHES[:1] if args.quick else BATCHES
+    args.batches = ",".join(batches)
+    settings = FeatureSettings()
+    plan = plan_feature_shards(latents, top_k=settings.top_k, reservoir_size=settings.top_k * settings.reservoir_factor,
+                               n_hist_bins=N_HIST_BINS, batch_tokens=tokens, k=K, memory_budget_bytes=GOAL_JOB_BYTES,
+                               n_groups=N_GROUPS)
+    wall = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    jobs = []
+    last = n_shards - 1
+    with tempfile.TemporaryDirectory(prefix="feature_shards_") as root:
+        make_data(root, tokens, batches)
+        for batch in batches:
+            jobs.append(run_job(args, root, "encode", batch=batch))
+        # every shard of the first batch (each must fit); the first and last of the others (for pass 2)
+        for batch in batches:
+            for shard in (range(n_shards) if batch == batches[0] and not args.quick else (0, last)):
+                jobs.append(run_job(args, root, "pass1", batch=batch, shard=shard))
+        for shard in (0,) if args.quick else (0, last):
+            jobs.append(run_job(args, root, "pass2", shard=shard))
+        baseline_latents = min(latents, 1 << 16)
+        baseline = run_job(args, root, "baseline", latents=baseline_latents)
+    wall_s = time.perf_counter() - wall
+    baseline_bytes = baseline["peak_bytes"] * latents / baseline_latents
+    mib = lambda b: b / 2**20  # noqa: E731
+    print(f"feature shards: TopK d_model {D_MODEL}, {latents:,} latents, k {K}; {len(batches)} batch(es) of "
+          f"{tokens:,} tokens; {n_shards} shards of {-(-latents // n_shards):,} latents")
+    print(f"plan_feature_shards at a {mib(GOAL_JOB_BYTES):,.0f} MiB budget: {plan.n_shards} shards of "
+          f"{plan.latents_per_shard:,}, modelled {mib(plan.job_bytes):,.0f} MiB per shard job")
+    print(f"{'job':<9}{'batch':>6}{'shard':>7}{'seconds':>9}{'peak MiB':>10}")
+    for job in jobs:
+        print(f"{job['job']:<9}{job['batch']:>6}{job['shard']:>7}{job['seconds']:>9.2f}{mib(job['peak_bytes']):>10.0f}")
+    print(f"baseline (one pass-1 job over all latents, today's single group): {mib(baseline['peak_bytes']):,.0f} MiB "
+          f"at {baseline_latents:,} latents" + ("" if baseline_latents == latents else
+                                                 f", {mib(baseline_bytes):,.0f} MiB scaled to {latents:,}"))
+    load_after = os.getloadavg()[0]
+    print(f"wall time {wall_s:.1f} s; load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs")
+    print()
+    peak = {kind: max(j["peak_bytes"] for j in jobs if j["job"] == kind) for kind in ("encode", "pass1", "pass2")}
+    common = {"n_latents": latents, "n_shards": n_shards, "latents_per_shard": -(-latents // n_shards),
+              "d_model": D_MODEL, "k": K, "tokens_per_batch": tokens, "n_batches": len(batches),
+              "planned_shards_at_goal_budget": plan.n_shards, "quick": args.quick, "wall_s": round(wall_s, 1),
+              "baseline_measured_at_latents": baseline_latents, "load_before": load_before, "load_after": load_after}
+    lines = [{"metric": metric, "value": value, "baseline": baseline_bytes, "ratio": value / baseline_bytes,
+              "goal": GOAL_JOB_BYTES, "unit": "bytes", **common}
+             for metric, value in (("feature_pass1_shard_job_peak_rss_bytes", peak["pass1"]),
+                                   ("feature_pass2_shard_job_peak_rss_bytes", peak["pass2"]),
+                                   ("feature_encode_job_peak_rss_bytes", peak["encode"]))]
+    for line in lines:
+        print(json.dumps(line))
+    return 0 if max(peak.values()) <= GOAL_JOB_BYTES else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""How many feature shards: the feature tables' plan (docs/design.md, "Feature tables, context
+windows, browser"; docs/scale.md, "Feature tables").
+
+Pure arithmetic on the SAE's width, the feature settings, the tokens of one activation batch and
+a memory budget per job; it reads and writes nothing (like ``shuffle_plan``). The feature passes
+run one job per (activation batch x feature shard) for pass 1 and one per feature shard for
+pass 2; each holds the state, partial and merge buffers of ONE shard's latents plus that shard's
+share of a batch's sparse codes, so a job's memory is
+
+    fixed + latents_per_shard * bytes_per_latent + batch_tokens * k * CODE_ENTRY_BYTES / n_shards
+
+and the planner picks the fewest shards that keep it within the budget. The shard count is a
+multiple of ``n_groups``, the pipeline's fixed number of shard GROUPS (``catalog.N_FEATURE_SHARDS``,
+its static Dagster partitions): group g runs shards g, g + n_groups, g + 2 n_groups, ... one after
+the other, so every group gets the same number of shards and an SAE small enough for one shard per
+group keeps today's layout (shard i = group i).
+
+What a job does not hold: every other shard's state, and in pass 1 the SAE (a shard's pass 1
+reads its codes, committed by the batch's one encode). Pass 2 loads the SAE today (its interval
+examples check the codes' weights, its logit effects read the shard's decoder rows): the whole SAE
+(``sae_bytes``), or only the shard's rows once checkpoints are read shard by shard
+(``weight_bytes_per_latent``).
+"""
+
+import math
+from dataclasses import dataclass
+
+from sae_platform.errors import PlatformError
+
+# Per latent (sae_platform/features.py): a Partial's arrays, top_act f4 + top_row i8 per top-k
+# slot, res_key i8 + res_row i8 + res_act f4 per reservoir slot, count i8 + sum f8 + max f4,
+# hist i8 per histogram bin.
+TOP_SLOT_BYTES, RES_SLOT_BYTES, SCALAR_BYTES, HIST_BIN_BYTES = 12, 20, 20, 8
+# _ShardState per latent: two selectors (an int64 [features, 2m] slot buffer each, key and slot),
+# fill and threshold per selector, count / sum / max, the histogram and the witness flag.
+STATE_SLOT_BYTES, STATE_SCALAR_BYTES = 16, 2 * 16 + 20 + 1
+# Pass 2 folds two partials into a third (feature_merge._fold), then builds the examples table (one
+# row per top, random and interval example) and its sorted copy; the pass-1 job holds its state while
+# it builds the partial: the larger of the two bounds a job.
+MERGE_COPIES = 3
+# Bytes per example row while pass 2 builds the examples table, measured: benchmarks/feature_shards.py's
+# pass-2 job peaked at 2,453 MiB for 65,536 latents (240 example rows each at the defaults), of
+# which ~350 MiB the interpreter and 512 MiB the SAE it loads (d_model 64): 1,591 MiB, 25.4 kB per
+# latent, less 3 partials (14.4 kB) = 46 B per example row.
+EXAMPLE_ROW_BYTES = 46
+# One stored code of a shard: row int32 + latent int32 + value float32, read back into int64 /
+# float32 tensors while pass 1 replays them (12 B on disk, 20 B in torch, both alive at once).
+CODE_ENTRY_BYTES = 12 + 20
+# A job's memory before any shard: the interpreter with torch, numpy, polars and the store client.
+FIXED_JOB_BYTES = 400 << 20
+
+
+class FeaturePlanError(PlatformError):
+    """A feature-shard plan that cannot be met (a budget below one latent's job)."""
+
+
+@dataclass(frozen=True)
+class FeatureShardPlan:
+    """How the latents are cut into feature shards, and what one shard's job holds (bytes)."""
+
+    n_latents: int
+    n_shards: int
+    n_groups: int
+    bytes_per_latent: int
+    batch_code_bytes: int  # one activation batch's sparse codes, all shards
+    memory_budget_bytes: int
+    sae_bytes: int = 0  # SAE weights every shard job loads whatever its shard (the whole SAE)
+
+    @property
+    def shards_per_group(self) -> int:
+        return self.n_shards // self.n_groups
+
+    @property
+    def latents_per_shard(self) -> int:
+        """The widest shard's latents (``features.feature_shards`` sizes differ by at most one)."""
+        return -(-self.n_latents // self.n_shards)
+
+    @property
+    def job_bytes(self) -> int:
+        """The planned peak of one shard's job (pass 1 of one batch, or pass 2)."""
+        return (FIXED_JOB_BYTES + self.sae_bytes + self.latents_per_shard * self.bytes_per_latent
+                + -(-self.batch_code_bytes // self.n_shards))
+
+
+def partial_bytes_per_latent(top_k: int, reservoir_size: int, n_hist_bins: int) -> int:
+    """Bytes of one latent's pass-1 partial (``features.Partial``'s arrays)."""
+    return top_k * TOP_SLOT_BYTES + reservoir_size * RES_SLOT_BYTES + SCALAR_BYTES + n_hist_bins * HIST_BIN_BYTES
+
+
+def state_bytes_per_latent(top_k: int, reservoir_size: int, n_hist_bins: int) -> int:
+    """Bytes of one latent's streaming pass-1 state (``features._ShardState``)."""
+    return STATE_SLOT_BYTES * (top_k + reservoir_size) + STATE_SCALAR_BYTES + n_hist_bins * HIST_BIN_BYTES
+
+
+def job_bytes_per_latent(top_k: int, reservoir_size: int, n_hist_bins: int, interval_examples: int = 20) -> int:
+    """What one latent costs a shard's job at its peak: pass 1's state and partial together, or
+    pass 2's fold (``MERGE_COPIES`` partials) plus its examples table (top_k + reservoir_size +
+    ``interval_examples`` rows of ``EXAMPLE_ROW_BYTES``), whichever is larger."""
+    partial = partial_bytes_per_latent(top_k, reservoir_size, n_hist_bins)
+    examples = (top_k + reservoir_size + interval_examples) * EXAMPLE_ROW_BYTES
+    return max(state_bytes_per_latent(top_k, reservoir_size, n_hist_bins) + partial, MERGE_COPIES * partial + examples)
+
+
+def plan_feature_shards(n_latents: int, *, top_k: int, reservoir_size: int, n_hist_bins: int, batch_tokens: int,
+                        k: int, memory_budget_bytes: int, n_groups: int, sae_bytes: int = 0,
+                        weight_bytes_per_latent: int = 0) -> FeatureShardPlan:
+    """The fewest feature shards (a multiple of ``n_groups``) whose jobs each fit
+    ``memory_budget_bytes``: ``FeatureShardPlan.job_bytes`` <= budget.
+
+    ``batch_tokens``: rows of the largest activation batch; ``k``: codes per row (the SAE's k; a
+    dense variant's mean active latents). The SAE's weights, in the jobs that load them (pass 2:
+    the interval examples and logit effects): ``sae_bytes`` when a job loads the whole SAE (as
+    ``load_sae`` does today), ``weight_bytes_per_latent`` when it reads only its shard's rows
+    (a latent-sharded checkpoint). Raises FeaturePlanError naming the budget when even one latent
+    per shard does not fit, or for non-positive sizes."""
+    for name, value in (("n_latents", n_latents), ("n_groups", n_groups), ("top_k", top_k),
+                        ("reservoir_size", reservoir_size), ("n_hist_bins", n_hist_bins)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FeaturePlanError(f"{name} must be a positive integer, got {value!r}", f"set {name} to >= 1")
+    per_latent = job_bytes_per_latent(top_k, reservoir_size, n_hist_bins) + int(weight_bytes_per_latent)
+    codes = max(0, int(batch_tokens)) * max(0, int(k)) * CODE_ENTRY_BYTES
+    room = int(memory_budget_bytes) - FIXED_JOB_BYTES - int(sae_bytes)
+    smallest = FIXED_JOB_BYTES + int(sae_bytes) + per_latent  # one latent per shard: the floor
+    if room <= per_latent:
+        raise FeaturePlanError(f"a feature-shard job budget of {_mib(memory_budget_bytes)} leaves no room for one "
+                               f"latent's state ({per_latent} B) beyond the job's fixed {_mib(FIXED_JOB_BYTES)} "
+                               f"and the {_mib(sae_bytes)} of SAE weights every job loads",
+                               f"raise the job memory budget (memory_budget_bytes) well above {_mib(smallest)}, or "
+                               "read the SAE shard by shard (weight_bytes_per_latent instead of sae_bytes)")
+    n_shards = max(1, math.ceil((n_latents * per_latent + codes) / room))
+    n_shards = n_groups * math.ceil(n_shards / n_groups)
+    while True:
+        plan = FeatureShardPlan(n_latents, n_shards, n_groups, per_latent, codes, int(memory_budget_bytes),
+                                int(sae_bytes))
+        if plan.job_bytes <= memory_budget_bytes:  # the ceilings of uneven shards can overshoot by a latent
+            return plan
+        n_shards += n_groups  # terminates: both shares shrink towards 0 < room - per_latent
+
+
+def _mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:,.0f} MiB"

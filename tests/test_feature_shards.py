@@ -1,0 +1,161 @@
+"""Feature tables sharded over data AND features (sae_platform/feature_codes.py, feature_plan.py):
+a batch encoded once, its codes committed split by feature shard, pass 1 of each (batch, shard)
+reading only its own codes, gives today's tables bit for bit (same top-K, random sample, interval
+examples, stats and windows); the planner sizes the shards from a memory budget per job."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from sae_platform import feature_codes as fc
+from sae_platform import features as F
+from sae_platform.errors import StorageError
+from sae_platform.feature_check import brute_force_check
+from sae_platform.feature_merge import build_feature_tables, merge_shard_tables, write_tables
+from sae_platform.feature_plan import FeaturePlanError, plan_feature_shards
+from sae_platform.storage import ArtifactStore
+from tests.test_features import N_LATENTS, all_tables, make_dataset, make_sae
+
+SETTINGS = F.FeatureSettings(top_k=5, reservoir_factor=3, random_examples=4, check_features=4)
+KEYS = ["p0", "p1", "p2"]
+N_SHARDS, N_GROUPS = 8, 2
+
+
+def _todays_tables(root: ArtifactStore, sae) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Today's single-group layout: one pass-1 call over every latent, one shard, no stored codes."""
+    build_feature_tables(root, sae, "old", SETTINGS, n_feature_shards=1, batch_rows=128)
+    return all_tables(root, "old", 1)
+
+
+def _sharded_tables(root: ArtifactStore, sae) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The new layout: per batch one encode, then pass 1 per (batch, shard group), one shard at a
+    time from its own codes; pass 2 per shard."""
+    shards = F.feature_shards(N_LATENTS, N_SHARDS)
+    for key in KEYS:
+        for group in range(N_GROUPS):
+            fc.compute_and_write_partials(root, sae, "new", key, shards, SETTINGS,
+                                          shard_indices=list(range(group, N_SHARDS, N_GROUPS)), batch_rows=128)
+    for index in range(N_SHARDS):
+        write_tables(root, "new", index, merge_shard_tables(root, sae, "new", index, KEYS, SETTINGS))
+    return all_tables(root, "new", N_SHARDS)
+
+
+@pytest.mark.parametrize("variant", ["topk", "relu"])
+def test_sharded_pass_1_gives_todays_tables_bit_for_bit(store, variant):
+    # a dense variant multiplies each shard's slice of W_enc, whose rounding may depend on the slice's
+    # shape (as today's 4 shards already do): dyadic weights and rows make every activation exact
+    exact = variant == "relu"
+    make_dataset(store, [400, 250, 330], exact=exact)
+    sae = make_sae(variant, exact=exact)
+    old_stats, old_examples = _todays_tables(store, sae)
+    new_stats, new_examples = _sharded_tables(store, sae)
+    assert new_stats.equals(old_stats)  # count, density, max, mean, sum, histogram: every bit
+    assert new_examples.equals(old_examples)  # top-K, random sample and interval examples, same ranks
+    assert set(new_examples["kind"]) == {"top", "random", "interval"}
+    for index, (start, stop) in enumerate(F.feature_shards(N_LATENTS, N_SHARDS)):
+        check = brute_force_check(store, sae, "new", index, start, stop)
+        assert check["ok"], check["mismatches"][:3]
+    if variant == "topk":  # pass 3's lookups in the shard-split codes equal those in today's whole-batch codes
+        for key in KEYS:
+            kept: dict = {}
+
+            def keep(offset, values, indices, n_rows, kept=kept):
+                for name, array, dtype in (("v", values.float(), np.float32), ("i", indices, np.int32)):
+                    kept.setdefault(name, np.zeros((n_rows, values.shape[1]), dtype))[offset:offset + len(array)] = \
+                        array.numpy()
+
+            F.compute_partials(store, sae, key, [(0, N_LATENTS)], SETTINGS, batch_rows=128, on_codes=keep)
+            stored = fc.read_codes(store, "new", key, sae)
+            assert stored[0].shape == kept["v"].shape
+            assert np.array_equal(_dense(*stored), _dense(kept["v"], kept["i"]))  # every (row, latent): every window
+
+
+def _dense(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """[n_rows, N_LATENTS] activations from sparse codes: what pass 3's window lookups read."""
+    dense = np.zeros((len(values), N_LATENTS), np.float32)
+    np.add.at(dense, (np.repeat(np.arange(len(values)), values.shape[1]), indices.ravel()), values.ravel())
+    return dense
+
+
+def test_a_shards_pass_1_reads_only_its_own_codes_and_no_weights(store, monkeypatch):
+    make_dataset(store, [300])
+    sae = make_sae("topk")
+    shards = F.feature_shards(N_LATENTS, 4)
+    fc.encode_codes(store, sae, "run", "p0", shards, batch_rows=64)
+    path, meta = fc.codes_meta(store, "run", "p0", F.sae_fingerprint(sae))
+    read = []
+    original = store.fs.cat_file
+    monkeypatch.setattr(store.fs, "cat_file", lambda p, *a, **k: read.append(str(p)) or original(p, *a, **k))
+    partial = fc.shard_partial(store, "run", "p0", 2, meta, path, SETTINGS)  # no SAE argument at all
+    assert [p.rsplit("/", 1)[-1] for p in read] == ["f2.npz"]
+    assert (partial.start, partial.stop) == shards[2] and partial.n_tokens == 300
+    rows, latents, values = fc.read_range_codes(store, "run", "p0", sae, *shards[2])
+    assert int(partial.count.sum()) == len(values) and (values > 0).all() and (np.diff(rows) >= 0).all()
+    assert latents.max() < shards[2][1] - shards[2][0]
+    # codes of another layout, of other weights or of an older partition version are not used
+    assert fc.read_range_codes(store, "run", "p0", sae, 0, 32) is None
+    other = make_sae("topk", seed=1)
+    assert fc.codes_meta(store, "run", "p0", F.sae_fingerprint(other)) is None
+    with pytest.raises(F.FeatureError, match="not shard 4"):
+        fc.shard_partial(store, "run", "p0", 4, meta, path, SETTINGS)
+    with pytest.raises(F.FeatureError, match="no codes to share"):
+        fc.encode_codes(store, make_sae("relu"), "run", "p0", shards)
+
+
+def test_the_shard_layout_change_re_encodes_instead_of_mixing_layouts(store):
+    make_dataset(store, [200])
+    sae = make_sae("topk")
+    fc.compute_and_write_partials(store, sae, "run", "p0", F.feature_shards(N_LATENTS, 4), SETTINGS)
+    fc.compute_and_write_partials(store, sae, "run", "p0", F.feature_shards(N_LATENTS, 2), SETTINGS)
+    _, meta = fc.codes_meta(store, "run", "p0", F.sae_fingerprint(sae))
+    assert meta["shards"] == [[0, 32], [32, 64]]
+
+
+# -- the planner ----------------------------------------------------------------------------------
+
+GiB = 1 << 30
+DEFAULTS = {"top_k": 20, "reservoir_size": 200, "n_hist_bins": F.N_HIST_BINS, "k": 32}
+
+
+def test_the_planner_keeps_todays_layout_for_small_saes_and_fits_the_budget_for_wide_ones():
+    small = plan_feature_shards(16_384, batch_tokens=100_000, memory_budget_bytes=2 * GiB, n_groups=4, **DEFAULTS)
+    assert small.n_shards == 4 and small.shards_per_group == 1  # one shard per group: shard i = group i
+    wide = plan_feature_shards(1 << 20, batch_tokens=1_000_000, memory_budget_bytes=2 * GiB, n_groups=4, **DEFAULTS)
+    assert wide.n_shards % 4 == 0 and wide.job_bytes <= 2 * GiB
+    fewer = plan_feature_shards(1 << 20, batch_tokens=1_000_000, memory_budget_bytes=2 * GiB, n_groups=4,
+                                **{**DEFAULTS, "reservoir_size": 80})
+    assert fewer.n_shards < wide.n_shards  # a smaller reservoir needs fewer shards
+    one_less = plan_feature_shards(1 << 20, batch_tokens=1_000_000, memory_budget_bytes=2 * GiB, n_groups=1,
+                                   **DEFAULTS)
+    assert one_less.n_shards <= wide.n_shards and wide.n_shards - one_less.n_shards < 4
+    # the fewest: one group fewer shards would not fit
+    smaller = type(wide)(**{**wide.__dict__, "n_shards": wide.n_shards - 4})
+    assert smaller.job_bytes > 2 * GiB
+    # memory per job falls with the shard count, not with n_latents
+    assert plan_feature_shards(1 << 24, batch_tokens=10**7, memory_budget_bytes=2 * GiB, n_groups=4,
+                               **DEFAULTS).job_bytes <= 2 * GiB
+    # weights every job loads whole shrink the room; read shard by shard they cost per latent
+    whole = plan_feature_shards(1 << 20, batch_tokens=0, memory_budget_bytes=2 * GiB, n_groups=4, sae_bytes=GiB,
+                                **DEFAULTS)
+    assert whole.n_shards > wide.n_shards and whole.job_bytes <= 2 * GiB
+    with pytest.raises(FeaturePlanError, match="shard by shard"):
+        plan_feature_shards(1 << 20, batch_tokens=0, memory_budget_bytes=2 * GiB, n_groups=4, sae_bytes=2 * GiB,
+                            **DEFAULTS)
+
+
+def test_the_planner_names_a_budget_too_small_for_one_latent():
+    with pytest.raises(FeaturePlanError, match="memory_budget_bytes"):
+        plan_feature_shards(1024, batch_tokens=0, memory_budget_bytes=100 << 20, n_groups=4, **DEFAULTS)
+    with pytest.raises(FeaturePlanError, match="n_groups"):
+        plan_feature_shards(1024, batch_tokens=0, memory_budget_bytes=GiB, n_groups=0, **DEFAULTS)
+
+
+def test_damaged_shard_codes_are_refused_naming_the_file(store):
+    make_dataset(store, [100])
+    sae = make_sae("topk")
+    fc.encode_codes(store, sae, "run", "p0", F.feature_shards(N_LATENTS, 2))
+    path, meta = fc.codes_meta(store, "run", "p0", F.sae_fingerprint(sae))
+    store.fs.pipe_file(f"{path}/f1.npz", b"not an npz")
+    assert fc.shard_partial(store, "run", "p0", 0, meta, path, SETTINGS).n_tokens == 100  # the good shard still runs
+    with pytest.raises(StorageError, match="f1.npz"):
+        fc.shard_partial(store, "run", "p0", 1, meta, path, SETTINGS)
