@@ -142,5 +142,6 @@ def synthetic_shards(n_features: int = 16384, shard_size: int = 4096, *, n_top: 
 
 def synthetic_lineage(sae_name: str = "demo") -> dict:
     return {"sae": sae_name, "checkpoint": f"checkpoints/{sae_name}/v1/sae.safetensors", "run_id": "00000000-demo",
-            "shuffle": "shuffle-demo", "activation_partitions": [f"p{i:03d}" for i in range(8)],
+            "shuffle": "shuffle-demo",
+            "activation_partitions": [{"key": f"p{i:03d}", "version": "v-0", "n_rows": 0} for i in range(8)],
             "model": "synthetic", "hook_name": "blocks.6.hook_resid_post"}
