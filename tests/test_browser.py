@@ -126,7 +126,6 @@ def test_site_layout_and_index(site, tables):
     out, summary = site
     assert summary["n_features"] == N_FEATURES and summary["files"] > 5 and summary["bytes"] > 0
     pointer = json.loads((out / "site.json").read_text())
-    data = out / pointer["data"]
     assert (out / "index.html").is_file() and (out / "static/app.js").is_file() and (out / "static/app.css").is_file()
     html = (out / "index.html").read_text()
     assert "Content-Security-Policy" in html and "script-src 'self'" in html
@@ -194,8 +193,8 @@ def test_bad_inputs_are_explained(tables):
 
 def test_features_without_tables_still_listed(tmp_path):
     _, edges = synthetic_shards(4, 4)
-    summary = publish.build_site(tmp_path / "s", sae_name="empty", shards=[{"start": 0, "stop": 10}],
-                                 hist_bin_edges=edges, lineage={})
+    publish.build_site(tmp_path / "s", sae_name="empty", shards=[{"start": 0, "stop": 10}], hist_bin_edges=edges,
+                       lineage={})
     index = _index((tmp_path / "s",))
     assert index["columns"]["feature"] == list(range(10)) and index["columns"]["density"] == [None] * 10
 

@@ -60,8 +60,8 @@ import os
 import re
 import time
 import uuid
-from importlib import resources
 from collections.abc import Iterator
+from importlib import resources
 from typing import Any
 
 import numpy as np
