@@ -125,7 +125,6 @@ def site(tmp_path_factory, tables):
 def test_site_layout_and_index(site, tables):
     out, summary = site
     assert summary["n_features"] == N_FEATURES and summary["files"] > 5 and summary["bytes"] > 0
-    pointer = json.loads((out / "site.json").read_text())
     assert (out / "index.html").is_file() and (out / "static/app.js").is_file() and (out / "static/app.css").is_file()
     html = (out / "index.html").read_text()
     assert "Content-Security-Policy" in html and "script-src 'self'" in html
