@@ -13,6 +13,7 @@ from sae_platform.browser.generate import (
     COUNT,
     DENSITY,
     EXAMPLES_FRAME,
+    EXPLANATIONS_FRAME,
     HISTOGRAM,
     LOGITS_FRAME,
     MAX,
@@ -29,13 +30,24 @@ from sae_platform.tables import (
     BOTTOM_TOKEN_IDS,
     BOTTOM_TOKEN_STRS,
     CENTER,
+    COOCCURRING,
+    COOCCURRING_SHARES,
     DOC_ID,
+    EXPLANATION,
+    EXPLANATION_SCHEMA,
     FEATURE,
     HAS_ACT,
     INTERVAL,
     KIND,
+    N_FIRINGS,
+    N_MATCHES,
+    NEIGHBOR_COSINES,
+    NEIGHBORS,
     PARTITION,
+    PATTERNS,
+    PRECISION,
     RANK,
+    RECALL,
     ROW,
     TOKEN_IDS,
     TOKEN_STRS,
@@ -151,6 +163,32 @@ def synthetic_shards(n_features: int = 16384, shard_size: int = 4096, *, n_top: 
         shards.append({SHARD_START: start, SHARD_STOP: stop, STATS_FRAME: stats, EXAMPLES_FRAME: examples,
                        CONTEXTS_FRAME: contexts, LOGITS_FRAME: logits})
     return shards, edges
+
+
+def synthetic_explanations(shards: list[dict], seed: int = 0, n_neighbors: int = 5) -> list[dict]:
+    """The shards with an N2G-like explanations table (``tables.EXPLANATION_SCHEMA``): per feature a
+    pattern of two of WORDS' words (``"['<w1> [<w2>]']"``), scores and related features drawn at random."""
+    rng = np.random.default_rng(seed)
+    plain = [w for w in WORDS if w.isalpha()]
+    out = []
+    for shard in shards:
+        feats = np.arange(int(shard[SHARD_START]), int(shard[SHARD_STOP]))
+        n = feats.size
+        w1 = pl.Series(rng.integers(0, len(plain), n)).replace_strict(list(range(len(plain))), plain,
+                                                                      return_dtype=pl.String)
+        w2 = pl.Series(rng.integers(0, len(plain), n)).replace_strict(list(range(len(plain))), plain,
+                                                                      return_dtype=pl.String)
+        related = (feats[:, None] + rng.integers(1, 1000, (n, n_neighbors))) % max(int(shard[SHARD_STOP]), 1)
+        frame = pl.DataFrame({FEATURE: feats}).with_columns(
+            pl.format("['{} [{}]']", w1, w2).alias(EXPLANATION),
+            pl.lit(None, pl.List(pl.List(pl.Int64))).alias(PATTERNS),
+            pl.Series(PRECISION, rng.uniform(0, 1, n).round(3)), pl.Series(RECALL, rng.uniform(0, 1, n).round(3)),
+            pl.Series(N_MATCHES, rng.integers(0, 200, n)), pl.Series(N_FIRINGS, rng.integers(0, 200, n)),
+            _lists(NEIGHBORS, related), _lists(NEIGHBOR_COSINES, rng.uniform(0, 1, related.shape).astype(np.float32)),
+            _lists(COOCCURRING, related[:, :2]),
+            _lists(COOCCURRING_SHARES, rng.uniform(0, 1, (n, 2)).astype(np.float32)))
+        out.append({**shard, EXPLANATIONS_FRAME: frame.select(list(EXPLANATION_SCHEMA))})
+    return out
 
 
 def synthetic_lineage(sae_name: str = "demo") -> dict:
