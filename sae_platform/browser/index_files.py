@@ -15,7 +15,8 @@ under ``data/<version>/`` and fetched only when the list needs it:
                                  it matches (``index.json``'s ``token_files``: the first code of each)
     search/words/<hex>.json      explanation word postings by the word's first two characters (hex
                                  of their UTF-8): ``{word: [row, at, row, at, ...]}``, ``at`` the
-                                 word's character offset in the listed explanation
+                                 word's character offset in the listed explanation; ``index.json``'s
+                                 ``word_files`` names the files there are
 
 A row position is a feature's place in the list by id (``index.json``'s shard ranges, in order).
 Binary layouts are documented at :func:`token_postings`. Units: bytes per feature (measured,
@@ -144,6 +145,8 @@ def index_files(frame: pl.DataFrame, min_support: int) -> tuple[dict, dict[str, 
                                                           for name in files if name.startswith(ORDERS)}),
               "token_table": table, "token_files": firsts, "word_prefix": WORD_PREFIX}
     if "explanation" in frame.columns:
-        files.update(word_postings(frame["explanation"].to_list()))
+        words = word_postings(frame["explanation"].to_list())
+        files.update(words)
+        fields["word_files"] = sorted(name.split("/")[-1].removesuffix(".json") for name in words)
     assert frame[FEATURE].is_sorted()
     return fields, files

@@ -220,11 +220,9 @@
     let found = null;
     for (const w of words) {
       const prefix = Array.from(w).slice(0, S.index.word_prefix).join('');
-      const url = `${S.base}search/words/${hex(prefix)}.json`;
-      const postings = await once(url, async () => {
-        const res = await fetch(url);
-        return res.status === 404 ? {} : res.ok ? res.json() : Promise.reject(new Error(`${url}: HTTP ${res.status}`));
-      });
+      const name = hex(prefix);
+      const url = `${S.base}search/words/${name}.json`;
+      const postings = S.index.word_files.includes(name) ? await once(url, () => getJSON(url)) : {};
       const at = new Map();
       for (const [word, list] of Object.entries(postings)) {
         if (!word.startsWith(w)) continue;
