@@ -7,8 +7,9 @@ per-token highlighting, examples per activation interval, random activating toke
 activation histogram, the top and bottom logit effects and the lineage (checkpoint, Dagster run,
 shuffle, activation partitions).
 
-Site layout (everything static; any plain HTTP server can serve it — ``fetch`` needs http, not
-``file://``)::
+Site layout (everything static; any plain HTTP server or bucket can serve it — ``fetch`` needs
+http, not ``file://``). Built for a million features: the list loads, pages, sorts and searches
+without fetching every feature's row, and a feature page fetches its own chunk only::
 
     index.html                      the page shell: no inline script, a strict CSP
     static/app.js, static/app.css   the app (copied from ``browser_static/``)
@@ -16,13 +17,24 @@ Site layout (everything static; any plain HTTP server can serve it — ``fetch``
     site.json                       {"version", "data", "checkpoint", "batches"}: points at the data of
                                     the current build, and pins what it shows;
                                     written last, so a rebuild switches over in one write
-    data/<version>/index.json       compact, loaded up front: per feature id, density, max and
-                                    count (columnar), the strongest activating tokens of its top
-                                    examples (indices into one token table; the token search and
-                                    the list's token column), plus run, the SAE's hook point
-                                    (shown in the header), lineage, histogram edges
-    data/<version>/features/<k>.json   the full data of features [k*64, (k+1)*64): fetched only
-                                    when one of them is opened
+    data/<version>/index.json       loaded up front, no per-feature data: run, hook point (shown in the
+                                    header), lineage, histogram edges, the feature shards (ranges
+                                    and folders), the token table (distinct search tokens) and where
+                                    the search postings are
+    data/<version>/order/, columns/, search/
+                                    sort orders, the density column, token and explanation postings:
+                                    fetched when a sort, a filter or a search first needs them
+                                    (:mod:`sae_platform.browser.index_files`)
+    shards/<folder>/rows/<k>.json   the list's rows of features [start + k*64, start + (k+1)*64) of
+                                    one shard (id, density, max, strongest tokens, explanation, N2G
+                                    F1 and support), columnar: a page of 200 fetches the chunks it shows
+    shards/<folder>/features/<k>.json   the full data of the shard's features in [k*64, (k+1)*64):
+                                    fetched only when one of them is opened
+
+A shard's folder is named by its range and the digest of its files (:func:`shard_folder`): a
+rebuild that finds a folder keeps it (a hard link, or left in place on a bucket) instead of
+rewriting it, so a run that changes one shard writes that shard's files and the small site-wide
+index only. Bytes per feature (measured): ``docs/results.md``.
 
 Per feature in a chunk file, examples are columnar (one list per field, the same order for all):
 ``kind``, ``rank``, ``interval``, ``activation``, ``center``, ``tokens`` (display strings),
