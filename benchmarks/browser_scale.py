@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sae_platform.browser import synthetic  # noqa: E402  (its file: the tables both writers get)
 from sae_platform.browser.server import serve_in_thread  # noqa: E402
 
 BASELINE_REF = "4f95a78"   # the last commit whose site is one index.json of every feature
@@ -75,7 +76,7 @@ print(json.dumps({**summary, "build_s": time.perf_counter() - t0}))
 def build(code_root: Path, n: int, shard: int, out: Path) -> dict:
     """Build the synthetic site with the writer of ``code_root`` in a subprocess; its summary."""
     env = {**os.environ, "PYTHONPATH": str(code_root)}
-    res = subprocess.run([sys.executable, "-c", BUILD, str(ROOT / "sae_platform/browser/synthetic.py"), str(n),
+    res = subprocess.run([sys.executable, "-c", BUILD, synthetic.__file__, str(n),
                           str(shard), str(out), json.dumps(TABLES)], env=env, capture_output=True, text=True,
                          cwd=code_root)   # not this checkout: `python -c` imports from its working directory
     if res.returncode:
