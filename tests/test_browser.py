@@ -83,6 +83,27 @@ LINEAGE = {"sae": "test-sae", "checkpoint": "checkpoints/test-sae/v3/sae.safeten
 HOOK_POINT = "blocks.2.ln2.hook_normalized -> blocks.2.hook_mlp_out"
 
 
+def _index(site):
+    """index.json of a built site, with ``columns``: every shard's list rows gathered (what the
+    page shows and sorts, fetched a chunk at a time in the browser)."""
+    out = site[0]
+    index = json.loads((out / json.loads((out / "site.json").read_text())["data"] / "index.json").read_text())
+    columns: dict[str, list] = {}
+    for shard in index["shards"]:
+        n_chunks = -(-(shard["stop"] - shard["start"]) // index["row_chunk"])
+        for k in range(n_chunks):
+            for key, values in json.loads((out / shard["path"] / f"rows/{k}.json").read_text()).items():
+                columns.setdefault(key, []).extend(values)
+    return {**index, "columns": columns}
+
+
+def _chunk_feature(out, feature):
+    index = _index((out,))
+    shard = next(s for s in index["shards"] if s["start"] <= feature < s["stop"])
+    rows = json.loads((out / shard["path"] / f"features/{feature // generate.CHUNK_FEATURES}.json").read_text())
+    return next(r for r in rows if r["feature"] == feature)
+
+
 @pytest.fixture(scope="module")
 def tables():
     return _tables()
@@ -104,13 +125,11 @@ def site(tmp_path_factory, tables):
 def test_site_layout_and_index(site, tables):
     out, summary = site
     assert summary["n_features"] == N_FEATURES and summary["files"] > 5 and summary["bytes"] > 0
-    pointer = json.loads((out / "site.json").read_text())
-    data = out / pointer["data"]
     assert (out / "index.html").is_file() and (out / "static/app.js").is_file() and (out / "static/app.css").is_file()
     html = (out / "index.html").read_text()
     assert "Content-Security-Policy" in html and "script-src 'self'" in html
     assert "<script>" not in html.replace('<script src="static/app.js', "")   # no inline script
-    index = json.loads((data / "index.json").read_text())
+    index = _index(site)
     assert index["columns"]["feature"] == list(range(N_FEATURES))
     assert index["lineage"]["run_id"] == "run-7f3a9c" and index["n_intervals"] == 3
     assert index["hook_point"] == HOOK_POINT
@@ -120,12 +139,13 @@ def test_site_layout_and_index(site, tables):
     stats = pl.concat([s[generate.STATS_FRAME] for s in tables[0]]).sort(generate.FEATURE)
     assert index["columns"]["max"][5] == pytest.approx(stats[generate.MAX][5], rel=1e-3)
     for f in MARKED:
-        names = [index["token_table"][t] for t in index["top_tokens"][f]]
+        names = index["columns"]["tokens"][f]
         assert " zebra" in names and MALICIOUS[0] in names
-    chunks = sorted(int(p.stem) for p in (data / "features").glob("*.json"))
-    assert chunks == list(range((N_FEATURES + generate.CHUNK_FEATURES - 1) // generate.CHUNK_FEATURES))
-    rows = json.loads((data / f"features/{42 // generate.CHUNK_FEATURES}.json").read_text())
-    f42 = next(r for r in rows if r["feature"] == 42)
+        assert index["token_table"].index(" zebra") >= 0                       # searchable
+    chunks = sorted(int(p.stem) for s in index["shards"] for p in (out / s["path"] / "features").glob("*.json"))
+    # 64-feature chunks by id; the shard boundary at 150 splits chunk 2 in two files
+    assert chunks == sorted([0, 1, 2, 2, 3, 4])
+    f42 = _chunk_feature(out, 42)
     ex = f42["examples"]
     assert ex["kind"][0] == "top" and ex["tokens"][0][:len(MALICIOUS)] == MALICIOUS
     assert set(ex["kind"]) == {"top", "interval", "random"} and len(ex["acts"][0]) == len(ex["tokens"][0])
@@ -172,10 +192,9 @@ def test_bad_inputs_are_explained(tables):
 
 def test_features_without_tables_still_listed(tmp_path):
     _, edges = synthetic_shards(4, 4)
-    summary = publish.build_site(tmp_path / "s", sae_name="empty", shards=[{"start": 0, "stop": 10}],
-                                 hist_bin_edges=edges, lineage={})
-    index = json.loads((tmp_path / "s" / summary["path"] / json.loads(
-        (tmp_path / "s/site.json").read_text())["data"] / "index.json").read_text())
+    publish.build_site(tmp_path / "s", sae_name="empty", shards=[{"start": 0, "stop": 10}], hist_bin_edges=edges,
+                       lineage={})
+    index = _index((tmp_path / "s",))
     assert index["columns"]["feature"] == list(range(10)) and index["columns"]["density"] == [None] * 10
 
 
@@ -285,13 +304,10 @@ def page(chromium, site):
 
 
 def _ids(pg):
+    """The features listed, once the list has settled (sorting and paging may fetch files first)."""
+    pg.wait_for_selector("#list:not([data-busy])")
     return [int(x) for x in pg.locator("table.features tbody tr").evaluate_all(
         "rows => rows.map(r => r.dataset.feature)")]
-
-
-def _index(site):
-    out = site[0]
-    return json.loads((out / json.loads((out / "site.json").read_text())["data"] / "index.json").read_text())
 
 
 def test_index_lists_sorts_and_searches(page, site):
@@ -424,7 +440,7 @@ def _served_site(out: Path) -> dict:
             pointer = json.loads(res.read())
         with urllib.request.urlopen(url + pointer["data"] + "/index.json") as res:
             index = json.loads(res.read())
-        with urllib.request.urlopen(url + pointer["data"] + "/features/0.json") as res:
+        with urllib.request.urlopen(url + index["shards"][0]["path"] + "/features/0.json") as res:
             assert json.loads(res.read())
         for static in ("index.html", "static/app.js", "static/app.css"):
             with urllib.request.urlopen(url + static) as res:
@@ -563,12 +579,6 @@ def special_site(tmp_path_factory):
     return out, summary
 
 
-def _chunk_feature(out, feature):
-    data = out / json.loads((out / "site.json").read_text())["data"]
-    rows = json.loads((data / f"features/{feature // generate.CHUNK_FEATURES}.json").read_text())
-    return next(r for r in rows if r["feature"] == feature)
-
-
 def test_identical_windows_are_folded_with_a_count(special_site):
     f = _chunk_feature(special_site[0], TWIN)["examples"]
     tops = [i for i, k in enumerate(f["kind"]) if k == "top"]
@@ -585,9 +595,8 @@ def test_byte_tokens_become_one_span_per_character(special_site):
     g = _chunk_feature(special_site[0], EMOJI)["examples"]
     j = g["rank"].index(0)
     assert g["center"][j] == 6 and g["tokens"][j][6] == "🙂" and g["acts"][j][6] == 90
-    index = json.loads((special_site[0] / json.loads((special_site[0] / "site.json").read_text())["data"]
-                        / "index.json").read_text())
-    assert "本" in [index["token_table"][t] for t in index["top_tokens"][BYTES]]      # searchable
+    index = _index(special_site)
+    assert "本" in index["columns"]["tokens"][BYTES] and "本" in index["token_table"]      # searchable
     assert index["dagster_url"] == DAGSTER_UI and len(index["shard_lineage"]) == 2
 
 

@@ -2,7 +2,9 @@
 
 One concept per module (import from them directly; this package re-exports nothing):
 
-``generate``   the site's files from the feature tables: index, per-feature chunks, page shell
+``generate``   the site's files from the feature tables: index, per-shard folders of list rows and
+               feature chunks, page shell
+``index_files`` the site-wide sort orders, density column and search postings
 ``publish``    writing a build atomically (local versions folder and link switch, or fsspec/S3),
                sweeping older builds, reading a published site's pointer
 ``address``    the default host, port and URL it is served at (imports nothing)

@@ -7,8 +7,9 @@ per-token highlighting, examples per activation interval, random activating toke
 activation histogram, the top and bottom logit effects and the lineage (checkpoint, Dagster run,
 shuffle, activation partitions).
 
-Site layout (everything static; any plain HTTP server can serve it — ``fetch`` needs http, not
-``file://``)::
+Site layout (everything static; any plain HTTP server or bucket can serve it — ``fetch`` needs
+http, not ``file://``). Built for a million features: the list loads, pages, sorts and searches
+without fetching every feature's row, and a feature page fetches its own chunk only::
 
     index.html                      the page shell: no inline script, a strict CSP
     static/app.js, static/app.css   the app (copied from ``browser_static/``)
@@ -16,13 +17,24 @@ Site layout (everything static; any plain HTTP server can serve it — ``fetch``
     site.json                       {"version", "data", "checkpoint", "batches"}: points at the data of
                                     the current build, and pins what it shows;
                                     written last, so a rebuild switches over in one write
-    data/<version>/index.json       compact, loaded up front: per feature id, density, max and
-                                    count (columnar), the strongest activating tokens of its top
-                                    examples (indices into one token table; the token search and
-                                    the list's token column), plus run, the SAE's hook point
-                                    (shown in the header), lineage, histogram edges
-    data/<version>/features/<k>.json   the full data of features [k*64, (k+1)*64): fetched only
-                                    when one of them is opened
+    data/<version>/index.json       loaded up front, no per-feature data: run, hook point (shown in the
+                                    header), lineage, histogram edges, the feature shards (ranges
+                                    and folders), the token table (distinct search tokens) and where
+                                    the search postings are
+    data/<version>/order/, columns/, search/
+                                    sort orders, the density column, token and explanation postings:
+                                    fetched when a sort, a filter or a search first needs them
+                                    (:mod:`sae_platform.browser.index_files`)
+    shards/<folder>/rows/<k>.json   the list's rows of features [start + k*64, start + (k+1)*64) of
+                                    one shard (id, density, max, strongest tokens, explanation, N2G
+                                    F1 and support), columnar: a page of 200 fetches the chunks it shows
+    shards/<folder>/features/<k>.json   the full data of the shard's features in [k*64, (k+1)*64):
+                                    fetched only when one of them is opened
+
+A shard's folder is named by its range and the digest of its files (:func:`shard_folder`): a
+rebuild that finds a folder keeps it (a hard link, or left in place on a bucket) instead of
+rewriting it, so a run that changes one shard writes that shard's files and the small site-wide
+index only. Bytes per feature (measured): ``docs/results.md``.
 
 Per feature in a chunk file, examples are columnar (one list per field, the same order for all):
 ``kind``, ``rank``, ``interval``, ``activation``, ``center``, ``tokens`` (display strings),
@@ -60,12 +72,14 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+from sae_platform.browser.index_files import index_files
 from sae_platform.catalog import batches_pin, checkpoint_pin, pinned_checkpoint, reports_url_path
 from sae_platform.errors import PlatformError
 from sae_platform.metric_info import metric_info_json
@@ -133,12 +147,15 @@ LOGIT_COLUMNS = tuple(LOGIT_SCHEMA)
 EXPLANATION_COLUMNS = tuple(c for c in EXPLANATION_SCHEMA if c != PATTERNS)
 
 # -- the site ----------------------------------------------------------------------------------
-CHUNK_FEATURES = 64        # features per lazily fetched data file
+CHUNK_FEATURES = 64        # features per lazily fetched data file (a feature page's)
+ROW_CHUNK = 64             # features per file of the list's compact rows (a sorted page reads up to 200)
+SHARDS = "shards"          # shards/<folder>/: one feature shard's files, kept by a rebuild that finds them
+ROWS = "rows"
 SEARCH_TOKENS = 6          # strongest distinct activating tokens per feature kept for search
 ACT_SIG_FIGS = 3           # window activations in the chunk files
 STAT_SIG_FIGS = 4          # densities, maxima, scores
 SITE_POINTER = "site.json"
-FEATURE_CHUNKS = "features"  # data/<version>/features/<chunk>.json: the site's per-feature files
+FEATURE_CHUNKS = "features"  # shards/<folder>/features/<chunk>.json: the site's per-feature files
 VERSION_RE = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}")   # data/<version>: the only folders a rebuild removes
 STATIC_FILES = ("app.js", "app.css", "steer.js")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -385,39 +402,33 @@ def _search_tokens(examples: pl.DataFrame) -> pl.DataFrame:
     return best.group_by(FEATURE).agg(pl.col(TOKEN_STRS).sort_by(ACTS, descending=True).head(SEARCH_TOKENS))
 
 
-def _index_json(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame, meta: dict,
-                explanations: pl.DataFrame | None = None) -> bytes:
-    frame = pl.DataFrame({FEATURE: ids}).join(stats.select(FEATURE, DENSITY, MAX, COUNT), on=FEATURE, how="left",
-                                              maintain_order="left")
-    tokens = _search_tokens(examples)
-    frame = frame.join(tokens, on=FEATURE, how="left", maintain_order="left")
-    exploded = frame.select(FEATURE, TOKEN_STRS).explode(TOKEN_STRS).drop_nulls(TOKEN_STRS)
-    table = exploded[TOKEN_STRS].unique(maintain_order=True)
-    codes = exploded.join(pl.DataFrame({TOKEN_STRS: table, "_code": np.arange(table.len(), dtype=np.int32)}),
-                          on=TOKEN_STRS, how="left", maintain_order="left").select(
-        FEATURE, pl.col("_code").alias(TOKEN_STRS))
-    per_feature = pl.DataFrame({FEATURE: ids}).join(
-        codes.group_by(FEATURE, maintain_order=True).agg(pl.col(TOKEN_STRS)), on=FEATURE, how="left",
-        maintain_order="left")
-    index = {
-        **meta,
-        "columns": {
-            FEATURE: frame[FEATURE].to_list(),
-            DENSITY: frame[DENSITY].to_list(),
-            MAX: frame[MAX].to_list(),
-            COUNT: frame[COUNT].to_list(),
-        },
-        "token_table": table.to_list(),
-        "top_tokens": [t if t is not None else [] for t in per_feature[TOKEN_STRS].to_list()],
-    }
-    if explanations is not None:  # searchable and sortable in the list: text, N2G F1 and its support
-        ex = pl.DataFrame({FEATURE: ids}).join(explanations.select(FEATURE, "explanation", "n2g_f1", "n2g_firings"),
-                                               on=FEATURE, how="left", maintain_order="left")
-        index["columns"]["explanation"] = ex["explanation"].str.slice(0, INDEX_EXPLANATION_CHARS).to_list()
-        index["columns"]["n2g_f1"] = ex["n2g_f1"].to_list()
-        index["columns"]["n2g_support"] = ex["n2g_firings"].to_list()
-        index["n2g_min_support"] = N2G_MIN_SUPPORT
-    return _dumps(index)
+def _list_rows(ids: np.ndarray, stats: pl.DataFrame, examples: pl.DataFrame,
+               explanations: pl.DataFrame | None) -> pl.DataFrame:
+    """One compact row per feature of ``ids`` (in order): what the list shows and sorts, searches
+    and filters by: feature, density, max, tokens (its strongest activating tokens), and when
+    explained the listed explanation text, N2G F1 and its support."""
+    frame = (pl.DataFrame({FEATURE: ids})
+             .join(stats.select(FEATURE, DENSITY, MAX), on=FEATURE, how="left", maintain_order="left")
+             .join(_search_tokens(examples).rename({TOKEN_STRS: "tokens"}), on=FEATURE, how="left",
+                   maintain_order="left"))
+    if explanations is None:
+        return frame
+    listed = explanations.select(FEATURE, pl.col(EXPLANATION).str.slice(0, INDEX_EXPLANATION_CHARS),
+                                 "n2g_f1", pl.col("n2g_firings").alias("n2g_support"))
+    return frame.join(listed, on=FEATURE, how="left", maintain_order="left")
+
+
+EMPTY_ROWS = {FEATURE: pl.Int64, DENSITY: pl.Float64, MAX: pl.Float64, "tokens": pl.List(pl.String)}
+
+
+def _row_files(rows: pl.DataFrame, start: int) -> dict[str, bytes]:
+    """The list's rows of one shard as columnar JSON, ROW_CHUNK features a file: ``rows/<k>.json``
+    holds the features ``[start + k * ROW_CHUNK, start + (k + 1) * ROW_CHUNK)``."""
+    files = {}
+    keyed = rows.with_columns(((pl.col(FEATURE) - start) // ROW_CHUNK).alias("_chunk"))
+    for (chunk,), part in keyed.partition_by("_chunk", as_dict=True, maintain_order=True).items():
+        files[f"{ROWS}/{int(chunk)}.json"] = _dumps(part.drop("_chunk").to_dict(as_series=False))
+    return files
 
 
 def _dumps(obj: Any) -> bytes:
@@ -489,30 +500,73 @@ def _evaluation_figures(report: dict | None) -> dict | None:
     return out
 
 
-def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
-               n_intervals: int | None = None, version: str | None = None,
-               dagster_url: str | None = None, evaluation: dict | None = None,
-               hook_point: str | None = None) -> dict[str, bytes]:
-    """Every file of the site, by relative path (what
-    :func:`sae_platform.browser.publish.build_site` writes). ``evaluation``:
-    the SAE's evaluation figures (``sae_eval``'s report), shown on the overview page."""
+def _check_edges(hist_bin_edges: list[float]) -> list[float]:
     edges = [float(e) for e in hist_bin_edges]
     if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
         raise PlatformError(f"bad hist_bin_edges {edges[:8]}…", "pass at least 2 finite, increasing bin edges")
-    ids = _feature_ids(shards)
-    stats = _stats_frame(shards)
-    bin_edges = histogram_bin_edges(edges, stats)
-    examples = _fold_twins(_merge_byte_tokens(_examples_frame(shards)))
-    logits = _logits_frame(shards)
-    explanations = _explanations_frame(shards)
+    return edges
+
+
+def _shard_files(shard: dict) -> tuple[dict[str, bytes], pl.DataFrame, pl.DataFrame]:
+    """One feature shard's files (below its folder: ``rows/<k>.json``, ``features/<k>.json``),
+    its list rows and its stats. Each depends on this shard's tables only."""
+    ids = np.arange(int(shard[SHARD_START]), int(shard[SHARD_STOP]), dtype=np.int64)
+    stats = _stats_frame([shard]).filter(pl.col(FEATURE).is_in(ids))
+    examples = _fold_twins(_merge_byte_tokens(_examples_frame([shard])))
+    explanations = _explanations_frame([shard])
+    rows = _list_rows(ids, stats, examples, explanations)
+    files = _row_files(rows, int(shard[SHARD_START]))
+    files.update(_chunk_files(_feature_frame(ids, stats, examples, _logits_frame([shard]), explanations)))
+    return files, rows, stats
+
+
+def shard_folder(start: int, stop: int, files: dict[str, bytes]) -> str:
+    """Where a shard's files live: ``shards/f<start>-<stop>-<digest of its files>``. The name
+    changes exactly when a byte does, so a rebuild keeps (does not rewrite) every folder it finds."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return f"{SHARDS}/f{start}-{stop}-{digest.hexdigest()[:16]}"
+
+
+def _bin_edges(edges: list[float], shard_stats: list[pl.DataFrame]) -> list[float | None]:
+    """The histogram bin edges every shard agrees on (``histogram_bin_edges``)."""
+    found = {tuple(histogram_bin_edges(edges, stats)) for stats in shard_stats if stats.height}
+    if len(found) > 1:
+        raise PlatformError(f"the shards' {STATS_FRAME}.{HISTOGRAM} have different numbers of bins",
+                            "pass the tables of one feature pipeline run (one set of bin edges)")
+    return list(found.pop()) if found else list(edges)
+
+
+def site_parts(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
+               n_intervals: int | None = None, version: str | None = None,
+               dagster_url: str | None = None, evaluation: dict | None = None,
+               hook_point: str | None = None) -> Iterator[tuple[str | None, dict[str, bytes]]]:
+    """The site's files in the order a writer commits them: per feature shard (in feature order),
+    ``(its folder, its files by site path)``; then ``(None, the site-wide files)``: the index and
+    its sort orders and search postings under ``data/<version>/``, the app, the page shell, and
+    ``site.json`` last. One shard's tables are in memory at a time (and the list rows of all).
+    Arguments: :func:`site_files`."""
+    edges = _check_edges(hist_bin_edges)
+    _feature_ids(shards)                                   # ranges valid and disjoint
     version = version or time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     if not VERSION_RE.fullmatch(version):
         raise PlatformError(f"bad site version {version!r}", "use the form YYYYmmddTHHMMSS-<8 hex digits>")
+    placed, rows, shard_stats = [], [], []
+    for shard in sorted(shards, key=lambda s: int(s[SHARD_START])):
+        files, shard_rows, stats = _shard_files(shard)
+        start, stop = int(shard[SHARD_START]), int(shard[SHARD_STOP])
+        folder = shard_folder(start, stop, files)
+        placed.append({"start": start, "stop": stop, "path": folder})
+        rows.append(shard_rows)
+        shard_stats.append(stats.select(HISTOGRAM))
+        yield folder, {f"{folder}/{name}": body for name, body in files.items()}
     data = f"data/{version}"
     meta = {
-        "run": str(sae_name), "version": version, "n_features": int(ids.size),
+        "run": str(sae_name), "version": version, "n_features": sum(s["stop"] - s["start"] for s in placed),
         "hook_point": None if hook_point is None else str(hook_point),
-        "chunk_features": CHUNK_FEATURES, "hist_bin_edges": bin_edges, "kind_order": list(KIND_ORDER),
+        "chunk_features": CHUNK_FEATURES, "row_chunk": ROW_CHUNK, "shards": placed,
+        "hist_bin_edges": _bin_edges(edges, shard_stats), "kind_order": list(KIND_ORDER),
         "n_intervals": None if n_intervals is None else int(n_intervals),
         "lineage": json.loads(json.dumps(lineage, default=str)),
         "shard_lineage": _shard_lineage(shards),
@@ -522,16 +576,33 @@ def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
         "metric_info": metric_info_json(),  # what each evaluation figure means (the overview's groups)
         "comparison_url": reports_url_path(),  # the sweep comparison page, when the server serves reports/
     }
-    files = {f"{data}/index.json": _index_json(ids, stats, examples, meta, explanations)}
-    for name, body in _chunk_files(_feature_frame(ids, stats, examples, logits, explanations)).items():
-        files[f"{data}/{name}"] = body
+    all_rows = pl.concat(rows, how="diagonal_relaxed") if rows else pl.DataFrame(schema=EMPTY_ROWS)
+    explained = "explanation" in all_rows.columns
+    if explained:
+        meta["n2g_min_support"] = N2G_MIN_SUPPORT
+    fields, index_data = index_files(all_rows, N2G_MIN_SUPPORT)
+    files = {f"{data}/{name}": body for name, body in index_data.items()}
+    files[f"{data}/index.json"] = _dumps({**meta, **fields, "explained": explained})
     static = _static_bytes()
     for name, body in static.items():
         files[f"static/{name}"] = body
     digest = {name: hashlib.sha256(body).hexdigest()[:12] for name, body in static.items()}
     files["index.html"] = INDEX_HTML.format(csp=CSP, css_hash=digest["app.css"], js_hash=digest["app.js"],
-                                      steer_hash=digest["steer.js"]).encode()
+                                            steer_hash=digest["steer.js"]).encode()
     # the checkpoint and batches the site shows (freshness reads them)
     pin = {**checkpoint_pin(pinned_checkpoint(lineage)), **batches_pin(lineage)}
     files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(sae_name), **pin})  # last: the switch
-    return files
+    yield None, files
+
+
+def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
+               n_intervals: int | None = None, version: str | None = None,
+               dagster_url: str | None = None, evaluation: dict | None = None,
+               hook_point: str | None = None) -> dict[str, bytes]:
+    """Every file of the site, by relative path (:func:`site_parts`, gathered; what
+    :func:`sae_platform.browser.publish.build_site` writes, part by part). ``evaluation``:
+    the SAE's evaluation figures (``sae_eval``'s report), shown on the overview page."""
+    return {name: body for _, files in site_parts(
+        sae_name=sae_name, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage, n_intervals=n_intervals,
+        version=version, dagster_url=dagster_url, evaluation=evaluation, hook_point=hook_point)
+        for name, body in files.items()}

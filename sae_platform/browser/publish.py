@@ -27,7 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
-from sae_platform.browser.generate import SITE_POINTER, VERSION_RE, site_files
+from sae_platform.browser.generate import SITE_POINTER, VERSION_RE, site_parts
 from sae_platform.errors import PlatformError
 from sae_platform.filesystems import open_fs
 
@@ -48,23 +48,40 @@ def build_site(out, *, sae_name: str, shards: list[dict], hist_bin_edges: list[f
     ``evaluation`` is the SAE's evaluation report (the overview page shows its figures).
     ``hook_point``: where the SAE reads (e.g. ``blocks.4.hook_mlp_out``; a transcoder ``IN -> OUT``),
     shown in every page's header.
-    Returns a summary: n_features, bytes, files, seconds, path, version, index_bytes."""
+    Each feature shard's files go to a folder named by their digest (``generate.shard_folder``):
+    a folder the current site already has is kept, not rewritten (locally: hard links into the
+    new version; on fsspec: left in place).
+    Returns a summary: n_features, bytes, files, seconds, path, version, index_bytes,
+    shards_written, shards_kept."""
     t0 = time.perf_counter()
-    files = site_files(sae_name=sae_name, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
+    parts = site_parts(sae_name=sae_name, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
                        n_intervals=n_intervals, dagster_url=dagster_url, evaluation=evaluation,
                        hook_point=hook_point)
-    pointer = json.loads(files[SITE_POINTER])
+    tally = _Tally(parts)
     if fs is None and "://" in str(out):
         fs, out = open_fs(str(out))
-    if fs is None:
-        path = _write_local(Path(out), files)
-    else:
-        path = _write_fs(fs, str(out).rstrip("/"), files, pointer["data"])
-    index_bytes = len(files[f"{pointer['data']}/index.json"])
-    return {"n_features": json.loads(files[f"{pointer['data']}/index.json"])["n_features"],
-            "bytes": sum(len(b) for b in files.values()), "files": len(files),
+    path = _write_local(Path(out), tally) if fs is None else _write_fs(fs, str(out).rstrip("/"), tally)
+    pointer = json.loads(tally.site[SITE_POINTER])
+    index = tally.site[f"{pointer['data']}/index.json"]
+    return {"n_features": json.loads(index)["n_features"], "bytes": tally.bytes, "files": tally.files,
             "seconds": round(time.perf_counter() - t0, 3), "path": str(path), "version": pointer["version"],
-            "index_bytes": index_bytes}
+            "index_bytes": len(index), "shards_written": tally.written, "shards_kept": tally.kept}
+
+
+class _Tally:
+    """The parts of a build (``site_parts``) as a writer consumes them, counted: bytes and files of
+    the whole site, shards written and kept; ``site``: the site-wide files once reached."""
+
+    def __init__(self, parts):
+        self.parts, self.bytes, self.files, self.written, self.kept, self.site = parts, 0, 0, 0, 0, {}
+
+    def __iter__(self):
+        for folder, files in self.parts:
+            self.bytes += sum(len(b) for b in files.values())
+            self.files += len(files)
+            if folder is None:
+                self.site = files
+            yield folder, files
 
 
 _STEP_HOOK = None   # tests: called with the name of each step of a local build ("writing", "written", "switched")
@@ -180,24 +197,51 @@ def sweep_site(out) -> list[str]:
     return removed
 
 
-def _write_local(out: Path, files: dict[str, bytes]) -> Path:
+def _keep_folder(previous: Path, folder: Path) -> None:
+    """Hard-link every file of ``previous`` (a shard folder of the current build) into ``folder``:
+    the same bytes and modification times, nothing rewritten (a copy keeping both where links fail)."""
+    for src in previous.rglob("*"):
+        dst = folder / src.relative_to(previous)
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    for d in sorted({(folder / rel).parent for rel in files}):
+        d.mkdir(parents=True, exist_ok=True)
+    for rel, body in files.items():
+        (folder / rel).write_bytes(body)
+
+
+def _write_local(out: Path, parts: _Tally) -> Path:
     out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     versions = versions_dir(out)
     _check_target(out, versions)
     sweep_site(out)
-    version = json.loads(files[SITE_POINTER])["version"]
-    folder = versions / version
+    current = out.resolve() if out.is_symlink() else out if out.is_dir() else None
+    folder = versions / f".building-{uuid.uuid4().hex[:8]}"   # named by its version once that is known
     folder.mkdir(parents=True)
     (folder / BUILDING_MARK).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                     "started": time.time()}))
     try:
-        for d in sorted({(folder / rel).parent for rel in files}):
-            d.mkdir(parents=True, exist_ok=True)
-        for i, (rel, body) in enumerate(files.items()):
-            (folder / rel).write_bytes(body)
-            if i == len(files) // 2:
+        for i, (shard, files) in enumerate(parts):
+            if shard is not None and current is not None and (current / shard).is_dir():
+                _keep_folder(current / shard, folder / shard)
+                parts.kept += 1
+            else:
+                _write_files(folder, files)
+                parts.written += shard is not None
+            if i == 0:
                 _step("writing")
+        version = json.loads(parts.site[SITE_POINTER])["version"]
+        folder = folder.rename(versions / version)
         folder.chmod(0o755)
         (folder / BUILDING_MARK).unlink()
     except BaseException:
@@ -210,21 +254,47 @@ def _write_local(out: Path, files: dict[str, bytes]) -> Path:
     return out
 
 
-def _write_fs(fs, out: str, files: dict[str, bytes], data: str) -> str:
-    # Versioned data first, then the shell, then the pointer that switches readers over. The data
-    # version the pointer named before stays (pages opened before the switch still load it) until
-    # the next build; older ones are removed.
+def _index_shards(fs, out: str, pointer_body: bytes | None) -> set[str]:
+    """The shard folders the site whose pointer is ``pointer_body`` shows (none when unreadable)."""
     try:
-        previous = json.loads(fs.cat_file(f"{out}/{SITE_POINTER}")).get("data", "").split("/")[-1]
-    except (FileNotFoundError, ValueError):
-        previous = None
-    order = sorted(files, key=lambda rel: (rel == SITE_POINTER, not rel.startswith("data/"), rel))
-    for rel in order:
-        fs.pipe_file(f"{out}/{rel}", files[rel])
+        data = json.loads(pointer_body)["data"]
+        return {s["path"] for s in json.loads(fs.cat_file(f"{out}/{data}/index.json"))["shards"]}
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _write_fs(fs, out: str, parts: _Tally) -> str:
+    # Shard folders first (one already complete is left as it is), then the versioned index, the
+    # shell, and the pointer that switches readers over. The data version and shard folders the
+    # pointer named before stay (pages opened before the switch still load them) until the next
+    # build; older ones are removed.
+    try:
+        before = fs.cat_file(f"{out}/{SITE_POINTER}")
+    except FileNotFoundError:
+        before = None
+    previous = json.loads(before).get("data", "").split("/")[-1] if before else None
+    for shard, files in parts:
+        if shard is not None:
+            have = set(fs.find(f"{out}/{shard}")) if fs.exists(f"{out}/{shard}") else set()
+            if {fs._strip_protocol(f"{out}/{rel}") for rel in files} <= have:
+                parts.kept += 1
+                continue
+            parts.written += 1
+        order = sorted(files, key=lambda rel: (rel == SITE_POINTER, not rel.startswith(("data/", "shards/")), rel))
+        for rel in order:
+            fs.pipe_file(f"{out}/{rel}", files[rel])
+    data = json.loads(parts.site[SITE_POINTER])["data"]
     try:
         for old in fs.ls(f"{out}/data", detail=False):
             name = old.rstrip("/").split("/")[-1]
             if name not in (data.split("/")[-1], previous) and VERSION_RE.fullmatch(name):
+                fs.rm(old, recursive=True)
+    except FileNotFoundError:
+        pass
+    keep = _index_shards(fs, out, parts.site[SITE_POINTER]) | _index_shards(fs, out, before)
+    try:
+        for old in fs.ls(f"{out}/shards", detail=False):
+            if f"shards/{old.rstrip('/').split('/')[-1]}" not in keep:
                 fs.rm(old, recursive=True)
     except FileNotFoundError:
         pass

@@ -13,6 +13,7 @@ from sae_platform.browser.generate import (
     COUNT,
     DENSITY,
     EXAMPLES_FRAME,
+    EXPLANATIONS_FRAME,
     HISTOGRAM,
     LOGITS_FRAME,
     MAX,
@@ -29,13 +30,24 @@ from sae_platform.tables import (
     BOTTOM_TOKEN_IDS,
     BOTTOM_TOKEN_STRS,
     CENTER,
+    COOCCURRING,
+    COOCCURRING_SHARES,
     DOC_ID,
+    EXPLANATION,
+    EXPLANATION_SCHEMA,
     FEATURE,
     HAS_ACT,
     INTERVAL,
     KIND,
+    N_FIRINGS,
+    N_MATCHES,
+    NEIGHBOR_COSINES,
+    NEIGHBORS,
     PARTITION,
+    PATTERNS,
+    PRECISION,
     RANK,
+    RECALL,
     ROW,
     TOKEN_IDS,
     TOKEN_STRS,
@@ -49,6 +61,18 @@ WORDS = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was",
          "you", "were", "their", "one", "all", "we", "can", "her", "has", "there", "been", "if", "more",
          "when", "will", "would", "who", "so", "no", "data", "model", "token", "layer", "feature", "Paris",
          "river", "music", "code", "def", "return", "{", "}", "(", ")", ".", ",", ";", ":", "\n", "\n\n", "'s")
+
+
+def _lists(name: str, values: np.ndarray, dtype=None) -> pl.Series:
+    """A 2-D array as a list column (built in Arrow, not from Python lists: 2^20 features in seconds)."""
+    flat = pl.Series(name, np.ascontiguousarray(values).reshape(-1), dtype=dtype)
+    return flat.reshape(values.shape).arr.to_list()
+
+
+def _token_lists(name: str, codes: np.ndarray, words: list[str]) -> pl.Series:
+    """Token strings of a 2-D array of codes into ``words``, as a list column."""
+    flat = pl.Series(name, codes.reshape(-1)).replace_strict(list(range(len(words))), words, return_dtype=pl.String)
+    return flat.reshape(codes.shape).arr.to_list()
 
 
 def synthetic_shards(n_features: int = 16384, shard_size: int = 4096, *, n_top: int = 10, n_intervals: int = 5,
@@ -85,7 +109,7 @@ def synthetic_shards(n_features: int = 16384, shard_size: int = 4096, *, n_top: 
         hist[dead] = 0
         stats = pl.DataFrame({
             FEATURE: feats, N_TOKENS_TOTAL: np.full(nf, n_tok), COUNT: count, DENSITY: density,
-            MAX: fmax, MEAN: np.where(dead, np.nan, fmax / 3), HISTOGRAM: hist.tolist(),
+            MAX: fmax, MEAN: np.where(dead, np.nan, fmax / 3), HISTOGRAM: _lists(HISTOGRAM, hist),
         }).with_columns(pl.col(MEAN).fill_nan(None))
         # examples: top, interval, random per live feature
         kinds, ranks, intervals = [], [], []
@@ -117,7 +141,7 @@ def synthetic_shards(n_features: int = 16384, shard_size: int = 4096, *, n_top: 
             INTERVAL: pl.Series(intervals * live.size, dtype=pl.Int64), ACTIVATION: act,
             PARTITION: np.char.add("p00", (np.arange(n_ex) % 8).astype(str)),
             ROW: rng.integers(0, 1 << 30, n_ex)})
-        tok_strs = pl.Series(TOKEN_STRS, np.asarray(words, dtype=object)[toks].tolist(), dtype=pl.List(pl.String))
+        tok_strs = _token_lists(TOKEN_STRS, toks, words)
         contexts = examples.with_columns(
             pl.lit(before, pl.Int32).alias(CENTER),
             pl.Series(TOKEN_IDS, toks.astype(np.int32)),
@@ -128,19 +152,47 @@ def synthetic_shards(n_features: int = 16384, shard_size: int = 4096, *, n_top: 
         ).with_columns(pl.col(TOKEN_IDS).arr.to_list(), pl.col(ACTS).arr.to_list(), pl.col(HAS_ACT).arr.to_list())
         lt = rng.integers(0, vocab_size, (nf, 2 * n_logits))
         scores = np.sort(rng.normal(0, 1, (nf, 2 * n_logits)), axis=1)[:, ::-1]
-        wa = np.asarray(words, dtype=object)
         logits = pl.DataFrame({
             FEATURE: feats,
-            TOP_TOKEN_IDS: lt[:, :n_logits].tolist(), TOP_TOKEN_STRS: wa[lt[:, :n_logits]].tolist(),
-            TOP_SCORES: scores[:, :n_logits].astype(np.float32).tolist(),
-            BOTTOM_TOKEN_IDS: lt[:, n_logits:].tolist(), BOTTOM_TOKEN_STRS: wa[lt[:, n_logits:]].tolist(),
-            BOTTOM_SCORES: scores[:, ::-1][:, :n_logits].astype(np.float32).tolist()})
+            TOP_TOKEN_IDS: _lists(TOP_TOKEN_IDS, lt[:, :n_logits]),
+            TOP_TOKEN_STRS: _token_lists(TOP_TOKEN_STRS, lt[:, :n_logits], words),
+            TOP_SCORES: _lists(TOP_SCORES, scores[:, :n_logits].astype(np.float32).astype(np.float64)),
+            BOTTOM_TOKEN_IDS: _lists(BOTTOM_TOKEN_IDS, lt[:, n_logits:]),
+            BOTTOM_TOKEN_STRS: _token_lists(BOTTOM_TOKEN_STRS, lt[:, n_logits:], words),
+            BOTTOM_SCORES: _lists(BOTTOM_SCORES, scores[:, ::-1][:, :n_logits].astype(np.float32).astype(np.float64))})
         shards.append({SHARD_START: start, SHARD_STOP: stop, STATS_FRAME: stats, EXAMPLES_FRAME: examples,
                        CONTEXTS_FRAME: contexts, LOGITS_FRAME: logits})
     return shards, edges
 
 
+def synthetic_explanations(shards: list[dict], seed: int = 0, n_neighbors: int = 5) -> list[dict]:
+    """The shards with an N2G-like explanations table (``tables.EXPLANATION_SCHEMA``): per feature a
+    pattern of two of WORDS' words (``"['<w1> [<w2>]']"``), scores and related features drawn at random."""
+    rng = np.random.default_rng(seed)
+    plain = [w for w in WORDS if w.isalpha()]
+    out = []
+    for shard in shards:
+        feats = np.arange(int(shard[SHARD_START]), int(shard[SHARD_STOP]))
+        n = feats.size
+        w1 = pl.Series(rng.integers(0, len(plain), n)).replace_strict(list(range(len(plain))), plain,
+                                                                      return_dtype=pl.String)
+        w2 = pl.Series(rng.integers(0, len(plain), n)).replace_strict(list(range(len(plain))), plain,
+                                                                      return_dtype=pl.String)
+        related = (feats[:, None] + rng.integers(1, 1000, (n, n_neighbors))) % max(int(shard[SHARD_STOP]), 1)
+        frame = pl.DataFrame({FEATURE: feats}).with_columns(
+            pl.format("['{} [{}]']", w1, w2).alias(EXPLANATION),
+            pl.lit(None, pl.List(pl.List(pl.Int64))).alias(PATTERNS),
+            pl.Series(PRECISION, rng.uniform(0, 1, n).round(3)), pl.Series(RECALL, rng.uniform(0, 1, n).round(3)),
+            pl.Series(N_MATCHES, rng.integers(0, 200, n)), pl.Series(N_FIRINGS, rng.integers(0, 200, n)),
+            _lists(NEIGHBORS, related), _lists(NEIGHBOR_COSINES, rng.uniform(0, 1, related.shape).astype(np.float32)),
+            _lists(COOCCURRING, related[:, :2]),
+            _lists(COOCCURRING_SHARES, rng.uniform(0, 1, (n, 2)).astype(np.float32)))
+        out.append({**shard, EXPLANATIONS_FRAME: frame.select(list(EXPLANATION_SCHEMA))})
+    return out
+
+
 def synthetic_lineage(sae_name: str = "demo") -> dict:
     return {"sae": sae_name, "checkpoint": f"checkpoints/{sae_name}/v1/sae.safetensors", "run_id": "00000000-demo",
-            "shuffle": "shuffle-demo", "activation_partitions": [f"p{i:03d}" for i in range(8)],
+            "shuffle": "shuffle-demo",
+            "activation_partitions": [{"key": f"p{i:03d}", "version": "v-0", "n_rows": 0} for i in range(8)],
             "model": "synthetic", "hook_name": "blocks.6.hook_resid_post"}

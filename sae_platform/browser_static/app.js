@@ -15,10 +15,11 @@
 
   const S = {
     site: null, base: '', index: null, n: 0,
+    shards: [],                   // index.json's feature shards, each with its first row position
     order: null,                  // Int32Array of row positions, the current filtered + sorted list
-    sort: { key: 'feature', desc: false }, query: '', page: 0, matchRank: null,
-    rowOf: new Map(), chunks: new Map(), tokensLower: null, view: null, histLog: false,
-    filter: 'all', explLower: null, live: null,
+    sort: { key: 'feature', desc: false }, query: '', page: 0, matchRank: null, filtered: null,
+    chunks: new Map(), rowChunks: new Map(), files: new Map(), view: null, histLog: false,
+    filter: 'all', live: null, renders: 0, routes: 0, tokensLower: null,
     listHash: '#/',               // the list's address with its state (search, sort, filter, page)
   };
   const DENSE = 0.1;              // a latent firing on more than 10% of tokens is "dense"
@@ -89,112 +90,196 @@
   }
 
   // ---------- data ----------
+  // A million features: nothing is fetched per feature up front. index.json holds the shard
+  // ranges (a row position is a feature's place in the list by id), the token table and where
+  // the search postings are; the list's rows come in chunks of row_chunk features, the sort
+  // orders, the density column and the postings are fetched when first needed (index_files.py).
   async function getJSON(url, opts) {
     const res = await fetch(url, opts);
     if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
     return res.json();
+  }
+  async function getBinary(url) {
+    const res = await fetch(url);
+    if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
+    return res.arrayBuffer();
+  }
+  function once(key, load) {     // one fetch per file, shared by every caller; forgotten on failure
+    if (!S.files.has(key)) {
+      const p = load();
+      S.files.set(key, p);
+      p.catch(() => S.files.delete(key));
+    }
+    return S.files.get(key);
   }
   async function loadIndex() {
     S.site = await getJSON('site.json', { cache: 'no-cache' });
     if (typeof S.site.data !== 'string' || !/^data\/[\w.-]+$/.test(S.site.data)) throw new Error('bad site.json');
     S.base = S.site.data + '/';
     S.index = await getJSON(S.base + 'index.json');
-    const cols = S.index.columns;
-    S.n = cols.feature.length;
-    for (let i = 0; i < S.n; i++) S.rowOf.set(cols.feature[i], i);
+    let offset = 0;
+    S.shards = S.index.shards.map((s) => {
+      if (!/^shards\/[\w.-]+$/.test(s.path)) throw new Error('bad index.json');
+      const shard = { start: s.start, stop: s.stop, path: s.path, offset };
+      offset += s.stop - s.start;
+      return shard;
+    });
+    S.n = offset;
     S.tokensLower = S.index.token_table.map((t) => t.trim().toLowerCase());
-    S.explLower = cols.explanation ? cols.explanation.map((t) => (t || '').toLowerCase()) : null;
     const hook = S.index.hook_point ? ` · ${S.index.hook_point}` : '';
     document.title = `${S.index.run}${hook} · SAE feature browser`;
     const run = document.getElementById('run');
     clear(run).appendChild(document.createTextNode(`${S.index.run}${hook} · ${fmtInt(S.n)} features`));
-    applyQuery();
   }
-  function chunkOf(id) { return Math.floor(id / S.index.chunk_features); }
+  function shardOfRow(r) {
+    let lo = 0, hi = S.shards.length - 1;
+    while (lo < hi) { const mid = (lo + hi + 1) >> 1; if (S.shards[mid].offset <= r) lo = mid; else hi = mid - 1; }
+    return S.shards[lo];
+  }
+  function idOf(r) { const s = shardOfRow(r); return s.start + (r - s.offset); }
+  function rowOf(id) {           // undefined: no such feature
+    let lo = 0, hi = S.shards.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1, s = S.shards[mid];
+      if (id < s.start) hi = mid - 1; else if (id >= s.stop) lo = mid + 1; else return s.offset + (id - s.start);
+    }
+    return undefined;
+  }
+  function rowChunkUrl(r) {
+    const s = shardOfRow(r);
+    return `${s.path}/rows/${Math.floor((r - s.offset) / S.index.row_chunk)}.json`;
+  }
+  // The rows r (row positions) fetched: their chunks, at most 6 at a time (the browser's limit).
+  async function ensureRows(rs) {
+    const urls = [...new Set(Array.from(rs, rowChunkUrl))].filter((u) => !S.rowChunks.has(u));
+    await Promise.all(urls.map((u) => once(u, () => getJSON(u)).then((c) => S.rowChunks.set(u, c))));
+  }
+  // One row of the list (after ensureRows): feature, density, max, tokens, explanation, n2g_f1, n2g_support.
+  function row(r) {
+    const c = S.rowChunks.get(rowChunkUrl(r));
+    const s = shardOfRow(r);
+    const i = (r - s.offset) % S.index.row_chunk;
+    return { feature: c.feature[i], density: c.density[i], max: c.max[i], tokens: c.tokens[i] || [],
+      explanation: c.explanation ? c.explanation[i] : undefined, n2g_f1: c.n2g_f1 ? c.n2g_f1[i] : undefined,
+      n2g_support: c.n2g_support ? c.n2g_support[i] : undefined };
+  }
+  function loadDensity() {
+    return once('density', async () => {
+      return new Float64Array(await getBinary(S.base + 'columns/density.f64'));   // NaN: none measured
+    });
+  }
+  function loadOrder(key, desc) {
+    return once(`order/${key}.${desc ? 'desc' : 'asc'}`,
+      async () => new Int32Array(await getBinary(`${S.base}order/${key}.${desc ? 'desc' : 'asc'}.i32`)));
+  }
   async function loadFeature(id) {
-    const k = chunkOf(id);
-    if (!S.chunks.has(k)) {
-      const p = getJSON(`${S.base}features/${k}.json`).then((rows) => {
+    const r = rowOf(id);
+    if (r === undefined) return undefined;
+    const url = `${shardOfRow(r).path}/features/${Math.floor(id / S.index.chunk_features)}.json`;
+    if (!S.chunks.has(url)) {
+      const p = getJSON(url).then((rows) => {
         const byId = new Map();
-        for (const r of rows) byId.set(r.feature, r);
+        for (const f of rows) byId.set(f.feature, f);
         return byId;
       });
-      S.chunks.set(k, p);
-      p.catch(() => S.chunks.delete(k));
+      S.chunks.set(url, p);
+      p.catch(() => S.chunks.delete(url));
     }
-    return (await S.chunks.get(k)).get(id);
+    return (await S.chunks.get(url)).get(id);
   }
 
   // ---------- index: search and sort ----------
-  function applyQuery() {
-    const cols = S.index.columns;
+  // Token search: the token table is matched in memory (exact 0, contains 0.5), then only the
+  // postings files of the matching tokens are fetched; a feature ranks by the first of its
+  // strongest tokens that matches (rank + 0.5 for a partial match).
+  async function tokenMatches(ql, rank) {
+    const codes = [];
+    S.tokensLower.forEach((t, i) => { if (t === ql) codes.push([i, 0]); else if (t.includes(ql)) codes.push([i, 0.5]); });
+    const firsts = S.index.token_files;
+    const fileOf = (c) => { let lo = 0, hi = firsts.length - 1; while (lo < hi) { const m = (lo + hi + 1) >> 1; if (firsts[m] <= c) lo = m; else hi = m - 1; } return lo; };
+    const files = await Promise.all([...new Set(codes.map(([c]) => fileOf(c)))].map((n) =>
+      once(`tokens/${n}`, async () => [n, new Int32Array(await getBinary(`${S.base}search/tokens/${n}.i32`))])));
+    const byFile = new Map(files);
+    for (const [code, s] of codes) {
+      const n = fileOf(code), body = byFile.get(n), i = code - firsts[n];
+      const lo = body[1 + i], hi = body[2 + i], data = 2 + body[0];
+      for (let k = data + lo; k < data + hi; k++) {
+        const r = body[k] >> 3, score = (body[k] & 7) + s;
+        const prev = rank.get(r);
+        if (prev === undefined || score < prev) rank.set(r, score);
+      }
+    }
+  }
+  // Explanation search: every word of the query (2 characters or more) must begin a word of the
+  // explanation; a feature ranks after the token matches, by where the first word stands.
+  const WORD = /[\p{L}\p{N}_]+/gu;
+  function hex(s) { return Array.from(new TextEncoder().encode(s), (b) => b.toString(16).padStart(2, '0')).join(''); }
+  async function explanationMatches(ql, rank) {
+    const words = (ql.match(WORD) || []).filter((w) => Array.from(w).length >= S.index.word_prefix);
+    if (!words.length) return;
+    let found = null;
+    for (const w of words) {
+      const prefix = Array.from(w).slice(0, S.index.word_prefix).join('');
+      const name = hex(prefix);
+      const url = `${S.base}search/words/${name}.json`;
+      const postings = S.index.word_files.includes(name) ? await once(url, () => getJSON(url)) : {};
+      const at = new Map();
+      for (const [word, list] of Object.entries(postings)) {
+        if (!word.startsWith(w)) continue;
+        for (let k = 0; k < list.length; k += 2) if (!at.has(list[k]) || list[k + 1] < at.get(list[k])) at.set(list[k], list[k + 1]);
+      }
+      found = found === null ? at : new Map([...found].filter(([r]) => at.has(r)));
+    }
+    for (const [r, at] of found) if (!rank.has(r)) rank.set(r, 100 + at / 1000);
+  }
+  async function applyQuery() {
     const q = S.query.trim();
-    let rows;
-    S.matchRank = null;
     const keep = FILTERS[S.filter] ? FILTERS[S.filter][1] : FILTERS.all[1];
-    if (!q) {
-      rows = Int32Array.from({ length: S.n }, (_, i) => i);
-    } else {
+    let rows = null;              // null: every feature
+    let matchRank = null;
+    if (q) {
       const rank = new Map();       // row -> relevance (lower is better)
       const idq = q.replace(/^#/, '');
-      if (/^\d+$/.test(idq) && S.rowOf.has(Number(idq))) rank.set(S.rowOf.get(Number(idq)), -1);
+      if (/^\d+$/.test(idq) && rowOf(Number(idq)) !== undefined) rank.set(rowOf(Number(idq)), -1);
       const ql = q.toLowerCase();
-      const tokScore = new Float64Array(S.tokensLower.length).fill(-1);
-      S.tokensLower.forEach((t, i) => {
-        if (t === ql) tokScore[i] = 0;
-        else if (t.includes(ql)) tokScore[i] = 0.5;
-      });
-      const tops = S.index.top_tokens;
-      for (let r = 0; r < S.n; r++) {
-        const list = tops[r];
-        for (let j = 0; j < list.length; j++) {
-          const s = tokScore[list[j]];
-          if (s >= 0) {
-            const score = j + s;
-            const prev = rank.get(r);
-            if (prev === undefined || score < prev) rank.set(r, score);
-            break;
-          }
-        }
-      }
-      if (S.explLower && ql.length >= 2) {     // explanation text: after token matches
-        for (let r = 0; r < S.n; r++) {
-          if (rank.has(r)) continue;
-          const at = S.explLower[r].indexOf(ql);
-          if (at >= 0) rank.set(r, 100 + at / 1000);
-        }
-      }
+      await tokenMatches(ql, rank);
+      if (S.index.explained && ql.length >= 2) await explanationMatches(ql, rank);   // after token matches
       rows = Int32Array.from(rank.keys());
-      S.matchRank = rank;
+      matchRank = rank;
     }
-    if (S.filter !== 'all') rows = rows.filter((r) => keep(cols.density[r]));
-    S.order = rows;
-    sortRows();
+    if (S.filter !== 'all') {
+      const density = await loadDensity();
+      const dens = (r) => (Number.isNaN(density[r]) ? null : density[r]);
+      rows = rows ? rows.filter((r) => keep(dens(r))) : Int32Array.from({ length: S.n }, (_, i) => i).filter((r) => keep(dens(r)));
+    }
+    S.matchRank = matchRank;
+    S.filtered = rows;
+    await sortRows();
     S.page = 0;
   }
-  function sortRows() {
+  // The list in the chosen order: the precomputed order of the column (order/<key>.<dir>.i32), kept
+  // to the filtered rows; by id, the rows themselves; by match, the search's ranks.
+  async function sortRows() {
     const { key, desc } = S.sort;
-    const cols = S.index.columns;
-    const arr = Array.from(S.order);
-    const sign = desc ? -1 : 1;
+    const rows = S.filtered;
     if (key === 'match' && S.matchRank) {
-      arr.sort((a, b) => (S.matchRank.get(a) - S.matchRank.get(b)) || (cols.feature[a] - cols.feature[b]));
-    } else if (key === 'n2g_f1') {
-      // an F1 ranks only with evidence: measured on >= n2g_min_support firings; then the rest, then unmeasured
-      const tier = (r) => cols.n2g_f1[r] === null ? 2 : (cols.n2g_support[r] ?? 0) < S.index.n2g_min_support ? 1 : 0;
-      arr.sort((a, b) => (tier(a) - tier(b)) || (cols.n2g_f1[a] !== cols.n2g_f1[b] && sign * (cols.n2g_f1[a] - cols.n2g_f1[b]))
-        || (cols.feature[a] - cols.feature[b]));
-    } else {
-      const col = cols[key === 'match' ? 'feature' : key];
-      arr.sort((a, b) => {
-        const x = col[a], y = col[b];
-        if (x === y) return cols.feature[a] - cols.feature[b];
-        if (x === null) return 1;      // missing values last either way
-        if (y === null) return -1;
-        return sign * (x - y);
-      });
+      const rank = S.matchRank;
+      S.order = Int32Array.from(Array.from(rows).sort((a, b) => (rank.get(a) - rank.get(b)) || (a - b)));
+      return;
     }
-    S.order = Int32Array.from(arr);
+    if (key === 'feature' || key === 'match') {
+      const order = rows ? Int32Array.from(rows).sort() : Int32Array.from({ length: S.n }, (_, i) => i);
+      S.order = desc ? order.reverse() : order;
+      return;
+    }
+    const order = await loadOrder(key, desc);
+    if (!rows) {
+      S.order = order;
+      return;
+    }
+    const wanted = new Uint8Array(S.n);
+    for (const r of rows) wanted[r] = 1;
+    S.order = order.filter((r) => wanted[r] === 1);
   }
 
   // ---------- the list's state in the URL: #/?q=…&sort=…&desc=1&filter=…&page=… ----------
@@ -221,15 +306,15 @@
     if (now !== S.listHash && isListHash(now)) history.replaceState(null, '', S.listHash);
   }
   function isListHash(h) { return h === '' || h === '#' || h === '#/' || h.startsWith('#/?'); }
-  function readListHash(hash) {
+  async function readListHash(hash) {
     const at = hash.indexOf('?');
     const p = new URLSearchParams(at >= 0 ? hash.slice(at + 1) : '');
     S.query = p.get('q') || '';
     S.filter = Object.prototype.hasOwnProperty.call(FILTERS, p.get('filter')) ? p.get('filter') : 'all';
     const key = p.get('sort');
-    S.sort = SORT_KEYS.includes(key) && (S.index.columns[key] || key === 'match')
+    S.sort = SORT_KEYS.includes(key) && (S.index.sort_keys.includes(key) || key === 'feature' || key === 'match')
       ? { key, desc: p.get('desc') === '1' } : { key: defaultSortKey(), desc: false };
-    applyQuery();   // resets the page
+    await applyQuery();   // resets the page
     const page = parseInt(p.get('page') || '1', 10);
     S.page = Number.isFinite(page) && page > 1 ? page - 1 : 0;   // renderList clamps it to the last page
   }
@@ -241,24 +326,23 @@
     const search = el('input', {
       id: 'search', type: 'search', value: S.query, autocomplete: 'off', spellcheck: false,
       placeholder: 'Search: feature id, a token (e.g. " Paris") or explanation text',
-      oninput: debounce((e) => {
+      oninput: debounce(async (e) => {
         if (S.view !== 'index') return;   // a feature was opened meanwhile: the list is gone
         const had = S.query.trim() !== '';
         S.query = e.target.value;
         const has = S.query.trim() !== '';
         if (has && !had && S.sort.key === 'feature' && !S.sort.desc) S.sort = { key: 'match', desc: false };
         if (!has && S.sort.key === 'match') S.sort = { key: 'feature', desc: false };
-        applyQuery();
-        renderList();
+        await update(applyQuery);
       }, 120),
       onkeydown: (e) => {
         if (e.key === 'Enter' && S.order.length > 0) {
-          location.hash = `#/feature/${S.index.columns.feature[S.order[0]]}`;
+          location.hash = `#/feature/${idOf(S.order[0])}`;
         }
       },
     });
     const filter = el('select', { id: 'filter', title: 'Show only some features',
-      onchange: (e) => { S.filter = e.target.value; applyQuery(); renderList(); } },
+      onchange: (e) => { S.filter = e.target.value; update(applyQuery); } },
       Object.entries(FILTERS).map(([k, [label]]) => el('option', { value: k, selected: S.filter === k }, label)));
     root.appendChild(el('section', { class: 'controls' },
       search, filter,
@@ -280,23 +364,36 @@
         onclick: () => {
           if (S.sort.key === key) S.sort.desc = !S.sort.desc;
           else S.sort = { key, desc: key !== 'feature' && key !== 'match' };
-          sortRows();
-          S.page = 0;
-          renderList();
+          update(async () => { await sortRows(); S.page = 0; });
         },
       }, label + arrow));
   }
 
-  function renderList() {
-    const listEl = document.getElementById('list');
-    if (S.view !== 'index' || !listEl) return;   // the index is not on screen (a feature is open)
-    const list = clear(listEl);
-    const cols = S.index.columns;
+  // Change the list's state (``change``, async: it may fetch an order or postings), then draw it;
+  // a change begun later wins (an earlier one that finishes after it draws nothing).
+  // While a change is under way the list carries data-busy (tests and scripts wait for it to go).
+  async function update(change) {
+    const mine = ++S.renders;
+    const list = document.getElementById('list');
+    if (list) list.dataset.busy = '1';
+    await change();
+    if (mine === S.renders) await renderList();
+  }
+
+  async function renderList() {
+    if (S.view !== 'index' || !document.getElementById('list')) return;   // the index is not on screen
+    const mine = ++S.renders;
     const total = S.order.length;
     const pages = Math.max(1, Math.ceil(total / PAGE));
     S.page = Math.min(S.page, pages - 1);
-    syncHash();
     const lo = S.page * PAGE, hi = Math.min(total, lo + PAGE);
+    await ensureRows(S.order.subarray(lo, hi));
+    const listEl = document.getElementById('list');
+    if (mine !== S.renders || S.view !== 'index' || !listEl) return;   // superseded, or a feature was opened
+    const list = clear(listEl);
+    delete listEl.dataset.busy;
+    const explained = S.index.explained;
+    syncHash();
     const count = document.getElementById('count');
     clear(count).appendChild(document.createTextNode(
       S.query.trim() || S.filter !== 'all' ? `${fmtInt(total)} matching of ${fmtInt(S.n)} features` : `${fmtInt(S.n)} features`));
@@ -310,41 +407,41 @@
       el('th', { class: 'bar' }),
       headerCell('Max act', 'max', 'num'),
       el('th', null, 'Top activating tokens'),
-      cols.explanation ? el('th', null, 'Explanation') : null,
-      cols.n2g_f1 ? headerCell('N2G F1', 'n2g_f1', 'num') : null,
+      explained ? el('th', null, 'Explanation') : null,
+      explained ? headerCell('N2G F1', 'n2g_f1', 'num') : null,
       S.matchRank ? headerCell('Match', 'match', 'num') : null);
     const body = el('tbody');
     for (let i = lo; i < hi; i++) {
-      const r = S.order[i];
-      const id = cols.feature[r];
-      const d = cols.density[r];
+      const f = row(S.order[i]);
+      const id = f.feature;
+      const d = f.density;
       const bar = el('span', { class: 'dbar' });
       // log10 density from 1e-7 (empty) to 1 (full)
       const w = d > 0 ? Math.max(2, Math.min(100, (Math.log10(d) + 7) / 7 * 100)) : 0;
       bar.style.width = w + '%';
       const toks = el('td', { class: 'toks' });
       const ql = S.query.trim().toLowerCase();
-      const mine = S.index.top_tokens[r];
-      const hits = ql ? mine.filter((t) => S.tokensLower[t].includes(ql)) : [];
-      const shown = [...hits, ...mine.filter((t) => !hits.includes(t))].slice(0, Math.max(4, hits.length));
+      const own = f.tokens;
+      const hits = ql ? own.filter((t) => t.trim().toLowerCase().includes(ql)) : [];
+      const shown = [...hits, ...own.filter((t) => !hits.includes(t))].slice(0, Math.max(4, hits.length));
       for (const t of shown) {
-        toks.appendChild(el('span', { class: hits.includes(t) ? 'chip hit' : 'chip' }, showToken(S.index.token_table[t])));
+        toks.appendChild(el('span', { class: hits.includes(t) ? 'chip hit' : 'chip' }, showToken(t)));
       }
       body.appendChild(el('tr', { class: d === 0 || d === null ? 'dead' : null, dataset: { feature: id } },
         el('td', { class: 'num' }, el('a', { href: `#/feature/${id}` }, String(id))),
         el('td', { class: 'num density' }, fmtDensity(d)),
         el('td', { class: 'bar' }, el('span', { class: 'dtrack' }, bar)),
-        el('td', { class: 'num max' }, fmt(cols.max[r])),
+        el('td', { class: 'num max' }, fmt(f.max)),
         toks,
-        cols.explanation ? el('td', { class: 'expl' }, cols.explanation[r] || '') : null,
-        cols.n2g_f1 ? el('td', { class: 'num f1' }, fmt(cols.n2g_f1[r]),
-          cols.n2g_f1[r] === null ? null : el('span', {
-            class: (cols.n2g_support[r] ?? 0) < S.index.n2g_min_support ? 'support low' : 'support muted small' },
-          ` n=${fmtInt(cols.n2g_support[r] ?? 0)}`)) : null,
-        S.matchRank ? el('td', { class: 'num muted' }, S.matchRank.get(r) < 0 ? 'id' : S.matchRank.get(r) >= 100 ? 'explanation' : 'token') : null));
+        explained ? el('td', { class: 'expl' }, f.explanation || '') : null,
+        explained ? el('td', { class: 'num f1' }, fmt(f.n2g_f1),
+          f.n2g_f1 === null ? null : el('span', {
+            class: (f.n2g_support ?? 0) < S.index.n2g_min_support ? 'support low' : 'support muted small' },
+          ` n=${fmtInt(f.n2g_support ?? 0)}`)) : null,
+        S.matchRank ? el('td', { class: 'num muted' }, S.matchRank.get(S.order[i]) < 0 ? 'id' : S.matchRank.get(S.order[i]) >= 100 ? 'explanation' : 'token') : null));
     }
     list.appendChild(el('table', { class: 'features' }, el('thead', null, head), body));
-    if (cols.n2g_f1) {
+    if (explained) {
       list.appendChild(el('p', { class: 'muted small', id: 'n2g-legend' },
         `N2G F1: how well the explanation's patterns predict the feature's firings on held-out text; n = the firings it was measured on. `
         + `Sorting by it ranks features with fewer than ${fmtInt(S.index.n2g_min_support)} firings after the others (too little evidence). `
@@ -354,10 +451,10 @@
     if (pages > 1) {
       list.appendChild(el('nav', { class: 'pager' },
         el('button', { type: 'button', id: 'prev-page', disabled: S.page === 0,
-          onclick: () => { S.page--; renderList(); window.scrollTo(0, 0); } }, '\u2039 Prev'),
+          onclick: () => { S.page--; update(() => {}); window.scrollTo(0, 0); } }, '\u2039 Prev'),
         el('span', { class: 'muted' }, `${fmtInt(lo + 1)}\u2013${fmtInt(hi)} of ${fmtInt(total)}`),
         el('button', { type: 'button', id: 'next-page', disabled: S.page >= pages - 1,
-          onclick: () => { S.page++; renderList(); window.scrollTo(0, 0); } }, 'Next \u203a')));
+          onclick: () => { S.page++; update(() => {}); window.scrollTo(0, 0); } }, 'Next \u203a')));
     }
   }
 
@@ -370,15 +467,14 @@
   async function renderFeature(id) {
     S.view = 'feature';
     const root = clear(app());
-    const r = S.rowOf.get(id);
-    const cols = S.index.columns;
+    const r = rowOf(id);
     const nav = el('nav', { class: 'fnav' },
       el('a', { href: S.listHash }, '\u2190 All features'),
-      r > 0 ? el('a', { href: `#/feature/${cols.feature[r - 1]}`, id: 'prev-feature' }, `\u2039 ${cols.feature[r - 1]}`) : null,
-      r !== undefined && r < S.n - 1 ? el('a', { href: `#/feature/${cols.feature[r + 1]}`, id: 'next-feature' }, `${cols.feature[r + 1]} \u203a`) : null);
+      r > 0 ? el('a', { href: `#/feature/${idOf(r - 1)}`, id: 'prev-feature' }, `\u2039 ${idOf(r - 1)}`) : null,
+      r !== undefined && r < S.n - 1 ? el('a', { href: `#/feature/${idOf(r + 1)}`, id: 'next-feature' }, `${idOf(r + 1)} \u203a`) : null);
     root.appendChild(nav);
     if (r === undefined) {
-      root.appendChild(el('p', { class: 'status error' }, `There is no feature ${id} in this SAE (ids ${cols.feature[0]}\u2013${cols.feature[S.n - 1]}).`));
+      root.appendChild(el('p', { class: 'status error' }, `There is no feature ${id} in this SAE (ids ${idOf(0)}\u2013${idOf(S.n - 1)}).`));
       return;
     }
     const status = el('p', { class: 'status' }, 'Loading feature\u2026');
@@ -386,6 +482,9 @@
     let f;
     try {
       f = await loadFeature(id);
+      if (f && f.explanation !== undefined) {   // the listed explanations of its similar and co-occurring features
+        await ensureRows([...(f.neighbors || []), ...(f.cooccurring || [])].map(rowOf).filter((x) => x !== undefined));
+      }
     } catch (err) {
       status.className = 'status error';
       clear(status).appendChild(document.createTextNode(`Could not load feature ${id}: ${err.message}. If the site was rebuilt, reload the page.`));
@@ -424,7 +523,7 @@
       ids && ids.length
         ? el('ul', { class: 'related' }, ids.map((n, i) => el('li', null,
           el('a', { href: `#/feature/${n}` }, `#${n}`), el('span', { class: 'muted small' }, ` ${what} ${fmt(scores[i])}`),
-          S.index.columns.explanation && S.rowOf.has(n) ? el('span', { class: 'small' }, ` ${S.index.columns.explanation[S.rowOf.get(n)] || ''}`) : null)))
+          explanationOf(n))))
         : el('p', { class: 'muted' }, 'none'));
     return el('section', { class: 'card', id: 'explanation' },
       el('h2', null, 'Explanation (N2G)'),
@@ -439,17 +538,20 @@
   }
 
   // ---------- overview ----------
-  function renderOverview() {
+  async function renderOverview() {
     S.view = 'overview';
     const root = clear(app());
-    const cols = S.index.columns;
+    root.appendChild(el('p', { class: 'status' }, 'Loading the densities\u2026'));
+    const density = await loadDensity();
+    if (S.view !== 'overview') return;   // navigated away meanwhile
+    clear(root);
     root.appendChild(el('nav', { class: 'fnav' }, el('a', { href: S.listHash }, '\u2190 All features')));
     root.appendChild(el('h1', null, `SAE overview \u00b7 ${S.index.run}`));
     let dead = 0, dense = 0;
     const bins = new Array(29).fill(0);   // log10 density from -7 to 0, 0.25 wide
     for (let r = 0; r < S.n; r++) {
-      const d = cols.density[r];
-      if (d === 0 || d === null) { dead++; continue; }
+      const d = density[r];
+      if (d === 0 || Number.isNaN(d)) { dead++; continue; }
       if (d > DENSE) dense++;
       const b = Math.max(0, Math.min(bins.length - 1, Math.floor((Math.log10(d) + 7) * 4)));
       bins[b]++;
@@ -461,7 +563,7 @@
     const show = (k) => el('a', { href: `#/?filter=${k}`, class: 'filterlink', dataset: { filter: k } }, FILTERS[k][0]);
     root.appendChild(el('section', { class: 'card' }, el('h2', null, 'Features'), counts,
       el('p', null, 'List: ', show('dead'), ' \u00b7 ', show('dense'), ' \u00b7 ', show('alive'),
-        ' \u00b7 sort the list by density, max activation', cols.n2g_f1 ? ' or N2G F1' : '', ' with its column headers.')));
+        ' \u00b7 sort the list by density, max activation', S.index.explained ? ' or N2G F1' : '', ' with its column headers.')));
     const W = 600, H = 180, PADB = 24, PADL = 44;
     const top = Math.max(1, ...bins);
     const bw = (W - PADL) / bins.length;
@@ -619,9 +721,14 @@
       ? `Showing ${top.length} of ${fmtInt(n)} active features.` : `All ${fmtInt(n)} active features.`));
     return card;
   }
+  // A feature's listed explanation, as a span filled once its row is fetched (null: none listed).
   function explanationOf(id) {
-    const cols = S.index.columns;
-    return cols.explanation && S.rowOf.has(id) ? el('span', { class: 'small' }, ` ${cols.explanation[S.rowOf.get(id)] || ''}`) : null;
+    const r = rowOf(id);
+    if (!S.index.explained || r === undefined) return null;
+    const span = el('span', { class: 'small' });
+    const fill = () => { span.textContent = ` ${row(r).explanation || ''}`; };
+    if (S.rowChunks.has(rowChunkUrl(r))) fill(); else ensureRows([r]).then(fill, () => {});
+    return span;
   }
 
   // A y axis with 3 ticks (0, half, top) labelled in counts: ``unscale`` turns a drawn height
@@ -874,8 +981,9 @@
   }
 
   // ---------- routing ----------
-  function route() {
+  async function route() {
     const m = /^#\/feature\/(\d+)$/.exec(location.hash);
+    const mine = ++S.routes;
     if (m) {
       renderFeature(Number(m[1]));
       window.scrollTo(0, 0);
@@ -884,8 +992,8 @@
     } else if (location.hash === '#/live') {
       renderLive();
     } else if (isListHash(location.hash)) {
-      readListHash(location.hash);
-      renderIndex();
+      await readListHash(location.hash);
+      if (mine === S.routes) renderIndex();
     } else if (S.view !== 'index') {
       renderIndex();
     }
@@ -903,6 +1011,7 @@
       clear(app()).appendChild(el('p', { class: 'status error' }, `Could not load the feature index: ${err.message}. Serve this directory over HTTP (python -m sae_platform.browser serve DIR).`));
       return;
     }
+    await applyQuery();             // the whole list by id: nothing fetched
     window.addEventListener('hashchange', route);
     route();
   }

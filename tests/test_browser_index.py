@@ -1,0 +1,216 @@
+"""The browser's chunked index: a list of many features loads, pages, sorts and searches without
+fetching every feature's row, and a rebuild rewrites only the shards whose files changed.
+
+Sort orders and postings are checked against the rule the page used to apply in memory; the page
+itself in Chromium (its network requests counted) on a 4,096-feature site of 4 shards.
+"""
+
+import json
+import re
+
+import fsspec
+import numpy as np
+import polars as pl
+import pytest
+
+try:
+    from playwright.sync_api import expect
+except ImportError:     # the chromium fixture says what to install
+    expect = None
+
+from sae_platform.browser import generate, index_files, publish
+from sae_platform.browser.synthetic import synthetic_explanations, synthetic_lineage, synthetic_shards
+from tests.test_browser import _ids, _index, _served_page, chromium  # noqa: F401  (fixture)
+
+N, SHARD = 4096, 1024
+LIGHT = dict(n_top=2, n_intervals=1, per_interval=1, n_random=1, before=3, after=2, n_bins=8, n_logits=3)
+
+
+def _light_tables(seed=0):
+    shards, edges = synthetic_shards(N, SHARD, seed=seed, **LIGHT)
+    shards = synthetic_explanations(shards, seed=seed)
+    for s in shards:  # one explanation in 500 names a rare word
+        e = s[generate.EXPLANATIONS_FRAME]
+        s[generate.EXPLANATIONS_FRAME] = e.with_columns(
+            e["explanation"].zip_with(e["feature"] % 500 != 3, e["explanation"] + " Winterreise"))
+    return shards, edges
+
+
+@pytest.fixture(scope="module")
+def big_site(tmp_path_factory):
+    shards, edges = _light_tables()
+    out = tmp_path_factory.mktemp("big") / "site"
+    publish.build_site(out, sae_name="big", shards=shards, hist_bin_edges=edges, lineage=synthetic_lineage())
+    return out
+
+
+def _data(out):
+    return out / json.loads((out / "site.json").read_text())["data"]
+
+
+def _order_rule(values, desc, tier=None):
+    """The page's former in-memory sort: missing last, ties by id (rows are in id order), in tiers."""
+    tier = tier if tier is not None else [0] * len(values)
+    present = [r for r in range(len(values)) if values[r] is not None]
+    missing = [r for r in range(len(values)) if values[r] is None]
+    key = (lambda r: (tier[r], -values[r], r)) if desc else (lambda r: (tier[r], values[r], r))
+    return sorted(present, key=key) + missing
+
+
+def test_sort_orders_are_the_pages_former_in_memory_sort(big_site):
+    cols = _index((big_site,))["columns"]
+    for key in ("density", "max"):
+        for direction in ("asc", "desc"):
+            got = np.frombuffer((_data(big_site) / f"order/{key}.{direction}.i32").read_bytes(), "<i4").tolist()
+            assert got == _order_rule(cols[key], direction == "desc"), (key, direction)
+    f1, support = cols["n2g_f1"], cols["n2g_support"]
+    tier = [2 if f1[r] is None else 1 if (support[r] or 0) < generate.N2G_MIN_SUPPORT else 0 for r in range(N)]
+    got = np.frombuffer((_data(big_site) / "order/n2g_f1.desc.i32").read_bytes(), "<i4").tolist()
+    assert got == _order_rule(f1, True, tier)
+    density = np.frombuffer((_data(big_site) / index_files.DENSITY_FILE).read_bytes(), "<f8")
+    assert [None if np.isnan(d) else d for d in density.tolist()] == cols["density"]
+
+
+def _postings(out, index, code):
+    firsts = index["token_files"]
+    n = max(i for i, first in enumerate(firsts) if first <= code)
+    body = np.frombuffer((_data(out) / f"search/tokens/{n}.i32").read_bytes(), "<i4")
+    i = code - firsts[n]
+    lo, hi = body[1 + i], body[2 + i]
+    return [(int(e) >> 3, int(e) & 7) for e in body[2 + body[0] + lo: 2 + body[0] + hi]]
+
+
+def test_token_and_explanation_postings_find_exactly_the_listed_features(big_site):
+    index = _index((big_site,))
+    cols = index["columns"]
+    for token in (" Paris", ",", "("):
+        want = sorted((r, (toks or []).index(token)) for r, toks in enumerate(cols["tokens"]) if token in (toks or []))
+        assert want and sorted(_postings(big_site, index, index["token_table"].index(token))) == want
+    words = json.loads((_data(big_site) / index_files.word_file("wi")).read_text())
+    want = [r for r, text in enumerate(cols["explanation"]) if "winterreise" in text.lower()]
+    assert words["winterreise"][0::2] == want and len(want) == N // 500 + 1
+    assert all(cols["explanation"][r][at:].lower().startswith("winterreise")
+               for r, at in zip(words["winterreise"][0::2], words["winterreise"][1::2]))
+
+
+def _shard_files(out):
+    """Per shard folder: {file: (bytes, mtime_ns, inode)} of the site ``out`` shows now."""
+    return {folder.name: {str(f.relative_to(folder)): (f.read_bytes(), f.stat().st_mtime_ns, f.stat().st_ino)
+                          for f in folder.rglob("*") if f.is_file()}
+            for folder in (out.resolve() / "shards").iterdir()}
+
+
+def _rewrite_shard(shards, index):
+    """The tables with shard ``index``'s maxima changed (as a refresh of that shard would)."""
+    changed = [dict(s) for s in shards]
+    stats = changed[index][generate.STATS_FRAME]
+    changed[index][generate.STATS_FRAME] = stats.with_columns(pl.col(generate.MAX) * 2)
+    return changed
+
+
+def test_a_rebuild_rewrites_only_the_shard_that_changed(tmp_path):
+    shards, edges = _light_tables()
+    out = tmp_path / "site"
+    first = publish.build_site(out, sae_name="big", shards=shards, hist_bin_edges=edges, lineage={})
+    assert first["shards_written"] == 4 and first["shards_kept"] == 0
+    before, first_maxima = _shard_files(out), _index((out,))["columns"]["max"]
+    second = publish.build_site(out, sae_name="big", shards=_rewrite_shard(shards, 2), hist_bin_edges=edges,
+                                lineage={})
+    assert second["shards_written"] == 1 and second["shards_kept"] == 3
+    after = _shard_files(out)
+    kept = set(before) & set(after)
+    assert len(kept) == 3 and all(f"f{2 * SHARD}-" not in name for name in kept)
+    for name in kept:                     # the same bytes, modification times and inodes: not rewritten
+        assert after[name] == before[name]
+    new = set(after) - set(before)
+    assert len(new) == 1 and next(iter(new)).startswith(f"f{2 * SHARD}-{3 * SHARD}-")
+    # the list shows the new maxima of that shard, the same of the others
+    maxima = _index((out,))["columns"]["max"]
+    assert maxima[2 * SHARD:3 * SHARD] != first_maxima[2 * SHARD:3 * SHARD]
+    assert maxima[:2 * SHARD] + maxima[3 * SHARD:] == first_maxima[:2 * SHARD] + first_maxima[3 * SHARD:]
+
+
+def test_a_rebuild_on_a_filesystem_writes_only_the_changed_shard_and_sweeps_old_ones(tmp_path):
+    shards, edges = _light_tables()
+    fs = fsspec.filesystem("memory")
+    written = []
+    pipe = fs.pipe_file
+    fs.pipe_file = lambda path, value, **kw: (written.append(path), pipe(path, value, **kw))[1]
+    try:
+        publish.build_site("/bigsite", fs=fs, sae_name="big", shards=shards, hist_bin_edges=edges, lineage={})
+        written.clear()
+        summary = publish.build_site("/bigsite", fs=fs, sae_name="big", shards=_rewrite_shard(shards, 1),
+                                     hist_bin_edges=edges, lineage={})
+        shard_writes = {p.split("/shards/")[1].split("/")[0] for p in written if "/shards/" in p}
+        assert summary["shards_kept"] == 3 and len(shard_writes) == 1
+        assert next(iter(shard_writes)).startswith(f"f{SHARD}-{2 * SHARD}-")
+        changed_1 = next(iter(shard_writes))
+        # two builds later (shard 2 changed, then shard 3), the folders neither the current nor the
+        # previous site shows are gone: shard 1's changed one; kept: both versions of shards 2 and 3
+        for i in (2, 3):
+            publish.build_site("/bigsite", fs=fs, sae_name="big", shards=_rewrite_shard(shards, i),
+                               hist_bin_edges=edges, lineage={})
+        folders = {p.rstrip("/").split("/")[-1] for p in fs.ls("/bigsite/shards", detail=False)}
+        shown = json.loads(fs.cat_file(f"/bigsite/{json.loads(fs.cat_file('/bigsite/site.json'))['data']}/index.json"))
+        assert {s["path"].split("/")[1] for s in shown["shards"]} <= folders
+        assert changed_1 not in folders and len(folders) == 4 + 2
+    finally:
+        fs.rm("/bigsite", recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# In Chromium: what the list fetches
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def big_page(chromium, big_site):  # noqa: F811  (the fixture imported above)
+    for pg in _served_page(chromium, big_site):
+        pg.fetched = []
+        pg.on("request", lambda r: pg.fetched.append(r.url[len(pg.base_url):]))
+        yield pg
+
+
+def _rows_fetched(pg):
+    return [u for u in pg.fetched if "/rows/" in u]
+
+
+def test_the_list_pages_sorts_and_searches_fetching_only_what_it_shows(big_page, big_site):
+    pg = big_page
+    index = _index((big_site,))
+    cols = index["columns"]
+    pg.goto(pg.base_url)
+    assert _ids(pg) == list(range(200))
+    # loading: the index and the rows of the first page (4 chunks of 64), no order, column or postings
+    assert len(_rows_fetched(pg)) == 4 and not [u for u in pg.fetched if "/order/" in u or "/search/" in u]
+    pg.click("#next-page")
+    assert _ids(pg) == list(range(200, 400)) and len(_rows_fetched(pg)) == 8 - 1   # chunk 3 was fetched already
+    pg.fetched.clear()
+    pg.click("button[data-sort=density]")                 # descending, missing last, ties by id
+    pg.wait_for_selector("button.sort.active[data-sort=density]")
+    assert _ids(pg) == [cols["feature"][r] for r in _order_rule(cols["density"], True)][:200]
+    assert [u for u in pg.fetched if "/order/" in u] and all(u.endswith("density.desc.i32")
+                                                             for u in pg.fetched if "/order/" in u)
+    assert len(_rows_fetched(pg)) <= 200 and not [u for u in pg.fetched if "/search/" in u]
+    pg.fetched.clear()
+    pg.fill("#search", " Paris")                          # by token: the features whose strongest tokens hold it
+    expect(pg.locator("#count")).to_contain_text("matching")
+    holders = {r for r, toks in enumerate(cols["tokens"]) if any("paris" in t.strip().lower() for t in toks or [])}
+    explained = {r for r, text in enumerate(cols["explanation"])        # and whose explanation has a word "paris…"
+                 if any(w.startswith("paris") for w in re.findall(r"\w+", text.lower()))}
+    assert pg.locator("#count").inner_text().startswith(f"{len(holders | explained):,} matching")
+    got = _ids(pg)                                        # still sorted by density
+    assert set(got) <= holders | explained and got == sorted(got, key=lambda f: (-(cols["density"][f] or -1), f))
+    postings = {u.split("/search/")[1].split("/")[0] for u in pg.fetched if "/search/" in u}
+    assert postings == {"tokens", "words"}
+    pg.fill("#search", "winterreise")                     # by explanation: one postings file of words
+    expect(pg.locator("#count")).to_contain_text(f"{N // 500 + 1} matching")
+    assert sorted(_ids(pg)) == [f for f in range(N) if f % 500 == 3]
+    assert [u for u in pg.fetched if "/search/words/" in u][-1] == f"data/{_data(big_site).name}/search/words/7769.json"
+    pg.fill("#search", "3000")                            # by id, then open it: one feature chunk
+    expect(pg.locator("table.features tbody tr").first).to_have_attribute("data-feature", "3000")
+    pg.fetched.clear()
+    pg.press("#search", "Enter")
+    pg.wait_for_selector("h1:has-text('Feature 3000')")
+    pg.wait_for_selector("#lineage")
+    assert [u for u in pg.fetched if "/features/" in u] == [f"{index['shards'][2]['path']}/features/46.json"]
+    assert not pg.problems, pg.problems
