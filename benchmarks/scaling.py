@@ -314,36 +314,47 @@ def mem_available() -> int:
     raise SystemExit("no MemAvailable in /proc/meminfo: this benchmark measures memory through /proc (Linux)")
 
 
-def run_stage(name: str, job: dict, table: list) -> dict:
-    result = {**measure(STAGES[name], job), "stage": name, "label": job["label"]}
+def run_stage(name: str, job: dict, records: list) -> dict:
+    """Measure stage ``name`` on ``job``; its record (``measure``'s figures, the stage, the sweep and the
+    size) is printed as a table row, kept in ``records`` and appended to ``job['record']`` if given."""
+    result = {**measure(STAGES[name], job), "stage": name, "sweep": job["sweep"], "label": job["label"],
+              "n_latents": job.get("n_latents")}
     result.setdefault("seconds_per_token", result["seconds"] / result["tokens"])
-    table.append(result)
+    result["load_1m"] = os.getloadavg()[0]
+    keep(result, job, records)
     print(f"{name:<9}{job['label']:>20}{result['tokens']:>9,}{result['seconds']:>9.2f}"
           f"{result['seconds_per_token'] * 1e6:>11.1f}{result['peak_bytes'] / 2**20:>10.1f}"
           f"{result['peak_rss'] / 2**20:>10.1f}   {result.get('path', '')}", flush=True)
     return result
 
 
-def cached_data(job: dict, table: list) -> dict:
+def keep(record: dict, job: dict, records: list) -> None:
+    """Keep a record, and append it to the run's record file at once: a long run that dies (or is
+    stopped) keeps every figure it measured (``--from-record`` prints them and draws the plot)."""
+    records.append(record)
+    if job.get("record"):
+        with open(job["record"], "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def cached_data(job: dict, records: list) -> dict:
     """Cache and shuffle ``job``'s text into ``job['root']``; the job with what the stages need next."""
-    cache = run_stage("cache", job, table)
+    cache = run_stage("cache", job, records)
     job = {**job, "tokens": cache["tokens"], "d_model": cache["d_model"]}
-    run_stage("shuffle", job, table)
+    run_stage("shuffle", job, records)
     return job
 
 
-def token_sweep(sizes: Sizes, base: dict, tmp: Path) -> dict[str, list[dict]]:
-    """Every stage at 1x, 4x and 16x the tokens (``sizes.token_latents`` latents); per stage its results."""
-    table = []
+def token_sweep(sizes: Sizes, base: dict, tmp: Path, records: list) -> None:
+    """Every stage at 1x, 4x and 16x the tokens (``sizes.token_latents`` latents)."""
     for factor in TOKEN_FACTORS:
-        job = {**base, "root": str(tmp / f"tokens-{factor}x"), "label": f"{factor}x tokens",
+        job = {**base, "root": str(tmp / f"tokens-{factor}x"), "label": f"{factor}x tokens", "sweep": "tokens",
                "text": base["texts"][factor], "n_contexts": factor * sizes.tokens // sizes.ctx_len,
                "n_latents": sizes.token_latents, "train_steps": sizes.train_steps * factor}
-        job = cached_data(job, table)
+        job = cached_data(job, records)
         for name in TOKEN_STAGES[2:]:
-            run_stage(name, job, table)
+            run_stage(name, job, records)
         shutil.rmtree(job["root"])
-    return {name: [r for r in table if r["stage"] == name] for name in TOKEN_STAGES}
 
 
 def predicted_peak(results: list[dict], n_latents: int) -> int:
@@ -365,42 +376,50 @@ def fits(results: list[dict], n_latents: int) -> dict | None:
                    f"{free / 2**30:.1f} GiB"}
 
 
-def latent_sweep(sizes: Sizes, base: dict, tmp: Path) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
-    """Training and the feature stages at each width on ``sizes.latent_tokens`` tokens: per stage its
-    results, and per stage the widths skipped (predicted not to fit in memory; the feature stages
-    after pass 1 need its output, so they are skipped with it)."""
+def latent_sweep(sizes: Sizes, base: dict, tmp: Path, records: list) -> None:
+    """Training and the feature stages at each width on ``sizes.latent_tokens`` tokens. A stage whose
+    predicted peak does not fit in memory is skipped (its record says why); the feature stages after
+    pass 1 need its output, so they are skipped with it."""
     data = cached_data({**base, "root": str(tmp / "latents-data"), "label": "latent sweep data",
-                        "text": base["texts"]["latents"], "n_contexts": sizes.latent_tokens // sizes.ctx_len,
-                        "train_steps": sizes.train_steps}, [])
-    results = {name: [] for name in LATENT_STAGES}
-    skipped = {name: [] for name in LATENT_STAGES}
+                        "sweep": "latent data", "text": base["texts"]["latents"],
+                        "n_contexts": sizes.latent_tokens // sizes.ctx_len, "train_steps": sizes.train_steps}, [])
     for n_latents in sizes.latents:
         job = {**data, "root": str(tmp / f"latents-{n_latents}"), "label": f"{n_latents:,} latents",
-               "n_latents": n_latents}
+               "sweep": "latents", "n_latents": n_latents}
         shutil.copytree(data["root"], job["root"])
         for name in LATENT_STAGES:
-            no_pass_1 = [s for s in skipped["pass_1"] if s["n_latents"] == n_latents]
+            done = [r for r in records if r["sweep"] == "latents" and r["stage"] == name and "skipped" not in r]
+            no_pass_1 = [r for r in records if r["stage"] == "pass_1" and r.get("skipped", {}).get("n_latents")
+                         == n_latents]
             depends = name in FEATURE_STAGES[1:] and no_pass_1
-            why = {**no_pass_1[0], "why": "pass 1 was skipped"} if depends else fits(results[name], n_latents)
+            why = {**no_pass_1[0]["skipped"], "why": "pass 1 was skipped"} if depends else fits(done, n_latents)
             if why:
-                skipped[name].append(why)
+                keep({"stage": name, "sweep": "latents", "label": job["label"], "skipped": why}, job, records)
                 print(f"{name:<9}{job['label']:>20}   skipped: {why['why']}", flush=True)
                 continue
-            results[name].append({**run_stage(name, job, []), "n_latents": n_latents})
+            run_stage(name, job, records)
         shutil.rmtree(job["root"])
-    return results, skipped
+
+
+def by_stage(records: list[dict], sweep: str, stages: tuple[str, ...]) -> dict[str, list[dict]]:
+    """The measured records of one sweep, per stage, in the order measured."""
+    return {name: [r for r in records if r["sweep"] == sweep and r["stage"] == name and "skipped" not in r]
+            for name in stages}
 
 
 # ---------------------------------------------------------------------------------------------
 # figures
 # ---------------------------------------------------------------------------------------------
 
-def token_lines(results: dict[str, list[dict]], n_latents: int) -> list[dict]:
+def token_lines(results: dict[str, list[dict]]) -> list[dict]:
     """Per stage: time per token and peak RSS at 16x the tokens against 1x."""
     lines = []
     for name, runs in results.items():
+        if not runs:
+            continue
         first, last = runs[0], runs[-1]
-        sizes = {"tokens": [r["tokens"] for r in runs], "stage_path": last.get("path"), "n_latents": n_latents}
+        sizes = {"tokens": [r["tokens"] for r in runs], "stage_path": last.get("path"), "n_latents": last["n_latents"],
+                 **({"data_bytes": [r["data_bytes"] for r in runs]} if "data_bytes" in last else {})}
         lines.append({"metric": f"scaling_{name}_seconds_per_token_vs_tokens", "value": last["seconds_per_token"],
                       "baseline": first["seconds_per_token"],
                       "ratio": last["seconds_per_token"] / first["seconds_per_token"], "goal": GOAL_TIME_GROWTH,
@@ -416,7 +435,7 @@ def token_lines(results: dict[str, list[dict]], n_latents: int) -> list[dict]:
     return lines
 
 
-def latent_lines(results: dict[str, list[dict]], skipped: dict[str, list[dict]], tokens: int) -> list[dict]:
+def latent_lines(results: dict[str, list[dict]], skipped: dict[str, list[dict]]) -> list[dict]:
     """Per stage: time per token and peak RSS at the widest SAE measured against the narrowest. A
     feature stage's memory goal: its peak per job grows no faster than its latents per shard."""
     lines = []
@@ -424,7 +443,7 @@ def latent_lines(results: dict[str, list[dict]], skipped: dict[str, list[dict]],
         if not runs:
             continue
         first, last = runs[0], runs[-1]
-        sizes = {"n_latents": [r["n_latents"] for r in runs], "tokens": tokens, "skipped": skipped[name],
+        sizes = {"n_latents": [r["n_latents"] for r in runs], "tokens": last["tokens"], "skipped": skipped[name],
                  "stage_path": last.get("path")}
         lines.append({"metric": f"scaling_{name}_seconds_per_token_vs_latents", "value": last["seconds_per_token"],
                       "baseline": first["seconds_per_token"],
@@ -482,6 +501,10 @@ def parse_args(argv=None):
                         help="hook layer (default: the middle layer, as the pipeline); the forward stops there")
     parser.add_argument("--autocast", default="auto", help="caching forward's autocast (sae_platform.model)")
     parser.add_argument("--plot", help="write the figure here (e.g. docs/scaling.png)")
+    parser.add_argument("--sweeps", default="tokens,latents", type=lambda v: v.split(","),
+                        help="which sweeps to run: tokens, latents or both (default: %(default)s)")
+    parser.add_argument("--record", help="append each stage's figures to this JSON-lines file as it ends")
+    parser.add_argument("--from-record", help="measure nothing: print the figures (and --plot) of a --record file")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     given = {"tokens": args.tokens, "token_latents": args.token_latents, "latent_tokens": args.latent_tokens,
@@ -498,7 +521,9 @@ def parse_args(argv=None):
     if sizes.train_batch * sizes.train_steps > min(sizes.tokens, sizes.latent_tokens):
         parser.error(f"training {sizes.train_steps} steps of {sizes.train_batch} rows needs more rows than the "
                      f"{min(sizes.tokens, sizes.latent_tokens)} cached: lower --train-batch or --train-steps")
-    if not sorted(Path(args.corpus).glob("*.txt")):
+    if args.from_record and not Path(args.from_record).is_file():
+        parser.error(f"--from-record {args.from_record}: no such file; pass the --record file of a run")
+    if not args.from_record and not sorted(Path(args.corpus).glob("*.txt")):
         parser.error(f"no .txt files in {args.corpus}: run `make setup` to fetch the demo corpus, or pass --corpus")
     return args, sizes
 
@@ -508,39 +533,57 @@ def noisy(load_before: float, load_after: float) -> bool:
     return max(load_before, load_after) > len(os.sched_getaffinity(0)) + 0.5
 
 
-def main(argv=None) -> int:
-    args, sizes = parse_args(argv)
-    wall, load_before = time.perf_counter(), os.getloadavg()[0]
+def measure_all(args, sizes: Sizes) -> list[dict]:
+    """Both sweeps in a temporary directory; every stage's record (also appended to ``--record``)."""
+    records = []
     with tempfile.TemporaryDirectory(prefix="stage_scaling-") as folder:
         tmp = Path(folder)
         texts = {f: str(tmp / f"text-{f}x.txt") for f in TOKEN_FACTORS} | {"latents": str(tmp / "text-latents.txt")}
         base = {"model": args.model, "model_root": args.model_root, "layer": args.layer, "autocast": args.autocast,
-                "texts": texts,
-                "corpus": args.corpus, "ctx_len": sizes.ctx_len, "batch_size": sizes.batch_size,
-                "train_batch": sizes.train_batch, "shuffle_budget": sizes.shuffle_budget, "label": "texts"}
-        contexts = {texts[f]: f * sizes.tokens // sizes.ctx_len for f in TOKEN_FACTORS}
-        measure(write_texts, {**base, "texts": {**contexts, texts["latents"]: sizes.latent_tokens // sizes.ctx_len}})
+                "texts": texts, "corpus": args.corpus, "ctx_len": sizes.ctx_len, "batch_size": sizes.batch_size,
+                "train_batch": sizes.train_batch, "shuffle_budget": sizes.shuffle_budget, "label": "texts",
+                "record": args.record}
+        contexts = {texts[f]: f * sizes.tokens // sizes.ctx_len for f in TOKEN_FACTORS if "tokens" in args.sweeps}
+        if "latents" in args.sweeps:
+            contexts[texts["latents"]] = sizes.latent_tokens // sizes.ctx_len
+        measure(write_texts, {**base, "texts": contexts})
         print(f"stage cost against the work: {sizes}\n{'stage':<9}{'size':>20}{'tokens':>9}{'s':>9}{'us/token':>11}"
               f"{'peak MiB':>10}{'RSS MiB':>10}   path", flush=True)
-        by_tokens = token_sweep(sizes, base, tmp)
-        by_latents, skipped = latent_sweep(sizes, base, tmp)
-    load_after, wall_s = os.getloadavg()[0], time.perf_counter() - wall
-    loaded = noisy(load_before, load_after)
-    print(f"wall time {wall_s:.1f} s; load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs")
+        if "tokens" in args.sweeps:
+            token_sweep(sizes, base, tmp, records)
+        if "latents" in args.sweeps:
+            latent_sweep(sizes, base, tmp, records)
+    return records
+
+
+def main(argv=None) -> int:
+    args, sizes = parse_args(argv)
+    wall = time.perf_counter()
+    if args.from_record:
+        records = [json.loads(line) for line in Path(args.from_record).read_text().splitlines() if line.strip()]
+    else:
+        records = measure_all(args, sizes)
+    wall_s = time.perf_counter() - wall
+    loads = [r["load_1m"] for r in records if "load_1m" in r]
+    loaded = noisy(min(loads, default=0.0), max(loads, default=0.0))
+    print(f"wall time {wall_s:.1f} s; load average {min(loads, default=0):.2f} - {max(loads, default=0):.2f} "
+          f"after the stages, on {os.cpu_count()} CPUs")
     if loaded:
         print("WARNING: other work was running on this machine (load average above the CPU count): timings are "
               "noisy (memory figures are not affected)")
+    by_tokens, by_latents = by_stage(records, "tokens", TOKEN_STAGES), by_stage(records, "latents", LATENT_STAGES)
+    skipped = {name: [r["skipped"] for r in records if r["stage"] == name and "skipped" in r] for name in LATENT_STAGES}
     if args.plot:
         Path(args.plot).write_bytes(stage_scaling_png(curves(by_tokens, "tokens"), curves(by_latents, "n_latents"),
                                                       loaded=loaded))
         print(f"plot: {args.plot}")
     common = {"quick": args.quick, "model": args.model, "layer": args.layer, "n_feature_shards": N_FEATURE_SHARDS,
-              "k": K,
-              "train_batch": sizes.train_batch, "train_steps": sizes.train_steps, "ctx_len": sizes.ctx_len,
+              "k": K, "train_batch": sizes.train_batch, "train_steps": sizes.train_steps, "ctx_len": sizes.ctx_len,
               "device": "cpu", "torch_threads": torch.get_num_threads(), "wall_s": round(wall_s, 1),
-              "load_before": load_before, "load_after": load_after, "noisy": loaded}
+              "load_1m": [min(loads, default=None), max(loads, default=None)], "noisy": loaded,
+              **({"from_record": args.from_record} if args.from_record else {})}
     print()
-    for line in token_lines(by_tokens, sizes.token_latents) + latent_lines(by_latents, skipped, sizes.latent_tokens):
+    for line in token_lines(by_tokens) + latent_lines(by_latents, skipped):
         print(json.dumps({**line, **common}))
     return 0
 
