@@ -14,8 +14,9 @@ Everything runs through the core functions on a real artifact store in a tempora
 the demo corpus (``data/demo_corpus``, `make setup`) cut to exactly the contexts wanted, cached
 by ``activations.cache_text_file`` with the real default model (SmolLM2-135M, converted once into
 ``--model-root`` as ``benchmarks/cache_throughput.py`` does; ``--model DIR`` takes any Hugging Face
-model directory), shuffled by ``shuffle.run_shuffle`` through a memory budget of the 1x data's
-bytes (so every size runs beyond memory, as a real run does), trained by ``trainer.train_sae``,
+model directory; ``--layer`` the hook layer, where the forward stops), shuffled by
+``shuffle.run_shuffle`` through one memory budget at every size (``Sizes.shuffle_budget``),
+trained by ``trainer.train_sae``,
 and described by the feature stages exactly as ``assets/features.py`` runs them: pass 1
 (``features.compute_and_write_partials`` over every feature shard: :func:`pass_1_job`), pass 2
 (``feature_merge.merge_shard_tables`` + ``write_tables`` per shard; the blocking exactness check
@@ -39,10 +40,13 @@ moments: 40 bytes per latent per d_model dimension), more than this machine has.
 
 Figures: one JSON line per (stage, sweep, figure), the value at the largest size, the baseline at
 the smallest, their ratio and the goal (issue 25): time per token at 16x the tokens <= 1.25x that
-at 1x; peak RSS (``peak_bytes``) at 16x <= 1.2x; a feature stage's memory per job no faster than
-its latents per feature shard (``ratio`` = peak-RSS ratio / latents-per-shard ratio, goal <= 1).
-Time against width has no goal (a TopK encode multiplies by every latent: linear is expected).
-``--plot`` draws docs/scaling.png (``plots.stage_scaling_png``).
+at 1x; peak RSS (``peak_bytes``) at 16x <= 1.2x; pass 1's memory per job (VmHWM) grows no
+faster than its latents per feature shard (``goal`` = the latents-per-shard ratio). Time against
+width has no goal (a TopK encode multiplies by every latent: linear is expected). ``--plot``
+draws docs/scaling.png (``plots.stage_scaling_png``). ``--record FILE`` appends each stage's
+figures as it ends (a long run that dies keeps them); ``--from-record FILE`` measures nothing and
+prints the figures and plot of a record file (several runs' records may be concatenated);
+``--sweeps`` runs one sweep.
 """
 
 import argparse
