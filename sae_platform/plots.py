@@ -123,6 +123,26 @@ def scaling_laws_png(points, fit: dict) -> bytes:
     return _png(fig)
 
 
+def stage_scaling_png(by_tokens: dict, by_latents: dict, *, loaded: bool = False) -> bytes:
+    """The platform's cost against the work (``benchmarks/scaling.py``, not the loss scaling law):
+    2 x 2 log-log panels, time per token (top) and peak RSS per job (bottom) against the tokens
+    (left) and the SAE's latents (right), one line per stage. ``by_tokens`` / ``by_latents``: stage ->
+    (sizes, seconds per token, peak RSS bytes), lists of one length; ``loaded`` marks the title."""
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    axes = fig.subplots(2, 2)
+    stages = list(dict.fromkeys([*by_tokens, *by_latents]))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(stages)}
+    for column, (curves, xlabel) in enumerate(((by_tokens, "tokens"), (by_latents, "latents (SAE width)"))):
+        for name, (sizes, per_token, peak) in curves.items():
+            axes[0, column].plot(sizes, [t * 1e6 for t in per_token], marker="o", color=colours[name], label=name)
+            axes[1, column].plot(sizes, [b / 2**20 for b in peak], marker="o", color=colours[name], label=name)
+        axes[0, column].set(xscale="log", yscale="log", ylabel="time per token (us)", title=f"against {xlabel}")
+        axes[1, column].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="peak RSS of the job (MiB)")
+    axes[0, 0].legend(fontsize="small")
+    fig.suptitle("Cost of each stage as the work grows" + (" (loaded machine)" if loaded else ""))
+    return _png(fig)
+
+
 def absorption_by_letter_png(letters: list[dict]) -> bytes:
     """Bar chart of the mean absorption fraction and full-absorption rate per first letter
     (``letters``: the ``letters`` of an absorption result; each in [0, 1])."""

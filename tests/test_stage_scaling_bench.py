@@ -1,0 +1,64 @@
+"""benchmarks/scaling.py (how each stage's cost grows with the work, issue 25) at its smallest sizes on
+the tiny model: every stage runs through the core functions on a real store in its own process, and
+one JSON line per figure comes out with its sizes, ratio and goal; bad sizes are refused up front."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "scaling.py"
+TOKEN_STAGES = ("cache", "shuffle", "train", "pass_1", "pass_2", "pass_3", "browser")
+LATENT_STAGES = ("train", "pass_1", "pass_2", "pass_3", "browser")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+
+
+def _lines(stdout: str) -> dict[str, dict]:
+    return {line["metric"]: line for line in map(json.loads, (x for x in stdout.splitlines() if x.startswith("{")))}
+
+
+def test_every_stage_prints_its_cost_against_tokens_and_latents(tiny_model_dir, text_dir, tmp_path):
+    plot, record = tmp_path / "scaling.png", tmp_path / "record.jsonl"
+    run = _run("--record", str(record), "--quick", "--model", str(tiny_model_dir),
+               "--model-root", str(tmp_path / "models"), "--corpus", str(text_dir),
+               "--ctx-len", "16", "--tokens", "32", "--token-latents", "64",
+               "--latents", "64,256", "--latent-tokens", "32", "--train-batch", "8",
+               "--shuffle-budget", str(1 << 20), "--plot", str(plot))
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    lines = _lines(run.stdout)
+    expected = {f"scaling_{stage}_{figure}_vs_tokens" for stage in TOKEN_STAGES
+                for figure in ("seconds_per_token", "peak_rss")}
+    expected |= {f"scaling_{stage}_{figure}_vs_latents" for stage in LATENT_STAGES
+                 for figure in ("seconds_per_token", "peak_rss")}
+    assert set(lines) == expected
+    for name, line in lines.items():
+        assert math.isfinite(line["ratio"]) and line["value"] > 0 and line["baseline"] > 0, name
+        assert line["ratio"] == line["value"] / max(line["baseline"], 1 if "peak_rss_vs_tokens" in name else 0), name
+    cache = lines["scaling_cache_seconds_per_token_vs_tokens"]
+    assert len(cache["tokens"]) == 3 and cache["tokens"][2] > 8 * cache["tokens"][0]  # 1x, 4x, 16x contexts
+    assert cache["goal"] == 1.25 and lines["scaling_shuffle_peak_rss_vs_tokens"]["goal"] == 1.2
+    pass_1 = lines["scaling_pass_1_peak_rss_vs_latents"]
+    assert pass_1["n_latents"] == [64, 256] and pass_1["goal"] == 4.0  # latents per shard grew 4x
+    assert pass_1["latents_per_job"] == [64, 256]  # today: a pass-1 job holds every feature shard
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    # every stage's figures were appended as it ended: a run stopped midway keeps them, and prints them again
+    again = _run("--quick", "--from-record", str(record))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {k: v["values"] for k, v in _lines(again.stdout).items()} == {k: v["values"] for k, v in lines.items()}
+
+
+def test_sizes_that_cannot_run_are_refused_naming_the_fix(tmp_path):
+    (tmp_path / "empty").mkdir()
+    run = _run("--quick", "--corpus", str(tmp_path / "empty"))
+    assert run.returncode == 2 and "no .txt files in" in run.stderr and "make setup" in run.stderr
+    run = _run("--quick", "--tokens", "100", "--corpus", str(tmp_path / "empty"))
+    assert run.returncode == 2 and "--tokens 100 is not a multiple of --ctx-len 128" in run.stderr
+    run = _run("--quick", "--train-batch", "4096", "--corpus", str(tmp_path / "empty"))
+    assert run.returncode == 2 and "lower --train-batch or --train-steps" in run.stderr
+    run = _run("--quick", "--from-record", str(tmp_path / "absent.jsonl"))
+    assert run.returncode == 2 and "absent.jsonl: no such file" in run.stderr
