@@ -66,9 +66,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from sae_platform.catalog import batches_pin, checkpoint_pin, pinned_checkpoint, reports_url_path
+from sae_platform.catalog import ABSORPTION_CHART, batches_pin, checkpoint_pin, pinned_checkpoint, reports_url_path
 from sae_platform.errors import PlatformError
 from sae_platform.metric_info import metric_info_json
+from sae_platform.plots import absorption_png
 from sae_platform.tables import (
     ACTIVATION,
     ACTS,
@@ -489,13 +490,34 @@ def _evaluation_figures(report: dict | None) -> dict | None:
     return out
 
 
+def _absorption_overview(absorption: dict | None) -> tuple[dict | None, bytes | None]:
+    """What the overview shows of an absorption result (``absorption.absorb_checkpoint``): scored
+    or the refusal's text, the letters counted out of 26, the means and standard deviations over
+    letters, and the per-letter chart (``plots.absorption_png``) as PNG bytes; (None, None) when
+    absorption was not measured."""
+    if not absorption:
+        return None, None
+    shown = {"scored": bool(absorption.get("scored")), "refusal": absorption.get("refusal"),
+             "letters_counted": len(absorption.get("letters_counted") or []),
+             "metrics": _evaluation_figures(absorption.get("metrics")) or {}, "chart": None}
+    png = absorption_png(absorption)
+    if png is not None:
+        shown["chart"] = ABSORPTION_CHART
+    return shown, png
+
+
 def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
                n_intervals: int | None = None, version: str | None = None,
                dagster_url: str | None = None, evaluation: dict | None = None,
-               hook_point: str | None = None) -> dict[str, bytes]:
+               hook_point: str | None = None, absorption: dict | None = None,
+               figures_version: str | None = None) -> dict[str, bytes]:
     """Every file of the site, by relative path (what
     :func:`sae_platform.browser.publish.build_site` writes). ``evaluation``:
-    the SAE's evaluation figures (``sae_eval``'s report), shown on the overview page."""
+    the SAE's evaluation figures (``sae_eval``'s report, with sparse probing's accuracies and the
+    absorption means when measured), shown on the overview page; ``absorption``: its absorption
+    result (``absorption.json``), shown there as figures or its refusal, with the per-letter chart;
+    ``figures_version``: what those figures were read from (``compare.figures_version``), pinned in
+    ``site.json`` so a later measurement makes the site stale."""
     edges = [float(e) for e in hist_bin_edges]
     if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
         raise PlatformError(f"bad hist_bin_edges {edges[:8]}…", "pass at least 2 finite, increasing bin edges")
@@ -509,6 +531,7 @@ def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
     if not VERSION_RE.fullmatch(version):
         raise PlatformError(f"bad site version {version!r}", "use the form YYYYmmddTHHMMSS-<8 hex digits>")
     data = f"data/{version}"
+    absorption_shown, absorption_chart = _absorption_overview(absorption)
     meta = {
         "run": str(sae_name), "version": version, "n_features": int(ids.size),
         "hook_point": None if hook_point is None else str(hook_point),
@@ -520,9 +543,12 @@ def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "evaluation": _evaluation_figures(evaluation),
         "metric_info": metric_info_json(),  # what each evaluation figure means (the overview's groups)
+        "absorption": absorption_shown,  # chart: a file of this data folder
         "comparison_url": reports_url_path(),  # the sweep comparison page, when the server serves reports/
     }
     files = {f"{data}/index.json": _index_json(ids, stats, examples, meta, explanations)}
+    if absorption_chart is not None:
+        files[f"{data}/{ABSORPTION_CHART}"] = absorption_chart
     for name, body in _chunk_files(_feature_frame(ids, stats, examples, logits, explanations)).items():
         files[f"{data}/{name}"] = body
     static = _static_bytes()
@@ -532,6 +558,6 @@ def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
     files["index.html"] = INDEX_HTML.format(csp=CSP, css_hash=digest["app.css"], js_hash=digest["app.js"],
                                       steer_hash=digest["steer.js"]).encode()
     # the checkpoint and batches the site shows (freshness reads them)
-    pin = {**checkpoint_pin(pinned_checkpoint(lineage)), **batches_pin(lineage)}
+    pin = {**checkpoint_pin(pinned_checkpoint(lineage)), **batches_pin(lineage), "figures_version": figures_version}
     files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(sae_name), **pin})  # last: the switch
     return files
