@@ -418,8 +418,10 @@ def compare_saes(run: StageRun) -> dict:
     columns = {"sae": "string", "hook_point": "string", **kinds}
     scaling = ({"scaling_exponents": table_preview(scaling_summary(fit), SUMMARY_COLUMNS)} if fit
                else {"scaling_laws": f"not fitted: {refusal}"})
+    refused = {f"absorption_refused/{r['sae']}": r["absorption_refusal"] for r in rows if r["absorption_refusal"]}
     return {"evaluated": len(rows), "sweep_entries": len(SAE_SWEEP_SPECS),
             "comparison": table_preview([{k: r[k] for k in columns} for r in rows], columns), **error_metadata, **truth,
+            **refused,
             **scaling,
             "page": MetadataValue.path(store.url(page)),
             "page_in_browser": MetadataValue.url(BROWSER_URL + reports_url_path(SWEEP_COMPARISON))}
