@@ -19,8 +19,8 @@ from assets.sensors import downstream_freshness_sensor, inbox_sensor, nightly_re
 from assets.stage import stage_asset  # noqa: E402
 
 STAGES = {stage.asset: stage for stage in
-          [*activations.STAGES, *shuffle.STAGES, *training.STAGES, *absorption.STAGES, *circuit_tracer.STAGES,
-           *features.STAGES]}
+          [*activations.STAGES, *shuffle.STAGES, *training.STAGES, *absorption.STAGES, *training.SWEEP_STAGES,
+           *circuit_tracer.STAGES, *features.STAGES]}
 GROUPS = {name: stage.group for name, stage in STAGES.items()}
 ASSETS = [stage_asset(stage, guard=refuse_cross_stage_backfill(GROUPS)) for stage in STAGES.values()]
 SENSORS = [inbox_sensor, downstream_freshness_sensor]

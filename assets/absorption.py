@@ -13,9 +13,16 @@ from assets.metadata import inline_png, table_preview
 from assets.partitions import SAE_SWEEP
 from assets.stage import AssetJob, Stage, StageRun, pointer_version
 from sae_platform import absorption
-from sae_platform.catalog import ABSORPTION_REPORT, SAEBENCH_ABSORPTION, absorption_name, model_name, report_path
+from sae_platform.catalog import (
+    ABSORPTION_CHART,
+    ABSORPTION_REPORT,
+    SAEBENCH_ABSORPTION,
+    absorption_name,
+    model_name,
+    report_path,
+)
 from sae_platform.model import pick_device
-from sae_platform.plots import absorption_by_letter_png
+from sae_platform.plots import absorption_png
 
 LETTER_COLUMNS = {"first_letter": "string", "mean_absorption_fraction": "float", "full_absorption_rate": "float",
                   "num_full_absorption": "int", "num_probe_true_positives": "int", "num_split_features": "int",
@@ -47,7 +54,7 @@ def measure_absorption(run: StageRun) -> dict:
                                           model_name=run.resources.language_model.source, inputs=_inputs(run),
                                           log=run.log.info)
     folder = store.resolve(absorption_name(name))
-    metadata = {"hook_name": result["hook_name"], "scored": result["scored"],
+    metadata = {**_chart(store, name, result), "hook_name": result["hook_name"], "scored": result["scored"],
                 "letters_counted": len(result["letters_counted"]), "test_words": result["n_test_words"],
                 "train_words": result["n_train_words"], "vocabulary": result["n_vocabulary"],
                 "seconds": result["seconds"], "result": MetadataValue.path(store.url(f"{folder}/{ABSORPTION_REPORT}"))}
@@ -58,14 +65,21 @@ def measure_absorption(run: StageRun) -> dict:
     run.log.info(f"{name}: mean absorption fraction {result['metrics']['mean_absorption_fraction_score']:.4f}, "
                  f"full absorption {result['metrics']['mean_full_absorption_score']:.4f} over "
                  f"{len(result['letters'])} letters")
-    png = absorption_by_letter_png(result["letters"])
-    plot_path = report_path(store, name, "absorption_by_letter.png")
-    store.write_bytes_atomic(plot_path, png)
     return {**result["metrics"], **metadata,
-            "absorption_by_letter": inline_png(png, "absorption per letter"),
-            "absorption_by_letter_path": MetadataValue.path(store.url(plot_path)),
             "letters": table_preview([{k: r[k] for k in LETTER_COLUMNS} for r in result["letters"]], LETTER_COLUMNS),
             "saebench_result": MetadataValue.path(store.url(f"{folder}/{SAEBENCH_ABSORPTION}"))}
+
+
+def _chart(store, name: str, result: dict) -> dict:
+    """The per-letter bar chart (``plots.absorption_png``: the scores when scored, the probe's F1 per
+    letter when refused for too few letters), stored beside the SAE's other plots and inlined."""
+    png = absorption_png(result)
+    if png is None:
+        return {}
+    plot_path = report_path(store, name, ABSORPTION_CHART)
+    store.write_bytes_atomic(plot_path, png)
+    return {"absorption_by_letter": inline_png(png, "absorption per letter"),
+            "absorption_by_letter_path": MetadataValue.path(store.url(plot_path))}
 
 
 SAE_ABSORPTION = Stage(

@@ -21,6 +21,7 @@ from sae_platform.activations import activation_attrs, activation_hook_entry, op
 from sae_platform.browser.address import BROWSER_URL
 from sae_platform.browser.publish import build_site, site_record
 from sae_platform.catalog import eval_name, trained_on
+from sae_platform.compare import absorption_result, figures_version, saebench_figures
 from sae_platform.contexts import shown_examples
 from sae_platform.feature_check import brute_force_check
 from sae_platform.feature_merge import FeatureTables, merge_shard_tables, read_tables, write_tables
@@ -436,10 +437,13 @@ def write_browser(run: StageRun) -> dict:
     hook = hook_point(lineage.get("base_model") or {})  # read from the SAE's own hook-point store (lineage.py)
     out = catalog.browser_dir(store, settings.sae_name)
     evaluated = store.resolve(eval_name(settings.sae_name))  # the overview page's figures, when evaluated
-    evaluation = store.read_json(f"{evaluated}/{catalog.EVAL_REPORT}") if evaluated else None
+    evaluation = ({**store.read_json(f"{evaluated}/{catalog.EVAL_REPORT}"),
+                   **saebench_figures(store, settings.sae_name)} if evaluated else None)
     summary = build_site(out if store.is_local else store.url(out), sae_name=settings.sae_name, shards=shards,
                          hist_bin_edges=ft.hist_bin_edges(), lineage=lineage, n_intervals=settings.n_intervals,
-                         fs=None if store.is_local else store.fs, evaluation=evaluation, hook_point=hook)
+                         fs=None if store.is_local else store.fs, evaluation=evaluation, hook_point=hook,
+                         absorption=absorption_result(store, settings.sae_name),
+                         figures_version=figures_version(store, [settings.sae_name]))
     run.log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
     return {
         "hook_point": hook, "n_features": summary["n_features"], "bytes": summary["bytes"],
@@ -447,6 +451,20 @@ def write_browser(run: StageRun) -> dict:
         "seconds": summary["seconds"], "path": MetadataValue.path(store.url(out)),
         "url": MetadataValue.url(BROWSER_URL), "serve_with": "make browse  (or: sae-platform browse)",
     }
+
+
+def browser_current(run: StageRun) -> str | None:
+    """The browser is up to date while the feature tables describe the current checkpoint
+    (``tables_current``) and its overview shows the SAE's current figures: an evaluation, sparse
+    probing or absorption committed after the site was built makes it stale."""
+    tables = tables_current(run)
+    if tables is None:
+        return None
+    name = _settings(run).sae_name
+    shown = (site_record(run.store, catalog.browser_dir(run.store, name)) or {}).get("figures_version")
+    if shown != figures_version(run.store, [name]):
+        return None
+    return f"{tables}, and its overview shows the current evaluation, sparse probing and absorption"
 
 
 def browser_version(run: StageRun) -> str | None:
@@ -515,8 +533,10 @@ FEATURE_BROWSER = _stage(
     resources=("storage", "features", "shuffle", "training"),  # training: the refresh policy of its check
     deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()),
           AssetDep("feature_contexts", partition_mapping=AllPartitionMapping()),
-          AssetDep("feature_explanations", partition_mapping=AllPartitionMapping())),
-    body=write_browser, version=browser_version, checks=(DESCRIBES_EVERY_CACHED_BATCH,))
+          AssetDep("feature_explanations", partition_mapping=AllPartitionMapping()),
+          *(AssetDep(shown, partition_mapping=AllPartitionMapping())  # the overview's figures
+            for shown in ("sae_eval", "sae_sparse_probing", "sae_absorption"))),
+    up_to_date=browser_current, body=write_browser, version=browser_version, checks=(DESCRIBES_EVERY_CACHED_BATCH,))
 
 
 # -- Neuronpedia export ---------------------------------------------------------------------------

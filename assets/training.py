@@ -9,7 +9,6 @@ tasks from the corpus) is up to date when its result was computed from the same 
 store, label sidecars and settings. ``sae_comparison`` puts every evaluated SAE side by side.
 """
 
-import hashlib
 import json
 
 from dagster import AllPartitionMapping, AssetDep, MetadataValue
@@ -44,6 +43,7 @@ from sae_platform.compare import (
     SPREAD_KEYS,
     comparison_html,
     comparison_rows,
+    figures_version,
     ground_truth_rows,
     reseeds_html,
     reseeds_table,
@@ -420,30 +420,26 @@ def compare_saes(run: StageRun) -> dict:
     columns = {"sae": "string", "hook_point": "string", **kinds}
     scaling = ({"scaling_exponents": table_preview(scaling_summary(fit), SUMMARY_COLUMNS)} if fit
                else {"scaling_laws": f"not fitted: {refusal}"})
+    refused = {f"absorption_refused/{r['sae']}": r["absorption_refusal"] for r in rows if r["absorption_refusal"]}
     return {"evaluated": len(rows), "sweep_entries": len(SAE_SWEEP_SPECS),
             "comparison": table_preview([{k: r[k] for k in columns} for r in rows], columns), **error_metadata, **truth,
+            **refused,
             **scaling,
             "page": MetadataValue.path(store.url(page)),
             "page_in_browser": MetadataValue.url(BROWSER_URL + reports_url_path(SWEEP_COMPARISON))}
 
 
 def comparison_version(run: StageRun) -> str:
-    """The data version of the comparison: the evaluations it puts side by side (one hash of every
-    sweep entry's committed sae_eval and sae_sparse_probing versions), so Dagster sees it fresh
-    after any job built it."""
-    return _versions_hash(run, (eval_name, sparse_probing_name))
+    """The data version of the comparison: the figures it puts side by side (``compare.figures_version``
+    of every sweep entry's committed sae_eval, sae_sparse_probing and sae_absorption), so Dagster sees
+    it fresh after any job built it."""
+    return figures_version(run.store, list(SAE_SWEEP_SPECS))
 
 
 def evaluations_version(run: StageRun) -> str:
-    """The data version of the scaling-law fit: a hash of every sweep entry's committed sae_eval
-    version, all it reads (full_pipeline runs it before the sparse probing ends)."""
-    return _versions_hash(run, (eval_name,))
-
-
-def _versions_hash(run: StageRun, artifacts: tuple) -> str:
-    versions = [(run.store.pointer(artifact(name)) or {}).get("version") for name in SAE_SWEEP_SPECS
-                for artifact in artifacts]
-    return hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
+    """The data version of the scaling-law fit: every sweep entry's committed sae_eval version, all
+    it reads (full_pipeline runs it before the sparse probing ends)."""
+    return figures_version(run.store, list(SAE_SWEEP_SPECS), (eval_name,))
 
 
 # The sweep's figures side by side and its scaling laws, both from every evaluation.
@@ -454,10 +450,11 @@ SAE_COMPARISON = Stage(
     asset="sae_comparison", group="training", kinds=frozenset({"html"}), job=COMPARE_JOB,
     resources=("storage", "training"),
     description="Every evaluated SAE of the sweep side by side on every figure of sae_eval (FVU, L0, dead, loss "
-                "recovered, N2G precision/recall, ablation sparsity, probe loss vs neurons) and sparse probing's "
-                "top-1 accuracy: a table and one page.",
+                "recovered, N2G precision/recall, ablation sparsity, probe loss vs neurons, SAEBench's core "
+                "figures), sparse probing's accuracy per k and absorption (or its refusal): a table and one page.",
     deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),
-          AssetDep("sae_sparse_probing", partition_mapping=AllPartitionMapping())), body=compare_saes,
+          AssetDep("sae_sparse_probing", partition_mapping=AllPartitionMapping()),
+          AssetDep("sae_absorption", partition_mapping=AllPartitionMapping())), body=compare_saes,
     version=comparison_version)
 
 
@@ -511,4 +508,5 @@ SCALING_LAWS_STAGE = Stage(
     deps=(AssetDep("sae_eval", partition_mapping=AllPartitionMapping()),), body=fit_scaling_laws_of_sweep,
     version=evaluations_version)
 
-STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_SPARSE_PROBING, SAE_COMPARISON, SCALING_LAWS_STAGE]
+STAGES = [SAE_CHECKPOINT, SAE_EVAL, SAE_SPARSE_PROBING]  # one partition per sweep entry
+SWEEP_STAGES = [SAE_COMPARISON, SCALING_LAWS_STAGE]  # the whole sweep: after every per-SAE figure (absorption too)

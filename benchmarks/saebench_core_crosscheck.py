@@ -13,7 +13,7 @@ sae-bench==0.6.0`` there), as a child process reading:
   LayerNorm folding or centring, so its forward is the Hugging Face model's);
 - the SAE: our SAELens export (``export.export_saelens``, written to a temporary folder) loaded by
   SAELens's ``SAE.load_from_disk``;
-- the tokens: ``ce_contexts`` held-out contexts of ``ctx_len`` tokens, packed as ``sae_eval`` packs
+- the tokens: ``ce_contexts`` (``--contexts``) held-out contexts of ``ctx_len`` tokens, packed as ``sae_eval`` packs
   them, passed as a .npy file; the start token is SAEBench's ignored token (its masks) and ours
   (never a training row); no attention-sink rule on our side (``sink_norm_factor`` 0).
 
@@ -76,6 +76,12 @@ model.load_and_process_state_dict(convert_llama_weights(hf, cfg), fold_ln=False,
 model.eval()
 del hf
 sae = SAE.load_from_disk(sae_dir, device="cpu")
+# sae-bench 0.6.0 reads SAELens 5's flat config (cfg.hook_name, hook_layer, hook_head_index,
+# architecture_str); SAELens 6 keeps the hook in cfg.metadata: give its core eval the names it reads.
+sae.cfg.hook_name = sae.cfg.metadata.hook_name
+sae.cfg.hook_head_index = getattr(sae.cfg.metadata, "hook_head_index", None)
+sae.cfg.hook_layer = int(sae.cfg.hook_name.split(".")[1])
+sae.cfg.architecture_str = sae.cfg.architecture()
 tokens = torch.from_numpy(np.load(tokens_path).astype(np.int64))
 
 
@@ -147,6 +153,9 @@ def main() -> None:
     parser.add_argument("holdout_file")
     parser.add_argument("--saebench-python", default="/work/venvs/sae-bench/bin/python")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--contexts", type=int, default=None,
+                        help="held-out contexts to compare on (default: the evaluation's ce_contexts); fewer on a "
+                             "loaded machine")
     args = parser.parse_args()
     settings = EvalSettings()
     store = ArtifactStore(args.root)
@@ -157,7 +166,7 @@ def main() -> None:
     hooked = load_hooked_model(model_dir, device="cpu", autocast="none", hook_points=(placement["hook_name"],))
     path = str(Path(args.holdout_file).resolve())
     sources = [(path, tokenize(hooked.tokenizer, read_documents(TextFile(path, "holdout"))))]
-    tokens = heldout_ce_tokens(sources, settings.ctx_len, settings.ce_contexts, hooked.start_token_id)
+    tokens = heldout_ce_tokens(sources, settings.ctx_len, args.contexts or settings.ce_contexts, hooked.start_token_id)
     with tempfile.TemporaryDirectory() as scratch:
         export_saelens(sae, f"{scratch}/sae", **placement)
         np.save(f"{scratch}/tokens.npy", tokens)

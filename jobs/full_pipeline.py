@@ -171,6 +171,12 @@ def pinned_batch_keys(context: OpExecutionContext):
         yield DynamicOutput(batch, mapping_key=_mapping_key(index, batch))
 
 
+@op(ins={"first": In(Nothing), "second": In(Nothing)}, out=Out(Nothing),
+    description="Done when both branches are: joins two collected fan-outs, which Dagster cannot list as one input.")
+def both():
+    pass
+
+
 # -- the steps, made from the stage declarations -------------------------------------------------
 
 def stage_step(stage: Stage):
@@ -224,9 +230,13 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         trained = sae_sweep(step["shuffled_activations"](finals)).map(step["sae_checkpoint"])
         evaluated_each = trained.map(step["sae_eval"])
         evaluated = evaluated_each.collect()
-        # each SAE's probing after its evaluation, so the comparison (after the probing) has both
-        step["sae_comparison"](evaluated_each.map(step["sae_sparse_probing"]).collect())
-        trained.map(step["sae_absorption"])  # nothing waits for it: minutes of probes beside the feature tables
+        # each SAE's probing after its evaluation; the comparison and the browser's overview show every
+        # figure, so they come after the probing and the absorption (a partition's failure is logged and
+        # its step ends, so neither blocks them)
+        probed = evaluated_each.map(step["sae_sparse_probing"]).collect()
+        absorbed = trained.map(step["sae_absorption"]).collect()
+        figures = both.alias("figures_measured")(first=probed, second=absorbed)
+        step["sae_comparison"](figures)
         step["scaling_laws"](evaluated)  # refused without a grid of >= 4 widths at one k: logged, not failed
         step["circuit_tracer_export"](evaluated)  # every transcoder set whose layers are all trained
         partials = pinned_batch_keys.alias("pass_1_batches")(evaluated).map(step["feature_stats_partial"]).collect()
@@ -237,7 +247,7 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         # optional (Stage.optional; skipped unless enabled): nothing waits for it, so its failure
         # never keeps the browser from being written
         feature_shards.alias("llm_shards")(regrouped).map(step["feature_llm_explanations"])
-        step["feature_browser"](explained)
+        step["feature_browser"](both.alias("tables_and_figures")(first=explained, second=figures))
         step["neuronpedia_export"](explained)  # optional too: beside the browser, neither waits for the other
 
     return full_pipeline

@@ -67,6 +67,7 @@ EVAL_PROBES = "probes.json"  # eval/<sae_name>: the per-property probe table
 SPARSE_PROBING_RESULT = "result.json"  # sparse_probing/<sae_name>: every task's accuracies, skips, averages
 SAEBENCH_SPARSE_PROBING = "saebench_sparse_probing.json"  # sparse_probing/<sae_name>: SAEBench's output schema
 ABSORPTION_REPORT = "absorption.json"  # absorption/<sae_name>: the result (or the refusal), per letter
+ABSORPTION_CHART = "absorption_by_letter.png"  # reports/<sae_name>: the per-letter bar chart (and the browser's copy)
 # absorption/<sae_name>: the result in SAEBench's AbsorptionEvalOutput schema (only when scored)
 SAEBENCH_ABSORPTION = "absorption_first_letter_eval_results.json"
 SHUFFLED_INDEX = "index.json"  # shuffled/<name>: pinned inputs, plan, pieces, store_index

@@ -3,16 +3,19 @@
 Rows come from each SAE's committed evaluation report (``eval/<name>/report.json``, written by
 ``evaluate.evaluate_sae``): reconstruction (FVU, L0, dead fraction), downstream loss recovered and
 the feature metrics of Gao et al. 2024 (N2G precision/recall, ablation sparsity, probe loss and its
-neuron baseline), the top-1 accuracies of k-sparse probing (SAE and residual, from
-``sparse_probing/<name>/result.json`` when ``sae_sparse_probing`` has run), and SAEBench's feature
-absorption when ``sae_absorption`` scored it (``absorption/<name>/absorption.json``). SAEs of
+neuron baseline), SAEBench's core figures in the report, the accuracies of k-sparse probing at each
+k and with every latent (SAE and residual, from ``sparse_probing/<name>/result.json`` when
+``sae_sparse_probing`` has run), and SAEBench's feature absorption when ``sae_absorption`` scored it
+(``absorption/<name>/absorption.json``; a refusal reads "refused", its reason listed under the table). SAEs of
 different hook points (``hook_point``: the report's ``hook_name``, a transcoder's
 ``hook_name_in -> hook_name``) read different activations, so a column's best value is marked
 among the SAEs of the same hook point only. The page is static HTML with every value escaped
 (``html.escape``), no script.
 """
 
+import hashlib
 import html
+import json
 import math
 import time
 
@@ -25,17 +28,26 @@ from sae_platform.catalog import (
     eval_name,
     sparse_probing_name,
 )
-from sae_platform.metric_info import GROUPS, HIGHER, LOWER, metric_info
+from sae_platform.metric_info import (
+    GROUPS,
+    HIGHER,
+    LOWER,
+    SPARSE_PROBING_K_VALUES,
+    SPARSE_PROBING_METRICS,
+    metric_info,
+    sparse_probing_key,
+)
 from sae_platform.reseeds import SweepUnit
 
 COLUMN_KEYS = ("fvu", "explained_variance", "explained_variance_about_zero", "l0", "dead_fraction", "loss_recovered",
                "kl_div_score", "n2g_precision", "n2g_recall", "ablation_sparsity", "probe_loss", "probe_loss_neurons",
-               "sparse_probing_sae_top_1", "sparse_probing_llm_top_1",
+               *(m.key for m in SPARSE_PROBING_METRICS),
                "mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
                "average_max_decoder_cosine", "meta_sae_fve", "checkpoint_step", "training_tokens")
 # comparison column → the key of sparse probing's averages over all tasks (sparse_probing/<sae>/result.json)
-SPARSE_PROBING_COLUMNS = {"sparse_probing_sae_top_1": "sae_top_1_test_accuracy",
-                          "sparse_probing_llm_top_1": "llm_top_1_test_accuracy"}
+SPARSE_PROBING_COLUMNS = {sparse_probing_key(side, k): f"{side}_{'' if k is None else f'top_{k}_'}test_accuracy"
+                          for side in ("sae", "llm") for k in (*SPARSE_PROBING_K_VALUES, None)}
+ABSORPTION_KEYS = ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features")
 COLUMNS = tuple((key, metric_info(key).label, {LOWER: True, HIGHER: False}.get(metric_info(key).better))
                 for key in COLUMN_KEYS)  # (report key, heading, lower is better: True / False / None = no direction)
 SPREAD_KEYS = tuple(k for k in COLUMN_KEYS if metric_info(k).group != "training")  # figures that get error bars
@@ -56,9 +68,9 @@ def comparison_rows(store, names: list[str]) -> list[dict]:
         path = store.resolve(eval_name(name))
         if path is None:
             continue
-        report = {**store.read_json(f"{path}/{EVAL_REPORT}"), **sparse_probing_figures(store, name),
-                  **_absorption_figures(store, name)}
-        row = {"sae": name, "hook_point": HookEntry.spec_of(report)}
+        report = {**store.read_json(f"{path}/{EVAL_REPORT}"), **saebench_figures(store, name)}
+        row = {"sae": name, "hook_point": HookEntry.spec_of(report),
+               "absorption_refusal": (absorption_result(store, name) or {}).get("refusal")}
         for key in (*COLUMN_KEYS, *GROUND_TRUTH_KEYS):
             value = report.get(key)
             row[key] = value if isinstance(value, int | float) and not isinstance(value, bool) and \
@@ -79,11 +91,30 @@ def sparse_probing_figures(store, name: str) -> dict:
     return {column: averages.get(key) for column, key in SPARSE_PROBING_COLUMNS.items()}
 
 
-def _absorption_figures(store, name: str) -> dict:
-    """The committed absorption means of ``name`` (``sae_absorption``); {} when not measured or refused."""
+def absorption_result(store, name: str) -> dict | None:
+    """The committed absorption result of ``name`` (``sae_absorption``'s ``absorption.json``: ``scored``,
+    ``refusal``, ``metrics``, ``letters``, ``probe_f1`` …); None when not measured."""
     path = store.resolve(absorption_name(name))
-    result = store.read_json(f"{path}/{ABSORPTION_REPORT}") if path else {}
-    return result.get("metrics") or {}
+    return store.read_json(f"{path}/{ABSORPTION_REPORT}") if path else None
+
+
+def saebench_figures(store, name: str) -> dict:
+    """The SAEBench figures of SAE ``name`` measured outside ``sae_eval``: sparse probing's mean
+    accuracies per k (``SPARSE_PROBING_COLUMNS``) and absorption's means and standard deviations
+    over letters; a figure not measured (or refused) is absent."""
+    return {**sparse_probing_figures(store, name), **((absorption_result(store, name) or {}).get("metrics") or {})}
+
+
+FIGURE_ARTIFACTS = (eval_name, sparse_probing_name, absorption_name)  # where an SAE's figures are committed
+
+
+def figures_version(store, names: list[str], artifacts=FIGURE_ARTIFACTS) -> str:
+    """One hash of the committed versions of ``artifacts`` (default: evaluation, sparse probing,
+    absorption) of every SAE of ``names``: what a page showing their figures was built from, so it
+    can tell when a figure it shows was measured again (16 hex digits; a missing artifact counts
+    as None)."""
+    versions = [(store.pointer(artifact(name)) or {}).get("version") for name in names for artifact in artifacts]
+    return hashlib.sha256(json.dumps(versions).encode()).hexdigest()[:16]
 
 
 def _best(rows: list[dict], key: str, lower: bool | None, hook_point: str | None = None):
@@ -130,6 +161,14 @@ def _ground_truth_html(rows: list[dict], cell) -> str:
             + f"</tbody></table><ul>{legend}</ul>")
 
 
+def _refusals_html(rows: list[dict]) -> str:
+    """Why an SAE has no absorption score (``sae_absorption``'s refusal), one line per SAE; "" when none."""
+    refused = [f"<li><b>{html.escape(r['sae'])}</b>: {html.escape(r['absorption_refusal'])}</li>"
+               for r in rows if r.get("absorption_refusal")]
+    return (f"<p id=absorption-refusals>Feature absorption not scored (a refusal, not a failure):</p><ul>"
+            f"{''.join(refused)}</ul>" if refused else "")
+
+
 def _definitions_html() -> str:
     """The legend: one row per column, from ``metric_info`` (group, unit, direction, definition, source)."""
     rows = []
@@ -162,6 +201,10 @@ def comparison_html(rows: list[dict], title: str = "SAE sweep comparison", secti
     for r in rows:
         tds = []
         for key, _, lower in ordered:
+            if key in ABSORPTION_KEYS and r.get("absorption_refusal"):
+                reason = html.escape(r["absorption_refusal"], quote=True)
+                tds.append(f"<td class=refused title=\"{reason}\">refused</td>")
+                continue
             best = _best(rows, key, lower, r.get("hook_point"))
             text = html.escape(cell(r[key]))
             tds.append(f"<td class=num>{'<b>' + text + '</b>' if best is not None and r[key] == best else text}</td>")
@@ -175,7 +218,7 @@ def comparison_html(rows: list[dict], title: str = "SAE sweep comparison", secti
 <style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left}}td.num{{text-align:right}}
 th[scope=colgroup]{{text-align:center;border-bottom:2px solid #888}}table.defs td{{vertical-align:top}}
-.tie{{color:#a50}}</style>
+.tie{{color:#a50}}td.refused{{color:#a50;text-align:right}}</style>
 </head><body><h1>{html.escape(title)}</h1>
 <p>Every trained SAE of the sweep on its held-out evaluation (sae_eval), each metric measured at the SAE's own hook
 point. ↓ lower is better, ↑ higher is better; the best of each column among the SAEs of the same hook point in bold
@@ -183,6 +226,7 @@ point. ↓ lower is better, ↑ higher is better; the best of each column among 
 <table><thead><tr><th rowspan=2>SAE</th><th rowspan=2>hook point</th>{groups}</tr><tr>{head}</tr></thead><tbody>
 {chr(10).join(body) if body else '<tr><td colspan=99>No SAE has been evaluated yet.</td></tr>'}
 </tbody></table>
+{_refusals_html(rows)}
 {_ground_truth_html(rows, cell)}
 {chr(10).join(sections)}
 {_definitions_html()}

@@ -20,6 +20,7 @@ RECONSTRUCTION, SPARSITY, DOWNSTREAM, FEATURE_QUALITY, GEOMETRY, GROUND_TRUTH, T
 GROUPS = (RECONSTRUCTION, SPARSITY, DOWNSTREAM, FEATURE_QUALITY, GEOMETRY, GROUND_TRUTH, TRAINING)  # in this order
 SAEBENCH = "SAEBench core (Karvonen et al. 2025)"
 
+SPARSE_PROBING_K_VALUES = (1, 2, 5)  # SAEBench's default k_values: probes on the top k latents (channels)
 LOWER, HIGHER = "lower", "higher"  # which way is better; None: no direction (a size, not a score)
 ARROWS = {LOWER: "↓", HIGHER: "↑", None: ""}
 
@@ -44,6 +45,30 @@ class MetricInfo:
         return ARROWS[self.better]
 
 
+
+def sparse_probing_key(side: str, k: int | None) -> str:
+    """The figure key of sparse probing's mean test accuracy on ``side`` ("sae": the SAE's latents,
+    "llm": the hook point's channels) with the top ``k`` of them (None: all of them)."""
+    return f"sparse_probing_{side}_{'all' if k is None else f'top_{k}'}"
+
+
+def _sparse_probing_metrics() -> tuple[MetricInfo, ...]:
+    """One figure per side (SAE latents, then the residual baseline) and k (``SPARSE_PROBING_K_VALUES``, then all)."""
+    metrics = []
+    for side, units, suffix in (("sae", "latents", ""), ("llm", "channels of the hook point", " (residual)")):
+        for k in (*SPARSE_PROBING_K_VALUES, None):
+            picked = (f"all {units}" if k is None else
+                      f"the {k} {units} whose context means differ most between the classes")
+            baseline = "; the baseline the SAE's probe is read against" if side == "llm" else ""
+            metrics.append(MetricInfo(
+                sparse_probing_key(side, k), f"sparse probing {'all' if k is None else f'top-{k}'}{suffix}",
+                FEATURE_QUALITY, "accuracy", HIGHER,
+                f"test accuracy of a logistic probe on {picked}, mean over the corpus's tasks (source text "
+                f"one-vs-rest, declared labels){baseline}; sae_sparse_probing", "SAEBench sparse probing"))
+    return tuple(metrics)
+
+
+SPARSE_PROBING_METRICS = _sparse_probing_metrics()
 METRICS = (
     MetricInfo("fvu", "FVU", RECONSTRUCTION, "fraction of variance", LOWER,
                "squared reconstruction error over the held-out rows / their squared deviation from the mean",
@@ -128,13 +153,7 @@ METRICS = (
                "the same probes on the channels of the hook point the SAE reads: the baseline to beat", "Gao §4.2"),
     MetricInfo("probe_loss_base_rate", "probe loss (base rate)", FEATURE_QUALITY, "nats (binary CE)", LOWER,
                "the probes' loss when predicting each property's base rate: the no-information floor"),
-    MetricInfo("sparse_probing_sae_top_1", "sparse probing top-1", FEATURE_QUALITY, "accuracy", HIGHER,
-               "test accuracy of a logistic probe on the one latent whose context means differ most between the "
-               "classes, mean over the corpus's tasks (source text one-vs-rest, declared labels); sae_sparse_probing",
-               "SAEBench sparse probing"),
-    MetricInfo("sparse_probing_llm_top_1", "sparse probing top-1 (residual)", FEATURE_QUALITY, "accuracy", HIGHER,
-               "the same probe on the one channel of the hook point that differs most: the baseline to beat",
-               "SAEBench sparse probing"),
+    *SPARSE_PROBING_METRICS,
     MetricInfo("mean_absorption_fraction_score", "absorption fraction", FEATURE_QUALITY, "fraction", LOWER,
                "first-letter task: share of the probe's projection carried by absorbing latents instead of the "
                "letter's own, mean over letters (none: under 20 letters readable)", "SAEBench; Chanin et al. 2024"),

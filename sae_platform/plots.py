@@ -160,3 +160,38 @@ def absorption_by_letter_png(letters: list[dict]) -> bytes:
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     return _png(fig)
+
+
+def absorption_probe_f1_png(probe_f1: dict[str, float], threshold: float, needed: int) -> bytes:
+    """Bar chart of the ground-truth probe's test F1 per first letter (``probe_f1``: letter -> F1 in
+    [0, 1]), the ``threshold`` a letter must exceed to count as a dashed line: what an absorption
+    refusal (fewer than ``needed`` letters counted) rests on."""
+    letters = sorted(probe_f1)
+    counted = [probe_f1[letter] > threshold for letter in letters]
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(np.arange(len(letters)), [probe_f1[letter] for letter in letters],
+           color=["tab:blue" if c else "tab:gray" for c in counted])
+    ax.axhline(threshold, color="tab:orange", linestyle="--", linewidth=1, label=f"F1 > {threshold:g} counts")
+    ax.set_xticks(np.arange(len(letters)), letters)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("first letter")
+    ax.set_ylabel("ground-truth probe test F1")
+    ax.set_title(f"absorption: {sum(counted)} of {len(letters)} letters readable by the probe "
+                 f"({needed} needed for a score)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def absorption_png(result: dict) -> bytes | None:
+    """The per-letter chart of an absorption result (``absorption.absorb_checkpoint``): the absorption
+    fraction and full-absorption rate per counted letter when scored; the probe's F1 per letter
+    against its threshold when refused for too few letters; None when there is neither (a refusal
+    before any probe, e.g. a transcoder)."""
+    if result.get("scored") and result.get("letters"):
+        return absorption_by_letter_png(result["letters"])
+    if result.get("probe_f1"):
+        settings = result["settings"]  # the AbsorptionSettings it was measured with
+        return absorption_probe_f1_png(result["probe_f1"], settings["min_GT_probe_f1"], settings["min_feats_for_eval"])
+    return None

@@ -51,12 +51,13 @@ from sae_platform.catalog import (
 )
 from sae_platform.evaluate import SPARSE_PROBING_SETTINGS
 from sae_platform.export import CFG_FILENAME
+from sae_platform.metric_info import SPARSE_PROBING_K_VALUES
 from sae_platform.probes import fit_logistic, logistic_accuracy
 from sae_platform.shuffled import open_shuffled
 from sae_platform.text_labels import LabelValue, TextLabels
 from sae_platform.trainer import load_sae
 
-K_VALUES = (1, 2, 5)  # SAEBench's default k_values
+K_VALUES = SPARSE_PROBING_K_VALUES  # SAEBench's default k_values (the one definition: metric_info)
 TEST_FRACTION = 0.2  # SAEBench: 4,000 train and 1,000 test contexts per class
 SOURCE = "source"  # the task kind "which text a context comes from", and its name prefix
 LABEL = "label"

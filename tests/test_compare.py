@@ -80,6 +80,24 @@ def test_sparse_probing_top_1_accuracies_are_columns_once_probed(store):
     assert "sparse probing top-1 ↑" in page and "0.83" in page and "SAEBench sparse probing" in page
 
 
+def test_sparse_probing_shows_every_k_and_all_latents_beside_the_residual_probe(store):
+    from sae_platform.catalog import SPARSE_PROBING_RESULT, sparse_probing_name
+
+    _report(store, "a", fvu=0.2)
+    accuracies = {"sae_top_1_test_accuracy": 0.61, "sae_top_2_test_accuracy": 0.62, "sae_top_5_test_accuracy": 0.65,
+                  "sae_test_accuracy": 0.97, "llm_top_1_test_accuracy": 0.51, "llm_top_2_test_accuracy": 0.52,
+                  "llm_top_5_test_accuracy": 0.55, "llm_test_accuracy": 0.99}
+    with store.writing(sparse_probing_name("a")) as version:
+        store.write_json(f"{version}/{SPARSE_PROBING_RESULT}", {"averages": {"all": accuracies}})
+    (row,) = comparison_rows(store, ["a"])
+    assert [row[f"sparse_probing_sae_{k}"] for k in ("top_1", "top_2", "top_5", "all")] == [0.61, 0.62, 0.65, 0.97]
+    assert [row[f"sparse_probing_llm_{k}"] for k in ("top_1", "top_2", "top_5", "all")] == [0.51, 0.52, 0.55, 0.99]
+    page = comparison_html([row])
+    for heading in ("sparse probing top-5 ↑", "sparse probing all ↑", "sparse probing top-2 (residual) ↑",
+                    "sparse probing all (residual) ↑"):
+        assert heading in page
+
+
 def test_absorption_figures_join_their_sae_row_and_a_refusal_shows_none(store):
     from sae_platform.catalog import ABSORPTION_REPORT, absorption_name
 
@@ -96,6 +114,23 @@ def test_absorption_figures_join_their_sae_row_and_a_refusal_shows_none(store):
     assert (scored["mean_absorption_fraction_score"], scored["mean_num_split_features"]) == (0.12, 1.5)
     assert refused["mean_absorption_fraction_score"] is None and refused["mean_full_absorption_score"] is None
     assert "absorption fraction" in comparison_html([scored, refused])
+
+
+def test_a_refused_absorption_reads_refused_with_its_reason_not_a_blank(store):
+    from sae_platform.catalog import ABSORPTION_REPORT, absorption_name
+
+    _report(store, "refused", fvu=0.3)
+    _report(store, "unmeasured", fvu=0.4)
+    reason = "only 12 of 26 letters have a ground-truth probe with test F1 > 0.6 (min_feats_for_eval = 20): no score"
+    with store.writing(absorption_name("refused")) as version:
+        store.write_json(f"{version}/{ABSORPTION_REPORT}", {"scored": False, "metrics": None, "refusal": reason})
+    refused, unmeasured = comparison_rows(store, ["refused", "unmeasured"])
+    assert refused["absorption_refusal"] == reason and unmeasured["absorption_refusal"] is None
+    page = comparison_html([refused, unmeasured])
+    row = page.split("<th scope=row>refused</th>", 1)[1].split("</tr>", 1)[0]
+    assert row.count(">refused</td>") == 3 and html.escape(reason, quote=True) in row  # three absorption columns
+    assert ">refused</td>" not in page.split("<th scope=row>unmeasured</th>", 1)[1].split("</tr>", 1)[0]
+    assert html.escape(reason) in page.split("id=absorption-refusals", 1)[1]
 
 
 def test_ground_truth_figures_get_their_own_panel_only_when_measured(store):

@@ -1,5 +1,6 @@
 """sae_absorption through Dagster on a tiny model: scored (bar chart, both result files), skipped when
-unchanged, and a plain refusal with no score under SAEBench's 20-letter bar."""
+unchanged, and a plain refusal with no score under SAEBench's 20-letter bar (its chart: the probe's F1
+per letter against the bar)."""
 
 import json
 
@@ -45,4 +46,5 @@ def test_absorption_asset_scores_skips_and_refuses(defs, store, tiny_hooked):  #
     meta = _materializations(refused)["sae_absorption"]
     assert meta["scored"] is False and "of 26 letters" in meta["refusal"] and "no score" in meta["refusal"]
     assert "mean_absorption_fraction_score" not in meta
+    assert "data:image/png;base64" in meta["absorption_by_letter"]  # the probe F1 per letter the refusal rests on
     assert not store.fs.exists(f"{store.resolve(absorption_name(SAE))}/{SAEBENCH_ABSORPTION}")

@@ -17,6 +17,7 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, job
 from jobs.definitions import build_definitions
 from jobs.settings import Settings
 from sae_platform.activations import open_partition
+from sae_platform.catalog import EVAL_REPORT, eval_name
 from sae_platform.feature_merge import read_tables
 from sae_platform.shuffled import iter_shuffled
 from sae_platform.storage import ArtifactStore
@@ -149,6 +150,18 @@ def test_both_paths_build_the_same_artifacts_and_events_and_skip_alike(tmp_path,
             assert shown == set(before[key]["metadata"]), (key, shown ^ set(before[key]["metadata"]))
             assert {"built_by_run", "built_at"} <= set(event["metadata"]), key
     _same_artifacts(op_store, asset_store)
+
+    # A figure the browser's overview shows, measured again (a newer committed evaluation), makes the
+    # browser stale although its tables still describe the checkpoint: the next build shows it.
+    report = op_store.read_json(f"{op_store.resolve(eval_name(TINY_SAE))}/{EVAL_REPORT}")
+    with op_store.writing(eval_name(TINY_SAE)) as version:
+        op_store.write_json(f"{version}/{EVAL_REPORT}", {**report, "fvu": 0.123456})
+    assert op_defs.resolve_job_def("build_browser").execute_in_process(instance=op_instance).success
+    rebuilt = _materializations(op_instance)[("feature_browser", None)]
+    assert not rebuilt["up_to_date"] and rebuilt["data_version"] != by_op[("feature_browser", None)]["data_version"]
+    site = Path(op_store.root_url) / "browser" / TINY_SAE
+    data = json.loads((site / "site.json").read_text())["data"]
+    assert json.loads((site / data / "index.json").read_text())["evaluation"]["fvu"] == 0.1235
 
 
 def _corrupt_a_final_piece(store: ArtifactStore) -> None:

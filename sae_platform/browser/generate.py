@@ -80,9 +80,10 @@ import numpy as np
 import polars as pl
 
 from sae_platform.browser.index_files import index_files
-from sae_platform.catalog import batches_pin, checkpoint_pin, pinned_checkpoint, reports_url_path
+from sae_platform.catalog import ABSORPTION_CHART, batches_pin, checkpoint_pin, pinned_checkpoint, reports_url_path
 from sae_platform.errors import PlatformError
 from sae_platform.metric_info import metric_info_json
+from sae_platform.plots import absorption_png
 from sae_platform.tables import (
     ACTIVATION,
     ACTS,
@@ -500,6 +501,22 @@ def _evaluation_figures(report: dict | None) -> dict | None:
     return out
 
 
+def _absorption_overview(absorption: dict | None) -> tuple[dict | None, bytes | None]:
+    """What the overview shows of an absorption result (``absorption.absorb_checkpoint``): scored
+    or the refusal's text, the letters counted out of 26, the means and standard deviations over
+    letters, and the per-letter chart (``plots.absorption_png``) as PNG bytes; (None, None) when
+    absorption was not measured."""
+    if not absorption:
+        return None, None
+    shown = {"scored": bool(absorption.get("scored")), "refusal": absorption.get("refusal"),
+             "letters_counted": len(absorption.get("letters_counted") or []),
+             "metrics": _evaluation_figures(absorption.get("metrics")) or {}, "chart": None}
+    png = absorption_png(absorption)
+    if png is not None:
+        shown["chart"] = ABSORPTION_CHART
+    return shown, png
+
+
 def _check_edges(hist_bin_edges: list[float]) -> list[float]:
     edges = [float(e) for e in hist_bin_edges]
     if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
@@ -541,7 +558,8 @@ def _bin_edges(edges: list[float], shard_stats: list[pl.DataFrame]) -> list[floa
 def site_parts(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
                n_intervals: int | None = None, version: str | None = None,
                dagster_url: str | None = None, evaluation: dict | None = None,
-               hook_point: str | None = None) -> Iterator[tuple[str | None, dict[str, bytes]]]:
+               hook_point: str | None = None, absorption: dict | None = None,
+               figures_version: str | None = None) -> Iterator[tuple[str | None, dict[str, bytes]]]:
     """The site's files in the order a writer commits them: per feature shard (in feature order),
     ``(its folder, its files by site path)``; then ``(None, the site-wide files)``: the index and
     its sort orders and search postings under ``data/<version>/``, the app, the page shell, and
@@ -562,6 +580,7 @@ def site_parts(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
         shard_stats.append(stats.select(HISTOGRAM))
         yield folder, {f"{folder}/{name}": body for name, body in files.items()}
     data = f"data/{version}"
+    absorption_shown, absorption_chart = _absorption_overview(absorption)
     meta = {
         "run": str(sae_name), "version": version, "n_features": sum(s["stop"] - s["start"] for s in placed),
         "hook_point": None if hook_point is None else str(hook_point),
@@ -574,6 +593,7 @@ def site_parts(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "evaluation": _evaluation_figures(evaluation),
         "metric_info": metric_info_json(),  # what each evaluation figure means (the overview's groups)
+        "absorption": absorption_shown,  # chart: a file of this data folder
         "comparison_url": reports_url_path(),  # the sweep comparison page, when the server serves reports/
     }
     all_rows = pl.concat(rows, how="diagonal_relaxed") if rows else pl.DataFrame(schema=EMPTY_ROWS)
@@ -583,6 +603,8 @@ def site_parts(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
     fields, index_data = index_files(all_rows, N2G_MIN_SUPPORT)
     files = {f"{data}/{name}": body for name, body in index_data.items()}
     files[f"{data}/index.json"] = _dumps({**meta, **fields, "explained": explained})
+    if absorption_chart is not None:
+        files[f"{data}/{ABSORPTION_CHART}"] = absorption_chart
     static = _static_bytes()
     for name, body in static.items():
         files[f"static/{name}"] = body
@@ -590,7 +612,7 @@ def site_parts(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
     files["index.html"] = INDEX_HTML.format(csp=CSP, css_hash=digest["app.css"], js_hash=digest["app.js"],
                                             steer_hash=digest["steer.js"]).encode()
     # the checkpoint and batches the site shows (freshness reads them)
-    pin = {**checkpoint_pin(pinned_checkpoint(lineage)), **batches_pin(lineage)}
+    pin = {**checkpoint_pin(pinned_checkpoint(lineage)), **batches_pin(lineage), "figures_version": figures_version}
     files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(sae_name), **pin})  # last: the switch
     yield None, files
 
@@ -598,11 +620,17 @@ def site_parts(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
 def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
                n_intervals: int | None = None, version: str | None = None,
                dagster_url: str | None = None, evaluation: dict | None = None,
-               hook_point: str | None = None) -> dict[str, bytes]:
+               hook_point: str | None = None, absorption: dict | None = None,
+               figures_version: str | None = None) -> dict[str, bytes]:
     """Every file of the site, by relative path (:func:`site_parts`, gathered; what
     :func:`sae_platform.browser.publish.build_site` writes, part by part). ``evaluation``:
-    the SAE's evaluation figures (``sae_eval``'s report), shown on the overview page."""
+    the SAE's evaluation figures (``sae_eval``'s report, with sparse probing's accuracies and the
+    absorption means when measured), shown on the overview page; ``absorption``: its absorption
+    result (``absorption.json``), shown there as figures or its refusal, with the per-letter chart;
+    ``figures_version``: what those figures were read from (``compare.figures_version``), pinned in
+    ``site.json`` so a later measurement makes the site stale."""
     return {name: body for _, files in site_parts(
         sae_name=sae_name, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage, n_intervals=n_intervals,
-        version=version, dagster_url=dagster_url, evaluation=evaluation, hook_point=hook_point)
+        version=version, dagster_url=dagster_url, evaluation=evaluation, hook_point=hook_point,
+        absorption=absorption, figures_version=figures_version)
         for name, body in files.items()}

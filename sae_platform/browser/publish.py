@@ -34,7 +34,8 @@ from sae_platform.filesystems import open_fs
 
 def build_site(out, *, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
                n_intervals: int | None = None, fs=None, dagster_url: str | None = None,
-               evaluation: dict | None = None, hook_point: str | None = None) -> dict:
+               evaluation: dict | None = None, hook_point: str | None = None,
+               absorption: dict | None = None, figures_version: str | None = None) -> dict:
     """Generate the browser site for SAE ``sae_name`` into ``out`` (a local directory, or a path on the
     fsspec filesystem ``fs``, or a URL). ``shards``: one dict per feature shard with ``start``,
     ``stop`` and the polars frames ``feature_stats``, ``feature_examples``, ``feature_contexts``,
@@ -45,7 +46,9 @@ def build_site(out, *, sae_name: str, shards: list[dict], hist_bin_edges: list[f
     the Dagster UI those pages link to (default: :func:`sae_platform.browser.generate.dagster_ui_url`).
     A shard may carry
     ``explanations`` (N2G explanation, scores, nearest and co-occurring features per feature) and
-    ``evaluation`` is the SAE's evaluation report (the overview page shows its figures).
+    ``evaluation`` is the SAE's evaluation report (the overview page shows its figures), and
+    ``absorption`` its absorption result (figures or refusal, and the per-letter chart);
+    ``figures_version`` what they were read from (pinned in ``site.json``).
     ``hook_point``: where the SAE reads (e.g. ``blocks.4.hook_mlp_out``; a transcoder ``IN -> OUT``),
     shown in every page's header.
     Each feature shard's files go to a folder named by their digest (``generate.shard_folder``):
@@ -56,7 +59,7 @@ def build_site(out, *, sae_name: str, shards: list[dict], hist_bin_edges: list[f
     t0 = time.perf_counter()
     parts = site_parts(sae_name=sae_name, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
                        n_intervals=n_intervals, dagster_url=dagster_url, evaluation=evaluation,
-                       hook_point=hook_point)
+                       hook_point=hook_point, absorption=absorption, figures_version=figures_version)
     tally = _Tally(parts)
     if fs is None and "://" in str(out):
         fs, out = open_fs(str(out))

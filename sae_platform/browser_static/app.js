@@ -587,6 +587,7 @@
     if (!ev) {
       evBox.appendChild(el('p', { class: 'muted' }, 'No evaluation report was found when the site was built.'));
     } else {
+      evBox.appendChild(saebenchCard(ev, S.index.absorption));
       evaluationTables(evBox, ev);
     }
     if (S.index.comparison_url) {
@@ -594,6 +595,46 @@
         'Every SAE of the sweep side by side →'), el('span', { class: 'muted small' }, ' (sae_comparison; served by sae-platform browse)')));
     }
     root.appendChild(evBox);
+  }
+
+  // SAEBench's figures at a glance: the core ones (explained variance about the mean beside the legacy
+  // about-zero figure, KL and CE-loss scores, meta-SAE FVE), sparse probing's accuracy per k against
+  // the same probe on the hook point's channels, and absorption: its means over letters, or the
+  // refusal's text, with the per-letter chart (index.json's absorption; the chart a file of the build).
+  function saebenchCard(ev, absorption) {
+    const box = el('div', { id: 'saebench' }, el('h3', null, 'SAEBench'));
+    const core = [['explained variance (about the mean)', 'explained_variance'],
+      ['explained variance (about zero, legacy)', 'explained_variance_about_zero'], ['KL score', 'kl_div_score'],
+      ['CE-loss score (loss recovered)', 'loss_recovered'], ['meta-SAE variance explained', 'meta_sae_fve']];
+    box.appendChild(el('dl', { class: 'stats', id: 'saebench-core' },
+      core.filter(([, k]) => ev[k] !== undefined).map(([label, k]) => stat(label, fmt(ev[k]), null, `saebench-${k}`))));
+    const ks = ['top_1', 'top_2', 'top_5', 'all'].filter((k) => ev[`sparse_probing_sae_${k}`] !== undefined);
+    if (ks.length) {
+      box.appendChild(el('table', { class: 'evaltable', id: 'saebench-sparse-probing' },
+        el('thead', null, el('tr', null, ['sparse probing: latents', 'SAE', 'residual'].map((h) => el('th', null, h)))),
+        el('tbody', null, ks.map((k) => el('tr', { dataset: { k } }, el('td', null, k.replace('top_', 'top ')),
+          el('td', { class: 'num' }, fmt(ev[`sparse_probing_sae_${k}`])),
+          el('td', { class: 'num' }, fmt(ev[`sparse_probing_llm_${k}`])))))));
+    } else {
+      box.appendChild(el('p', { class: 'muted' }, 'Sparse probing: not measured (sae_sparse_probing).'));
+    }
+    const ab = el('div', { id: 'saebench-absorption' });
+    if (!absorption) {
+      ab.appendChild(el('p', { class: 'muted' }, 'Feature absorption: not measured (sae_absorption).'));
+    } else if (absorption.scored) {
+      const m = absorption.metrics;
+      ab.appendChild(el('dl', { class: 'stats' },
+        stat('absorption fraction', fmt(m.mean_absorption_fraction_score), `sd ${fmt(m.std_dev_absorption_fraction_score)} over ${absorption.letters_counted} letters`),
+        stat('full absorption', fmt(m.mean_full_absorption_score), `sd ${fmt(m.std_dev_full_absorption_score)}`),
+        stat('split features', fmt(m.mean_num_split_features), `sd ${fmt(m.std_dev_num_split_features)}`)));
+    } else {
+      ab.appendChild(el('p', { class: 'refusal' }, 'Feature absorption not scored: ', absorption.refusal));
+    }
+    if (absorption && absorption.chart) {
+      ab.appendChild(el('img', { src: S.base + absorption.chart, alt: 'feature absorption per letter', class: 'chart' }));
+    }
+    box.appendChild(ab);
+    return box;
   }
 
   // Evaluation figures by group (reconstruction, sparsity, downstream, feature quality, ...), each
