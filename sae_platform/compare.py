@@ -42,7 +42,8 @@ SPREAD_KEYS = tuple(k for k in COLUMN_KEYS if metric_info(k).group != "training"
 PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"  # no script; inline style, data: images
 # Figures against the known features, measured only on synthetic activations (sae_platform/ground_truth.py):
 # a panel of their own, shown when any SAE has them.
-GROUND_TRUTH_KEYS = ("gt_mcc", "gt_uniqueness", "gt_f1", "gt_precision", "gt_recall", "gt_shrinkage", "gt_absorption")
+GROUND_TRUTH_KEYS = ("gt_mcc", "gt_mcc_chance", "gt_uniqueness", "gt_f1", "gt_precision", "gt_recall", "gt_shrinkage",
+                     "gt_absorption")
 
 
 def comparison_rows(store, names: list[str]) -> list[dict]:
