@@ -71,7 +71,9 @@ def metric_check(sae, truth, rows: int) -> dict:
         latents = sae.encode_dense(torch.from_numpy(draw.acts))
         recon = sae.decode(sae.encode(torch.from_numpy(draw.acts)))
     classification = compute_classification_metrics(latents, torch.from_numpy(draw.codes), decoder, directions)
-    shrinkage = float((recon.norm(dim=1) / torch.from_numpy(draw.acts).norm(dim=1).clamp_min(1e-6)).mean())
+    norms = torch.from_numpy(draw.acts).norm(dim=1)
+    lit = norms > 0  # a row where no feature fires is all zeros: no ratio (1e-6 floors made it 10^5)
+    shrinkage = float((recon.norm(dim=1)[lit] / norms[lit]).mean())
     theirs_s = time.perf_counter() - started
     return {"mcc": {"ours": ours["gt_mcc"], "sae_lens": mcc, "abs_diff": abs(ours["gt_mcc"] - mcc)},
             "uniqueness": {"ours": ours["gt_uniqueness"], "sae_lens": uniqueness,

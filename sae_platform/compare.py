@@ -50,11 +50,15 @@ SPARSE_PROBING_COLUMNS = {sparse_probing_key(side, k): f"{side}_{'' if k is None
 ABSORPTION_KEYS = ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features")
 COLUMNS = tuple((key, metric_info(key).label, {LOWER: True, HIGHER: False}.get(metric_info(key).better))
                 for key in COLUMN_KEYS)  # (report key, heading, lower is better: True / False / None = no direction)
-SPREAD_KEYS = tuple(k for k in COLUMN_KEYS if metric_info(k).group != "training")  # figures that get error bars
 PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"  # no script; inline style, data: images
 # Figures against the known features, measured only on synthetic activations (sae_platform/ground_truth.py):
 # a panel of their own, shown when any SAE has them.
-GROUND_TRUTH_KEYS = ("gt_mcc", "gt_uniqueness", "gt_f1", "gt_precision", "gt_recall", "gt_shrinkage", "gt_absorption")
+GROUND_TRUTH_KEYS = ("gt_mcc", "gt_mcc_chance", "gt_uniqueness", "gt_f1", "gt_precision", "gt_recall", "gt_shrinkage",
+                     "gt_absorption")
+# The figures that get error bars over reseeds: every measured one but the training counters and
+# the chance MCC (a property of the truth and the width, the same for every seed).
+SPREAD_KEYS = tuple(k for k in (*COLUMN_KEYS, *GROUND_TRUTH_KEYS)
+                    if metric_info(k).group != "training" and k != "gt_mcc_chance")
 
 
 def comparison_rows(store, names: list[str]) -> list[dict]:
@@ -253,10 +257,12 @@ def reseeds_html(units: list[SweepUnit], marks: dict, consistency: dict[str, dic
     """The error-bar section of the comparison page: per SAE (a reseed group or a lone SAE) each
     figure as mean ± sd over its seeds (a lone seed: its value and 95% bootstrap interval), with
     "≈ X" where it is not distinguishable from X (``reseeds.not_distinguishable``), and the
-    cross-seed decoder consistency of each group (``consistency``: group -> ``decoder_consistency``)."""
-    head = "".join(f"<th>{html.escape(metric_info(key).label)} {metric_info(key).arrow}</th>" for key in SPREAD_KEYS)
+    cross-seed decoder consistency of each group (``consistency``: group -> ``decoder_consistency``).
+    Only the figures some SAE measured get a column (the ground-truth ones only on synthetic data)."""
+    keys = [key for key in SPREAD_KEYS if any(key in u.spreads for u in units)]
+    head = "".join(f"<th>{html.escape(metric_info(key).label)} {metric_info(key).arrow}</th>" for key in keys)
     body = "\n".join(f"<tr><th scope=row>{html.escape(u.sae)}</th><td class=num>{len(u.members)}</td>"
-                     + "".join(_spread_cell(u, key, marks) for key in SPREAD_KEYS) + "</tr>" for u in units)
+                     + "".join(_spread_cell(u, key, marks) for key in keys) + "</tr>" for u in units)
     agree = "".join(f"<li>{html.escape(group)}: {c['consistent_fraction']:.1%} of latents have a partner at cosine "
                     f"≥ {c['threshold']:g} in another seed (mean matched cosine {c['mean_cosine']:.3f}, "
                     f"{html.escape(c['method'])} matching, {c['n_latents']:,} latents)</li>"

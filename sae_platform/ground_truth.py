@@ -9,6 +9,9 @@ Figures against the truth, N true features (directions [N, d]), L latents (decod
   arXiv 2505.20254). 1: every latent is a true direction. A random decoder of unit rows in d
   dimensions scores about the expected maximum of N |cosines| of random vectors, √(2 ln N / d)
   (0.25 for N = 4,096 in d = 256; ``tests/test_ground_truth.py`` states the bound it checks).
+* ``gt_mcc_chance``: the MCC of a random decoder of the same shape (seeded Gaussian rows) against
+  the same truth: the level an SAE that learnt nothing scores, so an MCC is read against it (an
+  SAE whose MCC is near its chance has not left its initialisation as far as the truth can tell).
 * ``gt_uniqueness``: distinct true features among the latents' best matches (argmax |cosine|),
   over L (SAELens's ``feature_uniqueness``): below 1 when latents share a feature.
 * ``gt_precision`` / ``gt_recall`` / ``gt_f1``: per true feature, its matched latent (the
@@ -138,6 +141,16 @@ class GroundTruthTally:
         }
 
 
+def chance_mcc(n_latents: int, truth) -> float:
+    """``gt_mcc_chance``: the MCC of a random decoder [n_latents, d] (standard Gaussian rows from
+    ``synthetic.chance_stream``, so the same for every SAE of one width) against ``truth``'s
+    directions [N, d]."""
+    from sae_platform.synthetic import chance_stream
+
+    random_decoder = chance_stream(truth.settings).standard_normal((n_latents, truth.directions.shape[1]))
+    return match(random_decoder, truth.directions).mcc
+
+
 def score_codes(decoder: np.ndarray, truth, batches) -> dict:
     """The ``gt_*`` figures of a decoder [L, d] whose activations on held-out rows are given:
     ``batches`` yields (latent_acts [b, L] in input units, true_codes [b, N]). For tests and for
@@ -145,7 +158,7 @@ def score_codes(decoder: np.ndarray, truth, batches) -> dict:
     tally = GroundTruthTally(match(decoder, truth.directions), truth.children_of())
     for latent_acts, true_codes in batches:
         tally.add(latent_acts, true_codes)
-    return tally.figures()
+    return {**tally.figures(), "gt_mcc_chance": chance_mcc(len(decoder), truth)}
 
 
 @torch.no_grad()

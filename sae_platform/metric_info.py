@@ -167,6 +167,9 @@ METRICS = (
     MetricInfo("gt_mcc", "MCC", GROUND_TRUTH, "mean |cosine|", HIGHER,
                "decoder rows matched one-to-one to the true feature directions (Hungarian); mean |cosine| of "
                "the matched pairs", "O'Neill et al. 2025 (arXiv 2505.20254); SAELens SynthSAEBench"),
+    MetricInfo("gt_mcc_chance", "chance MCC", GROUND_TRUTH, "mean |cosine|", None,
+               "MCC of a random decoder of the same width against the same features: what an SAE that learnt "
+               "nothing scores (read MCC against it)"),
     MetricInfo("gt_uniqueness", "uniqueness", GROUND_TRUTH, "fraction", HIGHER,
                "distinct true features among the latents' best matches, over the latents", "SAELens SynthSAEBench"),
     MetricInfo("gt_f1", "firing F1", GROUND_TRUTH, "fraction", HIGHER,

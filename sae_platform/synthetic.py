@@ -261,6 +261,12 @@ def heldout_stream(settings: SyntheticSettings) -> np.random.Generator:
     return np.random.default_rng([settings.seed, 2])
 
 
+def chance_stream(settings: SyntheticSettings) -> np.random.Generator:
+    """The draws of the random decoder ``ground_truth.chance_mcc`` scores: no truth, partition or
+    held-out stream shares them (a seed sequence [seed] equals [seed, 0], the truth's)."""
+    return np.random.default_rng([settings.seed, 3])
+
+
 def heldout_draws(truth: Truth, batch_rows: int = 1024):
     """``settings.heldout_rows`` fresh rows in batches of ``batch_rows``: Draw each."""
     rng = heldout_stream(truth.settings)

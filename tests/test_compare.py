@@ -138,14 +138,15 @@ def test_ground_truth_figures_get_their_own_panel_only_when_measured(store):
     the page shows them in a panel of their own, best per figure in bold (absorption: lowest), and
     a sweep without them shows no panel."""
     _report(store, "syn-topk", fvu=0.1, gt_mcc=0.91, gt_uniqueness=0.8, gt_f1=0.7, gt_absorption=0.05,
-            gt_shrinkage=0.97)
+            gt_shrinkage=0.97, gt_mcc_chance=0.2875)
     _report(store, "syn-relu", fvu=0.2, gt_mcc=0.62, gt_uniqueness=0.6, gt_f1=0.3, gt_absorption=0.25,
-            gt_shrinkage=0.71)
+            gt_shrinkage=0.71, gt_mcc_chance=0.2875)
     rows = comparison_rows(store, ["syn-topk", "syn-relu"])
     assert rows[0]["gt_mcc"] == 0.91 and rows[1]["gt_precision"] is None
     page = comparison_html(rows)
     panel = page[page.index("id=ground-truth"):page.index("What the figures mean")]
     assert "<b>0.91</b>" in panel and "<b>0.05</b>" in panel and "<b>0.25</b>" not in panel
     assert "Hungarian" in panel  # each figure's definition beside it
+    assert "chance MCC" in panel and "<td class=num>0.2875</td>" in panel  # the level MCC is read against
     _report(store, "text-sae", fvu=0.3)
     assert "ground-truth" not in comparison_html(comparison_rows(store, ["text-sae"]))

@@ -75,6 +75,23 @@ def test_a_random_decoder_scores_below_the_bound_of_random_cosines():
     assert figures["gt_f1"] < 0.1
 
 
+def test_every_score_carries_the_chance_mcc_of_a_random_decoder_of_its_width():
+    """An MCC is only read against what a decoder that learnt nothing scores at the same width (the
+    4,096-feature sweep once reported MCC 0.236 that was exactly chance): every score carries
+    gt_mcc_chance, the same for every decoder of one width, below the random-cosine bound and far
+    below the true dictionary's 1; a wider random decoder has more chances to match, so scores higher."""
+    truth, draw = _draw()
+    exact = ground_truth.score_codes(truth.directions, truth, [(draw.codes, draw.codes)])
+    noise = np.random.default_rng(3).standard_normal(truth.directions.shape)
+    other = ground_truth.score_codes(noise, truth, [(draw.codes, draw.codes)])
+    bound = math.sqrt(2 * math.log(SMALL.n_features) / SMALL.d_model)
+    assert exact["gt_mcc_chance"] == other["gt_mcc_chance"] < bound
+    assert exact["gt_mcc_chance"] == pytest.approx(other["gt_mcc"], abs=0.02)  # both random decoders
+    assert exact["gt_mcc"] - exact["gt_mcc_chance"] > 0.7
+    wide = ground_truth.chance_mcc(4 * SMALL.n_features, truth)
+    assert wide > exact["gt_mcc_chance"]
+
+
 def test_planted_absorption_is_detected_and_shrinkage_measured():
     """Half of the children are swallowed by their parents' latents (the child's latent is silent
     whenever the child fires, the parent's fires): absorption ½, their recall 0; latents that

@@ -165,6 +165,29 @@ def test_the_page_and_the_metadata_show_error_bars_and_marks(store):
     assert next(r for r in table if r["sae"] == "a" and r["figure"] == "fvu")["not_distinguishable_from"] == "b"
 
 
+def test_ground_truth_figures_get_error_bars_and_marks_over_reseeds(store):
+    """Two seeds of two SAEs of synthetic activations: MCC, firing F1 and absorption get mean ± sd
+    and "not distinguishable" marks like FVU (an MCC gap below the seeds' noise is no ranking), the
+    chance MCC gets none (the same for every seed), and a page of SAEs of text shows no
+    ground-truth columns in its error bars (only figures some SAE measured get one)."""
+    figures = {"topk-s0": (0.80, 0.50), "topk-s1": (0.84, 0.52), "relu-s0": (0.81, 0.30), "relu-s1": (0.85, 0.32)}
+    for name, (mcc, f1) in figures.items():
+        with store.writing(eval_name(name)) as version:
+            store.write_json(f"{version}/report.json", {"run": name, "fvu": 0.2, "gt_mcc": mcc, "gt_f1": f1,
+                                                        "gt_absorption": 0.1, "gt_mcc_chance": 0.29})
+    rows = comparison_rows(store, list(figures))
+    units = sweep_units(rows, {"topk": ["topk-s0", "topk-s1"], "relu": ["relu-s0", "relu-s1"]}, SPREAD_KEYS)
+    marks = not_distinguishable(units, SPREAD_KEYS)
+    assert marks[("topk", "gt_mcc")] == ["relu"]  # 0.01 apart, seed sd 0.028
+    assert ("topk", "gt_f1") not in marks  # 0.2 apart, seed sd 0.014
+    assert "gt_mcc_chance" not in units[0].spreads
+    section = reseeds_html(units, marks, {})
+    assert "0.82 ± 0.028 (n=2)" in section and ">MCC ↑<" in section and ">firing F1 ↑<" in section
+    text_only = sweep_units([{**r, **dict.fromkeys(("gt_mcc", "gt_f1", "gt_absorption"))} for r in rows],
+                            {}, SPREAD_KEYS)
+    assert "MCC" not in reseeds_html(text_only, {}, {})
+
+
 def test_an_evaluation_gives_a_single_seed_its_bootstrap_intervals(tiny_hooked):
     """FVU and L0 over held-out rows, loss recovered over held-out contexts: each interval holds its
     point estimate and is computed from the same units (per-row and per-context sums)."""
