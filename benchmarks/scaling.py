@@ -74,6 +74,7 @@ from benchmarks.cache_throughput import benchmark_text  # noqa: E402
 from benchmarks.feature_tables import _reset_peak as reset_peak  # noqa: E402
 from benchmarks.feature_tables import _status as memory_status  # noqa: E402
 from sae_platform import contexts as ctx  # noqa: E402
+from sae_platform import feature_codes as fc  # noqa: E402
 from sae_platform import features as ft  # noqa: E402
 from sae_platform import shuffle  # noqa: E402
 from sae_platform.activations import CacheSettings, cache_text_file  # noqa: E402
@@ -243,14 +244,16 @@ def random_sae(job: dict):
 
 
 def pass_1_job(store: ArtifactStore, sae, partition_key: str, settings: ft.FeatureSettings) -> dict:
-    """One pass-1 job as ``assets/features.py`` runs it today: the batch encoded once and every
-    feature shard's state held in this one job (``compute_and_write_partials`` over all
-    ``N_FEATURE_SHARDS`` shards). The one place to change when a job holds a group of shards:
-    return what the job held, so that the memory figures follow."""
+    """One pass-1 job as ``assets/features.py`` runs it: the batch encoded once, its codes committed
+    split by feature shard, then each shard's partial folded from its own codes, one shard's state
+    in memory at a time (``feature_codes.compute_and_write_partials`` over the ``N_FEATURE_SHARDS``
+    shards). Returns what the job held, so that the memory figures follow the layout: the encode
+    holds the whole SAE, the state one shard's latents."""
     shards = ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)
-    ft.compute_and_write_partials(store, sae, SAE_NAME, partition_key, shards, settings)
+    fc.compute_and_write_partials(store, sae, SAE_NAME, partition_key, shards, settings)
+    widest = max(stop - start for start, stop in shards)
     return {"feature_shards": len(shards), "shards_per_job": len(shards),
-            "latents_per_shard": max(stop - start for start, stop in shards), "latents_per_job": sae.n_latents}
+            "latents_per_shard": widest, "latents_per_job": widest}
 
 
 def stage_pass_1(meter: Meter, job: dict) -> dict:
@@ -277,7 +280,7 @@ def stage_pass_3(meter: Meter, job: dict) -> dict:
     examples = pl.concat([ctx.shown_examples(read_tables(store, SAE_NAME, i).examples, settings.random_examples)
                           for i in range(N_FEATURE_SHARDS)])
     info = ctx.build_partition_windows(store, SAE_NAME, sae, BATCH_KEY, examples, tokenizer, before=settings.before,
-                                       after=settings.after, codes=ft.read_codes(store, SAE_NAME, BATCH_KEY, sae))
+                                       after=settings.after, codes=fc.read_codes(store, SAE_NAME, BATCH_KEY, sae))
     for index, (start, stop) in enumerate(ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)):
         frame = ctx.regroup_by_feature(store, SAE_NAME, [BATCH_KEY], start, stop)
         ctx.write_feature_contexts(store, SAE_NAME, index, frame)

@@ -44,7 +44,7 @@ def test_every_stage_prints_its_cost_against_tokens_and_latents(tiny_model_dir, 
     assert cache["goal"] == 1.25 and lines["scaling_shuffle_peak_rss_vs_tokens"]["goal"] == 1.2
     pass_1 = lines["scaling_pass_1_peak_rss_vs_latents"]
     assert pass_1["n_latents"] == [64, 256] and pass_1["goal"] == 4.0  # latents per shard grew 4x
-    assert pass_1["latents_per_job"] == [64, 256]  # today: a pass-1 job holds every feature shard
+    assert pass_1["latents_per_job"] == [16, 64]  # a pass-1 job holds one feature shard's state at a time
     assert plot.read_bytes().startswith(b"\x89PNG")
     # every stage's figures were appended as it ended: a run stopped midway keeps them, and prints them again
     again = _run("--quick", "--from-record", str(record))
