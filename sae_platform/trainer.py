@@ -141,8 +141,9 @@ class TrainSettings:
     holdout_rows: int = setting(8192, "last rows of the shuffled store, never trained on, kept for evaluation",
                                 ge=0)
     log_every_steps: int = setting(10, "a metrics row every this many steps", ge=1)
-    world_size: int = setting(1, "data-parallel ranks (torch.distributed; docs/scale.md): each reads its own "
-                                 "slice of every batch; batch_size must divide by it", ge=1)
+    world_size: int = setting(1, "ranks in all, data_parallel x latent_parallel (torch.distributed; "
+                                 "docs/scale.md): each data-parallel replica reads its own slice of every batch; "
+                                 "batch_size must divide by world_size / latent_parallel", ge=1)
     nproc_per_node: int | None = setting(None, "ranks per machine (one GPU each); null: world_size (one machine)",
                                          ge=1)
     latent_parallel: int = setting(1, "latent-parallel degree: each of this many ranks holds n_latents / "
@@ -177,11 +178,13 @@ class TrainSettings:
                                 "set token_budget to at least batch_size tokens")
         check_layout(self.variant, self.n_latents, self.world_size, self.latent_parallel, self.batch_size)
         nproc = self.nproc_per_node or self.world_size
-        if self.batch_size % self.data_parallel or self.world_size % nproc:
-            raise SettingsError(f"resources.training.config: batch_size {self.batch_size}, world_size "
-                                f"{self.world_size}, nproc_per_node {nproc}: each rank needs an equal share",
-                                "make batch_size a multiple of world_size / latent_parallel, and world_size a "
-                                "multiple of nproc_per_node")
+        if self.batch_size % self.data_parallel:
+            raise SettingsError(f"resources.training.config: batch_size {self.batch_size} does not split evenly over "
+                                f"{self.data_parallel} data-parallel replicas", "make batch_size a multiple of "
+                                "world_size / latent_parallel")
+        if self.world_size % nproc:
+            raise SettingsError(f"resources.training.config: world_size {self.world_size} ranks do not fill machines "
+                                f"of nproc_per_node {nproc} ranks", "make world_size a multiple of nproc_per_node")
 
     @property
     def data_parallel(self) -> int:

@@ -94,10 +94,10 @@ def test_killed_two_rank_run_resumes(store, tmp_path):
 
 
 def test_placement_settings_are_checked():
-    with pytest.raises(SettingsError, match="equal share"):
+    with pytest.raises(SettingsError, match="batch_size 255 does not split evenly over 2 data-parallel"):
         TrainSettings(batch_size=255, token_budget=1000, world_size=2)
-    with pytest.raises(SettingsError, match="equal share"):
-        TrainSettings(world_size=6, nproc_per_node=4)
+    with pytest.raises(SettingsError, match="world_size 6 ranks do not fill machines of nproc_per_node 4"):
+        TrainSettings(world_size=6, nproc_per_node=4, batch_size=6144)  # batch_size fits: only nproc is named
     assert "--standalone" in launch_command("s.json", 4, 4, "r")
     with pytest.raises(PlatformError, match="SAE_PLATFORM_RDZV_ENDPOINT"):
         launch_command("s.json", 8, 4, "r")
