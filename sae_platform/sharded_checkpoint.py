@@ -22,7 +22,9 @@ any layout: ``sae.<state_dict key>`` (the SAE's weights), ``adam.<parameter name
 Reading under another layout (:func:`read_shard`): the target shard's rows [start, stop) are
 assembled from only the source shards that overlap them, each read with safetensors'
 ``get_slice`` (a local store maps the file and reads just those rows), so 2 shards resume as 1,
-1 as 4, 4 as 2, and the optimizer state follows the weights.
+1 as 4, 4 as 2, and the optimizer state follows the weights. :func:`decoder_rows` reads one range of
+decoder rows of a checkpoint of either kind (an unsharded one's ``sae_weights.safetensors`` by the
+same ``get_slice``), without building the SAE: what pass 2 of a feature shard needs.
 
 Nothing half-written is read: the index is written after every shard file is down and checked
 (names, dtypes, rows), and the pointer switches after the index; a version missing a shard or
