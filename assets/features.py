@@ -171,11 +171,11 @@ def merge_shard(run: StageRun) -> dict:
     group = catalog.shuffled_input_group(store, sae_shuffle(run))
     device = pick_device(run.resources.features.device)
     index = _shard(run.partition_key)
-    n_latents = int(checkpoint_config(store, settings.sae_name, checkpoint)["sae"]["n_latents"])
-    start, stop = ft.feature_shard(n_latents, N_FEATURE_SHARDS, index)
+    config = checkpoint_config(store, settings.sae_name, checkpoint)["sae"]
+    start, stop = ft.feature_shard(int(config["n_latents"]), N_FEATURE_SHARDS, index)
     batches = pinned_batches(run)
     run.log.info(f"pass 2, features [{start:,}, {stop:,}): merging {len(batches)} partial(s)")
-    tables = _shard_tables(run, index, batches, checkpoint, device)
+    tables = _shard_tables(run, config["variant"], index, batches, checkpoint, device)
     truth = _synthetic_truth(run)
     if truth is None:
         hooked, _ = run.resources.language_model.load(store, device=str(device))
@@ -201,13 +201,14 @@ def merge_shard(run: StageRun) -> dict:
             "lineage": MetadataValue.json(lineage)}
 
 
-def _shard_tables(run: StageRun, index: int, batches: list[str], checkpoint: str, device) -> FeatureTables:
+def _shard_tables(run: StageRun, variant: str, index: int, batches: list[str], checkpoint: str,
+                  device) -> FeatureTables:
     """Pass 2's tables of feature shard ``index``: a TopK-style SAE's from the shard's stored codes
     without its weights (``feature_merge.merge_stored_shard``: one shard's job memory, not the
-    SAE's); another variant encodes its rows again for the interval examples, which needs its
+    SAE's); another ``variant`` encodes its rows again for the interval examples, which needs its
     encoder, so that one loads the SAE."""
     settings = _settings(run)
-    if ft.sparse_variant(checkpoint_config(run.store, settings.sae_name, checkpoint)["sae"]["variant"]):
+    if ft.sparse_variant(variant):
         return merge_stored_shard(run.store, settings.sae_name, index, batches, settings, device, checkpoint)
     sae, _ = load_sae(run.store, settings.sae_name, device, version=checkpoint)
     return merge_shard_tables(run.store, sae, settings.sae_name, index, batches, settings)

@@ -632,7 +632,8 @@ def decoder_rows(store: ArtifactStore, sae_name: str, start: int, stop: int, *, 
         checkpoint = open_sharded(store, sae_name, version)
         return _read_rows(checkpoint, start, stop, f"{SAE}W_dec", device)[f"{SAE}W_dec"]
     name = checkpoint_name(sae_name)
-    checkpoint = ShardedCheckpoint(store, name, path, {}, store.recorded_files(name, version, name))
+    checkpoint = ShardedCheckpoint(store, name, path, {},
+                                   store.recorded_files(name, version, f"SAE checkpoint {sae_name!r}"))
     with _opened(checkpoint, UNSHARDED_WEIGHTS) as f:
         rows = f.get_slice("W_dec")[start:stop].to(device)
     _check_finite(checkpoint, UNSHARDED_WEIGHTS, {"W_dec": rows})
