@@ -226,3 +226,20 @@ def test_pass_2_reads_its_codes_and_decoder_rows_never_the_whole_sae(store, monk
     fc.encode_codes(store, other, "run", "p1", shards, batch_rows=128)
     with pytest.raises(F.FeatureError, match="partition 'p1' has no stored sparse codes"):
         merge_stored_shard(store, "run", 0, KEYS, SETTINGS, "cpu", checkpoint)
+
+
+def test_decoder_rows_come_by_slice_from_either_kind_of_checkpoint_on_s3_and_a_changed_file_is_refused(
+        s3, s3_endpoint):
+    _, bucket = s3
+    store = ArtifactStore(f"s3://{bucket}/root", {"endpoint_url": s3_endpoint})
+    sae = make_sae("topk")
+    for name, n_latent_shards in (("flat", 0), ("wide", 3)):
+        _commit_checkpoint(store, name, sae, n_latent_shards)
+        assert torch.equal(sc.decoder_rows(store, name, 5, 40), sae.W_dec.detach()[5:40])
+        assert sc.decoder_rows(store, name, 7, 7).shape == (0, sae.d_model)
+    weights = f"{store.resolve(catalog.checkpoint_name('flat'))}/{sc.UNSHARDED_WEIGHTS}"
+    data = bytearray(store.fs.cat_file(weights))
+    data[-4:] = b"\x00\x00\xc0\x7f"  # the file's last float is now NaN: same size, other bytes
+    store.fs.pipe_file(weights, bytes(data))
+    with pytest.raises(StorageError, match=r"sae_weights\.safetensors differs from the bytes recorded"):
+        sc.decoder_rows(store, "flat", 0, 4)
