@@ -24,13 +24,20 @@ from sae_platform.catalog import eval_name, trained_on
 from sae_platform.compare import absorption_result, figures_version, saebench_figures
 from sae_platform.contexts import shown_examples
 from sae_platform.feature_check import brute_force_check
-from sae_platform.feature_merge import FeatureTables, merge_shard_tables, read_tables, write_tables
+from sae_platform.feature_merge import (
+    FeatureTables,
+    merge_shard_tables,
+    merge_stored_shard,
+    read_tables,
+    write_tables,
+)
 from sae_platform.freshness import features_behind, refresh_plan, stale_reasons
 from sae_platform.ground_truth import synthetic_heldout_codes
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
-from sae_platform.logits import logit_effect_meaning, logit_effects, unembedding_matrix
+from sae_platform.logits import decoder_logit_effects, logit_effect_meaning, unembedding_matrix
 from sae_platform.model import pick_device
+from sae_platform.sharded_checkpoint import checkpoint_config, decoder_rows
 from sae_platform.shuffle import pinned_keys
 from sae_platform.synthetic import SyntheticTokenizer, read_truth, synthetic_provenance, token_unembedding
 from sae_platform.tables import LLM_EXPLANATION_SCHEMA
@@ -156,20 +163,27 @@ FEATURE_STATS_PARTIAL = _stage(
 def merge_shard(run: StageRun) -> dict:
     """Merge the partials of every pinned batch: exact top-K, uniform random examples, density,
     histogram; then the interval examples, sampled from all activating tokens of each interval
-    with the merged max (each batch's codes read again); plus the logit effects (W_dec · W_U)."""
-    settings, (sae, group), store = _settings(run), _load(run), run.store
+    with the merged max (each batch's codes read again); plus the logit effects (W_dec · W_U).
+    Reads only what the shard needs: a TopK-style SAE's stored codes and the shard's decoder rows,
+    never the whole SAE (``_shard_tables``)."""
+    settings, store = _settings(run), run.store
+    checkpoint = catalog.checkpoint_version(store, settings.sae_name)  # read before reading it (checkpoint_pin)
+    group = catalog.shuffled_input_group(store, sae_shuffle(run))
+    device = pick_device(run.resources.features.device)
     index = _shard(run.partition_key)
-    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    config = checkpoint_config(store, settings.sae_name, checkpoint)["sae"]
+    start, stop = ft.feature_shard(int(config["n_latents"]), N_FEATURE_SHARDS, index)
     batches = pinned_batches(run)
     run.log.info(f"pass 2, features [{start:,}, {stop:,}): merging {len(batches)} partial(s)")
-    tables = merge_shard_tables(store, sae, settings.sae_name, index, batches, settings)
+    tables = _shard_tables(run, config["variant"], index, batches, checkpoint, device)
     truth = _synthetic_truth(run)
     if truth is None:
-        hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
+        hooked, _ = run.resources.language_model.load(store, device=str(device))
         unembedding, tokenizer = unembedding_matrix(hooked.model), hooked.tokenizer
     else:  # no model: the true directions stand in for W_U (synthetic.token_unembedding)
         unembedding, tokenizer = token_unembedding(truth), SyntheticTokenizer(truth.n_features)
-    logits = logit_effects(sae, unembedding.to(sae.W_dec.device), tokenizer, start, stop)
+    rows = decoder_rows(store, settings.sae_name, start, stop, version=checkpoint, device=device).float()  # as load_sae
+    logits = decoder_logit_effects(rows, unembedding.to(device), tokenizer, start)
     attrs = activation_attrs(store, sae_shuffle(run))
     path = write_tables(store, settings.sae_name, index, tables)
     with store.writing(catalog.logits_name(settings.sae_name, index)) as version:
@@ -185,6 +199,19 @@ def merge_shard(run: StageRun) -> dict:
             "never_active_features": dead, "path": MetadataValue.path(store.url(path)),
             **table_metadata(tables.stats), "top_features": _preview(run, tables, tokenizer, group),
             "lineage": MetadataValue.json(lineage)}
+
+
+def _shard_tables(run: StageRun, variant: str, index: int, batches: list[str], checkpoint: str,
+                  device) -> FeatureTables:
+    """Pass 2's tables of feature shard ``index``: a TopK-style SAE's from the shard's stored codes
+    without its weights (``feature_merge.merge_stored_shard``: one shard's job memory, not the
+    SAE's); another ``variant`` encodes its rows again for the interval examples, which needs its
+    encoder, so that one loads the SAE."""
+    settings = _settings(run)
+    if ft.sparse_variant(variant):
+        return merge_stored_shard(run.store, settings.sae_name, index, batches, settings, device, checkpoint)
+    sae, _ = load_sae(run.store, settings.sae_name, device, version=checkpoint)
+    return merge_shard_tables(run.store, sae, settings.sae_name, index, batches, settings)
 
 
 def _preview(run: StageRun, tables: FeatureTables, tokenizer, group: str) -> MetadataValue:

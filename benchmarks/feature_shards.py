@@ -3,6 +3,7 @@ wide SAE, against the single-group layout where one pass-1 job holds every laten
 
     python benchmarks/feature_shards.py --quick     # 2^16 latents, 16 shards of 4,096, one batch: < 1 min quiet
     python benchmarks/feature_shards.py             # 2^20 latents, 16 shards of 65,536, two batches
+    python benchmarks/feature_shards.py --pass2-only  # the same, only what pass 2 needs (no baseline)
 
 Data: activation batches of 2,048 synthetic rows (d_model 64, float16, the partition layout; the
 feature stages' memory does not depend on d_model beyond the SAE's own weights). SAE: TopK, k 32,
@@ -14,9 +15,12 @@ Jobs, each a fresh subprocess, as the pipeline runs them (``sae_platform/feature
 - encode (one per batch): ``encode_codes``, the batch's one encode, its codes committed split by shard;
 - pass 1 (one per batch x shard): ``shard_partial`` + ``write_partial`` from the shard's codes only,
   without the SAE;
-- pass 2 (one per shard): ``merge_shard_tables`` (the merge, and the interval examples from the
-  shard's codes) + ``write_tables``; it loads the whole SAE, as the pipeline's pass 2 does (512 MiB
-  at d_model 64 and 2^20 latents: part of its peak, not of the shard's).
+- pass 2 (one per shard), as the ``feature_topk`` asset runs it: ``merge_stored_shard`` (the merge,
+  and the interval examples from the shard's codes, without the SAE's weights) + ``write_tables``,
+  then the logit effects from the shard's decoder rows only (``sharded_checkpoint.decoder_rows``, read
+  by slice from the committed checkpoint) against a random W_U of GPT-2's vocabulary, committed.
+The SAE is committed first as a latent-sharded checkpoint (``LATENT_SHARDS`` files, as a wide SAE's
+training writes it), in a job of its own that is not measured.
 The full mode runs pass 1 for every shard of the first batch and for the first and last shard of
 the second, then pass 2 of the first and last shard (every shard has the same width, so the same
 memory); the quick mode one batch, pass 1 of the first and last shard and pass 2 of the first. The baseline is
@@ -48,6 +52,8 @@ D_MODEL, K, N_GROUPS = 64, 32, 4
 GOAL_JOB_BYTES, GOAL_SHARDS = 2 << 30, 16  # issue 25: <= 2 GiB per job at 16 shards of 65,536 latents
 BATCHES = ("b0", "b1")
 SAE_NAME = "bench"
+LATENT_SHARDS = 4  # files of the committed checkpoint
+VOCAB = 50_257  # GPT-2's: the width of the logit effects' W_U
 
 
 def make_sae(n_latents: int):
@@ -78,15 +84,27 @@ def make_data(root: str, tokens: int, batches: tuple[str, ...]) -> None:
 
 def worker(args) -> None:
     """One job in this process; prints {"seconds", "peak_bytes"}."""
+    import torch
+
+    from sae_platform import catalog
     from sae_platform import feature_codes as fc
     from sae_platform import features as F
-    from sae_platform.feature_merge import merge_shard_tables, write_tables
+    from sae_platform import sharded_checkpoint as sc
+    from sae_platform.feature_merge import merge_stored_shard, write_tables
+    from sae_platform.logits import decoder_logit_effects
     from sae_platform.storage import ArtifactStore
+    from sae_platform.synthetic import SyntheticTokenizer
 
     store, settings = ArtifactStore(args.store), F.FeatureSettings()
     shards = F.feature_shards(args.latents, args.shards)
     started = time.perf_counter()
-    if args.worker == "encode":  # the batch's one encode; it records the weights' fingerprint for pass 1
+    checkpoint = catalog.checkpoint_version(store, SAE_NAME)
+    if args.worker == "checkpoint":  # what training commits; not measured
+        sae = make_sae(args.latents)
+        weights = {sc.SAE + name: tensor.detach() for name, tensor in sae.state_dict().items()}
+        sc.save_sharded(store, catalog.checkpoint_name(SAE_NAME), "topk", sc.LatentLayout(args.latents, LATENT_SHARDS),
+                        weights, json_files={"cfg.json": {"sae": sae.config}})
+    elif args.worker == "encode":  # the batch's one encode; it records the weights' fingerprint for pass 1
         meta = fc.encode_codes(store, make_sae(args.latents), SAE_NAME, args.batch, shards,
                                batch_rows=args.batch_rows)
         Path(args.store, "fingerprint.json").write_text(json.dumps(meta["sae_fingerprint"]))
@@ -94,11 +112,18 @@ def worker(args) -> None:
         fingerprint = json.loads(Path(args.store, "fingerprint.json").read_text())
         path, meta = fc.codes_meta(store, SAE_NAME, args.batch, fingerprint)
         F.write_partial(store, SAE_NAME, args.batch, args.shard,
-                        fc.shard_partial(store, SAE_NAME, args.batch, args.shard, meta, path, settings))
-    elif args.worker == "pass2":  # the SAE only to match the codes' fingerprint (interval examples)
-        tables = merge_shard_tables(store, make_sae(args.latents), SAE_NAME, args.shard, args.batches.split(","),
-                                    settings)
+                        fc.shard_partial(store, SAE_NAME, args.batch, args.shard, meta, path, settings),
+                        checkpoint=checkpoint)
+    elif args.worker == "pass2":  # no SAE: the shard's codes, and its decoder rows for the logit effects
+        tables = merge_stored_shard(store, SAE_NAME, args.shard, args.batches.split(","), settings, "cpu", checkpoint)
         write_tables(store, SAE_NAME, args.shard, tables)
+        start, stop = shards[args.shard]
+        rows = sc.decoder_rows(store, SAE_NAME, start, stop, version=checkpoint)
+        tokenizer = SyntheticTokenizer(VOCAB - 2)
+        unembedding = torch.randn(VOCAB, D_MODEL, generator=torch.Generator().manual_seed(1))
+        with store.writing(catalog.logits_name(SAE_NAME, args.shard)) as version:
+            store.write_parquet(f"{version}/{catalog.LOGIT_EFFECTS}",
+                                decoder_logit_effects(rows, unembedding, tokenizer, start))
     elif args.worker == "baseline":
         F.compute_partials(store, make_sae(args.latents), BATCHES[0], [(0, args.latents)], settings,
                            batch_rows=args.batch_rows)
@@ -134,7 +159,10 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=GOAL_SHARDS, help="feature shards (the goal's layout: 16)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per batch")
     parser.add_argument("--batch-rows", type=int, default=None, help="rows per encode (pre-activations: x latents)")
-    parser.add_argument("--worker", choices=["encode", "pass1", "pass2", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--pass2-only", action="store_true",
+                        help="only the jobs pass 2 needs (encode, pass 1 of its shards) and pass 2; no baseline")
+    parser.add_argument("--worker", choices=["checkpoint", "encode", "pass1", "pass2", "baseline"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--batches", default=",".join(BATCHES), help=argparse.SUPPRESS)
     parser.add_argument("--batch", default=BATCHES[0], help=argparse.SUPPRESS)
@@ -163,18 +191,20 @@ def main() -> int:
     last = n_shards - 1
     with tempfile.TemporaryDirectory(prefix="feature_shards_") as root:
         make_data(root, tokens, batches)
+        run_job(args, root, "checkpoint")
         for batch in batches:
             jobs.append(run_job(args, root, "encode", batch=batch))
         # every shard of the first batch (each must fit); the first and last of the others (for pass 2)
+        every = not (args.quick or args.pass2_only)
         for batch in batches:
-            for shard in (range(n_shards) if batch == batches[0] and not args.quick else (0, last)):
+            for shard in (range(n_shards) if batch == batches[0] and every else (0, last)):
                 jobs.append(run_job(args, root, "pass1", batch=batch, shard=shard))
         for shard in (0,) if args.quick else (0, last):
             jobs.append(run_job(args, root, "pass2", shard=shard))
         baseline_latents = min(latents, 1 << 16)
-        baseline = run_job(args, root, "baseline", latents=baseline_latents)
+        baseline = None if args.pass2_only else run_job(args, root, "baseline", latents=baseline_latents)
     wall_s = time.perf_counter() - wall
-    baseline_bytes = baseline["peak_bytes"] * latents / baseline_latents
+    baseline_bytes = None if baseline is None else baseline["peak_bytes"] * latents / baseline_latents
     mib = lambda b: b / 2**20  # noqa: E731
     print(f"feature shards: TopK d_model {D_MODEL}, {latents:,} latents, k {K}; {len(batches)} batch(es) of "
           f"{tokens:,} tokens; {n_shards} shards of {-(-latents // n_shards):,} latents")
@@ -183,9 +213,10 @@ def main() -> int:
     print(f"{'job':<9}{'batch':>6}{'shard':>7}{'seconds':>9}{'peak MiB':>10}")
     for job in jobs:
         print(f"{job['job']:<9}{job['batch']:>6}{job['shard']:>7}{job['seconds']:>9.2f}{mib(job['peak_bytes']):>10.0f}")
-    print(f"baseline (one pass-1 job over all latents, today's single group): {mib(baseline['peak_bytes']):,.0f} MiB "
-          f"at {baseline_latents:,} latents" + ("" if baseline_latents == latents else
-                                                 f", {mib(baseline_bytes):,.0f} MiB scaled to {latents:,}"))
+    if baseline is not None:
+        print(f"baseline (one pass-1 job over all latents, today's single group): {mib(baseline['peak_bytes']):,.0f} "
+              f"MiB at {baseline_latents:,} latents" + ("" if baseline_latents == latents else
+                                                        f", {mib(baseline_bytes):,.0f} MiB scaled to {latents:,}"))
     load_after = os.getloadavg()[0]
     print(f"wall time {wall_s:.1f} s; load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs")
     print()
@@ -194,7 +225,8 @@ def main() -> int:
               "d_model": D_MODEL, "k": K, "tokens_per_batch": tokens, "n_batches": len(batches),
               "planned_shards_at_goal_budget": plan.n_shards, "quick": args.quick, "wall_s": round(wall_s, 1),
               "baseline_measured_at_latents": baseline_latents, "load_before": load_before, "load_after": load_after}
-    lines = [{"metric": metric, "value": value, "baseline": baseline_bytes, "ratio": value / baseline_bytes,
+    lines = [{"metric": metric, "value": value, "baseline": baseline_bytes,
+              "ratio": None if baseline_bytes is None else value / baseline_bytes,
               "goal": GOAL_JOB_BYTES, "unit": "bytes", **common}
              for metric, value in (("feature_pass1_shard_job_peak_rss_bytes", peak["pass1"]),
                                    ("feature_pass2_shard_job_peak_rss_bytes", peak["pass2"]),

@@ -51,18 +51,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import torch
 
-from sae_platform.catalog import FIRST_STORE, list_partitions, tables_name
+from sae_platform.catalog import FIRST_STORE, list_partitions, partial_name, pinned_checkpoint, tables_name
 from sae_platform.feature_intervals import add_interval_examples
 from sae_platform.features import (
     FeatureError,
     FeatureSettings,
     Partial,
+    StoredSAE,
     check_positive,
     compute_partials,
     feature_shards,
     hist_bin_edges,
     read_partials,
+    sparse_variant,
     write_partial,
 )
 from sae_platform.storage import ArtifactStore
@@ -286,6 +289,30 @@ def merge_shard_tables(store: ArtifactStore, sae, sae_name: str, shard_index: in
     again, with pass 1's values). Raises FeatureError for mismatched partials or a partition whose
     version changed since pass 1."""
     tables = merge_partials(read_partials(store, sae_name, shard_index, partitions), settings)
+    return add_interval_examples(store, sae, sae_name, tables)
+
+
+def merge_stored_shard(store: ArtifactStore, sae_name: str, shard_index: int, partitions: list[str],
+                       settings: FeatureSettings, device, checkpoint: str | None = None) -> FeatureTables:
+    """``merge_shard_tables`` of a TopK-style SAE (``features.sparse_variant``) without its
+    weights: the SAE is the ``StoredSAE`` its partials recorded (config, fingerprint) on ``device``,
+    the interval examples come from the shard's stored codes. Why: a wide SAE's weights are more
+    than one feature shard's job needs (docs/design.md, "Feature tables"). ``checkpoint``: the
+    checkpoint version every partial must pin (``catalog.checkpoint_pin``), so the tables and the
+    decoder rows read beside them describe one checkpoint. Raises FeatureError for partials of
+    another checkpoint or SAE variant, mismatched partials, or a partition without its codes."""
+    if checkpoint is not None:
+        stale = [key for key in partitions
+                 if pinned_checkpoint(store.pointer(partial_name(sae_name, key, shard_index))) != checkpoint]
+        if stale:
+            raise FeatureError(f"the partials of feature shard {shard_index} of {sae_name!r} for partition(s) "
+                               f"{', '.join(stale[:5])} were not computed with checkpoint {checkpoint}",
+                               "run pass 1 again for those partitions (feature_pass_1), then pass 2")
+    tables = merge_partials(read_partials(store, sae_name, shard_index, partitions), settings)
+    sae = StoredSAE(tables.meta["sae"]["config"], tables.meta["sae"]["fingerprint"], torch.device(device))
+    if not sparse_variant(sae.config["variant"]):
+        raise FeatureError(f"SAE {sae_name!r} is a {sae.config['variant']} SAE: pass 2 encodes its rows again, "
+                           "which needs its weights", "use merge_shard_tables with the loaded SAE")
     return add_interval_examples(store, sae, sae_name, tables)
 
 

@@ -16,10 +16,10 @@ the other, so every group gets the same number of shards and an SAE small enough
 group keeps today's layout (shard i = group i).
 
 What a job does not hold: every other shard's state, and in pass 1 the SAE (a shard's pass 1
-reads its codes, committed by the batch's one encode). Pass 2 loads the SAE today (its interval
-examples check the codes' weights, its logit effects read the shard's decoder rows): the whole SAE
-(``sae_bytes``), or only the shard's rows once checkpoints are read shard by shard
-(``weight_bytes_per_latent``).
+reads its codes, committed by the batch's one encode). Pass 2 of a TopK-style SAE reads only its
+shard's decoder rows, by slice from the checkpoint (``sharded_checkpoint.decoder_rows``, for the
+logit effects): ``weight_bytes_per_latent`` (d_model x 4 B); a dense variant's pass 2 encodes its
+rows again for the interval examples and loads the whole SAE (``sae_bytes``).
 """
 
 import math

@@ -75,7 +75,7 @@ from sae_platform.catalog import (
 )
 from sae_platform.errors import PlatformError
 from sae_platform.feature_select import Selector, decode_top, partition_salt, sample_keys, top_keys
-from sae_platform.sae import SparseAutoencoder
+from sae_platform.sae import SparseAutoencoder, variant_class
 from sae_platform.settings import setting, validate
 from sae_platform.storage import ArtifactStore
 
@@ -226,8 +226,49 @@ class Partial:
                 "group": self.group}
 
 
+@dataclass(frozen=True)
+class StoredSAE:
+    """An SAE as pass 2 of one feature shard sees it, without its weights: ``config`` (cfg.json's
+    ``"sae"``: variant, d_model, n_latents, d_out …), the ``fingerprint`` of the weights that its
+    pass-1 partials and sparse codes recorded (``sae_fingerprint``), and the ``device`` to compute
+    on. Why: pass 2 of a TopK-style SAE (``sparse_variant``) reads only the shard's stored codes,
+    never the weights, and a wide SAE's weights (512 MiB at 2^20 latents, d_model 64) would be
+    most of its job's memory; the logit effects read the shard's decoder rows by slice
+    (``sharded_checkpoint.decoder_rows``). Accepted where pass 2 takes an SAE (``merge_shard_tables``,
+    ``feature_intervals``); its stored codes must be there (a FeatureError names the partition)."""
+
+    config: dict
+    fingerprint: str
+    device: torch.device
+
+    @property
+    def n_latents(self) -> int:
+        return int(self.config["n_latents"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config["d_model"])
+
+    @property
+    def d_out(self) -> int | None:
+        return self.config.get("d_out")
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.d_out is not None
+
+
+def sparse_variant(variant: str) -> bool:
+    """Whether ``variant``'s ``encode_slice`` is the slice of the full sparse selection (TopK,
+    Switch): pass 1 stores its codes, and pass 2 reads them instead of encoding again."""
+    return variant_class(variant).encode_slice is SparseAutoencoder.encode_slice
+
+
 def sae_fingerprint(sae) -> str:
-    """A digest of the SAE's config and weights: partials of different SAEs must never merge."""
+    """A digest of the SAE's config and weights: partials of different SAEs must never merge. A
+    ``StoredSAE`` gives the fingerprint its partials recorded."""
+    if isinstance(sae, StoredSAE):
+        return sae.fingerprint
     digest = hashlib.blake2b(json.dumps(sae.config, sort_keys=True).encode(), digest_size=16)
     for name, tensor in sorted(sae.state_dict().items()):
         digest.update(name.encode())
@@ -237,7 +278,7 @@ def sae_fingerprint(sae) -> str:
 
 def device_of(sae) -> torch.device:
     """The device of the SAE's weights: pass 1, and the check's re-encode, compute there."""
-    return sae.W_dec.device
+    return sae.device if isinstance(sae, StoredSAE) else sae.W_dec.device
 
 
 def _resolve_device(sae, device) -> torch.device:
@@ -267,6 +308,8 @@ def _bookkeeping_threads(dev: torch.device):
 
 def _sparse_route(sae) -> bool:
     """True when encode_slice is the slice of the full sparse selection (TopK, Switch)."""
+    if isinstance(sae, StoredSAE):
+        return sparse_variant(sae.config["variant"])
     return type(sae).encode_slice is SparseAutoencoder.encode_slice
 
 

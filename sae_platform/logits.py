@@ -94,34 +94,45 @@ def unembedding_matrix(model, fold_norm: bool = True) -> torch.Tensor:
     return weight
 
 
-@torch.no_grad()
 def logit_effects(sae: SparseAutoencoder, unembedding: torch.Tensor, tokenizer, start: int, stop: int,
                   top: int = 10) -> pl.DataFrame:
-    """Per feature in [start, stop): the ``top`` tokens with the largest and the smallest
-    ``W_dec[f] @ W_U^T`` (schema ``LOGIT_SCHEMA``; top descending, bottom ascending).
-
-    Scores are computed in feature chunks of at most LOGIT_ELEMENTS / vocab rows on the SAE's
-    device. Rows of W_U past the tokenizer's vocabulary (padding) are left out. What the scores
-    mean at each hook point: the module docstring (``logit_effect_meaning``). An empty range (a
-    feature shard with no latent, ``features.feature_shards``) gives an empty frame."""
+    """Per feature in [start, stop) of ``sae``: :func:`decoder_logit_effects` of its decoder rows
+    ``W_dec[start:stop]``. PlatformError for a range outside [0, n_latents)."""
     if not 0 <= start <= stop <= sae.n_latents:
         raise PlatformError(f"feature range [{start}, {stop}) is outside [0, {sae.n_latents})",
                             "pass 0 <= start <= stop <= n_latents")
-    width = int(sae.W_dec.shape[1])  # d_model; a transcoder writes d_out
+    return decoder_logit_effects(sae.W_dec[start:stop], unembedding, tokenizer, start, top)
+
+
+@torch.no_grad()
+def decoder_logit_effects(rows: torch.Tensor, unembedding: torch.Tensor, tokenizer, start: int,
+                          top: int = 10) -> pl.DataFrame:
+    """Per feature ``start + i`` of the decoder rows ``rows`` ([n_features, d_model], e.g.
+    ``sharded_checkpoint.decoder_rows`` of one feature shard: the SAE itself is not needed): the
+    ``top`` tokens with the largest and the smallest ``rows[i] @ W_U^T`` (schema
+    ``LOGIT_SCHEMA``; top descending, bottom ascending).
+
+    Scores are computed in feature chunks of at most LOGIT_ELEMENTS / vocab rows on the rows'
+    device and in their dtype. Rows of W_U past the tokenizer's vocabulary (padding) are left out.
+    What the scores mean at each hook point: the module docstring (``logit_effect_meaning``). No
+    rows (a feature shard with no latent, ``features.feature_shards``) give an empty frame.
+    ModelError when W_U's width is not the rows' d_model; PlatformError for top < 1."""
+    width = int(rows.shape[1])  # d_model; a transcoder writes d_out
     if unembedding.ndim != 2 or unembedding.shape[1] != width:
         raise ModelError(f"the unembedding has shape {tuple(unembedding.shape)} but the SAE writes d_model "
                          f"{width}", "pass W_U [vocab, d_model] of the model the SAE was trained on")
     if top < 1:
         raise PlatformError(f"top must be >= 1, got {top}", "ask for e.g. top=10 tokens")
     vocab = min(int(unembedding.shape[0]), len(tokenizer))
-    w_u = unembedding[:vocab].to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+    w_u = unembedding[:vocab].to(device=rows.device, dtype=rows.dtype)
     top = min(top, vocab)
-    if start == stop:
+    n = int(rows.shape[0])
+    if n == 0:
         return pl.DataFrame(schema=LOGIT_SCHEMA)
     chunk = max(1, LOGIT_ELEMENTS // vocab)
     parts = {k: [] for k in ("tv", "ti", "bv", "bi")}
-    for s in range(start, stop, chunk):
-        scores = sae.W_dec[s:min(s + chunk, stop)] @ w_u.T
+    for s in range(0, n, chunk):
+        scores = rows[s:min(s + chunk, n)] @ w_u.T
         tv, ti = scores.topk(top, dim=1)
         bv, bi = scores.topk(top, dim=1, largest=False)
         for k, t in zip(("tv", "ti", "bv", "bi"), (tv, ti, bv, bi), strict=True):
@@ -131,7 +142,7 @@ def logit_effects(sae: SparseAutoencoder, unembedding: torch.Tensor, tokenizer, 
     names = np.array(token_display_strings(tokenizer, uniq), dtype=object)[inv]
     top_names, bottom_names = names[: ti.size].reshape(ti.shape), names[ti.size:].reshape(bi.shape)
     return pl.DataFrame({
-        FEATURE: np.arange(start, stop, dtype=np.int64),
+        FEATURE: np.arange(start, start + n, dtype=np.int64),
         TOP_TOKEN_IDS: ti.astype(np.int64).tolist(), TOP_TOKEN_STRS: top_names.tolist(),
         TOP_SCORES: tv.astype(np.float32).tolist(),
         BOTTOM_TOKEN_IDS: bi.astype(np.int64).tolist(), BOTTOM_TOKEN_STRS: bottom_names.tolist(),

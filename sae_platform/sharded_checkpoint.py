@@ -22,7 +22,9 @@ any layout: ``sae.<state_dict key>`` (the SAE's weights), ``adam.<parameter name
 Reading under another layout (:func:`read_shard`): the target shard's rows [start, stop) are
 assembled from only the source shards that overlap them, each read with safetensors'
 ``get_slice`` (a local store maps the file and reads just those rows), so 2 shards resume as 1,
-1 as 4, 4 as 2, and the optimizer state follows the weights.
+1 as 4, 4 as 2, and the optimizer state follows the weights. :func:`decoder_rows` reads one range of
+decoder rows of a checkpoint of either kind (an unsharded one's ``sae_weights.safetensors`` by the
+same ``get_slice``), without building the SAE: what pass 2 of a feature shard needs.
 
 Nothing half-written is read: the index is written after every shard file is down and checked
 (names, dtypes, rows), and the pointer switches after the index; a version missing a shard or
@@ -400,7 +402,7 @@ class ShardedCheckpoint:
         return _read(self, layout, shard, prefix, device)
 
     def refuse(self, file: str, problem: str) -> StorageError:
-        return StorageError(f"{self.store.url(self.path)}/{file} {problem}; the sharded checkpoint was refused",
+        return StorageError(f"{self.store.url(self.path)}/{file} {problem}; the checkpoint was refused",
                             rebuild_fix(self.store, self.name))
 
 
@@ -480,7 +482,12 @@ def _read(checkpoint: ShardedCheckpoint, layout: LatentLayout, shard: int, prefi
     if layout.n_latents != checkpoint.layout.n_latents:
         raise checkpoint.refuse(INDEX, f"describes {checkpoint.layout.n_latents} latents, not the {layout.n_latents} "
                                        "asked for")
-    start, stop = layout.shard_range(shard)
+    return _read_rows(checkpoint, *layout.shard_range(shard), prefix, device)
+
+
+def _read_rows(checkpoint: ShardedCheckpoint, start: int, stop: int, prefix: str, device) -> dict:
+    """Rows [start, stop) of every per-latent tensor of ``checkpoint`` named ``prefix…`` (from the
+    source shards overlapping them only) and every such replicated tensor."""
     wanted = {n: m for n, m in checkpoint.index["tensors"].items() if n.startswith(prefix)}
     out: dict[str, torch.Tensor] = {}
     for name, meta in wanted.items():
@@ -575,3 +582,59 @@ def require_gatherable(store: ArtifactStore, sae_name: str, purpose: str, *, ver
         if version is None else store.path(name, version)
     if is_sharded(store, path):
         check_gather(open_sharded(store, sae_name, store.version_of(path)), SAE, limit_bytes, purpose)
+
+
+# -- one range of decoder rows, either kind of checkpoint ----------------------------------------
+
+UNSHARDED_WEIGHTS = "sae_weights.safetensors"  # an unsharded checkpoint's weights (trainer.py's layout)
+
+
+def _checkpoint_version(store: ArtifactStore, sae_name: str, version: str | None) -> tuple[str, str]:
+    """(version, its folder) of ``sae_name``'s committed checkpoint or of ``version`` (still stored)."""
+    name, what = checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}"
+    if version is None:
+        version = store.version_of(store.require(name, what, "materialize sae_checkpoint first"))
+    else:
+        store.check_version(name, version, what)
+    return version, store.path(name, version)
+
+
+def checkpoint_config(store: ArtifactStore, sae_name: str, version: str | None = None) -> dict:
+    """cfg.json of ``sae_name``'s committed (or ``version``'s) checkpoint, sharded or not, after the
+    store's presence check (cfg.json hashes as recorded): its ``"sae"`` is the SAE's config
+    (variant, d_model, n_latents …), read without any tensor. StorageError naming the file when it
+    is missing or damaged."""
+    version, path = _checkpoint_version(store, sae_name, version)
+    name, what = checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}"
+    store.check_intact(name, version, what=what)
+    with store.damaged(f"{path}/cfg.json", f"cfg.json of {what}", rebuild_fix(store, name)):
+        cfg = json.loads(store.fs.cat_file(f"{path}/cfg.json"))
+        int(cfg["sae"]["n_latents"]), str(cfg["sae"]["variant"])  # a KeyError here: cfg.json is damaged
+    return cfg
+
+
+def decoder_rows(store: ArtifactStore, sae_name: str, start: int, stop: int, *, version: str | None = None,
+                 device=None) -> torch.Tensor:
+    """``W_dec[start:stop]`` ([stop - start, d_out], in the checkpoint's dtype, on ``device``) of
+    ``sae_name``'s committed (or ``version``'s) checkpoint, sharded or not, without building the
+    SAE or reading any other tensor: safetensors' ``get_slice`` reads just those rows (a sharded
+    checkpoint: from the shards overlapping them). Why: pass 2 of one feature shard needs only its
+    latents' decoder directions (the logit effects), a 1/n_shards part of a wide SAE's weights.
+    StorageError naming the file for a missing checkpoint, a file whose bytes changed since the
+    commit, or NaN/inf in the rows; PlatformError for a range outside [0, n_latents)."""
+    version, path = _checkpoint_version(store, sae_name, version)
+    n_latents = int(checkpoint_config(store, sae_name, version)["sae"]["n_latents"])
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n_latents):
+        raise PlatformError(f"latents [{start!r}, {stop!r}) are outside SAE checkpoint {sae_name!r}'s "
+                            f"[0, {n_latents})",
+                            "pass 0 <= start <= stop <= n_latents (features.feature_shard gives valid ranges)")
+    if is_sharded(store, path):
+        checkpoint = open_sharded(store, sae_name, version)
+        return _read_rows(checkpoint, start, stop, f"{SAE}W_dec", device)[f"{SAE}W_dec"]
+    name = checkpoint_name(sae_name)
+    checkpoint = ShardedCheckpoint(store, name, path, {},
+                                   store.recorded_files(name, version, f"SAE checkpoint {sae_name!r}"))
+    with _opened(checkpoint, UNSHARDED_WEIGHTS) as f:
+        rows = f.get_slice("W_dec")[start:stop].to(device)
+    _check_finite(checkpoint, UNSHARDED_WEIGHTS, {"W_dec": rows})
+    return rows

@@ -86,6 +86,7 @@ from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, nor
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.sharded_checkpoint import (
     SAE,
+    UNSHARDED_WEIGHTS,
     LatentLayout,
     check_shards,
     gathered_state,
@@ -329,8 +330,8 @@ def _refuse_non_finite(store: ArtifactStore, path: str, file: str, bad: list[str
 def _finite_weights(store: ArtifactStore, path: str, step) -> dict[str, torch.Tensor]:
     """The SAE weights of the checkpoint at ``path`` (``sae_weights.safetensors``), refused with a
     StorageError naming the file when a tensor holds NaN/inf."""
-    weights = _read_tensors(store, path, "sae_weights.safetensors")
-    _refuse_non_finite(store, path, "sae_weights.safetensors", _non_finite(weights), step)
+    weights = _read_tensors(store, path, UNSHARDED_WEIGHTS)
+    _refuse_non_finite(store, path, UNSHARDED_WEIGHTS, _non_finite(weights), step)
     return weights
 
 
@@ -405,7 +406,7 @@ def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: 
                        "rng": torch.get_rng_state()}
     json_files, pointer_info = _checkpoint_records(sae, state, settings, shuffled, final)
     with store.writing(checkpoint_name(sae_name), **pointer_info) as version:
-        store.fs.pipe_file(f"{version}/sae_weights.safetensors", save_safetensors(weights))
+        store.fs.pipe_file(f"{version}/{UNSHARDED_WEIGHTS}", save_safetensors(weights))
         store.fs.pipe_file(f"{version}/cfg.json", json_files["cfg.json"])
         store.fs.pipe_file(f"{version}/optimizer.safetensors", optimizer_tensors)
         store.fs.pipe_file(f"{version}/optimizer.json", optimizer_meta)
@@ -528,7 +529,7 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
         sae_cfg = dict(cfg["sae"])
         sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
                         **sae_cfg)
-    with store.damaged(f"{path}/sae_weights.safetensors", f"weights (not those cfg.json describes) of SAE checkpoint "
+    with store.damaged(f"{path}/{UNSHARDED_WEIGHTS}", f"weights (not those cfg.json describes) of SAE checkpoint "
                                                           f"{sae_name!r}", fix):
         sae.load_state_dict(weights)
     return sae, cfg

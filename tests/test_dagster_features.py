@@ -1,5 +1,6 @@
 """Feature tables through Dagster on a tiny model: passes 1-3, the exactness check, lineage and the browser."""
 
+import inspect
 import json
 import re
 
@@ -8,6 +9,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, Definitions
 
 from assets import ASSETS, STAGES
+from assets import features as features_assets
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from jobs.cli import build_features
 from jobs.definitions import ASSET_JOBS, build_resources
@@ -61,7 +63,12 @@ def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
 
 def test_feature_pipeline_through_dagster(pipeline, store, monkeypatch):
     defs, instance = pipeline
+    loaded_by = []  # the functions on the stack of each whole-SAE load: pass 2 (merge_shard) is never one
+    load_sae = features_assets.load_sae
+    monkeypatch.setattr(features_assets, "load_sae", lambda *a, **k: loaded_by.append(
+        {frame.function for frame in inspect.stack(context=0)}) or load_sae(*a, **k))
     assert build_features(instance, defs, SAE)
+    assert loaded_by and not [stack for stack in loaded_by if "merge_shard" in stack]
     for stage in STAGES.values():  # every feature stage ran (the LLM explanations: skipped, they are off)
         if stage.group == "features":
             assert instance.fetch_materializations(AssetKey(stage.asset), limit=1).records, stage.asset

@@ -3,17 +3,27 @@ a batch encoded once, its codes committed split by feature shard, pass 1 of each
 reading only its own codes, gives today's tables bit for bit (same top-K, random sample, interval
 examples, stats and windows); the planner sizes the shards from a memory budget per job."""
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
+import torch
+from safetensors.torch import save as save_safetensors
 
+from assets import features as features_assets
+from sae_platform import catalog, trainer
 from sae_platform import feature_codes as fc
 from sae_platform import features as F
-from sae_platform.errors import StorageError
+from sae_platform import sharded_checkpoint as sc
+from sae_platform.errors import PlatformError, StorageError
 from sae_platform.feature_check import brute_force_check
-from sae_platform.feature_merge import build_feature_tables, merge_shard_tables, write_tables
+from sae_platform.feature_merge import build_feature_tables, merge_shard_tables, merge_stored_shard, write_tables
 from sae_platform.feature_plan import FeaturePlanError, plan_feature_shards
+from sae_platform.logits import decoder_logit_effects, logit_effects
+from sae_platform.sae import SparseAutoencoder
 from sae_platform.storage import ArtifactStore
+from sae_platform.synthetic import SyntheticTokenizer
 from tests.test_features import N_LATENTS, all_tables, make_dataset, make_sae
 
 SETTINGS = F.FeatureSettings(top_k=5, reservoir_factor=3, random_examples=4, check_features=4)
@@ -159,3 +169,77 @@ def test_damaged_shard_codes_are_refused_naming_the_file(store):
     assert fc.shard_partial(store, "run", "p0", 0, meta, path, SETTINGS).n_tokens == 100  # the good shard still runs
     with pytest.raises(StorageError, match="f1.npz"):
         fc.shard_partial(store, "run", "p0", 1, meta, path, SETTINGS)
+
+
+def _commit_checkpoint(store: ArtifactStore, name: str, sae, n_latent_shards: int) -> str:
+    """``sae`` committed as ``name``'s checkpoint the way training writes it: one safetensors file
+    (``n_latent_shards`` 0), or latent-sharded (``sharded_checkpoint``); returns its version."""
+    cfg = {"sae": sae.config}
+    weights = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+    if n_latent_shards:
+        sc.save_sharded(store, catalog.checkpoint_name(name), sae.config["variant"],
+                        sc.LatentLayout(N_LATENTS, n_latent_shards), {sc.SAE + k: v for k, v in weights.items()},
+                        json_files={"cfg.json": cfg})
+    else:
+        with store.writing(catalog.checkpoint_name(name)) as version:
+            store.fs.pipe_file(f"{version}/{sc.UNSHARDED_WEIGHTS}", save_safetensors(weights))
+            store.fs.pipe_file(f"{version}/cfg.json", json.dumps(cfg).encode())
+    return catalog.checkpoint_version(store, name)
+
+
+@pytest.mark.parametrize("n_latent_shards", [0, 3])  # 3 latent shards straddle the 8 feature shards
+def test_pass_2_reads_its_codes_and_decoder_rows_never_the_whole_sae(store, monkeypatch, n_latent_shards):
+    make_dataset(store, [400, 250, 330])
+    sae = make_sae("topk")
+    checkpoint = _commit_checkpoint(store, "run", sae, n_latent_shards)
+    shards = F.feature_shards(N_LATENTS, N_SHARDS)
+    for key in KEYS:
+        fc.compute_and_write_partials(store, sae, "run", key, shards, SETTINGS, checkpoint=checkpoint, batch_rows=128)
+    tokenizer = SyntheticTokenizer(40)
+    unembedding = torch.randn(len(tokenizer) + 3, sae.d_model)  # rows past the vocabulary: padding
+    expected = [(merge_shard_tables(store, sae, "run", i, KEYS, SETTINGS),
+                 logit_effects(sae, unembedding, tokenizer, start, stop)) for i, (start, stop) in enumerate(shards)]
+
+    other = make_sae("topk", seed=1)
+
+    def no_whole_sae(*args, **kwargs):
+        raise AssertionError("pass 2 built an SAE")
+
+    monkeypatch.setattr(SparseAutoencoder, "__init__", no_whole_sae)  # nothing builds any SAE from here on
+    monkeypatch.setattr(trainer, "load_sae", no_whole_sae)
+    monkeypatch.setattr(features_assets, "load_sae", no_whole_sae)
+    for i, (start, stop) in enumerate(shards):
+        tables = merge_stored_shard(store, "run", i, KEYS, SETTINGS, "cpu", checkpoint)
+        assert tables.stats.equals(expected[i][0].stats)
+        assert tables.examples.equals(expected[i][0].examples)  # top-K, random and interval examples
+        assert tables.meta == expected[i][0].meta
+        rows = sc.decoder_rows(store, "run", start, stop, version=checkpoint)
+        assert torch.equal(rows, sae.W_dec.detach()[start:stop])
+        assert decoder_logit_effects(rows, unembedding, tokenizer, start).equals(expected[i][1])
+    assert set(expected[0][0].examples["kind"]) == {"top", "random", "interval"}
+    with pytest.raises(PlatformError, match=r"outside SAE checkpoint 'run'"):
+        sc.decoder_rows(store, "run", 0, N_LATENTS + 1)
+    # partials of another checkpoint never meet this checkpoint's decoder rows
+    with pytest.raises(F.FeatureError, match="not computed with checkpoint other"):
+        merge_stored_shard(store, "run", 0, KEYS, SETTINGS, "cpu", "other")
+    # a partition whose codes are now another SAE's names itself: no weights to encode it again with
+    fc.encode_codes(store, other, "run", "p1", shards, batch_rows=128)
+    with pytest.raises(F.FeatureError, match="partition 'p1' has no stored sparse codes"):
+        merge_stored_shard(store, "run", 0, KEYS, SETTINGS, "cpu", checkpoint)
+
+
+def test_decoder_rows_come_by_slice_from_either_kind_of_checkpoint_on_s3_and_a_changed_file_is_refused(
+        s3, s3_endpoint):
+    _, bucket = s3
+    store = ArtifactStore(f"s3://{bucket}/root", {"endpoint_url": s3_endpoint})
+    sae = make_sae("topk")
+    for name, n_latent_shards in (("flat", 0), ("wide", 3)):
+        _commit_checkpoint(store, name, sae, n_latent_shards)
+        assert torch.equal(sc.decoder_rows(store, name, 5, 40), sae.W_dec.detach()[5:40])
+        assert sc.decoder_rows(store, name, 7, 7).shape == (0, sae.d_model)
+    weights = f"{store.resolve(catalog.checkpoint_name('flat'))}/{sc.UNSHARDED_WEIGHTS}"
+    data = bytearray(store.fs.cat_file(weights))
+    data[-4:] = b"\x00\x00\xc0\x7f"  # the file's last float is now NaN: same size, other bytes
+    store.fs.pipe_file(weights, bytes(data))
+    with pytest.raises(StorageError, match=r"sae_weights\.safetensors differs from the bytes recorded"):
+        sc.decoder_rows(store, "flat", 0, 4)

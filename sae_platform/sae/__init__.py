@@ -78,7 +78,7 @@ from sae_platform.sae.vector import VectorDictionary
 __all__ = ["ADAM_EPS", "VARIANTS", "BatchTopKSAE", "Codes", "JumpReLUSAE", "MatryoshkaBatchTopKSAE", "Pattern",
            "ReLUSAE", "SAEOutput", "SparseAutoencoder", "SwitchSAE", "TopKSAE", "Variant", "build_sae",
            "dense_topk_reference", "geometric_median", "input_scale_for", "lr_for", "matryoshka_widths",
-           "normalized_mse", "sddmm", "spmm", "spmm_t", "UNTRAINED_VARIANTS", "VectorDictionary"]
+           "normalized_mse", "sddmm", "spmm", "spmm_t", "UNTRAINED_VARIANTS", "variant_class", "VectorDictionary"]
 
 Variant = Literal["topk", "batchtopk", "matryoshka_batchtopk", "switch", "jumprelu", "relu"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)  # the same names as a tuple (settings choices, tests)
@@ -88,6 +88,15 @@ UNTRAINED_VARIANTS = ("vector",)
 
 _CLASSES = {cls.variant: cls for cls in (TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE, SwitchSAE, JumpReLUSAE,
                                           ReLUSAE, VectorDictionary)}
+
+
+def variant_class(variant: str) -> type:
+    """The model class of SAE variant ``variant`` (what ``build_sae`` builds), without building
+    one. PlatformError for an unknown variant."""
+    if variant not in _CLASSES:
+        raise PlatformError(f"unknown SAE variant {variant!r}",
+                            f"use one of {', '.join(VARIANTS + UNTRAINED_VARIANTS)}")
+    return _CLASSES[variant]
 
 
 def _positive_int(name: str, value) -> None:
@@ -137,9 +146,7 @@ def build_sae(variant: Variant, d_model: int, n_latents: int, *, device=None, dt
     Interpretability"). ``hparams``: the variant's DEFAULTS keys. Raises PlatformError for an
     unknown variant or setting, a switch transcoder, a skip connection on an SAE (not a
     transcoder), or an out-of-range size or setting."""
-    if variant not in _CLASSES:
-        raise PlatformError(f"unknown SAE variant {variant!r}",
-                            f"use one of {', '.join(VARIANTS + UNTRAINED_VARIANTS)}")
+    cls = variant_class(variant)
     _positive_int("d_model", d_model)
     _positive_int("n_latents", n_latents)
     if d_out is not None:
@@ -156,7 +163,6 @@ def build_sae(variant: Variant, d_model: int, n_latents: int, *, device=None, dt
                             "learned skip from input to output would reconstruct it without any latent",
                             "give the entry a transcoder hook point ('blocks.L.<input> -> blocks.L.hook_mlp_out'), "
                             "or drop skip_connection")
-    cls = _CLASSES[variant]
     unknown = sorted(set(hparams) - set(cls.DEFAULTS))
     if unknown:
         raise PlatformError(f"{variant} SAE has no setting(s) {', '.join(unknown)}",
