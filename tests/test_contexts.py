@@ -465,7 +465,7 @@ def test_pass_3_reuses_the_windows_still_selected_and_equals_a_build_from_scratc
     reuse_s = time.perf_counter() - started
     assert second["rebuilt_because"] is None
     assert second["n_computed"] == new_requests == sum(computed) and 0 < new_requests
-    assert second["n_reused"] == len(wanted) - new_requests > second["n_computed"]  # most windows reused
+    assert second["n_reused"] == len(wanted) - new_requests > 0  # every pair still selected is reused
     stored = regroup_by_feature(store, "reuse", [key], 0, sae.n_latents)
     started = time.perf_counter()
     scratch = context_windows(store, sae, key, wanted, tok, **build)
