@@ -125,8 +125,9 @@ def train_sae(run: StageRun) -> dict:
     if settings.world_size > 1:  # torchrun: one rank per device (sae_platform.distributed)
         result = launch_training(store, shuffle_name(run), name, settings,
                                  run.resources.training.device, log=run.log.info)
-        device = f"{settings.world_size} ranks, {settings.data_parallel} data-parallel x {settings.latent_parallel} " \
-            f"latent-parallel ({run.resources.training.device})"
+        device = (f"{settings.world_size} data-parallel ranks" if settings.latent_parallel == 1 else
+                  f"{settings.world_size} ranks: {settings.data_parallel} data-parallel x {settings.latent_parallel} "
+                  "latent-parallel") + f" ({run.resources.training.device})"
     else:
         device = pick_device(run.resources.training.device, warn=run.log.warning)
         result = trainer.train_sae(store, shuffle_name(run), name, settings, device, log=run.log.info,
