@@ -352,7 +352,13 @@ def save_sharded(store: ArtifactStore, name: str, variant: str, layout: LatentLa
                  **pointer_info) -> str:
     """Commit the whole-SAE ``tensors`` (names as in the module docstring) as a checkpoint of
     ``name`` split into ``layout``'s shards, from one process (tests, conversions), with the JSON
-    files ``json_files`` ({file name: content}). Returns the committed version folder."""
+    files ``json_files`` ({file name: content}). Returns the committed version folder.
+
+    What ``load_sae`` then needs, and nothing here checks: ``name`` is the checkpoint's artifact
+    name (``catalog.checkpoint_name(sae_name)``, i.e. ``sae/<sae_name>``, not the bare SAE name);
+    tensor names carry their prefix (``sae.W_enc``, ``adam.W_enc.exp_avg``, ``trainer.…``: a plain
+    ``state_dict`` must be renamed); ``json_files`` holds ``cfg.json`` (the SAE's config, whose
+    ``variant`` must be ``variant``), as ``trainer.save_checkpoint`` writes it."""
     with sharded_commit(store, name, variant, layout, **pointer_info) as version:
         for shard in range(layout.n_shards):
             write_shard(store, version, variant, layout, shard, shard_slice(tensors, variant, layout, shard))
