@@ -316,7 +316,7 @@ def _sparse_route(sae) -> bool:
 def _effective_batch_rows(sae, batch_rows: int, n_features: int) -> int:
     if _sparse_route(sae):
         return batch_rows
-    return max(1, min(batch_rows, DENSE_BATCH_ELEMENTS // n_features))
+    return max(1, min(batch_rows, DENSE_BATCH_ELEMENTS // max(n_features, 1)))  # an empty shard: any
 
 
 def row_widths(sae) -> tuple[int, ...]:

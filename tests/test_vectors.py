@@ -2,7 +2,6 @@
 the feature stages (real Dagster runs) describe it like any latent, and its browser page shows its top and
 interval examples and histogram; bad files are refused with messages naming the file and the fix."""
 
-import json
 import os
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from sae_platform.sae import VectorDictionary, build_sae
 from sae_platform.shuffled import open_shuffled
 from sae_platform.trainer import load_sae
 from sae_platform.vectors import VectorError, add_vector, read_direction
-from tests.test_browser import CHROMIUM, _served_page
+from tests.test_browser import CHROMIUM, _chunk_feature, _index, _served_page
 
 NAME = "probe-a"
 TOP_K = 5
@@ -126,10 +125,9 @@ def test_a_vector_gets_feature_tables_and_a_browser_page(cached, store, tiny_mod
 
     # its browser page: the one feature, with top and interval examples and the histogram
     site = Path(store.path("browser", NAME))
-    data = site / json.loads((site / "site.json").read_text())["data"]
-    index = json.loads((data / "index.json").read_text())
+    index = _index((site,))
     assert index["n_features"] == 1 and index["columns"]["feature"] == [0]
-    (page,) = json.loads((data / "features/0.json").read_text())
+    page = _chunk_feature(site, 0)
     # (identical windows are shown once: the repeated demo text makes twins among the top examples)
     assert 1 <= page["examples"]["kind"].count("top") <= TOP_K and "interval" in page["examples"]["kind"]
     assert sum(page["histogram"]) == len(brute)
