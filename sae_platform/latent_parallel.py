@@ -193,8 +193,11 @@ class LatentShardedSAE(nn.Module):
     ``local`` is a model of the variant over the shard's n / R latents holding this rank's rows; its
     state_dict keys are the one-process model's, its tensors the shard's rows (what a sharded
     checkpoint stores). ``config`` is the whole SAE's (global n_latents and hyper-parameters).
-    Raises PlatformError for a variant without a sharded forward or the hyper-parameter errors of
-    ``build_sae`` at the global size (checked on the meta device: nothing allocated)."""
+    A switch SAE's ``local`` is an expert shard (``SwitchSAE`` with ``whole_n_latents``): this rank's
+    whole experts and the whole router (``sae_platform.expert_parallel``).
+    Raises PlatformError for a variant without a sharded forward, the hyper-parameter errors of
+    ``build_sae`` at the global size (checked on the meta device: nothing allocated), or a switch
+    SAE whose n_experts do not split evenly over the latent ranks."""
 
     def __init__(self, variant: str, d_model: int, n_latents: int, layout: Layout, device=None,
                  dtype=torch.float32, **hparams):
