@@ -56,7 +56,7 @@ def switch_forward(shard, x: Tensor, dead_mask: Tensor | None) -> SAEOutput:
     probs, expert, p = local.route(xc)
     rows, held = local.held_rows(expert)
     with_aux = dead_mask is not None and local.hparams["k_aux"] > 0
-    vals, idx, aux, _ = local._select(xc[rows], held, dead_mask, with_aux)
+    vals, idx, aux, _ = local._select(xc.detach()[rows], held, dead_mask, with_aux)
     b_pre, p_shared = shard._share(local.b_pre), shard._share(p)
     pattern, z = _routed_codes(local, xs, b_pre, rows, vals, idx, p_shared[rows])
     partials = [local._sparse_decode(pattern, z)]
