@@ -14,9 +14,10 @@ With ``world_size`` W > 1 (``resources.training.config.world_size``) each of the
 
 The MSE term is a mean over rows, so the average of the ranks' gradients is the gradient of the
 global batch, and the result equals one process's at the same global batch up to float summation
-order (tests/test_distributed.py). Two terms normalise by a statistic of the batch and use each
+order (tests/test_distributed.py). Three terms normalise by a statistic of the batch and use each
 rank's slice instead, as sparsify and other data-parallel SAE trainers do: AuxK divides by the
-variance of the residual, BatchTopK selects its top B·k activations per slice.
+variance of the residual, BatchTopK selects its top B·k activations per slice, and the Switch SAE's
+load balance multiplies the slice's expert fractions by its mean router probabilities.
 
 With ``latent_parallel`` R > 1 (``sae_platform.latent_parallel``) the world is a mesh of W / R
 data-parallel replicas x R latent shards: the collectives above run over a rank's *data* group (the

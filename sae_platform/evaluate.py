@@ -627,7 +627,8 @@ def _evaluated(store, sae_name: str, version: str | None, device, timed) -> tupl
     at once (downstream CE and feature metrics splice the SAE into the model, the weight geometry,
     the meta-SAE, ground truth) from the gathered SAE where it fits this process
     (``sharded_checkpoint.gather_limit_bytes``), else left out of the report, which says so
-    (``whole_sae_figures``). A Switch SAE is evaluated gathered, or refused naming size and limit."""
+    (``whole_sae_figures``). A Switch SAE whose shards split an expert (``ShardedSAE`` refuses it) is
+    evaluated gathered, or refused naming size and limit."""
     path = store.path(checkpoint_name(sae_name), version) if version is not None else None
     if path is None or not is_sharded(store, path):
         sae, cfg = load_sae(store, sae_name, device, version)
@@ -635,7 +636,7 @@ def _evaluated(store, sae_name: str, version: str | None, device, timed) -> tupl
     cfg = store.read_json(f"{path}/cfg.json")
     try:
         view = ShardedSAE(store, sae_name, cfg, version=version, device=device)
-    except PlatformError:  # a Switch SAE: only whole
+    except PlatformError:  # a Switch SAE whose shards split an expert: only whole
         require_gatherable(store, sae_name, f"evaluate its {cfg['sae']['variant']} SAE (evaluated whole)",
                            version=version)
         view = None

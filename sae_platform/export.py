@@ -59,7 +59,7 @@ from sae_platform.activations import activation_attrs, activation_hook_entry
 from sae_platform.catalog import checkpoint_pin, checkpoint_version, export_name, trained_on
 from sae_platform.errors import PlatformError
 from sae_platform.hooks import parse_hook_point
-from sae_platform.sharded_checkpoint import require_gatherable
+from sae_platform.sharded_checkpoint import checkpoint_config, require_gatherable
 from sae_platform.storage import write_local_atomic
 from sae_platform.trainer import load_sae
 
@@ -250,13 +250,14 @@ def export_saelens(sae, dest_dir: str, *, hook_name: str, model_name: str, fs=No
 
 
 def export_run(store, sae_name: str) -> dict | None:
-    """Export checkpoint ``sae_name`` to ``saelens/<sae_name>`` (committed atomically); None for Switch SAEs.
-    A latent-sharded checkpoint is gathered first (SAELens holds one whole SAE); StorageError naming
-    its size and the limit when it would not fit this process (``sharded_checkpoint.require_gatherable``)."""
+    """Export checkpoint ``sae_name`` to ``saelens/<sae_name>`` (committed atomically); None for Switch SAEs,
+    known from cfg.json before any weight is read. A latent-sharded checkpoint is gathered first (SAELens
+    holds one whole SAE); StorageError naming its size and the limit when it would not fit this process
+    (``sharded_checkpoint.require_gatherable``)."""
+    if checkpoint_config(store, sae_name)["sae"]["variant"] not in ARCHITECTURES:
+        return None
     require_gatherable(store, sae_name, "export it to SAELens's layout (one whole SAE)")
     sae, cfg = load_sae(store, sae_name)
-    if cfg["sae"]["variant"] not in ARCHITECTURES:
-        return None
     if sae.is_transcoder:
         try:  # SAELens has no TopK transcoder (nor a BatchTopK one before its threshold is learned)
             saelens_state_dict(sae)

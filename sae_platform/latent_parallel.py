@@ -15,8 +15,8 @@ average its gradients (``distributed.average_gradients`` over the data group).
 
 A shard (``LatentShardedSAE``) of latent rank r holds rows [r * n / R, (r + 1) * n / R) of W_enc,
 b_enc, W_dec (and JumpReLU's threshold), so its Adam state is the shard's too; b_pre (and a
-transcoder's b_dec and W_skip), the input / output scales and BatchTopK's inference threshold are
-replicated. Its initial rows are the very rows one process draws at the same seed
+transcoder's b_dec and W_skip, a switch SAE's router), the input / output scales and BatchTopK's
+inference threshold are replicated. Its initial rows are the very rows one process draws at the same seed
 (``sae.base.unit_rows``: per-block generators), drawn without the others.
 
 One training step, per variant (every collective over the latent group):
@@ -39,7 +39,10 @@ One training step, per variant (every collective over the latent group):
 * ReLU / JumpReLU: elementwise, so the shard's codes are local; the partial reconstruction and
   the penalties' sums over latents (L1, L0; ``dense._DenseSAE._code``) are summed in one
   all-reduce, then JumpReLU's target_l0 term is taken of the global L0.
-* Switch: refused for latent_parallel > 1 (it needs expert parallelism: whole experts per rank).
+* Switch: expert parallelism (``sae_platform.expert_parallel``): n_experts divisible by R puts
+  whole experts on each rank (the shard's latents are its experts'), the router is replicated;
+  each rank encodes and decodes the rows routed to its experts, one all-reduce sums the partial
+  reconstructions, and the router's gradient through the codes is summed over the latent group.
 
 Gradients: the summed reconstruction's gradient is the same on every latent rank, which is each
 partial's gradient (backward of the sum is the identity); b_pre's gradient through the shards'
@@ -58,7 +61,8 @@ from torch import Tensor, nn
 
 from sae_platform.distributed import rank_and_world
 from sae_platform.errors import PlatformError
-from sae_platform.sae import build_sae
+from sae_platform.expert_parallel import switch_forward
+from sae_platform.sae import build_sae, variant_class
 from sae_platform.sae.base import SAEOutput, _dense_stats, _sparse_stats
 from sae_platform.sae.kernels import Pattern, _SelectedPre
 from sae_platform.sae.topk import _aux_target, _auxk_loss, _batch_topk
@@ -66,14 +70,17 @@ from sae_platform.settings import SettingsError
 from sae_platform.sharded_checkpoint import LatentLayout, sharded_commit, write_replicated, write_shard
 from sae_platform.storage import ArtifactStore
 
-SHARDED_VARIANTS = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu")
+SHARDED_VARIANTS = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu", "switch")
 
 
-def check_layout(variant: str, n_latents: int, world_size: int, latent_parallel: int, batch_size: int) -> None:
+def check_layout(variant: str, n_latents: int, world_size: int, latent_parallel: int, batch_size: int,
+                 hparams: dict | None = None) -> None:
     """Refuse (SettingsError, naming the fix) a latent-parallel layout that cannot run: world_size
-    not a multiple of latent_parallel, n_latents not divisible by it (shards are equal, so the
-    all-gathers are), batch_size not divisible by the data-parallel degree, or a variant without a
-    sharded forward (switch). A k wider than a shard is fine: that shard then offers all its latents."""
+    not a multiple of latent_parallel, a switch SAE's n_experts (``hparams``, else its default) not
+    divisible by it (each rank holds whole experts), n_latents not divisible by it (shards are
+    equal, so the all-gathers are), batch_size not divisible by the data-parallel degree, or a
+    variant without a sharded forward. A k wider than a shard is fine: that shard then offers all
+    its latents."""
     where = "resources.training.config"
     if latent_parallel == 1:
         return
@@ -81,6 +88,8 @@ def check_layout(variant: str, n_latents: int, world_size: int, latent_parallel:
         raise SettingsError(f"{where}: world_size {world_size} is not a multiple of latent_parallel "
                             f"{latent_parallel} (world_size counts every rank: data_parallel x latent_parallel)",
                             f"set world_size to a multiple of {latent_parallel}, e.g. {latent_parallel}")
+    if variant == "switch":
+        _check_whole_experts({**variant_class(variant).DEFAULTS, **(hparams or {})}["n_experts"], latent_parallel)
     if n_latents % latent_parallel:
         raise SettingsError(f"{where}: n_latents {n_latents} is not divisible by latent_parallel {latent_parallel}: "
                             "every latent rank holds an equal shard",
@@ -92,10 +101,20 @@ def check_layout(variant: str, n_latents: int, world_size: int, latent_parallel:
                             f"replicas (world_size {world_size} / latent_parallel {latent_parallel})",
                             f"make batch_size a multiple of {data_parallel}")
     if variant not in SHARDED_VARIANTS:
-        raise SettingsError(f"{where}: variant {variant} cannot be latent-sharded (it would need expert "
-                            "parallelism: whole experts per rank, which is not built)",
+        raise SettingsError(f"{where}: variant {variant} cannot be latent-sharded",
                             f"set latent_parallel: 1 for {variant} (data parallelism via world_size still "
                             f"applies), or use one of {', '.join(SHARDED_VARIANTS)}")
+
+
+def _check_whole_experts(n_experts, latent_parallel: int) -> None:
+    """SettingsError unless the n_experts of a switch SAE split evenly over the latent ranks (expert
+    parallelism: ``sae_platform.expert_parallel``). A non-integer is left to build_sae's check."""
+    if isinstance(n_experts, int) and not isinstance(n_experts, bool) and n_experts % latent_parallel:
+        multiple = (n_experts // latent_parallel + 1) * latent_parallel
+        raise SettingsError(f"resources.training.config: a switch SAE's n_experts {n_experts} is not divisible by "
+                            f"latent_parallel {latent_parallel}: expert parallelism puts whole experts on each latent "
+                            "rank", f"use hparams: {{n_experts: {multiple}}} (a multiple of {latent_parallel}, and "
+                            f"n_latents a multiple of it), or a latent_parallel that divides {n_experts}")
 
 
 @dataclass(frozen=True)
@@ -174,8 +193,11 @@ class LatentShardedSAE(nn.Module):
     ``local`` is a model of the variant over the shard's n / R latents holding this rank's rows; its
     state_dict keys are the one-process model's, its tensors the shard's rows (what a sharded
     checkpoint stores). ``config`` is the whole SAE's (global n_latents and hyper-parameters).
-    Raises PlatformError for a variant without a sharded forward or the hyper-parameter errors of
-    ``build_sae`` at the global size (checked on the meta device: nothing allocated)."""
+    A switch SAE's ``local`` is an expert shard (``SwitchSAE`` with ``whole_n_latents``): this rank's
+    whole experts and the whole router (``sae_platform.expert_parallel``).
+    Raises PlatformError for a variant without a sharded forward, the hyper-parameter errors of
+    ``build_sae`` at the global size (checked on the meta device: nothing allocated), or a switch
+    SAE whose n_experts do not split evenly over the latent ranks."""
 
     def __init__(self, variant: str, d_model: int, n_latents: int, layout: Layout, device=None,
                  dtype=torch.float32, **hparams):
@@ -192,6 +214,8 @@ class LatentShardedSAE(nn.Module):
         if variant == "matryoshka_batchtopk":  # a shard's own widths would not be the SAE's prefixes
             local_hparams["matryoshka_widths"] = None
         extra = {key: value for key, value in hparams.items() if key in ("d_out", "skip_connection")}
+        if variant == "switch":  # an expert shard: whole experts of the whole dictionary, the whole router
+            extra["whole_n_latents"] = n_latents
         self.local = type(whole)(d_model, len(self.rows), device=device, dtype=dtype, first_latent=self.rows.start,
                                  **extra, **local_hparams)
         self.local.hparams.update({k: v for k, v in whole.hparams.items() if k != "k_aux"})  # k_aux: the shard's
@@ -257,10 +281,17 @@ class LatentShardedSAE(nn.Module):
                                 "evaluate the checkpoint (load_sae), not the shard")
         if self.variant in ("relu", "jumprelu"):
             return self._dense_forward(x, target)
+        if self.variant == "switch":
+            return switch_forward(self, x, dead_mask)
         return self._topk_family_forward(x, dead_mask, target)
 
     def _sum(self, partial: Tensor) -> Tensor:
         return _SumOverShards.apply(partial, self.layout.latent_group)
+
+    def _share(self, tensor: Tensor) -> Tensor:
+        """``tensor``, replicated on every latent rank and read by each shard's part of the SAE
+        (b_pre, a switch router's probabilities): its gradient is summed over the latent group."""
+        return _SharedByShards.apply(tensor, self.layout.latent_group)
 
     def _gather(self, tensor: Tensor) -> Tensor:
         """[R, *tensor.shape]: every latent rank's ``tensor``, in rank order (= global id order)."""
@@ -316,7 +347,7 @@ class LatentShardedSAE(nn.Module):
         local, hp, n_local = self.local, self.config, len(self.rows)
         xs = local._normalize(x)
         ys = local._target(xs, target)
-        b_pre = _SharedByShards.apply(local.b_pre, self.layout.latent_group)
+        b_pre = self._share(local.b_pre)
         k, batch = hp["k"], xs.shape[0]
         partials, widths = [], []
         if self.variant == "topk":
@@ -379,7 +410,7 @@ class LatentShardedSAE(nn.Module):
     def _dense_forward(self, x: Tensor, target: Tensor | None) -> SAEOutput:
         local = self.local
         xs = local._normalize(x)
-        b_pre = _SharedByShards.apply(local.b_pre, self.layout.latent_group)
+        b_pre = self._share(local.b_pre)
         z, sums = local._code(F.linear(xs - b_pre, local.W_enc, local.b_enc))
         partial = z @ local.W_dec
         names = sorted(sums)

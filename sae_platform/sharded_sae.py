@@ -16,8 +16,11 @@ at most one shard's weights are held at once:
   added once.
 
 The figures equal those of the same SAE loaded whole, to float summation order
-(``tests/test_sharded_checkpoint.py``). A Switch SAE (a router over experts) is not split here:
-it is evaluated gathered (``evaluate._evaluated``).
+(``tests/test_sharded_checkpoint.py``). A Switch SAE's shards hold whole experts (as its
+expert-parallel training writes them, ``sae_platform.expert_parallel``) beside the whole router:
+each shard codes the rows routed to its experts and pads the others, so a row's codes come from one
+shard. One whose shards would split an expert (n_experts not divisible by the shards: never
+written by training) is refused with a PlatformError, and ``evaluate._evaluated`` gathers it.
 """
 
 from collections.abc import Iterable, Iterator
@@ -25,22 +28,23 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from sae_platform.errors import PlatformError
-from sae_platform.sae import BatchTopKSAE, Codes, JumpReLUSAE, ReLUSAE, TopKSAE
+from sae_platform.sae import BatchTopKSAE, Codes, JumpReLUSAE, ReLUSAE, SwitchSAE, TopKSAE
 from sae_platform.sharded_checkpoint import SAE, LatentLayout, open_sharded
 
 ROWS_PER_PASS = 65_536  # rows encoded per pass over the shards: each pass reads every shard twice
 # The class whose inference rule a shard of each variant runs (Matryoshka's nested prefixes only
 # shape training: it encodes as BatchTopK).
 SHARD_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "matryoshka_batchtopk": BatchTopKSAE,
-                 "jumprelu": JumpReLUSAE, "relu": ReLUSAE}
+                 "jumprelu": JumpReLUSAE, "relu": ReLUSAE, "switch": SwitchSAE}
 
 
 class ShardedSAE:
     """The SAE of ``sae_name``'s sharded checkpoint (committed, or ``version``), read shard by
     shard on ``device``. Has the shape attributes evaluation reads (``n_latents``, ``d_model``,
     ``d_out``, ``variant``, ``device``); :meth:`reconstructions` and :meth:`codes` replace the
-    whole model's ``encode`` / ``decode`` over a stream of batches. PlatformError for a Switch SAE;
-    StorageError (naming the file) for a missing, changed or non-finite shard."""
+    whole model's ``encode`` / ``decode`` over a stream of batches. PlatformError for a variant
+    without a shard-wise rule or a Switch SAE whose shards split an expert; StorageError (naming
+    the file) for a missing, changed or non-finite shard."""
 
     def __init__(self, store, sae_name: str, cfg: dict, *, version: str | None = None, device="cpu",
                  rows_per_pass: int = ROWS_PER_PASS):
@@ -56,6 +60,10 @@ class ShardedSAE:
         self.device = torch.device(device)
         self.rows_per_pass = rows_per_pass
         self.layout: LatentLayout = self.checkpoint.layout
+        if self.variant == "switch" and config["n_experts"] % self.layout.n_shards:
+            raise PlatformError(f"the switch SAE's {config['n_experts']} experts do not split into its "
+                                f"{self.layout.n_shards} latent shards: a shard would hold part of an expert",
+                                "it is evaluated gathered, where it fits the process")
         self._per_row_k = self._top_k_rule()
 
     @property
@@ -64,10 +72,11 @@ class ShardedSAE:
         return self.d_model + (self.d_out or 0)
 
     def _top_k_rule(self) -> int | None:
-        """k when codes are each row's top k over all latents (TopK), None when each latent's
+        """k when codes are each row's top k over all latents (TopK; Switch: the top k in the
+        row's expert, on one shard, the other shards' padding 0), None when each latent's
         activation is its own (BatchTopK's learned threshold: a checkpoint without one, NaN, is
         refused as non-finite when read)."""
-        return self.config["k"] if self.variant == "topk" else None
+        return self.config["k"] if self.variant in ("topk", "switch") else None
 
     def shard_model(self, shard: int):
         """The model of shard ``shard``'s latents (its rows, the replicated tensors), on ``device``."""
@@ -78,6 +87,8 @@ class ShardedSAE:
             hparams["k"] = min(hparams["k"], width)
         if "target_l0" in hparams:
             hparams["target_l0"] = None  # a training target, bounded by the whole dictionary
+        if self.variant == "switch":  # an expert shard: its experts' latents, the whole router
+            hparams.update(first_latent=self.layout.shard_range(shard)[0], whole_n_latents=self.n_latents)
         model = cls(self.d_model, width, device=self.device, **hparams)
         state = self.checkpoint.read(self.layout, shard, SAE, self.device)
         model.load_state_dict({name.removeprefix(SAE): tensor for name, tensor in state.items()})

@@ -151,7 +151,8 @@ class TrainSettings:
                                       "latent_parallel of the latents (their rows of W_enc, b_enc, W_dec and Adam "
                                       "state), so world_size ranks form world_size / latent_parallel data-parallel "
                                       "replicas of one sharded SAE (sae_platform.latent_parallel; docs/scale.md). "
-                                      "world_size and n_latents must divide by it; not for switch", ge=1)
+                                      "world_size and n_latents must divide by it, and a switch SAE's n_experts (each "
+                                      "rank holds whole experts: sae_platform.expert_parallel)", ge=1)
     hparams: dict = setting(None, "further variant settings (k_aux, n_experts, l1_coeff, l0_coeff, target_l0, …; "
                                   "each SAE variant's class docstring lists its own; a transcoder also takes "
                                   "skip_connection: true, a learned W_skip)",
@@ -177,7 +178,8 @@ class TrainSettings:
             raise SettingsError(f"resources.training.config.token_budget = {self.token_budget} is less than one "
                                 f"batch (batch_size = {self.batch_size})",
                                 "set token_budget to at least batch_size tokens")
-        check_layout(self.variant, self.n_latents, self.world_size, self.latent_parallel, self.batch_size)
+        check_layout(self.variant, self.n_latents, self.world_size, self.latent_parallel, self.batch_size,
+                     self.hparams)
         nproc = self.nproc_per_node or self.world_size
         if self.batch_size % self.data_parallel:
             raise SettingsError(f"resources.training.config: batch_size {self.batch_size} does not split evenly over "

@@ -1,9 +1,11 @@
 """Latent-sharded training (sae_platform.latent_parallel) on 4 CPU processes (gloo, spawned once): every
-variant with its latents split over 4 ranks equals one process at the same seed and global batch over 50
-steps (loss curve, L0 and dead fraction per metrics row, final weights to float tolerance, dead-latent
-counters exactly); so does a 2-D run of 2 data-parallel replicas x 2 latent shards; a run killed after a
-checkpoint resumes under another layout and ends equal; a rank holds 1/R of one process's parameter and
-Adam bytes. Also: the training step's torchrun path starts the latent ranks, and bad layouts are refused."""
+variant with its latents split over 4 ranks (the Switch SAE's 8 experts two per rank: expert parallelism,
+sae_platform.expert_parallel) equals one process at the same seed and global batch over 50 steps (loss
+curve, L0 and dead fraction per metrics row, final weights to float tolerance, dead-latent counters
+exactly); so does a 2-D run of 2 data-parallel replicas x 2 latent shards; a TopK and a Switch run killed
+after a checkpoint resume under another layout and end equal; a rank holds 1/R of one process's parameter
+and Adam bytes. Also: the training step's torchrun path starts the latent ranks, and bad layouts are
+refused."""
 
 import dataclasses
 import json
@@ -16,7 +18,8 @@ import torch.multiprocessing as mp
 from test_trainer import SETTINGS, make_shuffled
 
 from sae_platform.catalog import checkpoint_name
-from sae_platform.latent_parallel import LatentShardedSAE, current_layout, state_bytes
+from sae_platform.errors import PlatformError
+from sae_platform.latent_parallel import LatentShardedSAE, Layout, current_layout, state_bytes
 from sae_platform.launch import launch_training
 from sae_platform.sae import build_sae
 from sae_platform.settings import SettingsError
@@ -40,6 +43,8 @@ VARIANTS = {
     "relu": dataclasses.replace(BASE, variant="relu"),
     # on paired rows [input 8 | output 8]: b_dec and W_skip replicated, AuxK against the target
     "skip_transcoder": dataclasses.replace(BASE, hparams={"skip_connection": True}),
+    # 8 experts of 16 latents, 2 per rank; AuxK among the routed expert's dead latents
+    "switch": dataclasses.replace(BASE, variant="switch", hparams={"n_experts": 8}),
 }
 PAIRED = {"skip_transcoder"}
 
@@ -51,8 +56,9 @@ RANKS = 4  # one spawn of 4 processes: the 2-D run (2 data replicas x 2 latent s
 SHARDS = 4
 GRID = dataclasses.replace(BASE, dead_after_tokens=10**9, world_size=RANKS, latent_parallel=2)
 BYTES_SHAPE = {"d_model": 64, "n_latents": 1024}  # measured on a shard of a wider SAE than the runs
+BYTES = {"topk": {"k": 4}, "switch": {"k": 4, "n_experts": 8}}  # the switch router (8 x 64) is replicated
 # Killed after the checkpoint at step 25, then resumed under another layout: 1 process -> 4 shards, 4 -> 1
-RESUMED = dataclasses.replace(VARIANTS["topk"], checkpoint_every_tokens=256 * 25)
+RESUMED = {name: dataclasses.replace(VARIANTS[name], checkpoint_every_tokens=256 * 25) for name in ("topk", "switch")}
 
 
 class Killed(Exception):
@@ -80,23 +86,27 @@ def _worker(rank: int, rendezvous: str, root: str, out: str) -> None:
         torch.set_num_threads(1)
         store = ArtifactStore(root)
         grid = train_sae(store, "main", "grid", GRID, log=lambda m: None)["history"]
-        _killed(store, "four-to-one", _sharded(RESUMED))
-        one_to_four = train_sae(store, "main", "one-to-four", _sharded(RESUMED), log=lambda m: None)
+        one_to_four = {}
+        for name, settings in RESUMED.items():
+            _killed(store, f"{name}-four-to-one", _sharded(settings))
+            one_to_four[name] = train_sae(store, "main", f"{name}-one-to-four", _sharded(settings),
+                                          log=lambda m: None)["resumed_from_step"]
         histories = {name: train_sae(_store(root, name), "main", f"{name}-sharded", _sharded(settings),
                                      log=lambda m: None)["history"] for name, settings in VARIANTS.items()}
-        measured = _state_bytes(_sharded(BASE), current_layout(SHARDS))
+        measured = {variant: _state_bytes(_sharded(BASE), current_layout(SHARDS), variant) for variant in BYTES}
         with open(f"{out}/rank{rank}.json", "w") as f:
-            json.dump({"grid": grid, "histories": histories, "bytes": measured,
-                       "one_to_four": one_to_four["resumed_from_step"]}, f)
+            json.dump({"grid": grid, "histories": histories, "bytes": measured, "one_to_four": one_to_four}, f)
     finally:
         dist.destroy_process_group()
 
 
-def _state_bytes(settings: TrainSettings, layout=None) -> int:
-    """Parameter + buffer + Adam bytes after one step of a TopK SAE of BYTES_SHAPE (a shard with ``layout``)."""
+def _state_bytes(settings: TrainSettings, layout=None, variant: str = "topk") -> int:
+    """Parameter + buffer + Adam bytes after one step of a ``variant`` SAE of BYTES_SHAPE (a shard with
+    ``layout``)."""
     torch.manual_seed(0)
     d, n = BYTES_SHAPE["d_model"], BYTES_SHAPE["n_latents"]
-    sae = LatentShardedSAE("topk", d, n, layout, k=4) if layout else build_sae("topk", d, n, k=4)
+    sae = LatentShardedSAE(variant, d, n, layout, **BYTES[variant]) if layout else build_sae(variant, d, n,
+                                                                                              **BYTES[variant])
     optimizer = _optimizer(sae, settings, torch.device("cpu"))
     x = torch.randn(32, d)
     sae.loss(x, sae(x))[0].backward()
@@ -110,7 +120,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent_parallel")
     store = make_shuffled(ArtifactStore(str(root / "artifacts")), **ROWS)
     make_shuffled(_store(store.root_url, next(iter(PAIRED))), **ROWS, attrs={"d_in": 8})
-    _killed(store, "one-to-four", RESUMED)  # the ranks resume it as 4 shards
+    for name, settings in RESUMED.items():
+        _killed(store, f"{name}-one-to-four", settings)  # the ranks resume it as 4 shards
     workers = mp.spawn(_worker, args=(str(root / "rendezvous"), store.root_url, str(root)), nprocs=RANKS, join=False)
     torch.set_num_threads(1)
     runs = {**VARIANTS, "grid": dataclasses.replace(GRID, world_size=1, latent_parallel=1)}
@@ -118,7 +129,8 @@ def trained(tmp_path_factory):
            for name, settings in runs.items()}
     while not workers.join():
         pass
-    one["four-to-one"] = train_sae(store, "main", "four-to-one", RESUMED, log=lambda m: None)
+    for name, settings in RESUMED.items():
+        one[f"{name}-four-to-one"] = train_sae(store, "main", f"{name}-four-to-one", settings, log=lambda m: None)
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(RANKS)]
     return store, one, ranks
 
@@ -165,7 +177,7 @@ def test_latent_sharded_run_equals_one_process(trained, name):
 def test_dead_latents_are_exercised(trained):
     """AuxK and the dead counters are compared above only if latents die during the runs."""
     _, one, _ = trained
-    for name in ("topk", "batchtopk", "matryoshka"):
+    for name in ("topk", "batchtopk", "matryoshka", "switch"):
         assert any(row["dead_fraction"] > 0 for row in one[name]["history"]), name
 
 
@@ -177,26 +189,33 @@ def test_two_data_replicas_of_two_latent_shards_equal_one_process(trained):
     _assert_same_run(store, one["grid"], ranks[0]["grid"], "grid-one", "grid")
 
 
-def test_a_killed_run_resumes_under_another_layout_and_ends_equal(trained):
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_a_killed_run_resumes_under_another_layout_and_ends_equal(trained, name):
     """4 latent shards -> 1 process (read from the overlapping shards), 1 process -> 4 shards (the
-    unsharded checkpoint sliced), both from the checkpoint at step 25: the same weights, Adam-driven
-    over the 25 steps after it, as the uninterrupted one-process run."""
+    unsharded checkpoint sliced; a switch SAE's experts with their Adam state, its router replicated),
+    both from the checkpoint at step 25: the same weights, Adam-driven over the 25 steps after it, as
+    the uninterrupted one-process run."""
     store, one, ranks = trained
-    assert one["four-to-one"]["resumed_from_step"] == 25 and not store.pointer(checkpoint_name("four-to-one")).get(
+    four_to_one, one_to_four = f"{name}-four-to-one", f"{name}-one-to-four"
+    assert one[four_to_one]["resumed_from_step"] == 25 and not store.pointer(checkpoint_name(four_to_one)).get(
         "sharded")
-    assert all(rank["one_to_four"] == 25 for rank in ranks)
-    weights = load_sae(store, "topk-one")[0].state_dict()
-    _assert_close(weights, load_sae(store, "four-to-one")[0].state_dict())
-    gathered = gathered_state(store, "one-to-four", prefix="sae.")
+    assert all(rank["one_to_four"][name] == 25 for rank in ranks)
+    weights = load_sae(store, f"{name}-one")[0].state_dict()
+    _assert_close(weights, load_sae(store, four_to_one)[0].state_dict())
+    gathered = gathered_state(store, one_to_four, prefix="sae.")
     _assert_close(weights, {k.removeprefix("sae."): v for k, v in gathered.items()})
-    assert torch.equal(_counters(store, "topk-one"), _counters(store, "four-to-one"))
+    assert torch.equal(_counters(store, f"{name}-one"), _counters(store, four_to_one))
+    assert torch.equal(_counters(store, f"{name}-one"), gathered_state(store, one_to_four, prefix="trainer.")[
+        "trainer.tokens_since_fired"])
 
 
-def test_a_shard_holds_one_over_r_of_the_parameter_and_adam_bytes(trained):
+@pytest.mark.parametrize("variant", list(BYTES))
+def test_a_shard_holds_one_over_r_of_the_parameter_and_adam_bytes(trained, variant):
+    """A switch shard: its 2 of 8 experts' rows and Adam moments, beside the replicated router."""
     _, _, ranks = trained
-    whole = _state_bytes(BASE)
+    whole = _state_bytes(BASE, variant=variant)
     for rank in ranks:
-        assert rank["bytes"] / whole == pytest.approx(1 / SHARDS, rel=0.05), (rank["bytes"], whole)
+        assert rank["bytes"][variant] / whole == pytest.approx(1 / SHARDS, rel=0.05), (rank["bytes"], whole)
 
 
 def test_the_training_step_launches_the_latent_ranks_with_torchrun(store):
@@ -211,13 +230,33 @@ def test_the_training_step_launches_the_latent_ranks_with_torchrun(store):
     assert store.pointer(checkpoint_name("launched"))["sharded"] == {"n_latents": 128, "n_shards": 2}
 
 
+def test_a_switch_shard_draws_one_process_experts_and_the_whole_router():
+    """Built alone (no process group), each of 4 expert shards holds exactly one process's rows of its 2
+    experts at the same seed and the whole router; its forward alone is refused (only the shards
+    together are the SAE: sae_platform.expert_parallel)."""
+    torch.manual_seed(3)
+    whole = build_sae("switch", 8, 128, k=2, n_experts=8)
+    for rank in range(4):
+        torch.manual_seed(3)
+        shard = LatentShardedSAE("switch", 8, 128, Layout(latent_parallel=4, latent_rank=rank), k=2, n_experts=8)
+        assert shard.local.experts_held == range(2 * rank, 2 * rank + 2) and shard.local.expert_size == 16
+        for name in ("W_enc", "W_dec", "b_enc"):
+            assert torch.equal(getattr(shard.local, name), getattr(whole, name)[32 * rank:32 * (rank + 1)]), name
+        assert torch.equal(shard.local.W_router, whole.W_router) and shard.config == whole.config
+    with pytest.raises(PlatformError, match="holds experts 6..7 of 8 only"):
+        shard.local(torch.randn(4, 8))
+
+
 def test_layouts_that_cannot_run_are_refused_naming_the_fix():
     with pytest.raises(SettingsError, match="(?s)not divisible by latent_parallel 3.*n_latents a multiple"):
         TrainSettings(n_latents=64, world_size=3, latent_parallel=3)
     with pytest.raises(SettingsError, match="world_size 2 is not a multiple of latent_parallel 4"):
         TrainSettings(world_size=2, latent_parallel=4)
-    with pytest.raises(SettingsError, match="(?s)switch cannot be latent-sharded.*latent_parallel: 1"):
-        TrainSettings(variant="switch", world_size=2, latent_parallel=2)
+    with pytest.raises(SettingsError, match=r"(?s)n_experts 6 is not divisible by latent_parallel 4.*n_experts: 8"):
+        TrainSettings(variant="switch", n_latents=96, world_size=4, latent_parallel=4, hparams={"n_experts": 6})
+    with pytest.raises(SettingsError, match="(?s)n_experts 8 is not divisible by latent_parallel 16.*n_experts: 16"):
+        TrainSettings(variant="switch", world_size=16, latent_parallel=16)  # the default 8 experts
+    TrainSettings(variant="switch", world_size=4, latent_parallel=4)  # 2 of the default 8 experts per rank
     with pytest.raises(SettingsError, match="batch_size 255 is not divisible by the 2 data-parallel"):
         TrainSettings(batch_size=255, token_budget=1000, world_size=4, latent_parallel=2)
     TrainSettings(batch_size=255, token_budget=1000, world_size=2, latent_parallel=2)  # one replica: any batch

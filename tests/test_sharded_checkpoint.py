@@ -300,6 +300,8 @@ def _model(kind):
             sae.W_skip.normal_()  # zero at init: make it count
         return sae.eval(), D_MODEL + 5
     hparams = {"k": 3} if "topk" in kind else {}
+    if kind == "switch":  # 3 experts of 4 latents: one per shard of the 3-shard layout below
+        hparams = {"k": 2, "n_experts": 3}
     if kind == "matryoshka_batchtopk":
         hparams["matryoshka_widths"] = [4, 8]
     sae = build_sae(kind, D_MODEL, N_LATENTS, **hparams)
@@ -314,7 +316,7 @@ def _model(kind):
 
 
 @pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu",
-                                  "skip transcoder"])
+                                  "skip transcoder", "switch"])
 def test_shard_by_shard_evaluation_equals_the_whole_sae(store, kind):
     from sae_platform.evaluate import firing_counts, reconstruction_metrics
     from sae_platform.sharded_sae import ShardedSAE
@@ -335,6 +337,24 @@ def test_shard_by_shard_evaluation_equals_the_whole_sae(store, kind):
     assert whole["l0"] > 0
     counts, n = firing_counts(view, batches)
     assert (counts == firing_counts(sae, batches)[0]).all() and n == 160
+
+
+def test_a_switch_sae_whose_shards_would_split_an_expert_is_not_read_shard_by_shard(store, monkeypatch):
+    """Expert parallelism writes whole experts per shard; a checkpoint split otherwise (3 experts in 2
+    shards: a conversion, never training) is refused shard-wise, naming why, and gathered to evaluate.
+    Its SAELens export declines (None: SAELens has no router) from cfg.json, gathering nothing."""
+    from sae_platform.export import export_run
+    from sae_platform.sharded_sae import ShardedSAE
+
+    sae, _ = _model("switch")
+    tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    sc.save_sharded(store, checkpoint_name("run"), "switch", LatentLayout(N_LATENTS, 2), tensors,
+                    {"cfg.json": {"sae": sae.config, "step": 3}})
+    with pytest.raises(PlatformError, match="3 experts do not split into its 2 latent shards") as error:
+        ShardedSAE(store, "run", {"sae": sae.config})
+    assert "evaluated gathered" in error.value.fix
+    monkeypatch.setenv(sc.GATHER_LIMIT_ENV, "0")  # gathering it would be refused
+    assert export_run(store, "run") is None
 
 
 def test_sae_eval_reads_a_sharded_checkpoint_shard_by_shard_without_gathering_it(store, monkeypatch):
