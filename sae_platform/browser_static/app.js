@@ -5,7 +5,10 @@
 // (the el() helper below takes children as text; nothing here assigns innerHTML).
 'use strict';
 (function () {
-  const PAGE = 200;               // index rows rendered at once
+  // Index rows per page. A sorted or searched page's rows are scattered over the list, each in its own
+  // 64-row chunk, so the page fetches a file per row: 50 keeps a search at 2^20 features well under
+  // a second (benchmarks/browser_scale.py; 200 took twice as long).
+  const PAGE = 50;
   const SVG_NS = 'http://www.w3.org/2000/svg';
   const KIND_TITLES = { top: 'Top activations', interval: 'Activation intervals', random: 'Random activating tokens' };
   const LINEAGE_LABELS = {
@@ -195,20 +198,27 @@
   async function tokenMatches(ql, rank) {
     const codes = [];
     S.tokensLower.forEach((t, i) => { if (t === ql) codes.push([i, 0]); else if (t.includes(ql)) codes.push([i, 0.5]); });
-    const firsts = S.index.token_files;
-    const fileOf = (c) => { let lo = 0, hi = firsts.length - 1; while (lo < hi) { const m = (lo + hi + 1) >> 1; if (firsts[m] <= c) lo = m; else hi = m - 1; } return lo; };
-    const files = await Promise.all([...new Set(codes.map(([c]) => fileOf(c)))].map((n) =>
-      once(`tokens/${n}`, async () => [n, new Int32Array(await getBinary(`${S.base}search/tokens/${n}.i32`))])));
-    const byFile = new Map(files);
-    for (const [code, s] of codes) {
-      const n = fileOf(code), body = byFile.get(n), i = code - firsts[n];
-      const lo = body[1 + i], hi = body[2 + i], data = 2 + body[0];
-      for (let k = data + lo; k < data + hi; k++) {
-        const r = body[k] >> 3, score = (body[k] & 7) + s;
+    const lists = await postingsOf(`${S.base}search/tokens`, S.index.token_files, codes.map(([c]) => c));
+    codes.forEach(([, s], k) => {
+      const list = lists[k];
+      for (let j = 0; j < list.length; j++) {
+        const r = list[j] >> 3, score = (list[j] & 7) + s;
         const prev = rank.get(r);
         if (prev === undefined || score < prev) rank.set(r, score);
       }
-    }
+    });
+  }
+  // The postings of each code (a token's or word's place in its table) in the files below
+  // ``folder`` that begin at ``firsts`` (index_files.postings_files): each file fetched once, and
+  // only those holding a wanted code. Int32Array views, in the order of ``codes``.
+  async function postingsOf(folder, firsts, codes) {
+    const fileOf = (c) => { let lo = 0, hi = firsts.length - 1; while (lo < hi) { const m = (lo + hi + 1) >> 1; if (firsts[m] <= c) lo = m; else hi = m - 1; } return lo; };
+    const files = new Map(await Promise.all([...new Set(codes.map(fileOf))].map((n) =>
+      once(`${folder}/${n}`, async () => [n, new Int32Array(await getBinary(`${folder}/${n}.i32`))]))));
+    return codes.map((c) => {
+      const n = fileOf(c), body = files.get(n), i = c - firsts[n], data = 2 + body[0];
+      return body.subarray(data + body[1 + i], data + body[2 + i]);
+    });
   }
   // Explanation search: every word of the query (2 characters or more) must begin a word of the
   // explanation; a feature ranks after the token matches, by where the first word stands.
@@ -219,14 +229,16 @@
     if (!words.length) return;
     let found = null;
     for (const w of words) {
-      const prefix = Array.from(w).slice(0, S.index.word_prefix).join('');
-      const name = hex(prefix);
-      const url = `${S.base}search/words/${name}.json`;
-      const postings = S.index.word_files.includes(name) ? await once(url, () => getJSON(url)) : {};
-      const at = new Map();
-      for (const [word, list] of Object.entries(postings)) {
-        if (!word.startsWith(w)) continue;
-        for (let k = 0; k < list.length; k += 2) if (!at.has(list[k]) || list[k + 1] < at.get(list[k])) at.set(list[k], list[k + 1]);
+      const name = hex(Array.from(w).slice(0, S.index.word_prefix).join(''));
+      const at = new Map();       // row -> the first offset of a word that begins with w
+      if (S.index.word_files.includes(name)) {
+        const folder = `${S.base}search/words/${name}`;
+        const listing = await once(`${folder}.json`, () => getJSON(`${folder}.json`));
+        const codes = [];
+        listing.words.forEach((word, c) => { if (word.startsWith(w)) codes.push(c); });
+        for (const list of await postingsOf(folder, listing.files, codes)) {
+          for (let k = 0; k < list.length; k += 2) if (!at.has(list[k]) || list[k + 1] < at.get(list[k])) at.set(list[k], list[k + 1]);
+        }
       }
       found = found === null ? at : new Map([...found].filter(([r]) => at.has(r)));
     }
@@ -263,8 +275,9 @@
     const { key, desc } = S.sort;
     const rows = S.filtered;
     if (key === 'match' && S.matchRank) {
-      const rank = S.matchRank;
-      S.order = Int32Array.from(Array.from(rows).sort((a, b) => (rank.get(a) - rank.get(b)) || (a - b)));
+      const scores = Float64Array.from(rows, (r) => S.matchRank.get(r));   // no Map look-up per comparison
+      const at = Uint32Array.from(rows, (_, i) => i).sort((a, b) => (scores[a] - scores[b]) || (rows[a] - rows[b]));
+      S.order = Int32Array.from(at, (i) => rows[i]);
       return;
     }
     if (key === 'feature' || key === 'match') {
