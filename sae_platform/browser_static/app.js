@@ -224,25 +224,26 @@
   // explanation; a feature ranks after the token matches, by where the first word stands.
   const WORD = /[\p{L}\p{N}_]+/gu;
   function hex(s) { return Array.from(new TextEncoder().encode(s), (b) => b.toString(16).padStart(2, '0')).join(''); }
-  async function explanationMatches(ql, rank) {
+  // Every query word's postings are fetched at once (a word list, then the files of its words).
+  async function explanationMatches(ql) {
     const words = (ql.match(WORD) || []).filter((w) => Array.from(w).length >= S.index.word_prefix);
-    if (!words.length) return;
-    let found = null;
-    for (const w of words) {
-      const name = hex(Array.from(w).slice(0, S.index.word_prefix).join(''));
-      const at = new Map();       // row -> the first offset of a word that begins with w
-      if (S.index.word_files.includes(name)) {
-        const folder = `${S.base}search/words/${name}`;
-        const listing = await once(`${folder}.json`, () => getJSON(`${folder}.json`));
-        const codes = [];
-        listing.words.forEach((word, c) => { if (word.startsWith(w)) codes.push(c); });
-        for (const list of await postingsOf(folder, listing.files, codes)) {
-          for (let k = 0; k < list.length; k += 2) if (!at.has(list[k]) || list[k + 1] < at.get(list[k])) at.set(list[k], list[k + 1]);
-        }
-      }
-      found = found === null ? at : new Map([...found].filter(([r]) => at.has(r)));
+    const found = await Promise.all(words.map(wordMatches));
+    const first = found.length ? found[0] : new Map();
+    return new Map([...first].filter(([r]) => found.every((at) => at.has(r))));   // row -> where the first word stands
+  }
+  // The rows whose explanation has a word that begins with ``w``: row -> the first such word's offset.
+  async function wordMatches(w) {
+    const name = hex(Array.from(w).slice(0, S.index.word_prefix).join(''));
+    const at = new Map();
+    if (!S.index.word_files.includes(name)) return at;
+    const folder = `${S.base}search/words/${name}`;
+    const listing = await once(`${folder}.json`, () => getJSON(`${folder}.json`));
+    const codes = [];
+    listing.words.forEach((word, c) => { if (word.startsWith(w)) codes.push(c); });
+    for (const list of await postingsOf(folder, listing.files, codes)) {
+      for (let k = 0; k < list.length; k += 2) if (!at.has(list[k]) || list[k + 1] < at.get(list[k])) at.set(list[k], list[k + 1]);
     }
-    for (const [r, at] of found) if (!rank.has(r)) rank.set(r, 100 + at / 1000);
+    return at;
   }
   async function applyQuery() {
     const q = S.query.trim();
@@ -254,15 +255,16 @@
       const idq = q.replace(/^#/, '');
       if (/^\d+$/.test(idq) && rowOf(Number(idq)) !== undefined) rank.set(rowOf(Number(idq)), -1);
       const ql = q.toLowerCase();
-      await tokenMatches(ql, rank);
-      if (S.index.explained && ql.length >= 2) await explanationMatches(ql, rank);   // after token matches
+      const [, explained] = await Promise.all([tokenMatches(ql, rank),   // both postings fetched at once
+        S.index.explained && ql.length >= 2 ? explanationMatches(ql) : new Map()]);
+      for (const [r, at] of explained) if (!rank.has(r)) rank.set(r, 100 + at / 1000);   // after the token matches
       rows = Int32Array.from(rank.keys());
       matchRank = rank;
     }
     if (S.filter !== 'all') {
       const density = await loadDensity();
       const dens = (r) => (Number.isNaN(density[r]) ? null : density[r]);
-      rows = rows ? rows.filter((r) => keep(dens(r))) : Int32Array.from({ length: S.n }, (_, i) => i).filter((r) => keep(dens(r)));
+      rows = (rows || everyRow()).filter((r) => keep(dens(r)));
     }
     S.matchRank = matchRank;
     S.filtered = rows;
@@ -271,17 +273,31 @@
   }
   // The list in the chosen order: the precomputed order of the column (order/<key>.<dir>.i32), kept
   // to the filtered rows; by id, the rows themselves; by match, the search's ranks.
+  // Every row position in order: a plain loop (Int32Array.from with a callback took 0.1-0.5 s at 2^20).
+  function everyRow() {
+    const rows = new Int32Array(S.n);
+    for (let i = 0; i < S.n; i++) rows[i] = i;
+    return rows;
+  }
+  // A match rank is a multiple of 1/2000 (-1 an id; a token's rank, + 0.5 for a partial match; 100 + a
+  // character offset / 1000), so round(rank * 2000) * 2^26 + row is an exact integer of a double (below
+  // 2^53) for rows below 2^26 (67M features) and offsets below 67M characters: sorting it sorts by
+  // (rank, row).
+  const RANK_STEPS = 2000, ROW_SPAN = 2 ** 26;
   async function sortRows() {
     const { key, desc } = S.sort;
     const rows = S.filtered;
     if (key === 'match' && S.matchRank) {
-      const scores = Float64Array.from(rows, (r) => S.matchRank.get(r));   // no Map look-up per comparison
-      const at = Uint32Array.from(rows, (_, i) => i).sort((a, b) => (scores[a] - scores[b]) || (rows[a] - rows[b]));
-      S.order = Int32Array.from(at, (i) => rows[i]);
+      // one number per row, (rank, row) in its bits, sorted natively (no comparator: 10x faster at 10^5)
+      const keys = new Float64Array(rows.length);
+      for (let i = 0; i < rows.length; i++) keys[i] = Math.round(S.matchRank.get(rows[i]) * RANK_STEPS) * ROW_SPAN + rows[i];
+      keys.sort();
+      S.order = new Int32Array(keys.length);
+      for (let i = 0; i < keys.length; i++) S.order[i] = ((keys[i] % ROW_SPAN) + ROW_SPAN) % ROW_SPAN;
       return;
     }
     if (key === 'feature' || key === 'match') {
-      const order = rows ? Int32Array.from(rows).sort() : Int32Array.from({ length: S.n }, (_, i) => i);
+      const order = rows ? Int32Array.from(rows).sort() : everyRow();
       S.order = desc ? order.reverse() : order;
       return;
     }
