@@ -14,8 +14,12 @@ the page's answer on screen, medians of --repeats:
 - feature page: from the list, ``#/feature/<id>`` for ids spread over every shard, until its
   examples are drawn (the feature's 64-feature chunk is fetched, nothing else);
 - search by token / by explanation: typing a query into the list (its 120 ms debounce included)
-  until the matching rows are drawn;
+  until the matching rows are drawn (the first page: app.js's PAGE rows, one row chunk per row
+  when they lie apart);
 - sort: a click on the density column until the list is redrawn in that order.
+
+Each figure's line also says what the page fetched for it (``requests``, ``fetched_kB`` as sent,
+gzip included; Chromium's resource timing, the last repeat): where a figure's time goes.
 
 Baseline: the same figures for the writer and page of commit BASELINE_REF (one ``index.json``
 with every feature's row, sorted and searched in memory), built from the same tables in a
@@ -104,10 +108,23 @@ def _settled(pg) -> None:
     pg.wait_for_function("() => !document.querySelector('#list[data-busy]')")
 
 
-def measure(browser, site: Path, n: int, repeats: int) -> dict[str, float]:
-    """The figures (seconds, medians) for the site in ``site`` (see the module docstring)."""
+FETCHED_JS = """() => { const rs = performance.getEntriesByType('resource');
+  return [rs.length, rs.reduce((s, r) => s + r.transferSize, 0)]; }"""
+
+
+def _fetched(pg, fetched: dict, metric: str) -> None:
+    """What the page fetched since the last call (requests, kB), kept in ``fetched[metric]``."""
+    n, size = pg.evaluate(FETCHED_JS)
+    pg.evaluate("performance.clearResourceTimings()")
+    fetched[metric] = {"requests": n, "fetched_kB": round(size / 1e3, 1)}
+
+
+def measure(browser, site: Path, n: int, repeats: int) -> tuple[dict[str, float], dict[str, dict]]:
+    """The figures (seconds, medians) for the site in ``site`` (see the module docstring), and
+    what the page fetched for each (requests, kB; the last repeat)."""
     server, url = serve_in_thread(site)
     figures: dict[str, list[float]] = {k: [] for k in GOALS}
+    fetched: dict[str, dict] = {}
     try:
         for rep in range(repeats):
             ctx = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -117,6 +134,7 @@ def measure(browser, site: Path, n: int, repeats: int) -> dict[str, float]:
             pg.goto(url, wait_until="commit")
             _settled(pg)
             figures["index_interactive_s"].append(time.perf_counter() - t0)
+            _fetched(pg, fetched, "index_interactive_s")
             for i in range(3):     # ids spread over the shards, a different chunk each time
                 fid = (rep * 3 + i) * (n // (3 * repeats)) + 1 + rep
                 t0 = time.perf_counter()
@@ -124,29 +142,35 @@ def measure(browser, site: Path, n: int, repeats: int) -> dict[str, float]:
                 pg.wait_for_selector(f"h1:has-text('Feature {fid}')")
                 pg.wait_for_selector("#lineage")
                 figures["feature_page_s"].append(time.perf_counter() - t0)
+                _fetched(pg, fetched, "feature_page_s")
             pg.evaluate("location.hash = '#/'")
             _settled(pg)
             for metric, query in (("search_token_s", TOKEN_QUERY), ("search_explanation_s", EXPLANATION_QUERY)):
                 pg.fill("#search", "")
                 pg.wait_for_function("() => !document.querySelector('#count').textContent.includes('matching')")
+                _settled(pg)
+                _fetched(pg, fetched, metric)
                 t0 = time.perf_counter()
                 pg.fill("#search", query)
                 pg.wait_for_function("() => document.querySelector('#count').textContent.includes('matching')")
                 _settled(pg)
                 figures[metric].append(time.perf_counter() - t0)
+                _fetched(pg, fetched, metric)
             pg.fill("#search", "")
             pg.wait_for_function("() => !document.querySelector('#count').textContent.includes('matching')")
             _settled(pg)
+            _fetched(pg, fetched, "sort_density_s")
             t0 = time.perf_counter()
             pg.click("button[data-sort=density]")
             pg.wait_for_selector("button.sort.active[data-sort=density]")
             _settled(pg)
             figures["sort_density_s"].append(time.perf_counter() - t0)
+            _fetched(pg, fetched, "sort_density_s")
             ctx.close()
     finally:
         server.shutdown()
         server.server_close()
-    return {k: statistics.median(v) for k, v in figures.items()}
+    return {k: statistics.median(v) for k, v in figures.items()}, fetched
 
 
 def site_bytes(site: Path) -> tuple[int, int]:
@@ -186,9 +210,9 @@ def main() -> None:
                   f"{old_built['index_bytes'] / 1e3:,.0f} kB", file=sys.stderr)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            new = measure(browser, tmp / "site", n, repeats)
+            new, fetched = measure(browser, tmp / "site", n, repeats)
             if tree is not None:
-                old = measure(browser, tmp / "old", n, repeats)
+                old, _ = measure(browser, tmp / "old", n, repeats)
             browser.close()
     finally:
         if not args.keep:
@@ -200,7 +224,7 @@ def main() -> None:
         lines.append({"metric": f"browser_{metric}_{n}_features", "value": round(new[metric], 3),
                       "baseline": round(base, 3), "ratio": round(new[metric] / base, 3), "goal": goal,
                       "lower_is_better": True, "unit": "s", "baseline_is": baseline_is,
-                      "goal_is": "value <= goal", "repeats": repeats})
+                      "goal_is": "value <= goal", "repeats": repeats, **fetched[metric]})
     lines.append({"metric": f"browser_bytes_per_feature_{n}_features", "value": round(total / n, 1),
                   "baseline": None, "ratio": None, "goal": None, "lower_is_better": True, "unit": "B",
                   "upfront_bytes": upfront, "build_s": round(built["build_s"], 1),

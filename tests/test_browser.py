@@ -29,6 +29,8 @@ CHROMIUM = os.environ.get("SAE_PLATFORM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOTS = Path(os.environ.get("SAE_PLATFORM_SCREENSHOTS", "/tmp"))
+APP_JS = Path(__file__).resolve().parents[1] / "sae_platform" / "browser_static" / "app.js"
+PAGE = int(re.search(r"const PAGE = (\d+);", APP_JS.read_text()).group(1))   # the list's rows per page
 
 MALICIOUS = ['<script>window.__xss=1</script>', '<img src=x onerror="window.__xss=2">',
              '"><svg onload=window.__xss=3>', 'javascript:alert(1)', '&lt;b&gt;']
@@ -314,11 +316,11 @@ def test_index_lists_sorts_and_searches(page, site):
     pg = page
     pg.goto(pg.base_url)
     pg.wait_for_selector("table.features tbody tr")
-    assert _ids(pg) == list(range(200))                      # first page of 200, by id
+    assert _ids(pg) == list(range(PAGE))                     # first page, by id
     assert pg.locator("#count").inner_text() == "300 features"
     assert pg.locator("#run").inner_text() == f"test-sae · {HOOK_POINT} · 300 features"   # where the SAE reads
     pg.click("#next-page")
-    assert _ids(pg) == list(range(200, 300))
+    assert _ids(pg) == list(range(PAGE, 2 * PAGE))
     cols = _index(site)["columns"]                           # the values the page sorts (rounded)
     maxes = dict(zip(cols["feature"], cols["max"]))
     dens = dict(zip(cols["feature"], cols["density"]))
@@ -327,7 +329,7 @@ def test_index_lists_sorts_and_searches(page, site):
     assert got[:20] == sorted(maxes, key=lambda f: (-maxes[f], f))[:20]
     pg.click("button[data-sort=max]")                        # again: ascending
     got = _ids(pg)
-    assert len(got) == 200 and all(maxes[a] <= maxes[b] for a, b in zip(got, got[1:]))
+    assert len(got) == PAGE and all(maxes[a] <= maxes[b] for a, b in zip(got, got[1:]))
     pg.click("button[data-sort=density]")
     got = _ids(pg)
     assert all(dens[a] >= dens[b] for a, b in zip(got, got[1:]))
@@ -795,5 +797,5 @@ def test_overview_page_in_chromium(research_page, research_site):
     pg.click("a.filterlink[data-filter=dead]")
     pg.wait_for_selector("table.features tbody tr")
     assert pg.locator("#filter").input_value() == "dead"
-    assert len(_ids(pg)) == min(dead, 200)
+    assert len(_ids(pg)) == min(dead, PAGE)
     assert not pg.problems, pg.problems

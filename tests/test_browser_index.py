@@ -20,7 +20,7 @@ except ImportError:     # the chromium fixture says what to install
 
 from sae_platform.browser import generate, index_files, publish
 from sae_platform.browser.synthetic import synthetic_explanations, synthetic_lineage, synthetic_shards
-from tests.test_browser import _ids, _index, _served_page, chromium  # noqa: F401  (fixture)
+from tests.test_browser import PAGE, _ids, _index, _served_page, chromium  # noqa: F401  (fixture)
 
 N, SHARD = 4096, 1024
 LIGHT = dict(n_top=2, n_intervals=1, per_interval=1, n_random=1, before=3, after=2, n_bins=8, n_logits=3)
@@ -71,13 +71,20 @@ def test_sort_orders_are_the_pages_former_in_memory_sort(big_site):
     assert [None if np.isnan(d) else d for d in density.tolist()] == cols["density"]
 
 
-def _postings(out, index, code):
-    firsts = index["token_files"]
+def _postings(out, folder, firsts, code):
+    """The Int32 entries of ``code`` in the postings files below ``folder`` (index_files.postings_files)."""
     n = max(i for i, first in enumerate(firsts) if first <= code)
-    body = np.frombuffer((_data(out) / f"search/tokens/{n}.i32").read_bytes(), "<i4")
+    body = np.frombuffer((_data(out) / f"{folder}/{n}.i32").read_bytes(), "<i4")
     i = code - firsts[n]
-    lo, hi = body[1 + i], body[2 + i]
-    return [(int(e) >> 3, int(e) & 7) for e in body[2 + body[0] + lo: 2 + body[0] + hi]]
+    return body[2 + body[0] + body[1 + i]: 2 + body[0] + body[2 + i]].tolist()
+
+
+def _word_postings(out, word):
+    """``word``'s (row, at) pairs, read as the page does: its prefix's word list, then one file."""
+    listing = json.loads((_data(out) / index_files.word_file(word[:index_files.WORD_PREFIX])).read_text())
+    folder = index_files.word_file(word[:index_files.WORD_PREFIX]).removesuffix(".json")
+    flat = _postings(out, folder, listing["files"], listing["words"].index(word))
+    return list(zip(flat[0::2], flat[1::2]))
 
 
 def test_token_and_explanation_postings_find_exactly_the_listed_features(big_site):
@@ -85,12 +92,27 @@ def test_token_and_explanation_postings_find_exactly_the_listed_features(big_sit
     cols = index["columns"]
     for token in (" Paris", ",", "("):
         want = sorted((r, (toks or []).index(token)) for r, toks in enumerate(cols["tokens"]) if token in (toks or []))
-        assert want and sorted(_postings(big_site, index, index["token_table"].index(token))) == want
-    words = json.loads((_data(big_site) / index_files.word_file("wi")).read_text())
+        got = _postings(big_site, "search/tokens", index["token_files"], index["token_table"].index(token))
+        assert want and sorted((e >> 3, e & 7) for e in got) == want
+    pairs = _word_postings(big_site, "winterreise")
     want = [r for r, text in enumerate(cols["explanation"]) if "winterreise" in text.lower()]
-    assert words["winterreise"][0::2] == want and len(want) == N // 500 + 1
-    assert all(cols["explanation"][r][at:].lower().startswith("winterreise")
-               for r, at in zip(words["winterreise"][0::2], words["winterreise"][1::2]))
+    assert [r for r, _ in pairs] == want and len(want) == N // 500 + 1
+    assert all(cols["explanation"][r][at:].lower().startswith("winterreise") for r, at in pairs)
+    for word in ("with", "which", "the"):                 # common words, each as the index holds it
+        want = [r for r, text in enumerate(cols["explanation"]) if word in re.findall(r"\w+", text.lower())]
+        assert [r for r, _ in _word_postings(big_site, word)] == want
+
+
+def test_a_rare_words_postings_file_holds_no_common_words_entries(monkeypatch):
+    """A file of postings stays within POSTINGS_PER_FILE unless one word alone holds more: a query
+    for a rare word beside a common one (``winter`` before ``with``) fetches a small file."""
+    monkeypatch.setattr(index_files, "POSTINGS_PER_FILE", 100)
+    explanations = ["with winter" if r % 50 == 0 else "with" for r in range(200)] + ["wide"] * 60
+    files = index_files.word_postings(explanations)
+    listing = json.loads(files[index_files.word_file("wi")])
+    assert listing == {"words": ["wide", "winter", "with"], "files": [0, 1, 2]}   # 120, 8 and 400 entries
+    winter = np.frombuffer(files["search/words/7769/1.i32"], "<i4").tolist()
+    assert winter == [1, 0, 8] + [x for r in range(0, 200, 50) for x in (r, 5)]   # n_codes, offsets, (row, at)s
 
 
 def _shard_files(out):
@@ -179,18 +201,19 @@ def test_the_list_pages_sorts_and_searches_fetching_only_what_it_shows(big_page,
     index = _index((big_site,))
     cols = index["columns"]
     pg.goto(pg.base_url)
-    assert _ids(pg) == list(range(200))
-    # loading: the index and the rows of the first page (4 chunks of 64), no order, column or postings
-    assert len(_rows_fetched(pg)) == 4 and not [u for u in pg.fetched if "/order/" in u or "/search/" in u]
-    pg.click("#next-page")
-    assert _ids(pg) == list(range(200, 400)) and len(_rows_fetched(pg)) == 8 - 1   # chunk 3 was fetched already
+    assert _ids(pg) == list(range(PAGE))
+    # loading: the index and the rows of the first page (chunks of 64), no order, column or postings
+    assert len(_rows_fetched(pg)) == -(-PAGE // 64) and not [u for u in pg.fetched if "/order/" in u or "/search/" in u]
+    pg.click("#next-page")                                # only the chunks of the rows shown
+    assert _ids(pg) == list(range(PAGE, 2 * PAGE))
+    assert len(_rows_fetched(pg)) == len({r // 64 for r in range(2 * PAGE)})
     pg.fetched.clear()
     pg.click("button[data-sort=density]")                 # descending, missing last, ties by id
     pg.wait_for_selector("button.sort.active[data-sort=density]")
-    assert _ids(pg) == [cols["feature"][r] for r in _order_rule(cols["density"], True)][:200]
+    assert _ids(pg) == [cols["feature"][r] for r in _order_rule(cols["density"], True)][:PAGE]
     assert [u for u in pg.fetched if "/order/" in u] and all(u.endswith("density.desc.i32")
                                                              for u in pg.fetched if "/order/" in u)
-    assert len(_rows_fetched(pg)) <= 200 and not [u for u in pg.fetched if "/search/" in u]
+    assert len(_rows_fetched(pg)) <= PAGE and not [u for u in pg.fetched if "/search/" in u]
     pg.fetched.clear()
     pg.fill("#search", " Paris")                          # by token: the features whose strongest tokens hold it
     expect(pg.locator("#count")).to_contain_text("matching")
@@ -205,7 +228,8 @@ def test_the_list_pages_sorts_and_searches_fetching_only_what_it_shows(big_page,
     pg.fill("#search", "winterreise")                     # by explanation: one postings file of words
     expect(pg.locator("#count")).to_contain_text(f"{N // 500 + 1} matching")
     assert sorted(_ids(pg)) == [f for f in range(N) if f % 500 == 3]
-    assert [u for u in pg.fetched if "/search/words/" in u][-1] == f"data/{_data(big_site).name}/search/words/7769.json"
+    words = f"data/{_data(big_site).name}/search/words/7769"   # its word list, then one postings file
+    assert [u for u in pg.fetched if u.startswith(words)] == [f"{words}.json", f"{words}/0.i32"]
     pg.fill("#search", "3000")                            # by id, then open it: one feature chunk
     expect(pg.locator("table.features tbody tr").first).to_have_attribute("data-feature", "3000")
     pg.fetched.clear()
@@ -213,4 +237,50 @@ def test_the_list_pages_sorts_and_searches_fetching_only_what_it_shows(big_page,
     pg.wait_for_selector("h1:has-text('Feature 3000')")
     pg.wait_for_selector("#lineage")
     assert [u for u in pg.fetched if "/features/" in u] == [f"{index['shards'][2]['path']}/features/46.json"]
+    assert not pg.problems, pg.problems
+
+
+def _search_rule(cols, query):
+    """The features a search lists, best first, by brute force over every row (the page's rule,
+    app.js: an id first, then token matches by the rank of the first matching strongest token, +0.5
+    when the token only contains the query, then explanations holding a word that begins with each
+    query word, by where the first such word stands; ties by id)."""
+    q = query.strip()
+    ql, rank = q.lower(), {}
+    idq = q.removeprefix("#")
+    if idq.isdigit() and int(idq) in cols["feature"]:
+        rank[cols["feature"].index(int(idq))] = -1
+    for r, toks in enumerate(cols["tokens"]):
+        lowered = [t.strip().lower() for t in toks or []]
+        scores = [j + (0 if t == ql else 0.5) for j, t in enumerate(lowered) if ql in t]
+        if scores and r not in rank:
+            rank[r] = min(scores)
+    words = [w for w in re.findall(r"\w+", ql) if len(w) >= index_files.WORD_PREFIX]
+    for r, text in enumerate(cols["explanation"]):
+        spans = list(re.finditer(r"\w+", (text or "").lower()))
+        found = [[m.start() for m in spans if m.group().startswith(w)] for w in words]
+        if words and len(ql) >= 2 and all(found) and r not in rank:
+            rank[r] = 100 + found[0][0] / 1000
+    return [cols["feature"][r] for r in sorted(rank, key=lambda r: (rank[r], r))]
+
+
+def test_search_lists_what_a_brute_force_filter_over_the_index_finds(big_page, big_site):
+    """Token, partial-token, explanation-prefix, several-word and id searches in Chromium list the
+    same features in the same order as :func:`_search_rule` over every row (count, first two pages)."""
+    pg = big_page
+    cols = _index((big_site,))["columns"]
+    pg.goto(pg.base_url)
+    _ids(pg)
+    for query in (" Paris", "par", "winterreise", "Winter rIV", "wi", "#3000", "zzzz"):
+        want = _search_rule(cols, query)
+        pg.fill("#search", query)
+        expect(pg.locator("#count")).to_contain_text(f"{len(want):,} matching")
+        got = _ids(pg)
+        if len(want) > PAGE:
+            pg.click("#next-page")
+            expect(pg.locator("table.features tbody tr").first).to_have_attribute("data-feature", str(want[PAGE]))
+            got += _ids(pg)
+        assert got == want[:2 * PAGE], query
+        pg.fill("#search", "")
+        expect(pg.locator("#count")).not_to_contain_text("matching")
     assert not pg.problems, pg.problems

@@ -149,7 +149,7 @@ EXPLANATION_COLUMNS = tuple(c for c in EXPLANATION_SCHEMA if c != PATTERNS)
 
 # -- the site ----------------------------------------------------------------------------------
 CHUNK_FEATURES = 64        # features per lazily fetched data file (a feature page's)
-ROW_CHUNK = 64             # features per file of the list's compact rows (a sorted page reads up to 200)
+ROW_CHUNK = 64             # features per file of the list's compact rows (a sorted page reads up to app.js's PAGE, 50)
 SHARDS = "shards"          # shards/<folder>/: one feature shard's files, kept by a rebuild that finds them
 ROWS = "rows"
 SEARCH_TOKENS = 6          # strongest distinct activating tokens per feature kept for search

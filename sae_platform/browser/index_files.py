@@ -13,14 +13,18 @@ under ``data/<version>/`` and fetched only when the list needs it:
                                  of the features whose strongest tokens hold it (``row * 8 + j``, j
                                  its rank among them); a query fetches only the files of the tokens
                                  it matches (``index.json``'s ``token_files``: the first code of each)
-    search/words/<hex>.json      explanation word postings by the word's first two characters (hex
-                                 of their UTF-8): ``{word: [row, at, row, at, ...]}``, ``at`` the
-                                 word's character offset in the listed explanation; ``index.json``'s
-                                 ``word_files`` names the files there are
+    search/words/<hex>.json      the explanation words that start with those two characters (hex of
+                                 their UTF-8): ``{"words": [...], "files": [...]}``, the words sorted,
+                                 ``files`` the index of the first word of each postings file
+    search/words/<hex>/<n>.i32   their postings, in the token files' layout, each a pair ``row, at``
+                                 (``at`` the word's character offset in the listed explanation); a
+                                 query fetches the small word list, then only the files of the words
+                                 it matches (``index.json``'s ``word_files`` names the prefixes)
 
 A row position is a feature's place in the list by id (``index.json``'s shard ranges, in order).
-Binary layouts are documented at :func:`token_postings`. Units: bytes per feature (measured,
-``docs/results.md``): 4 per order file, 8 for the density column, ~4 x tokens for the postings.
+Binary layouts are documented at :func:`postings_files`. Units: bytes per feature (measured,
+``docs/results.md``): 4 per order file, 8 for the density column, ~4 x tokens for the token postings
+and ~8 x words of the explanation for the word postings.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ ORDERS = "order"
 COLUMNS = "columns"
 SEARCH = "search"
 DENSITY_FILE = f"{COLUMNS}/density.f64"
-POSTINGS_PER_FILE = 1 << 16   # token postings per file (a file holds whole tokens, so it may hold more)
+POSTINGS_PER_FILE = 1 << 16   # Int32 entries per postings file at most, unless one token or word alone holds more
 WORD_PREFIX = 2               # characters of a word that name its postings file
 WORD_RE = re.compile(r"\w+")  # the words of an explanation (the page splits a query the same way)
 TOKEN_RANK_BITS = 3           # a token posting is row << 3 | rank: at most 8 tokens per feature
@@ -76,14 +80,36 @@ def density_column(frame: pl.DataFrame) -> bytes:
     return frame[DENSITY].cast(pl.Float64).fill_null(np.nan).to_numpy().astype("<f8").tobytes()
 
 
+def postings_files(folder: str, lists: list[np.ndarray]) -> tuple[list[int], dict[str, bytes]]:
+    """Postings lists, one per code (a token's or a word's place in its table), packed into files
+    ``<folder>/<n>.i32``: (firsts, files), ``firsts[n]`` the first code of file ``n``.
+
+    A file is little-endian Int32 ``[n_codes, offsets[0..n_codes], entries...]``, the entries of
+    code ``firsts[n] + i`` being ``entries[offsets[i]:offsets[i + 1]]``. A file holds consecutive
+    codes whose entries together stay within POSTINGS_PER_FILE, and a code with more gets a file of
+    its own: a query for a rare code then fetches a small file, never a common neighbour's entries."""
+    firsts, files = [], {}
+    start = 0
+    while start < len(lists):
+        stop, size = start + 1, len(lists[start])
+        while stop < len(lists) and size + len(lists[stop]) <= POSTINGS_PER_FILE:
+            size += len(lists[stop])
+            stop += 1
+        chunk = lists[start:stop]
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in chunk])])
+        body = np.concatenate([[len(chunk)], offsets, *chunk]).astype("<i4")
+        files[f"{folder}/{len(firsts)}.i32"] = body.tobytes()
+        firsts.append(start)
+        start = stop
+    return firsts, files
+
+
 def token_postings(tokens: list[list[str] | None]) -> tuple[list[str], list[int], dict[str, bytes]]:
     """The token search index: (token_table, token_files, files).
 
     ``tokens``: per row, the feature's strongest activating tokens, strongest first (at most 8).
-    ``token_table``: every distinct token once (its code: its place). File ``n`` covers the codes
-    from ``token_files[n]`` up to the next file's first; it is little-endian Int32:
-    ``[n_codes, offsets[0..n_codes], postings...]``, the postings of code ``token_files[n] + i``
-    being ``postings[offsets[i]:offsets[i + 1]]``, each ``row << 3 | rank``."""
+    ``token_table``: every distinct token once (its code: its place). ``token_files`` and the files
+    as :func:`postings_files` writes them below ``search/tokens``; an entry is ``row << 3 | rank``."""
     exploded = (pl.DataFrame({"tokens": tokens}, schema={"tokens": pl.List(pl.String)}).with_row_index("row")
                 .with_columns(pl.col("tokens").fill_null([]))
                 .with_columns(pl.int_ranges(pl.col("tokens").list.len()).alias("rank"))
@@ -96,31 +122,21 @@ def token_postings(tokens: list[list[str] | None]) -> tuple[list[str], list[int]
     entries = (coded["row"].cast(pl.Int64).to_numpy() << TOKEN_RANK_BITS) | coded["rank"].cast(pl.Int64).to_numpy()
     counts = np.bincount(coded["code"].to_numpy(), minlength=table.len())
     bounds = np.concatenate([[0], np.cumsum(counts)])
-    per_code = [entries[bounds[c]:bounds[c + 1]] for c in range(table.len())]
-    firsts, files = [], {}
-    start = 0
-    while start < len(per_code):
-        stop, size = start, 0
-        while stop < len(per_code) and (size < POSTINGS_PER_FILE or stop == start):
-            size += len(per_code[stop])
-            stop += 1
-        lists = per_code[start:stop]
-        offsets = np.concatenate([[0], np.cumsum([len(p) for p in lists])])
-        body = np.concatenate([[len(lists)], offsets, *lists]).astype("<i4")
-        files[f"{SEARCH}/tokens/{len(firsts)}.i32"] = body.tobytes()
-        firsts.append(start)
-        start = stop
+    firsts, files = postings_files(f"{SEARCH}/tokens", [entries[bounds[c]:bounds[c + 1]] for c in range(table.len())])
     return table.to_list(), firsts, files
 
 
 def word_file(prefix: str) -> str:
-    """The postings file of the words that start with ``prefix`` (their first WORD_PREFIX characters)."""
+    """The word list of the words that start with ``prefix`` (their first WORD_PREFIX characters);
+    their postings files are in the folder of the same name without ``.json``."""
     return f"{SEARCH}/words/{prefix.encode().hex()}.json"
 
 
 def word_postings(explanations: list[str | None]) -> dict[str, bytes]:
-    """The explanation search index: per file (``word_file``), ``{word: [row, at, ...]}`` for every
-    lower-cased word of at least WORD_PREFIX characters of each row's listed explanation."""
+    """The explanation search index: per prefix, its word list (``word_file``: ``{"words": [...],
+    "files": [...]}``) and its postings files (:func:`postings_files`, entries ``row, at`` pairs)
+    for every lower-cased word of at least WORD_PREFIX characters of each row's listed explanation
+    (``at``: the word's first character offset there)."""
     buckets: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for row, text in enumerate(explanations):
         seen = set()
@@ -130,8 +146,15 @@ def word_postings(explanations: list[str | None]) -> dict[str, bytes]:
                 continue
             seen.add(word)
             buckets[word[:WORD_PREFIX]][word] += [row, match.start()]
-    return {word_file(prefix): json.dumps(words, ensure_ascii=False, separators=(",", ":")).encode()
-            for prefix, words in buckets.items()}
+    files = {}
+    for prefix, postings in buckets.items():
+        words = sorted(postings)
+        listing = word_file(prefix)
+        firsts, packed = postings_files(listing.removesuffix(".json"), [np.asarray(postings[w]) for w in words])
+        files[listing] = json.dumps({"words": words, "files": firsts}, ensure_ascii=False,
+                                    separators=(",", ":")).encode()
+        files.update(packed)
+    return files
 
 
 def index_files(frame: pl.DataFrame, min_support: int) -> tuple[dict, dict[str, bytes]]:
@@ -147,6 +170,7 @@ def index_files(frame: pl.DataFrame, min_support: int) -> tuple[dict, dict[str, 
     if "explanation" in frame.columns:
         words = word_postings(frame["explanation"].to_list())
         files.update(words)
-        fields["word_files"] = sorted(name.split("/")[-1].removesuffix(".json") for name in words)
+        fields["word_files"] = sorted(name.split("/")[-1].removesuffix(".json") for name in words
+                                      if name.endswith(".json"))
     assert frame[FEATURE].is_sorted()
     return fields, files
