@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae_platform import HUGE_PAGES_ENV
 from sae_platform.sae import build_sae
 from sae_platform.sae.kernels import row_dots
 
@@ -58,7 +59,7 @@ FRESH_TENSOR_FAULTS = (
 
 def fresh_tensor_faults(**env) -> int:
     root = Path(__file__).resolve().parents[1]
-    environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    environ = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
     environ.update(PYTHONPATH=str(root), **env)
     done = subprocess.run([sys.executable, "-c", FRESH_TENSOR_FAULTS], env=environ, capture_output=True, text=True,
                           check=True, timeout=120)
@@ -71,11 +72,11 @@ def test_a_fresh_big_tensor_is_faulted_in_as_huge_pages_and_the_environment_can_
     """Importing sae_platform before torch puts torch's big CPU tensors on 2 MB pages: the
     gradients a training step re-allocates every step no longer fault in 4 KB at a time."""
     assert fresh_tensor_faults() < 1_000
-    assert fresh_tensor_faults(THP_MEM_ALLOC_ENABLE="0") > 5_000
+    assert fresh_tensor_faults(**{HUGE_PAGES_ENV: "0"}) > 5_000
 
 
 def test_huge_pages_are_not_claimed_once_torch_is_loaded():
     import sae_platform
 
-    assert "torch" in sys.modules
+    assert "torch" in sys.modules  # imported above, as a program importing torch first would
     assert sae_platform.enable_huge_pages() is False
