@@ -72,6 +72,7 @@ if str(REPO) not in sys.path:  # run as a script: make the package importable wi
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))  # peer_venv beside this script, also when imported by a test
 
+import sae_platform  # noqa: E402, F401, I001 - before torch: its huge-page setting applies to every side (peers inherit it)
 import torch  # noqa: E402
 from peer_venv import open_peer  # noqa: E402
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_platform.errors import PlatformError
-from sae_platform.sae.kernels import Pattern
+from sae_platform.sae.kernels import Pattern, row_dots
 
 ADAM_EPS = 6.25e-10  # Gao et al.: a small eps matters with tiny gradients on huge dictionaries
 
@@ -296,15 +296,13 @@ class SparseAutoencoder(nn.Module):
         component only changes the row's norm, which normalize_decoder_ undoes anyway, and it
         would otherwise pollute Adam's moment estimates.
 
-        On CPU the rows go in cache-sized blocks: whole-matrix temporaries made this 5x slower."""
+        grad[i] -= (grad[i] . W_dec[i]) / |W_dec[i]|^2 * W_dec[i], in place, for every row i of the
+        [n_latents, d_out] gradient; a zero row of W_dec leaves its gradient row as it is."""
         grad, w = self.W_dec.grad, self.W_dec
         if grad is None:
             return
-        rows = self.n_latents if w.is_cuda else max(1, (1 << 18) // self.d_model)
-        for start in range(0, self.n_latents, rows):
-            g, v = grad[start:start + rows], w[start:start + rows]
-            along = (g * v).sum(1, keepdim=True) / (v * v).sum(1, keepdim=True).clamp_min(1e-12)
-            g.addcmul_(v, along, value=-1)
+        along = row_dots(grad, w) / torch.linalg.vector_norm(w, dim=1).square().clamp_min(1e-12)
+        grad.addcmul_(w, along.unsqueeze(1), value=-1)
 
     # --- encoding / decoding for evaluation ------------------------------------------------------
 
