@@ -31,12 +31,14 @@ checkpoint are in its peak RSS but not in its time per token). Everything runs o
 
 Each stage runs in its own forked process (the parent only imports, and loads the tokenizer once
 so that transformers' lazy imports are shared: :func:`import_lazy_modules`). Caching runs first at
-every size, each size's process forked from one process that loaded the model once and read every
-weight (:func:`measure_caching`); the latent sweep reuses the token sweep's store when one size
+every size, each size's process forked from one process that loaded the model once
+(:func:`measure_caching`; each reads every weight before its peak is reset, :func:`cache_with`:
+the weights are file-mapped pages); the latent sweep reuses the token sweep's store when one size
 matches (--quick: 1x), so the same text is cached and shuffled once. Each record carries the
 process's wall and CPU seconds (``process_seconds``, ``process_cpu_seconds``): on a loaded machine
 the CPU time is the measure of the run's cost. The stage loads what it
-needs (SAE, tokenizer), then the kernel's high-water mark is reset (``echo 5 >
+needs (SAE, tokenizer), the heap's free pages are handed back (:func:`release_free_heap`), then
+the kernel's high-water mark is reset (``echo 5 >
 /proc/self/clear_refs``, as ``benchmarks/feature_tables.py``), the stage runs, and its peak is
 VmHWM - VmRSS before it (``peak_bytes``: the stage's own allocations, whatever was loaded) and
 VmHWM itself (``peak_rss``: what a worker needs for the job). A width whose predicted peak
@@ -54,9 +56,18 @@ draws docs/scaling.png (``plots.stage_scaling_png``). ``--record FILE`` appends 
 figures as it ends (a long run that dies keeps them); ``--from-record FILE`` measures nothing and
 prints the figures and plot of a record file (several runs' records may be concatenated);
 ``--sweeps`` runs one sweep.
+
+What the memory ratios against the tokens measure at these sizes: a stage's fixed buffers fill
+before its memory can be flat, and --quick's 1x is below several of them: caching's forward batch
+(16 contexts; 1x is 4) and its 4 MiB zarr chunks, the shuffle's budget (every size shuffles in
+memory), pass 1's 4,096-row encode batch, and the feature stages' per-feature examples (a 4,096-latent
+SAE fires ~4 times per latent in 512 tokens; the reservoirs hold 200). Pass 1 and pass 3 also hold
+their batch's codes by design (12 B per code: 384 B per token at k 32). ``bytes_per_added_token``
+says how much each added token cost.
 """
 
 import argparse
+import ctypes
 import gc
 import json
 import multiprocessing
@@ -148,6 +159,7 @@ class Meter:
 
     def start(self) -> None:
         gc.collect()
+        release_free_heap()
         self.hwm_reset = reset_peak()
         self.before = memory_status()
         self.started = time.perf_counter()
@@ -159,6 +171,17 @@ class Meter:
     def result(self) -> dict:
         return {"seconds": self.seconds, "peak_bytes": self.after["VmHWM"] - self.before["VmRSS"],
                 "peak_rss": self.after["VmHWM"], "rss_before": self.before["VmRSS"], "hwm_reset": self.hwm_reset}
+
+
+def release_free_heap() -> bool:
+    """glibc's malloc_trim(0): hand the heap's free pages back to the kernel before the peak is reset.
+    Why: a forked stage inherits its parent's heap, free blocks included (the parent loaded and
+    dropped a tokenizer), and allocations that reuse them raise no RSS: the peak above the RSS
+    before would miss them. False on other C libraries."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def _child(conn, stage, job: dict) -> None:
