@@ -4,8 +4,8 @@ the tokens, and of training and the feature stages at growing SAE widths. Not th
 scaling *law* of loss against latents (that is ``sae_platform/scaling.py`` and
 ``benchmarks/scaling_grid.py``): this is the platform's own cost.
 
-    python benchmarks/scaling.py --quick   # 512 / 2,048 / 8,192 tokens at 4,096 latents; 4,096 and
-                                           # 16,384 latents on 512 tokens: about a minute on 2 quiet cores
+    python benchmarks/scaling.py --quick   # 512 / 2,048 / 8,192 tokens at 4,096 latents, caching at
+                                           # layer 1; 4,096 and 16,384 latents on the same 512 tokens
     python benchmarks/scaling.py --plot docs/scaling.png
                                            # 2,048 / 8,192 / 32,768 tokens at 16,384 latents; 16,384 /
                                            # 65,536 / 262,144 / 1,048,576 latents on 1,024 tokens
@@ -29,8 +29,16 @@ not depend on training. Training runs ``--train-steps`` steps of ``--train-batch
 (from the first metrics row to the last: the SAE's initialisation, the first step and the final
 checkpoint are in its peak RSS but not in its time per token). Everything runs on the CPU.
 
-Each stage runs in its own forked process (the parent only imports): the stage loads what it
-needs (model, SAE, tokenizer), then the kernel's high-water mark is reset (``echo 5 >
+Each stage runs in its own forked process (the parent only imports, and loads the tokenizer once
+so that transformers' lazy imports are shared: :func:`import_lazy_modules`). Caching runs first at
+every size, each size's process forked from one process that loaded the model once
+(:func:`measure_caching`; each reads every weight before its peak is reset, :func:`cache_with`:
+the weights are file-mapped pages); the latent sweep reuses the token sweep's store when one size
+matches (--quick: 1x), so the same text is cached and shuffled once. Each record carries the
+process's wall and CPU seconds (``process_seconds``, ``process_cpu_seconds``): on a loaded machine
+the CPU time is the measure of the run's cost. The stage loads what it
+needs (SAE, tokenizer), the heap's free pages are handed back (:func:`release_free_heap`), then
+the kernel's high-water mark is reset (``echo 5 >
 /proc/self/clear_refs``, as ``benchmarks/feature_tables.py``), the stage runs, and its peak is
 VmHWM - VmRSS before it (``peak_bytes``: the stage's own allocations, whatever was loaded) and
 VmHWM itself (``peak_rss``: what a worker needs for the job). A width whose predicted peak
@@ -40,25 +48,37 @@ moments: 40 bytes per latent per d_model dimension), more than this machine has.
 
 Figures: one JSON line per (stage, sweep, figure), the value at the largest size, the baseline at
 the smallest, their ratio and the goal (issue 25): time per token at 16x the tokens <= 1.25x that
-at 1x; peak RSS (``peak_bytes``) at 16x <= 1.2x; pass 1's memory per job (VmHWM) grows no
+at 1x; peak RSS (``peak_bytes``, and ``bytes_per_added_token`` between the smallest and the largest
+size) at 16x <= 1.2x; pass 1's memory per job (VmHWM) grows no
 faster than its latents per feature shard (``goal`` = the latents-per-shard ratio). Time against
 width has no goal (a TopK encode multiplies by every latent: linear is expected). ``--plot``
 draws docs/scaling.png (``plots.stage_scaling_png``). ``--record FILE`` appends each stage's
 figures as it ends (a long run that dies keeps them); ``--from-record FILE`` measures nothing and
 prints the figures and plot of a record file (several runs' records may be concatenated);
 ``--sweeps`` runs one sweep.
+
+What the memory ratios against the tokens measure at these sizes: a stage's fixed buffers fill
+before its memory can be flat, and --quick's 1x is below several of them: caching's forward batch
+(16 contexts; 1x is 4) and its 4 MiB zarr chunks, the shuffle's budget (every size shuffles in
+memory), pass 1's 4,096-row encode batch, and the feature stages' per-feature examples (a 4,096-latent
+SAE fires ~4 times per latent in 512 tokens; the reservoirs hold 200). Pass 1 and pass 3 also hold
+their batch's codes by design (12 B per code: 384 B per token at k 32). ``bytes_per_added_token``
+says how much each added token cost.
 """
 
 import argparse
+import ctypes
 import gc
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -73,10 +93,10 @@ import torch  # noqa: E402
 from benchmarks.cache_throughput import benchmark_text  # noqa: E402
 from benchmarks.feature_tables import _reset_peak as reset_peak  # noqa: E402
 from benchmarks.feature_tables import _status as memory_status  # noqa: E402
+from sae_platform import activations, shuffle  # noqa: E402
 from sae_platform import contexts as ctx  # noqa: E402
 from sae_platform import feature_codes as fc  # noqa: E402
 from sae_platform import features as ft  # noqa: E402
-from sae_platform import shuffle  # noqa: E402
 from sae_platform.activations import CacheSettings, cache_text_file  # noqa: E402
 from sae_platform.browser.publish import build_site  # noqa: E402
 from sae_platform.catalog import N_FEATURE_SHARDS, browser_dir  # noqa: E402
@@ -116,10 +136,16 @@ class Sizes:
     # activations' 4 MiB chunks at d_model 576 (4 chunks per scatter job); the full mode's 16x
     # data (37.7 MB) goes beyond it, the smaller sizes shuffle in memory.
     shuffle_budget: int = 17 << 20
+    layer: int | None = None  # the hook layer, where caching's forward stops (None: the middle layer, as the pipeline)
+    # Fixed buffers a stage fills before its memory can be flat in the tokens; None: the pipeline's own.
+    chunk_bytes: int | None = None  # the cached activations' zarr chunks (activations.CHUNK_BYTES)
+    encode_rows: int | None = None  # pass 1's token batch (compute_and_write_partials' batch_rows)
 
 
+# --quick hooks layer 1 (the forward stops after block 1): caching's cost is then mostly the store's,
+# not the model's 16 blocks to the middle layer, and the whole run fits in a minute on 2 cores.
 QUICK = Sizes(tokens=512, token_latents=4096, latents=(4096, 16_384), latent_tokens=512, train_batch=128,
-              train_steps=2)
+              train_steps=2, layer=1)
 FULL = Sizes(tokens=2048, token_latents=16_384, latents=(16_384, 65_536, 262_144, 1_048_576), latent_tokens=1024,
              train_batch=256, train_steps=3)
 
@@ -133,6 +159,7 @@ class Meter:
 
     def start(self) -> None:
         gc.collect()
+        release_free_heap()
         self.hwm_reset = reset_peak()
         self.before = memory_status()
         self.started = time.perf_counter()
@@ -146,11 +173,23 @@ class Meter:
                 "peak_rss": self.after["VmHWM"], "rss_before": self.before["VmRSS"], "hwm_reset": self.hwm_reset}
 
 
+def release_free_heap() -> bool:
+    """glibc's malloc_trim(0): hand the heap's free pages back to the kernel before the peak is reset.
+    Why: a forked stage inherits its parent's heap, free blocks included (the parent loaded and
+    dropped a tokenizer), and allocations that reuse them raise no RSS: the peak above the RSS
+    before would miss them. False on other C libraries."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def _child(conn, stage, job: dict) -> None:
     try:
         meter = Meter()
         extra = stage(meter, job)
-        conn.send({**meter.result(), **extra})
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # the whole process: loading, the stage, its threads
+        conn.send({**meter.result(), **extra, "process_cpu_seconds": usage.ru_utime + usage.ru_stime})
     except BaseException:  # noqa: BLE001 - the parent reports it, naming the stage
         conn.send({"error": traceback.format_exc()})
     finally:
@@ -162,6 +201,7 @@ def measure(stage, job: dict) -> dict:
     Raises SystemExit naming the stage and the size when it fails or dies (the kernel's OOM killer)."""
     fork = multiprocessing.get_context("fork")
     receive, send = fork.Pipe(duplex=False)
+    started = time.perf_counter()
     process = fork.Process(target=_child, args=(send, stage, job))
     process.start()
     send.close()
@@ -172,32 +212,88 @@ def measure(stage, job: dict) -> dict:
     process.join()
     if "error" in result:
         raise SystemExit(f"stage {stage.__name__} at {job.get('label')} failed:\n{result['error']}")
-    return result
+    # the whole process (fork, loading the model / SAE / tokenizer, the stage, exit): where the run's time goes
+    return {**result, "process_seconds": time.perf_counter() - started}
 
 
 # ---------------------------------------------------------------------------------------------
 # the stages
 # ---------------------------------------------------------------------------------------------
 
-def write_texts(meter: Meter, job: dict) -> dict:
-    """Setup, not measured: one text file per size that packs into exactly the contexts wanted."""
-    tokenizer = load_stored_tokenizer(ArtifactStore(job["model_root"]), job["model"])
-    body = job["ctx_len"] - 1
-    meter.start()
-    for path, n_contexts in job["texts"].items():
-        text = benchmark_text(tokenizer, Path(job["corpus"]), n_contexts * body + body // 2)
-        Path(path).write_text(text, encoding="utf-8")
-    meter.stop()
-    return {}
+def write_texts(tokenizer, texts: dict[str, int], ctx_len: int, corpus: str) -> None:
+    """Setup, not measured: one text file per size (path -> contexts) that packs into exactly the
+    contexts wanted."""
+    body = ctx_len - 1
+    for path, n_contexts in texts.items():
+        Path(path).write_text(benchmark_text(tokenizer, Path(corpus), n_contexts * body + body // 2), encoding="utf-8")
 
 
-def stage_cache(meter: Meter, job: dict) -> dict:
-    model, _ = load_stored_model(ArtifactStore(job["model_root"]), job["model"], job["layer"], "cpu",
-                                 job["autocast"])
+def measure_caching(jobs: list[dict]) -> Iterator[dict]:
+    """Caching at each of ``jobs`` (``stage_cache``), each in its own process forked from one that
+    loaded the model once (the first job's model, layer and autocast) and wrote every job's text:
+    loading a 135M-parameter model is not caching's cost, and three loads were most of what the
+    caching processes of ``--quick`` spent. A child's ``peak_bytes`` is still what caching allocates
+    above what its process held, the model included (``Meter``). Yields each job's figures as it
+    ends; SystemExit naming the size when one fails."""
+    fork = multiprocessing.get_context("fork")
+    receive, send = fork.Pipe(duplex=False)
+    host = fork.Process(target=_model_host, args=(send, jobs))
+    host.start()
+    send.close()
+    try:
+        for job in jobs:
+            try:
+                result = receive.recv()
+            except EOFError:
+                result = {"error": f"the process holding the model died (exit code {host.exitcode}; -9: killed, "
+                                   "e.g. out of memory)"}
+            if "error" in result:
+                raise SystemExit(f"stage cache at {job['label']} failed:\n{result['error']}")
+            yield result
+    finally:
+        host.join()
+
+
+def _model_host(conn, jobs: list[dict]) -> None:
+    """The process ``measure_caching`` forks the caching processes from. It runs torch on one thread:
+    an OpenMP thread pool does not survive a fork (the children start their own)."""
+    try:
+        threads, started = torch.get_num_threads(), time.perf_counter()
+        torch.set_num_threads(1)
+        first = jobs[0]
+        model, _ = load_stored_model(ArtifactStore(first["model_root"]), first["model"], first["layer"], "cpu",
+                                     first["autocast"])
+        write_texts(model.tokenizer, {job["text"]: job["n_contexts"] for job in jobs}, first["ctx_len"],
+                    first["corpus"])
+
+        def stage_cache(meter: Meter, job: dict) -> dict:
+            torch.set_num_threads(threads)
+            return cache_with(model, meter, job)
+
+        setup = {"setup_seconds": time.perf_counter() - started}  # the model's load and the texts, once
+        for job in jobs:
+            conn.send({**measure(stage_cache, job), **setup})
+    except BaseException:  # noqa: BLE001 - the parent reports it, naming the size
+        conn.send({"error": traceback.format_exc()})
+    finally:
+        conn.close()
+
+
+def cache_with(model, meter: Meter, job: dict) -> dict:
+    """Caching's stage: ``job['text']`` cached into ``job['root']`` by ``model`` (loaded)."""
+    if job["chunk_bytes"]:  # this process only: the module's constant is the size of every chunk it writes
+        activations.CHUNK_BYTES = job["chunk_bytes"]
     settings = CacheSettings(ctx_len=job["ctx_len"], batch_size=job["batch_size"])
     warm_up = ArtifactStore(job["root"] + "-warm-up")  # untimed: the first zarr / parquet / forward calls
     cache_text_file(warm_up, TextFile(job["text"], BATCH_KEY), model, job["model"], settings, max_contexts=1)
     shutil.rmtree(warm_up.root)
+    # Every weight read once before the peak is reset: the stored weights are mapped from their file (a fork
+    # does not carry such pages over), and a page is resident only once touched, so caching's embedding
+    # lookups would fault in rows as new token ids appear (measured: RssFile +18 / +38 / +51 MiB at 512 /
+    # 2,048 / 8,192 tokens): the model's fixed bytes, not caching's growth.
+    with torch.no_grad():
+        for weights in model.model.parameters():
+            weights.sum()
     meter.start()
     summary = cache_text_file(ArtifactStore(job["root"]), TextFile(job["text"], BATCH_KEY), model, job["model"],
                               settings, max_contexts=job["n_contexts"])
@@ -243,14 +339,17 @@ def random_sae(job: dict):
     return build_sae("topk", job["d_model"], job["n_latents"], k=K).eval()
 
 
-def pass_1_job(store: ArtifactStore, sae, partition_key: str, settings: ft.FeatureSettings) -> dict:
+def pass_1_job(store: ArtifactStore, sae, partition_key: str, settings: ft.FeatureSettings,
+               batch_rows: int | None = None) -> dict:
     """One pass-1 job as ``assets/features.py`` runs it: the batch encoded once, its codes committed
     split by feature shard, then each shard's partial folded from its own codes, one shard's state
     in memory at a time (``feature_codes.compute_and_write_partials`` over the ``N_FEATURE_SHARDS``
     shards). Returns what the job held, so that the memory figures follow the layout: the encode
-    holds the whole SAE, the state one shard's latents."""
+    holds the whole SAE, the state one shard's latents. ``batch_rows``: the encode's token batch
+    (None: the pipeline's)."""
     shards = ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)
-    fc.compute_and_write_partials(store, sae, SAE_NAME, partition_key, shards, settings)
+    fc.compute_and_write_partials(store, sae, SAE_NAME, partition_key, shards, settings,
+                                  **({"batch_rows": batch_rows} if batch_rows else {}))
     widest = max(stop - start for start, stop in shards)
     return {"feature_shards": len(shards), "shards_per_job": len(shards),
             "latents_per_shard": widest, "latents_per_job": widest}
@@ -259,7 +358,8 @@ def pass_1_job(store: ArtifactStore, sae, partition_key: str, settings: ft.Featu
 def stage_pass_1(meter: Meter, job: dict) -> dict:
     sae = random_sae(job)
     meter.start()
-    held = pass_1_job(ArtifactStore(job["root"]), sae, BATCH_KEY, ft.FeatureSettings(sae_name=SAE_NAME))
+    held = pass_1_job(ArtifactStore(job["root"]), sae, BATCH_KEY, ft.FeatureSettings(sae_name=SAE_NAME),
+                      job["encode_rows"])
     meter.stop()
     return {"tokens": job["tokens"], **held}
 
@@ -304,7 +404,7 @@ def stage_browser(meter: Meter, job: dict) -> dict:
     return {"tokens": job["tokens"], "site_bytes": summary["bytes"], "n_features": summary["n_features"]}
 
 
-STAGES = {"cache": stage_cache, "shuffle": stage_shuffle, "train": stage_train, "pass_1": stage_pass_1,
+STAGES = {"shuffle": stage_shuffle, "train": stage_train, "pass_1": stage_pass_1,
           "pass_2": stage_pass_2, "pass_3": stage_pass_3, "browser": stage_browser}
 
 
@@ -322,16 +422,21 @@ def mem_available() -> int:
 
 
 def run_stage(name: str, job: dict, records: list) -> dict:
-    """Measure stage ``name`` on ``job``; its record (``measure``'s figures, the stage, the sweep and the
-    size) is printed as a table row, kept in ``records`` and appended to ``job['record']`` if given."""
-    result = {**measure(STAGES[name], job), "stage": name, "sweep": job["sweep"], "label": job["label"],
-              "n_latents": job.get("n_latents")}
+    """Measure stage ``name`` on ``job`` (``measure``) and record it (``record_stage``)."""
+    return record_stage(name, job, measure(STAGES[name], job), records)
+
+
+def record_stage(name: str, job: dict, figures: dict, records: list) -> dict:
+    """Stage ``name``'s record (its figures, the stage, the sweep and the size): printed as a table
+    row, kept in ``records`` and appended to ``job['record']`` if given."""
+    result = {**figures, "stage": name, "sweep": job["sweep"], "label": job["label"], "n_latents": job.get("n_latents")}
     result.setdefault("seconds_per_token", result["seconds"] / result["tokens"])
     result["load_1m"] = os.getloadavg()[0]
     keep(result, job, records)
     print(f"{name:<9}{job['label']:>20}{result['tokens']:>9,}{result['seconds']:>9.2f}"
           f"{result['seconds_per_token'] * 1e6:>11.1f}{result['peak_bytes'] / 2**20:>10.1f}"
-          f"{result['peak_rss'] / 2**20:>10.1f}   {result.get('path', '')}", flush=True)
+          f"{result['peak_rss'] / 2**20:>10.1f}{result['process_seconds']:>8.1f}   {result.get('path', '')}",
+          flush=True)
     return result
 
 
@@ -344,24 +449,46 @@ def keep(record: dict, job: dict, records: list) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def cached_data(job: dict, records: list) -> dict:
-    """Cache and shuffle ``job``'s text into ``job['root']``; the job with what the stages need next."""
-    cache = run_stage("cache", job, records)
-    job = {**job, "tokens": cache["tokens"], "d_model": cache["d_model"]}
-    run_stage("shuffle", job, records)
-    return job
+def cache_all(jobs: list[dict], records: list) -> list[dict]:
+    """Every job's text cached into its root (``measure_caching``: one model load for all sizes);
+    the jobs with what the stages need next."""
+    cached = []
+    for figures, job in zip(measure_caching(jobs), jobs):
+        record_stage("cache", job, figures, records)
+        cached.append({**job, "tokens": figures["tokens"], "d_model": figures["d_model"]})
+    return cached
 
 
-def token_sweep(sizes: Sizes, base: dict, tmp: Path, records: list) -> None:
-    """Every stage at 1x, 4x and 16x the tokens (``sizes.token_latents`` latents)."""
-    for factor in TOKEN_FACTORS:
-        job = {**base, "root": str(tmp / f"tokens-{factor}x"), "label": f"{factor}x tokens", "sweep": "tokens",
-               "text": base["texts"][factor], "n_contexts": factor * sizes.tokens // sizes.ctx_len,
-               "n_latents": sizes.token_latents, "train_steps": sizes.train_steps * factor}
-        job = cached_data(job, records)
+def token_job(sizes: Sizes, base: dict, tmp: Path, factor: int) -> dict:
+    """The token sweep's job at ``factor`` x ``sizes.tokens`` (``sizes.token_latents`` latents)."""
+    return {**base, "root": str(tmp / f"tokens-{factor}x"), "label": f"{factor}x tokens", "sweep": "tokens",
+            "text": base["texts"][factor], "n_contexts": factor * sizes.tokens // sizes.ctx_len,
+            "n_latents": sizes.token_latents, "train_steps": sizes.train_steps * factor}
+
+
+def latent_data(sizes: Sizes, base: dict, tmp: Path) -> dict:
+    """The job of the latent sweep's data: ``sizes.latent_tokens`` tokens in ``tmp/latents-data``."""
+    return {**base, "root": str(tmp / "latents-data"), "label": "latent sweep data", "sweep": "latent data",
+            "text": base["texts"]["latents"], "n_contexts": sizes.latent_tokens // sizes.ctx_len,
+            "train_steps": sizes.train_steps}
+
+
+def token_sweep(sizes: Sizes, jobs: list[dict], tmp: Path, records: list, keep_tokens: int | None) -> dict | None:
+    """Every stage after caching at 1x, 4x and 16x the tokens (``jobs``, cached). Returns the latent
+    sweep's data when one size holds ``keep_tokens`` tokens (--quick: 1x): its shuffled store,
+    copied aside before the stages write into it, so the same text is not cached and shuffled
+    twice; else None."""
+    kept = None
+    for job in jobs:
+        run_stage("shuffle", job, records)
+        if job["n_contexts"] * sizes.ctx_len == keep_tokens:
+            kept = {**job, "root": str(tmp / "latents-data"), "label": "latent sweep data", "sweep": "latent data",
+                    "train_steps": sizes.train_steps}
+            shutil.copytree(job["root"], kept["root"])
         for name in TOKEN_STAGES[2:]:
             run_stage(name, job, records)
         shutil.rmtree(job["root"])
+    return kept
 
 
 def predicted_peak(results: list[dict], n_latents: int) -> int:
@@ -383,13 +510,10 @@ def fits(results: list[dict], n_latents: int) -> dict | None:
                    f"{free / 2**30:.1f} GiB"}
 
 
-def latent_sweep(sizes: Sizes, base: dict, tmp: Path, records: list) -> None:
-    """Training and the feature stages at each width on ``sizes.latent_tokens`` tokens. A stage whose
-    predicted peak does not fit in memory is skipped (its record says why); the feature stages after
-    pass 1 need its output, so they are skipped with it."""
-    data = cached_data({**base, "root": str(tmp / "latents-data"), "label": "latent sweep data",
-                        "sweep": "latent data", "text": base["texts"]["latents"],
-                        "n_contexts": sizes.latent_tokens // sizes.ctx_len, "train_steps": sizes.train_steps}, [])
+def latent_sweep(sizes: Sizes, data: dict, tmp: Path, records: list) -> None:
+    """Training and the feature stages at each width on ``data`` (``sizes.latent_tokens`` tokens,
+    cached and shuffled). A stage whose predicted peak does not fit in memory is skipped (its record
+    says why); the feature stages after pass 1 need its output, so they are skipped with it."""
     for n_latents in sizes.latents:
         job = {**data, "root": str(tmp / f"latents-{n_latents}"), "label": f"{n_latents:,} latents",
                "sweep": "latents", "n_latents": n_latents}
@@ -438,6 +562,8 @@ def token_lines(results: dict[str, list[dict]]) -> list[dict]:
                       "goal": GOAL_RSS_GROWTH, "lower_is_better": True, "unit": "bytes",
                       "value_is": "VmHWM during the stage - VmRSS before it (after loading model / SAE)",
                       "baseline_is": "the same stage at 1x the tokens", "values": [r["peak_bytes"] for r in runs],
+                      "bytes_per_added_token": (last["peak_bytes"] - first["peak_bytes"])
+                      / max(last["tokens"] - first["tokens"], 1),
                       "peak_rss_absolute": [r["peak_rss"] for r in runs], **sizes})
     return lines
 
@@ -499,13 +625,17 @@ def parse_args(argv=None):
     parser.add_argument("--ctx-len", type=int, help="tokens per context (default 128)")
     parser.add_argument("--batch-size", type=int, help="contexts per forward pass when caching (default 16)")
     parser.add_argument("--shuffle-budget", type=int, help="the shuffle's memory budget in bytes (default 17 MiB)")
+    parser.add_argument("--chunk-bytes", type=int, help="bytes per chunk of the cached activations (default: the "
+                                                        "platform's activations.CHUNK_BYTES)")
+    parser.add_argument("--encode-rows", type=int, help="pass 1's token batch (default: the pipeline's)")
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source (default: %(default)s)")
     parser.add_argument("--model-root", default=str(REPO / ".cache" / "bench_artifacts"),
                         help="persistent artifact root holding the converted base model (default: %(default)s)")
     parser.add_argument("--corpus", default=str(REPO / "data" / "demo_corpus"),
                         help="directory of .txt files the text is cut from (default: %(default)s)")
     parser.add_argument("--layer", type=int, default=None,
-                        help="hook layer (default: the middle layer, as the pipeline); the forward stops there")
+                        help="hook layer, where caching's forward stops (default: 1 with --quick, else the middle "
+                             "layer, as the pipeline)")
     parser.add_argument("--autocast", default="auto", help="caching forward's autocast (sae_platform.model)")
     parser.add_argument("--plot", help="write the figure here (e.g. docs/scaling.png)")
     parser.add_argument("--sweeps", default="tokens,latents", type=lambda v: v.split(","),
@@ -516,7 +646,8 @@ def parse_args(argv=None):
     sizes = QUICK if args.quick else FULL
     given = {"tokens": args.tokens, "token_latents": args.token_latents, "latent_tokens": args.latent_tokens,
              "train_batch": args.train_batch, "train_steps": args.train_steps, "ctx_len": args.ctx_len,
-             "batch_size": args.batch_size, "shuffle_budget": args.shuffle_budget,
+             "batch_size": args.batch_size, "shuffle_budget": args.shuffle_budget, "layer": args.layer,
+             "chunk_bytes": args.chunk_bytes, "encode_rows": args.encode_rows,
              "latents": tuple(int(n) for n in args.latents.split(",")) if args.latents else None}
     sizes = replace(sizes, **{k: v for k, v in given.items() if v is not None})
     for what in ("tokens", "latent_tokens"):
@@ -540,26 +671,45 @@ def noisy(load_before: float, load_after: float) -> bool:
     return max(load_before, load_after) > len(os.sched_getaffinity(0)) + 0.5
 
 
+def import_lazy_modules(args) -> None:
+    """Load the stored tokenizer once here, in the parent, and drop it: transformers imports its
+    tokenizer classes lazily, and that import (~4 s of CPU here) was most of each pass-3 process's
+    time; the forked stage processes now share it. torch runs on one thread meanwhile (a first run
+    converts the model here): no OpenMP thread pool may exist when the stages fork."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        load_stored_tokenizer(ArtifactStore(args.model_root), args.model)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure_all(args, sizes: Sizes) -> list[dict]:
-    """Both sweeps in a temporary directory; every stage's record (also appended to ``--record``)."""
+    """Both sweeps in a temporary directory; every stage's record (also appended to ``--record``).
+    Caching runs first at every size (one model load), then the other stages size by size."""
+    import_lazy_modules(args)
     records = []
     with tempfile.TemporaryDirectory(prefix="stage_scaling-") as folder:
         tmp = Path(folder)
         texts = {f: str(tmp / f"text-{f}x.txt") for f in TOKEN_FACTORS} | {"latents": str(tmp / "text-latents.txt")}
-        base = {"model": args.model, "model_root": args.model_root, "layer": args.layer, "autocast": args.autocast,
+        base = {"model": args.model, "model_root": args.model_root, "layer": sizes.layer, "autocast": args.autocast,
                 "texts": texts, "corpus": args.corpus, "ctx_len": sizes.ctx_len, "batch_size": sizes.batch_size,
-                "train_batch": sizes.train_batch, "shuffle_budget": sizes.shuffle_budget, "label": "texts",
-                "record": args.record}
-        contexts = {texts[f]: f * sizes.tokens // sizes.ctx_len for f in TOKEN_FACTORS if "tokens" in args.sweeps}
-        if "latents" in args.sweeps:
-            contexts[texts["latents"]] = sizes.latent_tokens // sizes.ctx_len
-        measure(write_texts, {**base, "texts": contexts})
+                "train_batch": sizes.train_batch, "shuffle_budget": sizes.shuffle_budget, "record": args.record,
+                "chunk_bytes": sizes.chunk_bytes, "encode_rows": sizes.encode_rows}
+        token_jobs = [token_job(sizes, base, tmp, f) for f in TOKEN_FACTORS] if "tokens" in args.sweeps else []
+        # the latent sweep reuses the token sweep's store of its size (--quick: 1x) rather than caching it again
+        sizes_cached = [j["n_contexts"] * sizes.ctx_len for j in token_jobs]
+        reuse = "latents" in args.sweeps and sizes.latent_tokens in sizes_cached
+        own = [latent_data(sizes, base, tmp)] if "latents" in args.sweeps and not reuse else []
         print(f"stage cost against the work: {sizes}\n{'stage':<9}{'size':>20}{'tokens':>9}{'s':>9}{'us/token':>11}"
-              f"{'peak MiB':>10}{'RSS MiB':>10}   path", flush=True)
-        if "tokens" in args.sweeps:
-            token_sweep(sizes, base, tmp, records)
+              f"{'peak MiB':>10}{'RSS MiB':>10}{'proc s':>8}   path", flush=True)
+        cached = cache_all(token_jobs + own, records)
+        kept = token_sweep(sizes, cached[:len(token_jobs)], tmp, records, sizes.latent_tokens if reuse else None)
+        if own:
+            kept = cached[-1]
+            run_stage("shuffle", kept, records)
         if "latents" in args.sweeps:
-            latent_sweep(sizes, base, tmp, records)
+            latent_sweep(sizes, kept, tmp, records)
     return records
 
 
@@ -584,7 +734,7 @@ def main(argv=None) -> int:
         Path(args.plot).write_bytes(stage_scaling_png(curves(by_tokens, "tokens"), curves(by_latents, "n_latents"),
                                                       loaded=loaded))
         print(f"plot: {args.plot}")
-    common = {"quick": args.quick, "model": args.model, "layer": args.layer, "n_feature_shards": N_FEATURE_SHARDS,
+    common = {"quick": args.quick, "model": args.model, "layer": sizes.layer, "n_feature_shards": N_FEATURE_SHARDS,
               "k": K, "train_batch": sizes.train_batch, "train_steps": sizes.train_steps, "ctx_len": sizes.ctx_len,
               "device": "cpu", "torch_threads": torch.get_num_threads(), "wall_s": round(wall_s, 1),
               "load_1m": [min(loads, default=None), max(loads, default=None)], "noisy": loaded,

@@ -46,10 +46,29 @@ def test_every_stage_prints_its_cost_against_tokens_and_latents(tiny_model_dir, 
     assert pass_1["n_latents"] == [64, 256] and pass_1["goal"] == 4.0  # latents per shard grew 4x
     assert pass_1["latents_per_job"] == [16, 64]  # a pass-1 job holds one feature shard's state at a time
     assert plot.read_bytes().startswith(b"\x89PNG")
+    # --quick hooks layer 1 (the forward stops after block 1 of 4), and the latent sweep's 32 tokens are the token
+    # sweep's 1x: cached and shuffled once, by one process holding the model for every caching size
+    assert cache["stage_path"].startswith("layer 1/4")
+    kept = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [r["label"] for r in kept if r["stage"] == "cache"] == ["1x tokens", "4x tokens", "16x tokens"]
+    assert not [r for r in kept if r["sweep"] == "latent data"]
     # every stage's figures were appended as it ended: a run stopped midway keeps them, and prints them again
     again = _run("--quick", "--from-record", str(record))
     assert again.returncode == 0, again.stderr[-2000:]
     assert {k: v["values"] for k, v in _lines(again.stdout).items()} == {k: v["values"] for k, v in lines.items()}
+
+
+def test_a_latent_sweep_of_its_own_size_caches_and_shuffles_its_data(tiny_model_dir, text_dir, tmp_path):
+    record = tmp_path / "record.jsonl"
+    run = _run("--record", str(record), "--quick", "--sweeps", "latents", "--model", str(tiny_model_dir),
+               "--model-root", str(tmp_path / "models"), "--corpus", str(text_dir), "--ctx-len", "16",
+               "--latents", "64,128", "--latent-tokens", "48", "--train-batch", "8",
+               "--shuffle-budget", str(1 << 20))
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    kept = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [(r["stage"], r["sweep"]) for r in kept[:2]] == [("cache", "latent data"), ("shuffle", "latent data")]
+    assert set(_lines(run.stdout)) == {f"scaling_{stage}_{figure}_vs_latents" for stage in LATENT_STAGES
+                                       for figure in ("seconds_per_token", "peak_rss")}
 
 
 def test_sizes_that_cannot_run_are_refused_naming_the_fix(tmp_path):
