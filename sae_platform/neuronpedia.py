@@ -52,7 +52,8 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -351,8 +352,9 @@ def activation_record(ids: ExportIds, window: dict, vmax: float, n_intervals: in
     top = values.index(max(values)) if values else 0  # the first maximum; no values: check_record says so
     low, high, share = sampled_interval(window[KIND], window[INTERVAL], vmax, n_intervals)
     return {"id": record_id(ids.model_id, ids.source_id, window[FEATURE], window[KIND], window[INTERVAL], window[RANK]),
-            "tokens": window[TOKEN_STRS], "index": str(window[FEATURE]), "layer": ids.source_id, "modelId": ids.model_id,
-            "maxValue": values[top] if values else 0.0, "maxValueTokenIndex": top, "minValue": min(values, default=0.0),
+            "tokens": window[TOKEN_STRS], "index": str(window[FEATURE]), "layer": ids.source_id,
+            "modelId": ids.model_id, "maxValue": values[top] if values else 0.0, "maxValueTokenIndex": top,
+            "minValue": min(values, default=0.0),
             "values": values, "creatorId": CREATOR_ID, "dataSource": window[PARTITION],
             "dataIndex": str(window[ROW]), "createdAt": ids.created_at, "binMin": low, "binMax": high,
             "binContains": share, "qualifyingTokenIndex": int(window[CENTER])}
@@ -461,50 +463,69 @@ def _jsonl_gz(records: list[dict]) -> bytes:
 
 def write_export(store, sae_name: str, ids: ExportIds, shards: Iterable[ShardTables], *, hook_name: str,
                  d_model: int, ctx_len: int | None, saelens: dict[str, bytes] | None, pin: dict,
-                 inputs: dict | None = None) -> dict:
+                 inputs: dict | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Commit ``neuronpedia/<sae_name>``: the records of every feature of ``shards`` in Neuronpedia's
     layout (module docstring), ``FEATURES_PER_BATCH`` features a batch, and the SAELens files
     ``saelens`` ({file name: bytes}: ``export.CFG_FILENAME`` and ``WEIGHTS_FILENAME``; None: no
     SAELens equivalent, features get no vector). ``pin``: the checkpoint the tables describe. All or
     nothing: a record that fails ``check_record`` raises NeuronpediaError before the commit.
     ``inputs``: the versions of the artifacts read (``input_versions``), recorded in the pointer.
-    Returns counts, the source folder and the committed path."""
+    ``log``: called with one line per shard (its features, windows, bytes written and seconds): an
+    export of 16k features takes a while. Returns counts, ``bytes`` (all files written), ``seconds``
+    (wall), the source folder and the committed path."""
+    started = time.perf_counter()
     cfg, W_dec = None, None
     if saelens is not None:
         cfg = json.loads(saelens[CFG_FILENAME])
         W_dec = load_safetensors(saelens[WEIGHTS_FILENAME])["W_dec"]
     singles = single_records(ids, d_model=d_model, hook_name=hook_name, saelens_cfg=cfg, ctx_len=ctx_len,
                              description=f"sae-platform SAE {sae_name} at {hook_name}")
-    counts = {"features": 0, "activations": 0, "explanations": 0, "batches": 0}
+    counts = {"features": 0, "activations": 0, "explanations": 0, "batches": 0, "bytes": 0}
     source = neuronpedia_source_dir(ids.model_id, ids.source_id)
     with store.writing(neuronpedia_name(sae_name), model_id=ids.model_id, source_id=ids.source_id,
                        inputs=inputs or {}, **pin) as version:
         base = f"{version}/{source}"
+
+        def write(path: str, data: bytes) -> None:
+            store.write_bytes_atomic(f"{base}/{path}", data)
+            counts["bytes"] += len(data)
+
         for kind, record in singles.items():
-            store.write_bytes_atomic(f"{base}/{kind}.jsonl", (json.dumps(check_record(kind, record)) + "\n").encode())
+            write(f"{kind}.jsonl", (json.dumps(check_record(kind, record)) + "\n").encode())
         for name, data in (saelens or {}).items():
-            store.write_bytes_atomic(f"{base}/{NEURONPEDIA_SAELENS}/{name}", data)
+            write(f"{NEURONPEDIA_SAELENS}/{name}", data)
         batch: dict[str, list[dict]] = {k: [] for k in ("features", "activations", "explanations")}
 
         def flush():
             for kind, records in batch.items():
-                store.write_bytes_atomic(f"{base}/{neuronpedia_batch_file(kind, counts['batches'])}",
-                                         _jsonl_gz(records))
+                write(neuronpedia_batch_file(kind, counts["batches"]), _jsonl_gz(records))
                 counts[kind] += len(records)
                 records.clear()
             counts["batches"] += 1
 
-        for shard in shards:
+        for number, shard in enumerate(shards):
+            shard_started, bytes_before = time.perf_counter(), counts["bytes"]
             for feature, acts, expl in shard_records(ids, shard, hook_name=hook_name, W_dec=W_dec):
                 batch["features"].append(feature)
                 batch["activations"].extend(acts)
                 batch["explanations"].extend(expl)
                 if len(batch["features"]) == FEATURES_PER_BATCH:
                     flush()
+            if log:
+                seconds, written = time.perf_counter() - shard_started, counts["bytes"] - bytes_before
+                log(f"shard {number}, {_feature_range(shard.stats)}: {shard.contexts.height:,} example windows, "
+                    f"{written / 1e6:.1f} MB written, {seconds:.1f} s")
         if batch["features"] or not counts["batches"]:
             flush()
-    return {**counts, "source": source, "saelens_weights": saelens is not None,
-            "path": store.resolve(neuronpedia_name(sae_name))}
+    return {**counts, "seconds": round(time.perf_counter() - started, 1), "source": source,
+            "saelens_weights": saelens is not None, "path": store.resolve(neuronpedia_name(sae_name))}
+
+
+def _feature_range(stats: pl.DataFrame) -> str:
+    """"features 4,096-8,191" (a feature shard's, as its stats list them), "no features" for an empty one."""
+    if not stats.height:
+        return "no features"
+    return f"features {stats[FEATURE].min():,}-{stats[FEATURE].max():,}"
 
 
 def read_export(store, sae_name: str) -> dict[str, list[dict]]:
@@ -572,13 +593,15 @@ def _shard_tables(store, sae_name: str, index: int) -> ShardTables:
                        llm_explainer=llm_pointer.get("explainer"))
 
 
-def export_sae(store, sae_name: str, n_feature_shards: int, *, attrs: dict, entry: HookEntry) -> dict:
+def export_sae(store, sae_name: str, n_feature_shards: int, *, attrs: dict, entry: HookEntry,
+               log: Callable[[str], None] | None = None) -> dict:
     """Export SAE ``sae_name``'s committed feature tables, windows, logit effects and explanations
     (every feature shard, one at a time in memory) with its SAELens weights: ``write_export``.
     ``attrs``/``entry``: its activations' caching attributes and hook-point entry (model, d_model,
     ctx_len; where its reconstruction belongs). StorageError naming the missing artifact and the stage
     that makes it; NeuronpediaError for a record Neuronpedia would not accept. Writes the SAELens
-    export of the current checkpoint first when there is none (``export.export_run``)."""
+    export of the current checkpoint first when there is none (``export.export_run``). ``log``: as
+    ``write_export``'s."""
     if not is_current(store, sae_name, store.pointer(export_name(sae_name))):
         export_run(store, sae_name)  # None (nothing written) where SAELens has no equivalent
     inputs = input_versions(store, sae_name, n_feature_shards)
@@ -586,4 +609,5 @@ def export_sae(store, sae_name: str, n_feature_shards: int, *, attrs: dict, entr
     shards = (_shard_tables(store, sae_name, i) for i in range(n_feature_shards))
     return write_export(store, sae_name, ids, shards, hook_name=entry.hook_name, d_model=int(attrs["d_model"]),
                         ctx_len=attrs.get("ctx_len"), saelens=saelens_files(store, sae_name),
-                        pin=checkpoint_pin(checkpoint_version(store, sae_name)), inputs=inputs)
+                        pin=checkpoint_pin(checkpoint_version(store, sae_name)), inputs=inputs,
+                        log=log)

@@ -162,6 +162,22 @@ def test_the_export_writes_exactly_the_records_it_wrote_before(store, monkeypatc
     assert exported_digests(store) == PINNED_EXPORT
 
 
+def test_the_export_reports_each_shard_and_its_bytes_and_seconds(store):
+    """A long export shows life: one line per feature shard as it is done (its features, windows,
+    bytes and seconds), and its summary says how many bytes it wrote and how long it took."""
+    lines = []
+    ids = npd.export_ids("/models/m", "sae", 1, created_at="2026-01-01T00:00:00")
+    summary = npd.write_export(store, "sae", ids, small_shards(), hook_name="blocks.1.hook_resid_post",
+                               d_model=D_MODEL, ctx_len=32, saelens=saelens(), pin=checkpoint_pin("v-1"),
+                               log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["shard 0, features 0-23", "shard 1, features 24-39"]
+    windows = [s.contexts.height for s in small_shards()]
+    assert all(f": {n:,} example windows, " in line and line.endswith(" s") for line, n in zip(lines, windows))
+    files = [p for p in (Path(summary["path"]) / summary["source"]).rglob("*") if p.is_file()]
+    assert summary["bytes"] == sum(p.stat().st_size for p in files) > 0
+    assert 0 <= summary["seconds"] < 60
+
+
 def test_a_record_neuronpedia_would_refuse_commits_nothing(store):
     shards = small_shards()
     bad = shards[1].contexts.with_columns(pl.col("acts").list.head(1))  # a window with fewer values than tokens
