@@ -346,6 +346,29 @@ def export_windows(contexts: pl.DataFrame) -> pl.DataFrame:
     ).sort(FEATURE, KIND, INTERVAL, RANK, nulls_last=True, maintain_order=True)
 
 
+def check_windows(windows: pl.DataFrame) -> pl.DataFrame:
+    """``windows`` (``export_windows``) when every window makes an Activation record ``check_record``
+    accepts: as many values as tokens (at least one), its example token among them, a partition, a
+    row, and an interval number (>= 0) for an interval example. NeuronpediaError naming the first
+    window that does not, as ``check_record`` would."""
+    n_values, n_tokens = pl.col(ACTS).list.len(), pl.col(TOKEN_STRS).list.len()
+    problems = pl.concat_str([
+        pl.when((n_values != n_tokens) | (n_values == 0)).then(
+            pl.format("{} values for {} tokens", n_values, n_tokens)),
+        pl.when(~pl.col(CENTER).is_between(0, n_values - 1)).then(
+            pl.format("qualifyingTokenIndex {} is outside the {} tokens", pl.col(CENTER).fill_null(-1), n_values)),
+        pl.when(pl.col(PARTITION).is_null() | pl.col(ROW).is_null()).then(pl.lit("dataSource or dataIndex is null")),
+        pl.when((pl.col(KIND) == KIND_INTERVAL) & ~(pl.col(INTERVAL) >= 0).fill_null(False)).then(
+            pl.format("interval {} is not an interval number", pl.col(INTERVAL).fill_null(-1))),
+    ], separator="; ", ignore_nulls=True)
+    bad = windows.lazy().with_columns(problem=problems).filter(pl.col("problem") != "").head(1).collect()
+    if bad.height:
+        w = bad.row(0, named=True)
+        raise NeuronpediaError(f"activation record of feature {w[FEATURE]} ({w[KIND]} example {w[RANK]}): "
+                               f"{w['problem']}", "rebuild the feature tables and contexts, then export again")
+    return windows
+
+
 def activation_record(ids: ExportIds, window: dict, vmax: float, n_intervals: int) -> dict:
     """One example window (an ``export_windows`` row) as an Activation record; ``vmax``: the feature's max."""
     values = window[ACTS]
@@ -429,20 +452,26 @@ def _rows(frame: pl.DataFrame) -> Iterator[dict]:
 def shard_records(ids: ExportIds, shard: ShardTables, *, hook_name: str,
                   W_dec: np.ndarray | None) -> Iterator[tuple[dict, list[dict], list[dict]]]:
     """Per feature of the shard, in feature order: (Feature, its Activations, its Explanations), each
-    checked (``check_record``). ``W_dec`` [n_latents, d_model]: the SAELens decoder (raw units), or None."""
+    checked: Features, Explanations and each feature's first Activation record by record
+    (``check_record``), every window's values on the whole frame first (``check_windows``: the rest
+    of an Activation's fields and types are fixed by ``activation_record`` and ``export_windows``'s
+    dtypes; checking ~1 million of them one by one cost a fifth of the export).
+    ``W_dec`` [n_latents, d_model]: the SAELens decoder (raw units), or None."""
     edges, n_intervals = histogram_bin_edges(shard.hist_bin_edges, shard.stats), shard.n_intervals
     logits, n2g = _by_feature(shard.logits), _by_feature(shard.explanations)
     llm = {} if shard.llm_explanations is None else shard.llm_explanations.partition_by(FEATURE, as_dict=True)
     windows: dict[int, list[dict]] = {}
-    for window in _rows(export_windows(shard.contexts)):
+    for window in _rows(check_windows(export_windows(shard.contexts))):
         windows.setdefault(window[FEATURE], []).append(window)
     for stat in shard.stats.sort(FEATURE).iter_rows(named=True):
         f = stat[FEATURE]
         feature = check_record("feature", feature_record(
             ids, stat, edges, logits=logits.get(f), explanation=n2g.get(f), hook_name=hook_name,
             vector=None if W_dec is None else W_dec[f]), f"of feature {f}")
-        acts = [check_record("activation", activation_record(ids, w, stat[MAX], n_intervals),
-                             f"of feature {f} ({w[KIND]} example {w[RANK]})") for w in windows.get(f, ())]
+        acts = [activation_record(ids, w, stat[MAX], n_intervals) for w in windows.get(f, ())]
+        if acts:
+            w = windows[f][0]
+            check_record("activation", acts[0], f"of feature {f} ({w[KIND]} example {w[RANK]})")
         llm_rows = [] if (f,) not in llm else llm[(f,)].to_dicts()
         expl = [check_record("explanation", e, f"of feature {f}")
                 for e in explanation_records(ids, n2g.get(f), llm_rows, shard.llm_explainer)]

@@ -187,6 +187,23 @@ def test_a_record_neuronpedia_would_refuse_commits_nothing(store):
     assert store.resolve(neuronpedia_name("sae")) is None
 
 
+@pytest.mark.parametrize("column, value, message", [
+    ("center", pl.lit(99, pl.Int32), "qualifyingTokenIndex 99 is outside the 6 tokens"),
+    ("partition", pl.lit(None, pl.String), "dataSource or dataIndex is null"),
+    ("acts", pl.lit([], pl.List(pl.Float32)), "0 values for 6 tokens"),
+])
+def test_every_window_is_checked_not_only_each_features_first(store, column, value, message):
+    """Windows are checked on the whole frame (check_windows): a bad last window of a feature stops the export."""
+    shards = small_shards()
+    contexts = shards[1].contexts.sort("feature", "kind", "interval", "rank", nulls_last=True)
+    last = pl.int_range(pl.len()) == contexts.height - 1
+    bad = contexts.with_columns(pl.when(last).then(value).otherwise(pl.col(column)).alias(column))
+    shards[1] = npd.ShardTables(**{**shards[1].__dict__, "contexts": bad})
+    with pytest.raises(npd.NeuronpediaError, match=rf"activation record of feature 39 .*{message}"):
+        export(store, shards)
+    assert store.resolve(neuronpedia_name("sae")) is None
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("maxValue", float("nan"), "maxValue = nan is not float"),
     ("binContains", 1.5, "binContains 1.5 is not a fraction"),
