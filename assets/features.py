@@ -574,11 +574,14 @@ def export_to_neuronpedia(run: StageRun) -> dict:
     settings, store = _settings(run), run.store
     shuffle = sae_shuffle(run)
     attrs, entry = activation_attrs(store, shuffle), activation_hook_entry(store, shuffle)
-    result = neuronpedia.export_sae(store, settings.sae_name, N_FEATURE_SHARDS, attrs=attrs, entry=entry)
+    result = neuronpedia.export_sae(store, settings.sae_name, N_FEATURE_SHARDS, attrs=attrs, entry=entry,
+                                    log=run.log.info)
     run.log.info(f"Neuronpedia export of {settings.sae_name}: {result['features']:,} features, "
-                 f"{result['activations']:,} example windows, {result['explanations']:,} explanations")
+                 f"{result['activations']:,} example windows, {result['explanations']:,} explanations, "
+                 f"{result['bytes'] / 1e6:.1f} MB in {result['seconds']} s")
     return {"source": result["source"], "features": result["features"], "activations": result["activations"],
-            "explanations": result["explanations"], "batches": result["batches"],
+            "explanations": result["explanations"], "batches": result["batches"], "bytes": result["bytes"],
+            "seconds": result["seconds"],
             "saelens_weights": result["saelens_weights"], "path": MetadataValue.path(store.url(result["path"]))}
 
 

@@ -3,6 +3,7 @@
 import inspect
 import json
 import re
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -18,6 +19,7 @@ from resources import BaseModelResource, LLMExplainerResource, stage_resource
 from sae_platform import contexts as ctx
 from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file
+from sae_platform.catalog import neuronpedia_name
 from sae_platform.corpus import list_source
 from sae_platform.feature_merge import read_tables
 from sae_platform.lineage import feature_table_lineage, format_lineage
@@ -108,6 +110,10 @@ def test_feature_pipeline_through_dagster(pipeline, store, monkeypatch):
     assert {(len(f["vector"]), f["hookName"]) for f in records["features"]} == {(32, first["hookName"])}, first
     assert first["hookName"].endswith(".hook_resid_post") and first["hookName"] in records["source"][0]["notes"]
     assert export_current(store, SAE, N_FEATURE_SHARDS)
+    (exported,) = instance.fetch_materializations(AssetKey("neuronpedia_export"), limit=1).records
+    shown = {k: v.value for k, v in exported.asset_materialization.metadata.items()}
+    written = Path(store.resolve(neuronpedia_name(SAE))) / shown["source"]
+    assert shown["bytes"] == sum(p.stat().st_size for p in written.rglob("*") if p.is_file()) and shown["seconds"] >= 0
 
     # optional LLM explanations, through a real local OpenAI-compatible server
     server, url = serve_chat(RuleModel(), api_key=KEY)

@@ -4,6 +4,8 @@ is one atomic commit; where the `neuronpedia` package is installed (/work/venvs/
 `make neuronpedia-venv`), its own readers accept the records. The run through Dagster on the tiny
 model is in tests/test_dagster_features.py."""
 
+import gzip
+import hashlib
 import json
 import math
 import os
@@ -118,11 +120,86 @@ def test_every_record_matches_neuronpedias_definitions_and_the_tables(store):
     assert sum(t == npd.N2G_TYPE for t, _ in types) == sum(1 for f in range(N_FEATURES) if f % 3)
 
 
+# sha256 of every file of the fixture's export (batch files decompressed: the gzip level may change, the
+# JSON lines may not), 16 features a batch so batch 1 spans the two shards; as the record-by-record
+# export wrote them before it was vectorized (main at 573db9b)
+PINNED_EXPORT = {
+    "activations/batch-0.jsonl.gz": "9ef1d47c117073fe", "activations/batch-1.jsonl.gz": "7559c024802fe437",
+    "activations/batch-2.jsonl.gz": "5ad025a05da11fc7", "explanations/batch-0.jsonl.gz": "f67c701aaa8e48e1",
+    "explanations/batch-1.jsonl.gz": "55660d5e49832771", "explanations/batch-2.jsonl.gz": "4b3856878de456b0",
+    "features/batch-0.jsonl.gz": "9f95a4c7faf285e6", "features/batch-1.jsonl.gz": "15ee2f3626d48f4b",
+    "features/batch-2.jsonl.gz": "d4527e7036aeaa25", "model.jsonl": "317b96269db5313c",
+    "release.jsonl": "0fa0ad803747e70a", "saelens/cfg.json": "db66ecc2a7576bce",
+    "saelens/sae_weights.safetensors": "df778669cc9b495d", "source.jsonl": "3ab0fa404d8359fd",
+    "sourceset.jsonl": "4a237d2471ef9998"}
+
+
+def awkward_shards() -> list[npd.ShardTables]:
+    """The small shards with what the tables may hold: null, NaN and infinite activations (written as 0),
+    a negative zero, null and non-ASCII token strings, a window whose every value is 0."""
+    shards = small_shards()
+    contexts = shards[0].contexts.with_row_index("i").with_columns(
+        pl.when(pl.col("i") == 0).then(pl.lit([None, float("nan"), float("inf"), -0.0, 0.0, 1e-07]))
+        .when(pl.col("i") == 1).then(pl.col("acts").list.eval(pl.element() * 0))
+        .otherwise(pl.col("acts")).cast(pl.List(pl.Float32)).alias("acts"),
+        pl.when(pl.col("i") == 0).then(pl.lit([None, "é", "\u2028", '"q"', "\\", "日本"]))
+        .otherwise(pl.col("token_strs")).alias("token_strs")).drop("i")
+    shards[0] = npd.ShardTables(**{**shards[0].__dict__, "contexts": contexts})
+    return shards
+
+
+def exported_digests(store) -> dict[str, str]:
+    summary = export(store, awkward_shards())
+    base = Path(summary["path"]) / summary["source"]
+    return {str(p.relative_to(base)): hashlib.sha256(gzip.decompress(p.read_bytes()) if p.suffix == ".gz"
+                                                     else p.read_bytes()).hexdigest()[:16]
+            for p in sorted(base.rglob("*")) if p.is_file()}
+
+
+def test_the_export_writes_exactly_the_records_it_wrote_before(store, monkeypatch):
+    """Same records, same fields, same float spelling, same order, batch by batch."""
+    monkeypatch.setattr(npd, "FEATURES_PER_BATCH", 16)
+    assert exported_digests(store) == PINNED_EXPORT
+
+
+def test_the_export_reports_each_shard_and_its_bytes_and_seconds(store):
+    """A long export shows life: one line per feature shard as it is done (its features, windows,
+    bytes and seconds), and its summary says how many bytes it wrote and how long it took."""
+    lines = []
+    ids = npd.export_ids("/models/m", "sae", 1, created_at="2026-01-01T00:00:00")
+    summary = npd.write_export(store, "sae", ids, small_shards(), hook_name="blocks.1.hook_resid_post",
+                               d_model=D_MODEL, ctx_len=32, saelens=saelens(), pin=checkpoint_pin("v-1"),
+                               log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["shard 0, features 0-23", "shard 1, features 24-39"]
+    windows = [s.contexts.height for s in small_shards()]
+    assert all(f": {n:,} example windows, " in line and line.endswith(" s") for line, n in zip(lines, windows))
+    files = [p for p in (Path(summary["path"]) / summary["source"]).rglob("*") if p.is_file()]
+    assert summary["bytes"] == sum(p.stat().st_size for p in files) > 0
+    assert 0 <= summary["seconds"] < 60
+
+
 def test_a_record_neuronpedia_would_refuse_commits_nothing(store):
     shards = small_shards()
     bad = shards[1].contexts.with_columns(pl.col("acts").list.head(1))  # a window with fewer values than tokens
     shards[1] = npd.ShardTables(**{**shards[1].__dict__, "contexts": bad})
     with pytest.raises(npd.NeuronpediaError, match=r"activation record of feature \d+ .*1 values for 6 tokens"):
+        export(store, shards)
+    assert store.resolve(neuronpedia_name("sae")) is None
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("center", pl.lit(99, pl.Int32), "qualifyingTokenIndex 99 is outside the 6 tokens"),
+    ("partition", pl.lit(None, pl.String), "dataSource or dataIndex is null"),
+    ("acts", pl.lit([], pl.List(pl.Float32)), "0 values for 6 tokens"),
+])
+def test_every_window_is_checked_not_only_each_features_first(store, column, value, message):
+    """Windows are checked on the whole frame (check_windows): a bad last window of a feature stops the export."""
+    shards = small_shards()
+    contexts = shards[1].contexts.sort("feature", "kind", "interval", "rank", nulls_last=True)
+    last = pl.int_range(pl.len()) == contexts.height - 1
+    bad = contexts.with_columns(pl.when(last).then(value).otherwise(pl.col(column)).alias(column))
+    shards[1] = npd.ShardTables(**{**shards[1].__dict__, "contexts": bad})
+    with pytest.raises(npd.NeuronpediaError, match=rf"activation record of feature 39 .*{message}"):
         export(store, shards)
     assert store.resolve(neuronpedia_name("sae")) is None
 
