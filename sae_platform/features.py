@@ -109,11 +109,13 @@ class FeatureSettings:
     check_features: int = setting(64, "features per feature shard whose every activating token pass 1 records for "
                                       "the exactness check (matches_brute_force); the others are checked by "
                                       "counts and sums that must agree across the passes", ge=0)
+    # 2 GiB: the demo's 16,384 latents stay one shard per group (today's layout), 2^20 latents at
+    # d_model 64 get 16 shards of 65,536 (docs/scale.md, "Feature tables")
     memory_budget_bytes: int = setting(2 << 30, "bytes one feature-shard job may hold in memory: the planner "
-                                                "(feature_plan.plan_feature_shards) cuts the latents into the fewest "
-                                                "shards, a multiple of the 4 shard groups, whose jobs fit it; a "
-                                                "change that changes the shard count makes the tables stale",
-                                       ge=FIXED_JOB_BYTES)
+                                                "(feature_layout.plan_layout) cuts the latents into the fewest "
+                                                "feature shards, a multiple of the shard groups f0-f3, whose jobs "
+                                                "fit it; a change that changes the shard count makes the tables "
+                                                "stale", ge=FIXED_JOB_BYTES)
     rebuild: bool = setting(False, "rebuild the tables and browser even when they describe the current checkpoint")
 
     def __post_init__(self):

@@ -139,7 +139,7 @@ class FeatureState:
     batches: dict | None = None     # key → version of every batch of the shuffled store it was trained on
     shard_batches: tuple = ()       # per feature shard: the batches its tables describe
     browser_batches: dict | None = None
-    shard_layouts: tuple = ()       # per feature shard: the shard count its tables were built in (None: unrecorded)
+    shard_layouts: tuple = ()       # per feature shard: the shard count its tables were built in (None: not recorded)
 
     def behind(self) -> list[str]:
         """Why the tables or the browser do not describe the current checkpoint over every batch of
@@ -161,13 +161,14 @@ class FeatureState:
             return f"SAE {self.sae_name!r} was never trained"
         recorded = self.shards[i]
         described = self.shard_batches[i] if i < len(self.shard_batches) else None
-        layout = self.shard_layouts[i] if i < len(self.shard_layouts) else None
+        # a record from before layouts were recorded: built in the fixed layout of one shard per group
+        layout = (self.shard_layouts[i] if i < len(self.shard_layouts) else None) or N_FEATURE_SHARDS
         if recorded is None:
             return f"feature tables f{i} of {self.sae_name!r} were never built"
         if recorded != self.checkpoint:
             return (f"feature tables f{i} of {self.sae_name!r} describe checkpoint {recorded}, not the "
                     f"current {self.checkpoint}")
-        if layout is not None and layout != len(self.shards):
+        if layout != len(self.shards):
             return (f"feature tables f{i} of {self.sae_name!r} were built as one of {layout} feature shards, not "
                     f"of the {len(self.shards)} planned now (resources.features.config.memory_budget_bytes)")
         if self.batches is not None and described != self.batches:
@@ -193,7 +194,7 @@ def feature_state(store: ArtifactStore, sae_name: str, n_feature_shards: int | N
     """What the feature tables (their lineage records) and the browser (its site record) of
     ``sae_name`` pin, beside its current checkpoint and the batches of its shuffled store.
     ``n_feature_shards``: the layout the tables must have (the feature stages pass the one they
-    plan, ``features.plan_feature_layout``); None: the layout the stored tables record
+    plan, ``feature_layout.plan_layout``); None: the layout the stored tables record
     (``lineage.recorded_shard_count``), for readers without feature settings."""
     checkpoint = checkpoint_version(store, sae_name)
     n_shards = recorded_shard_count(store, sae_name) if n_feature_shards is None else n_feature_shards

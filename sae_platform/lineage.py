@@ -51,8 +51,9 @@ def feature_table_lineage(store: ArtifactStore, sae_name: str, shard_index: int,
 
 
 def recorded_layout_shards(lineage: dict | None) -> int | None:
-    """The shard count a lineage record says its tables were built in; None for a record written
-    before layouts were recorded (the fixed ``catalog.N_FEATURE_SHARDS`` layout) or no record."""
+    """The shard count a lineage record says its tables were built in; None for no record, or one
+    written before layouts were recorded (those were built in the fixed ``catalog.N_FEATURE_SHARDS``
+    layout)."""
     shards = ((lineage or {}).get("feature_layout") or {}).get("n_shards")
     return int(shards) if isinstance(shards, int) and shards >= 1 else None
 
