@@ -539,6 +539,15 @@ def pinned_checkpoint(record: dict | None) -> str | None:
 BATCHES_PIN = "batches"  # the field a site pointer records the described batches in: {key: version}
 
 
+SHARDS_PIN = "feature_shards"  # the field a site pointer records how many feature shards it shows in
+
+
+def shown_shards(record: dict | None) -> int:
+    """How many feature shards a site pointer says its site shows: ``N_FEATURE_SHARDS`` for a site
+    built before the count was recorded (the fixed one-shard-per-group layout of then)."""
+    return int((record or {}).get(SHARDS_PIN) or N_FEATURE_SHARDS)
+
+
 def batches_pin(lineage: dict) -> dict:
     """``{"batches": {key: version}}`` of the activation batches a lineage record describes: what a
     site pointer records beside its checkpoint (``described_batches`` reads it back)."""

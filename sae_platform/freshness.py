@@ -26,6 +26,7 @@ from sae_platform.catalog import (
     partial_name,
     partition_name,
     pinned_checkpoint,
+    shown_shards,
     shuffled_name,
     stage_records,
     trained_on,
@@ -140,6 +141,7 @@ class FeatureState:
     shard_batches: tuple = ()       # per feature shard: the batches its tables describe
     browser_batches: dict | None = None
     shard_layouts: tuple = ()       # per feature shard: the shard count its tables were built in (None: not recorded)
+    browser_shards: int = N_FEATURE_SHARDS  # how many feature shards the browser shows
 
     def behind(self) -> list[str]:
         """Why the tables or the browser do not describe the current checkpoint over every batch of
@@ -187,6 +189,9 @@ class FeatureState:
                     f"not the current {self.checkpoint}"]
         if self.batches is not None and self.browser_batches != self.batches:
             return [f"the feature browser of {self.sae_name!r} " + _batch_change(self.browser_batches, self.batches)]
+        if self.browser_shards != len(self.shards):  # its pages, windows and lineage are another layout's
+            return [f"the feature browser of {self.sae_name!r} shows {self.browser_shards} feature shards, not the "
+                    f"{len(self.shards)} planned now (resources.features.config.memory_budget_bytes)"]
         return []
 
 
@@ -203,7 +208,7 @@ def feature_state(store: ArtifactStore, sae_name: str, n_feature_shards: int | N
     return FeatureState(sae_name, checkpoint, tuple(pinned_checkpoint(lineage) for lineage in lineages),
                         pinned_checkpoint(site), store_batches(store, sae_name) if checkpoint else None,
                         tuple(described_batches(lineage) for lineage in lineages), described_batches(site),
-                        tuple(recorded_layout_shards(lineage) for lineage in lineages))
+                        tuple(recorded_layout_shards(lineage) for lineage in lineages), shown_shards(site))
 
 
 def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: int | None) -> list[str]:
