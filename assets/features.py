@@ -3,13 +3,20 @@
 (``resources.features.config.sae_name``) over exactly the batches its shuffled store pinned, reading
 the rows of the SAE's own hook point (the store inside each activation partition that its shuffled
 store was built from: ``catalog.shuffled_input_group``); every one of them is up to date (skipped) while the
-tables and the browser describe the current checkpoint."""
+tables and the browser describe the current checkpoint.
+
+Feature shards and groups: the latents are cut into ``feature_layout(run).n_shards`` shards, sized by
+the planner from ``resources.features.config.memory_budget_bytes`` (``feature_layout.plan_layout``,
+one rule for every stage). The feature-shard partitions f0 … f3 are shard GROUPS: group g runs shards
+g, g + 4, g + 8, … one after the other, each committed on its own (a crash resumes at the next
+shard); with one shard per group (up to ~250k latents at the default 2 GiB budget) shard i is
+group i. The layout is recorded with every shard's lineage (``lineage.recorded_shard_count``)."""
 
 import polars as pl
 from dagster import AllPartitionMapping, AssetCheckSeverity, AssetDep, MetadataValue
 
 from assets.metadata import table_metadata, table_preview
-from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, N_FEATURE_SHARDS, SAE_SWEEP_SPECS
+from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, SAE_SWEEP_SPECS
 from assets.stage import AssetJob, Check, Stage, StageRun, pointer_version
 from assets.training import heldout_contexts, settings_for
 from sae_platform import catalog, neuronpedia
@@ -23,7 +30,9 @@ from sae_platform.browser.publish import build_site, site_record
 from sae_platform.catalog import eval_name, trained_on
 from sae_platform.compare import absorption_result, figures_version, saebench_figures
 from sae_platform.contexts import shown_examples
+from sae_platform.errors import PlatformError
 from sae_platform.feature_check import brute_force_check
+from sae_platform.feature_layout import layout_metadata, layout_ranges, planned_layout, planned_shards, shard_range
 from sae_platform.feature_merge import (
     FeatureTables,
     merge_shard_tables,
@@ -31,7 +40,8 @@ from sae_platform.feature_merge import (
     read_tables,
     write_tables,
 )
-from sae_platform.freshness import features_behind, refresh_plan, stale_reasons
+from sae_platform.feature_plan import FeatureShardPlan
+from sae_platform.freshness import feature_state, features_behind, refresh_plan, stale_reasons
 from sae_platform.ground_truth import synthetic_heldout_codes
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
@@ -47,7 +57,8 @@ RESOURCES = ("storage", "features", "shuffle")
 PREVIEW_FEATURES = 10  # top features by density in feature_topk's metadata table
 
 
-def _shard(key: str) -> int:
+def _group(key: str) -> int:
+    """The shard group of a feature-shard partition key (``f2`` → 2)."""
     return int(key.removeprefix("f"))
 
 
@@ -72,12 +83,37 @@ def hook_point(attrs: dict) -> str:
     return str(catalog.HookEntry.spec_of(attrs))
 
 
+def feature_layout(run: StageRun) -> FeatureShardPlan:
+    """The feature-shard layout every feature stage of this run follows (``planned_layout``).
+    PlatformError when the SAE is not trained or its shuffled store is gone."""
+    plan = planned_layout(run.store, _settings(run))
+    if plan is None:
+        name = _settings(run).sae_name
+        raise PlatformError(f"SAE {name!r} has no checkpoint on a committed shuffled store to describe",
+                            f"materialize sae_checkpoint[{name}] (and shuffled_activations) first")
+    return plan
+
+
+def layout_tables(run: StageRun, plan: FeatureShardPlan, index: int) -> FeatureTables:
+    """Shard ``index``'s stored tables, refused (FeatureError naming the shard and the fix) when they
+    cover other latents than the layout gives it: tables of two layouts are never mixed."""
+    tables = read_tables(run.store, _settings(run).sae_name, index)
+    wanted = shard_range(plan, index)
+    if (tables.meta["start"], tables.meta["stop"]) != wanted:
+        raise ft.FeatureError(f"the feature tables f{index} of {_settings(run).sae_name!r} cover latents "
+                              f"[{tables.meta['start']}, {tables.meta['stop']}), not [{wanted[0]}, {wanted[1]}) "
+                              f"of the {plan.n_shards}-shard layout planned now", "materialize feature_topk "
+                              "(every shard group) with the current resources.features.config")
+    return tables
+
+
 def tables_current(run: StageRun) -> str | None:
-    """Every feature stage is up to date while the tables and the browser describe the current checkpoint."""
+    """Every feature stage is up to date while the tables, in the layout planned now, and the browser
+    describe the current checkpoint."""
     settings = _settings(run)
     if settings.rebuild:
         return None
-    if features_behind(run.store, sae_name=settings.sae_name, n_feature_shards=N_FEATURE_SHARDS):
+    if features_behind(run.store, sae_name=settings.sae_name, n_feature_shards=planned_shards(run.store, settings)):
         return None
     return (f"the feature tables and browser of {settings.sae_name} describe its current checkpoint "
             "(resources.features.config.rebuild forces a rebuild)")
@@ -110,21 +146,32 @@ def _stage(**declared) -> Stage:
 # -- pass 1 ---------------------------------------------------------------------------------------
 
 def partial_stats(run: StageRun) -> dict:
-    """Stream one activation batch through the SAE once, commit its codes split by feature shard,
-    then fold each shard's codes into its partial, one shard at a time (docs/design.md, "Feature
-    tables"; ``feature_codes``): for TopK-style SAEs the selection, the expensive part, runs once
-    per row whatever the number of feature shards, and memory holds one shard's state at a time."""
+    """Stream one activation batch through the SAE once, commit its codes split by the planned
+    feature shards, then fold each shard's codes into its partial, one shard at a time, each
+    committed on its own (docs/design.md, "Feature tables"; ``feature_codes``): for TopK-style SAEs
+    the selection, the expensive part, runs once per row whatever the number of feature shards,
+    and memory holds one shard's state at a time. A shard whose partial is already current (a
+    crashed run's) is not computed again."""
     settings = _settings(run)
     checkpoint = catalog.checkpoint_version(run.store, settings.sae_name)  # read before loading (checkpoint_pin)
+    plan = feature_layout(run)
     sae, group = _load(run)
     batch = run.partition_key
-    shards = ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)
-    partials = fc.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, settings, group=group,
-                                             checkpoint=checkpoint)
-    n_tokens = int(partials[0]["n_tokens"])
-    run.log.info(f"pass 1 [{batch}]: {n_tokens:,} tokens of {group} encoded once, its codes split into "
-                 f"{len(shards)} feature shards, each shard's partial from its own codes")
-    return {"sae": settings.sae_name, "store": group, "feature_shards": len(shards), "n_tokens": n_tokens,
+    shards = layout_ranges(plan)
+    n_tokens = None
+    for index, (start, stop) in enumerate(shards):
+        if not settings.rebuild and ft.partial_current(run.store, settings.sae_name, batch, index, (start, stop),
+                                                       settings):
+            run.log.info(f"pass 1 [{batch}]: shard f{index} [{start:,}, {stop:,}) is current, kept")
+            continue
+        (summary,) = fc.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, settings,
+                                                   shard_indices=[index], group=group, checkpoint=checkpoint)
+        n_tokens = int(summary["n_tokens"])
+        run.log.info(f"pass 1 [{batch}]: shard f{index} of {plan.n_shards} [{start:,}, {stop:,}) committed")
+    run.log.info(f"pass 1 [{batch}]: {group} encoded once, its codes split into {plan.n_shards} feature shards, "
+                 "each shard's partial from its own codes")
+    return {"sae": settings.sae_name, "store": group, **layout_metadata(plan),
+            **({"n_tokens": n_tokens} if n_tokens is not None else {}),
             "path": MetadataValue.path(run.store.url(catalog.partials_folder(run.store, settings.sae_name, batch)))}
 
 
@@ -134,7 +181,9 @@ def partials_done(run: StageRun) -> str | None:
     settings = _settings(run)
     if settings.rebuild:
         return None
-    if ft.partials_current(run.store, settings.sae_name, run.partition_key, N_FEATURE_SHARDS, settings):
+    plan = planned_layout(run.store, settings)
+    if plan is not None and ft.partials_current(run.store, settings.sae_name, run.partition_key, layout_ranges(plan),
+                                                settings):
         return (f"the partials of {run.partition_key} were computed with the current checkpoint of "
                 f"{settings.sae_name} from this version of the batch (resources.features.config.rebuild forces "
                 "a rebuild)")
@@ -144,7 +193,8 @@ def partials_done(run: StageRun) -> str | None:
 def partials_version(run: StageRun) -> str | None:
     """The committed versions of the batch's partials, one per feature shard (None until all exist)."""
     name = _settings(run).sae_name
-    versions = [run.store.pointer(catalog.partial_name(name, run.partition_key, i)) for i in range(N_FEATURE_SHARDS)]
+    versions = [run.store.pointer(catalog.partial_name(name, run.partition_key, i))
+                for i in range(feature_layout(run).n_shards)]
     return None if None in versions else "+".join(v["version"] for v in versions)
 
 
@@ -161,44 +211,76 @@ FEATURE_STATS_PARTIAL = _stage(
 # -- pass 2 ---------------------------------------------------------------------------------------
 
 def merge_shard(run: StageRun) -> dict:
-    """Merge the partials of every pinned batch: exact top-K, uniform random examples, density,
-    histogram; then the interval examples, sampled from all activating tokens of each interval
-    with the merged max (each batch's codes read again); plus the logit effects (W_dec · W_U).
-    Reads only what the shard needs: a TopK-style SAE's stored codes and the shard's decoder rows,
-    never the whole SAE (``_shard_tables``)."""
+    """Pass 2 of every feature shard of this shard group, one after the other, each committed on its
+    own (tables, logit effects, lineage record: ``merge_one_shard``); a shard whose tables already
+    describe the current checkpoint, batches and layout (a crashed run's) is kept, so a re-run
+    resumes at the next shard. The metadata sums the group's shards."""
     settings, store = _settings(run), run.store
     checkpoint = catalog.checkpoint_version(store, settings.sae_name)  # read before reading it (checkpoint_pin)
+    plan = feature_layout(run)
     group = catalog.shuffled_input_group(store, sae_shuffle(run))
     device = pick_device(run.resources.features.device)
-    index = _shard(run.partition_key)
-    config = checkpoint_config(store, settings.sae_name, checkpoint)["sae"]
-    start, stop = ft.feature_shard(int(config["n_latents"]), N_FEATURE_SHARDS, index)
     batches = pinned_batches(run)
-    run.log.info(f"pass 2, features [{start:,}, {stop:,}): merging {len(batches)} partial(s)")
-    tables = _shard_tables(run, config["variant"], index, batches, checkpoint, device)
     truth = _synthetic_truth(run)
     if truth is None:
         hooked, _ = run.resources.language_model.load(store, device=str(device))
         unembedding, tokenizer = unembedding_matrix(hooked.model), hooked.tokenizer
     else:  # no model: the true directions stand in for W_U (synthetic.token_unembedding)
         unembedding, tokenizer = token_unembedding(truth), SyntheticTokenizer(truth.n_features)
-    rows = decoder_rows(store, settings.sae_name, start, stop, version=checkpoint, device=device).float()  # as load_sae
-    logits = decoder_logit_effects(rows, unembedding.to(device), tokenizer, start)
+    state = feature_state(store, settings.sae_name, plan.n_shards)  # before this run writes: what is current
+    summaries = []
+    for index in plan.group_shards(_group(run.partition_key)):
+        start, stop = shard_range(plan, index)
+        if not settings.rebuild and state.shard_behind(index) is None:
+            run.log.info(f"pass 2, shard f{index} of {plan.n_shards} [{start:,}, {stop:,}): current, kept")
+            tables, path = layout_tables(run, plan, index), store.resolve(catalog.tables_name(settings.sae_name, index))
+            lineage = store.read_json(catalog.lineage_record_path(store, settings.sae_name, index))
+        else:
+            run.log.info(f"pass 2, shard f{index} of {plan.n_shards} [{start:,}, {stop:,}): merging {len(batches)} "
+                         "partial(s)")
+            tables, path, lineage = merge_one_shard(run, plan, index, batches, checkpoint, device,
+                                                    unembedding.to(device), tokenizer)
+        summaries.append({"features": f"[{start}, {stop})", "n_tokens": int(tables.meta["n_tokens_total"]),
+                          "n_examples": tables.examples.height, "dead": int((tables.stats["count"] == 0).sum()),
+                          "path": path, "stats": tables.stats.head(0), "rows": tables.stats.height,
+                          "preview": _preview_rows(run, tables, tokenizer, group), "lineage": lineage})
+        del tables
     attrs = activation_attrs(store, sae_shuffle(run))
-    path = write_tables(store, settings.sae_name, index, tables)
-    with store.writing(catalog.logits_name(settings.sae_name, index)) as version:
-        store.write_parquet(f"{version}/{catalog.LOGIT_EFFECTS}", logits)
-    lineage = feature_table_lineage(store, settings.sae_name, index, run_id=run.run_id)
-    store.write_json(catalog.lineage_record_path(store, settings.sae_name, index), lineage)
-    dead = int((tables.stats["count"] == 0).sum())
+    first = summaries[0]
     return {"sae": settings.sae_name, "hook_point": hook_point(attrs),
             "logit_effects": logit_effect_meaning(attrs.get("hook_name"), attrs.get("hook_name_in")) if truth is None
             else "decoder cosine with the true feature directions (token fN: true feature N)",
-            "features": f"[{start}, {stop})", "n_batches": len(batches),
-            "n_tokens": int(tables.meta["n_tokens_total"]), "n_examples": tables.examples.height,
-            "never_active_features": dead, "path": MetadataValue.path(store.url(path)),
-            **table_metadata(tables.stats), "top_features": _preview(run, tables, tokenizer, group),
-            "lineage": MetadataValue.json(lineage)}
+            "features": ", ".join(s["features"] for s in summaries), "n_batches": len(batches),
+            "n_tokens": first["n_tokens"], "n_examples": sum(s["n_examples"] for s in summaries),
+            "never_active_features": sum(s["dead"] for s in summaries),
+            "path": MetadataValue.path(store.url(first["path"])),
+            **table_metadata(first["stats"]), "dagster/row_count": sum(s["rows"] for s in summaries),
+            **layout_metadata(plan),
+            "top_features": _preview_table(sorted((row for s in summaries for row in s["preview"]),
+                                                  key=lambda row: -row["density"])[:PREVIEW_FEATURES]),
+            "lineage": MetadataValue.json(summaries[-1]["lineage"])}
+
+
+def merge_one_shard(run: StageRun, plan: FeatureShardPlan, index: int, batches: list[str], checkpoint: str, device,
+                    unembedding, tokenizer) -> tuple[FeatureTables, str, dict]:
+    """Pass 2 of feature shard ``index``: merge the partials of every pinned batch (exact top-K,
+    uniform random examples, density, histogram), then the interval examples, sampled from all
+    activating tokens of each interval with the merged max (each batch's codes read again); plus
+    the logit effects (W_dec · W_U). Reads only what the shard needs: a TopK-style SAE's stored
+    codes and the shard's decoder rows, never the whole SAE (``_shard_tables``). Commits the
+    tables, the logit effects and then the lineage record (with the layout): (tables, path, lineage)."""
+    settings, store = _settings(run), run.store
+    start, stop = shard_range(plan, index)
+    config = checkpoint_config(store, settings.sae_name, checkpoint)["sae"]
+    tables = _shard_tables(run, config["variant"], index, batches, checkpoint, device)
+    rows = decoder_rows(store, settings.sae_name, start, stop, version=checkpoint, device=device).float()  # as load_sae
+    logits = decoder_logit_effects(rows, unembedding, tokenizer, start)
+    path = write_tables(store, settings.sae_name, index, tables)
+    with store.writing(catalog.logits_name(settings.sae_name, index)) as version:
+        store.write_parquet(f"{version}/{catalog.LOGIT_EFFECTS}", logits)
+    lineage = feature_table_lineage(store, settings.sae_name, index, run_id=run.run_id, layout=plan.describe())
+    store.write_json(catalog.lineage_record_path(store, settings.sae_name, index), lineage)  # last: marks it done
+    return tables, path, lineage
 
 
 def _shard_tables(run: StageRun, variant: str, index: int, batches: list[str], checkpoint: str,
@@ -214,8 +296,8 @@ def _shard_tables(run: StageRun, variant: str, index: int, batches: list[str], c
     return merge_shard_tables(run.store, sae, settings.sae_name, index, batches, settings)
 
 
-def _preview(run: StageRun, tables: FeatureTables, tokenizer, group: str) -> MetadataValue:
-    """The shard's densest features as a table on the asset page, each with a link into the browser."""
+def _preview_rows(run: StageRun, tables: FeatureTables, tokenizer, group: str) -> list[dict]:
+    """The shard's densest features, each with its top token and a link into the browser."""
     top = tables.examples.filter((pl.col("kind") == "top") & (pl.col("rank") == 0))
     top_example = {f: (p, r) for f, p, r in zip(top["feature"], top["partition"], top["row"], strict=True)}
     token_ids = {}
@@ -229,18 +311,45 @@ def _preview(run: StageRun, tables: FeatureTables, tokenizer, group: str) -> Met
             token = tokenizer.decode([int(token_ids[partition][row])])
         rows.append({"feature": feature, "density": round(stat["density"], 5), "max_activation": round(stat["max"], 3),
                      "top_token": repr(token), "browser": f"{BROWSER_URL}#/feature/{feature}"})
+    return rows
+
+
+def _preview_table(rows: list[dict]) -> MetadataValue:
+    """The densest features as a table on the asset page."""
     return table_preview(rows, {"feature": "int", "density": "float", "max_activation": "float",
                                 "top_token": "string", "browser": "string"})
 
 
 def check_brute_force(run: StageRun) -> dict:
+    """The exactness check of every shard of this group (``feature_check.brute_force_check``): passed
+    when every shard's is."""
     settings, (sae, _) = _settings(run), _load(run)  # the tables' meta names the store they read
-    index = _shard(run.partition_key)
-    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
-    check = brute_force_check(run.store, sae, settings.sae_name, index, start, stop)
-    return {"passed": bool(check["ok"]), "metadata": {"features_checked": str(check["features_checked"]),
-                                                       "mode": check["mode"],
-                                                       "mismatches": str(check["mismatches"][:5])}}
+    plan = feature_layout(run)
+    checks = []
+    for index in plan.group_shards(_group(run.partition_key)):
+        start, stop = shard_range(plan, index)
+        checks.append(brute_force_check(run.store, sae, settings.sae_name, index, start, stop))
+        run.log.info(f"matches_brute_force, shard f{index} [{start:,}, {stop:,}): "
+                     + ("passed" if checks[-1]["ok"] else f"{len(checks[-1]['mismatches'])} mismatch(es)"))
+    mismatches = [m for check in checks for m in check["mismatches"]]
+    checked = [check["features_checked"] for check in checks]
+    return {"passed": all(check["ok"] for check in checks),
+            "metadata": {"features_checked": str(checked[0] if len(checked) == 1 else checked),
+                         "mode": ", ".join(sorted({check["mode"] for check in checks})),
+                         "mismatches": str(mismatches[:5])}}
+
+
+def group_version(name_of):
+    """The data version of a shard-group stage whose artifact is one committed name per shard
+    (``name_of(sae_name, shard_index)``): its shards' committed versions joined (None until all exist)."""
+    def version(run: StageRun) -> str | None:
+        plan, name = planned_layout(run.store, _settings(run)), _settings(run).sae_name
+        if plan is None:
+            return None
+        pointers = [run.store.pointer(name_of(name, i)) for i in plan.group_shards(_group(run.partition_key))]
+        return None if None in pointers else "+".join(p["version"] for p in pointers)
+
+    return version
 
 
 FEATURE_TOPK = _stage(
@@ -252,7 +361,7 @@ FEATURE_TOPK = _stage(
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model"),
     deps=(AssetDep("feature_stats_partial", partition_mapping=AllPartitionMapping()),),
     body=merge_shard,
-    version=pointer_version(lambda run: catalog.tables_name(_settings(run).sae_name, _shard(run.partition_key))),
+    version=group_version(catalog.tables_name),
     checks=(Check("matches_brute_force", "every activating token pass 1 recorded for a fixed random sample of "
                   "features (resources.features.config.check_features per shard), sorted apart: exact; every "
                   "feature: counts, sums and example counts that must agree across the passes",
@@ -267,9 +376,10 @@ def context_windows(run: StageRun) -> dict:
     shown when they were built from this checkpoint and batch version (a kept SAE's refresh)."""
     settings = _settings(run)
     checkpoint = catalog.checkpoint_version(run.store, settings.sae_name)  # read before loading (checkpoint_pin)
+    plan = feature_layout(run)
     sae, group = _load(run)
-    examples = [shown_examples(read_tables(run.store, settings.sae_name, i).examples, settings.random_examples)
-                for i in range(N_FEATURE_SHARDS)]
+    examples = [shown_examples(layout_tables(run, plan, i).examples, settings.random_examples)
+                for i in range(plan.n_shards)]
     tokenizer = _tokenizer(run)  # the weights are not needed here
     run.log.info(f"pass 3 [{run.partition_key}]: context windows of the shown examples that fall in this batch "
                  f"({sum(e.height for e in examples):,} shown examples over all batches)")
@@ -296,14 +406,23 @@ FEATURE_CONTEXT_WINDOWS = _stage(
 
 
 def regroup_contexts(run: StageRun) -> dict:
-    """The context windows of this feature shard's examples, sorted by feature."""
-    settings, (sae, _) = _settings(run), _load(run)
-    index = _shard(run.partition_key)
-    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
-    frame = ctx.regroup_by_feature(run.store, settings.sae_name, pinned_batches(run), start, stop)
-    info = ctx.write_feature_contexts(run.store, settings.sae_name, index, frame)
-    return {"features": f"[{start}, {stop})", "n_windows": frame.height, **table_metadata(frame),
-            "path": MetadataValue.path(info["path"])}
+    """The context windows of each feature shard of this group, sorted by feature, one shard after
+    the other, each committed on its own."""
+    settings, plan = _settings(run), feature_layout(run)
+    batches, written = pinned_batches(run), []
+    for index in plan.group_shards(_group(run.partition_key)):
+        start, stop = shard_range(plan, index)
+        frame = ctx.regroup_by_feature(run.store, settings.sae_name, batches, start, stop)
+        info = ctx.write_feature_contexts(run.store, settings.sae_name, index, frame)
+        run.log.info(f"regroup, shard f{index} of {plan.n_shards} [{start:,}, {stop:,}): {frame.height:,} windows "
+                     "committed")
+        written.append({"features": f"[{start}, {stop})", "n_windows": frame.height, "schema": frame.head(0),
+                        "path": info["path"]})
+        del frame
+    n_windows = sum(w["n_windows"] for w in written)
+    return {"features": ", ".join(w["features"] for w in written), "n_windows": n_windows,
+            **table_metadata(written[0]["schema"]), "dagster/row_count": n_windows,
+            "path": MetadataValue.path(written[0]["path"])}
 
 
 FEATURE_CONTEXTS = _stage(
@@ -313,14 +432,19 @@ FEATURE_CONTEXTS = _stage(
     partitions=FEATURE_SHARDS, resources=RESOURCES,
     deps=(AssetDep("feature_context_windows", partition_mapping=AllPartitionMapping()),),
     body=regroup_contexts,
-    version=pointer_version(lambda run: catalog.contexts_name(_settings(run).sae_name, _shard(run.partition_key))))
+    version=group_version(catalog.contexts_name))
 
 
 # -- explanations ---------------------------------------------------------------------------------
 
 def explanations_current(run: StageRun) -> str | None:
+    """Up to date while the explanations of every shard of this group describe the current
+    checkpoint and the shard's current context windows (``metrics.explanations_current``)."""
     settings = _settings(run)
-    if settings.rebuild or not fm.explanations_current(run.store, settings.sae_name, _shard(run.partition_key)):
+    plan = planned_layout(run.store, settings)
+    shards = [] if plan is None else plan.group_shards(_group(run.partition_key))
+    if settings.rebuild or not shards or not all(fm.explanations_current(run.store, settings.sae_name, i)
+                                                 for i in shards):
         return None
     return (f"the explanations of {settings.sae_name} [{run.partition_key}] describe its current checkpoint "
             "(resources.features.config.rebuild forces a rebuild)")
@@ -348,28 +472,52 @@ def heldout_codes(run: StageRun, sae, what: str):
 
 
 def explain_shard(run: StageRun) -> dict:
-    """N2G explanations of this shard's features from their top and interval windows, scored on held-out
-    text; nearest features by decoder cosine; co-occurring features."""
+    """N2G explanations of the features of each shard of this group from their top and interval
+    windows, scored on held-out text; nearest features by decoder cosine; co-occurring features. One
+    shard after the other, each committed on its own."""
     settings, (sae, _), store = _settings(run), _load(run), run.store
-    index = _shard(run.partition_key)
-    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    plan = feature_layout(run)
     codes, tokenizer = heldout_codes(run, sae, "the explanation scores")
-    tokens = codes.tokens
-    run.log.info(f"explaining features [{start:,}, {stop:,}) from their windows, scored on {len(tokens)} held-out "
-                 "contexts")
-    summary, frame = fm.explain_shard(store, settings.sae_name, sae, tokenizer, codes, index, start, stop,
-                                      ctx.read_feature_contexts(store, settings.sae_name, index))
-    best = (frame.filter(pl.col("n_firings") >= 3).with_columns(
-        f1=2 * pl.col("precision") * pl.col("recall") / (pl.col("precision") + pl.col("recall")))
-        .sort(["f1", "n_firings"], descending=True, nulls_last=True).head(PREVIEW_FEATURES))
+    summaries, best, paths, schema = [], [], [], None
+    for index in plan.group_shards(_group(run.partition_key)):
+        start, stop = shard_range(plan, index)
+        run.log.info(f"explaining shard f{index} of {plan.n_shards}, features [{start:,}, {stop:,}), from their "
+                     f"windows, scored on {len(codes.tokens)} held-out contexts")
+        summary, frame = fm.explain_shard(store, settings.sae_name, sae, tokenizer, codes, index, start, stop,
+                                          ctx.read_feature_contexts(store, settings.sae_name, index))
+        summaries.append(summary)
+        best.append(frame.filter(pl.col("n_firings") >= 3).with_columns(
+            f1=2 * pl.col("precision") * pl.col("recall") / (pl.col("precision") + pl.col("recall")))
+            .sort(["f1", "n_firings"], descending=True, nulls_last=True).head(PREVIEW_FEATURES))
+        paths.append(store.resolve(catalog.explanations_name(settings.sae_name, index)))
+        schema = frame.head(0)
+    top = pl.concat(best).sort(["f1", "n_firings"], descending=True, nulls_last=True).head(PREVIEW_FEATURES)
     rows = [{"feature": r["feature"], "explanation": r["explanation"][:120], "precision": round(r["precision"] or 0, 3),
              "recall": round(r["recall"] or 0, 3), "browser": f"{BROWSER_URL}#/feature/{r['feature']}"}
-            for r in best.iter_rows(named=True)]
-    return {"sae": settings.sae_name, "features": f"[{start}, {stop})", "heldout_contexts": len(tokens),
-            **{k: v for k, v in summary.items() if v is not None}, **table_metadata(frame),
+            for r in top.iter_rows(named=True)]
+    ranges = [shard_range(plan, i) for i in plan.group_shards(_group(run.partition_key))]
+    return {"sae": settings.sae_name, "features": ", ".join(f"[{a}, {b})" for a, b in ranges),
+            "heldout_contexts": len(codes.tokens),
+            **{k: v for k, v in _group_summary(summaries).items() if v is not None}, **table_metadata(schema),
+            "dagster/row_count": sum(b - a for a, b in ranges),
             "best_explained": table_preview(rows, {"feature": "int", "explanation": "string", "precision": "float",
                                                    "recall": "float", "browser": "string"}),
-            "path": MetadataValue.path(store.url(store.resolve(catalog.explanations_name(settings.sae_name, index))))}
+            "path": MetadataValue.path(store.url(paths[0]))}
+
+
+def _group_summary(summaries: list[dict]) -> dict:
+    """One shard's N2G summary as it is; several shards': the means weighted by the features each
+    scored (medians do not combine, so they are left out)."""
+    if len(summaries) == 1:
+        return summaries[0]
+    scored = sum(s["n2g_features_scored"] for s in summaries)
+
+    def mean(key: str) -> float | None:
+        parts = [(s[key], s["n2g_features_scored"]) for s in summaries if s[key] is not None]
+        weight = sum(w for _, w in parts)
+        return sum(v * w for v, w in parts) / weight if weight else None
+
+    return {**{key: mean(key) for key in ("n2g_precision", "n2g_recall", "n2g_f1")}, "n2g_features_scored": scored}
 
 
 FEATURE_EXPLANATIONS = Stage(
@@ -381,27 +529,32 @@ FEATURE_EXPLANATIONS = Stage(
                 "co-occurring features.",
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model", "holdout_text", "evaluation"),
     deps=("feature_contexts",), up_to_date=explanations_current, body=explain_shard,
-    version=pointer_version(lambda run: catalog.explanations_name(_settings(run).sae_name, _shard(run.partition_key))))
+    version=group_version(catalog.explanations_name))
 
 
 def explain_with_llm_step(run: StageRun) -> dict:
-    """LLM explanations of the shard's most active latents, scored by detection on held-out text. A
-    feature whose answer was unusable is stored with its error and counted in ``n_failed``; an
-    endpoint that cannot serve fails this asset only (no stage depends on it: ``Stage.optional``)."""
+    """LLM explanations of the most active latents of each shard of this group (one shard after the
+    other, each committed on its own), scored by detection on held-out text. A feature whose answer
+    was unusable is stored with its error and counted in ``n_failed``; an endpoint that cannot serve
+    fails this asset only (no stage depends on it: ``Stage.optional``)."""
     settings, (sae, _), store = _settings(run), _load(run), run.store
-    index = _shard(run.partition_key)
-    start, stop = ft.feature_shard(sae.n_latents, N_FEATURE_SHARDS, index)
+    plan = feature_layout(run)
     llm = run.resources.llm_explainer
     codes, tokenizer = heldout_codes(run, sae, "the LLM explanation scores")
-    run.log.info(f"LLM explanations of up to {llm.features_per_shard} features of [{start:,}, {stop:,}) by "
-                 f"{llm.describe()}")
-    rows = llm_explain_shard(llm.backend(store), ctx.read_feature_contexts(store, settings.sae_name, index),
-                             codes, tokenizer, start, stop,
-                             n_features=llm.features_per_shard, n_examples=llm.examples)
-    frame = pl.DataFrame(rows, schema=LLM_EXPLANATION_SCHEMA)
-    name = catalog.llm_explanations_name(settings.sae_name, index)
-    with store.writing(name, explainer=llm.describe()) as version:
-        store.write_parquet(f"{version}/{catalog.LLM_EXPLANATIONS_FILE}", frame)
+    frames, paths = [], []
+    for index in plan.group_shards(_group(run.partition_key)):
+        start, stop = shard_range(plan, index)
+        run.log.info(f"LLM explanations of up to {llm.features_per_shard} features of shard f{index} "
+                     f"[{start:,}, {stop:,}) by {llm.describe()}")
+        rows = llm_explain_shard(llm.backend(store), ctx.read_feature_contexts(store, settings.sae_name, index),
+                                 codes, tokenizer, start, stop,
+                                 n_features=llm.features_per_shard, n_examples=llm.examples)
+        frames.append(pl.DataFrame(rows, schema=LLM_EXPLANATION_SCHEMA))
+        name = catalog.llm_explanations_name(settings.sae_name, index)
+        with store.writing(name, explainer=llm.describe()) as version:
+            store.write_parquet(f"{version}/{catalog.LLM_EXPLANATIONS_FILE}", frames[-1])
+        paths.append(store.resolve(name))
+    frame = pl.concat(frames)
     explained, failed = frame.filter(pl.col("error").is_null()), frame.filter(pl.col("error").is_not_null())
     for row in failed.iter_rows(named=True):
         run.log.warning(f"feature {row['feature']}: no LLM explanation: {row['error']}")
@@ -413,14 +566,13 @@ def explain_with_llm_step(run: StageRun) -> dict:
                                                     "balanced_accuracy": "float"}),
             **({"failures": table_preview(failed.select("feature", "error").to_dicts(),
                                           {"feature": "int", "error": "string"})} if failed.height else {}),
-            "path": MetadataValue.path(store.url(store.resolve(name)))}
+            "path": MetadataValue.path(store.url(paths[0]))}
 
 
 def llm_version(run: StageRun) -> str | None:
     """The stored explanations' version; "off" while none were ever written and the stage is off (a
     stable data version for a skipped optional stage, so re-runs change nothing)."""
-    stored = pointer_version(
-        lambda r: catalog.llm_explanations_name(_settings(r).sae_name, _shard(r.partition_key)))(run)
+    stored = group_version(catalog.llm_explanations_name)(run)
     return stored or (None if run.resources.llm_explainer.enabled else "off")
 
 
@@ -447,9 +599,10 @@ FEATURE_LLM_EXPLANATIONS = Stage(
 def write_browser(run: StageRun) -> dict:
     """A static feature browser: index with search, a page per feature. Serve it with `make browse`."""
     settings, store = _settings(run), run.store
+    plan = feature_layout(run)
     shards = []
-    for index in range(N_FEATURE_SHARDS):
-        tables = read_tables(store, settings.sae_name, index)
+    for index in range(plan.n_shards):
+        tables = layout_tables(run, plan, index)
         logits_path = store.require(catalog.logits_name(settings.sae_name, index), "logit effects",
                                     "materialize feature_topk")
         shards.append({"start": tables.meta["start"], "stop": tables.meta["stop"], "feature_stats": tables.stats,
@@ -500,14 +653,14 @@ def browser_version(run: StageRun) -> str | None:
     return (site_record(run.store, catalog.browser_dir(run.store, _settings(run).sae_name)) or {}).get("version")
 
 
-def described_chain(resources) -> dict:
+def described_chain(store, resources) -> dict:
     """The chain the feature tables describe, as the deployment's resources configure it: the
-    shuffled store (``resources.shuffle``), the SAE (``resources.features``) and its refresh policy
-    (``retrain_above_fraction`` of its sweep entry): the arguments of ``freshness.stale_reasons``
-    and ``freshness.refresh_plan``."""
-    sae_name = resources.features.settings().sae_name
-    return {"shuffle_name": resources.shuffle.settings().name, "sae_name": sae_name,
-            "n_feature_shards": N_FEATURE_SHARDS,
+    shuffled store (``resources.shuffle``), the SAE (``resources.features``), its feature-shard
+    layout (``planned_shards``) and its refresh policy (``retrain_above_fraction`` of its sweep
+    entry): the arguments of ``freshness.stale_reasons`` and ``freshness.refresh_plan``."""
+    settings = resources.features.settings()
+    return {"shuffle_name": resources.shuffle.settings().name, "sae_name": settings.sae_name,
+            "n_feature_shards": planned_shards(store, settings),
             "retrain_above_fraction": _described_training(resources).retrain_above_fraction}
 
 
@@ -522,14 +675,15 @@ def _described_training(resources):
 def planned_refresh(store, resources) -> str:
     """``freshness.refresh_plan`` of the described chain, told the current training settings so it
     says whether the SAE resumes or trains from scratch (the trainer's own rule)."""
-    return refresh_plan(store, **described_chain(resources), training=identity(_described_training(resources)))
+    return refresh_plan(store, **described_chain(store, resources),
+                        training=identity(_described_training(resources)))
 
 
 def chain_behind(store, resources) -> list[str]:
     """Why the chain downstream of the cached activations does not describe every cached batch:
     ``freshness.stale_reasons``, the one rule. The freshness sensor launches a refresh on it and the
     browser's check shows it."""
-    return stale_reasons(store, **described_chain(resources))
+    return stale_reasons(store, **described_chain(store, resources))
 
 
 def freshness_verdict(reasons: list[str]) -> dict:
@@ -574,7 +728,7 @@ def export_to_neuronpedia(run: StageRun) -> dict:
     settings, store = _settings(run), run.store
     shuffle = sae_shuffle(run)
     attrs, entry = activation_attrs(store, shuffle), activation_hook_entry(store, shuffle)
-    result = neuronpedia.export_sae(store, settings.sae_name, N_FEATURE_SHARDS, attrs=attrs, entry=entry,
+    result = neuronpedia.export_sae(store, settings.sae_name, feature_layout(run).n_shards, attrs=attrs, entry=entry,
                                     log=run.log.info)
     run.log.info(f"Neuronpedia export of {settings.sae_name}: {result['features']:,} features, "
                  f"{result['activations']:,} example windows, {result['explanations']:,} explanations, "
@@ -587,7 +741,8 @@ def export_to_neuronpedia(run: StageRun) -> dict:
 
 def neuronpedia_current(run: StageRun) -> str | None:
     settings = _settings(run)
-    if settings.rebuild or not neuronpedia.export_current(run.store, settings.sae_name, N_FEATURE_SHARDS):
+    if settings.rebuild or not neuronpedia.export_current(run.store, settings.sae_name,
+                                                          planned_shards(run.store, settings)):
         return None
     return (f"the Neuronpedia export of {settings.sae_name} was written from the tables, windows and explanations "
             "stored now (resources.features.config.rebuild forces a rebuild)")

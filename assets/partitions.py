@@ -26,7 +26,8 @@ SAE_SWEEP = StaticPartitionsDefinition(list(SAE_SWEEP_SPECS))
 SAE_RESEED_GROUPS: dict[str, list[str]] = {name: group.members
                                            for name, group in load_reseed_groups(SWEEP_FILE).items()}
 
-# Feature tables: latents split into catalog.N_FEATURE_SHARDS shards (each shard's range is computed
-# from the SAE's width); pass 1 is cut by dataset shard (activation batch) only: each row is encoded
-# once for every shard.
+# Feature tables: catalog.N_FEATURE_SHARDS shard GROUPS; group fg runs feature shards g, g + N, …
+# of the layout planned from resources.features.config.memory_budget_bytes
+# (sae_platform.feature_layout), one after the other. Pass 1 is cut by dataset shard (activation
+# batch) only: each row is encoded once for every shard.
 FEATURE_SHARDS = StaticPartitionsDefinition([f"f{i}" for i in range(N_FEATURE_SHARDS)])

@@ -539,6 +539,15 @@ def pinned_checkpoint(record: dict | None) -> str | None:
 BATCHES_PIN = "batches"  # the field a site pointer records the described batches in: {key: version}
 
 
+SHARDS_PIN = "feature_shards"  # the field a site pointer records how many feature shards it shows in
+
+
+def shown_shards(record: dict | None) -> int:
+    """How many feature shards a site pointer says its site shows: ``N_FEATURE_SHARDS`` for a site
+    built before the count was recorded (the fixed one-shard-per-group layout of then)."""
+    return int((record or {}).get(SHARDS_PIN) or N_FEATURE_SHARDS)
+
+
 def batches_pin(lineage: dict) -> dict:
     """``{"batches": {key: version}}`` of the activation batches a lineage record describes: what a
     site pointer records beside its checkpoint (``described_batches`` reads it back)."""
@@ -624,9 +633,11 @@ def reports_url_path(file: str = SWEEP_COMPARISON) -> str:
 
 # -- feature tables -----------------------------------------------------------------------------
 
-# Feature shards f0 … f<N-1>: the latents of every SAE split into this many tables (each shard's
-# range is computed from the SAE's width: ``features.feature_shards``). The feature assets'
-# partitions (assets/partitions.py), ``sae-platform status`` and the benchmarks count them from here.
+# Feature shard GROUPS: the feature assets' static partitions f0 … f<N-1> (assets/partitions.py).
+# An SAE's latents are cut into a multiple of N feature shards (tables f0, f1, …), as many as its
+# jobs' memory budget needs (``feature_layout.plan_layout``; each shard's range from the SAE's
+# width: ``features.feature_shards``); group g runs shards g, g + N, … one after the other. Up to
+# ~250k latents at the default 2 GiB budget that is one shard per group: shard i = group i.
 N_FEATURE_SHARDS = 4
 
 

@@ -280,9 +280,11 @@ def explain_windows(windows, score_stream: TokenStream, score_firing: tuple, fea
     )
 
     order = {k: i for i, k in enumerate(kinds)}
+    # stable: interval examples of equal rank keep the windows' interval order, so a feature's
+    # explanation depends on its own windows only, not on which others share the frame (a shard)
     frame = (windows.filter(pl.col(KIND).is_in(list(kinds)))
              .with_columns(pl.col(KIND).replace_strict(order, return_dtype=pl.Int32).alias("_kind"))
-             .sort([FEATURE, "_kind", RANK]))
+             .sort([FEATURE, "_kind", RANK], maintain_order=True))
     lengths = frame[TOKEN_IDS].list.len().to_numpy().astype(np.int64)
     flat_tokens = frame[TOKEN_IDS].explode().to_numpy().astype(np.int64) if frame.height else np.zeros(0, np.int64)
     flat_fire = ((frame[ACTS].explode().to_numpy() > 0) & frame[HAS_ACT].explode().to_numpy()) if frame.height \

@@ -2,10 +2,11 @@
 windows, browser"; docs/scale.md, "Feature tables").
 
 Pure arithmetic on the SAE's width, the feature settings, the tokens of one activation batch and
-a memory budget per job; it reads and writes nothing (like ``shuffle_plan``). The feature passes
-run one job per (activation batch x feature shard) for pass 1 and one per feature shard for
-pass 2; each holds the state, partial and merge buffers of ONE shard's latents plus that shard's
-share of a batch's sparse codes, so a job's memory is
+a memory budget per job; it reads and writes nothing (like ``shuffle_plan``; the pipeline's one
+call is ``feature_layout.plan_layout``). Pass 1 runs per activation batch, the batch encoded once
+and then each shard's partial from its own codes in turn; pass 2 and the stages after it run per
+shard group, each of its shards in turn; at any time a job holds the state, partial and merge
+buffers of ONE shard's latents plus that shard's share of a batch's sparse codes, so its memory is
 
     fixed + latents_per_shard * bytes_per_latent + batch_tokens * k * CODE_ENTRY_BYTES / n_shards
 
@@ -75,6 +76,19 @@ class FeatureShardPlan:
         """The widest shard's latents (``features.feature_shards`` sizes differ by at most one)."""
         return -(-self.n_latents // self.n_shards)
 
+    def group_shards(self, group: int) -> list[int]:
+        """The shards group ``group`` runs one after the other: group, group + n_groups, …"""
+        if not 0 <= group < self.n_groups:
+            raise FeaturePlanError(f"shard group {group} is outside [0, {self.n_groups})",
+                                   f"use a group between 0 and {self.n_groups - 1}")
+        return list(range(group, self.n_shards, self.n_groups))
+
+    def describe(self) -> dict:
+        """The layout as recorded with the tables and in the stages' metadata (JSON-ready)."""
+        return {"n_shards": self.n_shards, "n_groups": self.n_groups, "shards_per_group": self.shards_per_group,
+                "latents_per_shard": self.latents_per_shard, "job_bytes": self.job_bytes,
+                "memory_budget_bytes": self.memory_budget_bytes}
+
     @property
     def job_bytes(self) -> int:
         """The planned peak of one shard's job (pass 1 of one batch, or pass 2)."""
@@ -103,7 +117,7 @@ def job_bytes_per_latent(top_k: int, reservoir_size: int, n_hist_bins: int, inte
 
 def plan_feature_shards(n_latents: int, *, top_k: int, reservoir_size: int, n_hist_bins: int, batch_tokens: int,
                         k: int, memory_budget_bytes: int, n_groups: int, sae_bytes: int = 0,
-                        weight_bytes_per_latent: int = 0) -> FeatureShardPlan:
+                        weight_bytes_per_latent: int = 0, interval_examples: int = 20) -> FeatureShardPlan:
     """The fewest feature shards (a multiple of ``n_groups``) whose jobs each fit
     ``memory_budget_bytes``: ``FeatureShardPlan.job_bytes`` <= budget.
 
@@ -111,13 +125,15 @@ def plan_feature_shards(n_latents: int, *, top_k: int, reservoir_size: int, n_hi
     dense variant's mean active latents). The SAE's weights, in the jobs that load them (pass 2:
     the interval examples and logit effects): ``sae_bytes`` when a job loads the whole SAE (as
     ``load_sae`` does today), ``weight_bytes_per_latent`` when it reads only its shard's rows
-    (a latent-sharded checkpoint). Raises FeaturePlanError naming the budget when even one latent
+    (a latent-sharded checkpoint). ``interval_examples``: interval example rows per latent
+    (n_intervals x per_interval). Raises FeaturePlanError naming the budget when even one latent
     per shard does not fit, or for non-positive sizes."""
     for name, value in (("n_latents", n_latents), ("n_groups", n_groups), ("top_k", top_k),
                         ("reservoir_size", reservoir_size), ("n_hist_bins", n_hist_bins)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise FeaturePlanError(f"{name} must be a positive integer, got {value!r}", f"set {name} to >= 1")
-    per_latent = job_bytes_per_latent(top_k, reservoir_size, n_hist_bins) + int(weight_bytes_per_latent)
+    per_latent = (job_bytes_per_latent(top_k, reservoir_size, n_hist_bins, interval_examples)
+                  + int(weight_bytes_per_latent))
     codes = max(0, int(batch_tokens)) * max(0, int(k)) * CODE_ENTRY_BYTES
     room = int(memory_budget_bytes) - FIXED_JOB_BYTES - int(sae_bytes)
     smallest = FIXED_JOB_BYTES + int(sae_bytes) + per_latent  # one latent per shard: the floor
@@ -125,7 +141,8 @@ def plan_feature_shards(n_latents: int, *, top_k: int, reservoir_size: int, n_hi
         raise FeaturePlanError(f"a feature-shard job budget of {_mib(memory_budget_bytes)} leaves no room for one "
                                f"latent's state ({per_latent} B) beyond the job's fixed {_mib(FIXED_JOB_BYTES)} "
                                f"and the {_mib(sae_bytes)} of SAE weights every job loads",
-                               f"raise the job memory budget (memory_budget_bytes) well above {_mib(smallest)}, or "
+                               "raise the job memory budget (resources.features.config.memory_budget_bytes) well "
+                               f"above {_mib(smallest)}, or "
                                "read the SAE shard by shard (weight_bytes_per_latent instead of sae_bytes)")
     n_shards = max(1, math.ceil((n_latents * per_latent + codes) / room))
     n_shards = n_groups * math.ceil(n_shards / n_groups)

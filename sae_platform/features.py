@@ -74,6 +74,7 @@ from sae_platform.catalog import (
     partition_name,
 )
 from sae_platform.errors import PlatformError
+from sae_platform.feature_plan import FIXED_JOB_BYTES
 from sae_platform.feature_select import Selector, decode_top, partition_salt, sample_keys, top_keys
 from sae_platform.sae import SparseAutoencoder, variant_class
 from sae_platform.settings import setting, validate
@@ -108,6 +109,13 @@ class FeatureSettings:
     check_features: int = setting(64, "features per feature shard whose every activating token pass 1 records for "
                                       "the exactness check (matches_brute_force); the others are checked by "
                                       "counts and sums that must agree across the passes", ge=0)
+    # 2 GiB: the demo's 16,384 latents stay one shard per group (today's layout), 2^20 latents at
+    # d_model 64 get 16 shards of 65,536 (docs/scale.md, "Feature tables")
+    memory_budget_bytes: int = setting(2 << 30, "bytes one feature-shard job may hold in memory: the planner "
+                                                "(feature_layout.plan_layout) cuts the latents into the fewest "
+                                                "feature shards, a multiple of the shard groups f0-f3, whose jobs "
+                                                "fit it; a change that changes the shard count makes the tables "
+                                                "stale", ge=FIXED_JOB_BYTES)
     rebuild: bool = setting(False, "rebuild the tables and browser even when they describe the current checkpoint")
 
     def __post_init__(self):
@@ -128,7 +136,7 @@ def feature_shards(n_latents: int, n_shards: int) -> list[tuple[int, int]]:
     """Contiguous latent ranges [start, stop) covering [0, n_latents), sizes differing by at most 1.
     With more shards than latents (a vector's one-latent dictionary, ``sae.vector``) some ranges are
     empty (start == stop): every stage still commits those shards, with no feature in them, so the
-    pipeline's fixed shard partitions (``catalog.N_FEATURE_SHARDS``) fit every SAE."""
+    pipeline's shard groups (``catalog.N_FEATURE_SHARDS``, at least one shard each) fit every SAE."""
     for name, value in (("n_latents", n_latents), ("n_shards", n_shards)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise FeatureError(f"{name} must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
@@ -660,20 +668,26 @@ def write_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard
     return store.resolve(name)
 
 
-def partials_current(store: ArtifactStore, sae_name: str, partition_key: str, n_shards: int,
+def partials_current(store: ArtifactStore, sae_name: str, partition_key: str, shards: list[tuple[int, int]],
                      settings: FeatureSettings) -> bool:
-    """Whether pass 1 of partition ``partition_key`` is done for the current checkpoint of ``sae_name``:
-    every one of the ``n_shards`` feature shards' partials pins that checkpoint (``checkpoint_pin``),
-    the partition's current version and ``settings.top_k``. Then only new batches are encoded when
-    a kept SAE's tables are brought up to date (``sae_platform.refresh``); a partial written before
-    partials pinned their checkpoint never counts."""
+    """Whether pass 1 of partition ``partition_key`` is done for the current checkpoint of ``sae_name``
+    in the feature-shard layout ``shards`` (latent ranges, ``feature_shards``): every shard's
+    partial covers its range, pins that checkpoint (``checkpoint_pin``), the partition's current
+    version and ``settings.top_k``. Then only new batches are encoded when a kept SAE's tables are
+    brought up to date (``sae_platform.refresh``); a partial written before partials pinned their
+    checkpoint, or in another layout (a changed memory budget), never counts."""
+    return all(partial_current(store, sae_name, partition_key, index, shard, settings)
+               for index, shard in enumerate(shards))
+
+
+def partial_current(store: ArtifactStore, sae_name: str, partition_key: str, index: int, shard: tuple[int, int],
+                    settings: FeatureSettings) -> bool:
+    """``partials_current`` for feature shard ``index`` alone, covering latents ``shard`` = (start, stop)."""
     current = (store.pointer(partition_name(partition_key)) or {}).get("version")
-    for index in range(n_shards):
-        pointer = store.pointer(partial_name(sae_name, partition_key, index))
-        if (pointer is None or not is_current(store, sae_name, pointer)
-                or pointer.get("partition_version") != current or pointer.get("top_k") != settings.top_k):
-            return False
-    return True
+    pointer = store.pointer(partial_name(sae_name, partition_key, index))
+    return (pointer is not None and is_current(store, sae_name, pointer)
+            and pointer.get("partition_version") == current and pointer.get("top_k") == settings.top_k
+            and (pointer.get("start"), pointer.get("stop")) == tuple(shard))
 
 
 def read_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_index: int) -> Partial:

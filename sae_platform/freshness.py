@@ -26,10 +26,12 @@ from sae_platform.catalog import (
     partial_name,
     partition_name,
     pinned_checkpoint,
+    shown_shards,
     shuffled_name,
     stage_records,
     trained_on,
 )
+from sae_platform.lineage import recorded_layout_shards, recorded_shard_count
 from sae_platform.refresh import RETRAIN_ABOVE_FRACTION, Continuation, continuation, kept_unseen
 from sae_platform.storage import ArtifactStore
 
@@ -50,7 +52,7 @@ def changed_sources(store: ArtifactStore, stamps: dict[str, str]) -> list[str]:
     return changed
 
 
-def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int,
+def stale_reasons(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int | None,
                   retrain_above_fraction: float = RETRAIN_ABOVE_FRACTION) -> list[str]:
     """Why the downstream of the cached activations is out of date; empty when it is current (or
     when nothing is cached yet: there is nothing to build from).
@@ -89,7 +91,7 @@ class ChainState:
         return self.browser_behind()
 
 
-def chain_state(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int,
+def chain_state(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_feature_shards: int | None,
                 retrain_above_fraction: float = RETRAIN_ABOVE_FRACTION) -> ChainState:
     """The ``ChainState`` of ``sae_name``'s chain (the arguments of ``stale_reasons``)."""
     cached = cached_versions(store)
@@ -138,6 +140,8 @@ class FeatureState:
     batches: dict | None = None     # key → version of every batch of the shuffled store it was trained on
     shard_batches: tuple = ()       # per feature shard: the batches its tables describe
     browser_batches: dict | None = None
+    shard_layouts: tuple = ()       # per feature shard: the shard count its tables were built in (None: not recorded)
+    browser_shards: int = N_FEATURE_SHARDS  # how many feature shards the browser shows
 
     def behind(self) -> list[str]:
         """Why the tables or the browser do not describe the current checkpoint over every batch of
@@ -146,20 +150,32 @@ class FeatureState:
 
     def tables_behind(self) -> list[str]:
         """Why the feature tables (one reason per shard) do not describe the current checkpoint over
-        every batch of its shuffled store."""
+        every batch of its shuffled store, in the layout of ``len(shards)`` feature shards."""
         if self.checkpoint is None:
             return [f"SAE {self.sae_name!r} was never trained"]
-        reasons = []
-        for i, recorded in enumerate(self.shards):
-            described = self.shard_batches[i] if i < len(self.shard_batches) else None
-            if recorded is None:
-                reasons.append(f"feature tables f{i} of {self.sae_name!r} were never built")
-            elif recorded != self.checkpoint:
-                reasons.append(f"feature tables f{i} of {self.sae_name!r} describe checkpoint {recorded}, not the "
-                               f"current {self.checkpoint}")
-            elif self.batches is not None and described != self.batches:
-                reasons.append(f"feature tables f{i} of {self.sae_name!r} " + _batch_change(described, self.batches))
-        return reasons
+        return [reason for i in range(len(self.shards)) if (reason := self.shard_behind(i))]
+
+    def shard_behind(self, i: int) -> str | None:
+        """Why feature shard ``i``'s tables are behind (None: current). Tables built in another
+        shard layout (a changed ``memory_budget_bytes``) are behind: the shards of two layouts cover
+        different latents and are never mixed."""
+        if self.checkpoint is None:
+            return f"SAE {self.sae_name!r} was never trained"
+        recorded = self.shards[i]
+        described = self.shard_batches[i] if i < len(self.shard_batches) else None
+        # a record from before layouts were recorded: built in the fixed layout of one shard per group
+        layout = (self.shard_layouts[i] if i < len(self.shard_layouts) else None) or N_FEATURE_SHARDS
+        if recorded is None:
+            return f"feature tables f{i} of {self.sae_name!r} were never built"
+        if recorded != self.checkpoint:
+            return (f"feature tables f{i} of {self.sae_name!r} describe checkpoint {recorded}, not the "
+                    f"current {self.checkpoint}")
+        if layout != len(self.shards):
+            return (f"feature tables f{i} of {self.sae_name!r} were built as one of {layout} feature shards, not "
+                    f"of the {len(self.shards)} planned now (resources.features.config.memory_budget_bytes)")
+        if self.batches is not None and described != self.batches:
+            return f"feature tables f{i} of {self.sae_name!r} " + _batch_change(described, self.batches)
+        return None
 
     def browser_behind(self) -> list[str]:
         """Why the browser, by its own record, does not show the current checkpoint over every batch
@@ -173,34 +189,43 @@ class FeatureState:
                     f"not the current {self.checkpoint}"]
         if self.batches is not None and self.browser_batches != self.batches:
             return [f"the feature browser of {self.sae_name!r} " + _batch_change(self.browser_batches, self.batches)]
+        if self.browser_shards != len(self.shards):  # its pages, windows and lineage are another layout's
+            return [f"the feature browser of {self.sae_name!r} shows {self.browser_shards} feature shards, not the "
+                    f"{len(self.shards)} planned now (resources.features.config.memory_budget_bytes)"]
         return []
 
 
-def feature_state(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> FeatureState:
+def feature_state(store: ArtifactStore, sae_name: str, n_feature_shards: int | None = None) -> FeatureState:
     """What the feature tables (their lineage records) and the browser (its site record) of
-    ``sae_name`` pin, beside its current checkpoint and the batches of its shuffled store."""
+    ``sae_name`` pin, beside its current checkpoint and the batches of its shuffled store.
+    ``n_feature_shards``: the layout the tables must have (the feature stages pass the one they
+    plan, ``feature_layout.plan_layout``); None: the layout the stored tables record
+    (``lineage.recorded_shard_count``), for readers without feature settings."""
     checkpoint = checkpoint_version(store, sae_name)
-    lineages = [_lineage(store, lineage_record_path(store, sae_name, i)) for i in range(n_feature_shards)]
+    n_shards = recorded_shard_count(store, sae_name) if n_feature_shards is None else n_feature_shards
+    lineages = [_lineage(store, lineage_record_path(store, sae_name, i)) for i in range(n_shards)]
     site = site_record(store, browser_dir(store, sae_name))
     return FeatureState(sae_name, checkpoint, tuple(pinned_checkpoint(lineage) for lineage in lineages),
                         pinned_checkpoint(site), store_batches(store, sae_name) if checkpoint else None,
-                        tuple(described_batches(lineage) for lineage in lineages), described_batches(site))
+                        tuple(described_batches(lineage) for lineage in lineages), described_batches(site),
+                        tuple(recorded_layout_shards(lineage) for lineage in lineages), shown_shards(site))
 
 
-def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: int) -> list[str]:
+def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: int | None) -> list[str]:
     """Why the feature tables, context windows or browser of ``sae_name`` do not describe its current
     checkpoint; empty when they all do."""
     return feature_state(store, sae_name, n_feature_shards).behind()
 
 
-def sae_chain_state(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> ChainState:
+def sae_chain_state(store: ArtifactStore, sae_name: str, n_feature_shards: int | None = None) -> ChainState:
     """``chain_state`` for a trained SAE, with the shuffle it was trained on as ``shuffle_name``
-    (the base name of its hook point's store): what ``sae-platform status`` shows per SAE."""
+    (the base name of its hook point's store): what ``sae-platform status`` shows per SAE
+    (``n_feature_shards`` None: the layout its stored tables record, ``feature_state``)."""
     return chain_state(store, shuffle_name=hook_store_base(trained_on(store, sae_name)), sae_name=sae_name,
                        n_feature_shards=n_feature_shards)
 
 
-def sae_stale_reasons(store: ArtifactStore, sae_name: str, n_feature_shards: int = N_FEATURE_SHARDS) -> list[str]:
+def sae_stale_reasons(store: ArtifactStore, sae_name: str, n_feature_shards: int | None = None) -> list[str]:
     """``stale_reasons`` for a trained SAE (``sae_chain_state``)."""
     return sae_chain_state(store, sae_name, n_feature_shards).behind()
 
@@ -289,7 +314,8 @@ def refresh_plan(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_fe
                  "batch(es), the browser")
     steps.append("the exports (" + ", ".join(EXPORT_STAGES) + ")")
     timed += [("feature_stats_partial", _mean_seconds(store, "feature_stats_partial") * len(new) if new else 0.0),
-              *((s, _mean_seconds(store, s) * n_feature_shards) for s in (*TABLE_STAGES, *llm)),
+              *((s, _mean_seconds(store, s) * min(n_feature_shards, N_FEATURE_SHARDS))  # a record per group
+                for s in (*TABLE_STAGES, *llm)),
               *((s, _mean_seconds(store, s) * len(cached)) for s in BATCH_STAGES),
               ("feature_browser", _last_seconds(store, "feature_browser")),
               *((s, _last_seconds(store, s)) for s in EXPORT_STAGES)]

@@ -10,8 +10,12 @@ from sae_platform.errors import StorageError
 from sae_platform.storage import ArtifactStore
 
 
-def feature_table_lineage(store: ArtifactStore, sae_name: str, shard_index: int, run_id: str | None = None) -> dict:
-    """SAE checkpoint → shuffled store → activation partitions → base model, for one feature shard."""
+def feature_table_lineage(store: ArtifactStore, sae_name: str, shard_index: int, run_id: str | None = None,
+                          layout: dict | None = None) -> dict:
+    """SAE checkpoint → shuffled store → activation partitions → base model, for one feature shard;
+    ``layout``: the feature-shard layout the shard was built in (``FeatureShardPlan.describe``),
+    recorded as ``feature_layout`` so that every reader of the tables finds the shard count there
+    (``recorded_shard_count``) and a changed layout shows as stale tables."""
     tables = store.pointer(catalog.tables_name(sae_name, shard_index))
     if tables is None:
         raise StorageError(f"feature tables of {sae_name!r} shard {shard_index} do not exist",
@@ -42,7 +46,27 @@ def feature_table_lineage(store: ArtifactStore, sae_name: str, shard_index: int,
         "base_model": {"model": attrs.get("model"), "hook_name": attrs.get("hook_name"),
                        "d_model": attrs.get("d_model"),
                        **({"hook_name_in": attrs["hook_name_in"]} if attrs.get("hook_name_in") else {})},
+        **({"feature_layout": dict(layout)} if layout else {}),
     }
+
+
+def recorded_layout_shards(lineage: dict | None) -> int | None:
+    """The shard count a lineage record says its tables were built in; None for no record, or one
+    written before layouts were recorded (those were built in the fixed ``catalog.N_FEATURE_SHARDS``
+    layout)."""
+    shards = ((lineage or {}).get("feature_layout") or {}).get("n_shards")
+    return int(shards) if isinstance(shards, int) and shards >= 1 else None
+
+
+def recorded_shard_count(store: ArtifactStore, sae_name: str) -> int:
+    """How many feature shards the stored tables of ``sae_name`` are cut into, as shard 0's lineage
+    record says (every layout has a shard 0, built by group 0); ``catalog.N_FEATURE_SHARDS`` when
+    no record names one (none built yet, or built before layouts were recorded). Why: readers of
+    the tables (``sae-platform status``, ``browse``, ``lineage --shard``) have no feature settings to
+    plan with, and must see the layout the tables were built in."""
+    path = catalog.lineage_record_path(store, sae_name, 0)
+    recorded = recorded_layout_shards(store.read_json(path)) if store.fs.exists(path) else None
+    return recorded or catalog.N_FEATURE_SHARDS
 
 
 def _shuffled_index(store: ArtifactStore, shuffle_name: str | None) -> dict:

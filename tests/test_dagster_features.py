@@ -1,10 +1,12 @@
 """Feature tables through Dagster on a tiny model: passes 1-3, the exactness check, lineage and the browser."""
 
+import dataclasses
 import inspect
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from dagster import AssetKey, DagsterInstance, Definitions
@@ -13,16 +15,20 @@ from assets import ASSETS, STAGES
 from assets import features as features_assets
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from jobs.cli import build_features
+from jobs.cli.status import _print_features
 from jobs.definitions import ASSET_JOBS, build_resources
 from jobs.settings import Settings
 from resources import BaseModelResource, LLMExplainerResource, stage_resource
 from sae_platform import contexts as ctx
 from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file
-from sae_platform.catalog import neuronpedia_name
+from sae_platform.catalog import logits_name, neuronpedia_name
 from sae_platform.corpus import list_source
+from sae_platform.feature_layout import planned_layout, planned_shards
 from sae_platform.feature_merge import read_tables
-from sae_platform.lineage import feature_table_lineage, format_lineage
+from sae_platform.features import FeatureSettings
+from sae_platform.freshness import feature_state, stale_reasons
+from sae_platform.lineage import feature_table_lineage, format_lineage, recorded_layout_shards, recorded_shard_count
 from sae_platform.llm_explain import serve_chat
 from sae_platform.metrics import explanations_current, read_explanations
 from sae_platform.neuronpedia import check_record, export_current, read_export
@@ -229,3 +235,82 @@ def test_a_failing_explainer_blocks_nothing_and_shows_no_secret(pipeline, store,
     logged = "\n".join(str(entry) for run in instance.get_runs() for entry in instance.all_logs(run.run_id))
     assert "cannot be reached" in logged and "no LLM explanation" in logged
     assert "pa55word" not in logged + reported and KEY not in logged + reported
+
+
+# -- feature shards sized by the memory budget: 8 shards over the 4 shard groups ----------------------
+
+def _tables_by_feature(store, n_shards: int) -> dict[str, pl.DataFrame]:
+    """Every table of every shard, concatenated in shard (so latent) order."""
+    shards = range(n_shards)
+    logits = [store.read_parquet(f"{store.resolve(logits_name(SAE, i))}/logit_effects.parquet") for i in shards]
+    return {"stats": pl.concat([read_tables(store, SAE, i).stats for i in shards]),
+            "examples": pl.concat([read_tables(store, SAE, i).examples for i in shards]),
+            "windows": pl.concat([ctx.read_feature_contexts(store, SAE, i) for i in shards]),
+            "explanations": pl.concat([read_explanations(store, SAE, i) for i in shards]),
+            "logits": pl.concat(logits)}
+
+
+def _eight_shard_budget(store) -> int:
+    """A job memory budget that plans 8 feature shards for the fixture's SAE: the planned job bytes
+    of its 8-shard layout, which its 4-shard jobs exceed."""
+    four = planned_layout(store, FeatureSettings(sae_name=SAE, top_k=5, reservoir_factor=4))
+    assert four.n_shards == 4  # the default budget: one shard per group
+    return dataclasses.replace(four, n_shards=8).job_bytes
+
+
+def test_a_smaller_budget_runs_eight_shards_in_four_groups_with_the_same_tables(pipeline, store, capsys):
+    """Shards are sized by resources.features.config.memory_budget_bytes: with a budget for 8 shards
+    each group runs two (f0: shards 0 and 4), every reader follows the recorded layout, and every
+    table equals the 4-shard run's. Changing the budget makes the 4-shard tables stale."""
+    defs, instance = pipeline
+    assert build_features(instance, defs, SAE)
+    four = _tables_by_feature(store, 4)
+    budget = _eight_shard_budget(store)
+    settings = FeatureSettings(sae_name=SAE, top_k=5, reservoir_factor=4, memory_budget_bytes=budget)
+    assert planned_shards(store, settings) == 8
+    behind = stale_reasons(store, shuffle_name="main", sae_name=SAE, n_feature_shards=8)
+    assert "feature tables f0 of 'topk-4k-k32' were built as one of 4 feature shards, not of the 8" in behind[0]
+    assert "feature tables f4 of 'topk-4k-k32' were never built" in behind
+
+    resources = {**defs.resources, "features": stage_resource(
+        "features", {"sae_name": SAE, "top_k": 5, "reservoir_factor": 4, "device": "cpu",
+                     "memory_budget_bytes": budget})}
+    assert build_features(instance, Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources), SAE)
+    for index in range(8):
+        assert tuple(read_tables(store, SAE, index).meta[k] for k in ("start", "stop")) == (32 * index,
+                                                                                           32 * index + 32)
+    eight = _tables_by_feature(store, 8)
+    for name, frame in four.items():  # top-K, random and interval examples, windows, … bit for bit
+        matmul = [c for c in ("top_scores", "bottom_scores", "neighbor_cosines") if c in frame.columns]
+        assert frame.drop(matmul).equals(eight[name].drop(matmul)), name
+        for column in matmul:  # decoder products: a matmul of another shape may round the last bit otherwise
+            assert np.allclose(frame[column].explode().to_numpy(), eight[name][column].explode().to_numpy(),
+                               rtol=1e-5, atol=1e-6), column
+    pass_2 = instance.fetch_materializations(AssetKey("feature_topk"), limit=1).records[0]
+    meta = {k: v.value for k, v in pass_2.asset_materialization.metadata.items()}
+    assert (meta["feature_shards"], meta["shards_per_group"], meta["latents_per_shard"]) == (8, 2, 32)
+    assert meta["planned_job_bytes"] <= budget and meta["features"].count("[") == 2
+
+    # every reader sees the 8 shards: freshness and status, the browser, the Neuronpedia export
+    assert recorded_shard_count(store, SAE) == 8
+    assert stale_reasons(store, shuffle_name="main", sae_name=SAE, n_feature_shards=8) == []
+    assert feature_state(store, SAE).tables_behind() == [] and len(feature_state(store, SAE).shards) == 8
+    _print_features(store, SAE)
+    assert "8 of 8 feature shard(s) built" in capsys.readouterr().out
+    site = store.path("browser", SAE)
+    data = json.loads(open(f"{site}/site.json").read())["data"]
+    index = json.loads(open(f"{site}/{data}/index.json").read())
+    assert index["n_features"] == 256 and len(index["shard_lineage"]) == 8
+    assert [int(f["index"]) for f in read_export(store, SAE)["features"]] == list(range(256))
+
+    # a group resumes at its next shard: shard 0 committed, shard 4's record lost (a crash) → only 4 again
+    kept = store.pointer(f"features/{SAE}/tables/f0")["version"]
+    store.fs.rm(store.path("features", SAE, "lineage", "f4.json"))
+    redone = store.pointer(f"features/{SAE}/tables/f4")["version"]
+    job = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources).resolve_job_def("feature_pass_2")
+    assert job.execute_in_process(instance=instance, partition_key="f0",
+                                  run_config={"resources": {"features": {"config": {"sae_name": SAE}}}}).success
+    assert store.pointer(f"features/{SAE}/tables/f0")["version"] == kept
+    assert store.pointer(f"features/{SAE}/tables/f4")["version"] != redone
+    assert recorded_layout_shards(json.loads(store.fs.cat_file(store.path("features", SAE, "lineage", "f4.json"))))\
+        == 8

@@ -18,10 +18,12 @@ from sae_platform import features as F
 from sae_platform import sharded_checkpoint as sc
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.feature_check import brute_force_check
+from sae_platform.feature_layout import plan_layout
 from sae_platform.feature_merge import build_feature_tables, merge_shard_tables, merge_stored_shard, write_tables
 from sae_platform.feature_plan import FeaturePlanError, plan_feature_shards
 from sae_platform.logits import decoder_logit_effects, logit_effects
 from sae_platform.sae import SparseAutoencoder
+from sae_platform.settings import SettingsError
 from sae_platform.storage import ArtifactStore
 from sae_platform.synthetic import SyntheticTokenizer
 from tests.test_features import N_LATENTS, all_tables, make_dataset, make_sae
@@ -151,6 +153,27 @@ def test_the_planner_keeps_todays_layout_for_small_saes_and_fits_the_budget_for_
     with pytest.raises(FeaturePlanError, match="shard by shard"):
         plan_feature_shards(1 << 20, batch_tokens=0, memory_budget_bytes=2 * GiB, n_groups=4, sae_bytes=2 * GiB,
                             **DEFAULTS)
+
+
+def test_the_default_budget_keeps_the_demo_at_four_shards_and_cuts_a_million_latents_into_sixteen():
+    """resources.features.config.memory_budget_bytes (2 GiB) sizes the layout every feature stage
+    follows: the demo's 16,384-latent TopK SAE (d_model 576, k 32, 160 x 128-token batches) keeps one
+    shard per group, 2^20 latents at d_model 64 get 16 shards of 65,536, four per group."""
+    demo = plan_layout({"variant": "topk", "n_latents": 16_384, "d_model": 576, "k": 32}, F.FeatureSettings(),
+                       batch_tokens=160 * 128)
+    assert (demo.n_shards, demo.shards_per_group, demo.group_shards(2)) == (4, 1, [2])
+    wide = plan_layout({"variant": "topk", "n_latents": 1 << 20, "d_model": 64, "k": 32}, F.FeatureSettings(),
+                       batch_tokens=160 * 128)
+    assert (wide.n_shards, wide.latents_per_shard, wide.group_shards(1)) == (16, 65_536, [1, 5, 9, 13])
+    assert wide.job_bytes <= F.FeatureSettings().memory_budget_bytes
+    # a dense variant's pass 2 loads the whole SAE: less room per shard, more shards
+    dense = plan_layout({"variant": "relu", "n_latents": 1 << 20, "d_model": 64}, F.FeatureSettings(),
+                        batch_tokens=160 * 128)
+    assert dense.n_shards > wide.n_shards and dense.n_shards % 4 == 0
+    with pytest.raises(SettingsError, match="resources.features.config.memory_budget_bytes"):
+        F.FeatureSettings(memory_budget_bytes=100 << 20)  # below the 400 MiB a job holds before any shard
+    with pytest.raises(FeaturePlanError, match="memory_budget_bytes"):  # the whole SAE alone is over budget
+        plan_layout({"variant": "relu", "n_latents": 1 << 24, "d_model": 64}, F.FeatureSettings(), batch_tokens=0)
 
 
 def test_the_planner_names_a_budget_too_small_for_one_latent():

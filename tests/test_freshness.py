@@ -7,7 +7,7 @@ from sae_platform import catalog
 from sae_platform import shuffle as sh
 from sae_platform.activations import CacheSettings, cache_text_file
 from sae_platform.corpus import list_source
-from sae_platform.freshness import stale_reasons
+from sae_platform.freshness import FeatureState, stale_reasons
 from sae_platform.trainer import TrainSettings, train_sae
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"]
@@ -136,3 +136,22 @@ def test_the_browser_warns_while_a_cached_batch_is_not_in_it(tmp_path, tiny_mode
     assert latest().evaluation.passed
     assert "topk-4k-k32 downstream of the cached activations: current" in status()
     assert latest().evaluation.passed and tick(result.cursor).skip_message
+
+
+def test_tables_of_another_feature_shard_layout_are_behind_never_mixed():
+    """A changed memory budget that changes the shard count makes every table of the old layout stale
+    (its shards cover other latents); a record from before layouts were recorded counts as the fixed
+    one-shard-per-group layout it was built in."""
+    mixed = FeatureState("run", "v1", ("v1",) * 8, "v1", shard_layouts=(4,) * 4 + (8,) * 4)
+    assert mixed.tables_behind() == [
+        f"feature tables f{i} of 'run' were built as one of 4 feature shards, not of the 8 planned now "
+        "(resources.features.config.memory_budget_bytes)" for i in range(4)]
+    rebuilt = FeatureState("run", "v1", ("v1",) * 8, "v1", shard_layouts=(8,) * 8)
+    assert rebuilt.tables_behind() == []
+    # the browser still shows the 4-shard layout: behind, so every feature stage runs until it is rebuilt
+    assert rebuilt.browser_behind() == ["the feature browser of 'run' shows 4 feature shards, not the 8 planned now "
+                                        "(resources.features.config.memory_budget_bytes)"]
+    assert FeatureState("run", "v1", ("v1",) * 8, "v1", shard_layouts=(8,) * 8, browser_shards=8).behind() == []
+    assert FeatureState("run", "v1", ("v1",) * 4, "v1", shard_layouts=(None,) * 4).tables_behind() == []
+    assert FeatureState("run", "v1", ("v1",) * 8, "v1", shard_layouts=(None,) * 8).shard_behind(7).startswith(
+        "feature tables f7 of 'run' were built as one of 4 feature shards")

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     add_vector_parser(commands)
     lineage = commands.add_parser("lineage", help="upstream lineage of a feature table")
     lineage.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))
-    lineage.add_argument("--shard", type=int, default=0, help="feature shard (a quarter of the SAE's latents)")
+    lineage.add_argument("--shard", type=int, default=0,
+                         help="feature shard: 0 … n-1, n as the tables were cut (`sae-platform status`)")
     lineage.set_defaults(func=cmd_lineage)
     browse = commands.add_parser("browse", help="serve the feature browser on localhost")
     browse.add_argument("--sae", default=None, help=DEPLOYED.format("features", "sae_name"))

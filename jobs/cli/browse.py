@@ -14,15 +14,20 @@ def cmd_lineage(args) -> int:
     once, without Dagster or torch (the record already names the Dagster run that built the tables)."""
     from jobs.asset_graph import ASSET_PARENTS
     from jobs.cli.common import deployed_store_and_sae
-    from sae_platform.catalog import N_FEATURE_SHARDS
-    from sae_platform.lineage import format_asset_edges, format_lineage, lineage_with_current_shuffle
+    from sae_platform.lineage import (
+        format_asset_edges,
+        format_lineage,
+        lineage_with_current_shuffle,
+        recorded_shard_count,
+    )
 
-    if not 0 <= args.shard < N_FEATURE_SHARDS:
-        sys.exit(f"error: there is no feature shard {args.shard}: shards are 0–{N_FEATURE_SHARDS - 1} "
-                 f"(--shard N, one per quarter of the SAE's latents)")
     store, deployed_sae = deployed_store_and_sae()
     args.sae = args.sae or deployed_sae
     _require_sae_with_tables(store, args.sae)
+    n_shards = recorded_shard_count(store, args.sae)  # the layout the stored tables were built in
+    if not 0 <= args.shard < n_shards:
+        sys.exit(f"error: there is no feature shard {args.shard}: shards are 0–{n_shards - 1} (the tables of "
+                 f"{args.sae!r} are cut into {n_shards} shards, as `sae-platform status` counts them; --shard N)")
     print(format_lineage(lineage_with_current_shuffle(store, args.sae, args.shard)))
     print("\nasset graph upstream of feature_topk (each asset ← the assets it reads):")
     print(format_asset_edges(ASSET_PARENTS, "feature_topk"))

@@ -80,7 +80,14 @@ import numpy as np
 import polars as pl
 
 from sae_platform.browser.index_files import index_files
-from sae_platform.catalog import ABSORPTION_CHART, batches_pin, checkpoint_pin, pinned_checkpoint, reports_url_path
+from sae_platform.catalog import (
+    ABSORPTION_CHART,
+    SHARDS_PIN,
+    batches_pin,
+    checkpoint_pin,
+    pinned_checkpoint,
+    reports_url_path,
+)
 from sae_platform.errors import PlatformError
 from sae_platform.metric_info import metric_info_json
 from sae_platform.plots import absorption_png
@@ -611,8 +618,9 @@ def site_parts(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
     digest = {name: hashlib.sha256(body).hexdigest()[:12] for name, body in static.items()}
     files["index.html"] = INDEX_HTML.format(csp=CSP, css_hash=digest["app.css"], js_hash=digest["app.js"],
                                             steer_hash=digest["steer.js"]).encode()
-    # the checkpoint and batches the site shows (freshness reads them)
-    pin = {**checkpoint_pin(pinned_checkpoint(lineage)), **batches_pin(lineage), "figures_version": figures_version}
+    # the checkpoint, batches and feature-shard layout the site shows (freshness reads them)
+    pin = {**checkpoint_pin(pinned_checkpoint(lineage)), **batches_pin(lineage), SHARDS_PIN: len(placed),
+           "figures_version": figures_version}
     files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(sae_name), **pin})  # last: the switch
     yield None, files
 
