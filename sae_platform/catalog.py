@@ -70,6 +70,7 @@ ABSORPTION_REPORT = "absorption.json"  # absorption/<sae_name>: the result (or t
 ABSORPTION_CHART = "absorption_by_letter.png"  # reports/<sae_name>: the per-letter bar chart (and the browser's copy)
 # absorption/<sae_name>: the result in SAEBench's AbsorptionEvalOutput schema (only when scored)
 SAEBENCH_ABSORPTION = "absorption_first_letter_eval_results.json"
+HELDOUT_ROWS_FILE = "heldout_rows.json"  # sae/<sae_name>: which rows the checkpoint never trained on (heldout.py)
 SHUFFLED_INDEX = "index.json"  # shuffled/<name>: pinned inputs, plan, pieces, store_index
 LOGIT_EFFECTS = "logit_effects.parquet"  # features/<sae_name>/logits/f<shard>
 LLM_EXPLANATIONS_FILE = "llm_explanations.parquet"  # features/<sae_name>/llm_explanations/f<shard>
