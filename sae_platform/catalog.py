@@ -710,9 +710,14 @@ def rebuild_fix(store, name: str) -> str:
     """The fix for a damaged or incomplete artifact ``name``: delete it (a stage skips an artifact
     that is committed and current) and re-run the stage that writes it, by its CLI command."""
     prefix, _, rest = name.partition("/")
+    return f"delete {store.url(store.path(name))} and re-run the stage that writes it: {writing_stage(name)}"
+
+
+def writing_stage(name: str) -> str:
+    """The CLI command that writes artifact ``name`` again (e.g. ``sae-platform backfill alpha``)."""
+    prefix, _, rest = name.partition("/")
     command = _WRITING_STAGE.get(prefix, "re-materialize the asset that writes it (Dagster UI)")
-    return (f"delete {store.url(store.path(name))} and re-run the stage that writes it: "
-            f"{command.format(first=rest.split('/', 1)[0])}")
+    return command.format(first=rest.split("/", 1)[0])
 
 
 # -- the feature browser and stage records ----------------------------------------------------
