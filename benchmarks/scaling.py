@@ -62,6 +62,8 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the package importable without installing it
     sys.path.insert(0, str(REPO))
@@ -488,7 +490,7 @@ def curves(results: dict[str, list[dict]], size: str) -> dict[str, tuple[list, l
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the QUICK sizes: under a minute on 2 cores")
     parser.add_argument("--tokens", type=int, help="1x of the token sweep (a multiple of --ctx-len)")
     parser.add_argument("--token-latents", type=int, help="SAE width of the token sweep")
@@ -499,17 +501,17 @@ def parse_args(argv=None):
     parser.add_argument("--ctx-len", type=int, help="tokens per context (default 128)")
     parser.add_argument("--batch-size", type=int, help="contexts per forward pass when caching (default 16)")
     parser.add_argument("--shuffle-budget", type=int, help="the shuffle's memory budget in bytes (default 17 MiB)")
-    parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source (default: %(default)s)")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source")
     parser.add_argument("--model-root", default=str(REPO / ".cache" / "bench_artifacts"),
-                        help="persistent artifact root holding the converted base model (default: %(default)s)")
+                        help="persistent artifact root holding the converted base model")
     parser.add_argument("--corpus", default=str(REPO / "data" / "demo_corpus"),
-                        help="directory of .txt files the text is cut from (default: %(default)s)")
+                        help="directory of .txt files the text is cut from")
     parser.add_argument("--layer", type=int, default=None,
                         help="hook layer (default: the middle layer, as the pipeline); the forward stops there")
     parser.add_argument("--autocast", default="auto", help="caching forward's autocast (sae_platform.model)")
     parser.add_argument("--plot", help="write the figure here (e.g. docs/scaling.png)")
     parser.add_argument("--sweeps", default="tokens,latents", type=lambda v: v.split(","),
-                        help="which sweeps to run: tokens, latents or both (default: %(default)s)")
+                        help="which sweeps to run: tokens, latents or both")
     parser.add_argument("--record", help="append each stage's figures to this JSON-lines file as it ends")
     parser.add_argument("--from-record", help="measure nothing: print the figures (and --plot) of a --record file")
     args = parser.parse_args(argv)
