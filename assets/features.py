@@ -41,7 +41,7 @@ from sae_platform.feature_merge import (
     write_tables,
 )
 from sae_platform.feature_plan import FeatureShardPlan
-from sae_platform.freshness import feature_state, features_behind, refresh_plan, stale_reasons
+from sae_platform.freshness import browser_figures_behind, feature_state, features_behind, refresh_plan, stale_reasons
 from sae_platform.ground_truth import synthetic_heldout_codes
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
@@ -636,13 +636,12 @@ def write_browser(run: StageRun) -> dict:
 def browser_current(run: StageRun) -> str | None:
     """The browser is up to date while the feature tables describe the current checkpoint
     (``tables_current``) and its overview shows the SAE's current figures: an evaluation, sparse
-    probing or absorption committed after the site was built makes it stale."""
+    probing or absorption committed after the site was built makes it stale
+    (``freshness.browser_figures_behind``, the rule `sae-platform status` shows too)."""
     tables = tables_current(run)
     if tables is None:
         return None
-    name = _settings(run).sae_name
-    shown = (site_record(run.store, catalog.browser_dir(run.store, name)) or {}).get("figures_version")
-    if shown != figures_version(run.store, [name]):
+    if browser_figures_behind(run.store, _settings(run).sae_name):
         return None
     return f"{tables}, and its overview shows the current evaluation, sparse probing and absorption"
 

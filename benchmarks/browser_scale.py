@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -183,7 +185,7 @@ def site_bytes(site: Path) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2^16 features instead of 2^20")
     parser.add_argument("--features", type=int, help="features of the synthetic SAE (default 2^20; 2^16 quick)")
     parser.add_argument("--repeats", type=int, help="runs per figure (default 3; 1 quick)")

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -71,12 +73,12 @@ def measure(args, text: Path, model_dir: str, root: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model (< 1 minute on 2 cores)")
-    parser.add_argument("--small-mb", type=int, default=1)
-    parser.add_argument("--large-mb", type=int, default=50)
-    parser.add_argument("--max-contexts", type=int, default=160)
-    parser.add_argument("--ctx-len", type=int, default=128)
+    parser.add_argument("--small-mb", type=int, default=1, help="size of the small text file in MB")
+    parser.add_argument("--large-mb", type=int, default=50, help="size of the large text file in MB")
+    parser.add_argument("--max-contexts", type=int, default=160, help="contexts cached from each file")
+    parser.add_argument("--ctx-len", type=int, default=128, help="tokens per context")
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)

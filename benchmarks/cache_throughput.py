@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the package importable without installing it
     sys.path.insert(0, str(REPO))
@@ -60,19 +62,19 @@ GOAL_BYTES_OVERHEAD = 1.05  # stored bytes / raw activation bytes (index arrays,
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few tokens and repeats: < 1 minute on 2 CPU cores")
     parser.add_argument("--root", default=str(REPO / ".cache" / "bench_artifacts"),
-                        help="persistent artifact root holding the converted base model (default: %(default)s)")
+                        help="persistent artifact root holding the converted base model")
     parser.add_argument("--corpus", default=str(REPO / "data" / "demo_corpus"),
-                        help="directory of .txt files the benchmark text is cut from (default: %(default)s)")
-    parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source (default: %(default)s)")
+                        help="directory of .txt files the benchmark text is cut from")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source")
     parser.add_argument("--layer", type=int, default=None, help="hook layer (default: the middle layer)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--autocast", default="auto", help=AUTOCAST_HELP)
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored activation dtype")
-    parser.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default: %(default)s)")
-    parser.add_argument("--ctx-len", type=int, default=128, help="tokens per context (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
+    parser.add_argument("--ctx-len", type=int, default=128, help="tokens per context")
     parser.add_argument("--batches", type=int, default=None, help="forward batches per timed run (quick: 3, else 8)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs of each side (quick: 3, else 5)")
     parser.add_argument("--no-early-stop", action="store_true", help="skip the full-model vs early-exit comparison")

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 CIRCUIT_TRACER_PYTHON = os.environ.get("CIRCUIT_TRACER_PYTHON", "/work/venvs/circuit-tracer/bin/python")
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 PROMPT = "The quick brown fox jumps over the lazy dog because the dog was sleeping in the sun today"
@@ -174,13 +176,14 @@ def load(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", help="a local Llama-layout Hugging Face folder, or smollm2 (the embedded "
                         "SmolLM2-135M); default: a tiny random Llama")
     parser.add_argument("--tokens", type=int, default=16, help="prompt length in tokens")
     parser.add_argument("--latents", type=int, default=64, help="latents per transcoder")
     parser.add_argument("--max-feature-nodes", type=int, default=None)
-    parser.add_argument("--phase", choices=("both", "export", "load"), default="both")
+    parser.add_argument("--phase", choices=("both", "export", "load"), default="both",
+                        help="export the transcoders, load them in circuit-tracer, or both")
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     parser.add_argument("--store", help="a local artifact root holding a trained set that circuit_tracer_export "
                                         "committed (with --set and --model smollm2): check that set, not a "

@@ -54,6 +54,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 
@@ -391,7 +393,7 @@ def lines_for(args, prepared: dict, o: dict, p: dict, overlap: dict, common: dic
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4k tokens, 256 features")
     parser.add_argument("--contexts", type=int, default=None, help="contexts of 128 tokens")
     parser.add_argument("--latents", type=int, default=None, help="SAE latents = features given dashboards")

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_help import HelpFormatter
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -109,7 +110,7 @@ def run(side: str, frame, held, pos, feat, n_features):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--features", type=int, default=None)
     parser.add_argument("--heldout-contexts", type=int, default=N_CTX, help="held-out contexts of 128 tokens")

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_help import HelpFormatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -153,10 +154,10 @@ def peak_rss_bytes() -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2^16 latents, one batch of 2,048 tokens")
     parser.add_argument("--latents", type=int, default=None)
-    parser.add_argument("--shards", type=int, default=GOAL_SHARDS, help="feature shards (the goal's layout: 16)")
+    parser.add_argument("--shards", type=int, default=GOAL_SHARDS, help="feature shards (the goal's layout)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per batch")
     parser.add_argument("--batch-rows", type=int, default=None, help="rows per encode (pre-activations: x latents)")
     parser.add_argument("--pass2-only", action="store_true",

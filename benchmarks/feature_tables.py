@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_help import HelpFormatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -242,14 +243,14 @@ def run_worker(side: str, partition: str, args, root: str, sae_path: str) -> dic
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="12.5k / 50k tokens, 1 run per side and size")
     parser.add_argument("--tokens", type=int, default=None, help="tokens of the small partition (large = 4x)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--batch-rows", type=int, default=1024)
+    parser.add_argument("--batch-rows", type=int, default=1024, help="token rows encoded at once, both sides")
     parser.add_argument("--feature-batch", type=int, default=4096,
                         help="baseline features per dense [tokens, features] matrix")
-    parser.add_argument("--baseline-batches", type=int, default=1)
+    parser.add_argument("--baseline-batches", type=int, default=1, help="passes of the baseline over the batch")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's mmap threshold alone (peaks then include its retained free blocks)")
     parser.add_argument("--worker", choices=["streaming", "baseline", *STAGE_SIDES], help=argparse.SUPPRESS)

@@ -51,6 +51,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 for path in (REPO, REPO / "benchmarks"):  # run as a script: the package and train_throughput importable
     if str(path) not in sys.path:
@@ -400,11 +402,11 @@ FIGURES = (
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, cpu (default: %(default)s)")
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: the CPU smoke test (< 60 s on 2 cores)")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help="no figure starts after this many seconds (default: %(default)s)")
+                        help="no figure starts after this many seconds")
     parser.add_argument("--only", nargs="+", choices=[name for name, _, _ in FIGURES],
                         help="measure only these figures (default: all)")
     return parser.parse_args(argv)

@@ -48,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the package importable without installing it
     sys.path.insert(0, str(REPO))
@@ -74,14 +76,14 @@ PEER_READ_IS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few batches and repeats: < 1 minute on 2 CPU cores")
     parser.add_argument("--root", default=str(REPO / ".cache" / "bench_artifacts"),
-                        help="persistent artifact root holding the converted base model (default: %(default)s)")
-    parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source (default: %(default)s)")
+                        help="persistent artifact root holding the converted base model")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source")
     parser.add_argument("--hook-points", nargs="+", default=None,
                         help="hook points (default: attn_out, mlp_out and resid_post of the middle block)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--autocast", default="auto", help=AUTOCAST_HELP)
     parser.add_argument("--batch-size", type=int, default=None, help="contexts per forward pass (default 16)")
     parser.add_argument("--ctx-len", type=int, default=None, help="tokens per context (default 128)")

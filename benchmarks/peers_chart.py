@@ -21,6 +21,8 @@ import re
 import sys
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_OUT = REPO / "docs" / "peers.png"
@@ -98,9 +100,9 @@ def draw(grouped: dict[str, list[dict]], out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("files", nargs="*", type=Path, help="JSON-lines files (default: benchmarks/results/*.jsonl)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="PNG to write (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="PNG to write")
     args = parser.parse_args(argv)
     files = args.files or sorted(RESULTS.glob("*.jsonl"))
     lines = peer_lines(files)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_help import HelpFormatter
 
 from sae_platform.catalog import model_name
 from sae_platform.core_metrics import frequency_figures, geometry_figures, latent_geometry
@@ -147,11 +148,12 @@ def ours(store, sae_name: str, hooked, sae, tokens: np.ndarray, hook: str) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("root")
     parser.add_argument("sae_name")
     parser.add_argument("holdout_file")
-    parser.add_argument("--saebench-python", default="/work/venvs/sae-bench/bin/python")
+    parser.add_argument("--saebench-python", default="/work/venvs/sae-bench/bin/python",
+                        help="the Python of the environment SAEBench is installed in")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--contexts", type=int, default=None,
                         help="held-out contexts to compare on (default: the evaluation's ce_contexts); fewer on a "

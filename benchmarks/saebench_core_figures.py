@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_help import HelpFormatter
 
 from sae_platform.corpus import TextFile, read_documents, tokenize
 from sae_platform.evaluate import EvalSettings, evaluate_sae, heldout_ce_tokens
@@ -30,11 +31,11 @@ FIGURES = ("fvu", "explained_variance", "explained_variance_about_zero", "mse", 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("root")
     parser.add_argument("sae_name")
     parser.add_argument("holdout_file")
-    parser.add_argument("--shuffle", default="main")
+    parser.add_argument("--shuffle", default="main", help="the shuffled store the SAE was trained on")
     parser.add_argument("--ablation-tokens", type=int, default=None,
                         help="override EvalSettings' ablation_tokens (0 skips the slowest feature metric)")
     args = parser.parse_args()

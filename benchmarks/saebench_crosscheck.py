@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 SEED, D_MODEL, N_LATENTS, N_WORDS = 42, 16, 48, 400
 TEMPLATE, POSITION = "{word} has the first letter:", -6
 F1_SEQUENCES = [[0.5, 0.54, 0.56, 0.9], [0.9, 0.91, 0.95, 0.99], [0.2, 0.4, 0.6, 0.8], [0.7, 0.7, 0.8, 0.9]]
@@ -149,9 +151,11 @@ def compare(ours: dict, theirs: dict) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--side", choices=("ours", "saebench"), default="ours")
-    parser.add_argument("--saebench-python", default="/work/venvs/sae-bench/bin/python")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--side", choices=("ours", "saebench"), default="ours",
+                        help="which side this process computes (saebench: the subprocess in its environment)")
+    parser.add_argument("--saebench-python", default="/work/venvs/sae-bench/bin/python",
+                        help="the Python of the environment SAEBench is installed in")
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--work", default=None)
     args = parser.parse_args()

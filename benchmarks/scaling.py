@@ -82,6 +82,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the package importable without installing it
     sys.path.insert(0, str(REPO))
@@ -614,7 +616,7 @@ def curves(results: dict[str, list[dict]], size: str) -> dict[str, tuple[list, l
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the QUICK sizes: under a minute on 2 cores")
     parser.add_argument("--tokens", type=int, help="1x of the token sweep (a multiple of --ctx-len)")
     parser.add_argument("--token-latents", type=int, help="SAE width of the token sweep")
@@ -628,18 +630,18 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-bytes", type=int, help="bytes per chunk of the cached activations (default: the "
                                                         "platform's activations.CHUNK_BYTES)")
     parser.add_argument("--encode-rows", type=int, help="pass 1's token batch (default: the pipeline's)")
-    parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source (default: %(default)s)")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source")
     parser.add_argument("--model-root", default=str(REPO / ".cache" / "bench_artifacts"),
-                        help="persistent artifact root holding the converted base model (default: %(default)s)")
+                        help="persistent artifact root holding the converted base model")
     parser.add_argument("--corpus", default=str(REPO / "data" / "demo_corpus"),
-                        help="directory of .txt files the text is cut from (default: %(default)s)")
+                        help="directory of .txt files the text is cut from")
     parser.add_argument("--layer", type=int, default=None,
                         help="hook layer, where caching's forward stops (default: 1 with --quick, else the middle "
                              "layer, as the pipeline)")
     parser.add_argument("--autocast", default="auto", help="caching forward's autocast (sae_platform.model)")
     parser.add_argument("--plot", help="write the figure here (e.g. docs/scaling.png)")
     parser.add_argument("--sweeps", default="tokens,latents", type=lambda v: v.split(","),
-                        help="which sweeps to run: tokens, latents or both (default: %(default)s)")
+                        help="which sweeps to run: tokens, latents or both")
     parser.add_argument("--record", help="append each stage's figures to this JSON-lines file as it ends")
     parser.add_argument("--from-record", help="measure nothing: print the figures (and --plot) of a --record file")
     args = parser.parse_args(argv)

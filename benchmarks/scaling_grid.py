@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
-from sae_platform.catalog import load_sweep
+from sae_platform.catalog import checkpoint_version, load_sweep
 from sae_platform.evaluate import heldout_activation_batches, reconstruction_metrics
+from sae_platform.heldout import checkpoint_heldout
 from sae_platform.plots import scaling_laws_png
 from sae_platform.scaling import ScalingPoint, fit_scaling_laws, scaling_summary
+from sae_platform.shuffled import open_shuffled
 from sae_platform.storage import open_store
 from sae_platform.trainer import TrainSettings, load_sae, train_sae
 
@@ -34,7 +36,8 @@ for name, spec in sweep.items():
     settings = TrainSettings(**{**base, **spec})
     train_sae(store, "main", name, settings, log=lambda m: None)
     sae, cfg = load_sae(store, name)
-    m = reconstruction_metrics(sae, heldout_activation_batches(store, "main", cfg["training"]["holdout_rows"]))
+    heldout = checkpoint_heldout(store, name, checkpoint_version(store, name), cfg, open_shuffled(store, "main"))
+    m = reconstruction_metrics(sae, heldout_activation_batches(store, "main", heldout))
     points.append(ScalingPoint(name, settings.n_latents, settings.k, m["fvu"]))
     print(json.dumps({"sae": name, "n_latents": settings.n_latents, "k": settings.k, "fvu": m["fvu"], "l0": m["l0"],
                       "seconds": round(time.time() - t0, 1)}), flush=True)

@@ -62,6 +62,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_help import HelpFormatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -241,10 +242,10 @@ def big_shuffle(args, tmp: str) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~200 MB: under a minute")
     parser.add_argument("--mb", type=int, default=1024, help="input size in MB")
-    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--d-model", type=int, default=768, help="activation width of the synthetic rows")
     parser.add_argument("--buckets", type=int, default=8, help="K: buckets, and jobs of the naive shuffle")
     parser.add_argument("--repeats", type=int, default=9, help="runs per figure (medians)")
     parser.add_argument("--root", default=None, help="where to write (default: a temporary directory)")

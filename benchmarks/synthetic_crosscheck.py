@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from bench_help import HelpFormatter
 
 from sae_platform import ground_truth, synthetic
 
@@ -102,10 +103,10 @@ def noisy_true_dictionary(truth, noise: float = 0.5):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--root", help="artifact root where config/synthetic.yaml ran")
     parser.add_argument("--sae", default="syn-topk", help="a trained SAE of that root")
-    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--rows", type=int, default=8192, help="fresh synthetic rows each check draws")
     args = parser.parse_args()
     if args.root:
         from sae_platform.activations import activation_attrs

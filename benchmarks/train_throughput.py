@@ -67,6 +67,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_help import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the package importable without installing it
     sys.path.insert(0, str(REPO))
@@ -150,22 +152,22 @@ def peer_step(peer, name: str, data: str = "x"):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few rounds: < 1 minute on 2 CPU cores")
-    parser.add_argument("--batch", type=int, default=4096, help="rows per step (default: %(default)s)")
-    parser.add_argument("--d-model", type=int, default=576, help="activation width (default: %(default)s)")
-    parser.add_argument("--n-latents", type=int, default=16384, help="dictionary size (default: %(default)s)")
-    parser.add_argument("--k", type=int, default=32, help="active latents per row (default: %(default)s)")
-    parser.add_argument("--experts", type=int, default=8, help="Switch SAE experts (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=4096, help="rows per step")
+    parser.add_argument("--d-model", type=int, default=576, help="activation width")
+    parser.add_argument("--n-latents", type=int, default=16384, help="dictionary size")
+    parser.add_argument("--k", type=int, default=32, help="active latents per row")
+    parser.add_argument("--experts", type=int, default=8, help="Switch SAE experts")
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"timed rounds after the warm-up (quick: {QUICK_ROUNDS}, else 7)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all usable cores)")
     parser.add_argument("--quality-tokens", type=int, default=None,
                         help=f"(e) training budget per side (default: 614,400 as the demo; quick: "
                              f"{QUICK_QUALITY_TOKENS:,})")
     parser.add_argument("--quality-data", choices=("demo", "synthetic"), default="demo",
-                        help="(e)'s rows: the shuffled demo store (default) or seeded synthetic superposition rows")
+                        help="(e)'s rows: the shuffled demo store or seeded synthetic superposition rows")
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = QUICK_ROUNDS if args.quick else 7

@@ -70,6 +70,7 @@ ABSORPTION_REPORT = "absorption.json"  # absorption/<sae_name>: the result (or t
 ABSORPTION_CHART = "absorption_by_letter.png"  # reports/<sae_name>: the per-letter bar chart (and the browser's copy)
 # absorption/<sae_name>: the result in SAEBench's AbsorptionEvalOutput schema (only when scored)
 SAEBENCH_ABSORPTION = "absorption_first_letter_eval_results.json"
+HELDOUT_ROWS_FILE = "heldout_rows.json"  # sae/<sae_name>: which rows the checkpoint never trained on (heldout.py)
 SHUFFLED_INDEX = "index.json"  # shuffled/<name>: pinned inputs, plan, pieces, store_index
 LOGIT_EFFECTS = "logit_effects.parquet"  # features/<sae_name>/logits/f<shard>
 LLM_EXPLANATIONS_FILE = "llm_explanations.parquet"  # features/<sae_name>/llm_explanations/f<shard>
@@ -720,9 +721,14 @@ def rebuild_fix(store, name: str) -> str:
     """The fix for a damaged or incomplete artifact ``name``: delete it (a stage skips an artifact
     that is committed and current) and re-run the stage that writes it, by its CLI command."""
     prefix, _, rest = name.partition("/")
+    return f"delete {store.url(store.path(name))} and re-run the stage that writes it: {writing_stage(name)}"
+
+
+def writing_stage(name: str) -> str:
+    """The CLI command that writes artifact ``name`` again (e.g. ``sae-platform backfill alpha``)."""
+    prefix, _, rest = name.partition("/")
     command = _WRITING_STAGE.get(prefix, "re-materialize the asset that writes it (Dagster UI)")
-    return (f"delete {store.url(store.path(name))} and re-run the stage that writes it: "
-            f"{command.format(first=rest.split('/', 1)[0])}")
+    return command.format(first=rest.split("/", 1)[0])
 
 
 # -- the feature browser and stage records ----------------------------------------------------

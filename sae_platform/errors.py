@@ -5,6 +5,7 @@ reading a failed Dagster run knows what to change without reading the code. Text
 (a file's name) is passed through ``printable`` before it reaches a terminal or a log.
 """
 
+import numbers
 import unicodedata
 
 # Control (ESC, newline, DEL, C1), format (bidi overrides, zero-width), surrogate (an undecodable
@@ -37,6 +38,17 @@ def _printable_lines(text) -> str:
 
 class SourceError(PlatformError):
     """The text source matched nothing, or a file in it is unreadable."""
+
+
+def require_counts(counts: dict, error: type[PlatformError] = PlatformError, where: str = "") -> None:
+    """Raise ``error`` naming the first of ``counts`` (setting name -> value) that is not a positive
+    integer (a bool is not one): every count a layout, a plan or a shard split divides by or sizes
+    arrays with, checked before it is used. ``where``: what prefixes the names in the message (the
+    settings' section, e.g. ``resources.training.config.``)."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise error(f"{where}{name} must be a positive integer, got {value!r}",
+                        f"set {where}{name} to an integer >= 1")
 
 
 class ModelError(PlatformError):

@@ -55,6 +55,7 @@ from sae_platform.corpus import pack_contexts
 from sae_platform.errors import PlatformError, SourceError, StorageError
 from sae_platform.export import folded_weights, run_saelens_cfg
 from sae_platform.ground_truth import score_sae
+from sae_platform.heldout import HeldoutRows, checkpoint_heldout, heldout_blocks
 from sae_platform.hooks import check_hook_point, splice_hooks
 from sae_platform.metrics import HELDOUT_CODES_FILE, feature_metrics, heldout_codes_bytes
 from sae_platform.model import HookedModel
@@ -446,26 +447,22 @@ def downstream_ce(hooked: HookedModel, sae, tokens: np.ndarray, batch_size: int 
     }
 
 
-def heldout_activation_batches(store, shuffle_name: str, holdout_rows: int,
+def heldout_activation_batches(store, shuffle_name: str, heldout: HeldoutRows,
                                batch_rows: int = 4096) -> Iterable[np.ndarray]:
-    """The rows the trainer never saw: the last ``holdout_rows`` of the shuffled store, checked
-    finite as the trainer checks its batches (an error names the shuffled row and global row id)."""
-    n_rows = open_shuffled(store, shuffle_name).n_rows
-    start = n_rows - holdout_rows
+    """acts [b, d_model] of the ``heldout`` rows (a checkpoint's: ``heldout.checkpoint_heldout``, which
+    stay its held-out rows when ``shuffle_name`` is rebuilt with new batches), in their order, checked
+    finite as the trainer checks its batches (an error names the activation batch and row)."""
+    shuffled = open_shuffled(store, shuffle_name)
 
     def checked():
-        row = start
-        for ids, acts in iter_shuffled(store, shuffle_name, batch_rows, start=start):
+        for first, acts in heldout_blocks(store, shuffled, heldout, batch_rows):
             bad = ~np.isfinite(acts).all(axis=1)
             if bad.any():
-                first = int(np.flatnonzero(bad)[0])
+                row = heldout.describe(first + int(np.flatnonzero(bad)[0]))
                 raise StorageError(
-                    f"NaN/inf in the held-out activations of shuffled/{shuffle_name}: shuffled row {row + first} "
-                    f"(global row id {int(ids[first])}), {int(bad.sum())} bad row(s) in this batch; no metric "
-                    "was computed",
-                    "re-cache the activation partition holding that row (global row ids run over partitions in "
-                    "key order), then re-run the shuffle, training and evaluation")
-            row += len(ids)
+                    f"NaN/inf in the held-out activations of shuffled/{shuffle_name}: {row}, {int(bad.sum())} bad "
+                    "row(s) in this batch; no metric was computed",
+                    "re-cache that activation batch, then re-run the shuffle, training and evaluation")
             yield acts
 
     return checked()
@@ -513,7 +510,9 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
                  log: Callable[[str], None] | None = None) -> tuple[dict, np.ndarray]:
     """Every figure of the evaluation for checkpoint ``sae_name``; commits ``eval/<sae_name>`` (report + density).
 
-    Reconstruction (nmse, fvu, l0) is measured on the held-out rows; the latent density and
+    Reconstruction (nmse, fvu, l0) is measured on the checkpoint's held-out rows (the ones it
+    recorded: ``heldout.checkpoint_heldout``; never the last rows of a store rebuilt since, which
+    hold rows it trained on; raises StorageError when they cannot be read); the latent density and
     ``dead_fraction`` on every row of the shuffled store (``dead_window_tokens`` of them; the
     held-out-only figure is ``heldout_dead_fraction``), since a latent that fires once in 120k
     tokens is rare, not dead, and 8,192 tokens cannot tell the two apart.
@@ -548,8 +547,8 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
         raise PlatformError(f"the base model's d_model {hooked.d_model} differs from SAE {sae_name!r}'s "
                             f"{view.d_model}", "configure the base model the activations were cached from")
     with timed(f"reconstruction (nmse, fvu, L0) on {cfg['training']['holdout_rows']:,} held-out rows"):
-        metrics = reconstruction_metrics(view, heldout_activation_batches(store, shuffle_name,
-                                                                          cfg["training"]["holdout_rows"]), device)
+        heldout = checkpoint_heldout(store, sae_name, checkpoint, cfg, open_shuffled(store, shuffle_name))
+        metrics = reconstruction_metrics(view, heldout_activation_batches(store, shuffle_name, heldout), device)
     heldout_density = metrics.pop("density")
     metrics.update(reconstruction_intervals(metrics.pop("per_row")))
     report = {"run": sae_name, "checkpoint_step": cfg["step"], "training_tokens": cfg["tokens"], **metrics,

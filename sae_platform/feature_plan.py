@@ -26,7 +26,7 @@ rows again for the interval examples and loads the whole SAE (``sae_bytes``).
 import math
 from dataclasses import dataclass
 
-from sae_platform.errors import PlatformError
+from sae_platform.errors import PlatformError, require_counts
 
 # Per latent (sae_platform/features.py): a Partial's arrays, top_act f4 + top_row i8 per top-k
 # slot, res_key i8 + res_row i8 + res_act f4 per reservoir slot, count i8 + sum f8 + max f4,
@@ -128,10 +128,8 @@ def plan_feature_shards(n_latents: int, *, top_k: int, reservoir_size: int, n_hi
     (a latent-sharded checkpoint). ``interval_examples``: interval example rows per latent
     (n_intervals x per_interval). Raises FeaturePlanError naming the budget when even one latent
     per shard does not fit, or for non-positive sizes."""
-    for name, value in (("n_latents", n_latents), ("n_groups", n_groups), ("top_k", top_k),
-                        ("reservoir_size", reservoir_size), ("n_hist_bins", n_hist_bins)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise FeaturePlanError(f"{name} must be a positive integer, got {value!r}", f"set {name} to >= 1")
+    require_counts({"n_latents": n_latents, "n_groups": n_groups, "top_k": top_k, "reservoir_size": reservoir_size,
+                    "n_hist_bins": n_hist_bins}, FeaturePlanError)
     per_latent = (job_bytes_per_latent(top_k, reservoir_size, n_hist_bins, interval_examples)
                   + int(weight_bytes_per_latent))
     codes = max(0, int(batch_tokens)) * max(0, int(k)) * CODE_ENTRY_BYTES

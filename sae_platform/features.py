@@ -73,7 +73,7 @@ from sae_platform.catalog import (
     partials_folder,
     partition_name,
 )
-from sae_platform.errors import PlatformError
+from sae_platform.errors import PlatformError, require_counts
 from sae_platform.feature_plan import FIXED_JOB_BYTES
 from sae_platform.feature_select import Selector, decode_top, partition_salt, sample_keys, top_keys
 from sae_platform.sae import SparseAutoencoder, variant_class
@@ -137,9 +137,7 @@ def feature_shards(n_latents: int, n_shards: int) -> list[tuple[int, int]]:
     With more shards than latents (a vector's one-latent dictionary, ``sae.vector``) some ranges are
     empty (start == stop): every stage still commits those shards, with no feature in them, so the
     pipeline's shard groups (``catalog.N_FEATURE_SHARDS``, at least one shard each) fit every SAE."""
-    for name, value in (("n_latents", n_latents), ("n_shards", n_shards)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise FeatureError(f"{name} must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
+    require_counts({"n_latents": n_latents, "n_shards": n_shards}, FeatureError)
     bounds = [n_latents * i // n_shards for i in range(n_shards + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
@@ -165,8 +163,8 @@ def check_range(sae, start: int, stop: int) -> None:
 
 
 def check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FeatureError(f"{name} must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
+    """FeatureError unless ``value`` (the setting ``name``) is a positive integer."""
+    require_counts({name: value}, FeatureError)
 
 
 # ---------------------------------------------------------------------------------------------

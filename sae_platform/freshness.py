@@ -31,6 +31,7 @@ from sae_platform.catalog import (
     stage_records,
     trained_on,
 )
+from sae_platform.compare import figures_version
 from sae_platform.lineage import recorded_layout_shards, recorded_shard_count
 from sae_platform.refresh import RETRAIN_ABOVE_FRACTION, Continuation, continuation, kept_unseen
 from sae_platform.storage import ArtifactStore
@@ -215,6 +216,20 @@ def features_behind(store: ArtifactStore, *, sae_name: str, n_feature_shards: in
     """Why the feature tables, context windows or browser of ``sae_name`` do not describe its current
     checkpoint; empty when they all do."""
     return feature_state(store, sae_name, n_feature_shards).behind()
+
+
+def browser_figures_behind(store: ArtifactStore, sae_name: str) -> list[str]:
+    """Why the feature browser of ``sae_name`` does not show its current figures: an evaluation,
+    sparse probing or absorption committed after the site was built (the site pins what its
+    overview was read from, ``compare.figures_version``); empty when it shows them, or when no
+    site was built (``FeatureState.browser_behind`` says that). The one rule: ``feature_browser``
+    rebuilds on it (``assets.features.browser_current``) and `sae-platform status` shows it. Not part
+    of ``stale_reasons``: a figure measured again changes no feature table and is no new data."""
+    site = site_record(store, browser_dir(store, sae_name))
+    if site is None or site.get("figures_version") == figures_version(store, [sae_name]):
+        return []
+    return [f"the feature browser of {sae_name!r} shows figures older than the committed ones (an evaluation, "
+            "sparse probing or absorption measured since it was built)"]
 
 
 def sae_chain_state(store: ArtifactStore, sae_name: str, n_feature_shards: int | None = None) -> ChainState:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_platform.distributed import rank_and_world
-from sae_platform.errors import PlatformError
+from sae_platform.errors import PlatformError, require_counts
 from sae_platform.expert_parallel import switch_forward
 from sae_platform.sae import build_sae, variant_class
 from sae_platform.sae.base import SAEOutput, _dense_stats, _sparse_stats
@@ -79,9 +79,11 @@ def check_layout(variant: str, n_latents: int, world_size: int, latent_parallel:
     not a multiple of latent_parallel, a switch SAE's n_experts (``hparams``, else its default) not
     divisible by it (each rank holds whole experts), n_latents not divisible by it (shards are
     equal, so the all-gathers are), batch_size not divisible by the data-parallel degree, or a
-    variant without a sharded forward. A k wider than a shard is fine: that shard then offers all
-    its latents."""
+    variant without a sharded forward, or a count that is not a positive integer. A k wider than a
+    shard is fine: that shard then offers all its latents."""
     where = "resources.training.config"
+    require_counts({"n_latents": n_latents, "world_size": world_size, "latent_parallel": latent_parallel,
+                    "batch_size": batch_size}, SettingsError, f"{where}.")
     if latent_parallel == 1:
         return
     if world_size % latent_parallel:
@@ -129,6 +131,9 @@ class Layout:
     data_group: object | None = None
     latent_group: object | None = None
 
+    def __post_init__(self):
+        require_counts({"data_parallel": self.data_parallel, "latent_parallel": self.latent_parallel})
+
     def shard(self, n_latents: int) -> range:
         """The global latent ids this rank holds: [r * n / R, (r + 1) * n / R)."""
         width = n_latents // self.latent_parallel
@@ -138,7 +143,9 @@ class Layout:
 def current_layout(latent_parallel: int, device: torch.device | str = "cpu") -> Layout:
     """The layout of this process inside the current process group (sae_platform.launch joins it):
     with latent_parallel 1 the data group is the whole world, as before latent sharding existed.
-    Raises PlatformError when the world size is not a multiple of latent_parallel."""
+    Raises PlatformError when latent_parallel is not a positive integer or the world size is not a
+    multiple of it."""
+    require_counts({"latent_parallel": latent_parallel})
     rank, world = rank_and_world()
     if latent_parallel == 1:
         return Layout(data_parallel=world, data_rank=rank)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from sae_platform.distributed import barrier, rank_and_world
-from sae_platform.errors import PlatformError
+from sae_platform.errors import PlatformError, require_counts
 from sae_platform.model import pick_device
 from sae_platform.storage import ArtifactStore
 from sae_platform.trainer import TrainingError, TrainSettings, train_sae
@@ -30,7 +30,9 @@ RDZV_ENV = "SAE_PLATFORM_RDZV_ENDPOINT"
 
 
 def launch_command(spec_path: str, world_size: int, nproc_per_node: int, sae_name: str) -> list[str]:
-    """torchrun's command line for one machine of a ``world_size``-rank training."""
+    """torchrun's command line for one machine of a ``world_size``-rank training. Raises PlatformError
+    when a count is not a positive integer, or the ranks span machines without a rendezvous."""
+    require_counts({"world_size": world_size, "nproc_per_node": nproc_per_node}, where="resources.training.config.")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node)]
     nnodes = world_size // nproc_per_node
     if nnodes == 1:

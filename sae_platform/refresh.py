@@ -9,7 +9,9 @@ computing only the windows of newly shown examples: ``contexts.build_partition_w
 checkpoint is then *stale*, and says so (:meth:`Unseen.describe`). At or above the fraction the SAE
 is retrained by resuming its finished checkpoint for the new tokens (:func:`continuation`) while its
 settings are unchanged. A batch removed or re-cached, another hook point's store or another d_model
-always trains from scratch: the SAE's data changed, not only grew.
+always trains from scratch: the SAE's data changed, not only grew. A kept or resumed SAE keeps the
+held-out rows it recorded when it first trained (``sae_platform.heldout``): it is evaluated on them,
+never on the rebuilt store's last rows (which hold rows it trained on), and a resumed one skips them.
 
 Pure: reads only the pointer and the shuffled store's index handed to it.
 """
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 
 RETRAIN_ABOVE_FRACTION = 0.1  # the default of TrainSettings.retrain_above_fraction
 TRAINED_BATCHES = "trained_batches"  # the checkpoint pointer's field: [{key, version, n_rows}, ...]
+# the checkpoint pointer's field: how many held-out rows it records by name (sae_platform.heldout)
+HELDOUT_RECORDED = "heldout_rows"
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,10 @@ def unseen_since(pointer: dict, index: dict) -> Unseen | None:
     """The batches of the shuffled store (``index``) that checkpoint ``pointer`` was not trained on.
 
     None when the store's data is not the checkpoint's plus new batches: another store or d_model,
-    a trained batch removed or re-cached, or a checkpoint that recorded no batches (written before
-    they were recorded, or trained on another plan). An empty ``Unseen`` when it is the same plan."""
+    a trained batch removed or re-cached, or a checkpoint that recorded no batches or no held-out
+    rows (written before they were recorded: on the rebuilt store, which rows it never trained on
+    is unknown, so it could be neither evaluated nor resumed without training on them). An empty
+    ``Unseen`` when it is the same plan."""
     data = pointer.get("data") or {}
     if data.get("shuffle") != index.get("name") or data.get("d_model") != index.get("d_model"):
         return None
@@ -68,7 +74,7 @@ def unseen_since(pointer: dict, index: dict) -> Unseen | None:
     if data.get("plan_id") == index.get("plan_id"):
         return Unseen(trained_tokens)
     recorded = pointer.get(TRAINED_BATCHES)
-    if not recorded:
+    if not recorded or pointer.get(HELDOUT_RECORDED) is None:
         return None
     trained = {b["key"]: b["version"] for b in recorded}
     current = {i["key"]: i for i in index["inputs"]}
@@ -126,7 +132,7 @@ def continuation(pointer: dict | None, index: dict, settings: dict | None, batch
     unseen = unseen_since(pointer, index)
     if unseen is None:
         return ("the shuffled store's data is not the checkpoint's plus new batches (a batch re-cached or removed, "
-                "another store or d_model, or a checkpoint that recorded no batches)")
+                "another store or d_model, or a checkpoint that recorded no batches or held-out rows)")
     if not unseen.tokens:
         return "the checkpoint is current on this shuffled store"
     return Continuation(int(pointer.get("step") or 0), max(1, unseen.tokens // batch_size), unseen)

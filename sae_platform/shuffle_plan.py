@@ -9,7 +9,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from sae_platform.errors import StorageError
+from sae_platform.errors import StorageError, require_counts
 
 ID_BYTES = 8
 FINAL_SHARE = 0.7  # of the budget, for a final bucket and its permutation; the rest for reading/writing
@@ -55,9 +55,11 @@ def plan_shuffle(n_rows: int, row_bytes: int, n_buckets: int, memory_budget_byte
                  input_chunk_rows: int = 1) -> ShufflePlan:
     """Fewest passes such that every final bucket fits in memory: P with n ≤ cap·K^(P-1).
 
-    cap is what one job can shuffle in memory; random bucket sizes get a 6-sigma margin.
+    cap is what one job can shuffle in memory; random bucket sizes get a 6-sigma margin. Raises
+    StorageError naming the count when one is not a positive integer (no rows: cache some first).
     """
     require(n_rows >= 1, "there are no rows to shuffle", "cache some activations first")
+    require_counts({"row_bytes": row_bytes, "input_chunk_rows": input_chunk_rows}, StorageError)
     require(n_buckets >= 2, f"n_buckets={n_buckets}: a scatter pass needs at least 2 buckets", "use n_buckets >= 2")
     require(n_jobs >= 1, f"n_jobs={n_jobs}: at least one job must run", "use n_jobs >= 1")
     record = row_bytes + ID_BYTES

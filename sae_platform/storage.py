@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sae_platform import checksums
-from sae_platform.catalog import CHECKSUMS, rebuild_fix
+from sae_platform.catalog import CHECKSUMS, rebuild_fix, writing_stage
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.filesystems import fs_options, open_fs
 from sae_platform.settings import env_value
@@ -329,9 +329,14 @@ class ArtifactStore:
         raise self.vanished(name, version, what)
 
     def vanished(self, name: str, version: str, what: str | None = None) -> StorageError:
+        """The error for a version of ``name`` found gone: superseded by a newer commit and swept after
+        the grace period (re-run, or raise the grace period), or deleted (re-create it)."""
         current = self.pointer(name)
-        now = (f"the committed version is now {current['version']}" if current is not None
-               else "nothing is committed under that name now")
+        if current is None:  # a pointer naming a missing version folder reads as None too
+            return StorageError(f"{what or name} ({self.url(self.path(name))}) version {version}, which this run was "
+                                "reading, has been deleted: nothing is committed under that name now",
+                                f"write it again: {writing_stage(name)}")
+        now = f"the committed version is now {current['version']}"
         return StorageError(
             f"{what or name} ({self.url(self.path(name))}) version {version}, which this run was reading, has been "
             f"removed: a newer commit superseded it and its grace period of {self.grace_s:g} s ran out "
@@ -445,8 +450,7 @@ class ArtifactStore:
         """The error for a version whose files differ from what its writer recorded."""
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         return StorageError(
-            f"{what or name} ({self.url(self.path(name, version))}) is damaged: {shown}. It was refused, nothing "
-            "in it read: a missing zarr chunk would read back as zeros and a changed file as other numbers",
+            f"{what or name} ({self.url(self.path(name, version))}) is damaged: {shown}",
             f"{rebuild_fix(self, name)} (sae-platform verify {name} lists every damaged file)")
 
     def _found(self, name: str, version: str, under: str) -> dict[str, int]:

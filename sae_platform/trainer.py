@@ -7,7 +7,9 @@ latent counters, metrics history, RNG). A killed run resumes from the last check
 batch b of epoch e is always rows [b·B, (b+1)·B) of the store and nothing else is random, reaches
 bitwise the same weights on CPU as an uninterrupted run.
 
-Rows [n_rows − holdout_rows, n_rows) of the store are never trained on: evaluation uses them.
+The last ``holdout_rows`` rows of the store a training starts on are never trained on, and every
+checkpoint records which rows they are (``sae_platform.heldout``): evaluation uses them, and a
+checkpoint resumed on a rebuilt store (new batches) skips them in every batch it trains on.
 A token budget larger than the training rows loops over epochs in the same (already random)
 order; the log says how many.
 
@@ -55,7 +57,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from sae_platform.activations import activation_attrs
-from sae_platform.catalog import checkpoint_name, rebuild_fix, shuffled_name
+from sae_platform.catalog import HELDOUT_ROWS_FILE, checkpoint_name, rebuild_fix, shuffled_name
 from sae_platform.devices import auto_dtype
 from sae_platform.distributed import (
     average_gradients,
@@ -65,6 +67,7 @@ from sae_platform.distributed import (
     rank_and_world,
 )
 from sae_platform.errors import PlatformError, StorageError
+from sae_platform.heldout import HeldoutRows, tail, training_heldout
 from sae_platform.latent_parallel import (
     LatentShardedSAE,
     Layout,
@@ -74,6 +77,7 @@ from sae_platform.latent_parallel import (
     current_layout,
 )
 from sae_platform.refresh import (
+    HELDOUT_RECORDED,
     RETRAIN_ABOVE_FRACTION,
     TRAINED_BATCHES,
     Continuation,
@@ -139,8 +143,9 @@ class TrainSettings:
     checkpoint_every_tokens: int = setting(250_000, "commit a resumable checkpoint this often", ge=1)
     dead_after_tokens: int = setting(10_000_000, "a latent silent this long is dead (AuxK); Gao et al. use "
                                                  "10M; lower it for budgets far below that", ge=1)
-    holdout_rows: int = setting(8192, "last rows of the shuffled store, never trained on, kept for evaluation",
-                                ge=0)
+    holdout_rows: int = setting(8192, "last rows of the shuffled store a training starts on, never trained on, "
+                                      "kept for evaluation (recorded by name: they stay held out when the store "
+                                      "is rebuilt)", ge=0)
     log_every_steps: int = setting(10, "a metrics row every this many steps", ge=1)
     world_size: int = setting(1, "ranks in all, data_parallel x latent_parallel (torch.distributed; "
                                  "docs/scale.md): each data-parallel replica reads its own slice of every batch; "
@@ -212,6 +217,7 @@ class TrainState:
     # the step training ends at, when not the settings' (token_budget // batch_size): a finished
     # checkpoint resumed on its grown store (refresh.Continuation) trains on past it
     target_steps: int | None = None
+    heldout: HeldoutRows | None = None  # the rows never trained on (None: the store's last holdout_rows)
 
 
 # Where the ranks run and how precisely they pick latents, not what is trained: a checkpoint resumes
@@ -260,22 +266,26 @@ def batch_schedule(n_train_rows: int, batch_size: int, first_step: int, n_steps:
         yield start, start + batch_size
 
 
-def prefetch(shuffled: Shuffled, schedule: Iterator[tuple[int, int]], device: torch.device,
-             depth: int = 3) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
-    """Read and convert the next batches on a thread while the current one trains."""
+def prefetch(shuffled: Shuffled, schedule: Iterator[tuple[int, int]], device: torch.device, depth: int = 3,
+             exclude: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
+    """Read and convert the next batches on a thread while the current one trains, leaving out the
+    rows whose global row ids are in ``exclude`` (a resumed checkpoint's held-out rows)."""
     batches: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def read():
         try:
             for start, end in schedule:
-                ids, acts = zip(*shuffled.blocks(start, end))
-                x = torch.from_numpy(np.concatenate(acts)).float()
+                ids, acts = (np.concatenate(part) for part in zip(*shuffled.blocks(start, end)))
+                if exclude is not None:
+                    kept = ~np.isin(ids, exclude)
+                    ids, acts = ids[kept], acts[kept]
+                x = torch.from_numpy(acts).float()
                 if device.type == "cuda":
                     x = x.pin_memory()
                 while not stop.is_set():
                     try:
-                        batches.put((x, np.concatenate(ids), start), timeout=0.5)
+                        batches.put((x, ids, start), timeout=0.5)
                         break
                     except queue.Full:
                         continue
@@ -409,11 +419,11 @@ def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: 
     json_files, pointer_info = _checkpoint_records(sae, state, settings, shuffled, final)
     with store.writing(checkpoint_name(sae_name), **pointer_info) as version:
         store.fs.pipe_file(f"{version}/{UNSHARDED_WEIGHTS}", save_safetensors(weights))
-        store.fs.pipe_file(f"{version}/cfg.json", json_files["cfg.json"])
         store.fs.pipe_file(f"{version}/optimizer.safetensors", optimizer_tensors)
         store.fs.pipe_file(f"{version}/optimizer.json", optimizer_meta)
         store.fs.pipe_file(f"{version}/trainer_state.safetensors", save_safetensors(trainer_tensors))
-        store.fs.pipe_file(f"{version}/trainer_state.json", json_files["trainer_state.json"])
+        for file, content in json_files.items():  # cfg.json, trainer_state.json, the held-out rows
+            store.fs.pipe_file(f"{version}/{file}", content)
     return store.resolve(checkpoint_name(sae_name))
 
 
@@ -433,17 +443,19 @@ def _save_shards(store, sae_name, sae: LatentShardedSAE, optimizer, state, setti
 
 def _checkpoint_records(sae, state: TrainState, settings: TrainSettings, shuffled: Shuffled,
                         final: bool) -> tuple[dict[str, bytes], dict]:
-    """({cfg.json, trainer_state.json: their bytes}, the pointer's record) of a checkpoint."""
+    """({cfg.json, trainer_state.json, the held-out rows: their bytes}, the pointer's record) of a checkpoint."""
     fingerprint = data_fingerprint(shuffled)
+    heldout = state.heldout or tail(shuffled, settings.holdout_rows)
     cfg = {"sae": sae.config, "training": identity(settings), "data": fingerprint, "step": state.step,
            "tokens": state.tokens, "final": final}
     trainer_meta = {"step": state.step, "tokens": state.tokens, "history": state.history,
                     "target_steps": state.target_steps}
     pointer_info = {"step": state.step, "tokens": state.tokens, "final": final, "target_steps": state.target_steps,
                     "settings": identity(settings), "data": fingerprint,
-                    TRAINED_BATCHES: batches_record(shuffled.index)}
+                    TRAINED_BATCHES: batches_record(shuffled.index), HELDOUT_RECORDED: len(heldout)}
     return ({"cfg.json": json.dumps(cfg, indent=2, default=str).encode(),
-             "trainer_state.json": json.dumps(trainer_meta).encode()}, pointer_info)
+             "trainer_state.json": json.dumps(trainer_meta).encode(), HELDOUT_ROWS_FILE: heldout.record()},
+            pointer_info)
 
 
 def _diverged(store, sae_name, state: TrainState, settings: TrainSettings, bad: list[str]) -> TrainingError:
@@ -679,6 +691,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     optimizer = _optimizer(sae, settings, device)
     state = _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log) \
         or _resume_grown(store, sae_name, settings, shuffled, sae, optimizer, device, log)
+    resumed = state is not None
     if state is not None and state.target_steps:
         n_steps = state.target_steps
     if state is None:
@@ -694,6 +707,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
         return _summary(store, sae_name, state, settings, sae, started=time.perf_counter(), resumed_from=state.step)
     else:
         log(f"resuming {sae_name} from step {state.step} ({state.tokens:,} tokens)")
+    state.heldout, exclude = training_heldout(store, sae_name, shuffled, settings.holdout_rows, resumed)
     resumed_from, started = state.step, time.perf_counter()
     warned = False
     every = max(1, settings.checkpoint_every_tokens // settings.batch_size)
@@ -701,7 +715,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     if layout.data_parallel > 1:  # this replica's slice of each batch (the same for its latent ranks)
         share, replica = settings.batch_size // layout.data_parallel, layout.data_rank
         schedule = ((start + replica * share, start + (replica + 1) * share) for start, _ in schedule)
-    for x, ids, start in prefetch(shuffled, schedule, device):
+    for x, ids, start in prefetch(shuffled, schedule, device, exclude=exclude):
         _check_finite(x, ids, start, state.step, store, sae_name)
         dead = state.tokens_since_fired >= settings.dead_after_tokens
         target = x if d_in is None else x[:, d_in:]

@@ -158,6 +158,40 @@ def text_dir(tmp_path) -> Path:
     return inbox
 
 
+def cache_and_shuffle(store, model_dir: Path, hooked, text_dir: Path) -> None:
+    """Every text file of ``text_dir`` cached by the tiny model (contexts of 32 tokens, forward
+    batches of 4) and shuffled into ``main``: the cached root the Dagster pipeline tests start from."""
+    from sae_platform import shuffle
+    from sae_platform.activations import CacheSettings, cache_text_file
+    from sae_platform.corpus import list_source
+
+    for text_file in list_source(str(text_dir / "*")):
+        cache_text_file(store, text_file, hooked, str(model_dir), CacheSettings(ctx_len=32, batch_size=4))
+    shuffle.run_shuffle(store, "main", n_buckets=4, memory_budget_bytes=1 << 20, n_jobs=2, seed=0)
+
+
+def tiny_definitions(store, model_dir: Path, text_dir: Path, tmp_path: Path, features: dict | None = None):
+    """The deployment's Dagster Definitions on ``store``: the tiny model as base model (layer 1, CPU),
+    ``text_dir`` as the inbox, a copy of its beta.txt as the held-out text; ``features``: the features
+    resource's config (its ``sae_name`` …), else the default one."""
+    from dagster import Definitions
+
+    from assets import ASSETS
+    from jobs.definitions import ASSET_JOBS, build_resources
+    from jobs.settings import Settings
+    from resources import BaseModelResource, stage_resource
+
+    holdout = tmp_path / "holdout"
+    holdout.mkdir()
+    (holdout / "held.txt").write_text((text_dir / "beta.txt").read_text())
+    resources = build_resources(Settings(root_url=store.root_url, data_dir=str(tmp_path), inbox=str(text_dir / "*"),
+                                         s3_endpoint_url=None, holdout=str(holdout / "*")))
+    resources["language_model"] = BaseModelResource(source=str(model_dir), layer=1, device="cpu")
+    if features is not None:
+        resources["features"] = stage_resource("features", features)
+    return Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources)
+
+
 @pytest.fixture
 def python_exe() -> str:
     return sys.executable

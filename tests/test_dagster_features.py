@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from conftest import cache_and_shuffle, tiny_definitions
 from dagster import AssetKey, DagsterInstance, Definitions
 
 from assets import ASSETS, STAGES
@@ -16,12 +17,9 @@ from assets import features as features_assets
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from jobs.cli import build_features
 from jobs.cli.status import _print_features
-from jobs.definitions import ASSET_JOBS, build_resources
-from jobs.settings import Settings
-from resources import BaseModelResource, LLMExplainerResource, stage_resource
+from jobs.definitions import ASSET_JOBS
+from resources import LLMExplainerResource, stage_resource
 from sae_platform import contexts as ctx
-from sae_platform import shuffle as sh
-from sae_platform.activations import CacheSettings, cache_text_file
 from sae_platform.catalog import logits_name, neuronpedia_name
 from sae_platform.corpus import list_source
 from sae_platform.feature_layout import planned_layout, planned_shards
@@ -50,20 +48,11 @@ SAE = "topk-4k-k32"
 @pytest.fixture
 def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
     (text_dir / "markup.txt").write_text("Beware <script>window.__xss=1</script> and <img src=x> " * 40)
-    for text_file in list_source(str(text_dir / "*")):
-        cache_text_file(store, text_file, tiny_hooked, str(tiny_model_dir), CacheSettings(ctx_len=32, batch_size=4))
-    sh.run_shuffle(store, "main", n_buckets=4, memory_budget_bytes=1 << 20, n_jobs=2, seed=0)
+    cache_and_shuffle(store, tiny_model_dir, tiny_hooked, text_dir)
     train_sae(store, "main", SAE, TrainSettings(variant="topk", n_latents=256, k=8, batch_size=256,
                                                token_budget=256 * 8, holdout_rows=256), log=lambda m: None)
-    holdout = tmp_path / "holdout"
-    holdout.mkdir()
-    (holdout / "held.txt").write_text((text_dir / "beta.txt").read_text())
-    resources = build_resources(Settings(root_url=store.root_url, data_dir=str(tmp_path), inbox=str(text_dir / "*"),
-                                         s3_endpoint_url=None, holdout=str(holdout / "*")))
-    resources["language_model"] = BaseModelResource(source=str(tiny_model_dir), layer=1, device="cpu")
-    resources["features"] = stage_resource("features", {"sae_name": SAE, "top_k": 5, "reservoir_factor": 4,
-                                                        "device": "cpu"})
-    defs = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources)
+    defs = tiny_definitions(store, tiny_model_dir, text_dir, tmp_path,
+                            features={"sae_name": SAE, "top_k": 5, "reservoir_factor": 4, "device": "cpu"})
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, [f.key for f in list_source(str(text_dir / "*"))])
     return defs, instance

@@ -3,15 +3,9 @@
 import json
 
 import pytest
-from dagster import DagsterInstance, Definitions
+from conftest import cache_and_shuffle, tiny_definitions
+from dagster import DagsterInstance
 
-from assets import ASSETS
-from jobs.definitions import ASSET_JOBS, build_resources
-from jobs.settings import Settings
-from resources import BaseModelResource
-from sae_platform import shuffle as sh
-from sae_platform.activations import CacheSettings, cache_text_file
-from sae_platform.corpus import list_source
 from sae_platform.shuffled import open_shuffled
 
 TRAIN = {"token_budget": 256 * 12, "batch_size": 256, "checkpoint_every_tokens": 256 * 4, "holdout_rows": 256,
@@ -22,16 +16,8 @@ TRAIN = {"token_budget": 256 * 12, "batch_size": 256, "checkpoint_every_tokens":
 def defs(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
     for name in ("delta", "epsilon"):
         (text_dir / f"{name}.txt").write_text((text_dir / "gamma.txt").read_text())
-    for text_file in list_source(str(text_dir / "*")):
-        cache_text_file(store, text_file, tiny_hooked, str(tiny_model_dir), CacheSettings(ctx_len=32, batch_size=4))
-    sh.run_shuffle(store, "main", n_buckets=4, memory_budget_bytes=1 << 20, n_jobs=2, seed=0)
-    holdout = tmp_path / "holdout"
-    holdout.mkdir()
-    (holdout / "held.txt").write_text((text_dir / "beta.txt").read_text())
-    resources = build_resources(Settings(root_url=store.root_url, data_dir=str(tmp_path), inbox=str(text_dir / "*"),
-                                         s3_endpoint_url=None, holdout=str(holdout / "*")))
-    resources["language_model"] = BaseModelResource(source=str(tiny_model_dir), layer=1, device="cpu")
-    return Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources)
+    cache_and_shuffle(store, tiny_model_dir, tiny_hooked, text_dir)
+    return tiny_definitions(store, tiny_model_dir, text_dir, tmp_path)
 
 
 def _materializations(result) -> dict:

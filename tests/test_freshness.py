@@ -137,6 +137,45 @@ def test_the_browser_warns_while_a_cached_batch_is_not_in_it(tmp_path, tiny_mode
     assert "topk-4k-k32 downstream of the cached activations: current" in status()
     assert latest().evaluation.passed and tick(result.cursor).skip_message
 
+    # The SAE evaluated again after the site was built: its overview shows older figures. status says so
+    # on the browser's line (the rule the browser rebuilds on), though every cached batch is described.
+    _evaluated_again(store, "topk-4k-k32")
+    out = status()
+    browser = next(line for line in out.splitlines() if "feature browser of topk-4k-k32" in line)
+    assert "behind: the feature browser of 'topk-4k-k32' shows figures older than the committed ones" in browser
+    assert "topk-4k-k32 downstream of the cached activations: current" in out
+    assert defs.resolve_job_def("build_browser").execute_in_process(instance=instance).success  # rebuilt
+    assert status().count(": current") == 3
+
+
+def _evaluated_again(store, sae_name: str) -> None:
+    """Commit the evaluation of ``sae_name`` again (the same files, a new version): a newer figure."""
+    name = catalog.eval_name(sae_name)
+    old = store.resolve(name)
+    with store.writing(name, **catalog.checkpoint_pin(catalog.checkpoint_version(store, sae_name))) as version:
+        for path in store.fs.ls(old, detail=False):
+            file = path.rstrip("/").rsplit("/", 1)[-1]
+            if file != catalog.CHECKSUMS and store.fs.isfile(path):
+                store.fs.pipe_file(f"{version}/{file}", store.fs.cat_file(path))
+
+
+def test_the_browser_is_behind_on_figures_committed_after_it_was_built(store):
+    """The rule `status` and feature_browser share: a site pins the figures its overview shows."""
+    from sae_platform.browser.generate import SITE_POINTER
+    from sae_platform.compare import figures_version
+    from sae_platform.freshness import browser_figures_behind
+
+    assert browser_figures_behind(store, "sae") == []  # no site: the chain's own reason says so
+    with store.writing(catalog.eval_name("sae")) as version:
+        store.write_json(f"{version}/{catalog.EVAL_REPORT}", {"fvu": 0.1})
+    store.write_json(f"{catalog.browser_dir(store, 'sae')}/{SITE_POINTER}",
+                     {"version": "v", "figures_version": figures_version(store, ["sae"])})
+    assert browser_figures_behind(store, "sae") == []
+    with store.writing(catalog.eval_name("sae")) as version:  # measured again
+        store.write_json(f"{version}/{catalog.EVAL_REPORT}", {"fvu": 0.1})
+    assert browser_figures_behind(store, "sae") == [
+        "the feature browser of 'sae' shows figures older than the committed ones (an evaluation, sparse probing "
+        "or absorption measured since it was built)"]
 
 def test_tables_of_another_feature_shard_layout_are_behind_never_mixed():
     """A changed memory budget that changes the shard count makes every table of the old layout stale

@@ -178,13 +178,17 @@ def test_the_policy_keeps_only_added_batches_below_the_fraction():
                         {"key": "c", "version": "1", "n_rows": 50}]}
     pointer = {"final": True, "tokens": 1000, "data": {"shuffle": "main", "d_model": 32, "plan_id": "old"},
                "trained_batches": [{"key": "a", "version": "1", "n_rows": 900},
-                                   {"key": "b", "version": "1", "n_rows": 100}]}
+                                   {"key": "b", "version": "1", "n_rows": 100}], "heldout_rows": 64}
     unseen = unseen_since(pointer, index)
     assert unseen == Unseen(1000, ("c",), 50) and unseen.within(0.1) and not unseen.within(0.05)
     assert unseen.describe() == "stale: trained on 1,000 tokens, 50 new tokens not seen (5.0%, batches c)"
     recached = {**index, "inputs": [{**index["inputs"][0], "version": "2"}, *index["inputs"][1:]]}
     assert unseen_since(pointer, recached) is None  # a batch replaced: the SAE's data changed, not grew
     assert unseen_since({**pointer, "trained_batches": None}, index) is None  # nothing recorded: retrain
+    # no held-out rows recorded: which rows of the rebuilt store it never saw is unknown, so retrain
+    assert unseen_since({k: v for k, v in pointer.items() if k != "heldout_rows"}, index) is None
+    assert unseen_since({k: v for k, v in pointer.items() if k != "heldout_rows"}, {**index, "plan_id": "old"}) \
+        == Unseen(1000)  # its own store: its held-out rows are the store's last rows
     assert unseen_since(pointer, {**index, "plan_id": "old"}) == Unseen(1000)
     assert TrainSettings().retrain_above_fraction == 0.1
     with pytest.raises(SettingsError, match="retrain_above_fraction"):

@@ -481,3 +481,26 @@ def test_a_commit_that_cannot_write_its_writer_mark_leaves_nothing(store, monkey
     assert versions == [store.resolve("things/a")] and _read(store, "things/a") == "one"
     _write(store, "things/a", "three")
     assert _read(store, "things/a") == "three"
+
+
+def test_a_missing_activation_file_or_version_says_which_batch_and_the_fix_only(store):
+    """The errors for a deleted chunk file, or a deleted version, of an activation batch name the batch,
+    the file and how to write it again, nothing else (they used to explain zarr's fill values, or a
+    grace period that had nothing to do with a deletion)."""
+    path = _partition(store)
+    version = store.version_of(path)
+    store.fs.rm_file(f"{path}/data.zarr/acts/c/3/0")
+    with pytest.raises(StorageError) as error:
+        _check_reads(store)
+    assert error.value.problem == (f"activation partition 'k' ({store.url(path)}) is damaged: data.zarr/acts/c/3/0 is "
+                                   "missing (the writer wrote 16,384 bytes)")
+    assert error.value.fix.startswith(f"delete {store.url(store.path('activations/k'))} and re-run") \
+        and "sae-platform backfill k" in error.value.fix
+
+    store.fs.rm(store.path(catalog.partition_name("k")), recursive=True)  # the batch deleted under a reader
+    with pytest.raises(StorageError) as error:
+        store.check_version(catalog.partition_name("k"), version, "activation partition 'k'")
+    message = str(error.value)
+    assert f"activation partition 'k' ({store.url(store.path('activations/k'))}) version {version}" in message
+    assert "has been deleted" in message and "grace" not in message and "superseded" not in message
+    assert error.value.fix == "write it again: sae-platform backfill k, then sae-platform shuffle"

@@ -368,15 +368,17 @@ def test_a_non_finite_finished_checkpoint_is_refused_by_every_reader(store):
 def test_nan_in_held_out_rows_is_an_error_naming_the_row(store):
     from sae_platform.errors import StorageError
     from sae_platform.evaluate import heldout_activation_batches, reconstruction_metrics
+    from sae_platform.heldout import tail
     from sae_platform.sae import build_sae
 
-    make_shuffled(store, nan_row=7)  # global row id 7, wherever the shuffle put it
-    n_rows = open_shuffled(store, "main").n_rows
+    make_shuffled(store, nan_row=7)  # row 7 of batch p0, wherever the shuffle put it
+    shuffled = open_shuffled(store, "main")
     sae = build_sae("topk", 16, 64, k=4)
-    with pytest.raises(StorageError) as error:
-        reconstruction_metrics(sae, heldout_activation_batches(store, "main", n_rows, batch_rows=256))
+    with pytest.raises(StorageError) as error:  # every row held out
+        reconstruction_metrics(sae, heldout_activation_batches(store, "main", tail(shuffled, shuffled.n_rows),
+                                                               batch_rows=256))
     message = str(error.value)
-    assert "held-out activations" in message and "global row id 7" in message and "shuffled row" in message
+    assert "held-out activations" in message and "row 7 of activation batch 'p0'" in message
     x = np.ones((10, 16), np.float32)
     x[3, 2] = np.inf
     with pytest.raises(Exception, match="row 3 of the rows evaluated"):

@@ -11,18 +11,15 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from dagster import DagsterInstance, Definitions
+from conftest import cache_and_shuffle, tiny_definitions
+from dagster import DagsterInstance
 from safetensors.numpy import save_file
 
-from assets import ASSETS
 from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
 from jobs.cli import build_features
-from jobs.definitions import ASSET_JOBS, build_resources
-from jobs.settings import Settings
-from resources import BaseModelResource, stage_resource
 from sae_platform import catalog
 from sae_platform import shuffle as sh
-from sae_platform.activations import CacheSettings, cache_text_file, open_partition
+from sae_platform.activations import open_partition
 from sae_platform.corpus import list_source
 from sae_platform.feature_merge import read_tables
 from sae_platform.sae import VectorDictionary, build_sae
@@ -71,22 +68,8 @@ def _check_page_in_chromium(chromium, site: Path, top_k: int) -> None:
 @pytest.fixture
 def cached(store, tiny_model_dir, tiny_hooked, text_dir):
     """Three cached batches of the tiny model, shuffled into ``main`` (no SAE trained)."""
-    for text_file in list_source(str(text_dir / "*")):
-        cache_text_file(store, text_file, tiny_hooked, str(tiny_model_dir), CacheSettings(ctx_len=32, batch_size=4))
-    sh.run_shuffle(store, "main", n_buckets=4, memory_budget_bytes=1 << 20, n_jobs=2, seed=0)
+    cache_and_shuffle(store, tiny_model_dir, tiny_hooked, text_dir)
     return open_shuffled(store, "main").d_model
-
-
-def _defs(store, tiny_model_dir, text_dir, tmp_path):
-    holdout = tmp_path / "holdout"
-    holdout.mkdir()
-    (holdout / "held.txt").write_text((text_dir / "beta.txt").read_text())
-    resources = build_resources(Settings(root_url=store.root_url, data_dir=str(tmp_path), inbox=str(text_dir / "*"),
-                                         s3_endpoint_url=None, holdout=str(holdout / "*")))
-    resources["language_model"] = BaseModelResource(source=str(tiny_model_dir), layer=1, device="cpu")
-    resources["features"] = stage_resource("features", {"sae_name": NAME, "top_k": TOP_K, "reservoir_factor": 4,
-                                                        "device": "cpu"})
-    return Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources)
 
 
 def test_a_vector_gets_feature_tables_and_a_browser_page(cached, store, tiny_model_dir, text_dir, tmp_path,
@@ -101,7 +84,8 @@ def test_a_vector_gets_feature_tables_and_a_browser_page(cached, store, tiny_mod
     sae, cfg = load_sae(store, NAME)
     assert cfg["sae"]["variant"] == "vector" and sae.n_latents == 1
 
-    defs = _defs(store, tiny_model_dir, text_dir, tmp_path)
+    defs = tiny_definitions(store, tiny_model_dir, text_dir, tmp_path,
+                            features={"sae_name": NAME, "top_k": TOP_K, "reservoir_factor": 4, "device": "cpu"})
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(ACTIVATION_BATCHES.name, [f.key for f in list_source(str(text_dir / "*"))])
     assert build_features(instance, defs, NAME)

@@ -43,8 +43,10 @@ def _print_features(store, sae_name: str) -> None:
     """The feature tables and browser of one SAE: the checkpoint each describes and whether it
     describes every cached batch. Every verdict is a link of ``freshness.sae_chain_state``, the
     rule of the ``describes_every_cached_batch`` check, so no line says "current" while the chain
-    is behind (a batch cached but not yet shuffled, trained on or in the tables)."""
-    from sae_platform.freshness import feature_state, sae_chain_state
+    is behind (a batch cached but not yet shuffled, trained on or in the tables); the browser's line
+    also says when its overview's figures are older than the committed ones
+    (``freshness.browser_figures_behind``, the rule the browser is rebuilt on)."""
+    from sae_platform.freshness import browser_figures_behind, feature_state, sae_chain_state
 
     state = feature_state(store, sae_name)
     built = [f"f{i}" for i, pinned in enumerate(state.shards) if pinned is not None]
@@ -55,10 +57,12 @@ def _print_features(store, sae_name: str) -> None:
     try:
         chain = sae_chain_state(store, sae_name)
         tables_behind, browser_behind = chain.tables_behind(), chain.browser_behind()
+        figures_behind = browser_figures_behind(store, sae_name)
     except (PlatformError, OSError, ValueError) as error:  # a damaged record: say so, list the rest
         tables_behind = browser_behind = [f"cannot tell ({error})"]
+        figures_behind = []
     print(f"  feature tables of {sae_name}: {tables}: {_verdict(tables_behind)}")
-    print(f"  feature browser of {sae_name}: {browser}: {_verdict(browser_behind)}")
+    print(f"  feature browser of {sae_name}: {browser}: {_verdict(browser_behind + figures_behind)}")
     print(f"  {sae_name} downstream of the cached activations: "
           + (_verdict(browser_behind) if browser_behind else "current (describes every cached batch)"))
 
