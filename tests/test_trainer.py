@@ -200,8 +200,8 @@ def test_checkpoint_holds_no_pickle(store):
 @pytest.mark.parametrize("file", ["trainer_state.safetensors", "optimizer.safetensors", "sae_weights.safetensors"])
 def test_crafted_pickle_in_a_checkpoint_is_refused(store, tmp_path, file):
     """Overwriting a committed checkpoint's file with a pickle: the re-run refuses it, runs nothing.
-    The checksums the writer recorded catch the swap first (the file is "damaged": not the bytes
-    written); a file that passed them would still be refused as a pickle (the legacy test below)."""
+    The writer's checksums catch the swap first (the file is damaged); without checksums (a
+    checkpoint committed before they existed) the file itself is refused as a pickle."""
     make_shuffled(store)
     every = TrainSettings(**{**SETTINGS.__dict__, "checkpoint_every_tokens": 256 * 10})
     assert train_sae(store, "main", "run", every, log=lambda m: None)["steps"] == 30
@@ -212,7 +212,13 @@ def test_crafted_pickle_in_a_checkpoint_is_refused(store, tmp_path, file):
         train_sae(store, "main", "run", every, log=lambda m: None)
     assert not marker.exists(), "the pickle ran"
     message = str(error.value)
-    assert file in message and ("refused" in message or "damaged" in message) and "How to fix" in message
+    assert file in message and "damaged" in message and "How to fix" in message
+    _as_committed_before_checksums(store, checkpoint_name("run"))
+    with pytest.raises(Exception) as error:
+        train_sae(store, "main", "run", every, log=lambda m: None)
+    assert not marker.exists(), "the pickle ran"
+    message = str(error.value)
+    assert file in message and "refused" in message and "How to fix" in message
 
 
 def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path):
