@@ -69,6 +69,7 @@ from sae_platform.scaling import (
 from sae_platform.tables import PROBE_SCHEMA
 from sae_platform.text_labels import TextLabels, read_text_labels
 from sae_platform.trainer import TrainSettings, finished_checkpoint
+from sae_platform.training_progress import progress_reporter
 
 
 def settings_for(name: str, training) -> TrainSettings:
@@ -110,17 +111,6 @@ def training_finished(run: StageRun) -> str | None:
 def train_sae(run: StageRun) -> dict:
     """Train (or resume) one sweep entry, export it for SAELens, plot its curves."""
     name, settings = run.partition_key, _settings(run)
-    n_steps = max(1, settings.token_budget // settings.batch_size)
-    logged = {"tenth": 0}
-
-    def report(row: dict) -> None:  # ~10 progress lines per run in the Dagster log
-        total = row.get("n_steps", n_steps)  # a resumed continuation trains past the settings' steps
-        tenth = 10 * row["step"] // total
-        if tenth > logged["tenth"]:
-            logged["tenth"] = tenth
-            run.log.info(f"step {row['step']:,}/{total:,}: {row['tokens']:,} tokens, nmse {row['nmse']:.4f}, "
-                         f"L0 {row['l0']:.1f}, dead {row['dead_fraction']:.3f}, {row['tokens_per_second']:,.0f} tok/s")
-
     store = run.store
     if settings.world_size > 1:  # torchrun: one rank per device (sae_platform.distributed)
         result = launch_training(store, shuffle_name(run), name, settings,
@@ -131,13 +121,17 @@ def train_sae(run: StageRun) -> dict:
     else:
         device = pick_device(run.resources.training.device, warn=run.log.warning)
         result = trainer.train_sae(store, shuffle_name(run), name, settings, device, log=run.log.info,
-                                   on_metrics=report)
+                                   on_metrics=progress_reporter(run.log.info))
     metadata = {k: result[k] for k in ("steps", "tokens", "resumed_from_step", "variant", "n_latents")}
     attrs = activation_attrs(store, shuffle_name(run))  # which hook point it reads
     spec = HookEntry.spec_of(attrs)
     metadata["hook_name"] = f"{spec} (transcoder)" if attrs.get("hook_name_in") else str(spec)
     metadata.update({k: float(result[k]) for k in ("final_nmse", "final_l0", "dead_fraction", "tokens_per_second",
                                                    "seconds") if result.get(k) is not None})
+    peaks = result.get("peak_memory_bytes_per_rank") or []
+    if peaks:  # what sizing a wider run needs: CUDA's peak allocation, else the peak resident set
+        metadata["peak_memory_gib_per_rank"] = ", ".join(f"{p / 2**30:.2f}" for p in peaks)
+        run.log.info(f"peak memory per rank: {metadata['peak_memory_gib_per_rank']} GiB ({device})")
     metadata["dead_window"] = f"silent for the last {settings.dead_after_tokens:,} training tokens (AuxK's rule)"
     if result["history"]:
         png = training_curves_png(result["history"])
@@ -204,6 +198,7 @@ def evaluate_sae(run: StageRun) -> dict:
     report, density = evaluate.evaluate_sae(store, shuffle_name(run), name, hooked, tokens, device,
                                             metric_tokens=metric_tokens, ablation_tokens=settings.ablation_tokens,
                                             meta_sae_steps=settings.meta_sae_steps,
+                                            max_cosine_latents=settings.max_cosine_latents,
                                             inputs=_evaluation_inputs(run), log=run.log.info)
     png = density_histogram_png(density, report["dead_window_tokens"])
     plot_path = report_path(store, name, "latent_density.png")

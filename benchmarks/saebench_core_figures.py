@@ -52,7 +52,8 @@ def main() -> None:
     ablation = settings.ablation_tokens if args.ablation_tokens is None else args.ablation_tokens
     report, _ = evaluate_sae(store, args.shuffle, args.sae_name, hooked, tokens, torch.device("cpu"),
                              metric_tokens=metric_tokens, ablation_tokens=ablation,
-                             meta_sae_steps=settings.meta_sae_steps, log=lines.append)
+                             meta_sae_steps=settings.meta_sae_steps,
+                             max_cosine_latents=settings.max_cosine_latents, log=lines.append)
     print("\n".join(lines), flush=True)
     print(f"evaluate_sae: {time.perf_counter() - started:.1f} s")
     print(json.dumps({key: report.get(key) for key in FIGURES}, indent=1))

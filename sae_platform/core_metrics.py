@@ -119,30 +119,48 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def max_cosine_to_others(rows: torch.Tensor, chunk_elements: int | None = None) -> torch.Tensor:
+def max_cosine_to_others(rows: torch.Tensor, chunk_elements: int | None = None,
+                         of: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of ``rows`` [n, d]: the largest cosine similarity to any *other* row, float32 [n]
-    (-inf for a single row). Computed in blocks of at most ``chunk_elements`` entries of the
-    [n, n] similarity matrix (default ``SIMILARITY_CHUNK_ELEMENTS``), on the rows' device."""
+    (-inf for a single row). ``of`` (int64 row indices): only those rows are measured (against
+    every row) and the others are NaN. Computed in blocks of at most ``chunk_elements`` entries of
+    the [n, n] similarity matrix (default ``SIMILARITY_CHUNK_ELEMENTS``), on the rows' device."""
     unit = _unit_rows(rows.float())
     n = unit.shape[0]
+    measured = torch.arange(n, device=unit.device) if of is None else of.to(unit.device)
     chunk = max(1, (chunk_elements or SIMILARITY_CHUNK_ELEMENTS) // max(n, 1))
-    out = torch.empty(n, dtype=torch.float32, device=unit.device)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        sims = unit[start:stop] @ unit.t()
-        local = torch.arange(stop - start, device=unit.device)
-        sims[local, local + start] = float("-inf")  # not itself
-        out[start:stop] = sims.max(dim=1).values
+    out = torch.full((n,), float("nan"), dtype=torch.float32, device=unit.device)
+    for start in range(0, len(measured), chunk):
+        block = measured[start:start + chunk]
+        sims = unit[block] @ unit.t()
+        sims[torch.arange(len(block), device=unit.device), block] = float("-inf")  # not itself
+        out[block] = sims.max(dim=1).values
     return out
 
 
+def measured_latents(n_latents: int, max_latents: int, seed: int = 0) -> torch.Tensor | None:
+    """Which latents the max-cosine figures measure: every one (None) when ``n_latents`` <=
+    ``max_latents``, else a seeded sample of ``max_latents`` of them (sorted int64): each costs
+    n_latents x d_model multiply-adds, so all of them is quadratic in n_latents (2 x 1.3 PFLOP at
+    2^20 latents, d_model 576: hours on a CPU). The sample's mean estimates SAEBench's mean."""
+    if n_latents <= max_latents:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_latents, generator=generator)[:max_latents].sort().values
+
+
 @torch.no_grad()
-def latent_geometry(sae, chunk_elements: int | None = None) -> dict[str, np.ndarray]:
+def latent_geometry(sae, chunk_elements: int | None = None, max_latents: int | None = None) -> dict[str, np.ndarray]:
     """Per-latent weight figures, float32 numpy [n_latents] each: ``max_encoder_cosine``,
     ``max_decoder_cosine`` and (an SAE, not a transcoder) ``encoder_decoder_cosine``; see the
-    module docstring. Memory: one [chunk, n_latents] block at a time."""
-    out = {"max_encoder_cosine": max_cosine_to_others(sae.W_enc, chunk_elements),
-           "max_decoder_cosine": max_cosine_to_others(sae.W_dec, chunk_elements)}
+    module docstring. The two max cosines are measured for every latent, or for
+    :func:`measured_latents`' sample when ``max_latents`` is below n_latents (NaN elsewhere;
+    0 measures none). Memory: one [chunk, n_latents] block at a time."""
+    out = {}
+    if max_latents != 0:
+        of = None if max_latents is None else measured_latents(sae.n_latents, max_latents)
+        out = {"max_encoder_cosine": max_cosine_to_others(sae.W_enc, chunk_elements, of),
+               "max_decoder_cosine": max_cosine_to_others(sae.W_dec, chunk_elements, of)}
     if not sae.is_transcoder:
         out["encoder_decoder_cosine"] = (_unit_rows(sae.W_enc.float()) * _unit_rows(sae.W_dec.float())).sum(1)
     return {name: value.cpu().numpy() for name, value in out.items()}
@@ -152,8 +170,11 @@ def geometry_figures(geometry: dict[str, np.ndarray]) -> dict:
     """The report's means of ``latent_geometry``'s per-latent arrays (other keys are ignored)."""
     names = {"max_encoder_cosine": "average_max_encoder_cosine", "max_decoder_cosine": "average_max_decoder_cosine",
              "encoder_decoder_cosine": "mean_encoder_decoder_cosine"}
-    return {name: float(np.mean(geometry[key])) for key, name in names.items()
-            if key in geometry and len(geometry[key]) > 1}
+    figures = {name: float(np.nanmean(geometry[key])) for key, name in names.items()
+               if key in geometry and len(geometry[key]) > 1}
+    if "max_decoder_cosine" in geometry and np.isnan(geometry["max_decoder_cosine"]).any():
+        figures["max_cosine_latents_measured"] = int(np.isfinite(geometry["max_decoder_cosine"]).sum())
+    return figures
 
 
 def meta_sae_decoder_fve(decoder: torch.Tensor, *, steps: int, width_ratio: float = 0.25, k: int = 4,

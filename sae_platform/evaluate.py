@@ -101,6 +101,10 @@ class EvalSettings:
                                                    "the task is skipped with its counts", ge=2)
     sparse_probing_max_contexts: int = setting(5000, "sae_sparse_probing: contexts per class at most (SAEBench's "
                                                      "4,000 train + 1,000 test)", ge=2)
+    max_cosine_latents: int = setting(16384, "latents whose largest cosine to every other latent (SAEBench's "
+                                             "max encoder/decoder cosine) is measured: all of them up to this many, "
+                                             "else a seeded sample of this many (the cost is this x n_latents; "
+                                             "0 skips the figures)", ge=0)
     meta_sae_steps: int = setting(300, "Adam steps of the meta-SAE decoder check (a BatchTopK SAE of 0.25x the "
                                        "latents, k 4, on the decoder rows; 0 skips it)", ge=0)
 
@@ -109,7 +113,8 @@ class EvalSettings:
 
 
 # The settings that change what the report holds; the thresholds only change the checks' verdicts.
-REPORT_SETTINGS = ("ce_contexts", "ctx_len", "metric_contexts", "ablation_tokens", "meta_sae_steps")
+REPORT_SETTINGS = ("ce_contexts", "ctx_len", "metric_contexts", "ablation_tokens", "meta_sae_steps",
+                   "max_cosine_latents")
 # The settings that change what sae_sparse_probing computes.
 SPARSE_PROBING_SETTINGS = ("sparse_probing_seed", "sparse_probing_min_contexts", "sparse_probing_max_contexts")
 
@@ -506,7 +511,8 @@ def heldout_ce_tokens(sources: list[tuple[str, list[list[int]]]], ctx_len: int, 
 
 def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | None, heldout_tokens: np.ndarray | None,
                  device: torch.device, density_over_all_rows: bool = True, metric_tokens: np.ndarray | None = None,
-                 *, ablation_tokens: int, meta_sae_steps: int = 0, inputs: dict | None = None,
+                 *, ablation_tokens: int, meta_sae_steps: int = 0, max_cosine_latents: int | None = None,
+                 inputs: dict | None = None,
                  log: Callable[[str], None] | None = None) -> tuple[dict, np.ndarray]:
     """Every figure of the evaluation for checkpoint ``sae_name``; commits ``eval/<sae_name>`` (report + density).
 
@@ -531,7 +537,8 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
     measured on fresh rows drawn from the committed truth.
     The report also holds SAEBench's core figures (``core_metrics``: explained variance about the
     mean and about zero, cosine, shrinkage, L1, frequencies, the KL score, the per-latent weight
-    figures' means, the consistent-activation heuristic) and, with ``meta_sae_steps`` > 0, the
+    figures' means, of every latent or of a seeded ``max_cosine_latents`` of them, None: every one;
+    the consistent-activation heuristic) and, with ``meta_sae_steps`` > 0, the
     meta-SAE decoder check (``core_metrics.meta_sae_decoder_fve``); the same figures, per latent
     where SAEBench has them, are ``saebench_core.json`` beside it (``saebench_results``).
 
@@ -586,8 +593,10 @@ def evaluate_sae(store, shuffle_name: str, sae_name: str, hooked: HookedModel | 
             figures, details = feature_metrics(hooked, sae, metric_tokens, ablation_tokens=ablation_tokens,
                                                rule=rule, **points)
         report.update(figures)
-    with timed("SAEBench's per-latent figures (max cosine to the other latents, in blocks)"):
-        latents = _latent_figures(sae, density, details)
+    sampled = "" if sae is None or max_cosine_latents is None or sae.n_latents <= max_cosine_latents else \
+        f" of a seeded {max_cosine_latents:,} of the {sae.n_latents:,} latents"
+    with timed(f"SAEBench's per-latent figures (max cosine to the other latents{sampled}, in blocks)"):
+        latents = _latent_figures(sae, density, details, max_cosine_latents)
     report.update({**frequency_figures(density), **geometry_figures(latents)})
     cah = latents.get("consistent_activation_heuristic")
     if cah is not None and np.isfinite(cah).any():
@@ -652,14 +661,15 @@ def _evaluated(store, sae_name: str, version: str | None, device, timed) -> tupl
         f"({GATHER_LIMIT_ENV}); reconstruction, L0 and density were measured shard by shard")}
 
 
-def _latent_figures(sae, density: np.ndarray, details: dict | None) -> dict[str, np.ndarray]:
+def _latent_figures(sae, density: np.ndarray, details: dict | None,
+                    max_cosine_latents: int | None = None) -> dict[str, np.ndarray]:
     """Per latent [n_latents]: ``density``, the weight figures of ``core_metrics.latent_geometry``,
     the encoder's norm and bias as SAELens holds them (``export.folded_weights``; not for a switch
     SAE) and, given the feature metrics' held-out codes, the consistent-activation heuristic.
     Without the whole SAE (``sae`` None: a sharded one too wide to gather), the density alone."""
     if sae is None:
         return {"density": np.asarray(density, np.float64)}
-    latents = {"density": np.asarray(density, np.float64), **latent_geometry(sae)}
+    latents = {"density": np.asarray(density, np.float64), **latent_geometry(sae, max_latents=max_cosine_latents)}
     try:
         _, _, folded = folded_weights(sae)
         latents.update(encoder_norm=folded["W_enc"].norm(dim=0).numpy(), encoder_bias=folded["b_enc"].numpy())

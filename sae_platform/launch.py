@@ -25,6 +25,7 @@ from sae_platform.errors import PlatformError, require_counts
 from sae_platform.model import pick_device
 from sae_platform.storage import ArtifactStore
 from sae_platform.trainer import TrainingError, TrainSettings, train_sae
+from sae_platform.training_progress import progress_reporter
 
 RDZV_ENV = "SAE_PLATFORM_RDZV_ENDPOINT"
 
@@ -106,4 +107,4 @@ def run_rank(spec: dict, on_metrics: Callable[[dict], None] | None = None) -> di
 
 
 if __name__ == "__main__":
-    run_rank(json.loads(Path(sys.argv[1]).read_text()))
+    run_rank(json.loads(Path(sys.argv[1]).read_text()), on_metrics=progress_reporter(print))

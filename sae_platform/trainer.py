@@ -104,6 +104,7 @@ from sae_platform.sharded_checkpoint import (
 )
 from sae_platform.shuffled import Shuffled, open_shuffled
 from sae_platform.storage import ArtifactStore
+from sae_platform.training_progress import peak_memory_per_rank
 
 SelectionPrecision = Literal["auto", "float32", "bfloat16"]
 SELECTION_PRECISIONS: tuple[SelectionPrecision, ...] = get_args(SelectionPrecision)
@@ -704,7 +705,8 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
             f"{settings.batch_size} on {n_train:,} rows ({epochs:.2f} epochs) on {device}{picks}{sharded}")
     elif state.step >= n_steps:
         log(f"{sae_name} is already trained for this config and data (step {state.step}); nothing to do")
-        return _summary(store, sae_name, state, settings, sae, started=time.perf_counter(), resumed_from=state.step)
+        return _summary(store, sae_name, state, settings, sae, started=time.perf_counter(), resumed_from=state.step,
+                        device=device)
     else:
         log(f"resuming {sae_name} from step {state.step} ({state.tokens:,} tokens)")
     state.heldout, exclude = training_heldout(store, sae_name, shuffled, settings.holdout_rows, resumed)
@@ -724,12 +726,14 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss became {loss.item()} at step {state.step} ({state.tokens:,} tokens)",
                                 f"lower lr; {_committed_note(store, sae_name)}")
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if layout.data_parallel > 1:
             average_gradients(sae.parameters(), layout.data_group)
         sae.remove_parallel_grad_()
         optimizer.step()
+        # freed now, not before the next backward: the forward pass and a checkpoint's write never hold
+        # the gradients (a 2^20-latent shard's are 2.25 GiB; docs/results.md, the 2^20 run)
+        optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             sae.normalize_decoder_()
         state.step += 1
@@ -754,7 +758,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     if rank == 0 or layout.latent_parallel > 1:  # a sharded checkpoint: every rank takes part
         save_checkpoint(store, sae_name, sae, optimizer, state, settings, shuffled, final=True)
     barrier()
-    return _summary(store, sae_name, state, settings, sae, started, resumed_from)
+    return _summary(store, sae_name, state, settings, sae, started, resumed_from, device)
 
 
 def _metrics_row(state, loss, terms, out, x, dead_fraction: float, started, resumed_from, settings) -> dict:
@@ -767,7 +771,7 @@ def _metrics_row(state, loss, terms, out, x, dead_fraction: float, started, resu
             **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
 
 
-def _summary(store, sae_name, state: TrainState, settings, sae, started, resumed_from) -> dict:
+def _summary(store, sae_name, state: TrainState, settings, sae, started, resumed_from, device) -> dict:
     last = state.history[-1] if state.history else {}
     elapsed = time.perf_counter() - started
     return {"run": sae_name, "path": store.url(store.resolve(checkpoint_name(sae_name))), "steps": state.step,
@@ -775,4 +779,5 @@ def _summary(store, sae_name, state: TrainState, settings, sae, started, resumed
             "tokens_per_second": (state.step - resumed_from) * settings.batch_size / max(elapsed, 1e-9)
             if state.step > resumed_from else math.nan,
             "final_nmse": last.get("nmse"), "final_l0": last.get("l0"), "dead_fraction": last.get("dead_fraction"),
-            "history": state.history, "variant": settings.variant, "n_latents": settings.n_latents}
+            "history": state.history, "variant": settings.variant, "n_latents": settings.n_latents,
+            "peak_memory_bytes_per_rank": peak_memory_per_rank(device)}

@@ -16,8 +16,10 @@ from sae_platform import catalog
 from sae_platform.core_metrics import (
     consistent_activation,
     frequency_figures,
+    geometry_figures,
     latent_geometry,
     max_cosine_to_others,
+    measured_latents,
     meta_sae_decoder_fve,
 )
 from sae_platform.evaluate import evaluate_sae, reconstruction_metrics
@@ -105,6 +107,29 @@ def test_max_cosine_in_blocks_equals_the_dense_matrix():
     geometry = latent_geometry(sae, chunk_elements=100)
     assert np.allclose(geometry["encoder_decoder_cosine"], 1.0, atol=1e-6)  # tied init: W_enc = W_dec
     np.testing.assert_allclose(geometry["max_encoder_cosine"], geometry["max_decoder_cosine"], atol=1e-6)
+
+
+def test_a_wide_dictionary_measures_the_max_cosines_of_a_seeded_sample_against_every_latent():
+    """All n_latents x n_latents cosines are hours at 2^20 latents (docs/results.md, the 2^20 run): past
+    max_latents, a seeded sample is measured, each against every latent, exactly as the full figure."""
+    torch.manual_seed(2)
+    sae = build_sae("relu", 8, 300)
+    full = latent_geometry(sae)
+    sampled = latent_geometry(sae, chunk_elements=700, max_latents=40)
+    picked = measured_latents(300, 40)
+    assert picked is not None and len(picked) == 40 and torch.equal(picked, measured_latents(300, 40))  # seeded
+    for key in ("max_encoder_cosine", "max_decoder_cosine"):
+        measured = np.isfinite(sampled[key])
+        assert measured.sum() == 40 and np.array_equal(np.flatnonzero(measured), picked.numpy())
+        np.testing.assert_allclose(sampled[key][measured], full[key][measured], atol=1e-6)
+    np.testing.assert_allclose(sampled["encoder_decoder_cosine"], full["encoder_decoder_cosine"])  # linear: all
+    figures = geometry_figures(sampled)
+    assert figures["max_cosine_latents_measured"] == 40
+    assert figures["average_max_decoder_cosine"] == pytest.approx(float(full["max_decoder_cosine"][picked].mean()))
+    assert "max_cosine_latents_measured" not in geometry_figures(full)
+    assert measured_latents(300, 300) is None
+    assert np.isfinite(latent_geometry(sae, max_latents=300)["max_decoder_cosine"]).all()
+    assert "max_decoder_cosine" not in latent_geometry(sae, max_latents=0)
 
 
 def test_consistent_activation_heuristic_is_tokens_per_context_it_fires_in():

@@ -134,13 +134,19 @@ def test_bad_training_setting_fails_before_anything_is_written(defs, store):
 
 def test_world_size_2_trains_data_parallel_through_torchrun(defs, store):
     """The training step launches torchrun (2 gloo ranks on CPU) and records the result like one process."""
+    instance = DagsterInstance.ephemeral()
     result = defs.resolve_job_def("train_saes").execute_in_process(
-        instance=DagsterInstance.ephemeral(), partition_key="topk-4k-k32",
+        instance=instance, partition_key="topk-4k-k32",
         run_config={"resources": {"training": {"config": {**TRAIN, "world_size": 2, "device": "cpu"}},
                                   "evaluation": {"config": {"ce_contexts": 0}}}})
     assert result.success
     ckpt = _materializations(result)["sae_checkpoint"]
     assert ckpt["steps"] == 12 and ckpt["tokens"] == 12 * 256 and ckpt["device"] == "2 data-parallel ranks (cpu)"
+    # the ranks' progress reaches the run's log as one process's does, and each rank's peak memory its metadata
+    logged = [record.user_message or "" for record in instance.all_logs(result.run_id)]
+    assert any("step 12/12: 3,072 tokens" in message for message in logged)
+    peaks = [float(p) for p in ckpt["peak_memory_gib_per_rank"].split(", ")]
+    assert len(peaks) == 2 and all(0.05 < p < 16 for p in peaks)
     pointer = store.pointer("sae/topk-4k-k32")
     assert pointer["final"] and "world_size" not in pointer["settings"]
 
