@@ -65,6 +65,7 @@ from sae_platform.distributed import (
     fired_on_any_rank,
     mean_over_ranks,
     rank_and_world,
+    summed_over_ranks,
 )
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.heldout import HeldoutRows, tail, training_heldout
@@ -86,7 +87,7 @@ from sae_platform.refresh import (
     continuation,
     kept_unseen,
 )
-from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, normalized_mse
+from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, mean_active, normalized_mse
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.sharded_checkpoint import (
     SAE,
@@ -738,10 +739,10 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
         fired = fired_on_any_rank(out.fired, layout.data_group) if layout.data_parallel > 1 else out.fired
         state.tokens_since_fired[fired] = 0
         if state.step % settings.log_every_steps == 0 or state.step == n_steps:
-            dead_fraction = sae.dead_fraction(dead) if layout.latent_parallel > 1 else float(dead.float().mean())
-            row = _metrics_row(state, loss, terms, out, target, dead_fraction, started, resumed_from, settings)
+            row = _metrics_row(state, loss, terms, out, target, _counted_figures(sae, out, dead, layout), started,
+                               resumed_from, settings)
             if world > 1:
-                row = mean_over_ranks(row)
+                row = mean_over_ranks(row, same_everywhere=("l0", "dead_fraction"))
             state.history.append(row)
             if on_metrics:  # with the run's own step count: a resumed continuation goes past settings'
                 on_metrics({**row, "n_steps": n_steps})
@@ -757,12 +758,23 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     return _summary(store, sae_name, state, settings, sae, started, resumed_from)
 
 
-def _metrics_row(state, loss, terms, out, x, dead_fraction: float, started, resumed_from, settings) -> dict:
+def _counted_figures(sae, out, dead: torch.Tensor, layout: Layout) -> tuple[float, float]:
+    """(L0 of the whole batch, fraction of all latents dead): integer counts summed over the data
+    replicas (active pairs, rows) and the latent ranks (dead latents; active pairs are summed over them
+    in the forward), then divided once, so both equal one process's exactly. A collective."""
+    counts = torch.stack([out.active, out.active.new_tensor(out.recon.shape[0])])
+    if layout.data_parallel > 1:
+        counts = summed_over_ranks(counts, layout.data_group)
+    dead_count = sae.dead_count(dead) if layout.latent_parallel > 1 else int(dead.sum())
+    return float(mean_active(counts[0], int(counts[1]), out.l0.dtype)), dead_count / sae.config["n_latents"]
+
+
+def _metrics_row(state, loss, terms, out, x, counted: tuple[float, float], started, resumed_from, settings) -> dict:
     with torch.no_grad():
         nmse = float(normalized_mse(out.recon, x))
     elapsed = time.perf_counter() - started
-    return {"step": state.step, "tokens": state.tokens, "loss": float(loss.detach()), "nmse": nmse, "l0": float(out.l0),
-            "dead_fraction": dead_fraction,
+    return {"step": state.step, "tokens": state.tokens, "loss": float(loss.detach()), "nmse": nmse, "l0": counted[0],
+            "dead_fraction": counted[1],
             "tokens_per_second": (state.step - resumed_from) * settings.batch_size / max(elapsed, 1e-9),
             **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
 

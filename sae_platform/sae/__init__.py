@@ -58,6 +58,7 @@ from sae_platform.sae.base import (
     geometric_median,
     input_scale_for,
     lr_for,
+    mean_active,
     normalized_mse,
 )
 from sae_platform.sae.dense import JumpReLUSAE, ReLUSAE
@@ -77,7 +78,7 @@ from sae_platform.sae.vector import VectorDictionary
 # globals, so a copy here could be patched without effect; patch sae_platform.sae.topk instead.
 __all__ = ["ADAM_EPS", "VARIANTS", "BatchTopKSAE", "Codes", "JumpReLUSAE", "MatryoshkaBatchTopKSAE", "Pattern",
            "ReLUSAE", "SAEOutput", "SparseAutoencoder", "SwitchSAE", "TopKSAE", "Variant", "build_sae",
-           "dense_topk_reference", "geometric_median", "input_scale_for", "lr_for", "matryoshka_widths",
+           "dense_topk_reference", "geometric_median", "input_scale_for", "lr_for", "matryoshka_widths", "mean_active",
            "normalized_mse", "sddmm", "spmm", "spmm_t", "UNTRAINED_VARIANTS", "variant_class", "VectorDictionary"]
 
 Variant = Literal["topk", "batchtopk", "matryoshka_batchtopk", "switch", "jumprelu", "relu"]

@@ -106,11 +106,18 @@ class SAEOutput:
     model's internals (AuxK, L1, L0, load balance); ``SparseAutoencoder.loss`` weights them."""
 
     recon: Tensor                 # [batch, d_model], raw (input) units
-    l0: Tensor                    # scalar: mean active latents per row
+    l0: Tensor                    # scalar: mean active latents per row (``mean_active`` of ``active``)
     fired: Tensor                 # bool [n_latents]: fired at least once in this batch
     parts: dict[str, Tensor] = field(default_factory=dict)
     dense: Tensor | None = None   # [batch, n_latents] codes (ReLU, JumpReLU)
     sparse: tuple[Pattern, Tensor] | None = None  # (pattern, flat values) for the TopK family
+    active: Tensor | None = None  # int64 scalar: active (row, latent) pairs of the batch, what ranks sum
+
+    @classmethod
+    def counted(cls, recon: Tensor, active: Tensor, fired: Tensor, parts: dict[str, Tensor], **codes) -> "SAEOutput":
+        """The output of a batch of ``recon.shape[0]`` rows with ``active`` (int64) active (row, latent)
+        pairs: its l0 is ``mean_active`` of them, in recon's dtype. ``codes``: ``dense`` or ``sparse``."""
+        return cls(recon, mean_active(active, recon.shape[0], recon.dtype), fired, parts, active=active, **codes)
 
     @property
     def codes(self) -> Codes:
@@ -126,16 +133,26 @@ def _dense_to_codes(z: Tensor) -> Codes:
     return Codes(values.clamp_min(0), indices)
 
 
+def mean_active(active: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
+    """L0, the mean active latents per row (a scalar of ``dtype``), from ``active``, the int64 count of
+    active (row, latent) pairs over ``rows`` rows. The one division of every L0: a latent shard or a
+    data-parallel replica sums the integer counts of its peers first and divides once, so its L0 is
+    one process's bit for bit (dividing each part, then summing, is not)."""
+    return active.to(dtype) / max(rows, 1)
+
+
 def _sparse_stats(pattern: Pattern, vals: Tensor) -> tuple[Tensor, Tensor]:
-    """(l0, fired) without a device sync."""
-    active = (vals.detach().reshape(-1) > 0).to(vals.dtype)
-    hits = torch.zeros(pattern.n_latents, dtype=vals.dtype, device=vals.device).index_add_(0, pattern.cols, active)
-    return active.sum() / max(pattern.batch, 1), hits > 0
+    """(active: int64 count of the active entries, fired: bool [n_latents]) without a device sync."""
+    active = vals.detach().reshape(-1) > 0
+    hits = torch.zeros(pattern.n_latents, dtype=torch.int64, device=vals.device).index_add_(
+        0, pattern.cols, active.to(torch.int64))
+    return active.sum(), hits > 0
 
 
 def _dense_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(active: int64 count of the codes > 0, fired: bool [n_latents]) of codes ``z`` [batch, n_latents]."""
     active = z.detach() > 0
-    return active.sum(1).to(z.dtype).mean(), active.any(0)
+    return active.sum(), active.any(0)
 
 
 # ---------------------------------------------------------------------------------------------
