@@ -216,9 +216,7 @@ class LatentShardedSAE(nn.Module):
         if variant not in SHARDED_VARIANTS:
             raise PlatformError(f"variant {variant} has no latent-sharded forward",
                                 f"train it with latent_parallel 1, or use one of {', '.join(SHARDED_VARIANTS)}")
-        rng = torch.get_rng_state()  # the meta build draws an init seed: the shard must draw the same one
-        whole = build_sae(variant, d_model, n_latents, device="meta", dtype=dtype, **hparams)
-        torch.set_rng_state(rng)
+        whole = build_sae(variant, d_model, n_latents, device="meta", dtype=dtype, **hparams)  # draws nothing
         self.layout, self.rows, self.n_latents = layout, layout.shard(n_latents), n_latents
         self.variant, self.config_ = variant, whole.config
         local_hparams = dict(whole.hparams)

@@ -87,7 +87,7 @@ from sae_platform.refresh import (
     continuation,
     kept_unseen,
 )
-from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, mean_active, normalized_mse
+from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, mean_active, normalized_mse, with_weights
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.sharded_checkpoint import (
     SAE,
@@ -542,11 +542,11 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
     weights = _sae_weights(store, sae_name, path, cfg.get("step"))
     with store.damaged(f"{path}/cfg.json", f"cfg.json of SAE checkpoint {sae_name!r}", fix):
         sae_cfg = dict(cfg["sae"])
-        sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
-                        **sae_cfg)
+        sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device="meta",
+                        **sae_cfg)  # shapes only: no init drawn, the checkpoint's weights come next
     with store.damaged(f"{path}/{UNSHARDED_WEIGHTS}", f"weights (not those cfg.json describes) of SAE checkpoint "
                                                           f"{sae_name!r}", fix):
-        sae.load_state_dict(weights)
+        with_weights(sae, weights, device)
     return sae, cfg
 
 

@@ -2,9 +2,10 @@
 variant with its latents split over 4 ranks (the Switch SAE's 8 experts two per rank: expert parallelism,
 sae_platform.expert_parallel) equals one process at the same seed and global batch over 50 steps (loss
 curve to float tolerance; L0 and dead fraction per metrics row exactly, as they are divided once from
-integer counts summed over the ranks; final weights to float tolerance, dead-latent counters exactly); so does a 2-D run of 2 data-parallel replicas x 2 latent shards; a TopK and a Switch run killed
-after a checkpoint resume under another layout and end equal; a rank holds 1/R of one process's parameter
-and Adam bytes. Also: the training step's torchrun path starts the latent ranks, and bad layouts are
+integer counts summed over the ranks; final weights to float tolerance, dead-latent counters exactly);
+so does a 2-D run of 2 data-parallel replicas x 2 latent shards; a TopK and a Switch run killed after a
+checkpoint resume under another layout and end equal; a rank holds 1/R of one process's parameter and
+Adam bytes. Also: the training step's torchrun path starts the latent ranks, and bad layouts are
 refused."""
 
 import dataclasses

@@ -193,14 +193,10 @@ class SparseAutoencoder(nn.Module):
         self.d_model, self.n_latents = d_model, n_latents
         start = hparams.pop("first_latent", 0)  # a latent shard (sae_platform.latent_parallel): its first row
         self.hparams = {**self.DEFAULTS, **hparams}
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.long))  # one draw of the global RNG (torch.manual_seed)
-        rows = range(start, start + n_latents)
-        w_dec = unit_rows(seed, rows, self.d_out or d_model, device=device, dtype=dtype)
+        w_dec, w_enc = self._initial_dictionary(range(start, start + n_latents), d_model, device, dtype)
         self.W_dec = nn.Parameter(w_dec)
-        if self.d_out is None:
-            self.W_enc = nn.Parameter(w_dec.clone())
-        else:  # input and output spaces differ: no tied init
-            self.W_enc = nn.Parameter(unit_rows(seed + 1, rows, d_model, device=device, dtype=dtype))
+        self.W_enc = nn.Parameter(w_enc)
+        if self.d_out is not None:
             self.b_dec = nn.Parameter(torch.zeros(self.d_out, device=device, dtype=dtype))
             self.register_buffer("output_scale", torch.ones((), device=device, dtype=dtype))
             if self.skip_connection:  # zero at init: training starts from the plain transcoder
@@ -208,6 +204,21 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
         self.b_pre = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
         self.register_buffer("input_scale", torch.ones((), device=device, dtype=dtype))
+
+    def _initial_dictionary(self, rows: range, d_model: int, device, dtype) -> tuple[Tensor, Tensor]:
+        """(W_dec [rows, d_out], W_enc [rows, d_model]) at init: ``unit_rows`` of a seed drawn once from
+        the global RNG, W_enc = W_dec (tied) for an SAE, its own rows for a transcoder. On the meta
+        device nothing is drawn (a checkpoint's weights are loaded into it: ``with_weights``), so
+        opening a checkpoint neither spends seconds of RNG on a wide dictionary nor moves the RNG."""
+        width = self.d_out or d_model
+        if torch.device(device or "cpu").type == "meta":
+            return (torch.empty(len(rows), width, device=device, dtype=dtype),
+                    torch.empty(len(rows), d_model, device=device, dtype=dtype))
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.long))  # one draw of the global RNG (torch.manual_seed)
+        w_dec = unit_rows(seed, rows, width, device=device, dtype=dtype)
+        if self.d_out is None:
+            return w_dec, w_dec.clone()
+        return w_dec, unit_rows(seed + 1, rows, d_model, device=device, dtype=dtype)  # two spaces: not tied
 
     @property
     def config(self) -> dict:
@@ -409,3 +420,13 @@ class SparseAutoencoder(nn.Module):
         for name, part in out.parts.items():
             terms[name] = self.hparams[self.COEFFS[name]] * part
         return sum(terms.values()), terms
+
+
+def with_weights(model: SparseAutoencoder, state: dict[str, Tensor], device=None) -> SparseAutoencoder:
+    """``model`` (built on the meta device: shapes only, no init drawn, nothing allocated) holding the
+    tensors of ``state`` (a checkpoint's state_dict) on ``device`` as its parameters and buffers.
+    They are taken as they are (``load_state_dict(assign=True)``), not copied into a second,
+    initialised set: at 2^20 latents x 576 that set was GBs and seconds of RNG. Raises RuntimeError
+    (``load_state_dict``'s) naming a missing or unexpected tensor or a shape that differs."""
+    model.load_state_dict({name: tensor.to(device) for name, tensor in state.items()}, assign=True)
+    return model
