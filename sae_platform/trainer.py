@@ -17,8 +17,12 @@ Checkpoint layout (``sae/<sae_name>/<version>/``)::
 
     sae_weights.safetensors   the SAE's state_dict (input scale and b_pre included)
     cfg.json                  SAE config + training settings + data fingerprint
-    optimizer.safetensors     Adam state: the tensors (``state.<param index>.<name>``) ...
-    optimizer.json            ... and everything else (param_groups, non-tensor state)
+    optimizer.safetensors     Adam state: the tensors, named by parameter (``adam.<param>.<key>``) ...
+    optimizer.json            ... and everything else (param_groups, non-tensor state by parameter)
+
+Adam's state is named as in a sharded checkpoint (``sharded_checkpoint.adam_tensors``, the one rule);
+a checkpoint written before (tensors ``state.<param index>.<key>``) is renamed when read
+(``sharded_checkpoint.stored_adam_state``), so it still resumes.
     trainer_state.safetensors tokens-since-fired, torch RNG state
     trainer_state.json        step, tokens, metrics history
 
@@ -91,8 +95,10 @@ from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, mea
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.sharded_checkpoint import (
     SAE,
+    TRAINER,
     UNSHARDED_WEIGHTS,
     LatentLayout,
+    adam_tensors,
     check_shards,
     gathered_state,
     is_sharded,
@@ -101,6 +107,7 @@ from sae_platform.sharded_checkpoint import (
     read_shard,
     restore_training,
     shard_slice,
+    stored_adam_state,
     training_tensors,
 )
 from sae_platform.shuffled import Shuffled, open_shuffled
@@ -377,31 +384,6 @@ def _optimizer(sae, settings: TrainSettings, device: torch.device) -> torch.opti
         return torch.optim.Adam(sae.param_groups(settings.learning_rate), lr=settings.learning_rate, eps=ADAM_EPS)
 
 
-def _optimizer_files(optimizer) -> tuple[bytes, bytes]:
-    """Adam's state_dict as (safetensors, JSON): tensors by ``state.<index>.<name>``, the rest JSON."""
-    state_dict = optimizer.state_dict()
-    tensors, plain = {}, {}
-    for index, entries in state_dict["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                plain.setdefault(str(index), {})[key] = value
-    meta = {"param_groups": state_dict["param_groups"], "state": plain}
-    return save_safetensors(tensors), json.dumps(meta).encode()
-
-
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, device) -> dict:
-    state: dict = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value if key == "step" else value.to(device)
-    for index, entries in meta.get("state", {}).items():
-        state.setdefault(int(index), {}).update(entries)
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
 def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: TrainState, settings: TrainSettings,
                     shuffled: Shuffled, final: bool) -> str:
     """Commit a checkpoint of training on ``shuffled``; its pointer records the data fingerprint and
@@ -411,8 +393,8 @@ def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: 
     if isinstance(sae, LatentShardedSAE):
         return _save_shards(store, sae_name, sae, optimizer, state, settings, shuffled, final)
     weights = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    optimizer_tensors, optimizer_meta = _optimizer_files(optimizer)
-    bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(load_safetensors(optimizer_tensors))]
+    adam, optimizer_meta = adam_tensors(sae, optimizer)  # named by parameter, as a sharded checkpoint's
+    bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(adam)]
     if bad:
         raise _diverged(store, sae_name, state, settings, bad)
     trainer_tensors = {"tokens_since_fired": state.tokens_since_fired.detach().cpu().contiguous(),
@@ -420,8 +402,8 @@ def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: 
     json_files, pointer_info = _checkpoint_records(sae, state, settings, shuffled, final)
     with store.writing(checkpoint_name(sae_name), **pointer_info) as version:
         store.fs.pipe_file(f"{version}/{UNSHARDED_WEIGHTS}", save_safetensors(weights))
-        store.fs.pipe_file(f"{version}/optimizer.safetensors", optimizer_tensors)
-        store.fs.pipe_file(f"{version}/optimizer.json", optimizer_meta)
+        store.fs.pipe_file(f"{version}/optimizer.safetensors", save_safetensors(adam))
+        store.fs.pipe_file(f"{version}/optimizer.json", json.dumps(optimizer_meta).encode())
         store.fs.pipe_file(f"{version}/trainer_state.safetensors", save_safetensors(trainer_tensors))
         for file, content in json_files.items():  # cfg.json, trainer_state.json, the held-out rows
             store.fs.pipe_file(f"{version}/{file}", content)
@@ -593,78 +575,59 @@ def _resume_grown(store, sae_name, settings, shuffled, sae, optimizer, device, l
 
 
 def _load_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainState | None:
-    """Load checkpoint ``pointer``'s weights and Adam state into ``sae`` and ``optimizer`` and the
-    torch RNG; its TrainState (None when its optimizer layout is an earlier version's)."""
+    """Load checkpoint ``pointer`` into ``sae``, ``optimizer`` and the torch RNG: this rank's rows of the
+    weights, Adam state and dead-latent counters under the run's layout, whatever layout or version wrote
+    them (a sharded checkpoint: only the shards overlapping those rows, ``sharded_checkpoint.read_shard``,
+    so 2 shards resume as 1, 1 as 4; an unsharded one: read whole and sliced). Its TrainState; None when
+    its optimizer layout is an earlier version's (logged: training starts afresh)."""
     path = store.resolve(checkpoint_name(sae_name))
     store.check_intact(checkpoint_name(sae_name), pointer["version"], what=f"SAE checkpoint {sae_name!r}")
-    files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
-    sharded = is_sharded(store, path)
-    if sharded or (isinstance(sae, LatentShardedSAE) and "trainer_state.json" in files):
-        return _load_shard_state(store, sae_name, pointer, path, sharded, sae, optimizer, device, log)
-    weights = _finite_weights(store, path, pointer.get("step"))
-    if "trainer_state.json" in files:
-        optimizer_tensors = _read_tensors(store, path, "optimizer.safetensors")
-        optimizer_state = _optimizer_state(optimizer_tensors, _read_json(store, path, "optimizer.json"), device)
-        saved = {**_read_json(store, path, "trainer_state.json"),
-                 **_read_tensors(store, path, "trainer_state.safetensors")}
-    else:  # a checkpoint of an earlier version
-        optimizer_state = _legacy_torch_file(store, path, "optimizer.pt", device)
-        optimizer_tensors = {f"state.{i}.{k}": v for i, e in optimizer_state["state"].items() for k, v in e.items()
-                             if torch.is_tensor(v)}
-        saved = _legacy_torch_file(store, path, "trainer_state.pt")
-    optimizer_file = "optimizer.safetensors" if "trainer_state.json" in files else "optimizer.pt"
-    _refuse_non_finite(store, path, optimizer_file, _non_finite(optimizer_tensors), pointer.get("step"))
-    stored, current = ([len(g["params"]) for g in groups] for groups in (optimizer_state["param_groups"],
-                                                                       optimizer.param_groups))
-    if stored != current:  # e.g. JumpReLU before its thresholds had their own group
-        log(f"the checkpoint of {sae_name} (step {pointer.get('step')}) has the optimizer layout of an earlier version "
-            f"(parameters per group {stored}, now {current}): training starts afresh and replaces it")
-        return None
-    sae.load_state_dict(weights)
-    optimizer.load_state_dict(optimizer_state)
-    torch.set_rng_state(saved["rng"])
-    return TrainState(saved["step"], saved["tokens"], saved["history"], saved["tokens_since_fired"].to(device),
-                      saved.get("target_steps"))
-
-
-def _load_shard_state(store, sae_name, pointer, path, sharded: bool, sae, optimizer, device,
-                      log) -> TrainState | None:
-    """_load_state where the run or the checkpoint (``sharded``) is latent-sharded: this rank's rows
-    under the run's layout whatever layout wrote them (sharded_checkpoint.read_shard reads only the
-    overlapping shards: 2 shards resume as 1, 1 as 4); an unsharded checkpoint is read whole and sliced."""
     module, layout = (sae.local, sae.layout) if isinstance(sae, LatentShardedSAE) else (sae, Layout())
+    sharded = is_sharded(store, path)
+    if sharded:
+        saved, optimizer_meta = _read_json(store, path, "trainer_state.json"), _read_json(store, path, "optimizer.json")
+    else:
+        weights, (optimizer_tensors, optimizer_meta), saved = _unsharded_files(store, path, pointer.get("step"), device)
+    stored = [len(g["params"]) for g in optimizer_meta["param_groups"]]
+    if stored != [len(g["params"]) for g in optimizer.param_groups]:  # e.g. JumpReLU before θ had its own group
+        log(f"the checkpoint of {sae_name} (step {pointer.get('step')}) has the optimizer layout of an earlier version "
+            f"(parameters per group {stored}, now {[len(g['params']) for g in optimizer.param_groups]}): training "
+            "starts afresh and replaces it")
+        return None
     shards = LatentLayout(sae.config["n_latents"], layout.latent_parallel)
     if sharded:
         tensors = read_shard(store, sae_name, shards, layout.latent_rank, version=pointer["version"], device=device)
-        optimizer_meta = _read_json(store, path, "optimizer.json")
     else:
-        whole, optimizer_meta = _named_tensors(store, path, pointer, module, optimizer)
+        adam, optimizer_meta = stored_adam_state(optimizer_tensors, optimizer_meta, parameter_names(module, optimizer))
+        whole = {**{SAE + k: v for k, v in weights.items()}, **adam,
+                 **{f"{TRAINER}{k}": saved[k] for k in ("tokens_since_fired", "rng")}}
         tensors = shard_slice(whole, sae.config["variant"], shards, layout.latent_rank)
-    stored = [len(g["params"]) for g in optimizer_meta["param_groups"]]
-    if stored != [len(g["params"]) for g in optimizer.param_groups]:
-        log(f"the checkpoint of {sae_name} (step {pointer.get('step')}) has the optimizer layout of an earlier version "
-            f"(parameters per group {stored}): training starts afresh and replaces it")
-        return None
-    saved = _read_json(store, path, "trainer_state.json")
     tokens_since_fired = restore_training(module, optimizer, tensors, optimizer_meta, device)
     return TrainState(saved["step"], saved["tokens"], saved["history"], tokens_since_fired, saved.get("target_steps"))
 
 
-def _named_tensors(store, path, pointer, module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An unsharded checkpoint's tensors named as a sharded one's (sharded_checkpoint: ``sae.*``,
-    ``adam.<parameter>.*``, ``trainer.*``) and its optimizer.json keyed by parameter name."""
-    names = parameter_names(module, optimizer)
-    optimizer_tensors = _read_tensors(store, path, "optimizer.safetensors")
-    _refuse_non_finite(store, path, "optimizer.safetensors", _non_finite(optimizer_tensors), pointer.get("step"))
-    trainer_tensors = _read_tensors(store, path, "trainer_state.safetensors")
-    tensors = {**{f"sae.{k}": v for k, v in _finite_weights(store, path, pointer.get("step")).items()},
-               **{f"trainer.{k}": v for k, v in trainer_tensors.items()}}
-    for name, value in optimizer_tensors.items():  # state.<optimizer index>.<key>
-        _, index, key = name.split(".", 2)
-        tensors[f"adam.{names[int(index)]}.{key}"] = value
-    meta = _read_json(store, path, "optimizer.json")
-    by_name = {names[int(i)]: entries for i, entries in meta.get("state", {}).items()}
-    return tensors, {"param_groups": meta["param_groups"], "state_by_name": by_name}
+def _unsharded_files(store, path: str, step, device) -> tuple[dict, tuple[dict, dict], dict]:
+    """An unsharded checkpoint's (weights, (Adam tensors, optimizer.json) as stored, trainer state: step,
+    tokens, history, tokens_since_fired, rng), of this version's files or an earlier version's
+    ``optimizer.pt`` / ``trainer_state.pt`` (torch's restricted unpickler); refused (StorageError naming
+    the file) when a weight or Adam moment is NaN/inf."""
+    files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
+    weights = _finite_weights(store, path, step)
+    if "trainer_state.json" in files:
+        optimizer_file = "optimizer.safetensors"
+        adam = _read_tensors(store, path, optimizer_file), _read_json(store, path, "optimizer.json")
+        saved = {**_read_json(store, path, "trainer_state.json"),
+                 **_read_tensors(store, path, "trainer_state.safetensors")}
+    else:  # a checkpoint of an earlier version: torch's optimizer state_dict, as indexed files (below)
+        optimizer_file = "optimizer.pt"
+        legacy = _legacy_torch_file(store, path, optimizer_file, device)
+        state = legacy["state"]
+        adam = ({f"state.{i}.{k}": v for i, entries in state.items() for k, v in entries.items() if torch.is_tensor(v)},
+                {"param_groups": legacy["param_groups"],
+                 "state": {i: {k: v for k, v in e.items() if not torch.is_tensor(v)} for i, e in state.items()}})
+        saved = _legacy_torch_file(store, path, "trainer_state.pt")
+    _refuse_non_finite(store, path, optimizer_file, _non_finite(adam[0]), step)
+    return weights, adam, saved
 
 
 def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: TrainSettings,
