@@ -9,7 +9,9 @@ bitwise the same weights on CPU as an uninterrupted run.
 
 The last ``holdout_rows`` rows of the store a training starts on are never trained on, and every
 checkpoint records which rows they are (``sae_platform.heldout``): evaluation uses them, and a
-checkpoint resumed on a rebuilt store (new batches) skips them in every batch it trains on.
+checkpoint resumed on a rebuilt store (new batches) leaves them out of every batch it trains on,
+refilling the batch from the rows after it (``heldout.batch_rows``: every batch keeps batch_size rows, and
+stays a function of its step, so such a resume is deterministic too).
 A token budget larger than the training rows loops over epochs in the same (already random)
 order; the log says how many.
 
@@ -72,7 +74,7 @@ from sae_platform.distributed import (
     summed_over_ranks,
 )
 from sae_platform.errors import PlatformError, StorageError
-from sae_platform.heldout import HeldoutRows, tail, training_heldout
+from sae_platform.heldout import HeldoutRows, batch_rows, tail, training_heldout
 from sae_platform.latent_parallel import (
     LatentShardedSAE,
     Layout,
@@ -275,25 +277,25 @@ def batch_schedule(n_train_rows: int, batch_size: int, first_step: int, n_steps:
 
 
 def prefetch(shuffled: Shuffled, schedule: Iterator[tuple[int, int]], device: torch.device, depth: int = 3,
-             exclude: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
-    """Read and convert the next batches on a thread while the current one trains, leaving out the
-    rows whose global row ids are in ``exclude`` (a resumed checkpoint's held-out rows)."""
+             exclude: np.ndarray | None = None, wrap: int | None = None,
+             part: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
+    """Read and convert the next batches on a thread while the current one trains: for each batch
+    (start, stop) of ``schedule``, ``batch_rows`` of it (part ``part`` of a data-parallel replica,
+    leaving out and refilling the global row ids in ``exclude``); yields (x, ids, its first row)."""
     batches: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def read():
         try:
             for start, end in schedule:
-                ids, acts = (np.concatenate(part) for part in zip(*shuffled.blocks(start, end)))
-                if exclude is not None:
-                    kept = ~np.isin(ids, exclude)
-                    ids, acts = ids[kept], acts[kept]
+                ids, acts = batch_rows(shuffled, start, end, exclude, wrap, part)
                 x = torch.from_numpy(acts).float()
                 if device.type == "cuda":
                     x = x.pin_memory()
+                first = start + part[0] * ((end - start) // part[1])
                 while not stop.is_set():
                     try:
-                        batches.put((x, ids, start), timeout=0.5)
+                        batches.put((x, ids, first), timeout=0.5)
                         break
                     except queue.Full:
                         continue
@@ -676,10 +678,8 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     warned = False
     every = max(1, settings.checkpoint_every_tokens // settings.batch_size)
     schedule = batch_schedule(n_train, settings.batch_size, state.step, n_steps)
-    if layout.data_parallel > 1:  # this replica's slice of each batch (the same for its latent ranks)
-        share, replica = settings.batch_size // layout.data_parallel, layout.data_rank
-        schedule = ((start + replica * share, start + (replica + 1) * share) for start, _ in schedule)
-    for x, ids, start in prefetch(shuffled, schedule, device, exclude=exclude):
+    replica = (layout.data_rank, layout.data_parallel)  # this replica's part of each batch (its latent ranks' too)
+    for x, ids, start in prefetch(shuffled, schedule, device, exclude=exclude, wrap=n_train, part=replica):
         _check_finite(x, ids, start, state.step, store, sae_name)
         dead = state.tokens_since_fired >= settings.dead_after_tokens
         target = x if d_in is None else x[:, d_in:]
