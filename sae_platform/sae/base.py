@@ -144,8 +144,8 @@ def mean_active(active: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
 def _sparse_stats(pattern: Pattern, vals: Tensor) -> tuple[Tensor, Tensor]:
     """(active: int64 count of the active entries, fired: bool [n_latents]) without a device sync."""
     active = vals.detach().reshape(-1) > 0
-    hits = torch.zeros(pattern.n_latents, dtype=torch.int64, device=vals.device).index_add_(
-        0, pattern.cols, active.to(torch.int64))
+    hits = torch.zeros(pattern.n_latents, dtype=vals.dtype, device=vals.device).index_add_(
+        0, pattern.cols, active.to(vals.dtype))
     return active.sum(), hits > 0
 
 
