@@ -39,14 +39,14 @@ One training step, per variant (every collective over the latent group):
 * ReLU / JumpReLU: elementwise, so the shard's codes are local; the partial reconstruction and
   the penalties' sums over latents (L1, L0; ``dense._DenseSAE._code``) are summed in one
   all-reduce, then JumpReLU's target_l0 term is taken of the global L0.
-
-Statistics (the logged L0, AuxK's "any latent dead", the dead fraction) are summed over the latent
-group as integer counts and divided once (``LatentShardedSAE.summed_counts``,
-``sae.base.mean_active``), so they equal one process's exactly, not to float rounding.
 * Switch: expert parallelism (``sae_platform.expert_parallel``): n_experts divisible by R puts
   whole experts on each rank (the shard's latents are its experts'), the router is replicated;
   each rank encodes and decodes the rows routed to its experts, one all-reduce sums the partial
   reconstructions, and the router's gradient through the codes is summed over the latent group.
+
+Statistics (the logged L0, AuxK's "any latent dead", the dead fraction) are summed over the latent
+group as integer counts and divided once (``LatentShardedSAE.summed_counts``,
+``sae.base.mean_active``), so they equal one process's exactly, not to float rounding.
 
 Gradients: the summed reconstruction's gradient is the same on every latent rank, which is each
 partial's gradient (backward of the sum is the identity); b_pre's gradient through the shards'
