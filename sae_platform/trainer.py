@@ -21,12 +21,12 @@ Checkpoint layout (``sae/<sae_name>/<version>/``)::
     cfg.json                  SAE config + training settings + data fingerprint
     optimizer.safetensors     Adam state: the tensors, named by parameter (``adam.<param>.<key>``) ...
     optimizer.json            ... and everything else (param_groups, non-tensor state by parameter)
+    trainer_state.safetensors tokens-since-fired, torch RNG state
+    trainer_state.json        step, tokens, metrics history
 
 Adam's state is named as in a sharded checkpoint (``sharded_checkpoint.adam_tensors``, the one rule);
 a checkpoint written before (tensors ``state.<param index>.<key>``) is renamed when read
 (``sharded_checkpoint.stored_adam_state``), so it still resumes.
-    trainer_state.safetensors tokens-since-fired, torch RNG state
-    trainer_state.json        step, tokens, metrics history
 
 A latent-sharded checkpoint (``sharded_checkpoint``: one safetensors file per latent shard,
 ``replicated.safetensors`` and ``index.json`` in place of the three tensor files) is read the same
