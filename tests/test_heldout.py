@@ -15,7 +15,7 @@ from test_trainer import SETTINGS, make_shuffled
 from sae_platform import catalog, shuffle, trainer
 from sae_platform.errors import StorageError
 from sae_platform.evaluate import evaluate_sae
-from sae_platform.heldout import batch_rows, checkpoint_heldout, named, recorded, same_rows
+from sae_platform.heldout import checkpoint_heldout, named, recorded, same_rows
 from sae_platform.shuffled import open_shuffled
 from sae_platform.trainer import TrainSettings, finished_checkpoint, train_sae
 
@@ -125,6 +125,8 @@ def test_a_resumed_batch_of_held_out_rows_only_is_refilled_not_empty(store, monk
 
 
 def test_batch_rows_refill_from_the_rows_after_and_refuse_when_too_few_remain(store):
+    from sae_platform.heldout import batch_rows
+
     make_shuffled(store)
     shuffled = open_shuffled(store, "main")
     first = np.concatenate([ids for ids, _ in shuffled.blocks(0, 9)])
