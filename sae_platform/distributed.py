@@ -4,7 +4,9 @@ With ``world_size`` W > 1 (``resources.training.config.world_size``) each of the
 :func:`sae_platform.trainer.train_sae` with the same settings:
 
 * batch b of the global schedule is rows [b·B, (b+1)·B) of the shuffled store, as in one process;
-  rank r reads only its own disjoint slice [b·B + r·B/W, b·B + (r+1)·B/W) (B must divide by W);
+  rank r reads only its own disjoint slice [b·B + r·B/W, b·B + (r+1)·B/W) (B must divide by W; a
+  resumed checkpoint whose held-out rows lie in the store reads the whole refilled batch and keeps
+  its slice of it: ``heldout.batch_rows``);
 * every rank starts from the same weights (same seed, same calibration rows, or the same
   checkpoint); after the backward pass the gradients are averaged over ranks (one all-reduce of
   all of them), so every rank takes the same Adam step and renormalises the same decoder rows;
