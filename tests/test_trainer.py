@@ -287,7 +287,8 @@ def _adam_as_indexed(store, name: str, settings: TrainSettings) -> None:
         indexed[f"state.{order.index(param)}.{key}"] = value
     plain = {str(order.index(param)): entries for param, entries in meta["state_by_name"].items()}
     store.fs.pipe_file(f"{path}/optimizer.safetensors", save_st(indexed))
-    store.fs.pipe_file(f"{path}/optimizer.json", json.dumps({"param_groups": meta["param_groups"], "state": plain}))
+    old_meta = {"param_groups": meta["param_groups"], "state": plain}
+    store.fs.pipe_file(f"{path}/optimizer.json", json.dumps(old_meta).encode())
     _as_committed_before_checksums(store, checkpoint_name(name))
 
 
