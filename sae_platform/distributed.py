@@ -4,13 +4,17 @@ With ``world_size`` W > 1 (``resources.training.config.world_size``) each of the
 :func:`sae_platform.trainer.train_sae` with the same settings:
 
 * batch b of the global schedule is rows [b·B, (b+1)·B) of the shuffled store, as in one process;
-  rank r reads only its own disjoint slice [b·B + r·B/W, b·B + (r+1)·B/W) (B must divide by W);
+  rank r reads only its own disjoint slice [b·B + r·B/W, b·B + (r+1)·B/W) (B must divide by W; a
+  resumed checkpoint whose held-out rows lie in the store reads the whole refilled batch and keeps
+  its slice of it: ``heldout.batch_rows``);
 * every rank starts from the same weights (same seed, same calibration rows, or the same
   checkpoint); after the backward pass the gradients are averaged over ranks (one all-reduce of
   all of them), so every rank takes the same Adam step and renormalises the same decoder rows;
 * the dead-latent counters advance by the global batch and a latent counts as fired when it fired
   on any rank (an all-reduce MAX of the fired masks), so they are identical on every rank;
-* only rank 0 writes checkpoints (atomically, through the same storage protocol) and the summary.
+* only rank 0 writes checkpoints (atomically, through the same storage protocol) and the summary;
+* the logged L0 and dead fraction are integer counts summed over the ranks and divided once
+  (``trainer._counted_figures``), so they equal one process's exactly.
 
 The MSE term is a mean over rows, so the average of the ranks' gradients is the gradient of the
 global batch, and the result equals one process's at the same global batch up to float summation
@@ -61,9 +65,19 @@ def fired_on_any_rank(fired: torch.Tensor, group=None) -> torch.Tensor:
     return counts.bool()
 
 
-def mean_over_ranks(row: dict) -> dict:
-    """A metrics row with every float averaged over the ranks (ints, e.g. step and tokens, are global)."""
-    keys = [k for k, v in row.items() if isinstance(v, float)]
+def summed_over_ranks(counts: torch.Tensor, group=None) -> torch.Tensor:
+    """``counts`` (integers) summed over the ranks of ``group`` (default: all), a new tensor: what a
+    statistic of the global batch is divided from, once (``sae.base.mean_active``)."""
+    counts = counts.detach().clone()
+    dist.all_reduce(counts, group=group)
+    return counts
+
+
+def mean_over_ranks(row: dict, same_everywhere: tuple[str, ...] = ()) -> dict:
+    """A metrics row with every float averaged over the ranks (ints, e.g. step and tokens, are global),
+    but the floats named in ``same_everywhere``: already the global figure on every rank (averaging
+    equal floats can round them)."""
+    keys = [k for k, v in row.items() if isinstance(v, float) and k not in same_everywhere]
     values = torch.tensor([row[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(values)
     return {**row, **{k: float(v) / dist.get_world_size() for k, v in zip(keys, values, strict=True)}}

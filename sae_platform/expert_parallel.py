@@ -20,8 +20,8 @@ One training step (every collective over the latent group):
   that expert's dead latents, then decodes them; rows routed elsewhere get zeros;
 * one all-reduce sums the partial reconstructions (AuxK's partial rides in it): each row's sum is
   one rank's part plus zeros, so the reconstruction is one process's bit for bit;
-* one all-reduce of [active codes, dead latents] gives the whole SAE's L0 and AuxK's "any latent
-  dead" gate;
+* one all-reduce of the integer counts [active codes, dead latents] gives the whole SAE's L0 (divided
+  once: one process's exactly) and AuxK's "any latent dead" gate;
 * the load-balancing loss (E * sum_e f_e P_e) is computed on every rank from the replicated
   routing and the whole batch's expert counts, so its gradient is one process's on every rank.
 
@@ -34,7 +34,6 @@ hence local.
 """
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from sae_platform.sae import SwitchSAE
@@ -67,14 +66,11 @@ def switch_forward(shard, x: Tensor, dead_mask: Tensor | None) -> SAEOutput:
     n_experts = local.hparams["n_experts"]
     counts = torch.bincount(expert, minlength=n_experts).to(xs.dtype)
     parts = {"balance": n_experts * (counts / x.shape[0] * probs.mean(0)).sum()}
-    _, fired = _sparse_stats(pattern, z)
-    dead = torch.zeros((), dtype=z.dtype, device=z.device) if dead_mask is None else dead_mask.sum().to(z.dtype)
-    stats = torch.stack([(z.detach() > 0).sum().to(z.dtype), dead])  # counts: exact in float
-    dist.all_reduce(stats, group=shard.layout.latent_group)
+    active, fired = _sparse_stats(pattern, z)
+    active, dead = shard.summed_counts(active, dead_mask)
     if aux is not None:
-        parts["auxk"] = _auxk_loss(total[1], _aux_target(xs, recon_n), stats[1] > 0)
-    l0 = stats[0] / max(x.shape[0], 1)
-    return SAEOutput(local._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z))
+        parts["auxk"] = _auxk_loss(total[1], _aux_target(xs, recon_n), dead > 0)
+    return SAEOutput.counted(local._to_raw(recon_n), active, fired, parts, sparse=(pattern, z))
 
 
 def _routed_codes(local: SwitchSAE, xs: Tensor, b_pre: Tensor, rows: Tensor, vals: Tensor, idx: Tensor,

@@ -9,8 +9,9 @@ order, then row number), change when the store is rebuilt with new batches; its 
 So when new batches arrive and the store is re-shuffled, the checkpoint's held-out rows stay the
 rows it never saw: a checkpoint the refresh policy keeps (``refresh.kept_unseen``) is evaluated on
 them, not on the rebuilt store's last rows, which hold rows it trained on; and one it resumes
-(``refresh.Continuation``) skips them while it trains on (``HeldoutRows.global_ids`` of the grown
-store: the trainer's ``exclude``) and records the same names again. Evaluation reads them with
+(``refresh.Continuation``) leaves them out of every batch it trains on (``HeldoutRows.global_ids`` of
+the grown store: the trainer's ``exclude``; :func:`batch_rows` refills such a batch from the rows
+after it, so none is short or empty) and records the same names again. Evaluation reads them with
 :func:`heldout_blocks`: from the shuffled store's last rows when they are exactly those rows (a
 checkpoint of the current store, the usual case), else from the activation batches they name.
 
@@ -112,6 +113,45 @@ def training_heldout(store, sae_name: str, shuffled: Shuffled, holdout_rows: int
         raise StorageError(f"the held-out rows of {sae_name!r}'s checkpoint name batches shuffled store "
                            f"{shuffled.name!r} does not hold", "delete that checkpoint and train again")
     return kept, ids
+
+
+def batch_rows(shuffled: Shuffled, start: int, stop: int, exclude: np.ndarray | None = None, wrap: int | None = None,
+               part: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:
+    """(global row ids [m], acts [m, d_model]) of part r of R (``part``) of the batch of shuffled rows
+    [start, stop): its m = (stop - start) / R rows from the r-th on.
+
+    With ``exclude`` (global row ids: a resumed checkpoint's held-out rows, anywhere in a rebuilt store)
+    those rows are left out of the batch and it is refilled from the rows after ``stop`` (wrapping to
+    row 0 at ``wrap``, the end of the training rows), so it keeps its size: a batch of held-out rows
+    only would be empty (and its loss NaN). Each part then reads the whole batch, so the R parts are
+    one process's batch, split. Raises StorageError when the rows before ``wrap`` hold less than one
+    batch outside ``exclude``."""
+    rank, parts = part
+    share = (stop - start) // parts
+    if exclude is None:
+        return _rows(shuffled, start + rank * share, start + (rank + 1) * share)
+    size, wrap = stop - start, shuffled.n_rows if wrap is None else wrap
+    ids, acts, held, at, scanned = [], [], 0, start, 0
+    while held < size:
+        if scanned >= wrap:
+            raise StorageError(
+                f"the {wrap:,} training rows of shuffled store {shuffled.name!r} hold fewer than one batch "
+                f"({size:,} rows) outside the {len(exclude):,} rows the resumed checkpoint held out",
+                "lower batch_size, or delete the checkpoint and train from scratch on the rebuilt store")
+        end = min(at + size - held, wrap)
+        read_ids, read_acts = _rows(shuffled, at, end)
+        kept = ~np.isin(read_ids, exclude)
+        ids.append(read_ids[kept])
+        acts.append(read_acts[kept])
+        held, scanned, at = held + int(kept.sum()), scanned + end - at, 0 if end == wrap else end
+    ids, acts = np.concatenate(ids), np.concatenate(acts)
+    return ids[rank * share:(rank + 1) * share], acts[rank * share:(rank + 1) * share]
+
+
+def _rows(shuffled: Shuffled, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(global row ids, acts) of shuffled rows [start, stop)."""
+    ids, acts = zip(*shuffled.blocks(start, stop))
+    return np.concatenate(ids), np.concatenate(acts)
 
 
 def checkpoint_heldout(store, sae_name: str, version: str, cfg: dict, shuffled: Shuffled) -> HeldoutRows:

@@ -44,6 +44,10 @@ One training step, per variant (every collective over the latent group):
   each rank encodes and decodes the rows routed to its experts, one all-reduce sums the partial
   reconstructions, and the router's gradient through the codes is summed over the latent group.
 
+Statistics (the logged L0, AuxK's "any latent dead", the dead fraction) are summed over the latent
+group as integer counts and divided once (``LatentShardedSAE.summed_counts``,
+``sae.base.mean_active``), so they equal one process's exactly, not to float rounding.
+
 Gradients: the summed reconstruction's gradient is the same on every latent rank, which is each
 partial's gradient (backward of the sum is the identity); b_pre's gradient through the shards'
 encoders is summed over the latent group in the backward pass (``_SharedByShards``); everything
@@ -212,9 +216,7 @@ class LatentShardedSAE(nn.Module):
         if variant not in SHARDED_VARIANTS:
             raise PlatformError(f"variant {variant} has no latent-sharded forward",
                                 f"train it with latent_parallel 1, or use one of {', '.join(SHARDED_VARIANTS)}")
-        rng = torch.get_rng_state()  # the meta build draws an init seed: the shard must draw the same one
-        whole = build_sae(variant, d_model, n_latents, device="meta", dtype=dtype, **hparams)
-        torch.set_rng_state(rng)
+        whole = build_sae(variant, d_model, n_latents, device="meta", dtype=dtype, **hparams)  # draws nothing
         self.layout, self.rows, self.n_latents = layout, layout.shard(n_latents), n_latents
         self.variant, self.config_ = variant, whole.config
         local_hparams = dict(whole.hparams)
@@ -269,12 +271,20 @@ class LatentShardedSAE(nn.Module):
         reads rank 0's shard, a sample of 1 / R of the latents."""
         return self.local.training_warning(l0)
 
-    def dead_fraction(self, dead: Tensor) -> float:
-        """The fraction of *all* latents dead, from this shard's mask ``dead`` [n / R] (a collective:
+    def summed_counts(self, active: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(active (row, latent) pairs of the whole SAE, its dead latents), int64 scalars, from this
+        shard's count ``active`` and its dead mask [n / R] (None: 0 dead): one all-reduce of integers
+        over the latent group, so every statistic divided from them (L0: ``sae.base.mean_active``,
+        the dead fraction) is one process's exactly. A collective: every latent rank calls it."""
+        dead = active.new_zeros(()) if dead_mask is None else dead_mask.sum().to(active)
+        counts = torch.stack([active.detach(), dead])
+        dist.all_reduce(counts, group=self.layout.latent_group)
+        return counts[0], counts[1]
+
+    def dead_count(self, dead: Tensor) -> int:
+        """The number of *all* latents dead, from this shard's mask ``dead`` [n / R] (a collective:
         every latent rank calls it)."""
-        count = dead.sum().to(torch.float64).reshape(1)
-        dist.all_reduce(count, group=self.layout.latent_group)
-        return float(count) / self.n_latents
+        return int(self.summed_counts(dead.new_zeros((), dtype=torch.int64), dead)[1])
 
     # --- the sharded forward -------------------------------------------------------------------
 
@@ -388,13 +398,11 @@ class LatentShardedSAE(nn.Module):
                     inner.append((recon_n - ys).pow(2).mean())
             if inner:
                 parts["matryoshka"] = sum(inner)
-        l0, fired = _sparse_stats(pattern, z)
-        stats = torch.stack([l0.detach().float(), torch.zeros_like(l0, dtype=torch.float32) if dead_mask is None
-                             else dead_mask.sum().float()])
-        dist.all_reduce(stats, group=self.layout.latent_group)
+        active, fired = _sparse_stats(pattern, z)
+        active, dead = self.summed_counts(active, dead_mask)
         if aux is not None and ys is not None:
-            parts["auxk"] = self._aux_part(xs, ys, recon_n, aux, stats[1] > 0, b_pre)
-        return SAEOutput(local._to_raw(recon_n), stats[0].to(l0.dtype), fired, parts, sparse=(pattern, z))
+            parts["auxk"] = self._aux_part(xs, ys, recon_n, aux, dead > 0, b_pre)
+        return SAEOutput.counted(local._to_raw(recon_n), active, fired, parts, sparse=(pattern, z))
 
     def _group_decodes(self, pattern: Pattern, z: Tensor, widths: list[int]) -> list[Tensor]:
         """The shard's decode of its selected latents in each prefix group [w_{j-1}, w_j) (global ids):
@@ -424,10 +432,9 @@ class LatentShardedSAE(nn.Module):
         total = self._sum(torch.cat([partial.reshape(-1), torch.stack([sums[n] for n in names])]))
         recon_n = total[:partial.numel()].view_as(partial) + local._offset(xs)
         parts = local._penalties(dict(zip(names, total[partial.numel():], strict=True)))
-        l0, fired = _dense_stats(z)
-        l0 = l0.detach().reshape(1).clone()
-        dist.all_reduce(l0, group=self.layout.latent_group)
-        return SAEOutput(local._to_raw(recon_n), l0[0], fired, parts, dense=z)
+        active, fired = _dense_stats(z)
+        active, _ = self.summed_counts(active, None)
+        return SAEOutput.counted(local._to_raw(recon_n), active, fired, parts, dense=z)
 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:

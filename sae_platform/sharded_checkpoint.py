@@ -149,16 +149,43 @@ def parameter_names(sae, optimizer) -> list[str]:
 def adam_tensors(sae, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Adam's state keyed by parameter name: (``{"adam.<param>.<key>": tensor}`` on the CPU,
     JSON-able rest: ``param_groups`` and any non-tensor state). Layout-independent: the names are
-    the same whatever rows a rank holds."""
-    names, state_dict = parameter_names(sae, optimizer), optimizer.state_dict()
+    the same whatever rows a rank holds. What every checkpoint stores of Adam, sharded or not
+    (``optimizer.safetensors`` / a shard's ``adam.*`` and ``optimizer.json``)."""
+    tensors, meta = _named_adam_state(optimizer.state_dict(), parameter_names(sae, optimizer))
+    return {name: value.detach().cpu().contiguous() for name, value in tensors.items()}, meta
+
+
+def _named_adam_state(state_dict: dict, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer ``state_dict`` (its ``state`` keyed by parameter index, int or str) named by
+    parameter, ``names[index]``: (tensors ``adam.<param>.<key>``, {param_groups, state_by_name})."""
     tensors, plain = {}, {}
     for index, entries in state_dict["state"].items():
         for key, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"{ADAM}{names[index]}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{ADAM}{names[int(index)]}.{key}"] = value
             else:
-                plain.setdefault(names[index], {})[key] = value
+                plain.setdefault(names[int(index)], {})[key] = value
     return tensors, {"param_groups": state_dict["param_groups"], "state_by_name": plain}
+
+
+def stored_adam_state(tensors: dict[str, torch.Tensor], meta: dict,
+                      names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The Adam state of an unsharded checkpoint's ``optimizer.safetensors`` (``tensors``) and
+    ``optimizer.json`` (``meta``) as :func:`adam_tensors` names it, whatever version wrote them:
+    files written before Adam's state was named (tensors ``state.<param index>.<key>``, ``meta["state"]``
+    by index: one process's checkpoints until then) are renamed by ``names``, the parameter name of
+    each index (:func:`parameter_names` of the optimizer they are loaded into, whose groups hold as many
+    parameters as ``meta["param_groups"]``: the caller checks). The migration: an old checkpoint
+    still resumes, under any layout."""
+    if "state_by_name" in meta:
+        return tensors, meta
+    state: dict = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, entries in meta.get("state", {}).items():
+        state.setdefault(int(index), {}).update(entries)
+    return _named_adam_state({"state": state, "param_groups": meta["param_groups"]}, names)
 
 
 def adam_state_dict(sae, optimizer, tensors: dict[str, torch.Tensor], meta: dict, device=None) -> dict:

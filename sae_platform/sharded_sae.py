@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from sae_platform.errors import PlatformError
-from sae_platform.sae import BatchTopKSAE, Codes, JumpReLUSAE, ReLUSAE, SwitchSAE, TopKSAE
+from sae_platform.sae import BatchTopKSAE, Codes, JumpReLUSAE, ReLUSAE, SwitchSAE, TopKSAE, with_weights
 from sae_platform.sharded_checkpoint import SAE, LatentLayout, open_sharded
 
 ROWS_PER_PASS = 65_536  # rows encoded per pass over the shards: each pass reads every shard twice
@@ -79,7 +79,8 @@ class ShardedSAE:
         return self.config["k"] if self.variant in ("topk", "switch") else None
 
     def shard_model(self, shard: int):
-        """The model of shard ``shard``'s latents (its rows, the replicated tensors), on ``device``."""
+        """The model of shard ``shard``'s latents (its rows, the replicated tensors), on ``device``, in eval
+        mode: built without an init (``sae.with_weights``), holding the tensors read from the shard."""
         cls, width = SHARD_CLASSES[self.variant], self.layout.width(shard)
         hparams = {key: value for key, value in self.config.items()
                    if key in cls.DEFAULTS or key in ("d_out", "skip_connection")}
@@ -89,10 +90,10 @@ class ShardedSAE:
             hparams["target_l0"] = None  # a training target, bounded by the whole dictionary
         if self.variant == "switch":  # an expert shard: its experts' latents, the whole router
             hparams.update(first_latent=self.layout.shard_range(shard)[0], whole_n_latents=self.n_latents)
-        model = cls(self.d_model, width, device=self.device, **hparams)
+        model = cls(self.d_model, width, device="meta", **hparams)  # shapes only: the shard's weights come next
         state = self.checkpoint.read(self.layout, shard, SAE, self.device)
-        model.load_state_dict({name.removeprefix(SAE): tensor for name, tensor in state.items()})
-        return model.eval()
+        return with_weights(model, {name.removeprefix(SAE): tensor for name, tensor in state.items()},
+                            self.device).eval()
 
     @torch.no_grad()
     def codes(self, batches: Iterable[torch.Tensor]) -> Iterator[Codes]:

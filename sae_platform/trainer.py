@@ -9,7 +9,9 @@ bitwise the same weights on CPU as an uninterrupted run.
 
 The last ``holdout_rows`` rows of the store a training starts on are never trained on, and every
 checkpoint records which rows they are (``sae_platform.heldout``): evaluation uses them, and a
-checkpoint resumed on a rebuilt store (new batches) skips them in every batch it trains on.
+checkpoint resumed on a rebuilt store (new batches) leaves them out of every batch it trains on,
+refilling the batch from the rows after it (``heldout.batch_rows``: every batch keeps batch_size rows, and
+stays a function of its step, so such a resume is deterministic too).
 A token budget larger than the training rows loops over epochs in the same (already random)
 order; the log says how many.
 
@@ -17,10 +19,14 @@ Checkpoint layout (``sae/<sae_name>/<version>/``)::
 
     sae_weights.safetensors   the SAE's state_dict (input scale and b_pre included)
     cfg.json                  SAE config + training settings + data fingerprint
-    optimizer.safetensors     Adam state: the tensors (``state.<param index>.<name>``) ...
-    optimizer.json            ... and everything else (param_groups, non-tensor state)
+    optimizer.safetensors     Adam state: the tensors, named by parameter (``adam.<param>.<key>``) ...
+    optimizer.json            ... and everything else (param_groups, non-tensor state by parameter)
     trainer_state.safetensors tokens-since-fired, torch RNG state
     trainer_state.json        step, tokens, metrics history
+
+Adam's state is named as in a sharded checkpoint (``sharded_checkpoint.adam_tensors``, the one rule);
+a checkpoint written before (tensors ``state.<param index>.<key>``) is renamed when read
+(``sharded_checkpoint.stored_adam_state``), so it still resumes.
 
 A latent-sharded checkpoint (``sharded_checkpoint``: one safetensors file per latent shard,
 ``replicated.safetensors`` and ``index.json`` in place of the three tensor files) is read the same
@@ -65,9 +71,10 @@ from sae_platform.distributed import (
     fired_on_any_rank,
     mean_over_ranks,
     rank_and_world,
+    summed_over_ranks,
 )
 from sae_platform.errors import PlatformError, StorageError
-from sae_platform.heldout import HeldoutRows, tail, training_heldout
+from sae_platform.heldout import HeldoutRows, batch_rows, tail, training_heldout
 from sae_platform.latent_parallel import (
     LatentShardedSAE,
     Layout,
@@ -86,12 +93,14 @@ from sae_platform.refresh import (
     continuation,
     kept_unseen,
 )
-from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, normalized_mse
+from sae_platform.sae import ADAM_EPS, VARIANTS, Variant, build_sae, lr_for, mean_active, normalized_mse, with_weights
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.sharded_checkpoint import (
     SAE,
+    TRAINER,
     UNSHARDED_WEIGHTS,
     LatentLayout,
+    adam_tensors,
     check_shards,
     gathered_state,
     is_sharded,
@@ -100,6 +109,7 @@ from sae_platform.sharded_checkpoint import (
     read_shard,
     restore_training,
     shard_slice,
+    stored_adam_state,
     training_tensors,
 )
 from sae_platform.shuffled import Shuffled, open_shuffled
@@ -268,25 +278,25 @@ def batch_schedule(n_train_rows: int, batch_size: int, first_step: int, n_steps:
 
 
 def prefetch(shuffled: Shuffled, schedule: Iterator[tuple[int, int]], device: torch.device, depth: int = 3,
-             exclude: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
-    """Read and convert the next batches on a thread while the current one trains, leaving out the
-    rows whose global row ids are in ``exclude`` (a resumed checkpoint's held-out rows)."""
+             exclude: np.ndarray | None = None, wrap: int | None = None,
+             part: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, np.ndarray, int]]:
+    """Read and convert the next batches on a thread while the current one trains: for each batch
+    (start, stop) of ``schedule``, ``batch_rows`` of it (part ``part`` of a data-parallel replica,
+    leaving out and refilling the global row ids in ``exclude``); yields (x, ids, its first row)."""
     batches: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def read():
         try:
             for start, end in schedule:
-                ids, acts = (np.concatenate(part) for part in zip(*shuffled.blocks(start, end)))
-                if exclude is not None:
-                    kept = ~np.isin(ids, exclude)
-                    ids, acts = ids[kept], acts[kept]
+                ids, acts = batch_rows(shuffled, start, end, exclude, wrap, part)
                 x = torch.from_numpy(acts).float()
                 if device.type == "cuda":
                     x = x.pin_memory()
+                first = start + part[0] * ((end - start) // part[1])
                 while not stop.is_set():
                     try:
-                        batches.put((x, ids, start), timeout=0.5)
+                        batches.put((x, ids, first), timeout=0.5)
                         break
                     except queue.Full:
                         continue
@@ -377,31 +387,6 @@ def _optimizer(sae, settings: TrainSettings, device: torch.device) -> torch.opti
         return torch.optim.Adam(sae.param_groups(settings.learning_rate), lr=settings.learning_rate, eps=ADAM_EPS)
 
 
-def _optimizer_files(optimizer) -> tuple[bytes, bytes]:
-    """Adam's state_dict as (safetensors, JSON): tensors by ``state.<index>.<name>``, the rest JSON."""
-    state_dict = optimizer.state_dict()
-    tensors, plain = {}, {}
-    for index, entries in state_dict["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                plain.setdefault(str(index), {})[key] = value
-    meta = {"param_groups": state_dict["param_groups"], "state": plain}
-    return save_safetensors(tensors), json.dumps(meta).encode()
-
-
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, device) -> dict:
-    state: dict = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value if key == "step" else value.to(device)
-    for index, entries in meta.get("state", {}).items():
-        state.setdefault(int(index), {}).update(entries)
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
 def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: TrainState, settings: TrainSettings,
                     shuffled: Shuffled, final: bool) -> str:
     """Commit a checkpoint of training on ``shuffled``; its pointer records the data fingerprint and
@@ -411,8 +396,8 @@ def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: 
     if isinstance(sae, LatentShardedSAE):
         return _save_shards(store, sae_name, sae, optimizer, state, settings, shuffled, final)
     weights = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    optimizer_tensors, optimizer_meta = _optimizer_files(optimizer)
-    bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(load_safetensors(optimizer_tensors))]
+    adam, optimizer_meta = adam_tensors(sae, optimizer)  # named by parameter, as a sharded checkpoint's
+    bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(adam)]
     if bad:
         raise _diverged(store, sae_name, state, settings, bad)
     trainer_tensors = {"tokens_since_fired": state.tokens_since_fired.detach().cpu().contiguous(),
@@ -420,8 +405,8 @@ def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: 
     json_files, pointer_info = _checkpoint_records(sae, state, settings, shuffled, final)
     with store.writing(checkpoint_name(sae_name), **pointer_info) as version:
         store.fs.pipe_file(f"{version}/{UNSHARDED_WEIGHTS}", save_safetensors(weights))
-        store.fs.pipe_file(f"{version}/optimizer.safetensors", optimizer_tensors)
-        store.fs.pipe_file(f"{version}/optimizer.json", optimizer_meta)
+        store.fs.pipe_file(f"{version}/optimizer.safetensors", save_safetensors(adam))
+        store.fs.pipe_file(f"{version}/optimizer.json", json.dumps(optimizer_meta).encode())
         store.fs.pipe_file(f"{version}/trainer_state.safetensors", save_safetensors(trainer_tensors))
         for file, content in json_files.items():  # cfg.json, trainer_state.json, the held-out rows
             store.fs.pipe_file(f"{version}/{file}", content)
@@ -542,11 +527,11 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
     weights = _sae_weights(store, sae_name, path, cfg.get("step"))
     with store.damaged(f"{path}/cfg.json", f"cfg.json of SAE checkpoint {sae_name!r}", fix):
         sae_cfg = dict(cfg["sae"])
-        sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device=device,
-                        **sae_cfg)
+        sae = build_sae(sae_cfg.pop("variant"), sae_cfg.pop("d_model"), sae_cfg.pop("n_latents"), device="meta",
+                        **sae_cfg)  # shapes only: no init drawn, the checkpoint's weights come next
     with store.damaged(f"{path}/{UNSHARDED_WEIGHTS}", f"weights (not those cfg.json describes) of SAE checkpoint "
                                                           f"{sae_name!r}", fix):
-        sae.load_state_dict(weights)
+        with_weights(sae, weights, device)
     return sae, cfg
 
 
@@ -593,78 +578,59 @@ def _resume_grown(store, sae_name, settings, shuffled, sae, optimizer, device, l
 
 
 def _load_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainState | None:
-    """Load checkpoint ``pointer``'s weights and Adam state into ``sae`` and ``optimizer`` and the
-    torch RNG; its TrainState (None when its optimizer layout is an earlier version's)."""
+    """Load checkpoint ``pointer`` into ``sae``, ``optimizer`` and the torch RNG: this rank's rows of the
+    weights, Adam state and dead-latent counters under the run's layout, whatever layout or version wrote
+    them (a sharded checkpoint: only the shards overlapping those rows, ``sharded_checkpoint.read_shard``,
+    so 2 shards resume as 1, 1 as 4; an unsharded one: read whole and sliced). Its TrainState; None when
+    its optimizer layout is an earlier version's (logged: training starts afresh)."""
     path = store.resolve(checkpoint_name(sae_name))
     store.check_intact(checkpoint_name(sae_name), pointer["version"], what=f"SAE checkpoint {sae_name!r}")
-    files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
-    sharded = is_sharded(store, path)
-    if sharded or (isinstance(sae, LatentShardedSAE) and "trainer_state.json" in files):
-        return _load_shard_state(store, sae_name, pointer, path, sharded, sae, optimizer, device, log)
-    weights = _finite_weights(store, path, pointer.get("step"))
-    if "trainer_state.json" in files:
-        optimizer_tensors = _read_tensors(store, path, "optimizer.safetensors")
-        optimizer_state = _optimizer_state(optimizer_tensors, _read_json(store, path, "optimizer.json"), device)
-        saved = {**_read_json(store, path, "trainer_state.json"),
-                 **_read_tensors(store, path, "trainer_state.safetensors")}
-    else:  # a checkpoint of an earlier version
-        optimizer_state = _legacy_torch_file(store, path, "optimizer.pt", device)
-        optimizer_tensors = {f"state.{i}.{k}": v for i, e in optimizer_state["state"].items() for k, v in e.items()
-                             if torch.is_tensor(v)}
-        saved = _legacy_torch_file(store, path, "trainer_state.pt")
-    optimizer_file = "optimizer.safetensors" if "trainer_state.json" in files else "optimizer.pt"
-    _refuse_non_finite(store, path, optimizer_file, _non_finite(optimizer_tensors), pointer.get("step"))
-    stored, current = ([len(g["params"]) for g in groups] for groups in (optimizer_state["param_groups"],
-                                                                       optimizer.param_groups))
-    if stored != current:  # e.g. JumpReLU before its thresholds had their own group
-        log(f"the checkpoint of {sae_name} (step {pointer.get('step')}) has the optimizer layout of an earlier version "
-            f"(parameters per group {stored}, now {current}): training starts afresh and replaces it")
-        return None
-    sae.load_state_dict(weights)
-    optimizer.load_state_dict(optimizer_state)
-    torch.set_rng_state(saved["rng"])
-    return TrainState(saved["step"], saved["tokens"], saved["history"], saved["tokens_since_fired"].to(device),
-                      saved.get("target_steps"))
-
-
-def _load_shard_state(store, sae_name, pointer, path, sharded: bool, sae, optimizer, device,
-                      log) -> TrainState | None:
-    """_load_state where the run or the checkpoint (``sharded``) is latent-sharded: this rank's rows
-    under the run's layout whatever layout wrote them (sharded_checkpoint.read_shard reads only the
-    overlapping shards: 2 shards resume as 1, 1 as 4); an unsharded checkpoint is read whole and sliced."""
     module, layout = (sae.local, sae.layout) if isinstance(sae, LatentShardedSAE) else (sae, Layout())
+    sharded = is_sharded(store, path)
+    if sharded:
+        saved, optimizer_meta = _read_json(store, path, "trainer_state.json"), _read_json(store, path, "optimizer.json")
+    else:
+        weights, (optimizer_tensors, optimizer_meta), saved = _unsharded_files(store, path, pointer.get("step"), device)
+    stored = [len(g["params"]) for g in optimizer_meta["param_groups"]]
+    if stored != [len(g["params"]) for g in optimizer.param_groups]:  # e.g. JumpReLU before θ had its own group
+        log(f"the checkpoint of {sae_name} (step {pointer.get('step')}) has the optimizer layout of an earlier version "
+            f"(parameters per group {stored}, now {[len(g['params']) for g in optimizer.param_groups]}): training "
+            "starts afresh and replaces it")
+        return None
     shards = LatentLayout(sae.config["n_latents"], layout.latent_parallel)
     if sharded:
         tensors = read_shard(store, sae_name, shards, layout.latent_rank, version=pointer["version"], device=device)
-        optimizer_meta = _read_json(store, path, "optimizer.json")
     else:
-        whole, optimizer_meta = _named_tensors(store, path, pointer, module, optimizer)
+        adam, optimizer_meta = stored_adam_state(optimizer_tensors, optimizer_meta, parameter_names(module, optimizer))
+        whole = {**{SAE + k: v for k, v in weights.items()}, **adam,
+                 **{f"{TRAINER}{k}": saved[k] for k in ("tokens_since_fired", "rng")}}
         tensors = shard_slice(whole, sae.config["variant"], shards, layout.latent_rank)
-    stored = [len(g["params"]) for g in optimizer_meta["param_groups"]]
-    if stored != [len(g["params"]) for g in optimizer.param_groups]:
-        log(f"the checkpoint of {sae_name} (step {pointer.get('step')}) has the optimizer layout of an earlier version "
-            f"(parameters per group {stored}): training starts afresh and replaces it")
-        return None
-    saved = _read_json(store, path, "trainer_state.json")
     tokens_since_fired = restore_training(module, optimizer, tensors, optimizer_meta, device)
     return TrainState(saved["step"], saved["tokens"], saved["history"], tokens_since_fired, saved.get("target_steps"))
 
 
-def _named_tensors(store, path, pointer, module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An unsharded checkpoint's tensors named as a sharded one's (sharded_checkpoint: ``sae.*``,
-    ``adam.<parameter>.*``, ``trainer.*``) and its optimizer.json keyed by parameter name."""
-    names = parameter_names(module, optimizer)
-    optimizer_tensors = _read_tensors(store, path, "optimizer.safetensors")
-    _refuse_non_finite(store, path, "optimizer.safetensors", _non_finite(optimizer_tensors), pointer.get("step"))
-    trainer_tensors = _read_tensors(store, path, "trainer_state.safetensors")
-    tensors = {**{f"sae.{k}": v for k, v in _finite_weights(store, path, pointer.get("step")).items()},
-               **{f"trainer.{k}": v for k, v in trainer_tensors.items()}}
-    for name, value in optimizer_tensors.items():  # state.<optimizer index>.<key>
-        _, index, key = name.split(".", 2)
-        tensors[f"adam.{names[int(index)]}.{key}"] = value
-    meta = _read_json(store, path, "optimizer.json")
-    by_name = {names[int(i)]: entries for i, entries in meta.get("state", {}).items()}
-    return tensors, {"param_groups": meta["param_groups"], "state_by_name": by_name}
+def _unsharded_files(store, path: str, step, device) -> tuple[dict, tuple[dict, dict], dict]:
+    """An unsharded checkpoint's (weights, (Adam tensors, optimizer.json) as stored, trainer state: step,
+    tokens, history, tokens_since_fired, rng), of this version's files or an earlier version's
+    ``optimizer.pt`` / ``trainer_state.pt`` (torch's restricted unpickler); refused (StorageError naming
+    the file) when a weight or Adam moment is NaN/inf."""
+    files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
+    weights = _finite_weights(store, path, step)
+    if "trainer_state.json" in files:
+        optimizer_file = "optimizer.safetensors"
+        adam = _read_tensors(store, path, optimizer_file), _read_json(store, path, "optimizer.json")
+        saved = {**_read_json(store, path, "trainer_state.json"),
+                 **_read_tensors(store, path, "trainer_state.safetensors")}
+    else:  # a checkpoint of an earlier version: torch's optimizer state_dict, as indexed files (below)
+        optimizer_file = "optimizer.pt"
+        legacy = _legacy_torch_file(store, path, optimizer_file, device)
+        state = legacy["state"]
+        adam = ({f"state.{i}.{k}": v for i, entries in state.items() for k, v in entries.items() if torch.is_tensor(v)},
+                {"param_groups": legacy["param_groups"],
+                 "state": {i: {k: v for k, v in e.items() if not torch.is_tensor(v)} for i, e in state.items()}})
+        saved = _legacy_torch_file(store, path, "trainer_state.pt")
+    _refuse_non_finite(store, path, optimizer_file, _non_finite(adam[0]), step)
+    return weights, adam, saved
 
 
 def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: TrainSettings,
@@ -714,10 +680,8 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     warned = False
     every = max(1, settings.checkpoint_every_tokens // settings.batch_size)
     schedule = batch_schedule(n_train, settings.batch_size, state.step, n_steps)
-    if layout.data_parallel > 1:  # this replica's slice of each batch (the same for its latent ranks)
-        share, replica = settings.batch_size // layout.data_parallel, layout.data_rank
-        schedule = ((start + replica * share, start + (replica + 1) * share) for start, _ in schedule)
-    for x, ids, start in prefetch(shuffled, schedule, device, exclude=exclude):
+    replica = (layout.data_rank, layout.data_parallel)  # this replica's part of each batch (its latent ranks' too)
+    for x, ids, start in prefetch(shuffled, schedule, device, exclude=exclude, wrap=n_train, part=replica):
         _check_finite(x, ids, start, state.step, store, sae_name)
         dead = state.tokens_since_fired >= settings.dead_after_tokens
         target = x if d_in is None else x[:, d_in:]
@@ -742,10 +706,10 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
         fired = fired_on_any_rank(out.fired, layout.data_group) if layout.data_parallel > 1 else out.fired
         state.tokens_since_fired[fired] = 0
         if state.step % settings.log_every_steps == 0 or state.step == n_steps:
-            dead_fraction = sae.dead_fraction(dead) if layout.latent_parallel > 1 else float(dead.float().mean())
-            row = _metrics_row(state, loss, terms, out, target, dead_fraction, started, resumed_from, settings)
+            row = _metrics_row(state, loss, terms, out, target, _counted_figures(sae, out, dead, layout), started,
+                               resumed_from, settings)
             if world > 1:
-                row = mean_over_ranks(row)
+                row = mean_over_ranks(row, same_everywhere=("l0", "dead_fraction"))
             state.history.append(row)
             if on_metrics:  # with the run's own step count: a resumed continuation goes past settings'
                 on_metrics({**row, "n_steps": n_steps})
@@ -761,12 +725,23 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     return _summary(store, sae_name, state, settings, sae, started, resumed_from, device)
 
 
-def _metrics_row(state, loss, terms, out, x, dead_fraction: float, started, resumed_from, settings) -> dict:
+def _counted_figures(sae, out, dead: torch.Tensor, layout: Layout) -> tuple[float, float]:
+    """(L0 of the whole batch, fraction of all latents dead): integer counts summed over the data
+    replicas (active pairs, rows) and the latent ranks (dead latents; active pairs are summed over them
+    in the forward), then divided once, so both equal one process's exactly. A collective."""
+    counts = torch.stack([out.active, out.active.new_tensor(out.recon.shape[0])])
+    if layout.data_parallel > 1:
+        counts = summed_over_ranks(counts, layout.data_group)
+    dead_count = sae.dead_count(dead) if layout.latent_parallel > 1 else int(dead.sum())
+    return float(mean_active(counts[0], int(counts[1]), out.l0.dtype)), dead_count / sae.config["n_latents"]
+
+
+def _metrics_row(state, loss, terms, out, x, counted: tuple[float, float], started, resumed_from, settings) -> dict:
     with torch.no_grad():
         nmse = float(normalized_mse(out.recon, x))
     elapsed = time.perf_counter() - started
-    return {"step": state.step, "tokens": state.tokens, "loss": float(loss.detach()), "nmse": nmse, "l0": float(out.l0),
-            "dead_fraction": dead_fraction,
+    return {"step": state.step, "tokens": state.tokens, "loss": float(loss.detach()), "nmse": nmse, "l0": counted[0],
+            "dead_fraction": counted[1],
             "tokens_per_second": (state.step - resumed_from) * settings.batch_size / max(elapsed, 1e-9),
             **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
 

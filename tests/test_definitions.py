@@ -138,6 +138,20 @@ def test_launchpad_opens_with_the_run_config_file_and_materialize_uses_its_setti
     assert resources["training"].holdout_rows == default_of(TrainSettings, "holdout_rows") == 8192
 
 
+def test_the_10x_demo_is_the_demo_with_more_contexts_and_its_run_config_validates(tmp_path):
+    """config/demo-10x.yaml (issue 25.5): config/demo.yaml with only max_contexts raised, so the two cannot
+    drift apart; it loads as the code location's run config file and validates as full_pipeline's."""
+    from dagster import validate_run_config
+
+    demo, tenfold = (yaml.safe_load((REPO / "config" / name).read_text()) for name in ("demo.yaml", "demo-10x.yaml"))
+    contexts = tenfold["resources"]["caching"]["config"].pop("max_contexts")
+    assert contexts > demo["resources"]["caching"]["config"].pop("max_contexts")
+    assert tenfold == demo
+    defs = build_definitions(_settings(tmp_path, str(REPO / "config" / "demo-10x.yaml")))
+    assert defs.resources["caching"].max_contexts == contexts
+    validate_run_config(defs.resolve_job_def("full_pipeline"), defs.resolve_job_def("full_pipeline").run_config)
+
+
 def test_every_stage_setting_has_its_documentation_and_default_from_the_core():
     for key, (settings_class, left_out, _) in STAGE_SETTINGS.items():
         resource = stage_resource(key)

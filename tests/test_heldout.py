@@ -17,7 +17,7 @@ from sae_platform.errors import StorageError
 from sae_platform.evaluate import evaluate_sae
 from sae_platform.heldout import checkpoint_heldout, named, recorded, same_rows
 from sae_platform.shuffled import open_shuffled
-from sae_platform.trainer import finished_checkpoint, train_sae
+from sae_platform.trainer import TrainSettings, finished_checkpoint, train_sae
 
 FIGURES = ("fvu", "nmse", "l0", "heldout_tokens", "heldout_dead_fraction")
 
@@ -95,6 +95,51 @@ def test_a_resumed_checkpoint_never_trains_on_its_held_out_rows_and_keeps_them(s
     cfg = store.read_json(f"{store.path(catalog.checkpoint_name('run'), version)}/cfg.json")
     assert set(checkpoint_heldout(store, "run", version, cfg, rebuilt).names()) == held
     assert _figures(store)["heldout_tokens"] == SETTINGS.holdout_rows
+
+
+def test_a_resumed_batch_of_held_out_rows_only_is_refilled_not_empty(store, monkeypatch):
+    """A tiny batch (2 rows) on a rebuilt store, where the checkpoint's held-out rows (2,048 of them) lie
+    anywhere: some batches hold nothing else. Each is refilled from the rows after it, so every step
+    trains on 2 rows, none held out, and the run finishes (an empty batch was a NaN loss)."""
+    tiny = TrainSettings(**{**SETTINGS.__dict__, "batch_size": 2, "token_budget": 2 * 30,
+                            "checkpoint_every_tokens": 2 * 10, "holdout_rows": 2048})
+    make_shuffled(store)
+    train_sae(store, "main", "run", tiny, log=lambda m: None)
+    _add_batch(store, "a-small", 300)  # 150 more steps of 2 rows, resumed from step 30
+    rebuilt = open_shuffled(store, "main")
+    held = recorded(store, "run", catalog.checkpoint_version(store, "run")).global_ids(rebuilt.index)
+    ids = np.concatenate([ids for ids, _ in rebuilt.blocks(2 * 30, 2 * 180)]).reshape(-1, 2)
+    assert np.isin(ids, held).all(1).any(), "the test needs a batch of held-out rows only"
+    read = []
+
+    def recording(*args, **kwargs):
+        for x, ids, start in real(*args, **kwargs):
+            read.append(ids)
+            yield x, ids, start
+
+    real = trainer.prefetch
+    monkeypatch.setattr(trainer, "prefetch", recording)
+    result = train_sae(store, "main", "run", tiny, log=lambda m: None)
+    assert result["resumed_from_step"] == 30 and result["steps"] == 180
+    assert [len(batch) for batch in read] == [2] * 150 and not np.isin(np.concatenate(read), held).any()
+
+
+def test_batch_rows_refill_from_the_rows_after_and_refuse_when_too_few_remain(store):
+    from sae_platform.heldout import batch_rows
+
+    make_shuffled(store)
+    shuffled = open_shuffled(store, "main")
+    first = np.concatenate([ids for ids, _ in shuffled.blocks(0, 9)])
+    ids, acts = batch_rows(shuffled, 0, 4, exclude=first[:5], wrap=100)  # rows 0-3 held out, and row 4
+    assert ids.tolist() == first[5:9].tolist() and acts.shape == (4, shuffled.d_model)
+    tail_ids = np.concatenate([ids for ids, _ in shuffled.blocks(98, 100)])
+    wrapped, _ = batch_rows(shuffled, 98, 100, exclude=tail_ids[:1], wrap=100)  # row 98 out: row 0 refills
+    assert wrapped.tolist() == [tail_ids[1], first[0]]
+    halves = [batch_rows(shuffled, 0, 4, exclude=first[:1], wrap=100, part=(r, 2))[0] for r in range(2)]
+    assert np.concatenate(halves).tolist() == first[1:5].tolist()  # two replicas split one process's batch
+    everything = np.concatenate([ids for ids, _ in shuffled.blocks(0, 100)])
+    with pytest.raises(StorageError, match="fewer than one batch"):
+        batch_rows(shuffled, 0, 4, exclude=everything[:98], wrap=100)
 
 
 def test_a_checkpoint_without_recorded_held_out_rows_is_refused_on_a_rebuilt_store(store):

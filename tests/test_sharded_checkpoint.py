@@ -339,6 +339,40 @@ def test_shard_by_shard_evaluation_equals_the_whole_sae(store, kind):
     assert (counts == firing_counts(sae, batches)[0]).all() and n == 160
 
 
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "jumprelu", "skip transcoder", "switch"])
+def test_opening_a_checkpoint_draws_no_init_and_holds_the_stored_weights(store, monkeypatch, kind):
+    """``load_sae`` (evaluation, export, the feature tables, the live browser) and ``ShardedSAE.shard_model``
+    (shard-by-shard evaluation) build the model on the meta device and take the stored tensors: no init is
+    drawn (at 2^20 latents x 576, seconds of RNG and a second copy of GBs), the global RNG does not move,
+    and the model holds exactly the stored weights."""
+    from safetensors.torch import save
+
+    from sae_platform.sae import base
+    from sae_platform.sharded_sae import ShardedSAE
+
+    sae, _ = _model(kind)
+    cfg = {"sae": sae.config, "step": 3}
+    with store.writing(checkpoint_name("plain"), step=3) as version:
+        store.fs.pipe_file(f"{version}/{sc.UNSHARDED_WEIGHTS}", save(sae.state_dict()))
+        store.fs.pipe_file(f"{version}/cfg.json", json.dumps(cfg).encode())
+    whole = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    sc.save_sharded(store, checkpoint_name("sharded"), sae.variant, LatentLayout(N_LATENTS, 3), whole,
+                    {"cfg.json": cfg})
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("an initial dictionary was drawn to open a checkpoint")
+
+    monkeypatch.setattr(base, "unit_rows", no_init)
+    rng = torch.get_rng_state()
+    loaded, _ = load_sae(store, "plain")
+    _assert_same(loaded.state_dict(), sae.state_dict())
+    view = ShardedSAE(store, "sharded", cfg)
+    for shard in range(3):
+        stored = sc.shard_slice(whole, sae.variant, view.layout, shard)
+        _assert_same(view.shard_model(shard).state_dict(), {k.removeprefix("sae."): v for k, v in stored.items()})
+    assert torch.equal(torch.get_rng_state(), rng), "opening a checkpoint moved the global RNG"
+
+
 def test_a_switch_sae_whose_shards_would_split_an_expert_is_not_read_shard_by_shard(store, monkeypatch):
     """Expert parallelism writes whole experts per shard; a checkpoint split otherwise (3 experts in 2
     shards: a conversion, never training) is refused shard-wise, naming why, and gathered to evaluate.

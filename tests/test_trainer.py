@@ -1,5 +1,6 @@
 """The training loop: kill-and-resume reaches the same weights, bad data stops it cleanly."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -237,10 +238,11 @@ def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path)
     tensors = load_st(store.fs.cat_file(f"{path}/trainer_state.safetensors"))
     opt_meta = json_load(store, f"{path}/optimizer.json")
     opt = load_st(store.fs.cat_file(f"{path}/optimizer.safetensors"))
+    index = {name: i for i, name in enumerate(_parameter_order(first))}
     state = {}
-    for name, value in opt.items():
-        _, i, k = name.split(".", 2)
-        state.setdefault(int(i), {})[k] = value
+    for name, value in opt.items():  # adam.<parameter>.<key>: torch's state_dict is keyed by parameter index
+        param, _, k = name.removeprefix("adam.").rpartition(".")
+        state.setdefault(index[param], {})[k] = value
     for name in ("trainer_state.json", "trainer_state.safetensors", "optimizer.json", "optimizer.safetensors"):
         store.fs.rm_file(f"{path}/{name}")
     for name, obj in (("trainer_state.pt", {**meta, **tensors}),
@@ -258,6 +260,67 @@ def test_legacy_pickled_trainer_state_is_read_safely_or_refused(store, tmp_path)
         train_sae(store, "main", "run", first, log=lambda m: None)
     assert not marker.exists(), "the pickle ran"
     assert "trainer_state.pt" in str(error.value) and "refused" in str(error.value)
+
+
+def _parameter_order(settings: TrainSettings) -> list[str]:
+    """The parameter name of each optimizer index of a training with ``settings`` (d_model 16)."""
+    from sae_platform.sae import build_sae
+    from sae_platform.sharded_checkpoint import parameter_names
+    from sae_platform.trainer import _optimizer
+
+    sae = build_sae(settings.variant, 16, settings.n_latents, **settings.sae_kwargs())
+    return parameter_names(sae, _optimizer(sae, settings, torch.device("cpu")))
+
+
+def _adam_as_indexed(store, name: str, settings: TrainSettings) -> None:
+    """Rewrite the committed checkpoint ``name``'s Adam files in the layout one process wrote before Adam's
+    state was named by parameter: tensors ``state.<index>.<key>``, optimizer.json's ``state`` by index."""
+    from safetensors.torch import load as load_st
+    from safetensors.torch import save as save_st
+
+    path, order = store.resolve(checkpoint_name(name)), _parameter_order(settings)
+    tensors = load_st(store.fs.cat_file(f"{path}/optimizer.safetensors"))
+    meta = json_load(store, f"{path}/optimizer.json")
+    indexed = {}
+    for stored, value in tensors.items():
+        param, _, key = stored.removeprefix("adam.").rpartition(".")
+        indexed[f"state.{order.index(param)}.{key}"] = value
+    plain = {str(order.index(param)): entries for param, entries in meta["state_by_name"].items()}
+    store.fs.pipe_file(f"{path}/optimizer.safetensors", save_st(indexed))
+    old_meta = {"param_groups": meta["param_groups"], "state": plain}
+    store.fs.pipe_file(f"{path}/optimizer.json", json.dumps(old_meta).encode())
+    _as_committed_before_checksums(store, checkpoint_name(name))
+
+
+def test_adam_state_is_named_by_parameter_and_a_checkpoint_of_the_indexed_layout_still_resumes(store):
+    """One rule for Adam's files (sharded_checkpoint.adam_tensors): an unsharded checkpoint names them as a
+    sharded one does (adam.<parameter>.<key>); one written before (state.<index>.<key>) is renamed when read
+    (stored_adam_state) and resumes to the same weights, bit for bit, as the uninterrupted run."""
+    from safetensors.torch import load as load_st
+
+    make_shuffled(store)
+    uninterrupted = train_sae(store, "main", "whole", SETTINGS, log=lambda m: None)
+
+    def stop_after_checkpoint(row):
+        if row["step"] >= 25:  # the checkpoint at step 20 is committed
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(store, "main", "old", SETTINGS, log=lambda m: None, on_metrics=stop_after_checkpoint)
+    path = store.resolve(checkpoint_name("old"))
+    named = set(load_st(store.fs.cat_file(f"{path}/optimizer.safetensors")))
+    assert named == {f"adam.{p}.{k}" for p in _parameter_order(SETTINGS) for k in ("exp_avg", "exp_avg_sq", "step")}
+    _adam_as_indexed(store, "old", SETTINGS)
+    logs = []
+    resumed = train_sae(store, "main", "old", SETTINGS, log=logs.append)
+    assert resumed["resumed_from_step"] == 20 and not any("afresh" in m for m in logs), logs
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in uninterrupted["history"]]
+    a, _ = load_sae(store, "whole")
+    b, _ = load_sae(store, "old")
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), f"{name} differs after resuming the indexed layout"
+    path = store.resolve(checkpoint_name("old"))  # the checkpoint it commits is in the named layout
+    assert set(load_st(store.fs.cat_file(f"{path}/optimizer.safetensors"))) == named
 
 
 def _as_committed_before_checksums(store, name):

@@ -33,8 +33,9 @@ Layout, one concept per module (submodules import from each other, never from th
 - ``kernels``: sparse code matrices (``Pattern``, CSR) and their kernels ``spmm`` / ``spmm_t`` /
   ``sddmm``, with the autograd Functions the TopK family and Switch decode and encode through;
 - ``base``: the recipe helpers (``ADAM_EPS``, ``lr_for``, ``geometric_median``,
-  ``input_scale_for``, ``normalized_mse``), the outputs ``Codes`` / ``SAEOutput`` and the
-  ``SparseAutoencoder`` base class;
+  ``input_scale_for``, ``normalized_mse``), the outputs ``Codes`` / ``SAEOutput`` (and ``mean_active``,
+  the one division of an L0), the ``SparseAutoencoder`` base class and ``with_weights`` (a model built
+  on the meta device given a checkpoint's tensors: opening a checkpoint draws no init);
 - ``topk``: ``TopKSAE`` (+AuxK, Multi-TopK), ``dense_topk_reference``, ``BatchTopKSAE``,
   ``MatryoshkaBatchTopKSAE``;
 - ``switch``: ``SwitchSAE``;
@@ -58,7 +59,9 @@ from sae_platform.sae.base import (
     geometric_median,
     input_scale_for,
     lr_for,
+    mean_active,
     normalized_mse,
+    with_weights,
 )
 from sae_platform.sae.dense import JumpReLUSAE, ReLUSAE
 from sae_platform.sae.kernels import Pattern, _SelectedPre, _SparseDecode, sddmm, spmm, spmm_t  # noqa: F401  (tests/test_sae.py imports them)
@@ -77,8 +80,9 @@ from sae_platform.sae.vector import VectorDictionary
 # globals, so a copy here could be patched without effect; patch sae_platform.sae.topk instead.
 __all__ = ["ADAM_EPS", "VARIANTS", "BatchTopKSAE", "Codes", "JumpReLUSAE", "MatryoshkaBatchTopKSAE", "Pattern",
            "ReLUSAE", "SAEOutput", "SparseAutoencoder", "SwitchSAE", "TopKSAE", "Variant", "build_sae",
-           "dense_topk_reference", "geometric_median", "input_scale_for", "lr_for", "matryoshka_widths",
-           "normalized_mse", "sddmm", "spmm", "spmm_t", "UNTRAINED_VARIANTS", "variant_class", "VectorDictionary"]
+           "dense_topk_reference", "geometric_median", "input_scale_for", "lr_for", "matryoshka_widths", "mean_active",
+           "normalized_mse", "sddmm", "spmm", "spmm_t", "UNTRAINED_VARIANTS", "variant_class", "VectorDictionary",
+           "with_weights"]
 
 Variant = Literal["topk", "batchtopk", "matryoshka_batchtopk", "switch", "jumprelu", "relu"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)  # the same names as a tuple (settings choices, tests)

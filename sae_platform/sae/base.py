@@ -106,11 +106,18 @@ class SAEOutput:
     model's internals (AuxK, L1, L0, load balance); ``SparseAutoencoder.loss`` weights them."""
 
     recon: Tensor                 # [batch, d_model], raw (input) units
-    l0: Tensor                    # scalar: mean active latents per row
+    l0: Tensor                    # scalar: mean active latents per row (``mean_active`` of ``active``)
     fired: Tensor                 # bool [n_latents]: fired at least once in this batch
     parts: dict[str, Tensor] = field(default_factory=dict)
     dense: Tensor | None = None   # [batch, n_latents] codes (ReLU, JumpReLU)
     sparse: tuple[Pattern, Tensor] | None = None  # (pattern, flat values) for the TopK family
+    active: Tensor | None = None  # int64 scalar: active (row, latent) pairs of the batch, what ranks sum
+
+    @classmethod
+    def counted(cls, recon: Tensor, active: Tensor, fired: Tensor, parts: dict[str, Tensor], **codes) -> "SAEOutput":
+        """The output of a batch of ``recon.shape[0]`` rows with ``active`` (int64) active (row, latent)
+        pairs: its l0 is ``mean_active`` of them, in recon's dtype. ``codes``: ``dense`` or ``sparse``."""
+        return cls(recon, mean_active(active, recon.shape[0], recon.dtype), fired, parts, active=active, **codes)
 
     @property
     def codes(self) -> Codes:
@@ -126,16 +133,26 @@ def _dense_to_codes(z: Tensor) -> Codes:
     return Codes(values.clamp_min(0), indices)
 
 
+def mean_active(active: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
+    """L0, the mean active latents per row (a scalar of ``dtype``), from ``active``, the int64 count of
+    active (row, latent) pairs over ``rows`` rows. The one division of every L0: a latent shard or a
+    data-parallel replica sums the integer counts of its peers first and divides once, so its L0 is
+    one process's bit for bit (dividing each part, then summing, is not)."""
+    return active.to(dtype) / max(rows, 1)
+
+
 def _sparse_stats(pattern: Pattern, vals: Tensor) -> tuple[Tensor, Tensor]:
-    """(l0, fired) without a device sync."""
-    active = (vals.detach().reshape(-1) > 0).to(vals.dtype)
-    hits = torch.zeros(pattern.n_latents, dtype=vals.dtype, device=vals.device).index_add_(0, pattern.cols, active)
-    return active.sum() / max(pattern.batch, 1), hits > 0
+    """(active: int64 count of the active entries, fired: bool [n_latents]) without a device sync."""
+    active = vals.detach().reshape(-1) > 0
+    hits = torch.zeros(pattern.n_latents, dtype=vals.dtype, device=vals.device).index_add_(
+        0, pattern.cols, active.to(vals.dtype))
+    return active.sum(), hits > 0
 
 
 def _dense_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(active: int64 count of the codes > 0, fired: bool [n_latents]) of codes ``z`` [batch, n_latents]."""
     active = z.detach() > 0
-    return active.sum(1).to(z.dtype).mean(), active.any(0)
+    return active.sum(), active.any(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,14 +193,10 @@ class SparseAutoencoder(nn.Module):
         self.d_model, self.n_latents = d_model, n_latents
         start = hparams.pop("first_latent", 0)  # a latent shard (sae_platform.latent_parallel): its first row
         self.hparams = {**self.DEFAULTS, **hparams}
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.long))  # one draw of the global RNG (torch.manual_seed)
-        rows = range(start, start + n_latents)
-        w_dec = unit_rows(seed, rows, self.d_out or d_model, device=device, dtype=dtype)
+        w_dec, w_enc = self._initial_dictionary(range(start, start + n_latents), d_model, device, dtype)
         self.W_dec = nn.Parameter(w_dec)
-        if self.d_out is None:
-            self.W_enc = nn.Parameter(w_dec.clone())
-        else:  # input and output spaces differ: no tied init
-            self.W_enc = nn.Parameter(unit_rows(seed + 1, rows, d_model, device=device, dtype=dtype))
+        self.W_enc = nn.Parameter(w_enc)
+        if self.d_out is not None:
             self.b_dec = nn.Parameter(torch.zeros(self.d_out, device=device, dtype=dtype))
             self.register_buffer("output_scale", torch.ones((), device=device, dtype=dtype))
             if self.skip_connection:  # zero at init: training starts from the plain transcoder
@@ -191,6 +204,21 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
         self.b_pre = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
         self.register_buffer("input_scale", torch.ones((), device=device, dtype=dtype))
+
+    def _initial_dictionary(self, rows: range, d_model: int, device, dtype) -> tuple[Tensor, Tensor]:
+        """(W_dec [rows, d_out], W_enc [rows, d_model]) at init: ``unit_rows`` of a seed drawn once from
+        the global RNG, W_enc = W_dec (tied) for an SAE, its own rows for a transcoder. On the meta
+        device nothing is drawn (a checkpoint's weights are loaded into it: ``with_weights``), so
+        opening a checkpoint neither spends seconds of RNG on a wide dictionary nor moves the RNG."""
+        width = self.d_out or d_model
+        if torch.device(device or "cpu").type == "meta":
+            return (torch.empty(len(rows), width, device=device, dtype=dtype),
+                    torch.empty(len(rows), d_model, device=device, dtype=dtype))
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.long))  # one draw of the global RNG (torch.manual_seed)
+        w_dec = unit_rows(seed, rows, width, device=device, dtype=dtype)
+        if self.d_out is None:
+            return w_dec, w_dec.clone()
+        return w_dec, unit_rows(seed + 1, rows, d_model, device=device, dtype=dtype)  # two spaces: not tied
 
     @property
     def config(self) -> dict:
@@ -392,3 +420,13 @@ class SparseAutoencoder(nn.Module):
         for name, part in out.parts.items():
             terms[name] = self.hparams[self.COEFFS[name]] * part
         return sum(terms.values()), terms
+
+
+def with_weights(model: SparseAutoencoder, state: dict[str, Tensor], device=None) -> SparseAutoencoder:
+    """``model`` (built on the meta device: shapes only, no init drawn, nothing allocated) holding the
+    tensors of ``state`` (a checkpoint's state_dict) on ``device`` as its parameters and buffers.
+    They are taken as they are (``load_state_dict(assign=True)``), not copied into a second,
+    initialised set: at 2^20 latents x 576 that set was GBs and seconds of RNG. Raises RuntimeError
+    (``load_state_dict``'s) naming a missing or unexpected tensor or a shape that differs."""
+    model.load_state_dict({name: tensor.to(device) for name, tensor in state.items()}, assign=True)
+    return model

@@ -93,8 +93,8 @@ class _DenseSAE(SparseAutoencoder):
         xs = self._normalize(x)
         z, parts = self._activate(F.linear(xs - self.b_pre, self.W_enc, self.b_enc))
         recon_n = z @ self.W_dec + self._offset(xs)
-        l0, fired = _dense_stats(z)
-        return SAEOutput(self._to_raw(recon_n), l0, fired, parts, dense=z)
+        active, fired = _dense_stats(z)
+        return SAEOutput.counted(self._to_raw(recon_n), active, fired, parts, dense=z)
 
     @torch.no_grad()
     def encode_dense(self, x: Tensor) -> Tensor:

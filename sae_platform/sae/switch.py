@@ -138,8 +138,8 @@ class SwitchSAE(TopKSAE):
         parts = {"balance": n_experts * (counts / x.shape[0] * probs.mean(0)).sum()}
         if aux is not None:
             parts["auxk"] = self._aux_part(xs, xs, recon_n, aux, dead_mask, scale=p.detach()[:, None])
-        l0, fired = _sparse_stats(pattern, z)
-        return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z.reshape(-1)))
+        active, fired = _sparse_stats(pattern, z)
+        return SAEOutput.counted(self._to_raw(recon_n), active, fired, parts, sparse=(pattern, z.reshape(-1)))
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Codes:

@@ -149,8 +149,8 @@ class TopKSAE(SparseAutoencoder):
         recon_n = self._sparse_decode(pattern, z) + offset
         if aux is not None and ys is not None:
             parts["auxk"] = self._aux_part(xs, ys, recon_n, aux, dead_mask)
-        l0, fired = _sparse_stats(pattern, z)
-        return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z.reshape(-1)))
+        active, fired = _sparse_stats(pattern, z)
+        return SAEOutput.counted(self._to_raw(recon_n), active, fired, parts, sparse=(pattern, z.reshape(-1)))
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Codes:
@@ -281,8 +281,8 @@ class BatchTopKSAE(TopKSAE):
         recon_n, parts = self._decode_parts(pattern, z, ys, self._offset(xs))
         if aux is not None and ys is not None:
             parts["auxk"] = self._aux_part(xs, ys, recon_n, aux, dead_mask)
-        l0, fired = _sparse_stats(pattern, z)
-        return SAEOutput(self._to_raw(recon_n), l0, fired, parts, sparse=(pattern, z))
+        active, fired = _sparse_stats(pattern, z)
+        return SAEOutput.counted(self._to_raw(recon_n), active, fired, parts, sparse=(pattern, z))
 
     def _decode_parts(self, pattern: Pattern, z: Tensor, ys: Tensor | None,
                       offset: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
