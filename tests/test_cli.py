@@ -301,9 +301,10 @@ def test_lineage_prints_the_asset_graphs_real_edges():
 
     lines = [" ".join(line.split()) for line in format_asset_edges(ASSET_PARENTS, "feature_topk").splitlines()]
     assert lines[0] == "feature_topk ← feature_stats_partial"
-    assert "feature_stats_partial ← activations, sae_checkpoint" in lines
+    assert "feature_stats_partial ← activations, feature_codes, sae_checkpoint" in lines
+    assert "feature_codes ← activations, sae_checkpoint" in lines
     assert "shuffle_plan ← activations" in lines and "activations ← base_model" in lines
-    assert "base_model (no upstream)" in lines and len(lines) == len(set(lines)) == 10
+    assert "base_model (no upstream)" in lines and len(lines) == len(set(lines)) == 11
     assert latent_range([0, 4096]) == "latents [0, 4096)"          # the browser's half-open notation
 
 
