@@ -74,8 +74,9 @@ def codes_done(run: StageRun) -> str | None:
     plan, checkpoint = planned_layout(store, settings), catalog.checkpoint_version(store, settings.sae_name)
     if plan is None:
         return None  # the body names what is missing
-    if not ft.sparse_variant(_variant(run, checkpoint)):
-        return _no_codes(_variant(run, checkpoint))
+    variant = _variant(run, checkpoint)
+    if not ft.sparse_variant(variant):
+        return _no_codes(variant)
     if settings.rebuild:
         return None
     if fc.pinned_codes(store, settings.sae_name, run.partition_key, layout_ranges(plan), checkpoint=checkpoint,

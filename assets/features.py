@@ -1,5 +1,6 @@
-"""Feature tables: pass 1 (dataset shard x feature shard) → pass 2 (per feature shard) → pass 3 windows
-(per dataset shard) → contexts regrouped per feature shard → browser. All describe one SAE checkpoint
+"""Feature tables: the encode (per dataset shard) and pass 1 (dataset shard x feature-shard group), both
+in ``assets/feature_pass_1.py`` → pass 2 (per feature-shard group) → pass 3 windows (per dataset
+shard) → contexts regrouped per feature-shard group → browser. All describe one SAE checkpoint
 (``resources.features.config.sae_name``) over exactly the batches its shuffled store pinned, reading
 the rows of the SAE's own hook point (the store inside each activation partition that its shuffled
 store was built from: ``catalog.shuffled_input_group``); every one of them is up to date (skipped) while the

@@ -170,7 +170,7 @@ def test_features_launches_the_asset_job_of_every_feature_stage(tmp_path):
     from dagster import AssetKey
 
     from assets import STAGES
-    from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS
+    from assets.partitions import ACTIVATION_BATCHES, FEATURE_PASS_1_JOBS, FEATURE_SHARDS
     from jobs.cli import feature_runs
     from jobs.definitions import ASSET_JOBS, build_definitions
     from jobs.settings import Settings
@@ -189,9 +189,11 @@ def test_features_launches_the_asset_job_of_every_feature_stage(tmp_path):
             reads = {key.to_user_string() for key in graph.get(AssetKey(asset)).parent_keys}
             assert reads & set(features) <= built, f"{asset} would run before what it reads"
             partitions = STAGES[asset].partitions
+            groups = FEATURE_SHARDS.get_partition_keys()
             assert keys == ([None] if partitions is None else ["alpha", "beta"] if partitions is ACTIVATION_BATCHES
-                            else FEATURE_SHARDS.get_partition_keys()), job_name
-            assert partitions in (None, ACTIVATION_BATCHES, FEATURE_SHARDS)
+                            else [f"{b}|{g}" for b in ("alpha", "beta") for g in groups]
+                            if partitions is FEATURE_PASS_1_JOBS else groups), job_name
+            assert partitions in (None, ACTIVATION_BATCHES, FEATURE_SHARDS, FEATURE_PASS_1_JOBS)
         built |= set(selected[job_name])
 
 

@@ -312,12 +312,12 @@ def test_a_smaller_budget_runs_eight_shards_in_four_groups_with_the_same_tables(
 # -- feature pass 1 per (activation batch, shard group), after one encode per batch -----------------
 
 def _codes_files_read(monkeypatch, store) -> list[str]:
-    """Every sparse-codes file read from now on through the stores' filesystem class (the stages
-    open their own store on the same class), in order."""
+    """The name of every feature shard's codes file (``f<i>.npz``) read from now on through the
+    stores' filesystem class (the stages open their own store, of the same class), in order."""
     read, original = [], type(store.fs).cat_file
 
     def cat_file(self, path, *args, **kwargs):
-        if "/codes/" in str(path):
+        if "/codes/" in str(path) and str(path).endswith(".npz"):
             read.append(str(path).rsplit("/", 1)[-1])
         return original(self, path, *args, **kwargs)
 
@@ -352,7 +352,7 @@ def test_pass_1_runs_per_batch_and_shard_group_reading_only_its_shards_codes(pip
     read = _codes_files_read(monkeypatch, store)
     result = run("feature_pass_1", pass_1_job_key(first, "f1"))
     assert result.success and not loaded, loaded  # no SAE weights in a pass-1 job
-    assert sorted(read) == ["f1.npz", "f5.npz"]  # its shards' codes and nothing else: not meta, not other shards
+    assert sorted(read) == ["f1.npz", "f5.npz"]  # its shards' codes, no other shard's
     (event,) = result.get_asset_materialization_events()
     materialization = event.event_specific_data.materialization
     meta = {k: v.value for k, v in materialization.metadata.items()}
