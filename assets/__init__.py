@@ -13,14 +13,14 @@ from dagster import BetaWarning, PreviewWarning
 warnings.filterwarnings("ignore", category=BetaWarning)
 warnings.filterwarnings("ignore", category=PreviewWarning)
 
-from assets import absorption, activations, circuit_tracer, features, shuffle, training  # noqa: E402
+from assets import absorption, activations, circuit_tracer, feature_pass_1, features, shuffle, training  # noqa: E402
 from assets.backfills import refuse_cross_stage_backfill  # noqa: E402
 from assets.sensors import downstream_freshness_sensor, inbox_sensor, nightly_refresh  # noqa: E402
 from assets.stage import stage_asset  # noqa: E402
 
 STAGES = {stage.asset: stage for stage in
           [*activations.STAGES, *shuffle.STAGES, *training.STAGES, *absorption.STAGES, *training.SWEEP_STAGES,
-           *circuit_tracer.STAGES, *features.STAGES]}
+           *circuit_tracer.STAGES, *feature_pass_1.STAGES, *features.STAGES]}
 GROUPS = {name: stage.group for name, stage in STAGES.items()}
 ASSETS = [stage_asset(stage, guard=refuse_cross_stage_backfill(GROUPS)) for stage in STAGES.values()]
 SENSORS = [inbox_sensor, downstream_freshness_sensor]

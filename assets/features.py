@@ -1,5 +1,6 @@
-"""Feature tables: pass 1 (dataset shard x feature shard) → pass 2 (per feature shard) → pass 3 windows
-(per dataset shard) → contexts regrouped per feature shard → browser. All describe one SAE checkpoint
+"""Feature tables: the encode (per dataset shard) and pass 1 (dataset shard x feature-shard group), both
+in ``assets/feature_pass_1.py`` → pass 2 (per feature-shard group) → pass 3 windows (per dataset
+shard) → contexts regrouped per feature-shard group → browser. All describe one SAE checkpoint
 (``resources.features.config.sae_name``) over exactly the batches its shuffled store pinned, reading
 the rows of the SAE's own hook point (the store inside each activation partition that its shuffled
 store was built from: ``catalog.shuffled_input_group``); every one of them is up to date (skipped) while the
@@ -13,7 +14,13 @@ shard); with one shard per group (up to ~250k latents at the default 2 GiB budge
 group i. The layout is recorded with every shard's lineage (``lineage.recorded_shard_count``)."""
 
 import polars as pl
-from dagster import AllPartitionMapping, AssetCheckSeverity, AssetDep, MetadataValue
+from dagster import (
+    AllPartitionMapping,
+    AssetCheckSeverity,
+    AssetDep,
+    MetadataValue,
+    MultiToSingleDimensionPartitionMapping,
+)
 
 from assets.metadata import table_metadata, table_preview
 from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, SAE_SWEEP_SPECS
@@ -32,7 +39,7 @@ from sae_platform.compare import absorption_result, figures_version, saebench_fi
 from sae_platform.contexts import shown_examples
 from sae_platform.errors import PlatformError
 from sae_platform.feature_check import brute_force_check
-from sae_platform.feature_layout import layout_metadata, layout_ranges, planned_layout, planned_shards, shard_range
+from sae_platform.feature_layout import layout_metadata, planned_layout, planned_shards, shard_range
 from sae_platform.feature_merge import (
     FeatureTables,
     merge_shard_tables,
@@ -141,71 +148,6 @@ def _load(run: StageRun):
 
 def _stage(**declared) -> Stage:
     return Stage(group="features", **{"up_to_date": tables_current, **declared})
-
-
-# -- pass 1 ---------------------------------------------------------------------------------------
-
-def partial_stats(run: StageRun) -> dict:
-    """Stream one activation batch through the SAE once, commit its codes split by the planned
-    feature shards, then fold each shard's codes into its partial, one shard at a time, each
-    committed on its own (docs/design.md, "Feature tables"; ``feature_codes``): for TopK-style SAEs
-    the selection, the expensive part, runs once per row whatever the number of feature shards,
-    and memory holds one shard's state at a time. A shard whose partial is already current (a
-    crashed run's) is not computed again."""
-    settings = _settings(run)
-    checkpoint = catalog.checkpoint_version(run.store, settings.sae_name)  # read before loading (checkpoint_pin)
-    plan = feature_layout(run)
-    sae, group = _load(run)
-    batch = run.partition_key
-    shards = layout_ranges(plan)
-    n_tokens = None
-    for index, (start, stop) in enumerate(shards):
-        if not settings.rebuild and ft.partial_current(run.store, settings.sae_name, batch, index, (start, stop),
-                                                       settings):
-            run.log.info(f"pass 1 [{batch}]: shard f{index} [{start:,}, {stop:,}) is current, kept")
-            continue
-        (summary,) = fc.compute_and_write_partials(run.store, sae, settings.sae_name, batch, shards, settings,
-                                                   shard_indices=[index], group=group, checkpoint=checkpoint)
-        n_tokens = int(summary["n_tokens"])
-        run.log.info(f"pass 1 [{batch}]: shard f{index} of {plan.n_shards} [{start:,}, {stop:,}) committed")
-    run.log.info(f"pass 1 [{batch}]: {group} encoded once, its codes split into {plan.n_shards} feature shards, "
-                 "each shard's partial from its own codes")
-    return {"sae": settings.sae_name, "store": group, **layout_metadata(plan),
-            **({"n_tokens": n_tokens} if n_tokens is not None else {}),
-            "path": MetadataValue.path(run.store.url(catalog.partials_folder(run.store, settings.sae_name, batch)))}
-
-
-def partials_done(run: StageRun) -> str | None:
-    """Pass 1 of a batch is up to date while the tables are, or when its partials were computed with the
-    current checkpoint from the batch's current version: a kept SAE's refresh encodes new batches only."""
-    settings = _settings(run)
-    if settings.rebuild:
-        return None
-    plan = planned_layout(run.store, settings)
-    if plan is not None and ft.partials_current(run.store, settings.sae_name, run.partition_key, layout_ranges(plan),
-                                                settings):
-        return (f"the partials of {run.partition_key} were computed with the current checkpoint of "
-                f"{settings.sae_name} from this version of the batch (resources.features.config.rebuild forces "
-                "a rebuild)")
-    return tables_current(run)
-
-
-def partials_version(run: StageRun) -> str | None:
-    """The committed versions of the batch's partials, one per feature shard (None until all exist)."""
-    name = _settings(run).sae_name
-    versions = [run.store.pointer(catalog.partial_name(name, run.partition_key, i))
-                for i in range(feature_layout(run).n_shards)]
-    return None if None in versions else "+".join(v["version"] for v in versions)
-
-
-FEATURE_STATS_PARTIAL = _stage(
-    asset="feature_stats_partial", kinds=frozenset({"pytorch"}),
-    job=AssetJob("feature_pass_1", "Pass 1 of the feature tables for one activation batch (every feature shard)."),
-    description="Pass 1: stream one activation batch through the SAE once; keep per feature of every feature shard "
-                "the top-K, a uniform random sample, counts, sum, max and a histogram.",
-    partitions=ACTIVATION_BATCHES, resources=RESOURCES,
-    deps=("activations", AssetDep("sae_checkpoint", partition_mapping=AllPartitionMapping())),
-    body=partial_stats, version=partials_version, up_to_date=partials_done)
 
 
 # -- pass 2 ---------------------------------------------------------------------------------------
@@ -359,7 +301,8 @@ FEATURE_TOPK = _stage(
     description="Pass 2: merge one feature shard's partials: exact top-K, uniform random and interval examples, "
                 "density, histogram, logit effects (W_dec · W_U).",
     partitions=FEATURE_SHARDS, resources=(*RESOURCES, "language_model"),
-    deps=(AssetDep("feature_stats_partial", partition_mapping=AllPartitionMapping()),),
+    # group f<g>'s pass 2 merges what pass 1's jobs (every batch, group f<g>) committed
+    deps=(AssetDep("feature_stats_partial", partition_mapping=MultiToSingleDimensionPartitionMapping("group")),),
     body=merge_shard,
     version=group_version(catalog.tables_name),
     checks=(Check("matches_brute_force", "every activating token pass 1 recorded for a fixed random sample of "
@@ -400,7 +343,7 @@ FEATURE_CONTEXT_WINDOWS = _stage(
     job=AssetJob("feature_pass_3", "Pass 3: context windows of the examples that fall in one activation batch."),
     description="Pass 3, sharded over the dataset: the context windows of the chosen examples in one batch.",
     partitions=ACTIVATION_BATCHES, resources=(*RESOURCES, "language_model"),
-    deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()), "activations"),
+    deps=(AssetDep("feature_topk", partition_mapping=AllPartitionMapping()), "activations", "feature_codes"),
     body=context_windows,
     version=pointer_version(lambda run: catalog.contexts_partial_name(_settings(run).sae_name, run.partition_key)))
 
@@ -760,5 +703,5 @@ NEURONPEDIA_EXPORT = Stage(
     body=export_to_neuronpedia, up_to_date=neuronpedia_current, optional=True,
     version=pointer_version(lambda run: catalog.neuronpedia_name(_settings(run).sae_name)))
 
-STAGES = [FEATURE_STATS_PARTIAL, FEATURE_TOPK, FEATURE_CONTEXT_WINDOWS, FEATURE_CONTEXTS, FEATURE_EXPLANATIONS,
+STAGES = [FEATURE_TOPK, FEATURE_CONTEXT_WINDOWS, FEATURE_CONTEXTS, FEATURE_EXPLANATIONS,
           FEATURE_LLM_EXPLANATIONS, FEATURE_BROWSER, NEURONPEDIA_EXPORT]

@@ -3,7 +3,12 @@
 import os
 from pathlib import Path
 
-from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
+from dagster import (
+    DynamicPartitionsDefinition,
+    MultiPartitionKey,
+    MultiPartitionsDefinition,
+    StaticPartitionsDefinition,
+)
 
 from sae_platform.catalog import N_FEATURE_SHARDS, load_reseed_groups, load_sweep
 
@@ -28,6 +33,21 @@ SAE_RESEED_GROUPS: dict[str, list[str]] = {name: group.members
 
 # Feature tables: catalog.N_FEATURE_SHARDS shard GROUPS; group fg runs feature shards g, g + N, …
 # of the layout planned from resources.features.config.memory_budget_bytes
-# (sae_platform.feature_layout), one after the other. Pass 1 is cut by dataset shard (activation
-# batch) only: each row is encoded once for every shard.
+# (sae_platform.feature_layout), one after the other.
 FEATURE_SHARDS = StaticPartitionsDefinition([f"f{i}" for i in range(N_FEATURE_SHARDS)])
+# Feature pass 1 is cut by data AND features: one job per (activation batch, shard group), reading
+# only the codes of its group's shards, which the batch's one encode (feature_codes, per activation
+# batch) committed. Keys are Dagster's "<batch>|<group>" (dimensions in name order).
+FEATURE_PASS_1_JOBS = MultiPartitionsDefinition({"batch": ACTIVATION_BATCHES, "group": FEATURE_SHARDS})
+
+
+def pass_1_job_key(batch: str, group: str) -> str:
+    """The FEATURE_PASS_1_JOBS key of (activation batch, shard group ``f<g>``)."""
+    return str(MultiPartitionKey({"batch": batch, "group": group}))
+
+
+def pass_1_job(key: str) -> tuple[str, str]:
+    """(activation batch, shard group ``f<g>``) of a FEATURE_PASS_1_JOBS key, as the asset job
+    (a MultiPartitionKey) or a full_pipeline step (its string) gives it."""
+    dimensions = FEATURE_PASS_1_JOBS.get_partition_key_from_str(str(key)).keys_by_dimension
+    return dimensions["batch"], dimensions["group"]

@@ -42,6 +42,7 @@ from dagster import (
     Failure,
     Field,
     MaterializeResult,
+    MultiPartitionsDefinition,
     OpExecutionContext,
     PartitionsDefinition,
     Permissive,
@@ -362,7 +363,8 @@ def run_as_step(stage: Stage, context: OpExecutionContext, partition=None) -> Ou
     outcome = execute(stage, StageRun(context.log, context.resources, keys, context.run_id))
     context.log_event(AssetMaterialization(
         asset_key=stage.asset, partition=partition, metadata=readable(outcome.metadata),
-        tags=provenance_tags(context.instance, stage, outcome.data_version, context.run_id)))
+        tags={**provenance_tags(context.instance, stage, outcome.data_version, context.run_id),
+              **dimension_tags(stage, partition)}))
     for verdict in outcome.verdicts:
         blocking = verdict["check_name"] in {c.name for c in stage.checks if c.blocking}
         context.log_event(AssetCheckEvaluation(
@@ -374,6 +376,17 @@ def run_as_step(stage: Stage, context: OpExecutionContext, partition=None) -> Ou
         raise Failure(f"blocking check {', '.join(failed)} failed on {stage.asset}"
                       f"{f' [{partition}]' if partition is not None else ''}")
     return outcome
+
+
+def dimension_tags(stage: Stage, partition: str | None) -> dict:
+    """The tags an asset run writes on a multi-partitioned asset's materialization, one per
+    dimension (``dagster/partition/batch``: ``alpha``, …), which the UI filters by: the step
+    writes them too, so its materialization looks the same."""
+    if partition is None or not isinstance(stage.partitions, MultiPartitionsDefinition):
+        return {}
+    from dagster._core.definitions.partitions.utils.multi import get_tags_from_multi_partition_key
+
+    return dict(get_tags_from_multi_partition_key(stage.partitions.get_partition_key_from_str(partition)))
 
 
 def provenance_tags(instance, stage: Stage, data_version: str | None, run_id: str) -> dict:

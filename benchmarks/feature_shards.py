@@ -12,18 +12,21 @@ pipeline's defaults (top 20, reservoir 200, 5 intervals x 4). ``--shards`` (defa
 layout); ``plan_feature_shards``' own choice at the 2 GiB goal budget is printed beside it.
 
 Jobs, each a fresh subprocess, as the pipeline runs them (``sae_platform/feature_codes.py``):
-- encode (one per batch): ``encode_codes``, the batch's one encode, its codes committed split by shard;
-- pass 1 (one per batch x shard): ``shard_partial`` + ``write_partial`` from the shard's codes only,
-  without the SAE;
+- encode (one per batch): ``encode_codes``, the batch's one encode, its codes committed split by
+  shard and pinned to the checkpoint (the ``feature_codes`` asset);
+- pass 1 (one per batch x shard group, as the ``feature_stats_partial`` asset runs it):
+  ``pinned_codes`` + ``partials_from_codes``, the group's shards g, g + 4, … in turn, each from its
+  own codes file only and committed before the next, without the SAE;
 - pass 2 (one per shard), as the ``feature_topk`` asset runs it: ``merge_stored_shard`` (the merge,
   and the interval examples from the shard's codes, without the SAE's weights) + ``write_tables``,
   then the logit effects from the shard's decoder rows only (``sharded_checkpoint.decoder_rows``, read
   by slice from the committed checkpoint) against a random W_U of GPT-2's vocabulary, committed.
 The SAE is committed first as a latent-sharded checkpoint (``LATENT_SHARDS`` files, as a wide SAE's
 training writes it), in a job of its own that is not measured.
-The full mode runs pass 1 for every shard of the first batch and for the first and last shard of
-the second, then pass 2 of the first and last shard (every shard has the same width, so the same
-memory); the quick mode one batch, pass 1 of the first and last shard and pass 2 of the first. The baseline is
+The full mode runs pass 1 for every shard group of the first batch and for the groups of the first
+and last shard of the second, then pass 2 of the first and last shard (every shard has the same
+width, so the same memory); the quick mode one batch, pass 1 of those two groups and pass 2 of the
+first shard. The baseline is
 today's single-group pass-1 job: ``compute_partials`` over every latent of one batch in one process,
 measured at 2^16 latents (at 2^20 it would take ~9 GiB beside the other work on this machine) and
 scaled by the latent count, which its state is proportional to.
@@ -105,16 +108,15 @@ def worker(args) -> None:
         weights = {sc.SAE + name: tensor.detach() for name, tensor in sae.state_dict().items()}
         sc.save_sharded(store, catalog.checkpoint_name(SAE_NAME), "topk", sc.LatentLayout(args.latents, LATENT_SHARDS),
                         weights, json_files={"cfg.json": {"sae": sae.config}})
-    elif args.worker == "encode":  # the batch's one encode; it records the weights' fingerprint for pass 1
-        meta = fc.encode_codes(store, make_sae(args.latents), SAE_NAME, args.batch, shards,
-                               batch_rows=args.batch_rows)
-        Path(args.store, "fingerprint.json").write_text(json.dumps(meta["sae_fingerprint"]))
-    elif args.worker == "pass1":  # no SAE: the shard's codes only
-        fingerprint = json.loads(Path(args.store, "fingerprint.json").read_text())
-        path, meta = fc.codes_meta(store, SAE_NAME, args.batch, fingerprint)
-        F.write_partial(store, SAE_NAME, args.batch, args.shard,
-                        fc.shard_partial(store, SAE_NAME, args.batch, args.shard, meta, path, settings),
+    elif args.worker == "encode":  # the batch's one encode, pinned to the checkpoint for pass 1 to find
+        fc.encode_codes(store, make_sae(args.latents), SAE_NAME, args.batch, shards, batch_rows=args.batch_rows,
                         checkpoint=checkpoint)
+    elif args.worker == "pass1":  # one (batch, shard group): no SAE, its shards' codes only, one shard at a time
+        codes = fc.pinned_codes(store, SAE_NAME, args.batch, shards, checkpoint=checkpoint)
+        group_shards = list(range(args.shard, args.shards, N_GROUPS))
+        for _ in fc.partials_from_codes(store, SAE_NAME, args.batch, codes, group_shards, settings,
+                                        checkpoint=checkpoint):
+            pass
     elif args.worker == "pass2":  # no SAE: the shard's codes, and its decoder rows for the logit effects
         tables = merge_stored_shard(store, SAE_NAME, args.shard, args.batches.split(","), settings, "cpu", checkpoint)
         write_tables(store, SAE_NAME, args.shard, tables)
@@ -195,11 +197,12 @@ def main() -> int:
         run_job(args, root, "checkpoint")
         for batch in batches:
             jobs.append(run_job(args, root, "encode", batch=batch))
-        # every shard of the first batch (each must fit); the first and last of the others (for pass 2)
+        # every shard group of the first batch (each must fit); the groups of the first and last shard of
+        # the others (for pass 2). A pass-1 job's "shard" is its group g: shards g, g + N_GROUPS, …
         every = not (args.quick or args.pass2_only)
         for batch in batches:
-            for shard in (range(n_shards) if batch == batches[0] and every else (0, last)):
-                jobs.append(run_job(args, root, "pass1", batch=batch, shard=shard))
+            for group in (range(N_GROUPS) if batch == batches[0] and every else sorted({0, last % N_GROUPS})):
+                jobs.append(run_job(args, root, "pass1", batch=batch, shard=group))
         for shard in (0,) if args.quick else (0, last):
             jobs.append(run_job(args, root, "pass2", shard=shard))
         baseline_latents = min(latents, 1 << 16)
@@ -211,7 +214,7 @@ def main() -> int:
           f"{tokens:,} tokens; {n_shards} shards of {-(-latents // n_shards):,} latents")
     print(f"plan_feature_shards at a {mib(GOAL_JOB_BYTES):,.0f} MiB budget: {plan.n_shards} shards of "
           f"{plan.latents_per_shard:,}, modelled {mib(plan.job_bytes):,.0f} MiB per shard job")
-    print(f"{'job':<9}{'batch':>6}{'shard':>7}{'seconds':>9}{'peak MiB':>10}")
+    print(f"{'job':<9}{'batch':>6}{'shard':>7}{'seconds':>9}{'peak MiB':>10}   (pass1: shard = its shard group)")
     for job in jobs:
         print(f"{job['job']:<9}{job['batch']:>6}{job['shard']:>7}{job['seconds']:>9.2f}{mib(job['peak_bytes']):>10.0f}")
     if baseline is not None:
@@ -223,6 +226,7 @@ def main() -> int:
     print()
     peak = {kind: max(j["peak_bytes"] for j in jobs if j["job"] == kind) for kind in ("encode", "pass1", "pass2")}
     common = {"n_latents": latents, "n_shards": n_shards, "latents_per_shard": -(-latents // n_shards),
+              "shards_per_pass1_job": -(-n_shards // N_GROUPS),
               "d_model": D_MODEL, "k": K, "tokens_per_batch": tokens, "n_batches": len(batches),
               "planned_shards_at_goal_budget": plan.n_shards, "quick": args.quick, "wall_s": round(wall_s, 1),
               "baseline_measured_at_latents": baseline_latents, "load_before": load_before, "load_after": load_after}

@@ -3,9 +3,11 @@ feature tables → context windows → explanations → browser.
 
     dagster job execute -m jobs.definitions -j full_pipeline -c config/demo.yaml
 
-The assets are cut four different ways (activation batches, shuffle workers, sweep entries, feature
-shards), and an asset job can only cover one partitioning, so this is an op job with dynamic
-fan-out. Each step is made from the *same stage declaration* as its asset (``assets.stage``): the
+The assets are cut five different ways (activation batches, shuffle workers, sweep entries, feature
+shard groups, and (batch × shard group) for feature pass 1), and an asset job can only cover one
+partitioning, so this is an op job with dynamic fan-out (feature pass 1: each pinned batch's encode,
+then every (batch, group) job, since Dagster fans out one level at a time).
+Each step is made from the *same stage declaration* as its asset (``assets.stage``): the
 same settings (resources, so the same run-config keys in every job), body, up-to-date rule and
 checks, and it logs that asset's materialization and check evaluations for the partition it
 covered, so the asset catalog, its lineage and checks look the same whichever way a stage ran.
@@ -37,7 +39,7 @@ from pydantic import Field
 
 from assets import STAGES
 from assets.features import pinned_batches
-from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS, N_SHUFFLE_WORKERS, SAE_SWEEP_SPECS
+from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS, N_SHUFFLE_WORKERS, SAE_SWEEP_SPECS, pass_1_job_key
 from assets.stage import NO_OP_CONFIG, Stage, StageRun, run_as_step
 from jobs.settings import EXECUTORS
 from sae_platform.errors import PlatformError
@@ -171,6 +173,15 @@ def pinned_batch_keys(context: OpExecutionContext):
         yield DynamicOutput(batch, mapping_key=_mapping_key(index, batch))
 
 
+@op(ins={"after": In(Nothing)}, out=DynamicOut(str), required_resource_keys={"storage", "shuffle", "features"},
+    description="Pass 1's jobs, fanned out: every (pinned batch, feature-shard group), once every pinned batch is "
+                "encoded (each job reads only its group's shards' codes).")
+def pass_1_jobs(context: OpExecutionContext):
+    for index, batch in enumerate(pinned_batches(_run(context))):
+        for group in FEATURE_SHARD_KEYS:
+            yield DynamicOutput(pass_1_job_key(batch, group), mapping_key=_mapping_key(index, f"{batch}_{group}"))
+
+
 @op(ins={"first": In(Nothing), "second": In(Nothing)}, out=Out(Nothing),
     description="Done when both branches are: joins two collected fan-outs, which Dagster cannot list as one input.")
 def both():
@@ -239,7 +250,8 @@ def build_full_pipeline(executor: str, default_run_config: dict):
         step["sae_comparison"](figures)
         step["scaling_laws"](evaluated)  # refused without a grid of >= 4 widths at one k: logged, not failed
         step["circuit_tracer_export"](evaluated)  # every transcoder set whose layers are all trained
-        partials = pinned_batch_keys.alias("pass_1_batches")(evaluated).map(step["feature_stats_partial"]).collect()
+        encoded = pinned_batch_keys.alias("encode_batches")(evaluated).map(step["feature_codes"]).collect()
+        partials = pass_1_jobs(encoded).map(step["feature_stats_partial"]).collect()
         merged = feature_shards.alias("pass_2_shards")(partials).map(step["feature_topk"]).collect()
         windows = pinned_batch_keys.alias("pass_3_batches")(merged).map(step["feature_context_windows"]).collect()
         regrouped = feature_shards.alias("regroup_shards")(windows).map(step["feature_contexts"]).collect()

@@ -14,8 +14,9 @@ order (rows ascending, then the code's position in the row):
     value   float32 > 0
 
 and ``meta.json`` (partition, partition_version, sae_fingerprint, sae config, n_rows, k the code
-width, batch_rows the encode's token batch, shards, group). Entries of inactive codes (value 0) are
-not stored. Pass 3 and the interval examples read them back (``read_codes`` for a whole
+width, batch_rows the encode's token batch, shards, group); the commit pins the checkpoint version
+encoded with (``pinned_codes`` finds them by it, without the weights). Entries of inactive codes
+(value 0) are not stored. Pass 3 and the interval examples read them back (``read_codes`` for a whole
 partition's [n_rows, k] view, ``read_range_codes`` for one shard's); codes of other SAE weights, of
 another partition version or of another shard layout are never used (None: the caller encodes).
 
@@ -32,11 +33,12 @@ Variants whose activations are not a slice of one sparse selection (ReLU, JumpRe
 """
 
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from sae_platform.catalog import FIRST_STORE, codes_name, partition_name
+from sae_platform.catalog import FIRST_STORE, checkpoint_pin, codes_name, partition_name, pinned_checkpoint
 from sae_platform.feature_select import partition_salt
 from sae_platform.features import (
     FeatureError,
@@ -66,11 +68,13 @@ def shard_file(index: int) -> str:
 
 @torch.no_grad()
 def encode_codes(store: ArtifactStore, sae, sae_name: str, partition_key: str, shards: list[tuple[int, int]], *,
-                 batch_rows: int = 4096, device=None, group: str = FIRST_STORE) -> dict:
+                 batch_rows: int = 4096, device=None, group: str = FIRST_STORE, checkpoint: str | None = None) -> dict:
     """The batch's one encode (TopK-style variants): stream partition ``partition_key`` through
     ``sae.encode`` in token batches of ``batch_rows`` rows, split each batch's activating codes by
     the feature shards ``shards`` (disjoint latent ranges in order, ``features.feature_shards``)
-    and commit them (module docstring). Returns the committed meta.
+    and commit them (module docstring), pinning the SAE ``checkpoint`` version they were encoded
+    with when given (``catalog.checkpoint_pin``: what lets pass 1 of a shard group find them
+    without loading the weights, ``pinned_codes``). Returns the committed meta.
 
     Memory: the SAE, one token batch's pre-activations, and the partition's activating codes
     (12 B each) until they are written. Raises FeatureError for a dense variant (it has no sparse
@@ -110,8 +114,8 @@ def encode_codes(store: ArtifactStore, sae, sae_name: str, partition_key: str, s
     meta = {"partition": partition_key, "partition_version": version, "sae_fingerprint": sae_fingerprint(sae),
             "sae_config": sae.config, "n_rows": int(part.n_rows), "k": int(width), "batch_rows": int(batch_rows),
             "shards": [[int(a), int(b)] for a, b in shards], "group": group}
-    with store.writing(codes_name(sae_name, partition_key), partition=partition_key,
-                       partition_version=version) as path:
+    with store.writing(codes_name(sae_name, partition_key), partition=partition_key, partition_version=version,
+                       **(checkpoint_pin(checkpoint) if checkpoint else {})) as path:
         for index in range(len(shards)):
             columns = list(zip(*pieces[index])) or [(), (), ()]
             arrays = {name: np.concatenate(column) if column else np.zeros(0, dtype)
@@ -136,6 +140,49 @@ def codes_meta(store: ArtifactStore, sae_name: str, partition_key: str, fingerpr
     if meta.get("partition_version") != current or meta.get("sae_fingerprint") != fingerprint or "shards" not in meta:
         return None
     return path, meta
+
+
+def pinned_codes(store: ArtifactStore, sae_name: str, partition_key: str, shards: list[tuple[int, int]], *,
+                 checkpoint: str | None, group: str = FIRST_STORE) -> tuple[str, dict] | None:
+    """(path, meta) of the partition's committed codes when they were encoded with the SAE
+    checkpoint version ``checkpoint`` (their commit pins it: ``encode_codes``), from the
+    partition's current version, split by exactly the layout ``shards`` and read from the
+    hook-point store ``group``; else None. Reads the commit pointer and ``meta.json`` only, never
+    the weights: pass 1 of a shard group and the encode step's up-to-date rule ask it without
+    loading the SAE (``codes_meta`` asks by the weights' fingerprint, which needs them)."""
+    pointer = store.pointer(codes_name(sae_name, partition_key))
+    current = (store.pointer(partition_name(partition_key)) or {}).get("version")
+    if (pointer is None or checkpoint is None or pinned_checkpoint(pointer) != checkpoint
+            or pointer.get("partition_version") != current):
+        return None
+    path = store.resolve(codes_name(sae_name, partition_key))
+    meta = store.read_json(f"{path}/meta.json")
+    if meta.get("shards") != [[int(a), int(b)] for a, b in shards] or meta.get("group") != group:
+        return None
+    return path, meta
+
+
+def ensure_codes(store: ArtifactStore, sae, sae_name: str, partition_key: str, shards: list[tuple[int, int]], *,
+                 checkpoint: str | None = None, batch_rows: int = 4096, device=None,
+                 group: str = FIRST_STORE) -> tuple[str, dict]:
+    """The batch's codes in the layout ``shards``, as (path, meta): the stored ones when they were
+    encoded by these SAE weights (``codes_meta``) in this layout from this store (and, when
+    ``checkpoint`` is given, pin it), else the batch's one encode (``encode_codes``). The encode
+    step of the pipeline (``feature_codes`` asset); FeatureError for a dense variant (no codes)."""
+    layout = [[int(a), int(b)] for a, b in shards]
+    found = codes_meta(store, sae_name, partition_key, sae_fingerprint(sae))
+    if (found is None or found[1]["shards"] != layout or found[1]["group"] != group
+            or (checkpoint is not None and pinned_checkpoint(store.pointer(codes_name(sae_name, partition_key)))
+                != checkpoint)):
+        encode_codes(store, sae, sae_name, partition_key, shards, batch_rows=batch_rows, device=device, group=group,
+                     checkpoint=checkpoint)
+        found = codes_meta(store, sae_name, partition_key, sae_fingerprint(sae))
+    return found
+
+
+def codes_bytes(store: ArtifactStore, path: str, shard_indices: list[int]) -> int:
+    """Stored bytes of the codes of the feature shards ``shard_indices`` in the codes version ``path``."""
+    return sum(int(store.fs.size(f"{path}/{shard_file(i)}")) for i in shard_indices)
 
 
 def _load_shard(store: ArtifactStore, path: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -210,35 +257,48 @@ def shard_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard
                    diagnostics=diagnostics, group=meta["group"], **arrays)
 
 
+def partials_from_codes(store: ArtifactStore, sae_name: str, partition_key: str, codes: tuple[str, dict],
+                        shard_indices: list[int], settings: FeatureSettings, *,
+                        checkpoint: str | None = None) -> Iterator[dict]:
+    """Pass 1 of one (activation batch, shard group) from the batch's stored ``codes`` ((path,
+    meta): ``pinned_codes`` / ``ensure_codes``): for each of ``shard_indices`` in turn, replay only
+    that shard's file (``shard_partial``) and commit its partial (``write_partial``, pinning
+    ``checkpoint``) before the next is read, so a crash resumes at the next shard and memory holds
+    one shard's entries, state and partial, never another shard's codes or the SAE's weights.
+    Yields per shard {shard_index, start, stop, n_tokens, version} once it is committed."""
+    path, meta = codes
+    for index in shard_indices:
+        partial = shard_partial(store, sae_name, partition_key, index, meta, path, settings)
+        version = write_partial(store, sae_name, partition_key, index, partial, checkpoint=checkpoint)
+        yield {"shard_index": index, "start": partial.start, "stop": partial.stop, "n_tokens": partial.n_tokens,
+               "version": version}
+        del partial
+
+
 def compute_and_write_partials(store: ArtifactStore, sae, sae_name: str, partition_key: str,
                                shards: list[tuple[int, int]], settings: FeatureSettings, *,
                                shard_indices: list[int] | None = None, checkpoint: str | None = None,
                                batch_rows: int = 4096, device=None, group: str = FIRST_STORE) -> list[dict]:
-    """Pass 1 of one activation batch as the pipeline runs it, for the feature shards
-    ``shard_indices`` of the layout ``shards`` (default: all; a shard group passes its own), one
-    shard at a time, each partial committed (``write_partial``, pinning ``checkpoint``).
+    """Pass 1 of one activation batch in one call, for the feature shards ``shard_indices`` of the
+    layout ``shards`` (default: all), one shard at a time, each partial committed
+    (``write_partial``, pinning ``checkpoint``). The pipeline runs the same two steps as separate
+    jobs: the encode (``ensure_codes``) once per batch, then ``partials_from_codes`` per shard group.
 
-    TopK-style variants: the batch is encoded once (``encode_codes``) unless current codes of
+    TopK-style variants: the batch is encoded once (``ensure_codes``) unless current codes of
     this SAE with this layout are stored; each shard's partial replays its own codes
-    (``shard_partial``). Dense variants: ``compute_partials`` on each shard alone. Returns per
-    shard {shard_index, start, stop, n_tokens, version}; memory is one shard's at a time (plus the
-    encode's, once per batch)."""
+    (``partials_from_codes``). Dense variants: ``compute_partials`` on each shard alone (its
+    ``encode_slice`` multiplies only the shard's encoder rows). Returns per shard {shard_index,
+    start, stop, n_tokens, version}; memory is one shard's at a time (plus the encode's, once per batch)."""
     indices = list(range(len(shards))) if shard_indices is None else list(shard_indices)
-    summaries = []
-    found = None
     if _sparse_route(sae):
-        layout = [[int(a), int(b)] for a, b in shards]
-        found = codes_meta(store, sae_name, partition_key, sae_fingerprint(sae))
-        if found is None or found[1]["shards"] != layout or found[1]["group"] != group:
-            encode_codes(store, sae, sae_name, partition_key, shards, batch_rows=batch_rows, device=device,
-                         group=group)
-            found = codes_meta(store, sae_name, partition_key, sae_fingerprint(sae))
+        codes = ensure_codes(store, sae, sae_name, partition_key, shards, checkpoint=checkpoint,
+                             batch_rows=batch_rows, device=device, group=group)
+        return list(partials_from_codes(store, sae_name, partition_key, codes, indices, settings,
+                                        checkpoint=checkpoint))
+    summaries = []
     for index in indices:
-        if found is not None:
-            partial = shard_partial(store, sae_name, partition_key, index, found[1], found[0], settings)
-        else:
-            partial = compute_partials(store, sae, partition_key, [shards[index]], settings, batch_rows=batch_rows,
-                                       device=device, group=group)[0]
+        partial = compute_partials(store, sae, partition_key, [shards[index]], settings, batch_rows=batch_rows,
+                                   device=device, group=group)[0]
         path = write_partial(store, sae_name, partition_key, index, partial, checkpoint=checkpoint)
         summaries.append({"shard_index": index, "start": partial.start, "stop": partial.stop,
                           "n_tokens": partial.n_tokens, "version": path})

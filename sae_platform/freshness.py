@@ -283,6 +283,8 @@ def _lineage(store: ArtifactStore, lineage_path: str) -> dict | None:
 SHUFFLE_STAGES = ("shuffle_plan", "shuffle_pass_1", "shuffle_pass_2", "shuffle_final", "shuffled_activations")
 TABLE_STAGES = ("feature_topk", "feature_contexts", "feature_explanations")  # once per feature shard
 BATCH_STAGES = ("feature_context_windows",)  # pass 3: once per batch
+# the encode, once per new batch; counted once it has run (a dense SAE stores no codes: never timed)
+ENCODE_STAGES = ("feature_codes",)
 # full_pipeline runs these in every refresh: the comparison and the circuit-tracer export have no skip
 # rule, the Neuronpedia export follows the tables (a refresh always changes them)
 EXPORT_STAGES = ("sae_comparison", "circuit_tracer_export", "neuronpedia_export")
@@ -328,9 +330,12 @@ def refresh_plan(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_fe
                  f"for {n_feature_shards} shard(s){''.join(f', {s}' for s in llm)}, pass 3 for {len(cached)} "
                  "batch(es), the browser")
     steps.append("the exports (" + ", ".join(EXPORT_STAGES) + ")")
-    timed += [("feature_stats_partial", _mean_seconds(store, "feature_stats_partial") * len(new) if new else 0.0),
-              *((s, _mean_seconds(store, s) * min(n_feature_shards, N_FEATURE_SHARDS))  # a record per group
-                for s in (*TABLE_STAGES, *llm)),
+    groups = min(n_feature_shards, N_FEATURE_SHARDS)  # the shard groups: a record per group (per batch in pass 1)
+    encoded = [stage for stage in ENCODE_STAGES if _record_seconds(store, stage)]
+    timed += [*((s, _mean_seconds(store, s) * len(new) if new else 0.0) for s in encoded),
+              ("feature_stats_partial", _mean_seconds(store, "feature_stats_partial") * len(new) * groups
+               if new else 0.0),
+              *((s, _mean_seconds(store, s) * groups) for s in (*TABLE_STAGES, *llm)),
               *((s, _mean_seconds(store, s) * len(cached)) for s in BATCH_STAGES),
               ("feature_browser", _last_seconds(store, "feature_browser")),
               *((s, _last_seconds(store, s)) for s in EXPORT_STAGES)]

@@ -170,7 +170,7 @@ def test_features_launches_the_asset_job_of_every_feature_stage(tmp_path):
     from dagster import AssetKey
 
     from assets import STAGES
-    from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS
+    from assets.partitions import ACTIVATION_BATCHES, FEATURE_PASS_1_JOBS, FEATURE_SHARDS
     from jobs.cli import feature_runs
     from jobs.definitions import ASSET_JOBS, build_definitions
     from jobs.settings import Settings
@@ -189,9 +189,11 @@ def test_features_launches_the_asset_job_of_every_feature_stage(tmp_path):
             reads = {key.to_user_string() for key in graph.get(AssetKey(asset)).parent_keys}
             assert reads & set(features) <= built, f"{asset} would run before what it reads"
             partitions = STAGES[asset].partitions
+            groups = FEATURE_SHARDS.get_partition_keys()
             assert keys == ([None] if partitions is None else ["alpha", "beta"] if partitions is ACTIVATION_BATCHES
-                            else FEATURE_SHARDS.get_partition_keys()), job_name
-            assert partitions in (None, ACTIVATION_BATCHES, FEATURE_SHARDS)
+                            else [f"{b}|{g}" for b in ("alpha", "beta") for g in groups]
+                            if partitions is FEATURE_PASS_1_JOBS else groups), job_name
+            assert partitions in (None, ACTIVATION_BATCHES, FEATURE_SHARDS, FEATURE_PASS_1_JOBS)
         built |= set(selected[job_name])
 
 
@@ -301,9 +303,10 @@ def test_lineage_prints_the_asset_graphs_real_edges():
 
     lines = [" ".join(line.split()) for line in format_asset_edges(ASSET_PARENTS, "feature_topk").splitlines()]
     assert lines[0] == "feature_topk ← feature_stats_partial"
-    assert "feature_stats_partial ← activations, sae_checkpoint" in lines
+    assert "feature_stats_partial ← activations, feature_codes, sae_checkpoint" in lines
+    assert "feature_codes ← activations, sae_checkpoint" in lines
     assert "shuffle_plan ← activations" in lines and "activations ← base_model" in lines
-    assert "base_model (no upstream)" in lines and len(lines) == len(set(lines)) == 10
+    assert "base_model (no upstream)" in lines and len(lines) == len(set(lines)) == 11
     assert latent_range([0, 4096]) == "latents [0, 4096)"          # the browser's half-open notation
 
 

@@ -14,23 +14,26 @@ from dagster import AssetKey, DagsterInstance, Definitions
 
 from assets import ASSETS, STAGES
 from assets import features as features_assets
-from assets.partitions import ACTIVATION_BATCHES, N_FEATURE_SHARDS
-from jobs.cli import build_features
+from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS, N_FEATURE_SHARDS, pass_1_job_key
+from jobs.cli import build_features, run_failure
 from jobs.cli.status import _print_features
 from jobs.definitions import ASSET_JOBS
 from resources import LLMExplainerResource, stage_resource
 from sae_platform import contexts as ctx
-from sae_platform.catalog import logits_name, neuronpedia_name
+from sae_platform import trainer
+from sae_platform.catalog import codes_name, logits_name, neuronpedia_name, partial_name
 from sae_platform.corpus import list_source
 from sae_platform.feature_layout import planned_layout, planned_shards
-from sae_platform.feature_merge import read_tables
-from sae_platform.features import FeatureSettings
+from sae_platform.feature_merge import build_feature_tables, read_tables
+from sae_platform.features import FeatureSettings, read_partial
 from sae_platform.freshness import feature_state, stale_reasons
 from sae_platform.lineage import feature_table_lineage, format_lineage, recorded_layout_shards, recorded_shard_count
 from sae_platform.llm_explain import serve_chat
 from sae_platform.metrics import explanations_current, read_explanations
 from sae_platform.neuronpedia import check_record, export_current, read_export
+from sae_platform.shuffle import pinned_keys
 from sae_platform.shuffled import open_shuffled
+from sae_platform.storage import POINTER
 from sae_platform.tables import (
     EXAMPLE_SCHEMA,
     EXPLANATION_SCHEMA,
@@ -40,6 +43,7 @@ from sae_platform.tables import (
     WINDOW_SCHEMA,
 )
 from sae_platform.trainer import TrainSettings, train_sae
+from tests.test_features import all_tables
 from tests.test_llm_explain import KEY, RuleModel
 
 SAE = "topk-4k-k32"
@@ -303,3 +307,78 @@ def test_a_smaller_budget_runs_eight_shards_in_four_groups_with_the_same_tables(
     assert store.pointer(f"features/{SAE}/tables/f4")["version"] != redone
     assert recorded_layout_shards(json.loads(store.fs.cat_file(store.path("features", SAE, "lineage", "f4.json"))))\
         == 8
+
+
+# -- feature pass 1 per (activation batch, shard group), after one encode per batch -----------------
+
+def _codes_files_read(monkeypatch, store) -> list[str]:
+    """The name of every feature shard's codes file (``f<i>.npz``) read from now on through the
+    stores' filesystem class (the stages open their own store, of the same class), in order."""
+    read, original = [], type(store.fs).cat_file
+
+    def cat_file(self, path, *args, **kwargs):
+        if "/codes/" in str(path) and str(path).endswith(".npz"):
+            read.append(str(path).rsplit("/", 1)[-1])
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(store.fs), "cat_file", cat_file)
+    return read
+
+
+def test_pass_1_runs_per_batch_and_shard_group_reading_only_its_shards_codes(pipeline, store, monkeypatch):
+    """The encode runs once per batch (feature_encode); pass 1 then runs once per (batch, shard group)
+    (feature_pass_1). With 8 shards in 4 groups, job (batch, f1) reads the codes of shards 1 and 5
+    and nothing else, loads no SAE weights and commits one partial of 32 latents per shard, each on
+    its own (a lost shard is recomputed alone, reading only its codes); a job whose batch is not
+    encoded fails naming the step to run. The tables these jobs make equal today's single-job pass
+    1 (every latent from one encode, one shard) bit for bit: counts, sums, top-K, random sample."""
+    defs, instance = pipeline
+    resources = {**defs.resources, "features": stage_resource(
+        "features", {"sae_name": SAE, "top_k": 5, "reservoir_factor": 4, "device": "cpu",
+                     "memory_budget_bytes": _eight_shard_budget(store)})}
+    defs = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources)
+    batches = pinned_keys(store, "main")
+    first = batches[0]
+
+    def run(job: str, key: str):
+        return defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=key,
+                                                            raise_on_error=False)
+
+    missing = run("feature_pass_1", pass_1_job_key(first, "f1"))
+    assert not missing.success and f"materialize feature_codes[{first}]" in run_failure(missing)
+    assert run("feature_encode", first).success
+    loaded = []
+    monkeypatch.setattr(features_assets, "load_sae", lambda *a, **k: loaded.append(a) or trainer.load_sae(*a, **k))
+    read = _codes_files_read(monkeypatch, store)
+    result = run("feature_pass_1", pass_1_job_key(first, "f1"))
+    assert result.success and not loaded, loaded  # no SAE weights in a pass-1 job
+    assert sorted(read) == ["f1.npz", "f5.npz"]  # its shards' codes, no other shard's
+    (event,) = result.get_asset_materialization_events()
+    materialization = event.event_specific_data.materialization
+    meta = {k: v.value for k, v in materialization.metadata.items()}
+    codes = store.resolve(codes_name(SAE, first))
+    sizes = [store.fs.size(f"{codes}/f{i}.npz") for i in range(8)]
+    assert materialization.partition == f"{first}|f1" and meta["codes_bytes_read"] == sizes[1] + sizes[5] < sum(sizes)
+    assert [store.pointer(partial_name(SAE, first, i)) is not None for i in range(8)] == [i in (1, 5) for i in range(8)]
+    for index in (1, 5):  # each partial holds its own shard's latents only
+        partial = read_partial(store, SAE, first, index)
+        assert (partial.start, partial.stop) == (32 * index, 32 * index + 32) and partial.top_act.shape == (32, 5)
+    kept = store.pointer(partial_name(SAE, first, 1))["version"]
+    store.fs.rm(store.path(partial_name(SAE, first, 5), POINTER))  # a crash between the group's two commits
+    read.clear()
+    assert run("feature_pass_1", pass_1_job_key(first, "f1")).success
+    assert store.pointer(partial_name(SAE, first, 1))["version"] == kept and read == ["f5.npz"]
+    assert store.pointer(partial_name(SAE, first, 5)) is not None
+
+    for batch in batches:  # the whole pass 1 as the jobs run it, then pass 2 per shard group
+        assert run("feature_encode", batch).success
+        for group in FEATURE_SHARDS.get_partition_keys():
+            assert run("feature_pass_1", pass_1_job_key(batch, group)).success
+    for group in FEATURE_SHARDS.get_partition_keys():
+        assert run("feature_pass_2", group).success
+    sae, _ = trainer.load_sae(store, SAE)
+    build_feature_tables(store, sae, "today", FeatureSettings(top_k=5, reservoir_factor=4), partitions=batches)
+    stats, examples = all_tables(store, SAE, 8)
+    today_stats, today_examples = all_tables(store, "today", 1)
+    assert stats.equals(today_stats) and examples.equals(today_examples)
+    assert set(examples["kind"]) == {"top", "random", "interval"}

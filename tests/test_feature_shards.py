@@ -114,6 +114,36 @@ def test_a_shards_pass_1_reads_only_its_own_codes_and_no_weights(store, monkeypa
         fc.encode_codes(store, make_sae("relu"), "run", "p0", shards)
 
 
+def test_a_shard_groups_pass_1_finds_the_codes_by_their_checkpoint_and_reads_only_its_shards(store, monkeypatch):
+    """Pass 1 of one (batch, shard group) as the pipeline runs it, without the SAE: the encode pins
+    the checkpoint it encoded with, ``pinned_codes`` finds the codes by it (never those of another
+    checkpoint, layout or hook-point store), and ``partials_from_codes`` reads only the group's
+    shards' files, committing each shard's partial (pinned) equal to that shard's own pass 1."""
+    make_dataset(store, [300])
+    sae = make_sae("topk")
+    shards = F.feature_shards(N_LATENTS, 8)
+    fc.encode_codes(store, sae, "run", "p0", shards, batch_rows=64, checkpoint="v-1")
+    assert fc.pinned_codes(store, "run", "p0", shards, checkpoint="v-2") is None  # another checkpoint's
+    assert fc.pinned_codes(store, "run", "p0", F.feature_shards(N_LATENTS, 4), checkpoint="v-1") is None
+    assert fc.pinned_codes(store, "run", "p0", shards, checkpoint="v-1", group=catalog.store_group(1)) is None
+    assert fc.pinned_codes(store, "run", "p1", shards, checkpoint="v-1") is None  # never encoded
+    codes = fc.pinned_codes(store, "run", "p0", shards, checkpoint="v-1")
+    read = []
+    original = store.fs.cat_file
+    monkeypatch.setattr(store.fs, "cat_file", lambda p, *a, **k: read.append(str(p)) or original(p, *a, **k))
+    committed = list(fc.partials_from_codes(store, "run", "p0", codes, [1, 5], SETTINGS, checkpoint="v-1"))
+    assert [p.rsplit("/", 1)[-1] for p in read if p.endswith(".npz")] == ["f1.npz", "f5.npz"]
+    assert [c["shard_index"] for c in committed] == [1, 5]
+    assert [store.pointer(catalog.partial_name("run", "p0", i)) is not None for i in range(8)] == \
+        [i in (1, 5) for i in range(8)]
+    for index in (1, 5):
+        assert catalog.pinned_checkpoint(store.pointer(catalog.partial_name("run", "p0", index))) == "v-1"
+        stored = F.read_partial(store, "run", "p0", index)
+        (alone,) = F.compute_partials(store, sae, "p0", [shards[index]], SETTINGS, batch_rows=64)
+        for name in ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "sum", "max", "hist"):
+            assert np.array_equal(getattr(stored, name), getattr(alone, name)), (index, name)
+
+
 def test_the_shard_layout_change_re_encodes_instead_of_mixing_layouts(store):
     make_dataset(store, [200])
     sae = make_sae("topk")

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 MULTIPROCESS = ("multiprocess: {max_concurrent: 2, "
                 "start_method: {forkserver: {preload_modules: [jobs.definitions]}}}")
 ASSETS = ["base_model", "activations", "shuffle_plan", "shuffle_pass_1", "shuffle_final", "shuffled_activations",
-          "sae_checkpoint", "sae_eval", "sae_sparse_probing", "feature_stats_partial", "feature_topk",
+          "sae_checkpoint", "sae_eval", "sae_sparse_probing", "feature_codes", "feature_stats_partial", "feature_topk",
           "feature_context_windows", "feature_contexts", "feature_explanations", "feature_llm_explanations",
           "feature_browser", "sae_comparison", "scaling_laws"]
 
@@ -75,7 +75,11 @@ def test_full_pipeline_runs_end_to_end_with_parallel_steps(tmp_path, tiny_model_
         assert instance.get_latest_materialization_event(AssetKey(asset)) is not None, asset
     partials = instance.get_event_records(EventRecordsFilter(DagsterEventType.ASSET_MATERIALIZATION,
                                                              asset_key=AssetKey("feature_stats_partial")))
-    assert {r.partition_key for r in partials} == {"alpha", "beta", "gamma"}  # one encode per batch, every shard
+    # one job per (batch, shard group), after one encode per batch
+    assert {r.partition_key for r in partials} == {f"{b}|f{g}" for b in ("alpha", "beta", "gamma") for g in range(4)}
+    encodes = instance.get_event_records(EventRecordsFilter(DagsterEventType.ASSET_MATERIALIZATION,
+                                                            asset_key=AssetKey("feature_codes")))
+    assert sorted(r.partition_key for r in encodes) == ["alpha", "beta", "gamma"]
     checks = {(e.asset_key.to_user_string(), e.check_name, e.partition): e.passed for e in (
         entry.dagster_event.event_specific_data for entry in instance.all_logs(
             record.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION))}

@@ -81,7 +81,7 @@ def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path
     first_s, _ = _run(env)
     store = ArtifactStore(env["SAE_PLATFORM_ROOT"])
     kept = store.pointer(checkpoint_name(TINY_SAE))
-    first_run = _built_by(store, "feature_stats_partial", "alpha")
+    first_run = _built_by(store, "feature_codes", "alpha")
 
     (inbox / "delta.txt").write_text(SMALL_TEXT)  # a few dozen tokens: < 10% of the 1,536 trained on
     small_s, log = _run(env)
@@ -89,8 +89,11 @@ def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path
     assert "kept by the refresh policy (stale: trained on 1,536 tokens," in log, log[-3000:]
     assert "new tokens not seen (" in log and "batches delta" in log
     # pass 1 encoded the new batch only; the old batches' partials were reused
-    assert _built_by(store, "feature_stats_partial", "delta") != first_run
-    assert {_built_by(store, "feature_stats_partial", k) for k in ("alpha", "beta", "gamma")} == {first_run}
+    assert _built_by(store, "feature_codes", "delta") != first_run
+    assert {_built_by(store, "feature_codes", k) for k in ("alpha", "beta", "gamma")} == {first_run}
+    assert {_built_by(store, "feature_stats_partial", f"{k}|f{g}") for k in ("alpha", "beta", "gamma")
+            for g in range(4)} == {first_run}  # every (batch, shard group) job of the old batches: kept
+    assert _built_by(store, "feature_stats_partial", "delta|f3") != first_run
     assert stale_reasons(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4) == []
     # the tables describe every batch, the new one included, exactly as a from-scratch build would
     tables = [read_tables(store, TINY_SAE, i) for i in range(4)]
@@ -153,7 +156,7 @@ def test_the_plan_estimates_every_stage_it_runs_and_says_resume_or_from_scratch(
     assert "unknown for " in plan and "feature_explanations" in plan.split("unknown for ")[1], plan
     assert "neuronpedia_export" in plan.split("unknown for ")[1], plan
 
-    seconds = {"feature_stats_partial": 2.0, "feature_topk": 3.0, "feature_contexts": 5.0,
+    seconds = {"feature_codes": 1.0, "feature_stats_partial": 2.0, "feature_topk": 3.0, "feature_contexts": 5.0,
                "feature_explanations": 7.0, "feature_context_windows": 11.0}
     for asset, each in seconds.items():
         for partition in ("a", "b"):
@@ -166,9 +169,9 @@ def test_the_plan_estimates_every_stage_it_runs_and_says_resume_or_from_scratch(
     retrain = refresh_plan(store, **chain, training=identity(TrainSettings(**{**settings.__dict__, "n_latents": 96})))
     assert "train run from scratch (the settings changed since the checkpoint was trained (n_latents 64 → 96)" \
         in retrain, retrain
-    # 5 shuffle stages + training 31 + eval 13, pass 1 for 4 batches, 3 table stages x 2 shards, pass 3 x 4, the
-    # browser and the three exports
-    expected = 5 + 31 + 13 + 2 * 4 + (3 + 5 + 7) * 2 + 11 * 4 + 17 + 19 + 23 + 29
+    # 5 shuffle stages + training 31 + eval 13, the encode of 4 batches, pass 1 for 4 batches x 2 shard groups,
+    # 3 table stages x 2 shards, pass 3 x 4, the browser and the three exports
+    expected = 5 + 31 + 13 + 1 * 4 + 2 * 4 * 2 + (3 + 5 + 7) * 2 + 11 * 4 + 17 + 19 + 23 + 29
     assert retrain.endswith(f": ~{expected / 60:.0f} min by the last recorded stage timings"), (retrain, expected)
 
 

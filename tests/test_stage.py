@@ -14,6 +14,7 @@ import torch
 from conftest import TINY_SAE, tiny_run_config
 from dagster import AssetKey, DagsterEventType, DagsterInstance, job
 
+from assets.partitions import pass_1_job_key
 from jobs.definitions import build_definitions
 from jobs.settings import Settings
 from sae_platform.activations import open_partition
@@ -64,7 +65,10 @@ def _asset_path(defs, instance) -> None:
     run("compare_sweep")
     run("export_transcoder_sets")   # no transcoder set in this sweep: it reports so both ways
     for batch in BATCHES:
-        run("feature_pass_1", partition_key=batch)
+        run("feature_encode", partition_key=batch)
+    for batch in BATCHES:
+        for shard_group in SHARDS:
+            run("feature_pass_1", partition_key=pass_1_job_key(batch, shard_group))
     for shard in SHARDS:
         run("feature_pass_2", partition_key=shard)
     for batch in BATCHES:

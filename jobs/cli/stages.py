@@ -92,9 +92,9 @@ def feature_runs(batches: list[str]) -> list[tuple[str, list[str | None]]]:
     """The runs that build one SAE's feature tables, explanations and browser, in pipeline order: the
     asset job of every stage of the `features` group, as the stage declarations name them (the jobs
     the UI launches), with one run per partition: each batch of ``batches`` (the SAE's pinned ones),
-    each feature shard, or one run for an unpartitioned stage."""
+    each feature shard group, each (batch, shard group) of pass 1, or one run for an unpartitioned stage."""
     from assets import STAGES
-    from assets.partitions import ACTIVATION_BATCHES, FEATURE_SHARDS
+    from assets.partitions import ACTIVATION_BATCHES, FEATURE_PASS_1_JOBS, FEATURE_SHARDS, pass_1_job_key
 
     runs: dict[str, list[str | None]] = {}
     for stage in STAGES.values():  # declared in dependency order (tests/test_definitions.py)
@@ -106,6 +106,9 @@ def feature_runs(batches: list[str]) -> list[tuple[str, list[str | None]]]:
             runs[stage.job.name] = list(batches)
         elif stage.partitions is FEATURE_SHARDS:
             runs[stage.job.name] = FEATURE_SHARDS.get_partition_keys()
+        elif stage.partitions is FEATURE_PASS_1_JOBS:
+            runs[stage.job.name] = [pass_1_job_key(batch, group) for batch in batches
+                                    for group in FEATURE_SHARDS.get_partition_keys()]
         else:
             raise PlatformError(f"`sae-platform features` does not know which partitions of {stage.asset} to run "
                                 f"({type(stage.partitions).__name__})",
