@@ -477,15 +477,17 @@ FEATURE_EXPLANATIONS = Stage(
 
 def explain_with_llm_step(run: StageRun) -> dict:
     """LLM explanations of the most active latents of each shard of this group (one shard after the
-    other, each committed on its own), scored by detection on held-out text. A feature whose answer
+    other, each committed on its own), scored by detection on held-out text. The budget is per
+    feature shard, as ``features_per_shard`` says: a group of n shards asks for up to n times it
+    (``n_requested``). A feature whose answer
     was unusable is stored with its error and counted in ``n_failed``; an endpoint that cannot serve
     fails this asset only (no stage depends on it: ``Stage.optional``)."""
     settings, (sae, _), store = _settings(run), _load(run), run.store
     plan = feature_layout(run)
     llm = run.resources.llm_explainer
     codes, tokenizer = heldout_codes(run, sae, "the LLM explanation scores")
-    frames, paths = [], []
-    for index in plan.group_shards(_group(run.partition_key)):
+    frames, paths, shards = [], [], plan.group_shards(_group(run.partition_key))
+    for index in shards:
         start, stop = shard_range(plan, index)
         run.log.info(f"LLM explanations of up to {llm.features_per_shard} features of shard f{index} "
                      f"[{start:,}, {stop:,}) by {llm.describe()}")
@@ -503,7 +505,9 @@ def explain_with_llm_step(run: StageRun) -> dict:
         run.log.warning(f"feature {row['feature']}: no LLM explanation: {row['error']}")
     preview = [{"feature": r["feature"], "explanation": r["explanation"][:120],
                 "balanced_accuracy": round(r["balanced_accuracy"], 3)} for r in explained.iter_rows(named=True)]
-    return {"explainer": llm.describe(), "n_explained": explained.height, "n_failed": failed.height,
+    return {"explainer": llm.describe(), "features_per_shard": llm.features_per_shard, "feature_shards": len(shards),
+            "n_requested": llm.features_per_shard * len(shards),
+            "n_explained": explained.height, "n_failed": failed.height,
             **({"balanced_accuracy": float(explained["balanced_accuracy"].mean())} if explained.height else {}),
             "explanations": table_preview(preview, {"feature": "int", "explanation": "string",
                                                     "balanced_accuracy": "float"}),
@@ -540,22 +544,13 @@ FEATURE_LLM_EXPLANATIONS = Stage(
 # -- browser --------------------------------------------------------------------------------------
 
 def write_browser(run: StageRun) -> dict:
-    """A static feature browser: index with search, a page per feature. Serve it with `make browse`."""
+    """A static feature browser: index with search, a page per feature. Serve it with `make browse`.
+    The shards' tables are read one shard at a time, as the writer reaches each (``browser_shard``)."""
     settings, store = _settings(run), run.store
     plan = feature_layout(run)
-    shards = []
-    for index in range(plan.n_shards):
-        tables = layout_tables(run, plan, index)
-        logits_path = store.require(catalog.logits_name(settings.sae_name, index), "logit effects",
-                                    "materialize feature_topk")
-        shards.append({"start": tables.meta["start"], "stop": tables.meta["stop"], "feature_stats": tables.stats,
-                       "feature_examples": shown_examples(tables.examples, settings.random_examples),
-                       "feature_contexts": ctx.read_feature_contexts(store, settings.sae_name, index),
-                       "logit_effects": store.read_parquet(f"{logits_path}/{catalog.LOGIT_EFFECTS}"),
-                       "explanations": fm.read_explanations(store, settings.sae_name, index),
-                       "lineage": recorded_lineage(store, settings.sae_name, index)})  # each page: its shard's
+    shards = [browser_shard(run, plan, index) for index in range(plan.n_shards)]
     # site-wide: what every shard shares (checkpoint, shuffle, partitions, model) and the browser's run
-    lineage = {k: v for k, v in shards[0]["lineage"].items() if k != "feature_table"}
+    lineage = {k: v for k, v in recorded_lineage(store, settings.sae_name, 0).items() if k != "feature_table"}
     lineage["browser_dagster_run_id"] = run.run_id
     hook = hook_point(lineage.get("base_model") or {})  # read from the SAE's own hook-point store (lineage.py)
     out = catalog.browser_dir(store, settings.sae_name)
@@ -567,13 +562,36 @@ def write_browser(run: StageRun) -> dict:
                          fs=None if store.is_local else store.fs, evaluation=evaluation, hook_point=hook,
                          absorption=absorption_result(store, settings.sae_name),
                          figures_version=figures_version(store, [settings.sae_name]))
-    run.log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
+    run.log.info(f"{summary['n_features']:,} features, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s; "
+                 f"{summary['shards_written']} shard(s) written, {summary['shards_kept']} kept")
     return {
         "hook_point": hook, "n_features": summary["n_features"], "bytes": summary["bytes"],
-        "files": summary["files"],
+        "files": summary["files"], "shards_written": summary["shards_written"], "shards_kept": summary["shards_kept"],
+        "summary_bytes": summary["summary_bytes"],
         "seconds": summary["seconds"], "path": MetadataValue.path(store.url(out)),
         "url": MetadataValue.url(BROWSER_URL), "serve_with": "make browse  (or: sae-platform browse)",
     }
+
+
+def browser_shard(run: StageRun, plan: FeatureShardPlan, index: int) -> dict:
+    """Feature shard ``index`` as the site writer takes it: its range now, its tables (stats, shown
+    examples, windows, logit effects, explanations) and lineage read only when the writer reaches
+    it (``load``), so the browser stage holds one shard's tables at a time."""
+    settings, store = _settings(run), run.store
+    start, stop = shard_range(plan, index)
+
+    def load() -> dict:
+        tables = layout_tables(run, plan, index)
+        logits_path = store.require(catalog.logits_name(settings.sae_name, index), "logit effects",
+                                    "materialize feature_topk")
+        return {"feature_stats": tables.stats,
+                "feature_examples": shown_examples(tables.examples, settings.random_examples),
+                "feature_contexts": ctx.read_feature_contexts(store, settings.sae_name, index),
+                "logit_effects": store.read_parquet(f"{logits_path}/{catalog.LOGIT_EFFECTS}"),
+                "explanations": fm.read_explanations(store, settings.sae_name, index),
+                "lineage": recorded_lineage(store, settings.sae_name, index)}  # each page: its shard's
+
+    return {"start": start, "stop": stop, "load": load}
 
 
 def browser_current(run: StageRun) -> str | None:

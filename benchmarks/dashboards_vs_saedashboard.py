@@ -171,6 +171,7 @@ def ours(args) -> None:
     from sae_platform.activations import open_partition
     from sae_platform.browser.publish import build_site
     from sae_platform.feature_check import brute_force_check
+    from sae_platform.feature_layout import layout_ranges, plan_layout
     from sae_platform.feature_merge import merge_shard_tables, read_tables, write_tables
     from sae_platform.logits import logit_effects, unembedding_matrix
     from sae_platform.model import load_hooked_model
@@ -190,7 +191,9 @@ def ours(args) -> None:
     sae.load_state_dict(torch.load(work / "sae.pt", weights_only=True))
     hooked = load_hooked_model(info["model_dir"], LAYER, "cpu", "none")
     settings = ft.FeatureSettings(sae_name=SAE_NAME, top_k=TOP)
-    shards = ft.feature_shards(sae.n_latents, catalog.N_FEATURE_SHARDS)
+    layout = plan_layout({"variant": "topk", "n_latents": sae.n_latents, "d_model": args.d_model, "k": K}, settings,
+                         open_partition(store, PARTITION).n_rows)  # the shards the pipeline plans for this SAE
+    shards = layout_ranges(layout)
     lap("load")
     fc.compute_and_write_partials(store, sae, SAE_NAME, PARTITION, shards, settings)
     lap("pass_1")
@@ -228,7 +231,7 @@ def ours(args) -> None:
              context=np.asarray(part.group["context_id"][:])[rows],
              position=np.asarray(part.group["position"][:])[rows])
     emit(side="ours", seconds=sum(seconds.values()), stage_seconds=seconds, checks_ok=all(checks),
-         n_features=int(site["n_features"]), site_bytes=int(site["bytes"]),
+         n_features=int(site["n_features"]), site_bytes=int(site["bytes"]), feature_shards=layout.n_shards,
          work_peak_bytes=after["VmHWM"] - before["VmRSS"], cpu_seconds=cpu, torch_threads=torch.get_num_threads())
 
 

@@ -57,8 +57,6 @@ from bench_help import HelpFormatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_platform.catalog import N_FEATURE_SHARDS  # noqa: E402  (as the pipeline's feature shards)
-
 D_MODEL, N_LATENTS, K = 576, 16384, 32
 TOP_K, RESERVOIR_FACTOR = 20, 10
 GOAL_THROUGHPUT = 2.0
@@ -155,6 +153,17 @@ def worker(args) -> None:
                       "rss_before": before["VmRSS"], "hwm_reset": reset, **extra}))
 
 
+def planned_layout(n_rows: int):
+    """The feature-shard layout the pipeline plans for this benchmark's SAE over a batch of
+    ``n_rows`` (``feature_layout.plan_layout``, sized from ``FeatureSettings.memory_budget_bytes``:
+    the default of resources.features.config), which the stage sides follow."""
+    from sae_platform.feature_layout import plan_layout
+    from sae_platform.features import FeatureSettings
+
+    return plan_layout({"variant": "topk", "n_latents": N_LATENTS, "d_model": D_MODEL, "k": K},
+                       FeatureSettings(top_k=TOP_K, reservoir_factor=RESERVOIR_FACTOR), n_rows)
+
+
 def stages_worker(args, store, sae, part) -> dict:
     """Passes 1-2 and the blocking exactness check of every feature shard, as the pipeline runs
     them (``encode``: the bare encode of the same rows, the ratio's denominator)."""
@@ -162,9 +171,10 @@ def stages_worker(args, store, sae, part) -> dict:
 
     from sae_platform import features
     from sae_platform.feature_check import brute_force_check
+    from sae_platform.feature_layout import layout_ranges
     from sae_platform.feature_merge import merge_shard_tables, write_tables
 
-    shards = features.feature_shards(N_LATENTS, N_FEATURE_SHARDS)
+    shards = layout_ranges(planned_layout(part.n_rows))
     settings = features.FeatureSettings(top_k=TOP_K, reservoir_factor=RESERVOIR_FACTOR)
     seconds = {}
     t0 = time.perf_counter()
@@ -277,7 +287,7 @@ def main() -> int:
             for side in order:
                 for p in ("small", "large"):
                     runs[(side, p)].append(run_worker(side, p, args, root, sae_path))
-        # the feature stages (passes 1-2 + the check, 4 feature shards) over one bare encode, on the small
+        # the feature stages (passes 1-2 + the check, the planned feature shards) over one bare encode, on the small
         # partition; the previous per-shard layout (full mode only: it costs ~8 encodes) for comparison
         stage_sides = ("encode", "stages_one_encode") + (() if args.quick else ("stages_per_shard",))
         stage_runs = {side: [] for side in stage_sides}
@@ -339,6 +349,7 @@ def main() -> int:
          "dashboard_peak_bytes": [peak[("baseline", "small")], peak[("baseline", "large")]], **common},
     ]
     stage_s = {side: statistics.median(x["seconds"] for x in rs) for side, rs in stage_runs.items()}
+    layout = planned_layout(small)  # as the stage workers planned it over the small partition
     for side, rs in stage_runs.items():
         parts = {k: round(statistics.median(x["stage_seconds"][k] for x in rs), 2) for k in rs[0]["stage_seconds"]}
         print(f"{side:<18} {small:>7} tokens  median {stage_s[side]:6.2f} s  {parts}  checks ok: "
@@ -346,7 +357,8 @@ def main() -> int:
     ratio = stage_s["stages_one_encode"] / stage_s["encode"]
     lines.append({"metric": "feature_stages_over_one_encode", "value": stage_s["stages_one_encode"],
                   "baseline": stage_s["encode"], "ratio": ratio, "goal": GOAL_STAGES_OVER_ENCODE,
-                  "lower_is_better": True, "unit": "s", "tokens": small, "n_feature_shards": N_FEATURE_SHARDS,
+                  "lower_is_better": True, "unit": "s", "tokens": small, "feature_shards": layout.n_shards,
+                  "memory_budget_bytes": layout.memory_budget_bytes,
                   "stages": "pass 1 (every shard) + pass 2 merge + matches_brute_force check (64 witness "
                             "features per shard + invariants), writes included; not pass 3 / browser",
                   "baseline_is": "sae.encode of the same rows, same batches, same SAE, same device",

@@ -23,7 +23,8 @@ compute core's own functions (which import zarr and polars only where a store is
   spawned ranks (NCCL on one GPU split in two where NCCL allows it, gloo on the CPU) against one
   process's step, with each shard's share of the parameter bytes;
 - ``feature_pass1_tokens_per_s``: pass 1 (``features.partials_of_rows``) over synthetic
-  float16 rows held in memory, into the pipeline's feature shards;
+  float16 rows held in memory, into the feature shards the pipeline plans for that SAE and batch
+  (``feature_layout.plan_layout``; ``feature_shards`` in its line);
 - ``cuda_tests``: ``pytest -m cuda`` over the test files that mark tests ``cuda`` (skipped, with a
   line saying so, where pytest is not installed).
 
@@ -62,8 +63,8 @@ import torch  # noqa: E402
 from train_throughput import make_step, timed, useful_step_flops  # noqa: E402
 
 from sae_platform.activations import CacheSettings  # noqa: E402
-from sae_platform.catalog import N_FEATURE_SHARDS  # noqa: E402
-from sae_platform.features import FeatureSettings, feature_shards, partials_of_rows  # noqa: E402
+from sae_platform.feature_layout import layout_ranges, plan_layout  # noqa: E402
+from sae_platform.features import FeatureSettings, partials_of_rows  # noqa: E402
 from sae_platform.model import HookedModel, pick_device  # noqa: E402
 from sae_platform.sae import build_sae, dense_topk_reference  # noqa: E402
 from sae_platform.trainer import TrainSettings, selection_dtype  # noqa: E402
@@ -346,7 +347,9 @@ def feature_pass1(report: Report, sizes: Sizes) -> None:
     rows = activation_rows(sizes.pass1_rows, d, "cpu").to(torch.float16).numpy()  # as a store holds them
     sae.calibrate_(torch.from_numpy(rows[:4096]).float().to(dev))
     sae.eval()
-    settings, shards = FeatureSettings(), feature_shards(n, N_FEATURE_SHARDS)
+    settings = FeatureSettings()  # the layout the pipeline plans from its memory budget, over this batch
+    plan = plan_layout({"variant": "topk", "n_latents": n, "d_model": d, "k": sae.hparams["k"]}, settings, len(rows))
+    shards = layout_ranges(plan)
 
     def run(n_rows):
         return partials_of_rows(sae, rows, n_rows, "synthetic", "in-memory", shards, settings)
@@ -354,7 +357,8 @@ def feature_pass1(report: Report, sizes: Sizes) -> None:
     run(min(len(rows), 8192))  # warm-up: kernels, allocator
     seconds = timed(lambda: run(len(rows)), dev)
     report.emit("feature_pass1_tokens_per_s", len(rows) / seconds, "tokens/s", rows=len(rows), d_model=d,
-                n_latents=n, k=sae.hparams["k"], feature_shards=len(shards), top_k=settings.top_k,
+                n_latents=n, k=sae.hparams["k"], feature_shards=plan.n_shards,
+                memory_budget_bytes=plan.memory_budget_bytes, top_k=settings.top_k,
                 reservoir_factor=settings.reservoir_factor, seconds=seconds,
                 data="synthetic float16 rows in memory (no store: the read is not timed)")
 

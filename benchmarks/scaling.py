@@ -80,6 +80,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from bench_help import HelpFormatter
@@ -103,10 +104,13 @@ from sae_platform.activations import CacheSettings, cache_text_file  # noqa: E40
 from sae_platform.browser.publish import build_site  # noqa: E402
 from sae_platform.catalog import N_FEATURE_SHARDS, browser_dir  # noqa: E402
 from sae_platform.corpus import TextFile  # noqa: E402
+from sae_platform.feature_layout import layout_ranges, plan_layout  # noqa: E402
 from sae_platform.feature_merge import merge_shard_tables, read_tables, write_tables  # noqa: E402
+from sae_platform.feature_plan import FeatureShardPlan  # noqa: E402
 from sae_platform.model import EMBEDDED_MODEL, load_stored_model, load_stored_tokenizer  # noqa: E402
 from sae_platform.plots import stage_scaling_png  # noqa: E402
 from sae_platform.sae import build_sae  # noqa: E402
+from sae_platform.settings import SettingsError, default_of  # noqa: E402
 from sae_platform.storage import ArtifactStore  # noqa: E402
 from sae_platform.trainer import TrainSettings, selection_dtype, train_sae  # noqa: E402
 
@@ -341,69 +345,88 @@ def random_sae(job: dict):
     return build_sae("topk", job["d_model"], job["n_latents"], k=K).eval()
 
 
-def pass_1_job(store: ArtifactStore, sae, partition_key: str, settings: ft.FeatureSettings,
+def feature_layout(job: dict) -> FeatureShardPlan:
+    """The feature-shard layout the pipeline plans for this job's SAE over its one batch
+    (``feature_layout.plan_layout``, sized from ``--memory-budget-bytes``: by default that of
+    resources.features.config), which every feature stage here follows."""
+    settings = ft.FeatureSettings(sae_name=SAE_NAME, memory_budget_bytes=job["memory_budget_bytes"])
+    return plan_layout({"variant": "topk", "n_latents": job["n_latents"], "d_model": job["d_model"], "k": K},
+                       settings, job["tokens"])
+
+
+def layout_figures(plan: FeatureShardPlan) -> dict:
+    """The planned layout as each record carries it."""
+    return {"feature_shards": plan.n_shards, "shards_per_group": plan.shards_per_group,
+            "latents_per_shard": plan.latents_per_shard, "memory_budget_bytes": plan.memory_budget_bytes}
+
+
+def pass_1_job(store: ArtifactStore, sae, partition_key: str, settings: ft.FeatureSettings, plan: FeatureShardPlan,
                batch_rows: int | None = None) -> dict:
     """One pass-1 job as ``assets/features.py`` runs it: the batch encoded once, its codes committed
     split by feature shard, then each shard's partial folded from its own codes, one shard's state
-    in memory at a time (``feature_codes.compute_and_write_partials`` over the ``N_FEATURE_SHARDS``
-    shards). Returns what the job held, so that the memory figures follow the layout: the encode
-    holds the whole SAE, the state one shard's latents. ``batch_rows``: the encode's token batch
-    (None: the pipeline's)."""
-    shards = ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)
+    in memory at a time (``feature_codes.compute_and_write_partials`` over the shards of ``plan``,
+    the planned layout). Returns what the job held, so that the memory figures follow the layout:
+    the encode holds the whole SAE, the state one shard's latents. ``batch_rows``: the encode's
+    token batch (None: the pipeline's)."""
+    shards = layout_ranges(plan)
     fc.compute_and_write_partials(store, sae, SAE_NAME, partition_key, shards, settings,
                                   **({"batch_rows": batch_rows} if batch_rows else {}))
-    widest = max(stop - start for start, stop in shards)
-    return {"feature_shards": len(shards), "shards_per_job": len(shards),
-            "latents_per_shard": widest, "latents_per_job": widest}
+    return {**layout_figures(plan), "shards_per_job": len(shards), "latents_per_job": plan.latents_per_shard}
 
 
 def stage_pass_1(meter: Meter, job: dict) -> dict:
     sae = random_sae(job)
     meter.start()
     held = pass_1_job(ArtifactStore(job["root"]), sae, BATCH_KEY, ft.FeatureSettings(sae_name=SAE_NAME),
-                      job["encode_rows"])
+                      feature_layout(job), job["encode_rows"])
     meter.stop()
     return {"tokens": job["tokens"], **held}
 
 
 def stage_pass_2(meter: Meter, job: dict) -> dict:
     store, sae, settings = ArtifactStore(job["root"]), random_sae(job), ft.FeatureSettings(sae_name=SAE_NAME)
+    plan = feature_layout(job)
     meter.start()
-    for index in range(N_FEATURE_SHARDS):  # one shard after another: the peak is the largest shard's job
+    for index in range(plan.n_shards):  # one shard after another: the peak is the largest shard's job
         write_tables(store, SAE_NAME, index, merge_shard_tables(store, sae, SAE_NAME, index, [BATCH_KEY], settings))
     meter.stop()
-    return {"tokens": job["tokens"]}
+    return {"tokens": job["tokens"], **layout_figures(plan)}
 
 
 def stage_pass_3(meter: Meter, job: dict) -> dict:
     store, sae, settings = ArtifactStore(job["root"]), random_sae(job), ft.FeatureSettings(sae_name=SAE_NAME)
     tokenizer = load_stored_tokenizer(ArtifactStore(job["model_root"]), job["model"])
+    plan = feature_layout(job)
     meter.start()
     examples = pl.concat([ctx.shown_examples(read_tables(store, SAE_NAME, i).examples, settings.random_examples)
-                          for i in range(N_FEATURE_SHARDS)])
+                          for i in range(plan.n_shards)])
     info = ctx.build_partition_windows(store, SAE_NAME, sae, BATCH_KEY, examples, tokenizer, before=settings.before,
                                        after=settings.after, codes=fc.read_codes(store, SAE_NAME, BATCH_KEY, sae))
-    for index, (start, stop) in enumerate(ft.feature_shards(sae.n_latents, N_FEATURE_SHARDS)):
+    for index, (start, stop) in enumerate(layout_ranges(plan)):
         frame = ctx.regroup_by_feature(store, SAE_NAME, [BATCH_KEY], start, stop)
         ctx.write_feature_contexts(store, SAE_NAME, index, frame)
     meter.stop()
-    return {"tokens": job["tokens"], "n_windows": info["n_windows"]}
+    return {"tokens": job["tokens"], "n_windows": info["n_windows"], **layout_figures(plan)}
 
 
 def stage_browser(meter: Meter, job: dict) -> dict:
     store, settings = ArtifactStore(job["root"]), ft.FeatureSettings(sae_name=SAE_NAME)
-    meter.start()
-    shards = []
-    for index in range(N_FEATURE_SHARDS):  # as assets/features.py's write_browser reads them
+    plan = feature_layout(job)
+
+    def load(index: int) -> dict:  # as assets/features.py's browser_shard: read when the writer reaches it
         tables = read_tables(store, SAE_NAME, index)
-        shards.append({"start": tables.meta["start"], "stop": tables.meta["stop"], "feature_stats": tables.stats,
-                       "feature_examples": ctx.shown_examples(tables.examples, settings.random_examples),
-                       "feature_contexts": ctx.read_feature_contexts(store, SAE_NAME, index),
-                       "logit_effects": None, "explanations": None})
+        return {"feature_stats": tables.stats,
+                "feature_examples": ctx.shown_examples(tables.examples, settings.random_examples),
+                "feature_contexts": ctx.read_feature_contexts(store, SAE_NAME, index)}
+
+    meter.start()
+    shards = [{"start": start, "stop": stop, "load": partial(load, index)}
+              for index, (start, stop) in enumerate(layout_ranges(plan))]
     summary = build_site(browser_dir(store, SAE_NAME), sae_name=SAE_NAME, shards=shards,
                          hist_bin_edges=ft.hist_bin_edges(), lineage={}, n_intervals=settings.n_intervals)
     meter.stop()
-    return {"tokens": job["tokens"], "site_bytes": summary["bytes"], "n_features": summary["n_features"]}
+    return {"tokens": job["tokens"], "site_bytes": summary["bytes"], "n_features": summary["n_features"],
+            "summary_bytes": summary["summary_bytes"], **layout_figures(plan)}
 
 
 STAGES = {"shuffle": stage_shuffle, "train": stage_train, "pass_1": stage_pass_1,
@@ -544,6 +567,15 @@ def by_stage(records: list[dict], sweep: str, stages: tuple[str, ...]) -> dict[s
 # figures
 # ---------------------------------------------------------------------------------------------
 
+def planned_shards(runs: list[dict]) -> dict:
+    """A feature stage's planned shard count at each size (``feature_layout``) and the budget it was
+    planned from; {} for the others."""
+    if "feature_shards" not in runs[-1]:
+        return {}
+    return {"feature_shards": [r["feature_shards"] for r in runs],
+            "memory_budget_bytes": runs[-1]["memory_budget_bytes"]}
+
+
 def token_lines(results: dict[str, list[dict]]) -> list[dict]:
     """Per stage: time per token and peak RSS at 16x the tokens against 1x."""
     lines = []
@@ -552,7 +584,8 @@ def token_lines(results: dict[str, list[dict]]) -> list[dict]:
             continue
         first, last = runs[0], runs[-1]
         sizes = {"tokens": [r["tokens"] for r in runs], "stage_path": last.get("path"), "n_latents": last["n_latents"],
-                 **({"data_bytes": [r["data_bytes"] for r in runs]} if "data_bytes" in last else {})}
+                 **({"data_bytes": [r["data_bytes"] for r in runs]} if "data_bytes" in last else {}),
+                 **planned_shards(runs)}
         lines.append({"metric": f"scaling_{name}_seconds_per_token_vs_tokens", "value": last["seconds_per_token"],
                       "baseline": first["seconds_per_token"],
                       "ratio": last["seconds_per_token"] / first["seconds_per_token"], "goal": GOAL_TIME_GROWTH,
@@ -579,7 +612,7 @@ def latent_lines(results: dict[str, list[dict]], skipped: dict[str, list[dict]])
             continue
         first, last = runs[0], runs[-1]
         sizes = {"n_latents": [r["n_latents"] for r in runs], "tokens": last["tokens"], "skipped": skipped[name],
-                 "stage_path": last.get("path")}
+                 "stage_path": last.get("path"), **planned_shards(runs)}
         lines.append({"metric": f"scaling_{name}_seconds_per_token_vs_latents", "value": last["seconds_per_token"],
                       "baseline": first["seconds_per_token"],
                       "ratio": last["seconds_per_token"] / first["seconds_per_token"], "goal": None,
@@ -630,6 +663,10 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-bytes", type=int, help="bytes per chunk of the cached activations (default: the "
                                                         "platform's activations.CHUNK_BYTES)")
     parser.add_argument("--encode-rows", type=int, help="pass 1's token batch (default: the pipeline's)")
+    parser.add_argument("--memory-budget-bytes", type=int,
+                        default=default_of(ft.FeatureSettings, "memory_budget_bytes"),
+                        help="a feature-shard job's memory budget, as resources.features.config.memory_budget_bytes: "
+                             "the planner (feature_layout.plan_layout) sizes the feature shards from it")
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="base model source")
     parser.add_argument("--model-root", default=str(REPO / ".cache" / "bench_artifacts"),
                         help="persistent artifact root holding the converted base model")
@@ -661,6 +698,10 @@ def parse_args(argv=None):
     if sizes.train_batch * sizes.train_steps > min(sizes.tokens, sizes.latent_tokens):
         parser.error(f"training {sizes.train_steps} steps of {sizes.train_batch} rows needs more rows than the "
                      f"{min(sizes.tokens, sizes.latent_tokens)} cached: lower --train-batch or --train-steps")
+    try:
+        ft.FeatureSettings(memory_budget_bytes=args.memory_budget_bytes)
+    except SettingsError as error:
+        parser.error(f"--memory-budget-bytes: {error}")
     if args.from_record and not Path(args.from_record).is_file():
         parser.error(f"--from-record {args.from_record}: no such file; pass the --record file of a run")
     if not args.from_record and not sorted(Path(args.corpus).glob("*.txt")):
@@ -697,7 +738,8 @@ def measure_all(args, sizes: Sizes) -> list[dict]:
         base = {"model": args.model, "model_root": args.model_root, "layer": sizes.layer, "autocast": args.autocast,
                 "texts": texts, "corpus": args.corpus, "ctx_len": sizes.ctx_len, "batch_size": sizes.batch_size,
                 "train_batch": sizes.train_batch, "shuffle_budget": sizes.shuffle_budget, "record": args.record,
-                "chunk_bytes": sizes.chunk_bytes, "encode_rows": sizes.encode_rows}
+                "chunk_bytes": sizes.chunk_bytes, "encode_rows": sizes.encode_rows,
+                "memory_budget_bytes": args.memory_budget_bytes}
         token_jobs = [token_job(sizes, base, tmp, f) for f in TOKEN_FACTORS] if "tokens" in args.sweeps else []
         # the latent sweep reuses the token sweep's store of its size (--quick: 1x) rather than caching it again
         sizes_cached = [j["n_contexts"] * sizes.ctx_len for j in token_jobs]
@@ -736,7 +778,7 @@ def main(argv=None) -> int:
         Path(args.plot).write_bytes(stage_scaling_png(curves(by_tokens, "tokens"), curves(by_latents, "n_latents"),
                                                       loaded=loaded))
         print(f"plot: {args.plot}")
-    common = {"quick": args.quick, "model": args.model, "layer": sizes.layer, "n_feature_shards": N_FEATURE_SHARDS,
+    common = {"quick": args.quick, "model": args.model, "layer": sizes.layer, "feature_shard_groups": N_FEATURE_SHARDS,
               "k": K, "train_batch": sizes.train_batch, "train_steps": sizes.train_steps, "ctx_len": sizes.ctx_len,
               "device": "cpu", "torch_threads": torch.get_num_threads(), "wall_s": round(wall_s, 1),
               "load_1m": [min(loads, default=None), max(loads, default=None)], "noisy": loaded,

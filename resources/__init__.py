@@ -65,7 +65,8 @@ class LLMExplainerResource(ConfigurableResource):
                                                                  f"({EMBEDDED_MODEL!r}: the embedded "
                                                                  "SmolLM2-135M-Instruct), or a local HF folder")
     features_per_shard: int = Field(default=8, ge=1, description="latents explained per feature shard (those firing "
-                                                                 "most often on the held-out text)")
+                                                                 "most often on the held-out text): the SAE gets up "
+                                                                 "to this times its planned feature shards")
     examples: int = Field(default=5, ge=1, description="held-out activating and as many non-activating texts per "
                                                        "detection score")
     timeout_s: float = Field(default=default_of(ChatClient, "timeout_s"), gt=0,

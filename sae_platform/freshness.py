@@ -327,15 +327,20 @@ def refresh_plan(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_fe
             timed.append(("sae_eval", _last_seconds(store, "sae_eval")))
     llm = [stage for stage in OPTIONAL_SHARD_STAGES if _record_seconds(store, stage)]
     steps.append(f"feature pass 1 for {len(new)} of {len(cached)} batch(es), pass 2, contexts and explanations "
-                 f"for {n_feature_shards} shard(s){''.join(f', {s}' for s in llm)}, pass 3 for {len(cached)} "
-                 "batch(es), the browser")
+                 f"for {n_feature_shards} shard(s) in {min(n_feature_shards, N_FEATURE_SHARDS)} group job(s)"
+                 f"{''.join(f', {s}' for s in llm)}, pass 3 for {len(cached)} batch(es), the browser")
     steps.append("the exports (" + ", ".join(EXPORT_STAGES) + ")")
-    groups = min(n_feature_shards, N_FEATURE_SHARDS)  # the shard groups: a record per group (per batch in pass 1)
+    # a record times one job: a pass-1 job is one (batch, shard group), a table stage's one group; each ran
+    # the shards of its group in the recorded layout in turn, so a shard costs the record / those shards
+    recorded_per_group = _shards_per_group(recorded_shard_count(store, sae_name))
+
+    def every_shard(stage: str) -> float:
+        return _mean_seconds(store, stage) / recorded_per_group * n_feature_shards
+
     encoded = [stage for stage in ENCODE_STAGES if _record_seconds(store, stage)]
     timed += [*((s, _mean_seconds(store, s) * len(new) if new else 0.0) for s in encoded),
-              ("feature_stats_partial", _mean_seconds(store, "feature_stats_partial") * len(new) * groups
-               if new else 0.0),
-              *((s, _mean_seconds(store, s) * groups) for s in (*TABLE_STAGES, *llm)),
+              ("feature_stats_partial", every_shard("feature_stats_partial") * len(new) if new else 0.0),
+              *((s, every_shard(s)) for s in (*TABLE_STAGES, *llm)),
               *((s, _mean_seconds(store, s) * len(cached)) for s in BATCH_STAGES),
               ("feature_browser", _last_seconds(store, "feature_browser")),
               *((s, _last_seconds(store, s)) for s in EXPORT_STAGES)]
@@ -344,6 +349,14 @@ def refresh_plan(store: ArtifactStore, *, shuffle_name: str, sae_name: str, n_fe
     if unknown:
         estimate += f" + unknown for {', '.join(unknown)} (never timed)"
     return "refresh will " + "; ".join(steps) + f": {estimate} by the last recorded stage timings"
+
+
+def _shards_per_group(n_feature_shards: int) -> int:
+    """Shards the fullest group job runs, one after the other, in a layout of ``n_feature_shards``
+    (group g runs shards g, g + N, g + 2N, … of the ``N_FEATURE_SHARDS`` groups). A table stage's
+    record times one group job, so its seconds per shard are the record's over this, taken for the
+    layout the tables were last built (and the stages last timed) in."""
+    return -(-n_feature_shards // N_FEATURE_SHARDS)
 
 
 def _training_step(store: ArtifactStore, sae_name: str, checkpoint: dict | None, index: dict | None,

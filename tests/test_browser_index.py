@@ -5,8 +5,11 @@ Sort orders and postings are checked against the rule the page used to apply in 
 itself in Chromium (its network requests counted) on a 4,096-feature site of 4 shards.
 """
 
+import gc
 import json
 import re
+import weakref
+from functools import partial
 
 import fsspec
 import numpy as np
@@ -20,6 +23,7 @@ except ImportError:     # the chromium fixture says what to install
 
 from sae_platform.browser import generate, index_files, publish
 from sae_platform.browser.synthetic import synthetic_explanations, synthetic_lineage, synthetic_shards
+from sae_platform.errors import PlatformError
 from tests.test_browser import PAGE, _ids, _index, _served_page, chromium  # noqa: F401  (fixture)
 
 N, SHARD = 4096, 1024
@@ -150,6 +154,91 @@ def test_a_rebuild_rewrites_only_the_shard_that_changed(tmp_path):
     maxima = _index((out,))["columns"]["max"]
     assert maxima[2 * SHARD:3 * SHARD] != first_maxima[2 * SHARD:3 * SHARD]
     assert maxima[:2 * SHARD] + maxima[3 * SHARD:] == first_maxima[:2 * SHARD] + first_maxima[3 * SHARD:]
+
+
+def _site_contents(out):
+    """Every file of the site ``out`` shows, by path, the build's version and time left out: what two
+    builds of the same tables must agree on byte for byte."""
+    root = out.resolve()
+    data = json.loads((root / "site.json").read_text())["data"]
+    files = {str(f.relative_to(root)).replace(data, "data/V"): f.read_bytes()
+             for f in root.rglob("*") if f.is_file() and f.name != "site.json"}
+    index = json.loads(files.pop("data/V/index.json"))
+    del index["version"], index["generated"]
+    return files, index
+
+
+def test_a_rebuild_after_one_shard_changed_equals_a_build_from_scratch(tmp_path):
+    """The site a rebuild leaves (3 shard folders kept, 1 written, the index made anew) is the site
+    a build from scratch of the same tables writes, file for file."""
+    shards, edges = _light_tables()
+    publish.build_site(tmp_path / "site", sae_name="big", shards=shards, hist_bin_edges=edges, lineage={})
+    changed = _rewrite_shard(shards, 2)
+    rebuilt = publish.build_site(tmp_path / "site", sae_name="big", shards=changed, hist_bin_edges=edges, lineage={})
+    assert (rebuilt["shards_written"], rebuilt["shards_kept"]) == (1, 3)
+    publish.build_site(tmp_path / "scratch", sae_name="big", shards=changed, hist_bin_edges=edges, lineage={})
+    assert _site_contents(tmp_path / "site") == _site_contents(tmp_path / "scratch")
+
+
+TABLE_FRAMES = (generate.STATS_FRAME, generate.EXAMPLES_FRAME, generate.CONTEXTS_FRAME, generate.LOGITS_FRAME,
+                generate.EXPLANATIONS_FRAME)
+
+
+class _StoredShards:
+    """Feature shards whose tables live in parquet files (``folder/f<i>/<table>.parquet``), given to
+    the writer lazily (``shards``: start, stop and ``load``), counting at each load how many frames
+    of the loads before it are still alive (``alive_at_load``)."""
+
+    def __init__(self, shards: list[dict], folder):
+        self.alive_at_load, self._loaded = [], []
+        self.folders = [folder / f"f{i}" for i in range(len(shards))]
+        for shard, where in zip(shards, self.folders, strict=True):
+            where.mkdir(parents=True)
+            for name in TABLE_FRAMES:
+                shard[name].write_parquet(where / f"{name}.parquet")
+        self.shards = [{"start": s["start"], "stop": s["stop"], "load": partial(self._load, where)}
+                       for s, where in zip(shards, self.folders, strict=True)]
+
+    def tables(self, where) -> dict:
+        return {name: pl.read_parquet(where / f"{name}.parquet") for name in TABLE_FRAMES}
+
+    def _load(self, where) -> dict:
+        gc.collect()  # what is still referenced, not what the collector has yet to reach
+        self.alive_at_load.append(sum(ref() is not None for ref in self._loaded))
+        tables = self.tables(where)
+        self._loaded += [weakref.ref(frame) for frame in tables.values()]
+        return tables
+
+
+SUMMARY_BYTES_PER_FEATURE = 400   # the list rows the index is built from (~320 B with explanations)
+
+
+def test_a_lazy_build_holds_one_shards_tables_at_a_time(tmp_path):
+    """Shards given lazily (``load``) are read when the writer reaches them and dropped before the
+    next is read: a build holds one shard's tables, not every shard's, plus the list rows of the
+    features before (``summary_bytes``: at most SUMMARY_BYTES_PER_FEATURE a feature, so ~0.4 GiB at
+    2^20 features). The site is byte for byte the one the same tables given at once make."""
+    shards, edges = synthetic_shards(N, N // 32, seed=1, **LIGHT)   # 32 shards of 128 features
+    stored = _StoredShards(synthetic_explanations(shards, seed=1), tmp_path / "tables")
+    lazy = publish.build_site(tmp_path / "lazy", sae_name="big", shards=stored.shards, hist_bin_edges=edges,
+                              lineage={})
+    assert stored.alive_at_load == [0] * 32, stored.alive_at_load
+    assert (lazy["n_features"], lazy["shards_written"]) == (N, 32)
+    per_feature = lazy["summary_bytes"] / N
+    print(f"\nsummaries held for the index: {per_feature:.0f} B a feature ({lazy['summary_bytes'] / 1e6:.2f} MB "
+          f"for {N:,} features)")
+    assert 0 < per_feature <= SUMMARY_BYTES_PER_FEATURE, per_feature
+    at_once = [{"start": s["start"], "stop": s["stop"], **stored.tables(where)}
+               for s, where in zip(stored.shards, stored.folders, strict=True)]
+    publish.build_site(tmp_path / "eager", sae_name="big", shards=at_once, hist_bin_edges=edges, lineage={})
+    assert _site_contents(tmp_path / "lazy") == _site_contents(tmp_path / "eager")
+
+
+def test_a_lazy_shards_bad_load_is_named(tmp_path):
+    _, edges = synthetic_shards(4, 4)
+    with pytest.raises(PlatformError, match=r"load of feature shard \[0, 4\) returned list"):
+        generate.site_files(sae_name="r", shards=[{"start": 0, "stop": 4, "load": lambda: []}],
+                            hist_bin_edges=edges, lineage={})
 
 
 def test_a_rebuild_on_a_filesystem_writes_only_the_changed_shard_and_sweeps_old_ones(tmp_path):

@@ -1,9 +1,11 @@
 """Feature tables through Dagster on a tiny model: passes 1-3, the exactness check, lineage and the browser."""
 
 import dataclasses
+import gc
 import inspect
 import json
 import re
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -251,7 +253,7 @@ def _eight_shard_budget(store) -> int:
     return dataclasses.replace(four, n_shards=8).job_bytes
 
 
-def test_a_smaller_budget_runs_eight_shards_in_four_groups_with_the_same_tables(pipeline, store, capsys):
+def test_a_smaller_budget_runs_eight_shards_in_four_groups_with_the_same_tables(pipeline, store, capsys, monkeypatch):
     """Shards are sized by resources.features.config.memory_budget_bytes: with a budget for 8 shards
     each group runs two (f0: shards 0 and 4), every reader follows the recorded layout, and every
     table equals the 4-shard run's. Changing the budget makes the 4-shard tables stale."""
@@ -308,6 +310,50 @@ def test_a_smaller_budget_runs_eight_shards_in_four_groups_with_the_same_tables(
     assert recorded_layout_shards(json.loads(store.fs.cat_file(store.path("features", SAE, "lineage", "f4.json"))))\
         == 8
 
+    _browser_reads_one_shard_at_a_time(monkeypatch, instance, resources)
+    _llm_budget_is_per_feature_shard(monkeypatch, instance, resources, store)
+
+
+def _browser_reads_one_shard_at_a_time(monkeypatch, instance, resources):
+    """The browser stage (rebuilt) reads each shard's tables when the writer reaches that shard, and
+    has dropped the shard before's windows by then: it holds one shard's tables, not all 8."""
+    read, alive_at_read, windows = ctx.read_feature_contexts, [], []
+
+    def tracked(*args, **kwargs):
+        gc.collect()
+        alive_at_read.append(sum(ref() is not None for ref in windows))
+        frame = read(*args, **kwargs)
+        windows.append(weakref.ref(frame))
+        return frame
+
+    monkeypatch.setattr(ctx, "read_feature_contexts", tracked)
+    job = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources=resources).resolve_job_def("build_browser")
+    result = job.execute_in_process(instance=instance, run_config={
+        "resources": {"features": {"config": {"sae_name": SAE, "rebuild": True}}}})
+    assert result.success and alive_at_read == [0] * 8, alive_at_read
+    monkeypatch.setattr(ctx, "read_feature_contexts", read)
+
+
+def _llm_budget_is_per_feature_shard(monkeypatch, instance, resources, store):
+    """``features_per_shard`` is per feature shard: group f0 runs shards 0 and 4, so it explains 2 x
+    features_per_shard features, as many from each shard, and says so (``n_requested``)."""
+    server, url = serve_chat(RuleModel(), api_key=KEY)
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    llm = LLMExplainerResource(enabled=True, base_url=url, model="rules", api_key_env="TEST_LLM_KEY",
+                               features_per_shard=2, examples=2)
+    try:
+        result = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources={**resources, "llm_explainer": llm}) \
+            .resolve_job_def("explain_with_llm").execute_in_process(instance=instance, partition_key="f0")
+    finally:
+        server.shutdown()
+        server.server_close()
+    (event,) = result.get_asset_materialization_events()
+    meta = {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
+    assert (meta["features_per_shard"], meta["feature_shards"], meta["n_requested"]) == (2, 2, 4), meta
+    explained = [pl.read_parquet(f"{store.resolve(f'features/{SAE}/llm_explanations/f{i}')}/llm_explanations.parquet")
+                 for i in (0, 4)]
+    assert [frame.height for frame in explained] == [2, 2] and meta["n_explained"] == 4
+    assert explained[0]["feature"].is_between(0, 31).all() and explained[1]["feature"].is_between(128, 159).all()
 
 # -- feature pass 1 per (activation batch, shard group), after one encode per batch -----------------
 

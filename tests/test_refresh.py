@@ -18,7 +18,13 @@ from assets.features import shown_examples
 from sae_platform import contexts
 from sae_platform import feature_codes as fc
 from sae_platform import features as ft
-from sae_platform.catalog import checkpoint_name, contexts_partial_name, shuffled_input_group, stage_record_path
+from sae_platform.catalog import (
+    checkpoint_name,
+    contexts_partial_name,
+    lineage_record_path,
+    shuffled_input_group,
+    stage_record_path,
+)
 from sae_platform.feature_intervals import add_interval_examples
 from sae_platform.feature_merge import merge_partials, read_tables
 from sae_platform.freshness import refresh_plan, stale_reasons
@@ -173,6 +179,35 @@ def test_the_plan_estimates_every_stage_it_runs_and_says_resume_or_from_scratch(
     # 3 table stages x 2 shards, pass 3 x 4, the browser and the three exports
     expected = 5 + 31 + 13 + 1 * 4 + 2 * 4 * 2 + (3 + 5 + 7) * 2 + 11 * 4 + 17 + 19 + 23 + 29
     assert retrain.endswith(f": ~{expected / 60:.0f} min by the last recorded stage timings"), (retrain, expected)
+
+
+def test_the_plan_counts_every_shard_of_the_planned_layout(store):
+    """A table stage's record times one shard-group job, which ran the shards per group of the layout
+    the tables were last built in: the plan scales that to every shard of the layout planned now (16
+    shards in 4 group jobs of 4 after timings of 1 shard per group: 4x the table work, not 1x)."""
+    from test_trainer import SETTINGS, make_shuffled
+
+    from sae_platform.trainer import identity, train_sae
+
+    settings = TrainSettings(**{**SETTINGS.__dict__, "token_budget": 256 * 4})
+    make_shuffled(store)
+    train_sae(store, "main", "run", settings, log=lambda m: None)
+    for asset in ("feature_topk", "feature_contexts", "feature_explanations"):  # 20 s a group job: 80 s a stage
+        for group in ("f0", "f1", "f2", "f3"):
+            _record(store, asset, group, 20.0)
+
+    def table_seconds(n_feature_shards: int) -> float:
+        plan = refresh_plan(store, shuffle_name="main", sae_name="run", n_feature_shards=n_feature_shards,
+                            training=identity(settings))
+        assert f"for {n_feature_shards} shard(s) in 4 group job(s)" in plan, plan
+        amount, unit = re.search(r": ~(\d+) (s|min)\b", plan).groups()  # then "+ unknown for" the stages never timed
+        return float(amount) * (60 if unit == "min" else 1)
+
+    assert table_seconds(4) == 3 * 80       # timed in the 4-shard layout (no layout recorded: the fixed 4)
+    assert table_seconds(16) == 3 * 320     # 16 shards: 4 a group job, each as long as a whole job was
+    store.write_json(lineage_record_path(store, "run", 0), {"feature_layout": {"n_shards": 16}})
+    assert table_seconds(16) == 3 * 80      # timed in that layout: as recorded
+    assert table_seconds(4) == 3 * 20       # back to 1 shard a job: a quarter
 
 
 def test_the_policy_keeps_only_added_batches_below_the_fraction():

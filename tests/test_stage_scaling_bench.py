@@ -45,6 +45,9 @@ def test_every_stage_prints_its_cost_against_tokens_and_latents(tiny_model_dir, 
     pass_1 = lines["scaling_pass_1_peak_rss_vs_latents"]
     assert pass_1["n_latents"] == [64, 256] and pass_1["goal"] == 4.0  # latents per shard grew 4x
     assert pass_1["latents_per_job"] == [16, 64]  # a pass-1 job holds one feature shard's state at a time
+    for stage in ("pass_1", "pass_2", "pass_3", "browser"):  # the planned layout: the default budget, 4 shards
+        line = lines[f"scaling_{stage}_peak_rss_vs_latents"]
+        assert line["feature_shards"] == [4, 4] and line["memory_budget_bytes"] == 2 << 30, (stage, line)
     assert plot.read_bytes().startswith(b"\x89PNG")
     # --quick hooks layer 1 (the forward stops after block 1 of 4), and the latent sweep's 32 tokens are the token
     # sweep's 1x: cached and shuffled once, by one process holding the model for every caching size
@@ -58,17 +61,38 @@ def test_every_stage_prints_its_cost_against_tokens_and_latents(tiny_model_dir, 
     assert {k: v["values"] for k, v in _lines(again.stdout).items()} == {k: v["values"] for k, v in lines.items()}
 
 
+def _eight_shard_budget(n_latents: int, d_model: int, tokens: int) -> int:
+    """A feature job budget the planner meets with 8 shards of ``n_latents`` (4 do not fit it)."""
+    import dataclasses
+
+    from sae_platform.feature_layout import plan_layout
+    from sae_platform.features import FeatureSettings
+
+    four = plan_layout({"variant": "topk", "n_latents": n_latents, "d_model": d_model, "k": 32}, FeatureSettings(),
+                       tokens)
+    assert four.n_shards == 4
+    return dataclasses.replace(four, n_shards=8).job_bytes
+
+
 def test_a_latent_sweep_of_its_own_size_caches_and_shuffles_its_data(tiny_model_dir, text_dir, tmp_path):
+    """... and its feature stages follow the layout the planner makes of --memory-budget-bytes: at a
+    budget for 8 shards of 128 latents, 64 latents still fit 4 shards of 16 and 128 need 8 of 16."""
     record = tmp_path / "record.jsonl"
+    budget = _eight_shard_budget(128, 32, 48)  # the tiny model's d_model: 32
     run = _run("--record", str(record), "--quick", "--sweeps", "latents", "--model", str(tiny_model_dir),
                "--model-root", str(tmp_path / "models"), "--corpus", str(text_dir), "--ctx-len", "16",
                "--latents", "64,128", "--latent-tokens", "48", "--train-batch", "8",
-               "--shuffle-budget", str(1 << 20))
+               "--shuffle-budget", str(1 << 20), "--memory-budget-bytes", str(budget))
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     kept = [json.loads(line) for line in record.read_text().splitlines()]
     assert [(r["stage"], r["sweep"]) for r in kept[:2]] == [("cache", "latent data"), ("shuffle", "latent data")]
-    assert set(_lines(run.stdout)) == {f"scaling_{stage}_{figure}_vs_latents" for stage in LATENT_STAGES
-                                       for figure in ("seconds_per_token", "peak_rss")}
+    lines = _lines(run.stdout)
+    assert set(lines) == {f"scaling_{stage}_{figure}_vs_latents" for stage in LATENT_STAGES
+                          for figure in ("seconds_per_token", "peak_rss")}
+    for stage in ("pass_1", "pass_2", "pass_3", "browser"):
+        line = lines[f"scaling_{stage}_peak_rss_vs_latents"]
+        assert (line["feature_shards"], line["memory_budget_bytes"]) == ([4, 8], budget), (stage, line)
+    assert lines["scaling_pass_1_peak_rss_vs_latents"]["latents_per_job"] == [16, 16]
 
 
 def test_sizes_that_cannot_run_are_refused_naming_the_fix(tmp_path):
@@ -77,6 +101,8 @@ def test_sizes_that_cannot_run_are_refused_naming_the_fix(tmp_path):
     assert run.returncode == 2 and "no .txt files in" in run.stderr and "make setup" in run.stderr
     run = _run("--quick", "--tokens", "100", "--corpus", str(tmp_path / "empty"))
     assert run.returncode == 2 and "--tokens 100 is not a multiple of --ctx-len 128" in run.stderr
+    run = _run("--quick", "--memory-budget-bytes", "1000", "--corpus", str(tmp_path / "empty"))
+    assert run.returncode == 2 and "--memory-budget-bytes" in run.stderr, run.stderr[-2000:]
     run = _run("--quick", "--train-batch", "4096", "--corpus", str(tmp_path / "empty"))
     assert run.returncode == 2 and "lower --train-batch or --train-steps" in run.stderr
     run = _run("--quick", "--from-record", str(tmp_path / "absent.jsonl"))

@@ -147,6 +147,7 @@ INDEX_EXPLANATION_CHARS = 160         # explanation text kept in index.json for 
 # the held-out text (its support); below, it ranks after them: an F1 of 1.0 from 2 firings is no evidence.
 N2G_MIN_SUPPORT = 20
 SHARD_START, SHARD_STOP = "start", "stop"
+SHARD_LOAD = "load"  # a shard may give its tables lazily: a callable returning them, read when its turn comes
 
 # the columns a site reads from each table
 STATS_COLUMNS = tuple(c for c in STATS_SCHEMA if c != SUM)
@@ -490,12 +491,6 @@ def dagster_ui_url(url: str | None = None) -> str:
     return url
 
 
-def _shard_lineage(shards: list[dict]) -> list[dict]:
-    return [{"start": int(s[SHARD_START]), "stop": int(s[SHARD_STOP]),
-             "lineage": json.loads(json.dumps(s["lineage"], default=str))}
-            for s in shards if s.get("lineage") is not None]
-
-
 def _evaluation_figures(report: dict | None) -> dict | None:
     """The finite numbers of an evaluation report (JSON has no NaN), rounded to 4 significant digits."""
     if not report:
@@ -544,6 +539,20 @@ def _shard_files(shard: dict) -> tuple[dict[str, bytes], pl.DataFrame, pl.DataFr
     return files, rows, stats
 
 
+def _loaded(shard: dict) -> dict:
+    """The shard with its tables: read now, by its ``load``, when it gives them lazily (the writer
+    then holds one shard's tables at a time), else as given."""
+    load = shard.get(SHARD_LOAD)
+    if load is None:
+        return shard
+    tables = load()
+    if not isinstance(tables, dict):
+        raise PlatformError(f"the load of feature shard [{shard[SHARD_START]}, {shard[SHARD_STOP]}) returned "
+                            f"{type(tables).__name__}, not its tables", "return a dict of the shard's frames "
+                            f"({STATS_FRAME}, {EXAMPLES_FRAME}, {CONTEXTS_FRAME}, {LOGITS_FRAME}, …) from load")
+    return {**shard, **tables}
+
+
 def shard_folder(start: int, stop: int, files: dict[str, bytes]) -> str:
     """Where a shard's files live: ``shards/f<start>-<stop>-<digest of its files>``. The name
     changes exactly when a byte does, so a rebuild keeps (does not rewrite) every folder it finds."""
@@ -553,49 +562,104 @@ def shard_folder(start: int, stop: int, files: dict[str, bytes]) -> str:
     return f"{SHARDS}/f{start}-{stop}-{digest.hexdigest()[:16]}"
 
 
-def _bin_edges(edges: list[float], shard_stats: list[pl.DataFrame]) -> list[float | None]:
-    """The histogram bin edges every shard agrees on (``histogram_bin_edges``)."""
-    found = {tuple(histogram_bin_edges(edges, stats)) for stats in shard_stats if stats.height}
-    if len(found) > 1:
-        raise PlatformError(f"the shards' {STATS_FRAME}.{HISTOGRAM} have different numbers of bins",
-                            "pass the tables of one feature pipeline run (one set of bin edges)")
-    return list(found.pop()) if found else list(edges)
+class SiteSummary:
+    """What the site-wide pieces (index.json, sort orders, density column, search postings) are
+    built from, gathered shard by shard while each shard's files are written and its tables
+    dropped: per shard its range, folder, lineage and histogram bin edges, and per feature its list
+    row (feature, density, max, strongest tokens; when explained the listed explanation, its N2G F1
+    and support). Nothing else of a shard's tables stays, so a build holds one shard's tables plus
+    ``nbytes`` of summaries: ~150 B a feature, ~320 B with explanations of INDEX_EXPLANATION_CHARS
+    (measured: tests/test_browser_index.py; ~0.3 GiB at 2^20 features)."""
+
+    def __init__(self):
+        self.placed, self.lineage, self.rows = [], [], []
+        self.edges: list[float] = []          # the checked hist_bin_edges: set by site_parts
+        self.bin_edges: tuple | None = None
+
+    def add(self, shard: dict, folder: str, rows: pl.DataFrame, stats: pl.DataFrame) -> None:
+        """Keep what the index needs of one written shard (``shard``: its range and lineage)."""
+        start, stop = int(shard[SHARD_START]), int(shard[SHARD_STOP])
+        self.placed.append({"start": start, "stop": stop, "path": folder})
+        if shard.get("lineage") is not None:
+            self.lineage.append({"start": start, "stop": stop,
+                                 "lineage": json.loads(json.dumps(shard["lineage"], default=str))})
+        if stats.height:
+            self._agree_on_bins(tuple(histogram_bin_edges(self.edges, stats)))
+        self.rows.append(rows)
+
+    def _agree_on_bins(self, found: tuple) -> None:
+        if self.bin_edges is not None and found != self.bin_edges:
+            raise PlatformError(f"the shards' {STATS_FRAME}.{HISTOGRAM} have different numbers of bins",
+                                "pass the tables of one feature pipeline run (one set of bin edges)")
+        self.bin_edges = found
+
+    def histogram_edges(self) -> list[float | None]:
+        """The histogram bin edges every shard agrees on (``histogram_bin_edges``)."""
+        return list(self.bin_edges) if self.bin_edges is not None else list(self.edges)
+
+    def list_rows(self) -> pl.DataFrame:
+        """Every feature's list row, in feature order."""
+        return pl.concat(self.rows, how="diagonal_relaxed") if self.rows else pl.DataFrame(schema=EMPTY_ROWS)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the list rows held (polars' estimate; the per-shard records are a few hundred bytes)."""
+        return sum(rows.estimated_size() for rows in self.rows)
 
 
 def site_parts(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
                n_intervals: int | None = None, version: str | None = None,
                dagster_url: str | None = None, evaluation: dict | None = None,
                hook_point: str | None = None, absorption: dict | None = None,
-               figures_version: str | None = None) -> Iterator[tuple[str | None, dict[str, bytes]]]:
+               figures_version: str | None = None,
+               summary: SiteSummary | None = None) -> Iterator[tuple[str | None, dict[str, bytes]]]:
     """The site's files in the order a writer commits them: per feature shard (in feature order),
     ``(its folder, its files by site path)``; then ``(None, the site-wide files)``: the index and
     its sort orders and search postings under ``data/<version>/``, the app, the page shell, and
-    ``site.json`` last. One shard's tables are in memory at a time (and the list rows of all).
+    ``site.json`` last. A shard given lazily (``load``: :func:`site_files`) is read when its turn
+    comes and dropped once its files are yielded: one shard's tables are in memory at a time, plus
+    the :class:`SiteSummary` of those before (``summary``: pass one to read its ``nbytes``).
     Arguments: :func:`site_files`."""
     edges = _check_edges(hist_bin_edges)
     _feature_ids(shards)                                   # ranges valid and disjoint
     version = version or time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     if not VERSION_RE.fullmatch(version):
         raise PlatformError(f"bad site version {version!r}", "use the form YYYYmmddTHHMMSS-<8 hex digits>")
-    placed, rows, shard_stats = [], [], []
+    summary = summary if summary is not None else SiteSummary()
+    summary.edges = edges
     for shard in sorted(shards, key=lambda s: int(s[SHARD_START])):
-        files, shard_rows, stats = _shard_files(shard)
-        start, stop = int(shard[SHARD_START]), int(shard[SHARD_STOP])
-        folder = shard_folder(start, stop, files)
-        placed.append({"start": start, "stop": stop, "path": folder})
-        rows.append(shard_rows)
-        shard_stats.append(stats.select(HISTOGRAM))
-        yield folder, {f"{folder}/{name}": body for name, body in files.items()}
-    data = f"data/{version}"
+        yield _shard_part(_loaded(shard), summary)
+    yield None, _site_wide_files(
+        summary, data=f"data/{version}", sae_name=sae_name, version=version, lineage=lineage,
+        n_intervals=n_intervals, dagster_url=dagster_url, evaluation=evaluation, hook_point=hook_point,
+        absorption=absorption, figures_version=figures_version)
+
+
+def _shard_part(shard: dict, summary: SiteSummary) -> tuple[str, dict[str, bytes]]:
+    """One shard's folder and files by site path, its summary added to ``summary``. The shard's
+    tables are referenced by ``shard`` only: they go when the caller drops it."""
+    files, rows, stats = _shard_files(shard)
+    folder = shard_folder(int(shard[SHARD_START]), int(shard[SHARD_STOP]), files)
+    summary.add(shard, folder, rows, stats)
+    return folder, {f"{folder}/{name}": body for name, body in files.items()}
+
+
+def _site_wide_files(summary: SiteSummary, *, data: str, sae_name: str, version: str, lineage: dict,
+                     n_intervals: int | None, dagster_url: str | None, evaluation: dict | None,
+                     hook_point: str | None, absorption: dict | None,
+                     figures_version: str | None) -> dict[str, bytes]:
+    """index.json with its sort orders and search postings (from ``summary`` only), the app, the
+    page shell and ``site.json`` (last: the switch)."""
+    placed = summary.placed
     absorption_shown, absorption_chart = _absorption_overview(absorption)
     meta = {
         "run": str(sae_name), "version": version, "n_features": sum(s["stop"] - s["start"] for s in placed),
         "hook_point": None if hook_point is None else str(hook_point),
         "chunk_features": CHUNK_FEATURES, "row_chunk": ROW_CHUNK, "shards": placed,
-        "hist_bin_edges": _bin_edges(edges, shard_stats), "kind_order": list(KIND_ORDER),
+        "hist_bin_edges": summary.histogram_edges(), "kind_order": list(KIND_ORDER),
         "n_intervals": None if n_intervals is None else int(n_intervals),
         "lineage": json.loads(json.dumps(lineage, default=str)),
-        "shard_lineage": _shard_lineage(shards),
+        "shard_lineage": summary.lineage,
         "dagster_url": dagster_ui_url(dagster_url),
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "evaluation": _evaluation_figures(evaluation),
@@ -603,7 +667,7 @@ def site_parts(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
         "absorption": absorption_shown,  # chart: a file of this data folder
         "comparison_url": reports_url_path(),  # the sweep comparison page, when the server serves reports/
     }
-    all_rows = pl.concat(rows, how="diagonal_relaxed") if rows else pl.DataFrame(schema=EMPTY_ROWS)
+    all_rows = summary.list_rows()
     explained = "explanation" in all_rows.columns
     if explained:
         meta["n2g_min_support"] = N2G_MIN_SUPPORT
@@ -622,7 +686,7 @@ def site_parts(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
     pin = {**checkpoint_pin(pinned_checkpoint(lineage)), **batches_pin(lineage), SHARDS_PIN: len(placed),
            "figures_version": figures_version}
     files[SITE_POINTER] = _dumps({"version": version, "data": data, "run": str(sae_name), **pin})  # last: the switch
-    yield None, files
+    return files
 
 
 def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float], lineage: dict,
@@ -631,7 +695,12 @@ def site_files(*, sae_name: str, shards: list[dict], hist_bin_edges: list[float]
                hook_point: str | None = None, absorption: dict | None = None,
                figures_version: str | None = None) -> dict[str, bytes]:
     """Every file of the site, by relative path (:func:`site_parts`, gathered; what
-    :func:`sae_platform.browser.publish.build_site` writes, part by part). ``evaluation``:
+    :func:`sae_platform.browser.publish.build_site` writes, part by part). ``shards``: one dict
+    per feature shard with ``start``, ``stop`` (its latents [start, stop)), optionally its
+    ``lineage``, and its tables: the polars frames ``feature_stats``, ``feature_examples``,
+    ``feature_contexts``, ``logit_effects``, ``explanations`` (any may be None), given either in
+    the dict or lazily by ``load`` (a callable returning that dict of frames, called when the
+    shard's turn comes; the frames are dropped once its files are made). ``evaluation``:
     the SAE's evaluation figures (``sae_eval``'s report, with sparse probing's accuracies and the
     absorption means when measured), shown on the overview page; ``absorption``: its absorption
     result (``absorption.json``), shown there as figures or its refusal, with the per-letter chart;

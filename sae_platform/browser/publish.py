@@ -27,7 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
-from sae_platform.browser.generate import SITE_POINTER, VERSION_RE, site_parts
+from sae_platform.browser.generate import SITE_POINTER, VERSION_RE, SiteSummary, site_parts
 from sae_platform.errors import PlatformError
 from sae_platform.filesystems import open_fs
 
@@ -39,7 +39,9 @@ def build_site(out, *, sae_name: str, shards: list[dict], hist_bin_edges: list[f
     """Generate the browser site for SAE ``sae_name`` into ``out`` (a local directory, or a path on the
     fsspec filesystem ``fs``, or a URL). ``shards``: one dict per feature shard with ``start``,
     ``stop`` and the polars frames ``feature_stats``, ``feature_examples``, ``feature_contexts``,
-    ``logit_effects`` (any may be None). ``hist_bin_edges``: the histogram bin edges (histograms
+    ``logit_effects`` (any may be None), in the dict or lazily by its ``load``
+    (:func:`sae_platform.browser.generate.site_files`): lazily, the build holds one shard's tables
+    at a time plus every shard's list rows (``summary_bytes``). ``hist_bin_edges``: the histogram bin edges (histograms
     with len(edges) + 1 counts have underflow and overflow bins). ``n_intervals``: when given, the
     interval examples are labelled with their range (interval j: [j, j+1) * max / n_intervals).
     A shard may carry ``lineage`` (its own record, shown on its features' pages); ``dagster_url``:
@@ -55,11 +57,14 @@ def build_site(out, *, sae_name: str, shards: list[dict], hist_bin_edges: list[f
     a folder the current site already has is kept, not rewritten (locally: hard links into the
     new version; on fsspec: left in place).
     Returns a summary: n_features, bytes, files, seconds, path, version, index_bytes,
-    shards_written, shards_kept."""
+    shards_written, shards_kept, summary_bytes (the per-feature summaries the site-wide index was
+    built from, held to the end: ``generate.SiteSummary``)."""
     t0 = time.perf_counter()
+    held = SiteSummary()
     parts = site_parts(sae_name=sae_name, shards=shards, hist_bin_edges=hist_bin_edges, lineage=lineage,
                        n_intervals=n_intervals, dagster_url=dagster_url, evaluation=evaluation,
-                       hook_point=hook_point, absorption=absorption, figures_version=figures_version)
+                       hook_point=hook_point, absorption=absorption, figures_version=figures_version,
+                       summary=held)
     tally = _Tally(parts)
     if fs is None and "://" in str(out):
         fs, out = open_fs(str(out))
@@ -68,7 +73,8 @@ def build_site(out, *, sae_name: str, shards: list[dict], hist_bin_edges: list[f
     index = tally.site[f"{pointer['data']}/index.json"]
     return {"n_features": json.loads(index)["n_features"], "bytes": tally.bytes, "files": tally.files,
             "seconds": round(time.perf_counter() - t0, 3), "path": str(path), "version": pointer["version"],
-            "index_bytes": len(index), "shards_written": tally.written, "shards_kept": tally.kept}
+            "index_bytes": len(index), "shards_written": tally.written, "shards_kept": tally.kept,
+            "summary_bytes": held.nbytes}
 
 
 class _Tally:
