@@ -5,10 +5,11 @@ side), swept: ours at each ``--runs`` setting (``LR:SCHEDULE[:WARMUP_TOKENS]``; 
 ``sae_platform.lr_schedule``) and sparsify with its own default optimizer and lr (schedule-free
 SignSGD at 5e-3/sqrt(n/2^14)), each trained from the same init seed on the same shuffled demo rows
 (batch 1,024, the demo's 200,000-token dead criterion, AuxK on every side) for each ``--budgets``
-token budget, then held-out FVU and the latents silent on the same 8,192 held-out rows, computed
-here from every side's reconstructions. One JSON line per run, appended to ``--out`` as each run
-ends (a long sweep stopped early keeps what it measured). Measurements: docs/results.md, "The lr and
-its schedule against sparsify".
+token budget, and with ``--then`` the best runs and the baseline (the first of ``--runs``) for a
+longer one; then held-out FVU and the latents silent on the same 8,192 held-out rows, computed here
+from every side's reconstructions. One JSON line per run, appended to ``--out`` as each run ends (a
+long sweep stopped early keeps what it measured). Measurements: docs/results.md, "The lr and its
+schedule against sparsify".
 
     SAE_PLATFORM_ROOT=<a demo root> python benchmarks/lr_sweep.py --budgets 102400 --then 614400 \\
         --runs 5e-4:constant 1e-3:constant 1e-3:linear_decay
@@ -64,7 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS,
                         help="our settings, LR:SCHEDULE[:WARMUP_TOKENS] each")
     parser.add_argument("--then", type=int, default=None,
-                        help="then train the --best runs of the first budget (lowest FVU) for this many tokens")
+                        help="then train the --best runs of the first budget (lowest FVU) for this many tokens, "
+                             "and the first of --runs (the baseline) when it is not among them")
     parser.add_argument("--best", type=int, default=2, help="how many runs --then trains")
     parser.add_argument("--no-peer", action="store_true", help="ours only (sparsify's side not run)")
     parser.add_argument("--n-latents", type=int, default=16384, help="dictionary size")
@@ -96,9 +98,9 @@ def main(argv=None) -> int:
             for budget in args.budgets:
                 fvus.update({(budget, i): sides.ours(settings, budget) for i, settings in enumerate(args.runs)})
                 sides.sparsify(budget)
-            if args.then:  # the best --best of the first budget's runs, at the longer budget
+            if args.then:  # the best --best of the first budget's runs and the baseline, at the longer budget
                 ranked = sorted(range(len(args.runs)), key=lambda i: fvus[(args.budgets[0], i)])
-                for i in ranked[:args.best]:
+                for i in ranked[:args.best] + ([0] if 0 not in ranked[:args.best] else []):
                     sides.ours(args.runs[i], args.then)
                 sides.sparsify(args.then)
     finally:
