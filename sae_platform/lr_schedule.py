@@ -12,11 +12,12 @@ trainer sets every step's lr from its step, never from the optimizer's stored st
 """
 
 from collections.abc import Sequence
-from typing import Literal, get_args
-
-import torch
+from typing import TYPE_CHECKING, Literal, get_args
 
 from sae_platform.errors import PlatformError
+
+if TYPE_CHECKING:  # the schedule itself is plain arithmetic
+    import torch
 
 LrSchedule = Literal["constant", "linear_decay"]
 LR_SCHEDULES: tuple[LrSchedule, ...] = get_args(LrSchedule)
@@ -42,13 +43,13 @@ def lr_factor(schedule: LrSchedule, step: int, n_steps: int, warmup_steps: int =
     return (n_steps - step) / max(1, n_steps - warmup_steps)
 
 
-def base_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+def base_lrs(optimizer: "torch.optim.Optimizer") -> list[float]:
     """The lr of each of ``optimizer``'s parameter groups as built (a variant may give a group its
     own lr, e.g. JumpReLU's thresholds): read before any step or resume changes them."""
     return [float(group["lr"]) for group in optimizer.param_groups]
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base: Sequence[float], factor: float) -> None:
+def set_lr(optimizer: "torch.optim.Optimizer", base: Sequence[float], factor: float) -> None:
     """Set every parameter group's lr to its ``base`` lr times ``factor``."""
     for group, lr in zip(optimizer.param_groups, base, strict=True):
         group["lr"] = lr * factor
