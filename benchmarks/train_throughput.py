@@ -40,7 +40,8 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
 (e) **Quality on the same rows for the same budget** (per peer present, and a shuffled demo store
     under $SAE_PLATFORM_ROOT, else skipped with a message): each trained on the same shuffled
     demo rows, batch 1,024, the same dead criterion (no fire for 200,000 tokens turns AuxK on, every
-    side), SAELens at the demo's lr (1e-3, Adam) and sparsify with its own default optimizer and lr;
+    side), ours at the demo's lr and lr schedule (config/demo.yaml), SAELens at the demo's lr (Adam, constant)
+    and sparsify with its own default optimizer and lr;
     then held-out FVU (against the mean) and the fraction of latents that never fire on the held-out
     rows, computed here from every side's reconstructions of the same held-out rows.
     ``--quality-data synthetic`` trains on seeded synthetic rows instead (a sparse sum of feature
@@ -78,8 +79,10 @@ import sae_platform  # noqa: E402, F401, I001 - before torch: its huge-page sett
 import torch  # noqa: E402
 from peer_venv import open_peer  # noqa: E402
 
+from sae_platform.lr_schedule import base_lrs, set_lr  # noqa: E402
 from sae_platform.sae import ADAM_EPS, build_sae, dense_topk_reference, lr_for  # noqa: E402
-from sae_platform.trainer import selection_dtype  # noqa: E402
+from sae_platform.settings import read_run_config  # noqa: E402
+from sae_platform.trainer import TrainSettings, selection_dtype  # noqa: E402
 
 GOAL_SPARSE_VS_DENSE = 1.5
 GOAL_FLOPS_FRACTION = 0.6
@@ -89,7 +92,11 @@ GOAL_VS_SAELENS_AUXK = 4.0
 GOAL_BF16_PICKS = 1.5
 GOAL_VS_SPARSIFY = 1.5
 GOAL_VS_SPARSIFY_AUXK = 1.5
-QUALITY_BATCH, QUALITY_LR, QUALITY_DEAD_TOKENS, QUALITY_HOLDOUT = 1024, 1e-3, 200_000, 8192
+# (e) trains ours as `make demo` does: batch, lr, its schedule and the dead criterion come from
+# config/demo.yaml's resources.training.config (the other sides take the batch and the dead criterion)
+DEMO_TRAINING = TrainSettings(**read_run_config(str(REPO / "config" / "demo.yaml"))["resources"]["training"]["config"])
+QUALITY_BATCH, QUALITY_DEAD_TOKENS = DEMO_TRAINING.batch_size, DEMO_TRAINING.dead_after_tokens
+QUALITY_HOLDOUT = 8192
 CALIBRATION_ROWS = 8192
 # --quick: under a minute on 2 CPU cores (issue 17). At the full shapes one round of all eight
 # sides takes ~12 s there and (e) ~1.2 s per 1,024 tokens (both sides), so --quick warms every
@@ -286,6 +293,55 @@ def synthetic_rows(n_steps: int, d: int, device):
             f"offset, noise 0.05; {used:,} training rows, {QUALITY_HOLDOUT:,} held out, seed 0")
 
 
+def train_ours(train, n: int, k: int, n_steps: int, settings: TrainSettings, device):
+    """(our TopK SAE, seconds in its steps) after ``n_steps`` steps of ``settings.batch_size`` rows of
+    ``train`` (batch i is rows [i*B, (i+1)*B), wrapping), as the trainer steps: sae(x, dead_mask), loss,
+    remove_parallel_grad_, Adam at ``settings``' lr and schedule (``TrainSettings.lr_factor``),
+    normalize_decoder_; dead after ``settings.dead_after_tokens`` silent tokens; picks as the trainer
+    does by default (``selection_precision: auto``)."""
+    batch = settings.batch_size
+    dead_steps = settings.dead_after_tokens // batch
+    torch.manual_seed(0)
+    ours = build_sae("topk", train.shape[1], n, k=k, device=device)
+    ours.calibrate_(train[:CALIBRATION_ROWS])
+    ours.selection_dtype = selection_dtype("auto", device)  # as the trainer picks by default
+    opt = torch.optim.Adam(ours.parameters(), lr=settings.learning_rate, eps=ADAM_EPS)
+    initial_lrs = base_lrs(opt)
+    since, seconds = torch.zeros(n, device=device), 0.0
+    for step in range(n_steps):
+        lo = (step * batch) % (len(train) - batch + 1)
+        x = train[lo:lo + batch]
+        t0 = time.perf_counter()
+        out = ours(x, dead_mask=since >= dead_steps)
+        loss, _ = ours.loss(x, out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ours.remove_parallel_grad_()
+        set_lr(opt, initial_lrs, settings.lr_factor(step, n_steps))
+        opt.step()
+        with torch.no_grad():
+            ours.normalize_decoder_()
+        since += 1
+        since[out.fired] = 0
+        seconds += time.perf_counter() - t0
+    return ours, seconds
+
+
+@torch.no_grad()
+def reconstruct_heldout(sae, holdout):
+    """(reconstructions of ``holdout`` [rows, d], bool [n_latents]: fired on any of them), in chunks of 2,048."""
+    chunks = [sae(holdout[lo:lo + 2048]) for lo in range(0, len(holdout), 2048)]
+    return torch.cat([c.recon for c in chunks]), torch.stack([c.fired for c in chunks]).any(0)
+
+
+def heldout_scores(holdout, recon, fired) -> tuple[float, float]:
+    """Held-out FVU (squared error over the variance about the held-out mean) and the fraction of
+    latents silent on every held-out row."""
+    var = float(((holdout - holdout.mean(0)) ** 2).sum())
+    return (float(((holdout - recon.to(holdout.device)) ** 2).sum()) / var,
+            float(1 - fired.to(holdout.device).float().mean()))
+
+
 def quality_side_by_side(args, device, n, k, common, peers, folder: Path) -> list[dict]:
     """(e): ours and each peer trained on the same shuffled demo rows for the same budget; held-out FVU
     and silent latents measured here, on every side's reconstructions of the same held-out rows."""
@@ -300,53 +356,20 @@ def quality_side_by_side(args, device, n, k, common, peers, folder: Path) -> lis
     train, holdout, data = rows
     held, used = len(holdout), len(train)
     d = train.shape[1]
-    dead_steps = QUALITY_DEAD_TOKENS // QUALITY_BATCH
-    torch.manual_seed(0)
-    ours = build_sae("topk", d, n, k=k, device=device)
-    ours.calibrate_(train[:CALIBRATION_ROWS])
-    ours.selection_dtype = selection_dtype("auto", device)  # as the trainer picks by default
-    opt = torch.optim.Adam(ours.parameters(), lr=QUALITY_LR, eps=ADAM_EPS)
-    since, ours_s = torch.zeros(n, device=device), 0.0
-    for step in range(n_steps):
-        lo = (step * QUALITY_BATCH) % (len(train) - QUALITY_BATCH + 1)
-        x = train[lo:lo + QUALITY_BATCH]
-        t0 = time.perf_counter()
-        out = ours(x, dead_mask=since >= dead_steps)
-        loss, _ = ours.loss(x, out)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ours.remove_parallel_grad_()
-        opt.step()
-        with torch.no_grad():
-            ours.normalize_decoder_()
-        since += 1
-        since[out.fired] = 0
-        ours_s += time.perf_counter() - t0
-
-    var = float(((holdout - holdout.mean(0)) ** 2).sum())
-
-    @torch.no_grad()
-    def ours_recon():
-        chunks = [ours(holdout[lo:lo + 2048]) for lo in range(0, len(holdout), 2048)]
-        return torch.cat([c.recon for c in chunks]), torch.stack([c.fired for c in chunks]).any(0)
-
-    def scores(recon, fired):
-        """Held-out FVU (against the mean) and the fraction of latents silent on every held-out row."""
-        return float(((holdout - recon.to(device)) ** 2).sum()) / var, float(1 - fired.to(device).float().mean())
-
-    fvu_o, dead_o = scores(*ours_recon())
+    ours, ours_s = train_ours(train, n, k, n_steps, DEMO_TRAINING, device)
+    fvu_o, dead_o = heldout_scores(holdout, *reconstruct_heldout(ours, holdout))
     rows = folder / "quality_rows.safetensors"
     save_file({"train": train[:used].cpu().contiguous(), "holdout": holdout.cpu().contiguous()}, str(rows))
     lines = []
     for peer in peers.values():
         peer.call("load", path=str(rows))
-        build_peer(peer, "quality", d, n, k, dead_tokens=QUALITY_DEAD_TOKENS, lr=QUALITY_LR,
+        build_peer(peer, "quality", d, n, k, dead_tokens=QUALITY_DEAD_TOKENS, lr=DEMO_TRAINING.learning_rate,
                    aux_coeff=ours.hparams["aux_coeff"], first="train")
         their_s = peer.call("train", name="quality", data="train", batch=QUALITY_BATCH, steps=n_steps)["seconds"]
         out_path = folder / f"recon-{peer.name}.safetensors"
         peer.call("reconstruct", name="quality", data="holdout", out=str(out_path))
         theirs = load_file(str(out_path))
-        fvu_s, dead_s = scores(theirs["recon"], theirs["fired"].bool())
+        fvu_s, dead_s = heldout_scores(holdout, theirs["recon"], theirs["fired"].bool())
         print(f"(e) same {n_steps * QUALITY_BATCH:,} {args.quality_data} tokens (batch {QUALITY_BATCH}): held-out FVU "
               f"ours {fvu_o:.3f} vs {peer.package} {fvu_s:.3f}; never firing on {held:,} held-out rows: ours "
               f"{dead_o:.1%} vs {peer.package} {dead_s:.1%}; training s ours {ours_s:.1f} vs {peer.package} "
@@ -357,7 +380,8 @@ def quality_side_by_side(args, device, n, k, common, peers, folder: Path) -> lis
             "dead_fraction": dead_o, "baseline_dead_fraction": dead_s,
             "dead_is": f"latents that never fire on the {held} held-out rows",
             "tokens_trained": n_steps * QUALITY_BATCH, "quick_budget": bool(args.quick and not args.quality_tokens),
-            "batch_size": QUALITY_BATCH, "lr": QUALITY_LR, "dead_after_tokens": QUALITY_DEAD_TOKENS,
+            "batch_size": QUALITY_BATCH, "lr": DEMO_TRAINING.learning_rate, "lr_schedule": DEMO_TRAINING.lr_schedule,
+            "lr_warmup_tokens": DEMO_TRAINING.lr_warmup_tokens, "dead_after_tokens": QUALITY_DEAD_TOKENS,
             "baseline_optimizer": "Adam at lr" if peer.name == "sae-lens" else "its default signum, its own lr",
             "train_seconds": ours_s, "baseline_train_seconds": their_s,
             "ours_picks_in": str(ours.selection_dtype or "float32").removeprefix("torch."),

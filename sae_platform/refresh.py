@@ -99,9 +99,9 @@ def kept_unseen(pointer: dict | None, index: dict, retrain_above_fraction: float
 class Continuation:
     """How a finished checkpoint goes on training on its grown shuffled store: from ``from_step``,
     ``added_steps`` more steps (the budget raised by the new tokens: ``unseen.tokens // batch_size``,
-    at least one), at the same constant learning rate (the trainer's Adam has no schedule, so the
-    added steps need no re-planned warm-up or decay; the Adam moments and the dead-latent counters
-    go on from the checkpoint)."""
+    at least one); the Adam moments and the dead-latent counters go on from the checkpoint. The lr
+    goes on constant, or a decaying schedule (``TrainSettings.lr_schedule``) is re-planned over the
+    longer run: the trainer sets each step's lr from its step and the run's new last step."""
 
     from_step: int
     added_steps: int

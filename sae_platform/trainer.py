@@ -83,6 +83,7 @@ from sae_platform.latent_parallel import (
     commit_shards,
     current_layout,
 )
+from sae_platform.lr_schedule import LR_SCHEDULES, LrSchedule, base_lrs, continued_lr, lr_factor, set_lr
 from sae_platform.refresh import (
     HELDOUT_RECORDED,
     RETRAIN_ABOVE_FRACTION,
@@ -147,6 +148,9 @@ class TrainSettings:
     k: int = setting(32, "active latents per token (TopK family only)", ge=1)
     lr: float | None = setting(None, "Adam learning rate; null: Gao et al.'s 2e-4 * sqrt(16384 / n_latents)",
                                gt=0, le=1.0)
+    lr_schedule: LrSchedule = setting("constant", "the lr over the run (sae_platform.lr_schedule): constant, or "
+                                      "linear_decay to 0 at the run's last step", choices=LR_SCHEDULES)
+    lr_warmup_tokens: int = setting(0, "the lr ramps up linearly over this many first tokens of the run", ge=0)
     batch_size: int = setting(4096, "rows (tokens) per step", ge=1)
     token_budget: int = setting(1_000_000, "training tokens (loops over epochs if larger than the data); "
                                            "at least one batch", ge=1)
@@ -218,6 +222,10 @@ class TrainSettings:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else lr_for(self.n_latents)
 
+    def lr_factor(self, step: int, n_steps: int) -> float:
+        """What ``lr_schedule`` scales the lr of 0-based step ``step`` of a run of ``n_steps`` steps by."""
+        return lr_factor(self.lr_schedule, step, n_steps, self.lr_warmup_tokens // self.batch_size)
+
 
 @dataclass
 class TrainState:
@@ -235,6 +243,9 @@ class TrainState:
 # and stays finished whatever they are.
 PLACEMENT = ("world_size", "nproc_per_node", "latent_parallel", "selection_precision")
 POLICY = ("retrain_above_fraction",)  # when to retrain, not what a checkpoint is
+# Settings added after checkpoints were stored, at the value that trains as those did: left out of
+# identity() there, so those checkpoints still count as finished.
+ADDED_SINCE = {"hook_point": None, "lr_schedule": "constant", "lr_warmup_tokens": 0}
 
 
 def selection_dtype(precision: SelectionPrecision, device: torch.device | str) -> torch.dtype | None:
@@ -246,11 +257,10 @@ def selection_dtype(precision: SelectionPrecision, device: torch.device | str) -
 
 def identity(settings: TrainSettings) -> dict:
     """The settings that define a checkpoint, as stored with it and compared to decide "already
-    trained": all but PLACEMENT and POLICY, and ``hook_point`` only when set, so checkpoints from before it
-    existed still count as finished."""
-    record = {k: v for k, v in asdict(settings).items() if k not in PLACEMENT + POLICY}
-    if record.get("hook_point") is None:
-        record.pop("hook_point", None)
+    trained": all but PLACEMENT and POLICY, and each of ADDED_SINCE only when not at its old behaviour,
+    so checkpoints from before it existed still count as finished."""
+    record = {k: v for k, v in asdict(settings).items() if k not in PLACEMENT + POLICY
+              and not (k in ADDED_SINCE and v == ADDED_SINCE[k])}
     return json.loads(json.dumps(record))
 
 
@@ -571,9 +581,10 @@ def _resume_grown(store, sae_name, settings, shuffled, sae, optimizer, device, l
     state = _load_state(store, sae_name, pointer, sae, optimizer, device, log)
     if state is None:
         return None
-    log(f"{sae_name}: {plan.describe()}: its checkpoint's weights, Adam state and dead-latent counters go on at the "
-        f"same constant lr {settings.learning_rate:g} ({plan.unseen.describe()})")
     state.target_steps = state.step + plan.added_steps
+    lr = continued_lr(settings.lr_schedule, settings.learning_rate, settings.lr_factor(state.step, state.target_steps))
+    log(f"{sae_name}: {plan.describe()}: its checkpoint's weights, Adam state and dead-latent counters go on at "
+        f"{lr} to step {state.target_steps} ({plan.unseen.describe()})")
     return state
 
 
@@ -656,6 +667,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     sae = _new_sae(settings, shuffled.d_model, device, shuffled, d_in, layout)
     sae.selection_dtype = selection_dtype(settings.selection_precision, device)
     optimizer = _optimizer(sae, settings, device)
+    initial_lrs = base_lrs(optimizer)  # before a resume loads the last step's scheduled lrs
     state = _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log) \
         or _resume_grown(store, sae_name, settings, shuffled, sae, optimizer, device, log)
     resumed = state is not None
@@ -694,6 +706,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
         if layout.data_parallel > 1:
             average_gradients(sae.parameters(), layout.data_group)
         sae.remove_parallel_grad_()
+        set_lr(optimizer, initial_lrs, settings.lr_factor(state.step, n_steps))
         optimizer.step()
         # freed now, not before the next backward: the forward pass and a checkpoint's write never hold
         # the gradients (a 2^20-latent shard's are 2.25 GiB; docs/results.md, the 2^20 run)

@@ -22,6 +22,8 @@ from sae_platform.trainer import (
 SETTINGS = TrainSettings(variant="topk", n_latents=64, k=4, batch_size=256, token_budget=256 * 30,
                          checkpoint_every_tokens=256 * 10, holdout_rows=512, log_every_steps=5,
                          dead_after_tokens=256 * 8)
+# the lr rises over 4 steps, then falls linearly to 0 after the 30th: a kill mid-run resumes on the same lrs
+DECAYING = TrainSettings(**{**SETTINGS.__dict__, "lr_schedule": "linear_decay", "lr_warmup_tokens": 256 * 4})
 
 
 def make_shuffled(store, n_partitions=3, rows=1500, d_model=16, nan_row=None, first=0, attrs=None):
@@ -58,15 +60,16 @@ def test_training_reduces_error_and_writes_a_loadable_checkpoint(store):
     assert (sae.encode(x).values > 0).sum(1).max() <= 4
 
 
-def test_killed_run_resumes_to_bitwise_identical_weights(store, tmp_path):
+@pytest.mark.parametrize("settings", [SETTINGS, DECAYING], ids=["constant_lr", "warmup_and_linear_decay"])
+def test_killed_run_resumes_to_bitwise_identical_weights(store, tmp_path, settings):
     make_shuffled(store)
-    uninterrupted = train_sae(store, "main", "whole", SETTINGS, log=lambda m: None)
+    uninterrupted = train_sae(store, "main", "whole", settings, log=lambda m: None)
     script = tmp_path / "train_and_die.py"
     script.write_text(textwrap.dedent(f"""
         import os, signal
         from sae_platform.storage import ArtifactStore
         from sae_platform.trainer import TrainSettings, train_sae
-        settings = TrainSettings(**{SETTINGS.__dict__!r})
+        settings = TrainSettings(**{settings.__dict__!r})
         def die(row):
             if row["step"] >= 25:  # after the checkpoint at step 20, mid-way to the next
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -77,7 +80,7 @@ def test_killed_run_resumes_to_bitwise_identical_weights(store, tmp_path):
     pointer = store.pointer(checkpoint_name("killed"))
     assert pointer["step"] == 20 and not pointer["final"]
     logs = []
-    resumed = train_sae(store, "main", "killed", SETTINGS, log=logs.append)
+    resumed = train_sae(store, "main", "killed", settings, log=logs.append)
     assert resumed["resumed_from_step"] == 20 and any("resuming" in m for m in logs)
     a, _ = load_sae(store, "whole")
     b, _ = load_sae(store, "killed")
