@@ -61,6 +61,15 @@ def test_every_stage_prints_its_cost_against_tokens_and_latents(tiny_model_dir, 
     assert {k: v["values"] for k, v in _lines(again.stdout).items()} == {k: v["values"] for k, v in lines.items()}
 
 
+def _plan(n_latents: int, d_model: int, tokens: int, budget: int | None = None):
+    """The planner's layout of a TopK SAE (k 32) over ``tokens`` rows at ``budget`` (default: the settings')."""
+    from sae_platform.feature_layout import plan_layout
+    from sae_platform.features import FeatureSettings
+
+    settings = FeatureSettings() if budget is None else FeatureSettings(memory_budget_bytes=budget)
+    return plan_layout({"variant": "topk", "n_latents": n_latents, "d_model": d_model, "k": 32}, settings, tokens)
+
+
 def _eight_shard_budget(n_latents: int, d_model: int, tokens: int) -> int:
     """A feature job budget the planner meets with 8 shards of ``n_latents`` (4 do not fit it)."""
     import dataclasses
@@ -76,7 +85,7 @@ def _eight_shard_budget(n_latents: int, d_model: int, tokens: int) -> int:
 
 def test_a_latent_sweep_of_its_own_size_caches_and_shuffles_its_data(tiny_model_dir, text_dir, tmp_path):
     """... and its feature stages follow the layout the planner makes of --memory-budget-bytes: at a
-    budget for 8 shards of 128 latents, 64 latents still fit 4 shards of 16 and 128 need 8 of 16."""
+    budget for 8 shards of 128 latents, each width gets the planner's own layout over the rows cached."""
     record = tmp_path / "record.jsonl"
     budget = _eight_shard_budget(128, 32, 48)  # the tiny model's d_model: 32
     run = _run("--record", str(record), "--quick", "--sweeps", "latents", "--model", str(tiny_model_dir),
@@ -89,10 +98,13 @@ def test_a_latent_sweep_of_its_own_size_caches_and_shuffles_its_data(tiny_model_
     lines = _lines(run.stdout)
     assert set(lines) == {f"scaling_{stage}_{figure}_vs_latents" for stage in LATENT_STAGES
                           for figure in ("seconds_per_token", "peak_rss")}
+    plans = [_plan(n_latents, 32, kept[0]["tokens"], budget) for n_latents in (64, 128)]
+    assert plans[1].n_shards == 8  # the budget's own size; 64 latents hold 1/4 of the codes a job, not 1/8
     for stage in ("pass_1", "pass_2", "pass_3", "browser"):
         line = lines[f"scaling_{stage}_peak_rss_vs_latents"]
-        assert (line["feature_shards"], line["memory_budget_bytes"]) == ([4, 8], budget), (stage, line)
-    assert lines["scaling_pass_1_peak_rss_vs_latents"]["latents_per_job"] == [16, 16]
+        assert (line["feature_shards"], line["memory_budget_bytes"]) == ([p.n_shards for p in plans], budget), \
+            (stage, line)
+    assert lines["scaling_pass_1_peak_rss_vs_latents"]["latents_per_job"] == [p.latents_per_shard for p in plans]
 
 
 def test_sizes_that_cannot_run_are_refused_naming_the_fix(tmp_path):
