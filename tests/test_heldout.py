@@ -70,21 +70,26 @@ def test_a_kept_checkpoint_is_evaluated_on_the_rows_it_held_out_not_the_rebuilt_
     assert evaluated == held and not evaluated & trained
 
 
-def test_a_resumed_checkpoint_never_trains_on_its_held_out_rows_and_keeps_them(store, monkeypatch):
-    trained, held = _trained_once(store)
-    first = recorded(store, "run", catalog.checkpoint_version(store, "run"))
-    assert set(first.names()) == held
-
-    _add_batch(store, "a-large", 1500)  # 19.5% of the tokens trained on: resumed for 5 more steps
-    read = []
+def _rows_read_by_training(monkeypatch) -> list[np.ndarray]:
+    """From now on, the row ids of every batch the trainer reads (``trainer.prefetch``), in order."""
+    read, real = [], trainer.prefetch
 
     def recording(*args, **kwargs):
         for x, ids, start in real(*args, **kwargs):
             read.append(ids)
             yield x, ids, start
 
-    real = trainer.prefetch
     monkeypatch.setattr(trainer, "prefetch", recording)
+    return read
+
+
+def test_a_resumed_checkpoint_never_trains_on_its_held_out_rows_and_keeps_them(store, monkeypatch):
+    trained, held = _trained_once(store)
+    first = recorded(store, "run", catalog.checkpoint_version(store, "run"))
+    assert set(first.names()) == held
+
+    _add_batch(store, "a-large", 1500)  # 19.5% of the tokens trained on: resumed for 5 more steps
+    read = _rows_read_by_training(monkeypatch)
     result = train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
     assert result["resumed_from_step"] == 30 and result["steps"] == 30 + 1500 // SETTINGS.batch_size
     rebuilt = open_shuffled(store, "main")
@@ -110,15 +115,7 @@ def test_a_resumed_batch_of_held_out_rows_only_is_refilled_not_empty(store, monk
     held = recorded(store, "run", catalog.checkpoint_version(store, "run")).global_ids(rebuilt.index)
     ids = np.concatenate([ids for ids, _ in rebuilt.blocks(2 * 30, 2 * 180)]).reshape(-1, 2)
     assert np.isin(ids, held).all(1).any(), "the test needs a batch of held-out rows only"
-    read = []
-
-    def recording(*args, **kwargs):
-        for x, ids, start in real(*args, **kwargs):
-            read.append(ids)
-            yield x, ids, start
-
-    real = trainer.prefetch
-    monkeypatch.setattr(trainer, "prefetch", recording)
+    read = _rows_read_by_training(monkeypatch)
     result = train_sae(store, "main", "run", tiny, log=lambda m: None)
     assert result["resumed_from_step"] == 30 and result["steps"] == 180
     assert [len(batch) for batch in read] == [2] * 150 and not np.isin(np.concatenate(read), held).any()
