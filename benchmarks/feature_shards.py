@@ -34,8 +34,10 @@ scaled by the latent count, which its state is proportional to.
 Peak RSS: each job's own VmHWM when it ends (the whole process: interpreter, torch, the store
 client and the job), with MALLOC_MMAP_THRESHOLD_=256 KiB so that RSS follows live
 allocations (as benchmarks/feature_tables.py). The plan (``feature_plan.plan_feature_shards``)
-and its modelled job bytes are printed beside the measured peaks. The last lines are one JSON
-object per figure.
+and its modelled job bytes are printed beside the measured peaks. Each pass-1 job also reports the
+bytes of the partials it committed (each partial's committed version: ``partial.npz``, its meta and
+checksums), which grow with the latents that fired in the batch, not with the shard's width
+(``features.Partial``). The last lines are one JSON object per figure.
 """
 
 import argparse
@@ -87,7 +89,7 @@ def make_data(root: str, tokens: int, batches: tuple[str, ...]) -> None:
 
 
 def worker(args) -> None:
-    """One job in this process; prints {"seconds", "peak_bytes"}."""
+    """One job in this process; prints {"seconds", "peak_bytes"} (pass 1: and "partial_bytes", "partials")."""
     import torch
 
     from sae_platform import catalog
@@ -103,6 +105,7 @@ def worker(args) -> None:
     shards = F.feature_shards(args.latents, args.shards)
     started = time.perf_counter()
     checkpoint = catalog.checkpoint_version(store, SAE_NAME)
+    written = {}
     if args.worker == "checkpoint":  # what training commits; not measured
         sae = make_sae(args.latents)
         weights = {sc.SAE + name: tensor.detach() for name, tensor in sae.state_dict().items()}
@@ -114,9 +117,9 @@ def worker(args) -> None:
     elif args.worker == "pass1":  # one (batch, shard group): no SAE, its shards' codes only, one shard at a time
         codes = fc.pinned_codes(store, SAE_NAME, args.batch, shards, checkpoint=checkpoint)
         group_shards = list(range(args.shard, args.shards, N_GROUPS))
-        for _ in fc.partials_from_codes(store, SAE_NAME, args.batch, codes, group_shards, settings,
-                                        checkpoint=checkpoint):
-            pass
+        versions = [c["version"] for c in fc.partials_from_codes(store, SAE_NAME, args.batch, codes, group_shards,
+                                                                 settings, checkpoint=checkpoint)]
+        written = {"partial_bytes": sum(store.fs.du(version) for version in versions), "partials": len(versions)}
     elif args.worker == "pass2":  # no SAE: the shard's codes, and its decoder rows for the logit effects
         tables = merge_stored_shard(store, SAE_NAME, args.shard, args.batches.split(","), settings, "cpu", checkpoint)
         write_tables(store, SAE_NAME, args.shard, tables)
@@ -130,7 +133,7 @@ def worker(args) -> None:
     elif args.worker == "baseline":
         F.compute_partials(store, make_sae(args.latents), BATCHES[0], [(0, args.latents)], settings,
                            batch_rows=args.batch_rows)
-    print(json.dumps({"seconds": time.perf_counter() - started, "peak_bytes": peak_rss_bytes()}))
+    print(json.dumps({"seconds": time.perf_counter() - started, "peak_bytes": peak_rss_bytes(), **written}))
 
 
 def run_job(args, root: str, job: str, *, latents: int | None = None, batch: str = BATCHES[0],
@@ -214,9 +217,12 @@ def main() -> int:
           f"{tokens:,} tokens; {n_shards} shards of {-(-latents // n_shards):,} latents")
     print(f"plan_feature_shards at a {mib(GOAL_JOB_BYTES):,.0f} MiB budget: {plan.n_shards} shards of "
           f"{plan.latents_per_shard:,}, modelled {mib(plan.job_bytes):,.0f} MiB per shard job")
-    print(f"{'job':<9}{'batch':>6}{'shard':>7}{'seconds':>9}{'peak MiB':>10}   (pass1: shard = its shard group)")
+    print(f"{'job':<9}{'batch':>6}{'shard':>7}{'seconds':>9}{'peak MiB':>10}{'partials MiB':>14}"
+          "   (pass1: shard = its shard group)")
     for job in jobs:
-        print(f"{job['job']:<9}{job['batch']:>6}{job['shard']:>7}{job['seconds']:>9.2f}{mib(job['peak_bytes']):>10.0f}")
+        written = f"{mib(job['partial_bytes']):>14.1f}" if "partial_bytes" in job else ""
+        print(f"{job['job']:<9}{job['batch']:>6}{job['shard']:>7}{job['seconds']:>9.2f}{mib(job['peak_bytes']):>10.0f}"
+              + written)
     if baseline is not None:
         print(f"baseline (one pass-1 job over all latents, today's single group): {mib(baseline['peak_bytes']):,.0f} "
               f"MiB at {baseline_latents:,} latents" + ("" if baseline_latents == latents else
@@ -236,6 +242,11 @@ def main() -> int:
              for metric, value in (("feature_pass1_shard_job_peak_rss_bytes", peak["pass1"]),
                                    ("feature_pass2_shard_job_peak_rss_bytes", peak["pass2"]),
                                    ("feature_encode_job_peak_rss_bytes", peak["encode"]))]
+    pass_1 = [j for j in jobs if j["job"] == "pass1"]
+    n_partials = sum(j["partials"] for j in pass_1)
+    lines.append({"metric": "feature_pass1_partial_bytes_per_shard", "unit": "bytes",
+                  "value": round(sum(j["partial_bytes"] for j in pass_1) / n_partials),
+                  "pass1_seconds_per_shard": round(sum(j["seconds"] for j in pass_1) / n_partials, 3), **common})
     for line in lines:
         print(json.dumps(line))
     return 0 if max(peak.values()) <= GOAL_JOB_BYTES else 1

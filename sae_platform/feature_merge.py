@@ -3,7 +3,10 @@ the shard's tables, and commit them (docs/design.md, "Feature tables, context wi
 ``merge_shard_tables`` merges one shard and samples its interval examples,
 ``build_feature_tables`` runs both passes in one process. The merge is exact: top-k by (activation
 desc, partition asc, row asc), the random sample as the bottom R sample keys of the union
-(``feature_select``), counts, sums, maxima and histograms added.
+(``feature_select``), counts, sums, maxima and histograms added. A partial holds only the latents
+that fired in its batch (``features.Partial``): the merge keeps one state with a row per latent of
+the shard and folds each partial's rows into it in place (``_fold``), so the work and temporaries
+per partial grow with its fired latents; a latent a partial leaves out folds as nothing.
 
 Interval examples. A feature's range (0, max] is split into ``n_intervals`` (default 5) equal-width
 intervals, each with up to ``per_interval`` (default 4) examples sampled uniformly from ALL the
@@ -121,44 +124,67 @@ class _Merged:
     n_tokens: int
 
 
+def _partition_info(p: Partial) -> dict:
+    return {"key": p.partition, "version": p.partition_version, "n_tokens": p.n_tokens, "batch_rows": p.batch_rows}
+
+
+def _parts(rows: np.ndarray, index: int) -> np.ndarray:
+    """Partition index ``index`` for every filled slot (row >= 0), -1 for the empty ones."""
+    return np.where(rows >= 0, index, -1).astype(np.int32)
+
+
 def _as_merged(p: Partial) -> _Merged:
-    part = lambda rows: np.where(rows >= 0, 0, -1).astype(np.int32)  # noqa: E731
-    info = {"key": p.partition, "version": p.partition_version, "n_tokens": p.n_tokens, "batch_rows": p.batch_rows}
-    return _Merged([info], p.top_act, part(p.top_row), p.top_row, p.res_key, part(p.res_row), p.res_row,
-                   p.res_act, p.count.copy(), p.sum.copy(), p.max.copy(), p.hist.copy(), p.n_tokens)
+    """The merge state of one partition's partial: a row for every latent of the shard
+    (``Partial.dense``), arrays of its own (``_fold`` updates them in place)."""
+    own = (lambda a: a) if p.fired is not None else np.copy  # dense() of a sparse partial builds new arrays
+    d = p.dense()
+    return _Merged([_partition_info(p)], own(d.top_act), _parts(d.top_row, 0), own(d.top_row), own(d.res_key),
+                   _parts(d.res_row, 0), own(d.res_row), own(d.res_act), own(d.count), own(d.sum), own(d.max),
+                   own(d.hist), p.n_tokens)
 
 
-def _fold(a: _Merged, b: _Merged) -> _Merged:
-    keys = sorted([p["key"] for p in a.partitions] + [p["key"] for p in b.partitions])
+def _fold(a: _Merged, p: Partial) -> _Merged:
+    """Fold partition ``p``'s partial into the merge state ``a``, in place, and return it. Only the
+    rows of p's latents change (``Partial.latents``: those that fired in its batch): folding a
+    latent's empty state (``features.EMPTY_LATENT``: no example, zero count, sum, max and histogram)
+    leaves its row as it was, bit for bit, so the others are skipped and the work and temporaries
+    grow with the latents that fired, not with the shard's width."""
+    keys = sorted([q["key"] for q in a.partitions] + [p.partition])
     where = {k: i for i, k in enumerate(keys)}
-    remap = lambda m: np.array([where[p["key"]] for p in m.partitions], dtype=np.int32)  # noqa: E731
-    ra, rb = remap(a), remap(b)
-    reindex = lambda parts, r: np.where(parts >= 0, r[np.maximum(parts, 0)], -1).astype(np.int32)  # noqa: E731
+    remap = np.array([where[q["key"]] for q in a.partitions], dtype=np.int32)
+    if not np.array_equal(remap, np.arange(len(remap))):  # p's key sorts before some: renumber every row
+        a.top_part, a.res_part = (np.where(parts >= 0, remap[np.maximum(parts, 0)], -1).astype(np.int32)
+                                  for parts in (a.top_part, a.res_part))
+    rows = slice(None) if p.fired is None else p.fired
+    b_index = where[p.partition]
 
     # top: activation desc, partition asc, row asc; empty slots (row -1) last
-    act = np.concatenate([a.top_act, b.top_act], 1)
-    part = np.concatenate([reindex(a.top_part, ra), reindex(b.top_part, rb)], 1)
-    row = np.concatenate([a.top_row, b.top_row], 1)
+    act = np.concatenate([a.top_act[rows], p.top_act], 1)
+    part = np.concatenate([a.top_part[rows], _parts(p.top_row, b_index)], 1)
+    row = np.concatenate([a.top_row[rows], p.top_row], 1)
     n, width = act.shape
     k = a.top_act.shape[1]
     feature = np.repeat(np.arange(n), width)
     order = np.lexsort((row.ravel(), part.ravel(), -act.ravel().astype(np.float64), (row < 0).ravel(), feature))
     order = order.reshape(n, width)[:, :k] - (np.arange(n) * width)[:, None]
     take = lambda x: np.take_along_axis(x, order, 1)  # noqa: E731
-    top_act, top_part, top_row = take(act), take(part), take(row)
+    a.top_act[rows], a.top_part[rows], a.top_row[rows] = take(act), take(part), take(row)
 
     # reservoir: bottom R of the union by key
-    rkey = np.concatenate([a.res_key, b.res_key], 1)
-    r = a.res_key.shape[1]
-    pick = np.argsort(rkey, axis=1, kind="stable")[:, :r]
+    rkey = np.concatenate([a.res_key[rows], p.res_key], 1)
+    pick = np.argsort(rkey, axis=1, kind="stable")[:, :a.res_key.shape[1]]
     takes = lambda x, y: np.take_along_axis(np.concatenate([x, y], 1), pick, 1)  # noqa: E731
-    return _Merged(
-        sorted(a.partitions + b.partitions, key=lambda p: p["key"]),
-        top_act, top_part, top_row,
-        np.take_along_axis(rkey, pick, 1), takes(reindex(a.res_part, ra), reindex(b.res_part, rb)),
-        takes(a.res_row, b.res_row), takes(a.res_act, b.res_act),
-        a.count + b.count, a.sum + b.sum, np.maximum(a.max, b.max), a.hist + b.hist, a.n_tokens + b.n_tokens,
-    )
+    a.res_part[rows] = takes(a.res_part[rows], _parts(p.res_row, b_index))
+    a.res_row[rows], a.res_act[rows] = takes(a.res_row[rows], p.res_row), takes(a.res_act[rows], p.res_act)
+    a.res_key[rows] = np.take_along_axis(rkey, pick, 1)
+
+    a.count[rows] += p.count
+    a.sum[rows] += p.sum
+    a.max[rows] = np.maximum(a.max[rows], p.max)
+    a.hist[rows] += p.hist
+    a.partitions = sorted(a.partitions + [_partition_info(p)], key=lambda q: q["key"])
+    a.n_tokens += p.n_tokens
+    return a
 
 
 def _check_compatible(first: Partial, p: Partial) -> None:
@@ -197,7 +223,7 @@ def merge_partials(partials: Iterable[Partial], settings: FeatureSettings) -> Fe
             raise FeatureError(f"partition {p.partition!r} appears twice among the partials",
                                "pass one partial per partition (its counts would be doubled)")
         seen.add(p.partition)
-        state = _as_merged(p) if state is None else _fold(state, _as_merged(p))
+        state = _as_merged(p) if state is None else _fold(state, p)
     if state is None:
         raise FeatureError("no partials to merge", "run pass 1 (compute_partial) for at least one partition")
     meta = {"start": first.start, "stop": first.stop, "top_k": first.top_k, "reservoir_size": first.reservoir_size,

@@ -30,12 +30,14 @@ from sae_platform.errors import PlatformError, require_counts
 
 # Per latent (sae_platform/features.py): a Partial's arrays, top_act f4 + top_row i8 per top-k
 # slot, res_key i8 + res_row i8 + res_act f4 per reservoir slot, count i8 + sum f8 + max f4,
-# hist i8 per histogram bin.
+# hist i8 per histogram bin. A partial stores only the latents that fired in its batch; the plan
+# counts every latent of the shard (a batch can fire them all).
 TOP_SLOT_BYTES, RES_SLOT_BYTES, SCALAR_BYTES, HIST_BIN_BYTES = 12, 20, 20, 8
 # _ShardState per latent: two selectors (an int64 [features, 2m] slot buffer each, key and slot),
 # fill and threshold per selector, count / sum / max, the histogram and the witness flag.
 STATE_SLOT_BYTES, STATE_SCALAR_BYTES = 16, 2 * 16 + 20 + 1
-# Pass 2 folds two partials into a third (feature_merge._fold), then builds the examples table (one
+# Pass 2 folds each partial's rows into the shard's merge state (feature_merge._fold: the state, the
+# partial and their union's temporaries; the most when every latent fired), then builds the examples table (one
 # row per top, random and interval example) and its sorted copy; the pass-1 job holds its state while
 # it builds the partial: the larger of the two bounds a job.
 MERGE_COPIES = 3

@@ -198,18 +198,22 @@ class Selector:
         keys[real] = self.sort_key(flat[real], features[real // width])
         return keys.view(rows.shape)
 
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([n, m] slots, [n, m] their sort keys), ascending by key, EMPTY / KEY_PAD-padded; frees
-        the buffer. Each block of features is sorted once, straight into the outputs."""
+    def finish(self, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """([F, m] slots, [F, m] their sort keys) of ``features`` (1-d int64 ids, default every
+        feature: F = n), ascending by key, EMPTY / KEY_PAD-padded; frees the buffer. Why a subset:
+        pass 1 keeps only the features that got entries (``features.Partial``), and a feature that
+        got none is all EMPTY / KEY_PAD, so sorting it would be wasted work. Each block of features
+        is sorted once, straight into the outputs."""
         m = self.m
-        slots = torch.empty((self.n, m), dtype=torch.long, device=self.device)
-        keys = torch.empty((self.n, m), dtype=torch.long, device=self.device)
-        for b0 in range(0, self.n, self.block):
-            b1 = min(b0 + self.block, self.n)
-            rows = self.slots[b0:b1]
-            block_keys, idx = self.keys_of(rows, torch.arange(b0, b1, device=self.device)).sort(dim=1)
-            keys[b0:b1] = block_keys[:, :m]
-            slots[b0:b1] = rows.gather(1, idx[:, :m])
+        features = torch.arange(self.n, device=self.device) if features is None else features
+        slots = torch.empty((features.numel(), m), dtype=torch.long, device=self.device)
+        keys = torch.empty((features.numel(), m), dtype=torch.long, device=self.device)
+        for b0 in range(0, features.numel(), self.block):
+            block = features[b0:b0 + self.block]
+            rows = self.slots[block]
+            block_keys, idx = self.keys_of(rows, block).sort(dim=1)
+            keys[b0:b0 + block.numel()] = block_keys[:, :m]
+            slots[b0:b0 + block.numel()] = rows.gather(1, idx[:, :m])
         self.slots = None
         return slots, keys
 

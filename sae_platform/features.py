@@ -48,7 +48,12 @@ HIST_EDGES[i-1] <= a < HIST_EDGES[i], ``histogram[65]`` counts a >= 1e4. The sam
 shard, so histograms add.
 
 Partials (pass-1 output) are committed under ``features/<sae_name>/partial/<partition>/f<shard_index>``
-as ``partial.npz`` (arrays) plus ``meta.json``.
+as ``partial.npz`` (arrays) plus ``meta.json``. A partial keeps only the latents that fired in its
+batch (count > 0): ``fired`` (their local ids, ascending) and one row of each per-latent array per
+fired latent, so its bytes grow with the latents that fired, not with the shard's width (a 2,535-token
+batch fires at most 2,535 x k of 2^20 latents). Every other latent has the empty state
+(``EMPTY_LATENT``), which ``Partial.dense`` fills in; a partial written before partials were sparse
+has no ``fired`` and a row for every latent, and reads as it is.
 """
 
 import contextlib
@@ -57,7 +62,7 @@ import io
 import json
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -75,7 +80,7 @@ from sae_platform.catalog import (
 )
 from sae_platform.errors import PlatformError, require_counts
 from sae_platform.feature_plan import FIXED_JOB_BYTES
-from sae_platform.feature_select import Selector, decode_top, partition_salt, sample_keys, top_keys
+from sae_platform.feature_select import KEY_PAD, Selector, decode_top, partition_salt, sample_keys, top_keys
 from sae_platform.sae import SparseAutoencoder, variant_class
 from sae_platform.settings import setting, validate
 from sae_platform.storage import ArtifactStore
@@ -89,6 +94,14 @@ DENSE_BATCH_ELEMENTS = 1 << 22
 # no more than a quarter of the feature slice's slots, so memory stays O(n_features * (top_k + R))).
 UPDATE_ENTRIES = 1 << 18
 MIN_UPDATE_ENTRIES = 1 << 14
+# A latent with no activating token in a partial's batch: (dtype, value of every slot) of each
+# per-latent array. Exactly what pass 1's state holds for it (its selectors' slots stay EMPTY, which
+# decode to activation 0 / row -1 and sample key KEY_PAD; count, sum, max and histogram stay zero),
+# and what folds into a merge as nothing (feature_merge); so a partial stores only the latents that
+# fired and ``Partial.dense`` fills the others in with this.
+EMPTY_LATENT = {"top_act": (np.float32, 0.0), "top_row": (np.int64, -1), "res_key": (np.int64, KEY_PAD),
+                "res_row": (np.int64, -1), "res_act": (np.float32, 0.0), "count": (np.int64, 0),
+                "sum": (np.float64, 0.0), "max": (np.float32, 0.0), "hist": (np.int64, 0)}
 
 
 @dataclass(frozen=True)
@@ -186,7 +199,10 @@ def hist_bin_edges() -> list[float]:
 
 @dataclass
 class Partial:
-    """Pass-1 state of one (partition, feature shard), as numpy arrays (feature i = start + i)."""
+    """Pass-1 state of one (partition, feature shard), as numpy arrays. The per-latent arrays
+    (``ARRAYS``, shapes below with F = rows) hold one row per latent of ``latents``: the latents that
+    fired in the batch (``fired``, what pass 1 returns and stores), or every latent of the shard
+    (``fired`` None: a partial stored before partials were sparse, or ``dense()``)."""
 
     partition: str
     partition_version: str | None
@@ -216,13 +232,44 @@ class Partial:
     sae: dict = field(default_factory=dict)  # {"config": ..., "fingerprint": ...}
     diagnostics: dict = field(default_factory=dict)
     group: str = FIRST_STORE  # the partition's hook-point store the rows were read from (catalog.store_group)
+    fired: np.ndarray | None = None  # [F] int64 local ids, ascending, of the latents with a row; None: all
 
     ARRAYS = ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "sum", "max", "hist")
     WITNESS = ("witness", "witness_feature", "witness_row", "witness_act")
+    STORED = ("fired", *ARRAYS, *WITNESS)  # partial.npz's arrays (one without "fired" is dense)
 
     @property
     def n_features(self) -> int:
         return self.stop - self.start
+
+    @property
+    def latents(self) -> np.ndarray:
+        """Local ids (feature - start) of the per-latent arrays' rows, ascending."""
+        return np.arange(self.n_features, dtype=np.int64) if self.fired is None else self.fired
+
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of one latent's row of the per-latent array ``name`` (top_*, res_*, hist, or a scalar)."""
+        width = {"top": self.top_k, "res": self.reservoir_size, "hist": N_HIST_BINS}.get(name.split("_")[0])
+        return () if width is None else (width,)
+
+    def dense(self) -> "Partial":
+        """This partial with a row for every latent of [start, stop), those that did not fire in
+        ``EMPTY_LATENT``'s state (new arrays; itself when already dense). Memory: O(F x (top_k + R))."""
+        if self.fired is None:
+            return self
+        arrays = {}
+        for name in self.ARRAYS:
+            dtype, value = EMPTY_LATENT[name]
+            arrays[name] = np.full((self.n_features, *self.row_shape(name)), value, dtype)
+            arrays[name][self.fired] = getattr(self, name)
+        return replace(self, fired=None, **arrays)
+
+    def sparse(self) -> "Partial":
+        """This partial with rows for the latents that fired only (count > 0): what is stored."""
+        keep = self.count > 0
+        if self.fired is not None and keep.all():
+            return self
+        return replace(self, fired=self.latents[keep], **{name: getattr(self, name)[keep] for name in self.ARRAYS})
 
     def meta(self) -> dict:
         return {"partition": self.partition, "partition_version": self.partition_version, "start": self.start,
@@ -462,21 +509,25 @@ class _ShardState:
         self.res.add(feat, sample_keys(self.salt, rows, feat + self.start), (rows << 32) | bits, feat_sorted=True)
 
     def finish(self) -> dict:
-        """The state as numpy arrays (frees the device buffers)."""
+        """The state of the latents that fired (count > 0) as numpy arrays, one row each, and
+        their local ids (``fired``); frees the device buffers. Every other latent is in the empty
+        state (``EMPTY_LATENT``), so none of its rows is built: the time and bytes grow with the
+        latents that fired, not with the shard's width."""
         self.flush()
-        n_feat, res_size = self.n, self.res_size
-        top_act, top_row = (t.cpu().numpy() for t in decode_top(self.top.finish()[0]))
+        fired = torch.nonzero(self.count > 0).squeeze(1)
+        n_fired, res_size = fired.numel(), self.res_size
+        top_act, top_row = (t.cpu().numpy() for t in decode_top(self.top.finish(fired)[0]))
         top_compactions = self.top.compactions
         self.top = None
         res = self.res
-        res_slots, res_key = res.finish()  # frees the [n, 2R] buffer
+        res_slots, res_key = res.finish(fired)  # frees the [n, 2R] buffer
         res_compactions = res.compactions
         res_keys = res_key.cpu().numpy()
         del res_key
-        res_row = np.empty((n_feat, res_size), dtype=np.int64)
-        res_act = np.empty((n_feat, res_size), dtype=np.float32)
-        for f0 in range(0, n_feat, res.block):  # blockwise: no [n_feat, R] temporaries beyond the outputs
-            f1 = min(f0 + res.block, n_feat)
+        res_row = np.empty((n_fired, res_size), dtype=np.int64)
+        res_act = np.empty((n_fired, res_size), dtype=np.float32)
+        for f0 in range(0, n_fired, res.block):  # blockwise: no [n_fired, R] temporaries beyond the outputs
+            f1 = min(f0 + res.block, n_fired)
             slots = res_slots[f0:f1]
             empty = slots < 0
             res_row[f0:f1] = torch.where(empty, -1, slots >> 32).cpu().numpy()
@@ -488,12 +539,12 @@ class _ShardState:
             wf, wr, wa = (torch.cat(e).numpy() for e in zip(*self.witness_entries))
         else:
             wf, wr, wa = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        cpu = lambda t: t.cpu().numpy()  # noqa: E731
+        cpu = lambda t: t[fired].cpu().numpy()  # noqa: E731
         return dict(top_act=top_act, top_row=top_row, res_key=res_keys, res_row=res_row, res_act=res_act,
                     count=cpu(self.count), sum=cpu(self.total), max=cpu(self.vmax),
-                    hist=cpu(self.hist.view(n_feat, N_HIST_BINS)), witness=self.witness.copy(),
-                    witness_feature=wf.astype(np.int64), witness_row=wr.astype(np.int64),
-                    witness_act=wa.astype(np.float32),
+                    hist=cpu(self.hist.view(self.n, N_HIST_BINS)), fired=fired.cpu().numpy(),
+                    witness=self.witness.copy(), witness_feature=wf.astype(np.int64),
+                    witness_row=wr.astype(np.int64), witness_act=wa.astype(np.float32),
                     n_entries=int(self.n_entries), entries_sum=float(self.entries_sum),
                     diagnostics={"top_compactions": top_compactions, "res_compactions": res_compactions})
 
@@ -651,12 +702,14 @@ def compute_partial(store: ArtifactStore, sae, partition_key: str, start: int, s
 def write_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_index: int, partial: Partial, *,
                   checkpoint: str | None = None) -> str:
     """Commit a partial atomically, pinning the SAE ``checkpoint`` version it was computed with (when
-    known); returns the committed version path."""
+    known); returns the committed version path. Stores the latents that fired only
+    (``Partial.sparse``: ``fired`` and their rows), whatever the form it is given in."""
     if partial.partition != partition_key:
         raise FeatureError(f"this partial was computed on partition {partial.partition!r}, not {partition_key!r}",
                            "pass the partition key the partial came from")
+    partial = partial.sparse()
     buffer = io.BytesIO()
-    np.savez(buffer, **{name: getattr(partial, name) for name in Partial.ARRAYS + Partial.WITNESS})
+    np.savez(buffer, **{name: getattr(partial, name) for name in Partial.STORED})
     name = partial_name(sae_name, partition_key, shard_index)
     with store.writing(name, partition=partition_key, partition_version=partial.partition_version,
                        start=partial.start, stop=partial.stop, top_k=partial.top_k,
@@ -689,16 +742,34 @@ def partial_current(store: ArtifactStore, sae_name: str, partition_key: str, ind
 
 
 def read_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_index: int) -> Partial:
-    path = store.require(partial_name(sae_name, partition_key, shard_index),
-                         f"feature partial of SAE {sae_name!r}, partition {partition_key!r}, shard {shard_index}",
+    """The committed partial of one (partition, feature shard) as stored: rows for its fired latents
+    (``fired``), or for every latent when it was written before partials were sparse (``fired``
+    None). Raises StorageError when it is missing, FeatureError when its arrays disagree on rows."""
+    what = f"feature partial of SAE {sae_name!r}, partition {partition_key!r}, shard {shard_index}"
+    path = store.require(partial_name(sae_name, partition_key, shard_index), what,
                          "run pass 1 (compute_partial + write_partial) for that partition and feature shard")
     meta = store.read_json(f"{path}/meta.json")
     with np.load(io.BytesIO(store.fs.cat_file(f"{path}/partial.npz")), allow_pickle=False) as arrays:
-        data = {name: arrays[name] for name in Partial.ARRAYS + Partial.WITNESS if name in arrays.files}
+        data = {name: arrays[name] for name in Partial.STORED if name in arrays.files}
     fields = {k: meta[k] for k in ("partition", "partition_version", "start", "stop", "top_k", "reservoir_size",
                                    "seed", "batch_rows", "n_tokens", "sae")}
     fields.update({k: meta.get(k) for k in ("n_entries", "entries_sum")})
-    return Partial(**fields, **data, group=meta.get("group", FIRST_STORE))
+    partial = Partial(**fields, **data, group=meta.get("group", FIRST_STORE))
+    _check_rows(partial, f"the {what} ({path}/partial.npz)")
+    return partial
+
+
+def _check_rows(partial: Partial, what: str) -> None:
+    """FeatureError unless ``fired`` is ascending local ids and every per-latent array has one row
+    of its shape per latent: a partial that is not whole would merge wrong tables silently."""
+    latents, fix = partial.latents, "run pass 1 again for that partition and feature shard (it rewrites the partial)"
+    if latents.ndim != 1 or not np.array_equal(np.unique(latents[(latents >= 0) & (latents < partial.n_features)]),
+                                               latents):
+        raise FeatureError(f"{what} lists fired latents that are not ascending ids in [0, {partial.n_features})", fix)
+    for name in Partial.ARRAYS:
+        shape, expected = getattr(partial, name).shape, (len(latents), *partial.row_shape(name))
+        if shape != expected:
+            raise FeatureError(f"{what} has {name} of shape {shape}, not {expected} (a row per listed latent)", fix)
 
 
 def list_partials(store: ArtifactStore, sae_name: str, shard_index: int) -> list[str]:

@@ -408,7 +408,8 @@ def test_pass_1_runs_per_batch_and_shard_group_reading_only_its_shards_codes(pip
     assert [store.pointer(partial_name(SAE, first, i)) is not None for i in range(8)] == [i in (1, 5) for i in range(8)]
     for index in (1, 5):  # each partial holds its own shard's latents only
         partial = read_partial(store, SAE, first, index)
-        assert (partial.start, partial.stop) == (32 * index, 32 * index + 32) and partial.top_act.shape == (32, 5)
+        assert (partial.start, partial.stop) == (32 * index, 32 * index + 32)
+        assert partial.dense().top_act.shape == (32, 5) and len(partial.top_act) == len(partial.fired)  # fired ones
     kept = store.pointer(partial_name(SAE, first, 1))["version"]
     store.fs.rm(store.path(partial_name(SAE, first, 5), POINTER))  # a crash between the group's two commits
     read.clear()

@@ -3,6 +3,7 @@ dataset / feature sharding and batch size, a reservoir that is uniform and shard
 additive counts and histograms, interval examples inside their intervals, the exactness check
 catching tampered tables, memory flat in the partition's length, clear errors, atomic commits."""
 
+import io
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import torch
 
 from sae_platform import feature_select
 from sae_platform import features as F
-from sae_platform.catalog import tables_name
+from sae_platform.catalog import partial_name, tables_name
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.feature_check import brute_force_check
 from sae_platform.feature_intervals import interval_of
@@ -24,10 +25,12 @@ from sae_platform.feature_merge import (
     FeatureTables,
     build_feature_tables,
     merge_partials,
+    merge_shard_tables,
     read_tables,
     write_tables,
 )
-from sae_platform.feature_select import KEY_PAD, partition_salt, sample_keys, sample_keys_numpy
+from sae_platform.feature_plan import partial_bytes_per_latent
+from sae_platform.feature_select import KEY_PAD, decode_top, partition_salt, sample_keys, sample_keys_numpy
 from sae_platform.sae import build_sae
 from sae_platform.settings import SettingsError
 from sae_platform.storage import ArtifactStore
@@ -217,9 +220,9 @@ def test_reservoir_is_the_same_whatever_the_batch_size_feature_range_and_merge_o
                 np.testing.assert_allclose(a, b, rtol=1e-12)
             else:
                 assert np.array_equal(a, b), name
-    sliced = F.compute_partial(store, sae, "p1", 16, 40, settings, batch_rows=64)
+    sliced = F.compute_partial(store, sae, "p1", 16, 40, settings, batch_rows=64).dense()
     for name in ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "max", "hist"):
-        assert np.array_equal(getattr(sliced, name), getattr(by_batch[0], name)[16:40]), name
+        assert np.array_equal(getattr(sliced, name), getattr(by_batch[0].dense(), name)[16:40]), name
     # the reservoir really is kept partially: more activating tokens than slots
     assert (by_batch[0].count > by_batch[0].reservoir_size).sum() > 10
 
@@ -278,6 +281,7 @@ def test_densities_and_histograms_add_up(store):
     settings = F.FeatureSettings(top_k=3)
     partials = [F.compute_partial(store, sae, f"p{i}", 0, N_LATENTS, settings, batch_rows=200) for i in range(3)]
     stats = merge_partials(partials, settings).stats
+    partials = [p.dense() for p in partials]  # a row for every latent, so that they add
     counts = np.stack(stats["count"].to_numpy())
     hist = np.stack(stats["histogram"].to_list())
     assert hist.shape == (N_LATENTS, F.N_HIST_BINS) and len(F.HIST_EDGES) == F.N_HIST_BINS - 1
@@ -539,6 +543,121 @@ def test_partials_and_tables_commit_atomically(store, monkeypatch):
     assert again.meta["hist_bin_edges"] == F.hist_bin_edges() and again.meta["partitions"][0]["key"] == "p0"
     leftovers = [p for p in store.fs.ls(store.path(tables_name("run", 0)), detail=False) if "/v-" in p]
     assert len(leftovers) == 1  # the failed version directory was removed
+
+
+def _stored_arrays(store, run, key, index) -> dict:
+    """The arrays of a committed partial.npz, as stored."""
+    with np.load(io.BytesIO(store.fs.cat_file(f"{store.resolve(partial_name(run, key, index))}/partial.npz"))) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def _commit_partial_arrays(store, run, key, index, partial, arrays: dict) -> None:
+    """Commit ``arrays`` as the partial.npz of ``partial`` (with its meta.json), as the writer did
+    before partials were sparse: for a partial in the old dense layout, or a damaged one."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    with store.writing(partial_name(run, key, index), partition=key, partition_version=partial.partition_version,
+                       start=partial.start, stop=partial.stop, top_k=partial.top_k) as version:
+        store.write_bytes_atomic(f"{version}/partial.npz", buffer.getvalue())
+        store.write_json(f"{version}/meta.json", {**partial.meta(), "run": run, "shard_index": index})
+
+
+def test_a_partial_stores_only_the_latents_that_fired_in_its_batch(store):
+    """A batch of 6 tokens fires at most 6 x k = 24 of the SAE's 64 latents: its committed partial
+    holds ``fired`` (those latents, exactly the ones with an activating token) and one row per fired
+    latent in every per-latent array, so its bytes grow with the latents that fired (the planner's
+    bytes per latent each), not with the shard's width."""
+    make_dataset(store, [6, 300])
+    sae = make_sae("topk")
+    settings = F.FeatureSettings(top_k=3, reservoir_factor=2)  # every latent a witness: all its tokens recorded
+    per_latent = partial_bytes_per_latent(3, 6, F.N_HIST_BINS)
+    n_fired = {}
+    for key in ("p0", "p1"):
+        F.write_partial(store, "run", key, 0, F.compute_partial(store, sae, key, 0, N_LATENTS, settings, batch_rows=4))
+        stored = _stored_arrays(store, "run", key, 0)
+        fired = stored["fired"]
+        assert np.array_equal(fired, np.unique(stored["witness_feature"]))  # the latents with an activating token
+        for name in F.Partial.ARRAYS:
+            assert len(stored[name]) == len(fired), name
+        assert (stored["count"] > 0).all()
+        assert sum(stored[name].nbytes for name in F.Partial.ARRAYS) == len(fired) * per_latent
+        n_fired[key] = len(fired)
+    assert n_fired["p0"] <= 24 < n_fired["p1"]
+    # the partial read back, filled in, is the full state: the other latents empty
+    back = F.read_partial(store, "run", "p0", 0)
+    dense = back.dense()
+    never = np.setdiff1d(np.arange(N_LATENTS), back.fired)
+    assert dense.top_act.shape == (N_LATENTS, 3) and len(never) >= N_LATENTS - 24
+    for name, (dtype, value) in F.EMPTY_LATENT.items():
+        assert getattr(dense, name).dtype == dtype and (getattr(dense, name)[never] == value).all(), name
+        assert np.array_equal(getattr(dense, name)[back.fired], getattr(back, name)), name
+
+
+def test_the_empty_latent_is_pass_1s_state_of_a_latent_that_never_fired():
+    """``EMPTY_LATENT`` (what a partial leaves out and ``Partial.dense`` fills in) is exactly what
+    pass 1's state holds for a latent without an entry: its selectors' slots, decoded as
+    ``_ShardState.finish`` decodes them, and zero count, sum, max and histogram."""
+    state = F._ShardState(0, 4, 3, 6, 1, np.zeros(0, np.int64), torch.device("cpu"))
+    state.add(torch.tensor([7, 9]), torch.tensor([2, 2]), torch.tensor([0.5, 1.5]))
+    state.flush()
+    never = [0, 1, 3]
+    top_act, top_row = decode_top(state.top.finish()[0])  # every latent's rows, as before partials were sparse
+    res_slots, res_key = state.res.finish()
+    assert (res_slots[never] == feature_select.Selector.EMPTY).all()  # finish: row -1, activation 0
+    held = {"top_act": top_act, "top_row": top_row, "res_key": res_key, "res_row": torch.full_like(res_key, -1),
+            "res_act": torch.zeros(res_key.shape), "count": state.count, "sum": state.total, "max": state.vmax,
+            "hist": state.hist.view(4, F.N_HIST_BINS)}
+    for name, (dtype, value) in F.EMPTY_LATENT.items():
+        assert (held[name][never].numpy() == value).all(), name
+        assert held[name].numpy().dtype == dtype, name
+    assert int(state.count[2]) == 2 and float(top_act[2, 0]) == 1.5
+
+
+@pytest.mark.parametrize("variant", ["topk", "relu"])
+def test_tables_from_sparse_partials_equal_those_from_dense_ones_bit_for_bit(store, variant):
+    """Small batches fire few of a shard's latents. The tables merged from the sparse partials
+    pass 1 commits equal, bit for bit (top-K, random samples, interval examples, counts, sums, maxima,
+    histograms), those merged from the same partials in the dense layout written before (a row for
+    every latent, no ``fired``; still read, and folded row by row as then), or from a mix of both;
+    and they pass the exactness check."""
+    splits = [5, 9, 1, 12, 7, 40]
+    make_dataset(store, splits, exact=True)
+    sae = make_sae(variant, exact=True)
+    settings = F.FeatureSettings(top_k=3, reservoir_factor=2)
+    build_feature_tables(store, sae, "run", settings, n_feature_shards=2, batch_rows=4)
+    keys = [f"p{i}" for i in range(len(splits))]
+    for index, (start, stop) in enumerate(F.feature_shards(N_LATENTS, 2)):
+        stored = [F.read_partial(store, "run", key, index) for key in keys]
+        assert all(p.fired is not None for p in stored) and min(len(p.fired) for p in stored) < (stop - start) / 2
+        for run, dense_ones in (("old", keys), ("mixed", keys[1::2]), ("mixed-first", keys[::2])):
+            for key, partial in zip(keys, stored):
+                if key in dense_ones:
+                    dense = partial.dense()
+                    _commit_partial_arrays(store, run, key, index, partial, {
+                        name: getattr(dense, name) for name in F.Partial.ARRAYS + F.Partial.WITNESS})
+                else:
+                    F.write_partial(store, run, key, index, partial)
+        assert F.read_partial(store, "old", "p0", index).fired is None  # the old layout reads as it is
+        new = read_tables(store, "run", index)
+        for run in ("old", "mixed", "mixed-first"):
+            tables = merge_shard_tables(store, sae, run, index, keys, settings)
+            assert tables.stats.equals(new.stats) and tables.examples.equals(new.examples), run
+        assert set(new.examples["kind"]) == {"top", "random", "interval"}
+        check = brute_force_check(store, sae, "run", index, start, stop, sample_features=stop - start)
+        assert check["ok"] and len(check["features_checked"]) == stop - start, check["mismatches"][:3]
+
+
+def test_a_partial_whose_arrays_disagree_on_its_latents_is_refused_by_name(store):
+    make_dataset(store, [6])
+    partial = F.compute_partial(store, make_sae("topk"), "p0", 0, N_LATENTS, F.FeatureSettings(top_k=3))
+    arrays = {name: getattr(partial, name) for name in F.Partial.STORED}
+    for damage, match in (({"fired": partial.fired[:-1]}, "has top_act of shape"),
+                          ({"fired": partial.fired[::-1]}, "not ascending ids"),
+                          ({"fired": partial.fired + N_LATENTS}, r"not ascending ids in \[0, 64\)")):
+        _commit_partial_arrays(store, "run", "p0", 0, partial, {**arrays, **damage})
+        with pytest.raises(F.FeatureError, match=match) as err:
+            F.read_partial(store, "run", "p0", 0)
+        assert "partial.npz" in str(err.value) and "run pass 1 again" in str(err.value)
 
 
 def test_written_tables_have_the_schemas_tables_declares(store):
