@@ -140,10 +140,12 @@ def shard_slice(tensors: dict[str, torch.Tensor], variant: str, layout: LatentLa
 
 # -- name-keyed training state -------------------------------------------------------------------
 
-def parameter_names(sae, optimizer) -> list[str]:
-    """The SAE parameter name of each optimizer index (the order of ``optimizer.state_dict()``)."""
+def parameter_names(sae, groups: list[dict]) -> list[str]:
+    """The SAE parameter name of each optimizer index (the order of ``optimizer.state_dict()``) of an
+    optimizer of the parameter groups ``groups`` (its ``param_groups``, or the ``sae.param_groups(lr)``
+    it is made of: a resume reads Adam's state before its optimizer exists)."""
     by_id = {id(p): name for name, p in sae.named_parameters()}
-    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return [by_id[id(p)] for group in groups for p in group["params"]]
 
 
 def adam_tensors(sae, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -151,7 +153,7 @@ def adam_tensors(sae, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     JSON-able rest: ``param_groups`` and any non-tensor state). Layout-independent: the names are
     the same whatever rows a rank holds. What every checkpoint stores of Adam, sharded or not
     (``optimizer.safetensors`` / a shard's ``adam.*`` and ``optimizer.json``)."""
-    tensors, meta = _named_adam_state(optimizer.state_dict(), parameter_names(sae, optimizer))
+    tensors, meta = _named_adam_state(optimizer.state_dict(), parameter_names(sae, optimizer.param_groups))
     return {name: value.detach().cpu().contiguous() for name, value in tensors.items()}, meta
 
 
@@ -191,7 +193,7 @@ def stored_adam_state(tensors: dict[str, torch.Tensor], meta: dict,
 def adam_state_dict(sae, optimizer, tensors: dict[str, torch.Tensor], meta: dict, device=None) -> dict:
     """The inverse of :func:`adam_tensors` for this ``sae`` and ``optimizer``: a state_dict for
     ``optimizer.load_state_dict`` (``tensors`` may hold other names; they are ignored)."""
-    index = {name: i for i, name in enumerate(parameter_names(sae, optimizer))}
+    index = {name: i for i, name in enumerate(parameter_names(sae, optimizer.param_groups))}
     state: dict = {}
     for name, value in tensors.items():
         if not name.startswith(ADAM):
@@ -216,12 +218,18 @@ def training_tensors(sae, optimizer, tokens_since_fired: torch.Tensor) -> tuple[
     return tensors, meta
 
 
+def sae_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SAE's state_dict in ``tensors`` (names as in the module docstring): the ``sae.*`` ones, unprefixed."""
+    return {name[len(SAE):]: tensor for name, tensor in tensors.items() if name.startswith(SAE)}
+
+
 def restore_training(sae, optimizer, tensors: dict[str, torch.Tensor], optimizer_meta: dict,
                      device=None) -> torch.Tensor:
-    """Load :func:`training_tensors`' ``tensors`` (e.g. a :func:`read_shard` of this rank's
-    shard) into ``sae`` and ``optimizer`` and the torch RNG; returns ``tokens_since_fired`` on
-    ``device``."""
-    sae.load_state_dict({k[len(SAE):]: v for k, v in tensors.items() if k.startswith(SAE)})
+    """Load the training state of :func:`training_tensors`' ``tensors`` (e.g. a :func:`read_shard`
+    of this rank's shard): Adam's into ``optimizer`` (made over ``sae``, which already holds the
+    weights, :func:`sae_state` of them: built on the meta device and given them by
+    ``sae.with_weights``, so no second copy of the weights is made) and the torch RNG; returns
+    ``tokens_since_fired`` on ``device``."""
     optimizer.load_state_dict(adam_state_dict(sae, optimizer, tensors, optimizer_meta, device))
     torch.set_rng_state(tensors[f"{TRAINER}rng"])
     return tensors[f"{TRAINER}tokens_since_fired"].to(device)

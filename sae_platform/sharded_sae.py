@@ -29,7 +29,7 @@ import torch
 
 from sae_platform.errors import PlatformError
 from sae_platform.sae import BatchTopKSAE, Codes, JumpReLUSAE, ReLUSAE, SwitchSAE, TopKSAE, with_weights
-from sae_platform.sharded_checkpoint import SAE, LatentLayout, open_sharded
+from sae_platform.sharded_checkpoint import SAE, LatentLayout, open_sharded, sae_state
 
 ROWS_PER_PASS = 65_536  # rows encoded per pass over the shards: each pass reads every shard twice
 # The class whose inference rule a shard of each variant runs (Matryoshka's nested prefixes only
@@ -92,8 +92,7 @@ class ShardedSAE:
             hparams.update(first_latent=self.layout.shard_range(shard)[0], whole_n_latents=self.n_latents)
         model = cls(self.d_model, width, device="meta", **hparams)  # shapes only: the shard's weights come next
         state = self.checkpoint.read(self.layout, shard, SAE, self.device)
-        return with_weights(model, {name.removeprefix(SAE): tensor for name, tensor in state.items()},
-                            self.device).eval()
+        return with_weights(model, sae_state(state), self.device).eval()
 
     @torch.no_grad()
     def codes(self, batches: Iterable[torch.Tensor]) -> Iterator[Codes]:
