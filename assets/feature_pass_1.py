@@ -28,6 +28,8 @@ from sae_platform import feature_codes as fc
 from sae_platform import features as ft
 from sae_platform.feature_layout import layout_metadata, layout_ranges, planned_layout
 from sae_platform.feature_plan import FeatureShardPlan
+from sae_platform.latent_slice import sliced_partials
+from sae_platform.model import pick_device
 from sae_platform.sharded_checkpoint import checkpoint_config
 
 BY_BATCH = MultiToSingleDimensionPartitionMapping("batch")  # a pass-1 job reads its batch's codes and rows
@@ -112,7 +114,8 @@ def partial_stats(run: StageRun) -> dict:
     only that shard's stored codes (``feature_codes.partials_from_codes``: no SAE weights, no other
     shard's codes), each partial committed on its own, so a re-run resumes at the next shard and
     memory grows with the latents per shard, not with ``n_latents``. A dense variant (no codes)
-    loads the SAE and encodes only each shard's latents. A shard whose partial is already current
+    loads only each shard's latents' encoder weights in turn and encodes them
+    (``latent_slice.sliced_partials``). A shard whose partial is already current
     (a crashed run's) is kept. FeatureError when the batch's codes are not stored for the current
     checkpoint and layout (materialize ``feature_codes[batch]`` first)."""
     settings, store = _settings(run), run.store
@@ -136,10 +139,9 @@ def partial_stats(run: StageRun) -> dict:
         read = fc.codes_bytes(store, codes[0], todo)
         committed = list(fc.partials_from_codes(store, settings.sae_name, batch, codes, todo, settings,
                                                 checkpoint=checkpoint))
-    elif todo:  # a dense SAE stores no codes: each shard's encode_slice multiplies only its encoder rows
-        sae, _ = _load(run)
-        committed = fc.compute_and_write_partials(store, sae, settings.sae_name, batch, shards, settings,
-                                                  shard_indices=todo, checkpoint=checkpoint, group=group)
+    elif todo:  # a dense SAE stores no codes: each shard is encoded from its own latents' encoder rows alone
+        committed = sliced_partials(store, settings.sae_name, batch, shards, settings, todo, checkpoint=checkpoint,
+                                    device=pick_device(run.resources.features.device), group=group)
     for summary in committed:
         run.log.info(f"pass 1 [{batch}]: shard f{summary['shard_index']} of {plan.n_shards} "
                      f"{_latents(shards[summary['shard_index']])} committed")

@@ -288,11 +288,14 @@ class StoredSAE:
     never the weights, and a wide SAE's weights (512 MiB at 2^20 latents, d_model 64) would be
     most of its job's memory; the logit effects read the shard's decoder rows by slice
     (``sharded_checkpoint.decoder_rows``). Accepted where pass 2 takes an SAE (``merge_shard_tables``,
-    ``feature_intervals``); its stored codes must be there (a FeatureError names the partition)."""
+    ``feature_intervals``); its stored codes must be there (a FeatureError names the partition).
+    ``dtype``: the weights' (cfg.json records none: the trainer's float32). A dense SAE's pass 1 takes
+    its subclass ``latent_slice.LatentSlice``, which holds the weights of one feature shard's latents."""
 
     config: dict
     fingerprint: str
     device: torch.device
+    dtype: torch.dtype = torch.float32
 
     @property
     def n_latents(self) -> int:
@@ -322,16 +325,32 @@ def sae_fingerprint(sae) -> str:
     ``StoredSAE`` gives the fingerprint its partials recorded."""
     if isinstance(sae, StoredSAE):
         return sae.fingerprint
-    digest = hashlib.blake2b(json.dumps(sae.config, sort_keys=True).encode(), digest_size=16)
-    for name, tensor in sorted(sae.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return fingerprint_of(sae.config, sorted(sae.state_dict().items()))
+
+
+def fingerprint_of(config: dict, blocks: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """``sae_fingerprint`` of an SAE of ``config`` whose state_dict, in name order, is ``blocks``:
+    (name, a block of consecutive rows of that tensor), at least one block per tensor (an empty one for
+    an empty tensor), so the digest can be taken of a checkpoint read block by block without ever
+    holding a whole tensor (``sharded_checkpoint.weight_blocks``: a dense SAE's pass 1)."""
+    digest = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=16)
+    last = None
+    for name, block in blocks:
+        if name != last:
+            digest.update(name.encode())
+            last = name
+        digest.update(block.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
 def device_of(sae) -> torch.device:
     """The device of the SAE's weights: pass 1, and the check's re-encode, compute there."""
     return sae.device if isinstance(sae, StoredSAE) else sae.W_dec.device
+
+
+def weights_dtype(sae) -> torch.dtype:
+    """The dtype of the SAE's weights, which pass 1 casts its rows to."""
+    return sae.dtype if isinstance(sae, StoredSAE) else sae.W_dec.dtype
 
 
 def _resolve_device(sae, device) -> torch.device:
@@ -429,7 +448,7 @@ def token_batches(sae, acts, n_rows: int, rows_per_batch: int, partition_key: st
             bad = offset + int(np.flatnonzero(~finite)[0])
             raise FeatureError(f"activation partition {partition_key!r} has NaN/inf values (first at row {bad})",
                                "re-cache that partition (materialize its activations again)")
-        yield offset, torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
+        yield offset, torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(weights_dtype(sae))
 
 
 def witness_features(start: int, stop: int, n: int, seed: int) -> np.ndarray:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -140,10 +141,12 @@ def shard_slice(tensors: dict[str, torch.Tensor], variant: str, layout: LatentLa
 
 # -- name-keyed training state -------------------------------------------------------------------
 
-def parameter_names(sae, optimizer) -> list[str]:
-    """The SAE parameter name of each optimizer index (the order of ``optimizer.state_dict()``)."""
+def parameter_names(sae, groups: list[dict]) -> list[str]:
+    """The SAE parameter name of each optimizer index (the order of ``optimizer.state_dict()``) of an
+    optimizer of the parameter groups ``groups`` (its ``param_groups``, or the ``sae.param_groups(lr)``
+    it is made of: a resume reads Adam's state before its optimizer exists)."""
     by_id = {id(p): name for name, p in sae.named_parameters()}
-    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return [by_id[id(p)] for group in groups for p in group["params"]]
 
 
 def adam_tensors(sae, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -151,7 +154,7 @@ def adam_tensors(sae, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     JSON-able rest: ``param_groups`` and any non-tensor state). Layout-independent: the names are
     the same whatever rows a rank holds. What every checkpoint stores of Adam, sharded or not
     (``optimizer.safetensors`` / a shard's ``adam.*`` and ``optimizer.json``)."""
-    tensors, meta = _named_adam_state(optimizer.state_dict(), parameter_names(sae, optimizer))
+    tensors, meta = _named_adam_state(optimizer.state_dict(), parameter_names(sae, optimizer.param_groups))
     return {name: value.detach().cpu().contiguous() for name, value in tensors.items()}, meta
 
 
@@ -191,7 +194,7 @@ def stored_adam_state(tensors: dict[str, torch.Tensor], meta: dict,
 def adam_state_dict(sae, optimizer, tensors: dict[str, torch.Tensor], meta: dict, device=None) -> dict:
     """The inverse of :func:`adam_tensors` for this ``sae`` and ``optimizer``: a state_dict for
     ``optimizer.load_state_dict`` (``tensors`` may hold other names; they are ignored)."""
-    index = {name: i for i, name in enumerate(parameter_names(sae, optimizer))}
+    index = {name: i for i, name in enumerate(parameter_names(sae, optimizer.param_groups))}
     state: dict = {}
     for name, value in tensors.items():
         if not name.startswith(ADAM):
@@ -216,12 +219,18 @@ def training_tensors(sae, optimizer, tokens_since_fired: torch.Tensor) -> tuple[
     return tensors, meta
 
 
+def sae_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SAE's state_dict in ``tensors`` (names as in the module docstring): the ``sae.*`` ones, unprefixed."""
+    return {name[len(SAE):]: tensor for name, tensor in tensors.items() if name.startswith(SAE)}
+
+
 def restore_training(sae, optimizer, tensors: dict[str, torch.Tensor], optimizer_meta: dict,
                      device=None) -> torch.Tensor:
-    """Load :func:`training_tensors`' ``tensors`` (e.g. a :func:`read_shard` of this rank's
-    shard) into ``sae`` and ``optimizer`` and the torch RNG; returns ``tokens_since_fired`` on
-    ``device``."""
-    sae.load_state_dict({k[len(SAE):]: v for k, v in tensors.items() if k.startswith(SAE)})
+    """Load the training state of :func:`training_tensors`' ``tensors`` (e.g. a :func:`read_shard`
+    of this rank's shard): Adam's into ``optimizer`` (made over ``sae``, which already holds the
+    weights, :func:`sae_state` of them: built on the meta device and given them by
+    ``sae.with_weights``, so no second copy of the weights is made) and the torch RNG; returns
+    ``tokens_since_fired`` on ``device``."""
     optimizer.load_state_dict(adam_state_dict(sae, optimizer, tensors, optimizer_meta, device))
     torch.set_rng_state(tensors[f"{TRAINER}rng"])
     return tensors[f"{TRAINER}tokens_since_fired"].to(device)
@@ -518,10 +527,11 @@ def _read(checkpoint: ShardedCheckpoint, layout: LatentLayout, shard: int, prefi
     return _read_rows(checkpoint, *layout.shard_range(shard), prefix, device)
 
 
-def _read_rows(checkpoint: ShardedCheckpoint, start: int, stop: int, prefix: str, device) -> dict:
-    """Rows [start, stop) of every per-latent tensor of ``checkpoint`` named ``prefix…`` (from the
-    source shards overlapping them only) and every such replicated tensor."""
-    wanted = {n: m for n, m in checkpoint.index["tensors"].items() if n.startswith(prefix)}
+def _read_rows(checkpoint: ShardedCheckpoint, start: int, stop: int, prefix: str, device,
+               keep: Callable[[str], bool] = lambda name: True) -> dict:
+    """Rows [start, stop) of every per-latent tensor of ``checkpoint`` named ``prefix…`` that ``keep``
+    (from the source shards overlapping them only) and every such replicated tensor."""
+    wanted = {n: m for n, m in checkpoint.index["tensors"].items() if n.startswith(prefix) and keep(n)}
     out: dict[str, torch.Tensor] = {}
     for name, meta in wanted.items():
         if meta["axis"] is not None:
@@ -649,25 +659,84 @@ def checkpoint_config(store: ArtifactStore, sae_name: str, version: str | None =
 def decoder_rows(store: ArtifactStore, sae_name: str, start: int, stop: int, *, version: str | None = None,
                  device=None) -> torch.Tensor:
     """``W_dec[start:stop]`` ([stop - start, d_out], in the checkpoint's dtype, on ``device``) of
-    ``sae_name``'s committed (or ``version``'s) checkpoint, sharded or not, without building the
-    SAE or reading any other tensor: safetensors' ``get_slice`` reads just those rows (a sharded
-    checkpoint: from the shards overlapping them). Why: pass 2 of one feature shard needs only its
-    latents' decoder directions (the logit effects), a 1/n_shards part of a wide SAE's weights.
-    StorageError naming the file for a missing checkpoint, a file whose bytes changed since the
-    commit, or NaN/inf in the rows; PlatformError for a range outside [0, n_latents)."""
+    ``sae_name``'s committed (or ``version``'s) checkpoint, sharded or not: :func:`latent_rows` of
+    W_dec alone. Why: pass 2 of one feature shard needs only its latents' decoder directions (the
+    logit effects), a 1/n_shards part of a wide SAE's weights. Raises as :func:`latent_rows`."""
+    return latent_rows(store, sae_name, start, stop, version=version, keep=lambda name: name == "W_dec",
+                       device=device)["W_dec"]
+
+
+def latent_rows(store: ArtifactStore, sae_name: str, start: int, stop: int, *, version: str | None = None,
+                keep: Callable[[str], bool] = lambda name: True, device=None) -> dict[str, torch.Tensor]:
+    """The SAE weights (state_dict names) that ``keep`` of ``sae_name``'s committed (or ``version``'s)
+    checkpoint, sharded or not, as latents [start, stop) need them: rows [start, stop) of each per-latent
+    tensor (W_enc, b_enc, W_dec, JumpReLU's threshold: ``latent_axis``), every other tensor whole, in
+    the checkpoint's dtypes on ``device``, without building the SAE or reading any other tensor:
+    safetensors' ``get_slice`` reads just those rows (a sharded checkpoint: from the shards overlapping
+    them). StorageError naming the file for a missing checkpoint, a file whose bytes changed since the
+    commit, or NaN/inf in what was read; PlatformError for a range outside [0, n_latents)."""
     version, path = _checkpoint_version(store, sae_name, version)
-    n_latents = int(checkpoint_config(store, sae_name, version)["sae"]["n_latents"])
+    config = checkpoint_config(store, sae_name, version)["sae"]
+    n_latents = int(config["n_latents"])
     if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n_latents):
         raise PlatformError(f"latents [{start!r}, {stop!r}) are outside SAE checkpoint {sae_name!r}'s "
                             f"[0, {n_latents})",
                             "pass 0 <= start <= stop <= n_latents (features.feature_shard gives valid ranges)")
     if is_sharded(store, path):
         checkpoint = open_sharded(store, sae_name, version)
-        return _read_rows(checkpoint, start, stop, f"{SAE}W_dec", device)[f"{SAE}W_dec"]
-    name = checkpoint_name(sae_name)
-    checkpoint = ShardedCheckpoint(store, name, path, {},
-                                   store.recorded_files(name, version, f"SAE checkpoint {sae_name!r}"))
+        return sae_state(_read_rows(checkpoint, start, stop, SAE, device, keep=lambda name: keep(name[len(SAE):])))
+    checkpoint = _unsharded(store, sae_name, version, path)
     with _opened(checkpoint, UNSHARDED_WEIGHTS) as f:
-        rows = f.get_slice("W_dec")[start:stop].to(device)
-    _check_finite(checkpoint, UNSHARDED_WEIGHTS, {"W_dec": rows})
+        rows = {name: (f.get_tensor(name) if latent_axis(config["variant"], SAE + name) is None
+                       else f.get_slice(name)[start:stop]).to(device) for name in f.keys() if keep(name)}
+    _check_finite(checkpoint, UNSHARDED_WEIGHTS, rows)
     return rows
+
+
+def _unsharded(store: ArtifactStore, sae_name: str, version: str, path: str) -> ShardedCheckpoint:
+    """An unsharded checkpoint version as a reader of its files (``_opened``: hashed as recorded)."""
+    name = checkpoint_name(sae_name)
+    return ShardedCheckpoint(store, name, path, {}, store.recorded_files(name, version, f"SAE checkpoint {sae_name!r}"))
+
+
+def weight_blocks(store: ArtifactStore, sae_name: str, *, version: str | None = None,
+                  block_elements: int = 1 << 24) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every SAE weight of ``sae_name``'s committed (or ``version``'s) checkpoint, sharded or not, in
+    state_dict name order, as (name, block) for consecutive blocks of its rows of at most
+    ``block_elements`` elements (at least one per tensor: an empty tensor is its own block), read by
+    slice: what ``features.fingerprint_of`` digests, so the whole SAE's fingerprint is taken holding one
+    block (64 MiB) at a time, never the SAE. StorageError naming the file for a file whose bytes changed
+    since the commit, or NaN/inf in a block (the whole SAE is checked, as ``load_sae`` checks it)."""
+    version, path = _checkpoint_version(store, sae_name, version)
+    if is_sharded(store, path):
+        checkpoint = open_sharded(store, sae_name, version)
+        tensors = sorted((n, m) for n, m in checkpoint.index["tensors"].items() if n.startswith(SAE))
+        sources = {n: [checkpoint.index["replicated"]] if m["axis"] is None
+                   else [s["file"] for s in checkpoint.index["shards"]] for n, m in tensors}
+    else:
+        checkpoint = _unsharded(store, sae_name, version, path)
+        with _opened(checkpoint, UNSHARDED_WEIGHTS) as f:
+            tensors = sorted((SAE + n, None) for n in f.keys())
+        sources = {n: [UNSHARDED_WEIGHTS] for n, _ in tensors}
+    with contextlib.ExitStack() as stack:
+        opened: dict = {}  # each file opened (and hashed) once
+        for name, _ in tensors:
+            for file in sources[name]:
+                if file not in opened:
+                    opened[file] = stack.enter_context(_opened(checkpoint, file))
+                stored = name if checkpoint.index else name[len(SAE):]  # a shard's names carry the prefix
+                yield from _blocks(checkpoint, file, opened[file], stored, name[len(SAE):], block_elements)
+
+
+def _blocks(checkpoint: ShardedCheckpoint, file: str, handle, stored: str, name: str,
+            block_elements: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(``name``, block) of consecutive rows of tensor ``stored`` of the opened ``file``, each checked finite."""
+    shape = handle.get_slice(stored).get_shape()
+    if not shape or not shape[0]:  # a scalar or an empty tensor: one block
+        blocks: Iterator[torch.Tensor] = iter([handle.get_tensor(stored)])
+    else:
+        rows = max(1, block_elements // max(1, math.prod(shape[1:])))
+        blocks = (handle.get_slice(stored)[lo:min(lo + rows, shape[0])] for lo in range(0, shape[0], rows))
+    for block in blocks:
+        _check_finite(checkpoint, file, {name: block})
+        yield name, block

@@ -29,7 +29,7 @@ import torch
 
 from sae_platform.errors import PlatformError
 from sae_platform.sae import BatchTopKSAE, Codes, JumpReLUSAE, ReLUSAE, SwitchSAE, TopKSAE, with_weights
-from sae_platform.sharded_checkpoint import SAE, LatentLayout, open_sharded
+from sae_platform.sharded_checkpoint import SAE, LatentLayout, open_sharded, sae_state
 
 ROWS_PER_PASS = 65_536  # rows encoded per pass over the shards: each pass reads every shard twice
 # The class whose inference rule a shard of each variant runs (Matryoshka's nested prefixes only
@@ -80,20 +80,10 @@ class ShardedSAE:
 
     def shard_model(self, shard: int):
         """The model of shard ``shard``'s latents (its rows, the replicated tensors), on ``device``, in eval
-        mode: built without an init (``sae.with_weights``), holding the tensors read from the shard."""
-        cls, width = SHARD_CLASSES[self.variant], self.layout.width(shard)
-        hparams = {key: value for key, value in self.config.items()
-                   if key in cls.DEFAULTS or key in ("d_out", "skip_connection")}
-        if "k" in hparams:
-            hparams["k"] = min(hparams["k"], width)
-        if "target_l0" in hparams:
-            hparams["target_l0"] = None  # a training target, bounded by the whole dictionary
-        if self.variant == "switch":  # an expert shard: its experts' latents, the whole router
-            hparams.update(first_latent=self.layout.shard_range(shard)[0], whole_n_latents=self.n_latents)
-        model = cls(self.d_model, width, device="meta", **hparams)  # shapes only: the shard's weights come next
+        mode: built without an init (``slice_model``), holding the tensors read from the shard."""
+        model = slice_model(self.variant, self.config, self.d_model, self.n_latents, *self.layout.shard_range(shard))
         state = self.checkpoint.read(self.layout, shard, SAE, self.device)
-        return with_weights(model, {name.removeprefix(SAE): tensor for name, tensor in state.items()},
-                            self.device).eval()
+        return with_weights(model, sae_state(state), self.device).eval()
 
     @torch.no_grad()
     def codes(self, batches: Iterable[torch.Tensor]) -> Iterator[Codes]:
@@ -144,6 +134,24 @@ class ShardedSAE:
                 recons[b] = recons[b] + model.decode(mine, x, offset=False)
             del model
         return recons
+
+
+def slice_model(variant: str, config: dict, d_model: int, n_latents: int, start: int, stop: int):
+    """A model of latents [start, stop) of an SAE of ``variant`` (``config``: cfg.json's ``"sae"``
+    less variant, d_model and n_latents) running the variant's inference rule on them alone
+    (``SHARD_CLASSES``), on the meta device: shapes only, no init drawn (``sae.with_weights`` gives it
+    its tensors). Its ``k`` is at most its width and it has no ``target_l0`` (a training target,
+    bounded by the whole dictionary); a switch slice holds whole experts and the whole router."""
+    cls, width = SHARD_CLASSES[variant], stop - start
+    hparams = {key: value for key, value in config.items()
+               if key in cls.DEFAULTS or key in ("d_out", "skip_connection")}
+    if "k" in hparams:
+        hparams["k"] = min(hparams["k"], width)
+    if "target_l0" in hparams:
+        hparams["target_l0"] = None
+    if variant == "switch":  # an expert shard: its experts' latents, the whole router
+        hparams.update(first_latent=start, whole_n_latents=n_latents)
+    return cls(d_model, width, device="meta", **hparams)
 
 
 def _chunks(batches: Iterable[torch.Tensor], rows: int) -> Iterator[list[torch.Tensor]]:

@@ -33,11 +33,14 @@ A latent-sharded checkpoint (``sharded_checkpoint``: one safetensors file per la
 way: ``load_sae`` gathers it where it fits the process, a resume in one process gathers it from any
 layout, the "already finished" check reads it shard by shard.
 
-Nothing read back from a checkpoint can run code: weights and states are safetensors (a header
-plus raw tensor bytes) and JSON; no pickle is ever loaded. Checkpoints of earlier versions hold
-``optimizer.pt`` / ``trainer_state.pt``: those are read with ``torch.load(weights_only=True)``
-(torch's restricted unpickler: tensors and plain containers only) and a file holding anything
-else is refused with a :class:`StorageError` naming it.
+A resume builds its SAE (a latent rank: its shard) on the meta device and takes the checkpoint's
+tensors as its parameters (``sae.with_weights``, as ``load_sae`` does): it never draws an init nor
+calibrates, which only a fresh SAE needs (at 2^20 latents x 576: seconds of RNG and a second
+multi-GB copy per rank). Its optimizer is made over those tensors, then Adam's state, the
+dead-latent counters and the RNG are loaded (``_Resume``).
+
+Nothing read back from a checkpoint can run code (``checkpoint_files``: safetensors and JSON; an
+earlier version's ``optimizer.pt`` / ``trainer_state.pt`` through torch's restricted unpickler).
 
 Every tensor of a checkpoint (weights, Adam moments) is checked finite before the commit: a
 diverged run raises :class:`TrainingError` and the committed checkpoint stays the last good one.
@@ -47,7 +50,6 @@ refuse a checkpoint holding NaN/inf with a :class:`StorageError` naming the file
 evaluated to NaN metrics nor kept as finished by a re-run that exits 0.
 """
 
-import io
 import json
 import math
 import queue
@@ -59,11 +61,11 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from sae_platform.activations import activation_attrs
 from sae_platform.catalog import HELDOUT_ROWS_FILE, checkpoint_name, rebuild_fix, shuffled_name
+from sae_platform.checkpoint_files import finite_weights, read_json, unsharded_files
 from sae_platform.devices import auto_dtype
 from sae_platform.distributed import (
     average_gradients,
@@ -109,6 +111,7 @@ from sae_platform.sharded_checkpoint import (
     parameter_names,
     read_shard,
     restore_training,
+    sae_state,
     shard_slice,
     stored_adam_state,
     training_tensors,
@@ -344,42 +347,25 @@ def _check_finite(x: torch.Tensor, ids: np.ndarray, start: int, step: int | None
             f"key order), then re-run the shuffle; {_committed_note(store, sae_name)}")
 
 
-def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return [name for name, t in tensors.items()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
-def _refuse_non_finite(store: ArtifactStore, path: str, file: str, bad: list[str], step) -> None:
-    """Raise StorageError naming ``file`` of the checkpoint at ``path`` when ``bad`` (the names of
-    its tensors holding NaN/inf) is not empty: such a checkpoint is never used."""
-    if bad:
-        raise StorageError(
-            f"the committed checkpoint {store.url(path)} (step {step}) holds NaN/inf in {', '.join(bad[:4])}"
-            f"{' …' if len(bad) > 4 else ''} ({file}): it is refused, not resumed from, evaluated, exported or kept as "
-            "finished", f"delete that checkpoint (the folder {store.url(path.rsplit('/', 1)[0])}) and train again; "
-            "if the run diverged, with a lower lr")
-
-
-def _finite_weights(store: ArtifactStore, path: str, step) -> dict[str, torch.Tensor]:
-    """The SAE weights of the checkpoint at ``path`` (``sae_weights.safetensors``), refused with a
-    StorageError naming the file when a tensor holds NaN/inf."""
-    weights = _read_tensors(store, path, UNSHARDED_WEIGHTS)
-    _refuse_non_finite(store, path, UNSHARDED_WEIGHTS, _non_finite(weights), step)
-    return weights
+def _built_sae(settings: TrainSettings, width: int, device: torch.device | str, d_in: int | None = None,
+               layout: Layout = Layout()):
+    """The SAE these settings train on rows ``width`` wide (with ``d_in``, a transcoder's [input (d_in) |
+    target] pairs), or with a latent-parallel ``layout`` this rank's shard of it, on ``device``: at its
+    init (drawn from the global RNG), or shapes only on the meta device (a resume's: nothing drawn)."""
+    extra = {} if d_in is None else {"d_out": width - d_in}
+    if layout.latent_parallel > 1:
+        return LatentShardedSAE(settings.variant, d_in or width, settings.n_latents, layout, device=device,
+                                **extra, **settings.sae_kwargs())
+    return build_sae(settings.variant, d_in or width, settings.n_latents, device=device, **extra,
+                     **settings.sae_kwargs())
 
 
 def _new_sae(settings: TrainSettings, d_model: int, device: torch.device, shuffled: Shuffled,
              d_in: int | None = None, layout: Layout = Layout()):
-    """A calibrated SAE; with ``d_in``, rows are a transcoder's [input (d_in) | target] pairs; with a
-    latent-parallel ``layout``, this rank's shard of it (the same rows one process would draw)."""
+    """A fresh SAE (``_built_sae`` at ``settings.seed``: a latent shard draws the rows one process
+    would), calibrated on the first rows of ``shuffled``."""
     torch.manual_seed(settings.seed)
-    extra = {} if d_in is None else {"d_out": d_model - d_in}
-    if layout.latent_parallel > 1:
-        sae = LatentShardedSAE(settings.variant, d_in or d_model, settings.n_latents, layout, device=device,
-                               **extra, **settings.sae_kwargs())
-    else:
-        sae = build_sae(settings.variant, d_in or d_model, settings.n_latents, device=device, **extra,
-                        **settings.sae_kwargs())
+    sae = _built_sae(settings, d_model, device, d_in, layout)
     rows = min(CALIBRATION_ROWS, shuffled.n_rows - settings.holdout_rows)
     ids, acts = zip(*shuffled.blocks(0, rows))
     sample = torch.from_numpy(np.concatenate(acts)).float().to(device)
@@ -407,7 +393,7 @@ def save_checkpoint(store: ArtifactStore, sae_name: str, sae, optimizer, state: 
         return _save_shards(store, sae_name, sae, optimizer, state, settings, shuffled, final)
     weights = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     adam, optimizer_meta = adam_tensors(sae, optimizer)  # named by parameter, as a sharded checkpoint's
-    bad = _non_finite(weights) + [f"optimizer {k}" for k in _non_finite(adam)]
+    bad = non_finite(weights) + [f"optimizer {k}" for k in non_finite(adam)]
     if bad:
         raise _diverged(store, sae_name, state, settings, bad)
     trainer_tensors = {"tokens_since_fired": state.tokens_since_fired.detach().cpu().contiguous(),
@@ -461,41 +447,6 @@ def _diverged(store, sae_name, state: TrainState, settings: TrainSettings, bad: 
         f"committed", f"lower lr; {_committed_note(store, sae_name)}")
 
 
-def _read_tensors(store: ArtifactStore, path: str, file: str) -> dict[str, torch.Tensor]:
-    """A safetensors file of a checkpoint; anything else is refused (never unpickled)."""
-    data = store.fs.cat_file(f"{path}/{file}")
-    try:
-        return load_safetensors(data)
-    except Exception as error:  # safetensors raises its own SafetensorError / ValueError kinds
-        raise StorageError(
-            f"{store.url(path)}/{file} is not a valid safetensors file ({type(error).__name__}: {error}); it was "
-            "refused, nothing in it was run",
-            "the checkpoint is damaged or was tampered with: delete it (the whole sae/<sae_name> folder) and train "
-            "again") from error
-
-
-def _read_json(store: ArtifactStore, path: str, file: str) -> dict:
-    try:
-        return json.loads(store.fs.cat_file(f"{path}/{file}"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise StorageError(f"{store.url(path)}/{file} is not valid JSON ({error}); it was refused",
-                           "the checkpoint is damaged or was tampered with: delete it (the whole sae/<sae_name> "
-                           "folder) and train again") from error
-
-
-def _legacy_torch_file(store: ArtifactStore, path: str, file: str, device=None):
-    """``optimizer.pt`` / ``trainer_state.pt`` of a checkpoint of an earlier version: torch's
-    restricted unpickler (tensors and plain containers only), never the full one."""
-    try:
-        return torch.load(io.BytesIO(store.fs.cat_file(f"{path}/{file}")), map_location=device, weights_only=True)
-    except Exception as error:  # pickle.UnpicklingError for anything but tensors and plain data
-        raise StorageError(
-            f"{store.url(path)}/{file} holds more than tensors and plain data (a pickle that could run code): it "
-            f"was refused, nothing in it was run ({type(error).__name__}: {str(error).splitlines()[0][:200]})",
-            "the checkpoint is damaged or was tampered with: delete it (the whole sae/<sae_name> folder) and train "
-            "again") from error
-
-
 def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str,
                         settings: TrainSettings) -> tuple[dict, Unseen] | None:
     """(pointer, what it has not seen) of ``sae_name``'s checkpoint when it is a finished training with
@@ -517,7 +468,7 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str,
     if is_sharded(store, path):  # shard by shard: nothing gathered
         check_shards(store, sae_name, version=pointer["version"], prefix=SAE)
     else:
-        _finite_weights(store, path, pointer.get("step"))
+        finite_weights(store, path, pointer.get("step"))
     return pointer, unseen
 
 
@@ -533,7 +484,7 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
         path = store.path(checkpoint_name(sae_name), version)
     store.check_intact(checkpoint_name(sae_name), store.version_of(path), what=f"SAE checkpoint {sae_name!r}")
     fix = rebuild_fix(store, checkpoint_name(sae_name))
-    cfg = _read_json(store, path, "cfg.json")
+    cfg = read_json(store, path, "cfg.json")
     weights = _sae_weights(store, sae_name, path, cfg.get("step"))
     with store.damaged(f"{path}/cfg.json", f"cfg.json of SAE checkpoint {sae_name!r}", fix):
         sae_cfg = dict(cfg["sae"])
@@ -546,30 +497,48 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
 
 
 def _sae_weights(store: ArtifactStore, sae_name: str, path: str, step) -> dict[str, torch.Tensor]:
-    """The SAE weights (state_dict) of the checkpoint version at ``path``: ``_finite_weights``, or
+    """The SAE weights (state_dict) of the checkpoint version at ``path``: ``finite_weights``, or
     a sharded checkpoint's shards gathered (``sharded_checkpoint.gathered_state``: refused, naming
     the size and the limit, when the whole SAE would not fit this process)."""
     if not is_sharded(store, path):
-        return _finite_weights(store, path, step)
-    gathered = gathered_state(store, sae_name, version=store.version_of(path), prefix=SAE,
-                              purpose=f"load SAE {sae_name!r} whole")
-    return {name.removeprefix(SAE): tensor for name, tensor in gathered.items()}
+        return finite_weights(store, path, step)
+    return sae_state(gathered_state(store, sae_name, version=store.version_of(path), prefix=SAE,
+                                    purpose=f"load SAE {sae_name!r} whole"))
 
 
-def _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log) -> TrainState | None:
-    """The state of an interrupted training of these settings on this very shuffled store; None
-    when there is none."""
+@dataclass
+class _Resume:
+    """A checkpoint this rank goes on from: ``sae`` built on the meta device holding the checkpoint's
+    weights (this rank's rows) as its parameters, no init drawn, nothing calibrated; ``state`` its step,
+    tokens and history; ``tensors`` the rest of this rank's rows (Adam's state, dead-latent counters, the
+    RNG: ``sharded_checkpoint`` names), loaded by :meth:`restore` once the optimizer exists."""
+
+    sae: object
+    state: TrainState
+    tensors: dict[str, torch.Tensor]
+    optimizer_meta: dict
+
+    def restore(self, optimizer: torch.optim.Optimizer, device) -> TrainState:
+        """Load Adam's state into ``optimizer`` (made over ``sae``'s parameters), the counters and the RNG."""
+        module = self.sae.local if isinstance(self.sae, LatentShardedSAE) else self.sae
+        self.state.tokens_since_fired = restore_training(module, optimizer, self.tensors, self.optimizer_meta, device)
+        self.tensors = {}
+        return self.state
+
+
+def _resume(store, sae_name, settings, shuffled, d_in, layout, device, log) -> _Resume | None:
+    """An interrupted training of these settings on this very shuffled store; None when there is none."""
     pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None or pointer.get("settings") != identity(settings) \
-            or pointer.get("data") != fingerprint:
+            or pointer.get("data") != data_fingerprint(shuffled):
         return None
-    return _load_state(store, sae_name, pointer, sae, optimizer, device, log)
+    return _load_state(store, sae_name, pointer, settings, shuffled.d_model, d_in, layout, device, log)
 
 
-def _resume_grown(store, sae_name, settings, shuffled, sae, optimizer, device, log) -> TrainState | None:
-    """The state of a *finished* checkpoint of these settings whose shuffled store only gained
-    batches since (``refresh.continuation``), set to train the added steps; None, with the reason
-    logged when there was a checkpoint, when training must start from scratch."""
+def _resume_grown(store, sae_name, settings, shuffled, d_in, layout, device, log) -> _Resume | None:
+    """A *finished* checkpoint of these settings whose shuffled store only gained batches since
+    (``refresh.continuation``), set to train the added steps; None, with the reason logged when there
+    was a checkpoint, when training must start from scratch."""
     pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None:
         return None
@@ -578,70 +547,68 @@ def _resume_grown(store, sae_name, settings, shuffled, sae, optimizer, device, l
         log(f"training {sae_name} from scratch, not resuming its checkpoint (step {pointer.get('step')}, version "
             f"{pointer['version']}): {plan}")
         return None
-    state = _load_state(store, sae_name, pointer, sae, optimizer, device, log)
-    if state is None:
+    resume = _load_state(store, sae_name, pointer, settings, shuffled.d_model, d_in, layout, device, log)
+    if resume is None:
         return None
+    state = resume.state
     state.target_steps = state.step + plan.added_steps
     lr = continued_lr(settings.lr_schedule, settings.learning_rate, settings.lr_factor(state.step, state.target_steps))
     log(f"{sae_name}: {plan.describe()}: its checkpoint's weights, Adam state and dead-latent counters go on at "
         f"{lr} to step {state.target_steps} ({plan.unseen.describe()})")
-    return state
+    return resume
 
 
-def _load_state(store, sae_name, pointer, sae, optimizer, device, log) -> TrainState | None:
-    """Load checkpoint ``pointer`` into ``sae``, ``optimizer`` and the torch RNG: this rank's rows of the
-    weights, Adam state and dead-latent counters under the run's layout, whatever layout or version wrote
-    them (a sharded checkpoint: only the shards overlapping those rows, ``sharded_checkpoint.read_shard``,
-    so 2 shards resume as 1, 1 as 4; an unsharded one: read whole and sliced). Its TrainState; None when
-    its optimizer layout is an earlier version's (logged: training starts afresh)."""
+def _load_state(store, sae_name, pointer, settings, width, d_in, layout, device, log) -> _Resume | None:
+    """Checkpoint ``pointer`` read for this rank: its rows of the weights, Adam state and dead-latent
+    counters under the run's ``layout``, whatever layout or version wrote them (a sharded checkpoint:
+    only the shards overlapping those rows, ``sharded_checkpoint.read_shard``, so 2 shards resume as 1,
+    1 as 4; an unsharded one: read whole and sliced, each slice copied out so the whole is freed), the
+    weights assigned to an SAE built on the meta device (``_built_sae``). None when its optimizer
+    layout is an earlier version's (logged: training starts afresh)."""
     path = store.resolve(checkpoint_name(sae_name))
     store.check_intact(checkpoint_name(sae_name), pointer["version"], what=f"SAE checkpoint {sae_name!r}")
-    module, layout = (sae.local, sae.layout) if isinstance(sae, LatentShardedSAE) else (sae, Layout())
+    sae = _built_sae(settings, width, "meta", d_in, layout)  # shapes only: the checkpoint's tensors come next
+    module = sae.local if isinstance(sae, LatentShardedSAE) else sae
     sharded = is_sharded(store, path)
     if sharded:
-        saved, optimizer_meta = _read_json(store, path, "trainer_state.json"), _read_json(store, path, "optimizer.json")
+        saved, optimizer_meta = read_json(store, path, "trainer_state.json"), read_json(store, path, "optimizer.json")
     else:
-        weights, (optimizer_tensors, optimizer_meta), saved = _unsharded_files(store, path, pointer.get("step"), device)
+        weights, (optimizer_tensors, optimizer_meta), saved = unsharded_files(store, path, pointer.get("step"), device)
+    groups = module.param_groups(settings.learning_rate)  # the optimizer's groups (``_optimizer``)
     stored = [len(g["params"]) for g in optimizer_meta["param_groups"]]
-    if stored != [len(g["params"]) for g in optimizer.param_groups]:  # e.g. JumpReLU before θ had its own group
+    if stored != [len(g["params"]) for g in groups]:  # e.g. JumpReLU before θ had its own group
         log(f"the checkpoint of {sae_name} (step {pointer.get('step')}) has the optimizer layout of an earlier version "
-            f"(parameters per group {stored}, now {[len(g['params']) for g in optimizer.param_groups]}): training "
-            "starts afresh and replaces it")
+            f"(parameters per group {stored}, now {[len(g['params']) for g in groups]}): training starts afresh and "
+            "replaces it")
         return None
-    shards = LatentLayout(sae.config["n_latents"], layout.latent_parallel)
+    shards = LatentLayout(settings.n_latents, layout.latent_parallel)
     if sharded:
         tensors = read_shard(store, sae_name, shards, layout.latent_rank, version=pointer["version"], device=device)
     else:
-        adam, optimizer_meta = stored_adam_state(optimizer_tensors, optimizer_meta, parameter_names(module, optimizer))
+        adam, optimizer_meta = stored_adam_state(optimizer_tensors, optimizer_meta, parameter_names(module, groups))
         whole = {**{SAE + k: v for k, v in weights.items()}, **adam,
-                 **{f"{TRAINER}{k}": saved[k] for k in ("tokens_since_fired", "rng")}}
-        tensors = shard_slice(whole, sae.config["variant"], shards, layout.latent_rank)
-    tokens_since_fired = restore_training(module, optimizer, tensors, optimizer_meta, device)
-    return TrainState(saved["step"], saved["tokens"], saved["history"], tokens_since_fired, saved.get("target_steps"))
+                 **{f"{TRAINER}{k}": saved.pop(k) for k in ("tokens_since_fired", "rng")}}
+        del weights, optimizer_tensors, adam  # ``whole`` alone holds them: each is freed once its rows are copied
+        tensors = shard_slice(whole, settings.variant, shards, layout.latent_rank)
+        del whole
+        tensors = _owned(tensors, device)
+    with_weights(module, sae_state(tensors), device)
+    return _Resume(sae, TrainState(saved["step"], saved["tokens"], saved["history"],
+                                   target_steps=saved.get("target_steps")), tensors, optimizer_meta)
 
 
-def _unsharded_files(store, path: str, step, device) -> tuple[dict, tuple[dict, dict], dict]:
-    """An unsharded checkpoint's (weights, (Adam tensors, optimizer.json) as stored, trainer state: step,
-    tokens, history, tokens_since_fired, rng), of this version's files or an earlier version's
-    ``optimizer.pt`` / ``trainer_state.pt`` (torch's restricted unpickler); refused (StorageError naming
-    the file) when a weight or Adam moment is NaN/inf."""
-    files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
-    weights = _finite_weights(store, path, step)
-    if "trainer_state.json" in files:
-        optimizer_file = "optimizer.safetensors"
-        adam = _read_tensors(store, path, optimizer_file), _read_json(store, path, "optimizer.json")
-        saved = {**_read_json(store, path, "trainer_state.json"),
-                 **_read_tensors(store, path, "trainer_state.safetensors")}
-    else:  # a checkpoint of an earlier version: torch's optimizer state_dict, as indexed files (below)
-        optimizer_file = "optimizer.pt"
-        legacy = _legacy_torch_file(store, path, optimizer_file, device)
-        state = legacy["state"]
-        adam = ({f"state.{i}.{k}": v for i, entries in state.items() for k, v in entries.items() if torch.is_tensor(v)},
-                {"param_groups": legacy["param_groups"],
-                 "state": {i: {k: v for k, v in e.items() if not torch.is_tensor(v)} for i, e in state.items()}})
-        saved = _legacy_torch_file(store, path, "trainer_state.pt")
-    _refuse_non_finite(store, path, optimizer_file, _non_finite(adam[0]), step)
-    return weights, adam, saved
+def _owned(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """``tensors``, each in memory of its own, one at a time (each original dropped as its copy is made):
+    a view of a larger tensor (a latent shard's rows of a whole one) is copied, so the whole is freed;
+    training on the CPU (``device``), so is one not at the 64-byte alignment of torch's allocator, which
+    an uninterrupted run's tensors have (safetensors' buffers have their own; BLAS kernels may round
+    differently on another alignment). Their device is left as it is (``restore_training`` moves them)."""
+    owned, align = {}, torch.device(device).type == "cpu"
+    for name in list(tensors):
+        tensor = tensors.pop(name)
+        copy = tensor.untyped_storage().nbytes() > tensor.nbytes or (align and tensor.data_ptr() % 64)
+        owned[name] = tensor.clone() if copy else tensor
+    return owned
 
 
 def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: TrainSettings,
@@ -660,16 +627,16 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     layout = current_layout(settings.latent_parallel, device)
     shuffled = open_shuffled(store, shuffle_name)
     n_train = _train_rows(shuffled, settings)
-    fingerprint = data_fingerprint(shuffled)
     n_steps = max(1, settings.token_budget // settings.batch_size)
     epochs = n_steps * settings.batch_size / (n_train // settings.batch_size * settings.batch_size)
     d_in = activation_attrs(store, shuffle_name).get("d_in")  # paired rows: a transcoder
-    sae = _new_sae(settings, shuffled.d_model, device, shuffled, d_in, layout)
+    resume = _resume(store, sae_name, settings, shuffled, d_in, layout, device, log) \
+        or _resume_grown(store, sae_name, settings, shuffled, d_in, layout, device, log)
+    sae = resume.sae if resume else _new_sae(settings, shuffled.d_model, device, shuffled, d_in, layout)
     sae.selection_dtype = selection_dtype(settings.selection_precision, device)
     optimizer = _optimizer(sae, settings, device)
     initial_lrs = base_lrs(optimizer)  # before a resume loads the last step's scheduled lrs
-    state = _resume(store, sae_name, settings, fingerprint, sae, optimizer, device, log) \
-        or _resume_grown(store, sae_name, settings, shuffled, sae, optimizer, device, log)
+    state = resume.restore(optimizer, device) if resume else None
     resumed = state is not None
     if state is not None and state.target_steps:
         n_steps = state.target_steps

@@ -296,3 +296,91 @@ def test_decoder_rows_come_by_slice_from_either_kind_of_checkpoint_on_s3_and_a_c
     store.fs.pipe_file(weights, bytes(data))
     with pytest.raises(StorageError, match=r"sae_weights\.safetensors differs from the bytes recorded"):
         sc.decoder_rows(store, "flat", 0, 4)
+
+
+@pytest.mark.parametrize("variant,n_latent_shards", [("relu", 0), ("jumprelu", 3), ("batchtopk", 0)])
+def test_a_dense_saes_pass_1_loads_only_its_shards_encoder_rows_and_commits_todays_partials(
+        store, monkeypatch, variant, n_latent_shards):
+    """A dense SAE stores no codes: its pass-1 job (one batch, one shard group) loads, shard after shard,
+    only that shard's rows of W_enc and b_enc (JumpReLU's thresholds too) and the replicated b_pre and
+    scales, by slice from the checkpoint, plain or latent-sharded (3 latent shards straddle the 8 feature
+    shards), never W_dec nor the whole SAE; the partials it commits are those of the whole SAE, bit for
+    bit, its fingerprint included."""
+    from sae_platform import latent_slice
+
+    make_dataset(store, [400, 250])
+    sae = make_sae(variant)
+    if variant == "batchtopk":
+        sae.threshold.fill_(0.4)  # as training leaves it (a checkpoint without one is refused as non-finite)
+    checkpoint = _commit_checkpoint(store, "run", sae, n_latent_shards)
+    shards = F.feature_shards(N_LATENTS, N_SHARDS)
+    expected = {(key, i): F.compute_partials(store, sae, key, [shards[i]], SETTINGS, batch_rows=128)[0]
+                for key in KEYS[:2] for i in range(N_SHARDS)}
+    loaded, load = [], latent_slice.load_latent_slice
+
+    def recording(*args, **kwargs):
+        sliced = load(*args, **kwargs)
+        loaded.append({name: tuple(t.shape) for name, t in sliced.model.state_dict().items() if not t.is_meta})
+        return sliced
+
+    def no_whole_sae(*args, **kwargs):
+        raise AssertionError("pass 1 loaded the whole SAE")
+
+    monkeypatch.setattr(latent_slice, "load_latent_slice", recording)
+    monkeypatch.setattr(latent_slice, "load_sae", no_whole_sae)
+    for key in KEYS[:2]:
+        for group in range(N_GROUPS):
+            indices = list(range(group, N_SHARDS, N_GROUPS))
+            done = latent_slice.sliced_partials(store, "run", key, shards, SETTINGS, indices, checkpoint=checkpoint,
+                                                batch_rows=128)
+            assert [d["shard_index"] for d in done] == indices
+    order = [index for _ in KEYS[:2] for group in range(N_GROUPS) for index in range(group, N_SHARDS, N_GROUPS)]
+    per_latent = {"W_enc": (sae.d_model,), "b_enc": ()} | ({"threshold": ()} if variant == "jumprelu" else {})
+    for shapes, index in zip(loaded, order, strict=True):
+        width = shards[index][1] - shards[index][0]
+        assert "W_dec" not in shapes and shapes["b_pre"] == (sae.d_model,)
+        assert {name: shapes[name] for name in per_latent} == {n: (width, *rest) for n, rest in per_latent.items()}
+    for (key, index), want in expected.items():
+        got = F.read_partial(store, "run", key, index)
+        assert got.meta() == want.meta(), (key, index)  # the whole SAE's config and fingerprint, n_entries, sums
+        for name in F.Partial.ARRAYS + F.Partial.WITNESS:
+            assert np.array_equal(getattr(got, name), getattr(want, name)), (key, index, name)
+        assert catalog.pinned_checkpoint(store.pointer(catalog.partial_name("run", key, index))) == checkpoint
+
+
+def test_the_whole_saes_fingerprint_is_taken_block_by_block_from_either_kind_of_checkpoint(store):
+    """What a dense SAE's pass 1 records without holding the SAE: ``sae_fingerprint`` of the whole SAE,
+    from blocks of at most 40 elements read by slice (W_enc: 2 rows of 16 at a time), of a plain
+    checkpoint and of one in 3 latent shards."""
+    sae = make_sae("jumprelu")
+    for name, n_latent_shards in (("flat", 0), ("wide", 3)):
+        _commit_checkpoint(store, name, sae, n_latent_shards)
+        blocks = list(sc.weight_blocks(store, name, block_elements=40))
+        assert max(block.numel() for _, block in blocks) <= 40 and len(blocks) > len(sae.state_dict())
+        assert F.fingerprint_of(sae.config, blocks) == F.sae_fingerprint(sae), name
+
+
+def test_a_dense_checkpoint_of_an_earlier_version_is_loaded_whole_and_a_sparse_one_never_by_slice(store):
+    """JumpReLU checkpoints once stored log θ: its slice would not be this version's tensors, so pass 1
+    loads that checkpoint whole, as before, and commits the whole SAE's partials. A TopK latent's
+    activation depends on every latent: its slice is refused, naming the stored codes."""
+    from sae_platform import latent_slice
+
+    make_dataset(store, [120])
+    sae = make_sae("jumprelu")
+    weights = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+    weights["log_threshold"] = weights.pop("threshold").log()
+    with store.writing(catalog.checkpoint_name("old")) as version:
+        store.fs.pipe_file(f"{version}/{sc.UNSHARDED_WEIGHTS}", save_safetensors(weights))
+        store.fs.pipe_file(f"{version}/cfg.json", json.dumps({"sae": sae.config}).encode())
+    checkpoint = catalog.checkpoint_version(store, "old")
+    assert latent_slice.load_latent_slice(store, "old", 8, 16, version=checkpoint) is None
+    shards = F.feature_shards(N_LATENTS, N_SHARDS)
+    latent_slice.sliced_partials(store, "old", "p0", shards, SETTINGS, [1], checkpoint=checkpoint, batch_rows=128)
+    whole, _ = trainer.load_sae(store, "old")
+    assert F.read_partial(store, "old", "p0", 1).meta() == \
+        F.compute_partials(store, whole, "p0", [shards[1]], SETTINGS, batch_rows=128)[0].meta()
+    _commit_checkpoint(store, "sparse", make_sae("topk"), 0)
+    with pytest.raises(F.FeatureError, match="depend on every latent") as error:
+        latent_slice.load_latent_slice(store, "sparse", 0, 8)
+    assert "stored codes" in error.value.fix

@@ -2,6 +2,7 @@
 plus an index, committed through the store's protocol, read back under any layout from only the
 overlapping shards, refused by name when half-written or changed, never a pickle."""
 
+import dataclasses
 import json
 import struct
 import threading
@@ -13,12 +14,14 @@ import torch
 from sae_platform import sharded_checkpoint as sc
 from sae_platform.catalog import checkpoint_name
 from sae_platform.errors import PlatformError, StorageError
-from sae_platform.sae import build_sae
+from sae_platform.latent_parallel import Layout
+from sae_platform.sae import build_sae, with_weights
 from sae_platform.sharded_checkpoint import LatentLayout
 from sae_platform.trainer import TrainSettings, _load_state, _optimizer, load_sae, train_sae
-from tests.test_trainer import SETTINGS, make_shuffled
+from tests.test_trainer import SETTINGS, count_inits, make_shuffled
 
 N_LATENTS, D_MODEL = 12, 8
+D_SHUFFLED = 16  # the rows of test_trainer.make_shuffled
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -72,9 +75,10 @@ def test_a_checkpoint_reads_back_under_another_layout_with_its_adam_state(store,
     for shard in range(read):
         _assert_same(sc.read_shard(store, "run", layout, shard), sc.shard_slice(tensors, "jumprelu", layout, shard))
     # gathered into one process, the training goes on exactly as it would have
-    fresh = build_sae("jumprelu", D_MODEL, N_LATENTS)
+    gathered = sc.gathered_state(store, "run")
+    fresh = with_weights(build_sae("jumprelu", D_MODEL, N_LATENTS, device="meta"), sc.sae_state(gathered))
     fresh_optimizer = torch.optim.Adam(fresh.param_groups(1e-2), lr=1e-2)
-    counters = sc.restore_training(fresh, fresh_optimizer, sc.gathered_state(store, "run"), meta)
+    counters = sc.restore_training(fresh, fresh_optimizer, gathered, meta)
     assert torch.equal(counters, torch.arange(N_LATENTS) * 7)
     x = torch.randn(32, D_MODEL)
     for model, opt in ((sae, optimizer), (fresh, fresh_optimizer)):
@@ -231,9 +235,10 @@ def _sharded_copy(store, plain: str, sharded: str, n_shards: int, settings: Trai
     """Rewrite ``plain``'s committed (unsharded) checkpoint as ``sharded`` in ``n_shards`` latent
     shards, by hand: the same weights, Adam state, counters, RNG, JSON files and pointer."""
     pointer = store.pointer(checkpoint_name(plain))
-    sae, _ = load_sae(store, plain)
+    resume = _load_state(store, plain, pointer, settings, D_SHUFFLED, None, Layout(), "cpu", print)
+    sae = resume.sae
     optimizer = _optimizer(sae, settings, torch.device("cpu"))
-    state = _load_state(store, plain, pointer, sae, optimizer, "cpu", print)
+    state = resume.restore(optimizer, "cpu")
     tensors, meta = sc.training_tensors(sae, optimizer, state.tokens_since_fired)
     path = store.resolve(checkpoint_name(plain))
     files = {f: json.loads(store.fs.cat_file(f"{path}/{f}")) for f in ("cfg.json", "trainer_state.json")}
@@ -261,6 +266,31 @@ def test_training_resumed_from_two_shards_in_one_process_ends_as_from_the_unshar
     b, _ = load_sae(store, "sharded")
     _assert_same(b.state_dict(), a.state_dict())
     assert [r["loss"] for r in sharded["history"]] == [r["loss"] for r in plain["history"]]
+
+
+def test_a_latent_shard_resumes_its_own_rows_without_drawing_an_init(store, monkeypatch):
+    """Latent rank 1 of 2 resuming (one process stands in: the read needs no collective) builds its
+    shard on the meta device and takes the checkpoint's rows [32, 64) as its parameters, from an
+    unsharded checkpoint (read whole, its rows copied out: the shard holds no view of the whole) and
+    from a sharded one (the overlapping shards only): no init drawn, nothing calibrated."""
+    make_shuffled(store)
+    train_sae(store, "main", "plain", SETTINGS, log=lambda m: None)
+    _sharded_copy(store, "plain", "sharded", 4, SETTINGS)
+    whole, _ = load_sae(store, "plain")
+    rank = dataclasses.replace(SETTINGS, world_size=2, latent_parallel=2)
+    seen = count_inits(monkeypatch)
+    for name in ("plain", "sharded"):
+        resume = _load_state(store, name, store.pointer(checkpoint_name(name)), rank, D_SHUFFLED, None,
+                             Layout(latent_parallel=2, latent_rank=1), "cpu", print)
+        local = resume.sae.local
+        for tensor in ("W_enc", "W_dec", "b_enc"):
+            got = getattr(local, tensor)
+            assert torch.equal(got, getattr(whole, tensor)[32:64]), (name, tensor)
+            assert got.untyped_storage().nbytes() == got.nbytes and got.data_ptr() % 64 == 0, (name, tensor)
+        assert torch.equal(local.b_pre, whole.b_pre) and torch.equal(local.input_scale, whole.input_scale)
+        state = resume.restore(_optimizer(resume.sae, rank, torch.device("cpu")), "cpu")
+        assert state.step == 30 and state.tokens_since_fired.shape == (32,)
+    assert seen == {"drawn": [], "calibrated": []}
 
 
 def test_a_sharded_checkpoint_loads_and_exports_whole_where_it_fits_and_is_refused_naming_size_and_limit(

@@ -92,6 +92,58 @@ def test_killed_run_resumes_to_bitwise_identical_weights(store, tmp_path, settin
     assert curve(resumed["history"]) == curve(uninterrupted["history"])
 
 
+def count_inits(monkeypatch) -> dict[str, list]:
+    """Record every init an SAE draws (``unit_rows``: the dictionary's rows, by latent range) and every
+    calibration (``calibrate_``: input scale and b_pre from a data sample) from now on."""
+    from sae_platform.sae import base
+
+    seen = {"drawn": [], "calibrated": []}
+    draw, calibrate = base.unit_rows, base.SparseAutoencoder.calibrate_
+
+    def drawing(seed, rows, *args, **kwargs):
+        seen["drawn"].append(rows)
+        return draw(seed, rows, *args, **kwargs)
+
+    def calibrating(self, *args, **kwargs):
+        seen["calibrated"].append(type(self).__name__)
+        return calibrate(self, *args, **kwargs)
+
+    monkeypatch.setattr(base, "unit_rows", drawing)
+    monkeypatch.setattr(base.SparseAutoencoder, "calibrate_", calibrating)
+    return seen
+
+
+def _stop_after_checkpoint(row):
+    if row["step"] >= 25:  # the checkpoint at step 20 is committed
+        raise KeyboardInterrupt
+
+
+def test_a_resume_draws_no_init_and_calibrates_nothing_yet_ends_bit_identical(store, monkeypatch):
+    """A resume builds its SAE on the meta device and takes the checkpoint's tensors as its parameters
+    (as load_sae does): the random init and the calibration only a fresh SAE needs (at 2^20 latents:
+    seconds of RNG and a second multi-GB copy) never run, and the run still ends bit for bit where an
+    uninterrupted one does; so does a finished SAE going on over its grown store."""
+    make_shuffled(store)
+    uninterrupted = train_sae(store, "main", "whole", SETTINGS, log=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(store, "main", "killed", SETTINGS, log=lambda m: None, on_metrics=_stop_after_checkpoint)
+    seen = count_inits(monkeypatch)
+    logs = []
+    resumed = train_sae(store, "main", "killed", SETTINGS, log=logs.append)
+    assert resumed["resumed_from_step"] == 20 and any("resuming" in m for m in logs), logs
+    assert seen == {"drawn": [], "calibrated": []}
+    a, _ = load_sae(store, "whole")
+    b, _ = load_sae(store, "killed")
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), f"{name} differs after resume"
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in uninterrupted["history"]]
+    make_shuffled(store, n_partitions=1, first=3)  # the finished SAE goes on over the new batch
+    grown = train_sae(store, "main", "killed", SETTINGS, log=logs.append)
+    assert grown["resumed_from_step"] == 30 < grown["steps"] and seen == {"drawn": [], "calibrated": []}, logs
+    restarted = train_sae(store, "main", "fresh", SETTINGS, log=lambda m: None)  # the counting sees a fresh SAE
+    assert restarted["resumed_from_step"] == 0 and seen["drawn"] == [range(0, 64)] and seen["calibrated"]
+
+
 def test_finished_run_is_not_retrained_but_changed_settings_are(store):
     make_shuffled(store)
     train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
@@ -272,7 +324,7 @@ def _parameter_order(settings: TrainSettings) -> list[str]:
     from sae_platform.trainer import _optimizer
 
     sae = build_sae(settings.variant, 16, settings.n_latents, **settings.sae_kwargs())
-    return parameter_names(sae, _optimizer(sae, settings, torch.device("cpu")))
+    return parameter_names(sae, _optimizer(sae, settings, torch.device("cpu")).param_groups)
 
 
 def _adam_as_indexed(store, name: str, settings: TrainSettings) -> None:

@@ -422,11 +422,18 @@ class SparseAutoencoder(nn.Module):
         return sum(terms.values()), terms
 
 
-def with_weights(model: SparseAutoencoder, state: dict[str, Tensor], device=None) -> SparseAutoencoder:
+def with_weights(model: SparseAutoencoder, state: dict[str, Tensor], device=None,
+                 left_out: tuple[str, ...] = ()) -> SparseAutoencoder:
     """``model`` (built on the meta device: shapes only, no init drawn, nothing allocated) holding the
     tensors of ``state`` (a checkpoint's state_dict) on ``device`` as its parameters and buffers.
     They are taken as they are (``load_state_dict(assign=True)``), not copied into a second,
-    initialised set: at 2^20 latents x 576 that set was GBs and seconds of RNG. Raises RuntimeError
-    (``load_state_dict``'s) naming a missing or unexpected tensor or a shape that differs."""
-    model.load_state_dict({name: tensor.to(device) for name, tensor in state.items()}, assign=True)
+    initialised set: at 2^20 latents x 576 that set was GBs and seconds of RNG. ``left_out``: the
+    tensors ``state`` does not hold, which stay on the meta device (a part of the model never run:
+    a dense SAE's pass 1 encodes, so it reads no W_dec; any use of one raises). Raises RuntimeError
+    (``load_state_dict``'s, or naming them) for a missing or unexpected tensor or a shape that differs."""
+    loaded = model.load_state_dict({name: tensor.to(device) for name, tensor in state.items()}, assign=True,
+                                   strict=not left_out)
+    if left_out and (loaded.unexpected_keys or sorted(loaded.missing_keys) != sorted(left_out)):
+        raise RuntimeError(f"the tensors given to a {type(model).__name__} lack {sorted(loaded.missing_keys)} and add "
+                           f"{sorted(loaded.unexpected_keys)}, where only {sorted(left_out)} may be left out")
     return model
