@@ -30,6 +30,7 @@ from sae_platform.feature_layout import layout_metadata, layout_ranges, planned_
 from sae_platform.feature_plan import FeatureShardPlan
 from sae_platform.latent_slice import sliced_partials
 from sae_platform.model import pick_device
+from sae_platform.partial_store import partial_current
 from sae_platform.sharded_checkpoint import checkpoint_config
 
 BY_BATCH = MultiToSingleDimensionPartitionMapping("batch")  # a pass-1 job reads its batch's codes and rows
@@ -125,7 +126,7 @@ def partial_stats(run: StageRun) -> dict:
     batch, indices = _pass_1_shards(run, plan)
     group = catalog.shuffled_input_group(store, sae_shuffle(run))
     todo = [i for i in indices
-            if settings.rebuild or not ft.partial_current(store, settings.sae_name, batch, i, shards[i], settings)]
+            if settings.rebuild or not partial_current(store, settings.sae_name, batch, i, shards[i], settings)]
     for index in sorted(set(indices) - set(todo)):
         run.log.info(f"pass 1 [{batch}]: shard f{index} {_latents(shards[index])} is current, kept")
     committed, read = [], None
@@ -169,7 +170,7 @@ def partials_done(run: StageRun) -> str | None:
     if plan is not None:
         batch, indices = _pass_1_shards(run, plan)
         shards = layout_ranges(plan)
-        if all(ft.partial_current(run.store, settings.sae_name, batch, i, shards[i], settings) for i in indices):
+        if all(partial_current(run.store, settings.sae_name, batch, i, shards[i], settings) for i in indices):
             return (f"the partials of {batch}, shard group {pass_1_job(run.partition_key)[1]}, were computed with "
                     f"the current checkpoint of {settings.sae_name} from this version of the batch "
                     "(resources.features.config.rebuild forces a rebuild)")

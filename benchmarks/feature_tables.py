@@ -169,7 +169,7 @@ def stages_worker(args, store, sae, part) -> dict:
     them (``encode``: the bare encode of the same rows, the ratio's denominator)."""
     import torch
 
-    from sae_platform import features
+    from sae_platform import features, partial_store
     from sae_platform.feature_check import brute_force_check
     from sae_platform.feature_layout import layout_ranges
     from sae_platform.feature_merge import merge_shard_tables, write_tables
@@ -187,11 +187,11 @@ def stages_worker(args, store, sae, part) -> dict:
         partials = features.compute_partials(store, sae, args.partition, shards, settings,
                                              batch_rows=args.batch_rows)
         for index, partial in enumerate(partials):
-            features.write_partial(store, "bench", args.partition, index, partial)
+            partial_store.write_partial(store, "bench", args.partition, index, partial)
         del partials
     else:  # the previous layout: one pass-1 job per (batch, feature shard), each with the full selection
         for index, (start, stop) in enumerate(shards):
-            features.write_partial(store, "bench", args.partition, index, features.compute_partial(
+            partial_store.write_partial(store, "bench", args.partition, index, features.compute_partial(
                 store, sae, args.partition, start, stop, settings, batch_rows=args.batch_rows))
     seconds["pass_1"] = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -54,8 +54,8 @@ from sae_platform.features import (
     sae_fingerprint,
     token_batches,
     witness_features,
-    write_partial,
 )
+from sae_platform.partial_store import write_partial
 from sae_platform.storage import ArtifactStore
 
 REPLAY_ENTRIES = 1 << 18  # stored entries handed to a shard's state at once (its own grouping bounds memory)

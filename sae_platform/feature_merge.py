@@ -67,10 +67,9 @@ from sae_platform.features import (
     compute_partials,
     feature_shards,
     hist_bin_edges,
-    read_partials,
     sparse_variant,
-    write_partial,
 )
+from sae_platform.partial_store import read_partials, write_partial
 from sae_platform.storage import ArtifactStore
 from sae_platform.tables import (
     ACTIVATION,

@@ -27,12 +27,13 @@ from sae_platform.catalog import codes_name, logits_name, neuronpedia_name, part
 from sae_platform.corpus import list_source
 from sae_platform.feature_layout import planned_layout, planned_shards
 from sae_platform.feature_merge import build_feature_tables, read_tables
-from sae_platform.features import FeatureSettings, read_partial
+from sae_platform.features import FeatureSettings
 from sae_platform.freshness import feature_state, stale_reasons
 from sae_platform.lineage import feature_table_lineage, format_lineage, recorded_layout_shards, recorded_shard_count
 from sae_platform.llm_explain import serve_chat
 from sae_platform.metrics import explanations_current, read_explanations
 from sae_platform.neuronpedia import check_record, export_current, read_export
+from sae_platform.partial_store import read_partial
 from sae_platform.shuffle import pinned_keys
 from sae_platform.shuffled import open_shuffled
 from sae_platform.storage import POINTER

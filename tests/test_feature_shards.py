@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from assets import features as features_assets
-from sae_platform import catalog, trainer
+from sae_platform import catalog, partial_store, trainer
 from sae_platform import feature_codes as fc
 from sae_platform import features as F
 from sae_platform import sharded_checkpoint as sc
@@ -138,7 +138,7 @@ def test_a_shard_groups_pass_1_finds_the_codes_by_their_checkpoint_and_reads_onl
         [i in (1, 5) for i in range(8)]
     for index in (1, 5):
         assert catalog.pinned_checkpoint(store.pointer(catalog.partial_name("run", "p0", index))) == "v-1"
-        stored = F.read_partial(store, "run", "p0", index)
+        stored = partial_store.read_partial(store, "run", "p0", index)
         (alone,) = F.compute_partials(store, sae, "p0", [shards[index]], SETTINGS, batch_rows=64)
         for name in ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "sum", "max", "hist"):
             assert np.array_equal(getattr(stored, name), getattr(alone, name)), (index, name)
@@ -341,7 +341,7 @@ def test_a_dense_saes_pass_1_loads_only_its_shards_encoder_rows_and_commits_toda
         assert "W_dec" not in shapes and shapes["b_pre"] == (sae.d_model,)
         assert {name: shapes[name] for name in per_latent} == {n: (width, *rest) for n, rest in per_latent.items()}
     for (key, index), want in expected.items():
-        got = F.read_partial(store, "run", key, index)
+        got = partial_store.read_partial(store, "run", key, index)
         assert got.meta() == want.meta(), (key, index)  # the whole SAE's config and fingerprint, n_entries, sums
         for name in F.Partial.ARRAYS + F.Partial.WITNESS:
             assert np.array_equal(getattr(got, name), getattr(want, name)), (key, index, name)
@@ -378,7 +378,7 @@ def test_a_dense_checkpoint_of_an_earlier_version_is_loaded_whole_and_a_sparse_o
     shards = F.feature_shards(N_LATENTS, N_SHARDS)
     latent_slice.sliced_partials(store, "old", "p0", shards, SETTINGS, [1], checkpoint=checkpoint, batch_rows=128)
     whole, _ = trainer.load_sae(store, "old")
-    assert F.read_partial(store, "old", "p0", 1).meta() == \
+    assert partial_store.read_partial(store, "old", "p0", 1).meta() == \
         F.compute_partials(store, whole, "p0", [shards[1]], SETTINGS, batch_rows=128)[0].meta()
     _commit_checkpoint(store, "sparse", make_sae("topk"), 0)
     with pytest.raises(F.FeatureError, match="depend on every latent") as error:

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 
-from sae_platform import feature_select
+from sae_platform import feature_select, partial_store
 from sae_platform import features as F
 from sae_platform.catalog import partial_name, tables_name
 from sae_platform.errors import PlatformError, StorageError
@@ -498,7 +498,7 @@ def test_bad_inputs_raise_errors_that_name_the_problem_and_the_fix(store):
     with pytest.raises(StorageError, match="feature tables of SAE 'run', shard 0 is missing"):
         read_tables(store, "run", 0)
     with pytest.raises(StorageError, match="feature partial"):
-        F.read_partial(store, "run", "p0", 0)
+        partial_store.read_partial(store, "run", "p0", 0)
     write_tables(store, "run", 0, merge_partials([a], SETTINGS))
     with pytest.raises(F.FeatureError, match=r"cover \[0, 8\), not \[0, 16\)"):
         brute_force_check(store, sae, "run", 0, 0, 16)
@@ -516,12 +516,12 @@ def test_partials_and_tables_commit_atomically(store, monkeypatch):
     make_dataset(store, [400])
     sae = make_sae("relu")
     partial = F.compute_partial(store, sae, "p0", 0, N_LATENTS, F.FeatureSettings(top_k=3))
-    F.write_partial(store, "run", "p0", 0, partial)
-    back = F.read_partial(store, "run", "p0", 0)
+    partial_store.write_partial(store, "run", "p0", 0, partial)
+    back = partial_store.read_partial(store, "run", "p0", 0)
     for name in F.Partial.ARRAYS:
         assert np.array_equal(getattr(back, name), getattr(partial, name)), name
     assert back.partition_version == store.pointer("activations/p0")["version"]
-    assert F.list_partials(store, "run", 0) == ["p0"] and F.list_partials(store, "run", 1) == []
+    assert partial_store.list_partials(store, "run", 0) == ["p0"] and partial_store.list_partials(store, "run", 1) == []
     tables = merge_partials([back], SETTINGS)
     write_tables(store, "run", 0, tables)
     first = store.resolve(tables_name("run", 0))
@@ -573,7 +573,8 @@ def test_a_partial_stores_only_the_latents_that_fired_in_its_batch(store):
     per_latent = partial_bytes_per_latent(3, 6, F.N_HIST_BINS)
     n_fired = {}
     for key in ("p0", "p1"):
-        F.write_partial(store, "run", key, 0, F.compute_partial(store, sae, key, 0, N_LATENTS, settings, batch_rows=4))
+        partial = F.compute_partial(store, sae, key, 0, N_LATENTS, settings, batch_rows=4)
+        partial_store.write_partial(store, "run", key, 0, partial)
         stored = _stored_arrays(store, "run", key, 0)
         fired = stored["fired"]
         assert np.array_equal(fired, np.unique(stored["witness_feature"]))  # the latents with an activating token
@@ -584,7 +585,7 @@ def test_a_partial_stores_only_the_latents_that_fired_in_its_batch(store):
         n_fired[key] = len(fired)
     assert n_fired["p0"] <= 24 < n_fired["p1"]
     # the partial read back, filled in, is the full state: the other latents empty
-    back = F.read_partial(store, "run", "p0", 0)
+    back = partial_store.read_partial(store, "run", "p0", 0)
     dense = back.dense()
     never = np.setdiff1d(np.arange(N_LATENTS), back.fired)
     assert dense.top_act.shape == (N_LATENTS, 3) and len(never) >= N_LATENTS - 24
@@ -627,7 +628,7 @@ def test_tables_from_sparse_partials_equal_those_from_dense_ones_bit_for_bit(sto
     build_feature_tables(store, sae, "run", settings, n_feature_shards=2, batch_rows=4)
     keys = [f"p{i}" for i in range(len(splits))]
     for index, (start, stop) in enumerate(F.feature_shards(N_LATENTS, 2)):
-        stored = [F.read_partial(store, "run", key, index) for key in keys]
+        stored = [partial_store.read_partial(store, "run", key, index) for key in keys]
         assert all(p.fired is not None for p in stored) and min(len(p.fired) for p in stored) < (stop - start) / 2
         for run, dense_ones in (("old", keys), ("mixed", keys[1::2]), ("mixed-first", keys[::2])):
             for key, partial in zip(keys, stored):
@@ -636,8 +637,8 @@ def test_tables_from_sparse_partials_equal_those_from_dense_ones_bit_for_bit(sto
                     _commit_partial_arrays(store, run, key, index, partial, {
                         name: getattr(dense, name) for name in F.Partial.ARRAYS + F.Partial.WITNESS})
                 else:
-                    F.write_partial(store, run, key, index, partial)
-        assert F.read_partial(store, "old", "p0", index).fired is None  # the old layout reads as it is
+                    partial_store.write_partial(store, run, key, index, partial)
+        assert partial_store.read_partial(store, "old", "p0", index).fired is None  # the old layout reads as it is
         new = read_tables(store, "run", index)
         for run in ("old", "mixed", "mixed-first"):
             tables = merge_shard_tables(store, sae, run, index, keys, settings)
@@ -656,7 +657,7 @@ def test_a_partial_whose_arrays_disagree_on_its_latents_is_refused_by_name(store
                           ({"fired": partial.fired + N_LATENTS}, r"not ascending ids in \[0, 64\)")):
         _commit_partial_arrays(store, "run", "p0", 0, partial, {**arrays, **damage})
         with pytest.raises(F.FeatureError, match=match) as err:
-            F.read_partial(store, "run", "p0", 0)
+            partial_store.read_partial(store, "run", "p0", 0)
         assert "partial.npz" in str(err.value) and "run pass 1 again" in str(err.value)
 
 

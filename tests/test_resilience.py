@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_platform import catalog
+from sae_platform import catalog, partial_store
 from sae_platform import features as ft
 from sae_platform import shuffle as sh
 from sae_platform.errors import StorageError
@@ -281,6 +281,7 @@ TABLES_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import torch
     from sae_platform import features as ft
+    from sae_platform import partial_store
     from sae_platform.feature_merge import merge_shard_tables, write_tables
     from sae_platform.sae import build_sae
     from sae_platform.storage import ArtifactStore
@@ -301,7 +302,8 @@ TABLES_SCRIPT = textwrap.dedent("""
     settings = ft.FeatureSettings(**{TABLES})
     # The new batch p1 arrived: pass 1 for it, then pass 2 over every batch, shard by shard.
     for index, (start, stop) in enumerate(shards):
-        ft.write_partial(store, "run", "p1", index, ft.compute_partial(store, sae, "p1", start, stop, settings))
+        partial = ft.compute_partial(store, sae, "p1", start, stop, settings)
+        partial_store.write_partial(store, "run", "p1", index, partial)
     for index in range(len(shards)):
         write_tables(store, "run", index, merge_shard_tables(store, sae, "run", index, ["p0", "p1"], settings))
 """).replace("{D}", str(D)).replace("{N_LATENTS}", str(N_LATENTS)).replace("{N_SHARDS}", str(N_SHARDS)) \
@@ -363,11 +365,11 @@ def test_killed_table_pass_leaves_the_committed_table_whole(store, tmp_path, kil
     assert kill_after in _files(store, half) and "meta.json" not in _files(store, half)
     assert not [f for f in _files(store, half) if ".tmp-" in f]
     if kill_after == "partial.npz":  # pass 2 must not find a half-written partial
-        assert ft.list_partials(store, "run", 0) == ["p0"]
+        assert partial_store.list_partials(store, "run", 0) == ["p0"]
         with pytest.raises(StorageError, match="feature partial"):
-            ft.read_partial(store, "run", "p1", 0)
+            partial_store.read_partial(store, "run", "p1", 0)
     else:
-        assert [ft.list_partials(store, "run", i) for i in range(N_SHARDS)] == [["p0", "p1"]] * N_SHARDS
+        assert [partial_store.list_partials(store, "run", i) for i in range(N_SHARDS)] == [["p0", "p1"]] * N_SHARDS
 
     rerun = subprocess.run([sys.executable, "-c", TABLES_SCRIPT, store.root, str(sae_file), "-"], cwd=REPO,
                            capture_output=True, text=True, timeout=120)
