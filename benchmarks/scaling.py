@@ -513,7 +513,8 @@ def measure_all(args, sizes: Sizes) -> list[dict]:
         print(f"stage cost against the work: {sizes}\n{'stage':<9}{'size':>20}{'jobs':>5}{'tokens':>9}{'s':>9}"
               f"{'us/token':>11}{'peak MiB':>10}{'RSS MiB':>10}{'proc s':>8}   path", flush=True)
         cached = cache_all(sizes, base, batches, own, records)
-        token_sweep(sizes, base, cached[:len(batches)], records)
+        if batches:
+            token_sweep(sizes, base, cached[:len(batches)], records)
         if by_latents:
             data = token_job(sizes, base, cached, 1) if reuse else latent_data(sizes, base, cached[-1])
             if own:

@@ -96,7 +96,8 @@ def _check_more_tokens_are_more_batches(kept: list[dict], lines: dict[str, dict]
         assert buffers["filled"]["top_examples"] == [n >= 20 for n in firings] == [False, True, True], buffers
 
 
-def test_a_stage_record_sums_its_jobs_times_and_keeps_the_largest_jobs_peak():
+def test_a_stage_record_sums_its_jobs_times_and_keeps_the_largest_jobs_peak(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as the scripts run: their shared modules importable
     from benchmarks.scaling_stages import combine
 
     jobs = [{"label": f"b{i}", "tokens": 100, "seconds": 1.0 + i, "peak_bytes": 10 * (2 - i) ** 2, "peak_rss": 500 + i,
