@@ -75,10 +75,11 @@ test: setup browser postgres redis
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 
-# Every benchmark script, not the modules they share (the peer-venv protocol, the peers' chart, the help format).
+# Every benchmark script, not the modules they share (the peer-venv protocol, the peers' chart, the help format,
+# the scaling benchmark's stages).
 # Timed comparisons only: the shared peer modules and the one-off checks/runs (cross-checks, the scaling
 # grid, the circuit-tracer check) take other arguments and are run by hand (docs/results.md says how).
-BENCHMARKS := $(filter-out %/peer_venv.py %/bench_help.py %/peers_chart.py %/circuit_tracer_check.py \
+BENCHMARKS := $(filter-out %/peer_venv.py %/bench_help.py %/peers_chart.py %/scaling_stages.py %/circuit_tracer_check.py \
   %/saebench_crosscheck.py %/saebench_core_crosscheck.py %/saebench_core_figures.py %/synthetic_crosscheck.py %/scaling_grid.py,\
   $(wildcard benchmarks/*.py))
 bench: setup

@@ -55,10 +55,62 @@ def test_every_stage_prints_its_cost_against_tokens_and_latents(tiny_model_dir, 
     kept = [json.loads(line) for line in record.read_text().splitlines()]
     assert [r["label"] for r in kept if r["stage"] == "cache"] == ["1x tokens", "4x tokens", "16x tokens"]
     assert not [r for r in kept if r["sweep"] == "latent data"]
+    _check_more_tokens_are_more_batches(kept, lines)
     # every stage's figures were appended as it ended: a run stopped midway keeps them, and prints them again
     again = _run("--quick", "--from-record", str(record))
     assert again.returncode == 0, again.stderr[-2000:]
     assert {k: v["values"] for k, v in _lines(again.stdout).items()} == {k: v["values"] for k, v in lines.items()}
+
+
+def _check_more_tokens_are_more_batches(kept: list[dict], lines: dict[str, dict]) -> None:
+    """At f times the tokens the token sweep runs f activation batches of the 1x size: one job per
+    batch for caching, pass 1 and pass 3's windows (plus pass 3's regroup), one job for the others;
+    a record's time is its jobs' sum and its peak the largest job's, and every job of a per-batch
+    stage holds one batch whatever the factor (same rows, same planned feature layout)."""
+    per_batch = {"cache": 0, "pass_1": 0, "pass_3": 1}  # jobs besides one per batch
+    by_tokens = {(r["stage"], r["label"]): r for r in kept if r["sweep"] == "tokens"}
+    one_batch = by_tokens[("cache", "1x tokens")]["tokens"]
+    for stage in TOKEN_STAGES:
+        for factor in (1, 4, 16):
+            record = by_tokens[(stage, f"{factor}x tokens")]
+            jobs = record["jobs"]
+            assert record["n_jobs"] == len(jobs) == (factor + per_batch[stage] if stage in per_batch else 1), \
+                (stage, factor)
+            assert record["seconds"] == sum(j["seconds"] for j in jobs), (stage, factor)
+            assert record["peak_bytes"] == max(j["peak_bytes"] for j in jobs), (stage, factor)
+            assert record["peak_rss"] == max(j["peak_rss"] for j in jobs), (stage, factor)
+            if stage in per_batch:
+                batch_jobs = jobs[:factor]
+                assert [j["tokens"] for j in batch_jobs] == [one_batch] * factor, (stage, factor)
+                assert record["tokens"] == factor * one_batch
+                assert len({j["label"] for j in batch_jobs}) == factor  # a batch of its own per job
+    assert lines["scaling_pass_1_peak_rss_vs_tokens"]["n_jobs"] == [1, 4, 16]
+    assert lines["scaling_pass_3_peak_rss_vs_tokens"]["n_jobs"] == [2, 5, 17]
+    assert lines["scaling_shuffle_peak_rss_vs_tokens"]["n_jobs"] == [1, 1, 1]
+    for stage in ("pass_1", "pass_2", "pass_3", "browser"):  # planned over one batch: the same at every factor
+        line = lines[f"scaling_{stage}_peak_rss_vs_tokens"]
+        assert len(set(line["feature_shards"])) == 1, line["feature_shards"]
+        buffers = line["per_feature_buffers"]  # ~32 tokens x k 32 / 64 latents per batch: ~16 firings per latent
+        firings = [factor * one_batch * 32 / 64 for factor in (1, 4, 16)]
+        assert buffers["mean_firings_per_latent"] == firings, buffers
+        assert buffers["filled"]["top_examples"] == [n >= 20 for n in firings] == [False, True, True], buffers
+
+
+def test_a_stage_record_sums_its_jobs_times_and_keeps_the_largest_jobs_peak(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as the scripts run: their shared modules importable
+    from benchmarks.scaling_stages import combine
+
+    jobs = [{"label": f"b{i}", "tokens": 100, "seconds": 1.0 + i, "peak_bytes": 10 * (2 - i) ** 2, "peak_rss": 500 + i,
+             "rss_before": 400, "hwm_reset": True, "process_seconds": 2.0, "process_cpu_seconds": 1.5,
+             "path": "p", "feature_shards": 4} for i in range(3)]
+    record = combine(jobs)
+    assert (record["n_jobs"], record["tokens"], record["seconds"]) == (3, 300, 6.0)
+    assert (record["peak_bytes"], record["peak_rss"]) == (40, 502)  # two different jobs' peaks: each the largest
+    assert (record["process_seconds"], record["process_cpu_seconds"]) == (6.0, 4.5)
+    assert [j["label"] for j in record["jobs"]] == ["b0", "b1", "b2"] and record["jobs"][1]["seconds"] == 2.0
+    assert (record["path"], record["feature_shards"]) == ("p", 4) and "rss_before" not in record
+    trained = combine([{**jobs[0], "seconds_per_token": 0.5}])
+    assert trained["seconds_per_token"] == 0.5 and trained["n_jobs"] == 1
 
 
 def _plan(n_latents: int, d_model: int, tokens: int, budget: int | None = None):
@@ -117,5 +169,7 @@ def test_sizes_that_cannot_run_are_refused_naming_the_fix(tmp_path):
     assert run.returncode == 2 and "--memory-budget-bytes" in run.stderr, run.stderr[-2000:]
     run = _run("--quick", "--train-batch", "4096", "--corpus", str(tmp_path / "empty"))
     assert run.returncode == 2 and "lower --train-batch or --train-steps" in run.stderr
+    run = _run("--quick", "--sweeps", "token", "--corpus", str(tmp_path / "empty"))
+    assert run.returncode == 2 and "no sweep token; pass tokens, latents or both" in run.stderr
     run = _run("--quick", "--from-record", str(tmp_path / "absent.jsonl"))
     assert run.returncode == 2 and "absent.jsonl: no such file" in run.stderr
