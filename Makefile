@@ -69,8 +69,9 @@ redis:
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check sae_platform assets resources jobs tests benchmarks
 
+# --durations=25: every CI log names its slowest tests (where the suite's time goes).
 test: setup browser postgres redis
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"

@@ -141,21 +141,31 @@ def store(tmp_path):
     return ArtifactStore(str(tmp_path / "artifacts"))
 
 
-@pytest.fixture
-def tiny_hooked(tiny_model_dir):
+def load_tiny_hooked(model_dir: Path):
+    """The tiny model hooked at layer 1 on the CPU (``tiny_hooked``; also for module-scoped fixtures)."""
     from sae_platform.model import load_hooked_model
 
-    return load_hooked_model(str(tiny_model_dir), layer=1, device="cpu", autocast="none")
+    return load_hooked_model(str(model_dir), layer=1, device="cpu", autocast="none")
+
+
+@pytest.fixture
+def tiny_hooked(tiny_model_dir):
+    return load_tiny_hooked(tiny_model_dir)
+
+
+def write_text_inbox(inbox: Path) -> Path:
+    """``inbox`` (created) with three small UTF-8 text files: alpha, beta and gamma, 3, 4 and 5 copies of
+    TRAINING_TEXT (``text_dir``; also for module-scoped fixtures)."""
+    inbox.mkdir(parents=True)
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        (inbox / f"{name}.txt").write_text(TRAINING_TEXT * (3 + i), encoding="utf-8")
+    return inbox
 
 
 @pytest.fixture
 def text_dir(tmp_path) -> Path:
     """An inbox with three small UTF-8 text files."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    for i, name in enumerate(["alpha", "beta", "gamma"]):
-        (inbox / f"{name}.txt").write_text(TRAINING_TEXT * (3 + i), encoding="utf-8")
-    return inbox
+    return write_text_inbox(tmp_path / "inbox")
 
 
 def cache_and_shuffle(store, model_dir: Path, hooked, text_dir: Path) -> None:

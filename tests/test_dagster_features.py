@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import cache_and_shuffle, tiny_definitions
+from conftest import cache_and_shuffle, load_tiny_hooked, tiny_definitions, write_text_inbox
 from dagster import AssetKey, DagsterInstance, Definitions
 
 from assets import ASSETS, STAGES
@@ -36,7 +36,7 @@ from sae_platform.neuronpedia import check_record, export_current, read_export
 from sae_platform.partial_store import read_partial
 from sae_platform.shuffle import pinned_keys
 from sae_platform.shuffled import open_shuffled
-from sae_platform.storage import POINTER
+from sae_platform.storage import POINTER, ArtifactStore
 from sae_platform.tables import (
     EXAMPLE_SCHEMA,
     EXPLANATION_SCHEMA,
@@ -52,8 +52,13 @@ from tests.test_llm_explain import KEY, RuleModel
 SAE = "topk-4k-k32"
 
 
-@pytest.fixture
-def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
+def _trained(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
+    """Two cached batches (beta, markup: every path over several batches, at 6 Dagster runs a batch
+    fewer per build than the inbox's four; each batch is an encode, 4 pass-1 jobs and a pass 3),
+    shuffled, a 256-latent TopK SAE trained on them, and the deployment's Definitions and an instance
+    knowing the batches: (defs, instance)."""
+    for name in ("alpha", "gamma"):
+        (text_dir / f"{name}.txt").unlink()
     (text_dir / "markup.txt").write_text("Beware <script>window.__xss=1</script> and <img src=x> " * 40)
     cache_and_shuffle(store, tiny_model_dir, tiny_hooked, text_dir)
     train_sae(store, "main", SAE, TrainSettings(variant="topk", n_latents=256, k=8, batch_size=256,
@@ -65,13 +70,34 @@ def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
     return defs, instance
 
 
-def test_feature_pipeline_through_dagster(pipeline, store, monkeypatch):
-    defs, instance = pipeline
-    loaded_by = []  # the functions on the stack of each whole-SAE load: pass 2 (merge_shard) is never one
+@pytest.fixture
+def pipeline(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path):
+    """A trained SAE whose features are not built yet (``_trained``), for a test of its own."""
+    return _trained(store, tiny_model_dir, tiny_hooked, text_dir, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model_dir):
+    """``_trained``'s setup with its features built once (``build_features``), shared by the tests that
+    only read that build; each test that rebuilds, breaks or re-lays-out the tables has its own
+    (``pipeline``). (defs, instance, store, the stack's function names at each whole-SAE load)."""
+    tmp_path = tmp_path_factory.mktemp("built")
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    defs, instance = _trained(store, tiny_model_dir, load_tiny_hooked(tiny_model_dir),
+                              write_text_inbox(tmp_path / "inbox"), tmp_path)
+    loaded_by = []
     load_sae = features_assets.load_sae
-    monkeypatch.setattr(features_assets, "load_sae", lambda *a, **k: loaded_by.append(
-        {frame.function for frame in inspect.stack(context=0)}) or load_sae(*a, **k))
-    assert build_features(instance, defs, SAE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("SAE_PLATFORM_RUN_CONFIG", raising=False)  # as conftest's autouse fixture, not yet run
+        patch.setattr(features_assets, "load_sae", lambda *a, **k: loaded_by.append(
+            {frame.function for frame in inspect.stack(context=0)}) or load_sae(*a, **k))
+        assert build_features(instance, defs, SAE)
+    return defs, instance, store, loaded_by
+
+
+def test_feature_pipeline_through_dagster(built, monkeypatch):
+    defs, instance, store, loaded_by = built
+    # the functions on the stack of each whole-SAE load: pass 2 (merge_shard) is never one
     assert loaded_by and not [stack for stack in loaded_by if "merge_shard" in stack]
     for stage in STAGES.values():  # every feature stage ran (the LLM explanations: skipped, they are off)
         if stage.group == "features":
@@ -148,9 +174,8 @@ def test_feature_pipeline_through_dagster(pipeline, store, monkeypatch):
         assert list(written.items()) == list(schema.items()), file
 
 
-def test_lineage_names_every_upstream_artifact(pipeline, store):
-    defs, instance = pipeline
-    assert build_features(instance, defs, SAE)
+def test_lineage_names_every_upstream_artifact(built):
+    defs, instance, store, _ = built
     record = instance.fetch_materializations(AssetKey("feature_topk"), limit=10).records[0]
     lineage = feature_table_lineage(store, SAE, int(record.partition_key[1:]), run_id=record.run_id)
     assert lineage["sae_checkpoint"]["version"] == store.pointer(f"sae/{SAE}")["version"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import TINY_SAE, deployment
+from test_full_pipeline import BATCHES as OLD  # the first build's batches
 from test_full_pipeline import assert_tables_match_brute_force, execute_full_pipeline
 from transformers import AutoTokenizer
 
@@ -82,8 +83,8 @@ def _windows_match_a_build_from_scratch(store: ArtifactStore, batch: str, model_
 def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path, tiny_model_dir, text_dir):
     env = deployment(tmp_path, tiny_model_dir, text_dir)
     inbox = Path(env["SAE_PLATFORM_INBOX"]).parent
-    for path in sorted(text_dir.glob("*.txt")):
-        shutil.copy(path, inbox / path.name)
+    for name in OLD:
+        shutil.copy(text_dir / f"{name}.txt", inbox / f"{name}.txt")
     first_s, _ = _run(env)
     store = ArtifactStore(env["SAE_PLATFORM_ROOT"])
     kept = store.pointer(checkpoint_name(TINY_SAE))
@@ -96,20 +97,20 @@ def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path
     assert "new tokens not seen (" in log and "batches delta" in log
     # pass 1 encoded the new batch only; the old batches' partials were reused
     assert _built_by(store, "feature_codes", "delta") != first_run
-    assert {_built_by(store, "feature_codes", k) for k in ("alpha", "beta", "gamma")} == {first_run}
-    assert {_built_by(store, "feature_stats_partial", f"{k}|f{g}") for k in ("alpha", "beta", "gamma")
+    assert {_built_by(store, "feature_codes", k) for k in OLD} == {first_run}
+    assert {_built_by(store, "feature_stats_partial", f"{k}|f{g}") for k in OLD
             for g in range(4)} == {first_run}  # every (batch, shard group) job of the old batches: kept
     assert _built_by(store, "feature_stats_partial", "delta|f3") != first_run
     assert stale_reasons(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4) == []
     # the tables describe every batch, the new one included, exactly as a from-scratch build would
     tables = [read_tables(store, TINY_SAE, i) for i in range(4)]
-    assert sorted(p["key"] for p in tables[0].meta["partitions"]) == ["alpha", "beta", "delta", "gamma"]
+    assert sorted(p["key"] for p in tables[0].meta["partitions"]) == sorted([*OLD, "delta"])
     assert "delta" in set(pl.concat([t.examples for t in tables])["partition"].to_list())
     assert_tables_match_brute_force(store, TINY_SAE, shuffled_input_group(store, "main"))
-    for stored, scratch in zip(tables, _from_scratch(store, ["alpha", "beta", "delta", "gamma"]), strict=True):
+    for stored, scratch in zip(tables, _from_scratch(store, sorted([*OLD, "delta"])), strict=True):
         assert stored.stats.equals(scratch.stats) and stored.examples.equals(scratch.examples)
     site = store.read_json(f"{store.path('browser', TINY_SAE)}/site.json")
-    assert sorted(site["batches"]) == ["alpha", "beta", "delta", "gamma"]
+    assert sorted(site["batches"]) == sorted([*OLD, "delta"])
     # pass 3 of an old batch reused the windows still shown and computed the new examples' only
     reused, computed = _pass_3(log, "alpha")
     assert reused > computed, (reused, computed)
@@ -129,7 +130,8 @@ def test_small_batch_keeps_the_sae_and_updates_the_tables_incrementally(tmp_path
     assert _pass_3(log, "alpha")[0] == 0 and "(rebuilt: built from another checkpoint)" in log  # a new SAE
     _windows_match_a_build_from_scratch(store, "alpha", tiny_model_dir)
     plan = refresh_plan(store, shuffle_name="main", sae_name=TINY_SAE, n_feature_shards=4)
-    assert plan.startswith(f"refresh will keep {TINY_SAE} (current); feature pass 1 for 0 of 5 batch(es)"), plan
+    batches = len(OLD) + 2  # and delta, epsilon
+    assert plan.startswith(f"refresh will keep {TINY_SAE} (current); feature pass 1 for 0 of {batches} batch(es)"), plan
     assert ": ~" in plan and "never timed" not in plan, plan  # every stage recorded its seconds
     assert "the exports (sae_comparison, circuit_tracer_export, neuronpedia_export)" in plan, plan
     print(plan)

@@ -67,7 +67,9 @@ def _check_page_in_chromium(chromium, site: Path, top_k: int) -> None:
 
 @pytest.fixture
 def cached(store, tiny_model_dir, tiny_hooked, text_dir):
-    """Three cached batches of the tiny model, shuffled into ``main`` (no SAE trained)."""
+    """Two cached batches of the tiny model (beta, gamma: the features build runs 6 Dagster runs a batch),
+    shuffled into ``main`` (no SAE trained)."""
+    (text_dir / "alpha.txt").unlink()
     cache_and_shuffle(store, tiny_model_dir, tiny_hooked, text_dir)
     return open_shuffled(store, "main").d_model
 
