@@ -28,7 +28,7 @@ from sae_platform.feature_codes import compute_and_write_partials
 from sae_platform.features import FeatureError, FeatureSettings, StoredSAE, fingerprint_of, sparse_variant
 from sae_platform.sae import SparseAutoencoder, build_sae, with_weights
 from sae_platform.sharded_checkpoint import checkpoint_config, latent_rows, weight_blocks
-from sae_platform.sharded_sae import slice_model
+from sae_platform.sharded_sae import SHARD_CLASSES, slice_model
 from sae_platform.storage import ArtifactStore
 from sae_platform.trainer import load_sae
 
@@ -62,9 +62,11 @@ def load_latent_slice(store: ArtifactStore, sae_name: str, start: int, stop: int
     """Latents [start, stop) of ``sae_name``'s committed (or ``version``'s) checkpoint of a dense
     variant, sharded or not, on ``device``: their rows of every per-latent tensor but W_dec and every
     other tensor (see the module docstring), and the whole SAE's fingerprint (``fingerprint``: the
-    one a previous call gave, so a job takes it once). None for a checkpoint of an earlier version
-    whose tensors are named otherwise: load it whole. FeatureError for a sparse variant (TopK,
-    Switch: a latent's activation depends on every latent; their pass 1 reads the stored codes);
+    one a previous call gave, so a job takes it once). None, meaning load it whole, for a checkpoint
+    of an earlier version whose tensors are named otherwise, or of a variant with no model over a
+    slice of its latents (``sharded_sae.SHARD_CLASSES``: a steering ``vector``'s dictionary).
+    FeatureError for a sparse variant (TopK, Switch: a latent's activation depends on every latent;
+    their pass 1 reads the stored codes);
     StorageError naming the file for a changed file or NaN/inf anywhere in the weights;
     PlatformError for a range outside [0, n_latents)."""
     config = dict(checkpoint_config(store, sae_name, version)["sae"])
@@ -73,6 +75,8 @@ def load_latent_slice(store: ArtifactStore, sae_name: str, start: int, stop: int
         raise FeatureError(f"a {variant} SAE's activations of latents [{start}, {stop}) depend on every latent: they "
                            "cannot be encoded from those latents' weights alone",
                            "run its pass 1 from the batch's stored codes (feature_codes.partials_from_codes)")
+    if variant not in SHARD_CLASSES:  # no inference rule over a slice of latents (a steering vector): whole
+        return None
     whole = build_sae(variant, d_model, n_latents, device="meta", **config)  # shapes only: load_sae's model
     if fingerprint is None:
         fingerprint = _whole_fingerprint(store, sae_name, version, whole)

@@ -384,3 +384,27 @@ def test_a_dense_checkpoint_of_an_earlier_version_is_loaded_whole_and_a_sparse_o
     with pytest.raises(F.FeatureError, match="depend on every latent") as error:
         latent_slice.load_latent_slice(store, "sparse", 0, 8)
     assert "stored codes" in error.value.fix
+
+
+def test_a_dictionary_with_no_model_over_a_slice_of_its_latents_is_loaded_whole(store):
+    """A steering vector's one-latent dictionary (``vector``) has no per-slice model
+    (``sharded_sae.SHARD_CLASSES``): pass 1 loads it whole, as before slicing, and commits the whole
+    SAE's partial (CI's test_vectors found the KeyError this guards)."""
+    from sae_platform import latent_slice
+    from sae_platform.sae import VectorDictionary
+    from tests.test_features import D
+
+    make_dataset(store, [120])
+    vector = VectorDictionary.from_direction(torch.randn(D, generator=torch.Generator().manual_seed(0)), 0.1)
+    with store.writing(catalog.checkpoint_name("vec")) as version:
+        store.fs.pipe_file(f"{version}/{sc.UNSHARDED_WEIGHTS}",
+                           save_safetensors({k: v.detach().contiguous() for k, v in vector.state_dict().items()}))
+        store.fs.pipe_file(f"{version}/cfg.json", json.dumps({"sae": vector.config}).encode())
+    checkpoint = catalog.checkpoint_version(store, "vec")
+    assert latent_slice.load_latent_slice(store, "vec", 0, 1, version=checkpoint) is None
+    latent_slice.sliced_partials(store, "vec", "p0", [(0, 1)], SETTINGS, [0], checkpoint=checkpoint, batch_rows=128)
+    whole, _ = trainer.load_sae(store, "vec")
+    expected = F.compute_partials(store, whole, "p0", [(0, 1)], SETTINGS, batch_rows=128)[0]
+    stored = partial_store.read_partial(store, "vec", "p0", 0)
+    assert stored.meta() == expected.meta()
+    assert all(np.array_equal(getattr(stored, name), getattr(expected, name)) for name in F.Partial.ARRAYS)
