@@ -38,9 +38,10 @@ pass 1's codes; ``regroup_by_feature`` + ``write_feature_contexts`` per shard) a
 (``browser.publish.build_site``; no logit tables or explanations). The feature stages describe a
 random-weight TopK SAE (k 32; the same seeded weights in each job's process): their cost does not
 depend on training. Training runs ``--train-steps`` steps of ``--train-batch`` rows per 1x (so 16x
-the tokens is 16x the steps) and per width; its time per token is the steady step time (from the
-first metrics row to the last: the SAE's initialisation, the first step and the final checkpoint
-are in its peak RSS but not in its time per token). Everything runs on the CPU.
+the tokens is 16x the steps) and per width; its time per token and its peak RSS are the steady steps' (from the
+first metrics row to the last: "a training step", as the issue asks; the SAE's initialisation, its
+calibration sample, the first step and the final checkpoint are not, and the record keeps the
+setup's peak as ``setup_peak_rss``). Everything runs on the CPU.
 
 The parent only imports, and loads the tokenizer once so that transformers' lazy imports are shared
 (:func:`import_lazy_modules`). The caching jobs are forked from one process that loaded the model

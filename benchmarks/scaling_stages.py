@@ -270,21 +270,38 @@ def stage_shuffle(meter: Meter, job: dict) -> dict:
 
 
 def stage_train(meter: Meter, job: dict) -> dict:
+    """Training's job, measured over its steady steps, as "a training step" (issue 25): its time
+    per token from the first step's metrics row to the last, its peak (``peak_bytes``,
+    ``peak_rss``) the VmHWM over those steps (reset at the first row) above the RSS there. What
+    comes before (building the SAE, calibrating it on up to ``trainer.CALIBRATION_ROWS`` rows, which
+    fills with the tokens below that cap, the first step) is ``setup_peak_rss`` / ``setup_peak_bytes``;
+    the final checkpoint after the last step is in neither."""
     tokens = job["train_batch"] * job["train_steps"]
     settings = TrainSettings(n_latents=job["n_latents"], k=K, batch_size=job["train_batch"], token_budget=tokens,
                              checkpoint_every_tokens=tokens, holdout_rows=0, dead_after_tokens=tokens,
                              log_every_steps=1)
-    marks = []
+    steps = {}
+
+    def on_metrics(row: dict) -> None:
+        now = time.perf_counter()
+        if not steps:  # the first step is done: the steady steps start here
+            steps["setup_peak_rss"] = memory_status()["VmHWM"]
+            steps["hwm_reset"] = reset_peak()
+            steps["first"] = (now, row["tokens"], memory_status()["VmRSS"])
+        steps["last"] = (now, row["tokens"], memory_status()["VmHWM"])
+
     meter.start()
     summary = train_sae(ArtifactStore(job["root"]), job["shuffle"], job["sae"], settings, device="cpu",
-                        log=lambda message: None,
-                        on_metrics=lambda row: marks.append((time.perf_counter(), row["tokens"])))
+                        log=lambda message: None, on_metrics=on_metrics)
     meter.stop()
-    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    (t0, n0, rss_first), (t1, n1, hwm_last) = steps["first"], steps["last"]
     picks = selection_dtype(settings.selection_precision, "cpu")
-    return {"tokens": summary["tokens"],
-            "seconds_per_token": (t1 - t0) / (n1 - n0) if n1 > n0 else meter.seconds / summary["tokens"],
-            "path": f"picks in {str(picks or torch.float32).removeprefix('torch.')}"}
+    return {"tokens": summary["tokens"], "seconds_per_token": (t1 - t0) / (n1 - n0),
+            "peak_bytes": hwm_last - rss_first, "peak_rss": hwm_last, "rss_before": rss_first,
+            "hwm_reset": steps["hwm_reset"], "setup_peak_rss": steps["setup_peak_rss"],
+            "setup_peak_bytes": steps["setup_peak_rss"] - meter.before["VmRSS"],
+            "path": f"picks in {str(picks or torch.float32).removeprefix('torch.')}; the steady steps "
+                    f"{n0 // job['train_batch'] + 1}-{n1 // job['train_batch']}"}
 
 
 def random_sae(job: dict):

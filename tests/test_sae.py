@@ -646,6 +646,18 @@ def test_geometric_median_ignores_outliers():
     assert float((x.mean(0) - 2.0).abs().max()) > 10
 
 
+def test_geometric_median_is_weiszfelds_iteration_as_written_in_the_direct_form():
+    """The two matrix-vector products per iteration give the iterates of the textbook form, which
+    holds two more [n, d] tensors (x - y and w * x) per iteration."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(2000, D, generator=g) * 3 + 1, torch.randn(20, D, generator=g) * 300])
+    direct, y = x.double(), x.double().mean(0)
+    for _ in range(50):
+        w = 1.0 / (direct - y).norm(dim=1).clamp_min(1e-8)
+        y = (w[:, None] * direct).sum(0) / w.sum()
+    torch.testing.assert_close(geometric_median(x), y, atol=1e-10, rtol=1e-10)
+
+
 def test_b_pre_starts_at_the_geometric_median_in_normalised_units():
     x = make_data(256, offset=4.0)
     sae = calibrated("topk", x)
