@@ -50,6 +50,7 @@ from sae_platform.feature_merge import (
 from sae_platform.feature_plan import FeatureShardPlan
 from sae_platform.freshness import browser_figures_behind, feature_state, features_behind, refresh_plan, stale_reasons
 from sae_platform.ground_truth import synthetic_heldout_codes
+from sae_platform.latent_slice import load_latent_slice
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
 from sae_platform.logits import decoder_logit_effects, logit_effect_meaning, unembedding_matrix
@@ -209,12 +210,13 @@ def merge_one_shard(run: StageRun, plan: FeatureShardPlan, index: int, batches: 
     uniform random examples, density, histogram), then the interval examples, sampled from all
     activating tokens of each interval with the merged max (each batch's codes read again); plus
     the logit effects (W_dec · W_U). Reads only what the shard needs: a TopK-style SAE's stored
-    codes and the shard's decoder rows, never the whole SAE (``_shard_tables``). Commits the
+    codes, a dense one's encoder rows of the shard, and the shard's decoder rows: never the whole SAE
+    (``_shard_tables``). Commits the
     tables, the logit effects and then the lineage record (with the layout): (tables, path, lineage)."""
     settings, store = _settings(run), run.store
     start, stop = shard_range(plan, index)
     config = checkpoint_config(store, settings.sae_name, checkpoint)["sae"]
-    tables = _shard_tables(run, config["variant"], index, batches, checkpoint, device)
+    tables = _shard_tables(run, config["variant"], index, (start, stop), batches, checkpoint, device)
     rows = decoder_rows(store, settings.sae_name, start, stop, version=checkpoint, device=device).float()  # as load_sae
     logits = decoder_logit_effects(rows, unembedding, tokenizer, start)
     path = write_tables(store, settings.sae_name, index, tables)
@@ -225,17 +227,19 @@ def merge_one_shard(run: StageRun, plan: FeatureShardPlan, index: int, batches: 
     return tables, path, lineage
 
 
-def _shard_tables(run: StageRun, variant: str, index: int, batches: list[str], checkpoint: str,
-                  device) -> FeatureTables:
-    """Pass 2's tables of feature shard ``index``: a TopK-style SAE's from the shard's stored codes
-    without its weights (``feature_merge.merge_stored_shard``: one shard's job memory, not the
-    SAE's); another ``variant`` encodes its rows again for the interval examples, which needs its
-    encoder, so that one loads the SAE."""
-    settings = _settings(run)
+def _shard_tables(run: StageRun, variant: str, index: int, latents: tuple[int, int], batches: list[str],
+                  checkpoint: str, device) -> FeatureTables:
+    """Pass 2's tables of feature shard ``index`` (``latents``: its [start, stop)): a TopK-style
+    SAE's from the shard's stored codes without its weights (``feature_merge.merge_stored_shard``:
+    one shard's job memory, not the SAE's); another ``variant`` encodes its rows again for the
+    interval examples with the shard's encoder rows alone (``latent_slice.load_latent_slice``, as
+    its pass 1; the whole SAE only for a checkpoint that has no such slice)."""
+    settings, store = _settings(run), run.store
     if ft.sparse_variant(variant):
-        return merge_stored_shard(run.store, settings.sae_name, index, batches, settings, device, checkpoint)
-    sae, _ = load_sae(run.store, settings.sae_name, device, version=checkpoint)
-    return merge_shard_tables(run.store, sae, settings.sae_name, index, batches, settings)
+        return merge_stored_shard(store, settings.sae_name, index, batches, settings, device, checkpoint)
+    sae = load_latent_slice(store, settings.sae_name, *latents, version=checkpoint, device=device) \
+        or load_sae(store, settings.sae_name, device, version=checkpoint)[0]
+    return merge_shard_tables(store, sae, settings.sae_name, index, batches, settings)
 
 
 def _preview_rows(run: StageRun, tables: FeatureTables, tokenizer, group: str) -> list[dict]:

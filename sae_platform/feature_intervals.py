@@ -44,12 +44,12 @@ from sae_platform.feature_codes import REPLAY_ENTRIES, read_range_codes
 from sae_platform.feature_select import KEY_PAD, Selector, partition_salt, sample_keys
 from sae_platform.features import (
     FeatureError,
-    StoredSAE,
     _batches,
     _sparse_route,
     check_range,
     device_of,
     open_checked,
+    weights_dtype,
 )
 from sae_platform.storage import ArtifactStore
 from sae_platform.tables import (
@@ -163,12 +163,12 @@ def _partition_entries(store: ArtifactStore, sae, sae_name: str, info: dict, sta
                    torch.from_numpy(latents[lo:lo + REPLAY_ENTRIES]).to(dev).long(),
                    torch.from_numpy(values[lo:lo + REPLAY_ENTRIES]).to(dev))
         return
-    if isinstance(sae, StoredSAE):  # no weights to encode with: the codes pass 1 stored are required
+    if not hasattr(sae, "encode_slice"):  # no weights to encode with: the codes pass 1 stored are required
         raise FeatureError(f"partition {key!r} has no stored sparse codes of latents [{start}, {stop}) from the SAE "
                            f"weights its partials recorded (fingerprint {sae.fingerprint})",
                            "run pass 1 again for that partition (it writes the codes), then pass 2")
     for lo, block in _batches(part.acts, part.n_rows, batch_rows):
-        x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(sae.W_dec.dtype)
+        x = torch.from_numpy(np.ascontiguousarray(block)).to(dev, non_blocking=True).to(weights_dtype(sae))
         if _sparse_route(sae):
             out = sae.encode(x)
             yield _select(out.values.float(), out.indices.long(), lo, start, stop)

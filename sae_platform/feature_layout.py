@@ -25,13 +25,13 @@ def plan_layout(sae_config: dict, settings: FeatureSettings, batch_tokens: int) 
     ``sae_config``: cfg.json's ``"sae"`` (variant, n_latents, d_model, d_out, k); ``batch_tokens``:
     rows of the largest activation batch the tables describe. A TopK-style SAE's jobs hold their
     share of a batch's codes (k per row) and read only their shard's decoder rows (d_out x 4 B per
-    latent); a dense variant stores no codes and its pass 2 loads the whole SAE. Raises
-    FeaturePlanError naming ``memory_budget_bytes`` when one latent per shard does not fit."""
+    latent); a dense variant stores no codes, and its jobs read their shard's encoder rows too
+    (``latent_slice``: W_enc's d_model, b_enc and a threshold per latent). Raises FeaturePlanError
+    naming ``memory_budget_bytes`` when one latent per shard does not fit."""
     n_latents, d_model = int(sae_config["n_latents"]), int(sae_config["d_model"])
     d_out = int(sae_config.get("d_out") or d_model)
     sparse = sparse_variant(sae_config["variant"])
-    weights = ({"weight_bytes_per_latent": d_out * 4} if sparse
-               else {"sae_bytes": n_latents * (d_model + d_out + 1) * 4})
+    weights = {"weight_bytes_per_latent": (d_out if sparse else d_out + d_model + 2) * 4}
     return plan_feature_shards(n_latents, top_k=settings.top_k,
                                reservoir_size=settings.reservoir_factor * settings.top_k, n_hist_bins=N_HIST_BINS,
                                batch_tokens=int(batch_tokens), k=int(sae_config.get("k") or 0) if sparse else 0,

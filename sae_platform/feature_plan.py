@@ -19,8 +19,9 @@ group keeps today's layout (shard i = group i).
 What a job does not hold: every other shard's state, and in pass 1 the SAE (a shard's pass 1
 reads its codes, committed by the batch's one encode). Pass 2 of a TopK-style SAE reads only its
 shard's decoder rows, by slice from the checkpoint (``sharded_checkpoint.decoder_rows``, for the
-logit effects): ``weight_bytes_per_latent`` (d_model x 4 B); a dense variant's pass 2 encodes its
-rows again for the interval examples and loads the whole SAE (``sae_bytes``).
+logit effects): ``weight_bytes_per_latent`` (d_model x 4 B); a dense variant's jobs read their
+shard's encoder rows too, to encode its rows (``latent_slice``). ``sae_bytes`` plans a job that
+loads the whole SAE (none of the pipeline's shard jobs now).
 """
 
 import math

@@ -196,14 +196,23 @@ def test_the_default_budget_keeps_the_demo_at_four_shards_and_cuts_a_million_lat
                        batch_tokens=160 * 128)
     assert (wide.n_shards, wide.latents_per_shard, wide.group_shards(1)) == (16, 65_536, [1, 5, 9, 13])
     assert wide.job_bytes <= F.FeatureSettings().memory_budget_bytes
-    # a dense variant's pass 2 loads the whole SAE: less room per shard, more shards
-    dense = plan_layout({"variant": "relu", "n_latents": 1 << 20, "d_model": 64}, F.FeatureSettings(),
-                        batch_tokens=160 * 128)
-    assert dense.n_shards > wide.n_shards and dense.n_shards % 4 == 0
     with pytest.raises(SettingsError, match="resources.features.config.memory_budget_bytes"):
         F.FeatureSettings(memory_budget_bytes=100 << 20)  # below the 400 MiB a job holds before any shard
-    with pytest.raises(FeaturePlanError, match="memory_budget_bytes"):  # the whole SAE alone is over budget
-        plan_layout({"variant": "relu", "n_latents": 1 << 24, "d_model": 64}, F.FeatureSettings(), batch_tokens=0)
+
+
+@pytest.mark.parametrize("n_latents", [1 << 20, 1 << 24])
+def test_a_dense_saes_shard_jobs_count_their_shards_weights_not_the_whole_sae(n_latents):
+    """A dense SAE's pass 1 and pass 2 read only their shard's encoder and decoder rows
+    (latent_slice), so the plan counts those per latent: 2^20 ReLU latents at d_model 576 (4.5 GiB
+    of weights, more than the 2 GiB budget) and 2^24 plan within the default budget; before, the
+    whole SAE in every job made the planner refuse both."""
+    settings = F.FeatureSettings()
+    config = {"variant": "relu", "n_latents": n_latents, "d_model": 576}
+    dense, topk = (plan_layout({**config, **extra}, settings, batch_tokens=160 * 128)
+                   for extra in ({}, {"variant": "topk", "k": 32}))
+    assert dense.job_bytes <= settings.memory_budget_bytes and dense.n_shards % 4 == 0
+    assert dense.bytes_per_latent - topk.bytes_per_latent == (576 + 2) * 4  # its encoder rows, b_enc, threshold
+    assert n_latents * (2 * 576 + 1) * 4 > settings.memory_budget_bytes  # the whole SAE would not fit
 
 
 def test_the_planner_names_a_budget_too_small_for_one_latent():
@@ -408,3 +417,26 @@ def test_a_dictionary_with_no_model_over_a_slice_of_its_latents_is_loaded_whole(
     stored = partial_store.read_partial(store, "vec", "p0", 0)
     assert stored.meta() == expected.meta()
     assert all(np.array_equal(getattr(stored, name), getattr(expected, name)) for name in F.Partial.ARRAYS)
+
+
+@pytest.mark.parametrize("variant,n_latent_shards", [("relu", 0), ("jumprelu", 3)])
+def test_a_dense_saes_pass_2_from_its_shards_encoder_rows_gives_the_whole_saes_tables(store, variant, n_latent_shards):
+    """Pass 2 of a dense SAE encodes its shard's rows again for the interval examples: from the
+    shard's encoder rows alone (``latent_slice.load_latent_slice``, what ``assets/features.py``'s
+    ``_shard_tables`` hands it) its tables are those of the whole SAE, bit for bit; before, a
+    slice was refused as an SAE "without weights" and every pass-2 job loaded the whole SAE."""
+    from sae_platform import latent_slice
+
+    make_dataset(store, [400, 250])
+    sae = make_sae(variant)
+    checkpoint = _commit_checkpoint(store, "run", sae, n_latent_shards)
+    shards = F.feature_shards(N_LATENTS, N_SHARDS)
+    for key in KEYS[:2]:
+        fc.compute_and_write_partials(store, sae, "run", key, shards, SETTINGS, checkpoint=checkpoint, batch_rows=128)
+    for index, (start, stop) in enumerate(shards):
+        whole = merge_shard_tables(store, sae, "run", index, KEYS[:2], SETTINGS)
+        sliced = latent_slice.load_latent_slice(store, "run", start, stop, version=checkpoint)
+        tables = merge_shard_tables(store, sliced, "run", index, KEYS[:2], SETTINGS)
+        assert tables.stats.equals(whole.stats) and tables.examples.equals(whole.examples), index
+        assert tables.meta == whole.meta
+    assert "interval" in set(whole.examples["kind"])
