@@ -272,7 +272,9 @@ def stage_shuffle(meter: Meter, job: dict) -> dict:
 def stage_train(meter: Meter, job: dict) -> dict:
     """Training's job, measured over its steady steps, as "a training step" (issue 25): its time
     per token from the first step's metrics row to the last, its peak (``peak_bytes``,
-    ``peak_rss``) the VmHWM over those steps (reset at the first row) above the RSS there. What
+    ``peak_rss``) the VmHWM over those steps (reset at the first row, after the setup's freed heap
+    is handed back), ``peak_bytes`` above the RSS before the job (the SAE, Adam's moments, a step's
+    tensors and the reader's chunk: what a step holds). What
     comes before (building the SAE, calibrating it on up to ``trainer.CALIBRATION_ROWS`` rows, which
     fills with the tokens below that cap, the first step) is ``setup_peak_rss`` / ``setup_peak_bytes``;
     the final checkpoint after the last step is in neither."""
@@ -284,20 +286,21 @@ def stage_train(meter: Meter, job: dict) -> dict:
 
     def on_metrics(row: dict) -> None:
         now = time.perf_counter()
-        if not steps:  # the first step is done: the steady steps start here
+        if not steps:  # the first step is done: the steady steps start here, the setup's freed heap handed back
             steps["setup_peak_rss"] = memory_status()["VmHWM"]
+            release_free_heap()
             steps["hwm_reset"] = reset_peak()
-            steps["first"] = (now, row["tokens"], memory_status()["VmRSS"])
+            steps["first"] = (now, row["tokens"])
         steps["last"] = (now, row["tokens"], memory_status()["VmHWM"])
 
     meter.start()
     summary = train_sae(ArtifactStore(job["root"]), job["shuffle"], job["sae"], settings, device="cpu",
                         log=lambda message: None, on_metrics=on_metrics)
     meter.stop()
-    (t0, n0, rss_first), (t1, n1, hwm_last) = steps["first"], steps["last"]
+    (t0, n0), (t1, n1, hwm_last) = steps["first"], steps["last"]
     picks = selection_dtype(settings.selection_precision, "cpu")
     return {"tokens": summary["tokens"], "seconds_per_token": (t1 - t0) / (n1 - n0),
-            "peak_bytes": hwm_last - rss_first, "peak_rss": hwm_last, "rss_before": rss_first,
+            "peak_bytes": hwm_last - meter.before["VmRSS"], "peak_rss": hwm_last,
             "hwm_reset": steps["hwm_reset"], "setup_peak_rss": steps["setup_peak_rss"],
             "setup_peak_bytes": steps["setup_peak_rss"] - meter.before["VmRSS"],
             "path": f"picks in {str(picks or torch.float32).removeprefix('torch.')}; the steady steps "
