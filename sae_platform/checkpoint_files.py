@@ -72,6 +72,7 @@ def read_tensors(store: ArtifactStore, path: str, file: str) -> dict[str, torch.
 
 
 HEADER_LIMIT_BYTES = 100_000_000  # safetensors' own limit on a header
+KEPT_BLOCK_BYTES = 64 << 20  # what ``check_kept`` holds of a weight at a time
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,8 @@ def check_kept(store: ArtifactStore, sae_name: str, version: str, step) -> None:
                        if p.endswith(".safetensors"))
     for file in files:
         weights = file == UNSHARDED_WEIGHTS  # the whole file; a shard's weights are its ``sae.*`` tensors
-        refuse_non_finite(store, path, file, non_finite_in_file(store, path, file,
-                                                                lambda n: weights or n.startswith(SAE)), step)
+        bad = non_finite_in_file(store, path, file, lambda n: weights or n.startswith(SAE), KEPT_BLOCK_BYTES)
+        refuse_non_finite(store, path, file, bad, step)
 
 
 def trainer_metadata(store: ArtifactStore, path: str) -> dict:
