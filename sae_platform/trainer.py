@@ -457,8 +457,10 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str,
     """(pointer, what it has not seen) of ``sae_name``'s checkpoint when it is a finished training with
     these settings that the refresh policy keeps on the current shuffled store (the same plan, or only
     batches added holding less than ``settings.retrain_above_fraction`` of its training tokens: then
-    training again would only find it, or is not worth it); None otherwise. Raises StorageError naming
-    the file when that checkpoint's weights hold NaN/inf (never skipped as finished)."""
+    training again would only find it, or is not worth it); None otherwise. What it reads of the
+    checkpoint is ``check_kept``'s (its JSON, every tensor file's header, the weights block by block),
+    which raises StorageError naming the file when a weight holds NaN/inf or a file is damaged (never
+    skipped as finished)."""
     pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None or not pointer.get("final"):
         return None

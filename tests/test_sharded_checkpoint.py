@@ -18,7 +18,7 @@ from sae_platform.latent_parallel import Layout
 from sae_platform.sae import build_sae, with_weights
 from sae_platform.sharded_checkpoint import LatentLayout
 from sae_platform.trainer import TrainSettings, _load_state, _optimizer, load_sae, train_sae
-from tests.test_trainer import SETTINGS, count_inits, make_shuffled
+from tests.test_trainer import SETTINGS, assert_finished_summary, count_inits, make_shuffled, tensor_reads
 
 N_LATENTS, D_MODEL = 12, 8
 D_SHUFFLED = 16  # the rows of test_trainer.make_shuffled
@@ -266,6 +266,22 @@ def test_training_resumed_from_two_shards_in_one_process_ends_as_from_the_unshar
     b, _ = load_sae(store, "sharded")
     _assert_same(b.state_dict(), a.state_dict())
     assert [r["loss"] for r in sharded["history"]] == [r["loss"] for r in plain["history"]]
+
+
+def test_the_already_trained_exit_of_a_sharded_checkpoint_reads_only_its_weights_block_by_block(store, monkeypatch):
+    """The 2^20-latent run's case: a sharded finished checkpoint found again was read shard by shard with
+    its Adam state (2 x 7.26 GB). Only the shards' ``sae.*`` tensors are read, 256 bytes at a time, and
+    the summary is the one that exit always returned."""
+    make_shuffled(store)
+    trained = train_sae(store, "main", "plain", SETTINGS, log=lambda m: None)
+    _sharded_copy(store, "plain", "sharded", 2, SETTINGS)
+    reads, logs = tensor_reads(monkeypatch, block_bytes=256), []
+    found = train_sae(store, "main", "sharded", SETTINGS, log=logs.append)
+    assert "already trained" in logs[0]
+    assert_finished_summary(found, trained, renamed=("run", "path"))
+    checkpoint = sc.open_sharded(store, "sharded")
+    assert {file for file, _ in reads} <= {checkpoint.index["replicated"], sc.shard_file(0, 2), sc.shard_file(1, 2)}
+    assert sum(n for _, n in reads) == checkpoint.whole_bytes(sc.SAE) and max(n for _, n in reads) <= 256
 
 
 def test_a_latent_shard_resumes_its_own_rows_without_drawing_an_init(store, monkeypatch):
