@@ -95,13 +95,48 @@ def test_a_shard_is_assembled_from_only_the_overlapping_source_shards(store, mon
     opened = []
     real = sc._opened
 
-    def recording(checkpoint, file):
+    def recording(checkpoint, file, **kwargs):
         opened.append(file)
-        return real(checkpoint, file)
+        return real(checkpoint, file, **kwargs)
 
     monkeypatch.setattr(sc, "_opened", recording)
     sc.read_shard(store, "run", LatentLayout(N_LATENTS, 2), 1)  # latents [6, 12): source shards 2 and 3
     assert opened == [sc.REPLICATED, sc.shard_file(2, 4), sc.shard_file(3, 4)]
+
+
+@pytest.mark.parametrize("written,read", [(2, 1), (1, 4), (4, 2)])
+def test_a_shards_rows_are_read_in_the_pass_that_hashes_it(store, monkeypatch, written, read):
+    """A resume hashed each shard file as recorded (sha256), then read its rows again by slice: two
+    passes over each of the 2^20-latent run's 7.26 GB shards. The rows are copied out as the bytes
+    are hashed (in 97-byte blocks here, so rows straddle them): no slice read, the same tensors."""
+    from sae_platform import checksums
+
+    sae, optimizer, tensors, meta = _trained("jumprelu")
+    _save(store, tensors, meta, written, "jumprelu")
+    real = sc.safe_open
+
+    class NoSlices:
+        def __init__(self, *args, **kwargs):
+            self.opened = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.opened.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.opened.__exit__(*exc)
+
+        def get_tensor(self, name):
+            return self.handle.get_tensor(name)
+
+        def get_slice(self, name):
+            raise AssertionError(f"{name} read again by slice")
+
+    monkeypatch.setattr(sc, "safe_open", NoSlices)
+    monkeypatch.setattr(checksums, "READ_BLOCK", 97)
+    layout = LatentLayout(N_LATENTS, read)
+    for shard in range(read):
+        _assert_same(sc.read_shard(store, "run", layout, shard), sc.shard_slice(tensors, "jumprelu", layout, shard))
 
 
 def _two_ranks(store, tensors, fail_on=None) -> list[BaseException]:
