@@ -254,6 +254,23 @@ def test_a_resume_reads_each_tensor_once_into_the_memory_it_trains_in_and_ends_b
     assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in uninterrupted["history"]]
 
 
+def test_on_s3_a_resume_and_the_already_trained_exit_read_the_checkpoint_by_range(s3, s3_endpoint):
+    """The same reads (tensors into their memory, the weights block by block) on a real S3 server."""
+    from sae_platform.storage import ArtifactStore
+
+    store = ArtifactStore(f"s3://{s3[1]}/root", {"endpoint_url": s3_endpoint})
+    make_shuffled(store, n_partitions=2)
+    short = TrainSettings(**{**SETTINGS.__dict__, "token_budget": 256 * 12, "checkpoint_every_tokens": 256 * 5})
+    with pytest.raises(KeyboardInterrupt):  # at step 10, before its checkpoint: the one at step 5 is committed
+        train_sae(store, "main", "run", short, log=lambda m: None,
+                  on_metrics=lambda row: _stop_after_checkpoint({"step": 25 if row["step"] >= 10 else 0}))
+    resumed = train_sae(store, "main", "run", short, log=lambda m: None)
+    logs = []
+    assert_finished_summary(train_sae(store, "main", "run", short, log=logs.append), resumed)
+    assert resumed["resumed_from_step"] == 5 and "already trained" in logs[0]
+    assert torch.isfinite(load_sae(store, "run")[0].W_dec).all()
+
+
 def test_a_grown_store_resumes_the_finished_sae_with_the_added_budget_unless_its_settings_changed(store):
     """Above the refresh threshold the SAE is retrained by going on from its finished checkpoint:
     the step continues from the checkpoint's, for the new tokens' steps (weights, Adam state and
