@@ -39,12 +39,17 @@ def digest_bytes(data: bytes) -> str:
     return hashlib.new(HASH, data).hexdigest()
 
 
-def digest_file(fs, path: str, progress: Callable[[int], None] | None = None) -> str:
-    """sha256 (hex) of one file, streamed in ``READ_BLOCK`` reads; ``progress(n_bytes)`` after each."""
-    h = hashlib.new(HASH)
+def digest_file(fs, path: str, progress: Callable[[int], None] | None = None,
+                consume: Callable[[int, bytes], None] | None = None) -> str:
+    """sha256 (hex) of one file, streamed in ``READ_BLOCK`` reads; ``progress(n_bytes)`` after each,
+    ``consume(offset, block)`` given each (a reader that wants the bytes too: one pass, not two)."""
+    h, offset = hashlib.new(HASH), 0
     with fs.open(path, "rb") as f:
         while block := f.read(READ_BLOCK):
             h.update(block)
+            if consume:
+                consume(offset, block)
+            offset += len(block)
             if progress:
                 progress(len(block))
     return h.hexdigest()

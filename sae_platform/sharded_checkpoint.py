@@ -67,9 +67,10 @@ SHARDED_AXES: dict[str, int] = {"sae.W_enc": 0, "sae.b_enc": 0, "sae.W_dec": 0, 
 VARIANT_SHARDED_AXES: dict[str, dict[str, int]] = {"jumprelu": {"sae.threshold": 0}}
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # shaped like their parameter; Adam's ``step`` is a scalar
 GATHER_LIMIT_ENV = "SAE_PLATFORM_GATHER_LIMIT_BYTES"
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+# safetensors' dtype names (a file's header), as torch's
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
 
 
 def shard_file(shard: int, n_shards: int) -> str:
@@ -238,7 +239,17 @@ def restore_training(sae, optimizer, tensors: dict[str, torch.Tensor], optimizer
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding NaN/inf."""
-    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return [name for name, t in tensors.items() if not is_finite(t)]
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN/inf (any tensor not floating point: True). By its minimum and
+    maximum, which NaN propagates to and ±inf is one of: one pass with nothing allocated, ~20x faster
+    on the CPU than ``torch.isfinite(t).all()`` (a bool tensor the size of ``t``, then a second pass)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -452,7 +463,7 @@ def _nbytes(meta: dict) -> int:
     count = 1
     for size in meta["shape"]:
         count *= size
-    return count * torch.empty((), dtype=_DTYPES[meta["dtype"]]).element_size()
+    return count * torch.empty((), dtype=DTYPES[meta["dtype"]]).element_size()
 
 
 def open_sharded(store: ArtifactStore, sae_name: str, version: str | None = None) -> ShardedCheckpoint:
@@ -484,9 +495,10 @@ def open_sharded(store: ArtifactStore, sae_name: str, version: str | None = None
 
 
 @contextlib.contextmanager
-def _opened(checkpoint: ShardedCheckpoint, file: str) -> Iterator:
+def _opened(checkpoint: ShardedCheckpoint, file: str, consume: Callable[[int, bytes], None] | None = None) -> Iterator:
     """safe_open of one file of ``checkpoint`` after its bytes hash as its writer recorded (a
-    changed file is refused naming it); a remote store's file is copied to a temporary file first."""
+    changed file is refused naming it; ``consume(offset, block)`` is given each block as it is hashed,
+    when it is: ``_Copier``); a remote store's file is copied to a temporary file first."""
     store, remote = checkpoint.store, f"{checkpoint.path}/{file}"
     with contextlib.ExitStack() as stack:
         if store.is_local:
@@ -497,7 +509,7 @@ def _opened(checkpoint: ShardedCheckpoint, file: str) -> Iterator:
             store.fs.get_file(remote, local)
         expected = (checkpoint.recorded or {}).get(file, {}).get(checksums.HASH)
         if expected is not None and file not in checkpoint.verified:
-            if checksums.digest_file(LocalFileSystem(), local) != expected:
+            if checksums.digest_file(LocalFileSystem(), local, consume=consume) != expected:
                 raise checkpoint.refuse(file, "differs from the bytes recorded at its commit (sha256 mismatch)")
             checkpoint.verified.add(file)
         try:
@@ -537,7 +549,7 @@ def _read_rows(checkpoint: ShardedCheckpoint, start: int, stop: int, prefix: str
         if meta["axis"] is not None:
             shape = list(meta["shape"])
             shape[meta["axis"]] = stop - start
-            out[name] = torch.empty(shape, dtype=_DTYPES[meta["dtype"]], device=device)
+            out[name] = torch.empty(shape, dtype=DTYPES[meta["dtype"]], device=device)
     with _opened(checkpoint, checkpoint.index["replicated"]) as f:
         replicated = {name: f.get_tensor(name).to(device) for name, m in wanted.items() if m["axis"] is None}
     _check_finite(checkpoint, checkpoint.index["replicated"], replicated)
@@ -546,17 +558,54 @@ def _read_rows(checkpoint: ShardedCheckpoint, start: int, stop: int, prefix: str
     for j, lo, hi in source.overlaps(start, stop):
         file = checkpoint.index["shards"][j]["file"]
         base = source.shard_range(j)[0]
-        with _opened(checkpoint, file) as f:
-            piece = {}
-            for name, meta in wanted.items():
-                if meta["axis"] is None:
-                    continue
-                if meta["axis"] != 0:
-                    raise checkpoint.refuse(INDEX, f"gives {name} latent axis {meta['axis']}; only axis 0 is read")
-                piece[name] = f.get_slice(name)[lo - base:hi - base]
-                out[name][lo - start:hi - start].copy_(piece[name])
-            _check_finite(checkpoint, file, piece)
+        piece = {}
+        for name, meta in wanted.items():
+            if meta["axis"] not in (None, 0):
+                raise checkpoint.refuse(INDEX, f"gives {name} latent axis {meta['axis']}; only axis 0 is read")
+            if meta["axis"] == 0:
+                piece[name] = out[name][lo - start:hi - start]
+        copier = _Copier.of(checkpoint, file, {name: (lo - base, hi - base, t) for name, t in piece.items()})
+        with _opened(checkpoint, file, consume=copier) as f:
+            if not (copier and copier.fed):  # not hashed now (before, by this reader, or not recorded): by slice
+                for name, target in piece.items():
+                    target.copy_(f.get_slice(name)[lo - base:hi - base])
+        _check_finite(checkpoint, file, piece)
     return out
+
+
+@dataclass
+class _Copier:
+    """Byte ranges of a file copied into their tensors as the file is hashed (``_opened``'s consume):
+    one pass over a shard's bytes where hashing then slicing made two (a 2^20-latent resume's 7.26 GB
+    shard read twice). ``ranges``: (first byte, tensor's bytes: a uint8 view), in the file's order."""
+
+    ranges: list[tuple[int, torch.Tensor]]
+    fed: int = 0  # bytes consumed so far
+
+    @classmethod
+    def of(cls, checkpoint: ShardedCheckpoint, file: str, rows: dict[str, tuple[int, int, torch.Tensor]]):
+        """The copier of rows [a, b) of each tensor of ``file`` into its CPU tensor (``rows``: name ->
+        (a, b, target)), when ``_opened`` will hash the file now; else None (then it is read by slice)."""
+        expected = (checkpoint.recorded or {}).get(file, {}).get(checksums.HASH)
+        if expected is None or file in checkpoint.verified or any(t.device.type != "cpu" for *_, t in rows.values()):
+            return None
+        path = f"{checkpoint.path}/{file}"
+        header = _header(checkpoint.store, path)
+        data = checkpoint.store.fs.size(path) - max((m["data_offsets"][1] for m in header.values()), default=0)
+        ranges = []
+        for name, (a, b, target) in rows.items():
+            begin, end = header[name]["data_offsets"]
+            row_bytes = (end - begin) // max(1, header[name]["shape"][0])
+            ranges.append((data + begin + a * row_bytes, target.reshape(-1).view(torch.uint8)))
+        return cls(sorted(ranges, key=lambda r: r[0]))
+
+    def __call__(self, offset: int, block: bytes) -> None:
+        view, end = memoryview(block), offset + len(block)
+        for first, target in self.ranges:
+            lo, hi = max(first, offset), min(first + target.numel(), end)
+            if lo < hi:
+                memoryview(target.numpy())[lo - first:hi - first] = view[lo - offset:hi - offset]
+        self.fed = end
 
 
 def _check_finite(checkpoint: ShardedCheckpoint, file: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -604,15 +653,6 @@ def check_gather(checkpoint: ShardedCheckpoint, prefix: str = "", limit_bytes: i
             f"the {limit:,} bytes ({limit / 2**30:.2f} GiB) allowed, so this process cannot {purpose}",
             f"run it where more memory is free, or raise {GATHER_LIMIT_ENV} (bytes; default: half the available "
             "memory) if the memory is there")
-
-
-def check_shards(store: ArtifactStore, sae_name: str, *, version: str | None = None, prefix: str = "") -> None:
-    """Read every shard of ``sae_name``'s sharded checkpoint in the layout it was written in, one
-    at a time (never more than one shard in memory), and drop it: the StorageErrors of
-    :func:`read_shard` (a changed file, NaN/inf) without gathering anything."""
-    checkpoint = open_sharded(store, sae_name, version)
-    for shard in range(checkpoint.layout.n_shards):
-        checkpoint.read(checkpoint.layout, shard, prefix)
 
 
 def require_gatherable(store: ArtifactStore, sae_name: str, purpose: str, *, version: str | None = None,

@@ -31,7 +31,13 @@ a checkpoint written before (tensors ``state.<param index>.<key>``) is renamed w
 A latent-sharded checkpoint (``sharded_checkpoint``: one safetensors file per latent shard,
 ``replicated.safetensors`` and ``index.json`` in place of the three tensor files) is read the same
 way: ``load_sae`` gathers it where it fits the process, a resume in one process gathers it from any
-layout, the "already finished" check reads it shard by shard.
+layout.
+
+A finished training found again (a re-run, every refresh that re-materializes it) reads what its
+summary needs, the checkpoint's JSON (step, tokens, history), and what keeping it needs
+(``checkpoint_files.check_kept``: every tensor file's header, the weights checked finite one 64 MiB
+block at a time), never Adam's state nor a whole tensor: at 2^20 latents those were 2 x 7.26 GB of
+shards read to return a few numbers.
 
 A resume builds its SAE (a latent rank: its shard) on the meta device and takes the checkpoint's
 tensors as its parameters (``sae.with_weights``, as ``load_sae`` does): it never draws an init nor
@@ -65,7 +71,7 @@ from safetensors.torch import save as save_safetensors
 
 from sae_platform.activations import activation_attrs
 from sae_platform.catalog import HELDOUT_ROWS_FILE, checkpoint_name, rebuild_fix, shuffled_name
-from sae_platform.checkpoint_files import finite_weights, read_json, unsharded_files
+from sae_platform.checkpoint_files import check_kept, finite_weights, read_json, trainer_metadata, unsharded_files
 from sae_platform.devices import auto_dtype
 from sae_platform.distributed import (
     average_gradients,
@@ -104,7 +110,6 @@ from sae_platform.sharded_checkpoint import (
     UNSHARDED_WEIGHTS,
     LatentLayout,
     adam_tensors,
-    check_shards,
     gathered_state,
     is_sharded,
     non_finite,
@@ -452,8 +457,10 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str,
     """(pointer, what it has not seen) of ``sae_name``'s checkpoint when it is a finished training with
     these settings that the refresh policy keeps on the current shuffled store (the same plan, or only
     batches added holding less than ``settings.retrain_above_fraction`` of its training tokens: then
-    training again would only find it, or is not worth it); None otherwise. Raises StorageError naming
-    the file when that checkpoint's weights hold NaN/inf (never skipped as finished)."""
+    training again would only find it, or is not worth it); None otherwise. What it reads of the
+    checkpoint is ``check_kept``'s (its JSON, every tensor file's header, the weights block by block),
+    which raises StorageError naming the file when a weight holds NaN/inf or a file is damaged (never
+    skipped as finished)."""
     pointer = store.pointer(checkpoint_name(sae_name))
     if pointer is None or not pointer.get("final"):
         return None
@@ -464,11 +471,7 @@ def finished_checkpoint(store: ArtifactStore, shuffle_name: str, sae_name: str,
     unseen = kept_unseen(pointer, open_shuffled(store, shuffle_name).index, settings.retrain_above_fraction)
     if unseen is None:
         return None
-    path = store.path(checkpoint_name(sae_name), pointer["version"])
-    if is_sharded(store, path):  # shard by shard: nothing gathered
-        check_shards(store, sae_name, version=pointer["version"], prefix=SAE)
-    else:
-        finite_weights(store, path, pointer.get("step"))
+    check_kept(store, sae_name, pointer["version"], pointer.get("step"))
     return pointer, unseen
 
 
@@ -524,6 +527,23 @@ class _Resume:
         self.state.tokens_since_fired = restore_training(module, optimizer, self.tensors, self.optimizer_meta, device)
         self.tensors = {}
         return self.state
+
+
+def _finished(store, sae_name, settings, shuffled, n_steps: int) -> TrainState | None:
+    """The state (step, tokens, history) of a finished training of these settings on this very shuffled
+    store, at the step it trains to (``n_steps``, or the target a continuation recorded); None otherwise.
+    Read from the checkpoint's JSON, then ``check_kept`` (weights checked finite block by block, every
+    tensor file's header): never its tensors whole nor Adam's state, which only going on needs (the
+    2^20-latent run's: 2 x 7.26 GB of shards). StorageError as ``check_kept`` raises."""
+    pointer = store.pointer(checkpoint_name(sae_name))
+    if pointer is None or pointer.get("settings") != identity(settings) \
+            or pointer.get("data") != data_fingerprint(shuffled):
+        return None
+    saved = trainer_metadata(store, store.path(checkpoint_name(sae_name), pointer["version"]))
+    if saved["step"] < (saved.get("target_steps") or n_steps):
+        return None
+    check_kept(store, sae_name, pointer["version"], pointer.get("step"))
+    return TrainState(saved["step"], saved["tokens"], saved["history"], target_steps=saved.get("target_steps"))
 
 
 def _resume(store, sae_name, settings, shuffled, d_in, layout, device, log) -> _Resume | None:
@@ -630,6 +650,11 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     n_steps = max(1, settings.token_budget // settings.batch_size)
     epochs = n_steps * settings.batch_size / (n_train // settings.batch_size * settings.batch_size)
     d_in = activation_attrs(store, shuffle_name).get("d_in")  # paired rows: a transcoder
+    finished = _finished(store, sae_name, settings, shuffled, n_steps)
+    if finished is not None:
+        log(f"{sae_name} is already trained for this config and data (step {finished.step}); nothing to do")
+        return _summary(store, sae_name, finished, settings, started=time.perf_counter(),
+                        resumed_from=finished.step, device=device)
     resume = _resume(store, sae_name, settings, shuffled, d_in, layout, device, log) \
         or _resume_grown(store, sae_name, settings, shuffled, d_in, layout, device, log)
     sae = resume.sae if resume else _new_sae(settings, shuffled.d_model, device, shuffled, d_in, layout)
@@ -648,10 +673,6 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
             if layout.latent_parallel > 1 else ""
         log(f"training {sae_name}: {settings.variant}, {settings.n_latents} latents, {n_steps} steps of "
             f"{settings.batch_size} on {n_train:,} rows ({epochs:.2f} epochs) on {device}{picks}{sharded}")
-    elif state.step >= n_steps:
-        log(f"{sae_name} is already trained for this config and data (step {state.step}); nothing to do")
-        return _summary(store, sae_name, state, settings, sae, started=time.perf_counter(), resumed_from=state.step,
-                        device=device)
     else:
         log(f"resuming {sae_name} from step {state.step} ({state.tokens:,} tokens)")
     state.heldout, exclude = training_heldout(store, sae_name, shuffled, settings.holdout_rows, resumed)
@@ -702,7 +723,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     if rank == 0 or layout.latent_parallel > 1:  # a sharded checkpoint: every rank takes part
         save_checkpoint(store, sae_name, sae, optimizer, state, settings, shuffled, final=True)
     barrier()
-    return _summary(store, sae_name, state, settings, sae, started, resumed_from, device)
+    return _summary(store, sae_name, state, settings, started, resumed_from, device)
 
 
 def _counted_figures(sae, out, dead: torch.Tensor, layout: Layout) -> tuple[float, float]:
@@ -726,7 +747,7 @@ def _metrics_row(state, loss, terms, out, x, counted: tuple[float, float], start
             **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
 
 
-def _summary(store, sae_name, state: TrainState, settings, sae, started, resumed_from, device) -> dict:
+def _summary(store, sae_name, state: TrainState, settings, started, resumed_from, device) -> dict:
     last = state.history[-1] if state.history else {}
     elapsed = time.perf_counter() - started
     return {"run": sae_name, "path": store.url(store.resolve(checkpoint_name(sae_name))), "steps": state.step,

@@ -18,7 +18,7 @@ from sae_platform.latent_parallel import Layout
 from sae_platform.sae import build_sae, with_weights
 from sae_platform.sharded_checkpoint import LatentLayout
 from sae_platform.trainer import TrainSettings, _load_state, _optimizer, load_sae, train_sae
-from tests.test_trainer import SETTINGS, count_inits, make_shuffled
+from tests.test_trainer import SETTINGS, assert_finished_summary, count_inits, make_shuffled, tensor_reads
 
 N_LATENTS, D_MODEL = 12, 8
 D_SHUFFLED = 16  # the rows of test_trainer.make_shuffled
@@ -95,13 +95,48 @@ def test_a_shard_is_assembled_from_only_the_overlapping_source_shards(store, mon
     opened = []
     real = sc._opened
 
-    def recording(checkpoint, file):
+    def recording(checkpoint, file, **kwargs):
         opened.append(file)
-        return real(checkpoint, file)
+        return real(checkpoint, file, **kwargs)
 
     monkeypatch.setattr(sc, "_opened", recording)
     sc.read_shard(store, "run", LatentLayout(N_LATENTS, 2), 1)  # latents [6, 12): source shards 2 and 3
     assert opened == [sc.REPLICATED, sc.shard_file(2, 4), sc.shard_file(3, 4)]
+
+
+@pytest.mark.parametrize("written,read", [(2, 1), (1, 4), (4, 2)])
+def test_a_shards_rows_are_read_in_the_pass_that_hashes_it(store, monkeypatch, written, read):
+    """A resume hashed each shard file as recorded (sha256), then read its rows again by slice: two
+    passes over each of the 2^20-latent run's 7.26 GB shards. The rows are copied out as the bytes
+    are hashed (in 97-byte blocks here, so rows straddle them): no slice read, the same tensors."""
+    from sae_platform import checksums
+
+    sae, optimizer, tensors, meta = _trained("jumprelu")
+    _save(store, tensors, meta, written, "jumprelu")
+    real = sc.safe_open
+
+    class NoSlices:
+        def __init__(self, *args, **kwargs):
+            self.opened = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.opened.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.opened.__exit__(*exc)
+
+        def get_tensor(self, name):
+            return self.handle.get_tensor(name)
+
+        def get_slice(self, name):
+            raise AssertionError(f"{name} read again by slice")
+
+    monkeypatch.setattr(sc, "safe_open", NoSlices)
+    monkeypatch.setattr(checksums, "READ_BLOCK", 97)
+    layout = LatentLayout(N_LATENTS, read)
+    for shard in range(read):
+        _assert_same(sc.read_shard(store, "run", layout, shard), sc.shard_slice(tensors, "jumprelu", layout, shard))
 
 
 def _two_ranks(store, tensors, fail_on=None) -> list[BaseException]:
@@ -266,6 +301,22 @@ def test_training_resumed_from_two_shards_in_one_process_ends_as_from_the_unshar
     b, _ = load_sae(store, "sharded")
     _assert_same(b.state_dict(), a.state_dict())
     assert [r["loss"] for r in sharded["history"]] == [r["loss"] for r in plain["history"]]
+
+
+def test_the_already_trained_exit_of_a_sharded_checkpoint_reads_only_its_weights_block_by_block(store, monkeypatch):
+    """The 2^20-latent run's case: a sharded finished checkpoint found again was read shard by shard with
+    its Adam state (2 x 7.26 GB). Only the shards' ``sae.*`` tensors are read, 256 bytes at a time, and
+    the summary is the one that exit always returned."""
+    make_shuffled(store)
+    trained = train_sae(store, "main", "plain", SETTINGS, log=lambda m: None)
+    _sharded_copy(store, "plain", "sharded", 2, SETTINGS)
+    reads, logs = tensor_reads(monkeypatch, block_bytes=256), []
+    found = train_sae(store, "main", "sharded", SETTINGS, log=logs.append)
+    assert "already trained" in logs[0]
+    assert_finished_summary(found, trained, renamed=("run", "path"))
+    checkpoint = sc.open_sharded(store, "sharded")
+    assert {file for file, _ in reads} <= {checkpoint.index["replicated"], sc.shard_file(0, 2), sc.shard_file(1, 2)}
+    assert sum(n for _, n in reads) == checkpoint.whole_bytes(sc.SAE) and max(n for _, n in reads) <= 256
 
 
 def test_a_latent_shard_resumes_its_own_rows_without_drawing_an_init(store, monkeypatch):

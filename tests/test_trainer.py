@@ -1,6 +1,7 @@
 """The training loop: kill-and-resume reaches the same weights, bad data stops it cleanly."""
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -154,6 +155,120 @@ def test_finished_run_is_not_retrained_but_changed_settings_are(store):
     changed = TrainSettings(**{**SETTINGS.__dict__, "k": 8})
     train_sae(store, "main", "run", changed, log=logs.append)
     assert store.pointer(checkpoint_name("run"))["settings"]["k"] == 8
+
+
+def tensor_reads(monkeypatch, block_bytes: int | None = None) -> list[tuple[str, int]]:
+    """Record (file, bytes) of every read of tensor bytes from a checkpoint's safetensors files from now
+    on (``checkpoint_files``: headers aside); every other way to load one fails. ``block_bytes``: what
+    the "already finished" check holds of a weight at a time."""
+    import safetensors.torch
+
+    from sae_platform import checkpoint_files, sharded_checkpoint
+
+    reads, read_into = [], checkpoint_files._read_into
+
+    def recording(store, path, file, handle, offset, target):
+        reads.append((file, target.numel()))
+        return read_into(store, path, file, handle, offset, target)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a checkpoint file was loaded another way")
+
+    monkeypatch.setattr(checkpoint_files, "_read_into", recording)
+    monkeypatch.setattr(safetensors.torch, "load", refused)
+    monkeypatch.setattr(sharded_checkpoint, "safe_open", refused)
+    if block_bytes is not None:
+        monkeypatch.setattr(checkpoint_files, "KEPT_BLOCK_BYTES", block_bytes)
+    return reads
+
+
+def assert_finished_summary(found: dict, trained: dict, renamed: tuple[str, ...] = ()) -> None:
+    """``found`` (the "already trained" exit's summary) is what that exit always returned: the finished
+    run's figures and history (``trained``: its training's summary), resumed from its last step, no
+    throughput; keys in ``renamed`` (another SAE's copy: run, path) aside."""
+    assert set(found) == set(trained)
+    for key in set(trained) - {"seconds", "tokens_per_second", "resumed_from_step", "peak_memory_bytes_per_rank",
+                               *renamed}:
+        assert found[key] == trained[key], key
+    assert found["resumed_from_step"] == trained["steps"] and math.isnan(found["tokens_per_second"])
+
+
+def test_the_already_trained_exit_reads_only_json_and_the_weights_block_by_block(store, monkeypatch):
+    """Every refresh finds the SAE trained again: the exit read every tensor whole and Adam's state
+    (the 2^20-latent run's 2 x 7.26 GB of shards) to return a few numbers. It reads the checkpoint's
+    JSON, and the weights only to check them finite, one block at a time (256 bytes here), NaN in
+    the last block still refused."""
+    from safetensors.torch import load as load_st
+    from safetensors.torch import save as save_st
+
+    from sae_platform.errors import StorageError
+
+    make_shuffled(store)
+    trained = train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
+    path = store.resolve(checkpoint_name("run"))
+    weights = load_st(store.fs.cat_file(f"{path}/sae_weights.safetensors"))
+    reads, logs = tensor_reads(monkeypatch, block_bytes=256), []
+    assert_finished_summary(train_sae(store, "main", "run", SETTINGS, log=logs.append), trained)
+    assert "already trained" in logs[0]
+    assert {file for file, _ in reads} == {"sae_weights.safetensors"} and max(n for _, n in reads) <= 256
+    assert sum(n for _, n in reads) == sum(t.nbytes for t in weights.values())
+    weights["W_dec"][-1, -1] = float("nan")
+    store.fs.pipe_file(f"{path}/sae_weights.safetensors", save_st(weights))
+    with pytest.raises(StorageError, match=r"holds NaN/inf in W_dec \(sae_weights.safetensors\)"):
+        train_sae(store, "main", "run", SETTINGS, log=lambda m: None)
+
+
+def test_a_resume_reads_each_tensor_once_into_the_memory_it_trains_in_and_ends_bit_identical(store, monkeypatch):
+    """An unsharded resume read each file whole as bytes, copied every tensor out of them and copied it
+    again to align it (~11 s and 3 GiB at 2^17 latents). Each tensor's bytes are read once, straight
+    into memory the run trains in (nothing copied after), and it ends where an uninterrupted run does."""
+    import struct
+
+    from sae_platform import trainer
+
+    make_shuffled(store)
+    uninterrupted = train_sae(store, "main", "whole", SETTINGS, log=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(store, "main", "killed", SETTINGS, log=lambda m: None, on_metrics=_stop_after_checkpoint)
+    path = store.resolve(checkpoint_name("killed"))
+    stored = {}
+    for file in ("sae_weights.safetensors", "optimizer.safetensors", "trainer_state.safetensors"):
+        (header,) = struct.unpack("<Q", store.fs.cat_file(f"{path}/{file}", start=0, end=8))
+        stored[file] = store.fs.size(f"{path}/{file}") - 8 - header  # its tensors' bytes
+    reads, copied, owned = tensor_reads(monkeypatch), [], trainer._owned
+
+    def watching(tensors, device):
+        before = {name: tensor.data_ptr() for name, tensor in tensors.items()}
+        kept = owned(tensors, device)
+        copied.extend(name for name, tensor in kept.items() if tensor.data_ptr() != before[name])
+        return kept
+
+    monkeypatch.setattr(trainer, "_owned", watching)
+    resumed = train_sae(store, "main", "killed", SETTINGS, log=lambda m: None)
+    assert resumed["resumed_from_step"] == 20 and copied == []
+    assert {file: sum(n for f, n in reads if f == file) for file in stored} == stored
+    a, _ = load_sae(store, "whole")
+    b, _ = load_sae(store, "killed")
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), f"{name} differs after resume"
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in uninterrupted["history"]]
+
+
+def test_on_s3_a_resume_and_the_already_trained_exit_read_the_checkpoint_by_range(s3, s3_endpoint):
+    """The same reads (tensors into their memory, the weights block by block) on a real S3 server."""
+    from sae_platform.storage import ArtifactStore
+
+    store = ArtifactStore(f"s3://{s3[1]}/root", {"endpoint_url": s3_endpoint})
+    make_shuffled(store, n_partitions=2)
+    short = TrainSettings(**{**SETTINGS.__dict__, "token_budget": 256 * 12, "checkpoint_every_tokens": 256 * 5})
+    with pytest.raises(KeyboardInterrupt):  # at step 10, before its checkpoint: the one at step 5 is committed
+        train_sae(store, "main", "run", short, log=lambda m: None,
+                  on_metrics=lambda row: _stop_after_checkpoint({"step": 25 if row["step"] >= 10 else 0}))
+    resumed = train_sae(store, "main", "run", short, log=lambda m: None)
+    logs = []
+    assert_finished_summary(train_sae(store, "main", "run", short, log=logs.append), resumed)
+    assert resumed["resumed_from_step"] == 5 and "already trained" in logs[0]
+    assert torch.isfinite(load_sae(store, "run")[0].W_dec).all()
 
 
 def test_a_grown_store_resumes_the_finished_sae_with_the_added_budget_unless_its_settings_changed(store):
