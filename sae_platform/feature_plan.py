@@ -99,7 +99,8 @@ class FeatureShardPlan:
 
 
 def partial_bytes_per_latent(top_k: int, reservoir_size: int, n_hist_bins: int) -> int:
-    """Bytes of one latent's pass-1 partial (``features.Partial``'s arrays)."""
+    """Bytes of one latent's pass-1 partial in memory (``features.Partial``'s arrays, full rows); the
+    stored one holds only its filled slots (``partial_store``), so at most this."""
     return top_k * TOP_SLOT_BYTES + reservoir_size * RES_SLOT_BYTES + SCALAR_BYTES + n_hist_bins * HIST_BIN_BYTES
 
 
