@@ -8,13 +8,14 @@ writes): the latents that fired (``fired``, ascending local ids), their ``count`
 ``max`` (one each), and of their top-k and reservoir rows only the filled slots
 (``features.filled_slots``: the first min(count, width) of each row, which follows from the
 count), concatenated in latent order, each array of its own dtype; the histogram as its nonzero
-bins, ``hist`` (int64 counts) at ``hist_index`` (int64 positions in the fired latents' [F,
-N_HIST_BINS] rows, ascending). So a partial's bytes grow with the examples it holds, not with
-``top_k`` or ``reservoir_factor`` (at the 10x demo a latent fires ~50 times a batch, and a
-reservoir row has 200 slots). Two layouts of partials written before still read: a row of every
-array per fired latent (``fired``, no ``"layout"``), and a row per latent of the shard (no
-``fired``). Every layout reads back as the same in-memory ``Partial`` (full rows for its fired
-latents, or for every latent of the old dense one), so the merge and its tables are the same bit for bit.
+bins: ``hist_nonzero`` (uint8 [F, 9], each latent's 66 bins as bits, ``np.packbits``) and
+``hist`` (their int64 counts, in latent then bin order). So a partial's bytes grow with the
+examples it holds, not with ``top_k`` or ``reservoir_factor`` (at the 10x demo a latent fires ~50
+times a batch, and a reservoir row has 200 slots), and never exceed the full rows by more than
+9 B a latent. Two layouts of partials written before still read: a row of every array per fired
+latent (``fired``, no ``"layout"``), and a row per latent of the shard (no ``fired``). Every
+layout reads back as the same in-memory ``Partial`` (full rows for its fired latents, or for
+every latent of the old dense one), so the merge and its tables are the same bit for bit.
 """
 
 import io
@@ -27,7 +28,7 @@ from sae_platform.features import EMPTY_LATENT, N_HIST_BINS, FeatureError, Featu
 from sae_platform.storage import ArtifactStore
 
 FILLED_SLOTS = "filled-slots"  # meta.json's "layout" of a partial written by write_partial
-HIST_INDEX = "hist_index"      # the filled-slots layout's positions of the nonzero histogram bins
+HIST_NONZERO = "hist_nonzero"  # the filled-slots layout's bitmask of each latent's nonzero histogram bins
 
 
 def write_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_index: int, partial: Partial, *,
@@ -76,7 +77,7 @@ def read_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_
                          "run pass 1 (compute_partial + write_partial) for that partition and feature shard")
     meta = store.read_json(f"{path}/meta.json")
     with np.load(io.BytesIO(store.fs.cat_file(f"{path}/partial.npz")), allow_pickle=False) as arrays:
-        data = {name: arrays[name] for name in (*Partial.STORED, HIST_INDEX) if name in arrays.files}
+        data = {name: arrays[name] for name in (*Partial.STORED, HIST_NONZERO) if name in arrays.files}
     fields = {k: meta[k] for k in ("partition", "partition_version", "start", "stop", "top_k", "reservoir_size",
                                    "seed", "batch_rows", "n_tokens", "sae")}
     fields.update({k: meta.get(k) for k in ("n_entries", "entries_sum")})
@@ -101,8 +102,8 @@ def filled_slot_arrays(partial: Partial) -> dict[str, np.ndarray]:
                                "min(count, width) slots of a latent, which the stored layout would drop",
                                "store partials as pass 1 (features.compute_partials) returns them")
         arrays[name] = values[filled]
-    arrays[HIST_INDEX] = np.flatnonzero(partial.hist)
-    arrays["hist"] = partial.hist.reshape(-1)[arrays[HIST_INDEX]]
+    nonzero = partial.hist != EMPTY_LATENT["hist"][1]
+    arrays[HIST_NONZERO], arrays["hist"] = np.packbits(nonzero, axis=1), partial.hist[nonzero]
     return arrays
 
 
@@ -112,7 +113,7 @@ def _full_rows(data: dict, top_k: int, reservoir_size: int, what: str) -> dict:
     exactly the arrays pass 1 returned. FeatureError naming ``what`` if the lengths disagree."""
     fix = "run pass 1 again for that partition and feature shard (it rewrites the partial)"
     count = data["count"]
-    full = {name: value for name, value in data.items() if name not in (*Partial.SLOTS, "hist", HIST_INDEX)}
+    full = {name: value for name, value in data.items() if name not in (*Partial.SLOTS, "hist", HIST_NONZERO)}
     for name in Partial.SLOTS:
         filled = filled_slots(count, top_k if name.startswith("top") else reservoir_size)
         if data[name].shape != (int(filled.sum()),):
@@ -121,14 +122,17 @@ def _full_rows(data: dict, top_k: int, reservoir_size: int, what: str) -> dict:
         dtype, value = EMPTY_LATENT[name]
         full[name] = np.full(filled.shape, value, dtype)
         full[name][filled] = data[name]
-    index, bins = data[HIST_INDEX], data["hist"]
+    bits, bins = data[HIST_NONZERO], data["hist"]
+    if bits.dtype != np.uint8 or bits.shape != (len(count), -(-N_HIST_BINS // 8)):
+        raise FeatureError(f"{what} has {HIST_NONZERO} of {bits.dtype} {bits.shape}, not uint8 "
+                           f"({len(count)}, {-(-N_HIST_BINS // 8)}) (a latent's {N_HIST_BINS} bins as bits)", fix)
+    nonzero = np.unpackbits(bits, axis=1, count=N_HIST_BINS).astype(bool)
+    if bins.shape != (int(nonzero.sum()),):
+        raise FeatureError(f"{what} has hist of shape {bins.shape}, not ({int(nonzero.sum())},) (one count per "
+                           f"bit of {HIST_NONZERO})", fix)
     dtype, value = EMPTY_LATENT["hist"]
-    full["hist"] = np.full((len(count), N_HIST_BINS), value, dtype)
-    if (index.shape != bins.shape or index.ndim != 1
-            or (len(index) and (index[0] < 0 or index[-1] >= full["hist"].size or (np.diff(index) <= 0).any()))):
-        raise FeatureError(f"{what} has a histogram whose {HIST_INDEX} is not ascending positions in its "
-                           f"[{len(count)}, {N_HIST_BINS}] bins, one per count", fix)
-    full["hist"].reshape(-1)[index] = bins
+    full["hist"] = np.full(nonzero.shape, value, dtype)
+    full["hist"][nonzero] = bins
     return full
 
 
