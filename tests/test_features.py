@@ -29,6 +29,7 @@ from sae_platform.feature_merge import (
     read_tables,
     write_tables,
 )
+from sae_platform.feature_plan import stored_partials_bytes
 from sae_platform.feature_select import KEY_PAD, decode_top, partition_salt, sample_keys, sample_keys_numpy
 from sae_platform.sae import build_sae
 from sae_platform.settings import SettingsError
@@ -609,7 +610,8 @@ def test_a_partials_bytes_grow_with_its_filled_slots_not_with_the_reservoir_size
     """The same batch's partial at reservoir_factor 10 and 40 (R = 200 and 800 slots a latent):
     when no latent fires R times, the same examples fill the same slots, so the stored partial.npz
     is the same size within a few hundred bytes (the npz headers), where full rows would be ~4x
-    larger. Every layout reads back as exactly the partial pass 1 returned."""
+    larger, and within ``feature_plan.stored_partials_bytes`` (docs/scale.md's bound). It reads
+    back as exactly the partial pass 1 returned."""
     make_dataset(store, [600])
     sae = make_sae("topk")
     sizes = {}
@@ -624,6 +626,9 @@ def test_a_partials_bytes_grow_with_its_filled_slots_not_with_the_reservoir_size
             assert np.array_equal(getattr(back, name), getattr(partial, name)), name
             assert getattr(back, name).dtype == getattr(partial, name).dtype, name
         full_rows = sum(getattr(partial, name).nbytes for name in F.Partial.ARRAYS)
+        witness = sum(getattr(partial, name).nbytes for name in F.Partial.WITNESS)
+        bound = stored_partials_bytes(N_LATENTS, partial.n_entries, 20, 20 * factor, F.N_HIST_BINS)
+        assert sizes[factor] - witness <= bound + 4096, (sizes, witness, bound)  # the planner's bound + npz headers
     assert abs(sizes[40] - sizes[10]) < 512 and sizes[40] < full_rows / 4, (sizes, full_rows)
 
 
