@@ -51,9 +51,10 @@ Partials (pass-1 output) are committed under ``features/<sae_name>/partial/<part
 as ``partial.npz`` (arrays) plus ``meta.json``. A partial keeps only the latents that fired in its
 batch (count > 0): ``fired`` (their local ids, ascending) and one row of each per-latent array per
 fired latent, so its bytes grow with the latents that fired, not with the shard's width (a 2,535-token
-batch fires at most 2,535 x k of 2^20 latents). Every other latent has the empty state
-(``EMPTY_LATENT``), which ``Partial.dense`` fills in; a partial written before partials were sparse
-has no ``fired`` and a row for every latent, and reads as it is.
+batch fires at most 2,535 x k of 2^20 latents); stored, of those rows only the filled slots
+(``filled_slots``) and nonzero histogram bins (the layout: ``partial_store``). Every other latent has
+the empty state (``EMPTY_LATENT``), which ``Partial.dense`` fills in; a partial written before
+partials were sparse has no ``fired`` and a row for every latent, and reads as it is.
 """
 
 import contextlib
