@@ -29,6 +29,8 @@ from sae_platform.storage import ArtifactStore
 
 FILLED_SLOTS = "filled-slots"  # meta.json's "layout" of a partial written by write_partial
 HIST_NONZERO = "hist_nonzero"  # the filled-slots layout's bitmask of each latent's nonzero histogram bins
+HIST_NONZERO_BYTES = -(-N_HIST_BINS // 8)  # a latent's bins, one bit each (np.packbits)
+RERUN = "run pass 1 again for that partition and feature shard (it rewrites the partial)"
 
 
 def write_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_index: int, partial: Partial, *,
@@ -41,7 +43,7 @@ def write_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard
         raise FeatureError(f"this partial was computed on partition {partial.partition!r}, not {partition_key!r}",
                            "pass the partition key the partial came from")
     buffer = io.BytesIO()
-    np.savez(buffer, **filled_slot_arrays(partial.sparse()))
+    np.savez(buffer, **filled_slot_arrays(partial))
     name = partial_name(sae_name, partition_key, shard_index)
     with store.writing(name, partition=partition_key, partition_version=partial.partition_version,
                        start=partial.start, stop=partial.stop, top_k=partial.top_k,
@@ -90,10 +92,11 @@ def read_partial(store: ArtifactStore, sae_name: str, partition_key: str, shard_
 
 
 def filled_slot_arrays(partial: Partial) -> dict[str, np.ndarray]:
-    """partial.npz's arrays in the ``filled-slots`` layout (module docstring) of a sparse partial
-    (``fired`` set): its slot arrays' filled slots, flat, and its histogram's nonzero bins. Raises
-    FeatureError if a slot past a latent's filled ones is not empty (it would be lost: never the
-    case for pass 1's state, ``features.filled_slots``)."""
+    """partial.npz's arrays in the ``filled-slots`` layout (module docstring): of the latents that
+    fired (``Partial.sparse``), the slot arrays' filled slots, flat, and the histogram's nonzero
+    bins. Raises FeatureError if a slot past a latent's filled ones is not empty (it would be lost:
+    never the case for pass 1's state, ``features.filled_slots``)."""
+    partial = partial.sparse()
     arrays = {name: getattr(partial, name) for name in ("fired", "count", "sum", "max", *Partial.WITNESS)}
     for name in Partial.SLOTS:
         values, filled = getattr(partial, name), partial.filled(name)
@@ -111,25 +114,27 @@ def _full_rows(data: dict, top_k: int, reservoir_size: int, what: str) -> dict:
     """``data`` (a ``filled-slots`` partial.npz's arrays) with full rows again: each latent's
     filled slots first, the others and the histogram's zero bins in ``EMPTY_LATENT``'s state, so
     exactly the arrays pass 1 returned. FeatureError naming ``what`` if the lengths disagree."""
-    fix = "run pass 1 again for that partition and feature shard (it rewrites the partial)"
+    missing = [name for name in (*Partial.SLOTS, "count", "hist", HIST_NONZERO) if name not in data]
+    if missing:
+        raise FeatureError(f"{what} lacks the arrays {missing} of its layout ({FILLED_SLOTS!r})", RERUN)
     count = data["count"]
     full = {name: value for name, value in data.items() if name not in (*Partial.SLOTS, "hist", HIST_NONZERO)}
     for name in Partial.SLOTS:
         filled = filled_slots(count, top_k if name.startswith("top") else reservoir_size)
         if data[name].shape != (int(filled.sum()),):
             raise FeatureError(f"{what} has {name} of shape {data[name].shape}, not ({int(filled.sum())},) "
-                               "(the filled slots of its latents' counts)", fix)
+                               "(the filled slots of its latents' counts)", RERUN)
         dtype, value = EMPTY_LATENT[name]
         full[name] = np.full(filled.shape, value, dtype)
         full[name][filled] = data[name]
     bits, bins = data[HIST_NONZERO], data["hist"]
-    if bits.dtype != np.uint8 or bits.shape != (len(count), -(-N_HIST_BINS // 8)):
+    if bits.dtype != np.uint8 or bits.shape != (len(count), HIST_NONZERO_BYTES):
         raise FeatureError(f"{what} has {HIST_NONZERO} of {bits.dtype} {bits.shape}, not uint8 "
-                           f"({len(count)}, {-(-N_HIST_BINS // 8)}) (a latent's {N_HIST_BINS} bins as bits)", fix)
+                           f"({len(count)}, {HIST_NONZERO_BYTES}) (a latent's {N_HIST_BINS} bins as bits)", RERUN)
     nonzero = np.unpackbits(bits, axis=1, count=N_HIST_BINS).astype(bool)
     if bins.shape != (int(nonzero.sum()),):
         raise FeatureError(f"{what} has hist of shape {bins.shape}, not ({int(nonzero.sum())},) (one count per "
-                           f"bit of {HIST_NONZERO})", fix)
+                           f"bit of {HIST_NONZERO})", RERUN)
     dtype, value = EMPTY_LATENT["hist"]
     full["hist"] = np.full(nonzero.shape, value, dtype)
     full["hist"][nonzero] = bins
@@ -139,7 +144,7 @@ def _full_rows(data: dict, top_k: int, reservoir_size: int, what: str) -> dict:
 def _check_rows(partial: Partial, what: str) -> None:
     """FeatureError unless ``fired`` is ascending local ids and every per-latent array has one row
     of its shape per latent: a partial that is not whole would merge wrong tables silently."""
-    latents, fix = partial.latents, "run pass 1 again for that partition and feature shard (it rewrites the partial)"
+    latents, fix = partial.latents, RERUN
     if latents.ndim != 1 or not np.array_equal(np.unique(latents[(latents >= 0) & (latents < partial.n_features)]),
                                                latents):
         raise FeatureError(f"{what} lists fired latents that are not ascending ids in [0, {partial.n_features})", fix)

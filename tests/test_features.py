@@ -726,7 +726,8 @@ def test_a_partial_whose_arrays_disagree_on_its_latents_is_refused_by_name(store
             (new, layout, {"fired": partial.fired[::-1]}, "not ascending ids"),
             (new, layout, {"res_row": new["res_row"][:-1]}, r"res_row of shape \(\d+,\), not \(\d+,\)"),
             (new, layout, {"hist_nonzero": new["hist_nonzero"][:-1]}, r"hist_nonzero of uint8 \(\d+, 9\), not"),
-            (new, layout, {"hist": new["hist"][:-1]}, "one count per bit of hist_nonzero")):
+            (new, layout, {"hist": new["hist"][:-1]}, "one count per bit of hist_nonzero"),
+            ({k: v for k, v in new.items() if k != "hist_nonzero"}, layout, {}, r"lacks the arrays \['hist_nonz")):
         _commit_partial_arrays(store, "run", "p0", 0, partial, {**arrays, **damage}, **meta)
         with pytest.raises(F.FeatureError, match=match) as err:
             partial_store.read_partial(store, "run", "p0", 0)
