@@ -31,8 +31,8 @@ from sae_platform.errors import PlatformError, require_counts
 
 # Per latent (sae_platform/features.py): a Partial's arrays, top_act f4 + top_row i8 per top-k
 # slot, res_key i8 + res_row i8 + res_act f4 per reservoir slot, count i8 + sum f8 + max f4,
-# hist i8 per histogram bin. A partial stores only the latents that fired in its batch; the plan
-# counts every latent of the shard (a batch can fire them all).
+# hist i8 per histogram bin: a partial in memory (full rows). A partial holds only the latents that
+# fired in its batch; the plan counts every latent of the shard (a batch can fire them all).
 TOP_SLOT_BYTES, RES_SLOT_BYTES, SCALAR_BYTES, HIST_BIN_BYTES = 12, 20, 20, 8
 # _ShardState per latent: two selectors (an int64 [features, 2m] slot buffer each, key and slot),
 # fill and threshold per selector, count / sum / max, the histogram and the witness flag.
@@ -100,8 +100,22 @@ class FeatureShardPlan:
 
 
 def partial_bytes_per_latent(top_k: int, reservoir_size: int, n_hist_bins: int) -> int:
-    """Bytes of one latent's pass-1 partial (``features.Partial``'s arrays)."""
+    """Bytes of one latent's pass-1 partial in memory (``features.Partial``'s arrays, full rows); the
+    stored one holds only its filled slots (``partial_store``), so at most this."""
     return top_k * TOP_SLOT_BYTES + reservoir_size * RES_SLOT_BYTES + SCALAR_BYTES + n_hist_bins * HIST_BIN_BYTES
+
+
+def stored_partials_bytes(n_latents: int, n_entries: int, top_k: int, reservoir_size: int, n_hist_bins: int) -> int:
+    """At most the bytes of one batch's stored partials (``partial_store``'s filled-slots layout) over
+    ``n_latents`` latents, the batch having ``n_entries`` activating (token, latent) entries: per
+    fired latent its id, count / sum / max and histogram bitmask; of the slots, each latent's full
+    rows or each entry's one top-k slot, reservoir slot and nonzero bin, whichever totals fewer. A
+    bound, since which latents fill their rows depends on the data (npz headers and the exactness
+    witness, every entry of ``check_features`` latents a shard, not counted)."""
+    per_latent = 8 + SCALAR_BYTES + -(-n_hist_bins // 8)
+    full_rows = top_k * TOP_SLOT_BYTES + reservoir_size * RES_SLOT_BYTES + n_hist_bins * HIST_BIN_BYTES
+    per_entry = TOP_SLOT_BYTES + RES_SLOT_BYTES + HIST_BIN_BYTES
+    return min(n_latents, n_entries) * per_latent + min(n_latents * full_rows, n_entries * per_entry)
 
 
 def state_bytes_per_latent(top_k: int, reservoir_size: int, n_hist_bins: int) -> int:

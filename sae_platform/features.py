@@ -51,9 +51,10 @@ Partials (pass-1 output) are committed under ``features/<sae_name>/partial/<part
 as ``partial.npz`` (arrays) plus ``meta.json``. A partial keeps only the latents that fired in its
 batch (count > 0): ``fired`` (their local ids, ascending) and one row of each per-latent array per
 fired latent, so its bytes grow with the latents that fired, not with the shard's width (a 2,535-token
-batch fires at most 2,535 x k of 2^20 latents). Every other latent has the empty state
-(``EMPTY_LATENT``), which ``Partial.dense`` fills in; a partial written before partials were sparse
-has no ``fired`` and a row for every latent, and reads as it is.
+batch fires at most 2,535 x k of 2^20 latents); stored, of those rows only the filled slots
+(``filled_slots``) and nonzero histogram bins (the layout: ``partial_store``). Every other latent has
+the empty state (``EMPTY_LATENT``), which ``Partial.dense`` fills in; a partial written before
+partials were sparse has no ``fired`` and a row for every latent, and reads as it is.
 """
 
 import contextlib
@@ -191,6 +192,17 @@ def hist_bin_edges() -> list[float]:
 # Pass 1
 # ---------------------------------------------------------------------------------------------
 
+def filled_slots(count: np.ndarray, width: int) -> np.ndarray:
+    """[F, width] bool: the filled slots of F latents' top-k or reservoir rows (``width`` = top_k or
+    R), given their ``count`` [F] of activating tokens: the first min(count, width) of each row. Why
+    this follows from the count: every activating token is offered to both selectors and enters
+    while a row has fewer than ``width`` entries (its threshold is KEY_PAD until then, and every
+    key is below it), so a row keeps min(count, width) entries, which ``Selector.finish`` sorts
+    before the empty slots (an empty slot's key is KEY_PAD). A partial stores only these
+    (``partial_store``); ``feature_check`` checks the tables' example counts by the same rule."""
+    return np.arange(width) < np.minimum(np.asarray(count), width)[:, None]
+
+
 @dataclass
 class Partial:
     """Pass-1 state of one (partition, feature shard), as numpy arrays. The per-latent arrays
@@ -228,9 +240,10 @@ class Partial:
     group: str = FIRST_STORE  # the partition's hook-point store the rows were read from (catalog.store_group)
     fired: np.ndarray | None = None  # [F] int64 local ids, ascending, of the latents with a row; None: all
 
-    ARRAYS = ("top_act", "top_row", "res_key", "res_row", "res_act", "count", "sum", "max", "hist")
+    SLOTS = ("top_act", "top_row", "res_key", "res_row", "res_act")  # a row of top_k or R slots per latent
+    ARRAYS = (*SLOTS, "count", "sum", "max", "hist")
     WITNESS = ("witness", "witness_feature", "witness_row", "witness_act")
-    STORED = ("fired", *ARRAYS, *WITNESS)  # partial.npz's arrays (one without "fired" is dense)
+    STORED = ("fired", *ARRAYS, *WITNESS)  # partial.npz's arrays by name (layouts: partial_store)
 
     @property
     def n_features(self) -> int:
@@ -245,6 +258,11 @@ class Partial:
         """The shape of one latent's row of the per-latent array ``name`` (top_*, res_*, hist, or a scalar)."""
         width = {"top": self.top_k, "res": self.reservoir_size, "hist": N_HIST_BINS}.get(name.split("_")[0])
         return () if width is None else (width,)
+
+    def filled(self, name: str) -> np.ndarray:
+        """[F, width] bool: which slots of the slot array ``name`` (``SLOTS``) hold an example
+        (``filled_slots`` of ``count``); the others hold ``EMPTY_LATENT``'s value."""
+        return filled_slots(self.count, self.row_shape(name)[0])
 
     def dense(self) -> "Partial":
         """This partial with a row for every latent of [start, stop), those that did not fire in

@@ -29,7 +29,7 @@ from sae_platform.feature_merge import (
     read_tables,
     write_tables,
 )
-from sae_platform.feature_plan import partial_bytes_per_latent
+from sae_platform.feature_plan import stored_partials_bytes
 from sae_platform.feature_select import KEY_PAD, decode_top, partition_salt, sample_keys, sample_keys_numpy
 from sae_platform.sae import build_sae
 from sae_platform.settings import SettingsError
@@ -551,37 +551,49 @@ def _stored_arrays(store, run, key, index) -> dict:
         return {name: npz[name] for name in npz.files}
 
 
-def _commit_partial_arrays(store, run, key, index, partial, arrays: dict) -> None:
-    """Commit ``arrays`` as the partial.npz of ``partial`` (with its meta.json), as the writer did
-    before partials were sparse: for a partial in the old dense layout, or a damaged one."""
+def _commit_partial_arrays(store, run, key, index, partial, arrays: dict, **meta) -> None:
+    """Commit ``arrays`` as the partial.npz of ``partial`` (with its meta.json and ``meta``), as the
+    writers before partials stored only their filled slots did: for a partial in an old layout
+    (dense, or a full row per fired latent), or a damaged one."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     with store.writing(partial_name(run, key, index), partition=key, partition_version=partial.partition_version,
                        start=partial.start, stop=partial.stop, top_k=partial.top_k) as version:
         store.write_bytes_atomic(f"{version}/partial.npz", buffer.getvalue())
-        store.write_json(f"{version}/meta.json", {**partial.meta(), "run": run, "shard_index": index})
+        store.write_json(f"{version}/meta.json", {**partial.meta(), "run": run, "shard_index": index, **meta})
+
+
+def _old_layouts(partial) -> dict:
+    """A partial's partial.npz arrays in the two layouts written before this one: ``dense`` (a row
+    per latent of the shard, no ``fired``) and ``full-rows`` (a full row per fired latent)."""
+    dense = partial.dense()
+    return {"dense": {name: getattr(dense, name) for name in F.Partial.ARRAYS + F.Partial.WITNESS},
+            "full-rows": {name: getattr(partial.sparse(), name) for name in F.Partial.STORED}}
 
 
 def test_a_partial_stores_only_the_latents_that_fired_in_its_batch(store):
     """A batch of 6 tokens fires at most 6 x k = 24 of the SAE's 64 latents: its committed partial
-    holds ``fired`` (those latents, exactly the ones with an activating token) and one row per fired
-    latent in every per-latent array, so its bytes grow with the latents that fired (the planner's
-    bytes per latent each), not with the shard's width."""
+    holds ``fired`` (those latents, exactly the ones with an activating token), one count, sum and
+    max per fired latent, and of their top-k and reservoir rows the filled slots only (min(count,
+    width) each, ``features.filled_slots``), so its bytes grow with the latents that fired and their
+    examples, not with the shard's width."""
     make_dataset(store, [6, 300])
     sae = make_sae("topk")
     settings = F.FeatureSettings(top_k=3, reservoir_factor=2)  # every latent a witness: all its tokens recorded
-    per_latent = partial_bytes_per_latent(3, 6, F.N_HIST_BINS)
     n_fired = {}
     for key in ("p0", "p1"):
         partial = F.compute_partial(store, sae, key, 0, N_LATENTS, settings, batch_rows=4)
         partial_store.write_partial(store, "run", key, 0, partial)
         stored = _stored_arrays(store, "run", key, 0)
-        fired = stored["fired"]
+        fired, count = stored["fired"], stored["count"]
         assert np.array_equal(fired, np.unique(stored["witness_feature"]))  # the latents with an activating token
-        for name in F.Partial.ARRAYS:
+        assert np.array_equal(count, np.bincount(stored["witness_feature"])[fired]) and (count > 0).all()
+        for name in ("sum", "max"):
             assert len(stored[name]) == len(fired), name
-        assert (stored["count"] > 0).all()
-        assert sum(stored[name].nbytes for name in F.Partial.ARRAYS) == len(fired) * per_latent
+        for name, width in (("top_act", 3), ("top_row", 3), ("res_key", 6), ("res_row", 6), ("res_act", 6)):
+            assert stored[name].shape == (np.minimum(count, width).sum(),), name
+            assert stored[name].dtype == F.EMPTY_LATENT[name][0], name
+        assert (stored["hist"] > 0).all() and stored["hist"].sum() == count.sum()
         n_fired[key] = len(fired)
     assert n_fired["p0"] <= 24 < n_fired["p1"]
     # the partial read back, filled in, is the full state: the other latents empty
@@ -592,6 +604,55 @@ def test_a_partial_stores_only_the_latents_that_fired_in_its_batch(store):
     for name, (dtype, value) in F.EMPTY_LATENT.items():
         assert getattr(dense, name).dtype == dtype and (getattr(dense, name)[never] == value).all(), name
         assert np.array_equal(getattr(dense, name)[back.fired], getattr(back, name)), name
+
+
+def test_a_partials_bytes_grow_with_its_filled_slots_not_with_the_reservoir_size(store):
+    """The same batch's partial at reservoir_factor 10 and 40 (R = 200 and 800 slots a latent):
+    when no latent fires R times, the same examples fill the same slots, so the stored partial.npz
+    is the same size within a few hundred bytes (the npz headers), where full rows would be ~4x
+    larger, and within ``feature_plan.stored_partials_bytes`` (docs/scale.md's bound). It reads
+    back as exactly the partial pass 1 returned."""
+    make_dataset(store, [600])
+    sae = make_sae("topk")
+    sizes = {}
+    for factor in (10, 40):
+        settings = F.FeatureSettings(top_k=20, reservoir_factor=factor)
+        partial = F.compute_partial(store, sae, "p0", 0, N_LATENTS, settings, batch_rows=128)
+        assert 0 < partial.count.max() < 200  # every latent fires fewer than R times
+        path = partial_store.write_partial(store, f"r{factor}", "p0", 0, partial)
+        sizes[factor] = store.fs.size(f"{path}/partial.npz")
+        back = partial_store.read_partial(store, f"r{factor}", "p0", 0)
+        for name in F.Partial.STORED:
+            assert np.array_equal(getattr(back, name), getattr(partial, name)), name
+            assert getattr(back, name).dtype == getattr(partial, name).dtype, name
+        full_rows = sum(getattr(partial, name).nbytes for name in F.Partial.ARRAYS)
+        witness = sum(getattr(partial, name).nbytes for name in F.Partial.WITNESS)
+        bound = stored_partials_bytes(N_LATENTS, partial.n_entries, 20, 20 * factor, F.N_HIST_BINS)
+        assert sizes[factor] - witness <= bound + 4096, (sizes, witness, bound)  # the planner's bound + npz headers
+    assert abs(sizes[40] - sizes[10]) < 512 and sizes[40] < full_rows / 4, (sizes, full_rows)
+
+
+def test_the_filled_slots_are_what_pass_1_keeps_and_nothing_past_them_is_stored():
+    """``features.filled_slots`` (the first min(count, width) slots) is exactly where pass 1's
+    selectors leave examples, for latents below, at and above the width; a partial with an example
+    past them is refused by the writer, not stored without it."""
+    width, counts = 3, [1, 2, 3, 5, 9]
+    state = F._ShardState(0, len(counts), width, width, 7, np.zeros(0, np.int64), torch.device("cpu"))
+    feat = torch.tensor([f for f, c in enumerate(counts) for _ in range(c)])
+    state.add(torch.arange(len(feat)), feat, torch.rand(len(feat)) + 0.5)
+    arrays = state.finish()
+    for name in F.Partial.SLOTS:
+        filled = F.filled_slots(arrays["count"], width)
+        assert filled.sum(1).tolist() == [min(c, width) for c in counts]
+        assert (arrays[name][~filled] == F.EMPTY_LATENT[name][1]).all(), name
+        assert (arrays["top_row" if name.startswith("top") else "res_row"][filled] >= 0).all(), name
+    make = dict(partition="p0", partition_version="v", start=0, stop=len(counts), top_k=width,
+                reservoir_size=width, seed=0, batch_rows=4, n_tokens=len(feat))
+    partial = F.Partial(**make, **{k: v for k, v in arrays.items() if k not in ("n_entries", "entries_sum",
+                                                                              "diagnostics")})
+    partial.res_row[0, 2] = 4  # an example in latent 0's third slot, past its one filled slot
+    with pytest.raises(F.FeatureError, match="res_row entries past the first min.count, width. slots"):
+        partial_store.filled_slot_arrays(partial)
 
 
 def test_the_empty_latent_is_pass_1s_state_of_a_latent_that_never_fired():
@@ -616,11 +677,12 @@ def test_the_empty_latent_is_pass_1s_state_of_a_latent_that_never_fired():
 
 @pytest.mark.parametrize("variant", ["topk", "relu"])
 def test_tables_from_sparse_partials_equal_those_from_dense_ones_bit_for_bit(store, variant):
-    """Small batches fire few of a shard's latents. The tables merged from the sparse partials
-    pass 1 commits equal, bit for bit (top-K, random samples, interval examples, counts, sums, maxima,
-    histograms), those merged from the same partials in the dense layout written before (a row for
-    every latent, no ``fired``; still read, and folded row by row as then), or from a mix of both;
-    and they pass the exactness check."""
+    """Small batches fire few of a shard's latents. The tables merged from the partials pass 1
+    commits (filled slots of the fired latents) equal, bit for bit (top-K, random samples, interval
+    examples, counts, sums, maxima, histograms), those merged from the same partials in the layouts
+    written before: dense (a row for every latent, no ``fired``; still read, and folded row by row
+    as then) and full rows of the fired latents, or from a mix of the three; and they pass the
+    exactness check."""
     splits = [5, 9, 1, 12, 7, 40]
     make_dataset(store, splits, exact=True)
     sae = make_sae(variant, exact=True)
@@ -630,17 +692,20 @@ def test_tables_from_sparse_partials_equal_those_from_dense_ones_bit_for_bit(sto
     for index, (start, stop) in enumerate(F.feature_shards(N_LATENTS, 2)):
         stored = [partial_store.read_partial(store, "run", key, index) for key in keys]
         assert all(p.fired is not None for p in stored) and min(len(p.fired) for p in stored) < (stop - start) / 2
-        for run, dense_ones in (("old", keys), ("mixed", keys[1::2]), ("mixed-first", keys[::2])):
+        runs = {"old": {key: "dense" for key in keys}, "old-full-rows": {key: "full-rows" for key in keys},
+                "mixed": {key: layout for key, layout in zip(keys, ["full-rows", "dense", "new"] * 2)},
+                "mixed-first": {key: layout for key, layout in zip(keys, ["dense", "new", "full-rows"] * 2)}}
+        for run, layouts in runs.items():
             for key, partial in zip(keys, stored):
-                if key in dense_ones:
-                    dense = partial.dense()
-                    _commit_partial_arrays(store, run, key, index, partial, {
-                        name: getattr(dense, name) for name in F.Partial.ARRAYS + F.Partial.WITNESS})
-                else:
+                if layouts[key] == "new":
                     partial_store.write_partial(store, run, key, index, partial)
+                else:
+                    _commit_partial_arrays(store, run, key, index, partial, _old_layouts(partial)[layouts[key]])
         assert partial_store.read_partial(store, "old", "p0", index).fired is None  # the old layout reads as it is
+        old_rows = partial_store.read_partial(store, "old-full-rows", "p0", index)
+        assert old_rows.fired is not None and old_rows.top_act.shape[1] == 3
         new = read_tables(store, "run", index)
-        for run in ("old", "mixed", "mixed-first"):
+        for run in runs:
             tables = merge_shard_tables(store, sae, run, index, keys, settings)
             assert tables.stats.equals(new.stats) and tables.examples.equals(new.examples), run
         assert set(new.examples["kind"]) == {"top", "random", "interval"}
@@ -651,11 +716,19 @@ def test_tables_from_sparse_partials_equal_those_from_dense_ones_bit_for_bit(sto
 def test_a_partial_whose_arrays_disagree_on_its_latents_is_refused_by_name(store):
     make_dataset(store, [6])
     partial = F.compute_partial(store, make_sae("topk"), "p0", 0, N_LATENTS, F.FeatureSettings(top_k=3))
-    arrays = {name: getattr(partial, name) for name in F.Partial.STORED}
-    for damage, match in (({"fired": partial.fired[:-1]}, "has top_act of shape"),
-                          ({"fired": partial.fired[::-1]}, "not ascending ids"),
-                          ({"fired": partial.fired + N_LATENTS}, r"not ascending ids in \[0, 64\)")):
-        _commit_partial_arrays(store, "run", "p0", 0, partial, {**arrays, **damage})
+    old, new = _old_layouts(partial)["full-rows"], partial_store.filled_slot_arrays(partial)
+    layout = {"layout": partial_store.FILLED_SLOTS}
+    for arrays, meta, damage, match in (
+            (old, {}, {"fired": partial.fired[:-1]}, "has top_act of shape"),
+            (old, {}, {"fired": partial.fired[::-1]}, "not ascending ids"),
+            (old, {}, {"fired": partial.fired + N_LATENTS}, r"not ascending ids in \[0, 64\)"),
+            (new, layout, {"fired": partial.fired[:-1]}, "has top_act of shape"),
+            (new, layout, {"fired": partial.fired[::-1]}, "not ascending ids"),
+            (new, layout, {"res_row": new["res_row"][:-1]}, r"res_row of shape \(\d+,\), not \(\d+,\)"),
+            (new, layout, {"hist_nonzero": new["hist_nonzero"][:-1]}, r"hist_nonzero of uint8 \(\d+, 9\), not"),
+            (new, layout, {"hist": new["hist"][:-1]}, "one count per bit of hist_nonzero"),
+            ({k: v for k, v in new.items() if k != "hist_nonzero"}, layout, {}, r"lacks the arrays \['hist_nonz")):
+        _commit_partial_arrays(store, "run", "p0", 0, partial, {**arrays, **damage}, **meta)
         with pytest.raises(F.FeatureError, match=match) as err:
             partial_store.read_partial(store, "run", "p0", 0)
         assert "partial.npz" in str(err.value) and "run pass 1 again" in str(err.value)

@@ -13,8 +13,8 @@ from assets.partitions import N_FEATURE_SHARDS, N_SHUFFLE_WORKERS
 from sae_platform.feature_plan import (
     FIXED_JOB_BYTES,
     FeaturePlanError,
-    partial_bytes_per_latent,
     plan_feature_shards,
+    stored_partials_bytes,
 )
 from sae_platform.features import N_HIST_BINS, FeatureSettings, feature_shards
 from sae_platform.sae.topk import ENCODE_CHUNK_ELEMENTS
@@ -78,15 +78,17 @@ def feature_figures(reservoir_factor: int = FeatureSettings().reservoir_factor,
                     batch_tokens: int = BATCH_TOKENS, n_latents: int = N_LATENTS,
                     weights_by_shard: bool = False) -> dict:
     """The feature passes of the page's run: the plan, one shard's job, one batch's encode job, and
-    what they store (partials: one per batch and shard; codes: 12 B per activating code)."""
+    what they store (partials: one per batch and shard, at most ``stored_partials_bytes`` a batch;
+    codes: 12 B per activating code)."""
     plan = shard_plan(n_latents, reservoir_factor, batch_tokens, weights_by_shard)
     settings = FeatureSettings(reservoir_factor=reservoir_factor)
     n_batches = math.ceil(TOKENS / batch_tokens)
-    partial = partial_bytes_per_latent(settings.top_k, settings.top_k * reservoir_factor, N_HIST_BINS)
+    partials = stored_partials_bytes(n_latents, batch_tokens * K, settings.top_k, settings.top_k * reservoir_factor,
+                                     N_HIST_BINS)
     return {"plan": plan, "shards": feature_shards(n_latents, plan.n_shards), "shard_job": plan.job_bytes,
             "encode_job": encode_job_bytes(n_latents, batch_tokens),
             "n_pass_1_jobs": n_batches * plan.n_shards, "n_batches": n_batches,
-            "partials_bytes": n_batches * n_latents * partial, "stored_codes_bytes": TOKENS * K * 12}
+            "partials_bytes": n_batches * partials, "stored_codes_bytes": TOKENS * K * 12}
 
 
 def test_the_shuffle_plan_for_a_billion_tokens_stays_within_budget():
