@@ -4,10 +4,10 @@ of caching, the shuffle, a training step, feature passes 1-3 and the browser wri
 scaling *law* of loss against latents (that is ``sae_platform/scaling.py`` and
 ``benchmarks/scaling_grid.py``): this is the platform's own cost.
 
-    python benchmarks/scaling.py --quick   # 1 / 4 / 16 batches of 512 tokens at 512 latents, caching at
+    python benchmarks/scaling.py --quick   # 1 / 4 / 16 batches of 512 tokens at 64 latents, caching at
                                            # layer 1; 4,096 and 16,384 latents on the first batch
     python benchmarks/scaling.py --plot docs/scaling.png
-                                           # 1 / 4 / 16 batches of 2,048 tokens at 2,048 latents; 16,384 /
+                                           # 1 / 4 / 16 batches of 2,048 tokens at 256 latents; 16,384 /
                                            # 65,536 / 262,144 / 1,048,576 latents on 1,024 tokens
 
 More tokens are more activation batches, not a bigger one: at factor f the token sweep runs f
@@ -73,16 +73,24 @@ one sweep.
 What the memory ratios against the tokens measure. Caching, pass 1 and pass 3's windows run one job
 per batch, the same job at every factor: their largest job stays the size of one batch's (a pass-1
 or windows job holds its own batch's codes, 12 B per code, never another's), so their ratio is
-flat by the layout, up to noise. The other stages run one job that reads every batch: the shuffle
-holds its rows until they pass its budget (--quick's 16x, 9 MiB of rows, still shuffles in memory
-below 17 MiB: its ratio measures that, not the budget), training holds the SAE and one step's rows,
-and pass 2, the regroup and the browser hold what is kept per feature, bounded but filling with
-the firings. The token sweep's SAE is narrow enough that a latent fires ``tokens x k / latents`` =
-32 times per batch on average (512 tokens x 32 / 512 latents; the full mode 2,048 x 32 / 2,048): the
-top 20, the 20 random and the 20 interval examples shown per feature can fill at 1x; the reservoir
-of 200 random examples fills from ~7 batches (16x), so pass 2's merged tables grow up to there (a
-batch's partial holds 32 of its 200 at every factor). A random TopK SAE fires unevenly: these are
-means. The feature stages' lines carry them (``per_feature_buffers``). ``bytes_per_added_token``
+flat by the layout, up to noise. The other stages run one job that reads every batch. The shuffle
+goes beyond its budget at every size: one job shuffles ~70% of ``Sizes.shuffle_budget`` in memory,
+fewer rows than even 1x has, in chunks small enough (``Sizes.chunk_bytes``, 128 rows: below the
+pipeline's 256-row floor, ``scaling_stages.use_chunk_bytes``) for a scatter job to hold the 4 it
+needs, and 16x the rows over its 32 buckets fit in the passes 1x needs (2 at every size: its line's
+``n_passes``, ``out_of_core``); so its ratio measures the out-of-core shuffle's memory, bounded by
+the budget, as the data grows (a budget the data fits in would measure the data filling it).
+Training holds the SAE and one step's rows. Pass 2, the regroup and the browser hold what is kept
+per feature, bounded by the feature settings (top 20, a reservoir of 200, 20 random and 20
+interval examples shown) but filling with the firings; the token sweep's SAE is narrow enough
+that a latent fires ``tokens x k / latents`` = 254 times per batch on average (508 rows x 32 / 64
+latents; the full mode 2,032 x 32 / 256), so that the shown examples are full at 1x even though a
+random TopK SAE fires unevenly (measured at 1x / 16x: 96% / 99% of the 60 per feature shown; at
+512 latents, 45% / 75%, and the browser's peak followed). The browser's peak is mostly fixed:
+~50 MiB of its libraries' code paged in (polars' parquet reader and JSON writer) and the
+allocator's memory kept from the transient frames of the shards it writes, one shard's tables at a
+time, which follows the shown examples per shard, not the tokens. The feature stages' lines carry
+the mean firings against each buffer's capacity (``per_feature_buffers``). ``bytes_per_added_token``
 says how much each added token cost the largest job.
 """
 
@@ -136,23 +144,29 @@ class Sizes:
     train_steps: int         # steps per 1x of the token sweep, and per width of the latent sweep
     ctx_len: int = 128
     batch_size: int = 16     # contexts per forward pass
-    # The shuffle's memory budget, the same at every size: the smallest plan_shuffle accepts for the
-    # activations' 4 MiB chunks at d_model 576 (4 chunks per scatter job); the full mode's 16x
-    # data (37.7 MB) goes beyond it, the smaller sizes shuffle in memory.
-    shuffle_budget: int = 17 << 20
+    # The shuffle's memory budget, the same at every size, too small for one job to shuffle even the
+    # 1x rows in memory (70% of it: shuffle_plan.final_bucket_rows), so that every size shuffles out
+    # of core (planned_shuffle): a budget the data fits in would measure the data filling it.
+    shuffle_budget: int = 640 << 10
+    # Its buckets per scatter pass: 32, so that 16x the rows fit in the passes 1x needs (1x above the
+    # budget, 16x / 32 buckets below it): the passes, and so the time per token, are the same at every size.
+    shuffle_buckets: int = 32
     layer: int | None = None  # the hook layer, where caching's forward stops (None: the middle layer, as the pipeline)
     # Fixed buffers a stage fills before its memory can be flat in the tokens; None: the pipeline's own.
-    chunk_bytes: int | None = None  # the cached activations' zarr chunks (activations.CHUNK_BYTES)
+    # The cached activations' zarr chunks (scaling_stages.use_chunk_bytes): 128 rows of d_model 576 in
+    # float16, 4 to a 1x batch, so that a budget below the 1x data holds the 4 chunks a scatter job needs.
+    chunk_bytes: int | None = 128 * 576 * 2
     encode_rows: int | None = None  # pass 1's token batch (compute_and_write_partials' batch_rows)
 
 
 # --quick hooks layer 1 (the forward stops after block 1): caching's cost is then mostly the store's,
-# not the model's 16 blocks to the middle layer. The token sweep's SAE: 512 tokens x k 32 / 512 latents
-# = 32 firings per latent per batch, enough to fill the examples shown per feature at 1x.
-QUICK = Sizes(tokens=512, token_latents=512, latents=(4096, 16_384), latent_tokens=512, train_batch=128,
+# not the model's 16 blocks to the middle layer. The token sweep's SAE: 508 rows x k 32 / 64 latents
+# = 254 firings per latent per batch (the full mode: 2,032 x 32 / 256), so that the examples shown per
+# feature are full at 1x even though a random TopK SAE fires unevenly (measured: 96% of them at 1x).
+QUICK = Sizes(tokens=512, token_latents=64, latents=(4096, 16_384), latent_tokens=512, train_batch=128,
               train_steps=2, layer=1)
-FULL = Sizes(tokens=2048, token_latents=2048, latents=(16_384, 65_536, 262_144, 1_048_576), latent_tokens=1024,
-             train_batch=256, train_steps=3)
+FULL = Sizes(tokens=2048, token_latents=256, latents=(16_384, 65_536, 262_144, 1_048_576), latent_tokens=1024,
+             train_batch=256, train_steps=3, shuffle_budget=5 << 19)  # 2.5 MiB: 1,571 of the 1x's 2,032 rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +331,17 @@ def planned_shards(runs: list[dict]) -> dict:
             "memory_budget_bytes": runs[-1]["memory_budget_bytes"]}
 
 
+def shuffle_passes(runs: list[dict]) -> dict:
+    """The shuffle's passes at each size and whether every size went beyond its budget (more than
+    one pass: ``out_of_core``); {} for the other stages. Why: a shuffle that fits its budget holds
+    all its rows, so its memory line would measure the data filling the budget, not the bounded
+    memory of the out-of-core shuffle."""
+    if "n_passes" not in runs[-1]:
+        return {}
+    passes = [r["n_passes"] for r in runs]
+    return {"n_passes": passes, "out_of_core": min(passes) > 1}
+
+
 def per_feature_buffers(runs: list[dict]) -> dict:
     """What a feature stage keeps per feature against how often a latent fires: the mean firings
     per latent at each size (tokens x k / latents; at 1x that of one batch, which every per-batch job
@@ -341,6 +366,7 @@ def token_lines(results: dict[str, list[dict]]) -> list[dict]:
         sizes = {"tokens": [r["tokens"] for r in runs], "n_jobs": [r.get("n_jobs", 1) for r in runs],
                  "stage_path": last.get("path"), "n_latents": last["n_latents"],
                  **({"data_bytes": [r["data_bytes"] for r in runs]} if "data_bytes" in last else {}),
+                 **shuffle_passes(runs),
                  **planned_shards(runs)}
         lines.append({"metric": f"scaling_{name}_seconds_per_token_vs_tokens", "value": last["seconds_per_token"],
                       "baseline": first["seconds_per_token"],
@@ -421,9 +447,12 @@ def parse_args(argv=None):
     parser.add_argument("--train-steps", type=int, help="training steps per 1x and per width (at least 2)")
     parser.add_argument("--ctx-len", type=int, help="tokens per context (default 128)")
     parser.add_argument("--batch-size", type=int, help="contexts per forward pass when caching (default 16)")
-    parser.add_argument("--shuffle-budget", type=int, help="the shuffle's memory budget in bytes (default 17 MiB)")
+    parser.add_argument("--shuffle-budget", type=int, help="the shuffle's memory budget in bytes (default: the "
+                                                           "mode's, below what one job shuffles of the 1x rows)")
+    parser.add_argument("--shuffle-buckets", type=int, help="the shuffle's buckets per scatter pass (default: the "
+                                                            "mode's)")
     parser.add_argument("--chunk-bytes", type=int, help="bytes per chunk of the cached activations (default: the "
-                                                        "platform's activations.CHUNK_BYTES)")
+                                                        "mode's, 128 rows of d_model 576 in float16)")
     parser.add_argument("--encode-rows", type=int, help="pass 1's token batch (default: the pipeline's)")
     parser.add_argument("--memory-budget-bytes", type=int,
                         default=default_of(ft.FeatureSettings, "memory_budget_bytes"),
@@ -448,6 +477,7 @@ def parse_args(argv=None):
     given = {"tokens": args.tokens, "token_latents": args.token_latents, "latent_tokens": args.latent_tokens,
              "train_batch": args.train_batch, "train_steps": args.train_steps, "ctx_len": args.ctx_len,
              "batch_size": args.batch_size, "shuffle_budget": args.shuffle_budget, "layer": args.layer,
+             "shuffle_buckets": args.shuffle_buckets,
              "chunk_bytes": args.chunk_bytes, "encode_rows": args.encode_rows,
              "latents": tuple(int(n) for n in args.latents.split(",")) if args.latents else None}
     sizes = replace(sizes, **{k: v for k, v in given.items() if v is not None})
@@ -503,7 +533,8 @@ def measure_all(args, sizes: Sizes) -> list[dict]:
         base = {"model": args.model, "model_root": args.model_root, "layer": sizes.layer, "autocast": args.autocast,
                 "root": str(tmp / "store"), "corpus": args.corpus, "ctx_len": sizes.ctx_len,
                 "batch_size": sizes.batch_size, "train_batch": sizes.train_batch,
-                "shuffle_budget": sizes.shuffle_budget, "record": args.record, "chunk_bytes": sizes.chunk_bytes,
+                "shuffle_budget": sizes.shuffle_budget, "shuffle_buckets": sizes.shuffle_buckets,
+                "record": args.record, "chunk_bytes": sizes.chunk_bytes,
                 "encode_rows": sizes.encode_rows, "memory_budget_bytes": args.memory_budget_bytes}
         by_tokens, by_latents = "tokens" in args.sweeps, "latents" in args.sweeps
         batches = [batch_job(base, tmp, f"{BATCH_KEY}-{i:02d}", sizes.tokens // sizes.ctx_len)

@@ -46,6 +46,7 @@ from sae_platform.storage import ArtifactStore
 from sae_platform.trainer import TrainSettings, selection_dtype, train_sae
 
 K = 32  # the feature stages' random TopK SAE's code width
+SHUFFLE_JOBS = 4  # the shuffle's first-pass scatter jobs
 JOB_FIGURES = ("label", "tokens", "seconds", "peak_bytes", "peak_rss", "rss_before", "process_seconds",
                "process_cpu_seconds")  # what a record keeps of each of its jobs
 SUMMED = ("seconds", "process_seconds", "process_cpu_seconds", "tokens", "n_windows")  # over a stage's jobs
@@ -222,11 +223,28 @@ def load_caching_model(jobs: list[dict]):
     return model
 
 
+EXACT_CHUNK_ROWS = 1  # the row floor under --chunk-bytes: chunks of that size, however few rows it holds
+
+
+def use_chunk_bytes(chunk_bytes: int | None) -> None:
+    """This process caches chunks of ``chunk_bytes`` (None: the pipeline's ``activations.CHUNK_BYTES``),
+    below the pipeline's floor of ``activations.MIN_CHUNK_ROWS`` rows too: the shuffle's budget must
+    hold about four input chunks (``shuffle_plan.plan_shuffle``), and a budget smaller than the
+    token sweep's 1x data needs chunks of fewer rows than that floor. Sets the module's constants,
+    which ``activations.chunk_rows`` reads at each partition: for this (forked) process only."""
+    if chunk_bytes:
+        activations.CHUNK_BYTES, activations.MIN_CHUNK_ROWS = chunk_bytes, EXACT_CHUNK_ROWS
+
+
+def cached_chunk_rows(chunk_bytes: int | None, rows: int, row_bytes: int) -> int:
+    """Rows per chunk of a cached batch of ``rows`` rows under ``use_chunk_bytes(chunk_bytes)``."""
+    return activations.chunk_rows(rows, row_bytes, *((chunk_bytes, EXACT_CHUNK_ROWS) if chunk_bytes else ()))
+
+
 def cache_with(model, meter: Meter, job: dict) -> dict:
     """Caching's job: ``job['text']`` cached into ``job['root']`` as batch ``job['key']`` by
     ``model`` (loaded)."""
-    if job["chunk_bytes"]:  # this process only: the module's constant is the size of every chunk it writes
-        activations.CHUNK_BYTES = job["chunk_bytes"]
+    use_chunk_bytes(job["chunk_bytes"])
     settings = CacheSettings(ctx_len=job["ctx_len"], batch_size=job["batch_size"])
     warm_up = ArtifactStore(job["root"] + "-warm-up")  # untimed: the first zarr / parquet / forward calls
     cache_text_file(warm_up, TextFile(job["text"], job["key"]), model, job["model"], settings, max_contexts=1)
@@ -260,13 +278,14 @@ def measure_caching(jobs: list[dict]) -> Iterator[dict]:
 def stage_shuffle(meter: Meter, job: dict) -> dict:
     store = ArtifactStore(job["root"])
     meter.start()
-    summary = shuffle.run_shuffle(store, job["shuffle"], n_buckets=4, memory_budget_bytes=job["shuffle_budget"],
-                                  n_jobs=4, seed=0, keys=job["batches"])
+    summary = shuffle.run_shuffle(store, job["shuffle"], n_buckets=job["shuffle_buckets"],
+                                  memory_budget_bytes=job["shuffle_budget"], n_jobs=SHUFFLE_JOBS, seed=0,
+                                  keys=job["batches"])
     meter.stop()
     data_bytes = summary["n_rows"] * job["d_model"] * 2  # float16 rows
-    return {"tokens": summary["n_rows"], "data_bytes": data_bytes,
+    return {"tokens": summary["n_rows"], "data_bytes": data_bytes, "n_passes": summary["n_passes"],
             "path": f"{summary['n_passes']} pass(es), {data_bytes / 2**20:.1f} MiB through a "
-                    f"{job['shuffle_budget'] / 2**20:.1f} MiB budget"}
+                    f"{job['shuffle_budget'] / 2**20:.2f} MiB budget, {job['shuffle_buckets']} buckets"}
 
 
 def stage_train(meter: Meter, job: dict) -> dict:

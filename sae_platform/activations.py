@@ -67,6 +67,7 @@ StoredDtype = Literal["float16", "float32"]  # zarr has no bfloat16
 STORED_DTYPES: tuple[StoredDtype, ...] = get_args(StoredDtype)
 FLOAT16_MAX = 65504.0
 CHUNK_BYTES = 4 << 20  # ~4 MB chunks: big enough for streaming reads, small enough to shuffle
+MIN_CHUNK_ROWS = 256   # rows of a very wide model still come at least this many to a chunk
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,19 @@ class _ChunkWriter:
             raise self.error
 
 
+def chunk_rows(max_rows: int, row_bytes: int, chunk_bytes: int | None = None, min_rows: int | None = None) -> int:
+    """Rows per chunk of a partition's activation store of ``max_rows`` rows of ``row_bytes`` bytes:
+    about ``chunk_bytes`` (None: CHUNK_BYTES), at least ``min_rows`` rows (None: MIN_CHUNK_ROWS),
+    evened out over the partition, since uncompressed zarr stores a partial last chunk at full size
+    (up to 4 MB wasted), and never more than the partition (at least 1). Why it matters beyond
+    reads: a shuffle's memory budget must hold about four such chunks (``shuffle_plan.plan_shuffle``)."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    rows = max(MIN_CHUNK_ROWS if min_rows is None else min_rows, chunk_bytes // row_bytes)
+    if max_rows:
+        rows = -(-max_rows // -(-max_rows // rows))
+    return min(rows, max(max_rows, 1))
+
+
 class _HookStore:
     """One entry's activation store while a partition is being cached."""
 
@@ -222,11 +236,9 @@ class _HookStore:
         self.entry, self.mask, self.group = entry, mask.copy(), group
         max_rows = int(mask.sum())
         np_dtype = np.dtype(settings.dtype)
-        chunk_rows = max(256, CHUNK_BYTES // (width * np_dtype.itemsize))
-        # Even chunks: uncompressed zarr stores a partial last chunk at full size (up to 4 MB wasted).
-        chunk_rows = -(-max_rows // -(-max_rows // chunk_rows)) if max_rows else chunk_rows
         self.acts = group.create_array("acts", shape=(max_rows, width), dtype=np_dtype,
-                                       chunks=(min(chunk_rows, max(max_rows, 1)), width), compressors=None)
+                                       chunks=(chunk_rows(max_rows, width * np_dtype.itemsize), width),
+                                       compressors=None)
         self.writer = _ChunkWriter(self.acts, self.acts.chunks[0], np_dtype)
         self.stats, self.kept, self.max_rows, self.width = _RunningNorms(), [], max_rows, width
 

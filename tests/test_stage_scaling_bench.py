@@ -28,9 +28,13 @@ def test_every_stage_prints_its_cost_against_tokens_and_latents(tiny_model_dir, 
                "--model-root", str(tmp_path / "models"), "--corpus", str(text_dir),
                "--ctx-len", "16", "--tokens", "32", "--token-latents", "64",
                "--latents", "64,256", "--latent-tokens", "32", "--train-batch", "8",
-               "--shuffle-budget", str(1 << 20), "--plot", str(plot))
+               "--chunk-bytes", "512", "--shuffle-budget", "3072", "--shuffle-buckets", "8", "--plot", str(plot))
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     lines = _lines(run.stdout)
+    # 30 rows of 64 B a batch in chunks of 8 rows (below the pipeline's 256-row floor): a 3 KiB budget shuffles 26
+    # rows in memory, so even 1x goes out of core, and the memory line measures the bounded shuffle
+    shuffle = lines["scaling_shuffle_peak_rss_vs_tokens"]
+    assert shuffle["n_passes"] == [2, 3, 3] and shuffle["out_of_core"], shuffle
     expected = {f"scaling_{stage}_{figure}_vs_tokens" for stage in TOKEN_STAGES
                 for figure in ("seconds_per_token", "peak_rss")}
     expected |= {f"scaling_{stage}_{figure}_vs_latents" for stage in LATENT_STAGES
@@ -111,6 +115,25 @@ def test_a_stage_record_sums_its_jobs_times_and_keeps_the_largest_jobs_peak(monk
     assert (record["path"], record["feature_shards"]) == ("p", 4) and "rss_before" not in record
     trained = combine([{**jobs[0], "seconds_per_token": 0.5}])
     assert trained["seconds_per_token"] == 0.5 and trained["n_jobs"] == 1
+
+
+def test_the_modes_shuffle_beyond_the_budget_in_the_same_passes_at_every_size(monkeypatch):
+    """--quick's and the full mode's shuffle: even the 1x rows are more than one job shuffles in memory,
+    and 16x fit in the passes 1x needs, so the shuffle's memory line measures its bounded out-of-core
+    memory (a budget the data fits in measures the data filling it) and its time per token the same
+    passes at every size. Planned as the shuffle plans it, from the rows and chunks caching writes."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from benchmarks.scaling import FULL, QUICK, TOKEN_FACTORS
+    from benchmarks.scaling_stages import SHUFFLE_JOBS, cached_chunk_rows
+    from sae_platform.shuffle_plan import plan_shuffle
+
+    row_bytes = 576 * 2  # SmolLM2-135M's d_model, cached in float16
+    for sizes in (QUICK, FULL):
+        rows = sizes.tokens - sizes.tokens // sizes.ctx_len  # a context's start token is no row: 508 of 512
+        chunk = cached_chunk_rows(sizes.chunk_bytes, rows, row_bytes)
+        passes = [plan_shuffle(factor * rows, row_bytes, sizes.shuffle_buckets, sizes.shuffle_budget, SHUFFLE_JOBS,
+                               chunk).n_passes for factor in TOKEN_FACTORS]
+        assert min(passes) > 1 and len(set(passes)) == 1, (sizes, passes)
 
 
 def _plan(n_latents: int, d_model: int, tokens: int, budget: int | None = None):
