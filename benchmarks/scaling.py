@@ -44,10 +44,10 @@ calibration sample, the first step and the final checkpoint are not, and the rec
 setup's peak as ``setup_peak_rss``). Everything runs on the CPU.
 
 The parent only imports, and makes the lazy imports the stage processes would each make (the
-tokenizer classes, ``torch._dynamo`` that torch.optim imports, pandas that pyarrow imports:
-:func:`import_lazy_modules`), so that the forked jobs share them. The caching jobs are forked from
+tokenizer classes, ``torch._dynamo`` that torch.optim imports: :func:`import_lazy_modules`), so
+that the forked jobs share them. The caching jobs are forked from
 one process that loaded the model once and copied its file-mapped weights into its own memory,
-pass 3's windows jobs from one that loaded the tokenizer once (``scaling_stages.measure_hosted``);
+pass 3's windows jobs from one that loaded the tokenizer and pandas once (``measure_hosted``);
 every fork freezes the forking process's objects out of the job's garbage collector
 (``scaling_stages.measure``); the latent sweep reuses the token sweep's 1x batch and shuffled
 store when its size matches (--quick), so the same text is cached and shuffled once. Each record
@@ -108,8 +108,6 @@ if str(REPO) not in sys.path:  # run as a script: make the package importable wi
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the stages fork: tokenizers' pool would not survive it
 
-import numpy  # noqa: E402
-import pyarrow  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.scaling_stages import STAGE_JOBS, K, combine, measure_caching  # noqa: E402
@@ -488,19 +486,19 @@ def noisy(load_before: float, load_after: float) -> bool:
 
 
 def import_lazy_modules(args) -> None:
-    """Make here, in the parent, the lazy imports every forked stage process would make on its own
-    (measured: ~5 s of CPU per training job, ~1 s per pass-3 windows job): transformers' tokenizer
-    classes (the stored tokenizer loaded once and dropped), ``torch._dynamo`` (imported by
-    ``torch.optim.Optimizer.__init__``) and pandas (imported by pyarrow's first ``pa.array``, inside
-    pass 3's timed windows). The stages fork from here and share them: their figures are their
-    own work, not a fresh process's imports. torch runs on one thread meanwhile (a first run converts
-    the model here): no OpenMP thread pool may exist when the stages fork."""
+    """Make here, in the parent, the lazy imports the forked stage processes would each make on
+    their own: transformers' tokenizer classes (the stored tokenizer loaded once and dropped: ~4 s
+    of CPU per pass-3 process) and ``torch._dynamo`` (imported by ``torch.optim.Optimizer.__init__``:
+    ~3 s per training job; it adds ~15 MiB to every job's VmRSS). The stages fork from here and
+    share them: their figures are their own work, not a fresh process's imports (pass 3's windows
+    host makes its own, pandas: ``scaling_stages.load_tokenizer``). torch runs on one thread
+    meanwhile (a first run converts the model here): no OpenMP thread pool may exist when the
+    stages fork."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         load_stored_tokenizer(ArtifactStore(args.model_root), args.model)
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-        pyarrow.array(numpy.zeros(1))
     finally:
         torch.set_num_threads(threads)
 
