@@ -43,19 +43,24 @@ first metrics row to the last: "a training step", as the issue asks; the SAE's i
 calibration sample, the first step and the final checkpoint are not, and the record keeps the
 setup's peak as ``setup_peak_rss``). Everything runs on the CPU.
 
-The parent only imports, and loads the tokenizer once so that transformers' lazy imports are shared
-(:func:`import_lazy_modules`). The caching jobs are forked from one process that loaded the model
-once, pass 3's windows jobs from one that loaded the tokenizer once (``scaling_stages.measure_hosted``;
-each caching job reads every weight before its peak is reset: the weights are file-mapped pages);
-the latent sweep reuses the token sweep's 1x batch and shuffled store when its size matches
-(--quick), so the same text is cached and shuffled once. Each record carries its jobs' summed wall
-and CPU seconds (``process_seconds``, ``process_cpu_seconds``: on a loaded machine the CPU time is
-the measure of the run's cost) and each job's own figures (``jobs``). A job loads what it needs
-(SAE, tokenizer), the heap's free pages are handed back (``release_free_heap``), then the kernel's
-high-water mark is reset (``echo 5 > /proc/self/clear_refs``, as ``benchmarks/feature_tables.py``),
-the job runs, and its peak is VmHWM - VmRSS before it (``peak_bytes``: the job's own allocations,
-whatever was loaded) and VmHWM itself (``peak_rss``: what a worker needs for the job). A width whose
-predicted peak (the previous width's, scaled by the widths' ratio) exceeds 80% of MemAvailable is
+The parent only imports, and makes the lazy imports the stage processes would each make (the
+tokenizer classes, ``torch._dynamo`` that torch.optim imports: :func:`import_lazy_modules`), so
+that the forked jobs share them. The caching jobs are forked from
+one process that loaded the model once and copied its file-mapped weights into its own memory,
+pass 3's windows jobs from one that loaded the tokenizer and pandas once (``measure_hosted``);
+every fork freezes the forking process's objects out of the job's garbage collector
+(``scaling_stages.measure``); the latent sweep reuses the token sweep's 1x batch and shuffled
+store when its size matches (--quick), so the same text is cached and shuffled once. Each record
+carries its jobs' summed wall and CPU seconds (``process_seconds``, ``process_cpu_seconds``: the
+whole processes; ``cpu_seconds``: the timed parts'; on a loaded machine the CPU time is the
+measure of the run's cost) and each job's own figures (``jobs``). A job loads what it needs
+(SAE, tokenizer), the disk's pending writes are flushed (``os.sync``: the commit protocol's
+fsyncs would otherwise wait for an earlier stage's writeback), the heap's free pages are handed
+back (``release_free_heap``), then the kernel's high-water mark is reset (``echo 5 >
+/proc/self/clear_refs``, as ``benchmarks/feature_tables.py``), the job runs, and its peak is
+VmHWM - VmRSS before it (``peak_bytes``: the job's own allocations, whatever was loaded) and
+VmHWM itself (``peak_rss``: what a worker needs for the job). A width whose predicted peak (the
+previous width's, scaled by the widths' ratio) exceeds 80% of MemAvailable is
 skipped, and the JSON line says so: training 1,048,576 latents needs ~23 GB (weights, gradients and
 Adam's moments: 40 bytes per latent per d_model dimension), more than this machine has.
 
@@ -374,6 +379,7 @@ def token_lines(results: dict[str, list[dict]]) -> list[dict]:
                       "lower_is_better": True, "unit": "s/token", "value_is": "the stage's jobs' summed seconds / "
                       "its tokens", "baseline_is": "the same stage at 1x the tokens",
                       "values": [r["seconds_per_token"] for r in runs], "seconds": [r["seconds"] for r in runs],
+                      "cpu_seconds": [r.get("cpu_seconds") for r in runs],  # the timed part's CPU: steadier under load
                       **sizes})
         lines.append({"metric": f"scaling_{name}_peak_rss_vs_tokens", "value": last["peak_bytes"],
                       "baseline": first["peak_bytes"], "ratio": last["peak_bytes"] / max(first["peak_bytes"], 1),
@@ -510,14 +516,19 @@ def noisy(load_before: float, load_after: float) -> bool:
 
 
 def import_lazy_modules(args) -> None:
-    """Load the stored tokenizer once here, in the parent, and drop it: transformers imports its
-    tokenizer classes lazily, and that import (~4 s of CPU here) was most of each pass-3 process's
-    time; the forked stage processes now share it. torch runs on one thread meanwhile (a first run
-    converts the model here): no OpenMP thread pool may exist when the stages fork."""
+    """Make here, in the parent, the lazy imports the forked stage processes would each make on
+    their own: transformers' tokenizer classes (the stored tokenizer loaded once and dropped: ~4 s
+    of CPU per pass-3 process) and ``torch._dynamo`` (imported by ``torch.optim.Optimizer.__init__``:
+    ~3 s per training job; it adds ~15 MiB to every job's VmRSS). The stages fork from here and
+    share them: their figures are their own work, not a fresh process's imports (pass 3's windows
+    host makes its own, pandas: ``scaling_stages.load_tokenizer``). torch runs on one thread
+    meanwhile (a first run converts the model here): no OpenMP thread pool may exist when the
+    stages fork."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         load_stored_tokenizer(ArtifactStore(args.model_root), args.model)
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     finally:
         torch.set_num_threads(threads)
 

@@ -15,6 +15,7 @@ a per-batch job adds ``batch`` and ``batch_tokens``.
 import ctypes
 import gc
 import multiprocessing
+import os
 import resource
 import shutil
 import time
@@ -23,7 +24,9 @@ from collections.abc import Callable, Iterator
 from functools import partial, wraps
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+import pyarrow
 import torch
 
 from benchmarks.cache_throughput import benchmark_text
@@ -47,9 +50,10 @@ from sae_platform.trainer import TrainSettings, selection_dtype, train_sae
 
 K = 32  # the feature stages' random TopK SAE's code width
 SHUFFLE_JOBS = 4  # the shuffle's first-pass scatter jobs
-JOB_FIGURES = ("label", "tokens", "seconds", "peak_bytes", "peak_rss", "rss_before", "process_seconds",
+JOB_FIGURES = ("label", "tokens", "seconds", "cpu_seconds", "peak_bytes", "peak_rss", "rss_before", "process_seconds",
                "process_cpu_seconds")  # what a record keeps of each of its jobs
-SUMMED = ("seconds", "process_seconds", "process_cpu_seconds", "tokens", "n_windows")  # over a stage's jobs
+SUMMED = ("seconds", "cpu_seconds", "process_seconds", "process_cpu_seconds", "tokens",
+          "n_windows")  # over a stage's jobs
 LARGEST = ("peak_bytes", "peak_rss")  # the largest job's: what one worker needs
 
 
@@ -58,22 +62,36 @@ LARGEST = ("peak_bytes", "peak_rss")  # the largest job's: what one worker needs
 # ---------------------------------------------------------------------------------------------
 
 class Meter:
-    """Times a stage's body and measures its peak RSS (``memory_status``, ``reset_peak``)."""
+    """Times a stage's body and measures its peak RSS (``memory_status``, ``reset_peak``). Before
+    the clock starts, the disk's pending writes are flushed (``os.sync``): the commit protocol
+    fsyncs each file a job writes, and on ext4 an fsync waits for whatever else is waiting to be
+    written back, so a job that followed a stage writing MBs (the 16x shuffle, training's
+    checkpoints) was timed with that stage's writeback in its own (measured: 0.09-0.26 s of a
+    0.45 s pass-1 job's wall). Each job's time is then its own work, its own fsyncs included."""
 
     def start(self) -> None:
+        os.sync()
         gc.collect()
         release_free_heap()
         self.hwm_reset = reset_peak()
         self.before = memory_status()
-        self.started = time.perf_counter()
+        self.started, self.cpu_started = time.perf_counter(), process_cpu_seconds()
 
     def stop(self) -> None:
         self.seconds = time.perf_counter() - self.started
+        self.cpu_seconds = process_cpu_seconds() - self.cpu_started
         self.after = memory_status()
 
     def result(self) -> dict:
-        return {"seconds": self.seconds, "peak_bytes": self.after["VmHWM"] - self.before["VmRSS"],
-                "peak_rss": self.after["VmHWM"], "rss_before": self.before["VmRSS"], "hwm_reset": self.hwm_reset}
+        return {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
+                "peak_bytes": self.after["VmHWM"] - self.before["VmRSS"], "peak_rss": self.after["VmHWM"],
+                "rss_before": self.before["VmRSS"], "hwm_reset": self.hwm_reset}
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def release_free_heap() -> bool:
@@ -91,9 +109,8 @@ def _child(conn, stage, job: dict) -> None:
     try:
         meter = Meter()
         extra = stage(meter, job)
-        usage = resource.getrusage(resource.RUSAGE_SELF)  # the whole process: loading, the stage, its threads
         conn.send({**meter.result(), **extra, "label": job.get("label"),
-                   "process_cpu_seconds": usage.ru_utime + usage.ru_stime})
+                   "process_cpu_seconds": process_cpu_seconds()})  # the whole process: loading, the stage
     except BaseException:  # noqa: BLE001 - the parent reports it, naming the stage
         conn.send({"error": traceback.format_exc()})
     finally:
@@ -103,12 +120,19 @@ def _child(conn, stage, job: dict) -> None:
 def measure(stage, job: dict) -> dict:
     """Run ``stage(meter, job)`` in a forked process; its figures (``Meter.result`` plus what it
     returns, and the job's label). Raises SystemExit naming the stage and the job when it fails or
-    dies (the kernel's OOM killer)."""
+    dies (the kernel's OOM killer). The forking process's objects are frozen out of the child's
+    garbage collector (``gc.freeze``): a child's collection would otherwise walk every object it
+    inherited (a model host holds millions) and write to each one's page, copying it (measured:
+    ~0.5 s of CPU per caching job); the child's own objects are collected as before."""
     fork = multiprocessing.get_context("fork")
     receive, send = fork.Pipe(duplex=False)
     started = time.perf_counter()
     process = fork.Process(target=_child, args=(send, stage, job))
-    process.start()
+    gc.freeze()  # the forking process's objects out of the child's collections (``Meter.start``'s included)
+    try:
+        process.start()
+    finally:
+        gc.unfreeze()
     send.close()
     try:
         result = receive.recv()
@@ -215,12 +239,26 @@ def write_texts(tokenizer, jobs: list[dict]) -> None:
 
 def load_caching_model(jobs: list[dict]):
     """``measure_hosted``'s setup for caching: the model (the first job's model, layer and autocast),
-    loaded once, and every job's text written."""
+    loaded once, its weights in the host's own memory (``own_weights``), and every job's text written."""
     first = jobs[0]
     model, _ = load_stored_model(ArtifactStore(first["model_root"]), first["model"], first["layer"], "cpu",
                                  first["autocast"])
     write_texts(model.tokenizer, jobs)
+    own_weights(model)
     return model
+
+
+def own_weights(model) -> None:
+    """Every weight of ``model`` copied out of its file mapping into the host's anonymous memory.
+    Why: the stored weights are mapped from their file, and a fork does not carry a file mapping's
+    pages over: each job would fault every page in again (it read every weight before its peak was
+    reset, else caching's embedding lookups fault rows in as new token ids appear: the model's fixed
+    bytes, not caching's growth; measured ~0.3 s of CPU per job, most of it the kernel's). Anonymous
+    pages are shared with every job the host forks, already resident: a job's RSS holds the whole
+    model either way, as a worker's does."""
+    with torch.no_grad():
+        for tensor in [*model.model.parameters(), *model.model.buffers()]:
+            tensor.data = tensor.data.clone()
 
 
 EXACT_CHUNK_ROWS = 1  # the row floor under --chunk-bytes: chunks of that size, however few rows it holds
@@ -243,19 +281,15 @@ def cached_chunk_rows(chunk_bytes: int | None, rows: int, row_bytes: int) -> int
 
 def cache_with(model, meter: Meter, job: dict) -> dict:
     """Caching's job: ``job['text']`` cached into ``job['root']`` as batch ``job['key']`` by
-    ``model`` (loaded)."""
+    ``model`` (loaded, its weights resident: ``load_caching_model``). The untimed warm-up (the
+    first zarr / parquet / forward calls) runs here, in the job, not once in the host: zarr's
+    event-loop thread and polars' pool, which those calls start, do not survive a fork (a job
+    forked after them hangs)."""
     use_chunk_bytes(job["chunk_bytes"])
     settings = CacheSettings(ctx_len=job["ctx_len"], batch_size=job["batch_size"])
     warm_up = ArtifactStore(job["root"] + "-warm-up")  # untimed: the first zarr / parquet / forward calls
     cache_text_file(warm_up, TextFile(job["text"], job["key"]), model, job["model"], settings, max_contexts=1)
     shutil.rmtree(warm_up.root)
-    # Every weight read once before the peak is reset: the stored weights are mapped from their file (a fork
-    # does not carry such pages over), and a page is resident only once touched, so caching's embedding
-    # lookups would fault in rows as new token ids appear (measured: RssFile +18 / +38 / +51 MiB at 512 /
-    # 2,048 / 8,192 tokens): the model's fixed bytes, not caching's growth.
-    with torch.no_grad():
-        for weights in model.model.parameters():
-            weights.sum()
     meter.start()
     summary = cache_text_file(ArtifactStore(job["root"]), TextFile(job["text"], job["key"]), model, job["model"],
                               settings, max_contexts=job["n_contexts"])
@@ -388,7 +422,10 @@ def stage_pass_2(meter: Meter, job: dict) -> dict:
 
 
 def load_tokenizer(jobs: list[dict]):
-    """``measure_hosted``'s setup for pass 3's window jobs: the stored tokenizer, loaded once."""
+    """``measure_hosted``'s setup for pass 3's window jobs: the stored tokenizer, loaded once, and
+    pandas imported (pyarrow's first ``pa.array`` imports it, inside the windows' timed part: ~1 s
+    of CPU per job), here rather than in the parent, whose other jobs never import it."""
+    pyarrow.array(np.zeros(1))
     return load_stored_tokenizer(ArtifactStore(jobs[0]["model_root"]), jobs[0]["model"])
 
 

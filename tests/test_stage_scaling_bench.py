@@ -196,3 +196,81 @@ def test_sizes_that_cannot_run_are_refused_naming_the_fix(tmp_path):
     assert run.returncode == 2 and "no sweep token; pass tokens, latents or both" in run.stderr
     run = _run("--quick", "--from-record", str(tmp_path / "absent.jsonl"))
     assert run.returncode == 2 and "absent.jsonl: no such file" in run.stderr
+
+
+def test_a_forked_job_collects_only_its_own_objects(monkeypatch):
+    """The forking process's objects are frozen out of the job's garbage collector (``gc.freeze``):
+    a job's collections (``Meter.start``'s) no longer walk, and copy, every page of objects it
+    inherited (~0.4 s of CPU per job under a model host); the parent collects them again after."""
+    import gc
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from benchmarks.scaling_stages import measure
+
+    def collect(meter, job: dict) -> dict:
+        meter.start()
+        meter.stop()
+        return {"frozen": gc.get_freeze_count()}
+
+    held = [[i] for i in range(50_000)]  # the parent's own objects, each tracked by the collector
+    result = measure(collect, {"label": "gc"})
+    assert result["frozen"] >= len(held) and gc.get_freeze_count() == 0
+    assert 0 <= result["cpu_seconds"] <= result["process_cpu_seconds"]  # the timed part's CPU, within the job's
+
+
+def test_forked_stages_import_nothing_lazily(tiny_model_dir, text_dir, tmp_path):
+    """After ``import_lazy_modules`` a job forked from the parent that builds training's optimizer
+    (torch.optim imports torch._dynamo: ~3 s of CPU) imports nothing itself, nor does a windows job
+    forked from pass 3's host that converts arrays as the windows do (pyarrow imports pandas): a
+    fresh interpreter, as the benchmark runs."""
+    script = f"""
+import sys
+sys.path[:0] = [{str(REPO / 'benchmarks')!r}, {str(REPO)!r}]
+import numpy, pyarrow, torch
+from benchmarks import scaling
+from benchmarks.scaling_stages import load_tokenizer, measure, measure_hosted
+args, _ = scaling.parse_args(["--quick", "--model", {str(tiny_model_dir)!r}, "--model-root",
+                              {str(tmp_path / 'models')!r}, "--corpus", {str(text_dir)!r}])
+scaling.import_lazy_modules(args)
+
+def timed(meter, first_call):
+    before = set(sys.modules)
+    meter.start()
+    first_call()
+    meter.stop()
+    return {{"imported": sorted(set(sys.modules) - before)}}
+
+def optimizer(meter, job):
+    return timed(meter, lambda: torch.optim.Adam([torch.zeros(1, requires_grad=True)]))
+
+def windows(tokenizer, meter, job):
+    return timed(meter, lambda: pyarrow.array(numpy.zeros(1)))
+
+job = {{"label": "imports", "model_root": args.model_root, "model": args.model}}
+print("training imported:", measure(optimizer, job)["imported"])
+print("windows imported:", next(measure_hosted(load_tokenizer, windows, [job]))["imported"])
+"""
+    for _ in range(2):  # the first run converts the model in the parent (loading it imports torch._dynamo)
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert "training imported: []" in run.stdout and "windows imported: []" in run.stdout, run.stdout[-3000:]
+
+
+def test_the_caching_host_holds_the_weights_in_its_own_memory(monkeypatch, tiny_model_dir, text_dir, tmp_path):
+    """No weight of the caching host's model is a page of a file mapping: a fork shares the host's own
+    pages with each job, resident, where a file mapping's pages were faulted in again by every job."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from benchmarks.scaling_stages import load_caching_model
+
+    job = {"model_root": str(tmp_path / "models"), "model": str(tiny_model_dir), "layer": 1, "autocast": "auto",
+           "corpus": str(text_dir), "ctx_len": 16, "n_contexts": 2, "text": str(tmp_path / "text.txt")}
+    model = load_caching_model([job])
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            mapped.append((lo, hi))
+    assert Path(job["text"]).stat().st_size > 0
+    in_files = [name for name, p in model.model.named_parameters() if any(lo <= p.data_ptr() < hi for lo, hi in mapped)]
+    assert not in_files, in_files
