@@ -655,6 +655,7 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
         log(f"{sae_name} is already trained for this config and data (step {finished.step}); nothing to do")
         return _summary(store, sae_name, finished, settings, started=time.perf_counter(),
                         resumed_from=finished.step, device=device)
+    shuffled.check_pieces()  # a damaged piece fails here, before the first step
     resume = _resume(store, sae_name, settings, shuffled, d_in, layout, device, log) \
         or _resume_grown(store, sae_name, settings, shuffled, d_in, layout, device, log)
     sae = resume.sae if resume else _new_sae(settings, shuffled.d_model, device, shuffled, d_in, layout)
