@@ -118,7 +118,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the stages fork: tok
 
 import torch  # noqa: E402
 
-from benchmarks.scaling_stages import STAGE_JOBS, K, combine, measure_caching  # noqa: E402
+from benchmarks.scaling_stages import (  # noqa: E402
+    MMAP_THRESHOLD,
+    STAGE_JOBS,
+    K,
+    combine,
+    fix_mmap_threshold,
+    measure_caching,
+)
 from sae_platform import features as ft  # noqa: E402
 from sae_platform.catalog import N_FEATURE_SHARDS, browser_dir, features_folder  # noqa: E402
 from sae_platform.model import EMBEDDED_MODEL, load_stored_tokenizer  # noqa: E402
@@ -538,6 +545,7 @@ def measure_all(args, sizes: Sizes) -> list[dict]:
     ``--record``). Caching runs first for every batch (one model load), then the other stages
     factor by factor, then width by width."""
     import_lazy_modules(args)
+    fix_mmap_threshold()
     records = []
     with tempfile.TemporaryDirectory(prefix="stage_scaling-") as folder:
         tmp = Path(folder)
@@ -591,6 +599,7 @@ def main(argv=None) -> int:
     common = {"quick": args.quick, "model": args.model, "layer": sizes.layer, "feature_shard_groups": N_FEATURE_SHARDS,
               "k": K, "train_batch": sizes.train_batch, "train_steps": sizes.train_steps, "ctx_len": sizes.ctx_len,
               "device": "cpu", "torch_threads": torch.get_num_threads(), "wall_s": round(wall_s, 1),
+              "malloc": f"M_MMAP_THRESHOLD {MMAP_THRESHOLD} (mallopt, every job)",
               "load_1m": [min(loads, default=None), max(loads, default=None)], "noisy": loaded,
               **({"from_record": args.from_record} if args.from_record else {})}
     print()

@@ -94,6 +94,23 @@ def process_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 256 << 10  # as benchmarks/feature_tables.py and feature_shards.py run their jobs
+
+
+def fix_mmap_threshold() -> bool:
+    """glibc's mallopt(M_MMAP_THRESHOLD, 256 KiB) in this process, which every job forked from it
+    inherits (the same as MALLOC_MMAP_THRESHOLD_ in the environment): blocks above it are mapped and
+    handed back when freed, and the threshold stops adapting. Why: glibc raises it after a mapped
+    block is freed, so later large blocks stay in the heap, and a job's peak then depends on what
+    ran before it in the process (measured: identical 508-token caching jobs peaking 22.6-30.5 MiB).
+    False on other C libraries."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def release_free_heap() -> bool:
     """glibc's malloc_trim(0): hand the heap's free pages back to the kernel before the peak is reset.
     Why: a forked stage inherits its parent's heap, free blocks included (the parent loaded and
@@ -330,7 +347,21 @@ def stage_train(meter: Meter, job: dict) -> dict:
     tensors and the reader's chunk: what a step holds). What
     comes before (building the SAE, calibrating it on up to ``trainer.CALIBRATION_ROWS`` rows, which
     fills with the tokens below that cap, the first step) is ``setup_peak_rss`` / ``setup_peak_bytes``;
-    the final checkpoint after the last step is in neither."""
+    the final checkpoint after the last step is in neither.
+
+    Its rows: the job's batches shuffled again (untimed, before the job's figures start) with the
+    pipeline's bucket count (``ShuffleSettings``) and the budget whose output chunks hold one
+    activation batch's rows (``shuffle_plan``: a chunk is a 16th of the budget), not the shuffle
+    stage's store, which the benchmark cuts into pieces and chunks of a few dozen rows to run that
+    stage out of core at every size: a training step would then read a new chunk at every step, and
+    that reader's Python (zarr's calls) takes the GIL from the step's (measured: 2-3x the step time
+    while the reader works). A chunk of one batch is the reader's buffer (``shuffled.Shuffled``
+    keeps the chunk a batch is read from) full at 1x, as the other stages' buffers are."""
+    store = ArtifactStore(job["root"])
+    rows, row_bytes = f"{job['shuffle']}-train", job["d_model"] * 2  # float16 rows
+    shuffle.run_shuffle(store, rows, n_buckets=shuffle.ShuffleSettings().n_buckets,
+                        memory_budget_bytes=16 * row_bytes * min(job["batch_rows"]), n_jobs=SHUFFLE_JOBS, seed=0,
+                        keys=job["batches"])
     tokens = job["train_batch"] * job["train_steps"]
     settings = TrainSettings(n_latents=job["n_latents"], k=K, batch_size=job["train_batch"], token_budget=tokens,
                              checkpoint_every_tokens=tokens, holdout_rows=0, dead_after_tokens=tokens,
@@ -347,7 +378,7 @@ def stage_train(meter: Meter, job: dict) -> dict:
         steps["last"] = (now, row["tokens"], memory_status()["VmHWM"])
 
     meter.start()
-    summary = train_sae(ArtifactStore(job["root"]), job["shuffle"], job["sae"], settings, device="cpu",
+    summary = train_sae(store, rows, job["sae"], settings, device="cpu",
                         log=lambda message: None, on_metrics=on_metrics)
     meter.stop()
     (t0, n0), (t1, n1, hwm_last) = steps["first"], steps["last"]
