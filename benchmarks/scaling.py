@@ -450,7 +450,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="the QUICK sizes: ~100 s on 2 quiet cores (the goal, under a minute, is not met yet)")
+                        help="the QUICK sizes: 40-50 s on 2 quiet cores")
     parser.add_argument("--tokens", type=int, help="tokens of one activation batch, the token sweep's 1x (it runs 1, "
                                                    "4 and 16 batches; a multiple of --ctx-len)")
     parser.add_argument("--token-latents", type=int, help="SAE width of the token sweep")
