@@ -1,5 +1,5 @@
-"""One feature shard's latents of a dense SAE, loaded alone from its checkpoint: what that shard's pass 1
-needs (docs/design.md, "Feature tables").
+"""One feature shard's latents of a dense SAE, loaded alone from its checkpoint: what that shard's passes 1
+and 2 need (docs/design.md, "Feature tables"; pass 2 encodes the shard's rows again for its interval examples).
 
 A dense variant (ReLU, JumpReLU, BatchTopK, Matryoshka: ``features.sparse_variant`` is false) stores
 no sparse codes, so pass 1 of each feature shard encodes the batch itself with ``encode_slice``, which
