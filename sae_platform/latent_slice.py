@@ -37,10 +37,11 @@ UNREAD = ("W_dec",)  # what no encode reads: a slice leaves it on the meta devic
 
 @dataclass(frozen=True, kw_only=True)
 class LatentSlice(StoredSAE):
-    """An SAE as pass 1 of its latents [start, stop) sees it: the whole SAE's ``config`` and
+    """An SAE as pass 1 or pass 2 of its latents [start, stop) sees it: the whole SAE's ``config`` and
     ``fingerprint`` (what its partials record), and ``model``, the variant's inference rule over those
     latents alone (``sharded_sae.slice_model``) holding their encoder weights (W_dec left on the meta
-    device). Accepted where pass 1 takes an SAE (``features.compute_partials``) for these latents."""
+    device). Accepted where pass 1 takes an SAE (``features.compute_partials``) and where pass 2 encodes
+    again (``feature_merge.merge_shard_tables``) for these latents."""
 
     start: int
     stop: int

@@ -52,9 +52,10 @@ def sae_weight_bytes(n_latents: int) -> int:
 
 def shard_plan(n_latents: int = N_LATENTS, reservoir_factor: int = FeatureSettings().reservoir_factor,
                batch_tokens: int = BATCH_TOKENS, weights_by_shard: bool = False):
-    """plan_feature_shards for the page's run at one worker's budget (JOB_MEMORY). Pass 2's jobs
-    load the SAE: whole (today), or with ``weights_by_shard`` only their shard's rows (planned:
-    the latent-sharded checkpoint read shard by shard)."""
+    """plan_feature_shards for the page's run at one worker's budget (JOB_MEMORY). A shard job holds
+    the SAE's weights: the whole SAE (the page's conservative figures, as a job that loads it would),
+    or with ``weights_by_shard`` only its shard's rows (what the pipeline's passes 1-2 read:
+    ``feature_layout.plan_layout``)."""
     settings = FeatureSettings(reservoir_factor=reservoir_factor)
     weights = {"weight_bytes_per_latent": sae_weight_bytes(1)} if weights_by_shard \
         else {"sae_bytes": sae_weight_bytes(n_latents)}
@@ -132,15 +133,15 @@ def test_the_feature_sharding_for_a_million_latents_stays_within_budget():
 
 def test_sixteen_million_latents_over_a_billion_tokens_plan_every_feature_job_within_budget():
     """Gao et al.'s width through the feature passes of the page's run (d_model 576, 1B tokens):
-    the planner cuts pass 1 and pass 2 into shard jobs within one worker once pass 2 and the encode
-    read the SAE shard by shard (the latent-sharded checkpoint): the whole SAE is 72 GiB, which no
-    job of today's pipeline (it loads it whole) can hold."""
+    the planner cuts pass 1 and pass 2 into shard jobs within one worker, each reading only its
+    shard's rows (as the pipeline's passes 1-2 do); the whole SAE is 72 GiB, which no job that loads
+    it whole can hold, and the encode still does (encode_job_bytes: chunked, it would fit)."""
     with pytest.raises(FeaturePlanError, match="shard by shard"):
-        shard_plan(GAO_LATENTS)  # today: every pass-2 job loads the whole SAE
+        shard_plan(GAO_LATENTS)  # a shard job that loaded the whole SAE
     figures = feature_figures(n_latents=GAO_LATENTS, weights_by_shard=True)
     plan = figures["plan"]
     assert figures["shard_job"] <= JOB_MEMORY, plan
-    assert figures["encode_job"] > JOB_MEMORY  # today's encode holds the whole SAE
+    assert figures["encode_job"] > JOB_MEMORY  # the encode holds the whole SAE
     chunked = encode_job_bytes(GAO_LATENTS, BATCH_TOKENS, chunk_latents=plan.latents_per_shard)
     assert chunked <= JOB_MEMORY
     text = DOC.read_text()
