@@ -13,7 +13,6 @@ holding NaN/inf is refused naming the file, never resumed from, evaluated or kep
 import io
 import json
 import math
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,12 +22,14 @@ from sae_platform.catalog import checkpoint_name
 from sae_platform.errors import StorageError
 from sae_platform.sharded_checkpoint import (
     DTYPES,
+    HEADER_ERRORS,
     SAE,
     UNSHARDED_WEIGHTS,
     is_finite,
     is_sharded,
     non_finite,
     open_sharded,
+    parse_header,
 )
 from sae_platform.storage import ArtifactStore
 
@@ -71,7 +72,6 @@ def read_tensors(store: ArtifactStore, path: str, file: str) -> dict[str, torch.
     return {name: tensors[name] for name in stored}
 
 
-HEADER_LIMIT_BYTES = 100_000_000  # safetensors' own limit on a header
 KEPT_BLOCK_BYTES = 64 << 20  # what ``check_kept`` holds of a weight at a time
 
 
@@ -86,18 +86,13 @@ class _Stored:
 
 
 def _stored_tensors(store: ArtifactStore, path: str, file: str, handle) -> dict[str, _Stored]:
-    """The tensors the open safetensors ``file`` holds, by its header (8 bytes of length, then JSON),
-    checked: known dtypes, each tensor's bytes its shape's, the file exactly as long as the header
-    says (a writer stopped mid-file is refused). Reads the header only. StorageError naming the file."""
+    """The tensors the open safetensors ``file`` holds, by its header (``parse_header``), checked:
+    known dtypes, each tensor's bytes its shape's, the file exactly as long as the header says (a
+    writer stopped mid-file is refused). Reads the header only. StorageError naming the file."""
     try:
         size = store.fs.size(f"{path}/{file}")
-        handle.seek(0)
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if not 2 <= length <= min(HEADER_LIMIT_BYTES, size - 8):
-            raise ValueError(f"a header of {length:,} bytes in a file of {size:,}")
-        header = json.loads(handle.read(length))
-        header.pop("__metadata__", None)
-        start, stored = 8 + length, {}
+        header, start = parse_header(handle, size)
+        stored = {}
         for name, meta in header.items():
             dtype, shape = DTYPES[meta["dtype"]], tuple(int(n) for n in meta["shape"])
             begin, end = (int(offset) for offset in meta["data_offsets"])
@@ -107,7 +102,7 @@ def _stored_tensors(store: ArtifactStore, path: str, file: str, handle) -> dict[
         described = max((where.end for where in stored.values()), default=start)
         if described != size:
             raise ValueError(f"its header describes {described:,} bytes, the file holds {size:,}")
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
+    except HEADER_ERRORS as error:
         raise _not_safetensors(store, path, file, error) from error
     return stored
 

@@ -296,18 +296,34 @@ def _write_safetensors(store: ArtifactStore, path: str, tensors: dict[str, torch
         store.fs.put_file(local, path)
 
 
+HEADER_LIMIT_BYTES = 100_000_000  # safetensors' own limit on a header
+HEADER_ERRORS = (struct.error, ValueError, KeyError, TypeError, AttributeError)  # what parse_header raises
+
+
+def parse_header(handle, size: int) -> tuple[dict, int]:
+    """(the JSON header {name: {"dtype", "shape", "data_offsets"}}, ``__metadata__`` left out; the
+    byte its tensors' data starts at) of the open safetensors file ``handle`` of ``size`` bytes: 8
+    bytes of length, then the JSON. Reads the header only. One of ``HEADER_ERRORS`` when it does not
+    parse; the file's size against the tensors' end is the caller's check."""
+    handle.seek(0)
+    (length,) = struct.unpack("<Q", handle.read(8))
+    if not 2 <= length <= min(HEADER_LIMIT_BYTES, size - 8):
+        raise ValueError(f"a header of {length:,} bytes in a file of {size:,}")
+    header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
 def _header(store: ArtifactStore, path: str) -> dict:
-    """The JSON header of the safetensors file ``path``: {name: {"dtype", "shape", ...}}.
+    """The JSON header of the safetensors file ``path`` (``parse_header``).
     StorageError naming the file when it is not whole (a writer killed mid-file: a header that
     does not parse, or fewer bytes than the header's tensors end at)."""
     try:
         size = store.fs.size(path)
         with store.fs.open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        end = 8 + length + max((meta["data_offsets"][1] for meta in header.values()), default=0)
-    except (struct.error, ValueError, KeyError, TypeError) as error:
+            header, start = parse_header(f, size)
+        end = start + max((meta["data_offsets"][1] for meta in header.values()), default=0)
+    except HEADER_ERRORS as error:
         raise StorageError(f"{store.url(path)} is not a whole safetensors file ({type(error).__name__}: {error}): "
                            "its writer stopped mid-file; nothing is committed",
                            "write the checkpoint again (every latent rank writes its shard)") from error
