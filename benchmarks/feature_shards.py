@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_help import HelpFormatter
+from feature_tables import MMAP_THRESHOLD
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -139,7 +140,7 @@ def worker(args) -> None:
 def run_job(args, root: str, job: str, *, latents: int | None = None, batch: str = BATCHES[0],
             shard: int = 0) -> dict:
     """Run one job in a fresh subprocess; its seconds and peak RSS (bytes)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(256 << 10),
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, __file__, "--worker", job, "--store", root, "--latents", str(latents or args.latents),
            "--shards", str(args.shards), "--batches", args.batches, "--batch", batch, "--shard", str(shard),

@@ -30,6 +30,7 @@ import pyarrow
 import torch
 
 from benchmarks.cache_throughput import benchmark_text
+from benchmarks.feature_tables import MMAP_THRESHOLD
 from benchmarks.feature_tables import _reset_peak as reset_peak
 from benchmarks.feature_tables import _status as memory_status
 from sae_platform import activations, shuffle
@@ -94,12 +95,11 @@ def process_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 256 << 10  # as benchmarks/feature_tables.py and feature_shards.py run their jobs
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (its value: feature_tables.MMAP_THRESHOLD, as that benchmark runs)
 
 
 def fix_mmap_threshold() -> bool:
-    """glibc's mallopt(M_MMAP_THRESHOLD, 256 KiB) in this process, which every job forked from it
+    """glibc's mallopt(M_MMAP_THRESHOLD, ``MMAP_THRESHOLD``: 256 KiB) in this process, which every job forked from it
     inherits (the same as MALLOC_MMAP_THRESHOLD_ in the environment): blocks above it are mapped and
     handed back when freed, and the threshold stops adapting. Why: glibc raises it after a mapped
     block is freed, so later large blocks stay in the heap, and a job's peak then depends on what

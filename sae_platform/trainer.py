@@ -529,6 +529,12 @@ class _Resume:
         return self.state
 
 
+def _same_run(pointer: dict | None, settings: TrainSettings, shuffled: Shuffled) -> bool:
+    """Whether the checkpoint ``pointer`` is of a training with these settings on this very shuffled store."""
+    return pointer is not None and pointer.get("settings") == identity(settings) \
+        and pointer.get("data") == data_fingerprint(shuffled)
+
+
 def _finished(store, sae_name, settings, shuffled, n_steps: int) -> TrainState | None:
     """The state (step, tokens, history) of a finished training of these settings on this very shuffled
     store, at the step it trains to (``n_steps``, or the target a continuation recorded); None otherwise.
@@ -536,8 +542,7 @@ def _finished(store, sae_name, settings, shuffled, n_steps: int) -> TrainState |
     tensor file's header): never its tensors whole nor Adam's state, which only going on needs (the
     2^20-latent run's: 2 x 7.26 GB of shards). StorageError as ``check_kept`` raises."""
     pointer = store.pointer(checkpoint_name(sae_name))
-    if pointer is None or pointer.get("settings") != identity(settings) \
-            or pointer.get("data") != data_fingerprint(shuffled):
+    if not _same_run(pointer, settings, shuffled):
         return None
     saved = trainer_metadata(store, store.path(checkpoint_name(sae_name), pointer["version"]))
     if saved["step"] < (saved.get("target_steps") or n_steps):
@@ -549,8 +554,7 @@ def _finished(store, sae_name, settings, shuffled, n_steps: int) -> TrainState |
 def _resume(store, sae_name, settings, shuffled, d_in, layout, device, log) -> _Resume | None:
     """An interrupted training of these settings on this very shuffled store; None when there is none."""
     pointer = store.pointer(checkpoint_name(sae_name))
-    if pointer is None or pointer.get("settings") != identity(settings) \
-            or pointer.get("data") != data_fingerprint(shuffled):
+    if not _same_run(pointer, settings, shuffled):
         return None
     return _load_state(store, sae_name, pointer, settings, shuffled.d_model, d_in, layout, device, log)
 
