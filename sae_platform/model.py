@@ -12,6 +12,7 @@ remaining layers and the vocabulary head are never computed, which is
 """
 
 import contextlib
+import functools
 import importlib.util
 import io
 import os
@@ -91,15 +92,39 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within the block, each GGUF file is parsed once and gguf's tensor-name map is built once.
+    transformers (5.x) opens a GGUF three times for one load (config, tokenizer, weights), ~3.8 s of
+    Python parsing each for SmolLM2's 49k-token vocabulary, and builds ``gguf.get_tensor_name_map``
+    anew for every one of its ~400 tensors (~5 s): 13 of the 19 s the demo spent converting its model
+    (cProfile, 2026-12-07). transformers looks both up inside its functions (``from gguf import ...``
+    at call time), so cached stand-ins set on gguf's module reach it; the originals are restored on
+    exit. The readers are only read from."""
+    import gguf
+
+    cached = {"GGUFReader": functools.cache(gguf.GGUFReader),
+              "get_tensor_name_map": functools.cache(gguf.get_tensor_name_map)}
+    originals = {name: getattr(gguf, name) for name in cached}
+    try:
+        for name, function in cached.items():
+            setattr(gguf, name, function)
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(gguf, name, function)
+
+
 def _load_pretrained(source: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-
+    parsed_once = contextlib.nullcontext()
     if source == EMBEDDED_MODEL:
         gguf = embedded_gguf_path()
         kwargs = {"gguf_file": gguf.name}
         source = str(gguf.parent)
+        parsed_once = _gguf_parsed_once()
     else:
         kwargs = {}
         if os.path.sep in source or source.startswith("."):
@@ -108,8 +133,9 @@ def _load_pretrained(source: str, dtype: torch.dtype = torch.float32):
                                  "point resources.language_model.config.source at a Hugging Face model directory "
                                  f"(config.json + weights), or use the default {EMBEDDED_MODEL!r}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        with parsed_once:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as error:
         raise ModelError(f"could not load model {source!r}: {error}",
                          "use a local model directory, the default "
