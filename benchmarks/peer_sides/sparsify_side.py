@@ -36,9 +36,11 @@ def load(path: str) -> dict:
 
 
 def build(name: str, d: int, n: int, k: int, seed: int, first: str, auxk_alpha: float = 0.0,
-          dead_tokens: int | None = None, dead: str | None = None) -> dict:
+          dead_tokens: int | None = None, dead: str | None = None, bf16_autocast: bool = False) -> dict:
     """A SparseCoder and its trainer state; ``dead`` names a fixed dead mask (timing AuxK), else
-    ``dead_tokens`` is the trainer's dead_feature_threshold."""
+    ``dead_tokens`` is the trainer's dead_feature_threshold. ``bf16_autocast`` runs its forward under
+    bf16 autocast on the CPU, as ``SparseCoder.forward`` does on CUDA (its decorator enables autocast
+    for "cuda" only, so on the CPU it runs in float32 by default)."""
     torch.manual_seed(seed)
     sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device="cpu", dtype=torch.float32)
     sae.b_dec.data = DATA[first].mean(0)  # trainer.py, global_step 0: b_dec = the batch mean
@@ -47,7 +49,7 @@ def build(name: str, d: int, n: int, k: int, seed: int, first: str, auxk_alpha: 
     opt.train()
     SIDES[name] = {"sae": sae, "opt": opt, "auxk_alpha": auxk_alpha, "dead_tokens": dead_tokens,
                    "fixed_dead": DATA[dead].bool() if dead else None,
-                   "since": torch.zeros(n, dtype=torch.long)}
+                   "since": torch.zeros(n, dtype=torch.long), "bf16_autocast": bf16_autocast}
     return {"lr": lr, "optimizer": "signum (ScheduleFreeWrapper(SignSGD), momentum 0.95)"}
 
 
@@ -60,7 +62,8 @@ def _step(side: dict, x: torch.Tensor) -> None:
         dead_mask = side["since"] > side["dead_tokens"]
     else:
         dead_mask = None
-    out = sae(x, dead_mask=dead_mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=side["bf16_autocast"]):
+        out = sae(x, dead_mask=dead_mask)
     loss = out.fvu + side["auxk_alpha"] * out.auxk_loss + out.multi_topk_fvu / 8
     loss.backward()
     sae.remove_gradient_parallel_to_decoder_directions()
