@@ -232,6 +232,39 @@ def test_auxk_is_zero_without_dead_latents_and_positive_with_them(variant):
     torch.testing.assert_close(terms["auxk"], some_dead.parts["auxk"] / 32)
 
 
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "switch"])
+def test_with_no_latent_dead_auxk_picks_nothing_and_the_step_is_the_same(variant, monkeypatch):
+    """No dead latent: AuxK's term is 0, so its masked second top-k, picks and decode are skipped (they
+    were ~40% of a demo training step); the loss, its terms and every gradient are those of the full
+    path, which computes the term and multiplies it by 0 (one dead latent: the path runs)."""
+    x = make_data(64)
+    sae = calibrated(variant, x)
+    none_dead, one_dead = torch.zeros(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool)
+    one_dead[3] = True
+    calls = []
+    for owner in (torch, torch.Tensor):  # torch.topk(pre, ...) and pre.topk(...)
+        monkeypatch.setattr(owner, "topk", lambda *a, real=owner.topk, **kw: calls.append(1) or real(*a, **kw))
+
+    def step(dead_mask):
+        sae.zero_grad(set_to_none=True)
+        calls.clear()
+        out = sae(x, dead_mask=dead_mask)
+        total, terms = sae.loss(x, out)
+        total.backward()
+        return len(calls), total.detach(), terms, {n: p.grad.clone() for n, p in sae.named_parameters()
+                                                    if p.grad is not None}
+
+    picks_none, total, terms, grads = step(none_dead)
+    picks_without, total_without, terms_without, grads_without = step(None)
+    picks_one = step(one_dead)[0]
+    assert picks_none == picks_without < picks_one  # the AuxK top-k runs only with a dead latent
+    assert terms["auxk"].item() == 0.0 and "auxk" not in terms_without  # the term is kept, at 0
+    assert torch.equal(total, total_without)
+    assert grads.keys() == grads_without.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_without[name]), name
+
+
 def test_multi_topk_adds_the_4k_term():
     x = make_data(64)
     sae = calibrated("topk", x, multi_topk=True)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from sae_platform.errors import PlatformError
 from sae_platform.sae.base import Codes, SAEOutput, _sparse_stats
 from sae_platform.sae.kernels import Pattern, _SelectedPre
-from sae_platform.sae.topk import TopKSAE
+from sae_platform.sae.topk import TopKSAE, _dead_or_none
 
 
 class SwitchSAE(TopKSAE):
@@ -129,14 +129,14 @@ class SwitchSAE(TopKSAE):
         xs = self._normalize(x)
         xc = xs - self.b_pre
         probs, expert, p = self.route(xc)
-        with_aux = dead_mask is not None and self.hparams["k_aux"] > 0
+        with_aux = self._with_auxk(_dead_or_none(dead_mask))  # none dead: the term is 0, its picks skipped
         sel_vals, sel_idx, aux, counts = self._select(xc, expert, dead_mask, with_aux)
         pattern = Pattern.regular(sel_idx, self.n_latents)
         z = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, sel_vals, pattern).relu() * p[:, None]
         recon_n = self._sparse_decode(pattern, z) + self.b_pre
         n_experts = self.hparams["n_experts"]
         parts = {"balance": n_experts * (counts / x.shape[0] * probs.mean(0)).sum()}
-        if aux is not None:
+        if self._with_auxk(dead_mask):
             parts["auxk"] = self._aux_part(xs, xs, recon_n, aux, dead_mask, scale=p.detach()[:, None])
         active, fired = _sparse_stats(pattern, z)
         return SAEOutput.counted(self._to_raw(recon_n), active, fired, parts, sparse=(pattern, z.reshape(-1)))

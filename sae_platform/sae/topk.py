@@ -32,6 +32,15 @@ def _aux_target(xs: Tensor, recon_n: Tensor) -> Tensor:
     return (xs - recon_n).detach()
 
 
+def _dead_or_none(dead_mask: Tensor | None) -> Tensor | None:
+    """``dead_mask`` when some latent is dead, else None: what a forward hands its AuxK scan. With
+    none dead the AuxK term is exactly 0 (``_auxk_loss`` multiplies by "any dead"), yet its masked
+    second top-k, its k_aux picks (256 a row at d_model 576, 8x the main k) and their sparse decode
+    and backward were ~40% of a demo training step, where no latent is dead for most of the run. One
+    host sync on CUDA, as the trainer's per-step finite-loss check already makes."""
+    return dead_mask if dead_mask is not None and bool(dead_mask.any()) else None
+
+
 def _auxk_loss(aux_recon: Tensor, error: Tensor, any_dead: Tensor) -> Tensor:
     """Gao et al.'s AuxK: MSE of the dead latents' reconstruction of the residual, over the
     residual's variance (so its scale does not shrink as the main loss improves); zero when
@@ -116,8 +125,15 @@ class TopKSAE(SparseAutoencoder):
     def _sparse_decode(self, pattern: Pattern, vals: Tensor) -> Tensor:
         return _SparseDecode.apply(vals, self.W_dec, pattern)
 
+    def _with_auxk(self, dead_mask: Tensor | None) -> bool:
+        """Whether the forward's parts hold "auxk" (its value is 0 while no latent is dead)."""
+        return dead_mask is not None and self.hparams["k_aux"] > 0
+
     def _aux_part(self, xs, ys, recon_n, aux, dead_mask, scale=None) -> Tensor:
-        """AuxK: the dead latents (read from xs) model the error against the target ys."""
+        """AuxK: the dead latents (read from xs) model the error against the target ys; exactly 0
+        when ``aux`` is None (no latent dead: the scan skipped it, ``_dead_or_none``)."""
+        if aux is None:
+            return xs.new_zeros(())
         aux_vals, aux_idx = aux
         pattern = Pattern.regular(aux_idx, self.n_latents)
         z = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, aux_vals, pattern).relu()
@@ -136,7 +152,7 @@ class TopKSAE(SparseAutoencoder):
         xs = self._normalize(x)
         ys = self._target(xs, target)
         width = min(4 * k, self.n_latents) if multi else k
-        top_vals, top_idx, aux = self._scan(xs, width, dead_mask, sort=multi)  # sorted: top k come first
+        top_vals, top_idx, aux = self._scan(xs, width, _dead_or_none(dead_mask), sort=multi)  # sorted: top k first
         wide = Pattern.regular(top_idx, self.n_latents)
         z_wide = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, top_vals, wide).relu()
         parts, offset = {}, self._offset(xs)
@@ -147,7 +163,7 @@ class TopKSAE(SparseAutoencoder):
         else:
             pattern, z = wide, z_wide
         recon_n = self._sparse_decode(pattern, z) + offset
-        if aux is not None and ys is not None:
+        if ys is not None and self._with_auxk(dead_mask):
             parts["auxk"] = self._aux_part(xs, ys, recon_n, aux, dead_mask)
         active, fired = _sparse_stats(pattern, z)
         return SAEOutput.counted(self._to_raw(recon_n), active, fired, parts, sparse=(pattern, z.reshape(-1)))
@@ -238,7 +254,7 @@ class BatchTopKSAE(TopKSAE):
         """(pattern, values, aux) of the batch-wide top k * batch."""
         batch, n, k = xs.shape[0], self.n_latents, self.hparams["k"]
         per_row = min(n, self.hparams["candidates_per_k"] * k)
-        cand_vals, cand_idx, aux = self._scan(xs, per_row, dead_mask)
+        cand_vals, cand_idx, aux = self._scan(xs, per_row, _dead_or_none(dead_mask))
         full_pre = lambda: F.linear(xs - self.b_pre, self.W_enc, self.b_enc)  # noqa: E731
         vals, flat = _batch_topk(cand_vals, cand_idx, k * batch, n, full_pre)
         flat, order = flat.sort()  # row-major: groups entries by row, as CSR needs
@@ -276,10 +292,11 @@ class BatchTopKSAE(TopKSAE):
         else:
             with torch.no_grad():
                 pattern, sel_vals = self._select_threshold(F.linear(xs - self.b_pre, self.W_enc, self.b_enc))
-            aux = self._scan(xs, 1, dead_mask)[2] if dead_mask is not None else None
+            dead = _dead_or_none(dead_mask)
+            aux = self._scan(xs, 1, dead)[2] if dead is not None else None
         z = _SelectedPre.apply(xs, self.b_pre, self.W_enc, self.b_enc, sel_vals, pattern).relu()
         recon_n, parts = self._decode_parts(pattern, z, ys, self._offset(xs))
-        if aux is not None and ys is not None:
+        if ys is not None and self._with_auxk(dead_mask):
             parts["auxk"] = self._aux_part(xs, ys, recon_n, aux, dead_mask)
         active, fired = _sparse_stats(pattern, z)
         return SAEOutput.counted(self._to_raw(recon_n), active, fired, parts, sparse=(pattern, z))
