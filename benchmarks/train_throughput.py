@@ -32,6 +32,10 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     backward and its embedding-bag sparse decoder): its ``Trainer.fit`` step (loss_fn fvu) with its
     default optimizer (signum: schedule-free SignSGD): goal >= 1.5x its tokens/s, without and with
     AuxK (the same mask, AuxK weight 1/32 as ours).
+    Where bf16 is native (see (f)), two more lines: each side as it trains by default on this device
+    (``..._defaults``: ours picking in bf16, the peer in float32, as neither peer autocasts its SAE step
+    on a CPU), and, for sparsify, both in bf16 (``..._bf16``: its forward under bf16 autocast, as
+    ``SparseCoder.forward`` runs on CUDA).
 (f) **Picking in bf16** (the trainer's default where the device multiplies bf16 natively:
     ``training.config.selection_precision: auto``): the same sparse TopK step with the dense
     pre-activations it picks from computed in bf16 and the picked values recomputed in float32,
