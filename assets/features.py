@@ -50,7 +50,7 @@ from sae_platform.feature_merge import (
 from sae_platform.feature_plan import FeatureShardPlan
 from sae_platform.freshness import browser_figures_behind, feature_state, features_behind, refresh_plan, stale_reasons
 from sae_platform.ground_truth import synthetic_heldout_codes
-from sae_platform.latent_slice import load_latent_slice
+from sae_platform.latent_slice import load_latent_slice, stored_sae
 from sae_platform.lineage import feature_table_lineage, recorded_lineage
 from sae_platform.llm_explain import llm_explain_shard
 from sae_platform.logits import decoder_logit_effects, logit_effect_meaning, unembedding_matrix
@@ -145,6 +145,16 @@ def _load(run: StageRun):
     """The SAE and the store inside each activation partition holding its hook point's rows."""
     sae, _ = load_sae(run.store, _settings(run).sae_name, pick_device(run.resources.features.device))
     return sae, catalog.shuffled_input_group(run.store, sae_shuffle(run))
+
+
+def _stored(run: StageRun):
+    """The SAE of the committed checkpoint without its weights, for a step that reads only its config,
+    range and fingerprint (``latent_slice.stored_sae``: the fingerprint of the weights stored now, taken
+    64 MiB at a time, so a changed checkpoint still shows). Why: at 2^20 latents x d_model 576 the whole
+    SAE is ~4.5 GiB, above a feature job's memory budget. The whole SAE (``load_sae``) only for a
+    checkpoint of an earlier version whose tensors are named otherwise."""
+    name, device = _settings(run).sae_name, pick_device(run.resources.features.device)
+    return stored_sae(run.store, name, device=device) or load_sae(run.store, name, device)[0]
 
 
 def _stage(**declared) -> Stage:
@@ -267,9 +277,10 @@ def _preview_table(rows: list[dict]) -> MetadataValue:
 
 
 def check_brute_force(run: StageRun) -> dict:
-    """The exactness check of every shard of this group (``feature_check.brute_force_check``): passed
-    when every shard's is."""
-    settings, (sae, _) = _settings(run), _load(run)  # the tables' meta names the store they read
+    """The exactness check of every shard of this group (``feature_check.brute_force_check``, witness
+    mode): passed when every shard's is. It reads the SAE's config and fingerprint, never its weights
+    (``_stored``); the tables' meta names the store they read."""
+    settings, sae = _settings(run), _stored(run)
     plan = feature_layout(run)
     checks = []
     for index in plan.group_shards(_group(run.partition_key)):
@@ -324,13 +335,13 @@ def context_windows(run: StageRun) -> dict:
     settings = _settings(run)
     checkpoint = catalog.checkpoint_version(run.store, settings.sae_name)  # read before loading (checkpoint_pin)
     plan = feature_layout(run)
-    sae, group = _load(run)
+    group = catalog.shuffled_input_group(run.store, sae_shuffle(run))
     examples = [shown_examples(layout_tables(run, plan, i).examples, settings.random_examples)
                 for i in range(plan.n_shards)]
     tokenizer = _tokenizer(run)  # the weights are not needed here
     run.log.info(f"pass 3 [{run.partition_key}]: context windows of the shown examples that fall in this batch "
                  f"({sum(e.height for e in examples):,} shown examples over all batches)")
-    codes = fc.read_codes(run.store, settings.sae_name, run.partition_key, sae)  # pass 1's: no encode again
+    sae, codes = _window_activations(run)
     info = ctx.build_partition_windows(run.store, settings.sae_name, sae, run.partition_key, pl.concat(examples),
                                        tokenizer, before=settings.before, after=settings.after, codes=codes,
                                        group=group, checkpoint=checkpoint)
@@ -340,6 +351,22 @@ def context_windows(run: StageRun) -> dict:
             "n_reused": info["n_reused"], "n_computed": info["n_computed"],
             **({"rebuilt_because": info["rebuilt_because"]} if info["rebuilt_because"] else {}),
             "path": MetadataValue.path(info["path"])}
+
+
+def _window_activations(run: StageRun):
+    """(SAE, this batch's codes or None) for pass 3. A TopK-style SAE's window activations are looked
+    up in the codes pass 1 stored for this batch and these weights (``feature_codes.read_codes``, found
+    by the fingerprint): no weight is read, so the SAE is the weightless one (``_stored``). A dense SAE
+    (no codes), or one whose codes are gone, encodes the window rows of every shard's features: the
+    whole SAE (``load_sae``)."""
+    settings = _settings(run)
+    variant = checkpoint_config(run.store, settings.sae_name)["sae"]["variant"]
+    if ft.sparse_variant(variant):
+        sae = _stored(run)
+        codes = fc.read_codes(run.store, settings.sae_name, run.partition_key, sae)  # pass 1's: no encode again
+        if codes is not None or not isinstance(sae, ft.StoredSAE):
+            return sae, codes
+    return _load(run)[0], None
 
 
 FEATURE_CONTEXT_WINDOWS = _stage(
@@ -397,12 +424,15 @@ def explanations_current(run: StageRun) -> str | None:
             "(resources.features.config.rebuild forces a rebuild)")
 
 
-def heldout_codes(run: StageRun, sae, what: str):
+def heldout_codes(run: StageRun, what: str, sae=None):
     """(held-out codes of the configured SAE, its tokenizer): the codes sae_eval stored for this very
-    checkpoint when there are some (no base model needed), else encoded here from the held-out text."""
+    checkpoint when there are some (no base model, no SAE weights needed), else encoded here from the
+    held-out text. ``sae``: the loaded SAE; None loads it (``_load``) only when the codes are encoded
+    here."""
     settings, store = _settings(run), run.store
     truth = _synthetic_truth(run)
     if truth is not None:  # no held-out text: fresh contexts of the same generator
+        sae = _load(run)[0] if sae is None else sae
         codes = synthetic_heldout_codes(sae, truth, run.resources.evaluation.settings().ctx_len)
         run.log.info(f"{what}: {len(codes.tokens)} fresh synthetic contexts")
         return codes, SyntheticTokenizer(truth.n_features)
@@ -411,6 +441,7 @@ def heldout_codes(run: StageRun, sae, what: str):
         run.log.info(f"{what}: the {len(codes.tokens)} held-out contexts sae_eval encoded with this checkpoint")
         return codes, run.resources.language_model.tokenizer(store)
     evaluation = run.resources.evaluation.settings()
+    sae = _load(run)[0] if sae is None else sae
     hooked, _ = run.resources.language_model.load(store, device=str(next(sae.parameters()).device))
     tokens = heldout_contexts(run.resources.holdout_text, hooked, evaluation.ctx_len,
                               max(evaluation.metric_contexts, 2), run.log, setting_name="metric_contexts", what=what)
@@ -424,7 +455,7 @@ def explain_shard(run: StageRun) -> dict:
     shard after the other, each committed on its own."""
     settings, (sae, _), store = _settings(run), _load(run), run.store
     plan = feature_layout(run)
-    codes, tokenizer = heldout_codes(run, sae, "the explanation scores")
+    codes, tokenizer = heldout_codes(run, "the explanation scores", sae)
     summaries, best, paths, schema = [], [], [], None
     for index in plan.group_shards(_group(run.partition_key)):
         start, stop = shard_range(plan, index)
@@ -486,10 +517,10 @@ def explain_with_llm_step(run: StageRun) -> dict:
     (``n_requested``). A feature whose answer
     was unusable is stored with its error and counted in ``n_failed``; an endpoint that cannot serve
     fails this asset only (no stage depends on it: ``Stage.optional``)."""
-    settings, (sae, _), store = _settings(run), _load(run), run.store
+    settings, store = _settings(run), run.store
     plan = feature_layout(run)
     llm = run.resources.llm_explainer
-    codes, tokenizer = heldout_codes(run, sae, "the LLM explanation scores")
+    codes, tokenizer = heldout_codes(run, "the LLM explanation scores")  # the SAE's weights: only to encode them
     frames, paths, shards = [], [], plan.group_shards(_group(run.partition_key))
     for index in shards:
         start, stop = shard_range(plan, index)

@@ -4,9 +4,10 @@ wide SAE, against the single-group layout where one pass-1 job holds every laten
     python benchmarks/feature_shards.py --quick     # 2^16 latents, 16 shards of 4,096, one batch: < 1 min quiet
     python benchmarks/feature_shards.py             # 2^20 latents, 16 shards of 65,536, two batches
     python benchmarks/feature_shards.py --pass2-only  # the same, only what pass 2 needs (no baseline)
+    python benchmarks/feature_shards.py --quick --pass2-only --latents 131072 --d-model 576  # the check at d 576
 
-Data: activation batches of 2,048 synthetic rows (d_model 64, float16, the partition layout; the
-feature stages' memory does not depend on d_model beyond the SAE's own weights). SAE: TopK, k 32,
+Data: activation batches of 2,048 synthetic rows (d_model 64, ``--d-model``; float16, the partition
+layout; the feature stages' memory does not depend on d_model beyond the SAE's own weights). SAE: TopK, k 32,
 random weights (torch seed 0; the stages' cost does not depend on training). Feature settings: the
 pipeline's defaults (top 20, reservoir 200, 5 intervals x 4). ``--shards`` (default 16, the goal's
 layout); ``plan_feature_shards``' own choice at the 2 GiB goal budget is printed beside it.
@@ -20,7 +21,12 @@ Jobs, each a fresh subprocess, as the pipeline runs them (``sae_platform/feature
 - pass 2 (one per shard), as the ``feature_topk`` asset runs it: ``merge_stored_shard`` (the merge,
   and the interval examples from the shard's codes, without the SAE's weights) + ``write_tables``,
   then the logit effects from the shard's decoder rows only (``sharded_checkpoint.decoder_rows``, read
-  by slice from the committed checkpoint) against a random W_U of GPT-2's vocabulary, committed.
+  by slice from the committed checkpoint) against a random W_U of GPT-2's vocabulary, committed;
+- the exactness check of pass 2's first shard (``matches_brute_force``, witness mode), as the
+  ``check_brute_force`` step runs it: the committed checkpoint without its weights
+  (``latent_slice.stored_sae``: its fingerprint taken 64 MiB at a time) and ``brute_force_check``;
+  beside it ``check_whole``, the same check with the whole SAE loaded (``load_sae``), as the step
+  ran before: its weights (2 x n_latents x d_model floats) were most of its peak.
 The SAE is committed first as a latent-sharded checkpoint (``LATENT_SHARDS`` files, as a wide SAE's
 training writes it), in a job of its own that is not measured.
 The full mode runs pass 1 for every shard group of the first batch and for the groups of the first
@@ -63,30 +69,30 @@ LATENT_SHARDS = 4  # files of the committed checkpoint
 VOCAB = 50_257  # GPT-2's: the width of the logit effects' W_U
 
 
-def make_sae(n_latents: int):
+def make_sae(n_latents: int, d_model: int = D_MODEL):
     import torch
 
     from sae_platform.sae import build_sae
 
     torch.manual_seed(0)
-    return build_sae("topk", D_MODEL, n_latents, k=K).eval()
+    return build_sae("topk", d_model, n_latents, k=K).eval()
 
 
-def make_data(root: str, tokens: int, batches: tuple[str, ...]) -> None:
+def make_data(root: str, tokens: int, batches: tuple[str, ...], d_model: int = D_MODEL) -> None:
     """Batches of sparse combinations of random directions plus noise (float16, as cached)."""
     from sae_platform import catalog
     from sae_platform.storage import ArtifactStore
 
     store = ArtifactStore(root)
     rng = np.random.default_rng(0)
-    directions = rng.standard_normal((256, D_MODEL))
+    directions = rng.standard_normal((256, d_model))
     for key in batches:
         codes = rng.exponential(1.0, (tokens, 256)) * (rng.random((tokens, 256)) < 0.05)
-        acts = (codes @ directions + 0.2 * rng.standard_normal((tokens, D_MODEL))).astype(np.float16)
+        acts = (codes @ directions + 0.2 * rng.standard_normal((tokens, d_model))).astype(np.float16)
         with store.writing(catalog.partition_name(key)) as version:
             group = store.open_group(f"{version}/{catalog.FIRST_STORE}", "w")
-            group.create_array("acts", data=acts, chunks=(min(4096, tokens), D_MODEL), compressors=None)
-            group.attrs.update({"d_model": D_MODEL, "dtype": "float16", "n_rows": tokens})
+            group.create_array("acts", data=acts, chunks=(min(4096, tokens), d_model), compressors=None)
+            group.attrs.update({"d_model": d_model, "dtype": "float16", "n_rows": tokens})
 
 
 def worker(args) -> None:
@@ -97,7 +103,9 @@ def worker(args) -> None:
     from sae_platform import feature_codes as fc
     from sae_platform import features as F
     from sae_platform import sharded_checkpoint as sc
+    from sae_platform.feature_check import brute_force_check
     from sae_platform.feature_merge import merge_stored_shard, write_tables
+    from sae_platform.latent_slice import stored_sae
     from sae_platform.logits import decoder_logit_effects
     from sae_platform.storage import ArtifactStore
     from sae_platform.synthetic import SyntheticTokenizer
@@ -108,13 +116,13 @@ def worker(args) -> None:
     checkpoint = catalog.checkpoint_version(store, SAE_NAME)
     written = {}
     if args.worker == "checkpoint":  # what training commits; not measured
-        sae = make_sae(args.latents)
+        sae = make_sae(args.latents, args.d_model)
         weights = {sc.SAE + name: tensor.detach() for name, tensor in sae.state_dict().items()}
         sc.save_sharded(store, catalog.checkpoint_name(SAE_NAME), "topk", sc.LatentLayout(args.latents, LATENT_SHARDS),
                         weights, json_files={"cfg.json": {"sae": sae.config}})
     elif args.worker == "encode":  # the batch's one encode, pinned to the checkpoint for pass 1 to find
-        fc.encode_codes(store, make_sae(args.latents), SAE_NAME, args.batch, shards, batch_rows=args.batch_rows,
-                        checkpoint=checkpoint)
+        fc.encode_codes(store, make_sae(args.latents, args.d_model), SAE_NAME, args.batch, shards,
+                        batch_rows=args.batch_rows, checkpoint=checkpoint)
     elif args.worker == "pass1":  # one (batch, shard group): no SAE, its shards' codes only, one shard at a time
         codes = fc.pinned_codes(store, SAE_NAME, args.batch, shards, checkpoint=checkpoint)
         group_shards = list(range(args.shard, args.shards, N_GROUPS))
@@ -127,12 +135,19 @@ def worker(args) -> None:
         start, stop = shards[args.shard]
         rows = sc.decoder_rows(store, SAE_NAME, start, stop, version=checkpoint)
         tokenizer = SyntheticTokenizer(VOCAB - 2)
-        unembedding = torch.randn(VOCAB, D_MODEL, generator=torch.Generator().manual_seed(1))
+        unembedding = torch.randn(VOCAB, args.d_model, generator=torch.Generator().manual_seed(1))
         with store.writing(catalog.logits_name(SAE_NAME, args.shard)) as version:
             store.write_parquet(f"{version}/{catalog.LOGIT_EFFECTS}",
                                 decoder_logit_effects(rows, unembedding, tokenizer, start))
+    elif args.worker in ("check", "check_whole"):  # the committed checkpoint without its weights, or whole
+        from sae_platform.trainer import load_sae
+
+        sae = stored_sae(store, SAE_NAME) if args.worker == "check" else load_sae(store, SAE_NAME)[0]
+        check = brute_force_check(store, sae, SAE_NAME, args.shard, *shards[args.shard])
+        if not check["ok"]:
+            raise SystemExit(f"the check of shard {args.shard} failed: {check['mismatches'][:3]}")
     elif args.worker == "baseline":
-        F.compute_partials(store, make_sae(args.latents), BATCHES[0], [(0, args.latents)], settings,
+        F.compute_partials(store, make_sae(args.latents, args.d_model), BATCHES[0], [(0, args.latents)], settings,
                            batch_rows=args.batch_rows)
     print(json.dumps({"seconds": time.perf_counter() - started, "peak_bytes": peak_rss_bytes(), **written}))
 
@@ -144,7 +159,7 @@ def run_job(args, root: str, job: str, *, latents: int | None = None, batch: str
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, __file__, "--worker", job, "--store", root, "--latents", str(latents or args.latents),
            "--shards", str(args.shards), "--batches", args.batches, "--batch", batch, "--shard", str(shard),
-           "--batch-rows", str(args.batch_rows)]
+           "--batch-rows", str(args.batch_rows), "--d-model", str(args.d_model)]
     run = subprocess.run(cmd, capture_output=True, env=env, text=True)
     if run.returncode:
         raise SystemExit(f"{job} job failed:\n{run.stderr[-3000:]}")
@@ -165,10 +180,12 @@ def main() -> int:
     parser.add_argument("--latents", type=int, default=None)
     parser.add_argument("--shards", type=int, default=GOAL_SHARDS, help="feature shards (the goal's layout)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per batch")
+    parser.add_argument("--d-model", type=int, default=D_MODEL, help="the SAE's and the rows' width")
     parser.add_argument("--batch-rows", type=int, default=None, help="rows per encode (pre-activations: x latents)")
     parser.add_argument("--pass2-only", action="store_true",
                         help="only the jobs pass 2 needs (encode, pass 1 of its shards) and pass 2; no baseline")
-    parser.add_argument("--worker", choices=["checkpoint", "encode", "pass1", "pass2", "baseline"],
+    parser.add_argument("--worker", choices=["checkpoint", "encode", "pass1", "pass2", "check", "check_whole",
+                                             "baseline"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--batches", default=",".join(BATCHES), help=argparse.SUPPRESS)
@@ -197,7 +214,7 @@ def main() -> int:
     jobs = []
     last = n_shards - 1
     with tempfile.TemporaryDirectory(prefix="feature_shards_") as root:
-        make_data(root, tokens, batches)
+        make_data(root, tokens, batches, args.d_model)
         run_job(args, root, "checkpoint")
         for batch in batches:
             jobs.append(run_job(args, root, "encode", batch=batch))
@@ -209,20 +226,21 @@ def main() -> int:
                 jobs.append(run_job(args, root, "pass1", batch=batch, shard=group))
         for shard in (0,) if args.quick else (0, last):
             jobs.append(run_job(args, root, "pass2", shard=shard))
+        jobs += [run_job(args, root, "check", shard=0), run_job(args, root, "check_whole", shard=0)]
         baseline_latents = min(latents, 1 << 16)
         baseline = None if args.pass2_only else run_job(args, root, "baseline", latents=baseline_latents)
     wall_s = time.perf_counter() - wall
     baseline_bytes = None if baseline is None else baseline["peak_bytes"] * latents / baseline_latents
     mib = lambda b: b / 2**20  # noqa: E731
-    print(f"feature shards: TopK d_model {D_MODEL}, {latents:,} latents, k {K}; {len(batches)} batch(es) of "
+    print(f"feature shards: TopK d_model {args.d_model}, {latents:,} latents, k {K}; {len(batches)} batch(es) of "
           f"{tokens:,} tokens; {n_shards} shards of {-(-latents // n_shards):,} latents")
     print(f"plan_feature_shards at a {mib(GOAL_JOB_BYTES):,.0f} MiB budget: {plan.n_shards} shards of "
           f"{plan.latents_per_shard:,}, modelled {mib(plan.job_bytes):,.0f} MiB per shard job")
-    print(f"{'job':<9}{'batch':>6}{'shard':>7}{'seconds':>9}{'peak MiB':>10}{'partials MiB':>14}"
+    print(f"{'job':<12}{'batch':>6}{'shard':>7}{'seconds':>9}{'peak MiB':>10}{'partials MiB':>14}"
           "   (pass1: shard = its shard group)")
     for job in jobs:
         written = f"{mib(job['partial_bytes']):>14.1f}" if "partial_bytes" in job else ""
-        print(f"{job['job']:<9}{job['batch']:>6}{job['shard']:>7}{job['seconds']:>9.2f}{mib(job['peak_bytes']):>10.0f}"
+        print(f"{job['job']:<12}{job['batch']:>6}{job['shard']:>7}{job['seconds']:>9.2f}{mib(job['peak_bytes']):>10.0f}"
               + written)
     if baseline is not None:
         print(f"baseline (one pass-1 job over all latents, today's single group): {mib(baseline['peak_bytes']):,.0f} "
@@ -231,10 +249,11 @@ def main() -> int:
     load_after = os.getloadavg()[0]
     print(f"wall time {wall_s:.1f} s; load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs")
     print()
-    peak = {kind: max(j["peak_bytes"] for j in jobs if j["job"] == kind) for kind in ("encode", "pass1", "pass2")}
+    peak = {kind: max(j["peak_bytes"] for j in jobs if j["job"] == kind)
+            for kind in ("encode", "pass1", "pass2", "check", "check_whole")}
     common = {"n_latents": latents, "n_shards": n_shards, "latents_per_shard": -(-latents // n_shards),
               "shards_per_pass1_job": -(-n_shards // N_GROUPS),
-              "d_model": D_MODEL, "k": K, "tokens_per_batch": tokens, "n_batches": len(batches),
+              "d_model": args.d_model, "k": K, "tokens_per_batch": tokens, "n_batches": len(batches),
               "planned_shards_at_goal_budget": plan.n_shards, "quick": args.quick, "wall_s": round(wall_s, 1),
               "baseline_measured_at_latents": baseline_latents, "load_before": load_before, "load_after": load_after}
     lines = [{"metric": metric, "value": value, "baseline": baseline_bytes,
@@ -243,6 +262,9 @@ def main() -> int:
              for metric, value in (("feature_pass1_shard_job_peak_rss_bytes", peak["pass1"]),
                                    ("feature_pass2_shard_job_peak_rss_bytes", peak["pass2"]),
                                    ("feature_encode_job_peak_rss_bytes", peak["encode"]))]
+    lines.append({"metric": "feature_check_job_peak_rss_bytes", "value": peak["check"],
+                  "baseline": peak["check_whole"], "baseline_is": "the same check with the whole SAE loaded",
+                  "ratio": peak["check"] / peak["check_whole"], "goal": GOAL_JOB_BYTES, "unit": "bytes", **common})
     pass_1 = [j for j in jobs if j["job"] == "pass1"]
     n_partials = sum(j["partials"] for j in pass_1)
     lines.append({"metric": "feature_pass1_partial_bytes_per_shard", "unit": "bytes",
@@ -250,7 +272,7 @@ def main() -> int:
                   "pass1_seconds_per_shard": round(sum(j["seconds"] for j in pass_1) / n_partials, 3), **common})
     for line in lines:
         print(json.dumps(line))
-    return 0 if max(peak.values()) <= GOAL_JOB_BYTES else 1
+    return 0 if max(v for kind, v in peak.items() if kind != "check_whole") <= GOAL_JOB_BYTES else 1
 
 
 if __name__ == "__main__":

@@ -21,17 +21,15 @@ import torch
 from sae_platform.catalog import checkpoint_name
 from sae_platform.errors import StorageError
 from sae_platform.sharded_checkpoint import (
-    DTYPES,
-    HEADER_ERRORS,
     SAE,
     UNSHARDED_WEIGHTS,
     is_finite,
     is_sharded,
     non_finite,
     open_sharded,
-    parse_header,
 )
 from sae_platform.storage import ArtifactStore
+from sae_platform.tensor_rows import DTYPES, HEADER_ERRORS, parse_header, read_into
 
 _DAMAGED_FIX = ("the checkpoint is damaged or was tampered with: delete it (the whole sae/<sae_name> folder) and train "
                 "again")
@@ -109,15 +107,10 @@ def _stored_tensors(store: ArtifactStore, path: str, file: str, handle) -> dict[
 
 def _read_into(store: ArtifactStore, path: str, file: str, handle, offset: int, target: torch.Tensor) -> None:
     """Bytes [offset, offset + len(target)) of the open ``file`` into ``target`` (a uint8 view)."""
-    if not target.numel():
-        return
-    view, filled = memoryview(target.numpy()), 0
-    handle.seek(offset)
-    while filled < len(view):
-        got = handle.readinto(view[filled:])
-        if not got:
-            raise _not_safetensors(store, path, file, EOFError(f"it ended {len(view) - filled:,} bytes early"))
-        filled += got
+    try:
+        read_into(handle, offset, target)
+    except EOFError as error:
+        raise _not_safetensors(store, path, file, error) from error
 
 
 def _not_safetensors(store: ArtifactStore, path: str, file: str, error: Exception) -> StorageError:

@@ -23,7 +23,7 @@ Window activations. Each window token's activation, for the example's feature on
 its stored activation row (the inverse map ``(context, position) -> row`` of the partition
 index). For TopK-style variants pass 1 committed the partition's sparse codes
 (``features.write_codes``); when they were computed by the same SAE weights from the same
-partition version (``features.read_codes``), the activations are looked up in them
+partition version (``feature_codes.read_codes``), the activations are looked up in them
 (``codes=``) and no row is encoded again. Otherwise the window rows are encoded, as below.
 Tokens without a row (start tokens never appear; attention-sink rows excluded at
 caching time can) get ``0.0`` and ``has_act = False``, so the browser can draw them as "no data"
@@ -209,9 +209,10 @@ def context_windows(store, sae: SparseAutoencoder, partition_key: str, requests:
     Raises StorageError for a missing partition, a row past its end, or an example activation
     the SAE no longer reproduces (stale tables); ModelError for an SAE of another width.
 
-    ``codes``: pass 1's sparse codes of the whole partition (``features.read_codes``: values
+    ``codes``: pass 1's sparse codes of the whole partition (``feature_codes.read_codes``: values
     float32 and indices [n_rows, K]); the activations are then looked up in them instead of
-    encoding the window rows again (TopK-style variants).
+    encoding the window rows again (TopK-style variants), and ``sae`` may be one without weights
+    (``features.StoredSAE``: only its d_model and n_latents are read).
 
     ``group``: the partition's hook-point store whose rows the examples point into (the one the
     feature tables were built from, their ``meta["group"]``); its own index gives the windows. A
@@ -274,18 +275,17 @@ def _windows(store, sae: SparseAutoencoder, partition_key: str, requests: pl.Dat
                            "(token_id disagrees with tokens[context_id, position])",
                            "re-materialize that activation partition")
 
-    sae_device = _sae_device(sae)
-    run_sae = sae
-    if device is not None and torch.device(device) != sae_device:
-        run_sae = copy.deepcopy(sae).to(torch.device(device))
     flat_act = np.zeros(total, dtype=np.float32)
     has = flat_row >= 0
-    if codes is not None:
+    if codes is not None:  # looked up: the SAE's d_model and n_latents are all that is read of it
         if len(codes[0]) != index.n_rows:
             raise PlatformError(f"the stored codes of partition {partition_key!r} have {len(codes[0])} rows, the "
                                 f"partition {index.n_rows}", "pass the codes pass 1 computed from this partition")
         flat_act[has] = _pairs_from_stored(codes, flat_row[has], features[which][has])
     else:
+        run_sae = sae
+        if device is not None and torch.device(device) != _sae_device(sae):
+            run_sae = copy.deepcopy(sae).to(torch.device(device))
         flat_act[has] = _pair_activations(run_sae, part, flat_row[has], features[which][has], batch_rows)
 
     strs = window_strings(tokenizer, flat_tok, starts)

@@ -100,9 +100,19 @@ def brute_force_check(store: ArtifactStore, sae, sae_name: str, shard_index: int
     boundaries, so floating-point results are bit-identical): one more full encode per shard for
     TopK-style variants, for tests and audits.
 
+    ``sae``: in witness mode only its config, range and fingerprint are read, so a weightless
+    ``features.StoredSAE`` of the checkpoint as it is stored now (``latent_slice.stored_sae``: its
+    fingerprint taken block by block, never the SAE in memory) checks as the loaded SAE does, a
+    changed checkpoint included (its fingerprint is not the tables'); ``reencode`` needs the weights
+    (``trainer.load_sae``): FeatureError for an SAE without them.
+
     The two halves: ``recompute_checked_features`` (the checked features' activating tokens, from
     the data as it is now), then ``compare_tables`` (the tables against them and the invariants)."""
     check_range(sae, start, stop)
+    if reencode and not hasattr(sae, "encode_slice"):
+        raise FeatureError(f"re-encoding feature shard {shard_index} of SAE {sae_name!r} needs its weights, and this "
+                           "SAE has none (a StoredSAE: config and fingerprint only)",
+                           "pass the loaded SAE (trainer.load_sae), or check in witness mode (reencode=False)")
     tables = read_tables(store, sae_name, shard_index)
     meta = tables.meta
     if (meta["start"], meta["stop"]) != (start, stop):

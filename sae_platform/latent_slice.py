@@ -15,6 +15,10 @@ records it, taken block by block (``sharded_checkpoint.weight_blocks``: 64 MiB a
 checked finite, as ``load_sae`` checks the whole) once per job: the partials are the same, bit for
 bit. A checkpoint of an earlier version whose tensors are named otherwise (JumpReLU's log θ) is loaded
 whole (``load_sae``), as before.
+
+:func:`stored_sae` is the checkpoint of any variant with no weight at all (its config and that
+fingerprint): what the steps that read none take instead of the whole SAE (the exactness check in
+witness mode, pass 3 from stored codes), and what :func:`load_latent_slice` builds on.
 """
 
 from dataclasses import dataclass
@@ -58,14 +62,39 @@ class LatentSlice(StoredSAE):
         return self.model.encode_slice(x, start - self.start, stop - self.start)
 
 
+def stored_sae(store: ArtifactStore, sae_name: str, *, version: str | None = None, device="cpu",
+               fingerprint: str | None = None) -> StoredSAE | None:
+    """``sae_name``'s committed (or ``version``'s) checkpoint, any variant, sharded or not, without its
+    weights: a ``features.StoredSAE`` of its config (the model's, as ``load_sae`` builds it) and the
+    fingerprint of the weights stored now (``features.sae_fingerprint`` of the whole SAE, taken block by
+    block: ``sharded_checkpoint.weight_blocks``, 64 MiB at a time, every block checked finite), on
+    ``device``. The one way a step that needs the SAE's config, range and fingerprint but no weight gets
+    it: a dense SAE's passes 1 and 2 (``load_latent_slice``), the exactness check in witness mode
+    (``feature_check.brute_force_check``) and pass 3 from stored codes. Why: the whole SAE is ~4.5 GiB at
+    2^20 latents x d_model 576, above a feature job's budget; this holds one block. ``fingerprint``: one a
+    previous call gave (the weights are then not read again). None, meaning load it whole
+    (``load_sae``), for a checkpoint of an earlier version whose tensors are named otherwise (JumpReLU's
+    log θ). StorageError naming the file for a changed file or NaN/inf anywhere in the weights; as
+    ``checkpoint_config`` for a missing or damaged cfg.json."""
+    config = dict(checkpoint_config(store, sae_name, version)["sae"])
+    whole = build_sae(config.pop("variant"), config.pop("d_model"), config.pop("n_latents"), device="meta",
+                      **config)  # shapes only: load_sae's model
+    if fingerprint is None:
+        fingerprint = _whole_fingerprint(store, sae_name, version, whole)
+        if fingerprint is None:
+            return None
+    return StoredSAE(whole.config, fingerprint, torch.device(device))
+
+
 def load_latent_slice(store: ArtifactStore, sae_name: str, start: int, stop: int, *, version: str | None = None,
                       device="cpu", fingerprint: str | None = None) -> LatentSlice | None:
     """Latents [start, stop) of ``sae_name``'s committed (or ``version``'s) checkpoint of a dense
     variant, sharded or not, on ``device``: their rows of every per-latent tensor but W_dec and every
-    other tensor (see the module docstring), and the whole SAE's fingerprint (``fingerprint``: the
-    one a previous call gave, so a job takes it once). None, meaning load it whole, for a checkpoint
-    of an earlier version whose tensors are named otherwise, or of a variant with no model over a
-    slice of its latents (``sharded_sae.SHARD_CLASSES``: a steering ``vector``'s dictionary).
+    other tensor (see the module docstring), and the whole SAE's config and fingerprint
+    (:func:`stored_sae`; ``fingerprint``: the one a previous call gave, so a job takes it once). None,
+    meaning load it whole, for a checkpoint of an earlier version whose tensors are named otherwise, or
+    of a variant with no model over a slice of its latents (``sharded_sae.SHARD_CLASSES``: a steering
+    ``vector``'s dictionary).
     FeatureError for a sparse variant (TopK, Switch: a latent's activation depends on every latent;
     their pass 1 reads the stored codes);
     StorageError naming the file for a changed file or NaN/inf anywhere in the weights;
@@ -78,15 +107,13 @@ def load_latent_slice(store: ArtifactStore, sae_name: str, start: int, stop: int
                            "run its pass 1 from the batch's stored codes (feature_codes.partials_from_codes)")
     if variant not in SHARD_CLASSES:  # no inference rule over a slice of latents (a steering vector): whole
         return None
-    whole = build_sae(variant, d_model, n_latents, device="meta", **config)  # shapes only: load_sae's model
-    if fingerprint is None:
-        fingerprint = _whole_fingerprint(store, sae_name, version, whole)
-        if fingerprint is None:
-            return None
+    whole = stored_sae(store, sae_name, version=version, device=device, fingerprint=fingerprint)
+    if whole is None:
+        return None
     rows = latent_rows(store, sae_name, start, stop, version=version, keep=lambda name: name not in UNREAD,
                        device=device)
     model = with_weights(slice_model(variant, config, d_model, n_latents, start, stop), rows, device, UNREAD)
-    return LatentSlice(whole.config, fingerprint, torch.device(device), model.W_enc.dtype, start=start, stop=stop,
+    return LatentSlice(whole.config, whole.fingerprint, whole.device, model.W_enc.dtype, start=start, stop=stop,
                        model=model.eval())
 
 

@@ -40,7 +40,6 @@ import contextlib
 import json
 import math
 import os
-import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from sae_platform.catalog import checkpoint_name, rebuild_fix
 from sae_platform.errors import PlatformError, StorageError
 from sae_platform.settings import env_value
 from sae_platform.storage import ArtifactStore
+from sae_platform.tensor_rows import DTYPES, HEADER_ERRORS, RowFile, parse_header
 
 FORMAT = 1
 INDEX = "index.json"
@@ -67,10 +67,6 @@ SHARDED_AXES: dict[str, int] = {"sae.W_enc": 0, "sae.b_enc": 0, "sae.W_dec": 0, 
 VARIANT_SHARDED_AXES: dict[str, dict[str, int]] = {"jumprelu": {"sae.threshold": 0}}
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # shaped like their parameter; Adam's ``step`` is a scalar
 GATHER_LIMIT_ENV = "SAE_PLATFORM_GATHER_LIMIT_BYTES"
-# safetensors' dtype names (a file's header), as torch's
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
 
 
 def shard_file(shard: int, n_shards: int) -> str:
@@ -296,24 +292,6 @@ def _write_safetensors(store: ArtifactStore, path: str, tensors: dict[str, torch
         store.fs.put_file(local, path)
 
 
-HEADER_LIMIT_BYTES = 100_000_000  # safetensors' own limit on a header
-HEADER_ERRORS = (struct.error, ValueError, KeyError, TypeError, AttributeError)  # what parse_header raises
-
-
-def parse_header(handle, size: int) -> tuple[dict, int]:
-    """(the JSON header {name: {"dtype", "shape", "data_offsets"}}, ``__metadata__`` left out; the
-    byte its tensors' data starts at) of the open safetensors file ``handle`` of ``size`` bytes: 8
-    bytes of length, then the JSON. Reads the header only. One of ``HEADER_ERRORS`` when it does not
-    parse; the file's size against the tensors' end is the caller's check."""
-    handle.seek(0)
-    (length,) = struct.unpack("<Q", handle.read(8))
-    if not 2 <= length <= min(HEADER_LIMIT_BYTES, size - 8):
-        raise ValueError(f"a header of {length:,} bytes in a file of {size:,}")
-    header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header, 8 + length
-
-
 def _header(store: ArtifactStore, path: str) -> dict:
     """The JSON header of the safetensors file ``path`` (``parse_header``).
     StorageError naming the file when it is not whole (a writer killed mid-file: a header that
@@ -511,10 +489,12 @@ def open_sharded(store: ArtifactStore, sae_name: str, version: str | None = None
 
 
 @contextlib.contextmanager
-def _opened(checkpoint: ShardedCheckpoint, file: str, consume: Callable[[int, bytes], None] | None = None) -> Iterator:
+def _opened(checkpoint: ShardedCheckpoint, file: str, consume: Callable[[int, bytes], None] | None = None,
+            plain: bool = False) -> Iterator:
     """safe_open of one file of ``checkpoint`` after its bytes hash as its writer recorded (a
     changed file is refused naming it; ``consume(offset, block)`` is given each block as it is hashed,
-    when it is: ``_Copier``); a remote store's file is copied to a temporary file first."""
+    when it is: ``_Copier``); a remote store's file is copied to a temporary file first. ``plain``:
+    a ``tensor_rows.RowFile`` instead (plain reads, nothing mapped: a reader of every block)."""
     store, remote = checkpoint.store, f"{checkpoint.path}/{file}"
     with contextlib.ExitStack() as stack:
         if store.is_local:
@@ -529,7 +509,8 @@ def _opened(checkpoint: ShardedCheckpoint, file: str, consume: Callable[[int, by
                 raise checkpoint.refuse(file, "differs from the bytes recorded at its commit (sha256 mismatch)")
             checkpoint.verified.add(file)
         try:
-            handle = stack.enter_context(safe_open(local, framework="pt"))
+            handle = RowFile(stack.enter_context(open(local, "rb")), os.path.getsize(local)) if plain \
+                else stack.enter_context(safe_open(local, framework="pt"))
         except Exception as error:  # safetensors' own error kinds
             raise checkpoint.refuse(file, f"is not a valid safetensors file ({type(error).__name__}: {error})") \
                 from error
@@ -761,8 +742,9 @@ def weight_blocks(store: ArtifactStore, sae_name: str, *, version: str | None = 
     state_dict name order, as (name, block) for consecutive blocks of its rows of at most
     ``block_elements`` elements (at least one per tensor: an empty tensor is its own block), read by
     slice: what ``features.fingerprint_of`` digests, so the whole SAE's fingerprint is taken holding one
-    block (64 MiB) at a time, never the SAE. StorageError naming the file for a file whose bytes changed
-    since the commit, or NaN/inf in a block (the whole SAE is checked, as ``load_sae`` checks it)."""
+    block (64 MiB) at a time, never the SAE (read with plain reads: ``tensor_rows``, not mapped). StorageError
+    naming the file for a file whose bytes changed since the commit, or NaN/inf in a block (the whole SAE is
+    checked, as ``load_sae`` checks it)."""
     version, path = _checkpoint_version(store, sae_name, version)
     if is_sharded(store, path):
         checkpoint = open_sharded(store, sae_name, version)
@@ -771,7 +753,7 @@ def weight_blocks(store: ArtifactStore, sae_name: str, *, version: str | None = 
                    else [s["file"] for s in checkpoint.index["shards"]] for n, m in tensors}
     else:
         checkpoint = _unsharded(store, sae_name, version, path)
-        with _opened(checkpoint, UNSHARDED_WEIGHTS) as f:
+        with _opened(checkpoint, UNSHARDED_WEIGHTS, plain=True) as f:
             tensors = sorted((SAE + n, None) for n in f.keys())
         sources = {n: [UNSHARDED_WEIGHTS] for n, _ in tensors}
     with contextlib.ExitStack() as stack:
@@ -779,20 +761,27 @@ def weight_blocks(store: ArtifactStore, sae_name: str, *, version: str | None = 
         for name, _ in tensors:
             for file in sources[name]:
                 if file not in opened:
-                    opened[file] = stack.enter_context(_opened(checkpoint, file))
+                    opened[file] = stack.enter_context(_opened(checkpoint, file, plain=True))
                 stored = name if checkpoint.index else name[len(SAE):]  # a shard's names carry the prefix
                 yield from _blocks(checkpoint, file, opened[file], stored, name[len(SAE):], block_elements)
 
 
-def _blocks(checkpoint: ShardedCheckpoint, file: str, handle, stored: str, name: str,
+def _blocks(checkpoint: ShardedCheckpoint, file: str, handle: RowFile, stored: str, name: str,
             block_elements: int) -> Iterator[tuple[str, torch.Tensor]]:
     """(``name``, block) of consecutive rows of tensor ``stored`` of the opened ``file``, each checked finite."""
-    shape = handle.get_slice(stored).get_shape()
+    def read(*rows) -> torch.Tensor:
+        try:
+            return handle.read(stored, *rows)
+        except (ValueError, EOFError) as error:  # hashed as written, so written so: refused, naming it
+            raise checkpoint.refuse(file, f"is not a valid safetensors file ({type(error).__name__}: {error})") \
+                from error
+
+    shape = handle.shape(stored)
     if not shape or not shape[0]:  # a scalar or an empty tensor: one block
-        blocks: Iterator[torch.Tensor] = iter([handle.get_tensor(stored)])
+        blocks: Iterator[torch.Tensor] = iter([read()])
     else:
         rows = max(1, block_elements // max(1, math.prod(shape[1:])))
-        blocks = (handle.get_slice(stored)[lo:min(lo + rows, shape[0])] for lo in range(0, shape[0], rows))
+        blocks = (read(lo, min(lo + rows, shape[0])) for lo in range(0, shape[0], rows))
     for block in blocks:
         _check_finite(checkpoint, file, {name: block})
         yield name, block

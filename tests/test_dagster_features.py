@@ -97,8 +97,12 @@ def built(tmp_path_factory, tiny_model_dir):
 
 def test_feature_pipeline_through_dagster(built, monkeypatch):
     defs, instance, store, loaded_by = built
-    # the functions on the stack of each whole-SAE load: pass 2 (merge_shard) is never one
-    assert loaded_by and not [stack for stack in loaded_by if "merge_shard" in stack]
+    # the functions on the stack of each whole-SAE load: pass 2 (merge_shard), the exactness check and
+    # pass 3 of this TopK SAE (window activations from pass 1's codes) are never one: they read its
+    # config and fingerprint only (assets.features._stored)
+    steps = {frame for stack in loaded_by for frame in stack} & {"encode_batch", "merge_shard", "check_brute_force",
+                                                                 "context_windows", "explain_shard"}
+    assert steps == {"encode_batch", "explain_shard"}, steps
     for stage in STAGES.values():  # every feature stage ran (the LLM explanations: skipped, they are off)
         if stage.group == "features":
             assert instance.fetch_materializations(AssetKey(stage.asset), limit=1).records, stage.asset
@@ -172,6 +176,51 @@ def test_feature_pipeline_through_dagster(built, monkeypatch):
                                ("llm_explanations/f0", "llm_explanations.parquet", LLM_EXPLANATION_SCHEMA)):
         written = pl.read_parquet_schema(f"{store.resolve(f'features/{SAE}/{name}')}/{file}")
         assert list(written.items()) == list(schema.items()), file
+
+
+def test_the_blocking_check_reads_no_weights_and_fails_once_the_checkpoint_changed(pipeline, store, monkeypatch):
+    """``matches_brute_force`` (feature_topk's blocking check) as the pipeline evaluates it, with no
+    whole-SAE load possible: it passes on the built tables, reading the committed checkpoint's config and
+    fingerprint only; once a new checkpoint version with one weight changed is committed, the same check
+    fails on the fingerprint of every shard, as it did when it loaded the SAE."""
+    import logging
+    from types import SimpleNamespace
+
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import save as save_safetensors
+
+    from assets.stage import StageRun
+    from sae_platform.catalog import CHECKSUMS, checkpoint_name
+    from sae_platform.sharded_checkpoint import UNSHARDED_WEIGHTS
+    from sae_platform.storage import CHECKSUMS_FIELD
+
+    defs, instance = pipeline
+    assert build_features(instance, defs, SAE)
+    before = store.pointer(checkpoint_name(SAE))
+
+    def no_whole_sae(*args, **kwargs):
+        raise AssertionError("the exactness check loaded the whole SAE")
+
+    monkeypatch.setattr(features_assets, "load_sae", no_whole_sae)
+    run = StageRun(logging.getLogger("check"), SimpleNamespace(**defs.resources), ["f1"])
+    passed = features_assets.check_brute_force(run)
+    assert passed["passed"] and passed["metadata"]["mode"] == "witness", passed
+
+    name, old = checkpoint_name(SAE), store.resolve(checkpoint_name(SAE))
+    fields = {k: v for k, v in before.items() if k not in ("version", "committed_at", CHECKSUMS_FIELD)}
+    with store.writing(name, **fields) as version:  # the same run, one decoder weight changed
+        for path in store.fs.find(old):
+            rel = path[len(old.rstrip("/")) + 1:]
+            data = store.fs.cat_file(path)
+            if rel == UNSHARDED_WEIGHTS:
+                weights = load_safetensors(data)
+                weights["W_dec"][0, 0] += 1.0
+                data = save_safetensors(weights)
+            if rel != CHECKSUMS and not rel.startswith("."):  # the writer records its own
+                store.fs.pipe_file(f"{version}/{rel}", data)
+    assert store.pointer(name)["version"] != before["version"]
+    failed = features_assets.check_brute_force(run)
+    assert not failed["passed"] and "sae_fingerprint" in failed["metadata"]["mismatches"], failed
 
 
 def test_lineage_names_every_upstream_artifact(built):
@@ -279,7 +328,8 @@ def _eight_shard_budget(store) -> int:
     return dataclasses.replace(four, n_shards=8).job_bytes
 
 
-def test_a_smaller_budget_runs_eight_shards_in_four_groups_with_the_same_tables(pipeline, store, capsys, monkeypatch):
+def test_a_smaller_budget_runs_eight_shards_in_four_groups_with_the_same_tables(pipeline, store, capsys, monkeypatch,
+                                                                              tiny_hooked):
     """Shards are sized by resources.features.config.memory_budget_bytes: with a budget for 8 shards
     each group runs two (f0: shards 0 and 4), every reader follows the recorded layout, and every
     table equals the 4-shard run's. Changing the budget makes the 4-shard tables stale."""
@@ -337,7 +387,7 @@ def test_a_smaller_budget_runs_eight_shards_in_four_groups_with_the_same_tables(
         == 8
 
     _browser_reads_one_shard_at_a_time(monkeypatch, instance, resources)
-    _llm_budget_is_per_feature_shard(monkeypatch, instance, resources, store)
+    _llm_budget_is_per_feature_shard(monkeypatch, instance, resources, store, tiny_hooked)
 
 
 def _browser_reads_one_shard_at_a_time(monkeypatch, instance, resources):
@@ -360,16 +410,28 @@ def _browser_reads_one_shard_at_a_time(monkeypatch, instance, resources):
     monkeypatch.setattr(ctx, "read_feature_contexts", read)
 
 
-def _llm_budget_is_per_feature_shard(monkeypatch, instance, resources, store):
+def _llm_budget_is_per_feature_shard(monkeypatch, instance, resources, store, hooked):
     """``features_per_shard`` is per feature shard: group f0 runs shards 0 and 4, so it explains 2 x
-    features_per_shard features, as many from each shard, and says so (``n_requested``)."""
+    features_per_shard features, as many from each shard, and says so (``n_requested``). With the
+    held-out codes sae_eval stores for this checkpoint, the step reads no SAE weight (group f1)."""
+    from sae_platform.catalog import checkpoint_pin, checkpoint_version, eval_name
+    from sae_platform.metrics import HELDOUT_CODES_FILE, heldout_codes_bytes, sae_heldout_codes
+
     server, url = serve_chat(RuleModel(), api_key=KEY)
     monkeypatch.setenv("TEST_LLM_KEY", KEY)
     llm = LLMExplainerResource(enabled=True, base_url=url, model="rules", api_key_env="TEST_LLM_KEY",
                                features_per_shard=2, examples=2)
+    job = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources={**resources, "llm_explainer": llm}) \
+        .resolve_job_def("explain_with_llm")
     try:
-        result = Definitions(assets=ASSETS, jobs=ASSET_JOBS, resources={**resources, "llm_explainer": llm}) \
-            .resolve_job_def("explain_with_llm").execute_in_process(instance=instance, partition_key="f0")
+        result = job.execute_in_process(instance=instance, partition_key="f0")
+        tokens = np.random.default_rng(0).integers(1, 250, size=(4, 16))
+        tokens[:, 0] = hooked.start_token_id
+        codes = sae_heldout_codes(hooked, trainer.load_sae(store, SAE)[0], store, SAE, tokens)
+        with store.writing(eval_name(SAE), **checkpoint_pin(checkpoint_version(store, SAE))) as version:
+            store.fs.pipe_file(f"{version}/{HELDOUT_CODES_FILE}", heldout_codes_bytes(codes))
+        monkeypatch.setattr(features_assets, "load_sae", lambda *a, **k: pytest.fail("the LLM step loaded the SAE"))
+        assert job.execute_in_process(instance=instance, partition_key="f1").success
     finally:
         server.shutdown()
         server.server_close()

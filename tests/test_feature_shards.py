@@ -4,6 +4,7 @@ reading only its own codes, gives today's tables bit for bit (same top-K, random
 examples, stats and windows); the planner sizes the shards from a memory budget per job."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -22,7 +23,7 @@ from sae_platform.feature_layout import plan_layout
 from sae_platform.feature_merge import build_feature_tables, merge_shard_tables, merge_stored_shard, write_tables
 from sae_platform.feature_plan import FeaturePlanError, plan_feature_shards
 from sae_platform.logits import decoder_logit_effects, logit_effects
-from sae_platform.sae import SparseAutoencoder
+from sae_platform.sae import SparseAutoencoder, build_sae
 from sae_platform.settings import SettingsError
 from sae_platform.storage import ArtifactStore
 from sae_platform.synthetic import SyntheticTokenizer
@@ -240,7 +241,7 @@ def _commit_checkpoint(store: ArtifactStore, name: str, sae, n_latent_shards: in
     weights = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
     if n_latent_shards:
         sc.save_sharded(store, catalog.checkpoint_name(name), sae.config["variant"],
-                        sc.LatentLayout(N_LATENTS, n_latent_shards), {sc.SAE + k: v for k, v in weights.items()},
+                        sc.LatentLayout(sae.n_latents, n_latent_shards), {sc.SAE + k: v for k, v in weights.items()},
                         json_files={"cfg.json": cfg})
     else:
         with store.writing(catalog.checkpoint_name(name)) as version:
@@ -369,6 +370,30 @@ def test_the_whole_saes_fingerprint_is_taken_block_by_block_from_either_kind_of_
         assert F.fingerprint_of(sae.config, blocks) == F.sae_fingerprint(sae), name
 
 
+def _resident_bytes() -> int:
+    """This process's resident set now (VmRSS: anonymous and file-backed pages, mapped files included)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's resident set")
+@pytest.mark.parametrize("n_latent_shards", [0, 3])
+def test_the_whole_saes_fingerprint_holds_one_block_not_the_checkpoint(store, n_latent_shards):
+    """``weight_blocks`` reads a block's bytes and no more: walking a 32 MiB checkpoint in 256 KiB blocks
+    never adds more than a few blocks to the resident set. Before, safetensors' mapped file kept every
+    page read resident until the last block: the whole checkpoint (the exactness check of a 2^20-latent
+    SAE would have held its 4.5 GiB, as the check that loaded it did)."""
+    torch.manual_seed(0)
+    sae = build_sae("relu", 256, 16384)  # W_enc and W_dec: 32 MiB
+    _commit_checkpoint(store, "big", sae, n_latent_shards)
+    baseline, grown, n_bytes = _resident_bytes(), 0, 0
+    for _, block in sc.weight_blocks(store, "big", block_elements=1 << 16):
+        n_bytes += block.numel() * block.element_size()
+        grown = max(grown, _resident_bytes() - baseline)
+        del block
+    assert n_bytes >= 32 << 20 and grown < 8 << 20, f"{grown / 2**20:.1f} MiB resident while reading"
+
+
 def test_a_dense_checkpoint_of_an_earlier_version_is_loaded_whole_and_a_sparse_one_never_by_slice(store):
     """JumpReLU checkpoints once stored log θ: its slice would not be this version's tensors, so pass 1
     loads that checkpoint whole, as before, and commits the whole SAE's partials. A TopK latent's
@@ -440,3 +465,49 @@ def test_a_dense_saes_pass_2_from_its_shards_encoder_rows_gives_the_whole_saes_t
         assert tables.stats.equals(whole.stats) and tables.examples.equals(whole.examples), index
         assert tables.meta == whole.meta
     assert "interval" in set(whole.examples["kind"])
+
+
+@pytest.mark.parametrize("variant,n_latent_shards", [("topk", 0), ("relu", 3)])
+def test_the_witness_check_takes_the_checkpoint_without_weights_and_still_catches_a_changed_one(
+        store, monkeypatch, variant, n_latent_shards):
+    """The exactness check in witness mode reads the SAE's config, range and fingerprint only: given
+    ``latent_slice.stored_sae`` (the committed checkpoint's fingerprint taken block by block, plain or
+    latent-sharded) it loads no weights and gives the loaded SAE's verdict, shard by shard; once the
+    checkpoint's weights change after the tables were built, its fingerprint is not the tables' and the
+    check fails as it did with the loaded SAE. Re-encoding needs the weights: refused, naming the fix."""
+    from sae_platform import latent_slice
+
+    make_dataset(store, [400, 250, 330])
+    sae = make_sae(variant)
+    _commit_checkpoint(store, "run", sae, n_latent_shards)
+    build_feature_tables(store, sae, "run", SETTINGS, n_feature_shards=N_SHARDS, batch_rows=128)
+    shards = F.feature_shards(N_LATENTS, N_SHARDS)
+    with_weights = [brute_force_check(store, sae, "run", i, *shards[i]) for i in range(N_SHARDS)]
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the witness check read SAE weights")
+
+    for module in (trainer, features_assets, latent_slice):
+        monkeypatch.setattr(module, "load_sae", no_weights)
+    monkeypatch.setattr(sc, "latent_rows", no_weights)  # nor any latent's rows by slice
+    weightless = latent_slice.stored_sae(store, "run")
+    assert type(weightless) is F.StoredSAE and weightless.fingerprint == F.sae_fingerprint(sae)
+    assert weightless.config == sae.config
+    for index, (start, stop) in enumerate(shards):
+        check = brute_force_check(store, weightless, "run", index, start, stop)
+        assert check["ok"] and check == with_weights[index], check["mismatches"][:3]
+        assert check["features_checked"] and check["mode"] == "witness"
+    with pytest.raises(F.FeatureError, match="needs its weights") as error:
+        brute_force_check(store, weightless, "run", 0, *shards[0], reencode=True)
+    assert "trainer.load_sae" in error.value.fix
+
+    changed = make_sae(variant)
+    with torch.no_grad():
+        changed.W_dec[3, 0] += 1.0  # one weight the tables' activations do not even depend on
+    _commit_checkpoint(store, "run", changed, n_latent_shards)
+    now = latent_slice.stored_sae(store, "run")
+    assert now.fingerprint == F.sae_fingerprint(changed) != weightless.fingerprint
+    for index, (start, stop) in enumerate(shards):
+        check = brute_force_check(store, now, "run", index, start, stop)
+        assert not check["ok"] and {"what": "sae_fingerprint", "feature": None, "expected": now.fingerprint,
+                                    "got": weightless.fingerprint} in check["mismatches"]
