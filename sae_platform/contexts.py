@@ -22,7 +22,7 @@ position ``(c, p)``. Its window is the run of tokens of context ``c`` from ``p -
 Window activations. Each window token's activation, for the example's feature only, comes from
 its stored activation row (the inverse map ``(context, position) -> row`` of the partition
 index). For TopK-style variants pass 1 committed the partition's sparse codes
-(``features.write_codes``); when they were computed by the same SAE weights from the same
+(``feature_codes.encode_codes``); when they were computed by the same SAE weights from the same
 partition version (``feature_codes.read_codes``), the activations are looked up in them
 (``codes=``) and no row is encoded again. Otherwise the window rows are encoded, as below.
 Tokens without a row (start tokens never appear; attention-sink rows excluded at
