@@ -236,6 +236,23 @@ def test_the_export_is_the_same_bytes_at_every_run(tmp_path, monkeypatch):
     assert sorted(runs[0]) == sorted(PINNED_EXPORT) and runs[0] == runs[1] == runs[2]
 
 
+def test_a_batch_that_fails_to_be_written_fails_the_export_and_commits_nothing(store, monkeypatch):
+    """Batches are gzipped and written on a thread while the next one is built: what that raises is
+    raised by write_export, and nothing is committed."""
+    monkeypatch.setattr(npd, "FEATURES_PER_BATCH", 16)
+    write = store.write_bytes_atomic
+
+    def failing(path, data):
+        if path.endswith("activations/batch-1.jsonl.gz"):
+            raise OSError("disk full")
+        write(path, data)
+
+    monkeypatch.setattr(store, "write_bytes_atomic", failing)
+    with pytest.raises(OSError, match="disk full"):
+        export(store)
+    assert store.resolve(neuronpedia_name("sae")) is None
+
+
 def test_read_export_keeps_tokens_with_line_separators(store):
     """A token string may hold U+2028 (written as is, valid JSON): the export is read a line per newline."""
     export(store, awkward_shards())
