@@ -222,6 +222,22 @@ def test_activation_records_take_the_first_maximum_and_minimum_as_python_does():
     assert {f: lines[f].first for f in lines} == {f: (k, r) for f, k, r in first.rows()}
 
 
+def test_feature_and_explanation_lines_hold_the_values_pythons_json_wrote(store):
+    """Feature and Explanation batches are encoded by polars with the declared types: the same values
+    as json.dumps wrote (a float stays a float, -0.0 keeps its sign, strings as they are), field order kept."""
+    export(store)
+    records = npd.read_export(store, "sae")
+    awkward = {"vector": [-0.0, 0.0, 1e-07, 5e-324, 1e16, 1.7976931348623157e308, -2.5e-10, 100.0],
+               "pos_str": ["\u2028", '"q"', "\\", "日本", "\x00\n"], "vectorLabel": "é"}
+    features = [{**records["features"][0], **awkward}, *records["features"][1:]]
+    for kind, written in (("feature", features), ("explanation", records["explanations"])):
+        lines = npd._jsonl(kind, written).decode().split("\n")
+        assert lines[-1] == ""
+        assert [json.dumps(json.loads(line)) for line in lines[:-1]] == [json.dumps(r) for r in written]
+    with pytest.raises(ValueError, match="feature records with different fields"):
+        npd._jsonl("feature", [features[0], {k: v for k, v in features[1].items() if k != "vectorLabel"}])
+
+
 def test_the_export_is_the_same_bytes_at_every_run(tmp_path, monkeypatch):
     """Every file, the gzipped batches too, is byte for byte the same at every export of the same tables:
     the windows grouped per feature keep their order, gzip writes no time."""
