@@ -79,10 +79,14 @@ def interval_of(act, vmax, n_intervals: int) -> np.ndarray:
     return np.clip(np.nan_to_num(j, nan=0.0), 0, n_intervals - 1).astype(np.int32)
 
 
-def interval_bounds(vmax: float, n_intervals: int, interval: int) -> tuple[float, float]:
+def interval_bounds(vmax, n_intervals: int, interval):
     """[low, high) in activation units of equal-width interval ``interval`` of (0, vmax] (the last
-    also holds vmax itself): the interval ``interval_of`` puts an activation in."""
-    width = float(vmax) / n_intervals
+    also holds vmax itself): the interval ``interval_of`` puts an activation in, float64
+    (``interval * (vmax / n)``, ``(interval + 1) * (vmax / n)``). ``vmax``, ``interval``: numbers or
+    numpy arrays (the Neuronpedia export's binMin/binMax of every window at once), the same floats
+    either way; not polars expressions: polars divides by a constant as a product with its
+    reciprocal, an ulp off."""
+    width = np.asarray(vmax, np.float64) / n_intervals
     return interval * width, (interval + 1) * width
 
 

@@ -54,6 +54,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -117,6 +118,7 @@ from sae_platform.tables import (
 
 FIELDS_FILE = "neuronpedia_fields.json"
 SINGLE_RECORDS = ("release", "model", "sourceset", "source")  # <kind>.jsonl, one record each
+RECORD_KIND = {"features": "feature", "activations": "activation", "explanations": "explanation"}  # of a batch
 FEATURES_PER_BATCH = 128      # features per batch file; a feature's activations share its batch number
 CREATOR_ID = "sae-platform"   # creatorId / authorId: Neuronpedia maps it to a user when importing
 N2G_TYPE, LLM_TYPE = "sae-platform-n2g", "sae-platform-llm-detection"  # Explanation.typeName
@@ -273,8 +275,23 @@ def export_ids(model_source: str, sae_name: str, layer: int, created_at: str | N
 
 
 def record_id(*parts) -> str:
-    """A stable id for a record (the same example gets the same id at every export)."""
-    return "c" + hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:ID_CHARS - 1]
+    """A stable id for a record (the same example gets the same id at every export): "c" and the
+    first hex digits of the sha256 of its parts' ``str`` joined by NUL, ``ID_CHARS`` characters."""
+    return _hashed_id("\0".join(map(str, parts)).encode())
+
+
+def _hashed_id(key: bytes) -> str:
+    return "c" + hashlib.sha256(key).hexdigest()[:ID_CHARS - 1]
+
+
+def record_ids(frame: pl.DataFrame, *parts: pl.Expr | str | int) -> pl.Series:
+    """``record_id`` of every row of ``frame`` [n] (String): ``parts`` are expressions of its integer
+    or string columns (null written "None", as ``str`` writes it) or constants. The keys are built
+    on the frame; only the sha256 runs a row at a time (~0.5 us a row)."""
+    key = pl.concat_str([(p if isinstance(p, pl.Expr) else pl.lit(str(p))).cast(pl.String).fill_null("None")
+                         for p in parts], separator="\0")
+    keys = frame.select(key.cast(pl.Binary)).to_series().to_list()
+    return pl.Series("id", [_hashed_id(k) for k in keys], pl.String)
 
 
 # -- records --------------------------------------------------------------------------------------
@@ -323,14 +340,16 @@ def _unfilled_lists(filled: tuple[str, ...]) -> list[str]:
                   if f["type"].startswith("list") and name not in filled)
 
 
-def sampled_interval(kind: str, interval: int | None, vmax: float, n_intervals: int) -> tuple:
-    """(binMin, binMax, binContains) of an example: the interval of activations it was drawn from."""
-    if kind == KIND_INTERVAL:
-        low, high = interval_bounds(vmax, n_intervals, int(interval))
-        return low, high, None
-    if kind == KIND_RANDOM:
-        return 0.0, float(vmax), 1.0
-    return None, None, None
+def sampled_interval(windows: pl.DataFrame, n_intervals: int) -> pl.DataFrame:
+    """binMin, binMax, binContains (float64 or null) of each of ``windows`` (``export_windows`` rows
+    with their feature's ``MAX``): the interval of activations it was drawn from (module docstring)."""
+    low, high = interval_bounds(windows[MAX].to_numpy(), n_intervals, windows[INTERVAL].fill_null(0).to_numpy())
+    kind = pl.col(KIND)
+    return windows.select(
+        binMin=pl.when(kind == KIND_INTERVAL).then(pl.Series(low)).when(kind == KIND_RANDOM).then(0.0),
+        binMax=pl.when(kind == KIND_INTERVAL).then(pl.Series(high))
+        .when(kind == KIND_RANDOM).then(pl.col(MAX).cast(pl.Float64)),
+        binContains=pl.when(kind == KIND_RANDOM).then(1.0).otherwise(pl.lit(None, pl.Float64)))
 
 
 def export_windows(contexts: pl.DataFrame) -> pl.DataFrame:
@@ -369,18 +388,43 @@ def check_windows(windows: pl.DataFrame) -> pl.DataFrame:
     return windows
 
 
-def activation_record(ids: ExportIds, window: dict, vmax: float, n_intervals: int) -> dict:
-    """One example window (an ``export_windows`` row) as an Activation record; ``vmax``: the feature's max."""
-    values = window[ACTS]
-    top = values.index(max(values)) if values else 0  # the first maximum; no values: check_record says so
-    low, high, share = sampled_interval(window[KIND], window[INTERVAL], vmax, n_intervals)
-    return {"id": record_id(ids.model_id, ids.source_id, window[FEATURE], window[KIND], window[INTERVAL], window[RANK]),
-            "tokens": window[TOKEN_STRS], "index": str(window[FEATURE]), "layer": ids.source_id,
-            "modelId": ids.model_id, "maxValue": values[top] if values else 0.0, "maxValueTokenIndex": top,
-            "minValue": min(values, default=0.0),
-            "values": values, "creatorId": CREATOR_ID, "dataSource": window[PARTITION],
-            "dataIndex": str(window[ROW]), "createdAt": ids.created_at, "binMin": low, "binMax": high,
-            "binContains": share, "qualifyingTokenIndex": int(window[CENTER])}
+@dataclass(frozen=True)
+class ActivationLines:
+    """One feature's Activation records: ``lines`` their JSON (UTF-8, one record a line, each ending in
+    a newline, in ``export_windows`` order), ``first``: (kind, rank) of its first window."""
+
+    lines: bytes
+    first: tuple[str, int]
+
+
+def activation_lines(ids: ExportIds, windows: pl.DataFrame, stats: pl.DataFrame,
+                     n_intervals: int) -> dict[int, ActivationLines]:
+    """{feature: its Activation records} of the ``check_windows``-ed ``windows`` (``export_windows``,
+    at least one value each) of the features of ``stats`` (feature_stats: each one's max), built
+    and encoded to JSON on the frame: a record at a time in Python cost ~30 us (~27 s of the demo's
+    16k-feature export; a million features make ~55 million records). Per window, in this order: id
+    (``record_ids``), tokens, index, layer, modelId, maxValue (the FIRST maximum, as
+    ``values.index(max(values))`` finds it), maxValueTokenIndex, minValue (the first minimum, as
+    ``min``), values, creatorId, dataSource, dataIndex, createdAt, binMin, binMax, binContains
+    (``sampled_interval``), qualifyingTokenIndex. Floats are written as polars spells them (shortest
+    round trip, e.g. ``1e-7``), no spaces: the same values as json.dumps wrote."""
+    frame = windows.join(stats.select(FEATURE, MAX), on=FEATURE, how="inner", maintain_order="left")
+    frame = frame.with_columns(record_ids(frame, ids.model_id, ids.source_id, pl.col(FEATURE), pl.col(KIND),
+                                          pl.col(INTERVAL), pl.col(RANK)), *sampled_interval(frame, n_intervals))
+    values = pl.col(ACTS)
+    # + 0.0 makes -0.0 a 0.0: zeros of either sign tie, as Python's max and min see them, where polars
+    # may order -0.0 below 0.0; arg_max / arg_min give the first of ties, the value keeps its sign
+    top, bottom = (values + 0.0).list.arg_max(), (values + 0.0).list.arg_min()
+    record = pl.struct(
+        id=pl.col("id"), tokens=pl.col(TOKEN_STRS), index=pl.col(FEATURE).cast(pl.String), layer=pl.lit(ids.source_id),
+        modelId=pl.lit(ids.model_id), maxValue=values.list.get(top), maxValueTokenIndex=top.cast(pl.Int64),
+        minValue=values.list.get(bottom), values=values, creatorId=pl.lit(CREATOR_ID), dataSource=pl.col(PARTITION),
+        dataIndex=pl.col(ROW).cast(pl.String), createdAt=pl.lit(ids.created_at), binMin=pl.col("binMin"),
+        binMax=pl.col("binMax"), binContains=pl.col("binContains"), qualifyingTokenIndex=pl.col(CENTER).cast(pl.Int64))
+    per_feature = (frame.select(FEATURE, KIND, RANK, line=record.struct.json_encode() + "\n")
+                   .group_by(FEATURE, maintain_order=True)
+                   .agg(pl.col("line").str.join("").cast(pl.Binary), pl.col(KIND).first(), pl.col(RANK).first()))
+    return {f: ActivationLines(lines, (kind, rank)) for f, lines, kind, rank in per_feature.iter_rows()}
 
 
 def explanation_records(ids: ExportIds, n2g: dict | None, llm: Iterable[dict], explainer: str | None) -> list[dict]:
@@ -443,51 +487,67 @@ def _by_feature(frame: pl.DataFrame | None) -> dict[int, dict]:
     return {} if frame is None else {row[FEATURE]: row for row in frame.iter_rows(named=True)}
 
 
-def _rows(frame: pl.DataFrame) -> Iterator[dict]:
-    """``frame.iter_rows(named=True)`` column by column: half the CPU on ~1 million windows."""
-    names = frame.columns
-    return (dict(zip(names, row, strict=True)) for row in zip(*(frame[n].to_list() for n in names), strict=True))
-
-
 def shard_records(ids: ExportIds, shard: ShardTables, *, hook_name: str,
-                  W_dec: np.ndarray | None) -> Iterator[tuple[dict, list[dict], list[dict]]]:
-    """Per feature of the shard, in feature order: (Feature, its Activations, its Explanations), each
-    checked: Features, Explanations and each feature's first Activation record by record
+                  W_dec: np.ndarray | None) -> Iterator[tuple[dict, bytes, list[dict]]]:
+    """Per feature of the shard, in feature order: (Feature, its Activations as JSON lines
+    (``activation_lines``; b"" when it has none), its Explanations), each checked: Features,
+    Explanations and each feature's first Activation record (parsed back) by record
     (``check_record``), every window's values on the whole frame first (``check_windows``: the rest
-    of an Activation's fields and types are fixed by ``activation_record`` and ``export_windows``'s
+    of an Activation's fields and types are fixed by ``activation_lines`` and ``export_windows``'s
     dtypes; checking ~1 million of them one by one cost a fifth of the export).
     ``W_dec`` [n_latents, d_model]: the SAELens decoder (raw units), or None."""
-    edges, n_intervals = histogram_bin_edges(shard.hist_bin_edges, shard.stats), shard.n_intervals
+    edges = histogram_bin_edges(shard.hist_bin_edges, shard.stats)
     logits, n2g = _by_feature(shard.logits), _by_feature(shard.explanations)
     llm = {} if shard.llm_explanations is None else shard.llm_explanations.partition_by(FEATURE, as_dict=True)
-    windows: dict[int, list[dict]] = {}
-    for window in _rows(check_windows(export_windows(shard.contexts))):
-        windows.setdefault(window[FEATURE], []).append(window)
+    activations = activation_lines(ids, check_windows(export_windows(shard.contexts)), shard.stats, shard.n_intervals)
     for stat in shard.stats.sort(FEATURE).iter_rows(named=True):
         f = stat[FEATURE]
         feature = check_record("feature", feature_record(
             ids, stat, edges, logits=logits.get(f), explanation=n2g.get(f), hook_name=hook_name,
             vector=None if W_dec is None else W_dec[f]), f"of feature {f}")
-        acts = [activation_record(ids, w, stat[MAX], n_intervals) for w in windows.get(f, ())]
+        acts = activations.get(f)
         if acts:
-            w = windows[f][0]
-            check_record("activation", acts[0], f"of feature {f} ({w[KIND]} example {w[RANK]})")
+            kind, rank = acts.first
+            check_record("activation", json.loads(acts.lines[:acts.lines.index(b"\n")]),
+                         f"of feature {f} ({kind} example {rank})")
         llm_rows = [] if (f,) not in llm else llm[(f,)].to_dicts()
         expl = [check_record("explanation", e, f"of feature {f}")
                 for e in explanation_records(ids, n2g.get(f), llm_rows, shard.llm_explainer)]
-        yield feature, acts, expl
+        yield feature, acts.lines if acts else b"", expl
 
 
-_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode  # json.dumps(r, ...), built once
 # gzip level 1: on the demo's 1.2 GB of JSON lines 3.5x less CPU than level 5 (~9 s instead of ~32 s)
 # for 14% more bytes (~285 MB instead of 249 MB); the JSON lines are the same at every level
 GZIP_LEVEL = 1
 
 
-def _jsonl_gz(records: list[dict]) -> bytes:
-    """The records as gzipped JSON lines (non-ASCII kept, no NaN), the same bytes at every run (mtime 0)."""
-    lines = "".join([f"{_ENCODE(r)}\n" for r in records])
-    return gzip.compress(lines.encode(), compresslevel=GZIP_LEVEL, mtime=0)
+_POLARS_TYPES = {"str": pl.String, "datetime": pl.String, "int": pl.Int64, "float": pl.Float64, "bool": pl.Boolean}
+
+
+@cache
+def _polars_type(type_name: str) -> pl.DataType:
+    """The polars dtype of a ``neuronpedia_fields.json`` type: ``list[float]`` is List(Float64)."""
+    return pl.List(_polars_type(type_name[5:-1])) if type_name.startswith("list[") else _POLARS_TYPES[type_name]
+
+
+def _jsonl(kind: str, records: list[dict]) -> bytes:
+    """``kind`` records (``check_record``-ed: finite floats; each with the fields of the first, in its
+    order) as JSON lines (UTF-8, non-ASCII kept), encoded by polars as ``activation_lines`` are, each
+    field of its declared type: Python's json spent ~1.2 s on a demo shard's 4,096 Feature records
+    (their decoder rows: 2.4 million floats), polars ~0.5 s."""
+    if not records:
+        return b""
+    names = records[0].keys()
+    if any(r.keys() != names for r in records):  # a frame would drop the fields the first lacks, null the others
+        raise ValueError(f"{kind} records with different fields: each must have the fields of the first")
+    _, _, fields = _record_rules(kind)
+    frame = pl.DataFrame(records, schema={name: _polars_type(fields[name][0]) for name in records[0]})
+    return frame.select(pl.struct(pl.all()).struct.json_encode().str.join("\n")).item().encode() + b"\n"
+
+
+def _gz(data: bytes) -> bytes:
+    """``data`` gzipped, the same bytes at every run (mtime 0)."""
+    return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
 
 
 def write_export(store, sae_name: str, ids: ExportIds, shards: Iterable[ShardTables], *, hook_name: str,
@@ -511,9 +571,12 @@ def write_export(store, sae_name: str, ids: ExportIds, shards: Iterable[ShardTab
                              description=f"sae-platform SAE {sae_name} at {hook_name}")
     counts = {"features": 0, "activations": 0, "explanations": 0, "batches": 0, "bytes": 0}
     source = neuronpedia_source_dir(ids.model_id, ids.source_id)
+    # gzip and the writes of a batch run on a thread (zlib and the file system release the GIL) while the
+    # next batch's records are built (about a third of the time); one batch in flight, its errors raised
     with store.writing(neuronpedia_name(sae_name), model_id=ids.model_id, source_id=ids.source_id,
-                       inputs=inputs or {}, **pin) as version:
+                       inputs=inputs or {}, **pin) as version, ThreadPoolExecutor(1) as writer:
         base = f"{version}/{source}"
+        in_flight: list[Future] = []
 
         def write(path: str, data: bytes) -> None:
             store.write_bytes_atomic(f"{base}/{path}", data)
@@ -523,29 +586,41 @@ def write_export(store, sae_name: str, ids: ExportIds, shards: Iterable[ShardTab
             write(f"{kind}.jsonl", (json.dumps(check_record(kind, record)) + "\n").encode())
         for name, data in (saelens or {}).items():
             write(f"{NEURONPEDIA_SAELENS}/{name}", data)
-        batch: dict[str, list[dict]] = {k: [] for k in ("features", "activations", "explanations")}
+        # features and explanations: records; activations: each feature's JSON lines (activation_lines)
+        batch: dict[str, list] = {k: [] for k in RECORD_KIND}
+
+        def settle():
+            """Wait for the batch in flight (its bytes counted), raising what its writing raised."""
+            while in_flight:
+                in_flight.pop().result()
 
         def flush():
+            files = {}
             for kind, records in batch.items():
-                write(neuronpedia_batch_file(kind, counts["batches"]), _jsonl_gz(records))
-                counts[kind] += len(records)
+                lines = b"".join(records) if kind == "activations" else _jsonl(RECORD_KIND[kind], records)
+                files[neuronpedia_batch_file(kind, counts["batches"])] = lines
+                counts[kind] += lines.count(b"\n")
                 records.clear()
             counts["batches"] += 1
+            settle()
+            in_flight.append(writer.submit(lambda: [write(path, _gz(data)) for path, data in files.items()]))
 
         for number, shard in enumerate(shards):
             shard_started, bytes_before = time.perf_counter(), counts["bytes"]
             for feature, acts, expl in shard_records(ids, shard, hook_name=hook_name, W_dec=W_dec):
                 batch["features"].append(feature)
-                batch["activations"].extend(acts)
+                batch["activations"].append(acts)
                 batch["explanations"].extend(expl)
                 if len(batch["features"]) == FEATURES_PER_BATCH:
                     flush()
+            settle()
             if log:
                 seconds, written = time.perf_counter() - shard_started, counts["bytes"] - bytes_before
                 log(f"shard {number}, {_feature_range(shard.stats)}: {shard.contexts.height:,} example windows, "
                     f"{written / 1e6:.1f} MB written, {seconds:.1f} s")
         if batch["features"] or not counts["batches"]:
             flush()
+        settle()
     return {**counts, "seconds": round(time.perf_counter() - started, 1), "source": source,
             "saelens_weights": saelens is not None, "path": store.resolve(neuronpedia_name(sae_name))}
 
@@ -565,12 +640,13 @@ def read_export(store, sae_name: str) -> dict[str, list[dict]]:
     pointer = store.pointer(neuronpedia_name(sae_name))
     base = f"{path}/{neuronpedia_source_dir(pointer['model_id'], pointer['source_id'])}"
     out = {kind: [json.loads(store.fs.cat_file(f"{base}/{kind}.jsonl"))] for kind in SINGLE_RECORDS}
-    for kind in ("features", "activations", "explanations"):
+    for kind in RECORD_KIND:
         out[kind] = []
         n = 0
         while store.fs.exists(f"{base}/{neuronpedia_batch_file(kind, n)}"):
             text = gzip.decompress(store.fs.cat_file(f"{base}/{neuronpedia_batch_file(kind, n)}")).decode()
-            out[kind].extend(json.loads(line) for line in text.splitlines())
+            # split at "\n" only: splitlines() also splits at a U+2028 or U+0085 a token string may hold
+            out[kind].extend(json.loads(line) for line in text.split("\n") if line)
             n += 1
     return out
 

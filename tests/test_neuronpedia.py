@@ -120,9 +120,11 @@ def test_every_record_matches_neuronpedias_definitions_and_the_tables(store):
     assert sum(t == npd.N2G_TYPE for t, _ in types) == sum(1 for f in range(N_FEATURES) if f % 3)
 
 
-# sha256 of every file of the fixture's export (batch files decompressed: the gzip level may change, the
-# JSON lines may not), 16 features a batch so batch 1 spans the two shards; as the record-by-record
-# export wrote them before it was vectorized (main at 573db9b)
+# sha256 of every file of the fixture's export (batch files decompressed: the gzip level may change; JSON
+# lines in their ``canonical`` form: the encoder's spacing and float spelling may change, the records'
+# values and field order may not), 16 features a batch so batch 1 spans the two shards; as the
+# record-by-record export wrote them before it was vectorized (main at 573db9b; pinned at 8b1c697 from
+# the raw bytes, which were their canonical form)
 PINNED_EXPORT = {
     "activations/batch-0.jsonl.gz": "9ef1d47c117073fe", "activations/batch-1.jsonl.gz": "7559c024802fe437",
     "activations/batch-2.jsonl.gz": "5ad025a05da11fc7", "explanations/batch-0.jsonl.gz": "f67c701aaa8e48e1",
@@ -148,18 +150,130 @@ def awkward_shards() -> list[npd.ShardTables]:
     return shards
 
 
+def canonical(data: bytes) -> bytes:
+    """JSON lines as the record-by-record export spelled them: each record parsed and written again by
+    json.dumps (keys in written order, ", " and ": ", Python's float spelling), so the digests pin the
+    records' values, not how an encoder spaces them or writes a float (polars: 1e-7, Python: 1e-07)."""
+    lines = data.decode().split("\n")  # not splitlines: a token may hold a U+2028, written as is
+    assert lines[-1] == "", "the last line ends in a newline"
+    return "".join(json.dumps(json.loads(line), ensure_ascii=False) + "\n" for line in lines[:-1]).encode()
+
+
 def exported_digests(store) -> dict[str, str]:
     summary = export(store, awkward_shards())
     base = Path(summary["path"]) / summary["source"]
-    return {str(p.relative_to(base)): hashlib.sha256(gzip.decompress(p.read_bytes()) if p.suffix == ".gz"
-                                                     else p.read_bytes()).hexdigest()[:16]
-            for p in sorted(base.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(base)): hashlib.sha256(
+        canonical(gzip.decompress(p.read_bytes())) if p.suffix == ".gz"
+        else canonical(p.read_bytes()) if p.suffix == ".jsonl" else p.read_bytes()).hexdigest()[:16]
+        for p in sorted(base.rglob("*")) if p.is_file()}
 
 
 def test_the_export_writes_exactly_the_records_it_wrote_before(store, monkeypatch):
     """Same records, same fields, same float spelling, same order, batch by batch."""
     monkeypatch.setattr(npd, "FEATURES_PER_BATCH", 16)
     assert exported_digests(store) == PINNED_EXPORT
+
+
+def python_activation(ids: npd.ExportIds, w: dict, vmax: float, n_intervals: int) -> dict:
+    """The Activation record of an ``export_windows`` row as the record-by-record export built it (main
+    at 9201e36, before activation_lines): the reference the columnar records must equal, value for value."""
+    values = w["acts"]
+    top = values.index(max(values))  # Python's max and min: the first of equal values, -0.0 == 0.0
+    width = float(vmax) / n_intervals
+    low, high, share = ((w["interval"] * width, (w["interval"] + 1) * width, None) if w["kind"] == "interval"
+                        else (0.0, float(vmax), 1.0) if w["kind"] == "random" else (None, None, None))
+    return {"id": npd.record_id(ids.model_id, ids.source_id, w["feature"], w["kind"], w["interval"], w["rank"]),
+            "tokens": w["token_strs"], "index": str(w["feature"]), "layer": ids.source_id, "modelId": ids.model_id,
+            "maxValue": values[top], "maxValueTokenIndex": top, "minValue": min(values), "values": values,
+            "creatorId": npd.CREATOR_ID, "dataSource": w["partition"], "dataIndex": str(w["row"]),
+            "createdAt": ids.created_at, "binMin": low, "binMax": high, "binContains": share,
+            "qualifyingTokenIndex": int(w["center"])}
+
+
+def test_activation_records_take_the_first_maximum_and_minimum_as_python_does():
+    """maxValue / maxValueTokenIndex: the first maximum (``values.index(max(values))``), minValue: the first
+    minimum (``min``), zeros of either sign being equal, as Python compares them (polars' own list.max
+    / list.min may answer 0.0 for a window whose first zero is -0.0); and every other field as the
+    record-by-record export wrote it, the floats of binMin / binMax included."""
+    shard = small_shards()[0]
+    rng = np.random.default_rng(3)
+    pool = np.array([-0.0, 0.0, 0.0, -0.0, 1.5, 1.5, -1.5, -1.5, 0.25, 1e-07])
+    n = shard.contexts.height
+    acts = rng.choice(pool, size=(n, 6))
+    acts[:6] = [[-0.0, 0.0, 0.0, -0.0, 0.0, -0.0], [0.0, -0.0, -0.0, 0.0, -0.0, 0.0], [-0.0] * 6,
+                [-1.5, -0.0, 0.0, -1.5, 0.0, -0.0], [1.5, 0.25, 1.5, -0.0, 0.0, -0.0],
+                [-0.0, -1.5, 0.0, -1.5, 0.0, 1e-07]]
+    contexts = shard.contexts.with_columns(pl.Series("acts", acts, pl.Array(pl.Float64, 6)).arr.to_list()
+                                           .cast(pl.List(pl.Float32)))
+    ids = npd.export_ids("/models/m", "sae", 1, created_at="2026-01-01T00:00:00")
+    windows = npd.check_windows(npd.export_windows(contexts))
+    lines = npd.activation_lines(ids, windows, shard.stats, shard.n_intervals)
+    written = [json.loads(line) for f in sorted(lines) for line in lines[f].lines.decode().split("\n")[:-1]]
+    vmax = dict(shard.stats.select("feature", "max").iter_rows())
+    expected = [python_activation(ids, w, vmax[w["feature"]], shard.n_intervals) for w in windows.iter_rows(named=True)
+                if w["feature"] in vmax]
+    assert len(written) == len(expected) == n
+    # json.dumps tells -0.0 from 0.0 and lists the fields in order
+    assert [json.dumps(r) for r in written] == [json.dumps(r) for r in expected]
+    tied = [r for r in written if r["maxValue"] == 0.0]
+    assert {math.copysign(1, r["maxValue"]) for r in tied} == {1.0, -1.0}
+    assert {math.copysign(1, r["minValue"]) for r in written if r["minValue"] == 0.0} == {1.0, -1.0}
+    first = windows.group_by("feature", maintain_order=True).first().select("feature", "kind", "rank")
+    assert {f: lines[f].first for f in lines} == {f: (k, r) for f, k, r in first.rows()}
+
+
+def test_feature_and_explanation_lines_hold_the_values_pythons_json_wrote(store):
+    """Feature and Explanation batches are encoded by polars with the declared types: the same values
+    as json.dumps wrote (a float stays a float, -0.0 keeps its sign, strings as they are), field order kept."""
+    export(store)
+    records = npd.read_export(store, "sae")
+    awkward = {"vector": [-0.0, 0.0, 1e-07, 5e-324, 1e16, 1.7976931348623157e308, -2.5e-10, 100.0],
+               "pos_str": ["\u2028", '"q"', "\\", "日本", "\x00\n"], "vectorLabel": "é"}
+    features = [{**records["features"][0], **awkward}, *records["features"][1:]]
+    for kind, written in (("feature", features), ("explanation", records["explanations"])):
+        lines = npd._jsonl(kind, written).decode().split("\n")
+        assert lines[-1] == ""
+        assert [json.dumps(json.loads(line)) for line in lines[:-1]] == [json.dumps(r) for r in written]
+    with pytest.raises(ValueError, match="feature records with different fields"):
+        npd._jsonl("feature", [features[0], {k: v for k, v in features[1].items() if k != "vectorLabel"}])
+
+
+def test_the_export_is_the_same_bytes_at_every_run(tmp_path, monkeypatch):
+    """Every file, the gzipped batches too, is byte for byte the same at every export of the same tables:
+    the windows grouped per feature keep their order, gzip writes no time."""
+    from sae_platform.storage import ArtifactStore
+
+    monkeypatch.setattr(npd, "FEATURES_PER_BATCH", 16)
+    runs = []
+    for run in range(3):
+        summary = export(ArtifactStore(str(tmp_path / f"run-{run}")), awkward_shards())
+        base = Path(summary["path"]) / summary["source"]
+        runs.append({str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()})
+    assert sorted(runs[0]) == sorted(PINNED_EXPORT) and runs[0] == runs[1] == runs[2]
+
+
+def test_a_batch_that_fails_to_be_written_fails_the_export_and_commits_nothing(store, monkeypatch):
+    """Batches are gzipped and written on a thread while the next one is built: what that raises is
+    raised by write_export, and nothing is committed."""
+    monkeypatch.setattr(npd, "FEATURES_PER_BATCH", 16)
+    write = store.write_bytes_atomic
+
+    def failing(path, data):
+        if path.endswith("activations/batch-1.jsonl.gz"):
+            raise OSError("disk full")
+        write(path, data)
+
+    monkeypatch.setattr(store, "write_bytes_atomic", failing)
+    with pytest.raises(OSError, match="disk full"):
+        export(store)
+    assert store.resolve(neuronpedia_name("sae")) is None
+
+
+def test_read_export_keeps_tokens_with_line_separators(store):
+    """A token string may hold U+2028 (written as is, valid JSON): the export is read a line per newline."""
+    export(store, awkward_shards())
+    tokens = [t for a in npd.read_export(store, "sae")["activations"] for t in a["tokens"]]
+    assert "\u2028" in tokens and "日本" in tokens and '"q"' in tokens
 
 
 def test_the_export_reports_each_shard_and_its_bytes_and_seconds(store):
