@@ -93,7 +93,9 @@ def synthetic_shards(n_features: int = 16384, shard_size: int = 4096, *, n_top: 
         feats = np.arange(start, stop)
         nf = feats.size
         fmax = rng.gamma(2.0, 2.0, nf).astype(np.float32) + 0.1
-        density = 10 ** rng.uniform(-6, -1, nf)
+        # libm's pow per value, not numpy's: numpy's AVX-512 power rounds some values 1 ulp apart from
+        # its other paths, and the same seed must give the same tables on every CPU (pinned in tests)
+        density = np.array([10.0 ** float(u) for u in rng.uniform(-6, -1, nf)])
         n_tok = 10_000_000
         count = (density * n_tok).astype(np.int64)
         dead = rng.random(nf) < 0.02
