@@ -35,7 +35,9 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     Where bf16 is native (see (f)), two more lines: each side as it trains by default on this device
     (``..._defaults``: ours picking in bf16, the peer in float32, as neither peer autocasts its SAE step
     on a CPU), and, for sparsify, both in bf16 (``..._bf16``: its forward under bf16 autocast, as
-    ``SparseCoder.forward`` runs on CUDA).
+    ``SparseCoder.forward`` runs on CUDA). Each peer line also carries ``ceiling_ratio``: the peer's step
+    over the bare floor of any exact TopK step in the same precision (the dense encoder matmul and the
+    top-k selection, ``make_floor``, timed in the same rounds), the most any implementation could reach.
 (f) **Picking in bf16** (the trainer's default where the device multiplies bf16 natively:
     ``training.config.selection_precision: auto``): the same sparse TopK step with the dense
     pre-activations it picks from computed in bf16 and the picked values recomputed in float32,
@@ -236,6 +238,17 @@ def make_matmuls(batch, d, n, device):
     forward = lambda: torch.addmm(b, x, w.t(), out=pre_out)  # noqa: E731
     weight_grad = lambda: torch.mm(grad_pre.t(), x, out=grad_w_out)  # noqa: E731
     return forward, weight_grad
+
+
+def make_floor(batch, d, n, k, device, dtype):
+    """What every exact TopK step must do, bare: the dense encoder matmul and the top-k selection over its
+    [batch, n_latents] output, in ``dtype``. A peer's step time over this one's bounds the ratio any
+    exact TopK step could reach against it (``ceiling_ratio`` in the peer lines)."""
+    x, w = torch.randn(batch, d, device=device, dtype=dtype), torch.randn(n, d, device=device, dtype=dtype)
+    b, pre = torch.zeros(n, device=device, dtype=dtype), torch.empty(batch, n, device=device, dtype=dtype)
+    vals, idx = torch.empty(batch, k, device=device, dtype=dtype), torch.empty(batch, k, dtype=torch.long,
+                                                                                device=device)
+    return lambda: torch.topk(torch.addmm(b, x, w.t(), out=pre), k, dim=1, sorted=False, out=(vals, idx))
 
 
 def timed(fn, device) -> float:
@@ -461,6 +474,9 @@ def run(args, folder: Path, peers: dict) -> int:
             steps["sparsify_topk_bf16"] = peer_step(peer, "topk_bf16")
     mm_forward, mm_weight_grad = make_matmuls(batch, d, n, device)
     steps["matmul_forward"], steps["matmul_weight_grad"] = mm_forward, mm_weight_grad
+    steps["matmul_floor_float32"] = make_floor(batch, d, n, k, device, torch.float32)
+    if low is not None:
+        steps["matmul_floor_bf16"] = make_floor(batch, d, n, k, device, low)
 
     runs = {name: [] for name in steps}
     if args.quick:  # warm-up at 1/8 of the batch: the one-time costs (thread pools, lazy init, Adam state)
@@ -508,7 +524,11 @@ def run(args, folder: Path, peers: dict) -> int:
               + (f"; each at its default precision here (ours picking in bf16): "
                  f"{tps['topk_bf16_picks'] / tps[f'{slug}_topk']:.2f}x" if low is not None else "")
               + (f"; both in bf16 (its forward under bf16 autocast): "
-                 f"{tps['topk_bf16_picks'] / tps[f'{slug}_topk_bf16']:.2f}x" if f"{slug}_topk_bf16" in tps else ""))
+                 f"{tps['topk_bf16_picks'] / tps[f'{slug}_topk_bf16']:.2f}x" if f"{slug}_topk_bf16" in tps else "")
+              + f"; the most any exact TopK step could reach (its step / bare matmul + top-k): "
+                f"{med[f'{slug}_topk'] / med['matmul_floor_float32']:.2f}x in float32"
+              + (f", {med[f'{slug}_topk_bf16'] / med['matmul_floor_bf16']:.2f}x in bf16"
+                 if f"{slug}_topk_bf16" in tps else ""))
     if low is not None:
         print(f"(f) picking in bf16 vs float32: {tps['topk_bf16_picks'] / tps['topk_sparse']:.2f}x "
               f"(goal >= {GOAL_BF16_PICKS})")
@@ -523,6 +543,12 @@ def run(args, folder: Path, peers: dict) -> int:
               "threads": torch.get_num_threads(), "rounds": args.rounds, "quick": args.quick,
               "wall_s": round(wall_s, 1), "load_before": load_before, "load_after": load_after}
     ms = lambda name: [round(t * 1e3, 1) for t in runs[name]]  # noqa: E731
+
+    def ceiling(peer_side: str, floor: str) -> dict:
+        """The peer's step over the bare floor of an exact TopK step in the same precision (make_floor)."""
+        return {"ceiling_ratio": med[peer_side] / med[floor], "floor_ms": round(med[floor] * 1e3, 1),
+                "ceiling_is": "the peer's step time over the bare dense encoder matmul + top-k selection in the same "
+                              "precision, same rounds: the highest ratio any exact TopK step could reach"}
     lines = [
         {"metric": "topk_train_tokens_per_s", "value": tps["topk_sparse"], "baseline": tps["topk_dense_ref"],
          "ratio": tps["topk_sparse"] / tps["topk_dense_ref"], "goal": GOAL_SPARSE_VS_DENSE, "unit": "tokens/s",
@@ -559,6 +585,7 @@ def run(args, folder: Path, peers: dict) -> int:
              "baseline": tps[f"{slug}_topk"], "ratio": tps["topk_sparse"] / tps[f"{slug}_topk"],
              "goal": goal, "unit": "tokens/s", "dead_latents": 0,
              "baseline_is": f"{peer.package} {peer.version} {PEER_STEP_IS[name]}, in its own venv",
+             **ceiling(f"{slug}_topk", "matmul_floor_float32"),
              "ours_runs_ms": ms("topk_sparse"), f"{slug}_runs_ms": ms(f"{slug}_topk"), **common},
             {"metric": f"topk_train_tokens_per_s_vs_{slug}_auxk", "value": tps["topk_sparse_auxk"], **peer.label,
              "baseline": tps[f"{slug}_topk_auxk"], "ratio": tps["topk_sparse_auxk"] / tps[f"{slug}_topk_auxk"],
@@ -584,6 +611,7 @@ def run(args, folder: Path, peers: dict) -> int:
                 "value_is": "our step picking in bf16 (the trainer's default on this device)",
                 "baseline_is": f"{peer.package} {peer.version} {PEER_STEP_IS[name]}, in its own venv, its forward "
                                "under bf16 autocast on this CPU, as SparseCoder.forward runs on CUDA",
+                **ceiling(f"{slug}_topk_bf16", "matmul_floor_bf16"),
                 "ours_runs_ms": ms("topk_bf16_picks"), f"{slug}_runs_ms": ms(f"{slug}_topk_bf16"), **common})
     if peers:
         started = time.perf_counter()
