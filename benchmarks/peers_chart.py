@@ -29,7 +29,8 @@ DEFAULT_OUT = REPO / "docs" / "peers.png"
 
 
 def peer_lines(paths: list[Path]) -> list[dict]:
-    """Every JSON object line with a ``peer`` field, in file order (a later line for the same metric and peer wins)."""
+    """Every JSON object line comparing ours with a peer (``peer``, ``value`` and ``baseline`` fields), in file
+    order (a later line for the same metric and peer wins); lines of one side only (lr_sweep.py's) are left out."""
     found = {}
     for path in paths:
         for text in path.read_text().splitlines():
@@ -40,7 +41,7 @@ def peer_lines(paths: list[Path]) -> list[dict]:
                 line = json.loads(text)
             except json.JSONDecodeError:
                 continue
-            if isinstance(line, dict) and "peer" in line and "metric" in line:
+            if isinstance(line, dict) and {"peer", "metric", "value", "baseline"} <= line.keys():
                 found[(line["metric"], line["peer"])] = line
     return list(found.values())
 
