@@ -35,9 +35,11 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     Where bf16 is native (see (f)), two more lines: each side as it trains by default on this device
     (``..._defaults``: ours picking in bf16, the peer in float32, as neither peer autocasts its SAE step
     on a CPU), and, for sparsify, both in bf16 (``..._bf16``: its forward under bf16 autocast, as
-    ``SparseCoder.forward`` runs on CUDA). Each peer line also carries ``ceiling_ratio``: the peer's step
-    over the bare floor of any exact TopK step in the same precision (the dense encoder matmul and the
-    top-k selection, ``make_floor``, timed in the same rounds), the most any implementation could reach.
+    ``SparseCoder.forward`` runs on CUDA). The float32 line per peer and sparsify's ``..._bf16`` line
+    (not the AuxK or ``..._defaults`` lines) also carry ``ceiling_ratio`` and ``floor_ms``: the peer's
+    step time over the floor of any exact TopK step in the same precision (the bare dense encoder matmul
+    and the top-k selection over every latent, ``make_floor``, timed in the same rounds), the most any
+    exact TopK implementation could reach against that peer.
 (f) **Picking in bf16** (the trainer's default where the device multiplies bf16 natively:
     ``training.config.selection_precision: auto``): the same sparse TopK step with the dense
     pre-activations it picks from computed in bf16 and the picked values recomputed in float32,
