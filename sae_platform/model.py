@@ -18,6 +18,7 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,9 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+_GGUF_PATCH_LOCK = threading.Lock()  # one _gguf_parsed_once block at a time: it swaps gguf's module attributes
+
+
 @contextlib.contextmanager
 def _gguf_parsed_once():
     """Within the block, each GGUF file is parsed once and gguf's tensor-name map is built once.
@@ -100,19 +104,22 @@ def _gguf_parsed_once():
     anew for every one of its ~400 tensors (~5 s): 13 of the 19 s the demo spent converting its model
     (cProfile, 2026-12-07). transformers looks both up inside its functions (``from gguf import ...``
     at call time), so cached stand-ins set on gguf's module reach it; the originals are restored on
-    exit. The readers are only read from."""
+    exit, an error's included. The readers are only read from. One block at a time (a lock): two
+    threads' blocks overlapping would restore in the wrong order and leave a cached stand-in, and the
+    memory-mapped readers it holds, on gguf's module for good."""
     import gguf
 
-    cached = {"GGUFReader": functools.cache(gguf.GGUFReader),
-              "get_tensor_name_map": functools.cache(gguf.get_tensor_name_map)}
-    originals = {name: getattr(gguf, name) for name in cached}
-    try:
-        for name, function in cached.items():
-            setattr(gguf, name, function)
-        yield
-    finally:
-        for name, function in originals.items():
-            setattr(gguf, name, function)
+    with _GGUF_PATCH_LOCK:
+        cached = {"GGUFReader": functools.cache(gguf.GGUFReader),
+                  "get_tensor_name_map": functools.cache(gguf.get_tensor_name_map)}
+        originals = {name: getattr(gguf, name) for name in cached}
+        try:
+            for name, function in cached.items():
+                setattr(gguf, name, function)
+            yield
+        finally:
+            for name, function in originals.items():
+                setattr(gguf, name, function)
 
 
 def _load_pretrained(source: str, dtype: torch.dtype = torch.float32):

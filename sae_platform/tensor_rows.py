@@ -69,12 +69,15 @@ class RowFile:
 
     def read(self, name: str, lo: int | None = None, hi: int | None = None) -> torch.Tensor:
         """Rows [lo, hi) of tensor ``name`` along its first axis (lo, hi None: the whole tensor, a
-        scalar included), as a new CPU tensor of the stored dtype holding only those bytes."""
+        scalar included), as a new CPU tensor of the stored dtype holding only those bytes. ValueError
+        for rows outside the tensor (0 <= lo <= hi <= its rows): they would be another tensor's bytes."""
         meta, shape = self.header[name], self.shape(name)
         dtype = DTYPES[meta["dtype"]]
         begin, end = (int(offset) for offset in meta["data_offsets"])
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{name} is {meta['dtype']} {shape} in bytes [{begin}, {end})")
+        if lo is not None and not (shape and 0 <= lo <= hi <= shape[0]):
+            raise ValueError(f"rows [{lo}, {hi}) are not rows of {name}, {meta['dtype']} {shape}")
         if lo is not None:
             shape = [hi - lo, *shape[1:]]
             begin += lo * math.prod(shape[1:]) * dtype.itemsize

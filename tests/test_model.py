@@ -124,3 +124,44 @@ def test_the_embedded_gguf_is_parsed_once_per_load(monkeypatch):
     assert opened == [str(embedded_gguf_path())]
     assert gguf.GGUFReader is CountingReader and not hasattr(gguf.get_tensor_name_map, "cache_info")
     assert model.config.hidden_size == 576 and tokenizer("hello").input_ids
+
+
+def test_gguf_parsed_once_restores_gguf_when_two_threads_load_at_once(monkeypatch):
+    """Two conversions in two threads (a webserver's): the second must not take the first's cached stand-ins
+    for gguf's originals, or gguf keeps a cached GGUFReader (and the memory map it holds) after both are
+    done. The blocks run one at a time (a lock), so gguf ends as it was found."""
+    import threading
+
+    import gguf
+
+    from sae_platform.model import _gguf_parsed_once
+
+    class Reader:
+        def __init__(self, path):
+            self.path = path
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    original_map = gguf.get_tensor_name_map
+    first_in, first_may_leave, second_in, second_may_leave = (threading.Event() for _ in range(4))
+
+    def first():
+        with _gguf_parsed_once():
+            first_in.set()
+            first_may_leave.wait(10)
+
+    def second():
+        first_in.wait(10)
+        with _gguf_parsed_once():
+            second_in.set()
+            second_may_leave.wait(10)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    second_in.wait(1)  # before the fix the second block entered while the first was open
+    first_may_leave.set()
+    threads[0].join(10)
+    second_may_leave.set()  # ... and left after it: it restored the first's stand-ins
+    threads[1].join(10)
+    assert gguf.GGUFReader is Reader and gguf.get_tensor_name_map is original_map
+
