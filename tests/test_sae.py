@@ -151,6 +151,19 @@ def test_sparse_kernels_match_dense_algebra(device):
     torch.testing.assert_close(torch.zeros(pattern.batch, N, device=device).scatter_add_(1, indices, values), s)
 
 
+@pytest.mark.parametrize("batch", [12, 200])  # fewer rows than the table (dots run latent by latent), and more
+@pytest.mark.parametrize("device", DEVICES)
+def test_sddmm_gives_each_entrys_dot_bit_for_bit_in_csr_order(batch, device):
+    pattern, _ = irregular_pattern(batch=batch, seed=5, device=device)
+    y, table = torch.randn(batch, D, device=device), torch.randn(N, D, device=device)
+    entry_by_entry = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        y, table, pattern.cols, pattern.offsets, pattern.rows, 0, -1)
+    assert torch.equal(sddmm(pattern, y, table), entry_by_entry)
+    torch.testing.assert_close(entry_by_entry, (y[pattern.rows] * table[pattern.cols]).sum(1), atol=1e-5, rtol=1e-5)
+    empty = Pattern.from_rows(pattern.rows[:0], pattern.cols[:0], batch, N)
+    assert sddmm(empty, y, table).shape == (0,)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_topk_forward_and_all_gradients_match_dense_reference(device):
     x = make_data(48, seed=2, scale=3.0, offset=0.5).to(device)
