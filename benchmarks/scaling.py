@@ -118,16 +118,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the stages fork: tok
 
 import torch  # noqa: E402
 
+from benchmarks.feature_tables import MMAP_THRESHOLD  # noqa: E402
 from benchmarks.scaling_stages import (  # noqa: E402
-    MMAP_THRESHOLD,
     STAGE_JOBS,
     K,
     combine,
-    fix_mmap_threshold,
     measure_caching,
 )
 from sae_platform import features as ft  # noqa: E402
 from sae_platform.catalog import N_FEATURE_SHARDS, browser_dir, features_folder  # noqa: E402
+from sae_platform.glibc_malloc import fix_mmap_threshold  # noqa: E402
 from sae_platform.model import EMBEDDED_MODEL, load_stored_tokenizer  # noqa: E402
 from sae_platform.plots import stage_scaling_png  # noqa: E402
 from sae_platform.settings import SettingsError, default_of  # noqa: E402
@@ -545,7 +545,7 @@ def measure_all(args, sizes: Sizes) -> list[dict]:
     ``--record``). Caching runs first for every batch (one model load), then the other stages
     factor by factor, then width by width."""
     import_lazy_modules(args)
-    fix_mmap_threshold()
+    fix_mmap_threshold(MMAP_THRESHOLD)  # every job forked from here inherits it
     records = []
     with tempfile.TemporaryDirectory(prefix="stage_scaling-") as folder:
         tmp = Path(folder)

@@ -12,7 +12,6 @@ the stage reads and their rows), ``shuffle`` and ``sae`` (the names it reads and
 a per-batch job adds ``batch`` and ``batch_tokens``.
 """
 
-import ctypes
 import gc
 import multiprocessing
 import os
@@ -30,7 +29,6 @@ import pyarrow
 import torch
 
 from benchmarks.cache_throughput import benchmark_text
-from benchmarks.feature_tables import MMAP_THRESHOLD
 from benchmarks.feature_tables import _reset_peak as reset_peak
 from benchmarks.feature_tables import _status as memory_status
 from sae_platform import activations, shuffle
@@ -44,6 +42,7 @@ from sae_platform.corpus import TextFile
 from sae_platform.feature_layout import layout_ranges, plan_layout
 from sae_platform.feature_merge import merge_stored_shard, read_tables, write_tables
 from sae_platform.feature_plan import FeatureShardPlan
+from sae_platform.glibc_malloc import release_free_heap
 from sae_platform.model import load_stored_model, load_stored_tokenizer
 from sae_platform.sae import build_sae
 from sae_platform.storage import ArtifactStore
@@ -93,33 +92,6 @@ def process_cpu_seconds() -> float:
     """User + system CPU seconds of this process, all its threads."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (its value: feature_tables.MMAP_THRESHOLD, as that benchmark runs)
-
-
-def fix_mmap_threshold() -> bool:
-    """glibc's mallopt(M_MMAP_THRESHOLD, ``MMAP_THRESHOLD``: 256 KiB) in this process, which every job forked from it
-    inherits (the same as MALLOC_MMAP_THRESHOLD_ in the environment): blocks above it are mapped and
-    handed back when freed, and the threshold stops adapting. Why: glibc raises it after a mapped
-    block is freed, so later large blocks stay in the heap, and a job's peak then depends on what
-    ran before it in the process (measured: identical 508-token caching jobs peaking 22.6-30.5 MiB).
-    False on other C libraries."""
-    try:
-        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
-
-
-def release_free_heap() -> bool:
-    """glibc's malloc_trim(0): hand the heap's free pages back to the kernel before the peak is reset.
-    Why: a forked stage inherits its parent's heap, free blocks included (the parent loaded and
-    dropped a tokenizer), and allocations that reuse them raise no RSS: the peak above the RSS
-    before would miss them. False on other C libraries."""
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 def _child(conn, stage, job: dict) -> None:

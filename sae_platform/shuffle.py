@@ -31,7 +31,7 @@ zarr reads on a thread pool and each thread's malloc arena keeps what it freed (
 buffers of every read), so with default malloc settings a worker's peak RSS grew by up to ~1.9x
 the budget (4-64 MiB budgets; 135 MiB above a 64 MiB budget over a 4 GB, 4-pass shuffle).
 Every job therefore first limits the process to ``MALLOC_ARENAS`` (2) malloc arenas
-(``limit_malloc_arenas``: glibc's ``mallopt(M_ARENA_MAX)``, what ``MALLOC_ARENA_MAX=2`` in the
+(``glibc_malloc.limit_arenas``: glibc's ``mallopt(M_ARENA_MAX)``, what ``MALLOC_ARENA_MAX=2`` in the
 environment does; an explicit ``MALLOC_ARENA_MAX`` is left as set): at most ~1.35x the budget,
 at no cost in speed (docs/design.md, "The shuffle"). The limit is process-wide and stays.
 
@@ -49,7 +49,6 @@ reader (``sae_platform.shuffled``) and its permutation and uniformity checks
 """
 
 import contextlib
-import ctypes
 import functools
 import hashlib
 import json
@@ -69,6 +68,7 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from sae_platform import catalog
 from sae_platform.errors import StorageError
+from sae_platform.glibc_malloc import limit_arenas
 from sae_platform.settings import SettingsError, setting, validate
 from sae_platform.shuffle_plan import ShufflePlan, final_bucket_rows, mib, plan_shuffle, require
 from sae_platform.storage import ArtifactStore
@@ -81,7 +81,6 @@ PIECE_WRITERS = 2
 ROW_ID_CHUNKS = 8  # acts chunks per row_id chunk: 8 x 8 B ids per 1.5-4 KB row, few small files
 _SCATTER, _FINAL = 1, 2  # RNG stream tags: scatter and final draws never share a stream
 MALLOC_ARENAS = 2  # glibc malloc arenas a shuffle worker keeps (see the module docstring, "Memory")
-_M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 @dataclass(frozen=True)
@@ -226,29 +225,6 @@ def _open_acts(store: ArtifactStore, key: str, version: str, group: str = catalo
     return store.open_checked_group(catalog.partition_name(key), version, group, what)["acts"]
 
 
-# -- memory -------------------------------------------------------------------------------------
-
-_arenas_limited = False
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Limit this process to ``arenas`` glibc malloc arenas (``mallopt(M_ARENA_MAX)``), so the
-    buffers zarr's reader threads free are reused rather than kept per thread. Once per process;
-    it applies to arenas created from then on (glibc latches the limit when it first needs it),
-    and a ``MALLOC_ARENA_MAX`` already in the environment wins. Returns True if the limit was set
-    here; False on other C libraries (musl, macOS: no per-thread arenas to tame) or when the
-    environment set it."""
-    global _arenas_limited
-    if _arenas_limited or "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    _arenas_limited = True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(ctypes.c_int(_M_ARENA_MAX), ctypes.c_int(arenas)))
-
-
 # -- scatter passes -----------------------------------------------------------------------------
 
 
@@ -259,7 +235,7 @@ def scatter_job(store: ArtifactStore, name: str, pass_index: int, job_index: int
     Files hold rows in arrival order: the final in-memory shuffle makes any within-file order
     irrelevant, so shuffling here would be wasted work.
     """
-    limit_malloc_arenas()
+    limit_arenas(MALLOC_ARENAS)
     run = load_run(store, name)
     plan = run.plan
     require(1 <= pass_index < plan.n_passes,
@@ -518,7 +494,7 @@ def finalize_bucket(store: ArtifactStore, name: str, bucket: int) -> dict:
     gathers its rows into a chunk buffer that is written at once, so the gathering of one chunk
     overlaps the writing of another (``_write_piece``) and the bucket is held once.
     """
-    limit_malloc_arenas()
+    limit_arenas(MALLOC_ARENAS)
     run = load_run(store, name)
     plan = run.plan
     _check_index("bucket", bucket, plan.n_final_buckets)

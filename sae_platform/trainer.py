@@ -82,6 +82,7 @@ from sae_platform.distributed import (
     summed_over_ranks,
 )
 from sae_platform.errors import PlatformError, StorageError
+from sae_platform.glibc_malloc import freed_blocks_reused
 from sae_platform.heldout import HeldoutRows, batch_rows, tail, training_heldout
 from sae_platform.latent_parallel import (
     LatentShardedSAE,
@@ -686,45 +687,47 @@ def train_sae(store: ArtifactStore, shuffle_name: str, sae_name: str, settings: 
     every = max(1, settings.checkpoint_every_tokens // settings.batch_size)
     schedule = batch_schedule(n_train, settings.batch_size, state.step, n_steps)
     replica = (layout.data_rank, layout.data_parallel)  # this replica's part of each batch (its latent ranks' too)
-    for x, ids, start in prefetch(shuffled, schedule, device, exclude=exclude, wrap=n_train, part=replica):
-        _check_finite(x, ids, start, state.step, store, sae_name)
-        dead = state.tokens_since_fired >= settings.dead_after_tokens
-        target = x if d_in is None else x[:, d_in:]
-        out = sae(x, dead_mask=dead, target=None if d_in is None else target)
-        loss, terms = sae.loss(target, out)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the loss became {loss.item()} at step {state.step} ({state.tokens:,} tokens)",
-                                f"lower lr; {_committed_note(store, sae_name)}")
-        loss.backward()
-        if layout.data_parallel > 1:
-            average_gradients(sae.parameters(), layout.data_group)
-        sae.remove_parallel_grad_()
-        set_lr(optimizer, initial_lrs, settings.lr_factor(state.step, n_steps))
-        optimizer.step()
-        # freed now, not before the next backward: the forward pass and a checkpoint's write never hold
-        # the gradients (a 2^20-latent shard's are 2.25 GiB; docs/results.md, the 2^20 run)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            sae.normalize_decoder_()
-        state.step += 1
-        state.tokens += settings.batch_size
-        state.tokens_since_fired += settings.batch_size
-        fired = fired_on_any_rank(out.fired, layout.data_group) if layout.data_parallel > 1 else out.fired
-        state.tokens_since_fired[fired] = 0
-        if state.step % settings.log_every_steps == 0 or state.step == n_steps:
-            row = _metrics_row(state, loss, terms, out, target, _counted_figures(sae, out, dead, layout), started,
-                               resumed_from, settings)
-            if world > 1:
-                row = mean_over_ranks(row, same_everywhere=("l0", "dead_fraction"))
-            state.history.append(row)
-            if on_metrics:  # with the run's own step count: a resumed continuation goes past settings'
-                on_metrics({**row, "n_steps": n_steps})
-            if rank == 0 and not warned and (warning := sae.training_warning(row["l0"])):
-                log(f"warning: {warning}")
-                warned = True  # once per run: the log stays readable
-        if state.step % every == 0 and state.step < n_steps and (rank == 0 or layout.latent_parallel > 1):
-            save_checkpoint(store, sae_name, sae, optimizer, state, settings, shuffled, final=False)
-            log(f"checkpoint at step {state.step} ({state.tokens:,} tokens)")
+    batches = prefetch(shuffled, schedule, device, exclude=exclude, wrap=n_train, part=replica)
+    with freed_blocks_reused():  # each step's gradients are faulted in afresh otherwise (glibc_malloc)
+        for x, ids, start in batches:
+            _check_finite(x, ids, start, state.step, store, sae_name)
+            dead = state.tokens_since_fired >= settings.dead_after_tokens
+            target = x if d_in is None else x[:, d_in:]
+            out = sae(x, dead_mask=dead, target=None if d_in is None else target)
+            loss, terms = sae.loss(target, out)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the loss became {loss.item()} at step {state.step} ({state.tokens:,} tokens)",
+                                    f"lower lr; {_committed_note(store, sae_name)}")
+            loss.backward()
+            if layout.data_parallel > 1:
+                average_gradients(sae.parameters(), layout.data_group)
+            sae.remove_parallel_grad_()
+            set_lr(optimizer, initial_lrs, settings.lr_factor(state.step, n_steps))
+            optimizer.step()
+            # freed now, not before the next backward: the forward pass and a checkpoint's write never hold
+            # the gradients (a 2^20-latent shard's are 2.25 GiB; docs/results.md, the 2^20 run)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                sae.normalize_decoder_()
+            state.step += 1
+            state.tokens += settings.batch_size
+            state.tokens_since_fired += settings.batch_size
+            fired = fired_on_any_rank(out.fired, layout.data_group) if layout.data_parallel > 1 else out.fired
+            state.tokens_since_fired[fired] = 0
+            if state.step % settings.log_every_steps == 0 or state.step == n_steps:
+                row = _metrics_row(state, loss, terms, out, target, _counted_figures(sae, out, dead, layout), started,
+                                   resumed_from, settings)
+                if world > 1:
+                    row = mean_over_ranks(row, same_everywhere=("l0", "dead_fraction"))
+                state.history.append(row)
+                if on_metrics:  # with the run's own step count: a resumed continuation goes past settings'
+                    on_metrics({**row, "n_steps": n_steps})
+                if rank == 0 and not warned and (warning := sae.training_warning(row["l0"])):
+                    log(f"warning: {warning}")
+                    warned = True  # once per run: the log stays readable
+            if state.step % every == 0 and state.step < n_steps and (rank == 0 or layout.latent_parallel > 1):
+                save_checkpoint(store, sae_name, sae, optimizer, state, settings, shuffled, final=False)
+                log(f"checkpoint at step {state.step} ({state.tokens:,} tokens)")
     if rank == 0 or layout.latent_parallel > 1:  # a sharded checkpoint: every rank takes part
         save_checkpoint(store, sae_name, sae, optimizer, state, settings, shuffled, final=True)
     barrier()

@@ -1,0 +1,89 @@
+"""glibc_malloc: each setting is made once, changes what it claims (page faults counted by the kernel),
+and leaves an operator's environment setting alone. Each case runs in a fresh interpreter: the settings
+are process-wide."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GLIBC = platform.libc_ver()[0] == "glibc"
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+BARE = {k: v for k, v in os.environ.items()
+        if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+
+def run(script: str, env: dict | None = None):
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env or BARE, check=True,
+                         capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_arena_limit_is_set_once_per_process_unless_the_environment_did():
+    script = """
+        import json
+        from sae_platform import glibc_malloc
+        print(json.dumps([glibc_malloc.limit_arenas(2), glibc_malloc.limit_arenas(2)]))
+    """
+    assert run(script) == ([True, False] if GLIBC else [False, False])
+    assert run(script, {**BARE, "MALLOC_ARENA_MAX": "4"}) == [False, False]  # the operator's setting wins
+
+
+# Page faults per round of allocating and filling two 48 MB tensors (torch's allocator asks for no huge
+# pages; above glibc's largest adaptive mmap threshold, 32 MiB, so by default each is mapped afresh: ~23,400
+# faults a round).
+FAULTS = """
+    import json, resource
+    import torch
+    from sae_platform import glibc_malloc
+
+    def one_round():  # as a training step: a big tensor, another computed from it, both freed
+        a = torch.full((12_000_000,), 1.0)
+        return float((a * 2)[-1])
+
+    def faults_per_round(rounds=8):
+        for _ in range(2):  # the first rounds may fault in any setting
+            one_round()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(rounds):
+            one_round()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / rounds
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
+def test_freed_blocks_are_reused_within_and_handed_back_after():
+    got = run(FAULTS + """
+    outside = faults_per_round()
+    with glibc_malloc.freed_blocks_reused() as reused:
+        with glibc_malloc.freed_blocks_reused() as nested:
+            pass
+        faults_per_round()  # the heap settles into the blocks the rounds need
+        within = faults_per_round()  # after a nested block was left: still on
+    after = faults_per_round()
+    print(json.dumps(dict(reused=reused, nested=nested, outside=outside, within=within, after=after)))
+    """)
+    assert got["reused"] and got["nested"], got
+    assert got["outside"] > 20_000, got  # mapped afresh each round
+    assert got["after"] > 5_000, got  # the free heap went back to the kernel
+    assert got["within"] < 500, got  # the freed block serves the next round
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
+@pytest.mark.parametrize("env", [{"MALLOC_MMAP_THRESHOLD_": "262144"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}, None])
+def test_an_environment_or_fixed_threshold_wins_over_freed_blocks_reused(env):
+    got = run(FAULTS + f"""
+    if {env is None}:
+        glibc_malloc.fix_mmap_threshold(256 << 10)  # what the memory benchmarks do
+    with glibc_malloc.freed_blocks_reused() as reused:
+        within = faults_per_round()
+    print(json.dumps(dict(reused=reused, within=within)))
+    """, {**BARE, **(env or {})})
+    assert not got["reused"] and got["within"] > 20_000, got
