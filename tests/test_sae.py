@@ -657,6 +657,30 @@ def test_low_precision_selection_keeps_the_picked_values_exact(variant, extra):
     torch.testing.assert_close(sae.encode(x).values, build_sae_like(sae).encode(x).values)
 
 
+def test_low_precision_picks_follow_w_enc_and_b_enc_as_they_change():
+    """The bf16 copy of W_enc (b_enc folded in as a column) is refreshed on every forward: a latent whose
+    bias is made the largest is picked in every row, then another one after the bias moves, and a
+    latent whose encoder row is set to a row's direction is picked in that row."""
+    x = make_data(64, seed=9)
+    sae = calibrated("topk", x)
+    sae.selection_dtype = torch.bfloat16
+    xs = sae._normalize(x)
+    for favourite in (3, 40):
+        with torch.no_grad():
+            sae.b_enc.zero_()
+            sae.b_enc[favourite] = 1e3
+        _, idx, _ = sae._scan(xs, K, None)
+        assert (idx == favourite).any(1).all(), favourite
+        other = 40 if favourite == 3 else 3
+        assert not (idx == other).any(1).all(), other  # no longer (or not yet) in every row
+    with torch.no_grad():
+        sae.b_enc.zero_()
+        idx = sae._scan(xs, K, None)[1]
+        latent = int(torch.bincount(idx.reshape(-1), minlength=N).argmin())  # picked least often
+        sae.W_enc[latent] = 10 * (xs[0] - sae.b_pre)  # now row 0's strongest latent by far
+        assert (sae._scan(xs, K, None)[1][0] == latent).any()
+
+
 def build_sae_like(sae):
     twin = build_sae(sae.variant, sae.d_model, sae.n_latents, **sae.hparams)
     twin.load_state_dict(sae.state_dict())
