@@ -89,6 +89,7 @@ import sae_platform  # noqa: E402, F401, I001 - before torch: its huge-page sett
 import torch  # noqa: E402
 from peer_venv import open_peer  # noqa: E402
 
+from sae_platform.glibc_malloc import freed_blocks_reused  # noqa: E402
 from sae_platform.lr_schedule import base_lrs, set_lr  # noqa: E402
 from sae_platform.sae import ADAM_EPS, build_sae, dense_topk_reference, lr_for  # noqa: E402
 from sae_platform.settings import read_run_config  # noqa: E402
@@ -321,31 +322,31 @@ def train_ours(train, n: int, k: int, n_steps: int, settings: TrainSettings, dev
     remove_parallel_grad_, Adam at ``settings``' lr and schedule (``TrainSettings.lr_factor``),
     normalize_decoder_; dead after ``settings.dead_after_tokens`` silent tokens; picks as the trainer
     does by default (``selection_precision: auto``)."""
-    batch = settings.batch_size
-    dead_steps = settings.dead_after_tokens // batch
     torch.manual_seed(0)
     ours = build_sae("topk", train.shape[1], n, k=k, device=device)
     ours.calibrate_(train[:CALIBRATION_ROWS])
     ours.selection_dtype = selection_dtype("auto", device)  # as the trainer picks by default
     opt = torch.optim.Adam(ours.parameters(), lr=settings.learning_rate, eps=ADAM_EPS)
     initial_lrs = base_lrs(opt)
+    batch, dead_steps = settings.batch_size, settings.dead_after_tokens // settings.batch_size
     since, seconds = torch.zeros(n, device=device), 0.0
-    for step in range(n_steps):
-        lo = (step * batch) % (len(train) - batch + 1)
-        x = train[lo:lo + batch]
-        t0 = time.perf_counter()
-        out = ours(x, dead_mask=since >= dead_steps)
-        loss, _ = ours.loss(x, out)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ours.remove_parallel_grad_()
-        set_lr(opt, initial_lrs, settings.lr_factor(step, n_steps))
-        opt.step()
-        with torch.no_grad():
-            ours.normalize_decoder_()
-        since += 1
-        since[out.fired] = 0
-        seconds += time.perf_counter() - t0
+    with freed_blocks_reused():  # as the trainer's loop
+        for step in range(n_steps):
+            lo = (step * batch) % (len(train) - batch + 1)
+            x = train[lo:lo + batch]
+            t0 = time.perf_counter()
+            out = ours(x, dead_mask=since >= dead_steps)
+            loss, _ = ours.loss(x, out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            ours.remove_parallel_grad_()
+            set_lr(opt, initial_lrs, settings.lr_factor(step, n_steps))
+            opt.step()
+            with torch.no_grad():
+                ours.normalize_decoder_()
+            since += 1
+            since[out.fired] = 0
+            seconds += time.perf_counter() - t0
     return ours, seconds
 
 
@@ -481,14 +482,15 @@ def run(args, folder: Path, peers: dict) -> int:
         steps["matmul_floor_bf16"] = make_floor(batch, d, n, k, device, low)
 
     runs = {name: [] for name in steps}
-    if args.quick:  # warm-up at 1/8 of the batch: the one-time costs (thread pools, lazy init, Adam state)
-        for name, step in steps.items():
-            step() if name.startswith("matmul") else step(x[:max(1, batch // 8)])
-    for round_index in range(args.rounds + (0 if args.quick else 1)):  # full: round 0 is the warm-up
-        for name, step in steps.items():
-            seconds = timed(step, device)
-            if round_index or args.quick:
-                runs[name].append(seconds)
+    with freed_blocks_reused() as reused:  # in this process, as the trainer's loop runs (the peers: their own)
+        if args.quick:  # warm-up at 1/8 of the batch: the one-time costs (thread pools, lazy init, Adam state)
+            for name, step in steps.items():
+                step() if name.startswith("matmul") else step(x[:max(1, batch // 8)])
+        for round_index in range(args.rounds + (0 if args.quick else 1)):  # full: round 0 is the warm-up
+            for name, step in steps.items():
+                seconds = timed(step, device)
+                if round_index or args.quick:
+                    runs[name].append(seconds)
     med = {name: statistics.median(times) for name, times in runs.items()}
     wall_s = time.perf_counter() - wall
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -543,7 +545,8 @@ def run(args, folder: Path, peers: dict) -> int:
 
     common = {"batch": batch, "d_model": d, "n_latents": n, "k": k, "device": str(device),
               "threads": torch.get_num_threads(), "rounds": args.rounds, "quick": args.quick,
-              "wall_s": round(wall_s, 1), "load_before": load_before, "load_after": load_after}
+              "wall_s": round(wall_s, 1), "load_before": load_before, "load_after": load_after,
+              "ours_malloc": "freed blocks reused, as the trainer's loop" if reused else "glibc defaults"}
     ms = lambda name: [round(t * 1e3, 1) for t in runs[name]]  # noqa: E731
 
     def ceiling(peer_side: str, floor: str) -> dict:
