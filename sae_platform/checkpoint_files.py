@@ -36,7 +36,7 @@ from sae_platform.sharded_checkpoint import (
     open_sharded,
 )
 from sae_platform.storage import ArtifactStore
-from sae_platform.tensor_rows import DTYPES, HEADER_ERRORS, parse_header, read_into
+from sae_platform.tensor_rows import HEADER_ERRORS, dtype_of, parse_header, read_into
 
 _DAMAGED_FIX = ("the checkpoint is damaged or was tampered with: delete it (the whole sae/<sae_name> folder) and train "
                 "again")
@@ -106,7 +106,7 @@ def _stored_tensors(store: ArtifactStore, path: str, file: str, handle) -> dict[
         header, start = parse_header(handle, size)
         stored = {}
         for name, meta in header.items():
-            dtype, shape = DTYPES[meta["dtype"]], tuple(int(n) for n in meta["shape"])
+            dtype, shape = dtype_of(name, meta), tuple(int(n) for n in meta["shape"])
             begin, end = (int(offset) for offset in meta["data_offsets"])
             if min(shape, default=0) < 0 or begin < 0 or end - begin != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"{name} is {meta['dtype']} {list(shape)} in bytes [{begin}, {end})")
