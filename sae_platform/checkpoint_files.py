@@ -7,7 +7,11 @@ and JSON; no pickle is ever loaded. Checkpoints of earlier versions hold ``optim
 ``trainer_state.pt``: those are read with ``torch.load(weights_only=True)`` (torch's restricted
 unpickler: tensors and plain containers only) and a file holding anything else is refused with a
 :class:`StorageError` naming it. Every weight and Adam moment read is checked finite: a checkpoint
-holding NaN/inf is refused naming the file, never resumed from, evaluated or kept as finished.
+holding NaN/inf is refused naming the file, never resumed from, evaluated or kept as finished. A tensor
+file read whole (``load_sae``, a resume) is hashed in the pass that reads it and refused naming it when
+its bytes differ from what its writer recorded (``sharded_checkpoint.as_recorded``: the rule a sharded
+checkpoint's reader and ``latent_slice.stored_sae`` keep too); the "already finished" check reads the
+weights block by block for NaN/inf only (``check_kept``: the store's cheap presence check, no hash).
 """
 
 import io
@@ -23,13 +27,16 @@ from sae_platform.errors import StorageError
 from sae_platform.sharded_checkpoint import (
     SAE,
     UNSHARDED_WEIGHTS,
+    Copier,
+    ShardedCheckpoint,
+    as_recorded,
     is_finite,
     is_sharded,
     non_finite,
     open_sharded,
 )
 from sae_platform.storage import ArtifactStore
-from sae_platform.tensor_rows import DTYPES, HEADER_ERRORS, parse_header, read_into
+from sae_platform.tensor_rows import HEADER_ERRORS, dtype_of, parse_header, read_into
 
 _DAMAGED_FIX = ("the checkpoint is damaged or was tampered with: delete it (the whole sae/<sae_name> folder) and train "
                 "again")
@@ -46,28 +53,35 @@ def refuse_non_finite(store: ArtifactStore, path: str, file: str, bad: list[str]
             "if the run diverged, with a lower lr")
 
 
-def finite_weights(store: ArtifactStore, path: str, step) -> dict[str, torch.Tensor]:
-    """The SAE weights of the checkpoint at ``path`` (``sae_weights.safetensors``), refused with a
-    StorageError naming the file when a tensor holds NaN/inf."""
-    weights = read_tensors(store, path, UNSHARDED_WEIGHTS)
-    refuse_non_finite(store, path, UNSHARDED_WEIGHTS, non_finite(weights), step)
+def finite_weights(checkpoint: ShardedCheckpoint, step) -> dict[str, torch.Tensor]:
+    """The SAE weights of the unsharded checkpoint ``checkpoint`` (``sae_weights.safetensors``:
+    ``read_tensors``), refused with a StorageError naming the file when its bytes differ from what its
+    writer recorded or a tensor holds NaN/inf."""
+    weights = read_tensors(checkpoint, UNSHARDED_WEIGHTS)
+    refuse_non_finite(checkpoint.store, checkpoint.path, UNSHARDED_WEIGHTS, non_finite(weights), step)
     return weights
 
 
-def read_tensors(store: ArtifactStore, path: str, file: str) -> dict[str, torch.Tensor]:
-    """A safetensors file of a checkpoint, each tensor read once from the file straight into memory
-    of its own from torch's allocator (writable: a resume trains them in place; 64-byte aligned, as an
-    uninterrupted run's, so nothing is copied again: ``trainer._owned``). Why not safetensors'
-    ``load(bytes)``: the whole file as bytes, then every tensor copied out of it (3 GiB held and ~11 s
-    for the 1.8 GB of a 2^17-latent checkpoint). StorageError naming the file when it is not a whole
+def read_tensors(checkpoint: ShardedCheckpoint, file: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of an unsharded checkpoint (``sharded_checkpoint.unsharded_checkpoint``), each
+    tensor read once from the file into memory of its own from torch's allocator (writable: a resume
+    trains them in place; 64-byte aligned, as an uninterrupted run's, so nothing is copied again:
+    ``trainer._owned``), in the pass that hashes the file as its writer recorded
+    (``sharded_checkpoint.as_recorded``, the rule every checkpoint reader keeps; a version committed
+    before checksums: read straight into them). Why not safetensors' ``load(bytes)``: the whole file as
+    bytes, then every tensor copied out of it (3 GiB held and ~11 s for the 1.8 GB of a 2^17-latent
+    checkpoint). StorageError naming the file when its bytes differ from the record or it is not a whole
     safetensors file (e.g. a pickle: refused, never unpickled)."""
+    store, path = checkpoint.store, checkpoint.path
     with store.fs.open(f"{path}/{file}", "rb") as handle:
         stored = _stored_tensors(store, path, file, handle)
-        tensors = {}
-        for name, where in sorted(stored.items(), key=lambda item: item[1].begin):  # one forward pass
-            tensors[name] = torch.empty(where.shape, dtype=where.dtype)
-            _read_into(store, path, file, handle, where.begin, tensors[name].reshape(-1).view(torch.uint8))
-    return {name: tensors[name] for name in stored}
+        tensors = {name: torch.empty(where.shape, dtype=where.dtype) for name, where in stored.items()}
+        ranges = sorted(((where.begin, tensors[name].reshape(-1).view(torch.uint8)) for name, where in stored.items()),
+                        key=lambda item: item[0])
+        if not as_recorded(checkpoint, file, store.fs, f"{path}/{file}", consume=Copier(ranges)):
+            for begin, target in ranges:  # one forward pass
+                _read_into(store, path, file, handle, begin, target)
+    return tensors
 
 
 KEPT_BLOCK_BYTES = 64 << 20  # what ``check_kept`` holds of a weight at a time
@@ -92,7 +106,7 @@ def _stored_tensors(store: ArtifactStore, path: str, file: str, handle) -> dict[
         header, start = parse_header(handle, size)
         stored = {}
         for name, meta in header.items():
-            dtype, shape = DTYPES[meta["dtype"]], tuple(int(n) for n in meta["shape"])
+            dtype, shape = dtype_of(name, meta), tuple(int(n) for n in meta["shape"])
             begin, end = (int(offset) for offset in meta["data_offsets"])
             if min(shape, default=0) < 0 or begin < 0 or end - begin != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"{name} is {meta['dtype']} {list(shape)} in bytes [{begin}, {end})")
@@ -193,18 +207,19 @@ def legacy_torch_file(store: ArtifactStore, path: str, file: str, device=None):
             _DAMAGED_FIX) from error
 
 
-def unsharded_files(store: ArtifactStore, path: str, step, device) -> tuple[dict, tuple[dict, dict], dict]:
+def unsharded_files(checkpoint: ShardedCheckpoint, step, device) -> tuple[dict, tuple[dict, dict], dict]:
     """An unsharded checkpoint's (weights, (Adam tensors, optimizer.json) as stored, trainer state: step,
-    tokens, history, tokens_since_fired, rng), of this version's files or an earlier version's
-    ``optimizer.pt`` / ``trainer_state.pt`` (torch's restricted unpickler); refused (StorageError naming
-    the file) when a weight or Adam moment is NaN/inf."""
+    tokens, history, tokens_since_fired, rng), of this version's files (``read_tensors``) or an earlier
+    version's ``optimizer.pt`` / ``trainer_state.pt`` (torch's restricted unpickler); refused (StorageError
+    naming the file) when its bytes differ from what its writer recorded or a weight or Adam moment is NaN/inf."""
+    store, path = checkpoint.store, checkpoint.path
     files = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)}
-    weights = finite_weights(store, path, step)
+    weights = finite_weights(checkpoint, step)
     if "trainer_state.json" in files:
         optimizer_file = "optimizer.safetensors"
-        adam = read_tensors(store, path, optimizer_file), read_json(store, path, "optimizer.json")
+        adam = read_tensors(checkpoint, optimizer_file), read_json(store, path, "optimizer.json")
         saved = {**read_json(store, path, "trainer_state.json"),
-                 **read_tensors(store, path, "trainer_state.safetensors")}
+                 **read_tensors(checkpoint, "trainer_state.safetensors")}
     else:  # a checkpoint of an earlier version: torch's optimizer state_dict, as indexed files (below)
         optimizer_file = "optimizer.pt"
         legacy = legacy_torch_file(store, path, optimizer_file, device)

@@ -14,7 +14,6 @@ remaining layers and the vocabulary head are never computed, which is
 import contextlib
 import functools
 import importlib.util
-import io
 import os
 import shutil
 import tempfile
@@ -93,33 +92,42 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-_GGUF_PATCH_LOCK = threading.Lock()  # one _gguf_parsed_once block at a time: it swaps gguf's module attributes
+_GGUF_PATCH_LOCK = threading.Lock()  # one _gguf_parsed_once block at a time: it swaps module attributes
 
 
 @contextlib.contextmanager
 def _gguf_parsed_once():
-    """Within the block, each GGUF file is parsed once and gguf's tensor-name map is built once.
+    """Within the block, each GGUF file is parsed once and gguf's tensor-name map is built once, and
+    transformers' GGUF loader draws no progress bar.
     transformers (5.x) opens a GGUF three times for one load (config, tokenizer, weights), ~3.8 s of
     Python parsing each for SmolLM2's 49k-token vocabulary, and builds ``gguf.get_tensor_name_map``
     anew for every one of its ~400 tensors (~5 s): 13 of the 19 s the demo spent converting its model
     (cProfile, 2026-12-07). transformers looks both up inside its functions (``from gguf import ...``
-    at call time), so cached stand-ins set on gguf's module reach it; the originals are restored on
-    exit, an error's included. The readers are only read from. One block at a time (a lock): two
-    threads' blocks overlapping would restore in the wrong order and leave a cached stand-in, and the
-    memory-mapped readers it holds, on gguf's module for good."""
+    at call time), so cached stand-ins set on gguf's module reach it. Its dequantizing loop draws a
+    ``tqdm.auto`` bar of its own (``modeling_gguf_pytorch_utils.tqdm``: 272 redraws in a step log) that
+    neither ``transformers.utils.logging.disable_progress_bar`` nor huggingface_hub's switch reaches, and
+    ``TQDM_DISABLE`` is read once, when tqdm is imported: that module's ``tqdm`` is ``disable=True``
+    here. Only that bar: swapping ``sys.stderr`` (``contextlib.redirect_stderr``, before) lost what any
+    other thread wrote meanwhile. The originals are restored on exit, an error's included. The readers
+    are only read from. One block at a time (a lock): two threads' blocks overlapping would restore in
+    the wrong order and leave a cached stand-in, and the memory-mapped readers it holds, on gguf's
+    module for good."""
     import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
 
     with _GGUF_PATCH_LOCK:
-        cached = {"GGUFReader": functools.cache(gguf.GGUFReader),
-                  "get_tensor_name_map": functools.cache(gguf.get_tensor_name_map)}
-        originals = {name: getattr(gguf, name) for name in cached}
+        swaps = [(gguf, "GGUFReader", functools.cache(gguf.GGUFReader)),
+                 (gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))]
+        if hasattr(gguf_loader, "tqdm"):  # a transformers that draws no bar of its own: nothing to hide
+            swaps.append((gguf_loader, "tqdm", functools.partial(gguf_loader.tqdm, disable=True)))
+        originals = [(module, name, getattr(module, name)) for module, name, _ in swaps]
         try:
-            for name, function in cached.items():
-                setattr(gguf, name, function)
+            for module, name, value in swaps:
+                setattr(module, name, value)
             yield
         finally:
-            for name, function in originals.items():
-                setattr(gguf, name, function)
+            for module, name, value in originals:
+                setattr(module, name, value)
 
 
 def _load_pretrained(source: str, dtype: torch.dtype = torch.float32):
@@ -151,10 +159,9 @@ def _load_pretrained(source: str, dtype: torch.dtype = torch.float32):
 
 
 def convert_to_safetensors(source: str, dest: str) -> dict:
-    """Load ``source`` once (dequantizing a GGUF if needed) and save it as fp32 safetensors."""
-    # The GGUF reader draws its own tqdm bar (272 redraws in the step log); errors still raise.
-    with contextlib.redirect_stderr(io.StringIO()):
-        model, tokenizer = _load_pretrained(source)
+    """Load ``source`` once (dequantizing a GGUF if needed, its progress bar hidden: ``_gguf_parsed_once``)
+    and save it as fp32 safetensors."""
+    model, tokenizer = _load_pretrained(source)
     # save_pretrained refuses a model that still remembers its GGUF quantization.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

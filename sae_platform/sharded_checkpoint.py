@@ -454,10 +454,7 @@ class ShardedCheckpoint:
 
 
 def _nbytes(meta: dict) -> int:
-    count = 1
-    for size in meta["shape"]:
-        count *= size
-    return count * torch.empty((), dtype=DTYPES[meta["dtype"]]).element_size()
+    return math.prod(meta["shape"]) * DTYPES[meta["dtype"]].itemsize
 
 
 def open_sharded(store: ArtifactStore, sae_name: str, version: str | None = None) -> ShardedCheckpoint:
@@ -493,7 +490,7 @@ def _opened(checkpoint: ShardedCheckpoint, file: str, consume: Callable[[int, by
             plain: bool = False) -> Iterator:
     """safe_open of one file of ``checkpoint`` after its bytes hash as its writer recorded (a
     changed file is refused naming it; ``consume(offset, block)`` is given each block as it is hashed,
-    when it is: ``_Copier``); a remote store's file is copied to a temporary file first. ``plain``:
+    when it is: ``Copier``); a remote store's file is copied to a temporary file first. ``plain``:
     a ``tensor_rows.RowFile`` instead (plain reads, nothing mapped: a reader of every block)."""
     store, remote = checkpoint.store, f"{checkpoint.path}/{file}"
     with contextlib.ExitStack() as stack:
@@ -503,11 +500,7 @@ def _opened(checkpoint: ShardedCheckpoint, file: str, consume: Callable[[int, by
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="sae-shard-"))
             local = os.path.join(folder, file)
             store.fs.get_file(remote, local)
-        expected = (checkpoint.recorded or {}).get(file, {}).get(checksums.HASH)
-        if expected is not None and file not in checkpoint.verified:
-            if checksums.digest_file(LocalFileSystem(), local, consume=consume) != expected:
-                raise checkpoint.refuse(file, "differs from the bytes recorded at its commit (sha256 mismatch)")
-            checkpoint.verified.add(file)
+        as_recorded(checkpoint, file, LocalFileSystem(), local, consume)
         try:
             handle = RowFile(stack.enter_context(open(local, "rb")), os.path.getsize(local)) if plain \
                 else stack.enter_context(safe_open(local, framework="pt"))
@@ -515,6 +508,23 @@ def _opened(checkpoint: ShardedCheckpoint, file: str, consume: Callable[[int, by
             raise checkpoint.refuse(file, f"is not a valid safetensors file ({type(error).__name__}: {error})") \
                 from error
         yield handle
+
+
+def as_recorded(checkpoint: ShardedCheckpoint, file: str, fs, path: str,
+                consume: Callable[[int, bytes], None] | None = None) -> bool:
+    """The rule every reader of a checkpoint's tensor file keeps, sharded or not (``_opened``; an unsharded
+    one's whole files: ``checkpoint_files.read_tensors``): its bytes (``path`` on ``fs``) hash as its writer
+    recorded (the store's CHECKSUMS.json; ``check_intact`` compares sizes only, and an edit in place keeps
+    the size), checked once per reader (``checkpoint.verified``), each block given to ``consume(offset,
+    block)`` as it is hashed (``Copier``: one pass, not two). StorageError naming the file and the fix when
+    they differ. Whether it was hashed now: False when hashed before or unrecorded (the caller reads it)."""
+    expected = (checkpoint.recorded or {}).get(file, {}).get(checksums.HASH)
+    if expected is None or file in checkpoint.verified:
+        return False
+    if checksums.digest_file(fs, path, consume=consume) != expected:
+        raise checkpoint.refuse(file, "differs from the bytes recorded at its commit (sha256 mismatch)")
+    checkpoint.verified.add(file)
+    return True
 
 
 def read_shard(store: ArtifactStore, sae_name: str, layout: LatentLayout, shard: int, *,
@@ -561,7 +571,7 @@ def _read_rows(checkpoint: ShardedCheckpoint, start: int, stop: int, prefix: str
                 raise checkpoint.refuse(INDEX, f"gives {name} latent axis {meta['axis']}; only axis 0 is read")
             if meta["axis"] == 0:
                 piece[name] = out[name][lo - start:hi - start]
-        copier = _Copier.of(checkpoint, file, {name: (lo - base, hi - base, t) for name, t in piece.items()})
+        copier = Copier.of(checkpoint, file, {name: (lo - base, hi - base, t) for name, t in piece.items()})
         with _opened(checkpoint, file, consume=copier) as f:
             if not (copier and copier.fed):  # not hashed now (before, by this reader, or not recorded): by slice
                 for name, target in piece.items():
@@ -571,8 +581,8 @@ def _read_rows(checkpoint: ShardedCheckpoint, start: int, stop: int, prefix: str
 
 
 @dataclass
-class _Copier:
-    """Byte ranges of a file copied into their tensors as the file is hashed (``_opened``'s consume):
+class Copier:
+    """Byte ranges of a file copied into their tensors as the file is hashed (``as_recorded``'s consume):
     one pass over a shard's bytes where hashing then slicing made two (a 2^20-latent resume's 7.26 GB
     shard read twice). ``ranges``: (first byte, tensor's bytes: a uint8 view), in the file's order."""
 
@@ -722,7 +732,7 @@ def latent_rows(store: ArtifactStore, sae_name: str, start: int, stop: int, *, v
     if is_sharded(store, path):
         checkpoint = open_sharded(store, sae_name, version)
         return sae_state(_read_rows(checkpoint, start, stop, SAE, device, keep=lambda name: keep(name[len(SAE):])))
-    checkpoint = _unsharded(store, sae_name, version, path)
+    checkpoint = unsharded_checkpoint(store, sae_name, version)
     with _opened(checkpoint, UNSHARDED_WEIGHTS) as f:
         rows = {name: (f.get_tensor(name) if latent_axis(config["variant"], SAE + name) is None
                        else f.get_slice(name)[start:stop]).to(device) for name in f.keys() if keep(name)}
@@ -730,10 +740,12 @@ def latent_rows(store: ArtifactStore, sae_name: str, start: int, stop: int, *, v
     return rows
 
 
-def _unsharded(store: ArtifactStore, sae_name: str, version: str, path: str) -> ShardedCheckpoint:
-    """An unsharded checkpoint version as a reader of its files (``_opened``: hashed as recorded)."""
+def unsharded_checkpoint(store: ArtifactStore, sae_name: str, version: str) -> ShardedCheckpoint:
+    """Version ``version`` of ``sae_name``'s unsharded checkpoint as a reader of its files: each hashed as
+    its writer recorded (:func:`as_recorded`) when it is read. StorageError when the record was changed."""
     name = checkpoint_name(sae_name)
-    return ShardedCheckpoint(store, name, path, {}, store.recorded_files(name, version, f"SAE checkpoint {sae_name!r}"))
+    return ShardedCheckpoint(store, name, store.path(name, version), {},
+                             store.recorded_files(name, version, f"SAE checkpoint {sae_name!r}"))
 
 
 def weight_blocks(store: ArtifactStore, sae_name: str, *, version: str | None = None,
@@ -752,7 +764,7 @@ def weight_blocks(store: ArtifactStore, sae_name: str, *, version: str | None = 
         sources = {n: [checkpoint.index["replicated"]] if m["axis"] is None
                    else [s["file"] for s in checkpoint.index["shards"]] for n, m in tensors}
     else:
-        checkpoint = _unsharded(store, sae_name, version, path)
+        checkpoint = unsharded_checkpoint(store, sae_name, version)
         with _opened(checkpoint, UNSHARDED_WEIGHTS, plain=True) as f:
             tensors = sorted((SAE + n, None) for n in f.keys())
         sources = {n: [UNSHARDED_WEIGHTS] for n, _ in tensors}

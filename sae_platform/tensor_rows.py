@@ -23,6 +23,17 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 
 
+def dtype_of(name: str, meta: dict) -> torch.dtype:
+    """The torch dtype of tensor ``name`` by its header entry ``meta`` (``{"dtype": "F32", ...}``).
+    ValueError naming the tensor, its dtype and the dtypes read here (``DTYPES``) for any other (e.g. a
+    float8 ``F8_E4M3`` or ``U16``: a file this reader was not written for, refused, never misread)."""
+    dtype = meta["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"tensor {name!r} is stored as {dtype!r}, a dtype not read here (it reads "
+                         f"{', '.join(DTYPES)}): write it as one of those")
+    return DTYPES[dtype]
+
+
 def parse_header(handle, size: int) -> tuple[dict, int]:
     """(the JSON header {name: {"dtype", "shape", "data_offsets"}}, ``__metadata__`` left out; the
     byte its tensors' data starts at) of the open safetensors file ``handle`` of ``size`` bytes: 8
@@ -54,8 +65,8 @@ def read_into(handle, offset: int, target: torch.Tensor) -> None:
 class RowFile:
     """An open safetensors file (``handle``, ``size`` bytes) read with plain reads: ``shape`` and
     ``read`` of its tensors by name. One of ``HEADER_ERRORS`` when its header does not parse; a
-    tensor whose bytes are not its shape's, or a file that ends first, raises ValueError / EOFError
-    on ``read``."""
+    tensor whose bytes are not its shape's or of a dtype not read here, or a file that ends first,
+    raises ValueError / EOFError on ``read``."""
 
     def __init__(self, handle, size: int):
         self.handle = handle
@@ -70,9 +81,10 @@ class RowFile:
     def read(self, name: str, lo: int | None = None, hi: int | None = None) -> torch.Tensor:
         """Rows [lo, hi) of tensor ``name`` along its first axis (lo, hi None: the whole tensor, a
         scalar included), as a new CPU tensor of the stored dtype holding only those bytes. ValueError
-        for rows outside the tensor (0 <= lo <= hi <= its rows): they would be another tensor's bytes."""
+        for rows outside the tensor (0 <= lo <= hi <= its rows): they would be another tensor's bytes;
+        for a dtype not in ``DTYPES`` (``dtype_of``)."""
         meta, shape = self.header[name], self.shape(name)
-        dtype = DTYPES[meta["dtype"]]
+        dtype = dtype_of(name, meta)
         begin, end = (int(offset) for offset in meta["data_offsets"])
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{name} is {meta['dtype']} {shape} in bytes [{begin}, {end})")

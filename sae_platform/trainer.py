@@ -121,6 +121,7 @@ from sae_platform.sharded_checkpoint import (
     shard_slice,
     stored_adam_state,
     training_tensors,
+    unsharded_checkpoint,
 )
 from sae_platform.shuffled import Shuffled, open_shuffled
 from sae_platform.storage import ArtifactStore
@@ -480,8 +481,10 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
     """The SAE of the last committed checkpoint of ``sae_name`` (``version``: that checkpoint
     version, committed or superseded and still stored), and its cfg.json. Raises StorageError
     when there is none, or naming the file and the fix when a file differs from what its writer
-    recorded, its weights hold NaN/inf, cfg.json lacks a field or the weights do not have the shapes
-    it describes; when ``version`` is no longer stored, the one ``ArtifactStore.check_version`` raises."""
+    recorded (its size or JSON: ``check_intact``; the weights' bytes, hashed as they are read:
+    ``sharded_checkpoint.as_recorded``, as ``latent_slice.stored_sae`` checks them), its weights hold
+    NaN/inf, cfg.json lacks a field or the weights do not have the shapes it describes; when ``version``
+    is no longer stored, the one ``ArtifactStore.check_version`` raises."""
     path = store.require(checkpoint_name(sae_name), f"SAE checkpoint {sae_name!r}", "materialize sae_checkpoint first")
     if version is not None:
         store.check_version(checkpoint_name(sae_name), version, f"SAE checkpoint {sae_name!r}")
@@ -501,11 +504,12 @@ def load_sae(store: ArtifactStore, sae_name: str, device: str | torch.device = "
 
 
 def _sae_weights(store: ArtifactStore, sae_name: str, path: str, step) -> dict[str, torch.Tensor]:
-    """The SAE weights (state_dict) of the checkpoint version at ``path``: ``finite_weights``, or
-    a sharded checkpoint's shards gathered (``sharded_checkpoint.gathered_state``: refused, naming
-    the size and the limit, when the whole SAE would not fit this process)."""
+    """The SAE weights (state_dict) of the checkpoint version at ``path``: ``finite_weights`` (hashed as
+    recorded as it is read), or a sharded checkpoint's shards gathered (``sharded_checkpoint.gathered_state``:
+    each shard hashed too; refused, naming the size and the limit, when the whole SAE would not fit this
+    process)."""
     if not is_sharded(store, path):
-        return finite_weights(store, path, step)
+        return finite_weights(unsharded_checkpoint(store, sae_name, store.version_of(path)), step)
     return sae_state(gathered_state(store, sae_name, version=store.version_of(path), prefix=SAE,
                                     purpose=f"load SAE {sae_name!r} whole"))
 
@@ -598,7 +602,8 @@ def _load_state(store, sae_name, pointer, settings, width, d_in, layout, device,
     if sharded:
         saved, optimizer_meta = read_json(store, path, "trainer_state.json"), read_json(store, path, "optimizer.json")
     else:
-        weights, (optimizer_tensors, optimizer_meta), saved = unsharded_files(store, path, pointer.get("step"), device)
+        weights, (optimizer_tensors, optimizer_meta), saved = unsharded_files(
+            unsharded_checkpoint(store, sae_name, pointer["version"]), pointer.get("step"), device)
     groups = module.param_groups(settings.learning_rate)  # the optimizer's groups (``_optimizer``)
     stored = [len(g["params"]) for g in optimizer_meta["param_groups"]]
     if stored != [len(g["params"]) for g in groups]:  # e.g. JumpReLU before θ had its own group

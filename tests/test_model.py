@@ -126,6 +126,46 @@ def test_the_embedded_gguf_is_parsed_once_per_load(monkeypatch):
     assert model.config.hidden_size == 576 and tokenizer("hello").input_ids
 
 
+@pytest.mark.integration
+def test_a_conversion_hides_the_gguf_bar_but_not_what_another_thread_writes_to_stderr(tmp_path, capfd):
+    """convert_to_safetensors hid the GGUF loader's tqdm bar with ``contextlib.redirect_stderr``, which swaps
+    the process-wide ``sys.stderr``: what another thread (a webserver's, Dagster's) wrote meanwhile was lost.
+    Only that bar is hidden now (``_gguf_parsed_once``): every line the other thread wrote is on stderr,
+    the bar's text is not, and the conversion's module attributes are left as found."""
+    import sys
+    import threading
+    import time
+
+    from transformers import modeling_gguf_pytorch_utils
+
+    from sae_platform.model import EMBEDDED_MODEL, convert_to_safetensors
+
+    bar, written, started, done = modeling_gguf_pytorch_utils.tqdm, [], threading.Event(), threading.Event()
+
+    def other_thread():
+        while not done.is_set():
+            written.append(f"another thread's line {len(written)}")
+            print(written[-1], file=sys.stderr, flush=True)
+            started.set()
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        started.wait(10)
+        before = len(written)
+        info = convert_to_safetensors(EMBEDDED_MODEL, str(tmp_path / "model"))
+        during = len(written) - before
+    finally:
+        done.set()
+        thread.join(10)
+    err = capfd.readouterr().err
+    assert info["d_model"] == 576 and during > 10, during  # it wrote all through the conversion
+    assert [line for line in written if line not in err.splitlines()] == []
+    assert "GGUF tensors" not in err and "272/272" not in err
+    assert modeling_gguf_pytorch_utils.tqdm is bar
+
+
 def test_gguf_parsed_once_restores_gguf_when_two_threads_load_at_once(monkeypatch):
     """Two conversions in two threads (a webserver's): the second must not take the first's cached stand-ins
     for gguf's originals, or gguf keeps a cached GGUFReader (and the memory map it holds) after both are

@@ -157,19 +157,27 @@ def test_finished_run_is_not_retrained_but_changed_settings_are(store):
     assert store.pointer(checkpoint_name("run"))["settings"]["k"] == 8
 
 
-def tensor_reads(monkeypatch, block_bytes: int | None = None) -> list[tuple[str, int]]:
+def tensor_reads(monkeypatch, block_bytes: int | None = None, hashed: list | None = None) -> list[tuple[str, int]]:
     """Record (file, bytes) of every read of tensor bytes from a checkpoint's safetensors files from now
     on (``checkpoint_files``: headers aside); every other way to load one fails. ``block_bytes``: what
-    the "already finished" check holds of a weight at a time."""
+    the "already finished" check holds of a weight at a time. ``hashed``: gets (file, bytes) of each pass
+    that hashes a file as recorded and copies its tensors out of the blocks it hashes (a whole file read)."""
     import safetensors.torch
 
-    from sae_platform import checkpoint_files, sharded_checkpoint
+    from sae_platform import checkpoint_files, checksums, sharded_checkpoint
 
-    reads, read_into = [], checkpoint_files._read_into
+    reads, read_into, digest_file = [], checkpoint_files._read_into, checksums.digest_file
 
     def recording(store, path, file, handle, offset, target):
         reads.append((file, target.numel()))
         return read_into(store, path, file, handle, offset, target)
+
+    def hashing(fs, path, progress=None, consume=None):
+        if hashed is not None and isinstance(consume, sharded_checkpoint.Copier):
+            hashed.append((path.rsplit("/", 1)[-1], fs.size(path)))
+        return digest_file(fs, path, progress, consume)
+
+    monkeypatch.setattr(checksums, "digest_file", hashing)
 
     def refused(*args, **kwargs):
         raise AssertionError("a checkpoint file was loaded another way")
@@ -220,10 +228,10 @@ def test_the_already_trained_exit_reads_only_json_and_the_weights_block_by_block
 
 def test_a_resume_reads_each_tensor_once_into_the_memory_it_trains_in_and_ends_bit_identical(store, monkeypatch):
     """An unsharded resume read each file whole as bytes, copied every tensor out of them and copied it
-    again to align it (~11 s and 3 GiB at 2^17 latents). Each tensor's bytes are read once, straight
-    into memory the run trains in (nothing copied after), and it ends where an uninterrupted run does."""
-    import struct
-
+    again to align it (~11 s and 3 GiB at 2^17 latents). Each file is read once, in the pass that hashes
+    it as its writer recorded, its tensors copied from those blocks into memory the run trains in (nothing
+    copied after; one without checksums is read straight into it: the indexed-layout test below), and it
+    ends where an uninterrupted run does."""
     from sae_platform import trainer
 
     make_shuffled(store)
@@ -231,11 +239,10 @@ def test_a_resume_reads_each_tensor_once_into_the_memory_it_trains_in_and_ends_b
     with pytest.raises(KeyboardInterrupt):
         train_sae(store, "main", "killed", SETTINGS, log=lambda m: None, on_metrics=_stop_after_checkpoint)
     path = store.resolve(checkpoint_name("killed"))
-    stored = {}
-    for file in ("sae_weights.safetensors", "optimizer.safetensors", "trainer_state.safetensors"):
-        (header,) = struct.unpack("<Q", store.fs.cat_file(f"{path}/{file}", start=0, end=8))
-        stored[file] = store.fs.size(f"{path}/{file}") - 8 - header  # its tensors' bytes
-    reads, copied, owned = tensor_reads(monkeypatch), [], trainer._owned
+    sizes = {file: store.fs.size(f"{path}/{file}")
+             for file in ("sae_weights.safetensors", "optimizer.safetensors", "trainer_state.safetensors")}
+    hashed, copied, owned = [], [], trainer._owned
+    reads = tensor_reads(monkeypatch, hashed=hashed)
 
     def watching(tensors, device):
         before = {name: tensor.data_ptr() for name, tensor in tensors.items()}
@@ -246,7 +253,7 @@ def test_a_resume_reads_each_tensor_once_into_the_memory_it_trains_in_and_ends_b
     monkeypatch.setattr(trainer, "_owned", watching)
     resumed = train_sae(store, "main", "killed", SETTINGS, log=lambda m: None)
     assert resumed["resumed_from_step"] == 20 and copied == []
-    assert {file: sum(n for f, n in reads if f == file) for file in stored} == stored
+    assert reads == [] and sorted(hashed) == sorted(sizes.items())  # each file once, whole, hashed
     a, _ = load_sae(store, "whole")
     b, _ = load_sae(store, "killed")
     for name, tensor in a.state_dict().items():
@@ -568,15 +575,27 @@ def test_a_non_finite_checkpoint_of_an_earlier_version_is_not_resumed(store):
 
 
 def _poison(store, sae_name, tensor="W_enc"):
-    """A committed checkpoint whose weights hold NaN (written before the finite check, or damaged since)."""
+    """The committed checkpoint again, its weights holding NaN, as a version before the finite check
+    committed it (its writer recorded those bytes: one whose bytes were changed since its commit is
+    refused for that first, by every reader that reads them whole); returns its version's path."""
     from safetensors.torch import load as load_st
     from safetensors.torch import save as save_st
 
-    path = store.resolve(checkpoint_name(sae_name))
-    weights = load_st(store.fs.cat_file(f"{path}/sae_weights.safetensors"))
-    weights[tensor][0, 0] = float("nan")
-    store.fs.pipe_file(f"{path}/sae_weights.safetensors", save_st(weights))
-    return path
+    from sae_platform.catalog import CHECKSUMS
+    from sae_platform.storage import CHECKSUMS_FIELD
+
+    name, old = checkpoint_name(sae_name), store.resolve(checkpoint_name(sae_name))
+    fields = {k: v for k, v in store.pointer(name).items() if k not in ("version", "committed_at", CHECKSUMS_FIELD)}
+    with store.writing(name, **fields) as version:
+        for path in store.fs.find(old):
+            rel, data = path[len(old.rstrip("/")) + 1:], store.fs.cat_file(path)
+            if rel == "sae_weights.safetensors":
+                weights = load_st(data)
+                weights[tensor][0, 0] = float("nan")
+                data = save_st(weights)
+            if rel != CHECKSUMS and not rel.startswith("."):  # the writer records its own
+                store.fs.pipe_file(f"{version}/{rel}", data)
+    return store.resolve(name)
 
 
 def test_a_non_finite_finished_checkpoint_is_refused_by_every_reader(store):
@@ -798,6 +817,55 @@ def test_a_damaged_checkpoint_names_the_file_and_the_fix(store, damage):
     # before they were, when its cfg.json or weights are read
     assert path.rsplit("/", 1)[-1] in error.value.problem and file in error.value.problem
     assert "sae-platform train run" in error.value.fix and "delete" in error.value.fix
+
+
+@pytest.mark.parametrize("n_latent_shards", [0, 2], ids=["plain", "sharded"])
+def test_a_checkpoint_edited_in_place_is_refused_by_both_loaders_naming_the_file(store, n_latent_shards):
+    """A committed checkpoint's weights file edited in place (the same size, a few bytes of W_dec
+    flipped, every weight still finite): ``latent_slice.stored_sae`` refused a plain one for its sha256
+    while ``load_sae`` loaded it (the store's check on every read compares sizes only). Both keep one
+    rule (``sharded_checkpoint.as_recorded``): refused naming the file and the fix. Untouched, both load."""
+    import struct
+
+    from safetensors.torch import load as load_st
+    from safetensors.torch import save as save_st
+
+    from sae_platform import features
+    from sae_platform import sharded_checkpoint as sc
+    from sae_platform.errors import StorageError
+    from sae_platform.latent_slice import stored_sae
+    from sae_platform.sae import build_sae
+
+    sae = build_sae("topk", 16, 64, k=4)
+    weights = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+    if n_latent_shards:
+        sc.save_sharded(store, checkpoint_name("run"), "topk", sc.LatentLayout(64, n_latent_shards),
+                        {sc.SAE + k: v for k, v in weights.items()}, json_files={"cfg.json": {"sae": sae.config}})
+        file, tensor = sc.shard_file(1, n_latent_shards), "sae.W_dec"
+    else:
+        with store.writing(checkpoint_name("run")) as version:
+            store.fs.pipe_file(f"{version}/{sc.UNSHARDED_WEIGHTS}", save_st(weights))
+            store.fs.pipe_file(f"{version}/cfg.json", json.dumps({"sae": sae.config}).encode())
+        file, tensor = sc.UNSHARDED_WEIGHTS, "W_dec"
+    loaded, _ = load_sae(store, "run")
+    assert all(torch.equal(loaded.state_dict()[name], value) for name, value in weights.items())
+    assert stored_sae(store, "run").fingerprint == features.sae_fingerprint(loaded)
+
+    version_path = store.resolve(checkpoint_name("run"))
+    data = bytearray(committed := store.fs.cat_file(f"{version_path}/{file}"))
+    (length,) = struct.unpack("<Q", data[:8])
+    begin = 8 + length + json.loads(data[8:8 + length])[tensor]["data_offsets"][0]
+    for offset in range(begin, begin + 64, 4):  # the lowest mantissa byte of 16 float32 weights
+        data[offset] ^= 0x5A
+    store.fs.pipe_file(f"{version_path}/{file}", bytes(data))
+    edited = load_st(bytes(data))[tensor]
+    assert torch.isfinite(edited).all() and not torch.equal(edited, load_st(committed)[tensor])
+    for loader in (lambda: load_sae(store, "run"), lambda: stored_sae(store, "run")):
+        with pytest.raises(StorageError) as error:
+            loader()
+        problem = error.value.problem
+        assert f"{store.url(version_path)}/{file} differs from the bytes recorded at its commit (sha256" in problem
+        assert "sae-platform train run" in error.value.fix and "delete" in error.value.fix
 
 
 def test_the_trainer_warns_when_jumprelu_thresholds_stop_moving(store):
