@@ -32,12 +32,24 @@ whole process, imports included; the work alone is reported too, as VmHWM after 
   ``save_feature_centric_vis`` (its HTML dashboards). One change to the SAE: its runner folds the decoder
   norms, which SAELens 6.54 refuses for a TopK SAE saved without ``rescale_acts_by_decoder_norm``; that
   flag is set on the loaded SAE, which changes nothing here (every decoder row of ours has the same norm).
+  After its timed run (memory peak recorded), its activations at the positions the agreement needs.
 
 Agreement: sae-dashboard picks examples only from positions 6..122 of each context (its sequence
 buffer); ours from every position but the start token. Per feature that activates, the share of our
 top-20 token positions (context, position) inside that range that are among its top-20 (ours restricted
-to the range is the top of the same tokens, so each must be there); the mean over features. Ours reads
-float16 activations, it computes float32 ones: a near-tie may swap (``--dtype float32`` shows that alone).
+to the range is the top of the same tokens, so each must be there); the mean over features
+(``top_agreement``). It ranks float32 activations (``SaeVisConfig.dtype``, float32 by default) with
+``torch.topk``, which orders equal values arbitrarily (ours: the lower row first); so each figure is
+given strict and up to ties: a position of ours it lacks counts when its own activation there equals its
+20th (above zero). Two figures (``top_overlap``):
+
+- each side on its own activations (``dashboard_top20_overlap``): ours are codes of the cache's float16
+  rows, its of its own float32 forward. In the full mode the rounding moves a code by 7e-5 of its size
+  (median; at most 6e-4) and a latent in or out of the row's top k in 1.2% of rows: enough to swap
+  near-ties at the 20th, or to add or drop an example.
+- the peer picking from our rows (``dashboard_top20_overlap_same_rows``, what the goal is judged on):
+  after its timed run, its own encode and ``k_largest_indices`` on the rows ours read (``peer_values``,
+  which first checks that recomputing its own activations gives its run's top-20).
 
 Prints a table, then one JSON line per figure (metric, value, baseline, ratio, goal, lower_is_better,
 peer, peer_version); the full mode also writes them to benchmarks/results/dashboards.jsonl (``--out``).
@@ -64,6 +76,7 @@ MAKE_TARGET = "sae-dashboard-venv"
 PEER_PYTHON = os.environ.get("SAE_DASHBOARD_PYTHON", "/work/venvs/sae-dashboard/bin/python")
 RESULTS = REPO / "benchmarks" / "results" / "dashboards.jsonl"
 GOAL_THROUGHPUT, GOAL_MEMORY, GOAL_OVERLAP = 3.0, 0.5, 1.0
+SAME_ROWS = "dashboard_top20_overlap_same_rows"  # the agreement the goal is judged on (lines_for)
 TOP = 20  # top examples per feature, both sides (FeatureSettings.top_k; SequencesConfig.top_acts_group_size)
 LAYER, N_LAYERS, CTX_LEN, K = 2, 4, 128, 32
 HOOK = f"blocks.{LAYER}.hook_resid_post"
@@ -144,6 +157,15 @@ def prepare(work: Path, args) -> dict:
         raise SystemExit(f"the corpus packs into {tokens.shape[0]} contexts, not {args.contexts}: pass a bigger "
                          "--corpus")
     np.save(work / "tokens.npy", tokens)
+    # the rows our side reads, laid out [contexts, positions, d_model] (zeros where the cache keeps no row: the
+    # start tokens), for the peer's recomputation on the same rows (``peer_values``)
+    context, position = np.asarray(part.group["context_id"][:]), np.asarray(part.group["position"][:])
+    acts = np.asarray(part.acts[:])
+    rows = np.zeros((*tokens.shape, acts.shape[1]), dtype=acts.dtype)
+    rows[context, position] = acts
+    is_row = np.zeros(tokens.shape, dtype=bool)
+    is_row[context, position] = True
+    np.savez(work / "rows.npz", acts=rows, is_row=is_row)
     torch.manual_seed(0)
     sae = build_sae("topk", model.d_model, args.latents, k=K).eval()
     sae.calibrate_(torch.from_numpy(np.asarray(part.acts[:4096])).float())
@@ -270,6 +292,84 @@ def tl_matches_hugging_face(model, hf_model, tokens) -> float:
     return diff
 
 
+def peer_values(work: Path, cfg, model, sae, tokens, top: dict) -> dict:
+    """sae-dashboard's own activations at the positions the agreement figures need, recomputed after its
+    timed run (its memory peak is recorded by then; this holds one minibatch's codes, then the nonzero ones).
+
+    Its runner, for a TopK SAE, encodes every latent per minibatch of contexts (``get_model_acts``, then
+    ``encoder.encode`` in ``cfg.dtype``, float32 by default) and ranks each feature's column with
+    ``k_largest_indices`` over its buffer (``torch.topk``: among equal values the order is unspecified).
+    This repeats that on two inputs, with the SAE as its run left it (decoder norms folded in):
+
+    - ``own``: its model's forward, what it ranked. Its top-20 there must be the run's (``top``: feature ->
+      {(context, position)}), activating positions compared; SystemExit otherwise, as these values would
+      not be the ones it ranked.
+    - ``same``: our stored rows (rows.npz: the cache's float16 residuals, zero where the cache keeps no
+      row), ranked by its own ``k_largest_indices``: its picks on the rows ours read.
+
+    Returns {"own_at_ours", "same_at_ours": its activation at each of our top positions (ours_top.npz's
+    order), "own_cut", "same_cut": [features] its 20th activation in its buffer (the smallest it picked),
+    "same_feature", "same_context", "same_position": its top-20 on our rows}."""
+    import numpy as np
+    import torch
+    from sae_dashboard.sae_vis_runner import DTYPES, FeatureDataGeneratorFactory
+    from sae_dashboard.sequence_data_generator import SequenceDataGenerator
+    from sae_dashboard.utils_fns import k_largest_indices
+
+    n_features = len(list(cfg.features))
+    generator = FeatureDataGeneratorFactory.create(cfg, model, sae, tokens)
+    hook = generator.model.activation_config.primary_hook_point
+    buffer = SequenceDataGenerator(cfg=cfg, tokens=tokens, W_U=model.W_U).buffer
+    stored = np.load(work / "rows.npz")
+    rows, is_row = torch.from_numpy(stored["acts"]), torch.from_numpy(stored["is_row"])
+    codes = {"own": [], "same": []}  # per input: (context, position, feature, value) of every nonzero code
+    with torch.inference_mode():
+        start = 0
+        for index, minibatch in enumerate(generator.token_minibatches):
+            n = minibatch.shape[0]
+            inputs = {"own": generator.get_model_acts(index, minibatch)[hook],
+                      "same": rows[start:start + n].to(torch.float32)}
+            for name, x in inputs.items():
+                acts = sae.encode(x).to(DTYPES[cfg.dtype])
+                if name == "same":
+                    acts = acts * is_row[start:start + n, :, None]
+                on = acts.nonzero()
+                codes[name].append((on[:, 0] + start, on[:, 1], on[:, 2], acts[on[:, 0], on[:, 1], on[:, 2]]))
+            start += n
+    ours = {k: torch.from_numpy(v) for k, v in np.load(work / "ours_top.npz").items()}
+    wanted: dict[int, list[int]] = {}  # feature -> its entries in ours_top.npz
+    for i, f in enumerate(ours["feature"].tolist()):
+        wanted.setdefault(f, []).append(i)
+    out, mismatched = {}, []
+    for name, parts in codes.items():
+        context, position, feature, value = (torch.cat(column) for column in zip(*parts, strict=True))
+        order = torch.argsort(feature, stable=True)
+        context, position, feature, value = context[order], position[order], feature[order], value[order]
+        bounds = torch.searchsorted(feature, torch.arange(n_features + 1)).tolist()
+        at_ours, cut, picked = np.zeros(len(ours["feature"]), np.float32), np.zeros(n_features, np.float32), []
+        for f in range(n_features):
+            column = torch.zeros(tokens.shape, dtype=value.dtype)
+            lo, hi = bounds[f], bounds[f + 1]
+            column[context[lo:hi], position[lo:hi]] = value[lo:hi]
+            best = k_largest_indices(column, k=TOP, buffer=buffer)
+            cut[f] = float(column[best[:, 0], best[:, 1]].min())
+            mine = torch.tensor(wanted.get(f, []), dtype=torch.long)
+            at_ours[mine.numpy()] = column[ours["context"][mine].long(), ours["position"][mine].long()].numpy()
+            if name == "own":
+                active = {(c, p) for c, p in best.tolist() if column[c, p] > 0}
+                if active != {(c, p) for c, p in top.get(f, set()) if column[c, p] > 0}:
+                    mismatched.append(f)
+            else:
+                picked += [(f, c, p) for c, p in best.tolist()]
+        out[f"{name}_at_ours"], out[f"{name}_cut"] = at_ours, cut
+    if mismatched:
+        raise SystemExit(f"{PEER}'s activations recomputed after its run do not give its own top-{TOP} for "
+                         f"{len(mismatched)} features (first {mismatched[:5]}): the agreement up to ties would "
+                         "be judged on values it did not rank")
+    out.update(zip(("same_feature", "same_context", "same_position"), np.array(picked).T))
+    return out
+
+
 def peer(args) -> None:
     from importlib.metadata import version
 
@@ -311,14 +411,19 @@ def peer(args) -> None:
     after, cpu = _status(), time.process_time() - cpu
     diff = tl_matches_hugging_face(model, hf_model, tokens)
     feature, context, position = [], [], []
+    top: dict[int, set] = {}
     for f, fd in data.feature_data_dict.items():
         for seq in fd.sequence_data.seq_group_data[0].seq_data:  # the top-activations group
             feature.append(f)
             context.append(seq.original_index)
             position.append(seq.qualifying_token_index)
+            top.setdefault(f, set()).add((seq.original_index, seq.qualifying_token_index))
     np.savez(work / "peer_top.npz", feature=np.array(feature), context=np.array(context), position=np.array(position),
              eligible=np.array(eligible))
-    emit(side="peer", seconds=sum(seconds.values()), stage_seconds=seconds, n_features=len(data.feature_data_dict),
+    n_features = len(data.feature_data_dict)
+    del data
+    np.savez(work / "peer_values.npz", **peer_values(work, cfg, model, sae, tokens, top))
+    emit(side="peer", seconds=sum(seconds.values()), stage_seconds=seconds, n_features=n_features,
          html_bytes=(work / "sae_dashboard.html").stat().st_size, work_peak_bytes=after["VmHWM"] - before["VmRSS"],
          cpu_seconds=cpu,
          peer_version=installed, torch_threads=torch.get_num_threads(), tl_vs_hf_max_abs_diff=diff)
@@ -346,27 +451,69 @@ def run_side(python: str, side: str, args, work: Path, env: dict) -> dict:
     return result
 
 
-def top_overlap(work: Path) -> dict:
-    """Mean over features of the share of our top-20 token positions (context, position) that are in
-    sae-dashboard's top-20, counting only the positions it picks from (``eligible``): ours, ranked over
-    every position, restricted to those is the top of the same tokens, so each must be among its top-20.
+def top_agreement(ours: dict, theirs: dict, their_at_ours: dict, their_cut: dict) -> dict:
+    """How far our top examples are sae-dashboard's, per feature that has any of ours.
+
+    ours, theirs: feature -> set of (context, position), ours restricted to the positions it picks from
+    (ours, ranked over every position, restricted to those is the top of the same tokens, so each must be
+    among its top-20); their_at_ours: (feature, context, position) -> its activation at each of ours;
+    their_cut: feature -> its 20th activation (the smallest it picked).
+
+    Strict ("mean", "all_agree"): the share of our positions in its top-20. Up to ties ("mean_up_to_ties",
+    "all_agree_up_to_ties"): a position of ours missing from its list counts as agreeing when its own
+    activation there equals its 20th and is above zero: a tie at its cut in its own precision, which
+    ``torch.topk`` breaks in no stated order (ours: the lower row first). Only our missing positions are
+    scored, since the figure is the share of ours in its list; its missing ones are the other side of the
+    same swaps. "ties_at_cut": positions so counted; "differing": the features below 1 up to ties.
     Our list holds activating tokens only, so a rare feature's is shorter than 20."""
     import numpy as np
 
-    theirs_npz = np.load(work / "peer_top.npz")
+    strict, fair, ties, differing = [], [], 0, []
+    for f, o in sorted(ours.items()):
+        if not o:
+            continue
+        found = o & theirs.get(f, set())
+        tied = {(c, p) for c, p in o - found if their_cut[f] > 0 and their_at_ours[(f, c, p)] == their_cut[f]}
+        strict.append(len(found) / len(o))
+        fair.append((len(found) + len(tied)) / len(o))
+        ties += len(tied)
+        if fair[-1] < 1:
+            differing.append(f)
+    return {"mean": float(np.mean(strict)), "min": float(np.min(strict)), "n_features": len(strict),
+            "all_agree": sum(s == 1.0 for s in strict), "mean_up_to_ties": float(np.mean(fair)),
+            "all_agree_up_to_ties": sum(s == 1.0 for s in fair), "ties_at_cut": ties, "differing": differing}
+
+
+def top_overlap(work: Path) -> dict:
+    """The agreement figures (``top_agreement``) of our top-20 (ours_top.npz) against sae-dashboard's, twice:
+    "deployed": its top-20 from its own run, each side on its own activations (ours: the cache's float16
+    rows; its: its model's float32 forward); "same_rows": its picks on the rows ours read (``peer_values``),
+    which leaves only how each side ranks and rounds. Plus the positions compared ([lo, hi): where it picks
+    from) and our positions there per feature."""
+    import numpy as np
+
+    theirs_npz, values = np.load(work / "peer_top.npz"), np.load(work / "peer_values.npz")
+    ours_npz = np.load(work / "ours_top.npz")
     lo, hi = theirs_npz["eligible"].tolist()
 
-    def by_feature(z, keep=lambda p: True):
+    def by_feature(feature, context, position, keep=lambda p: True):
         groups: dict[int, set] = {}
-        for f, c, p in zip(z["feature"].tolist(), z["context"].tolist(), z["position"].tolist(), strict=True):
+        for f, c, p in zip(feature.tolist(), context.tolist(), position.tolist(), strict=True):
             if keep(p):
                 groups.setdefault(f, set()).add((c, p))
         return groups
 
-    ours, theirs = by_feature(np.load(work / "ours_top.npz"), lambda p: lo <= p < hi), by_feature(theirs_npz)
-    shares = [len(o & theirs.get(f, set())) / len(o) for f, o in ours.items() if o]
-    return {"mean": float(np.mean(shares)), "min": float(np.min(shares)), "n_features": len(shares),
-            "all_agree": sum(s == 1.0 for s in shares), "positions_compared": [lo, hi],
+    ours = by_feature(ours_npz["feature"], ours_npz["context"], ours_npz["position"], lambda p: lo <= p < hi)
+    keys = list(zip(*(ours_npz[k].tolist() for k in ("feature", "context", "position")), strict=True))
+    figures = {}
+    for name, theirs in (("deployed", by_feature(theirs_npz["feature"], theirs_npz["context"],
+                                                  theirs_npz["position"])),
+                         ("same_rows", by_feature(values["same_feature"], values["same_context"],
+                                                  values["same_position"]))):
+        prefix = "own" if name == "deployed" else "same"
+        figures[name] = top_agreement(ours, theirs, dict(zip(keys, values[f"{prefix}_at_ours"].tolist())),
+                                      dict(enumerate(values[f"{prefix}_cut"].tolist())))
+    return {**figures, "positions_compared": [lo, hi],
             "positions_per_feature": float(np.mean([len(o) for o in ours.values()]))}
 
 
@@ -375,6 +522,8 @@ def lines_for(args, prepared: dict, o: dict, p: dict, overlap: dict, common: dic
     fps = {s: n_features / r["seconds"] for s, r in (("ours", o), ("peer", p))}
     tps = {s: n_tokens / r["seconds"] for s, r in (("ours", o), ("peer", p))}
     peer_fields = {"peer": PEER, "peer_version": p["peer_version"]}
+    deployed, same = overlap["deployed"], overlap["same_rows"]
+    where = {f"overlap_{k}": overlap[k] for k in ("positions_compared", "positions_per_feature")}
     return [
         {"metric": "dashboard_features_per_s", "value": fps["ours"], "baseline": fps["peer"],
          "ratio": fps["ours"] / fps["peer"], "goal": GOAL_THROUGHPUT, "unit": "features per second", **peer_fields,
@@ -389,9 +538,19 @@ def lines_for(args, prepared: dict, o: dict, p: dict, overlap: dict, common: dic
          "ratio": o["peak_rss_bytes"] / p["peak_rss_bytes"], "goal": GOAL_MEMORY, "lower_is_better": True,
          "unit": "bytes", "measured_as": "ru_maxrss of each side's process (os.wait4), imports included",
          "work_peak_bytes": {"ours": o["work_peak_bytes"], "peer": p["work_peak_bytes"]}, **peer_fields, **common},
-        {"metric": "dashboard_top20_overlap", "value": overlap["mean"], "baseline": 1.0, "ratio": overlap["mean"],
-         "goal": GOAL_OVERLAP, "unit": "share of our top-20 positions in the peer's top-20, mean over features",
-         **{f"overlap_{k}": v for k, v in overlap.items() if k != "mean"}, **peer_fields, **common},
+        {"metric": "dashboard_top20_overlap", "value": deployed["mean"], "baseline": 1.0, "ratio": deployed["mean"],
+         "goal": GOAL_OVERLAP, "unit": "share of our top-20 positions in the peer's top-20, mean over features; "
+                                       f"each side on its own activations (ours: the cache's {args.dtype} rows, "
+                                       "the peer: its own float32 forward)",
+         **{f"overlap_{k}": v for k, v in deployed.items() if k != "mean"}, **where, "goal_judged_on": SAME_ROWS,
+         **peer_fields, **common},
+        {"metric": SAME_ROWS, "value": same["mean_up_to_ties"], "baseline": 1.0, "ratio": same["mean_up_to_ties"],
+         "goal": GOAL_OVERLAP, "unit": "share of our top-20 positions in the peer's top-20 picked from our rows (its "
+                                       "encode and its k_largest_indices), mean over features, a tie at its 20th "
+                                       "counting as agreeing",
+         "goal_judged_here": "the goal is the same examples from the same data: here the peer picks from the rows we "
+                             "read, and only exact ties at its 20th (which torch.topk orders arbitrarily) may differ",
+         **{f"overlap_{k}": v for k, v in same.items() if k != "mean_up_to_ties"}, **where, **peer_fields, **common},
     ]
 
 
@@ -441,7 +600,13 @@ def main() -> int:
               f"{prepared['n_tokens'] / r['seconds']:9.0f} tokens/s  CPU {r['cpu_seconds']:6.1f} s  "
               f"peak RSS {mib(r['peak_rss_bytes']):7.0f} MiB "
               f"(work {mib(r['work_peak_bytes']):6.0f} MiB)  {parts}")
-    print(f"top-{TOP} agreement: {overlap}; our checks ok: {o['checks_ok']}")
+    for name, figure in (("each on its own activations", overlap["deployed"]),
+                         ("the peer picking from our rows", overlap["same_rows"])):
+        print(f"top-{TOP} agreement, {name}: {figure['mean']:.4f} ({figure['all_agree']} of {figure['n_features']} "
+              f"features identical), up to ties at its 20th {figure['mean_up_to_ties']:.4f} "
+              f"({figure['all_agree_up_to_ties']}; {figure['ties_at_cut']} ties); differing: {figure['differing']}")
+    print(f"positions compared {overlap['positions_compared']}, ours there per feature "
+          f"{overlap['positions_per_feature']:.1f}; our checks ok: {o['checks_ok']}")
     print(f"wall {wall_s:.0f} s; load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs"
           + ("  WARNING: a loaded machine, timings are noisy" if noisy else ""))
     common = {"n_features": args.latents, "n_tokens": prepared["n_tokens"], "d_model": args.d_model, "k": K,
