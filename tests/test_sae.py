@@ -27,6 +27,7 @@ from sae_platform.sae import (
     spmm,
     spmm_t,
 )
+from sae_platform.sae.kernels import topk_rows
 
 D, N, K = 16, 64, 4
 # The CPU always; the CUDA device where there is one (`make gpu-check` runs the `cuda`-marked tests on a GPU).
@@ -162,6 +163,48 @@ def test_sddmm_gives_each_entrys_dot_bit_for_bit_in_csr_order(batch, device):
     torch.testing.assert_close(entry_by_entry, (y[pattern.rows] * table[pattern.cols]).sum(1), atol=1e-5, rtol=1e-5)
     empty = Pattern.from_rows(pattern.rows[:0], pattern.cols[:0], batch, N)
     assert sddmm(empty, y, table).shape == (0,)
+
+
+def _check_topk_rows(x, k, sorted=False):
+    values, indices = topk_rows(x, k, sorted=sorted)
+    expected = torch.topk(x, k, dim=1).values
+    assert torch.equal(values.sort(1, descending=True).values, expected)  # the same values, ties included
+    assert torch.equal(x.gather(1, indices), values)  # each index holds its value
+    assert torch.equal(indices.sort(1).values.diff(1) > 0, torch.ones_like(indices[:, 1:], dtype=torch.bool))
+    if sorted:
+        assert torch.equal(values, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 4, 32, 128])
+def test_topk_rows_gives_torch_topks_values_through_its_chunks(dtype, k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(64, 4096, generator=g).to(dtype)
+    _check_topk_rows(x, k)
+    _check_topk_rows(x, k, sorted=True)
+    ties = torch.randint(0, 6, (64, 4096), generator=g).to(dtype)  # thousands of equal values per row
+    _check_topk_rows(ties, k)
+    masked = x.masked_fill(torch.rand(64, 4096, generator=g) < 0.9, float("-inf"))  # AuxK's dead-only scan
+    _check_topk_rows(masked, k)
+    few = x.masked_fill(torch.arange(4096) >= k // 2, float("-inf"))  # fewer finite entries than k
+    _check_topk_rows(few, k)
+
+
+def test_topk_rows_falls_back_to_torch_topk_where_chunks_do_not_fit():
+    x = torch.randn(8, 1001)  # not a multiple of the chunk count
+    for got, want in zip(topk_rows(x, 5), torch.topk(x, 5, dim=1, sorted=False), strict=True):
+        assert torch.equal(got, want)
+    wide_k = torch.randn(8, 4096)  # k above n / 32: the candidates would be most of the row
+    for got, want in zip(topk_rows(wide_k, 200), torch.topk(wide_k, 200, dim=1, sorted=False), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_a_topk_sae_wide_enough_for_chunked_picks_matches_the_dense_reference():
+    x = make_data(64, seed=4, scale=3.0, offset=0.5)
+    sae = build_sae("topk", D, 1024, k=K)  # 1,024 latents, k 4: topk_rows picks through its chunks
+    sae.calibrate_(x)
+    out = sae(x)
+    torch.testing.assert_close(out.recon, dense_topk_reference(sae, x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

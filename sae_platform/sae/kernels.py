@@ -6,7 +6,8 @@ embedding-bag gathers over the active rows, and the encoder *gradient* touches o
 (row, latent) pairs.
 
 ``Pattern`` (where the nonzeros of a [batch, n_latents] code sit, CSR by row), the kernels
-``spmm`` (S @ table), ``spmm_t`` (S^T @ y) and ``sddmm`` (y @ table^T sampled at S), ``row_dots``
+``spmm`` (S @ table), ``spmm_t`` (S^T @ y) and ``sddmm`` (y @ table^T sampled at S), ``topk_rows``
+(the picks: an exact row-wise top-k faster than torch's on CPU), ``row_dots``
 (the decoder constraint's row-wise dot products), and the two
 autograd Functions built on them: ``_SparseDecode`` (the decoder) and ``_SelectedPre`` (the
 selected pre-activations, differentiable after a no-grad selection). Used by the TopK family
@@ -104,6 +105,35 @@ def sddmm(pattern: Pattern, y: Tensor, table: Tensor) -> Tensor:
     by_latent = torch.ops.aten._embedding_bag_per_sample_weights_backward(
         table, y, rows, col_offsets, pattern.cols[perm], 0, -1)
     return torch.empty_like(by_latent).index_put_((perm,), by_latent)
+
+
+# Columns per strided chunk in topk_rows: 8 measured fastest at 16,384 latents, k 32 (bf16 and float32).
+TOPK_CHUNK = 8
+
+
+def topk_rows(x: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
+    """Each row's k largest entries of ``x`` [rows, n]: (values, column indices), [rows, k] each,
+    the values exactly those of ``torch.topk(x, k, dim=1)``; only the indices of equal values may
+    differ, whose order torch.topk leaves unspecified too. ``sorted``: values in descending order.
+
+    On CPU, torch.topk costs ~1.3 ns an element: it copies each row into (value, index) pairs and
+    partial-sorts them. Here each row's n columns are first split into ``TOPK_CHUNK`` strided chunks'
+    worth of maxima (column c's chunk holds c, c + n/8, c + 2n/8, ...; a vectorised max over 8 rows of
+    a [8, n/8] view), the k chunks with the largest maxima are found the same way (recursively), and
+    only their 8k entries go to torch.topk. Exact: fewer than k chunks have a maximum above the k-th
+    largest maximum t, so every entry above t lies in a chosen chunk, and the chosen chunks hold at
+    least k entries >= t (their maxima). At 4,096 x 16,384, k 32: 48 -> 34 ms in bf16, 57 -> 42 ms in
+    float32 (2 cores). Falls back to torch.topk on other devices, for a non-contiguous ``x``, and where
+    the chunks would not pay (n not a multiple of 8, or k above n / 32)."""
+    rows, n = x.shape
+    if x.device.type != "cpu" or not x.is_contiguous() or n % TOPK_CHUNK or k * TOPK_CHUNK * 4 > n:
+        return torch.topk(x, k, dim=1, sorted=sorted)
+    width = n // TOPK_CHUNK
+    strided = x.view(rows, TOPK_CHUNK, width)
+    _, chunks = topk_rows(strided.amax(1), k)  # [rows, k]: the chunks holding the top k
+    candidates = strided.gather(2, chunks.unsqueeze(1).expand(rows, TOPK_CHUNK, k))  # [rows, 8, k]
+    values, pos = candidates.reshape(rows, TOPK_CHUNK * k).topk(k, dim=1, sorted=sorted)
+    return values, chunks.gather(1, pos % k) + width * (pos // k)
 
 
 def row_dots(a: Tensor, b: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from sae_platform.errors import PlatformError
 from sae_platform.sae.base import Codes, SAEOutput, _sparse_stats
-from sae_platform.sae.kernels import Pattern, _SelectedPre
+from sae_platform.sae.kernels import Pattern, _SelectedPre, topk_rows
 from sae_platform.sae.topk import TopKSAE, _dead_or_none
 
 
@@ -99,10 +99,10 @@ class SwitchSAE(TopKSAE):
             if count == 0:
                 continue
             pre = self.expert_pre(e, x_sorted[start:start + count])
-            picks.append(pre.topk(k, dim=1, sorted=False))
+            picks.append(topk_rows(pre, k))
             if with_aux:  # pre is spent: mask it in place rather than copy it
                 pre.masked_fill_(~dead_mask[e * m:(e + 1) * m].to(pre.device), float("-inf"))
-                aux_picks.append(pre.topk(k_aux, dim=1, sorted=False))
+                aux_picks.append(topk_rows(pre, k_aux))
             start += count
         offset = expert[order][:, None] * m  # expert-local -> global latent ids
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sae_platform.errors import PlatformError
 from sae_platform.sae.base import Codes, SAEOutput, SparseAutoencoder, _sparse_stats
-from sae_platform.sae.kernels import Pattern, _SelectedPre, _SparseDecode, sddmm
+from sae_platform.sae.kernels import Pattern, _SelectedPre, _SparseDecode, sddmm, topk_rows
 
 # Pre-activation elements per chunk when encoding without a training graph: bounds inference
 # memory for big dictionaries (1M latents x 4096 rows would be 16 GB at once).
@@ -30,6 +30,11 @@ TRAIN_BLOCK_ELEMENTS = 1 << 28
 
 def _aux_target(xs: Tensor, recon_n: Tensor) -> Tensor:
     return (xs - recon_n).detach()
+
+
+def _into(outs: tuple[Tensor, Tensor], picked: tuple[Tensor, Tensor]) -> None:
+    for out, part in zip(outs, picked, strict=True):
+        out.copy_(part)
 
 
 def _dead_or_none(dead_mask: Tensor | None) -> Tensor | None:
@@ -98,10 +103,10 @@ class TopKSAE(SparseAutoencoder):
             stop = min(start + rows, batch)
             pre = torch.mm(xc_s[start:stop], w_s.t(), out=block[:stop - start]) if b_s is None \
                 else torch.addmm(b_s, xc_s[start:stop], w_s.t(), out=block[:stop - start])
-            torch.topk(pre, width, dim=1, sorted=sort, out=(vals[start:stop], idx[start:stop]))
+            _into((vals[start:stop], idx[start:stop]), topk_rows(pre, width, sorted=sort))
             if aux is not None:  # pre is spent: mask it in place rather than copy it
                 pre.masked_fill_(alive, float("-inf"))
-                torch.topk(pre, k_aux, dim=1, sorted=False, out=(aux[0][start:stop], aux[1][start:stop]))
+                _into((aux[0][start:stop], aux[1][start:stop]), topk_rows(pre, k_aux))
         if low:
             vals = self._exact_pre(xc, vals, idx)
             aux = None if aux is None else (self._exact_pre(xc, *aux), aux[1])
