@@ -38,8 +38,8 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     ``SparseCoder.forward`` runs on CUDA). The float32 line per peer and sparsify's ``..._bf16`` line
     (not the AuxK or ``..._defaults`` lines) also carry ``ceiling_ratio`` and ``floor_ms``: the peer's
     step time over the floor of any exact TopK step in the same precision (the bare dense encoder matmul
-    and the top-k selection over every latent, ``make_floor``, timed in the same rounds), the most any
-    exact TopK implementation could reach against that peer.
+    and the fastest exact top-k selection we know over every latent, ``make_floor``, timed in the same
+    rounds), the most any exact TopK implementation built on them could reach against that peer.
 (f) **Picking in bf16** (the trainer's default where the device multiplies bf16 natively:
     ``training.config.selection_precision: auto``): the same sparse TopK step with the dense
     pre-activations it picks from computed in bf16 and the picked values recomputed in float32,
@@ -92,6 +92,7 @@ from peer_venv import open_peer  # noqa: E402
 from sae_platform.glibc_malloc import freed_blocks_reused  # noqa: E402
 from sae_platform.lr_schedule import base_lrs, set_lr  # noqa: E402
 from sae_platform.sae import ADAM_EPS, build_sae, dense_topk_reference, lr_for  # noqa: E402
+from sae_platform.sae.kernels import topk_rows  # noqa: E402
 from sae_platform.settings import read_run_config  # noqa: E402
 from sae_platform.trainer import TrainSettings, selection_dtype  # noqa: E402
 
@@ -245,15 +246,14 @@ def make_matmuls(batch, d, n, device):
 
 def make_floor(batch, d, n, k, device, dtype):
     """What every exact TopK step must do, bare: the dense encoder matmul and the top-k selection over its
-    [batch, n_latents] output, in ``dtype``, into preallocated outputs. No bias: b_enc can ride in the
-    matmul as one more input column (as our bf16 picks do), and a separate bias pass over the output would
-    cost ~10 ms here. A peer's step time over this one's bounds the ratio any exact TopK step built on
-    torch's matmul and top-k could reach against it (``ceiling_ratio`` in the peer lines)."""
+    [batch, n_latents] output, in ``dtype``, the matmul into a preallocated output. No bias: b_enc can ride
+    in the matmul as one more input column (as our bf16 picks do), and a separate bias pass over the output
+    would cost ~10 ms here. The selection is the fastest exact one we know, ``kernels.topk_rows`` (faster
+    than torch.topk on CPU; torch.topk elsewhere). A peer's step time over this one's bounds the ratio any
+    exact TopK step built on these could reach against it (``ceiling_ratio`` in the peer lines)."""
     x, w = torch.randn(batch, d, device=device, dtype=dtype), torch.randn(n, d, device=device, dtype=dtype)
     pre = torch.empty(batch, n, device=device, dtype=dtype)
-    vals, idx = torch.empty(batch, k, device=device, dtype=dtype), torch.empty(batch, k, dtype=torch.long,
-                                                                                device=device)
-    return lambda: torch.topk(torch.mm(x, w.t(), out=pre), k, dim=1, sorted=False, out=(vals, idx))
+    return lambda: topk_rows(torch.mm(x, w.t(), out=pre), k)
 
 
 def timed(fn, device) -> float:
@@ -554,8 +554,9 @@ def run(args, folder: Path, peers: dict) -> int:
     def ceiling(peer_side: str, floor: str) -> dict:
         """The peer's step over the bare floor of an exact TopK step in the same precision (make_floor)."""
         return {"ceiling_ratio": med[peer_side] / med[floor], "floor_ms": round(med[floor] * 1e3, 1),
-                "ceiling_is": "the peer's step time over the bare dense encoder matmul + top-k selection in the same "
-                              "precision, same rounds: the highest ratio any exact TopK step could reach"}
+                "ceiling_is": "the peer's step time over the bare dense encoder matmul + the fastest exact top-k we "
+                              "know (kernels.topk_rows) in the same precision, same rounds: the highest ratio an "
+                              "exact TopK step built on them could reach"}
     lines = [
         {"metric": "topk_train_tokens_per_s", "value": tps["topk_sparse"], "baseline": tps["topk_dense_ref"],
          "ratio": tps["topk_sparse"] / tps["topk_dense_ref"], "goal": GOAL_SPARSE_VS_DENSE, "unit": "tokens/s",
