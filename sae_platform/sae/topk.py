@@ -208,7 +208,7 @@ class TopKSAE(SparseAutoencoder):
         for start in range(0, self.n_latents, chunk):
             stop = min(start + chunk, self.n_latents)
             pre = F.linear(xc, self.W_enc[start:stop], self.b_enc[start:stop])
-            vals, idx = pre.topk(min(k, stop - start), dim=1)
+            vals, idx = topk_rows(pre, min(k, stop - start), sorted=True)
             idx += start
             if best is not None:
                 vals, pick = torch.cat([best[0], vals], 1).topk(k, dim=1)
