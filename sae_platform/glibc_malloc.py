@@ -81,21 +81,22 @@ def freed_blocks_reused() -> Iterator[bool]:
     glibc's defaults are set back (fixed at 128 KiB from then on, no longer adapting) and the free
     heap is handed back (``malloc_trim``). Nested and concurrent blocks share one setting, restored
     when the last is left. Changes nothing where the environment chose the thresholds or
-    ``fix_mmap_threshold`` did."""
+    ``fix_mmap_threshold`` did, and a block entered before ``fix_mmap_threshold`` leaves its
+    threshold as fixed."""
     global _reusing
     with _lock:
-        changed = _reusing > 0 or (
-            _fixed_mmap_threshold is None and not _set_in_environment("mmap_threshold", "trim_threshold")
+        changed = _fixed_mmap_threshold is None and (_reusing > 0 or (
+            not _set_in_environment("mmap_threshold", "trim_threshold")
             and (_mallopt(M_MMAP_THRESHOLD, REUSED_BLOCK_LIMIT) or _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_CAP))
-            and _mallopt(M_TRIM_THRESHOLD, REUSED_BLOCK_LIMIT))
+            and _mallopt(M_TRIM_THRESHOLD, REUSED_BLOCK_LIMIT)))
         _reusing += changed
     try:
         yield changed
     finally:
         with _lock:
             _reusing -= changed
-            if changed and not _reusing:
-                _mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
+            if changed and not _reusing:  # a threshold fixed meanwhile stays as fixed
+                _mallopt(M_MMAP_THRESHOLD, _fixed_mmap_threshold or DEFAULT_MMAP_THRESHOLD)
                 _mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
                 release_free_heap()
 

@@ -87,3 +87,44 @@ def test_an_environment_or_fixed_threshold_wins_over_freed_blocks_reused(env):
     print(json.dumps(dict(reused=reused, within=within)))
     """, {**BARE, **(env or {})})
     assert not got["reused"] and got["within"] > 20_000, got
+
+
+# Whether glibc serves a malloc of ``size`` bytes by mmap (above the mmap threshold): mallinfo2's count of
+# mapped blocks, one malloc and free apart (glibc >= 2.33; mallinfo's int fields before).
+MAPPED = """
+    import ctypes, json
+    from sae_platform import glibc_malloc
+
+    _libc = ctypes.CDLL(None)
+    _wide = hasattr(_libc, "mallinfo2")
+    class _Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t if _wide else ctypes.c_int) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+    _info = _libc.mallinfo2 if _wide else _libc.mallinfo
+    _info.restype, _libc.malloc.restype = _Info, ctypes.c_void_p
+    _libc.malloc.argtypes, _libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+
+    def mapped(size):
+        before = _info().hblks
+        block = _libc.malloc(size)
+        try:
+            return _info().hblks > before
+        finally:
+            _libc.free(block)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
+def test_a_threshold_fixed_inside_a_block_is_kept_when_the_block_is_left():
+    """``fix_mmap_threshold`` while a ``freed_blocks_reused`` block is entered (a memory measurement begun
+    in a process that trains): leaving the block set the threshold back to 128 KiB, undoing the fixed
+    1 MiB, and a block nested after the fix said it reused freed blocks. Now the fixed threshold stays."""
+    got = run(MAPPED + """
+    with glibc_malloc.freed_blocks_reused() as reused:
+        glibc_malloc.fix_mmap_threshold(1 << 20)
+        with glibc_malloc.freed_blocks_reused() as nested:
+            pass
+    print(json.dumps(dict(reused=reused, nested=nested, small=mapped(512 << 10), big=mapped(2 << 20))))
+    """)
+    assert got == dict(reused=True, nested=False, small=False, big=True), got
