@@ -55,19 +55,26 @@ def _mallopt(param: int, value: int) -> bool:
     return bool(mallopt(ctypes.c_int(param), ctypes.c_int(value)))
 
 
-def _set_in_environment(*names: str) -> bool:
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    return any(f"MALLOC_{name.upper()}_" in os.environ or f"glibc.malloc.{name}" in tunables for name in names)
+# glibc's environment variable for each malloc tunable (``GLIBC_TUNABLES``' ``glibc.malloc.<tunable>``)
+_VARIABLES = {"arena_max": "MALLOC_ARENA_MAX", "mmap_threshold": "MALLOC_MMAP_THRESHOLD_",
+              "trim_threshold": "MALLOC_TRIM_THRESHOLD_"}
+
+
+def _set_in_environment(*tunables: str) -> bool:
+    """Whether the operator set any of ``tunables`` (``_VARIABLES``' keys), by variable or GLIBC_TUNABLES."""
+    chosen = os.environ.get("GLIBC_TUNABLES", "")
+    return any(_VARIABLES[name] in os.environ or f"glibc.malloc.{name}=" in chosen for name in tunables)
 
 
 def limit_arenas(arenas: int) -> bool:
     """Limit this process to ``arenas`` malloc arenas (``mallopt(M_ARENA_MAX)``, what
-    ``MALLOC_ARENA_MAX`` in the environment does), so buffers freed by reader threads are reused
+    ``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES=glibc.malloc.arena_max=N`` in the environment does, and an
+    operator's setting there is left as set), so buffers freed by reader threads are reused
     rather than kept per thread. Once per process: it applies to arenas created from then on (glibc
     latches the limit when it first needs it) and stays. True if the limit was set here."""
     global _arenas_limited
     with _lock:
-        if _arenas_limited or "MALLOC_ARENA_MAX" in os.environ:
+        if _arenas_limited or _set_in_environment("arena_max"):
             return False
         _arenas_limited = True
         return _mallopt(M_ARENA_MAX, arenas)

@@ -33,6 +33,8 @@ def test_the_arena_limit_is_set_once_per_process_unless_the_environment_did():
     """
     assert run(script) == ([True, False] if GLIBC else [False, False])
     assert run(script, {**BARE, "MALLOC_ARENA_MAX": "4"}) == [False, False]  # the operator's setting wins
+    # ... however it is spelled (this one was overridden: only MALLOC_ARENA_MAX was looked for)
+    assert run(script, {**BARE, "GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.arena_max=4"}) == [False, False]
 
 
 # Page faults per round of allocating and filling two 48 MB tensors (torch's allocator asks for no huge
