@@ -41,7 +41,8 @@ to the range is the top of the same tokens, so each must be there); the mean ove
 (``top_agreement``). It ranks float32 activations (``SaeVisConfig.dtype``, float32 by default) with
 ``torch.topk``, which orders equal values arbitrarily (ours: the lower row first); so each figure is
 given strict and up to ties: a position of ours it lacks counts when its own activation there equals its
-20th (above zero). Two figures (``top_overlap``):
+20th (above zero), one for each of its picks at that 20th that ours lacks (a tie swaps one for one). Two
+figures (``top_overlap``):
 
 - each side on its own activations (``dashboard_top20_overlap``): ours are codes of the cache's float16
   rows, its of its own float32 forward. In the full mode the rounding moves a code by 7e-5 of its size
@@ -309,7 +310,10 @@ def peer_values(work: Path, cfg, model, sae, tokens, top: dict) -> dict:
 
     Returns {"own_at_ours", "same_at_ours": its activation at each of our top positions (ours_top.npz's
     order), "own_cut", "same_cut": [features] its 20th activation in its buffer (the smallest it picked),
-    "same_feature", "same_context", "same_position": its top-20 on our rows}."""
+    "own_tied", "same_tied": [m, 3] (feature, context, position) of each of its picks whose activation
+    equals its 20th, above zero (the ones a tie may have swapped; on its own activations the same as its
+    run's, whose activating picks these match), "same_feature", "same_context", "same_position": its
+    top-20 on our rows}."""
     import numpy as np
     import torch
     from sae_dashboard.sae_vis_runner import DTYPES, FeatureDataGeneratorFactory
@@ -347,12 +351,16 @@ def peer_values(work: Path, cfg, model, sae, tokens, top: dict) -> dict:
         context, position, feature, value = context[order], position[order], feature[order], value[order]
         bounds = torch.searchsorted(feature, torch.arange(n_features + 1)).tolist()
         at_ours, cut, picked = np.zeros(len(ours["feature"]), np.float32), np.zeros(n_features, np.float32), []
+        tied = []
         for f in range(n_features):
             column = torch.zeros(tokens.shape, dtype=value.dtype)
             lo, hi = bounds[f], bounds[f + 1]
             column[context[lo:hi], position[lo:hi]] = value[lo:hi]
             best = k_largest_indices(column, k=TOP, buffer=buffer)
-            cut[f] = float(column[best[:, 0], best[:, 1]].min())
+            its = column[best[:, 0], best[:, 1]]
+            cut[f] = float(its.min())
+            if its.min() > 0:
+                tied += [(f, c, p) for c, p in best[its == its.min()].tolist()]
             mine = torch.tensor(wanted.get(f, []), dtype=torch.long)
             at_ours[mine.numpy()] = column[ours["context"][mine].long(), ours["position"][mine].long()].numpy()
             if name == "own":
@@ -362,6 +370,7 @@ def peer_values(work: Path, cfg, model, sae, tokens, top: dict) -> dict:
             else:
                 picked += [(f, c, p) for c, p in best.tolist()]
         out[f"{name}_at_ours"], out[f"{name}_cut"] = at_ours, cut
+        out[f"{name}_tied"] = np.array(tied, dtype=np.int64).reshape(-1, 3)
     if mismatched:
         raise SystemExit(f"{PEER}'s activations recomputed after its run do not give its own top-{TOP} for "
                          f"{len(mismatched)} features (first {mismatched[:5]}): the agreement up to ties would "
@@ -451,20 +460,22 @@ def run_side(python: str, side: str, args, work: Path, env: dict) -> dict:
     return result
 
 
-def top_agreement(ours: dict, theirs: dict, their_at_ours: dict, their_cut: dict) -> dict:
+def top_agreement(ours: dict, theirs: dict, their_at_ours: dict, their_cut: dict, their_tied: dict) -> dict:
     """How far our top examples are sae-dashboard's, per feature that has any of ours.
 
     ours, theirs: feature -> set of (context, position), ours restricted to the positions it picks from
     (ours, ranked over every position, restricted to those is the top of the same tokens, so each must be
     among its top-20); their_at_ours: (feature, context, position) -> its activation at each of ours;
-    their_cut: feature -> its 20th activation (the smallest it picked).
+    their_cut: feature -> its 20th activation (the smallest it picked); their_tied: feature -> its picks
+    (context, position) whose activation equals its 20th, above zero.
 
     Strict ("mean", "all_agree"): the share of our positions in its top-20. Up to ties ("mean_up_to_ties",
     "all_agree_up_to_ties"): a position of ours missing from its list counts as agreeing when its own
     activation there equals its 20th and is above zero: a tie at its cut in its own precision, which
-    ``torch.topk`` breaks in no stated order (ours: the lower row first). Only our missing positions are
-    scored, since the figure is the share of ours in its list; its missing ones are the other side of the
-    same swaps. "ties_at_cut": positions so counted; "differing": the features below 1 up to ties.
+    ``torch.topk`` breaks in no stated order (ours: the lower row first). A tie swaps one of ours for one
+    of its picks at the cut that ours lacks, so no more of ours count so than it has of those: were two
+    of ours at its cut where it picked one, ours would lack one of its picks above the cut, a real
+    difference. "ties_at_cut": positions so counted; "differing": the features below 1 up to ties.
     Our list holds activating tokens only, so a rare feature's is shorter than 20."""
     import numpy as np
 
@@ -473,10 +484,11 @@ def top_agreement(ours: dict, theirs: dict, their_at_ours: dict, their_cut: dict
         if not o:
             continue
         found = o & theirs.get(f, set())
-        tied = {(c, p) for c, p in o - found if their_cut[f] > 0 and their_at_ours[(f, c, p)] == their_cut[f]}
+        at_cut = sum(their_cut[f] > 0 and their_at_ours[(f, c, p)] == their_cut[f] for c, p in o - found)
+        tied = min(at_cut, len(their_tied.get(f, set()) - o))  # one of its picks at the cut per swap
         strict.append(len(found) / len(o))
-        fair.append((len(found) + len(tied)) / len(o))
-        ties += len(tied)
+        fair.append((len(found) + tied) / len(o))
+        ties += tied
         if fair[-1] < 1:
             differing.append(f)
     return {"mean": float(np.mean(strict)), "min": float(np.min(strict)), "n_features": len(strict),
@@ -512,7 +524,8 @@ def top_overlap(work: Path) -> dict:
                                                   values["same_position"]))):
         prefix = "own" if name == "deployed" else "same"
         figures[name] = top_agreement(ours, theirs, dict(zip(keys, values[f"{prefix}_at_ours"].tolist())),
-                                      dict(enumerate(values[f"{prefix}_cut"].tolist())))
+                                      dict(enumerate(values[f"{prefix}_cut"].tolist())),
+                                      by_feature(*values[f"{prefix}_tied"].reshape(-1, 3).T))
     return {**figures, "positions_compared": [lo, hi],
             "positions_per_feature": float(np.mean([len(o) for o in ours.values()]))}
 

@@ -29,14 +29,17 @@ import threading
 from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-DEFAULT_MMAP_THRESHOLD = 128 << 10  # glibc's starting value (it then adapts, up to 32 MiB)
-DEFAULT_TRIM_THRESHOLD = 128 << 10
+DEFAULT_TRIM_THRESHOLD = 128 << 10  # glibc's, kept while the mmap threshold is fixed (it adapts neither then)
 # The largest block freed_blocks_reused keeps in the heap, and the free heap it keeps: a 16,384-latent
 # step's biggest blocks are its 38 MB gradients. Bigger ones (a 2^20-latent shard's 2.25 GiB) stay mapped:
 # kept, they could raise the peak by fragments that size, and faulting them in is little against a step of
 # seconds.
 REUSED_BLOCK_LIMIT = 256 << 20
 MMAP_THRESHOLD_CAP = 32 << 20  # the most some glibc versions accept for M_MMAP_THRESHOLD on 64-bit
+# Where glibc's own adaptation of the thresholds ends (the cap, and trim twice it, once a mapped block that
+# big is freed, as any torch process soon frees one): what freed_blocks_reused leaves, since no mallopt turns
+# the adaptation back on.
+ADAPTED_MMAP_THRESHOLD, ADAPTED_TRIM_THRESHOLD = MMAP_THRESHOLD_CAP, 2 * MMAP_THRESHOLD_CAP
 
 _lock = threading.Lock()
 _arenas_limited = False
@@ -52,19 +55,26 @@ def _mallopt(param: int, value: int) -> bool:
     return bool(mallopt(ctypes.c_int(param), ctypes.c_int(value)))
 
 
-def _set_in_environment(*names: str) -> bool:
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    return any(f"MALLOC_{name.upper()}_" in os.environ or f"glibc.malloc.{name}" in tunables for name in names)
+# glibc's environment variable for each malloc tunable (``GLIBC_TUNABLES``' ``glibc.malloc.<tunable>``)
+_VARIABLES = {"arena_max": "MALLOC_ARENA_MAX", "mmap_threshold": "MALLOC_MMAP_THRESHOLD_",
+              "trim_threshold": "MALLOC_TRIM_THRESHOLD_"}
+
+
+def _set_in_environment(*tunables: str) -> bool:
+    """Whether the operator set any of ``tunables`` (``_VARIABLES``' keys), by variable or GLIBC_TUNABLES."""
+    chosen = os.environ.get("GLIBC_TUNABLES", "")
+    return any(_VARIABLES[name] in os.environ or f"glibc.malloc.{name}=" in chosen for name in tunables)
 
 
 def limit_arenas(arenas: int) -> bool:
     """Limit this process to ``arenas`` malloc arenas (``mallopt(M_ARENA_MAX)``, what
-    ``MALLOC_ARENA_MAX`` in the environment does), so buffers freed by reader threads are reused
+    ``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES=glibc.malloc.arena_max=N`` in the environment does, and an
+    operator's setting there is left as set), so buffers freed by reader threads are reused
     rather than kept per thread. Once per process: it applies to arenas created from then on (glibc
     latches the limit when it first needs it) and stays. True if the limit was set here."""
     global _arenas_limited
     with _lock:
-        if _arenas_limited or "MALLOC_ARENA_MAX" in os.environ:
+        if _arenas_limited or _set_in_environment("arena_max"):
             return False
         _arenas_limited = True
         return _mallopt(M_ARENA_MAX, arenas)
@@ -78,25 +88,29 @@ def freed_blocks_reused() -> Iterator[bool]:
     (training); yields whether freed blocks are reused within.
 
     The resident set then stays near the loop's high-water mark until the block is left; on leaving,
-    glibc's defaults are set back (fixed at 128 KiB from then on, no longer adapting) and the free
-    heap is handed back (``malloc_trim``). Nested and concurrent blocks share one setting, restored
-    when the last is left. Changes nothing where the environment chose the thresholds or
-    ``fix_mmap_threshold`` did."""
+    the free heap is handed back (``malloc_trim``) and the thresholds are set where glibc's adaptation
+    ends (``ADAPTED_MMAP_THRESHOLD``, 32 MiB; trim 64 MiB): no mallopt turns the adaptation back on, and
+    glibc's starting 128 KiB, fixed, mapped every block above it afresh for the rest of the process (7x
+    the page faults of an adapted glibc for a loop of 4 MB tensors after training). Nested and
+    concurrent blocks share one setting, restored when the last is left. Changes nothing where the
+    environment chose the thresholds or ``fix_mmap_threshold`` did, and a block entered before
+    ``fix_mmap_threshold`` leaves its threshold as fixed."""
     global _reusing
     with _lock:
-        changed = _reusing > 0 or (
-            _fixed_mmap_threshold is None and not _set_in_environment("mmap_threshold", "trim_threshold")
+        changed = _fixed_mmap_threshold is None and (_reusing > 0 or (
+            not _set_in_environment("mmap_threshold", "trim_threshold")
             and (_mallopt(M_MMAP_THRESHOLD, REUSED_BLOCK_LIMIT) or _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_CAP))
-            and _mallopt(M_TRIM_THRESHOLD, REUSED_BLOCK_LIMIT))
+            and _mallopt(M_TRIM_THRESHOLD, REUSED_BLOCK_LIMIT)))
         _reusing += changed
     try:
         yield changed
     finally:
         with _lock:
             _reusing -= changed
-            if changed and not _reusing:
-                _mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
-                _mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+            if changed and not _reusing:  # a threshold fixed meanwhile stays as fixed
+                fixed = _fixed_mmap_threshold is not None
+                _mallopt(M_MMAP_THRESHOLD, _fixed_mmap_threshold if fixed else ADAPTED_MMAP_THRESHOLD)
+                _mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD if fixed else ADAPTED_TRIM_THRESHOLD)
                 release_free_heap()
 
 

@@ -33,6 +33,8 @@ def test_the_arena_limit_is_set_once_per_process_unless_the_environment_did():
     """
     assert run(script) == ([True, False] if GLIBC else [False, False])
     assert run(script, {**BARE, "MALLOC_ARENA_MAX": "4"}) == [False, False]  # the operator's setting wins
+    # ... however it is spelled (this one was overridden: only MALLOC_ARENA_MAX was looked for)
+    assert run(script, {**BARE, "GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.arena_max=4"}) == [False, False]
 
 
 # Page faults per round of allocating and filling two 48 MB tensors (torch's allocator asks for no huge
@@ -87,3 +89,65 @@ def test_an_environment_or_fixed_threshold_wins_over_freed_blocks_reused(env):
     print(json.dumps(dict(reused=reused, within=within)))
     """, {**BARE, **(env or {})})
     assert not got["reused"] and got["within"] > 20_000, got
+
+
+# Whether glibc serves a malloc of ``size`` bytes by mmap (above the mmap threshold): mallinfo2's count of
+# mapped blocks, one malloc and free apart (glibc >= 2.33; mallinfo's int fields before).
+MAPPED = """
+    import ctypes, json
+    from sae_platform import glibc_malloc
+
+    _libc = ctypes.CDLL(None)
+    _wide = hasattr(_libc, "mallinfo2")
+    class _Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t if _wide else ctypes.c_int) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+    _info = _libc.mallinfo2 if _wide else _libc.mallinfo
+    _info.restype, _libc.malloc.restype = _Info, ctypes.c_void_p
+    _libc.malloc.argtypes, _libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+
+    def mapped(size):
+        before = _info().hblks
+        block = _libc.malloc(size)
+        try:
+            return _info().hblks > before
+        finally:
+            _libc.free(block)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
+def test_a_threshold_fixed_inside_a_block_is_kept_when_the_block_is_left():
+    """``fix_mmap_threshold`` while a ``freed_blocks_reused`` block is entered (a memory measurement begun
+    in a process that trains): leaving the block set the threshold back to 128 KiB, undoing the fixed
+    1 MiB, and a block nested after the fix said it reused freed blocks. Now the fixed threshold stays."""
+    got = run(MAPPED + """
+    with glibc_malloc.freed_blocks_reused() as reused:
+        glibc_malloc.fix_mmap_threshold(1 << 20)
+        with glibc_malloc.freed_blocks_reused() as nested:
+            pass
+    print(json.dumps(dict(reused=reused, nested=nested, small=mapped(512 << 10), big=mapped(2 << 20))))
+    """)
+    assert got == dict(reused=True, nested=False, small=False, big=True), got
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
+def test_after_the_block_blocks_up_to_32_mib_are_reused_as_an_adapted_glibc_reuses_them():
+    """Leaving the block set glibc's starting mmap threshold, 128 KiB, which mallopt fixes (glibc no longer
+    adapts it): for the rest of the process (an evaluation after training, the next asset) every block above
+    it was mapped afresh, ~1,500 faults a round of 4 MB tensors against ~200 before the block. Now the
+    thresholds are left where glibc's adaptation ends (32 MiB; trim 64 MiB): those blocks stay in the heap,
+    and a bigger one is still mapped and handed back (the 48 MB rounds of the test above)."""
+    got = run(MAPPED + FAULTS + """
+    def one_round():  # 4 MB: above 128 KiB, below 32 MiB
+        a = torch.full((1_000_000,), 1.0)
+        return float((a * 2)[-1])
+
+    with glibc_malloc.freed_blocks_reused() as reused:
+        pass
+    after = faults_per_round(20)
+    print(json.dumps(dict(reused=reused, after=after, small=mapped(4 << 20), big=mapped(48 << 20))))
+    """)
+    assert got["reused"] and not got["small"] and got["big"], got
+    assert got["after"] < 500, got
