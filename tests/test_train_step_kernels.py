@@ -11,7 +11,7 @@ import torch
 
 from sae_platform import HUGE_PAGES_ENV
 from sae_platform.sae import build_sae
-from sae_platform.sae.kernels import row_dots
+from sae_platform.sae.kernels import ROW_DOT_BLOCK, row_dots
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                                    reason="no CUDA device")])]
@@ -80,3 +80,10 @@ def test_huge_pages_are_not_claimed_once_torch_is_loaded():
 
     assert "torch" in sys.modules  # imported above, as a program importing torch first would
     assert sae_platform.enable_huge_pages() is False
+
+
+def test_row_dots_over_several_blocks_is_each_rows_dot_product():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2 * ROW_DOT_BLOCK + 5, 9, generator=g), torch.randn(2 * ROW_DOT_BLOCK + 5, 9, generator=g)
+    want = torch.bmm(a.double().unsqueeze(1), b.double().unsqueeze(2)).view(-1)
+    torch.testing.assert_close(row_dots(a, b).double(), want, atol=1e-5, rtol=1e-5)  # the last, short block too

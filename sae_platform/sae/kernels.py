@@ -136,13 +136,23 @@ def topk_rows(x: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
     return values, chunks.gather(1, pos % k) + width * (pos // k)
 
 
+# Rows per block in row_dots on CPU: the [block, d] product stays in cache (4.7 MB at d 576).
+ROW_DOT_BLOCK = 2048
+
+
 def row_dots(a: Tensor, b: Tensor) -> Tensor:
     """[n]: the dot product of each row of ``a`` with the same row of ``b`` (both [n, d]).
 
-    Run as n batched 1 x d by d x 1 products: no [n, d] temporary. ``(a * b).sum(1)`` wrote and
-    re-read one, which on CPU made the decoder's parallel-gradient removal cost ~3x more per step
-    (16,384 x 576, even in cache-sized blocks)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
+    On CPU in blocks of ``ROW_DOT_BLOCK`` rows, so each block's [block, d] product is written and
+    summed while in cache: 4.6 -> 2.0 ms at 16,384 x 576 on 2 cores, against n batched 1 x d by d x 1
+    products (``bmm``); the whole [n, d] product at once was 3.3 ms. Elsewhere, the whole product."""
+    if a.device.type != "cpu":
+        return (a * b).sum(1)
+    out = a.new_empty(a.shape[0])
+    for start in range(0, a.shape[0], ROW_DOT_BLOCK):
+        stop = start + ROW_DOT_BLOCK
+        torch.sum(a[start:stop] * b[start:stop], 1, out=out[start:stop])
+    return out
 
 
 class _SparseDecode(torch.autograd.Function):
