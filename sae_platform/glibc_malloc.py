@@ -13,12 +13,15 @@ times:
   38 MB gradients again, zeroed by the kernel: at 16,384 latents x d_model 576, batch 4,096, ~22,000
   page faults a step on 4 KiB pages, 7,570 with torch's huge pages (``sae_platform.enable_huge_pages``),
   80 inside this block, where freed blocks up to 256 MiB stay in the heap for the next step.
-- ``fix_mmap_threshold`` and ``release_free_heap``: what the memory benchmarks set so that a job's
-  resident set follows what it holds (benchmarks/scaling_stages.py).
+- ``fix_mmap_threshold`` and ``release_free_heap``: what the memory benchmarks use so that a job's
+  resident set follows what it holds (``fix_mmap_threshold`` in benchmarks/scaling.py,
+  ``release_free_heap`` in benchmarks/scaling_stages.py).
 
-Each call says whether it changed anything: False on other C libraries (musl, macOS) and where the
-operator already chose the setting in the environment (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``, or ``GLIBC_TUNABLES``), which always wins. mallopt's parameter numbers are
+Each call returns whether it changed anything (True or False; none raises): False on other C libraries
+(musl, macOS, where there is no ``mallopt``). ``limit_arenas`` and ``freed_blocks_reused`` also change
+nothing where the operator already chose their setting in the environment (``MALLOC_ARENA_MAX``,
+``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or ``GLIBC_TUNABLES``): the operator's choice
+wins. ``fix_mmap_threshold``, for measurements only, overrides it. mallopt's parameter numbers are
 glibc's ``malloc.h``.
 """
 
@@ -82,10 +85,11 @@ def limit_arenas(arenas: int) -> bool:
 
 @contextlib.contextmanager
 def freed_blocks_reused() -> Iterator[bool]:
-    """Within: glibc keeps freed blocks up to ``REUSED_BLOCK_LIMIT`` (256 MiB) in the heap, and up to
-    that much free heap, so they serve the next allocation instead of going back to the kernel (to be
-    faulted in again, page by page). For a loop that allocates the same big tensors every step
-    (training); yields whether freed blocks are reused within.
+    """Within: glibc keeps freed blocks up to ``REUSED_BLOCK_LIMIT`` (256 MiB; 32 MiB, its
+    ``MMAP_THRESHOLD_CAP``, where glibc refuses a higher mmap threshold) in the heap, and up to 256 MiB
+    of free heap, so they serve the next allocation instead of going back to the kernel (to be faulted
+    in again, page by page). For a loop that allocates the same big tensors every step (training);
+    yields whether freed blocks are reused within (False where nothing was changed, below).
 
     The resident set then stays near the loop's high-water mark until the block is left; on leaving,
     the free heap is handed back (``malloc_trim``) and the thresholds are set where glibc's adaptation
@@ -119,7 +123,9 @@ def fix_mmap_threshold(threshold: int) -> bool:
     from it; as ``MALLOC_MMAP_THRESHOLD_`` in the environment): blocks above it are mapped and handed
     back when freed, and the threshold stops adapting. For memory measurements: glibc raises it after
     a mapped block is freed, so later blocks stay in the heap and a job's peak would depend on what
-    ran before it in the process. ``freed_blocks_reused`` leaves it alone from then on."""
+    ran before it in the process. ``freed_blocks_reused`` leaves it alone from then on. Unlike the
+    other calls it overrides a threshold the operator set in the environment: a measurement needs
+    its own. ``threshold`` in bytes; True if glibc accepted it."""
     global _fixed_mmap_threshold
     with _lock:
         _fixed_mmap_threshold = threshold

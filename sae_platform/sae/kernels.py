@@ -91,13 +91,16 @@ def spmm_t(pattern: Pattern, vals: Tensor, y: Tensor) -> Tensor:
 
 def sddmm(pattern: Pattern, y: Tensor, table: Tensor) -> Tensor:
     """(y @ table^T) sampled at the pattern's entries, [nnz] in CSR order: for entry (r, c), the dot
-    product y[r] . table[c]; y [batch, d], table [n_latents, d]. No [nnz, d] gather: the kernel behind
-    embedding_bag's per_sample_weights gradient, one dot product per entry.
+    product y[r] . table[c]; y [batch, d], table [n_latents, d], same dtype (the result's). No [nnz, d]
+    gather: the kernel behind embedding_bag's per_sample_weights gradient, one dot product per entry.
+    Used to recompute the picked pre-activations exactly and for the sparse decoder's gradient with
+    respect to the picked values.
 
     When the table has more rows than y, the dots run latent by latent (``Pattern.by_col``, which the
     backward's ``spmm_t`` shares): each table row is then read once, in order, and y's rows, the
-    smaller operand, are the ones gathered. Entry by entry, every entry gathered a row of the big table:
-    on CPU 2.6x slower (16,384 x 576 table, 4,096 rows, k = 32), the same dots bit for bit."""
+    smaller operand, are the ones gathered. Run entry by entry instead, each entry gathers a row of
+    the big table: 2.6x slower on CPU (16,384 x 576 table, 4,096 rows, k = 32), the same dots bit for
+    bit."""
     if table.shape[0] <= y.shape[0]:
         return torch.ops.aten._embedding_bag_per_sample_weights_backward(
             y, table, pattern.cols, pattern.offsets, pattern.rows, 0, -1)
@@ -112,19 +115,22 @@ TOPK_CHUNK = 8
 
 
 def topk_rows(x: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
-    """Each row's k largest entries of ``x`` [rows, n]: (values, column indices), [rows, k] each,
-    the values exactly those of ``torch.topk(x, k, dim=1)``; only the indices of equal values may
-    differ, whose order torch.topk leaves unspecified too. ``sorted``: values in descending order.
+    """Each row's k largest entries of ``x`` [rows, n] (2-D, k <= n): (values, column indices), [rows, k]
+    each (values in x's dtype, indices int64), the values exactly those of ``torch.topk(x, k, dim=1)``;
+    only the indices of equal values may differ, whose order torch.topk leaves unspecified too.
+    ``sorted``: values in descending order (else in no stated order). A k above n raises torch.topk's
+    RuntimeError. The training step's picks (TopK family, AuxK, Switch) and TopK's encode use it.
 
-    On CPU, torch.topk costs ~1.3 ns an element: it copies each row into (value, index) pairs and
-    partial-sorts them. Here each row's n columns are first split into ``TOPK_CHUNK`` strided chunks'
-    worth of maxima (column c's chunk holds c, c + n/8, c + 2n/8, ...; a vectorised max over 8 rows of
-    a [8, n/8] view), the k chunks with the largest maxima are found the same way (recursively), and
-    only their 8k entries go to torch.topk. Exact: fewer than k chunks have a maximum above the k-th
-    largest maximum t, so every entry above t lies in a chosen chunk, and the chosen chunks hold at
-    least k entries >= t (their maxima). At 4,096 x 16,384, k 32: 48 -> 34 ms in bf16, 57 -> 42 ms in
-    float32 (2 cores). Falls back to torch.topk on other devices, for a non-contiguous ``x``, and where
-    the chunks would not pay (n not a multiple of 8, or k above n / 32)."""
+    Why: on CPU, torch.topk costs ~1.3 ns an element, as it copies each row into (value, index) pairs
+    and partial-sorts them. Here each row is viewed as [8, n/8] (``TOPK_CHUNK`` = 8), so that chunk c
+    of the n/8 chunks holds the 8 strided columns c, c + n/8, ..., c + 7n/8, and each chunk's maximum
+    is one vectorised max over the view's 8 rows. The k chunks with the largest maxima are found the
+    same way (recursively), and only their 8k entries go to torch.topk. Exact: fewer than k chunks have
+    a maximum above the k-th largest maximum t, so every entry above t lies in a chosen chunk, and the
+    chosen chunks hold at least k entries >= t (their maxima). At 4,096 x 16,384, k 32: 48 -> 34 ms in
+    bf16, 57 -> 42 ms in float32 (2 AVX512-BF16 cores). Falls back to torch.topk on other devices, for
+    a non-contiguous ``x``, and where the chunks would not pay (n not a multiple of 8, or k above
+    n / 32)."""
     rows, n = x.shape
     if x.device.type != "cpu" or not x.is_contiguous() or n % TOPK_CHUNK or k * TOPK_CHUNK * 4 > n:
         return torch.topk(x, k, dim=1, sorted=sorted)
@@ -141,11 +147,12 @@ ROW_DOT_BLOCK = 2048
 
 
 def row_dots(a: Tensor, b: Tensor) -> Tensor:
-    """[n]: the dot product of each row of ``a`` with the same row of ``b`` (both [n, d]).
+    """[n], in a's dtype: the dot product of each row of ``a`` with the same row of ``b`` (both [n, d]).
+    The decoder's parallel-gradient removal calls it every training step.
 
     On CPU in blocks of ``ROW_DOT_BLOCK`` rows, so each block's [block, d] product is written and
-    summed while in cache: 4.6 -> 2.0 ms at 16,384 x 576 on 2 cores, against n batched 1 x d by d x 1
-    products (``bmm``); the whole [n, d] product at once was 3.3 ms. Elsewhere, the whole product."""
+    summed while in cache: 2.0 ms at 16,384 x 576 on 2 cores, where n batched 1 x d by d x 1 products
+    (``bmm``) took 4.6 ms and the whole [n, d] product at once 3.3 ms. Elsewhere, the whole product."""
     if a.device.type != "cpu":
         return (a * b).sum(1)
     out = a.new_empty(a.shape[0])

@@ -113,12 +113,18 @@ class TopKSAE(SparseAutoencoder):
         return vals, idx, aux
 
     def _selection_operands(self, xc: Tensor) -> tuple[Tensor, Tensor, None]:
-        """(xc, W_enc, None): the pick's matmul operands in selection_dtype, with b_enc folded in as one
-        more input column (ones in xc's [batch, d_model + 1], b_enc in W_enc's [n_latents, d_model + 1]),
-        so the matmul adds the bias as it accumulates (in float32) and no bias is left to add: addmm's
-        separate pass over the [batch, n_latents] output was ~12% of the bf16 matmul (4,096 x 16,384 x
-        576). W_enc's low-precision copy is kept between training steps and refreshed in place, as the
-        scratch block is: a fresh 19 MB block each step was faulted in page by page."""
+        """The pick's matmul operands for ``xc`` [batch, d_model] (the centred input): (x, w, None), x
+        [batch, d_model + 1] and w [n_latents, d_model + 1], both in ``selection_dtype``, with b_enc folded
+        in as one more input column (ones in x's last column, b_enc in w's), so ``x @ w.T`` is the
+        pre-activations with the bias added as the matmul accumulates (in float32), and the None tells
+        ``_scan`` there is no bias left to add. Why: addmm's separate pass over the [batch, n_latents]
+        output was ~12% of the bf16 matmul (4,096 x 16,384 x 576). The bias is rounded to
+        ``selection_dtype`` like W_enc; only which latents are picked depends on it, as the picked values
+        are recomputed in float32 (``_exact_pre``).
+
+        w is W_enc's low-precision copy, kept between training steps and refreshed in place from the
+        current W_enc and b_enc on every call, as the scratch block is (a fresh 19 MB block each step
+        was faulted in page by page): it is overwritten by the next call, so it is not for keeping."""
         d, dtype = xc.shape[1], self.selection_dtype
         w = getattr(self, "_selection_w", None)
         if w is None or w.shape != (self.n_latents, d + 1) or w.device != xc.device or w.dtype != dtype:
