@@ -550,7 +550,8 @@ def run(args, folder: Path, peers: dict) -> int:
     common = {"batch": batch, "d_model": d, "n_latents": n, "k": k, "device": str(device),
               "threads": torch.get_num_threads(), "rounds": args.rounds, "quick": args.quick,
               "wall_s": round(wall_s, 1), "load_before": load_before, "load_after": load_after,
-              "ours_malloc": "freed blocks reused, as the trainer's loop" if reused else "glibc defaults"}
+              "ours_malloc": "freed blocks reused, as the trainer's loop" if reused
+              else "as set before the run (environment, or glibc's own adaptation)"}
     ms = lambda name: [round(t * 1e3, 1) for t in runs[name]]  # noqa: E731
 
     def ceiling(peer_side: str, floor: str) -> dict:
