@@ -952,3 +952,17 @@ def test_transcoder_auxk_models_the_target_error():
         build_sae("topk", D, N, d_out=D, k=K).calibrate_(x)
     with pytest.raises(PlatformError, match="switch transcoder"):
         build_sae("switch", D, N, d_out=D, k=K, n_experts=4)
+
+
+@pytest.mark.parametrize("selection_dtype", [None, torch.bfloat16])
+def test_a_training_forward_under_inference_mode_leaves_the_next_training_step_working(selection_dtype):
+    """The kept scratch block and bf16 copy of W_enc, first made under torch.inference_mode, are made
+    anew outside it (torch refuses to write an inference tensor there)."""
+    x = make_data(48, seed=8)
+    sae = calibrated("topk", x)
+    sae.selection_dtype = selection_dtype
+    with torch.inference_mode():
+        sae(x)
+    loss, _ = sae.loss(x, sae(x))
+    loss.backward()
+    assert torch.isfinite(sae.W_enc.grad).all()

@@ -126,10 +126,7 @@ class TopKSAE(SparseAutoencoder):
         current W_enc and b_enc on every call, as the scratch block is (a fresh 19 MB block each step
         was faulted in page by page): it is overwritten by the next call, so it is not for keeping."""
         d, dtype = xc.shape[1], self.selection_dtype
-        w = getattr(self, "_selection_w", None)
-        if w is None or w.shape != (self.n_latents, d + 1) or w.device != xc.device or w.dtype != dtype:
-            self._selection_w = None  # free the old copy before allocating the new one
-            w = self._selection_w = torch.empty(self.n_latents, d + 1, dtype=dtype, device=xc.device)
+        w = self._kept("_selection_w", (self.n_latents, d + 1), dtype, xc.device)
         w[:, :d].copy_(self.W_enc.detach())
         w[:, d].copy_(self.b_enc.detach())
         x = torch.empty(xc.shape[0], d + 1, dtype=dtype, device=xc.device)
@@ -146,12 +143,19 @@ class TopKSAE(SparseAutoencoder):
     def _scratch_block(self, rows: int, like: Tensor) -> Tensor:
         if not self.training:
             return like.new_empty(rows, self.n_latents)
-        block = getattr(self, "_scratch", None)
-        if block is None or block.shape != (rows, self.n_latents) or block.device != like.device \
-                or block.dtype != like.dtype:
-            self._scratch = None  # free the old block before allocating the new one
-            block = self._scratch = like.new_empty(rows, self.n_latents)
-        return block
+        return self._kept("_scratch", (rows, self.n_latents), like.dtype, like.device)
+
+    def _kept(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The tensor kept on the module under ``name`` between training steps (not a buffer: never
+        saved), allocated anew when its shape, dtype or device changed, or when it was made under
+        ``torch.inference_mode`` and is now written outside it (which torch refuses)."""
+        kept = getattr(self, name, None)
+        if kept is None or kept.shape != shape or kept.dtype != dtype or kept.device != device \
+                or (kept.is_inference() and not torch.is_inference_mode_enabled()):
+            setattr(self, name, None)  # free the old one before allocating the new one
+            kept = torch.empty(shape, dtype=dtype, device=device)
+            setattr(self, name, kept)
+        return kept
 
     def _sparse_decode(self, pattern: Pattern, vals: Tensor) -> Tensor:
         return _SparseDecode.apply(vals, self.W_dec, pattern)
