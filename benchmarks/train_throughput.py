@@ -59,7 +59,7 @@ has it), normalize_decoder_. No latents are dead, so AuxK is off on every side.
     every side. Ours is the trainer's step
     (``sae_platform.trainer``: sae(x, dead_mask), loss, remove_parallel_grad_, Adam,
     normalize_decoder_), picking as the trainer does by default (``selection_precision: auto``).
-    Goal: ours at least as good on both. --quick trains 6,144 tokens
+    Goal: ours at least as good on both. --quick trains 4,096 tokens
     (the JSON line says which), a smoke figure; the full mode trains the demo's 614,400.
 
 Output: a table, then one JSON object per line, one per figure, with ``metric``, ``value``,
@@ -110,12 +110,14 @@ DEMO_TRAINING = TrainSettings(**read_run_config(str(REPO / "config" / "demo.yaml
 QUALITY_BATCH, QUALITY_DEAD_TOKENS = DEMO_TRAINING.batch_size, DEMO_TRAINING.dead_after_tokens
 QUALITY_HOLDOUT = 8192
 CALIBRATION_ROWS = 8192
-# --quick: under a minute on 2 CPU cores (issue 17). At the full shapes one round of all eight
-# sides takes ~12 s there and (e) ~1.2 s per 1,024 tokens (both sides), so --quick warms every
-# side up with one step at 1/8 of the batch (what a warm-up is for: thread pools, lazy init, Adam
-# state; the full mode warms up with a whole round), times 2 rounds (median of 2 = their mean) and
-# trains 6,144 tokens for (e) (a minute on 2 cores leaves no more).
-QUICK_ROUNDS, QUICK_QUALITY_TOKENS = 2, 6_144
+# --quick: under a minute on 2 CPU cores (issue 17). At the full shapes one round of all fourteen
+# sides (ours, the two peers' six, the matmuls and floors) takes ~21 s, the warm-up ~18 s (the peers'
+# first steps) and (e) ~1.2 s per 1,024 tokens (both sides), so --quick warms every side up with one
+# step at 1/8 of the batch (what a warm-up is for: thread pools, lazy init, Adam state; the full mode
+# warms up with a whole round), times 1 round and trains 4,096 tokens for (e): ~55 s in all on the
+# AVX512-BF16 machine, 2026-12-07 (84 s with 2 rounds, 60 s with 1 round and 6,144 tokens). Its ratios
+# are one round's and its FVU four steps': smoke figures; the README quotes the full mode's medians of 7.
+QUICK_ROUNDS, QUICK_QUALITY_TOKENS = 1, 4_096
 
 
 PEER_GOALS = {"sae-lens": (GOAL_VS_SAELENS, GOAL_VS_SAELENS_AUXK),
