@@ -175,7 +175,7 @@ def _check_topk_rows(x, k, sorted=False):
         assert torch.equal(values, expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [1, 4, 32, 128])
 def test_topk_rows_gives_torch_topks_values_through_its_chunks(dtype, k):
     g = torch.Generator().manual_seed(k)
@@ -188,6 +188,14 @@ def test_topk_rows_gives_torch_topks_values_through_its_chunks(dtype, k):
     _check_topk_rows(masked, k)
     few = x.masked_fill(torch.arange(4096) >= k // 2, float("-inf"))  # fewer finite entries than k
     _check_topk_rows(few, k)
+    # 16-bit floats pick their chunks on the bits, which order only values >= +0.0 as the floats do:
+    # rows with fewer than k chunks holding one (all negative; a few rows so; -0.0 beside +0.0) must not.
+    _check_topk_rows(x - 8.0, k)
+    _check_topk_rows(torch.where(torch.arange(64).unsqueeze(1) % 3 == 0, x - 8.0, x), k)
+    signed_zeros = torch.zeros(64, 4096).masked_fill(torch.rand(64, 4096, generator=g) < 0.5, -0.0)
+    rare_negatives = x.abs().float().masked_fill(torch.rand(64, 4096, generator=g) < 0.99, 0.0)
+    _check_topk_rows((signed_zeros - rare_negatives).to(dtype), k)
+    _check_topk_rows(masked.masked_fill(torch.rand(64, 4096, generator=g) < 0.5, -3.0), k)
 
 
 def test_topk_rows_falls_back_to_torch_topk_where_chunks_do_not_fit():
