@@ -27,7 +27,7 @@ from sae_platform.sae import (
     spmm,
     spmm_t,
 )
-from sae_platform.sae.kernels import topk_rows
+from sae_platform.sae.kernels import take_columns, topk_rows
 
 D, N, K = 16, 64, 4
 # The CPU always; the CUDA device where there is one (`make gpu-check` runs the `cuda`-marked tests on a GPU).
@@ -152,6 +152,17 @@ def test_sparse_kernels_match_dense_algebra(device):
     torch.testing.assert_close(torch.zeros(pattern.batch, N, device=device).scatter_add_(1, indices, values), s)
 
 
+def test_by_col_groups_the_entries_by_latent_in_row_order():
+    pattern, _ = irregular_pattern(batch=200, seed=6)
+    perm, rows, col_offsets = pattern.by_col()
+    cols = pattern.cols[perm]
+    assert torch.equal(perm.sort().values, torch.arange(pattern.cols.numel()))  # a permutation
+    assert torch.equal(rows, pattern.rows[perm])
+    assert bool((cols.diff() >= 0).all())  # grouped by latent, ascending
+    assert bool((rows.diff()[cols.diff() == 0] > 0).all())  # within a latent, rows ascending
+    assert torch.equal(col_offsets, F.pad(torch.bincount(pattern.cols, minlength=N).cumsum(0), (1, 0)))
+
+
 @pytest.mark.parametrize("batch", [12, 200])  # fewer rows than the table (dots run latent by latent), and more
 @pytest.mark.parametrize("device", DEVICES)
 def test_sddmm_gives_each_entrys_dot_bit_for_bit_in_csr_order(batch, device):
@@ -196,6 +207,14 @@ def test_topk_rows_gives_torch_topks_values_through_its_chunks(dtype, k):
     rare_negatives = x.abs().float().masked_fill(torch.rand(64, 4096, generator=g) < 0.99, 0.0)
     _check_topk_rows((signed_zeros - rare_negatives).to(dtype), k)
     _check_topk_rows(masked.masked_fill(torch.rand(64, 4096, generator=g) < 0.5, -3.0), k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_take_columns_is_indexing_the_columns(dtype):
+    x = (torch.randn(5, 300) * 100).to(dtype)
+    columns = torch.tensor([299, 0, 7, 7, 150])
+    assert torch.equal(take_columns(x, columns), x[:, columns])
+    assert take_columns(x, columns[:0]).shape == (5, 0)
 
 
 def test_topk_rows_falls_back_to_torch_topk_where_chunks_do_not_fit():
@@ -294,6 +313,32 @@ def test_auxk_is_zero_without_dead_latents_and_positive_with_them(variant):
     assert bool(touched[dead].any()) and not bool(touched[~dead].any())  # only dead latents learn from AuxK
     total, terms = sae.loss(x, some_dead)
     torch.testing.assert_close(terms["auxk"], some_dead.parts["auxk"] / 32)
+
+
+@pytest.mark.parametrize("selection", [None, torch.bfloat16])
+@pytest.mark.parametrize("n_dead", [3, 300, 1024])  # fewer dead than k_aux (masked), more (gathered), all
+def test_auxk_picks_the_top_k_aux_pre_activations_of_the_dead_latents(selection, n_dead):
+    x = make_data(64, seed=9, scale=3.0, offset=0.5)
+    sae = build_sae("topk", D, 1024, k=K, k_aux=64)  # 1,024 latents: wide enough for topk_rows' chunks
+    sae.calibrate_(x)
+    sae.selection_dtype = selection
+    dead = torch.zeros(1024, dtype=torch.bool)
+    dead[torch.randperm(1024, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
+    xs = sae._normalize(x)
+    _, _, (aux_vals, aux_idx) = sae._scan(xs, K, dead)
+    pre = F.linear(xs - sae.b_pre, sae.W_enc, sae.b_enc).detach()
+    expected = pre.masked_fill(~dead, float("-inf")).topk(64, dim=1).values
+    got = aux_vals.sort(1, descending=True).values
+    if selection is None:  # float32 picks: the dense top k_aux among the dead, to the bit
+        assert torch.equal(got, expected)
+    else:  # bf16 picks (values recomputed in float32): the same but for near-ties at bf16's rounding
+        torch.testing.assert_close(got, expected, atol=0.05, rtol=0.01)
+    finite = torch.isfinite(aux_vals)  # as many picks as latents are dead, up to k_aux; the rest -inf
+    assert finite.sum(1).tolist() == [min(n_dead, 64)] * 64
+    assert bool(dead[aux_idx[finite]].all())  # dead latents only, each with its own pre-activation
+    torch.testing.assert_close(aux_vals[finite], pre.gather(1, aux_idx)[finite])
+    flat = (torch.arange(64).unsqueeze(1) * 1024 + aux_idx)[finite]
+    assert flat.unique().numel() == flat.numel()  # no latent twice in a row
 
 
 @pytest.mark.parametrize("variant", ["topk", "batchtopk", "switch"])

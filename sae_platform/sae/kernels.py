@@ -56,9 +56,11 @@ class Pattern:
         return self._rows
 
     def by_col(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(perm, rows[perm], col_offsets): the entries regrouped by latent."""
+        """(perm, rows[perm], col_offsets): the entries regrouped by latent, each latent's in row order.
+        Sorted as int32 (latent ids fit): half the time of sorting the int64 ids (3.7 vs 7.2 ms for an
+        AuxK pattern's 1M entries on 2 CPU cores)."""
         if self._by_col is None:
-            perm = self.cols.argsort()
+            perm = torch.sort(self.cols.to(torch.int32), stable=True).indices
             counts = torch.bincount(self.cols, minlength=self.n_latents)
             self._by_col = perm, self.rows[perm], F.pad(counts.cumsum(0), (1, 0))
         return self._by_col
@@ -173,6 +175,17 @@ def _at_least_nonnegative(keys: Tensor, k: int) -> bool:
     if width % TOPK_CHUNK == 0:
         keys = keys.view(rows, TOPK_CHUNK, width // TOPK_CHUNK).amax(1)
     return bool(((keys >= 0).sum(1) >= k).all())
+
+
+def take_columns(x: Tensor, columns: Tensor) -> Tensor:
+    """``x[:, columns]`` for ``x`` [rows, n] and int64 ``columns`` [m]: [rows, m], a copy. Through gather
+    with the column ids broadcast over the rows, 16-bit floats as int16: at 4,096 x 16,384 taking 8,192
+    columns, 10 ms in float32 and bfloat16, where index_select took 18 and 80 ms (bf16 has no vectorised
+    gather or index_select on CPU; the same bits as int16 do)."""
+    index = columns.expand(x.shape[0], -1)
+    if x.dtype in _SIGN_MAGNITUDE_16:
+        return x.view(torch.int16).gather(1, index).view(x.dtype)
+    return x.gather(1, index)
 
 
 # Rows per block in row_dots on CPU: the [block, d] product stays in cache (4.7 MB at d 576).

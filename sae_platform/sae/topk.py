@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sae_platform.errors import PlatformError
 from sae_platform.sae.base import Codes, SAEOutput, SparseAutoencoder, _sparse_stats
-from sae_platform.sae.kernels import Pattern, _SelectedPre, _SparseDecode, sddmm, topk_rows
+from sae_platform.sae.kernels import Pattern, _SelectedPre, _SparseDecode, sddmm, take_columns, topk_rows
 
 # Pre-activation elements per chunk when encoding without a training graph: bounds inference
 # memory for big dictionaries (1M latents x 4096 rows would be 16 GB at once).
@@ -44,6 +44,21 @@ def _dead_or_none(dead_mask: Tensor | None) -> Tensor | None:
     and backward were ~55% of a demo training step (cProfile, 120 steps), where no latent is dead for
     most of the run. One host sync on CUDA, as the trainer's per-step finite-loss check already makes."""
     return dead_mask if dead_mask is not None and bool(dead_mask.any()) else None
+
+
+def _dead_top(pre: Tensor, dead: Tensor, dead_ids: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """AuxK's picks: each row's top ``k_aux`` of ``pre`` [rows, n_latents] among the dead latents
+    (``dead`` [n_latents] bool, ``dead_ids`` its nonzero ids): (values, latent ids), [rows, k_aux].
+
+    The dead latents' columns are gathered and ranked alone: with half the 16,384 latents dead 1.3x
+    faster than masking the alive ones to -inf over the whole [rows, n_latents] block and ranking it all
+    (92 vs 121 ms at 4,096 rows, k_aux 256, float32), and with 2-5% dead, as a training run mostly has
+    when any are, 4-7x. Where fewer than k_aux latents are dead, the alive ones are masked in place (pre
+    is spent) and the picks fill up with them, as -inf."""
+    if dead_ids.numel() >= k_aux:
+        vals, positions = topk_rows(take_columns(pre, dead_ids), k_aux)
+        return vals, dead_ids[positions]
+    return topk_rows(pre.masked_fill_(~dead, float("-inf")), k_aux)
 
 
 def _auxk_loss(aux_recon: Tensor, error: Tensor, any_dead: Tensor) -> Tensor:
@@ -98,15 +113,15 @@ class TopKSAE(SparseAutoencoder):
         aux = None
         if dead_mask is not None and k_aux > 0:
             aux = xc_s.new_empty(batch, k_aux), torch.empty(batch, k_aux, dtype=torch.long, device=xs.device)
-            alive = ~dead_mask.to(device=xs.device, dtype=torch.bool)
+            dead = dead_mask.to(device=xs.device, dtype=torch.bool)
+            dead_ids = dead.nonzero().squeeze(1)
         for start in range(0, batch, rows):
             stop = min(start + rows, batch)
             pre = torch.mm(xc_s[start:stop], w_s.t(), out=block[:stop - start]) if b_s is None \
                 else torch.addmm(b_s, xc_s[start:stop], w_s.t(), out=block[:stop - start])
             _into((vals[start:stop], idx[start:stop]), topk_rows(pre, width, sorted=sort))
-            if aux is not None:  # pre is spent: mask it in place rather than copy it
-                pre.masked_fill_(alive, float("-inf"))
-                _into((aux[0][start:stop], aux[1][start:stop]), topk_rows(pre, k_aux))
+            if aux is not None:
+                _into((aux[0][start:stop], aux[1][start:stop]), _dead_top(pre, dead, dead_ids, k_aux))
         if low:
             vals = self._exact_pre(xc, vals, idx)
             aux = None if aux is None else (self._exact_pre(xc, *aux), aux[1])
