@@ -56,9 +56,11 @@ class Pattern:
         return self._rows
 
     def by_col(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(perm, rows[perm], col_offsets): the entries regrouped by latent, each latent's in row order.
-        Sorted as int32 (latent ids fit): half the time of sorting the int64 ids (3.7 vs 7.2 ms for an
-        AuxK pattern's 1M entries on 2 CPU cores)."""
+        """(perm, rows[perm], col_offsets): the entries regrouped by latent, each latent's in row order;
+        perm and rows[perm] [nnz] int64, col_offsets [n_latents + 1] int64 (latent c's entries are
+        perm[col_offsets[c]:col_offsets[c + 1]]). Computed once per pattern and cached. Sorted as int32
+        (latent ids fit), stably: half the time of sorting the int64 ids (3.7 vs 7.2 ms for an AuxK
+        pattern's 1M entries on 2 CPU cores)."""
         if self._by_col is None:
             perm = torch.sort(self.cols.to(torch.int32), stable=True).indices
             counts = torch.bincount(self.cols, minlength=self.n_latents)
@@ -119,8 +121,10 @@ TOPK_CHUNK = 8
 def topk_rows(x: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
     """Each row's k largest entries of ``x`` [rows, n] (2-D, k <= n): (values, column indices), [rows, k]
     each (values in x's dtype, indices int64), the values exactly those of ``torch.topk(x, k, dim=1)``;
-    only the indices of equal values may differ, whose order torch.topk leaves unspecified too (and a row
-    holding a NaN, which torch ranks above all, may pick another NaN or none of a negative sign's).
+    only the indices of equal values may differ, whose order torch.topk leaves unspecified too. NaN, which
+    torch.topk ranks above every number: a row's NaNs are picked as torch picks them, except that in bf16
+    and float16 a NaN with its sign bit set may be left out (its chunk ranks below the others on the bits,
+    ``_top_chunks``).
     ``sorted``: values in descending order (else in no stated order). A k above n raises torch.topk's
     RuntimeError. The training step's picks (TopK family, AuxK, Switch) and TopK's encode use it.
 
@@ -168,9 +172,10 @@ def _top_chunks(strided: Tensor, k: int) -> Tensor:
 
 
 def _at_least_nonnegative(keys: Tensor, k: int) -> bool:
-    """Whether each row of ``keys`` [rows, width] holds at least k entries >= 0; may say False where it
-    does when the width is a multiple of 8: then it counts the groups of 8 holding an entry >= 0, a tenth
-    of the work of counting the entries (0.5 vs 5 ms at 4,096 x 2,048)."""
+    """Whether each row of ``keys`` [rows, width] holds at least k entries >= 0. Never True wrongly, but
+    may be False where the rows do hold k when the width is a multiple of 8: then it counts the groups of
+    8 holding an entry >= 0, a tenth of the work of counting the entries (0.5 vs 5 ms at 4,096 x 2,048),
+    and a False only costs ``_top_chunks`` its float maxima."""
     rows, width = keys.shape
     if width % TOPK_CHUNK == 0:
         keys = keys.view(rows, TOPK_CHUNK, width // TOPK_CHUNK).amax(1)
@@ -178,7 +183,9 @@ def _at_least_nonnegative(keys: Tensor, k: int) -> bool:
 
 
 def take_columns(x: Tensor, columns: Tensor) -> Tensor:
-    """``x[:, columns]`` for ``x`` [rows, n] and int64 ``columns`` [m]: [rows, m], a copy. Through gather
+    """``x[:, columns]`` for ``x`` [rows, n] and int64 ``columns`` [m]: [rows, m], a copy, in x's dtype. A
+    column outside [0, n) raises torch's RuntimeError (no wrap-around of negative ids, unlike
+    ``x[:, columns]``). Why: AuxK's picks rank only the dead latents' columns. Through gather
     with the column ids broadcast over the rows, 16-bit floats as int16: at 4,096 x 16,384 taking 8,192
     columns, 10 ms in float32 and bfloat16, where index_select took 18 and 80 ms (bf16 has no vectorised
     gather or index_select on CPU; the same bits as int16 do)."""
