@@ -374,17 +374,24 @@ def test_with_no_latent_dead_auxk_picks_nothing_and_the_step_is_the_same(variant
         assert torch.equal(grad, grads_without[name]), name
 
 
-def test_multi_topk_adds_the_4k_term():
+@pytest.mark.parametrize("k", [K, 1])  # k 1: the top k of the 4k picks is a strided [batch, 1] view
+def test_multi_topk_adds_the_4k_term(k):
     x = make_data(64)
-    sae = calibrated("topk", x, multi_topk=True)
+    sae = calibrated("topk", x, multi_topk=True, k=k)
     out = sae(x)
     total, terms = sae.loss(x, out)
     assert set(terms) == {"mse", "multi_topk"}
-    sae.hparams["k"] = 4 * K  # the same model read at 4k, through the dense reference
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre]
+    # the k term's gradients, through the sparse kernels (which need contiguous latent ids) and the dense reference
+    sparse = torch.autograd.grad(terms["mse"], params, retain_graph=True)
+    dense = torch.autograd.grad(((dense_topk_reference(sae, x) - x) * sae.input_scale).pow(2).mean(), params)
+    for got, expected in zip(sparse, dense, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    sae.hparams["k"] = 4 * k  # the same model read at 4k, through the dense reference
     expected = ((dense_topk_reference(sae, x) - x) * sae.input_scale).pow(2).mean()
     torch.testing.assert_close(out.parts["multi_topk"], expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(total, terms["mse"] + out.parts["multi_topk"] / 8)
-    assert out.codes.values.shape == (64, K)
+    assert out.codes.values.shape == (64, k)
 
 
 # --- Switch --------------------------------------------------------------------------------
