@@ -341,6 +341,18 @@ def test_auxk_picks_the_top_k_aux_pre_activations_of_the_dead_latents(selection,
     assert flat.unique().numel() == flat.numel()  # no latent twice in a row
 
 
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+@pytest.mark.parametrize("length", [N // 2, N - 1, 2 * N])
+def test_a_dead_mask_of_another_length_is_refused(variant, length):
+    """AuxK gathers the dead latents' ids: a mask of another length than n_latents would name other latents."""
+    x = make_data(64)
+    sae = calibrated(variant, x, k_aux=8)
+    dead = torch.zeros(length, dtype=torch.bool)
+    dead[:20] = True  # more than k_aux dead: the gathered columns
+    with pytest.raises(PlatformError, match=rf"dead_mask has shape \({length},\) but this SAE has {N} latents"):
+        sae(x, dead_mask=dead)
+
+
 @pytest.mark.parametrize("variant", ["topk", "batchtopk", "switch"])
 def test_with_no_latent_dead_auxk_picks_nothing_and_the_step_is_the_same(variant, monkeypatch):
     """No dead latent: AuxK's term is 0, so its masked second top-k, picks and decode are skipped (they
