@@ -341,6 +341,18 @@ def test_auxk_picks_the_top_k_aux_pre_activations_of_the_dead_latents(selection,
     assert flat.unique().numel() == flat.numel()  # no latent twice in a row
 
 
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+@pytest.mark.parametrize("length", [N // 2, N - 1, 2 * N])
+def test_a_dead_mask_of_another_length_is_refused(variant, length):
+    """AuxK gathers the dead latents' ids: a mask of another length than n_latents would name other latents."""
+    x = make_data(64)
+    sae = calibrated(variant, x, k_aux=8)
+    dead = torch.zeros(length, dtype=torch.bool)
+    dead[:20] = True  # more than k_aux dead: the gathered columns
+    with pytest.raises(PlatformError, match=rf"dead_mask has shape \({length},\) but this SAE has {N} latents"):
+        sae(x, dead_mask=dead)
+
+
 @pytest.mark.parametrize("variant", ["topk", "batchtopk", "switch"])
 def test_with_no_latent_dead_auxk_picks_nothing_and_the_step_is_the_same(variant, monkeypatch):
     """No dead latent: AuxK's term is 0, so its masked second top-k, picks and decode are skipped (they
@@ -374,17 +386,24 @@ def test_with_no_latent_dead_auxk_picks_nothing_and_the_step_is_the_same(variant
         assert torch.equal(grad, grads_without[name]), name
 
 
-def test_multi_topk_adds_the_4k_term():
+@pytest.mark.parametrize("k", [K, 1])  # k 1: the top k of the 4k picks is a strided [batch, 1] view
+def test_multi_topk_adds_the_4k_term(k):
     x = make_data(64)
-    sae = calibrated("topk", x, multi_topk=True)
+    sae = calibrated("topk", x, multi_topk=True, k=k)
     out = sae(x)
     total, terms = sae.loss(x, out)
     assert set(terms) == {"mse", "multi_topk"}
-    sae.hparams["k"] = 4 * K  # the same model read at 4k, through the dense reference
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre]
+    # the k term's gradients, through the sparse kernels (which need contiguous latent ids) and the dense reference
+    sparse = torch.autograd.grad(terms["mse"], params, retain_graph=True)
+    dense = torch.autograd.grad(((dense_topk_reference(sae, x) - x) * sae.input_scale).pow(2).mean(), params)
+    for got, expected in zip(sparse, dense, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    sae.hparams["k"] = 4 * k  # the same model read at 4k, through the dense reference
     expected = ((dense_topk_reference(sae, x) - x) * sae.input_scale).pow(2).mean()
     torch.testing.assert_close(out.parts["multi_topk"], expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(total, terms["mse"] + out.parts["multi_topk"] / 8)
-    assert out.codes.values.shape == (64, K)
+    assert out.codes.values.shape == (64, k)
 
 
 # --- Switch --------------------------------------------------------------------------------

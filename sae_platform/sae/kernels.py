@@ -32,10 +32,12 @@ class Pattern:
 
     @classmethod
     def regular(cls, indices: Tensor, n_latents: int) -> "Pattern":
-        """Exactly indices.shape[1] entries per row (TopK)."""
+        """Exactly indices.shape[1] entries per row (TopK). ``indices`` may be a view (Multi-TopK's first k
+        columns): the kernels' embedding bags need contiguous ids, and a [batch, 1] slice flattens to a
+        strided view, so the ids are copied where they are not contiguous."""
         batch, width = indices.shape
         offsets = torch.arange(0, batch * width + 1, width, device=indices.device)
-        return cls(indices.reshape(-1), offsets, n_latents, width)
+        return cls(indices.reshape(-1).contiguous(), offsets, n_latents, width)
 
     @classmethod
     def from_rows(cls, rows: Tensor, cols: Tensor, batch: int, n_latents: int) -> "Pattern":

@@ -94,7 +94,8 @@ class TopKSAE(SparseAutoencoder):
     @torch.no_grad()
     def _scan(self, xs: Tensor, width: int, dead_mask: Tensor | None, sort: bool = False):
         """Each row's top-`width` pre-activations and, given dead_mask, AuxK's top k_aux among
-        the dead latents: (vals, idx, aux or None), all [batch, *].
+        the dead latents: (vals, idx, aux or None), all [batch, *]. Raises PlatformError for a dead_mask
+        that is not [n_latents].
 
         The dense pre-activations are the one [batch, n_latents] tensor of the step. They are
         computed without autograd, in row blocks of at most TRAIN_BLOCK_ELEMENTS (one block for
@@ -114,6 +115,9 @@ class TopKSAE(SparseAutoencoder):
         k_aux = self.hparams["k_aux"]
         aux = None
         if dead_mask is not None and k_aux > 0:
+            if dead_mask.shape != (n,):  # AuxK gathers the dead ids: a mask of another length would pass silently
+                raise PlatformError(f"dead_mask has shape {tuple(dead_mask.shape)} but this SAE has {n} latents",
+                                    "pass one flag per latent, a bool tensor [n_latents] (True: dead)")
             aux = xc_s.new_empty(batch, k_aux), torch.empty(batch, k_aux, dtype=torch.long, device=xs.device)
             dead = dead_mask.to(device=xs.device, dtype=torch.bool)
             dead_ids = dead.nonzero().squeeze(1)
@@ -199,7 +203,7 @@ class TopKSAE(SparseAutoencoder):
         exactly k entries per row (a pick that ReLU zeroed stays, with value 0). Parts: "auxk"
         (given dead_mask [n_latents] and k_aux > 0) and "multi_topk" (MSE at 4k, normalised units);
         for a transcoder both need ``target`` [batch, d_out] raw. Raises PlatformError on a wrong
-        width."""
+        width, or a dead_mask with dead latents that is not [n_latents]."""
         k, multi = self.hparams["k"], self.hparams["multi_topk"]
         xs = self._normalize(x)
         ys = self._target(xs, target)
@@ -336,7 +340,7 @@ class BatchTopKSAE(TopKSAE):
         negative picks), and the threshold's EMA is updated; eval mode: pre > threshold (each
         row's top k before any training step). Parts: "auxk" given dead_mask [n_latents] (and
         "matryoshka" for that variant); a transcoder needs ``target`` [batch, d_out] raw for them.
-        Raises PlatformError on a wrong width."""
+        Raises PlatformError on a wrong width, or a dead_mask with dead latents that is not [n_latents]."""
         xs = self._normalize(x)
         ys = self._target(xs, target)
         if self.training:
