@@ -165,12 +165,19 @@ def _top_chunks(strided: Tensor, k: int) -> Tensor:
     float maxima do and put every other chunk below them (its sign bit makes it negative): the k chunks
     picked are right wherever each row has at least k chunks with a maximum >= +0.0 (a TopK pick, almost
     always; ``_at_least_nonnegative``). Elsewhere (an AuxK scan of few dead latents) the float maxima
-    pick them."""
-    if strided.dtype in _SIGN_MAGNITUDE_16:
+    pick them, and where that check could not say yes (k above width / 8: AuxK's 256 picks from fewer
+    than 16,384 gathered columns) the bits are not taken at all (~5 ms a scan saved)."""
+    if strided.dtype in _SIGN_MAGNITUDE_16 and _could_say_yes(strided.shape[2], k):
         bits = strided.view(torch.int16).amax(1)  # [rows, width]: the maximum's bits where it is >= +0.0
         if _at_least_nonnegative(bits, k):
             return topk_rows(bits, k)[1]
     return topk_rows(strided.amax(1), k)[1]
+
+
+def _could_say_yes(width: int, k: int) -> bool:
+    """Whether ``_at_least_nonnegative`` can say True for keys of this width: not where it counts groups
+    of 8 (a width that is a multiple of 8) and there are fewer groups than k."""
+    return width % TOPK_CHUNK != 0 or width // TOPK_CHUNK >= k
 
 
 def _at_least_nonnegative(keys: Tensor, k: int) -> bool:
