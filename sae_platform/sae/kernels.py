@@ -133,12 +133,12 @@ def topk_rows(x: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
     Why: on CPU, torch.topk costs ~1.3 ns an element, as it copies each row into (value, index) pairs
     and partial-sorts them. Here each row is viewed as [8, n/8] (``TOPK_CHUNK`` = 8), so that chunk c
     of the n/8 chunks holds the 8 strided columns c, c + n/8, ..., c + 7n/8, and each chunk's maximum
-    is one vectorised max over the view's 8 rows (``_chunk_maxima``). The k chunks with the largest
+    is one vectorised max over the view's 8 rows (``_top_chunks``). The k chunks with the largest
     maxima are found the same way (recursively), and only their 8k entries go to torch.topk. Exact:
     fewer than k chunks have a maximum above the k-th largest maximum t, so every entry above t lies in
     a chosen chunk, and the chosen chunks hold at least k entries >= t (their maxima). At 4,096 x 16,384,
-    k 32 on 2 AVX512-BF16 cores: 48 -> 34 ms in bf16 (torch.topk -> chunks), -> 26 ms with the 16-bit
-    maxima taken on the bits (``_chunk_maxima``); 57 -> 42 ms in float32. Falls back to torch.topk on
+    k 32 on 2 AVX512-BF16 cores: 48 -> 34 ms in bf16 (torch.topk -> chunks), -> 25-30 ms with the 16-bit
+    maxima taken on the bits (``_top_chunks``); 57 -> 42 ms in float32. Falls back to torch.topk on
     other devices, for a non-contiguous ``x``, and where the chunks would not pay (n not a multiple of
     8, or k above n / 32)."""
     rows, n = x.shape
