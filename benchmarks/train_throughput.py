@@ -115,9 +115,12 @@ CALIBRATION_ROWS = 8192
 # first steps) and (e) ~1.2 s per 1,024 tokens (both sides), so --quick warms every side up with one
 # step at 1/8 of the batch (what a warm-up is for: thread pools, lazy init, Adam state; the full mode
 # warms up with a whole round), times 1 round and trains 4,096 tokens for (e): ~55 s in all on the
-# AVX512-BF16 machine, 2026-12-07 (84 s with 2 rounds, 60 s with 1 round and 6,144 tokens). Its ratios
-# are one round's and its FVU four steps': smoke figures; the README quotes the full mode's medians of 7.
-QUICK_ROUNDS, QUICK_QUALITY_TOKENS = 1, 4_096
+# AVX512-BF16 machine, 2026-12-07 (84 s with 2 rounds, 60 s with 1 round and 6,144 tokens). That was
+# 70.6 s in an hour when the machine ran 20-40% slower, so --quick also halves the batch (QUICK_BATCH:
+# every step about halves, the round and the warm-up with it). Its ratios are one round's at half the
+# batch and its FVU four steps': smoke figures; the README quotes the full mode's medians of 7.
+QUICK_ROUNDS, QUICK_QUALITY_TOKENS, QUICK_BATCH = 1, 4_096, 2_048
+FULL_BATCH = 4_096
 
 
 PEER_GOALS = {"sae-lens": (GOAL_VS_SAELENS, GOAL_VS_SAELENS_AUXK),
@@ -176,7 +179,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few rounds: < 1 minute on 2 CPU cores")
-    parser.add_argument("--batch", type=int, default=4096, help="rows per step")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"rows per step (default: {FULL_BATCH:,}; quick: {QUICK_BATCH:,})")
     parser.add_argument("--d-model", type=int, default=576, help="activation width")
     parser.add_argument("--n-latents", type=int, default=16384, help="dictionary size")
     parser.add_argument("--k", type=int, default=32, help="active latents per row")
@@ -193,6 +197,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = QUICK_ROUNDS if args.quick else 7
+    if args.batch is None:
+        args.batch = QUICK_BATCH if args.quick else FULL_BATCH
     return args
 
 
